@@ -1,0 +1,207 @@
+//! One try of one request, from type name and options to a verdict: checks
+//! the options, finds the program, runs it under the supervisor, and reads
+//! its end as a state and a result text. Used by the daemon (for claimed
+//! rows) and by `taskrunner-cli run` (without a database).
+
+use std::os::unix::process::ExitStatusExt;
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::request::{RequestId, State};
+use crate::supervisor::{self, Ended, Launch, Spawned, Spawner, StopReason, Stopped};
+use crate::task_types::Registry;
+
+/// Exit status meaning "these options do not fit this type" (EX_DATAERR).
+pub const EXIT_REJECTED: i32 = 65;
+
+/// What a try came to: the row's next `result` and `result_text`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub state: State,
+    pub result_text: String,
+    /// The stderr tail of a failed try, for the daemon's log.
+    pub stderr_tail: Option<String>,
+}
+
+impl Verdict {
+    fn new(state: State, result_text: impl Into<String>) -> Verdict {
+        Verdict {
+            state,
+            result_text: result_text.into(),
+            stderr_tail: None,
+        }
+    }
+}
+
+/// What the try runs.
+pub struct TryInput<'a> {
+    /// `None` for `taskrunner-cli run TASK` (no row).
+    pub id: Option<RequestId>,
+    pub task: &'a str,
+    pub options: &'a [u8],
+    pub try_number: i64,
+}
+
+/// The parts of the daemon (or CLI) a try needs.
+pub struct Context {
+    pub config: Arc<Config>,
+    pub registry: Arc<RwLock<Arc<Registry>>>,
+    pub spawner: Spawner,
+}
+
+/// Runs one try and returns its verdict. Never fails: every problem is a verdict.
+pub async fn run(
+    context: &Context,
+    input: TryInput<'_>,
+    stop: watch::Receiver<Option<StopReason>>,
+    progress: Option<watch::Sender<Option<String>>>,
+    on_spawn: impl FnOnce(&Spawned),
+) -> Verdict {
+    if let Err(error) = check_options(input.options) {
+        return Verdict::new(State::Rejected, format!("options are not valid YAML: {error}"));
+    }
+    let Some(resolved) = resolve(context, input.task).await else {
+        let known = context.registry.read().unwrap_or_else(|e| e.into_inner()).names(&context.config);
+        return Verdict::new(
+            State::Failed,
+            format!(
+                "unknown task type `{}`; known types: {}",
+                input.task,
+                known.join(", ")
+            ),
+        );
+    };
+    let mut env = vec![
+        ("TASKRUNNER_TASK".to_string(), input.task.to_string()),
+        ("TASKRUNNER_TRY".to_string(), input.try_number.to_string()),
+    ];
+    env.push((
+        "TASKRUNNER_REQUEST_ID".to_string(),
+        input.id.map_or("0".to_string(), |id| id.to_string()),
+    ));
+    let launch = Launch {
+        program: resolved.program,
+        args: resolved.args,
+        settings: resolved.settings,
+        env,
+        stdin: input.options.to_vec(),
+    };
+    match supervisor::run(&context.spawner, launch, stop, progress, on_spawn).await {
+        Ok(ended) => judge(&ended),
+        Err(error) => Verdict::new(State::Failed, error.to_string()),
+    }
+}
+
+/// Options must be YAML (or empty). Ruby's tags (`!ruby/hash:…`, `!ruby/sym`)
+/// are valid YAML and pass; the task sees the bytes unchanged.
+pub fn check_options(options: &[u8]) -> Result<(), String> {
+    let text = std::str::from_utf8(options).map_err(|_| "not UTF-8 text".to_string())?;
+    if text.trim().is_empty() {
+        return Ok(());
+    }
+    serde_yaml::from_str::<serde_yaml::Value>(text)
+        .map(|_| ())
+        .map_err(|error| error.to_string())
+}
+
+/// Resolves a type; an unknown one makes us re-read the programs' task lists
+/// first (a deploy may have added it).
+async fn resolve(context: &Context, task: &str) -> Option<crate::task_types::Resolved> {
+    let current = context.registry.read().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some(resolved) = current.resolve(&context.config, task) {
+        return Some(resolved);
+    }
+    if context.config.programs.is_empty() {
+        return None;
+    }
+    let config = context.config.clone();
+    let reloaded = tokio::task::spawn_blocking(move || Registry::load(&config)).await;
+    match reloaded {
+        Ok(Ok(registry)) => {
+            let resolved = registry.resolve(&context.config, task);
+            *context.registry.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(registry);
+            resolved
+        }
+        Ok(Err(error)) => {
+            tracing::warn!("re-reading task types failed: {error:#}");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Reads a process's end as a verdict (SPEC.md, States).
+pub fn judge(ended: &Ended) -> Verdict {
+    let ran = ended.ran_for.as_secs_f64();
+    let stderr = ended.stderr.text();
+    let with_stderr = |reason: String| {
+        if stderr.trim().is_empty() {
+            reason
+        } else {
+            format!("{reason}\n{stderr}")
+        }
+    };
+    let failed = |state: State, reason: String| Verdict {
+        state,
+        result_text: with_stderr(reason),
+        stderr_tail: Some(stderr.clone()),
+    };
+    match ended.stopped {
+        Some(Stopped::Timeout(_)) => return failed(State::Timeout, supervisor::describe_end(ended)),
+        Some(Stopped::Requested(StopReason::Cancel)) => {
+            return Verdict::new(State::Cancelled, format!("cancelled by a user after {ran:.1}s"))
+        }
+        Some(Stopped::Requested(StopReason::Shutdown)) => {
+            return Verdict::new(
+                State::Interrupted,
+                format!("interrupted after {ran:.1}s: the daemon was shut down"),
+            )
+        }
+        Some(Stopped::Requested(StopReason::LostClaim)) => {
+            return failed(
+                State::Crashed,
+                format!("stopped after {ran:.1}s: this daemon lost its claim on the row"),
+            )
+        }
+        None => {}
+    }
+    if ended.status.success() {
+        let mut text = ended.stdout.text();
+        if text.ends_with('\n') {
+            text.pop();
+            if text.ends_with('\r') {
+                text.pop();
+            }
+        }
+        return Verdict::new(State::Finished, text);
+    }
+    let reason = supervisor::describe_end(ended);
+    if ended.limit_broken.is_some() {
+        return failed(State::Failed, reason);
+    }
+    match (ended.status.code(), ended.status.signal()) {
+        (Some(EXIT_REJECTED), _) => failed(
+            State::Rejected,
+            format!("{reason}: the options do not fit this task type"),
+        ),
+        (Some(_), _) => failed(State::Failed, reason),
+        (None, _) => failed(State::Crashed, reason),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_checks_accept_ruby_and_reject_garbage() {
+        assert!(check_options(b"").is_ok());
+        assert!(check_options(b"created_from: psql").is_ok());
+        assert!(check_options(b"--- !ruby/hash:ActiveSupport::HashWithIndifferentAccess\n:a: 1\n:b: !ruby/sym c\n").is_ok());
+        assert!(check_options(b"key: [unclosed").is_err());
+        assert!(check_options(b"a: 1\n b: 2\n c:").is_err());
+        assert!(check_options(b"\xff\xfe").is_err());
+    }
+}

@@ -1,0 +1,5 @@
+//! `taskrunner-cli`: see `taskrunner::cli`.
+
+fn main() -> std::process::ExitCode {
+    taskrunner::cli::main()
+}

@@ -1,0 +1,150 @@
+//! `taskrunnerd`: flags → config → `daemon::run` → exit status.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use taskrunner::config::{Config, LogFormat, Overrides};
+use taskrunner::daemon::{self, RunOptions};
+use taskrunner::service::{self, Pidfile};
+use taskrunner::units::parse_duration;
+use tokio_util::sync::CancellationToken;
+
+/// Runs requests from the task_runner_requests table, each in its own process.
+#[derive(Debug, Parser)]
+#[command(name = "taskrunnerd", version)]
+struct Flags {
+    /// Config file (default: ./taskrunner.yml, else /etc/taskrunner/taskrunner.yml)
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Database URL: sqlite://path.db, sqlite:///abs/path.db or postgres://… (overrides DATABASE_URL)
+    #[arg(long, value_name = "URL")]
+    database_url: Option<String>,
+    /// Poll the table at least this often (e.g. 60s)
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    poll_interval: Option<Duration>,
+    /// Run at most this many tasks at once
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_concurrent: Option<u32>,
+    /// Write the daemon's pid here, held with flock
+    #[arg(long, value_name = "PATH")]
+    pidfile: Option<PathBuf>,
+    /// Listen for status/wake/stop on this local socket path
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// The host id recorded on rows (default: the hostname)
+    #[arg(long, value_name = "NAME")]
+    host_id: Option<String>,
+    /// Log format on stderr
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
+    /// Do not create or upgrade the schema at start
+    #[arg(long)]
+    no_migrate: bool,
+    /// Detach into the background once ready (stdout/stderr go to log_file)
+    #[arg(long)]
+    daemonize: bool,
+}
+
+fn main() -> ExitCode {
+    let flags = Flags::parse();
+    let overrides = Overrides {
+        config: flags.config,
+        database_url: flags.database_url,
+        host_id: flags.host_id,
+        socket: flags.socket,
+        pidfile: flags.pidfile,
+        poll_interval: flags.poll_interval,
+        max_concurrent: flags.max_concurrent.map(|n| n as usize),
+        log_format: flags.log_format,
+    };
+    let config = match Config::resolve(&overrides) {
+        Ok(config) => config,
+        Err(error) => return fail(&error),
+    };
+    // The one bare fork: before the runtime (and any thread) exists.
+    let ready_pipe = if flags.daemonize {
+        match service::daemonize(config.log_file.as_deref()) {
+            Ok(pipe) => Some(pipe),
+            Err(error) => return fail(&error),
+        }
+    } else {
+        None
+    };
+    taskrunner::init_logging(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(&anyhow::Error::new(error).context("starting the runtime")),
+    };
+    let result = runtime.block_on(serve(config, flags.no_migrate, ready_pipe));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(&error),
+    }
+}
+
+async fn serve(config: Config, no_migrate: bool, ready_pipe: Option<service::ReadyPipe>) -> anyhow::Result<()> {
+    let _pidfile = match &config.pidfile {
+        Some(path) => Some(Pidfile::acquire(path)?),
+        None => None,
+    };
+    let shutdown = CancellationToken::new();
+    let config_file = config.file.clone();
+    let signals = tokio::spawn(handle_signals(shutdown.clone(), config_file));
+    let result = daemon::run(config, RunOptions { no_migrate }, shutdown.clone(), |shared| {
+        service::notify_systemd("READY=1");
+        if let Some(pipe) = ready_pipe {
+            pipe.ready();
+        }
+        let _ = SHARED.set(shared.clone());
+    })
+    .await;
+    service::notify_systemd("STOPPING=1");
+    signals.abort();
+    result
+}
+
+static SHARED: std::sync::OnceLock<std::sync::Arc<daemon::Shared>> = std::sync::OnceLock::new();
+
+/// SIGTERM/SIGINT: graceful stop. SIGHUP: reload the config file.
+async fn handle_signals(shutdown: CancellationToken, config_file: Option<PathBuf>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM received"); shutdown.cancel(); }
+            _ = int.recv() => { tracing::info!("SIGINT received"); shutdown.cancel(); }
+            _ = hup.recv() => match (SHARED.get(), &config_file) {
+                (Some(shared), Some(path)) => daemon::reload(shared, path).await,
+                _ => tracing::warn!("SIGHUP: no config file to reload"),
+            },
+        }
+    }
+}
+
+fn fail(error: &anyhow::Error) -> ExitCode {
+    eprintln!("taskrunnerd: {error:#}");
+    ExitCode::from(taskrunner::exit_code_for(error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_counts_are_checked_by_the_parser() {
+        assert!(Flags::try_parse_from(["taskrunnerd", "--poll-interval", "250ms"]).is_ok());
+        assert!(Flags::try_parse_from(["taskrunnerd", "--poll-interval", "soon"]).is_err());
+        assert!(Flags::try_parse_from(["taskrunnerd", "--max-concurrent", "0"]).is_err());
+        assert!(Flags::try_parse_from(["taskrunnerd", "--log-format", "xml"]).is_err());
+    }
+}

@@ -1,0 +1,588 @@
+//! `taskrunner-cli`: its flags (clap structs, raw) and one function per
+//! command. The binary only calls [`main`].
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+
+use crate::attempt::{self, TryInput};
+use crate::config::{Config, Overrides};
+use crate::request::{backoff_seconds, Request, RequestId, State};
+use crate::store::{Change, ListFilter, NewRequest, Outcome, Purpose, Store, Write};
+use crate::supervisor::{Spawner, StopReason};
+use crate::task_types::Registry;
+use crate::units::parse_duration;
+
+/// Enqueue, inspect, run and recover taskrunner requests.
+#[derive(Debug, Parser)]
+#[command(name = "taskrunner-cli", version)]
+pub struct Flags {
+    /// Config file (default: ./taskrunner.yml, else /etc/taskrunner/taskrunner.yml)
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Database URL (overrides DATABASE_URL and the config)
+    #[arg(long, global = true, value_name = "URL")]
+    database_url: Option<String>,
+    /// Host id whose rows `reap` probes (default: the config's, else the hostname)
+    #[arg(long, global = true, value_name = "NAME")]
+    host_id: Option<String>,
+    /// The daemon's control socket (default: the config's `socket`)
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or upgrade the schema
+    Migrate,
+    /// Insert a request and print its id
+    Enqueue {
+        /// The task type, e.g. NoOp
+        task: String,
+        /// Options as YAML
+        #[arg(long, value_name = "YAML")]
+        options: Option<String>,
+        /// Do not run before this long from now (e.g. 10m)
+        #[arg(long, value_name = "DUR", value_parser = parse_duration, conflicts_with = "at")]
+        delay: Option<Duration>,
+        /// Do not run before this time (e.g. 2026-11-24T07:00:00Z; UTC if no offset)
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        at: Option<String>,
+        /// Tries allowed (default 5)
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(1..))]
+        try_limit: Option<i64>,
+        /// Higher runs first (default 0)
+        #[arg(long, value_name = "N", allow_hyphen_values = true)]
+        priority: Option<i64>,
+    },
+    /// Show requests as a table, newest first
+    List {
+        /// Only this state (pending = never run)
+        #[arg(long, value_name = "R")]
+        result: Option<String>,
+        /// At most this many rows
+        #[arg(long, value_name = "N", default_value_t = 50)]
+        limit: i64,
+    },
+    /// Show one request, every column, the full result_text
+    Show {
+        #[arg(value_name = "ID")]
+        id: RequestId,
+    },
+    /// Run one task in the foreground (for debugging); exits 0 on success
+    Run {
+        /// The task type (without --id)
+        #[arg(required_unless_present = "id", conflicts_with = "id")]
+        task: Option<String>,
+        /// Options as YAML (without --id)
+        #[arg(long, value_name = "YAML", conflicts_with = "id")]
+        options: Option<String>,
+        /// Run this stored request's task and options, without changing the row
+        #[arg(long, value_name = "ID")]
+        id: Option<RequestId>,
+        /// With --id: claim the row and record the outcome as a try
+        #[arg(long, requires = "id")]
+        record: bool,
+    },
+    /// Mark RUNNING rows whose process or daemon is gone as CRASHED
+    Reap {
+        /// Only print what would be marked
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Make a request run again (tries back to 0)
+    Retry {
+        #[arg(value_name = "ID")]
+        id: RequestId,
+    },
+    /// Cancel a request (a running one is stopped by its daemon)
+    Cancel {
+        #[arg(value_name = "ID")]
+        id: RequestId,
+    },
+    /// Delete finished, cancelled, rejected and exhausted requests
+    Purge {
+        /// Completed longer ago than this (e.g. 30d)
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        older_than: Duration,
+    },
+    /// Ask the running daemon what it is doing
+    Status {
+        /// Print the daemon's answer as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check or create a config file
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file and print the effective config
+    Check {
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
+    /// Write a commented starter config
+    Init {
+        #[arg(value_name = "PATH")]
+        path: PathBuf,
+    },
+}
+
+/// Parses `--at` into RFC 3339 UTC.
+fn parse_time(text: &str) -> Result<String, String> {
+    use chrono::{DateTime, NaiveDateTime, Utc};
+    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
+        return Ok(time.with_timezone(&Utc).format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string());
+    }
+    for format in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S"] {
+        if let Ok(time) = NaiveDateTime::parse_from_str(text, format) {
+            return Ok(time.and_utc().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string());
+        }
+    }
+    Err(format!("cannot read `{text}` as a time (write e.g. 2026-11-24T07:00:00Z)"))
+}
+
+/// Runs the CLI and returns its exit status.
+pub fn main() -> ExitCode {
+    let flags = Flags::parse();
+    crate::init_logging(crate::config::LogFormat::Text);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("taskrunner-cli: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(dispatch(flags));
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("taskrunner-cli: {error:#}");
+            ExitCode::from(crate::exit_code_for(&error))
+        }
+    }
+}
+
+async fn dispatch(flags: Flags) -> Result<ExitCode> {
+    let overrides = Overrides {
+        config: flags.config.clone(),
+        database_url: flags.database_url.clone(),
+        host_id: flags.host_id.clone(),
+        socket: flags.socket.clone(),
+        ..Overrides::default()
+    };
+    if let Command::Config(command) = &flags.command {
+        return config_command(command, &overrides);
+    }
+    let config = Config::resolve(&overrides)?;
+    let open = |purpose| Store::open(&config.database_url, purpose);
+    match flags.command {
+        Command::Migrate => {
+            let store = open(Purpose::Migrate)?;
+            store.migrate().await?;
+            println!("schema of {} is up to date", store.display_url);
+        }
+        Command::Enqueue { task, options, delay, at, try_limit, priority } => {
+            let store = open(Purpose::Cli)?;
+            let id = store
+                .enqueue(&NewRequest {
+                    task_class_name: task,
+                    options,
+                    try_limit,
+                    delay_seconds: delay.map(|d| d.as_secs_f64()),
+                    at,
+                    priority: priority.unwrap_or(0),
+                })
+                .await
+                .with_context(|| format!("enqueueing into {}", store.display_url))?;
+            println!("{id}");
+            wake_daemon(&config).await;
+        }
+        Command::List { result, limit } => {
+            let filter = match result.as_deref() {
+                None => ListFilter::All,
+                Some(r) if r.eq_ignore_ascii_case("pending") => ListFilter::Pending,
+                Some(r) => ListFilter::Result(r.parse::<State>().map_err(crate::UsageError)?),
+            };
+            let rows = open(Purpose::Cli)?.list(filter, limit).await?;
+            print!("{}", render_table(&rows));
+        }
+        Command::Show { id } => {
+            let store = open(Purpose::Cli)?;
+            let Some(request) = store.show(id).await? else { bail!("no request {id}") };
+            print!("{}", render_show(&request));
+        }
+        Command::Run { task, options, id, record } => return run_command(&config, task, options, id, record).await,
+        Command::Reap { dry_run } => {
+            let store = open(Purpose::Cli)?;
+            let reaped = crate::reaper::reap(&store, &config.host_id, "", config.lease_timeout, dry_run).await?;
+            for row in &reaped {
+                println!("{} {}{}", row.id, if dry_run { "(dry run) " } else { "" }, row.reason);
+            }
+            if reaped.is_empty() {
+                eprintln!("nothing to reap");
+            } else if !dry_run {
+                wake_daemon(&config).await;
+            }
+        }
+        Command::Retry { id } => match open(Purpose::Cli)?.retry(id).await? {
+            Change::Done | Change::Requested => {
+                println!("request {id} will run again");
+                wake_daemon(&config).await;
+            }
+            Change::NotFound => bail!("no request {id}"),
+            Change::Refused(_) => bail!("request {id} is RUNNING: cancel it first, or wait for it to end"),
+        },
+        Command::Cancel { id } => match open(Purpose::Cli)?.cancel(id).await? {
+            Change::Done => println!("request {id} cancelled"),
+            Change::Requested => {
+                println!("request {id} is running: its daemon will stop it within a heartbeat");
+            }
+            Change::NotFound => bail!("no request {id}"),
+            Change::Refused(state) => bail!(
+                "request {id} is already {}: nothing to cancel",
+                state.unwrap_or_else(|| "final".into())
+            ),
+        },
+        Command::Purge { older_than } => {
+            let deleted = open(Purpose::Cli)?.purge(older_than, 1000).await?;
+            println!("deleted {deleted} requests");
+        }
+        Command::Status { json } => {
+            let Some(socket) = &config.socket else {
+                bail!("no control socket configured (set `socket:` in the config or pass --socket)");
+            };
+            let answer = crate::control::request(socket, "status").await?;
+            if json {
+                println!("{answer}");
+            } else {
+                let status: crate::control::Status = serde_json::from_value(answer)?;
+                print!("{}", render_status(&status));
+            }
+        }
+        Command::Config(_) => unreachable!("handled above"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Tells a local daemon to poll now, if one listens; silent otherwise.
+async fn wake_daemon(config: &Config) {
+    if let Some(socket) = &config.socket {
+        let _ = tokio::time::timeout(Duration::from_secs(1), crate::control::request(socket, "wake")).await;
+    }
+}
+
+fn config_command(command: &ConfigCommand, overrides: &Overrides) -> Result<ExitCode> {
+    match command {
+        ConfigCommand::Check { file } => {
+            let config = match file {
+                Some(file) => Config::load_file(file)?,
+                None => Config::resolve(overrides)?,
+            };
+            let registry = Registry::load(&config)?;
+            print!("{}", config.to_yaml());
+            println!("# task types: {}", registry.names(&config).join(", "));
+        }
+        ConfigCommand::Init { path } => {
+            write_starter_config(path)?;
+            println!("wrote {}", path.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_starter_config(path: &Path) -> Result<()> {
+    let mut file = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
+    file.write_all(STARTER_CONFIG.as_bytes())?;
+    Ok(())
+}
+
+/// The commented starter config (`config init`).
+pub const STARTER_CONFIG: &str = include_str!("starter-config.yml");
+
+async fn run_command(
+    config: &Config,
+    task: Option<String>,
+    options: Option<String>,
+    id: Option<RequestId>,
+    record: bool,
+) -> Result<ExitCode> {
+    let registry = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || Registry::load(&config)).await??
+    };
+    let context = attempt::Context {
+        config: Arc::new(config.clone()),
+        registry: Arc::new(RwLock::new(Arc::new(registry))),
+        spawner: Spawner::start()?,
+    };
+    let (stop_sender, stop) = watch::channel(None);
+    // Ctrl-C stops the task the way a daemon shutdown would.
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            stop_sender.send_replace(Some(StopReason::Shutdown));
+            std::future::pending::<()>().await;
+        }
+    });
+    let (verdict, claimed_for_record, store) = match id {
+        None => {
+            let task = task.expect("clap requires a task without --id");
+            let options = options.unwrap_or_default();
+            let input = TryInput { id: None, task: &task, options: options.as_bytes(), try_number: 1 };
+            (attempt::run(&context, input, stop, None, |_| {}).await, None, None)
+        }
+        Some(id) => {
+            let store = Store::open(&config.database_url, Purpose::Cli)?;
+            let Some(request) = store.show(id).await? else { bail!("no request {id}") };
+            let (try_number, claimed) = if record {
+                let instance = crate::daemon::new_instance_id(&config.host_id);
+                let token = format!("{instance}:cli");
+                let Some(claimed) = store.claim_one(id, &config.host_id, &instance, &token).await? else {
+                    bail!(
+                        "request {id} is not runnable ({}, {} of {} tries): it cannot be claimed",
+                        request.result.as_deref().unwrap_or("pending"),
+                        request.tries,
+                        request.try_limit
+                    );
+                };
+                (claimed.tries, Some(claimed))
+            } else {
+                (request.tries + 1, None)
+            };
+            let options = request.options.clone().unwrap_or_default();
+            let input = TryInput {
+                id: Some(id),
+                task: &request.task_class_name,
+                options: options.as_bytes(),
+                try_number,
+            };
+            let store_for_pid = store.clone();
+            let claimed_for_pid = claimed.clone();
+            let verdict = attempt::run(&context, input, stop, None, move |spawned| {
+                if let Some(claimed) = claimed_for_pid {
+                    let write = Write::Pid {
+                        id: claimed.id,
+                        claim_token: claimed.claim_token,
+                        pid: i64::from(spawned.pid),
+                        boot_id: crate::procinfo::boot_id(),
+                        start_ticks: spawned.start_ticks,
+                    };
+                    tokio::spawn(async move { store_for_pid.record(&[write]).await });
+                }
+            })
+            .await;
+            (verdict, claimed, Some(store))
+        }
+    };
+    if let (Some(claimed), Some(store)) = (claimed_for_record, store) {
+        let retry_after = matches!(verdict.state, State::Failed | State::Crashed | State::Timeout)
+            .then(|| backoff_seconds(config.retry_delay.as_secs_f64(), config.retry_multiplier, claimed.tries));
+        let outcome = Outcome {
+            id: claimed.id,
+            claim_token: claimed.claim_token.clone(),
+            state: verdict.state,
+            result_text: verdict.result_text.clone(),
+            retry_after,
+            give_back_try: verdict.state == State::Interrupted,
+        };
+        let applied = store.record(&[Write::Outcome(outcome)]).await?;
+        if applied.first() == Some(&true) {
+            eprintln!("recorded try {} of request {} as {}", claimed.tries, claimed.id, verdict.state);
+        } else {
+            eprintln!("request {}: the outcome was not recorded (the claim was lost)", claimed.id);
+        }
+    }
+    if verdict.state == State::Finished {
+        println!("{}", verdict.result_text);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("{}: {}", verdict.state, verdict.result_text);
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// `list`'s table: aligned columns, one line per request.
+pub fn render_table(rows: &[Request]) -> String {
+    let header = ["ID", "TASK", "STATE", "TRIES", "PID", "HOST", "CREATED", "SUMMARY"];
+    let mut lines: Vec<[String; 8]> = vec![header.map(String::from)];
+    for row in rows {
+        let state = match row.result.as_deref() {
+            Some(result) => {
+                let exhausted = matches!(result, "FAILED" | "CRASHED" | "TIMEOUT") && row.tries >= row.try_limit;
+                if exhausted { format!("{result} (exhausted)") } else { result.to_string() }
+            }
+            None if row.delay_until.is_some() => "pending (delayed)".to_string(),
+            None => "pending".to_string(),
+        };
+        let summary = row
+            .progress
+            .as_deref()
+            .filter(|_| row.result.as_deref() == Some("RUNNING"))
+            .map(|p| format!("progress: {p}"))
+            .or_else(|| row.result_text.as_deref().map(|t| t.lines().next().unwrap_or_default().to_string()))
+            .unwrap_or_default();
+        lines.push([
+            row.id.to_string(),
+            row.task_class_name.clone(),
+            state,
+            format!("{}/{}", row.tries, row.try_limit),
+            row.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            row.host.clone().unwrap_or_else(|| "-".into()),
+            row.created_at.as_deref().map(|t| t.chars().take(19).collect()).unwrap_or_default(),
+            truncate(&summary, 60),
+        ]);
+    }
+    let widths: Vec<usize> = (0..8).map(|c| lines.iter().map(|l| l[c].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for line in &lines {
+        let cells: Vec<String> = line
+            .iter()
+            .enumerate()
+            .map(|(c, cell)| if c == 7 { cell.clone() } else { format!("{cell:<width$}", width = widths[c]) })
+            .collect();
+        out += cells.join("  ").trim_end();
+        out += "\n";
+    }
+    if rows.is_empty() {
+        out += "(no requests)\n";
+    }
+    out
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_string()
+    } else {
+        format!("{}…", text.chars().take(max - 1).collect::<String>())
+    }
+}
+
+/// `show`: every column, then the full result_text.
+pub fn render_show(r: &Request) -> String {
+    let none = || "NULL".to_string();
+    let text = |v: &Option<String>| v.clone().unwrap_or_else(none);
+    let fields: Vec<(&str, String)> = vec![
+        ("id", r.id.to_string()),
+        ("task_class_name", r.task_class_name.clone()),
+        ("result", text(&r.result)),
+        ("tries", format!("{} of {}", r.tries, r.try_limit)),
+        ("priority", r.priority.to_string()),
+        ("created_at", text(&r.created_at)),
+        ("delay_until", text(&r.delay_until)),
+        ("started_at", text(&r.started_at)),
+        ("heartbeat_at", text(&r.heartbeat_at)),
+        ("completed_at", text(&r.completed_at)),
+        ("host", text(&r.host)),
+        ("pid", r.pid.map_or_else(none, |p| p.to_string())),
+        ("claimed_by", text(&r.claimed_by)),
+        ("cancel_requested_at", text(&r.cancel_requested_at)),
+        ("progress", text(&r.progress)),
+        ("options", r.options.clone().map_or_else(none, |o| o.trim_end().replace('\n', "\n    "))),
+    ];
+    let mut out = String::new();
+    for (name, value) in fields {
+        out += &format!("{name:<20} {value}\n");
+    }
+    out += "result_text:\n";
+    if let Some(result_text) = &r.result_text {
+        out += result_text;
+        out += "\n";
+    }
+    out
+}
+
+fn render_status(s: &crate::control::Status) -> String {
+    let mut out = format!(
+        "taskrunnerd {} (pid {}) on {}, up {:.0}s{}\ndatabase: {}\nrunning {} of {}:\n",
+        s.version,
+        s.pid,
+        s.host,
+        s.uptime_seconds,
+        if s.stopping { ", stopping" } else { "" },
+        s.database,
+        s.running.len(),
+        s.max_concurrent
+    );
+    for task in &s.running {
+        out += &format!(
+            "  {:>8}  {:<20} pid {:<8} try {}  {:.1}s{}\n",
+            task.id,
+            task.task,
+            task.pid.map_or("-".to_string(), |p| p.to_string()),
+            task.r#try,
+            task.seconds,
+            task.progress.as_deref().map(|p| format!("  progress: {p}")).unwrap_or_default()
+        );
+    }
+    let counts: Vec<String> = s.counts.iter().map(|(state, n)| format!("{state} {n}")).collect();
+    out += &format!("requests: {}\n", if counts.is_empty() { "none".into() } else { counts.join(", ") });
+    if let Some(next) = s.next_poll_in_seconds {
+        out += &format!("next poll in {next:.1}s\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_must_be_numbers() {
+        let error = Flags::try_parse_from(["taskrunner-cli", "show", "abc"]).unwrap_err();
+        assert_eq!(error.exit_code(), 2);
+        assert!(Flags::try_parse_from(["taskrunner-cli", "show", "12"]).is_ok());
+    }
+
+    #[test]
+    fn delay_and_at_exclude_each_other() {
+        assert!(Flags::try_parse_from(["taskrunner-cli", "enqueue", "NoOp", "--delay", "5s", "--at", "2026-11-24T07:00:00Z"]).is_err());
+        assert!(Flags::try_parse_from(["taskrunner-cli", "enqueue", "NoOp", "--delay", "5s"]).is_ok());
+        assert!(Flags::try_parse_from(["taskrunner-cli", "enqueue", "NoOp", "--try-limit", "0"]).is_err());
+    }
+
+    #[test]
+    fn run_takes_a_task_or_an_id() {
+        assert!(Flags::try_parse_from(["taskrunner-cli", "run"]).is_err());
+        assert!(Flags::try_parse_from(["taskrunner-cli", "run", "NoOp"]).is_ok());
+        assert!(Flags::try_parse_from(["taskrunner-cli", "run", "--id", "3", "--record"]).is_ok());
+        assert!(Flags::try_parse_from(["taskrunner-cli", "run", "NoOp", "--record"]).is_err());
+    }
+
+    #[test]
+    fn times_are_read_in_common_forms() {
+        assert_eq!(parse_time("2026-11-24T07:00:00Z").unwrap(), "2026-11-24T07:00:00.000Z");
+        assert_eq!(parse_time("2026-11-24T09:00:00+02:00").unwrap(), "2026-11-24T07:00:00.000Z");
+        assert_eq!(parse_time("2026-11-24 07:00").unwrap(), "2026-11-24T07:00:00.000Z");
+        assert!(parse_time("tomorrow").is_err());
+    }
+
+    #[test]
+    fn the_table_is_aligned() {
+        let rows = vec![
+            Request { id: 1, task_class_name: "NoOp".into(), result: Some("FINISHED".into()), tries: 1, try_limit: 5, result_text: Some("NOOP 1: OK!".into()), ..Default::default() },
+            Request { id: 100, task_class_name: "Thumbnail".into(), tries: 0, try_limit: 5, ..Default::default() },
+        ];
+        let table = render_table(&rows);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3);
+        let column = |line: &str| line.find("TASK").or_else(|| line.find("NoOp")).or_else(|| line.find("Thumbnail"));
+        assert_eq!(column(lines[0]), column(lines[1]));
+        assert_eq!(column(lines[1]), column(lines[2]));
+    }
+}

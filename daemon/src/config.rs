@@ -1,0 +1,589 @@
+//! The config file, command-line flags and environment, resolved into the one
+//! validated [`Config`] the daemon and the CLI see. Names of users and groups
+//! are resolved here, at load, never in a forked child.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+use crate::units::{format_duration, format_size, serde_units};
+use crate::UsageError;
+
+/// The task settings that may be written for one task type or, at the top
+/// level of the file, as defaults for every type. One macro so the two lists
+/// never drift apart (serde's `flatten` cannot be combined with
+/// `deny_unknown_fields`, which we need to name unknown keys).
+macro_rules! with_task_settings {
+    ($(#[$meta:meta])* struct $name:ident { $($field:ident : $type:ty $(=> $with:literal)?,)* }) => {
+        $(#[$meta])*
+        struct $name {
+            $( $(#[serde(default, deserialize_with = $with)])? $field: $type, )*
+            #[serde(default, deserialize_with = "serde_units::duration")]
+            timeout: Option<Duration>,
+            #[serde(default, deserialize_with = "serde_units::size")]
+            memory_limit: Option<u64>,
+            #[serde(default, deserialize_with = "serde_units::duration")]
+            cpu_limit: Option<Duration>,
+            max_processes: Option<u64>,
+            nice: Option<i32>,
+            user: Option<String>,
+            group: Option<String>,
+            env: Option<BTreeMap<String, String>>,
+            workdir: Option<PathBuf>,
+            #[serde(default, deserialize_with = "serde_units::duration")]
+            kill_retry: Option<Duration>,
+            #[serde(default, deserialize_with = "serde_units::duration")]
+            kill_grace: Option<Duration>,
+            #[serde(default, deserialize_with = "serde_units::size")]
+            output_tail: Option<u64>,
+        }
+
+        impl $name {
+            fn partial(&self) -> Partial {
+                Partial {
+                    timeout: self.timeout,
+                    memory_limit: self.memory_limit,
+                    cpu_limit: self.cpu_limit,
+                    max_processes: self.max_processes,
+                    nice: self.nice,
+                    user: self.user.clone(),
+                    group: self.group.clone(),
+                    env: self.env.clone(),
+                    workdir: self.workdir.clone(),
+                    kill_retry: self.kill_retry,
+                    kill_grace: self.kill_grace,
+                    output_tail: self.output_tail,
+                }
+            }
+        }
+    };
+}
+
+with_task_settings! {
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct FileConfig {
+        database_url: Option<String>,
+        host_id: Option<String>,
+        log_format: Option<LogFormat>,
+        poll_interval: Option<Duration> => "serde_units::duration",
+        max_concurrent: Option<usize>,
+        reap_interval: Option<Duration> => "serde_units::duration",
+        heartbeat_interval: Option<Duration> => "serde_units::duration",
+        lease_timeout: Option<Duration> => "serde_units::duration",
+        shutdown_timeout: Option<Duration> => "serde_units::duration",
+        retry_delay: Option<Duration> => "serde_units::duration",
+        retry_multiplier: Option<f64>,
+        pidfile: Option<PathBuf>,
+        socket: Option<PathBuf>,
+        log_file: Option<PathBuf>,
+        programs: Option<Vec<PathBuf>>,
+        tasks: Option<BTreeMap<String, FileTask>>,
+    }
+}
+
+with_task_settings! {
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct FileTask {
+        command: Vec<String>,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Who a task process runs as (resolved from names at load time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub user: Option<(String, u32)>,
+    pub group: Option<(String, u32)>,
+}
+
+/// How one task type's processes are run and limited.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskSettings {
+    pub timeout: Option<Duration>,
+    /// Bytes; cgroup `memory.max` where delegated, else RLIMIT_AS (address space).
+    pub memory_limit: Option<u64>,
+    /// CPU time; RLIMIT_CPU.
+    pub cpu_limit: Option<Duration>,
+    /// cgroup `pids.max` where delegated, else RLIMIT_NPROC (per user, not for root).
+    pub max_processes: Option<u64>,
+    pub nice: Option<i32>,
+    pub run_as: RunAs,
+    pub env: BTreeMap<String, String>,
+    pub workdir: PathBuf,
+    pub kill_retry: Duration,
+    pub kill_grace: Duration,
+    pub output_tail: usize,
+}
+
+/// A task type declared under `tasks:`: a program and its fixed arguments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandTask {
+    pub command: Vec<String>,
+    pub settings: TaskSettings,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from, if any.
+    pub file: Option<PathBuf>,
+    pub database_url: String,
+    pub host_id: String,
+    pub log_format: LogFormat,
+    pub poll_interval: Duration,
+    pub max_concurrent: usize,
+    pub reap_interval: Duration,
+    pub heartbeat_interval: Duration,
+    pub lease_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub retry_delay: Duration,
+    pub retry_multiplier: f64,
+    pub pidfile: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    /// Where `--daemonize` sends stdout and stderr (default /dev/null).
+    pub log_file: Option<PathBuf>,
+    pub programs: Vec<PathBuf>,
+    /// Settings for types not listed under `tasks:` (built-in and SDK programs).
+    pub defaults: TaskSettings,
+    pub tasks: BTreeMap<String, CommandTask>,
+}
+
+/// What the command line (and environment) contribute; `None` means "not given".
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub database_url: Option<String>,
+    pub host_id: Option<String>,
+    pub socket: Option<PathBuf>,
+    pub pidfile: Option<PathBuf>,
+    pub poll_interval: Option<Duration>,
+    pub max_concurrent: Option<usize>,
+    pub log_format: Option<LogFormat>,
+}
+
+const DEFAULT_CONFIG_PATHS: [&str; 2] = ["taskrunner.yml", "/etc/taskrunner/taskrunner.yml"];
+
+impl Config {
+    /// Flags, then `DATABASE_URL`, then the file, then defaults (SPEC.md).
+    pub fn resolve(overrides: &Overrides) -> Result<Config> {
+        let file = match &overrides.config {
+            Some(path) => Some(path.clone()),
+            None => DEFAULT_CONFIG_PATHS
+                .iter()
+                .map(PathBuf::from)
+                .find(|path| path.is_file()),
+        };
+        let (raw, dir) = match &file {
+            Some(path) => (read_file(path)?, absolute_dir_of(path)?),
+            None => (FileConfig::default(), std::env::current_dir()?),
+        };
+        let mut config = Config::from_file(raw, &dir, file.clone())?;
+        if let Some(url) = &overrides.database_url {
+            config.database_url = url.clone();
+        } else if let Some(url) = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
+            config.database_url = url;
+        }
+        set_if_some(&mut config.host_id, &overrides.host_id);
+        set_if_some(&mut config.log_format, &overrides.log_format);
+        set_if_some(&mut config.poll_interval, &overrides.poll_interval);
+        set_if_some(&mut config.max_concurrent, &overrides.max_concurrent);
+        if overrides.socket.is_some() {
+            config.socket = overrides.socket.clone();
+        }
+        if overrides.pidfile.is_some() {
+            config.pidfile = overrides.pidfile.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and validates one file alone (`config check`, SIGHUP reload).
+    pub fn load_file(path: &Path) -> Result<Config> {
+        let config = Config::from_file(read_file(path)?, &absolute_dir_of(path)?, Some(path.into()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn from_file(raw: FileConfig, dir: &Path, file: Option<PathBuf>) -> Result<Config> {
+        let usage = |message: String| -> anyhow::Error {
+            let origin = file.as_ref().map_or("config".into(), |f| f.display().to_string());
+            UsageError(format!("{origin}: {message}")).into()
+        };
+        let global_settings = raw.partial();
+        let defaults = global_settings.resolve(None, dir).map_err(&usage)?;
+        let mut tasks = BTreeMap::new();
+        for (name, task) in raw.tasks.unwrap_or_default() {
+            if task.command.is_empty() || task.command[0].is_empty() {
+                return Err(usage(format!("tasks.{name}.command: must name a program")));
+            }
+            let own = task.partial();
+            let settings = own
+                .resolve(Some(&global_settings), dir)
+                .map_err(|message| usage(format!("tasks.{name}.{message}")))?;
+            let mut command = task.command;
+            command[0] = resolve_program(dir, &command[0]);
+            tasks.insert(name, CommandTask { command, settings });
+        }
+        let database_url = match raw.database_url {
+            Some(url) => resolve_sqlite_url(&url, dir),
+            None => "sqlite://taskrunner.db".to_string(),
+        };
+        Ok(Config {
+            file,
+            database_url,
+            host_id: raw.host_id.unwrap_or_else(default_host_id),
+            log_format: raw.log_format.unwrap_or_default(),
+            poll_interval: raw.poll_interval.unwrap_or(Duration::from_secs(60)),
+            max_concurrent: raw
+                .max_concurrent
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            reap_interval: raw.reap_interval.unwrap_or(Duration::from_secs(60)),
+            heartbeat_interval: raw.heartbeat_interval.unwrap_or(Duration::from_secs(10)),
+            lease_timeout: raw.lease_timeout.unwrap_or(Duration::from_secs(60)),
+            shutdown_timeout: raw.shutdown_timeout.unwrap_or(Duration::from_secs(30)),
+            retry_delay: raw.retry_delay.unwrap_or(Duration::from_secs(10)),
+            retry_multiplier: raw.retry_multiplier.unwrap_or(2.0),
+            pidfile: raw.pidfile.map(|p| dir.join(p)),
+            socket: raw.socket.map(|p| dir.join(p)),
+            log_file: raw.log_file.map(|p| dir.join(p)),
+            programs: raw
+                .programs
+                .unwrap_or_default()
+                .iter()
+                .map(|p| PathBuf::from(resolve_program(dir, &p.to_string_lossy())))
+                .collect(),
+            defaults,
+            tasks,
+        })
+    }
+
+    fn validate(&self) -> Result<()> {
+        let origin = self
+            .file
+            .as_ref()
+            .map_or("config".into(), |f| f.display().to_string());
+        let fail = |message: &str| -> Result<()> { Err(UsageError(format!("{origin}: {message}")).into()) };
+        if self.max_concurrent == 0 {
+            return fail("max_concurrent: must be at least 1");
+        }
+        if !(self.retry_multiplier.is_finite() && self.retry_multiplier >= 1.0) {
+            return fail("retry_multiplier: must be a number of at least 1");
+        }
+        for (key, value) in [
+            ("poll_interval", self.poll_interval),
+            ("reap_interval", self.reap_interval),
+            ("heartbeat_interval", self.heartbeat_interval),
+        ] {
+            if value.is_zero() {
+                return fail(&format!("{key}: must be longer than 0s"));
+            }
+        }
+        if self.lease_timeout <= self.heartbeat_interval + self.defaults.kill_grace {
+            return fail(&format!(
+                "lease_timeout: must be longer than heartbeat_interval + kill_grace ({} + {}), so that a daemon that lost its database stops its tasks before another daemon takes them over",
+                format_duration(self.heartbeat_interval),
+                format_duration(self.defaults.kill_grace)
+            ));
+        }
+        if !(self.database_url.starts_with("sqlite:")
+            || self.database_url.starts_with("postgres://")
+            || self.database_url.starts_with("postgresql://"))
+        {
+            return fail("database_url: must start with sqlite:, postgres:// or postgresql://");
+        }
+        Ok(())
+    }
+
+    /// The settings that apply to a task type (its own, else the defaults).
+    pub fn settings_for(&self, task_name: &str) -> &TaskSettings {
+        self.tasks
+            .get(task_name)
+            .map_or(&self.defaults, |task| &task.settings)
+    }
+
+    /// The effective config as YAML, every key spelled out (`config check`).
+    pub fn to_yaml(&self) -> String {
+        let mut out = String::new();
+        let d = format_duration;
+        out += &format!("# effective config{}\n", self.file.as_ref().map_or(String::new(), |f| format!(" from {}", f.display())));
+        out += &format!("database_url: {}\n", redact_url(&self.database_url));
+        out += &format!("host_id: {}\n", self.host_id);
+        out += &format!("log_format: {}\n", if self.log_format == LogFormat::Json { "json" } else { "text" });
+        out += &format!("poll_interval: {}\nmax_concurrent: {}\nreap_interval: {}\nheartbeat_interval: {}\nlease_timeout: {}\nshutdown_timeout: {}\nretry_delay: {}\nretry_multiplier: {}\n",
+            d(self.poll_interval), self.max_concurrent, d(self.reap_interval), d(self.heartbeat_interval), d(self.lease_timeout), d(self.shutdown_timeout), d(self.retry_delay), self.retry_multiplier);
+        if let Some(p) = &self.pidfile {
+            out += &format!("pidfile: {}\n", p.display());
+        }
+        if let Some(s) = &self.socket {
+            out += &format!("socket: {}\n", s.display());
+        }
+        if let Some(l) = &self.log_file {
+            out += &format!("log_file: {}\n", l.display());
+        }
+        out += &format!("programs: [{}]\n", self.programs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+        out += &settings_yaml(&self.defaults, "");
+        out += "tasks:\n";
+        for (name, task) in &self.tasks {
+            out += &format!("  {name}:\n    command: {:?}\n", task.command);
+            out += &settings_yaml(&task.settings, "    ");
+        }
+        out
+    }
+}
+
+fn settings_yaml(s: &TaskSettings, indent: &str) -> String {
+    let mut out = String::new();
+    let mut line = |key: &str, value: String| out += &format!("{indent}{key}: {value}\n");
+    if let Some(t) = s.timeout {
+        line("timeout", format_duration(t));
+    }
+    if let Some(m) = s.memory_limit {
+        line("memory_limit", format_size(m));
+    }
+    if let Some(c) = s.cpu_limit {
+        line("cpu_limit", format_duration(c));
+    }
+    if let Some(p) = s.max_processes {
+        line("max_processes", p.to_string());
+    }
+    if let Some(n) = s.nice {
+        line("nice", n.to_string());
+    }
+    if let Some((name, uid)) = &s.run_as.user {
+        line("user", format!("{name}  # uid {uid}"));
+    }
+    if let Some((name, gid)) = &s.run_as.group {
+        line("group", format!("{name}  # gid {gid}"));
+    }
+    if !s.env.is_empty() {
+        line("env", format!("{:?}", s.env));
+    }
+    line("workdir", s.workdir.display().to_string());
+    line("kill_retry", format_duration(s.kill_retry));
+    line("kill_grace", format_duration(s.kill_grace));
+    line("output_tail", format_size(s.output_tail as u64));
+    out
+}
+
+/// Hides a password in a database URL for printing.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..scheme_end + 3], &credentials[..colon], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Settings as written, before defaults are applied.
+#[derive(Debug, Clone, Default)]
+struct Partial {
+    timeout: Option<Duration>,
+    memory_limit: Option<u64>,
+    cpu_limit: Option<Duration>,
+    max_processes: Option<u64>,
+    nice: Option<i32>,
+    user: Option<String>,
+    group: Option<String>,
+    env: Option<BTreeMap<String, String>>,
+    workdir: Option<PathBuf>,
+    kill_retry: Option<Duration>,
+    kill_grace: Option<Duration>,
+    output_tail: Option<u64>,
+}
+
+impl Partial {
+    /// Applies `fallback` (the top-level defaults) and the built-in defaults.
+    /// Errors name the key, without the file (the caller adds it).
+    fn resolve(&self, fallback: Option<&Partial>, dir: &Path) -> std::result::Result<TaskSettings, String> {
+        let empty = Partial::default();
+        let base = fallback.unwrap_or(&empty);
+        let user = self.user.clone().or_else(|| base.user.clone());
+        let group = self.group.clone().or_else(|| base.group.clone());
+        let mut env = base.env.clone().unwrap_or_default();
+        env.extend(self.env.clone().unwrap_or_default());
+        let nice = self.nice.or(base.nice);
+        if let Some(nice) = nice {
+            if !(-20..=19).contains(&nice) {
+                return Err(format!("nice: {nice} is outside -20..19"));
+            }
+        }
+        if let Some(0) = self.max_processes.or(base.max_processes) {
+            return Err("max_processes: must be at least 1".into());
+        }
+        let output_tail = self.output_tail.or(base.output_tail).unwrap_or(64 * 1024);
+        if output_tail == 0 {
+            return Err("output_tail: must be at least 1 byte".into());
+        }
+        Ok(TaskSettings {
+            timeout: self.timeout.or(base.timeout).filter(|t| !t.is_zero()),
+            memory_limit: self.memory_limit.or(base.memory_limit),
+            cpu_limit: self.cpu_limit.or(base.cpu_limit),
+            max_processes: self.max_processes.or(base.max_processes),
+            nice,
+            run_as: resolve_run_as(user, group)?,
+            env,
+            workdir: dir.join(self.workdir.clone().or_else(|| base.workdir.clone()).unwrap_or_default()),
+            kill_retry: self.kill_retry.or(base.kill_retry).unwrap_or(Duration::from_secs(5)),
+            kill_grace: self.kill_grace.or(base.kill_grace).unwrap_or(Duration::from_secs(10)),
+            output_tail: output_tail as usize,
+        })
+    }
+}
+
+fn resolve_run_as(user: Option<String>, group: Option<String>) -> std::result::Result<RunAs, String> {
+    let user = match user {
+        None => None,
+        Some(name) => {
+            let entry = nix::unistd::User::from_name(&name)
+                .map_err(|e| format!("user: cannot look up `{name}`: {e}"))?
+                .ok_or_else(|| format!("user: no such user `{name}`"))?;
+            Some((name, entry.uid.as_raw(), entry.gid.as_raw()))
+        }
+    };
+    let group = match group {
+        Some(name) => {
+            let entry = nix::unistd::Group::from_name(&name)
+                .map_err(|e| format!("group: cannot look up `{name}`: {e}"))?
+                .ok_or_else(|| format!("group: no such group `{name}`"))?;
+            Some((name, entry.gid.as_raw()))
+        }
+        // A user without a group runs with that user's primary group.
+        None => user.as_ref().map(|(name, _, gid)| (format!("{name}'s group"), *gid)),
+    };
+    Ok(RunAs {
+        user: user.map(|(name, uid, _)| (name, uid)),
+        group,
+    })
+}
+
+fn read_file(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| UsageError(format!("{}: cannot read config: {e}", path.display())))?;
+    if text.trim().is_empty() {
+        return Ok(FileConfig::default());
+    }
+    serde_yaml::from_str(&text).map_err(|e| UsageError(format!("{}: {e}", path.display())).into())
+}
+
+fn absolute_dir_of(path: &Path) -> Result<PathBuf> {
+    let absolute = std::path::absolute(path).context("resolving the config file's directory")?;
+    Ok(absolute.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/")))
+}
+
+/// A program named with a slash is a path relative to the config's directory;
+/// a bare name is looked up in `PATH` when it runs.
+fn resolve_program(dir: &Path, program: &str) -> String {
+    if program.contains('/') {
+        dir.join(program).to_string_lossy().into_owned()
+    } else {
+        program.to_string()
+    }
+}
+
+/// `sqlite://relative.db` in a config file is relative to the file's directory.
+fn resolve_sqlite_url(url: &str, dir: &Path) -> String {
+    match url.strip_prefix("sqlite://") {
+        Some(path) if !path.starts_with('/') && !path.starts_with(':') => {
+            format!("sqlite://{}", dir.join(path).display())
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn set_if_some<T: Clone>(target: &mut T, value: &Option<T>) {
+    if let Some(value) = value {
+        *target = value.clone();
+    }
+}
+
+fn default_host_id() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config> {
+        let dir = std::env::temp_dir().join(format!("taskrunner-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{}.yml", text.len()));
+        std::fs::write(&path, text).unwrap();
+        Config::load_file(&path)
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let config = load("{}").unwrap();
+        assert_eq!(config.poll_interval, Duration::from_secs(60));
+        assert_eq!(config.retry_delay, Duration::from_secs(10));
+        assert_eq!(config.retry_multiplier, 2.0);
+        assert_eq!(config.defaults.output_tail, 65_536);
+        assert_eq!(config.defaults.kill_grace, Duration::from_secs(10));
+        assert!(config.database_url.ends_with("/taskrunner.db"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_line() {
+        let error = load("poll_interval: 1s\ntasks:\n  Thumb:\n    command: [x]\n    timout: 5s\n").unwrap_err();
+        let message = format!("{error:#}");
+        assert!(message.contains("timout"), "{message}");
+        assert!(message.contains("line 5"), "{message}");
+        assert!(error.downcast_ref::<UsageError>().is_some());
+    }
+
+    #[test]
+    fn task_settings_inherit_the_top_level_defaults() {
+        let config = load("memory_limit: 64MiB\nkill_grace: 2s\nenv: {A: '1'}\ntasks:\n  T:\n    command: [/bin/true]\n    kill_grace: 3s\n    env: {B: '2'}\n").unwrap();
+        let task = &config.tasks["T"].settings;
+        assert_eq!(task.memory_limit, Some(64 << 20));
+        assert_eq!(task.kill_grace, Duration::from_secs(3));
+        assert_eq!(task.env.len(), 2);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let message = format!("{:#}", load("tasks:\n  T:\n    command: [x]\n    nice: 40\n").unwrap_err());
+        assert!(message.contains("tasks.T.nice"), "{message}");
+        let message = format!("{:#}", load("poll_interval: soon\n").unwrap_err());
+        assert!(message.contains("poll_interval") || message.contains("invalid duration"), "{message}");
+        let message = format!("{:#}", load("user: no-such-user-here\n").unwrap_err());
+        assert!(message.contains("no such user"), "{message}");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        let config = load("database_url: sqlite://data/q.db\npidfile: run/d.pid\ntasks:\n  T:\n    command: [bin/t]\n").unwrap();
+        let dir = config.file.as_ref().unwrap().parent().unwrap().to_path_buf();
+        assert_eq!(config.database_url, format!("sqlite://{}", dir.join("data/q.db").display()));
+        assert_eq!(config.pidfile.unwrap(), dir.join("run/d.pid"));
+        assert_eq!(config.tasks["T"].command[0], dir.join("bin/t").to_string_lossy());
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+}

@@ -1,0 +1,187 @@
+//! The control socket: a local socket at a filesystem path, inside a
+//! directory only the daemon's user can enter, answering one line with one
+//! JSON line. Commands: `status`, `wake` (poll now), `stop` (graceful).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use interprocess::local_socket::tokio::{prelude::*, Stream};
+use interprocess::local_socket::{GenericFilePath, ListenerOptions};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio_util::sync::CancellationToken;
+
+use crate::daemon::Shared;
+
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 4096;
+
+/// What `status` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub host: String,
+    pub instance: String,
+    pub database: String,
+    pub uptime_seconds: f64,
+    pub max_concurrent: usize,
+    pub running: Vec<RunningTask>,
+    /// Rows by `result` (`PENDING` for never run).
+    pub counts: Vec<(String, i64)>,
+    pub next_poll_in_seconds: Option<f64>,
+    pub stopping: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunningTask {
+    pub id: i64,
+    pub task: String,
+    pub pid: Option<u32>,
+    pub r#try: i64,
+    pub seconds: f64,
+    pub progress: Option<String>,
+}
+
+/// Creates the socket's owner-only directory and listens, replacing a stale
+/// socket file. The file is removed when the listener is dropped.
+pub async fn serve(shared: Arc<Shared>, path: PathBuf, stop: CancellationToken, shutdown: CancellationToken) -> Result<()> {
+    prepare_directory(&path)?;
+    let name = path.as_path().to_fs_name::<GenericFilePath>()?;
+    let listener = ListenerOptions::new()
+        .name(name)
+        .try_overwrite(true)
+        .create_tokio()
+        .with_context(|| format!("listening on the control socket {}", path.display()))?;
+    set_mode(&path, 0o600)?;
+    loop {
+        let connection = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(connection) => connection,
+                Err(error) => {
+                    tracing::warn!("control socket: {error}");
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(10), answer(shared, connection, shutdown)).await;
+        });
+    }
+    drop(listener);
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+async fn answer(shared: Arc<Shared>, connection: Stream, shutdown: CancellationToken) -> std::io::Result<()> {
+    let mut line = String::new();
+    let mut reader = BufReader::new(&connection).take(MAX_REQUEST);
+    // Invalid UTF-8 is garbage like any other.
+    if reader.read_line(&mut line).await.is_err() {
+        line = String::from("\u{FFFD}");
+    }
+    let reply = match line.trim() {
+        "status" => serde_json::to_value(status(&shared).await).unwrap_or_default(),
+        "wake" => {
+            shared.wake.notify_one();
+            serde_json::json!({ "ok": true })
+        }
+        "stop" => {
+            tracing::info!("stop requested on the control socket");
+            shutdown.cancel();
+            serde_json::json!({ "ok": true })
+        }
+        other => {
+            let shown: String = other.chars().take(40).collect();
+            serde_json::json!({ "error": format!("unknown command `{shown}` (status, wake or stop)") })
+        }
+    };
+    let mut writer = &connection;
+    writer.write_all(format!("{reply}\n").as_bytes()).await?;
+    writer.flush().await
+}
+
+async fn status(shared: &Shared) -> Status {
+    let config = shared.config();
+    let running = shared
+        .live()
+        .iter()
+        .map(|(id, live)| RunningTask {
+            id: id.0,
+            task: live.task.clone(),
+            pid: live.pid,
+            r#try: live.try_number,
+            seconds: live.started.elapsed().as_secs_f64(),
+            progress: live.progress.borrow().clone(),
+        })
+        .collect();
+    let next_poll = *shared.next_poll.lock().unwrap_or_else(|e| e.into_inner());
+    Status {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        host: config.host_id.clone(),
+        instance: shared.instance.clone(),
+        database: shared.store.display_url.clone(),
+        uptime_seconds: shared.started.elapsed().as_secs_f64(),
+        max_concurrent: config.max_concurrent,
+        running,
+        counts: shared.store.count_by_result().await.unwrap_or_default(),
+        next_poll_in_seconds: next_poll.map(|at| at.saturating_duration_since(std::time::Instant::now()).as_secs_f64()),
+        stopping: shared.stop_claiming.is_cancelled(),
+    }
+}
+
+/// Sends one command and returns the daemon's JSON answer.
+pub async fn request(path: &Path, command: &str) -> Result<serde_json::Value> {
+    let name = path.to_fs_name::<GenericFilePath>()?;
+    let connection = Stream::connect(name)
+        .await
+        .with_context(|| format!("no daemon answers on {}", path.display()))?;
+    let mut writer = &connection;
+    writer.write_all(format!("{command}\n").as_bytes()).await?;
+    let mut line = String::new();
+    BufReader::new(&connection).read_line(&mut line).await?;
+    if line.trim().is_empty() {
+        bail!("the daemon on {} closed the connection without answering", path.display());
+    }
+    let value: serde_json::Value = serde_json::from_str(&line).context("reading the daemon's answer")?;
+    if let Some(error) = value.get("error").and_then(|e| e.as_str()) {
+        bail!("the daemon answered: {error}");
+    }
+    Ok(value)
+}
+
+/// Creates the directory (mode 0700) if missing; refuses one that others can enter.
+fn prepare_directory(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating the socket directory {}", dir.display()))?;
+        set_mode(dir, 0o700)?;
+    }
+    let metadata = std::fs::metadata(dir)?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if metadata.uid() != me || metadata.mode() & 0o077 != 0 {
+        bail!(
+            "the control socket's directory {} must belong to this user and be closed to others (chmod 700)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting permissions of {}", path.display()))
+}

@@ -1,0 +1,278 @@
+//! The daemon: starts its parts, and stops them in the SPEC's order.
+//!
+//! Parts (each in its own module): the `scheduler` claims rows and starts a
+//! supervised try for each; the `recorder` writes their results; the
+//! `heartbeat` renews leases, delivers cancels and fences itself off when it
+//! loses the database; the `reaper` marks crashed rows; `wakeup` listens for
+//! new rows; `control` answers on the socket.
+//!
+//! Shutdown order (SIGTERM/SIGINT or `stop` on the socket): stop claiming;
+//! let running tries finish for up to `shutdown_timeout`; then stop them
+//! (SIGTERM, repeated every `kill_retry`, SIGKILL after `kill_grace`) and
+//! record them INTERRUPTED, their try given back; flush the recorder; exit.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::health::{Backoff, Health};
+use crate::recorder::Recorder;
+use crate::request::RequestId;
+use crate::store::{Purpose, Store};
+use crate::supervisor::{Spawner, StopReason};
+use crate::task_types::Registry;
+
+/// A try this daemon is running.
+pub struct LiveTry {
+    pub task: String,
+    pub claim_token: String,
+    pub pid: Option<u32>,
+    pub started: Instant,
+    pub try_number: i64,
+    pub stop: watch::Sender<Option<StopReason>>,
+    pub progress: watch::Receiver<Option<String>>,
+    /// The progress line last written to the row.
+    pub progress_written: Option<String>,
+}
+
+/// State shared by the daemon's parts.
+pub struct Shared {
+    pub config: RwLock<Arc<Config>>,
+    pub registry: Arc<RwLock<Arc<Registry>>>,
+    pub store: Store,
+    pub spawner: Spawner,
+    pub recorder: Recorder,
+    pub health: Arc<Health>,
+    /// Unique per daemon process; rows it claims carry it in `claimed_by`.
+    pub instance: String,
+    pub live: Mutex<BTreeMap<RequestId, LiveTry>>,
+    /// Poll now: a row was enqueued, a try ended, a delay came due.
+    pub wake: Arc<Notify>,
+    /// Stop claiming (the first step of shutdown).
+    pub stop_claiming: CancellationToken,
+    pub started: Instant,
+    /// When the scheduler will next poll unprompted (for `status`).
+    pub next_poll: Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn live(&self) -> std::sync::MutexGuard<'_, BTreeMap<RequestId, LiveTry>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks every running try to stop, for `reason`.
+    pub fn stop_all(&self, reason: StopReason) {
+        for live in self.live().values() {
+            live.stop.send_replace(Some(reason));
+        }
+    }
+}
+
+/// Options for one daemon run, beyond the config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub no_migrate: bool,
+}
+
+/// Runs the daemon until `shutdown` is cancelled, then drains and returns.
+/// `on_ready` is called once the daemon is serving (pidfile, systemd).
+pub async fn run(
+    config: Config,
+    options: RunOptions,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(&Arc<Shared>),
+) -> Result<()> {
+    let store = Store::open(&config.database_url, Purpose::Daemon)?;
+    let health = Arc::new(Health::default());
+    if !options.no_migrate {
+        let mut backoff = Backoff::default();
+        loop {
+            match store.migrate().await {
+                Ok(()) => break,
+                Err(error) if is_permanent(&error) => return Err(error),
+                Err(error) => health.failed("migrating the schema", &error),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
+        health.succeeded();
+    }
+    let registry = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || Registry::load(&config))
+            .await
+            .context("loading task types")??
+    };
+    let spawner = Spawner::start().context("starting the spawner thread")?;
+    let wake = Arc::new(Notify::new());
+    let (recorder, recorder_done) = Recorder::start(store.clone(), health.clone(), wake.clone());
+    let shared = Arc::new(Shared {
+        instance: new_instance_id(&config.host_id),
+        config: RwLock::new(Arc::new(config)),
+        registry: Arc::new(RwLock::new(Arc::new(registry))),
+        store,
+        spawner,
+        recorder,
+        health,
+        live: Mutex::new(BTreeMap::new()),
+        wake,
+        stop_claiming: CancellationToken::new(),
+        started: Instant::now(),
+        next_poll: Mutex::new(None),
+    });
+    {
+        let config = shared.config();
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            database = %shared.store.display_url,
+            host = %config.host_id,
+            instance = %shared.instance,
+            max_concurrent = config.max_concurrent,
+            task_types = %shared.registry.read().unwrap_or_else(|e| e.into_inner()).names(&config).join(", "),
+            "taskrunnerd started"
+        );
+    }
+
+    let services = CancellationToken::new();
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(crate::heartbeat::run(shared.clone(), services.clone()));
+    background.spawn(crate::reaper::run(shared.clone(), services.clone()));
+    background.spawn(crate::wakeup::run(shared.clone(), services.clone()));
+    if let Some(path) = shared.config().socket.clone() {
+        let (shared, services, shutdown) = (shared.clone(), services.clone(), shutdown.clone());
+        background.spawn(async move {
+            if let Err(error) = crate::control::serve(shared, path, services, shutdown).await {
+                tracing::error!("control socket unavailable: {error:#}");
+            }
+        });
+    }
+    let scheduler = tokio::spawn(crate::scheduler::run(shared.clone()));
+    on_ready(&shared);
+
+    shutdown.cancelled().await;
+    let config = shared.config();
+    let running = shared.live().len();
+    tracing::info!(
+        running,
+        "shutting down: no new claims; waiting up to {} for running tasks",
+        crate::units::format_duration(config.shutdown_timeout)
+    );
+    shared.stop_claiming.cancel();
+    shared.wake.notify_one();
+    let drained = wait_until_idle(&shared, config.shutdown_timeout).await;
+    if !drained {
+        tracing::warn!(
+            running = shared.live().len(),
+            "shutdown_timeout passed: stopping the remaining tasks (they will run again)"
+        );
+        shared.stop_all(StopReason::Shutdown);
+        let longest_grace = config
+            .tasks
+            .values()
+            .map(|t| t.settings.kill_grace)
+            .chain([config.defaults.kill_grace])
+            .max()
+            .unwrap_or_default();
+        wait_until_idle(&shared, longest_grace + Duration::from_secs(2)).await;
+    }
+    // Every try has ended (their tasks hold the spawner's children): the
+    // scheduler joins them before it returns.
+    let _ = scheduler.await;
+    services.cancel();
+    while background.join_next().await.is_some() {}
+    shared.recorder.close();
+    if tokio::time::timeout(Duration::from_secs(30), recorder_done).await.is_err() {
+        tracing::error!("could not record every result before exiting; the reaper will rerun those rows");
+    }
+    shared.store.close().await;
+    tracing::info!("taskrunnerd stopped");
+    Ok(())
+}
+
+/// Waits until no try runs, for at most `limit`; true if none runs.
+async fn wait_until_idle(shared: &Shared, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if shared.live().is_empty() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Errors that retrying cannot fix (a migration that does not apply).
+fn is_permanent(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<sqlx::migrate::MigrateError>(),
+            Some(
+                sqlx::migrate::MigrateError::VersionMissing(_)
+                    | sqlx::migrate::MigrateError::VersionMismatch(_)
+                    | sqlx::migrate::MigrateError::Dirty(_)
+            )
+        )
+    })
+}
+
+/// `host:pid:random`, unique across daemons and restarts.
+pub fn new_instance_id(host: &str) -> String {
+    format!("{host}:{}:{:016x}", std::process::id(), random_u64())
+}
+
+pub fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `len` bytes into the buffer.
+    let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if filled != bytes.len() as isize {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        return nanos ^ u64::from(std::process::id()).rotate_left(32);
+    }
+    u64::from_ne_bytes(bytes)
+}
+
+/// SIGHUP: reloads the config file (task types, limits, intervals) without
+/// touching running tasks. A file that does not load is refused, with the
+/// reason, and the old config stays. The database URL, host id, pidfile and
+/// socket are fixed for the daemon's life.
+pub async fn reload(shared: &Arc<Shared>, path: &std::path::Path) {
+    let path = path.to_path_buf();
+    let current = shared.config();
+    let loaded = tokio::task::spawn_blocking(move || -> Result<(Config, Registry)> {
+        let mut config = Config::load_file(&path)?;
+        config.database_url = current.database_url.clone();
+        config.host_id = current.host_id.clone();
+        config.pidfile = current.pidfile.clone();
+        config.socket = current.socket.clone();
+        config.log_format = current.log_format;
+        let registry = Registry::load(&config)?;
+        Ok((config, registry))
+    })
+    .await;
+    match loaded {
+        Ok(Ok((config, registry))) => {
+            let names = registry.names(&config).join(", ");
+            *shared.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+            *shared.registry.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(registry);
+            shared.wake.notify_one();
+            tracing::info!(task_types = %names, "config reloaded");
+        }
+        Ok(Err(error)) => tracing::error!("config reload refused, keeping the old config: {error:#}"),
+        Err(error) => tracing::error!("config reload failed: {error}"),
+    }
+}

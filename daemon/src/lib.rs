@@ -1,0 +1,89 @@
+//! taskrunner: a database-backed task runner. Applications insert rows into
+//! `task_runner_requests`; `taskrunnerd` runs each in its own OS process.
+//!
+//! # Code map
+//!
+//! - `bin/`: `taskrunnerd` and `taskrunner-cli` (flags → config → one call
+//!   here → exit code) and `taskrunner-builtin-tasks` (the built-in types).
+//! - [`config`]: file + flags + environment → one validated [`config::Config`].
+//! - [`request`]: ids, states, the backoff rule.
+//! - [`store`]: every query; [`store::sql`] holds the claim and the fenced writes.
+//! - [`daemon`]: starts the parts below and shuts them down in order.
+//! - [`scheduler`]: claims rows up to the free slots, starts a try for each.
+//! - [`attempt`]: one try, from type name and options to a verdict.
+//! - [`supervisor`]: one OS process per try: spawn, limits, timeout, kill escalation.
+//! - [`recorder`]: the one writer of try results, batched and retried.
+//! - [`heartbeat`]: lease renewal, cancel delivery, self-fencing.
+//! - [`reaper`]: marks rows whose process or daemon is gone as CRASHED.
+//! - [`wakeup`]: LISTEN/NOTIFY (PostgreSQL), data_version (SQLite).
+//! - [`control`]: the control socket (`status`, `wake`, `stop`).
+//! - [`task_types`]: which program runs a type name.
+//! - [`procinfo`]: process identity (boot id, start ticks) and the pid probe.
+//!
+//! # Invariants
+//!
+//! - A claim writes RUNNING, tries + 1, started_at, host, heartbeat_at and a
+//!   fresh claim token in one atomic statement before the process starts.
+//! - Architecture Invariant: only the holder of a row's claim token writes
+//!   about its try (pid, progress, outcome); see [`store`].
+//! - Nothing a row contains can name a program or crash the daemon: rows
+//!   name a type, the config maps types to programs, and columns are read
+//!   leniently.
+//! - Task processes never open the database; they speak the process
+//!   protocol (options on stdin, result on stdout, exit status).
+//! - Deliberately absent: no bare `fork()` of the daemon (except
+//!   `--daemonize`, before the runtime starts), no in-process task execution.
+
+pub mod attempt;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod health;
+pub mod heartbeat;
+pub mod procinfo;
+pub mod reaper;
+pub mod recorder;
+pub mod request;
+pub mod scheduler;
+pub mod service;
+pub mod store;
+pub mod supervisor;
+pub mod task_types;
+pub mod units;
+pub mod wakeup;
+
+/// A mistake of the user's (bad flag, bad config): exit status 2.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// The exit status for an error: 2 for usage and config mistakes, 1 otherwise.
+pub fn exit_code_for(error: &anyhow::Error) -> u8 {
+    if error.chain().any(|cause| cause.is::<UsageError>()) {
+        2
+    } else {
+        1
+    }
+}
+
+/// Sets up logging to stderr, as text or JSON lines.
+pub fn init_logging(format: config::LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("TASKRUNNER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match format {
+        config::LogFormat::Text => builder.try_init(),
+        config::LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+    };
+}

@@ -1,0 +1,169 @@
+//! What the kernel says about a process: its start time in clock ticks and the
+//! boot id, which together with the pid identify one process across pid reuse
+//! and reboots. The reaper trusts a stored pid only when all three match.
+
+use std::path::Path;
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), empty if unreadable.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks since boot.
+pub fn start_ticks(pid: i64) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_start_ticks(&stat)
+}
+
+fn parse_start_ticks(stat: &str) -> Option<i64> {
+    // The command name (field 2) is in parentheses and may hold spaces or ')'.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    // after_name starts with field 3 (state); starttime is field 22.
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the process is a zombie (exited, not yet waited for by its parent).
+pub fn is_zombie(pid: i64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let after_name = stat[stat.rfind(')')? + 1..].to_string();
+            after_name.split_whitespace().next().map(|state| state == "Z")
+        })
+        .unwrap_or(false)
+}
+
+/// Seconds since the epoch at which the process started, from its ticks.
+pub fn start_time_epoch(start_ticks: i64) -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let boot_time: f64 = stat
+        .lines()
+        .find_map(|line| line.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks_per_second <= 0 {
+        return None;
+    }
+    Some(boot_time + start_ticks as f64 / ticks_per_second as f64)
+}
+
+/// What the reaper concludes about a stored pid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// The recorded process still runs.
+    Alive,
+    /// Gone, or the pid now names another process; the text says which.
+    Dead(String),
+}
+
+/// The identity recorded when a task process was spawned (or what a row
+/// written by hand has of it).
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    pub pid: i64,
+    pub boot_id: Option<String>,
+    pub start_ticks: Option<i64>,
+    /// The row's `started_at`, seconds since the epoch.
+    pub started_at: Option<f64>,
+}
+
+/// Decides whether the process a row names is the task (SPEC.md, Guarantees):
+/// with a recorded identity, boot id and start ticks must match exactly; for a
+/// row without one, a live process that started more than a second before
+/// the row's `started_at` is not the task. Never signals anything.
+pub fn probe(identity: &Identity) -> Probe {
+    let pid = identity.pid;
+    if pid <= 0 || pid > i64::from(i32::MAX) {
+        return Probe::Dead(format!("pid {pid} is not a valid process id"));
+    }
+    if !Path::new(&format!("/proc/{pid}")).exists() {
+        return Probe::Dead(format!("process {pid} is gone"));
+    }
+    let Some(ticks_now) = start_ticks(pid) else {
+        return Probe::Dead(format!("process {pid} is gone"));
+    };
+    if is_zombie(pid) {
+        return Probe::Dead(format!("process {pid} has exited (zombie)"));
+    }
+    match (&identity.boot_id, identity.start_ticks) {
+        (Some(boot), Some(ticks)) if !boot.is_empty() => {
+            if *boot != boot_id() {
+                Probe::Dead(format!("process {pid} belonged to an earlier boot"))
+            } else if ticks != ticks_now {
+                Probe::Dead(format!(
+                    "pid {pid} now names another process (started at tick {ticks_now}, not {ticks})"
+                ))
+            } else {
+                Probe::Alive
+            }
+        }
+        _ => match (identity.started_at, start_time_epoch(ticks_now)) {
+            (Some(row_started), Some(process_started)) if process_started < row_started - 1.0 => {
+                Probe::Dead(format!(
+                    "pid {pid} names a process that started {:.0}s before the task did",
+                    row_started - process_started
+                ))
+            }
+            _ => Probe::Alive,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_ticks_survive_odd_command_names() {
+        let stat = "1234 (a b) c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 100";
+        assert_eq!(parse_start_ticks(stat), Some(987_654));
+    }
+
+    #[test]
+    fn our_own_process_is_alive_and_identified() {
+        let pid = i64::from(std::process::id());
+        let identity = Identity {
+            pid,
+            boot_id: Some(boot_id()),
+            start_ticks: start_ticks(pid),
+            started_at: None,
+        };
+        assert_eq!(probe(&identity), Probe::Alive);
+    }
+
+    #[test]
+    fn a_mismatched_start_time_is_another_process() {
+        let pid = i64::from(std::process::id());
+        let identity = Identity {
+            pid,
+            boot_id: Some(boot_id()),
+            start_ticks: Some(start_ticks(pid).unwrap() + 1),
+            started_at: None,
+        };
+        assert!(matches!(probe(&identity), Probe::Dead(reason) if reason.contains("another process")));
+    }
+
+    #[test]
+    fn a_hand_written_row_rejects_an_older_process() {
+        let pid = i64::from(std::process::id());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let older = Identity { pid, started_at: Some(now + 3600.0), ..Default::default() };
+        assert!(matches!(probe(&older), Probe::Dead(_)));
+        let fresh = Identity { pid, started_at: Some(now - 3600.0), ..Default::default() };
+        assert_eq!(probe(&fresh), Probe::Alive);
+    }
+
+    #[test]
+    fn nonsense_pids_are_dead() {
+        assert!(matches!(probe(&Identity { pid: -5, ..Default::default() }), Probe::Dead(_)));
+        assert!(matches!(probe(&Identity { pid: 1 << 40, ..Default::default() }), Probe::Dead(_)));
+    }
+}

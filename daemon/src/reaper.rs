@@ -1,0 +1,96 @@
+//! The reaper: finds RUNNING rows whose process is gone and marks them
+//! CRASHED, so that they run again at once (the task did nothing wrong; its
+//! daemon died). Runs inside the daemon (at start and every `reap_interval`)
+//! and as `taskrunner-cli reap`.
+//!
+//! Two probes: rows of this host are checked against the process identity
+//! recorded at spawn (`procinfo::probe`; a reused pid is never taken for the
+//! task, and nothing is ever signalled); rows of any host whose heartbeat is
+//! older than `lease_timeout` have lost their lease.
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::procinfo::{self, Identity, Probe};
+use crate::request::RequestId;
+use crate::store::Store;
+
+/// A row the reaper marked (or, in a dry run, would mark), and why.
+#[derive(Debug, Clone)]
+pub struct Reaped {
+    pub id: RequestId,
+    pub reason: String,
+}
+
+/// Reaps once. `own_instance` names the calling daemon, whose rows it
+/// supervises itself and the reaper leaves alone ("" from the CLI).
+pub async fn reap(
+    store: &Store,
+    host: &str,
+    own_instance: &str,
+    lease_timeout: Duration,
+    dry_run: bool,
+) -> Result<Vec<Reaped>> {
+    let mut reaped = Vec::new();
+    // A process of this host that still runs keeps its row even with a stale
+    // heartbeat (its daemon may only have lost the database for a while).
+    let mut alive_here = Vec::new();
+    for row in store.running_on_host(host, own_instance).await? {
+        let identity = Identity {
+            pid: row.pid,
+            boot_id: row.boot_id.clone(),
+            start_ticks: row.start_ticks,
+            started_at: row.started_at,
+        };
+        let Probe::Dead(why) = procinfo::probe(&identity) else {
+            alive_here.push(row.id);
+            continue;
+        };
+        {
+            let reason = format!("crashed: {why} (found by the reaper on {host})");
+            if dry_run || store.mark_crashed(row.id, row.claim_token.as_deref(), &reason).await? {
+                reaped.push(Reaped { id: row.id, reason });
+            }
+        }
+    }
+    for row in store.lapsed_leases(lease_timeout, own_instance).await? {
+        if alive_here.contains(&row.id) || reaped.iter().any(|r: &Reaped| r.id == row.id) {
+            continue;
+        }
+        let reason = format!(
+            "crashed: lease expired, no heartbeat from host {} since {} (lease_timeout {})",
+            if row.host.is_empty() { "?" } else { &row.host },
+            row.heartbeat_at.as_deref().unwrap_or("its claim"),
+            crate::units::format_duration(lease_timeout)
+        );
+        if dry_run || store.mark_crashed(row.id, row.claim_token.as_deref(), &reason).await? {
+            reaped.push(Reaped { id: row.id, reason });
+        }
+    }
+    Ok(reaped)
+}
+
+/// The daemon's reaper: at start, then every `reap_interval`. It leaves the
+/// rows of its own daemon instance alone: those it supervises itself.
+pub async fn run(shared: std::sync::Arc<crate::daemon::Shared>, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        let config = shared.config();
+        match reap(&shared.store, &config.host_id, &shared.instance, config.lease_timeout, false).await {
+            Ok(reaped) => {
+                shared.health.succeeded();
+                for row in &reaped {
+                    tracing::warn!(request = %row.id, "{}", row.reason);
+                }
+                if !reaped.is_empty() {
+                    shared.wake.notify_one();
+                }
+            }
+            Err(error) => shared.health.failed("reaping crashed tasks", &error),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(config.reap_interval) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The request row as the daemon sees it: ids, states, and what a claim hands
+//! to the supervisor. The runnable rule itself lives in SQL (`store::sql`), so
+//! that one definition serves the claim query and its index.
+
+use std::fmt;
+
+/// Primary key of `task_runner_requests`. Never reused (AUTOINCREMENT / bigserial).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(pub i64);
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::str::FromStr for RequestId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.trim()
+            .parse::<i64>()
+            .map(RequestId)
+            .map_err(|_| format!("request id must be a number, not `{s}`"))
+    }
+}
+
+/// The `result` column. NULL (never run) is `Option::None` around it.
+///
+/// Who moves a row out of each state:
+/// - `Running`: the supervisor of the claiming daemon (outcome), the reaper
+///   (process gone, lease lapsed), or shutdown (`Interrupted`).
+/// - `Failed`, `Crashed`, `Timeout`: the scheduler claims them again after the
+///   backoff while `tries < try_limit`; otherwise they are exhausted and stay.
+/// - `Interrupted`: the scheduler claims it again at once (the try was given back).
+/// - `Finished`, `Cancelled`, `Rejected`: final; only `retry` (a user) moves them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Running,
+    Finished,
+    Failed,
+    Crashed,
+    Timeout,
+    Interrupted,
+    Cancelled,
+    Rejected,
+}
+
+impl State {
+    pub const ALL: [State; 8] = [
+        State::Running,
+        State::Finished,
+        State::Failed,
+        State::Crashed,
+        State::Timeout,
+        State::Interrupted,
+        State::Cancelled,
+        State::Rejected,
+    ];
+
+    /// The string stored in the `result` column (SPEC.md spelling).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Running => "RUNNING",
+            State::Finished => "FINISHED",
+            State::Failed => "FAILED",
+            State::Crashed => "CRASHED",
+            State::Timeout => "TIMEOUT",
+            State::Interrupted => "INTERRUPTED",
+            State::Cancelled => "CANCELLED",
+            State::Rejected => "REJECTED",
+        }
+    }
+
+    /// States after which the row is claimed again (when tries remain).
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            State::Failed | State::Crashed | State::Timeout | State::Interrupted
+        )
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for State {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let upper = s.trim().to_ascii_uppercase();
+        State::ALL
+            .into_iter()
+            .find(|state| state.as_str() == upper)
+            .ok_or_else(|| {
+                let names: Vec<_> = State::ALL.iter().map(|s| s.as_str()).collect();
+                format!("unknown state `{s}` (one of {})", names.join(", "))
+            })
+    }
+}
+
+/// A row this daemon has just claimed: everything needed to run one try.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: RequestId,
+    pub task_class_name: String,
+    /// Raw `options` bytes, passed to the task's stdin unchanged.
+    pub options: Vec<u8>,
+    /// The try number this claim started (1 on the first try).
+    pub tries: i64,
+    pub try_limit: i64,
+    /// Fences every later write about this try (see `store`).
+    pub claim_token: String,
+}
+
+/// Every column of one row, rendered for people (`show`, `list`).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Request {
+    pub id: i64,
+    pub created_at: Option<String>,
+    pub task_class_name: String,
+    pub options: Option<String>,
+    pub pid: Option<i64>,
+    pub host: Option<String>,
+    pub started_at: Option<String>,
+    pub completed_at: Option<String>,
+    pub heartbeat_at: Option<String>,
+    pub result: Option<String>,
+    pub result_text: Option<String>,
+    pub tries: i64,
+    pub try_limit: i64,
+    pub delay_until: Option<String>,
+    pub priority: i64,
+    pub claimed_by: Option<String>,
+    pub cancel_requested_at: Option<String>,
+    pub progress: Option<String>,
+}
+
+/// Delay before the next try after `tries` failed tries:
+/// `retry_delay × retry_multiplier^(tries-1)`, capped at one day so that a
+/// large multiplier cannot overflow into a row that never runs again.
+pub fn backoff_seconds(retry_delay_secs: f64, multiplier: f64, tries: i64) -> f64 {
+    const ONE_DAY: f64 = 86_400.0;
+    let exponent = (tries.max(1) - 1).min(1_000) as i32;
+    let delay = retry_delay_secs * multiplier.powi(exponent);
+    if delay.is_finite() {
+        delay.clamp(0.0, ONE_DAY)
+    } else {
+        ONE_DAY
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_by_the_multiplier() {
+        assert_eq!(backoff_seconds(10.0, 2.0, 1), 10.0);
+        assert_eq!(backoff_seconds(10.0, 2.0, 2), 20.0);
+        assert_eq!(backoff_seconds(10.0, 2.0, 4), 80.0);
+        assert_eq!(backoff_seconds(1.5, 1.0, 7), 1.5);
+    }
+
+    #[test]
+    fn backoff_is_capped_and_never_negative() {
+        assert_eq!(backoff_seconds(10.0, 1e9, 100), 86_400.0);
+        assert_eq!(backoff_seconds(10.0, 2.0, 0), 10.0);
+    }
+
+    #[test]
+    fn states_round_trip_through_their_column_strings() {
+        for state in State::ALL {
+            assert_eq!(state.as_str().parse::<State>().unwrap(), state);
+        }
+        assert!("finished".parse::<State>().is_ok());
+        assert!("DONE".parse::<State>().is_err());
+    }
+
+    #[test]
+    fn request_ids_must_be_numbers() {
+        assert_eq!("42".parse::<RequestId>().unwrap(), RequestId(42));
+        assert!("x1".parse::<RequestId>().is_err());
+    }
+}

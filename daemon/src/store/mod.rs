@@ -1,0 +1,612 @@
+//! Every query taskrunner runs, for SQLite and PostgreSQL. Callers see one
+//! [`Store`]; the statements themselves are in [`sql`], the claim among them.
+//!
+//! Architecture invariant: every write about a try (pid, heartbeat, progress,
+//! outcome) is fenced by the claim token written when the row was claimed, and
+//! applies only while the row is still `RUNNING` under that token. A daemon
+//! that lost its claim (reaped after a partition, say) cannot overwrite a
+//! later try: its write matches no row, and the caller is told so.
+
+pub mod sql;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::Row;
+
+use crate::request::{Claimed, Request, RequestId, State};
+use sql::Sql;
+
+/// The column default of `try_limit`, used when `enqueue` is given none.
+pub const DEFAULT_TRY_LIMIT: i64 = 5;
+
+/// Name of taskrunner's own migration bookkeeping table (never `_sqlx_migrations`,
+/// which may belong to the application sharing the database).
+const MIGRATIONS_TABLE: &str = "task_runner_schema_migrations";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Who opens the store: only the daemon and `migrate` may create a SQLite file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Daemon,
+    Migrate,
+    Cli,
+}
+
+#[derive(Clone)]
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// A connection pool to the request table, and the statements for its dialect.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    sql: &'static Sql,
+    /// The database URL with any password hidden, for messages.
+    pub display_url: String,
+}
+
+/// Runs `$body` with `$pool` bound to the backend's own pool type. The body is
+/// compiled once per backend, so sqlx sees concrete types in each arm.
+macro_rules! on_pool {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.pool {
+            Pool::Sqlite($pool) => $body,
+            Pool::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// One write about a try, fenced by its claim token.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// The process was spawned: pid and the identity the reaper checks.
+    Pid {
+        id: RequestId,
+        claim_token: String,
+        pid: i64,
+        boot_id: String,
+        start_ticks: i64,
+    },
+    Progress {
+        id: RequestId,
+        claim_token: String,
+        text: String,
+    },
+    Outcome(Outcome),
+}
+
+impl Write {
+    pub fn id(&self) -> RequestId {
+        match self {
+            Write::Pid { id, .. } | Write::Progress { id, .. } => *id,
+            Write::Outcome(outcome) => outcome.id,
+        }
+    }
+}
+
+/// How a try ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub id: RequestId,
+    pub claim_token: String,
+    pub state: State,
+    pub result_text: String,
+    /// Seconds until the row may run again; `None` clears `delay_until`.
+    pub retry_after: Option<f64>,
+    /// The try does not count (INTERRUPTED): `tries` goes back down by one.
+    pub give_back_try: bool,
+}
+
+/// A RUNNING row of this host, as the reaper probes it.
+#[derive(Debug, Clone)]
+pub struct RunningRow {
+    pub id: RequestId,
+    pub pid: i64,
+    pub boot_id: Option<String>,
+    pub start_ticks: Option<i64>,
+    /// `started_at` as seconds since the epoch.
+    pub started_at: Option<f64>,
+    pub claim_token: Option<String>,
+    pub claimed_by: String,
+}
+
+/// A RUNNING row whose heartbeat is older than the lease.
+#[derive(Debug, Clone)]
+pub struct LapsedRow {
+    pub id: RequestId,
+    pub host: String,
+    pub claim_token: Option<String>,
+    pub heartbeat_at: Option<String>,
+}
+
+/// A heartbeat renewal: a row this daemon still holds.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub id: RequestId,
+    pub claim_token: String,
+    pub cancel_requested: bool,
+}
+
+/// A request to insert.
+#[derive(Debug, Clone, Default)]
+pub struct NewRequest {
+    pub task_class_name: String,
+    pub options: Option<String>,
+    pub try_limit: Option<i64>,
+    pub delay_seconds: Option<f64>,
+    /// An absolute time, RFC 3339 (`2026-11-24T07:00:00Z`).
+    pub at: Option<String>,
+    pub priority: i64,
+}
+
+/// Which rows `list` shows.
+#[derive(Debug, Clone, Copy)]
+pub enum ListFilter {
+    All,
+    /// `result` IS NULL: never run.
+    Pending,
+    Result(State),
+}
+
+/// The answer to `retry` and `cancel`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Done,
+    /// A running row: cancel recorded `cancel_requested_at` for its daemon.
+    Requested,
+    NotFound,
+    /// The row is in this state, which does not allow the change.
+    Refused(Option<String>),
+}
+
+/// Reads columns leniently: a malformed row written by an application
+/// (non-UTF-8 bytes, text in an integer column) must never fail a whole claim.
+trait RowExt {
+    fn int(&self, index: usize) -> sqlx::Result<i64>;
+    fn opt_int(&self, index: usize) -> sqlx::Result<Option<i64>>;
+    fn opt_float(&self, index: usize) -> sqlx::Result<Option<f64>>;
+    fn opt_bytes(&self, index: usize) -> sqlx::Result<Option<Vec<u8>>>;
+    fn opt_text(&self, index: usize) -> sqlx::Result<Option<String>> {
+        Ok(self
+            .opt_bytes(index)?
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
+    }
+    fn text(&self, index: usize) -> sqlx::Result<String> {
+        Ok(self.opt_text(index)?.unwrap_or_default())
+    }
+}
+
+impl RowExt for SqliteRow {
+    // SQLite's dynamic typing: an application may store anything anywhere,
+    // so read with SQLite's own conversions rather than sqlx's type checks.
+    fn int(&self, index: usize) -> sqlx::Result<i64> {
+        Ok(self.opt_int(index)?.unwrap_or(0))
+    }
+    fn opt_int(&self, index: usize) -> sqlx::Result<Option<i64>> {
+        self.try_get_unchecked(index)
+    }
+    fn opt_float(&self, index: usize) -> sqlx::Result<Option<f64>> {
+        self.try_get_unchecked(index)
+    }
+    fn opt_bytes(&self, index: usize) -> sqlx::Result<Option<Vec<u8>>> {
+        self.try_get_unchecked(index)
+    }
+}
+
+impl RowExt for PgRow {
+    fn int(&self, index: usize) -> sqlx::Result<i64> {
+        self.try_get(index)
+    }
+    fn opt_int(&self, index: usize) -> sqlx::Result<Option<i64>> {
+        self.try_get(index)
+    }
+    fn opt_float(&self, index: usize) -> sqlx::Result<Option<f64>> {
+        self.try_get(index)
+    }
+    fn opt_bytes(&self, index: usize) -> sqlx::Result<Option<Vec<u8>>> {
+        Ok(self.try_get::<Option<String>, _>(index)?.map(String::into_bytes))
+    }
+}
+
+fn claimed_from_row(row: &impl RowExt, claim_token: &str) -> sqlx::Result<(i64, Claimed)> {
+    Ok((
+        row.int(5)?,
+        Claimed {
+            id: RequestId(row.int(0)?),
+            task_class_name: row.text(1)?,
+            options: row.opt_bytes(2)?.unwrap_or_default(),
+            tries: row.int(3)?,
+            try_limit: row.int(4)?,
+            claim_token: claim_token.to_string(),
+        },
+    ))
+}
+
+fn request_from_row(row: &impl RowExt) -> sqlx::Result<Request> {
+    Ok(Request {
+        id: row.int(0)?,
+        created_at: row.opt_text(1)?,
+        task_class_name: row.text(2)?,
+        options: row.opt_text(3)?,
+        pid: row.opt_int(4)?,
+        host: row.opt_text(5)?,
+        started_at: row.opt_text(6)?,
+        completed_at: row.opt_text(7)?,
+        heartbeat_at: row.opt_text(8)?,
+        result: row.opt_text(9)?,
+        result_text: row.opt_text(10)?,
+        tries: row.int(11)?,
+        try_limit: row.int(12)?,
+        delay_until: row.opt_text(13)?,
+        priority: row.int(14)?,
+        claimed_by: row.opt_text(15)?,
+        cancel_requested_at: row.opt_text(16)?,
+        progress: row.opt_text(17)?,
+    })
+}
+
+impl Store {
+    /// Opens a pool without connecting yet: the daemon starts, and retries,
+    /// even while the database is unreachable.
+    pub fn open(url: &str, purpose: Purpose) -> Result<Store> {
+        let display_url = crate::config::redact_url(url);
+        let pool = if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)
+                .with_context(|| format!("invalid SQLite URL {display_url}"))?
+                .create_if_missing(purpose != Purpose::Cli)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(5));
+            // One connection: SQLite has one writer at a time anyway, and a
+            // single connection keeps every claim a plain `UPDATE … RETURNING`
+            // that takes the write lock up front (no BUSY_SNAPSHOT upgrades).
+            Pool::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(Duration::from_secs(30))
+                    .connect_lazy_with(options),
+            )
+        } else {
+            let options = PgConnectOptions::from_str(url)
+                .with_context(|| format!("invalid PostgreSQL URL {display_url}"))?
+                .application_name("taskrunner");
+            Pool::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(if purpose == Purpose::Daemon { 4 } else { 2 })
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect_lazy_with(options),
+            )
+        };
+        let sql: &'static Sql = match pool {
+            Pool::Sqlite(_) => &sql::SQLITE,
+            Pool::Postgres(_) => &sql::POSTGRES,
+        };
+        Ok(Store {
+            pool,
+            sql,
+            display_url,
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.pool {
+            Pool::Sqlite(_) => Backend::Sqlite,
+            Pool::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// The PostgreSQL pool, for LISTEN.
+    pub fn postgres_pool(&self) -> Option<&PgPool> {
+        match &self.pool {
+            Pool::Postgres(pool) => Some(pool),
+            Pool::Sqlite(_) => None,
+        }
+    }
+
+    /// The SQLite pool, for cheap change detection.
+    pub fn sqlite_pool(&self) -> Option<&SqlitePool> {
+        match &self.pool {
+            Pool::Sqlite(pool) => Some(pool),
+            Pool::Postgres(_) => None,
+        }
+    }
+
+    /// Creates or upgrades the schema. Safe to run from several daemons at
+    /// once (sqlx takes an advisory lock on PostgreSQL; SQLite serialises writers).
+    pub async fn migrate(&self) -> Result<()> {
+        let context = || format!("migrating the schema of {}", self.display_url);
+        match &self.pool {
+            Pool::Sqlite(pool) => {
+                let mut migrator = sqlx::migrate!("../migrations/sqlite");
+                migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+                migrator.run(pool).await.with_context(context)
+            }
+            Pool::Postgres(pool) => {
+                let mut migrator = sqlx::migrate!("../migrations/postgres");
+                migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+                migrator.run(pool).await.with_context(context)
+            }
+        }
+    }
+
+    /// Claims up to `limit` runnable rows in one statement (see [`Sql::claim`]),
+    /// returned in claim order.
+    pub async fn claim(
+        &self,
+        host: &str,
+        instance: &str,
+        claim_token: &str,
+        limit: usize,
+    ) -> Result<Vec<Claimed>> {
+        let mut rows: Vec<(i64, Claimed)> = on_pool!(self, pool => {
+                let query = sqlx::query(self.sql.claim.as_str())
+            .bind(claim_token)
+            .bind(instance)
+            .bind(host)
+            .bind(limit as i64);
+            query.fetch_all(pool).await?
+                .iter()
+                .map(|row| claimed_from_row(row, claim_token))
+                .collect::<sqlx::Result<_>>()?
+        });
+        // RETURNING has no order on PostgreSQL: restore priority, then id.
+        rows.sort_by_key(|(priority, claimed)| (-priority, claimed.id));
+        Ok(rows.into_iter().map(|(_, claimed)| claimed).collect())
+    }
+
+    /// Claims one given row if it is runnable (its delay ignored).
+    pub async fn claim_one(
+        &self,
+        id: RequestId,
+        host: &str,
+        instance: &str,
+        claim_token: &str,
+    ) -> Result<Option<Claimed>> {
+        let rows = on_pool!(self, pool => {
+                let query = sqlx::query(self.sql.claim_one.as_str())
+            .bind(claim_token)
+            .bind(instance)
+            .bind(host)
+            .bind(id.0);
+            query.fetch_all(pool).await?
+                .iter()
+                .map(|row| claimed_from_row(row, claim_token))
+                .collect::<sqlx::Result<Vec<_>>>()?
+        });
+        Ok(rows.into_iter().next().map(|(_, claimed)| claimed))
+    }
+
+    /// Applies writes in one transaction; for each, whether it still held its
+    /// claim (false: the row was taken from this try, and nothing changed).
+    pub async fn record(&self, writes: &[Write]) -> Result<Vec<bool>> {
+        let sql = self.sql;
+        let mut applied = Vec::with_capacity(writes.len());
+        on_pool!(self, pool => {
+            let mut transaction = begin_write(pool).await?;
+            for write in writes {
+                let query = match write {
+                    Write::Pid { id, claim_token, pid, boot_id, start_ticks } => sqlx::query(sql.record_pid.as_str())
+                        .bind(*pid)
+                        .bind(boot_id.as_str())
+                        .bind(*start_ticks)
+                        .bind(id.0)
+                        .bind(claim_token.as_str()),
+                    Write::Progress { id, claim_token, text } => sqlx::query(sql.record_progress.as_str())
+                        .bind(text.as_str())
+                        .bind(id.0)
+                        .bind(claim_token.as_str()),
+                    Write::Outcome(outcome) => sqlx::query(sql.record_outcome.as_str())
+                        .bind(outcome.state.as_str())
+                        .bind(outcome.result_text.as_str())
+                        .bind(i64::from(outcome.give_back_try))
+                        .bind(outcome.retry_after)
+                        .bind(outcome.id.0)
+                        .bind(outcome.claim_token.as_str()),
+                };
+                applied.push(query.execute(&mut *transaction).await?.rows_affected() == 1);
+            }
+            transaction.commit().await?;
+        });
+        Ok(applied)
+    }
+
+    /// Renews `heartbeat_at` on every row `instance` holds, in one statement.
+    pub async fn renew_heartbeats(&self, instance: &str) -> Result<Vec<Held>> {
+        Ok(on_pool!(self, pool => {
+                let query = sqlx::query(self.sql.renew_heartbeats.as_str()).bind(instance);
+            query.fetch_all(pool).await?
+                .iter()
+                .map(|row| Ok(Held {
+                    id: RequestId(row.int(0)?),
+                    claim_token: row.text(1)?,
+                    cancel_requested: row.int(2)? != 0,
+                }))
+                .collect::<sqlx::Result<_>>()?
+        }))
+    }
+
+    /// RUNNING rows of `host` with a pid, except those held by `exclude_instance`.
+    pub async fn running_on_host(&self, host: &str, exclude_instance: &str) -> Result<Vec<RunningRow>> {
+        Ok(on_pool!(self, pool => {
+                let query = sqlx::query(self.sql.running_on_host.as_str())
+            .bind(host)
+            .bind(exclude_instance);
+            query.fetch_all(pool).await?
+                .iter()
+                .map(|row| Ok(RunningRow {
+                    id: RequestId(row.int(0)?),
+                    pid: row.int(1)?,
+                    boot_id: row.opt_text(2)?,
+                    start_ticks: row.opt_int(3)?,
+                    started_at: row.opt_float(4)?,
+                    claim_token: row.opt_text(5)?,
+                    claimed_by: row.text(6)?,
+                }))
+                .collect::<sqlx::Result<_>>()?
+        }))
+    }
+
+    /// RUNNING rows (any host) whose heartbeat is older than `lease`.
+    pub async fn lapsed_leases(&self, lease: Duration, exclude_instance: &str) -> Result<Vec<LapsedRow>> {
+        Ok(on_pool!(self, pool => {
+                let query = sqlx::query(self.sql.lapsed_leases.as_str())
+            .bind(lease.as_secs_f64())
+            .bind(exclude_instance);
+            query.fetch_all(pool).await?
+                .iter()
+                .map(|row| Ok(LapsedRow {
+                    id: RequestId(row.int(0)?),
+                    host: row.text(1)?,
+                    claim_token: row.opt_text(2)?,
+                    heartbeat_at: row.opt_text(3)?,
+                }))
+                .collect::<sqlx::Result<_>>()?
+        }))
+    }
+
+    /// Marks a row CRASHED if it still carries the claim token read before;
+    /// it runs again at once (its try counts).
+    pub async fn mark_crashed(&self, id: RequestId, claim_token: Option<&str>, reason: &str) -> Result<bool> {
+        Ok(on_pool!(self, pool => { let query = sqlx::query(self.sql.mark_crashed.as_str())
+            .bind(reason)
+            .bind(id.0)
+            .bind(claim_token); query.execute(pool).await?.rows_affected() == 1 }))
+    }
+
+    /// Seconds until the earliest delayed runnable row is due, if any.
+    pub async fn seconds_until_next_delay(&self) -> Result<Option<f64>> {
+        Ok(on_pool!(self, pool => {
+                let query = sqlx::query(self.sql.next_delay.as_str());
+            match query.fetch_all(pool).await?.first() {
+                Some(row) => row.opt_float(0)?,
+                None => None,
+            }
+        }))
+    }
+
+    pub async fn enqueue(&self, request: &NewRequest) -> Result<RequestId> {
+        let id = on_pool!(self, pool => { let query = sqlx::query(self.sql.enqueue.as_str())
+            .bind(request.task_class_name.as_str())
+            .bind(request.options.as_deref())
+            .bind(request.try_limit.unwrap_or(DEFAULT_TRY_LIMIT))
+            .bind(request.delay_seconds)
+            .bind(request.at.as_deref())
+            .bind(request.priority); query.fetch_all(pool).await?[0].int(0)? });
+        Ok(RequestId(id))
+    }
+
+    pub async fn show(&self, id: RequestId) -> Result<Option<Request>> {
+        Ok(on_pool!(self, pool => {
+                let query = sqlx::query(self.sql.show.as_str()).bind(id.0);
+            match query.fetch_all(pool).await?.first() {
+                Some(row) => Some(request_from_row(row)?),
+                None => None,
+            }
+        }))
+    }
+
+    pub async fn list(&self, filter: ListFilter, limit: i64) -> Result<Vec<Request>> {
+        let sql = self.sql;
+        Ok(on_pool!(self, pool => {
+            let query = match filter {
+                ListFilter::All => sqlx::query(sql.list_all.as_str()).bind(limit),
+                ListFilter::Pending => sqlx::query(sql.list_pending.as_str()).bind(limit),
+                ListFilter::Result(state) => sqlx::query(sql.list_by_result.as_str())
+                    .bind(limit)
+                    .bind(state.as_str()),
+            };
+            query.fetch_all(pool).await?
+                .iter()
+                .map(request_from_row)
+                .collect::<sqlx::Result<_>>()?
+        }))
+    }
+
+    /// Makes a row runnable again (`retry`); refused while it runs.
+    pub async fn retry(&self, id: RequestId) -> Result<Change> {
+        if self.execute_by_id(self.sql.retry.as_str(), id).await? {
+            return Ok(Change::Done);
+        }
+        self.explain_refusal(id).await
+    }
+
+    /// Cancels a pending row at once, or asks the daemon running it to stop it.
+    pub async fn cancel(&self, id: RequestId) -> Result<Change> {
+        if self.execute_by_id(self.sql.cancel_pending.as_str(), id).await? {
+            return Ok(Change::Done);
+        }
+        if self.execute_by_id(self.sql.cancel_running.as_str(), id).await? {
+            return Ok(Change::Requested);
+        }
+        self.explain_refusal(id).await
+    }
+
+    /// Deletes final and exhausted rows completed more than `older_than` ago,
+    /// in batches of `batch` rows so that claims never wait long.
+    pub async fn purge(&self, older_than: Duration, batch: i64) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let deleted = on_pool!(self, pool => { let query = sqlx::query(self.sql.purge.as_str())
+                .bind(older_than.as_secs_f64())
+                .bind(batch); query.execute(pool).await?.rows_affected() });
+            total += deleted;
+            if deleted < batch as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn execute_by_id(&self, statement: &'static str, id: RequestId) -> Result<bool> {
+        Ok(on_pool!(self, pool => { let query = sqlx::query(statement).bind(id.0); query.execute(pool).await?.rows_affected() == 1 }))
+    }
+
+    async fn explain_refusal(&self, id: RequestId) -> Result<Change> {
+        Ok(on_pool!(self, pool => {
+                let query = sqlx::query(self.sql.state_of.as_str()).bind(id.0);
+            match query.fetch_all(pool).await?.first() {
+                Some(row) => Change::Refused(row.opt_text(0)?),
+                None => Change::NotFound,
+            }
+        }))
+    }
+
+    /// How many rows are in each state (`PENDING`: never run).
+    pub async fn count_by_result(&self) -> Result<Vec<(String, i64)>> {
+        Ok(on_pool!(self, pool => {
+            let query = sqlx::query(self.sql.count_by_result.as_str());
+            query.fetch_all(pool).await?
+                .iter()
+                .map(|row| Ok((row.text(0)?, row.int(1)?)))
+                .collect::<sqlx::Result<_>>()?
+        }))
+    }
+
+    /// Closes the pool, waiting for connections to be returned.
+    pub async fn close(&self) {
+        on_pool!(self, pool => pool.close().await)
+    }
+}
+
+/// Starts a write transaction. On SQLite `BEGIN IMMEDIATE` takes the write
+/// lock up front, so busy_timeout applies and no snapshot upgrade can fail.
+async fn begin_write<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> sqlx::Result<sqlx::Transaction<'static, DB>> {
+    if DB::NAME == "SQLite" {
+        pool.begin_with("BEGIN IMMEDIATE").await
+    } else {
+        pool.begin().await
+    }
+}

@@ -1,0 +1,262 @@
+//! Every SQL statement taskrunner runs, written once with `$N` parameters and
+//! rendered for each backend's dialect (SQLite binds `$N` by number too).
+//!
+//! The runnable rule (SPEC.md) is [`RUNNABLE`]; the claim query is
+//! [`Sql::claim`]. Time comparisons always use the database's clock.
+
+use std::sync::LazyLock;
+
+/// What differs between SQLite and PostgreSQL.
+pub struct Dialect {
+    /// The current time, as stored in timestamp columns.
+    now: &'static str,
+    /// `now + $N seconds` (`{}` is the parameter).
+    now_plus_seconds: &'static str,
+    /// A timestamp column rendered as `YYYY-MM-DD HH:MM:SS.SSS` text.
+    show_time: &'static str,
+    /// A timestamp as seconds since the epoch (float).
+    epoch_seconds: &'static str,
+    /// A text parameter read as a timestamp.
+    parse_time: &'static str,
+    /// Picks the ids to claim: `{}` is the ordered, limited runnable select.
+    claim_ids: &'static str,
+    /// Row lock clause for the claim's select.
+    skip_locked: &'static str,
+    /// An integer column as a 64-bit integer.
+    int64: &'static str,
+}
+
+pub static SQLITE: LazyLock<Sql> = LazyLock::new(|| {
+    Sql::render(&Dialect {
+        now: "strftime('%Y-%m-%d %H:%M:%f', 'now')",
+        now_plus_seconds: "strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', {}))",
+        show_time: "CAST({} AS TEXT)",
+        epoch_seconds: "((julianday({}) - 2440587.5) * 86400.0)",
+        parse_time: "strftime('%Y-%m-%d %H:%M:%f', {})",
+        claim_ids: "id IN ({})",
+        skip_locked: "",
+        int64: "{}",
+    })
+});
+
+pub static POSTGRES: LazyLock<Sql> = LazyLock::new(|| {
+    Sql::render(&Dialect {
+        now: "now()",
+        now_plus_seconds: "(now() + make_interval(secs => {}))",
+        show_time: "to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.MS')",
+        epoch_seconds: "extract(epoch from {})::float8",
+        parse_time: "CAST({} AS timestamptz)",
+        claim_ids: "id = ANY(ARRAY({}))",
+        skip_locked: "FOR UPDATE SKIP LOCKED",
+        int64: "{}::bigint",
+    })
+});
+
+/// The runnable rule of SPEC.md, minus the delay (added where it applies).
+/// Its first two terms are the predicate of the partial index
+/// `task_runner_requests_runnable`, written identically so planners use it.
+pub const RUNNABLE: &str = "pid IS NULL \
+     AND (result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED')) \
+     AND tries < try_limit";
+
+/// Runnable rows come first by priority, then first-come first-served.
+const CLAIM_ORDER: &str = "ORDER BY priority DESC, id";
+
+/// Every statement, rendered for one dialect.
+pub struct Sql {
+    /// Claims up to `$4` runnable rows for daemon instance `$2` on host `$3`
+    /// with claim token `$1`, in one atomic statement (SQLite: one
+    /// `UPDATE … RETURNING` on the writer connection; PostgreSQL: `FOR UPDATE
+    /// SKIP LOCKED`, so concurrent daemons never wait on or take the same row).
+    /// Writes RUNNING, tries + 1, started_at, host, heartbeat_at before any
+    /// process starts.
+    pub claim: String,
+    /// The same claim for one given row (`$4` is its id), ignoring its delay:
+    /// `taskrunner-cli run --id --record`.
+    pub claim_one: String,
+    /// Fenced: records the spawned process of claim `$5` on row `$4`.
+    pub record_pid: String,
+    /// Fenced: records the outcome of claim `$6` on row `$5`.
+    pub record_outcome: String,
+    /// Fenced: the latest progress line.
+    pub record_progress: String,
+    /// Renews the heartbeat of every row daemon instance `$1` runs, returning
+    /// which of them a user asked to cancel.
+    pub renew_heartbeats: String,
+    /// Rows on host `$1` that are RUNNING with a pid, not held by instance `$2`.
+    pub running_on_host: String,
+    /// RUNNING rows whose heartbeat is older than `$1` seconds, not held by instance `$2`.
+    pub lapsed_leases: String,
+    /// Fenced on the token read before: marks a row the reaper found dead.
+    pub mark_crashed: String,
+    /// Seconds until the earliest delayed row becomes runnable.
+    pub next_delay: String,
+    pub enqueue: String,
+    pub show: String,
+    pub list_all: String,
+    pub list_pending: String,
+    pub list_by_result: String,
+    pub retry: String,
+    pub cancel_pending: String,
+    pub cancel_running: String,
+    pub state_of: String,
+    pub count_by_result: String,
+    pub purge: String,
+}
+
+impl Sql {
+    fn render(d: &Dialect) -> Sql {
+        let now = d.now;
+        let plus = |param: &str| d.now_plus_seconds.replace("{}", param);
+        let show = |column: &str| d.show_time.replace("{}", column);
+        let int = |column: &str| d.int64.replace("{}", column);
+        let runnable_now = format!("{RUNNABLE} AND (delay_until IS NULL OR delay_until <= {now})");
+        let claim_set = format!(
+            "SET result = 'RUNNING', tries = tries + 1, started_at = {now}, heartbeat_at = {now}, \
+                 host = $3, claim_token = $1, claimed_by = $2, pid = NULL, pid_boot_id = NULL, \
+                 pid_start_ticks = NULL, completed_at = NULL, cancel_requested_at = NULL, progress = NULL"
+        );
+        let claim_returning = format!(
+            "RETURNING {}, task_class_name, options, {}, {}, {}",
+            int("id"),
+            int("tries"),
+            int("try_limit"),
+            int("priority")
+        );
+        let select_runnable = format!(
+            "SELECT id FROM task_runner_requests WHERE {runnable_now} {CLAIM_ORDER} LIMIT $4 {}",
+            d.skip_locked
+        );
+        let claim = format!(
+            "UPDATE task_runner_requests {claim_set} WHERE {} {claim_returning}",
+            d.claim_ids.replace("{}", &select_runnable)
+        );
+        let claim_one = format!(
+            "UPDATE task_runner_requests {claim_set} WHERE id = $4 AND {RUNNABLE} {claim_returning}"
+        );
+        let fence = "id = $ID AND claim_token = $TOKEN AND result = 'RUNNING'";
+        let fenced = |id: &str, token: &str| fence.replace("$ID", id).replace("$TOKEN", token);
+        let columns = [
+            int("id"),
+            show("created_at"),
+            "task_class_name".into(),
+            "options".into(),
+            int("pid"),
+            "host".into(),
+            show("started_at"),
+            show("completed_at"),
+            show("heartbeat_at"),
+            "result".into(),
+            "result_text".into(),
+            int("tries"),
+            int("try_limit"),
+            show("delay_until"),
+            int("priority"),
+            "claimed_by".into(),
+            show("cancel_requested_at"),
+            "progress".into(),
+        ]
+        .join(", ");
+        let select_requests = format!("SELECT {columns} FROM task_runner_requests");
+        let final_or_exhausted = format!(
+            "(result IN ('FINISHED', 'CANCELLED', 'REJECTED') \
+              OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit))"
+        );
+        Sql {
+            claim,
+            claim_one,
+            record_pid: format!(
+                "UPDATE task_runner_requests SET pid = $1, pid_boot_id = $2, pid_start_ticks = $3 WHERE {}",
+                fenced("$4", "$5")
+            ),
+            record_outcome: format!(
+                "UPDATE task_runner_requests \
+                    SET result = $1, result_text = $2, completed_at = {now}, pid = NULL, \
+                        tries = tries - $3, \
+                        delay_until = CASE WHEN $4 IS NULL THEN NULL ELSE {} END \
+                  WHERE {}",
+                plus("$4"),
+                fenced("$5", "$6")
+            ),
+            record_progress: format!(
+                "UPDATE task_runner_requests SET progress = $1 WHERE {}",
+                fenced("$2", "$3")
+            ),
+            renew_heartbeats: format!(
+                "UPDATE task_runner_requests SET heartbeat_at = {now} \
+                  WHERE claimed_by = $1 AND result = 'RUNNING' \
+                  RETURNING {}, claim_token, {}",
+                int("id"),
+                int("(CASE WHEN cancel_requested_at IS NULL THEN 0 ELSE 1 END)")
+            ),
+            running_on_host: format!(
+                "SELECT {}, {}, pid_boot_id, {}, {}, claim_token, coalesce(claimed_by, '') \
+                   FROM task_runner_requests \
+                  WHERE result = 'RUNNING' AND host = $1 AND pid IS NOT NULL \
+                    AND claimed_by IS DISTINCT FROM $2 \
+                  ORDER BY id",
+                int("id"),
+                int("pid"),
+                int("pid_start_ticks"),
+                d.epoch_seconds.replace("{}", "started_at")
+            ),
+            lapsed_leases: format!(
+                "SELECT {}, coalesce(host, ''), claim_token, {} \
+                   FROM task_runner_requests \
+                  WHERE result = 'RUNNING' \
+                    AND (heartbeat_at IS NULL OR heartbeat_at < {}) \
+                    AND claimed_by IS DISTINCT FROM $2 \
+                  ORDER BY id",
+                int("id"),
+                show("heartbeat_at"),
+                plus("-$1")
+            ),
+            mark_crashed: format!(
+                "UPDATE task_runner_requests \
+                    SET result = 'CRASHED', result_text = $1, pid = NULL, completed_at = {now}, delay_until = NULL \
+                  WHERE id = $2 AND claim_token IS NOT DISTINCT FROM $3 AND result = 'RUNNING'"
+            ),
+            next_delay: format!(
+                "SELECT {} - {} FROM task_runner_requests WHERE {RUNNABLE} AND delay_until > {now}",
+                d.epoch_seconds.replace("{}", "min(delay_until)"),
+                d.epoch_seconds.replace("{}", now)
+            ),
+            enqueue: format!(
+                "INSERT INTO task_runner_requests (task_class_name, options, try_limit, delay_until, priority) \
+                 VALUES ($1, $2, $3, CASE WHEN $4 IS NOT NULL THEN {} WHEN $5 IS NOT NULL THEN {} ELSE NULL END, $6) \
+                 RETURNING {}",
+                plus("$4"),
+                d.parse_time.replace("{}", "$5"),
+                int("id")
+            ),
+            show: format!("{select_requests} WHERE id = $1"),
+            list_all: format!("{select_requests} ORDER BY id DESC LIMIT $1"),
+            list_pending: format!("{select_requests} WHERE result IS NULL ORDER BY id DESC LIMIT $1"),
+            list_by_result: format!("{select_requests} WHERE result = $2 ORDER BY id DESC LIMIT $1"),
+            retry: "UPDATE task_runner_requests \
+                       SET pid = NULL, result = NULL, tries = 0, delay_until = NULL, cancel_requested_at = NULL \
+                     WHERE id = $1 AND result IS DISTINCT FROM 'RUNNING'"
+                .to_string(),
+            cancel_pending: format!(
+                "UPDATE task_runner_requests \
+                    SET result = 'CANCELLED', result_text = 'cancelled before it ran', completed_at = {now} \
+                  WHERE id = $1 AND (result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED'))"
+            ),
+            cancel_running: format!(
+                "UPDATE task_runner_requests SET cancel_requested_at = {now} \
+                  WHERE id = $1 AND result = 'RUNNING'"
+            ),
+            state_of: "SELECT result FROM task_runner_requests WHERE id = $1".to_string(),
+            count_by_result: format!(
+                "SELECT coalesce(result, 'PENDING'), {} FROM task_runner_requests GROUP BY result ORDER BY 1",
+                int("count(*)")
+            ),
+            purge: format!(
+                "DELETE FROM task_runner_requests WHERE id IN ( \
+                   SELECT id FROM task_runner_requests \
+                    WHERE {final_or_exhausted} AND completed_at < {} LIMIT $2)",
+                plus("-$1")
+            ),
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The supervisor: one OS process per try. Spawns it (own process group,
+//! limits, environment, options on stdin), captures bounded output, enforces
+//! the timeout and stop requests with SIGTERM → SIGKILL escalation, and
+//! reports how the process ended. It knows nothing of the database.
+//!
+//! Invariant: the outcome is decided when the task process exits (not when
+//! its pipes close: a grandchild may hold them), and the whole process group
+//! is killed then, so nothing the task started outlives its try.
+
+mod limits;
+mod output;
+mod spawner;
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::TaskSettings;
+use crate::units::format_duration;
+pub use output::Tail;
+pub use spawner::Spawner;
+
+/// Environment variables of the daemon that a task never inherits: the
+/// daemon's own database settings (SPEC.md). A task that needs them gets them
+/// through `env:` in the config.
+fn is_daemon_secret(name: &str) -> bool {
+    name == "DATABASE_URL" || name.starts_with("PG")
+}
+
+/// Everything needed to start one try's process.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub settings: TaskSettings,
+    /// `TASKRUNNER_*` variables for this try.
+    pub env: Vec<(String, String)>,
+    /// The request's options, written to stdin byte for byte.
+    pub stdin: Vec<u8>,
+}
+
+/// Why the supervisor was asked to stop a running task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// A user cancelled the request.
+    Cancel,
+    /// The daemon is shutting down and the drain time is over.
+    Shutdown,
+    /// The daemon lost its claim (or its database lease): kill at once, so
+    /// another daemon never runs the row while this one still does.
+    LostClaim,
+}
+
+/// The process's identity, known right after the spawn.
+#[derive(Debug, Clone)]
+pub struct Spawned {
+    pub pid: u32,
+    pub start_ticks: i64,
+}
+
+/// How a try's process ended.
+#[derive(Debug)]
+pub struct Ended {
+    pub status: ExitStatus,
+    pub stdout: Tail,
+    pub stderr: Tail,
+    pub ran_for: Duration,
+    /// Set when the process was stopped by us, and why.
+    pub stopped: Option<Stopped>,
+    /// A limit this process was found to have broken (named for the result text).
+    pub limit_broken: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    Timeout(Duration),
+    Requested(StopReason),
+}
+
+/// Runs one process to its end. `on_spawn` is called once the process
+/// exists; `stop` delivers stop requests; progress lines are published on
+/// `progress`.
+pub async fn run(
+    spawner: &Spawner,
+    launch: Launch,
+    mut stop: watch::Receiver<Option<StopReason>>,
+    progress: Option<watch::Sender<Option<String>>>,
+    on_spawn: impl FnOnce(&Spawned),
+) -> std::io::Result<Ended> {
+    let settings = launch.settings.clone();
+    let mut command = tokio::process::Command::new(&launch.program);
+    command
+        .args(&launch.args)
+        .current_dir(&settings.workdir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group: a Ctrl-C at the terminal reaches only the
+        // daemon (which drains), and stopping a task reaches its children.
+        .process_group(0)
+        .kill_on_drop(false);
+    for (name, _) in std::env::vars_os() {
+        if is_daemon_secret(&name.to_string_lossy()) {
+            command.env_remove(&name);
+        }
+    }
+    command.envs(&settings.env).envs(launch.env.iter().cloned());
+    if let Some((_, uid)) = settings.run_as.user {
+        command.uid(uid);
+    }
+    if let Some((_, gid)) = settings.run_as.group {
+        command.gid(gid);
+    }
+    limits::apply_in_child(&mut command, &settings);
+
+    let started = Instant::now();
+    let mut child = spawner.spawn(command).await.map_err(|error| {
+        std::io::Error::new(
+            error.kind(),
+            format!("cannot start {}: {error}", launch.program.display()),
+        )
+    })?;
+    let pid = child.id().expect("a freshly spawned child has a pid");
+    let process_group = Pid::from_raw(pid as i32);
+    on_spawn(&Spawned {
+        pid,
+        start_ticks: crate::procinfo::start_ticks(i64::from(pid)).unwrap_or(0),
+    });
+
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let options = launch.stdin;
+    let writer = tokio::spawn(async move {
+        // A task that does not read its options gets EPIPE here; that is fine.
+        let _ = stdin.write_all(&options).await;
+        let _ = stdin.shutdown().await;
+    });
+    let stdout = Arc::new(Mutex::new(Tail::new(settings.output_tail)));
+    let stderr = Arc::new(Mutex::new(Tail::new(settings.output_tail)));
+    let stdout_reader = tokio::spawn(output::capture(
+        child.stdout.take().expect("stdout is piped"),
+        stdout.clone(),
+        None,
+    ));
+    let stderr_reader = tokio::spawn(output::capture(
+        child.stderr.take().expect("stderr is piped"),
+        stderr.clone(),
+        progress,
+    ));
+
+    let timeout_at = settings.timeout.map(|timeout| started + timeout);
+    let mut stopped: Option<Stopped> = None;
+    let mut escalation: Option<Escalation> = None;
+    let status = loop {
+        let next_signal = escalation.as_ref().map(|e| e.next_at);
+        tokio::select! {
+            status = child.wait() => break status?,
+            _ = sleep_until_opt(timeout_at), if stopped.is_none() => {
+                let timeout = settings.timeout.unwrap_or_default();
+                stopped = Some(Stopped::Timeout(timeout));
+                escalation = Some(Escalation::begin(process_group, &settings));
+            }
+            changed = stop.changed(), if stopped.is_none() => {
+                let reason = match changed {
+                    Ok(()) => *stop.borrow_and_update(),
+                    // The daemon dropped our handle: treat as a shutdown.
+                    Err(_) => Some(StopReason::Shutdown),
+                };
+                if let Some(reason) = reason {
+                    stopped = Some(Stopped::Requested(reason));
+                    escalation = Some(if reason == StopReason::LostClaim {
+                        Escalation::kill_now(process_group)
+                    } else {
+                        Escalation::begin(process_group, &settings)
+                    });
+                }
+            }
+            _ = sleep_until_opt(next_signal), if escalation.is_some() => {
+                if let Some(escalation) = escalation.as_mut() {
+                    escalation.next(process_group, &settings);
+                }
+            }
+        }
+    };
+    let ran_for = started.elapsed();
+
+    // The task is over: whatever it left in its group goes too. The group id
+    // cannot have been reused while any member is alive.
+    let _ = killpg(process_group, Signal::SIGKILL);
+    writer.abort();
+    // Pipes close once the group is gone; a grandchild that left the group
+    // (setsid) may hold them, so give the readers a short while only.
+    let drain = async {
+        let _ = stdout_reader.await;
+        let _ = stderr_reader.await;
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
+
+    let take = |tail: &Arc<Mutex<Tail>>| std::mem::take(&mut *tail.lock().unwrap_or_else(|e| e.into_inner()));
+    let stderr = take(&stderr);
+    let limit_broken = limits::broken_limit(&status, &stderr.text(), &settings);
+    Ok(Ended {
+        status,
+        stdout: take(&stdout),
+        stderr,
+        ran_for,
+        stopped,
+        limit_broken,
+    })
+}
+
+/// SIGTERM, repeated every `kill_retry`, then SIGKILL once `kill_grace` has passed.
+struct Escalation {
+    began: Instant,
+    next_at: Instant,
+}
+
+impl Escalation {
+    fn begin(group: Pid, settings: &TaskSettings) -> Escalation {
+        let _ = killpg(group, Signal::SIGTERM);
+        let began = Instant::now();
+        Escalation {
+            began,
+            next_at: began + settings.kill_retry.min(settings.kill_grace),
+        }
+    }
+
+    fn kill_now(group: Pid) -> Escalation {
+        let _ = killpg(group, Signal::SIGKILL);
+        let now = Instant::now();
+        Escalation {
+            began: now,
+            next_at: now + Duration::from_secs(1),
+        }
+    }
+
+    fn next(&mut self, group: Pid, settings: &TaskSettings) {
+        let now = Instant::now();
+        let grace_over = self.began + settings.kill_grace;
+        if now >= grace_over {
+            let _ = killpg(group, Signal::SIGKILL);
+            self.next_at = now + Duration::from_secs(1);
+        } else {
+            let _ = killpg(group, Signal::SIGTERM);
+            self.next_at = (now + settings.kill_retry.max(Duration::from_millis(10))).min(grace_over);
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The first line of a failed try's result_text: why it ended.
+pub fn describe_end(ended: &Ended) -> String {
+    if let Some(Stopped::Timeout(timeout)) = ended.stopped {
+        return format!(
+            "timed out after {} (ran {:.1}s)",
+            format_duration(timeout),
+            ended.ran_for.as_secs_f64()
+        );
+    }
+    let base = match (ended.status.code(), ended.status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}{}", signal_name(signal)),
+        (None, None) => "ended in an unknown way".to_string(),
+    };
+    match &ended.limit_broken {
+        Some(limit) => format!("{base}: {limit}"),
+        None => base,
+    }
+}
+
+fn signal_name(signal: i32) -> String {
+    Signal::try_from(signal)
+        .map(|s| format!(" ({})", s.as_str()))
+        .unwrap_or_default()
+}

@@ -1,0 +1,135 @@
+//! Which program runs a task type: the built-in types (in the small
+//! `taskrunner-builtin-tasks` binary, written with task-sdk), command types
+//! declared under `tasks:`, and the types that `programs:` (task-sdk
+//! executables) list when asked `--list-tasks`.
+//!
+//! Architecture invariant: nothing in a row can name a program or an
+//! argument vector; a row only names a type, and this registry maps it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::config::{Config, TaskSettings};
+use crate::UsageError;
+
+/// The built-in types, served by the built-in task binary.
+pub const BUILTIN_TYPES: [&str; 1] = ["NoOp"];
+
+/// The binary that runs built-in types, installed beside the daemon.
+pub const BUILTIN_BINARY: &str = "taskrunner-builtin-tasks";
+
+/// How to start a task type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub settings: TaskSettings,
+}
+
+/// Task type name → how to run it.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    builtin_binary: PathBuf,
+    /// Types served by a task-sdk program, and which program.
+    from_programs: BTreeMap<String, PathBuf>,
+}
+
+impl Registry {
+    /// Asks every configured program for its task types. A type registered
+    /// twice (by two programs, or by a program and the config) is an error
+    /// naming both.
+    pub fn load(config: &Config) -> Result<Registry> {
+        let mut from_programs: BTreeMap<String, PathBuf> = BTreeMap::new();
+        for program in &config.programs {
+            for name in list_tasks(program)? {
+                if BUILTIN_TYPES.contains(&name.as_str()) || config.tasks.contains_key(&name) {
+                    return Err(UsageError(format!(
+                        "task type `{name}` is registered twice: by {} and by {}",
+                        program.display(),
+                        if config.tasks.contains_key(&name) { "the config's `tasks:`" } else { "taskrunner (built in)" }
+                    ))
+                    .into());
+                }
+                if let Some(other) = from_programs.get(&name) {
+                    return Err(UsageError(format!(
+                        "task type `{name}` is registered twice: by {} and by {}",
+                        other.display(),
+                        program.display()
+                    ))
+                    .into());
+                }
+                from_programs.insert(name, program.clone());
+            }
+        }
+        Ok(Registry {
+            builtin_binary: builtin_binary_path(),
+            from_programs,
+        })
+    }
+
+    /// How to run `name`, or `None` for an unknown type.
+    pub fn resolve(&self, config: &Config, name: &str) -> Option<Resolved> {
+        if let Some(task) = config.tasks.get(name) {
+            return Some(Resolved {
+                program: PathBuf::from(&task.command[0]),
+                args: task.command[1..].to_vec(),
+                settings: task.settings.clone(),
+            });
+        }
+        let program = if BUILTIN_TYPES.contains(&name) {
+            self.builtin_binary.clone()
+        } else {
+            self.from_programs.get(name)?.clone()
+        };
+        Some(Resolved {
+            program,
+            args: Vec::new(),
+            settings: config.defaults.clone(),
+        })
+    }
+
+    /// Every known type name, sorted.
+    pub fn names(&self, config: &Config) -> Vec<String> {
+        let mut names: Vec<String> = BUILTIN_TYPES.iter().map(|s| s.to_string()).collect();
+        names.extend(config.tasks.keys().cloned());
+        names.extend(self.from_programs.keys().cloned());
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+/// Runs `program --list-tasks` and reads one type name a line.
+fn list_tasks(program: &Path) -> Result<Vec<String>> {
+    let output = std::process::Command::new(program)
+        .arg("--list-tasks")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("asking {} for its task types (--list-tasks)", program.display()))?;
+    if !output.status.success() {
+        bail!(
+            "{} --list-tasks failed with {}: {}",
+            program.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+/// The built-in task binary sits beside the running executable
+/// (`cargo build` and `cargo install` both put them together).
+fn builtin_binary_path() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(BUILTIN_BINARY)))
+        .filter(|path| path.is_file())
+        .unwrap_or_else(|| PathBuf::from(BUILTIN_BINARY))
+}

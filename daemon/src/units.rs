@@ -1,0 +1,153 @@
+//! Durations (`500ms`, `10s`, `5m`, `1h`) and sizes (`64KiB`, `512MiB`) as
+//! written in the config file and on the command line.
+
+use std::time::Duration;
+
+/// Parses `0s`, `500ms`, `10s`, `1.5s`, `5m`, `1h`, `2d`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration `{text}` (write e.g. 500ms, 10s, 5m, 1h)"))?;
+    let seconds = match unit.trim() {
+        "" | "s" | "sec" | "secs" => value,
+        "ms" => value / 1000.0,
+        "m" | "min" | "mins" => value * 60.0,
+        "h" => value * 3600.0,
+        "d" => value * 86_400.0,
+        _ => return Err(format!("invalid duration unit in `{text}` (use ms, s, m, h or d)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("duration `{text}` is out of range"))
+}
+
+/// Parses `64KiB`, `512MiB`, `1GiB`, `100KB`, `4096` (bytes).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid size `{text}` (write e.g. 64KiB, 512MiB)"))?;
+    let multiplier: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "KiB" | "K" | "k" => 1024.0,
+        "MiB" | "M" => 1024.0 * 1024.0,
+        "GiB" | "G" => 1024.0 * 1024.0 * 1024.0,
+        "KB" | "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        _ => return Err(format!("invalid size unit in `{text}` (use KiB, MiB or GiB)")),
+    };
+    Ok((value * multiplier) as u64)
+}
+
+/// Renders a duration the way the config file writes it (`1h`, `90s`, `250ms`).
+pub fn format_duration(duration: Duration) -> String {
+    let millis = duration.as_millis();
+    if millis == 0 {
+        "0s".to_string()
+    } else if millis % 3_600_000 == 0 {
+        format!("{}h", millis / 3_600_000)
+    } else if millis % 60_000 == 0 {
+        format!("{}m", millis / 60_000)
+    } else if millis % 1000 == 0 {
+        format!("{}s", millis / 1000)
+    } else {
+        format!("{millis}ms")
+    }
+}
+
+/// Renders a size in the largest binary unit that divides it.
+pub fn format_size(bytes: u64) -> String {
+    for (unit, factor) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if bytes >= factor && bytes % factor == 0 {
+            return format!("{}{unit}", bytes / factor);
+        }
+    }
+    format!("{bytes}B")
+}
+
+/// serde helpers so that config fields can be written as strings or numbers.
+pub mod serde_units {
+    use super::*;
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum TextOrNumber {
+        Text(String),
+        Number(f64),
+    }
+
+    pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(match Option::<TextOrNumber>::deserialize(d)? {
+            None => None,
+            Some(TextOrNumber::Text(text)) => {
+                Some(parse_duration(&text).map_err(serde::de::Error::custom)?)
+            }
+            Some(TextOrNumber::Number(seconds)) => Some(
+                Duration::try_from_secs_f64(seconds).map_err(serde::de::Error::custom)?,
+            ),
+        })
+    }
+
+    pub fn size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        Ok(match Option::<TextOrNumber>::deserialize(d)? {
+            None => None,
+            Some(TextOrNumber::Text(text)) => {
+                Some(parse_size(&text).map_err(serde::de::Error::custom)?)
+            }
+            Some(TextOrNumber::Number(bytes)) if bytes >= 0.0 => Some(bytes as u64),
+            Some(TextOrNumber::Number(_)) => {
+                return Err(serde::de::Error::custom("a size cannot be negative"))
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_in_every_unit() {
+        assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+    }
+
+    #[test]
+    fn bad_durations_say_what_is_wrong() {
+        assert!(parse_duration("ten").unwrap_err().contains("invalid duration"));
+        assert!(parse_duration("10y").unwrap_err().contains("unit"));
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn sizes_in_binary_units() {
+        assert_eq!(parse_size("64KiB").unwrap(), 65_536);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("100").unwrap(), 100);
+        assert!(parse_size("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn formatting_round_trips() {
+        for text in ["0s", "250ms", "90s", "5m", "1h"] {
+            assert_eq!(format_duration(parse_duration(text).unwrap()), text);
+        }
+        assert_eq!(format_size(65_536), "64KiB");
+        assert_eq!(format_size(100), "100B");
+    }
+}

@@ -1,0 +1,93 @@
+//! Reading a request's YAML options into a task's typed options.
+
+use serde::de::DeserializeOwned;
+use serde_yaml::Value;
+
+/// Deserializes options as an application wrote them: Ruby's `to_yaml`
+/// (`:key:` symbol keys, `!ruby/hash:…` and `!ruby/sym` tags) reads like
+/// plain YAML. Empty input reads as an empty map (or `null`).
+pub fn parse_options<T: DeserializeOwned>(input: &[u8]) -> Result<T, String> {
+    let text = std::str::from_utf8(input).map_err(|_| "options are not UTF-8 text".to_string())?;
+    let value: Value = if text.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_yaml::from_str(text).map_err(|e| format!("options are not valid YAML: {e}"))?
+    };
+    let value = normalize(value);
+    if value.is_null() {
+        // No options: try the type as null (Option, ()), else as an empty map.
+        if let Ok(options) = serde_yaml::from_value(Value::Null) {
+            return Ok(options);
+        }
+        return serde_yaml::from_value(Value::Mapping(Default::default())).map_err(|e| e.to_string());
+    }
+    serde_yaml::from_value(value).map_err(|e| e.to_string())
+}
+
+/// Drops tags and the leading colon of Ruby symbol keys, at any depth.
+fn normalize(value: Value) -> Value {
+    match value {
+        Value::Tagged(tagged) => normalize(tagged.value),
+        Value::Mapping(mapping) => Value::Mapping(
+            mapping
+                .into_iter()
+                .map(|(key, value)| (normalize_key(key), normalize(value)))
+                .collect(),
+        ),
+        Value::Sequence(items) => Value::Sequence(items.into_iter().map(normalize).collect()),
+        Value::String(text) => Value::String(text),
+        other => other,
+    }
+}
+
+fn normalize_key(key: Value) -> Value {
+    match normalize(key) {
+        Value::String(text) => match text.strip_prefix(':') {
+            Some(stripped) if !stripped.is_empty() => Value::String(stripped.to_string()),
+            _ => Value::String(text),
+        },
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+    use std::collections::BTreeMap;
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    struct Options {
+        name: String,
+        #[serde(default)]
+        tags: Vec<String>,
+        #[serde(default)]
+        nested: BTreeMap<String, i64>,
+    }
+
+    #[test]
+    fn ruby_yaml_reads_like_plain_yaml() {
+        let ruby = b"--- !ruby/hash:ActiveSupport::HashWithIndifferentAccess\n:name: thumb\n:tags:\n- !ruby/sym a\n- b\n:nested:\n  :x: 1\n";
+        let options: Options = parse_options(ruby).unwrap();
+        assert_eq!(options.name, "thumb");
+        assert_eq!(options.tags, vec!["a", "b"]);
+        assert_eq!(options.nested["x"], 1);
+    }
+
+    #[test]
+    fn empty_options_read_as_an_empty_map() {
+        #[derive(Deserialize)]
+        struct None_ {
+            #[serde(default)]
+            created_from: Option<String>,
+        }
+        let options: None_ = parse_options(b"").unwrap();
+        assert!(options.created_from.is_none());
+    }
+
+    #[test]
+    fn options_that_do_not_fit_say_why() {
+        let error = parse_options::<Options>(b"nme: x").unwrap_err();
+        assert!(error.contains("name"), "{error}");
+    }
+}
