@@ -1,1 +1,7 @@
+//! The integration suite: one test binary (one link), a module per area.
+//! Every behaviour test runs on SQLite and on PostgreSQL (`both_backends!`).
 
+#[macro_use]
+mod util;
+
+mod core;

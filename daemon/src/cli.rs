@@ -89,7 +89,7 @@ enum Command {
         #[arg(long, value_name = "ID")]
         id: Option<RequestId>,
         /// With --id: claim the row and record the outcome as a try
-        #[arg(long, requires = "id")]
+        #[arg(long)]
         record: bool,
     },
     /// Mark RUNNING rows whose process or daemon is gone as CRASHED
@@ -223,6 +223,9 @@ async fn dispatch(flags: Flags) -> Result<ExitCode> {
             let store = open(Purpose::Cli)?;
             let Some(request) = store.show(id).await? else { bail!("no request {id}") };
             print!("{}", render_show(&request));
+        }
+        Command::Run { record: true, id: None, .. } => {
+            return Err(crate::UsageError("--record needs --id".into()).into())
         }
         Command::Run { task, options, id, record } => return run_command(&config, task, options, id, record).await,
         Command::Reap { dry_run } => {
@@ -561,7 +564,6 @@ mod tests {
         assert!(Flags::try_parse_from(["taskrunner-cli", "run"]).is_err());
         assert!(Flags::try_parse_from(["taskrunner-cli", "run", "NoOp"]).is_ok());
         assert!(Flags::try_parse_from(["taskrunner-cli", "run", "--id", "3", "--record"]).is_ok());
-        assert!(Flags::try_parse_from(["taskrunner-cli", "run", "NoOp", "--record"]).is_err());
     }
 
     #[test]

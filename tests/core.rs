@@ -1,0 +1,291 @@
+//! The core contract: rows inserted by plain SQL run in their own process,
+//! and the row records what happened.
+
+use std::time::Duration;
+
+use crate::util::{cli, quote, Backend, Daemon, TestDb};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+both_backends!(
+    plain_sql_noop_finishes,
+    failing_command_retries_with_backoff,
+    future_delay_until_in_iso_form_is_honoured,
+    extra_application_column_disturbs_nothing,
+    invalid_yaml_is_rejected_and_unknown_types_fail,
+    max_concurrent_is_never_exceeded,
+    sigterm_drains_then_interrupts,
+    activerecord_timestamps_and_ruby_yaml_work,
+    cli_enqueue_list_show_retry_cancel_purge,
+);
+
+async fn plain_sql_noop_finishes(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", "");
+    let bare = db.insert("INSERT INTO task_runner_requests (task_class_name) VALUES ('NoOp') RETURNING id").await;
+    let with_options = db
+        .insert("INSERT INTO task_runner_requests (task_class_name, options) VALUES ('NoOp', 'created_from: psql') RETURNING id")
+        .await;
+    for (id, text) in [
+        (bare, format!("NOOP {bare}: OK!")),
+        (with_options, format!("NOOP {with_options}: OK! created from: psql")),
+    ] {
+        let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+        assert_eq!(row.tries, 1);
+        assert_eq!(row.pid, None);
+        assert_eq!(row.result_text.as_deref(), Some(text.as_str()));
+        assert!(row.started_at.is_some() && row.completed_at.is_some() && row.host.is_some());
+    }
+    assert!(daemon.stop().success());
+}
+
+async fn failing_command_retries_with_backoff(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let tries_log = db.scratch.join("tries.log");
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "retry_delay: 1s\nretry_multiplier: 2\ntasks:\n  Flaky:\n    command: [/bin/sh, -c, 'date +%s.%N >> {}; echo \"it broke on try $TASKRUNNER_TRY\" >&2; exit 1']\n",
+            tries_log.display()
+        ),
+    );
+    let id = db
+        .insert("INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ('Flaky', 3) RETURNING id")
+        .await;
+    let row = db.wait_for(id, WAIT, "exhausted", |r| r.tries == 3 && r.result.as_deref() == Some("FAILED") && r.pid.is_none()).await;
+    let text = row.result_text.unwrap();
+    assert!(text.starts_with("exit status 1\n"), "{text}");
+    assert!(text.contains("it broke on try 3"), "{text}");
+    let starts: Vec<f64> = std::fs::read_to_string(&tries_log)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(starts.len(), 3);
+    // retry_delay × multiplier^(tries-1): 1s after the first, 2s after the second.
+    let gaps = [starts[1] - starts[0], starts[2] - starts[1]];
+    assert!((1.0..1.9).contains(&gaps[0]), "first gap {gaps:?}");
+    assert!((2.0..2.9).contains(&gaps[1]), "second gap {gaps:?}");
+    // Exhausted: left alone.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(db.row(id).await.tries, 3);
+    assert!(daemon.stop().success());
+}
+
+async fn future_delay_until_in_iso_form_is_honoured(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", "");
+    let due = chrono::Utc::now() + chrono::Duration::seconds(3);
+    let iso = due.format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let id = db
+        .insert(&format!(
+            "INSERT INTO task_runner_requests (task_class_name, delay_until) VALUES ('NoOp', '{iso}') RETURNING id"
+        ))
+        .await;
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    let started = chrono::NaiveDateTime::parse_from_str(row.started_at.as_deref().unwrap(), "%Y-%m-%d %H:%M:%S%.f")
+        .unwrap()
+        .and_utc();
+    let due_whole_second = due.with_nanosecond_zero();
+    assert!(started >= due_whole_second, "started {started} before {due_whole_second}");
+    assert!(started < due_whole_second + chrono::Duration::milliseconds(1500), "started late: {started}");
+    assert!(daemon.stop().success());
+}
+
+trait NanoZero {
+    fn with_nanosecond_zero(self) -> Self;
+}
+
+impl NanoZero for chrono::DateTime<chrono::Utc> {
+    fn with_nanosecond_zero(self) -> Self {
+        chrono::Timelike::with_nanosecond(&self, 0).unwrap()
+    }
+}
+
+async fn extra_application_column_disturbs_nothing(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    db.execute("ALTER TABLE task_runner_requests ADD COLUMN tenant TEXT NOT NULL DEFAULT 'acme'").await;
+    let mut daemon = Daemon::start(&db, "d", "");
+    let id = db.enqueue("NoOp", None).await;
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.result_text.unwrap(), format!("NOOP {id}: OK!"));
+    let (status, stdout, _) = cli(&db, &["show", &id.to_string()]);
+    assert_eq!(status, 0);
+    assert!(stdout.contains("FINISHED"));
+    assert!(daemon.stop().success());
+}
+
+async fn invalid_yaml_is_rejected_and_unknown_types_fail(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ran = db.scratch.join("ran");
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!("retry_delay: 30s\ntasks:\n  Touch:\n    command: [/usr/bin/touch, {}]\n", ran.display()),
+    );
+    let rejected = db.enqueue("Touch", Some("key: [unclosed")).await;
+    let unknown = db.enqueue("Thumbnail", None).await;
+    let row = db.wait_for_state(rejected, "REJECTED", WAIT).await;
+    assert!(row.result_text.unwrap().contains("not valid YAML"));
+    assert_eq!(row.tries, 1);
+    assert!(!ran.exists(), "a rejected request must not run its command");
+    let row = db.wait_for_state(unknown, "FAILED", WAIT).await;
+    let text = row.result_text.unwrap();
+    assert!(text.contains("unknown task type `Thumbnail`"), "{text}");
+    assert!(text.contains("NoOp") && text.contains("Touch"), "{text}");
+    assert!(row.delay_until.is_some(), "an unknown type is retried after the backoff");
+    assert!(daemon.stop().success());
+}
+
+async fn max_concurrent_is_never_exceeded(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let log = db.scratch.join("intervals.log");
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "max_concurrent: 2\ntasks:\n  Nap:\n    command: [/bin/sh, -c, 'echo start $(date +%s%N) >> {log}; sleep 0.3; echo end $(date +%s%N) >> {log}']\n",
+            log = log.display()
+        ),
+    );
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(db.enqueue("Nap", None).await);
+    }
+    for id in &ids {
+        db.wait_for_state(*id, "FINISHED", WAIT).await;
+    }
+    let mut events: Vec<(u128, i32)> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let (kind, at) = line.split_once(' ').unwrap();
+            (at.parse().unwrap(), if kind == "start" { 1 } else { -1 })
+        })
+        .collect();
+    // Ends sort before starts at the same instant.
+    events.sort();
+    let (mut running, mut most) = (0, 0);
+    for (_, delta) in events {
+        running += delta;
+        most = most.max(running);
+    }
+    assert_eq!(most, 2, "at most two tasks at once, and two did run together");
+    assert!(daemon.stop().success());
+}
+
+async fn sigterm_drains_then_interrupts(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "shutdown_timeout: 1s\ntasks:\n  Long:\n    command: [/bin/sleep, '60']\n",
+    );
+    let id = db.enqueue("Long", None).await;
+    let running = db.wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some()).await;
+    let started = std::time::Instant::now();
+    let status = daemon.stop();
+    assert!(status.success(), "exit status {status:?}; log:\n{}", daemon.log_text());
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(900), "the daemon must drain for shutdown_timeout first ({waited:?})");
+    let row = db.row(id).await;
+    assert_eq!(row.result.as_deref(), Some("INTERRUPTED"));
+    assert_eq!(row.tries, 0, "an interrupted try is given back");
+    assert_eq!(row.pid, None);
+    assert_eq!(row.started_at, running.started_at, "started_at is kept");
+    assert!(row.completed_at.is_some());
+    assert!(row.delay_until.is_none(), "an interrupted row runs again at once");
+    assert!(!crate::util::process_exists(running.pid.unwrap() as i32));
+}
+
+async fn activerecord_timestamps_and_ruby_yaml_work(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", "tasks:\n  Echo:\n    command: [/bin/cat]\n");
+    let ruby = "--- !ruby/hash:ActiveSupport::HashWithIndifferentAccess\n:created_from: rails\n:sizes:\n- 1\n- 2\n:mode: !ruby/sym fast\n";
+    let noop = db
+        .insert(&format!(
+            "INSERT INTO task_runner_requests (task_class_name, options, created_at, delay_until) \
+             VALUES ('NoOp', {}, '2026-11-24 07:00:00.123456', '2020-01-01 07:00:00.123456') RETURNING id",
+            quote(ruby)
+        ))
+        .await;
+    let echo = db.enqueue("Echo", Some(ruby)).await;
+    let row = db.wait_for_state(noop, "FINISHED", WAIT).await;
+    assert_eq!(row.result_text.unwrap(), format!("NOOP {noop}: OK! created from: rails"));
+    assert!(row.created_at.unwrap().starts_with("2026-11-24 07:00:00.123"));
+    assert!(row.delay_until.is_none() || row.delay_until.unwrap().starts_with("2020-01-01 07:00:00.123"));
+    let row = db.wait_for_state(echo, "FINISHED", WAIT).await;
+    // Options reach a command byte for byte (less the one trailing newline).
+    assert_eq!(row.result_text.unwrap(), ruby.trim_end_matches('\n'));
+    assert!(daemon.stop().success());
+}
+
+async fn cli_enqueue_list_show_retry_cancel_purge(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let (status, stdout, stderr) = cli(&db, &["enqueue", "NoOp", "--options", "created_from: cli", "--delay", "1h"]);
+    assert_eq!(status, 0, "{stderr}");
+    let delayed: i64 = stdout.trim().parse().expect("enqueue prints the id alone");
+    let (_, stdout, _) = cli(&db, &["list"]);
+    assert!(stdout.lines().next().unwrap().starts_with("ID"), "{stdout}");
+    assert!(stdout.contains("pending (delayed)"), "{stdout}");
+    assert_eq!(cli(&db, &["cancel", &delayed.to_string()]).0, 0);
+    assert_eq!(db.row(taskrunner::request::RequestId(delayed)).await.result.as_deref(), Some("CANCELLED"));
+    let (status, _, stderr) = cli(&db, &["cancel", &delayed.to_string()]);
+    assert_eq!(status, 1);
+    assert!(stderr.contains("already CANCELLED"), "{stderr}");
+    assert_eq!(cli(&db, &["retry", &delayed.to_string()]).0, 0);
+    let row = db.row(taskrunner::request::RequestId(delayed)).await;
+    assert_eq!((row.result, row.tries, row.delay_until), (None, 0, None));
+    // Bad ids: unknown is 1, non-numeric is 2; one line, no panic.
+    let (status, _, stderr) = cli(&db, &["show", "999999"]);
+    assert_eq!(status, 1);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert_eq!(cli(&db, &["show", "x"]).0, 2);
+    // run a stored request without touching the row
+    let (status, stdout, _) = cli(&db, &["run", "--id", &delayed.to_string()]);
+    assert_eq!(status, 0);
+    assert_eq!(stdout.trim(), format!("NOOP {delayed}: OK! created from: cli"));
+    assert_eq!(db.row(taskrunner::request::RequestId(delayed)).await.result, None);
+    let (status, _, stderr) = cli(&db, &["run", "--id", &delayed.to_string(), "--record"]);
+    assert_eq!(status, 0, "{stderr}");
+    let row = db.row(taskrunner::request::RequestId(delayed)).await;
+    assert_eq!((row.result.as_deref(), row.tries), (Some("FINISHED"), 1));
+    // purge keeps young rows, removes old ones
+    let (_, stdout, _) = cli(&db, &["purge", "--older-than", "1h"]);
+    assert_eq!(stdout.trim(), "deleted 0 requests");
+    db.execute("UPDATE task_runner_requests SET completed_at = '2020-01-01 00:00:00'").await;
+    let (_, stdout, _) = cli(&db, &["purge", "--older-than", "1h"]);
+    assert_eq!(stdout.trim(), "deleted 1 requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_on_postgres_run_every_row_exactly_once() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let ran = db.scratch.join("ran.log");
+    let task = format!(
+        "max_concurrent: 4\ntasks:\n  Append:\n    command: [/bin/sh, -c, 'echo $TASKRUNNER_REQUEST_ID >> {}']\n",
+        ran.display()
+    );
+    let mut first = Daemon::start(&db, "first", &task);
+    let mut second = Daemon::start(&db, "second", &task);
+    db.execute(
+        "INSERT INTO task_runner_requests (task_class_name) SELECT 'Append' FROM generate_series(1, 500)",
+    )
+    .await;
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED'",
+        500,
+        Duration::from_secs(120),
+    )
+    .await;
+    let mut seen: Vec<i64> = std::fs::read_to_string(&ran).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+    seen.sort();
+    let total = seen.len();
+    seen.dedup();
+    assert_eq!(total, 500, "every id exactly once");
+    assert_eq!(seen.len(), 500);
+    assert_eq!(db.scalar("SELECT count(DISTINCT host || claimed_by) FROM task_runner_requests").await, 2, "both daemons took part");
+    assert!(first.stop().success());
+    assert!(second.stop().success());
+}

@@ -1,0 +1,374 @@
+//! Test harness: real databases (a SQLite file per test, a PostgreSQL
+//! database per test on the server `scripts/test` starts), the real daemon
+//! binary, and waiting on conditions with deadlines.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use taskrunner::request::{Request, RequestId};
+use taskrunner::store::{Purpose, Store};
+
+pub const DAEMON: &str = env!("CARGO_BIN_EXE_taskrunnerd");
+pub const CLI: &str = env!("CARGO_BIN_EXE_taskrunner-cli");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Instantiates an async test case `fn(Backend)` for SQLite and PostgreSQL,
+/// as ripgrep runs each test under both regex engines.
+#[macro_export]
+macro_rules! both_backends {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::$case($crate::util::Backend::Sqlite).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$case($crate::util::Backend::Postgres).await
+                }
+            }
+        )*
+    };
+}
+
+/// A scratch directory, removed when the test passes.
+pub struct Scratch {
+    pub path: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "taskrunner-test-{name}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        Scratch { path }
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// A fresh, migrated request table for one test.
+pub struct TestDb {
+    pub backend: Backend,
+    pub url: String,
+    pub store: Store,
+    pub scratch: Scratch,
+    raw: Raw,
+}
+
+enum Raw {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+/// The PostgreSQL server the suite runs against (`scripts/test` starts one).
+pub fn postgres_admin_url() -> String {
+    std::env::var("TASKRUNNER_TEST_DATABASE_URL").unwrap_or_else(|_| {
+        panic!("TASKRUNNER_TEST_DATABASE_URL is not set: run the suite with scripts/test, which starts a PostgreSQL server")
+    })
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> TestDb {
+        let scratch = Scratch::new(match backend {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "pg",
+        });
+        let url = match backend {
+            Backend::Sqlite => format!("sqlite://{}", scratch.join("requests.db").display()),
+            Backend::Postgres => {
+                let admin_url = postgres_admin_url();
+                let name = format!(
+                    "taskrunner_test_{}",
+                    scratch.path.file_name().unwrap().to_string_lossy().replace('-', "_")
+                );
+                let admin = sqlx::PgPool::connect(&admin_url).await.expect("connecting to the test server");
+                sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}")))
+                    .execute(&admin)
+                    .await
+                    .unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&admin)
+                    .await
+                    .unwrap();
+                admin.close().await;
+                let base = admin_url.rsplit_once('/').unwrap().0;
+                format!("{base}/{name}")
+            }
+        };
+        let store = Store::open(&url, Purpose::Migrate).unwrap();
+        store.migrate().await.expect("migrating the test database");
+        let raw = match backend {
+            Backend::Sqlite => Raw::Sqlite(sqlx::SqlitePool::connect(&url).await.unwrap()),
+            Backend::Postgres => Raw::Postgres(sqlx::PgPool::connect(&url).await.unwrap()),
+        };
+        TestDb { backend, url, store, scratch, raw }
+    }
+
+    /// Runs SQL as an application would (no parameters).
+    pub async fn execute(&self, sql: &str) {
+        let sql = sqlx::AssertSqlSafe(sql.to_string());
+        match &self.raw {
+            Raw::Sqlite(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
+            Raw::Postgres(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
+        }
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Runs an `INSERT … RETURNING id` and returns the id.
+    pub async fn insert(&self, sql: &str) -> RequestId {
+        let sql = sqlx::AssertSqlSafe(sql.to_string());
+        let id: i64 = match &self.raw {
+            Raw::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+            Raw::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+        }
+        .unwrap_or_else(|e| panic!("{e}"));
+        RequestId(id)
+    }
+
+    /// Inserts a request of `task` with `options` (YAML) and returns its id.
+    pub async fn enqueue(&self, task: &str, options: Option<&str>) -> RequestId {
+        let options = options.map_or("NULL".to_string(), quote);
+        self.insert(&format!(
+            "INSERT INTO task_runner_requests (task_class_name, options) VALUES ({}, {options}) RETURNING id",
+            quote(task)
+        ))
+        .await
+    }
+
+    /// One integer from a query (`SELECT count(*) …`).
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        let sql = sqlx::AssertSqlSafe(sql.to_string());
+        match &self.raw {
+            Raw::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+            Raw::Postgres(pool) => sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await,
+        }
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub async fn row(&self, id: RequestId) -> Request {
+        self.store.show(id).await.unwrap().unwrap_or_else(|| panic!("no row {id}"))
+    }
+
+    /// Waits until row `id` satisfies `done`, and returns it.
+    pub async fn wait_for(&self, id: RequestId, timeout: Duration, what: &str, done: impl Fn(&Request) -> bool) -> Request {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let row = self.row(id).await;
+            if done(&row) {
+                return row;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out after {timeout:?} waiting for request {id} to be {what}; row: {row:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until row `id` has `result` = `state`.
+    pub async fn wait_for_state(&self, id: RequestId, state: &str, timeout: Duration) -> Request {
+        self.wait_for(id, timeout, state, |row| row.result.as_deref() == Some(state)).await
+    }
+
+    /// Waits until `sql` (a count) returns `expected`.
+    pub async fn wait_for_count(&self, sql: &str, expected: i64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let count = self.scalar(sql).await;
+            if count == expected {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out after {timeout:?}: `{sql}` is {count}, not {expected}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// SQL string literal.
+pub fn quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// The base config every test daemon gets; tests append their own keys.
+pub fn base_config(db: &TestDb, dir: &Path) -> String {
+    format!(
+        "database_url: {}\npoll_interval: 1s\nheartbeat_interval: 1s\nlease_timeout: 5s\nkill_grace: 2s\nkill_retry: 1s\nshutdown_timeout: 5s\nretry_delay: 1s\nsocket: {}\n",
+        db.url,
+        dir.join("run/daemon.sock").display()
+    )
+}
+
+/// `extra`'s top-level keys replace `base`'s.
+pub fn merge_yaml(base: &str, extra: &str) -> String {
+    let mut merged: serde_yaml::Mapping = serde_yaml::from_str(base).unwrap();
+    if !extra.trim().is_empty() {
+        let extra: serde_yaml::Mapping = serde_yaml::from_str(extra).expect("test config YAML");
+        for (key, value) in extra {
+            merged.insert(key, value);
+        }
+    }
+    serde_yaml::to_string(&merged).unwrap()
+}
+
+/// A `taskrunnerd` process, killed (SIGKILL) if still running when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Daemon {
+    /// Starts a daemon with the base config plus `extra` YAML, in its own
+    /// directory under the test's scratch dir.
+    pub fn start(db: &TestDb, name: &str, extra: &str) -> Daemon {
+        let dir = db.scratch.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("taskrunner.yml");
+        std::fs::write(&config, merge_yaml(&base_config(db, &dir), extra)).unwrap();
+        let mut daemon = Daemon::start_with_config(&config, &[]);
+        daemon.wait_ready();
+        daemon
+    }
+
+    /// Waits until the daemon logs that it started; fails with its log if it exits first.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.log_text().contains("taskrunnerd started") {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("taskrunnerd exited with {status} at start; log:\n{}", self.log_text());
+            }
+            if Instant::now() > deadline {
+                panic!("taskrunnerd did not start within 30s; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn start_with_config(config: &Path, args: &[&str]) -> Daemon {
+        let dir = config.parent().unwrap().to_path_buf();
+        let log = dir.join(format!("daemon-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+        let child = Command::new(DAEMON)
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .current_dir(&dir)
+            .env("TASKRUNNER_LOG", "debug,sqlx=warn")
+            .env_remove("DATABASE_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting taskrunnerd");
+        Daemon { child, config: config.to_path_buf(), log, dir }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal);
+    }
+
+    /// Waits for the daemon to exit, failing the test after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("taskrunnerd did not exit within {timeout:?}; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait_exit(Duration::from_secs(30))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        wait_until(timeout, &format!("the daemon to log `{needle}`"), || self.log_text().contains(needle));
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Polls `condition` until it holds, failing the test after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `taskrunner-cli` with the test's database and returns (status, stdout, stderr).
+pub fn cli(db: &TestDb, args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(CLI)
+        .arg("--database-url")
+        .arg(&db.url)
+        .args(args)
+        .current_dir(&db.scratch.path)
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("running taskrunner-cli");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Whether a process exists (for grandchild checks).
+pub fn process_exists(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')).unwrap_or(false))
+            .unwrap_or(false)
+}
