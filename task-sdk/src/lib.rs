@@ -10,7 +10,7 @@
 //!
 //! ```
 //! use serde::Deserialize;
-//! use task_sdk::{Context, Task, Tasks};
+//! use task_sdk::{Context, ResultExt, Task, Tasks};
 //!
 //! #[derive(Deserialize)]
 //! struct GreetOptions {
@@ -27,6 +27,10 @@
 //!
 //!     fn run(&self, options: GreetOptions, context: &Context) -> task_sdk::Result<String> {
 //!         context.progress("greeting");
+//!         if options.name.is_empty() {
+//!             // `?` converts any error; `context` says what was being done.
+//!             std::fs::read_to_string("/nonexistent/names.txt").context("looking up a name")?;
+//!         }
 //!         Ok(format!("hello {} x{}", options.name, options.times.max(1)))
 //!     }
 //! }
@@ -34,11 +38,37 @@
 //! // In `main`: `fn main() -> std::process::ExitCode { Tasks::new().register(Greet).serve() }`
 //! let tasks = Tasks::new().register(Greet);
 //! assert_eq!(tasks.names(), vec!["Greet"]);
+//! // Ruby's `:key:` spelling reads like `key:`.
 //! let outcome = tasks.run_one("Greet", b":name: Ada\n:times: 2\n", &Context::for_test(7, 1));
 //! assert_eq!(outcome.unwrap(), "hello Ada x2");
+//! // Options that do not fit the type are rejected (exit 65, REJECTED) ...
+//! let outcome = tasks.run_one("Greet", b"nme: Ada\n", &Context::for_test(8, 1));
+//! assert!(matches!(outcome, Err(task_sdk::RunError::Rejected(_))));
+//! // ... and an error fails the try with its whole chain of causes.
+//! let outcome = tasks.run_one("Greet", b"name: ''\n", &Context::for_test(9, 1));
+//! assert_eq!(
+//!     outcome.unwrap_err().to_string(),
+//!     "looking up a name: No such file or directory (os error 2)"
+//! );
 //! ```
+//!
+//! With the cargo feature `enqueue`, [`Enqueue`] inserts typed requests
+//! through an application's own sqlx pool, connection or transaction.
+//!
+//! # Writing a task type
+//!
+//! - Write the result text to the returned `String`, not to standard
+//!   output: whatever the task prints there becomes part of result_text.
+//!   Log with [`Context::log`] (standard error, kept when a try fails).
+//! - Return an error (anything that implements `std::error::Error`, or
+//!   [`Error::msg`]) to fail the try: the daemon retries it after its
+//!   backoff while tries remain. A panic is a failure too, reported with its
+//!   message and location (unless the program is built with `panic = "abort"`).
+//! - Tasks run at least once: make them idempotent.
 #![warn(missing_docs)]
 
+#[cfg(feature = "enqueue")]
+pub mod enqueue;
 mod options;
 
 use std::fmt;
@@ -46,10 +76,12 @@ use std::io::{Read, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Once;
+use std::sync::{Mutex, Once};
 
 use serde::de::DeserializeOwned;
 
+#[cfg(feature = "enqueue")]
+pub use enqueue::Enqueue;
 pub use options::parse_options;
 
 /// Exit status for options that do not fit the type (EX_DATAERR): the daemon
@@ -59,8 +91,12 @@ pub const EXIT_REJECTED: u8 = 65;
 /// What a task's `run` returns.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// A task's error: any error converts into it; its whole chain of causes
-/// becomes the failed try's result text.
+/// A task's error: any error converts into it (with `?`); its whole chain of
+/// causes becomes the failed try's result text, joined with `: `.
+///
+/// Like `anyhow::Error`, it does not implement `std::error::Error` itself
+/// (that would conflict with the blanket conversion). An `anyhow::Error`
+/// converts with `Error::msg(format!("{error:#}"))`.
 pub struct Error {
     inner: Box<dyn std::error::Error + Send + Sync + 'static>,
 }
@@ -70,6 +106,16 @@ impl Error {
     pub fn msg(message: impl fmt::Display) -> Error {
         Error {
             inner: message.to_string().into(),
+        }
+    }
+
+    /// This error, with `message` in front saying what was being done.
+    pub fn context(self, message: impl fmt::Display) -> Error {
+        Error {
+            inner: Box::new(WithContext {
+                message: message.to_string(),
+                source: self.inner,
+            }),
         }
     }
 
@@ -106,24 +152,63 @@ impl fmt::Display for Error {
     }
 }
 
+/// A message in front of a cause: one link of an error chain.
+#[derive(Debug)]
+struct WithContext {
+    message: String,
+    source: Box<dyn std::error::Error + Send + Sync + 'static>,
+}
+
+impl fmt::Display for WithContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for WithContext {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// Adds what was being done to an error, as `anyhow::Context` does:
+/// `std::fs::read(&path).context(format!("reading {}", path.display()))?`.
+pub trait ResultExt<T> {
+    /// On error, puts `message` in front of it.
+    fn context(self, message: impl fmt::Display) -> Result<T>;
+}
+
+impl<T, E: Into<Error>> ResultExt<T> for std::result::Result<T, E> {
+    fn context(self, message: impl fmt::Display) -> Result<T> {
+        self.map_err(|error| error.into().context(message))
+    }
+}
+
 /// A task type.
 pub trait Task: Send + Sync + 'static {
-    /// The registered name, as written in `task_class_name`.
+    /// The registered name, as written in `task_class_name`. Names are
+    /// global to a daemon: two programs registering one name stop it at
+    /// start.
     const NAME: &'static str;
     /// The options, deserialized from the request's YAML. Ruby's `:key:`
     /// spelling and `!ruby/...` tags are accepted. An empty `options`
-    /// column reads as an empty map (or `null` for types that take one).
+    /// column reads as an empty map (or `null` for types that take one, such
+    /// as `Option<…>` or `()`). Options that do not deserialize make the
+    /// request REJECTED, not retried; `#[serde(deny_unknown_fields)]` makes
+    /// misspelt keys count as not fitting.
     type Options: DeserializeOwned;
-    /// Runs one try; the returned text becomes the request's result_text.
+    /// Runs one try; the returned text becomes the request's result_text,
+    /// an error or a panic fails the try.
     fn run(&self, options: Self::Options, context: &Context) -> Result<String>;
 }
 
-/// What a running task knows about its request.
+/// What a running task knows about its request, and how it talks back.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Context {
     /// The request's id (0 when run by hand without a row).
     pub request_id: i64,
-    /// The try number, 1 on the first try.
+    /// The try number, 1 on the first try (`TASKRUNNER_TRY`).
     pub try_number: u32,
     /// The type name being run.
     pub task: String,
@@ -138,10 +223,14 @@ extern "C" fn on_sigterm(_: libc::c_int) {
 
 impl Context {
     fn from_env(task: &str) -> Context {
-        let number = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
+        let number = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim().parse::<i64>().ok())
+        };
         Context {
             request_id: number("TASKRUNNER_REQUEST_ID").unwrap_or(0),
-            try_number: number("TASKRUNNER_TRY").map_or(1, |n: i64| n.clamp(1, u32::MAX as i64) as u32),
+            try_number: number("TASKRUNNER_TRY").map_or(1, |n| n.clamp(1, u32::MAX as i64) as u32),
             task: task.to_string(),
         }
     }
@@ -155,25 +244,33 @@ impl Context {
         }
     }
 
-    /// Reports progress; the daemon keeps the latest line on the row.
+    /// Reports progress: the daemon keeps the latest line on the row's
+    /// `progress` column, shown by `taskrunner-cli show` and `status`.
     pub fn progress(&self, text: impl fmt::Display) {
-        let line = text.to_string().replace('\n', " ");
+        let line = text.to_string().replace(['\n', '\r'], " ");
         eprintln!("progress: {line}");
     }
 
-    /// Writes a log line to stderr (kept in result_text if the try fails).
+    /// Writes a log line to standard error (its tail is kept in result_text
+    /// if the try fails).
     pub fn log(&self, text: impl fmt::Display) {
         eprintln!("{text}");
     }
 
     /// Whether the daemon asked this task to stop (timeout, cancel,
-    /// shutdown). The first call opts in: from then on SIGTERM no longer
-    /// kills the process but sets this flag, so the task can clean up and
-    /// return; the daemon still sends SIGKILL after `kill_grace`. A task that
-    /// never calls it simply dies on SIGTERM.
+    /// shutdown): check it between steps, clean up and return.
+    ///
+    /// The first call opts in: from then on SIGTERM no longer kills the
+    /// process but sets this flag, so the task can clean up and return (an
+    /// error, usually; the daemon records the try as TIMEOUT, CANCELLED or
+    /// INTERRUPTED whatever it returns). The daemon repeats SIGTERM every
+    /// `kill_retry` and sends SIGKILL after `kill_grace`. A task that never
+    /// calls it simply dies on the first SIGTERM. Call it once at the start
+    /// of `run` to opt in before any long step.
     pub fn stop_requested(&self) -> bool {
         INSTALL_STOP_HANDLER.call_once(|| {
-            // SAFETY: the handler only stores to an atomic.
+            // SAFETY: the handler only stores to an atomic, which is
+            // async-signal-safe.
             unsafe {
                 libc::signal(libc::SIGTERM, on_sigterm as *const () as libc::sighandler_t);
             }
@@ -189,21 +286,26 @@ pub enum RunError {
     Rejected(String),
     /// The task returned an error or panicked (exit 1, FAILED).
     Failed(String),
-    /// No type of that name is registered.
+    /// No type of that name is registered (exit 1, FAILED).
     Unknown(String),
 }
 
 impl fmt::Display for RunError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RunError::Rejected(message) | RunError::Failed(message) | RunError::Unknown(message) => {
-                f.write_str(message)
-            }
+            RunError::Rejected(message)
+            | RunError::Failed(message)
+            | RunError::Unknown(message) => f.write_str(message),
         }
     }
 }
 
+impl std::error::Error for RunError {}
+
 type Runner = Box<dyn Fn(&[u8], &Context) -> std::result::Result<String, RunError> + Send + Sync>;
+
+/// The latest panic seen by the hook `serve` installs: `at FILE:LINE:COL: MESSAGE`.
+static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
 
 /// The task types of one program.
 #[derive(Default)]
@@ -225,14 +327,26 @@ impl Tasks {
             "task type `{}` is registered twice",
             T::NAME
         );
+        assert!(
+            !T::NAME.is_empty() && !T::NAME.contains(char::is_whitespace),
+            "task type name `{}` must be one word",
+            T::NAME
+        );
         let runner: Runner = Box::new(move |input, context| {
             let options: T::Options = parse_options(input).map_err(|error| {
                 RunError::Rejected(format!("options do not fit {}: {error}", T::NAME))
             })?;
+            LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).take();
             match catch_unwind(AssertUnwindSafe(|| task.run(options, context))) {
                 Ok(Ok(text)) => Ok(text),
                 Ok(Err(error)) => Err(RunError::Failed(error.chain())),
-                Err(panic) => Err(RunError::Failed(format!("panicked: {}", panic_message(&panic)))),
+                Err(panic) => {
+                    let seen_by_hook = LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    Err(RunError::Failed(match seen_by_hook {
+                        Some(located) => format!("panicked {located}"),
+                        None => format!("panicked: {}", panic_message(&*panic)),
+                    }))
+                }
             }
         });
         self.tasks.push((T::NAME, runner));
@@ -244,8 +358,14 @@ impl Tasks {
         self.tasks.iter().map(|(name, _)| *name).collect()
     }
 
-    /// Runs one type with raw options (what `serve` does after reading stdin).
-    pub fn run_one(&self, task: &str, options: &[u8], context: &Context) -> std::result::Result<String, RunError> {
+    /// Runs one type with raw options (what `serve` does after reading
+    /// stdin); handy in tests.
+    pub fn run_one(
+        &self,
+        task: &str,
+        options: &[u8],
+        context: &Context,
+    ) -> std::result::Result<String, RunError> {
         let (_, runner) = self
             .tasks
             .iter()
@@ -260,17 +380,33 @@ impl Tasks {
     }
 
     /// Implements the process protocol; call it from `main` and return its
-    /// exit code.
+    /// exit code:
+    ///
+    /// - `PROGRAM --list-tasks` prints the registered names, one a line;
+    /// - otherwise the type named by `TASKRUNNER_TASK` (or the first
+    ///   argument, for running it by hand) runs with the options read from
+    ///   standard input; its result text goes to standard output and the
+    ///   exit status is 0; an error or a panic goes to standard error with
+    ///   exit status 1; options that do not fit exit with 65.
     pub fn serve(self) -> ExitCode {
         let args: Vec<String> = std::env::args().skip(1).collect();
         if args.iter().any(|a| a == "--list-tasks") {
             let mut out = std::io::stdout().lock();
             for name in self.names() {
-                let _ = writeln!(out, "{name}");
+                if writeln!(out, "{name}").is_err() {
+                    return ExitCode::FAILURE;
+                }
             }
-            return ExitCode::SUCCESS;
+            return if out.flush().is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
         }
-        let task = match std::env::var("TASKRUNNER_TASK").ok().or_else(|| args.first().cloned()) {
+        let task = match std::env::var("TASKRUNNER_TASK")
+            .ok()
+            .or_else(|| args.first().cloned())
+        {
             Some(task) => task,
             None => {
                 eprintln!(
@@ -285,17 +421,14 @@ impl Tasks {
             eprintln!("cannot read options from stdin: {error}");
             return ExitCode::FAILURE;
         }
-        // Panics are reported by `register`'s runner; keep the default
-        // hook's noise out of the result text.
-        std::panic::set_hook(Box::new(|_| {}));
+        install_panic_hook();
         match self.run_one(&task, &options, &Context::from_env(&task)) {
             Ok(text) => {
                 let mut out = std::io::stdout().lock();
-                let written = out.write_all(text.as_bytes()).and_then(|_| out.flush());
-                if written.is_err() {
-                    return ExitCode::FAILURE;
+                match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(_) => ExitCode::FAILURE,
                 }
-                ExitCode::SUCCESS
             }
             Err(RunError::Rejected(message)) => {
                 eprintln!("{message}");
@@ -309,12 +442,118 @@ impl Tasks {
     }
 }
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    if let Some(text) = panic.downcast_ref::<&str>() {
+/// Replaces the default panic output (a multi-line message and a backtrace
+/// note) with one line: a panic in the task's own thread is remembered for
+/// the runner to report once; a panic in another thread is logged as it
+/// happens, since the task may well survive it.
+fn install_panic_hook() {
+    let task_thread = std::thread::current().id();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = panic_message(info.payload());
+        let located = match info.location() {
+            Some(location) => format!("at {location}: {message}"),
+            None => format!(": {message}"),
+        };
+        if std::thread::current().id() == task_thread {
+            *LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()) = Some(located);
+        } else {
+            let thread = std::thread::current();
+            eprintln!(
+                "thread `{}` panicked {located}",
+                thread.name().unwrap_or("unnamed")
+            );
+        }
+    }));
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
         text.to_string()
-    } else if let Some(text) = panic.downcast_ref::<String>() {
+    } else if let Some(text) = payload.downcast_ref::<String>() {
         text.clone()
     } else {
         "a panic without a message".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    struct Fails;
+
+    impl Task for Fails {
+        const NAME: &'static str = "Fails";
+        type Options = ();
+
+        fn run(&self, _: (), _: &Context) -> Result<String> {
+            let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+            Err(Error::from(io)
+                .context("reading input.txt")
+                .context("counting words"))
+        }
+    }
+
+    struct Panics;
+
+    #[derive(Deserialize)]
+    struct PanicOptions {
+        message: String,
+    }
+
+    impl Task for Panics {
+        const NAME: &'static str = "Panics";
+        type Options = PanicOptions;
+
+        fn run(&self, options: PanicOptions, _: &Context) -> Result<String> {
+            panic!("{}", options.message)
+        }
+    }
+
+    #[test]
+    fn an_error_fails_with_its_whole_chain() {
+        let tasks = Tasks::new().register(Fails);
+        let error = tasks
+            .run_one("Fails", b"", &Context::for_test(1, 1))
+            .unwrap_err();
+        assert!(matches!(error, RunError::Failed(_)));
+        assert_eq!(
+            error.to_string(),
+            "counting words: reading input.txt: no such file"
+        );
+    }
+
+    #[test]
+    fn a_panic_fails_with_its_message() {
+        let tasks = Tasks::new().register(Panics);
+        let error = tasks
+            .run_one("Panics", b"message: boom", &Context::for_test(1, 1))
+            .unwrap_err();
+        assert!(matches!(error, RunError::Failed(_)));
+        assert!(error.to_string().contains("boom"), "{error}");
+    }
+
+    #[test]
+    fn an_unknown_type_names_the_known_ones() {
+        let tasks = Tasks::new().register(Fails).register(Panics);
+        let error = tasks
+            .run_one("Nope", b"", &Context::for_test(1, 1))
+            .unwrap_err();
+        assert!(matches!(error, RunError::Unknown(_)));
+        assert!(error.to_string().contains("Fails, Panics"), "{error}");
+    }
+
+    #[test]
+    #[should_panic(expected = "registered twice")]
+    fn registering_a_name_twice_panics() {
+        let _ = Tasks::new().register(Fails).register(Fails);
+    }
+
+    #[test]
+    fn context_reads_its_environment_leniently() {
+        let context = Context::from_env("X");
+        assert!(context.try_number >= 1);
+        assert_eq!(context.task, "X");
     }
 }

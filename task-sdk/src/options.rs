@@ -19,7 +19,8 @@ pub fn parse_options<T: DeserializeOwned>(input: &[u8]) -> Result<T, String> {
         if let Ok(options) = serde_yaml::from_value(Value::Null) {
             return Ok(options);
         }
-        return serde_yaml::from_value(Value::Mapping(Default::default())).map_err(|e| e.to_string());
+        return serde_yaml::from_value(Value::Mapping(Default::default()))
+            .map_err(|e| e.to_string());
     }
     serde_yaml::from_value(value).map_err(|e| e.to_string())
 }
