@@ -372,3 +372,147 @@ pub fn process_exists(pid: i32) -> bool {
             .map(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')).unwrap_or(false))
             .unwrap_or(false)
 }
+
+/// A PostgreSQL server of the test's own, for tests that stop or restart
+/// the server (the shared one serves every other test at the same time).
+pub struct PrivatePostgres {
+    pub url: String,
+    dir: PathBuf,
+    bin: PathBuf,
+    as_root: bool,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    pub fn start() -> PrivatePostgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL is installed (scripts/test installs it)")
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .filter(|p| p.join("initdb").exists())
+            .max()
+            .expect("an initdb under /usr/lib/postgresql/*/bin");
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let dir = Scratch::new("private-pg").path.clone();
+        // Keep the directory: Scratch would remove it at the end of this fn.
+        std::fs::create_dir_all(&dir).unwrap();
+        let as_root = nix::unistd::geteuid().is_root();
+        if as_root {
+            let _ = Command::new("chown").arg("postgres").arg(&dir).status();
+        }
+        let server = PrivatePostgres {
+            url: format!("postgres://taskrunner@127.0.0.1:{port}/postgres"),
+            dir,
+            bin,
+            as_root,
+            port,
+        };
+        let data = server.dir.join("data");
+        let status = server
+            .command("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "taskrunner", "--auth=trust"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "initdb failed");
+        server.pg_ctl("start");
+        server
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let program = self.bin.join(program);
+        if self.as_root {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(program);
+            command
+        } else {
+            Command::new(program)
+        }
+    }
+
+    /// `pg_ctl start|stop|restart`, waiting for it to finish.
+    pub fn pg_ctl(&self, action: &str) {
+        let data = self.dir.join("data");
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories={} -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        let mut command = self.command("pg_ctl");
+        command.arg("-D").arg(&data).arg("-l").arg(self.dir.join("server.log")).args(["-w", "-t", "60", "-m", "fast"]);
+        if action != "stop" {
+            command.args(["-o", &options]);
+        }
+        let status = command.arg(action).stdout(Stdio::null()).status().unwrap();
+        assert!(status.success(), "pg_ctl {action} failed");
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let mut command = self.command("pg_ctl");
+        let _ = command
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl TestDb {
+    /// A migrated database on a given PostgreSQL server (a `PrivatePostgres`).
+    pub async fn on_server(url: &str) -> TestDb {
+        let scratch = Scratch::new("pg-private");
+        let store = Store::open(url, Purpose::Migrate).unwrap();
+        store.migrate().await.expect("migrating");
+        let raw = Raw::Postgres(
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(2)
+                .connect(url)
+                .await
+                .unwrap(),
+        );
+        TestDb { backend: Backend::Postgres, url: url.to_string(), store, scratch, raw }
+    }
+}
+
+/// Peak and current resident memory of a process, in KiB (VmHWM, VmRSS).
+pub fn memory_kib(pid: i32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Zombie children of `pid`.
+pub fn zombie_children(pid: i32) -> Vec<i32> {
+    let mut zombies = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.first() == Some(&"Z") && fields.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(pid) {
+            zombies.push(child);
+        }
+    }
+    zombies
+}
+
+/// Nanoseconds since the epoch (to compare with `date +%s%N` in task scripts).
+pub fn now_ns() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
