@@ -22,13 +22,18 @@ both_backends!(
 async fn plain_sql_noop_finishes(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut daemon = Daemon::start(&db, "d", "");
-    let bare = db.insert("INSERT INTO task_runner_requests (task_class_name) VALUES ('NoOp') RETURNING id").await;
+    let bare = db
+        .insert("INSERT INTO task_runner_requests (task_class_name) VALUES ('NoOp') RETURNING id")
+        .await;
     let with_options = db
         .insert("INSERT INTO task_runner_requests (task_class_name, options) VALUES ('NoOp', 'created_from: psql') RETURNING id")
         .await;
     for (id, text) in [
         (bare, format!("NOOP {bare}: OK!")),
-        (with_options, format!("NOOP {with_options}: OK! created from: psql")),
+        (
+            with_options,
+            format!("NOOP {with_options}: OK! created from: psql"),
+        ),
     ] {
         let row = db.wait_for_state(id, "FINISHED", WAIT).await;
         assert_eq!(row.tries, 1);
@@ -53,7 +58,11 @@ async fn failing_command_retries_with_backoff(backend: Backend) {
     let id = db
         .insert("INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ('Flaky', 3) RETURNING id")
         .await;
-    let row = db.wait_for(id, WAIT, "exhausted", |r| r.tries == 3 && r.result.as_deref() == Some("FAILED") && r.pid.is_none()).await;
+    let row = db
+        .wait_for(id, WAIT, "exhausted", |r| {
+            r.tries == 3 && r.result.as_deref() == Some("FAILED") && r.pid.is_none()
+        })
+        .await;
     let text = row.result_text.unwrap();
     assert!(text.starts_with("exit status 1\n"), "{text}");
     assert!(text.contains("it broke on try 3"), "{text}");
@@ -84,12 +93,21 @@ async fn future_delay_until_in_iso_form_is_honoured(backend: Backend) {
         ))
         .await;
     let row = db.wait_for_state(id, "FINISHED", WAIT).await;
-    let started = chrono::NaiveDateTime::parse_from_str(row.started_at.as_deref().unwrap(), "%Y-%m-%d %H:%M:%S%.f")
-        .unwrap()
-        .and_utc();
+    let started = chrono::NaiveDateTime::parse_from_str(
+        row.started_at.as_deref().unwrap(),
+        "%Y-%m-%d %H:%M:%S%.f",
+    )
+    .unwrap()
+    .and_utc();
     let due_whole_second = due.with_nanosecond_zero();
-    assert!(started >= due_whole_second, "started {started} before {due_whole_second}");
-    assert!(started < due_whole_second + chrono::Duration::milliseconds(1500), "started late: {started}");
+    assert!(
+        started >= due_whole_second,
+        "started {started} before {due_whole_second}"
+    );
+    assert!(
+        started < due_whole_second + chrono::Duration::milliseconds(1500),
+        "started late: {started}"
+    );
     assert!(daemon.stop().success());
 }
 
@@ -105,7 +123,8 @@ impl NanoZero for chrono::DateTime<chrono::Utc> {
 
 async fn extra_application_column_disturbs_nothing(backend: Backend) {
     let db = TestDb::new(backend).await;
-    db.execute("ALTER TABLE task_runner_requests ADD COLUMN tenant TEXT NOT NULL DEFAULT 'acme'").await;
+    db.execute("ALTER TABLE task_runner_requests ADD COLUMN tenant TEXT NOT NULL DEFAULT 'acme'")
+        .await;
     let mut daemon = Daemon::start(&db, "d", "");
     let id = db.enqueue("NoOp", None).await;
     let row = db.wait_for_state(id, "FINISHED", WAIT).await;
@@ -122,7 +141,10 @@ async fn invalid_yaml_is_rejected_and_unknown_types_fail(backend: Backend) {
     let mut daemon = Daemon::start(
         &db,
         "d",
-        &format!("retry_delay: 30s\ntasks:\n  Touch:\n    command: [/usr/bin/touch, {}]\n", ran.display()),
+        &format!(
+            "retry_delay: 30s\ntasks:\n  Touch:\n    command: [/usr/bin/touch, {}]\n",
+            ran.display()
+        ),
     );
     let rejected = db.enqueue("Touch", Some("key: [unclosed")).await;
     let unknown = db.enqueue("Thumbnail", None).await;
@@ -134,7 +156,10 @@ async fn invalid_yaml_is_rejected_and_unknown_types_fail(backend: Backend) {
     let text = row.result_text.unwrap();
     assert!(text.contains("unknown task type `Thumbnail`"), "{text}");
     assert!(text.contains("NoOp") && text.contains("Touch"), "{text}");
-    assert!(row.delay_until.is_some(), "an unknown type is retried after the backoff");
+    assert!(
+        row.delay_until.is_some(),
+        "an unknown type is retried after the backoff"
+    );
     assert!(daemon.stop().success());
 }
 
@@ -171,7 +196,10 @@ async fn max_concurrent_is_never_exceeded(backend: Backend) {
         running += delta;
         most = most.max(running);
     }
-    assert_eq!(most, 2, "at most two tasks at once, and two did run together");
+    assert_eq!(
+        most, 2,
+        "at most two tasks at once, and two did run together"
+    );
     assert!(daemon.stop().success());
 }
 
@@ -183,19 +211,31 @@ async fn sigterm_drains_then_interrupts(backend: Backend) {
         "shutdown_timeout: 1s\ntasks:\n  Long:\n    command: [/bin/sleep, '60']\n",
     );
     let id = db.enqueue("Long", None).await;
-    let running = db.wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some()).await;
+    let running = db
+        .wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
+        .await;
     let started = std::time::Instant::now();
     let status = daemon.stop();
-    assert!(status.success(), "exit status {status:?}; log:\n{}", daemon.log_text());
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        daemon.log_text()
+    );
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(900), "the daemon must drain for shutdown_timeout first ({waited:?})");
+    assert!(
+        waited >= Duration::from_millis(900),
+        "the daemon must drain for shutdown_timeout first ({waited:?})"
+    );
     let row = db.row(id).await;
     assert_eq!(row.result.as_deref(), Some("INTERRUPTED"));
     assert_eq!(row.tries, 0, "an interrupted try is given back");
     assert_eq!(row.pid, None);
     assert_eq!(row.started_at, running.started_at, "started_at is kept");
     assert!(row.completed_at.is_some());
-    assert!(row.delay_until.is_none(), "an interrupted row runs again at once");
+    assert!(
+        row.delay_until.is_none(),
+        "an interrupted row runs again at once"
+    );
     assert!(!crate::util::process_exists(running.pid.unwrap() as i32));
 }
 
@@ -212,9 +252,21 @@ async fn activerecord_timestamps_and_ruby_yaml_work(backend: Backend) {
         .await;
     let echo = db.enqueue("Echo", Some(ruby)).await;
     let row = db.wait_for_state(noop, "FINISHED", WAIT).await;
-    assert_eq!(row.result_text.unwrap(), format!("NOOP {noop}: OK! created from: rails"));
-    assert!(row.created_at.unwrap().starts_with("2026-11-24 07:00:00.123"));
-    assert!(row.delay_until.is_none() || row.delay_until.unwrap().starts_with("2020-01-01 07:00:00.123"));
+    assert_eq!(
+        row.result_text.unwrap(),
+        format!("NOOP {noop}: OK! created from: rails")
+    );
+    assert!(row
+        .created_at
+        .unwrap()
+        .starts_with("2026-11-24 07:00:00.123"));
+    assert!(
+        row.delay_until.is_none()
+            || row
+                .delay_until
+                .unwrap()
+                .starts_with("2020-01-01 07:00:00.123")
+    );
     let row = db.wait_for_state(echo, "FINISHED", WAIT).await;
     // Options reach a command byte for byte (less the one trailing newline).
     assert_eq!(row.result_text.unwrap(), ruby.trim_end_matches('\n'));
@@ -223,14 +275,30 @@ async fn activerecord_timestamps_and_ruby_yaml_work(backend: Backend) {
 
 async fn cli_enqueue_list_show_retry_cancel_purge(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let (status, stdout, stderr) = cli(&db, &["enqueue", "NoOp", "--options", "created_from: cli", "--delay", "1h"]);
+    let (status, stdout, stderr) = cli(
+        &db,
+        &[
+            "enqueue",
+            "NoOp",
+            "--options",
+            "created_from: cli",
+            "--delay",
+            "1h",
+        ],
+    );
     assert_eq!(status, 0, "{stderr}");
     let delayed: i64 = stdout.trim().parse().expect("enqueue prints the id alone");
     let (_, stdout, _) = cli(&db, &["list"]);
     assert!(stdout.lines().next().unwrap().starts_with("ID"), "{stdout}");
     assert!(stdout.contains("pending (delayed)"), "{stdout}");
     assert_eq!(cli(&db, &["cancel", &delayed.to_string()]).0, 0);
-    assert_eq!(db.row(taskrunner::request::RequestId(delayed)).await.result.as_deref(), Some("CANCELLED"));
+    assert_eq!(
+        db.row(taskrunner::request::RequestId(delayed))
+            .await
+            .result
+            .as_deref(),
+        Some("CANCELLED")
+    );
     let (status, _, stderr) = cli(&db, &["cancel", &delayed.to_string()]);
     assert_eq!(status, 1);
     assert!(stderr.contains("already CANCELLED"), "{stderr}");
@@ -245,8 +313,14 @@ async fn cli_enqueue_list_show_retry_cancel_purge(backend: Backend) {
     // run a stored request without touching the row
     let (status, stdout, _) = cli(&db, &["run", "--id", &delayed.to_string()]);
     assert_eq!(status, 0);
-    assert_eq!(stdout.trim(), format!("NOOP {delayed}: OK! created from: cli"));
-    assert_eq!(db.row(taskrunner::request::RequestId(delayed)).await.result, None);
+    assert_eq!(
+        stdout.trim(),
+        format!("NOOP {delayed}: OK! created from: cli")
+    );
+    assert_eq!(
+        db.row(taskrunner::request::RequestId(delayed)).await.result,
+        None
+    );
     let (status, _, stderr) = cli(&db, &["run", "--id", &delayed.to_string(), "--record"]);
     assert_eq!(status, 0, "{stderr}");
     let row = db.row(taskrunner::request::RequestId(delayed)).await;
@@ -254,7 +328,8 @@ async fn cli_enqueue_list_show_retry_cancel_purge(backend: Backend) {
     // purge keeps young rows, removes old ones
     let (_, stdout, _) = cli(&db, &["purge", "--older-than", "1h"]);
     assert_eq!(stdout.trim(), "deleted 0 requests");
-    db.execute("UPDATE task_runner_requests SET completed_at = '2020-01-01 00:00:00'").await;
+    db.execute("UPDATE task_runner_requests SET completed_at = '2020-01-01 00:00:00'")
+        .await;
     let (_, stdout, _) = cli(&db, &["purge", "--older-than", "1h"]);
     assert_eq!(stdout.trim(), "deleted 1 requests");
 }
@@ -279,13 +354,22 @@ async fn two_daemons_on_postgres_run_every_row_exactly_once() {
         Duration::from_secs(120),
     )
     .await;
-    let mut seen: Vec<i64> = std::fs::read_to_string(&ran).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+    let mut seen: Vec<i64> = std::fs::read_to_string(&ran)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
     seen.sort();
     let total = seen.len();
     seen.dedup();
     assert_eq!(total, 500, "every id exactly once");
     assert_eq!(seen.len(), 500);
-    assert_eq!(db.scalar("SELECT count(DISTINCT host || claimed_by) FROM task_runner_requests").await, 2, "both daemons took part");
+    assert_eq!(
+        db.scalar("SELECT count(DISTINCT host || claimed_by) FROM task_runner_requests")
+            .await,
+        2,
+        "both daemons took part"
+    );
     assert!(first.stop().success());
     assert!(second.stop().success());
 }

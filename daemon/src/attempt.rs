@@ -60,10 +60,17 @@ pub async fn run(
     on_spawn: impl FnOnce(&Spawned),
 ) -> Verdict {
     if let Err(error) = check_options(input.options) {
-        return Verdict::new(State::Rejected, format!("options are not valid YAML: {error}"));
+        return Verdict::new(
+            State::Rejected,
+            format!("options are not valid YAML: {error}"),
+        );
     }
     let Some(resolved) = resolve(context, input.task).await else {
-        let known = context.registry.read().unwrap_or_else(|e| e.into_inner()).names(&context.config);
+        let known = context
+            .registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .names(&context.config);
         return Verdict::new(
             State::Failed,
             format!(
@@ -109,7 +116,11 @@ pub fn check_options(options: &[u8]) -> Result<(), String> {
 /// Resolves a type; an unknown one makes us re-read the programs' task lists
 /// first (a deploy may have added it).
 async fn resolve(context: &Context, task: &str) -> Option<crate::task_types::Resolved> {
-    let current = context.registry.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let current = context
+        .registry
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     if let Some(resolved) = current.resolve(&context.config, task) {
         return Some(resolved);
     }
@@ -149,9 +160,14 @@ pub fn judge(ended: &Ended) -> Verdict {
         stderr_tail: Some(stderr.clone()),
     };
     match ended.stopped {
-        Some(Stopped::Timeout(_)) => return failed(State::Timeout, supervisor::describe_end(ended)),
+        Some(Stopped::Timeout(_)) => {
+            return failed(State::Timeout, supervisor::describe_end(ended))
+        }
         Some(Stopped::Requested(StopReason::Cancel)) => {
-            return Verdict::new(State::Cancelled, format!("cancelled by a user after {ran:.1}s"))
+            return Verdict::new(
+                State::Cancelled,
+                format!("cancelled by a user after {ran:.1}s"),
+            )
         }
         Some(Stopped::Requested(StopReason::Shutdown)) => {
             return Verdict::new(
@@ -199,7 +215,10 @@ mod tests {
     fn yaml_checks_accept_ruby_and_reject_garbage() {
         assert!(check_options(b"").is_ok());
         assert!(check_options(b"created_from: psql").is_ok());
-        assert!(check_options(b"--- !ruby/hash:ActiveSupport::HashWithIndifferentAccess\n:a: 1\n:b: !ruby/sym c\n").is_ok());
+        assert!(check_options(
+            b"--- !ruby/hash:ActiveSupport::HashWithIndifferentAccess\n:a: 1\n:b: !ruby/sym c\n"
+        )
+        .is_ok());
         assert!(check_options(b"key: [unclosed").is_err());
         assert!(check_options(b"a: 1\n b: 2\n c:").is_err());
         assert!(check_options(b"\xff\xfe").is_err());

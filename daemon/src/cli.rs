@@ -143,21 +143,34 @@ enum ConfigCommand {
 fn parse_time(text: &str) -> Result<String, String> {
     use chrono::{DateTime, NaiveDateTime, Utc};
     if let Ok(time) = DateTime::parse_from_rfc3339(text) {
-        return Ok(time.with_timezone(&Utc).format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string());
+        return Ok(time
+            .with_timezone(&Utc)
+            .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+            .to_string());
     }
-    for format in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S"] {
+    for format in [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S",
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%dT%H:%M:%S",
+    ] {
         if let Ok(time) = NaiveDateTime::parse_from_str(text, format) {
             return Ok(time.and_utc().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string());
         }
     }
-    Err(format!("cannot read `{text}` as a time (write e.g. 2026-11-24T07:00:00Z)"))
+    Err(format!(
+        "cannot read `{text}` as a time (write e.g. 2026-11-24T07:00:00Z)"
+    ))
 }
 
 /// Runs the CLI and returns its exit status.
 pub fn main() -> ExitCode {
     let flags = Flags::parse();
     crate::init_logging(crate::config::LogFormat::Text);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("taskrunner-cli: {error}");
@@ -194,7 +207,14 @@ async fn dispatch(flags: Flags) -> Result<ExitCode> {
             store.migrate().await?;
             println!("schema of {} is up to date", store.display_url);
         }
-        Command::Enqueue { task, options, delay, at, try_limit, priority } => {
+        Command::Enqueue {
+            task,
+            options,
+            delay,
+            at,
+            try_limit,
+            priority,
+        } => {
             let store = open(Purpose::Cli)?;
             let id = store
                 .enqueue(&NewRequest {
@@ -221,18 +241,34 @@ async fn dispatch(flags: Flags) -> Result<ExitCode> {
         }
         Command::Show { id } => {
             let store = open(Purpose::Cli)?;
-            let Some(request) = store.show(id).await? else { bail!("no request {id}") };
+            let Some(request) = store.show(id).await? else {
+                bail!("no request {id}")
+            };
             print!("{}", render_show(&request));
         }
-        Command::Run { record: true, id: None, .. } => {
-            return Err(crate::UsageError("--record needs --id".into()).into())
-        }
-        Command::Run { task, options, id, record } => return run_command(&config, task, options, id, record).await,
+        Command::Run {
+            record: true,
+            id: None,
+            ..
+        } => return Err(crate::UsageError("--record needs --id".into()).into()),
+        Command::Run {
+            task,
+            options,
+            id,
+            record,
+        } => return run_command(&config, task, options, id, record).await,
         Command::Reap { dry_run } => {
             let store = open(Purpose::Cli)?;
-            let reaped = crate::reaper::reap(&store, &config.host_id, "", config.lease_timeout, dry_run).await?;
+            let reaped =
+                crate::reaper::reap(&store, &config.host_id, "", config.lease_timeout, dry_run)
+                    .await?;
             for row in &reaped {
-                println!("{} {}{}", row.id, if dry_run { "(dry run) " } else { "" }, row.reason);
+                println!(
+                    "{} {}{}",
+                    row.id,
+                    if dry_run { "(dry run) " } else { "" },
+                    row.reason
+                );
             }
             if reaped.is_empty() {
                 eprintln!("nothing to reap");
@@ -246,7 +282,9 @@ async fn dispatch(flags: Flags) -> Result<ExitCode> {
                 wake_daemon(&config).await;
             }
             Change::NotFound => bail!("no request {id}"),
-            Change::Refused(_) => bail!("request {id} is RUNNING: cancel it first, or wait for it to end"),
+            Change::Refused(_) => {
+                bail!("request {id} is RUNNING: cancel it first, or wait for it to end")
+            }
         },
         Command::Cancel { id } => match open(Purpose::Cli)?.cancel(id).await? {
             Change::Done => println!("request {id} cancelled"),
@@ -265,7 +303,9 @@ async fn dispatch(flags: Flags) -> Result<ExitCode> {
         }
         Command::Status { json } => {
             let Some(socket) = &config.socket else {
-                bail!("no control socket configured (set `socket:` in the config or pass --socket)");
+                bail!(
+                    "no control socket configured (set `socket:` in the config or pass --socket)"
+                );
             };
             let answer = crate::control::request(socket, "status").await?;
             if json {
@@ -283,7 +323,11 @@ async fn dispatch(flags: Flags) -> Result<ExitCode> {
 /// Tells a local daemon to poll now, if one listens; silent otherwise.
 async fn wake_daemon(config: &Config) {
     if let Some(socket) = &config.socket {
-        let _ = tokio::time::timeout(Duration::from_secs(1), crate::control::request(socket, "wake")).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            crate::control::request(socket, "wake"),
+        )
+        .await;
     }
 }
 
@@ -347,16 +391,30 @@ async fn run_command(
         None => {
             let task = task.expect("clap requires a task without --id");
             let options = options.unwrap_or_default();
-            let input = TryInput { id: None, task: &task, options: options.as_bytes(), try_number: 1 };
-            (attempt::run(&context, input, stop, None, |_| {}).await, None, None)
+            let input = TryInput {
+                id: None,
+                task: &task,
+                options: options.as_bytes(),
+                try_number: 1,
+            };
+            (
+                attempt::run(&context, input, stop, None, |_| {}).await,
+                None,
+                None,
+            )
         }
         Some(id) => {
             let store = Store::open(&config.database_url, Purpose::Cli)?;
-            let Some(request) = store.show(id).await? else { bail!("no request {id}") };
+            let Some(request) = store.show(id).await? else {
+                bail!("no request {id}")
+            };
             let (try_number, claimed) = if record {
                 let instance = crate::daemon::new_instance_id(&config.host_id);
                 let token = format!("{instance}:cli");
-                let Some(claimed) = store.claim_one(id, &config.host_id, &instance, &token).await? else {
+                let Some(claimed) = store
+                    .claim_one(id, &config.host_id, &instance, &token)
+                    .await?
+                else {
                     bail!(
                         "request {id} is not runnable ({}, {} of {} tries): it cannot be claimed",
                         request.result.as_deref().unwrap_or("pending"),
@@ -394,8 +452,17 @@ async fn run_command(
         }
     };
     if let (Some(claimed), Some(store)) = (claimed_for_record, store) {
-        let retry_after = matches!(verdict.state, State::Failed | State::Crashed | State::Timeout)
-            .then(|| backoff_seconds(config.retry_delay.as_secs_f64(), config.retry_multiplier, claimed.tries));
+        let retry_after = matches!(
+            verdict.state,
+            State::Failed | State::Crashed | State::Timeout
+        )
+        .then(|| {
+            backoff_seconds(
+                config.retry_delay.as_secs_f64(),
+                config.retry_multiplier,
+                claimed.tries,
+            )
+        });
         let outcome = Outcome {
             id: claimed.id,
             claim_token: claimed.claim_token.clone(),
@@ -406,9 +473,15 @@ async fn run_command(
         };
         let applied = store.record(&[Write::Outcome(outcome)]).await?;
         if applied.first() == Some(&true) {
-            eprintln!("recorded try {} of request {} as {}", claimed.tries, claimed.id, verdict.state);
+            eprintln!(
+                "recorded try {} of request {} as {}",
+                claimed.tries, claimed.id, verdict.state
+            );
         } else {
-            eprintln!("request {}: the outcome was not recorded (the claim was lost)", claimed.id);
+            eprintln!(
+                "request {}: the outcome was not recorded (the claim was lost)",
+                claimed.id
+            );
         }
     }
     if verdict.state == State::Finished {
@@ -422,13 +495,20 @@ async fn run_command(
 
 /// `list`'s table: aligned columns, one line per request.
 pub fn render_table(rows: &[Request]) -> String {
-    let header = ["ID", "TASK", "STATE", "TRIES", "PID", "HOST", "CREATED", "SUMMARY"];
+    let header = [
+        "ID", "TASK", "STATE", "TRIES", "PID", "HOST", "CREATED", "SUMMARY",
+    ];
     let mut lines: Vec<[String; 8]> = vec![header.map(String::from)];
     for row in rows {
         let state = match row.result.as_deref() {
             Some(result) => {
-                let exhausted = matches!(result, "FAILED" | "CRASHED" | "TIMEOUT") && row.tries >= row.try_limit;
-                if exhausted { format!("{result} (exhausted)") } else { result.to_string() }
+                let exhausted = matches!(result, "FAILED" | "CRASHED" | "TIMEOUT")
+                    && row.tries >= row.try_limit;
+                if exhausted {
+                    format!("{result} (exhausted)")
+                } else {
+                    result.to_string()
+                }
             }
             None if row.delay_until.is_some() => "pending (delayed)".to_string(),
             None => "pending".to_string(),
@@ -438,7 +518,11 @@ pub fn render_table(rows: &[Request]) -> String {
             .as_deref()
             .filter(|_| row.result.as_deref() == Some("RUNNING"))
             .map(|p| format!("progress: {p}"))
-            .or_else(|| row.result_text.as_deref().map(|t| t.lines().next().unwrap_or_default().to_string()))
+            .or_else(|| {
+                row.result_text
+                    .as_deref()
+                    .map(|t| t.lines().next().unwrap_or_default().to_string())
+            })
             .unwrap_or_default();
         lines.push([
             row.id.to_string(),
@@ -447,17 +531,34 @@ pub fn render_table(rows: &[Request]) -> String {
             format!("{}/{}", row.tries, row.try_limit),
             row.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             row.host.clone().unwrap_or_else(|| "-".into()),
-            row.created_at.as_deref().map(|t| t.chars().take(19).collect()).unwrap_or_default(),
+            row.created_at
+                .as_deref()
+                .map(|t| t.chars().take(19).collect())
+                .unwrap_or_default(),
             truncate(&summary, 60),
         ]);
     }
-    let widths: Vec<usize> = (0..8).map(|c| lines.iter().map(|l| l[c].chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..8)
+        .map(|c| {
+            lines
+                .iter()
+                .map(|l| l[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
     let mut out = String::new();
     for line in &lines {
         let cells: Vec<String> = line
             .iter()
             .enumerate()
-            .map(|(c, cell)| if c == 7 { cell.clone() } else { format!("{cell:<width$}", width = widths[c]) })
+            .map(|(c, cell)| {
+                if c == 7 {
+                    cell.clone()
+                } else {
+                    format!("{cell:<width$}", width = widths[c])
+                }
+            })
             .collect();
         out += cells.join("  ").trim_end();
         out += "\n";
@@ -496,7 +597,12 @@ pub fn render_show(r: &Request) -> String {
         ("claimed_by", text(&r.claimed_by)),
         ("cancel_requested_at", text(&r.cancel_requested_at)),
         ("progress", text(&r.progress)),
-        ("options", r.options.clone().map_or_else(none, |o| o.trim_end().replace('\n', "\n    "))),
+        (
+            "options",
+            r.options
+                .clone()
+                .map_or_else(none, |o| o.trim_end().replace('\n', "\n    ")),
+        ),
     ];
     let mut out = String::new();
     for (name, value) in fields {
@@ -530,11 +636,25 @@ fn render_status(s: &crate::control::Status) -> String {
             task.pid.map_or("-".to_string(), |p| p.to_string()),
             task.r#try,
             task.seconds,
-            task.progress.as_deref().map(|p| format!("  progress: {p}")).unwrap_or_default()
+            task.progress
+                .as_deref()
+                .map(|p| format!("  progress: {p}"))
+                .unwrap_or_default()
         );
     }
-    let counts: Vec<String> = s.counts.iter().map(|(state, n)| format!("{state} {n}")).collect();
-    out += &format!("requests: {}\n", if counts.is_empty() { "none".into() } else { counts.join(", ") });
+    let counts: Vec<String> = s
+        .counts
+        .iter()
+        .map(|(state, n)| format!("{state} {n}"))
+        .collect();
+    out += &format!(
+        "requests: {}\n",
+        if counts.is_empty() {
+            "none".into()
+        } else {
+            counts.join(", ")
+        }
+    );
     if let Some(next) = s.next_poll_in_seconds {
         out += &format!("next poll in {next:.1}s\n");
     }
@@ -554,9 +674,23 @@ mod tests {
 
     #[test]
     fn delay_and_at_exclude_each_other() {
-        assert!(Flags::try_parse_from(["taskrunner-cli", "enqueue", "NoOp", "--delay", "5s", "--at", "2026-11-24T07:00:00Z"]).is_err());
-        assert!(Flags::try_parse_from(["taskrunner-cli", "enqueue", "NoOp", "--delay", "5s"]).is_ok());
-        assert!(Flags::try_parse_from(["taskrunner-cli", "enqueue", "NoOp", "--try-limit", "0"]).is_err());
+        assert!(Flags::try_parse_from([
+            "taskrunner-cli",
+            "enqueue",
+            "NoOp",
+            "--delay",
+            "5s",
+            "--at",
+            "2026-11-24T07:00:00Z"
+        ])
+        .is_err());
+        assert!(
+            Flags::try_parse_from(["taskrunner-cli", "enqueue", "NoOp", "--delay", "5s"]).is_ok()
+        );
+        assert!(
+            Flags::try_parse_from(["taskrunner-cli", "enqueue", "NoOp", "--try-limit", "0"])
+                .is_err()
+        );
     }
 
     #[test]
@@ -568,22 +702,49 @@ mod tests {
 
     #[test]
     fn times_are_read_in_common_forms() {
-        assert_eq!(parse_time("2026-11-24T07:00:00Z").unwrap(), "2026-11-24T07:00:00.000Z");
-        assert_eq!(parse_time("2026-11-24T09:00:00+02:00").unwrap(), "2026-11-24T07:00:00.000Z");
-        assert_eq!(parse_time("2026-11-24 07:00").unwrap(), "2026-11-24T07:00:00.000Z");
+        assert_eq!(
+            parse_time("2026-11-24T07:00:00Z").unwrap(),
+            "2026-11-24T07:00:00.000Z"
+        );
+        assert_eq!(
+            parse_time("2026-11-24T09:00:00+02:00").unwrap(),
+            "2026-11-24T07:00:00.000Z"
+        );
+        assert_eq!(
+            parse_time("2026-11-24 07:00").unwrap(),
+            "2026-11-24T07:00:00.000Z"
+        );
         assert!(parse_time("tomorrow").is_err());
     }
 
     #[test]
     fn the_table_is_aligned() {
         let rows = vec![
-            Request { id: 1, task_class_name: "NoOp".into(), result: Some("FINISHED".into()), tries: 1, try_limit: 5, result_text: Some("NOOP 1: OK!".into()), ..Default::default() },
-            Request { id: 100, task_class_name: "Thumbnail".into(), tries: 0, try_limit: 5, ..Default::default() },
+            Request {
+                id: 1,
+                task_class_name: "NoOp".into(),
+                result: Some("FINISHED".into()),
+                tries: 1,
+                try_limit: 5,
+                result_text: Some("NOOP 1: OK!".into()),
+                ..Default::default()
+            },
+            Request {
+                id: 100,
+                task_class_name: "Thumbnail".into(),
+                tries: 0,
+                try_limit: 5,
+                ..Default::default()
+            },
         ];
         let table = render_table(&rows);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 3);
-        let column = |line: &str| line.find("TASK").or_else(|| line.find("NoOp")).or_else(|| line.find("Thumbnail"));
+        let column = |line: &str| {
+            line.find("TASK")
+                .or_else(|| line.find("NoOp"))
+                .or_else(|| line.find("Thumbnail"))
+        };
         assert_eq!(column(lines[0]), column(lines[1]));
         assert_eq!(column(lines[1]), column(lines[2]));
     }

@@ -211,14 +211,17 @@ impl Config {
 
     /// Reads and validates one file alone (`config check`, SIGHUP reload).
     pub fn load_file(path: &Path) -> Result<Config> {
-        let config = Config::from_file(read_file(path)?, &absolute_dir_of(path)?, Some(path.into()))?;
+        let config =
+            Config::from_file(read_file(path)?, &absolute_dir_of(path)?, Some(path.into()))?;
         config.validate()?;
         Ok(config)
     }
 
     fn from_file(raw: FileConfig, dir: &Path, file: Option<PathBuf>) -> Result<Config> {
         let usage = |message: String| -> anyhow::Error {
-            let origin = file.as_ref().map_or("config".into(), |f| f.display().to_string());
+            let origin = file
+                .as_ref()
+                .map_or("config".into(), |f| f.display().to_string());
             UsageError(format!("{origin}: {message}")).into()
         };
         let global_settings = raw.partial();
@@ -274,7 +277,9 @@ impl Config {
             .file
             .as_ref()
             .map_or("config".into(), |f| f.display().to_string());
-        let fail = |message: &str| -> Result<()> { Err(UsageError(format!("{origin}: {message}")).into()) };
+        let fail = |message: &str| -> Result<()> {
+            Err(UsageError(format!("{origin}: {message}")).into())
+        };
         if self.max_concurrent == 0 {
             return fail("max_concurrent: must be at least 1");
         }
@@ -317,10 +322,22 @@ impl Config {
     pub fn to_yaml(&self) -> String {
         let mut out = String::new();
         let d = format_duration;
-        out += &format!("# effective config{}\n", self.file.as_ref().map_or(String::new(), |f| format!(" from {}", f.display())));
+        out += &format!(
+            "# effective config{}\n",
+            self.file
+                .as_ref()
+                .map_or(String::new(), |f| format!(" from {}", f.display()))
+        );
         out += &format!("database_url: {}\n", redact_url(&self.database_url));
         out += &format!("host_id: {}\n", self.host_id);
-        out += &format!("log_format: {}\n", if self.log_format == LogFormat::Json { "json" } else { "text" });
+        out += &format!(
+            "log_format: {}\n",
+            if self.log_format == LogFormat::Json {
+                "json"
+            } else {
+                "text"
+            }
+        );
         out += &format!("poll_interval: {}\nmax_concurrent: {}\nreap_interval: {}\nheartbeat_interval: {}\nlease_timeout: {}\nshutdown_timeout: {}\nretry_delay: {}\nretry_multiplier: {}\n",
             d(self.poll_interval), self.max_concurrent, d(self.reap_interval), d(self.heartbeat_interval), d(self.lease_timeout), d(self.shutdown_timeout), d(self.retry_delay), self.retry_multiplier);
         if let Some(p) = &self.pidfile {
@@ -332,7 +349,14 @@ impl Config {
         if let Some(l) = &self.log_file {
             out += &format!("log_file: {}\n", l.display());
         }
-        out += &format!("programs: [{}]\n", self.programs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+        out += &format!(
+            "programs: [{}]\n",
+            self.programs
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         out += &settings_yaml(&self.defaults, "");
         out += "tasks:\n";
         for (name, task) in &self.tasks {
@@ -383,7 +407,12 @@ pub fn redact_url(url: &str) -> String {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             let credentials = &url[scheme_end + 3..at];
             match credentials.find(':') {
-                Some(colon) => format!("{}{}:***{}", &url[..scheme_end + 3], &credentials[..colon], &url[at..]),
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &credentials[..colon],
+                    &url[at..]
+                ),
                 None => url.to_string(),
             }
         }
@@ -411,7 +440,11 @@ struct Partial {
 impl Partial {
     /// Applies `fallback` (the top-level defaults) and the built-in defaults.
     /// Errors name the key, without the file (the caller adds it).
-    fn resolve(&self, fallback: Option<&Partial>, dir: &Path) -> std::result::Result<TaskSettings, String> {
+    fn resolve(
+        &self,
+        fallback: Option<&Partial>,
+        dir: &Path,
+    ) -> std::result::Result<TaskSettings, String> {
         let empty = Partial::default();
         let base = fallback.unwrap_or(&empty);
         let user = self.user.clone().or_else(|| base.user.clone());
@@ -439,15 +472,29 @@ impl Partial {
             nice,
             run_as: resolve_run_as(user, group)?,
             env,
-            workdir: dir.join(self.workdir.clone().or_else(|| base.workdir.clone()).unwrap_or_default()),
-            kill_retry: self.kill_retry.or(base.kill_retry).unwrap_or(Duration::from_secs(5)),
-            kill_grace: self.kill_grace.or(base.kill_grace).unwrap_or(Duration::from_secs(10)),
+            workdir: dir.join(
+                self.workdir
+                    .clone()
+                    .or_else(|| base.workdir.clone())
+                    .unwrap_or_default(),
+            ),
+            kill_retry: self
+                .kill_retry
+                .or(base.kill_retry)
+                .unwrap_or(Duration::from_secs(5)),
+            kill_grace: self
+                .kill_grace
+                .or(base.kill_grace)
+                .unwrap_or(Duration::from_secs(10)),
             output_tail: output_tail as usize,
         })
     }
 }
 
-fn resolve_run_as(user: Option<String>, group: Option<String>) -> std::result::Result<RunAs, String> {
+fn resolve_run_as(
+    user: Option<String>,
+    group: Option<String>,
+) -> std::result::Result<RunAs, String> {
     let user = match user {
         None => None,
         Some(name) => {
@@ -465,7 +512,9 @@ fn resolve_run_as(user: Option<String>, group: Option<String>) -> std::result::R
             Some((name, entry.gid.as_raw()))
         }
         // A user without a group runs with that user's primary group.
-        None => user.as_ref().map(|(name, _, gid)| (format!("{name}'s group"), *gid)),
+        None => user
+            .as_ref()
+            .map(|(name, _, gid)| (format!("{name}'s group"), *gid)),
     };
     Ok(RunAs {
         user: user.map(|(name, uid, _)| (name, uid)),
@@ -484,7 +533,10 @@ fn read_file(path: &Path) -> Result<FileConfig> {
 
 fn absolute_dir_of(path: &Path) -> Result<PathBuf> {
     let absolute = std::path::absolute(path).context("resolving the config file's directory")?;
-    Ok(absolute.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/")))
+    Ok(absolute
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/")))
 }
 
 /// A program named with a slash is a path relative to the config's directory;
@@ -526,7 +578,8 @@ mod tests {
     use super::*;
 
     fn load(text: &str) -> Result<Config> {
-        let dir = std::env::temp_dir().join(format!("taskrunner-config-test-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("taskrunner-config-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("{}.yml", text.len()));
         std::fs::write(&path, text).unwrap();
@@ -546,7 +599,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named_with_their_line() {
-        let error = load("poll_interval: 1s\ntasks:\n  Thumb:\n    command: [x]\n    timout: 5s\n").unwrap_err();
+        let error = load("poll_interval: 1s\ntasks:\n  Thumb:\n    command: [x]\n    timout: 5s\n")
+            .unwrap_err();
         let message = format!("{error:#}");
         assert!(message.contains("timout"), "{message}");
         assert!(message.contains("line 5"), "{message}");
@@ -564,10 +618,16 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
-        let message = format!("{:#}", load("tasks:\n  T:\n    command: [x]\n    nice: 40\n").unwrap_err());
+        let message = format!(
+            "{:#}",
+            load("tasks:\n  T:\n    command: [x]\n    nice: 40\n").unwrap_err()
+        );
         assert!(message.contains("tasks.T.nice"), "{message}");
         let message = format!("{:#}", load("poll_interval: soon\n").unwrap_err());
-        assert!(message.contains("poll_interval") || message.contains("invalid duration"), "{message}");
+        assert!(
+            message.contains("poll_interval") || message.contains("invalid duration"),
+            "{message}"
+        );
         let message = format!("{:#}", load("user: no-such-user-here\n").unwrap_err());
         assert!(message.contains("no such user"), "{message}");
     }
@@ -575,15 +635,30 @@ mod tests {
     #[test]
     fn relative_paths_resolve_against_the_config_directory() {
         let config = load("database_url: sqlite://data/q.db\npidfile: run/d.pid\ntasks:\n  T:\n    command: [bin/t]\n").unwrap();
-        let dir = config.file.as_ref().unwrap().parent().unwrap().to_path_buf();
-        assert_eq!(config.database_url, format!("sqlite://{}", dir.join("data/q.db").display()));
+        let dir = config
+            .file
+            .as_ref()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        assert_eq!(
+            config.database_url,
+            format!("sqlite://{}", dir.join("data/q.db").display())
+        );
         assert_eq!(config.pidfile.unwrap(), dir.join("run/d.pid"));
-        assert_eq!(config.tasks["T"].command[0], dir.join("bin/t").to_string_lossy());
+        assert_eq!(
+            config.tasks["T"].command[0],
+            dir.join("bin/t").to_string_lossy()
+        );
     }
 
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
         assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
     }
 }

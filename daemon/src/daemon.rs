@@ -40,6 +40,37 @@ pub struct LiveTry {
     pub progress_written: Option<String>,
 }
 
+/// The tries this daemon runs, and the stop order every new one must obey.
+#[derive(Default)]
+pub struct Live {
+    pub tries: BTreeMap<RequestId, LiveTry>,
+    /// Set by [`Shared::stop_all`]: a try registered afterwards is stopped at once.
+    pub stopping: Option<StopReason>,
+}
+
+impl Live {
+    /// Registers a try, stopping it at once if every try has been told to stop.
+    pub fn insert(&mut self, id: RequestId, live: LiveTry) {
+        if let Some(reason) = self.stopping {
+            live.stop.send_replace(Some(reason));
+        }
+        self.tries.insert(id, live);
+    }
+}
+
+impl std::ops::Deref for Live {
+    type Target = BTreeMap<RequestId, LiveTry>;
+    fn deref(&self) -> &Self::Target {
+        &self.tries
+    }
+}
+
+impl std::ops::DerefMut for Live {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.tries
+    }
+}
+
 /// State shared by the daemon's parts.
 pub struct Shared {
     pub config: RwLock<Arc<Config>>,
@@ -50,7 +81,7 @@ pub struct Shared {
     pub health: Arc<Health>,
     /// Unique per daemon process; rows it claims carry it in `claimed_by`.
     pub instance: String,
-    pub live: Mutex<BTreeMap<RequestId, LiveTry>>,
+    pub live: Mutex<Live>,
     /// Poll now: a row was enqueued, a try ended, a delay came due.
     pub wake: Arc<Notify>,
     /// Stop claiming (the first step of shutdown).
@@ -62,17 +93,25 @@ pub struct Shared {
 
 impl Shared {
     pub fn config(&self) -> Arc<Config> {
-        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
-    pub fn live(&self) -> std::sync::MutexGuard<'_, BTreeMap<RequestId, LiveTry>> {
+    pub fn live(&self) -> std::sync::MutexGuard<'_, Live> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Asks every running try to stop, for `reason`.
+    /// Asks every running try to stop, for `reason`; a shutdown also stops
+    /// tries registered later (claimed just as the drain time ran out).
     pub fn stop_all(&self, reason: StopReason) {
-        for live in self.live().values() {
-            live.stop.send_replace(Some(reason));
+        let mut live = self.live();
+        if reason == StopReason::Shutdown {
+            live.stopping = Some(reason);
+        }
+        for entry in live.values() {
+            entry.stop.send_replace(Some(reason));
         }
     }
 }
@@ -125,7 +164,7 @@ pub async fn run(
         spawner,
         recorder,
         health,
-        live: Mutex::new(BTreeMap::new()),
+        live: Mutex::new(Live::default()),
         wake,
         stop_claiming: CancellationToken::new(),
         started: Instant::now(),
@@ -192,8 +231,13 @@ pub async fn run(
     services.cancel();
     while background.join_next().await.is_some() {}
     shared.recorder.close();
-    if tokio::time::timeout(Duration::from_secs(30), recorder_done).await.is_err() {
-        tracing::error!("could not record every result before exiting; the reaper will rerun those rows");
+    if tokio::time::timeout(Duration::from_secs(30), recorder_done)
+        .await
+        .is_err()
+    {
+        tracing::error!(
+            "could not record every result before exiting; the reaper will rerun those rows"
+        );
     }
     shared.store.close().await;
     tracing::info!("taskrunnerd stopped");
@@ -272,7 +316,9 @@ pub async fn reload(shared: &Arc<Shared>, path: &std::path::Path) {
             shared.wake.notify_one();
             tracing::info!(task_types = %names, "config reloaded");
         }
-        Ok(Err(error)) => tracing::error!("config reload refused, keeping the old config: {error:#}"),
+        Ok(Err(error)) => {
+            tracing::error!("config reload refused, keeping the old config: {error:#}")
+        }
         Err(error) => tracing::error!("config reload failed: {error}"),
     }
 }

@@ -47,9 +47,7 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff {
-            next: Self::FIRST,
-        }
+        Backoff { next: Self::FIRST }
     }
 }
 

@@ -28,8 +28,8 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         let self_fence_after = config
             .lease_timeout
             .saturating_sub(config.heartbeat_interval + config.defaults.kill_grace);
-        let fence_deadline = (shared.store.backend() == Backend::Postgres)
-            .then(|| last_renewal + self_fence_after);
+        let fence_deadline =
+            (shared.store.backend() == Backend::Postgres).then(|| last_renewal + self_fence_after);
         tokio::select! {
             _ = tokio::time::sleep(config.heartbeat_interval) => {}
             _ = sleep_until_opt(fence_deadline), if !fenced => {
@@ -72,8 +72,10 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                 continue;
             }
         };
-        let still_held: HashSet<(crate::request::RequestId, &str)> =
-            held.iter().map(|h| (h.id, h.claim_token.as_str())).collect();
+        let still_held: HashSet<(crate::request::RequestId, &str)> = held
+            .iter()
+            .map(|h| (h.id, h.claim_token.as_str()))
+            .collect();
         let live = shared.live();
         for h in held.iter().filter(|h| h.cancel_requested) {
             if let Some(live) = live.get(&h.id) {

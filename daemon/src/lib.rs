@@ -77,13 +77,18 @@ pub fn exit_code_for(error: &anyhow::Error) -> u8 {
 /// Sets up logging to stderr, as text or JSON lines.
 pub fn init_logging(format: config::LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("TASKRUNNER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env("TASKRUNNER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match format {
         config::LogFormat::Text => builder.try_init(),
-        config::LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
     };
 }

@@ -30,7 +30,10 @@ pub fn is_zombie(pid: i64) -> bool {
         .ok()
         .and_then(|stat| {
             let after_name = stat[stat.rfind(')')? + 1..].to_string();
-            after_name.split_whitespace().next().map(|state| state == "Z")
+            after_name
+                .split_whitespace()
+                .next()
+                .map(|state| state == "Z")
         })
         .unwrap_or(false)
 }
@@ -59,6 +62,9 @@ pub enum Probe {
     Alive,
     /// Gone, or the pid now names another process; the text says which.
     Dead(String),
+    /// Recorded on another boot: another machine sharing this host id, or
+    /// this machine before a reboot. Not ours to judge: the lease decides.
+    Foreign,
 }
 
 /// The identity recorded when a task process was spawned (or what a row
@@ -81,6 +87,13 @@ pub fn probe(identity: &Identity) -> Probe {
     if pid <= 0 || pid > i64::from(i32::MAX) {
         return Probe::Dead(format!("pid {pid} is not a valid process id"));
     }
+    if identity
+        .boot_id
+        .as_ref()
+        .is_some_and(|boot| !boot.is_empty() && *boot != boot_id())
+    {
+        return Probe::Foreign;
+    }
     if !Path::new(&format!("/proc/{pid}")).exists() {
         return Probe::Dead(format!("process {pid} is gone"));
     }
@@ -93,7 +106,7 @@ pub fn probe(identity: &Identity) -> Probe {
     match (&identity.boot_id, identity.start_ticks) {
         (Some(boot), Some(ticks)) if !boot.is_empty() => {
             if *boot != boot_id() {
-                Probe::Dead(format!("process {pid} belonged to an earlier boot"))
+                Probe::Foreign
             } else if ticks != ticks_now {
                 Probe::Dead(format!(
                     "pid {pid} now names another process (started at tick {ticks_now}, not {ticks})"
@@ -120,7 +133,8 @@ mod tests {
 
     #[test]
     fn start_ticks_survive_odd_command_names() {
-        let stat = "1234 (a b) c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 100";
+        let stat =
+            "1234 (a b) c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 100";
         assert_eq!(parse_start_ticks(stat), Some(987_654));
     }
 
@@ -145,7 +159,9 @@ mod tests {
             start_ticks: Some(start_ticks(pid).unwrap() + 1),
             started_at: None,
         };
-        assert!(matches!(probe(&identity), Probe::Dead(reason) if reason.contains("another process")));
+        assert!(
+            matches!(probe(&identity), Probe::Dead(reason) if reason.contains("another process"))
+        );
     }
 
     #[test]
@@ -155,15 +171,35 @@ mod tests {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs_f64();
-        let older = Identity { pid, started_at: Some(now + 3600.0), ..Default::default() };
+        let older = Identity {
+            pid,
+            started_at: Some(now + 3600.0),
+            ..Default::default()
+        };
         assert!(matches!(probe(&older), Probe::Dead(_)));
-        let fresh = Identity { pid, started_at: Some(now - 3600.0), ..Default::default() };
+        let fresh = Identity {
+            pid,
+            started_at: Some(now - 3600.0),
+            ..Default::default()
+        };
         assert_eq!(probe(&fresh), Probe::Alive);
     }
 
     #[test]
     fn nonsense_pids_are_dead() {
-        assert!(matches!(probe(&Identity { pid: -5, ..Default::default() }), Probe::Dead(_)));
-        assert!(matches!(probe(&Identity { pid: 1 << 40, ..Default::default() }), Probe::Dead(_)));
+        assert!(matches!(
+            probe(&Identity {
+                pid: -5,
+                ..Default::default()
+            }),
+            Probe::Dead(_)
+        ));
+        assert!(matches!(
+            probe(&Identity {
+                pid: 1 << 40,
+                ..Default::default()
+            }),
+            Probe::Dead(_)
+        ));
     }
 }

@@ -43,13 +43,22 @@ pub async fn reap(
             start_ticks: row.start_ticks,
             started_at: row.started_at,
         };
-        let Probe::Dead(why) = procinfo::probe(&identity) else {
-            alive_here.push(row.id);
-            continue;
+        let why = match procinfo::probe(&identity) {
+            Probe::Dead(why) => why,
+            Probe::Alive => {
+                alive_here.push(row.id);
+                continue;
+            }
+            // Another machine's (or boot's) row: only its lease can tell.
+            Probe::Foreign => continue,
         };
         {
             let reason = format!("crashed: {why} (found by the reaper on {host})");
-            if dry_run || store.mark_crashed(row.id, row.claim_token.as_deref(), &reason).await? {
+            if dry_run
+                || store
+                    .mark_crashed(row.id, row.claim_token.as_deref(), &reason)
+                    .await?
+            {
                 reaped.push(Reaped { id: row.id, reason });
             }
         }
@@ -64,7 +73,11 @@ pub async fn reap(
             row.heartbeat_at.as_deref().unwrap_or("its claim"),
             crate::units::format_duration(lease_timeout)
         );
-        if dry_run || store.mark_crashed(row.id, row.claim_token.as_deref(), &reason).await? {
+        if dry_run
+            || store
+                .mark_crashed(row.id, row.claim_token.as_deref(), &reason)
+                .await?
+        {
             reaped.push(Reaped { id: row.id, reason });
         }
     }
@@ -73,10 +86,21 @@ pub async fn reap(
 
 /// The daemon's reaper: at start, then every `reap_interval`. It leaves the
 /// rows of its own daemon instance alone: those it supervises itself.
-pub async fn run(shared: std::sync::Arc<crate::daemon::Shared>, stop: tokio_util::sync::CancellationToken) {
+pub async fn run(
+    shared: std::sync::Arc<crate::daemon::Shared>,
+    stop: tokio_util::sync::CancellationToken,
+) {
     loop {
         let config = shared.config();
-        match reap(&shared.store, &config.host_id, &shared.instance, config.lease_timeout, false).await {
+        match reap(
+            &shared.store,
+            &config.host_id,
+            &shared.instance,
+            config.lease_timeout,
+            false,
+        )
+        .await
+        {
             Ok(reaped) => {
                 shared.health.succeeded();
                 for row in &reaped {

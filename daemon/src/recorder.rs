@@ -26,7 +26,11 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    pub fn start(store: Store, health: Arc<Health>, wake: Arc<tokio::sync::Notify>) -> (Recorder, JoinHandle<()>) {
+    pub fn start(
+        store: Store,
+        health: Arc<Health>,
+        wake: Arc<tokio::sync::Notify>,
+    ) -> (Recorder, JoinHandle<()>) {
         let (sender, receiver) = mpsc::unbounded_channel();
         let handle = tokio::spawn(record_loop(store, health, receiver, wake));
         (Recorder { sender }, handle)
@@ -50,7 +54,9 @@ async fn record_loop(
 ) {
     let mut closing = false;
     while !closing {
-        let Some(first) = receiver.recv().await else { return };
+        let Some(first) = receiver.recv().await else {
+            return;
+        };
         let mut batch = Vec::new();
         match first {
             Message::Write(write) => batch.push(write),

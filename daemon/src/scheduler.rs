@@ -32,7 +32,11 @@ pub async fn run(shared: Arc<Shared>) {
         if free > 0 {
             claim_counter += 1;
             let token = format!("{}:{claim_counter}", shared.instance);
-            match shared.store.claim(&config.host_id, &shared.instance, &token, free).await {
+            match shared
+                .store
+                .claim(&config.host_id, &shared.instance, &token, free)
+                .await
+            {
                 Ok(claimed) => {
                     shared.health.succeeded();
                     backoff.reset();
@@ -130,7 +134,11 @@ async fn run_claimed(shared: Arc<Shared>, row: Claimed) {
     let verdict = attempt::run(&context, input, stop, Some(progress_sender), on_spawn).await;
     shared.live().remove(&row.id);
 
-    let retry_after = matches!(verdict.state, State::Failed | State::Crashed | State::Timeout).then(|| {
+    let retry_after = matches!(
+        verdict.state,
+        State::Failed | State::Crashed | State::Timeout
+    )
+    .then(|| {
         backoff_seconds(
             config.retry_delay.as_secs_f64(),
             config.retry_multiplier,
@@ -147,8 +155,14 @@ async fn run_claimed(shared: Arc<Shared>, row: Claimed) {
                 Some(_) => format!("; no tries left ({} of {})", row.tries, row.try_limit),
                 None => String::new(),
             };
-            match verdict.stderr_tail.as_deref().filter(|t| !t.trim().is_empty()) {
-                Some(tail) => tracing::warn!(stderr_tail = %last_lines(tail), "{}: {first_line}{retry}", verdict.state),
+            match verdict
+                .stderr_tail
+                .as_deref()
+                .filter(|t| !t.trim().is_empty())
+            {
+                Some(tail) => {
+                    tracing::warn!(stderr_tail = %last_lines(tail), "{}: {first_line}{retry}", verdict.state)
+                }
                 None => tracing::warn!("{}: {first_line}{retry}", verdict.state),
             }
         }

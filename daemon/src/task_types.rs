@@ -48,7 +48,11 @@ impl Registry {
                     return Err(UsageError(format!(
                         "task type `{name}` is registered twice: by {} and by {}",
                         program.display(),
-                        if config.tasks.contains_key(&name) { "the config's `tasks:`" } else { "taskrunner (built in)" }
+                        if config.tasks.contains_key(&name) {
+                            "the config's `tasks:`"
+                        } else {
+                            "taskrunner (built in)"
+                        }
                     ))
                     .into());
                 }
@@ -107,7 +111,12 @@ fn list_tasks(program: &Path) -> Result<Vec<String>> {
         .arg("--list-tasks")
         .stdin(std::process::Stdio::null())
         .output()
-        .with_context(|| format!("asking {} for its task types (--list-tasks)", program.display()))?;
+        .with_context(|| {
+            format!(
+                "asking {} for its task types (--list-tasks)",
+                program.display()
+            )
+        })?;
     if !output.status.success() {
         bail!(
             "{} --list-tasks failed with {}: {}",

@@ -19,7 +19,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "m" | "min" | "mins" => value * 60.0,
         "h" => value * 3600.0,
         "d" => value * 86_400.0,
-        _ => return Err(format!("invalid duration unit in `{text}` (use ms, s, m, h or d)")),
+        _ => {
+            return Err(format!(
+                "invalid duration unit in `{text}` (use ms, s, m, h or d)"
+            ))
+        }
     };
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("duration `{text}` is out of range"))
 }
@@ -42,7 +46,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "KB" | "kB" => 1e3,
         "MB" => 1e6,
         "GB" => 1e9,
-        _ => return Err(format!("invalid size unit in `{text}` (use KiB, MiB or GiB)")),
+        _ => {
+            return Err(format!(
+                "invalid size unit in `{text}` (use KiB, MiB or GiB)"
+            ))
+        }
     };
     Ok((value * multiplier) as u64)
 }
@@ -91,9 +99,9 @@ pub mod serde_units {
             Some(TextOrNumber::Text(text)) => {
                 Some(parse_duration(&text).map_err(serde::de::Error::custom)?)
             }
-            Some(TextOrNumber::Number(seconds)) => Some(
-                Duration::try_from_secs_f64(seconds).map_err(serde::de::Error::custom)?,
-            ),
+            Some(TextOrNumber::Number(seconds)) => {
+                Some(Duration::try_from_secs_f64(seconds).map_err(serde::de::Error::custom)?)
+            }
         })
     }
 
@@ -128,7 +136,9 @@ mod tests {
 
     #[test]
     fn bad_durations_say_what_is_wrong() {
-        assert!(parse_duration("ten").unwrap_err().contains("invalid duration"));
+        assert!(parse_duration("ten")
+            .unwrap_err()
+            .contains("invalid duration"));
         assert!(parse_duration("10y").unwrap_err().contains("unit"));
         assert!(parse_duration("").is_err());
     }

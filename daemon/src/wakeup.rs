@@ -29,7 +29,11 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
 }
 
 async fn listen_postgres(shared: Arc<Shared>, stop: CancellationToken) {
-    let pool = shared.store.postgres_pool().expect("checked by the caller").clone();
+    let pool = shared
+        .store
+        .postgres_pool()
+        .expect("checked by the caller")
+        .clone();
     let mut backoff = Backoff::default();
     loop {
         let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
@@ -76,8 +80,13 @@ async fn watch_sqlite(shared: Arc<Shared>, stop: CancellationToken) {
                 Err(_) => return,
             };
         }
-        let Some(conn) = connection.as_mut() else { continue };
-        match sqlx::query_scalar::<_, i64>("PRAGMA data_version").fetch_one(&mut *conn).await {
+        let Some(conn) = connection.as_mut() else {
+            continue;
+        };
+        match sqlx::query_scalar::<_, i64>("PRAGMA data_version")
+            .fetch_one(&mut *conn)
+            .await
+        {
             Ok(version) => {
                 if last_version.is_some_and(|last| last != version) {
                     shared.wake.notify_one();

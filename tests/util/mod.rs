@@ -105,13 +105,22 @@ impl TestDb {
                 let admin_url = postgres_admin_url();
                 let name = format!(
                     "taskrunner_test_{}",
-                    scratch.path.file_name().unwrap().to_string_lossy().replace('-', "_")
+                    scratch
+                        .path
+                        .file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .replace('-', "_")
                 );
-                let admin = sqlx::PgPool::connect(&admin_url).await.expect("connecting to the test server");
-                sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}")))
-                    .execute(&admin)
+                let admin = sqlx::PgPool::connect(&admin_url)
                     .await
-                    .unwrap();
+                    .expect("connecting to the test server");
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name}"
+                )))
+                .execute(&admin)
+                .await
+                .unwrap();
                 sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
                     .execute(&admin)
                     .await
@@ -127,7 +136,13 @@ impl TestDb {
             Backend::Sqlite => Raw::Sqlite(sqlx::SqlitePool::connect(&url).await.unwrap()),
             Backend::Postgres => Raw::Postgres(sqlx::PgPool::connect(&url).await.unwrap()),
         };
-        TestDb { backend, url, store, scratch, raw }
+        TestDb {
+            backend,
+            url,
+            store,
+            scratch,
+            raw,
+        }
     }
 
     /// Runs SQL as an application would (no parameters).
@@ -172,11 +187,21 @@ impl TestDb {
     }
 
     pub async fn row(&self, id: RequestId) -> Request {
-        self.store.show(id).await.unwrap().unwrap_or_else(|| panic!("no row {id}"))
+        self.store
+            .show(id)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("no row {id}"))
     }
 
     /// Waits until row `id` satisfies `done`, and returns it.
-    pub async fn wait_for(&self, id: RequestId, timeout: Duration, what: &str, done: impl Fn(&Request) -> bool) -> Request {
+    pub async fn wait_for(
+        &self,
+        id: RequestId,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&Request) -> bool,
+    ) -> Request {
         let deadline = Instant::now() + timeout;
         loop {
             let row = self.row(id).await;
@@ -192,7 +217,10 @@ impl TestDb {
 
     /// Waits until row `id` has `result` = `state`.
     pub async fn wait_for_state(&self, id: RequestId, state: &str, timeout: Duration) -> Request {
-        self.wait_for(id, timeout, state, |row| row.result.as_deref() == Some(state)).await
+        self.wait_for(id, timeout, state, |row| {
+            row.result.as_deref() == Some(state)
+        })
+        .await
     }
 
     /// Waits until `sql` (a count) returns `expected`.
@@ -263,10 +291,16 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !self.log_text().contains("taskrunnerd started") {
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("taskrunnerd exited with {status} at start; log:\n{}", self.log_text());
+                panic!(
+                    "taskrunnerd exited with {status} at start; log:\n{}",
+                    self.log_text()
+                );
             }
             if Instant::now() > deadline {
-                panic!("taskrunnerd did not start within 30s; log:\n{}", self.log_text());
+                panic!(
+                    "taskrunnerd did not start within 30s; log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -274,7 +308,13 @@ impl Daemon {
 
     pub fn start_with_config(config: &Path, args: &[&str]) -> Daemon {
         let dir = config.parent().unwrap().to_path_buf();
-        let log = dir.join(format!("daemon-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+        let log = dir.join(format!(
+            "daemon-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
         let child = Command::new(DAEMON)
             .arg("--config")
             .arg(config)
@@ -287,7 +327,12 @@ impl Daemon {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("starting taskrunnerd");
-        Daemon { child, config: config.to_path_buf(), log, dir }
+        Daemon {
+            child,
+            config: config.to_path_buf(),
+            log,
+            dir,
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -306,7 +351,10 @@ impl Daemon {
                 return status;
             }
             if Instant::now() > deadline {
-                panic!("taskrunnerd did not exit within {timeout:?}; log:\n{}", self.log_text());
+                panic!(
+                    "taskrunnerd did not exit within {timeout:?}; log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -324,7 +372,9 @@ impl Daemon {
 
     /// Waits until the log contains `needle`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
-        wait_until(timeout, &format!("the daemon to log `{needle}`"), || self.log_text().contains(needle));
+        wait_until(timeout, &format!("the daemon to log `{needle}`"), || {
+            self.log_text().contains(needle)
+        });
     }
 }
 
@@ -369,7 +419,11 @@ pub fn cli(db: &TestDb, args: &[&str]) -> (i32, String, String) {
 pub fn process_exists(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')).unwrap_or(false))
+            .map(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+                    .unwrap_or(false)
+            })
             .unwrap_or(false)
 }
 
@@ -444,7 +498,12 @@ impl PrivatePostgres {
             self.dir.display()
         );
         let mut command = self.command("pg_ctl");
-        command.arg("-D").arg(&data).arg("-l").arg(self.dir.join("server.log")).args(["-w", "-t", "60", "-m", "fast"]);
+        command
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(self.dir.join("server.log"))
+            .args(["-w", "-t", "60", "-m", "fast"]);
         if action != "stop" {
             command.args(["-o", &options]);
         }
@@ -480,7 +539,13 @@ impl TestDb {
                 .await
                 .unwrap(),
         );
-        TestDb { backend: Backend::Postgres, url: url.to_string(), store, scratch, raw }
+        TestDb {
+            backend: Backend::Postgres,
+            url: url.to_string(),
+            store,
+            scratch,
+            raw,
+        }
     }
 }
 
@@ -501,11 +566,19 @@ pub fn memory_kib(pid: i32) -> (u64, u64) {
 pub fn zombie_children(pid: i32) -> Vec<i32> {
     let mut zombies = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
-        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
         let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.first() == Some(&"Z") && fields.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(pid) {
+        if fields.first() == Some(&"Z")
+            && fields.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(pid)
+        {
             zombies.push(child);
         }
     }
@@ -514,5 +587,8 @@ pub fn zombie_children(pid: i32) -> Vec<i32> {
 
 /// Nanoseconds since the epoch (to compare with `date +%s%N` in task scripts).
 pub fn now_ns() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }

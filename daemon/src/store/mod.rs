@@ -218,7 +218,9 @@ impl RowExt for PgRow {
         self.try_get(index)
     }
     fn opt_bytes(&self, index: usize) -> sqlx::Result<Option<Vec<u8>>> {
-        Ok(self.try_get::<Option<String>, _>(index)?.map(String::into_bytes))
+        Ok(self
+            .try_get::<Option<String>, _>(index)?
+            .map(String::into_bytes))
     }
 }
 
@@ -392,31 +394,22 @@ impl Store {
 
     /// Applies writes in one transaction; for each, whether it still held its
     /// claim (false: the row was taken from this try, and nothing changed).
+    /// On PostgreSQL, pids and outcomes go in one array statement each, so a
+    /// batch costs a handful of round trips however many tries it records.
     pub async fn record(&self, writes: &[Write]) -> Result<Vec<bool>> {
+        if let (Pool::Postgres(pool), Some(pids_sql), Some(outcomes_sql)) = (
+            &self.pool,
+            &self.sql.record_pids_batch,
+            &self.sql.record_outcomes_batch,
+        ) {
+            return record_postgres_batch(pool, self.sql, pids_sql, outcomes_sql, writes).await;
+        }
         let sql = self.sql;
         let mut applied = Vec::with_capacity(writes.len());
         on_pool!(self, pool => {
             let mut transaction = begin_write(pool).await?;
             for write in writes {
-                let query = match write {
-                    Write::Pid { id, claim_token, pid, boot_id, start_ticks } => sqlx::query(sql.record_pid.as_str())
-                        .bind(*pid)
-                        .bind(boot_id.as_str())
-                        .bind(*start_ticks)
-                        .bind(id.0)
-                        .bind(claim_token.as_str()),
-                    Write::Progress { id, claim_token, text } => sqlx::query(sql.record_progress.as_str())
-                        .bind(text.as_str())
-                        .bind(id.0)
-                        .bind(claim_token.as_str()),
-                    Write::Outcome(outcome) => sqlx::query(sql.record_outcome.as_str())
-                        .bind(outcome.state.as_str())
-                        .bind(outcome.result_text.as_str())
-                        .bind(i64::from(outcome.give_back_try))
-                        .bind(outcome.retry_after)
-                        .bind(outcome.id.0)
-                        .bind(outcome.claim_token.as_str()),
-                };
+                let query = single_write_query(sql, write);
                 applied.push(query.execute(&mut *transaction).await?.rows_affected() == 1);
             }
             transaction.commit().await?;
@@ -440,7 +433,11 @@ impl Store {
     }
 
     /// RUNNING rows of `host` with a pid, except those held by `exclude_instance`.
-    pub async fn running_on_host(&self, host: &str, exclude_instance: &str) -> Result<Vec<RunningRow>> {
+    pub async fn running_on_host(
+        &self,
+        host: &str,
+        exclude_instance: &str,
+    ) -> Result<Vec<RunningRow>> {
         Ok(on_pool!(self, pool => {
                 let query = sqlx::query(self.sql.running_on_host.as_str())
             .bind(host)
@@ -461,7 +458,11 @@ impl Store {
     }
 
     /// RUNNING rows (any host) whose heartbeat is older than `lease`.
-    pub async fn lapsed_leases(&self, lease: Duration, exclude_instance: &str) -> Result<Vec<LapsedRow>> {
+    pub async fn lapsed_leases(
+        &self,
+        lease: Duration,
+        exclude_instance: &str,
+    ) -> Result<Vec<LapsedRow>> {
         Ok(on_pool!(self, pool => {
                 let query = sqlx::query(self.sql.lapsed_leases.as_str())
             .bind(lease.as_secs_f64())
@@ -480,11 +481,18 @@ impl Store {
 
     /// Marks a row CRASHED if it still carries the claim token read before;
     /// it runs again at once (its try counts).
-    pub async fn mark_crashed(&self, id: RequestId, claim_token: Option<&str>, reason: &str) -> Result<bool> {
-        Ok(on_pool!(self, pool => { let query = sqlx::query(self.sql.mark_crashed.as_str())
+    pub async fn mark_crashed(
+        &self,
+        id: RequestId,
+        claim_token: Option<&str>,
+        reason: &str,
+    ) -> Result<bool> {
+        Ok(
+            on_pool!(self, pool => { let query = sqlx::query(self.sql.mark_crashed.as_str())
             .bind(reason)
             .bind(id.0)
-            .bind(claim_token); query.execute(pool).await?.rows_affected() == 1 }))
+            .bind(claim_token); query.execute(pool).await?.rows_affected() == 1 }),
+        )
     }
 
     /// Seconds until the earliest delayed runnable row is due, if any.
@@ -546,10 +554,16 @@ impl Store {
 
     /// Cancels a pending row at once, or asks the daemon running it to stop it.
     pub async fn cancel(&self, id: RequestId) -> Result<Change> {
-        if self.execute_by_id(self.sql.cancel_pending.as_str(), id).await? {
+        if self
+            .execute_by_id(self.sql.cancel_pending.as_str(), id)
+            .await?
+        {
             return Ok(Change::Done);
         }
-        if self.execute_by_id(self.sql.cancel_running.as_str(), id).await? {
+        if self
+            .execute_by_id(self.sql.cancel_running.as_str(), id)
+            .await?
+        {
             return Ok(Change::Requested);
         }
         self.explain_refusal(id).await
@@ -571,7 +585,9 @@ impl Store {
     }
 
     async fn execute_by_id(&self, statement: &'static str, id: RequestId) -> Result<bool> {
-        Ok(on_pool!(self, pool => { let query = sqlx::query(statement).bind(id.0); query.execute(pool).await?.rows_affected() == 1 }))
+        Ok(
+            on_pool!(self, pool => { let query = sqlx::query(statement).bind(id.0); query.execute(pool).await?.rows_affected() == 1 }),
+        )
     }
 
     async fn explain_refusal(&self, id: RequestId) -> Result<Change> {
@@ -601,9 +617,159 @@ impl Store {
     }
 }
 
+/// The one-row statement for a write (SQLite, and progress everywhere).
+fn single_write_query<'q, DB: sqlx::Database>(
+    sql: &'static Sql,
+    write: &'q Write,
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>
+where
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<f64>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    match write {
+        Write::Pid {
+            id,
+            claim_token,
+            pid,
+            boot_id,
+            start_ticks,
+        } => sqlx::query(sql.record_pid.as_str())
+            .bind(*pid)
+            .bind(boot_id.as_str())
+            .bind(*start_ticks)
+            .bind(id.0)
+            .bind(claim_token.as_str()),
+        Write::Progress {
+            id,
+            claim_token,
+            text,
+        } => sqlx::query(sql.record_progress.as_str())
+            .bind(text.as_str())
+            .bind(id.0)
+            .bind(claim_token.as_str()),
+        Write::Outcome(outcome) => sqlx::query(sql.record_outcome.as_str())
+            .bind(outcome.state.as_str())
+            .bind(outcome.result_text.as_str())
+            .bind(i64::from(outcome.give_back_try))
+            .bind(outcome.retry_after)
+            .bind(outcome.id.0)
+            .bind(outcome.claim_token.as_str()),
+    }
+}
+
+async fn record_postgres_batch(
+    pool: &PgPool,
+    sql: &'static Sql,
+    pids_sql: &'static str,
+    outcomes_sql: &'static str,
+    writes: &[Write],
+) -> Result<Vec<bool>> {
+    use std::collections::HashSet;
+    let mut transaction = pool.begin().await?;
+    let (mut ids, mut tokens, mut pids, mut boots, mut ticks) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for write in writes {
+        if let Write::Pid {
+            id,
+            claim_token,
+            pid,
+            boot_id,
+            start_ticks,
+        } = write
+        {
+            ids.push(id.0);
+            tokens.push(claim_token.as_str());
+            pids.push(*pid);
+            boots.push(boot_id.as_str());
+            ticks.push(*start_ticks);
+        }
+    }
+    let mut pids_applied = HashSet::new();
+    if !ids.is_empty() {
+        let rows = sqlx::query(pids_sql)
+            .bind(&ids)
+            .bind(&tokens)
+            .bind(&pids)
+            .bind(&boots)
+            .bind(&ticks)
+            .fetch_all(&mut *transaction)
+            .await?;
+        for row in &rows {
+            pids_applied.insert(row.int(0)?);
+        }
+    }
+    let mut progress_applied = HashSet::new();
+    for write in writes {
+        if let Write::Progress { id, .. } = write {
+            if single_write_query(sql, write)
+                .execute(&mut *transaction)
+                .await?
+                .rows_affected()
+                == 1
+            {
+                progress_applied.insert(id.0);
+            }
+        }
+    }
+    let outcomes: Vec<&Outcome> = writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Outcome(outcome) => Some(outcome),
+            _ => None,
+        })
+        .collect();
+    let mut outcomes_applied = HashSet::new();
+    if !outcomes.is_empty() {
+        let rows = sqlx::query(outcomes_sql)
+            .bind(outcomes.iter().map(|o| o.id.0).collect::<Vec<_>>())
+            .bind(
+                outcomes
+                    .iter()
+                    .map(|o| o.claim_token.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                outcomes
+                    .iter()
+                    .map(|o| o.state.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                outcomes
+                    .iter()
+                    .map(|o| o.result_text.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                outcomes
+                    .iter()
+                    .map(|o| i64::from(o.give_back_try))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(outcomes.iter().map(|o| o.retry_after).collect::<Vec<_>>())
+            .fetch_all(&mut *transaction)
+            .await?;
+        for row in &rows {
+            outcomes_applied.insert(row.int(0)?);
+        }
+    }
+    transaction.commit().await?;
+    Ok(writes
+        .iter()
+        .map(|write| match write {
+            Write::Pid { id, .. } => pids_applied.contains(&id.0),
+            Write::Progress { id, .. } => progress_applied.contains(&id.0),
+            Write::Outcome(outcome) => outcomes_applied.contains(&outcome.id.0),
+        })
+        .collect())
+}
+
 /// Starts a write transaction. On SQLite `BEGIN IMMEDIATE` takes the write
 /// lock up front, so busy_timeout applies and no snapshot upgrade can fail.
-async fn begin_write<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> sqlx::Result<sqlx::Transaction<'static, DB>> {
+async fn begin_write<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+) -> sqlx::Result<sqlx::Transaction<'static, DB>> {
     if DB::NAME == "SQLite" {
         pool.begin_with("BEGIN IMMEDIATE").await
     } else {

@@ -24,6 +24,8 @@ pub struct Dialect {
     skip_locked: &'static str,
     /// An integer column as a 64-bit integer.
     int64: &'static str,
+    /// Whether many rows can be updated from bound arrays (`unnest`).
+    array_batches: bool,
 }
 
 pub static SQLITE: LazyLock<Sql> = LazyLock::new(|| {
@@ -36,6 +38,7 @@ pub static SQLITE: LazyLock<Sql> = LazyLock::new(|| {
         claim_ids: "id IN ({})",
         skip_locked: "",
         int64: "{}",
+        array_batches: false,
     })
 });
 
@@ -49,6 +52,7 @@ pub static POSTGRES: LazyLock<Sql> = LazyLock::new(|| {
         claim_ids: "id = ANY(ARRAY({}))",
         skip_locked: "FOR UPDATE SKIP LOCKED",
         int64: "{}::bigint",
+        array_batches: true,
     })
 });
 
@@ -78,6 +82,12 @@ pub struct Sql {
     pub record_pid: String,
     /// Fenced: records the outcome of claim `$6` on row `$5`.
     pub record_outcome: String,
+    /// PostgreSQL only: many `record_pid`s in one statement (arrays `$1..$5`:
+    /// id, token, pid, boot id, start ticks), returning the ids it applied to.
+    pub record_pids_batch: Option<String>,
+    /// PostgreSQL only: many `record_outcome`s in one statement (arrays
+    /// `$1..$6`: id, token, result, result_text, give back, retry after).
+    pub record_outcomes_batch: Option<String>,
     /// Fenced: the latest progress line.
     pub record_progress: String,
     /// Renews the heartbeat of every row daemon instance `$1` runs, returning
@@ -158,11 +168,32 @@ impl Sql {
         ]
         .join(", ");
         let select_requests = format!("SELECT {columns} FROM task_runner_requests");
-        let final_or_exhausted = format!(
-            "(result IN ('FINISHED', 'CANCELLED', 'REJECTED') \
-              OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit))"
-        );
+        let final_or_exhausted = "(result IN ('FINISHED', 'CANCELLED', 'REJECTED') \
+              OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit))";
+        let batched = d.array_batches;
         Sql {
+            record_pids_batch: batched.then(|| {
+                "UPDATE task_runner_requests t \
+                    SET pid = v.pid, pid_boot_id = v.boot_id, pid_start_ticks = v.start_ticks \
+                   FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bigint[]) \
+                        AS v(id, claim_token, pid, boot_id, start_ticks) \
+                  WHERE t.id = v.id AND t.claim_token = v.claim_token AND t.result = 'RUNNING' \
+                  RETURNING t.id"
+                    .to_string()
+            }),
+            record_outcomes_batch: batched.then(|| {
+                format!(
+                    "UPDATE task_runner_requests t \
+                        SET result = v.result, result_text = v.result_text, completed_at = {now}, pid = NULL, \
+                            tries = t.tries - v.give_back, \
+                            delay_until = CASE WHEN v.retry_after IS NULL THEN NULL ELSE {} END \
+                       FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::float8[]) \
+                            AS v(id, claim_token, result, result_text, give_back, retry_after) \
+                      WHERE t.id = v.id AND t.claim_token = v.claim_token AND t.result = 'RUNNING' \
+                      RETURNING t.id",
+                    plus("v.retry_after")
+                )
+            }),
             claim,
             claim_one,
             record_pid: format!(

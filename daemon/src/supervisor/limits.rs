@@ -30,7 +30,14 @@ pub fn apply_in_child(command: &mut tokio::process::Command, settings: &TaskSett
         command.pre_exec(move || {
             // Die with the daemon (with the spawning thread, precisely; see
             // spawner.rs), so that no task runs unsupervised.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             // The daemon may have died between fork and prctl.
@@ -82,11 +89,17 @@ fn set_limit(resource: libc::__rlimit_resource_t, soft: u64, hard: u64) -> std::
 pub fn broken_limit(status: &ExitStatus, stderr: &str, settings: &TaskSettings) -> Option<String> {
     if let Some(cpu) = settings.cpu_limit {
         if status.signal() == Some(libc::SIGXCPU) {
-            return Some(format!("cpu_limit {} exceeded (RLIMIT_CPU)", format_duration(cpu)));
+            return Some(format!(
+                "cpu_limit {} exceeded (RLIMIT_CPU)",
+                format_duration(cpu)
+            ));
         }
     }
     if let Some(memory) = settings.memory_limit {
-        let killed = matches!(status.signal(), Some(libc::SIGABRT | libc::SIGSEGV | libc::SIGBUS));
+        let killed = matches!(
+            status.signal(),
+            Some(libc::SIGABRT | libc::SIGSEGV | libc::SIGBUS)
+        );
         let said_so = [
             "memory allocation",
             "MemoryError",

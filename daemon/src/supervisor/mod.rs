@@ -203,7 +203,9 @@ pub async fn run(
     };
     let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
 
-    let take = |tail: &Arc<Mutex<Tail>>| std::mem::take(&mut *tail.lock().unwrap_or_else(|e| e.into_inner()));
+    let take = |tail: &Arc<Mutex<Tail>>| {
+        std::mem::take(&mut *tail.lock().unwrap_or_else(|e| e.into_inner()))
+    };
     let stderr = take(&stderr);
     let limit_broken = limits::broken_limit(&status, &stderr.text(), &settings);
     Ok(Ended {
@@ -249,7 +251,8 @@ impl Escalation {
             self.next_at = now + Duration::from_secs(1);
         } else {
             let _ = killpg(group, Signal::SIGTERM);
-            self.next_at = (now + settings.kill_retry.max(Duration::from_millis(10))).min(grace_over);
+            self.next_at =
+                (now + settings.kill_retry.max(Duration::from_millis(10))).min(grace_over);
         }
     }
 }

@@ -81,7 +81,9 @@ pub async fn capture(
             if byte == b'\n' {
                 if !line_too_long {
                     if let Some(text) = line.strip_prefix(b"progress: ") {
-                        let text = String::from_utf8_lossy(text).trim_end_matches('\r').replace('\0', "");
+                        let text = String::from_utf8_lossy(text)
+                            .trim_end_matches('\r')
+                            .replace('\0', "");
                         progress.send_replace(Some(text));
                     }
                 }
