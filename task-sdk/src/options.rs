@@ -22,7 +22,23 @@ pub fn parse_options<T: DeserializeOwned>(input: &[u8]) -> Result<T, String> {
         return serde_yaml::from_value(Value::Mapping(Default::default()))
             .map_err(|e| e.to_string());
     }
-    serde_yaml::from_value(value).map_err(|e| e.to_string())
+    serde_yaml::from_value(value.clone()).map_err(|error| explain::<T>(&value, error))
+}
+
+/// `from_value`'s errors do not say where (`invalid type: string "soon",
+/// expected u32`); deserializing the same value from text does
+/// (`from: invalid type: …`, `steps[0].run: …`). Its line numbers are
+/// dropped: they count lines of the normalised text, not of the row.
+fn explain<T: DeserializeOwned>(value: &Value, error: serde_yaml::Error) -> String {
+    let located = serde_yaml::to_string(value)
+        .ok()
+        .and_then(|text| serde_yaml::from_str::<T>(&text).err())
+        .map(|error| error.to_string());
+    let message = located.unwrap_or_else(|| error.to_string());
+    match message.rfind(" at line ") {
+        Some(at) if message[at..].contains(" column ") => message[..at].to_string(),
+        _ => message,
+    }
 }
 
 /// Drops tags and the leading colon of Ruby symbol keys, at any depth.
@@ -90,5 +106,14 @@ mod tests {
     fn options_that_do_not_fit_say_why() {
         let error = parse_options::<Options>(b"nme: x").unwrap_err();
         assert!(error.contains("name"), "{error}");
+    }
+
+    #[test]
+    fn options_that_do_not_fit_name_the_key() {
+        let error = parse_options::<Options>(b":name: x\n:nested:\n  :a: many\n").unwrap_err();
+        assert_eq!(
+            error,
+            "nested.a: invalid type: string \"many\", expected i64"
+        );
     }
 }

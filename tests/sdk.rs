@@ -1,0 +1,437 @@
+//! Task types written with task-sdk (the `example-tasks` program of
+//! `examples/`), run by the real daemon: typed options, panics, rejected
+//! options, retries, progress and a clean stop, duplicate names at start,
+//! `taskrunner-cli run`, and the typed enqueue inside a transaction.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use task_sdk::{Context, Enqueue, Task};
+
+use crate::util::{Backend, Daemon, TestDb, DAEMON};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+both_backends!(
+    typed_options_arrive_intact_from_ruby_yaml,
+    a_panic_fails_the_try_with_its_message,
+    options_that_do_not_fit_are_rejected,
+    flaky_step_finishes_on_its_second_try,
+    word_count_reads_a_file_and_writes_a_report,
+    countdown_reports_progress_and_cleans_up_when_stopped,
+    a_task_name_registered_twice_stops_the_daemon_at_start,
+    typed_enqueue_commits_with_the_callers_transaction,
+);
+
+/// The example task program, built beside the daemon by
+/// `cargo build --workspace --bins` (scripts/test does that first).
+fn example_tasks() -> PathBuf {
+    let path = PathBuf::from(DAEMON)
+        .parent()
+        .unwrap()
+        .join("example-tasks");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests",
+        path.display()
+    );
+    path
+}
+
+fn with_example_tasks(extra: &str) -> String {
+    format!("programs: [{}]\n{extra}", example_tasks().display())
+}
+
+/// What `Inspect` echoes for the options below, written as plain YAML.
+const INSPECTED: &str = "
+name: nightly
+tags: [fast, db]
+limits: { cpu: 2, memory_mb: 512 }
+owner: { name: Ada, email: ada@example.com }
+steps:
+  - { run: backup, args: ['--full', '--to=s3'], env: { REGION: eu-west-1 } }
+  - { run: verify, args: [], env: {} }
+dry_run: true
+";
+
+/// The same options as Ruby's `to_yaml` writes a HashWithIndifferentAccess
+/// with symbol keys.
+const RUBY_OPTIONS: &str = "--- !ruby/hash:ActiveSupport::HashWithIndifferentAccess
+:name: nightly
+:tags:
+- !ruby/sym fast
+- db
+:limits:
+  :cpu: 2
+  :memory_mb: 512
+:owner: !ruby/hash:ActiveSupport::HashWithIndifferentAccess
+  :name: Ada
+  :email: ada@example.com
+:steps:
+- :run: backup
+  :args:
+  - \"--full\"
+  - \"--to=s3\"
+  :env:
+    :REGION: eu-west-1
+- :run: verify
+:dry_run: true
+";
+
+fn yaml(text: &str) -> serde_yaml::Value {
+    serde_yaml::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+async fn typed_options_arrive_intact_from_ruby_yaml(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", &with_example_tasks(""));
+    let ruby = db.enqueue("Inspect", Some(RUBY_OPTIONS)).await;
+    let plain = db.enqueue("Inspect", Some(INSPECTED)).await;
+    for id in [ruby, plain] {
+        let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+        assert_eq!(row.tries, 1);
+        assert_eq!(
+            yaml(row.result_text.as_deref().unwrap()),
+            yaml(INSPECTED),
+            "request {id}"
+        );
+    }
+    assert!(daemon.stop().success());
+}
+
+async fn a_panic_fails_the_try_with_its_message(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", &with_example_tasks(""));
+    let id = db
+        .insert("INSERT INTO task_runner_requests (task_class_name, options, try_limit) VALUES ('Explode', 'message: the reactor is on fire', 1) RETURNING id")
+        .await;
+    let row = db.wait_for_state(id, "FAILED", WAIT).await;
+    let text = row.result_text.unwrap();
+    assert!(text.starts_with("exit status 1\n"), "{text}");
+    assert!(text.contains("panicked at examples/src/main.rs:"), "{text}");
+    assert!(text.contains(": the reactor is on fire"), "{text}");
+    assert!(
+        !text.contains("RUST_BACKTRACE"),
+        "one line, no backtrace note: {text}"
+    );
+    assert_eq!(row.tries, 1);
+    assert!(daemon.stop().success());
+}
+
+async fn options_that_do_not_fit_are_rejected(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", &with_example_tasks(""));
+    let wrong_type = db.enqueue("Countdown", Some("from: soon")).await;
+    let misspelt = db.enqueue("Countdown", Some(":form: 3")).await;
+    let missing = db.enqueue("Inspect", Some("tags: [a]")).await;
+    for (id, needle) in [(wrong_type, "from"), (misspelt, "form"), (missing, "name")] {
+        let row = db.wait_for_state(id, "REJECTED", WAIT).await;
+        let text = row.result_text.unwrap();
+        assert!(text.starts_with("exit status 65"), "{text}");
+        assert!(text.contains("options do not fit"), "{text}");
+        assert!(text.contains(needle), "{text}");
+        assert_eq!(row.tries, 1, "a rejected request is not retried");
+    }
+    assert!(daemon.stop().success());
+}
+
+async fn flaky_step_finishes_on_its_second_try(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", &with_example_tasks("retry_delay: 1s\n"));
+    let id = db.enqueue("FlakyStep", Some("step: charge card")).await;
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 2);
+    assert_eq!(
+        row.result_text.as_deref(),
+        Some("step `charge card` succeeded on try 2")
+    );
+    // The first try's error chain was on the row in between; the daemon logs it too.
+    let log = daemon.log_text();
+    assert!(
+        log.contains(
+            "step `charge card` failed on try 1: calling the upstream service: connection refused"
+        ),
+        "{log}"
+    );
+    assert!(daemon.stop().success());
+}
+
+async fn word_count_reads_a_file_and_writes_a_report(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", &with_example_tasks(""));
+    let input = db.scratch.join("poem.txt");
+    let report = db.scratch.join("poem.counts");
+    std::fs::write(&input, "So much depends\nupon\na red wheel\nbarrow\nglazed with rain\nwater\nbeside the white\nchickens. So so.\n").unwrap();
+    let options = format!(
+        "input: {}\noutput: {}\ntop: 2\nignore: [the, a]\n",
+        input.display(),
+        report.display()
+    );
+    let id = db.enqueue("WordCount", Some(&options)).await;
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    let text = row.result_text.unwrap();
+    assert_eq!(
+        text,
+        format!(
+            "16 words, 14 distinct in {}; top: so (3), barrow (1)",
+            input.display()
+        )
+    );
+    let written = std::fs::read_to_string(&report).unwrap();
+    assert!(written.starts_with("so 3\nbarrow 1\n"), "{written}");
+    let missing = db
+        .enqueue("WordCount", Some("input: no-such-file.txt"))
+        .await;
+    let row = db.wait_for_state(missing, "FAILED", WAIT).await;
+    assert!(row
+        .result_text
+        .unwrap()
+        .contains("reading no-such-file.txt: No such file"));
+    assert!(daemon.stop().success());
+}
+
+async fn countdown_reports_progress_and_cleans_up_when_stopped(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", &with_example_tasks("timeout: 2s\n"));
+    let short = db
+        .enqueue("Countdown", Some("from: 3\ninterval_ms: 100"))
+        .await;
+    let row = db.wait_for_state(short, "FINISHED", WAIT).await;
+    assert_eq!(row.result_text.as_deref(), Some("liftoff after 3 steps"));
+    let long = db
+        .enqueue("Countdown", Some("from: 100\ninterval_ms: 200"))
+        .await;
+    let row = db
+        .wait_for(long, WAIT, "counting down", |row| {
+            row.progress
+                .as_deref()
+                .is_some_and(|p| p.ends_with(" left"))
+        })
+        .await;
+    assert_eq!(row.result.as_deref(), Some("RUNNING"));
+    // The timeout's SIGTERM sets the stop flag; the task logs its clean-up and returns.
+    let row = db.wait_for_state(long, "TIMEOUT", WAIT).await;
+    let text = row.result_text.unwrap();
+    assert!(text.contains("cleaning up: stopped with"), "{text}");
+    assert!(daemon.stop().success());
+}
+
+async fn a_task_name_registered_twice_stops_the_daemon_at_start(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let original = example_tasks();
+    let copy = db.scratch.join("other-tasks");
+    std::fs::copy(&original, &copy).unwrap();
+    for (name, extra, expected) in [
+        (
+            "two-programs",
+            format!("programs: [{}, {}]\n", original.display(), copy.display()),
+            format!(
+                "task type `WordCount` is registered twice: by {} and by {}",
+                original.display(),
+                copy.display()
+            ),
+        ),
+        (
+            "program-and-config",
+            with_example_tasks("tasks:\n  Countdown:\n    command: [/bin/true]\n"),
+            format!(
+                "task type `Countdown` is registered twice: by {} and by the config's `tasks:`",
+                original.display()
+            ),
+        ),
+    ] {
+        let dir = db.scratch.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("taskrunner.yml");
+        std::fs::write(
+            &config,
+            crate::util::merge_yaml(&crate::util::base_config(&db, &dir), &extra),
+        )
+        .unwrap();
+        let mut daemon = Daemon::start_with_config(&config, &[]);
+        let status = daemon.wait_exit(WAIT);
+        let log = daemon.log_text();
+        assert_eq!(status.code(), Some(2), "{log}");
+        assert!(log.contains(&expected), "expected `{expected}` in:\n{log}");
+        assert!(!log.contains("taskrunnerd started"), "{log}");
+    }
+}
+
+/// The application's own copy of the type's options (an application that
+/// links the task program's types would use them directly).
+#[derive(Serialize, Deserialize)]
+struct InspectOptions {
+    name: String,
+    tags: Vec<String>,
+    limits: BTreeMap<String, u64>,
+    owner: Option<Owner>,
+    steps: Vec<Step>,
+    dry_run: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Owner {
+    name: String,
+    email: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Step {
+    run: String,
+    args: Vec<String>,
+    env: BTreeMap<String, String>,
+}
+
+struct Inspect;
+
+impl Task for Inspect {
+    const NAME: &'static str = "Inspect";
+    type Options = InspectOptions;
+    fn run(&self, _: InspectOptions, _: &Context) -> task_sdk::Result<String> {
+        unreachable!("runs in example-tasks")
+    }
+}
+
+/// Inserts through the application's pool inside a transaction that rolls
+/// back, then inside one that commits; returns (rows seen inside the
+/// rolled-back transaction, rows after its rollback, the committed ids).
+/// The same code for both backends: sqlx needs the concrete pool type, so a
+/// macro. (Ids are compared by count, not by id: SQLite hands a rolled-back
+/// id out again.)
+macro_rules! enqueue_in_transactions {
+    ($pool:expr, $options:expr) => {{
+        let pool = $pool;
+        let count = "SELECT count(*) FROM task_runner_requests";
+        let mut rolled_back = pool.begin().await.unwrap();
+        Enqueue::new::<Inspect>($options)
+            .insert(&mut *rolled_back)
+            .await
+            .unwrap();
+        let seen: i64 = sqlx::query_scalar(count)
+            .fetch_one(&mut *rolled_back)
+            .await
+            .unwrap();
+        rolled_back.rollback().await.unwrap();
+        let after_rollback: i64 = sqlx::query_scalar(count).fetch_one(&pool).await.unwrap();
+        let mut committed = pool.begin().await.unwrap();
+        let now = Enqueue::new::<Inspect>($options)
+            .try_limit(2)
+            .insert(&mut *committed)
+            .await
+            .unwrap();
+        let later = Enqueue::new::<Inspect>($options)
+            .delay(Duration::from_millis(1500))
+            .insert(&mut *committed)
+            .await
+            .unwrap();
+        committed.commit().await.unwrap();
+        pool.close().await;
+        (seen, after_rollback, now, later)
+    }};
+}
+
+async fn typed_enqueue_commits_with_the_callers_transaction(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", &with_example_tasks(""));
+    let options: InspectOptions = serde_yaml::from_str(INSPECTED).unwrap();
+    let (seen, after_rollback, now, later) = match backend {
+        Backend::Sqlite => {
+            enqueue_in_transactions!(sqlx::SqlitePool::connect(&db.url).await.unwrap(), &options)
+        }
+        Backend::Postgres => {
+            enqueue_in_transactions!(sqlx::PgPool::connect(&db.url).await.unwrap(), &options)
+        }
+    };
+    assert_eq!(seen, 1, "the row exists inside its transaction");
+    assert_eq!(after_rollback, 0, "a rolled-back transaction leaves no row");
+    let row = db
+        .wait_for_state(taskrunner::request::RequestId(now), "FINISHED", WAIT)
+        .await;
+    assert_eq!(row.try_limit, 2);
+    assert_eq!(yaml(row.result_text.as_deref().unwrap()), yaml(INSPECTED));
+    let row = db
+        .wait_for_state(taskrunner::request::RequestId(later), "FINISHED", WAIT)
+        .await;
+    let delayed_by = seconds_between(
+        row.created_at.as_deref().unwrap(),
+        row.started_at.as_deref().unwrap(),
+    );
+    assert!(
+        delayed_by >= 1.4,
+        "started {delayed_by}s after it was created"
+    );
+    assert_eq!(yaml(row.result_text.as_deref().unwrap()), yaml(INSPECTED));
+    // The URL form, as a script would use it.
+    let id = Enqueue::named(
+        "Countdown",
+        &BTreeMap::from([("from", 1), ("interval_ms", 10)]),
+    )
+    .insert_url(&db.url)
+    .await
+    .unwrap();
+    let row = db
+        .wait_for_state(taskrunner::request::RequestId(id), "FINISHED", WAIT)
+        .await;
+    assert_eq!(row.result_text.as_deref(), Some("liftoff after 1 steps"));
+    assert!(daemon.stop().success());
+}
+
+fn seconds_between(from: &str, to: &str) -> f64 {
+    let parse =
+        |text: &str| chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f").unwrap();
+    (parse(to) - parse(from)).num_milliseconds() as f64 / 1000.0
+}
+
+/// `taskrunner-cli run TASK` runs an SDK program's type in the foreground,
+/// without a database.
+#[test]
+fn cli_run_runs_sdk_task_types() {
+    let scratch = crate::util::Scratch::new("sdk-cli-run");
+    let config = scratch.join("taskrunner.yml");
+    let database = scratch.join("never-created.db");
+    std::fs::write(
+        &config,
+        format!(
+            "database_url: sqlite://{}\n{}",
+            database.display(),
+            with_example_tasks("")
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let output = Command::new(crate::util::CLI)
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (status, stdout, stderr) = run(&["Inspect", &format!("--options={RUBY_OPTIONS}")]);
+    assert_eq!(status, Some(0), "{stderr}");
+    assert_eq!(yaml(&stdout), yaml(INSPECTED));
+    let (status, stdout, _) = run(&["FlakyStep", "--options", "succeed_on_try: 1"]);
+    assert_eq!(
+        (status, stdout.trim()),
+        (Some(0), "step `sync` succeeded on try 1")
+    );
+    let (status, _, stderr) = run(&["Explode"]);
+    assert_eq!(status, Some(1));
+    assert!(
+        stderr.contains("panicked at examples/src/main.rs:") && stderr.contains("boom"),
+        "{stderr}"
+    );
+    let (status, _, stderr) = run(&["Countdown", "--options", "from: [1]"]);
+    assert_ne!(status, Some(0));
+    assert!(stderr.contains("options do not fit Countdown"), "{stderr}");
+    assert!(!database.exists(), "`run` never creates a database file");
+}
