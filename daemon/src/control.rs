@@ -45,40 +45,80 @@ pub struct RunningTask {
     pub progress: Option<String>,
 }
 
-/// Creates the socket's owner-only directory and listens, replacing a stale
-/// socket file. The file is removed when the listener is dropped.
-pub async fn serve(shared: Arc<Shared>, path: PathBuf, stop: CancellationToken, shutdown: CancellationToken) -> Result<()> {
-    prepare_directory(&path)?;
-    let name = path.as_path().to_fs_name::<GenericFilePath>()?;
-    let listener = ListenerOptions::new()
-        .name(name)
-        .try_overwrite(true)
-        .create_tokio()
-        .with_context(|| format!("listening on the control socket {}", path.display()))?;
-    set_mode(&path, 0o600)?;
-    loop {
-        let connection = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(connection) => connection,
-                Err(error) => {
-                    tracing::warn!("control socket: {error}");
-                    continue;
-                }
-            },
-            _ = stop.cancelled() => break,
-        };
-        let shared = shared.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), answer(shared, connection, shutdown)).await;
-        });
-    }
-    drop(listener);
-    let _ = std::fs::remove_file(&path);
-    Ok(())
+/// The bound control socket, not yet answering.
+pub struct Control {
+    listener: interprocess::local_socket::tokio::Listener,
+    path: PathBuf,
 }
 
-async fn answer(shared: Arc<Shared>, connection: Stream, shutdown: CancellationToken) -> std::io::Result<()> {
+impl Control {
+    /// Creates the socket's owner-only directory and listens. A socket file
+    /// nobody answers on (left by a killed daemon) is replaced; one a live
+    /// daemon answers on is an error, so that a second daemon cannot steal
+    /// the first one's socket. Bound before the daemon reports ready, so a
+    /// `status` right after start finds it.
+    pub fn bind(path: &Path) -> Result<Control> {
+        prepare_directory(path)?;
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another daemon answers on the control socket {}",
+                path.display()
+            );
+        }
+        let name = path.to_fs_name::<GenericFilePath>()?;
+        let listener = ListenerOptions::new()
+            .name(name)
+            .try_overwrite(true)
+            .create_tokio()
+            .with_context(|| format!("listening on the control socket {}", path.display()))?;
+        set_mode(path, 0o600)?;
+        Ok(Control {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Answers connections until `stop`; `stop` commands cancel `shutdown`.
+    /// The socket file is removed at the end.
+    pub async fn serve(
+        self,
+        shared: Arc<Shared>,
+        stop: CancellationToken,
+        shutdown: CancellationToken,
+    ) {
+        let Control { listener, path } = self;
+        loop {
+            let connection = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(connection) => connection,
+                    Err(error) => {
+                        tracing::warn!("control socket: {error}");
+                        continue;
+                    }
+                },
+                _ = stop.cancelled() => break,
+            };
+            let shared = shared.clone();
+            let shutdown = shutdown.clone();
+            // A client that connects and never writes holds only its own task.
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    answer(shared, connection, shutdown),
+                )
+                .await;
+            });
+        }
+        drop(listener);
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+async fn answer(
+    shared: Arc<Shared>,
+    connection: Stream,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let mut line = String::new();
     let mut reader = BufReader::new(&connection).take(MAX_REQUEST);
     // Invalid UTF-8 is garbage like any other.
@@ -131,7 +171,10 @@ async fn status(shared: &Shared) -> Status {
         max_concurrent: config.max_concurrent,
         running,
         counts: shared.store.count_by_result().await.unwrap_or_default(),
-        next_poll_in_seconds: next_poll.map(|at| at.saturating_duration_since(std::time::Instant::now()).as_secs_f64()),
+        next_poll_in_seconds: next_poll.map(|at| {
+            at.saturating_duration_since(std::time::Instant::now())
+                .as_secs_f64()
+        }),
         stopping: shared.stop_claiming.is_cancelled(),
     }
 }
@@ -147,9 +190,13 @@ pub async fn request(path: &Path, command: &str) -> Result<serde_json::Value> {
     let mut line = String::new();
     BufReader::new(&connection).read_line(&mut line).await?;
     if line.trim().is_empty() {
-        bail!("the daemon on {} closed the connection without answering", path.display());
+        bail!(
+            "the daemon on {} closed the connection without answering",
+            path.display()
+        );
     }
-    let value: serde_json::Value = serde_json::from_str(&line).context("reading the daemon's answer")?;
+    let value: serde_json::Value =
+        serde_json::from_str(&line).context("reading the daemon's answer")?;
     if let Some(error) = value.get("error").and_then(|e| e.as_str()) {
         bail!("the daemon answered: {error}");
     }
@@ -159,7 +206,10 @@ pub async fn request(path: &Path, command: &str) -> Result<serde_json::Value> {
 /// Creates the directory (mode 0700) if missing; refuses one that others can enter.
 fn prepare_directory(path: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     if !dir.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)

@@ -153,6 +153,11 @@ pub async fn run(
             .await
             .context("loading task types")??
     };
+    // Bound before `on_ready`, so that a `status` right after start finds it.
+    let control = match &config.socket {
+        Some(path) => Some(crate::control::Control::bind(path)?),
+        None => None,
+    };
     let spawner = Spawner::start().context("starting the spawner thread")?;
     let wake = Arc::new(Notify::new());
     let (recorder, recorder_done) = Recorder::start(store.clone(), health.clone(), wake.clone());
@@ -188,13 +193,8 @@ pub async fn run(
     background.spawn(crate::heartbeat::run(shared.clone(), services.clone()));
     background.spawn(crate::reaper::run(shared.clone(), services.clone()));
     background.spawn(crate::wakeup::run(shared.clone(), services.clone()));
-    if let Some(path) = shared.config().socket.clone() {
-        let (shared, services, shutdown) = (shared.clone(), services.clone(), shutdown.clone());
-        background.spawn(async move {
-            if let Err(error) = crate::control::serve(shared, path, services, shutdown).await {
-                tracing::error!("control socket unavailable: {error:#}");
-            }
-        });
+    if let Some(control) = control {
+        background.spawn(control.serve(shared.clone(), services.clone(), shutdown.clone()));
     }
     let scheduler = tokio::spawn(crate::scheduler::run(shared.clone()));
     on_ready(&shared);

@@ -24,7 +24,13 @@ impl Pidfile {
     /// linked into place.
     pub fn acquire(path: &Path) -> Result<Pidfile> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
+            // Owner-only, like the control socket's directory, which is
+            // often the same one (`run/`).
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
                 .with_context(|| format!("creating the pidfile's directory {}", dir.display()))?;
         }
         let temporary = path.with_extension(format!("tmp{}", std::process::id()));
@@ -46,22 +52,18 @@ impl Pidfile {
                         break Err(error);
                     }
                 }
-                Err(error) => break Err(anyhow::Error::new(error).context(format!("creating the pidfile {}", path.display()))),
+                Err(error) => {
+                    break Err(anyhow::Error::new(error)
+                        .context(format!("creating the pidfile {}", path.display())))
+                }
             }
         };
         let _ = std::fs::remove_file(&temporary);
         linked?;
-        Ok(Pidfile { path: path.to_path_buf(), file })
-    }
-
-    /// Rewrites the pid (after `--daemonize` the final process differs).
-    pub fn rewrite(&mut self) -> Result<()> {
-        self.file.set_len(0)?;
-        use std::io::Seek;
-        self.file.seek(std::io::SeekFrom::Start(0))?;
-        writeln!(self.file, "{}", std::process::id())?;
-        self.file.sync_all()?;
-        Ok(())
+        Ok(Pidfile {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 }
 
@@ -71,7 +73,9 @@ impl Drop for Pidfile {
         let ours = std::fs::metadata(&self.path)
             .ok()
             .zip(self.file.metadata().ok())
-            .is_some_and(|(on_disk, held)| on_disk.ino() == held.ino() && on_disk.dev() == held.dev());
+            .is_some_and(|(on_disk, held)| {
+                on_disk.ino() == held.ino() && on_disk.dev() == held.dev()
+            });
         if ours {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -83,7 +87,9 @@ fn remove_if_stale(path: &Path) -> Result<()> {
     let mut existing = match File::options().read(true).write(true).open(path) {
         Ok(file) => file,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(error) => return Err(error).with_context(|| format!("opening the pidfile {}", path.display())),
+        Err(error) => {
+            return Err(error).with_context(|| format!("opening the pidfile {}", path.display()))
+        }
     };
     let mut text = String::new();
     let _ = existing.read_to_string(&mut text);
@@ -106,7 +112,8 @@ fn remove_if_stale(path: &Path) -> Result<()> {
             path.display(),
             if recorded.is_empty() { "?" } else { &recorded }
         );
-        std::fs::remove_file(path).with_context(|| format!("removing the stale pidfile {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale pidfile {}", path.display()))?;
     }
     Ok(())
 }
@@ -120,20 +127,46 @@ fn lock(file: &File) -> std::io::Result<()> {
 }
 
 /// The write end of the pipe on which a daemonized process tells the
-/// launching process that it is ready.
+/// launching process how its start went: `ready`, or `error CODE MESSAGE`.
 pub struct ReadyPipe(OwnedFd);
 
 impl ReadyPipe {
+    /// The daemon is ready: the launching process exits 0.
     pub fn ready(self) {
         let mut file = File::from(self.0);
-        let _ = file.write_all(b"1");
+        let _ = file.write_all(b"ready\n");
     }
+
+    /// The daemon could not start: the launching process prints `message`
+    /// (an init script shows it to the admin) and exits with `code`.
+    pub fn failed(self, code: u8, message: &str) {
+        let mut file = File::from(self.0);
+        let _ = file.write_all(format!("error {code} {message}\n").as_bytes());
+    }
+}
+
+/// What the launching process makes of the daemon's report: exit status
+/// and the line to print, if any.
+fn launch_outcome(report: &str) -> (i32, Option<String>) {
+    if report.starts_with("ready") {
+        return (0, None);
+    }
+    if let Some(rest) = report.strip_prefix("error ") {
+        let (code, message) = rest.split_once(' ').unwrap_or((rest, ""));
+        let code = code.parse().ok().filter(|&c| c != 0).unwrap_or(1);
+        return (code, Some(message.trim_end().to_string()));
+    }
+    (
+        1,
+        Some("the daemon exited before it was ready (see its log_file)".to_string()),
+    )
 }
 
 /// Detaches: forks twice with a new session in between, sends stdin to
 /// /dev/null and stdout/stderr to `log_file` (or /dev/null), and keeps the
 /// working directory. The launching process waits until the daemon reports
-/// ready (exit 0) or dies first (exit 1). Must run before any thread exists.
+/// ready (exit 0), reports a failure (its message, its exit status) or dies
+/// first (exit 1). Must run before any thread exists.
 pub fn daemonize(log_file: Option<&Path>) -> Result<ReadyPipe> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two descriptors into the array.
@@ -141,7 +174,8 @@ pub fn daemonize(log_file: Option<&Path>) -> Result<ReadyPipe> {
         return Err(std::io::Error::last_os_error()).context("creating the readiness pipe");
     }
     // SAFETY: both descriptors were just created and are owned here only.
-    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let log = match log_file {
         Some(path) => File::options()
             .create(true)
@@ -160,9 +194,15 @@ pub fn daemonize(log_file: Option<&Path>) -> Result<ReadyPipe> {
             let mut status = 0;
             // SAFETY: waiting for our own child.
             unsafe { libc::waitpid(first_child, &mut status, 0) };
-            let mut answer = [0u8; 1];
-            let ready = File::from(read_end).read(&mut answer).map(|n| n == 1).unwrap_or(false);
-            std::process::exit(if ready { 0 } else { 1 });
+            // Every copy of the write end closes when the daemon reports or
+            // dies, so this read ends either way.
+            let mut report = String::new();
+            let _ = File::from(read_end).read_to_string(&mut report);
+            let (code, message) = launch_outcome(&report);
+            if let Some(message) = message {
+                eprintln!("taskrunnerd: {message}");
+            }
+            std::process::exit(code);
         }
     }
     drop(read_end);
@@ -185,9 +225,13 @@ pub fn daemonize(log_file: Option<&Path>) -> Result<ReadyPipe> {
 
 /// Tells systemd (`Type=notify`) about our state, if it is listening.
 pub fn notify_systemd(state: &str) {
-    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
     let socket = socket.to_string_lossy().into_owned();
-    let Ok(sender) = std::os::unix::net::UnixDatagram::unbound() else { return };
+    let Ok(sender) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
     let sent = if let Some(abstract_name) = socket.strip_prefix('@') {
         use std::os::linux::net::SocketAddrExt;
         std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())
@@ -197,5 +241,21 @@ pub fn notify_systemd(state: &str) {
     };
     if let Err(error) = sent {
         tracing::debug!("sd_notify failed: {error}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launch_outcome_reads_the_daemons_report() {
+        assert_eq!(launch_outcome("ready\n"), (0, None));
+        assert_eq!(
+            launch_outcome("error 2 bad config: line 3\n"),
+            (2, Some("bad config: line 3".into()))
+        );
+        assert_eq!(launch_outcome("error 0 odd").0, 1);
+        assert_eq!(launch_outcome("").0, 1);
     }
 }

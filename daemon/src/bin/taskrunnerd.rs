@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
@@ -72,60 +73,116 @@ fn main() -> ExitCode {
     } else {
         None
     };
+    // Taken by whoever reports first: readiness, or the error that ends the start.
+    let ready_pipe = Arc::new(Mutex::new(ready_pipe));
     taskrunner::init_logging(config.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(error) => return fail(&anyhow::Error::new(error).context("starting the runtime")),
+    let result = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => {
+            let result = runtime.block_on(serve(config, flags.no_migrate, ready_pipe.clone()));
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            result
+        }
+        Err(error) => Err(anyhow::Error::new(error).context("starting the runtime")),
     };
-    let result = runtime.block_on(serve(config, flags.no_migrate, ready_pipe));
-    runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => fail(&error),
+        Err(error) => {
+            // A daemonized start that failed: the launching process prints it.
+            if let Some(pipe) = take(&ready_pipe) {
+                pipe.failed(taskrunner::exit_code_for(&error), &format!("{error:#}"));
+            }
+            fail(&error)
+        }
     }
 }
 
-async fn serve(config: Config, no_migrate: bool, ready_pipe: Option<service::ReadyPipe>) -> anyhow::Result<()> {
+fn take(ready_pipe: &Mutex<Option<service::ReadyPipe>>) -> Option<service::ReadyPipe> {
+    ready_pipe.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
+async fn serve(
+    config: Config,
+    no_migrate: bool,
+    ready_pipe: Arc<Mutex<Option<service::ReadyPipe>>>,
+) -> anyhow::Result<()> {
+    // Held (locked) until this function returns, removed on drop.
     let _pidfile = match &config.pidfile {
         Some(path) => Some(Pidfile::acquire(path)?),
         None => None,
     };
     let shutdown = CancellationToken::new();
     let config_file = config.file.clone();
-    let signals = tokio::spawn(handle_signals(shutdown.clone(), config_file));
-    let result = daemon::run(config, RunOptions { no_migrate }, shutdown.clone(), |shared| {
-        service::notify_systemd("READY=1");
-        if let Some(pipe) = ready_pipe {
-            pipe.ready();
-        }
-        let _ = SHARED.set(shared.clone());
-    })
+    // Installed before the daemon reports ready: a SIGHUP sent by an init
+    // script after `start` returns must reload, not kill (its default).
+    let signals = tokio::spawn(handle_signals(
+        Signals::install()?,
+        shutdown.clone(),
+        config_file,
+    ));
+    let stopping = shutdown.clone();
+    let notify_stopping = tokio::spawn(async move {
+        stopping.cancelled().await;
+        service::notify_systemd("STOPPING=1");
+    });
+    let result = daemon::run(
+        config,
+        RunOptions { no_migrate },
+        shutdown.clone(),
+        |shared| {
+            let _ = SHARED.set(shared.clone());
+            service::notify_systemd("READY=1");
+            if let Some(pipe) = take(&ready_pipe) {
+                pipe.ready();
+            }
+        },
+    )
     .await;
-    service::notify_systemd("STOPPING=1");
     signals.abort();
+    notify_stopping.abort();
     result
 }
 
 static SHARED: std::sync::OnceLock<std::sync::Arc<daemon::Shared>> = std::sync::OnceLock::new();
 
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use anyhow::Context;
+        use tokio::signal::unix::{signal, SignalKind};
+        let install = |kind| signal(kind).context("installing signal handlers");
+        Ok(Signals {
+            term: install(SignalKind::terminate())?,
+            int: install(SignalKind::interrupt())?,
+            hup: install(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// SIGTERM/SIGINT: graceful stop. SIGHUP: reload the config file.
-async fn handle_signals(shutdown: CancellationToken, config_file: Option<PathBuf>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
+async fn handle_signals(
+    mut signals: Signals,
+    shutdown: CancellationToken,
+    config_file: Option<PathBuf>,
+) {
     loop {
         tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM received"); shutdown.cancel(); }
-            _ = int.recv() => { tracing::info!("SIGINT received"); shutdown.cancel(); }
-            _ = hup.recv() => match (SHARED.get(), &config_file) {
-                (Some(shared), Some(path)) => daemon::reload(shared, path).await,
-                _ => tracing::warn!("SIGHUP: no config file to reload"),
+            _ = signals.term.recv() => { tracing::info!("SIGTERM received"); shutdown.cancel(); }
+            _ = signals.int.recv() => { tracing::info!("SIGINT received"); shutdown.cancel(); }
+            _ = signals.hup.recv() => match (SHARED.get(), &config_file) {
+                (Some(shared), Some(path)) => {
+                    tracing::info!("SIGHUP received: reloading {}", path.display());
+                    daemon::reload(shared, path).await
+                }
+                (None, _) => tracing::warn!("SIGHUP before the daemon was ready: ignored"),
+                (_, None) => tracing::warn!("SIGHUP: no config file to reload"),
             },
         }
     }
