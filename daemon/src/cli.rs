@@ -510,6 +510,7 @@ pub fn render_table(rows: &[Request]) -> String {
                     result.to_string()
                 }
             }
+            None if row.node.is_some() => format!("pending (waits for node {})", row.node.as_deref().unwrap_or_default()),
             None if row.delay_until.is_some() => "pending (delayed)".to_string(),
             None => "pending".to_string(),
         };
@@ -597,6 +598,13 @@ pub fn render_show(r: &Request) -> String {
         ("claimed_by", text(&r.claimed_by)),
         ("cancel_requested_at", text(&r.cancel_requested_at)),
         ("progress", text(&r.progress)),
+        ("queue", r.queue.clone()),
+        ("node", text(&r.node)),
+        ("not_node", text(&r.not_node)),
+        ("period", r.period.map_or_else(none, |p| format!("{p}s"))),
+        ("planned_at", text(&r.planned_at)),
+        ("unique_key", text(&r.unique_key)),
+        ("schedule", text(&r.schedule)),
         (
             "options",
             r.options

@@ -112,6 +112,7 @@ pub struct Claimed {
     pub try_limit: i64,
     /// Fences every later write about this try (see `store`).
     pub claim_token: String,
+    pub queue: String,
 }
 
 /// Every column of one row, rendered for people (`show`, `list`).
@@ -135,6 +136,14 @@ pub struct Request {
     pub claimed_by: Option<String>,
     pub cancel_requested_at: Option<String>,
     pub progress: Option<String>,
+    pub queue: String,
+    pub node: Option<String>,
+    pub not_node: Option<String>,
+    /// Seconds between planned starts of a periodic request.
+    pub period: Option<i64>,
+    pub planned_at: Option<String>,
+    pub unique_key: Option<String>,
+    pub schedule: Option<String>,
 }
 
 /// Delay before the next try after `tries` failed tries:

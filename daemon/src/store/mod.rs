@@ -234,6 +234,7 @@ fn claimed_from_row(row: &impl RowExt, claim_token: &str) -> sqlx::Result<(i64, 
             tries: row.int(3)?,
             try_limit: row.int(4)?,
             claim_token: claim_token.to_string(),
+            queue: row.text(6)?,
         },
     ))
 }
@@ -258,6 +259,13 @@ fn request_from_row(row: &impl RowExt) -> sqlx::Result<Request> {
         claimed_by: row.opt_text(15)?,
         cancel_requested_at: row.opt_text(16)?,
         progress: row.opt_text(17)?,
+        queue: row.text(18)?,
+        node: row.opt_text(19)?,
+        not_node: row.opt_text(20)?,
+        period: row.opt_int(21)?,
+        planned_at: row.opt_text(22)?,
+        unique_key: row.opt_text(23)?,
+        schedule: row.opt_text(24)?,
     })
 }
 

@@ -127,7 +127,7 @@ impl Sql {
                  pid_start_ticks = NULL, completed_at = NULL, cancel_requested_at = NULL, progress = NULL"
         );
         let claim_returning = format!(
-            "RETURNING {}, task_class_name, options, {}, {}, {}",
+            "RETURNING {}, task_class_name, options, {}, {}, {}, queue",
             int("id"),
             int("tries"),
             int("try_limit"),
@@ -165,6 +165,13 @@ impl Sql {
             "claimed_by".into(),
             show("cancel_requested_at"),
             "progress".into(),
+            "queue".into(),
+            "node".into(),
+            "not_node".into(),
+            int("period"),
+            show("planned_at"),
+            "unique_key".into(),
+            "schedule".into(),
         ]
         .join(", ");
         let select_requests = format!("SELECT {columns} FROM task_runner_requests");
