@@ -52,7 +52,7 @@
 //! );
 //! ```
 //!
-//! With the cargo feature `enqueue`, [`Enqueue`] inserts typed requests
+//! With the cargo feature `enqueue`, `Enqueue` inserts typed requests
 //! through an application's own sqlx pool, connection or transaction.
 //!
 //! # Writing a task type
