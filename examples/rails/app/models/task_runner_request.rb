@@ -12,6 +12,9 @@ class TaskRunnerRequest < ApplicationRecord
   FINAL = %w[FINISHED CANCELLED REJECTED].freeze
   RETRYABLE = %w[FAILED CRASHED TIMEOUT INTERRUPTED].freeze
 
+  # Symbol keys are written as `:key:`; reading them back in Ruby needs
+  # `config.active_record.yaml_column_permitted_classes = [Symbol]`
+  # (or plain string keys: `enqueue("WordCount", { "input" => "a.txt" })`).
   serialize :options, coder: YAML
 
   validates :task_class_name, presence: true
