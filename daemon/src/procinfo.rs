@@ -5,10 +5,16 @@
 use std::path::Path;
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`), empty if unreadable.
+/// Read once: it cannot change while we run.
 pub fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|id| id.trim().to_string())
-        .unwrap_or_default()
+    static BOOT_ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT_ID
+        .get_or_init(|| {
+            std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .map(|id| id.trim().to_string())
+                .unwrap_or_default()
+        })
+        .clone()
 }
 
 /// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks since boot.
