@@ -1,0 +1,789 @@
+//! Operations: the init scripts in `init/` driven for real, the pidfile,
+//! `--daemonize`, the control socket, SIGHUP reload, JSON logs and
+//! `config check|init`.
+//!
+//! None of this depends on the database backend (it is the same code above
+//! the store), so most tests run on SQLite only; the SysV test uses
+//! PostgreSQL so that its unprivileged daemon needs no database file.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::util::{
+    base_config, cli, merge_yaml, process_exists, wait_until, Backend, Daemon, Scratch, TestDb,
+    CLI, DAEMON,
+};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The repository's `init/` directory.
+fn init_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../init")
+}
+
+/// Writes `<scratch>/<name>/taskrunner.yml` (the base config plus `extra`) and returns its path.
+fn write_config(db: &TestDb, name: &str, extra: &str) -> PathBuf {
+    let dir = db.scratch.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("taskrunner.yml");
+    std::fs::write(&config, merge_yaml(&base_config(db, &dir), extra)).unwrap();
+    config
+}
+
+/// The pid a pidfile names, if it exists and holds one.
+fn pid_in(pidfile: &Path) -> Option<i32> {
+    std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()
+}
+
+/// Live `taskrunnerd` processes started with `config` on their command line.
+fn daemons_using(config: &Path) -> Vec<i32> {
+    let needle = config.to_string_lossy().into_owned();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.first().is_some_and(|a| a.ends_with("taskrunnerd"))
+            && args.contains(&needle)
+            && process_exists(pid)
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// SIGKILLs a process that is not our child (a daemonized one) if the test
+/// ends while it still runs.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if process_exists(self.0) {
+            let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
+        }
+    }
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Sends one raw line on the control socket and returns the answer line.
+fn socket_exchange(socket: &Path, request: &[u8]) -> String {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    // The daemon may answer (and close) before it has read all of a long request.
+    let _ = stream.write_all(request);
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
+}
+
+// ---------------------------------------------------------------------------
+// init/
+
+/// Runs `init/taskrunner.sysv ACTION` with the test's defaults file.
+fn sysv(defaults: &Path, action: &str) -> Output {
+    Command::new(init_dir().join("taskrunner.sysv"))
+        .arg(action)
+        .env("TASKRUNNER_DEFAULTS", defaults)
+        .env_remove("DATABASE_URL")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running init/taskrunner.sysv")
+}
+
+/// start, status, a second start, reload, a stop that drains a running task,
+/// status after the stop: as Debian's `service` would, as root, with the
+/// daemon running as `nobody`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sysv_script_starts_refuses_a_second_start_and_stop_drains() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: the SysV script test needs root (start-stop-daemon --chuid)");
+        return;
+    }
+    if Command::new("sh")
+        .args(["-c", "command -v start-stop-daemon"])
+        .output()
+        .map_or(true, |o| !o.status.success())
+    {
+        eprintln!("skipped: start-stop-daemon (Debian's dpkg) is not installed");
+        return;
+    }
+    let db = TestDb::new(Backend::Postgres).await;
+    let dir = db.scratch.join("service");
+    let gate = dir.join("gate");
+    let config = write_config(
+        &db,
+        "service",
+        &format!(
+            "log_file: log/taskrunnerd.log\nshutdown_timeout: 30s\ntasks:\n  Gated:\n    command: [/bin/sh, -c, 'while [ ! -e {} ]; do sleep 0.05; done; echo released']\n",
+            gate.display()
+        ),
+    );
+    let pidfile = dir.join("run/taskrunnerd.pid");
+    let defaults = dir.join("default-taskrunner");
+    std::fs::write(
+        &defaults,
+        format!(
+            "DAEMON={DAEMON}\nCLI={CLI}\nCONFIG={}\nPIDFILE={}\nLOG_DIR={}\nRUN_AS=nobody\nSTOP_TIMEOUT=60\n",
+            config.display(),
+            pidfile.display(),
+            dir.join("log").display()
+        ),
+    )
+    .unwrap();
+
+    let started = sysv(&defaults, "start");
+    assert!(started.status.success(), "start: {}", text(&started));
+    let pid = pid_in(&pidfile).unwrap_or_else(|| panic!("no pid in {}", pidfile.display()));
+    let _guard = KillOnDrop(pid);
+    assert!(process_exists(pid));
+    let uid_line = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_string();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap().uid;
+    assert!(
+        uid_line.split_whitespace().nth(1) == Some(&nobody.to_string()),
+        "the daemon runs as RUN_AS: {uid_line}"
+    );
+    let run_dir = std::fs::metadata(pidfile.parent().unwrap()).unwrap();
+    assert_eq!(run_dir.permissions().mode() & 0o777, 0o700);
+
+    // status: LSB 0, and what the daemon says over its socket.
+    let status = sysv(&defaults, "status");
+    let shown = text(&status);
+    assert_eq!(status.status.code(), Some(0), "{shown}");
+    assert!(
+        shown.contains(&format!("is running (pid {pid})")),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(&format!("taskrunnerd 0.1.0 (pid {pid})")),
+        "{shown}"
+    );
+
+    // A second start starts nothing (LSB: success, and says so).
+    let again = sysv(&defaults, "start");
+    let shown = text(&again);
+    assert!(again.status.success(), "{shown}");
+    assert!(shown.contains("already running"), "{shown}");
+    assert_eq!(pid_in(&pidfile), Some(pid));
+    assert_eq!(daemons_using(&config), vec![pid]);
+
+    let reloaded = sysv(&defaults, "reload");
+    assert!(reloaded.status.success(), "reload: {}", text(&reloaded));
+    let log = dir.join("log/taskrunnerd.log");
+    wait_until(WAIT, "the daemon to log the reload", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("config reloaded")
+    });
+
+    // stop drains: a task running when it is asked to stop finishes.
+    let id = db.enqueue("Gated", None).await;
+    let running = db
+        .wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
+        .await;
+    let stop = {
+        let defaults = defaults.clone();
+        std::thread::spawn(move || sysv(&defaults, "stop"))
+    };
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until(WAIT, "the daemon to begin its stop", || {
+        log_text().contains("shutting down")
+    });
+    assert!(
+        process_exists(pid) && process_exists(running.pid.unwrap() as i32),
+        "the daemon drains (waits for its task) before it exits"
+    );
+    std::fs::write(&gate, "").unwrap();
+    let stopped = stop.join().unwrap();
+    assert!(stopped.status.success(), "stop: {}", text(&stopped));
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.result_text.as_deref(), Some("released"));
+    assert!(!process_exists(pid), "stop returns once the daemon is gone");
+    assert!(!pidfile.exists(), "the daemon removes its pidfile");
+
+    let status = sysv(&defaults, "status");
+    assert_eq!(status.status.code(), Some(3), "{}", text(&status));
+    assert!(text(&status).contains("is not running"));
+    // Stopping a stopped service succeeds (LSB).
+    assert!(sysv(&defaults, "stop").status.success());
+}
+
+/// Every `Key=` of a unit file, by section.
+fn unit_keys(unit: &str) -> Vec<(String, String, String)> {
+    let mut section = String::new();
+    let mut keys = Vec::new();
+    for line in unit.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_string();
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .unwrap_or_else(|| panic!("not a key=value line: {line}"));
+        keys.push((section.clone(), key.to_string(), value.to_string()));
+    }
+    keys
+}
+
+/// `90s`, `2min`, `1min 30s` → seconds (the forms a unit uses).
+fn systemd_seconds(value: &str) -> u64 {
+    let mut total = 0;
+    for part in value.split_whitespace() {
+        let digits: String = part.chars().take_while(char::is_ascii_digit).collect();
+        let number: u64 = digits.parse().unwrap();
+        total += match &part[digits.len()..] {
+            "" | "s" | "sec" => number,
+            "m" | "min" => number * 60,
+            "h" => number * 3600,
+            unit => panic!("unexpected time unit {unit} in {value}"),
+        };
+    }
+    total
+}
+
+/// The seconds a stop must outlast: the shipped service config's drain and
+/// kill grace (read through the daemon's own loader, which also proves the
+/// file valid).
+fn shipped_drain_seconds() -> u64 {
+    let config = taskrunner::config::Config::load_file(&init_dir().join("taskrunner.yml"))
+        .expect("init/taskrunner.yml loads");
+    (config.shutdown_timeout + config.defaults.kill_grace).as_secs()
+}
+
+#[test]
+fn systemd_unit_is_valid_and_outlasts_the_drain() {
+    let unit_path = init_dir().join("taskrunner.service");
+    let unit = std::fs::read_to_string(&unit_path).unwrap();
+    let keys = unit_keys(&unit);
+    // The keys this unit may use (a typo is silently ignored by systemd).
+    let known: &[(&str, &[&str])] = &[
+        (
+            "Unit",
+            &[
+                "Description",
+                "Documentation",
+                "After",
+                "Before",
+                "Wants",
+                "Requires",
+                "BindsTo",
+                "PartOf",
+                "ConditionPathExists",
+                "StartLimitIntervalSec",
+                "StartLimitBurst",
+            ],
+        ),
+        (
+            "Service",
+            &[
+                "Type",
+                "NotifyAccess",
+                "User",
+                "Group",
+                "ExecStart",
+                "ExecStartPre",
+                "ExecReload",
+                "KillMode",
+                "KillSignal",
+                "TimeoutStopSec",
+                "TimeoutStartSec",
+                "Restart",
+                "RestartSec",
+                "RuntimeDirectory",
+                "RuntimeDirectoryMode",
+                "StateDirectory",
+                "StateDirectoryMode",
+                "LogsDirectory",
+                "WorkingDirectory",
+                "Environment",
+                "EnvironmentFile",
+                "NoNewPrivileges",
+                "ProtectSystem",
+                "ProtectHome",
+                "PrivateTmp",
+                "PrivateDevices",
+                "ProtectKernelTunables",
+                "ProtectKernelModules",
+                "ProtectKernelLogs",
+                "ProtectControlGroups",
+                "ProtectClock",
+                "ProtectHostname",
+                "RestrictRealtime",
+                "RestrictSUIDSGID",
+                "RestrictNamespaces",
+                "LockPersonality",
+                "RestrictAddressFamilies",
+                "UMask",
+                "LimitNOFILE",
+            ],
+        ),
+        ("Install", &["WantedBy", "Alias"]),
+    ];
+    for (section, key, _) in &keys {
+        let allowed = known
+            .iter()
+            .find(|(name, _)| name == section)
+            .unwrap_or_else(|| panic!("unknown section [{section}]"))
+            .1;
+        assert!(
+            allowed.contains(&key.as_str()),
+            "unknown key {key}= in [{section}]"
+        );
+    }
+    let value = |section: &str, key: &str| -> String {
+        keys.iter()
+            .find(|(s, k, _)| s == section && k == key)
+            .map(|(_, _, v)| v.clone())
+            .unwrap_or_else(|| panic!("[{section}] {key}= is missing"))
+    };
+    assert_eq!(value("Service", "Type"), "notify");
+    // The daemon alone gets SIGTERM and stops its tasks itself.
+    assert_eq!(value("Service", "KillMode"), "mixed");
+    assert!(value("Service", "ExecStart").contains("--config /etc/taskrunner/taskrunner.yml"));
+    assert!(value("Service", "ExecReload").contains("-HUP $MAINPID"));
+    assert_eq!(value("Service", "RuntimeDirectoryMode"), "0700");
+    assert_eq!(value("Install", "WantedBy"), "multi-user.target");
+    value("Service", "User");
+    let timeout = systemd_seconds(&value("Service", "TimeoutStopSec"));
+    let drain = shipped_drain_seconds();
+    assert!(
+        timeout > drain,
+        "TimeoutStopSec={timeout}s must exceed shutdown_timeout + kill_grace ({drain}s)"
+    );
+
+    // systemd's own check, where it is installed. It insists that ExecStart
+    // exists, so it sees the unit pointing at the freshly built daemon.
+    let analyze = Command::new("sh")
+        .args(["-c", "command -v systemd-analyze"])
+        .output()
+        .unwrap();
+    if !analyze.status.success() {
+        eprintln!("systemd-analyze is not installed: checked the unit's keys only");
+        return;
+    }
+    let scratch = Scratch::new("unit");
+    let copy = scratch.join("taskrunner.service");
+    std::fs::write(&copy, unit.replace("/usr/local/bin/taskrunnerd", DAEMON)).unwrap();
+    let verified = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(verified.status.success(), "{}", text(&verified));
+    // It only warns about unknown keys and bad values: any output is a finding.
+    let findings = String::from_utf8_lossy(&verified.stderr);
+    let findings: Vec<&str> = findings
+        .lines()
+        // Not about the unit: a container without a running systemd.
+        .filter(|l| !l.contains("Failed to connect") && !l.trim().is_empty())
+        .collect();
+    assert!(findings.is_empty(), "systemd-analyze verify: {findings:#?}");
+}
+
+#[test]
+fn sysv_and_openrc_scripts_parse_and_outlast_the_drain() {
+    let drain = shipped_drain_seconds();
+    for (file, key) in [
+        ("taskrunner.sysv", "STOP_TIMEOUT="),
+        ("taskrunner.openrc", ": \"${TASKRUNNER_STOP_TIMEOUT:="),
+    ] {
+        let path = init_dir().join(file);
+        let checked = Command::new("sh").arg("-n").arg(&path).output().unwrap();
+        assert!(checked.status.success(), "{file}: {}", text(&checked));
+        let script = std::fs::read_to_string(&path).unwrap();
+        let timeout: u64 = script
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("{file} sets no stop timeout"))
+            .trim_end_matches(['}', '"'])
+            .parse()
+            .unwrap();
+        assert!(
+            timeout > drain,
+            "{file}: stop timeout {timeout}s <= {drain}s"
+        );
+        // The config path and the user are set near the top.
+        let head: String = script.lines().take(25).collect::<Vec<_>>().join("\n");
+        assert!(head.contains("/etc/taskrunner/taskrunner.yml"), "{file}");
+        assert!(head.contains("taskrunner"), "{file}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Pidfile
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_daemon_is_refused_naming_the_running_pid() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut first = Daemon::start(&db, "d", "pidfile: run/taskrunnerd.pid\n");
+    let pidfile = first.dir.join("run/taskrunnerd.pid");
+    assert_eq!(pid_in(&pidfile), Some(first.pid()));
+    assert_eq!(
+        std::fs::read_to_string(&pidfile).unwrap(),
+        format!("{}\n", first.pid())
+    );
+
+    let mut second = Daemon::start_with_config(&first.config, &[]);
+    let status = second.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(1), "log:\n{}", second.log_text());
+    let message = second.log_text();
+    assert!(
+        message.contains(&format!(
+            "another taskrunnerd (pid {}) is running",
+            first.pid()
+        )),
+        "{message}"
+    );
+    // The first daemon keeps its pidfile and its socket.
+    assert_eq!(pid_in(&pidfile), Some(first.pid()));
+    let answer = socket_exchange(&first.dir.join("run/daemon.sock"), b"status\n");
+    let status: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(status["pid"], first.pid());
+
+    assert!(first.stop().success());
+    assert!(!pidfile.exists(), "removed on exit");
+}
+
+/// A daemon killed with SIGKILL leaves its pidfile and socket behind; the
+/// next one takes both over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_pidfile_and_socket_of_a_killed_daemon_are_taken_over() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut killed = Daemon::start(&db, "d", "pidfile: run/taskrunnerd.pid\n");
+    let pidfile = killed.dir.join("run/taskrunnerd.pid");
+    let socket = killed.dir.join("run/daemon.sock");
+    killed.signal(Signal::SIGKILL);
+    killed.wait_exit(WAIT);
+    assert_eq!(pid_in(&pidfile), Some(killed.pid()), "left behind");
+    assert!(socket.exists(), "left behind");
+
+    let mut next = Daemon::start_with_config(&killed.config, &[]);
+    next.wait_ready();
+    next.wait_for_log("taking over the stale pidfile", WAIT);
+    assert!(next
+        .log_text()
+        .contains(&format!("(pid {} is not running)", killed.pid())));
+    assert_eq!(pid_in(&pidfile), Some(next.pid()));
+    let answer = socket_exchange(&socket, b"status\n");
+    let status: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(status["pid"], next.pid());
+    assert!(next.stop().success());
+    assert!(!pidfile.exists() && !socket.exists());
+}
+
+// ---------------------------------------------------------------------------
+// --daemonize
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemonize_returns_once_ready_and_leaves_the_daemon_running() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let config = write_config(
+        &db,
+        "d",
+        "pidfile: run/taskrunnerd.pid\nlog_file: taskrunnerd.log\n",
+    );
+    let dir = config.parent().unwrap().to_path_buf();
+    let pidfile = dir.join("run/taskrunnerd.pid");
+    let launch = || {
+        Command::new(DAEMON)
+            .arg("--config")
+            .arg(&config)
+            .arg("--daemonize")
+            .current_dir(&dir)
+            .env_remove("DATABASE_URL")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let launched = launch();
+    assert!(launched.status.success(), "{}", text(&launched));
+    // Ready means the pidfile is written and the socket answers.
+    let pid = pid_in(&pidfile).expect("the pidfile is written before the launcher exits");
+    let _guard = KillOnDrop(pid);
+    assert!(process_exists(pid));
+    let answer = socket_exchange(&dir.join("run/daemon.sock"), b"status\n");
+    let status: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(status["pid"], pid);
+    // Detached: not our child, in a session of its own, not its leader.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let (parent, session): (i32, i32) = (fields[1].parse().unwrap(), fields[3].parse().unwrap());
+    assert_ne!(parent, std::process::id() as i32);
+    assert_ne!(session, nix::unistd::getsid(None).unwrap().as_raw());
+    assert_ne!(session, pid, "the second fork gives up session leadership");
+    let log = dir.join("taskrunnerd.log");
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("taskrunnerd started"));
+
+    // A second launch fails, and the launcher says why.
+    let refused = launch();
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains(&format!("another taskrunnerd (pid {pid}) is running")),
+        "{}",
+        text(&refused)
+    );
+    assert!(process_exists(pid));
+
+    kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
+    wait_until(WAIT, "the daemonized daemon to exit", || {
+        !process_exists(pid)
+    });
+    wait_until(WAIT, "the pidfile to be removed", || !pidfile.exists());
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("taskrunnerd stopped"));
+}
+
+// ---------------------------------------------------------------------------
+// Control socket
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_socket_is_owner_only_and_survives_garbage() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut daemon = Daemon::start(&db, "d", "");
+    let socket = daemon.dir.join("run/daemon.sock");
+    let metadata = std::fs::symlink_metadata(&socket).unwrap();
+    assert!(metadata.file_type().is_socket());
+    assert_eq!(metadata.permissions().mode() & 0o777, 0o600);
+    let dir = std::fs::metadata(socket.parent().unwrap()).unwrap();
+    assert_eq!(dir.permissions().mode() & 0o777, 0o700);
+
+    let config = daemon.config.to_string_lossy().into_owned();
+    let (code, out, err) = cli(&db, &["--config", &config, "status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["pid"], daemon.pid());
+    assert_eq!(status["stopping"], false);
+    let (code, out, err) = cli(&db, &["--config", &config, "status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("(pid {})", daemon.pid())), "{out}");
+
+    assert_eq!(socket_exchange(&socket, b"wake\n"), "{\"ok\":true}\n");
+
+    // Garbage: answered with an error, and the daemon carries on.
+    let huge = vec![b'x'; 100_000];
+    for garbage in [
+        &b"\xff\xfe\x00 not utf-8\n"[..],
+        b"status please\n",
+        b"\n",
+        &huge,
+    ] {
+        let answer = socket_exchange(&socket, garbage);
+        let value: serde_json::Value = serde_json::from_str(&answer)
+            .unwrap_or_else(|e| panic!("answer to garbage {answer:?}: {e}"));
+        assert!(value["error"].is_string(), "{answer}");
+    }
+    // A client that connects and says nothing holds up no one else.
+    let silent = UnixStream::connect(&socket).unwrap();
+    let (code, _, err) = cli(&db, &["--config", &config, "status"]);
+    assert_eq!(code, 0, "{err}");
+    drop(silent);
+    assert!(daemon.child.try_wait().unwrap().is_none(), "still running");
+
+    // stop: graceful, exit 0, socket removed.
+    assert_eq!(socket_exchange(&socket, b"stop\n"), "{\"ok\":true}\n");
+    let status = daemon.wait_exit(WAIT);
+    assert!(status.success(), "log:\n{}", daemon.log_text());
+    assert!(daemon
+        .log_text()
+        .contains("stop requested on the control socket"));
+    assert!(!socket.exists());
+    let (code, _, err) = cli(&db, &["--config", &config, "status"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no daemon answers on"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+}
+
+// ---------------------------------------------------------------------------
+// SIGHUP
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_a_good_config_and_refuses_a_broken_one() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let gate = db.scratch.join("gate");
+    let gated = format!(
+        "  Gated:\n    command: [/bin/sh, -c, 'while [ ! -e {} ]; do sleep 0.05; done; echo released']\n",
+        gate.display()
+    );
+    let mut daemon = Daemon::start(&db, "d", &format!("tasks:\n{gated}"));
+    let running = db.enqueue("Gated", None).await;
+    let row = db
+        .wait_for(running, WAIT, "running with a pid", |r| r.pid.is_some())
+        .await;
+    let task_pid = row.pid.unwrap() as i32;
+
+    // Good: Gated is gone from the file, Added is new.
+    let base = base_config(&db, &daemon.dir);
+    std::fs::write(
+        &daemon.config,
+        merge_yaml(&base, "tasks:\n  Added:\n    command: [/bin/echo, added]\n"),
+    )
+    .unwrap();
+    daemon.signal(Signal::SIGHUP);
+    daemon.wait_for_log("config reloaded", WAIT);
+    let added = db.enqueue("Added", None).await;
+    let row = db.wait_for_state(added, "FINISHED", WAIT).await;
+    assert_eq!(row.result_text.as_deref(), Some("added"));
+
+    // Broken: refused with the reason; the old config stays.
+    std::fs::write(
+        &daemon.config,
+        merge_yaml(
+            &base,
+            "tasks:\n  Added:\n    command: [/bin/echo, added]\n    timout: 1m\n",
+        ),
+    )
+    .unwrap();
+    daemon.signal(Signal::SIGHUP);
+    daemon.wait_for_log("config reload refused", WAIT);
+    let refusal = daemon
+        .log_text()
+        .lines()
+        .find(|l| l.contains("config reload refused"))
+        .unwrap()
+        .to_string();
+    assert!(refusal.contains("timout"), "names the key: {refusal}");
+    let again = db.enqueue("Added", None).await;
+    db.wait_for_state(again, "FINISHED", WAIT).await;
+    assert!(daemon.child.try_wait().unwrap().is_none(), "still running");
+
+    // The task that ran through both reloads was not touched.
+    assert!(process_exists(task_pid));
+    assert_eq!(db.row(running).await.pid, Some(task_pid as _));
+    std::fs::write(&gate, "").unwrap();
+    let row = db.wait_for_state(running, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 1);
+    assert_eq!(row.result_text.as_deref(), Some("released"));
+    assert!(daemon.stop().success());
+}
+
+// ---------------------------------------------------------------------------
+// Logs and config commands
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_a_line() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let config = write_config(&db, "d", "");
+    let mut daemon = Daemon::start_with_config(&config, &["--log-format", "json"]);
+    daemon.wait_ready();
+    assert!(daemon.stop().success());
+    let log = daemon.log_text();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect();
+    let started = lines
+        .iter()
+        .find(|l| l["message"] == "taskrunnerd started")
+        .unwrap_or_else(|| panic!("no start line in {log}"));
+    assert_eq!(started["level"], "INFO");
+    assert_eq!(started["version"], env!("CARGO_PKG_VERSION"));
+    assert!(started["timestamp"].is_string());
+    assert!(started["database"]
+        .as_str()
+        .unwrap()
+        .starts_with("sqlite://"));
+    assert!(lines.iter().any(|l| l["message"] == "taskrunnerd stopped"));
+}
+
+fn cli_without_database(dir: &Path, args: &[&str]) -> Output {
+    Command::new(CLI)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn config_init_writes_a_starter_that_config_check_accepts() {
+    let scratch = Scratch::new("config");
+    let path = scratch.join("taskrunner.yml");
+    let path_text = path.to_string_lossy().into_owned();
+    let init = cli_without_database(&scratch.path, &["config", "init", &path_text]);
+    assert!(init.status.success(), "{}", text(&init));
+    let written = std::fs::read_to_string(&path).unwrap();
+    assert!(written.starts_with('#'), "commented: {written}");
+
+    let check = cli_without_database(&scratch.path, &["config", "check", &path_text]);
+    assert!(check.status.success(), "{}", text(&check));
+    let shown = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert!(shown.contains("shutdown_timeout: 30s"), "{shown}");
+    assert!(
+        shown.contains("# task types:") && shown.contains("Echo"),
+        "{shown}"
+    );
+    // Without FILE: ./taskrunner.yml.
+    let check = cli_without_database(&scratch.path, &["config", "check"]);
+    assert!(check.status.success(), "{}", text(&check));
+
+    // init never overwrites.
+    std::fs::write(&path, "poll_interval: 5s\n").unwrap();
+    let again = cli_without_database(&scratch.path, &["config", "init", &path_text]);
+    assert_eq!(again.status.code(), Some(1), "{}", text(&again));
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        "poll_interval: 5s\n"
+    );
+
+    // A mistake deep down: exit 2, one line naming the file, the line and the key.
+    std::fs::write(
+        &path,
+        "poll_interval: 5s\ntasks:\n  Echo:\n    command: [/bin/cat]\n    timout: 1m\n",
+    )
+    .unwrap();
+    let broken = cli_without_database(&scratch.path, &["config", "check", &path_text]);
+    assert_eq!(broken.status.code(), Some(2), "{}", text(&broken));
+    let error = String::from_utf8_lossy(&broken.stderr).into_owned();
+    assert_eq!(error.trim().lines().count(), 1, "{error}");
+    assert!(
+        error.contains(&path_text) && error.contains("timout") && error.contains("line 5"),
+        "{error}"
+    );
+
+    // The config shipped for services checks too.
+    let shipped = init_dir().join("taskrunner.yml");
+    let check = cli_without_database(
+        &scratch.path,
+        &["config", "check", &shipped.to_string_lossy()],
+    );
+    assert!(check.status.success(), "{}", text(&check));
+}
