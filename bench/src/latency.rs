@@ -1,0 +1,274 @@
+//! Latency: requests inserted one at a time, at fixed gaps, by another OS
+//! process (this binary in its `inserter` mode) into an idle daemon. The
+//! delay is `started_at − created_at` of each row: both written by the
+//! database clock (`created_at` by the inserting statement, `started_at` by
+//! the daemon's claim, just before it spawns the task), so no clocks of two
+//! processes are compared. It includes the inserter's own commit.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use sqlx::{ConnectOptions, Connection};
+
+use crate::daemon::{self, Daemon};
+use crate::database::{Backend, Bench};
+use crate::report::{ms, Table};
+
+/// How the requests get in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// A plain `INSERT` by an application's connection.
+    Sql,
+    /// `taskrunner-cli enqueue`, which also wakes the daemon over its socket.
+    Cli,
+}
+
+pub struct Case {
+    pub backend: Backend,
+    pub path: Path,
+    /// Insert-to-start delays, in milliseconds, sorted.
+    pub delays_ms: Vec<f64>,
+}
+
+#[derive(clap::Args)]
+pub struct InserterArgs {
+    /// The database to insert into
+    #[arg(long)]
+    url: String,
+    #[arg(long)]
+    count: usize,
+    #[arg(long)]
+    gap_ms: u64,
+    /// Insert through this taskrunner-cli instead of SQL
+    #[arg(long)]
+    cli: Option<PathBuf>,
+    /// The daemon's config, for taskrunner-cli (it finds the socket there)
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+pub async fn run(
+    bench: &Bench,
+    backends: &[Backend],
+    count: usize,
+    gap_ms: u64,
+) -> Result<Vec<Case>> {
+    let mut cases = Vec::new();
+    for &backend in backends {
+        for path in [Path::Sql, Path::Cli] {
+            eprintln!(
+                "latency: {} {count} requests through {}, {gap_ms} ms apart",
+                backend.name(),
+                path_name(path)
+            );
+            cases.push(measure(bench, backend, path, count, gap_ms).await?);
+        }
+    }
+    Ok(cases)
+}
+
+async fn measure(
+    bench: &Bench,
+    backend: Backend,
+    path: Path,
+    count: usize,
+    gap_ms: u64,
+) -> Result<Case> {
+    let dir = bench.case_dir(&format!("latency-{backend:?}-{path:?}").to_lowercase())?;
+    let database = bench.database(backend, &dir).await?;
+    // The poll is only the safety net: every start below is a wake-up.
+    let daemon = Daemon::start(
+        bench,
+        &dir,
+        &database.url,
+        "max_concurrent: 2\npoll_interval: 60s\n",
+    )
+    .await?;
+    // Let the daemon settle (LISTEN connected, SQLite change watcher primed).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let mut command = Command::new(std::env::current_exe()?);
+    command
+        .arg("inserter")
+        .arg("--url")
+        .arg(&database.url)
+        .arg("--count")
+        .arg(count.to_string())
+        .arg("--gap-ms")
+        .arg(gap_ms.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if path == Path::Cli {
+        command
+            .arg("--cli")
+            .arg(bench.binary(daemon::CLI))
+            .arg("--config")
+            .arg(&daemon.config);
+    }
+    let mut inserter = command.spawn().context("starting the inserter")?;
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_millis(gap_ms) * count as u32
+        + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = inserter.try_wait()? {
+            break status;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let _ = inserter.kill();
+            let _ = inserter.wait();
+            bail!("the inserter did not finish in time");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    if !status.success() {
+        let mut text = String::new();
+        if let Some(mut stderr) = inserter.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        }
+        bail!("the inserter failed ({status}): {text}");
+    }
+    database
+        .wait_finished(count, Duration::from_secs(60))
+        .await?;
+    daemon.stop().await?;
+    let mut delays_ms = database
+        .floats(&format!(
+            "SELECT 1000.0 * {} FROM task_runner_requests ORDER BY id",
+            database.seconds_between("created_at", "started_at")
+        ))
+        .await?;
+    database.close().await;
+    if backend == Backend::Sqlite {
+        // Whole milliseconds stored; julianday arithmetic adds float noise.
+        delays_ms
+            .iter_mut()
+            .for_each(|delay| *delay = delay.round());
+    }
+    delays_ms.sort_by(f64::total_cmp);
+    Ok(Case {
+        backend,
+        path,
+        delays_ms,
+    })
+}
+
+/// The `inserter` mode: `count` requests, the i-th at start + i × gap (or at
+/// once when late), each committed on its own.
+pub async fn run_inserter(args: InserterArgs) -> Result<()> {
+    enum Target {
+        Sqlite(sqlx::SqliteConnection),
+        Postgres(sqlx::PgConnection),
+        Cli(PathBuf, PathBuf),
+    }
+    let mut target = match (&args.cli, &args.config) {
+        (Some(cli), Some(config)) => Target::Cli(cli.clone(), config.clone()),
+        (Some(_), None) => bail!("--cli needs --config"),
+        _ if args.url.starts_with("sqlite:") => Target::Sqlite(
+            sqlx::sqlite::SqliteConnectOptions::from_str(&args.url)?
+                .busy_timeout(Duration::from_secs(10))
+                .connect()
+                .await?,
+        ),
+        _ => Target::Postgres(sqlx::PgConnection::connect(&args.url).await?),
+    };
+    const INSERT: &str = "INSERT INTO task_runner_requests (task_class_name, options) VALUES ('NoOp', 'created_from: bench')";
+    let gap = Duration::from_millis(args.gap_ms);
+    let start = tokio::time::Instant::now();
+    for index in 0..args.count {
+        tokio::time::sleep_until(start + gap * index as u32).await;
+        match &mut target {
+            Target::Sqlite(connection) => {
+                sqlx::query(INSERT).execute(&mut *connection).await?;
+            }
+            Target::Postgres(connection) => {
+                sqlx::query(INSERT).execute(&mut *connection).await?;
+            }
+            Target::Cli(cli, config) => {
+                let output = tokio::process::Command::new(cli)
+                    .arg("--config")
+                    .arg(config)
+                    .args(["enqueue", "NoOp", "--options", "created_from: bench"])
+                    .env_remove("DATABASE_URL")
+                    .output()
+                    .await?;
+                if !output.status.success() {
+                    bail!(
+                        "taskrunner-cli enqueue failed: {}",
+                        String::from_utf8_lossy(&output.stderr)
+                    );
+                }
+            }
+        }
+    }
+    match target {
+        Target::Sqlite(connection) => connection.close().await?,
+        Target::Postgres(connection) => connection.close().await?,
+        Target::Cli(..) => {}
+    }
+    Ok(())
+}
+
+fn path_name(path: Path) -> &'static str {
+    match path {
+        Path::Sql => "INSERT by another process",
+        Path::Cli => "taskrunner-cli enqueue",
+    }
+}
+
+/// Nearest-rank percentile of sorted values.
+pub fn percentile(sorted: &[f64], fraction: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (fraction * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+pub fn table(cases: &[Case], count: usize, gap_ms: u64) -> Table {
+    let mut table = Table::new(
+        &format!("Latency: {count} requests inserted one at a time, {gap_ms} ms apart, into an idle daemon"),
+        &["backend", "inserted by", "p50 ms", "p95 ms", "p99 ms", "max ms", "target"],
+    );
+    for case in cases {
+        let target = match (case.backend, case.path) {
+            (Backend::Sqlite, Path::Sql) => "< 1.5 s",
+            (Backend::Postgres, Path::Sql) => "p50 < 3 ms, p99 < 10 ms",
+            (_, Path::Cli) => "< 10 ms",
+        };
+        let delays = &case.delays_ms;
+        table.row(vec![
+            case.backend.name().to_string(),
+            path_name(case.path).to_string(),
+            ms(percentile(delays, 0.50)),
+            ms(percentile(delays, 0.95)),
+            ms(percentile(delays, 0.99)),
+            ms(delays.last().copied().unwrap_or(f64::NAN)),
+            target.to_string(),
+        ]);
+    }
+    table.note(
+        "Insert-to-start = started_at − created_at of each row, both written by the database clock \
+         (created_at by the inserting statement, started_at by the daemon's claim just before the task process \
+         is spawned); it includes the inserter's own commit. SQLite stores milliseconds, so its values are \
+         whole milliseconds.",
+    );
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&values, 0.50), 50.0);
+        assert_eq!(percentile(&values, 0.99), 99.0);
+        assert_eq!(percentile(&values, 1.0), 100.0);
+        assert_eq!(percentile(&[7.0], 0.95), 7.0);
+    }
+}

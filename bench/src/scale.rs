@@ -1,0 +1,145 @@
+//! Scale: the time of taskrunner's own claim (`Store::claim`, one row, the
+//! statement the scheduler runs) on a table that already holds many rows,
+//! nine in ten of them FINISHED and one in ten pending, as a table looks
+//! after months of use without purging.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use taskrunner::store::{Purpose, Store};
+
+use crate::database::{Backend, Bench};
+use crate::latency::percentile;
+use crate::report::{ms, Table};
+
+/// Claims timed per table (after a few untimed ones).
+const CLAIMS: usize = 1_000;
+const WARM_UP: usize = 20;
+
+pub struct Case {
+    pub backend: Backend,
+    pub rows: usize,
+    pub pending: usize,
+    /// Each claim's duration in milliseconds, sorted.
+    pub claims_ms: Vec<f64>,
+}
+
+impl Case {
+    fn mean_ms(&self) -> f64 {
+        self.claims_ms.iter().sum::<f64>() / self.claims_ms.len().max(1) as f64
+    }
+}
+
+pub async fn run(bench: &Bench, backends: &[Backend], sizes: &[usize]) -> Result<Vec<Case>> {
+    let mut cases = Vec::new();
+    for &backend in backends {
+        for &rows in sizes {
+            cases.push(measure(bench, backend, rows).await?);
+        }
+    }
+    Ok(cases)
+}
+
+async fn measure(bench: &Bench, backend: Backend, rows: usize) -> Result<Case> {
+    let pending = (rows / 10).max(WARM_UP + 100);
+    let finished = rows.saturating_sub(pending);
+    eprintln!(
+        "scale: {} with {finished} FINISHED + {pending} pending rows",
+        backend.name()
+    );
+    let dir = bench.case_dir(&format!("scale-{backend:?}-{rows}").to_lowercase())?;
+    let database = bench.database(backend, &dir).await?;
+    let loading = Instant::now();
+    // Old finished rows first (low ids), then the backlog, as in real life.
+    let long_ago = "'2026-01-01 00:00:00.000'";
+    database
+        .bulk_insert(
+            finished,
+            &[
+                ("task_class_name", "'NoOp'"),
+                ("created_at", long_ago),
+                ("started_at", long_ago),
+                ("completed_at", long_ago),
+                ("heartbeat_at", long_ago),
+                ("result", "'FINISHED'"),
+                ("result_text", "'NOOP: OK!'"),
+                ("tries", "1"),
+                ("host", "'bench'"),
+            ],
+        )
+        .await?;
+    database
+        .bulk_insert(pending, &[("task_class_name", "'NoOp'")])
+        .await?;
+    if backend == Backend::Postgres {
+        // What autovacuum does within a minute of a bulk load.
+        database
+            .execute("VACUUM ANALYZE task_runner_requests")
+            .await?;
+    }
+    eprintln!("scale: loaded in {:.1}s", loading.elapsed().as_secs_f64());
+
+    let store = Store::open(&database.url, Purpose::Daemon)?;
+    let claims = CLAIMS.min(pending - WARM_UP);
+    let mut claims_ms = Vec::with_capacity(claims);
+    for index in 0..WARM_UP + claims {
+        let token = format!("bench-claim-{index}");
+        let started = Instant::now();
+        let claimed = store.claim("bench", "bench:1:scale", &token, 1).await?;
+        let elapsed = started.elapsed();
+        anyhow::ensure!(claimed.len() == 1, "claim {index} found no runnable row");
+        if index >= WARM_UP {
+            claims_ms.push(elapsed.as_secs_f64() * 1000.0);
+        }
+    }
+    store.close().await;
+    database.close().await;
+    claims_ms.sort_by(f64::total_cmp);
+    Ok(Case {
+        backend,
+        rows,
+        pending,
+        claims_ms,
+    })
+}
+
+pub fn table(cases: &[Case]) -> Table {
+    let mut table = Table::new(
+        "Scale: Store::claim of one row, on a small and on a large table",
+        &[
+            "backend",
+            "rows in table",
+            "of them pending",
+            "claims timed",
+            "mean ms",
+            "p50 ms",
+            "p99 ms",
+            "mean vs smallest",
+            "target",
+        ],
+    );
+    for case in cases {
+        let smallest = cases
+            .iter()
+            .filter(|other| other.backend == case.backend)
+            .min_by_key(|other| other.rows)
+            .map_or(f64::NAN, Case::mean_ms);
+        table.row(vec![
+            case.backend.name().to_string(),
+            case.rows.to_string(),
+            case.pending.to_string(),
+            case.claims_ms.len().to_string(),
+            ms(case.mean_ms()),
+            ms(percentile(&case.claims_ms, 0.50)),
+            ms(percentile(&case.claims_ms, 0.99)),
+            format!("{:.2}×", case.mean_ms() / smallest),
+            "within 2×".to_string(),
+        ]);
+    }
+    table.note(
+        "Each claim is taskrunner's own Store::claim (limit 1) through the library, from this process, \
+         one at a time, each its own transaction (with its commit: on PostgreSQL a WAL flush). \
+         Finished rows have low ids, pending ones high ids; PostgreSQL is VACUUM ANALYZEd after the load.",
+    );
+    table
+}

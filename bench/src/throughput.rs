@@ -1,0 +1,266 @@
+//! Throughput: a table full of NoOp requests, drained by one daemon at a
+//! given `max_concurrent`, next to the ceiling: the same task process spawned
+//! and waited for directly, with no database and no daemon, at the same
+//! concurrency. Also the daemon's peak memory while it drains.
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::daemon::{self, Daemon, Usage};
+use crate::database::{Backend, Bench};
+use crate::report::{ms, Table};
+
+pub struct Case {
+    pub backend: Backend,
+    pub concurrency: usize,
+    /// Tasks per second, first `started_at` to last `completed_at`.
+    pub rate: f64,
+    /// Spawn-and-wait rate as Rust's `Command` does it (posix_spawn).
+    pub ceiling: f64,
+    /// The same with a `pre_exec` hook, which forces fork + exec (as the
+    /// daemon's spawns, which set limits and a parent-death signal in the child).
+    pub fork_ceiling: f64,
+    pub rows: usize,
+    /// The daemon's usage at the end of the drain.
+    pub usage: Usage,
+    /// Busy CPU time of the whole machine during the drain.
+    pub machine_cpu: Duration,
+}
+
+pub async fn run(
+    bench: &Bench,
+    backends: &[Backend],
+    concurrency: &[usize],
+    rows: usize,
+) -> Result<Vec<Case>> {
+    let mut cases = Vec::new();
+    for &backend in backends {
+        for &level in concurrency {
+            // The ceiling right before the drain, so that both see the same machine.
+            eprintln!("throughput: spawn ceiling, {rows} NoOp processes at concurrency {level}");
+            let plain = ceiling(bench, level, rows, false)?;
+            let fork = ceiling(bench, level, rows, true)?;
+            eprintln!(
+                "throughput: {} draining {rows} NoOp requests, max_concurrent {level}",
+                backend.name()
+            );
+            let (rate, usage, machine_cpu) = drain(bench, backend, level, rows).await?;
+            cases.push(Case {
+                backend,
+                concurrency: level,
+                rate,
+                ceiling: plain,
+                fork_ceiling: fork,
+                rows,
+                usage,
+                machine_cpu,
+            });
+        }
+    }
+    Ok(cases)
+}
+
+/// Drains `rows` NoOp requests; returns tasks per second (by the database
+/// clock, first start to last completion), the daemon's usage, and the
+/// machine's busy CPU time during the drain.
+async fn drain(
+    bench: &Bench,
+    backend: Backend,
+    concurrency: usize,
+    rows: usize,
+) -> Result<(f64, Usage, Duration)> {
+    let dir = bench.case_dir(&format!("throughput-{backend:?}-{concurrency}").to_lowercase())?;
+    let database = bench.database(backend, &dir).await?;
+    database
+        .bulk_insert(rows, &[("task_class_name", "'NoOp'")])
+        .await?;
+    let cpu_before = machine_busy_cpu()?;
+    let daemon = Daemon::start(
+        bench,
+        &dir,
+        &database.url,
+        &format!("max_concurrent: {concurrency}\n"),
+    )
+    .await?;
+    let timeout = Duration::from_secs(60) + Duration::from_millis(50) * rows as u32;
+    database.wait_finished(rows, timeout).await?;
+    let usage = daemon.usage()?;
+    let machine_cpu = machine_busy_cpu()?.saturating_sub(cpu_before);
+    daemon.stop().await?;
+    let span = database
+        .floats(&format!(
+            "SELECT {} FROM task_runner_requests WHERE result = 'FINISHED'",
+            database.seconds_between("min(started_at)", "max(completed_at)")
+        ))
+        .await?;
+    database.close().await;
+    let span = span.first().copied().unwrap_or(0.0);
+    if span <= 0.0 {
+        bail!("the drain took no measurable time");
+    }
+    Ok((rows as f64 / span, usage, machine_cpu))
+}
+
+/// Spawns the built-in task binary `count` times, `concurrency` at a time,
+/// exactly as the daemon would for NoOp (environment, empty stdin, stdout and
+/// stderr piped and read), and returns processes per second.
+fn ceiling(bench: &Bench, concurrency: usize, count: usize, fork: bool) -> Result<f64> {
+    let program = bench.binary(daemon::TASKS);
+    let next = AtomicUsize::new(0);
+    let started = Instant::now();
+    std::thread::scope(|scope| -> Result<()> {
+        let workers: Vec<_> = (0..concurrency.max(1))
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    while next.fetch_add(1, Ordering::Relaxed) < count {
+                        spawn_noop(&program, fork)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker
+                .join()
+                .map_err(|_| anyhow::anyhow!("a spawning thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+fn spawn_noop(program: &std::path::Path, fork: bool) -> Result<()> {
+    let mut command = Command::new(program);
+    command
+        .env("TASKRUNNER_TASK", "NoOp")
+        .env("TASKRUNNER_REQUEST_ID", "1")
+        .env("TASKRUNNER_TRY", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    if fork {
+        // SAFETY: an empty hook; its only effect is that std forks instead
+        // of using posix_spawn.
+        unsafe { command.pre_exec(|| Ok(())) };
+    }
+    // `output` closes stdin at once (empty options) and reads both pipes.
+    let output = command
+        .output()
+        .with_context(|| format!("running {}", program.display()))?;
+    if !output.status.success() || !output.stdout.starts_with(b"NOOP 1: OK!") {
+        bail!(
+            "{} failed: {}: {}",
+            program.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Busy CPU time of all CPUs since boot (everything in /proc/stat but idle and iowait).
+fn machine_busy_cpu() -> Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let first = stat.lines().next().unwrap_or_default();
+    let ticks: Vec<u64> = first
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let busy: u64 = ticks
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(index, _)| *index != 3 && *index != 4)
+        .map(|(_, value)| value)
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(Duration::from_secs_f64(busy as f64 / per_second))
+}
+
+fn per_task(cpu: Duration, rows: usize) -> String {
+    ms(cpu.as_secs_f64() * 1000.0 / rows.max(1) as f64)
+}
+
+pub fn table(cases: &[Case], rows: usize) -> Table {
+    let mut table = Table::new(
+        &format!("Throughput: {rows} NoOp requests inserted up front, drained"),
+        &[
+            "backend",
+            "max_concurrent",
+            "tasks/s",
+            "spawn ceiling/s",
+            "ratio",
+            "target",
+            "fork+exec ceiling/s",
+            "daemon CPU ms/task",
+            "task CPU ms/task",
+            "machine CPU ms/task",
+            "daemon context switches/task",
+        ],
+    );
+    for case in cases {
+        let target = match (case.backend, case.concurrency) {
+            (_, 1) => "",
+            (Backend::Sqlite, _) => "≥ 80%",
+            (Backend::Postgres, _) => "≥ 70%",
+        };
+        table.row(vec![
+            case.backend.name().to_string(),
+            case.concurrency.to_string(),
+            format!("{:.0}", case.rate),
+            format!("{:.0}", case.ceiling),
+            format!("{:.0}%", 100.0 * case.rate / case.ceiling),
+            target.to_string(),
+            format!("{:.0}", case.fork_ceiling),
+            per_task(case.usage.cpu, case.rows),
+            per_task(case.usage.children_cpu, case.rows),
+            per_task(case.machine_cpu, case.rows),
+            format!(
+                "{:.1}",
+                case.usage.context_switches as f64 / case.rows.max(1) as f64
+            ),
+        ]);
+    }
+    table.note(
+        "tasks/s: rows ÷ (last completed_at − first started_at), by the database clock. \
+         Spawn ceiling: the same NoOp process spawned and waited for directly (std::process, posix_spawn), \
+         no database, same concurrency; fork+exec: the same with a pre_exec hook, as the daemon spawns. \
+         CPU per task: the daemon's own, its task processes', and the whole machine's busy time during the drain \
+         (the rest is the database server, the kernel, and anything else running on the machine); \
+         context switches: all the daemon's threads, voluntary and not.",
+    );
+    table
+}
+
+pub fn memory_table(cases: &[Case], rows: usize) -> Table {
+    let mut table = Table::new(
+        &format!("Memory: the daemon while {rows} rows wait and max_concurrent run"),
+        &[
+            "backend",
+            "max_concurrent",
+            "peak RSS (VmHWM)",
+            "RSS at the end",
+            "target",
+        ],
+    );
+    let busiest = cases.iter().map(|case| case.concurrency).max().unwrap_or(0);
+    for case in cases.iter().filter(|case| case.concurrency == busiest) {
+        table.row(vec![
+            case.backend.name().to_string(),
+            case.concurrency.to_string(),
+            format!("{:.1} MiB", case.usage.peak_rss_kib as f64 / 1024.0),
+            format!("{:.1} MiB", case.usage.rss_kib as f64 / 1024.0),
+            "< 50 MiB".to_string(),
+        ]);
+    }
+    table.note("VmHWM of taskrunnerd from /proc/PID/status, read when the last row finished.");
+    table
+}
