@@ -203,6 +203,20 @@ async fn sysv_script_starts_refuses_a_second_start_and_stop_drains() {
             .contains("config reloaded")
     });
 
+    // A broken config: reload and restart are refused with the reason, and
+    // the running daemon stays.
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{good}poll_intervall: 5s\n")).unwrap();
+    for action in ["reload", "restart"] {
+        let refused = sysv(&defaults, action);
+        let shown = text(&refused);
+        assert!(!refused.status.success(), "{action}: {shown}");
+        assert!(shown.contains("poll_intervall"), "{action}: {shown}");
+        assert_eq!(pid_in(&pidfile), Some(pid), "{action}");
+        assert!(process_exists(pid), "{action}");
+    }
+    std::fs::write(&config, good).unwrap();
+
     // stop drains: a task running when it is asked to stop finishes.
     let id = db.enqueue("Gated", None).await;
     let running = db
