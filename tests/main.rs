@@ -6,5 +6,6 @@ mod util;
 
 mod core;
 mod faults;
+mod scheduling;
 mod sdk;
 mod ops;

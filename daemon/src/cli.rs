@@ -62,6 +62,10 @@ enum Command {
         /// Higher runs first (default 0)
         #[arg(long, value_name = "N", allow_hyphen_values = true)]
         priority: Option<i64>,
+        /// While a pending or running request has this key, insert nothing
+        /// and print that request's id instead
+        #[arg(long, value_name = "KEY")]
+        unique_key: Option<String>,
     },
     /// Show requests as a table, newest first
     List {
@@ -109,10 +113,19 @@ enum Command {
         id: RequestId,
     },
     /// Delete finished, cancelled, rejected and exhausted requests
+    /// (without --older-than: as the config's `retention:` says)
     Purge {
-        /// Completed longer ago than this (e.g. 30d)
+        /// Completed longer ago than this (e.g. 30d), whatever their kind
         #[arg(long, value_name = "DUR", value_parser = parse_duration)]
-        older_than: Duration,
+        older_than: Option<Duration>,
+    },
+    /// Wait until a request is final; print its result_text; exit 0 if it FINISHED
+    Wait {
+        #[arg(value_name = "ID")]
+        id: RequestId,
+        /// Give up after this long (exit status 1)
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        timeout: Option<Duration>,
     },
     /// Ask the running daemon what it is doing
     Status {
@@ -214,6 +227,7 @@ async fn dispatch(flags: Flags) -> Result<ExitCode> {
             at,
             try_limit,
             priority,
+            unique_key,
         } => {
             let store = open(Purpose::Cli)?;
             let id = store
@@ -224,6 +238,7 @@ async fn dispatch(flags: Flags) -> Result<ExitCode> {
                     delay_seconds: delay.map(|d| d.as_secs_f64()),
                     at,
                     priority: priority.unwrap_or(0),
+                    unique_key,
                 })
                 .await
                 .with_context(|| format!("enqueueing into {}", store.display_url))?;
@@ -298,8 +313,42 @@ async fn dispatch(flags: Flags) -> Result<ExitCode> {
             ),
         },
         Command::Purge { older_than } => {
-            let deleted = open(Purpose::Cli)?.purge(older_than, 1000).await?;
+            let retention = match older_than {
+                Some(age) => crate::retention::Retention::all(age),
+                None if config.retention.is_empty() => {
+                    println!(
+                        "no `retention:` rules in the config and no --older-than: nothing deleted"
+                    );
+                    return Ok(ExitCode::SUCCESS);
+                }
+                None => config.retention.clone(),
+            };
+            let store = open(Purpose::Cli)?;
+            let deleted = crate::retention::prune(&store, &retention, Duration::ZERO, None).await?;
             println!("deleted {deleted} requests");
+        }
+        Command::Wait { id, timeout } => {
+            let store = open(Purpose::Cli)?;
+            let Some(request) =
+                crate::waiter::wait(&store, &config.database_url, id, timeout).await?
+            else {
+                let waited = timeout
+                    .map(crate::units::format_duration)
+                    .unwrap_or_default();
+                eprintln!("taskrunner-cli: request {id} is not final after {waited}");
+                return Ok(ExitCode::FAILURE);
+            };
+            let text = request.result_text.unwrap_or_default();
+            let state = request.result.unwrap_or_default();
+            if state == "FINISHED" {
+                println!("{text}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            eprintln!(
+                "request {id} {state} ({} of {} tries): {text}",
+                request.tries, request.try_limit
+            );
+            return Ok(ExitCode::FAILURE);
         }
         Command::Status { json } => {
             let Some(socket) = &config.socket else {

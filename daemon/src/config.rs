@@ -82,6 +82,9 @@ with_task_settings! {
         log_file: Option<PathBuf>,
         programs: Option<Vec<PathBuf>>,
         tasks: Option<BTreeMap<String, FileTask>>,
+        // Issue 7: retention and cron schedules (types in retention.rs, cron.rs).
+        retention: Option<crate::retention::FileRetention>,
+        schedules: Option<BTreeMap<String, crate::cron::FileSchedule>>,
     }
 }
 
@@ -158,6 +161,11 @@ pub struct Config {
     /// Settings for types not listed under `tasks:` (built-in and SDK programs).
     pub defaults: TaskSettings,
     pub tasks: BTreeMap<String, CommandTask>,
+    // Issue 7:
+    /// How long final rows are kept (`retention:`); empty keeps everything.
+    pub retention: crate::retention::Retention,
+    /// Requests enqueued on a schedule (`schedules:`), by name.
+    pub schedules: BTreeMap<String, crate::cron::Schedule>,
 }
 
 /// What the command line (and environment) contribute; `None` means "not given".
@@ -243,6 +251,8 @@ impl Config {
             Some(url) => resolve_sqlite_url(&url, dir),
             None => "sqlite://taskrunner.db".to_string(),
         };
+        // Issue 7:
+        let schedules = crate::cron::resolve_schedules(raw.schedules).map_err(&usage)?;
         Ok(Config {
             file,
             database_url,
@@ -269,6 +279,8 @@ impl Config {
                 .collect(),
             defaults,
             tasks,
+            retention: crate::retention::Retention::from_file(raw.retention),
+            schedules,
         })
     }
 
@@ -362,6 +374,16 @@ impl Config {
         for (name, task) in &self.tasks {
             out += &format!("  {name}:\n    command: {:?}\n", task.command);
             out += &settings_yaml(&task.settings, "    ");
+        }
+        // Issue 7:
+        if !self.retention.is_empty() {
+            out += &format!("retention: {}\n", self.retention.to_yaml());
+        }
+        if !self.schedules.is_empty() {
+            out += "schedules:\n";
+            for (name, schedule) in &self.schedules {
+                out += &format!("  {name}: {}\n", schedule.to_yaml());
+            }
         }
         out
     }

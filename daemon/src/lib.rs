@@ -16,6 +16,9 @@
 //! - [`heartbeat`]: lease renewal, cancel delivery, self-fencing.
 //! - [`reaper`]: marks rows whose process or daemon is gone as CRASHED.
 //! - [`wakeup`]: LISTEN/NOTIFY (PostgreSQL), data_version (SQLite).
+//! - [`cron`]: `schedules:` (5-field cron or `every:`), one request per slot across all daemons.
+//! - [`retention`]: `retention:` rules; prunes final rows in small batches.
+//! - [`waiter`]: `taskrunner-cli wait`: blocks until a request is final (LISTEN / data_version).
 //! - [`control`]: the control socket (`status`, `wake`, `stop`).
 //! - [`task_types`]: which program runs a type name.
 //! - [`procinfo`]: process identity (boot id, start ticks) and the pid probe.
@@ -38,6 +41,7 @@ pub mod attempt;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod cron;
 pub mod daemon;
 pub mod health;
 pub mod heartbeat;
@@ -45,12 +49,14 @@ pub mod procinfo;
 pub mod reaper;
 pub mod recorder;
 pub mod request;
+pub mod retention;
 pub mod scheduler;
 pub mod service;
 pub mod store;
 pub mod supervisor;
 pub mod task_types;
 pub mod units;
+pub mod waiter;
 pub mod wakeup;
 
 /// A mistake of the user's (bad flag, bad config): exit status 2.

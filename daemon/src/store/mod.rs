@@ -151,6 +151,9 @@ pub struct NewRequest {
     /// An absolute time, RFC 3339 (`2026-11-24T07:00:00Z`).
     pub at: Option<String>,
     pub priority: i64,
+    /// At most one pending or running request per key: while one exists,
+    /// `enqueue` inserts nothing and returns its id.
+    pub unique_key: Option<String>,
 }
 
 /// Which rows `list` shows.
@@ -515,6 +518,9 @@ impl Store {
     }
 
     pub async fn enqueue(&self, request: &NewRequest) -> Result<RequestId> {
+        if let Some(unique_key) = &request.unique_key {
+            return self.enqueue_unique(request, unique_key).await;
+        }
         let id = on_pool!(self, pool => { let query = sqlx::query(self.sql.enqueue.as_str())
             .bind(request.task_class_name.as_str())
             .bind(request.options.as_deref())
@@ -782,5 +788,172 @@ async fn begin_write<DB: sqlx::Database>(
         pool.begin_with("BEGIN IMMEDIATE").await
     } else {
         pool.begin().await
+    }
+}
+
+// ---- Issue 7: unique requests, retention, cron schedules ----
+
+/// A kind of final row that retention may delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prunable {
+    Finished,
+    Cancelled,
+    Rejected,
+    /// FAILED, CRASHED or TIMEOUT with no tries left.
+    Exhausted,
+}
+
+impl Prunable {
+    /// Its key under `retention:` in the config.
+    pub fn config_key(self) -> &'static str {
+        match self {
+            Prunable::Finished => "finished",
+            Prunable::Cancelled => "cancelled",
+            Prunable::Rejected => "rejected",
+            Prunable::Exhausted => "exhausted",
+        }
+    }
+}
+
+impl Store {
+    /// Inserts a request with a unique key, or returns the id of the pending
+    /// or running request that holds the key. The unique index decides
+    /// (`INSERT OR IGNORE` / `ON CONFLICT DO NOTHING`), so two enqueues at
+    /// once never both insert.
+    async fn enqueue_unique(&self, request: &NewRequest, unique_key: &str) -> Result<RequestId> {
+        // The holder may end between the two statements: then insert again.
+        for _ in 0..5 {
+            let inserted = on_pool!(self, pool => {
+                let query = sqlx::query(self.sql.enqueue_unique.as_str())
+                    .bind(request.task_class_name.as_str())
+                    .bind(request.options.as_deref())
+                    .bind(request.try_limit.unwrap_or(DEFAULT_TRY_LIMIT))
+                    .bind(request.delay_seconds)
+                    .bind(request.at.as_deref())
+                    .bind(request.priority)
+                    .bind(unique_key);
+                match query.fetch_all(pool).await?.first() {
+                    Some(row) => Some(row.int(0)?),
+                    None => None,
+                }
+            });
+            if let Some(id) = inserted {
+                return Ok(RequestId(id));
+            }
+            let holder = on_pool!(self, pool => {
+            let query = sqlx::query(self.sql.holder_of_unique_key.as_str()).bind(unique_key);
+                match query.fetch_all(pool).await?.first() {
+                    Some(row) => Some(row.int(0)?),
+                    None => None,
+                }
+            });
+            if let Some(id) = holder {
+                return Ok(RequestId(id));
+            }
+        }
+        anyhow::bail!("unique key `{unique_key}`: its holder keeps changing; try again")
+    }
+
+    /// Deletes up to `batch` rows of `kind` completed more than `age` ago.
+    pub async fn prune(&self, kind: Prunable, age: Duration, batch: i64) -> Result<u64> {
+        let sql = self.sql;
+        Ok(on_pool!(self, pool => {
+            let query = match kind {
+                Prunable::Exhausted => sqlx::query(sql.prune_exhausted.as_str())
+                    .bind(age.as_secs_f64())
+                    .bind(batch),
+                Prunable::Finished | Prunable::Cancelled | Prunable::Rejected => {
+                    let state = match kind {
+                        Prunable::Finished => "FINISHED",
+                        Prunable::Cancelled => "CANCELLED",
+                        _ => "REJECTED",
+                    };
+                    sqlx::query(sql.prune_state.as_str())
+                        .bind(age.as_secs_f64())
+                        .bind(batch)
+                        .bind(state)
+                }
+            };
+            query.execute(pool).await?.rows_affected()
+        }))
+    }
+
+    /// The database's clock, as seconds since the epoch (every daemon
+    /// agrees on it, whatever their own clocks say).
+    pub async fn database_now(&self) -> Result<f64> {
+        let now: Option<f64> = on_pool!(self, pool => {
+            let query = sqlx::query(self.sql.database_now.as_str());
+            match query.fetch_all(pool).await?.first() {
+                Some(row) => row.opt_float(0)?,
+                None => None,
+            }
+        });
+        now.context("reading the database's clock")
+    }
+
+    /// The latest slot enqueued for `schedule`, as seconds since the epoch.
+    pub async fn last_slot(&self, schedule: &str) -> Result<Option<f64>> {
+        Ok(on_pool!(self, pool => {
+            let query = sqlx::query(self.sql.last_slot.as_str()).bind(schedule);
+            match query.fetch_all(pool).await?.first() {
+                Some(row) => row.opt_float(0)?,
+                None => None,
+            }
+        }))
+    }
+
+    /// Enqueues slot `slot` (RFC 3339) of `schedule` unless some daemon
+    /// already did: the slot row and the request are inserted in one
+    /// transaction, the request only if the slot row was new. Returns the
+    /// new request's id, or `None` if the slot was taken.
+    pub async fn enqueue_slot(
+        &self,
+        schedule: &str,
+        slot: &str,
+        what: &crate::cron::Schedule,
+    ) -> Result<Option<RequestId>> {
+        let sql = self.sql;
+        Ok(on_pool!(self, pool => {
+            let mut transaction = begin_write(pool).await?;
+            let taken = sqlx::query(sql.insert_slot.as_str())
+                .bind(schedule)
+                .bind(slot)
+                .execute(&mut *transaction)
+                .await?
+                .rows_affected()
+                == 0;
+            if taken {
+                transaction.rollback().await?;
+                None
+            } else {
+                let rows = sqlx::query(sql.enqueue_scheduled.as_str())
+                    .bind(what.task.as_str())
+                    .bind(what.options.as_deref())
+                    .bind(what.try_limit.unwrap_or(DEFAULT_TRY_LIMIT))
+                    .bind(what.priority)
+                    .bind(schedule)
+                    .bind(slot)
+                    .fetch_all(&mut *transaction)
+                    .await?;
+                let id = rows[0].int(0)?;
+                sqlx::query(sql.set_slot_request.as_str())
+                    .bind(id)
+                    .bind(schedule)
+                    .bind(slot)
+                    .execute(&mut *transaction)
+                    .await?;
+                transaction.commit().await?;
+                Some(RequestId(id))
+            }
+        }))
+    }
+
+    /// Forgets slots of `schedule` older than an hour, keeping the latest
+    /// (which is what tells a restarted daemon what it missed).
+    pub async fn forget_old_slots(&self, schedule: &str) -> Result<u64> {
+        Ok(on_pool!(self, pool => {
+            let query = sqlx::query(self.sql.forget_old_slots.as_str()).bind(schedule);
+            query.execute(pool).await?.rows_affected()
+        }))
     }
 }

@@ -26,6 +26,11 @@ pub struct Dialect {
     int64: &'static str,
     /// Whether many rows can be updated from bound arrays (`unnest`).
     array_batches: bool,
+    // Issue 7 (unique requests, cron slots): skipping unique-index conflicts.
+    /// `INSERT`, or SQLite's `INSERT OR IGNORE`.
+    insert_or_ignore: &'static str,
+    /// PostgreSQL's `ON CONFLICT DO NOTHING`, or nothing.
+    on_conflict_ignore: &'static str,
 }
 
 pub static SQLITE: LazyLock<Sql> = LazyLock::new(|| {
@@ -39,6 +44,8 @@ pub static SQLITE: LazyLock<Sql> = LazyLock::new(|| {
         skip_locked: "",
         int64: "{}",
         array_batches: false,
+        insert_or_ignore: "INSERT OR IGNORE",
+        on_conflict_ignore: "",
     })
 });
 
@@ -53,6 +60,8 @@ pub static POSTGRES: LazyLock<Sql> = LazyLock::new(|| {
         skip_locked: "FOR UPDATE SKIP LOCKED",
         int64: "{}::bigint",
         array_batches: true,
+        insert_or_ignore: "INSERT",
+        on_conflict_ignore: "ON CONFLICT DO NOTHING",
     })
 });
 
@@ -112,6 +121,30 @@ pub struct Sql {
     pub state_of: String,
     pub count_by_result: String,
     pub purge: String,
+    // ---- Issue 7: unique requests, retention, cron schedules ----
+    /// `enqueue` with unique key `$7`: inserts nothing (returns no row) while
+    /// a pending or running request has that key (the partial unique index).
+    pub enqueue_unique: String,
+    /// The pending or running request holding unique key `$1`.
+    pub holder_of_unique_key: String,
+    /// Deletes up to `$2` rows in final state `$3` completed more than `$1`
+    /// seconds ago.
+    pub prune_state: String,
+    /// Deletes up to `$2` exhausted rows completed more than `$1` seconds ago.
+    pub prune_exhausted: String,
+    /// The database's clock, as seconds since the epoch.
+    pub database_now: String,
+    /// The latest slot enqueued for schedule `$1`, as seconds since the epoch.
+    pub last_slot: String,
+    /// Claims slot `$2` of schedule `$1`; affects no row if it was taken.
+    pub insert_slot: String,
+    /// Inserts the request of slot `$6` of schedule `$5`: task `$1`, options
+    /// `$2`, try_limit `$3`, priority `$4`; planned and delayed to the slot.
+    pub enqueue_scheduled: String,
+    /// Records request `$1` on slot `$3` of schedule `$2`.
+    pub set_slot_request: String,
+    /// Forgets slots of schedule `$1` older than an hour, except the latest.
+    pub forget_old_slots: String,
 }
 
 impl Sql {
@@ -294,6 +327,68 @@ impl Sql {
                    SELECT id FROM task_runner_requests \
                     WHERE {final_or_exhausted} AND completed_at < {} LIMIT $2)",
                 plus("-$1")
+            ),
+            // ---- Issue 7: unique requests, retention, cron schedules ----
+            enqueue_unique: format!(
+                "{} INTO task_runner_requests (task_class_name, options, try_limit, delay_until, priority, unique_key) \
+                 VALUES ($1, $2, $3, CASE WHEN $4 IS NOT NULL THEN {} WHEN $5 IS NOT NULL THEN {} ELSE NULL END, $6, $7) \
+                 {} RETURNING {}",
+                d.insert_or_ignore,
+                plus("$4"),
+                d.parse_time.replace("{}", "$5"),
+                d.on_conflict_ignore,
+                int("id")
+            ),
+            // The predicate of the unique index task_runner_requests_unique_key.
+            holder_of_unique_key: format!(
+                "SELECT {} FROM task_runner_requests \
+                  WHERE unique_key = $1 \
+                    AND (result IS NULL OR result = 'RUNNING' \
+                         OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED') AND tries < try_limit)) \
+                  ORDER BY id LIMIT 1",
+                int("id")
+            ),
+            prune_state: format!(
+                "DELETE FROM task_runner_requests WHERE id IN ( \
+                   SELECT id FROM task_runner_requests \
+                    WHERE result = $3 AND result IN ('FINISHED', 'CANCELLED', 'REJECTED') \
+                      AND completed_at < {} LIMIT $2)",
+                plus("-$1")
+            ),
+            prune_exhausted: format!(
+                "DELETE FROM task_runner_requests WHERE id IN ( \
+                   SELECT id FROM task_runner_requests \
+                    WHERE result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit \
+                      AND completed_at < {} LIMIT $2)",
+                plus("-$1")
+            ),
+            database_now: format!("SELECT {}", d.epoch_seconds.replace("{}", now)),
+            last_slot: format!(
+                "SELECT {} FROM task_runner_schedule_slots WHERE schedule = $1",
+                d.epoch_seconds.replace("{}", "max(slot)")
+            ),
+            insert_slot: format!(
+                "{} INTO task_runner_schedule_slots (schedule, slot) VALUES ($1, {}) {}",
+                d.insert_or_ignore,
+                d.parse_time.replace("{}", "$2"),
+                d.on_conflict_ignore
+            ),
+            enqueue_scheduled: format!(
+                "INSERT INTO task_runner_requests \
+                   (task_class_name, options, try_limit, priority, schedule, planned_at, delay_until) \
+                 VALUES ($1, $2, $3, $4, $5, {slot}, {slot}) RETURNING {}",
+                int("id"),
+                slot = d.parse_time.replace("{}", "$6")
+            ),
+            set_slot_request: format!(
+                "UPDATE task_runner_schedule_slots SET request_id = $1 WHERE schedule = $2 AND slot = {}",
+                d.parse_time.replace("{}", "$3")
+            ),
+            forget_old_slots: format!(
+                "DELETE FROM task_runner_schedule_slots \
+                  WHERE schedule = $1 AND slot < {} \
+                    AND slot < (SELECT max(slot) FROM task_runner_schedule_slots WHERE schedule = $1)",
+                plus("-3600")
             ),
         }
     }

@@ -1,0 +1,398 @@
+//! Issue 7, scheduling: unique requests, waiting for results, retention,
+//! and cron schedules (one row per slot across daemons; catch-up once).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::{cli, now_ns, Backend, Daemon, TestDb, CLI};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+both_backends!(
+    duplicate_unique_key_inserts_nothing,
+    wait_returns_as_soon_as_the_task_ends,
+    wait_fails_for_an_exhausted_request_and_times_out_cleanly,
+    retention_prunes_only_old_final_rows_while_work_runs,
+    cron_catches_up_once_after_downtime,
+);
+
+/// `taskrunner-cli wait ID …` as a child process, not waited for yet.
+fn spawn_wait(db: &TestDb, args: &[&str]) -> std::process::Child {
+    Command::new(CLI)
+        .arg("--database-url")
+        .arg(&db.url)
+        .arg("wait")
+        .args(args)
+        .current_dir(&db.scratch.path)
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running taskrunner-cli wait")
+}
+
+/// A UTC time as the backend compares it with a timestamp column.
+fn time_literal(backend: Backend, time: chrono::DateTime<chrono::Utc>) -> String {
+    match backend {
+        Backend::Sqlite => format!("'{}'", time.format("%Y-%m-%d %H:%M:%S%.3f")),
+        Backend::Postgres => format!("'{}'::timestamptz", time.format("%Y-%m-%dT%H:%M:%S%.3fZ")),
+    }
+}
+
+/// `now` minus `seconds`, in the backend's SQL.
+fn ago(backend: Backend, seconds: i64) -> String {
+    match backend {
+        Backend::Sqlite => format!("strftime('%Y-%m-%d %H:%M:%f', 'now', '-{seconds} seconds')"),
+        Backend::Postgres => format!("(now() - interval '{seconds} seconds')"),
+    }
+}
+
+async fn duplicate_unique_key_inserts_nothing(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    // Delayed, so it stays pending.
+    let (status, first, stderr) = cli(
+        &db,
+        &[
+            "enqueue",
+            "NoOp",
+            "--unique-key",
+            "report-7",
+            "--delay",
+            "1h",
+        ],
+    );
+    assert_eq!(status, 0, "{stderr}");
+    let (status, second, stderr) = cli(&db, &["enqueue", "NoOp", "--unique-key", "report-7"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(first.trim(), second.trim(), "the existing id is printed");
+    // Plain SQL, as an application would write it, honours the same rule.
+    let ignore = match backend {
+        Backend::Sqlite => "INSERT OR IGNORE INTO task_runner_requests (task_class_name, unique_key) VALUES ('NoOp', 'report-7')",
+        Backend::Postgres => "INSERT INTO task_runner_requests (task_class_name, unique_key) VALUES ('NoOp', 'report-7') ON CONFLICT DO NOTHING",
+    };
+    db.execute(ignore).await;
+    let keyed = "SELECT count(*) FROM task_runner_requests WHERE unique_key = 'report-7'";
+    assert_eq!(db.scalar(keyed).await, 1);
+
+    // Once the holder has finished, the key is free again.
+    let mut daemon = Daemon::start(&db, "d", "");
+    let (_, held, _) = cli(&db, &["enqueue", "NoOp", "--unique-key", "once"]);
+    let held: i64 = held.trim().parse().unwrap();
+    db.wait_for_state(taskrunner::request::RequestId(held), "FINISHED", WAIT)
+        .await;
+    let (status, again, _) = cli(&db, &["enqueue", "NoOp", "--unique-key", "once"]);
+    assert_eq!(status, 0);
+    let again: i64 = again.trim().parse().unwrap();
+    assert_ne!(again, held, "a finished request no longer holds its key");
+    db.wait_for_state(taskrunner::request::RequestId(again), "FINISHED", WAIT)
+        .await;
+    assert!(daemon.stop().success());
+}
+
+async fn wait_returns_as_soon_as_the_task_ends(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ended = db.scratch.join("ended");
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "tasks:\n  Nap:\n    command: [/bin/sh, -c, 'sleep 1.5; date +%s%N > {}; echo rested']\n",
+            ended.display()
+        ),
+    );
+    let mut latencies = Vec::new();
+    for _ in 0..3 {
+        let _ = std::fs::remove_file(&ended);
+        let id = db.enqueue("Nap", None).await;
+        let mut waiter = spawn_wait(&db, &[&id.to_string(), "--timeout", "30s"]);
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(status) = waiter.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "wait did not return");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let returned = now_ns();
+        let output = waiter.wait_with_output().unwrap();
+        assert!(
+            status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "rested");
+        let ended_at: u128 = std::fs::read_to_string(&ended)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        latencies.push((returned - ended_at) as f64 / 1e6);
+    }
+    let best = latencies.iter().cloned().fold(f64::MAX, f64::min);
+    eprintln!("{backend:?}: wait returned {latencies:.1?} ms after the task ended");
+    let bound = match backend {
+        Backend::Postgres => 100.0,
+        Backend::Sqlite => 400.0,
+    };
+    assert!(
+        best < bound,
+        "wait latency {latencies:?} ms, bound {bound} ms"
+    );
+    let median = {
+        let mut sorted = latencies.clone();
+        sorted.sort_by(f64::total_cmp);
+        sorted[1]
+    };
+    assert!(median < bound * 2.0, "wait latency {latencies:?} ms");
+    assert!(daemon.stop().success());
+}
+
+async fn wait_fails_for_an_exhausted_request_and_times_out_cleanly(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    // Times out: a request that will not run for an hour.
+    let (_, pending, _) = cli(&db, &["enqueue", "NoOp", "--delay", "1h"]);
+    let started = Instant::now();
+    let (status, stdout, stderr) = cli(&db, &["wait", pending.trim(), "--timeout", "500ms"]);
+    assert_eq!(status, 1, "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(
+        stderr.contains("is not final after 500ms"),
+        "one clear line: {stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // No such request.
+    let (status, _, stderr) = cli(&db, &["wait", "999999"]);
+    assert_eq!(status, 1);
+    assert!(stderr.contains("no request 999999"), "{stderr}");
+
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "tasks:\n  Broken:\n    command: [/bin/sh, -c, 'echo it went wrong >&2; exit 3']\n",
+    );
+    let (_, id, _) = cli(&db, &["enqueue", "Broken", "--try-limit", "2"]);
+    let (status, stdout, stderr) = cli(&db, &["wait", id.trim(), "--timeout", "30s"]);
+    assert_eq!(status, 1, "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(stderr.contains("FAILED"), "{stderr}");
+    assert!(stderr.contains("2 of 2 tries"), "{stderr}");
+    assert!(stderr.contains("it went wrong"), "{stderr}");
+    assert!(daemon.stop().success());
+}
+
+async fn retention_prunes_only_old_final_rows_while_work_runs(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let two_days_ago = ago(backend, 2 * 86_400);
+    let series = |n: i64| {
+        match backend {
+        Backend::Sqlite => format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n}) SELECT i FROM n"
+        ),
+        Backend::Postgres => format!("SELECT generate_series(1, {n})"),
+    }
+    };
+    // 1,200 old FINISHED rows: several batches of 500.
+    db.execute(&format!(
+        "INSERT INTO task_runner_requests (task_class_name, options, result, tries, completed_at) \
+         SELECT 'NoOp', 'old', 'FINISHED', 1, {two_days_ago} FROM ({}) AS s",
+        series(1200)
+    ))
+    .await;
+    let in_a_day = ago(backend, -86_400);
+    let now = ago(backend, 0);
+    // (options, result, tries, try_limit, completed_at, delay_until)
+    let sentinels = [
+        // young FINISHED: kept
+        ("young-finished", "'FINISHED'", 1, 5, now.as_str(), "NULL"),
+        // old but not final: pending (delayed), failed with tries left
+        ("old-pending", "NULL", 0, 5, "NULL", in_a_day.as_str()),
+        (
+            "old-failed-retryable",
+            "'FAILED'",
+            1,
+            5,
+            two_days_ago.as_str(),
+            in_a_day.as_str(),
+        ),
+        // old and final, but no rule for its kind
+        (
+            "old-cancelled",
+            "'CANCELLED'",
+            0,
+            5,
+            two_days_ago.as_str(),
+            "NULL",
+        ),
+        // old exhausted: pruned
+        (
+            "old-exhausted",
+            "'FAILED'",
+            5,
+            5,
+            two_days_ago.as_str(),
+            "NULL",
+        ),
+    ];
+    for (name, result, tries, try_limit, completed, delay) in sentinels {
+        db.execute(&format!(
+            "INSERT INTO task_runner_requests (task_class_name, options, result, tries, try_limit, completed_at, delay_until) \
+             VALUES ('NoOp', '{name}', {result}, {tries}, {try_limit}, {completed}, {delay})"
+        ))
+        .await;
+    }
+    // 1,000 new requests, claimed and finished while the pruner works.
+    db.execute(&format!(
+        "INSERT INTO task_runner_requests (task_class_name, options) SELECT 'NoOp', 'batch: new' FROM ({}) AS s",
+        series(1000)
+    ))
+    .await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "reap_interval: 1s\nmax_concurrent: 8\nretention:\n  finished: 1h\n  exhausted: 1h\n",
+    );
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE options = 'old'",
+        0,
+        WAIT,
+    )
+    .await;
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE options = 'batch: new' AND result = 'FINISHED'",
+        1000,
+        Duration::from_secs(240),
+    )
+    .await;
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE options = 'old-exhausted'",
+        0,
+        WAIT,
+    )
+    .await;
+    for kept in [
+        "young-finished",
+        "old-pending",
+        "old-failed-retryable",
+        "old-cancelled",
+    ] {
+        assert_eq!(
+            db.scalar(&format!(
+                "SELECT count(*) FROM task_runner_requests WHERE options = '{kept}'"
+            ))
+            .await,
+            1,
+            "{kept} must be kept"
+        );
+    }
+    assert!(daemon
+        .log_text()
+        .contains("pruned requests past their retention"));
+    assert!(daemon.stop().success());
+
+    // `purge` without --older-than applies the config's rules.
+    db.execute(&format!(
+        "INSERT INTO task_runner_requests (task_class_name, options, result, tries, completed_at) \
+         VALUES ('NoOp', 'old-again', 'FINISHED', 1, {two_days_ago})"
+    ))
+    .await;
+    let config = daemon.config.display().to_string();
+    let (status, stdout, stderr) = cli(&db, &["--config", &config, "purge"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(stdout.trim(), "deleted 1 requests");
+    let (status, stdout, _) = cli(&db, &["purge"]);
+    assert_eq!(status, 0);
+    assert!(stdout.contains("nothing deleted"), "{stdout}");
+}
+
+/// The three daemons share one PostgreSQL database; each slot of an
+/// `every: 1s` schedule must give exactly one request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cron_every_second_with_three_daemons_gives_one_row_per_slot_on_postgres() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let schedule =
+        "schedules:\n  tick:\n    every: 1s\n    task: NoOp\n    options: {created_from: cron}\n";
+    let mut daemons: Vec<Daemon> = ["a", "b", "c"]
+        .iter()
+        .map(|name| Daemon::start(&db, name, schedule))
+        .collect();
+    let count = "SELECT count(*) FROM task_runner_requests WHERE schedule = 'tick'";
+    let deadline = Instant::now() + WAIT;
+    while db.scalar(count).await < 6 {
+        assert!(Instant::now() < deadline, "the schedule did not fire");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for daemon in &mut daemons {
+        assert!(daemon.stop().success());
+    }
+    let rows = db.scalar(count).await;
+    let distinct = db
+        .scalar(
+            "SELECT count(DISTINCT planned_at) FROM task_runner_requests WHERE schedule = 'tick'",
+        )
+        .await;
+    let span = db
+        .scalar("SELECT extract(epoch from max(planned_at) - min(planned_at))::bigint FROM task_runner_requests WHERE schedule = 'tick'")
+        .await;
+    let slots = db
+        .scalar("SELECT count(*) FROM task_runner_schedule_slots WHERE schedule = 'tick' AND request_id IS NOT NULL")
+        .await;
+    eprintln!("{rows} rows, {distinct} distinct slots spanning {span}s");
+    assert_eq!(rows, distinct, "one row per slot");
+    assert_eq!(span, rows - 1, "slots are consecutive seconds");
+    assert_eq!(slots, rows, "every request is recorded on its slot");
+    let whole_seconds = db
+        .scalar("SELECT count(*) FROM task_runner_requests r JOIN task_runner_schedule_slots s ON s.request_id = r.id \
+                  WHERE r.schedule = 'tick' AND r.planned_at = s.slot AND s.slot = date_trunc('second', s.slot)")
+        .await;
+    assert_eq!(whole_seconds, rows);
+    let options = db
+        .scalar("SELECT count(*) FROM task_runner_requests WHERE schedule = 'tick' AND options LIKE '%created_from: cron%'")
+        .await;
+    assert_eq!(options, rows, "mapping options are stored as YAML");
+}
+
+async fn cron_catches_up_once_after_downtime(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    // The last slot enqueued 30 s ago: the daemon was down since.
+    // Whole seconds, as `every: 1s` slots are.
+    let slot = match backend {
+        Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%S.000', 'now', '-30 seconds')",
+        Backend::Postgres => "date_trunc('second', now() - interval '30 seconds')",
+    };
+    db.execute(&format!(
+        "INSERT INTO task_runner_schedule_slots (schedule, slot) VALUES ('tick', {slot})"
+    ))
+    .await;
+    let before_start = chrono::Utc::now() - chrono::Duration::milliseconds(1500);
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "schedules:\n  tick:\n    every: 1s\n    task: NoOp\n",
+    );
+    let count = "SELECT count(*) FROM task_runner_requests WHERE schedule = 'tick'";
+    let deadline = Instant::now() + WAIT;
+    while db.scalar(count).await < 3 {
+        assert!(Instant::now() < deadline, "the schedule did not fire");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(daemon.stop().success());
+    let missed = db
+        .scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE schedule = 'tick' AND planned_at < {}",
+            time_literal(backend, before_start)
+        ))
+        .await;
+    assert_eq!(
+        missed, 0,
+        "no slot of the downtime is enqueued but the newest"
+    );
+    let rows = db.scalar(count).await;
+    let distinct = db
+        .scalar(
+            "SELECT count(DISTINCT planned_at) FROM task_runner_requests WHERE schedule = 'tick'",
+        )
+        .await;
+    assert_eq!(rows, distinct);
+    assert!(rows < 10, "caught up once, not 30 times: {rows} rows");
+}
