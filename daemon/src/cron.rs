@@ -646,4 +646,38 @@ mod tests {
             vec![at("2026-01-01T00:05:00Z"), at("2026-01-01T00:10:00Z")]
         );
     }
+
+    #[test]
+    fn schedule_config_errors_name_the_key() {
+        let dir = std::env::temp_dir().join(format!("taskrunner-cron-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let load = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            crate::config::Config::load_file(&path).map_err(|e| format!("{e:#}"))
+        };
+        let error = load(
+            "a.yml",
+            "schedules:\n  nightly:\n    cron: '0 3 * * *'\n    task: NoOp\n    cach_up: 2\n",
+        )
+        .unwrap_err();
+        assert!(error.contains("cach_up"), "{error}");
+        let error = load(
+            "b.yml",
+            "schedules:\n  nightly:\n    cron: '0 3 * *'\n    task: NoOp\n",
+        )
+        .unwrap_err();
+        assert!(error.contains("schedules.nightly.cron"), "{error}");
+        let error = load("c.yml", "schedules:\n  nightly:\n    task: NoOp\n").unwrap_err();
+        assert!(error.contains("needs `cron` or `every`"), "{error}");
+        let config = load(
+            "d.yml",
+            "schedules:\n  often:\n    every: 10s\n    task: NoOp\n    options: {created_from: cron}\n",
+        )
+        .unwrap();
+        let often = &config.schedules["often"];
+        assert_eq!(often.when, When::Every(Duration::from_secs(10)));
+        assert_eq!(often.catch_up, 1);
+        assert_eq!(often.options.as_deref(), Some("created_from: cron\n"));
+    }
 }
