@@ -6,6 +6,7 @@ mod util;
 
 mod core;
 mod faults;
+mod ops;
+mod placement;
 mod scheduling;
 mod sdk;
-mod ops;

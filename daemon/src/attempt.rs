@@ -13,6 +13,35 @@ use crate::request::{RequestId, State};
 use crate::supervisor::{self, Ended, Launch, Spawned, Spawner, StopReason, Stopped};
 use crate::task_types::Registry;
 
+/// The outcome to record for a claimed row's try: the backoff for a failed,
+/// crashed or timed-out try, the try given back for an interrupted one.
+pub fn outcome(
+    row: &crate::request::Claimed,
+    verdict: &Verdict,
+    config: &Config,
+) -> crate::store::Outcome {
+    let retry_after = matches!(
+        verdict.state,
+        State::Failed | State::Crashed | State::Timeout
+    )
+    .then(|| {
+        crate::request::backoff_seconds(
+            config.retry_delay.as_secs_f64(),
+            config.retry_multiplier,
+            row.tries,
+        )
+    });
+    crate::store::Outcome {
+        id: row.id,
+        claim_token: row.claim_token.clone(),
+        state: verdict.state,
+        result_text: verdict.result_text.clone(),
+        retry_after,
+        give_back_try: verdict.state == State::Interrupted,
+        periodic: row.periodic,
+    }
+}
+
 /// Exit status meaning "these options do not fit this type" (EX_DATAERR).
 pub const EXIT_REJECTED: i32 = 65;
 

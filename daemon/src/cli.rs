@@ -13,8 +13,8 @@ use tokio::sync::watch;
 
 use crate::attempt::{self, TryInput};
 use crate::config::{Config, Overrides};
-use crate::request::{backoff_seconds, Request, RequestId, State};
-use crate::store::{Change, ListFilter, NewRequest, Outcome, Purpose, Store, Write};
+use crate::request::{Request, RequestId, State};
+use crate::store::{Change, ListFilter, NewRequest, Purpose, Store, Write};
 use crate::supervisor::{Spawner, StopReason};
 use crate::task_types::Registry;
 use crate::units::parse_duration;
@@ -501,25 +501,7 @@ async fn run_command(
         }
     };
     if let (Some(claimed), Some(store)) = (claimed_for_record, store) {
-        let retry_after = matches!(
-            verdict.state,
-            State::Failed | State::Crashed | State::Timeout
-        )
-        .then(|| {
-            backoff_seconds(
-                config.retry_delay.as_secs_f64(),
-                config.retry_multiplier,
-                claimed.tries,
-            )
-        });
-        let outcome = Outcome {
-            id: claimed.id,
-            claim_token: claimed.claim_token.clone(),
-            state: verdict.state,
-            result_text: verdict.result_text.clone(),
-            retry_after,
-            give_back_try: verdict.state == State::Interrupted,
-        };
+        let outcome = attempt::outcome(&claimed, &verdict, config);
         let applied = store.record(&[Write::Outcome(outcome)]).await?;
         if applied.first() == Some(&true) {
             eprintln!(
@@ -559,7 +541,10 @@ pub fn render_table(rows: &[Request]) -> String {
                     result.to_string()
                 }
             }
-            None if row.node.is_some() => format!("pending (waits for node {})", row.node.as_deref().unwrap_or_default()),
+            None if row.node.is_some() => format!(
+                "pending (waits for node {})",
+                row.node.as_deref().unwrap_or_default()
+            ),
             None if row.delay_until.is_some() => "pending (delayed)".to_string(),
             None => "pending".to_string(),
         };

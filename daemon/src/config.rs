@@ -68,6 +68,8 @@ with_task_settings! {
     struct FileConfig {
         database_url: Option<String>,
         host_id: Option<String>,
+        node_name: Option<String>,
+        queues: Option<BTreeMap<String, usize>>,
         log_format: Option<LogFormat>,
         poll_interval: Option<Duration> => "serde_units::duration",
         max_concurrent: Option<usize>,
@@ -92,7 +94,8 @@ with_task_settings! {
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
     struct FileTask {
-        command: Vec<String>,
+        command: Option<Vec<String>>,
+        concurrency: Option<u32>,
     }
 }
 
@@ -130,11 +133,15 @@ pub struct TaskSettings {
     pub output_tail: usize,
 }
 
-/// A task type declared under `tasks:`: a program and its fixed arguments.
+/// An entry under `tasks:`. With `command`, it declares a command task type
+/// (a program and its fixed arguments); without, it sets the settings of a
+/// built-in or task-sdk type.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CommandTask {
-    pub command: Vec<String>,
+    pub command: Option<Vec<String>>,
     pub settings: TaskSettings,
+    /// At most this many tries of the type run at once, across all daemons.
+    pub concurrency: Option<u32>,
 }
 
 /// The resolved configuration.
@@ -144,6 +151,11 @@ pub struct Config {
     pub file: Option<PathBuf>,
     pub database_url: String,
     pub host_id: String,
+    /// The name rows' `node` / `not_node` refer to (default: the host id).
+    pub node_name: String,
+    /// Queues this daemon serves, each with how many of its tasks run at
+    /// once here. Empty: every queue, limited only by `max_concurrent`.
+    pub queues: BTreeMap<String, usize>,
     pub log_format: LogFormat,
     pub poll_interval: Duration,
     pub max_concurrent: usize,
@@ -174,6 +186,7 @@ pub struct Overrides {
     pub config: Option<PathBuf>,
     pub database_url: Option<String>,
     pub host_id: Option<String>,
+    pub node_name: Option<String>,
     pub socket: Option<PathBuf>,
     pub pidfile: Option<PathBuf>,
     pub poll_interval: Option<Duration>,
@@ -203,7 +216,14 @@ impl Config {
         } else if let Some(url) = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
             config.database_url = url;
         }
-        set_if_some(&mut config.host_id, &overrides.host_id);
+        if let Some(host_id) = &overrides.host_id {
+            // The node name follows the host id unless set on its own.
+            if config.node_name == config.host_id {
+                config.node_name = host_id.clone();
+            }
+            config.host_id = host_id.clone();
+        }
+        set_if_some(&mut config.node_name, &overrides.node_name);
         set_if_some(&mut config.log_format, &overrides.log_format);
         set_if_some(&mut config.poll_interval, &overrides.poll_interval);
         set_if_some(&mut config.max_concurrent, &overrides.max_concurrent);
@@ -236,27 +256,47 @@ impl Config {
         let defaults = global_settings.resolve(None, dir).map_err(&usage)?;
         let mut tasks = BTreeMap::new();
         for (name, task) in raw.tasks.unwrap_or_default() {
-            if task.command.is_empty() || task.command[0].is_empty() {
-                return Err(usage(format!("tasks.{name}.command: must name a program")));
+            if let Some(command) = &task.command {
+                if command.is_empty() || command[0].is_empty() {
+                    return Err(usage(format!("tasks.{name}.command: must name a program")));
+                }
+            }
+            if task.concurrency == Some(0) {
+                return Err(usage(format!(
+                    "tasks.{name}.concurrency: must be at least 1"
+                )));
             }
             let own = task.partial();
             let settings = own
                 .resolve(Some(&global_settings), dir)
                 .map_err(|message| usage(format!("tasks.{name}.{message}")))?;
-            let mut command = task.command;
-            command[0] = resolve_program(dir, &command[0]);
-            tasks.insert(name, CommandTask { command, settings });
+            let command = task.command.map(|mut command| {
+                command[0] = resolve_program(dir, &command[0]);
+                command
+            });
+            let concurrency = task.concurrency;
+            tasks.insert(
+                name,
+                CommandTask {
+                    command,
+                    settings,
+                    concurrency,
+                },
+            );
         }
         let database_url = match raw.database_url {
             Some(url) => resolve_sqlite_url(&url, dir),
             None => "sqlite://taskrunner.db".to_string(),
         };
+        let host_id = raw.host_id.unwrap_or_else(default_host_id);
         // Issue 7:
         let schedules = crate::cron::resolve_schedules(raw.schedules).map_err(&usage)?;
         Ok(Config {
             file,
             database_url,
-            host_id: raw.host_id.unwrap_or_else(default_host_id),
+            node_name: raw.node_name.unwrap_or_else(|| host_id.clone()),
+            queues: raw.queues.unwrap_or_default(),
+            host_id,
             log_format: raw.log_format.unwrap_or_default(),
             poll_interval: raw.poll_interval.unwrap_or(Duration::from_secs(60)),
             max_concurrent: raw
@@ -294,6 +334,9 @@ impl Config {
         };
         if self.max_concurrent == 0 {
             return fail("max_concurrent: must be at least 1");
+        }
+        if let Some((queue, _)) = self.queues.iter().find(|(_, limit)| **limit == 0) {
+            return fail(&format!("queues.{queue}: must be at least 1"));
         }
         if !(self.retry_multiplier.is_finite() && self.retry_multiplier >= 1.0) {
             return fail("retry_multiplier: must be a number of at least 1");
@@ -341,7 +384,10 @@ impl Config {
                 .map_or(String::new(), |f| format!(" from {}", f.display()))
         );
         out += &format!("database_url: {}\n", redact_url(&self.database_url));
-        out += &format!("host_id: {}\n", self.host_id);
+        out += &format!("host_id: {}\nnode_name: {}\n", self.host_id, self.node_name);
+        if !self.queues.is_empty() {
+            out += &format!("queues: {:?}\n", self.queues);
+        }
         out += &format!(
             "log_format: {}\n",
             if self.log_format == LogFormat::Json {
@@ -372,7 +418,13 @@ impl Config {
         out += &settings_yaml(&self.defaults, "");
         out += "tasks:\n";
         for (name, task) in &self.tasks {
-            out += &format!("  {name}:\n    command: {:?}\n", task.command);
+            out += &format!("  {name}:\n");
+            if let Some(command) = &task.command {
+                out += &format!("    command: {command:?}\n");
+            }
+            if let Some(limit) = task.concurrency {
+                out += &format!("    concurrency: {limit}\n");
+            }
             out += &settings_yaml(&task.settings, "    ");
         }
         // Issue 7:
@@ -670,7 +722,7 @@ mod tests {
         );
         assert_eq!(config.pidfile.unwrap(), dir.join("run/d.pid"));
         assert_eq!(
-            config.tasks["T"].command[0],
+            config.tasks["T"].command.as_ref().unwrap()[0],
             dir.join("bin/t").to_string_lossy()
         );
     }

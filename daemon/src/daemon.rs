@@ -30,6 +30,7 @@ use crate::task_types::Registry;
 /// A try this daemon is running.
 pub struct LiveTry {
     pub task: String,
+    pub queue: String,
     pub claim_token: String,
     pub pid: Option<u32>,
     pub started: Instant,

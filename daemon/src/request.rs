@@ -113,6 +113,8 @@ pub struct Claimed {
     /// Fences every later write about this try (see `store`).
     pub claim_token: String,
     pub queue: String,
+    /// The row has a `period`: when this try ends, its next occurrence may be due.
+    pub periodic: bool,
 }
 
 /// Every column of one row, rendered for people (`show`, `list`).

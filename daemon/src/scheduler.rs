@@ -2,6 +2,7 @@
 //! supervised try for each. It claims when woken (a row was enqueued, a try
 //! ended, a delay came due) and at the latest every `poll_interval`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,12 +14,15 @@ use tracing::Instrument;
 use crate::attempt::{self, TryInput};
 use crate::daemon::{LiveTry, Shared};
 use crate::health::Backoff;
-use crate::request::{backoff_seconds, Claimed, State};
-use crate::store::{Outcome, Write};
+use crate::request::{Claimed, State};
+use crate::store::Write;
 
 /// Runs until the daemon stops claiming and every try it started has ended.
 pub async fn run(shared: Arc<Shared>) {
-    let mut tries = JoinSet::new();
+    let mut tries: JoinSet<String> = JoinSet::new();
+    // Tries per queue, counted here (not from the live map, which a new try
+    // joins only once its task starts) so that a queue's limit always holds.
+    let mut running_by_queue: HashMap<String, usize> = HashMap::new();
     let mut claim_counter: u64 = 0;
     let mut backoff = Backoff::default();
     loop {
@@ -32,16 +36,12 @@ pub async fn run(shared: Arc<Shared>) {
         if free > 0 {
             claim_counter += 1;
             let token = format!("{}:{claim_counter}", shared.instance);
-            match shared
-                .store
-                .claim(&config.host_id, &shared.instance, &token, free)
-                .await
-            {
-                Ok(claimed) => {
+            match claim_round(&shared, &config, &token, free, &running_by_queue).await {
+                Ok((claimed, all_slots_filled)) => {
                     shared.health.succeeded();
                     backoff.reset();
-                    let all_slots_filled = claimed.len() == free;
                     for row in claimed {
+                        *running_by_queue.entry(row.queue.clone()).or_default() += 1;
                         tries.spawn(supervise(shared.clone(), row));
                     }
                     if !all_slots_filled {
@@ -59,12 +59,89 @@ pub async fn run(shared: Arc<Shared>) {
         *shared.next_poll.lock().unwrap_or_else(|e| e.into_inner()) = Some(next_claim.into_std());
         tokio::select! {
             _ = shared.wake.notified() => {}
-            Some(_) = tries.join_next(), if !tries.is_empty() => {}
+            Some(ended) = tries.join_next(), if !tries.is_empty() => {
+                if let Ok(queue) = ended {
+                    if let Some(count) = running_by_queue.get_mut(&queue) {
+                        *count = count.saturating_sub(1);
+                    }
+                }
+            }
             _ = tokio::time::sleep_until(next_claim) => {}
             _ = shared.stop_claiming.cancelled() => {}
         }
     }
     while tries.join_next().await.is_some() {}
+}
+
+/// Claims for up to `free` slots: per served queue (each within its own
+/// limit), task types with a concurrency limit apart, under their lock.
+/// Returns the claimed rows and whether every claim filled what it asked for
+/// (so more rows may be waiting).
+async fn claim_round(
+    shared: &Shared,
+    config: &crate::config::Config,
+    token: &str,
+    mut free: usize,
+    running_by_queue: &HashMap<String, usize>,
+) -> anyhow::Result<(Vec<Claimed>, bool)> {
+    let limited: Vec<(&str, u32)> = config
+        .tasks
+        .iter()
+        .filter_map(|(name, task)| task.concurrency.map(|limit| (name.as_str(), limit)))
+        .collect();
+    let excluded: Vec<String> = limited.iter().map(|(name, _)| name.to_string()).collect();
+    // (queue, room in it); `None` serves every queue.
+    let queues: Vec<(Option<&str>, usize)> = if config.queues.is_empty() {
+        vec![(None, free)]
+    } else {
+        config
+            .queues
+            .iter()
+            .map(|(queue, limit)| {
+                let running = running_by_queue.get(queue).copied().unwrap_or(0);
+                (Some(queue.as_str()), limit.saturating_sub(running))
+            })
+            .collect()
+    };
+    let store = &shared.store;
+    let (host, instance) = (config.host_id.as_str(), shared.instance.as_str());
+    let mut claimed = Vec::new();
+    let mut all_filled = true;
+    for (queue, mut room) in queues {
+        let filter = crate::store::ClaimFilter {
+            node: &config.node_name,
+            queue,
+            task: None,
+            excluded_tasks: &excluded,
+        };
+        let want = room.min(free);
+        if want > 0 {
+            let rows = store
+                .claim_filtered(host, instance, token, want, &filter)
+                .await?;
+            all_filled &= rows.len() == want;
+            room -= rows.len();
+            free -= rows.len();
+            claimed.extend(rows);
+        }
+        for (task, limit) in &limited {
+            let want = room.min(free);
+            if want == 0 {
+                break;
+            }
+            let filter = crate::store::ClaimFilter {
+                task: Some(task),
+                ..filter.clone()
+            };
+            let rows = store
+                .claim_limited(host, instance, token, want, &filter, *limit)
+                .await?;
+            room -= rows.len();
+            free -= rows.len();
+            claimed.extend(rows);
+        }
+    }
+    Ok((claimed, all_filled))
 }
 
 /// When the earliest delayed row comes due (never later than an hour, so a
@@ -85,9 +162,12 @@ async fn next_delay(shared: &Shared) -> Option<Instant> {
 }
 
 /// Runs one claimed row's try and queues its outcome.
-async fn supervise(shared: Arc<Shared>, row: Claimed) {
+/// Returns the row's queue, for the scheduler's count.
+async fn supervise(shared: Arc<Shared>, row: Claimed) -> String {
+    let queue = row.queue.clone();
     let span = tracing::info_span!("task", request = %row.id, task = %row.task_class_name, r#try = row.tries);
-    run_claimed(shared, row).instrument(span).await
+    run_claimed(shared, row).instrument(span).await;
+    queue
 }
 
 async fn run_claimed(shared: Arc<Shared>, row: Claimed) {
@@ -98,6 +178,7 @@ async fn run_claimed(shared: Arc<Shared>, row: Claimed) {
         row.id,
         LiveTry {
             task: row.task_class_name.clone(),
+            queue: row.queue.clone(),
             claim_token: row.claim_token.clone(),
             pid: None,
             started: std::time::Instant::now(),
@@ -134,23 +215,13 @@ async fn run_claimed(shared: Arc<Shared>, row: Claimed) {
     let verdict = attempt::run(&context, input, stop, Some(progress_sender), on_spawn).await;
     shared.live().remove(&row.id);
 
-    let retry_after = matches!(
-        verdict.state,
-        State::Failed | State::Crashed | State::Timeout
-    )
-    .then(|| {
-        backoff_seconds(
-            config.retry_delay.as_secs_f64(),
-            config.retry_multiplier,
-            row.tries,
-        )
-    });
+    let outcome = attempt::outcome(&row, &verdict, &config);
     match verdict.state {
         State::Finished => tracing::info!("finished"),
         State::Interrupted | State::Cancelled => tracing::info!("{}", verdict.result_text),
         _ => {
             let first_line = verdict.result_text.lines().next().unwrap_or_default();
-            let retry = match retry_after {
+            let retry = match outcome.retry_after {
                 Some(seconds) if row.tries < row.try_limit => format!("; retry in {seconds:.1}s"),
                 Some(_) => format!("; no tries left ({} of {})", row.tries, row.try_limit),
                 None => String::new(),
@@ -167,14 +238,7 @@ async fn run_claimed(shared: Arc<Shared>, row: Claimed) {
             }
         }
     }
-    shared.recorder.send(Write::Outcome(Outcome {
-        id: row.id,
-        claim_token: row.claim_token,
-        state: verdict.state,
-        result_text: verdict.result_text,
-        retry_after,
-        give_back_try: verdict.state == State::Interrupted,
-    }));
+    shared.recorder.send(Write::Outcome(outcome));
 }
 
 /// The last few lines of a task's stderr, for a log line.

@@ -42,9 +42,10 @@ impl Registry {
     /// naming both.
     pub fn load(config: &Config) -> Result<Registry> {
         let mut from_programs: BTreeMap<String, PathBuf> = BTreeMap::new();
+        let is_command = |name: &str| config.tasks.get(name).is_some_and(|t| t.command.is_some());
         for program in &config.programs {
             for name in list_tasks(program)? {
-                if BUILTIN_TYPES.contains(&name.as_str()) || config.tasks.contains_key(&name) {
+                if BUILTIN_TYPES.contains(&name.as_str()) || is_command(&name) {
                     return Err(UsageError(format!(
                         "task type `{name}` is registered twice: by {} and by {}",
                         program.display(),
@@ -67,6 +68,18 @@ impl Registry {
                 from_programs.insert(name, program.clone());
             }
         }
+        // An entry without a command only sets a known type's settings.
+        for (name, task) in &config.tasks {
+            if task.command.is_none()
+                && !BUILTIN_TYPES.contains(&name.as_str())
+                && !from_programs.contains_key(name)
+            {
+                return Err(UsageError(format!(
+                    "tasks.{name}: has no command, and no program in `programs:` registers `{name}`"
+                ))
+                .into());
+            }
+        }
         Ok(Registry {
             builtin_binary: builtin_binary_path(),
             from_programs,
@@ -75,11 +88,12 @@ impl Registry {
 
     /// How to run `name`, or `None` for an unknown type.
     pub fn resolve(&self, config: &Config, name: &str) -> Option<Resolved> {
-        if let Some(task) = config.tasks.get(name) {
+        let entry = config.tasks.get(name);
+        if let Some(command) = entry.and_then(|task| task.command.as_ref()) {
             return Some(Resolved {
-                program: PathBuf::from(&task.command[0]),
-                args: task.command[1..].to_vec(),
-                settings: task.settings.clone(),
+                program: PathBuf::from(&command[0]),
+                args: command[1..].to_vec(),
+                settings: config.settings_for(name).clone(),
             });
         }
         let program = if BUILTIN_TYPES.contains(&name) {
@@ -90,14 +104,20 @@ impl Registry {
         Some(Resolved {
             program,
             args: Vec::new(),
-            settings: config.defaults.clone(),
+            settings: config.settings_for(name).clone(),
         })
     }
 
     /// Every known type name, sorted.
     pub fn names(&self, config: &Config) -> Vec<String> {
         let mut names: Vec<String> = BUILTIN_TYPES.iter().map(|s| s.to_string()).collect();
-        names.extend(config.tasks.keys().cloned());
+        names.extend(
+            config
+                .tasks
+                .iter()
+                .filter(|(_, t)| t.command.is_some())
+                .map(|(name, _)| name.clone()),
+        );
         names.extend(self.from_programs.keys().cloned());
         names.sort();
         names.dedup();

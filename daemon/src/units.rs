@@ -3,17 +3,21 @@
 
 use std::time::Duration;
 
-/// Parses `0s`, `500ms`, `10s`, `1.5s`, `5m`, `1h`, `2d`; a bare number is seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
+/// Splits `10s` into 10.0 and `s`.
+fn number_and_unit(text: &str) -> Option<(f64, &str)> {
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration `{text}` (write e.g. 500ms, 10s, 5m, 1h)"))?;
-    let seconds = match unit.trim() {
+    Some((number.parse().ok()?, unit.trim()))
+}
+
+/// Parses `0s`, `500ms`, `10s`, `1.5s`, `5m`, `1h`, `2d`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (value, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("invalid duration `{text}` (write e.g. 500ms, 10s, 5m, 1h)"))?;
+    let seconds = match unit {
         "" | "s" | "sec" | "secs" => value,
         "ms" => value / 1000.0,
         "m" | "min" | "mins" => value * 60.0,
@@ -31,14 +35,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Parses `64KiB`, `512MiB`, `1GiB`, `100KB`, `4096` (bytes).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid size `{text}` (write e.g. 64KiB, 512MiB)"))?;
-    let multiplier: f64 = match unit.trim() {
+    let (value, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("invalid size `{text}` (write e.g. 64KiB, 512MiB)"))?;
+    let multiplier: f64 = match unit {
         "" | "B" => 1.0,
         "KiB" | "K" | "k" => 1024.0,
         "MiB" | "M" => 1024.0 * 1024.0,

@@ -37,6 +37,9 @@ struct Flags {
     /// The host id recorded on rows (default: the hostname)
     #[arg(long, value_name = "NAME")]
     host_id: Option<String>,
+    /// The node name that rows' `node`/`not_node` refer to (default: the host id)
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
     /// Log format on stderr
     #[arg(long, value_enum, value_name = "FORMAT")]
     log_format: Option<LogFormat>,
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
         config: flags.config,
         database_url: flags.database_url,
         host_id: flags.host_id,
+        node_name: flags.node_name,
         socket: flags.socket,
         pidfile: flags.pidfile,
         poll_interval: flags.poll_interval,

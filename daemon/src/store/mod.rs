@@ -109,6 +109,8 @@ pub struct Outcome {
     pub retry_after: Option<f64>,
     /// The try does not count (INTERRUPTED): `tries` goes back down by one.
     pub give_back_try: bool,
+    /// The row has a `period`: its next occurrence may be due.
+    pub periodic: bool,
 }
 
 /// A RUNNING row of this host, as the reaper probes it.
@@ -139,6 +141,19 @@ pub struct Held {
     pub id: RequestId,
     pub claim_token: String,
     pub cancel_requested: bool,
+}
+
+/// Which runnable rows a claim may take.
+#[derive(Debug, Clone, Default)]
+pub struct ClaimFilter<'a> {
+    /// This daemon's node name: rows pinned elsewhere, or barred from here, are skipped.
+    pub node: &'a str,
+    /// Only this queue (`None`: any).
+    pub queue: Option<&'a str>,
+    /// Only this task type (`None`: any).
+    pub task: Option<&'a str>,
+    /// Task types to leave alone (those with a concurrency limit, claimed apart).
+    pub excluded_tasks: &'a [String],
 }
 
 /// A request to insert.
@@ -238,6 +253,7 @@ fn claimed_from_row(row: &impl RowExt, claim_token: &str) -> sqlx::Result<(i64, 
             try_limit: row.int(4)?,
             claim_token: claim_token.to_string(),
             queue: row.text(6)?,
+            periodic: row.int(7)? > 0,
         },
     ))
 }
@@ -356,8 +372,8 @@ impl Store {
         }
     }
 
-    /// Claims up to `limit` runnable rows in one statement (see [`Sql::claim`]),
-    /// returned in claim order.
+    /// Claims up to `limit` runnable rows of any queue and type, in one
+    /// statement (see [`Sql::claim`]), returned in claim order.
     pub async fn claim(
         &self,
         host: &str,
@@ -365,18 +381,94 @@ impl Store {
         claim_token: &str,
         limit: usize,
     ) -> Result<Vec<Claimed>> {
+        self.claim_filtered(
+            host,
+            instance,
+            claim_token,
+            limit,
+            &ClaimFilter {
+                node: host,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    /// Claims up to `limit` runnable rows that pass `filter`, in one statement.
+    pub async fn claim_filtered(
+        &self,
+        host: &str,
+        instance: &str,
+        claim_token: &str,
+        limit: usize,
+        filter: &ClaimFilter<'_>,
+    ) -> Result<Vec<Claimed>> {
+        let excluded = serde_json::to_string(filter.excluded_tasks)?;
         let mut rows: Vec<(i64, Claimed)> = on_pool!(self, pool => {
-                let query = sqlx::query(self.sql.claim.as_str())
-            .bind(claim_token)
-            .bind(instance)
-            .bind(host)
-            .bind(limit as i64);
+            let query = sqlx::query(self.sql.claim.as_str())
+                .bind(claim_token)
+                .bind(instance)
+                .bind(host)
+                .bind(limit as i64)
+                .bind(filter.node)
+                .bind(filter.queue.unwrap_or(""))
+                .bind(filter.task.unwrap_or(""))
+                .bind(excluded.as_str());
             query.fetch_all(pool).await?
                 .iter()
                 .map(|row| claimed_from_row(row, claim_token))
                 .collect::<sqlx::Result<_>>()?
         });
         // RETURNING has no order on PostgreSQL: restore priority, then id.
+        rows.sort_by_key(|(priority, claimed)| (-priority, claimed.id));
+        Ok(rows.into_iter().map(|(_, claimed)| claimed).collect())
+    }
+
+    /// Claims rows of `task`, a type with a concurrency limit across all
+    /// daemons: under a lock per type (PostgreSQL advisory lock; SQLite's
+    /// single writer), counts its running rows and claims at most the rest.
+    pub async fn claim_limited(
+        &self,
+        host: &str,
+        instance: &str,
+        claim_token: &str,
+        limit: usize,
+        filter: &ClaimFilter<'_>,
+        type_limit: u32,
+    ) -> Result<Vec<Claimed>> {
+        let task = filter.task.expect("claim_limited needs a task type");
+        let sql = self.sql;
+        let mut rows: Vec<(i64, Claimed)> = on_pool!(self, pool => {
+            let mut transaction = begin_write(pool).await?;
+            if let Some(lock) = &sql.lock_type {
+                sqlx::query(lock.as_str()).bind(task).execute(&mut *transaction).await?;
+            }
+            let running: i64 = {
+                let rows = sqlx::query(sql.running_of_type.as_str()).bind(task).fetch_all(&mut *transaction).await?;
+                rows.first().map(|row| row.int(0)).transpose()?.unwrap_or(0)
+            };
+            let room = (i64::from(type_limit) - running).clamp(0, limit as i64);
+            let claimed = if room == 0 {
+                Vec::new()
+            } else {
+                sqlx::query(sql.claim.as_str())
+                    .bind(claim_token)
+                    .bind(instance)
+                    .bind(host)
+                    .bind(room)
+                    .bind(filter.node)
+                    .bind(filter.queue.unwrap_or(""))
+                    .bind(task)
+                    .bind("[]")
+                    .fetch_all(&mut *transaction)
+                    .await?
+                    .iter()
+                    .map(|row| claimed_from_row(row, claim_token))
+                    .collect::<sqlx::Result<Vec<_>>>()?
+            };
+            transaction.commit().await?;
+            claimed
+        });
         rows.sort_by_key(|(priority, claimed)| (-priority, claimed.id));
         Ok(rows.into_iter().map(|(_, claimed)| claimed).collect())
     }
@@ -390,11 +482,11 @@ impl Store {
         claim_token: &str,
     ) -> Result<Option<Claimed>> {
         let rows = on_pool!(self, pool => {
-                let query = sqlx::query(self.sql.claim_one.as_str())
-            .bind(claim_token)
-            .bind(instance)
-            .bind(host)
-            .bind(id.0);
+            let query = sqlx::query(self.sql.claim_one.as_str())
+                .bind(claim_token)
+                .bind(instance)
+                .bind(host)
+                .bind(id.0);
             query.fetch_all(pool).await?
                 .iter()
                 .map(|row| claimed_from_row(row, claim_token))
@@ -421,7 +513,14 @@ impl Store {
             let mut transaction = begin_write(pool).await?;
             for write in writes {
                 let query = single_write_query(sql, write);
-                applied.push(query.execute(&mut *transaction).await?.rows_affected() == 1);
+                let took = query.execute(&mut *transaction).await?.rows_affected() == 1;
+                if took && matches!(write, Write::Outcome(outcome) if outcome.periodic) {
+                    sqlx::query(sql.insert_next_occurrence.as_str())
+                        .bind(write.id().0)
+                        .execute(&mut *transaction)
+                        .await?;
+                }
+                applied.push(took);
             }
             transaction.commit().await?;
         });
@@ -431,7 +530,7 @@ impl Store {
     /// Renews `heartbeat_at` on every row `instance` holds, in one statement.
     pub async fn renew_heartbeats(&self, instance: &str) -> Result<Vec<Held>> {
         Ok(on_pool!(self, pool => {
-                let query = sqlx::query(self.sql.renew_heartbeats.as_str()).bind(instance);
+            let query = sqlx::query(self.sql.renew_heartbeats.as_str()).bind(instance);
             query.fetch_all(pool).await?
                 .iter()
                 .map(|row| Ok(Held {
@@ -450,9 +549,9 @@ impl Store {
         exclude_instance: &str,
     ) -> Result<Vec<RunningRow>> {
         Ok(on_pool!(self, pool => {
-                let query = sqlx::query(self.sql.running_on_host.as_str())
-            .bind(host)
-            .bind(exclude_instance);
+            let query = sqlx::query(self.sql.running_on_host.as_str())
+                .bind(host)
+                .bind(exclude_instance);
             query.fetch_all(pool).await?
                 .iter()
                 .map(|row| Ok(RunningRow {
@@ -475,9 +574,9 @@ impl Store {
         exclude_instance: &str,
     ) -> Result<Vec<LapsedRow>> {
         Ok(on_pool!(self, pool => {
-                let query = sqlx::query(self.sql.lapsed_leases.as_str())
-            .bind(lease.as_secs_f64())
-            .bind(exclude_instance);
+            let query = sqlx::query(self.sql.lapsed_leases.as_str())
+                .bind(lease.as_secs_f64())
+                .bind(exclude_instance);
             query.fetch_all(pool).await?
                 .iter()
                 .map(|row| Ok(LapsedRow {
@@ -498,18 +597,19 @@ impl Store {
         claim_token: Option<&str>,
         reason: &str,
     ) -> Result<bool> {
-        Ok(
-            on_pool!(self, pool => { let query = sqlx::query(self.sql.mark_crashed.as_str())
-            .bind(reason)
-            .bind(id.0)
-            .bind(claim_token); query.execute(pool).await?.rows_affected() == 1 }),
-        )
+        Ok(on_pool!(self, pool => {
+            let query = sqlx::query(self.sql.mark_crashed.as_str())
+                .bind(reason)
+                .bind(id.0)
+                .bind(claim_token);
+            query.execute(pool).await?.rows_affected() == 1
+        }))
     }
 
     /// Seconds until the earliest delayed runnable row is due, if any.
     pub async fn seconds_until_next_delay(&self) -> Result<Option<f64>> {
         Ok(on_pool!(self, pool => {
-                let query = sqlx::query(self.sql.next_delay.as_str());
+            let query = sqlx::query(self.sql.next_delay.as_str());
             match query.fetch_all(pool).await?.first() {
                 Some(row) => row.opt_float(0)?,
                 None => None,
@@ -521,19 +621,22 @@ impl Store {
         if let Some(unique_key) = &request.unique_key {
             return self.enqueue_unique(request, unique_key).await;
         }
-        let id = on_pool!(self, pool => { let query = sqlx::query(self.sql.enqueue.as_str())
-            .bind(request.task_class_name.as_str())
-            .bind(request.options.as_deref())
-            .bind(request.try_limit.unwrap_or(DEFAULT_TRY_LIMIT))
-            .bind(request.delay_seconds)
-            .bind(request.at.as_deref())
-            .bind(request.priority); query.fetch_all(pool).await?[0].int(0)? });
+        let id = on_pool!(self, pool => {
+            let query = sqlx::query(self.sql.enqueue.as_str())
+                .bind(request.task_class_name.as_str())
+                .bind(request.options.as_deref())
+                .bind(request.try_limit.unwrap_or(DEFAULT_TRY_LIMIT))
+                .bind(request.delay_seconds)
+                .bind(request.at.as_deref())
+                .bind(request.priority);
+            query.fetch_all(pool).await?[0].int(0)?
+        });
         Ok(RequestId(id))
     }
 
     pub async fn show(&self, id: RequestId) -> Result<Option<Request>> {
         Ok(on_pool!(self, pool => {
-                let query = sqlx::query(self.sql.show.as_str()).bind(id.0);
+            let query = sqlx::query(self.sql.show.as_str()).bind(id.0);
             match query.fetch_all(pool).await?.first() {
                 Some(row) => Some(request_from_row(row)?),
                 None => None,
@@ -588,9 +691,12 @@ impl Store {
     pub async fn purge(&self, older_than: Duration, batch: i64) -> Result<u64> {
         let mut total = 0;
         loop {
-            let deleted = on_pool!(self, pool => { let query = sqlx::query(self.sql.purge.as_str())
-                .bind(older_than.as_secs_f64())
-                .bind(batch); query.execute(pool).await?.rows_affected() });
+            let deleted = on_pool!(self, pool => {
+                let query = sqlx::query(self.sql.purge.as_str())
+                    .bind(older_than.as_secs_f64())
+                    .bind(batch);
+                query.execute(pool).await?.rows_affected()
+            });
             total += deleted;
             if deleted < batch as u64 {
                 return Ok(total);
@@ -599,14 +705,15 @@ impl Store {
     }
 
     async fn execute_by_id(&self, statement: &'static str, id: RequestId) -> Result<bool> {
-        Ok(
-            on_pool!(self, pool => { let query = sqlx::query(statement).bind(id.0); query.execute(pool).await?.rows_affected() == 1 }),
-        )
+        Ok(on_pool!(self, pool => {
+            let query = sqlx::query(statement).bind(id.0);
+            query.execute(pool).await?.rows_affected() == 1
+        }))
     }
 
     async fn explain_refusal(&self, id: RequestId) -> Result<Change> {
         Ok(on_pool!(self, pool => {
-                let query = sqlx::query(self.sql.state_of.as_str()).bind(id.0);
+            let query = sqlx::query(self.sql.state_of.as_str()).bind(id.0);
             match query.fetch_all(pool).await?.first() {
                 Some(row) => Change::Refused(row.opt_text(0)?),
                 None => Change::NotFound,
@@ -766,6 +873,19 @@ async fn record_postgres_batch(
             .await?;
         for row in &rows {
             outcomes_applied.insert(row.int(0)?);
+        }
+        // Periodic rows: the next occurrence, in the same transaction as the
+        // outcome that ends this one (so it is inserted exactly once).
+        let periodic: Vec<i64> = outcomes
+            .iter()
+            .filter(|o| o.periodic && outcomes_applied.contains(&o.id.0))
+            .map(|o| o.id.0)
+            .collect();
+        for id in periodic {
+            sqlx::query(sql.insert_next_occurrence.as_str())
+                .bind(id)
+                .execute(&mut *transaction)
+                .await?;
         }
     }
     transaction.commit().await?;

@@ -26,6 +26,14 @@ pub struct Dialect {
     int64: &'static str,
     /// Whether many rows can be updated from bound arrays (`unnest`).
     array_batches: bool,
+    /// The elements of a JSON array of strings parameter, as a subquery.
+    json_strings: &'static str,
+    /// `ts` plus a number of seconds, exact to the millisecond.
+    plus_seconds: &'static str,
+    /// Seconds from timestamp `a` to `b`.
+    seconds_between: &'static str,
+    /// The largest integer not above a positive number.
+    floor: &'static str,
     // Issue 7 (unique requests, cron slots): skipping unique-index conflicts.
     /// `INSERT`, or SQLite's `INSERT OR IGNORE`.
     insert_or_ignore: &'static str,
@@ -44,6 +52,10 @@ pub static SQLITE: LazyLock<Sql> = LazyLock::new(|| {
         skip_locked: "",
         int64: "{}",
         array_batches: false,
+        json_strings: "SELECT value FROM json_each({})",
+        plus_seconds: "strftime('%Y-%m-%d %H:%M:%f', {ts}, printf('%+.3f seconds', {secs}))",
+        seconds_between: "((julianday({b}) - julianday({a})) * 86400.0)",
+        floor: "CAST({} AS INTEGER)",
         insert_or_ignore: "INSERT OR IGNORE",
         on_conflict_ignore: "",
     })
@@ -60,6 +72,10 @@ pub static POSTGRES: LazyLock<Sql> = LazyLock::new(|| {
         skip_locked: "FOR UPDATE SKIP LOCKED",
         int64: "{}::bigint",
         array_batches: true,
+        json_strings: "SELECT jsonb_array_elements_text(CAST({} AS jsonb))",
+        plus_seconds: "({ts} + make_interval(secs => {secs}))",
+        seconds_between: "extract(epoch from ({b} - {a}))::float8",
+        floor: "floor({})",
         insert_or_ignore: "INSERT",
         on_conflict_ignore: "ON CONFLICT DO NOTHING",
     })
@@ -78,7 +94,10 @@ const CLAIM_ORDER: &str = "ORDER BY priority DESC, id";
 /// Every statement, rendered for one dialect.
 pub struct Sql {
     /// Claims up to `$4` runnable rows for daemon instance `$2` on host `$3`
-    /// with claim token `$1`, in one atomic statement (SQLite: one
+    /// with claim token `$1`, in one atomic statement. Filters: node name
+    /// `$5` (rows pinned elsewhere, or barred from here, are skipped), queue
+    /// `$6` and task type `$7` ('' for any), and task types `$8` (a JSON
+    /// array) left to `claim_limited` (SQLite: one
     /// `UPDATE … RETURNING` on the writer connection; PostgreSQL: `FOR UPDATE
     /// SKIP LOCKED`, so concurrent daemons never wait on or take the same row).
     /// Writes RUNNING, tries + 1, started_at, host, heartbeat_at before any
@@ -87,6 +106,15 @@ pub struct Sql {
     /// The same claim for one given row (`$4` is its id), ignoring its delay:
     /// `taskrunner-cli run --id --record`.
     pub claim_one: String,
+    /// How many rows of task type `$1` run now, on any daemon.
+    pub running_of_type: String,
+    /// PostgreSQL only: serialises claims of task type `$1` across daemons
+    /// until the transaction ends (SQLite serialises every writer anyway).
+    pub lock_type: Option<String>,
+    /// Inserts the next occurrence of periodic row `$1` if its try ended
+    /// (finished or exhausted): planned one period after its planned start,
+    /// or, after downtime, at the latest slot already due (one catch-up run).
+    pub insert_next_occurrence: String,
     /// Fenced: records the spawned process of claim `$5` on row `$4`.
     pub record_pid: String,
     /// Fenced: records the outcome of claim `$6` on row `$5`.
@@ -157,17 +185,26 @@ impl Sql {
         let claim_set = format!(
             "SET result = 'RUNNING', tries = tries + 1, started_at = {now}, heartbeat_at = {now}, \
                  host = $3, claim_token = $1, claimed_by = $2, pid = NULL, pid_boot_id = NULL, \
-                 pid_start_ticks = NULL, completed_at = NULL, cancel_requested_at = NULL, progress = NULL"
+                 pid_start_ticks = NULL, completed_at = NULL, cancel_requested_at = NULL, progress = NULL, \
+                 planned_at = coalesce(planned_at, delay_until, created_at)"
         );
         let claim_returning = format!(
-            "RETURNING {}, task_class_name, options, {}, {}, {}, queue",
+            "RETURNING {}, task_class_name, options, {}, {}, {}, queue, {}",
             int("id"),
             int("tries"),
             int("try_limit"),
-            int("priority")
+            int("priority"),
+            int("coalesce(period, 0)")
         );
         let select_runnable = format!(
-            "SELECT id FROM task_runner_requests WHERE {runnable_now} {CLAIM_ORDER} LIMIT $4 {}",
+            "SELECT id FROM task_runner_requests \
+              WHERE {runnable_now} \
+                AND (node IS NULL OR node = $5) AND (not_node IS NULL OR not_node <> $5) \
+                AND ($6 = '' OR queue = $6) \
+                AND ($7 = '' OR task_class_name = $7) \
+                AND task_class_name NOT IN ({}) \
+              {CLAIM_ORDER} LIMIT $4 {}",
+            d.json_strings.replace("{}", "$8"),
             d.skip_locked
         );
         let claim = format!(
@@ -211,7 +248,37 @@ impl Sql {
         let final_or_exhausted = "(result IN ('FINISHED', 'CANCELLED', 'REJECTED') \
               OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit))";
         let batched = d.array_batches;
+        let elapsed = d
+            .seconds_between
+            .replace("{a}", "planned_at")
+            .replace("{b}", now);
+        let slots_due = format!(
+            "(CASE WHEN {elapsed} / period >= 1 THEN {} ELSE 1 END)",
+            d.floor.replace("{}", &format!("{elapsed} / period"))
+        );
+        let next_planned = d
+            .plus_seconds
+            .replace("{ts}", "planned_at")
+            .replace("{secs}", &format!("(period * {slots_due})"));
         Sql {
+            running_of_type: format!(
+                "SELECT {} FROM task_runner_requests WHERE result = 'RUNNING' AND task_class_name = $1",
+                int("count(*)")
+            ),
+            lock_type: batched.then(|| {
+                "SELECT pg_advisory_xact_lock(hashtext('taskrunner:concurrency:' || $1))".to_string()
+            }),
+            insert_next_occurrence: format!(
+                "INSERT INTO task_runner_requests \
+                   (task_class_name, options, try_limit, priority, queue, node, not_node, period, \
+                    unique_key, schedule, planned_at, delay_until) \
+                 SELECT task_class_name, options, try_limit, priority, queue, node, not_node, period, \
+                        unique_key, schedule, {next_planned}, {next_planned} \
+                   FROM task_runner_requests \
+                  WHERE id = $1 AND period > 0 AND planned_at IS NOT NULL \
+                    AND (result = 'FINISHED' \
+                         OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit))"
+            ),
             record_pids_batch: batched.then(|| {
                 "UPDATE task_runner_requests t \
                     SET pid = v.pid, pid_boot_id = v.boot_id, pid_start_ticks = v.start_ticks \

@@ -1,0 +1,250 @@
+//! Where and when rows run: priority, queues, nodes, periodic rows and
+//! per-type concurrency across daemons.
+
+use std::time::Duration;
+
+use crate::util::{cli, Backend, Daemon, TestDb};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+both_backends!(
+    higher_priority_runs_first,
+    queue_limited_to_one_with_two_daemons,
+    node_pinned_rows_run_only_on_their_node,
+    periodic_row_repeats_on_a_fixed_grid_until_cancelled,
+    type_concurrency_of_one_holds_across_two_daemons,
+);
+
+/// Parses `start|end ID NANOS` lines into per-row intervals and returns the
+/// most that overlapped.
+fn most_at_once(log: &std::path::Path) -> usize {
+    let mut events: Vec<(u128, i32)> = std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            (
+                parts[2].parse().unwrap(),
+                if parts[0] == "start" { 1 } else { -1 },
+            )
+        })
+        .collect();
+    events.sort();
+    let (mut running, mut most) = (0i32, 0i32);
+    for (_, delta) in events {
+        running += delta;
+        most = most.max(running);
+    }
+    most as usize
+}
+
+fn logging_task(name: &str, log: &std::path::Path, seconds: &str) -> String {
+    format!(
+        "  {name}:\n    command: [/bin/sh, -c, 'echo start $TASKRUNNER_REQUEST_ID $(date +%s%N) >> {log}; sleep {seconds}; echo end $TASKRUNNER_REQUEST_ID $(date +%s%N) >> {log}']\n",
+        log = log.display()
+    )
+}
+
+async fn higher_priority_runs_first(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let order = db.scratch.join("order.log");
+    let mut ids = Vec::new();
+    for priority in [0, 5, -1, 5, 10] {
+        ids.push(
+            db.insert(&format!(
+                "INSERT INTO task_runner_requests (task_class_name, priority) VALUES ('Record', {priority}) RETURNING id"
+            ))
+            .await,
+        );
+    }
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "max_concurrent: 1\ntasks:\n  Record:\n    command: [/bin/sh, -c, 'echo $TASKRUNNER_REQUEST_ID >> {}']\n",
+            order.display()
+        ),
+    );
+    for id in &ids {
+        db.wait_for_state(*id, "FINISHED", WAIT).await;
+    }
+    let ran: Vec<String> = std::fs::read_to_string(&order)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    // priority 10, then the two 5s by id, then 0, then -1
+    let expected: Vec<String> = [ids[4], ids[1], ids[3], ids[0], ids[2]]
+        .iter()
+        .map(|id| id.to_string())
+        .collect();
+    assert_eq!(ran, expected);
+    assert!(daemon.stop().success());
+}
+
+async fn queue_limited_to_one_with_two_daemons(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let log = db.scratch.join("runs.log");
+    let config = format!(
+        "max_concurrent: 4\nqueues: {{ mail: 1 }}\ntasks:\n{}",
+        logging_task("Mail", &log, "0.3")
+    );
+    db.execute("INSERT INTO task_runner_requests (task_class_name, queue) VALUES ('Mail', 'mail'), ('Mail', 'mail'), ('Mail', 'mail'), ('Mail', 'mail'), ('Mail', 'mail'), ('Mail', 'mail')").await;
+    // A row of a queue no daemon serves stays pending.
+    let unserved = db.insert("INSERT INTO task_runner_requests (task_class_name, queue) VALUES ('NoOp', 'reports') RETURNING id").await;
+    let mut first = Daemon::start(&db, "first", &config);
+    let mut second = Daemon::start(&db, "second", &config);
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE queue = 'mail' AND result = 'FINISHED'",
+        6,
+        WAIT,
+    )
+    .await;
+    // One per daemon at most: two daemons, so never more than two.
+    let most = most_at_once(&log);
+    assert!(most <= 2, "{most} mail tasks ran at once");
+    assert_eq!(
+        db.row(unserved).await.result,
+        None,
+        "no daemon serves `reports`"
+    );
+    assert!(first.stop().success());
+    assert!(second.stop().success());
+}
+
+async fn node_pinned_rows_run_only_on_their_node(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let task = "tasks:\n  Where:\n    command: [/bin/sh, -c, 'echo $NODE']\n";
+    let mut alpha = Daemon::start(
+        &db,
+        "alpha",
+        &format!("node_name: alpha\nenv: {{NODE: alpha}}\n{task}"),
+    );
+    let mut beta = Daemon::start(
+        &db,
+        "beta",
+        &format!("node_name: beta\nenv: {{NODE: beta}}\n{task}"),
+    );
+    let mut pinned = Vec::new();
+    let mut barred = Vec::new();
+    for _ in 0..6 {
+        pinned.push(db.insert("INSERT INTO task_runner_requests (task_class_name, node) VALUES ('Where', 'beta') RETURNING id").await);
+        barred.push(db.insert("INSERT INTO task_runner_requests (task_class_name, not_node) VALUES ('Where', 'beta') RETURNING id").await);
+    }
+    let nowhere = db.insert("INSERT INTO task_runner_requests (task_class_name, node) VALUES ('Where', 'gamma') RETURNING id").await;
+    for id in &pinned {
+        assert_eq!(
+            db.wait_for_state(*id, "FINISHED", WAIT)
+                .await
+                .result_text
+                .as_deref(),
+            Some("beta")
+        );
+    }
+    for id in &barred {
+        assert_eq!(
+            db.wait_for_state(*id, "FINISHED", WAIT)
+                .await
+                .result_text
+                .as_deref(),
+            Some("alpha")
+        );
+    }
+    assert_eq!(db.row(nowhere).await.result, None);
+    let (_, listing, _) = cli(&db, &["list"]);
+    assert!(
+        listing.contains("pending (waits for node gamma)"),
+        "{listing}"
+    );
+    assert!(alpha.stop().success());
+    assert!(beta.stop().success());
+}
+
+async fn periodic_row_repeats_on_a_fixed_grid_until_cancelled(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "tasks:\n  Tick:\n    command: [/bin/sh, -c, 'sleep 0.3']\n",
+    );
+    let first = db.insert("INSERT INTO task_runner_requests (task_class_name, period) VALUES ('Tick', 2) RETURNING id").await;
+    db.wait_for_count("SELECT count(*) FROM task_runner_requests WHERE task_class_name = 'Tick' AND result = 'FINISHED'", 5, Duration::from_secs(20)).await;
+    let rows = db
+        .store
+        .list(taskrunner::store::ListFilter::All, 100)
+        .await
+        .unwrap();
+    let mut planned: Vec<chrono::NaiveDateTime> = rows
+        .iter()
+        .filter_map(|r| r.planned_at.as_deref())
+        .map(|t| chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f").unwrap())
+        .collect();
+    planned.sort();
+    let base = planned[0];
+    for (n, at) in planned.iter().enumerate() {
+        // On the grid: exactly n periods after the first planned start, whatever each try took.
+        let offset = (*at - base).num_milliseconds() - 2000 * n as i64;
+        assert!(
+            offset.abs() <= 2,
+            "occurrence {n} drifted {offset} ms: {planned:?}"
+        );
+    }
+    for row in rows
+        .iter()
+        .filter(|r| r.result.as_deref() == Some("FINISHED"))
+    {
+        let started = chrono::NaiveDateTime::parse_from_str(
+            row.started_at.as_deref().unwrap(),
+            "%Y-%m-%d %H:%M:%S%.f",
+        )
+        .unwrap();
+        let planned = chrono::NaiveDateTime::parse_from_str(
+            row.planned_at.as_deref().unwrap(),
+            "%Y-%m-%d %H:%M:%S%.f",
+        )
+        .unwrap();
+        assert!(started >= planned, "not before its planned start");
+    }
+    // Cancelling the pending occurrence stops the chain.
+    let pending = rows
+        .iter()
+        .find(|r| r.result.is_none())
+        .expect("the next occurrence is pending");
+    assert_eq!(cli(&db, &["cancel", &pending.id.to_string()]).0, 0);
+    let count = db.scalar("SELECT count(*) FROM task_runner_requests").await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // longer than a period: nothing new may appear
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests").await,
+        count,
+        "the chain stopped"
+    );
+    let _ = first;
+    assert!(daemon.stop().success());
+}
+
+async fn type_concurrency_of_one_holds_across_two_daemons(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let log = db.scratch.join("runs.log");
+    let config = format!(
+        "max_concurrent: 4\ntasks:\n{}    concurrency: 1\n",
+        logging_task("Exclusive", &log, "0.2")
+    );
+    for _ in 0..8 {
+        db.enqueue("Exclusive", None).await;
+    }
+    let mut first = Daemon::start(&db, "first", &config);
+    let mut second = Daemon::start(&db, "second", &config);
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED'",
+        8,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(
+        most_at_once(&log),
+        1,
+        "never two Exclusive tasks at once, anywhere"
+    );
+    assert!(first.stop().success());
+    assert!(second.stop().success());
+}
