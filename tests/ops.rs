@@ -709,6 +709,27 @@ async fn sighup_reloads_a_good_config_and_refuses_a_broken_one() {
     assert!(daemon.stop().success());
 }
 
+/// Regression: a reload used to re-read the file alone, so flags given at
+/// start (here `--max-concurrent`) were silently replaced by the file's value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_keeps_the_command_line_flags() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let config = write_config(&db, "d", "max_concurrent: 1\n");
+    let mut daemon = Daemon::start_with_config(&config, &["--max-concurrent", "3"]);
+    daemon.wait_ready();
+    let config_arg = config.to_string_lossy().into_owned();
+    let max_concurrent = || {
+        let (code, out, err) = cli(&db, &["--config", &config_arg, "status", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["max_concurrent"].clone()
+    };
+    assert_eq!(max_concurrent(), 3);
+    daemon.signal(Signal::SIGHUP);
+    daemon.wait_for_log("config reloaded", WAIT);
+    assert_eq!(max_concurrent(), 3, "the flag still wins over the file");
+    assert!(daemon.stop().success());
+}
+
 // ---------------------------------------------------------------------------
 // Logs and config commands
 

@@ -297,11 +297,12 @@ pub fn random_u64() -> u64 {
 /// touching running tasks. A file that does not load is refused, with the
 /// reason, and the old config stays. The database URL, host id, pidfile and
 /// socket are fixed for the daemon's life.
-pub async fn reload(shared: &Arc<Shared>, path: &std::path::Path) {
-    let path = path.to_path_buf();
+pub async fn reload(shared: &Arc<Shared>, overrides: &crate::config::Overrides) {
+    let overrides = overrides.clone();
     let current = shared.config();
     let loaded = tokio::task::spawn_blocking(move || -> Result<(Config, Registry)> {
-        let mut config = Config::load_file(&path)?;
+        // The file again, with the command line's flags applied over it.
+        let mut config = Config::resolve(&overrides)?;
         config.database_url = current.database_url.clone();
         config.host_id = current.host_id.clone();
         config.pidfile = current.pidfile.clone();

@@ -85,7 +85,12 @@ fn main() -> ExitCode {
         .build()
     {
         Ok(runtime) => {
-            let result = runtime.block_on(serve(config, flags.no_migrate, ready_pipe.clone()));
+            let result = runtime.block_on(serve(
+                config,
+                overrides,
+                flags.no_migrate,
+                ready_pipe.clone(),
+            ));
             runtime.shutdown_timeout(Duration::from_secs(1));
             result
         }
@@ -109,6 +114,7 @@ fn take(ready_pipe: &Mutex<Option<service::ReadyPipe>>) -> Option<service::Ready
 
 async fn serve(
     config: Config,
+    mut overrides: Overrides,
     no_migrate: bool,
     ready_pipe: Arc<Mutex<Option<service::ReadyPipe>>>,
 ) -> anyhow::Result<()> {
@@ -118,13 +124,14 @@ async fn serve(
         None => None,
     };
     let shutdown = CancellationToken::new();
-    let config_file = config.file.clone();
+    // A reload reads the same file and applies the same flags again.
+    overrides.config = config.file.clone();
     // Installed before the daemon reports ready: a SIGHUP sent by an init
     // script after `start` returns must reload, not kill (its default).
     let signals = tokio::spawn(handle_signals(
         Signals::install()?,
         shutdown.clone(),
-        config_file,
+        overrides,
     ));
     let stopping = shutdown.clone();
     let notify_stopping = tokio::spawn(async move {
@@ -171,19 +178,15 @@ impl Signals {
 }
 
 /// SIGTERM/SIGINT: graceful stop. SIGHUP: reload the config file.
-async fn handle_signals(
-    mut signals: Signals,
-    shutdown: CancellationToken,
-    config_file: Option<PathBuf>,
-) {
+async fn handle_signals(mut signals: Signals, shutdown: CancellationToken, overrides: Overrides) {
     loop {
         tokio::select! {
             _ = signals.term.recv() => { tracing::info!("SIGTERM received"); shutdown.cancel(); }
             _ = signals.int.recv() => { tracing::info!("SIGINT received"); shutdown.cancel(); }
-            _ = signals.hup.recv() => match (SHARED.get(), &config_file) {
+            _ = signals.hup.recv() => match (SHARED.get(), &overrides.config) {
                 (Some(shared), Some(path)) => {
                     tracing::info!("SIGHUP received: reloading {}", path.display());
-                    daemon::reload(shared, path).await
+                    daemon::reload(shared, &overrides).await
                 }
                 (None, _) => tracing::warn!("SIGHUP before the daemon was ready: ignored"),
                 (_, None) => tracing::warn!("SIGHUP: no config file to reload"),
