@@ -1,15 +1,17 @@
 //! Task types written with task-sdk (the `example-tasks` program of
 //! `examples/`), run by the real daemon: typed options, panics, rejected
 //! options, retries, progress and a clean stop, duplicate names at start,
-//! `taskrunner-cli run`, and the typed enqueue inside a transaction.
+//! `taskrunner-cli run`, the typed enqueue inside a transaction, and waiting
+//! for a request's final result through the SDK.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use task_sdk::{Context, Enqueue, Task};
+use task_sdk::wait::Target;
+use task_sdk::{wait_for, Context, Enqueue, FinalState, Task, WaitError};
 
 use crate::util::{Backend, Daemon, TestDb, DAEMON};
 
@@ -24,6 +26,9 @@ both_backends!(
     countdown_reports_progress_and_cleans_up_when_stopped,
     a_task_name_registered_twice_stops_the_daemon_at_start,
     typed_enqueue_commits_with_the_callers_transaction,
+    sdk_wait_returns_the_result_as_the_task_ends,
+    sdk_wait_returns_an_exhausted_failure_and_a_rejection,
+    sdk_wait_times_out_and_knows_missing_requests,
 );
 
 /// The example task program, built beside the daemon by
@@ -377,6 +382,180 @@ async fn typed_enqueue_commits_with_the_callers_transaction(backend: Backend) {
         .await;
     assert_eq!(row.result_text.as_deref(), Some("liftoff after 1 steps"));
     assert!(daemon.stop().success());
+}
+
+/// The application's own pool, of the test's backend.
+#[derive(Clone)]
+enum AppPool {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+impl AppPool {
+    async fn connect(db: &TestDb) -> AppPool {
+        match db.backend {
+            Backend::Sqlite => AppPool::Sqlite(sqlx::SqlitePool::connect(&db.url).await.unwrap()),
+            Backend::Postgres => AppPool::Postgres(sqlx::PgPool::connect(&db.url).await.unwrap()),
+        }
+    }
+
+    fn target(&self) -> Target<'_> {
+        match self {
+            AppPool::Sqlite(pool) => pool.into(),
+            AppPool::Postgres(pool) => pool.into(),
+        }
+    }
+
+    async fn close(&self) {
+        match self {
+            AppPool::Sqlite(pool) => pool.close().await,
+            AppPool::Postgres(pool) => pool.close().await,
+        }
+    }
+}
+
+fn countdown(from: u32, interval_ms: u32) -> Enqueue {
+    Enqueue::named(
+        "Countdown",
+        &BTreeMap::from([("from", from), ("interval_ms", interval_ms)]),
+    )
+}
+
+async fn sdk_wait_returns_the_result_as_the_task_ends(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", &with_example_tasks(""));
+    let pool = AppPool::connect(&db).await;
+    let id = countdown(3, 100).insert_url(&db.url).await.unwrap();
+    let waiter = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let finished = wait_for(pool.target(), id, WAIT).await;
+            (finished, Instant::now())
+        })
+    };
+    // The test's own view of when the task ended: the row, read every 5 ms.
+    let deadline = Instant::now() + WAIT;
+    let seen = loop {
+        let row = db.row(taskrunner::request::RequestId(id)).await;
+        if row.result.as_deref() == Some("FINISHED") {
+            break Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "request {id} never finished: {row:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let (finished, returned) = waiter.await.unwrap();
+    let finished = finished.unwrap();
+    let gap_ms = if returned >= seen {
+        (returned - seen).as_secs_f64() * 1000.0
+    } else {
+        -((seen - returned).as_secs_f64() * 1000.0)
+    };
+    println!("{backend:?}: wait_for returned {gap_ms:+.1} ms after the row was seen FINISHED");
+    assert!(
+        returned <= seen + Duration::from_secs(1),
+        "wait_for returned {gap_ms:.1} ms after the task ended"
+    );
+    assert_eq!(finished.id, id);
+    assert_eq!(finished.state, FinalState::Finished);
+    assert!(finished.is_success());
+    assert_eq!(
+        finished.result_text.as_deref(),
+        Some("liftoff after 3 steps")
+    );
+    assert_eq!((finished.tries, finished.try_limit), (1, 5));
+    // A request that ended before the wait began is returned at once.
+    let started = Instant::now();
+    let again = wait_for(pool.target(), id, WAIT).await.unwrap();
+    assert_eq!(again, finished);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    // Insert and wait in one call, through the pool and through the URL.
+    let finished = countdown(1, 10)
+        .insert_and_wait(pool.target(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        (finished.state, finished.result_text.as_deref()),
+        (FinalState::Finished, Some("liftoff after 1 steps"))
+    );
+    let finished = countdown(2, 10)
+        .insert_and_wait(&db.url, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        finished.result_text.as_deref(),
+        Some("liftoff after 2 steps")
+    );
+    pool.close().await;
+    assert!(daemon.stop().success());
+}
+
+async fn sdk_wait_returns_an_exhausted_failure_and_a_rejection(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", &with_example_tasks("retry_delay: 1s\n"));
+    let pool = AppPool::connect(&db).await;
+    // The first failure leaves a try: the wait goes on to the second.
+    let finished = Enqueue::named(
+        "WordCount",
+        &BTreeMap::from([("input", "no-such-file.txt")]),
+    )
+    .try_limit(2)
+    .insert_and_wait(pool.target(), WAIT)
+    .await
+    .unwrap();
+    assert_eq!(finished.state, FinalState::Failed);
+    assert!(!finished.is_success());
+    assert_eq!((finished.tries, finished.try_limit), (2, 2));
+    let text = finished.result_text.unwrap();
+    assert!(
+        text.contains("reading no-such-file.txt: No such file"),
+        "{text}"
+    );
+    let finished = Enqueue::named("Countdown", &BTreeMap::from([("from", "soon")]))
+        .insert_and_wait(pool.target(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!((finished.state, finished.tries), (FinalState::Rejected, 1));
+    let text = finished.result_text.unwrap();
+    assert!(text.contains("options do not fit"), "{text}");
+    pool.close().await;
+    assert!(daemon.stop().success());
+}
+
+async fn sdk_wait_times_out_and_knows_missing_requests(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let pool = AppPool::connect(&db).await;
+    // No daemon: the request stays pending.
+    let id = countdown(1, 10).insert_url(&db.url).await.unwrap();
+    let started = Instant::now();
+    let error = wait_for(pool.target(), id, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    let waited = started.elapsed();
+    assert!(
+        matches!(error, WaitError::TimedOut { id: timed_out, .. } if timed_out == id),
+        "{error}"
+    );
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+    assert_eq!(
+        error.to_string(),
+        format!("request {id} is not done after 300ms")
+    );
+    let error = wait_for(&db.url, id + 1000, WAIT).await.unwrap_err();
+    assert!(
+        matches!(error, WaitError::NotFound(missing) if missing == id + 1000),
+        "{error}"
+    );
+    pool.close().await;
 }
 
 fn seconds_between(from: &str, to: &str) -> f64 {

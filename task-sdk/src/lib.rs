@@ -53,7 +53,9 @@
 //! ```
 //!
 //! With the cargo feature `enqueue`, `Enqueue` inserts typed requests
-//! through an application's own sqlx pool, connection or transaction.
+//! through an application's own sqlx pool, connection or transaction, and
+//! `wait_for` (or `Enqueue::insert_and_wait`) waits for a request's final
+//! result (LISTEN/NOTIFY on PostgreSQL, `PRAGMA data_version` on SQLite).
 //!
 //! # Writing a task type
 //!
@@ -70,6 +72,8 @@
 #[cfg(feature = "enqueue")]
 pub mod enqueue;
 mod options;
+#[cfg(feature = "enqueue")]
+pub mod wait;
 
 use std::fmt;
 use std::io::{Read, Write};
@@ -83,6 +87,8 @@ use serde::de::DeserializeOwned;
 #[cfg(feature = "enqueue")]
 pub use enqueue::Enqueue;
 pub use options::parse_options;
+#[cfg(feature = "enqueue")]
+pub use wait::{wait_for, FinalState, Finished, WaitError};
 
 /// Exit status for options that do not fit the type (EX_DATAERR): the daemon
 /// marks the request REJECTED and does not retry it.
