@@ -500,6 +500,17 @@ impl Store {
     /// On PostgreSQL, pids and outcomes go in one array statement each, so a
     /// batch costs a handful of round trips however many tries it records.
     pub async fn record(&self, writes: &[Write]) -> Result<Vec<bool>> {
+        let sql = self.sql;
+        // One write alone needs no transaction: a single statement is atomic,
+        // and BEGIN and COMMIT would triple its round trips.
+        if let [write] = writes {
+            if !matches!(write, Write::Outcome(outcome) if outcome.periodic) {
+                let took = on_pool!(self, pool => {
+                    single_write_query(sql, write).execute(pool).await?.rows_affected() == 1
+                });
+                return Ok(vec![took]);
+            }
+        }
         if let (Pool::Postgres(pool), Some(pids_sql), Some(outcomes_sql)) = (
             &self.pool,
             &self.sql.record_pids_batch,
@@ -507,7 +518,6 @@ impl Store {
         ) {
             return record_postgres_batch(pool, self.sql, pids_sql, outcomes_sql, writes).await;
         }
-        let sql = self.sql;
         let mut applied = Vec::with_capacity(writes.len());
         on_pool!(self, pool => {
             let mut transaction = begin_write(pool).await?;

@@ -66,15 +66,19 @@ pub async fn capture(
     progress: Option<watch::Sender<Option<String>>>,
 ) {
     const MAX_PROGRESS_LINE: usize = 1024;
-    let mut buffer = vec![0u8; 64 * 1024];
+    // Small, and filled without zeroing: a task usually writes little, and
+    // every page the daemon touches costs a copy-on-write fault after each
+    // fork of the next task.
+    let mut buffer: Vec<u8> = Vec::with_capacity(16 * 1024);
     let mut line: Vec<u8> = Vec::new();
     let mut line_too_long = false;
     loop {
-        let read = match stream.read(&mut buffer).await {
+        buffer.clear();
+        match stream.read_buf(&mut buffer).await {
             Ok(0) | Err(_) => return,
-            Ok(read) => read,
-        };
-        let chunk = &buffer[..read];
+            Ok(_) => {}
+        }
+        let chunk = &buffer[..];
         tail.lock().unwrap_or_else(|e| e.into_inner()).push(chunk);
         let Some(progress) = &progress else { continue };
         for &byte in chunk {
