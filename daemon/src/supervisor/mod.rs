@@ -13,7 +13,7 @@ mod spawner;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use crate::config::TaskSettings;
 use crate::units::format_duration;
 pub use output::Tail;
-pub use spawner::Spawner;
+pub use spawner::{Recipe, Spawner};
 
 /// Environment variables of the daemon that a task never inherits: the
 /// daemon's own database settings (SPEC.md). A task that needs them gets them
@@ -96,39 +96,29 @@ pub async fn run(
     on_spawn: impl FnOnce(&Spawned),
 ) -> std::io::Result<Ended> {
     let settings = launch.settings.clone();
-    let mut command = tokio::process::Command::new(&launch.program);
-    command
-        .args(&launch.args)
-        .current_dir(&settings.workdir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own process group: a Ctrl-C at the terminal reaches only the
-        // daemon (which drains), and stopping a task reaches its children.
-        .process_group(0)
-        .kill_on_drop(false);
-    for (name, _) in std::env::vars_os() {
-        if is_daemon_secret(&name.to_string_lossy()) {
-            command.env_remove(&name);
-        }
-    }
-    command.envs(&settings.env).envs(launch.env.iter().cloned());
-    if let Some((_, uid)) = settings.run_as.user {
-        command.uid(uid);
-    }
-    if let Some((_, gid)) = settings.run_as.group {
-        command.gid(gid);
-    }
-    limits::apply_in_child(&mut command, &settings);
+    let extra = settings
+        .env
+        .iter()
+        .chain(launch.env.iter().map(|(name, value)| (name, value)))
+        .map(|(name, value)| (name.into(), value.into()));
+    let recipe = Recipe {
+        program: launch.program.clone(),
+        args: launch.args.clone(),
+        env: spawner::task_environment(|name| is_daemon_secret(&name.to_string_lossy()), extra),
+        workdir: settings.workdir.clone(),
+        uid: settings.run_as.user.as_ref().map(|(_, uid)| *uid),
+        gid: settings.run_as.group.as_ref().map(|(_, gid)| *gid),
+        limits: limits::child_limits(&settings),
+    };
 
     let started = Instant::now();
-    let mut child = spawner.spawn(command).await.map_err(|error| {
+    let mut child = spawner.spawn(recipe).await.map_err(|error| {
         std::io::Error::new(
             error.kind(),
             format!("cannot start {}: {error}", launch.program.display()),
         )
     })?;
-    let pid = child.id().expect("a freshly spawned child has a pid");
+    let pid = child.pid;
     let process_group = Pid::from_raw(pid as i32);
     on_spawn(&Spawned {
         pid,
@@ -138,9 +128,9 @@ pub async fn run(
     let mut stdin = child.stdin.take().expect("stdin is piped");
     let options = launch.stdin;
     let writer = tokio::spawn(async move {
-        // A task that does not read its options gets EPIPE here; that is fine.
+        // A task that does not read its options gets EPIPE here; that is
+        // fine. Dropping the pipe end closes the task's stdin.
         let _ = stdin.write_all(&options).await;
-        let _ = stdin.shutdown().await;
     });
     let stdout = Arc::new(Mutex::new(Tail::new(settings.output_tail)));
     let stderr = Arc::new(Mutex::new(Tail::new(settings.output_tail)));
