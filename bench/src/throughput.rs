@@ -232,7 +232,7 @@ pub fn table(cases: &[Case], rows: usize) -> Table {
     table.note(
         "tasks/s: rows ÷ (last completed_at − first started_at), by the database clock. \
          Spawn ceiling: the same NoOp process spawned and waited for directly (std::process, posix_spawn), \
-         no database, same concurrency; fork+exec: the same with a pre_exec hook, as the daemon spawns. \
+         no database, same concurrency; fork+exec: the same forced through fork by a pre_exec hook (the daemon starts tasks with clone(CLONE_VM|CLONE_VFORK), like posix_spawn). \
          CPU per task: the daemon's own, its task processes', and the whole machine's busy time during the drain \
          (the rest is the database server, the kernel, and anything else running on the machine); \
          context switches: all the daemon's threads, voluntary and not.",

@@ -11,7 +11,8 @@
 //! - [`daemon`]: starts the parts below and shuts them down in order.
 //! - [`scheduler`]: claims rows up to the free slots, starts a try for each.
 //! - [`attempt`]: one try, from type name and options to a verdict.
-//! - [`supervisor`]: one OS process per try: spawn, limits, timeout, kill escalation.
+//! - [`supervisor`]: one OS process per try: spawn (clone + exec from one
+//!   long-lived thread), limits, bounded output, timeout, kill escalation.
 //! - [`recorder`]: the one writer of try results, batched and retried.
 //! - [`heartbeat`]: lease renewal, cancel delivery, self-fencing.
 //! - [`reaper`]: marks rows whose process or daemon is gone as CRASHED.
@@ -22,6 +23,9 @@
 //! - [`control`]: the control socket (`status`, `wake`, `stop`).
 //! - [`task_types`]: which program runs a type name.
 //! - [`procinfo`]: process identity (boot id, start ticks) and the pid probe.
+//! - [`service`]: pidfile, `--daemonize`, systemd notification.
+//! - [`cli`]: `taskrunner-cli`'s flags and commands.
+//! - [`health`], [`units`]: outage logging and backoff; durations and sizes.
 //!
 //! # Invariants
 //!
@@ -35,7 +39,9 @@
 //! - Task processes never open the database; they speak the process
 //!   protocol (options on stdin, result on stdout, exit status).
 //! - Deliberately absent: no bare `fork()` of the daemon (except
-//!   `--daemonize`, before the runtime starts), no in-process task execution.
+//!   `--daemonize`, before the runtime starts; tasks start with
+//!   `clone(CLONE_VM | CLONE_VFORK)` + `execve`), no in-process task
+//!   execution, no cgroup limits (rlimits only, see `supervisor::limits`).
 
 pub mod attempt;
 pub mod cli;
@@ -84,7 +90,7 @@ pub fn exit_code_for(error: &anyhow::Error) -> u8 {
 pub fn init_logging(format: config::LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter =
-        EnvFilter::try_from_env("TASKRUNNER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+        EnvFilter::try_from_env("TASKRUNNER_LOG").unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

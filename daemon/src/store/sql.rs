@@ -82,8 +82,8 @@ pub static POSTGRES: LazyLock<Sql> = LazyLock::new(|| {
 });
 
 /// The runnable rule of SPEC.md, minus the delay (added where it applies).
-/// Its first two terms are the predicate of the partial index
-/// `task_runner_requests_runnable`, written identically so planners use it.
+/// It is the predicate of the partial index `task_runner_requests_runnable`
+/// (migration 0003), written identically so that planners use the index.
 pub const RUNNABLE: &str = "pid IS NULL \
      AND (result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED')) \
      AND tries < try_limit";
