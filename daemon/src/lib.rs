@@ -89,8 +89,8 @@ pub fn exit_code_for(error: &anyhow::Error) -> u8 {
 /// Sets up logging to stderr, as text or JSON lines.
 pub fn init_logging(format: config::LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("TASKRUNNER_LOG").unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    let filter = EnvFilter::try_from_env("TASKRUNNER_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
