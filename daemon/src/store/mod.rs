@@ -852,33 +852,17 @@ async fn record_postgres_batch(
         .collect();
     let mut outcomes_applied = HashSet::new();
     if !outcomes.is_empty() {
+        // One array per column, in the order of the statement's unnest().
+        fn column<'a, T>(outcomes: &[&'a Outcome], field: impl Fn(&'a Outcome) -> T) -> Vec<T> {
+            outcomes.iter().map(|outcome| field(outcome)).collect()
+        }
         let rows = sqlx::query(outcomes_sql)
-            .bind(outcomes.iter().map(|o| o.id.0).collect::<Vec<_>>())
-            .bind(
-                outcomes
-                    .iter()
-                    .map(|o| o.claim_token.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                outcomes
-                    .iter()
-                    .map(|o| o.state.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                outcomes
-                    .iter()
-                    .map(|o| o.result_text.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                outcomes
-                    .iter()
-                    .map(|o| i64::from(o.give_back_try))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(outcomes.iter().map(|o| o.retry_after).collect::<Vec<_>>())
+            .bind(column(&outcomes, |o| o.id.0))
+            .bind(column(&outcomes, |o| o.claim_token.as_str()))
+            .bind(column(&outcomes, |o| o.state.as_str()))
+            .bind(column(&outcomes, |o| o.result_text.as_str()))
+            .bind(column(&outcomes, |o| i64::from(o.give_back_try)))
+            .bind(column(&outcomes, |o| o.retry_after))
             .fetch_all(&mut *transaction)
             .await?;
         for row in &rows {
