@@ -8,10 +8,34 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::health::{Backoff, Health};
+use crate::request::RequestId;
 use crate::store::{Store, Write};
 
 /// Largest batch applied in one transaction.
 const MAX_BATCH: usize = 512;
+
+/// How long a batch holding only pid writes waits for more. A task that ends
+/// within it never has its pid written (its outcome clears the pid anyway),
+/// which saves a statement per short task; a daemon killed within it leaves
+/// rows without a pid, recovered by the lease instead of the pid probe.
+const PID_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Removes the pid writes of tries whose outcome is in the same batch.
+fn drop_superseded_pids(batch: &mut Vec<Write>) {
+    let ended: Vec<(RequestId, String)> = batch
+        .iter()
+        .filter_map(|w| match w {
+            Write::Outcome(outcome) => Some((outcome.id, outcome.claim_token.clone())),
+            _ => None,
+        })
+        .collect();
+    batch.retain(|w| match w {
+        Write::Pid {
+            id, claim_token, ..
+        } => !ended.iter().any(|(e, t)| e == id && t == claim_token),
+        _ => true,
+    });
+}
 
 enum Message {
     Write(Write),
@@ -69,6 +93,20 @@ async fn record_loop(
                 Err(_) => break,
             }
         }
+        // A batch of pids only waits a moment: a short task's outcome will
+        // follow, and then its pid need not be written at all.
+        let linger = tokio::time::Instant::now() + PID_LINGER;
+        while !closing
+            && batch.len() < MAX_BATCH
+            && batch.iter().all(|w| !matches!(w, Write::Outcome(_)))
+        {
+            match tokio::time::timeout_at(linger, receiver.recv()).await {
+                Ok(Some(Message::Write(write))) => batch.push(write),
+                Ok(Some(Message::Close)) | Ok(None) => closing = true,
+                Err(_) => break,
+            }
+        }
+        drop_superseded_pids(&mut batch);
         if batch.is_empty() {
             continue;
         }
@@ -98,5 +136,51 @@ async fn record_loop(
             wake.notify_one();
         }
         tokio::task::yield_now().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::State;
+    use crate::store::Outcome;
+
+    fn pid(id: i64, token: &str) -> Write {
+        Write::Pid {
+            id: RequestId(id),
+            claim_token: token.into(),
+            pid: 1,
+            boot_id: String::new(),
+            start_ticks: 0,
+        }
+    }
+
+    fn outcome(id: i64, token: &str) -> Write {
+        Write::Outcome(Outcome {
+            id: RequestId(id),
+            claim_token: token.into(),
+            state: State::Finished,
+            result_text: String::new(),
+            retry_after: None,
+            give_back_try: false,
+            periodic: false,
+        })
+    }
+
+    #[test]
+    fn a_pid_is_dropped_only_when_its_own_try_ended_in_the_batch() {
+        let mut batch = vec![
+            pid(1, "a"),
+            pid(2, "b"),
+            pid(3, "old"),
+            outcome(1, "a"),
+            outcome(3, "new"),
+        ];
+        drop_superseded_pids(&mut batch);
+        let ids: Vec<(i64, bool)> = batch
+            .iter()
+            .map(|w| (w.id().0, matches!(w, Write::Pid { .. })))
+            .collect();
+        assert_eq!(ids, vec![(2, true), (3, true), (1, false), (3, false)]);
     }
 }
