@@ -118,11 +118,11 @@ pub struct RunAs {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskSettings {
     pub timeout: Option<Duration>,
-    /// Bytes; cgroup `memory.max` where delegated, else RLIMIT_AS (address space).
+    /// Bytes of address space (RLIMIT_AS), not resident memory.
     pub memory_limit: Option<u64>,
     /// CPU time; RLIMIT_CPU.
     pub cpu_limit: Option<Duration>,
-    /// cgroup `pids.max` where delegated, else RLIMIT_NPROC (per user, not for root).
+    /// RLIMIT_NPROC: processes of the task's user (not enforced for root).
     pub max_processes: Option<u64>,
     pub nice: Option<i32>,
     pub run_as: RunAs,
