@@ -537,10 +537,12 @@ impl Store {
         Ok(applied)
     }
 
-    /// Renews `heartbeat_at` on every row `instance` holds, in one statement.
+    /// Renews `heartbeat_at` on every row `instance` holds (one statement),
+    /// then reads which rows it still holds and which a user asked to cancel.
     pub async fn renew_heartbeats(&self, instance: &str) -> Result<Vec<Held>> {
         Ok(on_pool!(self, pool => {
-            let query = sqlx::query(self.sql.renew_heartbeats.as_str()).bind(instance);
+            sqlx::query(self.sql.renew_heartbeats.as_str()).bind(instance).execute(pool).await?;
+            let query = sqlx::query(self.sql.held_by.as_str()).bind(instance);
             query.fetch_all(pool).await?
                 .iter()
                 .map(|row| Ok(Held {

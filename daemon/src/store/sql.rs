@@ -127,9 +127,13 @@ pub struct Sql {
     pub record_outcomes_batch: Option<String>,
     /// Fenced: the latest progress line.
     pub record_progress: String,
-    /// Renews the heartbeat of every row daemon instance `$1` runs, returning
-    /// which of them a user asked to cancel.
+    /// Renews the heartbeat of every row daemon instance `$1` runs. On
+    /// PostgreSQL it skips rows locked at the moment (the recorder is writing
+    /// their outcome): waiting on them could deadlock with its transaction.
     pub renew_heartbeats: String,
+    /// The rows daemon instance `$1` holds (RUNNING under its claims), and
+    /// which of them a user asked to cancel. Reads, locks nothing.
+    pub held_by: String,
     /// Rows on host `$1` that are RUNNING with a pid, not held by instance `$2`.
     pub running_on_host: String,
     /// RUNNING rows whose heartbeat is older than `$1` seconds, not held by instance `$2`.
@@ -322,8 +326,13 @@ impl Sql {
             ),
             renew_heartbeats: format!(
                 "UPDATE task_runner_requests SET heartbeat_at = {now} \
-                  WHERE claimed_by = $1 AND result = 'RUNNING' \
-                  RETURNING {}, claim_token, {}",
+                  WHERE id IN (SELECT id FROM task_runner_requests \
+                                WHERE claimed_by = $1 AND result = 'RUNNING' {})",
+                d.skip_locked
+            ),
+            held_by: format!(
+                "SELECT {}, claim_token, {} FROM task_runner_requests \
+                  WHERE claimed_by = $1 AND result = 'RUNNING'",
                 int("id"),
                 int("(CASE WHEN cancel_requested_at IS NULL THEN 0 ELSE 1 END)")
             ),
