@@ -700,6 +700,7 @@ fn render_status(s: &crate::control::Status) -> String {
     if let Some(next) = s.next_poll_in_seconds {
         out += &format!("next poll in {next:.1}s\n");
     }
+    out += &format!("database statements sent: {}\n", s.database_statements);
     out
 }
 

@@ -33,6 +33,10 @@ pub struct Status {
     pub counts: Vec<(String, i64)>,
     pub next_poll_in_seconds: Option<f64>,
     pub stopping: bool,
+    /// Statements (database round trips) the daemon's own work has sent
+    /// since it started: claims, writes about tries, heartbeats, reaping.
+    #[serde(default)]
+    pub database_statements: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -176,6 +180,7 @@ async fn status(shared: &Shared) -> Status {
                 .as_secs_f64()
         }),
         stopping: shared.stop_claiming.is_cancelled(),
+        database_statements: shared.store.statements_sent(),
     }
 }
 

@@ -14,11 +14,12 @@ use crate::store::{Store, Write};
 /// Largest batch applied in one transaction.
 const MAX_BATCH: usize = 512;
 
-/// How long a batch holding only pid writes waits for more. A task that ends
-/// within it never has its pid written (its outcome clears the pid anyway),
-/// which saves a statement per short task; a daemon killed within it leaves
-/// rows without a pid, recovered by the lease instead of the pid probe.
-const PID_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
+/// Under load (the previous batch was written less than [`BUSY`] ago), a
+/// batch waits this long for more writes before it is applied: at high load
+/// one statement records the outcomes of several tasks, while at idle an
+/// outcome is written at once.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
+const BUSY: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Removes the pid writes of tries whose outcome is in the same batch.
 fn drop_superseded_pids(batch: &mut Vec<Write>) {
@@ -77,6 +78,9 @@ async fn record_loop(
     wake: Arc<tokio::sync::Notify>,
 ) {
     let mut closing = false;
+    let mut last_batch = tokio::time::Instant::now()
+        .checked_sub(BUSY)
+        .unwrap_or_else(tokio::time::Instant::now);
     while !closing {
         let Some(first) = receiver.recv().await else {
             return;
@@ -93,17 +97,14 @@ async fn record_loop(
                 Err(_) => break,
             }
         }
-        // A batch of pids only waits a moment: a short task's outcome will
-        // follow, and then its pid need not be written at all.
-        let linger = tokio::time::Instant::now() + PID_LINGER;
-        while !closing
-            && batch.len() < MAX_BATCH
-            && batch.iter().all(|w| !matches!(w, Write::Outcome(_)))
-        {
-            match tokio::time::timeout_at(linger, receiver.recv()).await {
-                Ok(Some(Message::Write(write))) => batch.push(write),
-                Ok(Some(Message::Close)) | Ok(None) => closing = true,
-                Err(_) => break,
+        if last_batch.elapsed() < BUSY {
+            let linger = tokio::time::Instant::now() + LINGER;
+            while !closing && batch.len() < MAX_BATCH {
+                match tokio::time::timeout_at(linger, receiver.recv()).await {
+                    Ok(Some(Message::Write(write))) => batch.push(write),
+                    Ok(Some(Message::Close)) | Ok(None) => closing = true,
+                    Err(_) => break,
+                }
             }
         }
         drop_superseded_pids(&mut batch);
@@ -131,6 +132,7 @@ async fn record_loop(
                 }
             }
         }
+        last_batch = tokio::time::Instant::now();
         // A recorded outcome may make a retry due, or free a row for others.
         if batch.iter().any(|w| matches!(w, Write::Outcome(_))) {
             wake.notify_one();

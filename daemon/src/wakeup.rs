@@ -83,6 +83,7 @@ async fn watch_sqlite(shared: Arc<Shared>, stop: CancellationToken) {
         let Some(conn) = connection.as_mut() else {
             continue;
         };
+        shared.store.count_statements(1);
         match sqlx::query_scalar::<_, i64>("PRAGMA data_version")
             .fetch_one(&mut *conn)
             .await

@@ -9,6 +9,7 @@
 
 pub mod sql;
 
+use std::collections::HashSet;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -57,6 +58,10 @@ pub struct Store {
     sql: &'static Sql,
     /// The database URL with any password hidden, for messages.
     pub display_url: String,
+    /// Statements sent by the daemon's own work (claims, writes about tries,
+    /// heartbeats, reaping, delay look-ups; BEGIN and COMMIT count), for
+    /// `status` and the benchmark: each is one database round trip.
+    statements: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Runs `$body` with `$pool` bound to the backend's own pool type. The body is
@@ -307,6 +312,9 @@ impl Store {
                 SqlitePoolOptions::new()
                     .max_connections(1)
                     .acquire_timeout(Duration::from_secs(30))
+                    .after_connect(|connection, _| {
+                        Box::pin(async move { stable_query_plans(connection).await })
+                    })
                     .connect_lazy_with(options),
             )
         } else {
@@ -328,7 +336,19 @@ impl Store {
             pool,
             sql,
             display_url,
+            statements: Default::default(),
         })
+    }
+
+    /// Statements sent so far by the daemon's own work (see the field).
+    pub fn statements_sent(&self) -> u64 {
+        self.statements.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counts `n` statements sent (round trips).
+    pub fn count_statements(&self, n: u64) {
+        self.statements
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn backend(&self) -> Backend {
@@ -403,6 +423,7 @@ impl Store {
         limit: usize,
         filter: &ClaimFilter<'_>,
     ) -> Result<Vec<Claimed>> {
+        self.count_statements(1);
         let excluded = serde_json::to_string(filter.excluded_tasks)?;
         let mut rows: Vec<(i64, Claimed)> = on_pool!(self, pool => {
             let query = sqlx::query(self.sql.claim.as_str())
@@ -448,6 +469,8 @@ impl Store {
                 rows.first().map(|row| row.int(0)).transpose()?.unwrap_or(0)
             };
             let room = (i64::from(type_limit) - running).clamp(0, limit as i64);
+            // BEGIN, the lock, the count, the claim, COMMIT.
+            self.count_statements(2 + u64::from(sql.lock_type.is_some()) + 1 + u64::from(room > 0));
             let claimed = if room == 0 {
                 Vec::new()
             } else {
@@ -505,22 +528,39 @@ impl Store {
         // and BEGIN and COMMIT would triple its round trips.
         if let [write] = writes {
             if !matches!(write, Write::Outcome(outcome) if outcome.periodic) {
+                self.count_statements(1);
                 let took = on_pool!(self, pool => {
                     single_write_query(sql, write).execute(pool).await?.rows_affected() == 1
                 });
                 return Ok(vec![took]);
             }
         }
-        if let (Pool::Postgres(pool), Some(pids_sql), Some(outcomes_sql)) = (
-            &self.pool,
-            &self.sql.record_pids_batch,
-            &self.sql.record_outcomes_batch,
-        ) {
-            return record_postgres_batch(pool, self.sql, pids_sql, outcomes_sql, writes).await;
+        // Outcomes only (the common batch at high load): one statement,
+        // atomic on its own.
+        let outcomes: Option<Vec<&Outcome>> = writes
+            .iter()
+            .map(|write| match write {
+                Write::Outcome(outcome) if !outcome.periodic => Some(outcome),
+                _ => None,
+            })
+            .collect();
+        if let Some(outcomes) = outcomes {
+            let applied = self.record_outcomes(&outcomes).await?;
+            return Ok(outcomes.iter().map(|o| applied.contains(&o.id.0)).collect());
+        }
+        if let (Pool::Postgres(pool), Some(pids_sql)) = (&self.pool, &self.sql.record_pids_batch) {
+            // BEGIN, one statement per kind of write (progress: one each), COMMIT.
+            let progress = writes
+                .iter()
+                .filter(|w| matches!(w, Write::Progress { .. }))
+                .count();
+            self.count_statements(4 + progress as u64);
+            return record_postgres_batch(pool, self.sql, pids_sql, writes).await;
         }
         let mut applied = Vec::with_capacity(writes.len());
         on_pool!(self, pool => {
             let mut transaction = begin_write(pool).await?;
+            self.count_statements(2 + writes.len() as u64);
             for write in writes {
                 let query = single_write_query(sql, write);
                 let took = query.execute(&mut *transaction).await?.rows_affected() == 1;
@@ -537,9 +577,48 @@ impl Store {
         Ok(applied)
     }
 
+    /// Records outcomes in one statement (not periodic ones, whose next
+    /// occurrence needs a transaction); returns the ids it applied to.
+    async fn record_outcomes(&self, outcomes: &[&Outcome]) -> Result<HashSet<i64>> {
+        self.count_statements(1);
+        let statement = self.sql.record_outcomes_batch.as_str();
+        let rows = match &self.pool {
+            Pool::Postgres(pool) => bind_outcome_arrays(sqlx::query(statement), outcomes)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|row| row.int(0))
+                .collect::<sqlx::Result<_>>()?,
+            Pool::Sqlite(pool) => {
+                let rows: Vec<serde_json::Value> = outcomes
+                    .iter()
+                    .map(|o| {
+                        serde_json::json!([
+                            o.id.0,
+                            o.claim_token,
+                            o.state.as_str(),
+                            o.result_text,
+                            i64::from(o.give_back_try),
+                            o.retry_after
+                        ])
+                    })
+                    .collect();
+                sqlx::query(statement)
+                    .bind(serde_json::Value::Array(rows).to_string())
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|row| row.int(0))
+                    .collect::<sqlx::Result<_>>()?
+            }
+        };
+        Ok(rows)
+    }
+
     /// Renews `heartbeat_at` on every row `instance` holds (one statement),
     /// then reads which rows it still holds and which a user asked to cancel.
     pub async fn renew_heartbeats(&self, instance: &str) -> Result<Vec<Held>> {
+        self.count_statements(2);
         Ok(on_pool!(self, pool => {
             sqlx::query(self.sql.renew_heartbeats.as_str()).bind(instance).execute(pool).await?;
             let query = sqlx::query(self.sql.held_by.as_str()).bind(instance);
@@ -560,6 +639,7 @@ impl Store {
         host: &str,
         exclude_instance: &str,
     ) -> Result<Vec<RunningRow>> {
+        self.count_statements(1);
         Ok(on_pool!(self, pool => {
             let query = sqlx::query(self.sql.running_on_host.as_str())
                 .bind(host)
@@ -579,12 +659,32 @@ impl Store {
         }))
     }
 
+    /// RUNNING rows of `host` without a pid, except those held by
+    /// `exclude_instance`: (id, claim token, claimed_by).
+    pub async fn unstarted_on_host(
+        &self,
+        host: &str,
+        exclude_instance: &str,
+    ) -> Result<Vec<(RequestId, Option<String>, String)>> {
+        self.count_statements(1);
+        Ok(on_pool!(self, pool => {
+            let query = sqlx::query(self.sql.unstarted_on_host.as_str())
+                .bind(host)
+                .bind(exclude_instance);
+            query.fetch_all(pool).await?
+                .iter()
+                .map(|row| Ok((RequestId(row.int(0)?), row.opt_text(1)?, row.text(2)?)))
+                .collect::<sqlx::Result<_>>()?
+        }))
+    }
+
     /// RUNNING rows (any host) whose heartbeat is older than `lease`.
     pub async fn lapsed_leases(
         &self,
         lease: Duration,
         exclude_instance: &str,
     ) -> Result<Vec<LapsedRow>> {
+        self.count_statements(1);
         Ok(on_pool!(self, pool => {
             let query = sqlx::query(self.sql.lapsed_leases.as_str())
                 .bind(lease.as_secs_f64())
@@ -609,6 +709,7 @@ impl Store {
         claim_token: Option<&str>,
         reason: &str,
     ) -> Result<bool> {
+        self.count_statements(1);
         Ok(on_pool!(self, pool => {
             let query = sqlx::query(self.sql.mark_crashed.as_str())
                 .bind(reason)
@@ -620,6 +721,7 @@ impl Store {
 
     /// Seconds until the earliest delayed runnable row is due, if any.
     pub async fn seconds_until_next_delay(&self) -> Result<Option<f64>> {
+        self.count_statements(1);
         Ok(on_pool!(self, pool => {
             let query = sqlx::query(self.sql.next_delay.as_str());
             match query.fetch_all(pool).await?.first() {
@@ -791,14 +893,30 @@ where
     }
 }
 
+/// Binds the columns of `outcomes` as arrays, in the order of the
+/// PostgreSQL batch statement's `unnest()`.
+fn bind_outcome_arrays<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    outcomes: &[&'q Outcome],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    fn column<'a, T>(outcomes: &[&'a Outcome], field: impl Fn(&'a Outcome) -> T) -> Vec<T> {
+        outcomes.iter().map(|outcome| field(outcome)).collect()
+    }
+    query
+        .bind(column(outcomes, |o| o.id.0))
+        .bind(column(outcomes, |o| o.claim_token.as_str()))
+        .bind(column(outcomes, |o| o.state.as_str()))
+        .bind(column(outcomes, |o| o.result_text.as_str()))
+        .bind(column(outcomes, |o| i64::from(o.give_back_try)))
+        .bind(column(outcomes, |o| o.retry_after))
+}
+
 async fn record_postgres_batch(
     pool: &PgPool,
     sql: &'static Sql,
     pids_sql: &'static str,
-    outcomes_sql: &'static str,
     writes: &[Write],
 ) -> Result<Vec<bool>> {
-    use std::collections::HashSet;
     let mut transaction = pool.begin().await?;
     let (mut ids, mut tokens, mut pids, mut boots, mut ticks) =
         (vec![], vec![], vec![], vec![], vec![]);
@@ -854,17 +972,7 @@ async fn record_postgres_batch(
         .collect();
     let mut outcomes_applied = HashSet::new();
     if !outcomes.is_empty() {
-        // One array per column, in the order of the statement's unnest().
-        fn column<'a, T>(outcomes: &[&'a Outcome], field: impl Fn(&'a Outcome) -> T) -> Vec<T> {
-            outcomes.iter().map(|outcome| field(outcome)).collect()
-        }
-        let rows = sqlx::query(outcomes_sql)
-            .bind(column(&outcomes, |o| o.id.0))
-            .bind(column(&outcomes, |o| o.claim_token.as_str()))
-            .bind(column(&outcomes, |o| o.state.as_str()))
-            .bind(column(&outcomes, |o| o.result_text.as_str()))
-            .bind(column(&outcomes, |o| i64::from(o.give_back_try)))
-            .bind(column(&outcomes, |o| o.retry_after))
+        let rows = bind_outcome_arrays(sqlx::query(sql.record_outcomes_batch.as_str()), &outcomes)
             .fetch_all(&mut *transaction)
             .await?;
         for row in &rows {
@@ -897,6 +1005,35 @@ async fn record_postgres_batch(
 
 /// Starts a write transaction. On SQLite `BEGIN IMMEDIATE` takes the write
 /// lock up front, so busy_timeout applies and no snapshot upgrade can fail.
+/// Turns on SQLite's query planner stability guarantee for a connection.
+///
+/// Without it SQLite re-prepares a statement on its next step whenever a
+/// bound value the planner looked at has changed: the claim's `LIMIT $4`, and
+/// parameters compared with the partial indexes' predicates. That re-parsing
+/// was half of the SQLite thread's CPU time per task (profiled while draining
+/// NoOp rows). Our statements are written for one plan (the partial indexes),
+/// so a plan that ignores bound values is the right one.
+async fn stable_query_plans(connection: &mut sqlx::SqliteConnection) -> sqlx::Result<()> {
+    let mut handle = connection.lock_handle().await?;
+    let db = handle.as_raw_handle().as_ptr();
+    // SAFETY: a valid connection handle, held locked for the call; the
+    // option takes an int and a nullable int pointer.
+    let code = unsafe {
+        libsqlite3_sys::sqlite3_db_config(
+            db,
+            libsqlite3_sys::SQLITE_DBCONFIG_ENABLE_QPSG,
+            1 as libc::c_int,
+            std::ptr::null_mut::<libc::c_int>(),
+        )
+    };
+    if code != libsqlite3_sys::SQLITE_OK {
+        return Err(sqlx::Error::Protocol(format!(
+            "SQLite refused the query planner stability setting (code {code})"
+        )));
+    }
+    Ok(())
+}
+
 async fn begin_write<DB: sqlx::Database>(
     pool: &sqlx::Pool<DB>,
 ) -> sqlx::Result<sqlx::Transaction<'static, DB>> {

@@ -122,9 +122,10 @@ pub struct Sql {
     /// PostgreSQL only: many `record_pid`s in one statement (arrays `$1..$5`:
     /// id, token, pid, boot id, start ticks), returning the ids it applied to.
     pub record_pids_batch: Option<String>,
-    /// PostgreSQL only: many `record_outcome`s in one statement (arrays
-    /// `$1..$6`: id, token, result, result_text, give back, retry after).
-    pub record_outcomes_batch: Option<String>,
+    /// Many `record_outcome`s in one statement, returning the ids it applied
+    /// to. PostgreSQL: arrays `$1..$6` (id, token, result, result_text, give
+    /// back, retry after); SQLite: `$1` a JSON array of such arrays.
+    pub record_outcomes_batch: String,
     /// Fenced: the latest progress line.
     pub record_progress: String,
     /// Renews the heartbeat of every row daemon instance `$1` runs. On
@@ -136,6 +137,9 @@ pub struct Sql {
     pub held_by: String,
     /// Rows on host `$1` that are RUNNING with a pid, not held by instance `$2`.
     pub running_on_host: String,
+    /// Rows on host `$1` that are RUNNING without a pid (claimed, process not
+    /// started or not yet announced), not held by instance `$2`.
+    pub unstarted_on_host: String,
     /// RUNNING rows whose heartbeat is older than `$1` seconds, not held by instance `$2`.
     pub lapsed_leases: String,
     /// Fenced on the token read before: marks a row the reaper found dead.
@@ -292,7 +296,7 @@ impl Sql {
                   RETURNING t.id"
                     .to_string()
             }),
-            record_outcomes_batch: batched.then(|| {
+            record_outcomes_batch: if batched {
                 format!(
                     "UPDATE task_runner_requests t \
                         SET result = v.result, result_text = v.result_text, completed_at = {now}, pid = NULL, \
@@ -304,7 +308,21 @@ impl Sql {
                       RETURNING t.id",
                     plus("v.retry_after")
                 )
-            }),
+            } else {
+                format!(
+                    "UPDATE task_runner_requests AS t \
+                        SET result = v.result, result_text = v.result_text, completed_at = {now}, pid = NULL, \
+                            tries = t.tries - v.give_back, \
+                            delay_until = CASE WHEN v.retry_after IS NULL THEN NULL ELSE {} END \
+                       FROM (SELECT value ->> 0 AS id, value ->> 1 AS claim_token, value ->> 2 AS result, \
+                                    value ->> 3 AS result_text, value ->> 4 AS give_back, \
+                                    value ->> 5 AS retry_after \
+                               FROM json_each($1)) AS v \
+                      WHERE t.id = v.id AND t.claim_token = v.claim_token AND t.result = 'RUNNING' \
+                      RETURNING id",
+                    plus("v.retry_after")
+                )
+            },
             claim,
             claim_one,
             record_pid: format!(
@@ -346,6 +364,14 @@ impl Sql {
                 int("pid"),
                 int("pid_start_ticks"),
                 d.epoch_seconds.replace("{}", "started_at")
+            ),
+            unstarted_on_host: format!(
+                "SELECT {}, claim_token, coalesce(claimed_by, '') \
+                   FROM task_runner_requests \
+                  WHERE result = 'RUNNING' AND host = $1 AND pid IS NULL \
+                    AND claimed_by IS DISTINCT FROM $2 \
+                  ORDER BY id",
+                int("id")
             ),
             lapsed_leases: format!(
                 "SELECT {}, coalesce(host, ''), claim_token, {} \
