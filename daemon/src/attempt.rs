@@ -86,7 +86,7 @@ pub async fn run(
     input: TryInput<'_>,
     stop: watch::Receiver<Option<StopReason>>,
     progress: Option<watch::Sender<Option<String>>>,
-    on_spawn: impl FnOnce(&Spawned),
+    on_running: impl FnOnce(&Spawned),
 ) -> Verdict {
     if let Err(error) = check_options(input.options) {
         return Verdict::new(
@@ -124,7 +124,7 @@ pub async fn run(
         env,
         stdin: input.options.to_vec(),
     };
-    match supervisor::run(&context.spawner, launch, stop, progress, on_spawn).await {
+    match supervisor::run(&context.spawner, launch, stop, progress, on_running).await {
         Ok(ended) => judge(&ended),
         Err(error) => Verdict::new(State::Failed, error.to_string()),
     }

@@ -1,28 +1,59 @@
-//! The scheduler: claims runnable rows up to the free slots and starts a
-//! supervised try for each. It claims when woken (a row was enqueued, a try
-//! ended, a delay came due) and at the latest every `poll_interval`.
+//! The scheduler: claims runnable rows and starts a supervised try for each,
+//! at most `max_concurrent` processes at once. It claims when woken (a row
+//! was enqueued, a try ended, a delay came due) and at the latest every
+//! `poll_interval`.
+//!
+//! Claiming ahead: while tasks are short, the scheduler claims more rows than
+//! it has free slots, so that a slot that frees up starts its next task at
+//! once instead of waiting for a claim, and one claim statement serves
+//! several tasks. How far ahead it claims is bounded by how long those rows
+//! would wait ([`claim_ahead`]); a row claimed ahead that still finds no slot
+//! after [`AHEAD_MAX_WAIT`] is given back (INTERRUPTED, its try not counted),
+//! and so is every such row when the daemon shuts down. No claim ahead is made
+//! with `queues:` configured, or for task types with a concurrency limit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::attempt::{self, TryInput};
+use crate::attempt::{self, TryInput, Verdict};
 use crate::daemon::{LiveTry, Shared};
 use crate::health::Backoff;
 use crate::request::{Claimed, State};
 use crate::store::Write;
+use crate::supervisor::StopReason;
+
+/// Rows claimed ahead are meant to start within about this long.
+const AHEAD_HORIZON: Duration = Duration::from_millis(20);
+
+/// A row claimed ahead that has found no free slot after this long is given back.
+pub const AHEAD_MAX_WAIT: Duration = Duration::from_secs(1);
+
+/// How a try ended, as the scheduler counts it.
+struct TryEnd {
+    queue: String,
+    /// It was given a slot (and held it until now).
+    had_slot: bool,
+    /// How long its process ran; `None` if it never started.
+    ran_for: Option<Duration>,
+}
 
 /// Runs until the daemon stops claiming and every try it started has ended.
 pub async fn run(shared: Arc<Shared>) {
-    let mut tries: JoinSet<String> = JoinSet::new();
+    // Every claimed try: those running and those waiting for a slot.
+    let mut tries: JoinSet<TryEnd> = JoinSet::new();
+    // The slot signals of tries waiting for one, in claim order.
+    let mut waiting: VecDeque<oneshot::Sender<()>> = VecDeque::new();
+    let mut running = 0usize;
     // Tries per queue, counted here (not from the live map, which a new try
     // joins only once its task starts) so that a queue's limit always holds.
     let mut running_by_queue: HashMap<String, usize> = HashMap::new();
+    let mut typical_run: Option<Duration> = None;
     let mut claim_counter: u64 = 0;
     let mut backoff = Backoff::default();
     loop {
@@ -30,21 +61,55 @@ pub async fn run(shared: Arc<Shared>) {
             break;
         }
         let config = shared.config();
-        let free = config.max_concurrent.saturating_sub(tries.len());
+        // Free slots go to the rows waiting longest.
+        while running < config.max_concurrent {
+            let Some(slot) = waiting.pop_front() else {
+                break;
+            };
+            if slot.send(()).is_ok() {
+                running += 1;
+            }
+        }
+        waiting.retain(|slot| !slot.is_closed());
+        let claimed = running + waiting.len();
+        let ahead = if config.queues.is_empty() {
+            claim_ahead(config.max_concurrent, typical_run, oldest_running(&shared))
+        } else {
+            0
+        };
+        let idle_slots = config.max_concurrent.saturating_sub(claimed);
+        // Claim ahead in batches: once half the rows claimed ahead have started.
+        let refill = ahead > 0 && waiting.len() <= ahead / 2;
         // When is the next unprompted claim due: the poll, or an earlier delay.
         let mut next_claim = Instant::now() + config.poll_interval;
-        if free > 0 {
+        if idle_slots > 0 || refill {
             claim_counter += 1;
             let token = format!("{}:{claim_counter}", shared.instance);
-            match claim_round(&shared, &config, &token, free, &running_by_queue).await {
-                Ok((claimed, all_slots_filled)) => {
+            let budget = (config.max_concurrent + ahead).saturating_sub(claimed);
+            let round = claim_round(
+                &shared,
+                &config,
+                &token,
+                (budget, idle_slots),
+                &running_by_queue,
+            );
+            match round.await {
+                Ok((rows, all_filled)) => {
                     shared.health.succeeded();
                     backoff.reset();
-                    for row in claimed {
+                    for row in rows {
                         *running_by_queue.entry(row.queue.clone()).or_default() += 1;
-                        tries.spawn(supervise(shared.clone(), row));
+                        let (slot, go) = oneshot::channel();
+                        if running < config.max_concurrent {
+                            // The receiver is alive: the try is not spawned yet.
+                            let _ = slot.send(());
+                            running += 1;
+                        } else {
+                            waiting.push_back(slot);
+                        }
+                        tries.spawn(supervise(shared.clone(), row, go));
                     }
-                    if !all_slots_filled {
+                    if !all_filled {
                         if let Some(due) = next_delay(&shared).await {
                             next_claim = next_claim.min(due);
                         }
@@ -60,9 +125,15 @@ pub async fn run(shared: Arc<Shared>) {
         tokio::select! {
             _ = shared.wake.notified() => {}
             Some(ended) = tries.join_next(), if !tries.is_empty() => {
-                if let Ok(queue) = ended {
-                    if let Some(count) = running_by_queue.get_mut(&queue) {
+                if let Ok(ended) = ended {
+                    if let Some(count) = running_by_queue.get_mut(&ended.queue) {
                         *count = count.saturating_sub(1);
+                    }
+                    if ended.had_slot {
+                        running = running.saturating_sub(1);
+                    }
+                    if let Some(ran_for) = ended.ran_for {
+                        typical_run = Some(typical_run.map_or(ran_for, |t| t.mul_f64(0.8) + ran_for.mul_f64(0.2)));
                     }
                 }
             }
@@ -70,18 +141,45 @@ pub async fn run(shared: Arc<Shared>) {
             _ = shared.stop_claiming.cancelled() => {}
         }
     }
+    // Rows claimed ahead are given back at once; running tries are drained.
+    waiting.clear();
     while tries.join_next().await.is_some() {}
 }
 
-/// Claims for up to `free` slots: per served queue (each within its own
-/// limit), task types with a concurrency limit apart, under their lock.
-/// Returns the claimed rows and whether every claim filled what it asked for
-/// (so more rows may be waiting).
+/// How many rows to claim beyond the free slots: enough that each slot has
+/// its next task ready, as long as they would start within [`AHEAD_HORIZON`]
+/// judging by how long tries have been taking (`typical_run`, a moving
+/// average) and by the oldest try running now; none before any try ended.
+fn claim_ahead(max_concurrent: usize, typical_run: Option<Duration>, oldest: Duration) -> usize {
+    let Some(typical) = typical_run else {
+        return 0;
+    };
+    let per_slot = typical.max(oldest).max(Duration::from_micros(100));
+    let rows = AHEAD_HORIZON.as_secs_f64() * max_concurrent as f64 / per_slot.as_secs_f64();
+    (rows as usize).min(4 * max_concurrent)
+}
+
+/// How long the oldest running try has been running.
+fn oldest_running(shared: &Shared) -> Duration {
+    shared
+        .live()
+        .values()
+        .filter(|live| live.pid.is_some())
+        .map(|live| live.started.elapsed())
+        .max()
+        .unwrap_or_default()
+}
+
+/// Claims up to `budget` rows: per served queue (each within its own
+/// limit), task types with a concurrency limit apart, under their lock, and
+/// only for `slots` that are free now (never ahead). Returns the claimed rows
+/// and whether every claim filled what it asked for (so more rows may be
+/// waiting).
 async fn claim_round(
     shared: &Shared,
     config: &crate::config::Config,
     token: &str,
-    mut free: usize,
+    (mut budget, mut slots): (usize, usize),
     running_by_queue: &HashMap<String, usize>,
 ) -> anyhow::Result<(Vec<Claimed>, bool)> {
     let limited: Vec<(&str, u32)> = config
@@ -92,7 +190,7 @@ async fn claim_round(
     let excluded: Vec<String> = limited.iter().map(|(name, _)| name.to_string()).collect();
     // (queue, room in it); `None` serves every queue.
     let queues: Vec<(Option<&str>, usize)> = if config.queues.is_empty() {
-        vec![(None, free)]
+        vec![(None, budget)]
     } else {
         config
             .queues
@@ -114,18 +212,19 @@ async fn claim_round(
             task: None,
             excluded_tasks: &excluded,
         };
-        let want = room.min(free);
+        let want = room.min(budget);
         if want > 0 {
             let rows = store
                 .claim_filtered(host, instance, token, want, &filter)
                 .await?;
             all_filled &= rows.len() == want;
             room -= rows.len();
-            free -= rows.len();
+            budget -= rows.len();
+            slots = slots.saturating_sub(rows.len());
             claimed.extend(rows);
         }
         for (task, limit) in &limited {
-            let want = room.min(free);
+            let want = room.min(budget).min(slots);
             if want == 0 {
                 break;
             }
@@ -137,7 +236,8 @@ async fn claim_round(
                 .claim_limited(host, instance, token, want, &filter, *limit)
                 .await?;
             room -= rows.len();
-            free -= rows.len();
+            budget -= rows.len();
+            slots -= rows.len();
             claimed.extend(rows);
         }
     }
@@ -161,18 +261,27 @@ async fn next_delay(shared: &Shared) -> Option<Instant> {
     }
 }
 
-/// Runs one claimed row's try and queues its outcome.
-/// Returns the row's queue, for the scheduler's count.
-async fn supervise(shared: Arc<Shared>, row: Claimed) -> String {
+/// Runs one claimed row's try once it has a slot, and queues its outcome.
+async fn supervise(shared: Arc<Shared>, row: Claimed, slot: oneshot::Receiver<()>) -> TryEnd {
     let queue = row.queue.clone();
     let span = tracing::info_span!("task", request = %row.id, task = %row.task_class_name, r#try = row.tries);
-    run_claimed(shared, row).instrument(span).await;
-    queue
+    let (had_slot, ran_for) = run_claimed(shared, row, slot).instrument(span).await;
+    TryEnd {
+        queue,
+        had_slot,
+        ran_for,
+    }
 }
 
-async fn run_claimed(shared: Arc<Shared>, row: Claimed) {
+/// Returns whether the try got a slot, and how long its process ran (`None`
+/// if it never started).
+async fn run_claimed(
+    shared: Arc<Shared>,
+    row: Claimed,
+    mut slot: oneshot::Receiver<()>,
+) -> (bool, Option<Duration>) {
     let config = shared.config();
-    let (stop_sender, stop) = watch::channel(None);
+    let (stop_sender, mut stop) = watch::channel(None);
     let (progress_sender, progress) = watch::channel(None);
     shared.live().insert(
         row.id,
@@ -188,6 +297,17 @@ async fn run_claimed(shared: Arc<Shared>, row: Claimed) {
             progress_written: None,
         },
     );
+    if let (had_slot, Some(verdict)) = wait_for_slot(&mut slot, &mut stop).await {
+        shared.live().remove(&row.id);
+        tracing::info!("{}", verdict.result_text);
+        let outcome = attempt::outcome(&row, &verdict, &config);
+        shared.recorder.send(Write::Outcome(outcome));
+        return (had_slot, None);
+    }
+    if let Some(live) = shared.live().get_mut(&row.id) {
+        live.started = std::time::Instant::now();
+    }
+    let started = std::time::Instant::now();
     let context = attempt::Context {
         config: config.clone(),
         registry: shared.registry.clone(),
@@ -199,7 +319,7 @@ async fn run_claimed(shared: Arc<Shared>, row: Claimed) {
         options: &row.options,
         try_number: row.tries,
     };
-    let on_spawn = |spawned: &crate::supervisor::Spawned| {
+    let on_running = |spawned: &crate::supervisor::Spawned| {
         if let Some(live) = shared.live().get_mut(&row.id) {
             live.pid = Some(spawned.pid);
         }
@@ -212,7 +332,7 @@ async fn run_claimed(shared: Arc<Shared>, row: Claimed) {
             start_ticks: spawned.start_ticks,
         });
     };
-    let verdict = attempt::run(&context, input, stop, Some(progress_sender), on_spawn).await;
+    let verdict = attempt::run(&context, input, stop, Some(progress_sender), on_running).await;
     shared.live().remove(&row.id);
 
     let outcome = attempt::outcome(&row, &verdict, &config);
@@ -239,10 +359,84 @@ async fn run_claimed(shared: Arc<Shared>, row: Claimed) {
         }
     }
     shared.recorder.send(Write::Outcome(outcome));
+    (true, Some(started.elapsed()))
+}
+
+/// Waits until the scheduler gives this try a slot. Returns whether it got
+/// one, and a verdict if it must not run: a row claimed ahead may be stopped
+/// first (a cancel, a shutdown, a lost claim) or find no slot in time; it is
+/// then given back, its try not counted, unless a user cancelled it.
+async fn wait_for_slot(
+    slot: &mut oneshot::Receiver<()>,
+    stop: &mut watch::Receiver<Option<StopReason>>,
+) -> (bool, Option<Verdict>) {
+    let deadline = tokio::time::sleep(AHEAD_MAX_WAIT);
+    tokio::pin!(deadline);
+    let stopped = loop {
+        tokio::select! {
+            biased;
+            given = &mut *slot => match given {
+                Ok(()) => return (true, None),
+                // The scheduler stopped claiming (a shutdown).
+                Err(_) => break Some(StopReason::Shutdown),
+            },
+            changed = stop.changed() => match changed.map(|()| *stop.borrow_and_update()) {
+                Ok(Some(reason)) => break Some(reason),
+                Ok(None) => continue,
+                Err(_) => break Some(StopReason::Shutdown),
+            },
+            () = &mut deadline => break None,
+        }
+    };
+    // A slot sent just as we stopped waiting is ours to hand back.
+    slot.close();
+    let had_slot = slot.try_recv().is_ok();
+    if had_slot && stopped.is_none() {
+        return (true, None);
+    }
+    let (state, text) = match stopped {
+        Some(StopReason::Cancel) => (State::Cancelled, "cancelled by a user before it started"),
+        Some(StopReason::Shutdown) => (
+            State::Interrupted,
+            "given back before it started: the daemon was shut down",
+        ),
+        Some(StopReason::LostClaim) => (
+            State::Crashed,
+            "stopped before it started: this daemon lost its claim on the row",
+        ),
+        None => (
+            State::Interrupted,
+            "given back before it started: no free slot on this daemon within 1s",
+        ),
+    };
+    let verdict = Verdict {
+        state,
+        result_text: text.to_string(),
+        stderr_tail: None,
+    };
+    (had_slot, Some(verdict))
 }
 
 /// The last few lines of a task's stderr, for a log line.
 fn last_lines(text: &str) -> String {
     let lines: Vec<&str> = text.trim_end().lines().collect();
     lines[lines.len().saturating_sub(5)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_ahead_only_what_starts_within_the_horizon() {
+        let ms = Duration::from_millis;
+        // Nothing known yet: no claim ahead.
+        assert_eq!(claim_ahead(8, None, ms(0)), 0);
+        // 1 ms tasks: four rows a slot at most.
+        assert_eq!(claim_ahead(2, Some(ms(1)), ms(1)), 8);
+        // 10 ms tasks on 2 slots: 20 ms covers four.
+        assert_eq!(claim_ahead(2, Some(ms(10)), ms(3)), 4);
+        // A long task running now stops it, however short the others were.
+        assert_eq!(claim_ahead(8, Some(ms(1)), ms(500)), 0);
+    }
 }

@@ -85,15 +85,21 @@ pub enum Stopped {
     Requested(StopReason),
 }
 
-/// Runs one process to its end. `on_spawn` is called once the process
-/// exists; `stop` delivers stop requests; progress lines are published on
-/// `progress`.
+/// How long a process runs before `on_running` announces it. A task that
+/// ends sooner is never announced: its pid is not worth a database write
+/// (its outcome clears the pid anyway) nor a read of its start time.
+pub const ANNOUNCE_AFTER: Duration = Duration::from_millis(10);
+
+/// Runs one process to its end. `on_running` is called once the process has
+/// run for [`ANNOUNCE_AFTER`] (with its pid and start time, read while it
+/// surely is our unreaped child); `stop` delivers stop requests; progress
+/// lines are published on `progress`.
 pub async fn run(
     spawner: &Spawner,
     launch: Launch,
     mut stop: watch::Receiver<Option<StopReason>>,
     progress: Option<watch::Sender<Option<String>>>,
-    on_spawn: impl FnOnce(&Spawned),
+    on_running: impl FnOnce(&Spawned),
 ) -> std::io::Result<Ended> {
     let settings = launch.settings.clone();
     let extra = settings
@@ -120,10 +126,8 @@ pub async fn run(
     })?;
     let pid = child.pid;
     let process_group = Pid::from_raw(pid as i32);
-    on_spawn(&Spawned {
-        pid,
-        start_ticks: crate::procinfo::start_ticks(i64::from(pid)).unwrap_or(0),
-    });
+    let mut on_running = Some(on_running);
+    let announce_at = started + ANNOUNCE_AFTER;
 
     let mut stdin = child.stdin.take().expect("stdin is piped");
     let options = launch.stdin;
@@ -151,7 +155,16 @@ pub async fn run(
     let status = loop {
         let next_signal = escalation.as_ref().map(|e| e.next_at);
         tokio::select! {
+            biased;
             status = child.wait() => break status?,
+            _ = tokio::time::sleep_until(announce_at), if on_running.is_some() => {
+                if let Some(announce) = on_running.take() {
+                    announce(&Spawned {
+                        pid,
+                        start_ticks: crate::procinfo::start_ticks(i64::from(pid)).unwrap_or(0),
+                    });
+                }
+            }
             _ = sleep_until_opt(timeout_at), if stopped.is_none() => {
                 let timeout = settings.timeout.unwrap_or_default();
                 stopped = Some(Stopped::Timeout(timeout));
