@@ -275,9 +275,32 @@ fn is_permanent(error: &anyhow::Error) -> bool {
     })
 }
 
-/// `host:pid:random`, unique across daemons and restarts.
+/// `host:pid:start ticks:boot id:random`, unique across daemons and
+/// restarts. It names the daemon's process exactly, so that the reaper can
+/// tell when the daemon holding a row whose task never started is gone
+/// (see [`holder_identity`]).
 pub fn new_instance_id(host: &str) -> String {
-    format!("{host}:{}:{:016x}", std::process::id(), random_u64())
+    let pid = std::process::id();
+    let ticks = crate::procinfo::start_ticks(i64::from(pid)).unwrap_or(0);
+    let boot = crate::procinfo::boot_id();
+    format!("{host}:{pid}:{ticks}:{boot}:{:016x}", random_u64())
+}
+
+/// The process identity of the daemon instance named in `claimed_by`, if it
+/// carries one (instances before 0.1 wrote `host:pid:random`).
+pub fn holder_identity(claimed_by: &str) -> Option<crate::procinfo::Identity> {
+    let mut fields = claimed_by.rsplitn(5, ':');
+    let _random = fields.next()?;
+    let boot = fields.next()?;
+    let ticks: i64 = fields.next()?.parse().ok()?;
+    let pid: i64 = fields.next()?.parse().ok()?;
+    fields.next()?;
+    (!boot.is_empty() && ticks > 0).then(|| crate::procinfo::Identity {
+        pid,
+        boot_id: Some(boot.to_string()),
+        start_ticks: Some(ticks),
+        started_at: None,
+    })
 }
 
 pub fn random_u64() -> u64 {
@@ -324,5 +347,25 @@ pub async fn reload(shared: &Arc<Shared>, overrides: &crate::config::Overrides) 
             tracing::error!("config reload refused, keeping the old config: {error:#}")
         }
         Err(error) => tracing::error!("config reload failed: {error}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_instance_id_names_its_daemon_process() {
+        let instance = new_instance_id("web:1");
+        let identity = holder_identity(&instance).expect("an identity");
+        assert_eq!(identity.pid, i64::from(std::process::id()));
+        assert_eq!(identity.boot_id, Some(crate::procinfo::boot_id()));
+        assert_eq!(
+            crate::procinfo::probe(&identity),
+            crate::procinfo::Probe::Alive
+        );
+        // Instances of older daemons carry no identity.
+        assert!(holder_identity("web-1:1234:00000000deadbeef").is_none());
+        assert!(holder_identity("").is_none());
     }
 }

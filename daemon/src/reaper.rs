@@ -3,10 +3,12 @@
 //! daemon died). Runs inside the daemon (at start and every `reap_interval`)
 //! and as `taskrunner-cli reap`.
 //!
-//! Two probes: rows of this host are checked against the process identity
+//! Three probes: rows of this host are checked against the process identity
 //! recorded at spawn (`procinfo::probe`; a reused pid is never taken for the
-//! task, and nothing is ever signalled); rows of any host whose heartbeat is
-//! older than `lease_timeout` have lost their lease.
+//! task, and nothing is ever signalled); rows of this host without a pid
+//! against the identity of the daemon holding them (in `claimed_by`); rows
+//! of any host whose heartbeat is older than `lease_timeout` have lost their
+//! lease.
 
 use std::time::Duration;
 
@@ -61,6 +63,27 @@ pub async fn reap(
             {
                 reaped.push(Reaped { id: row.id, reason });
             }
+        }
+    }
+    // Rows whose task never started (claimed ahead, or ended before its pid
+    // was written): their daemon's own process identity tells.
+    for (id, claim_token, claimed_by) in store.unstarted_on_host(host, own_instance).await? {
+        let Some(holder) = crate::daemon::holder_identity(&claimed_by) else {
+            continue;
+        };
+        let Probe::Dead(why) = procinfo::probe(&holder) else {
+            continue;
+        };
+        let why = why.replace("process", "daemon process");
+        let reason = format!(
+            "crashed: its daemon is gone ({why}) and no task process was recorded (found by the reaper on {host})"
+        );
+        if dry_run
+            || store
+                .mark_crashed(id, claim_token.as_deref(), &reason)
+                .await?
+        {
+            reaped.push(Reaped { id, reason });
         }
     }
     for row in store.lapsed_leases(lease_timeout, own_instance).await? {
