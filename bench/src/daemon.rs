@@ -116,6 +116,28 @@ impl Daemon {
         usage_of(self.pid())
     }
 
+    /// The statements (database round trips) the daemon has sent, from
+    /// `taskrunner-cli status --json` over its control socket.
+    pub fn statements(&self, bench: &Bench) -> Result<u64> {
+        let output = Command::new(bench.binary(CLI))
+            .arg("--config")
+            .arg(&self.config)
+            .args(["status", "--json"])
+            .output()
+            .context("running taskrunner-cli status")?;
+        if !output.status.success() {
+            bail!(
+                "taskrunner-cli status failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        let status: serde_json::Value =
+            serde_json::from_slice(&output.stdout).context("reading status --json")?;
+        status["database_statements"]
+            .as_u64()
+            .context("status --json has no database_statements")
+    }
+
     /// SIGTERM, then waits for a clean exit (SIGKILL after 30 s).
     pub async fn stop(mut self) -> Result<()> {
         // SAFETY: signalling our own child, which has not been waited for.

@@ -29,6 +29,8 @@ pub struct Case {
     pub usage: Usage,
     /// Busy CPU time of the whole machine during the drain.
     pub machine_cpu: Duration,
+    /// Database statements (round trips) the daemon sent during the drain.
+    pub statements: u64,
 }
 
 pub async fn run(
@@ -48,7 +50,7 @@ pub async fn run(
                 "throughput: {} draining {rows} NoOp requests, max_concurrent {level}",
                 backend.name()
             );
-            let (rate, usage, machine_cpu) = drain(bench, backend, level, rows).await?;
+            let (rate, usage, machine_cpu, statements) = drain(bench, backend, level, rows).await?;
             cases.push(Case {
                 backend,
                 concurrency: level,
@@ -58,6 +60,7 @@ pub async fn run(
                 rows,
                 usage,
                 machine_cpu,
+                statements,
             });
         }
     }
@@ -65,14 +68,14 @@ pub async fn run(
 }
 
 /// Drains `rows` NoOp requests; returns tasks per second (by the database
-/// clock, first start to last completion), the daemon's usage, and the
-/// machine's busy CPU time during the drain.
+/// clock, first start to last completion), the daemon's usage, the
+/// machine's busy CPU time during the drain, and the daemon's statements.
 async fn drain(
     bench: &Bench,
     backend: Backend,
     concurrency: usize,
     rows: usize,
-) -> Result<(f64, Usage, Duration)> {
+) -> Result<(f64, Usage, Duration, u64)> {
     let dir = bench.case_dir(&format!("throughput-{backend:?}-{concurrency}").to_lowercase())?;
     let database = bench.database(backend, &dir).await?;
     database
@@ -86,9 +89,11 @@ async fn drain(
         &format!("max_concurrent: {concurrency}\n"),
     )
     .await?;
+    let statements_before = daemon.statements(bench)?;
     let timeout = Duration::from_secs(60) + Duration::from_millis(50) * rows as u32;
     database.wait_finished(rows, timeout).await?;
     let usage = daemon.usage()?;
+    let statements = daemon.statements(bench)?.saturating_sub(statements_before);
     let machine_cpu = machine_busy_cpu()?.saturating_sub(cpu_before);
     daemon.stop().await?;
     let span = database
@@ -102,7 +107,7 @@ async fn drain(
     if span <= 0.0 {
         bail!("the drain took no measurable time");
     }
-    Ok((rows as f64 / span, usage, machine_cpu))
+    Ok((rows as f64 / span, usage, machine_cpu, statements))
 }
 
 /// Spawns the built-in task binary `count` times, `concurrency` at a time,
@@ -204,6 +209,7 @@ pub fn table(cases: &[Case], rows: usize) -> Table {
             "task CPU ms/task",
             "machine CPU ms/task",
             "daemon context switches/task",
+            "DB statements/task",
         ],
     );
     for case in cases {
@@ -227,6 +233,7 @@ pub fn table(cases: &[Case], rows: usize) -> Table {
                 "{:.1}",
                 case.usage.context_switches as f64 / case.rows.max(1) as f64
             ),
+            format!("{:.2}", case.statements as f64 / case.rows.max(1) as f64),
         ]);
     }
     table.note(
@@ -235,7 +242,9 @@ pub fn table(cases: &[Case], rows: usize) -> Table {
          no database, same concurrency; fork+exec: the same forced through fork by a pre_exec hook (the daemon starts tasks with clone(CLONE_VM|CLONE_VFORK), like posix_spawn). \
          CPU per task: the daemon's own, its task processes', and the whole machine's busy time during the drain \
          (the rest is the database server, the kernel, and anything else running on the machine); \
-         context switches: all the daemon's threads, voluntary and not.",
+         context switches: all the daemon's threads, voluntary and not. \
+         DB statements/task: database round trips the daemon sent during the drain (claims, writes about tries, \
+         heartbeats, reaping, change checks; BEGIN and COMMIT count), from `status`, ÷ rows.",
     );
     table
 }
