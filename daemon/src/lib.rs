@@ -9,7 +9,8 @@
 //! - [`request`]: ids, states, the backoff rule.
 //! - [`store`]: every query; [`store::sql`] holds the claim and the fenced writes.
 //! - [`daemon`]: starts the parts below and shuts them down in order.
-//! - [`scheduler`]: claims rows up to the free slots, starts a try for each.
+//! - [`scheduler`]: claims rows up to the free slots (and a few ahead while
+//!   tasks are short), starts a try for each as a slot frees up.
 //! - [`attempt`]: one try, from type name and options to a verdict.
 //! - [`supervisor`]: one OS process per try: spawn (clone + exec from one
 //!   long-lived thread), limits, bounded output, timeout, kill escalation.
