@@ -55,7 +55,7 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    fn new(state: State, result_text: impl Into<String>) -> Verdict {
+    pub fn new(state: State, result_text: impl Into<String>) -> Verdict {
         Verdict {
             state,
             result_text: result_text.into(),

@@ -304,10 +304,10 @@ async fn run_claimed(
         shared.recorder.send(Write::Outcome(outcome));
         return (had_slot, None);
     }
-    if let Some(live) = shared.live().get_mut(&row.id) {
-        live.started = std::time::Instant::now();
-    }
     let started = std::time::Instant::now();
+    if let Some(live) = shared.live().get_mut(&row.id) {
+        live.started = started;
+    }
     let context = attempt::Context {
         config: config.clone(),
         registry: shared.registry.clone(),
@@ -409,12 +409,7 @@ async fn wait_for_slot(
             "given back before it started: no free slot on this daemon within 1s",
         ),
     };
-    let verdict = Verdict {
-        state,
-        result_text: text.to_string(),
-        stderr_tail: None,
-    };
-    (had_slot, Some(verdict))
+    (had_slot, Some(Verdict::new(state, text)))
 }
 
 /// The last few lines of a task's stderr, for a log line.
