@@ -80,13 +80,16 @@ pub struct Context {
     pub spawner: Spawner,
 }
 
-/// Runs one try and returns its verdict. Never fails: every problem is a verdict.
+/// Runs one try and returns its verdict. Never fails: every problem is a
+/// verdict. `on_running` and `on_exit` are the supervisor's (see
+/// [`supervisor::run`]); neither is called for a try whose process never started.
 pub async fn run(
     context: &Context,
     input: TryInput<'_>,
     stop: watch::Receiver<Option<StopReason>>,
     progress: Option<watch::Sender<Option<String>>>,
     on_running: impl FnOnce(&Spawned),
+    on_exit: impl FnOnce(),
 ) -> Verdict {
     if let Err(error) = check_options(input.options) {
         return Verdict::new(
@@ -124,7 +127,16 @@ pub async fn run(
         env,
         stdin: input.options.to_vec(),
     };
-    match supervisor::run(&context.spawner, launch, stop, progress, on_running).await {
+    match supervisor::run(
+        &context.spawner,
+        launch,
+        stop,
+        progress,
+        on_running,
+        on_exit,
+    )
+    .await
+    {
         Ok(ended) => judge(&ended),
         Err(error) => Verdict::new(State::Failed, error.to_string()),
     }

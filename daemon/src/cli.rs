@@ -15,7 +15,7 @@ use crate::attempt::{self, TryInput};
 use crate::config::{Config, Overrides};
 use crate::request::{Request, RequestId, State};
 use crate::store::{Change, ListFilter, NewRequest, Purpose, Store, Write};
-use crate::supervisor::{Spawner, StopReason};
+use crate::supervisor::StopReason;
 use crate::task_types::Registry;
 use crate::units::parse_duration;
 
@@ -426,7 +426,7 @@ async fn run_command(
     let context = attempt::Context {
         config: Arc::new(config.clone()),
         registry: Arc::new(RwLock::new(Arc::new(registry))),
-        spawner: Spawner::start()?,
+        spawner: crate::supervisor::start_spawner()?,
     };
     let (stop_sender, stop) = watch::channel(None);
     // Ctrl-C stops the task the way a daemon shutdown would.
@@ -447,7 +447,7 @@ async fn run_command(
                 try_number: 1,
             };
             (
-                attempt::run(&context, input, stop, None, |_| {}).await,
+                attempt::run(&context, input, stop, None, |_| {}, || {}).await,
                 None,
                 None,
             )
@@ -484,7 +484,7 @@ async fn run_command(
             };
             let store_for_pid = store.clone();
             let claimed_for_pid = claimed.clone();
-            let verdict = attempt::run(&context, input, stop, None, move |spawned| {
+            let on_running = move |spawned: &crate::supervisor::Spawned| {
                 if let Some(claimed) = claimed_for_pid {
                     let write = Write::Pid {
                         id: claimed.id,
@@ -495,8 +495,8 @@ async fn run_command(
                     };
                     tokio::spawn(async move { store_for_pid.record(&[write]).await });
                 }
-            })
-            .await;
+            };
+            let verdict = attempt::run(&context, input, stop, None, on_running, || {}).await;
             (verdict, claimed, Some(store))
         }
     };

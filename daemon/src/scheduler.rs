@@ -13,7 +13,7 @@
 //! with `queues:` configured, or for task types with a concurrency limit.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
@@ -31,25 +31,106 @@ use crate::supervisor::StopReason;
 /// Rows claimed ahead are meant to start within about this long.
 const AHEAD_HORIZON: Duration = Duration::from_millis(20);
 
+/// At most this many rows per slot are claimed ahead.
+const AHEAD_PER_SLOT: usize = 4;
+
 /// A row claimed ahead that has found no free slot after this long is given back.
 pub const AHEAD_MAX_WAIT: Duration = Duration::from_secs(1);
 
 /// How a try ended, as the scheduler counts it.
 struct TryEnd {
     queue: String,
-    /// It was given a slot (and held it until now).
-    had_slot: bool,
     /// How long its process ran; `None` if it never started.
     ran_for: Option<Duration>,
+}
+
+/// The slots for task processes: at most `max_concurrent` tries hold one. A
+/// slot is freed the moment its process has exited (not when its outcome is
+/// written) and goes straight to the try that has waited longest for one.
+#[derive(Default)]
+struct Slots {
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    held: usize,
+    /// The slot signals of tries waiting for one, in claim order.
+    waiting: VecDeque<oneshot::Sender<()>>,
+}
+
+impl Slots {
+    fn state(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gives free slots to waiting tries (there may be more slots after a
+    /// reload); returns how many are held and how many tries wait.
+    fn fill(&self, max_concurrent: usize) -> (usize, usize) {
+        let mut state = self.state();
+        while state.held < max_concurrent {
+            let Some(next) = state.waiting.pop_front() else {
+                break;
+            };
+            if next.send(()).is_ok() {
+                state.held += 1;
+            }
+        }
+        state.waiting.retain(|next| !next.is_closed());
+        (state.held, state.waiting.len())
+    }
+
+    /// A newly claimed try: it has its slot at once if one is free, else it
+    /// waits in line.
+    fn join(&self, max_concurrent: usize) -> oneshot::Receiver<()> {
+        let (next, go) = oneshot::channel();
+        let mut state = self.state();
+        if state.held < max_concurrent {
+            // The receiver is alive: the try is not spawned yet.
+            let _ = next.send(());
+            state.held += 1;
+        } else {
+            state.waiting.push_back(next);
+        }
+        go
+    }
+
+    /// A try is done with its slot: the next waiting try gets it.
+    fn release(&self, max_concurrent: usize) {
+        let mut state = self.state();
+        if state.held <= max_concurrent {
+            while let Some(next) = state.waiting.pop_front() {
+                if next.send(()).is_ok() {
+                    return;
+                }
+            }
+        }
+        state.held = state.held.saturating_sub(1);
+    }
+
+    /// Every waiting try is told to give its row back (a shutdown).
+    fn close(&self) {
+        self.state().waiting.clear();
+    }
+}
+
+/// A slot held by a try; dropping it frees the slot.
+struct Slot<'a> {
+    slots: &'a Slots,
+    max_concurrent: usize,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.slots.release(self.max_concurrent);
+    }
 }
 
 /// Runs until the daemon stops claiming and every try it started has ended.
 pub async fn run(shared: Arc<Shared>) {
     // Every claimed try: those running and those waiting for a slot.
     let mut tries: JoinSet<TryEnd> = JoinSet::new();
-    // The slot signals of tries waiting for one, in claim order.
-    let mut waiting: VecDeque<oneshot::Sender<()>> = VecDeque::new();
-    let mut running = 0usize;
+    let slots = Arc::new(Slots::default());
     // Tries per queue, counted here (not from the live map, which a new try
     // joins only once its task starts) so that a queue's limit always holds.
     let mut running_by_queue: HashMap<String, usize> = HashMap::new();
@@ -61,17 +142,8 @@ pub async fn run(shared: Arc<Shared>) {
             break;
         }
         let config = shared.config();
-        // Free slots go to the rows waiting longest.
-        while running < config.max_concurrent {
-            let Some(slot) = waiting.pop_front() else {
-                break;
-            };
-            if slot.send(()).is_ok() {
-                running += 1;
-            }
-        }
-        waiting.retain(|slot| !slot.is_closed());
-        let claimed = running + waiting.len();
+        let (running, waiting) = slots.fill(config.max_concurrent);
+        let claimed = running + waiting;
         let ahead = if config.queues.is_empty() {
             claim_ahead(config.max_concurrent, typical_run, oldest_running(&shared))
         } else {
@@ -79,7 +151,7 @@ pub async fn run(shared: Arc<Shared>) {
         };
         let idle_slots = config.max_concurrent.saturating_sub(claimed);
         // Claim ahead in batches: once half the rows claimed ahead have started.
-        let refill = ahead > 0 && waiting.len() <= ahead / 2;
+        let refill = ahead > 0 && waiting <= ahead / 2;
         // When is the next unprompted claim due: the poll, or an earlier delay.
         let mut next_claim = Instant::now() + config.poll_interval;
         if idle_slots > 0 || refill {
@@ -99,15 +171,8 @@ pub async fn run(shared: Arc<Shared>) {
                     backoff.reset();
                     for row in rows {
                         *running_by_queue.entry(row.queue.clone()).or_default() += 1;
-                        let (slot, go) = oneshot::channel();
-                        if running < config.max_concurrent {
-                            // The receiver is alive: the try is not spawned yet.
-                            let _ = slot.send(());
-                            running += 1;
-                        } else {
-                            waiting.push_back(slot);
-                        }
-                        tries.spawn(supervise(shared.clone(), row, go));
+                        let go = slots.join(config.max_concurrent);
+                        tries.spawn(supervise(shared.clone(), slots.clone(), row, go));
                     }
                     if !all_filled {
                         if let Some(due) = next_delay(&shared).await {
@@ -129,9 +194,6 @@ pub async fn run(shared: Arc<Shared>) {
                     if let Some(count) = running_by_queue.get_mut(&ended.queue) {
                         *count = count.saturating_sub(1);
                     }
-                    if ended.had_slot {
-                        running = running.saturating_sub(1);
-                    }
                     if let Some(ran_for) = ended.ran_for {
                         typical_run = Some(typical_run.map_or(ran_for, |t| t.mul_f64(0.8) + ran_for.mul_f64(0.2)));
                     }
@@ -142,7 +204,7 @@ pub async fn run(shared: Arc<Shared>) {
         }
     }
     // Rows claimed ahead are given back at once; running tries are drained.
-    waiting.clear();
+    slots.close();
     while tries.join_next().await.is_some() {}
 }
 
@@ -156,7 +218,7 @@ fn claim_ahead(max_concurrent: usize, typical_run: Option<Duration>, oldest: Dur
     };
     let per_slot = typical.max(oldest).max(Duration::from_micros(100));
     let rows = AHEAD_HORIZON.as_secs_f64() * max_concurrent as f64 / per_slot.as_secs_f64();
-    (rows as usize).min(4 * max_concurrent)
+    (rows as usize).min(AHEAD_PER_SLOT * max_concurrent)
 }
 
 /// How long the oldest running try has been running.
@@ -262,24 +324,25 @@ async fn next_delay(shared: &Shared) -> Option<Instant> {
 }
 
 /// Runs one claimed row's try once it has a slot, and queues its outcome.
-async fn supervise(shared: Arc<Shared>, row: Claimed, slot: oneshot::Receiver<()>) -> TryEnd {
+async fn supervise(
+    shared: Arc<Shared>,
+    slots: Arc<Slots>,
+    row: Claimed,
+    go: oneshot::Receiver<()>,
+) -> TryEnd {
     let queue = row.queue.clone();
     let span = tracing::info_span!("task", request = %row.id, task = %row.task_class_name, r#try = row.tries);
-    let (had_slot, ran_for) = run_claimed(shared, row, slot).instrument(span).await;
-    TryEnd {
-        queue,
-        had_slot,
-        ran_for,
-    }
+    let ran_for = run_claimed(shared, &slots, row, go).instrument(span).await;
+    TryEnd { queue, ran_for }
 }
 
-/// Returns whether the try got a slot, and how long its process ran (`None`
-/// if it never started).
+/// Returns how long the try's process ran (`None` if it never started).
 async fn run_claimed(
     shared: Arc<Shared>,
+    slots: &Slots,
     row: Claimed,
-    mut slot: oneshot::Receiver<()>,
-) -> (bool, Option<Duration>) {
+    mut go: oneshot::Receiver<()>,
+) -> Option<Duration> {
     let config = shared.config();
     let (stop_sender, mut stop) = watch::channel(None);
     let (progress_sender, progress) = watch::channel(None);
@@ -297,12 +360,18 @@ async fn run_claimed(
             progress_written: None,
         },
     );
-    if let (had_slot, Some(verdict)) = wait_for_slot(&mut slot, &mut stop).await {
+    let (had_slot, verdict) = wait_for_slot(&mut go, &mut stop).await;
+    let slot = had_slot.then(|| Slot {
+        slots,
+        max_concurrent: config.max_concurrent,
+    });
+    if let Some(verdict) = verdict {
+        drop(slot);
         shared.live().remove(&row.id);
         tracing::info!("{}", verdict.result_text);
         let outcome = attempt::outcome(&row, &verdict, &config);
         shared.recorder.send(Write::Outcome(outcome));
-        return (had_slot, None);
+        return None;
     }
     let started = std::time::Instant::now();
     if let Some(live) = shared.live().get_mut(&row.id) {
@@ -332,7 +401,17 @@ async fn run_claimed(
             start_ticks: spawned.start_ticks,
         });
     };
-    let verdict = attempt::run(&context, input, stop, Some(progress_sender), on_running).await;
+    // The slot is free once the process has exited.
+    let on_exit = move || drop(slot);
+    let verdict = attempt::run(
+        &context,
+        input,
+        stop,
+        Some(progress_sender),
+        on_running,
+        on_exit,
+    )
+    .await;
     shared.live().remove(&row.id);
 
     let outcome = attempt::outcome(&row, &verdict, &config);
@@ -359,7 +438,7 @@ async fn run_claimed(
         }
     }
     shared.recorder.send(Write::Outcome(outcome));
-    (true, Some(started.elapsed()))
+    Some(started.elapsed())
 }
 
 /// Waits until the scheduler gives this try a slot. Returns whether it got

@@ -14,7 +14,6 @@ mod spawner;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
@@ -31,8 +30,19 @@ pub use spawner::{Recipe, Spawner};
 /// Environment variables of the daemon that a task never inherits: the
 /// daemon's own database settings (SPEC.md). A task that needs them gets them
 /// through `env:` in the config.
-fn is_daemon_secret(name: &str) -> bool {
-    name == "DATABASE_URL" || name.starts_with("PG")
+fn is_daemon_secret(name: &std::ffi::OsStr) -> bool {
+    let name = name.as_encoded_bytes();
+    name == b"DATABASE_URL" || name.starts_with(b"PG")
+}
+
+/// Starts the thread that starts task processes; every task's environment
+/// is the daemon's, read now, without its secrets, plus its own variables.
+pub fn start_spawner() -> std::io::Result<Spawner> {
+    Spawner::start(
+        std::env::vars_os()
+            .filter(|(name, _)| !is_daemon_secret(name))
+            .collect(),
+    )
 }
 
 /// Everything needed to start one try's process.
@@ -92,29 +102,38 @@ pub const ANNOUNCE_AFTER: Duration = Duration::from_millis(10);
 
 /// Runs one process to its end. `on_running` is called once the process has
 /// run for [`ANNOUNCE_AFTER`] (with its pid and start time, read while it
-/// surely is our unreaped child); `stop` delivers stop requests; progress
-/// lines are published on `progress`.
+/// surely is our unreaped child); `on_exit` as soon as it has exited and its
+/// group is killed, before its output is drained (the caller may start the
+/// next process then); `stop` delivers stop requests; progress lines are
+/// published on `progress`.
 pub async fn run(
     spawner: &Spawner,
     launch: Launch,
     mut stop: watch::Receiver<Option<StopReason>>,
     progress: Option<watch::Sender<Option<String>>>,
     on_running: impl FnOnce(&Spawned),
+    on_exit: impl FnOnce(),
 ) -> std::io::Result<Ended> {
-    let settings = launch.settings.clone();
-    let extra = settings
+    let settings = launch.settings;
+    // The type's `env:`, then the try's own variables (later entries win).
+    let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> = Vec::new();
+    for (name, value) in settings
         .env
         .iter()
-        .chain(launch.env.iter().map(|(name, value)| (name, value)))
-        .map(|(name, value)| (name.into(), value.into()));
+        .chain(launch.env.iter().map(|(n, v)| (n, v)))
+    {
+        env.retain(|(existing, _)| existing.as_os_str() != name.as_str());
+        env.push((name.into(), value.into()));
+    }
     let recipe = Recipe {
         program: launch.program.clone(),
-        args: launch.args.clone(),
-        env: spawner::task_environment(|name| is_daemon_secret(&name.to_string_lossy()), extra),
+        args: launch.args,
+        env,
         workdir: settings.workdir.clone(),
         uid: settings.run_as.user.as_ref().map(|(_, uid)| *uid),
         gid: settings.run_as.group.as_ref().map(|(_, gid)| *gid),
         limits: limits::child_limits(&settings),
+        stdin: launch.stdin,
     };
 
     let started = Instant::now();
@@ -129,91 +148,92 @@ pub async fn run(
     let mut on_running = Some(on_running);
     let announce_at = started + ANNOUNCE_AFTER;
 
-    let mut stdin = child.stdin.take().expect("stdin is piped");
-    let options = launch.stdin;
-    let writer = tokio::spawn(async move {
-        // A task that does not read its options gets EPIPE here; that is
-        // fine. Dropping the pipe end closes the task's stdin.
-        let _ = stdin.write_all(&options).await;
+    // Options too long for the pipe: the rest is written while the task reads.
+    let writer = child.stdin.take().map(|(mut stdin, rest)| {
+        tokio::spawn(async move {
+            // A task that does not read its options gets EPIPE here; that is
+            // fine. Dropping the pipe end closes the task's stdin.
+            let _ = stdin.write_all(&rest).await;
+        })
     });
-    let stdout = Arc::new(Mutex::new(Tail::new(settings.output_tail)));
-    let stderr = Arc::new(Mutex::new(Tail::new(settings.output_tail)));
-    let stdout_reader = tokio::spawn(output::capture(
-        child.stdout.take().expect("stdout is piped"),
-        stdout.clone(),
-        None,
-    ));
-    let stderr_reader = tokio::spawn(output::capture(
-        child.stderr.take().expect("stderr is piped"),
-        stderr.clone(),
-        progress,
-    ));
+    let mut stdout = Tail::new(settings.output_tail);
+    let mut stderr = Tail::new(settings.output_tail);
+    let (stdout_pipe, stderr_pipe) = (child.stdout.take(), child.stderr.take());
+    let (status, stopped, ran_for) = {
+        // Both streams are read in this task, next to the wait.
+        let capture = async {
+            tokio::join!(
+                output::capture(stdout_pipe.expect("stdout is piped"), &mut stdout, None),
+                output::capture(stderr_pipe.expect("stderr is piped"), &mut stderr, progress),
+            )
+        };
+        tokio::pin!(capture);
+        let mut captured = false;
+        let timeout_at = settings.timeout.map(|timeout| started + timeout);
+        let mut stopped: Option<Stopped> = None;
+        let mut escalation: Option<Escalation> = None;
+        let status = loop {
+            let next_signal = escalation.as_ref().map(|e| e.next_at);
+            tokio::select! {
+                biased;
+                status = child.wait() => break status?,
+                _ = &mut capture, if !captured => captured = true,
+                _ = tokio::time::sleep_until(announce_at), if on_running.is_some() => {
+                    if let Some(announce) = on_running.take() {
+                        announce(&Spawned {
+                            pid,
+                            start_ticks: crate::procinfo::start_ticks(i64::from(pid)).unwrap_or(0),
+                        });
+                    }
+                }
+                _ = sleep_until_opt(timeout_at), if stopped.is_none() => {
+                    let timeout = settings.timeout.unwrap_or_default();
+                    stopped = Some(Stopped::Timeout(timeout));
+                    escalation = Some(Escalation::begin(process_group, &settings));
+                }
+                changed = stop.changed(), if stopped.is_none() => {
+                    let reason = match changed {
+                        Ok(()) => *stop.borrow_and_update(),
+                        // The daemon dropped our handle: treat as a shutdown.
+                        Err(_) => Some(StopReason::Shutdown),
+                    };
+                    if let Some(reason) = reason {
+                        stopped = Some(Stopped::Requested(reason));
+                        escalation = Some(if reason == StopReason::LostClaim {
+                            Escalation::kill_now(process_group)
+                        } else {
+                            Escalation::begin(process_group, &settings)
+                        });
+                    }
+                }
+                _ = sleep_until_opt(next_signal), if escalation.is_some() => {
+                    if let Some(escalation) = escalation.as_mut() {
+                        escalation.next(process_group, &settings);
+                    }
+                }
+            }
+        };
+        let ran_for = started.elapsed();
 
-    let timeout_at = settings.timeout.map(|timeout| started + timeout);
-    let mut stopped: Option<Stopped> = None;
-    let mut escalation: Option<Escalation> = None;
-    let status = loop {
-        let next_signal = escalation.as_ref().map(|e| e.next_at);
-        tokio::select! {
-            biased;
-            status = child.wait() => break status?,
-            _ = tokio::time::sleep_until(announce_at), if on_running.is_some() => {
-                if let Some(announce) = on_running.take() {
-                    announce(&Spawned {
-                        pid,
-                        start_ticks: crate::procinfo::start_ticks(i64::from(pid)).unwrap_or(0),
-                    });
-                }
-            }
-            _ = sleep_until_opt(timeout_at), if stopped.is_none() => {
-                let timeout = settings.timeout.unwrap_or_default();
-                stopped = Some(Stopped::Timeout(timeout));
-                escalation = Some(Escalation::begin(process_group, &settings));
-            }
-            changed = stop.changed(), if stopped.is_none() => {
-                let reason = match changed {
-                    Ok(()) => *stop.borrow_and_update(),
-                    // The daemon dropped our handle: treat as a shutdown.
-                    Err(_) => Some(StopReason::Shutdown),
-                };
-                if let Some(reason) = reason {
-                    stopped = Some(Stopped::Requested(reason));
-                    escalation = Some(if reason == StopReason::LostClaim {
-                        Escalation::kill_now(process_group)
-                    } else {
-                        Escalation::begin(process_group, &settings)
-                    });
-                }
-            }
-            _ = sleep_until_opt(next_signal), if escalation.is_some() => {
-                if let Some(escalation) = escalation.as_mut() {
-                    escalation.next(process_group, &settings);
-                }
-            }
+        // The task is over: whatever it left in its group goes too. The group
+        // id cannot have been reused while any member is alive.
+        let _ = killpg(process_group, Signal::SIGKILL);
+        on_exit();
+        if let Some(writer) = writer {
+            writer.abort();
         }
+        // Pipes close once the group is gone; a grandchild that left the
+        // group (setsid) may hold them, so give the readers a short while only.
+        if !captured {
+            let _ = tokio::time::timeout(Duration::from_millis(500), capture).await;
+        }
+        (status, stopped, ran_for)
     };
-    let ran_for = started.elapsed();
 
-    // The task is over: whatever it left in its group goes too. The group id
-    // cannot have been reused while any member is alive.
-    let _ = killpg(process_group, Signal::SIGKILL);
-    writer.abort();
-    // Pipes close once the group is gone; a grandchild that left the group
-    // (setsid) may hold them, so give the readers a short while only.
-    let drain = async {
-        let _ = stdout_reader.await;
-        let _ = stderr_reader.await;
-    };
-    let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
-
-    let take = |tail: &Arc<Mutex<Tail>>| {
-        std::mem::take(&mut *tail.lock().unwrap_or_else(|e| e.into_inner()))
-    };
-    let stderr = take(&stderr);
     let limit_broken = limits::broken_limit(&status, &stderr.text(), &settings);
     Ok(Ended {
         status,
-        stdout: take(&stdout),
+        stdout,
         stderr,
         ran_for,
         stopped,

@@ -2,8 +2,6 @@
 //! task that floods its output costs a fixed amount of memory. Stderr lines
 //! `progress: TEXT` are reported as they arrive.
 
-use std::sync::{Arc, Mutex};
-
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::watch;
 
@@ -62,7 +60,7 @@ impl Tail {
 /// complete line starting with `progress: ` is published on it.
 pub async fn capture(
     mut stream: impl AsyncRead + Unpin,
-    tail: Arc<Mutex<Tail>>,
+    tail: &mut Tail,
     progress: Option<watch::Sender<Option<String>>>,
 ) {
     const MAX_PROGRESS_LINE: usize = 1024;
@@ -79,7 +77,7 @@ pub async fn capture(
             Ok(_) => {}
         }
         let chunk = &buffer[..];
-        tail.lock().unwrap_or_else(|e| e.into_inner()).push(chunk);
+        tail.push(chunk);
         let Some(progress) = &progress else { continue };
         for &byte in chunk {
             if byte == b'\n' {
@@ -133,11 +131,11 @@ mod tests {
 
     #[tokio::test]
     async fn progress_lines_are_published() {
-        let tail = Arc::new(Mutex::new(Tail::new(1024)));
+        let mut tail = Tail::new(1024);
         let (sender, receiver) = watch::channel(None);
         let input: &[u8] = b"noise\nprogress: 1/3\nprogress: 2/3\npartial";
-        capture(input, tail.clone(), Some(sender)).await;
+        capture(input, &mut tail, Some(sender)).await;
         assert_eq!(receiver.borrow().as_deref(), Some("2/3"));
-        assert!(tail.lock().unwrap().text().ends_with("partial"));
+        assert!(tail.text().ends_with("partial"));
     }
 }

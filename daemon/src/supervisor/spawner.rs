@@ -1,9 +1,11 @@
-//! The one thread that starts task processes, and how it starts them.
+//! Which thread starts task processes, and how it starts them.
 //!
 //! Linux ties the parent-death signal to the *thread* that created the
 //! child, not to the process: a child started from a tokio blocking-pool
 //! thread would be killed when that thread retires. So every task is started
-//! here, on a thread that never ends before the daemon does.
+//! from a thread that never ends before the daemon does: the main thread,
+//! where the daemon's single-threaded runtime runs, or else a thread of the
+//! spawner's own.
 //!
 //! A task is started with `clone(CLONE_VM | CLONE_VFORK)` and `execve`, the
 //! way `posix_spawn` does it, not with `fork`: a fork of the daemon copies its
@@ -20,10 +22,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 
 use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
+use tokio::runtime::RuntimeFlavor;
 use tokio::sync::oneshot;
 
 /// Everything the child needs, decided before it exists.
@@ -31,12 +34,15 @@ use tokio::sync::oneshot;
 pub struct Recipe {
     pub program: PathBuf,
     pub args: Vec<String>,
-    /// The whole environment of the task.
+    /// Variables added to the spawner's base environment (or replacing
+    /// one of the same name).
     pub env: Vec<(OsString, OsString)>,
     pub workdir: PathBuf,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub limits: ChildLimits,
+    /// The bytes the task reads on stdin (its options), then end of file.
+    pub stdin: Vec<u8>,
 }
 
 /// Limits set in the child before exec (see limits.rs for what each means).
@@ -51,7 +57,9 @@ pub struct ChildLimits {
 /// A started task process: its pid, its pipes, and a pidfd to wait on.
 pub struct Child {
     pub pid: u32,
-    pub stdin: Option<pipe::Sender>,
+    /// Set only when the options did not all fit in the pipe before the
+    /// start: the pipe, and the bytes still to write to it.
+    pub stdin: Option<(pipe::Sender, Vec<u8>)>,
     pub stdout: Option<pipe::Receiver>,
     pub stderr: Option<pipe::Receiver>,
     pidfd: AsyncFd<OwnedFd>,
@@ -100,31 +108,88 @@ impl Drop for Child {
 struct Started {
     pid: u32,
     pidfd: OwnedFd,
-    stdin: OwnedFd,
+    stdin: Option<StdinRest>,
     stdout: OwnedFd,
     stderr: OwnedFd,
 }
 
+/// Our end of a stdin pipe and the bytes still to write to it.
+type StdinRest = (OwnedFd, Vec<u8>);
+
 type SpawnRequest = (Recipe, oneshot::Sender<io::Result<Started>>);
 
-/// A handle to the spawning thread; cheap to clone.
+/// What every start needs besides its recipe, made once.
+struct Kit {
+    base: Vec<BaseVariable>,
+    /// The stdin of a task whose options are empty.
+    null: OwnedFd,
+    /// One stack for every child: they start one at a time, and each is done
+    /// with it once the starting thread resumes.
+    stack: Vec<u8>,
+}
+
+impl Kit {
+    fn new(base: Vec<(OsString, OsString)>) -> io::Result<Kit> {
+        let base = base
+            .into_iter()
+            .map(|(name, value)| {
+                let entry = c_string(&[name.as_bytes(), b"=", value.as_bytes()].concat())?;
+                Ok(BaseVariable { name, value, entry })
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Kit {
+            base,
+            null: OwnedFd::from(std::fs::File::open("/dev/null")?),
+            stack: vec![0u8; CHILD_STACK],
+        })
+    }
+
+    fn start(&mut self, recipe: &Recipe) -> io::Result<Started> {
+        start(recipe, &self.base, &self.null, &mut self.stack)
+    }
+}
+
+/// Which thread starts the processes.
+#[derive(Clone)]
+enum Starter {
+    /// The process's main thread, the one that made the spawner: it lives
+    /// as long as the process. A start blocks it only until the child has
+    /// exec'd, and saves two thread wake-ups per task.
+    MainThread(Arc<Mutex<Kit>>),
+    /// A thread of the spawner's own, for callers on any other thread.
+    Own(mpsc::Sender<SpawnRequest>),
+}
+
+/// Starts task processes from a thread that lives as long as the process;
+/// cheap to clone.
 #[derive(Clone)]
 pub struct Spawner {
-    requests: mpsc::Sender<SpawnRequest>,
+    starter: Starter,
 }
 
 impl Spawner {
-    /// Starts the thread.
-    pub fn start() -> io::Result<Spawner> {
+    /// Every task's environment is `base` plus its recipe's `env`. Called on
+    /// the main thread under a current-thread runtime (the daemon), tasks are
+    /// started right there; anywhere else, on a thread of the spawner's own.
+    pub fn start(base: Vec<(OsString, OsString)>) -> io::Result<Spawner> {
+        let kit = Kit::new(base)?;
+        let current_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|runtime| runtime.runtime_flavor() == RuntimeFlavor::CurrentThread);
+        if current_thread && is_main_thread() {
+            return Ok(Spawner {
+                starter: Starter::MainThread(Arc::new(Mutex::new(kit))),
+            });
+        }
+        Spawner::own_thread(kit)
+    }
+
+    fn own_thread(mut kit: Kit) -> io::Result<Spawner> {
         let (requests, incoming) = mpsc::channel::<SpawnRequest>();
         std::thread::Builder::new()
             .name("taskrunner-spawner".into())
             .spawn(move || {
-                // One stack for every child: they start one at a time, and
-                // each is done with it once this thread resumes.
-                let mut child_stack = vec![0u8; CHILD_STACK];
                 for (recipe, reply) in incoming {
-                    let _ = reply.send(start(&recipe, &mut child_stack));
+                    let _ = reply.send(kit.start(&recipe));
                 }
                 // Every handle is gone, but children started here may still
                 // run: this thread must outlive them, or they get SIGKILL.
@@ -132,18 +197,34 @@ impl Spawner {
                     std::thread::park();
                 }
             })?;
-        Ok(Spawner { requests })
+        Ok(Spawner {
+            starter: Starter::Own(requests),
+        })
     }
 
-    /// Starts a process from `recipe` on the spawner thread.
+    /// Starts a process from `recipe`.
     pub async fn spawn(&self, recipe: Recipe) -> io::Result<Child> {
-        let (reply, answer) = oneshot::channel();
-        self.requests
-            .send((recipe, reply))
-            .map_err(|_| io::Error::other("the spawner thread is gone"))?;
-        let started = answer
-            .await
-            .map_err(|_| io::Error::other("the spawner thread dropped a request"))??;
+        let started = match &self.starter {
+            Starter::MainThread(kit) => {
+                if !is_main_thread() {
+                    return Err(io::Error::other(
+                        "a task start was asked for off the main thread",
+                    ));
+                }
+                kit.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .start(&recipe)?
+            }
+            Starter::Own(requests) => {
+                let (reply, answer) = oneshot::channel();
+                requests
+                    .send((recipe, reply))
+                    .map_err(|_| io::Error::other("the spawner thread is gone"))?;
+                answer
+                    .await
+                    .map_err(|_| io::Error::other("the spawner thread dropped a request"))??
+            }
+        };
         let pid = started.pid;
         // From here on the Child owns the process: an error below kills and reaps it.
         // SAFETY: an OwnedFd stays open, on the same pidfd, for as long as
@@ -171,22 +252,61 @@ impl Spawner {
             pidfd,
             status: None,
         };
-        child.stdin = Some(pipe::Sender::from_owned_fd(nonblocking(started.stdin)?)?);
-        child.stdout = Some(pipe::Receiver::from_owned_fd(nonblocking(started.stdout)?)?);
-        child.stderr = Some(pipe::Receiver::from_owned_fd(nonblocking(started.stderr)?)?);
+        // Our ends, known to be pipes of the right direction: the unchecked
+        // constructors skip tokio's fstat and flag reads.
+        if let Some((stdin, rest)) = started.stdin {
+            child.stdin = Some((pipe::Sender::from_owned_fd_unchecked(stdin)?, rest));
+        }
+        child.stdout = Some(pipe::Receiver::from_owned_fd_unchecked(nonblocking(
+            started.stdout,
+        )?)?);
+        child.stderr = Some(pipe::Receiver::from_owned_fd_unchecked(nonblocking(
+            started.stderr,
+        )?)?);
         Ok(child)
     }
 }
 
+/// Whether this is the process's main thread (whose thread id is the pid).
+fn is_main_thread() -> bool {
+    // SAFETY: gettid and getpid have no preconditions.
+    unsafe { libc::gettid() == libc::getpid() }
+}
+
+/// Makes our end of a pipe non-blocking. One call: a pipe end has no other
+/// status flag that `F_SETFL` would clear (its access mode is not changed).
 fn nonblocking(fd: OwnedFd) -> io::Result<OwnedFd> {
     // SAFETY: fcntl on a descriptor we own.
-    unsafe {
-        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-        if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-            return Err(io::Error::last_os_error());
-        }
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(fd)
+}
+
+/// The task's stdin when its options are not empty: a pipe holding them. As
+/// much as fits is written now, before the task exists, so that a task with
+/// small options needs no writer at all. Returns the task's end, and our end
+/// with the bytes left only when some are.
+fn stdin_pipe(options: &[u8]) -> io::Result<(OwnedFd, Option<StdinRest>)> {
+    let (child_end, ours) = pipe_pair()?;
+    let ours = nonblocking(ours)?;
+    let mut written = 0;
+    while written < options.len() {
+        let rest = &options[written..];
+        // SAFETY: write from a live slice to a descriptor we own.
+        let count = unsafe { libc::write(ours.as_raw_fd(), rest.as_ptr().cast(), rest.len()) };
+        if count < 0 {
+            let error = io::Error::last_os_error();
+            match error.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => break,
+                _ => return Err(error),
+            }
+        }
+        written += count as usize;
+    }
+    let ours = (written < options.len()).then(|| (ours, options[written..].to_vec()));
+    Ok((child_end, ours))
 }
 
 fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -208,8 +328,15 @@ fn c_string(bytes: &[u8]) -> io::Result<CString> {
     })
 }
 
+/// A variable of the base environment, with its `NAME=value` C string made once.
+struct BaseVariable {
+    name: OsString,
+    value: OsString,
+    entry: CString,
+}
+
 /// A bare program name is looked up in the task's `PATH`, here in the parent.
-fn resolve_program(recipe: &Recipe) -> io::Result<PathBuf> {
+fn resolve_program(recipe: &Recipe, base: &[BaseVariable]) -> io::Result<PathBuf> {
     let program = &recipe.program;
     if program.as_os_str().as_bytes().contains(&b'/') {
         return Ok(recipe.workdir.join(program));
@@ -218,7 +345,9 @@ fn resolve_program(recipe: &Recipe) -> io::Result<PathBuf> {
         .env
         .iter()
         .find(|(name, _)| name == "PATH")
-        .map(|(_, value)| value.clone())
+        .map(|(_, value)| value)
+        .or_else(|| base.iter().find(|v| v.name == "PATH").map(|v| &v.value))
+        .cloned()
         .unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"));
     for dir in std::env::split_paths(&path) {
         let candidate = recipe.workdir.join(dir).join(program);
@@ -242,7 +371,9 @@ struct ChildArgs {
     envp: *const *const libc::c_char,
     workdir: *const libc::c_char,
     stdio: [libc::c_int; 3],
-    report: libc::c_int,
+    /// Where a failing child leaves the step and errno (shared memory: the
+    /// parent reads it once the clone returns).
+    failure: *mut [libc::c_int; 2],
     daemon_pid: libc::pid_t,
     uid: Option<libc::uid_t>,
     gid: Option<libc::gid_t>,
@@ -265,8 +396,13 @@ const STEPS: [&str; 8] = [
 const CHILD_STACK: usize = 256 * 1024;
 
 /// Starts one process (runs on the spawner thread).
-fn start(recipe: &Recipe, stack: &mut [u8]) -> io::Result<Started> {
-    let program = resolve_program(recipe)?;
+fn start(
+    recipe: &Recipe,
+    base: &[BaseVariable],
+    null: &OwnedFd,
+    stack: &mut [u8],
+) -> io::Result<Started> {
+    let program = resolve_program(recipe, base)?;
     let program_c = c_string(program.as_os_str().as_bytes())?;
     let mut argv_c = vec![c_string(recipe.program.as_os_str().as_bytes())?];
     for arg in &recipe.args {
@@ -285,27 +421,35 @@ fn start(recipe: &Recipe, stack: &mut [u8]) -> io::Result<Started> {
         .map(|a| a.as_ptr())
         .chain([std::ptr::null()])
         .collect();
-    let envp: Vec<*const libc::c_char> = envp_c
+    let replaced = |name: &OsStr| recipe.env.iter().any(|(added, _)| added == name);
+    let envp: Vec<*const libc::c_char> = base
         .iter()
-        .map(|e| e.as_ptr())
+        .filter(|variable| !replaced(&variable.name))
+        .map(|variable| variable.entry.as_ptr())
+        .chain(envp_c.iter().map(|e| e.as_ptr()))
         .chain([std::ptr::null()])
         .collect();
 
-    let (stdin_child, stdin_parent) = pipe_pair()?;
+    let (stdin_child, stdin_parent) = if recipe.stdin.is_empty() {
+        (None, None)
+    } else {
+        let (child_end, ours) = stdin_pipe(&recipe.stdin)?;
+        (Some(child_end), ours)
+    };
     let (stdout_parent, stdout_child) = pipe_pair()?;
     let (stderr_parent, stderr_child) = pipe_pair()?;
-    let (report_parent, report_child) = pipe_pair()?;
+    let mut failure: [libc::c_int; 2] = [-1, 0];
     let args = ChildArgs {
         program: program_c.as_ptr(),
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
         workdir: workdir_c.as_ptr(),
         stdio: [
-            stdin_child.as_raw_fd(),
+            stdin_child.as_ref().unwrap_or(null).as_raw_fd(),
             stdout_child.as_raw_fd(),
             stderr_child.as_raw_fd(),
         ],
-        report: report_child.as_raw_fd(),
+        failure: &mut failure,
         daemon_pid: std::process::id() as libc::pid_t,
         uid: recipe.uid,
         gid: recipe.gid,
@@ -332,20 +476,16 @@ fn start(recipe: &Recipe, stack: &mut [u8]) -> io::Result<Started> {
         libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
         pid
     };
-    drop((stdin_child, stdout_child, stderr_child, report_child));
     if pid < 0 {
         return Err(io::Error::last_os_error());
     }
-    // The child has exec'd (the report pipe closed on exec: nothing to read)
-    // or failed (it wrote its step and errno, then exited).
-    let mut report = [0u8; 8];
-    let read = {
-        let mut file = std::fs::File::from(report_parent);
-        io::Read::read(&mut file, &mut report).unwrap_or(0)
-    };
-    if read == 8 {
-        let step = u32::from_ne_bytes(report[..4].try_into().unwrap()) as usize;
-        let errno = i32::from_ne_bytes(report[4..].try_into().unwrap());
+    drop((stdin_child, stdout_child, stderr_child));
+    // The child has exec'd, or failed and left its step and errno in
+    // `failure` before it exited (CLONE_VFORK: either has happened by now).
+    // SAFETY: a local the child may have written through its pointer.
+    let [step, errno] = unsafe { std::ptr::read_volatile(&failure) };
+    if step >= 0 {
+        let step = step as usize;
         // SAFETY: reaping the child that just failed.
         unsafe {
             let mut raw = 0;
@@ -384,12 +524,9 @@ extern "C" fn child_main(raw: *mut libc::c_void) -> libc::c_int {
     let args = unsafe { &*(raw as *const ChildArgs) };
     // SAFETY: plain system calls on values prepared by the parent.
     unsafe {
-        let fail = |step: u32| -> libc::c_int {
+        let fail = |step: libc::c_int| -> libc::c_int {
             let errno = *libc::__errno_location();
-            let mut message = [0u8; 8];
-            message[..4].copy_from_slice(&step.to_ne_bytes());
-            message[4..].copy_from_slice(&errno.to_ne_bytes());
-            libc::write(args.report, message.as_ptr().cast(), 8);
+            std::ptr::write_volatile(args.failure, [step, errno]);
             libc::_exit(127)
         };
         // Handlers of the daemon must not run here: back to the defaults
@@ -493,20 +630,4 @@ extern "C" fn child_main(raw: *mut libc::c_void) -> libc::c_int {
         libc::execve(args.program, args.argv, args.envp);
         fail(7)
     }
-}
-
-/// The task's environment: the daemon's, without its own database settings,
-/// plus `extra` (later entries win).
-pub fn task_environment(
-    is_secret: impl Fn(&OsStr) -> bool,
-    extra: impl IntoIterator<Item = (OsString, OsString)>,
-) -> Vec<(OsString, OsString)> {
-    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
-        .filter(|(name, _)| !is_secret(name))
-        .collect();
-    for (name, value) in extra {
-        env.retain(|(existing, _)| *existing != name);
-        env.push((name, value));
-    }
-    env
 }
