@@ -29,10 +29,10 @@ use crate::store::Write;
 use crate::supervisor::StopReason;
 
 /// Rows claimed ahead are meant to start within about this long.
-const AHEAD_HORIZON: Duration = Duration::from_millis(20);
+const AHEAD_HORIZON: Duration = Duration::from_millis(50);
 
 /// At most this many rows per slot are claimed ahead.
-const AHEAD_PER_SLOT: usize = 4;
+const AHEAD_PER_SLOT: usize = 16;
 
 /// A row claimed ahead that has found no free slot after this long is given back.
 pub const AHEAD_MAX_WAIT: Duration = Duration::from_secs(1);
@@ -506,10 +506,10 @@ mod tests {
         let ms = Duration::from_millis;
         // Nothing known yet: no claim ahead.
         assert_eq!(claim_ahead(8, None, ms(0)), 0);
-        // 1 ms tasks: four rows a slot at most.
-        assert_eq!(claim_ahead(2, Some(ms(1)), ms(1)), 8);
-        // 10 ms tasks on 2 slots: 20 ms covers four.
-        assert_eq!(claim_ahead(2, Some(ms(10)), ms(3)), 4);
+        // 1 ms tasks: sixteen rows a slot at most.
+        assert_eq!(claim_ahead(2, Some(ms(1)), ms(1)), 32);
+        // 10 ms tasks on 2 slots: 50 ms covers ten.
+        assert_eq!(claim_ahead(2, Some(ms(10)), ms(3)), 10);
         // A long task running now stops it, however short the others were.
         assert_eq!(claim_ahead(8, Some(ms(1)), ms(500)), 0);
     }
