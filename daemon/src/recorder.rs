@@ -18,8 +18,8 @@ const MAX_BATCH: usize = 512;
 /// batch waits this long for more writes before it is applied: at high load
 /// one statement records the outcomes of several tasks, while at idle an
 /// outcome is written at once.
-const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
-const BUSY: std::time::Duration = std::time::Duration::from_millis(20);
+const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
+const BUSY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Removes the pid writes of tries whose outcome is in the same batch.
 fn drop_superseded_pids(batch: &mut Vec<Write>) {

@@ -219,6 +219,9 @@ pub async fn run(
         // id cannot have been reused while any member is alive.
         let _ = killpg(process_group, Signal::SIGKILL);
         on_exit();
+        // Let the try that got our slot start its process before we drain
+        // and judge this one.
+        tokio::task::yield_now().await;
         if let Some(writer) = writer {
             writer.abort();
         }
