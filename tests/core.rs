@@ -17,6 +17,7 @@ both_backends!(
     sigterm_drains_then_interrupts,
     activerecord_timestamps_and_ruby_yaml_work,
     cli_enqueue_list_show_retry_cancel_purge,
+    large_options_reach_the_task_whole,
 );
 
 async fn plain_sql_noop_finishes(backend: Backend) {
@@ -42,6 +43,35 @@ async fn plain_sql_noop_finishes(backend: Backend) {
         assert!(row.started_at.is_some() && row.completed_at.is_some() && row.host.is_some());
     }
     assert!(daemon.stop().success());
+    // A finished try gets no line of its own at the default level; the
+    // tries that ended are summed up (here at shutdown).
+    let log = daemon.log_text();
+    assert!(
+        log.contains("2 tries ended in the last") && log.contains(": 2 finished"),
+        "log:\n{log}"
+    );
+}
+
+/// Options far beyond a pipe's capacity reach the task byte for byte (the
+/// daemon writes the rest while the task reads), and a task that never reads
+/// its options still finishes.
+async fn large_options_reach_the_task_whole(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "tasks:\n  Count:\n    command: [/usr/bin/wc, -c]\n  Ignore:\n    command: [/bin/true]\n",
+    );
+    let options = format!("data: {}", "x".repeat(300_000));
+    let counted = db.enqueue("Count", Some(&options)).await;
+    let ignored = db.enqueue("Ignore", Some(&options)).await;
+    let row = db.wait_for_state(counted, "FINISHED", WAIT).await;
+    assert_eq!(
+        row.result_text.as_deref().map(str::trim),
+        Some(options.len().to_string().as_str())
+    );
+    db.wait_for_state(ignored, "FINISHED", WAIT).await;
+    assert!(daemon.stop().success(), "log:\n{}", daemon.log_text());
 }
 
 async fn failing_command_retries_with_backoff(backend: Backend) {

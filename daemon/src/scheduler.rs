@@ -42,6 +42,55 @@ struct TryEnd {
     queue: String,
     /// How long its process ran; `None` if it never started.
     ran_for: Option<Duration>,
+    state: State,
+}
+
+/// How often the log gets a summary of the tries that ended. A finished try
+/// is logged on its own only at debug level (at a thousand tasks a second a
+/// line each would cost more than the rest of the daemon's logging, and
+/// bury the failures, which are logged one by one as warnings).
+const SUMMARY_EVERY: Duration = Duration::from_secs(60);
+
+/// Tries ended since the last summary, by state.
+#[derive(Default)]
+struct Tally {
+    counts: [u64; State::ALL.len()],
+    since: Option<Instant>,
+}
+
+impl Tally {
+    fn count(&mut self, state: State) {
+        if let Some(index) = State::ALL.iter().position(|s| *s == state) {
+            self.counts[index] += 1;
+        }
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    /// When the summary is due (far off while nothing is counted).
+    fn due(&self) -> Instant {
+        self.since.unwrap_or_else(Instant::now) + SUMMARY_EVERY
+    }
+
+    /// Logs the summary when it is due (or `now_anyway`), then starts over.
+    fn log(&mut self, now_anyway: bool) {
+        let Some(since) = self.since else { return };
+        if !now_anyway && since.elapsed() < SUMMARY_EVERY {
+            return;
+        }
+        let total: u64 = self.counts.iter().sum();
+        let by_state: Vec<String> = State::ALL
+            .iter()
+            .zip(self.counts)
+            .filter(|(_, count)| *count > 0)
+            .map(|(state, count)| format!("{count} {}", state.as_str().to_lowercase()))
+            .collect();
+        tracing::info!(
+            "{total} tries ended in the last {:.0}s: {}",
+            since.elapsed().as_secs_f64(),
+            by_state.join(", ")
+        );
+        *self = Tally::default();
+    }
 }
 
 /// The slots for task processes: at most `max_concurrent` tries hold one. A
@@ -135,6 +184,7 @@ pub async fn run(shared: Arc<Shared>) {
     // joins only once its task starts) so that a queue's limit always holds.
     let mut running_by_queue: HashMap<String, usize> = HashMap::new();
     let mut typical_run: Option<Duration> = None;
+    let mut tally = Tally::default();
     let mut claim_counter: u64 = 0;
     let mut backoff = Backoff::default();
     loop {
@@ -197,15 +247,23 @@ pub async fn run(shared: Arc<Shared>) {
                     if let Some(ran_for) = ended.ran_for {
                         typical_run = Some(typical_run.map_or(ran_for, |t| t.mul_f64(0.8) + ran_for.mul_f64(0.2)));
                     }
+                    tally.count(ended.state);
+                    tally.log(false);
                 }
             }
             _ = tokio::time::sleep_until(next_claim) => {}
+            _ = tokio::time::sleep_until(tally.due()), if tally.since.is_some() => tally.log(true),
             _ = shared.stop_claiming.cancelled() => {}
         }
     }
     // Rows claimed ahead are given back at once; running tries are drained.
     slots.close();
-    while tries.join_next().await.is_some() {}
+    while let Some(ended) = tries.join_next().await {
+        if let Ok(ended) = ended {
+            tally.count(ended.state);
+        }
+    }
+    tally.log(true);
 }
 
 /// How many rows to claim beyond the free slots: enough that each slot has
@@ -332,17 +390,22 @@ async fn supervise(
 ) -> TryEnd {
     let queue = row.queue.clone();
     let span = tracing::info_span!("task", request = %row.id, task = %row.task_class_name, r#try = row.tries);
-    let ran_for = run_claimed(shared, &slots, row, go).instrument(span).await;
-    TryEnd { queue, ran_for }
+    let (state, ran_for) = run_claimed(shared, &slots, row, go).instrument(span).await;
+    TryEnd {
+        queue,
+        ran_for,
+        state,
+    }
 }
 
-/// Returns how long the try's process ran (`None` if it never started).
+/// Returns how the try ended, and how long its process ran (`None` if it
+/// never started).
 async fn run_claimed(
     shared: Arc<Shared>,
     slots: &Slots,
     row: Claimed,
     mut go: oneshot::Receiver<()>,
-) -> Option<Duration> {
+) -> (State, Option<Duration>) {
     let config = shared.config();
     let (stop_sender, mut stop) = watch::channel(None);
     let (progress_sender, progress) = watch::channel(None);
@@ -371,7 +434,7 @@ async fn run_claimed(
         tracing::info!("{}", verdict.result_text);
         let outcome = attempt::outcome(&row, &verdict, &config);
         shared.recorder.send(Write::Outcome(outcome));
-        return None;
+        return (verdict.state, None);
     }
     let started = std::time::Instant::now();
     if let Some(live) = shared.live().get_mut(&row.id) {
@@ -416,7 +479,7 @@ async fn run_claimed(
 
     let outcome = attempt::outcome(&row, &verdict, &config);
     match verdict.state {
-        State::Finished => tracing::info!("finished"),
+        State::Finished => tracing::debug!("finished"),
         State::Interrupted | State::Cancelled => tracing::info!("{}", verdict.result_text),
         _ => {
             let first_line = verdict.result_text.lines().next().unwrap_or_default();
@@ -438,7 +501,7 @@ async fn run_claimed(
         }
     }
     shared.recorder.send(Write::Outcome(outcome));
-    Some(started.elapsed())
+    (verdict.state, Some(started.elapsed()))
 }
 
 /// Waits until the scheduler gives this try a slot. Returns whether it got

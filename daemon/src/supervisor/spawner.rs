@@ -631,3 +631,78 @@ extern "C" fn child_main(raw: *mut libc::c_void) -> libc::c_int {
         fail(7)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    fn recipe(program: &str, args: &[&str]) -> Recipe {
+        Recipe {
+            program: program.into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            workdir: "/".into(),
+            ..Recipe::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_set_up_names_its_step_and_errno() {
+        let spawner = Spawner::start(vec![]).unwrap();
+        // Not executable: execve fails after every other step.
+        let file = std::env::temp_dir().join(format!("not-executable-{}", std::process::id()));
+        std::fs::write(&file, "#!/bin/sh\n").unwrap();
+        let error = spawner
+            .spawn(recipe(file.to_str().unwrap(), &[]))
+            .await
+            .err()
+            .expect("no start");
+        std::fs::remove_file(&file).unwrap();
+        assert!(error.to_string().starts_with("executing: "), "{error}");
+        assert_eq!(error.kind(), io::ErrorKind::PermissionDenied, "{error}");
+        let mut gone = recipe("/bin/true", &[]);
+        gone.workdir = "/no/such/directory".into();
+        let error = spawner.spawn(gone).await.err().expect("no start");
+        assert!(
+            error
+                .to_string()
+                .starts_with("entering the working directory: "),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn options_and_environment_reach_the_child() {
+        let spawner = Spawner::start(vec![("KEPT".into(), "base".into())]).unwrap();
+        let mut cat = recipe("cat", &[]);
+        cat.env = vec![("PATH".into(), "/usr/bin:/bin".into())];
+        cat.stdin = b"options".to_vec();
+        let mut child = spawner.spawn(cat).await.unwrap();
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .await
+            .unwrap();
+        assert!(child.wait().await.unwrap().success());
+        assert_eq!(out, "options");
+
+        let mut env = recipe("/usr/bin/env", &[]);
+        env.env = vec![("ADDED".into(), "1".into())];
+        let mut child = spawner.spawn(env).await.unwrap();
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .await
+            .unwrap();
+        assert!(child.wait().await.unwrap().success());
+        let mut lines: Vec<&str> = out.lines().collect();
+        lines.sort();
+        assert_eq!(lines, ["ADDED=1", "KEPT=base"]);
+    }
+}
