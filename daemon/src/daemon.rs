@@ -159,7 +159,7 @@ pub async fn run(
         Some(path) => Some(crate::control::Control::bind(path)?),
         None => None,
     };
-    let spawner = crate::supervisor::start_spawner().context("starting the spawner thread")?;
+    let spawner = crate::supervisor::start_spawner().context("preparing to start tasks")?;
     let wake = Arc::new(Notify::new());
     let (recorder, recorder_done) = Recorder::start(store.clone(), health.clone(), wake.clone());
     let shared = Arc::new(Shared {

@@ -80,10 +80,11 @@ fn main() -> ExitCode {
     // Taken by whoever reports first: readiness, or the error that ends the start.
     let ready_pipe = Arc::new(Mutex::new(ready_pipe));
     taskrunner::init_logging(config.log_format);
-    // One runtime thread: the daemon's own work per task is small, and a
-    // single thread saves the cross-thread wake-ups that dominated its CPU
-    // time (task processes are spawned from their own thread, see
-    // supervisor/spawner.rs; blocking work goes to the blocking pool).
+    // One runtime thread, this main thread: the daemon's own work per task
+    // is small, and a single thread saves the cross-thread wake-ups that
+    // dominated its CPU time. Task processes are started right here too (this
+    // thread lives as long as the process, see supervisor/spawner.rs);
+    // blocking work goes to the blocking pool.
     let result = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -395,7 +395,7 @@ const STEPS: [&str; 8] = [
 /// The child's stack between clone and exec.
 const CHILD_STACK: usize = 256 * 1024;
 
-/// Starts one process (runs on the spawner thread).
+/// Starts one process (on the thread that starts them all).
 fn start(
     recipe: &Recipe,
     base: &[BaseVariable],
