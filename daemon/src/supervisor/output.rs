@@ -64,16 +64,19 @@ pub async fn capture(
     progress: Option<watch::Sender<Option<String>>>,
 ) {
     const MAX_PROGRESS_LINE: usize = 1024;
-    // Small, and filled without zeroing: a task usually writes little, and
-    // every page the daemon touches costs a copy-on-write fault after each
-    // fork of the next task.
-    let mut buffer: Vec<u8> = Vec::with_capacity(16 * 1024);
+    const MAX_BUFFER: usize = 64 * 1024;
+    // Small at first, since a task usually writes little; doubled whenever a
+    // read fills it, so that a flood is read in large chunks.
+    let mut buffer: Vec<u8> = Vec::with_capacity(512);
     let mut line: Vec<u8> = Vec::new();
     let mut line_too_long = false;
     loop {
         buffer.clear();
         match stream.read_buf(&mut buffer).await {
             Ok(0) | Err(_) => return,
+            Ok(read) if read == buffer.capacity() && read < MAX_BUFFER => {
+                buffer.reserve_exact(read);
+            }
             Ok(_) => {}
         }
         let chunk = &buffer[..];
