@@ -671,36 +671,27 @@ mod tests {
         );
     }
 
+    /// Runs `recipe` to a successful end and returns its stdout.
+    async fn stdout_of(spawner: &Spawner, recipe: Recipe) -> String {
+        let mut child = spawner.spawn(recipe).await.unwrap();
+        let mut out = String::new();
+        let mut stdout = child.stdout.take().unwrap();
+        stdout.read_to_string(&mut out).await.unwrap();
+        assert!(child.wait().await.unwrap().success());
+        out
+    }
+
     #[tokio::test]
     async fn options_and_environment_reach_the_child() {
         let spawner = Spawner::start(vec![("KEPT".into(), "base".into())]).unwrap();
         let mut cat = recipe("cat", &[]);
         cat.env = vec![("PATH".into(), "/usr/bin:/bin".into())];
         cat.stdin = b"options".to_vec();
-        let mut child = spawner.spawn(cat).await.unwrap();
-        let mut out = String::new();
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .await
-            .unwrap();
-        assert!(child.wait().await.unwrap().success());
-        assert_eq!(out, "options");
+        assert_eq!(stdout_of(&spawner, cat).await, "options");
 
         let mut env = recipe("/usr/bin/env", &[]);
         env.env = vec![("ADDED".into(), "1".into())];
-        let mut child = spawner.spawn(env).await.unwrap();
-        let mut out = String::new();
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .await
-            .unwrap();
-        assert!(child.wait().await.unwrap().success());
+        let out = stdout_of(&spawner, env).await;
         let mut lines: Vec<&str> = out.lines().collect();
         lines.sort();
         assert_eq!(lines, ["ADDED=1", "KEPT=base"]);
