@@ -12,8 +12,9 @@
 //! - [`scheduler`]: claims rows up to the free slots (and a few ahead while
 //!   tasks are short), starts a try for each as a slot frees up.
 //! - [`attempt`]: one try, from type name and options to a verdict.
-//! - [`supervisor`]: one OS process per try: spawn (clone + exec from one
-//!   long-lived thread), limits, bounded output, timeout, kill escalation.
+//! - [`supervisor`]: one OS process per try: spawn (clone + exec from a
+//!   thread that lives as long as the daemon), limits, bounded output,
+//!   timeout, kill escalation.
 //! - [`recorder`]: the one writer of try results, batched and retried.
 //! - [`heartbeat`]: lease renewal, cancel delivery, self-fencing.
 //! - [`reaper`]: marks rows whose process or daemon is gone as CRASHED.

@@ -281,13 +281,13 @@ fn claim_ahead(max_concurrent: usize, typical_run: Option<Duration>, oldest: Dur
 
 /// How long the oldest running try has been running.
 fn oldest_running(shared: &Shared) -> Duration {
-    shared
+    let oldest = shared
         .live()
         .values()
         .filter(|live| live.pid.is_some())
-        .map(|live| live.started.elapsed())
-        .max()
-        .unwrap_or_default()
+        .map(|live| live.started)
+        .min();
+    oldest.map(|started| started.elapsed()).unwrap_or_default()
 }
 
 /// Claims up to `budget` rows: per served queue (each within its own

@@ -1003,8 +1003,6 @@ async fn record_postgres_batch(
         .collect())
 }
 
-/// Starts a write transaction. On SQLite `BEGIN IMMEDIATE` takes the write
-/// lock up front, so busy_timeout applies and no snapshot upgrade can fail.
 /// Turns on SQLite's query planner stability guarantee for a connection.
 ///
 /// Without it SQLite re-prepares a statement on its next step whenever a
@@ -1034,6 +1032,8 @@ async fn stable_query_plans(connection: &mut sqlx::SqliteConnection) -> sqlx::Re
     Ok(())
 }
 
+/// Starts a write transaction. On SQLite `BEGIN IMMEDIATE` takes the write
+/// lock up front, so busy_timeout applies and no snapshot upgrade can fail.
 async fn begin_write<DB: sqlx::Database>(
     pool: &sqlx::Pool<DB>,
 ) -> sqlx::Result<sqlx::Transaction<'static, DB>> {

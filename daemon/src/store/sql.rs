@@ -222,6 +222,23 @@ impl Sql {
         let claim_one = format!(
             "UPDATE task_runner_requests {claim_set} WHERE id = $4 AND {RUNNABLE} {claim_returning}"
         );
+        // A batch of outcomes as a table `v`: PostgreSQL binds one array per
+        // column, SQLite one JSON array of rows. (PostgreSQL needs the id
+        // qualified in RETURNING, SQLite allows it only unqualified.)
+        let (outcome_rows, returned_id) = if d.array_batches {
+            (
+                "unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::float8[]) \
+                 AS v(id, claim_token, result, result_text, give_back, retry_after)",
+                "t.id",
+            )
+        } else {
+            (
+                "(SELECT value ->> 0 AS id, value ->> 1 AS claim_token, value ->> 2 AS result, \
+                         value ->> 3 AS result_text, value ->> 4 AS give_back, value ->> 5 AS retry_after \
+                    FROM json_each($1)) AS v",
+                "id",
+            )
+        };
         let fence = "id = $ID AND claim_token = $TOKEN AND result = 'RUNNING'";
         let fenced = |id: &str, token: &str| fence.replace("$ID", id).replace("$TOKEN", token);
         let columns = [
@@ -296,33 +313,16 @@ impl Sql {
                   RETURNING t.id"
                     .to_string()
             }),
-            record_outcomes_batch: if batched {
-                format!(
-                    "UPDATE task_runner_requests t \
-                        SET result = v.result, result_text = v.result_text, completed_at = {now}, pid = NULL, \
-                            tries = t.tries - v.give_back, \
-                            delay_until = CASE WHEN v.retry_after IS NULL THEN NULL ELSE {} END \
-                       FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::float8[]) \
-                            AS v(id, claim_token, result, result_text, give_back, retry_after) \
-                      WHERE t.id = v.id AND t.claim_token = v.claim_token AND t.result = 'RUNNING' \
-                      RETURNING t.id",
-                    plus("v.retry_after")
-                )
-            } else {
-                format!(
-                    "UPDATE task_runner_requests AS t \
-                        SET result = v.result, result_text = v.result_text, completed_at = {now}, pid = NULL, \
-                            tries = t.tries - v.give_back, \
-                            delay_until = CASE WHEN v.retry_after IS NULL THEN NULL ELSE {} END \
-                       FROM (SELECT value ->> 0 AS id, value ->> 1 AS claim_token, value ->> 2 AS result, \
-                                    value ->> 3 AS result_text, value ->> 4 AS give_back, \
-                                    value ->> 5 AS retry_after \
-                               FROM json_each($1)) AS v \
-                      WHERE t.id = v.id AND t.claim_token = v.claim_token AND t.result = 'RUNNING' \
-                      RETURNING id",
-                    plus("v.retry_after")
-                )
-            },
+            record_outcomes_batch: format!(
+                "UPDATE task_runner_requests AS t \
+                    SET result = v.result, result_text = v.result_text, completed_at = {now}, pid = NULL, \
+                        tries = t.tries - v.give_back, \
+                        delay_until = CASE WHEN v.retry_after IS NULL THEN NULL ELSE {} END \
+                   FROM {outcome_rows} \
+                  WHERE t.id = v.id AND t.claim_token = v.claim_token AND t.result = 'RUNNING' \
+                  RETURNING {returned_id}",
+                plus("v.retry_after")
+            ),
             claim,
             claim_one,
             record_pid: format!(
