@@ -21,9 +21,11 @@ use nix::unistd::Pid;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::TaskSettings;
 use crate::units::format_duration;
+use output::Capture;
 pub use output::Tail;
 pub use spawner::{Recipe, Spawner};
 
@@ -100,6 +102,12 @@ pub enum Stopped {
 /// (its outcome clears the pid anyway) nor a read of its start time.
 pub const ANNOUNCE_AFTER: Duration = Duration::from_millis(10);
 
+/// How long a process runs before its output pipes are watched. Until then
+/// nothing of the daemon wakes when it writes; a task that ends sooner has its
+/// output read once, after its exit, and one that fills a pipe (64 KiB) before
+/// then waits at most this long to be read.
+const WATCH_OUTPUT_AFTER: Duration = Duration::from_millis(10);
+
 /// Runs one process to its end. `on_running` is called once the process has
 /// run for [`ANNOUNCE_AFTER`] (with its pid and start time, read while it
 /// surely is our unreaped child); `on_exit` as soon as it has exited and its
@@ -156,15 +164,24 @@ pub async fn run(
             let _ = stdin.write_all(&rest).await;
         })
     });
-    let mut stdout = Tail::new(settings.output_tail);
-    let mut stderr = Tail::new(settings.output_tail);
+    let mut stdout = Capture::new(settings.output_tail, None);
+    let mut stderr = Capture::new(settings.output_tail, progress);
     let (stdout_pipe, stderr_pipe) = (child.stdout.take(), child.stderr.take());
+    let exited = CancellationToken::new();
     let (status, stopped, ran_for) = {
-        // Both streams are read in this task, next to the wait.
+        // Both streams are read in this task, next to the wait, from
+        // WATCH_OUTPUT_AFTER on or once the process has exited.
+        let watch_output_at = started + WATCH_OUTPUT_AFTER;
+        let begin = || async {
+            tokio::select! {
+                _ = tokio::time::sleep_until(watch_output_at) => {}
+                _ = exited.cancelled() => {}
+            }
+        };
         let capture = async {
             tokio::join!(
-                output::capture(stdout_pipe.expect("stdout is piped"), &mut stdout, None),
-                output::capture(stderr_pipe.expect("stderr is piped"), &mut stderr, progress),
+                stdout.read_pipe(stdout_pipe.expect("stdout is piped"), begin()),
+                stderr.read_pipe(stderr_pipe.expect("stderr is piped"), begin()),
             )
         };
         tokio::pin!(capture);
@@ -218,6 +235,7 @@ pub async fn run(
         // The task is over: whatever it left in its group goes too. The group
         // id cannot have been reused while any member is alive.
         let _ = killpg(process_group, Signal::SIGKILL);
+        exited.cancel();
         on_exit();
         // Let the try that got our slot start its process before we drain
         // and judge this one.
@@ -233,11 +251,11 @@ pub async fn run(
         (status, stopped, ran_for)
     };
 
-    let limit_broken = limits::broken_limit(&status, &stderr.text(), &settings);
+    let limit_broken = limits::broken_limit(&status, &stderr.tail.text(), &settings);
     Ok(Ended {
         status,
-        stdout,
-        stderr,
+        stdout: stdout.tail,
+        stderr: stderr.tail,
         ran_for,
         stopped,
         limit_broken,

@@ -2,6 +2,9 @@
 //! task that floods its output costs a fixed amount of memory. Stderr lines
 //! `progress: TEXT` are reported as they arrive.
 
+use std::future::Future;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::watch;
 
@@ -56,49 +59,113 @@ impl Tail {
     }
 }
 
-/// Reads `stream` to its end into `tail`. When `progress` is given, each
-/// complete line starting with `progress: ` is published on it.
-pub async fn capture(
-    mut stream: impl AsyncRead + Unpin,
-    tail: &mut Tail,
+/// One output stream of a task, read into a bounded [`Tail`]. When it has a
+/// `progress` sender, each complete line starting with `progress: ` is
+/// published on it.
+pub struct Capture {
+    pub tail: Tail,
     progress: Option<watch::Sender<Option<String>>>,
-) {
-    const MAX_PROGRESS_LINE: usize = 1024;
-    const MAX_BUFFER: usize = 64 * 1024;
-    // Small at first, since a task usually writes little; doubled whenever a
-    // read fills it, so that a flood is read in large chunks.
-    let mut buffer: Vec<u8> = Vec::with_capacity(512);
-    let mut line: Vec<u8> = Vec::new();
-    let mut line_too_long = false;
-    loop {
-        buffer.clear();
-        match stream.read_buf(&mut buffer).await {
-            Ok(0) | Err(_) => return,
-            Ok(read) if read == buffer.capacity() && read < MAX_BUFFER => {
-                buffer.reserve_exact(read);
-            }
-            Ok(_) => {}
+    /// The current line, for progress (at most [`MAX_PROGRESS_LINE`] bytes).
+    line: Vec<u8>,
+    line_too_long: bool,
+    buffer: Vec<u8>,
+}
+
+const MAX_PROGRESS_LINE: usize = 1024;
+const MAX_BUFFER: usize = 64 * 1024;
+
+impl Capture {
+    pub fn new(capacity: usize, progress: Option<watch::Sender<Option<String>>>) -> Capture {
+        Capture {
+            tail: Tail::new(capacity),
+            progress,
+            line: Vec::new(),
+            line_too_long: false,
+            // Small at first, since a task usually writes little; doubled
+            // whenever a read fills it, so that a flood is read in large chunks.
+            buffer: Vec::with_capacity(512),
         }
-        let chunk = &buffer[..];
-        tail.push(chunk);
-        let Some(progress) = &progress else { continue };
-        for &byte in chunk {
-            if byte == b'\n' {
-                if !line_too_long {
-                    if let Some(text) = line.strip_prefix(b"progress: ") {
-                        let text = String::from_utf8_lossy(text)
-                            .trim_end_matches('\r')
-                            .replace('\0', "");
-                        progress.send_replace(Some(text));
-                    }
+    }
+
+    /// Reads what `pipe` (non-blocking) holds now, without waiting. Returns
+    /// whether the stream has ended (end of file, or an error).
+    pub fn read_ready(&mut self, pipe: BorrowedFd<'_>) -> bool {
+        loop {
+            self.buffer.clear();
+            let spare = self.buffer.spare_capacity_mut();
+            // SAFETY: read into the buffer's spare capacity, then count as
+            // initialised only what the call wrote.
+            let read =
+                unsafe { libc::read(pipe.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+            match read {
+                0 => return true,
+                read if read > 0 => {
+                    // SAFETY: see above.
+                    unsafe { self.buffer.set_len(read as usize) };
+                    self.take();
                 }
-                line.clear();
-                line_too_long = false;
-            } else if line.len() < MAX_PROGRESS_LINE {
-                line.push(byte);
-            } else {
-                line_too_long = true;
+                _ => match std::io::Error::last_os_error().kind() {
+                    std::io::ErrorKind::Interrupted => {}
+                    std::io::ErrorKind::WouldBlock => return false,
+                    _ => return true,
+                },
             }
+        }
+    }
+
+    /// Reads `stream` to its end.
+    pub async fn read_to_end(&mut self, mut stream: impl AsyncRead + Unpin) {
+        loop {
+            self.buffer.clear();
+            match stream.read_buf(&mut self.buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => self.take(),
+            }
+        }
+    }
+
+    /// Reads `pipe` to its end, beginning once `begin` completes. Begun
+    /// after the task exited, this is one read that finds everything and the
+    /// end; only a stream still open then is watched by the runtime (which
+    /// costs a registration, and a wake-up of the daemon per write).
+    pub async fn read_pipe(&mut self, pipe: OwnedFd, begin: impl Future<Output = ()>) {
+        begin.await;
+        if self.read_ready(pipe.as_fd()) {
+            return;
+        }
+        // A pipe end we made non-blocking: tokio's checks can be skipped.
+        if let Ok(pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd_unchecked(pipe) {
+            self.read_to_end(pipe).await;
+        }
+    }
+
+    /// Keeps the bytes just read (and grows the buffer if they filled it).
+    fn take(&mut self) {
+        let chunk = &self.buffer[..];
+        self.tail.push(chunk);
+        if let Some(progress) = &self.progress {
+            for &byte in chunk {
+                if byte == b'\n' {
+                    if !self.line_too_long {
+                        if let Some(text) = self.line.strip_prefix(b"progress: ") {
+                            let text = String::from_utf8_lossy(text)
+                                .trim_end_matches('\r')
+                                .replace('\0', "");
+                            progress.send_replace(Some(text));
+                        }
+                    }
+                    self.line.clear();
+                    self.line_too_long = false;
+                } else if self.line.len() < MAX_PROGRESS_LINE {
+                    self.line.push(byte);
+                } else {
+                    self.line_too_long = true;
+                }
+            }
+        }
+        let read = self.buffer.len();
+        if read == self.buffer.capacity() && read < MAX_BUFFER {
+            self.buffer.reserve_exact(read);
         }
     }
 }
@@ -134,11 +201,11 @@ mod tests {
 
     #[tokio::test]
     async fn progress_lines_are_published() {
-        let mut tail = Tail::new(1024);
         let (sender, receiver) = watch::channel(None);
+        let mut capture = Capture::new(1024, Some(sender));
         let input: &[u8] = b"noise\nprogress: 1/3\nprogress: 2/3\npartial";
-        capture(input, &mut tail, Some(sender)).await;
+        capture.read_to_end(input).await;
         assert_eq!(receiver.borrow().as_deref(), Some("2/3"));
-        assert!(tail.text().ends_with("partial"));
+        assert!(capture.tail.text().ends_with("partial"));
     }
 }

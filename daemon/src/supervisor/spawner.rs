@@ -60,8 +60,9 @@ pub struct Child {
     /// Set only when the options did not all fit in the pipe before the
     /// start: the pipe, and the bytes still to write to it.
     pub stdin: Option<(pipe::Sender, Vec<u8>)>,
-    pub stdout: Option<pipe::Receiver>,
-    pub stderr: Option<pipe::Receiver>,
+    /// Our ends of the output pipes, non-blocking, not yet watched by the runtime.
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
     pidfd: AsyncFd<OwnedFd>,
     status: Option<ExitStatus>,
 }
@@ -257,12 +258,8 @@ impl Spawner {
         if let Some((stdin, rest)) = started.stdin {
             child.stdin = Some((pipe::Sender::from_owned_fd_unchecked(stdin)?, rest));
         }
-        child.stdout = Some(pipe::Receiver::from_owned_fd_unchecked(nonblocking(
-            started.stdout,
-        )?)?);
-        child.stderr = Some(pipe::Receiver::from_owned_fd_unchecked(nonblocking(
-            started.stderr,
-        )?)?);
+        child.stdout = Some(nonblocking(started.stdout)?);
+        child.stderr = Some(nonblocking(started.stderr)?);
         Ok(child)
     }
 }
@@ -675,7 +672,8 @@ mod tests {
     async fn stdout_of(spawner: &Spawner, recipe: Recipe) -> String {
         let mut child = spawner.spawn(recipe).await.unwrap();
         let mut out = String::new();
-        let mut stdout = child.stdout.take().unwrap();
+        let mut stdout =
+            pipe::Receiver::from_owned_fd_unchecked(child.stdout.take().unwrap()).unwrap();
         stdout.read_to_string(&mut out).await.unwrap();
         assert!(child.wait().await.unwrap().success());
         out
