@@ -403,3 +403,48 @@ async fn two_daemons_on_postgres_run_every_row_exactly_once() {
     assert!(first.stop().success());
     assert!(second.stop().success());
 }
+
+/// The daemon checkpoints SQLite's write-ahead log on a connection of its
+/// own, about once a second: what it writes reaches the database file
+/// itself, though its writer would checkpoint only after thousands of pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_log_is_checkpointed_while_the_daemon_runs() {
+    use sqlx::sqlite::SqliteConnectOptions;
+    use sqlx::{ConnectOptions, Connection};
+
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut daemon = Daemon::start(&db, "d", "");
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(db.enqueue("NoOp", None).await);
+    }
+    for id in ids {
+        db.wait_for_state(id, "FINISHED", WAIT).await;
+    }
+    let path = db.url.strip_prefix("sqlite://").unwrap();
+    // `immutable` reads the database file alone, without the log.
+    let file_only = SqliteConnectOptions::new()
+        .filename(path)
+        .immutable(true)
+        .read_only(true);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let mut connection = file_only.connect().await.unwrap();
+        let in_file: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED'",
+        )
+        .fetch_one(&mut connection)
+        .await
+        .unwrap_or(0);
+        connection.close().await.unwrap();
+        if in_file == 20 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database file holds {in_file} of the 20 finished rows"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(daemon.stop().success());
+}

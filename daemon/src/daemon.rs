@@ -194,6 +194,7 @@ pub async fn run(
     background.spawn(crate::heartbeat::run(shared.clone(), services.clone()));
     background.spawn(crate::reaper::run(shared.clone(), services.clone()));
     background.spawn(crate::wakeup::run(shared.clone(), services.clone()));
+    background.spawn(crate::checkpoint::run(shared.clone(), services.clone()));
     background.spawn(crate::retention::run(shared.clone(), services.clone()));
     background.spawn(crate::cron::run(shared.clone(), services.clone()));
     if let Some(control) = control {

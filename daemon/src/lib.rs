@@ -19,6 +19,7 @@
 //! - [`heartbeat`]: lease renewal, cancel delivery, self-fencing.
 //! - [`reaper`]: marks rows whose process or daemon is gone as CRASHED.
 //! - [`wakeup`]: LISTEN/NOTIFY (PostgreSQL), data_version (SQLite).
+//! - [`checkpoint`]: SQLite WAL checkpoints on a connection of their own, off the writer's path.
 //! - [`cron`]: `schedules:` (5-field cron or `every:`), one request per slot across all daemons.
 //! - [`retention`]: `retention:` rules; prunes final rows in small batches.
 //! - [`waiter`]: `taskrunner-cli wait`: blocks until a request is final (LISTEN / data_version).
@@ -46,6 +47,7 @@
 //!   execution, no cgroup limits (rlimits only, see `supervisor::limits`).
 
 pub mod attempt;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -305,6 +305,15 @@ impl Store {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(5));
+            // The daemon checkpoints on a connection of its own (see checkpoint.rs).
+            let options = if purpose == Purpose::Daemon {
+                options.pragma(
+                    "wal_autocheckpoint",
+                    crate::checkpoint::WRITER_AUTOCHECKPOINT.to_string(),
+                )
+            } else {
+                options
+            };
             // One connection: SQLite has one writer at a time anyway, and a
             // single connection keeps every claim a plain `UPDATE … RETURNING`
             // that takes the write lock up front (no BUSY_SNAPSHOT upgrades).
