@@ -454,6 +454,47 @@ async fn task_inherits_only_stdio_and_no_database_secrets(backend: Backend) {
     assert!(daemon.stop().success());
 }
 
+/// The nice value (field 19 of /proc/PID/stat) of a process.
+fn nice_of(pid: &str) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which ends at the last ')': state is 3, nice 19.
+    let after_name = stat.rsplit_once(") ").unwrap().1;
+    after_name.split(' ').nth(16).unwrap().parse().unwrap()
+}
+
+/// The daemon raises itself five nice levels above its tasks when it may
+/// (as root), so that tasks filling the CPUs do not starve it; a task runs
+/// at the nice value the daemon was started with, or at its type's `nice:`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_outranks_its_tasks_which_keep_its_starting_nice() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let report = "[/bin/sh, -c, 'read -r s < /proc/$$/stat; set -- ${s##*) }; echo ${17}']";
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!("tasks:\n  Plain:\n    command: {report}\n  Nice:\n    command: {report}\n    nice: 15\n"),
+    );
+    let started_at = nice_of("self");
+    let plain = db.enqueue("Plain", None).await;
+    let nice = db.enqueue("Nice", None).await;
+    let plain = db.wait_for_state(plain, "FINISHED", WAIT).await;
+    let nice = db.wait_for_state(nice, "FINISHED", WAIT).await;
+    assert_eq!(plain.result_text.unwrap(), started_at.to_string());
+    assert_eq!(nice.result_text.unwrap(), "15");
+    let daemon_nice = nice_of(&daemon.pid().to_string());
+    if nix::unistd::geteuid().is_root() {
+        let raised = (started_at - 5).max(-20);
+        assert_eq!(daemon_nice, raised);
+        assert!(daemon.log_text().contains(&format!(
+            "priority=\"nice {raised}, tasks at {started_at}\""
+        )));
+    } else {
+        assert_eq!(daemon_nice, started_at);
+        assert!(daemon.log_text().contains("raising it needs CAP_SYS_NICE"));
+    }
+    assert!(daemon.stop().success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_run_as_the_configured_user() {
     if !nix::unistd::geteuid().is_root() {

@@ -184,6 +184,7 @@ pub async fn run(
             host = %config.host_id,
             instance = %shared.instance,
             max_concurrent = config.max_concurrent,
+            priority = crate::supervisor::priority::describe(),
             task_types = %shared.registry.read().unwrap_or_else(|e| e.into_inner()).names(&config).join(", "),
             "taskrunnerd started"
         );

@@ -80,6 +80,8 @@ fn main() -> ExitCode {
     // Taken by whoever reports first: readiness, or the error that ends the start.
     let ready_pipe = Arc::new(Mutex::new(ready_pipe));
     taskrunner::init_logging(config.log_format);
+    // Before the runtime starts any thread: they all inherit it.
+    taskrunner::supervisor::priority::raise_daemon();
     // One runtime thread, this main thread: the daemon's own work per task
     // is small, and a single thread saves the cross-thread wake-ups that
     // dominated its CPU time. Task processes are started right here too (this

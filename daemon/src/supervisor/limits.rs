@@ -20,7 +20,7 @@ pub fn child_limits(settings: &TaskSettings) -> super::spawner::ChildLimits {
             .cpu_limit
             .map(|limit| limit.as_secs_f64().ceil().max(1.0) as u64),
         processes: settings.max_processes,
-        nice: settings.nice,
+        nice: settings.nice.or_else(super::priority::task_nice),
     }
 }
 

@@ -9,6 +9,7 @@
 
 mod limits;
 mod output;
+pub mod priority;
 mod spawner;
 
 use std::os::unix::process::ExitStatusExt;
