@@ -72,6 +72,9 @@ struct RunArgs {
     /// Gap between two latency inserts, in milliseconds
     #[arg(long, default_value_t = 20)]
     latency_gap_ms: u64,
+    /// Rounds (spawn ceiling, then drain) per throughput case (default 3; 1 with --quick)
+    #[arg(long)]
+    rounds: Option<usize>,
     /// The max_concurrent values of the throughput cases
     #[arg(long, value_delimiter = ',', default_value = "1,2,8")]
     concurrency: Vec<usize>,
@@ -142,6 +145,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let latency_requests = args
         .latency_requests
         .unwrap_or(if args.quick { 100 } else { 500 });
+    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 });
     let bin_dir = match args.bin_dir {
         Some(dir) => dir,
         None => std::env::current_exe()
@@ -173,7 +177,7 @@ async fn run(args: RunArgs) -> Result<()> {
 
     let result: Result<()> = async {
         if wants(Part::Throughput) || wants(Part::Memory) {
-            let cases = throughput::run(&bench, &backends, &args.concurrency, rows).await?;
+            let cases = throughput::run(&bench, &backends, &args.concurrency, rows, rounds).await?;
             if wants(Part::Throughput) {
                 report.add(throughput::table(&cases, rows));
             }

@@ -17,14 +17,21 @@ use crate::report::{ms, Table};
 pub struct Case {
     pub backend: Backend,
     pub concurrency: usize,
+    /// The same process as the ceiling, forced through fork + exec by a
+    /// `pre_exec` hook (processes per second, measured once).
+    pub fork_ceiling: f64,
+    pub rows: usize,
+    /// Each a ceiling measured right before a drain: the machine's speed
+    /// drifts by several percent within minutes, so ratios are taken pairwise
+    /// and the case is reported by its median round.
+    pub rounds: Vec<Round>,
+}
+
+pub struct Round {
     /// Tasks per second, first `started_at` to last `completed_at`.
     pub rate: f64,
     /// Spawn-and-wait rate as Rust's `Command` does it (posix_spawn).
     pub ceiling: f64,
-    /// The same with a `pre_exec` hook, which forces fork + exec (as the
-    /// daemon's spawns, which set limits and a parent-death signal in the child).
-    pub fork_ceiling: f64,
-    pub rows: usize,
     /// The daemon's usage at the end of the drain.
     pub usage: Usage,
     /// Busy CPU time of the whole machine during the drain.
@@ -33,35 +40,67 @@ pub struct Case {
     pub statements: u64,
 }
 
+impl Round {
+    fn ratio(&self) -> f64 {
+        self.rate / self.ceiling
+    }
+}
+
+impl Case {
+    /// The round with the median ratio (the lower middle one of an even count).
+    fn median(&self) -> &Round {
+        let mut rounds: Vec<&Round> = self.rounds.iter().collect();
+        rounds.sort_by(|a, b| a.ratio().total_cmp(&b.ratio()));
+        rounds[(rounds.len() - 1) / 2]
+    }
+
+    /// The lowest and highest ratio over the rounds.
+    fn ratio_range(&self) -> (f64, f64) {
+        let ratios = self.rounds.iter().map(Round::ratio);
+        let low = ratios.clone().fold(f64::INFINITY, f64::min);
+        (low, ratios.fold(0.0, f64::max))
+    }
+}
+
 pub async fn run(
     bench: &Bench,
     backends: &[Backend],
     concurrency: &[usize],
     rows: usize,
+    rounds: usize,
 ) -> Result<Vec<Case>> {
     let mut cases = Vec::new();
     for &backend in backends {
         for &level in concurrency {
-            // The ceiling right before the drain, so that both see the same machine.
-            eprintln!("throughput: spawn ceiling, {rows} NoOp processes at concurrency {level}");
-            let plain = ceiling(bench, level, rows, false)?;
-            let fork = ceiling(bench, level, rows, true)?;
             eprintln!(
-                "throughput: {} draining {rows} NoOp requests, max_concurrent {level}",
-                backend.name()
+                "throughput: fork+exec ceiling, {rows} NoOp processes at concurrency {level}"
             );
-            let (rate, usage, machine_cpu, statements) = drain(bench, backend, level, rows).await?;
-            cases.push(Case {
+            let fork_ceiling = ceiling(bench, level, rows, true)?;
+            let mut case = Case {
                 backend,
                 concurrency: level,
-                rate,
-                ceiling: plain,
-                fork_ceiling: fork,
+                fork_ceiling,
                 rows,
-                usage,
-                machine_cpu,
-                statements,
-            });
+                rounds: Vec::new(),
+            };
+            for round in 1..=rounds.max(1) {
+                // The ceiling right before the drain, so that both see the same machine.
+                eprintln!(
+                    "throughput: round {round}: spawn ceiling, then {} draining {rows} NoOp requests, max_concurrent {level}",
+                    backend.name()
+                );
+                let ceiling = ceiling(bench, level, rows, false)?;
+                let (rate, usage, machine_cpu, statements) =
+                    drain(bench, backend, level, rows, round).await?;
+                case.rounds.push(Round {
+                    rate,
+                    ceiling,
+                    usage,
+                    machine_cpu,
+                    statements,
+                });
+            }
+            cases.push(case);
         }
     }
     Ok(cases)
@@ -75,8 +114,10 @@ async fn drain(
     backend: Backend,
     concurrency: usize,
     rows: usize,
+    round: usize,
 ) -> Result<(f64, Usage, Duration, u64)> {
-    let dir = bench.case_dir(&format!("throughput-{backend:?}-{concurrency}").to_lowercase())?;
+    let dir =
+        bench.case_dir(&format!("throughput-{backend:?}-{concurrency}-{round}").to_lowercase())?;
     let database = bench.database(backend, &dir).await?;
     database
         .bulk_insert(rows, &[("task_class_name", "'NoOp'")])
@@ -204,6 +245,7 @@ pub fn table(cases: &[Case], rows: usize) -> Table {
             "spawn ceiling/s",
             "ratio",
             "target",
+            "ratio range",
             "fork+exec ceiling/s",
             "daemon CPU ms/task",
             "task CPU ms/task",
@@ -218,28 +260,38 @@ pub fn table(cases: &[Case], rows: usize) -> Table {
             (Backend::Sqlite, _) => "≥ 80%",
             (Backend::Postgres, _) => "≥ 70%",
         };
+        let median = case.median();
+        let (low, high) = case.ratio_range();
         table.row(vec![
             case.backend.name().to_string(),
             case.concurrency.to_string(),
-            format!("{:.0}", case.rate),
-            format!("{:.0}", case.ceiling),
-            format!("{:.0}%", 100.0 * case.rate / case.ceiling),
+            format!("{:.0}", median.rate),
+            format!("{:.0}", median.ceiling),
+            format!("{:.0}%", 100.0 * median.ratio()),
             target.to_string(),
+            format!(
+                "{:.0}–{:.0}% ({} rounds)",
+                100.0 * low,
+                100.0 * high,
+                case.rounds.len()
+            ),
             format!("{:.0}", case.fork_ceiling),
-            per_task(case.usage.cpu, case.rows),
-            per_task(case.usage.children_cpu, case.rows),
-            per_task(case.machine_cpu, case.rows),
+            per_task(median.usage.cpu, case.rows),
+            per_task(median.usage.children_cpu, case.rows),
+            per_task(median.machine_cpu, case.rows),
             format!(
                 "{:.1}",
-                case.usage.context_switches as f64 / case.rows.max(1) as f64
+                median.usage.context_switches as f64 / case.rows.max(1) as f64
             ),
-            format!("{:.2}", case.statements as f64 / case.rows.max(1) as f64),
+            format!("{:.2}", median.statements as f64 / case.rows.max(1) as f64),
         ]);
     }
     table.note(
-        "tasks/s: rows ÷ (last completed_at − first started_at), by the database clock. \
+        "Each case runs in rounds: the spawn ceiling, then a drain, each round on a fresh table; \
+         the row shows the round with the median ratio, and the range of the ratio over all rounds. \
+         tasks/s: rows ÷ (last completed_at − first started_at), by the database clock. \
          Spawn ceiling: the same NoOp process spawned and waited for directly (std::process, posix_spawn), \
-         no database, same concurrency; fork+exec: the same forced through fork by a pre_exec hook (the daemon starts tasks with clone(CLONE_VM|CLONE_VFORK), like posix_spawn). \
+         no database, same concurrency, measured right before the drain; fork+exec: the same forced through fork by a pre_exec hook (the daemon starts tasks with clone(CLONE_VM|CLONE_VFORK), like posix_spawn). \
          CPU per task: the daemon's own, its task processes', and the whole machine's busy time during the drain \
          (the rest is the database server, the kernel, and anything else running on the machine); \
          context switches: all the daemon's threads, voluntary and not. \
@@ -262,14 +314,23 @@ pub fn memory_table(cases: &[Case], rows: usize) -> Table {
     );
     let busiest = cases.iter().map(|case| case.concurrency).max().unwrap_or(0);
     for case in cases.iter().filter(|case| case.concurrency == busiest) {
+        let peak_kib = case
+            .rounds
+            .iter()
+            .map(|round| round.usage.peak_rss_kib)
+            .max()
+            .unwrap_or(0);
         table.row(vec![
             case.backend.name().to_string(),
             case.concurrency.to_string(),
-            format!("{:.1} MiB", case.usage.peak_rss_kib as f64 / 1024.0),
-            format!("{:.1} MiB", case.usage.rss_kib as f64 / 1024.0),
+            format!("{:.1} MiB", peak_kib as f64 / 1024.0),
+            format!("{:.1} MiB", case.median().usage.rss_kib as f64 / 1024.0),
             "< 50 MiB".to_string(),
         ]);
     }
-    table.note("VmHWM of taskrunnerd from /proc/PID/status, read when the last row finished.");
+    table.note(
+        "VmHWM of taskrunnerd from /proc/PID/status, read when the last row finished (the highest over the rounds); \
+         RSS at the end: of the median round.",
+    );
     table
 }
