@@ -9,15 +9,13 @@
 //! the log that is a cheap no-op). A PASSIVE checkpoint never waits for readers or writers, nor
 //! blocks them.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
-use sqlx::{ConnectOptions, Connection};
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::Shared;
+use crate::store::SideConnection;
 
 /// How often the log is checkpointed.
 const EVERY: Duration = Duration::from_secs(1);
@@ -31,33 +29,21 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     if shared.store.sqlite_pool().is_none() {
         return;
     }
-    let url = shared.config().database_url.clone();
-    let mut connection: Option<SqliteConnection> = None;
+    let mut side = SideConnection::new(&shared.config().database_url);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(EVERY) => {}
             _ = stop.cancelled() => break,
         }
-        if connection.is_none() {
-            connection = match SqliteConnectOptions::from_str(&url) {
-                Ok(options) => options.connect().await.ok(),
-                Err(_) => return,
-            };
-        }
-        let Some(conn) = connection.as_mut() else {
+        let Some(connection) = side.get().await else {
             continue;
         };
         shared.store.count_statements(1);
-        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&mut *conn)
-            .await
-        {
-            // The writer's own checkpoints cover for it meanwhile.
-            tracing::debug!("SQLite checkpoint failed: {error}");
-            connection = None;
+        let checkpoint = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)");
+        // Retried a second later; the writer's own checkpoints cover meanwhile.
+        if let Err(error) = checkpoint.execute(connection).await {
+            side.failed(&error);
         }
     }
-    if let Some(conn) = connection {
-        let _ = conn.close().await;
-    }
+    side.close().await;
 }

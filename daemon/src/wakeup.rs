@@ -3,16 +3,14 @@
 //! daemon LISTENs; on SQLite `PRAGMA data_version` on a connection of its own
 //! changes whenever another connection commits, a check that reads no table.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
-use sqlx::{ConnectOptions, Connection};
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::Shared;
 use crate::health::Backoff;
+use crate::store::SideConnection;
 
 /// The NOTIFY channel written by the trigger in the PostgreSQL migration.
 pub const CHANNEL: &str = "task_runner_requests";
@@ -66,38 +64,27 @@ async fn listen_postgres(shared: Arc<Shared>, stop: CancellationToken) {
 }
 
 async fn watch_sqlite(shared: Arc<Shared>, stop: CancellationToken) {
-    let url = shared.config().database_url.clone();
-    let mut connection: Option<SqliteConnection> = None;
+    let mut side = SideConnection::new(&shared.config().database_url);
     let mut last_version: Option<i64> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(SQLITE_CHECK_INTERVAL) => {}
             _ = stop.cancelled() => break,
         }
-        if connection.is_none() {
-            connection = match SqliteConnectOptions::from_str(&url) {
-                Ok(options) => options.connect().await.ok(),
-                Err(_) => return,
-            };
-        }
-        let Some(conn) = connection.as_mut() else {
+        let Some(connection) = side.get().await else {
             continue;
         };
         shared.store.count_statements(1);
-        match sqlx::query_scalar::<_, i64>("PRAGMA data_version")
-            .fetch_one(&mut *conn)
-            .await
-        {
+        let check = sqlx::query_scalar::<_, i64>("PRAGMA data_version");
+        match check.fetch_one(connection).await {
             Ok(version) => {
                 if last_version.is_some_and(|last| last != version) {
                     shared.wake.notify_one();
                 }
                 last_version = Some(version);
             }
-            Err(_) => connection = None,
+            Err(error) => side.failed(&error),
         }
     }
-    if let Some(conn) = connection {
-        let _ = conn.close().await;
-    }
+    side.close().await;
 }

@@ -293,6 +293,45 @@ fn request_from_row(row: &impl RowExt) -> sqlx::Result<Request> {
     })
 }
 
+/// A SQLite connection of its own, beside the pool's one writer, for work
+/// that must neither wait for the writer nor hold it up (the change check,
+/// checkpoints). Opened when first needed, and again after an error.
+pub struct SideConnection {
+    options: Option<SqliteConnectOptions>,
+    open: Option<sqlx::SqliteConnection>,
+}
+
+impl SideConnection {
+    pub fn new(url: &str) -> SideConnection {
+        SideConnection {
+            options: SqliteConnectOptions::from_str(url).ok(),
+            open: None,
+        }
+    }
+
+    /// The connection, opened if need be; `None` while it cannot be.
+    pub async fn get(&mut self) -> Option<&mut sqlx::SqliteConnection> {
+        use sqlx::ConnectOptions;
+        if self.open.is_none() {
+            self.open = self.options.as_ref()?.connect().await.ok();
+        }
+        self.open.as_mut()
+    }
+
+    /// After an error: the next [`get`](Self::get) opens a new connection.
+    pub fn failed(&mut self, error: &sqlx::Error) {
+        tracing::debug!("SQLite side connection: {error}");
+        self.open = None;
+    }
+
+    pub async fn close(self) {
+        use sqlx::Connection;
+        if let Some(open) = self.open {
+            let _ = open.close().await;
+        }
+    }
+}
+
 impl Store {
     /// Opens a pool without connecting yet: the daemon starts, and retries,
     /// even while the database is unreachable.
