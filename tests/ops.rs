@@ -359,6 +359,7 @@ fn systemd_unit_is_valid_and_outlasts_the_drain() {
                 "RestrictAddressFamilies",
                 "UMask",
                 "LimitNOFILE",
+                "LimitNICE",
             ],
         ),
         ("Install", &["WantedBy", "Alias"]),
