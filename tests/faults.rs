@@ -454,6 +454,40 @@ async fn task_inherits_only_stdio_and_no_database_secrets(backend: Backend) {
     assert!(daemon.stop().success());
 }
 
+/// A grandchild that leaves the task's process group (setsid) survives the
+/// group kill and holds the task's stdout open: the outcome is still decided
+/// when the task exits, with the output written so far, after a short wait
+/// for the pipe (0.5 s), not when the grandchild lets go of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grandchild_holding_stdout_does_not_hold_up_the_outcome() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let escaped = db.scratch.join("escaped");
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "tasks:\n  Escape:\n    command: [/bin/sh, -c, 'setsid /bin/sh -c \"echo \\$\\$ > {}; exec sleep 60\" & while [ ! -s {} ]; do sleep 0.01; done; echo done']\n",
+            escaped.display(),
+            escaped.display()
+        ),
+    );
+    let enqueued = Instant::now();
+    let id = db.enqueue("Escape", None).await;
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    let took = enqueued.elapsed();
+    let grandchild: i32 = std::fs::read_to_string(&escaped)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let held = process_exists(grandchild);
+    let _ = kill(Pid::from_raw(grandchild), Signal::SIGKILL);
+    assert!(held, "the grandchild outlived its task, holding its stdout");
+    assert_eq!(row.result_text.as_deref(), Some("done"));
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(daemon.stop().success());
+}
+
 /// The nice value (field 19 of /proc/PID/stat) of a process.
 fn nice_of(pid: &str) -> i32 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
