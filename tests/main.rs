@@ -4,6 +4,7 @@
 #[macro_use]
 mod util;
 
+mod cancel;
 mod claim_ahead;
 mod core;
 mod faults;

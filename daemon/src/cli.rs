@@ -304,7 +304,11 @@ async fn dispatch(flags: Flags) -> Result<ExitCode> {
         Command::Cancel { id } => match open(Purpose::Cli)?.cancel(id).await? {
             Change::Done => println!("request {id} cancelled"),
             Change::Requested => {
-                println!("request {id} is running: its daemon will stop it within a heartbeat");
+                if wake_daemon(&config).await {
+                    println!("request {id} is running: its daemon is stopping it");
+                } else {
+                    println!("request {id} is running: its daemon will stop it within a heartbeat");
+                }
             }
             Change::NotFound => bail!("no request {id}"),
             Change::Refused(state) => bail!(
@@ -369,15 +373,20 @@ async fn dispatch(flags: Flags) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Tells a local daemon to poll now, if one listens; silent otherwise.
-async fn wake_daemon(config: &Config) {
-    if let Some(socket) = &config.socket {
-        let _ = tokio::time::timeout(
+/// Tells a local daemon to poll now and to look for cancel requests, if one
+/// listens; silent otherwise. Returns whether a daemon answered.
+async fn wake_daemon(config: &Config) -> bool {
+    let Some(socket) = &config.socket else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(
             Duration::from_secs(1),
             crate::control::request(socket, "wake"),
         )
-        .await;
-    }
+        .await,
+        Ok(Ok(_))
+    )
 }
 
 fn config_command(command: &ConfigCommand, overrides: &Overrides) -> Result<ExitCode> {

@@ -1,6 +1,7 @@
 //! The control socket: a local socket at a filesystem path, inside a
 //! directory only the daemon's user can enter, answering one line with one
-//! JSON line. Commands: `status`, `wake` (poll now), `stop` (graceful).
+//! JSON line. Commands: `status`, `wake` (poll now, and look for cancel requests), `stop`
+//! (graceful).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -133,6 +134,7 @@ async fn answer(
         "status" => serde_json::to_value(status(&shared).await).unwrap_or_default(),
         "wake" => {
             shared.wake.notify_one();
+            shared.check_cancels.notify_one();
             serde_json::json!({ "ok": true })
         }
         "stop" => {

@@ -85,6 +85,9 @@ pub struct Shared {
     pub live: Mutex<Live>,
     /// Poll now: a row was enqueued, a try ended, a delay came due.
     pub wake: Arc<Notify>,
+    /// Look for cancel requests now rather than at the next heartbeat: a
+    /// `wake` on the control socket (the CLI sends one after `cancel`).
+    pub check_cancels: Notify,
     /// Stop claiming (the first step of shutdown).
     pub stop_claiming: CancellationToken,
     pub started: Instant,
@@ -172,6 +175,7 @@ pub async fn run(
         health,
         live: Mutex::new(Live::default()),
         wake,
+        check_cancels: Notify::new(),
         stop_claiming: CancellationToken::new(),
         started: Instant::now(),
         next_poll: Mutex::new(None),

@@ -1,6 +1,7 @@
 //! The heartbeat: every `heartbeat_interval` it renews `heartbeat_at` of all
 //! rows this daemon runs in one statement, learns which of them a user asked
-//! to cancel, and writes changed progress lines.
+//! to cancel, and writes changed progress lines. A `wake` on the control
+//! socket (sent by a local `taskrunner-cli cancel`) makes it look at once.
 //!
 //! Self-fencing: when the daemon cannot renew its leases on PostgreSQL, other
 //! daemons will take its rows as crashed once `lease_timeout` has passed. So
@@ -32,6 +33,8 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             (shared.store.backend() == Backend::Postgres).then(|| last_renewal + self_fence_after);
         tokio::select! {
             _ = tokio::time::sleep(config.heartbeat_interval) => {}
+            // A local `cancel` asked: renew early, which reads the cancels.
+            _ = shared.check_cancels.notified() => {}
             _ = sleep_until_opt(fence_deadline), if !fenced => {
                 let running = shared.live().len();
                 if running > 0 {

@@ -88,6 +88,34 @@ pub const RUNNABLE: &str = "pid IS NULL \
      AND (result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED')) \
      AND tries < try_limit";
 
+/// Whether a cancel overrides the outcome `result` of a try: a cancel, once
+/// accepted (`cancel_requested_at` set while the row ran), means no further
+/// try. Only FINISHED stands (the work is done); any other outcome, however
+/// the try ended before its daemon could stop it, makes the row CANCELLED.
+/// `row` qualifies the table's columns (`t.` in the batch statements).
+fn cancel_overrides(row: &str, result: &str) -> String {
+    format!("({row}cancel_requested_at IS NOT NULL AND {result} <> 'FINISHED')")
+}
+
+/// The `result` an outcome write stores: see [`cancel_overrides`].
+fn cancel_result(row: &str, result: &str) -> String {
+    format!(
+        "CASE WHEN {} THEN 'CANCELLED' ELSE {result} END",
+        cancel_overrides(row, result)
+    )
+}
+
+/// The `result_text` an outcome write stores: a try that ended on its own
+/// after a cancel keeps its outcome after the word "cancelled".
+fn cancel_text(row: &str, result: &str, result_text: &str) -> String {
+    format!(
+        "CASE WHEN {} AND {result} <> 'CANCELLED' \
+              THEN 'cancelled by a user; the running try ended ' || {result} || ': ' || coalesce({result_text}, '') \
+              ELSE {result_text} END",
+        cancel_overrides(row, result)
+    )
+}
+
 /// Runnable rows come first by priority, then first-come first-served.
 const CLAIM_ORDER: &str = "ORDER BY priority DESC, id";
 
@@ -315,12 +343,15 @@ impl Sql {
             }),
             record_outcomes_batch: format!(
                 "UPDATE task_runner_requests AS t \
-                    SET result = v.result, result_text = v.result_text, completed_at = {now}, pid = NULL, \
+                    SET result = {}, result_text = {}, completed_at = {now}, pid = NULL, \
                         tries = t.tries - v.give_back, \
-                        delay_until = CASE WHEN v.retry_after IS NULL THEN NULL ELSE {} END \
+                        delay_until = CASE WHEN v.retry_after IS NULL OR {} THEN NULL ELSE {} END \
                    FROM {outcome_rows} \
                   WHERE t.id = v.id AND t.claim_token = v.claim_token AND t.result = 'RUNNING' \
                   RETURNING {returned_id}",
+                cancel_result("t.", "v.result"),
+                cancel_text("t.", "v.result", "v.result_text"),
+                cancel_overrides("t.", "v.result"),
                 plus("v.retry_after")
             ),
             claim,
@@ -331,10 +362,13 @@ impl Sql {
             ),
             record_outcome: format!(
                 "UPDATE task_runner_requests \
-                    SET result = $1, result_text = $2, completed_at = {now}, pid = NULL, \
+                    SET result = {}, result_text = {}, completed_at = {now}, pid = NULL, \
                         tries = tries - $3, \
-                        delay_until = CASE WHEN $4 IS NULL THEN NULL ELSE {} END \
+                        delay_until = CASE WHEN $4 IS NULL OR {} THEN NULL ELSE {} END \
                   WHERE {}",
+                cancel_result("", "$1"),
+                cancel_text("", "$1", "$2"),
+                cancel_overrides("", "$1"),
                 plus("$4"),
                 fenced("$5", "$6")
             ),
@@ -386,8 +420,10 @@ impl Sql {
             ),
             mark_crashed: format!(
                 "UPDATE task_runner_requests \
-                    SET result = 'CRASHED', result_text = $1, pid = NULL, completed_at = {now}, delay_until = NULL \
-                  WHERE id = $2 AND claim_token IS NOT DISTINCT FROM $3 AND result = 'RUNNING'"
+                    SET result = {}, result_text = {}, pid = NULL, completed_at = {now}, delay_until = NULL \
+                  WHERE id = $2 AND claim_token IS NOT DISTINCT FROM $3 AND result = 'RUNNING'",
+                cancel_result("", "'CRASHED'"),
+                cancel_text("", "'CRASHED'", "$1")
             ),
             next_delay: format!(
                 "SELECT {} - {} FROM task_runner_requests WHERE {RUNNABLE} AND delay_until > {now}",

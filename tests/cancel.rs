@@ -1,0 +1,134 @@
+//! Cancelling a running request: once `cancel` accepted, no further try runs,
+//! whichever ends first, the try or the daemon's stop.
+
+use std::time::{Duration, Instant};
+
+use crate::util::{cli, Backend, Daemon, TestDb};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+both_backends!(
+    cancel_of_a_try_that_times_out_first_is_not_retried,
+    cancel_of_a_try_that_fails_first_is_not_retried,
+    cancel_of_a_try_that_finishes_first_leaves_it_finished,
+    local_cancel_stops_the_task_at_once,
+);
+
+/// A daemon whose heartbeat (which delivers cancels from other hosts) comes
+/// far later than the tries below end: the try's own outcome arrives first.
+const SLOW_HEARTBEAT: &str = "heartbeat_interval: 60s\nlease_timeout: 120s\n";
+
+/// Regression: the outcome write of a try that ended before its daemon acted
+/// on a cancel cleared the request, and the row ran a second try.
+async fn cancel_of_a_try_that_times_out_first_is_not_retried(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "{SLOW_HEARTBEAT}tasks:\n  Slow:\n    command: [/bin/sleep, '60']\n    timeout: 2s\n"
+        ),
+    );
+    let id = db.enqueue("Slow", None).await;
+    db.wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
+        .await;
+    let (status, stdout, _) = cli(&db, &["cancel", &id.to_string()]);
+    assert_eq!(status, 0);
+    assert!(stdout.contains("within a heartbeat"), "{stdout}");
+    let row = db
+        .wait_for(id, WAIT, "final", |r| {
+            r.result.as_deref() != Some("RUNNING") && r.result.is_some()
+        })
+        .await;
+    assert_eq!(row.result.as_deref(), Some("CANCELLED"), "{row:#?}");
+    assert_eq!(row.tries, 1);
+    let text = row.result_text.unwrap();
+    assert!(
+        text.starts_with("cancelled by a user; the running try ended TIMEOUT: "),
+        "{text}"
+    );
+    assert!(daemon.stop().success());
+}
+
+/// Regression: as above, for a command that fails (`sleep 2; exit 1`)
+/// cancelled half a second after it started.
+async fn cancel_of_a_try_that_fails_first_is_not_retried(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "{SLOW_HEARTBEAT}tasks:\n  Fails:\n    command: [/bin/sh, -c, 'echo broke >&2; sleep 2; exit 1']\n"
+        ),
+    );
+    let id = db.enqueue("Fails", None).await;
+    db.wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(cli(&db, &["cancel", &id.to_string()]).0, 0);
+    let row = db
+        .wait_for(id, WAIT, "final", |r| {
+            r.result.as_deref() != Some("RUNNING") && r.result.is_some()
+        })
+        .await;
+    assert_eq!(row.result.as_deref(), Some("CANCELLED"), "{row:#?}");
+    let text = row.result_text.unwrap();
+    assert!(
+        text.starts_with("cancelled by a user; the running try ended FAILED: "),
+        "{text}"
+    );
+    assert_eq!(row.tries, 1);
+    assert!(daemon.stop().success());
+}
+
+/// The work is done: a cancel that came too late leaves FINISHED standing.
+async fn cancel_of_a_try_that_finishes_first_leaves_it_finished(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "{SLOW_HEARTBEAT}tasks:\n  Quick:\n    command: [/bin/sh, -c, 'sleep 1; echo done']\n"
+        ),
+    );
+    let id = db.enqueue("Quick", None).await;
+    db.wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
+        .await;
+    assert_eq!(cli(&db, &["cancel", &id.to_string()]).0, 0);
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.result_text.as_deref(), Some("done"));
+    assert!(daemon.stop().success());
+}
+
+/// With the daemon's control socket in the config, `cancel` wakes the
+/// daemon, which stops the task at once rather than at its next heartbeat.
+async fn local_cancel_stops_the_task_at_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!("{SLOW_HEARTBEAT}tasks:\n  Long:\n    command: [/bin/sleep, '60']\n"),
+    );
+    let id = db.enqueue("Long", None).await;
+    db.wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
+        .await;
+    let config = daemon.config.display().to_string();
+    let asked = Instant::now();
+    let (status, stdout, stderr) = cli(&db, &["--config", &config, "cancel", &id.to_string()]);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(stdout.contains("its daemon is stopping it"), "{stdout}");
+    let row = db.wait_for_state(id, "CANCELLED", WAIT).await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "stopped at once, not at the 60s heartbeat: {:?}",
+        asked.elapsed()
+    );
+    assert!(
+        row.result_text
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("cancelled by a user after"),
+        "{row:#?}"
+    );
+    assert!(daemon.stop().success());
+}
