@@ -6,6 +6,7 @@ mod util;
 
 mod cancel;
 mod claim_ahead;
+mod cli;
 mod core;
 mod faults;
 mod ops;

@@ -213,12 +213,20 @@ async fn dispatch(flags: Flags) -> Result<ExitCode> {
         return config_command(command, &overrides);
     }
     let config = Config::resolve(&overrides)?;
+    match command(flags.command, &config).await {
+        Ok(code) => Ok(code),
+        Err(error) => Err(crate::store::diagnose::explain(error, &config.database_url).await),
+    }
+}
+
+async fn command(command: Command, config: &Config) -> Result<ExitCode> {
+    let config = config.clone();
     let open = |purpose| Store::open(&config.database_url, purpose);
-    match flags.command {
+    match command {
         Command::Migrate => {
             let store = open(Purpose::Migrate)?;
-            store.migrate().await?;
-            println!("schema of {} is up to date", store.display_url);
+            let migration = store.migrate().await?;
+            println!("schema of {}: {migration}", store.display_url);
         }
         Command::Enqueue {
             task,

@@ -140,9 +140,15 @@ pub async fn run(
         let mut backoff = Backoff::default();
         loop {
             match store.migrate().await {
-                Ok(()) => break,
+                Ok(migration) => {
+                    tracing::info!("schema of {}: {migration}", store.display_url);
+                    break;
+                }
                 Err(error) if is_permanent(&error) => return Err(error),
-                Err(error) => health.failed("migrating the schema", &error),
+                Err(error) => {
+                    let error = crate::store::diagnose::explain(error, &config.database_url).await;
+                    health.failed("migrating the schema", &error)
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff.next_delay()) => {}

@@ -95,6 +95,17 @@ pub fn postgres_admin_url() -> String {
 
 impl TestDb {
     pub async fn new(backend: Backend) -> TestDb {
+        let db = TestDb::unmigrated(backend).await;
+        db.store
+            .migrate()
+            .await
+            .expect("migrating the test database");
+        db
+    }
+
+    /// An empty database (a SQLite file not yet created, a PostgreSQL
+    /// database without tables).
+    pub async fn unmigrated(backend: Backend) -> TestDb {
         let scratch = Scratch::new(match backend {
             Backend::Sqlite => "sqlite",
             Backend::Postgres => "pg",
@@ -131,9 +142,16 @@ impl TestDb {
             }
         };
         let store = Store::open(&url, Purpose::Migrate).unwrap();
-        store.migrate().await.expect("migrating the test database");
         let raw = match backend {
-            Backend::Sqlite => Raw::Sqlite(sqlx::SqlitePool::connect(&url).await.unwrap()),
+            Backend::Sqlite => Raw::Sqlite(
+                sqlx::SqlitePool::connect_with(
+                    std::str::FromStr::from_str(&url)
+                        .map(|o: sqlx::sqlite::SqliteConnectOptions| o.create_if_missing(true))
+                        .unwrap(),
+                )
+                .await
+                .unwrap(),
+            ),
             Backend::Postgres => Raw::Postgres(sqlx::PgPool::connect(&url).await.unwrap()),
         };
         TestDb {

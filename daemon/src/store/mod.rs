@@ -7,6 +7,7 @@
 //! that lost its claim (reaped after a partition, say) cannot overwrite a
 //! later try: its write matches no row, and the caller is told so.
 
+pub mod diagnose;
 pub mod sql;
 
 use std::collections::HashSet;
@@ -35,6 +36,26 @@ const MIGRATIONS_TABLE: &str = "task_runner_schema_migrations";
 pub enum Backend {
     Sqlite,
     Postgres,
+}
+
+/// What [`Store::migrate`] did: schema versions before (None: no schema) and after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Migration {
+    pub before: Option<i64>,
+    pub after: i64,
+}
+
+impl std::fmt::Display for Migration {
+    /// "created (version 3)", "upgraded from version 2 to 3", "up to date (version 3)".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.before {
+            None => write!(f, "created (version {})", self.after),
+            Some(before) if before < self.after => {
+                write!(f, "upgraded from version {before} to {}", self.after)
+            }
+            Some(_) => write!(f, "up to date (version {})", self.after),
+        }
+    }
 }
 
 /// Who opens the store: only the daemon and `migrate` may create a SQLite file.
@@ -338,6 +359,9 @@ impl Store {
     pub fn open(url: &str, purpose: Purpose) -> Result<Store> {
         let display_url = crate::config::redact_url(url);
         let pool = if url.starts_with("sqlite:") {
+            if let Some(path) = diagnose::sqlite_path(url) {
+                diagnose::check_sqlite_access(&path, purpose)?;
+            }
             let options = SqliteConnectOptions::from_str(url)
                 .with_context(|| format!("invalid SQLite URL {display_url}"))?
                 .create_if_missing(purpose != Purpose::Cli)
@@ -423,21 +447,34 @@ impl Store {
     }
 
     /// Creates or upgrades the schema. Safe to run from several daemons at
-    /// once (sqlx takes an advisory lock on PostgreSQL; SQLite serialises writers).
-    pub async fn migrate(&self) -> Result<()> {
+    /// once (sqlx takes an advisory lock on PostgreSQL; SQLite serialises
+    /// writers). Returns the schema version before and after.
+    pub async fn migrate(&self) -> Result<Migration> {
         let context = || format!("migrating the schema of {}", self.display_url);
+        let before = self.schema_version().await;
         match &self.pool {
             Pool::Sqlite(pool) => {
                 let mut migrator = sqlx::migrate!("../migrations/sqlite");
                 migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
-                migrator.run(pool).await.with_context(context)
+                migrator.run(pool).await.with_context(context)?
             }
             Pool::Postgres(pool) => {
                 let mut migrator = sqlx::migrate!("../migrations/postgres");
                 migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
-                migrator.run(pool).await.with_context(context)
+                migrator.run(pool).await.with_context(context)?
             }
         }
+        let after = self.schema_version().await.unwrap_or(0);
+        Ok(Migration { before, after })
+    }
+
+    /// The highest migration applied, or None before the first one.
+    async fn schema_version(&self) -> Option<i64> {
+        let query = format!("SELECT max(version) FROM {MIGRATIONS_TABLE} WHERE success");
+        let query = sqlx::AssertSqlSafe(query);
+        on_pool!(self, pool => {
+            sqlx::query_scalar::<_, Option<i64>>(query).fetch_one(pool).await.ok()?
+        })
     }
 
     /// Claims up to `limit` runnable rows of any queue and type, in one
