@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::util::{cli, quote, Backend, Daemon, TestDb};
+use crate::util::{cli, quote, wait_until, Backend, Daemon, TestDb};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -18,6 +18,7 @@ both_backends!(
     activerecord_timestamps_and_ruby_yaml_work,
     cli_enqueue_list_show_retry_cancel_purge,
     large_options_reach_the_task_whole,
+    a_row_inserted_by_another_process_starts_at_once,
 );
 
 async fn plain_sql_noop_finishes(backend: Backend) {
@@ -446,5 +447,94 @@ async fn sqlite_log_is_checkpointed_while_the_daemon_runs() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(daemon.stop().success());
+}
+
+/// A row inserted by another process (Python's sqlite3 module, or `psql`) starts without waiting for a poll: on SQLite the daemon watches the
+/// write-ahead log. Broken, SQLite rows wait for the once-a-second safety
+/// check (about 500 ms on average); the deadline is generous against a loaded
+/// machine, the numbers are in scripts/bench.
+async fn a_row_inserted_by_another_process_starts_at_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", "poll_interval: 60s\n");
+    let insert = "INSERT INTO task_runner_requests (task_class_name) VALUES ('NoOp') RETURNING id;";
+    let since = match backend {
+        Backend::Sqlite => "(julianday(started_at) - julianday(created_at)) * 86400000.0",
+        Backend::Postgres => "extract(epoch from started_at - created_at) * 1000.0",
+    };
+    let mut delays = Vec::new();
+    for _ in 0..5 {
+        let output = match backend {
+            // Python's sqlite3 module, with SQLite's default settings.
+            Backend::Sqlite => std::process::Command::new("python3")
+                .args([
+                    "-c",
+                    "import sqlite3, sys\n\
+                     db = sqlite3.connect(sys.argv[1])\n\
+                     print(db.execute(sys.argv[2]).fetchone()[0])\n\
+                     db.commit()",
+                    db.url.strip_prefix("sqlite://").unwrap(),
+                    insert,
+                ])
+                .output(),
+            Backend::Postgres => std::process::Command::new("psql")
+                .args(["-qtA", "-v", "ON_ERROR_STOP=1", &db.url, "-c", insert])
+                .output(),
+        }
+        .expect("the database's command line tool runs");
+        assert!(output.status.success(), "{output:?}");
+        let id: i64 = String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("an id from {output:?}"));
+        let id = taskrunner::request::RequestId(id);
+        db.wait_for_state(id, "FINISHED", WAIT).await;
+        let delay_ms = db
+            .scalar(&format!(
+                "SELECT CAST({since} AS BIGINT) FROM task_runner_requests WHERE id = {id}"
+            ))
+            .await;
+        delays.push(delay_ms);
+    }
+    assert!(
+        delays.iter().all(|&ms| ms < 400),
+        "insert-to-start delays (ms): {delays:?}"
+    );
+    assert!(daemon.stop().success());
+    let log = daemon.log_text();
+    assert!(!log.contains("write-ahead log"), "log:\n{log}");
+}
+
+/// An idle daemon on SQLite checks for others' rows about once a second
+/// (the safety net beside the log watch), not ten times a second as the
+/// `data_version` poll did: fewer statements than that poll alone sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_sqlite_daemon_does_not_poll_for_changes() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "poll_interval: 60s\nheartbeat_interval: 10s\nlease_timeout: 30s\n",
+    );
+    let config = daemon.config.to_string_lossy().into_owned();
+    let statements = || {
+        let (code, out, err) = cli(&db, &["--config", &config, "status", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+        status["database_statements"].as_u64().unwrap()
+    };
+    let before = statements();
+    let started = std::time::Instant::now();
+    wait_until(Duration::from_secs(10), "3 s to pass", || {
+        started.elapsed() >= Duration::from_secs(3)
+    });
+    let sent = statements() - before;
+    let seconds = started.elapsed().as_secs_f64();
+    // The old poll alone: 10 a second. Now: a change check and a checkpoint
+    // a second, a heartbeat now and then.
+    assert!(
+        (sent as f64) < 5.0 * seconds,
+        "{sent} statements in {seconds:.1} s of idling"
+    );
     assert!(daemon.stop().success());
 }

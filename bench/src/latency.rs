@@ -235,7 +235,7 @@ pub fn table(cases: &[Case], count: usize, gap_ms: u64) -> Table {
     );
     for case in cases {
         let target = match (case.backend, case.path) {
-            (Backend::Sqlite, Path::Sql) => "< 1.5 s",
+            (Backend::Sqlite, Path::Sql) => "p99 < 10 ms",
             (Backend::Postgres, Path::Sql) => "p50 < 3 ms, p99 < 10 ms",
             (_, Path::Cli) => "< 10 ms",
         };

@@ -18,7 +18,7 @@
 //! - [`recorder`]: the one writer of try results, batched and retried.
 //! - [`heartbeat`]: lease renewal, cancel delivery, self-fencing.
 //! - [`reaper`]: marks rows whose process or daemon is gone as CRASHED.
-//! - [`wakeup`]: LISTEN/NOTIFY (PostgreSQL), data_version (SQLite).
+//! - [`wakeup`]: LISTEN/NOTIFY (PostgreSQL); SQLite: inotify on the write-ahead log, then data_version.
 //! - [`checkpoint`]: SQLite WAL checkpoints on a connection of their own, off the writer's path.
 //! - [`cron`]: `schedules:` (5-field cron or `every:`), one request per slot across all daemons.
 //! - [`retention`]: `retention:` rules; prunes final rows in small batches.
