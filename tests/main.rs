@@ -13,3 +13,4 @@ mod ops;
 mod placement;
 mod scheduling;
 mod sdk;
+mod web;

@@ -52,6 +52,8 @@ pub struct Verdict {
     pub result_text: String,
     /// The stderr tail of a failed try, for the daemon's log.
     pub stderr_tail: Option<String>,
+    /// How long starting the process took (clone and exec), if it started.
+    pub spawn_took: Option<std::time::Duration>,
 }
 
 impl Verdict {
@@ -60,6 +62,7 @@ impl Verdict {
             state,
             result_text: result_text.into(),
             stderr_tail: None,
+            spawn_took: None,
         }
     }
 }
@@ -137,7 +140,10 @@ pub async fn run(
     )
     .await
     {
-        Ok(ended) => judge(&ended),
+        Ok(ended) => Verdict {
+            spawn_took: Some(ended.spawn_took),
+            ..judge(&ended)
+        },
         Err(error) => Verdict::new(State::Failed, error.to_string()),
     }
 }
@@ -199,6 +205,7 @@ pub fn judge(ended: &Ended) -> Verdict {
         state,
         result_text: with_stderr(reason),
         stderr_tail: Some(stderr.clone()),
+        spawn_took: Some(ended.spawn_took),
     };
     match ended.stopped {
         Some(Stopped::Timeout(_)) => {

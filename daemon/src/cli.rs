@@ -136,6 +136,16 @@ enum Command {
     /// Check or create a config file
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Serve the web page on the database (with or without a running daemon)
+    Web {
+        /// Address and port (default: the config's http.listen, else 127.0.0.1:8080);
+        /// other than loopback only with http.auth
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Print the Prometheus metrics once (the daemon's, through its socket,
+    /// when one answers; else those read from the database)
+    Metrics,
 }
 
 #[derive(Debug, Subcommand)]
@@ -338,6 +348,37 @@ async fn command(command: Command, config: &Config) -> Result<ExitCode> {
             let store = open(Purpose::Cli)?;
             let deleted = crate::retention::prune(&store, &retention, Duration::ZERO, None).await?;
             println!("deleted {deleted} requests");
+        }
+        Command::Web { listen } => {
+            let store = open(Purpose::Cli)?;
+            let address = listen
+                .or_else(|| config.http.as_ref().and_then(|http| http.listen))
+                .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 8080)));
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let on_signal = shutdown.clone();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                on_signal.cancel();
+            });
+            crate::web::run_standalone(&config, address, store, shutdown).await?;
+        }
+        Command::Metrics => {
+            let from_daemon = match &config.socket {
+                Some(socket) => crate::control::request(socket, "metrics").await.ok(),
+                None => None,
+            };
+            let text = match from_daemon
+                .as_ref()
+                .and_then(|answer| answer.get("metrics"))
+                .and_then(|text| text.as_str())
+            {
+                Some(text) => text.to_string(),
+                None => {
+                    let store = open(Purpose::Cli)?;
+                    crate::metrics::render(&store, &Default::default(), None).await?
+                }
+            };
+            print!("{text}");
         }
         Command::Wait { id, timeout } => {
             let store = open(Purpose::Cli)?;

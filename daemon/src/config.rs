@@ -87,6 +87,8 @@ with_task_settings! {
         // Issue 7: retention and cron schedules (types in retention.rs, cron.rs).
         retention: Option<crate::retention::FileRetention>,
         schedules: Option<BTreeMap<String, crate::cron::FileSchedule>>,
+        // Issue 19: the web page and /metrics (types in web/settings.rs).
+        http: Option<crate::web::settings::FileHttp>,
     }
 }
 
@@ -178,6 +180,8 @@ pub struct Config {
     pub retention: crate::retention::Retention,
     /// Requests enqueued on a schedule (`schedules:`), by name.
     pub schedules: BTreeMap<String, crate::cron::Schedule>,
+    /// `http:`: where the daemon serves the web page and `/metrics`.
+    pub http: Option<crate::web::settings::Http>,
 }
 
 /// What the command line (and environment) contribute; `None` means "not given".
@@ -291,6 +295,11 @@ impl Config {
         let host_id = raw.host_id.unwrap_or_else(default_host_id);
         // Issue 7:
         let schedules = crate::cron::resolve_schedules(raw.schedules).map_err(&usage)?;
+        let http = raw
+            .http
+            .map(|http| http.resolve(dir))
+            .transpose()
+            .map_err(&usage)?;
         Ok(Config {
             file,
             database_url,
@@ -321,6 +330,7 @@ impl Config {
             tasks,
             retention: crate::retention::Retention::from_file(raw.retention),
             schedules,
+            http,
         })
     }
 

@@ -1,7 +1,7 @@
 //! The control socket: a local socket at a filesystem path, inside a
 //! directory only the daemon's user can enter, answering one line with one
-//! JSON line. Commands: `status`, `wake` (poll now, and look for cancel requests), `stop`
-//! (graceful).
+//! JSON line. Commands: `status`, `metrics` (the Prometheus text), `wake`
+//! (poll now, and look for cancel requests), `stop` (graceful).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -132,6 +132,10 @@ async fn answer(
     }
     let reply = match line.trim() {
         "status" => serde_json::to_value(status(&shared).await).unwrap_or_default(),
+        "metrics" => match shared.metrics_text(&shared.store).await {
+            Ok(text) => serde_json::json!({ "metrics": text }),
+            Err(error) => serde_json::json!({ "error": format!("{error:#}") }),
+        },
         "wake" => {
             shared.wake.notify_one();
             shared.check_cancels.notify_one();
@@ -144,7 +148,7 @@ async fn answer(
         }
         other => {
             let shown: String = other.chars().take(40).collect();
-            serde_json::json!({ "error": format!("unknown command `{shown}` (status, wake or stop)") })
+            serde_json::json!({ "error": format!("unknown command `{shown}` (status, metrics, wake or stop)") })
         }
     };
     let mut writer = &connection;

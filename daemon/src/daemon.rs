@@ -93,6 +93,10 @@ pub struct Shared {
     pub started: Instant,
     /// When the scheduler will next poll unprompted (for `status`).
     pub next_poll: Mutex<Option<Instant>>,
+    /// What this daemon counts for `/metrics`.
+    pub metrics: crate::metrics::Metrics,
+    /// The per-queue readings of `/metrics`, cached for a second.
+    pub queue_gauges: crate::metrics::QueueGauges,
 }
 
 impl Shared {
@@ -101,6 +105,18 @@ impl Shared {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The Prometheus text of `/metrics` (and `metrics` on the control socket).
+    /// `store` reads the per-queue gauges (the web page's own pool, so that
+    /// a scrape never waits for the daemon's SQLite writer, nor it for a scrape).
+    pub async fn metrics_text(&self, store: &Store) -> Result<String> {
+        self.metrics.set_daemon_state(
+            self.live().len(),
+            self.config().max_concurrent,
+            self.health.errors(),
+        );
+        crate::metrics::render(store, &self.queue_gauges, Some(&self.metrics)).await
     }
 
     pub fn live(&self) -> std::sync::MutexGuard<'_, Live> {
@@ -185,6 +201,8 @@ pub async fn run(
         stop_claiming: CancellationToken::new(),
         started: Instant::now(),
         next_poll: Mutex::new(None),
+        metrics: crate::metrics::Metrics::new(),
+        queue_gauges: Default::default(),
     });
     {
         let config = shared.config();
@@ -201,6 +219,7 @@ pub async fn run(
     }
 
     let services = CancellationToken::new();
+    let services_for_web = services.clone();
     let mut background = tokio::task::JoinSet::new();
     background.spawn(crate::heartbeat::run(shared.clone(), services.clone()));
     background.spawn(crate::reaper::run(shared.clone(), services.clone()));
@@ -210,6 +229,23 @@ pub async fn run(
     background.spawn(crate::cron::run(shared.clone(), services.clone()));
     if let Some(control) = control {
         background.spawn(control.serve(shared.clone(), services.clone(), shutdown.clone()));
+    }
+    // The web page and /metrics (`http: { listen }`), on a pool of its own.
+    let http_listen = shared.config().http.as_ref().and_then(|http| http.listen);
+    if let Some(address) = http_listen {
+        let config = shared.config();
+        let web_store = Store::open(&config.database_url, Purpose::Cli)?;
+        let web = Arc::new(crate::web::Web::new(
+            web_store,
+            &config,
+            Some(shared.clone()),
+        )?);
+        let listener = crate::web::bind(address, &web).await?;
+        background.spawn(async move {
+            if let Err(error) = crate::web::serve(listener, web, services_for_web).await {
+                tracing::error!("{error:#}");
+            }
+        });
     }
     let scheduler = tokio::spawn(crate::scheduler::run(shared.clone()));
     on_ready(&shared);

@@ -8,11 +8,15 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Default)]
 pub struct Health {
     outage_since: Mutex<Option<Instant>>,
+    /// Failed database calls so far (each is retried), for the metrics.
+    errors: std::sync::atomic::AtomicU64,
 }
 
 impl Health {
     /// Records a failed database call; logs only the first of an outage.
     pub fn failed(&self, what: &str, error: &anyhow::Error) {
+        self.errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut since = self.outage_since.lock().unwrap_or_else(|e| e.into_inner());
         if since.is_none() {
             *since = Some(Instant::now());
@@ -29,6 +33,11 @@ impl Health {
                 began.elapsed().as_secs_f64()
             );
         }
+    }
+
+    /// Failed database calls so far.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn in_outage(&self) -> bool {

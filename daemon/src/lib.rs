@@ -23,7 +23,11 @@
 //! - [`cron`]: `schedules:` (5-field cron or `every:`), one request per slot across all daemons.
 //! - [`retention`]: `retention:` rules; prunes final rows in small batches.
 //! - [`waiter`]: `taskrunner-cli wait`: blocks until a request is final (LISTEN / data_version).
-//! - [`control`]: the control socket (`status`, `wake`, `stop`).
+//! - [`control`]: the control socket (`status`, `metrics`, `wake`, `stop`).
+//! - [`web`]: the web page and `/metrics` over HTTP (`http:`, `taskrunner-cli web`);
+//!   its queries are in [`store::web`], bounded at any table size.
+//! - [`metrics`]: the Prometheus metrics: the daemon's counters and the
+//!   per-queue gauges read at scrape time.
 //! - [`task_types`]: which program runs a type name.
 //! - [`procinfo`]: process identity (boot id, start ticks) and the pid probe.
 //! - [`service`]: pidfile, `--daemonize`, systemd notification.
@@ -55,6 +59,7 @@ pub mod cron;
 pub mod daemon;
 pub mod health;
 pub mod heartbeat;
+pub mod metrics;
 pub mod procinfo;
 pub mod reaper;
 pub mod recorder;
@@ -68,6 +73,7 @@ pub mod task_types;
 pub mod units;
 pub mod waiter;
 pub mod wakeup;
+pub mod web;
 
 /// A mistake of the user's (bad flag, bad config): exit status 2.
 #[derive(Debug)]

@@ -126,6 +126,7 @@ pub async fn run(
         {
             Ok(reaped) => {
                 shared.health.succeeded();
+                shared.metrics.reaped(reaped.len());
                 for row in &reaped {
                     tracing::warn!(request = %row.id, "{}", row.reason);
                 }

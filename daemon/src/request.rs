@@ -115,6 +115,9 @@ pub struct Claimed {
     pub queue: String,
     /// The row has a `period`: when this try ends, its next occurrence may be due.
     pub periodic: bool,
+    /// Seconds from when the row became runnable (its `delay_until`, else
+    /// `created_at`) to this claim, for the metrics.
+    pub waited: f64,
 }
 
 /// Every column of one row, rendered for people (`show`, `list`).

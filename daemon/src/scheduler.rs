@@ -39,7 +39,10 @@ pub const AHEAD_MAX_WAIT: Duration = Duration::from_secs(1);
 
 /// How a try ended, as the scheduler counts it.
 struct TryEnd {
+    task: String,
     queue: String,
+    /// The try failed with no try left.
+    exhausted: bool,
     /// How long its process ran; `None` if it never started.
     ran_for: Option<Duration>,
     state: State,
@@ -220,6 +223,7 @@ pub async fn run(shared: Arc<Shared>) {
                     shared.health.succeeded();
                     backoff.reset();
                     for row in rows {
+                        shared.metrics.claimed(&row.queue, row.waited);
                         *running_by_queue.entry(row.queue.clone()).or_default() += 1;
                         let go = slots.join(config.max_concurrent);
                         tries.spawn(supervise(shared.clone(), slots.clone(), row, go));
@@ -247,6 +251,7 @@ pub async fn run(shared: Arc<Shared>) {
                     if let Some(ran_for) = ended.ran_for {
                         typical_run = Some(typical_run.map_or(ran_for, |t| t.mul_f64(0.8) + ran_for.mul_f64(0.2)));
                     }
+                    shared.metrics.try_ended(&ended.task, &ended.queue, ended.state, ended.exhausted, ended.ran_for);
                     tally.count(ended.state);
                     tally.log(false);
                 }
@@ -260,6 +265,13 @@ pub async fn run(shared: Arc<Shared>) {
     slots.close();
     while let Some(ended) = tries.join_next().await {
         if let Ok(ended) = ended {
+            shared.metrics.try_ended(
+                &ended.task,
+                &ended.queue,
+                ended.state,
+                ended.exhausted,
+                ended.ran_for,
+            );
             tally.count(ended.state);
         }
     }
@@ -389,10 +401,14 @@ async fn supervise(
     go: oneshot::Receiver<()>,
 ) -> TryEnd {
     let queue = row.queue.clone();
+    let task = row.task_class_name.clone();
+    let tries_left = row.tries < row.try_limit;
     let span = tracing::info_span!("task", request = %row.id, task = %row.task_class_name, r#try = row.tries);
     let (state, ran_for) = run_claimed(shared, &slots, row, go).instrument(span).await;
     TryEnd {
+        task,
         queue,
+        exhausted: !tries_left && matches!(state, State::Failed | State::Crashed | State::Timeout),
         ran_for,
         state,
     }
@@ -476,6 +492,9 @@ async fn run_claimed(
     )
     .await;
     shared.live().remove(&row.id);
+    if let Some(took) = verdict.spawn_took {
+        shared.metrics.spawned(took);
+    }
 
     let outcome = attempt::outcome(&row, &verdict, &config);
     match verdict.state {

@@ -96,6 +96,8 @@ macro_rules! on_pool {
     };
 }
 
+pub mod web;
+
 /// One write about a try, fenced by its claim token.
 #[derive(Debug, Clone)]
 pub enum Write {
@@ -280,6 +282,7 @@ fn claimed_from_row(row: &impl RowExt, claim_token: &str) -> sqlx::Result<(i64, 
             claim_token: claim_token.to_string(),
             queue: row.text(6)?,
             periodic: row.int(7)? > 0,
+            waited: row.opt_float(8)?.unwrap_or(0.0),
         },
     ))
 }

@@ -176,6 +176,8 @@ pub struct Sql {
     pub next_delay: String,
     pub enqueue: String,
     pub show: String,
+    /// Every column of `Request`, from the table (add a WHERE clause).
+    pub select_requests: String,
     pub list_all: String,
     pub list_pending: String,
     pub list_by_result: String,
@@ -225,12 +227,16 @@ impl Sql {
                  planned_at = coalesce(planned_at, delay_until, created_at)"
         );
         let claim_returning = format!(
-            "RETURNING {}, task_class_name, options, {}, {}, {}, queue, {}",
+            "RETURNING {}, task_class_name, options, {}, {}, {}, queue, {}, {}",
             int("id"),
             int("tries"),
             int("try_limit"),
             int("priority"),
-            int("coalesce(period, 0)")
+            int("coalesce(period, 0)"),
+            // How long the row waited (the metrics' wait before start).
+            d.seconds_between
+                .replace("{a}", "coalesce(delay_until, created_at)")
+                .replace("{b}", "started_at")
         );
         let select_runnable = format!(
             "SELECT id FROM task_runner_requests \
@@ -439,6 +445,7 @@ impl Sql {
                 int("id")
             ),
             show: format!("{select_requests} WHERE id = $1"),
+            select_requests: select_requests.clone(),
             list_all: format!("{select_requests} ORDER BY id DESC LIMIT $1"),
             list_pending: format!("{select_requests} WHERE result IS NULL ORDER BY id DESC LIMIT $1"),
             list_by_result: format!("{select_requests} WHERE result = $2 ORDER BY id DESC LIMIT $1"),

@@ -86,6 +86,8 @@ pub struct Ended {
     pub stdout: Tail,
     pub stderr: Tail,
     pub ran_for: Duration,
+    /// How long the spawner took to start the process (clone and exec).
+    pub spawn_took: Duration,
     /// Set when the process was stopped by us, and why.
     pub stopped: Option<Stopped>,
     /// A limit this process was found to have broken (named for the result text).
@@ -152,6 +154,7 @@ pub async fn run(
             format!("cannot start {}: {error}", launch.program.display()),
         )
     })?;
+    let spawn_took = started.elapsed();
     let pid = child.pid;
     let process_group = Pid::from_raw(pid as i32);
     let mut on_running = Some(on_running);
@@ -254,6 +257,7 @@ pub async fn run(
 
     let limit_broken = limits::broken_limit(&status, &stderr.tail.text(), &settings);
     Ok(Ended {
+        spawn_took,
         status,
         stdout: stdout.tail,
         stderr: stderr.tail,

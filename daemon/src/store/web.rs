@@ -1,0 +1,569 @@
+//! The queries of the web page and of `/metrics`. Each reads a bounded
+//! number of index entries, whatever the size of the table: counts stop at a
+//! cap (shown as "N+"), lists are paged by key, and a filter that no index
+//! serves (host, text) looks at a bounded window of rows per page. Never a
+//! table-wide `COUNT(*)`.
+//!
+//! The indexes they rely on are in migration 0006 (`task_runner_requests_open`,
+//! `…_runnable_by_queue`, `…_by_result`, `…_by_type`, `…_by_queue`) and 0001
+//! (`…_running`, `…_completed`).
+
+use anyhow::Result;
+
+use super::{request_from_row, Backend, Pool, RowExt, Store};
+use crate::request::Request;
+
+/// Rows a filter that no index serves looks at per page.
+pub const SCAN_WINDOW: i64 = 10_000;
+
+/// Rows of one page of requests.
+pub const PAGE_SIZE: i64 = 50;
+
+/// At most this many rows are changed by one bulk action.
+pub const BULK_LIMIT: i64 = 10_000;
+
+/// The part of the runnable rule that partial indexes carry (sql::RUNNABLE).
+use super::sql::RUNNABLE;
+
+/// Not final: waiting, running, failed, exhausted (the predicate of
+/// `task_runner_requests_open`, written identically).
+const OPEN: &str = "(result IS NULL OR result NOT IN ('FINISHED', 'CANCELLED', 'REJECTED'))";
+
+/// How a row that is not final counts on the overview.
+const KIND: &str = "CASE WHEN result = 'RUNNING' THEN 'running' \
+      WHEN result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit THEN 'exhausted' \
+      WHEN result IN ('FAILED', 'CRASHED', 'TIMEOUT') THEN 'failed' \
+      ELSE 'waiting' END";
+
+/// Counts of the rows of one queue and type that are not final.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OpenCounts {
+    pub task: String,
+    pub waiting: i64,
+    pub running: i64,
+    pub failed: i64,
+    pub exhausted: i64,
+}
+
+/// One queue's open rows, by type, and its lag.
+#[derive(Debug, Clone, Default)]
+pub struct QueueStats {
+    pub queue: String,
+    pub by_type: Vec<OpenCounts>,
+    /// The counts stopped at the cap: the true numbers are larger.
+    pub capped: bool,
+    /// Seconds since the queue's first runnable row became runnable (0 when none).
+    pub lag_seconds: f64,
+}
+
+impl QueueStats {
+    pub fn total(&self) -> OpenCounts {
+        let mut total = OpenCounts::default();
+        for counts in &self.by_type {
+            total.waiting += counts.waiting;
+            total.running += counts.running;
+            total.failed += counts.failed;
+            total.exhausted += counts.exhausted;
+        }
+        total
+    }
+}
+
+/// A daemon seen through the rows it runs.
+#[derive(Debug, Clone)]
+pub struct DaemonRow {
+    pub host: String,
+    pub instance: String,
+    pub running: i64,
+    pub last_heartbeat: Option<String>,
+    pub heartbeat_age_seconds: Option<f64>,
+}
+
+/// Tries that ended in one minute of the last hour, by outcome.
+#[derive(Debug, Clone)]
+pub struct MinuteBucket {
+    /// 0 is the current minute, 59 an hour ago.
+    pub minutes_ago: i64,
+    pub result: String,
+    pub count: i64,
+    /// The longest wait before start among them, seconds.
+    pub max_wait_seconds: f64,
+}
+
+/// A schedule's slots as recorded in `task_runner_schedule_slots`.
+#[derive(Debug, Clone)]
+pub struct ScheduleSlots {
+    pub schedule: String,
+    pub last_slot: Option<String>,
+    pub last_request: Option<i64>,
+}
+
+/// Which requests a page lists (and a bulk action changes).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestFilter {
+    /// A state of SPEC.md, or `PENDING` for never run.
+    pub state: Option<String>,
+    pub task: Option<String>,
+    pub queue: Option<String>,
+    pub host: Option<String>,
+    pub text: Option<String>,
+}
+
+/// One page of requests, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct RequestPage {
+    pub rows: Vec<Request>,
+    /// Where the next (older) page starts: ids below this one.
+    pub next_before: Option<i64>,
+    /// The window of rows looked at ended before the page was full.
+    pub window_ended: bool,
+}
+
+/// A bulk action on the rows a filter selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BulkAction {
+    Retry,
+    Cancel,
+}
+
+/// Our statements are built from fixed fragments; values always go in binds.
+fn audited(sql: &str) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(sql.to_string())
+}
+
+/// A SQL term with `$N` for its one parameter (if any), and that parameter.
+type Term = (String, Bind);
+
+enum Bind {
+    Int(i64),
+    Text(String),
+}
+
+macro_rules! bind_all {
+    ($query:expr, $binds:expr) => {{
+        let mut query = $query;
+        for bind in $binds {
+            query = match bind {
+                Bind::Int(value) => query.bind(*value),
+                Bind::Text(value) => query.bind(value.as_str()),
+            };
+        }
+        query
+    }};
+}
+
+impl Store {
+    fn now_sql(&self) -> &'static str {
+        match self.backend() {
+            Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now')",
+            Backend::Postgres => "now()",
+        }
+    }
+
+    fn epoch_sql(&self, expression: &str) -> String {
+        match self.backend() {
+            Backend::Sqlite => format!("((julianday({expression}) - 2440587.5) * 86400.0)"),
+            Backend::Postgres => format!("extract(epoch from {expression})::float8"),
+        }
+    }
+
+    fn show_time_sql(&self, expression: &str) -> String {
+        match self.backend() {
+            Backend::Sqlite => format!("CAST({expression} AS TEXT)"),
+            Backend::Postgres => {
+                format!("to_char({expression} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.MS')")
+            }
+        }
+    }
+
+    /// The queues that have rows not final, in name order (at most `limit`):
+    /// one index look-up per queue, by the least name above the previous one.
+    pub async fn open_queues(&self, limit: usize) -> Result<Vec<String>> {
+        let first = format!("SELECT min(queue) FROM task_runner_requests WHERE {OPEN}");
+        let next =
+            format!("SELECT min(queue) FROM task_runner_requests WHERE {OPEN} AND queue > $1");
+        let mut queues: Vec<String> = Vec::new();
+        while queues.len() < limit {
+            let found: Option<String> = on_pool!(self, pool => {
+                let query = match queues.last() {
+                    None => sqlx::query(audited(&first)),
+                    Some(previous) => sqlx::query(audited(&next)).bind(previous.as_str()),
+                };
+                query.fetch_one(pool).await?.opt_text(0)?
+            });
+            match found {
+                Some(queue) => queues.push(queue),
+                None => break,
+            }
+        }
+        Ok(queues)
+    }
+
+    /// A queue's open rows by type (at most `cap` rows counted) and its lag.
+    pub async fn queue_stats(&self, queue: &str, cap: i64) -> Result<QueueStats> {
+        let counts = format!(
+            "SELECT task_class_name, kind, {} FROM ( \
+               SELECT task_class_name, {KIND} AS kind FROM task_runner_requests \
+                WHERE queue = $1 AND {OPEN} LIMIT $2) AS open_rows \
+             GROUP BY task_class_name, kind ORDER BY task_class_name",
+            self.int_sql("count(*)")
+        );
+        let now = self.now_sql();
+        let lag = format!(
+            "SELECT {} - {} FROM task_runner_requests \
+              WHERE queue = $1 AND {RUNNABLE} AND (delay_until IS NULL OR delay_until <= {now}) \
+              ORDER BY id LIMIT 1",
+            self.epoch_sql(now),
+            self.epoch_sql("coalesce(delay_until, created_at)")
+        );
+        let mut stats = QueueStats {
+            queue: queue.to_string(),
+            ..QueueStats::default()
+        };
+        let mut counted = 0;
+        let rows: Vec<(String, String, i64)> = on_pool!(self, pool => {
+            sqlx::query(audited(&counts)).bind(queue).bind(cap).fetch_all(pool).await?
+                .iter()
+                .map(|row| Ok((row.text(0)?, row.text(1)?, row.int(2)?)))
+                .collect::<sqlx::Result<_>>()?
+        });
+        for (task, kind, count) in rows {
+            counted += count;
+            if stats.by_type.last().map(|c| &c.task) != Some(&task) {
+                stats.by_type.push(OpenCounts {
+                    task: task.clone(),
+                    ..OpenCounts::default()
+                });
+            }
+            let entry = stats.by_type.last_mut().expect("pushed above");
+            match kind.as_str() {
+                "running" => entry.running += count,
+                "exhausted" => entry.exhausted += count,
+                "failed" => entry.failed += count,
+                _ => entry.waiting += count,
+            }
+        }
+        stats.capped = counted >= cap;
+        stats.lag_seconds = on_pool!(self, pool => {
+            match sqlx::query(audited(&lag)).bind(queue).fetch_all(pool).await?.first() {
+                Some(row) => row.opt_float(0)?.unwrap_or(0.0).max(0.0),
+                None => 0.0,
+            }
+        });
+        Ok(stats)
+    }
+
+    fn int_sql(&self, expression: &str) -> String {
+        match self.backend() {
+            Backend::Sqlite => expression.to_string(),
+            Backend::Postgres => format!("{expression}::bigint"),
+        }
+    }
+
+    /// Every queue's stats (at most `max_queues` queues, `cap` rows each).
+    pub async fn all_queue_stats(&self, max_queues: usize, cap: i64) -> Result<Vec<QueueStats>> {
+        let mut all = Vec::new();
+        for queue in self.open_queues(max_queues).await? {
+            all.push(self.queue_stats(&queue, cap).await?);
+        }
+        Ok(all)
+    }
+
+    /// Daemons that run rows now, with their latest heartbeat.
+    pub async fn daemons(&self) -> Result<Vec<DaemonRow>> {
+        let now = self.now_sql();
+        let sql = format!(
+            "SELECT coalesce(host, ''), coalesce(claimed_by, ''), {}, {}, {} - {} \
+               FROM task_runner_requests WHERE result = 'RUNNING' \
+              GROUP BY host, claimed_by ORDER BY 1, 2 LIMIT 200",
+            self.int_sql("count(*)"),
+            self.show_time_sql("max(heartbeat_at)"),
+            self.epoch_sql(now),
+            self.epoch_sql("max(heartbeat_at)")
+        );
+        Ok(on_pool!(self, pool => {
+            sqlx::query(audited(&sql)).fetch_all(pool).await?
+                .iter()
+                .map(|row| Ok(DaemonRow {
+                    host: row.text(0)?,
+                    instance: row.text(1)?,
+                    running: row.int(2)?,
+                    last_heartbeat: row.opt_text(3)?,
+                    heartbeat_age_seconds: row.opt_float(4)?,
+                }))
+                .collect::<sqlx::Result<_>>()?
+        }))
+    }
+
+    /// Tries that ended in the last hour (at most 100,000 looked at), by
+    /// minute and outcome, with the longest wait before start among them.
+    /// A row counts once, for its latest try.
+    pub async fn tries_last_hour(&self) -> Result<Vec<MinuteBucket>> {
+        let now = self.now_sql();
+        let (since, minutes_ago, wait) = match self.backend() {
+            Backend::Sqlite => (
+                "strftime('%Y-%m-%d %H:%M:%f', 'now', '-3600 seconds')".to_string(),
+                format!("CAST((julianday({now}) - julianday(completed_at)) * 1440.0 AS INTEGER)"),
+                "(julianday(started_at) - julianday(coalesce(delay_until, created_at))) * 86400.0"
+                    .to_string(),
+            ),
+            Backend::Postgres => (
+                "now() - interval '3600 seconds'".to_string(),
+                "floor(extract(epoch from now() - completed_at) / 60)::bigint".to_string(),
+                "extract(epoch from started_at - coalesce(delay_until, created_at))::float8"
+                    .to_string(),
+            ),
+        };
+        let sql = format!(
+            "SELECT minutes_ago, coalesce(result, ''), {}, max(wait) FROM ( \
+               SELECT {minutes_ago} AS minutes_ago, result, {wait} AS wait \
+                 FROM task_runner_requests WHERE completed_at > {since} \
+                ORDER BY completed_at DESC LIMIT 100000) AS recent \
+              GROUP BY minutes_ago, result ORDER BY 1, 2",
+            self.int_sql("count(*)")
+        );
+        Ok(on_pool!(self, pool => {
+            sqlx::query(audited(&sql)).fetch_all(pool).await?
+                .iter()
+                .map(|row| Ok(MinuteBucket {
+                    minutes_ago: row.int(0)?,
+                    result: row.text(1)?,
+                    count: row.int(2)?,
+                    max_wait_seconds: row.opt_float(3)?.unwrap_or(0.0).max(0.0),
+                }))
+                .collect::<sqlx::Result<_>>()?
+        }))
+    }
+
+    /// The latest slot of each schedule that ever enqueued one.
+    pub async fn schedule_slots(&self) -> Result<Vec<ScheduleSlots>> {
+        let sql = format!(
+            "SELECT s.schedule, {}, s.request_id FROM task_runner_schedule_slots AS s \
+              WHERE s.slot = (SELECT max(slot) FROM task_runner_schedule_slots WHERE schedule = s.schedule) \
+              ORDER BY s.schedule LIMIT 500",
+            self.show_time_sql("s.slot")
+        );
+        Ok(on_pool!(self, pool => {
+            sqlx::query(audited(&sql)).fetch_all(pool).await?
+                .iter()
+                .map(|row| Ok(ScheduleSlots {
+                    schedule: row.text(0)?,
+                    last_slot: row.opt_text(1)?,
+                    last_request: row.opt_int(2)?,
+                }))
+                .collect::<sqlx::Result<_>>()?
+        }))
+    }
+
+    /// The filter as SQL terms: the one an index serves first (state, type,
+    /// queue), then the others.
+    fn filter_terms(&self, filter: &RequestFilter) -> (Option<Term>, Vec<Term>) {
+        let contains = |column: &str, n: &str| match self.backend() {
+            Backend::Sqlite => format!("instr({column}, {n}) > 0"),
+            Backend::Postgres => format!("strpos({column}, {n}) > 0"),
+        };
+        let mut indexed = Vec::new();
+        match filter.state.as_deref() {
+            Some("PENDING") => indexed.push(("result IS NULL".to_string(), None)),
+            Some(state) => {
+                indexed.push(("result = $N".to_string(), Some(Bind::Text(state.into()))))
+            }
+            None => {}
+        }
+        if let Some(task) = &filter.task {
+            indexed.push((
+                "task_class_name = $N".into(),
+                Some(Bind::Text(task.clone())),
+            ));
+        }
+        if let Some(queue) = &filter.queue {
+            indexed.push(("queue = $N".into(), Some(Bind::Text(queue.clone()))));
+        }
+        let mut others: Vec<(String, Option<Bind>)> = Vec::new();
+        if let Some(host) = &filter.host {
+            others.push(("host = $N".into(), Some(Bind::Text(host.clone()))));
+        }
+        if let Some(text) = &filter.text {
+            let n = "$N";
+            others.push((
+                format!(
+                    "({} OR {} OR {})",
+                    contains("coalesce(options, '')", n),
+                    contains("coalesce(result_text, '')", n),
+                    contains("task_class_name", n)
+                ),
+                Some(Bind::Text(text.clone())),
+            ));
+        }
+        let mut iter = indexed.into_iter();
+        let first = iter.next();
+        others.extend(iter);
+        let fix = |(sql, bind): (String, Option<Bind>)| (sql, bind.unwrap_or(Bind::Int(0)));
+        (first.map(fix), others.into_iter().map(fix).collect())
+    }
+
+    /// One page of requests matching `filter`, newest first, below id
+    /// `before`. The rows an index picks (by state, else type, else queue,
+    /// else all) are looked at in windows of [`SCAN_WINDOW`]; the other
+    /// filters apply within the window, so a page costs a bounded read.
+    pub async fn find_requests(
+        &self,
+        filter: &RequestFilter,
+        before: Option<i64>,
+    ) -> Result<RequestPage> {
+        let (first, others) = self.filter_terms(filter);
+        let mut binds: Vec<Bind> = Vec::new();
+        let mut number = 0;
+        let mut take = |sql: &str, bind: Bind, binds: &mut Vec<Bind>| -> String {
+            let uses = sql.matches("$N").count();
+            let mut out = sql.to_string();
+            if uses > 0 {
+                number += 1;
+                out = out.replace("$N", &format!("${number}"));
+                binds.push(bind);
+            }
+            out
+        };
+        let mut inner_terms = Vec::new();
+        if let Some((sql, bind)) = first {
+            inner_terms.push(take(&sql, bind, &mut binds));
+        }
+        if let Some(before) = before {
+            inner_terms.push(take("id < $N", Bind::Int(before), &mut binds));
+        }
+        let inner_where = if inner_terms.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", inner_terms.join(" AND "))
+        };
+        let window = take("$N", Bind::Int(SCAN_WINDOW), &mut binds);
+        let inner = format!(
+            "SELECT id FROM task_runner_requests {inner_where} ORDER BY id DESC LIMIT {window}"
+        );
+        let mut outer_terms = vec![format!("id IN ({inner})")];
+        for (sql, bind) in others {
+            outer_terms.push(take(&sql, bind, &mut binds));
+        }
+        let page = take("$N", Bind::Int(PAGE_SIZE + 1), &mut binds);
+        let sql = format!(
+            "{} WHERE {} ORDER BY id DESC LIMIT {page}",
+            self.sql.select_requests,
+            outer_terms.join(" AND ")
+        );
+        let mut rows: Vec<Request> = on_pool!(self, pool => {
+            bind_all!(sqlx::query(audited(&sql)), &binds).fetch_all(pool).await?
+                .iter()
+                .map(request_from_row)
+                .collect::<sqlx::Result<_>>()?
+        });
+        if rows.len() as i64 > PAGE_SIZE {
+            rows.truncate(PAGE_SIZE as usize);
+            let next_before = rows.last().map(|r| r.id);
+            return Ok(RequestPage {
+                rows,
+                next_before,
+                window_ended: false,
+            });
+        }
+        // A short page: did the window end before the rows did?
+        let window_sql = format!(
+            "SELECT {}, {} FROM ({inner}) AS w",
+            self.int_sql("count(*)"),
+            self.int_sql("min(id)")
+        );
+        let inner_binds = &binds[..inner_terms.len() + 1];
+        let (scanned, lowest): (i64, Option<i64>) = on_pool!(self, pool => {
+            let row = bind_all!(sqlx::query(audited(&window_sql)), inner_binds).fetch_one(pool).await?;
+            (row.int(0)?, row.opt_int(1)?)
+        });
+        let window_ended = scanned >= SCAN_WINDOW;
+        Ok(RequestPage {
+            rows,
+            next_before: if window_ended { lowest } else { None },
+            window_ended,
+        })
+    }
+
+    fn bulk_select(&self, filter: &RequestFilter, action: BulkAction) -> (String, Vec<Bind>) {
+        let (first, others) = self.filter_terms(filter);
+        let eligible = match action {
+            BulkAction::Retry => "result IS NOT NULL AND result <> 'RUNNING'",
+            BulkAction::Cancel => {
+                "(result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED', 'RUNNING'))"
+            }
+        };
+        let mut terms = vec![eligible.to_string()];
+        let mut binds = Vec::new();
+        for (sql, bind) in first.into_iter().chain(others) {
+            if sql.contains("$N") {
+                binds.push(bind);
+                terms.push(sql.replace("$N", &format!("${}", binds.len())));
+            } else {
+                terms.push(sql);
+            }
+        }
+        binds.push(Bind::Int(BULK_LIMIT));
+        let sql = format!(
+            "SELECT id FROM task_runner_requests WHERE {} ORDER BY id DESC LIMIT ${}",
+            terms.join(" AND "),
+            binds.len()
+        );
+        (sql, binds)
+    }
+
+    /// How many rows a bulk action would change (at most [`BULK_LIMIT`]).
+    pub async fn bulk_count(&self, filter: &RequestFilter, action: BulkAction) -> Result<i64> {
+        let (select, binds) = self.bulk_select(filter, action);
+        let sql = format!("SELECT {} FROM ({select}) AS b", self.int_sql("count(*)"));
+        Ok(on_pool!(self, pool => {
+            bind_all!(sqlx::query(audited(&sql)), &binds).fetch_one(pool).await?.int(0)?
+        }))
+    }
+
+    /// Applies a bulk action to the rows `filter` selects (at most
+    /// [`BULK_LIMIT`], newest first); returns how many rows changed. A cancel
+    /// ends pending rows at once and asks the daemons of running ones.
+    pub async fn bulk_apply(&self, filter: &RequestFilter, action: BulkAction) -> Result<u64> {
+        let (select, binds) = self.bulk_select(filter, action);
+        let now = self.now_sql();
+        let statements: Vec<String> = match action {
+            BulkAction::Retry => vec![format!(
+                "UPDATE task_runner_requests \
+                    SET pid = NULL, result = NULL, tries = 0, delay_until = NULL, cancel_requested_at = NULL \
+                  WHERE id IN ({select}) AND result IS DISTINCT FROM 'RUNNING'"
+            )],
+            BulkAction::Cancel => vec![
+                format!(
+                    "UPDATE task_runner_requests SET cancel_requested_at = {now} \
+                      WHERE id IN ({select}) AND result = 'RUNNING'"
+                ),
+                format!(
+                    "UPDATE task_runner_requests \
+                        SET result = 'CANCELLED', result_text = 'cancelled before it ran', completed_at = {now} \
+                      WHERE id IN ({select}) \
+                        AND (result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED'))"
+                ),
+            ],
+        };
+        let mut changed = 0;
+        for statement in &statements {
+            changed += on_pool!(self, pool => {
+                bind_all!(sqlx::query(audited(statement)), &binds).execute(pool).await?.rows_affected()
+            });
+        }
+        Ok(changed)
+    }
+
+    /// Whether a table exists (pages for tables other issues add).
+    pub async fn table_exists(&self, table: &str) -> Result<bool> {
+        let sql = match self.backend() {
+            Backend::Sqlite => {
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = $1"
+            }
+            Backend::Postgres => "SELECT count(*)::bigint FROM pg_tables WHERE tablename = $1",
+        };
+        Ok(on_pool!(self, pool => {
+            sqlx::query(sql).bind(table).fetch_one(pool).await?.int(0)? > 0
+        }))
+    }
+}

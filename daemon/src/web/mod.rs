@@ -1,0 +1,675 @@
+//! The web page and `/metrics`: served by `taskrunner-cli web` and by the
+//! daemon when its config has `http: { listen: ADDR }`.
+//!
+//! Server-rendered HTML (maud, checked at compile time) that works without
+//! JavaScript; every query is bounded (store::web), so a page stays fast at
+//! a million rows. Safety, in the order a request meets it:
+//! - It listens on loopback only, unless `http.auth` is set ([`check_listen`]).
+//! - With `http.auth`, every request needs HTTP Basic (user and bcrypt
+//!   password, or any user and the token) or `Authorization: Bearer TOKEN`.
+//! - Actions are POST only, carry the server's CSRF token (a random value
+//!   per server, in each form; another site cannot read it), and a request
+//!   whose `Origin` is not this host is refused. `http.read_only` refuses
+//!   every action and hides the buttons.
+//! - Every response has a strict Content-Security-Policy: no script at all,
+//!   styles only from `/style.css`; maud escapes every value from a row.
+//! - Each action is logged with the remote address and the user.
+
+pub mod chart;
+pub mod pages;
+pub mod settings;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use axum::extract::{Form, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::daemon::Shared;
+use crate::metrics::QueueGauges;
+use crate::request::RequestId;
+use crate::store::web::{BulkAction, RequestFilter};
+use crate::store::{Change, Store};
+use settings::{Auth, Http};
+
+/// The Content-Security-Policy of every response: nothing but this
+/// server's stylesheet; no script, no inline style, no frames.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'self'; img-src 'self'; \
+     form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// What the handlers share.
+pub struct Web {
+    store: Store,
+    /// Set when the daemon serves the page: its own counters join `/metrics`.
+    daemon: Option<Arc<Shared>>,
+    gauges: QueueGauges,
+    schedules: Vec<(String, String, String)>,
+    read_only: bool,
+    auth: Option<Credentials>,
+    csrf: String,
+    /// `Authorization` values already verified (bcrypt is slow on purpose).
+    verified: Mutex<Vec<String>>,
+}
+
+enum Credentials {
+    Token(String),
+    Password { user: String, hash: String },
+}
+
+/// Who made a request, for the action log.
+#[derive(Clone)]
+struct Who {
+    remote: String,
+    user: String,
+}
+
+impl Web {
+    /// The page's state. `http` gives `read_only` and `auth`; a token file is
+    /// read now.
+    pub fn new(
+        store: Store,
+        config: &crate::config::Config,
+        daemon: Option<Arc<Shared>>,
+    ) -> Result<Web> {
+        let http = config.http.clone().unwrap_or(Http {
+            listen: None,
+            read_only: false,
+            auth: None,
+        });
+        let auth = match &http.auth {
+            None => None,
+            Some(Auth::TokenFile(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading http.auth.token_file {}", path.display()))?;
+                let token = text.lines().next().unwrap_or_default().trim().to_string();
+                if token.len() < 16 {
+                    bail!(
+                        "http.auth.token_file {}: the token must be at least 16 characters",
+                        path.display()
+                    );
+                }
+                Some(Credentials::Token(token))
+            }
+            Some(Auth::Password { user, hash }) => Some(Credentials::Password {
+                user: user.clone(),
+                hash: hash.clone(),
+            }),
+        };
+        let schedules = config
+            .schedules
+            .iter()
+            .map(|(name, s)| (name.clone(), s.spec.clone(), s.task.clone()))
+            .collect();
+        Ok(Web {
+            store,
+            daemon,
+            gauges: QueueGauges::default(),
+            schedules,
+            read_only: http.read_only,
+            auth,
+            csrf: format!(
+                "{:016x}{:016x}",
+                crate::daemon::random_u64(),
+                crate::daemon::random_u64()
+            ),
+            verified: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn has_auth(&self) -> bool {
+        self.auth.is_some()
+    }
+}
+
+/// Refuses an address other than loopback unless `auth` is set.
+pub fn check_listen(address: SocketAddr, has_auth: bool) -> Result<()> {
+    if !address.ip().is_loopback() && !has_auth {
+        bail!(crate::UsageError(format!(
+            "refusing to serve the web page on {address} without http.auth: only loopback addresses (127.0.0.1, ::1) are allowed without it"
+        )));
+    }
+    Ok(())
+}
+
+/// Binds `address` (after [`check_listen`]).
+pub async fn bind(address: SocketAddr, web: &Web) -> Result<tokio::net::TcpListener> {
+    check_listen(address, web.has_auth())?;
+    tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("listening for the web page on {address}"))
+}
+
+/// Serves until `stop` is cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    web: Arc<Web>,
+    stop: CancellationToken,
+) -> Result<()> {
+    let address = listener.local_addr()?;
+    tracing::info!(
+        read_only = web.read_only,
+        auth = web.has_auth(),
+        "web page on http://{address}/"
+    );
+    axum::serve(
+        listener,
+        router(web).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { stop.cancelled().await })
+    .await
+    .context("serving the web page")
+}
+
+/// Every route, behind the security layers.
+pub fn router(web: Arc<Web>) -> Router {
+    Router::new()
+        .route("/", get(overview))
+        .route("/requests", get(requests))
+        .route("/requests/{id}", get(request))
+        .route("/requests/{id}/retry", post(retry))
+        .route("/requests/{id}/cancel", post(cancel))
+        .route("/bulk", get(bulk_preview).post(bulk_apply))
+        .route("/purge", post(purge))
+        .route("/daemons", get(daemons))
+        .route("/schedules", get(schedules))
+        .route("/metrics", get(metrics))
+        .route("/style.css", get(style))
+        .layer(axum::middleware::from_fn_with_state(web.clone(), guard))
+        .with_state(web)
+}
+
+/// Authentication, read-only mode, CSRF and Origin checks, security headers.
+async fn guard(State(web): State<Arc<Web>>, mut request: Request, next: Next) -> Response {
+    let remote = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map_or("-".to_string(), |info| info.0.to_string());
+    let user = match authenticate(&web, request.headers()) {
+        Ok(user) => user,
+        Err(()) => {
+            let mut response =
+                (StatusCode::UNAUTHORIZED, "authentication required\n").into_response();
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"taskrunner\""),
+            );
+            return secure(response);
+        }
+    };
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        if web.read_only {
+            return secure(
+                (
+                    StatusCode::FORBIDDEN,
+                    "read-only: actions are disabled (http.read_only)\n",
+                )
+                    .into_response(),
+            );
+        }
+        if !same_origin(request.headers()) {
+            tracing::warn!(%remote, %user, path = %request.uri().path(), "web: refused an action from another origin");
+            return secure(
+                (
+                    StatusCode::FORBIDDEN,
+                    "refused: the request came from another site\n",
+                )
+                    .into_response(),
+            );
+        }
+    }
+    request.extensions_mut().insert(Who { remote, user });
+    secure(next.run(request).await)
+}
+
+/// The user name, or `-` without auth; `Err` if credentials are missing or wrong.
+fn authenticate(web: &Web, headers: &HeaderMap) -> Result<String, ()> {
+    let Some(credentials) = &web.auth else {
+        return Ok("-".into());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(())?;
+    let (user, password) = if let Some(token) = given.strip_prefix("Bearer ") {
+        ("token".to_string(), token.to_string())
+    } else if let Some(encoded) = given.strip_prefix("Basic ") {
+        let decoded = base64_decode(encoded.trim()).ok_or(())?;
+        let text = String::from_utf8(decoded).map_err(|_| ())?;
+        let (user, password) = text.split_once(':').ok_or(())?;
+        (user.to_string(), password.to_string())
+    } else {
+        return Err(());
+    };
+    match credentials {
+        Credentials::Token(token) => {
+            if constant_time_eq(password.as_bytes(), token.as_bytes()) {
+                Ok(if user.is_empty() {
+                    "token".into()
+                } else {
+                    user
+                })
+            } else {
+                Err(())
+            }
+        }
+        Credentials::Password {
+            user: expected,
+            hash,
+        } => {
+            if &user != expected {
+                return Err(());
+            }
+            let mut verified = web.verified.lock().unwrap_or_else(|e| e.into_inner());
+            if verified
+                .iter()
+                .any(|v| constant_time_eq(v.as_bytes(), given.as_bytes()))
+            {
+                return Ok(user);
+            }
+            if bcrypt::verify(&password, hash).unwrap_or(false) {
+                if verified.len() >= 64 {
+                    verified.clear();
+                }
+                verified.push(given.to_string());
+                Ok(user)
+            } else {
+                Err(())
+            }
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Standard base64 (HTTP Basic credentials).
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let bytes: Vec<u8> = text.bytes().filter(|&c| c != b'=').collect();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= value(c)? << (18 - 6 * i);
+        }
+        let produced = match chunk.len() {
+            4 => 3,
+            3 => 2,
+            2 => 1,
+            _ => return None,
+        };
+        out.extend_from_slice(&n.to_be_bytes()[1..1 + produced]);
+    }
+    Some(out)
+}
+
+/// A browser sends `Origin` with every POST; it must name this host.
+/// A client that sends none (curl, scripts) is not a browser that another
+/// site could steer.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    origin == format!("http://{host}") || origin == format!("https://{host}")
+}
+
+fn secure(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// An error as a page (the message only; details go to the log).
+struct PageError(anyhow::Error);
+
+impl From<anyhow::Error> for PageError {
+    fn from(error: anyhow::Error) -> Self {
+        PageError(error)
+    }
+}
+
+impl IntoResponse for PageError {
+    fn into_response(self) -> Response {
+        tracing::warn!("web: {:#}", self.0);
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            pages::error_page(&format!("{:#}", self.0)),
+        )
+            .into_response()
+    }
+}
+
+type PageResult = Result<Response, PageError>;
+
+fn html(markup: maud::Markup) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        markup.into_string(),
+    )
+        .into_response()
+}
+
+/// What the pages need to know about the server.
+pub struct Chrome<'a> {
+    pub csrf: &'a str,
+    pub read_only: bool,
+}
+
+fn chrome(web: &Web) -> Chrome<'_> {
+    Chrome {
+        csrf: &web.csrf,
+        read_only: web.read_only,
+    }
+}
+
+async fn overview(State(web): State<Arc<Web>>) -> PageResult {
+    let queues = web
+        .store
+        .all_queue_stats(crate::metrics::MAX_QUEUES, pages::OVERVIEW_COUNT_CAP)
+        .await?;
+    let daemons = web.store.daemons().await?;
+    let minutes = web.store.tries_last_hour().await?;
+    Ok(html(pages::overview(
+        &chrome(&web),
+        &queues,
+        &daemons,
+        &minutes,
+    )))
+}
+
+/// The query string of the requests page (and of a bulk action).
+#[derive(Debug, Default, Deserialize)]
+pub struct FilterQuery {
+    #[serde(default)]
+    pub state: String,
+    #[serde(default)]
+    pub task: String,
+    #[serde(default)]
+    pub queue: String,
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub text: String,
+    pub before: Option<i64>,
+    #[serde(default)]
+    pub action: String,
+    #[serde(default)]
+    pub csrf: String,
+}
+
+impl FilterQuery {
+    pub fn filter(&self) -> RequestFilter {
+        let some = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_string());
+        RequestFilter {
+            state: some(&self.state).map(|s| s.to_uppercase()),
+            task: some(&self.task),
+            queue: some(&self.queue),
+            host: some(&self.host),
+            text: some(&self.text),
+        }
+    }
+}
+
+async fn requests(State(web): State<Arc<Web>>, Query(query): Query<FilterQuery>) -> PageResult {
+    let filter = query.filter();
+    let page = web.store.find_requests(&filter, query.before).await?;
+    Ok(html(pages::requests(&chrome(&web), &query, &page)))
+}
+
+async fn request(State(web): State<Arc<Web>>, Path(id): Path<String>) -> PageResult {
+    let Ok(id) = id.parse::<i64>() else {
+        return Ok((
+            StatusCode::BAD_REQUEST,
+            pages::error_page("a request id is a number"),
+        )
+            .into_response());
+    };
+    match web.store.show(RequestId(id)).await? {
+        Some(row) => Ok(html(pages::request(&chrome(&web), &row))),
+        None => Ok((
+            StatusCode::NOT_FOUND,
+            pages::error_page(&format!("no request {id}")),
+        )
+            .into_response()),
+    }
+}
+
+#[derive(Deserialize)]
+struct ActionForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    older_than: String,
+}
+
+fn csrf_ok(web: &Web, given: &str) -> bool {
+    constant_time_eq(given.as_bytes(), web.csrf.as_bytes())
+}
+
+fn csrf_refused() -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        pages::error_page(
+            "refused: the form's CSRF token is missing or stale; reload the page and try again",
+        ),
+    )
+        .into_response()
+}
+
+async fn one_action(web: &Web, who: &Who, id: &str, csrf: &str, action: &str) -> PageResult {
+    if !csrf_ok(web, csrf) {
+        tracing::warn!(remote = %who.remote, user = %who.user, action, request = id, "web: refused an action without a valid CSRF token");
+        return Ok(csrf_refused());
+    }
+    let Ok(number) = id.parse::<i64>() else {
+        return Ok((
+            StatusCode::BAD_REQUEST,
+            pages::error_page("a request id is a number"),
+        )
+            .into_response());
+    };
+    let change = match action {
+        "retry" => web.store.retry(RequestId(number)).await?,
+        _ => web.store.cancel(RequestId(number)).await?,
+    };
+    tracing::info!(remote = %who.remote, user = %who.user, action, request = number, outcome = ?change, "web action");
+    if let Some(daemon) = &web.daemon {
+        daemon.wake.notify_one();
+    }
+    match change {
+        Change::Done | Change::Requested => {
+            Ok(Redirect::to(&format!("/requests/{number}")).into_response())
+        }
+        Change::NotFound => Ok((
+            StatusCode::NOT_FOUND,
+            pages::error_page(&format!("no request {number}")),
+        )
+            .into_response()),
+        Change::Refused(state) => Ok((
+            StatusCode::CONFLICT,
+            pages::error_page(&format!(
+                "request {number} is {}: {action} does not apply",
+                state.as_deref().unwrap_or("pending")
+            )),
+        )
+            .into_response()),
+    }
+}
+
+async fn retry(
+    State(web): State<Arc<Web>>,
+    axum::Extension(who): axum::Extension<Who>,
+    Path(id): Path<String>,
+    Form(form): Form<ActionForm>,
+) -> PageResult {
+    one_action(&web, &who, &id, &form.csrf, "retry").await
+}
+
+async fn cancel(
+    State(web): State<Arc<Web>>,
+    axum::Extension(who): axum::Extension<Who>,
+    Path(id): Path<String>,
+    Form(form): Form<ActionForm>,
+) -> PageResult {
+    one_action(&web, &who, &id, &form.csrf, "cancel").await
+}
+
+fn bulk_action(name: &str) -> Option<BulkAction> {
+    match name {
+        "retry" => Some(BulkAction::Retry),
+        "cancel" => Some(BulkAction::Cancel),
+        _ => None,
+    }
+}
+
+/// Shows how many rows a bulk action would change, and the button to do it.
+async fn bulk_preview(State(web): State<Arc<Web>>, Query(query): Query<FilterQuery>) -> PageResult {
+    let Some(action) = bulk_action(&query.action) else {
+        return Ok((
+            StatusCode::BAD_REQUEST,
+            pages::error_page("action must be retry or cancel"),
+        )
+            .into_response());
+    };
+    let count = web.store.bulk_count(&query.filter(), action).await?;
+    Ok(html(pages::bulk_preview(&chrome(&web), &query, count)))
+}
+
+async fn bulk_apply(
+    State(web): State<Arc<Web>>,
+    axum::Extension(who): axum::Extension<Who>,
+    Form(query): Form<FilterQuery>,
+) -> PageResult {
+    if !csrf_ok(&web, &query.csrf) {
+        tracing::warn!(remote = %who.remote, user = %who.user, "web: refused a bulk action without a valid CSRF token");
+        return Ok(csrf_refused());
+    }
+    let Some(action) = bulk_action(&query.action) else {
+        return Ok((
+            StatusCode::BAD_REQUEST,
+            pages::error_page("action must be retry or cancel"),
+        )
+            .into_response());
+    };
+    let filter = query.filter();
+    let changed = web.store.bulk_apply(&filter, action).await?;
+    tracing::info!(remote = %who.remote, user = %who.user, action = %query.action, filter = ?filter, changed, "web bulk action");
+    if let Some(daemon) = &web.daemon {
+        daemon.wake.notify_one();
+    }
+    Ok(html(pages::message(
+        &chrome(&web),
+        &format!("{} applied to {changed} requests", query.action),
+    )))
+}
+
+async fn purge(
+    State(web): State<Arc<Web>>,
+    axum::Extension(who): axum::Extension<Who>,
+    Form(form): Form<ActionForm>,
+) -> PageResult {
+    if !csrf_ok(&web, &form.csrf) {
+        return Ok(csrf_refused());
+    }
+    let older_than = match crate::units::parse_duration(form.older_than.trim()) {
+        Ok(duration) => duration,
+        Err(error) => {
+            return Ok((
+                StatusCode::BAD_REQUEST,
+                pages::error_page(&format!("older than: {error}")),
+            )
+                .into_response())
+        }
+    };
+    let deleted = web.store.purge(older_than, 1000).await?;
+    tracing::info!(remote = %who.remote, user = %who.user, older_than = %form.older_than, deleted, "web purge");
+    Ok(html(pages::message(
+        &chrome(&web),
+        &format!(
+            "purged {deleted} final requests completed more than {} ago",
+            form.older_than.trim()
+        ),
+    )))
+}
+
+async fn daemons(State(web): State<Arc<Web>>) -> PageResult {
+    let daemons = web.store.daemons().await?;
+    Ok(html(pages::daemons(&chrome(&web), &daemons)))
+}
+
+async fn schedules(State(web): State<Arc<Web>>) -> PageResult {
+    let slots = web.store.schedule_slots().await?;
+    Ok(html(pages::schedules(
+        &chrome(&web),
+        &web.schedules,
+        &slots,
+    )))
+}
+
+async fn metrics(State(web): State<Arc<Web>>) -> PageResult {
+    let text = match &web.daemon {
+        Some(daemon) => daemon.metrics_text(&web.store).await?,
+        None => crate::metrics::render(&web.store, &web.gauges, None).await?,
+    };
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+async fn style() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        include_str!("style.css"),
+    )
+        .into_response()
+}
+
+/// `taskrunner-cli web`: serves the page on `address` until Ctrl-C.
+pub async fn run_standalone(
+    config: &crate::config::Config,
+    address: SocketAddr,
+    store: Store,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let web = Arc::new(Web::new(store, config, None)?);
+    let listener = bind(address, &web).await?;
+    serve(listener, web, shutdown).await
+}

@@ -1,0 +1,436 @@
+//! The pages, as maud templates: every value from a row is escaped by maud;
+//! nothing here writes raw HTML except the server's own SVG chart (built
+//! from numbers). No script, no inline style (the CSP forbids both).
+
+use maud::{html, Markup, DOCTYPE};
+
+use super::{Chrome, FilterQuery};
+use crate::request::{Request, State};
+use crate::store::web::{
+    DaemonRow, MinuteBucket, QueueStats, RequestPage, ScheduleSlots, BULK_LIMIT, SCAN_WINDOW,
+};
+
+/// Counts on the overview stop here per queue (shown as "N+").
+pub const OVERVIEW_COUNT_CAP: i64 = 10_000;
+
+fn layout(chrome: &Chrome, title: &str, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · taskrunner" }
+                link rel="stylesheet" href="/style.css";
+            }
+            body {
+                nav {
+                    strong { "taskrunner" }
+                    a href="/" { "Overview" }
+                    a href="/requests" { "Requests" }
+                    a href="/daemons" { "Daemons" }
+                    a href="/schedules" { "Schedules" }
+                    a href="/metrics" { "Metrics" }
+                    @if chrome.read_only { span.badge { "read-only" } }
+                }
+                main {
+                    h1 { (title) }
+                    (body)
+                }
+            }
+        }
+    }
+}
+
+pub fn error_page(message: &str) -> Markup {
+    layout(
+        &Chrome {
+            csrf: "",
+            read_only: true,
+        },
+        "Error",
+        html! { p.error { (message) } p { a href="/" { "Back to the overview" } } },
+    )
+}
+
+pub fn message(chrome: &Chrome, text: &str) -> Markup {
+    layout(
+        chrome,
+        "Done",
+        html! { p.message { (text) } p { a href="/requests" { "Requests" } } },
+    )
+}
+
+fn count(n: i64, capped: bool) -> String {
+    if capped && n > 0 {
+        format!("{n}+")
+    } else {
+        n.to_string()
+    }
+}
+
+fn seconds(s: f64) -> String {
+    if s < 1.0 {
+        format!("{:.0} ms", s * 1000.0)
+    } else if s < 120.0 {
+        format!("{s:.1} s")
+    } else if s < 7200.0 {
+        format!("{:.1} min", s / 60.0)
+    } else {
+        format!("{:.1} h", s / 3600.0)
+    }
+}
+
+fn requests_link(state: &str, task: &str, queue: &str) -> String {
+    let mut query = form_urlencoded_pairs(&[("state", state), ("task", task), ("queue", queue)]);
+    if !query.is_empty() {
+        query.insert(0, '?');
+    }
+    format!("/requests{query}")
+}
+
+fn form_urlencoded_pairs(pairs: &[(&str, &str)]) -> String {
+    pairs
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| format!("{k}={}", percent_encode(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn percent_encode(text: &str) -> String {
+    let mut out = String::new();
+    for byte in text.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(byte as char)
+            }
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}
+
+pub fn overview(
+    chrome: &Chrome,
+    queues: &[QueueStats],
+    daemons: &[DaemonRow],
+    minutes: &[MinuteBucket],
+) -> Markup {
+    layout(
+        chrome,
+        "Overview",
+        html! {
+            section {
+                h2 { "Queues" }
+                @if queues.is_empty() {
+                    p { "Nothing waiting, running or failed." }
+                } @else {
+                    table {
+                        thead { tr { th { "queue" } th { "type" } th.num { "waiting" } th.num { "running" } th.num { "failed" } th.num { "exhausted" } th.num { "lag" } } }
+                        tbody {
+                            @for queue in queues {
+                                @let total = queue.total();
+                                tr.queue {
+                                    td { a href=(requests_link("", "", &queue.queue)) { (queue.queue) } }
+                                    td { "all types" }
+                                    td.num { a href=(requests_link("PENDING", "", &queue.queue)) { (count(total.waiting, queue.capped)) } }
+                                    td.num { a href=(requests_link("RUNNING", "", &queue.queue)) { (count(total.running, queue.capped)) } }
+                                    td.num { a href=(requests_link("FAILED", "", &queue.queue)) { (count(total.failed, queue.capped)) } }
+                                    td.num { (count(total.exhausted, queue.capped)) }
+                                    td.num { (seconds(queue.lag_seconds)) }
+                                }
+                                @for by_type in &queue.by_type {
+                                    tr {
+                                        td {}
+                                        td { a href=(requests_link("", &by_type.task, &queue.queue)) { (by_type.task) } }
+                                        td.num { (count(by_type.waiting, queue.capped)) }
+                                        td.num { (count(by_type.running, queue.capped)) }
+                                        td.num { (count(by_type.failed, queue.capped)) }
+                                        td.num { (count(by_type.exhausted, queue.capped)) }
+                                        td {}
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    p.note { "Counts stop at " (OVERVIEW_COUNT_CAP) " rows per queue (shown as N+). Finished, cancelled and rejected rows are not counted." }
+                }
+            }
+            section {
+                h2 { "The last hour" }
+                (super::chart::tries_and_lag(minutes))
+            }
+            section {
+                h2 { "Daemons" }
+                (daemon_table(daemons))
+            }
+        },
+    )
+}
+
+fn daemon_table(daemons: &[DaemonRow]) -> Markup {
+    html! {
+        @if daemons.is_empty() {
+            p { "No daemon runs a task now." }
+        } @else {
+            table {
+                thead { tr { th { "host" } th { "daemon instance" } th.num { "running" } th { "latest heartbeat" } th.num { "age" } } }
+                tbody {
+                    @for daemon in daemons {
+                        tr {
+                            td { a href=(format!("/requests?state=RUNNING&host={}", percent_encode(&daemon.host))) { (daemon.host) } }
+                            td.mono { (daemon.instance) }
+                            td.num { (daemon.running) }
+                            td { (daemon.last_heartbeat.as_deref().unwrap_or("-")) }
+                            td.num { (daemon.heartbeat_age_seconds.map(seconds).unwrap_or_default()) }
+                        }
+                    }
+                }
+            }
+        }
+        p.note { "Daemons are seen through the rows they run." }
+    }
+}
+
+pub fn daemons(chrome: &Chrome, daemons: &[DaemonRow]) -> Markup {
+    layout(chrome, "Daemons", daemon_table(daemons))
+}
+
+pub fn schedules(
+    chrome: &Chrome,
+    configured: &[(String, String, String)],
+    slots: &[ScheduleSlots],
+) -> Markup {
+    layout(
+        chrome,
+        "Schedules",
+        html! {
+            table {
+                thead { tr { th { "schedule" } th { "when" } th { "task" } th { "latest slot" } th { "its request" } } }
+                tbody {
+                    @for (name, spec, task) in configured {
+                        @let slot = slots.iter().find(|s| &s.schedule == name);
+                        tr {
+                            td { (name) }
+                            td.mono { (spec) }
+                            td { (task) }
+                            td { (slot.and_then(|s| s.last_slot.clone()).unwrap_or_else(|| "-".into())) }
+                            td { @if let Some(id) = slot.and_then(|s| s.last_request) { a href=(format!("/requests/{id}")) { (id) } } }
+                        }
+                    }
+                    @for slot in slots.iter().filter(|s| !configured.iter().any(|(n, _, _)| n == &s.schedule)) {
+                        tr {
+                            td { (slot.schedule) }
+                            td { "(not in this config)" }
+                            td {}
+                            td { (slot.last_slot.as_deref().unwrap_or("-")) }
+                            td { @if let Some(id) = slot.last_request { a href=(format!("/requests/{id}")) { (id) } } }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+fn state_label(result: Option<&str>) -> &str {
+    result.unwrap_or("PENDING")
+}
+
+fn states() -> Vec<&'static str> {
+    let mut all = vec!["PENDING"];
+    all.extend(State::ALL.iter().map(|s| s.as_str()));
+    all
+}
+
+pub fn requests(chrome: &Chrome, query: &FilterQuery, page: &RequestPage) -> Markup {
+    let filter_pairs = [
+        ("state", query.state.as_str()),
+        ("task", query.task.as_str()),
+        ("queue", query.queue.as_str()),
+        ("host", query.host.as_str()),
+        ("text", query.text.as_str()),
+    ];
+    let filters = form_urlencoded_pairs(&filter_pairs);
+    let next_link = page.next_before.map(|before| {
+        let mut link = format!("/requests?before={before}");
+        if !filters.is_empty() {
+            link.push('&');
+            link.push_str(&filters);
+        }
+        link
+    });
+    layout(
+        chrome,
+        "Requests",
+        html! {
+            form.filters method="get" action="/requests" {
+                label { "state " select name="state" {
+                    option value="" { "any" }
+                    @for state in states() {
+                        option value=(state) selected[query.state.eq_ignore_ascii_case(state)] { (state) }
+                    }
+                } }
+                label { "type " input name="task" value=(query.task) size="12"; }
+                label { "queue " input name="queue" value=(query.queue) size="10"; }
+                label { "host " input name="host" value=(query.host) size="10"; }
+                label { "text " input name="text" value=(query.text) size="14"; }
+                button type="submit" { "Filter" }
+                a href="/requests" { "clear" }
+            }
+            @if !chrome.read_only {
+                p.bulk {
+                    "For every request this filter shows: "
+                    a href=(format!("/bulk?action=retry&{filters}")) { "retry…" }
+                    " "
+                    a href=(format!("/bulk?action=cancel&{filters}")) { "cancel…" }
+                    " (the count is shown first)"
+                }
+            }
+            table.requests {
+                thead { tr { th.num { "id" } th { "type" } th { "queue" } th { "state" } th.num { "tries" } th { "host" } th { "created" } th { "result text" } } }
+                tbody {
+                    @for row in &page.rows {
+                        tr {
+                            td.num { a href=(format!("/requests/{}", row.id)) { (row.id) } }
+                            td { (row.task_class_name) }
+                            td { (row.queue) }
+                            td { span class=(format!("state {}", state_label(row.result.as_deref()).to_lowercase())) { (state_label(row.result.as_deref())) } }
+                            td.num { (row.tries) "/" (row.try_limit) }
+                            td { (row.host.as_deref().unwrap_or("")) }
+                            td.time { (row.created_at.as_deref().unwrap_or("")) }
+                            td.text { (first_line(row.result_text.as_deref().unwrap_or(""), 100)) }
+                        }
+                    }
+                }
+            }
+            @if page.rows.is_empty() { p { "No request matches." } }
+            @if page.window_ended {
+                p.note { "Looked at " (SCAN_WINDOW) " rows for this page; older ones are on the next." }
+            }
+            @if let Some(link) = next_link {
+                p { a.next href=(link) { "Older →" } }
+            }
+        },
+    )
+}
+
+fn first_line(text: &str, limit: usize) -> String {
+    let line = text.lines().next().unwrap_or("");
+    if line.chars().count() > limit {
+        format!("{}…", line.chars().take(limit).collect::<String>())
+    } else {
+        line.to_string()
+    }
+}
+
+fn action_button(chrome: &Chrome, id: i64, action: &str, label: &str) -> Markup {
+    html! {
+        form.inline method="post" action=(format!("/requests/{id}/{action}")) {
+            input type="hidden" name="csrf" value=(chrome.csrf);
+            button type="submit" name="do" value=(action) { (label) }
+        }
+    }
+}
+
+pub fn request(chrome: &Chrome, row: &Request) -> Markup {
+    let state = state_label(row.result.as_deref()).to_string();
+    let fields: Vec<(&str, String)> = vec![
+        ("id", row.id.to_string()),
+        ("state", state.clone()),
+        ("task_class_name", row.task_class_name.clone()),
+        ("queue", row.queue.clone()),
+        ("priority", row.priority.to_string()),
+        ("tries", format!("{} of {}", row.tries, row.try_limit)),
+        ("created_at", row.created_at.clone().unwrap_or_default()),
+        ("delay_until", row.delay_until.clone().unwrap_or_default()),
+        ("started_at", row.started_at.clone().unwrap_or_default()),
+        ("completed_at", row.completed_at.clone().unwrap_or_default()),
+        ("heartbeat_at", row.heartbeat_at.clone().unwrap_or_default()),
+        ("host", row.host.clone().unwrap_or_default()),
+        ("pid", row.pid.map(|p| p.to_string()).unwrap_or_default()),
+        ("claimed_by", row.claimed_by.clone().unwrap_or_default()),
+        (
+            "cancel_requested_at",
+            row.cancel_requested_at.clone().unwrap_or_default(),
+        ),
+        ("progress", row.progress.clone().unwrap_or_default()),
+        ("node", row.node.clone().unwrap_or_default()),
+        ("not_node", row.not_node.clone().unwrap_or_default()),
+        (
+            "period",
+            row.period.map(|p| format!("{p} s")).unwrap_or_default(),
+        ),
+        ("planned_at", row.planned_at.clone().unwrap_or_default()),
+        ("unique_key", row.unique_key.clone().unwrap_or_default()),
+        ("schedule", row.schedule.clone().unwrap_or_default()),
+    ];
+    layout(
+        chrome,
+        &format!("Request {}", row.id),
+        html! {
+            @if !chrome.read_only {
+                div.actions {
+                    @if state != "RUNNING" { (action_button(chrome, row.id, "retry", "Retry")) }
+                    @if matches!(state.as_str(), "PENDING" | "RUNNING" | "FAILED" | "CRASHED" | "TIMEOUT" | "INTERRUPTED") {
+                        (action_button(chrome, row.id, "cancel", "Cancel"))
+                    }
+                }
+            }
+            table.fields {
+                tbody {
+                    @for (name, value) in &fields {
+                        tr { th { (name) } td { (value) } }
+                    }
+                }
+            }
+            h2 { "options" }
+            pre { (row.options.as_deref().unwrap_or("")) }
+            h2 { "result_text" }
+            pre { (row.result_text.as_deref().unwrap_or("")) }
+        },
+    )
+}
+
+pub fn bulk_preview(chrome: &Chrome, query: &FilterQuery, count: i64) -> Markup {
+    let filter = query.filter();
+    layout(
+        chrome,
+        &format!("Bulk {}", query.action),
+        html! {
+            p.count {
+                @if count >= BULK_LIMIT {
+                    "At least " (count) " requests match; this action changes the newest " (BULK_LIMIT) " of them (run it again for more)."
+                } @else {
+                    (count) " requests match."
+                }
+            }
+            ul {
+                @for (name, value) in [("state", &filter.state), ("type", &filter.task), ("queue", &filter.queue), ("host", &filter.host), ("text", &filter.text)] {
+                    @if let Some(value) = value { li { (name) ": " code { (value) } } }
+                }
+            }
+            @if count > 0 && !chrome.read_only {
+                form method="post" action="/bulk" {
+                    input type="hidden" name="csrf" value=(chrome.csrf);
+                    input type="hidden" name="action" value=(query.action);
+                    input type="hidden" name="state" value=(query.state);
+                    input type="hidden" name="task" value=(query.task);
+                    input type="hidden" name="queue" value=(query.queue);
+                    input type="hidden" name="host" value=(query.host);
+                    input type="hidden" name="text" value=(query.text);
+                    button type="submit" { (query.action) " " (count) " requests" }
+                }
+            }
+            @if !chrome.read_only {
+                h2 { "Purge" }
+                form method="post" action="/purge" {
+                    input type="hidden" name="csrf" value=(chrome.csrf);
+                    label { "Delete final requests completed more than " input name="older_than" value="30d" size="6"; " ago " }
+                    button type="submit" { "Purge" }
+                }
+            }
+        },
+    )
+}

@@ -1,0 +1,519 @@
+//! The web page and `/metrics`: the router in-process on both backends
+//! (every page renders, hostile rows are escaped, CSRF, Origin, read-only,
+//! auth), the listener's refusal of a non-loopback address without auth,
+//! and the metrics of a real daemon checked by `promtool`.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use tower::ServiceExt;
+
+use crate::util::{cli, quote, Backend, Daemon, TestDb, CLI};
+use taskrunner::config::Config;
+use taskrunner::store::{Purpose, Store};
+use taskrunner::web::{router, Web};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The page's router on the test database, with `http:` settings `http`.
+fn web_router(db: &TestDb, http: &str) -> axum::Router {
+    let dir = db.scratch.join("web");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("taskrunner.yml");
+    std::fs::write(
+        &file,
+        format!("database_url: {}\nschedules:\n  nightly:\n    cron: '0 3 * * *'\n    task: NoOp\n{http}", db.url),
+    )
+    .unwrap();
+    let config = Config::load_file(&file).unwrap();
+    let store = Store::open(&db.url, Purpose::Cli).unwrap();
+    router(Arc::new(Web::new(store, &config, None).unwrap()))
+}
+
+struct Reply {
+    status: StatusCode,
+    body: String,
+    csp: String,
+}
+
+async fn send(router: &axum::Router, request: Request<Body>) -> Reply {
+    let response = router.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let csp = response
+        .headers()
+        .get("content-security-policy")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    Reply {
+        status,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+        csp,
+    }
+}
+
+async fn get(router: &axum::Router, path: &str) -> Reply {
+    send(router, Request::get(path).body(Body::empty()).unwrap()).await
+}
+
+async fn post(router: &axum::Router, path: &str, form: &str, origin: Option<&str>) -> Reply {
+    let mut request = Request::post(path)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("host", "127.0.0.1:8080");
+    if let Some(origin) = origin {
+        request = request.header("origin", origin);
+    }
+    send(router, request.body(Body::from(form.to_string())).unwrap()).await
+}
+
+/// The CSRF token the page puts in its forms.
+fn csrf_of(page: &str) -> String {
+    let marker = "name=\"csrf\" value=\"";
+    let start = page.find(marker).expect("a form with a CSRF token") + marker.len();
+    page[start..start + 32].to_string()
+}
+
+async fn insert_failed(db: &TestDb, options: &str) -> i64 {
+    db.insert(&format!(
+        "INSERT INTO task_runner_requests (task_class_name, options, result, result_text, tries, try_limit, completed_at) \
+         VALUES ('Thumbnail', {}, 'FAILED', 'exit status 1', 1, 1, {}) RETURNING id",
+        quote(options),
+        match db.backend {
+            Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now')",
+            Backend::Postgres => "now()",
+        }
+    ))
+    .await
+    .0
+}
+
+async fn every_page_renders_with_a_strict_policy(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let failed = insert_failed(&db, "size: 10").await;
+    db.enqueue("NoOp", None).await;
+    let web = web_router(&db, "");
+    for path in [
+        "/".to_string(),
+        "/requests".into(),
+        "/requests?state=FAILED".into(),
+        "/requests?state=PENDING&task=NoOp&queue=default".into(),
+        "/requests?host=nowhere&text=size".into(),
+        format!("/requests?before={failed}"),
+        format!("/requests/{failed}"),
+        "/daemons".into(),
+        "/schedules".into(),
+        "/bulk?action=retry&state=FAILED".into(),
+        "/metrics".into(),
+        "/style.css".into(),
+    ] {
+        let reply = get(&web, &path).await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}: {}", reply.body);
+        assert!(
+            reply.csp.contains("default-src 'none'"),
+            "{path}: {}",
+            reply.csp
+        );
+        assert!(!reply.csp.contains("unsafe-inline"), "{path}");
+    }
+    let listed = get(&web, "/requests?state=FAILED").await.body;
+    assert!(listed.contains(&format!("/requests/{failed}")), "{listed}");
+    assert!(
+        !listed.contains("NoOp"),
+        "the state filter lets other rows through: {listed}"
+    );
+    let bulk = get(&web, "/bulk?action=retry&state=FAILED").await.body;
+    assert!(bulk.contains("1 requests match"), "{bulk}");
+    assert!(get(&web, "/schedules").await.body.contains("nightly"));
+    assert_eq!(
+        get(&web, "/requests/999999").await.status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+async fn a_hostile_row_shows_as_text(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let id = insert_failed(&db, "<script>alert('options')</script>").await;
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET result_text = '<img src=x onerror=alert(1)>', \
+                queue = '<b>q</b>', task_class_name = '\"><script>t</script>' WHERE id = {id}"
+    ))
+    .await;
+    let web = web_router(&db, "");
+    for path in [format!("/requests/{id}"), "/requests".into(), "/".into()] {
+        let body = get(&web, &path).await.body;
+        assert!(!body.contains("<script>"), "{path}: {body}");
+        assert!(!body.contains("<img src=x"), "{path}: {body}");
+        assert!(!body.contains("<b>q</b>"), "{path}: {body}");
+    }
+    let page = get(&web, &format!("/requests/{id}")).await.body;
+    assert!(
+        page.contains("&lt;script&gt;alert('options')&lt;/script&gt;"),
+        "{page}"
+    );
+}
+
+async fn actions_need_the_csrf_token_and_this_origin(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let id = insert_failed(&db, "a: 1").await;
+    let web = web_router(&db, "");
+    let path = format!("/requests/{id}/retry");
+    // No token, a wrong token: refused, the row unchanged.
+    assert_eq!(
+        post(&web, &path, "", None).await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        post(&web, &path, "csrf=0123456789abcdef0123456789abcdef", None)
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        db.row(taskrunner::request::RequestId(id))
+            .await
+            .result
+            .as_deref(),
+        Some("FAILED")
+    );
+    let token = csrf_of(&get(&web, &format!("/requests/{id}")).await.body);
+    // The right token from another site: refused.
+    let reply = post(
+        &web,
+        &path,
+        &format!("csrf={token}"),
+        Some("http://evil.example"),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        db.row(taskrunner::request::RequestId(id))
+            .await
+            .result
+            .as_deref(),
+        Some("FAILED")
+    );
+    // A GET cannot act.
+    assert_eq!(
+        get(&web, &path).await.status,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    // The right token from this page: done.
+    let reply = post(
+        &web,
+        &path,
+        &format!("csrf={token}"),
+        Some("http://127.0.0.1:8080"),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER, "{}", reply.body);
+    let row = db.row(taskrunner::request::RequestId(id)).await;
+    assert_eq!((row.result, row.tries), (None, 0));
+    // Cancel it, then bulk-retry what the filter shows.
+    let reply = post(
+        &web,
+        &format!("/requests/{id}/cancel"),
+        &format!("csrf={token}"),
+        None,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        db.row(taskrunner::request::RequestId(id))
+            .await
+            .result
+            .as_deref(),
+        Some("CANCELLED")
+    );
+    let preview = get(&web, "/bulk?action=retry&state=CANCELLED").await.body;
+    assert!(preview.contains("1 requests match"), "{preview}");
+    let reply = post(
+        &web,
+        "/bulk",
+        &format!("csrf={token}&action=retry&state=CANCELLED"),
+        None,
+    )
+    .await;
+    assert!(
+        reply.body.contains("applied to 1 requests"),
+        "{}",
+        reply.body
+    );
+    assert_eq!(
+        db.row(taskrunner::request::RequestId(id)).await.result,
+        None
+    );
+}
+
+async fn read_only_refuses_actions_and_hides_them(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let id = insert_failed(&db, "a: 1").await;
+    let web = web_router(&db, "http:\n  read_only: true\n");
+    let page = get(&web, &format!("/requests/{id}")).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(!page.body.contains("Retry"), "{}", page.body);
+    assert!(page.body.contains("read-only"));
+    let reply = post(&web, &format!("/requests/{id}/retry"), "csrf=x", None).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        db.row(taskrunner::request::RequestId(id))
+            .await
+            .result
+            .as_deref(),
+        Some("FAILED")
+    );
+}
+
+async fn auth_asks_for_the_token(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let token_file = db.scratch.join("token");
+    std::fs::write(&token_file, "s3cret-token-of-32-characters-xx\n").unwrap();
+    let web = web_router(
+        &db,
+        &format!("http:\n  auth:\n    token_file: {}\n", token_file.display()),
+    );
+    let refused = get(&web, "/").await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    let wrong = Request::get("/")
+        .header("authorization", "Bearer not-the-token-at-all-xxxxxxxxxxx")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&web, wrong).await.status, StatusCode::UNAUTHORIZED);
+    let right = Request::get("/")
+        .header("authorization", "Bearer s3cret-token-of-32-characters-xx")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&web, right).await.status, StatusCode::OK);
+}
+
+both_backends!(
+    every_page_renders_with_a_strict_policy,
+    a_hostile_row_shows_as_text,
+    actions_need_the_csrf_token_and_this_origin,
+    read_only_refuses_actions_and_hides_them,
+    auth_asks_for_the_token,
+);
+
+#[test]
+fn the_web_page_refuses_a_public_address_without_auth() {
+    let output = std::process::Command::new(CLI)
+        .args([
+            "--database-url",
+            "sqlite:///nonexistent/x.db",
+            "web",
+            "--listen",
+            "0.0.0.0:0",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("without http.auth"), "{stderr}");
+    assert!(taskrunner::web::check_listen("127.0.0.1:1".parse().unwrap(), false).is_ok());
+    assert!(taskrunner::web::check_listen("[::1]:1".parse().unwrap(), false).is_ok());
+    assert!(taskrunner::web::check_listen("10.0.0.1:1".parse().unwrap(), true).is_ok());
+}
+
+// ---- /metrics ----
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A plain HTTP GET (no client library in the tests).
+fn http_get(port: u16, path: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    reply
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}
+
+/// `promtool check metrics` accepts `text`.
+fn assert_promtool_accepts(text: &str) {
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; scripts/test installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool refused the metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The value of the sample of `name` whose labels include every one of `labels`.
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .find(|line| labels.iter().all(|label| line.contains(label)))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+async fn metrics_count_finished_and_exhausted_tries(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let port = free_port();
+    let mut daemon = Daemon::start(
+        &db,
+        "metrics",
+        &format!("max_concurrent: 4\nhttp:\n  listen: 127.0.0.1:{port}\ntasks:\n  Fail:\n    command: [/bin/false]\n"),
+    );
+    for _ in 0..10 {
+        db.enqueue("NoOp", None).await;
+    }
+    for _ in 0..3 {
+        db.insert("INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ('Fail', 1) RETURNING id")
+            .await;
+    }
+    let (status, _, _) = cli(
+        &db,
+        &[
+            "--socket",
+            daemon.dir.join("run/daemon.sock").to_str().unwrap(),
+            "status",
+        ],
+    );
+    assert_eq!(status, 0);
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE result IN ('FINISHED', 'FAILED')",
+        13,
+        WAIT,
+    )
+    .await;
+    // The counters move when the scheduler sees the try end: wait for them.
+    let mut text = String::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::time::Instant::now() < deadline {
+        text = http_get(port, "/metrics");
+        if sample(&text, "taskrunner_tries_total", &["outcome=\"FAILED\""]) == Some(3.0)
+            && sample(&text, "taskrunner_tries_total", &["outcome=\"FINISHED\""]) == Some(10.0)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_promtool_accepts(&text);
+    assert_eq!(
+        sample(
+            &text,
+            "taskrunner_tries_total",
+            &["outcome=\"FINISHED\"", "type=\"NoOp\"", "queue=\"default\""]
+        ),
+        Some(10.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "taskrunner_tries_total",
+            &["outcome=\"FAILED\"", "type=\"Fail\""]
+        ),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "taskrunner_exhausted_total", &["type=\"Fail\""]),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "taskrunner_claimed_total", &[]),
+        Some(13.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "taskrunner_try_duration_seconds_count",
+            &["type=\"NoOp\""]
+        ),
+        Some(10.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "taskrunner_spawn_seconds_count", &[]),
+        Some(13.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "taskrunner_slots", &[]), Some(4.0), "{text}");
+    assert_eq!(
+        sample(&text, "taskrunner_queue_exhausted", &["queue=\"default\""]),
+        Some(3.0),
+        "{text}"
+    );
+    assert!(
+        !text.contains("request_id") && !text.contains("id=\""),
+        "{text}"
+    );
+    // The CLI prints the daemon's metrics too (through its socket).
+    let config = daemon.config.to_str().unwrap().to_string();
+    let (status, printed, stderr) = cli(&db, &["--config", &config, "metrics"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert_promtool_accepts(&printed);
+    assert_eq!(
+        sample(&printed, "taskrunner_exhausted_total", &["type=\"Fail\""]),
+        Some(3.0),
+        "{printed}"
+    );
+    // And the page is served on the same listener.
+    assert!(http_get(port, "/requests?state=FAILED").contains("Fail"));
+    daemon.stop();
+}
+
+async fn lag_of_a_backlog_enqueued_a_minute_ago(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let minute_ago = match backend {
+        Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now', '-60 seconds')",
+        Backend::Postgres => "now() - interval '60 seconds'",
+    };
+    for _ in 0..100 {
+        db.execute(&format!(
+            "INSERT INTO task_runner_requests (task_class_name, queue, created_at) VALUES ('Backlog', 'mail', {minute_ago})"
+        ))
+        .await;
+    }
+    let (status, text, stderr) = cli(&db, &["metrics"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert_promtool_accepts(&text);
+    assert_eq!(
+        sample(&text, "taskrunner_queue_waiting", &["queue=\"mail\""]),
+        Some(100.0),
+        "{text}"
+    );
+    let lag = sample(&text, "taskrunner_queue_lag_seconds", &["queue=\"mail\""]).expect("a lag");
+    assert!((60.0..120.0).contains(&lag), "lag {lag}: {text}");
+}
+
+both_backends!(
+    metrics_count_finished_and_exhausted_tries,
+    lag_of_a_backlog_enqueued_a_minute_ago,
+);
