@@ -350,10 +350,12 @@ async fn command(command: Command, config: &Config) -> Result<ExitCode> {
             println!("deleted {deleted} requests");
         }
         Command::Web { listen } => {
-            let store = open(Purpose::Cli)?;
             let address = listen
                 .or_else(|| config.http.as_ref().and_then(|http| http.listen))
                 .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 8080)));
+            let has_auth = config.http.as_ref().is_some_and(|http| http.auth.is_some());
+            crate::web::check_listen(address, has_auth)?;
+            let store = open(Purpose::Cli)?;
             let shutdown = tokio_util::sync::CancellationToken::new();
             let on_signal = shutdown.clone();
             tokio::spawn(async move {
