@@ -517,3 +517,37 @@ both_backends!(
     metrics_count_finished_and_exhausted_tries,
     lag_of_a_backlog_enqueued_a_minute_ago,
 );
+
+// ---- a real browser ----
+
+/// Headless Chromium (through chromedriver) against a running daemon and
+/// `taskrunner-cli web`: filter, open, retry (RUNNING then FINISHED),
+/// cancel, with JavaScript on and off, and no CSP violation in the console.
+/// The clicks are in tests/browser/web_page.py; scripts/test installs
+/// Debian's chromium and chromium-driver when they are missing.
+async fn a_real_browser_retries_and_cancels(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/browser/web_page.py");
+    let output = std::process::Command::new("python3")
+        .arg(script)
+        .args([
+            "--daemon",
+            crate::util::DAEMON,
+            "--cli",
+            CLI,
+            "--database-url",
+            &db.url,
+        ])
+        .arg("--dir")
+        .arg(db.scratch.join("browser"))
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert_eq!(stdout.matches("ok: ").count(), 2, "{stdout}");
+}
+
+both_backends!(a_real_browser_retries_and_cancels);
