@@ -2,11 +2,24 @@
 //! line naming the database and the remedy for each database error, and the
 //! options and filters a job-runner user expects.
 
-use std::process::Command;
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use crate::util::{cli, Backend, Scratch, TestDb, CLI};
+use taskrunner::request::RequestId;
 
-both_backends!(migrate_says_what_it_did);
+use crate::util::{cli, wait_until, Backend, Daemon, Scratch, TestDb, CLI};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+both_backends!(
+    migrate_says_what_it_did,
+    enqueue_sets_every_column_an_app_can_set,
+    list_filters_by_type_queue_host_and_state_and_shows_due_times,
+    list_shows_the_tasks_own_error_without_progress_lines,
+    retry_and_cancel_take_several_ids_or_a_filter,
+    second_sigterm_during_the_drain_stops_tasks_at_once,
+);
 
 /// `taskrunner-cli` with only the given arguments (no test database).
 fn bare_cli(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
@@ -192,4 +205,289 @@ fn missing_postgres_database_says_createdb() {
         line.contains("\"taskrunner_never_created\" does not exist: create it (createdb"),
         "{line}"
     );
+}
+
+async fn enqueue_sets_every_column_an_app_can_set(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let (status, stdout, stderr) = cli(
+        &db,
+        &[
+            "enqueue",
+            "NoOp",
+            "--queue",
+            "mail",
+            "--node",
+            "n1",
+            "--not-node",
+            "n2",
+            "--period",
+            "1h",
+            "--priority",
+            "-3",
+            "--unique-key",
+            "k1",
+            "--try-limit",
+            "2",
+        ],
+    );
+    assert_eq!(status, 0, "{stderr}");
+    let id: i64 = stdout.trim().parse().unwrap();
+    let (status, stdout, stderr) = cli(&db, &["show", &id.to_string(), "--json"]);
+    assert_eq!(status, 0, "{stderr}");
+    let row: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(row["queue"], "mail");
+    assert_eq!(row["node"], "n1");
+    assert_eq!(row["not_node"], "n2");
+    assert_eq!(row["period"], 3600);
+    assert_eq!(row["priority"], -3);
+    assert_eq!(row["unique_key"], "k1");
+    assert_eq!(row["try_limit"], 2);
+    // The unique key holds: the same id again.
+    let (_, again, _) = cli(&db, &["enqueue", "NoOp", "--unique-key", "k1"]);
+    assert_eq!(again.trim(), id.to_string());
+    // Without --queue, the column default.
+    let (_, plain, _) = cli(&db, &["enqueue", "NoOp"]);
+    let plain = db.row(RequestId(plain.trim().parse().unwrap())).await;
+    assert_eq!(plain.queue, "default");
+    // Bad values are one usage line.
+    let (status, _, stderr) = cli(&db, &["enqueue", "NoOp", "--period", "0s"]);
+    assert_eq!(status, 2, "{stderr}");
+}
+
+async fn list_filters_by_type_queue_host_and_state_and_shows_due_times(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let a = db.insert("INSERT INTO task_runner_requests (task_class_name, queue) VALUES ('Alpha', 'qa') RETURNING id").await;
+    let b = db.insert("INSERT INTO task_runner_requests (task_class_name, queue, host, result, tries, try_limit, result_text) VALUES ('Beta', 'qb', 'hostb', 'FAILED', 3, 3, 'exit status 1') RETURNING id").await;
+    let c = db.insert("INSERT INTO task_runner_requests (task_class_name, delay_until) VALUES ('Alpha', '2099-01-02 03:04:05') RETURNING id").await;
+    let d = db.insert("INSERT INTO task_runner_requests (task_class_name, result, tries, try_limit, delay_until) VALUES ('Beta', 'FAILED', 1, 3, '2099-01-02 03:04:05') RETURNING id").await;
+    let ids = |args: &[&str]| -> Vec<i64> {
+        let mut all = vec!["list", "--json"];
+        all.extend_from_slice(args);
+        let (status, stdout, stderr) = cli(&db, &all);
+        assert_eq!(status, 0, "{stderr}");
+        stdout
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                    .as_i64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(ids(&[]), vec![d.0, c.0, b.0, a.0]);
+    assert_eq!(ids(&["--task", "Alpha"]), vec![c.0, a.0]);
+    assert_eq!(ids(&["--queue", "qb"]), vec![b.0]);
+    assert_eq!(ids(&["--host", "hostb"]), vec![b.0]);
+    assert_eq!(ids(&["--result", "exhausted"]), vec![b.0]);
+    assert_eq!(ids(&["--result", "retrying"]), vec![d.0]);
+    assert_eq!(ids(&["--state", "pending"]), vec![c.0, a.0]);
+    assert_eq!(ids(&["--result", "failed"]), vec![d.0, b.0]);
+    assert_eq!(
+        ids(&["--task", "Beta", "--result", "pending"]),
+        Vec::<i64>::new()
+    );
+    let (status, _, stderr) = cli(&db, &["list", "--result", "DONE"]);
+    assert_eq!(status, 2);
+    assert!(stderr.contains("unknown state `DONE`"), "{stderr}");
+    // The table says when delayed rows are due.
+    let (_, table, _) = cli(&db, &["list"]);
+    assert!(
+        table.contains("pending (due 2099-01-02 03:04:05)"),
+        "{table}"
+    );
+    assert!(
+        table.contains("FAILED (retry due 2099-01-02 03:04:05)"),
+        "{table}"
+    );
+    assert!(table.contains("FAILED (exhausted)"), "{table}");
+}
+
+async fn list_shows_the_tasks_own_error_without_progress_lines(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "tasks:\n  Broken:\n    command: [/bin/sh, -c, 'echo \"progress: 1/2\" >&2; echo \"disk full on /srv\" >&2; echo \"progress: 2/2\" >&2; exit 1']\n",
+    );
+    let id = db
+        .insert("INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ('Broken', 1) RETURNING id")
+        .await;
+    let row = db.wait_for_state(id, "FAILED", WAIT).await;
+    let text = row.result_text.unwrap();
+    assert_eq!(text.trim_end(), "exit status 1\ndisk full on /srv", "{text}");
+    let (_, table, _) = cli(&db, &["list"]);
+    assert!(
+        table.contains("exit status 1: disk full on /srv"),
+        "{table}"
+    );
+    assert!(daemon.stop().success());
+}
+
+async fn retry_and_cancel_take_several_ids_or_a_filter(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let failed = |task: &str| {
+        format!("INSERT INTO task_runner_requests (task_class_name, result, tries, try_limit) VALUES ('{task}', 'FAILED', 5, 5) RETURNING id")
+    };
+    let t1 = db.insert(&failed("Thumbnail")).await;
+    let t2 = db.insert(&failed("Thumbnail")).await;
+    let other = db.insert(&failed("Mail")).await;
+    let (status, stdout, stderr) =
+        cli(&db, &["retry", "--result", "FAILED", "--task", "Thumbnail"]);
+    assert_eq!(status, 0, "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "2 requests", "{stdout}");
+    assert_eq!(lines.len(), 3, "{stdout}");
+    for id in [t1, t2] {
+        assert_eq!(db.row(id).await.result, None);
+    }
+    assert_eq!(db.row(other).await.result.as_deref(), Some("FAILED"));
+    // Several ids: all cancelled, the count first.
+    let (status, stdout, stderr) = cli(
+        &db,
+        &[
+            "cancel",
+            &t1.to_string(),
+            &t2.to_string(),
+            &other.to_string(),
+        ],
+    );
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(stdout.lines().next(), Some("3 requests"), "{stdout}");
+    for id in [t1, t2, other] {
+        assert_eq!(db.row(id).await.result.as_deref(), Some("CANCELLED"));
+    }
+    // One refused among several: the others done, exit 1.
+    let (status, _, stderr) = cli(&db, &["retry", &t1.to_string(), "999999"]);
+    assert_eq!(status, 1);
+    assert!(stderr.contains("no request 999999"), "{stderr}");
+    assert_eq!(db.row(t1).await.result, None);
+    // A filter that matches nothing says so.
+    let (status, stdout, _) = cli(&db, &["cancel", "--task", "Nothing"]);
+    assert_eq!((status, stdout.trim()), (0, "no requests match"));
+    // Neither ids nor a filter: usage.
+    assert_eq!(cli(&db, &["retry"]).0, 2);
+}
+
+async fn second_sigterm_during_the_drain_stops_tasks_at_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "shutdown_timeout: 120s\ntasks:\n  Long:\n    command: [/bin/sleep, '60']\n",
+    );
+    let id = db.enqueue("Long", None).await;
+    db.wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
+        .await;
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    daemon.wait_for_log("shutting down", WAIT);
+    let second = Instant::now();
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(daemon.wait_exit(WAIT).success());
+    assert!(
+        second.elapsed() < Duration::from_secs(15),
+        "stopped at once, not after the 120s drain: {:?}",
+        second.elapsed()
+    );
+    let row = db.row(id).await;
+    assert_eq!(row.result.as_deref(), Some("INTERRUPTED"), "{row:#?}");
+    assert!(daemon.log_text().contains("SIGTERM received again"));
+}
+
+#[test]
+fn completions_and_man_pages_come_from_the_command_definitions() {
+    let scratch = Scratch::new("completions");
+    for shell in ["bash", "zsh", "fish"] {
+        let (status, stdout, stderr) = bare_cli(&scratch.path, &["completions", shell]);
+        assert_eq!(status, 0, "{stderr}");
+        assert!(stdout.contains("enqueue"), "{shell}: {stdout}");
+        assert!(stdout.contains("unique-key"), "{shell}");
+    }
+    assert_eq!(bare_cli(&scratch.path, &["completions", "tcsh"]).0, 2);
+    let dir = scratch.join("man");
+    let (status, stdout, stderr) = bare_cli(&scratch.path, &["man", dir.to_str().unwrap()]);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(stdout.starts_with("wrote "), "{stdout}");
+    let enqueue = std::fs::read_to_string(dir.join("taskrunner-cli-enqueue.1")).unwrap();
+    assert!(enqueue.contains(".TH taskrunner-cli-enqueue"), "{enqueue}");
+    assert!(enqueue.contains("not\\-node"), "{enqueue}");
+    assert!(dir.join("taskrunner-cli.1").exists());
+}
+
+#[test]
+fn flags_appear_only_on_the_commands_that_use_them() {
+    let scratch = Scratch::new("help");
+    let help = |command: &[&str]| {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let (status, stdout, stderr) = bare_cli(&scratch.path, &args);
+        assert_eq!(status, 0, "{stderr}");
+        stdout
+    };
+    let init = help(&["config", "init"]);
+    for flag in ["--database-url", "--socket", "--host-id"] {
+        assert!(
+            !init.contains(flag),
+            "config init --help shows {flag}: {init}"
+        );
+    }
+    assert!(help(&["list"]).contains("--database-url"));
+    assert!(!help(&["list"]).contains("--socket"));
+    assert!(help(&["status"]).contains("--socket"));
+    assert!(!help(&["status"]).contains("--database-url"));
+    assert!(help(&["reap"]).contains("--host-id"));
+    assert!(!help(&["enqueue"]).contains("--host-id"));
+    // Given after the command, or before it: both work.
+    let url = format!("sqlite://{}", scratch.join("x.db").display());
+    assert_eq!(
+        bare_cli(&scratch.path, &["migrate", "--database-url", &url]).0,
+        0
+    );
+    assert_eq!(
+        bare_cli(&scratch.path, &["--database-url", &url, "list"]).0,
+        0
+    );
+}
+
+/// `run` copies the task's standard error as it comes, not at its end.
+#[test]
+fn run_shows_the_tasks_stderr_live() {
+    let scratch = Scratch::new("run-live");
+    let config = scratch.join("taskrunner.yml");
+    std::fs::write(
+        &config,
+        "tasks:\n  Chatty:\n    command: [/bin/sh, -c, 'echo \"progress: starting\" >&2; echo working >&2; exec sleep 60']\n",
+    )
+    .unwrap();
+    let mut child = Command::new(CLI)
+        .args(["--config", config.to_str().unwrap(), "run", "Chatty"])
+        .current_dir(&scratch.path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    wait_until(WAIT, "the task's stderr while it runs", || {
+        seen.extend(received.try_iter());
+        seen.iter().any(|l| l == "working")
+    });
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    assert!(seen.iter().any(|l| l == "progress: starting"), "{seen:?}");
+    // Ctrl-C stops the task; the reason closes the output.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1));
 }

@@ -321,7 +321,7 @@ async fn cli_enqueue_list_show_retry_cancel_purge(backend: Backend) {
     let delayed: i64 = stdout.trim().parse().expect("enqueue prints the id alone");
     let (_, stdout, _) = cli(&db, &["list"]);
     assert!(stdout.lines().next().unwrap().starts_with("ID"), "{stdout}");
-    assert!(stdout.contains("pending (delayed)"), "{stdout}");
+    assert!(stdout.contains("pending (due 20"), "{stdout}");
     assert_eq!(cli(&db, &["cancel", &delayed.to_string()]).0, 0);
     assert_eq!(
         db.row(taskrunner::request::RequestId(delayed))

@@ -74,6 +74,8 @@ pub struct TryInput<'a> {
     pub task: &'a str,
     pub options: &'a [u8],
     pub try_number: i64,
+    /// Copy the task's standard error to ours live (`taskrunner-cli run`).
+    pub echo_stderr: bool,
 }
 
 /// The parts of the daemon (or CLI) a try needs.
@@ -129,6 +131,7 @@ pub async fn run(
         settings: resolved.settings,
         env,
         stdin: input.options.to_vec(),
+        echo_stderr: input.echo_stderr,
     };
     match supervisor::run(
         &context.spawner,
@@ -190,10 +193,25 @@ async fn resolve(context: &Context, task: &str) -> Option<crate::task_types::Res
     }
 }
 
+/// The task's standard error without its `progress: ` lines.
+fn without_progress_lines(stderr: &str) -> String {
+    if !stderr.contains("progress: ") {
+        return stderr.to_string();
+    }
+    let mut kept = String::with_capacity(stderr.len());
+    for line in stderr.split_inclusive('\n') {
+        if !line.starts_with("progress: ") {
+            kept.push_str(line);
+        }
+    }
+    kept
+}
+
 /// Reads a process's end as a verdict (SPEC.md, States).
 pub fn judge(ended: &Ended) -> Verdict {
     let ran = ended.ran_for.as_secs_f64();
-    let stderr = ended.stderr.text();
+    // Progress lines are kept in the `progress` column, not in result_text.
+    let stderr = without_progress_lines(&ended.stderr.text());
     let with_stderr = |reason: String| {
         if stderr.trim().is_empty() {
             reason
@@ -258,6 +276,15 @@ pub fn judge(ended: &Ended) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_lines_are_left_out_of_the_error() {
+        assert_eq!(
+            without_progress_lines("progress: 1/3\nwarming up\nprogress: 2/3\nno disk left\n"),
+            "warming up\nno disk left\n"
+        );
+        assert_eq!(without_progress_lines("plain"), "plain");
+    }
 
     #[test]
     fn yaml_checks_accept_ruby_and_reject_garbage() {

@@ -14,37 +14,123 @@ use tokio::sync::watch;
 use crate::attempt::{self, TryInput};
 use crate::config::{Config, Overrides};
 use crate::request::{Request, RequestId, State};
-use crate::store::{Change, ListFilter, NewRequest, Purpose, Store, Write};
+use crate::store::{Change, ListQuery, NewRequest, Purpose, Store, Write};
 use crate::supervisor::StopReason;
 use crate::task_types::Registry;
 use crate::units::parse_duration;
 
 /// Enqueue, inspect, run and recover taskrunner requests.
+///
+/// The flags before the command apply to every command that uses them; each
+/// command also takes, after its name, those it uses.
 #[derive(Debug, Parser)]
 #[command(name = "taskrunner-cli", version)]
 pub struct Flags {
     /// Config file (default: ./taskrunner.yml, else /etc/taskrunner/taskrunner.yml)
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Database URL (overrides DATABASE_URL and the config)
-    #[arg(long, global = true, value_name = "URL")]
+    #[arg(long, value_name = "URL")]
     database_url: Option<String>,
     /// Host id whose rows `reap` probes (default: the config's, else the hostname)
-    #[arg(long, global = true, value_name = "NAME")]
+    #[arg(long, value_name = "NAME")]
     host_id: Option<String>,
     /// The daemon's control socket (default: the config's `socket`)
-    #[arg(long, global = true, value_name = "PATH")]
+    #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
+/// Where the database is: for every command that opens it.
+#[derive(Debug, Clone, Default, clap::Args)]
+struct DatabaseFlags {
+    /// Config file (default: ./taskrunner.yml, else /etc/taskrunner/taskrunner.yml)
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Database URL (overrides DATABASE_URL and the config)
+    #[arg(long, value_name = "URL")]
+    database_url: Option<String>,
+}
+
+/// The daemon's control socket: for commands that wake or ask the daemon.
+#[derive(Debug, Clone, Default, clap::Args)]
+struct SocketFlag {
+    /// The daemon's control socket (default: the config's `socket`)
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
+/// The host whose rows are probed or claimed.
+#[derive(Debug, Clone, Default, clap::Args)]
+struct HostFlag {
+    /// Host id (default: the config's, else the hostname)
+    #[arg(long, value_name = "NAME")]
+    host_id: Option<String>,
+}
+
+/// Which requests: for `list`, and for `retry` and `cancel` without ids.
+#[derive(Debug, Clone, Default, clap::Args)]
+struct RowFilter {
+    /// Only this state: a result (FAILED, RUNNING…), `pending` (never run),
+    /// `retrying` (failed, will run again) or `exhausted` (failed, no tries left)
+    #[arg(long, visible_alias = "state", value_name = "R", value_parser = parse_state_filter)]
+    result: Option<String>,
+    /// Only this task type
+    #[arg(long, value_name = "TYPE")]
+    task: Option<String>,
+    /// Only this queue
+    #[arg(long, value_name = "NAME")]
+    queue: Option<String>,
+    /// Only rows that ran (or run) on this host
+    #[arg(long, value_name = "NAME")]
+    host: Option<String>,
+}
+
+impl RowFilter {
+    fn is_empty(&self) -> bool {
+        self.result.is_none() && self.task.is_none() && self.queue.is_none() && self.host.is_none()
+    }
+
+    fn query(&self, limit: i64) -> ListQuery {
+        ListQuery {
+            state: self.result.clone(),
+            task: self.task.clone(),
+            queue: self.queue.clone(),
+            host: self.host.clone(),
+            limit,
+        }
+    }
+}
+
+/// `--result`'s value: a state as stored (any case), or a word for several.
+fn parse_state_filter(text: &str) -> Result<String, String> {
+    let lower = text.to_ascii_lowercase();
+    if ["pending", "retrying", "exhausted"].contains(&lower.as_str()) {
+        return Ok(lower);
+    }
+    text.parse::<State>()
+        .map(|state| state.as_str().to_string())
+        .map_err(|_| {
+            format!(
+                "unknown state `{text}` (a result such as FAILED or RUNNING, or pending, retrying, exhausted)"
+            )
+        })
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create or upgrade the schema
-    Migrate,
+    /// Create or upgrade the schema, and say which
+    Migrate {
+        #[command(flatten)]
+        database: DatabaseFlags,
+    },
     /// Insert a request and print its id
     Enqueue {
+        #[command(flatten)]
+        database: DatabaseFlags,
+        #[command(flatten)]
+        socket: SocketFlag,
         /// The task type, e.g. NoOp
         task: String,
         /// Options as YAML
@@ -66,23 +152,49 @@ enum Command {
         /// and print that request's id instead
         #[arg(long, value_name = "KEY")]
         unique_key: Option<String>,
+        /// The queue (default: `default`); daemons serve the queues of their `queues:`
+        #[arg(long, value_name = "NAME")]
+        queue: Option<String>,
+        /// Run only on the daemon whose `node_name` is this
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
+        /// Never run on the daemon whose `node_name` is this
+        #[arg(long, value_name = "NAME")]
+        not_node: Option<String>,
+        /// Repeat: when a try ends (finished or exhausted), the next
+        /// occurrence is enqueued this long after this one's planned start (e.g. 1h)
+        #[arg(long, value_name = "DUR", value_parser = parse_period)]
+        period: Option<i64>,
     },
     /// Show requests as a table, newest first
     List {
-        /// Only this state (pending = never run)
-        #[arg(long, value_name = "R")]
-        result: Option<String>,
+        #[command(flatten)]
+        database: DatabaseFlags,
+        #[command(flatten)]
+        filter: RowFilter,
         /// At most this many rows
         #[arg(long, value_name = "N", default_value_t = 50)]
         limit: i64,
+        /// One JSON object per row, a line each, every column
+        #[arg(long)]
+        json: bool,
     },
     /// Show one request, every column, the full result_text
     Show {
+        #[command(flatten)]
+        database: DatabaseFlags,
         #[arg(value_name = "ID")]
         id: RequestId,
+        /// As one JSON object
+        #[arg(long)]
+        json: bool,
     },
     /// Run one task in the foreground (for debugging); exits 0 on success
     Run {
+        #[command(flatten)]
+        database: DatabaseFlags,
+        #[command(flatten)]
+        host: HostFlag,
         /// The task type (without --id)
         #[arg(required_unless_present = "id", conflicts_with = "id")]
         task: Option<String>,
@@ -98,29 +210,53 @@ enum Command {
     },
     /// Mark RUNNING rows whose process or daemon is gone as CRASHED
     Reap {
+        #[command(flatten)]
+        database: DatabaseFlags,
+        #[command(flatten)]
+        host: HostFlag,
+        #[command(flatten)]
+        socket: SocketFlag,
         /// Only print what would be marked
         #[arg(long)]
         dry_run: bool,
     },
-    /// Make a request run again (tries back to 0)
+    /// Make requests run again (tries back to 0): the given ids, or those
+    /// the filter selects (e.g. --result FAILED --task Thumbnail)
     Retry {
-        #[arg(value_name = "ID")]
-        id: RequestId,
+        #[command(flatten)]
+        database: DatabaseFlags,
+        #[command(flatten)]
+        socket: SocketFlag,
+        #[arg(value_name = "ID", required_unless_present_any = ["result", "task", "queue", "host"])]
+        ids: Vec<RequestId>,
+        #[command(flatten)]
+        filter: RowFilter,
     },
-    /// Cancel a request (a running one is stopped by its daemon)
+    /// Cancel requests (a running one is stopped by its daemon): the given
+    /// ids, or those the filter selects
     Cancel {
-        #[arg(value_name = "ID")]
-        id: RequestId,
+        #[command(flatten)]
+        database: DatabaseFlags,
+        #[command(flatten)]
+        socket: SocketFlag,
+        #[arg(value_name = "ID", required_unless_present_any = ["result", "task", "queue", "host"])]
+        ids: Vec<RequestId>,
+        #[command(flatten)]
+        filter: RowFilter,
     },
     /// Delete finished, cancelled, rejected and exhausted requests
     /// (without --older-than: as the config's `retention:` says)
     Purge {
+        #[command(flatten)]
+        database: DatabaseFlags,
         /// Completed longer ago than this (e.g. 30d), whatever their kind
         #[arg(long, value_name = "DUR", value_parser = parse_duration)]
         older_than: Option<Duration>,
     },
     /// Wait until a request is final; print its result_text; exit 0 if it FINISHED
     Wait {
+        #[command(flatten)]
+        database: DatabaseFlags,
         #[arg(value_name = "ID")]
         id: RequestId,
         /// Give up after this long (exit status 1)
@@ -129,6 +265,11 @@ enum Command {
     },
     /// Ask the running daemon what it is doing
     Status {
+        /// Config file, for its `socket:`
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        socket: SocketFlag,
         /// Print the daemon's answer as JSON
         #[arg(long)]
         json: bool,
@@ -138,6 +279,8 @@ enum Command {
     Config(ConfigCommand),
     /// Serve the web page on the database (with or without a running daemon)
     Web {
+        #[command(flatten)]
+        database: DatabaseFlags,
         /// Address and port (default: the config's http.listen, else 127.0.0.1:8080);
         /// other than loopback only with http.auth
         #[arg(long, value_name = "ADDR")]
@@ -145,7 +288,23 @@ enum Command {
     },
     /// Print the Prometheus metrics once (the daemon's, through its socket,
     /// when one answers; else those read from the database)
-    Metrics,
+    Metrics {
+        #[command(flatten)]
+        database: DatabaseFlags,
+        #[command(flatten)]
+        socket: SocketFlag,
+    },
+    /// Print a shell completion script (e.g. `taskrunner-cli completions bash
+    /// > /etc/bash_completion.d/taskrunner-cli`)
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (taskrunner-cli.1 and one per command) into a directory
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -154,12 +313,24 @@ enum ConfigCommand {
     Check {
         #[arg(value_name = "FILE")]
         file: Option<PathBuf>,
+        #[command(flatten)]
+        database: DatabaseFlags,
     },
     /// Write a commented starter config
     Init {
         #[arg(value_name = "PATH")]
         path: PathBuf,
     },
+}
+
+/// Parses `--period` into whole seconds (at least one).
+fn parse_period(text: &str) -> Result<i64, String> {
+    let period = parse_duration(text)?;
+    let seconds = period.as_secs_f64().round() as i64;
+    if seconds < 1 {
+        return Err(format!("`{text}`: a period is at least 1s"));
+    }
+    Ok(seconds)
 }
 
 /// Parses `--at` into RFC 3339 UTC.
@@ -212,15 +383,23 @@ pub fn main() -> ExitCode {
 }
 
 async fn dispatch(flags: Flags) -> Result<ExitCode> {
-    let overrides = Overrides {
-        config: flags.config.clone(),
-        database_url: flags.database_url.clone(),
-        host_id: flags.host_id.clone(),
-        socket: flags.socket.clone(),
-        ..Overrides::default()
-    };
-    if let Command::Config(command) = &flags.command {
-        return config_command(command, &overrides);
+    let overrides = overrides_for(&flags);
+    match &flags.command {
+        Command::Config(command) => return config_command(command, &overrides),
+        Command::Completions { shell } => {
+            let mut command = <Flags as clap::CommandFactory>::command();
+            // Into memory first: clap_complete panics on a closed stdout.
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut command, "taskrunner-cli", &mut script);
+            let _ = std::io::stdout().write_all(&script);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Man { dir } => {
+            let written = write_man_pages(dir)?;
+            println!("wrote {written} man pages into {}", dir.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
     }
     let config = Config::resolve(&overrides)?;
     match command(flags.command, &config).await {
@@ -229,11 +408,78 @@ async fn dispatch(flags: Flags) -> Result<ExitCode> {
     }
 }
 
+/// The flags given before the command, overridden by those given after it.
+fn overrides_for(flags: &Flags) -> Overrides {
+    let mut overrides = Overrides {
+        config: flags.config.clone(),
+        database_url: flags.database_url.clone(),
+        host_id: flags.host_id.clone(),
+        socket: flags.socket.clone(),
+        ..Overrides::default()
+    };
+    let (database, socket, host) = match &flags.command {
+        Command::Migrate { database }
+        | Command::List { database, .. }
+        | Command::Show { database, .. }
+        | Command::Purge { database, .. }
+        | Command::Wait { database, .. }
+        | Command::Web { database, .. }
+        | Command::Config(ConfigCommand::Check { database, .. }) => (Some(database), None, None),
+        Command::Enqueue {
+            database, socket, ..
+        }
+        | Command::Retry {
+            database, socket, ..
+        }
+        | Command::Metrics { database, socket }
+        | Command::Cancel {
+            database, socket, ..
+        } => (Some(database), Some(socket), None),
+        Command::Run { database, host, .. } => (Some(database), None, Some(host)),
+        Command::Reap {
+            database,
+            socket,
+            host,
+            ..
+        } => (Some(database), Some(socket), Some(host)),
+        Command::Status { config, socket, .. } => {
+            if config.is_some() {
+                overrides.config = config.clone();
+            }
+            (None, Some(socket), None)
+        }
+        Command::Config(ConfigCommand::Init { .. })
+        | Command::Completions { .. }
+        | Command::Man { .. } => (None, None, None),
+    };
+    if let Some(database) = database {
+        if database.config.is_some() {
+            overrides.config = database.config.clone();
+        }
+        if database.database_url.is_some() {
+            overrides.database_url = database.database_url.clone();
+        }
+    }
+    if let Some(SocketFlag {
+        socket: Some(socket),
+    }) = socket
+    {
+        overrides.socket = Some(socket.clone());
+    }
+    if let Some(HostFlag {
+        host_id: Some(host_id),
+    }) = host
+    {
+        overrides.host_id = Some(host_id.clone());
+    }
+    overrides
+}
+
 async fn command(command: Command, config: &Config) -> Result<ExitCode> {
     let config = config.clone();
     let open = |purpose| Store::open(&config.database_url, purpose);
     match command {
-        Command::Migrate => {
+        Command::Migrate { .. } => {
             let store = open(Purpose::Migrate)?;
             let migration = store.migrate().await?;
             println!("schema of {}: {migration}", store.display_url);
@@ -246,6 +492,11 @@ async fn command(command: Command, config: &Config) -> Result<ExitCode> {
             try_limit,
             priority,
             unique_key,
+            queue,
+            node,
+            not_node,
+            period,
+            ..
         } => {
             let store = open(Purpose::Cli)?;
             let id = store
@@ -257,27 +508,41 @@ async fn command(command: Command, config: &Config) -> Result<ExitCode> {
                     at,
                     priority: priority.unwrap_or(0),
                     unique_key,
+                    queue,
+                    node,
+                    not_node,
+                    period,
                 })
                 .await
                 .with_context(|| format!("enqueueing into {}", store.display_url))?;
             println!("{id}");
             wake_daemon(&config).await;
         }
-        Command::List { result, limit } => {
-            let filter = match result.as_deref() {
-                None => ListFilter::All,
-                Some(r) if r.eq_ignore_ascii_case("pending") => ListFilter::Pending,
-                Some(r) => ListFilter::Result(r.parse::<State>().map_err(crate::UsageError)?),
-            };
-            let rows = open(Purpose::Cli)?.list(filter, limit).await?;
-            print!("{}", render_table(&rows));
+        Command::List {
+            filter,
+            limit,
+            json,
+            ..
+        } => {
+            let rows = open(Purpose::Cli)?.list_where(&filter.query(limit)).await?;
+            if json {
+                for row in &rows {
+                    println!("{}", serde_json::to_string(row)?);
+                }
+            } else {
+                print!("{}", render_table(&rows));
+            }
         }
-        Command::Show { id } => {
+        Command::Show { id, json, .. } => {
             let store = open(Purpose::Cli)?;
             let Some(request) = store.show(id).await? else {
                 bail!("no request {id}")
             };
-            print!("{}", render_show(&request));
+            if json {
+                println!("{}", serde_json::to_string_pretty(&request)?);
+            } else {
+                print!("{}", render_show(&request));
+            }
         }
         Command::Run {
             record: true,
@@ -289,8 +554,9 @@ async fn command(command: Command, config: &Config) -> Result<ExitCode> {
             options,
             id,
             record,
+            ..
         } => return run_command(&config, task, options, id, record).await,
-        Command::Reap { dry_run } => {
+        Command::Reap { dry_run, .. } => {
             let store = open(Purpose::Cli)?;
             let reaped =
                 crate::reaper::reap(&store, &config.host_id, "", config.lease_timeout, dry_run)
@@ -309,32 +575,71 @@ async fn command(command: Command, config: &Config) -> Result<ExitCode> {
                 wake_daemon(&config).await;
             }
         }
-        Command::Retry { id } => match open(Purpose::Cli)?.retry(id).await? {
-            Change::Done | Change::Requested => {
-                println!("request {id} will run again");
-                wake_daemon(&config).await;
-            }
-            Change::NotFound => bail!("no request {id}"),
-            Change::Refused(_) => {
-                bail!("request {id} is RUNNING: cancel it first, or wait for it to end")
-            }
-        },
-        Command::Cancel { id } => match open(Purpose::Cli)?.cancel(id).await? {
-            Change::Done => println!("request {id} cancelled"),
-            Change::Requested => {
-                if wake_daemon(&config).await {
-                    println!("request {id} is running: its daemon is stopping it");
-                } else {
-                    println!("request {id} is running: its daemon will stop it within a heartbeat");
+        Command::Retry { ids, filter, .. } => {
+            let store = open(Purpose::Cli)?;
+            let ids = select_ids(&store, ids, &filter).await?;
+            let mut refused = 0;
+            for &id in &ids {
+                match store.retry(id).await? {
+                    Change::Done | Change::Requested => println!("request {id} will run again"),
+                    Change::NotFound => {
+                        refused += 1;
+                        eprintln!("taskrunner-cli: no request {id}");
+                    }
+                    Change::Refused(_) => {
+                        refused += 1;
+                        eprintln!(
+                            "taskrunner-cli: request {id} is RUNNING: cancel it first, or wait for it to end"
+                        );
+                    }
                 }
             }
-            Change::NotFound => bail!("no request {id}"),
-            Change::Refused(state) => bail!(
-                "request {id} is already {}: nothing to cancel",
-                state.unwrap_or_else(|| "final".into())
-            ),
-        },
-        Command::Purge { older_than } => {
+            if refused < ids.len() {
+                wake_daemon(&config).await;
+            }
+            if refused > 0 {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Cancel { ids, filter, .. } => {
+            let store = open(Purpose::Cli)?;
+            let ids = select_ids(&store, ids, &filter).await?;
+            let mut refused = 0;
+            let mut running = Vec::new();
+            for &id in &ids {
+                match store.cancel(id).await? {
+                    Change::Done => println!("request {id} cancelled"),
+                    Change::Requested => running.push(id),
+                    Change::NotFound => {
+                        refused += 1;
+                        eprintln!("taskrunner-cli: no request {id}");
+                    }
+                    Change::Refused(state) => {
+                        refused += 1;
+                        eprintln!(
+                            "taskrunner-cli: request {id} is already {}: nothing to cancel",
+                            state.unwrap_or_else(|| "final".into())
+                        );
+                    }
+                }
+            }
+            if !running.is_empty() {
+                let woken = wake_daemon(&config).await;
+                for id in running {
+                    if woken {
+                        println!("request {id} is running: its daemon is stopping it");
+                    } else {
+                        println!(
+                            "request {id} is running: its daemon will stop it within a heartbeat"
+                        );
+                    }
+                }
+            }
+            if refused > 0 {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Purge { older_than, .. } => {
             let retention = match older_than {
                 Some(age) => crate::retention::Retention::all(age),
                 None if config.retention.is_empty() => {
@@ -349,7 +654,7 @@ async fn command(command: Command, config: &Config) -> Result<ExitCode> {
             let deleted = crate::retention::prune(&store, &retention, Duration::ZERO, None).await?;
             println!("deleted {deleted} requests");
         }
-        Command::Web { listen } => {
+        Command::Web { listen, .. } => {
             let address = listen
                 .or_else(|| config.http.as_ref().and_then(|http| http.listen))
                 .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 8080)));
@@ -364,7 +669,7 @@ async fn command(command: Command, config: &Config) -> Result<ExitCode> {
             });
             crate::web::run_standalone(&config, address, store, shutdown).await?;
         }
-        Command::Metrics => {
+        Command::Metrics { .. } => {
             let from_daemon = match &config.socket {
                 Some(socket) => crate::control::request(socket, "metrics").await.ok(),
                 None => None,
@@ -382,7 +687,7 @@ async fn command(command: Command, config: &Config) -> Result<ExitCode> {
             };
             print!("{text}");
         }
-        Command::Wait { id, timeout } => {
+        Command::Wait { id, timeout, .. } => {
             let store = open(Purpose::Cli)?;
             let Some(request) =
                 crate::waiter::wait(&store, &config.database_url, id, timeout).await?
@@ -405,7 +710,7 @@ async fn command(command: Command, config: &Config) -> Result<ExitCode> {
             );
             return Ok(ExitCode::FAILURE);
         }
-        Command::Status { json } => {
+        Command::Status { json, .. } => {
             let Some(socket) = &config.socket else {
                 bail!(
                     "no control socket configured (set `socket:` in the config or pass --socket)"
@@ -419,9 +724,44 @@ async fn command(command: Command, config: &Config) -> Result<ExitCode> {
                 print!("{}", render_status(&status));
             }
         }
-        Command::Config(_) => unreachable!("handled above"),
+        Command::Config(_) | Command::Completions { .. } | Command::Man { .. } => {
+            unreachable!("handled in dispatch")
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The ids given, or those the filter selects; prints how many first.
+async fn select_ids(
+    store: &Store,
+    ids: Vec<RequestId>,
+    filter: &RowFilter,
+) -> Result<Vec<RequestId>> {
+    if !ids.is_empty() && !filter.is_empty() {
+        return Err(crate::UsageError(
+            "give ids or a filter (--result, --task, --queue, --host), not both".into(),
+        )
+        .into());
+    }
+    let by_filter = ids.is_empty();
+    let ids = if by_filter {
+        store
+            .list_where(&filter.query(i64::MAX))
+            .await?
+            .iter()
+            .rev()
+            .map(|row| RequestId(row.id))
+            .collect()
+    } else {
+        ids
+    };
+    match ids.len() {
+        0 => println!("no requests match"),
+        1 if !by_filter => {}
+        1 => println!("1 request"),
+        n => println!("{n} requests"),
+    }
+    Ok(ids)
 }
 
 /// Tells a local daemon to poll now and to look for cancel requests, if one
@@ -440,9 +780,31 @@ async fn wake_daemon(config: &Config) -> bool {
     )
 }
 
+/// `taskrunner-cli.1`, and `taskrunner-cli-COMMAND.1` for each command.
+fn write_man_pages(dir: &Path) -> Result<usize> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let root = <Flags as clap::CommandFactory>::command();
+    let mut pages = vec![(String::from("taskrunner-cli"), root.clone())];
+    for sub in root.get_subcommands() {
+        let name = format!("taskrunner-cli-{}", sub.get_name());
+        let command = sub
+            .clone()
+            .display_name(name.clone())
+            .bin_name(format!("taskrunner-cli {}", sub.get_name()));
+        pages.push((name, command));
+    }
+    for (name, command) in &pages {
+        let path = dir.join(format!("{name}.1"));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(command.clone()).render(&mut page)?;
+        std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(pages.len())
+}
+
 fn config_command(command: &ConfigCommand, overrides: &Overrides) -> Result<ExitCode> {
     match command {
-        ConfigCommand::Check { file } => {
+        ConfigCommand::Check { file, .. } => {
             let config = match file {
                 Some(file) => Config::load_file(file)?,
                 None => Config::resolve(overrides)?,
@@ -505,6 +867,7 @@ async fn run_command(
                 task: &task,
                 options: options.as_bytes(),
                 try_number: 1,
+                echo_stderr: true,
             };
             (
                 attempt::run(&context, input, stop, None, |_| {}, || {}).await,
@@ -541,6 +904,7 @@ async fn run_command(
                 task: &request.task_class_name,
                 options: options.as_bytes(),
                 try_number,
+                echo_stderr: true,
             };
             let store_for_pid = store.clone();
             let claimed_for_pid = claimed.clone();
@@ -579,7 +943,9 @@ async fn run_command(
         println!("{}", verdict.result_text);
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("{}: {}", verdict.state, verdict.result_text);
+        // The task's standard error was shown as it came: only the reason.
+        let reason = verdict.result_text.lines().next().unwrap_or_default();
+        eprintln!("{}: {reason}", verdict.state);
         Ok(ExitCode::FAILURE)
     }
 }
@@ -591,33 +957,38 @@ pub fn render_table(rows: &[Request]) -> String {
     ];
     let mut lines: Vec<[String; 8]> = vec![header.map(String::from)];
     for row in rows {
+        // When a delayed row (or a failed one waiting for its retry) is due.
+        let due = row
+            .delay_until
+            .as_deref()
+            .map(|t| format!("due {}", t.chars().take(19).collect::<String>()));
         let state = match row.result.as_deref() {
             Some(result) => {
                 let exhausted = matches!(result, "FAILED" | "CRASHED" | "TIMEOUT")
                     && row.tries >= row.try_limit;
-                if exhausted {
-                    format!("{result} (exhausted)")
-                } else {
-                    result.to_string()
+                let retrying = matches!(result, "FAILED" | "CRASHED" | "TIMEOUT" | "INTERRUPTED")
+                    && !exhausted;
+                match &due {
+                    _ if exhausted => format!("{result} (exhausted)"),
+                    Some(due) if retrying => format!("{result} (retry {due})"),
+                    _ => result.to_string(),
                 }
             }
             None if row.node.is_some() => format!(
                 "pending (waits for node {})",
                 row.node.as_deref().unwrap_or_default()
             ),
-            None if row.delay_until.is_some() => "pending (delayed)".to_string(),
-            None => "pending".to_string(),
+            None => match &due {
+                Some(due) => format!("pending ({due})"),
+                None => "pending".to_string(),
+            },
         };
         let summary = row
             .progress
             .as_deref()
             .filter(|_| row.result.as_deref() == Some("RUNNING"))
             .map(|p| format!("progress: {p}"))
-            .or_else(|| {
-                row.result_text
-                    .as_deref()
-                    .map(|t| t.lines().next().unwrap_or_default().to_string())
-            })
+            .or_else(|| row.result_text.as_deref().map(summary_of))
             .unwrap_or_default();
         lines.push([
             row.id.to_string(),
@@ -662,6 +1033,22 @@ pub fn render_table(rows: &[Request]) -> String {
         out += "(no requests)\n";
     }
     out
+}
+
+/// The first line of a result_text; for a failed try ("exit status 1"
+/// followed by the task's standard error), with the first line the task
+/// itself wrote, which usually says what went wrong.
+fn summary_of(result_text: &str) -> String {
+    let mut lines = result_text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default();
+    match lines.next() {
+        Some(own)
+            if first.starts_with("exit status ") || first.starts_with("killed by signal ") =>
+        {
+            format!("{first}: {own}")
+        }
+        _ => first.to_string(),
+    }
 }
 
 fn truncate(text: &str, max: usize) -> String {

@@ -7,7 +7,8 @@
 //! new rows; `control` answers on the socket.
 //!
 //! Shutdown order (SIGTERM/SIGINT or `stop` on the socket): stop claiming;
-//! let running tries finish for up to `shutdown_timeout`; then stop them
+//! let running tries finish for up to `shutdown_timeout` (a second
+//! SIGTERM/SIGINT cuts this short); then stop them
 //! (SIGTERM, repeated every `kill_retry`, SIGKILL after `kill_grace`) and
 //! record them INTERRUPTED, their try given back; flush the recorder; exit.
 
@@ -90,6 +91,10 @@ pub struct Shared {
     pub check_cancels: Notify,
     /// Stop claiming (the first step of shutdown).
     pub stop_claiming: CancellationToken,
+    /// Cut the drain short: a second SIGTERM or SIGINT stops the running
+    /// tasks at once (SIGTERM, then SIGKILL after their kill_grace), recorded
+    /// INTERRUPTED, as RQ and Sidekiq users expect of a second Ctrl-C.
+    pub stop_now: CancellationToken,
     pub started: Instant,
     /// When the scheduler will next poll unprompted (for `status`).
     pub next_poll: Mutex<Option<Instant>>,
@@ -199,6 +204,7 @@ pub async fn run(
         wake,
         check_cancels: Notify::new(),
         stop_claiming: CancellationToken::new(),
+        stop_now: CancellationToken::new(),
         started: Instant::now(),
         next_poll: Mutex::new(None),
         metrics: crate::metrics::Metrics::new(),
@@ -260,12 +266,23 @@ pub async fn run(
     );
     shared.stop_claiming.cancel();
     shared.wake.notify_one();
-    let drained = wait_until_idle(&shared, config.shutdown_timeout).await;
+    let drained = tokio::select! {
+        drained = wait_until_idle(&shared, config.shutdown_timeout) => drained,
+        _ = shared.stop_now.cancelled() => {
+            tracing::warn!(
+                running = shared.live().len(),
+                "second stop request: stopping the running tasks now (they will run again)"
+            );
+            false
+        }
+    };
     if !drained {
-        tracing::warn!(
-            running = shared.live().len(),
-            "shutdown_timeout passed: stopping the remaining tasks (they will run again)"
-        );
+        if !shared.stop_now.is_cancelled() {
+            tracing::warn!(
+                running = shared.live().len(),
+                "shutdown_timeout passed: stopping the remaining tasks (they will run again)"
+            );
+        }
         shared.stop_all(StopReason::Shutdown);
         let longest_grace = config
             .tasks

@@ -466,6 +466,7 @@ async fn run_claimed(
         task: &row.task_class_name,
         options: &row.options,
         try_number: row.tries,
+        echo_stderr: false,
     };
     let on_running = |spawned: &crate::supervisor::Spawned| {
         if let Some(live) = shared.live().get_mut(&row.id) {

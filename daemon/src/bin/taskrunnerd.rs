@@ -184,12 +184,24 @@ impl Signals {
     }
 }
 
-/// SIGTERM/SIGINT: graceful stop. SIGHUP: reload the config file.
+/// SIGTERM/SIGINT: graceful stop; a second one during the drain stops the
+/// tasks at once. SIGHUP: reload the config file.
 async fn handle_signals(mut signals: Signals, shutdown: CancellationToken, overrides: Overrides) {
+    let stop = |name: &str| {
+        if shutdown.is_cancelled() {
+            tracing::info!("{name} received again: stopping the running tasks now");
+            if let Some(shared) = SHARED.get() {
+                shared.stop_now.cancel();
+            }
+        } else {
+            tracing::info!("{name} received");
+            shutdown.cancel();
+        }
+    };
     loop {
         tokio::select! {
-            _ = signals.term.recv() => { tracing::info!("SIGTERM received"); shutdown.cancel(); }
-            _ = signals.int.recv() => { tracing::info!("SIGINT received"); shutdown.cancel(); }
+            _ = signals.term.recv() => stop("SIGTERM"),
+            _ = signals.int.recv() => stop("SIGINT"),
             _ = signals.hup.recv() => match (SHARED.get(), &overrides.config) {
                 (Some(shared), Some(path)) => {
                     tracing::info!("SIGHUP received: reloading {}", path.display());

@@ -197,6 +197,14 @@ pub struct NewRequest {
     /// At most one pending or running request per key: while one exists,
     /// `enqueue` inserts nothing and returns its id.
     pub unique_key: Option<String>,
+    /// None: the column default (`default`).
+    pub queue: Option<String>,
+    /// Run only on the daemon of this node name.
+    pub node: Option<String>,
+    /// Never run on the daemon of this node name.
+    pub not_node: Option<String>,
+    /// Seconds: when a try ends, the next occurrence is inserted this long after.
+    pub period: Option<i64>,
 }
 
 /// Which rows `list` shows.
@@ -206,6 +214,18 @@ pub enum ListFilter {
     /// `result` IS NULL: never run.
     Pending,
     Result(State),
+}
+
+/// Which rows `list` (and `retry`/`cancel` with a filter) select.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// A `result`, or `pending`, `retrying`, `exhausted`; None for any.
+    pub state: Option<String>,
+    pub task: Option<String>,
+    pub queue: Option<String>,
+    pub host: Option<String>,
+    /// At most this many rows, newest first.
+    pub limit: i64,
 }
 
 /// The answer to `retry` and `cancel`.
@@ -824,13 +844,7 @@ impl Store {
             return self.enqueue_unique(request, unique_key).await;
         }
         let id = on_pool!(self, pool => {
-            let query = sqlx::query(self.sql.enqueue.as_str())
-                .bind(request.task_class_name.as_str())
-                .bind(request.options.as_deref())
-                .bind(request.try_limit.unwrap_or(DEFAULT_TRY_LIMIT))
-                .bind(request.delay_seconds)
-                .bind(request.at.as_deref())
-                .bind(request.priority);
+            let query = bind_new_request(sqlx::query(self.sql.enqueue.as_str()), request, None);
             query.fetch_all(pool).await?[0].int(0)?
         });
         Ok(RequestId(id))
@@ -864,6 +878,24 @@ impl Store {
     }
 
     /// Makes a row runnable again (`retry`); refused while it runs.
+    /// The rows `query` selects, newest first.
+    pub async fn list_where(&self, query: &ListQuery) -> Result<Vec<Request>> {
+        let text = |value: &Option<String>| value.clone().unwrap_or_default();
+        Ok(on_pool!(self, pool => {
+            sqlx::query(self.sql.list_where.as_str())
+                .bind(query.limit)
+                .bind(text(&query.task))
+                .bind(text(&query.queue))
+                .bind(text(&query.host))
+                .bind(text(&query.state))
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(request_from_row)
+                .collect::<sqlx::Result<_>>()?
+        }))
+    }
+
     pub async fn retry(&self, id: RequestId) -> Result<Change> {
         if self.execute_by_id(self.sql.retry.as_str(), id).await? {
             return Ok(Change::Done);
@@ -938,6 +970,33 @@ impl Store {
     pub async fn close(&self) {
         on_pool!(self, pool => pool.close().await)
     }
+}
+
+/// Binds `$1..$11` of [`Sql::enqueue`] and [`Sql::enqueue_unique`].
+fn bind_new_request<'q, DB: sqlx::Database>(
+    query: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>,
+    request: &'q NewRequest,
+    unique_key: Option<&'q str>,
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>
+where
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<i64>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<f64>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    query
+        .bind(request.task_class_name.as_str())
+        .bind(request.options.as_deref())
+        .bind(request.try_limit.unwrap_or(DEFAULT_TRY_LIMIT))
+        .bind(request.delay_seconds)
+        .bind(request.at.as_deref())
+        .bind(request.priority)
+        .bind(unique_key)
+        .bind(request.queue.as_deref())
+        .bind(request.node.as_deref())
+        .bind(request.not_node.as_deref())
+        .bind(request.period)
 }
 
 /// The one-row statement for a write (SQLite, and progress everywhere).
@@ -1165,14 +1224,11 @@ impl Store {
         // The holder may end between the two statements: then insert again.
         for _ in 0..5 {
             let inserted = on_pool!(self, pool => {
-                let query = sqlx::query(self.sql.enqueue_unique.as_str())
-                    .bind(request.task_class_name.as_str())
-                    .bind(request.options.as_deref())
-                    .bind(request.try_limit.unwrap_or(DEFAULT_TRY_LIMIT))
-                    .bind(request.delay_seconds)
-                    .bind(request.at.as_deref())
-                    .bind(request.priority)
-                    .bind(unique_key);
+                let query = bind_new_request(
+                    sqlx::query(self.sql.enqueue_unique.as_str()),
+                    request,
+                    Some(unique_key),
+                );
                 match query.fetch_all(pool).await?.first() {
                     Some(row) => Some(row.int(0)?),
                     None => None,

@@ -178,6 +178,11 @@ pub struct Sql {
     pub show: String,
     /// Every column of `Request`, from the table (add a WHERE clause).
     pub select_requests: String,
+    /// Rows newest first, at most `$1`, filtered by task type `$2`, queue
+    /// `$3`, host `$4` ('' for any), state `$5` ('' for any; a `result`, or
+    /// `pending` (never run), `retrying` (failed, will run again),
+    /// `exhausted`).
+    pub list_where: String,
     pub list_all: String,
     pub list_pending: String,
     pub list_by_result: String,
@@ -188,6 +193,9 @@ pub struct Sql {
     pub count_by_result: String,
     pub purge: String,
     // ---- Issue 7: unique requests, retention, cron schedules ----
+    /// Inserts task `$1` with options `$2`, try_limit `$3`, delay `$4` seconds
+    /// or at time `$5`, priority `$6`, unique key `$7`, queue `$8` (NULL:
+    /// `default`), node `$9`, not_node `$10`, period `$11` seconds.
     /// `enqueue` with unique key `$7`: inserts nothing (returns no row) while
     /// a pending or running request has that key (the partial unique index).
     pub enqueue_unique: String,
@@ -307,6 +315,15 @@ impl Sql {
         let final_or_exhausted = "(result IN ('FINISHED', 'CANCELLED', 'REJECTED') \
               OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit))";
         let batched = d.array_batches;
+        let enqueue_columns =
+            "task_class_name, options, try_limit, delay_until, priority, unique_key, \
+             queue, node, not_node, period";
+        let enqueue_values = format!(
+            "$1, $2, $3, CASE WHEN $4 IS NOT NULL THEN {} WHEN $5 IS NOT NULL THEN {} ELSE NULL END, \
+             $6, $7, coalesce($8, 'default'), $9, $10, $11",
+            plus("$4"),
+            d.parse_time.replace("{}", "$5"),
+        );
         let elapsed = d
             .seconds_between
             .replace("{a}", "planned_at")
@@ -437,15 +454,25 @@ impl Sql {
                 d.epoch_seconds.replace("{}", now)
             ),
             enqueue: format!(
-                "INSERT INTO task_runner_requests (task_class_name, options, try_limit, delay_until, priority) \
-                 VALUES ($1, $2, $3, CASE WHEN $4 IS NOT NULL THEN {} WHEN $5 IS NOT NULL THEN {} ELSE NULL END, $6) \
+                "INSERT INTO task_runner_requests ({enqueue_columns}) \
+                 VALUES ({enqueue_values}) \
                  RETURNING {}",
-                plus("$4"),
-                d.parse_time.replace("{}", "$5"),
                 int("id")
             ),
             show: format!("{select_requests} WHERE id = $1"),
             select_requests: select_requests.clone(),
+            list_where: format!(
+                "{select_requests} \
+                  WHERE ($2 = '' OR task_class_name = $2) AND ($3 = '' OR queue = $3) \
+                    AND ($4 = '' OR host = $4) \
+                    AND ($5 = '' \
+                         OR ($5 = 'pending' AND result IS NULL) \
+                         OR ($5 = 'retrying' AND {RUNNABLE} AND result IS NOT NULL) \
+                         OR ($5 = 'exhausted' AND result IN ('FAILED', 'CRASHED', 'TIMEOUT') \
+                             AND tries >= try_limit) \
+                         OR result = $5) \
+                  ORDER BY id DESC LIMIT $1"
+            ),
             list_all: format!("{select_requests} ORDER BY id DESC LIMIT $1"),
             list_pending: format!("{select_requests} WHERE result IS NULL ORDER BY id DESC LIMIT $1"),
             list_by_result: format!("{select_requests} WHERE result = $2 ORDER BY id DESC LIMIT $1"),
@@ -475,12 +502,10 @@ impl Sql {
             ),
             // ---- Issue 7: unique requests, retention, cron schedules ----
             enqueue_unique: format!(
-                "{} INTO task_runner_requests (task_class_name, options, try_limit, delay_until, priority, unique_key) \
-                 VALUES ($1, $2, $3, CASE WHEN $4 IS NOT NULL THEN {} WHEN $5 IS NOT NULL THEN {} ELSE NULL END, $6, $7) \
+                "{} INTO task_runner_requests ({enqueue_columns}) \
+                 VALUES ({enqueue_values}) \
                  {} RETURNING {}",
                 d.insert_or_ignore,
-                plus("$4"),
-                d.parse_time.replace("{}", "$5"),
                 d.on_conflict_ignore,
                 int("id")
             ),

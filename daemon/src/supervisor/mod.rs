@@ -58,6 +58,9 @@ pub struct Launch {
     pub env: Vec<(String, String)>,
     /// The request's options, written to stdin byte for byte.
     pub stdin: Vec<u8>,
+    /// Also copy the task's standard error to ours as it arrives
+    /// (`taskrunner-cli run`: log and progress lines live).
+    pub echo_stderr: bool,
 }
 
 /// Why the supervisor was asked to stop a running task.
@@ -170,6 +173,9 @@ pub async fn run(
     });
     let mut stdout = Capture::new(settings.output_tail, None);
     let mut stderr = Capture::new(settings.output_tail, progress);
+    if launch.echo_stderr {
+        stderr.echo_to_stderr();
+    }
     let (stdout_pipe, stderr_pipe) = (child.stdout.take(), child.stderr.take());
     let exited = CancellationToken::new();
     let (status, stopped, ran_for) = {

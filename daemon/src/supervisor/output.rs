@@ -69,6 +69,8 @@ pub struct Capture {
     line: Vec<u8>,
     line_too_long: bool,
     buffer: Vec<u8>,
+    /// Copy what is read to this process's standard error.
+    echo: bool,
 }
 
 const MAX_PROGRESS_LINE: usize = 1024;
@@ -84,7 +86,13 @@ impl Capture {
             // Small at first, since a task usually writes little; doubled
             // whenever a read fills it, so that a flood is read in large chunks.
             buffer: Vec::with_capacity(512),
+            echo: false,
         }
+    }
+
+    /// Also copies everything read to this process's standard error.
+    pub fn echo_to_stderr(&mut self) {
+        self.echo = true;
     }
 
     /// Reads what `pipe` (non-blocking) holds now, without waiting. Returns
@@ -143,6 +151,12 @@ impl Capture {
     fn take(&mut self) {
         let chunk = &self.buffer[..];
         self.tail.push(chunk);
+        if self.echo {
+            use std::io::Write;
+            let mut stderr = std::io::stderr().lock();
+            let _ = stderr.write_all(chunk);
+            let _ = stderr.flush();
+        }
         if let Some(progress) = &self.progress {
             for &byte in chunk {
                 if byte == b'\n' {
