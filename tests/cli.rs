@@ -314,7 +314,11 @@ async fn list_shows_the_tasks_own_error_without_progress_lines(backend: Backend)
         .await;
     let row = db.wait_for_state(id, "FAILED", WAIT).await;
     let text = row.result_text.unwrap();
-    assert_eq!(text.trim_end(), "exit status 1\ndisk full on /srv", "{text}");
+    assert_eq!(
+        text.trim_end(),
+        "exit status 1\ndisk full on /srv",
+        "{text}"
+    );
     let (_, table, _) = cli(&db, &["list"]);
     assert!(
         table.contains("exit status 1: disk full on /srv"),
