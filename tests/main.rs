@@ -9,6 +9,7 @@ mod claim_ahead;
 mod cli;
 mod core;
 mod faults;
+mod hardening;
 mod ops;
 mod placement;
 mod scheduling;

@@ -54,6 +54,9 @@ pub struct Verdict {
     pub stderr_tail: Option<String>,
     /// How long starting the process took (clone and exec), if it started.
     pub spawn_took: Option<std::time::Duration>,
+    /// The process could not be started for the daemon's own lack of
+    /// resources: the try is given back, and the scheduler backs off.
+    pub daemon_short: bool,
 }
 
 impl Verdict {
@@ -63,6 +66,7 @@ impl Verdict {
             result_text: result_text.into(),
             stderr_tail: None,
             spawn_took: None,
+            daemon_short: false,
         }
     }
 }
@@ -147,6 +151,13 @@ pub async fn run(
             spawn_took: Some(ended.spawn_took),
             ..judge(&ended)
         },
+        Err(error) if supervisor::is_daemon_short(&error) => Verdict {
+            daemon_short: true,
+            ..Verdict::new(
+                State::Interrupted,
+                format!("given back before it started: the daemon is short of resources ({error})"),
+            )
+        },
         Err(error) => Verdict::new(State::Failed, error.to_string()),
     }
 }
@@ -224,6 +235,7 @@ pub fn judge(ended: &Ended) -> Verdict {
         result_text: with_stderr(reason),
         stderr_tail: Some(stderr.clone()),
         spawn_took: Some(ended.spawn_took),
+        daemon_short: false,
     };
     match ended.stopped {
         Some(Stopped::Timeout(_)) => {

@@ -27,6 +27,8 @@ pub const WRITER_AUTOCHECKPOINT: u32 = 16_000;
 
 pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     if shared.store.sqlite_pool().is_none() {
+        // Nothing to do on PostgreSQL; a service returns only when stopped.
+        stop.cancelled().await;
         return;
     }
     let mut side = SideConnection::new(&shared.config().database_url);

@@ -190,6 +190,9 @@ pub async fn run(
         None => None,
     };
     let spawner = crate::supervisor::start_spawner().context("preparing to start tasks")?;
+    if let Some(warning) = crate::supervisor::resources::open_files_warning(config.max_concurrent) {
+        tracing::warn!("{warning}");
+    }
     let wake = Arc::new(Notify::new());
     let (recorder, recorder_done) = Recorder::start(store.clone(), health.clone(), wake.clone());
     let shared = Arc::new(Shared {
@@ -224,17 +227,46 @@ pub async fn run(
         );
     }
 
+    // Every service runs until `services` is cancelled at the end of the
+    // shutdown. One that ends before (a panic, a bug) leaves the daemon
+    // without its lease renewal, reaping or claims: the daemon then shuts
+    // down in the SPEC's order and exits 1.
     let services = CancellationToken::new();
     let services_for_web = services.clone();
     let mut background = tokio::task::JoinSet::new();
-    background.spawn(crate::heartbeat::run(shared.clone(), services.clone()));
-    background.spawn(crate::reaper::run(shared.clone(), services.clone()));
-    background.spawn(crate::wakeup::run(shared.clone(), services.clone()));
-    background.spawn(crate::checkpoint::run(shared.clone(), services.clone()));
-    background.spawn(crate::retention::run(shared.clone(), services.clone()));
-    background.spawn(crate::cron::run(shared.clone(), services.clone()));
+    let named = |name: &'static str, service| async move {
+        service.await;
+        name
+    };
+    background.spawn(named(
+        "heartbeat",
+        Box::pin(crate::heartbeat::run(shared.clone(), services.clone())) as Service,
+    ));
+    background.spawn(named(
+        "reaper",
+        Box::pin(crate::reaper::run(shared.clone(), services.clone())),
+    ));
+    background.spawn(named(
+        "wakeup",
+        Box::pin(crate::wakeup::run(shared.clone(), services.clone())),
+    ));
+    background.spawn(named(
+        "checkpoint",
+        Box::pin(crate::checkpoint::run(shared.clone(), services.clone())),
+    ));
+    background.spawn(named(
+        "retention",
+        Box::pin(crate::retention::run(shared.clone(), services.clone())),
+    ));
+    background.spawn(named(
+        "cron",
+        Box::pin(crate::cron::run(shared.clone(), services.clone())),
+    ));
     if let Some(control) = control {
-        background.spawn(control.serve(shared.clone(), services.clone(), shutdown.clone()));
+        background.spawn(named(
+            "control socket",
+            Box::pin(control.serve(shared.clone(), services.clone(), shutdown.clone())),
+        ));
     }
     // The web page and /metrics (`http: { listen }`), on a pool of its own.
     let http_listen = shared.config().http.as_ref().and_then(|http| http.listen);
@@ -247,16 +279,41 @@ pub async fn run(
             Some(shared.clone()),
         )?);
         let listener = crate::web::bind(address, &web).await?;
-        background.spawn(async move {
-            if let Err(error) = crate::web::serve(listener, web, services_for_web).await {
-                tracing::error!("{error:#}");
-            }
-        });
+        background.spawn(named(
+            "web",
+            Box::pin(async move {
+                if let Err(error) = crate::web::serve(listener, web, services_for_web).await {
+                    tracing::error!("{error:#}");
+                }
+            }),
+        ));
     }
-    let scheduler = tokio::spawn(crate::scheduler::run(shared.clone()));
+    let mut scheduler = tokio::spawn(crate::scheduler::run(shared.clone()));
     on_ready(&shared);
 
-    shutdown.cancelled().await;
+    let mut failure: Option<String> = None;
+    let mut scheduler_joined = false;
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        Some(ended) = background.join_next() => {
+            let what = match ended {
+                Ok(name) => format!("the {name} service ended"),
+                Err(error) if error.is_panic() => format!("a service panicked: {}", panic_message(error.into_panic())),
+                Err(error) => format!("a service ended: {error}"),
+            };
+            tracing::error!("{what} unexpectedly: stopping the daemon");
+            failure = Some(what);
+        }
+        ended = &mut scheduler => {
+            scheduler_joined = true;
+            let what = match ended {
+                Err(error) if error.is_panic() => format!("the scheduler panicked: {}", panic_message(error.into_panic())),
+                _ => "the scheduler ended".to_string(),
+            };
+            tracing::error!("{what} unexpectedly: stopping the daemon");
+            failure = Some(what);
+        }
+    }
     let config = shared.config();
     let running = shared.live().len();
     tracing::info!(
@@ -295,7 +352,9 @@ pub async fn run(
     }
     // Every try has ended (their tasks hold the spawner's children): the
     // scheduler joins them before it returns.
-    let _ = scheduler.await;
+    if !scheduler_joined {
+        let _ = scheduler.await;
+    }
     services.cancel();
     while background.join_next().await.is_some() {}
     shared.recorder.close();
@@ -308,8 +367,23 @@ pub async fn run(
         );
     }
     shared.store.close().await;
+    if let Some(failure) = failure {
+        anyhow::bail!("{failure}; the daemon stopped");
+    }
     tracing::info!("taskrunnerd stopped");
     Ok(())
+}
+
+/// A service of the daemon: runs until cancelled.
+type Service = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// The text of a panic's payload.
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string())
 }
 
 /// Waits until no try runs, for at most `limit`; true if none runs.

@@ -9,8 +9,17 @@
 //! successful renewal (monotonic clock) it kills its own tasks, and one row
 //! never runs on two hosts at once. On SQLite (one host) it keeps
 //! supervising through an outage instead, and records outcomes later.
+//!
+//! Rows held but never started: a claim whose answer was lost (the
+//! connection dropped after PostgreSQL committed the `UPDATE … RETURNING`)
+//! leaves rows RUNNING under this daemon's instance that no try of it runs.
+//! Renewing them would keep them from every reaper for ever, so a row found
+//! held in two renewals in a row, under the same claim token, without a try
+//! of this daemon running it, is given back (INTERRUPTED, its try not
+//! counted). Two renewals, because a row just claimed reaches the live map
+//! a moment after its claim commits.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +33,8 @@ use crate::supervisor::StopReason;
 pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let mut last_renewal = Instant::now();
     let mut fenced = false;
+    // Rows held at the last renewal that no try of this daemon runs.
+    let mut strays: HashMap<crate::request::RequestId, String> = HashMap::new();
     loop {
         let config = shared.config();
         let self_fence_after = config
@@ -50,6 +61,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             }
             _ = stop.cancelled() => return,
         }
+        panic_when_told_by_a_test();
         // Which tries were running before the renewal: a claim made while
         // it ran must not be taken for a lost one.
         let before: Vec<(crate::request::RequestId, String)> = shared
@@ -96,8 +108,69 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                 }
             }
         }
+        strays = give_back_strays(&shared, &live, &held, strays);
         drop(live);
         write_progress(&shared);
+    }
+}
+
+/// Gives back the rows held now that no try of this daemon runs and that
+/// were already such strays, under the same claim token, at the last
+/// renewal; returns this renewal's strays. The give-back is fenced by the
+/// claim token and queued behind any outcome the recorder still holds for
+/// the row, so it never overwrites a try's own outcome.
+fn give_back_strays(
+    shared: &Shared,
+    live: &crate::daemon::Live,
+    held: &[crate::store::Held],
+    previous: HashMap<crate::request::RequestId, String>,
+) -> HashMap<crate::request::RequestId, String> {
+    let strays: HashMap<crate::request::RequestId, String> = held
+        .iter()
+        .filter(|h| {
+            live.get(&h.id)
+                .is_none_or(|l| l.claim_token != h.claim_token)
+        })
+        .map(|h| (h.id, h.claim_token.clone()))
+        .collect();
+    let lost: Vec<(crate::request::RequestId, String)> = strays
+        .iter()
+        .filter(|(id, token)| previous.get(id) == Some(token))
+        .map(|(id, token)| (*id, token.clone()))
+        .collect();
+    if lost.is_empty() {
+        return strays;
+    }
+    tracing::warn!(
+        requests = ?lost.iter().map(|(id, _)| id.0).collect::<Vec<_>>(),
+        "this daemon holds rows it never started: giving them back (a claim's answer was lost)"
+    );
+    for (id, token) in &lost {
+        shared.recorder.send(Write::Outcome(crate::store::Outcome {
+            id: *id,
+            claim_token: token.clone(),
+            state: crate::request::State::Interrupted,
+            result_text: "given back before it started: the answer to its claim was lost".into(),
+            retry_after: None,
+            give_back_try: true,
+            periodic: false,
+        }));
+    }
+    strays
+        .into_iter()
+        .filter(|(id, _)| !lost.iter().any(|(lost_id, _)| lost_id == id))
+        .collect()
+}
+
+/// A test-only hook, compiled into debug builds only: the heartbeat panics
+/// once the file named by `TASKRUNNER_TEST_HEARTBEAT_PANIC_FILE` exists, so
+/// that a test can watch the daemon stop when a service dies.
+fn panic_when_told_by_a_test() {
+    #[cfg(debug_assertions)]
+    if let Some(path) = std::env::var_os("TASKRUNNER_TEST_HEARTBEAT_PANIC_FILE") {
+        if std::path::Path::new(&path).exists() {
+            panic!("the heartbeat panics: told to by a test");
+        }
     }
 }
 

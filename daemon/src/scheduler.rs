@@ -46,6 +46,8 @@ struct TryEnd {
     /// How long its process ran; `None` if it never started.
     ran_for: Option<Duration>,
     state: State,
+    /// It could not start for the daemon's own lack of resources.
+    daemon_short: bool,
 }
 
 /// How often the log gets a summary of the tries that ended. A finished try
@@ -190,6 +192,8 @@ pub async fn run(shared: Arc<Shared>) {
     let mut tally = Tally::default();
     let mut claim_counter: u64 = 0;
     let mut backoff = Backoff::default();
+    // Claiming pauses while the daemon is short of resources to start tasks.
+    let mut short = Shortage::default();
     loop {
         if shared.stop_claiming.is_cancelled() {
             break;
@@ -207,7 +211,11 @@ pub async fn run(shared: Arc<Shared>) {
         let refill = ahead > 0 && waiting <= ahead / 2;
         // When is the next unprompted claim due: the poll, or an earlier delay.
         let mut next_claim = Instant::now() + config.poll_interval;
-        if idle_slots > 0 || refill {
+        let paused = short.paused_until().filter(|until| *until > Instant::now());
+        if let Some(until) = paused {
+            next_claim = next_claim.min(until);
+        }
+        if (idle_slots > 0 || refill) && paused.is_none() {
             claim_counter += 1;
             let token = format!("{}:{claim_counter}", shared.instance);
             let budget = (config.max_concurrent + ahead).saturating_sub(claimed);
@@ -254,6 +262,7 @@ pub async fn run(shared: Arc<Shared>) {
                     shared.metrics.try_ended(&ended.task, &ended.queue, ended.state, ended.exhausted, ended.ran_for);
                     tally.count(ended.state);
                     tally.log(false);
+                    short.ended(&ended);
                 }
             }
             _ = tokio::time::sleep_until(next_claim) => {}
@@ -276,6 +285,43 @@ pub async fn run(shared: Arc<Shared>) {
         }
     }
     tally.log(true);
+}
+
+/// The daemon's own lack of resources to start tasks (descriptors,
+/// processes, memory): each such start gives its try back, and claiming
+/// pauses for a backoff that grows while starts keep failing and resets at
+/// the first start that works. One log line per shortage, and at most one
+/// a minute.
+#[derive(Default)]
+struct Shortage {
+    backoff: Backoff,
+    until: Option<Instant>,
+    warned: Option<Instant>,
+}
+
+impl Shortage {
+    fn ended(&mut self, ended: &TryEnd) {
+        if ended.daemon_short {
+            let delay = self.backoff.next_delay();
+            let quiet = self.warned.is_some_and(|at| at.elapsed() < SUMMARY_EVERY);
+            if self.until.is_none() && !quiet {
+                self.warned = Some(Instant::now());
+                tracing::warn!(
+                    "the daemon is short of resources to start tasks (file descriptors, processes or memory): \
+                     giving their tries back and claiming less often until a start works; see max_concurrent and LimitNOFILE"
+                );
+            }
+            self.until = Some(Instant::now() + delay);
+        } else if ended.ran_for.is_some() && self.until.is_some() {
+            tracing::debug!("tasks start again: the daemon's shortage of resources is over");
+            self.until = None;
+            self.backoff.reset();
+        }
+    }
+
+    fn paused_until(&self) -> Option<Instant> {
+        self.until
+    }
 }
 
 /// How many rows to claim beyond the free slots: enough that each slot has
@@ -404,24 +450,27 @@ async fn supervise(
     let task = row.task_class_name.clone();
     let tries_left = row.tries < row.try_limit;
     let span = tracing::info_span!("task", request = %row.id, task = %row.task_class_name, r#try = row.tries);
-    let (state, ran_for) = run_claimed(shared, &slots, row, go).instrument(span).await;
+    let ((state, daemon_short), ran_for) =
+        run_claimed(shared, &slots, row, go).instrument(span).await;
     TryEnd {
         task,
         queue,
         exhausted: !tries_left && matches!(state, State::Failed | State::Crashed | State::Timeout),
         ran_for,
         state,
+        daemon_short,
     }
 }
 
-/// Returns how the try ended, and how long its process ran (`None` if it
-/// never started).
+/// Returns how the try ended (and whether it could not start for the
+/// daemon's own lack of resources), and how long its process ran (`None` if
+/// it never started).
 async fn run_claimed(
     shared: Arc<Shared>,
     slots: &Slots,
     row: Claimed,
     mut go: oneshot::Receiver<()>,
-) -> (State, Option<Duration>) {
+) -> ((State, bool), Option<Duration>) {
     let config = shared.config();
     let (stop_sender, mut stop) = watch::channel(None);
     let (progress_sender, progress) = watch::channel(None);
@@ -450,7 +499,7 @@ async fn run_claimed(
         tracing::info!("{}", verdict.result_text);
         let outcome = attempt::outcome(&row, &verdict, &config);
         shared.recorder.send(Write::Outcome(outcome));
-        return (verdict.state, None);
+        return ((verdict.state, false), None);
     }
     let started = std::time::Instant::now();
     if let Some(live) = shared.live().get_mut(&row.id) {
@@ -498,6 +547,12 @@ async fn run_claimed(
     }
 
     let outcome = attempt::outcome(&row, &verdict, &config);
+    if verdict.daemon_short {
+        // Logged once per shortage by the scheduler, not once per try.
+        tracing::debug!("{}", verdict.result_text);
+        shared.recorder.send(Write::Outcome(outcome));
+        return ((verdict.state, true), None);
+    }
     match verdict.state {
         State::Finished => tracing::debug!("finished"),
         State::Interrupted | State::Cancelled => tracing::info!("{}", verdict.result_text),
@@ -521,7 +576,7 @@ async fn run_claimed(
         }
     }
     shared.recorder.send(Write::Outcome(outcome));
-    (verdict.state, Some(started.elapsed()))
+    ((verdict.state, false), Some(started.elapsed()))
 }
 
 /// Waits until the scheduler gives this try a slot. Returns whether it got

@@ -325,6 +325,46 @@ impl Daemon {
     }
 
     pub fn start_with_config(config: &Path, args: &[&str]) -> Daemon {
+        Daemon::start_with_env(config, args, &[])
+    }
+
+    /// Like [`Daemon::start`], with extra environment variables.
+    pub fn start_in_env(db: &TestDb, name: &str, extra: &str, env: &[(&str, &str)]) -> Daemon {
+        let dir = db.scratch.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("taskrunner.yml");
+        std::fs::write(&config, merge_yaml(&base_config(db, &dir), extra)).unwrap();
+        let mut daemon = Daemon::start_with_env(&config, &[], env);
+        daemon.wait_ready();
+        daemon
+    }
+
+    pub fn start_with_env(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn(config, args, env, None)
+    }
+
+    /// Like [`Daemon::start`], under an `RLIMIT_NOFILE` of (soft, hard).
+    pub fn start_with_open_files(
+        db: &TestDb,
+        name: &str,
+        extra: &str,
+        nofile: (u64, u64),
+    ) -> Daemon {
+        let dir = db.scratch.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("taskrunner.yml");
+        std::fs::write(&config, merge_yaml(&base_config(db, &dir), extra)).unwrap();
+        let mut daemon = Daemon::spawn(&config, &[], &[], Some(nofile));
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn spawn(
+        config: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        nofile: Option<(u64, u64)>,
+    ) -> Daemon {
         let dir = config.parent().unwrap().to_path_buf();
         let log = dir.join(format!(
             "daemon-{}.log",
@@ -333,13 +373,31 @@ impl Daemon {
                 .unwrap()
                 .as_nanos()
         ));
-        let child = Command::new(DAEMON)
+        let mut command = Command::new(DAEMON);
+        if let Some((soft, hard)) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe.
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: soft,
+                        rlim_max: hard,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command
             .arg("--config")
             .arg(config)
             .args(args)
             .current_dir(&dir)
             .env("TASKRUNNER_LOG", "debug,sqlx=warn")
             .env_remove("DATABASE_URL")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

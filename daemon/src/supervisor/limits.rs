@@ -21,6 +21,7 @@ pub fn child_limits(settings: &TaskSettings) -> super::spawner::ChildLimits {
             .map(|limit| limit.as_secs_f64().ceil().max(1.0) as u64),
         processes: settings.max_processes,
         nice: settings.nice.or_else(super::priority::task_nice),
+        open_files: super::resources::task_open_files(),
     }
 }
 

@@ -10,6 +10,7 @@
 mod limits;
 mod output;
 pub mod priority;
+pub mod resources;
 mod spawner;
 
 use std::os::unix::process::ExitStatusExt;
@@ -28,7 +29,7 @@ use crate::config::TaskSettings;
 use crate::units::format_duration;
 use output::Capture;
 pub use output::Tail;
-pub use spawner::{Recipe, Spawner};
+pub use spawner::{is_daemon_short, Recipe, Spawner};
 
 /// Environment variables of the daemon that a task never inherits: the
 /// daemon's own database settings (SPEC.md). A task that needs them gets them
@@ -152,10 +153,15 @@ pub async fn run(
 
     let started = Instant::now();
     let mut child = spawner.spawn(recipe).await.map_err(|error| {
-        std::io::Error::new(
-            error.kind(),
-            format!("cannot start {}: {error}", launch.program.display()),
-        )
+        let text = format!("cannot start {}: {error}", launch.program.display());
+        if is_daemon_short(&error) {
+            std::io::Error::new(
+                error.kind(),
+                spawner::DaemonShort(std::io::Error::other(text)),
+            )
+        } else {
+            std::io::Error::new(error.kind(), text)
+        }
     })?;
     let spawn_took = started.elapsed();
     let pid = child.pid;

@@ -29,6 +29,39 @@ use tokio::net::unix::pipe;
 use tokio::runtime::RuntimeFlavor;
 use tokio::sync::oneshot;
 
+/// A start that failed for the daemon's own lack of resources (file
+/// descriptors, processes, memory), not for anything of the task's: the try
+/// is given back rather than counted (see `attempt::run`).
+#[derive(Debug)]
+pub struct DaemonShort(pub io::Error);
+
+impl std::fmt::Display for DaemonShort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::error::Error for DaemonShort {}
+
+/// Whether `error` (or what it wraps) is a [`DaemonShort`].
+pub fn is_daemon_short(error: &io::Error) -> bool {
+    error
+        .get_ref()
+        .is_some_and(|inner| inner.downcast_ref::<DaemonShort>().is_some())
+}
+
+/// Marks an error of the daemon's own side as [`DaemonShort`] when its errno
+/// says a resource ran out: EMFILE/ENFILE (descriptors), EAGAIN (processes),
+/// ENOMEM (memory).
+fn mark_shortage(error: io::Error) -> io::Error {
+    match error.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM) => {
+            io::Error::new(error.kind(), DaemonShort(error))
+        }
+        _ => error,
+    }
+}
+
 /// Everything the child needs, decided before it exists.
 #[derive(Debug, Clone, Default)]
 pub struct Recipe {
@@ -52,6 +85,8 @@ pub struct ChildLimits {
     pub cpu_seconds: Option<u64>,
     pub processes: Option<u64>,
     pub nice: Option<i32>,
+    /// `RLIMIT_NOFILE` (soft, hard): the one the daemon was started with.
+    pub open_files: Option<(u64, u64)>,
 }
 
 /// A started task process: its pid, its pipes, and a pidfd to wait on.
@@ -146,7 +181,7 @@ impl Kit {
     }
 
     fn start(&mut self, recipe: &Recipe) -> io::Result<Started> {
-        start(recipe, &self.base, &self.null, &mut self.stack)
+        start(recipe, &self.base, &self.null, &mut self.stack).map_err(mark_shortage)
     }
 }
 
@@ -233,7 +268,7 @@ impl Spawner {
         let pidfd = unsafe {
             AsyncFd::register_with_interest(started.pidfd, tokio::io::Interest::READABLE)
         };
-        let pidfd = match pidfd.map_err(io::Error::from) {
+        let pidfd = match pidfd.map_err(|e| mark_shortage(io::Error::from(e))) {
             Ok(pidfd) => pidfd,
             Err(error) => {
                 // SAFETY: signalling and reaping our own child.
@@ -258,8 +293,8 @@ impl Spawner {
         if let Some((stdin, rest)) = started.stdin {
             child.stdin = Some((pipe::Sender::from_owned_fd_unchecked(stdin)?, rest));
         }
-        child.stdout = Some(nonblocking(started.stdout)?);
-        child.stderr = Some(nonblocking(started.stderr)?);
+        child.stdout = Some(nonblocking(started.stdout).map_err(mark_shortage)?);
+        child.stderr = Some(nonblocking(started.stderr).map_err(mark_shortage)?);
         Ok(child)
     }
 }
@@ -489,6 +524,11 @@ fn start(
             libc::waitpid(pid, &mut raw, 0);
         }
         let error = io::Error::from_raw_os_error(errno);
+        // Setting up stdio duplicates descriptors in a copy of the daemon's
+        // table: running out there is the daemon's shortage too.
+        if step == 0 && matches!(errno, libc::EMFILE | libc::ENFILE) {
+            return Err(mark_shortage(error));
+        }
         let step = STEPS.get(step).copied().unwrap_or("starting");
         return Err(io::Error::new(error.kind(), format!("{step}: {error}")));
     }
@@ -606,6 +646,7 @@ extern "C" fn child_main(raw: *mut libc::c_void) -> libc::c_int {
             (libc::RLIMIT_AS, limits.address_space.map(|b| (b, b))),
             (libc::RLIMIT_CPU, limits.cpu_seconds.map(|s| (s, s + 1))),
             (libc::RLIMIT_NPROC, limits.processes.map(|n| (n, n))),
+            (libc::RLIMIT_NOFILE, limits.open_files),
         ] {
             if let Some((soft, hard)) = value {
                 let limit = libc::rlimit {
