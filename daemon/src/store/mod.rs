@@ -8,6 +8,7 @@
 //! later try: its write matches no row, and the caller is told so.
 
 pub mod diagnose;
+mod repair;
 pub mod sql;
 
 use std::collections::HashSet;
@@ -39,15 +40,20 @@ pub enum Backend {
 }
 
 /// What [`Store::migrate`] did: schema versions before (None: no schema) and after.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Migration {
     pub before: Option<i64>,
     pub after: i64,
+    /// What was repaired first (tables loaded from a Rails schema.rb).
+    pub repaired: Option<String>,
 }
 
 impl std::fmt::Display for Migration {
     /// "created (version 3)", "upgraded from version 2 to 3", "up to date (version 3)".
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(repaired) = &self.repaired {
+            return write!(f, "{repaired} (version {})", self.after);
+        }
         match self.before {
             None => write!(f, "created (version {})", self.after),
             Some(before) if before < self.after => {
@@ -475,20 +481,25 @@ impl Store {
     pub async fn migrate(&self) -> Result<Migration> {
         let context = || format!("migrating the schema of {}", self.display_url);
         let before = self.schema_version().await;
+        let mut migrator = match &self.pool {
+            Pool::Sqlite(_) => sqlx::migrate!("../migrations/sqlite"),
+            Pool::Postgres(_) => sqlx::migrate!("../migrations/postgres"),
+        };
+        migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+        let repaired = self
+            .repair_if_needed(&migrator)
+            .await
+            .with_context(context)?;
         match &self.pool {
-            Pool::Sqlite(pool) => {
-                let mut migrator = sqlx::migrate!("../migrations/sqlite");
-                migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
-                migrator.run(pool).await.with_context(context)?
-            }
-            Pool::Postgres(pool) => {
-                let mut migrator = sqlx::migrate!("../migrations/postgres");
-                migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
-                migrator.run(pool).await.with_context(context)?
-            }
+            Pool::Sqlite(pool) => migrator.run(pool).await.with_context(context)?,
+            Pool::Postgres(pool) => migrator.run(pool).await.with_context(context)?,
         }
         let after = self.schema_version().await.unwrap_or(0);
-        Ok(Migration { before, after })
+        Ok(Migration {
+            before: if repaired.is_some() { None } else { before },
+            after,
+            repaired,
+        })
     }
 
     /// The highest migration applied, or None before the first one.

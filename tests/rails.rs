@@ -1,0 +1,110 @@
+//! Rails: a test database loaded from `schema.rb` (ActiveRecord's default
+//! schema format, which drops triggers, SQL defaults and taskrunner's
+//! migration records) is repaired by `taskrunner-cli migrate`, and the
+//! daemon works on it afterwards. Uses Debian's ruby-activerecord,
+//! ruby-sqlite3 and ruby-pg (scripts/test installs them).
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::util::{cli, Backend, Daemon, TestDb};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+both_backends!(
+    tables_loaded_from_schema_rb_are_repaired_and_run,
+    a_missing_trigger_or_index_is_restored_keeping_the_rows,
+);
+
+const ROUND_TRIP: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/ruby/schema_rb_round_trip.rb"
+);
+
+/// Dumps `from` to schema.rb with ActiveRecord and loads it into `to`.
+fn schema_rb_round_trip(from: &TestDb, to: &TestDb) {
+    let schema = to.scratch.join("schema.rb");
+    let output = Command::new("ruby")
+        .arg(ROUND_TRIP)
+        .arg(&from.url)
+        .arg(&to.url)
+        .arg(&schema)
+        .output()
+        .expect("running ruby (scripts/test installs ruby and ruby-activerecord)");
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+async fn tables_loaded_from_schema_rb_are_repaired_and_run(backend: Backend) {
+    let development = TestDb::new(backend).await;
+    let test = TestDb::unmigrated(backend).await;
+    schema_rb_round_trip(&development, &test);
+    // Before the repair, the app inserts a row the way Rails does (an ISO
+    // timestamp with a zone): it must survive the repair.
+    let early = test
+        .insert("INSERT INTO task_runner_requests (task_class_name, created_at, delay_until) VALUES ('NoOp', '2026-01-01T10:00:00Z', '2000-01-01T00:00:00Z') RETURNING id")
+        .await;
+    let (status, stdout, stderr) = cli(&test, &["migrate"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(
+        stdout.contains(": repaired tables with later columns but no migration recorded"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1 rows kept"), "{stdout}");
+    let (_, stdout, _) = cli(&test, &["migrate"]);
+    assert!(stdout.contains(": up to date"), "{stdout}");
+    // The triggers are back: an application's timestamp is normalised.
+    let later = test
+        .insert("INSERT INTO task_runner_requests (task_class_name, delay_until) VALUES ('NoOp', '2000-01-01T00:00:00Z') RETURNING id")
+        .await;
+    if backend == Backend::Sqlite {
+        assert_eq!(
+            test.row(later).await.delay_until.as_deref(),
+            Some("2000-01-01 00:00:00.000")
+        );
+    }
+    let mut daemon = Daemon::start(&test, "d", "");
+    for id in [early, later] {
+        test.wait_for_state(id, "FINISHED", WAIT).await;
+    }
+    // A row enqueued while the daemon runs wakes it at once (PostgreSQL:
+    // the NOTIFY trigger restored).
+    let (_, stdout, _) = cli(&test, &["enqueue", "NoOp"]);
+    let id = taskrunner::request::RequestId(stdout.trim().parse().unwrap());
+    test.wait_for_state(id, "FINISHED", WAIT).await;
+    assert!(daemon.stop().success());
+}
+
+async fn a_missing_trigger_or_index_is_restored_keeping_the_rows(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let id = db.enqueue("NoOp", Some("a: 1")).await;
+    match backend {
+        Backend::Sqlite => {
+            db.execute("DROP TRIGGER task_runner_requests_normalise_insert")
+                .await
+        }
+        Backend::Postgres => {
+            db.execute("DROP TRIGGER task_runner_requests_notify ON task_runner_requests")
+                .await
+        }
+    }
+    db.execute("DROP INDEX task_runner_requests_runnable").await;
+    let (status, stdout, stderr) = cli(&db, &["migrate"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(
+        stdout.contains("repaired tables missing indexes or triggers ("),
+        "{stdout}"
+    );
+    assert!(stdout.contains("task_runner_requests_runnable"), "{stdout}");
+    let (_, stdout, _) = cli(&db, &["migrate"]);
+    assert!(stdout.contains(": up to date"), "{stdout}");
+    let row = db.row(id).await;
+    assert_eq!(row.options.as_deref(), Some("a: 1"));
+    // New rows get ids after the kept ones.
+    let next = db.enqueue("NoOp", None).await;
+    assert!(next.0 > id.0);
+}
