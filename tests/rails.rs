@@ -14,6 +14,7 @@ const WAIT: Duration = Duration::from_secs(30);
 both_backends!(
     tables_loaded_from_schema_rb_are_repaired_and_run,
     a_missing_trigger_or_index_is_restored_keeping_the_rows,
+    a_ruby_class_runs_as_a_task,
 );
 
 const ROUND_TRIP: &str = concat!(
@@ -107,4 +108,37 @@ async fn a_missing_trigger_or_index_is_restored_keeping_the_rows(backend: Backen
     // New rows get ids after the kept ones.
     let next = db.enqueue("NoOp", None).await;
     assert!(next.0 > id.0);
+}
+
+/// examples/rails/lib/task_runner_task.rb runs a Ruby class with the row's
+/// options (plain Ruby here; `bin/rails runner` in an app).
+async fn a_ruby_class_runs_as_a_task(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let rails = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/rails");
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "tasks:\n  WordCount:\n    command: [ruby, -I, app/tasks, -r, word_count_task, lib/task_runner_task.rb, WordCountTask]\n    workdir: {rails}\n"
+        ),
+    );
+    // Ruby's symbol keys, as ActiveRecord's YAML coder writes them.
+    let counted = db
+        .enqueue(
+            "WordCount",
+            Some("---\n:text: the cat and the hat\n:top: 1\n"),
+        )
+        .await;
+    let broken = db
+        .insert("INSERT INTO task_runner_requests (task_class_name, options, try_limit) VALUES ('WordCount', 'top: 2', 1) RETURNING id")
+        .await;
+    let row = db.wait_for_state(counted, "FINISHED", WAIT).await;
+    assert_eq!(row.result_text.as_deref(), Some("the 2"));
+    let row = db.wait_for_state(broken, "FAILED", WAIT).await;
+    let text = row.result_text.unwrap();
+    assert!(
+        text.starts_with("exit status 1\nArgumentError: option `text` is required"),
+        "{text}"
+    );
+    assert!(daemon.stop().success());
 }

@@ -15,7 +15,12 @@ class TaskRunnerRequest < ApplicationRecord
   # Symbol keys are written as `:key:`; reading them back in Ruby needs
   # `config.active_record.yaml_column_permitted_classes = [Symbol]`
   # (or plain string keys: `enqueue("WordCount", { "input" => "a.txt" })`).
-  serialize :options, coder: YAML
+  # ActiveRecord 7.1 takes the coder as `coder:`; 6.1 and 7.0 positionally.
+  if ActiveRecord.version >= Gem::Version.new("7.1")
+    serialize :options, coder: YAML
+  else
+    serialize :options, YAML
+  end
 
   validates :task_class_name, presence: true
 

@@ -7,7 +7,8 @@
 # timestamp-normalising triggers (SQLite) and the NOTIFY trigger that wakes
 # daemons at once (PostgreSQL). Its bookkeeping lives in its own table,
 # never in schema_migrations.
-class CreateTaskRunnerRequests < ActiveRecord::Migration[7.0]
+# Migration[6.1]: runs on ActiveRecord 6.1 (Debian 12's) through 8.x.
+class CreateTaskRunnerRequests < ActiveRecord::Migration[6.1]
   def change
     postgres = connection.adapter_name.downcase.include?("postg")
     # PostgreSQL: timestamptz; SQLite: DATETIME holding UTC text.
