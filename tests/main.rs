@@ -12,6 +12,7 @@ mod faults;
 mod hardening;
 mod ops;
 mod placement;
+mod preload;
 mod rails;
 mod scheduling;
 mod sdk;

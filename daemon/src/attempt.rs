@@ -136,6 +136,7 @@ pub async fn run(
         env,
         stdin: input.options.to_vec(),
         echo_stderr: input.echo_stderr,
+        preload: resolved.preload,
     };
     match supervisor::run(
         &context.spawner,

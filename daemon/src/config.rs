@@ -82,7 +82,7 @@ with_task_settings! {
         pidfile: Option<PathBuf>,
         socket: Option<PathBuf>,
         log_file: Option<PathBuf>,
-        programs: Option<Vec<PathBuf>>,
+        programs: Option<Vec<FileProgram>>,
         tasks: Option<BTreeMap<String, FileTask>>,
         // Issue 7: retention and cron schedules (types in retention.rs, cron.rs).
         retention: Option<crate::retention::FileRetention>,
@@ -98,7 +98,24 @@ with_task_settings! {
     struct FileTask {
         command: Option<Vec<String>>,
         concurrency: Option<u32>,
+        preload: Option<bool>,
     }
+}
+
+/// An entry under `programs:`: a path, or `{path: …, preload: true}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FileProgram {
+    Path(PathBuf),
+    Entry(FileProgramEntry),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileProgramEntry {
+    path: PathBuf,
+    #[serde(default)]
+    preload: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
@@ -144,6 +161,8 @@ pub struct CommandTask {
     pub settings: TaskSettings,
     /// At most this many tries of the type run at once, across all daemons.
     pub concurrency: Option<u32>,
+    /// Tries are forked from a preloaded parent (supervisor/preload.rs).
+    pub preload: bool,
 }
 
 /// The resolved configuration.
@@ -172,6 +191,8 @@ pub struct Config {
     /// Where `--daemonize` sends stdout and stderr (default /dev/null).
     pub log_file: Option<PathBuf>,
     pub programs: Vec<PathBuf>,
+    /// The programs declared with `preload: true` (a subset of `programs`).
+    pub preloaded_programs: Vec<PathBuf>,
     /// Settings for types not listed under `tasks:` (built-in and SDK programs).
     pub defaults: TaskSettings,
     pub tasks: BTreeMap<String, CommandTask>,
@@ -285,6 +306,7 @@ impl Config {
                     command,
                     settings,
                     concurrency,
+                    preload: task.preload.unwrap_or(false),
                 },
             );
         }
@@ -300,6 +322,21 @@ impl Config {
             .map(|http| http.resolve(dir))
             .transpose()
             .map_err(&usage)?;
+        let programs: Vec<(PathBuf, bool)> = raw
+            .programs
+            .unwrap_or_default()
+            .into_iter()
+            .map(|entry| {
+                let (path, preload) = match entry {
+                    FileProgram::Path(path) => (path, false),
+                    FileProgram::Entry(entry) => (entry.path, entry.preload),
+                };
+                (
+                    PathBuf::from(resolve_program(dir, &path.to_string_lossy())),
+                    preload,
+                )
+            })
+            .collect();
         Ok(Config {
             file,
             database_url,
@@ -320,11 +357,11 @@ impl Config {
             pidfile: raw.pidfile.map(|p| dir.join(p)),
             socket: raw.socket.map(|p| dir.join(p)),
             log_file: raw.log_file.map(|p| dir.join(p)),
-            programs: raw
-                .programs
-                .unwrap_or_default()
+            programs: programs.iter().map(|(path, _)| path.clone()).collect(),
+            preloaded_programs: programs
                 .iter()
-                .map(|p| PathBuf::from(resolve_program(dir, &p.to_string_lossy())))
+                .filter(|(_, preload)| *preload)
+                .map(|(path, _)| path.clone())
                 .collect(),
             defaults,
             tasks,
@@ -421,7 +458,10 @@ impl Config {
             "programs: [{}]\n",
             self.programs
                 .iter()
-                .map(|p| p.display().to_string())
+                .map(|p| match self.preloaded_programs.contains(p) {
+                    true => format!("{{path: {}, preload: true}}", p.display()),
+                    false => p.display().to_string(),
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         );
@@ -434,6 +474,9 @@ impl Config {
             }
             if let Some(limit) = task.concurrency {
                 out += &format!("    concurrency: {limit}\n");
+            }
+            if task.preload {
+                out += "    preload: true\n";
             }
             out += &settings_yaml(&task.settings, "    ");
         }
@@ -668,6 +711,18 @@ mod tests {
         let path = dir.join(format!("{}.yml", text.len()));
         std::fs::write(&path, text).unwrap();
         Config::load_file(&path)
+    }
+
+    #[test]
+    fn programs_and_command_types_may_be_preloaded() {
+        let config = load("programs: [/bin/a, {path: /bin/b, preload: true}]\ntasks:\n  T:\n    command: [/bin/t]\n    preload: true\n  U:\n    command: [/bin/u]\n").unwrap();
+        assert_eq!(
+            config.programs,
+            [PathBuf::from("/bin/a"), PathBuf::from("/bin/b")]
+        );
+        assert_eq!(config.preloaded_programs, [PathBuf::from("/bin/b")]);
+        assert!(config.tasks["T"].preload && !config.tasks["U"].preload);
+        assert!(load("programs: [{path: /bin/b, preload: yes-please}]\n").is_err());
     }
 
     #[test]

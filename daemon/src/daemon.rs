@@ -355,6 +355,8 @@ pub async fn run(
     if !scheduler_joined {
         let _ = scheduler.await;
     }
+    // No try runs: the preloaded parents go too.
+    shared.spawner.retire_preloaded().await;
     services.cancel();
     while background.join_next().await.is_some() {}
     shared.recorder.close();
@@ -479,6 +481,8 @@ pub async fn reload(shared: &Arc<Shared>, overrides: &crate::config::Overrides) 
             let names = registry.names(&config).join(", ");
             *shared.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
             *shared.registry.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(registry);
+            // Preloaded programs boot again with the new config at their next try.
+            shared.spawner.retire_preloaded().await;
             shared.wake.notify_one();
             tracing::info!(task_types = %names, "config reloaded");
         }

@@ -13,8 +13,9 @@
 //!   tasks are short), starts a try for each as a slot frees up.
 //! - [`attempt`]: one try, from type name and options to a verdict.
 //! - [`supervisor`]: one OS process per try: spawn (clone + exec from a
-//!   thread that lives as long as the daemon), limits, bounded output,
-//!   timeout, kill escalation.
+//!   thread that lives as long as the daemon, or forked by a preloaded
+//!   program as the daemon's child), limits, bounded output, timeout, kill
+//!   escalation.
 //! - [`recorder`]: the one writer of try results, batched and retried.
 //! - [`heartbeat`]: lease renewal, cancel delivery, self-fencing.
 //! - [`reaper`]: marks rows whose process or daemon is gone as CRASHED.
@@ -47,8 +48,10 @@
 //!   protocol (options on stdin, result on stdout, exit status).
 //! - Deliberately absent: no bare `fork()` of the daemon (except
 //!   `--daemonize`, before the runtime starts; tasks start with
-//!   `clone(CLONE_VM | CLONE_VFORK)` + `execve`), no in-process task
-//!   execution, no cgroup limits (rlimits only, see `supervisor::limits`).
+//!   `clone(CLONE_VM | CLONE_VFORK)` + `execve`, or are forked by a
+//!   preloaded program with `clone(CLONE_PARENT)`, never by the daemon),
+//!   no in-process task execution, no cgroup limits (rlimits only, see
+//!   `supervisor::limits`).
 
 pub mod attempt;
 pub mod checkpoint;

@@ -26,6 +26,8 @@ pub struct Resolved {
     pub program: PathBuf,
     pub args: Vec<String>,
     pub settings: TaskSettings,
+    /// Forked from a preloaded parent (`preload: true` on the type or its program).
+    pub preload: bool,
 }
 
 /// Task type name → how to run it.
@@ -89,11 +91,13 @@ impl Registry {
     /// How to run `name`, or `None` for an unknown type.
     pub fn resolve(&self, config: &Config, name: &str) -> Option<Resolved> {
         let entry = config.tasks.get(name);
+        let preload_type = entry.is_some_and(|task| task.preload);
         if let Some(command) = entry.and_then(|task| task.command.as_ref()) {
             return Some(Resolved {
                 program: PathBuf::from(&command[0]),
                 args: command[1..].to_vec(),
                 settings: config.settings_for(name).clone(),
+                preload: preload_type,
             });
         }
         let program = if BUILTIN_TYPES.contains(&name) {
@@ -102,6 +106,7 @@ impl Registry {
             self.from_programs.get(name)?.clone()
         };
         Some(Resolved {
+            preload: preload_type || config.preloaded_programs.contains(&program),
             program,
             args: Vec::new(),
             settings: config.settings_for(name).clone(),

@@ -72,6 +72,7 @@
 #[cfg(feature = "enqueue")]
 pub mod enqueue;
 mod options;
+mod preload;
 #[cfg(feature = "enqueue")]
 pub mod wait;
 
@@ -317,6 +318,7 @@ static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
 #[derive(Default)]
 pub struct Tasks {
     tasks: Vec<(&'static str, Runner)>,
+    setup: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl Tasks {
@@ -359,6 +361,23 @@ impl Tasks {
         self
     }
 
+    /// The program's one-time initialization (load a model, read a large
+    /// config, connect to a service), run by [`serve`](Tasks::serve) before
+    /// the first task runs. Keep what it makes in a `static` (e.g. a
+    /// `std::sync::OnceLock`) for the tasks to use.
+    ///
+    /// This is what preload (`preload: true` in the daemon's config) saves:
+    /// a preloaded program runs its setup once, then forks a child for each
+    /// try, which starts with everything the setup made. Exec'd, it runs
+    /// before each try. It must leave no thread running: a fork copies only
+    /// the calling thread, so the SDK refuses to preload (and says why) while
+    /// more than one thread is alive; the daemon then runs the program's
+    /// tries exec'd.
+    pub fn setup(mut self, init: impl FnOnce() + Send + 'static) -> Tasks {
+        self.setup = Some(Box::new(init));
+        self
+    }
+
     /// The registered names, in registration order.
     pub fn names(&self) -> Vec<&'static str> {
         self.tasks.iter().map(|(name, _)| *name).collect()
@@ -393,8 +412,12 @@ impl Tasks {
     ///   argument, for running it by hand) runs with the options read from
     ///   standard input; its result text goes to standard output and the
     ///   exit status is 0; an error or a panic goes to standard error with
-    ///   exit status 1; options that do not fit exit with 65.
-    pub fn serve(self) -> ExitCode {
+    ///   exit status 1; options that do not fit exit with 65;
+    /// - with `TASKRUNNER_PRELOAD=1` (set by the daemon for a program with
+    ///   `preload: true`) it runs the setup once and then serves the
+    ///   daemon's requests on standard input (the README's "Preload
+    ///   protocol"), forking a child per try.
+    pub fn serve(mut self) -> ExitCode {
         let args: Vec<String> = std::env::args().skip(1).collect();
         if args.iter().any(|a| a == "--list-tasks") {
             let mut out = std::io::stdout().lock();
@@ -409,6 +432,18 @@ impl Tasks {
                 ExitCode::FAILURE
             };
         }
+        if let Some(setup) = self.setup.take() {
+            setup();
+        }
+        if std::env::var_os("TASKRUNNER_PRELOAD").is_some_and(|v| v == "1") {
+            return preload::serve(&self);
+        }
+        ExitCode::from(self.run_from_env(&args))
+    }
+
+    /// Runs the type the environment (or the first argument) names, with
+    /// the options on stdin; returns the exit status.
+    fn run_from_env(&self, args: &[String]) -> u8 {
         let task = match std::env::var("TASKRUNNER_TASK")
             .ok()
             .or_else(|| args.first().cloned())
@@ -419,30 +454,30 @@ impl Tasks {
                     "usage: set TASKRUNNER_TASK (or pass the type as the first argument), options as YAML on stdin; --list-tasks lists: {}",
                     self.names().join(", ")
                 );
-                return ExitCode::from(2);
+                return 2;
             }
         };
         let mut options = Vec::new();
         if let Err(error) = std::io::stdin().read_to_end(&mut options) {
             eprintln!("cannot read options from stdin: {error}");
-            return ExitCode::FAILURE;
+            return 1;
         }
         install_panic_hook();
         match self.run_one(&task, &options, &Context::from_env(&task)) {
             Ok(text) => {
                 let mut out = std::io::stdout().lock();
                 match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(_) => ExitCode::FAILURE,
+                    Ok(()) => 0,
+                    Err(_) => 1,
                 }
             }
             Err(RunError::Rejected(message)) => {
                 eprintln!("{message}");
-                ExitCode::from(EXIT_REJECTED)
+                EXIT_REJECTED
             }
             Err(RunError::Failed(message)) | Err(RunError::Unknown(message)) => {
                 eprintln!("{message}");
-                ExitCode::FAILURE
+                1
             }
         }
     }

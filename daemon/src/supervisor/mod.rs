@@ -9,6 +9,7 @@
 
 mod limits;
 mod output;
+mod preload;
 pub mod priority;
 pub mod resources;
 mod spawner;
@@ -62,6 +63,8 @@ pub struct Launch {
     /// Also copy the task's standard error to ours as it arrives
     /// (`taskrunner-cli run`: log and progress lines live).
     pub echo_stderr: bool,
+    /// Forked from the program's preloaded parent (`preload: true`).
+    pub preload: bool,
 }
 
 /// Why the supervisor was asked to stop a running task.
@@ -149,9 +152,11 @@ pub async fn run(
         gid: settings.run_as.group.as_ref().map(|(_, gid)| *gid),
         limits: limits::child_limits(&settings),
         stdin: launch.stdin,
+        stdin_fd: None,
+        preload: launch.preload,
     };
 
-    let started = Instant::now();
+    let spawn_started = Instant::now();
     let mut child = spawner.spawn(recipe).await.map_err(|error| {
         let text = format!("cannot start {}: {error}", launch.program.display());
         if is_daemon_short(&error) {
@@ -163,7 +168,9 @@ pub async fn run(
             std::io::Error::new(error.kind(), text)
         }
     })?;
-    let spawn_took = started.elapsed();
+    let spawn_took = spawn_started.elapsed();
+    // From here: the boot of a preloaded parent is not the try's time.
+    let started = Instant::now();
     let pid = child.pid;
     let process_group = Pid::from_raw(pid as i32);
     let mut on_running = Some(on_running);

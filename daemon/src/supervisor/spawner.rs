@@ -76,6 +76,10 @@ pub struct Recipe {
     pub limits: ChildLimits,
     /// The bytes the task reads on stdin (its options), then end of file.
     pub stdin: Vec<u8>,
+    /// Instead of `stdin`: this descriptor (a preloaded parent's socket).
+    pub stdin_fd: Option<Arc<OwnedFd>>,
+    /// Run as a child of the program's preloaded parent (preload.rs).
+    pub preload: bool,
 }
 
 /// Limits set in the child before exec (see limits.rs for what each means).
@@ -103,6 +107,51 @@ pub struct Child {
 }
 
 impl Child {
+    /// Takes charge of `pid`, a child of the daemon that someone else
+    /// created (a preloaded parent, with `CLONE_PARENT`), with our ends of
+    /// its pipes. Fails with `InvalidData` when `pid` is not the daemon's
+    /// child, i.e. could not be waited for.
+    pub(super) fn adopt(pid: u32, ours: OurEnds) -> io::Result<Child> {
+        // SAFETY: pidfd_open on a pid; nothing else reaps our children, so
+        // if it is our child it cannot have been reused.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if pidfd < 0 {
+            let error = io::Error::last_os_error();
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the child it named (pid {pid}) cannot be found: {error}"),
+            ));
+        }
+        // SAFETY: pidfd_open returned a new descriptor we own.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as libc::c_int) };
+        // SAFETY: a waitid that reaps nothing (WNOWAIT), into a local.
+        let ours_to_wait = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_PIDFD,
+                pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            ) == 0
+        };
+        if !ours_to_wait {
+            // Someone's plain fork: it would run unsupervised.
+            // SAFETY: a signal to the process just named to us.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("pid {pid} is not the daemon's child (create it with clone(CLONE_PARENT))"),
+            ));
+        }
+        Child::supervise(Started {
+            pid,
+            pidfd,
+            stdin: ours.stdin,
+            stdout: ours.stdout,
+            stderr: ours.stderr,
+        })
+    }
+
     /// Waits for the process to exit and reaps it.
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
         if let Some(status) = self.status {
@@ -138,6 +187,20 @@ impl Drop for Child {
             }
         }
     }
+}
+
+/// Our ends of a try's pipes.
+pub(super) struct OurEnds {
+    stdin: Option<StdinRest>,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
+/// A try's pipes made for a preloaded parent's child: the ends it gets
+/// (stdin, stdout, stderr), and ours.
+pub(super) struct PreloadStdio {
+    pub child_ends: [OwnedFd; 3],
+    pub ours: OurEnds,
 }
 
 /// The descriptors and pid a start hands back to the async side.
@@ -201,6 +264,9 @@ enum Starter {
 #[derive(Clone)]
 pub struct Spawner {
     starter: Starter,
+    /// The base environment (what `Kit` holds, for preloaded tries).
+    base: Arc<Vec<(OsString, OsString)>>,
+    preloaded: super::preload::Pool,
 }
 
 impl Spawner {
@@ -208,18 +274,104 @@ impl Spawner {
     /// the main thread under a current-thread runtime (the daemon), tasks are
     /// started right there; anywhere else, on a thread of the spawner's own.
     pub fn start(base: Vec<(OsString, OsString)>) -> io::Result<Spawner> {
+        let base_copy = Arc::new(base.clone());
         let kit = Kit::new(base)?;
         let current_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|runtime| runtime.runtime_flavor() == RuntimeFlavor::CurrentThread);
-        if current_thread && is_main_thread() {
-            return Ok(Spawner {
-                starter: Starter::MainThread(Arc::new(Mutex::new(kit))),
-            });
-        }
-        Spawner::own_thread(kit)
+        let starter = if current_thread && is_main_thread() {
+            Starter::MainThread(Arc::new(Mutex::new(kit)))
+        } else {
+            Spawner::own_thread(kit)?
+        };
+        Ok(Spawner {
+            starter,
+            base: base_copy,
+            preloaded: Default::default(),
+        })
     }
 
-    fn own_thread(mut kit: Kit) -> io::Result<Spawner> {
+    /// Retires every preloaded parent (config reload).
+    pub async fn retire_preloaded(&self) {
+        self.preloaded.retire_all().await
+    }
+
+    /// The path `recipe`'s program is run from.
+    pub(super) fn resolve_program(&self, recipe: &Recipe) -> io::Result<PathBuf> {
+        let base: Vec<BaseVariable> = self
+            .base
+            .iter()
+            .filter(|(name, _)| name == "PATH")
+            .map(|(name, value)| BaseVariable {
+                name: name.clone(),
+                value: value.clone(),
+                entry: CString::default(),
+            })
+            .collect();
+        resolve_program(recipe, &base)
+    }
+
+    /// A preloaded parent's request for `recipe` (see the README's
+    /// "Preload protocol"), and the try's pipes.
+    pub(super) fn preload_request(&self, recipe: &Recipe) -> io::Result<(Vec<u8>, PreloadStdio)> {
+        let mut message = Vec::new();
+        let mut field = |name: &[u8], value: &[u8]| -> io::Result<()> {
+            if value.contains(&0) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a NUL byte in the environment or the working directory",
+                ));
+            }
+            message.extend_from_slice(name);
+            message.push(0);
+            message.extend_from_slice(value);
+            message.push(0);
+            Ok(())
+        };
+        field(b"daemon_pid", std::process::id().to_string().as_bytes())?;
+        field(b"workdir", recipe.workdir.as_os_str().as_bytes())?;
+        let replaced = |name: &OsStr| recipe.env.iter().any(|(added, _)| added == name);
+        for (name, value) in self
+            .base
+            .iter()
+            .filter(|(name, _)| !replaced(name))
+            .chain(recipe.env.iter())
+        {
+            field(b"env", &[name.as_bytes(), b"=", value.as_bytes()].concat())?;
+        }
+        let limits = recipe.limits;
+        for (name, value) in [
+            (&b"rlimit_as"[..], limits.address_space),
+            (b"rlimit_cpu", limits.cpu_seconds),
+            (b"rlimit_nproc", limits.processes),
+        ] {
+            if let Some(value) = value {
+                field(name, value.to_string().as_bytes())?;
+            }
+        }
+        if let Some(nice) = limits.nice {
+            field(b"nice", nice.to_string().as_bytes())?;
+        }
+        let (stdin_child, stdin_ours) = if recipe.stdin.is_empty() {
+            (OwnedFd::from(std::fs::File::open("/dev/null")?), None)
+        } else {
+            stdin_pipe(&recipe.stdin)?
+        };
+        let (stdout_ours, stdout_child) = pipe_pair()?;
+        let (stderr_ours, stderr_child) = pipe_pair()?;
+        Ok((
+            message,
+            PreloadStdio {
+                child_ends: [stdin_child, stdout_child, stderr_child],
+                ours: OurEnds {
+                    stdin: stdin_ours,
+                    stdout: stdout_ours,
+                    stderr: stderr_ours,
+                },
+            },
+        ))
+    }
+
+    fn own_thread(mut kit: Kit) -> io::Result<Starter> {
         let (requests, incoming) = mpsc::channel::<SpawnRequest>();
         std::thread::Builder::new()
             .name("taskrunner-spawner".into())
@@ -233,13 +385,23 @@ impl Spawner {
                     std::thread::park();
                 }
             })?;
-        Ok(Spawner {
-            starter: Starter::Own(requests),
-        })
+        Ok(Starter::Own(requests))
     }
 
     /// Starts a process from `recipe`.
     pub async fn spawn(&self, recipe: Recipe) -> io::Result<Child> {
+        if recipe.preload {
+            match self.preloaded.spawn(self, &recipe).await {
+                Ok(child) => return Ok(child),
+                Err(super::preload::Refused::Failed(error)) => return Err(error),
+                Err(super::preload::Refused::ExecInstead) => {}
+            }
+        }
+        self.spawn_exec(recipe).await
+    }
+
+    /// Starts a process from `recipe` with clone and exec.
+    pub(super) async fn spawn_exec(&self, recipe: Recipe) -> io::Result<Child> {
         let started = match &self.starter {
             Starter::MainThread(kit) => {
                 if !is_main_thread() {
@@ -261,6 +423,13 @@ impl Spawner {
                     .map_err(|_| io::Error::other("the spawner thread dropped a request"))??
             }
         };
+        Child::supervise(started)
+    }
+}
+
+impl Child {
+    /// Wraps a started process, watched through its pidfd.
+    fn supervise(started: Started) -> io::Result<Child> {
         let pid = started.pid;
         // From here on the Child owns the process: an error below kills and reaps it.
         // SAFETY: an OwnedFd stays open, on the same pidfd, for as long as
@@ -462,7 +631,9 @@ fn start(
         .chain([std::ptr::null()])
         .collect();
 
-    let (stdin_child, stdin_parent) = if recipe.stdin.is_empty() {
+    let (stdin_child, stdin_parent) = if let Some(fd) = &recipe.stdin_fd {
+        (Some(fd.try_clone()?), None)
+    } else if recipe.stdin.is_empty() {
         (None, None)
     } else {
         let (child_end, ours) = stdin_pipe(&recipe.stdin)?;

@@ -1,0 +1,553 @@
+//! Preloaded programs: started once, forked for each try (SPEC.md "Preload").
+//!
+//! The problem: a program that boots slowly (a Rails app, a Python program
+//! importing its libraries, a model read at start) pays its boot on every
+//! exec'd try. A program declared with `preload: true` is started once, at
+//! its first try (lazily: a daemon whose preloaded types never run never
+//! boots them), with a `SOCK_SEQPACKET` Unix socket as its stdin and
+//! `TASKRUNNER_PRELOAD=1`. It boots, says hello, and then for each request
+//! (the try's environment, working directory, limits, and its stdin, stdout
+//! and stderr passed with `SCM_RIGHTS`) creates a child with
+//! `clone(CLONE_PARENT)` and answers with the child's pid. The protocol is
+//! in the README ("Preload protocol").
+//!
+//! Decision: the child is made the *daemon's* child (`CLONE_PARENT`), not
+//! the preloaded parent's, and not adopted through a child subreaper. So
+//! from the moment its pid is known the try is a process like any other:
+//! the daemon waits for it (pidfd, `waitpid`), gets its exact exit status,
+//! reaps it (no zombie), and its parent-death signal is tied to the
+//! daemon's thread as for an exec'd task; the preloaded parent's death
+//! touches no running try. A subreaper would make the daemon the parent of
+//! every orphan of every task (setsid grandchildren included), to be reaped
+//! by a wait on any child, which would race the daemon's own waits; a status
+//! reported by the parent would be lost with the parent.
+//!
+//! Failures: a program that exits, or says something else, before its hello
+//! does not speak the protocol: one warning line, and its tries are exec'd
+//! until the config is reloaded. A parent that dies after its hello is
+//! replaced at the next try (after a backoff when it keeps dying, with one
+//! line each time). A parent whose executable changed on disk is retired
+//! (killed: it runs no try, its children are the daemon's) and a new one started at the next try; so is every parent on a
+//! config reload (SIGHUP).
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::AsyncBufReadExt;
+use tokio::time::Instant;
+
+use super::spawner::{Child, Recipe, Spawner};
+
+/// The program's first message once it has booted.
+pub const HELLO: &[u8] = b"hello\0taskrunner-preload-1\0";
+
+/// How long a program may take to boot and say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a parent may take to answer one request (a fork).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A parent that lived this long before dying restarts without delay.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+
+/// The longest wait before a parent that keeps dying is started again.
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
+
+/// One preloaded parent per program and credentials.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    program: PathBuf,
+    uid: Option<u32>,
+    gid: Option<u32>,
+}
+
+/// The preloaded parents of one daemon; cheap to clone.
+#[derive(Clone, Default)]
+pub struct Pool {
+    programs: Arc<tokio::sync::Mutex<HashMap<Key, Program>>>,
+}
+
+/// What is known of one program.
+#[derive(Default)]
+struct Program {
+    parent: Option<Arc<Parent>>,
+    /// It did not speak the protocol: its tries are exec'd.
+    exec_instead: bool,
+    /// Deaths in a row, each within STABLE_AFTER of its start.
+    deaths: u32,
+    restart_at: Option<Instant>,
+}
+
+/// A running preloaded parent.
+struct Parent {
+    pid: u32,
+    socket: AsyncFd<OwnedFd>,
+    /// One request and its answer at a time.
+    exchange: tokio::sync::Mutex<()>,
+    alive: Arc<AtomicBool>,
+    /// Changes once the process has exited (and was reaped).
+    exited: tokio::sync::watch::Receiver<bool>,
+    started: Instant,
+    /// The executable as it was when started (device, inode, size, mtime).
+    file: Option<FileId>,
+}
+
+type FileId = (u64, u64, u64, i64, i64);
+
+fn file_id(path: &std::path::Path) -> Option<FileId> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+    ))
+}
+
+/// Why a preloaded start did not happen: run the try exec'd, or fail it.
+pub enum Refused {
+    ExecInstead,
+    Failed(io::Error),
+}
+
+impl Pool {
+    /// Starts the try of `recipe` as a child of its program's preloaded
+    /// parent (starting the parent first if need be).
+    pub async fn spawn(&self, spawner: &Spawner, recipe: &Recipe) -> Result<Child, Refused> {
+        let key = Key {
+            program: recipe.program.clone(),
+            uid: recipe.uid,
+            gid: recipe.gid,
+        };
+        // A parent that died while answering is replaced once.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let parent = self.parent_for(spawner, &key, recipe).await?;
+            match parent.request(spawner, recipe).await {
+                Ok(child) => return Ok(child),
+                Err(error) if !parent.alive.load(Ordering::SeqCst) && attempts < 2 => {
+                    tracing::debug!("preloaded parent died while starting a try: {error}");
+                }
+                Err(error) => {
+                    if error.kind() == io::ErrorKind::InvalidData {
+                        // The program broke the protocol: exec from now on.
+                        tracing::warn!(
+                            "{} does not speak the preload protocol ({error}); its tries are exec'd",
+                            key.program.display()
+                        );
+                        let mut programs = self.programs.lock().await;
+                        let program = programs.entry(key.clone()).or_default();
+                        program.exec_instead = true;
+                        if let Some(parent) = program.parent.take() {
+                            parent.retire();
+                        }
+                        return Err(Refused::ExecInstead);
+                    }
+                    return Err(Refused::Failed(error));
+                }
+            }
+        }
+    }
+
+    /// Retires every parent (config reload): each program starts anew at its next try.
+    pub async fn retire_all(&self) {
+        let mut programs = self.programs.lock().await;
+        for (_, program) in programs.drain() {
+            if let Some(parent) = program.parent {
+                parent.retire();
+            }
+        }
+    }
+
+    async fn parent_for(
+        &self,
+        spawner: &Spawner,
+        key: &Key,
+        recipe: &Recipe,
+    ) -> Result<Arc<Parent>, Refused> {
+        let mut programs = self.programs.lock().await;
+        let program = programs.entry(key.clone()).or_default();
+        if program.exec_instead {
+            return Err(Refused::ExecInstead);
+        }
+        if let Some(parent) = &program.parent {
+            let alive = parent.alive.load(Ordering::SeqCst);
+            if alive && parent.file == file_id(&resolve(recipe, spawner)) {
+                return Ok(parent.clone());
+            }
+            if alive {
+                tracing::info!(
+                    "{} changed on disk: its preloaded parent (pid {}) is retired, a new one starts",
+                    key.program.display(),
+                    parent.pid
+                );
+                program.deaths = 0;
+                program.restart_at = None;
+                parent.retire();
+            }
+            program.parent = None;
+        }
+        if let Some(at) = program.restart_at {
+            tokio::time::sleep_until(at).await;
+        }
+        let parent = match Parent::start(spawner, recipe).await {
+            Ok(parent) => Arc::new(parent),
+            Err(StartError::NotSpoken(reason)) => {
+                tracing::warn!(
+                    "{} does not speak the preload protocol ({reason}); its tries are exec'd",
+                    key.program.display()
+                );
+                program.exec_instead = true;
+                return Err(Refused::ExecInstead);
+            }
+            Err(StartError::Io(error)) => return Err(Refused::Failed(error)),
+        };
+        tracing::info!("{} preloaded (pid {})", key.program.display(), parent.pid);
+        program.parent = Some(parent.clone());
+        watch_death(self.clone(), key.clone(), parent.clone());
+        Ok(parent)
+    }
+}
+
+/// The program's path as the spawner would run it.
+fn resolve(recipe: &Recipe, spawner: &Spawner) -> PathBuf {
+    spawner
+        .resolve_program(recipe)
+        .unwrap_or_else(|_| recipe.program.clone())
+}
+
+/// Notes a parent's death (once its process has exited), logs one line, and
+/// sets the backoff for the next start when it keeps dying.
+fn watch_death(pool: Pool, key: Key, parent: Arc<Parent>) {
+    let mut exited = parent.exited.clone();
+    let weak = Arc::downgrade(&parent);
+    drop(parent);
+    tokio::spawn(async move {
+        let _ = exited.wait_for(|&exited| exited).await;
+        let mut programs = pool.programs.lock().await;
+        let Some(program) = programs.get_mut(&key) else {
+            return;
+        };
+        let Some(current) = &program.parent else {
+            return;
+        };
+        let Some(parent) = weak.upgrade() else {
+            return;
+        };
+        if !Arc::ptr_eq(current, &parent) {
+            return;
+        }
+        program.parent = None;
+        if parent.started.elapsed() >= STABLE_AFTER {
+            program.deaths = 0;
+        }
+        program.deaths += 1;
+        let delay = if program.deaths <= 1 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(1 << (program.deaths - 2).min(5)).min(MAX_RESTART_DELAY)
+        };
+        program.restart_at = Some(Instant::now() + delay);
+        if delay.is_zero() {
+            tracing::warn!(
+                "preloaded parent of {} (pid {}) died; tries already running go on, a new parent starts at the next try",
+                key.program.display(),
+                parent.pid
+            );
+        } else {
+            tracing::warn!(
+                "preloaded parent of {} (pid {}) died again ({} deaths in a row); tries already running go on, a new parent starts in {}s",
+                key.program.display(),
+                parent.pid,
+                program.deaths,
+                delay.as_secs()
+            );
+        }
+    });
+}
+
+enum StartError {
+    NotSpoken(String),
+    Io(io::Error),
+}
+
+impl Parent {
+    async fn start(spawner: &Spawner, recipe: &Recipe) -> Result<Parent, StartError> {
+        let (ours, theirs) = seqpacket_pair().map_err(StartError::Io)?;
+        let mut env: Vec<(OsString, OsString)> = recipe
+            .env
+            .iter()
+            .filter(|(name, _)| {
+                !matches!(
+                    name.as_bytes(),
+                    b"TASKRUNNER_TASK" | b"TASKRUNNER_TRY" | b"TASKRUNNER_REQUEST_ID"
+                )
+            })
+            .cloned()
+            .collect();
+        env.push(("TASKRUNNER_PRELOAD".into(), "1".into()));
+        let parent_recipe = Recipe {
+            program: recipe.program.clone(),
+            args: recipe.args.clone(),
+            env,
+            workdir: recipe.workdir.clone(),
+            uid: recipe.uid,
+            gid: recipe.gid,
+            // The boot may need more than one try is allowed; each child
+            // sets the try's limits. The tasks' nice value, though: not the
+            // daemon's own raised priority.
+            limits: super::spawner::ChildLimits {
+                nice: recipe.limits.nice,
+                ..Default::default()
+            },
+            stdin: Vec::new(),
+            stdin_fd: Some(Arc::new(theirs)),
+            preload: false,
+        };
+        let file = file_id(&resolve(recipe, spawner));
+        let mut child = spawner
+            .spawn_exec(parent_recipe)
+            .await
+            .map_err(StartError::Io)?;
+        let pid = child.pid;
+        let alive = Arc::new(AtomicBool::new(true));
+        let program = recipe.program.display().to_string();
+        // Its output goes to the daemon's log, a line at a time.
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        for (fd, stream) in [(stdout, "stdout"), (stderr, "stderr")] {
+            let Some(fd) = fd else { continue };
+            let program = program.clone();
+            tokio::spawn(async move {
+                let Ok(pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd_unchecked(fd) else {
+                    return;
+                };
+                let mut lines = tokio::io::BufReader::new(pipe).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    tracing::info!("preloaded {program} (pid {pid}) {stream}: {line}");
+                }
+            });
+        }
+        let (exited_tx, exited) = tokio::sync::watch::channel(false);
+        let (status_tx, mut status_rx) = tokio::sync::oneshot::channel();
+        {
+            let alive = alive.clone();
+            tokio::spawn(async move {
+                let status = child.wait().await;
+                alive.store(false, Ordering::SeqCst);
+                let _ = status_tx.send(status);
+                let _ = exited_tx.send(true);
+            });
+        }
+        // SAFETY: the OwnedFd stays open, on the same socket, for as long as
+        // the AsyncFd owns it.
+        let socket =
+            unsafe { AsyncFd::register_with_interest(ours, tokio::io::Interest::READABLE) }
+                .map_err(|e| StartError::Io(io::Error::from(e)))?;
+        let parent = Parent {
+            pid,
+            socket,
+            exchange: tokio::sync::Mutex::new(()),
+            alive,
+            exited,
+            started: Instant::now(),
+            file,
+        };
+        let mut buffer = [0u8; 256];
+        let hello = tokio::select! {
+            received = parent.receive(&mut buffer) => received,
+            status = &mut status_rx => {
+                let status = match status {
+                    Ok(Ok(status)) => status.to_string(),
+                    _ => "ended".to_string(),
+                };
+                return Err(StartError::NotSpoken(format!("it exited with {status} before its hello")));
+            }
+            _ = tokio::time::sleep(HELLO_TIMEOUT) => {
+                parent.retire();
+                return Err(StartError::NotSpoken(format!(
+                    "no hello within {}s", HELLO_TIMEOUT.as_secs()
+                )));
+            }
+        };
+        match hello {
+            Ok(count) if &buffer[..count] == HELLO => Ok(parent),
+            Ok(0) => {
+                // Most often it is exiting: say how.
+                let reason = match tokio::time::timeout(Duration::from_secs(1), status_rx).await {
+                    Ok(Ok(Ok(status))) => format!("it exited with {status} before its hello"),
+                    _ => "it closed its socket before its hello".to_string(),
+                };
+                parent.retire();
+                Err(StartError::NotSpoken(reason))
+            }
+            Ok(count) => {
+                parent.retire();
+                Err(StartError::NotSpoken(format!(
+                    "its first message is {:?}, not the hello",
+                    String::from_utf8_lossy(&buffer[..count])
+                )))
+            }
+            Err(error) => {
+                parent.retire();
+                Err(StartError::NotSpoken(format!("reading its hello: {error}")))
+            }
+        }
+    }
+
+    /// Stops the parent (SIGKILL: it may be blocked anywhere in its own
+    /// code); its children are the daemon's own and go on.
+    fn retire(&self) {
+        if self.alive.load(Ordering::SeqCst) {
+            // SAFETY: signalling our own unreaped child (its waiter reaps it).
+            unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+
+    /// One message from the parent; 0 bytes when it closed the socket.
+    async fn receive(&self, buffer: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let mut ready = self.socket.readable().await?;
+            // SAFETY: recv into a live buffer from our socket.
+            let count = unsafe {
+                libc::recv(
+                    self.socket.get_ref().as_raw_fd(),
+                    buffer.as_mut_ptr().cast(),
+                    buffer.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if count >= 0 {
+                return Ok(count as usize);
+            }
+            let error = io::Error::last_os_error();
+            match error.kind() {
+                io::ErrorKind::WouldBlock => ready.clear_ready(),
+                io::ErrorKind::Interrupted => {}
+                _ => return Err(error),
+            }
+        }
+    }
+
+    /// Asks the parent for a child running `recipe`'s try.
+    async fn request(&self, spawner: &Spawner, recipe: &Recipe) -> io::Result<Child> {
+        let _turn = self.exchange.lock().await;
+        let (message, stdio) = spawner.preload_request(recipe)?;
+        let fds = [
+            stdio.child_ends[0].as_raw_fd(),
+            stdio.child_ends[1].as_raw_fd(),
+            stdio.child_ends[2].as_raw_fd(),
+        ];
+        send_with_fds(self.socket.get_ref().as_raw_fd(), &message, &fds)?;
+        drop(stdio.child_ends);
+        let mut buffer = [0u8; 4096];
+        let count = tokio::time::timeout(REPLY_TIMEOUT, self.receive(&mut buffer))
+            .await
+            .map_err(|_| {
+                self.retire();
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the preloaded parent did not answer within {}s",
+                        REPLY_TIMEOUT.as_secs()
+                    ),
+                )
+            })??;
+        if count == 0 {
+            self.alive.store(false, Ordering::SeqCst);
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the preloaded parent closed its socket",
+            ));
+        }
+        let fields: Vec<&[u8]> = buffer[..count].split(|&b| b == 0).collect();
+        match fields.as_slice() {
+            [b"pid", pid, b""] => {
+                let pid: u32 = std::str::from_utf8(pid)
+                    .ok()
+                    .and_then(|pid| pid.parse().ok())
+                    .filter(|&pid| pid > 1)
+                    .ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidData, "a pid that is not a number")
+                    })?;
+                Child::adopt(pid, stdio.ours)
+            }
+            [b"error", text, b""] => Err(io::Error::other(format!(
+                "the preloaded parent could not fork: {}",
+                String::from_utf8_lossy(text)
+            ))),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "an answer that is neither pid nor error: {:?}",
+                    String::from_utf8_lossy(&buffer[..count])
+                ),
+            )),
+        }
+    }
+}
+
+fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two descriptors into the array.
+    let done = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if done != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both were just created and are owned only here.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Sends one message with three descriptors (SCM_RIGHTS). A request is far
+/// below the socket's buffer, so the send does not block.
+fn send_with_fds(socket: libc::c_int, message: &[u8], fds: &[libc::c_int; 3]) -> io::Result<()> {
+    // SAFETY: msghdr and its control buffer are built on the stack following
+    // cmsg(3); every pointer stays valid for the sendmsg call.
+    unsafe {
+        let mut iov = libc::iovec {
+            iov_base: message.as_ptr() as *mut libc::c_void,
+            iov_len: message.len(),
+        };
+        let fds_len = std::mem::size_of_val(fds) as libc::c_uint;
+        let space = libc::CMSG_SPACE(fds_len) as usize;
+        let mut control = vec![0u8; space];
+        let mut header: libc::msghdr = std::mem::zeroed();
+        header.msg_iov = &mut iov;
+        header.msg_iovlen = 1;
+        header.msg_control = control.as_mut_ptr().cast();
+        header.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&header);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(fds_len) as _;
+        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
+        loop {
+            let sent = libc::sendmsg(socket, &header, libc::MSG_NOSIGNAL);
+            if sent >= 0 {
+                return Ok(());
+            }
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::Interrupted {
+                return Err(error);
+            }
+        }
+    }
+}

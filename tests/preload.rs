@@ -1,0 +1,357 @@
+//! Preload (SPEC.md "Preload"): a program started once and forked for each
+//! try, with task-sdk (the `preload-probe` example) and with the Python
+//! example (examples/preload/preload_tasks.py).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::util::{process_exists, quote, wait_until, zombie_children, Daemon, TestDb, DAEMON};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+both_backends!(
+    preloaded_sdk_tries_run_like_execd_ones,
+    preloaded_python_tries_run_like_execd_ones,
+    a_timeout_kills_the_childs_group_and_not_the_parent,
+    a_killed_child_crashes_and_reruns,
+    a_killed_parent_leaves_running_tries_to_their_end,
+    a_new_executable_or_a_reload_starts_a_new_parent,
+    a_killed_daemon_takes_the_parent_and_its_children_down,
+    a_program_that_does_not_speak_preload_is_execd,
+);
+
+/// The task-sdk probe, built beside the daemon (`cargo build --workspace --bins`).
+fn sdk_probe() -> PathBuf {
+    let path = PathBuf::from(DAEMON)
+        .parent()
+        .unwrap()
+        .join("preload-probe");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins`",
+        path.display()
+    );
+    path
+}
+
+fn python_probe() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/preload/preload_tasks.py")
+}
+
+fn preloaded(program: &std::path::Path) -> String {
+    format!(
+        "programs: [{{path: {}, preload: true}}]\nenv: {{PROBE_VAR: hello}}\n",
+        program.display()
+    )
+}
+
+/// The probe's `key: value` report.
+fn report(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|line| line.split_once(": "))
+        .map(|(key, value)| (key.to_string(), value.to_string()))
+        .collect()
+}
+
+async fn enqueue(db: &TestDb, task: &str, options: &str) -> taskrunner::request::RequestId {
+    db.insert(&format!(
+        "INSERT INTO task_runner_requests (task_class_name, options, try_limit) VALUES ({}, {}, 1) RETURNING id",
+        quote(task),
+        quote(options)
+    ))
+    .await
+}
+
+/// The pid of the preloaded parent the daemon started last, from its log.
+fn parent_pid(daemon: &Daemon) -> i32 {
+    let log = daemon.log_text();
+    let line = log
+        .lines()
+        .rev()
+        .find(|line| line.contains(" preloaded (pid "))
+        .unwrap_or_else(|| panic!("no preloaded parent in the log:\n{log}"));
+    let pid = line.rsplit_once("(pid ").unwrap().1.trim_end_matches(')');
+    pid.parse().unwrap()
+}
+
+/// Runs the same requests exec'd and preloaded; the rows must agree, and
+/// the preloaded tries must be forked children of one parent, each its own
+/// process group with descriptors 0-2 only, each with fresh memory.
+async fn tries_run_like_execd_ones(db: &TestDb, program: &std::path::Path, task: &str, sdk: bool) {
+    let mut cases = vec![
+        ("", "FINISHED"),
+        ("sleep_ms: 100", "FINISHED"),
+        ("fail: nope", "FAILED"),
+    ];
+    if sdk {
+        cases.push(("bad: 1", "REJECTED"));
+    }
+    let mut results = Vec::new();
+    let workdir = format!("workdir: {}\n", db.scratch.path.display());
+    for (name, config) in [
+        (
+            "exec",
+            format!(
+                "programs: [{}]\nenv: {{PROBE_VAR: hello}}\n{workdir}",
+                program.display()
+            ),
+        ),
+        ("preload", format!("{}{workdir}", preloaded(program))),
+    ] {
+        let mut daemon = Daemon::start(db, name, &config);
+        let mut rows = Vec::new();
+        for (options, _) in &cases {
+            let id = enqueue(db, task, options).await;
+            rows.push(
+                db.wait_for(id, WAIT, "final", |r| {
+                    r.result.as_deref().is_some_and(|s| s != "RUNNING")
+                })
+                .await,
+            );
+        }
+        assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
+        let daemon_pid = daemon.pid();
+        assert!(daemon.stop().success());
+        results.push((name, daemon_pid, rows, daemon.log_text()));
+    }
+    let (_, _, execd, _) = &results[0];
+    let (_, daemon_pid, forked, log) = &results[1];
+    assert!(log.contains(" preloaded (pid "), "log:\n{log}");
+    let mut parents = Vec::new();
+    for ((execd, forked), (_, state)) in execd.iter().zip(forked).zip(&cases) {
+        assert_eq!(execd.result.as_deref(), Some(*state), "{execd:#?}");
+        assert_eq!(forked.result, execd.result, "{forked:#?}");
+        if *state != "FINISHED" {
+            let text = |row: &taskrunner::request::Request| {
+                let text = row.result_text.clone().unwrap_or_default();
+                text.replace(&format!("of request {}", row.id), "of request ID")
+            };
+            assert_eq!(text(forked), text(execd));
+            continue;
+        }
+        let execd_report = report(execd.result_text.as_deref().unwrap());
+        let forked_report = report(forked.result_text.as_deref().unwrap());
+        for key in ["fds", "tries_seen", "cwd"] {
+            assert_eq!(
+                forked_report.get(key),
+                execd_report.get(key),
+                "{key}: {forked_report:?}"
+            );
+        }
+        let without_id = |report: &BTreeMap<String, String>, id: i64| {
+            report["env"].replace(&format!("TASKRUNNER_REQUEST_ID={id}"), "ID")
+        };
+        assert_eq!(
+            without_id(&forked_report, forked.id),
+            without_id(&execd_report, execd.id)
+        );
+        assert!(
+            forked_report["env"].contains("PROBE_VAR=hello"),
+            "{forked_report:?}"
+        );
+        assert_eq!(forked_report["fds"], "[0, 1, 2]");
+        assert_eq!(forked_report["tries_seen"], "1", "fork isolation");
+        assert_eq!(
+            forked_report["pgid"], forked_report["pid"],
+            "own process group"
+        );
+        assert_eq!(
+            forked_report["ppid"],
+            daemon_pid.to_string(),
+            "the daemon's child"
+        );
+        // Exec'd, the setup ran in the try itself; preloaded, in the parent.
+        assert_eq!(execd_report["booted_in"], execd_report["pid"]);
+        assert_ne!(forked_report["booted_in"], forked_report["pid"]);
+        parents.push(forked_report["booted_in"].clone());
+    }
+    parents.dedup();
+    assert_eq!(parents.len(), 1, "one parent for every try: {parents:?}");
+}
+
+async fn preloaded_sdk_tries_run_like_execd_ones(backend: crate::util::Backend) {
+    let db = TestDb::new(backend).await;
+    tries_run_like_execd_ones(&db, &sdk_probe(), "Probe", true).await;
+}
+
+async fn preloaded_python_tries_run_like_execd_ones(backend: crate::util::Backend) {
+    let db = TestDb::new(backend).await;
+    tries_run_like_execd_ones(&db, &python_probe(), "PyProbe", false).await;
+}
+
+async fn a_timeout_kills_the_childs_group_and_not_the_parent(backend: crate::util::Backend) {
+    let db = TestDb::new(backend).await;
+    let config = format!(
+        "{}tasks: {{Probe: {{timeout: 1s}}}}\n",
+        preloaded(&sdk_probe())
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    let id = enqueue(&db, "Probe", "sleep_ms: 60000").await;
+    let row = db.wait_for_state(id, "TIMEOUT", WAIT).await;
+    assert!(row.result_text.unwrap().starts_with("timed out after 1s"));
+    let parent = parent_pid(&daemon);
+    assert!(
+        process_exists(parent),
+        "the parent outlives its child's timeout"
+    );
+    let id = enqueue(&db, "Probe", "").await;
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(
+        report(&row.result_text.unwrap())["booted_in"],
+        parent.to_string()
+    );
+    assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
+    assert!(daemon.stop().success());
+}
+
+async fn a_killed_child_crashes_and_reruns(backend: crate::util::Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", &preloaded(&sdk_probe()));
+    let id = db
+        .insert("INSERT INTO task_runner_requests (task_class_name, options, try_limit) VALUES ('Probe', 'first_try_sleep_ms: 60000', 2) RETURNING id")
+        .await;
+    let row = db
+        .wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
+        .await;
+    kill(Pid::from_raw(row.pid.unwrap() as i32), Signal::SIGKILL).unwrap();
+    let crashed = db
+        .wait_for(id, WAIT, "CRASHED or rerun", |r| {
+            r.result.as_deref() != Some("RUNNING") || r.tries == 2
+        })
+        .await;
+    if crashed.tries == 1 {
+        assert_eq!(crashed.result.as_deref(), Some("CRASHED"));
+        assert!(crashed
+            .result_text
+            .unwrap()
+            .starts_with("killed by signal 9"));
+    }
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 2);
+    assert!(
+        process_exists(parent_pid(&daemon)),
+        "the parent is unharmed"
+    );
+    assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
+    assert!(daemon.stop().success());
+}
+
+async fn a_killed_parent_leaves_running_tries_to_their_end(backend: crate::util::Backend) {
+    let db = TestDb::new(backend).await;
+    let config = format!("{}max_concurrent: 4\n", preloaded(&sdk_probe()));
+    let mut daemon = Daemon::start(&db, "d", &config);
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(enqueue(&db, "Probe", "sleep_ms: 2000").await);
+    }
+    for &id in &ids {
+        db.wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
+            .await;
+    }
+    let parent = parent_pid(&daemon);
+    kill(Pid::from_raw(parent), Signal::SIGKILL).unwrap();
+    for &id in &ids {
+        let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+        assert_eq!(row.tries, 1, "{row:#?}");
+        assert_eq!(
+            report(&row.result_text.unwrap())["booted_in"],
+            parent.to_string()
+        );
+    }
+    daemon.wait_for_log("died; tries already running go on", WAIT);
+    let id = enqueue(&db, "Probe", "").await;
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    let new_parent = report(&row.result_text.unwrap())["booted_in"].clone();
+    assert_ne!(new_parent, parent.to_string(), "a new parent");
+    assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
+    assert!(daemon.stop().success());
+}
+
+async fn a_new_executable_or_a_reload_starts_a_new_parent(backend: crate::util::Backend) {
+    let db = TestDb::new(backend).await;
+    let program = db.scratch.join("probe");
+    std::fs::copy(sdk_probe(), &program).unwrap();
+    let mut daemon = Daemon::start(&db, "d", &preloaded(&program));
+    let booted_in =
+        |row: taskrunner::request::Request| report(&row.result_text.unwrap())["booted_in"].clone();
+    let id = enqueue(&db, "Probe", "").await;
+    let first = booted_in(db.wait_for_state(id, "FINISHED", WAIT).await);
+    // A deploy: a new file renamed over the old one.
+    let staged = db.scratch.join("probe.new");
+    std::fs::copy(sdk_probe(), &staged).unwrap();
+    std::fs::rename(&staged, &program).unwrap();
+    let id = enqueue(&db, "Probe", "").await;
+    let second = booted_in(db.wait_for_state(id, "FINISHED", WAIT).await);
+    assert_ne!(first, second, "a new parent after the executable changed");
+    assert!(daemon.log_text().contains("changed on disk"));
+    wait_until(WAIT, "the old parent to be retired", || {
+        !process_exists(first.parse().unwrap())
+    });
+    daemon.signal(Signal::SIGHUP);
+    daemon.wait_for_log("config reloaded", WAIT);
+    let id = enqueue(&db, "Probe", "").await;
+    let third = booted_in(db.wait_for_state(id, "FINISHED", WAIT).await);
+    assert_ne!(second, third, "a new parent after a reload");
+    assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
+    assert!(daemon.stop().success());
+}
+
+async fn a_killed_daemon_takes_the_parent_and_its_children_down(backend: crate::util::Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", &preloaded(&sdk_probe()));
+    let id = enqueue(&db, "Probe", "sleep_ms: 60000").await;
+    let row = db
+        .wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
+        .await;
+    let child = row.pid.unwrap() as i32;
+    let parent = parent_pid(&daemon);
+    daemon.signal(Signal::SIGKILL);
+    daemon.wait_exit(Duration::from_secs(10));
+    wait_until(
+        Duration::from_secs(10),
+        "the parent and the child to die",
+        || !process_exists(child) && !process_exists(parent),
+    );
+}
+
+/// A command that does not speak the protocol (it exits before any hello):
+/// one line, and its tries are exec'd. A task-sdk program whose setup left
+/// a thread running refuses to preload and says why.
+async fn a_program_that_does_not_speak_preload_is_execd(backend: crate::util::Backend) {
+    let db = TestDb::new(backend).await;
+    let config = format!(
+        "programs: [{{path: {}, preload: true}}]\ntasks: {{Echo: {{command: [/bin/echo, hi], preload: true}}}}\nenv: {{PROBE_SETUP_THREAD: '1'}}\n",
+        sdk_probe().display()
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    for _ in 0..2 {
+        let id = enqueue(&db, "Echo", "").await;
+        let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+        assert_eq!(row.result_text.as_deref().map(str::trim), Some("hi"));
+        let id = enqueue(&db, "Probe", "").await;
+        let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+        let report = report(&row.result_text.unwrap());
+        assert_eq!(report["booted_in"], report["pid"], "exec'd");
+    }
+    assert!(daemon.stop().success());
+    let log = daemon.log_text();
+    assert_eq!(
+        log.matches("/bin/echo does not speak the preload protocol (it exited with exit status: 0 before its hello); its tries are exec'd").count(),
+        1,
+        "log:\n{log}"
+    );
+    assert_eq!(
+        log.matches("preload-probe does not speak the preload protocol")
+            .count(),
+        1,
+        "log:\n{log}"
+    );
+    assert!(
+        log.contains("cannot fork: 2 threads are alive, and a fork copies only the calling one"),
+        "log:\n{log}"
+    );
+}
