@@ -8,13 +8,19 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::util::{process_exists, Backend, Daemon, TestDb};
+use crate::util::{base_config, merge_yaml, process_exists, wait_until, Backend, Daemon, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
 
 both_backends!(
     a_dead_heartbeat_stops_the_daemon_with_exit_status_1,
     starts_failing_for_the_daemons_own_descriptors_give_the_try_back,
+    a_grandchild_of_a_killed_daemons_task_is_killed_before_the_rerun,
+    no_migrate_on_an_older_or_missing_schema_exits_naming_it,
+    a_task_of_the_daemons_user_cannot_read_its_environment,
+    a_root_daemon_warns_of_root_tasks_and_refuses_group_without_user,
+    idle_control_connections_cannot_take_the_daemons_descriptors,
+    a_task_cannot_stop_its_daemon_through_the_control_socket,
 );
 
 /// A TCP proxy in front of the test's PostgreSQL server that, once armed,
@@ -199,6 +205,238 @@ async fn starts_failing_for_the_daemons_own_descriptors_give_the_try_back(backen
             .count(),
         1,
         "{log}"
+    );
+    assert!(daemon.stop().success());
+}
+
+/// The parent-death signal reaches only the task's own process: a
+/// grandchild in its process group kept running after `kill -9` of the
+/// daemon, beside the next try that the restarted daemon started at once.
+/// Now the start-up reaper kills what is left of the old try's group first.
+async fn a_grandchild_of_a_killed_daemons_task_is_killed_before_the_rerun(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let grandchild_file = db.scratch.join("grandchild");
+    let script = db.scratch.join("spawner.sh");
+    // Try 1 leaves a grandchild in its group; try 2 fails if it still runs
+    // (a zombie, waiting for init to reap it, runs no more).
+    std::fs::write(
+        &script,
+        format!(
+            r#"g={g}
+if [ "$TASKRUNNER_TRY" = 1 ]; then
+    (trap "" TERM HUP; while :; do sleep 0.1; done) &
+    echo $! > $g
+    exec sleep 60
+fi
+state=$(sed 's/.*) //' /proc/$(cat $g)/stat 2>/dev/null | cut -c1)
+if [ -n "$state" ] && [ "$state" != Z ]; then echo "try 1 still runs" >&2; exit 1; fi
+echo alone
+"#,
+            g = grandchild_file.display()
+        ),
+    )
+    .unwrap();
+    let config = format!(
+        "tasks:\n  Spawner:\n    command: [/bin/sh, {}]\n",
+        script.display()
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    let id = db.enqueue("Spawner", None).await;
+    db.wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
+        .await;
+    wait_until(WAIT, "the grandchild's pid", || {
+        std::fs::read_to_string(&grandchild_file).is_ok_and(|t| t.ends_with('\n'))
+    });
+    let grandchild: i32 = std::fs::read_to_string(&grandchild_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGKILL);
+    daemon.wait_exit(Duration::from_secs(5));
+    assert!(
+        process_exists(grandchild),
+        "the grandchild outlives the daemon"
+    );
+    let mut daemon = Daemon::start_with_config(&daemon.config.clone(), &[]);
+    daemon.wait_ready();
+    let row = db
+        .wait_for(id, WAIT, "ended", |r| {
+            !matches!(r.result.as_deref(), Some("RUNNING") | Some("CRASHED"))
+        })
+        .await;
+    let alive = process_exists(grandchild);
+    if alive {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(grandchild),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    assert!(!alive, "the grandchild was killed");
+    assert_eq!(row.result.as_deref(), Some("FINISHED"), "{row:#?}");
+    assert_eq!(row.result_text.as_deref(), Some("alone"));
+    assert_eq!(row.tries, 2);
+    assert!(daemon.stop().success());
+}
+
+/// `--no-migrate` on a schema that is missing or older started and looped
+/// for ever ("no such table" retried as an outage). Now the daemon compares
+/// the applied migrations with its own and exits 1 naming what differs.
+async fn no_migrate_on_an_older_or_missing_schema_exits_naming_it(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let dir = db.scratch.join("d");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("taskrunner.yml");
+    std::fs::write(&config, merge_yaml(&base_config(&db, &dir), "")).unwrap();
+    let exit_of = |what: &str| {
+        let mut daemon = Daemon::start_with_config(&config, &["--no-migrate"]);
+        let status = daemon.wait_exit(WAIT);
+        let log = daemon.log_text();
+        assert_eq!(status.code(), Some(1), "{what}: {log}");
+        log
+    };
+    // The latest migration renumbered: one missing, one newer than the binary.
+    let latest = db
+        .scalar("SELECT max(version) FROM task_runner_schema_migrations")
+        .await;
+    db.execute(
+        "UPDATE task_runner_schema_migrations SET version = 9999 \
+          WHERE version = (SELECT max(version) FROM task_runner_schema_migrations)",
+    )
+    .await;
+    let log = exit_of("renumbered");
+    assert!(
+        log.contains(&format!("is missing migration(s) {latest:04}")),
+        "{log}"
+    );
+    assert!(log.contains("has migration(s) 9999 newer"), "{log}");
+    db.execute("DROP TABLE task_runner_schema_migrations").await;
+    let log = exit_of("no schema");
+    assert!(log.contains("has no taskrunner schema"), "{log}");
+}
+
+/// A task of the daemon's own uid read `DATABASE_URL`/`PGPASSWORD` from
+/// `/proc/<daemon>/environ`, inherited every other variable of the daemon,
+/// and ran in the config file's directory. Now the daemon is not dumpable,
+/// tasks get an allowlist of its environment, and `workdir` defaults to `/`.
+/// (As root the daemon runs as `nobody` here, so that its task shares its uid.)
+async fn a_task_of_the_daemons_user_cannot_read_its_environment(backend: Backend) {
+    use std::os::unix::fs::chown;
+    let db = TestDb::new(backend).await;
+    let extra = "tasks:\n  Peek:\n    command: [/bin/sh, -c, 'pwd; cat /proc/$PPID/environ | tr \"\\\\0\" \"\\\\n\"; env']\n";
+    let env = [
+        ("TASKRUNNER_TEST_SECRET", "hunter2"),
+        ("PGPASSWORD", "hunter3"),
+    ];
+    let mut daemon = if nix::unistd::geteuid().is_root() {
+        let nobody = 65534;
+        let dir = db.scratch.join("d");
+        std::fs::create_dir_all(&dir).unwrap();
+        for entry in std::fs::read_dir(&db.scratch.path).unwrap() {
+            chown(entry.unwrap().path(), Some(nobody), Some(nobody)).unwrap();
+        }
+        chown(&db.scratch.path, Some(nobody), Some(nobody)).unwrap();
+        Daemon::start_as(&db, "d", extra, &env, nobody)
+    } else {
+        Daemon::start_in_env(&db, "d", extra, &env)
+    };
+    let id = db.enqueue("Peek", None).await;
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    let text = row.result_text.unwrap_or_default();
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(!text.contains("hunter3"), "{text}");
+    assert!(text.contains("PATH="), "PATH is inherited: {text}");
+    assert_eq!(text.lines().next(), Some("/"), "{text}");
+    assert!(daemon.stop().success());
+}
+
+/// A root daemon ran tasks as root without a word, and with only `group:`
+/// set kept uid 0. Now it warns at start, and refuses `group:` alone.
+async fn a_root_daemon_warns_of_root_tasks_and_refuses_group_without_user(backend: Backend) {
+    if !nix::unistd::geteuid().is_root() {
+        println!("skipped: the test runs as root only (the warning is about a root daemon)");
+        return;
+    }
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", "");
+    daemon.wait_for_log(
+        "the daemon runs as root and these task types run as root too",
+        WAIT,
+    );
+    assert!(daemon.stop().success());
+    let dir = db.scratch.join("g");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("taskrunner.yml");
+    std::fs::write(
+        &config,
+        merge_yaml(&base_config(&db, &dir), "group: nogroup\n"),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start_with_config(&config, &[]);
+    let status = daemon.wait_exit(WAIT);
+    let log = daemon.log_text();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("group: without user: would run tasks as root"),
+        "{log}"
+    );
+}
+
+/// 1,500 idle connections to the control socket exhausted the daemon's
+/// descriptors, and the accept loop then spun writing warnings. Now at most
+/// a few connections are answered at once, the rest wait in the backlog,
+/// accept errors back off, and tasks keep starting meanwhile.
+async fn idle_control_connections_cannot_take_the_daemons_descriptors(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start_with_open_files(
+        &db,
+        "d",
+        "max_concurrent: 1\ntasks:\n  Nap:\n    command: [sleep, '0.1']\n",
+        (64, 64),
+    );
+    let socket = daemon.dir.join("run/daemon.sock");
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        if let Ok(Ok(stream)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::UnixStream::connect(&socket),
+        )
+        .await
+        {
+            idle.push(stream);
+        }
+    }
+    let id = db.enqueue("Nap", None).await;
+    // Well within the 10 s after which the daemon drops an idle connection.
+    db.wait_for_state(id, "FINISHED", Duration::from_secs(5))
+        .await;
+    let warnings = daemon.log_text().matches("control socket:").count();
+    assert!(warnings <= 1, "{}", daemon.log_text());
+    drop(idle);
+    assert!(daemon.stop().success());
+}
+
+/// Any task of the daemon's uid could `stop` it over the control socket.
+/// Now the daemon checks the peer (`SO_PEERCRED`) and refuses `stop` from
+/// its own task processes.
+async fn a_task_cannot_stop_its_daemon_through_the_control_socket(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let socket = db.scratch.join("d/run/daemon.sock");
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "tasks:\n  Stopper:\n    command: [python3, -c, \"import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b'stop\\\\n'); print(s.makefile().readline().strip())\", {}]\n",
+            socket.display()
+        ),
+    );
+    let id = db.enqueue("Stopper", None).await;
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    let text = row.result_text.unwrap_or_default();
+    assert!(text.contains("refused"), "{text}");
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "the daemon runs on"
     );
     assert!(daemon.stop().success());
 }

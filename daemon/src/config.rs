@@ -599,12 +599,13 @@ impl Partial {
             nice,
             run_as: resolve_run_as(user, group)?,
             env,
-            workdir: dir.join(
-                self.workdir
-                    .clone()
-                    .or_else(|| base.workdir.clone())
-                    .unwrap_or_default(),
-            ),
+            // Not the config's directory by default: the config (and often
+            // the SQLite file) must not be a task's working directory.
+            workdir: self
+                .workdir
+                .clone()
+                .or_else(|| base.workdir.clone())
+                .map_or_else(|| PathBuf::from("/"), |workdir| dir.join(workdir)),
             kill_retry: self
                 .kill_retry
                 .or(base.kill_retry)
@@ -631,6 +632,11 @@ fn resolve_run_as(
             Some((name, entry.uid.as_raw(), entry.gid.as_raw()))
         }
     };
+    if user.is_none() && group.is_some() && nix::unistd::geteuid().is_root() {
+        return Err(
+            "group: without user: would run tasks as root (uid 0 kept); set user: as well".into(),
+        );
+    }
     let group = match group {
         Some(name) => {
             let entry = nix::unistd::Group::from_name(&name)

@@ -19,6 +19,16 @@ use crate::daemon::Shared;
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 4096;
 
+/// Connections answered at once; more wait in the listen backlog, so that
+/// idle connections cannot take the daemon's file descriptors.
+const MAX_CONNECTIONS: usize = 32;
+
+/// How long a connection may take to send its line and read the answer.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// At most one warning about failed accepts per this long.
+const ACCEPT_WARNING_EVERY: Duration = Duration::from_secs(60);
+
 /// What `status` answers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
@@ -92,26 +102,52 @@ impl Control {
         shutdown: CancellationToken,
     ) {
         let Control { listener, path } = self;
+        let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let mut backoff = crate::health::Backoff::default();
+        let mut warned: Option<std::time::Instant> = None;
+        let mut failed_accepts = 0u64;
         loop {
+            let permit = tokio::select! {
+                permit = open.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+                _ = stop.cancelled() => break,
+            };
             let connection = tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok(connection) => connection,
+                    Ok(connection) => {
+                        backoff.reset();
+                        connection
+                    }
                     Err(error) => {
-                        tracing::warn!("control socket: {error}");
-                        continue;
+                        // Out of descriptors, say: accepting again at once
+                        // would spin. Back off, and say so once a minute.
+                        failed_accepts += 1;
+                        if warned.is_none_or(|at| at.elapsed() >= ACCEPT_WARNING_EVERY) {
+                            warned = Some(std::time::Instant::now());
+                            tracing::warn!(
+                                failed_accepts,
+                                "control socket: accepting a connection failed, backing off: {error}"
+                            );
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                            _ = stop.cancelled() => break,
+                        }
                     }
                 },
                 _ = stop.cancelled() => break,
             };
             let shared = shared.clone();
             let shutdown = shutdown.clone();
-            // A client that connects and never writes holds only its own task.
+            // A client that connects and never writes holds only its own
+            // task and one of the MAX_CONNECTIONS permits, for a while.
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    answer(shared, connection, shutdown),
-                )
-                .await;
+                let _permit = permit;
+                let _ =
+                    tokio::time::timeout(CONNECTION_TIMEOUT, answer(shared, connection, shutdown))
+                        .await;
             });
         }
         drop(listener);
@@ -141,11 +177,20 @@ async fn answer(
             shared.check_cancels.notify_one();
             serde_json::json!({ "ok": true })
         }
-        "stop" => {
-            tracing::info!("stop requested on the control socket");
-            shutdown.cancel();
-            serde_json::json!({ "ok": true })
-        }
+        "stop" => match peer_task(&shared, &connection) {
+            Some(pid) => {
+                tracing::warn!(
+                    peer = pid,
+                    "stop refused on the control socket: it came from a task process of this daemon"
+                );
+                serde_json::json!({ "error": format!("refused: `stop` from a task process of this daemon (pid {pid})") })
+            }
+            None => {
+                tracing::info!("stop requested on the control socket");
+                shutdown.cancel();
+                serde_json::json!({ "ok": true })
+            }
+        },
         other => {
             let shown: String = other.chars().take(40).collect();
             serde_json::json!({ "error": format!("unknown command `{shown}` (status, metrics, wake or stop)") })
@@ -154,6 +199,33 @@ async fn answer(
     let mut writer = &connection;
     writer.write_all(format!("{reply}\n").as_bytes()).await?;
     writer.flush().await
+}
+
+/// The pid of the peer (`SO_PEERCRED`) if it is a task process of this
+/// daemon: a descendant of the daemon, or a member of a running try's
+/// process group whose parent has gone. A task that left its group and
+/// its parent (`setsid` and a double fork) is not recognised.
+fn peer_task(shared: &Shared, connection: &Stream) -> Option<i64> {
+    let pid = i64::from(connection.peer_creds().ok()?.pid()?);
+    let daemon = i64::from(std::process::id());
+    let groups: Vec<i64> = shared
+        .live()
+        .values()
+        .filter_map(|live| live.pid.map(i64::from))
+        .collect();
+    let mut current = pid;
+    // Up the parent chain: a task process is a descendant of the daemon.
+    for _ in 0..64 {
+        if current <= 1 || current == daemon {
+            return None;
+        }
+        let (parent, group) = crate::procinfo::parent_and_group(current)?;
+        if parent == daemon || groups.contains(&group) {
+            return Some(pid);
+        }
+        current = parent;
+    }
+    None
 }
 
 async fn status(shared: &Shared) -> Status {

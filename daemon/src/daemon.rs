@@ -177,6 +177,22 @@ pub async fn run(
             }
         }
         health.succeeded();
+    } else {
+        // Without migrating, the schema must be exactly this binary's: an
+        // older or missing one would fail every statement for ever.
+        let mut backoff = Backoff::default();
+        loop {
+            match store.check_schema().await {
+                Ok(()) => break,
+                Err(error) if is_permanent(&error) => return Err(error),
+                Err(error) => health.failed("checking the schema", &error),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
+        health.succeeded();
     }
     let registry = {
         let config = config.clone();
@@ -222,6 +238,7 @@ pub async fn run(
             instance = %shared.instance,
             max_concurrent = config.max_concurrent,
             priority = crate::supervisor::priority::describe(),
+            isolation = crate::supervisor::isolation::describe(),
             task_types = %shared.registry.read().unwrap_or_else(|e| e.into_inner()).names(&config).join(", "),
             "taskrunnerd started"
         );
@@ -231,6 +248,17 @@ pub async fn run(
     // shutdown. One that ends before (a panic, a bug) leaves the daemon
     // without its lease renewal, reaping or claims: the daemon then shuts
     // down in the SPEC's order and exits 1.
+    {
+        let config = shared.config();
+        let names = shared
+            .registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .names(&config);
+        if let Some(warning) = crate::supervisor::isolation::root_warning(&config, &names) {
+            tracing::warn!("{warning}");
+        }
+    }
     let services = CancellationToken::new();
     let services_for_web = services.clone();
     let mut background = tokio::task::JoinSet::new();
@@ -405,14 +433,15 @@ async fn wait_until_idle(shared: &Shared, limit: Duration) -> bool {
 /// Errors that retrying cannot fix (a migration that does not apply).
 fn is_permanent(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
-        matches!(
-            cause.downcast_ref::<sqlx::migrate::MigrateError>(),
-            Some(
-                sqlx::migrate::MigrateError::VersionMissing(_)
-                    | sqlx::migrate::MigrateError::VersionMismatch(_)
-                    | sqlx::migrate::MigrateError::Dirty(_)
+        cause.is::<crate::store::SchemaMismatch>()
+            || matches!(
+                cause.downcast_ref::<sqlx::migrate::MigrateError>(),
+                Some(
+                    sqlx::migrate::MigrateError::VersionMissing(_)
+                        | sqlx::migrate::MigrateError::VersionMismatch(_)
+                        | sqlx::migrate::MigrateError::Dirty(_)
+                )
             )
-        )
     })
 }
 

@@ -15,7 +15,9 @@
 //! - [`supervisor`]: one OS process per try: spawn (clone + exec from a
 //!   thread that lives as long as the daemon, or forked by a preloaded
 //!   program as the daemon's child), limits, bounded output, timeout, kill
-//!   escalation.
+//!   escalation; `supervisor::isolation` (non-dumpable daemon, environment
+//!   allowlist, OOM preference) and `supervisor::resources` (the daemon's
+//!   own file descriptors).
 //! - [`recorder`]: the one writer of try results, batched and retried.
 //! - [`heartbeat`]: lease renewal, cancel delivery, self-fencing.
 //! - [`reaper`]: marks rows whose process or daemon is gone as CRASHED.

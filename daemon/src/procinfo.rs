@@ -44,6 +44,47 @@ pub fn is_zombie(pid: i64) -> bool {
         .unwrap_or(false)
 }
 
+/// A process's parent pid and process group, from `/proc/PID/stat`.
+pub fn parent_and_group(pid: i64) -> Option<(i64, i64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace().skip(1);
+    let parent = fields.next()?.parse().ok()?;
+    let group = fields.next()?.parse().ok()?;
+    Some((parent, group))
+}
+
+/// Whether no live process has this pid (none at all, or a zombie).
+pub fn is_gone(pid: i64) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid)
+}
+
+/// The live processes of process group `group` that started at or after
+/// tick `since`: what is left of a try whose leader (pid = `group`) is gone.
+pub fn group_members_since(group: i64, since: i64) -> Vec<i64> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i64>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            let Some(close) = stat.rfind(')') else {
+                return false;
+            };
+            // Fields from 3 on: state, ppid, pgrp, …, starttime (22).
+            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            fields.first() != Some(&"Z")
+                && fields.get(2).and_then(|g| g.parse::<i64>().ok()) == Some(group)
+                && fields
+                    .get(19)
+                    .and_then(|t| t.parse::<i64>().ok())
+                    .is_some_and(|ticks| ticks >= since)
+        })
+        .collect()
+}
+
 /// Seconds since the epoch at which the process started, from its ticks.
 pub fn start_time_epoch(start_ticks: i64) -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;

@@ -55,7 +55,15 @@ pub async fn reap(
             Probe::Foreign => continue,
         };
         {
-            let reason = format!("crashed: {why} (found by the reaper on {host})");
+            let mut reason = format!("crashed: {why} (found by the reaper on {host})");
+            if !dry_run {
+                let killed = kill_remnants(&identity).await;
+                if killed > 0 {
+                    reason.push_str(&format!(
+                        "; killed {killed} process(es) its try left in its process group"
+                    ));
+                }
+            }
             if dry_run
                 || store
                     .mark_crashed(row.id, row.claim_token.as_deref(), &reason)
@@ -105,6 +113,37 @@ pub async fn reap(
         }
     }
     Ok(reaped)
+}
+
+/// Kills what a dead try left in its process group (a grandchild survives
+/// the parent-death signal that killed the task with its daemon), so that
+/// its next try never runs beside it: the members of the group named by
+/// the task's pid that started at or after the task did, on this boot, and
+/// only while no process has that pid any more (a pid is not reused while
+/// it names a group). Waits up to 2 s for them to be gone; returns how
+/// many were killed. A grandchild that left the group (`setsid`) escapes.
+async fn kill_remnants(identity: &Identity) -> usize {
+    let (Some(boot), Some(started)) = (&identity.boot_id, identity.start_ticks) else {
+        return 0;
+    };
+    if *boot != procinfo::boot_id() || !procinfo::is_gone(identity.pid) {
+        return 0;
+    }
+    let mut killed = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let members = procinfo::group_members_since(identity.pid, started);
+        if members.is_empty() || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        for pid in members {
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            killed.insert(pid);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    killed.len()
 }
 
 /// The daemon's reaper: at start, then every `reap_interval`. It leaves the

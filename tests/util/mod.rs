@@ -340,7 +340,24 @@ impl Daemon {
     }
 
     pub fn start_with_env(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
-        Daemon::spawn(config, args, env, None)
+        Daemon::spawn(config, args, env, None, None)
+    }
+
+    /// Like [`Daemon::start_in_env`], as user `uid` (the test must be root).
+    pub fn start_as(
+        db: &TestDb,
+        name: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+        uid: u32,
+    ) -> Daemon {
+        let dir = db.scratch.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("taskrunner.yml");
+        std::fs::write(&config, merge_yaml(&base_config(db, &dir), extra)).unwrap();
+        let mut daemon = Daemon::spawn(&config, &[], env, None, Some(uid));
+        daemon.wait_ready();
+        daemon
     }
 
     /// Like [`Daemon::start`], under an `RLIMIT_NOFILE` of (soft, hard).
@@ -354,7 +371,7 @@ impl Daemon {
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("taskrunner.yml");
         std::fs::write(&config, merge_yaml(&base_config(db, &dir), extra)).unwrap();
-        let mut daemon = Daemon::spawn(&config, &[], &[], Some(nofile));
+        let mut daemon = Daemon::spawn(&config, &[], &[], Some(nofile), None);
         daemon.wait_ready();
         daemon
     }
@@ -364,6 +381,7 @@ impl Daemon {
         args: &[&str],
         env: &[(&str, &str)],
         nofile: Option<(u64, u64)>,
+        uid: Option<u32>,
     ) -> Daemon {
         let dir = config.parent().unwrap().to_path_buf();
         let log = dir.join(format!(
@@ -374,6 +392,10 @@ impl Daemon {
                 .as_nanos()
         ));
         let mut command = Command::new(DAEMON);
+        if let Some(uid) = uid {
+            use std::os::unix::process::CommandExt;
+            command.uid(uid).gid(uid);
+        }
         if let Some((soft, hard)) = nofile {
             use std::os::unix::process::CommandExt;
             // SAFETY: setrlimit is async-signal-safe.

@@ -83,6 +83,7 @@ fn main() -> ExitCode {
     // Before the runtime starts any thread: they all inherit it.
     taskrunner::supervisor::priority::raise_daemon();
     taskrunner::supervisor::resources::raise_open_files();
+    taskrunner::supervisor::isolation::protect_daemon();
     // One runtime thread, this main thread: the daemon's own work per task
     // is small, and a single thread saves the cross-thread wake-ups that
     // dominated its CPU time. Task processes are started right here too (this

@@ -104,6 +104,19 @@ macro_rules! on_pool {
 
 pub mod web;
 
+/// The database's schema is not the one this binary was built for
+/// (`--no-migrate`): retrying cannot fix it.
+#[derive(Debug)]
+pub struct SchemaMismatch(pub String);
+
+impl std::fmt::Display for SchemaMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SchemaMismatch {}
+
 /// One write about a try, fenced by its claim token.
 #[derive(Debug, Clone)]
 pub enum Write {
@@ -509,6 +522,85 @@ impl Store {
         on_pool!(self, pool => {
             sqlx::query_scalar::<_, Option<i64>>(query).fetch_one(pool).await.ok()?
         })
+    }
+
+    /// With `--no-migrate`: compares the migrations applied to the database
+    /// with this binary's. A schema that is missing, older or newer is a
+    /// [`SchemaMismatch`] naming what differs; a database that cannot be
+    /// reached is a plain error (retried).
+    pub async fn check_schema(&self) -> Result<()> {
+        let migrator = match &self.pool {
+            Pool::Sqlite(_) => sqlx::migrate!("../migrations/sqlite"),
+            Pool::Postgres(_) => sqlx::migrate!("../migrations/postgres"),
+        };
+        let known: Vec<i64> = migrator
+            .iter()
+            .filter(|m| m.migration_type.is_up_migration())
+            .map(|m| m.version)
+            .collect();
+        let query =
+            format!("SELECT version FROM {MIGRATIONS_TABLE} WHERE success ORDER BY version");
+        let applied: sqlx::Result<Vec<i64>> = on_pool!(self, pool => {
+            sqlx::query_scalar(sqlx::AssertSqlSafe(query)).fetch_all(pool).await
+        });
+        let applied = match applied {
+            Ok(applied) => applied,
+            Err(sqlx::Error::Database(error))
+                if error.code().as_deref() == Some("42P01")
+                    || error.message().contains("no such table") =>
+            {
+                return Err(SchemaMismatch(format!(
+                    "{} has no taskrunner schema (no table {MIGRATIONS_TABLE}): run `taskrunner-cli migrate`, or start without --no-migrate",
+                    self.display_url
+                ))
+                .into());
+            }
+            Err(error) => {
+                return Err(anyhow::Error::new(error).context(format!(
+                    "reading the schema version of {}",
+                    self.display_url
+                )))
+            }
+        };
+        let list = |versions: Vec<i64>| {
+            versions
+                .iter()
+                .map(|v| format!("{v:04}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let missing: Vec<i64> = known
+            .iter()
+            .copied()
+            .filter(|v| !applied.contains(v))
+            .collect();
+        let newer: Vec<i64> = applied
+            .iter()
+            .copied()
+            .filter(|v| !known.contains(v))
+            .collect();
+        let mut problems = Vec::new();
+        if !missing.is_empty() {
+            problems.push(format!(
+                "is missing migration(s) {} that this taskrunnerd needs (run `taskrunner-cli migrate`, or start without --no-migrate)",
+                list(missing)
+            ));
+        }
+        if !newer.is_empty() {
+            problems.push(format!(
+                "has migration(s) {} newer than this taskrunnerd knows (upgrade taskrunnerd)",
+                list(newer)
+            ));
+        }
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(SchemaMismatch(format!(
+            "the schema of {} {}",
+            self.display_url,
+            problems.join(", and ")
+        ))
+        .into())
     }
 
     /// Claims up to `limit` runnable rows of any queue and type, in one

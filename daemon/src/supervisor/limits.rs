@@ -22,6 +22,7 @@ pub fn child_limits(settings: &TaskSettings) -> super::spawner::ChildLimits {
         processes: settings.max_processes,
         nice: settings.nice.or_else(super::priority::task_nice),
         open_files: super::resources::task_open_files(),
+        oom_score_adj: super::isolation::task_oom_score_adj(),
     }
 }
 

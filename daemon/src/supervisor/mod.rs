@@ -7,6 +7,7 @@
 //! its pipes close: a grandchild may hold them), and the whole process group
 //! is killed then, so nothing the task started outlives its try.
 
+pub mod isolation;
 mod limits;
 mod output;
 mod preload;
@@ -32,20 +33,30 @@ use output::Capture;
 pub use output::Tail;
 pub use spawner::{is_daemon_short, Recipe, Spawner};
 
-/// Environment variables of the daemon that a task never inherits: the
-/// daemon's own database settings (SPEC.md). A task that needs them gets them
-/// through `env:` in the config.
-fn is_daemon_secret(name: &std::ffi::OsStr) -> bool {
+/// The variables of the daemon's environment a task inherits: the ones
+/// every program expects, nothing that could hold a secret (the daemon's
+/// `DATABASE_URL`, `PG*`, or whatever else its environment carries). A task
+/// that needs more gets it through `env:` in the config.
+pub const INHERITED_VARIABLES: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_*", "TZ", "TMPDIR", "TERM",
+];
+
+fn is_inherited(name: &std::ffi::OsStr) -> bool {
     let name = name.as_encoded_bytes();
-    name == b"DATABASE_URL" || name.starts_with(b"PG")
+    INHERITED_VARIABLES
+        .iter()
+        .any(|allowed| match allowed.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix.as_bytes()),
+            None => name == allowed.as_bytes(),
+        })
 }
 
 /// Starts the thread that starts task processes; every task's environment
-/// is the daemon's, read now, without its secrets, plus its own variables.
+/// is the daemon's allowlisted variables, read now, plus its own.
 pub fn start_spawner() -> std::io::Result<Spawner> {
     Spawner::start(
         std::env::vars_os()
-            .filter(|(name, _)| !is_daemon_secret(name))
+            .filter(|(name, _)| is_inherited(name))
             .collect(),
     )
 }

@@ -91,6 +91,8 @@ pub struct ChildLimits {
     pub nice: Option<i32>,
     /// `RLIMIT_NOFILE` (soft, hard): the one the daemon was started with.
     pub open_files: Option<(u64, u64)>,
+    /// Written to `/proc/self/oom_score_adj` (see isolation.rs).
+    pub oom_score_adj: Option<i32>,
 }
 
 /// A started task process: its pid, its pipes, and a pidfd to wait on.
@@ -773,6 +775,11 @@ extern "C" fn child_main(raw: *mut libc::c_void) -> libc::c_int {
         if libc::chdir(args.workdir) != 0 {
             return fail(1);
         }
+        // Before the credentials change: going back up from a lowered
+        // value needs the daemon's privilege. Best effort.
+        if let Some(adjust) = args.limits.oom_score_adj {
+            write_oom_score_adj(adjust);
+        }
         if args.uid.is_some() || args.gid.is_some() {
             if libc::geteuid() == 0 && libc::setgroups(0, std::ptr::null()) != 0 {
                 return fail(2);
@@ -838,6 +845,37 @@ extern "C" fn child_main(raw: *mut libc::c_void) -> libc::c_int {
         libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         libc::execve(args.program, args.argv, args.envp);
         fail(7)
+    }
+}
+
+/// Writes `value` to `/proc/self/oom_score_adj`, in the child: no
+/// allocation, only open, write and close.
+fn write_oom_score_adj(value: i32) {
+    let mut digits = [0u8; 12];
+    let mut at = digits.len();
+    let mut rest = value.unsigned_abs();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    if value < 0 {
+        at -= 1;
+        digits[at] = b'-';
+    }
+    // SAFETY: open, write and close on a constant path and a local buffer.
+    unsafe {
+        let fd = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        if fd >= 0 {
+            libc::write(fd, digits[at..].as_ptr().cast(), digits.len() - at);
+            libc::close(fd);
+        }
     }
 }
 
