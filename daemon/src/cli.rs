@@ -663,8 +663,14 @@ async fn command(command: Command, config: &Config) -> Result<ExitCode> {
             let store = open(Purpose::Cli)?;
             let shutdown = tokio_util::sync::CancellationToken::new();
             let on_signal = shutdown.clone();
+            // Ctrl-C or SIGTERM: finish the requests in flight, then exit 0.
+            let mut terminate =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::spawn(async move {
-                let _ = tokio::signal::ctrl_c().await;
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
                 on_signal.cancel();
             });
             crate::web::run_standalone(&config, address, store, shutdown).await?;

@@ -98,9 +98,29 @@ pub struct ScheduleSlots {
     pub last_request: Option<i64>,
 }
 
+/// A batch (`task_runner_batches`, when the table exists) and its progress.
+#[derive(Debug, Clone)]
+pub struct BatchRow {
+    pub id: i64,
+    pub created_at: Option<String>,
+    pub name: Option<String>,
+    pub state: Option<String>,
+    pub sealed_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub total: i64,
+    pub pending: i64,
+    pub finished: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+    pub on_complete: Option<String>,
+    pub on_failure: Option<String>,
+}
+
 /// Which requests a page lists (and a bulk action changes).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RequestFilter {
+    /// Members of this batch (`batch_id`; only where batches exist).
+    pub batch: Option<i64>,
     /// A state of SPEC.md, or `PENDING` for never run.
     pub state: Option<String>,
     pub task: Option<String>,
@@ -363,6 +383,9 @@ impl Store {
             Backend::Postgres => format!("strpos({column}, {n}) > 0"),
         };
         let mut indexed = Vec::new();
+        if let Some(batch) = filter.batch {
+            indexed.push(("batch_id = $N".to_string(), Some(Bind::Int(batch))));
+        }
         match filter.state.as_deref() {
             Some("PENDING") => indexed.push(("result IS NULL".to_string(), None)),
             Some(state) => {
@@ -552,6 +575,47 @@ impl Store {
             });
         }
         Ok(changed)
+    }
+
+    /// Batches, newest first, below id `before` (one page and one more).
+    pub async fn batches(&self, before: Option<i64>) -> Result<Vec<BatchRow>> {
+        let sql = format!(
+            "SELECT {}, {}, name, state, {}, {}, {}, {}, {}, {}, {}, on_complete, on_failure \
+               FROM task_runner_batches WHERE ($1 IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
+            self.int_sql("id"),
+            self.show_time_sql("created_at"),
+            self.show_time_sql("sealed_at"),
+            self.show_time_sql("finished_at"),
+            self.int_sql("total"),
+            self.int_sql("pending"),
+            self.int_sql("finished"),
+            self.int_sql("failed"),
+            self.int_sql("cancelled"),
+        );
+        let sql = match self.backend() {
+            Backend::Postgres => sql.replace("$1 IS NULL", "$1::bigint IS NULL"),
+            Backend::Sqlite => sql,
+        };
+        Ok(on_pool!(self, pool => {
+            sqlx::query(audited(&sql)).bind(before).bind(PAGE_SIZE + 1).fetch_all(pool).await?
+                .iter()
+                .map(|row| Ok(BatchRow {
+                    id: row.int(0)?,
+                    created_at: row.opt_text(1)?,
+                    name: row.opt_text(2)?,
+                    state: row.opt_text(3)?,
+                    sealed_at: row.opt_text(4)?,
+                    finished_at: row.opt_text(5)?,
+                    total: row.int(6)?,
+                    pending: row.int(7)?,
+                    finished: row.int(8)?,
+                    failed: row.int(9)?,
+                    cancelled: row.int(10)?,
+                    on_complete: row.opt_text(11)?,
+                    on_failure: row.opt_text(12)?,
+                }))
+                .collect::<sqlx::Result<_>>()?
+        }))
     }
 
     /// Whether a table exists (pages for tables other issues add).

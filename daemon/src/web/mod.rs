@@ -177,6 +177,8 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/requests/{id}/cancel", post(cancel))
         .route("/bulk", get(bulk_preview).post(bulk_apply))
         .route("/purge", post(purge))
+        .route("/batches", get(batches))
+        .route("/batches/{id}", get(batch))
         .route("/daemons", get(daemons))
         .route("/schedules", get(schedules))
         .route("/metrics", get(metrics))
@@ -423,6 +425,9 @@ pub struct FilterQuery {
     pub host: String,
     #[serde(default)]
     pub text: String,
+    /// A batch id (members of that batch), where batches exist.
+    #[serde(default)]
+    pub batch: String,
     pub before: Option<i64>,
     #[serde(default)]
     pub action: String,
@@ -434,6 +439,7 @@ impl FilterQuery {
     pub fn filter(&self) -> RequestFilter {
         let some = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_string());
         RequestFilter {
+            batch: self.batch.trim().parse().ok(),
             state: some(&self.state).map(|s| s.to_uppercase()),
             task: some(&self.task),
             queue: some(&self.queue),
@@ -623,6 +629,65 @@ async fn purge(
             form.older_than.trim()
         ),
     )))
+}
+
+#[derive(Deserialize)]
+struct Before {
+    before: Option<i64>,
+}
+
+/// Batches with their progress, where the table exists (migration 0005).
+async fn batches(State(web): State<Arc<Web>>, Query(page): Query<Before>) -> PageResult {
+    if !web.store.table_exists("task_runner_batches").await? {
+        return Ok(pages::message(
+            &chrome(&web),
+            "This database has no batches table yet (taskrunner-cli migrate adds it).",
+        )
+        .into_response());
+    }
+    let batches = web.store.batches(page.before).await?;
+    Ok(pages::batches(&chrome(&web), &batches).into_response())
+}
+
+async fn batch(
+    State(web): State<Arc<Web>>,
+    Path(id): Path<String>,
+    Query(query): Query<FilterQuery>,
+) -> PageResult {
+    let Ok(id) = id.parse::<i64>() else {
+        return Ok((
+            StatusCode::BAD_REQUEST,
+            pages::error_page("a batch id is a number"),
+        )
+            .into_response());
+    };
+    if !web.store.table_exists("task_runner_batches").await? {
+        return Ok((
+            StatusCode::NOT_FOUND,
+            pages::error_page("this database has no batches"),
+        )
+            .into_response());
+    }
+    let found = web
+        .store
+        .batches(Some(id + 1))
+        .await?
+        .into_iter()
+        .next()
+        .filter(|b| b.id == id);
+    let Some(found) = found else {
+        return Ok((
+            StatusCode::NOT_FOUND,
+            pages::error_page(&format!("no batch {id}")),
+        )
+            .into_response());
+    };
+    let filter = RequestFilter {
+        batch: Some(id),
+        ..query.filter()
+    };
+    let members = web.store.find_requests(&filter, query.before).await?;
+    Ok(pages::batch(&chrome(&web), &found, &members).into_response())
 }
 
 async fn daemons(State(web): State<Arc<Web>>) -> PageResult {

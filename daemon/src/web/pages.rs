@@ -7,7 +7,8 @@ use maud::{html, Markup, DOCTYPE};
 use super::{Chrome, FilterQuery};
 use crate::request::{Request, State};
 use crate::store::web::{
-    DaemonRow, MinuteBucket, QueueStats, RequestPage, ScheduleSlots, BULK_LIMIT, SCAN_WINDOW,
+    BatchRow, DaemonRow, MinuteBucket, QueueStats, RequestPage, ScheduleSlots, BULK_LIMIT,
+    SCAN_WINDOW,
 };
 
 /// Counts on the overview stop here per queue (shown as "N+").
@@ -28,6 +29,7 @@ fn layout(chrome: &Chrome, title: &str, body: Markup) -> Markup {
                     strong { "taskrunner" }
                     a href="/" { "Overview" }
                     a href="/requests" { "Requests" }
+                    a href="/batches" { "Batches" }
                     a href="/daemons" { "Daemons" }
                     a href="/schedules" { "Schedules" }
                     a href="/metrics" { "Metrics" }
@@ -251,6 +253,7 @@ pub fn requests(chrome: &Chrome, query: &FilterQuery, page: &RequestPage) -> Mar
         ("queue", query.queue.as_str()),
         ("host", query.host.as_str()),
         ("text", query.text.as_str()),
+        ("batch", query.batch.as_str()),
     ];
     let filters = form_urlencoded_pairs(&filter_pairs);
     let next_link = page.next_before.map(|before| {
@@ -276,6 +279,7 @@ pub fn requests(chrome: &Chrome, query: &FilterQuery, page: &RequestPage) -> Mar
                 label { "queue " input name="queue" value=(query.queue) size="10"; }
                 label { "host " input name="host" value=(query.host) size="10"; }
                 label { "text " input name="text" value=(query.text) size="14"; }
+                label { "batch " input name="batch" value=(query.batch) size="6"; }
                 button type="submit" { "Filter" }
                 a href="/requests" { "clear" }
             }
@@ -420,6 +424,7 @@ pub fn bulk_preview(chrome: &Chrome, query: &FilterQuery, count: i64) -> Markup 
                     input type="hidden" name="queue" value=(query.queue);
                     input type="hidden" name="host" value=(query.host);
                     input type="hidden" name="text" value=(query.text);
+                    input type="hidden" name="batch" value=(query.batch);
                     button type="submit" { (query.action) " " (count) " requests" }
                 }
             }
@@ -430,6 +435,84 @@ pub fn bulk_preview(chrome: &Chrome, query: &FilterQuery, count: i64) -> Markup 
                     label { "Delete final requests completed more than " input name="older_than" value="30d" size="6"; " ago " }
                     button type="submit" { "Purge" }
                 }
+            }
+        },
+    )
+}
+
+fn batch_progress(batch: &BatchRow) -> Markup {
+    let done = batch.finished + batch.failed + batch.cancelled;
+    html! {
+        progress value=(done) max=(batch.total.max(1)) title=(format!("{done} of {} final", batch.total)) { (done) " of " (batch.total) }
+        " " (batch.finished) " finished, " (batch.failed) " failed, " (batch.cancelled) " cancelled, " (batch.pending) " pending"
+    }
+}
+
+pub fn batches(chrome: &Chrome, batches: &[BatchRow]) -> Markup {
+    let shown = &batches[..batches.len().min(crate::store::web::PAGE_SIZE as usize)];
+    layout(
+        chrome,
+        "Batches",
+        html! {
+            table {
+                thead { tr { th.num { "id" } th { "name" } th { "state" } th { "progress" } th { "created" } th { "sealed" } } }
+                tbody {
+                    @for batch in shown {
+                        tr {
+                            td.num { a href=(format!("/batches/{}", batch.id)) { (batch.id) } }
+                            td { (batch.name.as_deref().unwrap_or("")) }
+                            td { (batch.state.as_deref().unwrap_or(if batch.sealed_at.is_some() { "running" } else { "open" })) }
+                            td { (batch_progress(batch)) }
+                            td.time { (batch.created_at.as_deref().unwrap_or("")) }
+                            td.time { (batch.sealed_at.as_deref().unwrap_or("not sealed")) }
+                        }
+                    }
+                }
+            }
+            @if shown.is_empty() { p { "No batch yet." } }
+            @if batches.len() > shown.len() {
+                @if let Some(last) = shown.last() {
+                    p { a.next href=(format!("/batches?before={}", last.id)) { "Older →" } }
+                }
+            }
+        },
+    )
+}
+
+pub fn batch(chrome: &Chrome, batch: &BatchRow, members: &RequestPage) -> Markup {
+    layout(
+        chrome,
+        &format!("Batch {}", batch.id),
+        html! {
+            p { (batch_progress(batch)) }
+            table.fields {
+                tbody {
+                    tr { th { "name" } td { (batch.name.as_deref().unwrap_or("")) } }
+                    tr { th { "state" } td { (batch.state.as_deref().unwrap_or("not final")) } }
+                    tr { th { "created_at" } td { (batch.created_at.as_deref().unwrap_or("")) } }
+                    tr { th { "sealed_at" } td { (batch.sealed_at.as_deref().unwrap_or("")) } }
+                    tr { th { "finished_at" } td { (batch.finished_at.as_deref().unwrap_or("")) } }
+                    tr { th { "on_complete" } td { (batch.on_complete.as_deref().unwrap_or("")) } }
+                    tr { th { "on_failure" } td { (batch.on_failure.as_deref().unwrap_or("")) } }
+                }
+            }
+            h2 { "Members" }
+            table.requests {
+                thead { tr { th.num { "id" } th { "type" } th { "state" } th.num { "tries" } th { "result text" } } }
+                tbody {
+                    @for row in &members.rows {
+                        tr {
+                            td.num { a href=(format!("/requests/{}", row.id)) { (row.id) } }
+                            td { (row.task_class_name) }
+                            td { span class=(format!("state {}", state_label(row.result.as_deref()).to_lowercase())) { (state_label(row.result.as_deref())) } }
+                            td.num { (row.tries) "/" (row.try_limit) }
+                            td.text { (first_line(row.result_text.as_deref().unwrap_or(""), 100)) }
+                        }
+                    }
+                }
+            }
+            @if let Some(before) = members.next_before {
+                p { a.next href=(format!("/batches/{}?before={before}", batch.id)) { "Older members →" } }
             }
         },
     )
