@@ -239,7 +239,7 @@ impl Database {
     }
 
     /// Inserts `count` rows with the given column values (SQL expressions,
-    /// the same for every row) in one statement.
+    /// which may use the row's number `n`, from 1) in one statement.
     pub async fn bulk_insert(&self, count: usize, columns: &[(&str, &str)]) -> Result<u64> {
         let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
         let values: Vec<&str> = columns.iter().map(|(_, value)| *value).collect();
@@ -250,7 +250,7 @@ impl Database {
                  INSERT INTO task_runner_requests ({names}) SELECT {values} FROM series"
             ),
             Backend::Postgres => format!(
-                "INSERT INTO task_runner_requests ({names}) SELECT {values} FROM generate_series(1, {count})"
+                "INSERT INTO task_runner_requests ({names}) SELECT {values} FROM generate_series(1, {count}) AS series(n)"
             ),
         };
         self.execute(&sql).await

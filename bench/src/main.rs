@@ -13,6 +13,7 @@
 //! - [`latency`]: insert-to-start delay of rows inserted by another process
 //!   (the `inserter` mode of this same binary).
 //! - [`scale`]: the library's claim on a small and on a huge table.
+//! - [`web`]: the web page's and `/metrics`' times on a table of a million rows.
 //! - [`report`]: the tables, as aligned markdown.
 
 mod daemon;
@@ -21,6 +22,7 @@ mod latency;
 mod report;
 mod scale;
 mod throughput;
+mod web;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -85,7 +87,7 @@ struct RunArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "throughput,latency,scale,memory"
+        default_value = "throughput,latency,scale,memory,web"
     )]
     only: Vec<Part>,
     /// A PostgreSQL server to create scratch databases on (any database name in the URL)
@@ -106,6 +108,7 @@ enum Part {
     Latency,
     Scale,
     Memory,
+    Web,
 }
 
 fn main() -> ExitCode {
@@ -193,6 +196,10 @@ async fn run(args: RunArgs) -> Result<()> {
                 latency_requests,
                 args.latency_gap_ms,
             ));
+        }
+        if wants(Part::Web) {
+            let cases = web::run(&bench, &backends, scale_rows).await?;
+            report.add(web::table(&cases));
         }
         if wants(Part::Scale) {
             let cases = scale::run(&bench, &backends, &[args.small_scale_rows, scale_rows]).await?;
