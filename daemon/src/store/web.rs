@@ -459,18 +459,56 @@ impl Store {
         } else {
             format!("WHERE {}", inner_terms.join(" AND "))
         };
+        if others.is_empty() {
+            // Every filter is served by the index: read the page directly.
+            let page = take("$N", Bind::Int(PAGE_SIZE + 1), &mut binds);
+            let sql = format!(
+                "{} {inner_where} ORDER BY id DESC LIMIT {page}",
+                self.sql.select_requests
+            );
+            let mut rows: Vec<Request> = on_pool!(self, pool => {
+                bind_all!(sqlx::query(audited(&sql)), &binds).fetch_all(pool).await?
+                    .iter()
+                    .map(request_from_row)
+                    .collect::<sqlx::Result<_>>()?
+            });
+            let more = rows.len() as i64 > PAGE_SIZE;
+            rows.truncate(PAGE_SIZE as usize);
+            let next_before = if more {
+                rows.last().map(|r| r.id)
+            } else {
+                None
+            };
+            return Ok(RequestPage {
+                rows,
+                next_before,
+                window_ended: false,
+            });
+        }
         let window = take("$N", Bind::Int(SCAN_WINDOW), &mut binds);
+        // The window's own parameters come first: its count below reuses them.
+        let inner_bind_count = binds.len();
         let inner = format!(
             "SELECT id FROM task_runner_requests {inner_where} ORDER BY id DESC LIMIT {window}"
         );
-        let mut outer_terms = vec![format!("id IN ({inner})")];
+        let mut outer_terms = Vec::new();
+        if let Some(before) = before {
+            // Again outside: a merge join then starts the table at the cursor.
+            outer_terms.push(take("id < $N", Bind::Int(before), &mut binds));
+        }
         for (sql, bind) in others {
             outer_terms.push(take(&sql, bind, &mut binds));
         }
         let page = take("$N", Bind::Int(PAGE_SIZE + 1), &mut binds);
+        // The window joined by key, in its own order, so that the planner
+        // walks it (not the table) and stops at a full page.
         let sql = format!(
             "{} WHERE {} ORDER BY id DESC LIMIT {page}",
-            self.sql.select_requests,
+            self.sql.select_requests.replacen(
+                " FROM task_runner_requests",
+                &format!(" FROM ({inner}) AS w JOIN task_runner_requests USING (id)"),
+                1
+            ),
             outer_terms.join(" AND ")
         );
         let mut rows: Vec<Request> = on_pool!(self, pool => {
@@ -494,7 +532,7 @@ impl Store {
             self.int_sql("count(*)"),
             self.int_sql("min(id)")
         );
-        let inner_binds = &binds[..inner_terms.len() + 1];
+        let inner_binds = &binds[..inner_bind_count];
         let (scanned, lowest): (i64, Option<i64>) = on_pool!(self, pool => {
             let row = bind_all!(sqlx::query(audited(&window_sql)), inner_binds).fetch_one(pool).await?;
             (row.int(0)?, row.opt_int(1)?)
