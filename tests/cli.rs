@@ -495,3 +495,181 @@ fn run_shows_the_tasks_stderr_live() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(1));
 }
+
+/// README, "Sharing the SQLite file": an application running as its own user
+/// (here `nobody`, in the file's group) enqueues into the service's SQLite
+/// file while the daemon (root here) holds it open, its -wal and -shm files
+/// included. Needs root (skipped otherwise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_user_enqueues_into_the_services_sqlite_file() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to run as another user");
+        return;
+    }
+    let scratch = Scratch::new("shared-sqlite");
+    std::fs::set_permissions(&scratch.path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The recipe: a setgid directory of the shared group, mode 2770; the
+    // file created by the daemon's user, then made group-writable.
+    let dir = scratch.join("db");
+    std::fs::create_dir(&dir).unwrap();
+    let group = nix::unistd::Group::from_name("nogroup")
+        .unwrap()
+        .expect("group nogroup");
+    nix::unistd::chown(&dir, None, Some(group.gid)).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o2770)).unwrap();
+    let db = dir.join("taskrunner.db");
+    let url = format!("sqlite://{}", db.display());
+    let (status, _, stderr) = bare_cli(&scratch.path, &["--database-url", &url, "migrate"]);
+    assert_eq!(status, 0, "{stderr}");
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o660)).unwrap();
+    let config = scratch.join("taskrunner.yml");
+    std::fs::write(
+        &config,
+        format!("database_url: {url}\npoll_interval: 1s\nheartbeat_interval: 1s\nlease_timeout: 5s\nkill_grace: 2s\n"),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start_with_config(&config, &[]);
+    daemon.wait_ready();
+    let as_app = |args: &[&str]| {
+        let output = Command::new("runuser")
+            .args([
+                "-u",
+                "nobody",
+                "-g",
+                "nogroup",
+                "--",
+                CLI,
+                "--database-url",
+                &url,
+            ])
+            .args(args)
+            .current_dir(&scratch.path)
+            .env_remove("DATABASE_URL")
+            .output()
+            .unwrap();
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let store = taskrunner::store::Store::open(&url, taskrunner::store::Purpose::Cli).unwrap();
+    for _ in 0..2 {
+        let (status, stdout, stderr) = as_app(&["enqueue", "NoOp"]);
+        assert_eq!(status, 0, "nobody enqueues: {stderr}");
+        let id = RequestId(stdout.trim().parse().unwrap());
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let row = store.show(id).await.unwrap().unwrap();
+            if row.result.as_deref() == Some("FINISHED") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "request {id} not run: {row:#?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let wal = std::path::PathBuf::from(format!("{}-wal", db.display()));
+    assert!(wal.exists(), "the daemon holds the file in WAL mode");
+    let (status, stdout, stderr) = as_app(&["list"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(stdout.contains("FINISHED"), "{stdout}");
+    store.close().await;
+    assert!(daemon.stop().success());
+}
+
+/// The service's config gives tasks a working directory the systemd unit
+/// leaves writable to the daemon's user (its StateDirectory), not the
+/// config's own directory (/etc/taskrunner, read-only under the unit).
+#[test]
+fn the_service_config_gives_tasks_a_writable_workdir() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let config = taskrunner::config::Config::load_file(std::path::Path::new(&format!(
+        "{root}/init/taskrunner.yml"
+    )))
+    .expect("init/taskrunner.yml loads");
+    assert_eq!(
+        config.defaults.workdir,
+        std::path::PathBuf::from("/var/lib/taskrunner")
+    );
+    let unit = std::fs::read_to_string(format!("{root}/init/taskrunner.service")).unwrap();
+    assert!(unit.contains("\nStateDirectory=taskrunner\n"), "{unit}");
+    assert!(unit.contains("\nWorkingDirectory=/var/lib/taskrunner\n"));
+}
+
+/// `tasks` lists every type with its source and settings; `tasks NAME` and
+/// `enqueue NAME --help` show a type's options: a command type's from the
+/// config's `options:`, a task-sdk type's from its options struct (the
+/// program's `--help NAME`).
+#[test]
+fn tasks_and_enqueue_help_show_a_types_options() {
+    let scratch = Scratch::new("tasks");
+    let example_tasks = std::path::PathBuf::from(crate::util::DAEMON)
+        .parent()
+        .unwrap()
+        .join("example-tasks");
+    let config = scratch.join("taskrunner.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "programs: [{}]\ntasks:\n  Resize:\n    command: [/bin/cat]\n    timeout: 10m\n    concurrency: 2\n    options:\n      width: pixels, the longer side\n      format: png or jpeg\n",
+            example_tasks.display()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let (status, stdout, stderr) = bare_cli(&scratch.path, &["--config", config, "tasks"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(
+        stdout.contains("Resize  (command /bin/cat; timeout 10m, concurrency 2"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("WordCount  (program "), "{stdout}");
+    assert!(stdout.contains("NoOp  (built in"), "{stdout}");
+    let (status, stdout, stderr) =
+        bare_cli(&scratch.path, &["--config", config, "tasks", "Resize"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(
+        stdout.contains("    width   pixels, the longer side"),
+        "{stdout}"
+    );
+    let (status, stdout, stderr) =
+        bare_cli(&scratch.path, &["--config", config, "tasks", "WordCount"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(
+        stdout.contains("counts the words of the file `input`"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("options: input, output, top, ignore"),
+        "{stdout}"
+    );
+    let (status, stdout, stderr) = bare_cli(
+        &scratch.path,
+        &["--config", config, "enqueue", "WordCount", "--help"],
+    );
+    assert_eq!(status, 0, "{stderr}");
+    assert!(
+        stdout.contains("--unique-key"),
+        "the enqueue flags: {stdout}"
+    );
+    assert!(stdout.contains("Task type WordCount"), "{stdout}");
+    assert!(
+        stdout.contains("options: input, output, top, ignore"),
+        "{stdout}"
+    );
+    let (status, _, stderr) = bare_cli(&scratch.path, &["--config", config, "tasks", "Nope"]);
+    assert_eq!(status, 1);
+    assert!(
+        one_line(&stderr).contains("unknown task type `Nope`"),
+        "{stderr}"
+    );
+    // A task program's own --help lists its types and their options.
+    let output = Command::new(&example_tasks).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success());
+    assert!(
+        help.contains("Countdown\n  options: from, interval_ms"),
+        "{help}"
+    );
+}

@@ -294,6 +294,14 @@ enum Command {
         #[command(flatten)]
         socket: SocketFlag,
     },
+    /// The task types the config and its programs offer, with their
+    /// settings; with a name, the options that type takes
+    Tasks {
+        #[command(flatten)]
+        database: DatabaseFlags,
+        #[arg(value_name = "NAME")]
+        name: Option<String>,
+    },
     /// Print a shell completion script (e.g. `taskrunner-cli completions bash
     /// > /etc/bash_completion.d/taskrunner-cli`)
     Completions {
@@ -357,8 +365,80 @@ fn parse_time(text: &str) -> Result<String, String> {
     ))
 }
 
+/// `enqueue TYPE --help`: the arguments without `--help`, when they name
+/// a type (the help then also shows that type's options).
+fn enqueue_type_help(args: &[String]) -> Option<Vec<String>> {
+    const TAKES_VALUE: [&str; 13] = [
+        "--options",
+        "--delay",
+        "--at",
+        "--try-limit",
+        "--priority",
+        "--unique-key",
+        "--queue",
+        "--node",
+        "--not-node",
+        "--period",
+        "--config",
+        "--database-url",
+        "--socket",
+    ];
+    let start = args.iter().position(|a| a == "enqueue")?;
+    let (mut help, mut task, mut skip) = (false, false, false);
+    for arg in &args[start + 1..] {
+        if skip {
+            skip = false;
+        } else if arg == "--help" || arg == "-h" {
+            help = true;
+        } else if TAKES_VALUE.contains(&arg.as_str()) {
+            skip = true;
+        } else if !arg.starts_with('-') {
+            task = true;
+        }
+    }
+    (help && task).then(|| {
+        args.iter()
+            .filter(|a| *a != "--help" && *a != "-h")
+            .cloned()
+            .collect()
+    })
+}
+
+/// Prints `enqueue`'s help, then the options of the type named.
+fn print_enqueue_type_help(flags: Flags) -> ExitCode {
+    let mut enqueue = <Flags as clap::CommandFactory>::command()
+        .find_subcommand("enqueue")
+        .expect("enqueue is a command")
+        .clone()
+        .bin_name("taskrunner-cli enqueue");
+    println!("{}", enqueue.render_help());
+    let Command::Enqueue { task, .. } = &flags.command else {
+        return ExitCode::SUCCESS;
+    };
+    let described = Config::resolve(&overrides_for(&flags)).and_then(|config| {
+        let registry = Registry::load(&config)?;
+        describe_tasks(&config, &registry, Some(task))
+    });
+    match described {
+        Ok(text) => {
+            print!("Task type {text}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("taskrunner-cli: {error:#}");
+            ExitCode::from(crate::exit_code_for(&error))
+        }
+    }
+}
+
 /// Runs the CLI and returns its exit status.
 pub fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(without_help) = enqueue_type_help(&args) {
+        if let Ok(flags) = Flags::try_parse_from(&without_help) {
+            return print_enqueue_type_help(flags);
+        }
+    }
     let flags = Flags::parse();
     crate::init_logging(crate::config::LogFormat::Text);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -448,6 +528,7 @@ fn overrides_for(flags: &Flags) -> Overrides {
             }
             (None, Some(socket), None)
         }
+        Command::Tasks { database, .. } => (Some(database), None, None),
         Command::Config(ConfigCommand::Init { .. })
         | Command::Completions { .. }
         | Command::Man { .. } => (None, None, None),
@@ -475,9 +556,33 @@ fn overrides_for(flags: &Flags) -> Overrides {
     overrides
 }
 
+/// Runs one command, then closes the databases it opened: an unclosed
+/// SQLite connection leaves its -wal and -shm files behind, with this
+/// user's owner and mode.
 async fn command(command: Command, config: &Config) -> Result<ExitCode> {
+    let opened = std::sync::Mutex::new(Vec::new());
+    let result = run_one(command, config, &opened).await;
+    let stores: Vec<Store> = std::mem::take(&mut *opened.lock().unwrap_or_else(|e| e.into_inner()));
+    for store in stores {
+        store.close().await;
+    }
+    result
+}
+
+async fn run_one(
+    command: Command,
+    config: &Config,
+    opened: &std::sync::Mutex<Vec<Store>>,
+) -> Result<ExitCode> {
     let config = config.clone();
-    let open = |purpose| Store::open(&config.database_url, purpose);
+    let open = |purpose| -> Result<Store> {
+        let store = Store::open(&config.database_url, purpose)?;
+        opened
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(store.clone());
+        Ok(store)
+    };
     match command {
         Command::Migrate { .. } => {
             let store = open(Purpose::Migrate)?;
@@ -639,6 +744,13 @@ async fn command(command: Command, config: &Config) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Command::Tasks { name, .. } => {
+            let registry = {
+                let config = config.clone();
+                tokio::task::spawn_blocking(move || Registry::load(&config)).await??
+            };
+            print!("{}", describe_tasks(&config, &registry, name.as_deref())?);
+        }
         Command::Purge { older_than, .. } => {
             let retention = match older_than {
                 Some(age) => crate::retention::Retention::all(age),
@@ -784,6 +896,50 @@ async fn wake_daemon(config: &Config) -> bool {
         .await,
         Ok(Ok(_))
     )
+}
+
+/// `tasks [NAME]`: every type with where it comes from and its settings,
+/// or one type with its options.
+fn describe_tasks(config: &Config, registry: &Registry, name: Option<&str>) -> Result<String> {
+    let settings_of = |name: &str| {
+        let settings = config.settings_for(name);
+        let mut parts = Vec::new();
+        if let Some(timeout) = settings.timeout {
+            parts.push(format!(
+                "timeout {}",
+                crate::units::format_duration(timeout)
+            ));
+        }
+        if let Some(limit) = config.tasks.get(name).and_then(|t| t.concurrency) {
+            parts.push(format!("concurrency {limit}"));
+        }
+        parts.push(format!("workdir {}", settings.workdir.display()));
+        parts.join(", ")
+    };
+    let mut out = String::new();
+    match name {
+        None => {
+            for name in registry.names(config) {
+                out += &format!(
+                    "{name}  ({}; {})\n",
+                    registry.source(config, &name).unwrap_or_default(),
+                    settings_of(&name)
+                );
+            }
+            out += "(`taskrunner-cli tasks NAME` shows a type's options)\n";
+        }
+        Some(name) => {
+            let Some(source) = registry.source(config, name) else {
+                bail!(
+                    "unknown task type `{name}`; known types: {}",
+                    registry.names(config).join(", ")
+                );
+            };
+            out += &format!("{name}  ({source}; {})\n", settings_of(name));
+            out += &registry.describe_options(config, name)?;
+        }
+    }
+    Ok(out)
 }
 
 /// `taskrunner-cli.1`, and `taskrunner-cli-COMMAND.1` for each command.

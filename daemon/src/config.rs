@@ -99,6 +99,7 @@ with_task_settings! {
         command: Option<Vec<String>>,
         concurrency: Option<u32>,
         preload: Option<bool>,
+        options: Option<BTreeMap<String, String>>,
     }
 }
 
@@ -163,6 +164,9 @@ pub struct CommandTask {
     pub concurrency: Option<u32>,
     /// Tries are forked from a preloaded parent (supervisor/preload.rs).
     pub preload: bool,
+    /// `options:`: each option of the type and what it means, for
+    /// `taskrunner-cli tasks NAME` and `enqueue NAME --help`.
+    pub options: BTreeMap<String, String>,
 }
 
 /// The resolved configuration.
@@ -307,6 +311,7 @@ impl Config {
                     settings,
                     concurrency,
                     preload: task.preload.unwrap_or(false),
+                    options: task.options.unwrap_or_default(),
                 },
             );
         }

@@ -130,6 +130,79 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// Where `name` comes from, in a few words (`taskrunner-cli tasks`).
+    pub fn source(&self, config: &Config, name: &str) -> Option<String> {
+        if let Some(command) = config.tasks.get(name).and_then(|t| t.command.as_ref()) {
+            return Some(format!("command {}", command.join(" ")));
+        }
+        if BUILTIN_TYPES.contains(&name) {
+            return Some("built in".to_string());
+        }
+        let program = self.from_programs.get(name)?;
+        Some(format!("program {}", program.display()))
+    }
+
+    /// The options `name` takes: the config's `options:` for a command
+    /// type, else what its program answers to `--help NAME` (task-sdk: the
+    /// options struct's field names and the type's description).
+    pub fn describe_options(&self, config: &Config, name: &str) -> Result<String> {
+        let entry = config.tasks.get(name);
+        if entry.is_some_and(|t| t.command.is_some()) {
+            let options = &entry.expect("checked").options;
+            if options.is_empty() {
+                return Ok(
+                    "  options: (none described: add `options:` to the type in the config)\n"
+                        .into(),
+                );
+            }
+            let width = options.keys().map(|k| k.len()).max().unwrap_or(0);
+            let mut out = String::from("  options:\n");
+            for (option, meaning) in options {
+                out += &format!("    {option:<width$}  {meaning}\n");
+            }
+            return Ok(out);
+        }
+        let program = if BUILTIN_TYPES.contains(&name) {
+            self.builtin_binary.clone()
+        } else {
+            match self.from_programs.get(name) {
+                Some(program) => program.clone(),
+                None => bail!(
+                    "unknown task type `{name}`; known types: {}",
+                    self.names(config).join(", ")
+                ),
+            }
+        };
+        let output = std::process::Command::new(&program)
+            .args(["--help", name])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .with_context(|| format!("asking {} --help {name}", program.display()))?;
+        if !output.status.success() {
+            bail!(
+                "{} --help {name} failed with {}: {}",
+                program.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        // The program's first line repeats the name: keep what follows it.
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let mut lines = text.lines();
+        let first = lines.next().unwrap_or_default();
+        let mut out = String::new();
+        if let Some((_, description)) = first.split_once(": ") {
+            out += &format!("  {description}\n");
+        }
+        for line in lines {
+            out += line;
+            out += "\n";
+        }
+        Ok(out)
+    }
+}
+
 /// Runs `program --list-tasks` and reads one type name a line.
 fn list_tasks(program: &Path) -> Result<Vec<String>> {
     let output = std::process::Command::new(program)

@@ -53,6 +53,8 @@ fn default_top() -> usize {
 
 impl Task for WordCount {
     const NAME: &'static str = "WordCount";
+    const DESCRIPTION: &'static str =
+        "counts the words of the file `input` (into `output`, if given) and names the `top` most frequent, less those in `ignore`";
     type Options = WordCountOptions;
 
     fn run(&self, options: WordCountOptions, context: &Context) -> task_sdk::Result<String> {

@@ -204,6 +204,10 @@ pub trait Task: Send + Sync + 'static {
     /// request REJECTED, not retried; `#[serde(deny_unknown_fields)]` makes
     /// misspelt keys count as not fitting.
     type Options: DeserializeOwned;
+    /// One line on what the type does and what its options mean, shown by
+    /// `PROGRAM --help`, `taskrunner-cli tasks NAME` and `taskrunner-cli
+    /// enqueue NAME --help` (with the options' names, read from `Options`).
+    const DESCRIPTION: &'static str = "";
     /// Runs one try; the returned text becomes the request's result_text,
     /// an error or a panic fails the try.
     fn run(&self, options: Self::Options, context: &Context) -> Result<String>;
@@ -319,6 +323,15 @@ static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
 pub struct Tasks {
     tasks: Vec<(&'static str, Runner)>,
     setup: Option<Box<dyn FnOnce() + Send>>,
+    /// Per type, in registration order: its description and option names.
+    help: Vec<TypeHelp>,
+}
+
+/// What `--help` says about one type.
+struct TypeHelp {
+    name: &'static str,
+    description: &'static str,
+    options: Option<&'static [&'static str]>,
 }
 
 impl Tasks {
@@ -358,6 +371,11 @@ impl Tasks {
             }
         });
         self.tasks.push((T::NAME, runner));
+        self.help.push(TypeHelp {
+            name: T::NAME,
+            description: T::DESCRIPTION,
+            options: options::option_names::<T::Options>(),
+        });
         self
     }
 
@@ -376,6 +394,28 @@ impl Tasks {
     pub fn setup(mut self, init: impl FnOnce() + Send + 'static) -> Tasks {
         self.setup = Some(Box::new(init));
         self
+    }
+
+    /// What `PROGRAM --help [TYPE]` prints: each type (or the one named),
+    /// its description and its options.
+    pub fn help(&self, only: Option<&str>) -> String {
+        let mut out = String::new();
+        for help in self
+            .help
+            .iter()
+            .filter(|h| only.is_none_or(|name| h.name == name))
+        {
+            out += help.name;
+            if !help.description.is_empty() {
+                out += &format!(": {}", help.description);
+            }
+            out += "\n";
+            match help.options {
+                Some([]) | None => out += "  options: (none declared)\n",
+                Some(names) => out += &format!("  options: {}\n", names.join(", ")),
+            }
+        }
+        out
     }
 
     /// The registered names, in registration order.
@@ -408,6 +448,7 @@ impl Tasks {
     /// exit code:
     ///
     /// - `PROGRAM --list-tasks` prints the registered names, one a line;
+    /// - `PROGRAM --help [TYPE]` describes the types and their options;
     /// - otherwise the type named by `TASKRUNNER_TASK` (or the first
     ///   argument, for running it by hand) runs with the options read from
     ///   standard input; its result text goes to standard output and the
@@ -419,6 +460,24 @@ impl Tasks {
     ///   protocol"), forking a child per try.
     pub fn serve(mut self) -> ExitCode {
         let args: Vec<String> = std::env::args().skip(1).collect();
+        if args.first().is_some_and(|a| a == "--help" || a == "-h") {
+            let only = args.get(1).map(String::as_str);
+            if only.is_some_and(|name| !self.names().contains(&name)) {
+                eprintln!(
+                    "unknown task type `{}`; this program has: {}",
+                    only.unwrap_or_default(),
+                    self.names().join(", ")
+                );
+                return ExitCode::from(2);
+            }
+            if only.is_none() {
+                println!(
+                    "task types (run one: set TASKRUNNER_TASK or pass its name first, options as YAML on standard input; --list-tasks lists the names):\n"
+                );
+            }
+            print!("{}", self.help(only));
+            return ExitCode::SUCCESS;
+        }
         if args.iter().any(|a| a == "--list-tasks") {
             let mut out = std::io::stdout().lock();
             for name in self.names() {

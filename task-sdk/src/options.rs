@@ -117,3 +117,85 @@ mod tests {
         );
     }
 }
+
+/// The option names a derived `Deserialize` struct takes, for `--help`:
+/// serde passes a struct's field names to its deserializer, so a probe that
+/// asks for nothing else learns them. None for anything but a struct (a map,
+/// `()`, a `#[serde(flatten)]` struct).
+pub fn option_names<T: DeserializeOwned>() -> Option<&'static [&'static str]> {
+    match T::deserialize(probe::Probe) {
+        Err(probe::Found(fields)) => fields,
+        Ok(_) => None,
+    }
+}
+
+mod probe {
+    use serde::de::{Deserializer, Visitor};
+    use std::fmt;
+
+    /// Carries the field names out of `deserialize_struct`.
+    #[derive(Debug)]
+    pub struct Found(pub Option<&'static [&'static str]>);
+
+    impl fmt::Display for Found {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("probing option names")
+        }
+    }
+
+    impl std::error::Error for Found {}
+
+    impl serde::de::Error for Found {
+        fn custom<T: fmt::Display>(_: T) -> Self {
+            Found(None)
+        }
+    }
+
+    pub struct Probe;
+
+    impl<'de> Deserializer<'de> for Probe {
+        type Error = Found;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Found> {
+            Err(Found(None))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Found> {
+            Err(Found(Some(fields)))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+}
+
+#[cfg(test)]
+mod option_name_tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[test]
+    fn a_structs_option_names_are_found() {
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        struct Options {
+            title: String,
+            #[serde(default)]
+            max_len: usize,
+        }
+        assert_eq!(option_names::<Options>(), Some(&["title", "max_len"][..]));
+        assert_eq!(option_names::<()>(), None);
+        assert_eq!(
+            option_names::<std::collections::BTreeMap<String, String>>(),
+            None
+        );
+    }
+}
