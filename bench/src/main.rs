@@ -19,6 +19,7 @@
 mod daemon;
 mod database;
 mod latency;
+mod preload;
 mod report;
 mod scale;
 mod throughput;
@@ -87,7 +88,7 @@ struct RunArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "throughput,latency,scale,memory,web"
+        default_value = "throughput,latency,scale,memory,web,preload"
     )]
     only: Vec<Part>,
     /// A PostgreSQL server to create scratch databases on (any database name in the URL)
@@ -109,6 +110,8 @@ enum Part {
     Scale,
     Memory,
     Web,
+    /// Preloaded tries beside the exec and fork ceilings, claim-to-start, a slow start.
+    Preload,
 }
 
 fn main() -> ExitCode {
@@ -200,6 +203,19 @@ async fn run(args: RunArgs) -> Result<()> {
         if wants(Part::Web) {
             let cases = web::run(&bench, &backends, scale_rows).await?;
             report.add(web::table(&cases));
+        }
+        if wants(Part::Preload) {
+            let results = preload::run(
+                &bench,
+                &backends,
+                &args.concurrency,
+                rows,
+                latency_requests.min(200),
+            )
+            .await?;
+            for table in preload::tables(&results, rows) {
+                report.add(table);
+            }
         }
         if wants(Part::Scale) {
             let cases = scale::run(&bench, &backends, &[args.small_scale_rows, scale_rows]).await?;

@@ -154,7 +154,7 @@ async fn drain(
 /// Spawns the built-in task binary `count` times, `concurrency` at a time,
 /// exactly as the daemon would for NoOp (environment, empty stdin, stdout and
 /// stderr piped and read), and returns processes per second.
-fn ceiling(bench: &Bench, concurrency: usize, count: usize, fork: bool) -> Result<f64> {
+pub fn ceiling(bench: &Bench, concurrency: usize, count: usize, fork: bool) -> Result<f64> {
     let program = bench.binary(daemon::TASKS);
     let next = AtomicUsize::new(0);
     let started = Instant::now();

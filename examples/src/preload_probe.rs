@@ -50,6 +50,9 @@ struct ProbeOptions {
     fail: Option<String>,
     /// Print only `ok` (for the benchmark).
     quiet: bool,
+    /// Print only the wall clock at the start of `run`, in nanoseconds
+    /// since the epoch (the benchmark's claim-to-start).
+    clock: bool,
 }
 
 impl Task for Probe {
@@ -57,6 +60,12 @@ impl Task for Probe {
     type Options = ProbeOptions;
 
     fn run(&self, options: ProbeOptions, context: &Context) -> task_sdk::Result<String> {
+        if options.clock {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            return Ok(now.as_nanos().to_string());
+        }
         let seen = TRIES_SEEN.fetch_add(1, Ordering::SeqCst) + 1;
         if options.quiet {
             return Ok("ok".into());

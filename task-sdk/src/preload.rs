@@ -270,7 +270,14 @@ fn send(message: &[u8]) -> std::io::Result<()> {
 
 /// One request and the descriptors passed with it; `None` at end of file.
 fn receive() -> std::io::Result<Option<(Vec<u8>, Vec<libc::c_int>)>> {
-    let mut buffer = vec![0u8; 1 << 20];
+    // A request is a few KiB (the environment); reused, not allocated per request.
+    thread_local! {
+        static BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 1 << 20]);
+    }
+    let mut buffer = BUFFER.with(|buffer| std::mem::take(&mut *buffer.borrow_mut()));
+    if buffer.len() < 1 << 20 {
+        buffer = vec![0u8; 1 << 20];
+    }
     // Room for a few descriptors (a request carries three).
     let mut control = [0u64; 16];
     loop {
@@ -309,8 +316,9 @@ fn receive() -> std::io::Result<Option<(Vec<u8>, Vec<libc::c_int>)>> {
             if count == 0 && fds.is_empty() {
                 return Ok(None);
             }
-            buffer.truncate(count as usize);
-            return Ok(Some((buffer, fds)));
+            let message = buffer[..count as usize].to_vec();
+            BUFFER.with(|slot| *slot.borrow_mut() = buffer);
+            return Ok(Some((message, fds)));
         }
     }
 }

@@ -305,12 +305,10 @@ impl Parent {
             uid: recipe.uid,
             gid: recipe.gid,
             // The boot may need more than one try is allowed; each child
-            // sets the try's limits. The tasks' nice value, though: not the
-            // daemon's own raised priority.
-            limits: super::spawner::ChildLimits {
-                nice: recipe.limits.nice,
-                ..Default::default()
-            },
+            // sets the try's limits and nice value. The parent keeps the
+            // daemon's priority: it is on every start's path, as the
+            // daemon's own thread is for an exec'd try.
+            limits: Default::default(),
             stdin: Vec::new(),
             stdin_fd: Some(Arc::new(theirs)),
             preload: false,

@@ -1,0 +1,386 @@
+//! Preload: the built-in NoOp forked from a preloaded parent
+//! (`tasks: {NoOp: {preload: true}}`), drained at each concurrency beside
+//! two ceilings measured right before it: the exec spawn ceiling (the same
+//! as the throughput part's) and a fork-only ceiling (this process forking
+//! a child that exits at once, and waiting for it: no exec, no daemon).
+//! Also claim-to-start (the task's own clock at the start of its `run`
+//! against the row's `started_at`, written by the claim), exec'd and
+//! preloaded, the daemon's and the parent's memory, and a program whose
+//! setup takes 200 ms, run with and without preload.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::daemon::{self, Daemon, Usage};
+use crate::database::{Backend, Bench, Database};
+use crate::report::{ms, Table};
+
+/// The task-sdk probe program of `examples/` (built by `--workspace`).
+pub const PROBE: &str = "preload-probe";
+
+pub struct Case {
+    pub backend: Backend,
+    pub concurrency: usize,
+    pub rate: f64,
+    pub exec_ceiling: f64,
+    pub fork_ceiling: f64,
+    pub daemon: Usage,
+    pub parent_rss_kib: u64,
+}
+
+pub struct Latency {
+    pub backend: Backend,
+    pub preload: bool,
+    /// Claim-to-start delays in milliseconds, sorted.
+    pub delays_ms: Vec<f64>,
+}
+
+pub struct SlowStart {
+    pub backend: Backend,
+    pub exec_per_try: Duration,
+    pub preload_per_try: Duration,
+}
+
+pub struct Results {
+    pub cases: Vec<Case>,
+    pub latencies: Vec<Latency>,
+    pub slow_starts: Vec<SlowStart>,
+}
+
+pub async fn run(
+    bench: &Bench,
+    backends: &[Backend],
+    concurrency: &[usize],
+    rows: usize,
+    latency_requests: usize,
+) -> Result<Results> {
+    if !bench.binary(PROBE).is_file() {
+        bail!(
+            "{} is missing: build with `cargo build --release --workspace`",
+            bench.binary(PROBE).display()
+        );
+    }
+    let mut results = Results {
+        cases: Vec::new(),
+        latencies: Vec::new(),
+        slow_starts: Vec::new(),
+    };
+    for &backend in backends {
+        for &level in concurrency {
+            eprintln!(
+                "preload: ceilings (exec, fork only), then {} draining {rows} preloaded NoOp requests, max_concurrent {level}",
+                backend.name()
+            );
+            let exec_ceiling = crate::throughput::ceiling(bench, level, rows, false)?;
+            let fork_ceiling = fork_ceiling(level, rows)?;
+            let (rate, daemon, parent_rss_kib) = drain(bench, backend, level, rows).await?;
+            results.cases.push(Case {
+                backend,
+                concurrency: level,
+                rate,
+                exec_ceiling,
+                fork_ceiling,
+                daemon,
+                parent_rss_kib,
+            });
+        }
+        for preload in [false, true] {
+            eprintln!(
+                "preload: claim-to-start on {}, {}",
+                backend.name(),
+                if preload { "preloaded" } else { "exec'd" }
+            );
+            let delays_ms = claim_to_start(bench, backend, preload, latency_requests).await?;
+            results.latencies.push(Latency {
+                backend,
+                preload,
+                delays_ms,
+            });
+        }
+        eprintln!(
+            "preload: a program with a 200 ms setup on {}",
+            backend.name()
+        );
+        results.slow_starts.push(slow_start(bench, backend).await?);
+    }
+    Ok(results)
+}
+
+/// A child forked and waited for, `count` times, `concurrency` at a time:
+/// what a preloaded parent costs at the least.
+fn fork_ceiling(concurrency: usize, count: usize) -> Result<f64> {
+    let next = AtomicUsize::new(0);
+    let started = Instant::now();
+    std::thread::scope(|scope| -> Result<()> {
+        let workers: Vec<_> = (0..concurrency.max(1))
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    while next.fetch_add(1, Ordering::Relaxed) < count {
+                        // SAFETY: the child only calls _exit.
+                        let pid = unsafe { libc::fork() };
+                        if pid == 0 {
+                            // SAFETY: leaving the child at once.
+                            unsafe { libc::_exit(0) };
+                        }
+                        if pid < 0 {
+                            return Err(std::io::Error::last_os_error()).context("fork");
+                        }
+                        let mut status = 0;
+                        // SAFETY: reaping the child just forked.
+                        unsafe { libc::waitpid(pid, &mut status, 0) };
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker
+                .join()
+                .map_err(|_| anyhow::anyhow!("a forking thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The pid of the preloaded parent a daemon started last, from its log.
+fn parent_pid(daemon: &Daemon) -> Option<u32> {
+    let log = daemon.log_text();
+    let line = log.lines().rev().find(|l| l.contains(" preloaded (pid "))?;
+    line.rsplit_once("(pid ")?
+        .1
+        .trim_end_matches(')')
+        .parse()
+        .ok()
+}
+
+async fn drain(
+    bench: &Bench,
+    backend: Backend,
+    concurrency: usize,
+    rows: usize,
+) -> Result<(f64, Usage, u64)> {
+    let dir = bench.case_dir(&format!("preload-{backend:?}-{concurrency}").to_lowercase())?;
+    let database = bench.database(backend, &dir).await?;
+    database
+        .bulk_insert(rows, &[("task_class_name", "'NoOp'")])
+        .await?;
+    let daemon = Daemon::start(
+        bench,
+        &dir,
+        &database.url,
+        &format!("max_concurrent: {concurrency}\ntasks: {{NoOp: {{preload: true}}}}\n"),
+    )
+    .await?;
+    let timeout = Duration::from_secs(60) + Duration::from_millis(50) * rows as u32;
+    database.wait_finished(rows, timeout).await?;
+    let usage = daemon.usage()?;
+    let parent_rss_kib = parent_pid(&daemon)
+        .and_then(|pid| daemon::usage_of(pid).ok())
+        .map_or(0, |usage| usage.peak_rss_kib);
+    if parent_rss_kib == 0 {
+        bail!(
+            "the NoOp tries were not preloaded; the daemon's log:\n{}",
+            daemon.log_text()
+        );
+    }
+    daemon.stop().await?;
+    let rate = finished_rate(&database, rows).await?;
+    database.close().await;
+    Ok((rate, usage, parent_rss_kib))
+}
+
+async fn finished_rate(database: &Database, rows: usize) -> Result<f64> {
+    let span = database
+        .floats(&format!(
+            "SELECT {} FROM task_runner_requests WHERE result = 'FINISHED'",
+            database.seconds_between("min(started_at)", "max(completed_at)")
+        ))
+        .await?;
+    match span.first().copied() {
+        Some(span) if span > 0.0 => Ok(rows as f64 / span),
+        _ => bail!("the drain took no measurable time"),
+    }
+}
+
+/// Requests for the probe's `clock` one at a time into an idle daemon
+/// (max_concurrent 1, nothing claimed ahead): the task's clock at the start
+/// of its `run`, less `started_at`.
+async fn claim_to_start(
+    bench: &Bench,
+    backend: Backend,
+    preload: bool,
+    count: usize,
+) -> Result<Vec<f64>> {
+    let name = format!("claim-{backend:?}-{preload}").to_lowercase();
+    let dir = bench.case_dir(&name)?;
+    let database = bench.database(backend, &dir).await?;
+    let program = bench.binary(PROBE);
+    let daemon = Daemon::start(
+        bench,
+        &dir,
+        &database.url,
+        &format!(
+            "max_concurrent: 1\nprograms: [{{path: {}, preload: {preload}}}]\n",
+            program.display()
+        ),
+    )
+    .await?;
+    for done in 1..=count {
+        database
+            .execute("INSERT INTO task_runner_requests (task_class_name, options) VALUES ('Probe', 'clock: true')")
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while (database
+            .integer("SELECT count(*) FROM task_runner_requests WHERE result IS NOT NULL AND result <> 'RUNNING'")
+            .await? as usize)
+            < done
+        {
+            if Instant::now() > deadline {
+                bail!("a Probe request did not end within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    daemon.stop().await?;
+    let epoch = match backend {
+        Backend::Sqlite => "((julianday(started_at) - 2440587.5) * 86400.0)",
+        Backend::Postgres => "extract(epoch from started_at)::float8",
+    };
+    let clock = match backend {
+        Backend::Sqlite => "(CAST(result_text AS REAL) / 1e9)",
+        Backend::Postgres => "(result_text::float8 / 1e9)",
+    };
+    let mut delays = database
+        .floats(&format!(
+            "SELECT ({clock} - {epoch}) * 1000.0 FROM task_runner_requests WHERE result = 'FINISHED'"
+        ))
+        .await?;
+    database.close().await;
+    if delays.len() != count {
+        bail!("only {} of {count} Probe requests finished", delays.len());
+    }
+    delays.sort_by(f64::total_cmp);
+    Ok(delays)
+}
+
+/// The probe with a 200 ms setup: 20 tries exec'd, 200 preloaded, one at a time.
+async fn slow_start(bench: &Bench, backend: Backend) -> Result<SlowStart> {
+    let mut per_try = Vec::new();
+    for (preload, rows) in [(false, 20), (true, 200)] {
+        let dir = bench.case_dir(&format!("slow-{backend:?}-{preload}").to_lowercase())?;
+        let database = bench.database(backend, &dir).await?;
+        database
+            .bulk_insert(
+                rows,
+                &[("task_class_name", "'Probe'"), ("options", "'quiet: true'")],
+            )
+            .await?;
+        let daemon = Daemon::start(
+            bench,
+            &dir,
+            &database.url,
+            &format!(
+                "max_concurrent: 1\nenv: {{PROBE_SETUP_MS: '200'}}\nprograms: [{{path: {}, preload: {preload}}}]\n",
+                bench.binary(PROBE).display()
+            ),
+        )
+        .await?;
+        database
+            .wait_finished(rows, Duration::from_secs(120))
+            .await?;
+        daemon.stop().await?;
+        let rate = finished_rate(&database, rows).await?;
+        database.close().await;
+        per_try.push(Duration::from_secs_f64(1.0 / rate));
+    }
+    Ok(SlowStart {
+        backend,
+        exec_per_try: per_try[0],
+        preload_per_try: per_try[1],
+    })
+}
+
+pub fn tables(results: &Results, rows: usize) -> Vec<Table> {
+    let mut throughput = Table::new(
+        &format!("Preload: {rows} NoOp requests, each try forked from a preloaded parent"),
+        &[
+            "backend",
+            "max_concurrent",
+            "tasks/s",
+            "exec spawn ceiling/s",
+            "× exec ceiling",
+            "fork-only ceiling/s",
+            "of fork ceiling",
+            "daemon CPU ms/task",
+            "daemon peak RSS",
+            "parent peak RSS",
+        ],
+    );
+    for case in &results.cases {
+        throughput.row(vec![
+            case.backend.name().to_string(),
+            case.concurrency.to_string(),
+            format!("{:.0}", case.rate),
+            format!("{:.0}", case.exec_ceiling),
+            format!("{:.2}×", case.rate / case.exec_ceiling),
+            format!("{:.0}", case.fork_ceiling),
+            format!("{:.0}%", 100.0 * case.rate / case.fork_ceiling),
+            ms(case.daemon.cpu.as_secs_f64() * 1000.0 / rows.max(1) as f64),
+            format!("{:.1} MiB", case.daemon.peak_rss_kib as f64 / 1024.0),
+            format!("{:.1} MiB", case.parent_rss_kib as f64 / 1024.0),
+        ]);
+    }
+    throughput.note(
+        "One round per case (`tasks: {NoOp: {preload: true}}`). tasks/s: rows ÷ (last completed_at − first started_at). \
+         Exec spawn ceiling: as in the throughput table (posix_spawn of the NoOp binary, waited for), measured right before; \
+         fork-only ceiling: the bench forking a child that exits at once and waiting for it, same concurrency, no daemon. \
+         Targets at max_concurrent 8: ≥ 2× the exec ceiling, ≥ 70% of the fork ceiling. \
+         Memory: VmHWM of the daemon and of the preloaded parent (taskrunner-builtin-tasks) at the end of the drain.",
+    );
+    let mut latency = Table::new(
+        "Preload: claim-to-start, one request at a time into an idle daemon",
+        &["backend", "tries", "p50 ms", "p95 ms", "p99 ms", "max ms"],
+    );
+    for case in &results.latencies {
+        let at = |q: f64| {
+            let delays = &case.delays_ms;
+            delays[((delays.len() as f64 - 1.0) * q).round() as usize]
+        };
+        latency.row(vec![
+            case.backend.name().to_string(),
+            if case.preload { "preloaded" } else { "exec'd" }.to_string(),
+            ms(at(0.5)),
+            ms(at(0.95)),
+            ms(at(0.99)),
+            ms(at(1.0)),
+        ]);
+    }
+    latency.note(
+        "The probe program (examples/src/preload_probe.rs) reads the wall clock first thing in its task's `run`; \
+         started_at is written by the claim, by the database's clock, on the same machine. \
+         SQLite stores started_at in whole milliseconds, so its values are ± 1 ms; PostgreSQL's are microseconds. \
+         Target: p50 under 0.3 ms preloaded.",
+    );
+    let mut slow = Table::new(
+        "Preload: a program whose setup takes 200 ms (max_concurrent 1)",
+        &["backend", "exec'd ms/try", "preloaded ms/try", "speed-up"],
+    );
+    for case in &results.slow_starts {
+        slow.row(vec![
+            case.backend.name().to_string(),
+            ms(case.exec_per_try.as_secs_f64() * 1000.0),
+            ms(case.preload_per_try.as_secs_f64() * 1000.0),
+            format!(
+                "{:.0}×",
+                case.exec_per_try.as_secs_f64() / case.preload_per_try.as_secs_f64()
+            ),
+        ]);
+    }
+    slow.note(
+        "The probe with PROBE_SETUP_MS=200 (Tasks::setup sleeps 200 ms): 20 tries exec'd, 200 preloaded, drained one at a time. Target: ≥ 50×.",
+    );
+    vec![throughput, latency, slow]
+}
