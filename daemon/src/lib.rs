@@ -7,7 +7,9 @@
 //!   here → exit code) and `taskrunner-builtin-tasks` (the built-in types).
 //! - [`config`]: file + flags + environment → one validated [`config::Config`].
 //! - [`request`]: ids, states, the backoff rule.
-//! - [`store`]: every query; [`store::sql`] holds the claim and the fenced writes.
+//! - [`store`]: every query; [`store::sql`] holds the claim and the fenced writes;
+//!   [`store::diagnose`] turns database errors into one line with the remedy;
+//!   `store/repair.rs` rebuilds tables loaded from a Rails `schema.rb`.
 //! - [`daemon`]: starts the parts below and shuts them down in order.
 //! - [`scheduler`]: claims rows up to the free slots (and a few ahead while
 //!   tasks are short), starts a try for each as a slot frees up.
