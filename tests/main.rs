@@ -4,6 +4,7 @@
 #[macro_use]
 mod util;
 
+mod batches;
 mod cancel;
 mod claim_ahead;
 mod cli;

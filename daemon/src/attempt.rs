@@ -31,6 +31,18 @@ pub fn outcome(
             row.tries,
         )
     });
+    // Does this try end the request (final, or no tries left)? Then what
+    // the end causes is written with it. A member's every outcome goes
+    // through the finalization path: the outcome write may turn it final
+    // even when the verdict does not (a cancel accepted while it ran).
+    let ends = match verdict.state {
+        State::Finished | State::Cancelled | State::Rejected => true,
+        State::Failed | State::Crashed | State::Timeout => row.tries >= row.try_limit,
+        State::Running | State::Interrupted => false,
+    };
+    let hooked = row.periodic
+        || row.has_callbacks
+        || config.on_exhausted_for(&row.task_class_name).is_some();
     crate::store::Outcome {
         id: row.id,
         claim_token: row.claim_token.clone(),
@@ -38,7 +50,7 @@ pub fn outcome(
         result_text: verdict.result_text.clone(),
         retry_after,
         give_back_try: verdict.state == State::Interrupted,
-        periodic: row.periodic,
+        composed: row.batch_id.is_some() || (ends && hooked),
     }
 }
 
@@ -80,6 +92,8 @@ pub struct TryInput<'a> {
     pub try_number: i64,
     /// Copy the task's standard error to ours live (`taskrunner-cli run`).
     pub echo_stderr: bool,
+    /// `TASKRUNNER_BATCH_ID`: the member's batch, or the batch a callback answers.
+    pub batch_id: Option<i64>,
 }
 
 /// The parts of the daemon (or CLI) a try needs.
@@ -129,6 +143,9 @@ pub async fn run(
         "TASKRUNNER_REQUEST_ID".to_string(),
         input.id.map_or("0".to_string(), |id| id.to_string()),
     ));
+    if let Some(batch_id) = input.batch_id {
+        env.push(("TASKRUNNER_BATCH_ID".to_string(), batch_id.to_string()));
+    }
     let launch = Launch {
         program: resolved.program,
         args: resolved.args,

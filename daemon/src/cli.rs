@@ -577,6 +577,7 @@ async fn run_one(
     let config = config.clone();
     let open = |purpose| -> Result<Store> {
         let store = Store::open(&config.database_url, purpose)?;
+        store.set_hooks(config.hooks());
         opened
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -617,6 +618,7 @@ async fn run_one(
                     node,
                     not_node,
                     period,
+                    ..NewRequest::default()
                 })
                 .await
                 .with_context(|| format!("enqueueing into {}", store.display_url))?;
@@ -1030,6 +1032,7 @@ async fn run_command(
                 options: options.as_bytes(),
                 try_number: 1,
                 echo_stderr: true,
+                batch_id: None,
             };
             (
                 attempt::run(&context, input, stop, None, |_| {}, || {}).await,
@@ -1067,6 +1070,7 @@ async fn run_command(
                 options: options.as_bytes(),
                 try_number,
                 echo_stderr: true,
+                batch_id: request.batch_id.or(request.callback_of_batch),
             };
             let store_for_pid = store.clone();
             let claimed_for_pid = claimed.clone();
@@ -1248,6 +1252,17 @@ pub fn render_show(r: &Request) -> String {
         ("planned_at", text(&r.planned_at)),
         ("unique_key", text(&r.unique_key)),
         ("schedule", text(&r.schedule)),
+        ("batch_id", r.batch_id.map_or_else(none, |b| b.to_string())),
+        ("on_success", text(&r.on_success)),
+        ("on_failure", text(&r.on_failure)),
+        (
+            "callback_of",
+            r.callback_of.map_or_else(none, |p| p.to_string()),
+        ),
+        (
+            "callback_of_batch",
+            r.callback_of_batch.map_or_else(none, |b| b.to_string()),
+        ),
         (
             "options",
             r.options

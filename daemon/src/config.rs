@@ -89,6 +89,8 @@ with_task_settings! {
         schedules: Option<BTreeMap<String, crate::cron::FileSchedule>>,
         // Issue 19: the web page and /metrics (types in web/settings.rs).
         http: Option<crate::web::settings::FileHttp>,
+        // Issue 16: a task type run once when any request is exhausted or REJECTED.
+        on_exhausted: Option<String>,
     }
 }
 
@@ -100,6 +102,7 @@ with_task_settings! {
         concurrency: Option<u32>,
         preload: Option<bool>,
         options: Option<BTreeMap<String, String>>,
+        on_exhausted: Option<String>,
     }
 }
 
@@ -167,6 +170,8 @@ pub struct CommandTask {
     /// `options:`: each option of the type and what it means, for
     /// `taskrunner-cli tasks NAME` and `enqueue NAME --help`.
     pub options: BTreeMap<String, String>,
+    /// Task type run once when a request of this type is exhausted or REJECTED.
+    pub on_exhausted: Option<String>,
 }
 
 /// The resolved configuration.
@@ -207,6 +212,9 @@ pub struct Config {
     pub schedules: BTreeMap<String, crate::cron::Schedule>,
     /// `http:`: where the daemon serves the web page and `/metrics`.
     pub http: Option<crate::web::settings::Http>,
+    /// Task type run once when any request is exhausted or REJECTED (a
+    /// type's own `on_exhausted` wins).
+    pub on_exhausted: Option<String>,
 }
 
 /// What the command line (and environment) contribute; `None` means "not given".
@@ -304,6 +312,11 @@ impl Config {
                 command
             });
             let concurrency = task.concurrency;
+            if task.on_exhausted.as_deref() == Some("") {
+                return Err(usage(format!(
+                    "tasks.{name}.on_exhausted: must name a task type"
+                )));
+            }
             tasks.insert(
                 name,
                 CommandTask {
@@ -312,6 +325,7 @@ impl Config {
                     concurrency,
                     preload: task.preload.unwrap_or(false),
                     options: task.options.unwrap_or_default(),
+                    on_exhausted: task.on_exhausted,
                 },
             );
         }
@@ -342,6 +356,11 @@ impl Config {
                 )
             })
             .collect();
+        // Issue 16:
+        if raw.on_exhausted.as_deref() == Some("") {
+            return Err(usage("on_exhausted: must name a task type".into()));
+        }
+        let on_exhausted = raw.on_exhausted;
         Ok(Config {
             file,
             database_url,
@@ -373,6 +392,7 @@ impl Config {
             retention: crate::retention::Retention::from_file(raw.retention),
             schedules,
             http,
+            on_exhausted,
         })
     }
 
@@ -416,6 +436,27 @@ impl Config {
             return fail("database_url: must start with sqlite:, postgres:// or postgresql://");
         }
         Ok(())
+    }
+
+    /// The `on_exhausted:` hooks, for the store's finalization path.
+    pub fn hooks(&self) -> crate::store::Hooks {
+        crate::store::Hooks {
+            on_exhausted: self.on_exhausted.clone(),
+            on_exhausted_by_type: self
+                .tasks
+                .iter()
+                .filter_map(|(name, task)| Some((name.clone(), task.on_exhausted.clone()?)))
+                .collect(),
+        }
+    }
+
+    /// The `on_exhausted` hook of a task type (see [`crate::store::Hooks`]).
+    pub fn on_exhausted_for(&self, task: &str) -> Option<&str> {
+        self.tasks
+            .get(task)
+            .and_then(|t| t.on_exhausted.as_deref())
+            .or(self.on_exhausted.as_deref())
+            .filter(|hook| *hook != task)
     }
 
     /// The settings that apply to a task type (its own, else the defaults).
@@ -471,6 +512,9 @@ impl Config {
                 .join(", ")
         );
         out += &settings_yaml(&self.defaults, "");
+        if let Some(hook) = &self.on_exhausted {
+            out += &format!("on_exhausted: {hook}\n");
+        }
         out += "tasks:\n";
         for (name, task) in &self.tasks {
             out += &format!("  {name}:\n");
@@ -482,6 +526,9 @@ impl Config {
             }
             if task.preload {
                 out += "    preload: true\n";
+            }
+            if let Some(hook) = &task.on_exhausted {
+                out += &format!("    on_exhausted: {hook}\n");
             }
             out += &settings_yaml(&task.settings, "    ");
         }

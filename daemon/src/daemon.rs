@@ -156,6 +156,7 @@ pub async fn run(
     on_ready: impl FnOnce(&Arc<Shared>),
 ) -> Result<()> {
     let store = Store::open(&config.database_url, Purpose::Daemon)?;
+    store.set_hooks(config.hooks());
     let health = Arc::new(Health::default());
     if !options.no_migrate {
         let mut backoff = Backoff::default();
@@ -508,6 +509,7 @@ pub async fn reload(shared: &Arc<Shared>, overrides: &crate::config::Overrides) 
     match loaded {
         Ok(Ok((config, registry))) => {
             let names = registry.names(&config).join(", ");
+            shared.store.set_hooks(config.hooks());
             *shared.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
             *shared.registry.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(registry);
             // Preloaded programs boot again with the new config at their next try.

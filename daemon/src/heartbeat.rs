@@ -153,7 +153,7 @@ fn give_back_strays(
             result_text: "given back before it started: the answer to its claim was lost".into(),
             retry_after: None,
             give_back_try: true,
-            periodic: false,
+            composed: false,
         }));
     }
     strays

@@ -165,7 +165,7 @@ mod tests {
             result_text: String::new(),
             retry_after: None,
             give_back_try: false,
-            periodic: false,
+            composed: false,
         })
     }
 

@@ -118,6 +118,20 @@ pub struct Claimed {
     /// Seconds from when the row became runnable (its `delay_until`, else
     /// `created_at`) to this claim, for the metrics.
     pub waited: f64,
+    /// The batch this row is a member of.
+    pub batch_id: Option<i64>,
+    /// The batch whose end created this row (a batch's callback).
+    pub callback_of_batch: Option<i64>,
+    /// The row has `on_success` or `on_failure`.
+    pub has_callbacks: bool,
+}
+
+impl Claimed {
+    /// `TASKRUNNER_BATCH_ID`: the batch a member belongs to, or the batch
+    /// whose end a callback answers.
+    pub fn batch_for_env(&self) -> Option<i64> {
+        self.batch_id.or(self.callback_of_batch)
+    }
 }
 
 /// Every column of one row, rendered for people (`show`, `list`).
@@ -149,6 +163,14 @@ pub struct Request {
     pub planned_at: Option<String>,
     pub unique_key: Option<String>,
     pub schedule: Option<String>,
+    /// The batch this request is a member of.
+    pub batch_id: Option<i64>,
+    pub on_success: Option<String>,
+    pub on_failure: Option<String>,
+    /// The request whose outcome created this row (a callback).
+    pub callback_of: Option<i64>,
+    /// The batch whose end created this row (a batch's callback).
+    pub callback_of_batch: Option<i64>,
 }
 
 /// Delay before the next try after `tries` failed tries:

@@ -37,6 +37,26 @@ const AHEAD_PER_SLOT: usize = 16;
 /// A row claimed ahead that has found no free slot after this long is given back.
 pub const AHEAD_MAX_WAIT: Duration = Duration::from_secs(1);
 
+/// The batch repair pass runs on each poll and wake-up, but at most this often
+/// (a wake-up comes with every try that ends).
+const REPAIR_AT_MOST_EVERY: Duration = Duration::from_millis(200);
+
+/// Ends batches that only a plain-SQL write left unended (see
+/// `Store::repair_batches`); a callback it creates is claimed at once.
+async fn repair_batches(shared: &Shared) {
+    match shared.store.repair_batches().await {
+        Ok(0) => {}
+        Ok(repaired) => {
+            tracing::info!(
+                batches = repaired,
+                "batch repair pass: settled batches sealed or changed by hand"
+            );
+            shared.wake.notify_one();
+        }
+        Err(error) => shared.health.failed("repairing batches", &error),
+    }
+}
+
 /// How a try ended, as the scheduler counts it.
 struct TryEnd {
     task: String,
@@ -194,9 +214,14 @@ pub async fn run(shared: Arc<Shared>) {
     let mut backoff = Backoff::default();
     // Claiming pauses while the daemon is short of resources to start tasks.
     let mut short = Shortage::default();
+    let mut last_repair: Option<Instant> = None;
     loop {
         if shared.stop_claiming.is_cancelled() {
             break;
+        }
+        if last_repair.is_none_or(|at| at.elapsed() >= REPAIR_AT_MOST_EVERY) {
+            last_repair = Some(Instant::now());
+            repair_batches(&shared).await;
         }
         let config = shared.config();
         let (running, waiting) = slots.fill(config.max_concurrent);
@@ -516,6 +541,7 @@ async fn run_claimed(
         options: &row.options,
         try_number: row.tries,
         echo_stderr: false,
+        batch_id: row.batch_for_env(),
     };
     let on_running = |spawned: &crate::supervisor::Spawned| {
         if let Some(live) = shared.live().get_mut(&row.id) {

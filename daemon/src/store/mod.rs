@@ -89,6 +89,9 @@ pub struct Store {
     /// heartbeats, reaping, delay look-ups; BEGIN and COMMIT count), for
     /// `status` and the benchmark: each is one database round trip.
     statements: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The config's `on_exhausted:` hooks, applied by every finalization
+    /// (set by the daemon at start and on reload, and by the CLI).
+    hooks: std::sync::Arc<std::sync::RwLock<std::sync::Arc<Hooks>>>,
 }
 
 /// Runs `$body` with `$pool` bound to the backend's own pool type. The body is
@@ -102,7 +105,10 @@ macro_rules! on_pool {
     };
 }
 
+pub mod compose;
 pub mod web;
+
+pub use compose::{Batch, BatchChange, Counts, Ending, Hooks, NewBatch};
 
 /// The database's schema is not the one this binary was built for
 /// (`--no-migrate`): retrying cannot fix it.
@@ -156,8 +162,11 @@ pub struct Outcome {
     pub retry_after: Option<f64>,
     /// The try does not count (INTERRUPTED): `tries` goes back down by one.
     pub give_back_try: bool,
-    /// The row has a `period`: its next occurrence may be due.
-    pub periodic: bool,
+    /// This outcome may end the request with follow-ups (its batch, its
+    /// callbacks, `on_exhausted`, its next periodic occurrence): it is
+    /// written by [`Store::finalize`], in a transaction of its own, rather
+    /// than in the recorder's one-statement batch.
+    pub composed: bool,
 }
 
 /// A RUNNING row of this host, as the reaper probes it.
@@ -224,6 +233,12 @@ pub struct NewRequest {
     pub not_node: Option<String>,
     /// Seconds: when a try ends, the next occurrence is inserted this long after.
     pub period: Option<i64>,
+    /// A member of this batch (refused if the batch is final).
+    pub batch_id: Option<i64>,
+    /// Task type run once when the request FINISHED.
+    pub on_success: Option<String>,
+    /// Task type run once when the request is exhausted or REJECTED.
+    pub on_failure: Option<String>,
 }
 
 /// Which rows `list` shows.
@@ -322,6 +337,9 @@ fn claimed_from_row(row: &impl RowExt, claim_token: &str) -> sqlx::Result<(i64, 
             queue: row.text(6)?,
             periodic: row.int(7)? > 0,
             waited: row.opt_float(8)?.unwrap_or(0.0),
+            batch_id: row.opt_int(9)?,
+            callback_of_batch: row.opt_int(10)?,
+            has_callbacks: row.int(11)? > 0,
         },
     ))
 }
@@ -353,6 +371,11 @@ fn request_from_row(row: &impl RowExt) -> sqlx::Result<Request> {
         planned_at: row.opt_text(22)?,
         unique_key: row.opt_text(23)?,
         schedule: row.opt_text(24)?,
+        batch_id: row.opt_int(25)?,
+        on_success: row.opt_text(26)?,
+        on_failure: row.opt_text(27)?,
+        callback_of: row.opt_int(28)?,
+        callback_of_batch: row.opt_int(29)?,
     })
 }
 
@@ -451,6 +474,7 @@ impl Store {
             sql,
             display_url,
             statements: Default::default(),
+            hooks: Default::default(),
         })
     }
 
@@ -729,29 +753,54 @@ impl Store {
         Ok(rows.into_iter().next().map(|(_, claimed)| claimed))
     }
 
-    /// Applies writes in one transaction; for each, whether it still held its
-    /// claim (false: the row was taken from this try, and nothing changed).
-    /// On PostgreSQL, pids and outcomes go in one array statement each, so a
-    /// batch costs a handful of round trips however many tries it records.
+    /// Applies writes; for each, whether it still held its claim (false: the
+    /// row was taken from this try, and nothing changed). Outcomes with
+    /// follow-ups ([`Outcome::composed`]) each go through
+    /// [`finalize`](Store::finalize), in a transaction of its own; the rest
+    /// in one transaction (on PostgreSQL, pids and outcomes in one array
+    /// statement each, so a batch costs a handful of round trips however many
+    /// tries it records).
     pub async fn record(&self, writes: &[Write]) -> Result<Vec<bool>> {
+        let is_composed =
+            |write: &Write| matches!(write, Write::Outcome(outcome) if outcome.composed);
+        if !writes.iter().any(is_composed) {
+            return self.record_plain(writes).await;
+        }
+        let plain: Vec<Write> = writes.iter().filter(|w| !is_composed(w)).cloned().collect();
+        let mut plain_applied = self.record_plain(&plain).await?.into_iter();
+        let mut applied = Vec::with_capacity(writes.len());
+        for write in writes {
+            applied.push(match write {
+                Write::Outcome(outcome) if outcome.composed => {
+                    self.finalize(Ending::Outcome(outcome)).await?
+                }
+                _ => plain_applied.next().unwrap_or(false),
+            });
+        }
+        Ok(applied)
+    }
+
+    /// Writes without follow-ups (see [`record`](Store::record)).
+    async fn record_plain(&self, writes: &[Write]) -> Result<Vec<bool>> {
         let sql = self.sql;
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
         // One write alone needs no transaction: a single statement is atomic,
         // and BEGIN and COMMIT would triple its round trips.
         if let [write] = writes {
-            if !matches!(write, Write::Outcome(outcome) if outcome.periodic) {
-                self.count_statements(1);
-                let took = on_pool!(self, pool => {
-                    single_write_query(sql, write).execute(pool).await?.rows_affected() == 1
-                });
-                return Ok(vec![took]);
-            }
+            self.count_statements(1);
+            let took = on_pool!(self, pool => {
+                single_write_query(sql, write).execute(pool).await?.rows_affected() == 1
+            });
+            return Ok(vec![took]);
         }
         // Outcomes only (the common batch at high load): one statement,
         // atomic on its own.
         let outcomes: Option<Vec<&Outcome>> = writes
             .iter()
             .map(|write| match write {
-                Write::Outcome(outcome) if !outcome.periodic => Some(outcome),
+                Write::Outcome(outcome) => Some(outcome),
                 _ => None,
             })
             .collect();
@@ -774,22 +823,15 @@ impl Store {
             self.count_statements(2 + writes.len() as u64);
             for write in writes {
                 let query = single_write_query(sql, write);
-                let took = query.execute(&mut *transaction).await?.rows_affected() == 1;
-                if took && matches!(write, Write::Outcome(outcome) if outcome.periodic) {
-                    sqlx::query(sql.insert_next_occurrence.as_str())
-                        .bind(write.id().0)
-                        .execute(&mut *transaction)
-                        .await?;
-                }
-                applied.push(took);
+                applied.push(query.execute(&mut *transaction).await?.rows_affected() == 1);
             }
             transaction.commit().await?;
         });
         Ok(applied)
     }
 
-    /// Records outcomes in one statement (not periodic ones, whose next
-    /// occurrence needs a transaction); returns the ids it applied to.
+    /// Records outcomes without follow-ups in one statement; returns the ids
+    /// it applied to.
     async fn record_outcomes(&self, outcomes: &[&Outcome]) -> Result<HashSet<i64>> {
         self.count_statements(1);
         let statement = self.sql.record_outcomes_batch.as_str();
@@ -913,21 +955,20 @@ impl Store {
     }
 
     /// Marks a row CRASHED if it still carries the claim token read before;
-    /// it runs again at once (its try counts).
+    /// it runs again at once (its try counts), or, with no tries left, is
+    /// exhausted: written by [`finalize`](Store::finalize) with what that causes.
     pub async fn mark_crashed(
         &self,
         id: RequestId,
         claim_token: Option<&str>,
         reason: &str,
     ) -> Result<bool> {
-        self.count_statements(1);
-        Ok(on_pool!(self, pool => {
-            let query = sqlx::query(self.sql.mark_crashed.as_str())
-                .bind(reason)
-                .bind(id.0)
-                .bind(claim_token);
-            query.execute(pool).await?.rows_affected() == 1
-        }))
+        self.finalize(Ending::Crashed {
+            id,
+            claim_token,
+            reason,
+        })
+        .await
     }
 
     /// Seconds until the earliest delayed runnable row is due, if any.
@@ -980,7 +1021,6 @@ impl Store {
         }))
     }
 
-    /// Makes a row runnable again (`retry`); refused while it runs.
     /// The rows `query` selects, newest first.
     pub async fn list_where(&self, query: &ListQuery) -> Result<Vec<Request>> {
         let text = |value: &Option<String>| value.clone().unwrap_or_default();
@@ -999,19 +1039,23 @@ impl Store {
         }))
     }
 
+    /// Makes a row runnable again (`retry`); refused while it runs. A
+    /// member's batch is recounted (a batch that already ended stays ended:
+    /// its callback is not made again).
     pub async fn retry(&self, id: RequestId) -> Result<Change> {
         if self.execute_by_id(self.sql.retry.as_str(), id).await? {
+            if let Some(batch_id) = self.show(id).await?.and_then(|row| row.batch_id) {
+                self.recount_batch(batch_id).await?;
+            }
             return Ok(Change::Done);
         }
         self.explain_refusal(id).await
     }
 
-    /// Cancels a pending row at once, or asks the daemon running it to stop it.
+    /// Cancels a pending row at once (through [`finalize`](Store::finalize):
+    /// its batch counts it), or asks the daemon running it to stop it.
     pub async fn cancel(&self, id: RequestId) -> Result<Change> {
-        if self
-            .execute_by_id(self.sql.cancel_pending.as_str(), id)
-            .await?
-        {
+        if self.finalize(Ending::Cancelled(id)).await? {
             return Ok(Change::Done);
         }
         if self
@@ -1100,6 +1144,9 @@ where
         .bind(request.node.as_deref())
         .bind(request.not_node.as_deref())
         .bind(request.period)
+        .bind(request.batch_id)
+        .bind(request.on_success.as_deref())
+        .bind(request.on_failure.as_deref())
 }
 
 /// The one-row statement for a write (SQLite, and progress everywhere).
@@ -1227,19 +1274,6 @@ async fn record_postgres_batch(
             .await?;
         for row in &rows {
             outcomes_applied.insert(row.int(0)?);
-        }
-        // Periodic rows: the next occurrence, in the same transaction as the
-        // outcome that ends this one (so it is inserted exactly once).
-        let periodic: Vec<i64> = outcomes
-            .iter()
-            .filter(|o| o.periodic && outcomes_applied.contains(&o.id.0))
-            .map(|o| o.id.0)
-            .collect();
-        for id in periodic {
-            sqlx::query(sql.insert_next_occurrence.as_str())
-                .bind(id)
-                .execute(&mut *transaction)
-                .await?;
         }
     }
     transaction.commit().await?;

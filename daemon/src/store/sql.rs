@@ -235,7 +235,7 @@ impl Sql {
                  planned_at = coalesce(planned_at, delay_until, created_at)"
         );
         let claim_returning = format!(
-            "RETURNING {}, task_class_name, options, {}, {}, {}, queue, {}, {}",
+            "RETURNING {}, task_class_name, options, {}, {}, {}, queue, {}, {}, {}, {}, {}",
             int("id"),
             int("tries"),
             int("try_limit"),
@@ -244,7 +244,10 @@ impl Sql {
             // How long the row waited (the metrics' wait before start).
             d.seconds_between
                 .replace("{a}", "coalesce(delay_until, created_at)")
-                .replace("{b}", "started_at")
+                .replace("{b}", "started_at"),
+            int("batch_id"),
+            int("callback_of_batch"),
+            int("(CASE WHEN on_success IS NOT NULL OR on_failure IS NOT NULL THEN 1 ELSE 0 END)")
         );
         let select_runnable = format!(
             "SELECT id FROM task_runner_requests \
@@ -309,6 +312,11 @@ impl Sql {
             show("planned_at"),
             "unique_key".into(),
             "schedule".into(),
+            int("batch_id"),
+            "on_success".into(),
+            "on_failure".into(),
+            int("callback_of"),
+            int("callback_of_batch"),
         ]
         .join(", ");
         let select_requests = format!("SELECT {columns} FROM task_runner_requests");
@@ -317,10 +325,10 @@ impl Sql {
         let batched = d.array_batches;
         let enqueue_columns =
             "task_class_name, options, try_limit, delay_until, priority, unique_key, \
-             queue, node, not_node, period";
+             queue, node, not_node, period, batch_id, on_success, on_failure";
         let enqueue_values = format!(
             "$1, $2, $3, CASE WHEN $4 IS NOT NULL THEN {} WHEN $5 IS NOT NULL THEN {} ELSE NULL END, \
-             $6, $7, coalesce($8, 'default'), $9, $10, $11",
+             $6, $7, coalesce($8, 'default'), $9, $10, $11, $12, $13, $14",
             plus("$4"),
             d.parse_time.replace("{}", "$5"),
         );

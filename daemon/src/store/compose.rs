@@ -1,0 +1,1108 @@
+//! What a final outcome causes, written in the transaction that records it:
+//! a request's callbacks (`on_success`, `on_failure`, the config's
+//! `on_exhausted`), its periodic next occurrence, and its batch's counts,
+//! fail-fast cancellation, end and callback.
+//!
+//! One path: [`Store::finalize`] is the only writer of an outcome that may
+//! end a request with follow-ups (the daemon's fenced outcome, the reaper's
+//! exhaustion, a user's cancel), and every batch change that may end a
+//! batch (a member's end, `seal`, the repair pass) goes through
+//! [`Store::settle`] inside such a transaction. Rows without follow-ups keep
+//! the recorder's one-statement batches (`Store::record`).
+//!
+//! Why it is exact. The transaction first locks the parent batch row
+//! (PostgreSQL `SELECT … FOR UPDATE`; SQLite's `BEGIN IMMEDIATE` already
+//! excludes every other writer), then writes the member's outcome, updates
+//! the counts, and decides. Whoever finalizes a batch's last member takes
+//! the lock after every other member's finalizer has committed, so it sees
+//! them all final; "all members done?" is never read from rows without that
+//! lock (two last finishers would each see the other unfinished, and no
+//! callback would ever be made). A batch's callback is created only while
+//! its `state` is NULL, in the transaction that sets it; a request's
+//! callback only if no row has its `unique_key` (`request:42:success`)
+//! under the request's own row lock. So each callback row is created
+//! exactly once, whatever crashes: a transaction that did not commit left
+//! nothing, and its outcome is written again (or the row reaped) later.
+//!
+//! Lock order, everywhere: the batch row, then request rows. The member
+//! insert trigger (migration 0005) takes the batch row too, after inserting
+//! a row no one else can see yet.
+
+use std::sync::LazyLock;
+
+use anyhow::Result;
+use serde_yaml::{Mapping, Value};
+use sqlx::postgres::PgRow;
+use sqlx::sqlite::SqliteRow;
+
+use super::{begin_write, Outcome, Pool, RowExt, Store};
+use crate::request::RequestId;
+
+/// How a request may become final; each is written by [`Store::finalize`].
+#[derive(Debug, Clone, Copy)]
+pub enum Ending<'a> {
+    /// A try's outcome, fenced by its claim token (the daemon's recorder,
+    /// `run --id --record`).
+    Outcome(&'a Outcome),
+    /// The reaper found the try's process or daemon gone (fenced on the
+    /// token it read); exhausted when no tries are left.
+    Crashed {
+        id: RequestId,
+        claim_token: Option<&'a str>,
+        reason: &'a str,
+    },
+    /// A user cancelled a row that is not running.
+    Cancelled(RequestId),
+}
+
+impl Ending<'_> {
+    fn id(&self) -> RequestId {
+        match self {
+            Ending::Outcome(outcome) => outcome.id,
+            Ending::Crashed { id, .. } | Ending::Cancelled(id) => *id,
+        }
+    }
+}
+
+/// The config's `on_exhausted:` hooks (top level, and per task type).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Hooks {
+    pub on_exhausted: Option<String>,
+    pub on_exhausted_by_type: std::collections::BTreeMap<String, String>,
+}
+
+impl Hooks {
+    /// The type to run when a request of `task` is exhausted or REJECTED.
+    /// Never for a request of that hook type itself (an alert that fails
+    /// must not raise an alert about itself, forever).
+    pub fn on_exhausted_for(&self, task: &str) -> Option<&str> {
+        self.on_exhausted_by_type
+            .get(task)
+            .or(self.on_exhausted.as_ref())
+            .map(String::as_str)
+            .filter(|hook| *hook != task)
+    }
+}
+
+/// Where a final member is counted in its batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bucket {
+    Finished,
+    /// Exhausted, REJECTED (or a state taskrunner does not know).
+    Failed,
+    Cancelled,
+}
+
+impl Bucket {
+    fn parse(text: &str) -> Option<Bucket> {
+        match text {
+            "finished" => Some(Bucket::Finished),
+            "failed" => Some(Bucket::Failed),
+            "cancelled" => Some(Bucket::Cancelled),
+            _ => None,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Bucket::Finished => "finished",
+            Bucket::Failed => "failed",
+            Bucket::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// A request row as its end is judged.
+#[derive(Debug, Clone)]
+struct Ended {
+    id: i64,
+    task: String,
+    options: Option<String>,
+    result: Option<String>,
+    result_text: Option<String>,
+    batch_id: Option<i64>,
+    on_success: Option<String>,
+    on_failure: Option<String>,
+    period: i64,
+    /// `None` while the row is not final.
+    bucket: Option<Bucket>,
+}
+
+/// A batch row, locked.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Batch {
+    pub id: i64,
+    pub created_at: Option<String>,
+    pub name: Option<String>,
+    pub options: Option<String>,
+    pub on_complete: Option<String>,
+    pub on_failure: Option<String>,
+    pub fail_fast: bool,
+    pub sealed_at: Option<String>,
+    pub state: Option<String>,
+    pub finished_at: Option<String>,
+    pub counts: Counts,
+    pub parent_batch_id: Option<i64>,
+}
+
+/// A batch's members by where they stand.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    pub total: i64,
+    /// Not final yet (never run, running, or to be retried).
+    pub pending: i64,
+    pub finished: i64,
+    /// Exhausted or REJECTED.
+    pub failed: i64,
+    pub cancelled: i64,
+}
+
+/// The member a failed batch names in its callback's summary.
+#[derive(Debug, Clone)]
+struct Failing {
+    id: i64,
+    task: String,
+    result: Option<String>,
+    result_text: Option<String>,
+}
+
+/// A new batch (`batch create`).
+#[derive(Debug, Clone, Default)]
+pub struct NewBatch {
+    pub name: Option<String>,
+    pub options: Option<String>,
+    pub on_complete: Option<String>,
+    pub on_failure: Option<String>,
+    pub fail_fast: bool,
+    /// Sealed at once (no member may be added after... only while not final).
+    pub sealed: bool,
+    pub parent_batch_id: Option<i64>,
+}
+
+/// What `batch cancel` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchChange {
+    /// Done; the number of members it cancelled.
+    Done(u64),
+    NotFound,
+    /// The batch is already final, in this state.
+    AlreadyFinal(String),
+}
+
+// ---- statements ----
+
+/// A member is not final: never run, running, or to be run again. The
+/// predicate of the partial index `task_runner_requests_batch_open`.
+const OPEN: &str = "(result IS NULL OR result = 'RUNNING' \
+     OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED') AND tries < try_limit))";
+
+pub(super) struct ComposeSql {
+    batch_of: String,
+    lock_batch: String,
+    ended_row: String,
+    count_member: String,
+    batch_row: String,
+    recount: String,
+    set_counts: String,
+    cancel_unstarted: String,
+    end_batch: String,
+    first_failure: String,
+    callback_exists: String,
+    insert_callback: String,
+    repair_candidates: String,
+    create_batch: String,
+    seal: String,
+    list_batches: String,
+    callbacks_of_batch: String,
+    members_by_state: String,
+}
+
+pub(super) static SQLITE: LazyLock<ComposeSql> =
+    LazyLock::new(|| ComposeSql::render(super::Backend::Sqlite));
+pub(super) static POSTGRES: LazyLock<ComposeSql> =
+    LazyLock::new(|| ComposeSql::render(super::Backend::Postgres));
+
+impl ComposeSql {
+    fn render(backend: super::Backend) -> ComposeSql {
+        let postgres = backend == super::Backend::Postgres;
+        let now = if postgres {
+            "now()"
+        } else {
+            "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+        };
+        let int = |column: &str| {
+            if postgres {
+                format!("({column})::bigint")
+            } else {
+                column.to_string()
+            }
+        };
+        let show = |column: &str| {
+            if postgres {
+                format!("to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.MS')")
+            } else {
+                format!("CAST({column} AS TEXT)")
+            }
+        };
+        let (insert_or_ignore, on_conflict_ignore) = if postgres {
+            ("INSERT", "ON CONFLICT DO NOTHING")
+        } else {
+            ("INSERT OR IGNORE", "")
+        };
+        let bucket = format!(
+            "CASE WHEN {OPEN} THEN 'pending' WHEN result = 'FINISHED' THEN 'finished' \
+                  WHEN result = 'CANCELLED' THEN 'cancelled' ELSE 'failed' END"
+        );
+        let batch_columns = [
+            int("id"),
+            show("created_at"),
+            "name".into(),
+            "options".into(),
+            "on_complete".into(),
+            "on_failure".into(),
+            int("CASE WHEN fail_fast THEN 1 ELSE 0 END"),
+            show("sealed_at"),
+            "state".into(),
+            show("finished_at"),
+            int("total"),
+            int("pending"),
+            int("finished"),
+            int("failed"),
+            int("cancelled"),
+            int("parent_batch_id"),
+        ]
+        .join(", ");
+        ComposeSql {
+            batch_of: format!(
+                "SELECT {} FROM task_runner_requests WHERE id = $1",
+                int("batch_id")
+            ),
+            lock_batch: format!(
+                "SELECT {} FROM task_runner_batches WHERE id = $1 {}",
+                int("id"),
+                if postgres { "FOR UPDATE" } else { "" }
+            ),
+            ended_row: format!(
+                "SELECT {}, task_class_name, options, result, result_text, {}, on_success, on_failure, \
+                        {}, {bucket} \
+                   FROM task_runner_requests WHERE id = $1",
+                int("id"),
+                int("batch_id"),
+                int("coalesce(period, 0)")
+            ),
+            count_member: "UPDATE task_runner_batches \
+                SET pending = pending - 1, \
+                    finished = finished + CASE WHEN $2 = 'finished' THEN 1 ELSE 0 END, \
+                    failed = failed + CASE WHEN $2 = 'failed' THEN 1 ELSE 0 END, \
+                    cancelled = cancelled + CASE WHEN $2 = 'cancelled' THEN 1 ELSE 0 END \
+              WHERE id = $1"
+                .to_string(),
+            batch_row: format!("SELECT {batch_columns} FROM task_runner_batches WHERE id = $1"),
+            recount: format!(
+                "SELECT {bucket}, {} FROM task_runner_requests WHERE batch_id = $1 GROUP BY 1",
+                int("count(*)")
+            ),
+            set_counts: "UPDATE task_runner_batches \
+                SET total = $2, pending = $3, finished = $4, failed = $5, cancelled = $6 WHERE id = $1"
+                .to_string(),
+            // Members not started: never run, or waiting for their next try.
+            // A claimed row (RUNNING, with or without a pid yet) finishes.
+            cancel_unstarted: format!(
+                "UPDATE task_runner_requests \
+                    SET result = 'CANCELLED', result_text = $2, completed_at = {now} \
+                  WHERE batch_id = $1 AND pid IS NULL \
+                    AND (result IS NULL \
+                         OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED') AND tries < try_limit))"
+            ),
+            end_batch: format!(
+                "UPDATE task_runner_batches SET state = $2, finished_at = {now} \
+                  WHERE id = $1 AND state IS NULL"
+            ),
+            first_failure: format!(
+                "SELECT {}, task_class_name, result, result_text FROM task_runner_requests \
+                  WHERE batch_id = $1 AND NOT {OPEN} AND result <> 'FINISHED' \
+                  ORDER BY CASE WHEN result = 'CANCELLED' THEN 1 ELSE 0 END, id LIMIT 1",
+                int("id")
+            ),
+            callback_exists: format!(
+                "SELECT {} FROM task_runner_requests WHERE callback_of = $1 AND unique_key = $2",
+                int("count(*)")
+            ),
+            insert_callback: format!(
+                "{insert_or_ignore} INTO task_runner_requests \
+                   (task_class_name, options, callback_of, callback_of_batch, unique_key) \
+                 VALUES ($1, $2, $3, $4, $5) {on_conflict_ignore} RETURNING {}",
+                int("id")
+            ),
+            repair_candidates: format!(
+                "SELECT {} FROM task_runner_batches b \
+                  WHERE state IS NULL AND sealed_at IS NOT NULL \
+                    AND (pending <= 0 OR (fail_fast AND failed + cancelled > 0) \
+                         OR NOT EXISTS (SELECT 1 FROM task_runner_requests r \
+                                         WHERE r.batch_id = b.id AND {})) \
+                  ORDER BY id LIMIT 100",
+                int("id"),
+                OPEN.replace("result", "r.result")
+                    .replace("tries", "r.tries")
+                    .replace("r.tries < try_limit", "r.tries < r.try_limit")
+            ),
+            create_batch: format!(
+                "INSERT INTO task_runner_batches \
+                   (name, options, on_complete, on_failure, fail_fast, sealed_at, parent_batch_id) \
+                 VALUES ($1, $2, $3, $4, $5 = 1, CASE WHEN $6 = 1 THEN {now} ELSE NULL END, $7) \
+                 RETURNING {}",
+                int("id")
+            ),
+            seal: format!(
+                "UPDATE task_runner_batches SET sealed_at = {now} WHERE id = $1 AND sealed_at IS NULL"
+            ),
+            list_batches: format!(
+                "SELECT {batch_columns} FROM task_runner_batches ORDER BY id DESC LIMIT $1"
+            ),
+            callbacks_of_batch: format!(
+                "SELECT {}, task_class_name, result, unique_key FROM task_runner_requests \
+                  WHERE callback_of_batch = $1 ORDER BY id",
+                int("id")
+            ),
+            members_by_state: format!(
+                "SELECT coalesce(result, 'PENDING'), \
+                        {}, {} \
+                   FROM task_runner_requests WHERE batch_id = $1 GROUP BY 1, 2 ORDER BY 1, 2",
+                int("CASE WHEN result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit THEN 1 ELSE 0 END"),
+                int("count(*)")
+            ),
+        }
+    }
+}
+
+// ---- one transaction, on either backend ----
+
+/// A write transaction on either backend, so that the finalization logic
+/// is written once.
+pub(super) enum Tx {
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+}
+
+/// A bound parameter.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Param<'a> {
+    Int(i64),
+    OptInt(Option<i64>),
+    Text(&'a str),
+    OptText(Option<&'a str>),
+    OptFloat(Option<f64>),
+}
+
+use Param::{Int, OptInt, OptText, Text};
+
+/// A row from either backend.
+pub(super) enum AnyRow {
+    Sqlite(SqliteRow),
+    Postgres(PgRow),
+}
+
+impl RowExt for AnyRow {
+    fn int(&self, index: usize) -> sqlx::Result<i64> {
+        match self {
+            AnyRow::Sqlite(row) => row.int(index),
+            AnyRow::Postgres(row) => row.int(index),
+        }
+    }
+    fn opt_int(&self, index: usize) -> sqlx::Result<Option<i64>> {
+        match self {
+            AnyRow::Sqlite(row) => row.opt_int(index),
+            AnyRow::Postgres(row) => row.opt_int(index),
+        }
+    }
+    fn opt_float(&self, index: usize) -> sqlx::Result<Option<f64>> {
+        match self {
+            AnyRow::Sqlite(row) => row.opt_float(index),
+            AnyRow::Postgres(row) => row.opt_float(index),
+        }
+    }
+    fn opt_bytes(&self, index: usize) -> sqlx::Result<Option<Vec<u8>>> {
+        match self {
+            AnyRow::Sqlite(row) => row.opt_bytes(index),
+            AnyRow::Postgres(row) => row.opt_bytes(index),
+        }
+    }
+}
+
+macro_rules! bound {
+    ($query:expr, $params:expr) => {{
+        let mut query = $query;
+        for param in $params {
+            query = match *param {
+                Param::Int(v) => query.bind(v),
+                Param::OptInt(v) => query.bind(v),
+                Param::Text(v) => query.bind(v),
+                Param::OptText(v) => query.bind(v),
+                Param::OptFloat(v) => query.bind(v),
+            };
+        }
+        query
+    }};
+}
+
+impl Tx {
+    pub(super) async fn begin(store: &Store) -> sqlx::Result<Tx> {
+        Ok(match &store.pool {
+            Pool::Sqlite(pool) => Tx::Sqlite(begin_write(pool).await?),
+            Pool::Postgres(pool) => Tx::Postgres(begin_write(pool).await?),
+        })
+    }
+
+    pub(super) async fn execute(
+        &mut self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> sqlx::Result<u64> {
+        Ok(match self {
+            Tx::Sqlite(tx) => bound!(sqlx::query(sql), params)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected(),
+            Tx::Postgres(tx) => bound!(sqlx::query(sql), params)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected(),
+        })
+    }
+
+    pub(super) async fn fetch(
+        &mut self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> sqlx::Result<Vec<AnyRow>> {
+        Ok(match self {
+            Tx::Sqlite(tx) => bound!(sqlx::query(sql), params)
+                .fetch_all(&mut **tx)
+                .await?
+                .into_iter()
+                .map(AnyRow::Sqlite)
+                .collect(),
+            Tx::Postgres(tx) => bound!(sqlx::query(sql), params)
+                .fetch_all(&mut **tx)
+                .await?
+                .into_iter()
+                .map(AnyRow::Postgres)
+                .collect(),
+        })
+    }
+
+    pub(super) async fn commit(self) -> sqlx::Result<()> {
+        match self {
+            Tx::Sqlite(tx) => tx.commit().await,
+            Tx::Postgres(tx) => tx.commit().await,
+        }
+    }
+}
+
+fn batch_from_row(row: &impl RowExt) -> sqlx::Result<Batch> {
+    Ok(Batch {
+        id: row.int(0)?,
+        created_at: row.opt_text(1)?,
+        name: row.opt_text(2)?,
+        options: row.opt_text(3)?,
+        on_complete: row.opt_text(4)?,
+        on_failure: row.opt_text(5)?,
+        fail_fast: row.int(6)? != 0,
+        sealed_at: row.opt_text(7)?,
+        state: row.opt_text(8)?,
+        finished_at: row.opt_text(9)?,
+        counts: Counts {
+            total: row.int(10)?,
+            pending: row.int(11)?,
+            finished: row.int(12)?,
+            failed: row.int(13)?,
+            cancelled: row.int(14)?,
+        },
+        parent_batch_id: row.opt_int(15)?,
+    })
+}
+
+/// A callback's options: `base` (the parent's or the batch's options, when
+/// they are a YAML mapping) with `key:` (the summary) added.
+fn callback_options(base: Option<&str>, key: &str, summary: Mapping) -> String {
+    let mut options = base
+        .and_then(|text| serde_yaml::from_str::<Value>(text).ok())
+        .and_then(|value| match value {
+            Value::Mapping(mapping) => Some(mapping),
+            Value::Tagged(tagged) => match tagged.value {
+                Value::Mapping(mapping) => Some(mapping),
+                _ => None,
+            },
+            _ => None,
+        })
+        .unwrap_or_default();
+    options.insert(key.into(), Value::Mapping(summary));
+    serde_yaml::to_string(&Value::Mapping(options)).unwrap_or_default()
+}
+
+fn text_value(text: &Option<String>) -> Value {
+    text.as_ref()
+        .map_or(Value::Null, |text| Value::String(text.clone()))
+}
+
+impl Store {
+    fn compose(&self) -> &'static ComposeSql {
+        match self.pool {
+            Pool::Sqlite(_) => &SQLITE,
+            Pool::Postgres(_) => &POSTGRES,
+        }
+    }
+
+    /// The config's `on_exhausted:` hooks, which every finalization applies.
+    pub fn set_hooks(&self, hooks: Hooks) {
+        *self.hooks.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(hooks);
+    }
+
+    fn hooks(&self) -> std::sync::Arc<Hooks> {
+        self.hooks.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The one finalization path: writes `ending` and, if the request is
+    /// now final, everything that causes, in one transaction under the lock
+    /// of its batch row. Returns whether the write applied (false: the row
+    /// was no longer this try's claim, or not cancellable; nothing changed).
+    pub async fn finalize(&self, ending: Ending<'_>) -> Result<bool> {
+        let c = self.compose();
+        let id = ending.id();
+        // Which batch to lock first (lock order: the batch, then the request).
+        let batch_id = on_pool!(self, pool => {
+            let rows = sqlx::query(c.batch_of.as_str()).bind(id.0).fetch_all(pool).await?;
+            match rows.first() {
+                Some(row) => row.opt_int(0)?,
+                None => return Ok(false),
+            }
+        });
+        let mut tx = Tx::begin(self).await?;
+        // BEGIN, the look-up, the lock, the write, the read, COMMIT.
+        self.count_statements(5 + u64::from(batch_id.is_some()));
+        if let Some(batch_id) = batch_id {
+            tx.execute(&c.lock_batch, &[Int(batch_id)]).await?;
+        }
+        let sql = self.sql;
+        let applied = match ending {
+            Ending::Outcome(outcome) => {
+                tx.execute(
+                    &sql.record_outcome,
+                    &[
+                        Text(outcome.state.as_str()),
+                        Text(&outcome.result_text),
+                        Int(i64::from(outcome.give_back_try)),
+                        Param::OptFloat(outcome.retry_after),
+                        Int(id.0),
+                        Text(&outcome.claim_token),
+                    ],
+                )
+                .await?
+            }
+            Ending::Crashed {
+                claim_token,
+                reason,
+                ..
+            } => {
+                tx.execute(
+                    &sql.mark_crashed,
+                    &[Text(reason), Int(id.0), OptText(claim_token)],
+                )
+                .await?
+            }
+            Ending::Cancelled(_) => tx.execute(&sql.cancel_pending, &[Int(id.0)]).await?,
+        } == 1;
+        if applied {
+            self.follow_up(&mut tx, id, batch_id).await?;
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    /// Whatever the end of request `id` causes, if it is final now.
+    async fn follow_up(&self, tx: &mut Tx, id: RequestId, locked: Option<i64>) -> Result<()> {
+        let c = self.compose();
+        let rows = tx.fetch(&c.ended_row, &[Int(id.0)]).await?;
+        let Some(row) = rows.first() else {
+            return Ok(());
+        };
+        let ended = Ended {
+            id: row.int(0)?,
+            task: row.text(1)?,
+            options: row.opt_text(2)?,
+            result: row.opt_text(3)?,
+            result_text: row.opt_text(4)?,
+            batch_id: row.opt_int(5)?,
+            on_success: row.opt_text(6)?,
+            on_failure: row.opt_text(7)?,
+            period: row.int(8)?,
+            bucket: Bucket::parse(&row.text(9)?),
+        };
+        let Some(bucket) = ended.bucket else {
+            return Ok(());
+        };
+        if ended.period > 0 {
+            tx.execute(&self.sql.insert_next_occurrence, &[Int(ended.id)])
+                .await?;
+        }
+        match bucket {
+            Bucket::Finished => {
+                if let Some(task) = &ended.on_success {
+                    self.request_callback(tx, &ended, task, "success").await?;
+                }
+            }
+            Bucket::Failed => {
+                if let Some(task) = &ended.on_failure {
+                    self.request_callback(tx, &ended, task, "failure").await?;
+                }
+                let hooks = self.hooks();
+                if let Some(task) = hooks.on_exhausted_for(&ended.task) {
+                    self.request_callback(tx, &ended, task, "exhausted").await?;
+                }
+            }
+            // A cancel runs no callback of the request's own.
+            Bucket::Cancelled => {}
+        }
+        if let Some(batch_id) = ended.batch_id {
+            if locked != Some(batch_id) {
+                // The row moved to another batch since it was looked up.
+                tx.execute(&c.lock_batch, &[Int(batch_id)]).await?;
+            }
+            let ended_before = self
+                .batch_in(tx, batch_id)
+                .await?
+                .is_some_and(|batch| batch.state.is_some());
+            if ended_before {
+                // A member of an ended batch (it ran on, or was retried by
+                // hand): recount, so that counts stay exact; no callback.
+                let counts = self.recount(tx, batch_id).await?;
+                self.write_counts(tx, batch_id, &counts).await?;
+            } else {
+                tx.execute(&c.count_member, &[Int(batch_id), Text(bucket.as_str())])
+                    .await?;
+                self.settle(tx, batch_id, Some(&ended)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Inserts callback `task` of request `parent` for `cause` (`success`,
+    /// `failure`, `exhausted`) unless it was created before (the parent was
+    /// retried by hand and ended again): its `unique_key` names the cause.
+    async fn request_callback(
+        &self,
+        tx: &mut Tx,
+        parent: &Ended,
+        task: &str,
+        cause: &str,
+    ) -> Result<()> {
+        let c = self.compose();
+        let key = format!("request:{}:{cause}", parent.id);
+        let exists = tx
+            .fetch(&c.callback_exists, &[Int(parent.id), Text(&key)])
+            .await?
+            .first()
+            .map(|row| row.int(0))
+            .transpose()?
+            .unwrap_or(0)
+            > 0;
+        if exists {
+            return Ok(());
+        }
+        let mut summary = Mapping::new();
+        summary.insert("id".into(), parent.id.into());
+        summary.insert("task".into(), parent.task.clone().into());
+        summary.insert("options".into(), text_value(&parent.options));
+        summary.insert("result".into(), text_value(&parent.result));
+        summary.insert("result_text".into(), text_value(&parent.result_text));
+        let options = callback_options(parent.options.as_deref(), "parent", summary);
+        tx.fetch(
+            &c.insert_callback,
+            &[
+                Text(task),
+                Text(&options),
+                OptInt(Some(parent.id)),
+                OptInt(None),
+                Text(&key),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Decides whether batch `batch_id` (locked by the caller) ends now, and
+    /// if so ends it: fail-fast cancels its unstarted members; its state,
+    /// end time and callback are written. `cause` is the member whose end
+    /// led here, if any.
+    async fn settle(&self, tx: &mut Tx, batch_id: i64, cause: Option<&Ended>) -> Result<()> {
+        let c = self.compose();
+        let Some(mut batch) = self.batch_in(tx, batch_id).await? else {
+            return Ok(());
+        };
+        if batch.state.is_some() || batch.sealed_at.is_none() {
+            return Ok(());
+        }
+        let counts = &mut batch.counts;
+        if batch.fail_fast && counts.failed + counts.cancelled > 0 {
+            let failing = match cause {
+                Some(ended) if ended.bucket != Some(Bucket::Finished) => Some(Failing {
+                    id: ended.id,
+                    task: ended.task.clone(),
+                    result: ended.result.clone(),
+                    result_text: ended.result_text.clone(),
+                }),
+                _ => self.first_failure(tx, batch_id).await?,
+            };
+            let why = match &failing {
+                Some(f) => format!(
+                    "cancelled: batch {batch_id} failed (request {} {})",
+                    f.id,
+                    f.result.as_deref().unwrap_or("failed")
+                ),
+                None => format!("cancelled: batch {batch_id} failed"),
+            };
+            let cancelled = tx
+                .execute(&c.cancel_unstarted, &[Int(batch_id), Text(&why)])
+                .await? as i64;
+            counts.pending -= cancelled;
+            counts.cancelled += cancelled;
+            self.write_counts(tx, batch_id, counts).await?;
+            return self
+                .end_batch(tx, &batch, "FAILED", failing, cause.map(|e| e.id))
+                .await;
+        }
+        if counts.pending > 0 {
+            return Ok(());
+        }
+        // Every member is final by the counts: recount from the members
+        // themselves (under the batch's lock), which also mends counts that
+        // plain SQL put out of step (a member retried or deleted by hand).
+        let recounted = self.recount(tx, batch_id).await?;
+        if recounted != *counts {
+            self.write_counts(tx, batch_id, &recounted).await?;
+            *counts = recounted;
+        }
+        if counts.pending > 0 {
+            return Ok(());
+        }
+        if counts.finished == counts.total {
+            self.end_batch(tx, &batch, "FINISHED", None, cause.map(|e| e.id))
+                .await
+        } else {
+            let failing = self.first_failure(tx, batch_id).await?;
+            self.end_batch(tx, &batch, "FAILED", failing, cause.map(|e| e.id))
+                .await
+        }
+    }
+
+    async fn batch_in(&self, tx: &mut Tx, batch_id: i64) -> Result<Option<Batch>> {
+        let rows = tx
+            .fetch(&self.compose().batch_row, &[Int(batch_id)])
+            .await?;
+        Ok(match rows.first() {
+            Some(row) => Some(batch_from_row(row)?),
+            None => None,
+        })
+    }
+
+    async fn first_failure(&self, tx: &mut Tx, batch_id: i64) -> Result<Option<Failing>> {
+        let rows = tx
+            .fetch(&self.compose().first_failure, &[Int(batch_id)])
+            .await?;
+        Ok(match rows.first() {
+            Some(row) => Some(Failing {
+                id: row.int(0)?,
+                task: row.text(1)?,
+                result: row.opt_text(2)?,
+                result_text: row.opt_text(3)?,
+            }),
+            None => None,
+        })
+    }
+
+    async fn recount(&self, tx: &mut Tx, batch_id: i64) -> Result<Counts> {
+        let mut counts = Counts::default();
+        for row in tx.fetch(&self.compose().recount, &[Int(batch_id)]).await? {
+            let n = row.int(1)?;
+            counts.total += n;
+            match row.text(0)?.as_str() {
+                "pending" => counts.pending += n,
+                "finished" => counts.finished += n,
+                "cancelled" => counts.cancelled += n,
+                _ => counts.failed += n,
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn write_counts(&self, tx: &mut Tx, batch_id: i64, counts: &Counts) -> Result<()> {
+        tx.execute(
+            &self.compose().set_counts,
+            &[
+                Int(batch_id),
+                Int(counts.total),
+                Int(counts.pending),
+                Int(counts.finished),
+                Int(counts.failed),
+                Int(counts.cancelled),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Sets the batch's final state and creates its callback (`on_complete`
+    /// after FINISHED, `on_failure` after FAILED; none after CANCELLED).
+    async fn end_batch(
+        &self,
+        tx: &mut Tx,
+        batch: &Batch,
+        state: &str,
+        failing: Option<Failing>,
+        cause: Option<i64>,
+    ) -> Result<()> {
+        let c = self.compose();
+        if tx
+            .execute(&c.end_batch, &[Int(batch.id), Text(state)])
+            .await?
+            == 0
+        {
+            return Ok(());
+        }
+        let (task, why) = match state {
+            "FINISHED" => (&batch.on_complete, "complete"),
+            "FAILED" => (&batch.on_failure, "failure"),
+            _ => return Ok(()),
+        };
+        let Some(task) = task else {
+            return Ok(());
+        };
+        let counts = &batch.counts;
+        let mut summary = Mapping::new();
+        summary.insert("id".into(), batch.id.into());
+        summary.insert("name".into(), text_value(&batch.name));
+        summary.insert("state".into(), state.into());
+        summary.insert("total".into(), counts.total.into());
+        summary.insert("pending".into(), counts.pending.into());
+        summary.insert("finished".into(), counts.finished.into());
+        summary.insert("failed".into(), counts.failed.into());
+        summary.insert("cancelled".into(), counts.cancelled.into());
+        if let Some(parent) = batch.parent_batch_id {
+            summary.insert("parent_batch_id".into(), parent.into());
+        }
+        if let Some(failing) = failing {
+            let mut failure = Mapping::new();
+            failure.insert("id".into(), failing.id.into());
+            failure.insert("task".into(), failing.task.into());
+            failure.insert("result".into(), text_value(&failing.result));
+            failure.insert("result_text".into(), text_value(&failing.result_text));
+            summary.insert("failure".into(), Value::Mapping(failure));
+        }
+        let options = callback_options(batch.options.as_deref(), "batch", summary);
+        let key = format!("batch:{}:{why}", batch.id);
+        tx.fetch(
+            &c.insert_callback,
+            &[
+                Text(task),
+                Text(&options),
+                OptInt(cause),
+                OptInt(Some(batch.id)),
+                Text(&key),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The repair pass (each poll and wake-up of the daemon): ends sealed
+    /// batches that only a plain-SQL write left unended (sealed by hand
+    /// after their last member ended; a fail-fast failure found at seal
+    /// time), and recounts batches whose counts disagree with their
+    /// members. Returns how many batches it looked at.
+    pub async fn repair_batches(&self) -> Result<usize> {
+        let c = self.compose();
+        self.count_statements(1);
+        let candidates: Vec<i64> = on_pool!(self, pool => {
+            sqlx::query(c.repair_candidates.as_str())
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|row| row.int(0))
+                .collect::<sqlx::Result<_>>()?
+        });
+        for batch_id in &candidates {
+            let mut tx = Tx::begin(self).await?;
+            self.count_statements(6);
+            tx.execute(&c.lock_batch, &[Int(*batch_id)]).await?;
+            let recounted = self.recount(&mut tx, *batch_id).await?;
+            if let Some(batch) = self.batch_in(&mut tx, *batch_id).await? {
+                if batch.counts != recounted {
+                    self.write_counts(&mut tx, *batch_id, &recounted).await?;
+                }
+            }
+            self.settle(&mut tx, *batch_id, None).await?;
+            tx.commit().await?;
+        }
+        Ok(candidates.len())
+    }
+
+    /// Inserts a batch and returns its id.
+    pub async fn create_batch(&self, batch: &NewBatch) -> Result<i64> {
+        let c = self.compose();
+        Ok(on_pool!(self, pool => {
+            let query = sqlx::query(c.create_batch.as_str())
+                .bind(batch.name.as_deref())
+                .bind(batch.options.as_deref())
+                .bind(batch.on_complete.as_deref())
+                .bind(batch.on_failure.as_deref())
+                .bind(i64::from(batch.fail_fast))
+                .bind(i64::from(batch.sealed))
+                .bind(batch.parent_batch_id);
+            query.fetch_all(pool).await?[0].int(0)?
+        }))
+    }
+
+    /// Seals a batch (no callback before it is sealed); it ends at once if
+    /// its members already have. `None`: no such batch.
+    pub async fn seal_batch(&self, batch_id: i64) -> Result<Option<Batch>> {
+        let c = self.compose();
+        let mut tx = Tx::begin(self).await?;
+        if tx.fetch(&c.lock_batch, &[Int(batch_id)]).await?.is_empty() {
+            return Ok(None);
+        }
+        tx.execute(&c.seal, &[Int(batch_id)]).await?;
+        self.settle(&mut tx, batch_id, None).await?;
+        let batch = self.batch_in(&mut tx, batch_id).await?;
+        tx.commit().await?;
+        Ok(batch)
+    }
+
+    /// Cancels a batch: its unstarted members are CANCELLED, running ones
+    /// finish, and it ends CANCELLED without a callback.
+    pub async fn cancel_batch(&self, batch_id: i64) -> Result<BatchChange> {
+        let c = self.compose();
+        let mut tx = Tx::begin(self).await?;
+        if tx.fetch(&c.lock_batch, &[Int(batch_id)]).await?.is_empty() {
+            return Ok(BatchChange::NotFound);
+        }
+        let Some(mut batch) = self.batch_in(&mut tx, batch_id).await? else {
+            return Ok(BatchChange::NotFound);
+        };
+        if let Some(state) = batch.state {
+            return Ok(BatchChange::AlreadyFinal(state));
+        }
+        let why = format!("cancelled with batch {batch_id}");
+        let cancelled = tx
+            .execute(&c.cancel_unstarted, &[Int(batch_id), Text(&why)])
+            .await?;
+        batch.counts.pending -= cancelled as i64;
+        batch.counts.cancelled += cancelled as i64;
+        self.write_counts(&mut tx, batch_id, &batch.counts).await?;
+        self.end_batch(&mut tx, &batch, "CANCELLED", None, None)
+            .await?;
+        tx.commit().await?;
+        Ok(BatchChange::Done(cancelled))
+    }
+
+    /// One batch, as stored.
+    pub async fn batch(&self, batch_id: i64) -> Result<Option<Batch>> {
+        let c = self.compose();
+        Ok(on_pool!(self, pool => {
+            let rows = sqlx::query(c.batch_row.as_str()).bind(batch_id).fetch_all(pool).await?;
+            match rows.first() {
+                Some(row) => Some(batch_from_row(row)?),
+                None => None,
+            }
+        }))
+    }
+
+    /// The newest batches.
+    pub async fn list_batches(&self, limit: i64) -> Result<Vec<Batch>> {
+        let c = self.compose();
+        Ok(on_pool!(self, pool => {
+            sqlx::query(c.list_batches.as_str())
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(batch_from_row)
+                .collect::<sqlx::Result<_>>()?
+        }))
+    }
+
+    /// A batch's members by state (`PENDING`: never run; exhausted rows
+    /// apart from those still to be retried): (state, exhausted, count).
+    pub async fn batch_members_by_state(&self, batch_id: i64) -> Result<Vec<(String, bool, i64)>> {
+        let c = self.compose();
+        Ok(on_pool!(self, pool => {
+            sqlx::query(c.members_by_state.as_str())
+                .bind(batch_id)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|row| Ok((row.text(0)?, row.int(1)? != 0, row.int(2)?)))
+                .collect::<sqlx::Result<_>>()?
+        }))
+    }
+
+    /// The callbacks a batch's end created: (id, task, result, unique_key).
+    pub async fn batch_callbacks(
+        &self,
+        batch_id: i64,
+    ) -> Result<Vec<(i64, String, Option<String>, Option<String>)>> {
+        let c = self.compose();
+        Ok(on_pool!(self, pool => {
+            sqlx::query(c.callbacks_of_batch.as_str())
+                .bind(batch_id)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|row| Ok((row.int(0)?, row.text(1)?, row.opt_text(2)?, row.opt_text(3)?)))
+                .collect::<sqlx::Result<_>>()?
+        }))
+    }
+
+    /// After `retry` of a member: its batch's counts, recounted under the
+    /// batch's lock.
+    pub(super) async fn recount_batch(&self, batch_id: i64) -> Result<()> {
+        let mut tx = Tx::begin(self).await?;
+        tx.execute(&self.compose().lock_batch, &[Int(batch_id)])
+            .await?;
+        let counts = self.recount(&mut tx, batch_id).await?;
+        self.write_counts(&mut tx, batch_id, &counts).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callback_options_merge_the_summary_into_a_mapping() {
+        let mut summary = Mapping::new();
+        summary.insert("id".into(), 7.into());
+        let yaml = callback_options(Some("film: a.mp4\nfps: 24\n"), "batch", summary.clone());
+        let value: Value = serde_yaml::from_str(&yaml).unwrap();
+        assert_eq!(value["film"], Value::from("a.mp4"));
+        assert_eq!(value["batch"]["id"], Value::from(7));
+        // Options that are not a mapping (or not YAML) give the summary alone.
+        for base in [None, Some("[1, 2]"), Some("key: [unclosed")] {
+            let yaml = callback_options(base, "batch", summary.clone());
+            let value: Value = serde_yaml::from_str(&yaml).unwrap();
+            assert_eq!(value.as_mapping().unwrap().len(), 1, "{base:?}");
+        }
+    }
+
+    #[test]
+    fn on_exhausted_prefers_the_type_and_never_alerts_about_itself() {
+        let hooks = Hooks {
+            on_exhausted: Some("Alert".into()),
+            on_exhausted_by_type: [("Render".to_string(), "Page".to_string())].into(),
+        };
+        assert_eq!(hooks.on_exhausted_for("Render"), Some("Page"));
+        assert_eq!(hooks.on_exhausted_for("Other"), Some("Alert"));
+        assert_eq!(hooks.on_exhausted_for("Alert"), None);
+    }
+}

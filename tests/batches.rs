@@ -1,0 +1,790 @@
+//! Batches and callbacks: each callback row is created exactly once, by the
+//! transaction that records the outcome causing it, under the lock of the
+//! parent batch row; also when daemons finish the last members at the same
+//! instant, when a batch is sealed by hand after its members ended, and when
+//! a member is retried by hand.
+
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+both_backends!(
+    thousand_member_batch_has_one_on_complete_and_exact_counters,
+    two_hundred_batches_whose_members_end_at_the_same_instant_get_two_hundred_callbacks,
+    fail_fast_cancels_unstarted_members_and_runs_on_failure_once,
+    batch_sealed_by_plain_sql_after_its_members_ended_gets_its_callback_within_a_poll,
+    member_retried_by_hand_after_its_batch_failed_makes_no_second_callback,
+    on_failure_runs_once_after_the_last_try_and_never_on_cancel,
+    on_success_sees_the_parent_result_text,
+    on_exhausted_in_the_config_alerts_once_per_exhausted_request,
+    daemon_killed_between_the_task_exit_and_its_outcome_write_makes_one_callback,
+);
+
+/// Callback types that print what they were given (their options).
+const CALLBACK_TYPES: &str = "  Done:\n    command: [/bin/cat]\n  Failed:\n    command: [/bin/cat]\n  Alert:\n    command: [/bin/cat]\n";
+
+/// Starts one daemon on SQLite, `postgres_daemons` daemons (as many hosts)
+/// on PostgreSQL, with `extra` config (its `tasks:` gets the callback types).
+fn start_daemons(db: &TestDb, postgres_daemons: usize, extra: &str) -> Vec<Daemon> {
+    let count = match db.backend {
+        Backend::Sqlite => 1,
+        Backend::Postgres => postgres_daemons,
+    };
+    (0..count)
+        .map(|n| {
+            let config = format!("host_id: host-{n}\n{extra}");
+            let config = config.replace("tasks:\n", &format!("tasks:\n{CALLBACK_TYPES}"));
+            Daemon::start(db, &format!("d{n}"), &config)
+        })
+        .collect()
+}
+
+/// Inserts a batch with plain SQL; `columns` and `values` add to the defaults.
+async fn insert_batch(db: &TestDb, columns: &str, values: &str) -> i64 {
+    db.insert(&format!(
+        "INSERT INTO task_runner_batches ({columns}) VALUES ({values}) RETURNING id"
+    ))
+    .await
+    .0
+}
+
+/// Inserts `n` members of `task` into `batch` with one plain SQL statement.
+async fn insert_members(db: &TestDb, batch: i64, task: &str, n: usize, try_limit: i64) {
+    db.execute(&format!(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n}) \
+         INSERT INTO task_runner_requests (task_class_name, batch_id, try_limit, options) \
+         SELECT '{task}', {batch}, {try_limit}, 'member: ' || i FROM n"
+    ))
+    .await;
+}
+
+const OPEN: &str = "(result IS NULL OR result = 'RUNNING' OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED') AND tries < try_limit))";
+
+/// The batch's counters, and the same recomputed from its members.
+async fn counters_and_recount(db: &TestDb, batch: i64) -> ([i64; 5], [i64; 5]) {
+    let stored = [
+        db.scalar(&format!(
+            "SELECT CAST(total AS BIGINT) FROM task_runner_batches WHERE id = {batch}"
+        ))
+        .await,
+        db.scalar(&format!(
+            "SELECT CAST(pending AS BIGINT) FROM task_runner_batches WHERE id = {batch}"
+        ))
+        .await,
+        db.scalar(&format!(
+            "SELECT CAST(finished AS BIGINT) FROM task_runner_batches WHERE id = {batch}"
+        ))
+        .await,
+        db.scalar(&format!(
+            "SELECT CAST(failed AS BIGINT) FROM task_runner_batches WHERE id = {batch}"
+        ))
+        .await,
+        db.scalar(&format!(
+            "SELECT CAST(cancelled AS BIGINT) FROM task_runner_batches WHERE id = {batch}"
+        ))
+        .await,
+    ];
+    let members = format!("SELECT count(*) FROM task_runner_requests WHERE batch_id = {batch}");
+    let recount = [
+        db.scalar(&members).await,
+        db.scalar(&format!("{members} AND {OPEN}")).await,
+        db.scalar(&format!("{members} AND result = 'FINISHED'"))
+            .await,
+        db.scalar(&format!(
+            "{members} AND NOT {OPEN} AND result NOT IN ('FINISHED', 'CANCELLED')"
+        ))
+        .await,
+        db.scalar(&format!("{members} AND result = 'CANCELLED'"))
+            .await,
+    ];
+    (stored, recount)
+}
+
+async fn callbacks_of_batch(db: &TestDb, batch: i64) -> i64 {
+    db.scalar(&format!(
+        "SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch}"
+    ))
+    .await
+}
+
+async fn batch_state(db: &TestDb, batch: i64) -> String {
+    let state = db
+        .scalar(&format!(
+            "SELECT CAST(CASE state WHEN 'FINISHED' THEN 1 WHEN 'FAILED' THEN 2 WHEN 'CANCELLED' THEN 3 ELSE 0 END AS BIGINT) \
+               FROM task_runner_batches WHERE id = {batch}"
+        ))
+        .await;
+    ["NULL", "FINISHED", "FAILED", "CANCELLED"][state as usize].to_string()
+}
+
+async fn thousand_member_batch_has_one_on_complete_and_exact_counters(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let batch = insert_batch(
+        &db,
+        "name, options, on_complete, on_failure",
+        "'frames', 'film: a.mp4', 'Done', 'Failed'",
+    )
+    .await;
+    insert_members(&db, batch, "NoOp", 1000, 5).await;
+    db.execute(&format!(
+        "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
+    ))
+    .await;
+    let started = Instant::now();
+    let mut daemons = start_daemons(&db, 4, "max_concurrent: 4\ntasks:\n");
+    db.wait_for_count(
+        &format!("SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch} AND result = 'FINISHED'"),
+        1,
+        Duration::from_secs(240),
+    )
+    .await;
+    println!(
+        "1,000 members on {} daemon(s): the callback finished {:.1}s after the start",
+        daemons.len(),
+        started.elapsed().as_secs_f64()
+    );
+    for daemon in &mut daemons {
+        assert!(daemon.stop().success());
+    }
+    assert_eq!(callbacks_of_batch(&db, batch).await, 1);
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch} \
+               AND task_class_name = 'Done' AND unique_key = 'batch:{batch}:complete'"
+        ))
+        .await,
+        1
+    );
+    let (stored, recount) = counters_and_recount(&db, batch).await;
+    assert_eq!(stored, recount);
+    assert_eq!(stored, [1000, 0, 1000, 0, 0]);
+    assert_eq!(batch_state(&db, batch).await, "FINISHED");
+    // The callback got the batch's options and its summary.
+    let callback = db
+        .scalar(&format!(
+            "SELECT id FROM task_runner_requests WHERE callback_of_batch = {batch}"
+        ))
+        .await;
+    let text = db
+        .row(taskrunner::request::RequestId(callback))
+        .await
+        .result_text
+        .unwrap();
+    let summary: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    assert_eq!(summary["film"], serde_yaml::Value::from("a.mp4"), "{text}");
+    assert_eq!(
+        summary["batch"]["id"],
+        serde_yaml::Value::from(batch),
+        "{text}"
+    );
+    assert_eq!(
+        summary["batch"]["finished"],
+        serde_yaml::Value::from(1000),
+        "{text}"
+    );
+    assert_eq!(
+        summary["batch"]["name"],
+        serde_yaml::Value::from("frames"),
+        "{text}"
+    );
+}
+
+async fn two_hundred_batches_whose_members_end_at_the_same_instant_get_two_hundred_callbacks(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let fifo = db.scratch.join("barrier");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+    // Held open for writing, so that every member's open of the FIFO
+    // returns at once and its read waits; closing it ends every read at the
+    // same instant.
+    let barrier = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    let per_daemon = match backend {
+        Backend::Sqlite => 400,
+        Backend::Postgres => 100,
+    };
+    let mut daemons = start_daemons(
+        &db,
+        4,
+        &format!(
+            "max_concurrent: {per_daemon}\ntasks:\n  Wait:\n    command: [/bin/sh, -c, 'cat {} > /dev/null']\n",
+            fifo.display()
+        ),
+    );
+    let mut batches = Vec::new();
+    for _ in 0..200 {
+        let batch = insert_batch(&db, "on_complete", "'Done'").await;
+        insert_members(&db, batch, "Wait", 2, 5).await;
+        db.execute(&format!(
+            "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
+        ))
+        .await;
+        batches.push(batch);
+    }
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE result = 'RUNNING' AND pid IS NOT NULL",
+        400,
+        Duration::from_secs(120),
+    )
+    .await;
+    // Give every task time to reach its read of the FIFO.
+    wait_until(
+        Duration::from_secs(60),
+        "400 tasks blocked on the barrier",
+        || count_fifo_readers(&fifo) >= 400,
+    );
+    drop(barrier);
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE callback_of_batch IS NOT NULL AND result = 'FINISHED'",
+        200,
+        Duration::from_secs(120),
+    )
+    .await;
+    for daemon in &mut daemons {
+        assert!(daemon.stop().success());
+    }
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests WHERE callback_of_batch IS NOT NULL")
+            .await,
+        200
+    );
+    for batch in batches {
+        assert_eq!(callbacks_of_batch(&db, batch).await, 1, "batch {batch}");
+        let (stored, recount) = counters_and_recount(&db, batch).await;
+        assert_eq!(stored, recount, "batch {batch}");
+        assert_eq!(stored, [2, 0, 2, 0, 0], "batch {batch}");
+    }
+}
+
+/// How many processes have `fifo` open (the members waiting on it).
+fn count_fifo_readers(fifo: &std::path::Path) -> usize {
+    let target = std::fs::canonicalize(fifo).unwrap();
+    let mut readers: usize = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .filter_map(|fd| fd.ok())
+            .any(|fd| std::fs::read_link(fd.path()).ok().as_deref() == Some(target.as_path()))
+        {
+            readers += 1;
+        }
+    }
+    // The test itself holds it open too.
+    readers.saturating_sub(1)
+}
+
+async fn fail_fast_cancels_unstarted_members_and_runs_on_failure_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let batch = insert_batch(&db, "on_complete, on_failure", "'Done', 'Failed'").await;
+    let mut members = Vec::new();
+    for n in 1..=100 {
+        let task = if n == 3 { "Boom" } else { "Slow" };
+        members.push(
+            db.insert(&format!(
+                "INSERT INTO task_runner_requests (task_class_name, batch_id, try_limit) VALUES ('{task}', {batch}, 1) RETURNING id"
+            ))
+            .await,
+        );
+    }
+    db.execute(&format!(
+        "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
+    ))
+    .await;
+    // Sealed before any member runs, so that member 3 fails in a sealed batch.
+    let mut daemons = start_daemons(
+        &db,
+        1,
+        "max_concurrent: 4\ntasks:\n  Slow:\n    command: [/bin/sh, -c, 'sleep 2']\n  Boom:\n    command: [/bin/sh, -c, 'echo the disk is full >&2; exit 3']\n",
+    );
+    let failing = members[2];
+    db.wait_for_state(failing, "FAILED", Duration::from_secs(60))
+        .await;
+    // The failure's transaction cancelled the unstarted members and made the callback.
+    let cancelled = db
+        .scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE batch_id = {batch} AND result = 'CANCELLED'"
+        ))
+        .await;
+    let started = db
+        .scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE batch_id = {batch} AND result IN ('RUNNING', 'FINISHED')"
+        ))
+        .await;
+    assert_eq!(
+        cancelled + started + 1,
+        100,
+        "every member started or cancelled"
+    );
+    assert!(
+        started >= 1 && cancelled >= 1,
+        "started {started}, cancelled {cancelled}"
+    );
+    // No member was claimed after the failure (a daemon may have claimed a
+    // few ahead of its free slots just before: those run, as running ones
+    // do). On PostgreSQL completed_at is the failure transaction's start, and
+    // a claim may commit while it runs: only SQLite's single writer makes
+    // this comparison exact.
+    if backend == Backend::Sqlite {
+        assert_eq!(
+            db.scalar(&format!(
+                "SELECT count(*) FROM task_runner_requests m, task_runner_requests f \
+              WHERE m.batch_id = {batch} AND f.id = {failing} AND m.started_at > f.completed_at"
+            ))
+            .await,
+            0
+        );
+    }
+    assert_eq!(callbacks_of_batch(&db, batch).await, 1);
+    if backend == Backend::Postgres {
+        // One transaction: one now() for the failure, the cancels and the batch's end.
+        assert_eq!(
+            db.scalar(&format!(
+                "SELECT count(DISTINCT completed_at) FROM task_runner_requests WHERE batch_id = {batch} AND result IN ('CANCELLED') OR id = {failing}"
+            ))
+            .await,
+            1
+        );
+    }
+    // Running members finish.
+    db.wait_for_count(
+        &format!("SELECT count(*) FROM task_runner_requests WHERE batch_id = {batch} AND result = 'FINISHED'"),
+        started,
+        Duration::from_secs(60),
+    )
+    .await;
+    db.wait_for_count(
+        &format!(
+            "SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch} AND result = 'FINISHED'"
+        ),
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    for daemon in &mut daemons {
+        assert!(daemon.stop().success());
+    }
+    assert_eq!(callbacks_of_batch(&db, batch).await, 1);
+    let callback = db
+        .scalar(&format!(
+            "SELECT id FROM task_runner_requests WHERE callback_of_batch = {batch}"
+        ))
+        .await;
+    let row = db.row(taskrunner::request::RequestId(callback)).await;
+    assert_eq!(row.task_class_name, "Failed");
+    assert_eq!(
+        row.unique_key.as_deref(),
+        Some(format!("batch:{batch}:failure").as_str())
+    );
+    assert_eq!(row.callback_of, Some(failing.0));
+    let summary: serde_yaml::Value =
+        serde_yaml::from_str(row.result_text.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        summary["batch"]["failure"]["id"],
+        serde_yaml::Value::from(failing.0)
+    );
+    assert_eq!(
+        summary["batch"]["failure"]["task"],
+        serde_yaml::Value::from("Boom")
+    );
+    let failure_text = summary["batch"]["failure"]["result_text"].as_str().unwrap();
+    assert!(failure_text.contains("the disk is full"), "{failure_text}");
+    assert_eq!(batch_state(&db, batch).await, "FAILED");
+    let (stored, recount) = counters_and_recount(&db, batch).await;
+    assert_eq!(stored, recount);
+}
+
+async fn batch_sealed_by_plain_sql_after_its_members_ended_gets_its_callback_within_a_poll(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let mut daemons = start_daemons(&db, 1, "max_concurrent: 4\ntasks:\n");
+    let batch = insert_batch(&db, "on_complete", "'Done'").await;
+    insert_members(&db, batch, "NoOp", 3, 5).await;
+    db.wait_for_count(
+        &format!("SELECT count(*) FROM task_runner_requests WHERE batch_id = {batch} AND result = 'FINISHED'"),
+        3,
+        Duration::from_secs(60),
+    )
+    .await;
+    // Not sealed: no callback, for a poll and more.
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < deadline {
+        assert_eq!(callbacks_of_batch(&db, batch).await, 0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(batch_state(&db, batch).await, "NULL");
+    db.execute(&format!(
+        "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
+    ))
+    .await;
+    let sealed = Instant::now();
+    // poll_interval is 1s: within a poll (and some margin for a loaded machine).
+    db.wait_for_count(
+        &format!("SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch}"),
+        1,
+        Duration::from_secs(3),
+    )
+    .await;
+    println!(
+        "sealed by hand after its members ended: callback {:.2}s later",
+        sealed.elapsed().as_secs_f64()
+    );
+    assert_eq!(batch_state(&db, batch).await, "FINISHED");
+    db.wait_for_count(
+        &format!("SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch} AND result = 'FINISHED'"),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    for daemon in &mut daemons {
+        assert!(daemon.stop().success());
+    }
+    assert_eq!(callbacks_of_batch(&db, batch).await, 1);
+}
+
+async fn member_retried_by_hand_after_its_batch_failed_makes_no_second_callback(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ok = db.scratch.join("ok");
+    let mut daemons = start_daemons(
+        &db,
+        1,
+        &format!(
+            "max_concurrent: 4\ntasks:\n  Flaky:\n    command: [/bin/sh, -c, 'test -e {}']\n",
+            ok.display()
+        ),
+    );
+    let batch = insert_batch(
+        &db,
+        "on_complete, on_failure, fail_fast",
+        "'Done', 'Failed', FALSE",
+    )
+    .await;
+    insert_members(&db, batch, "NoOp", 2, 5).await;
+    let flaky = db
+        .insert(&format!(
+            "INSERT INTO task_runner_requests (task_class_name, batch_id, try_limit) VALUES ('Flaky', {batch}, 1) RETURNING id"
+        ))
+        .await;
+    db.execute(&format!(
+        "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
+    ))
+    .await;
+    db.wait_for_count(
+        &format!("SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch} AND result = 'FINISHED'"),
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(batch_state(&db, batch).await, "FAILED");
+    // Now it would succeed: retried by hand, it finishes, and the batch's
+    // counts follow, but the batch has ended: no second callback.
+    std::fs::write(&ok, "").unwrap();
+    let (status, _, stderr) = cli(&db, &["retry", &flaky.to_string()]);
+    assert_eq!(status, 0, "{stderr}");
+    db.wait_for_state(flaky, "FINISHED", Duration::from_secs(60))
+        .await;
+    // A repair pass or two (every poll) must not add one either.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        assert_eq!(callbacks_of_batch(&db, batch).await, 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And again by plain SQL.
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET result = NULL, pid = NULL, tries = 0 WHERE id = {flaky}"
+    ))
+    .await;
+    db.wait_for_state(flaky, "FINISHED", Duration::from_secs(60))
+        .await;
+    for daemon in &mut daemons {
+        assert!(daemon.stop().success());
+    }
+    assert_eq!(callbacks_of_batch(&db, batch).await, 1);
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE unique_key = 'batch:{batch}:complete'"
+        ))
+        .await,
+        0
+    );
+    let (stored, recount) = counters_and_recount(&db, batch).await;
+    assert_eq!(stored, recount);
+    assert_eq!(batch_state(&db, batch).await, "FAILED");
+}
+
+async fn on_failure_runs_once_after_the_last_try_and_never_on_cancel(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemons = start_daemons(
+        &db,
+        1,
+        "max_concurrent: 4\nretry_delay: 200ms\nretry_multiplier: 1\ntasks:\n  Boom:\n    command: [/bin/sh, -c, 'echo try $TASKRUNNER_TRY failed >&2; exit 1']\n  Slow:\n    command: [/bin/sh, -c, 'sleep 30']\n",
+    );
+    let boom = db
+        .insert("INSERT INTO task_runner_requests (task_class_name, try_limit, on_failure, on_success) VALUES ('Boom', 3, 'Alert', 'Done') RETURNING id")
+        .await;
+    db.wait_for(boom, Duration::from_secs(60), "failed twice", |row| {
+        row.tries == 2 && row.result.as_deref() == Some("FAILED")
+    })
+    .await;
+    let callbacks = format!("SELECT count(*) FROM task_runner_requests WHERE callback_of = {boom}");
+    assert_eq!(
+        db.scalar(&callbacks).await,
+        0,
+        "no callback while tries remain"
+    );
+    db.wait_for(boom, Duration::from_secs(60), "exhausted", |row| {
+        row.tries == 3 && row.result.as_deref() == Some("FAILED")
+    })
+    .await;
+    db.wait_for_count(&callbacks, 1, Duration::from_secs(10))
+        .await;
+    let alert = db
+        .scalar(&format!(
+            "SELECT id FROM task_runner_requests WHERE callback_of = {boom}"
+        ))
+        .await;
+    let alert = db
+        .wait_for_state(
+            taskrunner::request::RequestId(alert),
+            "FINISHED",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(alert.task_class_name, "Alert");
+    assert_eq!(
+        alert.unique_key.as_deref(),
+        Some(format!("request:{boom}:failure").as_str())
+    );
+    let options: serde_yaml::Value =
+        serde_yaml::from_str(alert.result_text.as_deref().unwrap()).unwrap();
+    assert_eq!(options["parent"]["id"], serde_yaml::Value::from(boom.0));
+    assert_eq!(
+        options["parent"]["result"],
+        serde_yaml::Value::from("FAILED")
+    );
+    assert!(options["parent"]["result_text"]
+        .as_str()
+        .unwrap()
+        .contains("try 3 failed"));
+
+    // Cancelled before it ran, and while it ran: no callback either way.
+    let pending = db
+        .insert("INSERT INTO task_runner_requests (task_class_name, delay_until, on_failure, on_success) VALUES ('Slow', '2999-01-01 00:00:00', 'Alert', 'Done') RETURNING id")
+        .await;
+    let (status, _, stderr) = cli(&db, &["cancel", &pending.to_string()]);
+    assert_eq!(status, 0, "{stderr}");
+    let running = db
+        .insert("INSERT INTO task_runner_requests (task_class_name, on_failure, on_success) VALUES ('Slow', 'Alert', 'Done') RETURNING id")
+        .await;
+    db.wait_for(running, Duration::from_secs(30), "running", |row| {
+        row.pid.is_some()
+    })
+    .await;
+    let (status, _, stderr) = cli(&db, &["cancel", &running.to_string()]);
+    assert_eq!(status, 0, "{stderr}");
+    db.wait_for_state(running, "CANCELLED", Duration::from_secs(30))
+        .await;
+    for daemon in &mut daemons {
+        assert!(daemon.stop().success());
+    }
+    assert_eq!(db.row(pending).await.result.as_deref(), Some("CANCELLED"));
+    assert_eq!(db.scalar(&callbacks).await, 1);
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE callback_of IN ({pending}, {running})"
+        ))
+        .await,
+        0
+    );
+}
+
+async fn on_success_sees_the_parent_result_text(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemons = start_daemons(&db, 1, "max_concurrent: 2\ntasks:\n");
+    let parent = db
+        .insert("INSERT INTO task_runner_requests (task_class_name, options, on_success, on_failure) VALUES ('NoOp', 'created_from: psql', 'Done', 'Alert') RETURNING id")
+        .await;
+    let callbacks =
+        format!("SELECT count(*) FROM task_runner_requests WHERE callback_of = {parent}");
+    db.wait_for_count(&callbacks, 1, Duration::from_secs(30))
+        .await;
+    let done = db
+        .scalar(&format!(
+            "SELECT id FROM task_runner_requests WHERE callback_of = {parent}"
+        ))
+        .await;
+    let done = db
+        .wait_for_state(
+            taskrunner::request::RequestId(done),
+            "FINISHED",
+            Duration::from_secs(30),
+        )
+        .await;
+    for daemon in &mut daemons {
+        assert!(daemon.stop().success());
+    }
+    assert_eq!(db.scalar(&callbacks).await, 1);
+    assert_eq!(done.task_class_name, "Done");
+    let options: serde_yaml::Value =
+        serde_yaml::from_str(done.result_text.as_deref().unwrap()).unwrap();
+    // The parent's own options, and the parent.
+    assert_eq!(options["created_from"], serde_yaml::Value::from("psql"));
+    assert_eq!(
+        options["parent"]["result_text"],
+        serde_yaml::Value::from(format!("NOOP {parent}: OK! created from: psql"))
+    );
+    assert_eq!(options["parent"]["task"], serde_yaml::Value::from("NoOp"));
+    // `show` names the callback's parent.
+    let (_, shown, _) = cli(&db, &["show", &done.id.to_string()]);
+    assert!(
+        shown.contains(&format!("callback_of          {parent}")),
+        "{shown}"
+    );
+}
+
+async fn on_exhausted_in_the_config_alerts_once_per_exhausted_request(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemons = start_daemons(
+        &db,
+        1,
+        "max_concurrent: 2\non_exhausted: Alert\ntasks:\n  Boom:\n    command: [/bin/sh, -c, 'exit 1']\n  Own:\n    command: [/bin/sh, -c, 'exit 1']\n    on_exhausted: Done\n",
+    );
+    let boom = db
+        .insert("INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ('Boom', 1) RETURNING id")
+        .await;
+    let own = db
+        .insert("INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ('Own', 1) RETURNING id")
+        .await;
+    let rejected = db
+        .insert("INSERT INTO task_runner_requests (task_class_name, options) VALUES ('NoOp', 'key: [unclosed') RETURNING id")
+        .await;
+    let fine = db.enqueue("NoOp", None).await;
+    for id in [boom, own, rejected] {
+        db.wait_for_count(
+            &format!("SELECT count(*) FROM task_runner_requests WHERE callback_of = {id} AND result = 'FINISHED'"),
+            1,
+            Duration::from_secs(30),
+        )
+        .await;
+    }
+    db.wait_for_state(fine, "FINISHED", Duration::from_secs(30))
+        .await;
+    for daemon in &mut daemons {
+        assert!(daemon.stop().success());
+    }
+    let hook = |id: taskrunner::request::RequestId| {
+        format!("SELECT count(*) FROM task_runner_requests WHERE callback_of = {id} AND task_class_name = ")
+    };
+    assert_eq!(db.scalar(&format!("{}'Alert'", hook(boom))).await, 1);
+    assert_eq!(db.scalar(&format!("{}'Done'", hook(own))).await, 1);
+    assert_eq!(db.scalar(&format!("{}'Alert'", hook(rejected))).await, 1);
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE callback_of = {fine}"
+        ))
+        .await,
+        0
+    );
+    // Four rows and three callbacks: the alerts raised no alerts of their own.
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests").await,
+        7
+    );
+}
+
+async fn daemon_killed_between_the_task_exit_and_its_outcome_write_makes_one_callback(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let marker = db.scratch.join("exited");
+    let extra = format!(
+        "max_concurrent: 2\ntasks:\n  Work:\n    command: [/bin/sh, -c, 'sleep 1; echo $TASKRUNNER_TRY >> {}']\n",
+        marker.display()
+    );
+    let mut daemons = start_daemons(&db, 1, &extra);
+    let work = db
+        .insert("INSERT INTO task_runner_requests (task_class_name, on_success, try_limit) VALUES ('Work', 'Done', 3) RETURNING id")
+        .await;
+    db.wait_for(work, Duration::from_secs(30), "running", |row| {
+        row.result.as_deref() == Some("RUNNING")
+    })
+    .await;
+    // Hold the row (PostgreSQL) or the database (SQLite), so that the
+    // outcome cannot be written once the task has exited.
+    let hold = Hold::take(&db, work).await;
+    wait_until(Duration::from_secs(30), "the task to exit", || {
+        marker.exists()
+    });
+    daemons[0].wait_for_log("finished", Duration::from_secs(30));
+    daemons[0].signal(nix::sys::signal::Signal::SIGKILL);
+    daemons[0].wait_exit(Duration::from_secs(10));
+    hold.release().await;
+    assert_eq!(db.row(work).await.result.as_deref(), Some("RUNNING"));
+    // A restarted daemon reaps the row and runs it again: one callback.
+    let mut restarted = Daemon::start_with_config(&daemons[0].config, &[]);
+    restarted.wait_ready();
+    db.wait_for_state(work, "FINISHED", Duration::from_secs(60))
+        .await;
+    let callbacks = format!("SELECT count(*) FROM task_runner_requests WHERE callback_of = {work}");
+    db.wait_for_count(
+        &format!("{callbacks} AND result = 'FINISHED'"),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(restarted.stop().success());
+    assert_eq!(db.scalar(&callbacks).await, 1);
+    assert_eq!(db.row(work).await.tries, 2);
+}
+
+/// A lock that keeps the daemon from writing an outcome.
+enum Hold {
+    Sqlite(sqlx::pool::PoolConnection<sqlx::Sqlite>, sqlx::SqlitePool),
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+}
+
+impl Hold {
+    async fn take(db: &TestDb, id: taskrunner::request::RequestId) -> Hold {
+        match db.backend {
+            Backend::Sqlite => {
+                let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+                let mut connection = pool.acquire().await.unwrap();
+                sqlx::raw_sql("BEGIN IMMEDIATE")
+                    .execute(&mut *connection)
+                    .await
+                    .unwrap();
+                Hold::Sqlite(connection, pool)
+            }
+            Backend::Postgres => {
+                let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+                let mut transaction = pool.begin().await.unwrap();
+                sqlx::query("SELECT id FROM task_runner_requests WHERE id = $1 FOR UPDATE")
+                    .bind(id.0)
+                    .execute(&mut *transaction)
+                    .await
+                    .unwrap();
+                Hold::Postgres(transaction)
+            }
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            Hold::Sqlite(mut connection, pool) => {
+                sqlx::raw_sql("ROLLBACK")
+                    .execute(&mut *connection)
+                    .await
+                    .unwrap();
+                drop(connection);
+                pool.close().await;
+            }
+            Hold::Postgres(transaction) => transaction.rollback().await.unwrap(),
+        }
+    }
+}
