@@ -766,16 +766,19 @@ impl Store {
         if !writes.iter().any(is_composed) {
             return self.record_plain(writes).await;
         }
-        let plain: Vec<Write> = writes.iter().filter(|w| !is_composed(w)).cloned().collect();
-        let mut plain_applied = self.record_plain(&plain).await?.into_iter();
+        // In order: a write queued after an outcome (a give-back of the same
+        // row, say) must not be applied before it.
         let mut applied = Vec::with_capacity(writes.len());
-        for write in writes {
-            applied.push(match write {
-                Write::Outcome(outcome) if outcome.composed => {
-                    self.finalize(Ending::Outcome(outcome)).await?
-                }
-                _ => plain_applied.next().unwrap_or(false),
-            });
+        let mut rest = writes;
+        while !rest.is_empty() {
+            let plain = rest.iter().take_while(|w| !is_composed(w)).count();
+            if plain > 0 {
+                applied.extend(self.record_plain(&rest[..plain]).await?);
+                rest = &rest[plain..];
+            } else if let Write::Outcome(outcome) = &rest[0] {
+                applied.push(self.finalize(Ending::Outcome(outcome)).await?);
+                rest = &rest[1..];
+            }
         }
         Ok(applied)
     }
