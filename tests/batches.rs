@@ -18,6 +18,8 @@ both_backends!(
     on_success_sees_the_parent_result_text,
     on_exhausted_in_the_config_alerts_once_per_exhausted_request,
     daemon_killed_between_the_task_exit_and_its_outcome_write_makes_one_callback,
+    chain_of_three_batches_each_created_by_the_previous_on_complete,
+    batch_cancel_cancels_unstarted_members_and_makes_no_callback,
 );
 
 /// Callback types that print what they were given (their options).
@@ -787,4 +789,173 @@ impl Hold {
             Hold::Postgres(transaction) => transaction.rollback().await.unwrap(),
         }
     }
+}
+
+async fn chain_of_three_batches_each_created_by_the_previous_on_complete(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    // The callback reads its options (the batch's `depth:` and the `batch:`
+    // summary) and, until depth 3, creates the next batch with the CLI.
+    let cli_line = format!("{CLI} --database-url {}", db.url);
+    let next = format!(
+        "depth=$(sed -n \"s/^depth: *//p\"); if [ \"$depth\" -lt 3 ]; then \
+         b=$({cli_line} batch create --open --parent $TASKRUNNER_BATCH_ID --on-complete Next --options \"depth: $((depth + 1))\") && \
+         {cli_line} enqueue NoOp --batch $b >/dev/null && {cli_line} batch seal $b; fi; echo depth $depth"
+    );
+    let mut daemons = start_daemons(
+        &db,
+        1,
+        &format!(
+            "max_concurrent: 2\ntasks:\n  Next:\n    command: [/bin/sh, -c, {}]\n",
+            serde_yaml::to_string(&next).unwrap().trim()
+        ),
+    );
+    let (status, first, stderr) = cli(
+        &db,
+        &[
+            "batch",
+            "create",
+            "--open",
+            "--on-complete",
+            "Next",
+            "--options",
+            "depth: 1",
+            "--name",
+            "first",
+        ],
+    );
+    assert_eq!(status, 0, "{stderr}");
+    let first: i64 = first.trim().parse().unwrap();
+    for _ in 0..2 {
+        let (status, _, stderr) = cli(&db, &["enqueue", "NoOp", "--batch", &first.to_string()]);
+        assert_eq!(status, 0, "{stderr}");
+    }
+    let (status, _, stderr) = cli(&db, &["batch", "seal", &first.to_string()]);
+    assert_eq!(status, 0, "{stderr}");
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE task_class_name = 'Next' AND result = 'FINISHED'",
+        3,
+        Duration::from_secs(90),
+    )
+    .await;
+    for daemon in &mut daemons {
+        assert!(daemon.stop().success());
+    }
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_batches").await,
+        3
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_batches WHERE state = 'FINISHED'")
+            .await,
+        3
+    );
+    let second = db
+        .scalar(&format!(
+            "SELECT id FROM task_runner_batches WHERE parent_batch_id = {first}"
+        ))
+        .await;
+    let third = db
+        .scalar(&format!(
+            "SELECT id FROM task_runner_batches WHERE parent_batch_id = {second}"
+        ))
+        .await;
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_batches WHERE parent_batch_id = {third}"
+        ))
+        .await,
+        0
+    );
+    for batch in [first, second, third] {
+        assert_eq!(callbacks_of_batch(&db, batch).await, 1, "batch {batch}");
+    }
+    // The CLI draws each batch's progress and names its callback.
+    let (status, shown, _) = cli(&db, &["batch", "show", &first.to_string()]);
+    assert_eq!(status, 0);
+    assert!(
+        shown.contains(
+            "batch {first} (first): FINISHED"
+                .replace("{first}", &first.to_string())
+                .as_str()
+        ),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(&format!("[{}] 2/2 ended", "#".repeat(40))),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(&format!("Next  FINISHED  batch:{first}:complete")),
+        "{shown}"
+    );
+    let (_, listed, _) = cli(&db, &["batch", "list"]);
+    assert_eq!(listed.lines().count(), 4, "{listed}");
+    let (_, requests, _) = cli(&db, &["list"]);
+    assert!(requests.contains(&format!("[batch {first}]")), "{requests}");
+    assert!(
+        requests.contains(&format!("[callback of batch {first}]")),
+        "{requests}"
+    );
+    let (_, shown, _) = cli(
+        &db,
+        &[
+            "show",
+            &db.scalar(&format!(
+                "SELECT id FROM task_runner_requests WHERE callback_of_batch = {third}"
+            ))
+            .await
+            .to_string(),
+        ],
+    );
+    assert!(shown.contains("depth 3"), "{shown}");
+    assert!(
+        shown.contains(&format!("callback_of_batch    {third}")),
+        "{shown}"
+    );
+}
+
+async fn batch_cancel_cancels_unstarted_members_and_makes_no_callback(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let (status, batch, stderr) = cli(
+        &db,
+        &[
+            "batch",
+            "create",
+            "--open",
+            "--on-complete",
+            "Done",
+            "--on-failure",
+            "Failed",
+        ],
+    );
+    assert_eq!(status, 0, "{stderr}");
+    let batch = batch.trim().to_string();
+    for _ in 0..3 {
+        let (status, _, stderr) = cli(
+            &db,
+            &["enqueue", "NoOp", "--batch", &batch, "--delay", "1h"],
+        );
+        assert_eq!(status, 0, "{stderr}");
+    }
+    let (status, out, stderr) = cli(&db, &["batch", "cancel", &batch]);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(out.contains("3 unstarted members cancelled"), "{out}");
+    let batch: i64 = batch.parse().unwrap();
+    assert_eq!(batch_state(&db, batch).await, "CANCELLED");
+    assert_eq!(callbacks_of_batch(&db, batch).await, 0);
+    let (stored, recount) = counters_and_recount(&db, batch).await;
+    assert_eq!(stored, recount);
+    assert_eq!(stored, [3, 0, 0, 0, 3]);
+    // A final batch takes no more members: one line, nothing inserted.
+    let (status, _, stderr) = cli(&db, &["enqueue", "NoOp", "--batch", &batch.to_string()]);
+    assert_eq!(status, 1);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("does not exist or is final"), "{stderr}");
+    let (status, _, stderr) = cli(&db, &["batch", "cancel", &batch.to_string()]);
+    assert_eq!(status, 1);
+    assert!(stderr.contains("already CANCELLED"), "{stderr}");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests").await,
+        3
+    );
 }

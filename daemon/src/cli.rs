@@ -19,6 +19,8 @@ use crate::supervisor::StopReason;
 use crate::task_types::Registry;
 use crate::units::parse_duration;
 
+mod batch;
+
 /// Enqueue, inspect, run and recover taskrunner requests.
 ///
 /// The flags before the command apply to every command that uses them; each
@@ -165,6 +167,15 @@ enum Command {
         /// occurrence is enqueued this long after this one's planned start (e.g. 1h)
         #[arg(long, value_name = "DUR", value_parser = parse_period)]
         period: Option<i64>,
+        /// A member of this batch (refused once the batch has ended)
+        #[arg(long, value_name = "ID")]
+        batch: Option<i64>,
+        /// Task type run once when this request FINISHED
+        #[arg(long, value_name = "TYPE")]
+        on_success: Option<String>,
+        /// Task type run once when this request is exhausted or REJECTED
+        #[arg(long, value_name = "TYPE")]
+        on_failure: Option<String>,
     },
     /// Show requests as a table, newest first
     List {
@@ -274,6 +285,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Batches: jobs of many requests with a callback that runs once
+    #[command(subcommand)]
+    Batch(batch::BatchCommand),
     /// Check or create a config file
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -531,7 +545,8 @@ fn overrides_for(flags: &Flags) -> Overrides {
         Command::Tasks { database, .. } => (Some(database), None, None),
         Command::Config(ConfigCommand::Init { .. })
         | Command::Completions { .. }
-        | Command::Man { .. } => (None, None, None),
+        | Command::Man { .. }
+        | Command::Batch(_) => (None, None, None),
     };
     if let Some(database) = database {
         if database.config.is_some() {
@@ -602,6 +617,9 @@ async fn run_one(
             node,
             not_node,
             period,
+            batch,
+            on_success,
+            on_failure,
             ..
         } => {
             let store = open(Purpose::Cli)?;
@@ -618,7 +636,9 @@ async fn run_one(
                     node,
                     not_node,
                     period,
-                    ..NewRequest::default()
+                    batch_id: batch,
+                    on_success,
+                    on_failure,
                 })
                 .await
                 .with_context(|| format!("enqueueing into {}", store.display_url))?;
@@ -843,6 +863,11 @@ async fn run_one(
                 let status: crate::control::Status = serde_json::from_value(answer)?;
                 print!("{}", render_status(&status));
             }
+        }
+        Command::Batch(command) => {
+            let store = open(Purpose::Cli)?;
+            batch::run(&store, command).await?;
+            wake_daemon(&config).await;
         }
         Command::Config(_) | Command::Completions { .. } | Command::Man { .. } => {
             unreachable!("handled in dispatch")
@@ -1156,6 +1181,14 @@ pub fn render_table(rows: &[Request]) -> String {
             .map(|p| format!("progress: {p}"))
             .or_else(|| row.result_text.as_deref().map(summary_of))
             .unwrap_or_default();
+        // Where the row belongs: its batch, or what created it (a callback).
+        let link = match (row.batch_id, row.callback_of, row.callback_of_batch) {
+            (Some(batch), _, _) => format!("[batch {batch}] "),
+            (None, _, Some(batch)) => format!("[callback of batch {batch}] "),
+            (None, Some(parent), None) => format!("[callback of {parent}] "),
+            (None, None, None) => String::new(),
+        };
+        let summary = format!("{link}{summary}");
         lines.push([
             row.id.to_string(),
             row.task_class_name.clone(),
