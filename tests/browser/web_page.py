@@ -239,6 +239,14 @@ def main():
                 passed.append(one_pass(setup, driver, f"http://127.0.0.1:{port}", javascript))
             finally:
                 driver.quit()
+        # Each action was logged with the remote address and the user, by
+        # the server that took it.
+        for log in ["web.log", "daemon.log"]:
+            text = open(os.path.join(setup.dir, log)).read()
+            actions = [line for line in text.splitlines() if "web action" in line]
+            assert any("remote=127.0.0.1:" in line and "user=-" in line and 'action="retry"' in line
+                       for line in actions), f"{log}: no logged retry with its remote address: {actions}"
+            assert any('action="cancel"' in line for line in actions), f"{log}: {actions}"
     finally:
         setup.stop()
         chromedriver.terminate()
