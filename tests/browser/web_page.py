@@ -10,7 +10,8 @@ Run by tests/web.rs (`a_real_browser_retries_and_cancels`), once per backend:
 Twice, once with JavaScript enabled (on `taskrunner-cli web`) and once with it
 disabled (on the daemon's listener): open the overview, filter the requests
 by state, open a FAILED request, click Retry and see the row go RUNNING then
-FINISHED in the database, open a waiting request and click Cancel; then check
+FINISHED in the database, open a waiting request and click Cancel, open a
+batch's progress from the batches page; then check
 that the browser logged no Content-Security-Policy violation.
 """
 
@@ -206,6 +207,16 @@ def one_pass(setup, driver, base, javascript):
     driver.click("form[action$='/cancel'] button")
     wait_until(f"request {waiting} to be CANCELLED", lambda: setup.state(waiting) == "CANCELLED")
     assert "CANCELLED" in driver.source()
+    # A batch's progress: from the list to the batch, its bar and its member.
+    batch = int(setup.cli("batch", "create", "--name", "nightly", "--open").strip())
+    member = int(setup.cli("enqueue", "NoOp", "--batch", str(batch)).strip())
+    setup.cli("batch", "seal", str(batch))
+    wait_until(f"batch member {member} to finish", lambda: setup.state(member) == "FINISHED")
+    driver.go(base + "/batches")
+    driver.click(f'a[href="/batches/{batch}"]')
+    wait_until("the batch page", lambda: driver.url().endswith(f"/batches/{batch}"))
+    page = driver.source()
+    assert "<progress" in page and f'href="/requests/{member}"' in page, page[:3000]
     # The other pages open too.
     for path in ["/daemons", "/schedules", f"/bulk?action=retry&state=CANCELLED"]:
         driver.go(base + path)
