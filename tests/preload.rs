@@ -17,6 +17,7 @@ both_backends!(
     preloaded_sdk_tries_run_like_execd_ones,
     preloaded_python_tries_run_like_execd_ones,
     a_timeout_kills_the_childs_group_and_not_the_parent,
+    a_cancel_stops_the_child_and_not_the_parent,
     a_killed_child_crashes_and_reruns,
     a_killed_parent_leaves_running_tries_to_their_end,
     a_new_executable_or_a_reload_starts_a_new_parent,
@@ -203,6 +204,26 @@ async fn a_timeout_kills_the_childs_group_and_not_the_parent(backend: crate::uti
     assert_eq!(
         report(&row.result_text.unwrap())["booted_in"],
         parent.to_string()
+    );
+    assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
+    assert!(daemon.stop().success());
+}
+
+async fn a_cancel_stops_the_child_and_not_the_parent(backend: crate::util::Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", &preloaded(&sdk_probe()));
+    let id = enqueue(&db, "Probe", "sleep_ms: 60000").await;
+    let running = db
+        .wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
+        .await;
+    let (status, _, stderr) = crate::util::cli(&db, &["cancel", &id.to_string()]);
+    assert_eq!(status, 0, "{stderr}");
+    let row = db.wait_for_state(id, "CANCELLED", WAIT).await;
+    assert!(row.result_text.unwrap().starts_with("cancelled by a user"));
+    assert!(!process_exists(running.pid.unwrap() as i32));
+    assert!(
+        process_exists(parent_pid(&daemon)),
+        "the parent is unharmed"
     );
     assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
     assert!(daemon.stop().success());
