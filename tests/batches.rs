@@ -959,3 +959,153 @@ async fn batch_cancel_cancels_unstarted_members_and_makes_no_callback(backend: B
         3
     );
 }
+
+/// Chaos (PostgreSQL, four daemons): 100 batches of 20 short members while,
+/// every 2 s, a random daemon or a random task process is killed -9 (a
+/// killed daemon is restarted at once, as an init system would). Every batch
+/// gets exactly one final callback, no request is lost, and the delay from a
+/// batch's last member's end (the task's own clock) to its callback row is
+/// measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_hundred_batches_on_four_daemons_with_kill_9_every_two_seconds() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let log = db.scratch.join("ends.log");
+    let extra = format!(
+        "max_concurrent: 6\nreap_interval: 1s\nretry_delay: 100ms\nretry_multiplier: 1\ntasks:\n  Work:\n    command: [/bin/sh, -c, 'sleep 0.05; echo $TASKRUNNER_REQUEST_ID $(date +%s%N) >> {}']\n",
+        log.display()
+    );
+    let mut daemons = start_daemons(&db, 4, &extra);
+    let mut batches = Vec::new();
+    for _ in 0..100 {
+        let batch = insert_batch(&db, "on_complete, on_failure", "'Done', 'Failed'").await;
+        insert_members(&db, batch, "Work", 20, 20).await;
+        db.execute(&format!(
+            "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
+        ))
+        .await;
+        batches.push(batch);
+    }
+    let started = Instant::now();
+    let (mut daemon_kills, mut task_kills) = (0, 0);
+    let all_done = "SELECT count(*) FROM task_runner_batches b WHERE state IS NOT NULL \
+                      AND EXISTS (SELECT 1 FROM task_runner_requests c \
+                                   WHERE c.callback_of_batch = b.id AND c.result = 'FINISHED')";
+    while db.scalar(all_done).await < 100 {
+        assert!(
+            started.elapsed() < Duration::from_secs(150),
+            "not every batch ended within 150s: {} did",
+            db.scalar(all_done).await
+        );
+        // Pacing, not a check: the chaos strikes every 2 s.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let roll = taskrunner::daemon::random_u64();
+        if roll % 2 == 0 {
+            let n = (roll / 2 % 4) as usize;
+            daemons[n].signal(nix::sys::signal::Signal::SIGKILL);
+            daemons[n].wait_exit(Duration::from_secs(10));
+            let config = daemons[n].config.clone();
+            daemons[n] = Daemon::start_with_config(&config, &[]);
+            daemons[n].wait_ready();
+            daemon_kills += 1;
+        } else {
+            // A random running task (0: none running at this instant).
+            let pid = db
+                .scalar(&format!(
+                    "SELECT coalesce((SELECT CAST(pid AS BIGINT) FROM task_runner_requests \
+                                       WHERE result = 'RUNNING' AND pid IS NOT NULL \
+                                       ORDER BY id OFFSET {} LIMIT 1), 0)",
+                    roll / 2 % 8
+                ))
+                .await;
+            if pid > 0 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                task_kills += 1;
+            }
+        }
+    }
+    let took = started.elapsed();
+    for daemon in &mut daemons {
+        assert!(daemon.stop().success());
+    }
+    // Exactly one final callback per batch, and no request lost.
+    let mut completed = 0;
+    for &batch in &batches {
+        assert_eq!(callbacks_of_batch(&db, batch).await, 1, "batch {batch}");
+        let (stored, recount) = counters_and_recount(&db, batch).await;
+        assert_eq!(stored, recount, "batch {batch}");
+        assert_eq!(stored[0], 20, "batch {batch}");
+        assert_eq!(stored[1], 0, "batch {batch}: every member final");
+        if batch_state(&db, batch).await == "FINISHED" {
+            completed += 1;
+        }
+    }
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE batch_id IS NOT NULL AND {OPEN}"
+        ))
+        .await,
+        0
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests WHERE callback_of_batch IS NOT NULL AND result = 'FINISHED'")
+            .await,
+        100
+    );
+    // The delay from the last member's end (its own clock, same host) to
+    // its callback row, for the batches that completed.
+    let mut ends: std::collections::HashMap<i64, u128> = std::collections::HashMap::new();
+    for line in std::fs::read_to_string(&log).unwrap().lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(id), Some(at)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let (Ok(id), Ok(at)) = (id.parse::<i64>(), at.parse::<u128>()) else {
+            continue;
+        };
+        let end = ends.entry(id).or_default();
+        *end = (*end).max(at);
+    }
+    let mut members_of: std::collections::HashMap<i64, Vec<i64>> = Default::default();
+    for row in db
+        .store
+        .list(taskrunner::store::ListFilter::All, 100_000)
+        .await
+        .unwrap()
+    {
+        if let Some(batch) = row.batch_id {
+            members_of.entry(batch).or_default().push(row.id);
+        }
+    }
+    let mut delays_ms = Vec::new();
+    for &batch in &batches {
+        if batch_state(&db, batch).await != "FINISHED" {
+            continue;
+        }
+        let last_end = members_of[&batch]
+            .iter()
+            .map(|id| ends.get(id).copied().unwrap_or(0))
+            .max()
+            .unwrap_or(0);
+        let callback_at_us = db
+            .scalar(&format!(
+                "SELECT CAST(extract(epoch from created_at) * 1000000 AS BIGINT) FROM task_runner_requests WHERE callback_of_batch = {batch}"
+            ))
+            .await as u128;
+        delays_ms.push((callback_at_us as f64 - (last_end / 1000) as f64) / 1000.0);
+    }
+    delays_ms.sort_by(|a, b| a.total_cmp(b));
+    let percentile = |p: f64| delays_ms[((delays_ms.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "chaos: 100 batches x 20 members on 4 daemons in {:.1}s; {daemon_kills} daemons and {task_kills} tasks killed -9; \
+         100 callbacks found ({completed} on_complete, {} on_failure); last member's end -> callback row: p50 {:.0} ms, p99 {:.0} ms (max {:.0} ms)",
+        took.as_secs_f64(),
+        100 - completed,
+        percentile(0.5),
+        percentile(0.99),
+        delays_ms.last().copied().unwrap_or_default()
+    );
+    assert!(completed > 0);
+}

@@ -79,6 +79,9 @@ pub struct Enqueue {
     delay: Option<Duration>,
     try_limit: Option<u32>,
     priority: Option<i32>,
+    batch: Option<i64>,
+    on_success: Option<String>,
+    on_failure: Option<String>,
 }
 
 impl Enqueue {
@@ -107,6 +110,9 @@ impl Enqueue {
             delay: None,
             try_limit: None,
             priority: None,
+            batch: None,
+            on_success: None,
+            on_failure: None,
         }
     }
 
@@ -125,6 +131,38 @@ impl Enqueue {
     /// Runs before lower priorities (the table's default is 0).
     pub fn priority(mut self, priority: i32) -> Enqueue {
         self.priority = Some(priority);
+        self
+    }
+
+    /// A member of batch `batch_id` (refused by the database once the batch
+    /// has ended). A running member adds members to its own batch with
+    /// `context.batch_id`, inserting in the application's own transaction.
+    pub fn batch(mut self, batch_id: i64) -> Enqueue {
+        self.batch = Some(batch_id);
+        self
+    }
+
+    /// Task type `T` runs once when this request FINISHED; it gets the
+    /// request's options and a `parent:` summary ([`crate::RequestCallback`]).
+    pub fn on_success<T: Task>(self) -> Enqueue {
+        self.on_success_named(T::NAME)
+    }
+
+    /// [`on_success`](Enqueue::on_success) by type name.
+    pub fn on_success_named(mut self, task: impl Into<String>) -> Enqueue {
+        self.on_success = Some(task.into());
+        self
+    }
+
+    /// Task type `T` runs once when this request is exhausted or REJECTED
+    /// (never after a cancel).
+    pub fn on_failure<T: Task>(self) -> Enqueue {
+        self.on_failure_named(T::NAME)
+    }
+
+    /// [`on_failure`](Enqueue::on_failure) by type name.
+    pub fn on_failure_named(mut self, task: impl Into<String>) -> Enqueue {
+        self.on_failure = Some(task.into());
         self
     }
 
@@ -161,6 +199,9 @@ impl Enqueue {
             try_limit,
             priority: self.priority,
             delay_seconds: self.delay.map(|delay| delay.as_secs_f64()),
+            batch: self.batch,
+            on_success: self.on_success.clone(),
+            on_failure: self.on_failure.clone(),
         };
         <E::Database as Backend>::insert(executor, values)
             .await
@@ -238,6 +279,9 @@ pub struct Values {
     try_limit: Option<i32>,
     priority: Option<i32>,
     delay_seconds: Option<f64>,
+    batch: Option<i64>,
+    on_success: Option<String>,
+    on_failure: Option<String>,
 }
 
 impl Values {
@@ -264,6 +308,15 @@ impl Values {
                 now_plus_seconds.replace("{}", param)
             });
         }
+        if self.batch.is_some() {
+            add("batch_id", &|param| param.to_string());
+        }
+        if self.on_success.is_some() {
+            add("on_success", &|param| param.to_string());
+        }
+        if self.on_failure.is_some() {
+            add("on_failure", &|param| param.to_string());
+        }
         format!(
             "INSERT INTO task_runner_requests ({}) VALUES ({}) RETURNING id",
             columns.join(", "),
@@ -288,6 +341,222 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     ) -> Pin<Box<dyn Future<Output = sqlx::Result<i64>> + Send + 'e>>
     where
         E: Executor<'e, Database = Self> + 'e;
+
+    #[doc(hidden)]
+    fn insert_batch<'e, E>(
+        executor: E,
+        batch: BatchValues,
+    ) -> Pin<Box<dyn Future<Output = sqlx::Result<i64>> + Send + 'e>>
+    where
+        E: Executor<'e, Database = Self> + 'e;
+
+    #[doc(hidden)]
+    fn seal_batch<'e, E>(
+        executor: E,
+        batch_id: i64,
+    ) -> Pin<Box<dyn Future<Output = sqlx::Result<()>> + Send + 'e>>
+    where
+        E: Executor<'e, Database = Self> + 'e;
+}
+
+/// The column values of a batch.
+#[doc(hidden)]
+pub struct BatchValues {
+    name: Option<String>,
+    options: Option<String>,
+    on_complete: Option<String>,
+    on_failure: Option<String>,
+    fail_fast: bool,
+    parent: Option<i64>,
+}
+
+/// A batch to insert: a job of many requests whose callback runs once
+/// (`on_complete` when every member FINISHED, `on_failure` when the batch
+/// failed). [`insert`](Batch::insert) writes the batch, its members and the
+/// seal through the caller's connection or transaction: inside a
+/// transaction, the whole batch exists only once it commits.
+///
+/// ```
+/// # use serde::{Deserialize, Serialize};
+/// # use task_sdk::{Batch, BatchCallback, Context, Enqueue, NoOptions, Task};
+/// # #[derive(Serialize, Deserialize)] struct Frame { n: u32 }
+/// # struct RenderFrame;
+/// # impl Task for RenderFrame { const NAME: &'static str = "RenderFrame"; type Options = Frame;
+/// #   fn run(&self, _: Frame, _: &Context) -> task_sdk::Result<String> { Ok(String::new()) } }
+/// # struct Compose;
+/// # impl Task for Compose { const NAME: &'static str = "Compose"; type Options = BatchCallback<NoOptions>;
+/// #   fn run(&self, _: Self::Options, _: &Context) -> task_sdk::Result<String> { Ok(String::new()) } }
+/// # async fn example(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// let mut tx = pool.begin().await?;
+/// // ... the application's own writes ...
+/// let batch_id = Batch::new()
+///     .name("film 42")
+///     .on_complete::<Compose>()
+///     .members((1..=100).map(|n| Enqueue::new::<RenderFrame>(&Frame { n })))
+///     .insert(&mut *tx)
+///     .await?;
+/// tx.commit().await?;
+/// # let _ = batch_id; Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use = "a Batch does nothing until it is inserted"]
+pub struct Batch {
+    name: Option<String>,
+    options: Result<Option<String>, String>,
+    on_complete: Option<String>,
+    on_failure: Option<String>,
+    fail_fast: bool,
+    parent: Option<i64>,
+    members: Vec<Enqueue>,
+}
+
+impl Default for Batch {
+    fn default() -> Batch {
+        Batch::new()
+    }
+}
+
+impl Batch {
+    /// An empty, fail-fast batch.
+    pub fn new() -> Batch {
+        Batch {
+            name: None,
+            options: Ok(None),
+            on_complete: None,
+            on_failure: None,
+            fail_fast: true,
+            parent: None,
+            members: Vec::new(),
+        }
+    }
+
+    /// A name for people (`taskrunner-cli batch list`).
+    pub fn name(mut self, name: impl Into<String>) -> Batch {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The batch's options, handed to its callbacks (read them with
+    /// [`crate::BatchCallback`]).
+    pub fn options(mut self, options: &impl Serialize) -> Batch {
+        self.options = yaml(options);
+        self
+    }
+
+    /// Task type `T` runs once when every member FINISHED.
+    pub fn on_complete<T: Task>(self) -> Batch {
+        self.on_complete_named(T::NAME)
+    }
+
+    /// [`on_complete`](Batch::on_complete) by type name.
+    pub fn on_complete_named(mut self, task: impl Into<String>) -> Batch {
+        self.on_complete = Some(task.into());
+        self
+    }
+
+    /// Task type `T` runs once when the batch failed.
+    pub fn on_failure<T: Task>(self) -> Batch {
+        self.on_failure_named(T::NAME)
+    }
+
+    /// [`on_failure`](Batch::on_failure) by type name.
+    pub fn on_failure_named(mut self, task: impl Into<String>) -> Batch {
+        self.on_failure = Some(task.into());
+        self
+    }
+
+    /// With `false`, every member ends before the batch is judged (default
+    /// true: the first member that ends without FINISHED cancels the
+    /// unstarted ones and fails the batch at once).
+    pub fn fail_fast(mut self, fail_fast: bool) -> Batch {
+        self.fail_fast = fail_fast;
+        self
+    }
+
+    /// The batch whose callback creates this one (a chain): in a callback,
+    /// `context.batch_id`.
+    pub fn parent(mut self, batch_id: i64) -> Batch {
+        self.parent = Some(batch_id);
+        self
+    }
+
+    /// Adds a member.
+    pub fn member(mut self, member: Enqueue) -> Batch {
+        self.members.push(member);
+        self
+    }
+
+    /// Adds members.
+    pub fn members(mut self, members: impl IntoIterator<Item = Enqueue>) -> Batch {
+        self.members.extend(members);
+        self
+    }
+
+    /// Inserts the batch, its members, and seals it; returns its id.
+    /// `connection` is a connection or the caller's transaction
+    /// (`&mut *tx`), on SQLite or PostgreSQL.
+    pub async fn insert<C>(&self, connection: &mut C) -> Result<i64, Error>
+    where
+        C: sqlx::Connection,
+        C::Database: Backend,
+        for<'c> &'c mut C: Executor<'c, Database = C::Database>,
+    {
+        let batch_id = self.insert_open(connection).await?;
+        for member in &self.members {
+            member
+                .clone()
+                .batch(batch_id)
+                .insert(&mut *connection)
+                .await?;
+        }
+        Batch::seal(connection, batch_id).await?;
+        Ok(batch_id)
+    }
+
+    /// Inserts the batch alone, open (its members are not inserted): add
+    /// members with [`Enqueue::batch`], then [`Batch::seal`] it.
+    pub async fn insert_open<C>(&self, connection: &mut C) -> Result<i64, Error>
+    where
+        C: sqlx::Connection,
+        C::Database: Backend,
+        for<'c> &'c mut C: Executor<'c, Database = C::Database>,
+    {
+        let values = BatchValues {
+            name: self.name.clone(),
+            options: self.options.clone().map_err(Error::Options)?,
+            on_complete: self.on_complete.clone(),
+            on_failure: self.on_failure.clone(),
+            fail_fast: self.fail_fast,
+            parent: self.parent,
+        };
+        let batch_id = <C::Database as Backend>::insert_batch(&mut *connection, values)
+            .await
+            .map_err(Error::Database)?;
+        Ok(batch_id)
+    }
+
+    /// Seals batch `batch_id`: no callback is made before; a batch whose
+    /// members have all ended is ended by the daemon within a poll.
+    pub async fn seal<C>(connection: &mut C, batch_id: i64) -> Result<(), Error>
+    where
+        C: sqlx::Connection,
+        C::Database: Backend,
+        for<'c> &'c mut C: Executor<'c, Database = C::Database>,
+    {
+        <C::Database as Backend>::seal_batch(&mut *connection, batch_id)
+            .await
+            .map_err(Error::Database)
+    }
+}
+
+/// Options as YAML (`None` for none), or why they could not be written.
+fn yaml(options: &impl Serialize) -> Result<Option<String>, String> {
+    serde_yaml::to_value(options)
+        .and_then(|value| match value {
+            serde_yaml::Value::Null => Ok(None),
+            value => serde_yaml::to_string(&value).map(Some),
+        })
+        .map_err(|error| error.to_string())
 }
 
 /// Binds the values in the order [`Values::sql`] numbers them; the same for
@@ -315,7 +584,52 @@ macro_rules! insert_for {
                 if let Some(seconds) = values.delay_seconds {
                     query = query.bind(seconds);
                 }
+                if let Some(batch) = values.batch {
+                    query = query.bind(batch);
+                }
+                if let Some(task) = values.on_success {
+                    query = query.bind(task);
+                }
+                if let Some(task) = values.on_failure {
+                    query = query.bind(task);
+                }
                 Box::pin(query.fetch_one(executor))
+            }
+
+            fn insert_batch<'e, E>(
+                executor: E,
+                batch: BatchValues,
+            ) -> Pin<Box<dyn Future<Output = sqlx::Result<i64>> + Send + 'e>>
+            where
+                E: Executor<'e, Database = Self> + 'e,
+            {
+                let query = sqlx::query_scalar::<$database, i64>(
+                    "INSERT INTO task_runner_batches \
+                       (name, options, on_complete, on_failure, fail_fast, parent_batch_id) \
+                     VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+                )
+                .bind(batch.name)
+                .bind(batch.options)
+                .bind(batch.on_complete)
+                .bind(batch.on_failure)
+                .bind(batch.fail_fast)
+                .bind(batch.parent);
+                Box::pin(query.fetch_one(executor))
+            }
+
+            fn seal_batch<'e, E>(
+                executor: E,
+                batch_id: i64,
+            ) -> Pin<Box<dyn Future<Output = sqlx::Result<()>> + Send + 'e>>
+            where
+                E: Executor<'e, Database = Self> + 'e,
+            {
+                let query = sqlx::query::<$database>(
+                    "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP \
+                      WHERE id = $1 AND sealed_at IS NULL",
+                )
+                .bind(batch_id);
+                Box::pin(async move { query.execute(executor).await.map(|_| ()) })
             }
         }
     };
@@ -370,6 +684,9 @@ mod tests {
             try_limit: None,
             priority: Some(1),
             delay_seconds: Some(2.0),
+            batch: None,
+            on_success: None,
+            on_failure: None,
         };
         assert_eq!(
             values.sql("now+{}"),

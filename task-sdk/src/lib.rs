@@ -69,6 +69,7 @@
 //! - Tasks run at least once: make them idempotent.
 #![warn(missing_docs)]
 
+mod callback;
 #[cfg(feature = "enqueue")]
 pub mod enqueue;
 mod options;
@@ -85,8 +86,9 @@ use std::sync::{Mutex, Once};
 
 use serde::de::DeserializeOwned;
 
+pub use callback::{BatchCallback, BatchSummary, Failure, NoOptions, Parent, RequestCallback};
 #[cfg(feature = "enqueue")]
-pub use enqueue::Enqueue;
+pub use enqueue::{Batch, Enqueue};
 pub use options::parse_options;
 #[cfg(feature = "enqueue")]
 pub use wait::{wait_for, FinalState, Finished, WaitError};
@@ -223,6 +225,11 @@ pub struct Context {
     pub try_number: u32,
     /// The type name being run.
     pub task: String,
+    /// The batch the request is a member of, or whose end this callback
+    /// answers (`TASKRUNNER_BATCH_ID`). A running member adds members to
+    /// its own batch with `Enqueue::batch` in the application's own
+    /// transaction (feature `enqueue`).
+    pub batch_id: Option<i64>,
 }
 
 static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
@@ -243,6 +250,7 @@ impl Context {
             request_id: number("TASKRUNNER_REQUEST_ID").unwrap_or(0),
             try_number: number("TASKRUNNER_TRY").map_or(1, |n| n.clamp(1, u32::MAX as i64) as u32),
             task: task.to_string(),
+            batch_id: number("TASKRUNNER_BATCH_ID").filter(|id| *id > 0),
         }
     }
 
@@ -252,6 +260,7 @@ impl Context {
             request_id,
             try_number,
             task: String::new(),
+            batch_id: None,
         }
     }
 
