@@ -8,7 +8,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::util::{base_config, merge_yaml, process_exists, wait_until, Backend, Daemon, TestDb};
+use crate::util::{
+    base_config, cli, merge_yaml, process_exists, wait_until, Backend, Daemon, TestDb,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -21,6 +23,7 @@ both_backends!(
     a_root_daemon_warns_of_root_tasks_and_refuses_group_without_user,
     idle_control_connections_cannot_take_the_daemons_descriptors,
     a_task_cannot_stop_its_daemon_through_the_control_socket,
+    control_characters_in_rows_and_stderr_are_escaped_in_logs_and_listings,
 );
 
 /// A TCP proxy in front of the test's PostgreSQL server that, once armed,
@@ -438,5 +441,55 @@ async fn a_task_cannot_stop_its_daemon_through_the_control_socket(backend: Backe
         daemon.child.try_wait().unwrap().is_none(),
         "the daemon runs on"
     );
+    assert!(daemon.stop().success());
+}
+
+/// Type names and stderr tails with newlines and escape sequences were
+/// written raw into the text log and by `list`/`show`: a row could forge log
+/// lines and drive the reader's terminal. Now control characters are escaped.
+async fn control_characters_in_rows_and_stderr_are_escaped_in_logs_and_listings(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "tasks:\n  Garbler:\n    command: [/bin/sh, -c, 'printf \"oops\\\\n\\\\033[2JFORGED line\\\\n\" >&2; exit 3']\n",
+    );
+    let char_fn = match backend {
+        Backend::Sqlite => "char",
+        Backend::Postgres => "chr",
+    };
+    let evil = db
+        .insert(&format!(
+            "INSERT INTO task_runner_requests (task_class_name, try_limit) \
+             VALUES ('Evil' || {char_fn}(10) || {char_fn}(27) || '[31mINJECTED', 1) RETURNING id"
+        ))
+        .await;
+    let garbler = db
+        .insert("INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ('Garbler', 1) RETURNING id")
+        .await;
+    db.wait_for_state(evil, "FAILED", WAIT).await;
+    let row = db.wait_for_state(garbler, "FAILED", WAIT).await;
+    assert!(
+        row.result_text.unwrap().contains('\u{1b}'),
+        "the row keeps the bytes"
+    );
+    daemon.wait_for_log("FORGED", WAIT);
+    let log = daemon.log_text();
+    assert!(!log.contains('\u{1b}'), "{log}");
+    assert!(
+        !log.lines()
+            .any(|line| line.starts_with("FORGED") || line.starts_with("[31mINJECTED")),
+        "{log}"
+    );
+    for args in [
+        vec!["list"],
+        vec!["show", &evil.to_string()],
+        vec!["show", &garbler.to_string()],
+    ] {
+        let (status, out, _) = cli(&db, &args);
+        assert_eq!(status, 0, "{args:?}");
+        assert!(!out.contains('\u{1b}'), "{args:?}: {out}");
+        assert!(!out.lines().any(|l| l.starts_with("[31mINJECTED")), "{out}");
+    }
     assert!(daemon.stop().success());
 }

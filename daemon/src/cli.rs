@@ -1191,16 +1191,16 @@ pub fn render_table(rows: &[Request]) -> String {
         let summary = format!("{link}{summary}");
         lines.push([
             row.id.to_string(),
-            row.task_class_name.clone(),
-            state,
+            crate::escape::one_line(&row.task_class_name),
+            crate::escape::one_line(&state),
             format!("{}/{}", row.tries, row.try_limit),
             row.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-            row.host.clone().unwrap_or_else(|| "-".into()),
+            crate::escape::one_line(row.host.as_deref().unwrap_or("-")),
             row.created_at
                 .as_deref()
                 .map(|t| t.chars().take(19).collect())
                 .unwrap_or_default(),
-            truncate(&summary, 60),
+            truncate(&crate::escape::one_line(&summary), 60),
         ]);
     }
     let widths: Vec<usize> = (0..8)
@@ -1305,11 +1305,11 @@ pub fn render_show(r: &Request) -> String {
     ];
     let mut out = String::new();
     for (name, value) in fields {
-        out += &format!("{name:<20} {value}\n");
+        out += &format!("{name:<20} {}\n", crate::escape::lines(&value));
     }
     out += "result_text:\n";
     if let Some(result_text) = &r.result_text {
-        out += result_text;
+        out += &crate::escape::lines(result_text);
         out += "\n";
     }
     out
@@ -1331,20 +1331,20 @@ fn render_status(s: &crate::control::Status) -> String {
         out += &format!(
             "  {:>8}  {:<20} pid {:<8} try {}  {:.1}s{}\n",
             task.id,
-            task.task,
+            crate::escape::one_line(&task.task),
             task.pid.map_or("-".to_string(), |p| p.to_string()),
             task.r#try,
             task.seconds,
             task.progress
                 .as_deref()
-                .map(|p| format!("  progress: {p}"))
+                .map(|p| format!("  progress: {}", crate::escape::one_line(p)))
                 .unwrap_or_default()
         );
     }
     let counts: Vec<String> = s
         .counts
         .iter()
-        .map(|(state, n)| format!("{state} {n}"))
+        .map(|(state, n)| format!("{} {n}", crate::escape::one_line(state)))
         .collect();
     out += &format!(
         "requests: {}\n",

@@ -38,6 +38,7 @@
 //! - [`service`]: pidfile, `--daemonize`, systemd notification.
 //! - [`cli`]: `taskrunner-cli`'s flags and commands.
 //! - [`health`], [`units`]: outage logging and backoff; durations and sizes.
+//! - [`escape`]: control characters escaped in the text log and the CLI's tables.
 //!
 //! # Invariants
 //!
@@ -64,6 +65,7 @@ pub mod config;
 pub mod control;
 pub mod cron;
 pub mod daemon;
+pub mod escape;
 pub mod health;
 pub mod heartbeat;
 pub mod metrics;
@@ -113,7 +115,21 @@ pub fn init_logging(format: config::LogFormat) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match format {
-        config::LogFormat::Text => builder.try_init(),
+        // Field values (type names, stderr tails) with control characters
+        // escaped: one event, one line, no escape sequences.
+        config::LogFormat::Text => builder
+            .fmt_fields(tracing_subscriber::field::MakeExt::delimited(
+                tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
+                    let text = escape::one_line(&format!("{value:?}"));
+                    if field.name() == "message" {
+                        write!(writer, "{text}")
+                    } else {
+                        write!(writer, "{}={text}", field.name())
+                    }
+                }),
+                " ",
+            ))
+            .try_init(),
         config::LogFormat::Json => builder
             .json()
             .flatten_event(true)
