@@ -24,6 +24,7 @@ both_backends!(
     idle_control_connections_cannot_take_the_daemons_descriptors,
     a_task_cannot_stop_its_daemon_through_the_control_socket,
     control_characters_in_rows_and_stderr_are_escaped_in_logs_and_listings,
+    options_past_max_options_are_rejected_without_stalling_the_daemon,
 );
 
 /// A TCP proxy in front of the test's PostgreSQL server that, once armed,
@@ -491,5 +492,29 @@ async fn control_characters_in_rows_and_stderr_are_escaped_in_logs_and_listings(
         assert!(!out.contains('\u{1b}'), "{args:?}: {out}");
         assert!(!out.lines().any(|l| l.starts_with("[31mINJECTED")), "{out}");
     }
+    assert!(daemon.stop().success());
+}
+
+/// 100 MiB of options froze the daemon's only runtime thread for 4 s. Now
+/// options past `max_options` make the row REJECTED with the reason, and
+/// large options are parsed off the runtime thread.
+async fn options_past_max_options_are_rejected_without_stalling_the_daemon(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "max_options: 64KiB\ntasks:\n  Cat:\n    command: [cat]\n",
+    );
+    let big = format!("data: {}\n", "x".repeat(100 * 1024));
+    let rejected = db.enqueue("Cat", Some(&big)).await;
+    let row = db.wait_for_state(rejected, "REJECTED", WAIT).await;
+    let text = row.result_text.unwrap();
+    assert!(text.contains("more than max_options 64KiB"), "{text}");
+    assert_eq!(row.tries, 1);
+    // Under the cap, large options still reach the task byte for byte.
+    let fitting = format!("data: {}\n", "y".repeat(40 * 1024));
+    let accepted = db.enqueue("Cat", Some(&fitting)).await;
+    let row = db.wait_for_state(accepted, "FINISHED", WAIT).await;
+    assert_eq!(row.result_text.unwrap().len(), fitting.len() - 1);
     assert!(daemon.stop().success());
 }

@@ -114,7 +114,27 @@ pub async fn run(
     on_running: impl FnOnce(&Spawned),
     on_exit: impl FnOnce(),
 ) -> Verdict {
-    if let Err(error) = check_options(input.options) {
+    let max_options = context.config.max_options;
+    if input.options.len() as u64 > max_options {
+        return Verdict::new(
+            State::Rejected,
+            format!(
+                "options are {}, more than max_options {}",
+                crate::units::format_size(input.options.len() as u64),
+                crate::units::format_size(max_options)
+            ),
+        );
+    }
+    // Parsing large options takes a while: never on the runtime's thread.
+    let checked = if input.options.len() > 16 * 1024 {
+        let options = input.options.to_vec();
+        tokio::task::spawn_blocking(move || check_options(&options))
+            .await
+            .unwrap_or_else(|_| Err("the YAML check panicked".to_string()))
+    } else {
+        check_options(input.options)
+    };
+    if let Err(error) = checked {
         return Verdict::new(
             State::Rejected,
             format!("options are not valid YAML: {error}"),

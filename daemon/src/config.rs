@@ -62,6 +62,10 @@ macro_rules! with_task_settings {
     };
 }
 
+/// `max_options` by default: far more than options need, far less than
+/// what would stall the daemon.
+pub const DEFAULT_MAX_OPTIONS: u64 = 4 * 1024 * 1024;
+
 with_task_settings! {
     #[derive(Debug, Default, Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -79,6 +83,7 @@ with_task_settings! {
         shutdown_timeout: Option<Duration> => "serde_units::duration",
         retry_delay: Option<Duration> => "serde_units::duration",
         retry_multiplier: Option<f64>,
+        max_options: Option<u64> => "serde_units::size",
         pidfile: Option<PathBuf>,
         socket: Option<PathBuf>,
         log_file: Option<PathBuf>,
@@ -195,6 +200,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub retry_delay: Duration,
     pub retry_multiplier: f64,
+    /// Largest `options` a try accepts; a larger row is REJECTED.
+    pub max_options: u64,
     pub pidfile: Option<PathBuf>,
     pub socket: Option<PathBuf>,
     /// Where `--daemonize` sends stdout and stderr (default /dev/null).
@@ -378,6 +385,7 @@ impl Config {
             shutdown_timeout: raw.shutdown_timeout.unwrap_or(Duration::from_secs(30)),
             retry_delay: raw.retry_delay.unwrap_or(Duration::from_secs(10)),
             retry_multiplier: raw.retry_multiplier.unwrap_or(2.0),
+            max_options: raw.max_options.unwrap_or(DEFAULT_MAX_OPTIONS),
             pidfile: raw.pidfile.map(|p| dir.join(p)),
             socket: raw.socket.map(|p| dir.join(p)),
             log_file: raw.log_file.map(|p| dir.join(p)),
@@ -489,8 +497,8 @@ impl Config {
                 "text"
             }
         );
-        out += &format!("poll_interval: {}\nmax_concurrent: {}\nreap_interval: {}\nheartbeat_interval: {}\nlease_timeout: {}\nshutdown_timeout: {}\nretry_delay: {}\nretry_multiplier: {}\n",
-            d(self.poll_interval), self.max_concurrent, d(self.reap_interval), d(self.heartbeat_interval), d(self.lease_timeout), d(self.shutdown_timeout), d(self.retry_delay), self.retry_multiplier);
+        out += &format!("poll_interval: {}\nmax_concurrent: {}\nreap_interval: {}\nheartbeat_interval: {}\nlease_timeout: {}\nshutdown_timeout: {}\nretry_delay: {}\nretry_multiplier: {}\nmax_options: {}\n",
+            d(self.poll_interval), self.max_concurrent, d(self.reap_interval), d(self.heartbeat_interval), d(self.lease_timeout), d(self.shutdown_timeout), d(self.retry_delay), self.retry_multiplier, crate::units::format_size(self.max_options));
         if let Some(p) = &self.pidfile {
             out += &format!("pidfile: {}\n", p.display());
         }
