@@ -25,6 +25,8 @@ both_backends!(
     a_task_cannot_stop_its_daemon_through_the_control_socket,
     control_characters_in_rows_and_stderr_are_escaped_in_logs_and_listings,
     options_past_max_options_are_rejected_without_stalling_the_daemon,
+    truncated_output_says_it_was_cut,
+    the_oom_killer_prefers_a_task_to_its_daemon,
 );
 
 /// A TCP proxy in front of the test's PostgreSQL server that, once armed,
@@ -516,5 +518,46 @@ async fn options_past_max_options_are_rejected_without_stalling_the_daemon(backe
     let accepted = db.enqueue("Cat", Some(&fitting)).await;
     let row = db.wait_for_state(accepted, "FINISHED", WAIT).await;
     assert_eq!(row.result_text.unwrap().len(), fitting.len() - 1);
+    assert!(daemon.stop().success());
+}
+
+/// A result_text cut to `output_tail` did not say so. Now it starts with a
+/// line naming how much was dropped, and still fits in `output_tail`.
+async fn truncated_output_says_it_was_cut(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "output_tail: 1KiB\ntasks:\n  Chatty:\n    command: [/bin/sh, -c, 'head -c 5000 /dev/zero | tr \"\\\\0\" x; echo end']\n",
+    );
+    let id = db.enqueue("Chatty", None).await;
+    let text = db
+        .wait_for_state(id, "FINISHED", WAIT)
+        .await
+        .result_text
+        .unwrap();
+    assert!(text.starts_with("[output cut: the first "), "{text}");
+    assert!(text.ends_with("xxend"), "{text}");
+    assert!(text.len() <= 1024, "{}", text.len());
+    assert!(daemon.stop().success());
+}
+
+/// The daemon and its tasks had the same `oom_score_adj`: the OOM killer
+/// could pick the daemon. Now a task's is higher than its daemon's.
+async fn the_oom_killer_prefers_a_task_to_its_daemon(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "tasks:\n  Scores:\n    command: [/bin/sh, -c, 'cat /proc/self/oom_score_adj /proc/$PPID/oom_score_adj']\n",
+    );
+    let id = db.enqueue("Scores", None).await;
+    let text = db
+        .wait_for_state(id, "FINISHED", WAIT)
+        .await
+        .result_text
+        .unwrap();
+    let scores: Vec<i32> = text.lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert!(scores[0] > scores[1], "task, daemon: {scores:?}");
     assert!(daemon.stop().success());
 }

@@ -260,7 +260,7 @@ fn without_progress_lines(stderr: &str) -> String {
 pub fn judge(ended: &Ended) -> Verdict {
     let ran = ended.ran_for.as_secs_f64();
     // Progress lines are kept in the `progress` column, not in result_text.
-    let stderr = without_progress_lines(&ended.stderr.text());
+    let stderr = without_progress_lines(&ended.stderr.text_marked());
     let with_stderr = |reason: String| {
         if stderr.trim().is_empty() {
             reason
@@ -300,7 +300,7 @@ pub fn judge(ended: &Ended) -> Verdict {
         None => {}
     }
     if ended.status.success() {
-        let mut text = ended.stdout.text();
+        let mut text = ended.stdout.text_marked();
         if text.ends_with('\n') {
             text.pop();
             if text.ends_with('\r') {

@@ -54,6 +54,29 @@ impl Tail {
         String::from_utf8_lossy(kept).replace('\0', "\u{FFFD}")
     }
 
+    /// [`Tail::text`], starting with a line that says how much was cut when
+    /// the output did not fit; the whole stays within the capacity.
+    pub fn text_marked(&self) -> String {
+        if !self.truncated() {
+            return self.text();
+        }
+        let marker =
+            |cut: u64| format!("[output cut: the first {cut} bytes were dropped (output_tail)]\n");
+        // Room for the marker with the longest count it could carry.
+        let room = self.capacity.saturating_sub(marker(u64::MAX).len());
+        if room == 0 {
+            return self.text();
+        }
+        let text = self.text();
+        let mut start = text.len().saturating_sub(room);
+        while !text.is_char_boundary(start) {
+            start += 1;
+        }
+        let kept = &text[start..];
+        let total = self.dropped + self.bytes.len() as u64;
+        marker(total.saturating_sub(kept.len() as u64)) + kept
+    }
+
     pub fn truncated(&self) -> bool {
         self.dropped > 0 || self.bytes.len() > self.capacity
     }
@@ -203,6 +226,22 @@ mod tests {
         let mut tail = Tail::new(100);
         tail.push(b"ok \xff\x00 end");
         assert_eq!(tail.text(), "ok \u{FFFD}\u{FFFD} end");
+    }
+
+    #[test]
+    fn a_cut_tail_says_so_within_its_capacity() {
+        let mut tail = Tail::new(200);
+        tail.push(&[b'x'; 500]);
+        let text = tail.text_marked();
+        let kept = text.len() - text.find('\n').unwrap() - 1;
+        assert!(
+            text.starts_with(&format!("[output cut: the first {} bytes", 500 - kept)),
+            "{text}"
+        );
+        assert!(text.len() <= 200, "{}", text.len());
+        let mut small = Tail::new(64);
+        small.push(b"fits");
+        assert_eq!(small.text_marked(), "fits");
     }
 
     #[test]
