@@ -561,3 +561,43 @@ async fn the_oom_killer_prefers_a_task_to_its_daemon(backend: Backend) {
     assert!(scores[0] > scores[1], "task, daemon: {scores:?}");
     assert!(daemon.stop().success());
 }
+
+/// On a PostgreSQL database whose server encoding is not UTF-8
+/// (SQL_ASCII), one row of bytes that are not UTF-8 stopped every claim.
+/// Now the daemon refuses such a database at start, naming the encoding.
+/// PostgreSQL only: SQLite stores text as given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_database_that_is_not_utf8_is_refused_at_start() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let admin = sqlx::PgPool::connect(&crate::util::postgres_admin_url())
+        .await
+        .unwrap();
+    let name = format!("{}_ascii", db.url.rsplit_once('/').unwrap().1);
+    for statement in [
+        format!("DROP DATABASE IF EXISTS {name}"),
+        format!("CREATE DATABASE {name} ENCODING 'SQL_ASCII' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    admin.close().await;
+    let url = format!("{}/{name}", db.url.rsplit_once('/').unwrap().0);
+    let dir = db.scratch.join("d");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("taskrunner.yml");
+    std::fs::write(
+        &config,
+        merge_yaml(&base_config(&db, &dir), &format!("database_url: {url}\n")),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start_with_config(&config, &[]);
+    let status = daemon.wait_exit(WAIT);
+    let log = daemon.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("has server_encoding SQL_ASCII: taskrunner needs UTF8"),
+        "{log}"
+    );
+}

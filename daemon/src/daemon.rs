@@ -161,7 +161,11 @@ pub async fn run(
     if !options.no_migrate {
         let mut backoff = Backoff::default();
         loop {
-            match store.migrate().await {
+            let migrated = match store.check_encoding().await {
+                Ok(()) => store.migrate().await,
+                Err(error) => Err(error),
+            };
+            match migrated {
                 Ok(migration) => {
                     tracing::info!("schema of {}: {migration}", store.display_url);
                     break;

@@ -548,11 +548,33 @@ impl Store {
         })
     }
 
+    /// PostgreSQL: the database must store UTF-8. With another server
+    /// encoding (SQL_ASCII above all) a row holding bytes that are not UTF-8
+    /// cannot be read, and would stop every claim; refused at start.
+    pub async fn check_encoding(&self) -> Result<()> {
+        let Pool::Postgres(pool) = &self.pool else {
+            return Ok(());
+        };
+        let encoding: String = sqlx::query_scalar("SHOW server_encoding")
+            .fetch_one(pool)
+            .await
+            .with_context(|| format!("reading the server encoding of {}", self.display_url))?;
+        if encoding.eq_ignore_ascii_case("UTF8") {
+            return Ok(());
+        }
+        Err(SchemaMismatch(format!(
+            "{} has server_encoding {encoding}: taskrunner needs UTF8 (a row that cannot be read as UTF-8 would stop every claim); create the database with ENCODING 'UTF8'",
+            self.display_url
+        ))
+        .into())
+    }
+
     /// With `--no-migrate`: compares the migrations applied to the database
     /// with this binary's. A schema that is missing, older or newer is a
     /// [`SchemaMismatch`] naming what differs; a database that cannot be
     /// reached is a plain error (retried).
     pub async fn check_schema(&self) -> Result<()> {
+        self.check_encoding().await?;
         let migrator = match &self.pool {
             Pool::Sqlite(_) => sqlx::migrate!("../migrations/sqlite"),
             Pool::Postgres(_) => sqlx::migrate!("../migrations/postgres"),
