@@ -9,7 +9,8 @@
 //! - [`request`]: ids, states, the backoff rule.
 //! - [`store`]: every query; [`store::sql`] holds the claim and the fenced writes;
 //!   [`store::diagnose`] turns database errors into one line with the remedy;
-//!   `store/repair.rs` rebuilds tables loaded from a Rails `schema.rb`.
+//!   `store/repair.rs` rebuilds tables loaded from a Rails `schema.rb`;
+//!   [`store::compose`] is the one finalization path (batches, callbacks).
 //! - [`daemon`]: starts the parts below and shuts them down in order.
 //! - [`scheduler`]: claims rows up to the free slots (and a few ahead while
 //!   tasks are short), starts a try for each as a slot frees up.
@@ -46,6 +47,11 @@
 //!   fresh claim token in one atomic statement before the process starts.
 //! - Architecture Invariant: only the holder of a row's claim token writes
 //!   about its try (pid, progress, outcome); see [`store`].
+//! - Architecture Invariant: whatever a final outcome causes (a callback
+//!   row, a batch's counts and end, cancelled siblings, a periodic row's
+//!   next occurrence) is written by `Store::finalize` in the transaction
+//!   that records that outcome, under the lock of the parent batch row
+//!   (`grep -n "fn finalize\|fn settle" daemon/src/store/compose.rs`).
 //! - Nothing a row contains can name a program or crash the daemon: rows
 //!   name a type, the config maps types to programs, and columns are read
 //!   leniently.

@@ -744,6 +744,15 @@ impl Store {
         }
         let counts = &mut batch.counts;
         if batch.fail_fast && counts.failed + counts.cancelled > 0 {
+            // Confirm from the members (plain SQL may have retried a failed
+            // one): a batch is never failed on counts alone.
+            let recounted = self.recount(tx, batch_id).await?;
+            if recounted != *counts {
+                self.write_counts(tx, batch_id, &recounted).await?;
+                *counts = recounted;
+            }
+        }
+        if batch.fail_fast && counts.failed + counts.cancelled > 0 {
             let failing = match cause {
                 Some(ended) if ended.bucket != Some(Bucket::Finished) => Some(Failing {
                     id: ended.id,
