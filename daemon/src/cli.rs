@@ -1203,22 +1203,35 @@ pub fn render_table(rows: &[Request]) -> String {
             truncate(&crate::escape::one_line(&summary), 60),
         ]);
     }
-    let widths: Vec<usize> = (0..8)
+    let mut out = render_columns(&lines);
+    if rows.is_empty() {
+        out += "(no requests)\n";
+    }
+    out
+}
+
+/// Lines of cells as text columns, two spaces apart: each column as wide as
+/// its widest cell, the last one unpadded, trailing blanks trimmed.
+fn render_columns<Row: AsRef<[String]>>(lines: &[Row]) -> String {
+    let columns = lines.iter().map(|l| l.as_ref().len()).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
         .map(|c| {
             lines
                 .iter()
-                .map(|l| l[c].chars().count())
+                .filter_map(|l| l.as_ref().get(c))
+                .map(|cell| cell.chars().count())
                 .max()
                 .unwrap_or(0)
         })
         .collect();
     let mut out = String::new();
-    for line in &lines {
+    for line in lines {
+        let line = line.as_ref();
         let cells: Vec<String> = line
             .iter()
             .enumerate()
             .map(|(c, cell)| {
-                if c == 7 {
+                if c + 1 == line.len() {
                     cell.clone()
                 } else {
                     format!("{cell:<width$}", width = widths[c])
@@ -1227,9 +1240,6 @@ pub fn render_table(rows: &[Request]) -> String {
             .collect();
         out += cells.join("  ").trim_end();
         out += "\n";
-    }
-    if rows.is_empty() {
-        out += "(no requests)\n";
     }
     out
 }

@@ -176,25 +176,7 @@ fn render_list(batches: &[Batch]) -> String {
                 .unwrap_or_default(),
         ]);
     }
-    let widths: Vec<usize> = (0..8)
-        .map(|c| {
-            lines
-                .iter()
-                .map(|l| l[c].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for line in &lines {
-        let cells: Vec<String> = line
-            .iter()
-            .enumerate()
-            .map(|(c, cell)| format!("{cell:<width$}", width = widths[c]))
-            .collect();
-        out += cells.join("  ").trim_end();
-        out += "\n";
-    }
+    let mut out = super::render_columns(&lines);
     if batches.is_empty() {
         out += "(no batches)\n";
     }
