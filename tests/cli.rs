@@ -16,6 +16,7 @@ both_backends!(
     migrate_says_what_it_did,
     enqueue_sets_every_column_an_app_can_set,
     list_filters_by_type_queue_host_and_state_and_shows_due_times,
+    list_and_cancel_filter_by_batch,
     list_shows_the_tasks_own_error_without_progress_lines,
     retry_and_cancel_take_several_ids_or_a_filter,
     second_sigterm_during_the_drain_stops_tasks_at_once,
@@ -300,6 +301,49 @@ async fn list_filters_by_type_queue_host_and_state_and_shows_due_times(backend: 
         "{table}"
     );
     assert!(table.contains("FAILED (exhausted)"), "{table}");
+}
+
+async fn list_and_cancel_filter_by_batch(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let id_of = |args: &[&str]| -> String {
+        let (status, stdout, stderr) = cli(&db, args);
+        assert_eq!(status, 0, "{stderr}");
+        stdout.trim().to_string()
+    };
+    let batch = id_of(&["batch", "create", "--open", "--on-complete", "Done"]);
+    let other = id_of(&["batch", "create", "--open"]);
+    let m1 = id_of(&["enqueue", "NoOp", "--batch", &batch]);
+    let m2 = id_of(&["enqueue", "NoOp", "--batch", &batch]);
+    let _stranger = id_of(&["enqueue", "NoOp", "--batch", &other]);
+    let _loose = id_of(&["enqueue", "NoOp"]);
+    let listed = |args: &[&str]| -> Vec<String> {
+        let mut all = vec!["list", "--json"];
+        all.extend_from_slice(args);
+        let (status, stdout, stderr) = cli(&db, &all);
+        assert_eq!(status, 0, "{stderr}");
+        stdout
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].to_string())
+            .collect()
+    };
+    assert_eq!(listed(&["--batch", &batch]), vec![m2.clone(), m1.clone()]);
+    // The batch's callback is listed with its members.
+    let callback = db
+        .insert(&format!(
+            "INSERT INTO task_runner_requests (task_class_name, callback_of_batch) VALUES ('Done', {batch}) RETURNING id"
+        ))
+        .await;
+    assert_eq!(
+        listed(&["--batch", &batch]),
+        vec![callback.0.to_string(), m2.clone(), m1.clone()]
+    );
+    assert_eq!(listed(&["--batch", &batch, "--result", "pending"]).len(), 3);
+    assert_eq!(listed(&["--batch", "999999"]), Vec::<String>::new());
+    // cancel by filter touches only the batch's rows.
+    let (status, out, stderr) = cli(&db, &["cancel", "--batch", &batch, "--task", "NoOp"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(out.contains('2'), "{out}");
+    assert_eq!(listed(&["--result", "CANCELLED"]), vec![m2, m1]);
 }
 
 async fn list_shows_the_tasks_own_error_without_progress_lines(backend: Backend) {

@@ -87,11 +87,18 @@ struct RowFilter {
     /// Only rows that ran (or run) on this host
     #[arg(long, value_name = "NAME")]
     host: Option<String>,
+    /// Only the members of this batch, and its callback
+    #[arg(long, value_name = "ID")]
+    batch: Option<i64>,
 }
 
 impl RowFilter {
     fn is_empty(&self) -> bool {
-        self.result.is_none() && self.task.is_none() && self.queue.is_none() && self.host.is_none()
+        self.result.is_none()
+            && self.task.is_none()
+            && self.queue.is_none()
+            && self.host.is_none()
+            && self.batch.is_none()
     }
 
     fn query(&self, limit: i64) -> ListQuery {
@@ -100,6 +107,7 @@ impl RowFilter {
             task: self.task.clone(),
             queue: self.queue.clone(),
             host: self.host.clone(),
+            batch: self.batch,
             limit,
         }
     }
@@ -884,7 +892,7 @@ async fn select_ids(
 ) -> Result<Vec<RequestId>> {
     if !ids.is_empty() && !filter.is_empty() {
         return Err(crate::UsageError(
-            "give ids or a filter (--result, --task, --queue, --host), not both".into(),
+            "give ids or a filter (--result, --task, --queue, --host, --batch), not both".into(),
         )
         .into());
     }

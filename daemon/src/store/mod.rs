@@ -258,6 +258,8 @@ pub struct ListQuery {
     pub task: Option<String>,
     pub queue: Option<String>,
     pub host: Option<String>,
+    /// Only this batch's members and its callback.
+    pub batch: Option<i64>,
     /// At most this many rows, newest first.
     pub limit: i64,
 }
@@ -1056,6 +1058,7 @@ impl Store {
                 .bind(text(&query.queue))
                 .bind(text(&query.host))
                 .bind(text(&query.state))
+                .bind(query.batch.unwrap_or(0))
                 .fetch_all(pool)
                 .await?
                 .iter()

@@ -473,6 +473,7 @@ impl Sql {
                 "{select_requests} \
                   WHERE ($2 = '' OR task_class_name = $2) AND ($3 = '' OR queue = $3) \
                     AND ($4 = '' OR host = $4) \
+                    AND ($6 = 0 OR batch_id = $6 OR callback_of_batch = $6) \
                     AND ($5 = '' \
                          OR ($5 = 'pending' AND result IS NULL) \
                          OR ($5 = 'retrying' AND {RUNNABLE} AND result IS NOT NULL) \
