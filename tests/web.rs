@@ -401,41 +401,9 @@ async fn purge_deletes_only_final_rows_older_than_asked(backend: Backend) {
     assert_eq!(left, vec![old_retrying.0, recent_finished.0, pending.0]);
 }
 
-/// The batches table of SPEC.md, made by hand where its migration (another
-/// issue's) has not landed yet.
-async fn ensure_batches_table(db: &TestDb) {
-    let exists = match db.backend {
-        Backend::Sqlite => {
-            db.scalar("SELECT count(*) FROM sqlite_master WHERE name = 'task_runner_batches'")
-                .await
-        }
-        Backend::Postgres => {
-            db.scalar("SELECT count(*) FROM pg_tables WHERE tablename = 'task_runner_batches'")
-                .await
-        }
-    };
-    if exists == 0 {
-        let key = match db.backend {
-            Backend::Sqlite => "INTEGER PRIMARY KEY AUTOINCREMENT",
-            Backend::Postgres => "BIGSERIAL PRIMARY KEY",
-        };
-        db.execute(&format!(
-            "CREATE TABLE task_runner_batches (id {key}, created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP, \
-               name TEXT, options TEXT, on_complete TEXT, on_failure TEXT, fail_fast BOOLEAN NOT NULL DEFAULT TRUE, \
-               sealed_at TIMESTAMP, state TEXT, finished_at TIMESTAMP, total INTEGER NOT NULL DEFAULT 0, \
-               pending INTEGER NOT NULL DEFAULT 0, finished INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0, \
-               cancelled INTEGER NOT NULL DEFAULT 0, parent_batch_id BIGINT)"
-        ))
-        .await;
-        db.execute("ALTER TABLE task_runner_requests ADD COLUMN batch_id BIGINT")
-            .await;
-    }
-}
-
 async fn batches_show_their_progress_and_members(backend: Backend) {
     let db = TestDb::new(backend).await;
     let web = web_router(&db, "");
-    ensure_batches_table(&db).await;
     let batch = db
         // The member inserted below counts itself (total and pending + 1,
         // migration 0005's trigger): 4 in all, 3 final.
@@ -467,6 +435,42 @@ async fn batches_show_their_progress_and_members(backend: Backend) {
     assert!(
         filtered.contains("Member") && !filtered.contains("NotAMember"),
         "{filtered}"
+    );
+    // The batch's callback, and a member's own: listed on the pages of
+    // what caused them, which each link back to.
+    let batch_callback = db
+        .insert(&format!("INSERT INTO task_runner_requests (task_class_name, callback_of_batch, unique_key) VALUES ('Report', {batch}, 'batch {batch} complete') RETURNING id"))
+        .await
+        .0;
+    let own_callback = db
+        .insert(&format!("INSERT INTO task_runner_requests (task_class_name, callback_of, unique_key) VALUES ('Notify', {member}, 'success of {member}') RETURNING id"))
+        .await
+        .0;
+    let one = get(&web, &format!("/batches/{batch}")).await.body;
+    assert!(
+        one.contains(&format!("<a href=\"/requests/{batch_callback}\">"))
+            && one.contains(&format!("batch {batch} complete")),
+        "{one}"
+    );
+    let page = get(&web, &format!("/requests/{member}")).await.body;
+    assert!(
+        page.contains(&format!("<a href=\"/batches/{batch}\">{batch}</a>")),
+        "{page}"
+    );
+    assert!(
+        page.contains(&format!("<a href=\"/requests/{own_callback}\">"))
+            && page.contains(&format!("success of {member}")),
+        "{page}"
+    );
+    let page = get(&web, &format!("/requests/{own_callback}")).await.body;
+    assert!(
+        page.contains(&format!("<a href=\"/requests/{member}\">{member}</a>")),
+        "{page}"
+    );
+    let page = get(&web, &format!("/requests/{batch_callback}")).await.body;
+    assert!(
+        page.contains(&format!("<a href=\"/batches/{batch}\">{batch}</a>")),
+        "{page}"
     );
     assert_eq!(
         get(&web, "/batches/99999").await.status,

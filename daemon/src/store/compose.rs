@@ -214,8 +214,12 @@ pub(super) struct ComposeSql {
     seal: String,
     list_batches: String,
     callbacks_of_batch: String,
+    callbacks_of_request: String,
     members_by_state: String,
 }
+
+/// A callback row in short: (id, task type, result, unique_key).
+pub type CallbackRow = (i64, String, Option<String>, Option<String>);
 
 pub(super) static SQLITE: LazyLock<ComposeSql> =
     LazyLock::new(|| ComposeSql::render(super::Backend::Sqlite));
@@ -362,6 +366,11 @@ impl ComposeSql {
             callbacks_of_batch: format!(
                 "SELECT {}, task_class_name, result, unique_key FROM task_runner_requests \
                   WHERE callback_of_batch = $1 ORDER BY id",
+                int("id")
+            ),
+            callbacks_of_request: format!(
+                "SELECT {}, task_class_name, result, unique_key FROM task_runner_requests \
+                  WHERE callback_of = $1 ORDER BY id",
                 int("id")
             ),
             members_by_state: format!(
@@ -1055,14 +1064,22 @@ impl Store {
     }
 
     /// The callbacks a batch's end created: (id, task, result, unique_key).
-    pub async fn batch_callbacks(
-        &self,
-        batch_id: i64,
-    ) -> Result<Vec<(i64, String, Option<String>, Option<String>)>> {
-        let c = self.compose();
+    pub async fn batch_callbacks(&self, batch_id: i64) -> Result<Vec<CallbackRow>> {
+        self.callbacks(&self.compose().callbacks_of_batch, batch_id)
+            .await
+    }
+
+    /// The callbacks a request's final outcome created (its `on_success`
+    /// or `on_failure`): (id, task, result, unique_key).
+    pub async fn request_callbacks(&self, request_id: i64) -> Result<Vec<CallbackRow>> {
+        self.callbacks(&self.compose().callbacks_of_request, request_id)
+            .await
+    }
+
+    async fn callbacks(&self, statement: &'static str, of: i64) -> Result<Vec<CallbackRow>> {
         Ok(on_pool!(self, pool => {
-            sqlx::query(c.callbacks_of_batch.as_str())
-                .bind(batch_id)
+            sqlx::query(statement)
+                .bind(of)
                 .fetch_all(pool)
                 .await?
                 .iter()

@@ -464,7 +464,10 @@ async fn request(State(web): State<Arc<Web>>, Path(id): Path<String>) -> PageRes
             .into_response());
     };
     match web.store.show(RequestId(id)).await? {
-        Some(row) => Ok(html(pages::request(&chrome(&web), &row))),
+        Some(row) => {
+            let callbacks = web.store.request_callbacks(id).await?;
+            Ok(html(pages::request(&chrome(&web), &row, &callbacks)))
+        }
         None => Ok((
             StatusCode::NOT_FOUND,
             pages::error_page(&format!("no request {id}")),
@@ -687,7 +690,8 @@ async fn batch(
         ..query.filter()
     };
     let members = web.store.find_requests(&filter, query.before).await?;
-    Ok(pages::batch(&chrome(&web), &found, &members).into_response())
+    let callbacks = web.store.batch_callbacks(id).await?;
+    Ok(pages::batch(&chrome(&web), &found, &members, &callbacks).into_response())
 }
 
 async fn daemons(State(web): State<Arc<Web>>) -> PageResult {

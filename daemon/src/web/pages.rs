@@ -6,6 +6,7 @@ use maud::{html, Markup, DOCTYPE};
 
 use super::{Chrome, FilterQuery};
 use crate::request::{Request, State};
+use crate::store::compose::CallbackRow;
 use crate::store::web::{
     BatchRow, DaemonRow, MinuteBucket, QueueStats, RequestPage, ScheduleSlots, BULK_LIMIT,
     SCAN_WINDOW,
@@ -338,7 +339,7 @@ fn action_button(chrome: &Chrome, id: i64, action: &str, label: &str) -> Markup 
     }
 }
 
-pub fn request(chrome: &Chrome, row: &Request) -> Markup {
+pub fn request(chrome: &Chrome, row: &Request, callbacks: &[CallbackRow]) -> Markup {
     let state = state_label(row.result.as_deref()).to_string();
     let fields: Vec<(&str, String)> = vec![
         ("id", row.id.to_string()),
@@ -369,7 +370,18 @@ pub fn request(chrome: &Chrome, row: &Request) -> Markup {
         ("planned_at", row.planned_at.clone().unwrap_or_default()),
         ("unique_key", row.unique_key.clone().unwrap_or_default()),
         ("schedule", row.schedule.clone().unwrap_or_default()),
+        ("on_success", row.on_success.clone().unwrap_or_default()),
+        ("on_failure", row.on_failure.clone().unwrap_or_default()),
     ];
+    // Where the row belongs, as links: its batch, or what created it.
+    let links: Vec<(&str, String, i64)> = [
+        ("batch_id", "batches", row.batch_id),
+        ("callback_of", "requests", row.callback_of),
+        ("callback_of_batch", "batches", row.callback_of_batch),
+    ]
+    .into_iter()
+    .filter_map(|(name, page, id)| id.map(|id| (name, format!("/{page}/{id}"), id)))
+    .collect();
     layout(
         chrome,
         &format!("Request {}", row.id),
@@ -387,8 +399,12 @@ pub fn request(chrome: &Chrome, row: &Request) -> Markup {
                     @for (name, value) in &fields {
                         tr { th { (name) } td { (value) } }
                     }
+                    @for (name, href, id) in &links {
+                        tr { th { (name) } td { a href=(href) { (id) } } }
+                    }
                 }
             }
+            (callback_table(callbacks))
             h2 { "options" }
             pre { (row.options.as_deref().unwrap_or("")) }
             h2 { "result_text" }
@@ -440,6 +456,28 @@ pub fn bulk_preview(chrome: &Chrome, query: &FilterQuery, count: i64) -> Markup 
     )
 }
 
+/// The callback rows an outcome created, with their state; nothing when none.
+fn callback_table(callbacks: &[CallbackRow]) -> Markup {
+    html! {
+        @if !callbacks.is_empty() {
+            h2 { "Callbacks" }
+            table.requests {
+                thead { tr { th.num { "id" } th { "type" } th { "state" } th { "cause" } } }
+                tbody {
+                    @for (id, task, result, cause) in callbacks {
+                        tr {
+                            td.num { a href=(format!("/requests/{id}")) { (id) } }
+                            td { (task) }
+                            td { span class=(format!("state {}", state_label(result.as_deref()).to_lowercase())) { (state_label(result.as_deref())) } }
+                            td { (cause.as_deref().unwrap_or("")) }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn batch_progress(batch: &BatchRow) -> Markup {
     let done = batch.finished + batch.failed + batch.cancelled;
     html! {
@@ -479,7 +517,12 @@ pub fn batches(chrome: &Chrome, batches: &[BatchRow]) -> Markup {
     )
 }
 
-pub fn batch(chrome: &Chrome, batch: &BatchRow, members: &RequestPage) -> Markup {
+pub fn batch(
+    chrome: &Chrome,
+    batch: &BatchRow,
+    members: &RequestPage,
+    callbacks: &[CallbackRow],
+) -> Markup {
     layout(
         chrome,
         &format!("Batch {}", batch.id),
@@ -496,6 +539,7 @@ pub fn batch(chrome: &Chrome, batch: &BatchRow, members: &RequestPage) -> Markup
                     tr { th { "on_failure" } td { (batch.on_failure.as_deref().unwrap_or("")) } }
                 }
             }
+            (callback_table(callbacks))
             h2 { "Members" }
             table.requests {
                 thead { tr { th.num { "id" } th { "type" } th { "state" } th.num { "tries" } th { "result text" } } }
