@@ -540,6 +540,7 @@ both_backends!(
     auth_asks_for_the_token,
     auth_asks_for_the_user_and_password,
     purge_deletes_only_final_rows_older_than_asked,
+    daemons_show_idle_silent_stopped_and_unregistered_ones,
 );
 
 #[test]
@@ -560,6 +561,60 @@ fn the_web_page_refuses_a_public_address_without_auth() {
     assert!(taskrunner::web::check_listen("127.0.0.1:1".parse().unwrap(), false).is_ok());
     assert!(taskrunner::web::check_listen("[::1]:1".parse().unwrap(), false).is_ok());
     assert!(taskrunner::web::check_listen("10.0.0.1:1".parse().unwrap(), true).is_ok());
+}
+
+async fn daemons_show_idle_silent_stopped_and_unregistered_ones(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let web = web_router(&db, "");
+    let mut daemon = Daemon::start(
+        &db,
+        "idle",
+        "host_id: idle-host\nnode_name: gpu-1\nheartbeat_interval: 1s\n",
+    );
+    // It runs nothing, and is shown all the same.
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_daemons WHERE host = 'idle-host' AND stopped_at IS NULL",
+        1,
+        WAIT,
+    )
+    .await;
+    // A daemon not heard from for longer than the lease, and an instance
+    // seen only through a row it runs.
+    db.execute("INSERT INTO task_runner_daemons (instance, host, started_at, heartbeat_at) VALUES ('old:1', 'quiet-host', '2000-01-01 00:00:00', '2000-01-01 00:00:00')")
+        .await;
+    db.execute(&format!(
+        "UPDATE task_runner_daemons SET heartbeat_at = {} WHERE instance = 'old:1'",
+        ago(&db, 3600)
+    ))
+    .await;
+    db.insert("INSERT INTO task_runner_requests (task_class_name, result, host, claimed_by) VALUES ('NoOp', 'RUNNING', 'legacy-host', 'legacy:7') RETURNING id")
+        .await;
+    let page = get(&web, "/daemons").await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    let line_of = |body: &str, host: &str| -> String {
+        body.split("<tr>")
+            .find(|row| row.contains(&format!(">{host}</a>")))
+            .unwrap_or_else(|| panic!("no row for {host}: {body}"))
+            .to_string()
+    };
+    let idle = line_of(&page.body, "idle-host");
+    assert!(idle.contains(">up<") && idle.contains("gpu-1"), "{idle}");
+    assert!(
+        line_of(&page.body, "quiet-host").contains(">silent<"),
+        "{}",
+        page.body
+    );
+    let legacy = line_of(&page.body, "legacy-host");
+    assert!(
+        legacy.contains(">unregistered<") && legacy.contains("legacy:7"),
+        "{legacy}"
+    );
+    // The overview shows them too.
+    assert!(get(&web, "/").await.body.contains("idle-host"));
+    // Stopped cleanly: it says so.
+    assert!(daemon.stop().success());
+    let page = get(&web, "/daemons").await.body;
+    assert!(line_of(&page, "idle-host").contains(">stopped<"), "{page}");
 }
 
 // ---- /metrics ----

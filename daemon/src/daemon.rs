@@ -247,6 +247,17 @@ pub async fn run(
             task_types = %shared.registry.read().unwrap_or_else(|e| e.into_inner()).names(&config).join(", "),
             "taskrunnerd started"
         );
+        // For people (the web page's daemons): a failure costs nothing else.
+        let me = crate::store::daemons::DaemonPresence {
+            instance: &shared.instance,
+            host: &config.host_id,
+            node_name: Some(config.node_name.as_str()).filter(|n| !n.is_empty()),
+            pid: std::process::id(),
+            max_concurrent: config.max_concurrent,
+        };
+        if let Err(error) = shared.store.register_daemon(&me).await {
+            tracing::debug!("could not write this daemon's row in task_runner_daemons: {error:#}");
+        }
     }
 
     // Every service runs until `services` is cancelled at the end of the
@@ -400,6 +411,9 @@ pub async fn run(
         tracing::error!(
             "could not record every result before exiting; the reaper will rerun those rows"
         );
+    }
+    if let Err(error) = shared.store.daemon_stopped(&shared.instance).await {
+        tracing::debug!("could not mark this daemon stopped in task_runner_daemons: {error:#}");
     }
     shared.store.close().await;
     if let Some(failure) = failure {

@@ -91,26 +91,36 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             .iter()
             .map(|h| (h.id, h.claim_token.as_str()))
             .collect();
-        let live = shared.live();
-        for h in held.iter().filter(|h| h.cancel_requested) {
-            if let Some(live) = live.get(&h.id) {
-                if live.stop.borrow().is_none() {
-                    tracing::info!(request = %h.id, "cancel requested: stopping the task");
-                    live.stop.send_replace(Some(StopReason::Cancel));
+        strays = {
+            let live = shared.live();
+            for h in held.iter().filter(|h| h.cancel_requested) {
+                if let Some(live) = live.get(&h.id) {
+                    if live.stop.borrow().is_none() {
+                        tracing::info!(request = %h.id, "cancel requested: stopping the task");
+                        live.stop.send_replace(Some(StopReason::Cancel));
+                    }
                 }
             }
-        }
-        for (id, token) in &before {
-            if let Some(live) = live.get(id) {
-                if live.claim_token == *token && !still_held.contains(&(*id, token.as_str())) {
-                    tracing::error!(request = %id, "this daemon no longer holds the row (reaped or taken over): killing its task");
-                    live.stop.send_replace(Some(StopReason::LostClaim));
+            for (id, token) in &before {
+                if let Some(live) = live.get(id) {
+                    if live.claim_token == *token && !still_held.contains(&(*id, token.as_str())) {
+                        tracing::error!(request = %id, "this daemon no longer holds the row (reaped or taken over): killing its task");
+                        live.stop.send_replace(Some(StopReason::LostClaim));
+                    }
                 }
             }
-        }
-        strays = give_back_strays(&shared, &live, &held, strays);
-        drop(live);
+            give_back_strays(&shared, &live, &held, strays)
+        };
         write_progress(&shared);
+        // The daemon's own row, for the web page only.
+        let running = shared.live().len();
+        if let Err(error) = shared
+            .store
+            .daemon_heartbeat(&shared.instance, running)
+            .await
+        {
+            tracing::debug!("could not renew this daemon's row in task_runner_daemons: {error:#}");
+        }
     }
 }
 

@@ -106,6 +106,7 @@ macro_rules! on_pool {
 }
 
 pub mod compose;
+pub mod daemons;
 pub mod web;
 
 pub use compose::{Batch, BatchChange, Counts, Ending, Hooks, NewBatch};

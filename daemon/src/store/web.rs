@@ -74,7 +74,17 @@ impl QueueStats {
 pub struct DaemonRow {
     pub host: String,
     pub instance: String,
+    /// `up`, `silent` (no heartbeat for longer than asked), `stopped`, or
+    /// `unregistered` (seen only through the rows it runs: a daemon older
+    /// than migration 0009).
+    pub state: &'static str,
+    pub node_name: Option<String>,
+    pub pid: Option<i64>,
+    pub version: Option<String>,
+    pub max_concurrent: Option<i64>,
+    /// Rows RUNNING under this instance now.
     pub running: i64,
+    pub started_at: Option<String>,
     pub last_heartbeat: Option<String>,
     pub heartbeat_age_seconds: Option<f64>,
 }
@@ -289,10 +299,13 @@ impl Store {
         Ok(all)
     }
 
-    /// Daemons that run rows now, with their latest heartbeat.
-    pub async fn daemons(&self) -> Result<Vec<DaemonRow>> {
+    /// The daemons heard from in the last day (their own rows, migration
+    /// 0009), and any other instance that holds RUNNING rows; with the rows
+    /// each runs now. A daemon whose latest heartbeat is older than
+    /// `silent_after` is `silent`.
+    pub async fn daemons(&self, silent_after: std::time::Duration) -> Result<Vec<DaemonRow>> {
         let now = self.now_sql();
-        let sql = format!(
+        let holders = format!(
             "SELECT coalesce(host, ''), coalesce(claimed_by, ''), {}, {}, {} - {} \
                FROM task_runner_requests WHERE result = 'RUNNING' \
               GROUP BY host, claimed_by ORDER BY 1, 2 LIMIT 200",
@@ -301,18 +314,80 @@ impl Store {
             self.epoch_sql(now),
             self.epoch_sql("max(heartbeat_at)")
         );
-        Ok(on_pool!(self, pool => {
-            sqlx::query(audited(&sql)).fetch_all(pool).await?
+        // (host, instance, rows running, latest heartbeat, its age)
+        type Holder = (String, String, i64, Option<String>, Option<f64>);
+        let holders: Vec<Holder> = on_pool!(self, pool => {
+            sqlx::query(audited(&holders)).fetch_all(pool).await?
                 .iter()
-                .map(|row| Ok(DaemonRow {
-                    host: row.text(0)?,
-                    instance: row.text(1)?,
-                    running: row.int(2)?,
-                    last_heartbeat: row.opt_text(3)?,
-                    heartbeat_age_seconds: row.opt_float(4)?,
-                }))
+                .map(|row| Ok((row.text(0)?, row.text(1)?, row.int(2)?, row.opt_text(3)?, row.opt_float(4)?)))
                 .collect::<sqlx::Result<_>>()?
-        }))
+        });
+        let mut daemons = Vec::new();
+        if self.table_exists("task_runner_daemons").await? {
+            let day_ago = match self.backend() {
+                Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now', '-86400 seconds')",
+                Backend::Postgres => "now() - interval '86400 seconds'",
+            };
+            let registered = format!(
+                "SELECT host, instance, node_name, {}, version, {}, {}, {}, {} - {}, {} \
+                   FROM task_runner_daemons WHERE heartbeat_at > {day_ago} \
+                  ORDER BY host, started_at DESC LIMIT 200",
+                self.int_sql("pid"),
+                self.int_sql("max_concurrent"),
+                self.show_time_sql("started_at"),
+                self.show_time_sql("heartbeat_at"),
+                self.epoch_sql(now),
+                self.epoch_sql("heartbeat_at"),
+                self.int_sql("CASE WHEN stopped_at IS NULL THEN 0 ELSE 1 END"),
+            );
+            daemons = on_pool!(self, pool => {
+                sqlx::query(audited(&registered)).fetch_all(pool).await?
+                    .iter()
+                    .map(|row| {
+                        let age = row.opt_float(8)?;
+                        let stopped = row.int(9)? != 0;
+                        Ok(DaemonRow {
+                            host: row.text(0)?,
+                            instance: row.text(1)?,
+                            state: if stopped {
+                                "stopped"
+                            } else if age.is_some_and(|age| age > silent_after.as_secs_f64()) {
+                                "silent"
+                            } else {
+                                "up"
+                            },
+                            node_name: row.opt_text(2)?,
+                            pid: row.opt_int(3)?,
+                            version: row.opt_text(4)?,
+                            max_concurrent: row.opt_int(5)?,
+                            running: 0,
+                            started_at: row.opt_text(6)?,
+                            last_heartbeat: row.opt_text(7)?,
+                            heartbeat_age_seconds: age,
+                        })
+                    })
+                    .collect::<sqlx::Result<Vec<_>>>()?
+            });
+        }
+        for (host, instance, running, last_heartbeat, age) in holders {
+            match daemons.iter_mut().find(|d| d.instance == instance) {
+                Some(daemon) => daemon.running = running,
+                None => daemons.push(DaemonRow {
+                    host,
+                    instance,
+                    state: "unregistered",
+                    node_name: None,
+                    pid: None,
+                    version: None,
+                    max_concurrent: None,
+                    running,
+                    started_at: None,
+                    last_heartbeat,
+                    heartbeat_age_seconds: age,
+                }),
+            }
+        }
+        Ok(daemons)
     }
 
     /// Tries that ended in the last hour (at most 100,000 looked at), by

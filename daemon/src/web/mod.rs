@@ -52,6 +52,8 @@ pub struct Web {
     gauges: QueueGauges,
     schedules: Vec<(String, String, String)>,
     read_only: bool,
+    /// A daemon whose latest heartbeat is older is shown as silent.
+    silent_after: std::time::Duration,
     auth: Option<Credentials>,
     csrf: String,
     /// `Authorization` values already verified (bcrypt is slow on purpose).
@@ -113,6 +115,7 @@ impl Web {
             gauges: QueueGauges::default(),
             schedules,
             read_only: http.read_only,
+            silent_after: config.lease_timeout,
             auth,
             csrf: format!(
                 "{:016x}{:016x}",
@@ -402,7 +405,7 @@ async fn overview(State(web): State<Arc<Web>>) -> PageResult {
         .store
         .all_queue_stats(crate::metrics::MAX_QUEUES, pages::OVERVIEW_COUNT_CAP)
         .await?;
-    let daemons = web.store.daemons().await?;
+    let daemons = web.store.daemons(web.silent_after).await?;
     let minutes = web.store.tries_last_hour().await?;
     Ok(html(pages::overview(
         &chrome(&web),
@@ -695,7 +698,7 @@ async fn batch(
 }
 
 async fn daemons(State(web): State<Arc<Web>>) -> PageResult {
-    let daemons = web.store.daemons().await?;
+    let daemons = web.store.daemons(web.silent_after).await?;
     Ok(html(pages::daemons(&chrome(&web), &daemons)))
 }
 

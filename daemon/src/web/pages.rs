@@ -175,24 +175,33 @@ pub fn overview(
 fn daemon_table(daemons: &[DaemonRow]) -> Markup {
     html! {
         @if daemons.is_empty() {
-            p { "No daemon runs a task now." }
+            p { "No daemon heard from in the last day." }
         } @else {
             table {
-                thead { tr { th { "host" } th { "daemon instance" } th.num { "running" } th { "latest heartbeat" } th.num { "age" } } }
+                thead { tr {
+                    th { "host" } th { "node" } th { "state" } th.num { "running" } th.num { "slots" }
+                    th { "latest heartbeat" } th.num { "age" } th { "started" } th.num { "pid" } th { "version" } th { "daemon instance" }
+                } }
                 tbody {
                     @for daemon in daemons {
                         tr {
                             td { a href=(format!("/requests?state=RUNNING&host={}", percent_encode(&daemon.host))) { (daemon.host) } }
-                            td.mono { (daemon.instance) }
+                            td { (daemon.node_name.as_deref().unwrap_or("")) }
+                            td { span class=(format!("daemon {}", daemon.state)) { (daemon.state) } }
                             td.num { (daemon.running) }
+                            td.num { (daemon.max_concurrent.map(|n| n.to_string()).unwrap_or_default()) }
                             td { (daemon.last_heartbeat.as_deref().unwrap_or("-")) }
                             td.num { (daemon.heartbeat_age_seconds.map(seconds).unwrap_or_default()) }
+                            td { (daemon.started_at.as_deref().unwrap_or("")) }
+                            td.num { (daemon.pid.map(|p| p.to_string()).unwrap_or_default()) }
+                            td { (daemon.version.as_deref().unwrap_or("")) }
+                            td.mono { (daemon.instance) }
                         }
                     }
                 }
             }
         }
-        p.note { "Daemons are seen through the rows they run." }
+        p.note { "A daemon is silent when its latest heartbeat is older than the lease timeout; stopped when it stopped cleanly." }
     }
 }
 

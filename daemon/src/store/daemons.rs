@@ -1,0 +1,97 @@
+//! Each running daemon's own row in `task_runner_daemons` (migration 0009):
+//! written at start, at each heartbeat and at a clean stop, so that the web
+//! page shows daemons that run nothing. Only for people: no decision about
+//! a request reads it (leases stay on the request rows), and a failed write
+//! here costs nothing but a stale line on the page.
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use super::{Backend, Pool, Store};
+
+/// Who a daemon is, as its row shows it.
+#[derive(Debug, Clone)]
+pub struct DaemonPresence<'a> {
+    /// The instance id the daemon writes into `claimed_by`.
+    pub instance: &'a str,
+    pub host: &'a str,
+    pub node_name: Option<&'a str>,
+    pub pid: u32,
+    pub max_concurrent: usize,
+}
+
+/// Rows of daemons not heard from for this long are deleted when a daemon
+/// starts.
+const FORGET_AFTER: Duration = Duration::from_secs(7 * 86_400);
+
+impl Store {
+    fn presence_now(&self) -> &'static str {
+        match self.backend() {
+            Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now')",
+            Backend::Postgres => "now()",
+        }
+    }
+
+    /// Writes this daemon's row (and forgets daemons silent for a week).
+    pub async fn register_daemon(&self, me: &DaemonPresence<'_>) -> Result<()> {
+        let now = self.presence_now();
+        let forget = match self.backend() {
+            Backend::Sqlite => format!(
+                "DELETE FROM task_runner_daemons WHERE heartbeat_at < strftime('%Y-%m-%d %H:%M:%f', 'now', '-{} seconds')",
+                FORGET_AFTER.as_secs()
+            ),
+            Backend::Postgres => format!(
+                "DELETE FROM task_runner_daemons WHERE heartbeat_at < now() - interval '{} seconds'",
+                FORGET_AFTER.as_secs()
+            ),
+        };
+        let insert = format!(
+            "INSERT INTO task_runner_daemons \
+               (instance, host, node_name, pid, version, max_concurrent, running, started_at, heartbeat_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, 0, {now}, {now})"
+        );
+        on_pool!(self, pool => {
+            sqlx::query(sqlx::AssertSqlSafe(forget)).execute(pool).await?;
+            sqlx::query(sqlx::AssertSqlSafe(insert))
+                .bind(me.instance)
+                .bind(me.host)
+                .bind(me.node_name)
+                .bind(i64::from(me.pid))
+                .bind(env!("CARGO_PKG_VERSION"))
+                .bind(me.max_concurrent as i64)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// This daemon is alive and runs `running` tries.
+    pub async fn daemon_heartbeat(&self, instance: &str, running: usize) -> Result<()> {
+        let sql = format!(
+            "UPDATE task_runner_daemons SET heartbeat_at = {}, running = $2 WHERE instance = $1",
+            self.presence_now()
+        );
+        on_pool!(self, pool => {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(instance)
+                .bind(running as i64)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// This daemon stopped cleanly.
+    pub async fn daemon_stopped(&self, instance: &str) -> Result<()> {
+        let now = self.presence_now();
+        let sql = format!(
+            "UPDATE task_runner_daemons SET stopped_at = {now}, heartbeat_at = {now}, running = 0 \
+              WHERE instance = $1"
+        );
+        on_pool!(self, pool => {
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(instance).execute(pool).await?;
+        });
+        Ok(())
+    }
+}
