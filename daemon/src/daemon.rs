@@ -12,6 +12,12 @@
 //! (SIGTERM, repeated every `kill_retry`, SIGKILL after `kill_grace`) and
 //! record them INTERRUPTED, their try given back; flush the recorder; exit.
 
+mod checkpoint;
+mod heartbeat;
+mod recorder;
+mod scheduler;
+mod wakeup;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -22,11 +28,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::health::{Backoff, Health};
-use crate::recorder::Recorder;
 use crate::request::RequestId;
 use crate::store::{Purpose, Store};
 use crate::supervisor::{Spawner, StopReason};
 use crate::task_types::Registry;
+use recorder::Recorder;
 
 /// A try this daemon is running.
 pub struct LiveTry {
@@ -284,7 +290,7 @@ pub async fn run(
     };
     background.spawn(named(
         "heartbeat",
-        Box::pin(crate::heartbeat::run(shared.clone(), services.clone())) as Service,
+        Box::pin(heartbeat::run(shared.clone(), services.clone())) as Service,
     ));
     background.spawn(named(
         "reaper",
@@ -292,11 +298,11 @@ pub async fn run(
     ));
     background.spawn(named(
         "wakeup",
-        Box::pin(crate::wakeup::run(shared.clone(), services.clone())),
+        Box::pin(wakeup::run(shared.clone(), services.clone())),
     ));
     background.spawn(named(
         "checkpoint",
-        Box::pin(crate::checkpoint::run(shared.clone(), services.clone())),
+        Box::pin(checkpoint::run(shared.clone(), services.clone())),
     ));
     background.spawn(named(
         "retention",
@@ -332,7 +338,7 @@ pub async fn run(
             }),
         ));
     }
-    let mut scheduler = tokio::spawn(crate::scheduler::run(shared.clone()));
+    let mut scheduler = tokio::spawn(scheduler::run(shared.clone()));
     on_ready(&shared);
 
     let mut failure: Option<String> = None;

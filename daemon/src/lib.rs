@@ -11,9 +11,17 @@
 //!   [`store::diagnose`] turns database errors into one line with the remedy;
 //!   `store/repair.rs` rebuilds tables loaded from a Rails `schema.rb`;
 //!   [`store::compose`] is the one finalization path (batches, callbacks).
-//! - [`daemon`]: starts the parts below and shuts them down in order.
-//! - [`scheduler`]: claims rows up to the free slots (and a few ahead while
-//!   tasks are short), starts a try for each as a slot frees up.
+//! - [`daemon`]: `taskrunnerd` while it runs: starts the parts in
+//!   `daemon/` and shuts them down in order. Nothing else in the crate
+//!   exists only while the daemon runs.
+//!   - `daemon/scheduler.rs`: claims rows up to the free slots (and a few
+//!     ahead while tasks are short), starts a try for each as a slot frees up.
+//!   - `daemon/recorder.rs`: the one writer of try results, batched and retried.
+//!   - `daemon/heartbeat.rs`: lease renewal, cancel delivery, self-fencing.
+//!   - `daemon/wakeup.rs`: the database watcher: LISTEN/NOTIFY (PostgreSQL);
+//!     SQLite: inotify on the write-ahead log, then data_version.
+//!   - `daemon/checkpoint.rs`: SQLite WAL checkpoints on a connection of
+//!     their own, off the writer's path.
 //! - [`attempt`]: one try, from type name and options to a verdict.
 //! - [`supervisor`]: one OS process per try: spawn (clone + exec from a
 //!   thread that lives as long as the daemon, or forked by a preloaded
@@ -21,11 +29,7 @@
 //!   escalation; `supervisor::isolation` (non-dumpable daemon, environment
 //!   allowlist, OOM preference) and `supervisor::resources` (the daemon's
 //!   own file descriptors).
-//! - [`recorder`]: the one writer of try results, batched and retried.
-//! - [`heartbeat`]: lease renewal, cancel delivery, self-fencing.
 //! - [`reaper`]: marks rows whose process or daemon is gone as CRASHED.
-//! - [`wakeup`]: LISTEN/NOTIFY (PostgreSQL); SQLite: inotify on the write-ahead log, then data_version.
-//! - [`checkpoint`]: SQLite WAL checkpoints on a connection of their own, off the writer's path.
 //! - [`cron`]: `schedules:` (5-field cron or `every:`), one request per slot across all daemons.
 //! - [`retention`]: `retention:` rules; prunes final rows in small batches.
 //! - [`waiter`]: `taskrunner-cli wait`: blocks until a request is final (LISTEN / data_version).
@@ -65,7 +69,6 @@
 //!   `supervisor::limits`).
 
 pub mod attempt;
-pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -73,21 +76,17 @@ pub mod cron;
 pub mod daemon;
 pub mod escape;
 pub mod health;
-pub mod heartbeat;
 pub mod metrics;
 pub mod procinfo;
 pub mod reaper;
-pub mod recorder;
 pub mod request;
 pub mod retention;
-pub mod scheduler;
 pub mod service;
 pub mod store;
 pub mod supervisor;
 pub mod task_types;
 pub mod units;
 pub mod waiter;
-pub mod wakeup;
 pub mod web;
 
 /// A mistake of the user's (bad flag, bad config): exit status 2.

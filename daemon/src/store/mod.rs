@@ -33,6 +33,11 @@ pub const DEFAULT_TRY_LIMIT: i64 = 5;
 /// which may belong to the application sharing the database).
 const MIGRATIONS_TABLE: &str = "task_runner_schema_migrations";
 
+/// The daemon's writer connection checkpoints only once the log is this many
+/// pages long (SQLite's default is 1,000), which it reaches only if the
+/// daemon's checkpointer falls behind.
+pub const WRITER_AUTOCHECKPOINT: u32 = 16_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
@@ -436,12 +441,9 @@ impl Store {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(5));
-            // The daemon checkpoints on a connection of its own (see checkpoint.rs).
+            // The daemon checkpoints on a connection of its own (see daemon/checkpoint.rs).
             let options = if purpose == Purpose::Daemon {
-                options.pragma(
-                    "wal_autocheckpoint",
-                    crate::checkpoint::WRITER_AUTOCHECKPOINT.to_string(),
-                )
+                options.pragma("wal_autocheckpoint", WRITER_AUTOCHECKPOINT.to_string())
             } else {
                 options
             };

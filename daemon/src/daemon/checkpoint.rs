@@ -4,7 +4,7 @@
 //! In the daemon that is its one writer: every claim and outcome would wait
 //! behind the disk meanwhile (measured: slots left empty for lack of claimed
 //! rows while the writer sat in `fsync`). So the daemon's writer checkpoints
-//! only as a safety net ([`WRITER_AUTOCHECKPOINT`] pages), and this task
+//! only as a safety net ([`WRITER_AUTOCHECKPOINT`](crate::store::WRITER_AUTOCHECKPOINT) pages), and this task
 //! checkpoints on a connection of its own once a second (with nothing new in
 //! the log that is a cheap no-op). A PASSIVE checkpoint never waits for readers or writers, nor
 //! blocks them.
@@ -19,11 +19,6 @@ use crate::store::SideConnection;
 
 /// How often the log is checkpointed.
 const EVERY: Duration = Duration::from_secs(1);
-
-/// The daemon's writer connection checkpoints only once the log is this many
-/// pages long (SQLite's default is 1,000), which it reaches only if this
-/// task falls behind.
-pub const WRITER_AUTOCHECKPOINT: u32 = 16_000;
 
 pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     if shared.store.sqlite_pool().is_none() {
