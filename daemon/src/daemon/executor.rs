@@ -1,0 +1,227 @@
+//! The executor of one claimed try: waits for its slot, runs it (see
+//! [`crate::attempt`]), logs how it ended and hands its outcome to the
+//! recorder.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{oneshot, watch};
+use tracing::Instrument;
+
+use super::scheduler::AHEAD_MAX_WAIT;
+use super::slots::{Slot, Slots};
+use crate::attempt::{self, TryInput, Verdict};
+use crate::daemon::{LiveTry, Shared};
+use crate::request::{Claimed, State};
+use crate::store::Write;
+use crate::supervisor::StopReason;
+
+/// How a try ended, as the scheduler counts it.
+pub(super) struct TryEnd {
+    pub(super) task: String,
+    pub(super) queue: String,
+    /// The try failed with no try left.
+    pub(super) exhausted: bool,
+    /// How long its process ran; `None` if it never started.
+    pub(super) ran_for: Option<Duration>,
+    pub(super) state: State,
+    /// It could not start for the daemon's own lack of resources.
+    pub(super) daemon_short: bool,
+}
+
+/// Runs one claimed row's try once it has a slot, and queues its outcome.
+pub(super) async fn supervise(
+    shared: Arc<Shared>,
+    slots: Arc<Slots>,
+    row: Claimed,
+    go: oneshot::Receiver<()>,
+) -> TryEnd {
+    let queue = row.queue.clone();
+    let task = row.task_class_name.clone();
+    let tries_left = row.tries < row.try_limit;
+    let span = tracing::info_span!("task", request = %row.id, task = %row.task_class_name, r#try = row.tries);
+    let ((state, daemon_short), ran_for) =
+        run_claimed(shared, &slots, row, go).instrument(span).await;
+    TryEnd {
+        task,
+        queue,
+        exhausted: !tries_left && matches!(state, State::Failed | State::Crashed | State::Timeout),
+        ran_for,
+        state,
+        daemon_short,
+    }
+}
+
+/// Returns how the try ended (and whether it could not start for the
+/// daemon's own lack of resources), and how long its process ran (`None` if
+/// it never started).
+async fn run_claimed(
+    shared: Arc<Shared>,
+    slots: &Slots,
+    row: Claimed,
+    mut go: oneshot::Receiver<()>,
+) -> ((State, bool), Option<Duration>) {
+    let config = shared.config();
+    let (stop_sender, mut stop) = watch::channel(None);
+    let (progress_sender, progress) = watch::channel(None);
+    shared.live().insert(
+        row.id,
+        LiveTry {
+            task: row.task_class_name.clone(),
+            queue: row.queue.clone(),
+            claim_token: row.claim_token.clone(),
+            pid: None,
+            started: std::time::Instant::now(),
+            try_number: row.tries,
+            stop: stop_sender,
+            progress,
+            progress_written: None,
+        },
+    );
+    let (had_slot, verdict) = wait_for_slot(&mut go, &mut stop).await;
+    let slot = had_slot.then(|| Slot {
+        slots,
+        max_concurrent: config.max_concurrent,
+    });
+    if let Some(verdict) = verdict {
+        drop(slot);
+        shared.live().remove(&row.id);
+        tracing::info!("{}", verdict.result_text);
+        let outcome = attempt::outcome(&row, &verdict, &config);
+        shared.recorder.send(Write::Outcome(outcome));
+        return ((verdict.state, false), None);
+    }
+    let started = std::time::Instant::now();
+    if let Some(live) = shared.live().get_mut(&row.id) {
+        live.started = started;
+    }
+    let context = attempt::Context {
+        config: config.clone(),
+        registry: shared.registry.clone(),
+        spawner: shared.spawner.clone(),
+    };
+    let input = TryInput {
+        id: Some(row.id),
+        task: &row.task_class_name,
+        options: &row.options,
+        try_number: row.tries,
+        echo_stderr: false,
+        batch_id: row.batch_for_env(),
+    };
+    let on_running = |spawned: &crate::supervisor::Spawned| {
+        if let Some(live) = shared.live().get_mut(&row.id) {
+            live.pid = Some(spawned.pid);
+        }
+        tracing::debug!(pid = spawned.pid, "started");
+        shared.recorder.send(Write::Pid {
+            id: row.id,
+            claim_token: row.claim_token.clone(),
+            pid: i64::from(spawned.pid),
+            boot_id: crate::procinfo::boot_id(),
+            start_ticks: spawned.start_ticks,
+        });
+    };
+    // The slot is free once the process has exited.
+    let on_exit = move || drop(slot);
+    let verdict = attempt::run(
+        &context,
+        input,
+        stop,
+        Some(progress_sender),
+        on_running,
+        on_exit,
+    )
+    .await;
+    shared.live().remove(&row.id);
+    if let Some(took) = verdict.spawn_took {
+        shared.metrics.spawned(took);
+    }
+
+    let outcome = attempt::outcome(&row, &verdict, &config);
+    if verdict.daemon_short {
+        // Logged once per shortage by the scheduler, not once per try.
+        tracing::debug!("{}", verdict.result_text);
+        shared.recorder.send(Write::Outcome(outcome));
+        return ((verdict.state, true), None);
+    }
+    match verdict.state {
+        State::Finished => tracing::debug!("finished"),
+        State::Interrupted | State::Cancelled => tracing::info!("{}", verdict.result_text),
+        _ => {
+            let first_line = verdict.result_text.lines().next().unwrap_or_default();
+            let retry = match outcome.retry_after {
+                Some(seconds) if row.tries < row.try_limit => format!("; retry in {seconds:.1}s"),
+                Some(_) => format!("; no tries left ({} of {})", row.tries, row.try_limit),
+                None => String::new(),
+            };
+            match verdict
+                .stderr_tail
+                .as_deref()
+                .filter(|t| !t.trim().is_empty())
+            {
+                Some(tail) => {
+                    tracing::warn!(stderr_tail = %last_lines(tail), "{}: {first_line}{retry}", verdict.state)
+                }
+                None => tracing::warn!("{}: {first_line}{retry}", verdict.state),
+            }
+        }
+    }
+    shared.recorder.send(Write::Outcome(outcome));
+    ((verdict.state, false), Some(started.elapsed()))
+}
+
+/// Waits until the scheduler gives this try a slot. Returns whether it got
+/// one, and a verdict if it must not run: a row claimed ahead may be stopped
+/// first (a cancel, a shutdown, a lost claim) or find no slot in time; it is
+/// then given back, its try not counted, unless a user cancelled it.
+async fn wait_for_slot(
+    slot: &mut oneshot::Receiver<()>,
+    stop: &mut watch::Receiver<Option<StopReason>>,
+) -> (bool, Option<Verdict>) {
+    let deadline = tokio::time::sleep(AHEAD_MAX_WAIT);
+    tokio::pin!(deadline);
+    let stopped = loop {
+        tokio::select! {
+            biased;
+            given = &mut *slot => match given {
+                Ok(()) => return (true, None),
+                // The scheduler stopped claiming (a shutdown).
+                Err(_) => break Some(StopReason::Shutdown),
+            },
+            changed = stop.changed() => match changed.map(|()| *stop.borrow_and_update()) {
+                Ok(Some(reason)) => break Some(reason),
+                Ok(None) => continue,
+                Err(_) => break Some(StopReason::Shutdown),
+            },
+            () = &mut deadline => break None,
+        }
+    };
+    // A slot sent just as we stopped waiting is ours to hand back.
+    slot.close();
+    let had_slot = slot.try_recv().is_ok();
+    if had_slot && stopped.is_none() {
+        return (true, None);
+    }
+    let (state, text) = match stopped {
+        Some(StopReason::Cancel) => (State::Cancelled, "cancelled by a user before it started"),
+        Some(StopReason::Shutdown) => (
+            State::Interrupted,
+            "given back before it started: the daemon was shut down",
+        ),
+        Some(StopReason::LostClaim) => (
+            State::Crashed,
+            "stopped before it started: this daemon lost its claim on the row",
+        ),
+        None => (
+            State::Interrupted,
+            "given back before it started: no free slot on this daemon within 1s",
+        ),
+    };
+    (had_slot, Some(Verdict::new(state, text)))
+}
+
+/// The last few lines of a task's stderr, for a log line.
+fn last_lines(text: &str) -> String {
+    let lines: Vec<&str> = text.trim_end().lines().collect();
+    lines[lines.len().saturating_sub(5)..].join("\n")
+}
