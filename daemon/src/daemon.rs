@@ -1,10 +1,13 @@
 //! The daemon: starts its parts, and stops them in the SPEC's order.
 //!
-//! Parts (each in its own module): the `scheduler` claims rows and starts a
-//! supervised try for each; the `recorder` writes their results; the
-//! `heartbeat` renews leases, delivers cancels and fences itself off when it
-//! loses the database; the `reaper` marks crashed rows; `wakeup` listens for
-//! new rows; `control` answers on the socket.
+//! Parts (each in its own module under `daemon/`): the `scheduler` claims
+//! rows into `slots` and starts an `executor` for each (one supervised
+//! try, kept among the live `tries`); the `recorder` writes their results;
+//! the `heartbeat` renews leases, delivers cancels and fences itself off
+//! when it loses the database; the `reaper` marks crashed rows; the
+//! `pruner` deletes rows past their retention; `cron` enqueues scheduled
+//! rows; `wakeup` listens for new rows; `checkpoint` keeps SQLite's
+//! write-ahead log short; `control` answers on the socket.
 //!
 //! Shutdown order (SIGTERM/SIGINT or `stop` on the socket): stop claiming;
 //! let running tries finish for up to `shutdown_timeout` (a second
@@ -13,71 +16,33 @@
 //! record them INTERRUPTED, their try given back; flush the recorder; exit.
 
 mod checkpoint;
+mod control;
+mod cron;
+mod executor;
 mod heartbeat;
+mod pruner;
+mod reaper;
 mod recorder;
 mod scheduler;
+mod slots;
+mod tries;
 mod wakeup;
 
-use std::collections::BTreeMap;
+pub use tries::{Live, LiveTry};
+
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::health::{Backoff, Health};
-use crate::request::RequestId;
 use crate::store::{Purpose, Store};
 use crate::supervisor::{Spawner, StopReason};
 use crate::task_types::Registry;
 use recorder::Recorder;
-
-/// A try this daemon is running.
-pub struct LiveTry {
-    pub task: String,
-    pub queue: String,
-    pub claim_token: String,
-    pub pid: Option<u32>,
-    pub started: Instant,
-    pub try_number: i64,
-    pub stop: watch::Sender<Option<StopReason>>,
-    pub progress: watch::Receiver<Option<String>>,
-    /// The progress line last written to the row.
-    pub progress_written: Option<String>,
-}
-
-/// The tries this daemon runs, and the stop order every new one must obey.
-#[derive(Default)]
-pub struct Live {
-    pub tries: BTreeMap<RequestId, LiveTry>,
-    /// Set by [`Shared::stop_all`]: a try registered afterwards is stopped at once.
-    pub stopping: Option<StopReason>,
-}
-
-impl Live {
-    /// Registers a try, stopping it at once if every try has been told to stop.
-    pub fn insert(&mut self, id: RequestId, live: LiveTry) {
-        if let Some(reason) = self.stopping {
-            live.stop.send_replace(Some(reason));
-        }
-        self.tries.insert(id, live);
-    }
-}
-
-impl std::ops::Deref for Live {
-    type Target = BTreeMap<RequestId, LiveTry>;
-    fn deref(&self) -> &Self::Target {
-        &self.tries
-    }
-}
-
-impl std::ops::DerefMut for Live {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.tries
-    }
-}
 
 /// State shared by the daemon's parts.
 pub struct Shared {
@@ -213,7 +178,7 @@ pub async fn run(
     };
     // Bound before `on_ready`, so that a `status` right after start finds it.
     let control = match &config.socket {
-        Some(path) => Some(crate::control::Control::bind(path)?),
+        Some(path) => Some(control::Control::bind(path)?),
         None => None,
     };
     let spawner = crate::supervisor::start_spawner().context("preparing to start tasks")?;
@@ -294,7 +259,7 @@ pub async fn run(
     ));
     background.spawn(named(
         "reaper",
-        Box::pin(crate::reaper::run(shared.clone(), services.clone())),
+        Box::pin(reaper::run(shared.clone(), services.clone())),
     ));
     background.spawn(named(
         "wakeup",
@@ -306,11 +271,11 @@ pub async fn run(
     ));
     background.spawn(named(
         "retention",
-        Box::pin(crate::retention::run(shared.clone(), services.clone())),
+        Box::pin(pruner::run(shared.clone(), services.clone())),
     ));
     background.spawn(named(
         "cron",
-        Box::pin(crate::cron::run(shared.clone(), services.clone())),
+        Box::pin(cron::run(shared.clone(), services.clone())),
     ));
     if let Some(control) = control {
         background.spawn(named(

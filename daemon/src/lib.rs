@@ -16,12 +16,22 @@
 //!   exists only while the daemon runs.
 //!   - `daemon/scheduler.rs`: claims rows up to the free slots (and a few
 //!     ahead while tasks are short), starts a try for each as a slot frees up.
+//!   - `daemon/slots.rs`: at most `max_concurrent` tries at once; a freed
+//!     slot goes to the try that waited longest.
+//!   - `daemon/executor.rs`: one claimed try: waits for its slot, runs it
+//!     ([`attempt`]), logs how it ended, hands the outcome to the recorder.
+//!   - `daemon/tries.rs`: the tries this daemon runs (for the heartbeat,
+//!     `status`, cancels and the drain).
 //!   - `daemon/recorder.rs`: the one writer of try results, batched and retried.
 //!   - `daemon/heartbeat.rs`: lease renewal, cancel delivery, self-fencing.
 //!   - `daemon/wakeup.rs`: the database watcher: LISTEN/NOTIFY (PostgreSQL);
 //!     SQLite: inotify on the write-ahead log, then data_version.
 //!   - `daemon/checkpoint.rs`: SQLite WAL checkpoints on a connection of
 //!     their own, off the writer's path.
+//!   - `daemon/reaper.rs`, `daemon/pruner.rs`, `daemon/cron.rs`: the loops
+//!     around one [`reaper`] pass, one [`retention`] prune and the due
+//!     slots of [`cron`]'s schedules.
+//!   - `daemon/control.rs`: the control socket's server side.
 //! - [`attempt`]: one try, from type name and options to a verdict.
 //! - [`supervisor`]: one OS process per try: spawn (clone + exec from a
 //!   thread that lives as long as the daemon, or forked by a preloaded
@@ -29,11 +39,15 @@
 //!   escalation; `supervisor::isolation` (non-dumpable daemon, environment
 //!   allowlist, OOM preference) and `supervisor::resources` (the daemon's
 //!   own file descriptors).
-//! - [`reaper`]: marks rows whose process or daemon is gone as CRASHED.
-//! - [`cron`]: `schedules:` (5-field cron or `every:`), one request per slot across all daemons.
-//! - [`retention`]: `retention:` rules; prunes final rows in small batches.
+//! - [`reaper`]: one pass that marks rows whose process or daemon is gone
+//!   as CRASHED (the daemon's loop and `taskrunner-cli reap`).
+//! - [`cron`]: `schedules:` (5-field cron or `every:`) and when their slots
+//!   fall due; one request per slot across all daemons.
+//! - [`retention`]: `retention:` rules, and one pass that prunes final rows
+//!   in small batches (the daemon's loop and `taskrunner-cli purge`).
 //! - [`waiter`]: `taskrunner-cli wait`: blocks until a request is final (LISTEN / data_version).
-//! - [`control`]: the control socket (`status`, `metrics`, `wake`, `stop`).
+//! - [`control`]: the control socket's protocol (`status`, `metrics`,
+//!   `wake`, `stop`) and its client.
 //! - [`web`]: the web page and `/metrics` over HTTP (`http:`, `taskrunner-cli web`);
 //!   its queries are in [`store::web`], bounded at any table size.
 //! - [`metrics`]: the Prometheus metrics: the daemon's counters and the

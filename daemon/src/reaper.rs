@@ -1,7 +1,7 @@
 //! The reaper: finds RUNNING rows whose process is gone and marks them
 //! CRASHED, so that they run again at once (the task did nothing wrong; its
-//! daemon died). Runs inside the daemon (at start and every `reap_interval`)
-//! and as `taskrunner-cli reap`.
+//! daemon died). One pass; the daemon runs it at start and every
+//! `reap_interval` (`daemon/reaper.rs`), and `taskrunner-cli reap` once.
 //!
 //! Three probes: rows of this host are checked against the process identity
 //! recorded at spawn (`procinfo::probe`; a reused pid is never taken for the
@@ -144,40 +144,4 @@ async fn kill_remnants(identity: &Identity) -> usize {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     killed.len()
-}
-
-/// The daemon's reaper: at start, then every `reap_interval`. It leaves the
-/// rows of its own daemon instance alone: those it supervises itself.
-pub async fn run(
-    shared: std::sync::Arc<crate::daemon::Shared>,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    loop {
-        let config = shared.config();
-        match reap(
-            &shared.store,
-            &config.host_id,
-            &shared.instance,
-            config.lease_timeout,
-            false,
-        )
-        .await
-        {
-            Ok(reaped) => {
-                shared.health.succeeded();
-                shared.metrics.reaped(reaped.len());
-                for row in &reaped {
-                    tracing::warn!(request = %row.id, "{}", row.reason);
-                }
-                if !reaped.is_empty() {
-                    shared.wake.notify_one();
-                }
-            }
-            Err(error) => shared.health.failed("reaping crashed tasks", &error),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(config.reap_interval) => {}
-            _ = stop.cancelled() => return,
-        }
-    }
 }

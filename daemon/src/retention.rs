@@ -1,6 +1,6 @@
 //! Retention: how long final rows are kept (`retention:` in the config), and
-//! the daemon's [`Pruner`](run) that deletes older ones at start and every
-//! `reap_interval`. `taskrunner-cli purge` without `--older-than` applies the
+//! one pass that deletes older ones. The daemon's pruner
+//! (`daemon/pruner.rs`) runs it at start and every `reap_interval`. `taskrunner-cli purge` without `--older-than` applies the
 //! same rules once.
 //!
 //! Rows are deleted in small batches (one short `DELETE` of at most
@@ -9,22 +9,17 @@
 //! CANCELLED, REJECTED, and exhausted FAILED/CRASHED/TIMEOUT rows; pending,
 //! running and retryable rows never match (see [`crate::store::sql`]).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::Shared;
 use crate::store::{Prunable, Store};
 use crate::units::serde_units;
 
 /// Rows deleted by one statement.
 pub const BATCH: i64 = 500;
-
-/// The pause between two batches inside the daemon.
-const PAUSE: Duration = Duration::from_millis(50);
 
 /// `retention:` as written in the config file.
 #[derive(Debug, Default, Deserialize)]
@@ -132,28 +127,6 @@ pub async fn prune(
         }
     }
     Ok(total)
-}
-
-/// The daemon's pruner: at start, then every `reap_interval`.
-pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
-    loop {
-        let config = shared.config();
-        if !config.retention.is_empty() {
-            match prune(&shared.store, &config.retention, PAUSE, Some(&stop)).await {
-                Ok(deleted) => {
-                    shared.health.succeeded();
-                    if deleted > 0 {
-                        tracing::info!(deleted, "pruned requests past their retention");
-                    }
-                }
-                Err(error) => shared.health.failed("pruning old requests", &error),
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(config.reap_interval) => {}
-            _ = stop.cancelled() => return,
-        }
-    }
 }
 
 #[cfg(test)]

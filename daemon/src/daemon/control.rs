@@ -1,0 +1,263 @@
+//! The control socket's server side: binds the socket and answers each
+//! command (see [`crate::control`] for the protocol and the client).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use interprocess::local_socket::tokio::{prelude::*, Stream};
+use interprocess::local_socket::{GenericFilePath, ListenerOptions};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio_util::sync::CancellationToken;
+
+use crate::control::{RunningTask, Status};
+use crate::daemon::Shared;
+
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 4096;
+
+/// Connections answered at once; more wait in the listen backlog, so that
+/// idle connections cannot take the daemon's file descriptors.
+const MAX_CONNECTIONS: usize = 32;
+
+/// How long a connection may take to send its line and read the answer.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// At most one warning about failed accepts per this long.
+const ACCEPT_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// The bound control socket, not yet answering.
+pub struct Control {
+    listener: interprocess::local_socket::tokio::Listener,
+    path: PathBuf,
+}
+
+impl Control {
+    /// Creates the socket's owner-only directory and listens. A socket file
+    /// nobody answers on (left by a killed daemon) is replaced; one a live
+    /// daemon answers on is an error, so that a second daemon cannot steal
+    /// the first one's socket. Bound before the daemon reports ready, so a
+    /// `status` right after start finds it.
+    pub fn bind(path: &Path) -> Result<Control> {
+        prepare_directory(path)?;
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another daemon answers on the control socket {}",
+                path.display()
+            );
+        }
+        let name = path.to_fs_name::<GenericFilePath>()?;
+        let listener = ListenerOptions::new()
+            .name(name)
+            .try_overwrite(true)
+            .create_tokio()
+            .with_context(|| format!("listening on the control socket {}", path.display()))?;
+        set_mode(path, 0o600)?;
+        Ok(Control {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Answers connections until `stop`; `stop` commands cancel `shutdown`.
+    /// The socket file is removed at the end.
+    pub async fn serve(
+        self,
+        shared: Arc<Shared>,
+        stop: CancellationToken,
+        shutdown: CancellationToken,
+    ) {
+        let Control { listener, path } = self;
+        let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let mut backoff = crate::health::Backoff::default();
+        let mut warned: Option<std::time::Instant> = None;
+        let mut failed_accepts = 0u64;
+        loop {
+            let permit = tokio::select! {
+                permit = open.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+                _ = stop.cancelled() => break,
+            };
+            let connection = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(connection) => {
+                        backoff.reset();
+                        connection
+                    }
+                    Err(error) => {
+                        // Out of descriptors, say: accepting again at once
+                        // would spin. Back off, and say so once a minute.
+                        failed_accepts += 1;
+                        if warned.is_none_or(|at| at.elapsed() >= ACCEPT_WARNING_EVERY) {
+                            warned = Some(std::time::Instant::now());
+                            tracing::warn!(
+                                failed_accepts,
+                                "control socket: accepting a connection failed, backing off: {error}"
+                            );
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                            _ = stop.cancelled() => break,
+                        }
+                    }
+                },
+                _ = stop.cancelled() => break,
+            };
+            let shared = shared.clone();
+            let shutdown = shutdown.clone();
+            // A client that connects and never writes holds only its own
+            // task and one of the MAX_CONNECTIONS permits, for a while.
+            tokio::spawn(async move {
+                let _permit = permit;
+                let _ =
+                    tokio::time::timeout(CONNECTION_TIMEOUT, answer(shared, connection, shutdown))
+                        .await;
+            });
+        }
+        drop(listener);
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+async fn answer(
+    shared: Arc<Shared>,
+    connection: Stream,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let mut line = String::new();
+    let mut reader = BufReader::new(&connection).take(MAX_REQUEST);
+    // Invalid UTF-8 is garbage like any other.
+    if reader.read_line(&mut line).await.is_err() {
+        line = String::from("\u{FFFD}");
+    }
+    let reply = match line.trim() {
+        "status" => serde_json::to_value(status(&shared).await).unwrap_or_default(),
+        "metrics" => match shared.metrics_text(&shared.store).await {
+            Ok(text) => serde_json::json!({ "metrics": text }),
+            Err(error) => serde_json::json!({ "error": format!("{error:#}") }),
+        },
+        "wake" => {
+            shared.wake.notify_one();
+            shared.check_cancels.notify_one();
+            serde_json::json!({ "ok": true })
+        }
+        "stop" => match peer_task(&shared, &connection) {
+            Some(pid) => {
+                tracing::warn!(
+                    peer = pid,
+                    "stop refused on the control socket: it came from a task process of this daemon"
+                );
+                serde_json::json!({ "error": format!("refused: `stop` from a task process of this daemon (pid {pid})") })
+            }
+            None => {
+                tracing::info!("stop requested on the control socket");
+                shutdown.cancel();
+                serde_json::json!({ "ok": true })
+            }
+        },
+        other => {
+            let shown: String = other.chars().take(40).collect();
+            serde_json::json!({ "error": format!("unknown command `{shown}` (status, metrics, wake or stop)") })
+        }
+    };
+    let mut writer = &connection;
+    writer.write_all(format!("{reply}\n").as_bytes()).await?;
+    writer.flush().await
+}
+
+/// The pid of the peer (`SO_PEERCRED`) if it is a task process of this
+/// daemon: a descendant of the daemon, or a member of a running try's
+/// process group whose parent has gone. A task that left its group and
+/// its parent (`setsid` and a double fork) is not recognised.
+fn peer_task(shared: &Shared, connection: &Stream) -> Option<i64> {
+    let pid = i64::from(connection.peer_creds().ok()?.pid()?);
+    let daemon = i64::from(std::process::id());
+    let groups: Vec<i64> = shared
+        .live()
+        .values()
+        .filter_map(|live| live.pid.map(i64::from))
+        .collect();
+    let mut current = pid;
+    // Up the parent chain: a task process is a descendant of the daemon.
+    for _ in 0..64 {
+        if current <= 1 || current == daemon {
+            return None;
+        }
+        let (parent, group) = crate::procinfo::parent_and_group(current)?;
+        if parent == daemon || groups.contains(&group) {
+            return Some(pid);
+        }
+        current = parent;
+    }
+    None
+}
+
+async fn status(shared: &Shared) -> Status {
+    let config = shared.config();
+    let running = shared
+        .live()
+        .iter()
+        .map(|(id, live)| RunningTask {
+            id: id.0,
+            task: live.task.clone(),
+            pid: live.pid,
+            r#try: live.try_number,
+            seconds: live.started.elapsed().as_secs_f64(),
+            progress: live.progress.borrow().clone(),
+        })
+        .collect();
+    let next_poll = *shared.next_poll.lock().unwrap_or_else(|e| e.into_inner());
+    Status {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        host: config.host_id.clone(),
+        instance: shared.instance.clone(),
+        database: shared.store.display_url.clone(),
+        uptime_seconds: shared.started.elapsed().as_secs_f64(),
+        max_concurrent: config.max_concurrent,
+        running,
+        counts: shared.store.count_by_result().await.unwrap_or_default(),
+        next_poll_in_seconds: next_poll.map(|at| {
+            at.saturating_duration_since(std::time::Instant::now())
+                .as_secs_f64()
+        }),
+        stopping: shared.stop_claiming.is_cancelled(),
+        database_statements: shared.store.statements_sent(),
+    }
+}
+
+/// Creates the directory (mode 0700) if missing; refuses one that others can enter.
+fn prepare_directory(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating the socket directory {}", dir.display()))?;
+        set_mode(dir, 0o700)?;
+    }
+    let metadata = std::fs::metadata(dir)?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if metadata.uid() != me || metadata.mode() & 0o077 != 0 {
+        bail!(
+            "the control socket's directory {} must belong to this user and be closed to others (chmod 700)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting permissions of {}", path.display()))
+}

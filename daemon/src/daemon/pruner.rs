@@ -1,0 +1,35 @@
+//! The daemon's pruner: deletes final rows past their retention (one
+//! [`crate::retention::prune`] pass) at start, then every `reap_interval`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::daemon::Shared;
+use crate::retention::prune;
+
+/// The pause between two batches inside the daemon.
+const PAUSE: Duration = Duration::from_millis(50);
+
+/// The daemon's pruner: at start, then every `reap_interval`.
+pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let config = shared.config();
+        if !config.retention.is_empty() {
+            match prune(&shared.store, &config.retention, PAUSE, Some(&stop)).await {
+                Ok(deleted) => {
+                    shared.health.succeeded();
+                    if deleted > 0 {
+                        tracing::info!(deleted, "pruned requests past their retention");
+                    }
+                }
+                Err(error) => shared.health.failed("pruning old requests", &error),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(config.reap_interval) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
