@@ -10,6 +10,7 @@ mod claim_ahead;
 mod cli;
 mod core;
 mod faults;
+mod flows;
 mod hardening;
 mod ops;
 mod placement;

@@ -20,6 +20,7 @@ use crate::task_types::Registry;
 use crate::units::parse_duration;
 
 mod batch;
+mod flow;
 
 /// Enqueue, inspect, run and recover taskrunner requests.
 ///
@@ -296,6 +297,9 @@ enum Command {
     /// Batches: jobs of many requests with a callback that runs once
     #[command(subcommand)]
     Batch(batch::BatchCommand),
+    /// Flows: steps with execute and revert, resumed where they stopped
+    #[command(subcommand)]
+    Flow(flow::FlowCommand),
     /// Check or create a config file
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -554,7 +558,8 @@ fn overrides_for(flags: &Flags) -> Overrides {
         Command::Config(ConfigCommand::Init { .. })
         | Command::Completions { .. }
         | Command::Man { .. }
-        | Command::Batch(_) => (None, None, None),
+        | Command::Batch(_)
+        | Command::Flow(_) => (None, None, None),
     };
     if let Some(database) = database {
         if database.config.is_some() {
@@ -876,6 +881,16 @@ async fn run_one(
             let store = open(Purpose::Cli)?;
             batch::run(&store, command).await?;
             wake_daemon(&config).await;
+        }
+        Command::Flow(command) => {
+            let writes = !matches!(
+                command,
+                flow::FlowCommand::List { .. } | flow::FlowCommand::Show { .. }
+            );
+            flow::run(&config, || open(Purpose::Cli), command).await?;
+            if writes {
+                wake_daemon(&config).await;
+            }
         }
         Command::Config(_) | Command::Completions { .. } | Command::Man { .. } => {
             unreachable!("handled in dispatch")

@@ -96,6 +96,8 @@ with_task_settings! {
         http: Option<crate::web::settings::FileHttp>,
         // Issue 16: a task type run once when any request is exhausted or REJECTED.
         on_exhausted: Option<String>,
+        // Issue 17: flows of steps with execute and revert (types in flow.rs).
+        flows: Option<BTreeMap<String, crate::flow::Definition>>,
     }
 }
 
@@ -222,6 +224,8 @@ pub struct Config {
     /// Task type run once when any request is exhausted or REJECTED (a
     /// type's own `on_exhausted` wins).
     pub on_exhausted: Option<String>,
+    /// `flows:`: each flow's steps, retry and declared options, by name.
+    pub flows: BTreeMap<String, crate::flow::Definition>,
 }
 
 /// What the command line (and environment) contribute; `None` means "not given".
@@ -368,6 +372,11 @@ impl Config {
             return Err(usage("on_exhausted: must name a task type".into()));
         }
         let on_exhausted = raw.on_exhausted;
+        // Issue 17:
+        let flows = raw.flows.unwrap_or_default();
+        for (name, flow) in &flows {
+            flow.check(name).map_err(&usage)?;
+        }
         Ok(Config {
             file,
             database_url,
@@ -401,6 +410,7 @@ impl Config {
             schedules,
             http,
             on_exhausted,
+            flows,
         })
     }
 
@@ -442,6 +452,30 @@ impl Config {
             || self.database_url.starts_with("postgresql://"))
         {
             return fail("database_url: must start with sqlite:, postgres:// or postgresql://");
+        }
+        // Without programs every task type is known here; with programs,
+        // the daemon checks once it has asked them (`check_flow_types`).
+        if self.programs.is_empty() {
+            let mut known: Vec<String> = self.tasks.keys().cloned().collect();
+            known.extend(
+                crate::task_types::BUILTIN_TYPES
+                    .iter()
+                    .map(|t| t.to_string()),
+            );
+            known.sort();
+            known.dedup();
+            if let Err(message) = self.check_flow_types(&known) {
+                return fail(&message);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every task type the flows name is one of `known`; the error names
+    /// the flow and the step.
+    pub fn check_flow_types(&self, known: &[String]) -> std::result::Result<(), String> {
+        for (name, flow) in &self.flows {
+            flow.check_types(name, known)?;
         }
         Ok(())
     }

@@ -89,6 +89,7 @@ pub mod control;
 pub mod cron;
 pub mod daemon;
 pub mod escape;
+pub mod flow;
 pub mod health;
 pub mod metrics;
 pub mod procinfo;

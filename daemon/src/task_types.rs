@@ -82,10 +82,19 @@ impl Registry {
                 .into());
             }
         }
-        Ok(Registry {
+        let registry = Registry {
             builtin_binary: builtin_binary_path(),
             from_programs,
-        })
+        };
+        // A flow may name a type that only a program registers.
+        if let Err(message) = config.check_flow_types(&registry.names(config)) {
+            let origin = config
+                .file
+                .as_ref()
+                .map_or("config".into(), |f| f.display().to_string());
+            return Err(UsageError(format!("{origin}: {message}")).into());
+        }
+        Ok(registry)
     }
 
     /// How to run `name`, or `None` for an unknown type.

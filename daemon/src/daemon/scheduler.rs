@@ -54,6 +54,30 @@ async fn repair_batches(shared: &Shared) {
     }
 }
 
+/// Takes flows no daemon has taken yet (inserted by plain SQL or `flow
+/// post`) and advances flows that plain SQL left without an open row (see
+/// `Store::take_flows`, `Store::repair_flows`); a row they create is
+/// claimed at once.
+async fn take_and_repair_flows(shared: &Shared) {
+    let config = shared.config();
+    match shared.store.take_flows(&config.flows).await {
+        Ok(0) => {}
+        Ok(_) => shared.wake.notify_one(),
+        Err(error) => shared.health.failed("taking flows", &error),
+    }
+    match shared.store.repair_flows().await {
+        Ok(0) => {}
+        Ok(repaired) => {
+            tracing::info!(
+                flows = repaired,
+                "flow repair pass: advanced flows whose current row was changed by hand"
+            );
+            shared.wake.notify_one();
+        }
+        Err(error) => shared.health.failed("repairing flows", &error),
+    }
+}
+
 /// How often the log gets a summary of the tries that ended. A finished try
 /// is logged on its own only at debug level (at a thousand tasks a second a
 /// line each would cost more than the rest of the daemon's logging, and
@@ -121,9 +145,18 @@ pub async fn run(shared: Arc<Shared>) {
         if shared.stop_claiming.is_cancelled() {
             break;
         }
-        if last_repair.is_none_or(|at| at.elapsed() >= REPAIR_AT_MOST_EVERY) {
-            last_repair = Some(Instant::now());
-            repair_batches(&shared).await;
+        // A wake-up that comes too soon after a repair pass gets one when
+        // its time comes (a flow inserted by plain SQL waits no poll).
+        let mut repair_due = None;
+        match last_repair {
+            Some(at) if at.elapsed() < REPAIR_AT_MOST_EVERY => {
+                repair_due = Some(at + REPAIR_AT_MOST_EVERY);
+            }
+            _ => {
+                last_repair = Some(Instant::now());
+                repair_batches(&shared).await;
+                take_and_repair_flows(&shared).await;
+            }
         }
         let config = shared.config();
         let (running, waiting) = slots.fill(config.max_concurrent);
@@ -141,6 +174,9 @@ pub async fn run(shared: Arc<Shared>) {
         let paused = short.paused_until().filter(|until| *until > Instant::now());
         if let Some(until) = paused {
             next_claim = next_claim.min(until);
+        }
+        if let Some(due) = repair_due {
+            next_claim = next_claim.min(due);
         }
         if (idle_slots > 0 || refill) && paused.is_none() {
             claim_counter += 1;

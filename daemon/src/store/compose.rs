@@ -278,8 +278,9 @@ impl ComposeSql {
         .join(", ");
         ComposeSql {
             batch_of: format!(
-                "SELECT {} FROM task_runner_requests WHERE id = $1",
-                int("batch_id")
+                "SELECT {}, {} FROM task_runner_requests WHERE id = $1",
+                int("batch_id"),
+                int("flow_id")
             ),
             lock_batch: format!(
                 "SELECT {} FROM task_runner_batches WHERE id = $1 {}",
@@ -578,17 +579,21 @@ impl Store {
     pub async fn finalize(&self, ending: Ending<'_>) -> Result<bool> {
         let c = self.compose();
         let id = ending.id();
-        // Which batch to lock first (lock order: the batch, then the request).
-        let batch_id = on_pool!(self, pool => {
+        // Which parents to lock first (lock order: the flow, the batch,
+        // then the request).
+        let (batch_id, flow_id) = on_pool!(self, pool => {
             let rows = sqlx::query(c.batch_of.as_str()).bind(id.0).fetch_all(pool).await?;
             match rows.first() {
-                Some(row) => row.opt_int(0)?,
+                Some(row) => (row.opt_int(0)?, row.opt_int(1)?),
                 None => return Ok(false),
             }
         });
         let mut tx = Tx::begin(self).await?;
         // BEGIN, the look-up, the lock, the write, the read, COMMIT.
-        self.count_statements(5 + u64::from(batch_id.is_some()));
+        self.count_statements(5 + u64::from(batch_id.is_some()) + 4 * u64::from(flow_id.is_some()));
+        if let Some(flow_id) = flow_id {
+            self.lock_flow(&mut tx, flow_id).await?;
+        }
         if let Some(batch_id) = batch_id {
             tx.execute(&c.lock_batch, &[Int(batch_id)]).await?;
         }
@@ -622,18 +627,23 @@ impl Store {
             Ending::Cancelled(_) => tx.execute(&sql.cancel_pending, &[Int(id.0)]).await?,
         } == 1;
         if applied {
-            self.follow_up(&mut tx, id, batch_id).await?;
+            let final_now = self.follow_up(&mut tx, id, batch_id).await?;
+            if let (Some(flow_id), true) = (flow_id, final_now) {
+                // The flow's next row (or its end), from its position.
+                self.advance_flow(&mut tx, flow_id).await?;
+            }
         }
         tx.commit().await?;
         Ok(applied)
     }
 
-    /// Whatever the end of request `id` causes, if it is final now.
-    async fn follow_up(&self, tx: &mut Tx, id: RequestId, locked: Option<i64>) -> Result<()> {
+    /// Whatever the end of request `id` causes, if it is final now (then
+    /// returns true; its flow is advanced by the caller).
+    async fn follow_up(&self, tx: &mut Tx, id: RequestId, locked: Option<i64>) -> Result<bool> {
         let c = self.compose();
         let rows = tx.fetch(&c.ended_row, &[Int(id.0)]).await?;
         let Some(row) = rows.first() else {
-            return Ok(());
+            return Ok(false);
         };
         let ended = Ended {
             id: row.int(0)?,
@@ -648,7 +658,7 @@ impl Store {
             bucket: Bucket::parse(&row.text(9)?),
         };
         let Some(bucket) = ended.bucket else {
-            return Ok(());
+            return Ok(false);
         };
         if ended.period > 0 {
             tx.execute(&self.sql.insert_next_occurrence, &[Int(ended.id)])
@@ -692,7 +702,7 @@ impl Store {
                 self.settle(tx, batch_id, Some(&ended)).await?;
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Inserts callback `task` of request `parent` for `cause` (`success`,

@@ -112,9 +112,11 @@ macro_rules! on_pool {
 
 pub mod compose;
 pub mod daemons;
+pub mod flow;
 pub mod web;
 
 pub use compose::{Batch, BatchChange, Counts, Ending, Hooks, NewBatch};
+pub use flow::{Flow, FlowBoard, FlowChange, StepBoard, StepRow};
 
 /// The database's schema is not the one this binary was built for
 /// (`--no-migrate`): retrying cannot fix it.

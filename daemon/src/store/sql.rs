@@ -247,7 +247,8 @@ impl Sql {
                 .replace("{b}", "started_at"),
             int("batch_id"),
             int("callback_of_batch"),
-            int("(CASE WHEN on_success IS NOT NULL OR on_failure IS NOT NULL THEN 1 ELSE 0 END)")
+            // A flow's step counts as having callbacks: its end advances the flow.
+            int("(CASE WHEN on_success IS NOT NULL OR on_failure IS NOT NULL OR flow_id IS NOT NULL THEN 1 ELSE 0 END)")
         );
         let select_runnable = format!(
             "SELECT id FROM task_runner_requests \

@@ -1,0 +1,515 @@
+//! Flows: each step's execute and revert is a request row, and the next
+//! row (or the flow's end) is written with the outcome, under the flow
+//! row's lock. Steps here are shell commands that append their name to a
+//! log file, so the log is the order in which steps ran.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+both_backends!(
+    three_step_flow_runs_e1_e2_e3_and_keeps_what_each_step_provided,
+    step_three_exhausted_reverts_r3_r2_r1_once_each_and_retry_times_runs_it_again,
+    revert_exhausted_ends_the_flow_failed_with_an_error_line_and_no_later_revert,
+    daemon_killed_during_revert_r2_resumes_at_r2_after_a_restart_and_r1_runs_once,
+    flow_with_unknown_name_or_bad_options_ends_failed_saying_why,
+    flow_cancel_stops_a_flow_and_cancel_revert_reverts_its_finished_steps,
+);
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// A command task type running `script` with /bin/sh (options on stdin).
+pub fn sh_task(name: &str, script: &str) -> String {
+    format!(
+        "  {name}:\n    command: [/bin/sh, -c, {}]\n",
+        serde_json::to_string(script).unwrap()
+    )
+}
+
+/// A step that appends `word` to `log`, then runs `then` (shell).
+pub fn logging_task(name: &str, log: &Path, word: &str, then: &str) -> String {
+    sh_task(name, &format!("echo {word} >> {}; {then}", log.display()))
+}
+
+/// The log's words, in order.
+pub fn log_words(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Inserts a flow with plain SQL, as an application would.
+pub async fn insert_flow(db: &TestDb, name: &str, options: Option<&str>) -> i64 {
+    db.insert(&format!(
+        "INSERT INTO task_runner_flows (flow_name, options) VALUES ({}, {}) RETURNING id",
+        quote(name),
+        options.map_or("NULL".into(), quote)
+    ))
+    .await
+    .0
+}
+
+/// Waits until flow `id` has `state`, and returns it.
+pub async fn wait_for_flow(
+    db: &TestDb,
+    id: i64,
+    state: &str,
+    timeout: Duration,
+) -> taskrunner::store::Flow {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let flow = db.store.flow(id).await.unwrap().expect("the flow");
+        if flow.state.as_deref() == Some(state) {
+            return flow;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for flow {id} to be {state}: {flow:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn store_of(flow: &taskrunner::store::Flow) -> serde_yaml::Value {
+    serde_yaml::from_str(flow.store.as_deref().unwrap_or("{}")).unwrap()
+}
+
+async fn three_step_flow_runs_e1_e2_e3_and_keeps_what_each_step_provided(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let log = db.scratch.join("steps.log");
+    let config = format!(
+        "tasks:\n{}{}{}flows:\n  deploy:\n    steps:\n      - {{ name: fetch, task: E1, provides: artifact }}\n      - {{ name: install, task: E2, provides: seen }}\n      - {{ name: restart, task: E3, provides: port }}\n    options:\n      port: {{ help: port to serve on, default: 8887 }}\n",
+        logging_task("E1", &log, "e1", "echo artifact-1"),
+        // Step 2 prints the options it was given: the store so far.
+        logging_task("E2", &log, "e2", "cat"),
+        logging_task("E3", &log, "e3", "echo 9000"),
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    let id = insert_flow(&db, "deploy", Some("env: staging")).await;
+    let flow = wait_for_flow(&db, id, "FINISHED", LONG).await;
+    assert_eq!(log_words(&log), ["e1", "e2", "e3"]);
+    let store = store_of(&flow);
+    assert_eq!(store["artifact"], serde_yaml::Value::from("artifact-1"));
+    assert_eq!(store["env"], serde_yaml::Value::from("staging"));
+    // Step 2 got the store with step 1's value and the option's default.
+    assert_eq!(
+        store["seen"]["artifact"],
+        serde_yaml::Value::from("artifact-1"),
+        "{store:?}"
+    );
+    assert_eq!(
+        store["seen"]["port"],
+        serde_yaml::Value::from(8887),
+        "{store:?}"
+    );
+    // What step 3 printed replaced the option in the store.
+    assert_eq!(store["port"], serde_yaml::Value::from(9000));
+    assert_eq!(flow.attempt, 1);
+    // One row per step, each named by its position.
+    for step in 0..3 {
+        assert_eq!(
+            db.scalar(&format!(
+                "SELECT count(*) FROM task_runner_requests WHERE flow_id = {id} AND flow_step = {step} \
+                   AND flow_action = 'execute' AND result = 'FINISHED' AND unique_key = 'flow:{id}:1:{step}:execute'"
+            ))
+            .await,
+            1
+        );
+    }
+    let definition = flow.definition.unwrap();
+    assert!(definition.contains("task: E2"), "{definition}");
+    assert!(daemon.stop().success());
+}
+
+async fn step_three_exhausted_reverts_r3_r2_r1_once_each_and_retry_times_runs_it_again(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let reverted_log = db.scratch.join("reverted.log");
+    let retried_log = db.scratch.join("retried.log");
+    let skipped_log = db.scratch.join("skipped.log");
+    let mark = db.scratch.join("failed-once");
+    // The step tasks log to the file named in the flow's options.
+    let step = |name: &str, word: &str, then: &str| {
+        sh_task(
+            name,
+            &format!("log=$(sed -n 's/^log: //p'); echo {word} >> $log; {then}"),
+        )
+    };
+    let config = format!(
+        "tasks:\n{}{}{}{}{}{}{}{}flows:\n{}{}{}",
+        step("E1", "e1", ""),
+        step("E2", "e2", ""),
+        step("E3", "e3", "exit 1"),
+        step("R1", "r1", ""),
+        step("R2", "r2", ""),
+        step("R3", "r3", ""),
+        // Fails in its first attempt only.
+        step(
+            "E3Once",
+            "e3",
+            &format!("[ -e {m} ] && exit 0; touch {m}; exit 1", m = mark.display())
+        ),
+        step("Plain", "e2", ""),
+        "  reverted:\n    steps:\n      - { name: s1, task: E1, revert: R1 }\n      - { name: s2, task: E2, revert: R2 }\n      - { name: s3, task: E3, revert: R3, try_limit: 2 }\n",
+        "  retried:\n    retry: { times: 1 }\n    steps:\n      - { name: s1, task: E1, revert: R1 }\n      - { name: s2, task: E2, revert: R2 }\n      - { name: s3, task: E3Once, revert: R3, try_limit: 1 }\n",
+        "  skipped:\n    steps:\n      - { name: s1, task: E1, revert: R1 }\n      - { name: s2, task: Plain }\n      - { name: s3, task: E3, try_limit: 1 }\n",
+    );
+    let mut daemon = Daemon::start(&db, "d", &format!("retry_delay: 0s\n{config}"));
+    let reverted = insert_flow(
+        &db,
+        "reverted",
+        Some(&format!("log: {}", reverted_log.display())),
+    )
+    .await;
+    let retried = insert_flow(
+        &db,
+        "retried",
+        Some(&format!("log: {}", retried_log.display())),
+    )
+    .await;
+    let skipped = insert_flow(
+        &db,
+        "skipped",
+        Some(&format!("log: {}", skipped_log.display())),
+    )
+    .await;
+    let flow = wait_for_flow(&db, reverted, "REVERTED", LONG).await;
+    // Step 3 had two tries, then r3 r2 r1, once each.
+    assert_eq!(
+        log_words(&reverted_log),
+        ["e1", "e2", "e3", "e3", "r3", "r2", "r1"]
+    );
+    assert!(
+        flow.result_text
+            .as_deref()
+            .unwrap()
+            .contains("step 3 (s3) ended FAILED"),
+        "{flow:?}"
+    );
+    let flow = wait_for_flow(&db, retried, "FINISHED", LONG).await;
+    assert_eq!(
+        log_words(&retried_log),
+        ["e1", "e2", "e3", "r3", "r2", "r1", "e1", "e2", "e3"]
+    );
+    assert_eq!(flow.attempt, 2);
+    // A step without a revert is skipped; a failed step without one too.
+    wait_for_flow(&db, skipped, "REVERTED", LONG).await;
+    assert_eq!(log_words(&skipped_log), ["e1", "e2", "e3", "r1"]);
+    // The board shows the current attempt.
+    let board = db.store.flow_board(retried).await.unwrap().unwrap();
+    assert_eq!(board.steps.len(), 3);
+    assert!(board
+        .steps
+        .iter()
+        .all(|s| s.execute.as_ref().unwrap().result.as_deref() == Some("FINISHED")));
+    assert!(board.steps.iter().all(|s| s.revert.is_none()));
+    assert_eq!(board.steps[0].executes_all_attempts, 2);
+    assert!(daemon.stop().success());
+}
+
+async fn revert_exhausted_ends_the_flow_failed_with_an_error_line_and_no_later_revert(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let log = db.scratch.join("steps.log");
+    let config = format!(
+        "tasks:\n{}{}{}{}{}{}  Alert:\n    command: [/bin/cat]\nflows:\n  broken:\n    on_exhausted: Alert\n    steps:\n      - {{ name: s1, task: E1, revert: R1 }}\n      - {{ name: s2, task: E2, revert: R2, try_limit: 1 }}\n      - {{ name: s3, task: E3, revert: R3, try_limit: 1 }}\n",
+        logging_task("E1", &log, "e1", ""),
+        logging_task("E2", &log, "e2", ""),
+        logging_task("E3", &log, "e3", "exit 3"),
+        logging_task("R1", &log, "r1", ""),
+        logging_task("R2", &log, "r2", "echo cannot undo >&2; exit 4"),
+        logging_task("R3", &log, "r3", ""),
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    let id = insert_flow(&db, "broken", None).await;
+    let flow = wait_for_flow(&db, id, "FAILED", LONG).await;
+    let text = flow.result_text.unwrap();
+    assert!(
+        text.contains("revert of step 2 (s2, R2) ended FAILED"),
+        "{text}"
+    );
+    // The alert ran once, with the flow's summary.
+    db.wait_for_count(
+        &format!(
+            "SELECT count(*) FROM task_runner_requests WHERE task_class_name = 'Alert' \
+               AND unique_key = 'flow:{id}:exhausted' AND result = 'FINISHED'"
+        ),
+        1,
+        LONG,
+    )
+    .await;
+    assert_eq!(log_words(&log), ["e1", "e2", "e3", "r3", "r2"]);
+    daemon.wait_for_log(&format!("flow {id} (broken) FAILED"), LONG);
+    let line = daemon
+        .log_text()
+        .lines()
+        .find(|line| line.contains(&format!("flow {id} (broken) FAILED")))
+        .unwrap()
+        .to_string();
+    assert!(line.contains("ERROR"), "{line}");
+    // No later revert, even after a few more polls.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(log_words(&log), ["e1", "e2", "e3", "r3", "r2"]);
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE flow_id = {id} AND flow_step = 0 AND flow_action = 'revert'"
+        ))
+        .await,
+        0
+    );
+    assert!(daemon.stop().success());
+}
+
+async fn daemon_killed_during_revert_r2_resumes_at_r2_after_a_restart_and_r1_runs_once(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let log = db.scratch.join("steps.log");
+    let mark = db.scratch.join("r2-started");
+    let config = format!(
+        "tasks:\n{}{}{}{}{}{}flows:\n  deploy:\n    steps:\n      - {{ name: s1, task: E1, revert: R1 }}\n      - {{ name: s2, task: E2, revert: R2 }}\n      - {{ name: s3, task: E3, revert: R3, try_limit: 1 }}\n",
+        logging_task("E1", &log, "e1", ""),
+        logging_task("E2", &log, "e2", ""),
+        logging_task("E3", &log, "e3", "exit 1"),
+        logging_task("R1", &log, "r1", ""),
+        // The first r2 hangs until it is killed.
+        logging_task(
+            "R2",
+            &log,
+            "r2",
+            &format!("[ -e {m} ] && exit 0; touch {m}; exec sleep 600", m = mark.display())
+        ),
+        logging_task("R3", &log, "r3", ""),
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    let id = insert_flow(&db, "deploy", None).await;
+    let r2 = format!(
+        "SELECT count(*) FROM task_runner_requests WHERE flow_id = {id} AND flow_step = 1 \
+           AND flow_action = 'revert' AND result = 'RUNNING' AND pid IS NOT NULL"
+    );
+    db.wait_for_count(&r2, 1, LONG).await;
+    wait_until(LONG, "r2 to start", || mark.exists());
+    let pid = db
+        .scalar(&format!(
+            "SELECT CAST(pid AS BIGINT) FROM task_runner_requests WHERE flow_id = {id} AND flow_step = 1 AND flow_action = 'revert'"
+        ))
+        .await as i32;
+    // The host dies: the daemon and its task.
+    daemon.signal(nix::sys::signal::Signal::SIGKILL);
+    daemon.wait_exit(LONG);
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    wait_until(LONG, "the task to be gone", || !process_exists(pid));
+    assert_eq!(log_words(&log), ["e1", "e2", "e3", "r3", "r2"]);
+    let restarted = Instant::now();
+    let mut daemon = Daemon::start(&db, "d", &config);
+    let flow = wait_for_flow(&db, id, "REVERTED", LONG).await;
+    let resumed = db
+        .scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE flow_id = {id} AND flow_step = 1 \
+               AND flow_action = 'revert' AND tries = 2 AND result = 'FINISHED'"
+        ))
+        .await;
+    println!(
+        "flow {id} resumed at r2 and ended {:?} {:.2}s after the daemon's restart",
+        flow.state,
+        restarted.elapsed().as_secs_f64()
+    );
+    assert_eq!(resumed, 1);
+    assert_eq!(log_words(&log), ["e1", "e2", "e3", "r3", "r2", "r2", "r1"]);
+    assert!(daemon.stop().success());
+}
+
+async fn flow_with_unknown_name_or_bad_options_ends_failed_saying_why(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let config = "flows:\n  typed:\n    steps:\n      - { name: only, task: NoOp }\n    options:\n      port: { type: integer }\n";
+    let mut daemon = Daemon::start(&db, "d", config);
+    let unknown = insert_flow(&db, "nosuch", None).await;
+    let badly_typed = insert_flow(&db, "typed", Some("port: eighty")).await;
+    let not_yaml = insert_flow(&db, "typed", Some("port: [unclosed")).await;
+    let good = insert_flow(&db, "typed", Some("port: 80")).await;
+    let text = |flow: taskrunner::store::Flow| flow.result_text.unwrap_or_default();
+    assert_eq!(
+        text(wait_for_flow(&db, unknown, "FAILED", LONG).await),
+        "unknown flow `nosuch` (known: typed)"
+    );
+    assert_eq!(
+        text(wait_for_flow(&db, badly_typed, "FAILED", LONG).await),
+        "option port: not a integer"
+    );
+    assert!(text(wait_for_flow(&db, not_yaml, "FAILED", LONG).await)
+        .starts_with("options: not valid YAML"));
+    wait_for_flow(&db, good, "FINISHED", LONG).await;
+    assert!(daemon.stop().success());
+}
+
+async fn flow_cancel_stops_a_flow_and_cancel_revert_reverts_its_finished_steps(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let log = db.scratch.join("steps.log");
+    let config = format!(
+        "tasks:\n{}{}{}{}flows:\n  slow:\n    retry: {{ times: 3 }}\n    steps:\n      - {{ name: s1, task: E1, revert: R1 }}\n      - {{ name: s2, task: Hang, revert: R2 }}\n",
+        sh_task("E1", &format!("echo e1 >> {}", log.display())),
+        sh_task("Hang", &format!("echo hang >> {}; exec sleep 600", log.display())),
+        sh_task("R1", &format!("echo r1 >> {}", log.display())),
+        sh_task("R2", &format!("echo r2 >> {}", log.display())),
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    let running = |id: i64| {
+        format!(
+            "SELECT count(*) FROM task_runner_requests WHERE flow_id = {id} AND flow_step = 1 AND result = 'RUNNING' AND pid IS NOT NULL"
+        )
+    };
+    // Without --revert: CANCELLED at once, the running step stopped.
+    let first = insert_flow(&db, "slow", None).await;
+    db.wait_for_count(&running(first), 1, LONG).await;
+    let (code, out, err) = cli(&db, &["flow", "cancel", &first.to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_for_flow(&db, first, "CANCELLED", Duration::from_secs(1)).await;
+    db.wait_for_count(
+        &format!("SELECT count(*) FROM task_runner_requests WHERE flow_id = {first} AND result = 'CANCELLED'"),
+        1,
+        LONG,
+    )
+    .await;
+    assert_eq!(log_words(&log), ["e1", "hang"]);
+    // With --revert: the running step is stopped, then r2 r1, and no restart.
+    std::fs::remove_file(&log).unwrap();
+    let second = insert_flow(&db, "slow", None).await;
+    db.wait_for_count(&running(second), 1, LONG).await;
+    let (code, out, err) = cli(&db, &["flow", "cancel", &second.to_string(), "--revert"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let flow = wait_for_flow(&db, second, "CANCELLED", LONG).await;
+    assert_eq!(log_words(&log), ["e1", "hang", "r2", "r1"]);
+    assert_eq!(flow.attempt, 1);
+    let (code, _, err) = cli(&db, &["flow", "cancel", &second.to_string()]);
+    assert_eq!(
+        (code, err.trim()),
+        (
+            1,
+            format!("taskrunner-cli: flow {second} is already CANCELLED").as_str()
+        )
+    );
+    assert!(daemon.stop().success());
+}
+
+both_backends!(flow_inserted_from_the_sqlite3_or_psql_command_line_client_runs);
+
+async fn flow_inserted_from_the_sqlite3_or_psql_command_line_client_runs(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let log = db.scratch.join("steps.log");
+    let config = format!(
+        "tasks:\n{}{}flows:\n  deploy:\n    steps:\n      - {{ name: fetch, task: E1 }}\n      - {{ name: install, task: E2 }}\n    options:\n      port: {{ help: port to serve on, default: 8887 }}\n",
+        logging_task("E1", &log, "e1", ""),
+        logging_task("E2", &log, "e2", "sed -n 's/^port: //p'"),
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    let sql = "INSERT INTO task_runner_flows (flow_name, options) VALUES ('deploy', 'port: 8888');";
+    let output = match backend {
+        Backend::Sqlite => std::process::Command::new("sqlite3")
+            .arg(db.url.strip_prefix("sqlite://").unwrap())
+            .arg(sql)
+            .output(),
+        Backend::Postgres => std::process::Command::new("psql")
+            .args([db.url.as_str(), "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output(),
+    }
+    .expect("running the command-line client");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let id = db.scalar("SELECT max(id) FROM task_runner_flows").await;
+    let flow = wait_for_flow(&db, id, "FINISHED", LONG).await;
+    assert_eq!(log_words(&log), ["e1", "e2"]);
+    assert!(flow.store.unwrap().contains("port: 8888"));
+    let printed = db
+        .scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE flow_id = {id} AND flow_step = 1 AND result_text = '8888'"
+        ))
+        .await;
+    assert_eq!(printed, 1);
+    assert!(daemon.stop().success());
+}
+
+/// Host loss (PostgreSQL, two daemons with different host ids): during
+/// step 2, daemon A and its task's process group are killed -9; daemon B
+/// takes the row over once A's lease lapses, runs step 2 again and ends the
+/// flow. Step 1 never runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_loss_during_step_two_is_resumed_by_the_other_host_within_the_lease() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let log = db.scratch.join("steps.log");
+    let mark = db.scratch.join("e2-started");
+    let tasks = format!(
+        "tasks:\n{}{}{}flows:\n  deploy:\n    steps:\n      - {{ name: fetch, task: E1 }}\n      - {{ name: install, task: E2 }}\n      - {{ name: restart, task: E3 }}\n",
+        logging_task("E1", &log, "e1", ""),
+        // The first e2 hangs until its host dies.
+        logging_task(
+            "E2",
+            &log,
+            "e2",
+            &format!("[ -e {m} ] && exit 0; touch {m}; exec sleep 600", m = mark.display())
+        ),
+        logging_task("E3", &log, "e3", ""),
+    );
+    let extra =
+        |host: &str| format!("host_id: {host}\nreap_interval: 1s\nlease_timeout: 5s\n{tasks}");
+    let mut daemons = [
+        Daemon::start(&db, "a", &extra("host-a")),
+        Daemon::start(&db, "b", &extra("host-b")),
+    ];
+    let id = insert_flow(&db, "deploy", None).await;
+    wait_until(LONG, "step 2 to start", || mark.exists());
+    let step2 = format!(
+        "FROM task_runner_requests WHERE flow_id = {id} AND flow_step = 1 AND flow_action = 'execute'"
+    );
+    db.wait_for_count(
+        &format!("SELECT count(*) {step2} AND pid IS NOT NULL"),
+        1,
+        LONG,
+    )
+    .await;
+    let pid = db
+        .scalar(&format!("SELECT CAST(pid AS BIGINT) {step2}"))
+        .await as i32;
+    let on_b = db
+        .scalar(&format!("SELECT count(*) {step2} AND host = 'host-b'"))
+        .await
+        == 1;
+    let (lost, survivor) = if on_b { (1, 0) } else { (0, 1) };
+    let killed = Instant::now();
+    daemons[lost].signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    daemons[lost].wait_exit(LONG);
+    db.wait_for_count(&format!("SELECT count(*) {step2} AND tries = 2"), 1, LONG)
+        .await;
+    let taken_over = killed.elapsed();
+    let flow = wait_for_flow(&db, id, "FINISHED", LONG).await;
+    println!(
+        "host loss: step 2 claimed again by the other host {:.2}s after the kill (lease_timeout 5s); flow finished {:.2}s after it",
+        taken_over.as_secs_f64(),
+        killed.elapsed().as_secs_f64()
+    );
+    assert_eq!(log_words(&log), ["e1", "e2", "e2", "e3"]);
+    assert_eq!(flow.attempt, 1);
+    let survivor_host = if survivor == 0 { "host-a" } else { "host-b" };
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) {step2} AND host = '{survivor_host}' AND result = 'FINISHED'"
+        ))
+        .await,
+        1
+    );
+    assert!(taken_over < Duration::from_secs(20), "{taken_over:?}");
+    assert!(daemons[survivor].stop().success());
+}
