@@ -513,3 +513,104 @@ async fn host_loss_during_step_two_is_resumed_by_the_other_host_within_the_lease
     assert!(taken_over < Duration::from_secs(20), "{taken_over:?}");
     assert!(daemons[survivor].stop().success());
 }
+
+both_backends!(flow_post_help_and_the_board_match_their_golden_files);
+
+/// Compares `actual` with `tests/golden/NAME`; `TASKRUNNER_BLESS=1`
+/// rewrites the file instead.
+fn golden(name: &str, actual: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/golden")
+        .join(name);
+    if std::env::var_os("TASKRUNNER_BLESS").is_some() {
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (TASKRUNNER_BLESS=1 writes it)", path.display()));
+    assert_eq!(
+        actual, expected,
+        "{name} differs from its golden file (TASKRUNNER_BLESS=1 rewrites it)\n--- actual:\n{actual}"
+    );
+}
+
+async fn flow_post_help_and_the_board_match_their_golden_files(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let log = db.scratch.join("steps.log");
+    let config = format!(
+        "host_id: host-a\nretry_delay: 0s\ntasks:\n{}{}{}{}{}flows:\n{}{}",
+        logging_task("Fetch", &log, "e1", "echo /tmp/artifact-1.tar"),
+        logging_task("Install", &log, "e2", ""),
+        logging_task("Restart", &log, "e3", "echo port in use >&2; exit 1"),
+        logging_task("Unfetch", &log, "r1", ""),
+        logging_task("Uninstall", &log, "r2", ""),
+        "  deploy:\n    help: fetch, install and restart the web server\n    steps:\n      - { name: fetch, task: Fetch, revert: Unfetch, provides: artifact }\n      - { name: install, task: Install, revert: Uninstall }\n      - { name: restart, task: Restart, try_limit: 2 }\n    options:\n      port: { help: port to serve on, default: 8887 }\n      host: { help: interface to listen on, type: string, required: true }\n      verbose: { help: log every request, default: false }\n",
+        "  cleanup:\n    retry: { times: 2 }\n    steps:\n      - { name: sweep, task: Install }\n",
+    );
+    let dir = db.scratch.join("cli");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config_path = dir.join("taskrunner.yml");
+    std::fs::write(&config_path, merge_yaml(&base_config(&db, &dir), &config)).unwrap();
+    let config_arg = config_path.to_string_lossy().to_string();
+    let run = |args: &[&str]| {
+        let mut all = vec!["--config", config_arg.as_str()];
+        all.extend_from_slice(args);
+        cli(&db, &all)
+    };
+    let (code, out, err) = run(&["flow", "post", "deploy", "--help"]);
+    assert_eq!(code, 0, "{err}");
+    golden("flow_post_deploy_help.txt", &out);
+    let (code, out, err) = run(&["flow", "post", "--help"]);
+    assert_eq!(code, 0, "{err}");
+    golden("flow_post_help.txt", &out);
+    // Options are read as their declared types; bad ones are usage errors.
+    let (code, _, err) = run(&["flow", "post", "deploy", "--port", "eighty", "--host", "::"]);
+    assert_eq!(code, 2);
+    assert_eq!(
+        err.trim(),
+        "taskrunner-cli: flow post deploy: --port: `eighty` is not a integer"
+    );
+    let (code, _, err) = run(&["flow", "post", "deploy", "--port", "80"]);
+    assert_eq!(
+        (code, err.trim()),
+        (2, "taskrunner-cli: flow post deploy: option host: required")
+    );
+    let (code, _, err) = run(&["flow", "post", "nosuch"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("no flow `nosuch` in the config (flows: cleanup, deploy)"),
+        "{err}"
+    );
+    let (code, out, err) = run(&[
+        "flow",
+        "post",
+        "deploy",
+        "--host",
+        "127.0.0.1",
+        "--verbose",
+        "yes",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let id: i64 = out.trim().parse().unwrap();
+    let flow = db.store.flow(id).await.unwrap().unwrap();
+    assert_eq!(
+        flow.options.as_deref(),
+        Some("host: 127.0.0.1\nverbose: true\n")
+    );
+    // Before a daemon takes it, the board shows the declared steps.
+    let (code, out, err) = run(&["flow", "show", &id.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    golden("flow_show_waiting.txt", &out);
+    let mut daemon = Daemon::start_with_config(&config_path, &[]);
+    daemon.wait_ready();
+    wait_for_flow(&db, id, "REVERTED", LONG).await;
+    let (code, out, err) = run(&["flow", "show", &id.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    golden("flow_show_reverted.txt", &out);
+    let (code, out, _) = run(&["flow", "list"]);
+    assert_eq!(code, 0);
+    assert!(out.lines().nth(1).unwrap().contains("REVERTED"), "{out}");
+    let (code, _, err) = run(&["flow", "show", "999"]);
+    assert_eq!((code, err.trim()), (1, "taskrunner-cli: no flow 999"));
+    assert!(daemon.stop().success());
+}

@@ -341,7 +341,7 @@ impl Definition {
         let width = self.options.keys().map(|k| k.len()).max().unwrap_or(0) + 2;
         for (option, decl) in &self.options {
             let mut line = format!("  --{option:<width$}");
-            line += decl.kind().map_or("", |k| k.name());
+            line += &format!("{:<7}", decl.kind().map_or("", |k| k.name()));
             if let Some(help) = &decl.help {
                 line += &format!("  {help}");
             }

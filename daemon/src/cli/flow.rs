@@ -243,16 +243,17 @@ fn render_list(flows: &[Flow]) -> String {
     out
 }
 
-fn row_cells(row: Option<&StepRow>) -> [String; 3] {
+fn row_cells(row: Option<&StepRow>) -> [String; 4] {
     match row {
-        None => ["-".into(), String::new(), String::new()],
+        None => [String::new(), "-".into(), String::new(), String::new()],
         Some(row) => {
             let mut state = row.result.clone().unwrap_or_else(|| "PENDING".into());
             if row.exhausted {
                 state += " (exhausted)";
             }
             [
-                format!("{state} #{}", row.id),
+                format!("#{}", row.id),
+                state,
                 row.host
                     .clone()
                     .map(|h| crate::escape::one_line(&h))
@@ -306,12 +307,12 @@ pub fn render_board(board: &FlowBoard, declared: Option<&Definition>) -> String 
             })
             .collect()
     };
-    // One line per execute and revert: [tree, name, task, state, host, tries, note].
+    // One line per execute and revert: [tree, name, task, request, state, host, tries, note].
     let mut lines: Vec<Vec<String>> = Vec::new();
     for (index, (name, task, revert, provides)) in steps.iter().enumerate() {
         let last = index + 1 == steps.len();
         let on_board = board.steps.get(index);
-        let [state, host, tries] = row_cells(on_board.and_then(|s| s.execute.as_ref()));
+        let [id, state, host, tries] = row_cells(on_board.and_then(|s| s.execute.as_ref()));
         let mut note = String::new();
         if let (Some(key), Some(value)) = (provides, on_board.and_then(|s| s.provided.as_ref())) {
             note = format!("{key}: {}", crate::escape::one_line(value));
@@ -325,17 +326,19 @@ pub fn render_board(board: &FlowBoard, declared: Option<&Definition>) -> String 
             format!("{} {}.", if last { "└─" } else { "├─" }, index + 1),
             name.clone(),
             task.clone(),
+            id,
             state,
             host,
             tries,
             note,
         ]);
         if let Some(revert) = revert {
-            let [state, host, tries] = row_cells(on_board.and_then(|s| s.revert.as_ref()));
+            let [id, state, host, tries] = row_cells(on_board.and_then(|s| s.revert.as_ref()));
             lines.push(vec![
                 format!("{}  └─", if last { " " } else { "│" }),
                 "revert".into(),
                 revert.clone(),
+                id,
                 state,
                 host,
                 tries,
