@@ -7,10 +7,14 @@
 //!   here → exit code) and `taskrunner-builtin-tasks` (the built-in types).
 //! - [`config`]: file + flags + environment → one validated [`config::Config`].
 //! - [`request`]: ids, states, the backoff rule.
+//! - [`flow`]: flows as declared (`flows:`): steps, retry, typed options,
+//!   `flow post` help; pure.
 //! - [`store`]: every query; [`store::sql`] holds the claim and the fenced writes;
 //!   [`store::diagnose`] turns database errors into one line with the remedy;
 //!   `store/repair.rs` rebuilds tables loaded from a Rails `schema.rb`;
-//!   [`store::compose`] is the one finalization path (batches, callbacks).
+//!   [`store::compose`] is the one finalization path (batches, callbacks);
+//!   [`store::flow`] is the flow step machine it calls (next step, reverts,
+//!   restart, end) and `Store::flow_board`, the board's data.
 //! - [`daemon`]: `taskrunnerd` while it runs: starts the parts in
 //!   `daemon/` and shuts them down in order. Nothing else in the crate
 //!   exists only while the daemon runs.
@@ -69,7 +73,9 @@
 //!   row, a batch's counts and end, cancelled siblings, a periodic row's
 //!   next occurrence) is written by `Store::finalize` in the transaction
 //!   that records that outcome, under the lock of the parent batch row
-//!   (`grep -n "fn finalize\|fn settle" daemon/src/store/compose.rs`).
+//!   (`grep -n "fn finalize\|fn settle" daemon/src/store/compose.rs`); a
+//!   flow step's next row or its flow's end likewise, under the flow row's
+//!   lock (`grep -n "fn advance_flow" daemon/src/store/flow.rs`).
 //! - Nothing a row contains can name a program or crash the daemon: rows
 //!   name a type, the config maps types to programs, and columns are read
 //!   leniently.
