@@ -541,6 +541,7 @@ both_backends!(
     auth_asks_for_the_user_and_password,
     purge_deletes_only_final_rows_older_than_asked,
     daemons_show_idle_silent_stopped_and_unregistered_ones,
+    an_action_is_logged_with_the_remote_address_and_the_user,
 );
 
 #[test]
@@ -561,6 +562,95 @@ fn the_web_page_refuses_a_public_address_without_auth() {
     assert!(taskrunner::web::check_listen("127.0.0.1:1".parse().unwrap(), false).is_ok());
     assert!(taskrunner::web::check_listen("[::1]:1".parse().unwrap(), false).is_ok());
     assert!(taskrunner::web::check_listen("10.0.0.1:1".parse().unwrap(), true).is_ok());
+}
+
+/// One HTTP request on loopback with `headers`; the status code and body.
+fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    // The daemon binds its listener a moment after it logs its start.
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut stream = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(stream) => break stream,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(error) => panic!("nothing listens on port {port}: {error}"),
+        }
+    };
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    let status = reply
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+async fn an_action_is_logged_with_the_remote_address_and_the_user(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let id = insert_failed(&db, "a: 1").await;
+    let port = free_port();
+    let hash = bcrypt::hash("correct horse", 4).unwrap();
+    let daemon = Daemon::start(
+        &db,
+        "logged",
+        &format!("http:\n  listen: 127.0.0.1:{port}\n  auth:\n    user: ops\n    password_hash: '{hash}'\n"),
+    );
+    // ops:correct horse
+    let auth = ("Authorization", "Basic b3BzOmNvcnJlY3QgaG9yc2U=");
+    let (status, page) = http_request(port, "GET", &format!("/requests/{id}"), &[auth], "");
+    assert_eq!(status, 200, "{page}");
+    let origin = format!("http://127.0.0.1:{port}");
+    let (status, reply) = http_request(
+        port,
+        "POST",
+        &format!("/requests/{id}/retry"),
+        &[
+            auth,
+            ("Origin", &origin),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        &format!("csrf={}", csrf_of(&page)),
+    );
+    assert!(status == 200 || status == 303, "{status} {reply}");
+    let deadline = std::time::Instant::now() + WAIT;
+    let line = loop {
+        if let Some(line) = daemon.log_text().lines().find(|l| l.contains("web action")) {
+            break line.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no action logged:\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        line.contains("user=ops") && line.contains("remote=127.0.0.1:"),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("request={id}")) && line.contains("retry"),
+        "{line}"
+    );
 }
 
 async fn daemons_show_idle_silent_stopped_and_unregistered_ones(backend: Backend) {
