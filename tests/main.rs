@@ -18,4 +18,5 @@ mod preload;
 mod rails;
 mod scheduling;
 mod sdk;
+mod spawning;
 mod web;

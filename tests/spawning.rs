@@ -1,0 +1,102 @@
+//! Starting tries off the runtime's thread: the daemon's spawner threads
+//! start processes while the runtime reaps and records others. Statuses stay
+//! each try's own, nothing is left unreaped, and every process dies with a
+//! killed daemon whichever spawner thread started it.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::util::{process_exists, wait_until, zombie_children, Backend, Daemon, TestDb};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+both_backends!(
+    many_short_tries_at_once_each_end_with_their_own_status_and_leave_no_zombie,
+    a_killed_daemon_takes_down_tries_started_by_every_spawner_thread,
+);
+
+/// 120 short tries, 8 at a time, of three kinds that end differently:
+/// each row gets its own process's end, and no zombie is left.
+async fn many_short_tries_at_once_each_end_with_their_own_status_and_leave_no_zombie(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "max_concurrent: 8\ntasks:\n  Ok:\n    command: [/bin/sh, -c, 'echo ok $TASKRUNNER_REQUEST_ID']\n  Exit3:\n    command: [/bin/sh, -c, 'echo three >&2; exit 3']\n  Killed:\n    command: [/bin/sh, -c, 'kill -9 $$']\n",
+    );
+    let kinds = ["Ok", "Exit3", "Killed"];
+    let values: Vec<String> = (0..120)
+        .map(|i| format!("('{}', 1)", kinds[i % 3]))
+        .collect();
+    db.execute(&format!(
+        "INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES {}",
+        values.join(", ")
+    ))
+    .await;
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE result IN ('FINISHED', 'FAILED', 'CRASHED')",
+        120,
+        WAIT,
+    )
+    .await;
+    for (kind, result, pattern) in [
+        ("Ok", "FINISHED", "ok %"),
+        ("Exit3", "FAILED", "exit status 3%three%"),
+        ("Killed", "CRASHED", "killed by signal 9 (SIGKILL)%"),
+    ] {
+        let matching = db
+            .scalar(&format!(
+                "SELECT count(*) FROM task_runner_requests WHERE task_class_name = '{kind}' \
+                 AND result = '{result}' AND tries = 1 AND pid IS NULL \
+                 AND result_text LIKE '{pattern}'"
+            ))
+            .await;
+        assert_eq!(matching, 40, "{kind}: every try {result}, {pattern:?}");
+    }
+    // Each Ok try printed its own request's id.
+    assert_eq!(
+        db.scalar(
+            "SELECT count(DISTINCT result_text) FROM task_runner_requests WHERE task_class_name = 'Ok'"
+        )
+        .await,
+        40
+    );
+    wait_until(Duration::from_secs(5), "no zombie children", || {
+        zombie_children(daemon.pid()).is_empty()
+    });
+    assert!(daemon.stop().success(), "log:\n{}", daemon.log_text());
+}
+
+/// Six tries running at once (started by whichever spawner thread was
+/// free): kill -9 of the daemon takes every one of them down.
+async fn a_killed_daemon_takes_down_tries_started_by_every_spawner_thread(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "max_concurrent: 6\ntasks:\n  Hang:\n    command: [/bin/sleep, '60']\n",
+    );
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(db.enqueue("Hang", None).await);
+    }
+    let mut pids = Vec::new();
+    for id in ids {
+        let row = db
+            .wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
+            .await;
+        pids.push(row.pid.unwrap() as i32);
+    }
+    assert_eq!(pids.len(), 6);
+    assert!(pids.iter().all(|&pid| process_exists(pid)));
+    daemon.signal(Signal::SIGKILL);
+    daemon.wait_exit(Duration::from_secs(5));
+    wait_until(
+        Duration::from_secs(5),
+        "every try to die with its daemon",
+        || pids.iter().all(|&pid| !process_exists(pid)),
+    );
+}
