@@ -998,7 +998,7 @@ async fn chaos_hundred_batches_on_four_daemons_with_kill_9_every_two_seconds() {
         );
         // Pacing, not a check: the chaos strikes every 2 s.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let roll = taskrunner::daemon::random_u64();
+        let roll = taskrunner::instance::random_u64();
         if roll % 2 == 0 {
             let n = (roll / 2 % 4) as usize;
             daemons[n].signal(nix::sys::signal::Signal::SIGKILL);

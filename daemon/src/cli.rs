@@ -1094,8 +1094,8 @@ async fn run_command(
                 bail!("no request {id}")
             };
             let (try_number, claimed) = if record {
-                let instance = crate::daemon::new_instance_id(&config.host_id);
-                let token = format!("{instance}:cli");
+                let instance = crate::instance::InstanceId::new(&config.host_id);
+                let token = instance.claim_token("cli");
                 let Some(claimed) = store
                     .claim_one(id, &config.host_id, &instance, &token)
                     .await?

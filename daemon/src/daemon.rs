@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::health::{Backoff, Health};
+use crate::instance::InstanceId;
 use crate::store::{Purpose, Store};
 use crate::supervisor::{Spawner, StopReason};
 use crate::task_types::Registry;
@@ -53,7 +54,7 @@ pub struct Shared {
     pub recorder: Recorder,
     pub health: Arc<Health>,
     /// Unique per daemon process; rows it claims carry it in `claimed_by`.
-    pub instance: String,
+    pub instance: InstanceId,
     pub live: Mutex<Live>,
     /// Poll now: a row was enqueued, a try ended, a delay came due.
     pub wake: Arc<Notify>,
@@ -188,7 +189,7 @@ pub async fn run(
     let wake = Arc::new(Notify::new());
     let (recorder, recorder_done) = Recorder::start(store.clone(), health.clone(), wake.clone());
     let shared = Arc::new(Shared {
-        instance: new_instance_id(&config.host_id),
+        instance: InstanceId::new(&config.host_id),
         config: RwLock::new(Arc::new(config)),
         registry: Arc::new(RwLock::new(Arc::new(registry))),
         store,
@@ -435,47 +436,6 @@ fn is_permanent(error: &anyhow::Error) -> bool {
     })
 }
 
-/// `host:pid:start ticks:boot id:random`, unique across daemons and
-/// restarts. It names the daemon's process exactly, so that the reaper can
-/// tell when the daemon holding a row whose task never started is gone
-/// (see [`holder_identity`]).
-pub fn new_instance_id(host: &str) -> String {
-    let pid = std::process::id();
-    let ticks = crate::procinfo::start_ticks(i64::from(pid)).unwrap_or(0);
-    let boot = crate::procinfo::boot_id();
-    format!("{host}:{pid}:{ticks}:{boot}:{:016x}", random_u64())
-}
-
-/// The process identity of the daemon instance named in `claimed_by`, if it
-/// carries one (instances before 0.1 wrote `host:pid:random`).
-pub fn holder_identity(claimed_by: &str) -> Option<crate::procinfo::Identity> {
-    let mut fields = claimed_by.rsplitn(5, ':');
-    let _random = fields.next()?;
-    let boot = fields.next()?;
-    let ticks: i64 = fields.next()?.parse().ok()?;
-    let pid: i64 = fields.next()?.parse().ok()?;
-    fields.next()?;
-    (!boot.is_empty() && ticks > 0).then(|| crate::procinfo::Identity {
-        pid,
-        boot_id: Some(boot.to_string()),
-        start_ticks: Some(ticks),
-        started_at: None,
-    })
-}
-
-pub fn random_u64() -> u64 {
-    let mut bytes = [0u8; 8];
-    // SAFETY: getrandom writes at most `len` bytes into the buffer.
-    let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if filled != bytes.len() as isize {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        return nanos ^ u64::from(std::process::id()).rotate_left(32);
-    }
-    u64::from_ne_bytes(bytes)
-}
-
 /// SIGHUP: reloads the config file (task types, limits, intervals) without
 /// touching running tasks. A file that does not load is refused, with the
 /// reason, and the old config stays. The database URL, host id, pidfile and
@@ -510,25 +470,5 @@ pub async fn reload(shared: &Arc<Shared>, overrides: &crate::config::Overrides) 
             tracing::error!("config reload refused, keeping the old config: {error:#}")
         }
         Err(error) => tracing::error!("config reload failed: {error}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_instance_id_names_its_daemon_process() {
-        let instance = new_instance_id("web:1");
-        let identity = holder_identity(&instance).expect("an identity");
-        assert_eq!(identity.pid, i64::from(std::process::id()));
-        assert_eq!(identity.boot_id, Some(crate::procinfo::boot_id()));
-        assert_eq!(
-            crate::procinfo::probe(&identity),
-            crate::procinfo::Probe::Alive
-        );
-        // Instances of older daemons carry no identity.
-        assert!(holder_identity("web-1:1234:00000000deadbeef").is_none());
-        assert!(holder_identity("").is_none());
     }
 }

@@ -57,6 +57,7 @@
 //! - [`metrics`]: the Prometheus metrics: the daemon's counters and the
 //!   per-queue gauges read at scrape time.
 //! - [`task_types`]: which program runs a type name.
+//! - [`instance`]: the daemon instance id (`claimed_by`) and the claim token.
 //! - [`procinfo`]: process identity (boot id, start ticks) and the pid probe.
 //! - [`service`]: pidfile, `--daemonize`, systemd notification.
 //! - [`cli`]: `taskrunner-cli`'s flags and commands.
@@ -97,6 +98,7 @@ pub mod daemon;
 pub mod escape;
 pub mod flow;
 pub mod health;
+pub mod instance;
 pub mod metrics;
 pub mod procinfo;
 pub mod reaper;

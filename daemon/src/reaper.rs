@@ -76,7 +76,7 @@ pub async fn reap(
     // Rows whose task never started (claimed ahead, or ended before its pid
     // was written): their daemon's own process identity tells.
     for (id, claim_token, claimed_by) in store.unstarted_on_host(host, own_instance).await? {
-        let Some(holder) = crate::daemon::holder_identity(&claimed_by) else {
+        let Some(holder) = crate::instance::InstanceId::holder_identity(&claimed_by) else {
             continue;
         };
         let Probe::Dead(why) = procinfo::probe(&holder) else {

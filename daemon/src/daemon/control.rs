@@ -214,7 +214,7 @@ async fn status(shared: &Shared) -> Status {
         version: env!("CARGO_PKG_VERSION").to_string(),
         pid: std::process::id(),
         host: config.host_id.clone(),
-        instance: shared.instance.clone(),
+        instance: shared.instance.to_string(),
         database: shared.store.display_url.clone(),
         uptime_seconds: shared.started.elapsed().as_secs_f64(),
         max_concurrent: config.max_concurrent,

@@ -8,13 +8,15 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
-use super::scheduler::AHEAD_MAX_WAIT;
 use super::slots::{Slot, Slots};
 use crate::attempt::{self, TryInput, Verdict};
 use crate::daemon::{LiveTry, Shared};
 use crate::request::{Claimed, State};
 use crate::store::Write;
 use crate::supervisor::StopReason;
+
+/// A row claimed ahead that has found no free slot after this long is given back.
+pub(super) const AHEAD_MAX_WAIT: Duration = Duration::from_secs(1);
 
 /// How a try ended, as the scheduler counts it.
 pub(super) struct TryEnd {

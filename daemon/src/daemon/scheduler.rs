@@ -8,7 +8,7 @@
 //! once instead of waiting for a claim, and one claim statement serves
 //! several tasks. How far ahead it claims is bounded by how long those rows
 //! would wait ([`claim_ahead`]); a row claimed ahead that still finds no slot
-//! after [`AHEAD_MAX_WAIT`] is given back (INTERRUPTED, its try not counted),
+//! after [`AHEAD_MAX_WAIT`](super::executor::AHEAD_MAX_WAIT) is given back (INTERRUPTED, its try not counted),
 //! and so is every such row when the daemon shuts down. No claim ahead is made
 //! with `queues:` configured, or for task types with a concurrency limit.
 
@@ -30,9 +30,6 @@ const AHEAD_HORIZON: Duration = Duration::from_millis(50);
 
 /// At most this many rows per slot are claimed ahead.
 const AHEAD_PER_SLOT: usize = 16;
-
-/// A row claimed ahead that has found no free slot after this long is given back.
-pub const AHEAD_MAX_WAIT: Duration = Duration::from_secs(1);
 
 /// The batch repair pass runs on each poll and wake-up, but at most this often
 /// (a wake-up comes with every try that ends).
@@ -180,7 +177,7 @@ pub async fn run(shared: Arc<Shared>) {
         }
         if (idle_slots > 0 || refill) && paused.is_none() {
             claim_counter += 1;
-            let token = format!("{}:{claim_counter}", shared.instance);
+            let token = shared.instance.claim_token(claim_counter);
             let budget = (config.max_concurrent + ahead).saturating_sub(claimed);
             let round = claim_round(
                 &shared,
@@ -343,7 +340,7 @@ async fn claim_round(
             .collect()
     };
     let store = &shared.store;
-    let (host, instance) = (config.host_id.as_str(), shared.instance.as_str());
+    let (host, instance) = (config.host_id.as_str(), &*shared.instance);
     let mut claimed = Vec::new();
     let mut all_filled = true;
     for (queue, mut room) in queues {

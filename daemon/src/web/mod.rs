@@ -119,8 +119,8 @@ impl Web {
             auth,
             csrf: format!(
                 "{:016x}{:016x}",
-                crate::daemon::random_u64(),
-                crate::daemon::random_u64()
+                crate::instance::random_u64(),
+                crate::instance::random_u64()
             ),
             verified: Mutex::new(Vec::new()),
         })
