@@ -28,7 +28,7 @@ mod slots;
 mod tries;
 mod wakeup;
 
-pub use tries::{Live, LiveTry};
+use tries::Tries;
 
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -55,7 +55,7 @@ pub struct Shared {
     pub health: Arc<Health>,
     /// Unique per daemon process; rows it claims carry it in `claimed_by`.
     pub instance: InstanceId,
-    pub live: Mutex<Live>,
+    pub tries: Arc<Tries>,
     /// Poll now: a row was enqueued, a try ended, a delay came due.
     pub wake: Arc<Notify>,
     /// Look for cancel requests now rather than at the next heartbeat: a
@@ -89,27 +89,11 @@ impl Shared {
     /// a scrape never waits for the daemon's SQLite writer, nor it for a scrape).
     pub async fn metrics_text(&self, store: &Store) -> Result<String> {
         self.metrics.set_daemon_state(
-            self.live().len(),
+            self.tries.len(),
             self.config().max_concurrent,
             self.health.errors(),
         );
         crate::metrics::render(store, &self.queue_gauges, Some(&self.metrics)).await
-    }
-
-    pub fn live(&self) -> std::sync::MutexGuard<'_, Live> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Asks every running try to stop, for `reason`; a shutdown also stops
-    /// tries registered later (claimed just as the drain time ran out).
-    pub fn stop_all(&self, reason: StopReason) {
-        let mut live = self.live();
-        if reason == StopReason::Shutdown {
-            live.stopping = Some(reason);
-        }
-        for entry in live.values() {
-            entry.stop.send_replace(Some(reason));
-        }
     }
 }
 
@@ -196,7 +180,7 @@ pub async fn run(
         spawner,
         recorder,
         health,
-        live: Mutex::new(Live::default()),
+        tries: Arc::default(),
         wake,
         check_cancels: Notify::new(),
         stop_claiming: CancellationToken::new(),
@@ -331,7 +315,7 @@ pub async fn run(
         }
     }
     let config = shared.config();
-    let running = shared.live().len();
+    let running = shared.tries.len();
     tracing::info!(
         running,
         "shutting down: no new claims; waiting up to {} for running tasks",
@@ -343,7 +327,7 @@ pub async fn run(
         drained = wait_until_idle(&shared, config.shutdown_timeout) => drained,
         _ = shared.stop_now.cancelled() => {
             tracing::warn!(
-                running = shared.live().len(),
+                running = shared.tries.len(),
                 "second stop request: stopping the running tasks now (they will run again)"
             );
             false
@@ -352,11 +336,11 @@ pub async fn run(
     if !drained {
         if !shared.stop_now.is_cancelled() {
             tracing::warn!(
-                running = shared.live().len(),
+                running = shared.tries.len(),
                 "shutdown_timeout passed: stopping the remaining tasks (they will run again)"
             );
         }
-        shared.stop_all(StopReason::Shutdown);
+        shared.tries.stop_all(StopReason::Shutdown);
         let longest_grace = config
             .tasks
             .values()
@@ -411,7 +395,7 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 async fn wait_until_idle(shared: &Shared, limit: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        if shared.live().is_empty() {
+        if shared.tries.is_empty() {
             return true;
         }
         if tokio::time::Instant::now() >= deadline {

@@ -11,7 +11,7 @@ use interprocess::local_socket::{GenericFilePath, ListenerOptions};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
-use crate::control::{RunningTask, Status};
+use crate::control::Status;
 use crate::daemon::Shared;
 
 /// Longest request line accepted.
@@ -175,11 +175,7 @@ async fn answer(
 fn peer_task(shared: &Shared, connection: &Stream) -> Option<i64> {
     let pid = i64::from(connection.peer_creds().ok()?.pid()?);
     let daemon = i64::from(std::process::id());
-    let groups: Vec<i64> = shared
-        .live()
-        .values()
-        .filter_map(|live| live.pid.map(i64::from))
-        .collect();
+    let groups = shared.tries.pids();
     let mut current = pid;
     // Up the parent chain: a task process is a descendant of the daemon.
     for _ in 0..64 {
@@ -197,18 +193,7 @@ fn peer_task(shared: &Shared, connection: &Stream) -> Option<i64> {
 
 async fn status(shared: &Shared) -> Status {
     let config = shared.config();
-    let running = shared
-        .live()
-        .iter()
-        .map(|(id, live)| RunningTask {
-            id: id.0,
-            task: live.task.clone(),
-            pid: live.pid,
-            r#try: live.try_number,
-            seconds: live.started.elapsed().as_secs_f64(),
-            progress: live.progress.borrow().clone(),
-        })
-        .collect();
+    let running = shared.tries.status();
     let next_poll = *shared.next_poll.lock().unwrap_or_else(|e| e.into_inner());
     Status {
         version: env!("CARGO_PKG_VERSION").to_string(),

@@ -9,8 +9,9 @@ use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
 use super::slots::{Slot, Slots};
+use super::tries::LiveTry;
 use crate::attempt::{self, TryInput, Verdict};
-use crate::daemon::{LiveTry, Shared};
+use crate::daemon::Shared;
 use crate::request::{Claimed, State};
 use crate::store::Write;
 use crate::supervisor::StopReason;
@@ -66,11 +67,10 @@ async fn run_claimed(
     let config = shared.config();
     let (stop_sender, mut stop) = watch::channel(None);
     let (progress_sender, progress) = watch::channel(None);
-    shared.live().insert(
+    shared.tries.insert(
         row.id,
         LiveTry {
             task: row.task_class_name.clone(),
-            queue: row.queue.clone(),
             claim_token: row.claim_token.clone(),
             pid: None,
             started: std::time::Instant::now(),
@@ -87,16 +87,14 @@ async fn run_claimed(
     });
     if let Some(verdict) = verdict {
         drop(slot);
-        shared.live().remove(&row.id);
+        shared.tries.remove(row.id);
         tracing::info!("{}", verdict.result_text);
         let outcome = attempt::outcome(&row, &verdict, &config);
         shared.recorder.send(Write::Outcome(outcome));
         return ((verdict.state, false), None);
     }
     let started = std::time::Instant::now();
-    if let Some(live) = shared.live().get_mut(&row.id) {
-        live.started = started;
-    }
+    shared.tries.started(row.id, started);
     let context = attempt::Context {
         config: config.clone(),
         registry: shared.registry.clone(),
@@ -111,9 +109,7 @@ async fn run_claimed(
         batch_id: row.batch_for_env(),
     };
     let on_running = |spawned: &crate::supervisor::Spawned| {
-        if let Some(live) = shared.live().get_mut(&row.id) {
-            live.pid = Some(spawned.pid);
-        }
+        shared.tries.running(row.id, spawned.pid);
         tracing::debug!(pid = spawned.pid, "started");
         shared.recorder.send(Write::Pid {
             id: row.id,
@@ -134,7 +130,7 @@ async fn run_claimed(
         on_exit,
     )
     .await;
-    shared.live().remove(&row.id);
+    shared.tries.remove(row.id);
     if let Some(took) = verdict.spawn_took {
         shared.metrics.spawned(took);
     }

@@ -47,14 +47,14 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             // A local `cancel` asked: renew early, which reads the cancels.
             _ = shared.check_cancels.notified() => {}
             _ = sleep_until_opt(fence_deadline), if !fenced => {
-                let running = shared.live().len();
+                let running = shared.tries.len();
                 if running > 0 {
                     tracing::error!(
                         running,
                         "no heartbeat renewal for {:.1}s: killing this daemon's tasks before their lease lapses, so that no other daemon runs them at the same time",
                         last_renewal.elapsed().as_secs_f64()
                     );
-                    shared.stop_all(StopReason::LostClaim);
+                    shared.tries.stop_all(StopReason::LostClaim);
                 }
                 fenced = true;
                 continue;
@@ -64,11 +64,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         panic_when_told_by_a_test();
         // Which tries were running before the renewal: a claim made while
         // it ran must not be taken for a lost one.
-        let before: Vec<(crate::request::RequestId, String)> = shared
-            .live()
-            .iter()
-            .map(|(id, live)| (*id, live.claim_token.clone()))
-            .collect();
+        let before = shared.tries.claims();
         let renewal = tokio::time::timeout(
             config.heartbeat_interval.max(Duration::from_secs(1)),
             shared.store.renew_heartbeats(&shared.instance),
@@ -91,29 +87,20 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             .iter()
             .map(|h| (h.id, h.claim_token.as_str()))
             .collect();
-        strays = {
-            let live = shared.live();
-            for h in held.iter().filter(|h| h.cancel_requested) {
-                if let Some(live) = live.get(&h.id) {
-                    if live.stop.borrow().is_none() {
-                        tracing::info!(request = %h.id, "cancel requested: stopping the task");
-                        live.stop.send_replace(Some(StopReason::Cancel));
-                    }
-                }
+        for h in held.iter().filter(|h| h.cancel_requested) {
+            if shared.tries.cancel(h.id) {
+                tracing::info!(request = %h.id, "cancel requested: stopping the task");
             }
-            for (id, token) in &before {
-                if let Some(live) = live.get(id) {
-                    if live.claim_token == *token && !still_held.contains(&(*id, token.as_str())) {
-                        tracing::error!(request = %id, "this daemon no longer holds the row (reaped or taken over): killing its task");
-                        live.stop.send_replace(Some(StopReason::LostClaim));
-                    }
-                }
+        }
+        for (id, token) in &before {
+            if !still_held.contains(&(*id, token.as_str())) && shared.tries.lost(*id, token) {
+                tracing::error!(request = %id, "this daemon no longer holds the row (reaped or taken over): killing its task");
             }
-            give_back_strays(&shared, &live, &held, strays)
-        };
+        }
+        strays = give_back_strays(&shared, &held, strays);
         write_progress(&shared);
         // The daemon's own row, for the web page only.
-        let running = shared.live().len();
+        let running = shared.tries.len();
         if let Err(error) = shared
             .store
             .daemon_heartbeat(&shared.instance, running)
@@ -131,16 +118,12 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
 /// the row, so it never overwrites a try's own outcome.
 fn give_back_strays(
     shared: &Shared,
-    live: &crate::daemon::Live,
     held: &[crate::store::Held],
     previous: HashMap<crate::request::RequestId, String>,
 ) -> HashMap<crate::request::RequestId, String> {
     let strays: HashMap<crate::request::RequestId, String> = held
         .iter()
-        .filter(|h| {
-            live.get(&h.id)
-                .is_none_or(|l| l.claim_token != h.claim_token)
-        })
+        .filter(|h| !shared.tries.runs(h.id, &h.claim_token))
         .map(|h| (h.id, h.claim_token.clone()))
         .collect();
     let lost: Vec<(crate::request::RequestId, String)> = strays
@@ -186,17 +169,12 @@ fn panic_when_told_by_a_test() {
 
 /// Queues a fenced write for every try whose progress changed.
 fn write_progress(shared: &Shared) {
-    let mut live = shared.live();
-    for (id, entry) in live.iter_mut() {
-        let latest = entry.progress.borrow().clone();
-        if latest.is_some() && latest != entry.progress_written {
-            entry.progress_written = latest.clone();
-            shared.recorder.send(Write::Progress {
-                id: *id,
-                claim_token: entry.claim_token.clone(),
-                text: latest.unwrap_or_default(),
-            });
-        }
+    for progress in shared.tries.take_progress() {
+        shared.recorder.send(Write::Progress {
+            id: progress.id,
+            claim_token: progress.claim_token,
+            text: progress.text,
+        });
     }
 }
 

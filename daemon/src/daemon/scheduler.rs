@@ -159,7 +159,11 @@ pub async fn run(shared: Arc<Shared>) {
         let (running, waiting) = slots.fill(config.max_concurrent);
         let claimed = running + waiting;
         let ahead = if config.queues.is_empty() {
-            claim_ahead(config.max_concurrent, typical_run, oldest_running(&shared))
+            claim_ahead(
+                config.max_concurrent,
+                typical_run,
+                shared.tries.oldest_running(),
+            )
         } else {
             0
         };
@@ -295,17 +299,6 @@ fn claim_ahead(max_concurrent: usize, typical_run: Option<Duration>, oldest: Dur
     let per_slot = typical.max(oldest).max(Duration::from_micros(100));
     let rows = AHEAD_HORIZON.as_secs_f64() * max_concurrent as f64 / per_slot.as_secs_f64();
     (rows as usize).min(AHEAD_PER_SLOT * max_concurrent)
-}
-
-/// How long the oldest running try has been running.
-fn oldest_running(shared: &Shared) -> Duration {
-    let oldest = shared
-        .live()
-        .values()
-        .filter(|live| live.pid.is_some())
-        .map(|live| live.started)
-        .min();
-    oldest.map(|started| started.elapsed()).unwrap_or_default()
 }
 
 /// Claims up to `budget` rows: per served queue (each within its own

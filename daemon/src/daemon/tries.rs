@@ -1,17 +1,21 @@
-//! The tries this daemon runs.
+//! The tries this daemon runs: each from its claim until its outcome is
+//! queued. The executor registers and removes them; the heartbeat stops
+//! those cancelled or lost; `status` lists them; the drain waits for them.
+//! Every method takes the lock for itself, and none hands it out.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::control::RunningTask;
 use crate::request::RequestId;
 use crate::supervisor::StopReason;
 
 /// A try this daemon is running.
 pub struct LiveTry {
     pub task: String,
-    pub queue: String,
     pub claim_token: String,
     pub pid: Option<u32>,
     pub started: Instant,
@@ -24,31 +28,172 @@ pub struct LiveTry {
 
 /// The tries this daemon runs, and the stop order every new one must obey.
 #[derive(Default)]
-pub struct Live {
-    pub tries: BTreeMap<RequestId, LiveTry>,
-    /// Set by [`Shared::stop_all`]: a try registered afterwards is stopped at once.
-    pub stopping: Option<StopReason>,
+pub struct Tries {
+    inner: Mutex<Inner>,
 }
 
-impl Live {
+#[derive(Default)]
+struct Inner {
+    tries: BTreeMap<RequestId, LiveTry>,
+    /// Set by [`Tries::stop_all`] at a shutdown: a try registered afterwards
+    /// is stopped at once.
+    stopping: Option<StopReason>,
+}
+
+/// A progress line to write to a try's row.
+pub struct Progress {
+    pub id: RequestId,
+    pub claim_token: String,
+    pub text: String,
+}
+
+impl Tries {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Registers a try, stopping it at once if every try has been told to stop.
-    pub fn insert(&mut self, id: RequestId, live: LiveTry) {
-        if let Some(reason) = self.stopping {
+    pub fn insert(&self, id: RequestId, live: LiveTry) {
+        let mut inner = self.lock();
+        if let Some(reason) = inner.stopping {
             live.stop.send_replace(Some(reason));
         }
-        self.tries.insert(id, live);
+        inner.tries.insert(id, live);
     }
-}
 
-impl std::ops::Deref for Live {
-    type Target = BTreeMap<RequestId, LiveTry>;
-    fn deref(&self) -> &Self::Target {
-        &self.tries
+    pub fn remove(&self, id: RequestId) {
+        self.lock().tries.remove(&id);
     }
-}
 
-impl std::ops::DerefMut for Live {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.tries
+    /// The try got its slot: its clock starts now.
+    pub fn started(&self, id: RequestId, at: Instant) {
+        if let Some(live) = self.lock().tries.get_mut(&id) {
+            live.started = at;
+        }
+    }
+
+    /// The try's process runs, as `pid`.
+    pub fn running(&self, id: RequestId, pid: u32) {
+        if let Some(live) = self.lock().tries.get_mut(&id) {
+            live.pid = Some(pid);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().tries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().tries.is_empty()
+    }
+
+    /// Asks every running try to stop, for `reason`; a shutdown also stops
+    /// tries registered later (claimed just as the drain time ran out).
+    pub fn stop_all(&self, reason: StopReason) {
+        let mut inner = self.lock();
+        if reason == StopReason::Shutdown {
+            inner.stopping = Some(reason);
+        }
+        for live in inner.tries.values() {
+            live.stop.send_replace(Some(reason));
+        }
+    }
+
+    /// A user asked to cancel `id`: stops its try unless it is stopping
+    /// already. True if it was told to stop now.
+    pub fn cancel(&self, id: RequestId) -> bool {
+        let inner = self.lock();
+        match inner.tries.get(&id) {
+            Some(live) if live.stop.borrow().is_none() => {
+                live.stop.send_replace(Some(StopReason::Cancel));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// This daemon no longer holds `id` under `claim_token`: stops its try
+    /// if it still runs under that claim. True if it was told to stop.
+    pub fn lost(&self, id: RequestId, claim_token: &str) -> bool {
+        let inner = self.lock();
+        match inner.tries.get(&id) {
+            Some(live) if live.claim_token == claim_token => {
+                live.stop.send_replace(Some(StopReason::LostClaim));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a try of this daemon runs `id` under `claim_token`.
+    pub fn runs(&self, id: RequestId, claim_token: &str) -> bool {
+        self.lock()
+            .tries
+            .get(&id)
+            .is_some_and(|live| live.claim_token == claim_token)
+    }
+
+    /// Every try with the claim token it runs under.
+    pub fn claims(&self) -> Vec<(RequestId, String)> {
+        self.lock()
+            .tries
+            .iter()
+            .map(|(id, live)| (*id, live.claim_token.clone()))
+            .collect()
+    }
+
+    /// The progress lines that changed since they were last taken.
+    pub fn take_progress(&self) -> Vec<Progress> {
+        let mut inner = self.lock();
+        let mut changed = Vec::new();
+        for (id, live) in inner.tries.iter_mut() {
+            let latest = live.progress.borrow().clone();
+            if latest.is_some() && latest != live.progress_written {
+                live.progress_written = latest.clone();
+                changed.push(Progress {
+                    id: *id,
+                    claim_token: live.claim_token.clone(),
+                    text: latest.unwrap_or_default(),
+                });
+            }
+        }
+        changed
+    }
+
+    /// How long the oldest try whose process runs has been running.
+    pub fn oldest_running(&self) -> Duration {
+        let oldest = self
+            .lock()
+            .tries
+            .values()
+            .filter(|live| live.pid.is_some())
+            .map(|live| live.started)
+            .min();
+        oldest.map(|started| started.elapsed()).unwrap_or_default()
+    }
+
+    /// The pids of the tries' processes (each leads its process group).
+    pub fn pids(&self) -> Vec<i64> {
+        self.lock()
+            .tries
+            .values()
+            .filter_map(|live| live.pid.map(i64::from))
+            .collect()
+    }
+
+    /// The tries as `status` shows them.
+    pub fn status(&self) -> Vec<RunningTask> {
+        self.lock()
+            .tries
+            .iter()
+            .map(|(id, live)| RunningTask {
+                id: id.0,
+                task: live.task.clone(),
+                pid: live.pid,
+                r#try: live.try_number,
+                seconds: live.started.elapsed().as_secs_f64(),
+                progress: live.progress.borrow().clone(),
+            })
+            .collect()
     }
 }
