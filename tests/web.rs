@@ -108,6 +108,10 @@ async fn every_page_renders_with_a_strict_policy(backend: Backend) {
         format!("/requests?before={failed}"),
         format!("/requests/{failed}"),
         "/daemons".into(),
+        "/batches".into(),
+        "/flows".into(),
+        "/flows?before=5".into(),
+        "/requests?flow=1".into(),
         "/schedules".into(),
         "/bulk?action=retry&state=FAILED".into(),
         "/metrics".into(),
@@ -542,6 +546,7 @@ both_backends!(
     purge_deletes_only_final_rows_older_than_asked,
     daemons_show_idle_silent_stopped_and_unregistered_ones,
     an_action_is_logged_with_the_remote_address_and_the_user,
+    a_flow_board_shows_each_step_its_revert_and_what_it_provided,
 );
 
 #[test]
@@ -705,6 +710,75 @@ async fn daemons_show_idle_silent_stopped_and_unregistered_ones(backend: Backend
     assert!(daemon.stop().success());
     let page = get(&web, "/daemons").await.body;
     assert!(line_of(&page, "idle-host").contains(">stopped<"), "{page}");
+}
+
+async fn a_flow_board_shows_each_step_its_revert_and_what_it_provided(backend: Backend) {
+    use crate::flows::{insert_flow, sh_task, wait_for_flow};
+    let db = TestDb::new(backend).await;
+    let config = format!(
+        "retry_delay: 0s\ntasks:\n{}{}{}flows:\n  deploy:\n    steps:\n      - {{ name: fetch, task: Fetch, revert: Unfetch, provides: artifact }}\n      - {{ name: install, task: Install, try_limit: 1 }}\n",
+        sh_task("Fetch", "echo artifact-7"),
+        sh_task("Unfetch", "true"),
+        sh_task("Install", "echo disk full >&2; exit 1"),
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    let id = insert_flow(&db, "deploy", None).await;
+    wait_for_flow(&db, id, "REVERTED", WAIT).await;
+    assert!(daemon.stop().success());
+    let web = web_router(&db, "");
+    let list = get(&web, "/flows").await;
+    assert_eq!(list.status, StatusCode::OK, "{}", list.body);
+    assert!(
+        list.body
+            .contains(&format!("<a href=\"/flows/{id}\">{id}</a>")),
+        "{}",
+        list.body
+    );
+    assert!(list.body.contains("REVERTED"), "{}", list.body);
+    let board = get(&web, &format!("/flows/{id}")).await;
+    assert_eq!(board.status, StatusCode::OK, "{}", board.body);
+    let rows: Vec<&str> = board.body.split("<tr").collect();
+    let row_of = |needle: &str| -> &str {
+        rows.iter()
+            .find(|row| row.contains(needle))
+            .unwrap_or_else(|| panic!("no board row with {needle}: {}", board.body))
+    };
+    let fetch = row_of("<td>Fetch</td>");
+    assert!(
+        fetch.contains("FINISHED") && fetch.contains("artifact: artifact-7"),
+        "{fetch}"
+    );
+    assert!(row_of("<td>Unfetch</td>").contains("FINISHED"));
+    assert!(row_of("<td>Install</td>").contains("FAILED (exhausted)"));
+    // Its rows, from the board's link and from the CLI.
+    let requests = get(&web, &format!("/requests?flow={id}")).await.body;
+    assert_eq!(
+        requests.matches("<a href=\"/requests/").count(),
+        3,
+        "{requests}"
+    );
+    let (status, listed, stderr) = cli(&db, &["list", "--flow", &id.to_string(), "--json"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(listed.lines().count(), 3, "{listed}");
+    let (_, table, _) = cli(&db, &["list", "--flow", &id.to_string()]);
+    assert!(
+        table.contains(&format!("[flow {id} step 1 revert]")),
+        "{table}"
+    );
+    // A step's own page links back to its flow.
+    let step_id = serde_json::from_str::<serde_json::Value>(listed.lines().last().unwrap())
+        .unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let page = get(&web, &format!("/requests/{step_id}")).await.body;
+    assert!(
+        page.contains(&format!("<a href=\"/flows/{id}\">{id}</a>")),
+        "{page}"
+    );
+    assert_eq!(
+        get(&web, "/flows/999999").await.status,
+        StatusCode::NOT_FOUND
+    );
 }
 
 // ---- /metrics ----

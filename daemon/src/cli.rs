@@ -91,6 +91,9 @@ struct RowFilter {
     /// Only the members of this batch, and its callback
     #[arg(long, value_name = "ID")]
     batch: Option<i64>,
+    /// Only the step and revert rows of this flow
+    #[arg(long, value_name = "ID")]
+    flow: Option<i64>,
 }
 
 impl RowFilter {
@@ -100,6 +103,7 @@ impl RowFilter {
             && self.queue.is_none()
             && self.host.is_none()
             && self.batch.is_none()
+            && self.flow.is_none()
     }
 
     fn query(&self, limit: i64) -> ListQuery {
@@ -109,6 +113,7 @@ impl RowFilter {
             queue: self.queue.clone(),
             host: self.host.clone(),
             batch: self.batch,
+            flow: self.flow,
             limit,
         }
     }
@@ -907,7 +912,8 @@ async fn select_ids(
 ) -> Result<Vec<RequestId>> {
     if !ids.is_empty() && !filter.is_empty() {
         return Err(crate::UsageError(
-            "give ids or a filter (--result, --task, --queue, --host, --batch), not both".into(),
+            "give ids or a filter (--result, --task, --queue, --host, --batch, --flow), not both"
+                .into(),
         )
         .into());
     }
@@ -1204,12 +1210,24 @@ pub fn render_table(rows: &[Request]) -> String {
             .map(|p| format!("progress: {p}"))
             .or_else(|| row.result_text.as_deref().map(summary_of))
             .unwrap_or_default();
-        // Where the row belongs: its batch, or what created it (a callback).
+        // Where the row belongs: its batch or flow, or what created it (a callback).
         let link = match (row.batch_id, row.callback_of, row.callback_of_batch) {
             (Some(batch), _, _) => format!("[batch {batch}] "),
             (None, _, Some(batch)) => format!("[callback of batch {batch}] "),
             (None, Some(parent), None) => format!("[callback of {parent}] "),
-            (None, None, None) => String::new(),
+            (None, None, None) => match (row.flow_id, row.flow_step) {
+                (Some(flow), Some(step)) => format!(
+                    "[flow {flow} step {}{}] ",
+                    step + 1,
+                    if row.flow_action.as_deref() == Some("revert") {
+                        " revert"
+                    } else {
+                        ""
+                    }
+                ),
+                (Some(flow), None) => format!("[flow {flow}] "),
+                _ => String::new(),
+            },
         };
         let summary = format!("{link}{summary}");
         lines.push([
@@ -1328,6 +1346,15 @@ pub fn render_show(r: &Request) -> String {
         (
             "callback_of_batch",
             r.callback_of_batch.map_or_else(none, |b| b.to_string()),
+        ),
+        ("flow_id", r.flow_id.map_or_else(none, |f| f.to_string())),
+        (
+            "flow_step",
+            match (r.flow_step, r.flow_action.as_deref()) {
+                (Some(step), Some(action)) => format!("{step} ({action})"),
+                (Some(step), None) => step.to_string(),
+                _ => none(),
+            },
         ),
         (
             "options",

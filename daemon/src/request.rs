@@ -171,6 +171,12 @@ pub struct Request {
     pub callback_of: Option<i64>,
     /// The batch whose end created this row (a batch's callback).
     pub callback_of_batch: Option<i64>,
+    /// The flow this row is a step (or a step's revert) of.
+    pub flow_id: Option<i64>,
+    /// Its step's index in the flow, from 0.
+    pub flow_step: Option<i64>,
+    /// `execute` or `revert`.
+    pub flow_action: Option<String>,
 }
 
 /// Delay before the next try after `tries` failed tries:

@@ -153,14 +153,14 @@ pub async fn run(
         },
         FlowCommand::List { limit } => {
             let store = open()?;
-            print!("{}", render_list(&store.list_flows(limit).await?));
+            print!("{}", render_list(&store.list_flows(None, limit).await?));
         }
         FlowCommand::Show { id } => {
             let store = open()?;
             let ids: Vec<i64> = match id {
                 Some(id) => vec![id],
                 None => {
-                    let flows = store.list_flows(50).await?;
+                    let flows = store.list_flows(None, 50).await?;
                     let active: Vec<i64> = flows
                         .iter()
                         .filter(|f| f.finished_at.is_none())

@@ -179,7 +179,7 @@ impl FlowSql {
             ),
             flow_row: format!("SELECT {columns} FROM task_runner_flows WHERE id = $1"),
             list_flows: format!(
-                "SELECT {columns} FROM task_runner_flows ORDER BY id DESC LIMIT $1"
+                "SELECT {columns} FROM task_runner_flows WHERE ($2 IS NULL OR id < $2) ORDER BY id DESC LIMIT $1"
             ),
             step_by_key: format!(
                 "SELECT {}, result, result_text, {} FROM task_runner_requests WHERE unique_key = $1",
@@ -728,12 +728,13 @@ impl Store {
         }))
     }
 
-    /// The newest flows.
-    pub async fn list_flows(&self, limit: i64) -> Result<Vec<Flow>> {
+    /// The newest flows (older than the flow `before`, for paging).
+    pub async fn list_flows(&self, before: Option<i64>, limit: i64) -> Result<Vec<Flow>> {
         let f = self.flow_sql();
         Ok(on_pool!(self, pool => {
             sqlx::query(f.list_flows.as_str())
                 .bind(limit)
+                .bind(before)
                 .fetch_all(pool)
                 .await?
                 .iter()

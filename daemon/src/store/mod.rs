@@ -268,6 +268,8 @@ pub struct ListQuery {
     pub host: Option<String>,
     /// Only this batch's members and its callback.
     pub batch: Option<i64>,
+    /// Only this flow's step and revert rows.
+    pub flow: Option<i64>,
     /// At most this many rows, newest first.
     pub limit: i64,
 }
@@ -386,6 +388,9 @@ fn request_from_row(row: &impl RowExt) -> sqlx::Result<Request> {
         on_failure: row.opt_text(27)?,
         callback_of: row.opt_int(28)?,
         callback_of_batch: row.opt_int(29)?,
+        flow_id: row.opt_int(30)?,
+        flow_step: row.opt_int(31)?,
+        flow_action: row.opt_text(32)?,
     })
 }
 
@@ -1064,6 +1069,7 @@ impl Store {
                 .bind(text(&query.host))
                 .bind(text(&query.state))
                 .bind(query.batch.unwrap_or(0))
+                .bind(query.flow.unwrap_or(0))
                 .fetch_all(pool)
                 .await?
                 .iter()

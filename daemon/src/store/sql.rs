@@ -318,6 +318,9 @@ impl Sql {
             "on_failure".into(),
             int("callback_of"),
             int("callback_of_batch"),
+            int("flow_id"),
+            int("flow_step"),
+            "flow_action".into(),
         ]
         .join(", ");
         let select_requests = format!("SELECT {columns} FROM task_runner_requests");
@@ -475,6 +478,7 @@ impl Sql {
                   WHERE ($2 = '' OR task_class_name = $2) AND ($3 = '' OR queue = $3) \
                     AND ($4 = '' OR host = $4) \
                     AND ($6 = 0 OR batch_id = $6 OR callback_of_batch = $6) \
+                    AND ($7 = 0 OR flow_id = $7) \
                     AND ($5 = '' \
                          OR ($5 = 'pending' AND result IS NULL) \
                          OR ($5 = 'retrying' AND {RUNNABLE} AND result IS NOT NULL) \

@@ -131,6 +131,8 @@ pub struct BatchRow {
 pub struct RequestFilter {
     /// Members of this batch (`batch_id`; only where batches exist).
     pub batch: Option<i64>,
+    /// Step and revert rows of this flow (`flow_id`).
+    pub flow: Option<i64>,
     /// A state of SPEC.md, or `PENDING` for never run.
     pub state: Option<String>,
     pub task: Option<String>,
@@ -460,6 +462,9 @@ impl Store {
         let mut indexed = Vec::new();
         if let Some(batch) = filter.batch {
             indexed.push(("batch_id = $N".to_string(), Some(Bind::Int(batch))));
+        }
+        if let Some(flow) = filter.flow {
+            indexed.push(("flow_id = $N".to_string(), Some(Bind::Int(flow))));
         }
         match filter.state.as_deref() {
             Some("PENDING") => indexed.push(("result IS NULL".to_string(), None)),

@@ -182,6 +182,8 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/purge", post(purge))
         .route("/batches", get(batches))
         .route("/batches/{id}", get(batch))
+        .route("/flows", get(flows))
+        .route("/flows/{id}", get(flow))
         .route("/daemons", get(daemons))
         .route("/schedules", get(schedules))
         .route("/metrics", get(metrics))
@@ -431,6 +433,9 @@ pub struct FilterQuery {
     /// A batch id (members of that batch), where batches exist.
     #[serde(default)]
     pub batch: String,
+    /// A flow id (its step and revert rows).
+    #[serde(default)]
+    pub flow: String,
     pub before: Option<i64>,
     #[serde(default)]
     pub action: String,
@@ -443,6 +448,7 @@ impl FilterQuery {
         let some = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_string());
         RequestFilter {
             batch: self.batch.trim().parse().ok(),
+            flow: self.flow.trim().parse().ok(),
             state: some(&self.state).map(|s| s.to_uppercase()),
             task: some(&self.task),
             queue: some(&self.queue),
@@ -640,6 +646,46 @@ async fn purge(
 #[derive(Deserialize)]
 struct Before {
     before: Option<i64>,
+}
+
+/// Flows, newest first, where the table exists (migration 0007).
+async fn flows(State(web): State<Arc<Web>>, Query(page): Query<Before>) -> PageResult {
+    if !web.store.table_exists("task_runner_flows").await? {
+        return Ok(pages::message(
+            &chrome(&web),
+            "This database has no flows table yet (taskrunner-cli migrate adds it).",
+        )
+        .into_response());
+    }
+    let flows = web
+        .store
+        .list_flows(page.before, crate::store::web::PAGE_SIZE + 1)
+        .await?;
+    Ok(html(pages::flows(&chrome(&web), &flows)))
+}
+
+/// One flow's board.
+async fn flow(State(web): State<Arc<Web>>, Path(id): Path<String>) -> PageResult {
+    let Ok(id) = id.parse::<i64>() else {
+        return Ok((
+            StatusCode::BAD_REQUEST,
+            pages::error_page("a flow id is a number"),
+        )
+            .into_response());
+    };
+    let board = if web.store.table_exists("task_runner_flows").await? {
+        web.store.flow_board(id).await?
+    } else {
+        None
+    };
+    match board {
+        Some(board) => Ok(html(pages::flow(&chrome(&web), &board))),
+        None => Ok((
+            StatusCode::NOT_FOUND,
+            pages::error_page(&format!("no flow {id}")),
+        )
+            .into_response()),
+    }
 }
 
 /// Batches with their progress, where the table exists (migration 0005).

@@ -7,6 +7,7 @@ use maud::{html, Markup, DOCTYPE};
 use super::{Chrome, FilterQuery};
 use crate::request::{Request, State};
 use crate::store::compose::CallbackRow;
+use crate::store::flow::{Flow, FlowBoard, StepRow};
 use crate::store::web::{
     BatchRow, DaemonRow, MinuteBucket, QueueStats, RequestPage, ScheduleSlots, BULK_LIMIT,
     SCAN_WINDOW,
@@ -31,6 +32,7 @@ fn layout(chrome: &Chrome, title: &str, body: Markup) -> Markup {
                     a href="/" { "Overview" }
                     a href="/requests" { "Requests" }
                     a href="/batches" { "Batches" }
+                    a href="/flows" { "Flows" }
                     a href="/daemons" { "Daemons" }
                     a href="/schedules" { "Schedules" }
                     a href="/metrics" { "Metrics" }
@@ -264,6 +266,7 @@ pub fn requests(chrome: &Chrome, query: &FilterQuery, page: &RequestPage) -> Mar
         ("host", query.host.as_str()),
         ("text", query.text.as_str()),
         ("batch", query.batch.as_str()),
+        ("flow", query.flow.as_str()),
     ];
     let filters = form_urlencoded_pairs(&filter_pairs);
     let next_link = page.next_before.map(|before| {
@@ -290,6 +293,7 @@ pub fn requests(chrome: &Chrome, query: &FilterQuery, page: &RequestPage) -> Mar
                 label { "host " input name="host" value=(query.host) size="10"; }
                 label { "text " input name="text" value=(query.text) size="14"; }
                 label { "batch " input name="batch" value=(query.batch) size="6"; }
+                label { "flow " input name="flow" value=(query.flow) size="6"; }
                 button type="submit" { "Filter" }
                 a href="/requests" { "clear" }
             }
@@ -385,6 +389,7 @@ pub fn request(chrome: &Chrome, row: &Request, callbacks: &[CallbackRow]) -> Mar
     // Where the row belongs, as links: its batch, or what created it.
     let links: Vec<(&str, String, i64)> = [
         ("batch_id", "batches", row.batch_id),
+        ("flow_id", "flows", row.flow_id),
         ("callback_of", "requests", row.callback_of),
         ("callback_of_batch", "batches", row.callback_of_batch),
     ]
@@ -450,6 +455,7 @@ pub fn bulk_preview(chrome: &Chrome, query: &FilterQuery, count: i64) -> Markup 
                     input type="hidden" name="host" value=(query.host);
                     input type="hidden" name="text" value=(query.text);
                     input type="hidden" name="batch" value=(query.batch);
+                    input type="hidden" name="flow" value=(query.flow);
                     button type="submit" { (query.action) " " (count) " requests" }
                 }
             }
@@ -522,6 +528,124 @@ pub fn batches(chrome: &Chrome, batches: &[BatchRow]) -> Markup {
                     p { a.next href=(format!("/batches?before={}", last.id)) { "Older →" } }
                 }
             }
+        },
+    )
+}
+
+pub fn flows(chrome: &Chrome, flows: &[Flow]) -> Markup {
+    let shown = &flows[..flows.len().min(crate::store::web::PAGE_SIZE as usize)];
+    layout(
+        chrome,
+        "Flows",
+        html! {
+            table {
+                thead { tr { th.num { "id" } th { "flow" } th { "state" } th.num { "attempt" } th.num { "step" } th { "created" } th { "finished" } th { "result" } } }
+                tbody {
+                    @for flow in shown {
+                        tr {
+                            td.num { a href=(format!("/flows/{}", flow.id)) { (flow.id) } }
+                            td { (flow.name) }
+                            td { (flow_state_label(flow)) }
+                            td.num { (flow.attempt.max(1)) }
+                            td.num { (flow.current_step.map(|s| (s + 1).to_string()).unwrap_or_default()) }
+                            td.time { (flow.created_at.as_deref().unwrap_or("")) }
+                            td.time { (flow.finished_at.as_deref().unwrap_or("")) }
+                            td.text { (first_line(flow.result_text.as_deref().unwrap_or(""), 100)) }
+                        }
+                    }
+                }
+            }
+            @if shown.is_empty() { p { "No flow yet." } }
+            @if flows.len() > shown.len() {
+                @if let Some(last) = shown.last() {
+                    p { a.next href=(format!("/flows?before={}", last.id)) { "Older →" } }
+                }
+            }
+        },
+    )
+}
+
+fn flow_state_label(flow: &Flow) -> String {
+    let state = flow.state.as_deref().unwrap_or("WAITING");
+    if flow.cancel_requested && matches!(state, "RUNNING" | "REVERTING") {
+        format!("{state} (cancel requested)")
+    } else {
+        state.to_string()
+    }
+}
+
+/// One execute or revert row on the board: its id, state, host and tries.
+fn board_cells(row: Option<&StepRow>) -> Markup {
+    html! {
+        @match row {
+            Some(row) => {
+                @let state = if row.exhausted {
+                    format!("{} (exhausted)", state_label(row.result.as_deref()))
+                } else {
+                    state_label(row.result.as_deref()).to_string()
+                };
+                td.num { a href=(format!("/requests/{}", row.id)) { (row.id) } }
+                td { span class=(format!("state {}", state_label(row.result.as_deref()).to_lowercase())) { (state) } }
+                td { (row.host.as_deref().unwrap_or("")) }
+                td.num { (row.tries) "/" (row.try_limit) }
+            }
+            None => { td {} td { "not started" } td {} td {} }
+        }
+    }
+}
+
+/// The board of one flow: each step with its execute and, under it, its
+/// revert, the step running now marked; then the flow's store.
+pub fn flow(chrome: &Chrome, board: &FlowBoard) -> Markup {
+    let flow = &board.flow;
+    let reverting = flow.state.as_deref() == Some("REVERTING");
+    layout(
+        chrome,
+        &format!("Flow {} · {}", flow.id, flow.name),
+        html! {
+            table.fields {
+                tbody {
+                    tr { th { "state" } td { (flow_state_label(flow)) } }
+                    tr { th { "attempt" } td { (flow.attempt.max(1)) " of " (board.retry_times + 1) } }
+                    tr { th { "created_at" } td { (flow.created_at.as_deref().unwrap_or("")) } }
+                    tr { th { "finished_at" } td { (flow.finished_at.as_deref().unwrap_or("")) } }
+                    tr { th { "result_text" } td { (flow.result_text.as_deref().unwrap_or("")) } }
+                }
+            }
+            p { a href=(format!("/requests?flow={}", flow.id)) { "Every row of this flow (all attempts) →" } }
+            h2 { "Board" }
+            @if board.steps.is_empty() {
+                p { "No daemon has taken this flow yet: its steps are fixed when one does." }
+            } @else {
+                table.board {
+                    thead { tr { th.num { "step" } th { "name" } th { "action" } th { "task" } th.num { "request" } th { "state" } th { "host" } th.num { "tries" } th { "provides" } } }
+                    tbody {
+                        @for step in &board.steps {
+                            tr class=(if step.current && !reverting { "now" } else { "" }) {
+                                td.num { (step.index + 1) }
+                                td { (step.name) }
+                                td { "execute" }
+                                td { (step.task) }
+                                (board_cells(step.execute.as_ref()))
+                                td.text {
+                                    @if let Some(key) = &step.provides {
+                                        (key) ": " (first_line(step.provided.as_deref().unwrap_or(""), 80))
+                                    }
+                                }
+                            }
+                            @if let Some(revert) = &step.revert_task {
+                                tr.revert class=(if step.current && reverting { "now" } else { "" }) {
+                                    td {} td { "└ revert" } td { "revert" } td { (revert) }
+                                    (board_cells(step.revert.as_ref()))
+                                    td {}
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            h2 { "store" }
+            pre { (flow.store.as_deref().or(flow.options.as_deref()).unwrap_or("")) }
         },
     )
 }
