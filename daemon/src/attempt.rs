@@ -4,14 +4,14 @@
 //! rows) and by `taskrunner-cli run` (without a database).
 
 use std::os::unix::process::ExitStatusExt;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::request::{RequestId, State};
 use crate::supervisor::{self, Ended, Launch, Spawned, Spawner, StopReason, Stopped};
-use crate::task_types::Registry;
+use crate::task_types::{Registry, Setup};
 
 /// The outcome to record for a claimed row's try: the backoff for a failed,
 /// crashed or timed-out try, the try given back for an interrupted one.
@@ -98,8 +98,11 @@ pub struct TryInput<'a> {
 
 /// The parts of the daemon (or CLI) a try needs.
 pub struct Context {
+    /// The config this try runs under.
     pub config: Arc<Config>,
-    pub registry: Arc<RwLock<Arc<Registry>>>,
+    /// The current setup: its task types resolve the try's type, and a
+    /// re-read of the programs' task lists is sent back through it.
+    pub setup: watch::Sender<Setup>,
     pub spawner: Spawner,
 }
 
@@ -141,11 +144,7 @@ pub async fn run(
         );
     }
     let Some(resolved) = resolve(context, input.task).await else {
-        let known = context
-            .registry
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .names(&context.config);
+        let known = context.setup.borrow().registry.names(&context.config);
         return Verdict::new(
             State::Failed,
             format!(
@@ -215,11 +214,7 @@ pub fn check_options(options: &[u8]) -> Result<(), String> {
 /// Resolves a type; an unknown one makes us re-read the programs' task lists
 /// first (a deploy may have added it).
 async fn resolve(context: &Context, task: &str) -> Option<crate::task_types::Resolved> {
-    let current = context
-        .registry
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    let current = context.setup.borrow().registry.clone();
     if let Some(resolved) = current.resolve(&context.config, task) {
         return Some(resolved);
     }
@@ -231,7 +226,14 @@ async fn resolve(context: &Context, task: &str) -> Option<crate::task_types::Res
     match reloaded {
         Ok(Ok(registry)) => {
             let resolved = registry.resolve(&context.config, task);
-            *context.registry.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(registry);
+            // Unless a reload brought a newer setup meanwhile.
+            context.setup.send_if_modified(|setup| {
+                let same = Arc::ptr_eq(&setup.config, &context.config);
+                if same {
+                    setup.registry = Arc::new(registry);
+                }
+                same
+            });
             resolved
         }
         Ok(Err(error)) => {

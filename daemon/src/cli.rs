@@ -4,7 +4,6 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -1063,9 +1062,10 @@ async fn run_command(
         let config = config.clone();
         tokio::task::spawn_blocking(move || Registry::load(&config)).await??
     };
+    let setup = crate::task_types::Setup::new(config.clone(), registry);
     let context = attempt::Context {
-        config: Arc::new(config.clone()),
-        registry: Arc::new(RwLock::new(Arc::new(registry))),
+        config: setup.config.clone(),
+        setup: setup.channel(),
         spawner: crate::supervisor::start_spawner()?,
     };
     let (stop_sender, stop) = watch::channel(None);

@@ -30,11 +30,11 @@ mod wakeup;
 
 use tries::Tries;
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -42,13 +42,13 @@ use crate::health::{Backoff, Health};
 use crate::instance::InstanceId;
 use crate::store::{Purpose, Store};
 use crate::supervisor::{Spawner, StopReason};
-use crate::task_types::Registry;
+use crate::task_types::{Registry, Setup};
 use recorder::Recorder;
 
 /// State shared by the daemon's parts.
 pub struct Shared {
-    pub config: RwLock<Arc<Config>>,
-    pub registry: Arc<RwLock<Arc<Registry>>>,
+    /// The config and task types: a reload is one send.
+    pub setup: watch::Sender<Setup>,
     pub store: Store,
     pub spawner: Spawner,
     pub recorder: Recorder,
@@ -78,10 +78,7 @@ pub struct Shared {
 
 impl Shared {
     pub fn config(&self) -> Arc<Config> {
-        self.config
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.setup.borrow().config.clone()
     }
 
     /// The Prometheus text of `/metrics` (and `metrics` on the control socket).
@@ -174,8 +171,7 @@ pub async fn run(
     let (recorder, recorder_done) = Recorder::start(store.clone(), health.clone(), wake.clone());
     let shared = Arc::new(Shared {
         instance: InstanceId::new(&config.host_id),
-        config: RwLock::new(Arc::new(config)),
-        registry: Arc::new(RwLock::new(Arc::new(registry))),
+        setup: Setup::new(config, registry).channel(),
         store,
         spawner,
         recorder,
@@ -200,7 +196,7 @@ pub async fn run(
             max_concurrent = config.max_concurrent,
             priority = crate::supervisor::priority::describe(),
             isolation = crate::supervisor::isolation::describe(),
-            task_types = %shared.registry.read().unwrap_or_else(|e| e.into_inner()).names(&config).join(", "),
+            task_types = %shared.setup.borrow().registry.names(&config).join(", "),
             "taskrunnerd started"
         );
         // For people (the web page's daemons): a failure costs nothing else.
@@ -222,11 +218,7 @@ pub async fn run(
     // down in the SPEC's order and exits 1.
     {
         let config = shared.config();
-        let names = shared
-            .registry
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .names(&config);
+        let names = shared.setup.borrow().registry.names(&config);
         if let Some(warning) = crate::supervisor::isolation::root_warning(&config, &names) {
             tracing::warn!("{warning}");
         }
@@ -443,8 +435,7 @@ pub async fn reload(shared: &Arc<Shared>, overrides: &crate::config::Overrides) 
         Ok(Ok((config, registry))) => {
             let names = registry.names(&config).join(", ");
             shared.store.set_hooks(config.hooks());
-            *shared.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
-            *shared.registry.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(registry);
+            shared.setup.send_replace(Setup::new(config, registry));
             // Preloaded programs boot again with the new config at their next try.
             shared.spawner.retire_preloaded().await;
             shared.wake.notify_one();

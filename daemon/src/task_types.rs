@@ -30,6 +30,29 @@ pub struct Resolved {
     pub preload: bool,
 }
 
+/// The config and the task types it names, as one value: a reload
+/// replaces both in one send (see [`Setup::channel`]).
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub config: std::sync::Arc<Config>,
+    pub registry: std::sync::Arc<Registry>,
+}
+
+impl Setup {
+    pub fn new(config: Config, registry: Registry) -> Setup {
+        Setup {
+            config: std::sync::Arc::new(config),
+            registry: std::sync::Arc::new(registry),
+        }
+    }
+
+    /// The one channel through which the daemon's parts see the current
+    /// setup (and the CLI's one try, its own).
+    pub fn channel(self) -> tokio::sync::watch::Sender<Setup> {
+        tokio::sync::watch::Sender::new(self)
+    }
+}
+
 /// Task type name → how to run it.
 #[derive(Debug, Clone)]
 pub struct Registry {

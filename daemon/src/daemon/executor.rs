@@ -97,7 +97,7 @@ async fn run_claimed(
     shared.tries.started(row.id, started);
     let context = attempt::Context {
         config: config.clone(),
-        registry: shared.registry.clone(),
+        setup: shared.setup.clone(),
         spawner: shared.spawner.clone(),
     };
     let input = TryInput {
