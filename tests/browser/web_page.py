@@ -11,7 +11,8 @@ Twice, once with JavaScript enabled (on `taskrunner-cli web`) and once with it
 disabled (on the daemon's listener): open the overview, filter the requests
 by state, open a FAILED request, click Retry and see the row go RUNNING then
 FINISHED in the database, open a waiting request and click Cancel, open a
-batch's progress from the batches page; then check
+batch's progress from the batches page and a flow's board from the flows
+page; then check
 that the browser logged no Content-Security-Policy violation.
 """
 
@@ -140,6 +141,13 @@ http:
 tasks:
   Flaky:
     command: [/bin/sh, -c, "sleep 1; test -e {self.flag}"]
+  Fetch:
+    command: [/bin/sh, -c, "echo artifact-42"]
+flows:
+  deploy:
+    steps:
+      - {{ name: fetch, task: Fetch, provides: artifact }}
+      - {{ name: restart, task: NoOp }}
 """)
         self.processes = []
 
@@ -217,6 +225,17 @@ def one_pass(setup, driver, base, javascript):
     wait_until("the batch page", lambda: driver.url().endswith(f"/batches/{batch}"))
     page = driver.source()
     assert "<progress" in page and f'href="/requests/{member}"' in page, page[:3000]
+    # A flow's board: from the list of flows to the board, each step FINISHED
+    # and what the first one provided.
+    flow = int(setup.cli("flow", "post", "deploy").strip())
+    wait_until(f"flow {flow} to finish",
+               lambda: "FINISHED" in setup.cli("flow", "show", str(flow)).splitlines()[0])
+    driver.go(base + "/flows")
+    driver.click(f'a[href="/flows/{flow}"]')
+    wait_until("the flow's board", lambda: driver.url().endswith(f"/flows/{flow}"))
+    page = driver.source()
+    assert "table class=\"board\"" in page and "artifact: artifact-42" in page, page[:4000]
+    assert page.count(">FINISHED<") >= 2, page[:4000]
     # The other pages open too.
     for path in ["/daemons", "/schedules", f"/bulk?action=retry&state=CANCELLED"]:
         driver.go(base + path)
