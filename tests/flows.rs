@@ -589,7 +589,7 @@ async fn flow_post_help_and_the_board_match_their_golden_files(backend: Backend)
     let (code, _, err) = run(&["flow", "post", "nosuch"]);
     assert_eq!(code, 2);
     assert!(
-        err.contains("no flow `nosuch` in the config (flows: cleanup, deploy)"),
+        err.contains("no flow `nosuch` in the config or its programs (flows: cleanup, deploy)"),
         "{err}"
     );
     let (code, out, err) = run(&[
@@ -623,5 +623,178 @@ async fn flow_post_help_and_the_board_match_their_golden_files(backend: Backend)
     assert!(out.lines().nth(1).unwrap().contains("REVERTED"), "{out}");
     let (code, _, err) = run(&["flow", "show", "999"]);
     assert_eq!((code, err.trim()), (1, "taskrunner-cli: no flow 999"));
+    assert!(daemon.stop().success());
+}
+
+both_backends!(sdk_flow_started_in_a_transaction_has_its_long_step_killed_rerun_and_is_waited_for);
+
+/// A free loopback port.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET / on 127.0.0.1:`port`: the body and the `X-Try` header, if anything answers.
+fn http_get(port: u16) -> Option<(String, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    let try_number = head
+        .lines()
+        .find_map(|line| line.strip_prefix("X-Try: "))?
+        .to_string();
+    Some((body.to_string(), try_number))
+}
+
+/// The typed store of `simple_http_webserver` at its end.
+#[derive(serde::Deserialize, Debug)]
+struct WebStore {
+    page: String,
+    port: u16,
+    /// What the serving step printed: how many requests its last try answered.
+    served: Option<u64>,
+}
+
+/// The example program's flow (task-sdk, `--list-flows`), started with
+/// `StartFlow` in the application's transaction (rolled back: no flow;
+/// committed: it runs), its long-running step killed -9 and run again by
+/// its tries, and waited for with `wait_for_flow`.
+async fn sdk_flow_started_in_a_transaction_has_its_long_step_killed_rerun_and_is_waited_for(
+    backend: Backend,
+) {
+    use task_sdk::{wait_for_flow, StartFlow};
+    let db = TestDb::new(backend).await;
+    let example = std::path::PathBuf::from(env!("CARGO_BIN_EXE_taskrunnerd"))
+        .parent()
+        .unwrap()
+        .join("example-tasks");
+    assert!(
+        example.is_file(),
+        "run `cargo build --workspace --bins` first"
+    );
+    let mut daemon = Daemon::start(&db, "d", &format!("programs: [{}]\n", example.display()));
+    // The program's flow is known to the CLI too.
+    let config = daemon.config.to_string_lossy().to_string();
+    let (code, out, err) = cli(
+        &db,
+        &[
+            "--config",
+            &config,
+            "flow",
+            "post",
+            "simple_http_webserver",
+            "--help",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("--port     integer  port on 127.0.0.1 [default: 8887]"),
+        "{out}"
+    );
+    let port = free_port();
+    let dir = db.scratch.join("web");
+    #[derive(serde::Serialize)]
+    struct Start {
+        dir: String,
+        port: u16,
+        seconds: u64,
+        message: String,
+    }
+    let options = Start {
+        dir: dir.to_string_lossy().into(),
+        port,
+        seconds: 3,
+        message: "kill me".into(),
+    };
+    macro_rules! start_in_transactions {
+        ($pool:expr) => {{
+            let pool = $pool;
+            let mut tx = pool.begin().await.unwrap();
+            StartFlow::new("simple_http_webserver")
+                .options(&options)
+                .insert(&mut *tx)
+                .await
+                .unwrap();
+            tx.rollback().await.unwrap();
+            let mut tx = pool.begin().await.unwrap();
+            let id = StartFlow::new("simple_http_webserver")
+                .options(&options)
+                .insert(&mut *tx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            id
+        }};
+    }
+    let id = match backend {
+        Backend::Sqlite => {
+            start_in_transactions!(sqlx::SqlitePool::connect(&db.url).await.unwrap())
+        }
+        Backend::Postgres => start_in_transactions!(sqlx::PgPool::connect(&db.url).await.unwrap()),
+    };
+    assert_eq!(db.scalar("SELECT count(*) FROM task_runner_flows").await, 1);
+    let mut answer = None;
+    wait_until(LONG, "the page to be served", || {
+        answer = http_get(port);
+        answer.is_some()
+    });
+    assert_eq!(
+        answer.unwrap(),
+        ("<h1>kill me</h1>\n".to_string(), "1".to_string())
+    );
+    // kill -9 the serving step: CRASHED, run again after retry_delay (1s).
+    let serve = format!(
+        "FROM task_runner_requests WHERE flow_id = {id} AND flow_step = 1 AND flow_action = 'execute'"
+    );
+    db.wait_for_count(
+        &format!("SELECT count(*) {serve} AND pid IS NOT NULL"),
+        1,
+        LONG,
+    )
+    .await;
+    let pid = db
+        .scalar(&format!("SELECT CAST(pid AS BIGINT) {serve}"))
+        .await as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut answer = None;
+    wait_until(LONG, "the page to be served by the second try", || {
+        answer = http_get(port).filter(|(_, try_number)| try_number == "2");
+        answer.is_some()
+    });
+    let ended = wait_for_flow(db.url.as_str(), id, LONG).await.unwrap();
+    assert!(ended.is_success(), "{ended:?}");
+    let store: WebStore = ended.store_as().unwrap();
+    assert_eq!(store.page, dir.join("index.html").to_string_lossy());
+    assert_eq!(store.port, port);
+    assert!(store.served.unwrap() >= 1, "{store:?}");
+    assert_eq!(
+        db.scalar(&format!("SELECT CAST(tries AS BIGINT) {serve}"))
+            .await,
+        2
+    );
+    // The page was written once: step 1 never ran again.
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE flow_id = {id} AND flow_step = 0"
+        ))
+        .await,
+        1
+    );
+    let missing = wait_for_flow(db.url.as_str(), id + 1000, Duration::from_secs(5)).await;
+    assert!(
+        matches!(missing, Err(task_sdk::WaitError::NotFound(_))),
+        "{missing:?}"
+    );
     assert!(daemon.stop().success());
 }

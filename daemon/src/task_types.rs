@@ -59,6 +59,8 @@ pub struct Registry {
     builtin_binary: PathBuf,
     /// Types served by a task-sdk program, and which program.
     from_programs: BTreeMap<String, PathBuf>,
+    /// Flows declared by task-sdk programs (`--list-flows`), by name.
+    program_flows: BTreeMap<String, crate::flow::Definition>,
 }
 
 impl Registry {
@@ -105,12 +107,38 @@ impl Registry {
                 .into());
             }
         }
+        let mut program_flows = BTreeMap::new();
+        for program in &config.programs {
+            for (name, definition) in list_flows(program)? {
+                if config.flows.contains_key(&name) || program_flows.contains_key(&name) {
+                    return Err(UsageError(format!(
+                        "flow `{name}` is declared twice: by {} and by {}",
+                        program.display(),
+                        if config.flows.contains_key(&name) {
+                            "the config's `flows:`"
+                        } else {
+                            "another program"
+                        }
+                    ))
+                    .into());
+                }
+                program_flows.insert(name, definition);
+            }
+        }
         let registry = Registry {
             builtin_binary: builtin_binary_path(),
             from_programs,
+            program_flows,
         };
         // A flow may name a type that only a program registers.
-        if let Err(message) = config.check_flow_types(&registry.names(config)) {
+        let known = registry.names(config);
+        let checked = config.check_flow_types(&known).and_then(|()| {
+            registry
+                .program_flows
+                .iter()
+                .try_for_each(|(name, flow)| flow.check_types(name, &known))
+        });
+        if let Err(message) = checked {
             let origin = config
                 .file
                 .as_ref()
@@ -143,6 +171,13 @@ impl Registry {
             args: Vec::new(),
             settings: config.settings_for(name).clone(),
         })
+    }
+
+    /// Every flow: the config's and those the programs declare.
+    pub fn flows(&self, config: &Config) -> BTreeMap<String, crate::flow::Definition> {
+        let mut flows = config.flows.clone();
+        flows.extend(self.program_flows.clone());
+        flows
     }
 
     /// Every known type name, sorted.
@@ -261,6 +296,34 @@ fn list_tasks(program: &Path) -> Result<Vec<String>> {
         .filter(|line| !line.is_empty())
         .map(str::to_string)
         .collect())
+}
+
+/// Runs `program --list-flows` and reads its flows (YAML, the config's
+/// `flows:` format). A program that does not answer it (exit status not 0:
+/// built with an SDK older than flows) declares none.
+fn list_flows(program: &Path) -> Result<BTreeMap<String, crate::flow::Definition>> {
+    let output = std::process::Command::new(program)
+        .arg("--list-flows")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("asking {} for its flows (--list-flows)", program.display()))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() || text.trim().is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let flows: BTreeMap<String, crate::flow::Definition> =
+        serde_yaml::from_str(&text).map_err(|error| {
+            UsageError(format!(
+                "{} --list-flows: not a flow definition: {error}",
+                program.display()
+            ))
+        })?;
+    for (name, flow) in &flows {
+        flow.check(name).map_err(|message| {
+            UsageError(format!("{} --list-flows: {message}", program.display()))
+        })?;
+    }
+    Ok(flows)
 }
 
 /// The built-in task binary sits beside the running executable

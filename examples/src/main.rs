@@ -2,7 +2,8 @@
 //! `programs:` in `examples/taskrunner.yml`. Three realistic task types
 //! (`WordCount`, `FlakyStep`, `Countdown`) and two that exist for the tests
 //! and for trying things out (`Inspect` echoes its parsed options, `Explode`
-//! panics).
+//! panics), and the flow `simple_http_webserver` (`web_flow.rs`: write a
+//! page, serve it over HTTP; `--list-flows` declares it).
 //!
 //! Try one by hand, without a daemon or a database:
 //! `echo 'from: 3' | TASKRUNNER_TASK=Countdown target/release/example-tasks`
@@ -23,8 +24,14 @@ fn main() -> ExitCode {
         .register(Countdown)
         .register(Inspect)
         .register(Explode)
+        .register(web_flow::WritePage)
+        .register(web_flow::RemovePage)
+        .register(web_flow::ServeHttp)
+        .flow(web_flow::flow())
         .serve()
 }
+
+mod web_flow;
 
 /// Counts the words of a text file and writes a report file: a file in,
 /// a file out, the summary as result_text.

@@ -357,6 +357,78 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     ) -> Pin<Box<dyn Future<Output = sqlx::Result<()>> + Send + 'e>>
     where
         E: Executor<'e, Database = Self> + 'e;
+
+    #[doc(hidden)]
+    fn insert_flow<'e, E>(
+        executor: E,
+        name: String,
+        options: Option<String>,
+    ) -> Pin<Box<dyn Future<Output = sqlx::Result<i64>> + Send + 'e>>
+    where
+        E: Executor<'e, Database = Self> + 'e;
+}
+
+/// A flow to start: a row in `task_runner_flows` naming a flow that the
+/// daemon's config or one of its programs declares ([`crate::Flow`]), with
+/// its options (the store it starts with). A daemon takes it, snapshots
+/// its definition and runs its steps; [`wait_for_flow`](crate::wait_for_flow)
+/// waits for its end.
+///
+/// ```
+/// # use serde::Serialize;
+/// # use task_sdk::StartFlow;
+/// #[derive(Serialize)]
+/// struct Deploy { url: String, port: u16 }
+/// # async fn example(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// let mut tx = pool.begin().await?;
+/// // ... the application's own writes ...
+/// let flow_id = StartFlow::new("deploy")
+///     .options(&Deploy { url: "https://example.com/app.tar".into(), port: 8887 })
+///     .insert(&mut *tx)
+///     .await?;
+/// tx.commit().await?; // the flow exists, and starts, only now
+/// # let _ = flow_id; Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use = "a StartFlow does nothing until it is inserted"]
+pub struct StartFlow {
+    name: String,
+    options: Result<Option<String>, String>,
+}
+
+impl StartFlow {
+    /// The flow named `name`, with no options (the declared defaults apply).
+    pub fn new(name: impl Into<String>) -> StartFlow {
+        StartFlow {
+            name: name.into(),
+            options: Ok(None),
+        }
+    }
+
+    /// Its options, typed: any serializable value that writes a YAML mapping.
+    pub fn options(mut self, options: &impl Serialize) -> StartFlow {
+        self.options = serde_yaml::to_value(options)
+            .and_then(|value| match value {
+                serde_yaml::Value::Null => Ok(None),
+                value => serde_yaml::to_string(&value).map(Some),
+            })
+            .map_err(|error| error.to_string());
+        self
+    }
+
+    /// Inserts the flow through `executor` (a pool, a connection, or the
+    /// caller's transaction: then the flow exists once it commits) and
+    /// returns its id.
+    pub async fn insert<'e, E>(&self, executor: E) -> Result<i64, Error>
+    where
+        E: Executor<'e> + 'e,
+        E::Database: Backend,
+    {
+        let options = self.options.clone().map_err(Error::Options)?;
+        <E::Database as Backend>::insert_flow(executor, self.name.clone(), options)
+            .await
+            .map_err(Error::Database)
+    }
 }
 
 /// The column values of a batch.
@@ -614,6 +686,22 @@ macro_rules! insert_for {
                 .bind(batch.on_failure)
                 .bind(batch.fail_fast)
                 .bind(batch.parent);
+                Box::pin(query.fetch_one(executor))
+            }
+
+            fn insert_flow<'e, E>(
+                executor: E,
+                name: String,
+                options: Option<String>,
+            ) -> Pin<Box<dyn Future<Output = sqlx::Result<i64>> + Send + 'e>>
+            where
+                E: Executor<'e, Database = Self> + 'e,
+            {
+                let query = sqlx::query_scalar::<$database, i64>(
+                    "INSERT INTO task_runner_flows (flow_name, options) VALUES ($1, $2) RETURNING id",
+                )
+                .bind(name)
+                .bind(options);
                 Box::pin(query.fetch_one(executor))
             }
 

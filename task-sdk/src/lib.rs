@@ -72,6 +72,7 @@
 mod callback;
 #[cfg(feature = "enqueue")]
 pub mod enqueue;
+mod flow;
 mod options;
 mod preload;
 #[cfg(feature = "enqueue")]
@@ -88,10 +89,11 @@ use serde::de::DeserializeOwned;
 
 pub use callback::{BatchCallback, BatchSummary, Failure, NoOptions, Parent, RequestCallback};
 #[cfg(feature = "enqueue")]
-pub use enqueue::{Batch, Enqueue};
+pub use enqueue::{Batch, Enqueue, StartFlow};
+pub use flow::{Flow, OptionType};
 pub use options::parse_options;
 #[cfg(feature = "enqueue")]
-pub use wait::{wait_for, FinalState, Finished, WaitError};
+pub use wait::{wait_for, wait_for_flow, FinalState, Finished, FlowEnd, WaitError};
 
 /// Exit status for options that do not fit the type (EX_DATAERR): the daemon
 /// marks the request REJECTED and does not retry it.
@@ -334,6 +336,8 @@ pub struct Tasks {
     setup: Option<Box<dyn FnOnce() + Send>>,
     /// Per type, in registration order: its description and option names.
     help: Vec<TypeHelp>,
+    /// Flows whose steps are (mostly) this program's types (`--list-flows`).
+    flows: Vec<Flow>,
 }
 
 /// What `--help` says about one type.
@@ -405,6 +409,25 @@ impl Tasks {
         self
     }
 
+    /// Declares a flow (see [`Flow`]); the daemon learns it from
+    /// `PROGRAM --list-flows`. Declaring one name twice panics.
+    pub fn flow(mut self, flow: Flow) -> Tasks {
+        assert!(
+            self.flows.iter().all(|f| f.name() != flow.name()),
+            "flow `{}` is declared twice",
+            flow.name()
+        );
+        let _ = flow.definition(); // checks it has steps, at once
+        self.flows.push(flow);
+        self
+    }
+
+    /// What `PROGRAM --list-flows` prints: the flows as YAML (the config's
+    /// `flows:` format), nothing when there are none.
+    pub fn flows_yaml(&self) -> String {
+        flow::flows_yaml(&self.flows)
+    }
+
     /// What `PROGRAM --help [TYPE]` prints: each type (or the one named),
     /// its description and its options.
     pub fn help(&self, only: Option<&str>) -> String {
@@ -457,6 +480,7 @@ impl Tasks {
     /// exit code:
     ///
     /// - `PROGRAM --list-tasks` prints the registered names, one a line;
+    /// - `PROGRAM --list-flows` prints the declared flows as YAML;
     /// - `PROGRAM --help [TYPE]` describes the types and their options;
     /// - otherwise the type named by `TASKRUNNER_TASK` (or the first
     ///   argument, for running it by hand) runs with the options read from
@@ -486,6 +510,18 @@ impl Tasks {
             }
             print!("{}", self.help(only));
             return ExitCode::SUCCESS;
+        }
+        if args.iter().any(|a| a == "--list-flows") {
+            let mut out = std::io::stdout().lock();
+            return if out
+                .write_all(self.flows_yaml().as_bytes())
+                .and_then(|_| out.flush())
+                .is_ok()
+            {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
         }
         if args.iter().any(|a| a == "--list-tasks") {
             let mut out = std::io::stdout().lock();

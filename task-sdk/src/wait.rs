@@ -528,3 +528,102 @@ mod tests {
         assert!(!error.to_string().contains("secret"), "{error}");
     }
 }
+
+/// How a flow ended ([`wait_for_flow`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FlowEnd {
+    /// The flow's id.
+    pub id: i64,
+    /// FINISHED, REVERTED, FAILED or CANCELLED.
+    pub state: String,
+    /// Why it ended so (for FINISHED: how many steps, which attempt).
+    pub result_text: Option<String>,
+    /// The store at its end (YAML): its options and what each step provided.
+    pub store: Option<String>,
+    /// 1 for the first run; more after restarts for `retry.times`.
+    pub attempt: i64,
+}
+
+impl FlowEnd {
+    /// Whether the flow FINISHED.
+    pub fn is_success(&self) -> bool {
+        self.state == "FINISHED"
+    }
+
+    /// The store, deserialized into the caller's type (a typed store).
+    pub fn store_as<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_yaml::Error> {
+        serde_yaml::from_str(self.store.as_deref().unwrap_or("{}"))
+    }
+}
+
+/// How often [`wait_for_flow`] reads the flow row.
+const FLOW_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Waits until flow `id` (a row of `task_runner_flows`) has ended
+/// (FINISHED, REVERTED, FAILED or CANCELLED) and returns how. `target` and
+/// `timeout` are as for [`wait_for`]; a flow that does not exist is
+/// [`WaitError::NotFound`]. It reads the flow row every 50 ms on one
+/// dedicated connection.
+pub async fn wait_for_flow<'a>(
+    target: impl Into<Target<'a>>,
+    id: i64,
+    timeout: impl Into<Option<Duration>>,
+) -> Result<FlowEnd, WaitError> {
+    let options = target.into().options()?;
+    const SQL: &str = "SELECT state, result_text, store, CAST(attempt AS BIGINT) FROM task_runner_flows WHERE id = $1";
+    let waiting = async move {
+        type FlowRow = (Option<String>, Option<String>, Option<String>, i64);
+        let end = |row: Option<FlowRow>| -> Result<Option<FlowEnd>, WaitError> {
+            let Some((state, result_text, store, attempt)) = row else {
+                return Err(WaitError::NotFound(id));
+            };
+            Ok(match state.as_deref() {
+                Some("FINISHED" | "REVERTED" | "FAILED" | "CANCELLED") => Some(FlowEnd {
+                    id,
+                    state: state.unwrap_or_default(),
+                    result_text,
+                    store,
+                    attempt,
+                }),
+                _ => None,
+            })
+        };
+        match options {
+            Options::Sqlite(options) => {
+                let mut connection = options.connect().await?;
+                loop {
+                    let row: Option<FlowRow> = sqlx::query_as(SQL)
+                        .bind(id)
+                        .fetch_optional(&mut connection)
+                        .await?;
+                    if let Some(ended) = end(row)? {
+                        let _ = connection.close().await;
+                        return Ok(ended);
+                    }
+                    tokio::time::sleep(FLOW_CHECK_INTERVAL).await;
+                }
+            }
+            Options::Postgres(options) => {
+                let mut connection = options.connect().await?;
+                loop {
+                    let row: Option<FlowRow> = sqlx::query_as(SQL)
+                        .bind(id)
+                        .fetch_optional(&mut connection)
+                        .await?;
+                    if let Some(ended) = end(row)? {
+                        let _ = connection.close().await;
+                        return Ok(ended);
+                    }
+                    tokio::time::sleep(FLOW_CHECK_INTERVAL).await;
+                }
+            }
+        }
+    };
+    match timeout.into() {
+        Some(waited) => tokio::time::timeout(waited, waiting)
+            .await
+            .unwrap_or(Err(WaitError::TimedOut { id, waited })),
+        None => waiting.await,
+    }
+}

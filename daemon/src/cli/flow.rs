@@ -116,7 +116,7 @@ fn flow_named<'a>(flows: &'a BTreeMap<String, Definition>, name: &str) -> Result
     flows.get(name).ok_or_else(|| {
         let known: Vec<&str> = flows.keys().map(String::as_str).collect();
         UsageError(format!(
-            "no flow `{name}` in the config (flows: {})",
+            "no flow `{name}` in the config or its programs (flows: {})",
             if known.is_empty() {
                 "none".to_string()
             } else {
@@ -133,16 +133,25 @@ pub async fn run(
     open: impl Fn() -> Result<Store>,
     command: FlowCommand,
 ) -> Result<()> {
+    // The config's flows, and those its programs declare (`--list-flows`).
+    let flows = || -> Result<BTreeMap<String, Definition>> {
+        if config.programs.is_empty() {
+            Ok(config.flows.clone())
+        } else {
+            Ok(crate::task_types::Registry::load(config)?.flows(config))
+        }
+    };
     match command {
         FlowCommand::Post { args } => match parse_post(&args)? {
-            Post::ListFlows => print!("{}", crate::flow::list_help(&config.flows)),
-            Post::Help(name) => print!("{}", flow_named(&config.flows, &name)?.help(&name)),
+            Post::ListFlows => print!("{}", crate::flow::list_help(&flows()?)),
+            Post::Help(name) => print!("{}", flow_named(&flows()?, &name)?.help(&name)),
             Post::Start {
                 name,
                 options,
                 pairs,
             } => {
-                let definition = flow_named(&config.flows, &name)?;
+                let flows = flows()?;
+                let definition = flow_named(&flows, &name)?;
                 let options = definition
                     .options_from_args(options.as_deref(), &pairs)
                     .map_err(|m| UsageError(format!("flow post {name}: {m}")))?;

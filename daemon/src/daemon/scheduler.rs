@@ -57,7 +57,12 @@ async fn repair_batches(shared: &Shared) {
 /// claimed at once.
 async fn take_and_repair_flows(shared: &Shared) {
     let config = shared.config();
-    match shared.store.take_flows(&config.flows).await {
+    let flows = shared
+        .registry
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .flows(&config);
+    match shared.store.take_flows(&flows).await {
         Ok(0) => {}
         Ok(_) => shared.wake.notify_one(),
         Err(error) => shared.health.failed("taking flows", &error),
