@@ -63,9 +63,7 @@ pub struct Shared {
     pub check_cancels: Notify,
     /// Stop claiming (the first step of shutdown).
     pub stop_claiming: CancellationToken,
-    /// Cut the drain short: a second SIGTERM or SIGINT stops the running
-    /// tasks at once (SIGTERM, then SIGKILL after their kill_grace), recorded
-    /// INTERRUPTED, as RQ and Sidekiq users expect of a second Ctrl-C.
+    /// Cut the drain short (see [`Triggers::stop_now`]).
     pub stop_now: CancellationToken,
     pub started: Instant,
     /// When the scheduler will next poll unprompted (for `status`).
@@ -98,16 +96,34 @@ impl Shared {
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     pub no_migrate: bool,
+    /// What a reload reads again: the config file, with these flags over it.
+    pub overrides: crate::config::Overrides,
 }
 
-/// Runs the daemon until `shutdown` is cancelled, then drains and returns.
-/// `on_ready` is called once the daemon is serving (pidfile, systemd).
+/// What stops or reloads a running daemon from outside (the signals of
+/// `taskrunnerd`, a test).
+#[derive(Debug, Clone, Default)]
+pub struct Triggers {
+    /// Drain and stop: the first SIGTERM or SIGINT (`stop` on the control
+    /// socket cancels it too).
+    pub shutdown: CancellationToken,
+    /// Cut the drain short: a second SIGTERM or SIGINT stops the running
+    /// tasks at once (SIGTERM, then SIGKILL after their kill_grace), recorded
+    /// INTERRUPTED, as RQ and Sidekiq users expect of a second Ctrl-C.
+    pub stop_now: CancellationToken,
+    /// Read the config file again (SIGHUP); see [`reload`].
+    pub reload: Arc<Notify>,
+}
+
+/// Runs the daemon until `triggers.shutdown` is cancelled, then drains and
+/// returns. `on_ready` is called once the daemon is serving (pidfile, systemd).
 pub async fn run(
     config: Config,
     options: RunOptions,
-    shutdown: CancellationToken,
-    on_ready: impl FnOnce(&Arc<Shared>),
+    triggers: Triggers,
+    on_ready: impl FnOnce(),
 ) -> Result<()> {
+    let shutdown = triggers.shutdown.clone();
     let store = Store::open(&config.database_url, Purpose::Daemon)?;
     store.set_hooks(config.hooks());
     let health = Arc::new(Health::default());
@@ -180,7 +196,7 @@ pub async fn run(
         wake,
         check_cancels: Notify::new(),
         stop_claiming: CancellationToken::new(),
-        stop_now: CancellationToken::new(),
+        stop_now: triggers.stop_now.clone(),
         started: Instant::now(),
         next_poll: Mutex::new(None),
         metrics: crate::metrics::Metrics::new(),
@@ -223,42 +239,63 @@ pub async fn run(
             tracing::warn!("{warning}");
         }
     }
+    // Every service runs until `services` is cancelled at the end of the
+    // shutdown (the scheduler until it stops claiming and its tries have
+    // ended). One that ends before (a panic, an error, a bug) leaves the
+    // daemon without its lease renewal, reaping or claims: the daemon then
+    // shuts down in the SPEC's order and exits 1.
     let services = CancellationToken::new();
-    let services_for_web = services.clone();
-    let mut background = tokio::task::JoinSet::new();
-    let named = |name: &'static str, service| async move {
+    let mut supervised = Supervised::default();
+    let ok = |service| async move {
         service.await;
-        name
+        Ok(())
     };
-    background.spawn(named(
+    supervised.spawn(
+        "scheduler",
+        ok(Box::pin(scheduler::run(shared.clone())) as Unit),
+    );
+    supervised.spawn(
         "heartbeat",
-        Box::pin(heartbeat::run(shared.clone(), services.clone())) as Service,
-    ));
-    background.spawn(named(
+        ok(Box::pin(heartbeat::run(shared.clone(), services.clone()))),
+    );
+    supervised.spawn(
         "reaper",
-        Box::pin(reaper::run(shared.clone(), services.clone())),
-    ));
-    background.spawn(named(
+        ok(Box::pin(reaper::run(shared.clone(), services.clone()))),
+    );
+    supervised.spawn(
         "wakeup",
-        Box::pin(wakeup::run(shared.clone(), services.clone())),
-    ));
-    background.spawn(named(
+        ok(Box::pin(wakeup::run(shared.clone(), services.clone()))),
+    );
+    supervised.spawn(
         "checkpoint",
-        Box::pin(checkpoint::run(shared.clone(), services.clone())),
-    ));
-    background.spawn(named(
+        ok(Box::pin(checkpoint::run(shared.clone(), services.clone()))),
+    );
+    supervised.spawn(
         "retention",
-        Box::pin(pruner::run(shared.clone(), services.clone())),
-    ));
-    background.spawn(named(
+        ok(Box::pin(pruner::run(shared.clone(), services.clone()))),
+    );
+    supervised.spawn(
         "cron",
-        Box::pin(cron::run(shared.clone(), services.clone())),
-    ));
+        ok(Box::pin(cron::run(shared.clone(), services.clone()))),
+    );
+    supervised.spawn(
+        "reload",
+        reload_on(
+            shared.clone(),
+            triggers.reload.clone(),
+            options.overrides.clone(),
+            services.clone(),
+        ),
+    );
     if let Some(control) = control {
-        background.spawn(named(
+        supervised.spawn(
             "control socket",
-            Box::pin(control.serve(shared.clone(), services.clone(), shutdown.clone())),
-        ));
+            ok(Box::pin(control.serve(
+                shared.clone(),
+                services.clone(),
+                shutdown.clone(),
+            ))),
+        );
     }
     // The web page and /metrics (`http: { listen }`), on a pool of its own.
     let http_listen = shared.config().http.as_ref().and_then(|http| http.listen);
@@ -271,37 +308,17 @@ pub async fn run(
             Some(shared.clone()),
         )?);
         let listener = crate::web::bind(address, &web).await?;
-        background.spawn(named(
-            "web",
-            Box::pin(async move {
-                if let Err(error) = crate::web::serve(listener, web, services_for_web).await {
-                    tracing::error!("{error:#}");
-                }
-            }),
-        ));
+        supervised.spawn("web", crate::web::serve(listener, web, services.clone()));
     }
-    let mut scheduler = tokio::spawn(scheduler::run(shared.clone()));
-    on_ready(&shared);
+    on_ready();
 
     let mut failure: Option<String> = None;
-    let mut scheduler_joined = false;
+    let mut scheduler_ended = false;
     tokio::select! {
         _ = shutdown.cancelled() => {}
-        Some(ended) = background.join_next() => {
-            let what = match ended {
-                Ok(name) => format!("the {name} service ended"),
-                Err(error) if error.is_panic() => format!("a service panicked: {}", panic_message(error.into_panic())),
-                Err(error) => format!("a service ended: {error}"),
-            };
-            tracing::error!("{what} unexpectedly: stopping the daemon");
-            failure = Some(what);
-        }
-        ended = &mut scheduler => {
-            scheduler_joined = true;
-            let what = match ended {
-                Err(error) if error.is_panic() => format!("the scheduler panicked: {}", panic_message(error.into_panic())),
-                _ => "the scheduler ended".to_string(),
-            };
+        Some((name, ended)) = supervised.next_end() => {
+            scheduler_ended = name == "scheduler";
+            let what = ended.err().unwrap_or_else(|| format!("the {name} service ended"));
             tracing::error!("{what} unexpectedly: stopping the daemon");
             failure = Some(what);
         }
@@ -344,13 +361,23 @@ pub async fn run(
     }
     // Every try has ended (their tasks hold the spawner's children): the
     // scheduler joins them before it returns.
-    if !scheduler_joined {
-        let _ = scheduler.await;
+    while !scheduler_ended {
+        let Some((name, ended)) = supervised.next_end().await else {
+            break;
+        };
+        scheduler_ended = name == "scheduler";
+        let what = match ended {
+            Ok(()) if scheduler_ended => continue,
+            Ok(()) => format!("the {name} service ended"),
+            Err(what) => what,
+        };
+        tracing::error!("{what} unexpectedly during the shutdown");
+        failure.get_or_insert(what);
     }
     // No try runs: the preloaded parents go too.
     shared.spawner.retire_preloaded().await;
     services.cancel();
-    while background.join_next().await.is_some() {}
+    while supervised.next_end().await.is_some() {}
     shared.recorder.close();
     if tokio::time::timeout(Duration::from_secs(30), recorder_done)
         .await
@@ -371,8 +398,49 @@ pub async fn run(
     Ok(())
 }
 
-/// A service of the daemon: runs until cancelled.
-type Service = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+/// A service's future, before it is supervised.
+type Unit = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// The daemon's services, in one `JoinSet`, each known by its name.
+#[derive(Default)]
+struct Supervised {
+    set: tokio::task::JoinSet<Result<()>>,
+    names: std::collections::HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Supervised {
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        service: impl std::future::Future<Output = Result<()>> + Send + 'static,
+    ) {
+        let handle = self.set.spawn(service);
+        self.names.insert(handle.id(), name);
+    }
+
+    /// The next service to end: its name, and what went wrong (an error or
+    /// a panic) as a sentence; `Ok` if it returned.
+    async fn next_end(&mut self) -> Option<(&'static str, Result<(), String>)> {
+        let ended = self.set.join_next_with_id().await?;
+        let id = match &ended {
+            Ok((id, _)) => *id,
+            Err(error) => error.id(),
+        };
+        let name = self.names.remove(&id).unwrap_or("unnamed");
+        Some((
+            name,
+            match ended {
+                Ok((_, Ok(()))) => Ok(()),
+                Ok((_, Err(error))) => Err(format!("the {name} service failed: {error:#}")),
+                Err(error) if error.is_panic() => Err(format!(
+                    "the {name} service panicked: {}",
+                    panic_message(error.into_panic())
+                )),
+                Err(error) => Err(format!("the {name} service ended: {error}")),
+            },
+        ))
+    }
+}
 
 /// The text of a panic's payload.
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
@@ -412,11 +480,26 @@ fn is_permanent(error: &anyhow::Error) -> bool {
     })
 }
 
+/// Reloads the config at each [`Triggers::reload`], until `stop`.
+async fn reload_on(
+    shared: Arc<Shared>,
+    trigger: Arc<Notify>,
+    overrides: crate::config::Overrides,
+    stop: CancellationToken,
+) -> Result<()> {
+    loop {
+        tokio::select! {
+            _ = trigger.notified() => reload(&shared, &overrides).await,
+            _ = stop.cancelled() => return Ok(()),
+        }
+    }
+}
+
 /// SIGHUP: reloads the config file (task types, limits, intervals) without
 /// touching running tasks. A file that does not load is refused, with the
 /// reason, and the old config stays. The database URL, host id, pidfile and
 /// socket are fixed for the daemon's life.
-pub async fn reload(shared: &Arc<Shared>, overrides: &crate::config::Overrides) {
+async fn reload(shared: &Shared, overrides: &crate::config::Overrides) {
     let overrides = overrides.clone();
     let current = shared.config();
     let loaded = tokio::task::spawn_blocking(move || -> Result<(Config, Registry)> {

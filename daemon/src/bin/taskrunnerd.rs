@@ -2,15 +2,15 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
 use taskrunner::config::{Config, LogFormat, Overrides};
-use taskrunner::daemon::{self, RunOptions};
+use taskrunner::daemon::{self, RunOptions, Triggers};
 use taskrunner::service::{self, Pidfile};
 use taskrunner::units::parse_duration;
-use tokio_util::sync::CancellationToken;
 
 /// Runs requests from the task_runner_requests table, each in its own process.
 #[derive(Debug, Parser)]
@@ -132,27 +132,34 @@ async fn serve(
         Some(path) => Some(Pidfile::acquire(path)?),
         None => None,
     };
-    let shutdown = CancellationToken::new();
+    let triggers = Triggers::default();
     // A reload reads the same file and applies the same flags again.
     overrides.config = config.file.clone();
+    let file = overrides.config.clone();
+    // Set once the daemon serves: a SIGHUP before is ignored.
+    let ready = Arc::new(AtomicBool::new(false));
     // Installed before the daemon reports ready: a SIGHUP sent by an init
     // script after `start` returns must reload, not kill (its default).
     let signals = tokio::spawn(handle_signals(
         Signals::install()?,
-        shutdown.clone(),
-        overrides,
+        triggers.clone(),
+        ready.clone(),
+        file,
     ));
-    let stopping = shutdown.clone();
+    let stopping = triggers.shutdown.clone();
     let notify_stopping = tokio::spawn(async move {
         stopping.cancelled().await;
         service::notify_systemd("STOPPING=1");
     });
     let result = daemon::run(
         config,
-        RunOptions { no_migrate },
-        shutdown.clone(),
-        |shared| {
-            let _ = SHARED.set(shared.clone());
+        RunOptions {
+            no_migrate,
+            overrides,
+        },
+        triggers,
+        || {
+            ready.store(true, Ordering::SeqCst);
             service::notify_systemd("READY=1");
             if let Some(pipe) = take(&ready_pipe) {
                 pipe.ready();
@@ -164,8 +171,6 @@ async fn serve(
     notify_stopping.abort();
     result
 }
-
-static SHARED: std::sync::OnceLock<std::sync::Arc<daemon::Shared>> = std::sync::OnceLock::new();
 
 struct Signals {
     term: tokio::signal::unix::Signal,
@@ -188,28 +193,31 @@ impl Signals {
 
 /// SIGTERM/SIGINT: graceful stop; a second one during the drain stops the
 /// tasks at once. SIGHUP: reload the config file.
-async fn handle_signals(mut signals: Signals, shutdown: CancellationToken, overrides: Overrides) {
+async fn handle_signals(
+    mut signals: Signals,
+    triggers: Triggers,
+    ready: Arc<AtomicBool>,
+    file: Option<PathBuf>,
+) {
     let stop = |name: &str| {
-        if shutdown.is_cancelled() {
+        if triggers.shutdown.is_cancelled() {
             tracing::info!("{name} received again: stopping the running tasks now");
-            if let Some(shared) = SHARED.get() {
-                shared.stop_now.cancel();
-            }
+            triggers.stop_now.cancel();
         } else {
             tracing::info!("{name} received");
-            shutdown.cancel();
+            triggers.shutdown.cancel();
         }
     };
     loop {
         tokio::select! {
             _ = signals.term.recv() => stop("SIGTERM"),
             _ = signals.int.recv() => stop("SIGINT"),
-            _ = signals.hup.recv() => match (SHARED.get(), &overrides.config) {
-                (Some(shared), Some(path)) => {
+            _ = signals.hup.recv() => match (ready.load(Ordering::SeqCst), &file) {
+                (true, Some(path)) => {
                     tracing::info!("SIGHUP received: reloading {}", path.display());
-                    daemon::reload(shared, &overrides).await
+                    triggers.reload.notify_one();
                 }
-                (None, _) => tracing::warn!("SIGHUP before the daemon was ready: ignored"),
+                (false, _) => tracing::warn!("SIGHUP before the daemon was ready: ignored"),
                 (_, None) => tracing::warn!("SIGHUP: no config file to reload"),
             },
         }
