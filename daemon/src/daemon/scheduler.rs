@@ -57,11 +57,7 @@ async fn repair_batches(shared: &Shared) {
 /// claimed at once.
 async fn take_and_repair_flows(shared: &Shared) {
     let config = shared.config();
-    let flows = shared
-        .registry
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .flows(&config);
+    let flows = shared.setup.borrow().registry.flows(&config);
     match shared.store.take_flows(&flows).await {
         Ok(0) => {}
         Ok(_) => shared.wake.notify_one(),
