@@ -333,12 +333,15 @@ async fn flood_of_output_is_bounded(backend: Backend) {
     assert!(daemon.stop().success());
 }
 
+/// Without cgroups (`TASKRUNNER_CGROUPS=off`), `memory_limit` is RLIMIT_AS;
+/// tests/cgroups.rs has the cgroup's.
 async fn memory_limit_fails_the_try_naming_the_limit(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let mut daemon = Daemon::start(
+    let mut daemon = Daemon::start_in_env(
         &db,
         "d",
         "tasks:\n  Hungry:\n    command: [python3, -c, 'x = bytearray(512 * 1024 * 1024)']\n    memory_limit: 128MiB\n",
+        &[("TASKRUNNER_CGROUPS", "off")],
     );
     let id = db.insert("INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ('Hungry', 1) RETURNING id").await;
     let row = db.wait_for_state(id, "FAILED", WAIT).await;
@@ -462,7 +465,9 @@ async fn task_inherits_only_stdio_and_no_database_secrets(backend: Backend) {
 async fn a_grandchild_holding_stdout_does_not_hold_up_the_outcome() {
     let db = TestDb::new(Backend::Sqlite).await;
     let escaped = db.scratch.join("escaped");
-    let mut daemon = Daemon::start(
+    // Without cgroups, where such a grandchild escapes the try's end (with
+    // them it is killed: tests/cgroups.rs).
+    let mut daemon = Daemon::start_in_env(
         &db,
         "d",
         &format!(
@@ -470,6 +475,7 @@ async fn a_grandchild_holding_stdout_does_not_hold_up_the_outcome() {
             escaped.display(),
             escaped.display()
         ),
+        &[("TASKRUNNER_CGROUPS", "off")],
     );
     let enqueued = Instant::now();
     let id = db.enqueue("Escape", None).await;

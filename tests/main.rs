@@ -6,6 +6,7 @@ mod util;
 
 mod batches;
 mod cancel;
+mod cgroups;
 mod claim_ahead;
 mod cli;
 mod core;

@@ -359,6 +359,7 @@ fn systemd_unit_is_valid_and_outlasts_the_drain() {
                 "RestrictAddressFamilies",
                 "UMask",
                 "LimitNOFILE",
+                "Delegate",
                 "LimitNICE",
             ],
         ),
@@ -387,6 +388,9 @@ fn systemd_unit_is_valid_and_outlasts_the_drain() {
     assert!(value("Service", "ExecStart").contains("--config /etc/taskrunner/taskrunner.yml"));
     assert!(value("Service", "ExecReload").contains("-HUP $MAINPID"));
     assert_eq!(value("Service", "RuntimeDirectoryMode"), "0700");
+    // A cgroup per try needs a delegated, writable cgroup.
+    assert_eq!(value("Service", "Delegate"), "yes");
+    assert_eq!(value("Service", "ProtectControlGroups"), "no");
     assert_eq!(value("Install", "WantedBy"), "multi-user.target");
     value("Service", "User");
     let timeout = systemd_seconds(&value("Service", "TimeoutStopSec"));

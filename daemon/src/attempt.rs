@@ -94,6 +94,8 @@ pub struct TryInput<'a> {
     pub echo_stderr: bool,
     /// `TASKRUNNER_BATCH_ID`: the member's batch, or the batch a callback answers.
     pub batch_id: Option<i64>,
+    /// The row's claim token, which names the try's cgroup.
+    pub claim_token: Option<&'a str>,
 }
 
 /// The parts of the daemon (or CLI) a try needs.
@@ -173,6 +175,10 @@ pub async fn run(
         stdin: input.options.to_vec(),
         echo_stderr: input.echo_stderr,
         preload: resolved.preload,
+        cgroup_key: input
+            .claim_token
+            .zip(input.id)
+            .map(|(token, id)| supervisor::cgroup::try_key(token, id.0)),
     };
     match supervisor::run(
         &context.spawner,

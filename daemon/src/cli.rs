@@ -1087,6 +1087,7 @@ async fn run_command(
                 try_number: 1,
                 echo_stderr: true,
                 batch_id: None,
+                claim_token: None,
             };
             (
                 attempt::run(&context, input, stop, None, |_| {}, || {}).await,
@@ -1125,6 +1126,7 @@ async fn run_command(
                 try_number,
                 echo_stderr: true,
                 batch_id: request.batch_id.or(request.callback_of_batch),
+                claim_token: None,
             };
             let store_for_pid = store.clone();
             let claimed_for_pid = claimed.clone();
@@ -1377,13 +1379,18 @@ pub fn render_show(r: &Request) -> String {
 
 fn render_status(s: &crate::control::Status) -> String {
     let mut out = format!(
-        "taskrunnerd {} (pid {}) on {}, up {:.0}s{}\ndatabase: {}\nrunning {} of {}:\n",
+        "taskrunnerd {} (pid {}) on {}, up {:.0}s{}\ndatabase: {}\n{}running {} of {}:\n",
         s.version,
         s.pid,
         s.host,
         s.uptime_seconds,
         if s.stopping { ", stopping" } else { "" },
         s.database,
+        if s.limits.is_empty() {
+            String::new()
+        } else {
+            format!("limits: {}\n", crate::escape::one_line(&s.limits))
+        },
         s.running.len(),
         s.max_concurrent
     );

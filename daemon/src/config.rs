@@ -28,6 +28,8 @@ macro_rules! with_task_settings {
             #[serde(default, deserialize_with = "serde_units::duration")]
             cpu_limit: Option<Duration>,
             max_processes: Option<u64>,
+            #[serde(default, deserialize_with = "serde_units::percent")]
+            cpu_quota: Option<f64>,
             nice: Option<i32>,
             user: Option<String>,
             group: Option<String>,
@@ -48,6 +50,7 @@ macro_rules! with_task_settings {
                     memory_limit: self.memory_limit,
                     cpu_limit: self.cpu_limit,
                     max_processes: self.max_processes,
+                    cpu_quota: self.cpu_quota,
                     nice: self.nice,
                     user: self.user.clone(),
                     group: self.group.clone(),
@@ -148,12 +151,17 @@ pub struct RunAs {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskSettings {
     pub timeout: Option<Duration>,
-    /// Bytes of address space (RLIMIT_AS), not resident memory.
+    /// Bytes of resident memory of the whole try (its cgroup's memory
+    /// limit), or of address space (RLIMIT_AS) where no cgroup can be made.
     pub memory_limit: Option<u64>,
     /// CPU time; RLIMIT_CPU.
     pub cpu_limit: Option<Duration>,
-    /// RLIMIT_NPROC: processes of the task's user (not enforced for root).
+    /// Processes of the whole try (its cgroup's pids limit), or RLIMIT_NPROC
+    /// (processes of the task's user, not enforced for root) without one.
     pub max_processes: Option<u64>,
+    /// CPU bandwidth of the whole try, in CPUs (`50%` is 0.5): its cgroup's
+    /// CPU quota; not enforced without a cgroup.
+    pub cpu_quota: Option<f64>,
     pub nice: Option<i32>,
     pub run_as: RunAs,
     pub env: BTreeMap<String, String>,
@@ -603,6 +611,9 @@ fn settings_yaml(s: &TaskSettings, indent: &str) -> String {
     if let Some(p) = s.max_processes {
         line("max_processes", p.to_string());
     }
+    if let Some(q) = s.cpu_quota {
+        line("cpu_quota", crate::units::format_percent(q));
+    }
     if let Some(n) = s.nice {
         line("nice", n.to_string());
     }
@@ -648,6 +659,7 @@ struct Partial {
     memory_limit: Option<u64>,
     cpu_limit: Option<Duration>,
     max_processes: Option<u64>,
+    cpu_quota: Option<f64>,
     nice: Option<i32>,
     user: Option<String>,
     group: Option<String>,
@@ -690,6 +702,7 @@ impl Partial {
             memory_limit: self.memory_limit.or(base.memory_limit),
             cpu_limit: self.cpu_limit.or(base.cpu_limit),
             max_processes: self.max_processes.or(base.max_processes),
+            cpu_quota: self.cpu_quota.or(base.cpu_quota),
             nice,
             run_as: resolve_run_as(user, group)?,
             env,

@@ -33,6 +33,10 @@ pub struct Status {
     /// since it started: claims, writes about tries, heartbeats, reaping.
     #[serde(default)]
     pub database_statements: u64,
+    /// What enforces the tries' limits: a cgroup per try (v2 or v1, which
+    /// controllers) or rlimits, and why.
+    #[serde(default)]
+    pub limits: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

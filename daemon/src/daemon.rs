@@ -179,6 +179,9 @@ pub async fn run(
         Some(path) => Some(control::Control::bind(path)?),
         None => None,
     };
+    // Before the first try: which limits hold, and (cgroup v2) the daemon
+    // moved into a leaf of its delegated cgroup.
+    crate::supervisor::cgroup::init();
     let spawner = crate::supervisor::start_spawner().context("preparing to start tasks")?;
     if let Some(warning) = crate::supervisor::resources::open_files_warning(config.max_concurrent) {
         tracing::warn!("{warning}");
@@ -212,6 +215,7 @@ pub async fn run(
             max_concurrent = config.max_concurrent,
             priority = crate::supervisor::priority::describe(),
             isolation = crate::supervisor::isolation::describe(),
+            limits = %crate::supervisor::cgroup::describe(),
             task_types = %shared.setup.borrow().registry.names(&config).join(", "),
             "taskrunnerd started"
         );

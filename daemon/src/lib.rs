@@ -41,8 +41,9 @@
 //!   thread that lives as long as the daemon, or forked by a preloaded
 //!   program as the daemon's child), limits, bounded output, timeout, kill
 //!   escalation; `supervisor::isolation` (non-dumpable daemon, environment
-//!   allowlist, OOM preference) and `supervisor::resources` (the daemon's
-//!   own file descriptors).
+//!   allowlist, OOM preference), `supervisor::resources` (the daemon's
+//!   own file descriptors) and `supervisor::cgroup` (a cgroup per try:
+//!   limits for all it starts, killed whole at its end).
 //! - [`reaper`]: one pass that marks rows whose process or daemon is gone
 //!   as CRASHED (the daemon's loop and `taskrunner-cli reap`).
 //! - [`cron`]: `schedules:` (5-field cron or `every:`) and when their slots
@@ -86,8 +87,9 @@
 //!   `--daemonize`, before the runtime starts; tasks start with
 //!   `clone(CLONE_VM | CLONE_VFORK)` + `execve`, or are forked by a
 //!   preloaded program with `clone(CLONE_PARENT)`, never by the daemon),
-//!   no in-process task execution, no cgroup limits (rlimits only, see
-//!   `supervisor::limits`).
+//!   no in-process task execution, no cgroup made by the task (its
+//!   process joins the cgroup the daemon made for its try before it execs,
+//!   see `supervisor::cgroup`; rlimits only where no cgroup can be made).
 
 pub mod attempt;
 pub mod cli;

@@ -63,6 +63,12 @@ pub async fn reap(
                         "; killed {killed} process(es) its try left in its process group"
                     ));
                 }
+                let killed = kill_cgroup_leftovers(row.claim_token.as_deref(), row.id).await;
+                if killed > 0 {
+                    reason.push_str(&format!(
+                        "; killed {killed} process(es) its try left in its cgroup"
+                    ));
+                }
             }
             if dry_run
                 || store
@@ -83,6 +89,11 @@ pub async fn reap(
             continue;
         };
         let why = why.replace("process", "daemon process");
+        if !dry_run {
+            // Its cgroup may have been made (and its process started) just
+            // before its daemon died.
+            kill_cgroup_leftovers(claim_token.as_deref(), id).await;
+        }
         let reason = format!(
             "crashed: its daemon is gone ({why}) and no task process was recorded (found by the reaper on {host})"
         );
@@ -113,6 +124,20 @@ pub async fn reap(
         }
     }
     Ok(reaped)
+}
+
+/// Kills what is left in the cgroup of row `id`'s try under `claim_token` and
+/// removes it: where cgroups are in force, everything a dead try started,
+/// `setsid` escapes included. The cgroup is found under the calling
+/// daemon's own cgroup, so a daemon restarted in its predecessor's place
+/// (the same systemd unit, the same shell) finds it; `taskrunner-cli reap`
+/// makes no cgroups and kills only process groups.
+async fn kill_cgroup_leftovers(claim_token: Option<&str>, id: RequestId) -> usize {
+    use crate::supervisor::cgroup;
+    match (cgroup::in_force(), claim_token) {
+        (Some(cgroups), Some(token)) => cgroups.kill_leftovers(&cgroup::try_key(token, id.0)).await,
+        _ => 0,
+    }
 }
 
 /// Kills what a dead try left in its process group (a grandchild survives

@@ -71,6 +71,26 @@ pub fn format_duration(duration: Duration) -> String {
 }
 
 /// Renders a size in the largest binary unit that divides it.
+/// Parses a CPU share written as a percentage of one CPU (`50%`, `250%`)
+/// into CPUs (0.5, 2.5).
+pub fn parse_percent(text: &str) -> Result<f64, String> {
+    let number = text
+        .trim()
+        .strip_suffix('%')
+        .ok_or_else(|| format!("`{text}` is not a percentage (write e.g. 50% or 200%)"))?;
+    match number.trim().parse::<f64>() {
+        Ok(percent) if (1.0..=100_000.0).contains(&percent) => Ok(percent / 100.0),
+        _ => Err(format!(
+            "`{text}` is not a percentage between 1% and 100000%"
+        )),
+    }
+}
+
+/// `0.5` → `50%`.
+pub fn format_percent(cpus: f64) -> String {
+    format!("{}%", (cpus * 100.0 * 1000.0).round() / 1000.0)
+}
+
 pub fn format_size(bytes: u64) -> String {
     for (unit, factor) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
         if bytes >= factor && bytes % factor == 0 {
@@ -104,6 +124,19 @@ pub mod serde_units {
         })
     }
 
+    /// A percentage of one CPU (`50%`), as CPUs.
+    pub fn percent<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+        match Option::<TextOrNumber>::deserialize(d)? {
+            None => Ok(None),
+            Some(TextOrNumber::Text(text)) => super::parse_percent(&text)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+            Some(TextOrNumber::Number(number)) => Err(serde::de::Error::custom(format!(
+                "`{number}` is not a percentage (write e.g. 50% or 200%)"
+            ))),
+        }
+    }
+
     pub fn size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
         Ok(match Option::<TextOrNumber>::deserialize(d)? {
             None => None,
@@ -121,6 +154,16 @@ pub mod serde_units {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_quotas_are_percentages() {
+        assert_eq!(parse_percent("50%").unwrap(), 0.5);
+        assert_eq!(parse_percent(" 250 %").unwrap(), 2.5);
+        assert!(parse_percent("50").is_err());
+        assert!(parse_percent("0%").is_err());
+        assert!(parse_percent("NaN%").is_err());
+        assert_eq!(format_percent(0.5), "50%");
+    }
 
     #[test]
     fn durations_in_every_unit() {

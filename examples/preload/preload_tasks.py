@@ -76,8 +76,13 @@ def PyProbe(text):
     return (
         f"pid: {os.getpid()}\npgid: {os.getpgid(0)}\nppid: {os.getppid()}\n"
         f"booted_in: {BOOTED_IN}\nfds: {fds}\ntries_seen: {TRIES_SEEN}\n"
-        f"env: {env}\ncwd: {os.getcwd()}\n"
+        f"env: {env}\ncwd: {os.getcwd()}\ncgroup: {_own_cgroup()}\n"
     )
+
+
+def _own_cgroup():
+    with open("/proc/self/cgroup") as lines:
+        return " ".join(lines.read().split())
 
 
 def _is_open(fd):
@@ -150,7 +155,7 @@ def serve_preloaded():
 
 def parse(message):
     fields = message.split(b"\0")
-    request = {"env": {}}
+    request = {"env": {}, "cgroup": []}
     for name, value in zip(fields[0::2], fields[1::2]):
         name = name.decode()
         if name == "env":
@@ -160,6 +165,8 @@ def parse(message):
             request[name] = int(value)
         elif name == "workdir":
             request[name] = value
+        elif name == "cgroup":
+            request["cgroup"].append(value)
     if "daemon_pid" not in request or "workdir" not in request:
         raise ValueError("a request without daemon_pid or workdir")
     return request
@@ -188,6 +195,9 @@ def fork_try(daemon, request, fds):
 
 def set_up_child(request, fds):
     """What the daemon does for an exec'd task before exec."""
+    for procs in request["cgroup"]:  # the try's cgroup, before anything else
+        with open(procs, "w") as joining:
+            joining.write("0")
     os.setpgid(0, 0)
     high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in fds]
     for target, fd in enumerate(high):

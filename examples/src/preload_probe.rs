@@ -93,10 +93,14 @@ impl Task for Probe {
             .collect();
         env.sort();
         Ok(format!(
-            "pid: {}\npgid: {pgid}\nppid: {ppid}\nbooted_in: {}\nfds: {fds:?}\ntries_seen: {seen}\nenv: {env:?}\ncwd: {}\n",
+            "pid: {}\npgid: {pgid}\nppid: {ppid}\nbooted_in: {}\nfds: {fds:?}\ntries_seen: {seen}\nenv: {env:?}\ncwd: {}\ncgroup: {}\n",
             std::process::id(),
             BOOTED_IN.get().copied().unwrap_or(0),
             std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default(),
+            std::fs::read_to_string("/proc/self/cgroup")
+                .unwrap_or_default()
+                .trim()
+                .replace('\n', " "),
         ))
     }
 }

@@ -26,6 +26,8 @@ struct Request {
     rlimit_cpu: Option<u64>,
     rlimit_nproc: Option<u64>,
     nice: Option<i32>,
+    /// `cgroup.procs` files of the try's cgroup, joined first.
+    cgroups: Vec<Vec<u8>>,
 }
 
 pub(crate) fn serve(tasks: &Tasks) -> ExitCode {
@@ -113,6 +115,7 @@ fn parse(message: &[u8]) -> Result<Request, String> {
             b"rlimit_cpu" => request.rlimit_cpu = Some(number(value)? as u64),
             b"rlimit_nproc" => request.rlimit_nproc = Some(number(value)? as u64),
             b"nice" => request.nice = Some(number(value)? as i32),
+            b"cgroup" => request.cgroups.push(value.to_vec()),
             // Fields added later are ignored by older programs.
             _ => {}
         }
@@ -168,6 +171,16 @@ fn fork_try(tasks: &Tasks, request: &Request, fds: &[libc::c_int]) -> Result<i32
 fn set_up_child(request: &Request, fds: &[libc::c_int]) -> Result<(), &'static str> {
     // SAFETY: system calls on values of our own, in the single-threaded child.
     unsafe {
+        // Into the try's cgroup before anything else, so that its limits
+        // hold and ending the try kills all it starts.
+        for procs in &request.cgroups {
+            let path = std::ffi::CString::new(procs.clone()).map_err(|_| "cgroup")?;
+            let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err("joining the try's cgroup");
+            }
+            libc::close(fd);
+        }
         let none: libc::sigset_t = std::mem::zeroed();
         libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         // Its own process group, as an exec'd task.

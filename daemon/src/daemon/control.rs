@@ -211,6 +211,7 @@ async fn status(shared: &Shared) -> Status {
         }),
         stopping: shared.stop_claiming.is_cancelled(),
         database_statements: shared.store.statements_sent(),
+        limits: crate::supervisor::cgroup::describe(),
     }
 }
 

@@ -107,6 +107,7 @@ async fn run_claimed(
         try_number: row.tries,
         echo_stderr: false,
         batch_id: row.batch_for_env(),
+        claim_token: Some(&row.claim_token),
     };
     let on_running = |spawned: &crate::supervisor::Spawned| {
         shared.tries.running(row.id, spawned.pid);

@@ -1,10 +1,13 @@
 //! Limits of a task process (set in the child by spawner.rs) and how a
 //! broken one is recognised.
 //!
-//! Limits are rlimits, named for what they limit: `memory_limit` is
-//! RLIMIT_AS (address space, not resident memory), `cpu_limit` is RLIMIT_CPU
-//! (SIGXCPU at the limit, SIGKILL one second later), `max_processes` is
-//! RLIMIT_NPROC (counted per user, and not enforced for root).
+//! Where the try has a cgroup (cgroup.rs), `memory_limit`, `max_processes`
+//! and `cpu_quota` are its cgroup's and hold for everything the try starts.
+//! The rest are rlimits, named for what they limit: `cpu_limit` is
+//! RLIMIT_CPU (SIGXCPU at the limit, SIGKILL one second later); without a
+//! memory or pids cgroup `memory_limit` is RLIMIT_AS (address space, not
+//! resident memory) and `max_processes` RLIMIT_NPROC (counted per user, and
+//! not enforced for root).
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
@@ -12,14 +15,29 @@ use std::process::ExitStatus;
 use crate::config::TaskSettings;
 use crate::units::{format_duration, format_size};
 
-/// The limits to set in the child, from the task's settings.
+/// The limits of the try's cgroup, from the task's settings.
+pub fn cgroup_limits(settings: &TaskSettings) -> super::cgroup::Limits {
+    super::cgroup::Limits {
+        memory: settings.memory_limit,
+        processes: settings.max_processes,
+        cpu: settings.cpu_quota,
+    }
+}
+
+/// The rlimits and such to set in the child, from the task's settings.
 pub fn child_limits(settings: &TaskSettings) -> super::spawner::ChildLimits {
+    use super::cgroup::{in_force, Controller};
+    let by_cgroup = |controller| in_force().is_some_and(|cgroups| cgroups.controls(controller));
     super::spawner::ChildLimits {
-        address_space: settings.memory_limit,
+        address_space: settings
+            .memory_limit
+            .filter(|_| !by_cgroup(Controller::Memory)),
         cpu_seconds: settings
             .cpu_limit
             .map(|limit| limit.as_secs_f64().ceil().max(1.0) as u64),
-        processes: settings.max_processes,
+        processes: settings
+            .max_processes
+            .filter(|_| !by_cgroup(Controller::Pids)),
         nice: settings.nice.or_else(super::priority::task_nice),
         open_files: super::resources::task_open_files(),
         oom_score_adj: super::isolation::task_oom_score_adj(),
@@ -38,7 +56,8 @@ pub fn broken_limit(status: &ExitStatus, stderr: &str, settings: &TaskSettings) 
             ));
         }
     }
-    if let Some(memory) = settings.memory_limit {
+    let limits = child_limits(settings);
+    if let Some(memory) = limits.address_space {
         let killed = matches!(
             status.signal(),
             Some(libc::SIGABRT | libc::SIGSEGV | libc::SIGBUS)
@@ -60,7 +79,7 @@ pub fn broken_limit(status: &ExitStatus, stderr: &str, settings: &TaskSettings) 
             ));
         }
     }
-    if let Some(count) = settings.max_processes {
+    if let Some(count) = limits.processes {
         if !status.success() && stderr.contains("Resource temporarily unavailable") {
             return Some(format!("max_processes {count} reached (RLIMIT_NPROC)"));
         }

@@ -5,8 +5,11 @@
 //!
 //! Invariant: the outcome is decided when the task process exits (not when
 //! its pipes close: a grandchild may hold them), and the whole process group
-//! is killed then, so nothing the task started outlives its try.
+//! is killed then, and with it the try's cgroup where it has one, so nothing
+//! the task started outlives its try (without a cgroup, a grandchild that
+//! left the group with `setsid` escapes).
 
+pub mod cgroup;
 pub mod isolation;
 mod limits;
 mod output;
@@ -76,6 +79,9 @@ pub struct Launch {
     pub echo_stderr: bool,
     /// Forked from the program's preloaded parent (`preload: true`).
     pub preload: bool,
+    /// Names the try's cgroup (`cgroup::try_key`), so that a restarted
+    /// daemon finds it; `None`: a name of this process's own.
+    pub cgroup_key: Option<String>,
 }
 
 /// Why the supervisor was asked to stop a running task.
@@ -154,6 +160,29 @@ pub async fn run(
         env.retain(|(existing, _)| existing.as_os_str() != name.as_str());
         env.push((name.into(), value.into()));
     }
+    // The try's cgroup, where cgroups are in force: made before the process,
+    // which joins it before it execs.
+    let try_cgroup = match cgroup::in_force() {
+        Some(cgroups) => {
+            let key = launch.cgroup_key.clone().unwrap_or_else(|| {
+                static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                format!("run:{}:{run}", std::process::id())
+            });
+            let made = cgroups.create(&key, &limits::cgroup_limits(&settings));
+            Some(std::sync::Arc::new(made.map_err(|error| {
+                let kind = error.kind();
+                std::io::Error::new(
+                    kind,
+                    spawner::DaemonShort(std::io::Error::new(
+                        kind,
+                        format!("cannot make the try's cgroup: {error}"),
+                    )),
+                )
+            })?))
+        }
+        None => None,
+    };
     let recipe = Recipe {
         program: launch.program.clone(),
         args: launch.args,
@@ -165,10 +194,17 @@ pub async fn run(
         stdin: launch.stdin,
         stdin_fd: None,
         preload: launch.preload,
+        cgroup: try_cgroup.clone(),
     };
 
     let spawn_started = Instant::now();
-    let mut child = spawner.spawn(recipe).await.map_err(|error| {
+    let spawned = spawner.spawn(recipe).await;
+    if spawned.is_err() {
+        if let Some(cgroup) = try_cgroup.clone() {
+            cgroup.remove().await;
+        }
+    }
+    let mut child = spawned.map_err(|error| {
         let text = format!("cannot start {}: {error}", launch.program.display());
         if is_daemon_short(&error) {
             std::io::Error::new(
@@ -180,6 +216,13 @@ pub async fn run(
         }
     })?;
     let spawn_took = spawn_started.elapsed();
+    if let (true, Some(cgroup)) = (launch.preload, &try_cgroup) {
+        // A preloaded program that ignored the `cgroup` field: its child
+        // is moved now (what it started before this runs outside).
+        if let Err(error) = cgroup.adopt(child.pid) {
+            tracing::warn!("cannot move a preloaded try into its cgroup: {error}");
+        }
+    }
     // From here: the boot of a preloaded parent is not the try's time.
     let started = Instant::now();
     let pid = child.pid;
@@ -251,6 +294,9 @@ pub async fn run(
                     if let Some(reason) = reason {
                         stopped = Some(Stopped::Requested(reason));
                         escalation = Some(if reason == StopReason::LostClaim {
+                            if let Some(cgroup) = &try_cgroup {
+                                cgroup.kill_all();
+                            }
                             Escalation::kill_now(process_group)
                         } else {
                             Escalation::begin(process_group, &settings)
@@ -269,6 +315,10 @@ pub async fn run(
         // The task is over: whatever it left in its group goes too. The group
         // id cannot have been reused while any member is alive.
         let _ = killpg(process_group, Signal::SIGKILL);
+        // And everything in its cgroup, `setsid` escapes included.
+        if let Some(cgroup) = &try_cgroup {
+            cgroup.kill_all();
+        }
         exited.cancel();
         on_exit();
         // Let the try that got our slot start its process before we drain
@@ -285,7 +335,15 @@ pub async fn run(
         (status, stopped, ran_for)
     };
 
-    let limit_broken = limits::broken_limit(&status, &stderr.tail.text(), &settings);
+    let limit_broken = match try_cgroup {
+        Some(cgroup) => {
+            let broken = cgroup.broken_limit();
+            cgroup.remove().await;
+            broken
+        }
+        None => None,
+    }
+    .or_else(|| limits::broken_limit(&status, &stderr.tail.text(), &settings));
     Ok(Ended {
         spawn_took,
         status,

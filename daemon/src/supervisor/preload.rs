@@ -312,6 +312,8 @@ impl Parent {
             stdin: Vec::new(),
             stdin_fd: Some(Arc::new(theirs)),
             preload: false,
+            // Not a try's: it outlives them all.
+            cgroup: None,
         };
         let file = file_id(&resolve(recipe, spawner));
         let mut child = spawner

@@ -86,6 +86,8 @@ pub struct Recipe {
     pub stdin_fd: Option<Arc<OwnedFd>>,
     /// Run as a child of the program's preloaded parent (preload.rs).
     pub preload: bool,
+    /// The try's cgroup, which the child joins first (cgroup.rs).
+    pub cgroup: Option<Arc<super::cgroup::TryCgroup>>,
 }
 
 /// Limits set in the child before exec (see limits.rs for what each means).
@@ -386,6 +388,9 @@ impl Spawner {
         if let Some(nice) = limits.nice {
             field(b"nice", nice.to_string().as_bytes())?;
         }
+        for procs in recipe.cgroup.iter().flat_map(|cgroup| cgroup.procs_paths()) {
+            field(b"cgroup", procs.as_os_str().as_bytes())?;
+        }
         let (stdin_child, stdin_ours) = if recipe.stdin.is_empty() {
             (OwnedFd::from(std::fs::File::open("/dev/null")?), None)
         } else {
@@ -577,10 +582,12 @@ struct ChildArgs {
     uid: Option<libc::uid_t>,
     gid: Option<libc::gid_t>,
     limits: ChildLimits,
+    /// `cgroup.procs` of the try's cgroup in each hierarchy (-1: none).
+    cgroup_procs: [libc::c_int; super::cgroup::MAX_HIERARCHIES],
 }
 
 /// Steps of the child's set-up, reported with the errno when one fails.
-const STEPS: [&str; 8] = [
+const STEPS: [&str; 9] = [
     "setting up stdio",
     "entering the working directory",
     "changing user or group",
@@ -589,6 +596,7 @@ const STEPS: [&str; 8] = [
     "setting resource limits",
     "setting the nice value",
     "executing",
+    "joining the try's cgroup",
 ];
 
 /// The child's stack between clone and exec.
@@ -655,6 +663,12 @@ fn start(
         uid: recipe.uid,
         gid: recipe.gid,
         limits: recipe.limits,
+        cgroup_procs: recipe
+            .cgroup
+            .as_ref()
+            .map_or([-1; super::cgroup::MAX_HIERARCHIES], |cgroup| {
+                cgroup.join_fds()
+            }),
     };
     // SAFETY: the child runs `child_main` on its own stack with the daemon's
     // memory shared (CLONE_VM) while this thread is suspended (CLONE_VFORK)
@@ -693,6 +707,14 @@ fn start(
             libc::waitpid(pid, &mut raw, 0);
         }
         let error = io::Error::from_raw_os_error(errno);
+        // A cgroup that cannot be joined is the daemon's trouble, not the task's.
+        if step == 8 {
+            let text = format!("{}: {error}", STEPS[8]);
+            return Err(io::Error::new(
+                error.kind(),
+                DaemonShort(io::Error::new(error.kind(), text)),
+            ));
+        }
         // Setting up stdio duplicates descriptors in a copy of the daemon's
         // table: running out there is the daemon's shortage too.
         if step == 0 && matches!(errno, libc::EMFILE | libc::ENFILE) {
@@ -750,6 +772,11 @@ extern "C" fn child_main(raw: *mut libc::c_void) -> libc::c_int {
                 default.sa_sigaction = libc::SIG_DFL;
                 libc::sigaction(signal, &default, std::ptr::null_mut());
             }
+        }
+        // Into the try's cgroup first: its limits hold from here on, and
+        // whatever it starts is found there at the end of the try.
+        if !super::cgroup::join_in_child(&args.cgroup_procs) {
+            return fail(8);
         }
         // Its own process group: a Ctrl-C at the terminal reaches only the
         // daemon, and stopping a task reaches everything it started.

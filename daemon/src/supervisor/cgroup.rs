@@ -1,0 +1,760 @@
+//! A cgroup per try (SPEC.md "Limits through cgroups"): `memory_limit`
+//! (resident memory), `max_processes` and `cpu_quota` limit everything a try
+//! starts, and ending a try kills everything in its cgroup, `setsid`
+//! escapes included.
+//!
+//! Which mechanism is in force is decided once, at start ([`init`]):
+//! - cgroup v2, where the daemon's own cgroup is delegated to it (systemd
+//!   `Delegate=yes`: the `trusted.delegate` mark, or a cgroup owned by a
+//!   non-root daemon's user) and offers `memory`, `pids` or `cpu`. The daemon
+//!   moves itself into a leaf (`taskrunnerd`) so that its cgroup may hand
+//!   those controllers to its children, and each try gets `try-…` beside it;
+//! - else the cgroup v1 `memory`, `pids` and `cpu` controllers that are
+//!   mounted and writable: each try gets `taskrunner/try-…` under the
+//!   daemon's own cgroup of each hierarchy;
+//! - else rlimits only (see limits.rs). `TASKRUNNER_CGROUPS=off` in the
+//!   daemon's environment chooses rlimits too.
+//!
+//! A try's cgroup is named after its claim token and row id (a hash), so that a
+//! restarted daemon's start-up reaper finds the cgroup of a try its dead
+//! predecessor ran, and kills what is left in it. The child joins its
+//! cgroup itself between clone and exec, by writing `0` to `cgroup.procs`
+//! descriptors opened here (open, write: async-signal-safe), so that
+//! nothing of the try ever runs outside it; a preloaded parent's child is
+//! asked to do the same (the `cgroup` field of the preload protocol), and
+//! is moved by the daemon when it is adopted in case it did not.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::units::{format_percent, format_size};
+
+/// A cgroup controller that enforces one of the task settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Controller {
+    /// `memory_limit`
+    Memory,
+    /// `max_processes`
+    Pids,
+    /// `cpu_quota`
+    Cpu,
+}
+
+impl Controller {
+    const ALL: [Controller; 3] = [Controller::Memory, Controller::Pids, Controller::Cpu];
+
+    fn name(self) -> &'static str {
+        match self {
+            Controller::Memory => "memory",
+            Controller::Pids => "pids",
+            Controller::Cpu => "cpu",
+        }
+    }
+}
+
+/// One mounted hierarchy the tries' cgroups are made in.
+#[derive(Debug, Clone)]
+struct Hierarchy {
+    v2: bool,
+    controllers: Vec<Controller>,
+    /// The directory each try's cgroup is made in.
+    base: PathBuf,
+}
+
+/// The cgroups in force (none: rlimits only).
+#[derive(Debug)]
+pub struct Cgroups {
+    hierarchies: Vec<Hierarchy>,
+    /// Why cgroups (or some controllers) are not used.
+    note: Option<String>,
+}
+
+static DETECTED: OnceLock<Cgroups> = OnceLock::new();
+
+/// Finds (and for cgroup v2 sets up) the cgroups tries will run in; once per
+/// process, the first call decides. The daemon calls it at start.
+pub fn init() -> &'static Cgroups {
+    DETECTED.get_or_init(detect)
+}
+
+/// The cgroups in force, once [`init`] has found some.
+pub fn in_force() -> Option<&'static Cgroups> {
+    DETECTED
+        .get()
+        .filter(|cgroups| !cgroups.hierarchies.is_empty())
+}
+
+/// What limits the tries (for the start line and `status`).
+pub fn describe() -> String {
+    init().describe()
+}
+
+/// The limits a try's cgroup gets.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    pub memory: Option<u64>,
+    pub processes: Option<u64>,
+    /// CPUs (0.5 for `50%`).
+    pub cpu: Option<f64>,
+}
+
+impl Cgroups {
+    /// Whether `controller` is in force (else its setting is an rlimit, or
+    /// not enforced).
+    pub fn controls(&self, controller: Controller) -> bool {
+        self.hierarchies
+            .iter()
+            .any(|hierarchy| hierarchy.controllers.contains(&controller))
+    }
+
+    fn describe(&self) -> String {
+        let Some(first) = self.hierarchies.first() else {
+            return format!("rlimits ({})", self.note.as_deref().unwrap_or("no cgroup"));
+        };
+        let names: Vec<&str> = Controller::ALL
+            .iter()
+            .filter(|c| self.controls(**c))
+            .map(|c| c.name())
+            .collect();
+        let mut text = if first.v2 {
+            format!(
+                "cgroup v2 ({}) under {}",
+                names.join(", "),
+                first.base.display()
+            )
+        } else {
+            format!("cgroup v1 ({})", names.join(", "))
+        };
+        let missing: Vec<&str> = Controller::ALL
+            .iter()
+            .filter(|c| !self.controls(**c))
+            .map(|c| match c {
+                Controller::Memory => "memory_limit is RLIMIT_AS",
+                Controller::Pids => "max_processes is RLIMIT_NPROC",
+                Controller::Cpu => "cpu_quota is not enforced",
+            })
+            .collect();
+        if !missing.is_empty() {
+            text.push_str(&format!("; {}", missing.join(", ")));
+        }
+        text
+    }
+
+    /// Makes the cgroup of the try named `key` ([`try_key`]) with
+    /// `limits`, ready for its process to join.
+    pub fn create(&self, key: &str, limits: &Limits) -> io::Result<TryCgroup> {
+        let name = cgroup_name(key);
+        let mut made = TryCgroup {
+            dirs: Vec::new(),
+            procs: Vec::new(),
+            limits: *limits,
+        };
+        for hierarchy in &self.hierarchies {
+            let path = hierarchy.base.join(&name);
+            match std::fs::create_dir(&path) {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(error) => {
+                    made.remove_now();
+                    return Err(with_path(error, "creating", &path));
+                }
+            }
+            made.dirs.push(Dir {
+                path: path.clone(),
+                v2: hierarchy.v2,
+                controllers: hierarchy.controllers.clone(),
+            });
+            if let Err(error) = set_limits(&path, hierarchy, limits) {
+                made.remove_now();
+                return Err(error);
+            }
+            let procs = path.join("cgroup.procs");
+            match std::fs::OpenOptions::new().write(true).open(&procs) {
+                Ok(file) => made.procs.push(OwnedFd::from(file)),
+                Err(error) => {
+                    made.remove_now();
+                    return Err(with_path(error, "opening", &procs));
+                }
+            }
+        }
+        Ok(made)
+    }
+
+    /// Kills whatever is left in the cgroup of the try named `key` ([`try_key`]; a try
+    /// of a daemon that died) and removes it; returns how many processes
+    /// were killed.
+    pub async fn kill_leftovers(&self, key: &str) -> usize {
+        let name = cgroup_name(key);
+        let leftover = TryCgroup {
+            dirs: self
+                .hierarchies
+                .iter()
+                .map(|hierarchy| Dir {
+                    path: hierarchy.base.join(&name),
+                    v2: hierarchy.v2,
+                    controllers: hierarchy.controllers.clone(),
+                })
+                .filter(|dir| dir.path.is_dir())
+                .collect(),
+            procs: Vec::new(),
+            limits: Limits::default(),
+        };
+        if leftover.dirs.is_empty() {
+            return 0;
+        }
+        let killed = leftover.kill_all();
+        leftover.remove().await;
+        killed
+    }
+}
+
+/// The key naming the cgroup of the try of row `id` under `claim_token`
+/// (one claim statement's rows share a token: the id tells them apart).
+pub fn try_key(claim_token: &str, id: i64) -> String {
+    format!("{claim_token}/{id}")
+}
+
+/// A try's cgroup name: a hash of its key (a claim token may hold any
+/// character), the same in every daemon that reads the row.
+fn cgroup_name(key: &str) -> String {
+    // FNV-1a, 64 bits: stable across builds, unlike std's hasher.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("try-{hash:016x}")
+}
+
+fn with_path(error: io::Error, doing: &str, path: &Path) -> io::Error {
+    io::Error::new(error.kind(), format!("{doing} {}: {error}", path.display()))
+}
+
+fn write_file(path: &Path, value: &str) -> io::Result<()> {
+    std::fs::write(path, value).map_err(|error| with_path(error, "writing", path))
+}
+
+/// The period of the CPU bandwidth limit (the kernel's default, 100 ms).
+const CPU_PERIOD_MICROS: u64 = 100_000;
+
+fn set_limits(dir: &Path, hierarchy: &Hierarchy, limits: &Limits) -> io::Result<()> {
+    let has = |controller| hierarchy.controllers.contains(&controller);
+    let cpu_quota = limits
+        .cpu
+        .map(|cpus| ((cpus * CPU_PERIOD_MICROS as f64) as u64).max(1000));
+    if hierarchy.v2 {
+        if has(Controller::Memory) {
+            if let Some(bytes) = limits.memory {
+                write_file(&dir.join("memory.max"), &bytes.to_string())?;
+                // Resident means resident: no escape into swap. Best effort
+                // (no swap accounting, no file).
+                let _ = std::fs::write(dir.join("memory.swap.max"), "0");
+                // The OOM killer takes the whole try, not one of its processes.
+                let _ = std::fs::write(dir.join("memory.oom.group"), "1");
+            }
+        }
+        if has(Controller::Pids) {
+            if let Some(count) = limits.processes {
+                write_file(&dir.join("pids.max"), &count.to_string())?;
+            }
+        }
+        if has(Controller::Cpu) {
+            if let Some(quota) = cpu_quota {
+                write_file(
+                    &dir.join("cpu.max"),
+                    &format!("{quota} {CPU_PERIOD_MICROS}"),
+                )?;
+            }
+        }
+    } else {
+        if has(Controller::Memory) {
+            if let Some(bytes) = limits.memory {
+                write_file(&dir.join("memory.limit_in_bytes"), &bytes.to_string())?;
+                // Memory plus swap at the same value: no escape into swap
+                // (present only with swap accounting).
+                let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), bytes.to_string());
+            }
+        }
+        if has(Controller::Pids) {
+            if let Some(count) = limits.processes {
+                write_file(&dir.join("pids.max"), &count.to_string())?;
+            }
+        }
+        if has(Controller::Cpu) {
+            if let Some(quota) = cpu_quota {
+                write_file(
+                    &dir.join("cpu.cfs_period_us"),
+                    &CPU_PERIOD_MICROS.to_string(),
+                )?;
+                write_file(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+struct Dir {
+    path: PathBuf,
+    v2: bool,
+    controllers: Vec<Controller>,
+}
+
+/// One try's cgroup (a directory in each hierarchy).
+#[derive(Debug)]
+pub struct TryCgroup {
+    dirs: Vec<Dir>,
+    /// Each directory's `cgroup.procs`, open for writing: the child writes
+    /// `0` to each to join.
+    procs: Vec<OwnedFd>,
+    limits: Limits,
+}
+
+/// At most this many hierarchies (memory, pids, cpu each on its own).
+pub const MAX_HIERARCHIES: usize = 3;
+
+impl TryCgroup {
+    /// The `cgroup.procs` descriptors the child writes `0` to (-1: none).
+    pub fn join_fds(&self) -> [libc::c_int; MAX_HIERARCHIES] {
+        let mut fds = [-1; MAX_HIERARCHIES];
+        for (slot, fd) in fds.iter_mut().zip(&self.procs) {
+            *slot = fd.as_raw_fd();
+        }
+        fds
+    }
+
+    /// The `cgroup.procs` files, for a preloaded parent's child to join.
+    pub fn procs_paths(&self) -> Vec<PathBuf> {
+        self.dirs
+            .iter()
+            .map(|dir| dir.path.join("cgroup.procs"))
+            .collect()
+    }
+
+    /// Moves `pid` (and whatever it has started since) into the cgroup: a
+    /// preloaded parent's child that did not join itself.
+    pub fn adopt(&self, pid: u32) -> io::Result<()> {
+        for dir in &self.dirs {
+            let procs = dir.path.join("cgroup.procs");
+            let current = std::fs::read_to_string(&procs).unwrap_or_default();
+            if current.lines().any(|line| line.trim() == pid.to_string()) {
+                continue;
+            }
+            write_file(&procs, &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The processes in the cgroup now.
+    fn members(&self) -> Vec<i32> {
+        let mut pids = Vec::new();
+        for dir in &self.dirs {
+            let Ok(text) = std::fs::read_to_string(dir.path.join("cgroup.procs")) else {
+                continue;
+            };
+            for pid in text
+                .lines()
+                .filter_map(|line| line.trim().parse::<i32>().ok())
+            {
+                if !pids.contains(&pid) {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids
+    }
+
+    /// SIGKILL to every process in the cgroup, again until none is left
+    /// (a process may fork while the list is read); returns how many.
+    pub fn kill_all(&self) -> usize {
+        // cgroup v2 kills the whole cgroup in one write (Linux 5.14).
+        for dir in self.dirs.iter().filter(|dir| dir.v2) {
+            let _ = std::fs::write(dir.path.join("cgroup.kill"), "1");
+        }
+        let mut killed = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let members = self.members();
+            if members.is_empty() {
+                break;
+            }
+            for pid in members {
+                // SAFETY: kill has no memory effects.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                killed.insert(pid);
+            }
+        }
+        killed.len()
+    }
+
+    /// The limit the cgroup's kernel counters say was hit: the OOM killer
+    /// acted in it (memory), or a fork was refused at `pids.max`.
+    pub fn broken_limit(&self) -> Option<String> {
+        for dir in &self.dirs {
+            if let (Some(bytes), true) = (
+                self.limits.memory,
+                dir.controllers.contains(&Controller::Memory),
+            ) {
+                let file = if dir.v2 {
+                    "memory.events"
+                } else {
+                    "memory.oom_control"
+                };
+                if counter(&dir.path.join(file), "oom_kill") > 0 {
+                    return Some(format!(
+                        "memory limit {} exceeded (killed by the OOM killer)",
+                        format_size(bytes)
+                    ));
+                }
+            }
+        }
+        for dir in &self.dirs {
+            if let (Some(count), true) = (
+                self.limits.processes,
+                dir.controllers.contains(&Controller::Pids),
+            ) {
+                if counter(&dir.path.join("pids.events"), "max") > 0 {
+                    return Some(format!(
+                        "max_processes {count} reached (the try's pids cgroup refused a fork)"
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    /// The CPU quota, for the try's description.
+    pub fn cpu_quota(&self) -> Option<String> {
+        self.limits.cpu.map(format_percent)
+    }
+
+    /// Kills what is left and removes the cgroup: each directory once it is
+    /// empty (killed processes take a moment to exit). Gives up after a few
+    /// seconds with one warning line.
+    pub async fn remove(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        for dir in &self.dirs {
+            loop {
+                match std::fs::remove_dir(&dir.path) {
+                    Ok(()) => break,
+                    Err(error) if error.kind() == io::ErrorKind::NotFound => break,
+                    Err(error) => {
+                        if tokio::time::Instant::now() > deadline {
+                            tracing::warn!(
+                                "cannot remove the try's cgroup {}: {error}",
+                                dir.path.display()
+                            );
+                            break;
+                        }
+                        self.kill_all();
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes what was made so far (a failed creation; nothing joined yet).
+    fn remove_now(&self) {
+        for dir in &self.dirs {
+            let _ = std::fs::remove_dir(&dir.path);
+        }
+    }
+}
+
+/// The value of `name` in a flat-keyed cgroup file (`name value` lines).
+fn counter(path: &Path, name: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| {
+            let (key, value) = line.split_once(' ')?;
+            (key == name).then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0)
+}
+
+fn detect() -> Cgroups {
+    let none = |note: String| Cgroups {
+        hierarchies: Vec::new(),
+        note: Some(note),
+    };
+    if std::env::var_os("TASKRUNNER_CGROUPS").is_some_and(|value| value == "off") {
+        return none("TASKRUNNER_CGROUPS=off".into());
+    }
+    let (Ok(mountinfo), Ok(own)) = (
+        std::fs::read_to_string("/proc/self/mountinfo"),
+        std::fs::read_to_string("/proc/self/cgroup"),
+    ) else {
+        return none("cannot read /proc/self/mountinfo or /proc/self/cgroup".into());
+    };
+    let mounts = parse_mounts(&mountinfo);
+    let v2_note = match set_up_v2(&mounts, &own) {
+        Ok(hierarchy) => {
+            return Cgroups {
+                hierarchies: vec![hierarchy],
+                note: None,
+            }
+        }
+        Err(why) => why,
+    };
+    let (hierarchies, v1_note) = set_up_v1(&mounts, &own);
+    if hierarchies.is_empty() {
+        return none(format!("{v2_note}; {v1_note}"));
+    }
+    Cgroups {
+        hierarchies,
+        note: (!v1_note.is_empty()).then_some(v1_note),
+    }
+}
+
+/// A cgroup mount: its mount point, whether it is cgroup2, and (v1) the
+/// controllers it holds.
+struct Mount {
+    point: PathBuf,
+    v2: bool,
+    options: Vec<String>,
+}
+
+fn parse_mounts(mountinfo: &str) -> Vec<Mount> {
+    let mut mounts = Vec::new();
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(separator) = fields.iter().position(|field| *field == "-") else {
+            continue;
+        };
+        let (Some(point), Some(fstype), Some(options)) = (
+            fields.get(4),
+            fields.get(separator + 1),
+            fields.get(separator + 3),
+        ) else {
+            continue;
+        };
+        if *fstype != "cgroup" && *fstype != "cgroup2" {
+            continue;
+        }
+        mounts.push(Mount {
+            point: PathBuf::from(point.replace("\\040", " ")),
+            v2: *fstype == "cgroup2",
+            options: options.split(',').map(str::to_string).collect(),
+        });
+    }
+    mounts
+}
+
+/// The daemon's own cgroup path in the hierarchy whose `/proc/self/cgroup`
+/// line matches `controllers` ("" for cgroup v2).
+fn own_path(own: &str, matches: impl Fn(&str) -> bool) -> Option<&str> {
+    own.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let (_id, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        matches(controllers).then_some(path)
+    })
+}
+
+fn join_own(point: &Path, path: &str) -> PathBuf {
+    point.join(path.trim_start_matches('/'))
+}
+
+fn set_up_v2(mounts: &[Mount], own: &str) -> Result<Hierarchy, String> {
+    let Some(mount) = mounts.iter().find(|mount| mount.v2) else {
+        return Err("no cgroup v2".into());
+    };
+    let Some(path) = own_path(own, |controllers| controllers.is_empty()) else {
+        return Err("no cgroup v2 path in /proc/self/cgroup".into());
+    };
+    let dir = join_own(&mount.point, path);
+    let available = std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+    let controllers: Vec<Controller> = Controller::ALL
+        .into_iter()
+        .filter(|c| available.split_whitespace().any(|name| name == c.name()))
+        .collect();
+    if controllers.is_empty() {
+        return Err(format!(
+            "cgroup v2 at {} offers none of memory, pids, cpu",
+            dir.display()
+        ));
+    }
+    if !is_delegated(&dir) {
+        return Err(format!(
+            "cgroup v2 {} is not delegated to the daemon (systemd: Delegate=yes)",
+            dir.display()
+        ));
+    }
+    let enabled = std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+    let missing: Vec<String> = controllers
+        .iter()
+        .filter(|c| !enabled.split_whitespace().any(|name| name == c.name()))
+        .map(|c| format!("+{}", c.name()))
+        .collect();
+    if !missing.is_empty() {
+        // A cgroup with processes cannot hand controllers to its children:
+        // the daemon moves into a leaf of its own first.
+        let leaf = dir.join("taskrunnerd");
+        let moved = match std::fs::create_dir(&leaf) {
+            Ok(()) => true,
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => true,
+            Err(_) => false,
+        } && std::fs::write(leaf.join("cgroup.procs"), std::process::id().to_string())
+            .is_ok();
+        let enabled =
+            moved && std::fs::write(dir.join("cgroup.subtree_control"), missing.join(" ")).is_ok();
+        if !enabled {
+            if moved {
+                let _ = std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string());
+            }
+            let _ = std::fs::remove_dir(&leaf);
+            return Err(format!(
+                "cannot enable {} in cgroup v2 {} (other processes in it?)",
+                missing.join(" "),
+                dir.display()
+            ));
+        }
+    }
+    probe_writable(&dir)?;
+    Ok(Hierarchy {
+        v2: true,
+        controllers,
+        base: dir,
+    })
+}
+
+/// Whether the daemon may manage the cgroup `dir`: systemd marks a
+/// delegated one (`trusted.delegate`, or `user.delegate` for a user
+/// manager); a non-root daemon's own cgroup is delegated when it owns it.
+fn is_delegated(dir: &Path) -> bool {
+    let Ok(path) = CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    for name in [c"trusted.delegate", c"user.delegate"] {
+        let mut value = [0u8; 8];
+        // SAFETY: getxattr reads a NUL-terminated path and name into a local buffer.
+        let length = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        if length > 0 && value[0] == b'1' {
+            return true;
+        }
+    }
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    euid != 0
+        && std::fs::metadata(dir.join("cgroup.procs"))
+            .is_ok_and(|meta| std::os::unix::fs::MetadataExt::uid(&meta) == euid)
+}
+
+/// Makes and removes a child cgroup in `dir`: can the daemon make tries' cgroups there?
+fn probe_writable(dir: &Path) -> Result<(), String> {
+    let probe = dir.join(format!("probe-{}", std::process::id()));
+    std::fs::create_dir(&probe)
+        .and_then(|()| std::fs::remove_dir(&probe))
+        .map_err(|error| format!("cannot make a cgroup in {}: {error}", dir.display()))
+}
+
+fn set_up_v1(mounts: &[Mount], own: &str) -> (Vec<Hierarchy>, String) {
+    let mut hierarchies: Vec<Hierarchy> = Vec::new();
+    let mut notes = Vec::new();
+    for controller in Controller::ALL {
+        let name = controller.name();
+        let Some(mount) = mounts
+            .iter()
+            .find(|mount| !mount.v2 && mount.options.iter().any(|option| option == name))
+        else {
+            notes.push(format!("no cgroup v1 {name} controller"));
+            continue;
+        };
+        if let Some(hierarchy) = hierarchies
+            .iter_mut()
+            .find(|hierarchy| hierarchy.base.starts_with(&mount.point))
+        {
+            // One hierarchy holding several controllers (cpu,cpuacct,…).
+            hierarchy.controllers.push(controller);
+            continue;
+        }
+        let Some(path) = own_path(own, |controllers| {
+            controllers.split(',').any(|held| held == name)
+        }) else {
+            notes.push(format!("no cgroup v1 {name} path in /proc/self/cgroup"));
+            continue;
+        };
+        let base = join_own(&mount.point, path).join("taskrunner");
+        let made = match std::fs::create_dir(&base) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(error) => Err(format!("cannot make {}: {error}", base.display())),
+        }
+        .and_then(|()| probe_writable(&base));
+        match made {
+            Ok(()) => hierarchies.push(Hierarchy {
+                v2: false,
+                controllers: vec![controller],
+                base,
+            }),
+            Err(why) => notes.push(why),
+        }
+    }
+    (hierarchies, notes.join("; "))
+}
+
+/// Opens nothing, allocates nothing: writes `0` ("the caller") to each
+/// `cgroup.procs` descriptor, in the child between clone and exec. False
+/// when a write failed.
+pub fn join_in_child(fds: &[libc::c_int; MAX_HIERARCHIES]) -> bool {
+    for fd in fds.iter().filter(|fd| **fd >= 0) {
+        // SAFETY: a write of a constant byte to a descriptor the parent opened.
+        if unsafe { libc::write(*fd, b"0".as_ptr().cast(), 1) } != 1 {
+            return false;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_stable_and_safe() {
+        let name = cgroup_name("host/with:odd chars:123");
+        assert_eq!(name, cgroup_name("host/with:odd chars:123"));
+        assert_ne!(name, cgroup_name("host/with:odd chars:124"));
+        assert!(name.starts_with("try-") && !name.contains('/'), "{name}");
+    }
+
+    #[test]
+    fn mounts_and_own_paths_are_read() {
+        let mountinfo =
+            "32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu,cpuacct\n\
+                         41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n\
+                         23 1 0:21 / /proc rw - proc proc rw\n";
+        let mounts = parse_mounts(mountinfo);
+        assert_eq!(mounts.len(), 2);
+        assert!(mounts[0].options.iter().any(|o| o == "cpuacct"));
+        assert!(mounts[1].v2);
+        let own = "4:memory:/a/b\n1:cpu,cpuacct:/\n0::/user.slice\n";
+        assert_eq!(own_path(own, |c| c.is_empty()), Some("/user.slice"));
+        assert_eq!(
+            own_path(own, |c| c.split(',').any(|x| x == "cpu")),
+            Some("/")
+        );
+        assert_eq!(own_path(own, |c| c == "memory"), Some("/a/b"));
+    }
+
+    #[test]
+    fn counters_are_read_by_name() {
+        let file = std::env::temp_dir().join(format!("cgroup-counter-{}", std::process::id()));
+        std::fs::write(&file, "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n").unwrap();
+        assert_eq!(counter(&file, "oom_kill"), 2);
+        assert_eq!(counter(&file, "max"), 0);
+        std::fs::remove_file(&file).unwrap();
+    }
+}

@@ -1,0 +1,385 @@
+//! Limits through cgroups (SPEC.md "Limits through cgroups", issue 13): on
+//! the machine's real cgroups, a try's `memory_limit`, `max_processes` and
+//! `cpu_quota` hold for everything it starts, and ending a try kills all of
+//! it. Needs root and a cgroup the daemon can write: skipped with a printed
+//! reason elsewhere, and failed instead where
+//! `TASKRUNNER_TEST_REQUIRE_CGROUPS` is set (CI, `.ci/run`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::util::{cli, process_exists, quote, wait_until, Backend, Daemon, TestDb};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+both_backends!(
+    a_task_past_its_memory_limit_is_failed_naming_it_while_the_daemon_lives,
+    a_fork_bomb_stops_at_max_processes,
+    cpu_quota_holds_a_spinning_task_back,
+    a_setsid_grandchild_is_killed_at_the_end_of_its_try,
+    a_setsid_grandchild_is_killed_before_the_rerun_at_a_daemon_restart,
+    a_tries_cgroup_is_removed_after_the_try,
+    preloaded_tries_run_in_their_own_cgroup,
+);
+
+/// Starts a daemon with `extra` config; `None` (the reason printed) where
+/// its tries get no cgroup.
+fn start_with_cgroups(db: &TestDb, extra: &str) -> Option<Daemon> {
+    let required = std::env::var_os("TASKRUNNER_TEST_REQUIRE_CGROUPS").is_some();
+    if !nix::unistd::geteuid().is_root() && !required {
+        println!("skipped: making cgroups needs root");
+        return None;
+    }
+    let daemon = Daemon::start(db, "d", extra);
+    let log = daemon.log_text();
+    let line = log
+        .lines()
+        .find(|line| line.contains("taskrunnerd started"))
+        .unwrap_or_default()
+        .to_string();
+    if !line.contains("limits=cgroup") {
+        assert!(
+            !required,
+            "TASKRUNNER_TEST_REQUIRE_CGROUPS is set but the daemon has none: {line}"
+        );
+        println!("skipped: the daemon makes no cgroups here: {line}");
+        return None;
+    }
+    Some(daemon)
+}
+
+async fn insert_once(db: &TestDb, task: &str) -> taskrunner::request::RequestId {
+    db.insert(&format!(
+        "INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ({}, 1) RETURNING id",
+        quote(task)
+    ))
+    .await
+}
+
+/// The directories of the try cgroups named in `/proc/PID/cgroup` text.
+fn try_cgroup_dirs(proc_cgroup: &str) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    for line in proc_cgroup.split([' ', '\n']) {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        if !path.contains("/try-") {
+            continue;
+        }
+        let path = path.trim_start_matches('/');
+        if controllers.is_empty() {
+            dirs.push(PathBuf::from("/sys/fs/cgroup").join(path));
+            dirs.push(PathBuf::from("/sys/fs/cgroup/unified").join(path));
+        } else {
+            let first = controllers.split(',').next().unwrap_or_default();
+            dirs.push(PathBuf::from("/sys/fs/cgroup").join(first).join(path));
+        }
+    }
+    dirs
+}
+
+/// A task that fills 256 MiB (resident, every page written) under a 64 MiB
+/// limit is killed by the OOM killer in its cgroup and FAILED naming the
+/// limit; the daemon lives on, and one that maps 1 GiB of address space
+/// but touches little runs (the limit is resident memory, not address
+/// space). `status` names the mechanism.
+async fn a_task_past_its_memory_limit_is_failed_naming_it_while_the_daemon_lives(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let Some(mut daemon) = start_with_cgroups(
+        &db,
+        r#"
+tasks:
+  Hungry:
+    command: [python3, -c, 'x = b"x" * (256 << 20)']
+    memory_limit: 64MiB
+  Mapper:
+    command: [python3, -c, 'import mmap; m = mmap.mmap(-1, 1 << 30); m[0] = 1; print("mapped")']
+    memory_limit: 64MiB
+"#,
+    ) else {
+        return;
+    };
+    let hungry = insert_once(&db, "Hungry").await;
+    let row = db.wait_for_state(hungry, "FAILED", WAIT).await;
+    let text = row.result_text.unwrap();
+    assert!(
+        text.lines()
+            .next()
+            .unwrap()
+            .contains("memory limit 64MiB exceeded (killed by the OOM killer)"),
+        "{text}"
+    );
+    assert!(process_exists(daemon.pid()), "the daemon lives");
+    let mapper = insert_once(&db, "Mapper").await;
+    let row = db.wait_for_state(mapper, "FINISHED", WAIT).await;
+    assert_eq!(row.result_text.as_deref(), Some("mapped"));
+    let config = daemon.config.display().to_string();
+    let (code, out, err) = cli(&db, &["--config", &config, "status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("limits: cgroup v"), "{out}");
+    assert!(daemon.stop().success());
+}
+
+/// A task that forks without end (bounded here at 200, in case the limit
+/// does not hold) gets no more than `max_processes` processes, root or not
+/// (RLIMIT_NPROC does not bind root), and is FAILED naming the limit.
+async fn a_fork_bomb_stops_at_max_processes(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let Some(mut daemon) = start_with_cgroups(
+        &db,
+        r#"
+tasks:
+  Bomb:
+    command:
+      - python3
+      - -c
+      - |
+        import os, sys, time
+        forked = 0
+        try:
+            while forked < 200:
+                if os.fork() == 0:
+                    time.sleep(30)
+                    os._exit(0)
+                forked += 1
+        except OSError as error:
+            sys.exit(f"forked {forked}: {error}")
+        print(f"forked {forked}")
+    max_processes: 20
+"#,
+    ) else {
+        return;
+    };
+    let id = insert_once(&db, "Bomb").await;
+    let row = db.wait_for_state(id, "FAILED", WAIT).await;
+    let text = row.result_text.unwrap();
+    assert!(
+        text.lines()
+            .next()
+            .unwrap()
+            .contains("max_processes 20 reached"),
+        "{text}"
+    );
+    let forked: u32 = text
+        .split("forked ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no count in {text}"));
+    assert_eq!(forked, 19, "20 processes with the task itself: {text}");
+    assert!(daemon.stop().success());
+}
+
+/// A task that spins for one second of wall time under `cpu_quota: 20%`
+/// gets about a fifth of a CPU.
+async fn cpu_quota_holds_a_spinning_task_back(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let Some(mut daemon) = start_with_cgroups(
+        &db,
+        r#"
+tasks:
+  Spin:
+    command:
+      - python3
+      - -c
+      - |
+        import time
+        start = time.time()
+        while time.time() - start < 1:
+            pass
+        print(time.process_time())
+    cpu_quota: 20%
+"#,
+    ) else {
+        return;
+    };
+    let id = insert_once(&db, "Spin").await;
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    let cpu: f64 = row.result_text.unwrap().trim().parse().unwrap();
+    assert!(cpu < 0.45, "{cpu}s of CPU in 1s of wall time at 20%");
+    assert!(daemon.stop().success());
+}
+
+/// A script that leaves a grandchild in a session of its own (`setsid`,
+/// out of the task's process group) and writes its pid to `file`.
+fn setsid_leaver(file: &std::path::Path, wait_on_try_1: bool) -> String {
+    format!(
+        r#"
+tasks:
+  Leaver:
+    command:
+      - /bin/sh
+      - -c
+      - |
+        g={g}
+        if [ "$TASKRUNNER_TRY" = 1 ]; then
+            setsid /bin/sh -c 'echo $$ > {g}.tmp; mv {g}.tmp {g}; exec sleep 60' < /dev/null > /dev/null 2>&1 &
+            while [ ! -s $g ]; do sleep 0.05; done
+            {end}
+        fi
+        state=$(sed 's/.*) //' /proc/$(cat $g)/stat 2>/dev/null | cut -c1)
+        if [ -n "$state" ] && [ "$state" != Z ]; then echo "try 1 still runs" >&2; exit 1; fi
+        echo alone
+"#,
+        g = file.display(),
+        end = if wait_on_try_1 {
+            "exec sleep 60"
+        } else {
+            "echo left; exit 0"
+        }
+    )
+}
+
+fn read_pid(file: &std::path::Path) -> i32 {
+    wait_until(WAIT, "the grandchild's pid", || {
+        std::fs::read_to_string(file).is_ok_and(|text| text.ends_with('\n'))
+    });
+    std::fs::read_to_string(file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn kill_if_alive(pid: i32) -> bool {
+    let alive = process_exists(pid);
+    if alive {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    alive
+}
+
+/// A grandchild that left the task's process group with `setsid` escaped
+/// the group kill at the try's end; the try's cgroup takes it too.
+async fn a_setsid_grandchild_is_killed_at_the_end_of_its_try(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let file = db.scratch.join("grandchild");
+    let Some(mut daemon) = start_with_cgroups(&db, &setsid_leaver(&file, false)) else {
+        return;
+    };
+    let id = insert_once(&db, "Leaver").await;
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.result_text.as_deref(), Some("left"));
+    let grandchild = read_pid(&file);
+    let gone = std::time::Instant::now() + Duration::from_secs(10);
+    while process_exists(grandchild) && std::time::Instant::now() < gone {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !kill_if_alive(grandchild),
+        "the setsid grandchild was killed"
+    );
+    assert!(daemon.stop().success());
+}
+
+/// After `kill -9` of the daemon, a `setsid` grandchild of its task lives
+/// on (the parent-death signal reaches the task only, and it left the
+/// group); the restarted daemon's start-up reaper kills it, through the
+/// try's cgroup, before the row runs again.
+async fn a_setsid_grandchild_is_killed_before_the_rerun_at_a_daemon_restart(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let file = db.scratch.join("grandchild");
+    let Some(mut daemon) = start_with_cgroups(&db, &setsid_leaver(&file, true)) else {
+        return;
+    };
+    let id = db.enqueue("Leaver", None).await;
+    db.wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
+        .await;
+    let grandchild = read_pid(&file);
+    daemon.signal(nix::sys::signal::Signal::SIGKILL);
+    daemon.wait_exit(Duration::from_secs(5));
+    assert!(
+        process_exists(grandchild),
+        "the setsid grandchild outlives the daemon"
+    );
+    let mut daemon = Daemon::start_with_config(&daemon.config.clone(), &[]);
+    daemon.wait_ready();
+    let row = db
+        .wait_for(id, WAIT, "ended", |r| {
+            !matches!(r.result.as_deref(), Some("RUNNING") | Some("CRASHED"))
+        })
+        .await;
+    assert!(
+        !kill_if_alive(grandchild),
+        "the setsid grandchild was killed"
+    );
+    assert_eq!(row.result.as_deref(), Some("FINISHED"), "{row:#?}");
+    assert_eq!(row.result_text.as_deref(), Some("alone"));
+    assert_eq!(row.tries, 2);
+    assert!(
+        daemon.log_text().contains("left in its cgroup"),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(daemon.stop().success());
+}
+
+/// A try runs in a cgroup of its own, which is gone once the try is over.
+async fn a_tries_cgroup_is_removed_after_the_try(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let Some(mut daemon) = start_with_cgroups(
+        &db,
+        "tasks:\n  Where:\n    command: [/bin/cat, /proc/self/cgroup]\n    memory_limit: 64MiB\n    max_processes: 10\n",
+    ) else {
+        return;
+    };
+    let id = insert_once(&db, "Where").await;
+    let text = db
+        .wait_for_state(id, "FINISHED", WAIT)
+        .await
+        .result_text
+        .unwrap();
+    let dirs = try_cgroup_dirs(&text);
+    assert!(!dirs.is_empty(), "the try ran in a try cgroup: {text}");
+    wait_until(WAIT, "the try's cgroup to be removed", || {
+        dirs.iter().all(|dir| !dir.exists())
+    });
+    assert!(daemon.stop().success());
+}
+
+/// A preloaded program's child (forked by the program, not the daemon)
+/// runs in its try's cgroup too, with task-sdk and with the Python example.
+async fn preloaded_tries_run_in_their_own_cgroup(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let sdk = PathBuf::from(crate::util::DAEMON)
+        .parent()
+        .unwrap()
+        .join("preload-probe");
+    let python =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/preload/preload_tasks.py");
+    let Some(mut daemon) = start_with_cgroups(
+        &db,
+        &format!(
+            "programs: [{{path: {}, preload: true}}, {{path: {}, preload: true}}]\n",
+            sdk.display(),
+            python.display()
+        ),
+    ) else {
+        return;
+    };
+    for task in ["Probe", "PyProbe"] {
+        let id = insert_once(&db, task).await;
+        let text = db
+            .wait_for_state(id, "FINISHED", WAIT)
+            .await
+            .result_text
+            .unwrap();
+        let cgroup = text
+            .lines()
+            .find_map(|line| line.strip_prefix("cgroup: "))
+            .unwrap_or_else(|| panic!("no cgroup line: {text}"));
+        assert!(
+            !try_cgroup_dirs(cgroup).is_empty(),
+            "{task} ran in its try's cgroup: {cgroup}"
+        );
+    }
+    let log = daemon.log_text();
+    assert!(log.contains(" preloaded (pid "), "{log}");
+    assert!(!log.contains("cannot move a preloaded try"), "{log}");
+    assert!(daemon.stop().success());
+}
