@@ -466,6 +466,17 @@ impl TryCgroup {
     }
 }
 
+impl Drop for TryCgroup {
+    /// A try whose supervision was dropped midway (its caller gone) leaves
+    /// nothing running either: best effort, without waiting.
+    fn drop(&mut self) {
+        if self.dirs.iter().any(|dir| dir.path.exists()) {
+            self.kill_all();
+            self.remove_now();
+        }
+    }
+}
+
 /// The value of `name` in a flat-keyed cgroup file (`name value` lines).
 fn counter(path: &Path, name: &str) -> u64 {
     std::fs::read_to_string(path)
