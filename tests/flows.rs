@@ -798,3 +798,52 @@ async fn sdk_flow_started_in_a_transaction_has_its_long_step_killed_rerun_and_is
     );
     assert!(daemon.stop().success());
 }
+
+/// Unknown keys and unknown task types in a flow are config errors: exit 2,
+/// one line naming the file, the flow and the step.
+#[test]
+fn config_errors_in_a_flow_name_the_flow_and_the_step() {
+    let scratch = Scratch::new("flowconfig");
+    let path = scratch.join("taskrunner.yml");
+    let check = |config: &str| {
+        std::fs::write(&path, config).unwrap();
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_taskrunner-cli"))
+            .args(["config", "check", &path.to_string_lossy()])
+            .current_dir(&scratch.path)
+            .env_remove("DATABASE_URL")
+            .output()
+            .unwrap();
+        let error = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        assert_eq!(output.status.code(), Some(2), "{error}");
+        assert_eq!(error.lines().count(), 1, "{error}");
+        assert!(error.contains(&*path.to_string_lossy()), "{error}");
+        error
+    };
+    let error = check("flows:\n  deploy:\n    steps:\n      - { name: a, task: NoOp }\n      - { name: b, task: NoOp, revrt: NoOp }\n");
+    assert!(
+        error.contains("flows.deploy.steps[1]")
+            && error.contains("revrt")
+            && error.contains("line 5"),
+        "{error}"
+    );
+    let error =
+        check("flows:\n  deploy:\n    steps:\n      - { name: a, task: NoOp, revert: Unfetch }\n");
+    assert!(
+        error.contains(
+            "flows.deploy.steps[0] (a).revert: unknown task type `Unfetch` (known: NoOp)"
+        ),
+        "{error}"
+    );
+    let error = check("flows:\n  deploy:\n    steps: []\n");
+    assert!(
+        error.contains("flows.deploy.steps: a flow needs at least one step"),
+        "{error}"
+    );
+    let error = check(
+        "flows:\n  deploy:\n    steps:\n      - { name: a, task: NoOp }\n    retri: { times: 1 }\n",
+    );
+    assert!(
+        error.contains("flows.deploy") && error.contains("retri"),
+        "{error}"
+    );
+}
