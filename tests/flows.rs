@@ -847,3 +847,75 @@ fn config_errors_in_a_flow_name_the_flow_and_the_step() {
         "{error}"
     );
 }
+
+both_backends!(forty_flows_taken_by_three_daemons_at_once_make_each_step_row_once);
+
+/// Forty flows inserted in one statement, taken and advanced by three
+/// daemons at once (one on SQLite): each flow is taken once, each step's
+/// row is made once, every flow finishes.
+async fn forty_flows_taken_by_three_daemons_at_once_make_each_step_row_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let config = "max_concurrent: 4\nflows:\n  quick:\n    steps:\n      - { name: a, task: NoOp, revert: NoOp, provides: a }\n      - { name: b, task: NoOp }\n      - { name: c, task: NoOp, provides: c }\n";
+    let count = match backend {
+        Backend::Sqlite => 1,
+        Backend::Postgres => 3,
+    };
+    let mut daemons: Vec<Daemon> = (0..count)
+        .map(|n| {
+            Daemon::start(
+                &db,
+                &format!("d{n}"),
+                &format!("host_id: host-{n}\n{config}"),
+            )
+        })
+        .collect();
+    db.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 40) \
+         INSERT INTO task_runner_flows (flow_name, options) SELECT 'quick', 'n: ' || i FROM n",
+    )
+    .await;
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_flows WHERE state = 'FINISHED'",
+        40,
+        LONG,
+    )
+    .await;
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests WHERE flow_id IS NOT NULL")
+            .await,
+        120
+    );
+    // One row per (flow, step), each run once, none a revert.
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM (SELECT flow_id, flow_step FROM task_runner_requests \
+              WHERE flow_id IS NOT NULL GROUP BY flow_id, flow_step HAVING count(*) <> 1) dup"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests WHERE flow_id IS NOT NULL AND (tries <> 1 OR flow_action <> 'execute')")
+            .await,
+        0
+    );
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM task_runner_flows WHERE attempt <> 1 OR store NOT LIKE '%NOOP%'"
+        )
+        .await,
+        0
+    );
+    if count > 1 {
+        // The work was shared.
+        let hosts = db
+            .scalar(
+                "SELECT count(DISTINCT host) FROM task_runner_requests WHERE flow_id IS NOT NULL",
+            )
+            .await;
+        println!("40 flows, 120 steps on {hosts} hosts");
+    }
+    for daemon in &mut daemons {
+        assert!(daemon.stop().success());
+    }
+}
