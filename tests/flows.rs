@@ -556,7 +556,14 @@ async fn flow_post_help_and_the_board_match_their_golden_files(backend: Backend)
         logging_task("Unfetch", &log, "r1", ""),
         logging_task("Uninstall", &log, "r2", ""),
         "  deploy:\n    help: fetch, install and restart the web server\n    steps:\n      - { name: fetch, task: Fetch, revert: Unfetch, provides: artifact }\n      - { name: install, task: Install, revert: Uninstall }\n      - { name: restart, task: Restart, try_limit: 2 }\n    options:\n      port: { help: port to serve on, default: 8887 }\n      host: { help: interface to listen on, type: string, required: true }\n      verbose: { help: log every request, default: false }\n",
-        "  cleanup:\n    retry: { times: 2 }\n    steps:\n      - { name: sweep, task: Install }\n",
+        "  cleanup:\n    retry: { times: 2 }\n    steps:\n      - { name: sweep, task: Install }\n      - { name: wait, task: Hang, revert: Uninstall }\n",
+    );
+    let config = config.replace(
+        "flows:\n",
+        &format!(
+            "{}flows:\n",
+            sh_task("Hang", "echo waiting >&2; exec sleep 600")
+        ),
     );
     let dir = db.scratch.join("cli");
     std::fs::create_dir_all(&dir).unwrap();
@@ -618,9 +625,25 @@ async fn flow_post_help_and_the_board_match_their_golden_files(backend: Backend)
     let (code, out, err) = run(&["flow", "show", &id.to_string()]);
     assert_eq!(code, 0, "{err}");
     golden("flow_show_reverted.txt", &out);
+    // A running flow: the step it waits for is marked.
+    let (code, out, err) = run(&["flow", "post", "cleanup"]);
+    assert_eq!(code, 0, "{err}");
+    let running: i64 = out.trim().parse().unwrap();
+    db.wait_for_count(
+        &format!("SELECT count(*) FROM task_runner_requests WHERE flow_id = {running} AND flow_step = 1 AND pid IS NOT NULL"),
+        1,
+        LONG,
+    )
+    .await;
+    let (code, out, err) = run(&["flow", "show", &running.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    golden("flow_show_running.txt", &out);
+    let (code, _, err) = run(&["flow", "cancel", &running.to_string()]);
+    assert_eq!(code, 0, "{err}");
     let (code, out, _) = run(&["flow", "list"]);
     assert_eq!(code, 0);
-    assert!(out.lines().nth(1).unwrap().contains("REVERTED"), "{out}");
+    assert!(out.lines().nth(1).unwrap().contains("CANCELLED"), "{out}");
+    assert!(out.lines().nth(2).unwrap().contains("REVERTED"), "{out}");
     let (code, _, err) = run(&["flow", "show", "999"]);
     assert_eq!((code, err.trim()), (1, "taskrunner-cli: no flow 999"));
     assert!(daemon.stop().success());
