@@ -37,8 +37,9 @@
 //!     slots of [`cron`]'s schedules.
 //!   - `daemon/control.rs`: the control socket's server side.
 //! - [`attempt`]: one try, from type name and options to a verdict.
-//! - [`supervisor`]: one OS process per try: spawn (clone + exec from a
-//!   thread that lives as long as the daemon, or forked by a preloaded
+//! - [`supervisor`]: one OS process per try: spawn (clone + exec from
+//!   spawner threads that live as long as the daemon, off the runtime's
+//!   thread, or forked by a preloaded
 //!   program as the daemon's child), limits, bounded output, timeout, kill
 //!   escalation; `supervisor::isolation` (non-dumpable daemon, environment
 //!   allowlist, OOM preference), `supervisor::resources` (the daemon's
