@@ -802,7 +802,7 @@ async fn run_one(
                 None => config.retention.clone(),
             };
             let store = open(Purpose::Cli)?;
-            let deleted = crate::retention::prune(&store, &retention, Duration::ZERO, None).await?;
+            let deleted = crate::prune::prune(&store, &retention, Duration::ZERO, None).await?;
             println!("deleted {deleted} requests");
         }
         Command::Web { listen, .. } => {

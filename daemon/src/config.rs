@@ -526,7 +526,10 @@ impl Config {
                 .as_ref()
                 .map_or(String::new(), |f| format!(" from {}", f.display()))
         );
-        out += &format!("database_url: {}\n", redact_url(&self.database_url));
+        out += &format!(
+            "database_url: {}\n",
+            crate::store::url::redact_url(&self.database_url)
+        );
         out += &format!("host_id: {}\nnode_name: {}\n", self.host_id, self.node_name);
         if !self.queues.is_empty() {
             out += &format!("queues: {:?}\n", self.queues);
@@ -631,25 +634,6 @@ fn settings_yaml(s: &TaskSettings, indent: &str) -> String {
     line("kill_grace", format_duration(s.kill_grace));
     line("output_tail", format_size(s.output_tail as u64));
     out
-}
-
-/// Hides a password in a database URL for printing.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let credentials = &url[scheme_end + 3..at];
-            match credentials.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &credentials[..colon],
-                    &url[at..]
-                ),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
 }
 
 /// Settings as written, before defaults are applied.
@@ -903,14 +887,5 @@ mod tests {
             config.tasks["T"].command.as_ref().unwrap()[0],
             dir.join("bin/t").to_string_lossy()
         );
-    }
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact_url("postgres://u:secret@h/db"),
-            "postgres://u:***@h/db"
-        );
-        assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
     }
 }

@@ -11,6 +11,7 @@
 //!   `flow post` help; pure.
 //! - [`store`]: every query; [`store::sql`] holds the claim and the fenced writes;
 //!   [`store::diagnose`] turns database errors into one line with the remedy;
+//!   [`store::url`] shows database URLs without their password;
 //!   `store/repair.rs` rebuilds tables loaded from a Rails `schema.rb`;
 //!   [`store::compose`] is the one finalization path (batches, callbacks);
 //!   [`store::flow`] is the flow step machine it calls (next step, reverts,
@@ -33,7 +34,7 @@
 //!   - `daemon/checkpoint.rs`: SQLite WAL checkpoints on a connection of
 //!     their own, off the writer's path.
 //!   - `daemon/reaper.rs`, `daemon/pruner.rs`, `daemon/cron.rs`: the loops
-//!     around one [`reaper`] pass, one [`retention`] prune and the due
+//!     around one [`reaper`] pass, one [`prune`] pass and the due
 //!     slots of [`cron`]'s schedules.
 //!   - `daemon/control.rs`: the control socket's server side.
 //! - [`attempt`]: one try, from type name and options to a verdict.
@@ -49,8 +50,9 @@
 //!   as CRASHED (the daemon's loop and `taskrunner-cli reap`).
 //! - [`cron`]: `schedules:` (5-field cron or `every:`) and when their slots
 //!   fall due; one request per slot across all daemons.
-//! - [`retention`]: `retention:` rules, and one pass that prunes final rows
-//!   in small batches (the daemon's loop and `taskrunner-cli purge`).
+//! - [`retention`]: `retention:` rules.
+//! - [`prune`]: one pass that deletes the final rows the rules allow, in
+//!   small batches (the daemon's loop and `taskrunner-cli purge`).
 //! - [`waiter`]: `taskrunner-cli wait`: blocks until a request is final (LISTEN / data_version).
 //! - [`control`]: the control socket's protocol (`status`, `metrics`,
 //!   `wake`, `stop`) and its client.
@@ -104,6 +106,7 @@ pub mod health;
 pub mod instance;
 pub mod metrics;
 pub mod procinfo;
+pub mod prune;
 pub mod reaper;
 pub mod request;
 pub mod retention;

@@ -1,25 +1,12 @@
-//! Retention: how long final rows are kept (`retention:` in the config), and
-//! one pass that deletes older ones. The daemon's pruner
-//! (`daemon/pruner.rs`) runs it at start and every `reap_interval`. `taskrunner-cli purge` without `--older-than` applies the
-//! same rules once.
-//!
-//! Rows are deleted in small batches (one short `DELETE` of at most
-//! [`BATCH`] rows, then a pause), so a large backlog never holds the table
-//! long enough to delay claims. Only final rows are ever deleted: FINISHED,
-//! CANCELLED, REJECTED, and exhausted FAILED/CRASHED/TIMEOUT rows; pending,
-//! running and retryable rows never match (see [`crate::store::sql`]).
+//! Retention: how long final rows are kept (`retention:` in the config).
+//! The rules only: [`crate::prune`] deletes what they allow.
 
 use std::time::Duration;
 
-use anyhow::Result;
 use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
 
-use crate::store::{Prunable, Store};
+use crate::store::Prunable;
 use crate::units::serde_units;
-
-/// Rows deleted by one statement.
-pub const BATCH: i64 = 500;
 
 /// `retention:` as written in the config file.
 #[derive(Debug, Default, Deserialize)]
@@ -98,35 +85,6 @@ impl Retention {
             .collect();
         format!("{{ {} }}", rules.join(", "))
     }
-}
-
-/// Deletes what `retention` allows, batch by batch, pausing `pause` between
-/// batches; stops early (between batches) when `stop` is cancelled.
-pub async fn prune(
-    store: &Store,
-    retention: &Retention,
-    pause: Duration,
-    stop: Option<&CancellationToken>,
-) -> Result<u64> {
-    let mut total = 0;
-    for (kind, age) in retention.rules() {
-        loop {
-            let deleted = store.prune(kind, age, BATCH).await?;
-            total += deleted;
-            if deleted < BATCH as u64 {
-                break;
-            }
-            if let Some(stop) = stop {
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = stop.cancelled() => return Ok(total),
-                }
-            } else if !pause.is_zero() {
-                tokio::time::sleep(pause).await;
-            }
-        }
-    }
-    Ok(total)
 }
 
 #[cfg(test)]

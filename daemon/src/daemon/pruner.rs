@@ -1,5 +1,5 @@
 //! The daemon's pruner: deletes final rows past their retention (one
-//! [`crate::retention::prune`] pass) at start, then every `reap_interval`.
+//! [`crate::prune`] pass) at start, then every `reap_interval`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::Shared;
-use crate::retention::prune;
+use crate::prune::prune;
 
 /// The pause between two batches inside the daemon.
 const PAUSE: Duration = Duration::from_millis(50);

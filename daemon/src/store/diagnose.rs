@@ -116,7 +116,7 @@ fn group_name(gid: u32) -> String {
 /// Replaces a database error by one line naming the database and what to
 /// do, when its cause is one we can name; other errors pass unchanged.
 pub async fn explain(error: anyhow::Error, url: &str) -> anyhow::Error {
-    let display_url = crate::config::redact_url(url);
+    let display_url = super::url::redact_url(url);
     let Some(sqlx_error) = error.chain().find_map(|c| c.downcast_ref::<sqlx::Error>()) else {
         return error;
     };

@@ -10,6 +10,7 @@
 pub mod diagnose;
 mod repair;
 pub mod sql;
+pub mod url;
 
 use std::collections::HashSet;
 use std::str::FromStr;
@@ -437,7 +438,7 @@ impl Store {
     /// Opens a pool without connecting yet: the daemon starts, and retries,
     /// even while the database is unreachable.
     pub fn open(url: &str, purpose: Purpose) -> Result<Store> {
-        let display_url = crate::config::redact_url(url);
+        let display_url = url::redact_url(url);
         let pool = if url.starts_with("sqlite:") {
             if let Some(path) = diagnose::sqlite_path(url) {
                 diagnose::check_sqlite_access(&path, purpose)?;
