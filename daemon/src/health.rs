@@ -39,13 +39,6 @@ impl Health {
     pub fn errors(&self) -> u64 {
         self.errors.load(std::sync::atomic::Ordering::Relaxed)
     }
-
-    pub fn in_outage(&self) -> bool {
-        self.outage_since
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
-    }
 }
 
 /// Exponential backoff between retries: 50 ms doubling up to 5 s.

@@ -70,14 +70,6 @@ impl State {
             State::Rejected => "REJECTED",
         }
     }
-
-    /// States after which the row is claimed again (when tries remain).
-    pub fn is_retryable(self) -> bool {
-        matches!(
-            self,
-            State::Failed | State::Crashed | State::Timeout | State::Interrupted
-        )
-    }
 }
 
 impl fmt::Display for State {
