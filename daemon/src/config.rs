@@ -65,6 +65,10 @@ macro_rules! with_task_settings {
     };
 }
 
+/// The built-in types, served by the built-in task binary (see
+/// [`crate::task_types`]).
+pub const BUILTIN_TYPES: [&str; 1] = ["NoOp"];
+
 /// `max_options` by default: far more than options need, far less than
 /// what would stall the daemon.
 pub const DEFAULT_MAX_OPTIONS: u64 = 4 * 1024 * 1024;
@@ -465,11 +469,7 @@ impl Config {
         // the daemon checks once it has asked them (`check_flow_types`).
         if self.programs.is_empty() {
             let mut known: Vec<String> = self.tasks.keys().cloned().collect();
-            known.extend(
-                crate::task_types::BUILTIN_TYPES
-                    .iter()
-                    .map(|t| t.to_string()),
-            );
+            known.extend(BUILTIN_TYPES.iter().map(|t| t.to_string()));
             known.sort();
             known.dedup();
             if let Err(message) = self.check_flow_types(&known) {

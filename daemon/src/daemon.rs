@@ -92,6 +92,19 @@ impl Shared {
     }
 }
 
+impl crate::web::Daemon for Shared {
+    fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    fn metrics_text<'a>(
+        &'a self,
+        store: &'a Store,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String>> + Send + 'a>> {
+        Box::pin(Shared::metrics_text(self, store))
+    }
+}
+
 /// Options for one daemon run, beyond the config.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -309,7 +322,7 @@ pub async fn run(
         let web = Arc::new(crate::web::Web::new(
             web_store,
             &config,
-            Some(shared.clone()),
+            Some(shared.clone() as Arc<dyn crate::web::Daemon>),
         )?);
         let listener = crate::web::bind(address, &web).await?;
         supervised.spawn("web", crate::web::serve(listener, web, services.clone()));

@@ -14,8 +14,7 @@ use anyhow::{bail, Context, Result};
 use crate::config::{Config, TaskSettings};
 use crate::UsageError;
 
-/// The built-in types, served by the built-in task binary.
-pub const BUILTIN_TYPES: [&str; 1] = ["NoOp"];
+pub use crate::config::BUILTIN_TYPES;
 
 /// The binary that runs built-in types, installed beside the daemon.
 pub const BUILTIN_BINARY: &str = "taskrunner-builtin-tasks";

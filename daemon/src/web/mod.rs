@@ -32,7 +32,6 @@ use axum::Router;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::Shared;
 use crate::metrics::QueueGauges;
 use crate::request::RequestId;
 use crate::store::web::{BulkAction, RequestFilter};
@@ -44,11 +43,23 @@ use settings::{Auth, Http};
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'self'; img-src 'self'; \
      form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
+/// What the page asks of the daemon that serves it (none under
+/// `taskrunner-cli web`).
+pub trait Daemon: Send + Sync {
+    /// Claim now: the page retried or cancelled a row.
+    fn wake(&self);
+    /// The Prometheus text of `/metrics`, with the daemon's own counters.
+    fn metrics_text<'a>(
+        &'a self,
+        store: &'a Store,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String>> + Send + 'a>>;
+}
+
 /// What the handlers share.
 pub struct Web {
     store: Store,
     /// Set when the daemon serves the page: its own counters join `/metrics`.
-    daemon: Option<Arc<Shared>>,
+    daemon: Option<Arc<dyn Daemon>>,
     gauges: QueueGauges,
     schedules: Vec<(String, String, String)>,
     read_only: bool,
@@ -78,7 +89,7 @@ impl Web {
     pub fn new(
         store: Store,
         config: &crate::config::Config,
-        daemon: Option<Arc<Shared>>,
+        daemon: Option<Arc<dyn Daemon>>,
     ) -> Result<Web> {
         let http = config.http.clone().unwrap_or(Http {
             listen: None,
@@ -525,7 +536,7 @@ async fn one_action(web: &Web, who: &Who, id: &str, csrf: &str, action: &str) ->
     };
     tracing::info!(remote = %who.remote, user = %who.user, action, request = number, outcome = ?change, "web action");
     if let Some(daemon) = &web.daemon {
-        daemon.wake.notify_one();
+        daemon.wake();
     }
     match change {
         Change::Done | Change::Requested => {
@@ -606,7 +617,7 @@ async fn bulk_apply(
     let changed = web.store.bulk_apply(&filter, action).await?;
     tracing::info!(remote = %who.remote, user = %who.user, action = %query.action, filter = ?filter, changed, "web bulk action");
     if let Some(daemon) = &web.daemon {
-        daemon.wake.notify_one();
+        daemon.wake();
     }
     Ok(html(pages::message(
         &chrome(&web),
