@@ -96,6 +96,9 @@ pub struct TryInput<'a> {
     pub batch_id: Option<i64>,
     /// The row's claim token, which names the try's cgroup.
     pub claim_token: Option<&'a str>,
+    /// The length of the row's options when the claim left them out
+    /// (longer than `max_options`); `None`: `options` is the whole value.
+    pub options_left_out: Option<u64>,
 }
 
 /// The parts of the daemon (or CLI) a try needs.
@@ -120,12 +123,13 @@ pub async fn run(
     on_exit: impl FnOnce(),
 ) -> Verdict {
     let max_options = context.config.max_options;
-    if input.options.len() as u64 > max_options {
+    let options_length = input.options_left_out.unwrap_or(input.options.len() as u64);
+    if options_length > max_options {
         return Verdict::new(
             State::Rejected,
             format!(
                 "options are {}, more than max_options {}",
-                crate::units::format_size(input.options.len() as u64),
+                crate::units::format_size(options_length),
                 crate::units::format_size(max_options)
             ),
         );

@@ -610,6 +610,7 @@ async fn run_one(
     let open = |purpose| -> Result<Store> {
         let store = Store::open(&config.database_url, purpose)?;
         store.set_hooks(config.hooks());
+        store.set_max_options(config.max_options);
         opened
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -1088,6 +1089,7 @@ async fn run_command(
                 echo_stderr: true,
                 batch_id: None,
                 claim_token: None,
+                options_left_out: None,
             };
             (
                 attempt::run(&context, input, stop, None, |_| {}, || {}).await,
@@ -1127,6 +1129,7 @@ async fn run_command(
                 echo_stderr: true,
                 batch_id: request.batch_id.or(request.callback_of_batch),
                 claim_token: None,
+                options_left_out: None,
             };
             let store_for_pid = store.clone();
             let claimed_for_pid = claimed.clone();

@@ -139,6 +139,7 @@ pub async fn run(
     let shutdown = triggers.shutdown.clone();
     let store = Store::open(&config.database_url, Purpose::Daemon)?;
     store.set_hooks(config.hooks());
+    store.set_max_options(config.max_options);
     let health = Arc::new(Health::default());
     if !options.no_migrate {
         let mut backoff = Backoff::default();
@@ -535,6 +536,7 @@ async fn reload(shared: &Shared, overrides: &crate::config::Overrides) {
         Ok(Ok((config, registry))) => {
             let names = registry.names(&config).join(", ");
             shared.store.set_hooks(config.hooks());
+            shared.store.set_max_options(config.max_options);
             shared.setup.send_replace(Setup::new(config, registry));
             // Preloaded programs boot again with the new config at their next try.
             shared.spawner.retire_preloaded().await;

@@ -116,6 +116,9 @@ pub struct Claimed {
     pub callback_of_batch: Option<i64>,
     /// The row has `on_success` or `on_failure`.
     pub has_callbacks: bool,
+    /// The length of `options` in the row, in bytes: longer than the
+    /// store's `max_options`, `options` was left out of the claim (empty).
+    pub options_length: u64,
 }
 
 impl Claimed {

@@ -108,6 +108,8 @@ async fn run_claimed(
         echo_stderr: false,
         batch_id: row.batch_for_env(),
         claim_token: Some(&row.claim_token),
+        options_left_out: (row.options.is_empty() && row.options_length > 0)
+            .then_some(row.options_length),
     };
     let on_running = |spawned: &crate::supervisor::Spawned| {
         shared.tries.running(row.id, spawned.pid);

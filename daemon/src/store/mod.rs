@@ -98,6 +98,8 @@ pub struct Store {
     /// The config's `on_exhausted:` hooks, applied by every finalization
     /// (set by the daemon at start and on reload, and by the CLI).
     hooks: std::sync::Arc<std::sync::RwLock<std::sync::Arc<Hooks>>>,
+    /// Claims leave out options longer than this (`max_options`).
+    max_options: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Runs `$body` with `$pool` bound to the backend's own pool type. The body is
@@ -353,6 +355,7 @@ fn claimed_from_row(row: &impl RowExt, claim_token: &str) -> sqlx::Result<(i64, 
             batch_id: row.opt_int(9)?,
             callback_of_batch: row.opt_int(10)?,
             has_callbacks: row.int(11)? > 0,
+            options_length: row.int(12)?.max(0) as u64,
         },
     ))
 }
@@ -488,6 +491,9 @@ impl Store {
             display_url,
             statements: Default::default(),
             hooks: Default::default(),
+            max_options: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
+                crate::config::DEFAULT_MAX_OPTIONS,
+            )),
         })
     }
 
@@ -684,6 +690,19 @@ impl Store {
         .await
     }
 
+    /// Claims leave out options longer than `max_options` bytes (the row's
+    /// try is then rejected without the value ever being read).
+    pub fn set_max_options(&self, max_options: u64) {
+        self.max_options
+            .store(max_options, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn options_cap(&self) -> i64 {
+        self.max_options
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .min(i64::MAX as u64) as i64
+    }
+
     /// Claims up to `limit` runnable rows that pass `filter`, in one statement.
     pub async fn claim_filtered(
         &self,
@@ -704,7 +723,8 @@ impl Store {
                 .bind(filter.node)
                 .bind(filter.queue.unwrap_or(""))
                 .bind(filter.task.unwrap_or(""))
-                .bind(excluded.as_str());
+                .bind(excluded.as_str())
+                .bind(self.options_cap());
             query.fetch_all(pool).await?
                 .iter()
                 .map(|row| claimed_from_row(row, claim_token))
@@ -753,6 +773,7 @@ impl Store {
                     .bind(filter.queue.unwrap_or(""))
                     .bind(task)
                     .bind("[]")
+                    .bind(self.options_cap())
                     .fetch_all(&mut *transaction)
                     .await?
                     .iter()
@@ -779,7 +800,8 @@ impl Store {
                 .bind(claim_token)
                 .bind(instance)
                 .bind(host)
-                .bind(id.0);
+                .bind(id.0)
+                .bind(self.options_cap());
             query.fetch_all(pool).await?
                 .iter()
                 .map(|row| claimed_from_row(row, claim_token))

@@ -125,13 +125,15 @@ pub struct Sql {
     /// with claim token `$1`, in one atomic statement. Filters: node name
     /// `$5` (rows pinned elsewhere, or barred from here, are skipped), queue
     /// `$6` and task type `$7` ('' for any), and task types `$8` (a JSON
-    /// array) left to `claim_limited` (SQLite: one
+    /// array) left to `claim_limited`; options longer than `$9` bytes are
+    /// left out (their length only comes back) (SQLite: one
     /// `UPDATE … RETURNING` on the writer connection; PostgreSQL: `FOR UPDATE
     /// SKIP LOCKED`, so concurrent daemons never wait on or take the same row).
     /// Writes RUNNING, tries + 1, started_at, host, heartbeat_at before any
     /// process starts.
     pub claim: String,
-    /// The same claim for one given row (`$4` is its id), ignoring its delay:
+    /// The same claim for one given row (`$4` is its id, `$5` the options
+    /// cap), ignoring its delay:
     /// `taskrunner-cli run --id --record`.
     pub claim_one: String,
     /// How many rows of task type `$1` run now, on any daemon.
@@ -234,8 +236,13 @@ impl Sql {
                  pid_start_ticks = NULL, completed_at = NULL, cancel_requested_at = NULL, progress = NULL, \
                  planned_at = coalesce(planned_at, delay_until, created_at)"
         );
-        let claim_returning = format!(
-            "RETURNING {}, task_class_name, options, {}, {}, {}, queue, {}, {}, {}, {}, {}",
+        // Options longer than the cap (`max_options`, parameter `{cap}`)
+        // are left out: only their length comes back, so a huge value is
+        // never loaded by the daemon (SQLite and PostgreSQL read the length
+        // without the value).
+        let claim_returning = |cap: &str| {
+            format!(
+            "RETURNING {}, task_class_name,              CASE WHEN octet_length(options) > {cap} THEN NULL ELSE options END,              {}, {}, {}, queue, {}, {}, {}, {}, {}, {}",
             int("id"),
             int("tries"),
             int("try_limit"),
@@ -248,8 +255,10 @@ impl Sql {
             int("batch_id"),
             int("callback_of_batch"),
             // A flow's step counts as having callbacks: its end advances the flow.
-            int("(CASE WHEN on_success IS NOT NULL OR on_failure IS NOT NULL OR flow_id IS NOT NULL THEN 1 ELSE 0 END)")
-        );
+            int("(CASE WHEN on_success IS NOT NULL OR on_failure IS NOT NULL OR flow_id IS NOT NULL THEN 1 ELSE 0 END)"),
+            int("coalesce(octet_length(options), 0)")
+        )
+        };
         let select_runnable = format!(
             "SELECT id FROM task_runner_requests \
               WHERE {runnable_now} \
@@ -262,11 +271,13 @@ impl Sql {
             d.skip_locked
         );
         let claim = format!(
-            "UPDATE task_runner_requests {claim_set} WHERE {} {claim_returning}",
-            d.claim_ids.replace("{}", &select_runnable)
+            "UPDATE task_runner_requests {claim_set} WHERE {} {}",
+            d.claim_ids.replace("{}", &select_runnable),
+            claim_returning("$9")
         );
         let claim_one = format!(
-            "UPDATE task_runner_requests {claim_set} WHERE id = $4 AND {RUNNABLE} {claim_returning}"
+            "UPDATE task_runner_requests {claim_set} WHERE id = $4 AND {RUNNABLE} {}",
+            claim_returning("$5")
         );
         // A batch of outcomes as a table `v`: PostgreSQL binds one array per
         // column, SQLite one JSON array of rows. (PostgreSQL needs the id
