@@ -491,9 +491,8 @@ impl Store {
             display_url,
             statements: Default::default(),
             hooks: Default::default(),
-            max_options: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
-                crate::config::DEFAULT_MAX_OPTIONS,
-            )),
+            // No cap until the daemon sets its `max_options`.
+            max_options: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
         })
     }
 
