@@ -124,7 +124,8 @@ pub struct Triggers {
     /// tasks at once (SIGTERM, then SIGKILL after their kill_grace), recorded
     /// INTERRUPTED, as RQ and Sidekiq users expect of a second Ctrl-C.
     pub stop_now: CancellationToken,
-    /// Read the config file again (SIGHUP); see [`reload`].
+    /// Read the config file again (SIGHUP), with the same flags over it; a
+    /// file that does not load is refused and the old config stays.
     pub reload: Arc<Notify>,
 }
 

@@ -70,6 +70,27 @@
 //!
 //! # Invariants
 //!
+//! Dependency rules (each command, run at the repository's root, must
+//! print nothing):
+//!
+//! - Architecture Invariant: only `daemon.rs` and `bin/taskrunnerd.rs` name
+//!   the daemon module; what exists only while `taskrunnerd` runs is under
+//!   `daemon/`, and nothing outside uses it
+//!   (`grep -rlE "(crate|taskrunner)::daemon\b" daemon/src tests | grep -vE "^daemon/src/(daemon\.rs|daemon/|bin/taskrunnerd\.rs)"`).
+//! - Architecture Invariant: `store` imports none of the services, nor
+//!   `config`, nor anything that runs tries
+//!   (`grep -rnE "crate::(daemon|config|cli|web|attempt|supervisor|reaper|prune|task_types|metrics|control)\b" daemon/src/store`).
+//! - Architecture Invariant: the parts with no runtime (`config`, `cron`'s
+//!   expressions and schedules, `retention`'s rules, `request`, `units`)
+//!   touch no database and no runtime
+//!   (`grep -nE "^[^/]*(sqlx|tokio|crate::store::Store\b)" daemon/src/config.rs daemon/src/cron.rs daemon/src/retention.rs daemon/src/request.rs daemon/src/units.rs`).
+//! - Architecture Invariant: no state lives in a `static` of the daemon's
+//!   binary: shutdown, a second stop and reload are `daemon::Triggers`
+//!   (`grep -nE "^\s*(pub )?static " daemon/src/bin/taskrunnerd.rs`).
+//! - Architecture Invariant: the live tries hand out no lock guard; every
+//!   part asks `daemon/tries.rs` through its methods
+//!   (`grep -n "pub fn.*MutexGuard" daemon/src/daemon/tries.rs`).
+//!
 //! - A claim writes RUNNING, tries + 1, started_at, host, heartbeat_at and a
 //!   fresh claim token in one atomic statement before the process starts.
 //! - Architecture Invariant: only the holder of a row's claim token writes
