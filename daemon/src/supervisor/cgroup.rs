@@ -154,7 +154,27 @@ impl Cgroups {
             procs: Vec::new(),
             limits: *limits,
         };
-        for hierarchy in &self.hierarchies {
+        // A hierarchy whose controllers limit nothing of this try is left
+        // out (each cgroup costs a mkdir, a join and an rmdir), except the
+        // one that tracks the try's processes (pids, else the first).
+        let tracking = self
+            .hierarchies
+            .iter()
+            .position(|hierarchy| hierarchy.controllers.contains(&Controller::Pids))
+            .unwrap_or(0);
+        for (index, hierarchy) in self.hierarchies.iter().enumerate() {
+            let limits_something =
+                hierarchy
+                    .controllers
+                    .iter()
+                    .any(|controller| match controller {
+                        Controller::Memory => limits.memory.is_some(),
+                        Controller::Pids => limits.processes.is_some(),
+                        Controller::Cpu => limits.cpu.is_some(),
+                    });
+            if index != tracking && !limits_something {
+                continue;
+            }
             let path = hierarchy.base.join(&name);
             match std::fs::create_dir(&path) {
                 Ok(()) => {}
