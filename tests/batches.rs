@@ -30,7 +30,7 @@ const CALLBACK_TYPES: &str = "  Done:\n    command: [/bin/cat]\n  Failed:\n    c
 fn start_daemons(db: &TestDb, postgres_daemons: usize, extra: &str) -> Vec<Daemon> {
     let count = match db.backend {
         Backend::Sqlite => 1,
-        Backend::Postgres => postgres_daemons,
+        Backend::Postgres | Backend::MySql => postgres_daemons,
     };
     (0..count)
         .map(|n| {
@@ -52,11 +52,15 @@ async fn insert_batch(db: &TestDb, columns: &str, values: &str) -> i64 {
 
 /// Inserts `n` members of `task` into `batch` with one plain SQL statement.
 async fn insert_members(db: &TestDb, batch: i64, task: &str, n: usize, try_limit: i64) {
-    db.execute(&format!(
-        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n}) \
-         INSERT INTO task_runner_requests (task_class_name, batch_id, try_limit, options) \
-         SELECT '{task}', {batch}, {try_limit}, 'member: ' || i FROM n"
-    ))
+    let series =
+        format!("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n})");
+    let insert = "INSERT INTO task_runner_requests (task_class_name, batch_id, try_limit, options)";
+    let select = format!("SELECT '{task}', {batch}, {try_limit}, 'member: ' || i FROM n");
+    db.execute(&match db.backend {
+        // MySQL's order: the WITH after INSERT.
+        Backend::MySql => format!("{insert} {series} {select}"),
+        Backend::Sqlite | Backend::Postgres => format!("{series} {insert} {select}"),
+    })
     .await;
 }
 
@@ -207,7 +211,7 @@ async fn two_hundred_batches_whose_members_end_at_the_same_instant_get_two_hundr
         .unwrap();
     let per_daemon = match backend {
         Backend::Sqlite => 400,
-        Backend::Postgres => 100,
+        Backend::Postgres | Backend::MySql => 100,
     };
     let mut daemons = start_daemons(
         &db,
@@ -749,6 +753,7 @@ async fn daemon_killed_between_the_task_exit_and_its_outcome_write_makes_one_cal
 enum Hold {
     Sqlite(sqlx::pool::PoolConnection<sqlx::Sqlite>, sqlx::SqlitePool),
     Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    MySql(sqlx::Transaction<'static, sqlx::MySql>),
 }
 
 impl Hold {
@@ -773,6 +778,16 @@ impl Hold {
                     .unwrap();
                 Hold::Postgres(transaction)
             }
+            Backend::MySql => {
+                let pool = crate::util::mysql_app_pool(&db.url).await;
+                let mut transaction = pool.begin().await.unwrap();
+                sqlx::query("SELECT id FROM task_runner_requests WHERE id = ? FOR UPDATE")
+                    .bind(id.0)
+                    .execute(&mut *transaction)
+                    .await
+                    .unwrap();
+                Hold::MySql(transaction)
+            }
         }
     }
 
@@ -787,6 +802,7 @@ impl Hold {
                 pool.close().await;
             }
             Hold::Postgres(transaction) => transaction.rollback().await.unwrap(),
+            Hold::MySql(transaction) => transaction.rollback().await.unwrap(),
         }
     }
 }
@@ -960,15 +976,16 @@ async fn batch_cancel_cancels_unstarted_members_and_makes_no_callback(backend: B
     );
 }
 
-/// Chaos (PostgreSQL, four daemons): 100 batches of 20 short members while,
-/// every 2 s, a random daemon or a random task process is killed -9 (a
-/// killed daemon is restarted at once, as an init system would). Every batch
-/// gets exactly one final callback, no request is lost, and the delay from a
-/// batch's last member's end (the task's own clock) to its callback row is
-/// measured.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chaos_hundred_batches_on_four_daemons_with_kill_9_every_two_seconds() {
-    let db = TestDb::new(Backend::Postgres).await;
+// Chaos (PostgreSQL and MariaDB, four daemons): 100 batches of 20 short members while,
+// every 2 s, a random daemon or a random task process is killed -9 (a
+// killed daemon is restarted at once, as an init system would). Every batch
+// gets exactly one final callback, no request is lost, and the delay from a
+// batch's last member's end (the task's own clock) to its callback row is
+// measured.
+multi_host_backends!(chaos_hundred_batches_on_four_daemons_with_kill_9_every_two_seconds);
+
+async fn chaos_hundred_batches_on_four_daemons_with_kill_9_every_two_seconds(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let log = db.scratch.join("ends.log");
     let extra = format!(
         "max_concurrent: 6\nreap_interval: 1s\nretry_delay: 100ms\nretry_multiplier: 1\ntasks:\n  Work:\n    command: [/bin/sh, -c, 'sleep 0.05; echo $TASKRUNNER_REQUEST_ID $(date +%s%N) >> {}']\n",
@@ -1013,7 +1030,7 @@ async fn chaos_hundred_batches_on_four_daemons_with_kill_9_every_two_seconds() {
                 .scalar(&format!(
                     "SELECT coalesce((SELECT CAST(pid AS BIGINT) FROM task_runner_requests \
                                        WHERE result = 'RUNNING' AND pid IS NOT NULL \
-                                       ORDER BY id OFFSET {} LIMIT 1), 0)",
+                                       ORDER BY id LIMIT 1 OFFSET {}), 0)",
                     roll / 2 % 8
                 ))
                 .await;
@@ -1089,9 +1106,17 @@ async fn chaos_hundred_batches_on_four_daemons_with_kill_9_every_two_seconds() {
             .map(|id| ends.get(id).copied().unwrap_or(0))
             .max()
             .unwrap_or(0);
+        let epoch_us = match backend {
+            Backend::MySql => {
+                "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', created_at)".to_string()
+            }
+            Backend::Sqlite | Backend::Postgres => {
+                "CAST(extract(epoch from created_at) * 1000000 AS BIGINT)".to_string()
+            }
+        };
         let callback_at_us = db
             .scalar(&format!(
-                "SELECT CAST(extract(epoch from created_at) * 1000000 AS BIGINT) FROM task_runner_requests WHERE callback_of_batch = {batch}"
+                "SELECT {epoch_us} FROM task_runner_requests WHERE callback_of_batch = {batch}"
             ))
             .await as u128;
         delays_ms.push((callback_at_us as f64 - (last_end / 1000) as f64) / 1000.0);
@@ -1099,7 +1124,7 @@ async fn chaos_hundred_batches_on_four_daemons_with_kill_9_every_two_seconds() {
     delays_ms.sort_by(|a, b| a.total_cmp(b));
     let percentile = |p: f64| delays_ms[((delays_ms.len() - 1) as f64 * p).round() as usize];
     println!(
-        "chaos: 100 batches x 20 members on 4 daemons in {:.1}s; {daemon_kills} daemons and {task_kills} tasks killed -9; \
+        "chaos ({backend:?}): 100 batches x 20 members on 4 daemons in {:.1}s; {daemon_kills} daemons and {task_kills} tasks killed -9; \
          100 callbacks found ({completed} on_complete, {} on_failure); last member's end -> callback row: p50 {:.0} ms, p99 {:.0} ms (max {:.0} ms)",
         took.as_secs_f64(),
         100 - completed,

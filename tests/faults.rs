@@ -10,7 +10,7 @@ use nix::unistd::Pid;
 
 use crate::util::{
     cli, memory_kib, now_ns, process_exists, quote, wait_until, zombie_children, Backend, Daemon,
-    PrivatePostgres, TestDb,
+    PrivateServer, TestDb,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -195,6 +195,7 @@ async fn reused_pid_is_taken_as_crashed_and_never_signalled(backend: Backend) {
     let now = match backend {
         Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now')",
         Backend::Postgres => "now()",
+        Backend::MySql => "UTC_TIMESTAMP(6)",
     };
     // One row written by hand (no recorded identity), one with an identity that does not match.
     let by_hand = db
@@ -264,6 +265,10 @@ async fn stale_heartbeat_of_another_host_is_crashed_after_the_lease(backend: Bac
         Backend::Postgres => (
             "now() - interval '10 seconds'",
             "now() + interval '2 seconds'",
+        ),
+        Backend::MySql => (
+            "UTC_TIMESTAMP(6) - INTERVAL 10 SECOND",
+            "UTC_TIMESTAMP(6) + INTERVAL 2 SECOND",
         ),
     };
     let stale = db
@@ -558,10 +563,11 @@ async fn tasks_run_as_the_configured_user() {
     assert!(daemon.stop().success());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_restart_while_ten_tasks_run_loses_nothing() {
-    let server = PrivatePostgres::start();
-    let db = TestDb::on_server(&server.url).await;
+multi_host_backends!(postgres_restart_while_ten_tasks_run_loses_nothing);
+
+async fn postgres_restart_while_ten_tasks_run_loses_nothing(backend: Backend) {
+    let mut server = PrivateServer::start(backend);
+    let db = server.test_db().await;
     let mut daemon = Daemon::start(
         &db,
         "d",
@@ -576,9 +582,9 @@ async fn postgres_restart_while_ten_tasks_run_loses_nothing() {
             .await;
     }
     // Down for a few heartbeats, then back (shorter than the self-fencing deadline).
-    server.pg_ctl("stop");
+    server.stop();
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    server.pg_ctl("start");
+    server.start_again();
     for id in &ids {
         let row = db.wait_for_state(*id, "FINISHED", WAIT).await;
         assert_eq!(row.tries, 1, "the restart cost no try");
@@ -593,10 +599,11 @@ async fn postgres_restart_while_ten_tasks_run_loses_nothing() {
     assert!(daemon.stop().success());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn daemon_that_loses_postgres_kills_its_tasks_before_the_lease_lapses() {
-    let server = PrivatePostgres::start();
-    let db = TestDb::on_server(&server.url).await;
+multi_host_backends!(daemon_that_loses_postgres_kills_its_tasks_before_the_lease_lapses);
+
+async fn daemon_that_loses_postgres_kills_its_tasks_before_the_lease_lapses(backend: Backend) {
+    let mut server = PrivateServer::start(backend);
+    let db = server.test_db().await;
     // Self-fencing deadline: lease 8s − heartbeat 1s − kill_grace 2s = 5s after the last renewal.
     let mut daemon = Daemon::start(
         &db,
@@ -608,7 +615,7 @@ async fn daemon_that_loses_postgres_kills_its_tasks_before_the_lease_lapses() {
         .wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
         .await;
     let task_pid = row.pid.unwrap() as i32;
-    server.pg_ctl("stop");
+    server.stop();
     let stopped = Instant::now();
     wait_until(
         Duration::from_secs(12),
@@ -628,7 +635,7 @@ async fn daemon_that_loses_postgres_kills_its_tasks_before_the_lease_lapses() {
         killed_after > Duration::from_secs(3),
         "not before the deadline: {killed_after:?}"
     );
-    server.pg_ctl("start");
+    server.start_again();
     // The outcome is recorded once the database is back (the claim is still its own).
     let row = db
         .wait_for(id, WAIT, "recorded", |r| {
@@ -678,9 +685,10 @@ async fn sqlite_held_locked_delays_outcomes_without_losing_them() {
     assert!(daemon.stop().success());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn four_daemons_one_killed_halfway_through_two_thousand_tasks() {
-    let db = TestDb::new(Backend::Postgres).await;
+multi_host_backends!(four_daemons_one_killed_halfway_through_two_thousand_tasks);
+
+async fn four_daemons_one_killed_halfway_through_two_thousand_tasks(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let log = db.scratch.join("runs.log");
     let task = |host: &str| {
         format!(
@@ -691,7 +699,11 @@ async fn four_daemons_one_killed_halfway_through_two_thousand_tasks() {
     let mut daemons: Vec<Daemon> = (0..4)
         .map(|n| Daemon::start(&db, &format!("d{n}"), &task(&format!("host-{n}"))))
         .collect();
-    db.execute("INSERT INTO task_runner_requests (task_class_name) SELECT 'Work' FROM generate_series(1, 2000)").await;
+    db.execute(&format!(
+        "INSERT INTO task_runner_requests (task_class_name) SELECT 'Work' FROM {}",
+        crate::util::series(backend, 2000)
+    ))
+    .await;
     db.wait_for_count(
         "SELECT CAST(CASE WHEN count(*) >= 1000 THEN 1 ELSE 0 END AS BIGINT) FROM task_runner_requests WHERE result = 'FINISHED'",
         1,
@@ -751,6 +763,14 @@ async fn four_daemons_one_killed_halfway_through_two_thousand_tasks() {
             .await,
         0
     );
+    // Transactions InnoDB rolled back (deadlock, lock wait) and run again.
+    let mut lock_retries = 0;
+    for (n, daemon) in daemons.iter().enumerate() {
+        if n != 1 {
+            lock_retries += crate::util::lock_retries(daemon);
+        }
+    }
+    println!("{backend:?}: {lock_retries} lock retries on the three surviving daemons");
     for (n, daemon) in daemons.iter_mut().enumerate() {
         if n != 1 {
             assert!(daemon.stop().success());

@@ -429,6 +429,7 @@ async fn flow_inserted_from_the_sqlite3_or_psql_command_line_client_runs(backend
         Backend::Postgres => std::process::Command::new("psql")
             .args([db.url.as_str(), "-v", "ON_ERROR_STOP=1", "-c", sql])
             .output(),
+        Backend::MySql => crate::util::mysql_client(&db.url, sql),
     }
     .expect("running the command-line client");
     assert!(
@@ -449,13 +450,16 @@ async fn flow_inserted_from_the_sqlite3_or_psql_command_line_client_runs(backend
     assert!(daemon.stop().success());
 }
 
-/// Host loss (PostgreSQL, two daemons with different host ids): during
-/// step 2, daemon A and its task's process group are killed -9; daemon B
-/// takes the row over once A's lease lapses, runs step 2 again and ends the
-/// flow. Step 1 never runs twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn host_loss_during_step_two_is_resumed_by_the_other_host_within_the_lease() {
-    let db = TestDb::new(Backend::Postgres).await;
+// Host loss (PostgreSQL and MariaDB, two daemons with different host ids):
+// during step 2, daemon A and its task's process group are killed -9; daemon
+// B takes the row over once A's lease lapses, runs step 2 again and ends the
+// flow. Step 1 never runs twice.
+multi_host_backends!(host_loss_during_step_two_is_resumed_by_the_other_host_within_the_lease);
+
+async fn host_loss_during_step_two_is_resumed_by_the_other_host_within_the_lease(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
     let log = db.scratch.join("steps.log");
     let mark = db.scratch.join("e2-started");
     let tasks = format!(

@@ -459,7 +459,7 @@ async fn control_characters_in_rows_and_stderr_are_escaped_in_logs_and_listings(
         "tasks:\n  Garbler:\n    command: [/bin/sh, -c, 'printf \"oops\\\\n\\\\033[2JFORGED line\\\\n\" >&2; exit 3']\n",
     );
     let char_fn = match backend {
-        Backend::Sqlite => "char",
+        Backend::Sqlite | Backend::MySql => "char",
         Backend::Postgres => "chr",
     };
     let evil = db

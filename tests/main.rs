@@ -1,5 +1,5 @@
 //! The integration suite: one test binary (one link), a module per area.
-//! Every behaviour test runs on SQLite and on PostgreSQL (`both_backends!`).
+//! Every behaviour test runs on SQLite, PostgreSQL and MariaDB (`both_backends!`).
 
 #[macro_use]
 mod util;
@@ -13,6 +13,7 @@ mod core;
 mod faults;
 mod flows;
 mod hardening;
+mod mysql;
 mod ops;
 mod placement;
 mod preload;

@@ -12,10 +12,12 @@ use crate::util::{cli, Backend, Daemon, TestDb};
 const WAIT: Duration = Duration::from_secs(30);
 
 both_backends!(
-    tables_loaded_from_schema_rb_are_repaired_and_run,
     a_missing_trigger_or_index_is_restored_keeping_the_rows,
     a_ruby_class_runs_as_a_task,
 );
+
+// ActiveRecord's MySQL adapter (mysql2) is not installed by scripts/test yet.
+sqlite_and_postgres!(tables_loaded_from_schema_rb_are_repaired_and_run);
 
 const ROUND_TRIP: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -92,8 +94,20 @@ async fn a_missing_trigger_or_index_is_restored_keeping_the_rows(backend: Backen
             db.execute("DROP TRIGGER task_runner_requests_notify ON task_runner_requests")
                 .await
         }
+        Backend::MySql => {
+            db.execute("DROP TRIGGER task_runner_requests_normalise_insert")
+                .await
+        }
     }
-    db.execute("DROP INDEX task_runner_requests_runnable").await;
+    match backend {
+        Backend::MySql => {
+            db.execute("DROP INDEX task_runner_requests_runnable ON task_runner_requests")
+                .await
+        }
+        Backend::Sqlite | Backend::Postgres => {
+            db.execute("DROP INDEX task_runner_requests_runnable").await
+        }
+    }
     let (status, stdout, stderr) = cli(&db, &["migrate"]);
     assert_eq!(status, 0, "{stderr}");
     assert!(

@@ -36,6 +36,7 @@ fn time_literal(backend: Backend, time: chrono::DateTime<chrono::Utc>) -> String
     match backend {
         Backend::Sqlite => format!("'{}'", time.format("%Y-%m-%d %H:%M:%S%.3f")),
         Backend::Postgres => format!("'{}'::timestamptz", time.format("%Y-%m-%dT%H:%M:%S%.3fZ")),
+        Backend::MySql => format!("'{}'", time.format("%Y-%m-%d %H:%M:%S%.3f")),
     }
 }
 
@@ -44,6 +45,7 @@ fn ago(backend: Backend, seconds: i64) -> String {
     match backend {
         Backend::Sqlite => format!("strftime('%Y-%m-%d %H:%M:%f', 'now', '-{seconds} seconds')"),
         Backend::Postgres => format!("(now() - interval '{seconds} seconds')"),
+        Backend::MySql => format!("(UTC_TIMESTAMP(6) - INTERVAL {seconds} SECOND)"),
     }
 }
 
@@ -69,6 +71,7 @@ async fn duplicate_unique_key_inserts_nothing(backend: Backend) {
     let ignore = match backend {
         Backend::Sqlite => "INSERT OR IGNORE INTO task_runner_requests (task_class_name, unique_key) VALUES ('NoOp', 'report-7')",
         Backend::Postgres => "INSERT INTO task_runner_requests (task_class_name, unique_key) VALUES ('NoOp', 'report-7') ON CONFLICT DO NOTHING",
+        Backend::MySql => "INSERT INTO task_runner_requests (task_class_name, unique_key) VALUES ('NoOp', 'report-7') ON DUPLICATE KEY UPDATE id = id",
     };
     db.execute(ignore).await;
     let keyed = "SELECT count(*) FROM task_runner_requests WHERE unique_key = 'report-7'";
@@ -132,7 +135,8 @@ async fn wait_returns_as_soon_as_the_task_ends(backend: Backend) {
     eprintln!("{backend:?}: wait returned {latencies:.1?} ms after the task ended");
     let bound = match backend {
         Backend::Postgres => 100.0,
-        Backend::Sqlite => 400.0,
+        // Waiters check every 100 ms there (no NOTIFY).
+        Backend::Sqlite | Backend::MySql => 400.0,
     };
     assert!(
         best < bound,
@@ -190,6 +194,7 @@ async fn retention_prunes_only_old_final_rows_while_work_runs(backend: Backend) 
             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n}) SELECT i FROM n"
         ),
         Backend::Postgres => format!("SELECT generate_series(1, {n})"),
+        Backend::MySql => format!("SELECT seq FROM seq_1_to_{n}"),
     }
     };
     // 1,200 old FINISHED rows: several batches of 500.
@@ -305,11 +310,12 @@ async fn retention_prunes_only_old_final_rows_while_work_runs(backend: Backend) 
     assert!(stdout.contains("nothing deleted"), "{stdout}");
 }
 
-/// The three daemons share one PostgreSQL database; each slot of an
-/// `every: 1s` schedule must give exactly one request.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cron_every_second_with_three_daemons_gives_one_row_per_slot_on_postgres() {
-    let db = TestDb::new(Backend::Postgres).await;
+// The three daemons share one PostgreSQL (or MariaDB) database; each slot of an
+// `every: 1s` schedule must give exactly one request.
+multi_host_backends!(cron_every_second_with_three_daemons_gives_one_row_per_slot_on_postgres);
+
+async fn cron_every_second_with_three_daemons_gives_one_row_per_slot_on_postgres(backend: Backend) {
+    let db = TestDb::new(backend).await;
     let schedule =
         "schedules:\n  tick:\n    every: 1s\n    task: NoOp\n    options: {created_from: cron}\n";
     let mut daemons: Vec<Daemon> = ["a", "b", "c"]
@@ -332,7 +338,10 @@ async fn cron_every_second_with_three_daemons_gives_one_row_per_slot_on_postgres
         )
         .await;
     let span = db
-        .scalar("SELECT extract(epoch from max(planned_at) - min(planned_at))::bigint FROM task_runner_requests WHERE schedule = 'tick'")
+        .scalar(match backend {
+            Backend::MySql => "SELECT TIMESTAMPDIFF(SECOND, min(planned_at), max(planned_at)) FROM task_runner_requests WHERE schedule = 'tick'",
+            Backend::Sqlite | Backend::Postgres => "SELECT extract(epoch from max(planned_at) - min(planned_at))::bigint FROM task_runner_requests WHERE schedule = 'tick'",
+        })
         .await;
     let slots = db
         .scalar("SELECT count(*) FROM task_runner_schedule_slots WHERE schedule = 'tick' AND request_id IS NOT NULL")
@@ -341,9 +350,13 @@ async fn cron_every_second_with_three_daemons_gives_one_row_per_slot_on_postgres
     assert_eq!(rows, distinct, "one row per slot");
     assert_eq!(span, rows - 1, "slots are consecutive seconds");
     assert_eq!(slots, rows, "every request is recorded on its slot");
+    let whole_second = match backend {
+        Backend::MySql => "MICROSECOND(s.slot) = 0",
+        Backend::Sqlite | Backend::Postgres => "s.slot = date_trunc('second', s.slot)",
+    };
     let whole_seconds = db
-        .scalar("SELECT count(*) FROM task_runner_requests r JOIN task_runner_schedule_slots s ON s.request_id = r.id \
-                  WHERE r.schedule = 'tick' AND r.planned_at = s.slot AND s.slot = date_trunc('second', s.slot)")
+        .scalar(&format!("SELECT count(*) FROM task_runner_requests r JOIN task_runner_schedule_slots s ON s.request_id = r.id \
+                  WHERE r.schedule = 'tick' AND r.planned_at = s.slot AND {whole_second}"))
         .await;
     assert_eq!(whole_seconds, rows);
     let options = db
@@ -359,6 +372,7 @@ async fn cron_catches_up_once_after_downtime(backend: Backend) {
     let slot = match backend {
         Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%S.000', 'now', '-30 seconds')",
         Backend::Postgres => "date_trunc('second', now() - interval '30 seconds')",
+        Backend::MySql => "UTC_TIMESTAMP() - INTERVAL 30 SECOND",
     };
     db.execute(&format!(
         "INSERT INTO task_runner_schedule_slots (schedule, slot) VALUES ('tick', {slot})"

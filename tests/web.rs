@@ -86,6 +86,7 @@ async fn insert_failed(db: &TestDb, options: &str) -> i64 {
         match db.backend {
             Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now')",
             Backend::Postgres => "now()",
+            Backend::MySql => "UTC_TIMESTAMP(6)",
         }
     ))
     .await
@@ -332,6 +333,7 @@ fn ago(db: &TestDb, seconds: i64) -> String {
     match db.backend {
         Backend::Sqlite => format!("strftime('%Y-%m-%d %H:%M:%f', 'now', '-{seconds} seconds')"),
         Backend::Postgres => format!("now() - interval '{seconds} seconds'"),
+        Backend::MySql => format!("UTC_TIMESTAMP(6) - INTERVAL {seconds} SECOND"),
     }
 }
 
@@ -957,6 +959,7 @@ async fn lag_of_a_backlog_enqueued_a_minute_ago(backend: Backend) {
     let minute_ago = match backend {
         Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now', '-60 seconds')",
         Backend::Postgres => "now() - interval '60 seconds'",
+        Backend::MySql => "UTC_TIMESTAMP(6) - INTERVAL 60 SECOND",
     };
     for _ in 0..100 {
         db.execute(&format!(

@@ -1428,6 +1428,12 @@ fn render_status(s: &crate::control::Status) -> String {
         out += &format!("next poll in {next:.1}s\n");
     }
     out += &format!("database statements sent: {}\n", s.database_statements);
+    if s.lock_retries > 0 {
+        out += &format!(
+            "lock retries: {} (transactions run again after a deadlock or lock-wait timeout)\n",
+            s.lock_retries
+        );
+    }
     out
 }
 

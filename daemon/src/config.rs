@@ -461,9 +461,13 @@ impl Config {
         }
         if !(self.database_url.starts_with("sqlite:")
             || self.database_url.starts_with("postgres://")
-            || self.database_url.starts_with("postgresql://"))
+            || self.database_url.starts_with("postgresql://")
+            || self.database_url.starts_with("mysql://")
+            || self.database_url.starts_with("mariadb://"))
         {
-            return fail("database_url: must start with sqlite:, postgres:// or postgresql://");
+            return fail(
+                "database_url: must start with sqlite:, postgres://, postgresql://, mysql:// or mariadb://",
+            );
         }
         // Without programs every task type is known here; with programs,
         // the daemon checks once it has asked them (`check_flow_types`).

@@ -37,6 +37,10 @@ pub struct Status {
     /// controllers) or rlimits, and why.
     #[serde(default)]
     pub limits: String,
+    /// MariaDB/MySQL: transactions run again after an InnoDB deadlock
+    /// (1213) or lock-wait timeout (1205) since the daemon started.
+    #[serde(default)]
+    pub lock_retries: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -12,6 +12,8 @@
 //! - [`store`]: every query; [`store::sql`] holds the claim and the fenced writes;
 //!   [`store::diagnose`] turns database errors into one line with the remedy;
 //!   [`store::url`] shows database URLs without their password;
+//!   [`store::mysql`] is what MariaDB/MySQL need beyond the shared statements
+//!   (positional parameters, the claim without `RETURNING`, lock retries);
 //!   `store/repair.rs` rebuilds tables loaded from a Rails `schema.rb`;
 //!   [`store::compose`] is the one finalization path (batches, callbacks);
 //!   [`store::flow`] is the flow step machine it calls (next step, reverts,
@@ -30,7 +32,8 @@
 //!   - `daemon/recorder.rs`: the one writer of try results, batched and retried.
 //!   - `daemon/heartbeat.rs`: lease renewal, cancel delivery, self-fencing.
 //!   - `daemon/wakeup.rs`: the database watcher: LISTEN/NOTIFY (PostgreSQL);
-//!     SQLite: inotify on the write-ahead log, then data_version.
+//!     SQLite: inotify on the write-ahead log, then data_version;
+//!     MariaDB/MySQL: two index look-ups every 100 ms.
 //!   - `daemon/checkpoint.rs`: SQLite WAL checkpoints on a connection of
 //!     their own, off the writer's path.
 //!   - `daemon/reaper.rs`, `daemon/pruner.rs`, `daemon/cron.rs`: the loops

@@ -3,7 +3,8 @@
 //! request id whenever `result` changes to anything but RUNNING, and the
 //! waiter LISTENs; on SQLite it checks `PRAGMA data_version` on a connection
 //! of its own (a check that reads no table) and re-reads the row only when
-//! another connection has committed.
+//! another connection has committed; on MariaDB/MySQL (no NOTIFY) it reads
+//! the row by its primary key every 50 ms.
 //!
 //! The row is always read once after the listener is set up, so a request
 //! that ended before (or while) the wait started is never missed.
@@ -23,6 +24,9 @@ pub const CHANNEL: &str = "task_runner_results";
 
 /// How often SQLite's data version is checked.
 const SQLITE_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+
+/// How often the row is read on MariaDB/MySQL (one primary-key look-up).
+const MYSQL_CHECK_INTERVAL: Duration = Duration::from_millis(50);
 
 /// A safety net on PostgreSQL: the row is re-read this often even without a
 /// notification (a connection that dropped and came back, say).
@@ -50,6 +54,8 @@ pub async fn wait(
     let waiting = async {
         if store.postgres_pool().is_some() {
             wait_postgres(store, id).await
+        } else if store.mysql_pool().is_some() {
+            wait_mysql(store, id).await
         } else {
             wait_sqlite(store, database_url, id).await
         }
@@ -99,6 +105,17 @@ async fn wait_postgres(store: &Store, id: RequestId) -> Result<Request> {
                 }
             }
         }
+    }
+}
+
+/// MariaDB/MySQL have no NOTIFY: the row is read by its key every
+/// [`MYSQL_CHECK_INTERVAL`].
+async fn wait_mysql(store: &Store, id: RequestId) -> Result<Request> {
+    loop {
+        if let Some(request) = check(store, id).await? {
+            return Ok(request);
+        }
+        tokio::time::sleep(MYSQL_CHECK_INTERVAL).await;
     }
 }
 

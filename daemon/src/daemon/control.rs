@@ -212,6 +212,7 @@ async fn status(shared: &Shared) -> Status {
         stopping: shared.stop_claiming.is_cancelled(),
         database_statements: shared.store.statements_sent(),
         limits: crate::supervisor::cgroup::describe(),
+        lock_retries: shared.store.lock_retries(),
     }
 }
 

@@ -41,7 +41,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             .lease_timeout
             .saturating_sub(config.heartbeat_interval + config.defaults.kill_grace);
         let fence_deadline =
-            (shared.store.backend() == Backend::Postgres).then(|| last_renewal + self_fence_after);
+            (shared.store.backend() != Backend::Sqlite).then(|| last_renewal + self_fence_after);
         tokio::select! {
             _ = tokio::time::sleep(config.heartbeat_interval) => {}
             // A local `cancel` asked: renew early, which reads the cancels.

@@ -32,7 +32,9 @@ use std::sync::LazyLock;
 
 use anyhow::Result;
 use serde_yaml::{Mapping, Value};
+use sqlx::mysql::MySqlRow;
 use sqlx::postgres::PgRow;
+use sqlx::query;
 use sqlx::sqlite::SqliteRow;
 
 use super::{begin_write, Outcome, Pool, RowExt, Store};
@@ -225,33 +227,43 @@ pub(super) static SQLITE: LazyLock<ComposeSql> =
     LazyLock::new(|| ComposeSql::render(super::Backend::Sqlite));
 pub(super) static POSTGRES: LazyLock<ComposeSql> =
     LazyLock::new(|| ComposeSql::render(super::Backend::Postgres));
+pub(super) static MYSQL: LazyLock<ComposeSql> =
+    LazyLock::new(|| ComposeSql::render(super::Backend::MySql));
 
 impl ComposeSql {
     fn render(backend: super::Backend) -> ComposeSql {
-        let postgres = backend == super::Backend::Postgres;
-        let now = if postgres {
-            "now()"
-        } else {
-            "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+        use super::Backend;
+        let now = match backend {
+            Backend::Postgres => "now()",
+            Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now')",
+            Backend::MySql => "UTC_TIMESTAMP(6)",
         };
-        let int = |column: &str| {
-            if postgres {
-                format!("({column})::bigint")
-            } else {
-                column.to_string()
-            }
+        let int = |column: &str| match backend {
+            Backend::Postgres => format!("({column})::bigint"),
+            Backend::Sqlite => column.to_string(),
+            Backend::MySql => format!("CAST({column} AS SIGNED)"),
         };
-        let show = |column: &str| {
-            if postgres {
+        let show = |column: &str| match backend {
+            Backend::Postgres => {
                 format!("to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.MS')")
-            } else {
-                format!("CAST({column} AS TEXT)")
             }
+            Backend::Sqlite => format!("CAST({column} AS TEXT)"),
+            Backend::MySql => format!("LEFT(DATE_FORMAT({column}, '%Y-%m-%d %H:%i:%s.%f'), 23)"),
         };
-        let (insert_or_ignore, on_conflict_ignore) = if postgres {
-            ("INSERT", "ON CONFLICT DO NOTHING")
-        } else {
-            ("INSERT OR IGNORE", "")
+        let (insert_or_ignore, on_conflict_ignore) = match backend {
+            Backend::Postgres => ("INSERT", "ON CONFLICT DO NOTHING"),
+            Backend::Sqlite => ("INSERT OR IGNORE", ""),
+            // A duplicate `unique_key` leaves the holder as it is.
+            Backend::MySql => ("INSERT", "ON DUPLICATE KEY UPDATE id = id"),
+        };
+        // MySQL has no `RETURNING`: the id is read from LAST_INSERT_ID().
+        let returning = |column: &str| match backend {
+            Backend::MySql => String::new(),
+            Backend::Postgres | Backend::Sqlite => format!("RETURNING {}", int(column)),
+        };
+        let for_update = match backend {
+            Backend::Sqlite => "",
+            Backend::Postgres | Backend::MySql => "FOR UPDATE",
         };
         let bucket = format!(
             "CASE WHEN {OPEN} THEN 'pending' WHEN result = 'FINISHED' THEN 'finished' \
@@ -285,7 +297,7 @@ impl ComposeSql {
             lock_batch: format!(
                 "SELECT {} FROM task_runner_batches WHERE id = $1 {}",
                 int("id"),
-                if postgres { "FOR UPDATE" } else { "" }
+                for_update
             ),
             ended_row: format!(
                 "SELECT {}, task_class_name, options, result, result_text, {}, on_success, on_failure, \
@@ -336,8 +348,8 @@ impl ComposeSql {
             insert_callback: format!(
                 "{insert_or_ignore} INTO task_runner_requests \
                    (task_class_name, options, callback_of, callback_of_batch, unique_key) \
-                 VALUES ($1, $2, $3, $4, $5) {on_conflict_ignore} RETURNING {}",
-                int("id")
+                 VALUES ($1, $2, $3, $4, $5) {on_conflict_ignore} {}",
+                returning("id")
             ),
             repair_candidates: format!(
                 "SELECT {} FROM task_runner_batches b \
@@ -354,9 +366,8 @@ impl ComposeSql {
             create_batch: format!(
                 "INSERT INTO task_runner_batches \
                    (name, options, on_complete, on_failure, fail_fast, sealed_at, parent_batch_id) \
-                 VALUES ($1, $2, $3, $4, $5 = 1, CASE WHEN $6 = 1 THEN {now} ELSE NULL END, $7) \
-                 RETURNING {}",
-                int("id")
+                 VALUES ($1, $2, $3, $4, $5 = 1, CASE WHEN $6 = 1 THEN {now} ELSE NULL END, $7) {}",
+                returning("id")
             ),
             seal: format!(
                 "UPDATE task_runner_batches SET sealed_at = {now} WHERE id = $1 AND sealed_at IS NULL"
@@ -392,6 +403,7 @@ impl ComposeSql {
 pub(super) enum Tx {
     Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
     Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    MySql(sqlx::Transaction<'static, sqlx::MySql>),
 }
 
 /// A bound parameter.
@@ -410,6 +422,7 @@ use Param::{Int, OptInt, OptText, Text};
 pub(super) enum AnyRow {
     Sqlite(SqliteRow),
     Postgres(PgRow),
+    MySql(MySqlRow),
 }
 
 impl RowExt for AnyRow {
@@ -417,24 +430,28 @@ impl RowExt for AnyRow {
         match self {
             AnyRow::Sqlite(row) => row.int(index),
             AnyRow::Postgres(row) => row.int(index),
+            AnyRow::MySql(row) => row.int(index),
         }
     }
     fn opt_int(&self, index: usize) -> sqlx::Result<Option<i64>> {
         match self {
             AnyRow::Sqlite(row) => row.opt_int(index),
             AnyRow::Postgres(row) => row.opt_int(index),
+            AnyRow::MySql(row) => row.opt_int(index),
         }
     }
     fn opt_float(&self, index: usize) -> sqlx::Result<Option<f64>> {
         match self {
             AnyRow::Sqlite(row) => row.opt_float(index),
             AnyRow::Postgres(row) => row.opt_float(index),
+            AnyRow::MySql(row) => row.opt_float(index),
         }
     }
     fn opt_bytes(&self, index: usize) -> sqlx::Result<Option<Vec<u8>>> {
         match self {
             AnyRow::Sqlite(row) => row.opt_bytes(index),
             AnyRow::Postgres(row) => row.opt_bytes(index),
+            AnyRow::MySql(row) => row.opt_bytes(index),
         }
     }
 }
@@ -460,6 +477,7 @@ impl Tx {
         Ok(match &store.pool {
             Pool::Sqlite(pool) => Tx::Sqlite(begin_write(pool).await?),
             Pool::Postgres(pool) => Tx::Postgres(begin_write(pool).await?),
+            Pool::MySql(pool) => Tx::MySql(begin_write(pool).await?),
         })
     }
 
@@ -469,11 +487,15 @@ impl Tx {
         params: &[Param<'_>],
     ) -> sqlx::Result<u64> {
         Ok(match self {
-            Tx::Sqlite(tx) => bound!(sqlx::query(sql), params)
+            Tx::Sqlite(tx) => bound!(query(sql), params)
                 .execute(&mut **tx)
                 .await?
                 .rows_affected(),
-            Tx::Postgres(tx) => bound!(sqlx::query(sql), params)
+            Tx::Postgres(tx) => bound!(query(sql), params)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected(),
+            Tx::MySql(tx) => bound!(super::mysql::query(sql), params)
                 .execute(&mut **tx)
                 .await?
                 .rows_affected(),
@@ -486,17 +508,23 @@ impl Tx {
         params: &[Param<'_>],
     ) -> sqlx::Result<Vec<AnyRow>> {
         Ok(match self {
-            Tx::Sqlite(tx) => bound!(sqlx::query(sql), params)
+            Tx::Sqlite(tx) => bound!(query(sql), params)
                 .fetch_all(&mut **tx)
                 .await?
                 .into_iter()
                 .map(AnyRow::Sqlite)
                 .collect(),
-            Tx::Postgres(tx) => bound!(sqlx::query(sql), params)
+            Tx::Postgres(tx) => bound!(query(sql), params)
                 .fetch_all(&mut **tx)
                 .await?
                 .into_iter()
                 .map(AnyRow::Postgres)
+                .collect(),
+            Tx::MySql(tx) => bound!(super::mysql::query(sql), params)
+                .fetch_all(&mut **tx)
+                .await?
+                .into_iter()
+                .map(AnyRow::MySql)
                 .collect(),
         })
     }
@@ -505,6 +533,7 @@ impl Tx {
         match self {
             Tx::Sqlite(tx) => tx.commit().await,
             Tx::Postgres(tx) => tx.commit().await,
+            Tx::MySql(tx) => tx.commit().await,
         }
     }
 }
@@ -560,6 +589,7 @@ impl Store {
         match self.pool {
             Pool::Sqlite(_) => &SQLITE,
             Pool::Postgres(_) => &POSTGRES,
+            Pool::MySql(_) => &MYSQL,
         }
     }
 
@@ -577,12 +607,21 @@ impl Store {
     /// of its batch row. Returns whether the write applied (false: the row
     /// was no longer this try's claim, or not cancellable; nothing changed).
     pub async fn finalize(&self, ending: Ending<'_>) -> Result<bool> {
+        if let Pool::MySql(_) = &self.pool {
+            // InnoDB may pick this transaction as a deadlock's victim.
+            return super::mysql::retry_locks(&self.lock_retries, || self.finalize_once(&ending))
+                .await;
+        }
+        self.finalize_once(&ending).await
+    }
+
+    async fn finalize_once(&self, ending: &Ending<'_>) -> Result<bool> {
         let c = self.compose();
         let id = ending.id();
         // Which parents to lock first (lock order: the flow, the batch,
         // then the request).
         let (batch_id, flow_id) = on_pool!(self, pool => {
-            let rows = sqlx::query(c.batch_of.as_str()).bind(id.0).fetch_all(pool).await?;
+            let rows = query(c.batch_of.as_str()).bind(id.0).fetch_all(pool).await?;
             match rows.first() {
                 Some(row) => (row.opt_int(0)?, row.opt_int(1)?),
                 None => return Ok(false),
@@ -620,7 +659,7 @@ impl Store {
             } => {
                 tx.execute(
                     &sql.mark_crashed,
-                    &[Text(reason), Int(id.0), OptText(claim_token)],
+                    &[Text(reason), Int(id.0), OptText(*claim_token)],
                 )
                 .await?
             }
@@ -951,7 +990,7 @@ impl Store {
         let c = self.compose();
         self.count_statements(1);
         let candidates: Vec<i64> = on_pool!(self, pool => {
-            sqlx::query(c.repair_candidates.as_str())
+            query(c.repair_candidates.as_str())
                 .fetch_all(pool)
                 .await?
                 .iter()
@@ -978,7 +1017,7 @@ impl Store {
     pub async fn create_batch(&self, batch: &NewBatch) -> Result<i64> {
         let c = self.compose();
         Ok(on_pool!(self, pool => {
-            let query = sqlx::query(c.create_batch.as_str())
+            let query = query(c.create_batch.as_str())
                 .bind(batch.name.as_deref())
                 .bind(batch.options.as_deref())
                 .bind(batch.on_complete.as_deref())
@@ -987,6 +1026,16 @@ impl Store {
                 .bind(i64::from(batch.sealed))
                 .bind(batch.parent_batch_id);
             query.fetch_all(pool).await?[0].int(0)?
+        }, mysql pool => {
+            let query = super::mysql::query(c.create_batch.as_str())
+                .bind(batch.name.as_deref())
+                .bind(batch.options.as_deref())
+                .bind(batch.on_complete.as_deref())
+                .bind(batch.on_failure.as_deref())
+                .bind(i64::from(batch.fail_fast))
+                .bind(i64::from(batch.sealed))
+                .bind(batch.parent_batch_id);
+            query.execute(pool).await?.last_insert_id() as i64
         }))
     }
 
@@ -1036,7 +1085,7 @@ impl Store {
     pub async fn batch(&self, batch_id: i64) -> Result<Option<Batch>> {
         let c = self.compose();
         Ok(on_pool!(self, pool => {
-            let rows = sqlx::query(c.batch_row.as_str()).bind(batch_id).fetch_all(pool).await?;
+            let rows = query(c.batch_row.as_str()).bind(batch_id).fetch_all(pool).await?;
             match rows.first() {
                 Some(row) => Some(batch_from_row(row)?),
                 None => None,
@@ -1048,7 +1097,7 @@ impl Store {
     pub async fn list_batches(&self, limit: i64) -> Result<Vec<Batch>> {
         let c = self.compose();
         Ok(on_pool!(self, pool => {
-            sqlx::query(c.list_batches.as_str())
+            query(c.list_batches.as_str())
                 .bind(limit)
                 .fetch_all(pool)
                 .await?
@@ -1063,7 +1112,7 @@ impl Store {
     pub async fn batch_members_by_state(&self, batch_id: i64) -> Result<Vec<(String, bool, i64)>> {
         let c = self.compose();
         Ok(on_pool!(self, pool => {
-            sqlx::query(c.members_by_state.as_str())
+            query(c.members_by_state.as_str())
                 .bind(batch_id)
                 .fetch_all(pool)
                 .await?
@@ -1088,7 +1137,7 @@ impl Store {
 
     async fn callbacks(&self, statement: &'static str, of: i64) -> Result<Vec<CallbackRow>> {
         Ok(on_pool!(self, pool => {
-            sqlx::query(statement)
+            query(statement)
                 .bind(of)
                 .fetch_all(pool)
                 .await?

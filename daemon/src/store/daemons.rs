@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
+use sqlx::query;
 
 use super::{Backend, Pool, Store};
 
@@ -30,6 +31,7 @@ impl Store {
         match self.backend() {
             Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now')",
             Backend::Postgres => "now()",
+            Backend::MySql => "UTC_TIMESTAMP(6)",
         }
     }
 
@@ -45,6 +47,10 @@ impl Store {
                 "DELETE FROM task_runner_daemons WHERE heartbeat_at < now() - interval '{} seconds'",
                 FORGET_AFTER.as_secs()
             ),
+            Backend::MySql => format!(
+                "DELETE FROM task_runner_daemons WHERE heartbeat_at < UTC_TIMESTAMP(6) - INTERVAL {} SECOND",
+                FORGET_AFTER.as_secs()
+            ),
         };
         let insert = format!(
             "INSERT INTO task_runner_daemons \
@@ -52,8 +58,8 @@ impl Store {
              VALUES ($1, $2, $3, $4, $5, $6, 0, {now}, {now})"
         );
         on_pool!(self, pool => {
-            sqlx::query(sqlx::AssertSqlSafe(forget)).execute(pool).await?;
-            sqlx::query(sqlx::AssertSqlSafe(insert))
+            query(sqlx::AssertSqlSafe(forget)).execute(pool).await?;
+            query(sqlx::AssertSqlSafe(insert))
                 .bind(me.instance)
                 .bind(me.host)
                 .bind(me.node_name)
@@ -73,7 +79,7 @@ impl Store {
             self.presence_now()
         );
         on_pool!(self, pool => {
-            sqlx::query(sqlx::AssertSqlSafe(sql))
+            query(sqlx::AssertSqlSafe(sql))
                 .bind(instance)
                 .bind(running as i64)
                 .execute(pool)
@@ -90,7 +96,7 @@ impl Store {
               WHERE instance = $1"
         );
         on_pool!(self, pool => {
-            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(instance).execute(pool).await?;
+            query(sqlx::AssertSqlSafe(sql)).bind(instance).execute(pool).await?;
         });
         Ok(())
     }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use nix::unistd::AccessFlags;
+use sqlx::mysql::MySqlConnectOptions;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::sqlite::SqliteConnectOptions;
 
@@ -138,22 +139,50 @@ pub async fn explain(error: anyhow::Error, url: &str) -> anyhow::Error {
             _ => error,
         };
     }
-    let Ok(options) = PgConnectOptions::from_str(url) else {
-        return error;
-    };
-    let host = options.get_host().to_string();
-    let port = options.get_port();
-    let server = if host.starts_with('/') {
-        format!("PostgreSQL (socket directory {host}, port {port})")
+    let mysql = url.starts_with("mysql:") || url.starts_with("mariadb:");
+    let (host, port, database, server) = if mysql {
+        let Ok(options) = MySqlConnectOptions::from_str(&url.replacen("mariadb:", "mysql:", 1))
+        else {
+            return error;
+        };
+        let host = options.get_host().to_string();
+        let port = options.get_port();
+        let server = format!("MariaDB/MySQL at {host}:{port}");
+        (
+            host,
+            port,
+            options.get_database().map(str::to_string),
+            server,
+        )
     } else {
-        format!("PostgreSQL at {host}:{port}")
+        let Ok(options) = PgConnectOptions::from_str(url) else {
+            return error;
+        };
+        let host = options.get_host().to_string();
+        let port = options.get_port();
+        let server = if host.starts_with('/') {
+            format!("PostgreSQL (socket directory {host}, port {port})")
+        } else {
+            format!("PostgreSQL at {host}:{port}")
+        };
+        (
+            host,
+            port,
+            options.get_database().map(str::to_string),
+            server,
+        )
     };
+    let database = database.as_deref().unwrap_or("NAME");
     match sqlx_error {
         // invalid_catalog_name: the database was never created.
         sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000") => anyhow!(
-            "{server}: {}: create it (createdb -h {host} -p {port} {}), then run `taskrunner-cli migrate` (database URL {display_url})",
+            "{server}: {}: create it (createdb -h {host} -p {port} {database}), then run `taskrunner-cli migrate` (database URL {display_url})",
             db.message(),
-            options.get_database().unwrap_or("NAME")
+        ),
+        // ER_BAD_DB_ERROR (1049): the same on MariaDB/MySQL.
+        sqlx::Error::Database(db) if mysql && db.code().as_deref() == Some("42000") && db.message().contains("Unknown database") => anyhow!(
+            "{server}: {}: create it (mysql -h {host} -P {port} -e 'CREATE DATABASE {database}'), then run `taskrunner-cli migrate` (database URL {display_url})",
+            db.message(),
         ),
         sqlx::Error::Database(db) => anyhow!(
             "{server}, database URL {display_url}: {}",
@@ -180,8 +209,13 @@ pub async fn explain(error: anyhow::Error, url: &str) -> anyhow::Error {
 }
 
 fn refused(server: &str, display_url: &str) -> anyhow::Error {
+    let service = if server.starts_with("MariaDB") {
+        "mariadb"
+    } else {
+        "postgresql"
+    };
     anyhow!(
-        "{server}: connection refused: start the server (systemctl start postgresql), or fix the host and port of the database URL {display_url}"
+        "{server}: connection refused: start the server (systemctl start {service}), or fix the host and port of the database URL {display_url}"
     )
 }
 

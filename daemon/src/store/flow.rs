@@ -22,10 +22,11 @@ use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
 use anyhow::Result;
+use sqlx::query;
 use serde_yaml::{Mapping, Value};
 
 use super::compose::{AnyRow, Param, Tx};
-use super::{Pool, RowExt, Store};
+use super::{Backend, Pool, RowExt, Store};
 use crate::flow::{self, Action, Definition};
 use Param::{Int, OptInt, OptText, Text};
 
@@ -123,38 +124,42 @@ pub(super) struct FlowSql {
     insert_alert: String,
 }
 
-static SQLITE: LazyLock<FlowSql> = LazyLock::new(|| FlowSql::render(false));
-static POSTGRES: LazyLock<FlowSql> = LazyLock::new(|| FlowSql::render(true));
+static SQLITE: LazyLock<FlowSql> = LazyLock::new(|| FlowSql::render(Backend::Sqlite));
+static POSTGRES: LazyLock<FlowSql> = LazyLock::new(|| FlowSql::render(Backend::Postgres));
+static MYSQL: LazyLock<FlowSql> = LazyLock::new(|| FlowSql::render(Backend::MySql));
 
 /// The row is not final: never run, running, or to be run again.
 const OPEN: &str = "(result IS NULL OR result = 'RUNNING' \
      OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED') AND tries < try_limit))";
 
 impl FlowSql {
-    fn render(postgres: bool) -> FlowSql {
-        let now = if postgres {
-            "now()"
-        } else {
-            "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+    fn render(backend: Backend) -> FlowSql {
+        let now = match backend {
+            Backend::Postgres => "now()",
+            Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now')",
+            Backend::MySql => "UTC_TIMESTAMP(6)",
         };
-        let int = |column: &str| {
-            if postgres {
-                format!("({column})::bigint")
-            } else {
-                column.to_string()
-            }
+        let int = |column: &str| match backend {
+            Backend::Postgres => format!("({column})::bigint"),
+            Backend::Sqlite => column.to_string(),
+            Backend::MySql => format!("CAST({column} AS SIGNED)"),
         };
-        let show = |column: &str| {
-            if postgres {
+        let show = |column: &str| match backend {
+            Backend::Postgres => {
                 format!("to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.MS')")
-            } else {
-                format!("CAST({column} AS TEXT)")
             }
+            Backend::Sqlite => format!("CAST({column} AS TEXT)"),
+            Backend::MySql => format!("LEFT(DATE_FORMAT({column}, '%Y-%m-%d %H:%i:%s.%f'), 23)"),
         };
-        let (insert_or_ignore, on_conflict_ignore) = if postgres {
-            ("INSERT", "ON CONFLICT DO NOTHING")
-        } else {
-            ("INSERT OR IGNORE", "")
+        let (insert_or_ignore, on_conflict_ignore) = match backend {
+            Backend::Postgres => ("INSERT", "ON CONFLICT DO NOTHING"),
+            Backend::Sqlite => ("INSERT OR IGNORE", ""),
+            // A duplicate `unique_key` leaves the holder as it is.
+            Backend::MySql => ("INSERT", "ON DUPLICATE KEY UPDATE id = id"),
+        };
+        let for_update = match backend {
+            Backend::Sqlite => "",
+            Backend::Postgres | Backend::MySql => "FOR UPDATE",
         };
         let columns = [
             int("id"),
@@ -175,7 +180,7 @@ impl FlowSql {
             lock_flow: format!(
                 "SELECT {} FROM task_runner_flows WHERE id = $1 {}",
                 int("id"),
-                if postgres { "FOR UPDATE" } else { "" }
+                for_update
             ),
             flow_row: format!("SELECT {columns} FROM task_runner_flows WHERE id = $1"),
             list_flows: format!(
@@ -300,6 +305,7 @@ impl Store {
         match self.pool {
             Pool::Sqlite(_) => &SQLITE,
             Pool::Postgres(_) => &POSTGRES,
+            Pool::MySql(_) => &MYSQL,
         }
     }
 
@@ -620,7 +626,7 @@ impl Store {
         let f = self.flow_sql();
         self.count_statements(1);
         let candidates: Vec<i64> = on_pool!(self, pool => {
-            sqlx::query(f.untaken.as_str())
+            query(f.untaken.as_str())
                 .fetch_all(pool)
                 .await?
                 .iter()
@@ -686,7 +692,7 @@ impl Store {
         let f = self.flow_sql();
         self.count_statements(1);
         let candidates: Vec<i64> = on_pool!(self, pool => {
-            sqlx::query(f.stuck.as_str())
+            query(f.stuck.as_str())
                 .fetch_all(pool)
                 .await?
                 .iter()
@@ -712,7 +718,15 @@ impl Store {
             "INSERT INTO task_runner_flows (flow_name, options) VALUES ($1, $2) RETURNING id"
         };
         Ok(on_pool!(self, pool => {
-            sqlx::query(sql).bind(name).bind(options).fetch_all(pool).await?[0].int(0)?
+            query(sql).bind(name).bind(options).fetch_all(pool).await?[0].int(0)?
+        }, mysql pool => {
+            // No RETURNING there: the id of the insert.
+            super::mysql::query("INSERT INTO task_runner_flows (flow_name, options) VALUES ($1, $2)")
+                .bind(name)
+                .bind(options)
+                .execute(pool)
+                .await?
+                .last_insert_id() as i64
         }))
     }
 
@@ -720,7 +734,7 @@ impl Store {
     pub async fn flow(&self, flow_id: i64) -> Result<Option<Flow>> {
         let f = self.flow_sql();
         Ok(on_pool!(self, pool => {
-            let rows = sqlx::query(f.flow_row.as_str()).bind(flow_id).fetch_all(pool).await?;
+            let rows = query(f.flow_row.as_str()).bind(flow_id).fetch_all(pool).await?;
             match rows.first() {
                 Some(row) => Some(flow_from_row(row)?),
                 None => None,
@@ -732,7 +746,7 @@ impl Store {
     pub async fn list_flows(&self, before: Option<i64>, limit: i64) -> Result<Vec<Flow>> {
         let f = self.flow_sql();
         Ok(on_pool!(self, pool => {
-            sqlx::query(f.list_flows.as_str())
+            query(f.list_flows.as_str())
                 .bind(limit)
                 .bind(before)
                 .fetch_all(pool)
@@ -754,7 +768,7 @@ impl Store {
         };
         // (step, action, row) of every row of the flow, oldest first.
         let rows: Vec<(i64, Option<String>, StepRow)> = on_pool!(self, pool => {
-            sqlx::query(f.step_rows.as_str())
+            query(f.step_rows.as_str())
                 .bind(flow_id)
                 .fetch_all(pool)
                 .await?

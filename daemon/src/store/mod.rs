@@ -1,5 +1,6 @@
-//! Every query taskrunner runs, for SQLite and PostgreSQL. Callers see one
-//! [`Store`]; the statements themselves are in [`sql`], the claim among them.
+//! Every query taskrunner runs, for SQLite, PostgreSQL and MariaDB/MySQL.
+//! Callers see one [`Store`]; the statements themselves are in [`sql`], the
+//! claim among them ([`mysql`] for what MySQL's dialect needs besides).
 //!
 //! Architecture invariant: every write about a try (pid, heartbeat, progress,
 //! outcome) is fenced by the claim token written when the row was claimed, and
@@ -8,6 +9,7 @@
 //! later try: its write matches no row, and the caller is told so.
 
 pub mod diagnose;
+pub mod mysql;
 mod repair;
 pub mod sql;
 pub mod url;
@@ -17,12 +19,13 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::Row;
+use sqlx::{query, Row};
 
 use crate::request::{Claimed, Request, RequestId, State};
 use sql::Sql;
@@ -43,6 +46,8 @@ pub const WRITER_AUTOCHECKPOINT: u32 = 16_000;
 pub enum Backend {
     Sqlite,
     Postgres,
+    /// MariaDB ≥ 10.6 or MySQL ≥ 8.0.1 (`mysql://`, `mariadb://`).
+    MySql,
 }
 
 /// What [`Store::migrate`] did: schema versions before (None: no schema) and after.
@@ -82,6 +87,7 @@ pub enum Purpose {
 enum Pool {
     Sqlite(SqlitePool),
     Postgres(PgPool),
+    MySql(MySqlPool),
 }
 
 /// A connection pool to the request table, and the statements for its dialect.
@@ -100,17 +106,96 @@ pub struct Store {
     hooks: std::sync::Arc<std::sync::RwLock<std::sync::Arc<Hooks>>>,
     /// Claims leave out options longer than this (`max_options`).
     max_options: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// MariaDB/MySQL: transactions run again after a deadlock or a
+    /// lock-wait timeout (see [`mysql::retry_locks`]), for `status`.
+    lock_retries: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Runs `$body` with `$pool` bound to the backend's own pool type. The body is
-/// compiled once per backend, so sqlx sees concrete types in each arm.
+/// compiled once per backend, so sqlx sees concrete types in each arm. In
+/// the MySQL arm `query` is [`mysql::query`], which binds `$N` parameters
+/// by number as the other two do.
 macro_rules! on_pool {
     ($store:expr, $pool:ident => $body:expr) => {
         match &$store.pool {
             Pool::Sqlite($pool) => $body,
             Pool::Postgres($pool) => $body,
+            Pool::MySql($pool) => {
+                #[allow(unused_imports)]
+                use $crate::store::mysql::query;
+                $body
+            }
         }
     };
+    // A statement that takes another shape on MySQL (see `mysql.rs`).
+    ($store:expr, $pool:ident => $body:expr, mysql $mysql:ident => $mysql_body:expr) => {
+        match &$store.pool {
+            Pool::Sqlite($pool) => $body,
+            Pool::Postgres($pool) => $body,
+            Pool::MySql($mysql) => $mysql_body,
+        }
+    };
+}
+
+/// Binds `$1..$14` of [`Sql::enqueue`] and [`Sql::enqueue_unique`] (a
+/// macro, so that it serves sqlx's queries and MySQL's alike).
+macro_rules! bind_new_request {
+    ($query:expr, $request:expr, $unique_key:expr $(,)?) => {{
+        let request: &NewRequest = $request;
+        let unique_key: Option<&str> = $unique_key;
+        $query
+            .bind(request.task_class_name.as_str())
+            .bind(request.options.as_deref())
+            .bind(request.try_limit.unwrap_or(DEFAULT_TRY_LIMIT))
+            .bind(request.delay_seconds)
+            .bind(request.at.as_deref())
+            .bind(request.priority)
+            .bind(unique_key)
+            .bind(request.queue.as_deref())
+            .bind(request.node.as_deref())
+            .bind(request.not_node.as_deref())
+            .bind(request.period)
+            .bind(request.batch_id)
+            .bind(request.on_success.as_deref())
+            .bind(request.on_failure.as_deref())
+    }};
+}
+
+/// The one-row statement for a write (SQLite and MySQL, and progress
+/// everywhere); `query` is the backend's (see `on_pool!`).
+macro_rules! single_write_query {
+    ($sql:expr, $write:expr) => {{
+        let sql: &'static Sql = $sql;
+        match $write {
+            Write::Pid {
+                id,
+                claim_token,
+                pid,
+                boot_id,
+                start_ticks,
+            } => query(sql.record_pid.as_str())
+                .bind(*pid)
+                .bind(boot_id.as_str())
+                .bind(*start_ticks)
+                .bind(id.0)
+                .bind(claim_token.as_str()),
+            Write::Progress {
+                id,
+                claim_token,
+                text,
+            } => query(sql.record_progress.as_str())
+                .bind(text.as_str())
+                .bind(id.0)
+                .bind(claim_token.as_str()),
+            Write::Outcome(outcome) => query(sql.record_outcome.as_str())
+                .bind(outcome.state.as_str())
+                .bind(outcome.result_text.as_str())
+                .bind(i64::from(outcome.give_back_try))
+                .bind(outcome.retry_after)
+                .bind(outcome.id.0)
+                .bind(outcome.claim_token.as_str()),
+        }
+    }};
 }
 
 pub mod compose;
@@ -470,6 +555,24 @@ impl Store {
                     })
                     .connect_lazy_with(options),
             )
+        } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
+            let url = url.replacen("mariadb:", "mysql:", 1);
+            let options = MySqlConnectOptions::from_str(&url)
+                .with_context(|| format!("invalid MySQL URL {display_url}"))?
+                // Case-sensitive comparisons everywhere, as on the other two:
+                // `noop` is not `NoOp`.
+                .charset("utf8mb4")
+                .collation("utf8mb4_bin")
+                .timezone(Some("+00:00".to_string()));
+            Pool::MySql(
+                MySqlPoolOptions::new()
+                    .max_connections(if purpose == Purpose::Daemon { 4 } else { 2 })
+                    .acquire_timeout(Duration::from_secs(5))
+                    .after_connect(|connection, _| {
+                        Box::pin(async move { mysql::configure_session(connection).await })
+                    })
+                    .connect_lazy_with(options),
+            )
         } else {
             let options = PgConnectOptions::from_str(url)
                 .with_context(|| format!("invalid PostgreSQL URL {display_url}"))?
@@ -484,6 +587,7 @@ impl Store {
         let sql: &'static Sql = match pool {
             Pool::Sqlite(_) => &sql::SQLITE,
             Pool::Postgres(_) => &sql::POSTGRES,
+            Pool::MySql(_) => &sql::MYSQL,
         };
         Ok(Store {
             pool,
@@ -493,6 +597,7 @@ impl Store {
             hooks: Default::default(),
             // No cap until the daemon sets its `max_options`.
             max_options: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
+            lock_retries: Default::default(),
         })
     }
 
@@ -511,6 +616,21 @@ impl Store {
         match self.pool {
             Pool::Sqlite(_) => Backend::Sqlite,
             Pool::Postgres(_) => Backend::Postgres,
+            Pool::MySql(_) => Backend::MySql,
+        }
+    }
+
+    /// MariaDB/MySQL: transactions run again after a deadlock (1213) or a
+    /// lock-wait timeout (1205) so far.
+    pub fn lock_retries(&self) -> u64 {
+        self.lock_retries.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The MariaDB/MySQL pool, for the wake-up check.
+    pub fn mysql_pool(&self) -> Option<&MySqlPool> {
+        match &self.pool {
+            Pool::MySql(pool) => Some(pool),
+            _ => None,
         }
     }
 
@@ -518,7 +638,7 @@ impl Store {
     pub fn postgres_pool(&self) -> Option<&PgPool> {
         match &self.pool {
             Pool::Postgres(pool) => Some(pool),
-            Pool::Sqlite(_) => None,
+            _ => None,
         }
     }
 
@@ -526,7 +646,7 @@ impl Store {
     pub fn sqlite_pool(&self) -> Option<&SqlitePool> {
         match &self.pool {
             Pool::Sqlite(pool) => Some(pool),
-            Pool::Postgres(_) => None,
+            _ => None,
         }
     }
 
@@ -536,10 +656,7 @@ impl Store {
     pub async fn migrate(&self) -> Result<Migration> {
         let context = || format!("migrating the schema of {}", self.display_url);
         let before = self.schema_version().await;
-        let mut migrator = match &self.pool {
-            Pool::Sqlite(_) => sqlx::migrate!("../migrations/sqlite"),
-            Pool::Postgres(_) => sqlx::migrate!("../migrations/postgres"),
-        };
+        let mut migrator = self.migrator();
         migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
         let repaired = self
             .repair_if_needed(&migrator)
@@ -548,6 +665,7 @@ impl Store {
         match &self.pool {
             Pool::Sqlite(pool) => migrator.run(pool).await.with_context(context)?,
             Pool::Postgres(pool) => migrator.run(pool).await.with_context(context)?,
+            Pool::MySql(pool) => migrator.run(pool).await.with_context(context)?,
         }
         let after = self.schema_version().await.unwrap_or(0);
         Ok(Migration {
@@ -557,19 +675,42 @@ impl Store {
         })
     }
 
+    /// This backend's migrations (one version means the same schema on every backend).
+    fn migrator(&self) -> sqlx::migrate::Migrator {
+        match &self.pool {
+            Pool::Sqlite(_) => sqlx::migrate!("../migrations/sqlite"),
+            Pool::Postgres(_) => sqlx::migrate!("../migrations/postgres"),
+            Pool::MySql(_) => sqlx::migrate!("../migrations/mysql"),
+        }
+    }
+
     /// The highest migration applied, or None before the first one.
     async fn schema_version(&self) -> Option<i64> {
-        let query = format!("SELECT max(version) FROM {MIGRATIONS_TABLE} WHERE success");
-        let query = sqlx::AssertSqlSafe(query);
+        let statement = format!("SELECT max(version) FROM {MIGRATIONS_TABLE} WHERE success");
+        let statement = sqlx::AssertSqlSafe(statement);
         on_pool!(self, pool => {
-            sqlx::query_scalar::<_, Option<i64>>(query).fetch_one(pool).await.ok()?
+            sqlx::query_scalar::<_, Option<i64>>(statement).fetch_one(pool).await.ok()?
         })
     }
 
     /// PostgreSQL: the database must store UTF-8. With another server
     /// encoding (SQL_ASCII above all) a row holding bytes that are not UTF-8
     /// cannot be read, and would stop every claim; refused at start.
+    /// MariaDB/MySQL: a server older than the minimum is refused at start,
+    /// naming the version found and the one needed.
     pub async fn check_encoding(&self) -> Result<()> {
+        if let Pool::MySql(pool) = &self.pool {
+            let version: String = sqlx::query_scalar("SELECT VERSION()")
+                .fetch_one(pool)
+                .await
+                .with_context(|| format!("reading the server version of {}", self.display_url))?;
+            return match mysql::version_refusal(&version) {
+                None => Ok(()),
+                Some(refusal) => {
+                    Err(SchemaMismatch(format!("{}: {refusal}", self.display_url)).into())
+                }
+            };
+        }
         let Pool::Postgres(pool) = &self.pool else {
             return Ok(());
         };
@@ -593,24 +734,22 @@ impl Store {
     /// reached is a plain error (retried).
     pub async fn check_schema(&self) -> Result<()> {
         self.check_encoding().await?;
-        let migrator = match &self.pool {
-            Pool::Sqlite(_) => sqlx::migrate!("../migrations/sqlite"),
-            Pool::Postgres(_) => sqlx::migrate!("../migrations/postgres"),
-        };
+        let migrator = self.migrator();
         let known: Vec<i64> = migrator
             .iter()
             .filter(|m| m.migration_type.is_up_migration())
             .map(|m| m.version)
             .collect();
-        let query =
+        let statement =
             format!("SELECT version FROM {MIGRATIONS_TABLE} WHERE success ORDER BY version");
         let applied: sqlx::Result<Vec<i64>> = on_pool!(self, pool => {
-            sqlx::query_scalar(sqlx::AssertSqlSafe(query)).fetch_all(pool).await
+            sqlx::query_scalar(sqlx::AssertSqlSafe(statement)).fetch_all(pool).await
         });
         let applied = match applied {
             Ok(applied) => applied,
             Err(sqlx::Error::Database(error))
                 if error.code().as_deref() == Some("42P01")
+                    || error.code().as_deref() == Some("42S02")
                     || error.message().contains("no such table") =>
             {
                 return Err(SchemaMismatch(format!(
@@ -713,8 +852,15 @@ impl Store {
     ) -> Result<Vec<Claimed>> {
         self.count_statements(1);
         let excluded = serde_json::to_string(filter.excluded_tasks)?;
+        if let Pool::MySql(pool) = &self.pool {
+            let mut rows = self
+                .claim_mysql(pool, (claim_token, instance, host), limit, filter, None)
+                .await?;
+            rows.sort_by_key(|(priority, claimed)| (-priority, claimed.id));
+            return Ok(rows.into_iter().map(|(_, claimed)| claimed).collect());
+        }
         let mut rows: Vec<(i64, Claimed)> = on_pool!(self, pool => {
-            let query = sqlx::query(self.sql.claim.as_str())
+            let query = query(self.sql.claim.as_str())
                 .bind(claim_token)
                 .bind(instance)
                 .bind(host)
@@ -748,13 +894,26 @@ impl Store {
     ) -> Result<Vec<Claimed>> {
         let task = filter.task.expect("claim_limited needs a task type");
         let sql = self.sql;
+        if let Pool::MySql(pool) = &self.pool {
+            let mut rows = self
+                .claim_mysql(
+                    pool,
+                    (claim_token, instance, host),
+                    limit,
+                    filter,
+                    Some(type_limit),
+                )
+                .await?;
+            rows.sort_by_key(|(priority, claimed)| (-priority, claimed.id));
+            return Ok(rows.into_iter().map(|(_, claimed)| claimed).collect());
+        }
         let mut rows: Vec<(i64, Claimed)> = on_pool!(self, pool => {
             let mut transaction = begin_write(pool).await?;
             if let Some(lock) = &sql.lock_type {
-                sqlx::query(lock.as_str()).bind(task).execute(&mut *transaction).await?;
+                query(lock.as_str()).bind(task).execute(&mut *transaction).await?;
             }
             let running: i64 = {
-                let rows = sqlx::query(sql.running_of_type.as_str()).bind(task).fetch_all(&mut *transaction).await?;
+                let rows = query(sql.running_of_type.as_str()).bind(task).fetch_all(&mut *transaction).await?;
                 rows.first().map(|row| row.int(0)).transpose()?.unwrap_or(0)
             };
             let room = (i64::from(type_limit) - running).clamp(0, limit as i64);
@@ -763,7 +922,7 @@ impl Store {
             let claimed = if room == 0 {
                 Vec::new()
             } else {
-                sqlx::query(sql.claim.as_str())
+                query(sql.claim.as_str())
                     .bind(claim_token)
                     .bind(instance)
                     .bind(host)
@@ -794,8 +953,13 @@ impl Store {
         instance: &str,
         claim_token: &str,
     ) -> Result<Option<Claimed>> {
+        if let Pool::MySql(pool) = &self.pool {
+            return self
+                .claim_one_mysql(pool, id.0, (claim_token, instance, host))
+                .await;
+        }
         let rows = on_pool!(self, pool => {
-            let query = sqlx::query(self.sql.claim_one.as_str())
+            let query = query(self.sql.claim_one.as_str())
                 .bind(claim_token)
                 .bind(instance)
                 .bind(host)
@@ -845,12 +1009,17 @@ impl Store {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
+        if let Pool::MySql(_) = &self.pool {
+            // No `UPDATE … FROM` and no `RETURNING`: one statement per write,
+            // in one transaction, run again after a lock conflict.
+            return mysql::retry_locks(&self.lock_retries, || self.record_each(writes)).await;
+        }
         // One write alone needs no transaction: a single statement is atomic,
         // and BEGIN and COMMIT would triple its round trips.
         if let [write] = writes {
             self.count_statements(1);
             let took = on_pool!(self, pool => {
-                single_write_query(sql, write).execute(pool).await?.rows_affected() == 1
+                single_write_query!(sql, write).execute(pool).await?.rows_affected() == 1
             });
             return Ok(vec![took]);
         }
@@ -876,12 +1045,25 @@ impl Store {
             self.count_statements(4 + progress as u64);
             return record_postgres_batch(pool, self.sql, pids_sql, writes).await;
         }
+        self.record_each(writes).await
+    }
+
+    /// One statement per write, in one transaction (one alone: without).
+    async fn record_each(&self, writes: &[Write]) -> Result<Vec<bool>> {
+        let sql = self.sql;
+        if let [write] = writes {
+            self.count_statements(1);
+            let took = on_pool!(self, pool => {
+                single_write_query!(sql, write).execute(pool).await?.rows_affected() == 1
+            });
+            return Ok(vec![took]);
+        }
         let mut applied = Vec::with_capacity(writes.len());
         on_pool!(self, pool => {
             let mut transaction = begin_write(pool).await?;
             self.count_statements(2 + writes.len() as u64);
             for write in writes {
-                let query = single_write_query(sql, write);
+                let query = single_write_query!(sql, write);
                 applied.push(query.execute(&mut *transaction).await?.rows_affected() == 1);
             }
             transaction.commit().await?;
@@ -895,7 +1077,7 @@ impl Store {
         self.count_statements(1);
         let statement = self.sql.record_outcomes_batch.as_str();
         let rows = match &self.pool {
-            Pool::Postgres(pool) => bind_outcome_arrays(sqlx::query(statement), outcomes)
+            Pool::Postgres(pool) => bind_outcome_arrays(query(statement), outcomes)
                 .fetch_all(pool)
                 .await?
                 .iter()
@@ -915,13 +1097,17 @@ impl Store {
                         ])
                     })
                     .collect();
-                sqlx::query(statement)
+                query(statement)
                     .bind(serde_json::Value::Array(rows).to_string())
                     .fetch_all(pool)
                     .await?
                     .iter()
                     .map(|row| row.int(0))
                     .collect::<sqlx::Result<_>>()?
+            }
+            // `record_plain` writes them one by one there.
+            Pool::MySql(_) => {
+                anyhow::bail!("outcome batches are not written in one statement on MySQL")
             }
         };
         Ok(rows)
@@ -930,10 +1116,18 @@ impl Store {
     /// Renews `heartbeat_at` on every row `instance` holds (one statement),
     /// then reads which rows it still holds and which a user asked to cancel.
     pub async fn renew_heartbeats(&self, instance: &str) -> Result<Vec<Held>> {
+        if let Pool::MySql(_) = &self.pool {
+            return mysql::retry_locks(&self.lock_retries, || self.renew_heartbeats_once(instance))
+                .await;
+        }
+        self.renew_heartbeats_once(instance).await
+    }
+
+    async fn renew_heartbeats_once(&self, instance: &str) -> Result<Vec<Held>> {
         self.count_statements(2);
         Ok(on_pool!(self, pool => {
-            sqlx::query(self.sql.renew_heartbeats.as_str()).bind(instance).execute(pool).await?;
-            let query = sqlx::query(self.sql.held_by.as_str()).bind(instance);
+            query(self.sql.renew_heartbeats.as_str()).bind(instance).execute(pool).await?;
+            let query = query(self.sql.held_by.as_str()).bind(instance);
             query.fetch_all(pool).await?
                 .iter()
                 .map(|row| Ok(Held {
@@ -953,7 +1147,7 @@ impl Store {
     ) -> Result<Vec<RunningRow>> {
         self.count_statements(1);
         Ok(on_pool!(self, pool => {
-            let query = sqlx::query(self.sql.running_on_host.as_str())
+            let query = query(self.sql.running_on_host.as_str())
                 .bind(host)
                 .bind(exclude_instance);
             query.fetch_all(pool).await?
@@ -980,7 +1174,7 @@ impl Store {
     ) -> Result<Vec<(RequestId, Option<String>, String)>> {
         self.count_statements(1);
         Ok(on_pool!(self, pool => {
-            let query = sqlx::query(self.sql.unstarted_on_host.as_str())
+            let query = query(self.sql.unstarted_on_host.as_str())
                 .bind(host)
                 .bind(exclude_instance);
             query.fetch_all(pool).await?
@@ -998,7 +1192,7 @@ impl Store {
     ) -> Result<Vec<LapsedRow>> {
         self.count_statements(1);
         Ok(on_pool!(self, pool => {
-            let query = sqlx::query(self.sql.lapsed_leases.as_str())
+            let query = query(self.sql.lapsed_leases.as_str())
                 .bind(lease.as_secs_f64())
                 .bind(exclude_instance);
             query.fetch_all(pool).await?
@@ -1034,7 +1228,7 @@ impl Store {
     pub async fn seconds_until_next_delay(&self) -> Result<Option<f64>> {
         self.count_statements(1);
         Ok(on_pool!(self, pool => {
-            let query = sqlx::query(self.sql.next_delay.as_str());
+            let query = query(self.sql.next_delay.as_str());
             match query.fetch_all(pool).await?.first() {
                 Some(row) => row.opt_float(0)?,
                 None => None,
@@ -1047,15 +1241,18 @@ impl Store {
             return self.enqueue_unique(request, unique_key).await;
         }
         let id = on_pool!(self, pool => {
-            let query = bind_new_request(sqlx::query(self.sql.enqueue.as_str()), request, None);
+            let query = bind_new_request!(query(self.sql.enqueue.as_str()), request, None);
             query.fetch_all(pool).await?[0].int(0)?
+        }, mysql pool => {
+            let query = bind_new_request!(mysql::query(self.sql.enqueue.as_str()), request, None);
+            query.execute(pool).await?.last_insert_id() as i64
         });
         Ok(RequestId(id))
     }
 
     pub async fn show(&self, id: RequestId) -> Result<Option<Request>> {
         Ok(on_pool!(self, pool => {
-            let query = sqlx::query(self.sql.show.as_str()).bind(id.0);
+            let query = query(self.sql.show.as_str()).bind(id.0);
             match query.fetch_all(pool).await?.first() {
                 Some(row) => Some(request_from_row(row)?),
                 None => None,
@@ -1067,9 +1264,9 @@ impl Store {
         let sql = self.sql;
         Ok(on_pool!(self, pool => {
             let query = match filter {
-                ListFilter::All => sqlx::query(sql.list_all.as_str()).bind(limit),
-                ListFilter::Pending => sqlx::query(sql.list_pending.as_str()).bind(limit),
-                ListFilter::Result(state) => sqlx::query(sql.list_by_result.as_str())
+                ListFilter::All => query(sql.list_all.as_str()).bind(limit),
+                ListFilter::Pending => query(sql.list_pending.as_str()).bind(limit),
+                ListFilter::Result(state) => query(sql.list_by_result.as_str())
                     .bind(limit)
                     .bind(state.as_str()),
             };
@@ -1081,17 +1278,17 @@ impl Store {
     }
 
     /// The rows `query` selects, newest first.
-    pub async fn list_where(&self, query: &ListQuery) -> Result<Vec<Request>> {
+    pub async fn list_where(&self, list: &ListQuery) -> Result<Vec<Request>> {
         let text = |value: &Option<String>| value.clone().unwrap_or_default();
         Ok(on_pool!(self, pool => {
-            sqlx::query(self.sql.list_where.as_str())
-                .bind(query.limit)
-                .bind(text(&query.task))
-                .bind(text(&query.queue))
-                .bind(text(&query.host))
-                .bind(text(&query.state))
-                .bind(query.batch.unwrap_or(0))
-                .bind(query.flow.unwrap_or(0))
+            query(self.sql.list_where.as_str())
+                .bind(list.limit)
+                .bind(text(&list.task))
+                .bind(text(&list.queue))
+                .bind(text(&list.host))
+                .bind(text(&list.state))
+                .bind(list.batch.unwrap_or(0))
+                .bind(list.flow.unwrap_or(0))
                 .fetch_all(pool)
                 .await?
                 .iter()
@@ -1134,7 +1331,7 @@ impl Store {
         let mut total = 0;
         loop {
             let deleted = on_pool!(self, pool => {
-                let query = sqlx::query(self.sql.purge.as_str())
+                let query = query(self.sql.purge.as_str())
                     .bind(older_than.as_secs_f64())
                     .bind(batch);
                 query.execute(pool).await?.rows_affected()
@@ -1148,14 +1345,14 @@ impl Store {
 
     async fn execute_by_id(&self, statement: &'static str, id: RequestId) -> Result<bool> {
         Ok(on_pool!(self, pool => {
-            let query = sqlx::query(statement).bind(id.0);
+            let query = query(statement).bind(id.0);
             query.execute(pool).await?.rows_affected() == 1
         }))
     }
 
     async fn explain_refusal(&self, id: RequestId) -> Result<Change> {
         Ok(on_pool!(self, pool => {
-            let query = sqlx::query(self.sql.state_of.as_str()).bind(id.0);
+            let query = query(self.sql.state_of.as_str()).bind(id.0);
             match query.fetch_all(pool).await?.first() {
                 Some(row) => Change::Refused(row.opt_text(0)?),
                 None => Change::NotFound,
@@ -1166,7 +1363,7 @@ impl Store {
     /// How many rows are in each state (`PENDING`: never run).
     pub async fn count_by_result(&self) -> Result<Vec<(String, i64)>> {
         Ok(on_pool!(self, pool => {
-            let query = sqlx::query(self.sql.count_by_result.as_str());
+            let query = query(self.sql.count_by_result.as_str());
             query.fetch_all(pool).await?
                 .iter()
                 .map(|row| Ok((row.text(0)?, row.int(1)?)))
@@ -1177,77 +1374,6 @@ impl Store {
     /// Closes the pool, waiting for connections to be returned.
     pub async fn close(&self) {
         on_pool!(self, pool => pool.close().await)
-    }
-}
-
-/// Binds `$1..$11` of [`Sql::enqueue`] and [`Sql::enqueue_unique`].
-fn bind_new_request<'q, DB: sqlx::Database>(
-    query: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>,
-    request: &'q NewRequest,
-    unique_key: Option<&'q str>,
-) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>
-where
-    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    Option<i64>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    Option<f64>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-{
-    query
-        .bind(request.task_class_name.as_str())
-        .bind(request.options.as_deref())
-        .bind(request.try_limit.unwrap_or(DEFAULT_TRY_LIMIT))
-        .bind(request.delay_seconds)
-        .bind(request.at.as_deref())
-        .bind(request.priority)
-        .bind(unique_key)
-        .bind(request.queue.as_deref())
-        .bind(request.node.as_deref())
-        .bind(request.not_node.as_deref())
-        .bind(request.period)
-        .bind(request.batch_id)
-        .bind(request.on_success.as_deref())
-        .bind(request.on_failure.as_deref())
-}
-
-/// The one-row statement for a write (SQLite, and progress everywhere).
-fn single_write_query<'q, DB: sqlx::Database>(
-    sql: &'static Sql,
-    write: &'q Write,
-) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>
-where
-    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    Option<f64>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-{
-    match write {
-        Write::Pid {
-            id,
-            claim_token,
-            pid,
-            boot_id,
-            start_ticks,
-        } => sqlx::query(sql.record_pid.as_str())
-            .bind(*pid)
-            .bind(boot_id.as_str())
-            .bind(*start_ticks)
-            .bind(id.0)
-            .bind(claim_token.as_str()),
-        Write::Progress {
-            id,
-            claim_token,
-            text,
-        } => sqlx::query(sql.record_progress.as_str())
-            .bind(text.as_str())
-            .bind(id.0)
-            .bind(claim_token.as_str()),
-        Write::Outcome(outcome) => sqlx::query(sql.record_outcome.as_str())
-            .bind(outcome.state.as_str())
-            .bind(outcome.result_text.as_str())
-            .bind(i64::from(outcome.give_back_try))
-            .bind(outcome.retry_after)
-            .bind(outcome.id.0)
-            .bind(outcome.claim_token.as_str()),
     }
 }
 
@@ -1296,7 +1422,7 @@ async fn record_postgres_batch(
     }
     let mut pids_applied = HashSet::new();
     if !ids.is_empty() {
-        let rows = sqlx::query(pids_sql)
+        let rows = query(pids_sql)
             .bind(&ids)
             .bind(&tokens)
             .bind(&pids)
@@ -1311,7 +1437,7 @@ async fn record_postgres_batch(
     let mut progress_applied = HashSet::new();
     for write in writes {
         if let Write::Progress { id, .. } = write {
-            if single_write_query(sql, write)
+            if single_write_query!(sql, write)
                 .execute(&mut *transaction)
                 .await?
                 .rows_affected()
@@ -1330,7 +1456,7 @@ async fn record_postgres_batch(
         .collect();
     let mut outcomes_applied = HashSet::new();
     if !outcomes.is_empty() {
-        let rows = bind_outcome_arrays(sqlx::query(sql.record_outcomes_batch.as_str()), &outcomes)
+        let rows = bind_outcome_arrays(query(sql.record_outcomes_batch.as_str()), &outcomes)
             .fetch_all(&mut *transaction)
             .await?;
         for row in &rows {
@@ -1422,8 +1548,8 @@ impl Store {
         // The holder may end between the two statements: then insert again.
         for _ in 0..5 {
             let inserted = on_pool!(self, pool => {
-                let query = bind_new_request(
-                    sqlx::query(self.sql.enqueue_unique.as_str()),
+                let query = bind_new_request!(
+                    query(self.sql.enqueue_unique.as_str()),
                     request,
                     Some(unique_key),
                 );
@@ -1431,12 +1557,20 @@ impl Store {
                     Some(row) => Some(row.int(0)?),
                     None => None,
                 }
+            }, mysql pool => {
+                // A duplicate makes LAST_INSERT_ID() the holder's id.
+                let query = bind_new_request!(
+                    mysql::query(self.sql.enqueue_unique.as_str()),
+                    request,
+                    Some(unique_key),
+                );
+                Some(query.execute(pool).await?.last_insert_id() as i64).filter(|id| *id > 0)
             });
             if let Some(id) = inserted {
                 return Ok(RequestId(id));
             }
             let holder = on_pool!(self, pool => {
-            let query = sqlx::query(self.sql.holder_of_unique_key.as_str()).bind(unique_key);
+            let query = query(self.sql.holder_of_unique_key.as_str()).bind(unique_key);
                 match query.fetch_all(pool).await?.first() {
                     Some(row) => Some(row.int(0)?),
                     None => None,
@@ -1454,7 +1588,7 @@ impl Store {
         let sql = self.sql;
         Ok(on_pool!(self, pool => {
             let query = match kind {
-                Prunable::Exhausted => sqlx::query(sql.prune_exhausted.as_str())
+                Prunable::Exhausted => query(sql.prune_exhausted.as_str())
                     .bind(age.as_secs_f64())
                     .bind(batch),
                 Prunable::Finished | Prunable::Cancelled | Prunable::Rejected => {
@@ -1463,7 +1597,7 @@ impl Store {
                         Prunable::Cancelled => "CANCELLED",
                         _ => "REJECTED",
                     };
-                    sqlx::query(sql.prune_state.as_str())
+                    query(sql.prune_state.as_str())
                         .bind(age.as_secs_f64())
                         .bind(batch)
                         .bind(state)
@@ -1477,7 +1611,7 @@ impl Store {
     /// agrees on it, whatever their own clocks say).
     pub async fn database_now(&self) -> Result<f64> {
         let now: Option<f64> = on_pool!(self, pool => {
-            let query = sqlx::query(self.sql.database_now.as_str());
+            let query = query(self.sql.database_now.as_str());
             match query.fetch_all(pool).await?.first() {
                 Some(row) => row.opt_float(0)?,
                 None => None,
@@ -1489,7 +1623,7 @@ impl Store {
     /// The latest slot enqueued for `schedule`, as seconds since the epoch.
     pub async fn last_slot(&self, schedule: &str) -> Result<Option<f64>> {
         Ok(on_pool!(self, pool => {
-            let query = sqlx::query(self.sql.last_slot.as_str()).bind(schedule);
+            let query = query(self.sql.last_slot.as_str()).bind(schedule);
             match query.fetch_all(pool).await?.first() {
                 Some(row) => row.opt_float(0)?,
                 None => None,
@@ -1508,38 +1642,47 @@ impl Store {
         what: &crate::cron::Schedule,
     ) -> Result<Option<RequestId>> {
         let sql = self.sql;
+        // The body, once per backend; `$id` reads the new request's id.
+        macro_rules! in_transaction {
+            ($pool:expr, $inserted:ident, $transaction:ident => $id:expr) => {{
+                let mut $transaction = begin_write($pool).await?;
+                let taken = query(sql.insert_slot.as_str())
+                    .bind(schedule)
+                    .bind(slot)
+                    .execute(&mut *$transaction)
+                    .await?
+                    .rows_affected()
+                    == 0;
+                if taken {
+                    $transaction.rollback().await?;
+                    None
+                } else {
+                    let $inserted = query(sql.enqueue_scheduled.as_str())
+                        .bind(what.task.as_str())
+                        .bind(what.options.as_deref())
+                        .bind(what.try_limit.unwrap_or(DEFAULT_TRY_LIMIT))
+                        .bind(what.priority)
+                        .bind(schedule)
+                        .bind(slot);
+                    let id: i64 = $id;
+                    query(sql.set_slot_request.as_str())
+                        .bind(id)
+                        .bind(schedule)
+                        .bind(slot)
+                        .execute(&mut *$transaction)
+                        .await?;
+                    $transaction.commit().await?;
+                    Some(RequestId(id))
+                }
+            }};
+        }
         Ok(on_pool!(self, pool => {
-            let mut transaction = begin_write(pool).await?;
-            let taken = sqlx::query(sql.insert_slot.as_str())
-                .bind(schedule)
-                .bind(slot)
-                .execute(&mut *transaction)
-                .await?
-                .rows_affected()
-                == 0;
-            if taken {
-                transaction.rollback().await?;
-                None
-            } else {
-                let rows = sqlx::query(sql.enqueue_scheduled.as_str())
-                    .bind(what.task.as_str())
-                    .bind(what.options.as_deref())
-                    .bind(what.try_limit.unwrap_or(DEFAULT_TRY_LIMIT))
-                    .bind(what.priority)
-                    .bind(schedule)
-                    .bind(slot)
-                    .fetch_all(&mut *transaction)
-                    .await?;
-                let id = rows[0].int(0)?;
-                sqlx::query(sql.set_slot_request.as_str())
-                    .bind(id)
-                    .bind(schedule)
-                    .bind(slot)
-                    .execute(&mut *transaction)
-                    .await?;
-                transaction.commit().await?;
-                Some(RequestId(id))
-            }
+            in_transaction!(pool, inserted, transaction =>
+                inserted.fetch_all(&mut *transaction).await?[0].int(0)?)
+        }, mysql pool => {
+            use mysql::query;
+            in_transaction!(pool, inserted, transaction =>
+                inserted.execute(&mut *transaction).await?.last_insert_id() as i64)
         }))
     }
 
@@ -1547,7 +1690,7 @@ impl Store {
     /// (which is what tells a restarted daemon what it missed).
     pub async fn forget_old_slots(&self, schedule: &str) -> Result<u64> {
         Ok(on_pool!(self, pool => {
-            let query = sqlx::query(self.sql.forget_old_slots.as_str()).bind(schedule);
+            let query = query(self.sql.forget_old_slots.as_str()).bind(schedule);
             query.execute(pool).await?.rows_affected()
         }))
     }

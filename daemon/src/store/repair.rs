@@ -123,6 +123,7 @@ impl Store {
         match &self.pool {
             Pool::Sqlite(pool) => migrator.run(pool).await?,
             Pool::Postgres(pool) => migrator.run(pool).await?,
+            Pool::MySql(pool) => migrator.run(pool).await?,
         }
         // 3. The rows back, in the columns both have.
         let mut statements = Vec::new();
@@ -197,7 +198,7 @@ impl Store {
 
     fn drop_table(&self, table: &str) -> String {
         match self.pool {
-            Pool::Sqlite(_) => format!("DROP TABLE IF EXISTS {table}"),
+            Pool::Sqlite(_) | Pool::MySql(_) => format!("DROP TABLE IF EXISTS {table}"),
             Pool::Postgres(_) => format!("DROP TABLE IF EXISTS {table} CASCADE"),
         }
     }
@@ -224,6 +225,15 @@ impl Store {
                 }
                 transaction.commit().await?;
             }
+            // DDL commits on its own there: one statement after the other.
+            Pool::MySql(pool) => {
+                for statement in statements {
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(statement.clone()))
+                        .execute(pool)
+                        .await
+                        .with_context(|| statement.clone())?;
+                }
+            }
         }
         Ok(())
     }
@@ -233,6 +243,13 @@ impl Store {
         Ok(match &self.pool {
             Pool::Sqlite(pool) => sqlx::query_scalar(sql).bind(bind).fetch_all(pool).await?,
             Pool::Postgres(pool) => sqlx::query_scalar(sql).bind(bind).fetch_all(pool).await?,
+            Pool::MySql(pool) => super::mysql::query(sql)
+                .bind(bind)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|row| super::RowExt::text(row, 0))
+                .collect::<sqlx::Result<_>>()?,
         })
     }
 
@@ -242,6 +259,12 @@ impl Store {
             Pool::Postgres(_) => {
                 "SELECT column_name::text FROM information_schema.columns \
                   WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position"
+            }
+            Pool::MySql(_) => {
+                // Not the generated columns: they cannot be written.
+                "SELECT column_name FROM information_schema.columns \
+                  WHERE table_schema = DATABASE() AND table_name = $1 \
+                    AND extra NOT LIKE '%GENERATED%' ORDER BY ordinal_position"
             }
         };
         self.strings(sql, table).await
@@ -257,6 +280,12 @@ impl Store {
                 "SELECT indexname::text FROM pg_indexes WHERE schemaname = current_schema() AND indexname <> $1 \
                  UNION SELECT tgname::text FROM pg_trigger WHERE NOT tgisinternal"
             }
+            Pool::MySql(_) => {
+                "SELECT index_name FROM information_schema.statistics \
+                  WHERE table_schema = DATABASE() AND index_name <> $1 \
+                 UNION SELECT trigger_name FROM information_schema.triggers \
+                  WHERE trigger_schema = DATABASE()"
+            }
         };
         Ok(self
             .strings(sql, "")
@@ -271,6 +300,7 @@ impl Store {
         Ok(match &self.pool {
             Pool::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await?,
             Pool::Postgres(pool) => sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await?,
+            Pool::MySql(pool) => sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await?,
         })
     }
 }

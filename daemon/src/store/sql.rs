@@ -61,6 +61,33 @@ pub static SQLITE: LazyLock<Sql> = LazyLock::new(|| {
     })
 });
 
+/// MariaDB and MySQL: timestamps are `DATETIME(6)` holding UTC (the
+/// database's clock read as `UTC_TIMESTAMP(6)`, whatever the session's time
+/// zone). Statements that need another shape there (no `RETURNING`, no
+/// `UPDATE … FROM`, no subquery on the table being changed) are replaced by
+/// [`Sql::for_mysql`].
+pub static MYSQL: LazyLock<Sql> = LazyLock::new(|| {
+    Sql::render(&Dialect {
+        now: "UTC_TIMESTAMP(6)",
+        now_plus_seconds: "TIMESTAMPADD(MICROSECOND, ROUND(({}) * 1000000), UTC_TIMESTAMP(6))",
+        show_time: "LEFT(DATE_FORMAT({}, '%Y-%m-%d %H:%i:%s.%f'), 23)",
+        epoch_seconds: "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', {}) / 1e6)",
+        parse_time: "CAST(REPLACE(REPLACE({}, 'T', ' '), 'Z', '') AS DATETIME(6))",
+        claim_ids: "id IN ({})",
+        skip_locked: "FOR UPDATE SKIP LOCKED",
+        int64: "CAST({} AS SIGNED)",
+        array_batches: false,
+        json_strings:
+            "SELECT j.v FROM JSON_TABLE({}, '$[*]' COLUMNS (v VARCHAR(255) PATH '$')) AS j",
+        plus_seconds: "TIMESTAMPADD(MICROSECOND, ROUND(({secs}) * 1000000), {ts})",
+        seconds_between: "(TIMESTAMPDIFF(MICROSECOND, {a}, {b}) / 1e6)",
+        floor: "FLOOR({})",
+        insert_or_ignore: "INSERT IGNORE",
+        on_conflict_ignore: "",
+    })
+    .for_mysql()
+});
+
 pub static POSTGRES: LazyLock<Sql> = LazyLock::new(|| {
     Sql::render(&Dialect {
         now: "now()",
@@ -132,6 +159,17 @@ pub struct Sql {
     /// Writes RUNNING, tries + 1, started_at, host, heartbeat_at before any
     /// process starts.
     pub claim: String,
+    /// MariaDB/MySQL's claim, in three statements of one transaction (see
+    /// `store::mysql`): the ids, locked and skipping rows locked by others
+    /// (parameters as in [`claim`](Sql::claim), `$8` onwards: the excluded
+    /// types; `{excluded}` stands for their list).
+    pub claim_select: String,
+    /// Then the claim's `SET` on those ids (`$1..$3` as in the claim, the
+    /// ids from `$4`; `{ids}` stands for their list)…
+    pub claim_update: String,
+    /// …and the claimed rows, as the claim returns them (ids from `$1`;
+    /// `{cap}` stands for the options cap, a number).
+    pub claimed_rows: String,
     /// The same claim for one given row (`$4` is its id, `$5` the options
     /// cap), ignoring its delay:
     /// `taskrunner-cli run --id --record`.
@@ -224,6 +262,58 @@ pub struct Sql {
 }
 
 impl Sql {
+    /// MariaDB/MySQL's shapes of the statements that cannot be written the
+    /// same: an `INSERT` returns its id through `LAST_INSERT_ID()` rather
+    /// than `RETURNING`; a statement may not read, in a subquery, the table
+    /// it changes (error 1093), and `IN (… LIMIT)` is not supported, so
+    /// deletes in batches are a plain `DELETE … LIMIT`. (`IS DISTINCT FROM`
+    /// and the runnable rule are respelled by `store::mysql::query`.)
+    fn for_mysql(mut self) -> Sql {
+        fn without_returning(statement: &str) -> String {
+            match statement.rfind(" RETURNING ") {
+                Some(at) => statement[..at].to_string(),
+                None => statement.to_string(),
+            }
+        }
+        self.enqueue = without_returning(&self.enqueue);
+        self.enqueue_scheduled = without_returning(&self.enqueue_scheduled);
+        // The unique rule is the generated column `active_unique_key` and its
+        // unique index; a duplicate leaves the holder as it is and makes
+        // LAST_INSERT_ID() its id.
+        self.enqueue_unique = format!(
+            "{} ON DUPLICATE KEY UPDATE id = LAST_INSERT_ID(id)",
+            without_returning(&self.enqueue).trim_end()
+        );
+        self.renew_heartbeats = "UPDATE task_runner_requests SET heartbeat_at = UTC_TIMESTAMP(6) \
+              WHERE claimed_by = $1 AND result = 'RUNNING'"
+            .to_string();
+        let older_than =
+            "completed_at < TIMESTAMPADD(MICROSECOND, ROUND(-$1 * 1000000), UTC_TIMESTAMP(6))";
+        self.purge = format!(
+            "DELETE FROM task_runner_requests \
+              WHERE (result IN ('FINISHED', 'CANCELLED', 'REJECTED') \
+                     OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit)) \
+                AND {older_than} LIMIT $2"
+        );
+        self.prune_state = format!(
+            "DELETE FROM task_runner_requests \
+              WHERE result = $3 AND result IN ('FINISHED', 'CANCELLED', 'REJECTED') \
+                AND {older_than} LIMIT $2"
+        );
+        self.prune_exhausted = format!(
+            "DELETE FROM task_runner_requests \
+              WHERE result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit \
+                AND {older_than} LIMIT $2"
+        );
+        self.forget_old_slots = "DELETE FROM task_runner_schedule_slots \
+              WHERE schedule = $1 AND slot < TIMESTAMPADD(SECOND, -3600, UTC_TIMESTAMP(6)) \
+                AND slot < (SELECT latest FROM (SELECT max(slot) AS latest \
+                                                  FROM task_runner_schedule_slots \
+                                                 WHERE schedule = $1) AS m)"
+            .to_string();
+        self
+    }
+
     fn render(d: &Dialect) -> Sql {
         let now = d.now;
         let plus = |param: &str| d.now_plus_seconds.replace("{}", param);
@@ -240,9 +330,9 @@ impl Sql {
         // are left out: only their length comes back, so a huge value is
         // never loaded by the daemon (SQLite and PostgreSQL read the length
         // without the value).
-        let claim_returning = |cap: &str| {
+        let claimed_columns = |cap: &str| {
             format!(
-            "RETURNING {}, task_class_name,              CASE WHEN octet_length(options) > {cap} THEN NULL ELSE options END,              {}, {}, {}, queue, {}, {}, {}, {}, {}, {}",
+            "{}, task_class_name,              CASE WHEN octet_length(options) > {cap} THEN NULL ELSE options END,              {}, {}, {}, queue, {}, {}, {}, {}, {}, {}",
             int("id"),
             int("tries"),
             int("try_limit"),
@@ -259,6 +349,7 @@ impl Sql {
             int("coalesce(octet_length(options), 0)")
         )
         };
+        let claim_returning = |cap: &str| format!("RETURNING {}", claimed_columns(cap));
         let select_runnable = format!(
             "SELECT id FROM task_runner_requests \
               WHERE {runnable_now} \
@@ -360,6 +451,23 @@ impl Sql {
             .replace("{ts}", "planned_at")
             .replace("{secs}", &format!("(period * {slots_due})"));
         Sql {
+            // The runnable rule is the generated column `claim_rank`
+            // (migration 0001 for MySQL), whose index is in claim order.
+            claim_select: format!(
+                "SELECT id FROM task_runner_requests \
+                  WHERE claim_rank IS NOT NULL AND (delay_until IS NULL OR delay_until <= {now}) \
+                    AND (node IS NULL OR node = $5) AND (not_node IS NULL OR not_node <> $5) \
+                    AND ($6 = '' OR queue = $6) \
+                    AND ($7 = '' OR task_class_name = $7) \
+                    AND task_class_name NOT IN ({{excluded}}) \
+                  ORDER BY claim_rank, id LIMIT $4 {}",
+                d.skip_locked
+            ),
+            claim_update: format!("UPDATE task_runner_requests {claim_set} WHERE id IN ({{ids}})"),
+            claimed_rows: format!(
+                "SELECT {} FROM task_runner_requests WHERE id IN ({{ids}})",
+                claimed_columns("{cap}")
+            ),
             running_of_type: format!(
                 "SELECT {} FROM task_runner_requests WHERE result = 'RUNNING' AND task_class_name = $1",
                 int("count(*)")

@@ -9,6 +9,7 @@
 //! (`…_running`, `…_completed`).
 
 use anyhow::Result;
+use sqlx::query;
 
 use super::{request_from_row, Backend, Pool, RowExt, Store};
 use crate::request::Request;
@@ -189,6 +190,7 @@ impl Store {
         match self.backend() {
             Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now')",
             Backend::Postgres => "now()",
+            Backend::MySql => "UTC_TIMESTAMP(6)",
         }
     }
 
@@ -196,6 +198,9 @@ impl Store {
         match self.backend() {
             Backend::Sqlite => format!("((julianday({expression}) - 2440587.5) * 86400.0)"),
             Backend::Postgres => format!("extract(epoch from {expression})::float8"),
+            Backend::MySql => {
+                format!("(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', {expression}) / 1e6)")
+            }
         }
     }
 
@@ -204,6 +209,9 @@ impl Store {
             Backend::Sqlite => format!("CAST({expression} AS TEXT)"),
             Backend::Postgres => {
                 format!("to_char({expression} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.MS')")
+            }
+            Backend::MySql => {
+                format!("LEFT(DATE_FORMAT({expression}, '%Y-%m-%d %H:%i:%s.%f'), 23)")
             }
         }
     }
@@ -218,8 +226,8 @@ impl Store {
         while queues.len() < limit {
             let found: Option<String> = on_pool!(self, pool => {
                 let query = match queues.last() {
-                    None => sqlx::query(audited(&first)),
-                    Some(previous) => sqlx::query(audited(&next)).bind(previous.as_str()),
+                    None => query(audited(&first)),
+                    Some(previous) => query(audited(&next)).bind(previous.as_str()),
                 };
                 query.fetch_one(pool).await?.opt_text(0)?
             });
@@ -254,7 +262,7 @@ impl Store {
         };
         let mut counted = 0;
         let rows: Vec<(String, String, i64)> = on_pool!(self, pool => {
-            sqlx::query(audited(&counts)).bind(queue).bind(cap).fetch_all(pool).await?
+            query(audited(&counts)).bind(queue).bind(cap).fetch_all(pool).await?
                 .iter()
                 .map(|row| Ok((row.text(0)?, row.text(1)?, row.int(2)?)))
                 .collect::<sqlx::Result<_>>()?
@@ -277,7 +285,7 @@ impl Store {
         }
         stats.capped = counted >= cap;
         stats.lag_seconds = on_pool!(self, pool => {
-            match sqlx::query(audited(&lag)).bind(queue).fetch_all(pool).await?.first() {
+            match query(audited(&lag)).bind(queue).fetch_all(pool).await?.first() {
                 Some(row) => row.opt_float(0)?.unwrap_or(0.0).max(0.0),
                 None => 0.0,
             }
@@ -289,6 +297,7 @@ impl Store {
         match self.backend() {
             Backend::Sqlite => expression.to_string(),
             Backend::Postgres => format!("{expression}::bigint"),
+            Backend::MySql => format!("CAST({expression} AS SIGNED)"),
         }
     }
 
@@ -319,7 +328,7 @@ impl Store {
         // (host, instance, rows running, latest heartbeat, its age)
         type Holder = (String, String, i64, Option<String>, Option<f64>);
         let holders: Vec<Holder> = on_pool!(self, pool => {
-            sqlx::query(audited(&holders)).fetch_all(pool).await?
+            query(audited(&holders)).fetch_all(pool).await?
                 .iter()
                 .map(|row| Ok((row.text(0)?, row.text(1)?, row.int(2)?, row.opt_text(3)?, row.opt_float(4)?)))
                 .collect::<sqlx::Result<_>>()?
@@ -329,6 +338,7 @@ impl Store {
             let day_ago = match self.backend() {
                 Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now', '-86400 seconds')",
                 Backend::Postgres => "now() - interval '86400 seconds'",
+                Backend::MySql => "UTC_TIMESTAMP(6) - INTERVAL 86400 SECOND",
             };
             let registered = format!(
                 "SELECT host, instance, node_name, {}, version, {}, {}, {}, {} - {}, {} \
@@ -343,7 +353,7 @@ impl Store {
                 self.int_sql("CASE WHEN stopped_at IS NULL THEN 0 ELSE 1 END"),
             );
             daemons = on_pool!(self, pool => {
-                sqlx::query(audited(&registered)).fetch_all(pool).await?
+                query(audited(&registered)).fetch_all(pool).await?
                     .iter()
                     .map(|row| {
                         let age = row.opt_float(8)?;
@@ -410,6 +420,12 @@ impl Store {
                 "extract(epoch from started_at - coalesce(delay_until, created_at))::float8"
                     .to_string(),
             ),
+            Backend::MySql => (
+                "TIMESTAMPADD(SECOND, -3600, UTC_TIMESTAMP(6))".to_string(),
+                "TIMESTAMPDIFF(MINUTE, completed_at, UTC_TIMESTAMP(6))".to_string(),
+                "(TIMESTAMPDIFF(MICROSECOND, coalesce(delay_until, created_at), started_at) / 1e6)"
+                    .to_string(),
+            ),
         };
         let sql = format!(
             "SELECT minutes_ago, coalesce(result, ''), {}, max(wait) FROM ( \
@@ -420,7 +436,7 @@ impl Store {
             self.int_sql("count(*)")
         );
         Ok(on_pool!(self, pool => {
-            sqlx::query(audited(&sql)).fetch_all(pool).await?
+            query(audited(&sql)).fetch_all(pool).await?
                 .iter()
                 .map(|row| Ok(MinuteBucket {
                     minutes_ago: row.int(0)?,
@@ -441,7 +457,7 @@ impl Store {
             self.show_time_sql("s.slot")
         );
         Ok(on_pool!(self, pool => {
-            sqlx::query(audited(&sql)).fetch_all(pool).await?
+            query(audited(&sql)).fetch_all(pool).await?
                 .iter()
                 .map(|row| Ok(ScheduleSlots {
                     schedule: row.text(0)?,
@@ -458,6 +474,7 @@ impl Store {
         let contains = |column: &str, n: &str| match self.backend() {
             Backend::Sqlite => format!("instr({column}, {n}) > 0"),
             Backend::Postgres => format!("strpos({column}, {n}) > 0"),
+            Backend::MySql => format!("LOCATE({n}, {column}) > 0"),
         };
         let mut indexed = Vec::new();
         if let Some(batch) = filter.batch {
@@ -547,7 +564,7 @@ impl Store {
                 self.sql.select_requests
             );
             let mut rows: Vec<Request> = on_pool!(self, pool => {
-                bind_all!(sqlx::query(audited(&sql)), &binds).fetch_all(pool).await?
+                bind_all!(query(audited(&sql)), &binds).fetch_all(pool).await?
                     .iter()
                     .map(request_from_row)
                     .collect::<sqlx::Result<_>>()?
@@ -592,7 +609,7 @@ impl Store {
             outer_terms.join(" AND ")
         );
         let mut rows: Vec<Request> = on_pool!(self, pool => {
-            bind_all!(sqlx::query(audited(&sql)), &binds).fetch_all(pool).await?
+            bind_all!(query(audited(&sql)), &binds).fetch_all(pool).await?
                 .iter()
                 .map(request_from_row)
                 .collect::<sqlx::Result<_>>()?
@@ -614,7 +631,7 @@ impl Store {
         );
         let inner_binds = &binds[..inner_bind_count];
         let (scanned, lowest): (i64, Option<i64>) = on_pool!(self, pool => {
-            let row = bind_all!(sqlx::query(audited(&window_sql)), inner_binds).fetch_one(pool).await?;
+            let row = bind_all!(query(audited(&window_sql)), inner_binds).fetch_one(pool).await?;
             (row.int(0)?, row.opt_int(1)?)
         });
         let window_ended = scanned >= SCAN_WINDOW;
@@ -657,7 +674,7 @@ impl Store {
         let (select, binds) = self.bulk_select(filter, action);
         let sql = format!("SELECT {} FROM ({select}) AS b", self.int_sql("count(*)"));
         Ok(on_pool!(self, pool => {
-            bind_all!(sqlx::query(audited(&sql)), &binds).fetch_one(pool).await?.int(0)?
+            bind_all!(query(audited(&sql)), &binds).fetch_one(pool).await?.int(0)?
         }))
     }
 
@@ -666,6 +683,12 @@ impl Store {
     /// ends pending rows at once and asks the daemons of running ones.
     pub async fn bulk_apply(&self, filter: &RequestFilter, action: BulkAction) -> Result<u64> {
         let (select, binds) = self.bulk_select(filter, action);
+        // MySQL neither changes a table it reads in a subquery (error 1093)
+        // nor takes `LIMIT` in `IN (…)`: the ids go through a derived table.
+        let select = match self.backend() {
+            Backend::MySql => format!("SELECT id FROM ({select}) AS chosen"),
+            Backend::Sqlite | Backend::Postgres => select,
+        };
         let now = self.now_sql();
         let statements: Vec<String> = match action {
             BulkAction::Retry => vec![format!(
@@ -689,7 +712,7 @@ impl Store {
         let mut changed = 0;
         for statement in &statements {
             changed += on_pool!(self, pool => {
-                bind_all!(sqlx::query(audited(statement)), &binds).execute(pool).await?.rows_affected()
+                bind_all!(query(audited(statement)), &binds).execute(pool).await?.rows_affected()
             });
         }
         Ok(changed)
@@ -712,10 +735,10 @@ impl Store {
         );
         let sql = match self.backend() {
             Backend::Postgres => sql.replace("$1 IS NULL", "$1::bigint IS NULL"),
-            Backend::Sqlite => sql,
+            Backend::Sqlite | Backend::MySql => sql,
         };
         Ok(on_pool!(self, pool => {
-            sqlx::query(audited(&sql)).bind(before).bind(PAGE_SIZE + 1).fetch_all(pool).await?
+            query(audited(&sql)).bind(before).bind(PAGE_SIZE + 1).fetch_all(pool).await?
                 .iter()
                 .map(|row| Ok(BatchRow {
                     id: row.int(0)?,
@@ -743,9 +766,13 @@ impl Store {
                 "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = $1"
             }
             Backend::Postgres => "SELECT count(*)::bigint FROM pg_tables WHERE tablename = $1",
+            Backend::MySql => {
+                "SELECT count(*) FROM information_schema.tables \
+                  WHERE table_schema = DATABASE() AND table_name = $1"
+            }
         };
         Ok(on_pool!(self, pool => {
-            sqlx::query(sql).bind(table).fetch_one(pool).await?.int(0)? > 0
+            query(sql).bind(table).fetch_one(pool).await?.int(0)? > 0
         }))
     }
 }
