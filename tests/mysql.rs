@@ -1,0 +1,235 @@
+//! MariaDB/MySQL's own promises (issue 18), beside the suite that runs every
+//! behaviour test there too: the claim's plan, `unique_key` and times
+//! written with the `mysql` client, case-sensitive type names, and ids
+//! after a server restart.
+
+use std::time::Duration;
+
+use crate::util::{mysql_client, Backend, Daemon, PrivateServer, TestDb};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Runs `sql` with the `mysql` client on the test's database; its stdout.
+fn client(db: &TestDb, sql: &str) -> String {
+    let output = mysql_client(&db.url, sql).expect("the mysql client runs");
+    assert!(
+        output.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The claim reads the range `claim_rank IS NOT NULL` of the runnable index
+/// in claim order: no filesort, and no look at the finished rows, however
+/// many there are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claim_reads_the_runnable_index_range_without_a_filesort() {
+    let db = TestDb::new(Backend::MySql).await;
+    db.execute(
+        "INSERT INTO task_runner_requests (task_class_name, result, tries, completed_at) \
+         SELECT 'NoOp', 'FINISHED', 1, UTC_TIMESTAMP(6) FROM seq_1_to_5000",
+    )
+    .await;
+    db.execute(
+        "INSERT INTO task_runner_requests (task_class_name, priority) \
+         SELECT 'NoOp', seq % 3 FROM seq_1_to_50",
+    )
+    .await;
+    db.execute("ANALYZE TABLE task_runner_requests").await;
+    let select = taskrunner::store::sql::MYSQL
+        .claim_select
+        .replace("AND task_class_name NOT IN ({excluded})", "")
+        .replace("$4", "8")
+        .replace("$5", "'host-a'")
+        .replace("$6", "''")
+        .replace("$7", "''");
+    let plan = client(&db, &format!("EXPLAIN {select}"));
+    println!("{plan}");
+    let line = plan.lines().next().expect("one line of plan");
+    let columns: Vec<&str> = line.split('\t').collect();
+    // id, select_type, table, type, possible_keys, key, key_len, ref, rows, Extra
+    assert_eq!(columns[3], "range", "{plan}");
+    assert_eq!(columns[5], "task_runner_requests_runnable", "{plan}");
+    assert!(!columns[9].contains("filesort"), "{plan}");
+    assert!(
+        columns[8].parse::<i64>().unwrap() < 500,
+        "reads the runnable rows, not the finished ones: {plan}"
+    );
+}
+
+/// `INSERT … ON DUPLICATE KEY UPDATE id = id` from the `mysql` client
+/// honours `unique_key` while its holder is pending or running, and not once
+/// it is final.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unique_key_collision_from_the_mysql_client_inserts_nothing() {
+    let db = TestDb::new(Backend::MySql).await;
+    let insert = "INSERT INTO task_runner_requests (task_class_name, unique_key, delay_until) \
+                  VALUES ('NoOp', 'report-7', UTC_TIMESTAMP() + INTERVAL 1 HOUR) \
+                  ON DUPLICATE KEY UPDATE id = id";
+    client(&db, insert);
+    client(&db, insert);
+    let keyed = "SELECT count(*) FROM task_runner_requests WHERE unique_key = 'report-7'";
+    assert_eq!(db.scalar(keyed).await, 1);
+    // The CLI's enqueue finds the same holder.
+    let (status, stdout, stderr) =
+        crate::util::cli(&db, &["enqueue", "NoOp", "--unique-key", "report-7"]);
+    assert_eq!(status, 0, "{stderr}");
+    let holder = db
+        .scalar("SELECT id FROM task_runner_requests WHERE unique_key = 'report-7'")
+        .await;
+    assert_eq!(stdout.trim(), holder.to_string());
+    // A key differing only in case is another key (binary collation).
+    client(
+        &db,
+        "INSERT INTO task_runner_requests (task_class_name, unique_key) VALUES ('NoOp', 'REPORT-7') \
+         ON DUPLICATE KEY UPDATE id = id",
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests WHERE unique_key IN ('report-7', 'REPORT-7')")
+            .await,
+        2
+    );
+    // Final: the key is free again.
+    db.execute("UPDATE task_runner_requests SET result = 'FINISHED' WHERE unique_key = 'report-7'")
+        .await;
+    client(&db, insert);
+    assert_eq!(db.scalar(keyed).await, 2);
+}
+
+/// The default collations of MySQL compare case-insensitively; taskrunner's
+/// table does not: a row of type `noop` is not run as `NoOp`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_name_differing_in_case_is_not_run_as_another_type() {
+    let db = TestDb::new(Backend::MySql).await;
+    client(
+        &db,
+        "INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ('noop', 1), ('NoOp', 1)",
+    );
+    let mut daemon = Daemon::start(&db, "d", "");
+    let lower = taskrunner::request::RequestId(
+        db.scalar("SELECT id FROM task_runner_requests WHERE task_class_name = 'noop'")
+            .await,
+    );
+    let exact = taskrunner::request::RequestId(
+        db.scalar("SELECT id FROM task_runner_requests WHERE task_class_name = 'NoOp'")
+            .await,
+    );
+    assert_ne!(lower, exact);
+    let row = db.wait_for_state(exact, "FINISHED", WAIT).await;
+    assert_eq!(
+        row.result_text.as_deref(),
+        Some(&*format!("NOOP {exact}: OK!"))
+    );
+    let row = db.wait_for_state(lower, "FAILED", WAIT).await;
+    assert!(
+        row.result_text
+            .as_deref()
+            .unwrap_or_default()
+            .contains("unknown task type"),
+        "{row:?}"
+    );
+    assert!(daemon.stop().success());
+}
+
+/// A time written by the `mysql` client in a session on local time (here
+/// UTC+02:00, as on a server in Europe) and one written in UTC are read at
+/// the same instant; so is the `created_at` default of a local session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn times_written_in_local_time_and_in_utc_are_read_at_the_right_instant() {
+    let db = TestDb::new(Backend::MySql).await;
+    client(
+        &db,
+        "SET time_zone = '+02:00'; \
+         INSERT INTO task_runner_requests (task_class_name, delay_until, options) \
+         VALUES ('NoOp', '2030-06-01 09:00:00', 'form: local');",
+    );
+    client(
+        &db,
+        "SET time_zone = '+00:00'; \
+         INSERT INTO task_runner_requests (task_class_name, delay_until, options) \
+         VALUES ('NoOp', '2030-06-01T07:00:00.000000', 'form: utc');",
+    );
+    for form in ["local", "utc"] {
+        let id = db
+            .scalar(&format!(
+                "SELECT id FROM task_runner_requests WHERE options = 'form: {form}'"
+            ))
+            .await;
+        let row = db.row(taskrunner::request::RequestId(id)).await;
+        assert_eq!(
+            row.delay_until.as_deref(),
+            Some("2030-06-01 07:00:00.000"),
+            "{form}"
+        );
+        let created = chrono::NaiveDateTime::parse_from_str(
+            row.created_at.as_deref().unwrap(),
+            "%Y-%m-%d %H:%M:%S%.f",
+        )
+        .unwrap()
+        .and_utc();
+        let off = (chrono::Utc::now() - created).num_seconds().abs();
+        assert!(off < 60, "{form}: created_at {created} is {off}s from now");
+    }
+    // A due time written in local time runs when due, not two hours late.
+    let mut daemon = Daemon::start(&db, "d", "");
+    let due = chrono::Utc::now() + chrono::Duration::hours(2) + chrono::Duration::seconds(2);
+    client(
+        &db,
+        &format!(
+            "SET time_zone = '+02:00'; \
+             INSERT INTO task_runner_requests (task_class_name, delay_until, options) \
+             VALUES ('NoOp', '{}', 'form: due');",
+            due.format("%Y-%m-%d %H:%M:%S%.6f")
+        ),
+    );
+    let id = db
+        .scalar("SELECT id FROM task_runner_requests WHERE options = 'form: due'")
+        .await;
+    db.wait_for_state(taskrunner::request::RequestId(id), "FINISHED", WAIT)
+        .await;
+    assert!(daemon.stop().success());
+}
+
+/// InnoDB keeps the AUTO_INCREMENT counter across a restart: the id of a
+/// deleted newest row is not handed out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_is_never_reused_after_the_server_restarts() {
+    let mut server = PrivateServer::start(Backend::MySql);
+    let db = server.test_db().await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(db.enqueue("NoOp", None).await.0);
+    }
+    db.execute(&format!(
+        "DELETE FROM task_runner_requests WHERE id >= {}",
+        ids[1]
+    ))
+    .await;
+    server.stop();
+    server.start_again();
+    // A fresh connection after the restart (the test's pool reconnects).
+    let after = server_insert(&db).await;
+    assert!(
+        after > ids[2],
+        "id {after} after the restart; {ids:?} were handed out before"
+    );
+}
+
+async fn server_insert(db: &TestDb) -> i64 {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match mysql_client(
+            &db.url,
+            "INSERT INTO task_runner_requests (task_class_name) VALUES ('NoOp'); SELECT LAST_INSERT_ID();",
+        ) {
+            Ok(output) if output.status.success() => {
+                return String::from_utf8_lossy(&output.stdout).trim().parse().unwrap();
+            }
+            _ if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => panic!("inserting after the restart: {other:?}"),
+        }
+    }
+}
