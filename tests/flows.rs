@@ -456,9 +456,7 @@ async fn flow_inserted_from_the_sqlite3_or_psql_command_line_client_runs(backend
 // flow. Step 1 never runs twice.
 multi_host_backends!(host_loss_during_step_two_is_resumed_by_the_other_host_within_the_lease);
 
-async fn host_loss_during_step_two_is_resumed_by_the_other_host_within_the_lease(
-    backend: Backend,
-) {
+async fn host_loss_during_step_two_is_resumed_by_the_other_host_within_the_lease(backend: Backend) {
     let db = TestDb::new(backend).await;
     let log = db.scratch.join("steps.log");
     let mark = db.scratch.join("e2-started");

@@ -22,8 +22,8 @@ use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
 use anyhow::Result;
-use sqlx::query;
 use serde_yaml::{Mapping, Value};
+use sqlx::query;
 
 use super::compose::{AnyRow, Param, Tx};
 use super::{Backend, Pool, RowExt, Store};
