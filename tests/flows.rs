@@ -763,6 +763,7 @@ async fn sdk_flow_started_in_a_transaction_has_its_long_step_killed_rerun_and_is
             start_in_transactions!(sqlx::SqlitePool::connect(&db.url).await.unwrap())
         }
         Backend::Postgres => start_in_transactions!(sqlx::PgPool::connect(&db.url).await.unwrap()),
+        Backend::MySql => start_in_transactions!(crate::util::mysql_app_pool(&db.url).await),
     };
     assert_eq!(db.scalar("SELECT count(*) FROM task_runner_flows").await, 1);
     let mut answer = None;

@@ -25,10 +25,6 @@ both_backends!(
     word_count_reads_a_file_and_writes_a_report,
     countdown_reports_progress_and_cleans_up_when_stopped,
     a_task_name_registered_twice_stops_the_daemon_at_start,
-);
-
-// The SDK's typed enqueue and wait do not speak MySQL yet.
-sqlite_and_postgres!(
     typed_enqueue_commits_with_the_callers_transaction,
     sdk_wait_returns_the_result_as_the_task_ends,
     sdk_wait_returns_an_exhausted_failure_and_a_rejection,
@@ -353,7 +349,9 @@ async fn typed_enqueue_commits_with_the_callers_transaction(backend: Backend) {
         Backend::Postgres => {
             enqueue_in_transactions!(sqlx::PgPool::connect(&db.url).await.unwrap(), &options)
         }
-        Backend::MySql => unreachable!("not instantiated for MySQL (sqlite_and_postgres!)"),
+        Backend::MySql => {
+            enqueue_in_transactions!(crate::util::mysql_app_pool(&db.url).await, &options)
+        }
     };
     assert_eq!(seen, 1, "the row exists inside its transaction");
     assert_eq!(after_rollback, 0, "a rolled-back transaction leaves no row");
@@ -394,6 +392,7 @@ async fn typed_enqueue_commits_with_the_callers_transaction(backend: Backend) {
 enum AppPool {
     Sqlite(sqlx::SqlitePool),
     Postgres(sqlx::PgPool),
+    MySql(sqlx::MySqlPool),
 }
 
 impl AppPool {
@@ -401,7 +400,7 @@ impl AppPool {
         match db.backend {
             Backend::Sqlite => AppPool::Sqlite(sqlx::SqlitePool::connect(&db.url).await.unwrap()),
             Backend::Postgres => AppPool::Postgres(sqlx::PgPool::connect(&db.url).await.unwrap()),
-            Backend::MySql => unreachable!("not instantiated for MySQL (sqlite_and_postgres!)"),
+            Backend::MySql => AppPool::MySql(crate::util::mysql_app_pool(&db.url).await),
         }
     }
 
@@ -409,6 +408,7 @@ impl AppPool {
         match self {
             AppPool::Sqlite(pool) => pool.into(),
             AppPool::Postgres(pool) => pool.into(),
+            AppPool::MySql(pool) => pool.into(),
         }
     }
 
@@ -416,6 +416,7 @@ impl AppPool {
         match self {
             AppPool::Sqlite(pool) => pool.close().await,
             AppPool::Postgres(pool) => pool.close().await,
+            AppPool::MySql(pool) => pool.close().await,
         }
     }
 }

@@ -1,13 +1,15 @@
 //! Typed enqueue for Rust applications (cargo feature `enqueue`): insert a
 //! request for a task type with its options struct, through the
-//! application's own sqlx pool, connection or transaction, on SQLite or
-//! PostgreSQL.
+//! application's own sqlx pool, connection or transaction, on SQLite,
+//! PostgreSQL or MariaDB/MySQL.
 //!
 //! It is one `INSERT … RETURNING id` into `task_runner_requests`, naming only
 //! the columns it sets (the table's defaults do the rest), so inside the
 //! caller's transaction the request exists exactly when the transaction
-//! commits. The daemon notices the new row by itself (PostgreSQL: the
-//! table's NOTIFY trigger; SQLite: within about 100 ms).
+//! commits (MySQL has no `RETURNING`: the insert, then its
+//! `LAST_INSERT_ID()`). The daemon notices the new row by itself
+//! (PostgreSQL: the table's NOTIFY trigger; SQLite: within about 100 ms;
+//! MySQL: within 200 ms).
 //!
 //! ```
 //! use serde::{Deserialize, Serialize};
@@ -37,7 +39,7 @@
 //! #     task_class_name TEXT NOT NULL, options TEXT, tries INTEGER NOT NULL DEFAULT 0, \
 //! #     try_limit INTEGER NOT NULL DEFAULT 5, priority INTEGER NOT NULL DEFAULT 0, delay_until DATETIME)")
 //! #     .execute(&pool).await?;
-//! // `pool` is the application's own `sqlx::SqlitePool` (or `PgPool`).
+//! // `pool` is the application's own `sqlx::SqlitePool` (or `PgPool`, `MySqlPool`).
 //! let options = ResizeOptions { path: "photos/1.jpg".into(), width: 640 };
 //! let id = Enqueue::new::<Resize>(&options).try_limit(3).insert(&pool).await?;
 //!
@@ -177,7 +179,7 @@ impl Enqueue {
     }
 
     /// Inserts the request and returns its id. `executor` is anything sqlx
-    /// runs queries on, for SQLite or PostgreSQL: a pool (`&pool`), a
+    /// runs queries on, for SQLite, PostgreSQL or MySQL: a pool (`&pool`), a
     /// connection (`&mut conn`), or the caller's transaction (`&mut *tx`),
     /// in which case the request exists only once the transaction commits.
     pub async fn insert<'e, E>(&self, executor: E) -> Result<i64, Error>
@@ -228,11 +230,19 @@ impl Enqueue {
             let id = self.insert(&mut connection).await?;
             connection.close().await.map_err(Error::Database)?;
             Ok(id)
+        } else if database_url.starts_with("mysql:") || database_url.starts_with("mariadb:") {
+            let url = database_url.replacen("mariadb:", "mysql:", 1);
+            let mut connection = sqlx::MySqlConnection::connect(&url)
+                .await
+                .map_err(Error::Database)?;
+            let id = self.insert(&mut connection).await?;
+            connection.close().await.map_err(Error::Database)?;
+            Ok(id)
         } else {
             // Only the scheme: the rest may hold a password.
             let scheme = database_url.split(':').next().unwrap_or_default();
             Err(Error::Url(format!(
-                "unsupported database URL scheme `{scheme}`: use sqlite:// or postgres://"
+                "unsupported database URL scheme `{scheme}`: use sqlite://, postgres:// or mysql://"
             )))
         }
     }
@@ -329,10 +339,11 @@ mod sealed {
     pub trait Sealed {}
     impl Sealed for sqlx::Sqlite {}
     impl Sealed for sqlx::Postgres {}
+    impl Sealed for sqlx::MySql {}
 }
 
-/// The databases [`Enqueue::insert`] works with: [`sqlx::Sqlite`] and
-/// [`sqlx::Postgres`] (sealed).
+/// The databases [`Enqueue::insert`] works with: [`sqlx::Sqlite`],
+/// [`sqlx::Postgres`] and [`sqlx::MySql`] (sealed).
 pub trait Backend: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
     fn insert<'e, E>(
@@ -566,7 +577,7 @@ impl Batch {
 
     /// Inserts the batch, its members, and seals it; returns its id.
     /// `connection` is a connection or the caller's transaction
-    /// (`&mut *tx`), on SQLite or PostgreSQL.
+    /// (`&mut *tx`), on SQLite, PostgreSQL or MySQL.
     pub async fn insert<C>(&self, connection: &mut C) -> Result<i64, Error>
     where
         C: sqlx::Connection,
@@ -730,6 +741,124 @@ insert_for!(
 );
 insert_for!(sqlx::Postgres, "(now() + make_interval(secs => {}))");
 
+/// `$N` (each used once, in order, as [`Values::sql`] writes them) as
+/// MySQL's `?`, and no `RETURNING` (MySQL has none: the id is the insert's
+/// `LAST_INSERT_ID()`).
+fn mysql_statement(sql: &str) -> String {
+    let sql = sql.strip_suffix(" RETURNING id").unwrap_or(sql);
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
+            while chars.peek().is_some_and(char::is_ascii_digit) {
+                chars.next();
+            }
+            out.push('?');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl Backend for sqlx::MySql {
+    fn insert<'e, E>(
+        executor: E,
+        values: Values,
+    ) -> Pin<Box<dyn Future<Output = sqlx::Result<i64>> + Send + 'e>>
+    where
+        E: Executor<'e, Database = Self> + 'e,
+    {
+        // The session's clock (its local time, which the table's trigger
+        // turns into UTC as it does for any time the session writes).
+        let sql =
+            mysql_statement(&values.sql("TIMESTAMPADD(MICROSECOND, ROUND({} * 1000000), NOW(6))"));
+        let mut query = sqlx::query::<sqlx::MySql>(AssertSqlSafe(sql))
+            .bind(values.task)
+            .bind(values.options);
+        if let Some(try_limit) = values.try_limit {
+            query = query.bind(try_limit);
+        }
+        if let Some(priority) = values.priority {
+            query = query.bind(priority);
+        }
+        if let Some(seconds) = values.delay_seconds {
+            query = query.bind(seconds);
+        }
+        if let Some(batch) = values.batch {
+            query = query.bind(batch);
+        }
+        if let Some(task) = values.on_success {
+            query = query.bind(task);
+        }
+        if let Some(task) = values.on_failure {
+            query = query.bind(task);
+        }
+        Box::pin(async move {
+            let done = query.execute(executor).await?;
+            Ok(done.last_insert_id() as i64)
+        })
+    }
+
+    fn insert_batch<'e, E>(
+        executor: E,
+        batch: BatchValues,
+    ) -> Pin<Box<dyn Future<Output = sqlx::Result<i64>> + Send + 'e>>
+    where
+        E: Executor<'e, Database = Self> + 'e,
+    {
+        let query = sqlx::query::<sqlx::MySql>(
+            "INSERT INTO task_runner_batches \
+               (name, options, on_complete, on_failure, fail_fast, parent_batch_id) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(batch.name)
+        .bind(batch.options)
+        .bind(batch.on_complete)
+        .bind(batch.on_failure)
+        .bind(batch.fail_fast)
+        .bind(batch.parent);
+        Box::pin(async move {
+            let done = query.execute(executor).await?;
+            Ok(done.last_insert_id() as i64)
+        })
+    }
+
+    fn insert_flow<'e, E>(
+        executor: E,
+        name: String,
+        options: Option<String>,
+    ) -> Pin<Box<dyn Future<Output = sqlx::Result<i64>> + Send + 'e>>
+    where
+        E: Executor<'e, Database = Self> + 'e,
+    {
+        let query = sqlx::query::<sqlx::MySql>(
+            "INSERT INTO task_runner_flows (flow_name, options) VALUES (?, ?)",
+        )
+        .bind(name)
+        .bind(options);
+        Box::pin(async move {
+            let done = query.execute(executor).await?;
+            Ok(done.last_insert_id() as i64)
+        })
+    }
+
+    fn seal_batch<'e, E>(
+        executor: E,
+        batch_id: i64,
+    ) -> Pin<Box<dyn Future<Output = sqlx::Result<()>> + Send + 'e>>
+    where
+        E: Executor<'e, Database = Self> + 'e,
+    {
+        let query = sqlx::query::<sqlx::MySql>(
+            "UPDATE task_runner_batches SET sealed_at = UTC_TIMESTAMP(6) \
+              WHERE id = ? AND sealed_at IS NULL",
+        )
+        .bind(batch_id);
+        Box::pin(async move { query.execute(executor).await.map(|_| ()) })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -762,6 +891,14 @@ mod tests {
         .await
         .unwrap();
         pool
+    }
+
+    #[test]
+    fn mysql_statements_are_positional_without_returning() {
+        assert_eq!(
+            mysql_statement("INSERT INTO t (a, b, c) VALUES ($1, $2, now+$3) RETURNING id"),
+            "INSERT INTO t (a, b, c) VALUES (?, ?, now+?)"
+        );
     }
 
     #[test]

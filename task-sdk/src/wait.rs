@@ -43,9 +43,10 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
-use sqlx::{ConnectOptions, Connection, PgPool, SqlitePool};
+use sqlx::{ConnectOptions, Connection, MySqlPool, PgPool, SqlitePool};
 
 use crate::enqueue::{Enqueue, Error as EnqueueError};
 
@@ -58,6 +59,15 @@ const SQLITE_CHECK_INTERVAL: Duration = Duration::from_millis(50);
 /// A safety net on PostgreSQL: the row is re-read this often even without a
 /// notification.
 const POSTGRES_RECHECK: Duration = Duration::from_secs(5);
+
+/// How often the row is read on MariaDB/MySQL (no NOTIFY there): one
+/// primary-key look-up.
+const MYSQL_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+
+/// The same read, in MySQL's spelling.
+const MYSQL_SELECT: &str =
+    "SELECT result, result_text, CAST(tries AS SIGNED), CAST(try_limit AS SIGNED) \
+       FROM task_runner_requests WHERE id = ?";
 
 /// The row's columns the wait reads; `tries` and `try_limit` cast so that
 /// both backends decode them as `i64`.
@@ -220,6 +230,8 @@ pub enum Target<'a> {
     Sqlite(&'a SqlitePool),
     /// A PostgreSQL pool.
     Postgres(&'a PgPool),
+    /// A MariaDB/MySQL pool.
+    MySql(&'a MySqlPool),
     /// A database URL.
     Url(&'a str),
 }
@@ -233,6 +245,12 @@ impl<'a> From<&'a SqlitePool> for Target<'a> {
 impl<'a> From<&'a PgPool> for Target<'a> {
     fn from(pool: &'a PgPool) -> Target<'a> {
         Target::Postgres(pool)
+    }
+}
+
+impl<'a> From<&'a MySqlPool> for Target<'a> {
+    fn from(pool: &'a MySqlPool) -> Target<'a> {
+        Target::MySql(pool)
     }
 }
 
@@ -252,6 +270,7 @@ impl<'a> From<&'a String> for Target<'a> {
 enum Options {
     Sqlite(SqliteConnectOptions),
     Postgres(PgConnectOptions),
+    MySql(MySqlConnectOptions),
 }
 
 impl Target<'_> {
@@ -259,17 +278,23 @@ impl Target<'_> {
         match self {
             Target::Sqlite(pool) => Ok(Options::Sqlite((*pool.connect_options()).clone())),
             Target::Postgres(pool) => Ok(Options::Postgres((*pool.connect_options()).clone())),
+            Target::MySql(pool) => Ok(Options::MySql((*pool.connect_options()).clone())),
             Target::Url(url) if url.starts_with("sqlite:") => Ok(Options::Sqlite(
                 SqliteConnectOptions::from_str(url)?.create_if_missing(false),
             )),
             Target::Url(url) if url.starts_with("postgres:") || url.starts_with("postgresql:") => {
                 Ok(Options::Postgres(PgConnectOptions::from_str(url)?))
             }
+            Target::Url(url) if url.starts_with("mysql:") || url.starts_with("mariadb:") => {
+                Ok(Options::MySql(MySqlConnectOptions::from_str(
+                    &url.replacen("mariadb:", "mysql:", 1),
+                )?))
+            }
             Target::Url(url) => {
                 // Only the scheme: the rest may hold a password.
                 let scheme = url.split(':').next().unwrap_or_default();
                 Err(WaitError::Url(format!(
-                    "unsupported database URL scheme `{scheme}`: use sqlite:// or postgres://"
+                    "unsupported database URL scheme `{scheme}`: use sqlite://, postgres:// or mysql://"
                 )))
             }
         }
@@ -297,6 +322,7 @@ pub async fn wait_for<'a>(
         match options {
             Options::Sqlite(options) => wait_sqlite(options, id).await,
             Options::Postgres(options) => wait_postgres(options, id).await,
+            Options::MySql(options) => wait_mysql(options, id).await,
         }
     };
     match timeout.into() {
@@ -355,6 +381,25 @@ async fn wait_postgres(options: PgConnectOptions, id: i64) -> Result<Finished, W
     result
 }
 
+async fn wait_mysql(options: MySqlConnectOptions, id: i64) -> Result<Finished, WaitError> {
+    let mut connection: MySqlConnection = options.connect().await?;
+    let result = async {
+        loop {
+            let row = sqlx::query_as::<_, Row>(MYSQL_SELECT)
+                .bind(id)
+                .fetch_optional(&mut connection)
+                .await?;
+            if let Some(finished) = check(id, row)? {
+                return Ok(finished);
+            }
+            tokio::time::sleep(MYSQL_CHECK_INTERVAL).await;
+        }
+    }
+    .await;
+    let _ = connection.close().await;
+    result
+}
+
 async fn wait_sqlite(options: SqliteConnectOptions, id: i64) -> Result<Finished, WaitError> {
     let mut connection: SqliteConnection = options.connect().await?;
     let result = async {
@@ -399,6 +444,7 @@ impl Enqueue {
         let id = match target {
             Target::Sqlite(pool) => self.insert(pool).await,
             Target::Postgres(pool) => self.insert(pool).await,
+            Target::MySql(pool) => self.insert(pool).await,
             Target::Url(url) => self.insert_url(url).await,
         }
         .map_err(WaitError::Insert)?;
@@ -608,6 +654,22 @@ pub async fn wait_for_flow<'a>(
                 let mut connection = options.connect().await?;
                 loop {
                     let row: Option<FlowRow> = sqlx::query_as(SQL)
+                        .bind(id)
+                        .fetch_optional(&mut connection)
+                        .await?;
+                    if let Some(ended) = end(row)? {
+                        let _ = connection.close().await;
+                        return Ok(ended);
+                    }
+                    tokio::time::sleep(FLOW_CHECK_INTERVAL).await;
+                }
+            }
+            Options::MySql(options) => {
+                const MYSQL_SQL: &str = "SELECT state, result_text, store, CAST(attempt AS SIGNED) \
+                                           FROM task_runner_flows WHERE id = ?";
+                let mut connection = options.connect().await?;
+                loop {
+                    let row: Option<FlowRow> = sqlx::query_as(MYSQL_SQL)
                         .bind(id)
                         .fetch_optional(&mut connection)
                         .await?;

@@ -107,8 +107,10 @@ async fn check_mysql(shared: Arc<Shared>, stop: CancellationToken) {
         );
         match check.fetch_one(&pool).await {
             Ok(seen) => {
-                let new_flow = last.is_some_and(|last| last.2 != seen.2);
-                let new_row = last.is_some_and(|last| last != seen && seen.1.is_some());
+                // The first check wakes too: rows may have arrived between
+                // the scheduler's first claim and this check.
+                let new_flow = last.is_none_or(|last| last.2 != seen.2);
+                let new_row = last.is_none_or(|last| last != seen) && seen.1.is_some();
                 if new_flow || new_row {
                     shared.wake.notify_one();
                 }
