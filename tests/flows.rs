@@ -884,7 +884,7 @@ async fn forty_flows_taken_by_three_daemons_at_once_make_each_step_row_once(back
     let config = "max_concurrent: 4\nflows:\n  quick:\n    steps:\n      - { name: a, task: NoOp, revert: NoOp, provides: a }\n      - { name: b, task: NoOp }\n      - { name: c, task: NoOp, provides: c }\n";
     let count = match backend {
         Backend::Sqlite => 1,
-        Backend::Postgres => 3,
+        Backend::Postgres | Backend::MySql => 3,
     };
     let mut daemons: Vec<Daemon> = (0..count)
         .map(|n| {
@@ -895,10 +895,16 @@ async fn forty_flows_taken_by_three_daemons_at_once_make_each_step_row_once(back
             )
         })
         .collect();
-    db.execute(
-        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 40) \
-         INSERT INTO task_runner_flows (flow_name, options) SELECT 'quick', 'n: ' || i FROM n",
-    )
+    let series = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 40)";
+    let insert =
+        "INSERT INTO task_runner_flows (flow_name, options) SELECT 'quick', 'n: ' || i FROM n";
+    db.execute(&match backend {
+        // MySQL's order: the WITH after INSERT.
+        Backend::MySql => format!(
+            "INSERT INTO task_runner_flows (flow_name, options) {series} SELECT 'quick', 'n: ' || i FROM n"
+        ),
+        Backend::Sqlite | Backend::Postgres => format!("{series} {insert}"),
+    })
     .await;
     db.wait_for_count(
         "SELECT count(*) FROM task_runner_flows WHERE state = 'FINISHED'",

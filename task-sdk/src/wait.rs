@@ -665,7 +665,8 @@ pub async fn wait_for_flow<'a>(
                 }
             }
             Options::MySql(options) => {
-                const MYSQL_SQL: &str = "SELECT state, result_text, store, CAST(attempt AS SIGNED) \
+                const MYSQL_SQL: &str =
+                    "SELECT state, result_text, store, CAST(attempt AS SIGNED) \
                                            FROM task_runner_flows WHERE id = ?";
                 let mut connection = options.connect().await?;
                 loop {
