@@ -980,7 +980,7 @@ mod tests {
     #[tokio::test]
     async fn a_url_of_another_database_is_refused() {
         let error = Enqueue::named("NoOp", &())
-            .insert_url("mysql://root:secret@db/app")
+            .insert_url("oracle://root:secret@db/app")
             .await
             .unwrap_err();
         assert!(matches!(error, Error::Url(_)));

@@ -567,7 +567,7 @@ mod tests {
             "{error}"
         );
         assert!(started.elapsed() >= Duration::from_millis(200));
-        let error = wait_for("mysql://root:secret@db/app", 1, None)
+        let error = wait_for("oracle://root:secret@db/app", 1, None)
             .await
             .unwrap_err();
         assert!(matches!(error, WaitError::Url(_)));
