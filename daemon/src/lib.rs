@@ -67,7 +67,9 @@
 //! - [`instance`]: the daemon instance id (`claimed_by`) and the claim token.
 //! - [`procinfo`]: process identity (boot id, start ticks) and the pid probe.
 //! - [`service`]: pidfile, `--daemonize`, systemd notification.
-//! - [`cli`]: `taskrunner-cli`'s flags and commands.
+//! - [`cli`]: `taskrunner-cli`: `cli/flags.rs` (clap structs and the
+//!   dispatch), `cli/run.rs` (`run`, one task by hand), `cli/render.rs`
+//!   (tables and text), `cli/batch.rs` and `cli/flow.rs`.
 //! - [`health`], [`units`]: outage logging and backoff; durations and sizes.
 //! - [`escape`]: control characters escaped in the text log and the CLI's tables.
 //!

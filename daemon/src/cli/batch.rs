@@ -176,7 +176,7 @@ fn render_list(batches: &[Batch]) -> String {
                 .unwrap_or_default(),
         ]);
     }
-    let mut out = super::render_columns(&lines);
+    let mut out = super::render::render_columns(&lines);
     if batches.is_empty() {
         out += "(no batches)\n";
     }

@@ -245,7 +245,7 @@ fn render_list(flows: &[Flow]) -> String {
             crate::escape::one_line(flow.result_text.as_deref().unwrap_or("")),
         ]);
     }
-    let mut out = super::render_columns(&lines);
+    let mut out = super::render::render_columns(&lines);
     if flows.is_empty() {
         out += "(no flows)\n";
     }
@@ -359,7 +359,7 @@ pub fn render_board(board: &FlowBoard, declared: Option<&Definition>) -> String 
             ]);
         }
     }
-    let rendered = super::render_columns(&lines);
+    let rendered = super::render::render_columns(&lines);
     for line in rendered.lines() {
         out += line.trim_end();
         out += "\n";
