@@ -28,6 +28,7 @@ both_backends!(
     options_past_max_options_are_never_loaded_by_the_daemon,
     truncated_output_says_it_was_cut,
     the_oom_killer_prefers_a_task_to_its_daemon,
+    an_outage_of_writes_while_reads_work_is_logged_once_at_each_end,
 );
 
 /// A TCP proxy in front of the test's PostgreSQL server that, once armed,
@@ -649,4 +650,117 @@ async fn a_postgres_database_that_is_not_utf8_is_refused_at_start() {
         log.contains("has server_encoding SQL_ASCII: taskrunner needs UTF8"),
         "{log}"
     );
+}
+
+/// The daemon's count of failed database calls (`taskrunner_database_errors_total`).
+fn database_errors(db: &TestDb, daemon: &Daemon) -> u64 {
+    let config = daemon.config.display().to_string();
+    let (_, out, _) = cli(db, &["--config", &config, "metrics"]);
+    out.lines()
+        .find_map(|line| line.strip_prefix("taskrunner_database_errors_total "))
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Makes the database refuse the daemon's writes while reads keep working
+/// (`on`), or ends that (`!on`): on SQLite another process holds the write
+/// lock (returned, to be committed); on PostgreSQL the database becomes
+/// `default_transaction_read_only` (as after a failover to a replica) and
+/// its sessions are ended so that they reconnect under it; on MariaDB,
+/// whose test server has no grant tables (every user is root, whom
+/// `read_only` does not bind), a trigger refuses every update of a request.
+async fn refuse_writes(db: &TestDb, on: bool, lock: &mut Option<sqlx::SqliteConnection>) {
+    use sqlx::Connection;
+    match db.backend {
+        Backend::Sqlite => {
+            if on {
+                let mut blocker = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+                sqlx::raw_sql("BEGIN EXCLUSIVE")
+                    .execute(&mut blocker)
+                    .await
+                    .unwrap();
+                *lock = Some(blocker);
+            } else if let Some(mut blocker) = lock.take() {
+                sqlx::raw_sql("COMMIT").execute(&mut blocker).await.unwrap();
+            }
+        }
+        Backend::Postgres => {
+            let name = db.url.rsplit_once('/').unwrap().1.to_string();
+            let admin = sqlx::PgPool::connect(&crate::util::postgres_admin_url())
+                .await
+                .unwrap();
+            let setting = if on {
+                "SET default_transaction_read_only = on"
+            } else {
+                "RESET default_transaction_read_only"
+            };
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "ALTER DATABASE {name} {setting}; SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+            )))
+            .execute(&admin)
+            .await
+            .unwrap();
+            admin.close().await;
+        }
+        Backend::MySql => {
+            if on {
+                db.execute(
+                    "CREATE TRIGGER refuse_writes BEFORE UPDATE ON task_runner_requests FOR EACH ROW \
+                     SIGNAL SQLSTATE 'HY000' SET MESSAGE_TEXT = 'writes are refused'",
+                )
+                .await;
+            } else {
+                db.execute("DROP TRIGGER refuse_writes").await;
+            }
+        }
+    }
+}
+
+/// Issue 13, defect 10: while reads worked and writes failed, every reaper
+/// pass (a read) ended the outage and the next claim (a write) began a new
+/// one: two log lines per poll. Now an outage ends only when every activity
+/// that failed in it works again: one line at its start, one at its end
+/// with its length and what waited, and no request is lost.
+async fn an_outage_of_writes_while_reads_work_is_logged_once_at_each_end(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "max_concurrent: 1\nreap_interval: 1s\ntasks:\n  Nap:\n    command: [/bin/sleep, '1']\n",
+    );
+    let first = db.enqueue("Nap", None).await;
+    let waiting = [db.enqueue("Nap", None).await, db.enqueue("Nap", None).await];
+    let pid = db
+        .wait_for(first, WAIT, "the first task to run", |r| r.pid.is_some())
+        .await
+        .pid
+        .unwrap() as i32;
+    let mut lock = None;
+    refuse_writes(&db, true, &mut lock).await;
+    // The first task ends in the outage (its result waits in memory), the
+    // next claims fail, and reaper passes (reads) keep working meanwhile.
+    wait_until(WAIT, "the first task to end", || !process_exists(pid));
+    let errors = database_errors(&db, &daemon);
+    wait_until(
+        Duration::from_secs(60),
+        "ten more failed database calls",
+        || database_errors(&db, &daemon) >= errors + 10,
+    );
+    refuse_writes(&db, false, &mut lock).await;
+    for id in std::iter::once(first).chain(waiting) {
+        let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+        assert_eq!(row.tries, 1, "{row:?}");
+    }
+    daemon.wait_for_log("database available again", WAIT);
+    let log = daemon.log_text();
+    assert_eq!(log.matches("database unavailable").count(), 1, "{log}");
+    assert_eq!(log.matches("database available again").count(), 1, "{log}");
+    let end = log
+        .lines()
+        .find(|line| line.contains("database available again"))
+        .unwrap();
+    assert!(end.contains("claiming requests ("), "{end}");
+    assert!(end.contains("recording task results ("), "{end}");
+    assert!(end.contains("waiting, none lost"), "{end}");
+    assert!(daemon.stop().success());
 }

@@ -165,7 +165,7 @@ pub async fn run(
                 _ = shutdown.cancelled() => return Ok(()),
             }
         }
-        health.succeeded();
+        health.succeeded("migrating the schema");
     } else {
         // Without migrating, the schema must be exactly this binary's: an
         // older or missing one would fail every statement for ever.
@@ -181,7 +181,7 @@ pub async fn run(
                 _ = shutdown.cancelled() => return Ok(()),
             }
         }
-        health.succeeded();
+        health.succeeded("checking the schema");
     }
     let registry = {
         let config = config.clone();

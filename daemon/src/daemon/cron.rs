@@ -31,7 +31,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         }
         let sleep = match tick(&shared, &config.schedules, &mut first_seen).await {
             Ok(until_next) => {
-                shared.health.succeeded();
+                shared.health.succeeded("enqueueing scheduled requests");
                 until_next
             }
             Err(error) => {

@@ -73,7 +73,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         .unwrap_or_else(|_| Err(anyhow::anyhow!("the heartbeat statement timed out")));
         let held = match renewal {
             Ok(held) => {
-                shared.health.succeeded();
+                shared.health.succeeded("renewing heartbeats");
                 last_renewal = Instant::now();
                 fenced = false;
                 held

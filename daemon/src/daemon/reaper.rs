@@ -1,6 +1,7 @@
 //! The daemon's reaper loop: one [`crate::reaper::reap`] pass at start,
 //! then every `reap_interval`.
 
+use crate::health::Backoff;
 use crate::reaper::reap;
 
 /// The daemon's reaper: at start, then every `reap_interval`. It leaves the
@@ -9,9 +10,10 @@ pub async fn run(
     shared: std::sync::Arc<crate::daemon::Shared>,
     stop: tokio_util::sync::CancellationToken,
 ) {
+    let mut backoff = Backoff::default();
     loop {
         let config = shared.config();
-        match reap(
+        let pause = match reap(
             &shared.store,
             &config.host_id,
             &shared.instance,
@@ -21,7 +23,7 @@ pub async fn run(
         .await
         {
             Ok(reaped) => {
-                shared.health.succeeded();
+                shared.health.succeeded("reaping crashed tasks");
                 shared.metrics.reaped(reaped.len());
                 for row in &reaped {
                     tracing::warn!(request = %row.id, "{}", row.reason);
@@ -29,11 +31,18 @@ pub async fn run(
                 if !reaped.is_empty() {
                     shared.wake.notify_one();
                 }
+                backoff.reset();
+                config.reap_interval
             }
-            Err(error) => shared.health.failed("reaping crashed tasks", &error),
-        }
+            Err(error) => {
+                shared.health.failed("reaping crashed tasks", &error);
+                // Sooner than the interval: the outage's end is logged
+                // once this works again.
+                backoff.next_delay().min(config.reap_interval)
+            }
+        };
         tokio::select! {
-            _ = tokio::time::sleep(config.reap_interval) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = stop.cancelled() => return,
         }
     }

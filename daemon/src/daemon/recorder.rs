@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::health::{Backoff, Health};
+use crate::health::{Backoff, Health, RECORDING};
 use crate::request::RequestId;
 use crate::store::{Store, Write};
 
@@ -115,7 +115,7 @@ async fn record_loop(
         loop {
             match store.record(&batch).await {
                 Ok(applied) => {
-                    health.succeeded();
+                    health.succeeded(RECORDING);
                     for (write, applied) in batch.iter().zip(applied) {
                         if !applied {
                             tracing::warn!(
@@ -127,7 +127,11 @@ async fn record_loop(
                     break;
                 }
                 Err(error) => {
-                    health.failed("recording task results", &error);
+                    let results = batch
+                        .iter()
+                        .filter(|w| matches!(w, Write::Outcome(_)))
+                        .count();
+                    health.failed_holding(RECORDING, &error, results);
                     tokio::time::sleep(backoff.next_delay()).await;
                 }
             }

@@ -39,8 +39,9 @@ const REPAIR_AT_MOST_EVERY: Duration = Duration::from_millis(200);
 /// `Store::repair_batches`); a callback it creates is claimed at once.
 async fn repair_batches(shared: &Shared) {
     match shared.store.repair_batches().await {
-        Ok(0) => {}
+        Ok(0) => shared.health.succeeded("repairing batches"),
         Ok(repaired) => {
+            shared.health.succeeded("repairing batches");
             tracing::info!(
                 batches = repaired,
                 "batch repair pass: settled batches sealed or changed by hand"
@@ -59,13 +60,18 @@ async fn take_and_repair_flows(shared: &Shared) {
     let config = shared.config();
     let flows = shared.setup.borrow().registry.flows(&config);
     match shared.store.take_flows(&flows).await {
-        Ok(0) => {}
-        Ok(_) => shared.wake.notify_one(),
+        Ok(taken) => {
+            shared.health.succeeded("taking flows");
+            if taken > 0 {
+                shared.wake.notify_one();
+            }
+        }
         Err(error) => shared.health.failed("taking flows", &error),
     }
     match shared.store.repair_flows().await {
-        Ok(0) => {}
+        Ok(0) => shared.health.succeeded("repairing flows"),
         Ok(repaired) => {
+            shared.health.succeeded("repairing flows");
             tracing::info!(
                 flows = repaired,
                 "flow repair pass: advanced flows whose current row was changed by hand"
@@ -193,7 +199,7 @@ pub async fn run(shared: Arc<Shared>) {
             );
             match round.await {
                 Ok((rows, all_filled)) => {
-                    shared.health.succeeded();
+                    shared.health.succeeded("claiming requests");
                     backoff.reset();
                     for row in rows {
                         shared.metrics.claimed(&row.queue, row.waited);
@@ -381,11 +387,15 @@ async fn claim_round(
 async fn next_delay(shared: &Shared) -> Option<Instant> {
     match shared.store.seconds_until_next_delay().await {
         Ok(Some(seconds)) => {
+            shared.health.succeeded("looking for delayed requests");
             let seconds = seconds.clamp(0.0, 3600.0);
             // A hair later than due, so the row's delay has passed on the database's clock too.
             Some(Instant::now() + Duration::from_secs_f64(seconds) + Duration::from_millis(5))
         }
-        Ok(None) => None,
+        Ok(None) => {
+            shared.health.succeeded("looking for delayed requests");
+            None
+        }
         Err(error) => {
             shared.health.failed("looking for delayed requests", &error);
             None
