@@ -18,6 +18,7 @@ mod ops;
 mod placement;
 mod preload;
 mod rails;
+mod recording;
 mod scheduling;
 mod sdk;
 mod spawning;

@@ -245,6 +245,14 @@ impl Write {
             Write::Outcome(outcome) => outcome.id,
         }
     }
+
+    /// The claim the write is fenced by.
+    pub fn claim_token(&self) -> &str {
+        match self {
+            Write::Pid { claim_token, .. } | Write::Progress { claim_token, .. } => claim_token,
+            Write::Outcome(outcome) => &outcome.claim_token,
+        }
+    }
 }
 
 /// How a try ended.
@@ -263,6 +271,22 @@ pub struct Outcome {
     /// written by [`Store::finalize`], in a transaction of its own, rather
     /// than in the recorder's one-statement batch.
     pub composed: bool,
+}
+
+/// For each write, whether an outcome of the same claim comes before it.
+fn writes_after_their_outcome(writes: &[Write]) -> Vec<bool> {
+    let mut ended: HashSet<(RequestId, &str)> = HashSet::new();
+    writes
+        .iter()
+        .map(|write| {
+            let claim = (write.id(), write.claim_token());
+            let late = ended.contains(&claim);
+            if matches!(write, Write::Outcome(_)) {
+                ended.insert(claim);
+            }
+            late
+        })
+        .collect()
 }
 
 /// A RUNNING row of this host, as the reaper probes it.
@@ -980,7 +1004,31 @@ impl Store {
     /// in one transaction (on PostgreSQL, pids and outcomes in one array
     /// statement each, so a batch costs a handful of round trips however many
     /// tries it records).
+    ///
+    /// Writes apply in the order given. A write queued after the outcome of
+    /// its own claim (a give-back of a row whose outcome was still queued,
+    /// say) would match nothing once that outcome applied; in one batch
+    /// statement it could win instead, and finished work would run again.
+    /// It is left out and reported not applied.
     pub async fn record(&self, writes: &[Write]) -> Result<Vec<bool>> {
+        let late = writes_after_their_outcome(writes);
+        if !late.iter().any(|late| *late) {
+            return self.record_in_order(writes).await;
+        }
+        let kept: Vec<Write> = writes
+            .iter()
+            .zip(&late)
+            .filter(|(_, late)| !**late)
+            .map(|(write, _)| write.clone())
+            .collect();
+        let mut applied = self.record_in_order(&kept).await?.into_iter();
+        Ok(late
+            .iter()
+            .map(|late| !late && applied.next().unwrap_or(false))
+            .collect())
+    }
+
+    async fn record_in_order(&self, writes: &[Write]) -> Result<Vec<bool>> {
         let is_composed =
             |write: &Write| matches!(write, Write::Outcome(outcome) if outcome.composed);
         if !writes.iter().any(is_composed) {
