@@ -692,7 +692,7 @@ async fn four_daemons_one_killed_halfway_through_two_thousand_tasks(backend: Bac
     let log = db.scratch.join("runs.log");
     let task = |host: &str| {
         format!(
-            "host_id: {host}\nmax_concurrent: 4\nreap_interval: 1s\nlease_timeout: 5s\ntasks:\n  Work:\n    command: [/bin/sh, -c, 'echo start $TASKRUNNER_REQUEST_ID $(date +%s%N) >> {log}; sleep 0.02; echo end $TASKRUNNER_REQUEST_ID $(date +%s%N) >> {log}']\n",
+            "host_id: {host}\nmax_concurrent: 4\nreap_interval: 1s\nlease_timeout: 5s\ntasks:\n  Work:\n    command: [/bin/sh, -c, 'echo start $TASKRUNNER_REQUEST_ID $(date +%s%N) {host} >> {log}; sleep 0.02; echo end $TASKRUNNER_REQUEST_ID $(date +%s%N) {host} >> {log}']\n",
             log = log.display()
         )
     };
@@ -725,19 +725,20 @@ async fn four_daemons_one_killed_halfway_through_two_thousand_tasks(backend: Bac
         kill_started.elapsed().as_secs_f64()
     );
     // Every run of a row is over before the next one starts.
-    let mut runs: BTreeMap<i64, Vec<(u128, Option<u128>)>> = BTreeMap::new();
+    let mut runs: BTreeMap<i64, Vec<(u128, Option<u128>, String)>> = BTreeMap::new();
     for line in std::fs::read_to_string(&log).unwrap().lines() {
         let parts: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(parts.len(), 4, "a log line of four words: {line:?}");
         let (id, at): (i64, u128) = (parts[1].parse().unwrap(), parts[2].parse().unwrap());
         let entry = runs.entry(id).or_default();
         if parts[0] == "start" {
-            entry.push((at, None));
+            entry.push((at, None, parts[3].to_string()));
         } else {
             let open = entry
                 .iter_mut()
                 .rev()
-                .find(|(_, end)| end.is_none())
-                .expect("an end after its start");
+                .find(|(_, end, host)| end.is_none() && host == parts[3])
+                .unwrap_or_else(|| panic!("an end after its start: {line:?}"));
             open.1 = Some(at);
         }
     }
@@ -755,7 +756,10 @@ async fn four_daemons_one_killed_halfway_through_two_thousand_tasks(backend: Bac
             );
         }
         let finished = row_runs.last().unwrap();
-        assert!(finished.1.is_some(), "request {id}'s last run completed");
+        assert!(
+            finished.1.is_some(),
+            "request {id}'s last run completed: {row_runs:?}"
+        );
     }
     println!("{reruns} rows ran again after the kill");
     assert_eq!(
@@ -773,7 +777,12 @@ async fn four_daemons_one_killed_halfway_through_two_thousand_tasks(backend: Bac
     println!("{backend:?}: {lock_retries} lock retries on the three surviving daemons");
     for (n, daemon) in daemons.iter_mut().enumerate() {
         if n != 1 {
-            assert!(daemon.stop().success());
+            let status = daemon.stop();
+            assert!(
+                status.success(),
+                "daemon d{n} stopped with {status}; log:\n{}",
+                daemon.log_text()
+            );
         }
     }
 }
