@@ -20,6 +20,7 @@ both_backends!(
     list_shows_the_tasks_own_error_without_progress_lines,
     retry_and_cancel_take_several_ids_or_a_filter,
     second_sigterm_during_the_drain_stops_tasks_at_once,
+    run_record_writes_what_the_daemon_writes,
 );
 
 /// `taskrunner-cli` with only the given arguments (no test database).
@@ -716,4 +717,54 @@ fn tasks_and_enqueue_help_show_a_types_options() {
         help.contains("Countdown\n  options: from, interval_ms"),
         "{help}"
     );
+}
+
+/// `run --id N --record` records its try through the daemon's sequence
+/// (`attempt::run_claimed`): a failed try with tries left gets its backoff,
+/// and an exhausted one what its end causes, the config's `on_exhausted`
+/// hook included (the CLI's own copy of the sequence left the hook out).
+async fn run_record_writes_what_the_daemon_writes(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    std::fs::write(
+        db.scratch.join("taskrunner.yml"),
+        "retry_delay: 1h\non_exhausted: Alert\ntasks:\n  Boom:\n    command: [/bin/sh, -c, 'echo broken >&2; exit 1']\n",
+    )
+    .unwrap();
+    let boom = db
+        .insert("INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ('Boom', 2) RETURNING id")
+        .await;
+    let run_and_record = || cli(&db, &["run", "--id", &boom.to_string(), "--record"]);
+    let (status, _, stderr) = run_and_record();
+    assert_eq!(status, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("recorded try 1 of request {boom} as FAILED")),
+        "{stderr}"
+    );
+    let row = db.row(boom).await;
+    assert_eq!((row.result.as_deref(), row.tries), (Some("FAILED"), 1));
+    assert!(row.delay_until.is_some(), "the retry waits for its backoff");
+    assert!(
+        row.result_text
+            .as_deref()
+            .unwrap_or_default()
+            .contains("broken"),
+        "{:?}",
+        row.result_text
+    );
+    // The last try: the hook's row is written with the outcome.
+    let (status, _, stderr) = run_and_record();
+    assert_eq!(status, 1, "{stderr}");
+    let row = db.row(boom).await;
+    assert_eq!((row.result.as_deref(), row.tries), (Some("FAILED"), 2));
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE callback_of = {boom} AND task_class_name = 'Alert'"
+        ))
+        .await,
+        1
+    );
+    // Exhausted: nothing left to claim.
+    let (status, _, stderr) = run_and_record();
+    assert_eq!(status, 1);
+    assert!(stderr.contains("cannot be claimed"), "{stderr}");
 }

@@ -54,6 +54,58 @@ pub fn outcome(
     }
 }
 
+/// One claimed row's try, the one sequence the daemon's executor and
+/// `taskrunner-cli run --record` both follow: the row's options, try
+/// number, batch and claim token go to the process; its pid goes to
+/// `write` as soon as it runs (fenced by the claim token, like every write
+/// about a try); its end becomes the verdict and the outcome to record
+/// (backoff, the try given back, what a final outcome causes). The caller
+/// hands the outcome to the same writer ([`Write::Outcome`]) once it has
+/// done what must come first (the daemon forgets the live try before its
+/// row stops being RUNNING).
+///
+/// `write` is where this try's writes go: the daemon's recorder (batched,
+/// retried through outages) or a task of the CLI's that applies each with
+/// [`crate::store::Store::record`], as the recorder does.
+///
+/// [`Write::Outcome`]: crate::store::Write::Outcome
+#[allow(clippy::too_many_arguments)]
+pub async fn run_claimed(
+    context: &Context,
+    row: &crate::request::Claimed,
+    echo_stderr: bool,
+    stop: watch::Receiver<Option<StopReason>>,
+    progress: Option<watch::Sender<Option<String>>>,
+    write: impl Fn(crate::store::Write),
+    on_running: impl FnOnce(&Spawned),
+    on_exit: impl FnOnce(),
+) -> (Verdict, crate::store::Outcome) {
+    let input = TryInput {
+        id: Some(row.id),
+        task: &row.task_class_name,
+        options: &row.options,
+        try_number: row.tries,
+        echo_stderr,
+        batch_id: row.batch_for_env(),
+        claim_token: Some(&row.claim_token),
+        options_left_out: (row.options.is_empty() && row.options_length > 0)
+            .then_some(row.options_length),
+    };
+    let on_running = |spawned: &Spawned| {
+        on_running(spawned);
+        write(crate::store::Write::Pid {
+            id: row.id,
+            claim_token: row.claim_token.clone(),
+            pid: i64::from(spawned.pid),
+            boot_id: crate::procinfo::boot_id(),
+            start_ticks: spawned.start_ticks,
+        });
+    };
+    let verdict = run(context, input, stop, progress, on_running, on_exit).await;
+    let outcome = outcome(row, &verdict, &context.config);
+    (verdict, outcome)
+}
+
 /// Exit status meaning "these options do not fit this type" (EX_DATAERR).
 pub const EXIT_REJECTED: i32 = 65;
 

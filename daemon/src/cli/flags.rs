@@ -698,7 +698,7 @@ async fn run_one(
             id,
             record,
             ..
-        } => return run_command(&config, task, options, id, record).await,
+        } => return run_command(&config, || open(Purpose::Cli), task, options, id, record).await,
         Command::Reap { dry_run, .. } => {
             let store = open(Purpose::Cli)?;
             let reaped =

@@ -5,17 +5,18 @@
 use std::process::ExitCode;
 
 use anyhow::{bail, Result};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::attempt::{self, TryInput};
 use crate::config::Config;
 use crate::request::{RequestId, State};
-use crate::store::{Purpose, Store, Write};
+use crate::store::{Store, Write};
 use crate::supervisor::StopReason;
 use crate::task_types::Registry;
 
 pub(super) async fn run_command(
     config: &Config,
+    open: impl Fn() -> Result<Store>,
     task: Option<String>,
     options: Option<String>,
     id: Option<RequestId>,
@@ -39,7 +40,7 @@ pub(super) async fn run_command(
             std::future::pending::<()>().await;
         }
     });
-    let (verdict, claimed_for_record, store) = match id {
+    let verdict = match id {
         None => {
             let task = task.expect("clap requires a task without --id");
             let options = options.unwrap_or_default();
@@ -53,79 +54,28 @@ pub(super) async fn run_command(
                 claim_token: None,
                 options_left_out: None,
             };
-            (
-                attempt::run(&context, input, stop, None, |_| {}, || {}).await,
-                None,
-                None,
-            )
+            attempt::run(&context, input, stop, None, |_| {}, || {}).await
         }
+        Some(id) if record => run_and_record(config, &context, open()?, id, stop).await?,
         Some(id) => {
-            let store = Store::open(&config.database_url, Purpose::Cli)?;
+            let store = open()?;
             let Some(request) = store.show(id).await? else {
                 bail!("no request {id}")
-            };
-            let (try_number, claimed) = if record {
-                let instance = crate::instance::InstanceId::new(&config.host_id);
-                let token = instance.claim_token("cli");
-                let Some(claimed) = store
-                    .claim_one(id, &config.host_id, &instance, &token)
-                    .await?
-                else {
-                    bail!(
-                        "request {id} is not runnable ({}, {} of {} tries): it cannot be claimed",
-                        request.result.as_deref().unwrap_or("pending"),
-                        request.tries,
-                        request.try_limit
-                    );
-                };
-                (claimed.tries, Some(claimed))
-            } else {
-                (request.tries + 1, None)
             };
             let options = request.options.clone().unwrap_or_default();
             let input = TryInput {
                 id: Some(id),
                 task: &request.task_class_name,
                 options: options.as_bytes(),
-                try_number,
+                try_number: request.tries + 1,
                 echo_stderr: true,
                 batch_id: request.batch_id.or(request.callback_of_batch),
                 claim_token: None,
                 options_left_out: None,
             };
-            let store_for_pid = store.clone();
-            let claimed_for_pid = claimed.clone();
-            let on_running = move |spawned: &crate::supervisor::Spawned| {
-                if let Some(claimed) = claimed_for_pid {
-                    let write = Write::Pid {
-                        id: claimed.id,
-                        claim_token: claimed.claim_token,
-                        pid: i64::from(spawned.pid),
-                        boot_id: crate::procinfo::boot_id(),
-                        start_ticks: spawned.start_ticks,
-                    };
-                    tokio::spawn(async move { store_for_pid.record(&[write]).await });
-                }
-            };
-            let verdict = attempt::run(&context, input, stop, None, on_running, || {}).await;
-            (verdict, claimed, Some(store))
+            attempt::run(&context, input, stop, None, |_| {}, || {}).await
         }
     };
-    if let (Some(claimed), Some(store)) = (claimed_for_record, store) {
-        let outcome = attempt::outcome(&claimed, &verdict, config);
-        let applied = store.record(&[Write::Outcome(outcome)]).await?;
-        if applied.first() == Some(&true) {
-            eprintln!(
-                "recorded try {} of request {} as {}",
-                claimed.tries, claimed.id, verdict.state
-            );
-        } else {
-            eprintln!(
-                "request {}: the outcome was not recorded (the claim was lost)",
-                claimed.id
-            );
-        }
-    }
     if verdict.state == State::Finished {
         println!("{}", verdict.result_text);
         Ok(ExitCode::SUCCESS)
@@ -135,4 +85,67 @@ pub(super) async fn run_command(
         eprintln!("{}: {reason}", verdict.state);
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// `run --id N --record`: claims the row as a daemon would (a fresh claim
+/// token) and runs it through the daemon's own sequence
+/// ([`attempt::run_claimed`]); its writes (the pid, then the outcome and
+/// what it causes) are applied in order with [`Store::record`], as the
+/// daemon's recorder applies them.
+async fn run_and_record(
+    config: &Config,
+    context: &attempt::Context,
+    store: Store,
+    id: RequestId,
+    stop: watch::Receiver<Option<StopReason>>,
+) -> Result<attempt::Verdict> {
+    let instance = crate::instance::InstanceId::new(&config.host_id);
+    let token = instance.claim_token("cli");
+    let Some(claimed) = store
+        .claim_one(id, &config.host_id, &instance, &token)
+        .await?
+    else {
+        let Some(request) = store.show(id).await? else {
+            bail!("no request {id}")
+        };
+        bail!(
+            "request {id} is not runnable ({}, {} of {} tries): it cannot be claimed",
+            request.result.as_deref().unwrap_or("pending"),
+            request.tries,
+            request.try_limit
+        );
+    };
+    let (sender, mut writes) = mpsc::unbounded_channel::<Write>();
+    let writer = tokio::spawn(async move {
+        let mut recorded = false;
+        while let Some(write) = writes.recv().await {
+            let is_outcome = matches!(write, Write::Outcome(_));
+            match store.record(std::slice::from_ref(&write)).await {
+                Ok(applied) if is_outcome => recorded = applied.first() == Some(&true),
+                Err(error) if is_outcome => return Err(error),
+                // A pid that could not be written: the try goes on.
+                Ok(_) | Err(_) => {}
+            }
+        }
+        Ok(recorded)
+    });
+    let send = |write| {
+        let _ = sender.send(write);
+    };
+    let (verdict, outcome) =
+        attempt::run_claimed(context, &claimed, true, stop, None, send, |_| {}, || {}).await;
+    send(Write::Outcome(outcome));
+    drop(sender);
+    if writer.await?? {
+        eprintln!(
+            "recorded try {} of request {} as {}",
+            claimed.tries, claimed.id, verdict.state
+        );
+    } else {
+        eprintln!(
+            "request {}: the outcome was not recorded (the claim was lost)",
+            claimed.id
+        );
+    }
+    Ok(verdict)
 }

@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use super::slots::{Slot, Slots};
 use super::tries::LiveTry;
-use crate::attempt::{self, TryInput, Verdict};
+use crate::attempt::{self, Verdict};
 use crate::daemon::Shared;
 use crate::request::{Claimed, State};
 use crate::store::Write;
@@ -100,35 +100,19 @@ async fn run_claimed(
         setup: shared.setup.clone(),
         spawner: shared.spawner.clone(),
     };
-    let input = TryInput {
-        id: Some(row.id),
-        task: &row.task_class_name,
-        options: &row.options,
-        try_number: row.tries,
-        echo_stderr: false,
-        batch_id: row.batch_for_env(),
-        claim_token: Some(&row.claim_token),
-        options_left_out: (row.options.is_empty() && row.options_length > 0)
-            .then_some(row.options_length),
-    };
     let on_running = |spawned: &crate::supervisor::Spawned| {
         shared.tries.running(row.id, spawned.pid);
         tracing::debug!(pid = spawned.pid, "started");
-        shared.recorder.send(Write::Pid {
-            id: row.id,
-            claim_token: row.claim_token.clone(),
-            pid: i64::from(spawned.pid),
-            boot_id: crate::procinfo::boot_id(),
-            start_ticks: spawned.start_ticks,
-        });
     };
     // The slot is free once the process has exited.
     let on_exit = move || drop(slot);
-    let verdict = attempt::run(
+    let (verdict, outcome) = attempt::run_claimed(
         &context,
-        input,
+        &row,
+        false,
         stop,
         Some(progress_sender),
+        |write| shared.recorder.send(write),
         on_running,
         on_exit,
     )
@@ -137,8 +121,6 @@ async fn run_claimed(
     if let Some(took) = verdict.spawn_took {
         shared.metrics.spawned(took);
     }
-
-    let outcome = attempt::outcome(&row, &verdict, &config);
     if verdict.daemon_short {
         // Logged once per shortage by the scheduler, not once per try.
         tracing::debug!("{}", verdict.result_text);
