@@ -56,7 +56,6 @@
 //! - [`retention`]: `retention:` rules.
 //! - [`prune`]: one pass that deletes the final rows the rules allow, in
 //!   small batches (the daemon's loop and `taskrunner-cli purge`).
-//! - [`waiter`]: `taskrunner-cli wait`: blocks until a request is final (LISTEN / data_version).
 //! - [`control`]: the control socket's protocol (`status`, `metrics`,
 //!   `wake`, `stop`) and its client.
 //! - [`web`]: the web page and `/metrics` over HTTP (`http:`, `taskrunner-cli web`);
@@ -141,7 +140,6 @@ pub mod store;
 pub mod supervisor;
 pub mod task_types;
 pub mod units;
-pub mod waiter;
 pub mod web;
 
 /// A mistake of the user's (bad flag, bad config): exit status 2.

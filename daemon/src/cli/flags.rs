@@ -844,25 +844,25 @@ async fn run_one(
             print!("{text}");
         }
         Command::Wait { id, timeout, .. } => {
-            let store = open(Purpose::Cli)?;
-            let Some(request) =
-                crate::waiter::wait(&store, &config.database_url, id, timeout).await?
-            else {
-                let waited = timeout
-                    .map(crate::units::format_duration)
-                    .unwrap_or_default();
-                eprintln!("taskrunner-cli: request {id} is not final after {waited}");
-                return Ok(ExitCode::FAILURE);
-            };
-            let text = request.result_text.unwrap_or_default();
-            let state = request.result.unwrap_or_default();
-            if state == "FINISHED" {
+            // The SDK's wait (`task_sdk::wait_for`), the one implementation.
+            let request =
+                match task_sdk::wait_for(config.database_url.as_str(), id.0, timeout).await {
+                    Ok(request) => request,
+                    Err(task_sdk::WaitError::TimedOut { waited, .. }) => {
+                        let waited = crate::units::format_duration(waited);
+                        eprintln!("taskrunner-cli: request {id} is not final after {waited}");
+                        return Ok(ExitCode::FAILURE);
+                    }
+                    Err(error) => return Err(error.into()),
+                };
+            let text = request.result_text.as_deref().unwrap_or_default();
+            if request.is_success() {
                 println!("{text}");
                 return Ok(ExitCode::SUCCESS);
             }
             eprintln!(
-                "request {id} {state} ({} of {} tries): {text}",
-                request.tries, request.try_limit
+                "request {id} {} ({} of {} tries): {text}",
+                request.state, request.tries, request.try_limit
             );
             return Ok(ExitCode::FAILURE);
         }
