@@ -9,7 +9,12 @@
 //! - [`request`]: ids, states, the backoff rule.
 //! - [`flow`]: flows as declared (`flows:`): steps, retry, typed options,
 //!   `flow post` help; pure.
-//! - [`store`]: every query; [`store::sql`] holds the claim and the fenced writes;
+//! - [`store`]: every query, one file per job (its module comment is the
+//!   map): `plumbing.rs` (pools, migrations, schema check), `claims.rs`,
+//!   `tries.rs` (the fenced writes, heartbeats), `reaping.rs`, `admin.rs`
+//!   (enqueue, show, list, retry, cancel, purge), `housekeeping.rs`
+//!   (pruning, cron slots); [`store::sql`] holds the statements, the claim
+//!   and the fenced writes among them;
 //!   [`store::diagnose`] turns database errors into one line with the remedy;
 //!   [`store::url`] shows database URLs without their password;
 //!   [`store::mysql`] is what MariaDB/MySQL need beyond the shared statements

@@ -1,0 +1,283 @@
+//! The commands people and applications give: enqueue (plain or with a
+//! unique key), show, list, retry, cancel, purge, and the counts by state.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use sqlx::query;
+
+use super::{mysql, request_from_row, Ending, Pool, RowExt, Store};
+use crate::request::{Request, RequestId, State};
+
+/// The column default of `try_limit`, used when `enqueue` is given none.
+pub const DEFAULT_TRY_LIMIT: i64 = 5;
+
+/// Binds `$1..$14` of [`Sql::enqueue`](super::sql::Sql::enqueue) and
+/// [`Sql::enqueue_unique`](super::sql::Sql::enqueue_unique) (a
+/// macro, so that it serves sqlx's queries and MySQL's alike).
+macro_rules! bind_new_request {
+    ($query:expr, $request:expr, $unique_key:expr $(,)?) => {{
+        let request: &NewRequest = $request;
+        let unique_key: Option<&str> = $unique_key;
+        $query
+            .bind(request.task_class_name.as_str())
+            .bind(request.options.as_deref())
+            .bind(request.try_limit.unwrap_or(DEFAULT_TRY_LIMIT))
+            .bind(request.delay_seconds)
+            .bind(request.at.as_deref())
+            .bind(request.priority)
+            .bind(unique_key)
+            .bind(request.queue.as_deref())
+            .bind(request.node.as_deref())
+            .bind(request.not_node.as_deref())
+            .bind(request.period)
+            .bind(request.batch_id)
+            .bind(request.on_success.as_deref())
+            .bind(request.on_failure.as_deref())
+    }};
+}
+
+/// A request to insert.
+#[derive(Debug, Clone, Default)]
+pub struct NewRequest {
+    pub task_class_name: String,
+    pub options: Option<String>,
+    pub try_limit: Option<i64>,
+    pub delay_seconds: Option<f64>,
+    /// An absolute time, RFC 3339 (`2026-11-24T07:00:00Z`).
+    pub at: Option<String>,
+    pub priority: i64,
+    /// At most one pending or running request per key: while one exists,
+    /// `enqueue` inserts nothing and returns its id.
+    pub unique_key: Option<String>,
+    /// None: the column default (`default`).
+    pub queue: Option<String>,
+    /// Run only on the daemon of this node name.
+    pub node: Option<String>,
+    /// Never run on the daemon of this node name.
+    pub not_node: Option<String>,
+    /// Seconds: when a try ends, the next occurrence is inserted this long after.
+    pub period: Option<i64>,
+    /// A member of this batch (refused if the batch is final).
+    pub batch_id: Option<i64>,
+    /// Task type run once when the request FINISHED.
+    pub on_success: Option<String>,
+    /// Task type run once when the request is exhausted or REJECTED.
+    pub on_failure: Option<String>,
+}
+
+/// Which rows `list` shows.
+#[derive(Debug, Clone, Copy)]
+pub enum ListFilter {
+    All,
+    /// `result` IS NULL: never run.
+    Pending,
+    Result(State),
+}
+
+/// Which rows `list` (and `retry`/`cancel` with a filter) select.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// A `result`, or `pending`, `retrying`, `exhausted`; None for any.
+    pub state: Option<String>,
+    pub task: Option<String>,
+    pub queue: Option<String>,
+    pub host: Option<String>,
+    /// Only this batch's members and its callback.
+    pub batch: Option<i64>,
+    /// Only this flow's step and revert rows.
+    pub flow: Option<i64>,
+    /// At most this many rows, newest first.
+    pub limit: i64,
+}
+
+/// The answer to `retry` and `cancel`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Done,
+    /// A running row: cancel recorded `cancel_requested_at` for its daemon.
+    Requested,
+    NotFound,
+    /// The row is in this state, which does not allow the change.
+    Refused(Option<String>),
+}
+
+impl Store {
+    pub async fn enqueue(&self, request: &NewRequest) -> Result<RequestId> {
+        if let Some(unique_key) = &request.unique_key {
+            return self.enqueue_unique(request, unique_key).await;
+        }
+        let id = on_pool!(self, pool => {
+            let query = bind_new_request!(query(self.sql.enqueue.as_str()), request, None);
+            query.fetch_all(pool).await?[0].int(0)?
+        }, mysql pool => {
+            let query = bind_new_request!(mysql::query(self.sql.enqueue.as_str()), request, None);
+            query.execute(pool).await?.last_insert_id() as i64
+        });
+        Ok(RequestId(id))
+    }
+
+    pub async fn show(&self, id: RequestId) -> Result<Option<Request>> {
+        Ok(on_pool!(self, pool => {
+            let query = query(self.sql.show.as_str()).bind(id.0);
+            match query.fetch_all(pool).await?.first() {
+                Some(row) => Some(request_from_row(row)?),
+                None => None,
+            }
+        }))
+    }
+
+    pub async fn list(&self, filter: ListFilter, limit: i64) -> Result<Vec<Request>> {
+        let sql = self.sql;
+        Ok(on_pool!(self, pool => {
+            let query = match filter {
+                ListFilter::All => query(sql.list_all.as_str()).bind(limit),
+                ListFilter::Pending => query(sql.list_pending.as_str()).bind(limit),
+                ListFilter::Result(state) => query(sql.list_by_result.as_str())
+                    .bind(limit)
+                    .bind(state.as_str()),
+            };
+            query.fetch_all(pool).await?
+                .iter()
+                .map(request_from_row)
+                .collect::<sqlx::Result<_>>()?
+        }))
+    }
+
+    /// The rows `query` selects, newest first.
+    pub async fn list_where(&self, list: &ListQuery) -> Result<Vec<Request>> {
+        let text = |value: &Option<String>| value.clone().unwrap_or_default();
+        Ok(on_pool!(self, pool => {
+            query(self.sql.list_where.as_str())
+                .bind(list.limit)
+                .bind(text(&list.task))
+                .bind(text(&list.queue))
+                .bind(text(&list.host))
+                .bind(text(&list.state))
+                .bind(list.batch.unwrap_or(0))
+                .bind(list.flow.unwrap_or(0))
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(request_from_row)
+                .collect::<sqlx::Result<_>>()?
+        }))
+    }
+
+    /// Makes a row runnable again (`retry`); refused while it runs. A
+    /// member's batch is recounted (a batch that already ended stays ended:
+    /// its callback is not made again).
+    pub async fn retry(&self, id: RequestId) -> Result<Change> {
+        if self.execute_by_id(self.sql.retry.as_str(), id).await? {
+            if let Some(batch_id) = self.show(id).await?.and_then(|row| row.batch_id) {
+                self.recount_batch(batch_id).await?;
+            }
+            return Ok(Change::Done);
+        }
+        self.explain_refusal(id).await
+    }
+
+    /// Cancels a pending row at once (through [`finalize`](Store::finalize):
+    /// its batch counts it), or asks the daemon running it to stop it.
+    pub async fn cancel(&self, id: RequestId) -> Result<Change> {
+        if self.finalize(Ending::Cancelled(id)).await? {
+            return Ok(Change::Done);
+        }
+        if self
+            .execute_by_id(self.sql.cancel_running.as_str(), id)
+            .await?
+        {
+            return Ok(Change::Requested);
+        }
+        self.explain_refusal(id).await
+    }
+
+    /// Deletes final and exhausted rows completed more than `older_than` ago,
+    /// in batches of `batch` rows so that claims never wait long.
+    pub async fn purge(&self, older_than: Duration, batch: i64) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let deleted = on_pool!(self, pool => {
+                let query = query(self.sql.purge.as_str())
+                    .bind(older_than.as_secs_f64())
+                    .bind(batch);
+                query.execute(pool).await?.rows_affected()
+            });
+            total += deleted;
+            if deleted < batch as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn execute_by_id(&self, statement: &'static str, id: RequestId) -> Result<bool> {
+        Ok(on_pool!(self, pool => {
+            let query = query(statement).bind(id.0);
+            query.execute(pool).await?.rows_affected() == 1
+        }))
+    }
+
+    async fn explain_refusal(&self, id: RequestId) -> Result<Change> {
+        Ok(on_pool!(self, pool => {
+            let query = query(self.sql.state_of.as_str()).bind(id.0);
+            match query.fetch_all(pool).await?.first() {
+                Some(row) => Change::Refused(row.opt_text(0)?),
+                None => Change::NotFound,
+            }
+        }))
+    }
+
+    /// How many rows are in each state (`PENDING`: never run).
+    pub async fn count_by_result(&self) -> Result<Vec<(String, i64)>> {
+        Ok(on_pool!(self, pool => {
+            let query = query(self.sql.count_by_result.as_str());
+            query.fetch_all(pool).await?
+                .iter()
+                .map(|row| Ok((row.text(0)?, row.int(1)?)))
+                .collect::<sqlx::Result<_>>()?
+        }))
+    }
+
+    /// Inserts a request with a unique key, or returns the id of the pending
+    /// or running request that holds the key. The unique index decides
+    /// (`INSERT OR IGNORE` / `ON CONFLICT DO NOTHING`), so two enqueues at
+    /// once never both insert.
+    async fn enqueue_unique(&self, request: &NewRequest, unique_key: &str) -> Result<RequestId> {
+        // The holder may end between the two statements: then insert again.
+        for _ in 0..5 {
+            let inserted = on_pool!(self, pool => {
+                let query = bind_new_request!(
+                    query(self.sql.enqueue_unique.as_str()),
+                    request,
+                    Some(unique_key),
+                );
+                match query.fetch_all(pool).await?.first() {
+                    Some(row) => Some(row.int(0)?),
+                    None => None,
+                }
+            }, mysql pool => {
+                // A duplicate makes LAST_INSERT_ID() the holder's id.
+                let query = bind_new_request!(
+                    mysql::query(self.sql.enqueue_unique.as_str()),
+                    request,
+                    Some(unique_key),
+                );
+                Some(query.execute(pool).await?.last_insert_id() as i64).filter(|id| *id > 0)
+            });
+            if let Some(id) = inserted {
+                return Ok(RequestId(id));
+            }
+            let holder = on_pool!(self, pool => {
+            let query = query(self.sql.holder_of_unique_key.as_str()).bind(unique_key);
+                match query.fetch_all(pool).await?.first() {
+                    Some(row) => Some(row.int(0)?),
+                    None => None,
+                }
+            });
+            if let Some(id) = holder {
+                return Ok(RequestId(id));
+            }
+        }
+        anyhow::bail!("unique key `{unique_key}`: its holder keeps changing; try again")
+    }
+}

@@ -1,0 +1,227 @@
+//! Claims: which runnable rows a daemon takes, in one statement (see
+//! [`Sql::claim`](super::sql::Sql::claim)), with the claim token that fences
+//! every later write about the try; and when the next delayed row falls due.
+
+use anyhow::Result;
+use sqlx::query;
+
+use super::{begin_write, Pool, RowExt, Store};
+use crate::request::{Claimed, RequestId};
+
+/// Which runnable rows a claim may take.
+#[derive(Debug, Clone, Default)]
+pub struct ClaimFilter<'a> {
+    /// This daemon's node name: rows pinned elsewhere, or barred from here, are skipped.
+    pub node: &'a str,
+    /// Only this queue (`None`: any).
+    pub queue: Option<&'a str>,
+    /// Only this task type (`None`: any).
+    pub task: Option<&'a str>,
+    /// Task types to leave alone (those with a concurrency limit, claimed apart).
+    pub excluded_tasks: &'a [String],
+}
+
+pub(super) fn claimed_from_row(
+    row: &impl RowExt,
+    claim_token: &str,
+) -> sqlx::Result<(i64, Claimed)> {
+    Ok((
+        row.int(5)?,
+        Claimed {
+            id: RequestId(row.int(0)?),
+            task_class_name: row.text(1)?,
+            options: row.opt_bytes(2)?.unwrap_or_default(),
+            tries: row.int(3)?,
+            try_limit: row.int(4)?,
+            claim_token: claim_token.to_string(),
+            queue: row.text(6)?,
+            periodic: row.int(7)? > 0,
+            waited: row.opt_float(8)?.unwrap_or(0.0),
+            batch_id: row.opt_int(9)?,
+            callback_of_batch: row.opt_int(10)?,
+            has_callbacks: row.int(11)? > 0,
+            options_length: row.int(12)?.max(0) as u64,
+        },
+    ))
+}
+
+impl Store {
+    /// Claims up to `limit` runnable rows of any queue and type, in one
+    /// statement (see [`Sql::claim`](super::sql::Sql::claim)), returned in claim order.
+    pub async fn claim(
+        &self,
+        host: &str,
+        instance: &str,
+        claim_token: &str,
+        limit: usize,
+    ) -> Result<Vec<Claimed>> {
+        self.claim_filtered(
+            host,
+            instance,
+            claim_token,
+            limit,
+            &ClaimFilter {
+                node: host,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    /// Claims leave out options longer than `max_options` bytes (the row's
+    /// try is then rejected without the value ever being read).
+    pub fn set_max_options(&self, max_options: u64) {
+        self.max_options
+            .store(max_options, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(super) fn options_cap(&self) -> i64 {
+        self.max_options
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .min(i64::MAX as u64) as i64
+    }
+
+    /// Claims up to `limit` runnable rows that pass `filter`, in one statement.
+    pub async fn claim_filtered(
+        &self,
+        host: &str,
+        instance: &str,
+        claim_token: &str,
+        limit: usize,
+        filter: &ClaimFilter<'_>,
+    ) -> Result<Vec<Claimed>> {
+        self.count_statements(1);
+        let excluded = serde_json::to_string(filter.excluded_tasks)?;
+        if let Pool::MySql(pool) = &self.pool {
+            let mut rows = self
+                .claim_mysql(pool, (claim_token, instance, host), limit, filter, None)
+                .await?;
+            rows.sort_by_key(|(priority, claimed)| (-priority, claimed.id));
+            return Ok(rows.into_iter().map(|(_, claimed)| claimed).collect());
+        }
+        let mut rows: Vec<(i64, Claimed)> = on_pool!(self, pool => {
+            let query = query(self.sql.claim.as_str())
+                .bind(claim_token)
+                .bind(instance)
+                .bind(host)
+                .bind(limit as i64)
+                .bind(filter.node)
+                .bind(filter.queue.unwrap_or(""))
+                .bind(filter.task.unwrap_or(""))
+                .bind(excluded.as_str())
+                .bind(self.options_cap());
+            query.fetch_all(pool).await?
+                .iter()
+                .map(|row| claimed_from_row(row, claim_token))
+                .collect::<sqlx::Result<_>>()?
+        });
+        // RETURNING has no order on PostgreSQL: restore priority, then id.
+        rows.sort_by_key(|(priority, claimed)| (-priority, claimed.id));
+        Ok(rows.into_iter().map(|(_, claimed)| claimed).collect())
+    }
+
+    /// Claims rows of `task`, a type with a concurrency limit across all
+    /// daemons: under a lock per type (PostgreSQL advisory lock; SQLite's
+    /// single writer), counts its running rows and claims at most the rest.
+    pub async fn claim_limited(
+        &self,
+        host: &str,
+        instance: &str,
+        claim_token: &str,
+        limit: usize,
+        filter: &ClaimFilter<'_>,
+        type_limit: u32,
+    ) -> Result<Vec<Claimed>> {
+        let task = filter.task.expect("claim_limited needs a task type");
+        let sql = self.sql;
+        if let Pool::MySql(pool) = &self.pool {
+            let mut rows = self
+                .claim_mysql(
+                    pool,
+                    (claim_token, instance, host),
+                    limit,
+                    filter,
+                    Some(type_limit),
+                )
+                .await?;
+            rows.sort_by_key(|(priority, claimed)| (-priority, claimed.id));
+            return Ok(rows.into_iter().map(|(_, claimed)| claimed).collect());
+        }
+        let mut rows: Vec<(i64, Claimed)> = on_pool!(self, pool => {
+            let mut transaction = begin_write(pool).await?;
+            if let Some(lock) = &sql.lock_type {
+                query(lock.as_str()).bind(task).execute(&mut *transaction).await?;
+            }
+            let running: i64 = {
+                let rows = query(sql.running_of_type.as_str()).bind(task).fetch_all(&mut *transaction).await?;
+                rows.first().map(|row| row.int(0)).transpose()?.unwrap_or(0)
+            };
+            let room = (i64::from(type_limit) - running).clamp(0, limit as i64);
+            // BEGIN, the lock, the count, the claim, COMMIT.
+            self.count_statements(2 + u64::from(sql.lock_type.is_some()) + 1 + u64::from(room > 0));
+            let claimed = if room == 0 {
+                Vec::new()
+            } else {
+                query(sql.claim.as_str())
+                    .bind(claim_token)
+                    .bind(instance)
+                    .bind(host)
+                    .bind(room)
+                    .bind(filter.node)
+                    .bind(filter.queue.unwrap_or(""))
+                    .bind(task)
+                    .bind("[]")
+                    .bind(self.options_cap())
+                    .fetch_all(&mut *transaction)
+                    .await?
+                    .iter()
+                    .map(|row| claimed_from_row(row, claim_token))
+                    .collect::<sqlx::Result<Vec<_>>>()?
+            };
+            transaction.commit().await?;
+            claimed
+        });
+        rows.sort_by_key(|(priority, claimed)| (-priority, claimed.id));
+        Ok(rows.into_iter().map(|(_, claimed)| claimed).collect())
+    }
+
+    /// Claims one given row if it is runnable (its delay ignored).
+    pub async fn claim_one(
+        &self,
+        id: RequestId,
+        host: &str,
+        instance: &str,
+        claim_token: &str,
+    ) -> Result<Option<Claimed>> {
+        if let Pool::MySql(pool) = &self.pool {
+            return self
+                .claim_one_mysql(pool, id.0, (claim_token, instance, host))
+                .await;
+        }
+        let rows = on_pool!(self, pool => {
+            let query = query(self.sql.claim_one.as_str())
+                .bind(claim_token)
+                .bind(instance)
+                .bind(host)
+                .bind(id.0)
+                .bind(self.options_cap());
+            query.fetch_all(pool).await?
+                .iter()
+                .map(|row| claimed_from_row(row, claim_token))
+                .collect::<sqlx::Result<Vec<_>>>()?
+        });
+        Ok(rows.into_iter().next().map(|(_, claimed)| claimed))
+    }
+
+    /// Seconds until the earliest delayed runnable row is due, if any.
+    pub async fn seconds_until_next_delay(&self) -> Result<Option<f64>> {
+        self.count_statements(1);
+        Ok(on_pool!(self, pool => {
+            let query = query(self.sql.next_delay.as_str());
+            match query.fetch_all(pool).await?.first() {
+                Some(row) => row.opt_float(0)?,
+                None => None,
+            }
+        }))
+    }
+}

@@ -1,0 +1,434 @@
+//! Opening the store and keeping it fit to use: the pools (one SQLite
+//! writer, small PostgreSQL and MySQL pools), the schema's migrations and
+//! the checks made at start (server encoding and version, `--no-migrate`),
+//! the statement counters, and the SQLite connection kept beside the pool.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use super::{diagnose, mysql, sql, url, Pool, Store};
+use sql::Sql;
+
+/// Name of taskrunner's own migration bookkeeping table (never `_sqlx_migrations`,
+/// which may belong to the application sharing the database).
+pub(super) const MIGRATIONS_TABLE: &str = "task_runner_schema_migrations";
+
+/// The daemon's writer connection checkpoints only once the log is this many
+/// pages long (SQLite's default is 1,000), which it reaches only if the
+/// daemon's checkpointer falls behind.
+pub const WRITER_AUTOCHECKPOINT: u32 = 16_000;
+
+/// What [`Store::migrate`] did: schema versions before (None: no schema) and after.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migration {
+    pub before: Option<i64>,
+    pub after: i64,
+    /// What was repaired first (tables loaded from a Rails schema.rb).
+    pub repaired: Option<String>,
+}
+
+impl std::fmt::Display for Migration {
+    /// "created (version 3)", "upgraded from version 2 to 3", "up to date (version 3)".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(repaired) = &self.repaired {
+            return write!(f, "{repaired} (version {})", self.after);
+        }
+        match self.before {
+            None => write!(f, "created (version {})", self.after),
+            Some(before) if before < self.after => {
+                write!(f, "upgraded from version {before} to {}", self.after)
+            }
+            Some(_) => write!(f, "up to date (version {})", self.after),
+        }
+    }
+}
+
+/// Who opens the store: only the daemon and `migrate` may create a SQLite file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Daemon,
+    Migrate,
+    Cli,
+}
+
+/// The database's schema is not the one this binary was built for
+/// (`--no-migrate`): retrying cannot fix it.
+#[derive(Debug)]
+pub struct SchemaMismatch(pub String);
+
+impl std::fmt::Display for SchemaMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SchemaMismatch {}
+
+/// A SQLite connection of its own, beside the pool's one writer, for work
+/// that must neither wait for the writer nor hold it up (the change check,
+/// checkpoints). Opened when first needed, and again after an error.
+pub struct SideConnection {
+    options: Option<SqliteConnectOptions>,
+    open: Option<sqlx::SqliteConnection>,
+}
+
+impl SideConnection {
+    pub fn new(url: &str) -> SideConnection {
+        SideConnection {
+            options: SqliteConnectOptions::from_str(url).ok(),
+            open: None,
+        }
+    }
+
+    /// The connection, opened if need be; `None` while it cannot be.
+    pub async fn get(&mut self) -> Option<&mut sqlx::SqliteConnection> {
+        use sqlx::ConnectOptions;
+        if self.open.is_none() {
+            self.open = self.options.as_ref()?.connect().await.ok();
+        }
+        self.open.as_mut()
+    }
+
+    /// After an error: the next [`get`](Self::get) opens a new connection.
+    pub fn failed(&mut self, error: &sqlx::Error) {
+        tracing::debug!("SQLite side connection: {error}");
+        self.open = None;
+    }
+
+    pub async fn close(self) {
+        use sqlx::Connection;
+        if let Some(open) = self.open {
+            let _ = open.close().await;
+        }
+    }
+}
+
+impl Store {
+    /// Opens a pool without connecting yet: the daemon starts, and retries,
+    /// even while the database is unreachable.
+    pub fn open(url: &str, purpose: Purpose) -> Result<Store> {
+        let display_url = url::redact_url(url);
+        let pool = if url.starts_with("sqlite:") {
+            if let Some(path) = diagnose::sqlite_path(url) {
+                diagnose::check_sqlite_access(&path, purpose)?;
+            }
+            let options = SqliteConnectOptions::from_str(url)
+                .with_context(|| format!("invalid SQLite URL {display_url}"))?
+                .create_if_missing(purpose != Purpose::Cli)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(5));
+            // The daemon checkpoints on a connection of its own (see daemon/checkpoint.rs).
+            let options = if purpose == Purpose::Daemon {
+                options.pragma("wal_autocheckpoint", WRITER_AUTOCHECKPOINT.to_string())
+            } else {
+                options
+            };
+            // One connection: SQLite has one writer at a time anyway, and a
+            // single connection keeps every claim a plain `UPDATE … RETURNING`
+            // that takes the write lock up front (no BUSY_SNAPSHOT upgrades).
+            Pool::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(Duration::from_secs(30))
+                    .after_connect(|connection, _| {
+                        Box::pin(async move { stable_query_plans(connection).await })
+                    })
+                    .connect_lazy_with(options),
+            )
+        } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
+            let url = url.replacen("mariadb:", "mysql:", 1);
+            let options = MySqlConnectOptions::from_str(&url)
+                .with_context(|| format!("invalid MySQL URL {display_url}"))?
+                // Case-sensitive comparisons everywhere, as on the other two:
+                // `noop` is not `NoOp`.
+                .charset("utf8mb4")
+                .collation("utf8mb4_bin")
+                .timezone(Some("+00:00".to_string()));
+            Pool::MySql(
+                MySqlPoolOptions::new()
+                    .max_connections(if purpose == Purpose::Daemon { 4 } else { 2 })
+                    .acquire_timeout(Duration::from_secs(5))
+                    .after_connect(|connection, _| {
+                        Box::pin(async move { mysql::configure_session(connection).await })
+                    })
+                    .connect_lazy_with(options),
+            )
+        } else {
+            let options = PgConnectOptions::from_str(url)
+                .with_context(|| format!("invalid PostgreSQL URL {display_url}"))?
+                .application_name("taskrunner");
+            Pool::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(if purpose == Purpose::Daemon { 4 } else { 2 })
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect_lazy_with(options),
+            )
+        };
+        let sql: &'static Sql = match pool {
+            Pool::Sqlite(_) => &sql::SQLITE,
+            Pool::Postgres(_) => &sql::POSTGRES,
+            Pool::MySql(_) => &sql::MYSQL,
+        };
+        Ok(Store {
+            pool,
+            sql,
+            display_url,
+            statements: Default::default(),
+            hooks: Default::default(),
+            // No cap until the daemon sets its `max_options`.
+            max_options: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
+            lock_retries: Default::default(),
+        })
+    }
+
+    /// Statements sent so far by the daemon's own work (see the field).
+    pub fn statements_sent(&self) -> u64 {
+        self.statements.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counts `n` statements sent (round trips).
+    pub fn count_statements(&self, n: u64) {
+        self.statements
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// MariaDB/MySQL: transactions run again after a deadlock (1213) or a
+    /// lock-wait timeout (1205) so far.
+    pub fn lock_retries(&self) -> u64 {
+        self.lock_retries.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The MariaDB/MySQL pool, for the wake-up check.
+    pub fn mysql_pool(&self) -> Option<&MySqlPool> {
+        match &self.pool {
+            Pool::MySql(pool) => Some(pool),
+            _ => None,
+        }
+    }
+
+    /// The PostgreSQL pool, for LISTEN.
+    pub fn postgres_pool(&self) -> Option<&PgPool> {
+        match &self.pool {
+            Pool::Postgres(pool) => Some(pool),
+            _ => None,
+        }
+    }
+
+    /// The SQLite pool, for cheap change detection.
+    pub fn sqlite_pool(&self) -> Option<&SqlitePool> {
+        match &self.pool {
+            Pool::Sqlite(pool) => Some(pool),
+            _ => None,
+        }
+    }
+
+    /// Creates or upgrades the schema. Safe to run from several daemons at
+    /// once (sqlx takes an advisory lock on PostgreSQL; SQLite serialises
+    /// writers). Returns the schema version before and after.
+    pub async fn migrate(&self) -> Result<Migration> {
+        let context = || format!("migrating the schema of {}", self.display_url);
+        let before = self.schema_version().await;
+        let mut migrator = self.migrator();
+        migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+        let repaired = self
+            .repair_if_needed(&migrator)
+            .await
+            .with_context(context)?;
+        match &self.pool {
+            Pool::Sqlite(pool) => migrator.run(pool).await.with_context(context)?,
+            Pool::Postgres(pool) => migrator.run(pool).await.with_context(context)?,
+            Pool::MySql(pool) => migrator.run(pool).await.with_context(context)?,
+        }
+        let after = self.schema_version().await.unwrap_or(0);
+        Ok(Migration {
+            before: if repaired.is_some() { None } else { before },
+            after,
+            repaired,
+        })
+    }
+
+    /// This backend's migrations (one version means the same schema on every backend).
+    fn migrator(&self) -> sqlx::migrate::Migrator {
+        match &self.pool {
+            Pool::Sqlite(_) => sqlx::migrate!("../migrations/sqlite"),
+            Pool::Postgres(_) => sqlx::migrate!("../migrations/postgres"),
+            Pool::MySql(_) => sqlx::migrate!("../migrations/mysql"),
+        }
+    }
+
+    /// The highest migration applied, or None before the first one.
+    pub(super) async fn schema_version(&self) -> Option<i64> {
+        let statement = format!("SELECT max(version) FROM {MIGRATIONS_TABLE} WHERE success");
+        let statement = sqlx::AssertSqlSafe(statement);
+        on_pool!(self, pool => {
+            sqlx::query_scalar::<_, Option<i64>>(statement).fetch_one(pool).await.ok()?
+        })
+    }
+
+    /// PostgreSQL: the database must store UTF-8. With another server
+    /// encoding (SQL_ASCII above all) a row holding bytes that are not UTF-8
+    /// cannot be read, and would stop every claim; refused at start.
+    /// MariaDB/MySQL: a server older than the minimum is refused at start,
+    /// naming the version found and the one needed.
+    pub async fn check_encoding(&self) -> Result<()> {
+        if let Pool::MySql(pool) = &self.pool {
+            let version: String = sqlx::query_scalar("SELECT VERSION()")
+                .fetch_one(pool)
+                .await
+                .with_context(|| format!("reading the server version of {}", self.display_url))?;
+            return match mysql::version_refusal(&version) {
+                None => Ok(()),
+                Some(refusal) => {
+                    Err(SchemaMismatch(format!("{}: {refusal}", self.display_url)).into())
+                }
+            };
+        }
+        let Pool::Postgres(pool) = &self.pool else {
+            return Ok(());
+        };
+        let encoding: String = sqlx::query_scalar("SHOW server_encoding")
+            .fetch_one(pool)
+            .await
+            .with_context(|| format!("reading the server encoding of {}", self.display_url))?;
+        if encoding.eq_ignore_ascii_case("UTF8") {
+            return Ok(());
+        }
+        Err(SchemaMismatch(format!(
+            "{} has server_encoding {encoding}: taskrunner needs UTF8 (a row that cannot be read as UTF-8 would stop every claim); create the database with ENCODING 'UTF8'",
+            self.display_url
+        ))
+        .into())
+    }
+
+    /// With `--no-migrate`: compares the migrations applied to the database
+    /// with this binary's. A schema that is missing, older or newer is a
+    /// [`SchemaMismatch`] naming what differs; a database that cannot be
+    /// reached is a plain error (retried).
+    pub async fn check_schema(&self) -> Result<()> {
+        self.check_encoding().await?;
+        let migrator = self.migrator();
+        let known: Vec<i64> = migrator
+            .iter()
+            .filter(|m| m.migration_type.is_up_migration())
+            .map(|m| m.version)
+            .collect();
+        let statement =
+            format!("SELECT version FROM {MIGRATIONS_TABLE} WHERE success ORDER BY version");
+        let applied: sqlx::Result<Vec<i64>> = on_pool!(self, pool => {
+            sqlx::query_scalar(sqlx::AssertSqlSafe(statement)).fetch_all(pool).await
+        });
+        let applied = match applied {
+            Ok(applied) => applied,
+            Err(sqlx::Error::Database(error))
+                if error.code().as_deref() == Some("42P01")
+                    || error.code().as_deref() == Some("42S02")
+                    || error.message().contains("no such table") =>
+            {
+                return Err(SchemaMismatch(format!(
+                    "{} has no taskrunner schema (no table {MIGRATIONS_TABLE}): run `taskrunner-cli migrate`, or start without --no-migrate",
+                    self.display_url
+                ))
+                .into());
+            }
+            Err(error) => {
+                return Err(anyhow::Error::new(error).context(format!(
+                    "reading the schema version of {}",
+                    self.display_url
+                )))
+            }
+        };
+        let list = |versions: Vec<i64>| {
+            versions
+                .iter()
+                .map(|v| format!("{v:04}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let missing: Vec<i64> = known
+            .iter()
+            .copied()
+            .filter(|v| !applied.contains(v))
+            .collect();
+        let newer: Vec<i64> = applied
+            .iter()
+            .copied()
+            .filter(|v| !known.contains(v))
+            .collect();
+        let mut problems = Vec::new();
+        if !missing.is_empty() {
+            problems.push(format!(
+                "is missing migration(s) {} that this taskrunnerd needs (run `taskrunner-cli migrate`, or start without --no-migrate)",
+                list(missing)
+            ));
+        }
+        if !newer.is_empty() {
+            problems.push(format!(
+                "has migration(s) {} newer than this taskrunnerd knows (upgrade taskrunnerd)",
+                list(newer)
+            ));
+        }
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(SchemaMismatch(format!(
+            "the schema of {} {}",
+            self.display_url,
+            problems.join(", and ")
+        ))
+        .into())
+    }
+
+    /// Closes the pool, waiting for connections to be returned.
+    pub async fn close(&self) {
+        on_pool!(self, pool => pool.close().await)
+    }
+}
+
+/// Turns on SQLite's query planner stability guarantee for a connection.
+///
+/// Without it SQLite re-prepares a statement on its next step whenever a
+/// bound value the planner looked at has changed: the claim's `LIMIT $4`, and
+/// parameters compared with the partial indexes' predicates. That re-parsing
+/// was half of the SQLite thread's CPU time per task (profiled while draining
+/// NoOp rows). Our statements are written for one plan (the partial indexes),
+/// so a plan that ignores bound values is the right one.
+async fn stable_query_plans(connection: &mut sqlx::SqliteConnection) -> sqlx::Result<()> {
+    let mut handle = connection.lock_handle().await?;
+    let db = handle.as_raw_handle().as_ptr();
+    // SAFETY: a valid connection handle, held locked for the call; the
+    // option takes an int and a nullable int pointer.
+    let code = unsafe {
+        libsqlite3_sys::sqlite3_db_config(
+            db,
+            libsqlite3_sys::SQLITE_DBCONFIG_ENABLE_QPSG,
+            1 as libc::c_int,
+            std::ptr::null_mut::<libc::c_int>(),
+        )
+    };
+    if code != libsqlite3_sys::SQLITE_OK {
+        return Err(sqlx::Error::Protocol(format!(
+            "SQLite refused the query planner stability setting (code {code})"
+        )));
+    }
+    Ok(())
+}
+
+/// Starts a write transaction. On SQLite `BEGIN IMMEDIATE` takes the write
+/// lock up front, so busy_timeout applies and no snapshot upgrade can fail.
+pub(super) async fn begin_write<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+) -> sqlx::Result<sqlx::Transaction<'static, DB>> {
+    if DB::NAME == "SQLite" {
+        pool.begin_with("BEGIN IMMEDIATE").await
+    } else {
+        pool.begin().await
+    }
+}

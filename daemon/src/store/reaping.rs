@@ -1,0 +1,119 @@
+//! What the reaper reads: RUNNING rows of this host (to probe their
+//! processes) and rows whose lease lapsed; and how it marks a row CRASHED.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use sqlx::query;
+
+use super::{Ending, Pool, RowExt, Store};
+use crate::request::RequestId;
+
+/// A RUNNING row of this host, as the reaper probes it.
+#[derive(Debug, Clone)]
+pub struct RunningRow {
+    pub id: RequestId,
+    pub pid: i64,
+    pub boot_id: Option<String>,
+    pub start_ticks: Option<i64>,
+    /// `started_at` as seconds since the epoch.
+    pub started_at: Option<f64>,
+    pub claim_token: Option<String>,
+    pub claimed_by: String,
+}
+
+/// A RUNNING row whose heartbeat is older than the lease.
+#[derive(Debug, Clone)]
+pub struct LapsedRow {
+    pub id: RequestId,
+    pub host: String,
+    pub claim_token: Option<String>,
+    pub heartbeat_at: Option<String>,
+}
+
+impl Store {
+    /// RUNNING rows of `host` with a pid, except those held by `exclude_instance`.
+    pub async fn running_on_host(
+        &self,
+        host: &str,
+        exclude_instance: &str,
+    ) -> Result<Vec<RunningRow>> {
+        self.count_statements(1);
+        Ok(on_pool!(self, pool => {
+            let query = query(self.sql.running_on_host.as_str())
+                .bind(host)
+                .bind(exclude_instance);
+            query.fetch_all(pool).await?
+                .iter()
+                .map(|row| Ok(RunningRow {
+                    id: RequestId(row.int(0)?),
+                    pid: row.int(1)?,
+                    boot_id: row.opt_text(2)?,
+                    start_ticks: row.opt_int(3)?,
+                    started_at: row.opt_float(4)?,
+                    claim_token: row.opt_text(5)?,
+                    claimed_by: row.text(6)?,
+                }))
+                .collect::<sqlx::Result<_>>()?
+        }))
+    }
+
+    /// RUNNING rows of `host` without a pid, except those held by
+    /// `exclude_instance`: (id, claim token, claimed_by).
+    pub async fn unstarted_on_host(
+        &self,
+        host: &str,
+        exclude_instance: &str,
+    ) -> Result<Vec<(RequestId, Option<String>, String)>> {
+        self.count_statements(1);
+        Ok(on_pool!(self, pool => {
+            let query = query(self.sql.unstarted_on_host.as_str())
+                .bind(host)
+                .bind(exclude_instance);
+            query.fetch_all(pool).await?
+                .iter()
+                .map(|row| Ok((RequestId(row.int(0)?), row.opt_text(1)?, row.text(2)?)))
+                .collect::<sqlx::Result<_>>()?
+        }))
+    }
+
+    /// RUNNING rows (any host) whose heartbeat is older than `lease`.
+    pub async fn lapsed_leases(
+        &self,
+        lease: Duration,
+        exclude_instance: &str,
+    ) -> Result<Vec<LapsedRow>> {
+        self.count_statements(1);
+        Ok(on_pool!(self, pool => {
+            let query = query(self.sql.lapsed_leases.as_str())
+                .bind(lease.as_secs_f64())
+                .bind(exclude_instance);
+            query.fetch_all(pool).await?
+                .iter()
+                .map(|row| Ok(LapsedRow {
+                    id: RequestId(row.int(0)?),
+                    host: row.text(1)?,
+                    claim_token: row.opt_text(2)?,
+                    heartbeat_at: row.opt_text(3)?,
+                }))
+                .collect::<sqlx::Result<_>>()?
+        }))
+    }
+
+    /// Marks a row CRASHED if it still carries the claim token read before;
+    /// it runs again at once (its try counts), or, with no tries left, is
+    /// exhausted: written by [`finalize`](Store::finalize) with what that causes.
+    pub async fn mark_crashed(
+        &self,
+        id: RequestId,
+        claim_token: Option<&str>,
+        reason: &str,
+    ) -> Result<bool> {
+        self.finalize(Ending::Crashed {
+            id,
+            claim_token,
+            reason,
+        })
+        .await
+    }
+}

@@ -1,0 +1,417 @@
+//! Writes about a try (pid, progress, outcome), each fenced by the try's
+//! claim token, in as few round trips as the backend allows; and the
+//! heartbeat that renews the leases of the rows a daemon holds.
+
+use std::collections::HashSet;
+
+use anyhow::Result;
+use sqlx::postgres::PgPool;
+use sqlx::query;
+
+use super::sql::Sql;
+use super::{begin_write, mysql, Ending, Pool, RowExt, Store};
+use crate::request::{RequestId, State};
+
+/// The one-row statement for a write (SQLite and MySQL, and progress
+/// everywhere); `query` is the backend's (see `on_pool!`).
+macro_rules! single_write_query {
+    ($sql:expr, $write:expr) => {{
+        let sql: &'static Sql = $sql;
+        match $write {
+            Write::Pid {
+                id,
+                claim_token,
+                pid,
+                boot_id,
+                start_ticks,
+            } => query(sql.record_pid.as_str())
+                .bind(*pid)
+                .bind(boot_id.as_str())
+                .bind(*start_ticks)
+                .bind(id.0)
+                .bind(claim_token.as_str()),
+            Write::Progress {
+                id,
+                claim_token,
+                text,
+            } => query(sql.record_progress.as_str())
+                .bind(text.as_str())
+                .bind(id.0)
+                .bind(claim_token.as_str()),
+            Write::Outcome(outcome) => query(sql.record_outcome.as_str())
+                .bind(outcome.state.as_str())
+                .bind(outcome.result_text.as_str())
+                .bind(i64::from(outcome.give_back_try))
+                .bind(outcome.retry_after)
+                .bind(outcome.id.0)
+                .bind(outcome.claim_token.as_str()),
+        }
+    }};
+}
+
+/// One write about a try, fenced by its claim token.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// The process was spawned: pid and the identity the reaper checks.
+    Pid {
+        id: RequestId,
+        claim_token: String,
+        pid: i64,
+        boot_id: String,
+        start_ticks: i64,
+    },
+    Progress {
+        id: RequestId,
+        claim_token: String,
+        text: String,
+    },
+    Outcome(Outcome),
+}
+
+impl Write {
+    pub fn id(&self) -> RequestId {
+        match self {
+            Write::Pid { id, .. } | Write::Progress { id, .. } => *id,
+            Write::Outcome(outcome) => outcome.id,
+        }
+    }
+
+    /// The claim the write is fenced by.
+    pub fn claim_token(&self) -> &str {
+        match self {
+            Write::Pid { claim_token, .. } | Write::Progress { claim_token, .. } => claim_token,
+            Write::Outcome(outcome) => &outcome.claim_token,
+        }
+    }
+}
+
+/// How a try ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub id: RequestId,
+    pub claim_token: String,
+    pub state: State,
+    pub result_text: String,
+    /// Seconds until the row may run again; `None` clears `delay_until`.
+    pub retry_after: Option<f64>,
+    /// The try does not count (INTERRUPTED): `tries` goes back down by one.
+    pub give_back_try: bool,
+    /// This outcome may end the request with follow-ups (its batch, its
+    /// callbacks, `on_exhausted`, its next periodic occurrence): it is
+    /// written by [`Store::finalize`], in a transaction of its own, rather
+    /// than in the recorder's one-statement batch.
+    pub composed: bool,
+}
+
+/// For each write, whether an outcome of the same claim comes before it.
+fn writes_after_their_outcome(writes: &[Write]) -> Vec<bool> {
+    let mut ended: HashSet<(RequestId, &str)> = HashSet::new();
+    writes
+        .iter()
+        .map(|write| {
+            let claim = (write.id(), write.claim_token());
+            let late = ended.contains(&claim);
+            if matches!(write, Write::Outcome(_)) {
+                ended.insert(claim);
+            }
+            late
+        })
+        .collect()
+}
+
+/// A heartbeat renewal: a row this daemon still holds.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub id: RequestId,
+    pub claim_token: String,
+    pub cancel_requested: bool,
+}
+
+impl Store {
+    /// Applies writes; for each, whether it still held its claim (false: the
+    /// row was taken from this try, and nothing changed). Outcomes with
+    /// follow-ups ([`Outcome::composed`]) each go through
+    /// [`finalize`](Store::finalize), in a transaction of its own; the rest
+    /// in one transaction (on PostgreSQL, pids and outcomes in one array
+    /// statement each, so a batch costs a handful of round trips however many
+    /// tries it records).
+    ///
+    /// Writes apply in the order given. A write queued after the outcome of
+    /// its own claim (a give-back of a row whose outcome was still queued,
+    /// say) would match nothing once that outcome applied; in one batch
+    /// statement it could win instead, and finished work would run again.
+    /// It is left out and reported not applied.
+    pub async fn record(&self, writes: &[Write]) -> Result<Vec<bool>> {
+        let late = writes_after_their_outcome(writes);
+        if !late.iter().any(|late| *late) {
+            return self.record_in_order(writes).await;
+        }
+        let kept: Vec<Write> = writes
+            .iter()
+            .zip(&late)
+            .filter(|(_, late)| !**late)
+            .map(|(write, _)| write.clone())
+            .collect();
+        let mut applied = self.record_in_order(&kept).await?.into_iter();
+        Ok(late
+            .iter()
+            .map(|late| !late && applied.next().unwrap_or(false))
+            .collect())
+    }
+
+    async fn record_in_order(&self, writes: &[Write]) -> Result<Vec<bool>> {
+        let is_composed =
+            |write: &Write| matches!(write, Write::Outcome(outcome) if outcome.composed);
+        if !writes.iter().any(is_composed) {
+            return self.record_plain(writes).await;
+        }
+        // In order: a write queued after an outcome (a give-back of the same
+        // row, say) must not be applied before it.
+        let mut applied = Vec::with_capacity(writes.len());
+        let mut rest = writes;
+        while !rest.is_empty() {
+            let plain = rest.iter().take_while(|w| !is_composed(w)).count();
+            if plain > 0 {
+                applied.extend(self.record_plain(&rest[..plain]).await?);
+                rest = &rest[plain..];
+            } else if let Write::Outcome(outcome) = &rest[0] {
+                applied.push(self.finalize(Ending::Outcome(outcome)).await?);
+                rest = &rest[1..];
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Writes without follow-ups (see [`record`](Store::record)).
+    async fn record_plain(&self, writes: &[Write]) -> Result<Vec<bool>> {
+        let sql = self.sql;
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Pool::MySql(_) = &self.pool {
+            // No `UPDATE … FROM` and no `RETURNING`: one statement per write,
+            // in one transaction, run again after a lock conflict.
+            return mysql::retry_locks(&self.lock_retries, || self.record_each(writes)).await;
+        }
+        // One write alone needs no transaction: a single statement is atomic,
+        // and BEGIN and COMMIT would triple its round trips.
+        if let [write] = writes {
+            self.count_statements(1);
+            let took = on_pool!(self, pool => {
+                single_write_query!(sql, write).execute(pool).await?.rows_affected() == 1
+            });
+            return Ok(vec![took]);
+        }
+        // Outcomes only (the common batch at high load): one statement,
+        // atomic on its own.
+        let outcomes: Option<Vec<&Outcome>> = writes
+            .iter()
+            .map(|write| match write {
+                Write::Outcome(outcome) => Some(outcome),
+                _ => None,
+            })
+            .collect();
+        if let Some(outcomes) = outcomes {
+            let applied = self.record_outcomes(&outcomes).await?;
+            return Ok(outcomes.iter().map(|o| applied.contains(&o.id.0)).collect());
+        }
+        if let (Pool::Postgres(pool), Some(pids_sql)) = (&self.pool, &self.sql.record_pids_batch) {
+            // BEGIN, one statement per kind of write (progress: one each), COMMIT.
+            let progress = writes
+                .iter()
+                .filter(|w| matches!(w, Write::Progress { .. }))
+                .count();
+            self.count_statements(4 + progress as u64);
+            return record_postgres_batch(pool, self.sql, pids_sql, writes).await;
+        }
+        self.record_each(writes).await
+    }
+
+    /// One statement per write, in one transaction (one alone: without).
+    async fn record_each(&self, writes: &[Write]) -> Result<Vec<bool>> {
+        let sql = self.sql;
+        if let [write] = writes {
+            self.count_statements(1);
+            let took = on_pool!(self, pool => {
+                single_write_query!(sql, write).execute(pool).await?.rows_affected() == 1
+            });
+            return Ok(vec![took]);
+        }
+        let mut applied = Vec::with_capacity(writes.len());
+        on_pool!(self, pool => {
+            let mut transaction = begin_write(pool).await?;
+            self.count_statements(2 + writes.len() as u64);
+            for write in writes {
+                let query = single_write_query!(sql, write);
+                applied.push(query.execute(&mut *transaction).await?.rows_affected() == 1);
+            }
+            transaction.commit().await?;
+        });
+        Ok(applied)
+    }
+
+    /// Records outcomes without follow-ups in one statement; returns the ids
+    /// it applied to.
+    async fn record_outcomes(&self, outcomes: &[&Outcome]) -> Result<HashSet<i64>> {
+        self.count_statements(1);
+        let statement = self.sql.record_outcomes_batch.as_str();
+        let rows = match &self.pool {
+            Pool::Postgres(pool) => bind_outcome_arrays(query(statement), outcomes)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|row| row.int(0))
+                .collect::<sqlx::Result<_>>()?,
+            Pool::Sqlite(pool) => {
+                let rows: Vec<serde_json::Value> = outcomes
+                    .iter()
+                    .map(|o| {
+                        serde_json::json!([
+                            o.id.0,
+                            o.claim_token,
+                            o.state.as_str(),
+                            o.result_text,
+                            i64::from(o.give_back_try),
+                            o.retry_after
+                        ])
+                    })
+                    .collect();
+                query(statement)
+                    .bind(serde_json::Value::Array(rows).to_string())
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|row| row.int(0))
+                    .collect::<sqlx::Result<_>>()?
+            }
+            // `record_plain` writes them one by one there.
+            Pool::MySql(_) => {
+                anyhow::bail!("outcome batches are not written in one statement on MySQL")
+            }
+        };
+        Ok(rows)
+    }
+
+    /// Renews `heartbeat_at` on every row `instance` holds (one statement),
+    /// then reads which rows it still holds and which a user asked to cancel.
+    pub async fn renew_heartbeats(&self, instance: &str) -> Result<Vec<Held>> {
+        if let Pool::MySql(_) = &self.pool {
+            return mysql::retry_locks(&self.lock_retries, || self.renew_heartbeats_once(instance))
+                .await;
+        }
+        self.renew_heartbeats_once(instance).await
+    }
+
+    async fn renew_heartbeats_once(&self, instance: &str) -> Result<Vec<Held>> {
+        self.count_statements(2);
+        Ok(on_pool!(self, pool => {
+            query(self.sql.renew_heartbeats.as_str()).bind(instance).execute(pool).await?;
+            let query = query(self.sql.held_by.as_str()).bind(instance);
+            query.fetch_all(pool).await?
+                .iter()
+                .map(|row| Ok(Held {
+                    id: RequestId(row.int(0)?),
+                    claim_token: row.text(1)?,
+                    cancel_requested: row.int(2)? != 0,
+                }))
+                .collect::<sqlx::Result<_>>()?
+        }))
+    }
+}
+
+/// Binds the columns of `outcomes` as arrays, in the order of the
+/// PostgreSQL batch statement's `unnest()`.
+fn bind_outcome_arrays<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    outcomes: &[&'q Outcome],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    fn column<'a, T>(outcomes: &[&'a Outcome], field: impl Fn(&'a Outcome) -> T) -> Vec<T> {
+        outcomes.iter().map(|outcome| field(outcome)).collect()
+    }
+    query
+        .bind(column(outcomes, |o| o.id.0))
+        .bind(column(outcomes, |o| o.claim_token.as_str()))
+        .bind(column(outcomes, |o| o.state.as_str()))
+        .bind(column(outcomes, |o| o.result_text.as_str()))
+        .bind(column(outcomes, |o| i64::from(o.give_back_try)))
+        .bind(column(outcomes, |o| o.retry_after))
+}
+
+async fn record_postgres_batch(
+    pool: &PgPool,
+    sql: &'static Sql,
+    pids_sql: &'static str,
+    writes: &[Write],
+) -> Result<Vec<bool>> {
+    let mut transaction = pool.begin().await?;
+    let (mut ids, mut tokens, mut pids, mut boots, mut ticks) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for write in writes {
+        if let Write::Pid {
+            id,
+            claim_token,
+            pid,
+            boot_id,
+            start_ticks,
+        } = write
+        {
+            ids.push(id.0);
+            tokens.push(claim_token.as_str());
+            pids.push(*pid);
+            boots.push(boot_id.as_str());
+            ticks.push(*start_ticks);
+        }
+    }
+    let mut pids_applied = HashSet::new();
+    if !ids.is_empty() {
+        let rows = query(pids_sql)
+            .bind(&ids)
+            .bind(&tokens)
+            .bind(&pids)
+            .bind(&boots)
+            .bind(&ticks)
+            .fetch_all(&mut *transaction)
+            .await?;
+        for row in &rows {
+            pids_applied.insert(row.int(0)?);
+        }
+    }
+    let mut progress_applied = HashSet::new();
+    for write in writes {
+        if let Write::Progress { id, .. } = write {
+            if single_write_query!(sql, write)
+                .execute(&mut *transaction)
+                .await?
+                .rows_affected()
+                == 1
+            {
+                progress_applied.insert(id.0);
+            }
+        }
+    }
+    let outcomes: Vec<&Outcome> = writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Outcome(outcome) => Some(outcome),
+            _ => None,
+        })
+        .collect();
+    let mut outcomes_applied = HashSet::new();
+    if !outcomes.is_empty() {
+        let rows = bind_outcome_arrays(query(sql.record_outcomes_batch.as_str()), &outcomes)
+            .fetch_all(&mut *transaction)
+            .await?;
+        for row in &rows {
+            outcomes_applied.insert(row.int(0)?);
+        }
+    }
+    transaction.commit().await?;
+    Ok(writes
+        .iter()
+        .map(|write| match write {
+            Write::Pid { id, .. } => pids_applied.contains(&id.0),
+            Write::Progress { id, .. } => progress_applied.contains(&id.0),
+            Write::Outcome(outcome) => outcomes_applied.contains(&outcome.id.0),
+        })
+        .collect())
+}
