@@ -7,62 +7,73 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::units::{format_duration, format_size, serde_units};
+use crate::units::{format_duration, serde_units};
 use crate::UsageError;
 
-/// The task settings that may be written for one task type or, at the top
-/// level of the file, as defaults for every type. One macro so the two lists
-/// never drift apart (serde's `flatten` cannot be combined with
-/// `deny_unknown_fields`, which we need to name unknown keys).
+/// The task settings, declared once: the keys that may be written for one
+/// task type or, at the top level of the file, as defaults for every type.
+/// The macro adds them to each struct that takes them (serde's `flatten`
+/// cannot be combined with `deny_unknown_fields`, which names an unknown
+/// key with its line), with `settings` and `set_settings` to move them
+/// as one [`Partial`]. Every key is optional, read with its unit
+/// (`10s`, `64KiB`, `50%`) and written back the same way.
 macro_rules! with_task_settings {
     ($(#[$meta:meta])* struct $name:ident { $($field:ident : $type:ty $(=> $with:literal)?,)* }) => {
-        $(#[$meta])*
-        struct $name {
-            $( $(#[serde(default, deserialize_with = $with)])? $field: $type, )*
-            #[serde(default, deserialize_with = "serde_units::duration")]
-            timeout: Option<Duration>,
-            #[serde(default, deserialize_with = "serde_units::size")]
-            memory_limit: Option<u64>,
-            #[serde(default, deserialize_with = "serde_units::duration")]
-            cpu_limit: Option<Duration>,
-            max_processes: Option<u64>,
-            #[serde(default, deserialize_with = "serde_units::percent")]
-            cpu_quota: Option<f64>,
-            nice: Option<i32>,
-            user: Option<String>,
-            group: Option<String>,
-            env: Option<BTreeMap<String, String>>,
-            workdir: Option<PathBuf>,
-            #[serde(default, deserialize_with = "serde_units::duration")]
-            kill_retry: Option<Duration>,
-            #[serde(default, deserialize_with = "serde_units::duration")]
-            kill_grace: Option<Duration>,
-            #[serde(default, deserialize_with = "serde_units::size")]
-            output_tail: Option<u64>,
-        }
-
-        impl $name {
-            fn partial(&self) -> Partial {
-                Partial {
-                    timeout: self.timeout,
-                    memory_limit: self.memory_limit,
-                    cpu_limit: self.cpu_limit,
-                    max_processes: self.max_processes,
-                    cpu_quota: self.cpu_quota,
-                    nice: self.nice,
-                    user: self.user.clone(),
-                    group: self.group.clone(),
-                    env: self.env.clone(),
-                    workdir: self.workdir.clone(),
-                    kill_retry: self.kill_retry,
-                    kill_grace: self.kill_grace,
-                    output_tail: self.output_tail,
-                }
+        with_task_settings! {
+            @expand $(#[$meta])* struct $name { $($field : $type $(=> $with)?,)* }
+            settings {
+                timeout: Option<Duration> => "serde_units::duration",
+                memory_limit: Option<u64> => "serde_units::size",
+                cpu_limit: Option<Duration> => "serde_units::duration",
+                max_processes: Option<u64>,
+                cpu_quota: Option<f64> => "serde_units::percent",
+                nice: Option<i32>,
+                user: Option<String>,
+                group: Option<String>,
+                env: Option<BTreeMap<String, String>>,
+                workdir: Option<PathBuf>,
+                kill_retry: Option<Duration> => "serde_units::duration",
+                kill_grace: Option<Duration> => "serde_units::duration",
+                output_tail: Option<u64> => "serde_units::size",
             }
         }
     };
+    (@expand $(#[$meta:meta])* struct $name:ident { $($field:ident : $type:ty $(=> $with:literal)?,)* }
+        settings { $($setting:ident : $setting_type:ty $(=> $setting_with:literal)?,)* }) => {
+        $(#[$meta])*
+        struct $name {
+            $(
+                #[serde(default $(, with = $with)?, skip_serializing_if = "Option::is_none")]
+                $field: $type,
+            )*
+            $(
+                #[serde(default $(, with = $setting_with)?, skip_serializing_if = "Option::is_none")]
+                $setting: $setting_type,
+            )*
+        }
+
+        #[allow(dead_code)]
+        impl $name {
+            /// The task settings written here.
+            fn settings(&self) -> Partial {
+                Partial { $($setting: self.$setting.clone(),)* }
+            }
+
+            /// Writes these task settings here.
+            fn set_settings(&mut self, settings: Partial) {
+                $(self.$setting = settings.$setting;)*
+            }
+        }
+    };
+}
+
+with_task_settings! {
+    /// Task settings as written, before defaults are applied.
+    #[derive(Debug, Clone, Default, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields)]
+    struct Partial {}
 }
 
 /// The built-in types, served by the built-in task binary (see
@@ -74,7 +85,8 @@ pub const BUILTIN_TYPES: [&str; 1] = ["NoOp"];
 pub const DEFAULT_MAX_OPTIONS: u64 = 4 * 1024 * 1024;
 
 with_task_settings! {
-    #[derive(Debug, Default, Deserialize)]
+    /// The config file as written; also what `config check` prints.
+    #[derive(Debug, Default, Deserialize, Serialize)]
     #[serde(deny_unknown_fields)]
     struct FileConfig {
         database_url: Option<String>,
@@ -109,7 +121,8 @@ with_task_settings! {
 }
 
 with_task_settings! {
-    #[derive(Debug, Deserialize)]
+    /// An entry under `tasks:` as written.
+    #[derive(Debug, Default, Deserialize, Serialize)]
     #[serde(deny_unknown_fields)]
     struct FileTask {
         command: Option<Vec<String>>,
@@ -121,14 +134,14 @@ with_task_settings! {
 }
 
 /// An entry under `programs:`: a path, or `{path: …, preload: true}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(untagged)]
 enum FileProgram {
     Path(PathBuf),
     Entry(FileProgramEntry),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct FileProgramEntry {
     path: PathBuf,
@@ -136,7 +149,7 @@ struct FileProgramEntry {
     preload: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -194,7 +207,7 @@ pub struct CommandTask {
 }
 
 /// The resolved configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The file it was read from, if any.
     pub file: Option<PathBuf>,
@@ -312,7 +325,7 @@ impl Config {
                 .map_or("config".into(), |f| f.display().to_string());
             UsageError(format!("{origin}: {message}")).into()
         };
-        let global_settings = raw.partial();
+        let global_settings = raw.settings();
         let defaults = global_settings.resolve(None, dir).map_err(&usage)?;
         let mut tasks = BTreeMap::new();
         for (name, task) in raw.tasks.unwrap_or_default() {
@@ -326,7 +339,7 @@ impl Config {
                     "tasks.{name}.concurrency: must be at least 1"
                 )));
             }
-            let own = task.partial();
+            let own = task.settings();
             let settings = own
                 .resolve(Some(&global_settings), dir)
                 .map_err(|message| usage(format!("tasks.{name}.{message}")))?;
@@ -520,142 +533,125 @@ impl Config {
             .map_or(&self.defaults, |task| &task.settings)
     }
 
-    /// The effective config as YAML, every key spelled out (`config check`).
-    pub fn to_yaml(&self) -> String {
-        let mut out = String::new();
-        let d = format_duration;
-        out += &format!(
-            "# effective config{}\n",
-            self.file
-                .as_ref()
-                .map_or(String::new(), |f| format!(" from {}", f.display()))
-        );
-        out += &format!(
-            "database_url: {}\n",
-            crate::store::url::redact_url(&self.database_url)
-        );
-        out += &format!("host_id: {}\nnode_name: {}\n", self.host_id, self.node_name);
-        if !self.queues.is_empty() {
-            out += &format!("queues: {:?}\n", self.queues);
-        }
-        out += &format!(
-            "log_format: {}\n",
-            if self.log_format == LogFormat::Json {
-                "json"
-            } else {
-                "text"
-            }
-        );
-        out += &format!("poll_interval: {}\nmax_concurrent: {}\nreap_interval: {}\nheartbeat_interval: {}\nlease_timeout: {}\nshutdown_timeout: {}\nretry_delay: {}\nretry_multiplier: {}\nmax_options: {}\n",
-            d(self.poll_interval), self.max_concurrent, d(self.reap_interval), d(self.heartbeat_interval), d(self.lease_timeout), d(self.shutdown_timeout), d(self.retry_delay), self.retry_multiplier, crate::units::format_size(self.max_options));
-        if let Some(p) = &self.pidfile {
-            out += &format!("pidfile: {}\n", p.display());
-        }
-        if let Some(s) = &self.socket {
-            out += &format!("socket: {}\n", s.display());
-        }
-        if let Some(l) = &self.log_file {
-            out += &format!("log_file: {}\n", l.display());
-        }
-        out += &format!(
-            "programs: [{}]\n",
-            self.programs
-                .iter()
-                .map(|p| match self.preloaded_programs.contains(p) {
-                    true => format!("{{path: {}, preload: true}}", p.display()),
-                    false => p.display().to_string(),
+    /// The config as a file would write it, every key spelled out with
+    /// its effective value: read back, it is this config again (paths are
+    /// absolute, defaults written out).
+    fn as_written(&self) -> FileConfig {
+        let tasks = self.tasks.iter().map(|(name, task)| {
+            let mut written = FileTask {
+                command: task.command.clone(),
+                concurrency: task.concurrency,
+                preload: task.preload.then_some(true),
+                options: (!task.options.is_empty()).then(|| task.options.clone()),
+                on_exhausted: task.on_exhausted.clone(),
+                ..FileTask::default()
+            };
+            written.set_settings(task.settings.as_written(Some(&self.defaults)));
+            (name.clone(), written)
+        });
+        let programs = self.programs.iter().map(|path| {
+            if self.preloaded_programs.contains(path) {
+                FileProgram::Entry(FileProgramEntry {
+                    path: path.clone(),
+                    preload: true,
                 })
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        out += &settings_yaml(&self.defaults, "");
-        if let Some(hook) = &self.on_exhausted {
-            out += &format!("on_exhausted: {hook}\n");
-        }
-        out += "tasks:\n";
-        for (name, task) in &self.tasks {
-            out += &format!("  {name}:\n");
-            if let Some(command) = &task.command {
-                out += &format!("    command: {command:?}\n");
+            } else {
+                FileProgram::Path(path.clone())
             }
-            if let Some(limit) = task.concurrency {
-                out += &format!("    concurrency: {limit}\n");
-            }
-            if task.preload {
-                out += "    preload: true\n";
-            }
-            if let Some(hook) = &task.on_exhausted {
-                out += &format!("    on_exhausted: {hook}\n");
-            }
-            out += &settings_yaml(&task.settings, "    ");
-        }
-        // Issue 7:
-        if !self.retention.is_empty() {
-            out += &format!("retention: {}\n", self.retention.to_yaml());
-        }
-        if !self.schedules.is_empty() {
-            out += "schedules:\n";
-            for (name, schedule) in &self.schedules {
-                out += &format!("  {name}: {}\n", schedule.to_yaml());
-            }
-        }
-        out
+        });
+        let mut written = FileConfig {
+            database_url: Some(self.database_url.clone()),
+            host_id: Some(self.host_id.clone()),
+            node_name: Some(self.node_name.clone()),
+            queues: (!self.queues.is_empty()).then(|| self.queues.clone()),
+            log_format: Some(self.log_format),
+            poll_interval: Some(self.poll_interval),
+            max_concurrent: Some(self.max_concurrent),
+            reap_interval: Some(self.reap_interval),
+            heartbeat_interval: Some(self.heartbeat_interval),
+            lease_timeout: Some(self.lease_timeout),
+            shutdown_timeout: Some(self.shutdown_timeout),
+            retry_delay: Some(self.retry_delay),
+            retry_multiplier: Some(self.retry_multiplier),
+            max_options: Some(self.max_options),
+            pidfile: self.pidfile.clone(),
+            socket: self.socket.clone(),
+            log_file: self.log_file.clone(),
+            programs: (!self.programs.is_empty()).then(|| programs.collect()),
+            tasks: (!self.tasks.is_empty()).then(|| tasks.collect()),
+            retention: self.retention.as_written(),
+            schedules: (!self.schedules.is_empty()).then(|| {
+                self.schedules
+                    .iter()
+                    .map(|(name, schedule)| (name.clone(), schedule.as_written()))
+                    .collect()
+            }),
+            http: self
+                .http
+                .as_ref()
+                .map(crate::web::settings::Http::as_written),
+            on_exhausted: self.on_exhausted.clone(),
+            flows: (!self.flows.is_empty()).then(|| self.flows.clone()),
+            ..FileConfig::default()
+        };
+        written.set_settings(self.defaults.as_written(None));
+        written
+    }
+
+    /// The effective config as YAML (`config check`): [`Config::as_written`]
+    /// serialized, with the database password left out.
+    pub fn to_yaml(&self) -> String {
+        let mut written = self.as_written();
+        written.database_url = Some(crate::store::url::redact_url(&self.database_url));
+        let origin = self
+            .file
+            .as_ref()
+            .map_or(String::new(), |f| format!(" from {}", f.display()));
+        let yaml = serde_yaml::to_string(&written)
+            .unwrap_or_else(|error| format!("# cannot write the config as YAML: {error}\n"));
+        format!("# effective config{origin}\n{yaml}")
     }
 }
 
-fn settings_yaml(s: &TaskSettings, indent: &str) -> String {
-    let mut out = String::new();
-    let mut line = |key: &str, value: String| out += &format!("{indent}{key}: {value}\n");
-    if let Some(t) = s.timeout {
-        line("timeout", format_duration(t));
+impl TaskSettings {
+    /// These settings as a config file writes them, every key spelled out.
+    /// `inherited`: the top-level defaults a task type's settings fall back
+    /// to, which a key written here must not let through (a timeout of
+    /// `0s` is none).
+    fn as_written(&self, inherited: Option<&TaskSettings>) -> Partial {
+        let user = self.run_as.user.as_ref().map(|(name, _)| name.clone());
+        // A group derived from the user (its primary group) is not written.
+        let group = self
+            .run_as
+            .group
+            .as_ref()
+            .map(|(name, _)| name.clone())
+            .filter(|name| {
+                user.as_ref()
+                    .is_none_or(|user| *name != format!("{user}'s group"))
+            });
+        Partial {
+            timeout: match (
+                self.timeout,
+                inherited.and_then(|defaults| defaults.timeout),
+            ) {
+                (None, Some(_)) => Some(Duration::ZERO),
+                (timeout, _) => timeout,
+            },
+            memory_limit: self.memory_limit,
+            cpu_limit: self.cpu_limit,
+            max_processes: self.max_processes,
+            cpu_quota: self.cpu_quota,
+            nice: self.nice,
+            user,
+            group,
+            env: (!self.env.is_empty()).then(|| self.env.clone()),
+            workdir: Some(self.workdir.clone()),
+            kill_retry: Some(self.kill_retry),
+            kill_grace: Some(self.kill_grace),
+            output_tail: Some(self.output_tail as u64),
+        }
     }
-    if let Some(m) = s.memory_limit {
-        line("memory_limit", format_size(m));
-    }
-    if let Some(c) = s.cpu_limit {
-        line("cpu_limit", format_duration(c));
-    }
-    if let Some(p) = s.max_processes {
-        line("max_processes", p.to_string());
-    }
-    if let Some(q) = s.cpu_quota {
-        line("cpu_quota", crate::units::format_percent(q));
-    }
-    if let Some(n) = s.nice {
-        line("nice", n.to_string());
-    }
-    if let Some((name, uid)) = &s.run_as.user {
-        line("user", format!("{name}  # uid {uid}"));
-    }
-    if let Some((name, gid)) = &s.run_as.group {
-        line("group", format!("{name}  # gid {gid}"));
-    }
-    if !s.env.is_empty() {
-        line("env", format!("{:?}", s.env));
-    }
-    line("workdir", s.workdir.display().to_string());
-    line("kill_retry", format_duration(s.kill_retry));
-    line("kill_grace", format_duration(s.kill_grace));
-    line("output_tail", format_size(s.output_tail as u64));
-    out
-}
-
-/// Settings as written, before defaults are applied.
-#[derive(Debug, Clone, Default)]
-struct Partial {
-    timeout: Option<Duration>,
-    memory_limit: Option<u64>,
-    cpu_limit: Option<Duration>,
-    max_processes: Option<u64>,
-    cpu_quota: Option<f64>,
-    nice: Option<i32>,
-    user: Option<String>,
-    group: Option<String>,
-    env: Option<BTreeMap<String, String>>,
-    workdir: Option<PathBuf>,
-    kill_retry: Option<Duration>,
-    kill_grace: Option<Duration>,
-    output_tail: Option<u64>,
 }
 
 impl Partial {
@@ -812,6 +808,135 @@ mod tests {
         let path = dir.join(format!("{}.yml", text.len()));
         std::fs::write(&path, text).unwrap();
         Config::load_file(&path)
+    }
+
+    /// A config that sets every key, some in their rarer forms (a task
+    /// that turns off the default timeout, a user whose group is derived,
+    /// relative paths, options as a map).
+    const EVERY_KEY: &str = "\
+database_url: sqlite://data/q.db
+host_id: h1
+node_name: n1
+queues: { default: 2, mail: 1 }
+log_format: json
+poll_interval: 30s
+max_concurrent: 3
+reap_interval: 1m
+heartbeat_interval: 5s
+lease_timeout: 1m
+shutdown_timeout: 20s
+retry_delay: 250ms
+retry_multiplier: 1.5
+max_options: 1MiB
+pidfile: run/d.pid
+socket: run/d.sock
+log_file: log/d.log
+programs: [bin/sdk-tasks, { path: /usr/bin/preloaded, preload: true }, bare-name]
+timeout: 1h
+memory_limit: 64MiB
+cpu_limit: 30s
+max_processes: 50
+cpu_quota: 50%
+nice: 5
+user: root
+env: { A: '1', B: two }
+workdir: work
+kill_retry: 2s
+kill_grace: 3s
+output_tail: 16KiB
+on_exhausted: Alert
+tasks:
+  Resize:
+    command: [bin/resize, --fast]
+    concurrency: 2
+    preload: true
+    options: { width: pixels, height: pixels }
+    on_exhausted: Page
+    timeout: 0s
+    env: { B: three, C: '4' }
+    group: root
+  Alert:
+    command: [/bin/cat]
+retention: { finished: 7d, exhausted: 1h }
+schedules:
+  nightly: { cron: '0 3 * * *', task: Resize, options: { width: 10 }, catch_up: 2, try_limit: 3, priority: 4 }
+  often: { every: 90s, task: Alert, options: 'text: hi' }
+http:
+  listen: 127.0.0.1:8080
+  read_only: true
+  auth: { token_file: secrets/token }
+flows:
+  deploy:
+    steps:
+      - { name: fetch, task: Resize, revert: Alert, provides: artifact, try_limit: 2 }
+      - { name: install, task: Alert }
+    retry: { times: 1 }
+    options:
+      port: { help: port to serve on, default: 8887 }
+";
+
+    /// `config check` prints the effective config by serializing it; read
+    /// back, that is the same config: for the starter config, the configs
+    /// the repository ships and one that sets every key.
+    #[test]
+    fn the_effective_config_reads_back_into_an_equal_config() {
+        let dir = std::env::temp_dir().join(format!(
+            "taskrunner-config-round-trip-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let read = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            Config::load_file(&path)
+        };
+        let configs = [
+            ("starter", include_str!("starter-config.yml")),
+            ("example", include_str!("../../examples/taskrunner.yml")),
+            ("service", include_str!("../../init/taskrunner.yml")),
+            ("every-key", EVERY_KEY),
+        ];
+        for (name, text) in configs {
+            let config = read(&format!("{name}.yml"), text).unwrap();
+            let printed = config.to_yaml();
+            let mut again = read(&format!("{name}-printed.yml"), &printed)
+                .unwrap_or_else(|error| panic!("{name}: {error:#}\n{printed}"));
+            again.file = config.file.clone();
+            assert_eq!(again, config, "{name}:\n{printed}");
+        }
+        // Every key is there, and the printed config prints the same again.
+        let config = read("every-key.yml", EVERY_KEY).unwrap();
+        let printed = config.to_yaml();
+        for key in [
+            "cpu_quota: 50%",
+            "timeout: 0s",
+            "group: root",
+            "preload: true",
+            "every: 90s",
+            "token_file:",
+            "flows:",
+        ] {
+            assert!(printed.contains(key), "{key}:\n{printed}");
+        }
+        let again = read("every-key-printed.yml", &printed).unwrap();
+        let reprinted = again.to_yaml();
+        assert_eq!(
+            printed.lines().skip(1).collect::<Vec<_>>(),
+            reprinted.lines().skip(1).collect::<Vec<_>>()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_printed_database_url_has_no_password() {
+        let mut config = load("{}").unwrap();
+        config.database_url = "postgres://app:s3cret@db/app".into();
+        let printed = config.to_yaml();
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(
+            printed.contains("database_url: postgres://app:"),
+            "{printed}"
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::time::Duration;
 use anyhow::Result;
 use chrono::{DateTime, Datelike, Duration as ChronoDuration, TimeZone, Timelike, Utc};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::units::serde_units;
 
@@ -317,15 +317,22 @@ pub(crate) fn from_epoch_seconds(seconds: f64) -> DateTime<Utc> {
 }
 
 /// One entry under `schedules:` as written in the config file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileSchedule {
+    #[serde(skip_serializing_if = "Option::is_none")]
     cron: Option<String>,
-    #[serde(default, deserialize_with = "serde_units::duration")]
+    #[serde(
+        default,
+        with = "serde_units::duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     every: Option<Duration>,
     task: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     options: Option<serde_yaml::Value>,
     catch_up: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     try_limit: Option<i64>,
     priority: Option<i64>,
 }
@@ -336,6 +343,8 @@ pub struct Schedule {
     pub when: When,
     /// `cron: '…'` or `every: …`, as written.
     pub spec: String,
+    /// The cron expression as written (`None` for `every:`).
+    pub cron: Option<String>,
     pub task: String,
     /// YAML, as stored in the request's `options`.
     pub options: Option<String>,
@@ -394,6 +403,7 @@ pub fn resolve_schedules(
             Schedule {
                 when,
                 spec,
+                cron: raw.cron,
                 task: raw.task,
                 options,
                 catch_up: raw.catch_up.unwrap_or(1),
@@ -406,20 +416,20 @@ pub fn resolve_schedules(
 }
 
 impl Schedule {
-    /// The schedule as the effective config prints it.
-    pub fn to_yaml(&self) -> String {
-        format!(
-            "{{ {}, task: {}, catch_up: {}, priority: {}{}{} }}",
-            self.spec,
-            self.task,
-            self.catch_up,
-            self.priority,
-            self.try_limit
-                .map_or(String::new(), |limit| format!(", try_limit: {limit}")),
-            self.options
-                .as_ref()
-                .map_or(String::new(), |options| format!(", options: {options:?}"))
-        )
+    /// The schedule as a config file writes it (`config check`).
+    pub fn as_written(&self) -> FileSchedule {
+        FileSchedule {
+            cron: self.cron.clone(),
+            every: match self.when {
+                When::Every(every) => Some(every),
+                When::Cron(_) => None,
+            },
+            task: self.task.clone(),
+            options: self.options.clone().map(serde_yaml::Value::String),
+            catch_up: Some(self.catch_up),
+            try_limit: self.try_limit,
+            priority: Some(self.priority),
+        }
     }
 }
 

@@ -3,22 +3,38 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::store::Prunable;
 use crate::units::serde_units;
 
 /// `retention:` as written in the config file.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileRetention {
-    #[serde(default, deserialize_with = "serde_units::duration")]
+    #[serde(
+        default,
+        with = "serde_units::duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     finished: Option<Duration>,
-    #[serde(default, deserialize_with = "serde_units::duration")]
+    #[serde(
+        default,
+        with = "serde_units::duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     cancelled: Option<Duration>,
-    #[serde(default, deserialize_with = "serde_units::duration")]
+    #[serde(
+        default,
+        with = "serde_units::duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     rejected: Option<Duration>,
-    #[serde(default, deserialize_with = "serde_units::duration")]
+    #[serde(
+        default,
+        with = "serde_units::duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     exhausted: Option<Duration>,
 }
 
@@ -70,20 +86,15 @@ impl Retention {
         .collect()
     }
 
-    /// The rules as the effective config prints them.
-    pub fn to_yaml(&self) -> String {
-        let rules: Vec<String> = self
-            .rules()
-            .iter()
-            .map(|(kind, age)| {
-                format!(
-                    "{}: {}",
-                    kind.config_key(),
-                    crate::units::format_duration(*age)
-                )
-            })
-            .collect();
-        format!("{{ {} }}", rules.join(", "))
+    /// The rules as a config file writes them (`config check`); `None`
+    /// when there are none.
+    pub fn as_written(&self) -> Option<FileRetention> {
+        (!self.is_empty()).then_some(FileRetention {
+            finished: self.finished,
+            cancelled: self.cancelled,
+            rejected: self.rejected,
+            exhausted: self.exhausted,
+        })
     }
 }
 

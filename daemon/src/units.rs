@@ -70,7 +70,6 @@ pub fn format_duration(duration: Duration) -> String {
     }
 }
 
-/// Renders a size in the largest binary unit that divides it.
 /// Parses a CPU share written as a percentage of one CPU (`50%`, `250%`)
 /// into CPUs (0.5, 2.5).
 pub fn parse_percent(text: &str) -> Result<f64, String> {
@@ -91,6 +90,7 @@ pub fn format_percent(cpus: f64) -> String {
     format!("{}%", (cpus * 100.0 * 1000.0).round() / 1000.0)
 }
 
+/// Renders a size in the largest binary unit that divides it.
 pub fn format_size(bytes: u64) -> String {
     for (unit, factor) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
         if bytes >= factor && bytes % factor == 0 {
@@ -100,10 +100,11 @@ pub fn format_size(bytes: u64) -> String {
     format!("{bytes}B")
 }
 
-/// serde helpers so that config fields can be written as strings or numbers.
+/// serde helpers so that config fields can be written as strings or
+/// numbers, and are written back as the config file writes them (`10s`,
+/// `64KiB`, `50%`): each module is a `#[serde(with = "…")]` for an `Option`.
 pub mod serde_units {
-    use super::*;
-    use serde::{Deserialize, Deserializer};
+    use serde::{Deserialize, Deserializer, Serializer};
 
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -112,42 +113,78 @@ pub mod serde_units {
         Number(f64),
     }
 
-    pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        Ok(match Option::<TextOrNumber>::deserialize(d)? {
-            None => None,
-            Some(TextOrNumber::Text(text)) => {
-                Some(parse_duration(&text).map_err(serde::de::Error::custom)?)
-            }
-            Some(TextOrNumber::Number(seconds)) => {
-                Some(Duration::try_from_secs_f64(seconds).map_err(serde::de::Error::custom)?)
-            }
-        })
-    }
+    /// `10s`, `500ms`, `1h` (a bare number is seconds).
+    pub mod duration {
+        use super::*;
+        use std::time::Duration;
 
-    /// A percentage of one CPU (`50%`), as CPUs.
-    pub fn percent<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
-        match Option::<TextOrNumber>::deserialize(d)? {
-            None => Ok(None),
-            Some(TextOrNumber::Text(text)) => super::parse_percent(&text)
-                .map(Some)
-                .map_err(serde::de::Error::custom),
-            Some(TextOrNumber::Number(number)) => Err(serde::de::Error::custom(format!(
-                "`{number}` is not a percentage (write e.g. 50% or 200%)"
-            ))),
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            Ok(match Option::<TextOrNumber>::deserialize(d)? {
+                None => None,
+                Some(TextOrNumber::Text(text)) => {
+                    Some(crate::units::parse_duration(&text).map_err(serde::de::Error::custom)?)
+                }
+                Some(TextOrNumber::Number(seconds)) => {
+                    Some(Duration::try_from_secs_f64(seconds).map_err(serde::de::Error::custom)?)
+                }
+            })
+        }
+
+        pub fn serialize<S: Serializer>(value: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match value {
+                Some(duration) => s.serialize_str(&crate::units::format_duration(*duration)),
+                None => s.serialize_none(),
+            }
         }
     }
 
-    pub fn size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-        Ok(match Option::<TextOrNumber>::deserialize(d)? {
-            None => None,
-            Some(TextOrNumber::Text(text)) => {
-                Some(parse_size(&text).map_err(serde::de::Error::custom)?)
+    /// A percentage of one CPU (`50%`), as CPUs.
+    pub mod percent {
+        use super::*;
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+            match Option::<TextOrNumber>::deserialize(d)? {
+                None => Ok(None),
+                Some(TextOrNumber::Text(text)) => crate::units::parse_percent(&text)
+                    .map(Some)
+                    .map_err(serde::de::Error::custom),
+                Some(TextOrNumber::Number(number)) => Err(serde::de::Error::custom(format!(
+                    "`{number}` is not a percentage (write e.g. 50% or 200%)"
+                ))),
             }
-            Some(TextOrNumber::Number(bytes)) if bytes >= 0.0 => Some(bytes as u64),
-            Some(TextOrNumber::Number(_)) => {
-                return Err(serde::de::Error::custom("a size cannot be negative"))
+        }
+
+        pub fn serialize<S: Serializer>(value: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+            match value {
+                Some(cpus) => s.serialize_str(&crate::units::format_percent(*cpus)),
+                None => s.serialize_none(),
             }
-        })
+        }
+    }
+
+    /// `64KiB`, `512MiB`, `4096` (bytes).
+    pub mod size {
+        use super::*;
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+            Ok(match Option::<TextOrNumber>::deserialize(d)? {
+                None => None,
+                Some(TextOrNumber::Text(text)) => {
+                    Some(crate::units::parse_size(&text).map_err(serde::de::Error::custom)?)
+                }
+                Some(TextOrNumber::Number(bytes)) if bytes >= 0.0 => Some(bytes as u64),
+                Some(TextOrNumber::Number(_)) => {
+                    return Err(serde::de::Error::custom("a size cannot be negative"))
+                }
+            })
+        }
+
+        pub fn serialize<S: Serializer>(value: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+            match value {
+                Some(bytes) => s.serialize_str(&crate::units::format_size(*bytes)),
+                None => s.serialize_none(),
+            }
+        }
     }
 }
 

@@ -4,24 +4,29 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// `http:` as written in the file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileHttp {
+    #[serde(skip_serializing_if = "Option::is_none")]
     listen: Option<String>,
     #[serde(default)]
     read_only: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
     auth: Option<FileAuth>,
 }
 
 /// `http.auth:` as written: a token file, or a user and a bcrypt hash.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct FileAuth {
+    #[serde(skip_serializing_if = "Option::is_none")]
     token_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     password_hash: Option<String>,
 }
 
@@ -41,6 +46,29 @@ pub enum Auth {
     TokenFile(PathBuf),
     /// A user and a bcrypt hash of their password (`htpasswd -nbB`).
     Password { user: String, hash: String },
+}
+
+impl Http {
+    /// The settings as a config file writes them (`config check`).
+    pub fn as_written(&self) -> FileHttp {
+        let auth = self.auth.as_ref().map(|auth| match auth {
+            Auth::TokenFile(file) => FileAuth {
+                token_file: Some(file.clone()),
+                user: None,
+                password_hash: None,
+            },
+            Auth::Password { user, hash } => FileAuth {
+                token_file: None,
+                user: Some(user.clone()),
+                password_hash: Some(hash.clone()),
+            },
+        });
+        FileHttp {
+            listen: self.listen.map(|address| address.to_string()),
+            read_only: self.read_only,
+            auth,
+        }
+    }
 }
 
 impl FileHttp {
