@@ -32,6 +32,7 @@ pub async fn run(
                     shared.wake.notify_one();
                 }
                 backoff.reset();
+                sweep_empty_cgroups().await;
                 config.reap_interval
             }
             Err(error) => {
@@ -45,5 +46,24 @@ pub async fn run(
             _ = tokio::time::sleep(pause) => {}
             _ = stop.cancelled() => return,
         }
+    }
+}
+
+/// After each pass (the start-up one first): removes the empty `try-…`
+/// cgroups a daemon killed -9 left behind, once the reaper has killed what
+/// the dead tries of its rows left in theirs.
+async fn sweep_empty_cgroups() {
+    let Some(cgroups) = crate::supervisor::cgroup::in_force() else {
+        return;
+    };
+    let removed =
+        tokio::task::spawn_blocking(|| cgroups.sweep_empty(crate::supervisor::cgroup::SWEEP_AFTER))
+            .await
+            .unwrap_or(0);
+    if removed > 0 {
+        tracing::info!(
+            removed,
+            "removed empty try cgroups left by a daemon that was killed"
+        );
     }
 }

@@ -233,6 +233,46 @@ impl Cgroups {
     }
 }
 
+/// How old an empty `try-…` cgroup must be before [`Cgroups::sweep_empty`]
+/// removes it. A live daemon's try cgroup is empty only between its `mkdir`
+/// and the child's join (milliseconds), or after its try ended, while that
+/// daemon removes it: one a few seconds old and empty is nobody's.
+pub const SWEEP_AFTER: Duration = Duration::from_secs(10);
+
+impl Cgroups {
+    /// Removes the `try-…` cgroups that hold no process and were made more
+    /// than `older_than` ago: those a daemon killed -9 left behind (its
+    /// tries died with it, but their cgroups stay; the start-up reaper
+    /// removes only those of the rows it reaps). A cgroup that still holds
+    /// a process is never touched (`rmdir` refuses it): the reaper kills
+    /// the remains of a dead try, by its row, first. Returns how many were
+    /// removed.
+    pub fn sweep_empty(&self, older_than: Duration) -> usize {
+        let mut removed = 0;
+        for hierarchy in &self.hierarchies {
+            let Ok(entries) = std::fs::read_dir(&hierarchy.base) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if !entry.file_name().as_bytes().starts_with(b"try-") {
+                    continue;
+                }
+                let old_enough = entry
+                    .metadata()
+                    .and_then(|metadata| metadata.modified())
+                    .ok()
+                    .and_then(|made| made.elapsed().ok())
+                    .is_some_and(|age| age >= older_than);
+                // rmdir removes only an empty cgroup (EBUSY otherwise).
+                if old_enough && std::fs::remove_dir(entry.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+}
+
 /// The key naming the cgroup of the try of row `id` under `claim_token`
 /// (one claim statement's rows share a token: the id tells them apart).
 pub fn try_key(claim_token: &str, id: i64) -> String {
