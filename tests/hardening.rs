@@ -29,6 +29,7 @@ both_backends!(
     truncated_output_says_it_was_cut,
     the_oom_killer_prefers_a_task_to_its_daemon,
     an_outage_of_writes_while_reads_work_is_logged_once_at_each_end,
+    rows_that_can_never_run_are_refused_or_flagged_and_never_stall_the_daemon,
 );
 
 /// A TCP proxy in front of the test's PostgreSQL server that, once armed,
@@ -762,5 +763,240 @@ async fn an_outage_of_writes_while_reads_work_is_logged_once_at_each_end(backend
     assert!(end.contains("claiming requests ("), "{end}");
     assert!(end.contains("recording task results ("), "{end}");
     assert!(end.contains("waiting, none lost"), "{end}");
+    assert!(daemon.stop().success());
+}
+
+/// Migration 0004 (the triggers that refuse rows that can never run), as
+/// each backend's file has it.
+fn migration_0004(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => include_str!("../migrations/sqlite/0004_rows_that_can_never_run.sql"),
+        Backend::Postgres => {
+            include_str!("../migrations/postgres/0004_rows_that_can_never_run.sql")
+        }
+        Backend::MySql => include_str!("../migrations/mysql/0004_rows_that_can_never_run.sql"),
+    }
+}
+
+/// Issue 13, defect 10: an application could insert rows that can never
+/// run nor end (no try left yet never run, an empty or unknown result, a
+/// try_limit of 0 or below, a time SQLite cannot read, a megabyte type
+/// name); nothing reported them. Now such an INSERT or UPDATE is refused
+/// with an error naming the rule; rows written before that (the triggers
+/// dropped, as before migration 0004) are flagged by `list` and `show`
+/// with the reason, left as they are by the daemon (which neither panics
+/// nor spins on them), and a megabyte type name is REJECTED at its first try.
+async fn rows_that_can_never_run_are_refused_or_flagged_and_never_stall_the_daemon(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let megabyte_name = "N".repeat(1 << 20);
+    // (columns, values, what the refusal says, what `list` says of such an old row)
+    let mut cases: Vec<(&str, String, &str, &str)> = vec![
+        (
+            "task_class_name, try_limit",
+            "'NoOp', 0".into(),
+            "try_limit must be at least 1",
+            "try_limit 0 allows no try",
+        ),
+        (
+            "task_class_name, try_limit",
+            "'NoOp', -3".into(),
+            "try_limit must be at least 1",
+            "try_limit -3 allows no try",
+        ),
+        (
+            "task_class_name, tries, try_limit",
+            "'NoOp', 5, 5".into(),
+            "needs tries < try_limit",
+            "never run, but no try left (tries 5 of 5",
+        ),
+        (
+            "task_class_name, result",
+            "'NoOp', ''".into(),
+            "result must be NULL or one of RUNNING",
+            "result '' is not a state",
+        ),
+        (
+            "task_class_name, result",
+            "'NoOp', 'finished'".into(),
+            "result must be NULL or one of RUNNING",
+            "result 'finished' is not a state",
+        ),
+    ];
+    match backend {
+        // PostgreSQL's and MariaDB's column types refuse a time they cannot
+        // read; MariaDB's VARCHAR(255) a longer name (strict sql_mode).
+        Backend::Sqlite => cases.push((
+            "task_class_name, delay_until",
+            "'NoOp', 'tomorrow'".into(),
+            "delay_until is not a time",
+            "delay_until 'tomorrow' is not a time",
+        )),
+        Backend::Postgres => {}
+        Backend::MySql => {}
+    }
+    // PostgreSQL's indexes on task_class_name took at most about 2 KiB of
+    // it (compressed) before migration 0004: a shorter long name there.
+    let long_name = match backend {
+        Backend::Postgres => "N".repeat(10_000),
+        Backend::Sqlite | Backend::MySql => megabyte_name.clone(),
+    };
+    if backend != Backend::MySql {
+        cases.push((
+            "task_class_name",
+            format!("'{long_name}'"),
+            "task_class_name is longer than 255 characters",
+            "",
+        ));
+    }
+    let error = db
+        .try_execute(&format!(
+            "INSERT INTO task_runner_requests (task_class_name) VALUES ('{megabyte_name}')"
+        ))
+        .await
+        .expect_err("a megabyte name is refused");
+    assert!(
+        error.contains(match backend {
+            Backend::MySql => "too long",
+            Backend::Sqlite | Backend::Postgres => "longer than 255 characters",
+        }),
+        "{error}"
+    );
+    for (columns, values, refusal, _) in &cases {
+        let error = db
+            .try_execute(&format!(
+                "INSERT INTO task_runner_requests ({columns}) VALUES ({values})"
+            ))
+            .await
+            .expect_err("an impossible row is refused");
+        assert!(error.contains(refusal), "{columns}: {error}");
+    }
+    // PostgreSQL and MariaDB refuse a time they cannot read by its type
+    // (PostgreSQL reads `tomorrow` as a time).
+    let error = db
+        .try_execute("INSERT INTO task_runner_requests (task_class_name, delay_until) VALUES ('NoOp', 'soon')")
+        .await
+        .expect_err("a time that is not one is refused");
+    assert!(!error.is_empty());
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests").await,
+        0
+    );
+    // An UPDATE that would make a row impossible is refused too; the rows
+    // the rules allow (exhausted, final) still are written.
+    let pending = db.enqueue("NoOp", None).await;
+    for (set, refusal) in [
+        ("result = ''", "result must be NULL or one of RUNNING"),
+        ("try_limit = 0", "try_limit must be at least 1"),
+        ("tries = 5", "needs tries < try_limit"),
+    ] {
+        let error = db
+            .try_execute(&format!(
+                "UPDATE task_runner_requests SET {set} WHERE id = {pending}"
+            ))
+            .await
+            .expect_err("an update making a row impossible is refused");
+        assert!(error.contains(refusal), "{set}: {error}");
+    }
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET result = 'FAILED', tries = 5 WHERE id = {pending}"
+    ))
+    .await;
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET result = NULL, tries = 0 WHERE id = {pending}"
+    ))
+    .await;
+
+    // Rows written before migration 0004: its triggers dropped meanwhile.
+    let triggers = [
+        "task_runner_requests_check_insert",
+        "task_runner_requests_check_update",
+    ];
+    for trigger in triggers {
+        db.execute(&match backend {
+            Backend::Postgres => format!("DROP TRIGGER {trigger} ON task_runner_requests"),
+            Backend::Sqlite | Backend::MySql => format!("DROP TRIGGER {trigger}"),
+        })
+        .await;
+    }
+    let mut old_rows = Vec::new();
+    for (columns, values, _, flagged) in &cases {
+        let id = db
+            .insert(&format!(
+                "INSERT INTO task_runner_requests ({columns}) VALUES ({values}) RETURNING id"
+            ))
+            .await;
+        old_rows.push((id, *flagged));
+    }
+    db.execute(migration_0004(backend)).await;
+    let before: Vec<_> = {
+        let mut rows = Vec::new();
+        for (id, _) in &old_rows {
+            rows.push(db.row(*id).await);
+        }
+        rows
+    };
+    let mut daemon = Daemon::start(&db, "d", "");
+    db.wait_for_state(pending, "FINISHED", WAIT).await;
+    let canary = db.enqueue("NoOp", None).await;
+    db.wait_for_state(canary, "FINISHED", WAIT).await;
+    if backend != Backend::MySql {
+        // The megabyte name: rejected at its first try, saying why.
+        let (id, _) = old_rows.last().unwrap();
+        let row = db.wait_for_state(*id, "REJECTED", WAIT).await;
+        assert!(row.result_text.unwrap_or_default().starts_with(&format!(
+            "task_class_name is {} characters long (at most 255)",
+            long_name.len()
+        )),);
+        old_rows.pop();
+    }
+    // The others are left exactly as they were, and the daemon idles.
+    let ticks = |pid: i32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let cpu_before = ticks(daemon.pid());
+    tokio::time::sleep(Duration::from_secs(3)).await; // a window to measure CPU over
+    let cpu = ticks(daemon.pid()) - cpu_before;
+    assert!(cpu < 100, "the daemon spun: {cpu} ticks of CPU in 3s");
+    for ((id, _), old) in old_rows.iter().zip(&before) {
+        let row = db.row(*id).await;
+        assert_eq!(
+            (&row.result, row.tries, row.try_limit, &row.delay_until),
+            (&old.result, old.tries, old.try_limit, &old.delay_until),
+            "request {id} was changed"
+        );
+    }
+    let (code, list, err) = cli(&db, &["list"]);
+    assert_eq!(code, 0, "{err}");
+    for (id, flagged) in &old_rows {
+        let line = list
+            .lines()
+            .find(|line| line.split_whitespace().next() == Some(&id.to_string()))
+            .unwrap_or_else(|| panic!("request {id} is not listed:\n{list}"));
+        assert!(line.contains("(never runs)"), "{line}");
+        assert!(line.contains(&format!("never runs: {flagged}")), "{line}");
+    }
+    let (code, show, _) = cli(&db, &["show", &old_rows[0].0.to_string()]);
+    assert_eq!(code, 0);
+    assert!(
+        show.contains("never runs           try_limit 0 allows no try"),
+        "{show}"
+    );
+    // `retry` makes the row with no try left run.
+    let (no_try_left, _) = old_rows[2];
+    let (code, _, err) = cli(&db, &["retry", &no_try_left.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    db.wait_for_state(no_try_left, "FINISHED", WAIT).await;
+    let log = daemon.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(log.lines().all(|line| line.len() < 4096), "a huge log line");
     assert!(daemon.stop().success());
 }

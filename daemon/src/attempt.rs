@@ -174,6 +174,18 @@ pub async fn run(
     on_running: impl FnOnce(&Spawned),
     on_exit: impl FnOnce(),
 ) -> Verdict {
+    // A row from before migration 0004 may name a type no config can
+    // declare: rejected at its first try rather than failed five times.
+    let name_length = input.task.chars().count();
+    if name_length > crate::request::MAX_TASK_NAME {
+        return Verdict::new(
+            State::Rejected,
+            format!(
+                "task_class_name is {name_length} characters long (at most {}): no task type has such a name",
+                crate::request::MAX_TASK_NAME
+            ),
+        );
+    }
     let max_options = context.config.max_options;
     let options_length = input.options_left_out.unwrap_or(input.options.len() as u64);
     if options_length > max_options {

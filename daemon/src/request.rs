@@ -174,6 +174,78 @@ pub struct Request {
     pub flow_action: Option<String>,
 }
 
+/// The longest `task_class_name` (in characters) a row may have; migration
+/// 0004 refuses longer ones (MariaDB's column is a `VARCHAR(255)`).
+pub const MAX_TASK_NAME: usize = 255;
+
+impl Request {
+    /// Why this row can never run nor end, if it cannot: rows written
+    /// before migration 0004 refused them (`list` flags them). The daemon
+    /// never claims them (the runnable rule leaves them out) and never
+    /// changes them; `retry`, `cancel` or `purge` ends them.
+    pub fn never_runs(&self) -> Option<String> {
+        if let Some(result) = self.result.as_deref() {
+            if !State::ALL.iter().any(|state| state.as_str() == result) {
+                return Some(format!(
+                    "result {} is not a state (cancel or retry it)",
+                    quote(result)
+                ));
+            }
+        }
+        if self.try_limit < 1 {
+            return Some(format!("try_limit {} allows no try", self.try_limit));
+        }
+        if self.result.is_none() && self.tries >= self.try_limit {
+            return Some(format!(
+                "never run, but no try left (tries {} of {}; retry sets tries to 0)",
+                self.tries, self.try_limit
+            ));
+        }
+        let name_length = self.task_class_name.chars().count();
+        if name_length > MAX_TASK_NAME {
+            return Some(format!(
+                "task_class_name is {name_length} characters long (at most {MAX_TASK_NAME})"
+            ));
+        }
+        if let Some(delay_until) = self.delay_until.as_deref() {
+            if !reads_as_a_time(delay_until) {
+                return Some(format!("delay_until {} is not a time", quote(delay_until)));
+            }
+        }
+        None
+    }
+}
+
+/// A type name as logs and metric labels show it: one longer than
+/// [`MAX_TASK_NAME`] (a row from before migration 0004) is cut, so that a
+/// megabyte name makes neither a megabyte log line nor a megabyte label.
+pub fn shown_task_name(name: &str) -> std::borrow::Cow<'_, str> {
+    let length = name.chars().count();
+    if length <= MAX_TASK_NAME {
+        name.into()
+    } else {
+        let start: String = name.chars().take(32).collect();
+        format!("{start}… ({length} characters)").into()
+    }
+}
+
+/// A value shown in a reason: quoted, at most 40 characters.
+fn quote(value: &str) -> String {
+    let mut shown: String = value.chars().take(40).collect();
+    if shown.len() < value.len() {
+        shown.push('…');
+    }
+    format!("'{shown}'")
+}
+
+/// Whether a stored time starts as every form the backends store does
+/// (`YYYY-MM-DD`): SQLite keeps a value it cannot read as written.
+fn reads_as_a_time(value: &str) -> bool {
+    value
+        .get(..10)
+        .is_some_and(|date| chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").is_ok())
+}
+
 /// Delay before the next try after `tries` failed tries:
 /// `retry_delay × retry_multiplier^(tries-1)`, capped at one day so that a
 /// large multiplier cannot overflow into a row that never runs again.
@@ -191,6 +263,47 @@ pub fn backoff_seconds(retry_delay_secs: f64, multiplier: f64, tries: i64) -> f6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_that_can_never_run_say_why() {
+        let runnable = Request {
+            task_class_name: "NoOp".into(),
+            try_limit: 5,
+            ..Request::default()
+        };
+        assert_eq!(runnable.never_runs(), None);
+        let with = |change: &dyn Fn(&mut Request)| {
+            let mut row = runnable.clone();
+            change(&mut row);
+            row.never_runs().unwrap_or_default()
+        };
+        assert_eq!(
+            with(&|r| r.result = Some(String::new())),
+            "result '' is not a state (cancel or retry it)"
+        );
+        assert_eq!(with(&|r| r.try_limit = -1), "try_limit -1 allows no try");
+        assert_eq!(
+            with(&|r| r.tries = 5),
+            "never run, but no try left (tries 5 of 5; retry sets tries to 0)"
+        );
+        assert_eq!(
+            with(&|r| r.task_class_name = "x".repeat(1 << 20)),
+            "task_class_name is 1048576 characters long (at most 255)"
+        );
+        assert_eq!(
+            with(&|r| r.delay_until = Some("tomorrow".into())),
+            "delay_until 'tomorrow' is not a time"
+        );
+        // Exhausted, final and delayed rows are not impossible ones.
+        assert_eq!(
+            with(&|r| {
+                r.result = Some("FAILED".into());
+                r.tries = 5;
+                r.delay_until = Some("2026-11-24 07:00:00.000".into());
+            }),
+            ""
+        );
+    }
 
     #[test]
     fn backoff_grows_by_the_multiplier() {

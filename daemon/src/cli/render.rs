@@ -20,7 +20,12 @@ pub(super) fn render_table(rows: &[Request]) -> String {
             .delay_until
             .as_deref()
             .map(|t| format!("due {}", t.chars().take(19).collect::<String>()));
+        let never_runs = row.never_runs();
         let state = match row.result.as_deref() {
+            _ if never_runs.is_some() => format!(
+                "{} (never runs)",
+                row.result.as_deref().unwrap_or("pending")
+            ),
             Some(result) => {
                 let exhausted = matches!(result, "FAILED" | "CRASHED" | "TIMEOUT")
                     && row.tries >= row.try_limit;
@@ -67,10 +72,14 @@ pub(super) fn render_table(rows: &[Request]) -> String {
                 _ => String::new(),
             },
         };
-        let summary = format!("{link}{summary}");
+        // Why a row can never run is said whole.
+        let summary = match &never_runs {
+            Some(reason) => crate::escape::one_line(&format!("{link}never runs: {reason}")),
+            None => truncate(&crate::escape::one_line(&format!("{link}{summary}")), 60),
+        };
         lines.push([
             row.id.to_string(),
-            crate::escape::one_line(&row.task_class_name),
+            truncate(&crate::escape::one_line(&row.task_class_name), 60),
             crate::escape::one_line(&state),
             format!("{}/{}", row.tries, row.try_limit),
             row.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
@@ -79,7 +88,7 @@ pub(super) fn render_table(rows: &[Request]) -> String {
                 .as_deref()
                 .map(|t| t.chars().take(19).collect())
                 .unwrap_or_default(),
-            truncate(&crate::escape::one_line(&summary), 60),
+            summary,
         ]);
     }
     let mut out = render_columns(&lines);
@@ -204,6 +213,13 @@ pub(super) fn render_show(r: &Request) -> String {
     let mut out = String::new();
     for (name, value) in fields {
         out += &format!("{name:<20} {}\n", crate::escape::lines(&value));
+    }
+    if let Some(reason) = r.never_runs() {
+        out += &format!(
+            "{:<20} {}\n",
+            "never runs",
+            crate::escape::one_line(&reason)
+        );
     }
     out += "result_text:\n";
     if let Some(result_text) = &r.result_text {

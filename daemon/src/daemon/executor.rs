@@ -40,9 +40,9 @@ pub(super) async fn supervise(
     go: oneshot::Receiver<()>,
 ) -> TryEnd {
     let queue = row.queue.clone();
-    let task = row.task_class_name.clone();
+    let task = crate::request::shown_task_name(&row.task_class_name).into_owned();
     let tries_left = row.tries < row.try_limit;
-    let span = tracing::info_span!("task", request = %row.id, task = %row.task_class_name, r#try = row.tries);
+    let span = tracing::info_span!("task", request = %row.id, task = %task, r#try = row.tries);
     let ((state, daemon_short), ran_for) =
         run_claimed(shared, &slots, row, go).instrument(span).await;
     TryEnd {
@@ -70,7 +70,7 @@ async fn run_claimed(
     shared.tries.insert(
         row.id,
         LiveTry {
-            task: row.task_class_name.clone(),
+            task: crate::request::shown_task_name(&row.task_class_name).into_owned(),
             claim_token: row.claim_token.clone(),
             pid: None,
             started: std::time::Instant::now(),
