@@ -749,15 +749,16 @@ async fn daemon_killed_between_the_task_exit_and_its_outcome_write_makes_one_cal
     assert_eq!(db.row(work).await.tries, 2);
 }
 
-/// A lock that keeps the daemon from writing an outcome.
-enum Hold {
+/// A lock that keeps the daemon from writing an outcome (also used by
+/// tests/recording.rs).
+pub(crate) enum Hold {
     Sqlite(sqlx::pool::PoolConnection<sqlx::Sqlite>, sqlx::SqlitePool),
     Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
     MySql(sqlx::Transaction<'static, sqlx::MySql>),
 }
 
 impl Hold {
-    async fn take(db: &TestDb, id: taskrunner::request::RequestId) -> Hold {
+    pub(crate) async fn take(db: &TestDb, id: taskrunner::request::RequestId) -> Hold {
         match db.backend {
             Backend::Sqlite => {
                 let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
@@ -791,7 +792,7 @@ impl Hold {
         }
     }
 
-    async fn release(self) {
+    pub(crate) async fn release(self) {
         match self {
             Hold::Sqlite(mut connection, pool) => {
                 sqlx::raw_sql("ROLLBACK")

@@ -4,9 +4,13 @@
 use taskrunner::request::{RequestId, State};
 use taskrunner::store::{Outcome, Purpose, Store, Write};
 
-use crate::util::{Backend, TestDb};
+use std::time::Duration;
+
+use crate::batches::Hold;
+use crate::util::{Backend, Daemon, TestDb};
 
 both_backends!(a_give_back_queued_behind_an_outcome_never_overrides_it);
+multi_host_backends!(an_outcome_held_back_by_a_row_lock_is_not_taken_for_a_lost_claim);
 
 fn outcome(id: RequestId, state: State, give_back_try: bool) -> Write {
     Write::Outcome(Outcome {
@@ -59,4 +63,46 @@ async fn a_give_back_queued_behind_an_outcome_never_overrides_it(backend: Backen
         assert_eq!(row.tries, 1, "request {id}: its try counts");
     }
     store.close().await;
+}
+
+/// A try ends while an application holds its row locked (a long
+/// transaction, say): its outcome waits in the recorder, and the row stays
+/// RUNNING under this daemon's claim with no try running it. The heartbeat
+/// must not take it for a row whose claim's answer was lost and give it
+/// back: the outcome is on its way, and is written once the lock goes.
+async fn an_outcome_held_back_by_a_row_lock_is_not_taken_for_a_lost_claim(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let daemon = Daemon::start(
+        &db,
+        "d",
+        "tasks:\n  Short:\n    command: [/bin/sh, -c, 'sleep 0.5']\n",
+    );
+    let id = db.enqueue("Short", None).await;
+    db.wait_for_count(
+        &format!(
+            "SELECT count(*) FROM task_runner_requests WHERE id = {id} AND result = 'RUNNING' AND pid IS NOT NULL"
+        ),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    let hold = Hold::take(&db, id).await;
+    // The task ends under the lock; three heartbeats (1 s) see the row held.
+    daemon.wait_for_log("executor: finished", Duration::from_secs(30));
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    hold.release().await;
+    db.wait_for_count(
+        &format!(
+            "SELECT count(*) FROM task_runner_requests WHERE id = {id} AND result = 'FINISHED'"
+        ),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    let log = daemon.log_text();
+    assert!(
+        !log.contains("giving them back") && !log.contains("not recorded"),
+        "{log}"
+    );
+    assert_eq!(db.row(id).await.tries, 1);
 }

@@ -113,7 +113,9 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
 
 /// Gives back the rows held now that no try of this daemon runs and that
 /// were already such strays, under the same claim token, at the last
-/// renewal; returns this renewal's strays. The give-back is fenced by the
+/// renewal; returns this renewal's strays. A row whose try ended and whose
+/// outcome waits in the recorder (the database is slow, or a row lock
+/// holds the write) is no stray: its outcome is on its way. The give-back is fenced by the
 /// claim token and queued behind any outcome the recorder still holds for
 /// the row, so it never overwrites a try's own outcome.
 fn give_back_strays(
@@ -123,7 +125,10 @@ fn give_back_strays(
 ) -> HashMap<crate::request::RequestId, String> {
     let strays: HashMap<crate::request::RequestId, String> = held
         .iter()
-        .filter(|h| !shared.tries.runs(h.id, &h.claim_token))
+        .filter(|h| {
+            !shared.tries.runs(h.id, &h.claim_token)
+                && !shared.recorder.outcome_pending(h.id, &h.claim_token)
+        })
         .map(|h| (h.id, h.claim_token.clone()))
         .collect();
     let lost: Vec<(crate::request::RequestId, String)> = strays

@@ -3,6 +3,7 @@
 //! transaction (so that at high load a write costs well under one database
 //! round trip), and retries with backoff through outages without losing any.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -44,10 +45,14 @@ enum Message {
     Close,
 }
 
+/// The outcomes queued and not yet applied, by row and claim.
+type Pending = Arc<std::sync::Mutex<HashMap<(RequestId, String), usize>>>;
+
 /// A handle for queueing writes; cheap to clone.
 #[derive(Clone)]
 pub struct Recorder {
     sender: mpsc::UnboundedSender<Message>,
+    pending: Pending,
 }
 
 impl Recorder {
@@ -57,17 +62,52 @@ impl Recorder {
         wake: Arc<tokio::sync::Notify>,
     ) -> (Recorder, JoinHandle<()>) {
         let (sender, receiver) = mpsc::unbounded_channel();
-        let handle = tokio::spawn(record_loop(store, health, receiver, wake));
-        (Recorder { sender }, handle)
+        let pending = Pending::default();
+        let handle = tokio::spawn(record_loop(store, health, receiver, wake, pending.clone()));
+        (Recorder { sender, pending }, handle)
     }
 
     pub fn send(&self, write: Write) {
+        if let Write::Outcome(outcome) = &write {
+            *lock(&self.pending)
+                .entry((outcome.id, outcome.claim_token.clone()))
+                .or_default() += 1;
+        }
         // Only fails after close, when no supervisor is left to send.
         let _ = self.sender.send(Message::Write(write));
     }
 
+    /// Whether an outcome of row `id` under `claim_token` is queued and not
+    /// yet written: the row is still RUNNING in the table, but its try is
+    /// over.
+    pub fn outcome_pending(&self, id: RequestId, claim_token: &str) -> bool {
+        lock(&self.pending).contains_key(&(id, claim_token.to_string()))
+    }
+
     pub fn close(&self) {
         let _ = self.sender.send(Message::Close);
+    }
+}
+
+fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, HashMap<(RequestId, String), usize>> {
+    pending
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The batch's outcomes are applied (or found superseded): no longer pending.
+fn settle(pending: &Pending, batch: &[Write]) {
+    let mut pending = lock(pending);
+    for write in batch {
+        if let Write::Outcome(outcome) = write {
+            let key = (outcome.id, outcome.claim_token.clone());
+            if let Some(count) = pending.get_mut(&key) {
+                *count -= 1;
+                if *count == 0 {
+                    pending.remove(&key);
+                }
+            }
+        }
     }
 }
 
@@ -76,6 +116,7 @@ async fn record_loop(
     health: Arc<Health>,
     mut receiver: mpsc::UnboundedReceiver<Message>,
     wake: Arc<tokio::sync::Notify>,
+    pending: Pending,
 ) {
     let mut closing = false;
     let mut last_batch = tokio::time::Instant::now()
@@ -124,6 +165,7 @@ async fn record_loop(
                             );
                         }
                     }
+                    settle(&pending, &batch);
                     break;
                 }
                 Err(error) => {
