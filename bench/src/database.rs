@@ -1,12 +1,14 @@
-//! Scratch request tables: a SQLite file or a PostgreSQL database per case,
-//! migrated by taskrunner's own library, and the raw SQL the bench runs on
-//! them (bulk inserts, counts, timings read back from the rows).
+//! Scratch request tables: a SQLite file, a PostgreSQL database or a
+//! MariaDB database per case, migrated by taskrunner's own library, and the
+//! raw SQL the bench runs on them (bulk inserts, counts, timings read back
+//! from the rows).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Mutex;
 
 use anyhow::{Context, Result};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::AssertSqlSafe;
@@ -16,6 +18,9 @@ use taskrunner::store::{Purpose, Store};
 pub enum Backend {
     Sqlite,
     Postgres,
+    /// MariaDB (or MySQL), through `mysql://` URLs.
+    #[value(alias = "mariadb")]
+    Mysql,
 }
 
 impl Backend {
@@ -23,23 +28,29 @@ impl Backend {
         match self {
             Backend::Sqlite => "SQLite",
             Backend::Postgres => "PostgreSQL",
+            Backend::Mysql => "MariaDB",
         }
     }
 }
 
 /// What every measurement shares: the binaries, a scratch directory, and the
-/// PostgreSQL server to create databases on.
+/// PostgreSQL and MariaDB servers to create databases on.
 pub struct Bench {
     pub bin_dir: PathBuf,
     pub scratch: PathBuf,
     postgres_admin_url: Option<String>,
+    mysql_admin_url: Option<String>,
     counter: Mutex<u32>,
-    /// PostgreSQL databases created so far, dropped by [`Bench::cleanup`].
-    created: Mutex<Vec<String>>,
+    /// Server databases created so far, dropped by [`Bench::cleanup`].
+    created: Mutex<Vec<(Backend, String)>>,
 }
 
 impl Bench {
-    pub fn new(bin_dir: PathBuf, postgres_admin_url: Option<String>) -> Result<Bench> {
+    pub fn new(
+        bin_dir: PathBuf,
+        postgres_admin_url: Option<String>,
+        mysql_admin_url: Option<String>,
+    ) -> Result<Bench> {
         let scratch = std::env::temp_dir().join(format!("taskrunner-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&scratch);
         std::fs::create_dir_all(&scratch)
@@ -48,6 +59,7 @@ impl Bench {
             bin_dir,
             scratch,
             postgres_admin_url,
+            mysql_admin_url,
             counter: Mutex::new(0),
             created: Mutex::new(Vec::new()),
         })
@@ -73,11 +85,7 @@ impl Bench {
     pub async fn database(&self, backend: Backend, dir: &Path) -> Result<Database> {
         let url = match backend {
             Backend::Sqlite => format!("sqlite://{}", dir.join("requests.db").display()),
-            Backend::Postgres => {
-                let admin_url = self
-                    .postgres_admin_url
-                    .as_deref()
-                    .context("no PostgreSQL server configured")?;
+            Backend::Postgres | Backend::Mysql => {
                 let name = format!(
                     "taskrunner_bench_{}_{}",
                     std::process::id(),
@@ -86,18 +94,15 @@ impl Bench {
                         .to_string_lossy()
                         .replace('-', "_")
                 );
-                let admin = PgPool::connect(admin_url)
+                let admin_url = self.admin_url(backend)?;
+                let create = format!("CREATE DATABASE {name}");
+                self.run_as_admin(backend, &create)
                     .await
-                    .with_context(|| format!("connecting to {admin_url}"))?;
-                sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                    .execute(&admin)
-                    .await
-                    .with_context(|| format!("creating database {name}"))?;
-                admin.close().await;
+                    .with_context(|| format!("creating database {name} on {admin_url}"))?;
                 self.created
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .push(name.clone());
+                    .push((backend, name.clone()));
                 with_database(admin_url, &name)
             }
         };
@@ -120,25 +125,88 @@ impl Bench {
                     .connect_with(PgConnectOptions::from_str(&url)?)
                     .await?,
             ),
+            // sqlx's sessions are in UTC, with `||` as concatenation.
+            Backend::Mysql => Raw::Mysql(
+                MySqlPoolOptions::new()
+                    .max_connections(1)
+                    .connect_with(MySqlConnectOptions::from_str(&url)?)
+                    .await?,
+            ),
         };
         Ok(Database { backend, url, raw })
     }
 
-    /// Drops the PostgreSQL databases and removes the scratch directory.
+    /// The server URL the bench creates `backend`'s databases on.
+    fn admin_url(&self, backend: Backend) -> Result<&str> {
+        match backend {
+            Backend::Sqlite => anyhow::bail!("SQLite has no server"),
+            Backend::Postgres => self
+                .postgres_admin_url
+                .as_deref()
+                .context("no PostgreSQL server configured"),
+            Backend::Mysql => self
+                .mysql_admin_url
+                .as_deref()
+                .context("no MariaDB server configured"),
+        }
+    }
+
+    /// Runs one statement on `backend`'s server, on a connection of its own.
+    async fn run_as_admin(&self, backend: Backend, sql: &str) -> Result<()> {
+        let admin_url = self.admin_url(backend)?;
+        let sql = AssertSqlSafe(sql.to_string());
+        match backend {
+            Backend::Sqlite => unreachable!("admin_url refuses SQLite"),
+            Backend::Postgres => {
+                let admin = PgPool::connect(admin_url)
+                    .await
+                    .with_context(|| format!("connecting to {admin_url}"))?;
+                let result = sqlx::query(sql).execute(&admin).await;
+                admin.close().await;
+                result?;
+            }
+            Backend::Mysql => {
+                let admin = MySqlPool::connect(admin_url)
+                    .await
+                    .with_context(|| format!("connecting to {admin_url}"))?;
+                let result = sqlx::query(sql).execute(&admin).await;
+                admin.close().await;
+                result?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the server databases and removes the scratch directory.
     pub async fn cleanup(&self) {
         let names = std::mem::take(&mut *self.created.lock().unwrap_or_else(|e| e.into_inner()));
-        if let (Some(admin_url), false) = (&self.postgres_admin_url, names.is_empty()) {
-            if let Ok(admin) = PgPool::connect(admin_url).await {
-                for name in names {
-                    let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-                    if let Err(error) = sqlx::query(AssertSqlSafe(drop)).execute(&admin).await {
-                        eprintln!("taskrunner-bench: could not drop database {name}: {error}");
-                    }
-                }
-                admin.close().await;
+        for (backend, name) in names {
+            let drop = match backend {
+                Backend::Postgres => format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                _ => format!("DROP DATABASE IF EXISTS {name}"),
+            };
+            if let Err(error) = self.run_as_admin(backend, &drop).await {
+                eprintln!("taskrunner-bench: could not drop database {name}: {error:#}");
             }
         }
         let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+
+    /// The MariaDB server's version and durability, for the report.
+    pub async fn mysql_version(&self) -> Option<String> {
+        let admin = MySqlPool::connect(self.mysql_admin_url.as_deref()?)
+            .await
+            .ok()?;
+        let row: (String, i64) =
+            sqlx::query_as("SELECT VERSION(), CAST(@@innodb_flush_log_at_trx_commit AS SIGNED)")
+                .fetch_one(&admin)
+                .await
+                .ok()?;
+        admin.close().await;
+        Some(format!(
+            "{} (innodb_flush_log_at_trx_commit {})",
+            row.0, row.1
+        ))
     }
 
     /// The PostgreSQL server's version, for the report.
@@ -171,6 +239,7 @@ fn with_database(url: &str, name: &str) -> String {
 enum Raw {
     Sqlite(SqlitePool),
     Postgres(PgPool),
+    Mysql(MySqlPool),
 }
 
 /// One scratch request table.
@@ -192,6 +261,10 @@ impl Database {
                 .execute(pool)
                 .await
                 .map(|done| done.rows_affected()),
+            Raw::Mysql(pool) => sqlx::query(text())
+                .execute(pool)
+                .await
+                .map(|done| done.rows_affected()),
         };
         result.with_context(|| format!("running {sql}"))
     }
@@ -205,6 +278,11 @@ impl Database {
                     .await
             }
             Raw::Postgres(pool) => {
+                sqlx::query_scalar(AssertSqlSafe(sql.to_string()))
+                    .fetch_one(pool)
+                    .await
+            }
+            Raw::Mysql(pool) => {
                 sqlx::query_scalar(AssertSqlSafe(sql.to_string()))
                     .fetch_one(pool)
                     .await
@@ -226,6 +304,11 @@ impl Database {
                     .fetch_all(pool)
                     .await
             }
+            Raw::Mysql(pool) => {
+                sqlx::query_scalar(AssertSqlSafe(sql.to_string()))
+                    .fetch_all(pool)
+                    .await
+            }
         };
         result.with_context(|| format!("running {sql}"))
     }
@@ -235,6 +318,21 @@ impl Database {
         match self.backend {
             Backend::Sqlite => format!("((julianday({end}) - julianday({start})) * 86400.0)"),
             Backend::Postgres => format!("extract(epoch from ({end}) - ({start}))::float8"),
+            Backend::Mysql => {
+                format!("CAST(TIMESTAMPDIFF(MICROSECOND, {start}, {end}) / 1e6 AS DOUBLE)")
+            }
+        }
+    }
+
+    /// A timestamp expression as seconds since the Unix epoch (UTC, as
+    /// every backend stores it), in this dialect.
+    pub fn epoch_seconds(&self, timestamp: &str) -> String {
+        match self.backend {
+            Backend::Sqlite => format!("((julianday({timestamp}) - 2440587.5) * 86400.0)"),
+            Backend::Postgres => format!("extract(epoch from {timestamp})::float8"),
+            Backend::Mysql => format!(
+                "CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', {timestamp}) / 1e6 AS DOUBLE)"
+            ),
         }
     }
 
@@ -251,6 +349,10 @@ impl Database {
             ),
             Backend::Postgres => format!(
                 "INSERT INTO task_runner_requests ({names}) SELECT {values} FROM generate_series(1, {count}) AS series(n)"
+            ),
+            // MariaDB's Sequence engine.
+            Backend::Mysql => format!(
+                "INSERT INTO task_runner_requests ({names}) SELECT {values} FROM (SELECT seq AS n FROM seq_1_to_{count}) AS series"
             ),
         };
         self.execute(&sql).await
@@ -290,6 +392,7 @@ impl Database {
         match self.raw {
             Raw::Sqlite(pool) => pool.close().await,
             Raw::Postgres(pool) => pool.close().await,
+            Raw::Mysql(pool) => pool.close().await,
         }
     }
 }

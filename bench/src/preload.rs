@@ -245,13 +245,11 @@ async fn claim_to_start(
         }
     }
     daemon.stop().await?;
-    let epoch = match backend {
-        Backend::Sqlite => "((julianday(started_at) - 2440587.5) * 86400.0)",
-        Backend::Postgres => "extract(epoch from started_at)::float8",
-    };
+    let epoch = database.epoch_seconds("started_at");
     let clock = match backend {
         Backend::Sqlite => "(CAST(result_text AS REAL) / 1e9)",
         Backend::Postgres => "(result_text::float8 / 1e9)",
+        Backend::Mysql => "(CAST(result_text AS DOUBLE) / 1e9)",
     };
     let mut delays = database
         .floats(&format!(
@@ -361,7 +359,7 @@ pub fn tables(results: &Results, rows: usize) -> Vec<Table> {
     latency.note(
         "The probe program (examples/src/preload_probe.rs) reads the wall clock first thing in its task's `run`; \
          started_at is written by the claim, by the database's clock, on the same machine. \
-         SQLite stores started_at in whole milliseconds, so its values are ± 1 ms; PostgreSQL's are microseconds. \
+         SQLite stores started_at in whole milliseconds, so its values are ± 1 ms; PostgreSQL's and MariaDB's are microseconds. \
          Target: p50 under 0.3 ms preloaded.",
     );
     let mut slow = Table::new(

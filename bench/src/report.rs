@@ -96,14 +96,23 @@ impl Report {
         let mut machine = vec![
             format!("{cpus} CPUs ({model}), Linux {}", kernel.trim()),
             format!("load average at the start: {}", load_average()),
-            "SQLite: the daemon's settings (WAL, synchronous NORMAL); inserters use SQLite's defaults (synchronous FULL)".to_string(),
         ];
+        if backends.contains(&Backend::Sqlite) {
+            machine.push("SQLite: the daemon's settings (WAL, synchronous NORMAL); inserters use SQLite's defaults (synchronous FULL)".to_string());
+        }
         if backends.contains(&Backend::Postgres) {
             let version = bench
                 .postgres_version()
                 .await
                 .unwrap_or_else(|| "unknown version".to_string());
             machine.push(format!("PostgreSQL {version}, on the same machine"));
+        }
+        if backends.contains(&Backend::Mysql) {
+            let version = bench
+                .mysql_version()
+                .await
+                .unwrap_or_else(|| "unknown version".to_string());
+            machine.push(format!("MariaDB {version}, on the same machine"));
         }
         Report {
             machine,

@@ -44,6 +44,7 @@ async fn measure(bench: &Bench, backend: Backend, rows: usize) -> Result<Case> {
     let now = match backend {
         Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now')".to_string(),
         Backend::Postgres => "now()".to_string(),
+        Backend::Mysql => "UTC_TIMESTAMP(6)".to_string(),
     };
     // A time `seconds` (an SQL expression) before now.
     let ago = |seconds: &str| match backend {
@@ -51,10 +52,12 @@ async fn measure(bench: &Bench, backend: Backend, rows: usize) -> Result<Case> {
             format!("strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || ({seconds}) || ' seconds')")
         }
         Backend::Postgres => format!("(now() - make_interval(secs => ({seconds})))"),
+        Backend::Mysql => format!("(UTC_TIMESTAMP(6) - INTERVAL ({seconds}) SECOND)"),
     };
     let in_an_hour = match backend {
         Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now', '+3600 seconds')".to_string(),
         Backend::Postgres => "(now() + interval '1 hour')".to_string(),
+        Backend::Mysql => "(UTC_TIMESTAMP(6) + INTERVAL 1 HOUR)".to_string(),
     };
     let long_ago = "'2026-01-01 00:00:00.000'";
     let queue = "'q' || (n % 5)";
