@@ -2,7 +2,7 @@
 //! schema format, which drops triggers, SQL defaults and taskrunner's
 //! migration records) is repaired by `taskrunner-cli migrate`, and the
 //! daemon works on it afterwards. Uses Debian's ruby-activerecord,
-//! ruby-sqlite3 and ruby-pg (scripts/test installs them).
+//! ruby-sqlite3, ruby-pg and ruby-mysql2 (scripts/test installs them).
 
 use std::process::Command;
 use std::time::Duration;
@@ -14,10 +14,8 @@ const WAIT: Duration = Duration::from_secs(30);
 both_backends!(
     a_missing_trigger_or_index_is_restored_keeping_the_rows,
     a_ruby_class_runs_as_a_task,
+    tables_loaded_from_schema_rb_are_repaired_and_run,
 );
-
-// ActiveRecord's MySQL adapter (mysql2) is not installed by scripts/test yet.
-sqlite_and_postgres!(tables_loaded_from_schema_rb_are_repaired_and_run);
 
 const ROUND_TRIP: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -47,10 +45,16 @@ async fn tables_loaded_from_schema_rb_are_repaired_and_run(backend: Backend) {
     let test = TestDb::unmigrated(backend).await;
     schema_rb_round_trip(&development, &test);
     // Before the repair, the app inserts a row the way Rails does (an ISO
-    // timestamp with a zone): it must survive the repair.
-    let early = test
-        .insert("INSERT INTO task_runner_requests (task_class_name, created_at, delay_until) VALUES ('NoOp', '2026-01-01T10:00:00Z', '2000-01-01T00:00:00Z') RETURNING id")
-        .await;
+    // timestamp with a zone; on MySQL, Rails' adapter writes UTC without
+    // one): it must survive the repair.
+    let early = match backend {
+        Backend::MySql => test
+            .insert("INSERT INTO task_runner_requests (task_class_name, created_at, delay_until) VALUES ('NoOp', '2026-01-01 10:00:00', '2000-01-01 00:00:00')")
+            .await,
+        Backend::Sqlite | Backend::Postgres => test
+            .insert("INSERT INTO task_runner_requests (task_class_name, created_at, delay_until) VALUES ('NoOp', '2026-01-01T10:00:00Z', '2000-01-01T00:00:00Z') RETURNING id")
+            .await,
+    };
     let (status, stdout, stderr) = cli(&test, &["migrate"]);
     assert_eq!(status, 0, "{stderr}");
     assert!(
@@ -60,11 +64,29 @@ async fn tables_loaded_from_schema_rb_are_repaired_and_run(backend: Backend) {
     assert!(stdout.contains("1 rows kept"), "{stdout}");
     let (_, stdout, _) = cli(&test, &["migrate"]);
     assert!(stdout.contains(": up to date"), "{stdout}");
-    // The triggers are back: an application's timestamp is normalised.
-    let later = test
-        .insert("INSERT INTO task_runner_requests (task_class_name, delay_until) VALUES ('NoOp', '2000-01-01T00:00:00Z') RETURNING id")
-        .await;
-    if backend == Backend::Sqlite {
+    // The triggers are back: an application's timestamp is normalised
+    // (on MySQL: one written in a session on local time is stored in UTC).
+    let later = match backend {
+        Backend::MySql => {
+            let output = crate::util::mysql_client(
+                &test.url,
+                "SET time_zone = '+02:00'; \
+                 INSERT INTO task_runner_requests (task_class_name, delay_until) VALUES ('NoOp', '2000-01-01 02:00:00')",
+            )
+            .expect("running the mysql client");
+            assert!(
+                output.status.success(),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let id = test.scalar("SELECT max(id) FROM task_runner_requests").await;
+            taskrunner::request::RequestId(id)
+        }
+        Backend::Sqlite | Backend::Postgres => test
+            .insert("INSERT INTO task_runner_requests (task_class_name, delay_until) VALUES ('NoOp', '2000-01-01T00:00:00Z') RETURNING id")
+            .await,
+    };
+    if backend != Backend::Postgres {
         assert_eq!(
             test.row(later).await.delay_until.as_deref(),
             Some("2000-01-01 00:00:00.000")
@@ -75,7 +97,7 @@ async fn tables_loaded_from_schema_rb_are_repaired_and_run(backend: Backend) {
         test.wait_for_state(id, "FINISHED", WAIT).await;
     }
     // A row enqueued while the daemon runs wakes it at once (PostgreSQL:
-    // the NOTIFY trigger restored).
+    // the NOTIFY trigger restored; MySQL: its wake-up's indexes).
     let (_, stdout, _) = cli(&test, &["enqueue", "NoOp"]);
     let id = taskrunner::request::RequestId(stdout.trim().parse().unwrap());
     test.wait_for_state(id, "FINISHED", WAIT).await;

@@ -6,12 +6,15 @@
 #
 #   ruby schema_rb_round_trip.rb FROM_URL TO_URL SCHEMA_RB
 #
-# URLs as taskrunner writes them: sqlite:///path.db or postgres://…
+# URLs as taskrunner writes them: sqlite:///path.db, postgres://… or
+# mysql://… (ActiveRecord's MySQL adapter is mysql2).
 require "active_record"
 
 def connect(url)
   if url.start_with?("sqlite:")
     ActiveRecord::Base.establish_connection(adapter: "sqlite3", database: url.sub(%r{\Asqlite://}, ""))
+  elsif url.start_with?("mysql:", "mariadb:")
+    ActiveRecord::Base.establish_connection(url.sub(/\A(mysql|mariadb):/, "mysql2:"))
   else
     ActiveRecord::Base.establish_connection(url)
   end
