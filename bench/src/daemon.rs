@@ -42,6 +42,18 @@ impl Daemon {
         database_url: &str,
         extra_config: &str,
     ) -> Result<Daemon> {
+        Daemon::start_logging(bench, dir, database_url, extra_config, None).await
+    }
+
+    /// [`Daemon::start`] with `TASKRUNNER_LOG` set to `log_filter` (the
+    /// default level when `None`).
+    pub async fn start_logging(
+        bench: &Bench,
+        dir: &Path,
+        database_url: &str,
+        extra_config: &str,
+        log_filter: Option<&str>,
+    ) -> Result<Daemon> {
         let config = dir.join("taskrunner.yml");
         let text = format!(
             "database_url: {database_url}\nsocket: {}\nshutdown_timeout: 5s\n{extra_config}",
@@ -59,6 +71,9 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?);
+        if let Some(filter) = log_filter {
+            command.env("TASKRUNNER_LOG", filter);
+        }
         // SAFETY: prctl is async-signal-safe. A bench that dies (Ctrl-C, a
         // panic) takes its daemons with it; they in turn take their tasks.
         unsafe {

@@ -33,8 +33,77 @@ pub struct Case {
 pub struct Latency {
     pub backend: Backend,
     pub preload: bool,
-    /// Claim-to-start delays in milliseconds, sorted.
+    /// `started_at` to the task's `run`, in milliseconds, sorted.
     pub delays_ms: Vec<f64>,
+    /// Each try's start, step by step (from the daemon's debug line).
+    pub steps: Vec<Steps>,
+}
+
+/// One try's start, step by step, in milliseconds (see
+/// `taskrunner::supervisor::StartTimes` for what each instant is).
+#[derive(Debug, Clone, Copy)]
+pub struct Steps {
+    /// Where the row's `started_at` falls after the claim was sent (the
+    /// database's clock: PostgreSQL's `now()` is its transaction's start;
+    /// SQLite truncates to the millisecond, so it may fall before).
+    pub started_at_after_sent: f64,
+    /// The claim: statement and commit, until its rows are back.
+    pub claim: f64,
+    /// Rows back → the supervisor runs (task, slot, options, type).
+    pub to_supervisor: f64,
+    /// Supervisor → the spawner is asked (environment, cgroup).
+    pub to_spawner: f64,
+    /// Asked → a spawner thread took it (exec'd) / the request was sent to
+    /// the preloaded parent (pipes, message).
+    pub hand_off: f64,
+    /// Taken → `clone` returned, the child exec'd (exec'd) / sent → the
+    /// parent's answer (its fork) arrived (preloaded).
+    pub create: f64,
+    /// Created → the runtime's thread holds the child.
+    pub back_on_runtime: f64,
+    /// Created → the task's `run` (exec'd: the end of execve, loading,
+    /// `main`; preloaded: the child after its fork, which may run before
+    /// the answer arrives).
+    pub to_run: f64,
+    /// Rows back → the task's `run`: claim-to-start once the claim holds.
+    pub claimed_to_run: f64,
+}
+
+/// The instants of the daemon's `start times` debug lines, by request id.
+fn start_times(log: &str) -> std::collections::HashMap<i64, [u64; 7]> {
+    const KEYS: [&str; 7] = [
+        "claim_sent",
+        "claim_returned",
+        "launched",
+        "asked",
+        "handed_off",
+        "created",
+        "spawned",
+    ];
+    let mut found = std::collections::HashMap::new();
+    for line in log.lines().filter(|line| line.contains("start times")) {
+        let value = |key: &str| -> Option<u64> {
+            let marker = format!("{key}=");
+            let at = line.find(&marker)? + marker.len();
+            let digits: String = line[at..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        };
+        let Some(request) = value("request") else {
+            continue;
+        };
+        let mut instants = [0u64; 7];
+        if KEYS
+            .iter()
+            .zip(instants.iter_mut())
+            .all(|(key, slot)| value(key).map(|v| *slot = v).is_some())
+        {
+            found.insert(request as i64, instants);
+        }
+    }
+    found
 }
 
 pub struct SlowStart {
@@ -92,11 +161,13 @@ pub async fn run(
                 backend.name(),
                 if preload { "preloaded" } else { "exec'd" }
             );
-            let delays_ms = claim_to_start(bench, backend, preload, latency_requests).await?;
+            let (delays_ms, steps) =
+                claim_to_start(bench, backend, preload, latency_requests).await?;
             results.latencies.push(Latency {
                 backend,
                 preload,
                 delays_ms,
+                steps,
             });
         }
         eprintln!(
@@ -207,18 +278,19 @@ async fn finished_rate(database: &Database, rows: usize) -> Result<f64> {
 
 /// Requests for the probe's `clock` one at a time into an idle daemon
 /// (max_concurrent 1, nothing claimed ahead): the task's clock at the start
-/// of its `run`, less `started_at`.
+/// of its `run`, less `started_at`; and each start step by step, from the
+/// daemon's `taskrunner::start_timing` debug lines.
 async fn claim_to_start(
     bench: &Bench,
     backend: Backend,
     preload: bool,
     count: usize,
-) -> Result<Vec<f64>> {
+) -> Result<(Vec<f64>, Vec<Steps>)> {
     let name = format!("claim-{backend:?}-{preload}").to_lowercase();
     let dir = bench.case_dir(&name)?;
     let database = bench.database(backend, &dir).await?;
     let program = bench.binary(PROBE);
-    let daemon = Daemon::start(
+    let daemon = Daemon::start_logging(
         bench,
         &dir,
         &database.url,
@@ -226,6 +298,7 @@ async fn claim_to_start(
             "max_concurrent: 1\nprograms: [{{path: {}, preload: {preload}}}]\n",
             program.display()
         ),
+        Some("info,taskrunner::start_timing=debug"),
     )
     .await?;
     for done in 1..=count {
@@ -244,24 +317,58 @@ async fn claim_to_start(
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
+    let log = daemon.log_text();
     daemon.stop().await?;
     let epoch = database.epoch_seconds("started_at");
-    let clock = match backend {
-        Backend::Sqlite => "(CAST(result_text AS REAL) / 1e9)",
-        Backend::Postgres => "(result_text::float8 / 1e9)",
-        Backend::Mysql => "(CAST(result_text AS DOUBLE) / 1e9)",
+    let (clock, id) = match backend {
+        Backend::Sqlite => ("CAST(result_text AS REAL)", "CAST(id AS REAL)"),
+        Backend::Postgres => ("result_text::float8", "id::float8"),
+        Backend::Mysql => ("CAST(result_text AS DOUBLE)", "CAST(id AS DOUBLE)"),
     };
-    let mut delays = database
-        .floats(&format!(
-            "SELECT ({clock} - {epoch}) * 1000.0 FROM task_runner_requests WHERE result = 'FINISHED'"
-        ))
-        .await?;
+    let column = |expression: &str| {
+        format!(
+            "SELECT {expression} FROM task_runner_requests WHERE result = 'FINISHED' ORDER BY id"
+        )
+    };
+    let ids = database.floats(&column(id)).await?;
+    let started_at = database.floats(&column(&epoch)).await?;
+    let runs_ns = database.floats(&column(clock)).await?;
     database.close().await;
-    if delays.len() != count {
-        bail!("only {} of {count} Probe requests finished", delays.len());
+    if ids.len() != count {
+        bail!("only {} of {count} Probe requests finished", ids.len());
+    }
+    let times = start_times(&log);
+    let mut delays = Vec::new();
+    let mut steps = Vec::new();
+    for ((id, started_at), run_ns) in ids.iter().zip(&started_at).zip(&runs_ns) {
+        delays.push((run_ns / 1e9 - started_at) * 1000.0);
+        let Some(&[sent, returned, launched, asked, handed_off, created, spawned]) =
+            times.get(&(*id as i64))
+        else {
+            continue;
+        };
+        // Milliseconds from `from` to `to`, both in ns since the epoch.
+        let between = |from: u64, to: f64| (to - from as f64) / 1e6;
+        steps.push(Steps {
+            started_at_after_sent: between(sent, started_at * 1e9),
+            claim: between(sent, returned as f64),
+            to_supervisor: between(returned, launched as f64),
+            to_spawner: between(launched, asked as f64),
+            hand_off: between(asked, handed_off as f64),
+            create: between(handed_off, created as f64),
+            back_on_runtime: between(created, spawned as f64),
+            to_run: between(created, *run_ns),
+            claimed_to_run: between(returned, *run_ns),
+        });
+    }
+    if steps.len() != count {
+        bail!(
+            "the daemon logged the start times of {} of {count} tries",
+            steps.len()
+        );
     }
     delays.sort_by(f64::total_cmp);
-    Ok(delays)
+    Ok((delays, steps))
 }
 
 /// The probe with a 200 ms setup: 20 tries exec'd, 200 preloaded, one at a time.
@@ -340,7 +447,14 @@ pub fn tables(results: &Results, rows: usize) -> Vec<Table> {
     );
     let mut latency = Table::new(
         "Preload: claim-to-start, one request at a time into an idle daemon",
-        &["backend", "tries", "p50 ms", "p95 ms", "p99 ms", "max ms"],
+        &[
+            "backend",
+            "tries, measured",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "max ms",
+        ],
     );
     for case in &results.latencies {
         let at = |q: f64| {
@@ -349,7 +463,10 @@ pub fn tables(results: &Results, rows: usize) -> Vec<Table> {
         };
         latency.row(vec![
             case.backend.name().to_string(),
-            if case.preload { "preloaded" } else { "exec'd" }.to_string(),
+            format!(
+                "{}, started_at → run",
+                if case.preload { "preloaded" } else { "exec'd" }
+            ),
             ms(at(0.5)),
             ms(at(0.95)),
             ms(at(0.99)),
@@ -357,10 +474,74 @@ pub fn tables(results: &Results, rows: usize) -> Vec<Table> {
         ]);
     }
     latency.note(
-        "The probe program (examples/src/preload_probe.rs) reads the wall clock first thing in its task's `run`; \
+        "started_at → run: the probe program (examples/src/preload_probe.rs) reads the wall clock first thing in its task's `run`; \
          started_at is written by the claim, by the database's clock, on the same machine. \
          SQLite stores started_at in whole milliseconds, so its values are ± 1 ms; PostgreSQL's and MariaDB's are microseconds. \
-         Target: p50 under 0.3 ms preloaded.",
+         The claim's commit (on PostgreSQL and MariaDB a log flush) is inside this measure; the next table splits it.",
+    );
+    for case in &results.latencies {
+        let mut values: Vec<f64> = case.steps.iter().map(|s| s.claimed_to_run).collect();
+        values.sort_by(f64::total_cmp);
+        let at = |q: f64| values[((values.len() as f64 - 1.0) * q).round() as usize];
+        latency.row(vec![
+            case.backend.name().to_string(),
+            format!(
+                "{}, claim's rows back → run",
+                if case.preload { "preloaded" } else { "exec'd" }
+            ),
+            ms(at(0.5)),
+            ms(at(0.95)),
+            ms(at(0.99)),
+            ms(at(1.0)),
+        ]);
+    }
+    latency.note(
+        "claim's rows back → run: from the moment the daemon holds the claimed row (its claim committed and returned) \
+         to the task's `run`, both by the machine's wall clock. Target: p50 under 0.3 ms preloaded.",
+    );
+    let mut steps = Table::new(
+        "Preload: where claim-to-start goes, step by step (p50 of each step, ms)",
+        &[
+            "backend",
+            "tries",
+            "started_at after claim sent",
+            "claim (statement + commit)",
+            "rows back → supervisor",
+            "supervisor → spawner asked",
+            "hand-off",
+            "create",
+            "created → run",
+            "created → back on runtime",
+        ],
+    );
+    for case in &results.latencies {
+        let p50 = |step: fn(&Steps) -> f64| {
+            let mut values: Vec<f64> = case.steps.iter().map(step).collect();
+            values.sort_by(f64::total_cmp);
+            ms(values[(values.len() - 1) / 2])
+        };
+        steps.row(vec![
+            case.backend.name().to_string(),
+            if case.preload { "preloaded" } else { "exec'd" }.to_string(),
+            p50(|s| s.started_at_after_sent),
+            p50(|s| s.claim),
+            p50(|s| s.to_supervisor),
+            p50(|s| s.to_spawner),
+            p50(|s| s.hand_off),
+            p50(|s| s.create),
+            p50(|s| s.to_run),
+            p50(|s| s.back_on_runtime),
+        ]);
+    }
+    steps.note(
+        "From the daemon's debug line per try (TASKRUNNER_LOG=info,taskrunner::start_timing=debug), by the wall clock. \
+         started_at after claim sent: where the row's started_at (the database's clock) falls after the daemon sent the claim \
+         (PostgreSQL's now() is its transaction's start; SQLite truncates to the millisecond, so it can fall before). \
+         hand-off: exec'd, the request taken by a spawner thread; preloaded, the request (pipes, message) sent to the parent. \
+         create: exec'd, clone until the child's execve released the spawner thread; preloaded, the parent's fork until its answer arrived. \
+         created → run: exec'd, the rest of execve, dynamic loading and main; preloaded, the child after its fork \
+         (it runs while the answer travels, so this can be near zero or negative). \
+         created → back on runtime: the runtime's thread holds the child (pidfd registered), in parallel with the task.",
     );
     let mut slow = Table::new(
         "Preload: a program whose setup takes 200 ms (max_concurrent 1)",
@@ -380,5 +561,5 @@ pub fn tables(results: &Results, rows: usize) -> Vec<Table> {
     slow.note(
         "The probe with PROBE_SETUP_MS=200 (Tasks::setup sleeps 200 ms): 20 tries exec'd, 200 preloaded, drained one at a time. Target: ≥ 50×.",
     );
-    vec![throughput, latency, slow]
+    vec![throughput, latency, steps, slow]
 }

@@ -118,6 +118,8 @@ pub struct Verdict {
     pub stderr_tail: Option<String>,
     /// How long starting the process took (clone and exec), if it started.
     pub spawn_took: Option<std::time::Duration>,
+    /// When each step of its start happened, if it started.
+    pub start_times: Option<supervisor::StartTimes>,
     /// The process could not be started for the daemon's own lack of
     /// resources: the try is given back, and the scheduler backs off.
     pub daemon_short: bool,
@@ -130,6 +132,7 @@ impl Verdict {
             result_text: result_text.into(),
             stderr_tail: None,
             spawn_took: None,
+            start_times: None,
             daemon_short: false,
         }
     }
@@ -260,6 +263,7 @@ pub async fn run(
     {
         Ok(ended) => Verdict {
             spawn_took: Some(ended.spawn_took),
+            start_times: Some(ended.start_times),
             ..judge(&ended)
         },
         Err(error) if supervisor::is_daemon_short(&error) => Verdict {
@@ -349,6 +353,7 @@ pub fn judge(ended: &Ended) -> Verdict {
         result_text: with_stderr(reason),
         stderr_tail: Some(stderr.clone()),
         spawn_took: Some(ended.spawn_took),
+        start_times: Some(ended.start_times),
         daemon_short: false,
     };
     match ended.stopped {

@@ -3,7 +3,7 @@
 //! recorder.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
@@ -14,7 +14,7 @@ use crate::attempt::{self, Verdict};
 use crate::daemon::Shared;
 use crate::request::{Claimed, State};
 use crate::store::Write;
-use crate::supervisor::StopReason;
+use crate::supervisor::{StartTimes, StopReason};
 
 /// A row claimed ahead that has found no free slot after this long is given back.
 pub(super) const AHEAD_MAX_WAIT: Duration = Duration::from_secs(1);
@@ -32,19 +32,29 @@ pub(super) struct TryEnd {
     pub(super) daemon_short: bool,
 }
 
+/// When the claim that took a row was sent and when its rows came back,
+/// by the wall clock (see [`crate::supervisor::StartTimes`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ClaimTimes {
+    pub(super) sent: SystemTime,
+    pub(super) returned: SystemTime,
+}
+
 /// Runs one claimed row's try once it has a slot, and queues its outcome.
 pub(super) async fn supervise(
     shared: Arc<Shared>,
     slots: Arc<Slots>,
     row: Claimed,
     go: oneshot::Receiver<()>,
+    claim: ClaimTimes,
 ) -> TryEnd {
     let queue = row.queue.clone();
     let task = crate::request::shown_task_name(&row.task_class_name).into_owned();
     let tries_left = row.tries < row.try_limit;
     let span = tracing::info_span!("task", request = %row.id, task = %task, r#try = row.tries);
-    let ((state, daemon_short), ran_for) =
-        run_claimed(shared, &slots, row, go).instrument(span).await;
+    let ((state, daemon_short), ran_for) = run_claimed(shared, &slots, row, go, claim)
+        .instrument(span)
+        .await;
     TryEnd {
         task,
         queue,
@@ -63,6 +73,7 @@ async fn run_claimed(
     slots: &Slots,
     row: Claimed,
     mut go: oneshot::Receiver<()>,
+    claim: ClaimTimes,
 ) -> ((State, bool), Option<Duration>) {
     let config = shared.config();
     let (stop_sender, mut stop) = watch::channel(None);
@@ -120,6 +131,9 @@ async fn run_claimed(
     shared.tries.remove(row.id);
     if let Some(took) = verdict.spawn_took {
         shared.metrics.spawned(took);
+    }
+    if let Some(start) = &verdict.start_times {
+        log_start_times(&claim, start);
     }
     if verdict.daemon_short {
         // Logged once per shortage by the scheduler, not once per try.
@@ -201,6 +215,31 @@ async fn wait_for_slot(
         ),
     };
     (had_slot, Some(Verdict::new(state, text)))
+}
+
+/// One debug line with the wall-clock instants of a try's start, in
+/// nanoseconds since the Unix epoch: `scripts/bench` compares them with the
+/// row's `started_at` and with the task's own clock to say where
+/// claim-to-start goes (`TASKRUNNER_LOG=info,taskrunner::start_timing=debug`).
+fn log_start_times(claim: &ClaimTimes, start: &StartTimes) {
+    if !tracing::enabled!(target: "taskrunner::start_timing", tracing::Level::DEBUG) {
+        return;
+    }
+    let ns = |at: SystemTime| {
+        at.duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |since| since.as_nanos() as u64)
+    };
+    tracing::debug!(
+        target: "taskrunner::start_timing",
+        claim_sent = ns(claim.sent),
+        claim_returned = ns(claim.returned),
+        launched = ns(start.launched),
+        asked = ns(start.asked),
+        handed_off = ns(start.handed_off),
+        created = ns(start.created),
+        spawned = ns(start.spawned),
+        "start times"
+    );
 }
 
 /// The last few lines of a task's stderr, for a log line.

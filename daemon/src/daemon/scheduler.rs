@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::executor::{supervise, TryEnd};
+use super::executor::{supervise, ClaimTimes, TryEnd};
 use super::slots::Slots;
 use crate::daemon::Shared;
 use crate::health::Backoff;
@@ -197,15 +197,20 @@ pub async fn run(shared: Arc<Shared>) {
                 (budget, idle_slots),
                 &running_by_queue,
             );
+            let sent = std::time::SystemTime::now();
             match round.await {
                 Ok((rows, all_filled)) => {
+                    let times = ClaimTimes {
+                        sent,
+                        returned: std::time::SystemTime::now(),
+                    };
                     shared.health.succeeded("claiming requests");
                     backoff.reset();
                     for row in rows {
                         shared.metrics.claimed(&row.queue, row.waited);
                         *running_by_queue.entry(row.queue.clone()).or_default() += 1;
                         let go = slots.join(config.max_concurrent);
-                        tries.spawn(supervise(shared.clone(), slots.clone(), row, go));
+                        tries.spawn(supervise(shared.clone(), slots.clone(), row, go, times));
                     }
                     if !all_filled {
                         if let Some(due) = next_delay(&shared).await {

@@ -103,6 +103,25 @@ pub struct Spawned {
     pub start_ticks: i64,
 }
 
+/// When each step of a start happened, by the wall clock (which the task
+/// and the database also read): what `scripts/bench` breaks claim-to-start
+/// into, logged at debug level under the `taskrunner::start_timing` target.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StartTimes {
+    /// The supervisor began: the try has its slot, options and program.
+    pub launched: std::time::SystemTime,
+    /// The start was asked of the spawner (the try's cgroup made).
+    pub asked: std::time::SystemTime,
+    /// A spawner thread took it (exec'd), or the request was sent to the
+    /// preloaded parent.
+    pub handed_off: std::time::SystemTime,
+    /// `clone` returned in the spawner thread (the child has exec'd), or the
+    /// preloaded parent's answer (the child's pid) arrived.
+    pub created: std::time::SystemTime,
+    /// The runtime's thread holds the child (its pidfd registered).
+    pub spawned: std::time::SystemTime,
+}
+
 /// How a try's process ended.
 #[derive(Debug)]
 pub struct Ended {
@@ -112,6 +131,7 @@ pub struct Ended {
     pub ran_for: Duration,
     /// How long the spawner took to start the process (clone and exec).
     pub spawn_took: Duration,
+    pub start_times: StartTimes,
     /// Set when the process was stopped by us, and why.
     pub stopped: Option<Stopped>,
     /// A limit this process was found to have broken (named for the result text).
@@ -149,6 +169,7 @@ pub async fn run(
     on_running: impl FnOnce(&Spawned),
     on_exit: impl FnOnce(),
 ) -> std::io::Result<Ended> {
+    let launched = std::time::SystemTime::now();
     let settings = launch.settings;
     // The type's `env:`, then the try's own variables (later entries win).
     let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> = Vec::new();
@@ -198,6 +219,7 @@ pub async fn run(
     };
 
     let spawn_started = Instant::now();
+    let asked = std::time::SystemTime::now();
     let spawned = spawner.spawn(recipe).await;
     if spawned.is_err() {
         if let Some(cgroup) = try_cgroup.clone() {
@@ -216,6 +238,13 @@ pub async fn run(
         }
     })?;
     let spawn_took = spawn_started.elapsed();
+    let start_times = StartTimes {
+        launched,
+        asked,
+        handed_off: child.handed_off,
+        created: child.created,
+        spawned: std::time::SystemTime::now(),
+    };
     if let (true, Some(cgroup)) = (launch.preload, &try_cgroup) {
         // A preloaded program that ignored the `cgroup` field: its child
         // is moved now (what it started before this runs outside).
@@ -346,6 +375,7 @@ pub async fn run(
     .or_else(|| limits::broken_limit(&status, &stderr.tail.text(), &settings));
     Ok(Ended {
         spawn_took,
+        start_times,
         status,
         stdout: stdout.tail,
         stderr: stderr.tail,

@@ -450,6 +450,7 @@ impl Parent {
             stdio.child_ends[2].as_raw_fd(),
         ];
         send_with_fds(self.socket.get_ref().as_raw_fd(), &message, &fds)?;
+        let sent = std::time::SystemTime::now();
         drop(stdio.child_ends);
         let mut buffer = [0u8; 4096];
         let count = tokio::time::timeout(REPLY_TIMEOUT, self.receive(&mut buffer))
@@ -464,6 +465,7 @@ impl Parent {
                     ),
                 )
             })??;
+        let answered = std::time::SystemTime::now();
         if count == 0 {
             self.alive.store(false, Ordering::SeqCst);
             return Err(io::Error::new(
@@ -481,7 +483,9 @@ impl Parent {
                     .ok_or_else(|| {
                         io::Error::new(io::ErrorKind::InvalidData, "a pid that is not a number")
                     })?;
-                Child::adopt(pid, stdio.ours)
+                let mut child = Child::adopt(pid, stdio.ours)?;
+                (child.handed_off, child.created) = (sent, answered);
+                Ok(child)
             }
             [b"error", text, b""] => Err(io::Error::other(format!(
                 "the preloaded parent could not fork: {}",

@@ -112,6 +112,10 @@ pub struct Child {
     /// Our ends of the output pipes, non-blocking, not yet watched by the runtime.
     pub stdout: Option<OwnedFd>,
     pub stderr: Option<OwnedFd>,
+    /// When the start left the daemon's runtime and when the process
+    /// existed (see [`super::StartTimes`]).
+    pub(super) handed_off: std::time::SystemTime,
+    pub(super) created: std::time::SystemTime,
     pidfd: AsyncFd<OwnedFd>,
     status: Option<ExitStatus>,
 }
@@ -155,6 +159,8 @@ impl Child {
         }
         Child::supervise(Started {
             pid,
+            handed_off: std::time::SystemTime::UNIX_EPOCH,
+            created: std::time::SystemTime::UNIX_EPOCH,
             pidfd,
             stdin: ours.stdin,
             stdout: ours.stdout,
@@ -216,6 +222,9 @@ pub(super) struct PreloadStdio {
 /// The descriptors and pid a start hands back to the async side.
 struct Started {
     pid: u32,
+    /// When a spawner thread took the request, and when `clone` returned.
+    handed_off: std::time::SystemTime,
+    created: std::time::SystemTime,
     pidfd: OwnedFd,
     stdin: Option<StdinRest>,
     stdout: OwnedFd,
@@ -266,7 +275,11 @@ impl Kit {
     }
 
     fn start(&mut self, recipe: &Recipe) -> io::Result<Started> {
-        start(recipe, &self.base, &self.null, &mut self.stack).map_err(mark_shortage)
+        let handed_off = std::time::SystemTime::now();
+        let mut started =
+            start(recipe, &self.base, &self.null, &mut self.stack).map_err(mark_shortage)?;
+        started.handed_off = handed_off;
+        Ok(started)
     }
 }
 
@@ -463,6 +476,8 @@ impl Child {
             stdin: None,
             stdout: None,
             stderr: None,
+            handed_off: started.handed_off,
+            created: started.created,
             pidfd,
             status: None,
         };
@@ -694,6 +709,7 @@ fn start(
     if pid < 0 {
         return Err(io::Error::last_os_error());
     }
+    let created = std::time::SystemTime::now();
     drop((stdin_child, stdout_child, stderr_child));
     // The child has exec'd, or failed and left its step and errno in
     // `failure` before it exited (CLONE_VFORK: either has happened by now).
@@ -737,6 +753,8 @@ fn start(
     }
     Ok(Started {
         pid: pid as u32,
+        handed_off: created,
+        created,
         // SAFETY: pidfd_open returned a new descriptor we own.
         pidfd: unsafe { OwnedFd::from_raw_fd(pidfd as libc::c_int) },
         stdin: stdin_parent,
