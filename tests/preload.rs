@@ -23,6 +23,7 @@ both_backends!(
     a_new_executable_or_a_reload_starts_a_new_parent,
     a_killed_daemon_takes_the_parent_and_its_children_down,
     a_program_that_does_not_speak_preload_is_execd,
+    many_tries_at_once_each_get_their_own_child,
 );
 
 /// The task-sdk probe, built beside the daemon (`cargo build --workspace --bins`).
@@ -375,4 +376,48 @@ async fn a_program_that_does_not_speak_preload_is_execd(backend: crate::util::Ba
         log.contains("cannot fork: 2 threads are alive, and a fork copies only the calling one"),
         "log:\n{log}"
     );
+}
+
+/// Requests to one parent are pipelined (the next is sent before the last
+/// answer arrives) and answers are matched to them in order: with 8 slots
+/// and 32 tries, half failing, every try must be supervised through its own
+/// child (a child matched to another try's request would give that try its
+/// exit status, and a report naming another request).
+async fn many_tries_at_once_each_get_their_own_child(backend: crate::util::Backend) {
+    let db = TestDb::new(backend).await;
+    let config = format!("{}max_concurrent: 8\n", preloaded(&sdk_probe()));
+    let mut ids = Vec::new();
+    for index in 0..32 {
+        let options = if index % 2 == 0 {
+            format!("sleep_ms: {}", index % 5)
+        } else {
+            format!("fail: boom {index}")
+        };
+        ids.push((index, enqueue(&db, "Probe", &options).await));
+    }
+    let mut daemon = Daemon::start(&db, "d", &config);
+    let parent = parent_pid_when_logged(&daemon);
+    for (index, id) in ids {
+        let state = if index % 2 == 0 { "FINISHED" } else { "FAILED" };
+        let row = db.wait_for_state(id, state, WAIT).await;
+        let text = row.result_text.unwrap_or_default();
+        if index % 2 == 0 {
+            let report = report(&text);
+            assert!(
+                report["env"].contains(&format!("\"TASKRUNNER_REQUEST_ID={id}\"")),
+                "{text}"
+            );
+            assert_eq!(report["booted_in"], parent.to_string(), "{text}");
+        } else {
+            assert!(text.contains(&format!("boom {index}")), "{text}");
+        }
+    }
+    assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
+    assert!(daemon.stop().success());
+}
+
+/// [`parent_pid`] once the daemon has logged it.
+fn parent_pid_when_logged(daemon: &Daemon) -> i32 {
+    daemon.wait_for_log(" preloaded (pid ", WAIT);
+    parent_pid(daemon)
 }

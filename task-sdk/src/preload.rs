@@ -49,11 +49,11 @@ pub(crate) fn serve(tasks: &Tasks) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        // Checked once, above: after the setup nothing but this loop runs
+        // in the parent, and it starts no thread (a read of /proc per try
+        // was on every start's path).
         let answer = match (parse(&message), fds.len()) {
-            (Ok(request), 3) => match single_threaded() {
-                Ok(()) => fork_try(tasks, &request, &fds),
-                Err(reason) => Err(format!("cannot fork: {reason}")),
-            },
+            (Ok(request), 3) => fork_try(tasks, &request, &fds),
             (Ok(_), count) => Err(format!("a request with {count} descriptors, not 3")),
             (Err(reason), _) => Err(reason),
         };

@@ -30,7 +30,7 @@
 //! (killed: it runs no try, its children are the daemon's) and a new one started at the next try; so is every parent on a
 //! config reload (SIGHUP).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -45,7 +45,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncBufReadExt;
 use tokio::time::Instant;
 
-use super::spawner::{Child, Recipe, Spawner};
+use super::spawner::{Child, OurEnds, Recipe, Spawner};
 
 /// The program's first message once it has booted.
 pub const HELLO: &[u8] = b"hello\0taskrunner-preload-1\0";
@@ -91,14 +91,27 @@ struct Program {
 struct Parent {
     pid: u32,
     socket: AsyncFd<OwnedFd>,
-    /// One request and its answer at a time.
-    exchange: tokio::sync::Mutex<()>,
+    /// Requests sent and not answered yet, oldest first. The parent reads
+    /// one request at a time and answers it before it reads the next, so
+    /// the answers come in this order; several may be on their way, so
+    /// that the parent forks the next try while the daemon takes in the
+    /// last one (see [`answer_requests`]). A std mutex: held for a send,
+    /// never across an await.
+    pending: std::sync::Mutex<VecDeque<Pending>>,
     alive: Arc<AtomicBool>,
     /// Changes once the process has exited (and was reaped).
     exited: tokio::sync::watch::Receiver<bool>,
     started: Instant,
     /// The executable as it was when started (device, inode, size, mtime).
     file: Option<FileId>,
+}
+
+/// A request sent to a parent: who waits for its child, our ends of the
+/// try's pipes, and when it was sent.
+struct Pending {
+    reply: tokio::sync::oneshot::Sender<io::Result<Child>>,
+    ours: OurEnds,
+    sent: std::time::SystemTime,
 }
 
 type FileId = (u64, u64, u64, i64, i64);
@@ -214,6 +227,7 @@ impl Pool {
             Err(StartError::Io(error)) => return Err(Refused::Failed(error)),
         };
         tracing::info!("{} preloaded (pid {})", key.program.display(), parent.pid);
+        tokio::spawn(answer_requests(parent.clone()));
         program.parent = Some(parent.clone());
         watch_death(self.clone(), key.clone(), parent.clone());
         Ok(parent)
@@ -358,7 +372,7 @@ impl Parent {
         let parent = Parent {
             pid,
             socket,
-            exchange: tokio::sync::Mutex::new(()),
+            pending: Default::default(),
             alive,
             exited,
             started: Instant::now(),
@@ -440,65 +454,126 @@ impl Parent {
         }
     }
 
-    /// Asks the parent for a child running `recipe`'s try.
+    /// Asks the parent for a child running `recipe`'s try; its answer
+    /// comes through [`answer_requests`].
     async fn request(&self, spawner: &Spawner, recipe: &Recipe) -> io::Result<Child> {
-        let _turn = self.exchange.lock().await;
         let (message, stdio) = spawner.preload_request(recipe)?;
         let fds = [
             stdio.child_ends[0].as_raw_fd(),
             stdio.child_ends[1].as_raw_fd(),
             stdio.child_ends[2].as_raw_fd(),
         ];
-        send_with_fds(self.socket.get_ref().as_raw_fd(), &message, &fds)?;
-        let sent = std::time::SystemTime::now();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        {
+            // Sent and queued under one lock: the queue's order is the
+            // order of the requests on the socket.
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if !self.alive.load(Ordering::SeqCst) {
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "the preloaded parent closed its socket",
+                ));
+            }
+            send_with_fds(self.socket.get_ref().as_raw_fd(), &message, &fds)?;
+            pending.push_back(Pending {
+                reply,
+                ours: stdio.ours,
+                sent: std::time::SystemTime::now(),
+            });
+        }
         drop(stdio.child_ends);
-        let mut buffer = [0u8; 4096];
-        let count = tokio::time::timeout(REPLY_TIMEOUT, self.receive(&mut buffer))
-            .await
-            .map_err(|_| {
+        match tokio::time::timeout(REPLY_TIMEOUT, answer).await {
+            Ok(Ok(child)) => child,
+            Ok(Err(_)) => Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the preloaded parent closed its socket",
+            )),
+            Err(_) => {
+                // Its socket closes: every request still waiting fails.
                 self.retire();
-                io::Error::new(
+                Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
                         "the preloaded parent did not answer within {}s",
                         REPLY_TIMEOUT.as_secs()
                     ),
-                )
-            })??;
-        let answered = std::time::SystemTime::now();
-        if count == 0 {
-            self.alive.store(false, Ordering::SeqCst);
-            return Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "the preloaded parent closed its socket",
-            ));
-        }
-        let fields: Vec<&[u8]> = buffer[..count].split(|&b| b == 0).collect();
-        match fields.as_slice() {
-            [b"pid", pid, b""] => {
-                let pid: u32 = std::str::from_utf8(pid)
-                    .ok()
-                    .and_then(|pid| pid.parse().ok())
-                    .filter(|&pid| pid > 1)
-                    .ok_or_else(|| {
-                        io::Error::new(io::ErrorKind::InvalidData, "a pid that is not a number")
-                    })?;
-                let mut child = Child::adopt(pid, stdio.ours)?;
-                (child.handed_off, child.created) = (sent, answered);
-                Ok(child)
+                ))
             }
-            [b"error", text, b""] => Err(io::Error::other(format!(
-                "the preloaded parent could not fork: {}",
-                String::from_utf8_lossy(text)
-            ))),
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "an answer that is neither pid nor error: {:?}",
-                    String::from_utf8_lossy(&buffer[..count])
-                ),
-            )),
         }
+    }
+}
+
+/// Reads a parent's answers, for as long as its socket is open, and hands
+/// each to the request it answers (the oldest one waiting). A child whose
+/// request nobody waits for any more is killed and reaped (dropping a
+/// [`Child`] does that): no try runs unsupervised. Once the socket closes,
+/// every request still waiting fails, with the parent marked dead (a try
+/// then asks a new parent, once).
+async fn answer_requests(parent: Arc<Parent>) {
+    let mut buffer = [0u8; 4096];
+    loop {
+        let count = match parent.receive(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(count) => count,
+        };
+        let answered = std::time::SystemTime::now();
+        let next = parent
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front();
+        let Some(pending) = next else {
+            tracing::warn!(
+                "preloaded parent (pid {}) answered a request it was not sent; it is retired",
+                parent.pid
+            );
+            parent.retire();
+            break;
+        };
+        let child = read_answer(&buffer[..count], pending.ours).map(|mut child| {
+            (child.handed_off, child.created) = (pending.sent, answered);
+            child
+        });
+        let _ = pending.reply.send(child);
+    }
+    let waiting: Vec<Pending> = {
+        let mut pending = parent.pending.lock().unwrap_or_else(|e| e.into_inner());
+        parent.alive.store(false, Ordering::SeqCst);
+        pending.drain(..).collect()
+    };
+    for pending in waiting {
+        let _ = pending.reply.send(Err(io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "the preloaded parent closed its socket",
+        )));
+    }
+}
+
+/// The child a parent's answer names (`pid`), or its error.
+fn read_answer(answer: &[u8], ours: OurEnds) -> io::Result<Child> {
+    let fields: Vec<&[u8]> = answer.split(|&b| b == 0).collect();
+    match fields.as_slice() {
+        [b"pid", pid, b""] => {
+            let pid: u32 = std::str::from_utf8(pid)
+                .ok()
+                .and_then(|pid| pid.parse().ok())
+                .filter(|&pid| pid > 1)
+                .ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidData, "a pid that is not a number")
+                })?;
+            Child::adopt(pid, ours)
+        }
+        [b"error", text, b""] => Err(io::Error::other(format!(
+            "the preloaded parent could not fork: {}",
+            String::from_utf8_lossy(text)
+        ))),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "an answer that is neither pid nor error: {:?}",
+                String::from_utf8_lossy(answer)
+            ),
+        )),
     }
 }
 
