@@ -1010,8 +1010,8 @@ async fn chaos_hundred_batches_on_four_daemons_with_kill_9_every_two_seconds(bac
                                    WHERE c.callback_of_batch = b.id AND c.result = 'FINISHED')";
     while db.scalar(all_done).await < 100 {
         assert!(
-            started.elapsed() < Duration::from_secs(150),
-            "not every batch ended within 150s: {} did",
+            started.elapsed() < Duration::from_secs(300),
+            "not every batch ended within 300s: {} did",
             db.scalar(all_done).await
         );
         // Pacing, not a check: the chaos strikes every 2 s.
