@@ -754,12 +754,25 @@ async fn an_outage_of_writes_while_reads_work_is_logged_once_at_each_end(backend
     }
     daemon.wait_for_log("database available again", WAIT);
     let log = daemon.log_text();
-    assert_eq!(log.matches("database unavailable").count(), 1, "{log}");
-    assert_eq!(log.matches("database available again").count(), 1, "{log}");
-    let end = log
+    let mut outage: Vec<&str> = log
         .lines()
-        .find(|line| line.contains("database available again"))
-        .unwrap();
+        .filter(|line| {
+            line.contains("database unavailable") || line.contains("database available again")
+        })
+        .collect();
+    // On PostgreSQL the sessions ended to take the new setting are a short
+    // outage of their own when a read reconnects first: over before the
+    // writes fail.
+    if backend == Backend::Postgres
+        && outage.len() > 2
+        && outage[0].contains("terminating connection")
+        && outage[1].contains("available again")
+    {
+        outage.drain(..2);
+    }
+    assert_eq!(outage.len(), 2, "one line at each end:\n{log}");
+    assert!(outage[0].contains("database unavailable"), "{log}");
+    let end = outage[1];
     assert!(end.contains("claiming requests ("), "{end}");
     assert!(end.contains("recording task results ("), "{end}");
     assert!(end.contains("waiting, none lost"), "{end}");
