@@ -26,6 +26,7 @@ mod recorder;
 mod scheduler;
 mod slots;
 mod tries;
+mod view;
 mod wakeup;
 
 use tries::Tries;
@@ -43,67 +44,6 @@ use crate::instance::InstanceId;
 use crate::store::{Purpose, Store};
 use crate::supervisor::{Spawner, StopReason};
 use crate::task_types::{Registry, Setup};
-use recorder::Recorder;
-
-/// State shared by the daemon's parts.
-pub struct Shared {
-    /// The config and task types: a reload is one send.
-    pub setup: watch::Sender<Setup>,
-    pub store: Store,
-    pub spawner: Spawner,
-    pub recorder: Recorder,
-    pub health: Arc<Health>,
-    /// Unique per daemon process; rows it claims carry it in `claimed_by`.
-    pub instance: InstanceId,
-    pub tries: Arc<Tries>,
-    /// Poll now: a row was enqueued, a try ended, a delay came due.
-    pub wake: Arc<Notify>,
-    /// Look for cancel requests now rather than at the next heartbeat: a
-    /// `wake` on the control socket (the CLI sends one after `cancel`).
-    pub check_cancels: Notify,
-    /// Stop claiming (the first step of shutdown).
-    pub stop_claiming: CancellationToken,
-    /// Cut the drain short (see [`Triggers::stop_now`]).
-    pub stop_now: CancellationToken,
-    pub started: Instant,
-    /// When the scheduler will next poll unprompted (for `status`).
-    pub next_poll: Mutex<Option<Instant>>,
-    /// What this daemon counts for `/metrics`.
-    pub metrics: crate::metrics::Metrics,
-    /// The per-queue readings of `/metrics`, cached for a second.
-    pub queue_gauges: crate::metrics::QueueGauges,
-}
-
-impl Shared {
-    pub fn config(&self) -> Arc<Config> {
-        self.setup.borrow().config.clone()
-    }
-
-    /// The Prometheus text of `/metrics` (and `metrics` on the control socket).
-    /// `store` reads the per-queue gauges (the web page's own pool, so that
-    /// a scrape never waits for the daemon's SQLite writer, nor it for a scrape).
-    pub async fn metrics_text(&self, store: &Store) -> Result<String> {
-        self.metrics.set_daemon_state(
-            self.tries.len(),
-            self.config().max_concurrent,
-            self.health.errors(),
-        );
-        crate::metrics::render(store, &self.queue_gauges, Some(&self.metrics)).await
-    }
-}
-
-impl crate::web::Daemon for Shared {
-    fn wake(&self) {
-        self.wake.notify_one();
-    }
-
-    fn metrics_text<'a>(
-        &'a self,
-        store: &'a Store,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String>> + Send + 'a>> {
-        Box::pin(Shared::metrics_text(self, store))
-    }
-}
 
 /// Options for one daemon run, beyond the config.
 #[derive(Debug, Clone, Default)]
@@ -191,7 +131,7 @@ pub async fn run(
     };
     // Bound before `on_ready`, so that a `status` right after start finds it.
     let control = match &config.socket {
-        Some(path) => Some(control::Control::bind(path)?),
+        Some(path) => Some(control::Listening::bind(path)?),
         None => None,
     };
     // Before the first try: which limits hold, and (cgroup v2) the daemon
@@ -202,129 +142,160 @@ pub async fn run(
         tracing::warn!("{warning}");
     }
     let wake = Arc::new(Notify::new());
-    let (recorder, recorder_done) = Recorder::start(store.clone(), health.clone(), wake.clone());
-    let shared = Arc::new(Shared {
-        instance: InstanceId::new(&config.host_id),
-        setup: Setup::new(config, registry).channel(),
-        store,
-        spawner,
-        recorder,
-        health,
-        tries: Arc::default(),
-        wake,
-        check_cancels: Notify::new(),
-        stop_claiming: CancellationToken::new(),
-        stop_now: triggers.stop_now.clone(),
-        started: Instant::now(),
-        next_poll: Mutex::new(None),
-        metrics: crate::metrics::Metrics::new(),
+    let (recorder, writer) = recorder::Writer::new(store.clone(), health.clone(), wake.clone());
+    let instance = InstanceId::new(&config.host_id);
+    let setup = Setup::new(config, registry).channel();
+    let tries: Arc<Tries> = Arc::default();
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let check_cancels = Arc::new(Notify::new());
+    let stop_claiming = CancellationToken::new();
+    let stop_now = triggers.stop_now.clone();
+    let next_poll = Arc::new(Mutex::new(None));
+    let view = Arc::new(view::View {
+        setup: setup.clone(),
+        store: store.clone(),
+        instance: instance.clone(),
+        tries: tries.clone(),
+        health: health.clone(),
+        metrics: metrics.clone(),
         queue_gauges: Default::default(),
+        wake: wake.clone(),
+        started: Instant::now(),
+        next_poll: next_poll.clone(),
+        stop_claiming: stop_claiming.clone(),
     });
     {
-        let config = shared.config();
+        let config = Setup::current_config(&setup);
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
-            database = %shared.store.display_url,
+            database = %store.display_url,
             host = %config.host_id,
-            instance = %shared.instance,
+            instance = %instance,
             max_concurrent = config.max_concurrent,
             priority = crate::supervisor::priority::describe(),
             isolation = crate::supervisor::isolation::describe(),
             limits = %crate::supervisor::cgroup::describe(),
-            task_types = %shared.setup.borrow().registry.names(&config).join(", "),
+            task_types = %setup.borrow().registry.names(&config).join(", "),
             "taskrunnerd started"
         );
         // For people (the web page's daemons): a failure costs nothing else.
         let me = crate::store::daemons::DaemonPresence {
-            instance: &shared.instance,
+            instance: &instance,
             host: &config.host_id,
             node_name: Some(config.node_name.as_str()).filter(|n| !n.is_empty()),
             pid: std::process::id(),
             max_concurrent: config.max_concurrent,
         };
-        if let Err(error) = shared.store.register_daemon(&me).await {
+        if let Err(error) = store.register_daemon(&me).await {
             tracing::debug!("could not write this daemon's row in task_runner_daemons: {error:#}");
         }
-    }
-
-    // Every service runs until `services` is cancelled at the end of the
-    // shutdown. One that ends before (a panic, a bug) leaves the daemon
-    // without its lease renewal, reaping or claims: the daemon then shuts
-    // down in the SPEC's order and exits 1.
-    {
-        let config = shared.config();
-        let names = shared.setup.borrow().registry.names(&config);
+        let names = setup.borrow().registry.names(&config);
         if let Some(warning) = crate::supervisor::isolation::root_warning(&config, &names) {
             tracing::warn!("{warning}");
         }
     }
+
     // Every service runs until `services` is cancelled at the end of the
     // shutdown (the scheduler until it stops claiming and its tries have
     // ended). One that ends before (a panic, an error, a bug) leaves the
-    // daemon without its lease renewal, reaping or claims: the daemon then
-    // shuts down in the SPEC's order and exits 1.
+    // daemon without its lease renewal, reaping, claims or recording: the
+    // daemon then shuts down in the SPEC's order and exits 1. Each service
+    // holds only the handles it uses.
     let services = CancellationToken::new();
     let mut supervised = Supervised::default();
-    let ok = |service| async move {
-        service.await;
-        Ok(())
+    let scheduler = scheduler::Scheduler {
+        setup: setup.clone(),
+        store: store.clone(),
+        instance: instance.clone(),
+        health: health.clone(),
+        metrics: metrics.clone(),
+        tries: tries.clone(),
+        wake: wake.clone(),
+        next_poll,
+        executor: Arc::new(executor::Executor {
+            setup: setup.clone(),
+            spawner: spawner.clone(),
+            tries: tries.clone(),
+            recorder: recorder.clone(),
+            metrics: metrics.clone(),
+        }),
     };
-    supervised.spawn(
-        "scheduler",
-        ok(Box::pin(scheduler::run(shared.clone())) as Unit),
-    );
-    supervised.spawn(
-        "heartbeat",
-        ok(Box::pin(heartbeat::run(shared.clone(), services.clone()))),
-    );
-    supervised.spawn(
-        "reaper",
-        ok(Box::pin(reaper::run(shared.clone(), services.clone()))),
-    );
-    supervised.spawn(
-        "wakeup",
-        ok(Box::pin(wakeup::run(shared.clone(), services.clone()))),
-    );
-    supervised.spawn(
-        "checkpoint",
-        ok(Box::pin(checkpoint::run(shared.clone(), services.clone()))),
-    );
-    supervised.spawn(
-        "retention",
-        ok(Box::pin(pruner::run(shared.clone(), services.clone()))),
-    );
-    supervised.spawn(
-        "cron",
-        ok(Box::pin(cron::run(shared.clone(), services.clone()))),
-    );
-    supervised.spawn(
-        "reload",
-        reload_on(
-            shared.clone(),
-            triggers.reload.clone(),
-            options.overrides.clone(),
-            services.clone(),
-        ),
-    );
-    if let Some(control) = control {
-        supervised.spawn(
-            "control socket",
-            ok(Box::pin(control.serve(
-                shared.clone(),
-                services.clone(),
-                shutdown.clone(),
-            ))),
-        );
+    supervised.spawn("scheduler", scheduler.run(stop_claiming.clone()));
+    supervised.spawn("recorder", writer.run(services.clone()));
+    let heartbeat = heartbeat::Heartbeat {
+        setup: setup.clone(),
+        store: store.clone(),
+        instance: instance.clone(),
+        tries: tries.clone(),
+        health: health.clone(),
+        recorder: recorder.clone(),
+        check_cancels: check_cancels.clone(),
+    };
+    supervised.spawn("heartbeat", heartbeat.run(services.clone()));
+    let reaper = reaper::Reaper {
+        setup: setup.clone(),
+        store: store.clone(),
+        instance: instance.clone(),
+        health: health.clone(),
+        metrics: metrics.clone(),
+        wake: wake.clone(),
+    };
+    supervised.spawn("reaper", reaper.run(services.clone()));
+    let database_url = Setup::current_config(&setup).database_url.clone();
+    let wakeup = wakeup::Wakeup {
+        store: store.clone(),
+        database_url: database_url.clone(),
+        wake: wake.clone(),
+    };
+    supervised.spawn("wakeup", wakeup.run(services.clone()));
+    let checkpointer = checkpoint::Checkpointer {
+        store: store.clone(),
+        database_url,
+    };
+    supervised.spawn("checkpoint", checkpointer.run(services.clone()));
+    let pruner = pruner::Pruner {
+        setup: setup.clone(),
+        store: store.clone(),
+        health: health.clone(),
+    };
+    supervised.spawn("retention", pruner.run(services.clone()));
+    let cron = cron::Cron {
+        setup: setup.clone(),
+        store: store.clone(),
+        health: health.clone(),
+        wake: wake.clone(),
+    };
+    supervised.spawn("cron", cron.run(services.clone()));
+    let reloader = Reloader {
+        setup: setup.clone(),
+        store: store.clone(),
+        spawner: spawner.clone(),
+        wake: wake.clone(),
+        trigger: triggers.reload.clone(),
+        overrides: options.overrides.clone(),
+    };
+    supervised.spawn("reload", reloader.run(services.clone()));
+    if let Some(listening) = control {
+        let control = control::Control {
+            listening,
+            view: view.clone(),
+            check_cancels,
+            shutdown: shutdown.clone(),
+        };
+        supervised.spawn("control socket", control.run(services.clone()));
     }
     // The web page and /metrics (`http: { listen }`), on a pool of its own.
-    let http_listen = shared.config().http.as_ref().and_then(|http| http.listen);
+    let http_listen = Setup::current_config(&setup)
+        .http
+        .as_ref()
+        .and_then(|http| http.listen);
     if let Some(address) = http_listen {
-        let config = shared.config();
+        let config = Setup::current_config(&setup);
         let web_store = Store::open(&config.database_url, Purpose::Cli)?;
         let web = Arc::new(crate::web::Web::new(
             web_store,
             &config,
-            Some(shared.clone() as Arc<dyn crate::web::Daemon>),
+            Some(view.clone() as Arc<dyn crate::web::Daemon>),
         )?);
         let listener = crate::web::bind(address, &web).await?;
         supervised.spawn("web", crate::web::serve(listener, web, services.clone()));
@@ -342,33 +313,32 @@ pub async fn run(
             failure = Some(what);
         }
     }
-    let config = shared.config();
-    let running = shared.tries.len();
+    let config = Setup::current_config(&setup);
     tracing::info!(
-        running,
+        running = tries.len(),
         "shutting down: no new claims; waiting up to {} for running tasks",
         crate::units::format_duration(config.shutdown_timeout)
     );
-    shared.stop_claiming.cancel();
-    shared.wake.notify_one();
+    stop_claiming.cancel();
+    wake.notify_one();
     let drained = tokio::select! {
-        drained = wait_until_idle(&shared, config.shutdown_timeout) => drained,
-        _ = shared.stop_now.cancelled() => {
+        drained = wait_until_idle(&tries, config.shutdown_timeout) => drained,
+        _ = stop_now.cancelled() => {
             tracing::warn!(
-                running = shared.tries.len(),
+                running = tries.len(),
                 "second stop request: stopping the running tasks now (they will run again)"
             );
             false
         }
     };
     if !drained {
-        if !shared.stop_now.is_cancelled() {
+        if !stop_now.is_cancelled() {
             tracing::warn!(
-                running = shared.tries.len(),
+                running = tries.len(),
                 "shutdown_timeout passed: stopping the remaining tasks (they will run again)"
             );
         }
-        shared.tries.stop_all(StopReason::Shutdown);
+        tries.stop_all(StopReason::Shutdown);
         let longest_grace = config
             .tasks
             .values()
@@ -376,7 +346,7 @@ pub async fn run(
             .chain([config.defaults.kill_grace])
             .max()
             .unwrap_or_default();
-        wait_until_idle(&shared, longest_grace + Duration::from_secs(2)).await;
+        wait_until_idle(&tries, longest_grace + Duration::from_secs(2)).await;
     }
     // Every try has ended (their tasks hold the spawner's children): the
     // scheduler joins them before it returns.
@@ -394,31 +364,30 @@ pub async fn run(
         failure.get_or_insert(what);
     }
     // No try runs: the preloaded parents go too.
-    shared.spawner.retire_preloaded().await;
+    spawner.retire_preloaded().await;
+    // The other services stop; the recorder first applies every write
+    // queued (the tries' outcomes), retrying through an outage for a while.
     services.cancel();
-    while supervised.next_end().await.is_some() {}
-    shared.recorder.close();
-    if tokio::time::timeout(Duration::from_secs(30), recorder_done)
-        .await
-        .is_err()
-    {
+    let stopped = tokio::time::timeout(Duration::from_secs(30), async {
+        while supervised.next_end().await.is_some() {}
+    })
+    .await;
+    if stopped.is_err() {
         tracing::error!(
             "could not record every result before exiting; the reaper will rerun those rows"
         );
+        supervised.set.abort_all();
     }
-    if let Err(error) = shared.store.daemon_stopped(&shared.instance).await {
+    if let Err(error) = store.daemon_stopped(&instance).await {
         tracing::debug!("could not mark this daemon stopped in task_runner_daemons: {error:#}");
     }
-    shared.store.close().await;
+    store.close().await;
     if let Some(failure) = failure {
         anyhow::bail!("{failure}; the daemon stopped");
     }
     tracing::info!("taskrunnerd stopped");
     Ok(())
 }
-
-/// A service's future, before it is supervised.
-type Unit = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// The daemon's services, in one `JoinSet`, each known by its name.
 #[derive(Default)]
@@ -471,10 +440,10 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Waits until no try runs, for at most `limit`; true if none runs.
-async fn wait_until_idle(shared: &Shared, limit: Duration) -> bool {
+async fn wait_until_idle(tries: &Tries, limit: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        if shared.tries.is_empty() {
+        if tries.is_empty() {
             return true;
         }
         if tokio::time::Instant::now() >= deadline {
@@ -499,54 +468,60 @@ fn is_permanent(error: &anyhow::Error) -> bool {
     })
 }
 
-/// Reloads the config at each [`Triggers::reload`], until `stop`.
-async fn reload_on(
-    shared: Arc<Shared>,
+/// Reloads the config at each [`Triggers::reload`] (SIGHUP): reads the
+/// config file again (task types, limits, intervals) without touching
+/// running tasks. A file that does not load is refused, with the reason, and
+/// the old config stays. The database URL, host id, pidfile and socket are
+/// fixed for the daemon's life.
+struct Reloader {
+    setup: watch::Sender<Setup>,
+    store: Store,
+    spawner: Spawner,
+    wake: Arc<Notify>,
     trigger: Arc<Notify>,
+    /// The command line's flags, applied over the file again.
     overrides: crate::config::Overrides,
-    stop: CancellationToken,
-) -> Result<()> {
-    loop {
-        tokio::select! {
-            _ = trigger.notified() => reload(&shared, &overrides).await,
-            _ = stop.cancelled() => return Ok(()),
-        }
-    }
 }
 
-/// SIGHUP: reloads the config file (task types, limits, intervals) without
-/// touching running tasks. A file that does not load is refused, with the
-/// reason, and the old config stays. The database URL, host id, pidfile and
-/// socket are fixed for the daemon's life.
-async fn reload(shared: &Shared, overrides: &crate::config::Overrides) {
-    let overrides = overrides.clone();
-    let current = shared.config();
-    let loaded = tokio::task::spawn_blocking(move || -> Result<(Config, Registry)> {
-        // The file again, with the command line's flags applied over it.
-        let mut config = Config::resolve(&overrides)?;
-        config.database_url = current.database_url.clone();
-        config.host_id = current.host_id.clone();
-        config.pidfile = current.pidfile.clone();
-        config.socket = current.socket.clone();
-        config.log_format = current.log_format;
-        let registry = Registry::load(&config)?;
-        Ok((config, registry))
-    })
-    .await;
-    match loaded {
-        Ok(Ok((config, registry))) => {
-            let names = registry.names(&config).join(", ");
-            shared.store.set_hooks(config.hooks());
-            shared.store.set_max_options(config.max_options);
-            shared.setup.send_replace(Setup::new(config, registry));
-            // Preloaded programs boot again with the new config at their next try.
-            shared.spawner.retire_preloaded().await;
-            shared.wake.notify_one();
-            tracing::info!(task_types = %names, "config reloaded");
+impl Reloader {
+    async fn run(self, cancel: CancellationToken) -> Result<()> {
+        loop {
+            tokio::select! {
+                _ = self.trigger.notified() => self.reload().await,
+                _ = cancel.cancelled() => return Ok(()),
+            }
         }
-        Ok(Err(error)) => {
-            tracing::error!("config reload refused, keeping the old config: {error:#}")
+    }
+
+    async fn reload(&self) {
+        let overrides = self.overrides.clone();
+        let current = Setup::current_config(&self.setup);
+        let loaded = tokio::task::spawn_blocking(move || -> Result<(Config, Registry)> {
+            let mut config = Config::resolve(&overrides)?;
+            config.database_url = current.database_url.clone();
+            config.host_id = current.host_id.clone();
+            config.pidfile = current.pidfile.clone();
+            config.socket = current.socket.clone();
+            config.log_format = current.log_format;
+            let registry = Registry::load(&config)?;
+            Ok((config, registry))
+        })
+        .await;
+        match loaded {
+            Ok(Ok((config, registry))) => {
+                let names = registry.names(&config).join(", ");
+                self.store.set_hooks(config.hooks());
+                self.store.set_max_options(config.max_options);
+                self.setup.send_replace(Setup::new(config, registry));
+                // Preloaded programs boot again with the new config at their next try.
+                self.spawner.retire_preloaded().await;
+                self.wake.notify_one();
+                tracing::info!(task_types = %names, "config reloaded");
+            }
+            Ok(Err(error)) => {
+                tracing::error!("config reload refused, keeping the old config: {error:#}")
+            }
+            Err(error) => tracing::error!("config reload failed: {error}"),
         }
-        Err(error) => tracing::error!("config reload failed: {error}"),
     }
 }

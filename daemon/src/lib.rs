@@ -45,6 +45,8 @@
 //!     around one [`reaper`] pass, one [`prune`] pass and the due
 //!     slots of [`cron`]'s schedules.
 //!   - `daemon/control.rs`: the control socket's server side.
+//!   - `daemon/view.rs`: what `status` and `/metrics` read of the running
+//!     daemon (the control socket's and the web page's view).
 //! - [`attempt`]: one try, from type name and options to a verdict.
 //! - [`supervisor`]: one OS process per try: spawn (clone + exec from
 //!   spawner threads that live as long as the daemon, off the runtime's
@@ -99,6 +101,14 @@
 //! - Architecture Invariant: the live tries hand out no lock guard; every
 //!   part asks `daemon/tries.rs` through its methods
 //!   (`grep -n "pub fn.*MutexGuard" daemon/src/daemon/tries.rs`).
+//! - Architecture Invariant: each service of the daemon (scheduler,
+//!   recorder, heartbeat, reaper, pruner, cron, wakeup, checkpoint, control
+//!   socket, reload) is a struct of the handles it uses, run as
+//!   `async fn run(self, cancel: CancellationToken) -> anyhow::Result<()>`
+//!   in the one `JoinSet` of `daemon.rs`; no part takes a shared bag of
+//!   the daemon's state, and no part under `daemon/` reaches up into
+//!   `daemon.rs`
+//!   (`grep -LE "async fn run\((mut )?self, " daemon/src/daemon/{scheduler,recorder,heartbeat,reaper,pruner,cron,wakeup,checkpoint,control}.rs; grep -rnE "crate::daemon::|super::[a-z_]+\(" daemon/src/daemon`).
 //!
 //! - A claim writes RUNNING, tries + 1, started_at, host, heartbeat_at and a
 //!   fresh claim token in one atomic statement before the process starts.

@@ -50,6 +50,12 @@ impl Setup {
     pub fn channel(self) -> tokio::sync::watch::Sender<Setup> {
         tokio::sync::watch::Sender::new(self)
     }
+
+    /// The config the channel holds now (as the last reload sent it). The
+    /// daemon's services read it afresh at each turn of their loops.
+    pub fn current_config(channel: &tokio::sync::watch::Sender<Setup>) -> std::sync::Arc<Config> {
+        channel.borrow().config.clone()
+    }
 }
 
 /// Task type name → how to run it.

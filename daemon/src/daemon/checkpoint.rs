@@ -9,38 +9,47 @@
 //! the log that is a cheap no-op). A PASSIVE checkpoint never waits for readers or writers, nor
 //! blocks them.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::Shared;
-use crate::store::SideConnection;
+use crate::store::{SideConnection, Store};
 
 /// How often the log is checkpointed.
 const EVERY: Duration = Duration::from_secs(1);
 
-pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
-    if shared.store.sqlite_pool().is_none() {
-        // Nothing to do on PostgreSQL; a service returns only when stopped.
-        stop.cancelled().await;
-        return;
-    }
-    let mut side = SideConnection::new(&shared.config().database_url);
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(EVERY) => {}
-            _ = stop.cancelled() => break,
+/// Checkpoints SQLite's write-ahead log once a second, on a connection of
+/// its own.
+pub(super) struct Checkpointer {
+    pub(super) store: Store,
+    /// The database's URL, for the connection of its own.
+    pub(super) database_url: String,
+}
+
+impl Checkpointer {
+    pub(super) async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        if self.store.sqlite_pool().is_none() {
+            // Nothing to do on the other backends; a service returns only when stopped.
+            cancel.cancelled().await;
+            return Ok(());
         }
-        let Some(connection) = side.get().await else {
-            continue;
-        };
-        shared.store.count_statements(1);
-        let checkpoint = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)");
-        // Retried a second later; the writer's own checkpoints cover meanwhile.
-        if let Err(error) = checkpoint.execute(connection).await {
-            side.failed(&error);
+        let mut side = SideConnection::new(&self.database_url);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(EVERY) => {}
+                _ = cancel.cancelled() => break,
+            }
+            let Some(connection) = side.get().await else {
+                continue;
+            };
+            self.store.count_statements(1);
+            let checkpoint = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)");
+            // Retried a second later; the writer's own checkpoints cover meanwhile.
+            if let Err(error) = checkpoint.execute(connection).await {
+                side.failed(&error);
+            }
         }
+        side.close().await;
+        Ok(())
     }
-    side.close().await;
 }

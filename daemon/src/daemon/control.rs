@@ -9,10 +9,12 @@ use anyhow::{bail, Context, Result};
 use interprocess::local_socket::tokio::{prelude::*, Stream};
 use interprocess::local_socket::{GenericFilePath, ListenerOptions};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::view::View;
 use crate::control::Status;
-use crate::daemon::Shared;
+use crate::task_types::Setup;
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 4096;
@@ -28,18 +30,29 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 const ACCEPT_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 /// The bound control socket, not yet answering.
-pub struct Control {
+pub(super) struct Listening {
     listener: interprocess::local_socket::tokio::Listener,
     path: PathBuf,
 }
 
-impl Control {
+/// The control socket's service: answers each connection's command.
+pub(super) struct Control {
+    pub(super) listening: Listening,
+    /// What `status` and `metrics` read; `wake` wakes its scheduler.
+    pub(super) view: Arc<View>,
+    /// `wake` also makes the heartbeat look for cancel requests at once.
+    pub(super) check_cancels: Arc<Notify>,
+    /// Cancelled by a `stop` command.
+    pub(super) shutdown: CancellationToken,
+}
+
+impl Listening {
     /// Creates the socket's owner-only directory and listens. A socket file
     /// nobody answers on (left by a killed daemon) is replaced; one a live
     /// daemon answers on is an error, so that a second daemon cannot steal
     /// the first one's socket. Bound before the daemon reports ready, so a
     /// `status` right after start finds it.
-    pub fn bind(path: &Path) -> Result<Control> {
+    pub(super) fn bind(path: &Path) -> Result<Listening> {
         prepare_directory(path)?;
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             bail!(
@@ -54,21 +67,28 @@ impl Control {
             .create_tokio()
             .with_context(|| format!("listening on the control socket {}", path.display()))?;
         set_mode(path, 0o600)?;
-        Ok(Control {
+        Ok(Listening {
             listener,
             path: path.to_path_buf(),
         })
     }
+}
 
+impl Control {
     /// Answers connections until `stop`; `stop` commands cancel `shutdown`.
     /// The socket file is removed at the end.
-    pub async fn serve(
-        self,
-        shared: Arc<Shared>,
-        stop: CancellationToken,
-        shutdown: CancellationToken,
-    ) {
-        let Control { listener, path } = self;
+    pub(super) async fn run(self, stop: CancellationToken) -> Result<()> {
+        let Control {
+            listening: Listening { listener, path },
+            view,
+            check_cancels,
+            shutdown,
+        } = self;
+        let answering = Arc::new(Answering {
+            view,
+            check_cancels,
+            shutdown,
+        });
         let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let mut backoff = crate::health::Backoff::default();
         let mut warned: Option<std::time::Instant> = None;
@@ -106,73 +126,78 @@ impl Control {
                 },
                 _ = stop.cancelled() => break,
             };
-            let shared = shared.clone();
-            let shutdown = shutdown.clone();
+            let answering = answering.clone();
             // A client that connects and never writes holds only its own
             // task and one of the MAX_CONNECTIONS permits, for a while.
             tokio::spawn(async move {
                 let _permit = permit;
                 let _ =
-                    tokio::time::timeout(CONNECTION_TIMEOUT, answer(shared, connection, shutdown))
-                        .await;
+                    tokio::time::timeout(CONNECTION_TIMEOUT, answering.answer(connection)).await;
             });
         }
         drop(listener);
         let _ = std::fs::remove_file(&path);
+        Ok(())
     }
 }
 
-async fn answer(
-    shared: Arc<Shared>,
-    connection: Stream,
+/// What each connection's answer uses.
+struct Answering {
+    view: Arc<View>,
+    check_cancels: Arc<Notify>,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let mut line = String::new();
-    let mut reader = BufReader::new(&connection).take(MAX_REQUEST);
-    // Invalid UTF-8 is garbage like any other.
-    if reader.read_line(&mut line).await.is_err() {
-        line = String::from("\u{FFFD}");
-    }
-    let reply = match line.trim() {
-        "status" => serde_json::to_value(status(&shared).await).unwrap_or_default(),
-        "metrics" => match shared.metrics_text(&shared.store).await {
-            Ok(text) => serde_json::json!({ "metrics": text }),
-            Err(error) => serde_json::json!({ "error": format!("{error:#}") }),
-        },
-        "wake" => {
-            shared.wake.notify_one();
-            shared.check_cancels.notify_one();
-            serde_json::json!({ "ok": true })
+}
+
+impl Answering {
+    async fn answer(&self, connection: Stream) -> std::io::Result<()> {
+        let shared = &self.view;
+        let mut line = String::new();
+        let mut reader = BufReader::new(&connection).take(MAX_REQUEST);
+        // Invalid UTF-8 is garbage like any other.
+        if reader.read_line(&mut line).await.is_err() {
+            line = String::from("\u{FFFD}");
         }
-        "stop" => match peer_task(&shared, &connection) {
-            Some(pid) => {
-                tracing::warn!(
+        let reply = match line.trim() {
+            "status" => serde_json::to_value(status(shared).await).unwrap_or_default(),
+            "metrics" => match shared.metrics_text(&shared.store).await {
+                Ok(text) => serde_json::json!({ "metrics": text }),
+                Err(error) => serde_json::json!({ "error": format!("{error:#}") }),
+            },
+            "wake" => {
+                shared.wake.notify_one();
+                self.check_cancels.notify_one();
+                serde_json::json!({ "ok": true })
+            }
+            "stop" => match peer_task(shared, &connection) {
+                Some(pid) => {
+                    tracing::warn!(
                     peer = pid,
                     "stop refused on the control socket: it came from a task process of this daemon"
                 );
-                serde_json::json!({ "error": format!("refused: `stop` from a task process of this daemon (pid {pid})") })
+                    serde_json::json!({ "error": format!("refused: `stop` from a task process of this daemon (pid {pid})") })
+                }
+                None => {
+                    tracing::info!("stop requested on the control socket");
+                    self.shutdown.cancel();
+                    serde_json::json!({ "ok": true })
+                }
+            },
+            other => {
+                let shown: String = other.chars().take(40).collect();
+                serde_json::json!({ "error": format!("unknown command `{shown}` (status, metrics, wake or stop)") })
             }
-            None => {
-                tracing::info!("stop requested on the control socket");
-                shutdown.cancel();
-                serde_json::json!({ "ok": true })
-            }
-        },
-        other => {
-            let shown: String = other.chars().take(40).collect();
-            serde_json::json!({ "error": format!("unknown command `{shown}` (status, metrics, wake or stop)") })
-        }
-    };
-    let mut writer = &connection;
-    writer.write_all(format!("{reply}\n").as_bytes()).await?;
-    writer.flush().await
+        };
+        let mut writer = &connection;
+        writer.write_all(format!("{reply}\n").as_bytes()).await?;
+        writer.flush().await
+    }
 }
 
 /// The pid of the peer (`SO_PEERCRED`) if it is a task process of this
 /// daemon: a descendant of the daemon, or a member of a running try's
 /// process group whose parent has gone. A task that left its group and
 /// its parent (`setsid` and a double fork) is not recognised.
-fn peer_task(shared: &Shared, connection: &Stream) -> Option<i64> {
+fn peer_task(shared: &View, connection: &Stream) -> Option<i64> {
     let pid = i64::from(connection.peer_creds().ok()?.pid()?);
     let daemon = i64::from(std::process::id());
     let groups = shared.tries.pids();
@@ -191,8 +216,8 @@ fn peer_task(shared: &Shared, connection: &Stream) -> Option<i64> {
     None
 }
 
-async fn status(shared: &Shared) -> Status {
-    let config = shared.config();
+async fn status(shared: &View) -> Status {
+    let config = Setup::current_config(&shared.setup);
     let running = shared.tries.status();
     let next_poll = *shared.next_poll.lock().unwrap_or_else(|e| e.into_inner());
     Status {

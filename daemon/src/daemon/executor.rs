@@ -8,13 +8,15 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
+use super::recorder::Recorder;
 use super::slots::{Slot, Slots};
-use super::tries::LiveTry;
+use super::tries::{LiveTry, Tries};
 use crate::attempt::{self, Verdict};
-use crate::daemon::Shared;
+use crate::metrics::Metrics;
 use crate::request::{Claimed, State};
 use crate::store::Write;
-use crate::supervisor::{StartTimes, StopReason};
+use crate::supervisor::{Spawner, StartTimes, StopReason};
+use crate::task_types::Setup;
 
 /// A row claimed ahead that has found no free slot after this long is given back.
 pub(super) const AHEAD_MAX_WAIT: Duration = Duration::from_secs(1);
@@ -40,131 +42,148 @@ pub(super) struct ClaimTimes {
     pub(super) returned: SystemTime,
 }
 
-/// Runs one claimed row's try once it has a slot, and queues its outcome.
-pub(super) async fn supervise(
-    shared: Arc<Shared>,
-    slots: Arc<Slots>,
-    row: Claimed,
-    go: oneshot::Receiver<()>,
-    claim: ClaimTimes,
-) -> TryEnd {
-    let queue = row.queue.clone();
-    let task = crate::request::shown_task_name(&row.task_class_name).into_owned();
-    let tries_left = row.tries < row.try_limit;
-    let span = tracing::info_span!("task", request = %row.id, task = %task, r#try = row.tries);
-    let ((state, daemon_short), ran_for) = run_claimed(shared, &slots, row, go, claim)
-        .instrument(span)
-        .await;
-    TryEnd {
-        task,
-        queue,
-        exhausted: !tries_left && matches!(state, State::Failed | State::Crashed | State::Timeout),
-        ran_for,
-        state,
-        daemon_short,
-    }
+/// What the tries of claimed rows use: the scheduler starts each one's
+/// [`Executor::supervise`].
+pub(super) struct Executor {
+    pub(super) setup: watch::Sender<Setup>,
+    pub(super) spawner: Spawner,
+    /// Each try is registered here from its claim until its outcome is queued.
+    pub(super) tries: Arc<Tries>,
+    pub(super) recorder: Recorder,
+    pub(super) metrics: Arc<Metrics>,
 }
 
-/// Returns how the try ended (and whether it could not start for the
-/// daemon's own lack of resources), and how long its process ran (`None` if
-/// it never started).
-async fn run_claimed(
-    shared: Arc<Shared>,
-    slots: &Slots,
-    row: Claimed,
-    mut go: oneshot::Receiver<()>,
-    claim: ClaimTimes,
-) -> ((State, bool), Option<Duration>) {
-    let config = shared.config();
-    let (stop_sender, mut stop) = watch::channel(None);
-    let (progress_sender, progress) = watch::channel(None);
-    shared.tries.insert(
-        row.id,
-        LiveTry {
-            task: crate::request::shown_task_name(&row.task_class_name).into_owned(),
-            claim_token: row.claim_token.clone(),
-            pid: None,
-            started: std::time::Instant::now(),
-            try_number: row.tries,
-            stop: stop_sender,
-            progress,
-            progress_written: None,
-        },
-    );
-    let (had_slot, verdict) = wait_for_slot(&mut go, &mut stop).await;
-    let slot = had_slot.then(|| Slot {
-        slots,
-        max_concurrent: config.max_concurrent,
-    });
-    if let Some(verdict) = verdict {
-        drop(slot);
-        shared.tries.remove(row.id);
-        tracing::info!("{}", verdict.result_text);
-        let outcome = attempt::outcome(&row, &verdict, &config);
-        shared.recorder.send(Write::Outcome(outcome));
-        return ((verdict.state, false), None);
-    }
-    let started = std::time::Instant::now();
-    shared.tries.started(row.id, started);
-    let context = attempt::Context {
-        config: config.clone(),
-        setup: shared.setup.clone(),
-        spawner: shared.spawner.clone(),
-    };
-    let on_running = |spawned: &crate::supervisor::Spawned| {
-        shared.tries.running(row.id, spawned.pid);
-        tracing::debug!(pid = spawned.pid, "started");
-    };
-    // The slot is free once the process has exited.
-    let on_exit = move || drop(slot);
-    let (verdict, outcome) = attempt::run_claimed(
-        &context,
-        &row,
-        false,
-        stop,
-        Some(progress_sender),
-        |write| shared.recorder.send(write),
-        on_running,
-        on_exit,
-    )
-    .await;
-    shared.tries.remove(row.id);
-    if let Some(took) = verdict.spawn_took {
-        shared.metrics.spawned(took);
-    }
-    if let Some(start) = &verdict.start_times {
-        log_start_times(&claim, start);
-    }
-    if verdict.daemon_short {
-        // Logged once per shortage by the scheduler, not once per try.
-        tracing::debug!("{}", verdict.result_text);
-        shared.recorder.send(Write::Outcome(outcome));
-        return ((verdict.state, true), None);
-    }
-    match verdict.state {
-        State::Finished => tracing::debug!("finished"),
-        State::Interrupted | State::Cancelled => tracing::info!("{}", verdict.result_text),
-        _ => {
-            let first_line = verdict.result_text.lines().next().unwrap_or_default();
-            let retry = match outcome.retry_after {
-                Some(seconds) if row.tries < row.try_limit => format!("; retry in {seconds:.1}s"),
-                Some(_) => format!("; no tries left ({} of {})", row.tries, row.try_limit),
-                None => String::new(),
-            };
-            match verdict
-                .stderr_tail
-                .as_deref()
-                .filter(|t| !t.trim().is_empty())
-            {
-                Some(tail) => {
-                    tracing::warn!(stderr_tail = %last_lines(tail), "{}: {first_line}{retry}", verdict.state)
-                }
-                None => tracing::warn!("{}: {first_line}{retry}", verdict.state),
-            }
+impl Executor {
+    /// Runs one claimed row's try once it has a slot, and queues its outcome.
+    pub(super) async fn supervise(
+        self: Arc<Self>,
+        slots: Arc<Slots>,
+        row: Claimed,
+        go: oneshot::Receiver<()>,
+        claim: ClaimTimes,
+    ) -> TryEnd {
+        let queue = row.queue.clone();
+        let task = crate::request::shown_task_name(&row.task_class_name).into_owned();
+        let tries_left = row.tries < row.try_limit;
+        let span = tracing::info_span!("task", request = %row.id, task = %task, r#try = row.tries);
+        let ((state, daemon_short), ran_for) = self
+            .run_claimed(&slots, row, go, claim)
+            .instrument(span)
+            .await;
+        TryEnd {
+            task,
+            queue,
+            exhausted: !tries_left
+                && matches!(state, State::Failed | State::Crashed | State::Timeout),
+            ran_for,
+            state,
+            daemon_short,
         }
     }
-    shared.recorder.send(Write::Outcome(outcome));
-    ((verdict.state, false), Some(started.elapsed()))
+
+    /// Returns how the try ended (and whether it could not start for the
+    /// daemon's own lack of resources), and how long its process ran (`None` if
+    /// it never started).
+    async fn run_claimed(
+        &self,
+        slots: &Slots,
+        row: Claimed,
+        mut go: oneshot::Receiver<()>,
+        claim: ClaimTimes,
+    ) -> ((State, bool), Option<Duration>) {
+        let config = Setup::current_config(&self.setup);
+        let (stop_sender, mut stop) = watch::channel(None);
+        let (progress_sender, progress) = watch::channel(None);
+        self.tries.insert(
+            row.id,
+            LiveTry {
+                task: crate::request::shown_task_name(&row.task_class_name).into_owned(),
+                claim_token: row.claim_token.clone(),
+                pid: None,
+                started: std::time::Instant::now(),
+                try_number: row.tries,
+                stop: stop_sender,
+                progress,
+                progress_written: None,
+            },
+        );
+        let (had_slot, verdict) = wait_for_slot(&mut go, &mut stop).await;
+        let slot = had_slot.then(|| Slot {
+            slots,
+            max_concurrent: config.max_concurrent,
+        });
+        if let Some(verdict) = verdict {
+            drop(slot);
+            self.tries.remove(row.id);
+            tracing::info!("{}", verdict.result_text);
+            let outcome = attempt::outcome(&row, &verdict, &config);
+            self.recorder.send(Write::Outcome(outcome));
+            return ((verdict.state, false), None);
+        }
+        let started = std::time::Instant::now();
+        self.tries.started(row.id, started);
+        let context = attempt::Context {
+            config: config.clone(),
+            setup: self.setup.clone(),
+            spawner: self.spawner.clone(),
+        };
+        let on_running = |spawned: &crate::supervisor::Spawned| {
+            self.tries.running(row.id, spawned.pid);
+            tracing::debug!(pid = spawned.pid, "started");
+        };
+        // The slot is free once the process has exited.
+        let on_exit = move || drop(slot);
+        let (verdict, outcome) = attempt::run_claimed(
+            &context,
+            &row,
+            false,
+            stop,
+            Some(progress_sender),
+            |write| self.recorder.send(write),
+            on_running,
+            on_exit,
+        )
+        .await;
+        self.tries.remove(row.id);
+        if let Some(took) = verdict.spawn_took {
+            self.metrics.spawned(took);
+        }
+        if let Some(start) = &verdict.start_times {
+            log_start_times(&claim, start);
+        }
+        if verdict.daemon_short {
+            // Logged once per shortage by the scheduler, not once per try.
+            tracing::debug!("{}", verdict.result_text);
+            self.recorder.send(Write::Outcome(outcome));
+            return ((verdict.state, true), None);
+        }
+        match verdict.state {
+            State::Finished => tracing::debug!("finished"),
+            State::Interrupted | State::Cancelled => tracing::info!("{}", verdict.result_text),
+            _ => {
+                let first_line = verdict.result_text.lines().next().unwrap_or_default();
+                let retry = match outcome.retry_after {
+                    Some(seconds) if row.tries < row.try_limit => {
+                        format!("; retry in {seconds:.1}s")
+                    }
+                    Some(_) => format!("; no tries left ({} of {})", row.tries, row.try_limit),
+                    None => String::new(),
+                };
+                match verdict
+                    .stderr_tail
+                    .as_deref()
+                    .filter(|t| !t.trim().is_empty())
+                {
+                    Some(tail) => {
+                        tracing::warn!(stderr_tail = %last_lines(tail), "{}: {first_line}{retry}", verdict.state)
+                    }
+                    None => tracing::warn!("{}: {first_line}{retry}", verdict.state),
+                }
+            }
+        }
+        self.recorder.send(Write::Outcome(outcome));
+        ((verdict.state, false), Some(started.elapsed()))
+    }
 }
 
 /// Waits until the scheduler gives this try a slot. Returns whether it got

@@ -4,41 +4,51 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::Shared;
-use crate::health::Backoff;
+use crate::health::{Backoff, Health};
 use crate::prune::prune;
+use crate::store::Store;
+use crate::task_types::Setup;
 
 /// The pause between two batches inside the daemon.
 const PAUSE: Duration = Duration::from_millis(50);
 
 /// The daemon's pruner: at start, then every `reap_interval`.
-pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
-    let mut backoff = Backoff::default();
-    loop {
-        let config = shared.config();
-        let mut pause = config.reap_interval;
-        if !config.retention.is_empty() {
-            match prune(&shared.store, &config.retention, PAUSE, Some(&stop)).await {
-                Ok(deleted) => {
-                    shared.health.succeeded("pruning old requests");
-                    backoff.reset();
-                    if deleted > 0 {
-                        tracing::info!(deleted, "pruned requests past their retention");
+pub(super) struct Pruner {
+    pub(super) setup: watch::Sender<Setup>,
+    pub(super) store: Store,
+    pub(super) health: Arc<Health>,
+}
+
+impl Pruner {
+    pub(super) async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let mut backoff = Backoff::default();
+        loop {
+            let config = Setup::current_config(&self.setup);
+            let mut pause = config.reap_interval;
+            if !config.retention.is_empty() {
+                match prune(&self.store, &config.retention, PAUSE, Some(&cancel)).await {
+                    Ok(deleted) => {
+                        self.health.succeeded("pruning old requests");
+                        backoff.reset();
+                        if deleted > 0 {
+                            tracing::info!(deleted, "pruned requests past their retention");
+                        }
+                    }
+                    Err(error) => {
+                        self.health.failed("pruning old requests", &error);
+                        // Sooner than the interval: the outage's end is logged
+                        // once this works again.
+                        pause = backoff.next_delay().min(pause);
                     }
                 }
-                Err(error) => {
-                    shared.health.failed("pruning old requests", &error);
-                    // Sooner than the interval: the outage's end is logged
-                    // once this works again.
-                    pause = backoff.next_delay().min(pause);
-                }
             }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = stop.cancelled() => return,
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = cancel.cancelled() => return Ok(()),
+            }
         }
     }
 }

@@ -1,50 +1,68 @@
 //! The daemon's reaper loop: one [`crate::reaper::reap`] pass at start,
 //! then every `reap_interval`.
 
-use crate::health::Backoff;
+use std::sync::Arc;
+
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::health::{Backoff, Health};
+use crate::instance::InstanceId;
+use crate::metrics::Metrics;
 use crate::reaper::reap;
+use crate::store::Store;
+use crate::task_types::Setup;
 
 /// The daemon's reaper: at start, then every `reap_interval`. It leaves the
 /// rows of its own daemon instance alone: those it supervises itself.
-pub async fn run(
-    shared: std::sync::Arc<crate::daemon::Shared>,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let mut backoff = Backoff::default();
-    loop {
-        let config = shared.config();
-        let pause = match reap(
-            &shared.store,
-            &config.host_id,
-            &shared.instance,
-            config.lease_timeout,
-            false,
-        )
-        .await
-        {
-            Ok(reaped) => {
-                shared.health.succeeded("reaping crashed tasks");
-                shared.metrics.reaped(reaped.len());
-                for row in &reaped {
-                    tracing::warn!(request = %row.id, "{}", row.reason);
+pub(super) struct Reaper {
+    pub(super) setup: watch::Sender<Setup>,
+    pub(super) store: Store,
+    pub(super) instance: InstanceId,
+    pub(super) health: Arc<Health>,
+    pub(super) metrics: Arc<Metrics>,
+    /// Poll now: a reaped row may run again.
+    pub(super) wake: Arc<Notify>,
+}
+
+impl Reaper {
+    pub(super) async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let mut backoff = Backoff::default();
+        loop {
+            let config = Setup::current_config(&self.setup);
+            let pause = match reap(
+                &self.store,
+                &config.host_id,
+                &self.instance,
+                config.lease_timeout,
+                false,
+            )
+            .await
+            {
+                Ok(reaped) => {
+                    self.health.succeeded("reaping crashed tasks");
+                    self.metrics.reaped(reaped.len());
+                    for row in &reaped {
+                        tracing::warn!(request = %row.id, "{}", row.reason);
+                    }
+                    if !reaped.is_empty() {
+                        self.wake.notify_one();
+                    }
+                    backoff.reset();
+                    sweep_empty_cgroups().await;
+                    config.reap_interval
                 }
-                if !reaped.is_empty() {
-                    shared.wake.notify_one();
+                Err(error) => {
+                    self.health.failed("reaping crashed tasks", &error);
+                    // Sooner than the interval: the outage's end is logged
+                    // once this works again.
+                    backoff.next_delay().min(config.reap_interval)
                 }
-                backoff.reset();
-                sweep_empty_cgroups().await;
-                config.reap_interval
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = cancel.cancelled() => return Ok(()),
             }
-            Err(error) => {
-                shared.health.failed("reaping crashed tasks", &error);
-                // Sooner than the interval: the outage's end is logged
-                // once this works again.
-                backoff.next_delay().min(config.reap_interval)
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = stop.cancelled() => return,
         }
     }
 }

@@ -5,8 +5,9 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
 
 use crate::health::{Backoff, Health, RECORDING};
 use crate::request::RequestId;
@@ -39,53 +40,32 @@ fn drop_superseded_pids(batch: &mut Vec<Write>) {
     });
 }
 
-enum Message {
-    Write(Write),
-    /// Apply what is queued, then stop.
-    Close,
-}
-
 /// The outcomes queued and not yet applied, by row and claim.
 type Pending = Arc<std::sync::Mutex<HashMap<(RequestId, String), usize>>>;
 
 /// A handle for queueing writes; cheap to clone.
 #[derive(Clone)]
-pub struct Recorder {
-    sender: mpsc::UnboundedSender<Message>,
+pub(super) struct Recorder {
+    sender: mpsc::UnboundedSender<Write>,
     pending: Pending,
 }
 
 impl Recorder {
-    pub fn start(
-        store: Store,
-        health: Arc<Health>,
-        wake: Arc<tokio::sync::Notify>,
-    ) -> (Recorder, JoinHandle<()>) {
-        let (sender, receiver) = mpsc::unbounded_channel();
-        let pending = Pending::default();
-        let handle = tokio::spawn(record_loop(store, health, receiver, wake, pending.clone()));
-        (Recorder { sender, pending }, handle)
-    }
-
-    pub fn send(&self, write: Write) {
+    pub(super) fn send(&self, write: Write) {
         if let Write::Outcome(outcome) = &write {
             *lock(&self.pending)
                 .entry((outcome.id, outcome.claim_token.clone()))
                 .or_default() += 1;
         }
-        // Only fails after close, when no supervisor is left to send.
-        let _ = self.sender.send(Message::Write(write));
+        // Only fails once the writer has stopped, when no try is left to send.
+        let _ = self.sender.send(write);
     }
 
     /// Whether an outcome of row `id` under `claim_token` is queued and not
     /// yet written: the row is still RUNNING in the table, but its try is
     /// over.
-    pub fn outcome_pending(&self, id: RequestId, claim_token: &str) -> bool {
+    pub(super) fn outcome_pending(&self, id: RequestId, claim_token: &str) -> bool {
         lock(&self.pending).contains_key(&(id, claim_token.to_string()))
-    }
-
-    pub fn close(&self) {
-        let _ = self.sender.send(Message::Close);
     }
 }
 
@@ -111,52 +91,89 @@ fn settle(pending: &Pending, batch: &[Write]) {
     }
 }
 
-async fn record_loop(
+/// The recorder's service: applies the queued writes, in batches.
+pub(super) struct Writer {
     store: Store,
     health: Arc<Health>,
-    mut receiver: mpsc::UnboundedReceiver<Message>,
-    wake: Arc<tokio::sync::Notify>,
+    receiver: mpsc::UnboundedReceiver<Write>,
+    /// Poll now: a recorded outcome may make a retry due.
+    wake: Arc<Notify>,
+    /// Shared with the handles: outcomes queued and not yet applied.
     pending: Pending,
-) {
-    let mut closing = false;
-    let mut last_batch = tokio::time::Instant::now()
-        .checked_sub(BUSY)
-        .unwrap_or_else(tokio::time::Instant::now);
-    while !closing {
-        let Some(first) = receiver.recv().await else {
-            return;
+}
+
+impl Writer {
+    /// The handle that queues writes, and the service that applies them.
+    pub(super) fn new(store: Store, health: Arc<Health>, wake: Arc<Notify>) -> (Recorder, Writer) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let pending = Pending::default();
+        let writer = Writer {
+            store,
+            health,
+            receiver,
+            wake,
+            pending: pending.clone(),
         };
-        let mut batch = Vec::new();
-        match first {
-            Message::Write(write) => batch.push(write),
-            Message::Close => closing = true,
-        }
-        while batch.len() < MAX_BATCH && !closing {
-            match receiver.try_recv() {
-                Ok(Message::Write(write)) => batch.push(write),
-                Ok(Message::Close) => closing = true,
-                Err(_) => break,
-            }
-        }
-        if last_batch.elapsed() < BUSY {
-            let linger = tokio::time::Instant::now() + LINGER;
-            while !closing && batch.len() < MAX_BATCH {
-                match tokio::time::timeout_at(linger, receiver.recv()).await {
-                    Ok(Some(Message::Write(write))) => batch.push(write),
-                    Ok(Some(Message::Close)) | Ok(None) => closing = true,
+        (Recorder { sender, pending }, writer)
+    }
+
+    /// Applies writes until `cancel`, then applies every write still queued
+    /// and returns. The daemon cancels it last, once every try has ended.
+    pub(super) async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let mut last_batch = tokio::time::Instant::now()
+            .checked_sub(BUSY)
+            .unwrap_or_else(tokio::time::Instant::now);
+        loop {
+            // Queued writes come before the cancel: none is left behind.
+            let first = tokio::select! {
+                biased;
+                write = self.receiver.recv() => write,
+                _ = cancel.cancelled() => None,
+            };
+            let Some(first) = first else {
+                if !cancel.is_cancelled() {
+                    // Every handle dropped: nothing more can come.
+                    cancel.cancelled().await;
+                }
+                return Ok(());
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match self.receiver.try_recv() {
+                    Ok(write) => batch.push(write),
                     Err(_) => break,
                 }
             }
+            if last_batch.elapsed() < BUSY && !cancel.is_cancelled() {
+                let linger = tokio::time::Instant::now() + LINGER;
+                while batch.len() < MAX_BATCH {
+                    match tokio::time::timeout_at(linger, self.receiver.recv()).await {
+                        Ok(Some(write)) => batch.push(write),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
+            drop_superseded_pids(&mut batch);
+            if batch.is_empty() {
+                continue;
+            }
+            self.apply(&batch).await;
+            last_batch = tokio::time::Instant::now();
+            // A recorded outcome may make a retry due, or free a row for others.
+            if batch.iter().any(|w| matches!(w, Write::Outcome(_))) {
+                self.wake.notify_one();
+            }
+            tokio::task::yield_now().await;
         }
-        drop_superseded_pids(&mut batch);
-        if batch.is_empty() {
-            continue;
-        }
+    }
+
+    /// Applies one batch in one transaction, retrying through an outage.
+    async fn apply(&self, batch: &[Write]) {
         let mut backoff = Backoff::default();
         loop {
-            match store.record(&batch).await {
+            match self.store.record(batch).await {
                 Ok(applied) => {
-                    health.succeeded(RECORDING);
+                    self.health.succeeded(RECORDING);
                     for (write, applied) in batch.iter().zip(applied) {
                         if !applied {
                             tracing::warn!(
@@ -165,25 +182,19 @@ async fn record_loop(
                             );
                         }
                     }
-                    settle(&pending, &batch);
-                    break;
+                    settle(&self.pending, batch);
+                    return;
                 }
                 Err(error) => {
                     let results = batch
                         .iter()
                         .filter(|w| matches!(w, Write::Outcome(_)))
                         .count();
-                    health.failed_holding(RECORDING, &error, results);
+                    self.health.failed_holding(RECORDING, &error, results);
                     tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         }
-        last_batch = tokio::time::Instant::now();
-        // A recorded outcome may make a retry due, or free a row for others.
-        if batch.iter().any(|w| matches!(w, Write::Outcome(_))) {
-            wake.notify_one();
-        }
-        tokio::task::yield_now().await;
     }
 }
 

@@ -13,17 +13,23 @@
 //! with `queues:` configured, or for task types with a concurrency limit.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use super::executor::{supervise, ClaimTimes, TryEnd};
+use super::executor::{ClaimTimes, Executor, TryEnd};
 use super::slots::Slots;
-use crate::daemon::Shared;
-use crate::health::Backoff;
+use super::tries::Tries;
+use crate::health::{Backoff, Health};
+use crate::instance::InstanceId;
+use crate::metrics::Metrics;
 use crate::request::{Claimed, State};
+use crate::store::Store;
+use crate::task_types::Setup;
 
 /// Rows claimed ahead are meant to start within about this long.
 const AHEAD_HORIZON: Duration = Duration::from_millis(50);
@@ -34,53 +40,6 @@ const AHEAD_PER_SLOT: usize = 16;
 /// The batch repair pass runs on each poll and wake-up, but at most this often
 /// (a wake-up comes with every try that ends).
 const REPAIR_AT_MOST_EVERY: Duration = Duration::from_millis(200);
-
-/// Ends batches that only a plain-SQL write left unended (see
-/// `Store::repair_batches`); a callback it creates is claimed at once.
-async fn repair_batches(shared: &Shared) {
-    match shared.store.repair_batches().await {
-        Ok(0) => shared.health.succeeded("repairing batches"),
-        Ok(repaired) => {
-            shared.health.succeeded("repairing batches");
-            tracing::info!(
-                batches = repaired,
-                "batch repair pass: settled batches sealed or changed by hand"
-            );
-            shared.wake.notify_one();
-        }
-        Err(error) => shared.health.failed("repairing batches", &error),
-    }
-}
-
-/// Takes flows no daemon has taken yet (inserted by plain SQL or `flow
-/// post`) and advances flows that plain SQL left without an open row (see
-/// `Store::take_flows`, `Store::repair_flows`); a row they create is
-/// claimed at once.
-async fn take_and_repair_flows(shared: &Shared) {
-    let config = shared.config();
-    let flows = shared.setup.borrow().registry.flows(&config);
-    match shared.store.take_flows(&flows).await {
-        Ok(taken) => {
-            shared.health.succeeded("taking flows");
-            if taken > 0 {
-                shared.wake.notify_one();
-            }
-        }
-        Err(error) => shared.health.failed("taking flows", &error),
-    }
-    match shared.store.repair_flows().await {
-        Ok(0) => shared.health.succeeded("repairing flows"),
-        Ok(repaired) => {
-            shared.health.succeeded("repairing flows");
-            tracing::info!(
-                flows = repaired,
-                "flow repair pass: advanced flows whose current row was changed by hand"
-            );
-            shared.wake.notify_one();
-        }
-        Err(error) => shared.health.failed("repairing flows", &error),
-    }
-}
 
 /// How often the log gets a summary of the tries that ended. A finished try
 /// is logged on its own only at debug level (at a thousand tasks a second a
@@ -130,137 +89,299 @@ impl Tally {
     }
 }
 
-/// Runs until the daemon stops claiming and every try it started has ended.
-pub async fn run(shared: Arc<Shared>) {
-    // Every claimed try: those running and those waiting for a slot.
-    let mut tries: JoinSet<TryEnd> = JoinSet::new();
-    let slots = Arc::new(Slots::default());
-    // Tries per queue, counted here (not from the live map, which a new try
-    // joins only once its task starts) so that a queue's limit always holds.
-    let mut running_by_queue: HashMap<String, usize> = HashMap::new();
-    let mut typical_run: Option<Duration> = None;
-    let mut tally = Tally::default();
-    let mut claim_counter: u64 = 0;
-    let mut backoff = Backoff::default();
-    // Claiming pauses while the daemon is short of resources to start tasks.
-    let mut short = Shortage::default();
-    let mut last_repair: Option<Instant> = None;
-    loop {
-        if shared.stop_claiming.is_cancelled() {
-            break;
-        }
-        // A wake-up that comes too soon after a repair pass gets one when
-        // its time comes (a flow inserted by plain SQL waits no poll).
-        let mut repair_due = None;
-        match last_repair {
-            Some(at) if at.elapsed() < REPAIR_AT_MOST_EVERY => {
-                repair_due = Some(at + REPAIR_AT_MOST_EVERY);
+/// Claims rows and starts their tries (see the module's doc).
+pub(super) struct Scheduler {
+    pub(super) setup: watch::Sender<Setup>,
+    pub(super) store: Store,
+    pub(super) instance: InstanceId,
+    pub(super) health: Arc<Health>,
+    pub(super) metrics: Arc<Metrics>,
+    /// The tries running now (the oldest one bounds the claim ahead).
+    pub(super) tries: Arc<Tries>,
+    /// Poll now: a row was enqueued, a try ended, a delay came due.
+    pub(super) wake: Arc<Notify>,
+    /// When it will next poll unprompted, for `status`.
+    pub(super) next_poll: Arc<Mutex<Option<std::time::Instant>>>,
+    /// What each claimed try runs with.
+    pub(super) executor: Arc<Executor>,
+}
+
+impl Scheduler {
+    /// Runs until the daemon stops claiming and every try it started has ended.
+    pub(super) async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        // Every claimed try: those running and those waiting for a slot.
+        let mut tries: JoinSet<TryEnd> = JoinSet::new();
+        let slots = Arc::new(Slots::default());
+        // Tries per queue, counted here (not from the live map, which a new try
+        // joins only once its task starts) so that a queue's limit always holds.
+        let mut running_by_queue: HashMap<String, usize> = HashMap::new();
+        let mut typical_run: Option<Duration> = None;
+        let mut tally = Tally::default();
+        let mut claim_counter: u64 = 0;
+        let mut backoff = Backoff::default();
+        // Claiming pauses while the daemon is short of resources to start tasks.
+        let mut short = Shortage::default();
+        let mut last_repair: Option<Instant> = None;
+        loop {
+            if cancel.is_cancelled() {
+                break;
             }
-            _ => {
-                last_repair = Some(Instant::now());
-                repair_batches(&shared).await;
-                take_and_repair_flows(&shared).await;
+            // A wake-up that comes too soon after a repair pass gets one when
+            // its time comes (a flow inserted by plain SQL waits no poll).
+            let mut repair_due = None;
+            match last_repair {
+                Some(at) if at.elapsed() < REPAIR_AT_MOST_EVERY => {
+                    repair_due = Some(at + REPAIR_AT_MOST_EVERY);
+                }
+                _ => {
+                    last_repair = Some(Instant::now());
+                    self.repair_batches().await;
+                    self.take_and_repair_flows().await;
+                }
             }
-        }
-        let config = shared.config();
-        let (running, waiting) = slots.fill(config.max_concurrent);
-        let claimed = running + waiting;
-        let ahead = if config.queues.is_empty() {
-            claim_ahead(
-                config.max_concurrent,
-                typical_run,
-                shared.tries.oldest_running(),
-            )
-        } else {
-            0
-        };
-        let idle_slots = config.max_concurrent.saturating_sub(claimed);
-        // Claim ahead in batches: once half the rows claimed ahead have started.
-        let refill = ahead > 0 && waiting <= ahead / 2;
-        // When is the next unprompted claim due: the poll, or an earlier delay.
-        let mut next_claim = Instant::now() + config.poll_interval;
-        let paused = short.paused_until().filter(|until| *until > Instant::now());
-        if let Some(until) = paused {
-            next_claim = next_claim.min(until);
-        }
-        if let Some(due) = repair_due {
-            next_claim = next_claim.min(due);
-        }
-        if (idle_slots > 0 || refill) && paused.is_none() {
-            claim_counter += 1;
-            let token = shared.instance.claim_token(claim_counter);
-            let budget = (config.max_concurrent + ahead).saturating_sub(claimed);
-            let round = claim_round(
-                &shared,
-                &config,
-                &token,
-                (budget, idle_slots),
-                &running_by_queue,
-            );
-            let sent = std::time::SystemTime::now();
-            match round.await {
-                Ok((rows, all_filled)) => {
-                    let times = ClaimTimes {
-                        sent,
-                        returned: std::time::SystemTime::now(),
-                    };
-                    shared.health.succeeded("claiming requests");
-                    backoff.reset();
-                    for row in rows {
-                        shared.metrics.claimed(&row.queue, row.waited);
-                        *running_by_queue.entry(row.queue.clone()).or_default() += 1;
-                        let go = slots.join(config.max_concurrent);
-                        tries.spawn(supervise(shared.clone(), slots.clone(), row, go, times));
-                    }
-                    if !all_filled {
-                        if let Some(due) = next_delay(&shared).await {
-                            next_claim = next_claim.min(due);
+            let config = Setup::current_config(&self.setup);
+            let (running, waiting) = slots.fill(config.max_concurrent);
+            let claimed = running + waiting;
+            let ahead = if config.queues.is_empty() {
+                claim_ahead(
+                    config.max_concurrent,
+                    typical_run,
+                    self.tries.oldest_running(),
+                )
+            } else {
+                0
+            };
+            let idle_slots = config.max_concurrent.saturating_sub(claimed);
+            // Claim ahead in batches: once half the rows claimed ahead have started.
+            let refill = ahead > 0 && waiting <= ahead / 2;
+            // When is the next unprompted claim due: the poll, or an earlier delay.
+            let mut next_claim = Instant::now() + config.poll_interval;
+            let paused = short.paused_until().filter(|until| *until > Instant::now());
+            if let Some(until) = paused {
+                next_claim = next_claim.min(until);
+            }
+            if let Some(due) = repair_due {
+                next_claim = next_claim.min(due);
+            }
+            if (idle_slots > 0 || refill) && paused.is_none() {
+                claim_counter += 1;
+                let token = self.instance.claim_token(claim_counter);
+                let budget = (config.max_concurrent + ahead).saturating_sub(claimed);
+                let round =
+                    self.claim_round(&config, &token, (budget, idle_slots), &running_by_queue);
+                let sent = std::time::SystemTime::now();
+                match round.await {
+                    Ok((rows, all_filled)) => {
+                        let times = ClaimTimes {
+                            sent,
+                            returned: std::time::SystemTime::now(),
+                        };
+                        self.health.succeeded("claiming requests");
+                        backoff.reset();
+                        for row in rows {
+                            self.metrics.claimed(&row.queue, row.waited);
+                            *running_by_queue.entry(row.queue.clone()).or_default() += 1;
+                            let go = slots.join(config.max_concurrent);
+                            tries.spawn(self.executor.clone().supervise(
+                                slots.clone(),
+                                row,
+                                go,
+                                times,
+                            ));
+                        }
+                        if !all_filled {
+                            if let Some(due) = self.next_delay().await {
+                                next_claim = next_claim.min(due);
+                            }
                         }
                     }
-                }
-                Err(error) => {
-                    shared.health.failed("claiming requests", &error);
-                    next_claim = Instant::now() + backoff.next_delay();
+                    Err(error) => {
+                        self.health.failed("claiming requests", &error);
+                        next_claim = Instant::now() + backoff.next_delay();
+                    }
                 }
             }
+            *self.next_poll.lock().unwrap_or_else(|e| e.into_inner()) = Some(next_claim.into_std());
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                Some(ended) = tries.join_next(), if !tries.is_empty() => {
+                    if let Ok(ended) = ended {
+                        if let Some(count) = running_by_queue.get_mut(&ended.queue) {
+                            *count = count.saturating_sub(1);
+                        }
+                        if let Some(ran_for) = ended.ran_for {
+                            typical_run = Some(typical_run.map_or(ran_for, |t| t.mul_f64(0.8) + ran_for.mul_f64(0.2)));
+                        }
+                        self.metrics.try_ended(&ended.task, &ended.queue, ended.state, ended.exhausted, ended.ran_for);
+                        tally.count(ended.state);
+                        tally.log(false);
+                        short.ended(&ended);
+                    }
+                }
+                _ = tokio::time::sleep_until(next_claim) => {}
+                _ = tokio::time::sleep_until(tally.due()), if tally.since.is_some() => tally.log(true),
+                _ = cancel.cancelled() => {}
+            }
         }
-        *shared.next_poll.lock().unwrap_or_else(|e| e.into_inner()) = Some(next_claim.into_std());
-        tokio::select! {
-            _ = shared.wake.notified() => {}
-            Some(ended) = tries.join_next(), if !tries.is_empty() => {
-                if let Ok(ended) = ended {
-                    if let Some(count) = running_by_queue.get_mut(&ended.queue) {
-                        *count = count.saturating_sub(1);
-                    }
-                    if let Some(ran_for) = ended.ran_for {
-                        typical_run = Some(typical_run.map_or(ran_for, |t| t.mul_f64(0.8) + ran_for.mul_f64(0.2)));
-                    }
-                    shared.metrics.try_ended(&ended.task, &ended.queue, ended.state, ended.exhausted, ended.ran_for);
-                    tally.count(ended.state);
-                    tally.log(false);
-                    short.ended(&ended);
+        // Rows claimed ahead are given back at once; running tries are drained.
+        slots.close();
+        while let Some(ended) = tries.join_next().await {
+            if let Ok(ended) = ended {
+                self.metrics.try_ended(
+                    &ended.task,
+                    &ended.queue,
+                    ended.state,
+                    ended.exhausted,
+                    ended.ran_for,
+                );
+                tally.count(ended.state);
+            }
+        }
+        tally.log(true);
+        Ok(())
+    }
+
+    /// Ends batches that only a plain-SQL write left unended (see
+    /// `Store::repair_batches`); a callback it creates is claimed at once.
+    async fn repair_batches(&self) {
+        match self.store.repair_batches().await {
+            Ok(0) => self.health.succeeded("repairing batches"),
+            Ok(repaired) => {
+                self.health.succeeded("repairing batches");
+                tracing::info!(
+                    batches = repaired,
+                    "batch repair pass: settled batches sealed or changed by hand"
+                );
+                self.wake.notify_one();
+            }
+            Err(error) => self.health.failed("repairing batches", &error),
+        }
+    }
+
+    /// Takes flows no daemon has taken yet (inserted by plain SQL or `flow
+    /// post`) and advances flows that plain SQL left without an open row (see
+    /// `Store::take_flows`, `Store::repair_flows`); a row they create is
+    /// claimed at once.
+    async fn take_and_repair_flows(&self) {
+        let config = Setup::current_config(&self.setup);
+        let flows = self.setup.borrow().registry.flows(&config);
+        match self.store.take_flows(&flows).await {
+            Ok(taken) => {
+                self.health.succeeded("taking flows");
+                if taken > 0 {
+                    self.wake.notify_one();
                 }
             }
-            _ = tokio::time::sleep_until(next_claim) => {}
-            _ = tokio::time::sleep_until(tally.due()), if tally.since.is_some() => tally.log(true),
-            _ = shared.stop_claiming.cancelled() => {}
+            Err(error) => self.health.failed("taking flows", &error),
+        }
+        match self.store.repair_flows().await {
+            Ok(0) => self.health.succeeded("repairing flows"),
+            Ok(repaired) => {
+                self.health.succeeded("repairing flows");
+                tracing::info!(
+                    flows = repaired,
+                    "flow repair pass: advanced flows whose current row was changed by hand"
+                );
+                self.wake.notify_one();
+            }
+            Err(error) => self.health.failed("repairing flows", &error),
         }
     }
-    // Rows claimed ahead are given back at once; running tries are drained.
-    slots.close();
-    while let Some(ended) = tries.join_next().await {
-        if let Ok(ended) = ended {
-            shared.metrics.try_ended(
-                &ended.task,
-                &ended.queue,
-                ended.state,
-                ended.exhausted,
-                ended.ran_for,
-            );
-            tally.count(ended.state);
+
+    /// Claims up to `budget` rows: per served queue (each within its own
+    /// limit), task types with a concurrency limit apart, under their lock, and
+    /// only for `slots` that are free now (never ahead). Returns the claimed rows
+    /// and whether every claim filled what it asked for (so more rows may be
+    /// waiting).
+    async fn claim_round(
+        &self,
+        config: &crate::config::Config,
+        token: &str,
+        (mut budget, mut slots): (usize, usize),
+        running_by_queue: &HashMap<String, usize>,
+    ) -> anyhow::Result<(Vec<Claimed>, bool)> {
+        let limited: Vec<(&str, u32)> = config
+            .tasks
+            .iter()
+            .filter_map(|(name, task)| task.concurrency.map(|limit| (name.as_str(), limit)))
+            .collect();
+        let excluded: Vec<String> = limited.iter().map(|(name, _)| name.to_string()).collect();
+        // (queue, room in it); `None` serves every queue.
+        let queues: Vec<(Option<&str>, usize)> = if config.queues.is_empty() {
+            vec![(None, budget)]
+        } else {
+            config
+                .queues
+                .iter()
+                .map(|(queue, limit)| {
+                    let running = running_by_queue.get(queue).copied().unwrap_or(0);
+                    (Some(queue.as_str()), limit.saturating_sub(running))
+                })
+                .collect()
+        };
+        let store = &self.store;
+        let (host, instance) = (config.host_id.as_str(), &*self.instance);
+        let mut claimed = Vec::new();
+        let mut all_filled = true;
+        for (queue, mut room) in queues {
+            let filter = crate::store::ClaimFilter {
+                node: &config.node_name,
+                queue,
+                task: None,
+                excluded_tasks: &excluded,
+            };
+            let want = room.min(budget);
+            if want > 0 {
+                let rows = store
+                    .claim_filtered(host, instance, token, want, &filter)
+                    .await?;
+                all_filled &= rows.len() == want;
+                room -= rows.len();
+                budget -= rows.len();
+                slots = slots.saturating_sub(rows.len());
+                claimed.extend(rows);
+            }
+            for (task, limit) in &limited {
+                let want = room.min(budget).min(slots);
+                if want == 0 {
+                    break;
+                }
+                let filter = crate::store::ClaimFilter {
+                    task: Some(task),
+                    ..filter.clone()
+                };
+                let rows = store
+                    .claim_limited(host, instance, token, want, &filter, *limit)
+                    .await?;
+                room -= rows.len();
+                budget -= rows.len();
+                slots -= rows.len();
+                claimed.extend(rows);
+            }
+        }
+        Ok((claimed, all_filled))
+    }
+
+    /// When the earliest delayed row comes due (never later than an hour, so a
+    /// clock step cannot park us).
+    async fn next_delay(&self) -> Option<Instant> {
+        match self.store.seconds_until_next_delay().await {
+            Ok(Some(seconds)) => {
+                self.health.succeeded("looking for delayed requests");
+                let seconds = seconds.clamp(0.0, 3600.0);
+                // A hair later than due, so the row's delay has passed on the database's clock too.
+                Some(Instant::now() + Duration::from_secs_f64(seconds) + Duration::from_millis(5))
+            }
+            Ok(None) => {
+                self.health.succeeded("looking for delayed requests");
+                None
+            }
+            Err(error) => {
+                self.health.failed("looking for delayed requests", &error);
+                None
+            }
         }
     }
-    tally.log(true);
 }
 
 /// The daemon's own lack of resources to start tasks (descriptors,
@@ -311,101 +432,6 @@ fn claim_ahead(max_concurrent: usize, typical_run: Option<Duration>, oldest: Dur
     let per_slot = typical.max(oldest).max(Duration::from_micros(100));
     let rows = AHEAD_HORIZON.as_secs_f64() * max_concurrent as f64 / per_slot.as_secs_f64();
     (rows as usize).min(AHEAD_PER_SLOT * max_concurrent)
-}
-
-/// Claims up to `budget` rows: per served queue (each within its own
-/// limit), task types with a concurrency limit apart, under their lock, and
-/// only for `slots` that are free now (never ahead). Returns the claimed rows
-/// and whether every claim filled what it asked for (so more rows may be
-/// waiting).
-async fn claim_round(
-    shared: &Shared,
-    config: &crate::config::Config,
-    token: &str,
-    (mut budget, mut slots): (usize, usize),
-    running_by_queue: &HashMap<String, usize>,
-) -> anyhow::Result<(Vec<Claimed>, bool)> {
-    let limited: Vec<(&str, u32)> = config
-        .tasks
-        .iter()
-        .filter_map(|(name, task)| task.concurrency.map(|limit| (name.as_str(), limit)))
-        .collect();
-    let excluded: Vec<String> = limited.iter().map(|(name, _)| name.to_string()).collect();
-    // (queue, room in it); `None` serves every queue.
-    let queues: Vec<(Option<&str>, usize)> = if config.queues.is_empty() {
-        vec![(None, budget)]
-    } else {
-        config
-            .queues
-            .iter()
-            .map(|(queue, limit)| {
-                let running = running_by_queue.get(queue).copied().unwrap_or(0);
-                (Some(queue.as_str()), limit.saturating_sub(running))
-            })
-            .collect()
-    };
-    let store = &shared.store;
-    let (host, instance) = (config.host_id.as_str(), &*shared.instance);
-    let mut claimed = Vec::new();
-    let mut all_filled = true;
-    for (queue, mut room) in queues {
-        let filter = crate::store::ClaimFilter {
-            node: &config.node_name,
-            queue,
-            task: None,
-            excluded_tasks: &excluded,
-        };
-        let want = room.min(budget);
-        if want > 0 {
-            let rows = store
-                .claim_filtered(host, instance, token, want, &filter)
-                .await?;
-            all_filled &= rows.len() == want;
-            room -= rows.len();
-            budget -= rows.len();
-            slots = slots.saturating_sub(rows.len());
-            claimed.extend(rows);
-        }
-        for (task, limit) in &limited {
-            let want = room.min(budget).min(slots);
-            if want == 0 {
-                break;
-            }
-            let filter = crate::store::ClaimFilter {
-                task: Some(task),
-                ..filter.clone()
-            };
-            let rows = store
-                .claim_limited(host, instance, token, want, &filter, *limit)
-                .await?;
-            room -= rows.len();
-            budget -= rows.len();
-            slots -= rows.len();
-            claimed.extend(rows);
-        }
-    }
-    Ok((claimed, all_filled))
-}
-
-/// When the earliest delayed row comes due (never later than an hour, so a
-/// clock step cannot park us).
-async fn next_delay(shared: &Shared) -> Option<Instant> {
-    match shared.store.seconds_until_next_delay().await {
-        Ok(Some(seconds)) => {
-            shared.health.succeeded("looking for delayed requests");
-            let seconds = seconds.clamp(0.0, 3600.0);
-            // A hair later than due, so the row's delay has passed on the database's clock too.
-            Some(Instant::now() + Duration::from_secs_f64(seconds) + Duration::from_millis(5))
-        }
-        Ok(None) => {
-            shared.health.succeeded("looking for delayed requests");
-            None
-        }
-        Err(error) => {
-            shared.health.failed("looking for delayed requests", &error);
-            None
-        }
-    }
 }
 
 #[cfg(test)]

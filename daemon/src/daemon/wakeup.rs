@@ -30,9 +30,10 @@ use tokio::io::unix::AsyncFd;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::Shared;
+use tokio::sync::Notify;
+
 use crate::health::Backoff;
-use crate::store::SideConnection;
+use crate::store::{SideConnection, Store};
 use crate::units::format_duration;
 
 /// The NOTIFY channel written by the trigger in the PostgreSQL migration.
@@ -73,162 +74,176 @@ const RECHECKS: [Duration; 14] = {
 /// within 200 ms at worst, 50 ms on average.
 pub const MYSQL_CHECK: Duration = Duration::from_millis(100);
 
-pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
-    if shared.store.postgres_pool().is_some() {
-        listen_postgres(shared, stop).await
-    } else if shared.store.mysql_pool().is_some() {
-        check_mysql(shared, stop).await
-    } else {
-        watch_sqlite(shared, stop).await
+/// Wakes the scheduler when others add rows (see the module's doc).
+pub(super) struct Wakeup {
+    pub(super) store: Store,
+    /// The database's URL, for SQLite's connection and watch of its own.
+    pub(super) database_url: String,
+    /// Poll now (the scheduler's).
+    pub(super) wake: Arc<Notify>,
+}
+
+impl Wakeup {
+    pub(super) async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        if self.store.postgres_pool().is_some() {
+            self.listen_postgres(cancel).await
+        } else if self.store.mysql_pool().is_some() {
+            self.check_mysql(cancel).await
+        } else {
+            self.watch_sqlite(cancel).await
+        }
+        Ok(())
     }
 }
 
-async fn check_mysql(shared: Arc<Shared>, stop: CancellationToken) {
-    let pool = shared
-        .store
-        .mysql_pool()
-        .expect("checked by the caller")
-        .clone();
-    type Seen = (Option<i64>, Option<i64>, Option<i64>);
-    let mut last: Option<Seen> = None;
-    let mut interval = tokio::time::interval(MYSQL_CHECK);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = interval.tick() => {}
-            _ = stop.cancelled() => return,
-        }
-        shared.store.count_statements(1);
-        let check = sqlx::query_as::<_, Seen>(
-            "SELECT (SELECT max(id) FROM task_runner_requests), \
+impl Wakeup {
+    async fn check_mysql(&self, stop: CancellationToken) {
+        let pool = self
+            .store
+            .mysql_pool()
+            .expect("checked by the caller")
+            .clone();
+        type Seen = (Option<i64>, Option<i64>, Option<i64>);
+        let mut last: Option<Seen> = None;
+        let mut interval = tokio::time::interval(MYSQL_CHECK);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            self.store.count_statements(1);
+            let check = sqlx::query_as::<_, Seen>(
+                "SELECT (SELECT max(id) FROM task_runner_requests), \
                     (SELECT id FROM task_runner_requests WHERE claim_rank IS NOT NULL \
                       ORDER BY claim_rank, id LIMIT 1), \
                     (SELECT max(id) FROM task_runner_flows)",
-        );
-        match check.fetch_one(&pool).await {
-            Ok(seen) => {
-                // The first check wakes too: rows may have arrived between
-                // the scheduler's first claim and this check.
-                let new_flow = last.is_none_or(|last| last.2 != seen.2);
-                let new_row = last.is_none_or(|last| last != seen) && seen.1.is_some();
-                if new_flow || new_row {
-                    shared.wake.notify_one();
+            );
+            match check.fetch_one(&pool).await {
+                Ok(seen) => {
+                    // The first check wakes too: rows may have arrived between
+                    // the scheduler's first claim and this check.
+                    let new_flow = last.is_none_or(|last| last.2 != seen.2);
+                    let new_row = last.is_none_or(|last| last != seen) && seen.1.is_some();
+                    if new_flow || new_row {
+                        self.wake.notify_one();
+                    }
+                    last = Some(seen);
                 }
-                last = Some(seen);
+                // The poll covers an outage; the store's users report it.
+                Err(error) => tracing::debug!("checking for new rows: {error}"),
             }
-            // The poll covers an outage; the store's users report it.
-            Err(error) => tracing::debug!("checking for new rows: {error}"),
         }
     }
-}
 
-async fn listen_postgres(shared: Arc<Shared>, stop: CancellationToken) {
-    let pool = shared
-        .store
-        .postgres_pool()
-        .expect("checked by the caller")
-        .clone();
-    let mut backoff = Backoff::default();
-    loop {
-        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
-            Ok(listener) => listener,
-            Err(error) => {
-                tracing::debug!("LISTEN connection failed: {error}");
+    async fn listen_postgres(&self, stop: CancellationToken) {
+        let pool = self
+            .store
+            .postgres_pool()
+            .expect("checked by the caller")
+            .clone();
+        let mut backoff = Backoff::default();
+        loop {
+            let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+                Ok(listener) => listener,
+                Err(error) => {
+                    tracing::debug!("LISTEN connection failed: {error}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            };
+            if listener.listen(CHANNEL).await.is_err() {
+                continue;
+            }
+            backoff.reset();
+            // Rows may have arrived while we were not listening.
+            self.wake.notify_one();
+            loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                    notification = listener.try_recv() => match notification {
+                        Ok(Some(_)) => self.wake.notify_one(),
+                        // The connection dropped: the poll covers the gap, and we reconnect.
+                        Ok(None) | Err(_) => break,
+                    },
                     _ = stop.cancelled() => return,
                 }
             }
-        };
-        if listener.listen(CHANNEL).await.is_err() {
-            continue;
-        }
-        backoff.reset();
-        // Rows may have arrived while we were not listening.
-        shared.wake.notify_one();
-        loop {
-            tokio::select! {
-                notification = listener.try_recv() => match notification {
-                    Ok(Some(_)) => shared.wake.notify_one(),
-                    // The connection dropped: the poll covers the gap, and we reconnect.
-                    Ok(None) | Err(_) => break,
-                },
-                _ = stop.cancelled() => return,
-            }
         }
     }
-}
 
-async fn watch_sqlite(shared: Arc<Shared>, stop: CancellationToken) {
-    let url = shared.config().database_url.clone();
-    let mut side = SideConnection::new(&url);
-    let mut log_watch = match LogWatch::open(&url) {
-        Ok(watch) => Some(watch),
-        Err(error) => {
-            tracing::info!(
+    async fn watch_sqlite(&self, stop: CancellationToken) {
+        let url = self.database_url.clone();
+        let mut side = SideConnection::new(&url);
+        let mut log_watch = match LogWatch::open(&url) {
+            Ok(watch) => Some(watch),
+            Err(error) => {
+                tracing::info!(
                 "not watching the SQLite write-ahead log ({error}): other processes' rows are noticed within {}",
                 format_duration(POLL_WITHOUT_WATCH)
             );
-            None
-        }
-    };
-    let safety_net = if log_watch.is_some() {
-        SAFETY_NET
-    } else {
-        POLL_WITHOUT_WATCH
-    };
-    let mut last_version: Option<i64> = None;
-    // After the log was written to: checks left before giving up on seeing
-    // the commit, and when the next one is due.
-    let mut rechecks: Option<(u32, Instant)> = None;
-    let mut next_safety_check = Instant::now();
-    loop {
-        let recheck_at = rechecks.map(|(_, at)| at);
-        tokio::select! {
-            _ = tokio::time::sleep_until(next_safety_check) => {}
-            written = wait_written(log_watch.as_mut()) => match written {
-                // Checked now; again soon if the commit is not visible yet.
-                Ok(()) => rechecks = Some((0, Instant::now())),
-                Err(error) => {
-                    tracing::warn!(
-                        "stopped watching the SQLite write-ahead log ({error}): other processes' rows are noticed within {}",
-                        format_duration(POLL_WITHOUT_WATCH)
-                    );
-                    log_watch = None;
-                }
-            },
-            _ = sleep_until_opt(recheck_at) => {}
-            _ = stop.cancelled() => break,
-        }
+                None
+            }
+        };
         let safety_net = if log_watch.is_some() {
-            safety_net
+            SAFETY_NET
         } else {
             POLL_WITHOUT_WATCH
         };
-        next_safety_check = Instant::now() + safety_net;
-        let Some(connection) = side.get().await else {
-            continue;
-        };
-        shared.store.count_statements(1);
-        let check = sqlx::query_scalar::<_, i64>("PRAGMA data_version");
-        match check.fetch_one(connection).await {
-            Ok(version) => {
-                let changed = last_version.is_some_and(|last| last != version);
-                if changed {
-                    shared.wake.notify_one();
-                }
-                last_version = Some(version);
-                rechecks = match rechecks {
-                    Some((done, _)) if !changed && done + 1 < RECHECKS.len() as u32 => {
-                        Some((done + 1, Instant::now() + RECHECKS[done as usize]))
+        let mut last_version: Option<i64> = None;
+        // After the log was written to: checks left before giving up on seeing
+        // the commit, and when the next one is due.
+        let mut rechecks: Option<(u32, Instant)> = None;
+        let mut next_safety_check = Instant::now();
+        loop {
+            let recheck_at = rechecks.map(|(_, at)| at);
+            tokio::select! {
+                _ = tokio::time::sleep_until(next_safety_check) => {}
+                written = wait_written(log_watch.as_mut()) => match written {
+                    // Checked now; again soon if the commit is not visible yet.
+                    Ok(()) => rechecks = Some((0, Instant::now())),
+                    Err(error) => {
+                        tracing::warn!(
+                            "stopped watching the SQLite write-ahead log ({error}): other processes' rows are noticed within {}",
+                            format_duration(POLL_WITHOUT_WATCH)
+                        );
+                        log_watch = None;
                     }
-                    _ => None,
-                };
+                },
+                _ = sleep_until_opt(recheck_at) => {}
+                _ = stop.cancelled() => break,
             }
-            Err(error) => side.failed(&error),
+            let safety_net = if log_watch.is_some() {
+                safety_net
+            } else {
+                POLL_WITHOUT_WATCH
+            };
+            next_safety_check = Instant::now() + safety_net;
+            let Some(connection) = side.get().await else {
+                continue;
+            };
+            self.store.count_statements(1);
+            let check = sqlx::query_scalar::<_, i64>("PRAGMA data_version");
+            match check.fetch_one(connection).await {
+                Ok(version) => {
+                    let changed = last_version.is_some_and(|last| last != version);
+                    if changed {
+                        self.wake.notify_one();
+                    }
+                    last_version = Some(version);
+                    rechecks = match rechecks {
+                        Some((done, _)) if !changed && done + 1 < RECHECKS.len() as u32 => {
+                            Some((done + 1, Instant::now() + RECHECKS[done as usize]))
+                        }
+                        _ => None,
+                    };
+                }
+                Err(error) => side.failed(&error),
+            }
         }
+        side.close().await;
     }
-    side.close().await;
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

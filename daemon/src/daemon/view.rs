@@ -1,0 +1,62 @@
+//! What the control socket and the web page see of the running daemon
+//! (`status`, `/metrics`), and the one nudge they may give it (claim now).
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Result;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::tries::Tries;
+use crate::health::Health;
+use crate::instance::InstanceId;
+use crate::store::Store;
+use crate::task_types::Setup;
+
+/// The running daemon's state, read for `status` and `/metrics`.
+pub(super) struct View {
+    pub(super) setup: watch::Sender<Setup>,
+    pub(super) store: Store,
+    pub(super) instance: InstanceId,
+    pub(super) tries: Arc<Tries>,
+    pub(super) health: Arc<Health>,
+    /// What this daemon counts for `/metrics`.
+    pub(super) metrics: Arc<crate::metrics::Metrics>,
+    /// The per-queue readings of `/metrics`, cached for a second.
+    pub(super) queue_gauges: crate::metrics::QueueGauges,
+    /// Poll now (the scheduler's).
+    pub(super) wake: Arc<Notify>,
+    pub(super) started: Instant,
+    /// When the scheduler will next poll unprompted (it writes it).
+    pub(super) next_poll: Arc<Mutex<Option<Instant>>>,
+    /// Cancelled once the daemon stops claiming (`status` says "stopping").
+    pub(super) stop_claiming: CancellationToken,
+}
+
+impl View {
+    /// The Prometheus text of `/metrics` (and `metrics` on the control socket).
+    /// `store` reads the per-queue gauges (the web page's own pool, so that
+    /// a scrape never waits for the daemon's SQLite writer, nor it for a scrape).
+    pub(super) async fn metrics_text(&self, store: &Store) -> Result<String> {
+        self.metrics.set_daemon_state(
+            self.tries.len(),
+            Setup::current_config(&self.setup).max_concurrent,
+            self.health.errors(),
+        );
+        crate::metrics::render(store, &self.queue_gauges, Some(&self.metrics)).await
+    }
+}
+
+impl crate::web::Daemon for View {
+    fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    fn metrics_text<'a>(
+        &'a self,
+        store: &'a Store,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String>> + Send + 'a>> {
+        Box::pin(View::metrics_text(self, store))
+    }
+}
