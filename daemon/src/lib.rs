@@ -109,6 +109,11 @@
 //!   the daemon's state, and no part under `daemon/` reaches up into
 //!   `daemon.rs`
 //!   (`grep -LE "async fn run\((mut )?self, " daemon/src/daemon/{scheduler,recorder,heartbeat,reaper,pruner,cron,wakeup,checkpoint,control}.rs; grep -rnE "crate::daemon::|super::[a-z_]+\(" daemon/src/daemon`).
+//! - Architecture Invariant: the supervisor's modules import each other in
+//!   one direction: `mod.rs` holds the `Spawner` that dispatches to exec
+//!   (`spawner.rs`) or to a preloaded parent (`preload.rs`, which uses
+//!   exec); `spawner.rs` names neither
+//!   (`grep -nE "(super|supervisor)::(preload|Spawner)" daemon/src/supervisor/spawner.rs`).
 //!
 //! - A claim writes RUNNING, tries + 1, started_at, host, heartbeat_at and a
 //!   fresh claim token in one atomic statement before the process starts.

@@ -34,7 +34,7 @@ use crate::config::TaskSettings;
 use crate::units::format_duration;
 use output::Capture;
 pub use output::Tail;
-pub use spawner::{is_daemon_short, Recipe, Spawner};
+pub use spawner::{is_daemon_short, Recipe};
 
 /// The variables of the daemon's environment a task inherits: the ones
 /// every program expects, nothing that could hold a secret (the daemon's
@@ -57,11 +57,44 @@ fn is_inherited(name: &std::ffi::OsStr) -> bool {
 /// Starts the thread that starts task processes; every task's environment
 /// is the daemon's allowlisted variables, read now, plus its own.
 pub fn start_spawner() -> std::io::Result<Spawner> {
-    Spawner::start(
+    let exec = spawner::Exec::start(
         std::env::vars_os()
             .filter(|(name, _)| is_inherited(name))
             .collect(),
-    )
+    )?;
+    Ok(Spawner {
+        exec,
+        preloaded: Default::default(),
+    })
+}
+
+/// Starts task processes: with clone and exec ([`spawner`]), or forked
+/// from their program's preloaded parent ([`preload`]); cheap to clone.
+/// It holds both, so that neither module needs the other's caller.
+#[derive(Clone)]
+pub struct Spawner {
+    exec: spawner::Exec,
+    preloaded: preload::Pool,
+}
+
+impl Spawner {
+    /// Starts a process from `recipe`: forked from its program's preloaded
+    /// parent if it asks for one and the parent serves, else with exec.
+    pub async fn spawn(&self, recipe: Recipe) -> std::io::Result<spawner::Child> {
+        if recipe.preload {
+            match self.preloaded.spawn(&self.exec, &recipe).await {
+                Ok(child) => return Ok(child),
+                Err(preload::Refused::Failed(error)) => return Err(error),
+                Err(preload::Refused::ExecInstead) => {}
+            }
+        }
+        self.exec.spawn(recipe).await
+    }
+
+    /// Retires every preloaded parent (config reload).
+    pub async fn retire_preloaded(&self) {
+        self.preloaded.retire_all().await
+    }
 }
 
 /// Everything needed to start one try's process.

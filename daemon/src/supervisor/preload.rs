@@ -45,7 +45,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncBufReadExt;
 use tokio::time::Instant;
 
-use super::spawner::{Child, OurEnds, Recipe, Spawner};
+use super::spawner::{Child, Exec, OurEnds, Recipe};
 
 /// The program's first message once it has booted.
 pub const HELLO: &[u8] = b"hello\0taskrunner-preload-1\0";
@@ -136,7 +136,7 @@ pub enum Refused {
 impl Pool {
     /// Starts the try of `recipe` as a child of its program's preloaded
     /// parent (starting the parent first if need be).
-    pub async fn spawn(&self, spawner: &Spawner, recipe: &Recipe) -> Result<Child, Refused> {
+    pub async fn spawn(&self, spawner: &Exec, recipe: &Recipe) -> Result<Child, Refused> {
         let key = Key {
             program: recipe.program.clone(),
             uid: recipe.uid,
@@ -185,7 +185,7 @@ impl Pool {
 
     async fn parent_for(
         &self,
-        spawner: &Spawner,
+        spawner: &Exec,
         key: &Key,
         recipe: &Recipe,
     ) -> Result<Arc<Parent>, Refused> {
@@ -235,7 +235,7 @@ impl Pool {
 }
 
 /// The program's path as the spawner would run it.
-fn resolve(recipe: &Recipe, spawner: &Spawner) -> PathBuf {
+fn resolve(recipe: &Recipe, spawner: &Exec) -> PathBuf {
     spawner
         .resolve_program(recipe)
         .unwrap_or_else(|_| recipe.program.clone())
@@ -297,7 +297,7 @@ enum StartError {
 }
 
 impl Parent {
-    async fn start(spawner: &Spawner, recipe: &Recipe) -> Result<Parent, StartError> {
+    async fn start(spawner: &Exec, recipe: &Recipe) -> Result<Parent, StartError> {
         let (ours, theirs) = seqpacket_pair().map_err(StartError::Io)?;
         let mut env: Vec<(OsString, OsString)> = recipe
             .env
@@ -330,10 +330,7 @@ impl Parent {
             cgroup: None,
         };
         let file = file_id(&resolve(recipe, spawner));
-        let mut child = spawner
-            .spawn_exec(parent_recipe)
-            .await
-            .map_err(StartError::Io)?;
+        let mut child = spawner.spawn(parent_recipe).await.map_err(StartError::Io)?;
         let pid = child.pid;
         let alive = Arc::new(AtomicBool::new(true));
         let program = recipe.program.display().to_string();
@@ -456,7 +453,7 @@ impl Parent {
 
     /// Asks the parent for a child running `recipe`'s try; its answer
     /// comes through [`answer_requests`].
-    async fn request(&self, spawner: &Spawner, recipe: &Recipe) -> io::Result<Child> {
+    async fn request(&self, spawner: &Exec, recipe: &Recipe) -> io::Result<Child> {
         let (message, stdio) = spawner.preload_request(recipe)?;
         let fds = [
             stdio.child_ends[0].as_raw_fd(),

@@ -288,22 +288,22 @@ const MIN_THREADS: usize = 2;
 /// At most this many: a thread starts several thousand processes a second.
 const MAX_THREADS: usize = 8;
 
-/// Starts task processes from threads that live as long as the process;
-/// cheap to clone.
+/// Starts task processes with clone and exec, from threads that live as
+/// long as the process; cheap to clone. (A preloaded parent's children are
+/// started by the supervisor's `Spawner`, which holds both.)
 #[derive(Clone)]
-pub struct Spawner {
+pub(super) struct Exec {
     /// Start requests, taken by whichever spawner thread is free.
     requests: mpsc::Sender<SpawnRequest>,
     /// The base environment (what `Kit` holds, for preloaded tries).
     base: Arc<Vec<(OsString, OsString)>>,
-    preloaded: super::preload::Pool,
 }
 
-impl Spawner {
+impl Exec {
     /// Every task's environment is `base` plus its recipe's `env`. Starts
     /// the spawner threads (one per CPU, within [`MIN_THREADS`] and
     /// [`MAX_THREADS`]).
-    pub fn start(base: Vec<(OsString, OsString)>) -> io::Result<Spawner> {
+    pub(super) fn start(base: Vec<(OsString, OsString)>) -> io::Result<Exec> {
         let threads = std::thread::available_parallelism()
             .map_or(MIN_THREADS, |n| n.get())
             .clamp(MIN_THREADS, MAX_THREADS);
@@ -333,16 +333,10 @@ impl Spawner {
                     }
                 })?;
         }
-        Ok(Spawner {
+        Ok(Exec {
             requests,
             base: Arc::new(base),
-            preloaded: Default::default(),
         })
-    }
-
-    /// Retires every preloaded parent (config reload).
-    pub async fn retire_preloaded(&self) {
-        self.preloaded.retire_all().await
     }
 
     /// The path `recipe`'s program is run from.
@@ -424,20 +418,8 @@ impl Spawner {
         ))
     }
 
-    /// Starts a process from `recipe`.
-    pub async fn spawn(&self, recipe: Recipe) -> io::Result<Child> {
-        if recipe.preload {
-            match self.preloaded.spawn(self, &recipe).await {
-                Ok(child) => return Ok(child),
-                Err(super::preload::Refused::Failed(error)) => return Err(error),
-                Err(super::preload::Refused::ExecInstead) => {}
-            }
-        }
-        self.spawn_exec(recipe).await
-    }
-
     /// Starts a process from `recipe` with clone and exec, on a spawner thread.
-    pub(super) async fn spawn_exec(&self, recipe: Recipe) -> io::Result<Child> {
+    pub(super) async fn spawn(&self, recipe: Recipe) -> io::Result<Child> {
         let (reply, answer) = oneshot::channel();
         self.requests
             .send((recipe, reply))
@@ -936,7 +918,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_set_up_names_its_step_and_errno() {
-        let spawner = Spawner::start(vec![]).unwrap();
+        let spawner = Exec::start(vec![]).unwrap();
         // Not executable: execve fails after every other step.
         let file = std::env::temp_dir().join(format!("not-executable-{}", std::process::id()));
         std::fs::write(&file, "#!/bin/sh\n").unwrap();
@@ -960,7 +942,7 @@ mod tests {
     }
 
     /// Runs `recipe` to a successful end and returns its stdout.
-    async fn stdout_of(spawner: &Spawner, recipe: Recipe) -> String {
+    async fn stdout_of(spawner: &Exec, recipe: Recipe) -> String {
         let mut child = spawner.spawn(recipe).await.unwrap();
         let mut out = String::new();
         let mut stdout =
@@ -972,7 +954,7 @@ mod tests {
 
     #[tokio::test]
     async fn options_and_environment_reach_the_child() {
-        let spawner = Spawner::start(vec![("KEPT".into(), "base".into())]).unwrap();
+        let spawner = Exec::start(vec![("KEPT".into(), "base".into())]).unwrap();
         let mut cat = recipe("cat", &[]);
         cat.env = vec![("PATH".into(), "/usr/bin:/bin".into())];
         cat.stdin = b"options".to_vec();
