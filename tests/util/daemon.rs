@@ -1,0 +1,364 @@
+//! A `taskrunnerd` process started from config parts, and the CLI run
+//! against a test's database.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use serde_yaml::{Mapping, Value};
+
+use super::{poll_blocking, wait_until, TestDb, Text, CLI, DAEMON};
+
+/// The base config every test daemon gets; tests append their own keys.
+pub fn base_config(db: &TestDb, dir: &Path) -> String {
+    format!(
+        "database_url: {}\npoll_interval: 1s\nheartbeat_interval: 1s\nlease_timeout: 5s\nkill_grace: 2s\nkill_retry: 1s\nshutdown_timeout: 5s\nretry_delay: 1s\nsocket: {}\n",
+        db.url,
+        dir.join("run/daemon.sock").display()
+    )
+}
+
+/// `extra`'s top-level keys replace `base`'s.
+pub fn merge_yaml(base: &str, extra: &str) -> String {
+    let mut merged: serde_yaml::Mapping = serde_yaml::from_str(base).unwrap();
+    if !extra.trim().is_empty() {
+        let extra: serde_yaml::Mapping = serde_yaml::from_str(extra).expect("test config YAML");
+        for (key, value) in extra {
+            merged.insert(key, value);
+        }
+    }
+    serde_yaml::to_string(&merged).unwrap()
+}
+
+/// A daemon's config built from parts: the base config, YAML text, single
+/// keys and task types, each value escaped by the YAML writer (a task's
+/// shell script needs no hand quoting). Top-level keys given later replace
+/// earlier ones, as in [`merge_yaml`].
+pub struct DaemonBuilder<'a> {
+    db: &'a TestDb,
+    name: String,
+    config: Mapping,
+    tasks: Mapping,
+    env: Vec<(String, String)>,
+    open_files: Option<(u64, u64)>,
+    uid: Option<u32>,
+}
+
+impl TestDb {
+    /// A daemon on this database, in directory `name` of the test's scratch dir.
+    pub fn daemon(&self, name: &str) -> DaemonBuilder<'_> {
+        let dir = self.scratch.join(name);
+        DaemonBuilder {
+            db: self,
+            name: name.to_string(),
+            config: serde_yaml::from_str(&base_config(self, &dir)).unwrap(),
+            tasks: Mapping::new(),
+            env: Vec::new(),
+            open_files: None,
+            uid: None,
+        }
+    }
+}
+
+impl DaemonBuilder<'_> {
+    /// One top-level key: `.set("max_concurrent", 2)`, `.set("retry_delay", "1s")`.
+    pub fn set(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.config.insert(key.into(), value.into());
+        self
+    }
+
+    /// YAML text whose top-level keys replace those set so far.
+    pub fn yaml(mut self, extra: &str) -> Self {
+        if !extra.trim().is_empty() {
+            let extra: Mapping = serde_yaml::from_str(extra).expect("test config YAML");
+            for (key, value) in extra {
+                if key.as_str() == Some("tasks") {
+                    self.tasks.clear();
+                }
+                self.config.insert(key, value);
+            }
+        }
+        self
+    }
+
+    /// A task type running `command` (program and arguments), with the
+    /// task settings `settings` (YAML text, may be empty).
+    pub fn task(mut self, name: &str, command: &[&str], settings: &str) -> Self {
+        let mut task: Mapping = if settings.trim().is_empty() {
+            Mapping::new()
+        } else {
+            serde_yaml::from_str(settings).expect("task settings YAML")
+        };
+        let command: Vec<Value> = command.iter().map(|arg| Value::from(*arg)).collect();
+        task.insert("command".into(), Value::Sequence(command));
+        self.tasks.insert(name.into(), Value::Mapping(task));
+        self
+    }
+
+    /// A task type running `script` with `/bin/sh -c`.
+    pub fn shell_task(self, name: &str, script: &str) -> Self {
+        self.task(name, &["/bin/sh", "-c", script], "")
+    }
+
+    /// An environment variable of the daemon's process.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    pub fn envs(mut self, env: &[(&str, &str)]) -> Self {
+        for (key, value) in env {
+            self = self.env(key, value);
+        }
+        self
+    }
+
+    /// Runs it under an `RLIMIT_NOFILE` of (soft, hard).
+    pub fn open_files(mut self, nofile: (u64, u64)) -> Self {
+        self.open_files = Some(nofile);
+        self
+    }
+
+    /// Runs it as user `uid` (the test must be root).
+    pub fn uid(mut self, uid: u32) -> Self {
+        self.uid = Some(uid);
+        self
+    }
+
+    /// The config as YAML text.
+    pub fn config_text(&self) -> String {
+        let mut config = self.config.clone();
+        if !self.tasks.is_empty() {
+            let mut tasks = match config.remove("tasks") {
+                Some(Value::Mapping(tasks)) => tasks,
+                _ => Mapping::new(),
+            };
+            for (name, task) in &self.tasks {
+                tasks.insert(name.clone(), task.clone());
+            }
+            config.insert("tasks".into(), Value::Mapping(tasks));
+        }
+        serde_yaml::to_string(&config).unwrap()
+    }
+
+    /// Writes the config file into the daemon's directory; returns its path.
+    pub fn write_config(&self) -> PathBuf {
+        let dir = self.db.scratch.join(&self.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("taskrunner.yml");
+        std::fs::write(&config, self.config_text()).unwrap();
+        config
+    }
+
+    /// Starts the daemon and waits until it is ready.
+    pub fn start(self) -> Daemon {
+        let config = self.write_config();
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.as_str()))
+            .collect();
+        let mut daemon = Daemon::spawn(&config, &[], &env, self.open_files, self.uid);
+        daemon.wait_ready();
+        daemon
+    }
+}
+
+/// A `taskrunnerd` process, killed (SIGKILL) if still running when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Daemon {
+    /// Starts a daemon with the base config plus `extra` YAML, in its own
+    /// directory under the test's scratch dir.
+    pub fn start(db: &TestDb, name: &str, extra: &str) -> Daemon {
+        db.daemon(name).yaml(extra).start()
+    }
+
+    /// Waits until the daemon logs that it started; fails with its log if it exits first.
+    pub fn wait_ready(&mut self) {
+        poll_blocking(Duration::from_secs(30), "taskrunnerd to start", || {
+            if self.log_text().contains("taskrunnerd started") {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "taskrunnerd exited with {status} at start; log:\n{}",
+                    self.log_text()
+                );
+            }
+            Err(Text(self.log_text()))
+        })
+    }
+
+    pub fn start_with_config(config: &Path, args: &[&str]) -> Daemon {
+        Daemon::start_with_env(config, args, &[])
+    }
+
+    /// Like [`Daemon::start`], with extra environment variables.
+    pub fn start_in_env(db: &TestDb, name: &str, extra: &str, env: &[(&str, &str)]) -> Daemon {
+        db.daemon(name).yaml(extra).envs(env).start()
+    }
+
+    pub fn start_with_env(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn(config, args, env, None, None)
+    }
+
+    /// Like [`Daemon::start_in_env`], as user `uid` (the test must be root).
+    pub fn start_as(
+        db: &TestDb,
+        name: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+        uid: u32,
+    ) -> Daemon {
+        db.daemon(name).yaml(extra).envs(env).uid(uid).start()
+    }
+
+    /// Like [`Daemon::start`], under an `RLIMIT_NOFILE` of (soft, hard).
+    pub fn start_with_open_files(
+        db: &TestDb,
+        name: &str,
+        extra: &str,
+        nofile: (u64, u64),
+    ) -> Daemon {
+        db.daemon(name).yaml(extra).open_files(nofile).start()
+    }
+
+    fn spawn(
+        config: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        nofile: Option<(u64, u64)>,
+        uid: Option<u32>,
+    ) -> Daemon {
+        let dir = config.parent().unwrap().to_path_buf();
+        let log = dir.join(format!(
+            "daemon-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let mut command = Command::new(DAEMON);
+        if let Some(uid) = uid {
+            use std::os::unix::process::CommandExt;
+            command.uid(uid).gid(uid);
+        }
+        if let Some((soft, hard)) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe.
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: soft,
+                        rlim_max: hard,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .current_dir(&dir)
+            .env("TASKRUNNER_LOG", "debug,sqlx=warn")
+            .env_remove("DATABASE_URL")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting taskrunnerd");
+        Daemon {
+            child,
+            config: config.to_path_buf(),
+            log,
+            dir,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal);
+    }
+
+    /// Waits for the daemon to exit, failing the test after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        poll_blocking(timeout, "taskrunnerd to exit", || {
+            match self.child.try_wait().unwrap() {
+                Some(status) => Ok(status),
+                None => Err(Text(self.log_text())),
+            }
+        })
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait_exit(Duration::from_secs(30))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        wait_until(timeout, &format!("the daemon to log `{needle}`"), || {
+            self.log_text().contains(needle)
+        });
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs `taskrunner-cli` with the test's database and returns (status, stdout, stderr).
+pub fn cli(db: &TestDb, args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(CLI)
+        .arg("--database-url")
+        .arg(&db.url)
+        .args(args)
+        .current_dir(&db.scratch.path)
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("running taskrunner-cli");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The `lock retries` a running daemon reports in `status` (0 when none).
+pub fn lock_retries(daemon: &Daemon) -> u64 {
+    let output = Command::new(CLI)
+        .arg("--config")
+        .arg(&daemon.config)
+        .arg("status")
+        .output()
+        .expect("running taskrunner-cli status");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix("lock retries: "))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}

@@ -1,0 +1,323 @@
+//! A test's own database on each backend, and SQL run on it as an
+//! application would run it.
+
+use std::process::Command;
+
+use taskrunner::request::{Request, RequestId};
+use taskrunner::store::{Purpose, Store};
+
+use super::{Backend, Scratch};
+
+/// A fresh, migrated request table for one test.
+pub struct TestDb {
+    pub backend: Backend,
+    pub url: String,
+    pub store: Store,
+    pub scratch: Scratch,
+    pub(super) raw: Raw,
+}
+
+pub(super) enum Raw {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+    MySql(sqlx::MySqlPool),
+}
+
+/// The MariaDB server the suite runs against (`scripts/test` starts one):
+/// a URL naming an existing database, e.g. `mysql://root@127.0.0.1:3306/mysql`.
+pub fn mysql_admin_url() -> String {
+    std::env::var("TASKRUNNER_TEST_MYSQL_URL").unwrap_or_else(|_| {
+        panic!("TASKRUNNER_TEST_MYSQL_URL is not set: run the suite with scripts/test, which starts a MariaDB server")
+    })
+}
+
+/// A pool on a MariaDB database as an application would open it: UTC
+/// session, `||` as concatenation (as taskrunner's own sessions).
+pub async fn mysql_app_pool(url: &str) -> sqlx::MySqlPool {
+    use std::str::FromStr;
+    sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(4)
+        .connect_with(sqlx::mysql::MySqlConnectOptions::from_str(url).unwrap())
+        .await
+        .unwrap()
+}
+
+/// The PostgreSQL server the suite runs against (`scripts/test` starts one).
+pub fn postgres_admin_url() -> String {
+    std::env::var("TASKRUNNER_TEST_DATABASE_URL").unwrap_or_else(|_| {
+        panic!("TASKRUNNER_TEST_DATABASE_URL is not set: run the suite with scripts/test, which starts a PostgreSQL server")
+    })
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> TestDb {
+        let db = TestDb::unmigrated(backend).await;
+        db.store
+            .migrate()
+            .await
+            .expect("migrating the test database");
+        db
+    }
+
+    /// An empty database (a SQLite file not yet created, a PostgreSQL
+    /// database without tables).
+    pub async fn unmigrated(backend: Backend) -> TestDb {
+        let scratch = Scratch::new(match backend {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "pg",
+            Backend::MySql => "my",
+        });
+        let url = match backend {
+            Backend::Sqlite => format!("sqlite://{}", scratch.join("requests.db").display()),
+            Backend::Postgres => {
+                let admin_url = postgres_admin_url();
+                let name = format!(
+                    "taskrunner_test_{}",
+                    scratch
+                        .path
+                        .file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .replace('-', "_")
+                );
+                let admin = sqlx::PgPool::connect(&admin_url)
+                    .await
+                    .expect("connecting to the test server");
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name}"
+                )))
+                .execute(&admin)
+                .await
+                .unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&admin)
+                    .await
+                    .unwrap();
+                admin.close().await;
+                let base = admin_url.rsplit_once('/').unwrap().0;
+                format!("{base}/{name}")
+            }
+            Backend::MySql => {
+                let admin_url = mysql_admin_url();
+                let name = format!(
+                    "taskrunner_test_{}",
+                    scratch
+                        .path
+                        .file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .replace('-', "_")
+                );
+                let admin = mysql_app_pool(&admin_url).await;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
+                )))
+                .execute(&admin)
+                .await
+                .unwrap();
+                admin.close().await;
+                let base = admin_url.rsplit_once('/').unwrap().0;
+                format!("{base}/{name}")
+            }
+        };
+        let store = Store::open(&url, Purpose::Migrate).unwrap();
+        let raw = match backend {
+            Backend::Sqlite => Raw::Sqlite(
+                sqlx::SqlitePool::connect_with(
+                    std::str::FromStr::from_str(&url)
+                        .map(|o: sqlx::sqlite::SqliteConnectOptions| o.create_if_missing(true))
+                        .unwrap(),
+                )
+                .await
+                .unwrap(),
+            ),
+            Backend::Postgres => Raw::Postgres(sqlx::PgPool::connect(&url).await.unwrap()),
+            Backend::MySql => Raw::MySql(mysql_app_pool(&url).await),
+        };
+        TestDb {
+            backend,
+            url,
+            store,
+            scratch,
+            raw,
+        }
+    }
+
+    /// Runs SQL as an application would (no parameters).
+    pub async fn execute(&self, sql: &str) {
+        let sql = sqlx::AssertSqlSafe(sql.to_string());
+        match &self.raw {
+            Raw::Sqlite(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
+            Raw::Postgres(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
+            Raw::MySql(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
+        }
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Runs SQL as an application would and returns the error's message,
+    /// if any.
+    pub async fn try_execute(&self, sql: &str) -> Result<(), String> {
+        let sql = sqlx::AssertSqlSafe(sql.to_string());
+        match &self.raw {
+            Raw::Sqlite(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
+            Raw::Postgres(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
+            Raw::MySql(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    /// Runs an `INSERT … RETURNING id` and returns the id (MariaDB, which
+    /// has no `RETURNING` on every statement: the insert, then its
+    /// `LAST_INSERT_ID()`).
+    pub async fn insert(&self, sql: &str) -> RequestId {
+        let id: i64 = match &self.raw {
+            Raw::Sqlite(pool) => {
+                sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+                    .fetch_one(pool)
+                    .await
+            }
+            Raw::Postgres(pool) => {
+                sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+                    .fetch_one(pool)
+                    .await
+            }
+            Raw::MySql(pool) => {
+                let insert = match sql.rfind(" RETURNING ") {
+                    Some(at) => &sql[..at],
+                    None => sql,
+                };
+                sqlx::raw_sql(sqlx::AssertSqlSafe(insert.to_string()))
+                    .execute(pool)
+                    .await
+                    .map(|done| done.last_insert_id() as i64)
+            }
+        }
+        .unwrap_or_else(|e| panic!("{e}"));
+        RequestId(id)
+    }
+
+    /// Inserts a request of `task` with `options` (YAML) and returns its id.
+    pub async fn enqueue(&self, task: &str, options: Option<&str>) -> RequestId {
+        let options = options.map_or("NULL".to_string(), quote);
+        self.insert(&format!(
+            "INSERT INTO task_runner_requests (task_class_name, options) VALUES ({}, {options}) RETURNING id",
+            quote(task)
+        ))
+        .await
+    }
+
+    /// One integer from a query (`SELECT count(*) …`).
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        // MySQL spells the tests' `CAST(… AS BIGINT)` `AS SIGNED`.
+        let sql = match self.backend {
+            Backend::MySql => sql.replace(" AS BIGINT)", " AS SIGNED)"),
+            Backend::Sqlite | Backend::Postgres => sql.to_string(),
+        };
+        let sql = sqlx::AssertSqlSafe(sql);
+        match &self.raw {
+            Raw::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+            Raw::Postgres(pool) => sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await,
+            // count(*) is a BIGINT there, sum() a DECIMAL: read leniently.
+            Raw::MySql(pool) => sqlx::raw_sql(sql).fetch_one(pool).await.map(|row| {
+                use sqlx::Row;
+                row.try_get::<Option<i64>, _>(0)
+                    .ok()
+                    .flatten()
+                    .or_else(|| {
+                        row.try_get_unchecked::<Option<String>, _>(0)
+                            .ok()
+                            .flatten()
+                            .and_then(|text| text.parse::<f64>().ok())
+                            .map(|v| v as i64)
+                    })
+                    .unwrap_or(0)
+            }),
+        }
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub async fn row(&self, id: RequestId) -> Request {
+        self.store
+            .show(id)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("no row {id}"))
+    }
+}
+
+impl TestDb {
+    /// A migrated database on a given PostgreSQL server (a `PrivatePostgres`).
+    pub async fn on_server(url: &str) -> TestDb {
+        let scratch = Scratch::new("pg-private");
+        let store = Store::open(url, Purpose::Migrate).unwrap();
+        store.migrate().await.expect("migrating");
+        let raw = Raw::Postgres(
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(2)
+                .connect(url)
+                .await
+                .unwrap(),
+        );
+        TestDb {
+            backend: Backend::Postgres,
+            url: url.to_string(),
+            store,
+            scratch,
+            raw,
+        }
+    }
+}
+
+/// SQL string literal.
+pub fn quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// A table of `n` rows (1..=n) to insert from: `INSERT … SELECT … FROM {series}`.
+pub fn series(backend: Backend, n: usize) -> String {
+    match backend {
+        Backend::Postgres => format!("generate_series(1, {n})"),
+        // MariaDB's Sequence engine.
+        Backend::MySql => format!("seq_1_to_{n}"),
+        Backend::Sqlite => format!(
+            "(WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n}) SELECT i FROM n)"
+        ),
+    }
+}
+
+/// The backend's 64-bit integer type in a CAST.
+pub fn bigint(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite | Backend::Postgres => "BIGINT",
+        Backend::MySql => "SIGNED",
+    }
+}
+
+/// Runs `sql` with the `mysql` command line client (MariaDB's) on the
+/// database of `url` (`mysql://user@host:port/db`), printing results
+/// without headers, as an application's script would.
+pub fn mysql_client(url: &str, sql: &str) -> std::io::Result<std::process::Output> {
+    let rest = url
+        .split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .to_string();
+    let (authority, database) = rest.split_once('/').unwrap_or((&rest, ""));
+    let (user, host_port) = authority.split_once('@').unwrap_or(("root", authority));
+    let (host, port) = host_port.split_once(':').unwrap_or((host_port, "3306"));
+    Command::new("mariadb")
+        .args([
+            "--no-defaults",
+            "-N",
+            "-B",
+            "-h",
+            host,
+            "-P",
+            port,
+            "-u",
+            user,
+            database,
+            "-e",
+            sql,
+        ])
+        .output()
+}

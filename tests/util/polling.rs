@@ -1,0 +1,167 @@
+//! Waiting for a condition with a deadline: [`poll`] is the one way the
+//! suite waits (and [`poll_blocking`] its form for code outside the async
+//! runtime). A wait that times out fails the test saying what it awaited and
+//! what it saw instead.
+
+use std::fmt::Debug;
+use std::time::{Duration, Instant};
+
+use taskrunner::request::{Request, RequestId};
+
+use super::TestDb;
+
+/// How often a condition is checked again.
+const EVERY: Duration = Duration::from_millis(25);
+
+/// Runs `check` until it returns `Ok`, and returns its value; after
+/// `timeout`, fails the test naming `what` was awaited and the last `Err`
+/// (what was seen instead).
+pub async fn poll<T, Seen: Debug>(
+    timeout: Duration,
+    what: &str,
+    check: impl AsyncFnMut() -> Result<T, Seen>,
+) -> T {
+    poll_every(EVERY, timeout, what, check).await
+}
+
+/// [`poll`], checking every `every` (a test that must catch a moment).
+pub async fn poll_every<T, Seen: Debug>(
+    every: Duration,
+    timeout: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> Result<T, Seen>,
+) -> T {
+    let deadline = Deadline::after(timeout, what);
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(seen) => deadline.check(&seen),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// [`poll`] for code that runs outside the async runtime (a test's
+/// blocking helpers, a `Daemon`'s methods): the same deadline, a blocking sleep.
+pub fn poll_blocking<T, Seen: Debug>(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<T, Seen>,
+) -> T {
+    let deadline = Deadline::after(timeout, what);
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(seen) => deadline.check(&seen),
+        }
+        std::thread::sleep(EVERY);
+    }
+}
+
+/// Waits until `condition` holds, failing the test after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    poll_blocking(timeout, what, || {
+        condition().then_some(()).ok_or(Text::from("not yet"))
+    })
+}
+
+/// Text shown as it is in a timeout's message (a log, say), not escaped.
+pub struct Text(pub String);
+
+impl From<&str> for Text {
+    fn from(text: &str) -> Text {
+        Text(text.to_string())
+    }
+}
+
+impl Debug for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// When a wait gives up, and what it waited for.
+struct Deadline<'a> {
+    at: Instant,
+    timeout: Duration,
+    what: &'a str,
+}
+
+impl<'a> Deadline<'a> {
+    fn after(timeout: Duration, what: &'a str) -> Deadline<'a> {
+        Deadline {
+            at: Instant::now() + timeout,
+            timeout,
+            what,
+        }
+    }
+
+    /// Fails the test if the deadline has passed.
+    fn check(&self, seen: &dyn Debug) {
+        if Instant::now() > self.at {
+            panic!(
+                "timed out after {:?} waiting for {}; seen instead: {seen:#?}",
+                self.timeout, self.what
+            );
+        }
+    }
+}
+
+impl TestDb {
+    /// Waits until row `id` satisfies `done`, and returns it.
+    pub async fn wait_for(
+        &self,
+        id: RequestId,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&Request) -> bool,
+    ) -> Request {
+        poll(timeout, &format!("request {id} to be {what}"), async || {
+            let row = self.row(id).await;
+            if done(&row) {
+                Ok(row)
+            } else {
+                Err(row)
+            }
+        })
+        .await
+    }
+
+    /// Waits until row `id` has `result` = `state`.
+    pub async fn wait_for_state(&self, id: RequestId, state: &str, timeout: Duration) -> Request {
+        self.wait_for(id, timeout, state, |row| {
+            row.result.as_deref() == Some(state)
+        })
+        .await
+    }
+
+    /// Waits until `sql` (a count) returns at least `at_least`; returns it.
+    pub async fn wait_for_at_least(&self, sql: &str, at_least: i64, timeout: Duration) -> i64 {
+        poll(
+            timeout,
+            &format!("`{sql}` to reach {at_least}"),
+            async || {
+                let count = self.scalar(sql).await;
+                if count >= at_least {
+                    Ok(count)
+                } else {
+                    Err(count)
+                }
+            },
+        )
+        .await
+    }
+
+    /// Waits until `sql` (a count) returns `expected`.
+    pub async fn wait_for_count(&self, sql: &str, expected: i64, timeout: Duration) {
+        poll(timeout, &format!("`{sql}` to be {expected}"), async || {
+            let count = self.scalar(sql).await;
+            if count == expected {
+                Ok(())
+            } else {
+                Err(count)
+            }
+        })
+        .await
+    }
+}
