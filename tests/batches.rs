@@ -661,12 +661,8 @@ async fn on_exhausted_in_the_config_alerts_once_per_exhausted_request(backend: B
         1,
         "max_concurrent: 2\non_exhausted: Alert\ntasks:\n  Boom:\n    command: [/bin/sh, -c, 'exit 1']\n  Own:\n    command: [/bin/sh, -c, 'exit 1']\n    on_exhausted: Done\n",
     );
-    let boom = db
-        .insert("INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ('Boom', 1) RETURNING id")
-        .await;
-    let own = db
-        .insert("INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ('Own', 1) RETURNING id")
-        .await;
+    let boom = db.insert_row(NewRow::new("Boom").try_limit(1)).await;
+    let own = db.insert_row(NewRow::new("Own").try_limit(1)).await;
     let rejected = db
         .insert("INSERT INTO task_runner_requests (task_class_name, options) VALUES ('NoOp', 'key: [unclosed') RETURNING id")
         .await;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use crate::util::{Backend, Daemon, TestDb};
+use crate::util::{poll_every, Backend, Daemon, TestDb};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -33,18 +33,23 @@ async fn insert_many(db: &TestDb, task: &str, count: usize) {
 /// Waits until `count` rows have finished (by then tries have ended, so the
 /// daemon claims ahead).
 async fn wait_finished_at_least(db: &TestDb, count: i64) {
-    let deadline = std::time::Instant::now() + WAIT;
-    while db
-        .scalar("SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED'")
-        .await
-        < count
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{count} rows did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let every = Duration::from_millis(5);
+    poll_every(
+        every,
+        WAIT,
+        &format!("{count} rows to finish"),
+        async || {
+            let finished = db
+                .scalar("SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED'")
+                .await;
+            if finished >= count {
+                Ok(())
+            } else {
+                Err(finished)
+            }
+        },
+    )
+    .await
 }
 
 /// Every row FINISHED after exactly one counted try.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use taskrunner::request::RequestId;
 
-use crate::util::{cli, wait_until, Backend, Daemon, Scratch, TestDb, CLI};
+use crate::util::{cli, poll, wait_until, Backend, Daemon, NewRow, Scratch, TestDb, CLI};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -354,9 +354,7 @@ async fn list_shows_the_tasks_own_error_without_progress_lines(backend: Backend)
         "d",
         "tasks:\n  Broken:\n    command: [/bin/sh, -c, 'echo \"progress: 1/2\" >&2; echo \"disk full on /srv\" >&2; echo \"progress: 2/2\" >&2; exit 1']\n",
     );
-    let id = db
-        .insert("INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ('Broken', 1) RETURNING id")
-        .await;
+    let id = db.insert_row(NewRow::new("Broken").try_limit(1)).await;
     let row = db.wait_for_state(id, "FAILED", WAIT).await;
     let text = row.result_text.unwrap();
     assert_eq!(
@@ -604,15 +602,14 @@ async fn another_user_enqueues_into_the_services_sqlite_file() {
         let (status, stdout, stderr) = as_app(&["enqueue", "NoOp"]);
         assert_eq!(status, 0, "nobody enqueues: {stderr}");
         let id = RequestId(stdout.trim().parse().unwrap());
-        let deadline = Instant::now() + WAIT;
-        loop {
+        poll(WAIT, &format!("request {id} to run"), async || {
             let row = store.show(id).await.unwrap().unwrap();
-            if row.result.as_deref() == Some("FINISHED") {
-                break;
+            match row.result.as_deref() {
+                Some("FINISHED") => Ok(()),
+                _ => Err(row),
             }
-            assert!(Instant::now() < deadline, "request {id} not run: {row:#?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
     }
     let wal = std::path::PathBuf::from(format!("{}-wal", db.display()));
     assert!(wal.exists(), "the daemon holds the file in WAL mode");

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::util::{cli, quote, wait_until, Backend, Daemon, TestDb};
+use crate::util::{cli, quote, wait_until, Backend, Daemon, NewRow, TestDb};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -24,9 +24,7 @@ both_backends!(
 async fn plain_sql_noop_finishes(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut daemon = Daemon::start(&db, "d", "");
-    let bare = db
-        .insert("INSERT INTO task_runner_requests (task_class_name) VALUES ('NoOp') RETURNING id")
-        .await;
+    let bare = db.insert_row(NewRow::new("NoOp")).await;
     let with_options = db
         .insert("INSERT INTO task_runner_requests (task_class_name, options) VALUES ('NoOp', 'created_from: psql') RETURNING id")
         .await;
@@ -78,17 +76,19 @@ async fn large_options_reach_the_task_whole(backend: Backend) {
 async fn failing_command_retries_with_backoff(backend: Backend) {
     let db = TestDb::new(backend).await;
     let tries_log = db.scratch.join("tries.log");
-    let mut daemon = Daemon::start(
-        &db,
-        "d",
-        &format!(
-            "retry_delay: 1s\nretry_multiplier: 2\ntasks:\n  Flaky:\n    command: [/bin/sh, -c, 'date +%s.%N >> {}; echo \"it broke on try $TASKRUNNER_TRY\" >&2; exit 1']\n",
-            tries_log.display()
-        ),
-    );
-    let id = db
-        .insert("INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ('Flaky', 3) RETURNING id")
-        .await;
+    let mut daemon = db
+        .daemon("d")
+        .set("retry_delay", "1s")
+        .set("retry_multiplier", 2)
+        .shell_task(
+            "Flaky",
+            &format!(
+                "date +%s.%N >> {}; echo \"it broke on try $TASKRUNNER_TRY\" >&2; exit 1",
+                tries_log.display()
+            ),
+        )
+        .start();
+    let id = db.insert_row(NewRow::new("Flaky").try_limit(3)).await;
     let row = db
         .wait_for(id, WAIT, "exhausted", |r| {
             r.tries == 3 && r.result.as_deref() == Some("FAILED") && r.pid.is_none()
@@ -190,14 +190,11 @@ async fn extra_application_column_disturbs_nothing(backend: Backend) {
 async fn invalid_yaml_is_rejected_and_unknown_types_fail(backend: Backend) {
     let db = TestDb::new(backend).await;
     let ran = db.scratch.join("ran");
-    let mut daemon = Daemon::start(
-        &db,
-        "d",
-        &format!(
-            "retry_delay: 30s\ntasks:\n  Touch:\n    command: [/usr/bin/touch, {}]\n",
-            ran.display()
-        ),
-    );
+    let mut daemon = db
+        .daemon("d")
+        .set("retry_delay", "30s")
+        .task("Touch", &["/usr/bin/touch", &ran.display().to_string()], "")
+        .start();
     let rejected = db.enqueue("Touch", Some("key: [unclosed")).await;
     let unknown = db.enqueue("Thumbnail", None).await;
     let row = db.wait_for_state(rejected, "REJECTED", WAIT).await;
@@ -218,14 +215,17 @@ async fn invalid_yaml_is_rejected_and_unknown_types_fail(backend: Backend) {
 async fn max_concurrent_is_never_exceeded(backend: Backend) {
     let db = TestDb::new(backend).await;
     let log = db.scratch.join("intervals.log");
-    let mut daemon = Daemon::start(
-        &db,
-        "d",
-        &format!(
-            "max_concurrent: 2\ntasks:\n  Nap:\n    command: [/bin/sh, -c, 'echo start $(date +%s%N) >> {log}; sleep 0.3; echo end $(date +%s%N) >> {log}']\n",
-            log = log.display()
-        ),
-    );
+    let mut daemon = db
+        .daemon("d")
+        .set("max_concurrent", 2)
+        .shell_task(
+            "Nap",
+            &format!(
+                "echo start $(date +%s%N) >> {log}; sleep 0.3; echo end $(date +%s%N) >> {log}",
+                log = log.display()
+            ),
+        )
+        .start();
     let mut ids = Vec::new();
     for _ in 0..10 {
         ids.push(db.enqueue("Nap", None).await);

@@ -10,7 +10,7 @@ use nix::unistd::Pid;
 
 use crate::util::{
     cli, memory_kib, now_ns, process_exists, quote, wait_until, zombie_children, Backend, Daemon,
-    PrivateServer, TestDb,
+    NewRow, PrivateServer, TestDb,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -119,7 +119,7 @@ async fn task_ignoring_sigterm_is_killed_at_its_timeout(backend: Backend) {
         "d",
         "kill_retry: 500ms\nkill_grace: 2s\ntasks:\n  Stubborn:\n    command: [/bin/sh, -c, \"trap '' TERM; echo stubborn >&2; sleep 60\"]\n    timeout: 1s\n",
     );
-    let id = db.insert("INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ('Stubborn', 1) RETURNING id").await;
+    let id = db.insert_row(NewRow::new("Stubborn").try_limit(1)).await;
     let running = db
         .wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
         .await;
@@ -257,31 +257,26 @@ async fn reused_pid_is_taken_as_crashed_and_never_signalled(backend: Backend) {
 
 async fn stale_heartbeat_of_another_host_is_crashed_after_the_lease(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let (ago, fresh) = match backend {
-        Backend::Sqlite => (
-            "strftime('%Y-%m-%d %H:%M:%f', 'now', '-10 seconds')",
-            "strftime('%Y-%m-%d %H:%M:%f', 'now', '+2 seconds')",
-        ),
-        Backend::Postgres => (
-            "now() - interval '10 seconds'",
-            "now() + interval '2 seconds'",
-        ),
-        Backend::MySql => (
-            "UTC_TIMESTAMP(6) - INTERVAL 10 SECOND",
-            "UTC_TIMESTAMP(6) + INTERVAL 2 SECOND",
-        ),
-    };
+    // Renewed 10 s ago, by a daemon on another host.
     let stale = db
-        .insert(&format!(
-            "INSERT INTO task_runner_requests (task_class_name, result, pid, host, started_at, heartbeat_at, tries, claim_token, claimed_by) \
-             VALUES ('NoOp', 'RUNNING', 424242, 'other-host', {ago}, {ago}, 1, 't1', 'other-host:1:x') RETURNING id"
+        .insert_row(NewRow::new("NoOp").running(
+            backend,
+            "other-host",
+            "other-host:1:x",
+            "t1",
+            424242,
+            10,
         ))
         .await;
     // Its heartbeat is recent: the lease (5s) has not lapsed yet.
     let alive = db
-        .insert(&format!(
-            "INSERT INTO task_runner_requests (task_class_name, result, pid, host, started_at, heartbeat_at, tries, claim_token, claimed_by) \
-             VALUES ('NoOp', 'RUNNING', 424243, 'other-host', {fresh}, {fresh}, 1, 't2', 'other-host:1:x') RETURNING id"
+        .insert_row(NewRow::new("NoOp").running(
+            backend,
+            "other-host",
+            "other-host:1:x",
+            "t2",
+            424243,
+            -2,
         ))
         .await;
     let started = Instant::now();
@@ -348,7 +343,7 @@ async fn memory_limit_fails_the_try_naming_the_limit(backend: Backend) {
         "tasks:\n  Hungry:\n    command: [python3, -c, 'x = bytearray(512 * 1024 * 1024)']\n    memory_limit: 128MiB\n",
         &[("TASKRUNNER_CGROUPS", "off")],
     );
-    let id = db.insert("INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ('Hungry', 1) RETURNING id").await;
+    let id = db.insert_row(NewRow::new("Hungry").try_limit(1)).await;
     let row = db.wait_for_state(id, "FAILED", WAIT).await;
     let text = row.result_text.unwrap();
     assert!(
@@ -368,7 +363,7 @@ async fn cpu_limit_fails_the_try_naming_the_limit(backend: Backend) {
         "d",
         "tasks:\n  Spin:\n    command: [/bin/sh, -c, 'while :; do :; done']\n    cpu_limit: 1s\n",
     );
-    let id = db.insert("INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ('Spin', 1) RETURNING id").await;
+    let id = db.insert_row(NewRow::new("Spin").try_limit(1)).await;
     let row = db.wait_for_state(id, "FAILED", WAIT).await;
     let text = row.result_text.unwrap();
     assert!(

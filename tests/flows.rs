@@ -59,17 +59,15 @@ pub async fn wait_for_flow(
     state: &str,
     timeout: Duration,
 ) -> taskrunner::store::Flow {
-    let deadline = Instant::now() + timeout;
-    loop {
+    poll(timeout, &format!("flow {id} to be {state}"), async || {
         let flow = db.store.flow(id).await.unwrap().expect("the flow");
         if flow.state.as_deref() == Some(state) {
-            return flow;
+            Ok(flow)
+        } else {
+            Err(flow)
         }
-        if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for flow {id} to be {state}: {flow:#?}");
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    })
+    .await
 }
 
 fn store_of(flow: &taskrunner::store::Flow) -> serde_yaml::Value {

@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::util::{
-    base_config, cli, merge_yaml, process_exists, wait_until, Backend, Daemon, TestDb,
+    base_config, cli, merge_yaml, process_exists, wait_until, Backend, Daemon, NewRow, TestDb,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -470,9 +470,7 @@ async fn control_characters_in_rows_and_stderr_are_escaped_in_logs_and_listings(
              VALUES ('Evil' || {char_fn}(10) || {char_fn}(27) || '[31mINJECTED', 1) RETURNING id"
         ))
         .await;
-    let garbler = db
-        .insert("INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ('Garbler', 1) RETURNING id")
-        .await;
+    let garbler = db.insert_row(NewRow::new("Garbler").try_limit(1)).await;
     db.wait_for_state(evil, "FAILED", WAIT).await;
     let row = db.wait_for_state(garbler, "FAILED", WAIT).await;
     assert!(

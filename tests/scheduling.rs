@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::util::{cli, now_ns, Backend, Daemon, TestDb, CLI};
+use crate::util::{cli, now_ns, sql_ago, sql_now_plus, Backend, Daemon, TestDb, CLI};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -37,15 +37,6 @@ fn time_literal(backend: Backend, time: chrono::DateTime<chrono::Utc>) -> String
         Backend::Sqlite => format!("'{}'", time.format("%Y-%m-%d %H:%M:%S%.3f")),
         Backend::Postgres => format!("'{}'::timestamptz", time.format("%Y-%m-%dT%H:%M:%S%.3fZ")),
         Backend::MySql => format!("'{}'", time.format("%Y-%m-%d %H:%M:%S%.3f")),
-    }
-}
-
-/// `now` minus `seconds`, in the backend's SQL.
-fn ago(backend: Backend, seconds: i64) -> String {
-    match backend {
-        Backend::Sqlite => format!("strftime('%Y-%m-%d %H:%M:%f', 'now', '-{seconds} seconds')"),
-        Backend::Postgres => format!("(now() - interval '{seconds} seconds')"),
-        Backend::MySql => format!("(UTC_TIMESTAMP(6) - INTERVAL {seconds} SECOND)"),
     }
 }
 
@@ -187,7 +178,7 @@ async fn wait_fails_for_an_exhausted_request_and_times_out_cleanly(backend: Back
 
 async fn retention_prunes_only_old_final_rows_while_work_runs(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let two_days_ago = ago(backend, 2 * 86_400);
+    let two_days_ago = sql_ago(backend, 2 * 86_400);
     let series = |n: i64| {
         match backend {
         Backend::Sqlite => format!(
@@ -204,8 +195,8 @@ async fn retention_prunes_only_old_final_rows_while_work_runs(backend: Backend) 
         series(1200)
     ))
     .await;
-    let in_a_day = ago(backend, -86_400);
-    let now = ago(backend, 0);
+    let in_a_day = sql_now_plus(backend, 86_400);
+    let now = sql_now_plus(backend, 0);
     // (options, result, tries, try_limit, completed_at, delay_until)
     let sentinels = [
         // young FINISHED: kept
@@ -323,11 +314,7 @@ async fn cron_every_second_with_three_daemons_gives_one_row_per_slot_on_postgres
         .map(|name| Daemon::start(&db, name, schedule))
         .collect();
     let count = "SELECT count(*) FROM task_runner_requests WHERE schedule = 'tick'";
-    let deadline = Instant::now() + WAIT;
-    while db.scalar(count).await < 6 {
-        assert!(Instant::now() < deadline, "the schedule did not fire");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    db.wait_for_at_least(count, 6, WAIT).await;
     for daemon in &mut daemons {
         assert!(daemon.stop().success());
     }
@@ -385,11 +372,7 @@ async fn cron_catches_up_once_after_downtime(backend: Backend) {
         "schedules:\n  tick:\n    every: 1s\n    task: NoOp\n",
     );
     let count = "SELECT count(*) FROM task_runner_requests WHERE schedule = 'tick'";
-    let deadline = Instant::now() + WAIT;
-    while db.scalar(count).await < 3 {
-        assert!(Instant::now() < deadline, "the schedule did not fire");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    db.wait_for_at_least(count, 3, WAIT).await;
     assert!(daemon.stop().success());
     let missed = db
         .scalar(&format!(

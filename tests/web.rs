@@ -11,7 +11,9 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use tower::ServiceExt;
 
-use crate::util::{cli, quote, Backend, Daemon, TestDb, CLI};
+use crate::util::{
+    cli, poll, poll_blocking, quote, sql_ago, Backend, Daemon, NewRow, TestDb, Text, CLI,
+};
 use taskrunner::config::Config;
 use taskrunner::store::{Purpose, Store};
 use taskrunner::web::{router, Web};
@@ -328,28 +330,18 @@ async fn auth_asks_for_the_user_and_password(backend: Backend) {
     }
 }
 
-/// A SQL timestamp `seconds` before the database's now.
-fn ago(db: &TestDb, seconds: i64) -> String {
-    match db.backend {
-        Backend::Sqlite => format!("strftime('%Y-%m-%d %H:%M:%f', 'now', '-{seconds} seconds')"),
-        Backend::Postgres => format!("now() - interval '{seconds} seconds'"),
-        Backend::MySql => format!("UTC_TIMESTAMP(6) - INTERVAL {seconds} SECOND"),
-    }
-}
-
 async fn purge_deletes_only_final_rows_older_than_asked(backend: Backend) {
     let db = TestDb::new(backend).await;
     let day = 86_400;
-    let row = |result: &str, tries: i64, completed: String| {
-        format!(
-            "INSERT INTO task_runner_requests (task_class_name, result, tries, try_limit, completed_at) \
-             VALUES ('Thumbnail', '{result}', {tries}, 3, {completed}) RETURNING id"
-        )
+    let row = |result: &str, tries: i64, seconds_ago: i64| {
+        NewRow::new("Thumbnail")
+            .try_limit(3)
+            .ended(db.backend, result, tries, seconds_ago)
     };
-    let old_finished = db.insert(&row("FINISHED", 1, ago(&db, 40 * day))).await;
-    let old_exhausted = db.insert(&row("FAILED", 3, ago(&db, 40 * day))).await;
-    let old_retrying = db.insert(&row("FAILED", 1, ago(&db, 40 * day))).await;
-    let recent_finished = db.insert(&row("FINISHED", 1, ago(&db, day))).await;
+    let old_finished = db.insert_row(row("FINISHED", 1, 40 * day)).await;
+    let old_exhausted = db.insert_row(row("FAILED", 3, 40 * day)).await;
+    let old_retrying = db.insert_row(row("FAILED", 1, 40 * day)).await;
+    let recent_finished = db.insert_row(row("FINISHED", 1, day)).await;
     let pending = db.enqueue("NoOp", None).await;
     let failed = insert_failed(&db, "a: 1").await;
     let web = web_router(&db, "");
@@ -580,16 +572,9 @@ fn http_request(
     body: &str,
 ) -> (u16, String) {
     // The daemon binds its listener a moment after it logs its start.
-    let deadline = std::time::Instant::now() + WAIT;
-    let mut stream = loop {
-        match std::net::TcpStream::connect(("127.0.0.1", port)) {
-            Ok(stream) => break stream,
-            Err(_) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            Err(error) => panic!("nothing listens on port {port}: {error}"),
-        }
-    };
+    let mut stream = poll_blocking(WAIT, &format!("a listener on port {port}"), || {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+    });
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
@@ -638,18 +623,14 @@ async fn an_action_is_logged_with_the_remote_address_and_the_user(backend: Backe
         &format!("csrf={}", csrf_of(&page)),
     );
     assert!(status == 200 || status == 303, "{status} {reply}");
-    let deadline = std::time::Instant::now() + WAIT;
-    let line = loop {
-        if let Some(line) = daemon.log_text().lines().find(|l| l.contains("web action")) {
-            break line.to_string();
+    let line = poll(WAIT, "a web action in the log", async || {
+        let log = daemon.log_text();
+        match log.lines().find(|l| l.contains("web action")) {
+            Some(line) => Ok(line.to_string()),
+            None => Err(Text(log)),
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no action logged:\n{}",
-            daemon.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     assert!(
         line.contains("user=ops") && line.contains("remote=127.0.0.1:"),
         "{line}"
@@ -681,7 +662,7 @@ async fn daemons_show_idle_silent_stopped_and_unregistered_ones(backend: Backend
         .await;
     db.execute(&format!(
         "UPDATE task_runner_daemons SET heartbeat_at = {} WHERE instance = 'old:1'",
-        ago(&db, 3600)
+        sql_ago(db.backend, 3600)
     ))
     .await;
     db.insert("INSERT INTO task_runner_requests (task_class_name, result, host, claimed_by) VALUES ('NoOp', 'RUNNING', 'legacy-host', 'legacy:7') RETURNING id")
@@ -856,8 +837,7 @@ async fn metrics_count_finished_and_exhausted_tries(backend: Backend) {
         db.enqueue("NoOp", None).await;
     }
     for _ in 0..3 {
-        db.insert("INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ('Fail', 1) RETURNING id")
-            .await;
+        db.insert_row(NewRow::new("Fail").try_limit(1)).await;
     }
     let (status, _, _) = cli(
         &db,
