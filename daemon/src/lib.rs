@@ -14,7 +14,8 @@
 //!   `tries.rs` (the fenced writes, heartbeats), `reaping.rs`, `admin.rs`
 //!   (enqueue, show, list, retry, cancel, purge), `housekeeping.rs`
 //!   (pruning, cron slots); [`store::sql`] holds the statements, the claim
-//!   and the fenced writes among them;
+//!   and the fenced writes among them, and `Dialect`, each backend's
+//!   spelling of SQL (every file of the store takes it from there);
 //!   [`store::diagnose`] turns database errors into one line with the remedy;
 //!   [`store::url`] shows database URLs without their password;
 //!   [`store::mysql`] is what MariaDB/MySQL need beyond the shared statements

@@ -45,6 +45,33 @@ pub(super) fn claimed_from_row(
     ))
 }
 
+/// Binds `$1..$9` of [`Sql::claim`](super::sql::Sql::claim): who claims
+/// (token, instance, host), how many rows, the filter's node and queue, the
+/// task type ('' for any), the excluded types (a JSON array) and the
+/// options cap (a macro, so that it serves the pool and a transaction alike).
+macro_rules! bind_claim {
+    ($query:expr, ($claim_token:expr, $instance:expr, $host:expr), $limit:expr, $filter:expr, $task:expr, $excluded:expr, $cap:expr $(,)?) => {{
+        let filter: &ClaimFilter<'_> = $filter;
+        $query
+            .bind($claim_token)
+            .bind($instance)
+            .bind($host)
+            .bind($limit)
+            .bind(filter.node)
+            .bind(filter.queue.unwrap_or(""))
+            .bind($task)
+            .bind($excluded)
+            .bind($cap)
+    }};
+}
+
+/// Claimed rows in claim order: by priority, then id (`RETURNING` has no
+/// order on PostgreSQL, and MySQL's claim reads the rows apart).
+fn in_claim_order(mut rows: Vec<(i64, Claimed)>) -> Vec<Claimed> {
+    rows.sort_by_key(|(priority, claimed)| (-priority, claimed.id));
+    rows.into_iter().map(|(_, claimed)| claimed).collect()
+}
+
 impl Store {
     /// Claims up to `limit` runnable rows of any queue and type, in one
     /// statement (see [`Sql::claim`](super::sql::Sql::claim)), returned in claim order.
@@ -93,31 +120,27 @@ impl Store {
         self.count_statements(1);
         let excluded = serde_json::to_string(filter.excluded_tasks)?;
         if let Pool::MySql(pool) = &self.pool {
-            let mut rows = self
+            let rows = self
                 .claim_mysql(pool, (claim_token, instance, host), limit, filter, None)
                 .await?;
-            rows.sort_by_key(|(priority, claimed)| (-priority, claimed.id));
-            return Ok(rows.into_iter().map(|(_, claimed)| claimed).collect());
+            return Ok(in_claim_order(rows));
         }
-        let mut rows: Vec<(i64, Claimed)> = on_pool!(self, pool => {
-            let query = query(self.sql.claim.as_str())
-                .bind(claim_token)
-                .bind(instance)
-                .bind(host)
-                .bind(limit as i64)
-                .bind(filter.node)
-                .bind(filter.queue.unwrap_or(""))
-                .bind(filter.task.unwrap_or(""))
-                .bind(excluded.as_str())
-                .bind(self.options_cap());
+        let rows: Vec<(i64, Claimed)> = on_pool!(self, pool => {
+            let query = bind_claim!(
+                query(self.sql.claim.as_str()),
+                (claim_token, instance, host),
+                limit as i64,
+                filter,
+                filter.task.unwrap_or(""),
+                excluded.as_str(),
+                self.options_cap(),
+            );
             query.fetch_all(pool).await?
                 .iter()
                 .map(|row| claimed_from_row(row, claim_token))
                 .collect::<sqlx::Result<_>>()?
         });
-        // RETURNING has no order on PostgreSQL: restore priority, then id.
-        rows.sort_by_key(|(priority, claimed)| (-priority, claimed.id));
-        Ok(rows.into_iter().map(|(_, claimed)| claimed).collect())
+        Ok(in_claim_order(rows))
     }
 
     /// Claims rows of `task`, a type with a concurrency limit across all
@@ -135,7 +158,7 @@ impl Store {
         let task = filter.task.expect("claim_limited needs a task type");
         let sql = self.sql;
         if let Pool::MySql(pool) = &self.pool {
-            let mut rows = self
+            let rows = self
                 .claim_mysql(
                     pool,
                     (claim_token, instance, host),
@@ -144,10 +167,9 @@ impl Store {
                     Some(type_limit),
                 )
                 .await?;
-            rows.sort_by_key(|(priority, claimed)| (-priority, claimed.id));
-            return Ok(rows.into_iter().map(|(_, claimed)| claimed).collect());
+            return Ok(in_claim_order(rows));
         }
-        let mut rows: Vec<(i64, Claimed)> = on_pool!(self, pool => {
+        let rows: Vec<(i64, Claimed)> = on_pool!(self, pool => {
             let mut transaction = begin_write(pool).await?;
             if let Some(lock) = &sql.lock_type {
                 query(lock.as_str()).bind(task).execute(&mut *transaction).await?;
@@ -162,17 +184,16 @@ impl Store {
             let claimed = if room == 0 {
                 Vec::new()
             } else {
-                query(sql.claim.as_str())
-                    .bind(claim_token)
-                    .bind(instance)
-                    .bind(host)
-                    .bind(room)
-                    .bind(filter.node)
-                    .bind(filter.queue.unwrap_or(""))
-                    .bind(task)
-                    .bind("[]")
-                    .bind(self.options_cap())
-                    .fetch_all(&mut *transaction)
+                bind_claim!(
+                    query(sql.claim.as_str()),
+                    (claim_token, instance, host),
+                    room,
+                    filter,
+                    task,
+                    "[]",
+                    self.options_cap(),
+                )
+                .fetch_all(&mut *transaction)
                     .await?
                     .iter()
                     .map(|row| claimed_from_row(row, claim_token))
@@ -181,8 +202,7 @@ impl Store {
             transaction.commit().await?;
             claimed
         });
-        rows.sort_by_key(|(priority, claimed)| (-priority, claimed.id));
-        Ok(rows.into_iter().map(|(_, claimed)| claimed).collect())
+        Ok(in_claim_order(rows))
     }
 
     /// Claims one given row if it is runnable (its delay ignored).

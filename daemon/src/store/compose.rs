@@ -37,7 +37,8 @@ use sqlx::postgres::PgRow;
 use sqlx::query;
 use sqlx::sqlite::SqliteRow;
 
-use super::{begin_write, Outcome, Pool, RowExt, Store};
+use super::sql::{unfinished, Dialect};
+use super::{begin_write, Backend, Outcome, Pool, RowExt, Store};
 use crate::request::RequestId;
 
 /// How a request may become final; each is written by [`Store::finalize`].
@@ -193,11 +194,6 @@ pub enum BatchChange {
 
 // ---- statements ----
 
-/// A member is not final: never run, running, or to be run again. The
-/// predicate of the partial index `task_runner_requests_batch_open`.
-const OPEN: &str = "(result IS NULL OR result = 'RUNNING' \
-     OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED') AND tries < try_limit))";
-
 pub(super) struct ComposeSql {
     batch_of: String,
     lock_batch: String,
@@ -224,49 +220,23 @@ pub(super) struct ComposeSql {
 pub type CallbackRow = (i64, String, Option<String>, Option<String>);
 
 pub(super) static SQLITE: LazyLock<ComposeSql> =
-    LazyLock::new(|| ComposeSql::render(super::Backend::Sqlite));
+    LazyLock::new(|| ComposeSql::render(Dialect(Backend::Sqlite)));
 pub(super) static POSTGRES: LazyLock<ComposeSql> =
-    LazyLock::new(|| ComposeSql::render(super::Backend::Postgres));
+    LazyLock::new(|| ComposeSql::render(Dialect(Backend::Postgres)));
 pub(super) static MYSQL: LazyLock<ComposeSql> =
-    LazyLock::new(|| ComposeSql::render(super::Backend::MySql));
+    LazyLock::new(|| ComposeSql::render(Dialect(Backend::MySql)));
 
 impl ComposeSql {
-    fn render(backend: super::Backend) -> ComposeSql {
-        use super::Backend;
-        let now = match backend {
-            Backend::Postgres => "now()",
-            Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now')",
-            Backend::MySql => "UTC_TIMESTAMP(6)",
-        };
-        let int = |column: &str| match backend {
-            Backend::Postgres => format!("({column})::bigint"),
-            Backend::Sqlite => column.to_string(),
-            Backend::MySql => format!("CAST({column} AS SIGNED)"),
-        };
-        let show = |column: &str| match backend {
-            Backend::Postgres => {
-                format!("to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.MS')")
-            }
-            Backend::Sqlite => format!("CAST({column} AS TEXT)"),
-            Backend::MySql => format!("LEFT(DATE_FORMAT({column}, '%Y-%m-%d %H:%i:%s.%f'), 23)"),
-        };
-        let (insert_or_ignore, on_conflict_ignore) = match backend {
-            Backend::Postgres => ("INSERT", "ON CONFLICT DO NOTHING"),
-            Backend::Sqlite => ("INSERT OR IGNORE", ""),
-            // A duplicate `unique_key` leaves the holder as it is.
-            Backend::MySql => ("INSERT", "ON DUPLICATE KEY UPDATE id = id"),
-        };
-        // MySQL has no `RETURNING`: the id is read from LAST_INSERT_ID().
-        let returning = |column: &str| match backend {
-            Backend::MySql => String::new(),
-            Backend::Postgres | Backend::Sqlite => format!("RETURNING {}", int(column)),
-        };
-        let for_update = match backend {
-            Backend::Sqlite => "",
-            Backend::Postgres | Backend::MySql => "FOR UPDATE",
-        };
+    fn render(d: Dialect) -> ComposeSql {
+        let now = d.now();
+        let int = |column: &str| d.int64(column);
+        let show = |column: &str| d.show_time(column);
+        let (insert_or_ignore, on_conflict_ignore) = (d.insert_or_ignore(), d.on_conflict_ignore());
+        let returning = |column: &str| d.returning_id(column);
+        let for_update = d.for_update();
+        let open = unfinished("");
         let bucket = format!(
-            "CASE WHEN {OPEN} THEN 'pending' WHEN result = 'FINISHED' THEN 'finished' \
+            "CASE WHEN {open} THEN 'pending' WHEN result = 'FINISHED' THEN 'finished' \
                   WHEN result = 'CANCELLED' THEN 'cancelled' ELSE 'failed' END"
         );
         let batch_columns = [
@@ -337,7 +307,7 @@ impl ComposeSql {
             ),
             first_failure: format!(
                 "SELECT {}, task_class_name, result, result_text FROM task_runner_requests \
-                  WHERE batch_id = $1 AND NOT {OPEN} AND result <> 'FINISHED' \
+                  WHERE batch_id = $1 AND NOT {open} AND result <> 'FINISHED' \
                   ORDER BY CASE WHEN result = 'CANCELLED' THEN 1 ELSE 0 END, id LIMIT 1",
                 int("id")
             ),
@@ -359,9 +329,7 @@ impl ComposeSql {
                                          WHERE r.batch_id = b.id AND {})) \
                   ORDER BY id LIMIT 100",
                 int("id"),
-                OPEN.replace("result", "r.result")
-                    .replace("tries", "r.tries")
-                    .replace("r.tries < try_limit", "r.tries < r.try_limit")
+                unfinished("r.")
             ),
             create_batch: format!(
                 "INSERT INTO task_runner_batches \
@@ -1016,26 +984,26 @@ impl Store {
     /// Inserts a batch and returns its id.
     pub async fn create_batch(&self, batch: &NewBatch) -> Result<i64> {
         let c = self.compose();
+        // The body once, for sqlx's queries and MySQL's alike.
+        macro_rules! bind_batch {
+            ($query:expr) => {
+                $query
+                    .bind(batch.name.as_deref())
+                    .bind(batch.options.as_deref())
+                    .bind(batch.on_complete.as_deref())
+                    .bind(batch.on_failure.as_deref())
+                    .bind(i64::from(batch.fail_fast))
+                    .bind(i64::from(batch.sealed))
+                    .bind(batch.parent_batch_id)
+            };
+        }
         Ok(on_pool!(self, pool => {
-            let query = query(c.create_batch.as_str())
-                .bind(batch.name.as_deref())
-                .bind(batch.options.as_deref())
-                .bind(batch.on_complete.as_deref())
-                .bind(batch.on_failure.as_deref())
-                .bind(i64::from(batch.fail_fast))
-                .bind(i64::from(batch.sealed))
-                .bind(batch.parent_batch_id);
-            query.fetch_all(pool).await?[0].int(0)?
+            bind_batch!(query(c.create_batch.as_str())).fetch_all(pool).await?[0].int(0)?
         }, mysql pool => {
-            let query = super::mysql::query(c.create_batch.as_str())
-                .bind(batch.name.as_deref())
-                .bind(batch.options.as_deref())
-                .bind(batch.on_complete.as_deref())
-                .bind(batch.on_failure.as_deref())
-                .bind(i64::from(batch.fail_fast))
-                .bind(i64::from(batch.sealed))
-                .bind(batch.parent_batch_id);
-            query.execute(pool).await?.last_insert_id() as i64
+            bind_batch!(super::mysql::query(c.create_batch.as_str()))
+                .execute(pool)
+                .await?
+                .last_insert_id() as i64
         }))
     }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Result;
 use sqlx::query;
 
-use super::{Backend, Pool, Store};
+use super::{Pool, Store};
 
 /// Who a daemon is, as its row shows it.
 #[derive(Debug, Clone)]
@@ -27,31 +27,14 @@ pub struct DaemonPresence<'a> {
 const FORGET_AFTER: Duration = Duration::from_secs(7 * 86_400);
 
 impl Store {
-    fn presence_now(&self) -> &'static str {
-        match self.backend() {
-            Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now')",
-            Backend::Postgres => "now()",
-            Backend::MySql => "UTC_TIMESTAMP(6)",
-        }
-    }
-
     /// Writes this daemon's row (and forgets daemons silent for a week).
     pub async fn register_daemon(&self, me: &DaemonPresence<'_>) -> Result<()> {
-        let now = self.presence_now();
-        let forget = match self.backend() {
-            Backend::Sqlite => format!(
-                "DELETE FROM task_runner_daemons WHERE heartbeat_at < strftime('%Y-%m-%d %H:%M:%f', 'now', '-{} seconds')",
-                FORGET_AFTER.as_secs()
-            ),
-            Backend::Postgres => format!(
-                "DELETE FROM task_runner_daemons WHERE heartbeat_at < now() - interval '{} seconds'",
-                FORGET_AFTER.as_secs()
-            ),
-            Backend::MySql => format!(
-                "DELETE FROM task_runner_daemons WHERE heartbeat_at < UTC_TIMESTAMP(6) - INTERVAL {} SECOND",
-                FORGET_AFTER.as_secs()
-            ),
-        };
+        let now = self.dialect().now();
+        let forget = format!(
+            "DELETE FROM task_runner_daemons WHERE heartbeat_at < {}",
+            self.dialect()
+                .now_plus(&format!("-{}", FORGET_AFTER.as_secs()))
+        );
         let insert = format!(
             "INSERT INTO task_runner_daemons \
                (instance, host, node_name, pid, version, max_concurrent, running, started_at, heartbeat_at) \
@@ -76,7 +59,7 @@ impl Store {
     pub async fn daemon_heartbeat(&self, instance: &str, running: usize) -> Result<()> {
         let sql = format!(
             "UPDATE task_runner_daemons SET heartbeat_at = {}, running = $2 WHERE instance = $1",
-            self.presence_now()
+            self.dialect().now()
         );
         on_pool!(self, pool => {
             query(sqlx::AssertSqlSafe(sql))
@@ -90,7 +73,7 @@ impl Store {
 
     /// This daemon stopped cleanly.
     pub async fn daemon_stopped(&self, instance: &str) -> Result<()> {
-        let now = self.presence_now();
+        let now = self.dialect().now();
         let sql = format!(
             "UPDATE task_runner_daemons SET stopped_at = {now}, heartbeat_at = {now}, running = 0 \
               WHERE instance = $1"

@@ -26,6 +26,7 @@ use serde_yaml::{Mapping, Value};
 use sqlx::query;
 
 use super::compose::{AnyRow, Param, Tx};
+use super::sql::{unfinished, Dialect};
 use super::{Backend, Pool, RowExt, Store};
 use crate::flow::{self, Action, Definition};
 use Param::{Int, OptInt, OptText, Text};
@@ -108,6 +109,7 @@ pub enum FlowChange {
 
 pub(super) struct FlowSql {
     lock_flow: String,
+    insert_flow: String,
     flow_row: String,
     list_flows: String,
     step_by_key: String,
@@ -124,43 +126,17 @@ pub(super) struct FlowSql {
     insert_alert: String,
 }
 
-static SQLITE: LazyLock<FlowSql> = LazyLock::new(|| FlowSql::render(Backend::Sqlite));
-static POSTGRES: LazyLock<FlowSql> = LazyLock::new(|| FlowSql::render(Backend::Postgres));
-static MYSQL: LazyLock<FlowSql> = LazyLock::new(|| FlowSql::render(Backend::MySql));
-
-/// The row is not final: never run, running, or to be run again.
-const OPEN: &str = "(result IS NULL OR result = 'RUNNING' \
-     OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED') AND tries < try_limit))";
+static SQLITE: LazyLock<FlowSql> = LazyLock::new(|| FlowSql::render(Dialect(Backend::Sqlite)));
+static POSTGRES: LazyLock<FlowSql> = LazyLock::new(|| FlowSql::render(Dialect(Backend::Postgres)));
+static MYSQL: LazyLock<FlowSql> = LazyLock::new(|| FlowSql::render(Dialect(Backend::MySql)));
 
 impl FlowSql {
-    fn render(backend: Backend) -> FlowSql {
-        let now = match backend {
-            Backend::Postgres => "now()",
-            Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now')",
-            Backend::MySql => "UTC_TIMESTAMP(6)",
-        };
-        let int = |column: &str| match backend {
-            Backend::Postgres => format!("({column})::bigint"),
-            Backend::Sqlite => column.to_string(),
-            Backend::MySql => format!("CAST({column} AS SIGNED)"),
-        };
-        let show = |column: &str| match backend {
-            Backend::Postgres => {
-                format!("to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.MS')")
-            }
-            Backend::Sqlite => format!("CAST({column} AS TEXT)"),
-            Backend::MySql => format!("LEFT(DATE_FORMAT({column}, '%Y-%m-%d %H:%i:%s.%f'), 23)"),
-        };
-        let (insert_or_ignore, on_conflict_ignore) = match backend {
-            Backend::Postgres => ("INSERT", "ON CONFLICT DO NOTHING"),
-            Backend::Sqlite => ("INSERT OR IGNORE", ""),
-            // A duplicate `unique_key` leaves the holder as it is.
-            Backend::MySql => ("INSERT", "ON DUPLICATE KEY UPDATE id = id"),
-        };
-        let for_update = match backend {
-            Backend::Sqlite => "",
-            Backend::Postgres | Backend::MySql => "FOR UPDATE",
-        };
+    fn render(d: Dialect) -> FlowSql {
+        let now = d.now();
+        let int = |column: &str| d.int64(column);
+        let show = |column: &str| d.show_time(column);
+        let (insert_or_ignore, on_conflict_ignore) = (d.insert_or_ignore(), d.on_conflict_ignore());
+        let for_update = d.for_update();
         let columns = [
             int("id"),
             show("created_at"),
@@ -182,6 +158,10 @@ impl FlowSql {
                 int("id"),
                 for_update
             ),
+            insert_flow: format!(
+                "INSERT INTO task_runner_flows (flow_name, options) VALUES ($1, $2) {}",
+                d.returning_id("id")
+            ),
             flow_row: format!("SELECT {columns} FROM task_runner_flows WHERE id = $1"),
             list_flows: format!(
                 "SELECT {columns} FROM task_runner_flows WHERE ($2 IS NULL OR id < $2) ORDER BY id DESC LIMIT $1"
@@ -189,7 +169,7 @@ impl FlowSql {
             step_by_key: format!(
                 "SELECT {}, result, result_text, {} FROM task_runner_requests WHERE unique_key = $1",
                 int("id"),
-                int(&format!("CASE WHEN {OPEN} THEN 1 ELSE 0 END"))
+                int(&format!("CASE WHEN {} THEN 1 ELSE 0 END", unfinished("")))
             ),
             insert_step: format!(
                 "{insert_or_ignore} INTO task_runner_requests \
@@ -221,9 +201,7 @@ impl FlowSql {
                                      WHERE r.flow_id = f.id AND {}) \
                   ORDER BY id LIMIT 100",
                 int("id"),
-                OPEN.replace("result", "r.result")
-                    .replace("tries", "r.tries")
-                    .replace("r.tries < try_limit", "r.tries < r.try_limit")
+                unfinished("r.")
             ),
             step_rows: format!(
                 "SELECT {}, {}, flow_action, unique_key, result, host, {}, {}, {} \
@@ -624,15 +602,7 @@ impl Store {
     /// Returns how many flows it took or failed.
     pub async fn take_flows(&self, flows: &BTreeMap<String, Definition>) -> Result<usize> {
         let f = self.flow_sql();
-        self.count_statements(1);
-        let candidates: Vec<i64> = on_pool!(self, pool => {
-            query(f.untaken.as_str())
-                .fetch_all(pool)
-                .await?
-                .iter()
-                .map(|row| row.int(0))
-                .collect::<sqlx::Result<_>>()?
-        });
+        let candidates = self.flow_ids(&f.untaken).await?;
         for flow_id in &candidates {
             let mut tx = Tx::begin(self).await?;
             self.count_statements(5);
@@ -685,20 +655,24 @@ impl Store {
         Ok(candidates.len())
     }
 
-    /// The repair pass for flows: advances active flows that have no open
-    /// row (their current row was ended, retried or deleted by plain SQL,
-    /// outside [`Store::finalize`]). Returns how many it looked at.
-    pub async fn repair_flows(&self) -> Result<usize> {
-        let f = self.flow_sql();
+    /// The flow ids a statement without parameters selects.
+    async fn flow_ids(&self, statement: &'static str) -> Result<Vec<i64>> {
         self.count_statements(1);
-        let candidates: Vec<i64> = on_pool!(self, pool => {
-            query(f.stuck.as_str())
+        Ok(on_pool!(self, pool => {
+            query(statement)
                 .fetch_all(pool)
                 .await?
                 .iter()
                 .map(|row| row.int(0))
                 .collect::<sqlx::Result<_>>()?
-        });
+        }))
+    }
+
+    /// The repair pass for flows: advances active flows that have no open
+    /// row (their current row was ended, retried or deleted by plain SQL,
+    /// outside [`Store::finalize`]). Returns how many it looked at.
+    pub async fn repair_flows(&self) -> Result<usize> {
+        let candidates = self.flow_ids(&self.flow_sql().stuck).await?;
         for flow_id in &candidates {
             let mut tx = Tx::begin(self).await?;
             self.count_statements(6);
@@ -712,16 +686,12 @@ impl Store {
 
     /// Inserts a flow (`flow post`, the SDK) and returns its id; a daemon takes it.
     pub async fn post_flow(&self, name: &str, options: Option<&str>) -> Result<i64> {
-        let sql = if matches!(self.pool, Pool::Postgres(_)) {
-            "INSERT INTO task_runner_flows (flow_name, options) VALUES ($1, $2) RETURNING (id)::bigint"
-        } else {
-            "INSERT INTO task_runner_flows (flow_name, options) VALUES ($1, $2) RETURNING id"
-        };
+        let sql = self.flow_sql().insert_flow.as_str();
         Ok(on_pool!(self, pool => {
             query(sql).bind(name).bind(options).fetch_all(pool).await?[0].int(0)?
         }, mysql pool => {
             // No RETURNING there: the id of the insert.
-            super::mysql::query("INSERT INTO task_runner_flows (flow_name, options) VALUES ($1, $2)")
+            super::mysql::query(sql)
                 .bind(name)
                 .bind(options)
                 .execute(pool)

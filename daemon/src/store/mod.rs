@@ -18,7 +18,9 @@
 //!   [`web`]: the web page's bounded queries.
 //! - `rows.rs`: reading columns leniently, and a whole [`Request`](crate::request::Request) row.
 //! - [`sql`]: the statements themselves, rendered per backend (the claim
-//!   among them); [`mysql`]: what MySQL's dialect needs besides;
+//!   among them), and [`sql::Dialect`], the one place that spells each
+//!   backend's SQL (clock, time arithmetic, casts, locks, upserts,
+//!   `RETURNING`); [`mysql`]: what MySQL's dialect needs besides;
 //!   `repair.rs`: tables loaded from a Rails `schema.rb`; [`diagnose`]:
 //!   database errors as one line with the remedy; [`url`]: URLs without
 //!   their password.
@@ -31,7 +33,6 @@
 
 pub mod diagnose;
 pub mod mysql;
-mod repair;
 pub mod sql;
 pub mod url;
 
@@ -121,6 +122,7 @@ pub mod flow;
 mod housekeeping;
 mod plumbing;
 mod reaping;
+mod repair;
 mod rows;
 mod tries;
 pub mod web;
@@ -129,6 +131,11 @@ pub use compose::{Batch, BatchChange, Counts, Ending, Hooks, NewBatch};
 pub use flow::{Flow, FlowBoard, FlowChange, StepBoard, StepRow};
 
 impl Store {
+    /// How this store's backend spells what its statements need.
+    pub(crate) fn dialect(&self) -> sql::Dialect {
+        sql::Dialect(self.backend())
+    }
+
     pub fn backend(&self) -> Backend {
         match self.pool {
             Pool::Sqlite(_) => Backend::Sqlite,

@@ -204,37 +204,24 @@ impl Store {
     }
 
     async fn execute_in_transaction(&self, statements: &[String]) -> Result<()> {
-        match &self.pool {
-            Pool::Sqlite(pool) => {
-                let mut transaction = pool.begin().await?;
-                for statement in statements {
-                    sqlx::query(sqlx::AssertSqlSafe(statement.clone()))
-                        .execute(&mut *transaction)
-                        .await
-                        .with_context(|| statement.clone())?;
-                }
-                transaction.commit().await?;
+        on_pool!(self, pool => {
+            let mut transaction = pool.begin().await?;
+            for statement in statements {
+                sqlx::query(sqlx::AssertSqlSafe(statement.clone()))
+                    .execute(&mut *transaction)
+                    .await
+                    .with_context(|| statement.clone())?;
             }
-            Pool::Postgres(pool) => {
-                let mut transaction = pool.begin().await?;
-                for statement in statements {
-                    sqlx::query(sqlx::AssertSqlSafe(statement.clone()))
-                        .execute(&mut *transaction)
-                        .await
-                        .with_context(|| statement.clone())?;
-                }
-                transaction.commit().await?;
-            }
+            transaction.commit().await?;
+        }, mysql pool => {
             // DDL commits on its own there: one statement after the other.
-            Pool::MySql(pool) => {
-                for statement in statements {
-                    sqlx::raw_sql(sqlx::AssertSqlSafe(statement.clone()))
-                        .execute(pool)
-                        .await
-                        .with_context(|| statement.clone())?;
-                }
+            for statement in statements {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(statement.clone()))
+                    .execute(pool)
+                    .await
+                    .with_context(|| statement.clone())?;
             }
-        }
+        });
         Ok(())
     }
 

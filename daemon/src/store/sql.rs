@@ -6,107 +6,235 @@
 
 use std::sync::LazyLock;
 
-/// What differs between SQLite and PostgreSQL.
-pub struct Dialect {
-    /// The current time, as stored in timestamp columns.
-    now: &'static str,
-    /// `now + $N seconds` (`{}` is the parameter).
-    now_plus_seconds: &'static str,
-    /// A timestamp column rendered as `YYYY-MM-DD HH:MM:SS.SSS` text.
-    show_time: &'static str,
-    /// A timestamp as seconds since the epoch (float).
-    epoch_seconds: &'static str,
-    /// A text parameter read as a timestamp.
-    parse_time: &'static str,
-    /// Picks the ids to claim: `{}` is the ordered, limited runnable select.
-    claim_ids: &'static str,
-    /// Row lock clause for the claim's select.
-    skip_locked: &'static str,
-    /// An integer column as a 64-bit integer.
-    int64: &'static str,
-    /// Whether many rows can be updated from bound arrays (`unnest`).
-    array_batches: bool,
-    /// The elements of a JSON array of strings parameter, as a subquery.
-    json_strings: &'static str,
-    /// `ts` plus a number of seconds, exact to the millisecond.
-    plus_seconds: &'static str,
-    /// Seconds from timestamp `a` to `b`.
-    seconds_between: &'static str,
+use super::Backend;
+
+/// How one backend spells what the statements need: the clock, time
+/// arithmetic, casts, row locks, skipped duplicates, `RETURNING`, and
+/// subqueries on the table a statement changes. Every statement of the
+/// store, here and in its other files, takes these spellings from here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dialect(pub Backend);
+
+impl Dialect {
+    /// The current time, as stored in timestamp columns (MariaDB/MySQL:
+    /// `DATETIME(6)` holding UTC, whatever the session's time zone).
+    pub fn now(self) -> &'static str {
+        match self.0 {
+            Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now')",
+            Backend::Postgres => "now()",
+            Backend::MySql => "UTC_TIMESTAMP(6)",
+        }
+    }
+
+    /// The current time plus `seconds` (an expression; negative: earlier).
+    pub fn now_plus(self, seconds: &str) -> String {
+        match self.0 {
+            Backend::Sqlite => {
+                format!("strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', {seconds}))")
+            }
+            Backend::Postgres | Backend::MySql => self.plus_seconds(self.now(), seconds),
+        }
+    }
+
+    /// Timestamp `time` plus `seconds`, exact to the millisecond.
+    pub fn plus_seconds(self, time: &str, seconds: &str) -> String {
+        match self.0 {
+            Backend::Sqlite => {
+                format!("strftime('%Y-%m-%d %H:%M:%f', {time}, printf('%+.3f seconds', {seconds}))")
+            }
+            Backend::Postgres => format!("({time} + make_interval(secs => {seconds}))"),
+            Backend::MySql => {
+                format!("TIMESTAMPADD(MICROSECOND, ROUND(({seconds}) * 1000000), {time})")
+            }
+        }
+    }
+
+    /// Seconds from timestamp `from` to timestamp `to` (a float).
+    pub fn seconds_between(self, from: &str, to: &str) -> String {
+        match self.0 {
+            Backend::Sqlite => format!("((julianday({to}) - julianday({from})) * 86400.0)"),
+            Backend::Postgres => format!("extract(epoch from ({to} - {from}))::float8"),
+            Backend::MySql => format!("(TIMESTAMPDIFF(MICROSECOND, {from}, {to}) / 1e6)"),
+        }
+    }
+
+    /// A timestamp as seconds since the epoch (a float).
+    pub fn epoch_seconds(self, time: &str) -> String {
+        match self.0 {
+            Backend::Sqlite => format!("((julianday({time}) - 2440587.5) * 86400.0)"),
+            Backend::Postgres => format!("extract(epoch from {time})::float8"),
+            Backend::MySql => {
+                format!("(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', {time}) / 1e6)")
+            }
+        }
+    }
+
+    /// A timestamp as `YYYY-MM-DD HH:MM:SS.SSS` text (UTC).
+    pub fn show_time(self, time: &str) -> String {
+        match self.0 {
+            Backend::Sqlite => format!("CAST({time} AS TEXT)"),
+            Backend::Postgres => {
+                format!("to_char({time} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.MS')")
+            }
+            Backend::MySql => format!("LEFT(DATE_FORMAT({time}, '%Y-%m-%d %H:%i:%s.%f'), 23)"),
+        }
+    }
+
+    /// A text parameter (RFC 3339 or `YYYY-MM-DD HH:MM:SS`) read as a timestamp.
+    pub fn parse_time(self, text: &str) -> String {
+        match self.0 {
+            Backend::Sqlite => format!("strftime('%Y-%m-%d %H:%M:%f', {text})"),
+            Backend::Postgres => format!("CAST({text} AS timestamptz)"),
+            Backend::MySql => {
+                format!("CAST(REPLACE(REPLACE({text}, 'T', ' '), 'Z', '') AS DATETIME(6))")
+            }
+        }
+    }
+
+    /// An integer expression as a 64-bit integer (PostgreSQL: in parentheses,
+    /// so that the cast applies to the whole expression).
+    pub fn int64(self, expression: &str) -> String {
+        match self.0 {
+            Backend::Sqlite => expression.to_string(),
+            Backend::Postgres => format!("({expression})::bigint"),
+            Backend::MySql => format!("CAST({expression} AS SIGNED)"),
+        }
+    }
+
     /// The largest integer not above a positive number.
-    floor: &'static str,
-    // Issue 7 (unique requests, cron slots): skipping unique-index conflicts.
-    /// `INSERT`, or SQLite's `INSERT OR IGNORE`.
-    insert_or_ignore: &'static str,
-    /// PostgreSQL's `ON CONFLICT DO NOTHING`, or nothing.
-    on_conflict_ignore: &'static str,
+    pub fn floor(self, number: &str) -> String {
+        match self.0 {
+            Backend::Sqlite => format!("CAST({number} AS INTEGER)"),
+            Backend::Postgres => format!("floor({number})"),
+            Backend::MySql => format!("FLOOR({number})"),
+        }
+    }
+
+    /// Whether text `needle` occurs in text `haystack`.
+    pub fn contains(self, haystack: &str, needle: &str) -> String {
+        match self.0 {
+            Backend::Sqlite => format!("instr({haystack}, {needle}) > 0"),
+            Backend::Postgres => format!("strpos({haystack}, {needle}) > 0"),
+            Backend::MySql => format!("LOCATE({needle}, {haystack}) > 0"),
+        }
+    }
+
+    /// The elements of a parameter holding a JSON array of strings, as a subquery.
+    pub fn json_strings(self, parameter: &str) -> String {
+        match self.0 {
+            Backend::Sqlite => format!("SELECT value FROM json_each({parameter})"),
+            Backend::Postgres => {
+                format!("SELECT jsonb_array_elements_text(CAST({parameter} AS jsonb))")
+            }
+            Backend::MySql => format!(
+                "SELECT j.v FROM JSON_TABLE({parameter}, '$[*]' COLUMNS (v VARCHAR(255) PATH '$')) AS j"
+            ),
+        }
+    }
+
+    /// An integer parameter that may be NULL, typed where the server cannot
+    /// tell its type from `$N IS NULL` alone (PostgreSQL).
+    pub fn nullable_int(self, parameter: &str) -> String {
+        match self.0 {
+            Backend::Postgres => format!("{parameter}::bigint"),
+            Backend::Sqlite | Backend::MySql => parameter.to_string(),
+        }
+    }
+
+    /// `INSERT` that skips a row whose unique key is taken, with
+    /// [`on_conflict_ignore`](Dialect::on_conflict_ignore) after its values.
+    pub fn insert_or_ignore(self) -> &'static str {
+        match self.0 {
+            Backend::Sqlite => "INSERT OR IGNORE",
+            Backend::Postgres | Backend::MySql => "INSERT",
+        }
+    }
+
+    /// What follows the values of [`insert_or_ignore`](Dialect::insert_or_ignore).
+    /// MariaDB/MySQL: a duplicate leaves the holder as it is (`INSERT
+    /// IGNORE` would turn every error into a warning, and strict mode is
+    /// what keeps a value that does not fit from being truncated); the
+    /// affected row count is then 1, not 0, so the cron slot's insert, which
+    /// counts on 0, is `INSERT IGNORE` there (see `Sql::for_mysql`).
+    pub fn on_conflict_ignore(self) -> &'static str {
+        match self.0 {
+            Backend::Sqlite => "",
+            Backend::Postgres => "ON CONFLICT DO NOTHING",
+            Backend::MySql => "ON DUPLICATE KEY UPDATE id = id",
+        }
+    }
+
+    /// `RETURNING` the id column of an insert; nothing on MariaDB/MySQL,
+    /// where the id is read from `LAST_INSERT_ID()`.
+    pub fn returning_id(self, column: &str) -> String {
+        match self.0 {
+            Backend::MySql => String::new(),
+            Backend::Sqlite | Backend::Postgres => format!("RETURNING {}", self.int64(column)),
+        }
+    }
+
+    /// Locks the rows a select reads until the transaction ends (SQLite's
+    /// `BEGIN IMMEDIATE` already excludes every other writer).
+    pub fn for_update(self) -> &'static str {
+        match self.0 {
+            Backend::Sqlite => "",
+            Backend::Postgres | Backend::MySql => "FOR UPDATE",
+        }
+    }
+
+    /// Locks the rows a select reads, passing over rows others hold locked.
+    pub fn skip_locked(self) -> &'static str {
+        match self.0 {
+            Backend::Sqlite => "",
+            Backend::Postgres | Backend::MySql => "FOR UPDATE SKIP LOCKED",
+        }
+    }
+
+    /// A select that a statement may read while it changes the table it
+    /// reads: MariaDB/MySQL neither read, in a subquery, the table being
+    /// changed (error 1093) nor take `LIMIT` in `IN (…)`, so the select
+    /// goes through a derived table there.
+    pub fn while_changing(self, select: &str) -> String {
+        match self.0 {
+            Backend::MySql => format!("SELECT * FROM ({select}) AS chosen"),
+            Backend::Sqlite | Backend::Postgres => select.to_string(),
+        }
+    }
+
+    /// Deletes at most `limit` rows of `table` that match `condition`, so
+    /// that a large deletion goes in small transactions (MariaDB/MySQL take
+    /// `LIMIT` on `DELETE` itself, and no `LIMIT` in `IN (…)`).
+    pub fn delete_some(self, table: &str, condition: &str, limit: &str) -> String {
+        match self.0 {
+            Backend::MySql => format!("DELETE FROM {table} WHERE {condition} LIMIT {limit}"),
+            Backend::Sqlite | Backend::Postgres => format!(
+                "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {condition} LIMIT {limit})"
+            ),
+        }
+    }
+
+    /// Picks the ids to claim: `select` is the ordered, limited runnable select.
+    fn claim_ids(self, select: &str) -> String {
+        match self.0 {
+            Backend::Postgres => format!("id = ANY(ARRAY({select}))"),
+            Backend::Sqlite | Backend::MySql => format!("id IN ({select})"),
+        }
+    }
+
+    /// Whether many rows can be updated from bound arrays (`unnest`).
+    fn array_batches(self) -> bool {
+        self.0 == Backend::Postgres
+    }
 }
 
-pub static SQLITE: LazyLock<Sql> = LazyLock::new(|| {
-    Sql::render(&Dialect {
-        now: "strftime('%Y-%m-%d %H:%M:%f', 'now')",
-        now_plus_seconds: "strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', {}))",
-        show_time: "CAST({} AS TEXT)",
-        epoch_seconds: "((julianday({}) - 2440587.5) * 86400.0)",
-        parse_time: "strftime('%Y-%m-%d %H:%M:%f', {})",
-        claim_ids: "id IN ({})",
-        skip_locked: "",
-        int64: "{}",
-        array_batches: false,
-        json_strings: "SELECT value FROM json_each({})",
-        plus_seconds: "strftime('%Y-%m-%d %H:%M:%f', {ts}, printf('%+.3f seconds', {secs}))",
-        seconds_between: "((julianday({b}) - julianday({a})) * 86400.0)",
-        floor: "CAST({} AS INTEGER)",
-        insert_or_ignore: "INSERT OR IGNORE",
-        on_conflict_ignore: "",
-    })
-});
+pub static SQLITE: LazyLock<Sql> = LazyLock::new(|| Sql::render(Dialect(Backend::Sqlite)));
 
-/// MariaDB and MySQL: timestamps are `DATETIME(6)` holding UTC (the
-/// database's clock read as `UTC_TIMESTAMP(6)`, whatever the session's time
-/// zone). Statements that need another shape there (no `RETURNING`, no
-/// `UPDATE … FROM`, no subquery on the table being changed) are replaced by
-/// [`Sql::for_mysql`].
-pub static MYSQL: LazyLock<Sql> = LazyLock::new(|| {
-    Sql::render(&Dialect {
-        now: "UTC_TIMESTAMP(6)",
-        now_plus_seconds: "TIMESTAMPADD(MICROSECOND, ROUND(({}) * 1000000), UTC_TIMESTAMP(6))",
-        show_time: "LEFT(DATE_FORMAT({}, '%Y-%m-%d %H:%i:%s.%f'), 23)",
-        epoch_seconds: "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', {}) / 1e6)",
-        parse_time: "CAST(REPLACE(REPLACE({}, 'T', ' '), 'Z', '') AS DATETIME(6))",
-        claim_ids: "id IN ({})",
-        skip_locked: "FOR UPDATE SKIP LOCKED",
-        int64: "CAST({} AS SIGNED)",
-        array_batches: false,
-        json_strings:
-            "SELECT j.v FROM JSON_TABLE({}, '$[*]' COLUMNS (v VARCHAR(255) PATH '$')) AS j",
-        plus_seconds: "TIMESTAMPADD(MICROSECOND, ROUND(({secs}) * 1000000), {ts})",
-        seconds_between: "(TIMESTAMPDIFF(MICROSECOND, {a}, {b}) / 1e6)",
-        floor: "FLOOR({})",
-        insert_or_ignore: "INSERT IGNORE",
-        on_conflict_ignore: "",
-    })
-    .for_mysql()
-});
+/// MariaDB and MySQL: statements that need another shape there (no
+/// `RETURNING`, no `UPDATE … FROM`) are replaced by [`Sql::for_mysql`].
+pub static MYSQL: LazyLock<Sql> =
+    LazyLock::new(|| Sql::render(Dialect(Backend::MySql)).for_mysql());
 
-pub static POSTGRES: LazyLock<Sql> = LazyLock::new(|| {
-    Sql::render(&Dialect {
-        now: "now()",
-        now_plus_seconds: "(now() + make_interval(secs => {}))",
-        show_time: "to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.MS')",
-        epoch_seconds: "extract(epoch from {})::float8",
-        parse_time: "CAST({} AS timestamptz)",
-        claim_ids: "id = ANY(ARRAY({}))",
-        skip_locked: "FOR UPDATE SKIP LOCKED",
-        int64: "{}::bigint",
-        array_batches: true,
-        json_strings: "SELECT jsonb_array_elements_text(CAST({} AS jsonb))",
-        plus_seconds: "({ts} + make_interval(secs => {secs}))",
-        seconds_between: "extract(epoch from ({b} - {a}))::float8",
-        floor: "floor({})",
-        insert_or_ignore: "INSERT",
-        on_conflict_ignore: "ON CONFLICT DO NOTHING",
-    })
-});
+pub static POSTGRES: LazyLock<Sql> = LazyLock::new(|| Sql::render(Dialect(Backend::Postgres)));
 
 /// The runnable rule of SPEC.md, minus the delay (added where it applies).
 /// It is the predicate of the partial index `task_runner_requests_runnable`
@@ -114,6 +242,18 @@ pub static POSTGRES: LazyLock<Sql> = LazyLock::new(|| {
 pub const RUNNABLE: &str = "pid IS NULL \
      AND (result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED')) \
      AND tries < try_limit";
+
+/// Not final yet: never run, running, or to be run again (`row` qualifies
+/// the columns: `r.`). The predicate of the partial indexes
+/// `task_runner_requests_unique_key` (migration 0002) and
+/// `task_runner_requests_batch_open` (0005), written identically so that
+/// planners use them.
+pub(super) fn unfinished(row: &str) -> String {
+    format!(
+        "({row}result IS NULL OR {row}result = 'RUNNING' \
+          OR ({row}result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED') AND {row}tries < {row}try_limit))"
+    )
+}
 
 /// Whether a cancel overrides the outcome `result` of a try: a cancel, once
 /// accepted (`cancel_requested_at` set while the row ran), means no further
@@ -263,62 +403,39 @@ pub struct Sql {
 
 impl Sql {
     /// MariaDB/MySQL's shapes of the statements that cannot be written the
-    /// same: an `INSERT` returns its id through `LAST_INSERT_ID()` rather
-    /// than `RETURNING`; a statement may not read, in a subquery, the table
-    /// it changes (error 1093), and `IN (… LIMIT)` is not supported, so
-    /// deletes in batches are a plain `DELETE … LIMIT`. (`IS DISTINCT FROM`
-    /// and the runnable rule are respelled by `store::mysql::query`.)
+    /// same (`IS DISTINCT FROM` and the runnable rule are respelled by
+    /// `store::mysql::query`).
     fn for_mysql(mut self) -> Sql {
-        fn without_returning(statement: &str) -> String {
-            match statement.rfind(" RETURNING ") {
-                Some(at) => statement[..at].to_string(),
-                None => statement.to_string(),
-            }
-        }
-        self.enqueue = without_returning(&self.enqueue);
-        self.enqueue_scheduled = without_returning(&self.enqueue_scheduled);
+        let d = Dialect(Backend::MySql);
         // The unique rule is the generated column `active_unique_key` and its
         // unique index; a duplicate leaves the holder as it is and makes
         // LAST_INSERT_ID() its id.
         self.enqueue_unique = format!(
             "{} ON DUPLICATE KEY UPDATE id = LAST_INSERT_ID(id)",
-            without_returning(&self.enqueue).trim_end()
+            self.enqueue.trim_end()
         );
-        self.renew_heartbeats = "UPDATE task_runner_requests SET heartbeat_at = UTC_TIMESTAMP(6) \
-              WHERE claimed_by = $1 AND result = 'RUNNING'"
-            .to_string();
-        let older_than =
-            "completed_at < TIMESTAMPADD(MICROSECOND, ROUND(-$1 * 1000000), UTC_TIMESTAMP(6))";
-        self.purge = format!(
-            "DELETE FROM task_runner_requests \
-              WHERE (result IN ('FINISHED', 'CANCELLED', 'REJECTED') \
-                     OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit)) \
-                AND {older_than} LIMIT $2"
+        // A statement may not read, in a subquery, the table it changes
+        // (error 1093); SKIP LOCKED cannot pass through a derived table.
+        self.renew_heartbeats = format!(
+            "UPDATE task_runner_requests SET heartbeat_at = {} \
+              WHERE claimed_by = $1 AND result = 'RUNNING'",
+            d.now()
         );
-        self.prune_state = format!(
-            "DELETE FROM task_runner_requests \
-              WHERE result = $3 AND result IN ('FINISHED', 'CANCELLED', 'REJECTED') \
-                AND {older_than} LIMIT $2"
+        // The caller counts the row this inserts (none: another daemon took
+        // the slot), and a duplicate key update counts one there (sqlx asks
+        // for found rows): `INSERT IGNORE`, whose two values always fit.
+        self.insert_slot = format!(
+            "INSERT IGNORE INTO task_runner_schedule_slots (schedule, slot) VALUES ($1, {})",
+            d.parse_time("$2")
         );
-        self.prune_exhausted = format!(
-            "DELETE FROM task_runner_requests \
-              WHERE result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit \
-                AND {older_than} LIMIT $2"
-        );
-        self.forget_old_slots = "DELETE FROM task_runner_schedule_slots \
-              WHERE schedule = $1 AND slot < TIMESTAMPADD(SECOND, -3600, UTC_TIMESTAMP(6)) \
-                AND slot < (SELECT latest FROM (SELECT max(slot) AS latest \
-                                                  FROM task_runner_schedule_slots \
-                                                 WHERE schedule = $1) AS m)"
-            .to_string();
         self
     }
 
-    fn render(d: &Dialect) -> Sql {
-        let now = d.now;
-        let plus = |param: &str| d.now_plus_seconds.replace("{}", param);
-        let show = |column: &str| d.show_time.replace("{}", column);
-        let int = |column: &str| d.int64.replace("{}", column);
+    fn render(d: Dialect) -> Sql {
+        let now = d.now();
+        let plus = |seconds: &str| d.now_plus(seconds);
+        let show = |column: &str| d.show_time(column);
+        let int = |column: &str| d.int64(column);
         let runnable_now = format!("{RUNNABLE} AND (delay_until IS NULL OR delay_until <= {now})");
         let claim_set = format!(
             "SET result = 'RUNNING', tries = tries + 1, started_at = {now}, heartbeat_at = {now}, \
@@ -339,9 +456,7 @@ impl Sql {
             int("priority"),
             int("coalesce(period, 0)"),
             // How long the row waited (the metrics' wait before start).
-            d.seconds_between
-                .replace("{a}", "coalesce(delay_until, created_at)")
-                .replace("{b}", "started_at"),
+            d.seconds_between("coalesce(delay_until, created_at)", "started_at"),
             int("batch_id"),
             int("callback_of_batch"),
             // A flow's step counts as having callbacks: its end advances the flow.
@@ -358,12 +473,12 @@ impl Sql {
                 AND ($7 = '' OR task_class_name = $7) \
                 AND task_class_name NOT IN ({}) \
               {CLAIM_ORDER} LIMIT $4 {}",
-            d.json_strings.replace("{}", "$8"),
-            d.skip_locked
+            d.json_strings("$8"),
+            d.skip_locked()
         );
         let claim = format!(
             "UPDATE task_runner_requests {claim_set} WHERE {} {}",
-            d.claim_ids.replace("{}", &select_runnable),
+            d.claim_ids(&select_runnable),
             claim_returning("$9")
         );
         let claim_one = format!(
@@ -373,7 +488,7 @@ impl Sql {
         // A batch of outcomes as a table `v`: PostgreSQL binds one array per
         // column, SQLite one JSON array of rows. (PostgreSQL needs the id
         // qualified in RETURNING, SQLite allows it only unqualified.)
-        let (outcome_rows, returned_id) = if d.array_batches {
+        let (outcome_rows, returned_id) = if d.array_batches() {
             (
                 "unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::float8[]) \
                  AS v(id, claim_token, result, result_text, give_back, retry_after)",
@@ -428,7 +543,7 @@ impl Sql {
         let select_requests = format!("SELECT {columns} FROM task_runner_requests");
         let final_or_exhausted = "(result IN ('FINISHED', 'CANCELLED', 'REJECTED') \
               OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit))";
-        let batched = d.array_batches;
+        let batched = d.array_batches();
         let enqueue_columns =
             "task_class_name, options, try_limit, delay_until, priority, unique_key, \
              queue, node, not_node, period, batch_id, on_success, on_failure";
@@ -436,20 +551,14 @@ impl Sql {
             "$1, $2, $3, CASE WHEN $4 IS NOT NULL THEN {} WHEN $5 IS NOT NULL THEN {} ELSE NULL END, \
              $6, $7, coalesce($8, 'default'), $9, $10, $11, $12, $13, $14",
             plus("$4"),
-            d.parse_time.replace("{}", "$5"),
+            d.parse_time("$5"),
         );
-        let elapsed = d
-            .seconds_between
-            .replace("{a}", "planned_at")
-            .replace("{b}", now);
+        let elapsed = d.seconds_between("planned_at", now);
         let slots_due = format!(
             "(CASE WHEN {elapsed} / period >= 1 THEN {} ELSE 1 END)",
-            d.floor.replace("{}", &format!("{elapsed} / period"))
+            d.floor(&format!("{elapsed} / period"))
         );
-        let next_planned = d
-            .plus_seconds
-            .replace("{ts}", "planned_at")
-            .replace("{secs}", &format!("(period * {slots_due})"));
+        let next_planned = d.plus_seconds("planned_at", &format!("(period * {slots_due})"));
         Sql {
             // The runnable rule is the generated column `claim_rank`
             // (migration 0001 for MySQL), whose index is in claim order.
@@ -461,7 +570,7 @@ impl Sql {
                     AND ($7 = '' OR task_class_name = $7) \
                     AND task_class_name NOT IN ({{excluded}}) \
                   ORDER BY claim_rank, id LIMIT $4 {}",
-                d.skip_locked
+                d.skip_locked()
             ),
             claim_update: format!("UPDATE task_runner_requests {claim_set} WHERE id IN ({{ids}})"),
             claimed_rows: format!(
@@ -534,7 +643,7 @@ impl Sql {
                 "UPDATE task_runner_requests SET heartbeat_at = {now} \
                   WHERE id IN (SELECT id FROM task_runner_requests \
                                 WHERE claimed_by = $1 AND result = 'RUNNING' {})",
-                d.skip_locked
+                d.skip_locked()
             ),
             held_by: format!(
                 "SELECT {}, claim_token, {} FROM task_runner_requests \
@@ -551,7 +660,7 @@ impl Sql {
                 int("id"),
                 int("pid"),
                 int("pid_start_ticks"),
-                d.epoch_seconds.replace("{}", "started_at")
+                d.epoch_seconds("started_at")
             ),
             unstarted_on_host: format!(
                 "SELECT {}, claim_token, coalesce(claimed_by, '') \
@@ -581,14 +690,13 @@ impl Sql {
             ),
             next_delay: format!(
                 "SELECT {} - {} FROM task_runner_requests WHERE {RUNNABLE} AND delay_until > {now}",
-                d.epoch_seconds.replace("{}", "min(delay_until)"),
-                d.epoch_seconds.replace("{}", now)
+                d.epoch_seconds("min(delay_until)"),
+                d.epoch_seconds(now)
             ),
             enqueue: format!(
                 "INSERT INTO task_runner_requests ({enqueue_columns}) \
-                 VALUES ({enqueue_values}) \
-                 RETURNING {}",
-                int("id")
+                 VALUES ({enqueue_values}) {}",
+                d.returning_id("id")
             ),
             show: format!("{select_requests} WHERE id = $1"),
             select_requests: select_requests.clone(),
@@ -627,71 +735,76 @@ impl Sql {
                 "SELECT coalesce(result, 'PENDING'), {} FROM task_runner_requests GROUP BY result ORDER BY 1",
                 int("count(*)")
             ),
-            purge: format!(
-                "DELETE FROM task_runner_requests WHERE id IN ( \
-                   SELECT id FROM task_runner_requests \
-                    WHERE {final_or_exhausted} AND completed_at < {} LIMIT $2)",
-                plus("-$1")
+            purge: d.delete_some(
+                "task_runner_requests",
+                &format!("{final_or_exhausted} AND completed_at < {}", plus("-$1")),
+                "$2",
             ),
             // ---- Issue 7: unique requests, retention, cron schedules ----
             enqueue_unique: format!(
                 "{} INTO task_runner_requests ({enqueue_columns}) \
                  VALUES ({enqueue_values}) \
-                 {} RETURNING {}",
-                d.insert_or_ignore,
-                d.on_conflict_ignore,
-                int("id")
+                 {} {}",
+                d.insert_or_ignore(),
+                d.on_conflict_ignore(),
+                d.returning_id("id")
             ),
             // The predicate of the unique index task_runner_requests_unique_key.
             holder_of_unique_key: format!(
                 "SELECT {} FROM task_runner_requests \
-                  WHERE unique_key = $1 \
-                    AND (result IS NULL OR result = 'RUNNING' \
-                         OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED') AND tries < try_limit)) \
+                  WHERE unique_key = $1 AND {} \
                   ORDER BY id LIMIT 1",
-                int("id")
+                int("id"),
+                unfinished("")
             ),
-            prune_state: format!(
-                "DELETE FROM task_runner_requests WHERE id IN ( \
-                   SELECT id FROM task_runner_requests \
-                    WHERE result = $3 AND result IN ('FINISHED', 'CANCELLED', 'REJECTED') \
-                      AND completed_at < {} LIMIT $2)",
-                plus("-$1")
+            prune_state: d.delete_some(
+                "task_runner_requests",
+                &format!(
+                    "result = $3 AND result IN ('FINISHED', 'CANCELLED', 'REJECTED') \
+                     AND completed_at < {}",
+                    plus("-$1")
+                ),
+                "$2",
             ),
-            prune_exhausted: format!(
-                "DELETE FROM task_runner_requests WHERE id IN ( \
-                   SELECT id FROM task_runner_requests \
-                    WHERE result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit \
-                      AND completed_at < {} LIMIT $2)",
-                plus("-$1")
+            prune_exhausted: d.delete_some(
+                "task_runner_requests",
+                &format!(
+                    "result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit \
+                     AND completed_at < {}",
+                    plus("-$1")
+                ),
+                "$2",
             ),
-            database_now: format!("SELECT {}", d.epoch_seconds.replace("{}", now)),
+            database_now: format!("SELECT {}", d.epoch_seconds(now)),
             last_slot: format!(
                 "SELECT {} FROM task_runner_schedule_slots WHERE schedule = $1",
-                d.epoch_seconds.replace("{}", "max(slot)")
+                d.epoch_seconds("max(slot)")
             ),
             insert_slot: format!(
                 "{} INTO task_runner_schedule_slots (schedule, slot) VALUES ($1, {}) {}",
-                d.insert_or_ignore,
-                d.parse_time.replace("{}", "$2"),
-                d.on_conflict_ignore
+                d.insert_or_ignore(),
+                d.parse_time("$2"),
+                d.on_conflict_ignore()
             ),
             enqueue_scheduled: format!(
                 "INSERT INTO task_runner_requests \
                    (task_class_name, options, try_limit, priority, schedule, planned_at, delay_until) \
-                 VALUES ($1, $2, $3, $4, $5, {slot}, {slot}) RETURNING {}",
-                int("id"),
-                slot = d.parse_time.replace("{}", "$6")
+                 VALUES ($1, $2, $3, $4, $5, {slot}, {slot}) {}",
+                d.returning_id("id"),
+                slot = d.parse_time("$6")
             ),
             set_slot_request: format!(
                 "UPDATE task_runner_schedule_slots SET request_id = $1 WHERE schedule = $2 AND slot = {}",
-                d.parse_time.replace("{}", "$3")
+                d.parse_time("$3")
             ),
             forget_old_slots: format!(
                 "DELETE FROM task_runner_schedule_slots \
                   WHERE schedule = $1 AND slot < {} \
-                    AND slot < (SELECT max(slot) FROM task_runner_schedule_slots WHERE schedule = $1)",
-                plus("-3600")
+                    AND slot < ({})",
+                plus("-3600"),
+                d.while_changing(
+                    "SELECT max(slot) FROM task_runner_schedule_slots WHERE schedule = $1"
+                )
             ),
         }
     }

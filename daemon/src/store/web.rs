@@ -186,36 +186,6 @@ macro_rules! bind_all {
 }
 
 impl Store {
-    fn now_sql(&self) -> &'static str {
-        match self.backend() {
-            Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now')",
-            Backend::Postgres => "now()",
-            Backend::MySql => "UTC_TIMESTAMP(6)",
-        }
-    }
-
-    fn epoch_sql(&self, expression: &str) -> String {
-        match self.backend() {
-            Backend::Sqlite => format!("((julianday({expression}) - 2440587.5) * 86400.0)"),
-            Backend::Postgres => format!("extract(epoch from {expression})::float8"),
-            Backend::MySql => {
-                format!("(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', {expression}) / 1e6)")
-            }
-        }
-    }
-
-    fn show_time_sql(&self, expression: &str) -> String {
-        match self.backend() {
-            Backend::Sqlite => format!("CAST({expression} AS TEXT)"),
-            Backend::Postgres => {
-                format!("to_char({expression} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.MS')")
-            }
-            Backend::MySql => {
-                format!("LEFT(DATE_FORMAT({expression}, '%Y-%m-%d %H:%i:%s.%f'), 23)")
-            }
-        }
-    }
-
     /// The queues that have rows not final, in name order (at most `limit`):
     /// one index look-up per queue, by the least name above the previous one.
     pub async fn open_queues(&self, limit: usize) -> Result<Vec<String>> {
@@ -246,15 +216,16 @@ impl Store {
                SELECT task_class_name, {KIND} AS kind FROM task_runner_requests \
                 WHERE queue = $1 AND {OPEN} LIMIT $2) AS open_rows \
              GROUP BY task_class_name, kind ORDER BY task_class_name",
-            self.int_sql("count(*)")
+            self.dialect().int64("count(*)")
         );
-        let now = self.now_sql();
+        let now = self.dialect().now();
         let lag = format!(
             "SELECT {} - {} FROM task_runner_requests \
               WHERE queue = $1 AND {RUNNABLE} AND (delay_until IS NULL OR delay_until <= {now}) \
               ORDER BY id LIMIT 1",
-            self.epoch_sql(now),
-            self.epoch_sql("coalesce(delay_until, created_at)")
+            self.dialect().epoch_seconds(now),
+            self.dialect()
+                .epoch_seconds("coalesce(delay_until, created_at)")
         );
         let mut stats = QueueStats {
             queue: queue.to_string(),
@@ -293,14 +264,6 @@ impl Store {
         Ok(stats)
     }
 
-    fn int_sql(&self, expression: &str) -> String {
-        match self.backend() {
-            Backend::Sqlite => expression.to_string(),
-            Backend::Postgres => format!("{expression}::bigint"),
-            Backend::MySql => format!("CAST({expression} AS SIGNED)"),
-        }
-    }
-
     /// Every queue's stats (at most `max_queues` queues, `cap` rows each).
     pub async fn all_queue_stats(&self, max_queues: usize, cap: i64) -> Result<Vec<QueueStats>> {
         let mut all = Vec::new();
@@ -315,15 +278,15 @@ impl Store {
     /// each runs now. A daemon whose latest heartbeat is older than
     /// `silent_after` is `silent`.
     pub async fn daemons(&self, silent_after: std::time::Duration) -> Result<Vec<DaemonRow>> {
-        let now = self.now_sql();
+        let now = self.dialect().now();
         let holders = format!(
             "SELECT coalesce(host, ''), coalesce(claimed_by, ''), {}, {}, {} - {} \
                FROM task_runner_requests WHERE result = 'RUNNING' \
               GROUP BY host, claimed_by ORDER BY 1, 2 LIMIT 200",
-            self.int_sql("count(*)"),
-            self.show_time_sql("max(heartbeat_at)"),
-            self.epoch_sql(now),
-            self.epoch_sql("max(heartbeat_at)")
+            self.dialect().int64("count(*)"),
+            self.dialect().show_time("max(heartbeat_at)"),
+            self.dialect().epoch_seconds(now),
+            self.dialect().epoch_seconds("max(heartbeat_at)")
         );
         // (host, instance, rows running, latest heartbeat, its age)
         type Holder = (String, String, i64, Option<String>, Option<f64>);
@@ -335,22 +298,19 @@ impl Store {
         });
         let mut daemons = Vec::new();
         if self.table_exists("task_runner_daemons").await? {
-            let day_ago = match self.backend() {
-                Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now', '-86400 seconds')",
-                Backend::Postgres => "now() - interval '86400 seconds'",
-                Backend::MySql => "UTC_TIMESTAMP(6) - INTERVAL 86400 SECOND",
-            };
+            let day_ago = self.dialect().now_plus("-86400");
             let registered = format!(
                 "SELECT host, instance, node_name, {}, version, {}, {}, {}, {} - {}, {} \
                    FROM task_runner_daemons WHERE heartbeat_at > {day_ago} \
                   ORDER BY host, started_at DESC LIMIT 200",
-                self.int_sql("pid"),
-                self.int_sql("max_concurrent"),
-                self.show_time_sql("started_at"),
-                self.show_time_sql("heartbeat_at"),
-                self.epoch_sql(now),
-                self.epoch_sql("heartbeat_at"),
-                self.int_sql("CASE WHEN stopped_at IS NULL THEN 0 ELSE 1 END"),
+                self.dialect().int64("pid"),
+                self.dialect().int64("max_concurrent"),
+                self.dialect().show_time("started_at"),
+                self.dialect().show_time("heartbeat_at"),
+                self.dialect().epoch_seconds(now),
+                self.dialect().epoch_seconds("heartbeat_at"),
+                self.dialect()
+                    .int64("CASE WHEN stopped_at IS NULL THEN 0 ELSE 1 END"),
             );
             daemons = on_pool!(self, pool => {
                 query(audited(&registered)).fetch_all(pool).await?
@@ -406,34 +366,20 @@ impl Store {
     /// minute and outcome, with the longest wait before start among them.
     /// A row counts once, for its latest try.
     pub async fn tries_last_hour(&self) -> Result<Vec<MinuteBucket>> {
-        let now = self.now_sql();
-        let (since, minutes_ago, wait) = match self.backend() {
-            Backend::Sqlite => (
-                "strftime('%Y-%m-%d %H:%M:%f', 'now', '-3600 seconds')".to_string(),
-                format!("CAST((julianday({now}) - julianday(completed_at)) * 1440.0 AS INTEGER)"),
-                "(julianday(started_at) - julianday(coalesce(delay_until, created_at))) * 86400.0"
-                    .to_string(),
-            ),
-            Backend::Postgres => (
-                "now() - interval '3600 seconds'".to_string(),
-                "floor(extract(epoch from now() - completed_at) / 60)::bigint".to_string(),
-                "extract(epoch from started_at - coalesce(delay_until, created_at))::float8"
-                    .to_string(),
-            ),
-            Backend::MySql => (
-                "TIMESTAMPADD(SECOND, -3600, UTC_TIMESTAMP(6))".to_string(),
-                "TIMESTAMPDIFF(MINUTE, completed_at, UTC_TIMESTAMP(6))".to_string(),
-                "(TIMESTAMPDIFF(MICROSECOND, coalesce(delay_until, created_at), started_at) / 1e6)"
-                    .to_string(),
-            ),
-        };
+        let d = self.dialect();
+        let since = d.now_plus("-3600");
+        let minutes_ago = d.int64(&d.floor(&format!(
+            "{} / 60",
+            d.seconds_between("completed_at", d.now())
+        )));
+        let wait = d.seconds_between("coalesce(delay_until, created_at)", "started_at");
         let sql = format!(
             "SELECT minutes_ago, coalesce(result, ''), {}, max(wait) FROM ( \
                SELECT {minutes_ago} AS minutes_ago, result, {wait} AS wait \
                  FROM task_runner_requests WHERE completed_at > {since} \
                 ORDER BY completed_at DESC LIMIT 100000) AS recent \
               GROUP BY minutes_ago, result ORDER BY 1, 2",
-            self.int_sql("count(*)")
+            self.dialect().int64("count(*)")
         );
         Ok(on_pool!(self, pool => {
             query(audited(&sql)).fetch_all(pool).await?
@@ -454,7 +400,7 @@ impl Store {
             "SELECT s.schedule, {}, s.request_id FROM task_runner_schedule_slots AS s \
               WHERE s.slot = (SELECT max(slot) FROM task_runner_schedule_slots WHERE schedule = s.schedule) \
               ORDER BY s.schedule LIMIT 500",
-            self.show_time_sql("s.slot")
+            self.dialect().show_time("s.slot")
         );
         Ok(on_pool!(self, pool => {
             query(audited(&sql)).fetch_all(pool).await?
@@ -471,11 +417,7 @@ impl Store {
     /// The filter as SQL terms: the one an index serves first (state, type,
     /// queue), then the others.
     fn filter_terms(&self, filter: &RequestFilter) -> (Option<Term>, Vec<Term>) {
-        let contains = |column: &str, n: &str| match self.backend() {
-            Backend::Sqlite => format!("instr({column}, {n}) > 0"),
-            Backend::Postgres => format!("strpos({column}, {n}) > 0"),
-            Backend::MySql => format!("LOCATE({n}, {column}) > 0"),
-        };
+        let contains = |column: &str, n: &str| self.dialect().contains(column, n);
         let mut indexed = Vec::new();
         if let Some(batch) = filter.batch {
             indexed.push(("batch_id = $N".to_string(), Some(Bind::Int(batch))));
@@ -626,8 +568,8 @@ impl Store {
         // A short page: did the window end before the rows did?
         let window_sql = format!(
             "SELECT {}, {} FROM ({inner}) AS w",
-            self.int_sql("count(*)"),
-            self.int_sql("min(id)")
+            self.dialect().int64("count(*)"),
+            self.dialect().int64("min(id)")
         );
         let inner_binds = &binds[..inner_bind_count];
         let (scanned, lowest): (i64, Option<i64>) = on_pool!(self, pool => {
@@ -672,7 +614,10 @@ impl Store {
     /// How many rows a bulk action would change (at most [`BULK_LIMIT`]).
     pub async fn bulk_count(&self, filter: &RequestFilter, action: BulkAction) -> Result<i64> {
         let (select, binds) = self.bulk_select(filter, action);
-        let sql = format!("SELECT {} FROM ({select}) AS b", self.int_sql("count(*)"));
+        let sql = format!(
+            "SELECT {} FROM ({select}) AS b",
+            self.dialect().int64("count(*)")
+        );
         Ok(on_pool!(self, pool => {
             bind_all!(query(audited(&sql)), &binds).fetch_one(pool).await?.int(0)?
         }))
@@ -683,13 +628,8 @@ impl Store {
     /// ends pending rows at once and asks the daemons of running ones.
     pub async fn bulk_apply(&self, filter: &RequestFilter, action: BulkAction) -> Result<u64> {
         let (select, binds) = self.bulk_select(filter, action);
-        // MySQL neither changes a table it reads in a subquery (error 1093)
-        // nor takes `LIMIT` in `IN (…)`: the ids go through a derived table.
-        let select = match self.backend() {
-            Backend::MySql => format!("SELECT id FROM ({select}) AS chosen"),
-            Backend::Sqlite | Backend::Postgres => select,
-        };
-        let now = self.now_sql();
+        let select = self.dialect().while_changing(&select);
+        let now = self.dialect().now();
         let statements: Vec<String> = match action {
             BulkAction::Retry => vec![format!(
                 "UPDATE task_runner_requests \
@@ -722,21 +662,18 @@ impl Store {
     pub async fn batches(&self, before: Option<i64>) -> Result<Vec<BatchRow>> {
         let sql = format!(
             "SELECT {}, {}, name, state, {}, {}, {}, {}, {}, {}, {}, on_complete, on_failure \
-               FROM task_runner_batches WHERE ($1 IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
-            self.int_sql("id"),
-            self.show_time_sql("created_at"),
-            self.show_time_sql("sealed_at"),
-            self.show_time_sql("finished_at"),
-            self.int_sql("total"),
-            self.int_sql("pending"),
-            self.int_sql("finished"),
-            self.int_sql("failed"),
-            self.int_sql("cancelled"),
+               FROM task_runner_batches WHERE ({before} IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
+            self.dialect().int64("id"),
+            self.dialect().show_time("created_at"),
+            self.dialect().show_time("sealed_at"),
+            self.dialect().show_time("finished_at"),
+            self.dialect().int64("total"),
+            self.dialect().int64("pending"),
+            self.dialect().int64("finished"),
+            self.dialect().int64("failed"),
+            self.dialect().int64("cancelled"),
+            before = self.dialect().nullable_int("$1"),
         );
-        let sql = match self.backend() {
-            Backend::Postgres => sql.replace("$1 IS NULL", "$1::bigint IS NULL"),
-            Backend::Sqlite | Backend::MySql => sql,
-        };
         Ok(on_pool!(self, pool => {
             query(audited(&sql)).bind(before).bind(PAGE_SIZE + 1).fetch_all(pool).await?
                 .iter()
