@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use taskrunner::request::RequestId;
 
-use crate::util::{cli, poll, wait_until, Backend, Daemon, NewRow, Scratch, TestDb, CLI};
+use crate::util::{bare_cli, cli, poll, wait_until, Backend, Daemon, NewRow, Scratch, TestDb, CLI};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -22,21 +22,6 @@ both_backends!(
     second_sigterm_during_the_drain_stops_tasks_at_once,
     run_record_writes_what_the_daemon_writes,
 );
-
-/// `taskrunner-cli` with only the given arguments (no test database).
-fn bare_cli(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(CLI)
-        .args(args)
-        .current_dir(dir)
-        .env_remove("DATABASE_URL")
-        .output()
-        .expect("running taskrunner-cli");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
 
 /// The error line: exactly one line on stderr.
 fn one_line(stderr: &str) -> &str {

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::units::{format_duration, serde_units};
 use crate::UsageError;
 
+pub mod http;
+
 /// The task settings, declared once: the keys that may be written for one
 /// task type or, at the top level of the file, as defaults for every type.
 /// The macro adds them to each struct that takes them (serde's `flatten`
@@ -111,8 +113,8 @@ with_task_settings! {
         // Issue 7: retention and cron schedules (types in retention.rs, cron.rs).
         retention: Option<crate::retention::FileRetention>,
         schedules: Option<BTreeMap<String, crate::cron::FileSchedule>>,
-        // Issue 19: the web page and /metrics (types in web/settings.rs).
-        http: Option<crate::web::settings::FileHttp>,
+        // Issue 19: the web page and /metrics (types in config/http.rs).
+        http: Option<http::FileHttp>,
         // Issue 16: a task type run once when any request is exhausted or REJECTED.
         on_exhausted: Option<String>,
         // Issue 17: flows of steps with execute and revert (types in flow.rs).
@@ -245,7 +247,7 @@ pub struct Config {
     /// Requests enqueued on a schedule (`schedules:`), by name.
     pub schedules: BTreeMap<String, crate::cron::Schedule>,
     /// `http:`: where the daemon serves the web page and `/metrics`.
-    pub http: Option<crate::web::settings::Http>,
+    pub http: Option<http::Http>,
     /// Task type run once when any request is exhausted or REJECTED (a
     /// type's own `on_exhausted` wins).
     pub on_exhausted: Option<String>,
@@ -586,10 +588,7 @@ impl Config {
                     .map(|(name, schedule)| (name.clone(), schedule.as_written()))
                     .collect()
             }),
-            http: self
-                .http
-                .as_ref()
-                .map(crate::web::settings::Http::as_written),
+            http: self.http.as_ref().map(http::Http::as_written),
             on_exhausted: self.on_exhausted.clone(),
             flows: (!self.flows.is_empty()).then(|| self.flows.clone()),
             ..FileConfig::default()

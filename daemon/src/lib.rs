@@ -5,7 +5,8 @@
 //!
 //! - `bin/`: `taskrunnerd` and `taskrunner-cli` (flags → config → one call
 //!   here → exit code) and `taskrunner-builtin-tasks` (the built-in types).
-//! - [`config`]: file + flags + environment → one validated [`config::Config`].
+//! - [`config`]: file + flags + environment → one validated [`config::Config`];
+//!   `config/http.rs` is its `http:` key (the web page's address and access).
 //! - [`request`]: ids, states, the backoff rule.
 //! - [`flow`]: flows as declared (`flows:`): steps, retry, typed options,
 //!   `flow post` help; pure.
@@ -79,6 +80,7 @@
 //!   (tables and text), `cli/batch.rs` and `cli/flow.rs`.
 //! - [`health`], [`units`]: outage logging and backoff; durations and sizes.
 //! - [`escape`]: control characters escaped in the text log and the CLI's tables.
+//! - [`logging`]: the log on stderr, text or JSON lines.
 //!
 //! # Invariants
 //!
@@ -150,6 +152,7 @@ pub mod escape;
 pub mod flow;
 pub mod health;
 pub mod instance;
+pub mod logging;
 pub mod metrics;
 pub mod procinfo;
 pub mod prune;
@@ -162,6 +165,8 @@ pub mod supervisor;
 pub mod task_types;
 pub mod units;
 pub mod web;
+
+pub use logging::init_logging;
 
 /// A mistake of the user's (bad flag, bad config): exit status 2.
 #[derive(Debug)]
@@ -182,37 +187,4 @@ pub fn exit_code_for(error: &anyhow::Error) -> u8 {
     } else {
         1
     }
-}
-
-/// Sets up logging to stderr, as text or JSON lines.
-pub fn init_logging(format: config::LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("TASKRUNNER_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = match format {
-        // Field values (type names, stderr tails) with control characters
-        // escaped: one event, one line, no escape sequences.
-        config::LogFormat::Text => builder
-            .fmt_fields(tracing_subscriber::field::MakeExt::delimited(
-                tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
-                    let text = escape::one_line(&format!("{value:?}"));
-                    if field.name() == "message" {
-                        write!(writer, "{text}")
-                    } else {
-                        write!(writer, "{}={text}", field.name())
-                    }
-                }),
-                " ",
-            ))
-            .try_init(),
-        config::LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .try_init(),
-    };
 }

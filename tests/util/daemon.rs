@@ -333,11 +333,16 @@ impl Drop for Daemon {
 
 /// Runs `taskrunner-cli` with the test's database and returns (status, stdout, stderr).
 pub fn cli(db: &TestDb, args: &[&str]) -> (i32, String, String) {
+    let args = [&["--database-url", db.url.as_str()], args].concat();
+    bare_cli(&db.scratch.path, &args)
+}
+
+/// Runs `taskrunner-cli` in `dir` with only the given arguments (no test
+/// database) and returns (status, stdout, stderr).
+pub fn bare_cli(dir: &Path, args: &[&str]) -> (i32, String, String) {
     let output = Command::new(CLI)
-        .arg("--database-url")
-        .arg(&db.url)
         .args(args)
-        .current_dir(&db.scratch.path)
+        .current_dir(dir)
         .env_remove("DATABASE_URL")
         .output()
         .expect("running taskrunner-cli");

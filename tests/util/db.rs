@@ -59,8 +59,8 @@ impl TestDb {
         db
     }
 
-    /// An empty database (a SQLite file not yet created, a PostgreSQL
-    /// database without tables).
+    /// An empty database (a SQLite file not yet created, a PostgreSQL or
+    /// MariaDB database without tables).
     pub async fn unmigrated(backend: Backend) -> TestDb {
         let scratch = Scratch::new(match backend {
             Backend::Sqlite => "sqlite",
@@ -71,15 +71,7 @@ impl TestDb {
             Backend::Sqlite => format!("sqlite://{}", scratch.join("requests.db").display()),
             Backend::Postgres => {
                 let admin_url = postgres_admin_url();
-                let name = format!(
-                    "taskrunner_test_{}",
-                    scratch
-                        .path
-                        .file_name()
-                        .unwrap()
-                        .to_string_lossy()
-                        .replace('-', "_")
-                );
+                let name = database_name(&scratch);
                 let admin = sqlx::PgPool::connect(&admin_url)
                     .await
                     .expect("connecting to the test server");
@@ -99,15 +91,7 @@ impl TestDb {
             }
             Backend::MySql => {
                 let admin_url = mysql_admin_url();
-                let name = format!(
-                    "taskrunner_test_{}",
-                    scratch
-                        .path
-                        .file_name()
-                        .unwrap()
-                        .to_string_lossy()
-                        .replace('-', "_")
-                );
+                let name = database_name(&scratch);
                 let admin = mysql_app_pool(&admin_url).await;
                 sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                     "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
@@ -266,6 +250,12 @@ impl TestDb {
             raw,
         }
     }
+}
+
+/// The server database of a test: named after its scratch directory.
+fn database_name(scratch: &Scratch) -> String {
+    let dir = scratch.path.file_name().unwrap().to_string_lossy();
+    format!("taskrunner_test_{}", dir.replace('-', "_"))
 }
 
 /// SQL string literal.

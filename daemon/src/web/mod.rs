@@ -17,7 +17,6 @@
 
 pub mod chart;
 pub mod pages;
-pub mod settings;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -32,11 +31,11 @@ use axum::Router;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::http::{Auth, Http};
 use crate::metrics::QueueGauges;
 use crate::request::RequestId;
 use crate::store::web::{BulkAction, RequestFilter};
 use crate::store::{Change, Store};
-use settings::{Auth, Http};
 
 /// The Content-Security-Policy of every response: nothing but this
 /// server's stylesheet; no script, no inline style, no frames.
