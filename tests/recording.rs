@@ -1,6 +1,7 @@
 //! The recorder's writes about one try are applied in the order they were
 //! queued, even when one batch holds several of them.
 
+use taskrunner::instance::{ClaimToken, InstanceId};
 use taskrunner::request::{RequestId, State};
 use taskrunner::store::{Outcome, Purpose, Store, Write};
 
@@ -12,10 +13,10 @@ use crate::util::{Backend, Daemon, TestDb};
 both_backends!(a_give_back_queued_behind_an_outcome_never_overrides_it);
 multi_host_backends!(an_outcome_held_back_by_a_row_lock_is_not_taken_for_a_lost_claim);
 
-fn outcome(id: RequestId, state: State, give_back_try: bool) -> Write {
+fn outcome(id: RequestId, token: &ClaimToken, state: State, give_back_try: bool) -> Write {
     Write::Outcome(Outcome {
         id,
-        claim_token: "claim-1".into(),
+        claim_token: token.clone(),
         state,
         result_text: format!("{state:?}"),
         retry_after: None,
@@ -35,17 +36,18 @@ async fn a_give_back_queued_behind_an_outcome_never_overrides_it(backend: Backen
     for _ in 0..3 {
         ids.push(db.enqueue("NoOp", None).await);
     }
-    db.execute(
-        "UPDATE task_runner_requests SET result = 'RUNNING', claim_token = 'claim-1', tries = 1",
-    )
+    let token = InstanceId::new("recording").claim_token(1);
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET result = 'RUNNING', claim_token = '{token}', tries = 1"
+    ))
     .await;
     let store = Store::open(&db.url, Purpose::Cli).unwrap();
     let batch = vec![
-        outcome(ids[0], State::Finished, false),
-        outcome(ids[1], State::Finished, false),
-        outcome(ids[0], State::Interrupted, true),
-        outcome(ids[2], State::Failed, false),
-        outcome(ids[2], State::Interrupted, true),
+        outcome(ids[0], &token, State::Finished, false),
+        outcome(ids[1], &token, State::Finished, false),
+        outcome(ids[0], &token, State::Interrupted, true),
+        outcome(ids[2], &token, State::Failed, false),
+        outcome(ids[2], &token, State::Interrupted, true),
     ];
     let applied = store.record(&batch).await.unwrap();
     assert_eq!(applied, vec![true, true, false, true, false]);

@@ -91,10 +91,11 @@ async fn measure(bench: &Bench, backend: Backend, rows: usize) -> Result<Case> {
     let store = Store::open(&database.url, Purpose::Daemon)?;
     let claims = CLAIMS.min(pending - WARM_UP);
     let mut claims_ms = Vec::with_capacity(claims);
+    let instance = taskrunner::instance::InstanceId::new("bench");
     for index in 0..WARM_UP + claims {
-        let token = format!("bench-claim-{index}");
+        let token = instance.claim_token(index);
         let started = Instant::now();
-        let claimed = store.claim("bench", "bench:1:scale", &token, 1).await?;
+        let claimed = store.claim("bench", &instance, &token, 1).await?;
         let elapsed = started.elapsed();
         anyhow::ensure!(claimed.len() == 1, "claim {index} found no runnable row");
         if index >= WARM_UP {

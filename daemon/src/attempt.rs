@@ -87,7 +87,7 @@ pub async fn run_claimed(
         try_number: row.tries,
         echo_stderr,
         batch_id: row.batch_for_env(),
-        claim_token: Some(&row.claim_token),
+        claim_token: Some(row.claim_token.as_str()),
         options_left_out: (row.options.is_empty() && row.options_length > 0)
             .then_some(row.options_length),
     };

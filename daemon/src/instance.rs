@@ -60,9 +60,29 @@ impl std::ops::Deref for InstanceId {
 }
 
 /// The token one claim writes into the rows it takes: `instance:round`.
-/// Only its holder writes about those rows' tries.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Only its holder writes about those rows' tries: every fenced write of
+/// the store takes a `ClaimToken`, made by [`InstanceId::claim_token`] or
+/// read back from a row, never a bare string.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ClaimToken(String);
+
+impl ClaimToken {
+    /// The token a row holds, read back by the store (the reaper and the
+    /// heartbeat fence their writes on the claim they saw).
+    pub(crate) fn from_row(text: String) -> ClaimToken {
+        ClaimToken(text)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ClaimToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 impl std::ops::Deref for ClaimToken {
     type Target = str;

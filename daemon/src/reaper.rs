@@ -72,7 +72,7 @@ pub async fn reap(
             }
             if dry_run
                 || store
-                    .mark_crashed(row.id, row.claim_token.as_deref(), &reason)
+                    .mark_crashed(row.id, row.claim_token.as_ref(), &reason)
                     .await?
             {
                 reaped.push(Reaped { id: row.id, reason });
@@ -99,7 +99,7 @@ pub async fn reap(
         );
         if dry_run
             || store
-                .mark_crashed(id, claim_token.as_deref(), &reason)
+                .mark_crashed(id, claim_token.as_ref(), &reason)
                 .await?
         {
             reaped.push(Reaped { id, reason });
@@ -117,7 +117,7 @@ pub async fn reap(
         );
         if dry_run
             || store
-                .mark_crashed(row.id, row.claim_token.as_deref(), &reason)
+                .mark_crashed(row.id, row.claim_token.as_ref(), &reason)
                 .await?
         {
             reaped.push(Reaped { id: row.id, reason });

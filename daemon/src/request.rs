@@ -103,7 +103,7 @@ pub struct Claimed {
     pub tries: i64,
     pub try_limit: i64,
     /// Fences every later write about this try (see `store`).
-    pub claim_token: String,
+    pub claim_token: crate::instance::ClaimToken,
     pub queue: String,
     /// The row has a `period`: when this try ends, its next occurrence may be due.
     pub periodic: bool,

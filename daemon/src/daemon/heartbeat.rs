@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use super::recorder::Recorder;
 use super::tries::Tries;
 use crate::health::Health;
+use crate::instance::ClaimToken;
 use crate::instance::InstanceId;
 use crate::store::{Backend, Store, Write};
 use crate::supervisor::StopReason;
@@ -54,7 +55,7 @@ impl Heartbeat {
         let mut last_renewal = Instant::now();
         let mut fenced = false;
         // Rows held at the last renewal that no try of this daemon runs.
-        let mut strays: HashMap<crate::request::RequestId, String> = HashMap::new();
+        let mut strays: HashMap<crate::request::RequestId, ClaimToken> = HashMap::new();
         loop {
             let config = Setup::current_config(&self.setup);
             let self_fence_after = config
@@ -139,9 +140,9 @@ impl Heartbeat {
     fn give_back_strays(
         &self,
         held: &[crate::store::Held],
-        previous: HashMap<crate::request::RequestId, String>,
-    ) -> HashMap<crate::request::RequestId, String> {
-        let strays: HashMap<crate::request::RequestId, String> = held
+        previous: HashMap<crate::request::RequestId, ClaimToken>,
+    ) -> HashMap<crate::request::RequestId, ClaimToken> {
+        let strays: HashMap<crate::request::RequestId, ClaimToken> = held
             .iter()
             .filter(|h| {
                 !self.tries.runs(h.id, &h.claim_token)
@@ -149,7 +150,7 @@ impl Heartbeat {
             })
             .map(|h| (h.id, h.claim_token.clone()))
             .collect();
-        let lost: Vec<(crate::request::RequestId, String)> = strays
+        let lost: Vec<(crate::request::RequestId, ClaimToken)> = strays
             .iter()
             .filter(|(id, token)| previous.get(id) == Some(token))
             .map(|(id, token)| (*id, token.clone()))

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::health::{Backoff, Health, RECORDING};
+use crate::instance::ClaimToken;
 use crate::request::RequestId;
 use crate::store::{Store, Write};
 
@@ -25,7 +26,7 @@ const BUSY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Removes the pid writes of tries whose outcome is in the same batch.
 fn drop_superseded_pids(batch: &mut Vec<Write>) {
-    let ended: Vec<(RequestId, String)> = batch
+    let ended: Vec<(RequestId, ClaimToken)> = batch
         .iter()
         .filter_map(|w| match w {
             Write::Outcome(outcome) => Some((outcome.id, outcome.claim_token.clone())),
@@ -41,7 +42,7 @@ fn drop_superseded_pids(batch: &mut Vec<Write>) {
 }
 
 /// The outcomes queued and not yet applied, by row and claim.
-type Pending = Arc<std::sync::Mutex<HashMap<(RequestId, String), usize>>>;
+type Pending = Arc<std::sync::Mutex<HashMap<(RequestId, ClaimToken), usize>>>;
 
 /// A handle for queueing writes; cheap to clone.
 #[derive(Clone)]
@@ -64,12 +65,12 @@ impl Recorder {
     /// Whether an outcome of row `id` under `claim_token` is queued and not
     /// yet written: the row is still RUNNING in the table, but its try is
     /// over.
-    pub(super) fn outcome_pending(&self, id: RequestId, claim_token: &str) -> bool {
-        lock(&self.pending).contains_key(&(id, claim_token.to_string()))
+    pub(super) fn outcome_pending(&self, id: RequestId, claim_token: &ClaimToken) -> bool {
+        lock(&self.pending).contains_key(&(id, claim_token.clone()))
     }
 }
 
-fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, HashMap<(RequestId, String), usize>> {
+fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, HashMap<(RequestId, ClaimToken), usize>> {
     pending
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -207,7 +208,7 @@ mod tests {
     fn pid(id: i64, token: &str) -> Write {
         Write::Pid {
             id: RequestId(id),
-            claim_token: token.into(),
+            claim_token: ClaimToken::from_row(token.into()),
             pid: 1,
             boot_id: String::new(),
             start_ticks: 0,
@@ -217,7 +218,7 @@ mod tests {
     fn outcome(id: i64, token: &str) -> Write {
         Write::Outcome(Outcome {
             id: RequestId(id),
-            claim_token: token.into(),
+            claim_token: ClaimToken::from_row(token.into()),
             state: State::Finished,
             result_text: String::new(),
             retry_after: None,

@@ -296,7 +296,7 @@ impl Scheduler {
     async fn claim_round(
         &self,
         config: &crate::config::Config,
-        token: &str,
+        token: &crate::instance::ClaimToken,
         (mut budget, mut slots): (usize, usize),
         running_by_queue: &HashMap<String, usize>,
     ) -> anyhow::Result<(Vec<Claimed>, bool)> {

@@ -10,13 +10,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::control::RunningTask;
+use crate::instance::ClaimToken;
 use crate::request::RequestId;
 use crate::supervisor::StopReason;
 
 /// A try this daemon is running.
 pub struct LiveTry {
     pub task: String,
-    pub claim_token: String,
+    pub claim_token: ClaimToken,
     pub pid: Option<u32>,
     pub started: Instant,
     pub try_number: i64,
@@ -43,7 +44,7 @@ struct Inner {
 /// A progress line to write to a try's row.
 pub struct Progress {
     pub id: RequestId,
-    pub claim_token: String,
+    pub claim_token: ClaimToken,
     pub text: String,
 }
 
@@ -114,10 +115,10 @@ impl Tries {
 
     /// This daemon no longer holds `id` under `claim_token`: stops its try
     /// if it still runs under that claim. True if it was told to stop.
-    pub fn lost(&self, id: RequestId, claim_token: &str) -> bool {
+    pub fn lost(&self, id: RequestId, claim_token: &ClaimToken) -> bool {
         let inner = self.lock();
         match inner.tries.get(&id) {
-            Some(live) if live.claim_token == claim_token => {
+            Some(live) if live.claim_token == *claim_token => {
                 live.stop.send_replace(Some(StopReason::LostClaim));
                 true
             }
@@ -126,15 +127,15 @@ impl Tries {
     }
 
     /// Whether a try of this daemon runs `id` under `claim_token`.
-    pub fn runs(&self, id: RequestId, claim_token: &str) -> bool {
+    pub fn runs(&self, id: RequestId, claim_token: &ClaimToken) -> bool {
         self.lock()
             .tries
             .get(&id)
-            .is_some_and(|live| live.claim_token == claim_token)
+            .is_some_and(|live| live.claim_token == *claim_token)
     }
 
     /// Every try with the claim token it runs under.
-    pub fn claims(&self) -> Vec<(RequestId, String)> {
+    pub fn claims(&self) -> Vec<(RequestId, ClaimToken)> {
         self.lock()
             .tries
             .iter()

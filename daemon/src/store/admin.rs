@@ -103,7 +103,7 @@ pub enum Change {
 }
 
 impl Store {
-    pub async fn enqueue(&self, request: &NewRequest) -> Result<RequestId> {
+    pub(crate) async fn enqueue(&self, request: &NewRequest) -> Result<RequestId> {
         if let Some(unique_key) = &request.unique_key {
             return self.enqueue_unique(request, unique_key).await;
         }
@@ -145,7 +145,7 @@ impl Store {
     }
 
     /// The rows `query` selects, newest first.
-    pub async fn list_where(&self, list: &ListQuery) -> Result<Vec<Request>> {
+    pub(crate) async fn list_where(&self, list: &ListQuery) -> Result<Vec<Request>> {
         let text = |value: &Option<String>| value.clone().unwrap_or_default();
         Ok(on_pool!(self, pool => {
             query(self.sql.list_where.as_str())
@@ -167,7 +167,7 @@ impl Store {
     /// Makes a row runnable again (`retry`); refused while it runs. A
     /// member's batch is recounted (a batch that already ended stays ended:
     /// its callback is not made again).
-    pub async fn retry(&self, id: RequestId) -> Result<Change> {
+    pub(crate) async fn retry(&self, id: RequestId) -> Result<Change> {
         if self.execute_by_id(self.sql.retry.as_str(), id).await? {
             if let Some(batch_id) = self.show(id).await?.and_then(|row| row.batch_id) {
                 self.recount_batch(batch_id).await?;
@@ -179,7 +179,7 @@ impl Store {
 
     /// Cancels a pending row at once (through [`finalize`](Store::finalize):
     /// its batch counts it), or asks the daemon running it to stop it.
-    pub async fn cancel(&self, id: RequestId) -> Result<Change> {
+    pub(crate) async fn cancel(&self, id: RequestId) -> Result<Change> {
         if self.finalize(Ending::Cancelled(id)).await? {
             return Ok(Change::Done);
         }
@@ -194,7 +194,7 @@ impl Store {
 
     /// Deletes final and exhausted rows completed more than `older_than` ago,
     /// in batches of `batch` rows so that claims never wait long.
-    pub async fn purge(&self, older_than: Duration, batch: i64) -> Result<u64> {
+    pub(crate) async fn purge(&self, older_than: Duration, batch: i64) -> Result<u64> {
         let mut total = 0;
         loop {
             let deleted = on_pool!(self, pool => {
@@ -228,7 +228,7 @@ impl Store {
     }
 
     /// How many rows are in each state (`PENDING`: never run).
-    pub async fn count_by_result(&self) -> Result<Vec<(String, i64)>> {
+    pub(crate) async fn count_by_result(&self) -> Result<Vec<(String, i64)>> {
         Ok(on_pool!(self, pool => {
             let query = query(self.sql.count_by_result.as_str());
             query.fetch_all(pool).await?

@@ -6,6 +6,7 @@ use anyhow::Result;
 use sqlx::query;
 
 use super::{begin_write, Pool, RowExt, Store};
+use crate::instance::ClaimToken;
 use crate::request::{Claimed, RequestId};
 
 /// Which runnable rows a claim may take.
@@ -23,7 +24,7 @@ pub struct ClaimFilter<'a> {
 
 pub(super) fn claimed_from_row(
     row: &impl RowExt,
-    claim_token: &str,
+    claim_token: &ClaimToken,
 ) -> sqlx::Result<(i64, Claimed)> {
     Ok((
         row.int(5)?,
@@ -33,7 +34,7 @@ pub(super) fn claimed_from_row(
             options: row.opt_bytes(2)?.unwrap_or_default(),
             tries: row.int(3)?,
             try_limit: row.int(4)?,
-            claim_token: claim_token.to_string(),
+            claim_token: claim_token.clone(),
             queue: row.text(6)?,
             periodic: row.int(7)? > 0,
             waited: row.opt_float(8)?.unwrap_or(0.0),
@@ -53,7 +54,7 @@ macro_rules! bind_claim {
     ($query:expr, ($claim_token:expr, $instance:expr, $host:expr), $limit:expr, $filter:expr, $task:expr, $excluded:expr, $cap:expr $(,)?) => {{
         let filter: &ClaimFilter<'_> = $filter;
         $query
-            .bind($claim_token)
+            .bind($claim_token.as_str())
             .bind($instance)
             .bind($host)
             .bind($limit)
@@ -79,7 +80,7 @@ impl Store {
         &self,
         host: &str,
         instance: &str,
-        claim_token: &str,
+        claim_token: &ClaimToken,
         limit: usize,
     ) -> Result<Vec<Claimed>> {
         self.claim_filtered(
@@ -97,7 +98,7 @@ impl Store {
 
     /// Claims leave out options longer than `max_options` bytes (the row's
     /// try is then rejected without the value ever being read).
-    pub fn set_max_options(&self, max_options: u64) {
+    pub(crate) fn set_max_options(&self, max_options: u64) {
         self.max_options
             .store(max_options, std::sync::atomic::Ordering::Relaxed);
     }
@@ -109,11 +110,11 @@ impl Store {
     }
 
     /// Claims up to `limit` runnable rows that pass `filter`, in one statement.
-    pub async fn claim_filtered(
+    pub(crate) async fn claim_filtered(
         &self,
         host: &str,
         instance: &str,
-        claim_token: &str,
+        claim_token: &ClaimToken,
         limit: usize,
         filter: &ClaimFilter<'_>,
     ) -> Result<Vec<Claimed>> {
@@ -146,11 +147,11 @@ impl Store {
     /// Claims rows of `task`, a type with a concurrency limit across all
     /// daemons: under a lock per type (PostgreSQL advisory lock; SQLite's
     /// single writer), counts its running rows and claims at most the rest.
-    pub async fn claim_limited(
+    pub(crate) async fn claim_limited(
         &self,
         host: &str,
         instance: &str,
-        claim_token: &str,
+        claim_token: &ClaimToken,
         limit: usize,
         filter: &ClaimFilter<'_>,
         type_limit: u32,
@@ -206,12 +207,12 @@ impl Store {
     }
 
     /// Claims one given row if it is runnable (its delay ignored).
-    pub async fn claim_one(
+    pub(crate) async fn claim_one(
         &self,
         id: RequestId,
         host: &str,
         instance: &str,
-        claim_token: &str,
+        claim_token: &ClaimToken,
     ) -> Result<Option<Claimed>> {
         if let Pool::MySql(pool) = &self.pool {
             return self
@@ -220,7 +221,7 @@ impl Store {
         }
         let rows = on_pool!(self, pool => {
             let query = query(self.sql.claim_one.as_str())
-                .bind(claim_token)
+                .bind(claim_token.as_str())
                 .bind(instance)
                 .bind(host)
                 .bind(id.0)
@@ -234,7 +235,7 @@ impl Store {
     }
 
     /// Seconds until the earliest delayed runnable row is due, if any.
-    pub async fn seconds_until_next_delay(&self) -> Result<Option<f64>> {
+    pub(crate) async fn seconds_until_next_delay(&self) -> Result<Option<f64>> {
         self.count_statements(1);
         Ok(on_pool!(self, pool => {
             let query = query(self.sql.next_delay.as_str());

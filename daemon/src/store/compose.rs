@@ -39,6 +39,7 @@ use sqlx::sqlite::SqliteRow;
 
 use super::sql::{unfinished, Dialect};
 use super::{begin_write, Backend, Outcome, Pool, RowExt, Store};
+use crate::instance::ClaimToken;
 use crate::request::RequestId;
 
 /// How a request may become final; each is written by [`Store::finalize`].
@@ -51,7 +52,7 @@ pub enum Ending<'a> {
     /// token it read); exhausted when no tries are left.
     Crashed {
         id: RequestId,
-        claim_token: Option<&'a str>,
+        claim_token: Option<&'a ClaimToken>,
         reason: &'a str,
     },
     /// A user cancelled a row that is not running.
@@ -562,7 +563,7 @@ impl Store {
     }
 
     /// The config's `on_exhausted:` hooks, which every finalization applies.
-    pub fn set_hooks(&self, hooks: Hooks) {
+    pub(crate) fn set_hooks(&self, hooks: Hooks) {
         *self.hooks.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(hooks);
     }
 
@@ -574,7 +575,7 @@ impl Store {
     /// now final, everything that causes, in one transaction under the lock
     /// of its batch row. Returns whether the write applied (false: the row
     /// was no longer this try's claim, or not cancellable; nothing changed).
-    pub async fn finalize(&self, ending: Ending<'_>) -> Result<bool> {
+    pub(crate) async fn finalize(&self, ending: Ending<'_>) -> Result<bool> {
         if let Pool::MySql(_) = &self.pool {
             // InnoDB may pick this transaction as a deadlock's victim.
             return super::mysql::retry_locks(&self.lock_retries, || self.finalize_once(&ending))
@@ -615,7 +616,7 @@ impl Store {
                         Int(i64::from(outcome.give_back_try)),
                         Param::OptFloat(outcome.retry_after),
                         Int(id.0),
-                        Text(&outcome.claim_token),
+                        Text(outcome.claim_token.as_str()),
                     ],
                 )
                 .await?
@@ -627,7 +628,11 @@ impl Store {
             } => {
                 tx.execute(
                     &sql.mark_crashed,
-                    &[Text(reason), Int(id.0), OptText(*claim_token)],
+                    &[
+                        Text(reason),
+                        Int(id.0),
+                        OptText(claim_token.map(ClaimToken::as_str)),
+                    ],
                 )
                 .await?
             }
@@ -954,7 +959,7 @@ impl Store {
     /// after their last member ended; a fail-fast failure found at seal
     /// time), and recounts batches whose counts disagree with their
     /// members. Returns how many batches it looked at.
-    pub async fn repair_batches(&self) -> Result<usize> {
+    pub(crate) async fn repair_batches(&self) -> Result<usize> {
         let c = self.compose();
         self.count_statements(1);
         let candidates: Vec<i64> = on_pool!(self, pool => {
@@ -982,7 +987,7 @@ impl Store {
     }
 
     /// Inserts a batch and returns its id.
-    pub async fn create_batch(&self, batch: &NewBatch) -> Result<i64> {
+    pub(crate) async fn create_batch(&self, batch: &NewBatch) -> Result<i64> {
         let c = self.compose();
         // The body once, for sqlx's queries and MySQL's alike.
         macro_rules! bind_batch {
@@ -1009,7 +1014,7 @@ impl Store {
 
     /// Seals a batch (no callback before it is sealed); it ends at once if
     /// its members already have. `None`: no such batch.
-    pub async fn seal_batch(&self, batch_id: i64) -> Result<Option<Batch>> {
+    pub(crate) async fn seal_batch(&self, batch_id: i64) -> Result<Option<Batch>> {
         let c = self.compose();
         let mut tx = Tx::begin(self).await?;
         if tx.fetch(&c.lock_batch, &[Int(batch_id)]).await?.is_empty() {
@@ -1024,7 +1029,7 @@ impl Store {
 
     /// Cancels a batch: its unstarted members are CANCELLED, running ones
     /// finish, and it ends CANCELLED without a callback.
-    pub async fn cancel_batch(&self, batch_id: i64) -> Result<BatchChange> {
+    pub(crate) async fn cancel_batch(&self, batch_id: i64) -> Result<BatchChange> {
         let c = self.compose();
         let mut tx = Tx::begin(self).await?;
         if tx.fetch(&c.lock_batch, &[Int(batch_id)]).await?.is_empty() {
@@ -1050,7 +1055,7 @@ impl Store {
     }
 
     /// One batch, as stored.
-    pub async fn batch(&self, batch_id: i64) -> Result<Option<Batch>> {
+    pub(crate) async fn batch(&self, batch_id: i64) -> Result<Option<Batch>> {
         let c = self.compose();
         Ok(on_pool!(self, pool => {
             let rows = query(c.batch_row.as_str()).bind(batch_id).fetch_all(pool).await?;
@@ -1062,7 +1067,7 @@ impl Store {
     }
 
     /// The newest batches.
-    pub async fn list_batches(&self, limit: i64) -> Result<Vec<Batch>> {
+    pub(crate) async fn list_batches(&self, limit: i64) -> Result<Vec<Batch>> {
         let c = self.compose();
         Ok(on_pool!(self, pool => {
             query(c.list_batches.as_str())
@@ -1077,7 +1082,10 @@ impl Store {
 
     /// A batch's members by state (`PENDING`: never run; exhausted rows
     /// apart from those still to be retried): (state, exhausted, count).
-    pub async fn batch_members_by_state(&self, batch_id: i64) -> Result<Vec<(String, bool, i64)>> {
+    pub(crate) async fn batch_members_by_state(
+        &self,
+        batch_id: i64,
+    ) -> Result<Vec<(String, bool, i64)>> {
         let c = self.compose();
         Ok(on_pool!(self, pool => {
             query(c.members_by_state.as_str())
@@ -1091,14 +1099,14 @@ impl Store {
     }
 
     /// The callbacks a batch's end created: (id, task, result, unique_key).
-    pub async fn batch_callbacks(&self, batch_id: i64) -> Result<Vec<CallbackRow>> {
+    pub(crate) async fn batch_callbacks(&self, batch_id: i64) -> Result<Vec<CallbackRow>> {
         self.callbacks(&self.compose().callbacks_of_batch, batch_id)
             .await
     }
 
     /// The callbacks a request's final outcome created (its `on_success`
     /// or `on_failure`): (id, task, result, unique_key).
-    pub async fn request_callbacks(&self, request_id: i64) -> Result<Vec<CallbackRow>> {
+    pub(crate) async fn request_callbacks(&self, request_id: i64) -> Result<Vec<CallbackRow>> {
         self.callbacks(&self.compose().callbacks_of_request, request_id)
             .await
     }

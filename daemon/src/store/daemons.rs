@@ -28,7 +28,7 @@ const FORGET_AFTER: Duration = Duration::from_secs(7 * 86_400);
 
 impl Store {
     /// Writes this daemon's row (and forgets daemons silent for a week).
-    pub async fn register_daemon(&self, me: &DaemonPresence<'_>) -> Result<()> {
+    pub(crate) async fn register_daemon(&self, me: &DaemonPresence<'_>) -> Result<()> {
         let now = self.dialect().now();
         let forget = format!(
             "DELETE FROM task_runner_daemons WHERE heartbeat_at < {}",
@@ -56,7 +56,7 @@ impl Store {
     }
 
     /// This daemon is alive and runs `running` tries.
-    pub async fn daemon_heartbeat(&self, instance: &str, running: usize) -> Result<()> {
+    pub(crate) async fn daemon_heartbeat(&self, instance: &str, running: usize) -> Result<()> {
         let sql = format!(
             "UPDATE task_runner_daemons SET heartbeat_at = {}, running = $2 WHERE instance = $1",
             self.dialect().now()
@@ -72,7 +72,7 @@ impl Store {
     }
 
     /// This daemon stopped cleanly.
-    pub async fn daemon_stopped(&self, instance: &str) -> Result<()> {
+    pub(crate) async fn daemon_stopped(&self, instance: &str) -> Result<()> {
         let now = self.dialect().now();
         let sql = format!(
             "UPDATE task_runner_daemons SET stopped_at = {now}, heartbeat_at = {now}, running = 0 \

@@ -600,7 +600,7 @@ impl Store {
     /// fills the store, creates the first step's row. A flow whose name is
     /// unknown, or whose options do not fit, ends FAILED saying why.
     /// Returns how many flows it took or failed.
-    pub async fn take_flows(&self, flows: &BTreeMap<String, Definition>) -> Result<usize> {
+    pub(crate) async fn take_flows(&self, flows: &BTreeMap<String, Definition>) -> Result<usize> {
         let f = self.flow_sql();
         let candidates = self.flow_ids(&f.untaken).await?;
         for flow_id in &candidates {
@@ -671,7 +671,7 @@ impl Store {
     /// The repair pass for flows: advances active flows that have no open
     /// row (their current row was ended, retried or deleted by plain SQL,
     /// outside [`Store::finalize`]). Returns how many it looked at.
-    pub async fn repair_flows(&self) -> Result<usize> {
+    pub(crate) async fn repair_flows(&self) -> Result<usize> {
         let candidates = self.flow_ids(&self.flow_sql().stuck).await?;
         for flow_id in &candidates {
             let mut tx = Tx::begin(self).await?;
@@ -685,7 +685,7 @@ impl Store {
     }
 
     /// Inserts a flow (`flow post`, the SDK) and returns its id; a daemon takes it.
-    pub async fn post_flow(&self, name: &str, options: Option<&str>) -> Result<i64> {
+    pub(crate) async fn post_flow(&self, name: &str, options: Option<&str>) -> Result<i64> {
         let sql = self.flow_sql().insert_flow.as_str();
         Ok(on_pool!(self, pool => {
             query(sql).bind(name).bind(options).fetch_all(pool).await?[0].int(0)?
@@ -713,7 +713,7 @@ impl Store {
     }
 
     /// The newest flows (older than the flow `before`, for paging).
-    pub async fn list_flows(&self, before: Option<i64>, limit: i64) -> Result<Vec<Flow>> {
+    pub(crate) async fn list_flows(&self, before: Option<i64>, limit: i64) -> Result<Vec<Flow>> {
         let f = self.flow_sql();
         Ok(on_pool!(self, pool => {
             query(f.list_flows.as_str())
@@ -814,7 +814,7 @@ impl Store {
     /// end advances nothing). With `revert`: its current execute is
     /// cancelled the same way, and once it has ended the flow reverts its
     /// steps (that one's first) and ends CANCELLED, never starting again.
-    pub async fn cancel_flow(&self, flow_id: i64, revert: bool) -> Result<FlowChange> {
+    pub(crate) async fn cancel_flow(&self, flow_id: i64, revert: bool) -> Result<FlowChange> {
         let f = self.flow_sql();
         let mut tx = Tx::begin(self).await?;
         if !self.lock_flow(&mut tx, flow_id).await? {

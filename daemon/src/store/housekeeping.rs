@@ -34,7 +34,7 @@ impl Prunable {
 
 impl Store {
     /// Deletes up to `batch` rows of `kind` completed more than `age` ago.
-    pub async fn prune(&self, kind: Prunable, age: Duration, batch: i64) -> Result<u64> {
+    pub(crate) async fn prune(&self, kind: Prunable, age: Duration, batch: i64) -> Result<u64> {
         let sql = self.sql;
         Ok(on_pool!(self, pool => {
             let query = match kind {
@@ -59,7 +59,7 @@ impl Store {
 
     /// The database's clock, as seconds since the epoch (every daemon
     /// agrees on it, whatever their own clocks say).
-    pub async fn database_now(&self) -> Result<f64> {
+    pub(crate) async fn database_now(&self) -> Result<f64> {
         let now: Option<f64> = on_pool!(self, pool => {
             let query = query(self.sql.database_now.as_str());
             match query.fetch_all(pool).await?.first() {
@@ -71,7 +71,7 @@ impl Store {
     }
 
     /// The latest slot enqueued for `schedule`, as seconds since the epoch.
-    pub async fn last_slot(&self, schedule: &str) -> Result<Option<f64>> {
+    pub(crate) async fn last_slot(&self, schedule: &str) -> Result<Option<f64>> {
         Ok(on_pool!(self, pool => {
             let query = query(self.sql.last_slot.as_str()).bind(schedule);
             match query.fetch_all(pool).await?.first() {
@@ -85,7 +85,7 @@ impl Store {
     /// already did: the slot row and the request are inserted in one
     /// transaction, the request only if the slot row was new. Returns the
     /// new request's id, or `None` if the slot was taken.
-    pub async fn enqueue_slot(
+    pub(crate) async fn enqueue_slot(
         &self,
         schedule: &str,
         slot: &str,
@@ -138,7 +138,7 @@ impl Store {
 
     /// Forgets slots of `schedule` older than an hour, keeping the latest
     /// (which is what tells a restarted daemon what it missed).
-    pub async fn forget_old_slots(&self, schedule: &str) -> Result<u64> {
+    pub(crate) async fn forget_old_slots(&self, schedule: &str) -> Result<u64> {
         Ok(on_pool!(self, pool => {
             let query = query(self.sql.forget_old_slots.as_str()).bind(schedule);
             query.execute(pool).await?.rows_affected()

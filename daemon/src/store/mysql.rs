@@ -27,6 +27,7 @@ use sqlx::mysql::{MySql, MySqlArguments, MySqlDatabaseError, MySqlQueryResult, M
 use sqlx::{Arguments, Row};
 
 use super::{ClaimFilter, RowExt, Store};
+use crate::instance::ClaimToken;
 use crate::request::Claimed;
 use sqlx::{Acquire, MySqlPool};
 
@@ -409,7 +410,7 @@ impl Store {
     pub(super) async fn claim_mysql(
         &self,
         pool: &MySqlPool,
-        claim: (&str, &str, &str),
+        claim: (&ClaimToken, &str, &str),
         limit: usize,
         filter: &ClaimFilter<'_>,
         type_limit: Option<u32>,
@@ -448,7 +449,7 @@ impl Store {
     async fn claim_mysql_transaction(
         &self,
         connection: &mut sqlx::MySqlConnection,
-        (claim_token, instance, host): (&str, &str, &str),
+        (claim_token, instance, host): (&ClaimToken, &str, &str),
         limit: usize,
         filter: &ClaimFilter<'_>,
         type_limit: Option<u32>,
@@ -483,7 +484,7 @@ impl Store {
                 .replace("{excluded}", &parameter_list(8, excluded_tasks.len()))
         };
         let mut select_ids = query(sqlx::AssertSqlSafe(select))
-            .bind(claim_token)
+            .bind(claim_token.as_str())
             .bind(instance)
             .bind(host)
             .bind(room)
@@ -508,7 +509,7 @@ impl Store {
             .claim_update
             .replace("{ids}", &parameter_list(4, ids.len()));
         let mut update = query(sqlx::AssertSqlSafe(update))
-            .bind(claim_token)
+            .bind(claim_token.as_str())
             .bind(instance)
             .bind(host);
         for id in &ids {
@@ -541,7 +542,7 @@ impl Store {
         &self,
         pool: &MySqlPool,
         id: i64,
-        (claim_token, instance, host): (&str, &str, &str),
+        (claim_token, instance, host): (&ClaimToken, &str, &str),
     ) -> anyhow::Result<Option<Claimed>> {
         let sql = self.sql;
         retry_locks(&self.lock_retries, || async {
@@ -552,7 +553,7 @@ impl Store {
                 .next()
                 .unwrap_or_default();
             let took = query(sqlx::AssertSqlSafe(update.to_string()))
-                .bind(claim_token)
+                .bind(claim_token.as_str())
                 .bind(instance)
                 .bind(host)
                 .bind(id)

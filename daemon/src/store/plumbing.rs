@@ -190,24 +190,24 @@ impl Store {
     }
 
     /// Statements sent so far by the daemon's own work (see the field).
-    pub fn statements_sent(&self) -> u64 {
+    pub(crate) fn statements_sent(&self) -> u64 {
         self.statements.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Counts `n` statements sent (round trips).
-    pub fn count_statements(&self, n: u64) {
+    pub(crate) fn count_statements(&self, n: u64) {
         self.statements
             .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// MariaDB/MySQL: transactions run again after a deadlock (1213) or a
     /// lock-wait timeout (1205) so far.
-    pub fn lock_retries(&self) -> u64 {
+    pub(crate) fn lock_retries(&self) -> u64 {
         self.lock_retries.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The MariaDB/MySQL pool, for the wake-up check.
-    pub fn mysql_pool(&self) -> Option<&MySqlPool> {
+    pub(crate) fn mysql_pool(&self) -> Option<&MySqlPool> {
         match &self.pool {
             Pool::MySql(pool) => Some(pool),
             _ => None,
@@ -215,7 +215,7 @@ impl Store {
     }
 
     /// The PostgreSQL pool, for LISTEN.
-    pub fn postgres_pool(&self) -> Option<&PgPool> {
+    pub(crate) fn postgres_pool(&self) -> Option<&PgPool> {
         match &self.pool {
             Pool::Postgres(pool) => Some(pool),
             _ => None,
@@ -223,7 +223,7 @@ impl Store {
     }
 
     /// The SQLite pool, for cheap change detection.
-    pub fn sqlite_pool(&self) -> Option<&SqlitePool> {
+    pub(crate) fn sqlite_pool(&self) -> Option<&SqlitePool> {
         match &self.pool {
             Pool::Sqlite(pool) => Some(pool),
             _ => None,
@@ -278,7 +278,7 @@ impl Store {
     /// cannot be read, and would stop every claim; refused at start.
     /// MariaDB/MySQL: a server older than the minimum is refused at start,
     /// naming the version found and the one needed.
-    pub async fn check_encoding(&self) -> Result<()> {
+    pub(crate) async fn check_encoding(&self) -> Result<()> {
         if let Pool::MySql(pool) = &self.pool {
             let version: String = sqlx::query_scalar("SELECT VERSION()")
                 .fetch_one(pool)
@@ -312,7 +312,7 @@ impl Store {
     /// with this binary's. A schema that is missing, older or newer is a
     /// [`SchemaMismatch`] naming what differs; a database that cannot be
     /// reached is a plain error (retried).
-    pub async fn check_schema(&self) -> Result<()> {
+    pub(crate) async fn check_schema(&self) -> Result<()> {
         self.check_encoding().await?;
         let migrator = self.migrator();
         let known: Vec<i64> = migrator

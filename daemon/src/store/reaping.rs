@@ -7,6 +7,7 @@ use anyhow::Result;
 use sqlx::query;
 
 use super::{Ending, Pool, RowExt, Store};
+use crate::instance::ClaimToken;
 use crate::request::RequestId;
 
 /// A RUNNING row of this host, as the reaper probes it.
@@ -18,7 +19,7 @@ pub struct RunningRow {
     pub start_ticks: Option<i64>,
     /// `started_at` as seconds since the epoch.
     pub started_at: Option<f64>,
-    pub claim_token: Option<String>,
+    pub claim_token: Option<ClaimToken>,
     pub claimed_by: String,
 }
 
@@ -27,13 +28,13 @@ pub struct RunningRow {
 pub struct LapsedRow {
     pub id: RequestId,
     pub host: String,
-    pub claim_token: Option<String>,
+    pub claim_token: Option<ClaimToken>,
     pub heartbeat_at: Option<String>,
 }
 
 impl Store {
     /// RUNNING rows of `host` with a pid, except those held by `exclude_instance`.
-    pub async fn running_on_host(
+    pub(crate) async fn running_on_host(
         &self,
         host: &str,
         exclude_instance: &str,
@@ -51,7 +52,7 @@ impl Store {
                     boot_id: row.opt_text(2)?,
                     start_ticks: row.opt_int(3)?,
                     started_at: row.opt_float(4)?,
-                    claim_token: row.opt_text(5)?,
+                    claim_token: row.opt_text(5)?.map(ClaimToken::from_row),
                     claimed_by: row.text(6)?,
                 }))
                 .collect::<sqlx::Result<_>>()?
@@ -60,11 +61,11 @@ impl Store {
 
     /// RUNNING rows of `host` without a pid, except those held by
     /// `exclude_instance`: (id, claim token, claimed_by).
-    pub async fn unstarted_on_host(
+    pub(crate) async fn unstarted_on_host(
         &self,
         host: &str,
         exclude_instance: &str,
-    ) -> Result<Vec<(RequestId, Option<String>, String)>> {
+    ) -> Result<Vec<(RequestId, Option<ClaimToken>, String)>> {
         self.count_statements(1);
         Ok(on_pool!(self, pool => {
             let query = query(self.sql.unstarted_on_host.as_str())
@@ -72,13 +73,19 @@ impl Store {
                 .bind(exclude_instance);
             query.fetch_all(pool).await?
                 .iter()
-                .map(|row| Ok((RequestId(row.int(0)?), row.opt_text(1)?, row.text(2)?)))
+                .map(|row| {
+                    Ok((
+                        RequestId(row.int(0)?),
+                        row.opt_text(1)?.map(ClaimToken::from_row),
+                        row.text(2)?,
+                    ))
+                })
                 .collect::<sqlx::Result<_>>()?
         }))
     }
 
     /// RUNNING rows (any host) whose heartbeat is older than `lease`.
-    pub async fn lapsed_leases(
+    pub(crate) async fn lapsed_leases(
         &self,
         lease: Duration,
         exclude_instance: &str,
@@ -93,7 +100,7 @@ impl Store {
                 .map(|row| Ok(LapsedRow {
                     id: RequestId(row.int(0)?),
                     host: row.text(1)?,
-                    claim_token: row.opt_text(2)?,
+                    claim_token: row.opt_text(2)?.map(ClaimToken::from_row),
                     heartbeat_at: row.opt_text(3)?,
                 }))
                 .collect::<sqlx::Result<_>>()?
@@ -103,10 +110,10 @@ impl Store {
     /// Marks a row CRASHED if it still carries the claim token read before;
     /// it runs again at once (its try counts), or, with no tries left, is
     /// exhausted: written by [`finalize`](Store::finalize) with what that causes.
-    pub async fn mark_crashed(
+    pub(crate) async fn mark_crashed(
         &self,
         id: RequestId,
-        claim_token: Option<&str>,
+        claim_token: Option<&ClaimToken>,
         reason: &str,
     ) -> Result<bool> {
         self.finalize(Ending::Crashed {

@@ -10,6 +10,7 @@ use sqlx::query;
 
 use super::sql::Sql;
 use super::{begin_write, mysql, Ending, Pool, RowExt, Store};
+use crate::instance::ClaimToken;
 use crate::request::{RequestId, State};
 
 /// The one-row statement for a write (SQLite and MySQL, and progress
@@ -55,14 +56,14 @@ pub enum Write {
     /// The process was spawned: pid and the identity the reaper checks.
     Pid {
         id: RequestId,
-        claim_token: String,
+        claim_token: ClaimToken,
         pid: i64,
         boot_id: String,
         start_ticks: i64,
     },
     Progress {
         id: RequestId,
-        claim_token: String,
+        claim_token: ClaimToken,
         text: String,
     },
     Outcome(Outcome),
@@ -77,7 +78,7 @@ impl Write {
     }
 
     /// The claim the write is fenced by.
-    pub fn claim_token(&self) -> &str {
+    pub fn claim_token(&self) -> &ClaimToken {
         match self {
             Write::Pid { claim_token, .. } | Write::Progress { claim_token, .. } => claim_token,
             Write::Outcome(outcome) => &outcome.claim_token,
@@ -89,7 +90,7 @@ impl Write {
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub id: RequestId,
-    pub claim_token: String,
+    pub claim_token: ClaimToken,
     pub state: State,
     pub result_text: String,
     /// Seconds until the row may run again; `None` clears `delay_until`.
@@ -105,7 +106,7 @@ pub struct Outcome {
 
 /// For each write, whether an outcome of the same claim comes before it.
 fn writes_after_their_outcome(writes: &[Write]) -> Vec<bool> {
-    let mut ended: HashSet<(RequestId, &str)> = HashSet::new();
+    let mut ended: HashSet<(RequestId, &ClaimToken)> = HashSet::new();
     writes
         .iter()
         .map(|write| {
@@ -123,7 +124,7 @@ fn writes_after_their_outcome(writes: &[Write]) -> Vec<bool> {
 #[derive(Debug, Clone)]
 pub struct Held {
     pub id: RequestId,
-    pub claim_token: String,
+    pub claim_token: ClaimToken,
     pub cancel_requested: bool,
 }
 
@@ -268,7 +269,7 @@ impl Store {
                     .map(|o| {
                         serde_json::json!([
                             o.id.0,
-                            o.claim_token,
+                            o.claim_token.as_str(),
                             o.state.as_str(),
                             o.result_text,
                             i64::from(o.give_back_try),
@@ -294,7 +295,7 @@ impl Store {
 
     /// Renews `heartbeat_at` on every row `instance` holds (one statement),
     /// then reads which rows it still holds and which a user asked to cancel.
-    pub async fn renew_heartbeats(&self, instance: &str) -> Result<Vec<Held>> {
+    pub(crate) async fn renew_heartbeats(&self, instance: &str) -> Result<Vec<Held>> {
         if let Pool::MySql(_) = &self.pool {
             return mysql::retry_locks(&self.lock_retries, || self.renew_heartbeats_once(instance))
                 .await;
@@ -311,7 +312,7 @@ impl Store {
                 .iter()
                 .map(|row| Ok(Held {
                     id: RequestId(row.int(0)?),
-                    claim_token: row.text(1)?,
+                    claim_token: ClaimToken::from_row(row.text(1)?),
                     cancel_requested: row.int(2)? != 0,
                 }))
                 .collect::<sqlx::Result<_>>()?

@@ -188,7 +188,7 @@ macro_rules! bind_all {
 impl Store {
     /// The queues that have rows not final, in name order (at most `limit`):
     /// one index look-up per queue, by the least name above the previous one.
-    pub async fn open_queues(&self, limit: usize) -> Result<Vec<String>> {
+    pub(crate) async fn open_queues(&self, limit: usize) -> Result<Vec<String>> {
         let first = format!("SELECT min(queue) FROM task_runner_requests WHERE {OPEN}");
         let next =
             format!("SELECT min(queue) FROM task_runner_requests WHERE {OPEN} AND queue > $1");
@@ -210,7 +210,7 @@ impl Store {
     }
 
     /// A queue's open rows by type (at most `cap` rows counted) and its lag.
-    pub async fn queue_stats(&self, queue: &str, cap: i64) -> Result<QueueStats> {
+    pub(crate) async fn queue_stats(&self, queue: &str, cap: i64) -> Result<QueueStats> {
         let counts = format!(
             "SELECT task_class_name, kind, {} FROM ( \
                SELECT task_class_name, {KIND} AS kind FROM task_runner_requests \
@@ -265,7 +265,11 @@ impl Store {
     }
 
     /// Every queue's stats (at most `max_queues` queues, `cap` rows each).
-    pub async fn all_queue_stats(&self, max_queues: usize, cap: i64) -> Result<Vec<QueueStats>> {
+    pub(crate) async fn all_queue_stats(
+        &self,
+        max_queues: usize,
+        cap: i64,
+    ) -> Result<Vec<QueueStats>> {
         let mut all = Vec::new();
         for queue in self.open_queues(max_queues).await? {
             all.push(self.queue_stats(&queue, cap).await?);
@@ -277,7 +281,10 @@ impl Store {
     /// 0009), and any other instance that holds RUNNING rows; with the rows
     /// each runs now. A daemon whose latest heartbeat is older than
     /// `silent_after` is `silent`.
-    pub async fn daemons(&self, silent_after: std::time::Duration) -> Result<Vec<DaemonRow>> {
+    pub(crate) async fn daemons(
+        &self,
+        silent_after: std::time::Duration,
+    ) -> Result<Vec<DaemonRow>> {
         let now = self.dialect().now();
         let holders = format!(
             "SELECT coalesce(host, ''), coalesce(claimed_by, ''), {}, {}, {} - {} \
@@ -365,7 +372,7 @@ impl Store {
     /// Tries that ended in the last hour (at most 100,000 looked at), by
     /// minute and outcome, with the longest wait before start among them.
     /// A row counts once, for its latest try.
-    pub async fn tries_last_hour(&self) -> Result<Vec<MinuteBucket>> {
+    pub(crate) async fn tries_last_hour(&self) -> Result<Vec<MinuteBucket>> {
         let d = self.dialect();
         let since = d.now_plus("-3600");
         let minutes_ago = d.int64(&d.floor(&format!(
@@ -395,7 +402,7 @@ impl Store {
     }
 
     /// The latest slot of each schedule that ever enqueued one.
-    pub async fn schedule_slots(&self) -> Result<Vec<ScheduleSlots>> {
+    pub(crate) async fn schedule_slots(&self) -> Result<Vec<ScheduleSlots>> {
         let sql = format!(
             "SELECT s.schedule, {}, s.request_id FROM task_runner_schedule_slots AS s \
               WHERE s.slot = (SELECT max(slot) FROM task_runner_schedule_slots WHERE schedule = s.schedule) \
@@ -468,7 +475,7 @@ impl Store {
     /// `before`. The rows an index picks (by state, else type, else queue,
     /// else all) are looked at in windows of [`SCAN_WINDOW`]; the other
     /// filters apply within the window, so a page costs a bounded read.
-    pub async fn find_requests(
+    pub(crate) async fn find_requests(
         &self,
         filter: &RequestFilter,
         before: Option<i64>,
@@ -612,7 +619,11 @@ impl Store {
     }
 
     /// How many rows a bulk action would change (at most [`BULK_LIMIT`]).
-    pub async fn bulk_count(&self, filter: &RequestFilter, action: BulkAction) -> Result<i64> {
+    pub(crate) async fn bulk_count(
+        &self,
+        filter: &RequestFilter,
+        action: BulkAction,
+    ) -> Result<i64> {
         let (select, binds) = self.bulk_select(filter, action);
         let sql = format!(
             "SELECT {} FROM ({select}) AS b",
@@ -626,7 +637,11 @@ impl Store {
     /// Applies a bulk action to the rows `filter` selects (at most
     /// [`BULK_LIMIT`], newest first); returns how many rows changed. A cancel
     /// ends pending rows at once and asks the daemons of running ones.
-    pub async fn bulk_apply(&self, filter: &RequestFilter, action: BulkAction) -> Result<u64> {
+    pub(crate) async fn bulk_apply(
+        &self,
+        filter: &RequestFilter,
+        action: BulkAction,
+    ) -> Result<u64> {
         let (select, binds) = self.bulk_select(filter, action);
         let select = self.dialect().while_changing(&select);
         let now = self.dialect().now();
@@ -659,7 +674,7 @@ impl Store {
     }
 
     /// Batches, newest first, below id `before` (one page and one more).
-    pub async fn batches(&self, before: Option<i64>) -> Result<Vec<BatchRow>> {
+    pub(crate) async fn batches(&self, before: Option<i64>) -> Result<Vec<BatchRow>> {
         let sql = format!(
             "SELECT {}, {}, name, state, {}, {}, {}, {}, {}, {}, {}, on_complete, on_failure \
                FROM task_runner_batches WHERE ({before} IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
@@ -697,7 +712,7 @@ impl Store {
     }
 
     /// Whether a table exists (pages for tables other issues add).
-    pub async fn table_exists(&self, table: &str) -> Result<bool> {
+    pub(crate) async fn table_exists(&self, table: &str) -> Result<bool> {
         let sql = match self.backend() {
             Backend::Sqlite => {
                 "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = $1"
