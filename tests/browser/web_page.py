@@ -125,6 +125,9 @@ class Setup:
         self.dir = args.dir
         os.makedirs(self.dir, exist_ok=True)
         self.flag = os.path.join(self.dir, "flaky-may-succeed")
+        # Flaky runs until this file exists: a retried try stays RUNNING
+        # until the test has seen it so, however slow the machine.
+        self.go_on = os.path.join(self.dir, "flaky-may-end")
         self.daemon_port = free_port()
         self.web_port = free_port()
         self.config = os.path.join(self.dir, "taskrunner.yml")
@@ -140,7 +143,7 @@ http:
   listen: 127.0.0.1:{self.daemon_port}
 tasks:
   Flaky:
-    command: [/bin/sh, -c, "sleep 1; test -e {self.flag}"]
+    command: [/bin/sh, -c, "while [ ! -e {self.go_on} ]; do sleep 0.05; done; test -e {self.flag}"]
   Fetch:
     command: [/bin/sh, -c, "echo artifact-42"]
 flows:
@@ -189,6 +192,7 @@ def one_pass(setup, driver, base, javascript):
     # A FAILED request with no try left, and a request that waits (delayed).
     if os.path.exists(setup.flag):
         os.remove(setup.flag)
+    open(setup.go_on, "w").close()
     failed = int(setup.cli("enqueue", "Flaky", "--try-limit", "1").strip())
     wait_until(f"request {failed} to fail", lambda: setup.state(failed) == "FAILED")
     waiting = int(setup.cli("enqueue", "NoOp", "--delay", "1h").strip())
@@ -207,8 +211,10 @@ def one_pass(setup, driver, base, javascript):
     driver.click(f'a[href="/requests/{failed}"]')
     wait_until("the request page", lambda: driver.url().endswith(f"/requests/{failed}"))
     open(setup.flag, "w").close()
+    os.remove(setup.go_on)
     driver.click("form[action$='/retry'] button")
     wait_until(f"request {failed} to be RUNNING", lambda: setup.state(failed) == "RUNNING")
+    open(setup.go_on, "w").close()
     wait_until(f"request {failed} to be FINISHED", lambda: setup.state(failed) == "FINISHED")
     # Open the waiting request and cancel it.
     driver.go(f"{base}/requests/{waiting}")
