@@ -158,7 +158,9 @@ async fn run(args: RunArgs) -> Result<()> {
         .unwrap_or(if args.quick { 100 } else { 500 });
     let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 });
     let bin_dir = match args.bin_dir {
-        Some(dir) => dir,
+        // Absolute: the daemons it starts run in other directories.
+        Some(dir) => std::path::absolute(&dir)
+            .with_context(|| format!("--bin-dir {}", dir.display()))?,
         None => std::env::current_exe()
             .context("finding this executable")?
             .parent()
