@@ -13,70 +13,10 @@ use crate::units::{format_duration, serde_units};
 use crate::UsageError;
 
 pub mod http;
+#[macro_use]
+mod task_settings;
 
-/// The task settings, declared once: the keys that may be written for one
-/// task type or, at the top level of the file, as defaults for every type.
-/// The macro adds them to each struct that takes them (serde's `flatten`
-/// cannot be combined with `deny_unknown_fields`, which names an unknown
-/// key with its line), with `settings` and `set_settings` to move them
-/// as one [`Partial`]. Every key is optional, read with its unit
-/// (`10s`, `64KiB`, `50%`) and written back the same way.
-macro_rules! with_task_settings {
-    ($(#[$meta:meta])* struct $name:ident { $($field:ident : $type:ty $(=> $with:literal)?,)* }) => {
-        with_task_settings! {
-            @expand $(#[$meta])* struct $name { $($field : $type $(=> $with)?,)* }
-            settings {
-                timeout: Option<Duration> => "serde_units::duration",
-                memory_limit: Option<u64> => "serde_units::size",
-                cpu_limit: Option<Duration> => "serde_units::duration",
-                max_processes: Option<u64>,
-                cpu_quota: Option<f64> => "serde_units::percent",
-                nice: Option<i32>,
-                user: Option<String>,
-                group: Option<String>,
-                env: Option<BTreeMap<String, String>>,
-                workdir: Option<PathBuf>,
-                kill_retry: Option<Duration> => "serde_units::duration",
-                kill_grace: Option<Duration> => "serde_units::duration",
-                output_tail: Option<u64> => "serde_units::size",
-            }
-        }
-    };
-    (@expand $(#[$meta:meta])* struct $name:ident { $($field:ident : $type:ty $(=> $with:literal)?,)* }
-        settings { $($setting:ident : $setting_type:ty $(=> $setting_with:literal)?,)* }) => {
-        $(#[$meta])*
-        struct $name {
-            $(
-                #[serde(default $(, with = $with)?, skip_serializing_if = "Option::is_none")]
-                $field: $type,
-            )*
-            $(
-                #[serde(default $(, with = $setting_with)?, skip_serializing_if = "Option::is_none")]
-                $setting: $setting_type,
-            )*
-        }
-
-        #[allow(dead_code)]
-        impl $name {
-            /// The task settings written here.
-            fn settings(&self) -> Partial {
-                Partial { $($setting: self.$setting.clone(),)* }
-            }
-
-            /// Writes these task settings here.
-            fn set_settings(&mut self, settings: Partial) {
-                $(self.$setting = settings.$setting;)*
-            }
-        }
-    };
-}
-
-with_task_settings! {
-    /// Task settings as written, before defaults are applied.
-    #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-    #[serde(deny_unknown_fields)]
-    struct Partial {}
-}
+pub use task_settings::{Group, TaskSettings, User};
 
 /// The built-in types, served by the built-in task binary (see
 /// [`crate::task_types`]).
@@ -85,6 +25,13 @@ pub const BUILTIN_TYPES: [&str; 1] = ["NoOp"];
 /// `max_options` by default: far more than options need, far less than
 /// what would stall the daemon.
 pub const DEFAULT_MAX_OPTIONS: u64 = 4 * 1024 * 1024;
+
+with_task_settings! {
+    /// Task settings as written, before defaults are applied.
+    #[derive(Debug, Clone, Default, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields)]
+    struct Partial {}
+}
 
 with_task_settings! {
     /// The config file as written; also what `config check` prints.
@@ -157,37 +104,6 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
-}
-
-/// Who a task process runs as (resolved from names at load time).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunAs {
-    pub user: Option<(String, u32)>,
-    pub group: Option<(String, u32)>,
-}
-
-/// How one task type's processes are run and limited.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TaskSettings {
-    pub timeout: Option<Duration>,
-    /// Bytes of resident memory of the whole try (its cgroup's memory
-    /// limit), or of address space (RLIMIT_AS) where no cgroup can be made.
-    pub memory_limit: Option<u64>,
-    /// CPU time; RLIMIT_CPU.
-    pub cpu_limit: Option<Duration>,
-    /// Processes of the whole try (its cgroup's pids limit), or RLIMIT_NPROC
-    /// (processes of the task's user, not enforced for root) without one.
-    pub max_processes: Option<u64>,
-    /// CPU bandwidth of the whole try, in CPUs (`50%` is 0.5): its cgroup's
-    /// CPU quota; not enforced without a cgroup.
-    pub cpu_quota: Option<f64>,
-    pub nice: Option<i32>,
-    pub run_as: RunAs,
-    pub env: BTreeMap<String, String>,
-    pub workdir: PathBuf,
-    pub kill_retry: Duration,
-    pub kill_grace: Duration,
-    pub output_tail: usize,
 }
 
 /// An entry under `tasks:`. With `command`, it declares a command task type
@@ -612,139 +528,6 @@ impl Config {
     }
 }
 
-impl TaskSettings {
-    /// These settings as a config file writes them, every key spelled out.
-    /// `inherited`: the top-level defaults a task type's settings fall back
-    /// to, which a key written here must not let through (a timeout of
-    /// `0s` is none).
-    fn as_written(&self, inherited: Option<&TaskSettings>) -> Partial {
-        let user = self.run_as.user.as_ref().map(|(name, _)| name.clone());
-        // A group derived from the user (its primary group) is not written.
-        let group = self
-            .run_as
-            .group
-            .as_ref()
-            .map(|(name, _)| name.clone())
-            .filter(|name| {
-                user.as_ref()
-                    .is_none_or(|user| *name != format!("{user}'s group"))
-            });
-        Partial {
-            timeout: match (
-                self.timeout,
-                inherited.and_then(|defaults| defaults.timeout),
-            ) {
-                (None, Some(_)) => Some(Duration::ZERO),
-                (timeout, _) => timeout,
-            },
-            memory_limit: self.memory_limit,
-            cpu_limit: self.cpu_limit,
-            max_processes: self.max_processes,
-            cpu_quota: self.cpu_quota,
-            nice: self.nice,
-            user,
-            group,
-            env: (!self.env.is_empty()).then(|| self.env.clone()),
-            workdir: Some(self.workdir.clone()),
-            kill_retry: Some(self.kill_retry),
-            kill_grace: Some(self.kill_grace),
-            output_tail: Some(self.output_tail as u64),
-        }
-    }
-}
-
-impl Partial {
-    /// Applies `fallback` (the top-level defaults) and the built-in defaults.
-    /// Errors name the key, without the file (the caller adds it).
-    fn resolve(
-        &self,
-        fallback: Option<&Partial>,
-        dir: &Path,
-    ) -> std::result::Result<TaskSettings, String> {
-        let empty = Partial::default();
-        let base = fallback.unwrap_or(&empty);
-        let user = self.user.clone().or_else(|| base.user.clone());
-        let group = self.group.clone().or_else(|| base.group.clone());
-        let mut env = base.env.clone().unwrap_or_default();
-        env.extend(self.env.clone().unwrap_or_default());
-        let nice = self.nice.or(base.nice);
-        if let Some(nice) = nice {
-            if !(-20..=19).contains(&nice) {
-                return Err(format!("nice: {nice} is outside -20..19"));
-            }
-        }
-        if let Some(0) = self.max_processes.or(base.max_processes) {
-            return Err("max_processes: must be at least 1".into());
-        }
-        let output_tail = self.output_tail.or(base.output_tail).unwrap_or(64 * 1024);
-        if output_tail == 0 {
-            return Err("output_tail: must be at least 1 byte".into());
-        }
-        Ok(TaskSettings {
-            timeout: self.timeout.or(base.timeout).filter(|t| !t.is_zero()),
-            memory_limit: self.memory_limit.or(base.memory_limit),
-            cpu_limit: self.cpu_limit.or(base.cpu_limit),
-            max_processes: self.max_processes.or(base.max_processes),
-            cpu_quota: self.cpu_quota.or(base.cpu_quota),
-            nice,
-            run_as: resolve_run_as(user, group)?,
-            env,
-            // Not the config's directory by default: the config (and often
-            // the SQLite file) must not be a task's working directory.
-            workdir: self
-                .workdir
-                .clone()
-                .or_else(|| base.workdir.clone())
-                .map_or_else(|| PathBuf::from("/"), |workdir| dir.join(workdir)),
-            kill_retry: self
-                .kill_retry
-                .or(base.kill_retry)
-                .unwrap_or(Duration::from_secs(5)),
-            kill_grace: self
-                .kill_grace
-                .or(base.kill_grace)
-                .unwrap_or(Duration::from_secs(10)),
-            output_tail: output_tail as usize,
-        })
-    }
-}
-
-fn resolve_run_as(
-    user: Option<String>,
-    group: Option<String>,
-) -> std::result::Result<RunAs, String> {
-    let user = match user {
-        None => None,
-        Some(name) => {
-            let entry = nix::unistd::User::from_name(&name)
-                .map_err(|e| format!("user: cannot look up `{name}`: {e}"))?
-                .ok_or_else(|| format!("user: no such user `{name}`"))?;
-            Some((name, entry.uid.as_raw(), entry.gid.as_raw()))
-        }
-    };
-    if user.is_none() && group.is_some() && nix::unistd::geteuid().is_root() {
-        return Err(
-            "group: without user: would run tasks as root (uid 0 kept); set user: as well".into(),
-        );
-    }
-    let group = match group {
-        Some(name) => {
-            let entry = nix::unistd::Group::from_name(&name)
-                .map_err(|e| format!("group: cannot look up `{name}`: {e}"))?
-                .ok_or_else(|| format!("group: no such group `{name}`"))?;
-            Some((name, entry.gid.as_raw()))
-        }
-        // A user without a group runs with that user's primary group.
-        None => user
-            .as_ref()
-            .map(|(name, _, gid)| (format!("{name}'s group"), *gid)),
-    };
-    Ok(RunAs {
-        user: user.map(|(name, uid, _)| (name, uid)),
-        group,
-    })
-}
-
 fn read_file(path: &Path) -> Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| UsageError(format!("{}: cannot read config: {e}", path.display())))?;
@@ -923,6 +706,84 @@ flows:
             printed.lines().skip(1).collect::<Vec<_>>(),
             reprinted.lines().skip(1).collect::<Vec<_>>()
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Every task setting the list in config/task_settings.rs declares is
+    /// read at the top level and under `tasks:`; a type's own value wins
+    /// over the top-level one, which wins over the built-in default;
+    /// `config check` writes each back, and what it prints reads back into
+    /// an equal config; the README's table of task settings names each key
+    /// with its built-in default.
+    #[test]
+    fn every_declared_task_setting_is_read_inherited_and_written_back() {
+        let dir =
+            std::env::temp_dir().join(format!("taskrunner-config-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let read = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            Config::load_file(&path)
+        };
+        let yaml = |text: &str| serde_yaml::from_str::<serde_yaml::Value>(text).unwrap();
+        let built_in = serde_yaml::to_value(Partial::built_in()).unwrap();
+        let mut text = String::from("database_url: sqlite:///tmp/settings.db\n");
+        for (key, top, _) in task_settings::EXAMPLES {
+            text += &format!("{key}: {top}\n");
+        }
+        text += "tasks:\n  Own:\n    command: [/bin/true]\n";
+        for (key, _, own) in task_settings::EXAMPLES {
+            text += &format!("    {key}: {own}\n");
+        }
+        text += "  Inherits:\n    command: [/bin/true]\n";
+        let config = read("every-setting.yml", &text).unwrap();
+        let printed = config.to_yaml();
+        let written = yaml(&printed);
+        for (key, top, own) in task_settings::EXAMPLES {
+            let (top, own) = (yaml(top), yaml(own));
+            assert!(
+                top != own && top != built_in[key] && own != built_in[key],
+                "{key}"
+            );
+            assert_eq!(written[key], top, "{key} at the top level:\n{printed}");
+            let tasks = &written["tasks"];
+            assert_eq!(tasks["Own"][key], own, "{key} of a type:\n{printed}");
+            assert_eq!(tasks["Inherits"][key], top, "{key} inherited:\n{printed}");
+        }
+        let mut again = read("every-setting-printed.yml", &printed).unwrap();
+        again.file = config.file.clone();
+        assert_eq!(again, config, "{printed}");
+
+        // Unwritten, a setting is its built-in default (or none).
+        let defaults = read("no-setting.yml", "tasks:\n  T:\n    command: [/bin/true]\n").unwrap();
+        for settings in [&defaults.defaults, &defaults.tasks["T"].settings] {
+            let written = serde_yaml::to_value(settings.as_written(None)).unwrap();
+            assert_eq!(written, built_in);
+        }
+
+        let readme = include_str!("../../README.md");
+        let table = readme
+            .split_once("Task settings, per type under `tasks:`")
+            .and_then(|(_, after)| after.split("\n\n").nth(1))
+            .expect("the README's table of task settings");
+        for (key, _, _) in task_settings::EXAMPLES {
+            let row = table
+                .lines()
+                .find(|row| {
+                    row.split('|')
+                        .nth(1)
+                        .is_some_and(|keys| keys.contains(&format!("`{key}`")))
+                })
+                .unwrap_or_else(|| panic!("README: no row for the task setting `{key}`"));
+            if let Some(default) = built_in[key].as_str() {
+                let column = row.split('|').nth(2).unwrap_or_default().trim();
+                assert_eq!(
+                    column,
+                    format!("`{default}`"),
+                    "README: the default of `{key}`"
+                );
+            }
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 

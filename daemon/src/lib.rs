@@ -6,7 +6,9 @@
 //! - `bin/`: `taskrunnerd` and `taskrunner-cli` (flags → config → one call
 //!   here → exit code) and `taskrunner-builtin-tasks` (the built-in types).
 //! - [`config`]: file + flags + environment → one validated [`config::Config`];
-//!   `config/http.rs` is its `http:` key (the web page's address and access).
+//!   `config/http.rs` is its `http:` key (the web page's address and access);
+//!   `config/task_settings.rs` declares each task setting once (key, unit,
+//!   rule, default), and everything else about it is made from that list.
 //! - [`request`]: ids, states, the backoff rule.
 //! - [`flow`]: flows as declared (`flows:`): steps, retry, typed options,
 //!   `flow post` help; pure.
@@ -97,7 +99,7 @@
 //! - Architecture Invariant: the parts with no runtime (`config`, `cron`'s
 //!   expressions and schedules, `retention`'s rules, `request`, `units`)
 //!   touch no database and no runtime
-//!   (`grep -nE "^[^/]*(sqlx|tokio|crate::store::Store\b)" daemon/src/config.rs daemon/src/cron.rs daemon/src/retention.rs daemon/src/request.rs daemon/src/units.rs`).
+//!   (`grep -rnE "^[^/]*(sqlx|tokio|crate::store::Store\b)" daemon/src/config.rs daemon/src/config/ daemon/src/cron.rs daemon/src/retention.rs daemon/src/request.rs daemon/src/units.rs`).
 //! - Architecture Invariant: no state lives in a `static` of the daemon's
 //!   binary: shutdown, a second stop and reload are `daemon::Triggers`
 //!   (`grep -nE "^\s*(pub )?static " daemon/src/bin/taskrunnerd.rs`).

@@ -80,7 +80,7 @@ pub fn root_warning(config: &crate::config::Config, names: &[String]) -> Option<
     }
     let as_root: Vec<&str> = names
         .iter()
-        .filter(|name| config.settings_for(name).run_as.user.is_none())
+        .filter(|name| config.settings_for(name).user.is_none())
         .map(|name| name.as_str())
         .collect();
     (!as_root.is_empty()).then(|| {

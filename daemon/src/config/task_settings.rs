@@ -1,0 +1,423 @@
+//! The task settings: the keys that may be written for one task type under
+//! `tasks:` or, at the top level of the file, as defaults for every type.
+//!
+//! Each setting is declared once, in the list inside [`with_task_settings`]:
+//! its key, the type and unit it is written in, the [`Rule`] that inherits,
+//! checks, resolves and writes it back, its built-in default, and two
+//! example values for the tests. Everything else is made from that list:
+//! the settings' fields in the file's structs ([`Partial`] and, in
+//! config.rs, the top level and the `tasks:` entries), the resolved
+//! [`TaskSettings`] the supervisor uses, their resolution (a type's own
+//! value, else the top-level one, else the built-in default) and how
+//! `config check` writes them back. Adding a setting is a line in the list
+//! (and a row in the README's table of task settings, which a test checks).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::Partial;
+
+/// The task settings, declared once. Each entry: its doc comment, the key
+/// and what the daemon uses ([`TaskSettings`]'s field); the [`Rule`] that
+/// inherits, checks, resolves and writes it back; the type it is written
+/// in, with its unit (a `serde_units` module); its built-in default, if it
+/// has one; two example values a config may write (YAML, neither the
+/// default), for the tests.
+///
+/// `with_task_settings! { struct … }` adds the settings to a file struct
+/// (serde's `flatten` cannot be combined with `deny_unknown_fields`, which
+/// names an unknown key with its line), with `settings` and `set_settings`
+/// to move them as one [`Partial`]; `with_task_settings! { resolved }`
+/// makes [`TaskSettings`] and the resolution. Every key is optional, read
+/// with its unit (`10s`, `64KiB`, `50%`) and written back the same way.
+macro_rules! with_task_settings {
+    ($($input:tt)+) => {
+        expand_task_settings! {
+            @list { $($input)+ }
+            settings {
+                /// The try's wall-clock limit; `0s` turns off an inherited one.
+                timeout: Option<Duration>, OffAtZero, written Duration => "serde_units::duration",
+                    example "1h" "5m";
+                /// Bytes of resident memory of the whole try (its cgroup's
+                /// memory limit), or of address space (RLIMIT_AS) where no
+                /// cgroup can be made.
+                memory_limit: Option<u64>, Optional, written u64 => "serde_units::size",
+                    example "64MiB" "1GiB";
+                /// CPU time; RLIMIT_CPU.
+                cpu_limit: Option<Duration>, Optional, written Duration => "serde_units::duration",
+                    example "30s" "90s";
+                /// Processes of the whole try (its cgroup's pids limit), or
+                /// RLIMIT_NPROC (processes of the task's user, not enforced
+                /// for root) without one.
+                max_processes: Option<u64>, AtLeastOne, written u64, example "50" "20";
+                /// CPU bandwidth of the whole try, in CPUs (`50%` is 0.5): its
+                /// cgroup's CPU quota; not enforced without a cgroup.
+                cpu_quota: Option<f64>, Optional, written f64 => "serde_units::percent",
+                    example "50%" "150%";
+                /// Scheduling priority, -20..19.
+                nice: Option<i32>, Niceness, written i32, example "5" "-3";
+                /// The user the task runs as.
+                user: Option<User>, UserName, written String, example "root" "daemon";
+                /// The group the task runs as when not its user's primary
+                /// group (see [`TaskSettings::gid`]).
+                group: Option<Group>, GroupName, written String, example "root" "daemon";
+                /// Environment variables added to the task's.
+                env: BTreeMap<String, String>, Variables, written BTreeMap<String, String>,
+                    example "{K: a}" "{K: b}";
+                /// The task's working directory.
+                workdir: PathBuf, Directory, written PathBuf, default PathBuf::from("/"),
+                    example "/tmp" "/var";
+                /// How often SIGTERM is repeated while a stopped task lingers.
+                kill_retry: Duration, Given, written Duration => "serde_units::duration",
+                    default Duration::from_secs(5), example "2s" "1s";
+                /// How long after the first SIGTERM SIGKILL comes.
+                kill_grace: Duration, Given, written Duration => "serde_units::duration",
+                    default Duration::from_secs(10), example "3s" "4s";
+                /// Bytes of stdout and stderr result_text keeps (the tail).
+                output_tail: usize, Bytes, written u64 => "serde_units::size", default 64 * 1024,
+                    example "16KiB" "1MiB";
+            }
+        }
+    };
+}
+
+/// What [`with_task_settings`] makes of the list.
+macro_rules! expand_task_settings {
+    // A file struct: its own fields, then the settings'.
+    (@list { $(#[$meta:meta])* $vis:vis struct $name:ident {
+        $($field:ident : $type:ty $(=> $with:literal)?,)*
+    } }
+        settings { $($(#[doc = $doc:literal])* $setting:ident : $resolved:ty, $rule:ident,
+            written $written:ty $(=> $unit:literal)? $(, default $default:expr)?,
+            example $a:literal $b:literal;)* }) => {
+        $(#[$meta])*
+        $vis struct $name {
+            $(
+                #[serde(default $(, with = $with)?, skip_serializing_if = "Option::is_none")]
+                $field: $type,
+            )*
+            $(
+                #[serde(default $(, with = $unit)?, skip_serializing_if = "Option::is_none")]
+                $setting: Option<$written>,
+            )*
+        }
+
+        #[allow(dead_code)]
+        impl $name {
+            /// The task settings written here.
+            fn settings(&self) -> $crate::config::Partial {
+                $crate::config::Partial { $($setting: self.$setting.clone(),)* }
+            }
+
+            /// Writes these task settings here.
+            fn set_settings(&mut self, settings: $crate::config::Partial) {
+                $(self.$setting = settings.$setting;)*
+            }
+        }
+    };
+
+    // The resolved settings and how a `Partial` becomes them and back.
+    (@list { resolved }
+        settings { $($(#[doc = $doc:literal])* $setting:ident : $resolved:ty, $rule:ident,
+            written $written:ty $(=> $unit:literal)? $(, default $default:expr)?,
+            example $a:literal $b:literal;)* }) => {
+        /// How one task type's processes are run and limited.
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct TaskSettings {
+            $(
+                $(#[doc = $doc])*
+                pub $setting: $resolved,
+            )*
+        }
+
+        impl Partial {
+            /// The built-in defaults.
+            pub(super) fn built_in() -> Partial {
+                Partial { $($setting: expand_task_settings!(@default $($default)?),)* }
+            }
+
+            /// These settings over `inherited`: each key's [`Rule::inherit`].
+            fn over(self, inherited: Partial) -> Partial {
+                Partial {
+                    $($setting: <$rule as Rule<$written, $resolved>>::inherit(self.$setting, inherited.$setting),)*
+                }
+            }
+
+            /// Applies `fallback` (the top-level defaults) and the built-in
+            /// defaults. Errors name the key, without the file (the caller
+            /// adds it).
+            pub(super) fn resolve(
+                &self,
+                fallback: Option<&Partial>,
+                dir: &Path,
+            ) -> Result<TaskSettings, String> {
+                let all = self
+                    .clone()
+                    .over(fallback.cloned().unwrap_or_default())
+                    .over(Partial::built_in());
+                Ok(TaskSettings {
+                    $($setting: <$rule as Rule<$written, $resolved>>::resolve(all.$setting.clone(), &all, dir)
+                        .map_err(|message| format!("{}: {message}", stringify!($setting)))?,)*
+                })
+            }
+        }
+
+        impl TaskSettings {
+            /// These settings as a config file writes them, every key
+            /// spelled out. `inherited`: the top-level defaults a task
+            /// type's settings fall back to, which a key written here must
+            /// not let through (a timeout of `0s` is none).
+            pub(super) fn as_written(&self, inherited: Option<&TaskSettings>) -> Partial {
+                Partial {
+                    $($setting: <$rule as Rule<$written, $resolved>>::write(
+                        &self.$setting,
+                        inherited.map(|settings| &settings.$setting),
+                    ),)*
+                }
+            }
+        }
+
+        /// Each setting's key and its two example values (YAML).
+        #[cfg(test)]
+        pub(super) const EXAMPLES: &[(&str, &str, &str)] = &[$((stringify!($setting), $a, $b),)*];
+    };
+
+    (@default) => { None };
+    (@default $default:expr) => { Some($default) };
+}
+
+with_task_settings! { resolved }
+
+/// How one task setting, written as a `W`, is inherited, checked and
+/// resolved into the `R` the daemon uses, and written back.
+pub(super) trait Rule<W, R> {
+    /// A type's own value over the one it inherits (the top-level one,
+    /// and that over the built-in default).
+    fn inherit(own: Option<W>, inherited: Option<W>) -> Option<W> {
+        own.or(inherited)
+    }
+
+    /// What the daemon uses, from the value in effect; `all`: every
+    /// setting in effect, for one that depends on another. An error does
+    /// not name the key (the caller does).
+    fn resolve(value: Option<W>, all: &Partial, dir: &Path) -> Result<R, String>;
+
+    /// Back to what a config file writes; `inherited`: what a type's
+    /// entry would inherit, which the key written must not let through.
+    fn write(resolved: &R, inherited: Option<&R>) -> Option<W>;
+}
+
+/// None unless written or inherited (a limit).
+pub(super) struct Optional;
+
+impl<W: Clone> Rule<W, Option<W>> for Optional {
+    fn resolve(value: Option<W>, _: &Partial, _: &Path) -> Result<Option<W>, String> {
+        Ok(value)
+    }
+
+    fn write(resolved: &Option<W>, _: Option<&Option<W>>) -> Option<W> {
+        resolved.clone()
+    }
+}
+
+/// A limit that `0s` turns off, also where it is inherited.
+pub(super) struct OffAtZero;
+
+impl Rule<Duration, Option<Duration>> for OffAtZero {
+    fn resolve(value: Option<Duration>, _: &Partial, _: &Path) -> Result<Option<Duration>, String> {
+        Ok(value.filter(|limit| !limit.is_zero()))
+    }
+
+    fn write(
+        resolved: &Option<Duration>,
+        inherited: Option<&Option<Duration>>,
+    ) -> Option<Duration> {
+        match (resolved, inherited.copied().flatten()) {
+            (None, Some(_)) => Some(Duration::ZERO),
+            (resolved, _) => *resolved,
+        }
+    }
+}
+
+/// A count limit, at least 1.
+pub(super) struct AtLeastOne;
+
+impl Rule<u64, Option<u64>> for AtLeastOne {
+    fn resolve(value: Option<u64>, _: &Partial, _: &Path) -> Result<Option<u64>, String> {
+        match value {
+            Some(0) => Err("must be at least 1".into()),
+            value => Ok(value),
+        }
+    }
+
+    fn write(resolved: &Option<u64>, _: Option<&Option<u64>>) -> Option<u64> {
+        *resolved
+    }
+}
+
+/// A nice level, -20..19.
+pub(super) struct Niceness;
+
+impl Rule<i32, Option<i32>> for Niceness {
+    fn resolve(value: Option<i32>, _: &Partial, _: &Path) -> Result<Option<i32>, String> {
+        match value {
+            Some(nice) if !(-20..=19).contains(&nice) => Err(format!("{nice} is outside -20..19")),
+            value => Ok(value),
+        }
+    }
+
+    fn write(resolved: &Option<i32>, _: Option<&Option<i32>>) -> Option<i32> {
+        *resolved
+    }
+}
+
+/// A setting that always has a value: its own, inherited, or the built-in
+/// default.
+pub(super) struct Given;
+
+impl<W: Clone> Rule<W, W> for Given {
+    fn resolve(value: Option<W>, _: &Partial, _: &Path) -> Result<W, String> {
+        value.ok_or_else(no_default)
+    }
+
+    fn write(resolved: &W, _: Option<&W>) -> Option<W> {
+        Some(resolved.clone())
+    }
+}
+
+/// A size in bytes, at least 1, that always has a value.
+pub(super) struct Bytes;
+
+impl Rule<u64, usize> for Bytes {
+    fn resolve(value: Option<u64>, _: &Partial, _: &Path) -> Result<usize, String> {
+        match value {
+            None => Err(no_default()),
+            Some(0) => Err("must be at least 1 byte".into()),
+            Some(bytes) => Ok(bytes as usize),
+        }
+    }
+
+    fn write(resolved: &usize, _: Option<&usize>) -> Option<u64> {
+        Some(*resolved as u64)
+    }
+}
+
+/// A directory, relative to the config's, that always has a value. Not the
+/// config's directory by default: the config (and often the SQLite file)
+/// must not be a task's working directory.
+pub(super) struct Directory;
+
+impl Rule<PathBuf, PathBuf> for Directory {
+    fn resolve(value: Option<PathBuf>, _: &Partial, dir: &Path) -> Result<PathBuf, String> {
+        value.map(|path| dir.join(path)).ok_or_else(no_default)
+    }
+
+    fn write(resolved: &PathBuf, _: Option<&PathBuf>) -> Option<PathBuf> {
+        Some(resolved.clone())
+    }
+}
+
+type Env = BTreeMap<String, String>;
+
+/// Environment variables: a type's own are added to those it inherits.
+pub(super) struct Variables;
+
+impl Rule<Env, Env> for Variables {
+    fn inherit(own: Option<Env>, inherited: Option<Env>) -> Option<Env> {
+        match (own, inherited) {
+            (Some(own), Some(mut inherited)) => {
+                inherited.extend(own);
+                Some(inherited)
+            }
+            (own, inherited) => own.or(inherited),
+        }
+    }
+
+    fn resolve(value: Option<Env>, _: &Partial, _: &Path) -> Result<Env, String> {
+        Ok(value.unwrap_or_default())
+    }
+
+    fn write(resolved: &Env, _: Option<&Env>) -> Option<Env> {
+        (!resolved.is_empty()).then(|| resolved.clone())
+    }
+}
+
+/// A user named in the config, looked up when it loads (never in a forked
+/// child).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    /// Its primary group.
+    pub gid: u32,
+}
+
+/// A group named in the config, looked up when it loads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub name: String,
+    pub gid: u32,
+}
+
+impl TaskSettings {
+    /// The group a try runs as: `group:`, else the primary group of `user:`.
+    pub fn gid(&self) -> Option<u32> {
+        self.group
+            .as_ref()
+            .map(|group| group.gid)
+            .or_else(|| self.user.as_ref().map(|user| user.gid))
+    }
+}
+
+/// `user:`, looked up by name.
+pub(super) struct UserName;
+
+impl Rule<String, Option<User>> for UserName {
+    fn resolve(value: Option<String>, _: &Partial, _: &Path) -> Result<Option<User>, String> {
+        let Some(name) = value else { return Ok(None) };
+        let entry = nix::unistd::User::from_name(&name)
+            .map_err(|e| format!("cannot look up `{name}`: {e}"))?
+            .ok_or_else(|| format!("no such user `{name}`"))?;
+        Ok(Some(User {
+            uid: entry.uid.as_raw(),
+            gid: entry.gid.as_raw(),
+            name,
+        }))
+    }
+
+    fn write(resolved: &Option<User>, _: Option<&Option<User>>) -> Option<String> {
+        resolved.as_ref().map(|user| user.name.clone())
+    }
+}
+
+/// `group:`, looked up by name; a root daemon refuses it without `user:`.
+pub(super) struct GroupName;
+
+impl Rule<String, Option<Group>> for GroupName {
+    fn resolve(value: Option<String>, all: &Partial, _: &Path) -> Result<Option<Group>, String> {
+        let Some(name) = value else { return Ok(None) };
+        if all.user.is_none() && nix::unistd::geteuid().is_root() {
+            return Err(
+                "without user: would run tasks as root (uid 0 kept); set user: as well".into(),
+            );
+        }
+        let entry = nix::unistd::Group::from_name(&name)
+            .map_err(|e| format!("cannot look up `{name}`: {e}"))?
+            .ok_or_else(|| format!("no such group `{name}`"))?;
+        Ok(Some(Group {
+            gid: entry.gid.as_raw(),
+            name,
+        }))
+    }
+
+    fn write(resolved: &Option<Group>, _: Option<&Option<Group>>) -> Option<String> {
+        resolved.as_ref().map(|group| group.name.clone())
+    }
+}
+
+/// What a `Given` setting declared without a default says (never a config's
+/// fault: every such setting in the list has one).
+fn no_default() -> String {
+    "has no built-in default".into()
+}
