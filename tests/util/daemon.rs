@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use serde_yaml::{Mapping, Value};
 
-use super::{poll_blocking, wait_until, TestDb, Text, CLI, DAEMON};
+use taskrunner::request::{Request, RequestId};
+
+use super::{poll_blocking, process_exists, wait_until, TestDb, Text, CLI, DAEMON};
 
 /// The base config every test daemon gets; tests append their own keys.
 pub fn base_config(db: &TestDb, dir: &Path) -> String {
@@ -302,6 +304,44 @@ impl Daemon {
                 None => Err(Text(self.log_text())),
             }
         })
+    }
+
+    /// `kill -9`, as a host's crash, and waits for the exit.
+    pub fn kill(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        self.wait_exit(Duration::from_secs(60));
+    }
+
+    /// A new daemon on this one's config (once it has exited), ready.
+    pub fn restart(&self) -> Daemon {
+        let mut daemon = Daemon::start_with_config(&self.config, &[]);
+        daemon.wait_ready();
+        daemon
+    }
+
+    /// The host's crash while request `id`'s task left `grandchild`
+    /// behind: `kill -9` of the daemon, which the grandchild outlives
+    /// (checked), then a restarted daemon. Returns it and the row once it
+    /// has ended again; whether the grandchild is gone is the caller's
+    /// question.
+    pub async fn kill_leaving_grandchild_and_restart(
+        &mut self,
+        db: &TestDb,
+        id: RequestId,
+        grandchild: i32,
+    ) -> (Daemon, Request) {
+        self.kill();
+        assert!(
+            process_exists(grandchild),
+            "the grandchild outlives the daemon"
+        );
+        let daemon = self.restart();
+        let row = db
+            .wait_for(id, Duration::from_secs(30), "ended", |r| {
+                !matches!(r.result.as_deref(), Some("RUNNING") | Some("CRASHED"))
+            })
+            .await;
+        (daemon, row)
     }
 
     /// SIGTERM, then wait for a clean exit.

@@ -23,6 +23,47 @@ pub(super) enum Raw {
     MySql(sqlx::MySqlPool),
 }
 
+impl Raw {
+    /// A pool on `url` as an application opens one (SQLite: the file made
+    /// when missing).
+    async fn connect(backend: Backend, url: &str) -> Raw {
+        match backend {
+            Backend::Sqlite => Raw::Sqlite(
+                sqlx::SqlitePool::connect_with(
+                    std::str::FromStr::from_str(url)
+                        .map(|o: sqlx::sqlite::SqliteConnectOptions| o.create_if_missing(true))
+                        .unwrap(),
+                )
+                .await
+                .unwrap(),
+            ),
+            Backend::Postgres => Raw::Postgres(
+                sqlx::PgPool::connect(url)
+                    .await
+                    .expect("connecting to the test server"),
+            ),
+            Backend::MySql => Raw::MySql(mysql_app_pool(url).await),
+        }
+    }
+
+    async fn execute(&self, sql: &str) -> Result<(), sqlx::Error> {
+        let sql = sqlx::AssertSqlSafe(sql.to_string());
+        match self {
+            Raw::Sqlite(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
+            Raw::Postgres(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
+            Raw::MySql(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
+        }
+    }
+
+    async fn close(&self) {
+        match self {
+            Raw::Sqlite(pool) => pool.close().await,
+            Raw::Postgres(pool) => pool.close().await,
+            Raw::MySql(pool) => pool.close().await,
+        }
+    }
+}
+
 /// The MariaDB server the suite runs against (`scripts/test` starts one):
 /// a URL naming an existing database, e.g. `mysql://root@127.0.0.1:3306/mysql`.
 pub fn mysql_admin_url() -> String {
@@ -69,55 +110,28 @@ impl TestDb {
         });
         let url = match backend {
             Backend::Sqlite => format!("sqlite://{}", scratch.join("requests.db").display()),
-            Backend::Postgres => {
-                let admin_url = postgres_admin_url();
+            Backend::Postgres | Backend::MySql => {
+                let admin_url = match backend {
+                    Backend::Postgres => postgres_admin_url(),
+                    Backend::Sqlite | Backend::MySql => mysql_admin_url(),
+                };
                 let name = database_name(&scratch);
-                let admin = sqlx::PgPool::connect(&admin_url)
-                    .await
-                    .expect("connecting to the test server");
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name}"
-                )))
-                .execute(&admin)
-                .await
-                .unwrap();
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                    .execute(&admin)
-                    .await
-                    .unwrap();
-                admin.close().await;
-                let base = admin_url.rsplit_once('/').unwrap().0;
-                format!("{base}/{name}")
-            }
-            Backend::MySql => {
-                let admin_url = mysql_admin_url();
-                let name = database_name(&scratch);
-                let admin = mysql_app_pool(&admin_url).await;
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
-                )))
-                .execute(&admin)
-                .await
-                .unwrap();
+                let admin = Raw::connect(backend, &admin_url).await;
+                // One statement each: PostgreSQL creates no database in a
+                // transaction.
+                for statement in [
+                    format!("DROP DATABASE IF EXISTS {name}"),
+                    format!("CREATE DATABASE {name}"),
+                ] {
+                    admin.execute(&statement).await.unwrap();
+                }
                 admin.close().await;
                 let base = admin_url.rsplit_once('/').unwrap().0;
                 format!("{base}/{name}")
             }
         };
         let store = Store::open(&url, Purpose::Migrate).unwrap();
-        let raw = match backend {
-            Backend::Sqlite => Raw::Sqlite(
-                sqlx::SqlitePool::connect_with(
-                    std::str::FromStr::from_str(&url)
-                        .map(|o: sqlx::sqlite::SqliteConnectOptions| o.create_if_missing(true))
-                        .unwrap(),
-                )
-                .await
-                .unwrap(),
-            ),
-            Backend::Postgres => Raw::Postgres(sqlx::PgPool::connect(&url).await.unwrap()),
-            Backend::MySql => Raw::MySql(mysql_app_pool(&url).await),
-        };
+        let raw = Raw::connect(backend, &url).await;
         TestDb {
             backend,
             url,
@@ -129,25 +143,16 @@ impl TestDb {
 
     /// Runs SQL as an application would (no parameters).
     pub async fn execute(&self, sql: &str) {
-        let sql = sqlx::AssertSqlSafe(sql.to_string());
-        match &self.raw {
-            Raw::Sqlite(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
-            Raw::Postgres(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
-            Raw::MySql(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
-        }
-        .unwrap_or_else(|e| panic!("{e}"));
+        self.raw
+            .execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Runs SQL as an application would and returns the error's message,
     /// if any.
     pub async fn try_execute(&self, sql: &str) -> Result<(), String> {
-        let sql = sqlx::AssertSqlSafe(sql.to_string());
-        match &self.raw {
-            Raw::Sqlite(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
-            Raw::Postgres(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
-            Raw::MySql(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
-        }
-        .map_err(|e| e.to_string())
+        self.raw.execute(sql).await.map_err(|e| e.to_string())
     }
 
     /// Runs an `INSERT … RETURNING id` and returns the id (MariaDB, which
@@ -182,11 +187,11 @@ impl TestDb {
 
     /// Inserts a request of `task` with `options` (YAML) and returns its id.
     pub async fn enqueue(&self, task: &str, options: Option<&str>) -> RequestId {
-        let options = options.map_or("NULL".to_string(), quote);
-        self.insert(&format!(
-            "INSERT INTO task_runner_requests (task_class_name, options) VALUES ({}, {options}) RETURNING id",
-            quote(task)
-        ))
+        let row = super::NewRow::new(task);
+        self.insert_row(match options {
+            Some(options) => row.options(options),
+            None => row,
+        })
         .await
     }
 
@@ -263,14 +268,15 @@ pub fn quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// A table of `n` rows (1..=n) to insert from: `INSERT … SELECT … FROM {series}`.
+/// A table of `n` rows, its column `i` numbering them 1..=n, to insert
+/// from: `INSERT … SELECT … FROM {series}`.
 pub fn series(backend: Backend, n: usize) -> String {
     match backend {
-        Backend::Postgres => format!("generate_series(1, {n})"),
+        Backend::Postgres => format!("generate_series(1, {n}) AS s(i)"),
         // MariaDB's Sequence engine.
-        Backend::MySql => format!("seq_1_to_{n}"),
+        Backend::MySql => format!("(SELECT seq AS i FROM seq_1_to_{n}) AS s"),
         Backend::Sqlite => format!(
-            "(WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n}) SELECT i FROM n)"
+            "(WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n}) SELECT i FROM n) AS s"
         ),
     }
 }

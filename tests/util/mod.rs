@@ -39,28 +39,33 @@ pub enum Backend {
     MySql,
 }
 
+/// Instantiates each async test case `fn(Backend)` as a module of one test
+/// a backend, from a list `[sqlite: Sqlite, postgres: Postgres]` of test
+/// names and backends (the macros below name the lists).
+#[macro_export]
+macro_rules! backend_tests {
+    ($backends:tt $($case:ident),* $(,)?) => {
+        $( $crate::backend_tests!(@case $case $backends); )*
+    };
+    (@case $case:ident [$($test:ident: $backend:ident),*]) => {
+        mod $case {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$case($crate::util::Backend::$backend).await
+                }
+            )*
+        }
+    };
+}
+
 /// Instantiates an async test case `fn(Backend)` for every backend (SQLite,
 /// PostgreSQL, MariaDB), as ripgrep runs each test under both regex engines.
 /// (Named when there were two; it covers all three.)
 #[macro_export]
 macro_rules! both_backends {
     ($($case:ident),* $(,)?) => {
-        $(
-            mod $case {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn sqlite() {
-                    super::$case($crate::util::Backend::Sqlite).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    super::$case($crate::util::Backend::Postgres).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn mysql() {
-                    super::$case($crate::util::Backend::MySql).await
-                }
-            }
-        )*
+        $crate::backend_tests!([sqlite: Sqlite, postgres: Postgres, mysql: MySql] $($case),*);
     };
 }
 
@@ -71,18 +76,7 @@ macro_rules! both_backends {
 #[macro_export]
 macro_rules! sqlite_and_postgres {
     ($($case:ident),* $(,)?) => {
-        $(
-            mod $case {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn sqlite() {
-                    super::$case($crate::util::Backend::Sqlite).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    super::$case($crate::util::Backend::Postgres).await
-                }
-            }
-        )*
+        $crate::backend_tests!([sqlite: Sqlite, postgres: Postgres] $($case),*);
     };
 }
 
@@ -91,18 +85,7 @@ macro_rules! sqlite_and_postgres {
 #[macro_export]
 macro_rules! multi_host_backends {
     ($($case:ident),* $(,)?) => {
-        $(
-            mod $case {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    super::$case($crate::util::Backend::Postgres).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn mysql() {
-                    super::$case($crate::util::Backend::MySql).await
-                }
-            }
-        )*
+        $crate::backend_tests!([postgres: Postgres, mysql: MySql] $($case),*);
     };
 }
 

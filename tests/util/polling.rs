@@ -1,7 +1,8 @@
 //! Waiting for a condition with a deadline: [`poll`] is the one way the
 //! suite waits (and [`poll_blocking`] its form for code outside the async
 //! runtime). A wait that times out fails the test saying what it awaited and
-//! what it saw instead.
+//! what it saw instead. [`holds_for`] is its opposite: a condition that must
+//! keep holding for a while.
 
 use std::fmt::Debug;
 use std::time::{Duration, Instant};
@@ -46,6 +47,16 @@ pub async fn poll_every<T, Seen: Debug>(
 pub fn poll_blocking<T, Seen: Debug>(
     timeout: Duration,
     what: &str,
+    check: impl FnMut() -> Result<T, Seen>,
+) -> T {
+    poll_blocking_every(EVERY, timeout, what, check)
+}
+
+/// [`poll_blocking`], checking every `every` (a test that times a moment).
+pub fn poll_blocking_every<T, Seen: Debug>(
+    every: Duration,
+    timeout: Duration,
+    what: &str,
     mut check: impl FnMut() -> Result<T, Seen>,
 ) -> T {
     let deadline = Deadline::after(timeout, what);
@@ -53,6 +64,21 @@ pub fn poll_blocking<T, Seen: Debug>(
         match check() {
             Ok(value) => return value,
             Err(seen) => deadline.check(&seen),
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// Whether `condition` comes to hold within `timeout`: for a test that
+/// must clean up (kill a stray process, say) before it fails.
+pub fn within(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let at = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() > at {
+            return false;
         }
         std::thread::sleep(EVERY);
     }
@@ -63,6 +89,23 @@ pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> 
     poll_blocking(timeout, what, || {
         condition().then_some(()).ok_or(Text::from("not yet"))
     })
+}
+
+/// Checks `check` every 100 ms for `duration`, failing the test the first
+/// time it returns `Err` (what was seen): a condition that must keep
+/// holding, such as "no callback yet".
+pub async fn holds_for<Seen: Debug>(
+    duration: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> Result<(), Seen>,
+) {
+    let until = Instant::now() + duration;
+    while Instant::now() < until {
+        if let Err(seen) = check().await {
+            panic!("{what} stopped holding; seen: {seen:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Text shown as it is in a timeout's message (a log, say), not escaped.
@@ -133,6 +176,20 @@ impl TestDb {
             row.result.as_deref() == Some(state)
         })
         .await
+    }
+
+    /// Waits until row `id` has FAILED; checks that the first line of its
+    /// result text contains `says`, and returns the whole text.
+    pub async fn wait_for_failure(&self, id: RequestId, says: &str) -> String {
+        let row = self
+            .wait_for_state(id, "FAILED", Duration::from_secs(30))
+            .await;
+        let text = row.result_text.unwrap_or_default();
+        assert!(
+            text.lines().next().unwrap_or_default().contains(says),
+            "{text}"
+        );
+        text
     }
 
     /// Waits until `sql` (a count) returns at least `at_least`; returns it.

@@ -1,7 +1,15 @@
 //! What `/proc` tells of processes: whether one exists, its memory, its
-//! zombie children; and the clock as task scripts read it.
+//! zombie children; a pid a task wrote to a file, a stray process killed;
+//! and the clock as task scripts read it.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use taskrunner::request::RequestId;
+
+use super::{wait_until, TestDb};
 
 /// Whether a process exists (for grandchild checks).
 pub fn process_exists(pid: i32) -> bool {
@@ -13,6 +21,81 @@ pub fn process_exists(pid: i32) -> bool {
                     .unwrap_or(false)
             })
             .unwrap_or(false)
+}
+
+/// The pid a task's script writes to `file` (a line ending in a newline),
+/// once it is there.
+pub fn read_pid_file(file: &Path) -> i32 {
+    wait_until(Duration::from_secs(30), "a pid in its file", || {
+        std::fs::read_to_string(file).is_ok_and(|text| text.ends_with('\n'))
+    });
+    std::fs::read_to_string(file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Kills `pid` (SIGKILL) if it still exists; whether it did.
+pub fn kill_if_alive(pid: i32) -> bool {
+    let alive = process_exists(pid);
+    if alive {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    alive
+}
+
+/// The fields of `/proc/PID/stat` after the command name (which ends at
+/// the last `)`): 0 is the state (field 3 in proc(5)), 1 the parent's pid,
+/// 3 the session, 11 and 12 the user and system CPU ticks, 16 the nice
+/// value. `pid` is a number or `self`.
+pub fn stat_fields(pid: impl std::fmt::Display) -> Vec<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat.rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A free loopback port (free when asked).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl TestDb {
+    /// `kill -9` of request `id`'s try once it runs; waits until the row
+    /// is CRASHED ("killed by signal 9") or already running again, and
+    /// returns when the kill was sent.
+    pub async fn kill_running_try(&self, id: RequestId) -> Instant {
+        let wait = Duration::from_secs(30);
+        let row = self
+            .wait_for(id, wait, "running with a pid", |r| r.pid.is_some())
+            .await;
+        let killed_at = Instant::now();
+        kill(Pid::from_raw(row.pid.unwrap() as i32), Signal::SIGKILL).unwrap();
+        let crashed = self
+            .wait_for(id, wait, "CRASHED or rerun", |r| {
+                r.result.as_deref() != Some("RUNNING") || r.tries == 2
+            })
+            .await;
+        if crashed.tries == 1 {
+            assert_eq!(crashed.result.as_deref(), Some("CRASHED"));
+            assert!(crashed
+                .result_text
+                .unwrap()
+                .starts_with("killed by signal 9"));
+        }
+        killed_at
+    }
 }
 
 /// Peak and current resident memory of a process, in KiB (VmHWM, VmRSS).

@@ -86,6 +86,75 @@ impl NewRow {
         self.text("unique_key", key)
     }
 
+    /// Runs only on the daemon of this node name.
+    pub fn node(self, node: &str) -> NewRow {
+        self.text("node", node)
+    }
+
+    /// Runs anywhere but on this node name.
+    pub fn not_node(self, node: &str) -> NewRow {
+        self.text("not_node", node)
+    }
+
+    /// Runs again every `seconds` after each try.
+    pub fn period(self, seconds: i64) -> NewRow {
+        self.number("period", seconds)
+    }
+
+    /// A member of batch `batch`.
+    pub fn batch(self, batch: i64) -> NewRow {
+        self.number("batch_id", batch)
+    }
+
+    /// The callback task to enqueue when the row finishes.
+    pub fn on_success(self, task: &str) -> NewRow {
+        self.text("on_success", task)
+    }
+
+    /// The callback task to enqueue when the row fails for good.
+    pub fn on_failure(self, task: &str) -> NewRow {
+        self.text("on_failure", task)
+    }
+
+    /// A callback, caused by the outcome of request `parent`.
+    pub fn callback_of(self, parent: RequestId) -> NewRow {
+        self.number("callback_of", parent.0)
+    }
+
+    /// A batch's callback, caused by the end of batch `batch`.
+    pub fn callback_of_batch(self, batch: i64) -> NewRow {
+        self.number("callback_of_batch", batch)
+    }
+
+    /// The host shown as running (or having run) the row.
+    pub fn host(self, host: &str) -> NewRow {
+        self.text("host", host)
+    }
+
+    /// Sets `result` (RUNNING, FAILED, …) alone, without the columns that
+    /// go with it.
+    pub fn result(self, result: &str) -> NewRow {
+        self.text("result", result)
+    }
+
+    pub fn result_text(self, text: &str) -> NewRow {
+        self.text("result_text", text)
+    }
+
+    pub fn tries(self, tries: i64) -> NewRow {
+        self.number("tries", tries)
+    }
+
+    /// Delayed until a time written as text (`2099-01-02 03:04:05`).
+    pub fn delay_until(self, at: &str) -> NewRow {
+        self.text("delay_until", at)
+    }
+
+    /// Created `seconds` ago on the database's clock.
+    pub fn created_ago(self, backend: Backend, seconds: i64) -> NewRow {
+        self.sql("created_at", sql_ago(backend, seconds))
+    }
+
     /// Delayed until `seconds` from now on the database's clock.
     pub fn delayed(self, backend: Backend, seconds: i64) -> NewRow {
         self.sql("delay_until", sql_now_plus(backend, seconds))
@@ -117,6 +186,15 @@ impl NewRow {
         pid: i64,
         seconds: i64,
     ) -> NewRow {
+        self.running_unclaimed(backend, host, pid, seconds)
+            .text("claim_token", claim_token)
+            .text("claimed_by", claimed_by)
+    }
+
+    /// RUNNING on `host` as pid `pid`, started and last renewed `seconds`
+    /// ago, in its first try, with no claim recorded: a row written by hand
+    /// (or by a version that recorded none).
+    pub fn running_unclaimed(self, backend: Backend, host: &str, pid: i64, seconds: i64) -> NewRow {
         let at = sql_ago(backend, seconds);
         self.text("result", "RUNNING")
             .number("pid", pid)
@@ -124,22 +202,28 @@ impl NewRow {
             .sql("started_at", at.clone())
             .sql("heartbeat_at", at)
             .number("tries", 1)
-            .text("claim_token", claim_token)
-            .text("claimed_by", claimed_by)
     }
 
-    /// The `INSERT … RETURNING id` statement.
-    pub fn insert_sql(&self) -> String {
+    fn names(&self) -> String {
         let names: Vec<&str> = self.columns.iter().map(|(name, _)| name.as_str()).collect();
+        names.join(", ")
+    }
+
+    fn values(&self) -> String {
         let values: Vec<&str> = self
             .columns
             .iter()
             .map(|(_, value)| value.as_str())
             .collect();
+        values.join(", ")
+    }
+
+    /// The `INSERT … RETURNING id` statement.
+    pub fn insert_sql(&self) -> String {
         format!(
             "INSERT INTO task_runner_requests ({}) VALUES ({}) RETURNING id",
-            names.join(", "),
-            values.join(", ")
+            self.names(),
+            self.values()
         )
     }
 }
@@ -148,5 +232,44 @@ impl TestDb {
     /// Inserts `row` as an application would, and returns its id.
     pub async fn insert_row(&self, row: NewRow) -> RequestId {
         self.insert(&row.insert_sql()).await
+    }
+
+    /// Inserts `rows` (each setting the same columns) in one statement, as
+    /// an application inserting several at once: they appear together.
+    pub async fn insert_rows(&self, rows: impl IntoIterator<Item = NewRow>) {
+        let rows: Vec<NewRow> = rows.into_iter().collect();
+        let Some(first) = rows.first() else {
+            return;
+        };
+        let names = first.names();
+        let values: Vec<String> = rows
+            .iter()
+            .map(|row| {
+                assert_eq!(
+                    row.names(),
+                    names,
+                    "rows inserted together set the same columns"
+                );
+                format!("({})", row.values())
+            })
+            .collect();
+        self.execute(&format!(
+            "INSERT INTO task_runner_requests ({names}) VALUES {}",
+            values.join(", ")
+        ))
+        .await;
+    }
+
+    /// Inserts `count` copies of `row` in one statement, numbered 1 to
+    /// `count` in insertion order: a column set with [`NewRow::sql`] may
+    /// use the number as `i` (`'member: ' || i`).
+    pub async fn insert_copies(&self, row: NewRow, count: usize) {
+        self.execute(&format!(
+            "INSERT INTO task_runner_requests ({}) SELECT {} FROM {}",
+            row.names(),
+            row.values(),
+            super::series(self.backend, count)
+        ))
+        .await;
     }
 }

@@ -29,10 +29,7 @@ impl PrivatePostgres {
             .filter(|p| p.join("initdb").exists())
             .max()
             .expect("an initdb under /usr/lib/postgresql/*/bin");
-        let port = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            listener.local_addr().unwrap().port()
-        };
+        let port = super::free_port();
         let dir = Scratch::new("private-pg").path.clone();
         // Keep the directory: Scratch would remove it at the end of this fn.
         std::fs::create_dir_all(&dir).unwrap();
@@ -121,10 +118,7 @@ pub struct PrivateMariaDb {
 
 impl PrivateMariaDb {
     pub fn start() -> PrivateMariaDb {
-        let port = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            listener.local_addr().unwrap().port()
-        };
+        let port = super::free_port();
         let dir = Scratch::new("private-mariadb").path.clone();
         std::fs::create_dir_all(&dir).unwrap();
         let status = Command::new("mariadb-install-db")
