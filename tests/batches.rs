@@ -41,7 +41,9 @@ fn start_daemons(db: &TestDb, postgres_daemons: usize, extra: &str) -> Vec<Daemo
         .collect()
 }
 
-/// Inserts a batch with plain SQL; `columns` and `values` add to the defaults.
+/// Inserts a batch with plain SQL; `columns` and `values` add to the
+/// defaults. (By hand: creating a batch with plain SQL is what these tests
+/// prove an application can do.)
 async fn insert_batch(db: &TestDb, columns: &str, values: &str) -> i64 {
     db.insert(&format!(
         "INSERT INTO task_runner_batches ({columns}) VALUES ({values}) RETURNING id"
@@ -52,16 +54,11 @@ async fn insert_batch(db: &TestDb, columns: &str, values: &str) -> i64 {
 
 /// Inserts `n` members of `task` into `batch` with one plain SQL statement.
 async fn insert_members(db: &TestDb, batch: i64, task: &str, n: usize, try_limit: i64) {
-    let series =
-        format!("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n})");
-    let insert = "INSERT INTO task_runner_requests (task_class_name, batch_id, try_limit, options)";
-    let select = format!("SELECT '{task}', {batch}, {try_limit}, 'member: ' || i FROM n");
-    db.execute(&match db.backend {
-        // MySQL's order: the WITH after INSERT.
-        Backend::MySql => format!("{insert} {series} {select}"),
-        Backend::Sqlite | Backend::Postgres => format!("{series} {insert} {select}"),
-    })
-    .await;
+    let member = NewRow::new(task)
+        .batch(batch)
+        .try_limit(try_limit)
+        .sql("options", "'member: ' || i");
+    db.insert_copies(member, n).await;
 }
 
 const OPEN: &str = "(result IS NULL OR result = 'RUNNING' OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED') AND tries < try_limit))";
@@ -111,6 +108,19 @@ async fn callbacks_of_batch(db: &TestDb, batch: i64) -> i64 {
         "SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch}"
     ))
     .await
+}
+
+/// Checks for `duration` that batch `batch` keeps `count` callbacks.
+async fn callbacks_stay(db: &TestDb, batch: i64, count: i64, duration: Duration) {
+    holds_for(
+        duration,
+        &format!("{count} callbacks"),
+        async || match callbacks_of_batch(db, batch).await {
+            callbacks if callbacks == count => Ok(()),
+            callbacks => Err(callbacks),
+        },
+    )
+    .await;
 }
 
 async fn batch_state(db: &TestDb, batch: i64) -> String {
@@ -292,10 +302,8 @@ async fn fail_fast_cancels_unstarted_members_and_runs_on_failure_once(backend: B
     for n in 1..=100 {
         let task = if n == 3 { "Boom" } else { "Slow" };
         members.push(
-            db.insert(&format!(
-                "INSERT INTO task_runner_requests (task_class_name, batch_id, try_limit) VALUES ('{task}', {batch}, 1) RETURNING id"
-            ))
-            .await,
+            db.insert_row(NewRow::new(task).batch(batch).try_limit(1))
+                .await,
         );
     }
     db.execute(&format!(
@@ -419,11 +427,7 @@ async fn batch_sealed_by_plain_sql_after_its_members_ended_gets_its_callback_wit
     )
     .await;
     // Not sealed: no callback, for a poll and more.
-    let deadline = Instant::now() + Duration::from_millis(1500);
-    while Instant::now() < deadline {
-        assert_eq!(callbacks_of_batch(&db, batch).await, 0);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    callbacks_stay(&db, batch, 0, Duration::from_millis(1500)).await;
     assert_eq!(batch_state(&db, batch).await, "NULL");
     db.execute(&format!(
         "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
@@ -473,9 +477,7 @@ async fn member_retried_by_hand_after_its_batch_failed_makes_no_second_callback(
     .await;
     insert_members(&db, batch, "NoOp", 2, 5).await;
     let flaky = db
-        .insert(&format!(
-            "INSERT INTO task_runner_requests (task_class_name, batch_id, try_limit) VALUES ('Flaky', {batch}, 1) RETURNING id"
-        ))
+        .insert_row(NewRow::new("Flaky").batch(batch).try_limit(1))
         .await;
     db.execute(&format!(
         "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
@@ -496,11 +498,7 @@ async fn member_retried_by_hand_after_its_batch_failed_makes_no_second_callback(
     db.wait_for_state(flaky, "FINISHED", Duration::from_secs(60))
         .await;
     // A repair pass or two (every poll) must not add one either.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline {
-        assert_eq!(callbacks_of_batch(&db, batch).await, 1);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    callbacks_stay(&db, batch, 1, Duration::from_secs(2)).await;
     // And again by plain SQL.
     db.execute(&format!(
         "UPDATE task_runner_requests SET result = NULL, pid = NULL, tries = 0 WHERE id = {flaky}"
@@ -532,7 +530,12 @@ async fn on_failure_runs_once_after_the_last_try_and_never_on_cancel(backend: Ba
         "max_concurrent: 4\nretry_delay: 200ms\nretry_multiplier: 1\ntasks:\n  Boom:\n    command: [/bin/sh, -c, 'echo try $TASKRUNNER_TRY failed >&2; exit 1']\n  Slow:\n    command: [/bin/sh, -c, 'sleep 30']\n",
     );
     let boom = db
-        .insert("INSERT INTO task_runner_requests (task_class_name, try_limit, on_failure, on_success) VALUES ('Boom', 3, 'Alert', 'Done') RETURNING id")
+        .insert_row(
+            NewRow::new("Boom")
+                .try_limit(3)
+                .on_failure("Alert")
+                .on_success("Done"),
+        )
         .await;
     db.wait_for(boom, Duration::from_secs(60), "failed twice", |row| {
         row.tries == 2 && row.result.as_deref() == Some("FAILED")
@@ -581,12 +584,17 @@ async fn on_failure_runs_once_after_the_last_try_and_never_on_cancel(backend: Ba
 
     // Cancelled before it ran, and while it ran: no callback either way.
     let pending = db
-        .insert("INSERT INTO task_runner_requests (task_class_name, delay_until, on_failure, on_success) VALUES ('Slow', '2999-01-01 00:00:00', 'Alert', 'Done') RETURNING id")
+        .insert_row(
+            NewRow::new("Slow")
+                .delay_until("2999-01-01 00:00:00")
+                .on_failure("Alert")
+                .on_success("Done"),
+        )
         .await;
     let (status, _, stderr) = cli(&db, &["cancel", &pending.to_string()]);
     assert_eq!(status, 0, "{stderr}");
     let running = db
-        .insert("INSERT INTO task_runner_requests (task_class_name, on_failure, on_success) VALUES ('Slow', 'Alert', 'Done') RETURNING id")
+        .insert_row(NewRow::new("Slow").on_failure("Alert").on_success("Done"))
         .await;
     db.wait_for(running, Duration::from_secs(30), "running", |row| {
         row.pid.is_some()
@@ -614,7 +622,12 @@ async fn on_success_sees_the_parent_result_text(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut daemons = start_daemons(&db, 1, "max_concurrent: 2\ntasks:\n");
     let parent = db
-        .insert("INSERT INTO task_runner_requests (task_class_name, options, on_success, on_failure) VALUES ('NoOp', 'created_from: psql', 'Done', 'Alert') RETURNING id")
+        .insert_row(
+            NewRow::new("NoOp")
+                .options("created_from: psql")
+                .on_success("Done")
+                .on_failure("Alert"),
+        )
         .await;
     let callbacks =
         format!("SELECT count(*) FROM task_runner_requests WHERE callback_of = {parent}");
@@ -664,7 +677,7 @@ async fn on_exhausted_in_the_config_alerts_once_per_exhausted_request(backend: B
     let boom = db.insert_row(NewRow::new("Boom").try_limit(1)).await;
     let own = db.insert_row(NewRow::new("Own").try_limit(1)).await;
     let rejected = db
-        .insert("INSERT INTO task_runner_requests (task_class_name, options) VALUES ('NoOp', 'key: [unclosed') RETURNING id")
+        .insert_row(NewRow::new("NoOp").options("key: [unclosed"))
         .await;
     let fine = db.enqueue("NoOp", None).await;
     for id in [boom, own, rejected] {
@@ -711,7 +724,7 @@ async fn daemon_killed_between_the_task_exit_and_its_outcome_write_makes_one_cal
     );
     let mut daemons = start_daemons(&db, 1, &extra);
     let work = db
-        .insert("INSERT INTO task_runner_requests (task_class_name, on_success, try_limit) VALUES ('Work', 'Done', 3) RETURNING id")
+        .insert_row(NewRow::new("Work").on_success("Done").try_limit(3))
         .await;
     db.wait_for(work, Duration::from_secs(30), "running", |row| {
         row.result.as_deref() == Some("RUNNING")
@@ -724,13 +737,11 @@ async fn daemon_killed_between_the_task_exit_and_its_outcome_write_makes_one_cal
         marker.exists()
     });
     daemons[0].wait_for_log("finished", Duration::from_secs(30));
-    daemons[0].signal(nix::sys::signal::Signal::SIGKILL);
-    daemons[0].wait_exit(Duration::from_secs(10));
+    daemons[0].kill();
     hold.release().await;
     assert_eq!(db.row(work).await.result.as_deref(), Some("RUNNING"));
     // A restarted daemon reaps the row and runs it again: one callback.
-    let mut restarted = Daemon::start_with_config(&daemons[0].config, &[]);
-    restarted.wait_ready();
+    let mut restarted = daemons[0].restart();
     db.wait_for_state(work, "FINISHED", Duration::from_secs(60))
         .await;
     let callbacks = format!("SELECT count(*) FROM task_runner_requests WHERE callback_of = {work}");
@@ -973,6 +984,35 @@ async fn batch_cancel_cancels_unstarted_members_and_makes_no_callback(backend: B
     );
 }
 
+/// The chaos test's strike: `kill -9` of a random daemon (restarted at
+/// once, as an init system would) or of a random running task.
+async fn strike(db: &TestDb, daemons: &mut [Daemon], daemon_kills: &mut u32, task_kills: &mut u32) {
+    let roll = taskrunner::instance::random_u64();
+    if roll % 2 == 0 {
+        let n = (roll / 2 % 4) as usize;
+        daemons[n].kill();
+        daemons[n] = daemons[n].restart();
+        *daemon_kills += 1;
+    } else {
+        // A random running task (0: none running at this instant).
+        let pid = db
+            .scalar(&format!(
+                "SELECT coalesce((SELECT CAST(pid AS BIGINT) FROM task_runner_requests \
+                                   WHERE result = 'RUNNING' AND pid IS NOT NULL \
+                                   ORDER BY id LIMIT 1 OFFSET {}), 0)",
+                roll / 2 % 8
+            ))
+            .await;
+        if pid > 0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            *task_kills += 1;
+        }
+    }
+}
+
 // Chaos (PostgreSQL and MariaDB, four daemons): 100 batches of 20 short members while,
 // every 2 s, a random daemon or a random task process is killed -9 (a
 // killed daemon is restarted at once, as an init system would). Every batch
@@ -1004,42 +1044,23 @@ async fn chaos_hundred_batches_on_four_daemons_with_kill_9_every_two_seconds(bac
     let all_done = "SELECT count(*) FROM task_runner_batches b WHERE state IS NOT NULL \
                       AND EXISTS (SELECT 1 FROM task_runner_requests c \
                                    WHERE c.callback_of_batch = b.id AND c.result = 'FINISHED')";
-    while db.scalar(all_done).await < 100 {
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "not every batch ended within 300s: {} did",
-            db.scalar(all_done).await
-        );
-        // Pacing, not a check: the chaos strikes every 2 s.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let roll = taskrunner::instance::random_u64();
-        if roll % 2 == 0 {
-            let n = (roll / 2 % 4) as usize;
-            daemons[n].signal(nix::sys::signal::Signal::SIGKILL);
-            daemons[n].wait_exit(Duration::from_secs(10));
-            let config = daemons[n].config.clone();
-            daemons[n] = Daemon::start_with_config(&config, &[]);
-            daemons[n].wait_ready();
-            daemon_kills += 1;
-        } else {
-            // A random running task (0: none running at this instant).
-            let pid = db
-                .scalar(&format!(
-                    "SELECT coalesce((SELECT CAST(pid AS BIGINT) FROM task_runner_requests \
-                                       WHERE result = 'RUNNING' AND pid IS NOT NULL \
-                                       ORDER BY id LIMIT 1 OFFSET {}), 0)",
-                    roll / 2 % 8
-                ))
-                .await;
-            if pid > 0 {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                task_kills += 1;
+    let mut first_check = true;
+    // Checked every 2 s; between two checks the chaos strikes once.
+    poll_every(
+        Duration::from_secs(2),
+        Duration::from_secs(300),
+        "every batch to end",
+        async || {
+            if !std::mem::take(&mut first_check) {
+                strike(&db, &mut daemons, &mut daemon_kills, &mut task_kills).await;
             }
-        }
-    }
+            match db.scalar(all_done).await {
+                100.. => Ok(()),
+                ended => Err(ended),
+            }
+        },
+    )
+    .await;
     let took = started.elapsed();
     for daemon in &mut daemons {
         assert!(daemon.stop().success());

@@ -149,10 +149,7 @@ fn permission_denied_names_the_directory_or_file_and_the_user() {
 
 #[test]
 fn refused_postgres_connection_names_host_and_port() {
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
+    let port = crate::util::free_port();
     let scratch = Scratch::new("refused");
     let url = format!("postgres://taskrunner@127.0.0.1:{port}/tasks");
     let (status, _, stderr) = bare_cli(&scratch.path, &["--database-url", &url, "list"]);
@@ -243,10 +240,30 @@ async fn enqueue_sets_every_column_an_app_can_set(backend: Backend) {
 
 async fn list_filters_by_type_queue_host_and_state_and_shows_due_times(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let a = db.insert("INSERT INTO task_runner_requests (task_class_name, queue) VALUES ('Alpha', 'qa') RETURNING id").await;
-    let b = db.insert("INSERT INTO task_runner_requests (task_class_name, queue, host, result, tries, try_limit, result_text) VALUES ('Beta', 'qb', 'hostb', 'FAILED', 3, 3, 'exit status 1') RETURNING id").await;
-    let c = db.insert("INSERT INTO task_runner_requests (task_class_name, delay_until) VALUES ('Alpha', '2099-01-02 03:04:05') RETURNING id").await;
-    let d = db.insert("INSERT INTO task_runner_requests (task_class_name, result, tries, try_limit, delay_until) VALUES ('Beta', 'FAILED', 1, 3, '2099-01-02 03:04:05') RETURNING id").await;
+    let a = db.insert_row(NewRow::new("Alpha").queue("qa")).await;
+    let b = db
+        .insert_row(
+            NewRow::new("Beta")
+                .queue("qb")
+                .host("hostb")
+                .result("FAILED")
+                .tries(3)
+                .try_limit(3)
+                .result_text("exit status 1"),
+        )
+        .await;
+    let c = db
+        .insert_row(NewRow::new("Alpha").delay_until("2099-01-02 03:04:05"))
+        .await;
+    let d = db
+        .insert_row(
+            NewRow::new("Beta")
+                .result("FAILED")
+                .tries(1)
+                .try_limit(3)
+                .delay_until("2099-01-02 03:04:05"),
+        )
+        .await;
     let ids = |args: &[&str]| -> Vec<i64> {
         let mut all = vec!["list", "--json"];
         all.extend_from_slice(args);
@@ -315,9 +332,7 @@ async fn list_and_cancel_filter_by_batch(backend: Backend) {
     assert_eq!(listed(&["--batch", &batch]), vec![m2.clone(), m1.clone()]);
     // The batch's callback is listed with its members.
     let callback = db
-        .insert(&format!(
-            "INSERT INTO task_runner_requests (task_class_name, callback_of_batch) VALUES ('Done', {batch}) RETURNING id"
-        ))
+        .insert_row(NewRow::new("Done").callback_of_batch(batch.parse().unwrap()))
         .await;
     assert_eq!(
         listed(&["--batch", &batch]),
@@ -357,12 +372,10 @@ async fn list_shows_the_tasks_own_error_without_progress_lines(backend: Backend)
 
 async fn retry_and_cancel_take_several_ids_or_a_filter(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let failed = |task: &str| {
-        format!("INSERT INTO task_runner_requests (task_class_name, result, tries, try_limit) VALUES ('{task}', 'FAILED', 5, 5) RETURNING id")
-    };
-    let t1 = db.insert(&failed("Thumbnail")).await;
-    let t2 = db.insert(&failed("Thumbnail")).await;
-    let other = db.insert(&failed("Mail")).await;
+    let failed = |task: &str| NewRow::new(task).result("FAILED").tries(5).try_limit(5);
+    let t1 = db.insert_row(failed("Thumbnail")).await;
+    let t2 = db.insert_row(failed("Thumbnail")).await;
+    let other = db.insert_row(failed("Mail")).await;
     let (status, stdout, stderr) =
         cli(&db, &["retry", "--result", "FAILED", "--task", "Thumbnail"]);
     assert_eq!(status, 0, "{stderr}");
@@ -712,9 +725,7 @@ async fn run_record_writes_what_the_daemon_writes(backend: Backend) {
         "retry_delay: 1h\non_exhausted: Alert\ntasks:\n  Boom:\n    command: [/bin/sh, -c, 'echo broken >&2; exit 1']\n",
     )
     .unwrap();
-    let boom = db
-        .insert("INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ('Boom', 2) RETURNING id")
-        .await;
+    let boom = db.insert_row(NewRow::new("Boom").try_limit(2)).await;
     let run_and_record = || cli(&db, &["run", "--id", &boom.to_string(), "--record"]);
     let (status, _, stderr) = run_and_record();
     assert_eq!(status, 1, "{stderr}");

@@ -41,7 +41,8 @@ pub fn log_words(log: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Inserts a flow with plain SQL, as an application would.
+/// Inserts a flow with plain SQL, as an application would. (By hand:
+/// starting a flow with plain SQL is what these tests prove works.)
 pub async fn insert_flow(db: &TestDb, name: &str, options: Option<&str>) -> i64 {
     db.insert(&format!(
         "INSERT INTO task_runner_flows (flow_name, options) VALUES ({}, {}) RETURNING id",
@@ -297,8 +298,7 @@ async fn daemon_killed_during_revert_r2_resumes_at_r2_after_a_restart_and_r1_run
         ))
         .await as i32;
     // The host dies: the daemon and its task.
-    daemon.signal(nix::sys::signal::Signal::SIGKILL);
-    daemon.wait_exit(LONG);
+    daemon.kill();
     let _ = nix::sys::signal::killpg(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
@@ -418,6 +418,7 @@ async fn flow_inserted_from_the_sqlite3_or_psql_command_line_client_runs(backend
         logging_task("E2", &log, "e2", "sed -n 's/^port: //p'"),
     );
     let mut daemon = Daemon::start(&db, "d", &config);
+    // By hand: the statement the command-line client sends.
     let sql = "INSERT INTO task_runner_flows (flow_name, options) VALUES ('deploy', 'port: 8888');";
     let output = match backend {
         Backend::Sqlite => std::process::Command::new("sqlite3")
@@ -651,15 +652,6 @@ async fn flow_post_help_and_the_board_match_their_golden_files(backend: Backend)
 
 both_backends!(sdk_flow_started_in_a_transaction_has_its_long_step_killed_rerun_and_is_waited_for);
 
-/// A free loopback port.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// GET / on 127.0.0.1:`port`: the body and the `X-Try` header, if anything answers.
 fn http_get(port: u16) -> Option<(String, String)> {
     use std::io::{Read, Write};
@@ -721,7 +713,7 @@ async fn sdk_flow_started_in_a_transaction_has_its_long_step_killed_rerun_and_is
         out.contains("--port     integer  port on 127.0.0.1 [default: 8887]"),
         "{out}"
     );
-    let port = free_port();
+    let port = crate::util::free_port();
     let dir = db.scratch.join("web");
     #[derive(serde::Serialize)]
     struct Start {
@@ -893,16 +885,11 @@ async fn forty_flows_taken_by_three_daemons_at_once_make_each_step_row_once(back
             )
         })
         .collect();
-    let series = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 40)";
-    let insert =
-        "INSERT INTO task_runner_flows (flow_name, options) SELECT 'quick', 'n: ' || i FROM n";
-    db.execute(&match backend {
-        // MySQL's order: the WITH after INSERT.
-        Backend::MySql => format!(
-            "INSERT INTO task_runner_flows (flow_name, options) {series} SELECT 'quick', 'n: ' || i FROM n"
-        ),
-        Backend::Sqlite | Backend::Postgres => format!("{series} {insert}"),
-    })
+    // By hand: 40 flows started by one plain SQL statement.
+    db.execute(&format!(
+        "INSERT INTO task_runner_flows (flow_name, options) SELECT 'quick', 'n: ' || i FROM {}",
+        crate::util::series(backend, 40)
+    ))
     .await;
     db.wait_for_count(
         "SELECT count(*) FROM task_runner_flows WHERE state = 'FINISHED'",
