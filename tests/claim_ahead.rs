@@ -6,9 +6,7 @@
 
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
-
-use crate::util::{poll_every, Backend, Daemon, TestDb};
+use crate::util::{poll_every, Backend, Daemon, NewRow, TestDb};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -23,11 +21,7 @@ const TASKS: &str =
     "tasks:\n  Quick:\n    command: [/bin/true]\n  Slow:\n    command: [/bin/sleep, '4']\n";
 
 async fn insert_many(db: &TestDb, task: &str, count: usize) {
-    let values = vec![format!("('{task}')"); count].join(", ");
-    db.execute(&format!(
-        "INSERT INTO task_runner_requests (task_class_name) VALUES {values}"
-    ))
-    .await;
+    db.insert_rows(vec![NewRow::new(task); count]).await;
 }
 
 /// Waits until `count` rows have finished (by then tries have ended, so the
@@ -98,8 +92,7 @@ async fn rows_claimed_ahead_by_a_killed_daemon_run_again_before_the_lease_lapses
         format!("max_concurrent: 2\nlease_timeout: 120s\nheartbeat_interval: 10s\n{TASKS}");
     let mut daemon = Daemon::start(&db, "d1", &config);
     wait_finished_at_least(&db, 60).await;
-    daemon.signal(Signal::SIGKILL);
-    daemon.wait_exit(Duration::from_secs(10));
+    daemon.kill();
     let _daemon = Daemon::start(&db, "d2", &config);
     db.wait_for_count(
         "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED'",

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::util::{cli, quote, wait_until, Backend, Daemon, NewRow, TestDb};
+use crate::util::{cli, poll, wait_until, Backend, Daemon, NewRow, TestDb};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -26,7 +26,7 @@ async fn plain_sql_noop_finishes(backend: Backend) {
     let mut daemon = Daemon::start(&db, "d", "");
     let bare = db.insert_row(NewRow::new("NoOp")).await;
     let with_options = db
-        .insert("INSERT INTO task_runner_requests (task_class_name, options) VALUES ('NoOp', 'created_from: psql') RETURNING id")
+        .insert_row(NewRow::new("NoOp").options("created_from: psql"))
         .await;
     for (id, text) in [
         (bare, format!("NOOP {bare}: OK!")),
@@ -121,7 +121,8 @@ async fn future_delay_until_in_iso_form_is_honoured(backend: Backend) {
     if backend == Backend::MySql {
         // MariaDB's DATETIME refuses a zone suffix (strict mode): the
         // insert fails loudly and stores nothing; the ISO form without it
-        // (UTC, as the session's time zone is) is read right.
+        // (UTC, as the session's time zone is) is read right. (By hand: a
+        // refused insert, the text as an application sends it.)
         let refused = db
             .try_execute(&format!(
                 "INSERT INTO task_runner_requests (task_class_name, delay_until) VALUES ('NoOp', '{iso}')"
@@ -139,11 +140,7 @@ async fn future_delay_until_in_iso_form_is_honoured(backend: Backend) {
         );
         iso = due.format("%Y-%m-%dT%H:%M:%S").to_string();
     }
-    let id = db
-        .insert(&format!(
-            "INSERT INTO task_runner_requests (task_class_name, delay_until) VALUES ('NoOp', '{iso}') RETURNING id"
-        ))
-        .await;
+    let id = db.insert_row(NewRow::new("NoOp").delay_until(&iso)).await;
     let row = db.wait_for_state(id, "FINISHED", WAIT).await;
     let started = chrono::NaiveDateTime::parse_from_str(
         row.started_at.as_deref().unwrap(),
@@ -296,11 +293,12 @@ async fn activerecord_timestamps_and_ruby_yaml_work(backend: Backend) {
     let mut daemon = Daemon::start(&db, "d", "tasks:\n  Echo:\n    command: [/bin/cat]\n");
     let ruby = "--- !ruby/hash:ActiveSupport::HashWithIndifferentAccess\n:created_from: rails\n:sizes:\n- 1\n- 2\n:mode: !ruby/sym fast\n";
     let noop = db
-        .insert(&format!(
-            "INSERT INTO task_runner_requests (task_class_name, options, created_at, delay_until) \
-             VALUES ('NoOp', {}, '2026-11-24 07:00:00.123456', '2020-01-01 07:00:00.123456') RETURNING id",
-            quote(ruby)
-        ))
+        .insert_row(
+            NewRow::new("NoOp")
+                .options(ruby)
+                .text("created_at", "2026-11-24 07:00:00.123456")
+                .delay_until("2020-01-01 07:00:00.123456"),
+        )
         .await;
     let echo = db.enqueue("Echo", Some(ruby)).await;
     let row = db.wait_for_state(noop, "FINISHED", WAIT).await;
@@ -397,11 +395,7 @@ async fn two_daemons_on_postgres_run_every_row_exactly_once(backend: Backend) {
     );
     let mut first = Daemon::start(&db, "first", &task);
     let mut second = Daemon::start(&db, "second", &task);
-    db.execute(&format!(
-        "INSERT INTO task_runner_requests (task_class_name) SELECT 'Append' FROM {}",
-        crate::util::series(backend, 500)
-    ))
-    .await;
+    db.insert_copies(NewRow::new("Append"), 500).await;
     db.wait_for_count(
         "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED'",
         500,
@@ -451,25 +445,25 @@ async fn sqlite_log_is_checkpointed_while_the_daemon_runs() {
         .filename(path)
         .immutable(true)
         .read_only(true);
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let mut connection = file_only.connect().await.unwrap();
-        let in_file: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED'",
-        )
-        .fetch_one(&mut connection)
-        .await
-        .unwrap_or(0);
-        connection.close().await.unwrap();
-        if in_file == 20 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the database file holds {in_file} of the 20 finished rows"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll(
+        WAIT,
+        "the database file to hold the 20 finished rows",
+        async || {
+            let mut connection = file_only.connect().await.unwrap();
+            let in_file: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED'",
+            )
+            .fetch_one(&mut connection)
+            .await
+            .unwrap_or(0);
+            connection.close().await.unwrap();
+            match in_file {
+                20 => Ok(()),
+                in_file => Err(in_file),
+            }
+        },
+    )
+    .await;
     assert!(daemon.stop().success());
 }
 
@@ -480,6 +474,7 @@ async fn sqlite_log_is_checkpointed_while_the_daemon_runs() {
 async fn a_row_inserted_by_another_process_starts_at_once(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut daemon = Daemon::start(&db, "d", "poll_interval: 60s\n");
+    // By hand: the statement another process's own tool sends.
     let insert = "INSERT INTO task_runner_requests (task_class_name) VALUES ('NoOp') RETURNING id;";
     let since = match backend {
         Backend::Sqlite => "(julianday(started_at) - julianday(created_at)) * 86400000.0",

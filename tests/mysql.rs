@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::util::{mysql_client, Backend, Daemon, PrivateServer, TestDb};
+use crate::util::{mysql_client, poll, Backend, Daemon, NewRow, PrivateServer, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -26,16 +26,10 @@ fn client(db: &TestDb, sql: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_claim_reads_the_runnable_index_range_without_a_filesort() {
     let db = TestDb::new(Backend::MySql).await;
-    db.execute(
-        "INSERT INTO task_runner_requests (task_class_name, result, tries, completed_at) \
-         SELECT 'NoOp', 'FINISHED', 1, UTC_TIMESTAMP(6) FROM seq_1_to_5000",
-    )
-    .await;
-    db.execute(
-        "INSERT INTO task_runner_requests (task_class_name, priority) \
-         SELECT 'NoOp', seq % 3 FROM seq_1_to_50",
-    )
-    .await;
+    let finished = NewRow::new("NoOp").ended(db.backend, "FINISHED", 1, 0);
+    db.insert_copies(finished, 5000).await;
+    db.insert_copies(NewRow::new("NoOp").sql("priority", "i % 3"), 50)
+        .await;
     db.execute("ANALYZE TABLE task_runner_requests").await;
     let select = taskrunner::store::sql::MYSQL
         .claim_select
@@ -64,6 +58,7 @@ async fn the_claim_reads_the_runnable_index_range_without_a_filesort() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unique_key_collision_from_the_mysql_client_inserts_nothing() {
     let db = TestDb::new(Backend::MySql).await;
+    // By hand, here and below: the statement the `mysql` client sends.
     let insert = "INSERT INTO task_runner_requests (task_class_name, unique_key, delay_until) \
                   VALUES ('NoOp', 'report-7', UTC_TIMESTAMP() + INTERVAL 1 HOUR) \
                   ON DUPLICATE KEY UPDATE id = id";
@@ -102,10 +97,11 @@ async fn unique_key_collision_from_the_mysql_client_inserts_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_name_differing_in_case_is_not_run_as_another_type() {
     let db = TestDb::new(Backend::MySql).await;
-    client(
-        &db,
-        "INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ('noop', 1), ('NoOp', 1)",
-    );
+    db.insert_rows([
+        NewRow::new("noop").try_limit(1),
+        NewRow::new("NoOp").try_limit(1),
+    ])
+    .await;
     let mut daemon = Daemon::start(&db, "d", "");
     let lower = taskrunner::request::RequestId(
         db.scalar("SELECT id FROM task_runner_requests WHERE task_class_name = 'noop'")
@@ -138,6 +134,8 @@ async fn a_task_name_differing_in_case_is_not_run_as_another_type() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn times_written_in_local_time_and_in_utc_are_read_at_the_right_instant() {
     let db = TestDb::new(Backend::MySql).await;
+    // By hand, here and below: the statements the `mysql` client sends in
+    // a session on local time.
     client(
         &db,
         "SET time_zone = '+02:00'; \
@@ -216,20 +214,20 @@ async fn an_id_is_never_reused_after_the_server_restarts() {
     );
 }
 
+/// Inserts a row with the `mysql` client (by hand: the id the server hands
+/// out to the statement is what the test is about), retrying until the
+/// server answers; the row's id.
 async fn server_insert(db: &TestDb) -> i64 {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    poll(WAIT, "an insert with the mysql client", async || {
         match mysql_client(
             &db.url,
             "INSERT INTO task_runner_requests (task_class_name) VALUES ('NoOp'); SELECT LAST_INSERT_ID();",
         ) {
             Ok(output) if output.status.success() => {
-                return String::from_utf8_lossy(&output.stdout).trim().parse().unwrap();
+                Ok(String::from_utf8_lossy(&output.stdout).trim().parse().unwrap())
             }
-            _ if std::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            other => panic!("inserting after the restart: {other:?}"),
+            other => Err(other),
         }
-    }
+    })
+    .await
 }

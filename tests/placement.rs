@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::util::{cli, Backend, Daemon, TestDb};
+use crate::util::{cli, Backend, Daemon, NewRow, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -51,10 +51,8 @@ async fn higher_priority_runs_first(backend: Backend) {
     let mut ids = Vec::new();
     for priority in [0, 5, -1, 5, 10] {
         ids.push(
-            db.insert(&format!(
-                "INSERT INTO task_runner_requests (task_class_name, priority) VALUES ('Record', {priority}) RETURNING id"
-            ))
-            .await,
+            db.insert_row(NewRow::new("Record").priority(priority))
+                .await,
         );
     }
     let mut daemon = Daemon::start(
@@ -89,9 +87,10 @@ async fn queue_limited_to_one_with_two_daemons(backend: Backend) {
         "max_concurrent: 4\nqueues: {{ mail: 1 }}\ntasks:\n{}",
         logging_task("Mail", &log, "0.3")
     );
-    db.execute("INSERT INTO task_runner_requests (task_class_name, queue) VALUES ('Mail', 'mail'), ('Mail', 'mail'), ('Mail', 'mail'), ('Mail', 'mail'), ('Mail', 'mail'), ('Mail', 'mail')").await;
+    db.insert_rows(vec![NewRow::new("Mail").queue("mail"); 6])
+        .await;
     // A row of a queue no daemon serves stays pending.
-    let unserved = db.insert("INSERT INTO task_runner_requests (task_class_name, queue) VALUES ('NoOp', 'reports') RETURNING id").await;
+    let unserved = db.insert_row(NewRow::new("NoOp").queue("reports")).await;
     let mut first = Daemon::start(&db, "first", &config);
     let mut second = Daemon::start(&db, "second", &config);
     db.wait_for_count(
@@ -128,10 +127,10 @@ async fn node_pinned_rows_run_only_on_their_node(backend: Backend) {
     let mut pinned = Vec::new();
     let mut barred = Vec::new();
     for _ in 0..6 {
-        pinned.push(db.insert("INSERT INTO task_runner_requests (task_class_name, node) VALUES ('Where', 'beta') RETURNING id").await);
-        barred.push(db.insert("INSERT INTO task_runner_requests (task_class_name, not_node) VALUES ('Where', 'beta') RETURNING id").await);
+        pinned.push(db.insert_row(NewRow::new("Where").node("beta")).await);
+        barred.push(db.insert_row(NewRow::new("Where").not_node("beta")).await);
     }
-    let nowhere = db.insert("INSERT INTO task_runner_requests (task_class_name, node) VALUES ('Where', 'gamma') RETURNING id").await;
+    let nowhere = db.insert_row(NewRow::new("Where").node("gamma")).await;
     for id in &pinned {
         assert_eq!(
             db.wait_for_state(*id, "FINISHED", WAIT)
@@ -167,7 +166,7 @@ async fn periodic_row_repeats_on_a_fixed_grid_until_cancelled(backend: Backend) 
         "d",
         "tasks:\n  Tick:\n    command: [/bin/sh, -c, 'sleep 0.3']\n",
     );
-    let first = db.insert("INSERT INTO task_runner_requests (task_class_name, period) VALUES ('Tick', 2) RETURNING id").await;
+    let first = db.insert_row(NewRow::new("Tick").period(2)).await;
     db.wait_for_count("SELECT count(*) FROM task_runner_requests WHERE task_class_name = 'Tick' AND result = 'FINISHED'", 5, Duration::from_secs(20)).await;
     let rows = db
         .store

@@ -7,7 +7,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::util::{cli, Backend, Daemon, TestDb};
+use crate::util::{cli, Backend, Daemon, NewRow, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -47,14 +47,17 @@ async fn tables_loaded_from_schema_rb_are_repaired_and_run(backend: Backend) {
     // Before the repair, the app inserts a row the way Rails does (an ISO
     // timestamp with a zone; on MySQL, Rails' adapter writes UTC without
     // one): it must survive the repair.
-    let early = match backend {
-        Backend::MySql => test
-            .insert("INSERT INTO task_runner_requests (task_class_name, created_at, delay_until) VALUES ('NoOp', '2026-01-01 10:00:00', '2000-01-01 00:00:00')")
-            .await,
-        Backend::Sqlite | Backend::Postgres => test
-            .insert("INSERT INTO task_runner_requests (task_class_name, created_at, delay_until) VALUES ('NoOp', '2026-01-01T10:00:00Z', '2000-01-01T00:00:00Z') RETURNING id")
-            .await,
+    let (created, due) = match backend {
+        Backend::MySql => ("2026-01-01 10:00:00", "2000-01-01 00:00:00"),
+        Backend::Sqlite | Backend::Postgres => ("2026-01-01T10:00:00Z", "2000-01-01T00:00:00Z"),
     };
+    let early = test
+        .insert_row(
+            NewRow::new("NoOp")
+                .text("created_at", created)
+                .delay_until(due),
+        )
+        .await;
     let (status, stdout, stderr) = cli(&test, &["migrate"]);
     assert_eq!(status, 0, "{stderr}");
     assert!(
@@ -68,6 +71,7 @@ async fn tables_loaded_from_schema_rb_are_repaired_and_run(backend: Backend) {
     // (on MySQL: one written in a session on local time is stored in UTC).
     let later = match backend {
         Backend::MySql => {
+            // By hand: the statements the `mysql` client sends.
             let output = crate::util::mysql_client(
                 &test.url,
                 "SET time_zone = '+02:00'; \
@@ -79,12 +83,15 @@ async fn tables_loaded_from_schema_rb_are_repaired_and_run(backend: Backend) {
                 "{}",
                 String::from_utf8_lossy(&output.stderr)
             );
-            let id = test.scalar("SELECT max(id) FROM task_runner_requests").await;
+            let id = test
+                .scalar("SELECT max(id) FROM task_runner_requests")
+                .await;
             taskrunner::request::RequestId(id)
         }
-        Backend::Sqlite | Backend::Postgres => test
-            .insert("INSERT INTO task_runner_requests (task_class_name, delay_until) VALUES ('NoOp', '2000-01-01T00:00:00Z') RETURNING id")
-            .await,
+        Backend::Sqlite | Backend::Postgres => {
+            test.insert_row(NewRow::new("NoOp").delay_until("2000-01-01T00:00:00Z"))
+                .await
+        }
     };
     if backend != Backend::Postgres {
         assert_eq!(
@@ -166,7 +173,7 @@ async fn a_ruby_class_runs_as_a_task(backend: Backend) {
         )
         .await;
     let broken = db
-        .insert("INSERT INTO task_runner_requests (task_class_name, options, try_limit) VALUES ('WordCount', 'top: 2', 1) RETURNING id")
+        .insert_row(NewRow::new("WordCount").options("top: 2").try_limit(1))
         .await;
     let row = db.wait_for_state(counted, "FINISHED", WAIT).await;
     assert_eq!(row.result_text.as_deref(), Some("the 2"));

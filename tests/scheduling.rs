@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::util::{cli, now_ns, sql_ago, sql_now_plus, Backend, Daemon, TestDb, CLI};
+use crate::util::{cli, now_ns, poll_blocking_every, Backend, Daemon, NewRow, TestDb, CLI};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -59,6 +59,7 @@ async fn duplicate_unique_key_inserts_nothing(backend: Backend) {
     assert_eq!(status, 0, "{stderr}");
     assert_eq!(first.trim(), second.trim(), "the existing id is printed");
     // Plain SQL, as an application would write it, honours the same rule.
+    // (By hand: each backend's own way to ignore a conflict is the point.)
     let ignore = match backend {
         Backend::Sqlite => "INSERT OR IGNORE INTO task_runner_requests (task_class_name, unique_key) VALUES ('NoOp', 'report-7')",
         Backend::Postgres => "INSERT INTO task_runner_requests (task_class_name, unique_key) VALUES ('NoOp', 'report-7') ON CONFLICT DO NOTHING",
@@ -99,14 +100,9 @@ async fn wait_returns_as_soon_as_the_task_ends(backend: Backend) {
         let _ = std::fs::remove_file(&ended);
         let id = db.enqueue("Nap", None).await;
         let mut waiter = spawn_wait(&db, &[&id.to_string(), "--timeout", "30s"]);
-        let deadline = Instant::now() + WAIT;
-        let status = loop {
-            if let Some(status) = waiter.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "wait did not return");
-            std::thread::sleep(Duration::from_millis(1));
-        };
+        let status = poll_blocking_every(Duration::from_millis(1), WAIT, "wait to return", || {
+            waiter.try_wait().unwrap().ok_or("running")
+        });
         let returned = now_ns();
         let output = waiter.wait_with_output().unwrap();
         assert!(
@@ -178,71 +174,33 @@ async fn wait_fails_for_an_exhausted_request_and_times_out_cleanly(backend: Back
 
 async fn retention_prunes_only_old_final_rows_while_work_runs(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let two_days_ago = sql_ago(backend, 2 * 86_400);
-    let series = |n: i64| {
-        match backend {
-        Backend::Sqlite => format!(
-            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n}) SELECT i FROM n"
-        ),
-        Backend::Postgres => format!("SELECT generate_series(1, {n})"),
-        Backend::MySql => format!("SELECT seq FROM seq_1_to_{n}"),
-    }
-    };
+    let two_days = 2 * 86_400;
+    let day = 86_400;
+    let row = |options: &str| NewRow::new("NoOp").options(options).try_limit(5);
     // 1,200 old FINISHED rows: several batches of 500.
-    db.execute(&format!(
-        "INSERT INTO task_runner_requests (task_class_name, options, result, tries, completed_at) \
-         SELECT 'NoOp', 'old', 'FINISHED', 1, {two_days_ago} FROM ({}) AS s",
-        series(1200)
-    ))
-    .await;
-    let in_a_day = sql_now_plus(backend, 86_400);
-    let now = sql_now_plus(backend, 0);
-    // (options, result, tries, try_limit, completed_at, delay_until)
+    let old = NewRow::new("NoOp")
+        .options("old")
+        .ended(backend, "FINISHED", 1, two_days);
+    db.insert_copies(old, 1200).await;
     let sentinels = [
         // young FINISHED: kept
-        ("young-finished", "'FINISHED'", 1, 5, now.as_str(), "NULL"),
+        row("young-finished").ended(backend, "FINISHED", 1, 0),
         // old but not final: pending (delayed), failed with tries left
-        ("old-pending", "NULL", 0, 5, "NULL", in_a_day.as_str()),
-        (
-            "old-failed-retryable",
-            "'FAILED'",
-            1,
-            5,
-            two_days_ago.as_str(),
-            in_a_day.as_str(),
-        ),
+        row("old-pending").delayed(backend, day),
+        row("old-failed-retryable")
+            .ended(backend, "FAILED", 1, two_days)
+            .delayed(backend, day),
         // old and final, but no rule for its kind
-        (
-            "old-cancelled",
-            "'CANCELLED'",
-            0,
-            5,
-            two_days_ago.as_str(),
-            "NULL",
-        ),
+        row("old-cancelled").ended(backend, "CANCELLED", 0, two_days),
         // old exhausted: pruned
-        (
-            "old-exhausted",
-            "'FAILED'",
-            5,
-            5,
-            two_days_ago.as_str(),
-            "NULL",
-        ),
+        row("old-exhausted").exhausted(backend, 5, two_days),
     ];
-    for (name, result, tries, try_limit, completed, delay) in sentinels {
-        db.execute(&format!(
-            "INSERT INTO task_runner_requests (task_class_name, options, result, tries, try_limit, completed_at, delay_until) \
-             VALUES ('NoOp', '{name}', {result}, {tries}, {try_limit}, {completed}, {delay})"
-        ))
-        .await;
+    for sentinel in sentinels {
+        db.insert_row(sentinel).await;
     }
     // 1,000 new requests, claimed and finished while the pruner works.
-    db.execute(&format!(
-        "INSERT INTO task_runner_requests (task_class_name, options) SELECT 'NoOp', 'batch: new' FROM ({}) AS s",
-        series(1000)
-    ))
-    .await;
+    db.insert_copies(NewRow::new("NoOp").options("batch: new"), 1000)
+        .await;
     let mut daemon = Daemon::start(
         &db,
         "d",
@@ -287,10 +245,11 @@ async fn retention_prunes_only_old_final_rows_while_work_runs(backend: Backend) 
     assert!(daemon.stop().success());
 
     // `purge` without --older-than applies the config's rules.
-    db.execute(&format!(
-        "INSERT INTO task_runner_requests (task_class_name, options, result, tries, completed_at) \
-         VALUES ('NoOp', 'old-again', 'FINISHED', 1, {two_days_ago})"
-    ))
+    db.insert_row(
+        NewRow::new("NoOp")
+            .options("old-again")
+            .ended(backend, "FINISHED", 1, two_days),
+    )
     .await;
     let config = daemon.config.display().to_string();
     let (status, stdout, stderr) = cli(&db, &["--config", &config, "purge"]);
@@ -361,6 +320,7 @@ async fn cron_catches_up_once_after_downtime(backend: Backend) {
         Backend::Postgres => "date_trunc('second', now() - interval '30 seconds')",
         Backend::MySql => "UTC_TIMESTAMP() - INTERVAL 30 SECOND",
     };
+    // By hand: the one row of the daemons' own slot table a past daemon left.
     db.execute(&format!(
         "INSERT INTO task_runner_schedule_slots (schedule, slot) VALUES ('tick', {slot})"
     ))

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use task_sdk::wait::Target;
 use task_sdk::{wait_for, Context, Enqueue, FinalState, Task, WaitError};
 
-use crate::util::{poll_every, Backend, Daemon, TestDb, DAEMON};
+use crate::util::{poll_every, Backend, Daemon, NewRow, TestDb, DAEMON};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -111,7 +111,11 @@ async fn a_panic_fails_the_try_with_its_message(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut daemon = Daemon::start(&db, "d", &with_example_tasks(""));
     let id = db
-        .insert("INSERT INTO task_runner_requests (task_class_name, options, try_limit) VALUES ('Explode', 'message: the reactor is on fire', 1) RETURNING id")
+        .insert_row(
+            NewRow::new("Explode")
+                .options("message: the reactor is on fire")
+                .try_limit(1),
+        )
         .await;
     let row = db.wait_for_state(id, "FAILED", WAIT).await;
     let text = row.result_text.unwrap();

@@ -5,9 +5,7 @@
 
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
-
-use crate::util::{process_exists, wait_until, zombie_children, Backend, Daemon, TestDb};
+use crate::util::{process_exists, wait_until, zombie_children, Backend, Daemon, NewRow, TestDb};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -28,14 +26,8 @@ async fn many_short_tries_at_once_each_end_with_their_own_status_and_leave_no_zo
         "max_concurrent: 8\ntasks:\n  Ok:\n    command: [/bin/sh, -c, 'echo ok $TASKRUNNER_REQUEST_ID']\n  Exit3:\n    command: [/bin/sh, -c, 'echo three >&2; exit 3']\n  Killed:\n    command: [/bin/sh, -c, 'kill -9 $$']\n",
     );
     let kinds = ["Ok", "Exit3", "Killed"];
-    let values: Vec<String> = (0..120)
-        .map(|i| format!("('{}', 1)", kinds[i % 3]))
-        .collect();
-    db.execute(&format!(
-        "INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES {}",
-        values.join(", ")
-    ))
-    .await;
+    db.insert_rows((0..120).map(|i| NewRow::new(kinds[i % 3]).try_limit(1)))
+        .await;
     db.wait_for_count(
         "SELECT count(*) FROM task_runner_requests WHERE result IN ('FINISHED', 'FAILED', 'CRASHED')",
         120,
@@ -92,8 +84,7 @@ async fn a_killed_daemon_takes_down_tries_started_by_every_spawner_thread(backen
     }
     assert_eq!(pids.len(), 6);
     assert!(pids.iter().all(|&pid| process_exists(pid)));
-    daemon.signal(Signal::SIGKILL);
-    daemon.wait_exit(Duration::from_secs(5));
+    daemon.kill();
     wait_until(
         Duration::from_secs(5),
         "every try to die with its daemon",
