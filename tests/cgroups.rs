@@ -8,7 +8,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::util::{cli, process_exists, quote, wait_until, Backend, Daemon, TestDb};
+use crate::util::{
+    cli, kill_if_alive, process_exists, read_pid_file, wait_until, within, Backend, Daemon, NewRow,
+    TestDb,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -50,11 +53,7 @@ fn start_with_cgroups(db: &TestDb, extra: &str) -> Option<Daemon> {
 }
 
 async fn insert_once(db: &TestDb, task: &str) -> taskrunner::request::RequestId {
-    db.insert(&format!(
-        "INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ({}, 1) RETURNING id",
-        quote(task)
-    ))
-    .await
+    db.insert_row(NewRow::new(task).try_limit(1)).await
 }
 
 /// The directories of the try cgroups named in `/proc/PID/cgroup` text.
@@ -103,15 +102,11 @@ tasks:
         return;
     };
     let hungry = insert_once(&db, "Hungry").await;
-    let row = db.wait_for_state(hungry, "FAILED", WAIT).await;
-    let text = row.result_text.unwrap();
-    assert!(
-        text.lines()
-            .next()
-            .unwrap()
-            .contains("memory limit 64MiB exceeded (killed by the OOM killer)"),
-        "{text}"
-    );
+    db.wait_for_failure(
+        hungry,
+        "memory limit 64MiB exceeded (killed by the OOM killer)",
+    )
+    .await;
     assert!(process_exists(daemon.pid()), "the daemon lives");
     let mapper = insert_once(&db, "Mapper").await;
     let row = db.wait_for_state(mapper, "FINISHED", WAIT).await;
@@ -154,15 +149,7 @@ tasks:
         return;
     };
     let id = insert_once(&db, "Bomb").await;
-    let row = db.wait_for_state(id, "FAILED", WAIT).await;
-    let text = row.result_text.unwrap();
-    assert!(
-        text.lines()
-            .next()
-            .unwrap()
-            .contains("max_processes 20 reached"),
-        "{text}"
-    );
+    let text = db.wait_for_failure(id, "max_processes 20 reached").await;
     let forked: u32 = text
         .split("forked ")
         .nth(1)
@@ -233,28 +220,6 @@ tasks:
     )
 }
 
-fn read_pid(file: &std::path::Path) -> i32 {
-    wait_until(WAIT, "the grandchild's pid", || {
-        std::fs::read_to_string(file).is_ok_and(|text| text.ends_with('\n'))
-    });
-    std::fs::read_to_string(file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-fn kill_if_alive(pid: i32) -> bool {
-    let alive = process_exists(pid);
-    if alive {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    alive
-}
-
 /// A grandchild that left the task's process group with `setsid` escaped
 /// the group kill at the try's end; the try's cgroup takes it too.
 async fn a_setsid_grandchild_is_killed_at_the_end_of_its_try(backend: Backend) {
@@ -266,11 +231,9 @@ async fn a_setsid_grandchild_is_killed_at_the_end_of_its_try(backend: Backend) {
     let id = insert_once(&db, "Leaver").await;
     let row = db.wait_for_state(id, "FINISHED", WAIT).await;
     assert_eq!(row.result_text.as_deref(), Some("left"));
-    let grandchild = read_pid(&file);
-    let gone = std::time::Instant::now() + Duration::from_secs(10);
-    while process_exists(grandchild) && std::time::Instant::now() < gone {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let grandchild = read_pid_file(&file);
+    // Up to 10 s for the kill to land (then gone, or killed here).
+    within(Duration::from_secs(10), || !process_exists(grandchild));
     assert!(
         !kill_if_alive(grandchild),
         "the setsid grandchild was killed"
@@ -291,19 +254,9 @@ async fn a_setsid_grandchild_is_killed_before_the_rerun_at_a_daemon_restart(back
     let id = db.enqueue("Leaver", None).await;
     db.wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
         .await;
-    let grandchild = read_pid(&file);
-    daemon.signal(nix::sys::signal::Signal::SIGKILL);
-    daemon.wait_exit(Duration::from_secs(5));
-    assert!(
-        process_exists(grandchild),
-        "the setsid grandchild outlives the daemon"
-    );
-    let mut daemon = Daemon::start_with_config(&daemon.config.clone(), &[]);
-    daemon.wait_ready();
-    let row = db
-        .wait_for(id, WAIT, "ended", |r| {
-            !matches!(r.result.as_deref(), Some("RUNNING") | Some("CRASHED"))
-        })
+    let grandchild = read_pid_file(&file);
+    let (mut daemon, row) = daemon
+        .kill_leaving_grandchild_and_restart(&db, id, grandchild)
         .await;
     assert!(
         !kill_if_alive(grandchild),
@@ -411,8 +364,7 @@ async fn empty_try_cgroups_a_killed_daemon_left_are_removed(backend: Backend) {
     });
     let dirs = try_cgroup_dirs(&std::fs::read_to_string(&written).unwrap());
     assert!(!dirs.is_empty());
-    daemon.signal(nix::sys::signal::Signal::SIGKILL);
-    daemon.wait_exit(Duration::from_secs(5));
+    daemon.kill();
     wait_until(WAIT, "the task to die with its daemon", || {
         !process_exists(pid)
     });
@@ -435,8 +387,7 @@ async fn empty_try_cgroups_a_killed_daemon_left_are_removed(backend: Backend) {
         .spawn()
         .unwrap();
     std::fs::write(busy.join("cgroup.procs"), sleeper.id().to_string()).unwrap();
-    let mut daemon = Daemon::start_with_config(&daemon.config.clone(), &[]);
-    daemon.wait_ready();
+    let mut daemon = daemon.restart();
     wait_until(
         Duration::from_secs(60),
         "the empty cgroup to be removed",

@@ -9,8 +9,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::util::{
-    cli, memory_kib, now_ns, process_exists, quote, wait_until, zombie_children, Backend, Daemon,
-    NewRow, PrivateServer, TestDb,
+    cli, memory_kib, now_ns, process_exists, wait_until, zombie_children, Backend, Daemon, NewRow,
+    PrivateServer, TestDb,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -41,23 +41,7 @@ async fn killed_task_process_crashes_then_reruns(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut daemon = Daemon::start(&db, "d", &first_try_hangs(&db.scratch.join("pid")));
     let id = db.enqueue("Once", None).await;
-    let row = db
-        .wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
-        .await;
-    let killed_at = Instant::now();
-    kill(Pid::from_raw(row.pid.unwrap() as i32), Signal::SIGKILL).unwrap();
-    let crashed = db
-        .wait_for(id, WAIT, "CRASHED or rerun", |r| {
-            r.result.as_deref() != Some("RUNNING") || r.tries == 2
-        })
-        .await;
-    if crashed.tries == 1 {
-        assert_eq!(crashed.result.as_deref(), Some("CRASHED"));
-        assert!(crashed
-            .result_text
-            .unwrap()
-            .starts_with("killed by signal 9"));
-    }
+    let killed_at = db.kill_running_try(id).await;
     let row = db.wait_for_state(id, "FINISHED", WAIT).await;
     println!(
         "recovery after kill -9 of a task: {:.2}s (retry_delay 1s)",
@@ -78,8 +62,7 @@ async fn killed_daemon_takes_its_tasks_along_and_a_restart_reruns_them(backend: 
         .wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
         .await;
     let task_pid = row.pid.unwrap() as i32;
-    daemon.signal(Signal::SIGKILL);
-    daemon.wait_exit(Duration::from_secs(5));
+    daemon.kill();
     // The task dies with its daemon (parent-death signal): nothing runs unsupervised.
     wait_until(
         Duration::from_secs(5),
@@ -92,8 +75,7 @@ async fn killed_daemon_takes_its_tasks_along_and_a_restart_reruns_them(backend: 
         "nobody has recorded anything yet"
     );
     let restarted_at = Instant::now();
-    let mut daemon = Daemon::start_with_config(&daemon.config.clone(), &[]);
-    daemon.wait_ready();
+    let mut daemon = daemon.restart();
     let row = db.wait_for_state(id, "FINISHED", WAIT).await;
     println!(
         "recovery after kill -9 of the daemon: {:.2}s from restart",
@@ -192,25 +174,15 @@ async fn reused_pid_is_taken_as_crashed_and_never_signalled(backend: Backend) {
     let pid = bystander.id();
     tokio::time::sleep(Duration::from_millis(1100)).await; // let the bystander be over a second old
     let host = "reaper-test-host";
-    let now = match backend {
-        Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now')",
-        Backend::Postgres => "now()",
-        Backend::MySql => "UTC_TIMESTAMP(6)",
-    };
     // One row written by hand (no recorded identity), one with an identity that does not match.
-    let by_hand = db
-        .insert(&format!(
-            "INSERT INTO task_runner_requests (task_class_name, result, pid, host, started_at, heartbeat_at, tries) \
-             VALUES ('NoOp', 'RUNNING', {pid}, '{host}', {now}, {now}, 1) RETURNING id"
-        ))
-        .await;
-    let mismatched = db
-        .insert(&format!(
-            "INSERT INTO task_runner_requests (task_class_name, result, pid, host, started_at, heartbeat_at, tries, claim_token, pid_boot_id, pid_start_ticks) \
-             VALUES ('NoOp', 'RUNNING', {pid}, '{host}', {now}, {now}, 1, 'old-claim', {}, 12345) RETURNING id",
-            quote(&taskrunner::procinfo::boot_id())
-        ))
-        .await;
+    let by_hand = NewRow::new("NoOp").running_unclaimed(backend, host, pid.into(), 0);
+    let mismatched = by_hand
+        .clone()
+        .text("claim_token", "old-claim")
+        .text("pid_boot_id", &taskrunner::procinfo::boot_id())
+        .number("pid_start_ticks", 12345);
+    let by_hand = db.insert_row(by_hand).await;
+    let mismatched = db.insert_row(mismatched).await;
     let (status, stdout, stderr) = cli(&db, &["--host-id", host, "reap", "--dry-run"]);
     assert_eq!(status, 0, "{stderr}");
     assert_eq!(stdout.lines().count(), 2, "{stdout}");
@@ -344,15 +316,8 @@ async fn memory_limit_fails_the_try_naming_the_limit(backend: Backend) {
         &[("TASKRUNNER_CGROUPS", "off")],
     );
     let id = db.insert_row(NewRow::new("Hungry").try_limit(1)).await;
-    let row = db.wait_for_state(id, "FAILED", WAIT).await;
-    let text = row.result_text.unwrap();
-    assert!(
-        text.lines()
-            .next()
-            .unwrap()
-            .contains("memory_limit 128MiB exceeded (RLIMIT_AS"),
-        "{text}"
-    );
+    db.wait_for_failure(id, "memory_limit 128MiB exceeded (RLIMIT_AS")
+        .await;
     assert!(daemon.stop().success());
 }
 
@@ -496,10 +461,7 @@ async fn a_grandchild_holding_stdout_does_not_hold_up_the_outcome() {
 
 /// The nice value (field 19 of /proc/PID/stat) of a process.
 fn nice_of(pid: &str) -> i32 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name, which ends at the last ')': state is 3, nice 19.
-    let after_name = stat.rsplit_once(") ").unwrap().1;
-    after_name.split(' ').nth(16).unwrap().parse().unwrap()
+    crate::util::stat_fields(pid)[16].parse().unwrap()
 }
 
 /// The daemon raises itself five nice levels above its tasks when it may
@@ -717,11 +679,7 @@ async fn four_daemons_one_killed_halfway_through_two_thousand_tasks(backend: Bac
     let mut daemons: Vec<Daemon> = (0..4)
         .map(|n| Daemon::start(&db, &format!("d{n}"), &task(&format!("host-{n}"))))
         .collect();
-    db.execute(&format!(
-        "INSERT INTO task_runner_requests (task_class_name) SELECT 'Work' FROM {}",
-        crate::util::series(backend, 2000)
-    ))
-    .await;
+    db.insert_copies(NewRow::new("Work"), 2000).await;
     db.wait_for_count(
         "SELECT CAST(CASE WHEN count(*) >= 1000 THEN 1 ELSE 0 END AS BIGINT) FROM task_runner_requests WHERE result = 'FINISHED'",
         1,

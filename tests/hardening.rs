@@ -9,7 +9,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::util::{
-    base_config, cli, merge_yaml, process_exists, wait_until, Backend, Daemon, NewRow, TestDb,
+    base_config, cli, kill_if_alive, merge_yaml, process_exists, read_pid_file, wait_until,
+    Backend, Daemon, NewRow, TestDb,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -187,10 +188,7 @@ async fn a_dead_heartbeat_stops_the_daemon_with_exit_status_1(backend: Backend) 
 async fn starts_failing_for_the_daemons_own_descriptors_give_the_try_back(backend: Backend) {
     let db = TestDb::new(backend).await;
     for _ in 0..24 {
-        db.insert(
-            "INSERT INTO task_runner_requests (task_class_name, try_limit) VALUES ('Nap', 1) RETURNING id",
-        )
-        .await;
+        db.insert_row(NewRow::new("Nap").try_limit(1)).await;
     }
     let mut daemon = Daemon::start_with_open_files(
         &db,
@@ -253,35 +251,11 @@ echo alone
     let id = db.enqueue("Spawner", None).await;
     db.wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
         .await;
-    wait_until(WAIT, "the grandchild's pid", || {
-        std::fs::read_to_string(&grandchild_file).is_ok_and(|t| t.ends_with('\n'))
-    });
-    let grandchild: i32 = std::fs::read_to_string(&grandchild_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    daemon.signal(nix::sys::signal::Signal::SIGKILL);
-    daemon.wait_exit(Duration::from_secs(5));
-    assert!(
-        process_exists(grandchild),
-        "the grandchild outlives the daemon"
-    );
-    let mut daemon = Daemon::start_with_config(&daemon.config.clone(), &[]);
-    daemon.wait_ready();
-    let row = db
-        .wait_for(id, WAIT, "ended", |r| {
-            !matches!(r.result.as_deref(), Some("RUNNING") | Some("CRASHED"))
-        })
+    let grandchild = read_pid_file(&grandchild_file);
+    let (mut daemon, row) = daemon
+        .kill_leaving_grandchild_and_restart(&db, id, grandchild)
         .await;
-    let alive = process_exists(grandchild);
-    if alive {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(grandchild),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    assert!(!alive, "the grandchild was killed");
+    assert!(!kill_if_alive(grandchild), "the grandchild was killed");
     assert_eq!(row.result.as_deref(), Some("FINISHED"), "{row:#?}");
     assert_eq!(row.result_text.as_deref(), Some("alone"));
     assert_eq!(row.tries, 2);
@@ -460,15 +434,8 @@ async fn control_characters_in_rows_and_stderr_are_escaped_in_logs_and_listings(
         "d",
         "tasks:\n  Garbler:\n    command: [/bin/sh, -c, 'printf \"oops\\\\n\\\\033[2JFORGED line\\\\n\" >&2; exit 3']\n",
     );
-    let char_fn = match backend {
-        Backend::Sqlite | Backend::MySql => "char",
-        Backend::Postgres => "chr",
-    };
     let evil = db
-        .insert(&format!(
-            "INSERT INTO task_runner_requests (task_class_name, try_limit) \
-             VALUES ('Evil' || {char_fn}(10) || {char_fn}(27) || '[31mINJECTED', 1) RETURNING id"
-        ))
+        .insert_row(NewRow::new("Evil\n\u{1b}[31mINJECTED").try_limit(1))
         .await;
     let garbler = db.insert_row(NewRow::new("Garbler").try_limit(1)).await;
     db.wait_for_state(evil, "FAILED", WAIT).await;
@@ -803,6 +770,8 @@ async fn rows_that_can_never_run_are_refused_or_flagged_and_never_stall_the_daem
     let db = TestDb::new(backend).await;
     let megabyte_name = "N".repeat(1 << 20);
     // (columns, values, what the refusal says, what `list` says of such an old row)
+    // By hand, here and below: the SQL an application sends is what the
+    // triggers must refuse, and what rows from before them were.
     let mut cases: Vec<(&str, String, &str, &str)> = vec![
         (
             "task_class_name, try_limit",
@@ -964,13 +933,7 @@ async fn rows_that_can_never_run_are_refused_or_flagged_and_never_stall_the_daem
     }
     // The others are left exactly as they were, and the daemon idles.
     let ticks = |pid: i32| -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .unwrap()
-            .1
-            .split_whitespace()
-            .collect();
+        let fields = crate::util::stat_fields(pid);
         fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
     };
     let cpu_before = ticks(daemon.pid());

@@ -501,13 +501,11 @@ async fn stale_pidfile_and_socket_of_a_killed_daemon_are_taken_over() {
     let mut killed = Daemon::start(&db, "d", "pidfile: run/taskrunnerd.pid\n");
     let pidfile = killed.dir.join("run/taskrunnerd.pid");
     let socket = killed.dir.join("run/daemon.sock");
-    killed.signal(Signal::SIGKILL);
-    killed.wait_exit(WAIT);
+    killed.kill();
     assert_eq!(pid_in(&pidfile), Some(killed.pid()), "left behind");
     assert!(socket.exists(), "left behind");
 
-    let mut next = Daemon::start_with_config(&killed.config, &[]);
-    next.wait_ready();
+    let mut next = killed.restart();
     next.wait_for_log("taking over the stale pidfile", WAIT);
     assert!(next
         .log_text()
@@ -554,13 +552,7 @@ async fn daemonize_returns_once_ready_and_leaves_the_daemon_running() {
     let status: serde_json::Value = serde_json::from_str(&answer).unwrap();
     assert_eq!(status["pid"], pid);
     // Detached: not our child, in a session of its own, not its leader.
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
+    let fields = crate::util::stat_fields(pid);
     let (parent, session): (i32, i32) = (fields[1].parse().unwrap(), fields[3].parse().unwrap());
     assert_ne!(parent, std::process::id() as i32);
     assert_ne!(session, nix::unistd::getsid(None).unwrap().as_raw());

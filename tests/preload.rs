@@ -9,7 +9,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::util::{process_exists, quote, wait_until, zombie_children, Daemon, TestDb, DAEMON};
+use crate::util::{process_exists, wait_until, zombie_children, Daemon, NewRow, TestDb, DAEMON};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -60,12 +60,8 @@ fn report(text: &str) -> BTreeMap<String, String> {
 }
 
 async fn enqueue(db: &TestDb, task: &str, options: &str) -> taskrunner::request::RequestId {
-    db.insert(&format!(
-        "INSERT INTO task_runner_requests (task_class_name, options, try_limit) VALUES ({}, {}, 1) RETURNING id",
-        quote(task),
-        quote(options)
-    ))
-    .await
+    db.insert_row(NewRow::new(task).options(options).try_limit(1))
+        .await
 }
 
 /// The pid of the preloaded parent the daemon started last, from its log.
@@ -234,24 +230,13 @@ async fn a_killed_child_crashes_and_reruns(backend: crate::util::Backend) {
     let db = TestDb::new(backend).await;
     let mut daemon = Daemon::start(&db, "d", &preloaded(&sdk_probe()));
     let id = db
-        .insert("INSERT INTO task_runner_requests (task_class_name, options, try_limit) VALUES ('Probe', 'first_try_sleep_ms: 60000', 2) RETURNING id")
+        .insert_row(
+            NewRow::new("Probe")
+                .options("first_try_sleep_ms: 60000")
+                .try_limit(2),
+        )
         .await;
-    let row = db
-        .wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
-        .await;
-    kill(Pid::from_raw(row.pid.unwrap() as i32), Signal::SIGKILL).unwrap();
-    let crashed = db
-        .wait_for(id, WAIT, "CRASHED or rerun", |r| {
-            r.result.as_deref() != Some("RUNNING") || r.tries == 2
-        })
-        .await;
-    if crashed.tries == 1 {
-        assert_eq!(crashed.result.as_deref(), Some("CRASHED"));
-        assert!(crashed
-            .result_text
-            .unwrap()
-            .starts_with("killed by signal 9"));
-    }
+    db.kill_running_try(id).await;
     let row = db.wait_for_state(id, "FINISHED", WAIT).await;
     assert_eq!(row.tries, 2);
     assert!(
@@ -331,8 +316,7 @@ async fn a_killed_daemon_takes_the_parent_and_its_children_down(backend: crate::
         .await;
     let child = row.pid.unwrap() as i32;
     let parent = parent_pid(&daemon);
-    daemon.signal(Signal::SIGKILL);
-    daemon.wait_exit(Duration::from_secs(10));
+    daemon.kill();
     wait_until(
         Duration::from_secs(10),
         "the parent and the child to die",
