@@ -159,8 +159,9 @@ async fn run(args: RunArgs) -> Result<()> {
     let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 });
     let bin_dir = match args.bin_dir {
         // Absolute: the daemons it starts run in other directories.
-        Some(dir) => std::path::absolute(&dir)
-            .with_context(|| format!("--bin-dir {}", dir.display()))?,
+        Some(dir) => {
+            std::path::absolute(&dir).with_context(|| format!("--bin-dir {}", dir.display()))?
+        }
         None => std::env::current_exe()
             .context("finding this executable")?
             .parent()
