@@ -31,7 +31,8 @@ async fn the_claim_reads_the_runnable_index_range_without_a_filesort() {
     db.insert_copies(NewRow::new("NoOp").sql("priority", "i % 3"), 50)
         .await;
     db.execute("ANALYZE TABLE task_runner_requests").await;
-    let select = taskrunner::store::sql::MYSQL
+    let select = taskrunner::store::sql::SQL
+        .of(taskrunner::store::Backend::MySql)
         .claim_select
         .replace("AND task_class_name NOT IN ({excluded})", "")
         .replace("$4", "8")

@@ -95,7 +95,12 @@ async fn measure(bench: &Bench, backend: Backend, rows: usize) -> Result<Case> {
     for index in 0..WARM_UP + claims {
         let token = instance.claim_token(index);
         let started = Instant::now();
-        let claimed = store.claim("bench", &instance, &token, 1).await?;
+        let by = taskrunner::store::Claimant {
+            token: &token,
+            instance: &instance,
+            host: "bench",
+        };
+        let claimed = store.claim(by, 1).await?;
         let elapsed = started.elapsed();
         anyhow::ensure!(claimed.len() == 1, "claim {index} found no runnable row");
         if index >= WARM_UP {

@@ -102,7 +102,14 @@ async fn run_and_record(
     let instance = crate::instance::InstanceId::new(&config.host_id);
     let token = instance.claim_token("cli");
     let Some(claimed) = store
-        .claim_one(id, &config.host_id, &instance, &token)
+        .claim_one(
+            id,
+            crate::store::Claimant {
+                token: &token,
+                instance: &instance,
+                host: &config.host_id,
+            },
+        )
         .await?
     else {
         let Some(request) = store.show(id).await? else {

@@ -320,7 +320,11 @@ impl Scheduler {
                 .collect()
         };
         let store = &self.store;
-        let (host, instance) = (config.host_id.as_str(), &*self.instance);
+        let by = crate::store::Claimant {
+            token,
+            instance: &self.instance,
+            host: &config.host_id,
+        };
         let mut claimed = Vec::new();
         let mut all_filled = true;
         for (queue, mut room) in queues {
@@ -332,9 +336,7 @@ impl Scheduler {
             };
             let want = room.min(budget);
             if want > 0 {
-                let rows = store
-                    .claim_filtered(host, instance, token, want, &filter)
-                    .await?;
+                let rows = store.claim_filtered(by, want, &filter).await?;
                 all_filled &= rows.len() == want;
                 room -= rows.len();
                 budget -= rows.len();
@@ -350,9 +352,7 @@ impl Scheduler {
                     task: Some(task),
                     ..filter.clone()
                 };
-                let rows = store
-                    .claim_limited(host, instance, token, want, &filter, *limit)
-                    .await?;
+                let rows = store.claim_limited(by, want, &filter, *limit).await?;
                 room -= rows.len();
                 budget -= rows.len();
                 slots -= rows.len();

@@ -9,6 +9,15 @@ use super::{begin_write, Pool, RowExt, Store};
 use crate::instance::ClaimToken;
 use crate::request::{Claimed, RequestId};
 
+/// Who claims: the claim token that fences every later write about each
+/// try, the daemon instance and its host (written on each claimed row).
+#[derive(Debug, Clone, Copy)]
+pub struct Claimant<'a> {
+    pub token: &'a ClaimToken,
+    pub instance: &'a str,
+    pub host: &'a str,
+}
+
 /// Which runnable rows a claim may take.
 #[derive(Debug, Clone, Default)]
 pub struct ClaimFilter<'a> {
@@ -47,16 +56,16 @@ pub(super) fn claimed_from_row(
 }
 
 /// Binds `$1..$9` of [`Sql::claim`](super::sql::Sql::claim): who claims
-/// (token, instance, host), how many rows, the filter's node and queue, the
+/// (a [`Claimant`]), how many rows, the filter's node and queue, the
 /// task type ('' for any), the excluded types (a JSON array) and the
 /// options cap (a macro, so that it serves the pool and a transaction alike).
 macro_rules! bind_claim {
-    ($query:expr, ($claim_token:expr, $instance:expr, $host:expr), $limit:expr, $filter:expr, $task:expr, $excluded:expr, $cap:expr $(,)?) => {{
-        let filter: &ClaimFilter<'_> = $filter;
+    ($query:expr, $by:expr, $limit:expr, $filter:expr, $task:expr, $excluded:expr, $cap:expr $(,)?) => {{
+        let (by, filter): (Claimant<'_>, &ClaimFilter<'_>) = ($by, $filter);
         $query
-            .bind($claim_token.as_str())
-            .bind($instance)
-            .bind($host)
+            .bind(by.token.as_str())
+            .bind(by.instance)
+            .bind(by.host)
             .bind($limit)
             .bind(filter.node)
             .bind(filter.queue.unwrap_or(""))
@@ -76,24 +85,12 @@ fn in_claim_order(mut rows: Vec<(i64, Claimed)>) -> Vec<Claimed> {
 impl Store {
     /// Claims up to `limit` runnable rows of any queue and type, in one
     /// statement (see [`Sql::claim`](super::sql::Sql::claim)), returned in claim order.
-    pub async fn claim(
-        &self,
-        host: &str,
-        instance: &str,
-        claim_token: &ClaimToken,
-        limit: usize,
-    ) -> Result<Vec<Claimed>> {
-        self.claim_filtered(
-            host,
-            instance,
-            claim_token,
-            limit,
-            &ClaimFilter {
-                node: host,
-                ..Default::default()
-            },
-        )
-        .await
+    pub async fn claim(&self, by: Claimant<'_>, limit: usize) -> Result<Vec<Claimed>> {
+        let filter = ClaimFilter {
+            node: by.host,
+            ..Default::default()
+        };
+        self.claim_filtered(by, limit, &filter).await
     }
 
     /// Claims leave out options longer than `max_options` bytes (the row's
@@ -112,24 +109,20 @@ impl Store {
     /// Claims up to `limit` runnable rows that pass `filter`, in one statement.
     pub(crate) async fn claim_filtered(
         &self,
-        host: &str,
-        instance: &str,
-        claim_token: &ClaimToken,
+        by: Claimant<'_>,
         limit: usize,
         filter: &ClaimFilter<'_>,
     ) -> Result<Vec<Claimed>> {
         self.count_statements(1);
         let excluded = serde_json::to_string(filter.excluded_tasks)?;
         if let Pool::MySql(pool) = &self.pool {
-            let rows = self
-                .claim_mysql(pool, (claim_token, instance, host), limit, filter, None)
-                .await?;
+            let rows = self.claim_mysql(pool, by, limit, filter, None).await?;
             return Ok(in_claim_order(rows));
         }
         let rows: Vec<(i64, Claimed)> = on_pool!(self, pool => {
             let query = bind_claim!(
                 query(self.sql.claim.as_str()),
-                (claim_token, instance, host),
+                by,
                 limit as i64,
                 filter,
                 filter.task.unwrap_or(""),
@@ -138,7 +131,7 @@ impl Store {
             );
             query.fetch_all(pool).await?
                 .iter()
-                .map(|row| claimed_from_row(row, claim_token))
+                .map(|row| claimed_from_row(row, by.token))
                 .collect::<sqlx::Result<_>>()?
         });
         Ok(in_claim_order(rows))
@@ -149,9 +142,7 @@ impl Store {
     /// single writer), counts its running rows and claims at most the rest.
     pub(crate) async fn claim_limited(
         &self,
-        host: &str,
-        instance: &str,
-        claim_token: &ClaimToken,
+        by: Claimant<'_>,
         limit: usize,
         filter: &ClaimFilter<'_>,
         type_limit: u32,
@@ -160,13 +151,7 @@ impl Store {
         let sql = self.sql;
         if let Pool::MySql(pool) = &self.pool {
             let rows = self
-                .claim_mysql(
-                    pool,
-                    (claim_token, instance, host),
-                    limit,
-                    filter,
-                    Some(type_limit),
-                )
+                .claim_mysql(pool, by, limit, filter, Some(type_limit))
                 .await?;
             return Ok(in_claim_order(rows));
         }
@@ -187,7 +172,7 @@ impl Store {
             } else {
                 bind_claim!(
                     query(sql.claim.as_str()),
-                    (claim_token, instance, host),
+                    by,
                     room,
                     filter,
                     task,
@@ -197,7 +182,7 @@ impl Store {
                 .fetch_all(&mut *transaction)
                     .await?
                     .iter()
-                    .map(|row| claimed_from_row(row, claim_token))
+                    .map(|row| claimed_from_row(row, by.token))
                     .collect::<sqlx::Result<Vec<_>>>()?
             };
             transaction.commit().await?;
@@ -210,25 +195,21 @@ impl Store {
     pub(crate) async fn claim_one(
         &self,
         id: RequestId,
-        host: &str,
-        instance: &str,
-        claim_token: &ClaimToken,
+        by: Claimant<'_>,
     ) -> Result<Option<Claimed>> {
         if let Pool::MySql(pool) = &self.pool {
-            return self
-                .claim_one_mysql(pool, id.0, (claim_token, instance, host))
-                .await;
+            return self.claim_one_mysql(pool, id.0, by).await;
         }
         let rows = on_pool!(self, pool => {
             let query = query(self.sql.claim_one.as_str())
-                .bind(claim_token.as_str())
-                .bind(instance)
-                .bind(host)
+                .bind(by.token.as_str())
+                .bind(by.instance)
+                .bind(by.host)
                 .bind(id.0)
                 .bind(self.options_cap());
             query.fetch_all(pool).await?
                 .iter()
-                .map(|row| claimed_from_row(row, claim_token))
+                .map(|row| claimed_from_row(row, by.token))
                 .collect::<sqlx::Result<Vec<_>>>()?
         });
         Ok(rows.into_iter().next().map(|(_, claimed)| claimed))

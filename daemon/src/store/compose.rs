@@ -28,8 +28,6 @@
 //! insert trigger (migration 0005) takes the batch row too, after inserting
 //! a row no one else can see yet.
 
-use std::sync::LazyLock;
-
 use anyhow::Result;
 use serde_yaml::{Mapping, Value};
 use sqlx::mysql::MySqlRow;
@@ -37,8 +35,8 @@ use sqlx::postgres::PgRow;
 use sqlx::query;
 use sqlx::sqlite::SqliteRow;
 
-use super::sql::{unfinished, Dialect};
-use super::{begin_write, Backend, Outcome, Pool, RowExt, Store};
+use super::sql::{unfinished, Dialect, Statements};
+use super::{begin_write, Outcome, Pool, RowExt, Store};
 use crate::instance::ClaimToken;
 use crate::request::RequestId;
 
@@ -220,12 +218,7 @@ pub(super) struct ComposeSql {
 /// A callback row in short: (id, task type, result, unique_key).
 pub type CallbackRow = (i64, String, Option<String>, Option<String>);
 
-pub(super) static SQLITE: LazyLock<ComposeSql> =
-    LazyLock::new(|| ComposeSql::render(Dialect(Backend::Sqlite)));
-pub(super) static POSTGRES: LazyLock<ComposeSql> =
-    LazyLock::new(|| ComposeSql::render(Dialect(Backend::Postgres)));
-pub(super) static MYSQL: LazyLock<ComposeSql> =
-    LazyLock::new(|| ComposeSql::render(Dialect(Backend::MySql)));
+static COMPOSE: Statements<ComposeSql> = Statements::new(ComposeSql::render);
 
 impl ComposeSql {
     fn render(d: Dialect) -> ComposeSql {
@@ -555,11 +548,7 @@ fn text_value(text: &Option<String>) -> Value {
 
 impl Store {
     fn compose(&self) -> &'static ComposeSql {
-        match self.pool {
-            Pool::Sqlite(_) => &SQLITE,
-            Pool::Postgres(_) => &POSTGRES,
-            Pool::MySql(_) => &MYSQL,
-        }
+        COMPOSE.of(self.backend())
     }
 
     /// The config's `on_exhausted:` hooks, which every finalization applies.

@@ -19,15 +19,14 @@
 //! Lock order: the flow row, then a batch row, then request rows.
 
 use std::collections::BTreeMap;
-use std::sync::LazyLock;
 
 use anyhow::Result;
 use serde_yaml::{Mapping, Value};
 use sqlx::query;
 
 use super::compose::{AnyRow, Param, Tx};
-use super::sql::{unfinished, Dialect};
-use super::{Backend, Pool, RowExt, Store};
+use super::sql::{unfinished, Dialect, Statements};
+use super::{Pool, RowExt, Store};
 use crate::flow::{self, Action, Definition};
 use Param::{Int, OptInt, OptText, Text};
 
@@ -126,9 +125,7 @@ pub(super) struct FlowSql {
     insert_alert: String,
 }
 
-static SQLITE: LazyLock<FlowSql> = LazyLock::new(|| FlowSql::render(Dialect(Backend::Sqlite)));
-static POSTGRES: LazyLock<FlowSql> = LazyLock::new(|| FlowSql::render(Dialect(Backend::Postgres)));
-static MYSQL: LazyLock<FlowSql> = LazyLock::new(|| FlowSql::render(Dialect(Backend::MySql)));
+static FLOW: Statements<FlowSql> = Statements::new(FlowSql::render);
 
 impl FlowSql {
     fn render(d: Dialect) -> FlowSql {
@@ -280,11 +277,7 @@ const MAX_MOVES: usize = 1000;
 
 impl Store {
     fn flow_sql(&self) -> &'static FlowSql {
-        match self.pool {
-            Pool::Sqlite(_) => &SQLITE,
-            Pool::Postgres(_) => &POSTGRES,
-            Pool::MySql(_) => &MYSQL,
-        }
+        FLOW.of(self.backend())
     }
 
     pub(super) async fn lock_flow(&self, tx: &mut Tx, flow_id: i64) -> Result<bool> {

@@ -44,7 +44,7 @@ use sql::Sql;
 
 pub use admin::{Change, ListFilter, ListQuery, NewRequest, DEFAULT_TRY_LIMIT};
 use claims::claimed_from_row;
-pub use claims::ClaimFilter;
+pub use claims::{ClaimFilter, Claimant};
 pub use housekeeping::Prunable;
 use plumbing::{begin_write, MIGRATIONS_TABLE};
 pub use plumbing::{Migration, Purpose, SchemaMismatch, SideConnection, WRITER_AUTOCHECKPOINT};
@@ -137,7 +137,13 @@ impl Store {
     }
 
     pub(crate) fn backend(&self) -> Backend {
-        match self.pool {
+        self.pool.backend()
+    }
+}
+
+impl Pool {
+    fn backend(&self) -> Backend {
+        match self {
             Pool::Sqlite(_) => Backend::Sqlite,
             Pool::Postgres(_) => Backend::Postgres,
             Pool::MySql(_) => Backend::MySql,

@@ -26,8 +26,7 @@ use std::time::Duration;
 use sqlx::mysql::{MySql, MySqlArguments, MySqlDatabaseError, MySqlQueryResult, MySqlRow};
 use sqlx::{Arguments, Row};
 
-use super::{ClaimFilter, RowExt, Store};
-use crate::instance::ClaimToken;
+use super::{ClaimFilter, Claimant, RowExt, Store};
 use crate::request::Claimed;
 use sqlx::{Acquire, MySqlPool};
 
@@ -410,7 +409,7 @@ impl Store {
     pub(super) async fn claim_mysql(
         &self,
         pool: &MySqlPool,
-        claim: (&ClaimToken, &str, &str),
+        by: Claimant<'_>,
         limit: usize,
         filter: &ClaimFilter<'_>,
         type_limit: Option<u32>,
@@ -429,7 +428,7 @@ impl Store {
                     .await?;
             }
             let claimed = self
-                .claim_mysql_transaction(&mut connection, claim, limit, filter, type_limit)
+                .claim_mysql_transaction(&mut connection, by, limit, filter, type_limit)
                 .await;
             if let Some(task) = lock {
                 let released = query("DO RELEASE_LOCK(CONCAT('taskrunner:', SHA1($1)))")
@@ -449,7 +448,7 @@ impl Store {
     async fn claim_mysql_transaction(
         &self,
         connection: &mut sqlx::MySqlConnection,
-        (claim_token, instance, host): (&ClaimToken, &str, &str),
+        by: Claimant<'_>,
         limit: usize,
         filter: &ClaimFilter<'_>,
         type_limit: Option<u32>,
@@ -484,9 +483,9 @@ impl Store {
                 .replace("{excluded}", &parameter_list(8, excluded_tasks.len()))
         };
         let mut select_ids = query(sqlx::AssertSqlSafe(select))
-            .bind(claim_token.as_str())
-            .bind(instance)
-            .bind(host)
+            .bind(by.token.as_str())
+            .bind(by.instance)
+            .bind(by.host)
             .bind(room)
             .bind(filter.node)
             .bind(filter.queue.unwrap_or(""))
@@ -509,9 +508,9 @@ impl Store {
             .claim_update
             .replace("{ids}", &parameter_list(4, ids.len()));
         let mut update = query(sqlx::AssertSqlSafe(update))
-            .bind(claim_token.as_str())
-            .bind(instance)
-            .bind(host);
+            .bind(by.token.as_str())
+            .bind(by.instance)
+            .bind(by.host);
         for id in &ids {
             update = update.bind(*id);
         }
@@ -528,7 +527,7 @@ impl Store {
             .fetch_all(&mut *transaction)
             .await?
             .iter()
-            .map(|row| super::claimed_from_row(row, claim_token))
+            .map(|row| super::claimed_from_row(row, by.token))
             .collect::<sqlx::Result<Vec<_>>>()?;
         transaction.commit().await?;
         // BEGIN, select, update, read, COMMIT.
@@ -542,7 +541,7 @@ impl Store {
         &self,
         pool: &MySqlPool,
         id: i64,
-        (claim_token, instance, host): (&ClaimToken, &str, &str),
+        by: Claimant<'_>,
     ) -> anyhow::Result<Option<Claimed>> {
         let sql = self.sql;
         retry_locks(&self.lock_retries, || async {
@@ -553,9 +552,9 @@ impl Store {
                 .next()
                 .unwrap_or_default();
             let took = query(sqlx::AssertSqlSafe(update.to_string()))
-                .bind(claim_token.as_str())
-                .bind(instance)
-                .bind(host)
+                .bind(by.token.as_str())
+                .bind(by.instance)
+                .bind(by.host)
                 .bind(id)
                 .execute(&mut *transaction)
                 .await?
@@ -571,7 +570,7 @@ impl Store {
                     .fetch_all(&mut *transaction)
                     .await?;
                 match rows.first() {
-                    Some(row) => Some(super::claimed_from_row(row, claim_token)?.1),
+                    Some(row) => Some(super::claimed_from_row(row, by.token)?.1),
                     None => None,
                 }
             } else {

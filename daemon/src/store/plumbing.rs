@@ -14,7 +14,6 @@ use sqlx::sqlite::{
 };
 
 use super::{diagnose, mysql, sql, url, Pool, Store};
-use sql::Sql;
 
 /// Name of taskrunner's own migration bookkeeping table (never `_sqlx_migrations`,
 /// which may belong to the application sharing the database).
@@ -172,14 +171,9 @@ impl Store {
                     .connect_lazy_with(options),
             )
         };
-        let sql: &'static Sql = match pool {
-            Pool::Sqlite(_) => &sql::SQLITE,
-            Pool::Postgres(_) => &sql::POSTGRES,
-            Pool::MySql(_) => &sql::MYSQL,
-        };
         Ok(Store {
+            sql: sql::SQL.of(pool.backend()),
             pool,
-            sql,
             display_url,
             statements: Default::default(),
             hooks: Default::default(),

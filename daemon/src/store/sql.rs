@@ -4,7 +4,7 @@
 //! The runnable rule (SPEC.md) is [`RUNNABLE`]; the claim query is
 //! [`Sql::claim`]. Time comparisons always use the database's clock.
 
-use std::sync::LazyLock;
+use std::sync::OnceLock;
 
 use super::Backend;
 
@@ -227,14 +227,45 @@ impl Dialect {
     }
 }
 
-pub static SQLITE: LazyLock<Sql> = LazyLock::new(|| Sql::render(Dialect(Backend::Sqlite)));
+/// A set of statements in each backend's dialect, each rendered on its
+/// first use: how every file of the store keeps its statements ([`SQL`]
+/// here, the batches' in compose.rs, the flows' in flow.rs).
+pub struct Statements<T: 'static> {
+    render: fn(Dialect) -> T,
+    sqlite: OnceLock<T>,
+    postgres: OnceLock<T>,
+    mysql: OnceLock<T>,
+}
 
-/// MariaDB and MySQL: statements that need another shape there (no
-/// `RETURNING`, no `UPDATE … FROM`) are replaced by [`Sql::for_mysql`].
-pub static MYSQL: LazyLock<Sql> =
-    LazyLock::new(|| Sql::render(Dialect(Backend::MySql)).for_mysql());
+impl<T> Statements<T> {
+    /// The statements that `render` writes for a dialect.
+    pub const fn new(render: fn(Dialect) -> T) -> Statements<T> {
+        Statements {
+            render,
+            sqlite: OnceLock::new(),
+            postgres: OnceLock::new(),
+            mysql: OnceLock::new(),
+        }
+    }
 
-pub static POSTGRES: LazyLock<Sql> = LazyLock::new(|| Sql::render(Dialect(Backend::Postgres)));
+    /// The statements in `backend`'s dialect.
+    pub fn of(&self, backend: Backend) -> &T {
+        let rendered = match backend {
+            Backend::Sqlite => &self.sqlite,
+            Backend::Postgres => &self.postgres,
+            Backend::MySql => &self.mysql,
+        };
+        rendered.get_or_init(|| (self.render)(Dialect(backend)))
+    }
+}
+
+/// The store's statements (MariaDB and MySQL: those that need another
+/// shape there, with no `RETURNING` and no `UPDATE … FROM`, replaced by
+/// [`Sql::for_mysql`]).
+pub static SQL: Statements<Sql> = Statements::new(|d| match d.0 {
+    Backend::MySql => Sql::render(d).for_mysql(),
+    Backend::Sqlite | Backend::Postgres => Sql::render(d),
+});
 
 /// The runnable rule of SPEC.md, minus the delay (added where it applies).
 /// It is the predicate of the partial index `task_runner_requests_runnable`
