@@ -35,7 +35,7 @@ use sqlx::postgres::PgRow;
 use sqlx::query;
 use sqlx::sqlite::SqliteRow;
 
-use super::sql::{unfinished, Dialect, Statements};
+use super::sql::{cancel_unstarted, unfinished, Dialect, Statements};
 use super::{begin_write, Outcome, Pool, RowExt, Store};
 use crate::instance::ClaimToken;
 use crate::request::RequestId;
@@ -223,53 +223,49 @@ static COMPOSE: Statements<ComposeSql> = Statements::new(ComposeSql::render);
 impl ComposeSql {
     fn render(d: Dialect) -> ComposeSql {
         let now = d.now();
-        let int = |column: &str| d.int64(column);
-        let show = |column: &str| d.show_time(column);
         let (insert_or_ignore, on_conflict_ignore) = (d.insert_or_ignore(), d.on_conflict_ignore());
-        let returning = |column: &str| d.returning_id(column);
-        let for_update = d.for_update();
         let open = unfinished("");
         let bucket = format!(
             "CASE WHEN {open} THEN 'pending' WHEN result = 'FINISHED' THEN 'finished' \
                   WHEN result = 'CANCELLED' THEN 'cancelled' ELSE 'failed' END"
         );
         let batch_columns = [
-            int("id"),
-            show("created_at"),
+            d.int64("id"),
+            d.show_time("created_at"),
             "name".into(),
             "options".into(),
             "on_complete".into(),
             "on_failure".into(),
-            int("CASE WHEN fail_fast THEN 1 ELSE 0 END"),
-            show("sealed_at"),
+            d.int64("CASE WHEN fail_fast THEN 1 ELSE 0 END"),
+            d.show_time("sealed_at"),
             "state".into(),
-            show("finished_at"),
-            int("total"),
-            int("pending"),
-            int("finished"),
-            int("failed"),
-            int("cancelled"),
-            int("parent_batch_id"),
+            d.show_time("finished_at"),
+            d.int64("total"),
+            d.int64("pending"),
+            d.int64("finished"),
+            d.int64("failed"),
+            d.int64("cancelled"),
+            d.int64("parent_batch_id"),
         ]
         .join(", ");
         ComposeSql {
             batch_of: format!(
                 "SELECT {}, {} FROM task_runner_requests WHERE id = $1",
-                int("batch_id"),
-                int("flow_id")
+                d.int64("batch_id"),
+                d.int64("flow_id")
             ),
             lock_batch: format!(
                 "SELECT {} FROM task_runner_batches WHERE id = $1 {}",
-                int("id"),
-                for_update
+                d.int64("id"),
+                d.for_update()
             ),
             ended_row: format!(
                 "SELECT {}, task_class_name, options, result, result_text, {}, on_success, on_failure, \
                         {}, {bucket} \
                    FROM task_runner_requests WHERE id = $1",
-                int("id"),
-                int("batch_id"),
-                int("coalesce(period, 0)")
+                d.int64("id"),
+                d.int64("batch_id"),
+                d.int64("coalesce(period, 0)")
             ),
             count_member: "UPDATE task_runner_batches \
                 SET pending = pending - 1, \
@@ -281,20 +277,12 @@ impl ComposeSql {
             batch_row: format!("SELECT {batch_columns} FROM task_runner_batches WHERE id = $1"),
             recount: format!(
                 "SELECT {bucket}, {} FROM task_runner_requests WHERE batch_id = $1 GROUP BY 1",
-                int("count(*)")
+                d.int64("count(*)")
             ),
             set_counts: "UPDATE task_runner_batches \
                 SET total = $2, pending = $3, finished = $4, failed = $5, cancelled = $6 WHERE id = $1"
                 .to_string(),
-            // Members not started: never run, or waiting for their next try.
-            // A claimed row (RUNNING, with or without a pid yet) finishes.
-            cancel_unstarted: format!(
-                "UPDATE task_runner_requests \
-                    SET result = 'CANCELLED', result_text = $2, completed_at = {now} \
-                  WHERE batch_id = $1 AND pid IS NULL \
-                    AND (result IS NULL \
-                         OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED') AND tries < try_limit))"
-            ),
+            cancel_unstarted: cancel_unstarted(d, "batch_id"),
             end_batch: format!(
                 "UPDATE task_runner_batches SET state = $2, finished_at = {now} \
                   WHERE id = $1 AND state IS NULL"
@@ -303,17 +291,17 @@ impl ComposeSql {
                 "SELECT {}, task_class_name, result, result_text FROM task_runner_requests \
                   WHERE batch_id = $1 AND NOT {open} AND result <> 'FINISHED' \
                   ORDER BY CASE WHEN result = 'CANCELLED' THEN 1 ELSE 0 END, id LIMIT 1",
-                int("id")
+                d.int64("id")
             ),
             callback_exists: format!(
                 "SELECT {} FROM task_runner_requests WHERE callback_of = $1 AND unique_key = $2",
-                int("count(*)")
+                d.int64("count(*)")
             ),
             insert_callback: format!(
                 "{insert_or_ignore} INTO task_runner_requests \
                    (task_class_name, options, callback_of, callback_of_batch, unique_key) \
                  VALUES ($1, $2, $3, $4, $5) {on_conflict_ignore} {}",
-                returning("id")
+                d.returning_id("id")
             ),
             repair_candidates: format!(
                 "SELECT {} FROM task_runner_batches b \
@@ -322,14 +310,14 @@ impl ComposeSql {
                          OR NOT EXISTS (SELECT 1 FROM task_runner_requests r \
                                          WHERE r.batch_id = b.id AND {})) \
                   ORDER BY id LIMIT 100",
-                int("id"),
+                d.int64("id"),
                 unfinished("r.")
             ),
             create_batch: format!(
                 "INSERT INTO task_runner_batches \
                    (name, options, on_complete, on_failure, fail_fast, sealed_at, parent_batch_id) \
                  VALUES ($1, $2, $3, $4, $5 = 1, CASE WHEN $6 = 1 THEN {now} ELSE NULL END, $7) {}",
-                returning("id")
+                d.returning_id("id")
             ),
             seal: format!(
                 "UPDATE task_runner_batches SET sealed_at = {now} WHERE id = $1 AND sealed_at IS NULL"
@@ -340,19 +328,19 @@ impl ComposeSql {
             callbacks_of_batch: format!(
                 "SELECT {}, task_class_name, result, unique_key FROM task_runner_requests \
                   WHERE callback_of_batch = $1 ORDER BY id",
-                int("id")
+                d.int64("id")
             ),
             callbacks_of_request: format!(
                 "SELECT {}, task_class_name, result, unique_key FROM task_runner_requests \
                   WHERE callback_of = $1 ORDER BY id",
-                int("id")
+                d.int64("id")
             ),
             members_by_state: format!(
                 "SELECT coalesce(result, 'PENDING'), \
                         {}, {} \
                    FROM task_runner_requests WHERE batch_id = $1 GROUP BY 1, 2 ORDER BY 1, 2",
-                int("CASE WHEN result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit THEN 1 ELSE 0 END"),
-                int("count(*)")
+                d.int64("CASE WHEN result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit THEN 1 ELSE 0 END"),
+                d.int64("count(*)")
             ),
         }
     }

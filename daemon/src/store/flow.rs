@@ -25,7 +25,7 @@ use serde_yaml::{Mapping, Value};
 use sqlx::query;
 
 use super::compose::{AnyRow, Param, Tx};
-use super::sql::{unfinished, Dialect, Statements};
+use super::sql::{cancel_unstarted, unfinished, Dialect, Statements};
 use super::{Pool, RowExt, Store};
 use crate::flow::{self, Action, Definition};
 use Param::{Int, OptInt, OptText, Text};
@@ -130,30 +130,27 @@ static FLOW: Statements<FlowSql> = Statements::new(FlowSql::render);
 impl FlowSql {
     fn render(d: Dialect) -> FlowSql {
         let now = d.now();
-        let int = |column: &str| d.int64(column);
-        let show = |column: &str| d.show_time(column);
         let (insert_or_ignore, on_conflict_ignore) = (d.insert_or_ignore(), d.on_conflict_ignore());
-        let for_update = d.for_update();
         let columns = [
-            int("id"),
-            show("created_at"),
+            d.int64("id"),
+            d.show_time("created_at"),
             "flow_name".into(),
             "options".into(),
             "state".into(),
-            int("attempt"),
-            int("current_step"),
+            d.int64("attempt"),
+            d.int64("current_step"),
             "store".into(),
             "definition".into(),
-            show("finished_at"),
+            d.show_time("finished_at"),
             "result_text".into(),
-            int("CASE WHEN cancel_requested_at IS NULL THEN 0 ELSE 1 END"),
+            d.int64("CASE WHEN cancel_requested_at IS NULL THEN 0 ELSE 1 END"),
         ]
         .join(", ");
         FlowSql {
             lock_flow: format!(
                 "SELECT {} FROM task_runner_flows WHERE id = $1 {}",
-                int("id"),
-                for_update
+                d.int64("id"),
+                d.for_update()
             ),
             insert_flow: format!(
                 "INSERT INTO task_runner_flows (flow_name, options) VALUES ($1, $2) {}",
@@ -165,8 +162,8 @@ impl FlowSql {
             ),
             step_by_key: format!(
                 "SELECT {}, result, result_text, {} FROM task_runner_requests WHERE unique_key = $1",
-                int("id"),
-                int(&format!("CASE WHEN {} THEN 1 ELSE 0 END", unfinished("")))
+                d.int64("id"),
+                d.int64(&format!("CASE WHEN {} THEN 1 ELSE 0 END", unfinished("")))
             ),
             insert_step: format!(
                 "{insert_or_ignore} INTO task_runner_requests \
@@ -187,7 +184,7 @@ impl FlowSql {
                 .to_string(),
             untaken: format!(
                 "SELECT {} FROM task_runner_flows WHERE state IS NULL ORDER BY id LIMIT 100",
-                int("id")
+                d.int64("id")
             ),
             // Active flows with no open row: their current row ended
             // without advancing them (plain SQL wrote it, or deleted it).
@@ -197,25 +194,19 @@ impl FlowSql {
                     AND NOT EXISTS (SELECT 1 FROM task_runner_requests r \
                                      WHERE r.flow_id = f.id AND {}) \
                   ORDER BY id LIMIT 100",
-                int("id"),
+                d.int64("id"),
                 unfinished("r.")
             ),
             step_rows: format!(
                 "SELECT {}, {}, flow_action, unique_key, result, host, {}, {}, {} \
                    FROM task_runner_requests WHERE flow_id = $1 ORDER BY id",
-                int("id"),
-                int("coalesce(flow_step, -1)"),
-                int("tries"),
-                int("try_limit"),
-                int("CASE WHEN result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit THEN 1 ELSE 0 END"),
+                d.int64("id"),
+                d.int64("coalesce(flow_step, -1)"),
+                d.int64("tries"),
+                d.int64("try_limit"),
+                d.int64("CASE WHEN result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit THEN 1 ELSE 0 END"),
             ),
-            cancel_unstarted: format!(
-                "UPDATE task_runner_requests \
-                    SET result = 'CANCELLED', result_text = $2, completed_at = {now} \
-                  WHERE flow_id = $1 AND pid IS NULL \
-                    AND (result IS NULL \
-                         OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED') AND tries < try_limit))"
-            ),
+            cancel_unstarted: cancel_unstarted(d, "flow_id"),
             cancel_running: format!(
                 "UPDATE task_runner_requests SET cancel_requested_at = {now} \
                   WHERE flow_id = $1 AND result = 'RUNNING' AND cancel_requested_at IS NULL"

@@ -286,6 +286,21 @@ pub(super) fn unfinished(row: &str) -> String {
     )
 }
 
+/// Cancels the rows of a batch or a flow (`owner`: the column naming it,
+/// `$1`) that have not started: never run, or waiting for their next try;
+/// `$2` is their result_text. A claimed row (RUNNING, with or without a
+/// pid yet) finishes.
+pub(super) fn cancel_unstarted(d: Dialect, owner: &str) -> String {
+    format!(
+        "UPDATE task_runner_requests \
+            SET result = 'CANCELLED', result_text = $2, completed_at = {} \
+          WHERE {owner} = $1 AND pid IS NULL \
+            AND (result IS NULL \
+                 OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED') AND tries < try_limit))",
+        d.now()
+    )
+}
+
 /// Whether a cancel overrides the outcome `result` of a try: a cancel, once
 /// accepted (`cancel_requested_at` set while the row ran), means no further
 /// try. Only FINISHED stands (the work is done); any other outcome, however
