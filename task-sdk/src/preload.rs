@@ -26,7 +26,8 @@ struct Request {
     rlimit_cpu: Option<u64>,
     rlimit_nproc: Option<u64>,
     nice: Option<i32>,
-    /// `cgroup.procs` files of the try's cgroup, joined first.
+    /// The try's cgroup's join files (`tasks` on v1, `cgroup.procs` on
+    /// v2), written `0` first thing, while the child has one thread.
     cgroups: Vec<Vec<u8>>,
 }
 

@@ -18,11 +18,20 @@
 //! A try's cgroup is named after its claim token and row id (a hash), so that a
 //! restarted daemon's start-up reaper finds the cgroup of a try its dead
 //! predecessor ran, and kills what is left in it. The child joins its
-//! cgroup itself between clone and exec, by writing `0` to `cgroup.procs`
-//! descriptors opened here (open, write: async-signal-safe), so that
-//! nothing of the try ever runs outside it; a preloaded parent's child is
-//! asked to do the same (the `cgroup` field of the preload protocol), and
-//! is moved by the daemon when it is adopted in case it did not.
+//! cgroup itself between clone and exec, by writing `0` to join files
+//! opened here (open, write: async-signal-safe), so that nothing of the try
+//! ever runs outside it; a preloaded parent's child is asked to do the same
+//! (the `cgroup` field of the preload protocol), and is moved by the daemon
+//! when it is adopted in case it did not.
+//!
+//! The join file is `tasks` on cgroup v1 and `cgroup.procs` on v2 (see
+//! [`join_file`]): on v1, a single-threaded process that moves itself
+//! through `tasks` takes no global lock, where a write to `cgroup.procs`
+//! write-locks the kernel's `cgroup_threadgroup_rwsem`, which waits for an
+//! RCU grace period (8–20 ms measured on the 2-CPU machine) whenever no
+//! other migration happened on the machine within the last few
+//! milliseconds: each try's start waited that long on a quiet machine
+//! (docs/performance.md, "Where claim-to-start goes").
 
 use std::ffi::CString;
 use std::io;
@@ -193,12 +202,12 @@ impl Cgroups {
                 made.remove_now();
                 return Err(error);
             }
-            let procs = path.join("cgroup.procs");
-            match std::fs::OpenOptions::new().write(true).open(&procs) {
+            let join = join_file(&path, hierarchy.v2);
+            match std::fs::OpenOptions::new().write(true).open(&join) {
                 Ok(file) => made.procs.push(OwnedFd::from(file)),
                 Err(error) => {
                     made.remove_now();
-                    return Err(with_path(error, "opening", &procs));
+                    return Err(with_path(error, "opening", &join));
                 }
             }
         }
@@ -369,8 +378,8 @@ struct Dir {
 #[derive(Debug)]
 pub struct TryCgroup {
     dirs: Vec<Dir>,
-    /// Each directory's `cgroup.procs`, open for writing: the child writes
-    /// `0` to each to join.
+    /// Each directory's join file ([`join_file`]), open for writing: the
+    /// child writes `0` to each to join.
     procs: Vec<OwnedFd>,
     limits: Limits,
 }
@@ -379,7 +388,7 @@ pub struct TryCgroup {
 pub const MAX_HIERARCHIES: usize = 3;
 
 impl TryCgroup {
-    /// The `cgroup.procs` descriptors the child writes `0` to (-1: none).
+    /// The join-file descriptors the child writes `0` to (-1: none).
     pub fn join_fds(&self) -> [libc::c_int; MAX_HIERARCHIES] {
         let mut fds = [-1; MAX_HIERARCHIES];
         for (slot, fd) in fds.iter_mut().zip(&self.procs) {
@@ -388,11 +397,12 @@ impl TryCgroup {
         fds
     }
 
-    /// The `cgroup.procs` files, for a preloaded parent's child to join.
+    /// The join files ([`join_file`]), for a preloaded parent's child to
+    /// write `0` to.
     pub fn procs_paths(&self) -> Vec<PathBuf> {
         self.dirs
             .iter()
-            .map(|dir| dir.path.join("cgroup.procs"))
+            .map(|dir| join_file(&dir.path, dir.v2))
             .collect()
     }
 
@@ -776,9 +786,22 @@ fn set_up_v1(mounts: &[Mount], own: &str) -> (Vec<Hierarchy>, String) {
     (hierarchies, notes.join("; "))
 }
 
+/// The file a new, single-threaded try process writes `0` ("the caller")
+/// to, to join the cgroup at `dir`. On cgroup v1 that is `tasks`: it moves
+/// the calling thread, which is the whole process while it has one thread,
+/// and the kernel takes no global lock for a thread that moves itself. A
+/// write to `cgroup.procs` moves a whole thread group and so write-locks
+/// `cgroup_threadgroup_rwsem`, which first waits for an RCU grace period
+/// unless another migration on the machine did so a moment before: 8–20 ms
+/// on the 2-CPU machine, on every start of a quiet daemon. On cgroup v2
+/// `cgroup.threads` may not cross domains, so it stays `cgroup.procs`.
+fn join_file(dir: &Path, v2: bool) -> PathBuf {
+    dir.join(if v2 { "cgroup.procs" } else { "tasks" })
+}
+
 /// Opens nothing, allocates nothing: writes `0` ("the caller") to each
-/// `cgroup.procs` descriptor, in the child between clone and exec. False
-/// when a write failed.
+/// join-file descriptor ([`join_file`]), in the child between clone and
+/// exec, while it has one thread. False when a write failed.
 pub fn join_in_child(fds: &[libc::c_int; MAX_HIERARCHIES]) -> bool {
     for fd in fds.iter().filter(|fd| **fd >= 0) {
         // SAFETY: a write of a constant byte to a descriptor the parent opened.
