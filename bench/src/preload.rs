@@ -116,6 +116,9 @@ pub struct Results {
     pub cases: Vec<Case>,
     pub latencies: Vec<Latency>,
     pub slow_starts: Vec<SlowStart>,
+    /// Request sent → the task's `run`, in milliseconds, sorted: the probe
+    /// served by this process directly (no daemon, no database).
+    pub floor_ms: Vec<f64>,
 }
 
 pub async fn run(
@@ -135,7 +138,10 @@ pub async fn run(
         cases: Vec::new(),
         latencies: Vec::new(),
         slow_starts: Vec::new(),
+        floor_ms: Vec::new(),
     };
+    eprintln!("preload: the floor of a preloaded start (the probe served without a daemon)");
+    results.floor_ms = preload_floor(bench, latency_requests)?;
     for &backend in backends {
         for &level in concurrency {
             eprintln!(
@@ -214,6 +220,153 @@ fn fork_ceiling(concurrency: usize, count: usize) -> Result<f64> {
         Ok(())
     })?;
     Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The floor of a preloaded start: this process plays the daemon's part of
+/// the preload protocol (README, "Preload protocol") with the probe program
+/// itself, with no daemon and no database: for each request its three
+/// pipes are made (the options written), the request is sent, and the delay
+/// is the task's clock at the start of its `run` less the instant of the
+/// send. It holds only what a preloaded start cannot do without: the
+/// parent's wake-up, its fork, and the child's set-up up to `run`.
+fn preload_floor(bench: &Bench, count: usize) -> Result<Vec<f64>> {
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let pair = |kind: libc::c_int| -> Result<(OwnedFd, OwnedFd)> {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair and pipe2 write two new descriptors into the array.
+        let made = unsafe {
+            if kind == 0 {
+                libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC)
+            } else {
+                libc::socketpair(
+                    libc::AF_UNIX,
+                    kind | libc::SOCK_CLOEXEC,
+                    0,
+                    fds.as_mut_ptr(),
+                )
+            }
+        };
+        if made != 0 {
+            return Err(std::io::Error::last_os_error()).context("making a pipe or socket pair");
+        }
+        // SAFETY: both were just created and are owned only here.
+        Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    };
+    let (socket, theirs) = pair(libc::SOCK_SEQPACKET)?;
+    let mut parent = std::process::Command::new(bench.binary(PROBE))
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("TASKRUNNER_PRELOAD", "1")
+        .stdin(std::process::Stdio::from(theirs))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("starting the probe preloaded")?;
+    let mut buffer = [0u8; 256];
+    let receive = |buffer: &mut [u8]| -> Result<Vec<u8>> {
+        // SAFETY: recv into a live buffer from our socket.
+        let count = unsafe {
+            libc::recv(
+                socket.as_raw_fd(),
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+                0,
+            )
+        };
+        if count <= 0 {
+            bail!("the preloaded probe closed its socket");
+        }
+        Ok(buffer[..count as usize].to_vec())
+    };
+    if receive(&mut buffer)? != b"hello\0taskrunner-preload-1\0" {
+        bail!("the preloaded probe did not say hello");
+    }
+    let mut delays = Vec::with_capacity(count);
+    for request in 1..=count {
+        let (stdin_child, stdin_ours) = pair(0)?;
+        let (mut stdout_ours, stdout_child) = pair(0).map(|(r, w)| (std::fs::File::from(r), w))?;
+        let (_stderr_ours, stderr_child) = pair(0)?;
+        // The options, all in the pipe before the request (as the daemon does).
+        std::io::Write::write_all(&mut std::fs::File::from(stdin_ours), b"clock: true")
+            .context("writing the options")?;
+        let mut message = Vec::new();
+        for (name, value) in [
+            ("daemon_pid", std::process::id().to_string()),
+            ("workdir", "/".to_string()),
+            ("env", "PATH=/usr/bin:/bin".to_string()),
+            ("env", "TASKRUNNER_TASK=Probe".to_string()),
+            ("env", format!("TASKRUNNER_REQUEST_ID={request}")),
+            ("env", "TASKRUNNER_TRY=1".to_string()),
+        ] {
+            for part in [name.as_bytes(), value.as_bytes()] {
+                message.extend_from_slice(part);
+                message.push(0);
+            }
+        }
+        let fds = [
+            stdin_child.as_raw_fd(),
+            stdout_child.as_raw_fd(),
+            stderr_child.as_raw_fd(),
+        ];
+        let sent = std::time::SystemTime::now();
+        send_with_fds(socket.as_raw_fd(), &message, &fds)?;
+        let answer = receive(&mut buffer)?;
+        drop((stdin_child, stdout_child, stderr_child));
+        let pid: libc::pid_t = std::str::from_utf8(&answer)
+            .ok()
+            .and_then(|text| text.strip_prefix("pid\0")?.strip_suffix('\0')?.parse().ok())
+            .with_context(|| {
+                format!("the probe answered {:?}", String::from_utf8_lossy(&answer))
+            })?;
+        let mut output = String::new();
+        stdout_ours
+            .read_to_string(&mut output)
+            .context("reading the try's output")?;
+        let mut status = 0;
+        // SAFETY: reaping the try, our child (CLONE_PARENT).
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let run_ns: f64 = output
+            .trim()
+            .parse()
+            .with_context(|| format!("the probe's try printed {output:?}"))?;
+        let sent_ns = sent.duration_since(std::time::UNIX_EPOCH)?.as_nanos() as f64;
+        delays.push((run_ns - sent_ns) / 1e6);
+        // An idle moment between two requests, as in the daemon's case.
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    drop(socket);
+    parent.wait().context("waiting for the preloaded probe")?;
+    delays.sort_by(f64::total_cmp);
+    Ok(delays)
+}
+
+/// One message with three descriptors attached (SCM_RIGHTS), as the daemon sends a request.
+fn send_with_fds(socket: libc::c_int, message: &[u8], fds: &[libc::c_int; 3]) -> Result<()> {
+    // SAFETY: msghdr and its control buffer are built following cmsg(3);
+    // every pointer stays valid for the sendmsg call.
+    unsafe {
+        let mut iov = libc::iovec {
+            iov_base: message.as_ptr() as *mut libc::c_void,
+            iov_len: message.len(),
+        };
+        let fds_len = std::mem::size_of_val(fds) as libc::c_uint;
+        let space = libc::CMSG_SPACE(fds_len) as usize;
+        let mut control = vec![0u8; space];
+        let mut header: libc::msghdr = std::mem::zeroed();
+        header.msg_iov = &mut iov;
+        header.msg_iovlen = 1;
+        header.msg_control = control.as_mut_ptr().cast();
+        header.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&header);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(fds_len) as _;
+        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
+        if libc::sendmsg(socket, &header, libc::MSG_NOSIGNAL) < 0 {
+            return Err(std::io::Error::last_os_error()).context("sending a request to the probe");
+        }
+    }
+    Ok(())
 }
 
 /// The pid of the preloaded parent a daemon started last, from its log.
@@ -495,9 +648,24 @@ pub fn tables(results: &Results, rows: usize) -> Vec<Table> {
             ms(at(1.0)),
         ]);
     }
+    if !results.floor_ms.is_empty() {
+        let values = &results.floor_ms;
+        let at = |q: f64| values[((values.len() as f64 - 1.0) * q).round() as usize];
+        latency.row(vec![
+            "none".to_string(),
+            "preloaded, no daemon: request sent → run".to_string(),
+            ms(at(0.5)),
+            ms(at(0.95)),
+            ms(at(0.99)),
+            ms(at(1.0)),
+        ]);
+    }
     latency.note(
         "claim's rows back → run: from the moment the daemon holds the claimed row (its claim committed and returned) \
-         to the task's `run`, both by the machine's wall clock. Target: p50 under 0.3 ms preloaded.",
+         to the task's `run`, both by the machine's wall clock. Target: p50 under 0.3 ms preloaded. \
+         no daemon: the bench itself sends the probe's preloaded parent its requests (pipes made, options written, \
+         then the request sent and timed), no database, no daemon: the floor of a preloaded start on this machine \
+         (the parent's wake-up, its fork, the child's set-up up to `run`).",
     );
     let mut steps = Table::new(
         "Preload: where claim-to-start goes, step by step (p50 of each step, ms)",
