@@ -15,7 +15,7 @@ use crate::task_types::{Registry, Setup};
 
 /// The outcome to record for a claimed row's try: the backoff for a failed,
 /// crashed or timed-out try, the try given back for an interrupted one.
-pub fn outcome(
+pub(crate) fn outcome(
     row: &crate::request::Claimed,
     verdict: &Verdict,
     config: &Config,
@@ -70,7 +70,7 @@ pub fn outcome(
 ///
 /// [`Write::Outcome`]: crate::store::Write::Outcome
 #[allow(clippy::too_many_arguments)]
-pub async fn run_claimed(
+pub(crate) async fn run_claimed(
     context: &Context,
     row: &crate::request::Claimed,
     echo_stderr: bool,
@@ -107,26 +107,26 @@ pub async fn run_claimed(
 }
 
 /// Exit status meaning "these options do not fit this type" (EX_DATAERR).
-pub const EXIT_REJECTED: i32 = 65;
+pub(crate) const EXIT_REJECTED: i32 = 65;
 
 /// What a try came to: the row's next `result` and `result_text`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Verdict {
-    pub state: State,
-    pub result_text: String,
+pub(crate) struct Verdict {
+    pub(crate) state: State,
+    pub(crate) result_text: String,
     /// The stderr tail of a failed try, for the daemon's log.
-    pub stderr_tail: Option<String>,
+    pub(crate) stderr_tail: Option<String>,
     /// How long starting the process took (clone and exec), if it started.
-    pub spawn_took: Option<std::time::Duration>,
+    pub(crate) spawn_took: Option<std::time::Duration>,
     /// When each step of its start happened, if it started.
-    pub start_times: Option<supervisor::StartTimes>,
+    pub(crate) start_times: Option<supervisor::StartTimes>,
     /// The process could not be started for the daemon's own lack of
     /// resources: the try is given back, and the scheduler backs off.
-    pub daemon_short: bool,
+    pub(crate) daemon_short: bool,
 }
 
 impl Verdict {
-    pub fn new(state: State, result_text: impl Into<String>) -> Verdict {
+    pub(crate) fn new(state: State, result_text: impl Into<String>) -> Verdict {
         Verdict {
             state,
             result_text: result_text.into(),
@@ -139,37 +139,37 @@ impl Verdict {
 }
 
 /// What the try runs.
-pub struct TryInput<'a> {
+pub(crate) struct TryInput<'a> {
     /// `None` for `taskrunner-cli run TASK` (no row).
-    pub id: Option<RequestId>,
-    pub task: &'a str,
-    pub options: &'a [u8],
-    pub try_number: i64,
+    pub(crate) id: Option<RequestId>,
+    pub(crate) task: &'a str,
+    pub(crate) options: &'a [u8],
+    pub(crate) try_number: i64,
     /// Copy the task's standard error to ours live (`taskrunner-cli run`).
-    pub echo_stderr: bool,
+    pub(crate) echo_stderr: bool,
     /// `TASKRUNNER_BATCH_ID`: the member's batch, or the batch a callback answers.
-    pub batch_id: Option<i64>,
+    pub(crate) batch_id: Option<i64>,
     /// The row's claim token, which names the try's cgroup.
-    pub claim_token: Option<&'a str>,
+    pub(crate) claim_token: Option<&'a str>,
     /// The length of the row's options when the claim left them out
     /// (longer than `max_options`); `None`: `options` is the whole value.
-    pub options_left_out: Option<u64>,
+    pub(crate) options_left_out: Option<u64>,
 }
 
 /// The parts of the daemon (or CLI) a try needs.
-pub struct Context {
+pub(crate) struct Context {
     /// The config this try runs under.
-    pub config: Arc<Config>,
+    pub(crate) config: Arc<Config>,
     /// The current setup: its task types resolve the try's type, and a
     /// re-read of the programs' task lists is sent back through it.
-    pub setup: watch::Sender<Setup>,
-    pub spawner: Spawner,
+    pub(crate) setup: watch::Sender<Setup>,
+    pub(crate) spawner: Spawner,
 }
 
 /// Runs one try and returns its verdict. Never fails: every problem is a
 /// verdict. `on_running` and `on_exit` are the supervisor's (see
 /// [`supervisor::run`]); neither is called for a try whose process never started.
-pub async fn run(
+pub(crate) async fn run(
     context: &Context,
     input: TryInput<'_>,
     stop: watch::Receiver<Option<StopReason>>,
@@ -279,7 +279,7 @@ pub async fn run(
 
 /// Options must be YAML (or empty). Ruby's tags (`!ruby/hash:…`, `!ruby/sym`)
 /// are valid YAML and pass; the task sees the bytes unchanged.
-pub fn check_options(options: &[u8]) -> Result<(), String> {
+pub(crate) fn check_options(options: &[u8]) -> Result<(), String> {
     let text = std::str::from_utf8(options).map_err(|_| "not UTF-8 text".to_string())?;
     if text.trim().is_empty() {
         return Ok(());
@@ -337,7 +337,7 @@ fn without_progress_lines(stderr: &str) -> String {
 }
 
 /// Reads a process's end as a verdict (SPEC.md, States).
-pub fn judge(ended: &Ended) -> Verdict {
+pub(crate) fn judge(ended: &Ended) -> Verdict {
     let ran = ended.ran_for.as_secs_f64();
     // Progress lines are kept in the `progress` column, not in result_text.
     let stderr = without_progress_lines(&ended.stderr.text_marked());

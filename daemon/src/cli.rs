@@ -12,4 +12,4 @@ mod flow;
 mod render;
 mod run;
 
-pub use flags::{main, Flags};
+pub use flags::main;

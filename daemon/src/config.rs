@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::units::{format_duration, serde_units};
 use crate::UsageError;
 
-pub mod http;
+pub(crate) mod http;
 #[macro_use]
 mod task_settings;
 
@@ -20,11 +20,11 @@ pub use task_settings::{Group, TaskSettings, User};
 
 /// The built-in types, served by the built-in task binary (see
 /// [`crate::task_types`]).
-pub const BUILTIN_TYPES: [&str; 1] = ["NoOp"];
+pub(crate) const BUILTIN_TYPES: [&str; 1] = ["NoOp"];
 
 /// `max_options` by default: far more than options need, far less than
 /// what would stall the daemon.
-pub const DEFAULT_MAX_OPTIONS: u64 = 4 * 1024 * 1024;
+pub(crate) const DEFAULT_MAX_OPTIONS: u64 = 4 * 1024 * 1024;
 
 with_task_settings! {
     /// Task settings as written, before defaults are applied.
@@ -110,18 +110,18 @@ pub enum LogFormat {
 /// (a program and its fixed arguments); without, it sets the settings of a
 /// built-in or task-sdk type.
 #[derive(Debug, Clone, PartialEq)]
-pub struct CommandTask {
-    pub command: Option<Vec<String>>,
-    pub settings: TaskSettings,
+pub(crate) struct CommandTask {
+    pub(crate) command: Option<Vec<String>>,
+    pub(crate) settings: TaskSettings,
     /// At most this many tries of the type run at once, across all daemons.
-    pub concurrency: Option<u32>,
+    pub(crate) concurrency: Option<u32>,
     /// Tries are forked from a preloaded parent (supervisor/preload.rs).
-    pub preload: bool,
+    pub(crate) preload: bool,
     /// `options:`: each option of the type and what it means, for
     /// `taskrunner-cli tasks NAME` and `enqueue NAME --help`.
-    pub options: BTreeMap<String, String>,
+    pub(crate) options: BTreeMap<String, String>,
     /// Task type run once when a request of this type is exhausted or REJECTED.
-    pub on_exhausted: Option<String>,
+    pub(crate) on_exhausted: Option<String>,
 }
 
 /// The resolved configuration.
@@ -129,46 +129,46 @@ pub struct CommandTask {
 pub struct Config {
     /// The file it was read from, if any.
     pub file: Option<PathBuf>,
-    pub database_url: String,
-    pub host_id: String,
+    pub(crate) database_url: String,
+    pub(crate) host_id: String,
     /// The name rows' `node` / `not_node` refer to (default: the host id).
-    pub node_name: String,
+    pub(crate) node_name: String,
     /// Queues this daemon serves, each with how many of its tasks run at
     /// once here. Empty: every queue, limited only by `max_concurrent`.
-    pub queues: BTreeMap<String, usize>,
+    pub(crate) queues: BTreeMap<String, usize>,
     pub log_format: LogFormat,
-    pub poll_interval: Duration,
-    pub max_concurrent: usize,
-    pub reap_interval: Duration,
-    pub heartbeat_interval: Duration,
-    pub lease_timeout: Duration,
+    pub(crate) poll_interval: Duration,
+    pub(crate) max_concurrent: usize,
+    pub(crate) reap_interval: Duration,
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) lease_timeout: Duration,
     pub shutdown_timeout: Duration,
-    pub retry_delay: Duration,
-    pub retry_multiplier: f64,
+    pub(crate) retry_delay: Duration,
+    pub(crate) retry_multiplier: f64,
     /// Largest `options` a try accepts; a larger row is REJECTED.
-    pub max_options: u64,
+    pub(crate) max_options: u64,
     pub pidfile: Option<PathBuf>,
-    pub socket: Option<PathBuf>,
+    pub(crate) socket: Option<PathBuf>,
     /// Where `--daemonize` sends stdout and stderr (default /dev/null).
     pub log_file: Option<PathBuf>,
-    pub programs: Vec<PathBuf>,
+    pub(crate) programs: Vec<PathBuf>,
     /// The programs declared with `preload: true` (a subset of `programs`).
-    pub preloaded_programs: Vec<PathBuf>,
+    pub(crate) preloaded_programs: Vec<PathBuf>,
     /// Settings for types not listed under `tasks:` (built-in and SDK programs).
     pub defaults: TaskSettings,
-    pub tasks: BTreeMap<String, CommandTask>,
+    pub(crate) tasks: BTreeMap<String, CommandTask>,
     // Issue 7:
     /// How long final rows are kept (`retention:`); empty keeps everything.
-    pub retention: crate::retention::Retention,
+    pub(crate) retention: crate::retention::Retention,
     /// Requests enqueued on a schedule (`schedules:`), by name.
-    pub schedules: BTreeMap<String, crate::cron::Schedule>,
+    pub(crate) schedules: BTreeMap<String, crate::cron::Schedule>,
     /// `http:`: where the daemon serves the web page and `/metrics`.
-    pub http: Option<http::Http>,
+    pub(crate) http: Option<http::Http>,
     /// Task type run once when any request is exhausted or REJECTED (a
     /// type's own `on_exhausted` wins).
-    pub on_exhausted: Option<String>,
+    pub(crate) on_exhausted: Option<String>,
     /// `flows:`: each flow's steps, retry and declared options, by name.
-    pub flows: BTreeMap<String, crate::flow::Definition>,
+    pub(crate) flows: BTreeMap<String, crate::flow::Definition>,
 }
 
 /// What the command line (and environment) contribute; `None` means "not given".
@@ -416,7 +416,7 @@ impl Config {
 
     /// Every task type the flows name is one of `known`; the error names
     /// the flow and the step.
-    pub fn check_flow_types(&self, known: &[String]) -> std::result::Result<(), String> {
+    pub(crate) fn check_flow_types(&self, known: &[String]) -> std::result::Result<(), String> {
         for (name, flow) in &self.flows {
             flow.check_types(name, known)?;
         }
@@ -424,7 +424,7 @@ impl Config {
     }
 
     /// The `on_exhausted:` hooks, for the store's finalization path.
-    pub fn hooks(&self) -> crate::store::Hooks {
+    pub(crate) fn hooks(&self) -> crate::store::Hooks {
         crate::store::Hooks {
             on_exhausted: self.on_exhausted.clone(),
             on_exhausted_by_type: self
@@ -436,7 +436,7 @@ impl Config {
     }
 
     /// The `on_exhausted` hook of a task type (see [`crate::store::Hooks`]).
-    pub fn on_exhausted_for(&self, task: &str) -> Option<&str> {
+    pub(crate) fn on_exhausted_for(&self, task: &str) -> Option<&str> {
         self.tasks
             .get(task)
             .and_then(|t| t.on_exhausted.as_deref())
@@ -445,7 +445,7 @@ impl Config {
     }
 
     /// The settings that apply to a task type (its own, else the defaults).
-    pub fn settings_for(&self, task_name: &str) -> &TaskSettings {
+    pub(crate) fn settings_for(&self, task_name: &str) -> &TaskSettings {
         self.tasks
             .get(task_name)
             .map_or(&self.defaults, |task| &task.settings)
@@ -515,7 +515,7 @@ impl Config {
 
     /// The effective config as YAML (`config check`): [`Config::as_written`]
     /// serialized, with the database password left out.
-    pub fn to_yaml(&self) -> String {
+    pub(crate) fn to_yaml(&self) -> String {
         let mut written = self.as_written();
         written.database_url = Some(crate::store::url::redact_url(&self.database_url));
         let origin = self

@@ -16,45 +16,45 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// What `status` answers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Status {
-    pub version: String,
-    pub pid: u32,
-    pub host: String,
-    pub instance: String,
-    pub database: String,
-    pub uptime_seconds: f64,
-    pub max_concurrent: usize,
-    pub running: Vec<RunningTask>,
+pub(crate) struct Status {
+    pub(crate) version: String,
+    pub(crate) pid: u32,
+    pub(crate) host: String,
+    pub(crate) instance: String,
+    pub(crate) database: String,
+    pub(crate) uptime_seconds: f64,
+    pub(crate) max_concurrent: usize,
+    pub(crate) running: Vec<RunningTask>,
     /// Rows by `result` (`PENDING` for never run).
-    pub counts: Vec<(String, i64)>,
-    pub next_poll_in_seconds: Option<f64>,
-    pub stopping: bool,
+    pub(crate) counts: Vec<(String, i64)>,
+    pub(crate) next_poll_in_seconds: Option<f64>,
+    pub(crate) stopping: bool,
     /// Statements (database round trips) the daemon's own work has sent
     /// since it started: claims, writes about tries, heartbeats, reaping.
     #[serde(default)]
-    pub database_statements: u64,
+    pub(crate) database_statements: u64,
     /// What enforces the tries' limits: a cgroup per try (v2 or v1, which
     /// controllers) or rlimits, and why.
     #[serde(default)]
-    pub limits: String,
+    pub(crate) limits: String,
     /// MariaDB/MySQL: transactions run again after an InnoDB deadlock
     /// (1213) or lock-wait timeout (1205) since the daemon started.
     #[serde(default)]
-    pub lock_retries: u64,
+    pub(crate) lock_retries: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunningTask {
-    pub id: i64,
-    pub task: String,
-    pub pid: Option<u32>,
-    pub r#try: i64,
-    pub seconds: f64,
-    pub progress: Option<String>,
+pub(crate) struct RunningTask {
+    pub(crate) id: i64,
+    pub(crate) task: String,
+    pub(crate) pid: Option<u32>,
+    pub(crate) r#try: i64,
+    pub(crate) seconds: f64,
+    pub(crate) progress: Option<String>,
 }
 
 /// Sends one command and returns the daemon's JSON answer.
-pub async fn request(path: &Path, command: &str) -> Result<serde_json::Value> {
+pub(crate) async fn request(path: &Path, command: &str) -> Result<serde_json::Value> {
     let name = path.to_fs_name::<GenericFilePath>()?;
     let connection = Stream::connect(name)
         .await

@@ -31,7 +31,7 @@ use crate::units::serde_units;
 /// A parsed 5-field cron expression. Each field is a bit set of the values
 /// it allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CronExpr {
+pub(crate) struct CronExpr {
     minutes: u64,
     hours: u32,
     days_of_month: u32,
@@ -172,7 +172,8 @@ impl CronExpr {
     }
 
     /// Whether `time` (whole minute) is a slot.
-    pub fn matches(&self, time: &DateTime<Utc>) -> bool {
+    #[cfg(test)]
+    fn matches(&self, time: &DateTime<Utc>) -> bool {
         self.month_matches(time)
             && self.day_matches(time)
             && self.hour_matches(time)
@@ -181,7 +182,7 @@ impl CronExpr {
 
     /// The first slot strictly after `time`, within about five years
     /// (`None` for an expression that never matches, such as `0 0 31 2 *`).
-    pub fn next_after(&self, time: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    pub(crate) fn next_after(&self, time: DateTime<Utc>) -> Option<DateTime<Utc>> {
         let mut t = truncate_to_minute(time) + ChronoDuration::minutes(1);
         // Each step skips a whole month, day, hour or minute that cannot match.
         for _ in 0..200_000 {
@@ -206,7 +207,7 @@ impl CronExpr {
     }
 
     /// The latest slot at or before `time`.
-    pub fn latest_at_or_before(&self, time: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    pub(crate) fn latest_at_or_before(&self, time: DateTime<Utc>) -> Option<DateTime<Utc>> {
         let mut t = truncate_to_minute(time);
         for _ in 0..200_000 {
             if !self.month_matches(&t) {
@@ -244,7 +245,7 @@ fn start_of_day(time: DateTime<Utc>) -> DateTime<Utc> {
 
 /// When a schedule's slots fall.
 #[derive(Debug, Clone, PartialEq)]
-pub enum When {
+pub(crate) enum When {
     Cron(CronExpr),
     /// Every period, at whole multiples of it since the Unix epoch (so every
     /// daemon computes the same slots).
@@ -253,7 +254,7 @@ pub enum When {
 
 impl When {
     /// The latest slot at or before `time`.
-    pub fn latest_at_or_before(&self, time: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    pub(crate) fn latest_at_or_before(&self, time: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self {
             When::Cron(expr) => expr.latest_at_or_before(time),
             When::Every(period) => {
@@ -266,7 +267,7 @@ impl When {
     }
 
     /// The first slot strictly after `time`.
-    pub fn next_after(&self, time: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    pub(crate) fn next_after(&self, time: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self {
             When::Cron(expr) => expr.next_after(time),
             When::Every(period) => {
@@ -281,7 +282,7 @@ impl When {
     /// The slots to enqueue now: those after `after` (the last slot
     /// enqueued, or when the schedule was first seen) and at or before
     /// `now`, at most `catch_up` of them (the newest), oldest first.
-    pub fn due_slots(
+    pub(crate) fn due_slots(
         &self,
         after: DateTime<Utc>,
         now: DateTime<Utc>,
@@ -306,7 +307,7 @@ impl When {
 
 /// A slot as the text bound into SQL: RFC 3339 UTC with milliseconds, read
 /// by both databases' time parsing.
-pub fn slot_text(slot: DateTime<Utc>) -> String {
+pub(crate) fn slot_text(slot: DateTime<Utc>) -> String {
     slot.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
@@ -319,7 +320,7 @@ pub(crate) fn from_epoch_seconds(seconds: f64) -> DateTime<Utc> {
 /// One entry under `schedules:` as written in the config file.
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileSchedule {
+pub(crate) struct FileSchedule {
     #[serde(skip_serializing_if = "Option::is_none")]
     cron: Option<String>,
     #[serde(
@@ -339,24 +340,24 @@ pub struct FileSchedule {
 
 /// A schedule from the config: what to enqueue, and when.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Schedule {
-    pub when: When,
+pub(crate) struct Schedule {
+    pub(crate) when: When,
     /// `cron: '…'` or `every: …`, as written.
-    pub spec: String,
+    pub(crate) spec: String,
     /// The cron expression as written (`None` for `every:`).
-    pub cron: Option<String>,
-    pub task: String,
+    pub(crate) cron: Option<String>,
+    pub(crate) task: String,
     /// YAML, as stored in the request's `options`.
-    pub options: Option<String>,
+    pub(crate) options: Option<String>,
     /// After downtime, at most this many missed slots are enqueued (the newest).
-    pub catch_up: u32,
-    pub try_limit: Option<i64>,
-    pub priority: i64,
+    pub(crate) catch_up: u32,
+    pub(crate) try_limit: Option<i64>,
+    pub(crate) priority: i64,
 }
 
 /// Validates the `schedules:` of a config file. Errors name the key, without
 /// the file (the caller adds it).
-pub fn resolve_schedules(
+pub(crate) fn resolve_schedules(
     raw: Option<std::collections::BTreeMap<String, FileSchedule>>,
 ) -> Result<std::collections::BTreeMap<String, Schedule>, String> {
     let mut schedules = std::collections::BTreeMap::new();
@@ -417,7 +418,7 @@ pub fn resolve_schedules(
 
 impl Schedule {
     /// The schedule as a config file writes it (`config check`).
-    pub fn as_written(&self) -> FileSchedule {
+    pub(crate) fn as_written(&self) -> FileSchedule {
         FileSchedule {
             cron: self.cron.clone(),
             every: match self.when {

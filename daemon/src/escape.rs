@@ -4,12 +4,12 @@
 //! terminal of whoever reads them. JSON logs escape on their own.
 
 /// `text` with every control character escaped; one line.
-pub fn one_line(text: &str) -> String {
+pub(crate) fn one_line(text: &str) -> String {
     escape(text, false)
 }
 
 /// `text` with every control character but newlines (and tabs) escaped.
-pub fn lines(text: &str) -> String {
+pub(crate) fn lines(text: &str) -> String {
     escape(text, true)
 }
 

@@ -13,43 +13,43 @@ use serde_yaml::{Mapping, Value};
 /// `task_runner_flows.definition` when a daemon takes the flow.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Definition {
-    pub steps: Vec<Step>,
+pub(crate) struct Definition {
+    pub(crate) steps: Vec<Step>,
     #[serde(default, skip_serializing_if = "Retry::is_none")]
-    pub retry: Retry,
+    pub(crate) retry: Retry,
     /// Declared options: their help, default and type (`flow post NAME --help`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub options: BTreeMap<String, OptionDecl>,
+    pub(crate) options: BTreeMap<String, OptionDecl>,
     /// Task type run once when a revert is exhausted and the flow FAILED.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub on_exhausted: Option<String>,
+    pub(crate) on_exhausted: Option<String>,
     /// One line for `flow post --help`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub help: Option<String>,
+    pub(crate) help: Option<String>,
 }
 
 /// A step: its execute (`task`), its optional `revert`, and the store key
 /// its standard output is kept under.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Step {
-    pub name: String,
-    pub task: String,
+pub(crate) struct Step {
+    pub(crate) name: String,
+    pub(crate) task: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub revert: Option<String>,
+    pub(crate) revert: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub provides: Option<String>,
+    pub(crate) provides: Option<String>,
     /// Tries for this step's execute and revert rows (default: the table's, 5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub try_limit: Option<i64>,
+    pub(crate) try_limit: Option<i64>,
 }
 
 /// After a full revert, run the whole flow again, at most `times` more times.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Retry {
+pub(crate) struct Retry {
     #[serde(default)]
-    pub times: u32,
+    pub(crate) times: u32,
 }
 
 impl Retry {
@@ -61,22 +61,22 @@ impl Retry {
 /// A declared option.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct OptionDecl {
+pub(crate) struct OptionDecl {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub help: Option<String>,
+    pub(crate) help: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub default: Option<Value>,
+    pub(crate) default: Option<Value>,
     /// `string`, `integer`, `number` or `boolean`; default: the default's type.
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
-    pub kind: Option<OptionType>,
+    pub(crate) kind: Option<OptionType>,
     /// The flow cannot start without it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub required: bool,
+    pub(crate) required: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum OptionType {
+pub(crate) enum OptionType {
     String,
     Integer,
     Number,
@@ -119,7 +119,7 @@ impl OptionType {
 
 impl OptionDecl {
     /// The declared type, else the default's.
-    pub fn kind(&self) -> Option<OptionType> {
+    pub(crate) fn kind(&self) -> Option<OptionType> {
         self.kind.or_else(|| match &self.default {
             Some(Value::Bool(_)) => Some(OptionType::Boolean),
             Some(v) if v.is_i64() || v.is_u64() => Some(OptionType::Integer),
@@ -132,13 +132,13 @@ impl OptionDecl {
 
 /// What a step's row does: run the step, or undo it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     Execute,
     Revert,
 }
 
 impl Action {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Action::Execute => "execute",
             Action::Revert => "revert",
@@ -148,12 +148,12 @@ impl Action {
 
 /// The `unique_key` of a step's row: its cause, the flow's position. A
 /// position's row is created once, whoever advances the flow.
-pub fn unique_key(flow: i64, attempt: i64, step: usize, action: Action) -> String {
+pub(crate) fn unique_key(flow: i64, attempt: i64, step: usize, action: Action) -> String {
     format!("flow:{flow}:{attempt}:{step}:{}", action.as_str())
 }
 
 /// The attempt a step row's `unique_key` names (rows made by taskrunner).
-pub fn attempt_of_key(key: &str) -> Option<i64> {
+pub(crate) fn attempt_of_key(key: &str) -> Option<i64> {
     let mut parts = key.split(':');
     (parts.next()? == "flow").then_some(())?;
     parts.next()?;
@@ -163,7 +163,7 @@ pub fn attempt_of_key(key: &str) -> Option<i64> {
 impl Definition {
     /// Checks what serde cannot: steps present, names unique and non-empty,
     /// a `try_limit` of at least 1. Messages name the flow and step.
-    pub fn check(&self, flow: &str) -> Result<(), String> {
+    pub(crate) fn check(&self, flow: &str) -> Result<(), String> {
         if self.steps.is_empty() {
             return Err(format!(
                 "flows.{flow}.steps: a flow needs at least one step"
@@ -212,7 +212,7 @@ impl Definition {
 
     /// Checks that every task type a step names is known; the message names
     /// the flow and the step.
-    pub fn check_types(&self, flow: &str, known: &[String]) -> Result<(), String> {
+    pub(crate) fn check_types(&self, flow: &str, known: &[String]) -> Result<(), String> {
         for (index, step) in self.steps.iter().enumerate() {
             for (key, task) in [("task", Some(&step.task)), ("revert", step.revert.as_ref())] {
                 let Some(task) = task else { continue };
@@ -239,7 +239,7 @@ impl Definition {
     /// The store a flow starts with: `options` (YAML, NULL or empty for
     /// none) with the declared defaults filled in. Declared options are
     /// checked against their type; others pass through.
-    pub fn initial_store(&self, options: Option<&str>) -> Result<Mapping, String> {
+    pub(crate) fn initial_store(&self, options: Option<&str>) -> Result<Mapping, String> {
         let mut store = match options.map(str::trim).filter(|text| !text.is_empty()) {
             None => Mapping::new(),
             Some(text) => match serde_yaml::from_str::<Value>(text) {
@@ -273,7 +273,7 @@ impl Definition {
 
     /// `flow post NAME --KEY VALUE …` as YAML options: each value read as
     /// its declared type. An undeclared key is an error.
-    pub fn options_from_args(
+    pub(crate) fn options_from_args(
         &self,
         base: Option<&str>,
         pairs: &[(String, String)],
@@ -315,7 +315,7 @@ impl Definition {
 
     /// `flow post NAME --help`: usage, the options (type, default, help),
     /// the steps.
-    pub fn help(&self, name: &str) -> String {
+    pub(crate) fn help(&self, name: &str) -> String {
         let mut out = format!("Usage: taskrunner-cli flow post {name} [--options YAML]");
         for (option, decl) in &self.options {
             let kind = decl.kind().map_or("VALUE", |k| match k {
@@ -379,12 +379,12 @@ impl Definition {
 
 /// What a step printed, as kept under its `provides` name: YAML when it
 /// parses, else the text.
-pub fn provided_value(stdout: &str) -> Value {
+pub(crate) fn provided_value(stdout: &str) -> Value {
     serde_yaml::from_str::<Value>(stdout).unwrap_or_else(|_| Value::String(stdout.to_string()))
 }
 
 /// A value on one line, at most 40 characters (the board).
-pub fn short_yaml(value: &Value) -> String {
+pub(crate) fn short_yaml(value: &Value) -> String {
     let text = match value {
         Value::String(text) => text.clone(),
         other => serde_yaml::to_string(other)
@@ -401,7 +401,7 @@ pub fn short_yaml(value: &Value) -> String {
 }
 
 /// `flow post --help`: every flow with its steps on one line.
-pub fn list_help(flows: &BTreeMap<String, Definition>) -> String {
+pub(crate) fn list_help(flows: &BTreeMap<String, Definition>) -> String {
     let mut out = String::from(
         "Usage: taskrunner-cli flow post NAME [--options YAML] [--KEY VALUE ...]\n\
          \x20      taskrunner-cli flow post NAME --help   (the flow's options and steps)\n\nFlows:\n",

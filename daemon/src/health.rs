@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 /// Shared by every part of the daemon that talks to the database.
 #[derive(Debug, Default)]
-pub struct Health {
+pub(crate) struct Health {
     outage: Mutex<Option<Outage>>,
     /// Failed database calls so far (each is retried), for the metrics.
     errors: std::sync::atomic::AtomicU64,
@@ -38,13 +38,18 @@ struct Outage {
 impl Health {
     /// Records a failed database call of `activity`; logs only the first
     /// failure of an outage.
-    pub fn failed(&self, activity: &'static str, error: &anyhow::Error) {
+    pub(crate) fn failed(&self, activity: &'static str, error: &anyhow::Error) {
         self.failed_holding(activity, error, 0)
     }
 
     /// [`failed`](Self::failed), for the recorder: `results` task results
     /// wait in memory until the database takes them.
-    pub fn failed_holding(&self, activity: &'static str, error: &anyhow::Error, results: usize) {
+    pub(crate) fn failed_holding(
+        &self,
+        activity: &'static str,
+        error: &anyhow::Error,
+        results: usize,
+    ) {
         self.errors
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut outage = self.outage.lock().unwrap_or_else(|e| e.into_inner());
@@ -68,7 +73,7 @@ impl Health {
 
     /// Records a successful database call of `activity`; logs the end of an
     /// outage once every activity that failed in it has worked again.
-    pub fn succeeded(&self, activity: &'static str) {
+    pub(crate) fn succeeded(&self, activity: &'static str) {
         let mut guard = self.outage.lock().unwrap_or_else(|e| e.into_inner());
         let Some(outage) = guard.as_mut() else {
             return;
@@ -82,7 +87,7 @@ impl Health {
     }
 
     /// Failed database calls so far.
-    pub fn errors(&self) -> u64 {
+    pub(crate) fn errors(&self) -> u64 {
         self.errors.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
@@ -118,11 +123,11 @@ impl Outage {
 }
 
 /// The recorder's activity, whose held results the end line counts.
-pub const RECORDING: &str = "recording task results";
+pub(crate) const RECORDING: &str = "recording task results";
 
 /// Exponential backoff between retries: 50 ms doubling up to 5 s.
 #[derive(Debug)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
 }
 
@@ -136,16 +141,16 @@ impl Backoff {
     const FIRST: Duration = Duration::from_millis(50);
     /// The longest pause; also how late, at most, a part that runs rarely
     /// (the reaper, the pruner) tries again during an outage.
-    pub const MAX: Duration = Duration::from_secs(5);
+    pub(crate) const MAX: Duration = Duration::from_secs(5);
 
     /// The delay to wait now; the next one is twice as long.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let delay = self.next;
         self.next = (self.next * 2).min(Self::MAX);
         delay
     }
 
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = Self::FIRST;
     }
 }

@@ -19,10 +19,6 @@ impl InstanceId {
         InstanceId(format!("{host}:{pid}:{ticks}:{boot}:{:016x}", random_u64()))
     }
 
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
     /// The token of this instance's claim number `round` (or `cli`).
     pub fn claim_token(&self, round: impl std::fmt::Display) -> ClaimToken {
         ClaimToken(format!("{}:{round}", self.0))
@@ -30,7 +26,7 @@ impl InstanceId {
 
     /// The process identity of the daemon instance named in `claimed_by`, if
     /// it carries one (instances before 0.1 wrote `host:pid:random`).
-    pub fn holder_identity(claimed_by: &str) -> Option<Identity> {
+    pub(crate) fn holder_identity(claimed_by: &str) -> Option<Identity> {
         let mut fields = claimed_by.rsplitn(5, ':');
         let _random = fields.next()?;
         let boot = fields.next()?;
@@ -73,7 +69,7 @@ impl ClaimToken {
         ClaimToken(text)
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }

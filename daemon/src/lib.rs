@@ -114,6 +114,13 @@
 //!   the daemon's state, and no part under `daemon/` reaches up into
 //!   `daemon.rs`
 //!   (`grep -LE "async fn run\((mut )?self, " daemon/src/daemon/{scheduler,recorder,heartbeat,reaper,pruner,cron,wakeup,checkpoint,control}.rs; grep -rnE "crate::daemon::|super::[a-z_]+\(" daemon/src/daemon`).
+//! - Architecture Invariant: only what the binaries (`bin/`), the tests
+//!   (`tests/`) and the benchmark (`bench/`) use is `pub`; everything else
+//!   is `pub(crate)` or narrower, and the modules nothing outside names are
+//!   private. `#![warn(unreachable_pub)]` below makes
+//!   `cargo clippy --all-targets -- -D warnings` refuse a `pub` that no
+//!   path from outside the crate reaches; a `pub` that is reachable but
+//!   unused outside shows up as dead code when narrowed to `pub(crate)`.
 //! - Architecture Invariant: the supervisor's modules import each other in
 //!   one direction: `mod.rs` holds the `Spawner` that dispatches to exec
 //!   (`spawner.rs`) or to a preloaded parent (`preload.rs`, which uses
@@ -144,27 +151,35 @@
 //!   process joins the cgroup the daemon made for its try before it execs,
 //!   see `supervisor::cgroup`; rlimits only where no cgroup can be made).
 
-pub mod attempt;
+// The `pub` surface is what the binaries, tests and bench use (see the
+// invariants above).
+#![warn(unreachable_pub)]
+// These docs are for those who work on the crate, and their links name
+// private modules and items: read them with
+// `cargo doc --no-deps --document-private-items -p taskrunner`.
+#![allow(rustdoc::private_intra_doc_links)]
+
+mod attempt;
 pub mod cli;
 pub mod config;
-pub mod control;
-pub mod cron;
+mod control;
+mod cron;
 pub mod daemon;
-pub mod escape;
-pub mod flow;
-pub mod health;
+mod escape;
+mod flow;
+mod health;
 pub mod instance;
-pub mod logging;
-pub mod metrics;
+mod logging;
+mod metrics;
 pub mod procinfo;
-pub mod prune;
-pub mod reaper;
+mod prune;
+mod reaper;
 pub mod request;
-pub mod retention;
+mod retention;
 pub mod service;
 pub mod store;
 pub mod supervisor;
-pub mod task_types;
+mod task_types;
 pub mod units;
 pub mod web;
 
@@ -172,7 +187,7 @@ pub use logging::init_logging;
 
 /// A mistake of the user's (bad flag, bad config): exit status 2.
 #[derive(Debug)]
-pub struct UsageError(pub String);
+pub(crate) struct UsageError(pub(crate) String);
 
 impl std::fmt::Display for UsageError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

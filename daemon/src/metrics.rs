@@ -23,16 +23,16 @@ use crate::store::Store;
 
 /// Counts stop here per queue at scrape time: the gauges are bounded, and
 /// read "at least" this many above it.
-pub const QUEUE_COUNT_CAP: i64 = 100_000;
+pub(crate) const QUEUE_COUNT_CAP: i64 = 100_000;
 
 /// At most this many queues are reported.
-pub const MAX_QUEUES: usize = 100;
+pub(crate) const MAX_QUEUES: usize = 100;
 
 /// How long a database reading is served again.
 const CACHE_FOR: Duration = Duration::from_secs(1);
 
 /// What one daemon counts.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     tries: IntCounterVec,
     exhausted: IntCounterVec,
@@ -60,7 +60,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    pub(crate) fn new() -> Metrics {
         let registry = Registry::new();
         let tries = IntCounterVec::new(
             Opts::new(
@@ -155,7 +155,7 @@ impl Metrics {
     }
 
     /// A try ended. `ran_for` is `None` when its process never started.
-    pub fn try_ended(
+    pub(crate) fn try_ended(
         &self,
         task: &str,
         queue: &str,
@@ -177,24 +177,24 @@ impl Metrics {
     }
 
     /// A row was claimed after waiting `waited` seconds since it became runnable.
-    pub fn claimed(&self, queue: &str, waited: f64) {
+    pub(crate) fn claimed(&self, queue: &str, waited: f64) {
         self.claimed.inc();
         self.wait_before_start
             .with_label_values(&[queue])
             .observe(waited.max(0.0));
     }
 
-    pub fn spawned(&self, took: Duration) {
+    pub(crate) fn spawned(&self, took: Duration) {
         self.spawn.observe(took.as_secs_f64());
     }
 
-    pub fn reaped(&self, rows: usize) {
+    pub(crate) fn reaped(&self, rows: usize) {
         self.reaped.inc_by(rows as u64);
     }
 
     /// Sets what is read from the daemon's state at scrape time: tries
     /// running, slots, and the failed database calls counted by `Health`.
-    pub fn set_daemon_state(&self, running: usize, slots: usize, database_errors: u64) {
+    pub(crate) fn set_daemon_state(&self, running: usize, slots: usize, database_errors: u64) {
         self.running.set(running as i64);
         self.slots.set(slots as i64);
         let counted = self.database_errors.get();
@@ -210,15 +210,15 @@ impl Metrics {
 
 /// Per-queue readings of the table, cached for a second.
 #[derive(Default)]
-pub struct QueueGauges {
+pub(crate) struct QueueGauges {
     cache: tokio::sync::Mutex<Option<(Instant, Vec<QueueStats>)>>,
     /// How long the latest database reading took (for the benchmark).
-    pub last_read: Mutex<Option<Duration>>,
+    pub(crate) last_read: Mutex<Option<Duration>>,
 }
 
 impl QueueGauges {
     /// The per-queue stats, read again if the cached ones are older than a second.
-    pub async fn read(&self, store: &Store) -> Result<Vec<QueueStats>> {
+    pub(crate) async fn read(&self, store: &Store) -> Result<Vec<QueueStats>> {
         let mut cache = self.cache.lock().await;
         if let Some((at, stats)) = &*cache {
             if at.elapsed() < CACHE_FOR {
@@ -285,7 +285,7 @@ fn queue_families(stats: &[QueueStats]) -> Vec<prometheus::proto::MetricFamily> 
 }
 
 /// The Prometheus text: the daemon's own metrics (if any) and the queues'.
-pub async fn render(
+pub(crate) async fn render(
     store: &Store,
     gauges: &QueueGauges,
     daemon: Option<&Metrics>,

@@ -18,7 +18,7 @@ pub fn boot_id() -> String {
 }
 
 /// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks since boot.
-pub fn start_ticks(pid: i64) -> Option<i64> {
+pub(crate) fn start_ticks(pid: i64) -> Option<i64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_start_ticks(&stat)
 }
@@ -31,7 +31,7 @@ fn parse_start_ticks(stat: &str) -> Option<i64> {
 }
 
 /// Whether the process is a zombie (exited, not yet waited for by its parent).
-pub fn is_zombie(pid: i64) -> bool {
+pub(crate) fn is_zombie(pid: i64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|stat| {
@@ -45,7 +45,7 @@ pub fn is_zombie(pid: i64) -> bool {
 }
 
 /// A process's parent pid and process group, from `/proc/PID/stat`.
-pub fn parent_and_group(pid: i64) -> Option<(i64, i64)> {
+pub(crate) fn parent_and_group(pid: i64) -> Option<(i64, i64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace().skip(1);
     let parent = fields.next()?.parse().ok()?;
@@ -54,13 +54,13 @@ pub fn parent_and_group(pid: i64) -> Option<(i64, i64)> {
 }
 
 /// Whether no live process has this pid (none at all, or a zombie).
-pub fn is_gone(pid: i64) -> bool {
+pub(crate) fn is_gone(pid: i64) -> bool {
     !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid)
 }
 
 /// The live processes of process group `group` that started at or after
 /// tick `since`: what is left of a try whose leader (pid = `group`) is gone.
-pub fn group_members_since(group: i64, since: i64) -> Vec<i64> {
+pub(crate) fn group_members_since(group: i64, since: i64) -> Vec<i64> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -86,7 +86,7 @@ pub fn group_members_since(group: i64, since: i64) -> Vec<i64> {
 }
 
 /// Seconds since the epoch at which the process started, from its ticks.
-pub fn start_time_epoch(start_ticks: i64) -> Option<f64> {
+pub(crate) fn start_time_epoch(start_ticks: i64) -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let boot_time: f64 = stat
         .lines()
@@ -104,7 +104,7 @@ pub fn start_time_epoch(start_ticks: i64) -> Option<f64> {
 
 /// What the reaper concludes about a stored pid.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Probe {
+pub(crate) enum Probe {
     /// The recorded process still runs.
     Alive,
     /// Gone, or the pid now names another process; the text says which.
@@ -117,19 +117,19 @@ pub enum Probe {
 /// The identity recorded when a task process was spawned (or what a row
 /// written by hand has of it).
 #[derive(Debug, Clone, Default)]
-pub struct Identity {
-    pub pid: i64,
-    pub boot_id: Option<String>,
-    pub start_ticks: Option<i64>,
+pub(crate) struct Identity {
+    pub(crate) pid: i64,
+    pub(crate) boot_id: Option<String>,
+    pub(crate) start_ticks: Option<i64>,
     /// The row's `started_at`, seconds since the epoch.
-    pub started_at: Option<f64>,
+    pub(crate) started_at: Option<f64>,
 }
 
 /// Decides whether the process a row names is the task (SPEC.md, Guarantees):
 /// with a recorded identity, boot id and start ticks must match exactly; for a
 /// row without one, a live process that started more than a second before
 /// the row's `started_at` is not the task. Never signals anything.
-pub fn probe(identity: &Identity) -> Probe {
+pub(crate) fn probe(identity: &Identity) -> Probe {
     let pid = identity.pid;
     if pid <= 0 || pid > i64::from(i32::MAX) {
         return Probe::Dead(format!("pid {pid} is not a valid process id"));

@@ -18,11 +18,11 @@ use crate::retention::Retention;
 use crate::store::Store;
 
 /// Rows deleted by one statement.
-pub const BATCH: i64 = 500;
+pub(crate) const BATCH: i64 = 500;
 
 /// Deletes what `retention` allows, batch by batch, pausing `pause` between
 /// batches; stops early (between batches) when `stop` is cancelled.
-pub async fn prune(
+pub(crate) async fn prune(
     store: &Store,
     retention: &Retention,
     pause: Duration,

@@ -20,14 +20,14 @@ use crate::store::Store;
 
 /// A row the reaper marked (or, in a dry run, would mark), and why.
 #[derive(Debug, Clone)]
-pub struct Reaped {
-    pub id: RequestId,
-    pub reason: String,
+pub(crate) struct Reaped {
+    pub(crate) id: RequestId,
+    pub(crate) reason: String,
 }
 
 /// Reaps once. `own_instance` names the calling daemon, whose rows it
 /// supervises itself and the reaper leaves alone ("" from the CLI).
-pub async fn reap(
+pub(crate) async fn reap(
     store: &Store,
     host: &str,
     own_instance: &str,

@@ -46,7 +46,7 @@ pub enum State {
 }
 
 impl State {
-    pub const ALL: [State; 8] = [
+    pub(crate) const ALL: [State; 8] = [
         State::Running,
         State::Finished,
         State::Failed,
@@ -58,7 +58,7 @@ impl State {
     ];
 
     /// The string stored in the `result` column (SPEC.md spelling).
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             State::Running => "RUNNING",
             State::Finished => "FINISHED",
@@ -95,36 +95,36 @@ impl std::str::FromStr for State {
 /// A row this daemon has just claimed: everything needed to run one try.
 #[derive(Debug, Clone)]
 pub struct Claimed {
-    pub id: RequestId,
-    pub task_class_name: String,
+    pub(crate) id: RequestId,
+    pub(crate) task_class_name: String,
     /// Raw `options` bytes, passed to the task's stdin unchanged.
-    pub options: Vec<u8>,
+    pub(crate) options: Vec<u8>,
     /// The try number this claim started (1 on the first try).
-    pub tries: i64,
-    pub try_limit: i64,
+    pub(crate) tries: i64,
+    pub(crate) try_limit: i64,
     /// Fences every later write about this try (see `store`).
-    pub claim_token: crate::instance::ClaimToken,
-    pub queue: String,
+    pub(crate) claim_token: crate::instance::ClaimToken,
+    pub(crate) queue: String,
     /// The row has a `period`: when this try ends, its next occurrence may be due.
-    pub periodic: bool,
+    pub(crate) periodic: bool,
     /// Seconds from when the row became runnable (its `delay_until`, else
     /// `created_at`) to this claim, for the metrics.
-    pub waited: f64,
+    pub(crate) waited: f64,
     /// The batch this row is a member of.
-    pub batch_id: Option<i64>,
+    pub(crate) batch_id: Option<i64>,
     /// The batch whose end created this row (a batch's callback).
-    pub callback_of_batch: Option<i64>,
+    pub(crate) callback_of_batch: Option<i64>,
     /// The row has `on_success` or `on_failure`.
-    pub has_callbacks: bool,
+    pub(crate) has_callbacks: bool,
     /// The length of `options` in the row, in bytes: longer than the
     /// store's `max_options`, `options` was left out of the claim (empty).
-    pub options_length: u64,
+    pub(crate) options_length: u64,
 }
 
 impl Claimed {
     /// `TASKRUNNER_BATCH_ID`: the batch a member belongs to, or the batch
     /// whose end a callback answers.
-    pub fn batch_for_env(&self) -> Option<i64> {
+    pub(crate) fn batch_for_env(&self) -> Option<i64> {
         self.batch_id.or(self.callback_of_batch)
     }
 }
@@ -140,50 +140,50 @@ pub struct Request {
     pub host: Option<String>,
     pub started_at: Option<String>,
     pub completed_at: Option<String>,
-    pub heartbeat_at: Option<String>,
+    pub(crate) heartbeat_at: Option<String>,
     pub result: Option<String>,
     pub result_text: Option<String>,
     pub tries: i64,
     pub try_limit: i64,
     pub delay_until: Option<String>,
-    pub priority: i64,
-    pub claimed_by: Option<String>,
-    pub cancel_requested_at: Option<String>,
+    pub(crate) priority: i64,
+    pub(crate) claimed_by: Option<String>,
+    pub(crate) cancel_requested_at: Option<String>,
     pub progress: Option<String>,
     pub queue: String,
-    pub node: Option<String>,
-    pub not_node: Option<String>,
+    pub(crate) node: Option<String>,
+    pub(crate) not_node: Option<String>,
     /// Seconds between planned starts of a periodic request.
-    pub period: Option<i64>,
+    pub(crate) period: Option<i64>,
     pub planned_at: Option<String>,
     pub unique_key: Option<String>,
-    pub schedule: Option<String>,
+    pub(crate) schedule: Option<String>,
     /// The batch this request is a member of.
     pub batch_id: Option<i64>,
-    pub on_success: Option<String>,
-    pub on_failure: Option<String>,
+    pub(crate) on_success: Option<String>,
+    pub(crate) on_failure: Option<String>,
     /// The request whose outcome created this row (a callback).
     pub callback_of: Option<i64>,
     /// The batch whose end created this row (a batch's callback).
-    pub callback_of_batch: Option<i64>,
+    pub(crate) callback_of_batch: Option<i64>,
     /// The flow this row is a step (or a step's revert) of.
-    pub flow_id: Option<i64>,
+    pub(crate) flow_id: Option<i64>,
     /// Its step's index in the flow, from 0.
-    pub flow_step: Option<i64>,
+    pub(crate) flow_step: Option<i64>,
     /// `execute` or `revert`.
-    pub flow_action: Option<String>,
+    pub(crate) flow_action: Option<String>,
 }
 
 /// The longest `task_class_name` (in characters) a row may have; migration
 /// 0004 refuses longer ones (MariaDB's column is a `VARCHAR(255)`).
-pub const MAX_TASK_NAME: usize = 255;
+pub(crate) const MAX_TASK_NAME: usize = 255;
 
 impl Request {
     /// Why this row can never run nor end, if it cannot: rows written
     /// before migration 0004 refused them (`list` flags them). The daemon
     /// never claims them (the runnable rule leaves them out) and never
     /// changes them; `retry`, `cancel` or `purge` ends them.
-    pub fn never_runs(&self) -> Option<String> {
+    pub(crate) fn never_runs(&self) -> Option<String> {
         if let Some(result) = self.result.as_deref() {
             if !State::ALL.iter().any(|state| state.as_str() == result) {
                 return Some(format!(
@@ -219,7 +219,7 @@ impl Request {
 /// A type name as logs and metric labels show it: one longer than
 /// [`MAX_TASK_NAME`] (a row from before migration 0004) is cut, so that a
 /// megabyte name makes neither a megabyte log line nor a megabyte label.
-pub fn shown_task_name(name: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn shown_task_name(name: &str) -> std::borrow::Cow<'_, str> {
     let length = name.chars().count();
     if length <= MAX_TASK_NAME {
         name.into()
@@ -249,7 +249,7 @@ fn reads_as_a_time(value: &str) -> bool {
 /// Delay before the next try after `tries` failed tries:
 /// `retry_delay × retry_multiplier^(tries-1)`, capped at one day so that a
 /// large multiplier cannot overflow into a row that never runs again.
-pub fn backoff_seconds(retry_delay_secs: f64, multiplier: f64, tries: i64) -> f64 {
+pub(crate) fn backoff_seconds(retry_delay_secs: f64, multiplier: f64, tries: i64) -> f64 {
     const ONE_DAY: f64 = 86_400.0;
     let exponent = (tries.max(1) - 1).min(1_000) as i32;
     let delay = retry_delay_secs * multiplier.powi(exponent);

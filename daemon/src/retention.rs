@@ -11,7 +11,7 @@ use crate::units::serde_units;
 /// `retention:` as written in the config file.
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileRetention {
+pub(crate) struct FileRetention {
     #[serde(
         default,
         with = "serde_units::duration",
@@ -41,15 +41,15 @@ pub struct FileRetention {
 /// How long each kind of final row is kept after it completed; `None`
 /// keeps it forever (the default for every kind).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Retention {
-    pub finished: Option<Duration>,
-    pub cancelled: Option<Duration>,
-    pub rejected: Option<Duration>,
-    pub exhausted: Option<Duration>,
+pub(crate) struct Retention {
+    pub(crate) finished: Option<Duration>,
+    pub(crate) cancelled: Option<Duration>,
+    pub(crate) rejected: Option<Duration>,
+    pub(crate) exhausted: Option<Duration>,
 }
 
 impl Retention {
-    pub fn from_file(raw: Option<FileRetention>) -> Retention {
+    pub(crate) fn from_file(raw: Option<FileRetention>) -> Retention {
         let raw = raw.unwrap_or_default();
         Retention {
             finished: raw.finished,
@@ -60,7 +60,7 @@ impl Retention {
     }
 
     /// Every kind kept for `age` (`purge --older-than`).
-    pub fn all(age: Duration) -> Retention {
+    pub(crate) fn all(age: Duration) -> Retention {
         Retention {
             finished: Some(age),
             cancelled: Some(age),
@@ -69,12 +69,12 @@ impl Retention {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.rules().is_empty()
     }
 
     /// The kinds with a limit, and their limits.
-    pub fn rules(&self) -> Vec<(Prunable, Duration)> {
+    pub(crate) fn rules(&self) -> Vec<(Prunable, Duration)> {
         [
             (Prunable::Finished, self.finished),
             (Prunable::Cancelled, self.cancelled),
@@ -88,7 +88,7 @@ impl Retention {
 
     /// The rules as a config file writes them (`config check`); `None`
     /// when there are none.
-    pub fn as_written(&self) -> Option<FileRetention> {
+    pub(crate) fn as_written(&self) -> Option<FileRetention> {
         (!self.is_empty()).then_some(FileRetention {
             finished: self.finished,
             cancelled: self.cancelled,

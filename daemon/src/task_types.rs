@@ -14,31 +14,31 @@ use anyhow::{bail, Context, Result};
 use crate::config::{Config, TaskSettings};
 use crate::UsageError;
 
-pub use crate::config::BUILTIN_TYPES;
+pub(crate) use crate::config::BUILTIN_TYPES;
 
 /// The binary that runs built-in types, installed beside the daemon.
-pub const BUILTIN_BINARY: &str = "taskrunner-builtin-tasks";
+pub(crate) const BUILTIN_BINARY: &str = "taskrunner-builtin-tasks";
 
 /// How to start a task type.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Resolved {
-    pub program: PathBuf,
-    pub args: Vec<String>,
-    pub settings: TaskSettings,
+pub(crate) struct Resolved {
+    pub(crate) program: PathBuf,
+    pub(crate) args: Vec<String>,
+    pub(crate) settings: TaskSettings,
     /// Forked from a preloaded parent (`preload: true` on the type or its program).
-    pub preload: bool,
+    pub(crate) preload: bool,
 }
 
 /// The config and the task types it names, as one value: a reload
 /// replaces both in one send (see [`Setup::channel`]).
 #[derive(Debug, Clone)]
-pub struct Setup {
-    pub config: std::sync::Arc<Config>,
-    pub registry: std::sync::Arc<Registry>,
+pub(crate) struct Setup {
+    pub(crate) config: std::sync::Arc<Config>,
+    pub(crate) registry: std::sync::Arc<Registry>,
 }
 
 impl Setup {
-    pub fn new(config: Config, registry: Registry) -> Setup {
+    pub(crate) fn new(config: Config, registry: Registry) -> Setup {
         Setup {
             config: std::sync::Arc::new(config),
             registry: std::sync::Arc::new(registry),
@@ -47,20 +47,22 @@ impl Setup {
 
     /// The one channel through which the daemon's parts see the current
     /// setup (and the CLI's one try, its own).
-    pub fn channel(self) -> tokio::sync::watch::Sender<Setup> {
+    pub(crate) fn channel(self) -> tokio::sync::watch::Sender<Setup> {
         tokio::sync::watch::Sender::new(self)
     }
 
     /// The config the channel holds now (as the last reload sent it). The
     /// daemon's services read it afresh at each turn of their loops.
-    pub fn current_config(channel: &tokio::sync::watch::Sender<Setup>) -> std::sync::Arc<Config> {
+    pub(crate) fn current_config(
+        channel: &tokio::sync::watch::Sender<Setup>,
+    ) -> std::sync::Arc<Config> {
         channel.borrow().config.clone()
     }
 }
 
 /// Task type name → how to run it.
 #[derive(Debug, Clone)]
-pub struct Registry {
+pub(crate) struct Registry {
     builtin_binary: PathBuf,
     /// Types served by a task-sdk program, and which program.
     from_programs: BTreeMap<String, PathBuf>,
@@ -72,7 +74,7 @@ impl Registry {
     /// Asks every configured program for its task types. A type registered
     /// twice (by two programs, or by a program and the config) is an error
     /// naming both.
-    pub fn load(config: &Config) -> Result<Registry> {
+    pub(crate) fn load(config: &Config) -> Result<Registry> {
         let mut from_programs: BTreeMap<String, PathBuf> = BTreeMap::new();
         let is_command = |name: &str| config.tasks.get(name).is_some_and(|t| t.command.is_some());
         for program in &config.programs {
@@ -154,7 +156,7 @@ impl Registry {
     }
 
     /// How to run `name`, or `None` for an unknown type.
-    pub fn resolve(&self, config: &Config, name: &str) -> Option<Resolved> {
+    pub(crate) fn resolve(&self, config: &Config, name: &str) -> Option<Resolved> {
         let entry = config.tasks.get(name);
         let preload_type = entry.is_some_and(|task| task.preload);
         if let Some(command) = entry.and_then(|task| task.command.as_ref()) {
@@ -179,14 +181,14 @@ impl Registry {
     }
 
     /// Every flow: the config's and those the programs declare.
-    pub fn flows(&self, config: &Config) -> BTreeMap<String, crate::flow::Definition> {
+    pub(crate) fn flows(&self, config: &Config) -> BTreeMap<String, crate::flow::Definition> {
         let mut flows = config.flows.clone();
         flows.extend(self.program_flows.clone());
         flows
     }
 
     /// Every known type name, sorted.
-    pub fn names(&self, config: &Config) -> Vec<String> {
+    pub(crate) fn names(&self, config: &Config) -> Vec<String> {
         let mut names: Vec<String> = BUILTIN_TYPES.iter().map(|s| s.to_string()).collect();
         names.extend(
             config
@@ -204,7 +206,7 @@ impl Registry {
 
 impl Registry {
     /// Where `name` comes from, in a few words (`taskrunner-cli tasks`).
-    pub fn source(&self, config: &Config, name: &str) -> Option<String> {
+    pub(crate) fn source(&self, config: &Config, name: &str) -> Option<String> {
         if let Some(command) = config.tasks.get(name).and_then(|t| t.command.as_ref()) {
             return Some(format!("command {}", command.join(" ")));
         }
@@ -218,7 +220,7 @@ impl Registry {
     /// The options `name` takes: the config's `options:` for a command
     /// type, else what its program answers to `--help NAME` (task-sdk: the
     /// options struct's field names and the type's description).
-    pub fn describe_options(&self, config: &Config, name: &str) -> Result<String> {
+    pub(crate) fn describe_options(&self, config: &Config, name: &str) -> Result<String> {
         let entry = config.tasks.get(name);
         if entry.is_some_and(|t| t.command.is_some()) {
             let options = &entry.expect("checked").options;

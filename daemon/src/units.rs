@@ -33,7 +33,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// Parses `64KiB`, `512MiB`, `1GiB`, `100KB`, `4096` (bytes).
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let (value, unit) = number_and_unit(text)
         .ok_or_else(|| format!("invalid size `{text}` (write e.g. 64KiB, 512MiB)"))?;
@@ -55,7 +55,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 /// Renders a duration the way the config file writes it (`1h`, `90s`, `250ms`).
-pub fn format_duration(duration: Duration) -> String {
+pub(crate) fn format_duration(duration: Duration) -> String {
     let millis = duration.as_millis();
     if millis == 0 {
         "0s".to_string()
@@ -72,7 +72,7 @@ pub fn format_duration(duration: Duration) -> String {
 
 /// Parses a CPU share written as a percentage of one CPU (`50%`, `250%`)
 /// into CPUs (0.5, 2.5).
-pub fn parse_percent(text: &str) -> Result<f64, String> {
+pub(crate) fn parse_percent(text: &str) -> Result<f64, String> {
     let number = text
         .trim()
         .strip_suffix('%')
@@ -86,12 +86,12 @@ pub fn parse_percent(text: &str) -> Result<f64, String> {
 }
 
 /// `0.5` → `50%`.
-pub fn format_percent(cpus: f64) -> String {
+pub(crate) fn format_percent(cpus: f64) -> String {
     format!("{}%", (cpus * 100.0 * 1000.0).round() / 1000.0)
 }
 
 /// Renders a size in the largest binary unit that divides it.
-pub fn format_size(bytes: u64) -> String {
+pub(crate) fn format_size(bytes: u64) -> String {
     for (unit, factor) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
         if bytes >= factor && bytes % factor == 0 {
             return format!("{}{unit}", bytes / factor);
@@ -103,7 +103,7 @@ pub fn format_size(bytes: u64) -> String {
 /// serde helpers so that config fields can be written as strings or
 /// numbers, and are written back as the config file writes them (`10s`,
 /// `64KiB`, `50%`): each module is a `#[serde(with = "…")]` for an `Option`.
-pub mod serde_units {
+pub(crate) mod serde_units {
     use serde::{Deserialize, Deserializer, Serializer};
 
     #[derive(Deserialize)]
@@ -114,11 +114,13 @@ pub mod serde_units {
     }
 
     /// `10s`, `500ms`, `1h` (a bare number is seconds).
-    pub mod duration {
+    pub(crate) mod duration {
         use super::*;
         use std::time::Duration;
 
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Duration>, D::Error> {
             Ok(match Option::<TextOrNumber>::deserialize(d)? {
                 None => None,
                 Some(TextOrNumber::Text(text)) => {
@@ -130,7 +132,10 @@ pub mod serde_units {
             })
         }
 
-        pub fn serialize<S: Serializer>(value: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        pub(crate) fn serialize<S: Serializer>(
+            value: &Option<Duration>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
             match value {
                 Some(duration) => s.serialize_str(&crate::units::format_duration(*duration)),
                 None => s.serialize_none(),
@@ -139,10 +144,12 @@ pub mod serde_units {
     }
 
     /// A percentage of one CPU (`50%`), as CPUs.
-    pub mod percent {
+    pub(crate) mod percent {
         use super::*;
 
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<f64>, D::Error> {
             match Option::<TextOrNumber>::deserialize(d)? {
                 None => Ok(None),
                 Some(TextOrNumber::Text(text)) => crate::units::parse_percent(&text)
@@ -154,7 +161,10 @@ pub mod serde_units {
             }
         }
 
-        pub fn serialize<S: Serializer>(value: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+        pub(crate) fn serialize<S: Serializer>(
+            value: &Option<f64>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
             match value {
                 Some(cpus) => s.serialize_str(&crate::units::format_percent(*cpus)),
                 None => s.serialize_none(),
@@ -163,10 +173,12 @@ pub mod serde_units {
     }
 
     /// `64KiB`, `512MiB`, `4096` (bytes).
-    pub mod size {
+    pub(crate) mod size {
         use super::*;
 
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<u64>, D::Error> {
             Ok(match Option::<TextOrNumber>::deserialize(d)? {
                 None => None,
                 Some(TextOrNumber::Text(text)) => {
@@ -179,7 +191,10 @@ pub mod serde_units {
             })
         }
 
-        pub fn serialize<S: Serializer>(value: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        pub(crate) fn serialize<S: Serializer>(
+            value: &Option<u64>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
             match value {
                 Some(bytes) => s.serialize_str(&crate::units::format_size(*bytes)),
                 None => s.serialize_none(),

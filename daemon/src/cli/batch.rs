@@ -6,7 +6,7 @@ use clap::Subcommand;
 use crate::store::{Batch, BatchChange, NewBatch, Store};
 
 #[derive(Debug, Subcommand)]
-pub enum BatchCommand {
+pub(crate) enum BatchCommand {
     /// Insert a batch and print its id (sealed unless --open)
     Create {
         /// A name for people
@@ -58,7 +58,7 @@ pub enum BatchCommand {
 }
 
 /// Runs one `batch` command.
-pub async fn run(store: &Store, command: BatchCommand) -> Result<()> {
+pub(crate) async fn run(store: &Store, command: BatchCommand) -> Result<()> {
     match command {
         BatchCommand::Create {
             name,
@@ -130,7 +130,7 @@ fn state_of(batch: &Batch) -> String {
 
 /// A progress bar of `width` characters: `#` finished, `x` failed,
 /// `-` cancelled, `.` not final yet.
-pub fn progress_bar(counts: &crate::store::Counts, width: usize) -> String {
+pub(crate) fn progress_bar(counts: &crate::store::Counts, width: usize) -> String {
     let total = counts.total.max(1) as f64;
     let cells = |n: i64| ((n.max(0) as f64 / total) * width as f64).round() as usize;
     let mut bar = String::new();

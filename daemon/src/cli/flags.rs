@@ -25,7 +25,7 @@ use crate::units::parse_duration;
 /// command also takes, after its name, those it uses.
 #[derive(Debug, Parser)]
 #[command(name = "taskrunner-cli", version)]
-pub struct Flags {
+pub(crate) struct Flags {
     /// Config file (default: ./taskrunner.yml, else /etc/taskrunner/taskrunner.yml)
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,

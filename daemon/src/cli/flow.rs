@@ -12,7 +12,7 @@ use crate::store::{Flow, FlowBoard, FlowChange, StepRow, Store};
 use crate::UsageError;
 
 #[derive(Debug, Subcommand)]
-pub enum FlowCommand {
+pub(crate) enum FlowCommand {
     /// Start a flow and print its id: `flow post NAME [--options YAML]
     /// [--KEY VALUE …]`; `flow post NAME --help` shows its options and
     /// steps, `flow post --help` lists the flows
@@ -128,7 +128,7 @@ fn flow_named<'a>(flows: &'a BTreeMap<String, Definition>, name: &str) -> Result
 }
 
 /// Runs one `flow` command; `open` opens the database (not needed for help).
-pub async fn run(
+pub(crate) async fn run(
     config: &Config,
     open: impl Fn() -> Result<Store>,
     command: FlowCommand,
@@ -275,7 +275,7 @@ fn row_cells(row: Option<&StepRow>) -> [String; 4] {
 
 /// The board as a tree: the flow, then each step with its execute and, if
 /// it has one, its revert.
-pub fn render_board(board: &FlowBoard, declared: Option<&Definition>) -> String {
+pub(crate) fn render_board(board: &FlowBoard, declared: Option<&Definition>) -> String {
     let flow = &board.flow;
     let mut out = format!(
         "flow {} {}: {}, attempt {} of {}\n",

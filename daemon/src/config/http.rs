@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// `http:` as written in the file.
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileHttp {
+pub(crate) struct FileHttp {
     #[serde(skip_serializing_if = "Option::is_none")]
     listen: Option<String>,
     #[serde(default)]
@@ -32,16 +32,16 @@ struct FileAuth {
 
 /// The resolved `http:` settings.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Http {
+pub(crate) struct Http {
     /// Where the daemon listens (`None`: `taskrunner-cli web` only).
-    pub listen: Option<SocketAddr>,
-    pub read_only: bool,
-    pub auth: Option<Auth>,
+    pub(crate) listen: Option<SocketAddr>,
+    pub(crate) read_only: bool,
+    pub(crate) auth: Option<Auth>,
 }
 
 /// Who may use the page (HTTP Basic, or a bearer token).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Auth {
+pub(crate) enum Auth {
     /// The token is read from this file at start (its first line).
     TokenFile(PathBuf),
     /// A user and a bcrypt hash of their password (`htpasswd -nbB`).
@@ -50,7 +50,7 @@ pub enum Auth {
 
 impl Http {
     /// The settings as a config file writes them (`config check`).
-    pub fn as_written(&self) -> FileHttp {
+    pub(crate) fn as_written(&self) -> FileHttp {
         let auth = self.auth.as_ref().map(|auth| match auth {
             Auth::TokenFile(file) => FileAuth {
                 token_file: Some(file.clone()),
@@ -73,7 +73,7 @@ impl Http {
 
 impl FileHttp {
     /// Validates; errors name the key (the caller adds the file).
-    pub fn resolve(self, dir: &Path) -> Result<Http, String> {
+    pub(crate) fn resolve(self, dir: &Path) -> Result<Http, String> {
         let listen = match &self.listen {
             Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
                 format!("http.listen: `{text}` is not an address and port such as 127.0.0.1:8080")

@@ -347,22 +347,22 @@ impl Rule<Env, Env> for Variables {
 /// child).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
-    pub name: String,
-    pub uid: u32,
+    pub(crate) name: String,
+    pub(crate) uid: u32,
     /// Its primary group.
-    pub gid: u32,
+    pub(crate) gid: u32,
 }
 
 /// A group named in the config, looked up when it loads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Group {
-    pub name: String,
-    pub gid: u32,
+    pub(crate) name: String,
+    pub(crate) gid: u32,
 }
 
 impl TaskSettings {
     /// The group a try runs as: `group:`, else the primary group of `user:`.
-    pub fn gid(&self) -> Option<u32> {
+    pub(crate) fn gid(&self) -> Option<u32> {
         self.group
             .as_ref()
             .map(|group| group.gid)

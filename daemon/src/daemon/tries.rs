@@ -15,21 +15,21 @@ use crate::request::RequestId;
 use crate::supervisor::StopReason;
 
 /// A try this daemon is running.
-pub struct LiveTry {
-    pub task: String,
-    pub claim_token: ClaimToken,
-    pub pid: Option<u32>,
-    pub started: Instant,
-    pub try_number: i64,
-    pub stop: watch::Sender<Option<StopReason>>,
-    pub progress: watch::Receiver<Option<String>>,
+pub(crate) struct LiveTry {
+    pub(crate) task: String,
+    pub(crate) claim_token: ClaimToken,
+    pub(crate) pid: Option<u32>,
+    pub(crate) started: Instant,
+    pub(crate) try_number: i64,
+    pub(crate) stop: watch::Sender<Option<StopReason>>,
+    pub(crate) progress: watch::Receiver<Option<String>>,
     /// The progress line last written to the row.
-    pub progress_written: Option<String>,
+    pub(crate) progress_written: Option<String>,
 }
 
 /// The tries this daemon runs, and the stop order every new one must obey.
 #[derive(Default)]
-pub struct Tries {
+pub(crate) struct Tries {
     inner: Mutex<Inner>,
 }
 
@@ -42,10 +42,10 @@ struct Inner {
 }
 
 /// A progress line to write to a try's row.
-pub struct Progress {
-    pub id: RequestId,
-    pub claim_token: ClaimToken,
-    pub text: String,
+pub(crate) struct Progress {
+    pub(crate) id: RequestId,
+    pub(crate) claim_token: ClaimToken,
+    pub(crate) text: String,
 }
 
 impl Tries {
@@ -54,7 +54,7 @@ impl Tries {
     }
 
     /// Registers a try, stopping it at once if every try has been told to stop.
-    pub fn insert(&self, id: RequestId, live: LiveTry) {
+    pub(crate) fn insert(&self, id: RequestId, live: LiveTry) {
         let mut inner = self.lock();
         if let Some(reason) = inner.stopping {
             live.stop.send_replace(Some(reason));
@@ -62,35 +62,35 @@ impl Tries {
         inner.tries.insert(id, live);
     }
 
-    pub fn remove(&self, id: RequestId) {
+    pub(crate) fn remove(&self, id: RequestId) {
         self.lock().tries.remove(&id);
     }
 
     /// The try got its slot: its clock starts now.
-    pub fn started(&self, id: RequestId, at: Instant) {
+    pub(crate) fn started(&self, id: RequestId, at: Instant) {
         if let Some(live) = self.lock().tries.get_mut(&id) {
             live.started = at;
         }
     }
 
     /// The try's process runs, as `pid`.
-    pub fn running(&self, id: RequestId, pid: u32) {
+    pub(crate) fn running(&self, id: RequestId, pid: u32) {
         if let Some(live) = self.lock().tries.get_mut(&id) {
             live.pid = Some(pid);
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.lock().tries.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.lock().tries.is_empty()
     }
 
     /// Asks every running try to stop, for `reason`; a shutdown also stops
     /// tries registered later (claimed just as the drain time ran out).
-    pub fn stop_all(&self, reason: StopReason) {
+    pub(crate) fn stop_all(&self, reason: StopReason) {
         let mut inner = self.lock();
         if reason == StopReason::Shutdown {
             inner.stopping = Some(reason);
@@ -102,7 +102,7 @@ impl Tries {
 
     /// A user asked to cancel `id`: stops its try unless it is stopping
     /// already. True if it was told to stop now.
-    pub fn cancel(&self, id: RequestId) -> bool {
+    pub(crate) fn cancel(&self, id: RequestId) -> bool {
         let inner = self.lock();
         match inner.tries.get(&id) {
             Some(live) if live.stop.borrow().is_none() => {
@@ -115,7 +115,7 @@ impl Tries {
 
     /// This daemon no longer holds `id` under `claim_token`: stops its try
     /// if it still runs under that claim. True if it was told to stop.
-    pub fn lost(&self, id: RequestId, claim_token: &ClaimToken) -> bool {
+    pub(crate) fn lost(&self, id: RequestId, claim_token: &ClaimToken) -> bool {
         let inner = self.lock();
         match inner.tries.get(&id) {
             Some(live) if live.claim_token == *claim_token => {
@@ -127,7 +127,7 @@ impl Tries {
     }
 
     /// Whether a try of this daemon runs `id` under `claim_token`.
-    pub fn runs(&self, id: RequestId, claim_token: &ClaimToken) -> bool {
+    pub(crate) fn runs(&self, id: RequestId, claim_token: &ClaimToken) -> bool {
         self.lock()
             .tries
             .get(&id)
@@ -135,7 +135,7 @@ impl Tries {
     }
 
     /// Every try with the claim token it runs under.
-    pub fn claims(&self) -> Vec<(RequestId, ClaimToken)> {
+    pub(crate) fn claims(&self) -> Vec<(RequestId, ClaimToken)> {
         self.lock()
             .tries
             .iter()
@@ -144,7 +144,7 @@ impl Tries {
     }
 
     /// The progress lines that changed since they were last taken.
-    pub fn take_progress(&self) -> Vec<Progress> {
+    pub(crate) fn take_progress(&self) -> Vec<Progress> {
         let mut inner = self.lock();
         let mut changed = Vec::new();
         for (id, live) in inner.tries.iter_mut() {
@@ -162,7 +162,7 @@ impl Tries {
     }
 
     /// How long the oldest try whose process runs has been running.
-    pub fn oldest_running(&self) -> Duration {
+    pub(crate) fn oldest_running(&self) -> Duration {
         let oldest = self
             .lock()
             .tries
@@ -174,7 +174,7 @@ impl Tries {
     }
 
     /// The pids of the tries' processes (each leads its process group).
-    pub fn pids(&self) -> Vec<i64> {
+    pub(crate) fn pids(&self) -> Vec<i64> {
         self.lock()
             .tries
             .values()
@@ -183,7 +183,7 @@ impl Tries {
     }
 
     /// The tries as `status` shows them.
-    pub fn status(&self) -> Vec<RunningTask> {
+    pub(crate) fn status(&self) -> Vec<RunningTask> {
         self.lock()
             .tries
             .iter()

@@ -37,7 +37,7 @@ use crate::store::{SideConnection, Store};
 use crate::units::format_duration;
 
 /// The NOTIFY channel written by the trigger in the PostgreSQL migration.
-pub const CHANNEL: &str = "task_runner_requests";
+pub(crate) const CHANNEL: &str = "task_runner_requests";
 
 /// How often SQLite's data version is checked while the log is watched, in
 /// case a write escapes the watch.
@@ -72,7 +72,7 @@ const RECHECKS: [Duration; 14] = {
 
 /// How often MariaDB/MySQL are checked for new rows: new rows are noticed
 /// within 200 ms at worst, 50 ms on average.
-pub const MYSQL_CHECK: Duration = Duration::from_millis(100);
+pub(crate) const MYSQL_CHECK: Duration = Duration::from_millis(100);
 
 /// Wakes the scheduler when others add rows (see the module's doc).
 pub(super) struct Wakeup {

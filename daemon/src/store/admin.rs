@@ -10,7 +10,7 @@ use super::{mysql, request_from_row, Ending, Pool, RowExt, Store};
 use crate::request::{Request, RequestId, State};
 
 /// The column default of `try_limit`, used when `enqueue` is given none.
-pub const DEFAULT_TRY_LIMIT: i64 = 5;
+pub(crate) const DEFAULT_TRY_LIMIT: i64 = 5;
 
 /// Binds `$1..$14` of [`Sql::enqueue`](super::sql::Sql::enqueue) and
 /// [`Sql::enqueue_unique`](super::sql::Sql::enqueue_unique) (a
@@ -39,31 +39,31 @@ macro_rules! bind_new_request {
 
 /// A request to insert.
 #[derive(Debug, Clone, Default)]
-pub struct NewRequest {
-    pub task_class_name: String,
-    pub options: Option<String>,
-    pub try_limit: Option<i64>,
-    pub delay_seconds: Option<f64>,
+pub(crate) struct NewRequest {
+    pub(crate) task_class_name: String,
+    pub(crate) options: Option<String>,
+    pub(crate) try_limit: Option<i64>,
+    pub(crate) delay_seconds: Option<f64>,
     /// An absolute time, RFC 3339 (`2026-11-24T07:00:00Z`).
-    pub at: Option<String>,
-    pub priority: i64,
+    pub(crate) at: Option<String>,
+    pub(crate) priority: i64,
     /// At most one pending or running request per key: while one exists,
     /// `enqueue` inserts nothing and returns its id.
-    pub unique_key: Option<String>,
+    pub(crate) unique_key: Option<String>,
     /// None: the column default (`default`).
-    pub queue: Option<String>,
+    pub(crate) queue: Option<String>,
     /// Run only on the daemon of this node name.
-    pub node: Option<String>,
+    pub(crate) node: Option<String>,
     /// Never run on the daemon of this node name.
-    pub not_node: Option<String>,
+    pub(crate) not_node: Option<String>,
     /// Seconds: when a try ends, the next occurrence is inserted this long after.
-    pub period: Option<i64>,
+    pub(crate) period: Option<i64>,
     /// A member of this batch (refused if the batch is final).
-    pub batch_id: Option<i64>,
+    pub(crate) batch_id: Option<i64>,
     /// Task type run once when the request FINISHED.
-    pub on_success: Option<String>,
+    pub(crate) on_success: Option<String>,
     /// Task type run once when the request is exhausted or REJECTED.
-    pub on_failure: Option<String>,
+    pub(crate) on_failure: Option<String>,
 }
 
 /// Which rows `list` shows.
@@ -77,23 +77,23 @@ pub enum ListFilter {
 
 /// Which rows `list` (and `retry`/`cancel` with a filter) select.
 #[derive(Debug, Clone, Default)]
-pub struct ListQuery {
+pub(crate) struct ListQuery {
     /// A `result`, or `pending`, `retrying`, `exhausted`; None for any.
-    pub state: Option<String>,
-    pub task: Option<String>,
-    pub queue: Option<String>,
-    pub host: Option<String>,
+    pub(crate) state: Option<String>,
+    pub(crate) task: Option<String>,
+    pub(crate) queue: Option<String>,
+    pub(crate) host: Option<String>,
     /// Only this batch's members and its callback.
-    pub batch: Option<i64>,
+    pub(crate) batch: Option<i64>,
     /// Only this flow's step and revert rows.
-    pub flow: Option<i64>,
+    pub(crate) flow: Option<i64>,
     /// At most this many rows, newest first.
-    pub limit: i64,
+    pub(crate) limit: i64,
 }
 
 /// The answer to `retry` and `cancel`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
+pub(crate) enum Change {
     Done,
     /// A running row: cancel recorded `cancel_requested_at` for its daemon.
     Requested,

@@ -20,15 +20,15 @@ pub struct Claimant<'a> {
 
 /// Which runnable rows a claim may take.
 #[derive(Debug, Clone, Default)]
-pub struct ClaimFilter<'a> {
+pub(crate) struct ClaimFilter<'a> {
     /// This daemon's node name: rows pinned elsewhere, or barred from here, are skipped.
-    pub node: &'a str,
+    pub(crate) node: &'a str,
     /// Only this queue (`None`: any).
-    pub queue: Option<&'a str>,
+    pub(crate) queue: Option<&'a str>,
     /// Only this task type (`None`: any).
-    pub task: Option<&'a str>,
+    pub(crate) task: Option<&'a str>,
     /// Task types to leave alone (those with a concurrency limit, claimed apart).
-    pub excluded_tasks: &'a [String],
+    pub(crate) excluded_tasks: &'a [String],
 }
 
 pub(super) fn claimed_from_row(

@@ -42,7 +42,7 @@ use crate::request::RequestId;
 
 /// How a request may become final; each is written by [`Store::finalize`].
 #[derive(Debug, Clone, Copy)]
-pub enum Ending<'a> {
+pub(crate) enum Ending<'a> {
     /// A try's outcome, fenced by its claim token (the daemon's recorder,
     /// `run --id --record`).
     Outcome(&'a Outcome),
@@ -68,16 +68,16 @@ impl Ending<'_> {
 
 /// The config's `on_exhausted:` hooks (top level, and per task type).
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Hooks {
-    pub on_exhausted: Option<String>,
-    pub on_exhausted_by_type: std::collections::BTreeMap<String, String>,
+pub(crate) struct Hooks {
+    pub(crate) on_exhausted: Option<String>,
+    pub(crate) on_exhausted_by_type: std::collections::BTreeMap<String, String>,
 }
 
 impl Hooks {
     /// The type to run when a request of `task` is exhausted or REJECTED.
     /// Never for a request of that hook type itself (an alert that fails
     /// must not raise an alert about itself, forever).
-    pub fn on_exhausted_for(&self, task: &str) -> Option<&str> {
+    pub(crate) fn on_exhausted_for(&self, task: &str) -> Option<&str> {
         self.on_exhausted_by_type
             .get(task)
             .or(self.on_exhausted.as_ref())
@@ -88,7 +88,7 @@ impl Hooks {
 
 /// Where a final member is counted in its batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Bucket {
+pub(crate) enum Bucket {
     Finished,
     /// Exhausted, REJECTED (or a state taskrunner does not know).
     Failed,
@@ -132,31 +132,31 @@ struct Ended {
 
 /// A batch row, locked.
 #[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct Batch {
-    pub id: i64,
-    pub created_at: Option<String>,
-    pub name: Option<String>,
-    pub options: Option<String>,
-    pub on_complete: Option<String>,
-    pub on_failure: Option<String>,
-    pub fail_fast: bool,
-    pub sealed_at: Option<String>,
-    pub state: Option<String>,
-    pub finished_at: Option<String>,
-    pub counts: Counts,
-    pub parent_batch_id: Option<i64>,
+pub(crate) struct Batch {
+    pub(crate) id: i64,
+    pub(crate) created_at: Option<String>,
+    pub(crate) name: Option<String>,
+    pub(crate) options: Option<String>,
+    pub(crate) on_complete: Option<String>,
+    pub(crate) on_failure: Option<String>,
+    pub(crate) fail_fast: bool,
+    pub(crate) sealed_at: Option<String>,
+    pub(crate) state: Option<String>,
+    pub(crate) finished_at: Option<String>,
+    pub(crate) counts: Counts,
+    pub(crate) parent_batch_id: Option<i64>,
 }
 
 /// A batch's members by where they stand.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Counts {
-    pub total: i64,
+pub(crate) struct Counts {
+    pub(crate) total: i64,
     /// Not final yet (never run, running, or to be retried).
-    pub pending: i64,
-    pub finished: i64,
+    pub(crate) pending: i64,
+    pub(crate) finished: i64,
     /// Exhausted or REJECTED.
-    pub failed: i64,
-    pub cancelled: i64,
+    pub(crate) failed: i64,
+    pub(crate) cancelled: i64,
 }
 
 /// The member a failed batch names in its callback's summary.
@@ -170,20 +170,20 @@ struct Failing {
 
 /// A new batch (`batch create`).
 #[derive(Debug, Clone, Default)]
-pub struct NewBatch {
-    pub name: Option<String>,
-    pub options: Option<String>,
-    pub on_complete: Option<String>,
-    pub on_failure: Option<String>,
-    pub fail_fast: bool,
+pub(crate) struct NewBatch {
+    pub(crate) name: Option<String>,
+    pub(crate) options: Option<String>,
+    pub(crate) on_complete: Option<String>,
+    pub(crate) on_failure: Option<String>,
+    pub(crate) fail_fast: bool,
     /// Sealed at once (no member may be added after... only while not final).
-    pub sealed: bool,
-    pub parent_batch_id: Option<i64>,
+    pub(crate) sealed: bool,
+    pub(crate) parent_batch_id: Option<i64>,
 }
 
 /// What `batch cancel` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BatchChange {
+pub(crate) enum BatchChange {
     /// Done; the number of members it cancelled.
     Done(u64),
     NotFound,
@@ -216,7 +216,7 @@ pub(super) struct ComposeSql {
 }
 
 /// A callback row in short: (id, task type, result, unique_key).
-pub type CallbackRow = (i64, String, Option<String>, Option<String>);
+pub(crate) type CallbackRow = (i64, String, Option<String>, Option<String>);
 
 static COMPOSE: Statements<ComposeSql> = Statements::new(ComposeSql::render);
 

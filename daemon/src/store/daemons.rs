@@ -13,13 +13,13 @@ use super::{Pool, Store};
 
 /// Who a daemon is, as its row shows it.
 #[derive(Debug, Clone)]
-pub struct DaemonPresence<'a> {
+pub(crate) struct DaemonPresence<'a> {
     /// The instance id the daemon writes into `claimed_by`.
-    pub instance: &'a str,
-    pub host: &'a str,
-    pub node_name: Option<&'a str>,
-    pub pid: u32,
-    pub max_concurrent: usize,
+    pub(crate) instance: &'a str,
+    pub(crate) host: &'a str,
+    pub(crate) node_name: Option<&'a str>,
+    pub(crate) pid: u32,
+    pub(crate) max_concurrent: usize,
 }
 
 /// Rows of daemons not heard from for this long are deleted when a daemon

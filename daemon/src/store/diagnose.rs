@@ -20,7 +20,7 @@ use sqlx::sqlite::SqliteConnectOptions;
 use super::Purpose;
 
 /// The SQLite database file a URL names (None for `:memory:` and other URLs).
-pub fn sqlite_path(url: &str) -> Option<PathBuf> {
+pub(crate) fn sqlite_path(url: &str) -> Option<PathBuf> {
     let options = SqliteConnectOptions::from_str(url).ok()?;
     let path = options.get_filename();
     (!path.as_os_str().is_empty() && path != Path::new(":memory:")).then(|| path.to_path_buf())
@@ -30,7 +30,7 @@ pub fn sqlite_path(url: &str) -> Option<PathBuf> {
 /// at `path` and create its `-wal` and `-shm` files beside it. Only the
 /// daemon and `migrate` create a missing file; the other commands say how to
 /// create it. Root passes every permission check, as it does in SQLite.
-pub fn check_sqlite_access(path: &Path, purpose: Purpose) -> anyhow::Result<()> {
+pub(crate) fn check_sqlite_access(path: &Path, purpose: Purpose) -> anyhow::Result<()> {
     let shown = path.display();
     let directory = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
@@ -116,7 +116,7 @@ fn group_name(gid: u32) -> String {
 
 /// Replaces a database error by one line naming the database and what to
 /// do, when its cause is one we can name; other errors pass unchanged.
-pub async fn explain(error: anyhow::Error, url: &str) -> anyhow::Error {
+pub(crate) async fn explain(error: anyhow::Error, url: &str) -> anyhow::Error {
     let display_url = super::url::redact_url(url);
     let Some(sqlx_error) = error.chain().find_map(|c| c.downcast_ref::<sqlx::Error>()) else {
         return error;

@@ -33,20 +33,20 @@ use Param::{Int, OptInt, OptText, Text};
 /// A flow row.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Flow {
-    pub id: i64,
-    pub created_at: Option<String>,
-    pub name: String,
+    pub(crate) id: i64,
+    pub(crate) created_at: Option<String>,
+    pub(crate) name: String,
     pub options: Option<String>,
     /// NULL until a daemon takes it; then RUNNING, REVERTING, FINISHED,
     /// REVERTED, FAILED or CANCELLED.
     pub state: Option<String>,
     pub attempt: i64,
-    pub current_step: Option<i64>,
+    pub(crate) current_step: Option<i64>,
     pub store: Option<String>,
     pub definition: Option<String>,
-    pub finished_at: Option<String>,
+    pub(crate) finished_at: Option<String>,
     pub result_text: Option<String>,
-    pub cancel_requested: bool,
+    pub(crate) cancel_requested: bool,
 }
 
 impl Flow {
@@ -58,48 +58,48 @@ impl Flow {
 /// One request row of a flow, as the board shows it.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct StepRow {
-    pub id: i64,
-    pub attempt: Option<i64>,
+    pub(crate) id: i64,
+    pub(crate) attempt: Option<i64>,
     /// NULL (never run), RUNNING, FINISHED, …
     pub result: Option<String>,
     /// Failed with no try left.
-    pub exhausted: bool,
-    pub host: Option<String>,
-    pub tries: i64,
-    pub try_limit: i64,
+    pub(crate) exhausted: bool,
+    pub(crate) host: Option<String>,
+    pub(crate) tries: i64,
+    pub(crate) try_limit: i64,
 }
 
 /// One step on the board: its declaration and its rows of the current attempt.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct StepBoard {
-    pub index: usize,
-    pub name: String,
-    pub task: String,
-    pub revert_task: Option<String>,
-    pub provides: Option<String>,
+    pub(crate) index: usize,
+    pub(crate) name: String,
+    pub(crate) task: String,
+    pub(crate) revert_task: Option<String>,
+    pub(crate) provides: Option<String>,
     /// What the step provided (in the store), on one line.
-    pub provided: Option<String>,
+    pub(crate) provided: Option<String>,
     pub execute: Option<StepRow>,
     pub revert: Option<StepRow>,
     /// Executes of this step in all attempts (an earlier attempt's included).
     pub executes_all_attempts: i64,
     /// This is the flow's current position.
-    pub current: bool,
+    pub(crate) current: bool,
 }
 
 /// The board of one flow (`flow show`, the web page's flow page).
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct FlowBoard {
-    pub flow: Flow,
+    pub(crate) flow: Flow,
     /// From the snapshot taken at start (empty until a daemon takes the flow).
     pub steps: Vec<StepBoard>,
     /// `retry.times` of the snapshot.
-    pub retry_times: u32,
+    pub(crate) retry_times: u32,
 }
 
 /// What `flow cancel` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FlowChange {
+pub(crate) enum FlowChange {
     /// Done; the flow's state now.
     Done(String),
     NotFound,

@@ -12,24 +12,12 @@ use crate::request::RequestId;
 
 /// A kind of final row that retention may delete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Prunable {
+pub(crate) enum Prunable {
     Finished,
     Cancelled,
     Rejected,
     /// FAILED, CRASHED or TIMEOUT with no tries left.
     Exhausted,
-}
-
-impl Prunable {
-    /// Its key under `retention:` in the config.
-    pub fn config_key(self) -> &'static str {
-        match self {
-            Prunable::Finished => "finished",
-            Prunable::Cancelled => "cancelled",
-            Prunable::Rejected => "rejected",
-            Prunable::Exhausted => "exhausted",
-        }
-    }
 }
 
 impl Store {

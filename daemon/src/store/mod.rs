@@ -31,10 +31,10 @@
 //! that lost its claim (reaped after a partition, say) cannot overwrite a
 //! later try: its write matches no row, and the caller is told so.
 
-pub mod diagnose;
-pub mod mysql;
+pub(crate) mod diagnose;
+pub(crate) mod mysql;
 pub mod sql;
-pub mod url;
+pub(crate) mod url;
 
 use sqlx::mysql::MySqlPool;
 use sqlx::postgres::PgPool;
@@ -42,15 +42,18 @@ use sqlx::sqlite::SqlitePool;
 
 use sql::Sql;
 
-pub use admin::{Change, ListFilter, ListQuery, NewRequest, DEFAULT_TRY_LIMIT};
+pub use admin::ListFilter;
+pub(crate) use admin::{Change, ListQuery, NewRequest, DEFAULT_TRY_LIMIT};
 use claims::claimed_from_row;
-pub use claims::{ClaimFilter, Claimant};
-pub use housekeeping::Prunable;
+pub(crate) use claims::ClaimFilter;
+pub use claims::Claimant;
+pub(crate) use housekeeping::Prunable;
 use plumbing::{begin_write, MIGRATIONS_TABLE};
-pub use plumbing::{Migration, Purpose, SchemaMismatch, SideConnection, WRITER_AUTOCHECKPOINT};
-pub use reaping::{LapsedRow, RunningRow};
+pub use plumbing::{Migration, Purpose};
+pub(crate) use plumbing::{SchemaMismatch, SideConnection};
 use rows::{request_from_row, RowExt};
-pub use tries::{Held, Outcome, Write};
+pub(crate) use tries::Held;
+pub use tries::{Outcome, Write};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -73,7 +76,7 @@ pub struct Store {
     pool: Pool,
     sql: &'static Sql,
     /// The database URL with any password hidden, for messages.
-    pub display_url: String,
+    pub(crate) display_url: String,
     /// Statements sent by the daemon's own work (claims, writes about tries,
     /// heartbeats, reaping, delay look-ups; BEGIN and COMMIT count), for
     /// `status` and the benchmark: each is one database round trip.
@@ -116,19 +119,20 @@ macro_rules! on_pool {
 
 mod admin;
 mod claims;
-pub mod compose;
-pub mod daemons;
-pub mod flow;
+pub(crate) mod compose;
+pub(crate) mod daemons;
+pub(crate) mod flow;
 mod housekeeping;
 mod plumbing;
 mod reaping;
 mod repair;
 mod rows;
 mod tries;
-pub mod web;
+pub(crate) mod web;
 
-pub use compose::{Batch, BatchChange, Counts, Ending, Hooks, NewBatch};
-pub use flow::{Flow, FlowBoard, FlowChange, StepBoard, StepRow};
+pub(crate) use compose::{Batch, BatchChange, Counts, Ending, Hooks, NewBatch};
+pub(crate) use flow::FlowChange;
+pub use flow::{Flow, FlowBoard, StepBoard, StepRow};
 
 impl Store {
     /// How this store's backend spells what its statements need.

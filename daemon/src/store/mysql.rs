@@ -32,20 +32,20 @@ use sqlx::{Acquire, MySqlPool};
 
 /// The oldest servers whose `SKIP LOCKED` and JSON functions the
 /// statements rely on.
-pub const MARIADB_MINIMUM: (u32, u32) = (10, 6);
-pub const MYSQL_MINIMUM: (u32, u32, u32) = (8, 0, 1);
+pub(crate) const MARIADB_MINIMUM: (u32, u32) = (10, 6);
+pub(crate) const MYSQL_MINIMUM: (u32, u32, u32) = (8, 0, 1);
 
 /// A value bound to a statement, kept so that it can be bound at each `?`
 /// that stands for its `$N`.
 #[derive(Debug, Clone)]
-pub enum Value {
+pub(crate) enum Value {
     Int(Option<i64>),
     Float(Option<f64>),
     Text(Option<String>),
 }
 
 /// What `bind` accepts: the types the store binds.
-pub trait Bind {
+pub(crate) trait Bind {
     fn value(self) -> Value;
 }
 
@@ -168,13 +168,13 @@ fn rewritten(sql: &str) -> Arc<Positional> {
 }
 
 /// A statement with `$N` parameters, bound by number as on the other backends.
-pub struct Query {
+pub(crate) struct Query {
     statement: Arc<Positional>,
     values: Vec<Value>,
 }
 
 /// Starts a statement (the MySQL arm's `query` in `on_pool!`).
-pub fn query(sql: impl sqlx::SqlSafeStr) -> Query {
+pub(crate) fn query(sql: impl sqlx::SqlSafeStr) -> Query {
     let sql = sql.into_sql_str();
     Query {
         statement: rewritten(sql.as_str()),
@@ -184,7 +184,7 @@ pub fn query(sql: impl sqlx::SqlSafeStr) -> Query {
 
 impl Query {
     /// Binds the next parameter: `$1`, then `$2`, …
-    pub fn bind(mut self, value: impl Bind) -> Query {
+    pub(crate) fn bind(mut self, value: impl Bind) -> Query {
         self.values.push(value.value());
         self
     }
@@ -204,32 +204,25 @@ impl Query {
         Ok(sqlx::query_with(sql, arguments))
     }
 
-    pub async fn execute<'e, E>(self, executor: E) -> sqlx::Result<MySqlQueryResult>
+    pub(crate) async fn execute<'e, E>(self, executor: E) -> sqlx::Result<MySqlQueryResult>
     where
         E: sqlx::Executor<'e, Database = MySql>,
     {
         self.build()?.execute(executor).await
     }
 
-    pub async fn fetch_all<'e, E>(self, executor: E) -> sqlx::Result<Vec<MySqlRow>>
+    pub(crate) async fn fetch_all<'e, E>(self, executor: E) -> sqlx::Result<Vec<MySqlRow>>
     where
         E: sqlx::Executor<'e, Database = MySql>,
     {
         self.build()?.fetch_all(executor).await
     }
 
-    pub async fn fetch_one<'e, E>(self, executor: E) -> sqlx::Result<MySqlRow>
+    pub(crate) async fn fetch_one<'e, E>(self, executor: E) -> sqlx::Result<MySqlRow>
     where
         E: sqlx::Executor<'e, Database = MySql>,
     {
         self.build()?.fetch_one(executor).await
-    }
-
-    pub async fn fetch_optional<'e, E>(self, executor: E) -> sqlx::Result<Option<MySqlRow>>
-    where
-        E: sqlx::Executor<'e, Database = MySql>,
-    {
-        self.build()?.fetch_optional(executor).await
     }
 }
 
@@ -279,7 +272,7 @@ impl RowExt for MySqlRow {
 /// Whether `error` is a deadlock (1213) or a lock-wait timeout (1205):
 /// InnoDB rolled the statement or transaction back, and running the
 /// transaction again is the remedy.
-pub fn is_lock_conflict(error: &anyhow::Error) -> bool {
+pub(crate) fn is_lock_conflict(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         cause
             .downcast_ref::<sqlx::Error>()
@@ -297,7 +290,10 @@ const LOCK_RETRIES: u32 = 20;
 
 /// Runs `transaction` again after a deadlock or lock-wait timeout, after a
 /// random pause that grows with each attempt, counting each in `counter`.
-pub async fn retry_locks<T, F, Fut>(counter: &AtomicU64, mut transaction: F) -> anyhow::Result<T>
+pub(crate) async fn retry_locks<T, F, Fut>(
+    counter: &AtomicU64,
+    mut transaction: F,
+) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<T>>,
@@ -334,7 +330,7 @@ fn rand_below(n: u64) -> u64 {
 }
 
 /// `VERSION()` → whether it is MariaDB, and (major, minor, patch).
-pub fn parse_version(version: &str) -> (bool, (u32, u32, u32)) {
+pub(crate) fn parse_version(version: &str) -> (bool, (u32, u32, u32)) {
     let mariadb = version.to_ascii_lowercase().contains("mariadb");
     // "5.5.5-10.11.6-MariaDB" (old replication prefix) names MariaDB after it.
     let text = version.strip_prefix("5.5.5-").unwrap_or(version);
@@ -349,7 +345,7 @@ pub fn parse_version(version: &str) -> (bool, (u32, u32, u32)) {
 }
 
 /// `None` if the server is new enough, else the one line that says why not.
-pub fn version_refusal(version: &str) -> Option<String> {
+pub(crate) fn version_refusal(version: &str) -> Option<String> {
     let (mariadb, (major, minor, patch)) = parse_version(version);
     if mariadb {
         let (need_major, need_minor) = MARIADB_MINIMUM;
@@ -369,7 +365,7 @@ pub fn version_refusal(version: &str) -> Option<String> {
 /// statements use it), and READ COMMITTED, so that the claim's locking
 /// read takes no gap locks and sees rows committed since its transaction
 /// began. (sqlx sets the time zone to UTC and the names to utf8mb4.)
-pub async fn configure_session(connection: &mut sqlx::MySqlConnection) -> sqlx::Result<()> {
+pub(crate) async fn configure_session(connection: &mut sqlx::MySqlConnection) -> sqlx::Result<()> {
     sqlx::raw_sql(
         "SET SESSION sql_mode = 'STRICT_ALL_TABLES,ERROR_FOR_DIVISION_BY_ZERO,NO_ZERO_DATE,\
              NO_ZERO_IN_DATE,NO_ENGINE_SUBSTITUTION,PIPES_AS_CONCAT', \
@@ -382,7 +378,7 @@ pub async fn configure_session(connection: &mut sqlx::MySqlConnection) -> sqlx::
 }
 
 /// Reads the first column of the first row as an integer.
-pub fn first_int(rows: &[MySqlRow]) -> sqlx::Result<Option<i64>> {
+pub(crate) fn first_int(rows: &[MySqlRow]) -> sqlx::Result<Option<i64>> {
     match rows.first() {
         Some(row) => row.opt_int(0),
         None => Ok(None),
@@ -390,7 +386,7 @@ pub fn first_int(rows: &[MySqlRow]) -> sqlx::Result<Option<i64>> {
 }
 
 /// `$first, $first+1, …` for `n` parameters: an `IN (…)` list.
-pub fn parameter_list(first: usize, n: usize) -> String {
+pub(crate) fn parameter_list(first: usize, n: usize) -> String {
     (first..first + n)
         .map(|i| format!("${i}"))
         .collect::<Vec<_>>()

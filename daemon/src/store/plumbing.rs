@@ -22,15 +22,15 @@ pub(super) const MIGRATIONS_TABLE: &str = "task_runner_schema_migrations";
 /// The daemon's writer connection checkpoints only once the log is this many
 /// pages long (SQLite's default is 1,000), which it reaches only if the
 /// daemon's checkpointer falls behind.
-pub const WRITER_AUTOCHECKPOINT: u32 = 16_000;
+pub(crate) const WRITER_AUTOCHECKPOINT: u32 = 16_000;
 
 /// What [`Store::migrate`] did: schema versions before (None: no schema) and after.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Migration {
-    pub before: Option<i64>,
-    pub after: i64,
+    pub(crate) before: Option<i64>,
+    pub(crate) after: i64,
     /// What was repaired first (tables loaded from a Rails schema.rb).
-    pub repaired: Option<String>,
+    pub(crate) repaired: Option<String>,
 }
 
 impl std::fmt::Display for Migration {
@@ -60,7 +60,7 @@ pub enum Purpose {
 /// The database's schema is not the one this binary was built for
 /// (`--no-migrate`): retrying cannot fix it.
 #[derive(Debug)]
-pub struct SchemaMismatch(pub String);
+pub(crate) struct SchemaMismatch(pub(crate) String);
 
 impl std::fmt::Display for SchemaMismatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -73,13 +73,13 @@ impl std::error::Error for SchemaMismatch {}
 /// A SQLite connection of its own, beside the pool's one writer, for work
 /// that must neither wait for the writer nor hold it up (the change check,
 /// checkpoints). Opened when first needed, and again after an error.
-pub struct SideConnection {
+pub(crate) struct SideConnection {
     options: Option<SqliteConnectOptions>,
     open: Option<sqlx::SqliteConnection>,
 }
 
 impl SideConnection {
-    pub fn new(url: &str) -> SideConnection {
+    pub(crate) fn new(url: &str) -> SideConnection {
         SideConnection {
             options: SqliteConnectOptions::from_str(url).ok(),
             open: None,
@@ -87,7 +87,7 @@ impl SideConnection {
     }
 
     /// The connection, opened if need be; `None` while it cannot be.
-    pub async fn get(&mut self) -> Option<&mut sqlx::SqliteConnection> {
+    pub(crate) async fn get(&mut self) -> Option<&mut sqlx::SqliteConnection> {
         use sqlx::ConnectOptions;
         if self.open.is_none() {
             self.open = self.options.as_ref()?.connect().await.ok();
@@ -96,12 +96,12 @@ impl SideConnection {
     }
 
     /// After an error: the next [`get`](Self::get) opens a new connection.
-    pub fn failed(&mut self, error: &sqlx::Error) {
+    pub(crate) fn failed(&mut self, error: &sqlx::Error) {
         tracing::debug!("SQLite side connection: {error}");
         self.open = None;
     }
 
-    pub async fn close(self) {
+    pub(crate) async fn close(self) {
         use sqlx::Connection;
         if let Some(open) = self.open {
             let _ = open.close().await;

@@ -12,24 +12,23 @@ use crate::request::RequestId;
 
 /// A RUNNING row of this host, as the reaper probes it.
 #[derive(Debug, Clone)]
-pub struct RunningRow {
-    pub id: RequestId,
-    pub pid: i64,
-    pub boot_id: Option<String>,
-    pub start_ticks: Option<i64>,
+pub(crate) struct RunningRow {
+    pub(crate) id: RequestId,
+    pub(crate) pid: i64,
+    pub(crate) boot_id: Option<String>,
+    pub(crate) start_ticks: Option<i64>,
     /// `started_at` as seconds since the epoch.
-    pub started_at: Option<f64>,
-    pub claim_token: Option<ClaimToken>,
-    pub claimed_by: String,
+    pub(crate) started_at: Option<f64>,
+    pub(crate) claim_token: Option<ClaimToken>,
 }
 
 /// A RUNNING row whose heartbeat is older than the lease.
 #[derive(Debug, Clone)]
-pub struct LapsedRow {
-    pub id: RequestId,
-    pub host: String,
-    pub claim_token: Option<ClaimToken>,
-    pub heartbeat_at: Option<String>,
+pub(crate) struct LapsedRow {
+    pub(crate) id: RequestId,
+    pub(crate) host: String,
+    pub(crate) claim_token: Option<ClaimToken>,
+    pub(crate) heartbeat_at: Option<String>,
 }
 
 impl Store {
@@ -53,7 +52,6 @@ impl Store {
                     start_ticks: row.opt_int(3)?,
                     started_at: row.opt_float(4)?,
                     claim_token: row.opt_text(5)?.map(ClaimToken::from_row),
-                    claimed_by: row.text(6)?,
                 }))
                 .collect::<sqlx::Result<_>>()?
         }))

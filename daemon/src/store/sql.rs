@@ -13,12 +13,12 @@ use super::Backend;
 /// subqueries on the table a statement changes. Every statement of the
 /// store, here and in its other files, takes these spellings from here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dialect(pub Backend);
+pub(crate) struct Dialect(pub(crate) Backend);
 
 impl Dialect {
     /// The current time, as stored in timestamp columns (MariaDB/MySQL:
     /// `DATETIME(6)` holding UTC, whatever the session's time zone).
-    pub fn now(self) -> &'static str {
+    pub(crate) fn now(self) -> &'static str {
         match self.0 {
             Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now')",
             Backend::Postgres => "now()",
@@ -27,7 +27,7 @@ impl Dialect {
     }
 
     /// The current time plus `seconds` (an expression; negative: earlier).
-    pub fn now_plus(self, seconds: &str) -> String {
+    pub(crate) fn now_plus(self, seconds: &str) -> String {
         match self.0 {
             Backend::Sqlite => {
                 format!("strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', {seconds}))")
@@ -37,7 +37,7 @@ impl Dialect {
     }
 
     /// Timestamp `time` plus `seconds`, exact to the millisecond.
-    pub fn plus_seconds(self, time: &str, seconds: &str) -> String {
+    pub(crate) fn plus_seconds(self, time: &str, seconds: &str) -> String {
         match self.0 {
             Backend::Sqlite => {
                 format!("strftime('%Y-%m-%d %H:%M:%f', {time}, printf('%+.3f seconds', {seconds}))")
@@ -50,7 +50,7 @@ impl Dialect {
     }
 
     /// Seconds from timestamp `from` to timestamp `to` (a float).
-    pub fn seconds_between(self, from: &str, to: &str) -> String {
+    pub(crate) fn seconds_between(self, from: &str, to: &str) -> String {
         match self.0 {
             Backend::Sqlite => format!("((julianday({to}) - julianday({from})) * 86400.0)"),
             Backend::Postgres => format!("extract(epoch from ({to} - {from}))::float8"),
@@ -59,7 +59,7 @@ impl Dialect {
     }
 
     /// A timestamp as seconds since the epoch (a float).
-    pub fn epoch_seconds(self, time: &str) -> String {
+    pub(crate) fn epoch_seconds(self, time: &str) -> String {
         match self.0 {
             Backend::Sqlite => format!("((julianday({time}) - 2440587.5) * 86400.0)"),
             Backend::Postgres => format!("extract(epoch from {time})::float8"),
@@ -70,7 +70,7 @@ impl Dialect {
     }
 
     /// A timestamp as `YYYY-MM-DD HH:MM:SS.SSS` text (UTC).
-    pub fn show_time(self, time: &str) -> String {
+    pub(crate) fn show_time(self, time: &str) -> String {
         match self.0 {
             Backend::Sqlite => format!("CAST({time} AS TEXT)"),
             Backend::Postgres => {
@@ -81,7 +81,7 @@ impl Dialect {
     }
 
     /// A text parameter (RFC 3339 or `YYYY-MM-DD HH:MM:SS`) read as a timestamp.
-    pub fn parse_time(self, text: &str) -> String {
+    pub(crate) fn parse_time(self, text: &str) -> String {
         match self.0 {
             Backend::Sqlite => format!("strftime('%Y-%m-%d %H:%M:%f', {text})"),
             Backend::Postgres => format!("CAST({text} AS timestamptz)"),
@@ -93,7 +93,7 @@ impl Dialect {
 
     /// An integer expression as a 64-bit integer (PostgreSQL: in parentheses,
     /// so that the cast applies to the whole expression).
-    pub fn int64(self, expression: &str) -> String {
+    pub(crate) fn int64(self, expression: &str) -> String {
         match self.0 {
             Backend::Sqlite => expression.to_string(),
             Backend::Postgres => format!("({expression})::bigint"),
@@ -102,7 +102,7 @@ impl Dialect {
     }
 
     /// The largest integer not above a positive number.
-    pub fn floor(self, number: &str) -> String {
+    pub(crate) fn floor(self, number: &str) -> String {
         match self.0 {
             Backend::Sqlite => format!("CAST({number} AS INTEGER)"),
             Backend::Postgres => format!("floor({number})"),
@@ -111,7 +111,7 @@ impl Dialect {
     }
 
     /// Whether text `needle` occurs in text `haystack`.
-    pub fn contains(self, haystack: &str, needle: &str) -> String {
+    pub(crate) fn contains(self, haystack: &str, needle: &str) -> String {
         match self.0 {
             Backend::Sqlite => format!("instr({haystack}, {needle}) > 0"),
             Backend::Postgres => format!("strpos({haystack}, {needle}) > 0"),
@@ -120,7 +120,7 @@ impl Dialect {
     }
 
     /// The elements of a parameter holding a JSON array of strings, as a subquery.
-    pub fn json_strings(self, parameter: &str) -> String {
+    pub(crate) fn json_strings(self, parameter: &str) -> String {
         match self.0 {
             Backend::Sqlite => format!("SELECT value FROM json_each({parameter})"),
             Backend::Postgres => {
@@ -134,7 +134,7 @@ impl Dialect {
 
     /// An integer parameter that may be NULL, typed where the server cannot
     /// tell its type from `$N IS NULL` alone (PostgreSQL).
-    pub fn nullable_int(self, parameter: &str) -> String {
+    pub(crate) fn nullable_int(self, parameter: &str) -> String {
         match self.0 {
             Backend::Postgres => format!("{parameter}::bigint"),
             Backend::Sqlite | Backend::MySql => parameter.to_string(),
@@ -143,7 +143,7 @@ impl Dialect {
 
     /// `INSERT` that skips a row whose unique key is taken, with
     /// [`on_conflict_ignore`](Dialect::on_conflict_ignore) after its values.
-    pub fn insert_or_ignore(self) -> &'static str {
+    pub(crate) fn insert_or_ignore(self) -> &'static str {
         match self.0 {
             Backend::Sqlite => "INSERT OR IGNORE",
             Backend::Postgres | Backend::MySql => "INSERT",
@@ -156,7 +156,7 @@ impl Dialect {
     /// what keeps a value that does not fit from being truncated); the
     /// affected row count is then 1, not 0, so the cron slot's insert, which
     /// counts on 0, is `INSERT IGNORE` there (see `Sql::for_mysql`).
-    pub fn on_conflict_ignore(self) -> &'static str {
+    pub(crate) fn on_conflict_ignore(self) -> &'static str {
         match self.0 {
             Backend::Sqlite => "",
             Backend::Postgres => "ON CONFLICT DO NOTHING",
@@ -166,7 +166,7 @@ impl Dialect {
 
     /// `RETURNING` the id column of an insert; nothing on MariaDB/MySQL,
     /// where the id is read from `LAST_INSERT_ID()`.
-    pub fn returning_id(self, column: &str) -> String {
+    pub(crate) fn returning_id(self, column: &str) -> String {
         match self.0 {
             Backend::MySql => String::new(),
             Backend::Sqlite | Backend::Postgres => format!("RETURNING {}", self.int64(column)),
@@ -175,7 +175,7 @@ impl Dialect {
 
     /// Locks the rows a select reads until the transaction ends (SQLite's
     /// `BEGIN IMMEDIATE` already excludes every other writer).
-    pub fn for_update(self) -> &'static str {
+    pub(crate) fn for_update(self) -> &'static str {
         match self.0 {
             Backend::Sqlite => "",
             Backend::Postgres | Backend::MySql => "FOR UPDATE",
@@ -183,7 +183,7 @@ impl Dialect {
     }
 
     /// Locks the rows a select reads, passing over rows others hold locked.
-    pub fn skip_locked(self) -> &'static str {
+    pub(crate) fn skip_locked(self) -> &'static str {
         match self.0 {
             Backend::Sqlite => "",
             Backend::Postgres | Backend::MySql => "FOR UPDATE SKIP LOCKED",
@@ -194,7 +194,7 @@ impl Dialect {
     /// reads: MariaDB/MySQL neither read, in a subquery, the table being
     /// changed (error 1093) nor take `LIMIT` in `IN (…)`, so the select
     /// goes through a derived table there.
-    pub fn while_changing(self, select: &str) -> String {
+    pub(crate) fn while_changing(self, select: &str) -> String {
         match self.0 {
             Backend::MySql => format!("SELECT * FROM ({select}) AS chosen"),
             Backend::Sqlite | Backend::Postgres => select.to_string(),
@@ -204,7 +204,7 @@ impl Dialect {
     /// Deletes at most `limit` rows of `table` that match `condition`, so
     /// that a large deletion goes in small transactions (MariaDB/MySQL take
     /// `LIMIT` on `DELETE` itself, and no `LIMIT` in `IN (…)`).
-    pub fn delete_some(self, table: &str, condition: &str, limit: &str) -> String {
+    pub(crate) fn delete_some(self, table: &str, condition: &str, limit: &str) -> String {
         match self.0 {
             Backend::MySql => format!("DELETE FROM {table} WHERE {condition} LIMIT {limit}"),
             Backend::Sqlite | Backend::Postgres => format!(
@@ -239,7 +239,7 @@ pub struct Statements<T: 'static> {
 
 impl<T> Statements<T> {
     /// The statements that `render` writes for a dialect.
-    pub const fn new(render: fn(Dialect) -> T) -> Statements<T> {
+    pub(crate) const fn new(render: fn(Dialect) -> T) -> Statements<T> {
         Statements {
             render,
             sqlite: OnceLock::new(),
@@ -270,7 +270,7 @@ pub static SQL: Statements<Sql> = Statements::new(|d| match d.0 {
 /// The runnable rule of SPEC.md, minus the delay (added where it applies).
 /// It is the predicate of the partial index `task_runner_requests_runnable`
 /// (migration 0003), written identically so that planners use the index.
-pub const RUNNABLE: &str = "pid IS NULL \
+pub(crate) const RUNNABLE: &str = "pid IS NULL \
      AND (result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED')) \
      AND tries < try_limit";
 
@@ -344,7 +344,7 @@ pub struct Sql {
     /// SKIP LOCKED`, so concurrent daemons never wait on or take the same row).
     /// Writes RUNNING, tries + 1, started_at, host, heartbeat_at before any
     /// process starts.
-    pub claim: String,
+    pub(crate) claim: String,
     /// MariaDB/MySQL's claim, in three statements of one transaction (see
     /// `store::mysql`): the ids, locked and skipping rows locked by others
     /// (parameters as in [`claim`](Sql::claim), `$8` onwards: the excluded
@@ -352,99 +352,99 @@ pub struct Sql {
     pub claim_select: String,
     /// Then the claim's `SET` on those ids (`$1..$3` as in the claim, the
     /// ids from `$4`; `{ids}` stands for their list)…
-    pub claim_update: String,
+    pub(crate) claim_update: String,
     /// …and the claimed rows, as the claim returns them (ids from `$1`;
     /// `{cap}` stands for the options cap, a number).
-    pub claimed_rows: String,
+    pub(crate) claimed_rows: String,
     /// The same claim for one given row (`$4` is its id, `$5` the options
     /// cap), ignoring its delay:
     /// `taskrunner-cli run --id --record`.
-    pub claim_one: String,
+    pub(crate) claim_one: String,
     /// How many rows of task type `$1` run now, on any daemon.
-    pub running_of_type: String,
+    pub(crate) running_of_type: String,
     /// PostgreSQL only: serialises claims of task type `$1` across daemons
     /// until the transaction ends (SQLite serialises every writer anyway).
-    pub lock_type: Option<String>,
+    pub(crate) lock_type: Option<String>,
     /// Inserts the next occurrence of periodic row `$1` if its try ended
     /// (finished or exhausted): planned one period after its planned start,
     /// or, after downtime, at the latest slot already due (one catch-up run).
-    pub insert_next_occurrence: String,
+    pub(crate) insert_next_occurrence: String,
     /// Fenced: records the spawned process of claim `$5` on row `$4`.
-    pub record_pid: String,
+    pub(crate) record_pid: String,
     /// Fenced: records the outcome of claim `$6` on row `$5`.
-    pub record_outcome: String,
+    pub(crate) record_outcome: String,
     /// PostgreSQL only: many `record_pid`s in one statement (arrays `$1..$5`:
     /// id, token, pid, boot id, start ticks), returning the ids it applied to.
-    pub record_pids_batch: Option<String>,
+    pub(crate) record_pids_batch: Option<String>,
     /// Many `record_outcome`s in one statement, returning the ids it applied
     /// to. PostgreSQL: arrays `$1..$6` (id, token, result, result_text, give
     /// back, retry after); SQLite: `$1` a JSON array of such arrays.
-    pub record_outcomes_batch: String,
+    pub(crate) record_outcomes_batch: String,
     /// Fenced: the latest progress line.
-    pub record_progress: String,
+    pub(crate) record_progress: String,
     /// Renews the heartbeat of every row daemon instance `$1` runs. On
     /// PostgreSQL it skips rows locked at the moment (the recorder is writing
     /// their outcome): waiting on them could deadlock with its transaction.
-    pub renew_heartbeats: String,
+    pub(crate) renew_heartbeats: String,
     /// The rows daemon instance `$1` holds (RUNNING under its claims), and
     /// which of them a user asked to cancel. Reads, locks nothing.
-    pub held_by: String,
+    pub(crate) held_by: String,
     /// Rows on host `$1` that are RUNNING with a pid, not held by instance `$2`.
-    pub running_on_host: String,
+    pub(crate) running_on_host: String,
     /// Rows on host `$1` that are RUNNING without a pid (claimed, process not
     /// started or not yet announced), not held by instance `$2`.
-    pub unstarted_on_host: String,
+    pub(crate) unstarted_on_host: String,
     /// RUNNING rows whose heartbeat is older than `$1` seconds, not held by instance `$2`.
-    pub lapsed_leases: String,
+    pub(crate) lapsed_leases: String,
     /// Fenced on the token read before: marks a row the reaper found dead.
-    pub mark_crashed: String,
+    pub(crate) mark_crashed: String,
     /// Seconds until the earliest delayed row becomes runnable.
-    pub next_delay: String,
-    pub enqueue: String,
-    pub show: String,
+    pub(crate) next_delay: String,
+    pub(crate) enqueue: String,
+    pub(crate) show: String,
     /// Every column of `Request`, from the table (add a WHERE clause).
-    pub select_requests: String,
+    pub(crate) select_requests: String,
     /// Rows newest first, at most `$1`, filtered by task type `$2`, queue
     /// `$3`, host `$4` ('' for any), state `$5` ('' for any; a `result`, or
     /// `pending` (never run), `retrying` (failed, will run again),
     /// `exhausted`).
-    pub list_where: String,
-    pub list_all: String,
-    pub list_pending: String,
-    pub list_by_result: String,
-    pub retry: String,
-    pub cancel_pending: String,
-    pub cancel_running: String,
-    pub state_of: String,
-    pub count_by_result: String,
-    pub purge: String,
+    pub(crate) list_where: String,
+    pub(crate) list_all: String,
+    pub(crate) list_pending: String,
+    pub(crate) list_by_result: String,
+    pub(crate) retry: String,
+    pub(crate) cancel_pending: String,
+    pub(crate) cancel_running: String,
+    pub(crate) state_of: String,
+    pub(crate) count_by_result: String,
+    pub(crate) purge: String,
     // ---- Issue 7: unique requests, retention, cron schedules ----
     /// Inserts task `$1` with options `$2`, try_limit `$3`, delay `$4` seconds
     /// or at time `$5`, priority `$6`, unique key `$7`, queue `$8` (NULL:
     /// `default`), node `$9`, not_node `$10`, period `$11` seconds.
     /// `enqueue` with unique key `$7`: inserts nothing (returns no row) while
     /// a pending or running request has that key (the partial unique index).
-    pub enqueue_unique: String,
+    pub(crate) enqueue_unique: String,
     /// The pending or running request holding unique key `$1`.
-    pub holder_of_unique_key: String,
+    pub(crate) holder_of_unique_key: String,
     /// Deletes up to `$2` rows in final state `$3` completed more than `$1`
     /// seconds ago.
-    pub prune_state: String,
+    pub(crate) prune_state: String,
     /// Deletes up to `$2` exhausted rows completed more than `$1` seconds ago.
-    pub prune_exhausted: String,
+    pub(crate) prune_exhausted: String,
     /// The database's clock, as seconds since the epoch.
-    pub database_now: String,
+    pub(crate) database_now: String,
     /// The latest slot enqueued for schedule `$1`, as seconds since the epoch.
-    pub last_slot: String,
+    pub(crate) last_slot: String,
     /// Claims slot `$2` of schedule `$1`; affects no row if it was taken.
-    pub insert_slot: String,
+    pub(crate) insert_slot: String,
     /// Inserts the request of slot `$6` of schedule `$5`: task `$1`, options
     /// `$2`, try_limit `$3`, priority `$4`; planned and delayed to the slot.
-    pub enqueue_scheduled: String,
+    pub(crate) enqueue_scheduled: String,
     /// Records request `$1` on slot `$3` of schedule `$2`.
-    pub set_slot_request: String,
+    pub(crate) set_slot_request: String,
     /// Forgets slots of schedule `$1` older than an hour, except the latest.
-    pub forget_old_slots: String,
+    pub(crate) forget_old_slots: String,
 }
 
 impl Sql {
@@ -698,7 +698,7 @@ impl Sql {
                 int("(CASE WHEN cancel_requested_at IS NULL THEN 0 ELSE 1 END)")
             ),
             running_on_host: format!(
-                "SELECT {}, {}, pid_boot_id, {}, {}, claim_token, coalesce(claimed_by, '') \
+                "SELECT {}, {}, pid_boot_id, {}, {}, claim_token \
                    FROM task_runner_requests \
                   WHERE result = 'RUNNING' AND host = $1 AND pid IS NOT NULL \
                     AND claimed_by IS DISTINCT FROM $2 \

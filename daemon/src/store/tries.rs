@@ -70,7 +70,7 @@ pub enum Write {
 }
 
 impl Write {
-    pub fn id(&self) -> RequestId {
+    pub(crate) fn id(&self) -> RequestId {
         match self {
             Write::Pid { id, .. } | Write::Progress { id, .. } => *id,
             Write::Outcome(outcome) => outcome.id,
@@ -78,7 +78,7 @@ impl Write {
     }
 
     /// The claim the write is fenced by.
-    pub fn claim_token(&self) -> &ClaimToken {
+    pub(crate) fn claim_token(&self) -> &ClaimToken {
         match self {
             Write::Pid { claim_token, .. } | Write::Progress { claim_token, .. } => claim_token,
             Write::Outcome(outcome) => &outcome.claim_token,
@@ -122,10 +122,10 @@ fn writes_after_their_outcome(writes: &[Write]) -> Vec<bool> {
 
 /// A heartbeat renewal: a row this daemon still holds.
 #[derive(Debug, Clone)]
-pub struct Held {
-    pub id: RequestId,
-    pub claim_token: ClaimToken,
-    pub cancel_requested: bool,
+pub(crate) struct Held {
+    pub(crate) id: RequestId,
+    pub(crate) claim_token: ClaimToken,
+    pub(crate) cancel_requested: bool,
 }
 
 impl Store {

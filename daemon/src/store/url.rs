@@ -1,7 +1,7 @@
 //! Database URLs as they are shown: in logs, errors and `status`.
 
 /// Hides a password in a database URL for printing.
-pub fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             let credentials = &url[scheme_end + 3..at];

@@ -15,13 +15,13 @@ use super::{request_from_row, Backend, Pool, RowExt, Store};
 use crate::request::Request;
 
 /// Rows a filter that no index serves looks at per page.
-pub const SCAN_WINDOW: i64 = 10_000;
+pub(crate) const SCAN_WINDOW: i64 = 10_000;
 
 /// Rows of one page of requests.
-pub const PAGE_SIZE: i64 = 50;
+pub(crate) const PAGE_SIZE: i64 = 50;
 
 /// At most this many rows are changed by one bulk action.
-pub const BULK_LIMIT: i64 = 10_000;
+pub(crate) const BULK_LIMIT: i64 = 10_000;
 
 /// The part of the runnable rule that partial indexes carry (sql::RUNNABLE).
 use super::sql::RUNNABLE;
@@ -38,27 +38,27 @@ const KIND: &str = "CASE WHEN result = 'RUNNING' THEN 'running' \
 
 /// Counts of the rows of one queue and type that are not final.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct OpenCounts {
-    pub task: String,
-    pub waiting: i64,
-    pub running: i64,
-    pub failed: i64,
-    pub exhausted: i64,
+pub(crate) struct OpenCounts {
+    pub(crate) task: String,
+    pub(crate) waiting: i64,
+    pub(crate) running: i64,
+    pub(crate) failed: i64,
+    pub(crate) exhausted: i64,
 }
 
 /// One queue's open rows, by type, and its lag.
 #[derive(Debug, Clone, Default)]
-pub struct QueueStats {
-    pub queue: String,
-    pub by_type: Vec<OpenCounts>,
+pub(crate) struct QueueStats {
+    pub(crate) queue: String,
+    pub(crate) by_type: Vec<OpenCounts>,
     /// The counts stopped at the cap: the true numbers are larger.
-    pub capped: bool,
+    pub(crate) capped: bool,
     /// Seconds since the queue's first runnable row became runnable (0 when none).
-    pub lag_seconds: f64,
+    pub(crate) lag_seconds: f64,
 }
 
 impl QueueStats {
-    pub fn total(&self) -> OpenCounts {
+    pub(crate) fn total(&self) -> OpenCounts {
         let mut total = OpenCounts::default();
         for counts in &self.by_type {
             total.waiting += counts.waiting;
@@ -72,89 +72,89 @@ impl QueueStats {
 
 /// A daemon seen through the rows it runs.
 #[derive(Debug, Clone)]
-pub struct DaemonRow {
-    pub host: String,
-    pub instance: String,
+pub(crate) struct DaemonRow {
+    pub(crate) host: String,
+    pub(crate) instance: String,
     /// `up`, `silent` (no heartbeat for longer than asked), `stopped`, or
     /// `unregistered` (seen only through the rows it runs: a daemon older
     /// than migration 0009).
-    pub state: &'static str,
-    pub node_name: Option<String>,
-    pub pid: Option<i64>,
-    pub version: Option<String>,
-    pub max_concurrent: Option<i64>,
+    pub(crate) state: &'static str,
+    pub(crate) node_name: Option<String>,
+    pub(crate) pid: Option<i64>,
+    pub(crate) version: Option<String>,
+    pub(crate) max_concurrent: Option<i64>,
     /// Rows RUNNING under this instance now.
-    pub running: i64,
-    pub started_at: Option<String>,
-    pub last_heartbeat: Option<String>,
-    pub heartbeat_age_seconds: Option<f64>,
+    pub(crate) running: i64,
+    pub(crate) started_at: Option<String>,
+    pub(crate) last_heartbeat: Option<String>,
+    pub(crate) heartbeat_age_seconds: Option<f64>,
 }
 
 /// Tries that ended in one minute of the last hour, by outcome.
 #[derive(Debug, Clone)]
-pub struct MinuteBucket {
+pub(crate) struct MinuteBucket {
     /// 0 is the current minute, 59 an hour ago.
-    pub minutes_ago: i64,
-    pub result: String,
-    pub count: i64,
+    pub(crate) minutes_ago: i64,
+    pub(crate) result: String,
+    pub(crate) count: i64,
     /// The longest wait before start among them, seconds.
-    pub max_wait_seconds: f64,
+    pub(crate) max_wait_seconds: f64,
 }
 
 /// A schedule's slots as recorded in `task_runner_schedule_slots`.
 #[derive(Debug, Clone)]
-pub struct ScheduleSlots {
-    pub schedule: String,
-    pub last_slot: Option<String>,
-    pub last_request: Option<i64>,
+pub(crate) struct ScheduleSlots {
+    pub(crate) schedule: String,
+    pub(crate) last_slot: Option<String>,
+    pub(crate) last_request: Option<i64>,
 }
 
 /// A batch (`task_runner_batches`, when the table exists) and its progress.
 #[derive(Debug, Clone)]
-pub struct BatchRow {
-    pub id: i64,
-    pub created_at: Option<String>,
-    pub name: Option<String>,
-    pub state: Option<String>,
-    pub sealed_at: Option<String>,
-    pub finished_at: Option<String>,
-    pub total: i64,
-    pub pending: i64,
-    pub finished: i64,
-    pub failed: i64,
-    pub cancelled: i64,
-    pub on_complete: Option<String>,
-    pub on_failure: Option<String>,
+pub(crate) struct BatchRow {
+    pub(crate) id: i64,
+    pub(crate) created_at: Option<String>,
+    pub(crate) name: Option<String>,
+    pub(crate) state: Option<String>,
+    pub(crate) sealed_at: Option<String>,
+    pub(crate) finished_at: Option<String>,
+    pub(crate) total: i64,
+    pub(crate) pending: i64,
+    pub(crate) finished: i64,
+    pub(crate) failed: i64,
+    pub(crate) cancelled: i64,
+    pub(crate) on_complete: Option<String>,
+    pub(crate) on_failure: Option<String>,
 }
 
 /// Which requests a page lists (and a bulk action changes).
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct RequestFilter {
+pub(crate) struct RequestFilter {
     /// Members of this batch (`batch_id`; only where batches exist).
-    pub batch: Option<i64>,
+    pub(crate) batch: Option<i64>,
     /// Step and revert rows of this flow (`flow_id`).
-    pub flow: Option<i64>,
+    pub(crate) flow: Option<i64>,
     /// A state of SPEC.md, or `PENDING` for never run.
-    pub state: Option<String>,
-    pub task: Option<String>,
-    pub queue: Option<String>,
-    pub host: Option<String>,
-    pub text: Option<String>,
+    pub(crate) state: Option<String>,
+    pub(crate) task: Option<String>,
+    pub(crate) queue: Option<String>,
+    pub(crate) host: Option<String>,
+    pub(crate) text: Option<String>,
 }
 
 /// One page of requests, newest first.
 #[derive(Debug, Clone, Default)]
-pub struct RequestPage {
-    pub rows: Vec<Request>,
+pub(crate) struct RequestPage {
+    pub(crate) rows: Vec<Request>,
     /// Where the next (older) page starts: ids below this one.
-    pub next_before: Option<i64>,
+    pub(crate) next_before: Option<i64>,
     /// The window of rows looked at ended before the page was full.
-    pub window_ended: bool,
+    pub(crate) window_ended: bool,
 }
 
 /// A bulk action on the rows a filter selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BulkAction {
+pub(crate) enum BulkAction {
     Retry,
     Cancel,
 }

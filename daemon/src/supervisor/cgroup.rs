@@ -41,11 +41,11 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::units::{format_percent, format_size};
+use crate::units::format_size;
 
 /// A cgroup controller that enforces one of the task settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Controller {
+pub(crate) enum Controller {
     /// `memory_limit`
     Memory,
     /// `max_processes`
@@ -77,7 +77,7 @@ struct Hierarchy {
 
 /// The cgroups in force (none: rlimits only).
 #[derive(Debug)]
-pub struct Cgroups {
+pub(crate) struct Cgroups {
     hierarchies: Vec<Hierarchy>,
     /// Why cgroups (or some controllers) are not used.
     note: Option<String>,
@@ -87,35 +87,35 @@ static DETECTED: OnceLock<Cgroups> = OnceLock::new();
 
 /// Finds (and for cgroup v2 sets up) the cgroups tries will run in; once per
 /// process, the first call decides. The daemon calls it at start.
-pub fn init() -> &'static Cgroups {
+pub(crate) fn init() -> &'static Cgroups {
     DETECTED.get_or_init(detect)
 }
 
 /// The cgroups in force, once [`init`] has found some.
-pub fn in_force() -> Option<&'static Cgroups> {
+pub(crate) fn in_force() -> Option<&'static Cgroups> {
     DETECTED
         .get()
         .filter(|cgroups| !cgroups.hierarchies.is_empty())
 }
 
 /// What limits the tries (for the start line and `status`).
-pub fn describe() -> String {
+pub(crate) fn describe() -> String {
     init().describe()
 }
 
 /// The limits a try's cgroup gets.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Limits {
-    pub memory: Option<u64>,
-    pub processes: Option<u64>,
+pub(crate) struct Limits {
+    pub(crate) memory: Option<u64>,
+    pub(crate) processes: Option<u64>,
     /// CPUs (0.5 for `50%`).
-    pub cpu: Option<f64>,
+    pub(crate) cpu: Option<f64>,
 }
 
 impl Cgroups {
     /// Whether `controller` is in force (else its setting is an rlimit, or
     /// not enforced).
-    pub fn controls(&self, controller: Controller) -> bool {
+    pub(crate) fn controls(&self, controller: Controller) -> bool {
         self.hierarchies
             .iter()
             .any(|hierarchy| hierarchy.controllers.contains(&controller))
@@ -156,7 +156,7 @@ impl Cgroups {
 
     /// Makes the cgroup of the try named `key` ([`try_key`]) with
     /// `limits`, ready for its process to join.
-    pub fn create(&self, key: &str, limits: &Limits) -> io::Result<TryCgroup> {
+    pub(crate) fn create(&self, key: &str, limits: &Limits) -> io::Result<TryCgroup> {
         let name = cgroup_name(key);
         let mut made = TryCgroup {
             dirs: Vec::new(),
@@ -217,7 +217,7 @@ impl Cgroups {
     /// Kills whatever is left in the cgroup of the try named `key` ([`try_key`]; a try
     /// of a daemon that died) and removes it; returns how many processes
     /// were killed.
-    pub async fn kill_leftovers(&self, key: &str) -> usize {
+    pub(crate) async fn kill_leftovers(&self, key: &str) -> usize {
         let name = cgroup_name(key);
         let leftover = TryCgroup {
             dirs: self
@@ -246,7 +246,7 @@ impl Cgroups {
 /// removes it. A live daemon's try cgroup is empty only between its `mkdir`
 /// and the child's join (milliseconds), or after its try ended, while that
 /// daemon removes it: one a few seconds old and empty is nobody's.
-pub const SWEEP_AFTER: Duration = Duration::from_secs(10);
+pub(crate) const SWEEP_AFTER: Duration = Duration::from_secs(10);
 
 impl Cgroups {
     /// Removes the `try-…` cgroups that hold no process and were made more
@@ -256,7 +256,7 @@ impl Cgroups {
     /// a process is never touched (`rmdir` refuses it): the reaper kills
     /// the remains of a dead try, by its row, first. Returns how many were
     /// removed.
-    pub fn sweep_empty(&self, older_than: Duration) -> usize {
+    pub(crate) fn sweep_empty(&self, older_than: Duration) -> usize {
         let mut removed = 0;
         for hierarchy in &self.hierarchies {
             let Ok(entries) = std::fs::read_dir(&hierarchy.base) else {
@@ -284,7 +284,7 @@ impl Cgroups {
 
 /// The key naming the cgroup of the try of row `id` under `claim_token`
 /// (one claim statement's rows share a token: the id tells them apart).
-pub fn try_key(claim_token: &str, id: i64) -> String {
+pub(crate) fn try_key(claim_token: &str, id: i64) -> String {
     format!("{claim_token}/{id}")
 }
 
@@ -376,7 +376,7 @@ struct Dir {
 
 /// One try's cgroup (a directory in each hierarchy).
 #[derive(Debug)]
-pub struct TryCgroup {
+pub(crate) struct TryCgroup {
     dirs: Vec<Dir>,
     /// Each directory's join file ([`join_file`]), open for writing: the
     /// child writes `0` to each to join.
@@ -385,11 +385,11 @@ pub struct TryCgroup {
 }
 
 /// At most this many hierarchies (memory, pids, cpu each on its own).
-pub const MAX_HIERARCHIES: usize = 3;
+pub(crate) const MAX_HIERARCHIES: usize = 3;
 
 impl TryCgroup {
     /// The join-file descriptors the child writes `0` to (-1: none).
-    pub fn join_fds(&self) -> [libc::c_int; MAX_HIERARCHIES] {
+    pub(crate) fn join_fds(&self) -> [libc::c_int; MAX_HIERARCHIES] {
         let mut fds = [-1; MAX_HIERARCHIES];
         for (slot, fd) in fds.iter_mut().zip(&self.procs) {
             *slot = fd.as_raw_fd();
@@ -399,7 +399,7 @@ impl TryCgroup {
 
     /// The join files ([`join_file`]), for a preloaded parent's child to
     /// write `0` to.
-    pub fn procs_paths(&self) -> Vec<PathBuf> {
+    pub(crate) fn procs_paths(&self) -> Vec<PathBuf> {
         self.dirs
             .iter()
             .map(|dir| join_file(&dir.path, dir.v2))
@@ -408,7 +408,7 @@ impl TryCgroup {
 
     /// Moves `pid` (and whatever it has started since) into the cgroup: a
     /// preloaded parent's child that did not join itself.
-    pub fn adopt(&self, pid: u32) -> io::Result<()> {
+    pub(crate) fn adopt(&self, pid: u32) -> io::Result<()> {
         for dir in &self.dirs {
             let procs = dir.path.join("cgroup.procs");
             let current = std::fs::read_to_string(&procs).unwrap_or_default();
@@ -441,7 +441,7 @@ impl TryCgroup {
 
     /// SIGKILL to every process in the cgroup, again until none is left
     /// (a process may fork while the list is read); returns how many.
-    pub fn kill_all(&self) -> usize {
+    pub(crate) fn kill_all(&self) -> usize {
         // cgroup v2 kills the whole cgroup in one write (Linux 5.14).
         for dir in self.dirs.iter().filter(|dir| dir.v2) {
             let _ = std::fs::write(dir.path.join("cgroup.kill"), "1");
@@ -463,7 +463,7 @@ impl TryCgroup {
 
     /// The limit the cgroup's kernel counters say was hit: the OOM killer
     /// acted in it (memory), or a fork was refused at `pids.max`.
-    pub fn broken_limit(&self) -> Option<String> {
+    pub(crate) fn broken_limit(&self) -> Option<String> {
         for dir in &self.dirs {
             if let (Some(bytes), true) = (
                 self.limits.memory,
@@ -497,15 +497,10 @@ impl TryCgroup {
         None
     }
 
-    /// The CPU quota, for the try's description.
-    pub fn cpu_quota(&self) -> Option<String> {
-        self.limits.cpu.map(format_percent)
-    }
-
     /// Kills what is left and removes the cgroup: each directory once it is
     /// empty (killed processes take a moment to exit). Gives up after a few
     /// seconds with one warning line.
-    pub async fn remove(&self) {
+    pub(crate) async fn remove(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         for dir in &self.dirs {
             loop {
@@ -802,7 +797,7 @@ fn join_file(dir: &Path, v2: bool) -> PathBuf {
 /// Opens nothing, allocates nothing: writes `0` ("the caller") to each
 /// join-file descriptor ([`join_file`]), in the child between clone and
 /// exec, while it has one thread. False when a write failed.
-pub fn join_in_child(fds: &[libc::c_int; MAX_HIERARCHIES]) -> bool {
+pub(crate) fn join_in_child(fds: &[libc::c_int; MAX_HIERARCHIES]) -> bool {
     for fd in fds.iter().filter(|fd| **fd >= 0) {
         // SAFETY: a write of a constant byte to a descriptor the parent opened.
         if unsafe { libc::write(*fd, b"0".as_ptr().cast(), 1) } != 1 {

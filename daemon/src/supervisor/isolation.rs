@@ -23,7 +23,7 @@ pub fn protect_daemon() {
 }
 
 /// What [`protect_daemon`] did.
-pub fn describe() -> &'static str {
+pub(crate) fn describe() -> &'static str {
     PROTECTION.get().map_or("dumpable", |text| text.as_str())
 }
 
@@ -67,14 +67,14 @@ fn read_oom_score_adj() -> Option<i32> {
 }
 
 /// The `oom_score_adj` a task process sets for itself before exec.
-pub fn task_oom_score_adj() -> Option<i32> {
+pub(crate) fn task_oom_score_adj() -> Option<i32> {
     TASK_OOM_SCORE_ADJ.get().copied()
 }
 
 /// A warning when a daemon running as root would run task types as root:
 /// nothing then separates a task from the daemon (its config, its database,
 /// its process).
-pub fn root_warning(config: &crate::config::Config, names: &[String]) -> Option<String> {
+pub(crate) fn root_warning(config: &crate::config::Config, names: &[String]) -> Option<String> {
     if !nix::unistd::geteuid().is_root() {
         return None;
     }

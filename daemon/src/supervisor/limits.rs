@@ -16,7 +16,7 @@ use crate::config::TaskSettings;
 use crate::units::{format_duration, format_size};
 
 /// The limits of the try's cgroup, from the task's settings.
-pub fn cgroup_limits(settings: &TaskSettings) -> super::cgroup::Limits {
+pub(crate) fn cgroup_limits(settings: &TaskSettings) -> super::cgroup::Limits {
     super::cgroup::Limits {
         memory: settings.memory_limit,
         processes: settings.max_processes,
@@ -25,7 +25,7 @@ pub fn cgroup_limits(settings: &TaskSettings) -> super::cgroup::Limits {
 }
 
 /// The rlimits and such to set in the child, from the task's settings.
-pub fn child_limits(settings: &TaskSettings) -> super::spawner::ChildLimits {
+pub(crate) fn child_limits(settings: &TaskSettings) -> super::spawner::ChildLimits {
     use super::cgroup::{in_force, Controller};
     let by_cgroup = |controller| in_force().is_some_and(|cgroups| cgroups.controls(controller));
     super::spawner::ChildLimits {
@@ -47,7 +47,11 @@ pub fn child_limits(settings: &TaskSettings) -> super::spawner::ChildLimits {
 /// Names the limit a process broke, judging by how it ended and what it said.
 /// An address-space limit shows as a failed allocation: an abort, a
 /// segfault, or an error message, depending on the program.
-pub fn broken_limit(status: &ExitStatus, stderr: &str, settings: &TaskSettings) -> Option<String> {
+pub(crate) fn broken_limit(
+    status: &ExitStatus,
+    stderr: &str,
+    settings: &TaskSettings,
+) -> Option<String> {
     if let Some(cpu) = settings.cpu_limit {
         if status.signal() == Some(libc::SIGXCPU) {
             return Some(format!(

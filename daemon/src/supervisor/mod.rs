@@ -9,7 +9,7 @@
 //! the task started outlives its try (without a cgroup, a grandchild that
 //! left the group with `setsid` escapes).
 
-pub mod cgroup;
+pub(crate) mod cgroup;
 pub mod isolation;
 mod limits;
 mod output;
@@ -33,14 +33,14 @@ use tokio_util::sync::CancellationToken;
 use crate::config::TaskSettings;
 use crate::units::format_duration;
 use output::Capture;
-pub use output::Tail;
-pub use spawner::{is_daemon_short, Recipe};
+pub(crate) use output::Tail;
+pub(crate) use spawner::{is_daemon_short, Recipe};
 
 /// The variables of the daemon's environment a task inherits: the ones
 /// every program expects, nothing that could hold a secret (the daemon's
 /// `DATABASE_URL`, `PG*`, or whatever else its environment carries). A task
 /// that needs more gets it through `env:` in the config.
-pub const INHERITED_VARIABLES: &[&str] = &[
+pub(crate) const INHERITED_VARIABLES: &[&str] = &[
     "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_*", "TZ", "TMPDIR", "TERM",
 ];
 
@@ -56,7 +56,7 @@ fn is_inherited(name: &std::ffi::OsStr) -> bool {
 
 /// Starts the thread that starts task processes; every task's environment
 /// is the daemon's allowlisted variables, read now, plus its own.
-pub fn start_spawner() -> std::io::Result<Spawner> {
+pub(crate) fn start_spawner() -> std::io::Result<Spawner> {
     let exec = spawner::Exec::start(
         std::env::vars_os()
             .filter(|(name, _)| is_inherited(name))
@@ -72,7 +72,7 @@ pub fn start_spawner() -> std::io::Result<Spawner> {
 /// from their program's preloaded parent ([`preload`]); cheap to clone.
 /// It holds both, so that neither module needs the other's caller.
 #[derive(Clone)]
-pub struct Spawner {
+pub(crate) struct Spawner {
     exec: spawner::Exec,
     preloaded: preload::Pool,
 }
@@ -80,7 +80,7 @@ pub struct Spawner {
 impl Spawner {
     /// Starts a process from `recipe`: forked from its program's preloaded
     /// parent if it asks for one and the parent serves, else with exec.
-    pub async fn spawn(&self, recipe: Recipe) -> std::io::Result<spawner::Child> {
+    pub(crate) async fn spawn(&self, recipe: Recipe) -> std::io::Result<spawner::Child> {
         if recipe.preload {
             match self.preloaded.spawn(&self.exec, &recipe).await {
                 Ok(child) => return Ok(child),
@@ -92,34 +92,34 @@ impl Spawner {
     }
 
     /// Retires every preloaded parent (config reload).
-    pub async fn retire_preloaded(&self) {
+    pub(crate) async fn retire_preloaded(&self) {
         self.preloaded.retire_all().await
     }
 }
 
 /// Everything needed to start one try's process.
 #[derive(Debug, Clone)]
-pub struct Launch {
-    pub program: PathBuf,
-    pub args: Vec<String>,
-    pub settings: TaskSettings,
+pub(crate) struct Launch {
+    pub(crate) program: PathBuf,
+    pub(crate) args: Vec<String>,
+    pub(crate) settings: TaskSettings,
     /// `TASKRUNNER_*` variables for this try.
-    pub env: Vec<(String, String)>,
+    pub(crate) env: Vec<(String, String)>,
     /// The request's options, written to stdin byte for byte.
-    pub stdin: Vec<u8>,
+    pub(crate) stdin: Vec<u8>,
     /// Also copy the task's standard error to ours as it arrives
     /// (`taskrunner-cli run`: log and progress lines live).
-    pub echo_stderr: bool,
+    pub(crate) echo_stderr: bool,
     /// Forked from the program's preloaded parent (`preload: true`).
-    pub preload: bool,
+    pub(crate) preload: bool,
     /// Names the try's cgroup (`cgroup::try_key`), so that a restarted
     /// daemon finds it; `None`: a name of this process's own.
-    pub cgroup_key: Option<String>,
+    pub(crate) cgroup_key: Option<String>,
 }
 
 /// Why the supervisor was asked to stop a running task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopReason {
+pub(crate) enum StopReason {
     /// A user cancelled the request.
     Cancel,
     /// The daemon is shutting down and the drain time is over.
@@ -131,48 +131,48 @@ pub enum StopReason {
 
 /// The process's identity, known right after the spawn.
 #[derive(Debug, Clone)]
-pub struct Spawned {
-    pub pid: u32,
-    pub start_ticks: i64,
+pub(crate) struct Spawned {
+    pub(crate) pid: u32,
+    pub(crate) start_ticks: i64,
 }
 
 /// When each step of a start happened, by the wall clock (which the task
 /// and the database also read): what `scripts/bench` breaks claim-to-start
 /// into, logged at debug level under the `taskrunner::start_timing` target.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StartTimes {
+pub(crate) struct StartTimes {
     /// The supervisor began: the try has its slot, options and program.
-    pub launched: std::time::SystemTime,
+    pub(crate) launched: std::time::SystemTime,
     /// The start was asked of the spawner (the try's cgroup made).
-    pub asked: std::time::SystemTime,
+    pub(crate) asked: std::time::SystemTime,
     /// A spawner thread took it (exec'd), or the request was sent to the
     /// preloaded parent.
-    pub handed_off: std::time::SystemTime,
+    pub(crate) handed_off: std::time::SystemTime,
     /// `clone` returned in the spawner thread (the child has exec'd), or the
     /// preloaded parent's answer (the child's pid) arrived.
-    pub created: std::time::SystemTime,
+    pub(crate) created: std::time::SystemTime,
     /// The runtime's thread holds the child (its pidfd registered).
-    pub spawned: std::time::SystemTime,
+    pub(crate) spawned: std::time::SystemTime,
 }
 
 /// How a try's process ended.
 #[derive(Debug)]
-pub struct Ended {
-    pub status: ExitStatus,
-    pub stdout: Tail,
-    pub stderr: Tail,
-    pub ran_for: Duration,
+pub(crate) struct Ended {
+    pub(crate) status: ExitStatus,
+    pub(crate) stdout: Tail,
+    pub(crate) stderr: Tail,
+    pub(crate) ran_for: Duration,
     /// How long the spawner took to start the process (clone and exec).
-    pub spawn_took: Duration,
-    pub start_times: StartTimes,
+    pub(crate) spawn_took: Duration,
+    pub(crate) start_times: StartTimes,
     /// Set when the process was stopped by us, and why.
-    pub stopped: Option<Stopped>,
+    pub(crate) stopped: Option<Stopped>,
     /// A limit this process was found to have broken (named for the result text).
-    pub limit_broken: Option<String>,
+    pub(crate) limit_broken: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stopped {
+pub(crate) enum Stopped {
     Timeout(Duration),
     Requested(StopReason),
 }
@@ -180,7 +180,7 @@ pub enum Stopped {
 /// How long a process runs before `on_running` announces it. A task that
 /// ends sooner is never announced: its pid is not worth a database write
 /// (its outcome clears the pid anyway) nor a read of its start time.
-pub const ANNOUNCE_AFTER: Duration = Duration::from_millis(10);
+pub(crate) const ANNOUNCE_AFTER: Duration = Duration::from_millis(10);
 
 /// How long a process runs before its output pipes are watched. Until then
 /// nothing of the daemon wakes when it writes; a task that ends sooner has its
@@ -194,7 +194,7 @@ const WATCH_OUTPUT_AFTER: Duration = Duration::from_millis(10);
 /// group is killed, before its output is drained (the caller may start the
 /// next process then); `stop` delivers stop requests; progress lines are
 /// published on `progress`.
-pub async fn run(
+pub(crate) async fn run(
     spawner: &Spawner,
     launch: Launch,
     mut stop: watch::Receiver<Option<StopReason>>,
@@ -465,7 +465,7 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 }
 
 /// The first line of a failed try's result_text: why it ended.
-pub fn describe_end(ended: &Ended) -> String {
+pub(crate) fn describe_end(ended: &Ended) -> String {
     if let Some(Stopped::Timeout(timeout)) = ended.stopped {
         return format!(
             "timed out after {} (ran {:.1}s)",

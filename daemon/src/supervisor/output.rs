@@ -10,15 +10,15 @@ use tokio::sync::watch;
 
 /// The last `capacity` bytes written to a stream.
 #[derive(Debug, Default)]
-pub struct Tail {
+pub(crate) struct Tail {
     bytes: Vec<u8>,
     capacity: usize,
     /// Bytes dropped from the front so far.
-    pub dropped: u64,
+    pub(crate) dropped: u64,
 }
 
 impl Tail {
-    pub fn new(capacity: usize) -> Tail {
+    pub(crate) fn new(capacity: usize) -> Tail {
         Tail {
             bytes: Vec::new(),
             capacity: capacity.max(1),
@@ -26,7 +26,7 @@ impl Tail {
         }
     }
 
-    pub fn push(&mut self, chunk: &[u8]) {
+    pub(crate) fn push(&mut self, chunk: &[u8]) {
         self.bytes.extend_from_slice(chunk);
         // Compact only when twice over, so appends stay amortised O(1).
         if self.bytes.len() >= 2 * self.capacity {
@@ -38,7 +38,7 @@ impl Tail {
 
     /// The kept tail as valid UTF-8 without NULs (SPEC.md: no output may make
     /// the outcome write fail).
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         let start = self.bytes.len().saturating_sub(self.capacity);
         let mut kept = &self.bytes[start..];
         // Do not start in the middle of a UTF-8 sequence we cut.
@@ -56,7 +56,7 @@ impl Tail {
 
     /// [`Tail::text`], starting with a line that says how much was cut when
     /// the output did not fit; the whole stays within the capacity.
-    pub fn text_marked(&self) -> String {
+    pub(crate) fn text_marked(&self) -> String {
         if !self.truncated() {
             return self.text();
         }
@@ -77,7 +77,7 @@ impl Tail {
         marker(total.saturating_sub(kept.len() as u64)) + kept
     }
 
-    pub fn truncated(&self) -> bool {
+    pub(crate) fn truncated(&self) -> bool {
         self.dropped > 0 || self.bytes.len() > self.capacity
     }
 }
@@ -85,8 +85,8 @@ impl Tail {
 /// One output stream of a task, read into a bounded [`Tail`]. When it has a
 /// `progress` sender, each complete line starting with `progress: ` is
 /// published on it.
-pub struct Capture {
-    pub tail: Tail,
+pub(crate) struct Capture {
+    pub(crate) tail: Tail,
     progress: Option<watch::Sender<Option<String>>>,
     /// The current line, for progress (at most [`MAX_PROGRESS_LINE`] bytes).
     line: Vec<u8>,
@@ -100,7 +100,7 @@ const MAX_PROGRESS_LINE: usize = 1024;
 const MAX_BUFFER: usize = 64 * 1024;
 
 impl Capture {
-    pub fn new(capacity: usize, progress: Option<watch::Sender<Option<String>>>) -> Capture {
+    pub(crate) fn new(capacity: usize, progress: Option<watch::Sender<Option<String>>>) -> Capture {
         Capture {
             tail: Tail::new(capacity),
             progress,
@@ -114,13 +114,13 @@ impl Capture {
     }
 
     /// Also copies everything read to this process's standard error.
-    pub fn echo_to_stderr(&mut self) {
+    pub(crate) fn echo_to_stderr(&mut self) {
         self.echo = true;
     }
 
     /// Reads what `pipe` (non-blocking) holds now, without waiting. Returns
     /// whether the stream has ended (end of file, or an error).
-    pub fn read_ready(&mut self, pipe: BorrowedFd<'_>) -> bool {
+    pub(crate) fn read_ready(&mut self, pipe: BorrowedFd<'_>) -> bool {
         loop {
             self.buffer.clear();
             let spare = self.buffer.spare_capacity_mut();
@@ -145,7 +145,7 @@ impl Capture {
     }
 
     /// Reads `stream` to its end.
-    pub async fn read_to_end(&mut self, mut stream: impl AsyncRead + Unpin) {
+    pub(crate) async fn read_to_end(&mut self, mut stream: impl AsyncRead + Unpin) {
         loop {
             self.buffer.clear();
             match stream.read_buf(&mut self.buffer).await {
@@ -159,7 +159,7 @@ impl Capture {
     /// after the task exited, this is one read that finds everything and the
     /// end; only a stream still open then is watched by the runtime (which
     /// costs a registration, and a wake-up of the daemon per write).
-    pub async fn read_pipe(&mut self, pipe: OwnedFd, begin: impl Future<Output = ()>) {
+    pub(crate) async fn read_pipe(&mut self, pipe: OwnedFd, begin: impl Future<Output = ()>) {
         begin.await;
         if self.read_ready(pipe.as_fd()) {
             return;

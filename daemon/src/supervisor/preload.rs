@@ -48,7 +48,7 @@ use tokio::time::Instant;
 use super::spawner::{Child, Exec, OurEnds, Recipe};
 
 /// The program's first message once it has booted.
-pub const HELLO: &[u8] = b"hello\0taskrunner-preload-1\0";
+pub(crate) const HELLO: &[u8] = b"hello\0taskrunner-preload-1\0";
 
 /// How long a program may take to boot and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -72,7 +72,7 @@ struct Key {
 
 /// The preloaded parents of one daemon; cheap to clone.
 #[derive(Clone, Default)]
-pub struct Pool {
+pub(crate) struct Pool {
     programs: Arc<tokio::sync::Mutex<HashMap<Key, Program>>>,
 }
 
@@ -128,7 +128,7 @@ fn file_id(path: &std::path::Path) -> Option<FileId> {
 }
 
 /// Why a preloaded start did not happen: run the try exec'd, or fail it.
-pub enum Refused {
+pub(crate) enum Refused {
     ExecInstead,
     Failed(io::Error),
 }
@@ -136,7 +136,7 @@ pub enum Refused {
 impl Pool {
     /// Starts the try of `recipe` as a child of its program's preloaded
     /// parent (starting the parent first if need be).
-    pub async fn spawn(&self, spawner: &Exec, recipe: &Recipe) -> Result<Child, Refused> {
+    pub(crate) async fn spawn(&self, spawner: &Exec, recipe: &Recipe) -> Result<Child, Refused> {
         let key = Key {
             program: recipe.program.clone(),
             uid: recipe.uid,
@@ -174,7 +174,7 @@ impl Pool {
     }
 
     /// Retires every parent (config reload): each program starts anew at its next try.
-    pub async fn retire_all(&self) {
+    pub(crate) async fn retire_all(&self) {
         let mut programs = self.programs.lock().await;
         for (_, program) in programs.drain() {
             if let Some(parent) = program.parent {

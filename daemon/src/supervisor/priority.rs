@@ -12,7 +12,7 @@
 use std::sync::OnceLock;
 
 /// How many nice levels the daemon raises itself above its tasks.
-pub const RAISE: i32 = 5;
+pub(crate) const RAISE: i32 = 5;
 
 /// What [`raise_daemon`] did: the nice value the daemon was started with if
 /// it raised itself, and a description for the log.
@@ -57,7 +57,7 @@ fn raise() -> (Option<i32>, String) {
 }
 
 /// The daemon's priority, for its start-up log line.
-pub fn describe() -> &'static str {
+pub(crate) fn describe() -> &'static str {
     RAISED
         .get()
         .map_or("as its tasks", |(_, text)| text.as_str())
@@ -65,6 +65,6 @@ pub fn describe() -> &'static str {
 
 /// The nice value for a task whose type sets none: the daemon's starting
 /// one, if it has raised itself since (else a task inherits the daemon's).
-pub fn task_nice() -> Option<i32> {
+pub(crate) fn task_nice() -> Option<i32> {
     RAISED.get().and_then(|(nice, _)| *nice)
 }

@@ -10,7 +10,7 @@
 use std::sync::OnceLock;
 
 /// Descriptors a running try holds in the daemon (at most).
-pub const PER_TRY: u64 = 4;
+pub(crate) const PER_TRY: u64 = 4;
 
 /// The `RLIMIT_NOFILE` the daemon was started with (soft, hard).
 static STARTED_WITH: OnceLock<(u64, u64)> = OnceLock::new();
@@ -43,14 +43,14 @@ pub fn raise_open_files() -> (u64, u64) {
 
 /// The `RLIMIT_NOFILE` a task gets: the one the daemon was started with,
 /// if the daemon raised its own since.
-pub fn task_open_files() -> Option<(u64, u64)> {
+pub(crate) fn task_open_files() -> Option<(u64, u64)> {
     let (soft, hard) = *STARTED_WITH.get()?;
     (soft < hard).then_some((soft, hard))
 }
 
 /// A warning when `max_concurrent` tries cannot all hold their descriptors
 /// under the daemon's limit, counting what it has open now.
-pub fn open_files_warning(max_concurrent: usize) -> Option<String> {
+pub(crate) fn open_files_warning(max_concurrent: usize) -> Option<String> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

@@ -39,7 +39,7 @@ use tokio::sync::oneshot;
 /// descriptors, processes, memory), not for anything of the task's: the try
 /// is given back rather than counted (see `attempt::run`).
 #[derive(Debug)]
-pub struct DaemonShort(pub io::Error);
+pub(crate) struct DaemonShort(pub(crate) io::Error);
 
 impl std::fmt::Display for DaemonShort {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -50,7 +50,7 @@ impl std::fmt::Display for DaemonShort {
 impl std::error::Error for DaemonShort {}
 
 /// Whether `error` (or what it wraps) is a [`DaemonShort`].
-pub fn is_daemon_short(error: &io::Error) -> bool {
+pub(crate) fn is_daemon_short(error: &io::Error) -> bool {
     error
         .get_ref()
         .is_some_and(|inner| inner.downcast_ref::<DaemonShort>().is_some())
@@ -70,48 +70,48 @@ fn mark_shortage(error: io::Error) -> io::Error {
 
 /// Everything the child needs, decided before it exists.
 #[derive(Debug, Clone, Default)]
-pub struct Recipe {
-    pub program: PathBuf,
-    pub args: Vec<String>,
+pub(crate) struct Recipe {
+    pub(crate) program: PathBuf,
+    pub(crate) args: Vec<String>,
     /// Variables added to the spawner's base environment (or replacing
     /// one of the same name).
-    pub env: Vec<(OsString, OsString)>,
-    pub workdir: PathBuf,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    pub limits: ChildLimits,
+    pub(crate) env: Vec<(OsString, OsString)>,
+    pub(crate) workdir: PathBuf,
+    pub(crate) uid: Option<u32>,
+    pub(crate) gid: Option<u32>,
+    pub(crate) limits: ChildLimits,
     /// The bytes the task reads on stdin (its options), then end of file.
-    pub stdin: Vec<u8>,
+    pub(crate) stdin: Vec<u8>,
     /// Instead of `stdin`: this descriptor (a preloaded parent's socket).
-    pub stdin_fd: Option<Arc<OwnedFd>>,
+    pub(crate) stdin_fd: Option<Arc<OwnedFd>>,
     /// Run as a child of the program's preloaded parent (preload.rs).
-    pub preload: bool,
+    pub(crate) preload: bool,
     /// The try's cgroup, which the child joins first (cgroup.rs).
-    pub cgroup: Option<Arc<super::cgroup::TryCgroup>>,
+    pub(crate) cgroup: Option<Arc<super::cgroup::TryCgroup>>,
 }
 
 /// Limits set in the child before exec (see limits.rs for what each means).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct ChildLimits {
-    pub address_space: Option<u64>,
-    pub cpu_seconds: Option<u64>,
-    pub processes: Option<u64>,
-    pub nice: Option<i32>,
+pub(crate) struct ChildLimits {
+    pub(crate) address_space: Option<u64>,
+    pub(crate) cpu_seconds: Option<u64>,
+    pub(crate) processes: Option<u64>,
+    pub(crate) nice: Option<i32>,
     /// `RLIMIT_NOFILE` (soft, hard): the one the daemon was started with.
-    pub open_files: Option<(u64, u64)>,
+    pub(crate) open_files: Option<(u64, u64)>,
     /// Written to `/proc/self/oom_score_adj` (see isolation.rs).
-    pub oom_score_adj: Option<i32>,
+    pub(crate) oom_score_adj: Option<i32>,
 }
 
 /// A started task process: its pid, its pipes, and a pidfd to wait on.
-pub struct Child {
-    pub pid: u32,
+pub(crate) struct Child {
+    pub(crate) pid: u32,
     /// Set only when the options did not all fit in the pipe before the
     /// start: the pipe, and the bytes still to write to it.
-    pub stdin: Option<(pipe::Sender, Vec<u8>)>,
+    pub(crate) stdin: Option<(pipe::Sender, Vec<u8>)>,
     /// Our ends of the output pipes, non-blocking, not yet watched by the runtime.
-    pub stdout: Option<OwnedFd>,
-    pub stderr: Option<OwnedFd>,
+    pub(crate) stdout: Option<OwnedFd>,
+    pub(crate) stderr: Option<OwnedFd>,
     /// When the start left the daemon's runtime and when the process
     /// existed (see [`super::StartTimes`]).
     pub(super) handed_off: std::time::SystemTime,
@@ -169,7 +169,7 @@ impl Child {
     }
 
     /// Waits for the process to exit and reaps it.
-    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+    pub(crate) async fn wait(&mut self) -> io::Result<ExitStatus> {
         if let Some(status) = self.status {
             return Ok(status);
         }
@@ -215,8 +215,8 @@ pub(super) struct OurEnds {
 /// A try's pipes made for a preloaded parent's child: the ends it gets
 /// (stdin, stdout, stderr), and ours.
 pub(super) struct PreloadStdio {
-    pub child_ends: [OwnedFd; 3],
-    pub ours: OurEnds,
+    pub(crate) child_ends: [OwnedFd; 3],
+    pub(crate) ours: OurEnds,
 }
 
 /// The descriptors and pid a start hands back to the async side.

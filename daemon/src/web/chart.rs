@@ -31,7 +31,7 @@ fn colour_key(result: &str) -> usize {
         .unwrap_or(OUTCOMES.len() - 1)
 }
 
-pub fn tries_and_lag(minutes: &[MinuteBucket]) -> Markup {
+pub(crate) fn tries_and_lag(minutes: &[MinuteBucket]) -> Markup {
     // counts[minute][outcome], minute 0 = 59 minutes ago (left) … 59 = now.
     let mut counts = [[0i64; OUTCOMES.len()]; 60];
     let mut lag = [0f64; 60];

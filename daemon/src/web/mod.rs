@@ -15,8 +15,8 @@
 //!   styles only from `/style.css`; maud escapes every value from a row.
 //! - Each action is logged with the remote address and the user.
 
-pub mod chart;
-pub mod pages;
+pub(crate) mod chart;
+pub(crate) mod pages;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -39,7 +39,8 @@ use crate::store::{Change, Store};
 
 /// The Content-Security-Policy of every response: nothing but this
 /// server's stylesheet; no script, no inline style, no frames.
-pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'self'; img-src 'self'; \
+pub(crate) const CONTENT_SECURITY_POLICY: &str =
+    "default-src 'none'; style-src 'self'; img-src 'self'; \
      form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 /// What the page asks of the daemon that serves it (none under
@@ -152,7 +153,7 @@ pub fn check_listen(address: SocketAddr, has_auth: bool) -> Result<()> {
 }
 
 /// Binds `address` (after [`check_listen`]).
-pub async fn bind(address: SocketAddr, web: &Web) -> Result<tokio::net::TcpListener> {
+pub(crate) async fn bind(address: SocketAddr, web: &Web) -> Result<tokio::net::TcpListener> {
     check_listen(address, web.has_auth())?;
     tokio::net::TcpListener::bind(address)
         .await
@@ -160,7 +161,7 @@ pub async fn bind(address: SocketAddr, web: &Web) -> Result<tokio::net::TcpListe
 }
 
 /// Serves until `stop` is cancelled.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     web: Arc<Web>,
     stop: CancellationToken,
@@ -400,9 +401,9 @@ fn html(markup: maud::Markup) -> Response {
 }
 
 /// What the pages need to know about the server.
-pub struct Chrome<'a> {
-    pub csrf: &'a str,
-    pub read_only: bool,
+pub(crate) struct Chrome<'a> {
+    pub(crate) csrf: &'a str,
+    pub(crate) read_only: bool,
 }
 
 fn chrome(web: &Web) -> Chrome<'_> {
@@ -429,32 +430,32 @@ async fn overview(State(web): State<Arc<Web>>) -> PageResult {
 
 /// The query string of the requests page (and of a bulk action).
 #[derive(Debug, Default, Deserialize)]
-pub struct FilterQuery {
+pub(crate) struct FilterQuery {
     #[serde(default)]
-    pub state: String,
+    pub(crate) state: String,
     #[serde(default)]
-    pub task: String,
+    pub(crate) task: String,
     #[serde(default)]
-    pub queue: String,
+    pub(crate) queue: String,
     #[serde(default)]
-    pub host: String,
+    pub(crate) host: String,
     #[serde(default)]
-    pub text: String,
+    pub(crate) text: String,
     /// A batch id (members of that batch), where batches exist.
     #[serde(default)]
-    pub batch: String,
+    pub(crate) batch: String,
     /// A flow id (its step and revert rows).
     #[serde(default)]
-    pub flow: String,
-    pub before: Option<i64>,
+    pub(crate) flow: String,
+    pub(crate) before: Option<i64>,
     #[serde(default)]
-    pub action: String,
+    pub(crate) action: String,
     #[serde(default)]
-    pub csrf: String,
+    pub(crate) csrf: String,
 }
 
 impl FilterQuery {
-    pub fn filter(&self) -> RequestFilter {
+    pub(crate) fn filter(&self) -> RequestFilter {
         let some = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_string());
         RequestFilter {
             batch: self.batch.trim().parse().ok(),
@@ -791,7 +792,7 @@ async fn style() -> Response {
 }
 
 /// `taskrunner-cli web`: serves the page on `address` until Ctrl-C.
-pub async fn run_standalone(
+pub(crate) async fn run_standalone(
     config: &crate::config::Config,
     address: SocketAddr,
     store: Store,

@@ -14,7 +14,7 @@ use crate::store::web::{
 };
 
 /// Counts on the overview stop here per queue (shown as "N+").
-pub const OVERVIEW_COUNT_CAP: i64 = 10_000;
+pub(crate) const OVERVIEW_COUNT_CAP: i64 = 10_000;
 
 fn layout(chrome: &Chrome, title: &str, body: Markup) -> Markup {
     html! {
@@ -47,7 +47,7 @@ fn layout(chrome: &Chrome, title: &str, body: Markup) -> Markup {
     }
 }
 
-pub fn error_page(message: &str) -> Markup {
+pub(crate) fn error_page(message: &str) -> Markup {
     layout(
         &Chrome {
             csrf: "",
@@ -58,7 +58,7 @@ pub fn error_page(message: &str) -> Markup {
     )
 }
 
-pub fn message(chrome: &Chrome, text: &str) -> Markup {
+pub(crate) fn message(chrome: &Chrome, text: &str) -> Markup {
     layout(
         chrome,
         "Done",
@@ -116,7 +116,7 @@ fn percent_encode(text: &str) -> String {
     out
 }
 
-pub fn overview(
+pub(crate) fn overview(
     chrome: &Chrome,
     queues: &[QueueStats],
     daemons: &[DaemonRow],
@@ -207,11 +207,11 @@ fn daemon_table(daemons: &[DaemonRow]) -> Markup {
     }
 }
 
-pub fn daemons(chrome: &Chrome, daemons: &[DaemonRow]) -> Markup {
+pub(crate) fn daemons(chrome: &Chrome, daemons: &[DaemonRow]) -> Markup {
     layout(chrome, "Daemons", daemon_table(daemons))
 }
 
-pub fn schedules(
+pub(crate) fn schedules(
     chrome: &Chrome,
     configured: &[(String, String, String)],
     slots: &[ScheduleSlots],
@@ -258,7 +258,7 @@ fn states() -> Vec<&'static str> {
     all
 }
 
-pub fn requests(chrome: &Chrome, query: &FilterQuery, page: &RequestPage) -> Markup {
+pub(crate) fn requests(chrome: &Chrome, query: &FilterQuery, page: &RequestPage) -> Markup {
     let filter_pairs = [
         ("state", query.state.as_str()),
         ("task", query.task.as_str()),
@@ -352,7 +352,7 @@ fn action_button(chrome: &Chrome, id: i64, action: &str, label: &str) -> Markup 
     }
 }
 
-pub fn request(chrome: &Chrome, row: &Request, callbacks: &[CallbackRow]) -> Markup {
+pub(crate) fn request(chrome: &Chrome, row: &Request, callbacks: &[CallbackRow]) -> Markup {
     let state = state_label(row.result.as_deref()).to_string();
     let fields: Vec<(&str, String)> = vec![
         ("id", row.id.to_string()),
@@ -427,7 +427,7 @@ pub fn request(chrome: &Chrome, row: &Request, callbacks: &[CallbackRow]) -> Mar
     )
 }
 
-pub fn bulk_preview(chrome: &Chrome, query: &FilterQuery, count: i64) -> Markup {
+pub(crate) fn bulk_preview(chrome: &Chrome, query: &FilterQuery, count: i64) -> Markup {
     let filter = query.filter();
     layout(
         chrome,
@@ -501,7 +501,7 @@ fn batch_progress(batch: &BatchRow) -> Markup {
     }
 }
 
-pub fn batches(chrome: &Chrome, batches: &[BatchRow]) -> Markup {
+pub(crate) fn batches(chrome: &Chrome, batches: &[BatchRow]) -> Markup {
     let shown = &batches[..batches.len().min(crate::store::web::PAGE_SIZE as usize)];
     layout(
         chrome,
@@ -532,7 +532,7 @@ pub fn batches(chrome: &Chrome, batches: &[BatchRow]) -> Markup {
     )
 }
 
-pub fn flows(chrome: &Chrome, flows: &[Flow]) -> Markup {
+pub(crate) fn flows(chrome: &Chrome, flows: &[Flow]) -> Markup {
     let shown = &flows[..flows.len().min(crate::store::web::PAGE_SIZE as usize)];
     layout(
         chrome,
@@ -596,7 +596,7 @@ fn board_cells(row: Option<&StepRow>) -> Markup {
 
 /// The board of one flow: each step with its execute and, under it, its
 /// revert, the step running now marked; then the flow's store.
-pub fn flow(chrome: &Chrome, board: &FlowBoard) -> Markup {
+pub(crate) fn flow(chrome: &Chrome, board: &FlowBoard) -> Markup {
     let flow = &board.flow;
     let reverting = flow.state.as_deref() == Some("REVERTING");
     layout(
@@ -650,7 +650,7 @@ pub fn flow(chrome: &Chrome, board: &FlowBoard) -> Markup {
     )
 }
 
-pub fn batch(
+pub(crate) fn batch(
     chrome: &Chrome,
     batch: &BatchRow,
     members: &RequestPage,
