@@ -30,6 +30,17 @@ fn one_line(stderr: &str) -> &str {
     lines[0]
 }
 
+/// Runs `taskrunner-cli --database-url URL COMMAND` in `scratch`, which must
+/// fail with one line of error saying each of `says`.
+fn one_failure_line_says(scratch: &Scratch, url: &str, command: &str, says: &[&str]) {
+    let (status, _, stderr) = bare_cli(&scratch.path, &["--database-url", url, command]);
+    assert_eq!(status, 1);
+    let line = one_line(&stderr);
+    for text in says {
+        assert!(line.contains(text), "{line}");
+    }
+}
+
 async fn migrate_says_what_it_did(backend: Backend) {
     let db = TestDb::unmigrated(backend).await;
     let (status, stdout, stderr) = cli(&db, &["migrate"]);
@@ -59,11 +70,12 @@ async fn migrate_says_what_it_did(backend: Backend) {
 fn missing_sqlite_file_says_to_migrate() {
     let scratch = Scratch::new("missing-db");
     let url = format!("sqlite://{}", scratch.join("requests.db").display());
-    let (status, _, stderr) = bare_cli(&scratch.path, &["--database-url", &url, "list"]);
-    assert_eq!(status, 1);
-    let line = one_line(&stderr);
-    assert!(line.contains("requests.db does not exist yet"), "{line}");
-    assert!(line.contains("taskrunner-cli migrate"), "{line}");
+    one_failure_line_says(
+        &scratch,
+        &url,
+        "list",
+        &["requests.db does not exist yet", "taskrunner-cli migrate"],
+    );
     assert!(
         !scratch.join("requests.db").exists(),
         "list creates nothing"
@@ -74,12 +86,16 @@ fn missing_sqlite_file_says_to_migrate() {
 fn missing_sqlite_directory_is_named() {
     let scratch = Scratch::new("missing-dir");
     let url = format!("sqlite://{}", scratch.join("nowhere/requests.db").display());
-    let (status, _, stderr) = bare_cli(&scratch.path, &["--database-url", &url, "migrate"]);
-    assert_eq!(status, 1);
-    let line = one_line(&stderr);
-    assert!(line.contains("the directory "), "{line}");
-    assert!(line.contains("nowhere of the SQLite database"), "{line}");
-    assert!(line.contains("does not exist"), "{line}");
+    one_failure_line_says(
+        &scratch,
+        &url,
+        "migrate",
+        &[
+            "the directory ",
+            "nowhere of the SQLite database",
+            "does not exist",
+        ],
+    );
 }
 
 /// Runs the CLI as user `nobody` (the tests run as root, which passes every
@@ -152,14 +168,13 @@ fn refused_postgres_connection_names_host_and_port() {
     let port = crate::util::free_port();
     let scratch = Scratch::new("refused");
     let url = format!("postgres://taskrunner@127.0.0.1:{port}/tasks");
-    let (status, _, stderr) = bare_cli(&scratch.path, &["--database-url", &url, "list"]);
-    assert_eq!(status, 1);
-    let line = one_line(&stderr);
-    assert!(
-        line.contains(&format!(
+    one_failure_line_says(
+        &scratch,
+        &url,
+        "list",
+        &[&format!(
             "PostgreSQL at 127.0.0.1:{port}: connection refused"
-        )),
-        "{line}"
+        )],
     );
 }
 
@@ -167,12 +182,11 @@ fn refused_postgres_connection_names_host_and_port() {
 fn unknown_postgres_host_is_named() {
     let scratch = Scratch::new("unknown-host");
     let url = "postgres://taskrunner@no-such-host.invalid/tasks";
-    let (status, _, stderr) = bare_cli(&scratch.path, &["--database-url", url, "list"]);
-    assert_eq!(status, 1);
-    let line = one_line(&stderr);
-    assert!(
-        line.contains("unknown host `no-such-host.invalid`"),
-        "{line}"
+    one_failure_line_says(
+        &scratch,
+        url,
+        "list",
+        &["unknown host `no-such-host.invalid`"],
     );
 }
 
@@ -182,12 +196,11 @@ fn missing_postgres_database_says_createdb() {
     let base = admin.rsplit_once('/').unwrap().0;
     let url = format!("{base}/taskrunner_never_created");
     let scratch = Scratch::new("no-pg-db");
-    let (status, _, stderr) = bare_cli(&scratch.path, &["--database-url", &url, "list"]);
-    assert_eq!(status, 1);
-    let line = one_line(&stderr);
-    assert!(
-        line.contains("\"taskrunner_never_created\" does not exist: create it (createdb"),
-        "{line}"
+    one_failure_line_says(
+        &scratch,
+        &url,
+        "list",
+        &["\"taskrunner_never_created\" does not exist: create it (createdb"],
     );
 }
 

@@ -13,6 +13,7 @@ use tower::ServiceExt;
 
 use crate::util::{cli, poll, poll_blocking, sql_ago, Backend, Daemon, NewRow, TestDb, Text, CLI};
 use taskrunner::config::Config;
+use taskrunner::request::RequestId;
 use taskrunner::store::{Purpose, Store};
 use taskrunner::web::{router, Web};
 
@@ -78,7 +79,7 @@ fn csrf_of(page: &str) -> String {
     page[start..start + 32].to_string()
 }
 
-async fn insert_failed(db: &TestDb, options: &str) -> i64 {
+async fn insert_failed(db: &TestDb, options: &str) -> RequestId {
     db.insert_row(
         NewRow::new("Thumbnail")
             .options(options)
@@ -86,7 +87,6 @@ async fn insert_failed(db: &TestDb, options: &str) -> i64 {
             .result_text("exit status 1"),
     )
     .await
-    .0
 }
 
 async fn every_page_renders_with_a_strict_policy(backend: Backend) {
@@ -176,13 +176,7 @@ async fn actions_need_the_csrf_token_and_this_origin(backend: Backend) {
             .status,
         StatusCode::FORBIDDEN
     );
-    assert_eq!(
-        db.row(taskrunner::request::RequestId(id))
-            .await
-            .result
-            .as_deref(),
-        Some("FAILED")
-    );
+    assert_eq!(db.row(id).await.result.as_deref(), Some("FAILED"));
     let token = csrf_of(&get(&web, &format!("/requests/{id}")).await.body);
     // The right token from another site: refused.
     let reply = post(
@@ -193,13 +187,7 @@ async fn actions_need_the_csrf_token_and_this_origin(backend: Backend) {
     )
     .await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN);
-    assert_eq!(
-        db.row(taskrunner::request::RequestId(id))
-            .await
-            .result
-            .as_deref(),
-        Some("FAILED")
-    );
+    assert_eq!(db.row(id).await.result.as_deref(), Some("FAILED"));
     // A GET cannot act.
     assert_eq!(
         get(&web, &path).await.status,
@@ -214,7 +202,7 @@ async fn actions_need_the_csrf_token_and_this_origin(backend: Backend) {
     )
     .await;
     assert_eq!(reply.status, StatusCode::SEE_OTHER, "{}", reply.body);
-    let row = db.row(taskrunner::request::RequestId(id)).await;
+    let row = db.row(id).await;
     assert_eq!((row.result, row.tries), (None, 0));
     // Cancel it, then bulk-retry what the filter shows.
     let reply = post(
@@ -225,13 +213,7 @@ async fn actions_need_the_csrf_token_and_this_origin(backend: Backend) {
     )
     .await;
     assert_eq!(reply.status, StatusCode::SEE_OTHER);
-    assert_eq!(
-        db.row(taskrunner::request::RequestId(id))
-            .await
-            .result
-            .as_deref(),
-        Some("CANCELLED")
-    );
+    assert_eq!(db.row(id).await.result.as_deref(), Some("CANCELLED"));
     let preview = get(&web, "/bulk?action=retry&state=CANCELLED").await.body;
     assert!(preview.contains("1 requests match"), "{preview}");
     let reply = post(
@@ -246,10 +228,7 @@ async fn actions_need_the_csrf_token_and_this_origin(backend: Backend) {
         "{}",
         reply.body
     );
-    assert_eq!(
-        db.row(taskrunner::request::RequestId(id)).await.result,
-        None
-    );
+    assert_eq!(db.row(id).await.result, None);
 }
 
 async fn read_only_refuses_actions_and_hides_them(backend: Backend) {
@@ -262,13 +241,7 @@ async fn read_only_refuses_actions_and_hides_them(backend: Backend) {
     assert!(page.body.contains("read-only"));
     let reply = post(&web, &format!("/requests/{id}/retry"), "csrf=x", None).await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN);
-    assert_eq!(
-        db.row(taskrunner::request::RequestId(id))
-            .await
-            .result
-            .as_deref(),
-        Some("FAILED")
-    );
+    assert_eq!(db.row(id).await.result.as_deref(), Some("FAILED"));
 }
 
 async fn auth_asks_for_the_token(backend: Backend) {
@@ -442,32 +415,36 @@ async fn batches_show_their_progress_and_members(backend: Backend) {
                 .unique_key(&format!("success of {member}")),
         )
         .await;
-    let one = get(&web, &format!("/batches/{batch}")).await.body;
-    assert!(
-        one.contains(&format!("<a href=\"/requests/{batch_callback}\">"))
-            && one.contains(&format!("batch {batch} complete")),
-        "{one}"
-    );
-    let page = get(&web, &format!("/requests/{member}")).await.body;
-    assert!(
-        page.contains(&format!("<a href=\"/batches/{batch}\">{batch}</a>")),
-        "{page}"
-    );
-    assert!(
-        page.contains(&format!("<a href=\"/requests/{own_callback}\">"))
-            && page.contains(&format!("success of {member}")),
-        "{page}"
-    );
-    let page = get(&web, &format!("/requests/{own_callback}")).await.body;
-    assert!(
-        page.contains(&format!("<a href=\"/requests/{member}\">{member}</a>")),
-        "{page}"
-    );
-    let page = get(&web, &format!("/requests/{batch_callback}")).await.body;
-    assert!(
-        page.contains(&format!("<a href=\"/batches/{batch}\">{batch}</a>")),
-        "{page}"
-    );
+    let batch_link = format!("<a href=\"/batches/{batch}\">{batch}</a>");
+    // (page, what it shows)
+    let pages = [
+        (
+            format!("/batches/{batch}"),
+            vec![
+                format!("<a href=\"/requests/{batch_callback}\">"),
+                format!("batch {batch} complete"),
+            ],
+        ),
+        (
+            format!("/requests/{member}"),
+            vec![
+                batch_link.clone(),
+                format!("<a href=\"/requests/{own_callback}\">"),
+                format!("success of {member}"),
+            ],
+        ),
+        (
+            format!("/requests/{own_callback}"),
+            vec![format!("<a href=\"/requests/{member}\">{member}</a>")],
+        ),
+        (format!("/requests/{batch_callback}"), vec![batch_link]),
+    ];
+    for (path, shown) in pages {
+        let page = get(&web, &path).await.body;
+        for text in shown {
+            assert!(page.contains(&text), "{path} shows {text}: {page}");
+        }
+    }
     assert_eq!(
         get(&web, "/batches/99999").await.status,
         StatusCode::NOT_FOUND
