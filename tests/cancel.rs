@@ -30,8 +30,7 @@ async fn cancel_of_a_try_that_times_out_first_is_not_retried(backend: Backend) {
         ),
     );
     let id = db.enqueue("Slow", None).await;
-    db.wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
-        .await;
+    db.wait_for_pid(id, WAIT).await;
     let (status, stdout, _) = cli(&db, &["cancel", &id.to_string()]);
     assert_eq!(status, 0);
     assert!(stdout.contains("within a heartbeat"), "{stdout}");
@@ -62,8 +61,7 @@ async fn cancel_of_a_try_that_fails_first_is_not_retried(backend: Backend) {
         ),
     );
     let id = db.enqueue("Fails", None).await;
-    db.wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
-        .await;
+    db.wait_for_pid(id, WAIT).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(cli(&db, &["cancel", &id.to_string()]).0, 0);
     let row = db
@@ -92,8 +90,7 @@ async fn cancel_of_a_try_that_finishes_first_leaves_it_finished(backend: Backend
         ),
     );
     let id = db.enqueue("Quick", None).await;
-    db.wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
-        .await;
+    db.wait_for_pid(id, WAIT).await;
     assert_eq!(cli(&db, &["cancel", &id.to_string()]).0, 0);
     let row = db.wait_for_state(id, "FINISHED", WAIT).await;
     assert_eq!(row.result_text.as_deref(), Some("done"));
@@ -110,8 +107,7 @@ async fn local_cancel_stops_the_task_at_once(backend: Backend) {
         &format!("{SLOW_HEARTBEAT}tasks:\n  Long:\n    command: [/bin/sleep, '60']\n"),
     );
     let id = db.enqueue("Long", None).await;
-    db.wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
-        .await;
+    db.wait_for_pid(id, WAIT).await;
     let config = daemon.config.display().to_string();
     let asked = Instant::now();
     let (status, stdout, stderr) = cli(&db, &["--config", &config, "cancel", &id.to_string()]);

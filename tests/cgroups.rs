@@ -252,8 +252,7 @@ async fn a_setsid_grandchild_is_killed_before_the_rerun_at_a_daemon_restart(back
         return;
     };
     let id = db.enqueue("Leaver", None).await;
-    db.wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
-        .await;
+    db.wait_for_pid(id, WAIT).await;
     let grandchild = read_pid_file(&file);
     let (mut daemon, row) = daemon
         .kill_leaving_grandchild_and_restart(&db, id, grandchild)
@@ -353,11 +352,7 @@ async fn empty_try_cgroups_a_killed_daemon_left_are_removed(backend: Backend) {
         return;
     };
     let id = insert_once(&db, "Nap").await;
-    let pid = db
-        .wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
-        .await
-        .pid
-        .unwrap() as i32;
+    let pid = db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32;
     let written = daemon.dir.join("cgroup.txt");
     wait_until(WAIT, "the task to say its cgroup", || {
         std::fs::read_to_string(&written).is_ok_and(|text| text.contains("/try-"))

@@ -434,8 +434,7 @@ async fn second_sigterm_during_the_drain_stops_tasks_at_once(backend: Backend) {
         "shutdown_timeout: 120s\ntasks:\n  Long:\n    command: [/bin/sleep, '60']\n",
     );
     let id = db.enqueue("Long", None).await;
-    db.wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
-        .await;
+    db.wait_for_pid(id, WAIT).await;
     daemon.signal(nix::sys::signal::Signal::SIGTERM);
     daemon.wait_for_log("shutting down", WAIT);
     let second = Instant::now();

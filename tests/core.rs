@@ -260,9 +260,7 @@ async fn sigterm_drains_then_interrupts(backend: Backend) {
         "shutdown_timeout: 1s\ntasks:\n  Long:\n    command: [/bin/sleep, '60']\n",
     );
     let id = db.enqueue("Long", None).await;
-    let running = db
-        .wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
-        .await;
+    let running = db.wait_for_pid(id, WAIT).await;
     let started = std::time::Instant::now();
     let status = daemon.stop();
     assert!(

@@ -58,9 +58,7 @@ async fn killed_daemon_takes_its_tasks_along_and_a_restart_reruns_them(backend: 
     let config = first_try_hangs(&db.scratch.join("pid"));
     let mut daemon = Daemon::start(&db, "d", &config);
     let id = db.enqueue("Once", None).await;
-    let row = db
-        .wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
-        .await;
+    let row = db.wait_for_pid(id, WAIT).await;
     let task_pid = row.pid.unwrap() as i32;
     daemon.kill();
     // The task dies with its daemon (parent-death signal): nothing runs unsupervised.
@@ -102,9 +100,7 @@ async fn task_ignoring_sigterm_is_killed_at_its_timeout(backend: Backend) {
         "kill_retry: 500ms\nkill_grace: 2s\ntasks:\n  Stubborn:\n    command: [/bin/sh, -c, \"trap '' TERM; echo stubborn >&2; sleep 60\"]\n    timeout: 1s\n",
     );
     let id = db.insert_row(NewRow::new("Stubborn").try_limit(1)).await;
-    let running = db
-        .wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
-        .await;
+    let running = db.wait_for_pid(id, WAIT).await;
     let row = db.wait_for_state(id, "TIMEOUT", WAIT).await;
     let text = row.result_text.unwrap();
     assert!(text.starts_with("timed out after 1s (ran 3."), "{text}");
@@ -141,8 +137,7 @@ async fn grandchildren_are_stopped_with_their_task(backend: Backend) {
     );
     // A task stopped by cancel: its children stop with it.
     let id = db.enqueue("Parent", None).await;
-    db.wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
-        .await;
+    db.wait_for_pid(id, WAIT).await;
     wait_until(WAIT, "the grandchild's pid file", || {
         std::fs::read_to_string(&cancelled)
             .map(|t| t.ends_with('\n'))
@@ -346,9 +341,7 @@ async fn cancel_stops_a_running_task(backend: Backend) {
         "tasks:\n  Long:\n    command: [/bin/sleep, '60']\n",
     );
     let id = db.enqueue("Long", None).await;
-    let running = db
-        .wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
-        .await;
+    let running = db.wait_for_pid(id, WAIT).await;
     let (status, stdout, _) = cli(&db, &["cancel", &id.to_string()]);
     assert_eq!(status, 0);
     assert!(stdout.contains("within a heartbeat"), "{stdout}");
@@ -535,8 +528,7 @@ async fn postgres_restart_while_ten_tasks_run_loses_nothing(backend: Backend) {
         ids.push(db.enqueue("Nap", None).await);
     }
     for id in &ids {
-        db.wait_for(*id, WAIT, "running with a pid", |r| r.pid.is_some())
-            .await;
+        db.wait_for_pid(*id, WAIT).await;
     }
     // Down for a few heartbeats, then back (shorter than the self-fencing deadline).
     server.stop();
@@ -571,9 +563,7 @@ async fn daemon_that_loses_postgres_kills_its_tasks_before_the_lease_lapses(back
         "lease_timeout: 8s\ntasks:\n  Long:\n    command: [/bin/sleep, '120']\n",
     );
     let id = db.enqueue("Long", None).await;
-    let row = db
-        .wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
-        .await;
+    let row = db.wait_for_pid(id, WAIT).await;
     let task_pid = row.pid.unwrap() as i32;
     server.stop();
     let stopped = Instant::now();
@@ -620,8 +610,7 @@ async fn sqlite_held_locked_delays_outcomes_without_losing_them() {
         ids.push(db.enqueue("Nap", None).await);
     }
     for id in &ids {
-        db.wait_for(*id, WAIT, "running with a pid", |r| r.pid.is_some())
-            .await;
+        db.wait_for_pid(*id, WAIT).await;
     }
     // Another process holds the write lock for longer than busy_timeout (5s).
     use sqlx::Connection;

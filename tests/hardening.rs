@@ -159,9 +159,7 @@ async fn a_dead_heartbeat_stops_the_daemon_with_exit_status_1(backend: Backend) 
         )],
     );
     let id = db.enqueue("Sleep", None).await;
-    let row = db
-        .wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
-        .await;
+    let row = db.wait_for_pid(id, WAIT).await;
     std::fs::write(&trigger, "").unwrap();
     let status = daemon.wait_exit(WAIT);
     assert_eq!(status.code(), Some(1), "{}", daemon.log_text());
@@ -249,8 +247,7 @@ echo alone
     );
     let mut daemon = Daemon::start(&db, "d", &config);
     let id = db.enqueue("Spawner", None).await;
-    db.wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
-        .await;
+    db.wait_for_pid(id, WAIT).await;
     let grandchild = read_pid_file(&grandchild_file);
     let (mut daemon, row) = daemon
         .kill_leaving_grandchild_and_restart(&db, id, grandchild)

@@ -219,9 +219,7 @@ async fn sysv_script_starts_refuses_a_second_start_and_stop_drains() {
 
     // stop drains: a task running when it is asked to stop finishes.
     let id = db.enqueue("Gated", None).await;
-    let running = db
-        .wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
-        .await;
+    let running = db.wait_for_pid(id, WAIT).await;
     let stop = {
         let defaults = defaults.clone();
         std::thread::spawn(move || sysv(&defaults, "stop"))
@@ -656,9 +654,7 @@ async fn sighup_reloads_a_good_config_and_refuses_a_broken_one() {
     );
     let mut daemon = Daemon::start(&db, "d", &format!("tasks:\n{gated}"));
     let running = db.enqueue("Gated", None).await;
-    let row = db
-        .wait_for(running, WAIT, "running with a pid", |r| r.pid.is_some())
-        .await;
+    let row = db.wait_for_pid(running, WAIT).await;
     let task_pid = row.pid.unwrap() as i32;
 
     // Good: Gated is gone from the file, Added is new.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::util::{process_exists, wait_until, zombie_children, Daemon, NewRow, TestDb, DAEMON};
+use crate::util::{process_exists, wait_until, zombie_children, Daemon, NewRow, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -28,16 +28,7 @@ both_backends!(
 
 /// The task-sdk probe, built beside the daemon (`cargo build --workspace --bins`).
 fn sdk_probe() -> PathBuf {
-    let path = PathBuf::from(DAEMON)
-        .parent()
-        .unwrap()
-        .join("preload-probe");
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build --workspace --bins`",
-        path.display()
-    );
-    path
+    crate::util::built_beside_the_daemon("preload-probe")
 }
 
 fn python_probe() -> PathBuf {
@@ -210,9 +201,7 @@ async fn a_cancel_stops_the_child_and_not_the_parent(backend: crate::util::Backe
     let db = TestDb::new(backend).await;
     let mut daemon = Daemon::start(&db, "d", &preloaded(&sdk_probe()));
     let id = enqueue(&db, "Probe", "sleep_ms: 60000").await;
-    let running = db
-        .wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
-        .await;
+    let running = db.wait_for_pid(id, WAIT).await;
     let (status, _, stderr) = crate::util::cli(&db, &["cancel", &id.to_string()]);
     assert_eq!(status, 0, "{stderr}");
     let row = db.wait_for_state(id, "CANCELLED", WAIT).await;
@@ -256,8 +245,7 @@ async fn a_killed_parent_leaves_running_tries_to_their_end(backend: crate::util:
         ids.push(enqueue(&db, "Probe", "sleep_ms: 2000").await);
     }
     for &id in &ids {
-        db.wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
-            .await;
+        db.wait_for_pid(id, WAIT).await;
     }
     let parent = parent_pid(&daemon);
     kill(Pid::from_raw(parent), Signal::SIGKILL).unwrap();
@@ -311,9 +299,7 @@ async fn a_killed_daemon_takes_the_parent_and_its_children_down(backend: crate::
     let db = TestDb::new(backend).await;
     let mut daemon = Daemon::start(&db, "d", &preloaded(&sdk_probe()));
     let id = enqueue(&db, "Probe", "sleep_ms: 60000").await;
-    let row = db
-        .wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
-        .await;
+    let row = db.wait_for_pid(id, WAIT).await;
     let child = row.pid.unwrap() as i32;
     let parent = parent_pid(&daemon);
     daemon.kill();

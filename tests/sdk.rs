@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use task_sdk::wait::Target;
 use task_sdk::{wait_for, Context, Enqueue, FinalState, Task, WaitError};
 
-use crate::util::{poll_every, Backend, Daemon, NewRow, TestDb, DAEMON};
+use crate::util::{poll_every, Backend, Daemon, NewRow, TestDb};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -34,16 +34,7 @@ both_backends!(
 /// The example task program, built beside the daemon by
 /// `cargo build --workspace --bins` (scripts/test does that first).
 fn example_tasks() -> PathBuf {
-    let path = PathBuf::from(DAEMON)
-        .parent()
-        .unwrap()
-        .join("example-tasks");
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build --workspace --bins` before the tests",
-        path.display()
-    );
-    path
+    crate::util::built_beside_the_daemon("example-tasks")
 }
 
 fn with_example_tasks(extra: &str) -> String {

@@ -77,9 +77,7 @@ async fn a_killed_daemon_takes_down_tries_started_by_every_spawner_thread(backen
     }
     let mut pids = Vec::new();
     for id in ids {
-        let row = db
-            .wait_for(id, WAIT, "running with a pid", |r| r.pid.is_some())
-            .await;
+        let row = db.wait_for_pid(id, WAIT).await;
         pids.push(row.pid.unwrap() as i32);
     }
     assert_eq!(pids.len(), 6);

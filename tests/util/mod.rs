@@ -89,6 +89,18 @@ macro_rules! multi_host_backends {
     };
 }
 
+/// A program of the workspace built beside the daemon (`cargo build
+/// --workspace --bins`, which scripts/test runs first).
+pub fn built_beside_the_daemon(name: &str) -> PathBuf {
+    let path = PathBuf::from(DAEMON).parent().unwrap().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests",
+        path.display()
+    );
+    path
+}
+
 /// A scratch directory, removed when the test passes.
 pub struct Scratch {
     pub path: PathBuf,

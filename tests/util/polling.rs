@@ -170,6 +170,12 @@ impl TestDb {
         .await
     }
 
+    /// Waits until row `id`'s try runs with a pid, and returns the row.
+    pub async fn wait_for_pid(&self, id: RequestId, timeout: Duration) -> Request {
+        self.wait_for(id, timeout, "running with a pid", |row| row.pid.is_some())
+            .await
+    }
+
     /// Waits until row `id` has `result` = `state`.
     pub async fn wait_for_state(&self, id: RequestId, state: &str, timeout: Duration) -> Request {
         self.wait_for(id, timeout, state, |row| {

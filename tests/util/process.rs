@@ -77,9 +77,7 @@ impl TestDb {
     /// returns when the kill was sent.
     pub async fn kill_running_try(&self, id: RequestId) -> Instant {
         let wait = Duration::from_secs(30);
-        let row = self
-            .wait_for(id, wait, "running with a pid", |r| r.pid.is_some())
-            .await;
+        let row = self.wait_for_pid(id, wait).await;
         let killed_at = Instant::now();
         kill(Pid::from_raw(row.pid.unwrap() as i32), Signal::SIGKILL).unwrap();
         let crashed = self
