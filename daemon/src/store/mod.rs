@@ -6,7 +6,8 @@
 //!   start, statement counters, the SQLite side connection, write
 //!   transactions.
 //! - `claims.rs`: the claim (plain, by type under a concurrency limit, one
-//!   given row) and when the next delayed row falls due.
+//!   given row; who claims is one [`Claimant`]) and when the next delayed
+//!   row falls due.
 //! - `tries.rs`: the fenced writes about a try (pid, progress, outcome) and
 //!   the heartbeat's lease renewal.
 //! - `reaping.rs`: what the reaper reads (this host's running rows, lapsed
@@ -18,7 +19,8 @@
 //!   [`web`]: the web page's bounded queries.
 //! - `rows.rs`: reading columns leniently, and a whole [`Request`](crate::request::Request) row.
 //! - [`sql`]: the statements themselves, rendered per backend (the claim
-//!   among them), and [`sql::Dialect`], the one place that spells each
+//!   among them; compose.rs and flow.rs keep theirs the same way, each a
+//!   [`sql::Statements`] set), and [`sql::Dialect`], the one place that spells each
 //!   backend's SQL (clock, time arithmetic, casts, locks, upserts,
 //!   `RETURNING`); [`mysql`]: what MySQL's dialect needs besides;
 //!   `repair.rs`: tables loaded from a Rails `schema.rb`; [`diagnose`]:

@@ -261,7 +261,7 @@ impl<T> Statements<T> {
 
 /// The store's statements (MariaDB and MySQL: those that need another
 /// shape there, with no `RETURNING` and no `UPDATE … FROM`, replaced by
-/// [`Sql::for_mysql`]).
+/// `Sql::for_mysql`).
 pub static SQL: Statements<Sql> = Statements::new(|d| match d.0 {
     Backend::MySql => Sql::render(d).for_mysql(),
     Backend::Sqlite | Backend::Postgres => Sql::render(d),
