@@ -14,6 +14,7 @@ both_backends!(
     rows_claimed_ahead_are_given_back_at_shutdown,
     rows_claimed_ahead_by_a_killed_daemon_run_again_before_the_lease_lapses,
     rows_claimed_ahead_are_given_back_while_a_long_task_holds_the_slot,
+    rows_claimed_ahead_and_rejected_before_their_start_leave_no_slot_taken,
 );
 
 /// Short tasks (claim ahead engages) and a slow one.
@@ -123,4 +124,47 @@ async fn rows_claimed_ahead_are_given_back_while_a_long_task_holds_the_slot(back
         "the slow task ended before the check"
     );
     assert_all_finished_once(&db, 91).await;
+}
+
+/// A try makes its start ready (type, options, cgroup) before it waits for
+/// its slot, so one rejected for its options never waits: a slot handed to
+/// it meanwhile must go back. With `max_concurrent: 1` a single slot kept
+/// would stop the daemon for good; every row must end, good and bad alike.
+async fn rows_claimed_ahead_and_rejected_before_their_start_leave_no_slot_taken(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let values: Vec<&str> = (0..300)
+        .map(|i| {
+            if i % 3 == 0 {
+                "('Quick', '[not: yaml')"
+            } else {
+                "('Quick', NULL)"
+            }
+        })
+        .collect();
+    db.execute(&format!(
+        "INSERT INTO task_runner_requests (task_class_name, options) VALUES {}",
+        values.join(", ")
+    ))
+    .await;
+    let _daemon = Daemon::start(&db, "d1", &format!("max_concurrent: 1\n{TASKS}"));
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE result IN ('FINISHED', 'REJECTED')",
+        300,
+        WAIT,
+    )
+    .await;
+    let rejected = db
+        .scalar(
+            "SELECT count(*) FROM task_runner_requests WHERE result = 'REJECTED' \
+              AND tries = 1 AND result_text LIKE 'options are not valid YAML%'",
+        )
+        .await;
+    assert_eq!(rejected, 100);
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED' AND tries = 1"
+        )
+        .await,
+        200
+    );
 }

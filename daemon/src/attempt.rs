@@ -69,11 +69,15 @@ pub(crate) fn outcome(
 /// [`crate::store::Store::record`], as the recorder does.
 ///
 /// [`Write::Outcome`]: crate::store::Write::Outcome
+///
+/// `gate` is the supervisor's (see [`supervisor::run`]): awaited once the
+/// try is ready to start; a `false` ends it unstarted with [`not_started`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn run_claimed(
     context: &Context,
     row: &crate::request::Claimed,
     echo_stderr: bool,
+    gate: impl std::future::Future<Output = bool>,
     stop: watch::Receiver<Option<StopReason>>,
     progress: Option<watch::Sender<Option<String>>>,
     write: impl Fn(crate::store::Write),
@@ -101,9 +105,15 @@ pub(crate) async fn run_claimed(
             start_ticks: spawned.start_ticks,
         });
     };
-    let verdict = run(context, input, stop, progress, on_running, on_exit).await;
+    let verdict = run(context, input, gate, stop, progress, on_running, on_exit).await;
     let outcome = outcome(row, &verdict, &context.config);
     (verdict, outcome)
+}
+
+/// The verdict of a try whose gate did not let it start: the caller's gate
+/// knows why, and its verdict replaces this one.
+pub(crate) fn not_started() -> Verdict {
+    Verdict::new(State::Interrupted, "given back before it started")
 }
 
 /// Exit status meaning "these options do not fit this type" (EX_DATAERR).
@@ -168,10 +178,14 @@ pub(crate) struct Context {
 
 /// Runs one try and returns its verdict. Never fails: every problem is a
 /// verdict. `on_running` and `on_exit` are the supervisor's (see
-/// [`supervisor::run`]); neither is called for a try whose process never started.
+/// [`supervisor::run`]); neither is called for a try whose process never
+/// started. So is `gate`: a try its gate did not let start gets the verdict
+/// [`not_started`]; one rejected before it (its type or options) never
+/// awaits it.
 pub(crate) async fn run(
     context: &Context,
     input: TryInput<'_>,
+    gate: impl std::future::Future<Output = bool>,
     stop: watch::Receiver<Option<StopReason>>,
     progress: Option<watch::Sender<Option<String>>>,
     on_running: impl FnOnce(&Spawned),
@@ -254,6 +268,7 @@ pub(crate) async fn run(
     match supervisor::run(
         &context.spawner,
         launch,
+        gate,
         stop,
         progress,
         on_running,
@@ -266,6 +281,7 @@ pub(crate) async fn run(
             start_times: Some(ended.start_times),
             ..judge(&ended)
         },
+        Err(error) if supervisor::is_not_started(&error) => not_started(),
         Err(error) if supervisor::is_daemon_short(&error) => Verdict {
             daemon_short: true,
             ..Verdict::new(

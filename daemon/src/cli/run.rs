@@ -54,7 +54,16 @@ pub(super) async fn run_command(
                 claim_token: None,
                 options_left_out: None,
             };
-            attempt::run(&context, input, stop, None, |_| {}, || {}).await
+            attempt::run(
+                &context,
+                input,
+                std::future::ready(true),
+                stop,
+                None,
+                |_| {},
+                || {},
+            )
+            .await
         }
         Some(id) if record => run_and_record(config, &context, open()?, id, stop).await?,
         Some(id) => {
@@ -73,7 +82,16 @@ pub(super) async fn run_command(
                 claim_token: None,
                 options_left_out: None,
             };
-            attempt::run(&context, input, stop, None, |_| {}, || {}).await
+            attempt::run(
+                &context,
+                input,
+                std::future::ready(true),
+                stop,
+                None,
+                |_| {},
+                || {},
+            )
+            .await
         }
     };
     if verdict.state == State::Finished {
@@ -139,8 +157,18 @@ async fn run_and_record(
     let send = |write| {
         let _ = sender.send(write);
     };
-    let (verdict, outcome) =
-        attempt::run_claimed(context, &claimed, true, stop, None, send, |_| {}, || {}).await;
+    let (verdict, outcome) = attempt::run_claimed(
+        context,
+        &claimed,
+        true,
+        std::future::ready(true),
+        stop,
+        None,
+        send,
+        |_| {},
+        || {},
+    )
+    .await;
     send(Write::Outcome(outcome));
     drop(sender);
     if writer.await?? {

@@ -2,7 +2,8 @@
 //! [`crate::attempt`]), logs how it ended and hands its outcome to the
 //! recorder.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{oneshot, watch};
@@ -92,7 +93,7 @@ impl Executor {
         claim: ClaimTimes,
     ) -> ((State, bool), Option<Duration>) {
         let config = Setup::current_config(&self.setup);
-        let (stop_sender, mut stop) = watch::channel(None);
+        let (stop_sender, stop) = watch::channel(None);
         let (progress_sender, progress) = watch::channel(None);
         self.tries.insert(
             row.id,
@@ -107,21 +108,32 @@ impl Executor {
                 progress_written: None,
             },
         );
-        let (had_slot, verdict) = wait_for_slot(&mut go, &mut stop).await;
-        let slot = had_slot.then(|| Slot {
-            slots,
-            max_concurrent: config.max_concurrent,
-        });
-        if let Some(verdict) = verdict {
-            drop(slot);
-            self.tries.remove(row.id);
-            tracing::info!("{}", verdict.result_text);
-            let outcome = attempt::outcome(&row, &verdict, &config);
-            self.recorder.send(Write::Outcome(outcome));
-            return ((verdict.state, false), None);
-        }
-        let started = std::time::Instant::now();
-        self.tries.started(row.id, started);
+        // The try makes everything its start needs (type, options,
+        // environment, cgroup) first, and waits for its slot last, in the
+        // supervisor's gate: a slot freed by an exit starts it at once.
+        let slot: Mutex<Option<Slot<'_>>> = Mutex::new(None);
+        let not_started: Mutex<Option<Verdict>> = Mutex::new(None);
+        let started: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+        let gated = AtomicBool::new(false);
+        let mut gate_stop = stop.clone();
+        let gate = async {
+            gated.store(true, Ordering::Relaxed);
+            let (had_slot, verdict) = wait_for_slot(&mut go, &mut gate_stop).await;
+            if had_slot {
+                *lock(&slot) = Some(Slot {
+                    slots,
+                    max_concurrent: config.max_concurrent,
+                });
+            }
+            if let Some(verdict) = verdict {
+                *lock(&not_started) = Some(verdict);
+                return false;
+            }
+            let now = std::time::Instant::now();
+            *lock(&started) = Some(now);
+            self.tries.started(row.id, now);
+            true
+        };
         let context = attempt::Context {
             config: config.clone(),
             setup: self.setup.clone(),
@@ -132,11 +144,12 @@ impl Executor {
             tracing::debug!(pid = spawned.pid, "started");
         };
         // The slot is free once the process has exited.
-        let on_exit = move || drop(slot);
+        let on_exit = || drop(lock(&slot).take());
         let (verdict, outcome) = attempt::run_claimed(
             &context,
             &row,
             false,
+            gate,
             stop,
             Some(progress_sender),
             |write| self.recorder.send(write),
@@ -144,6 +157,26 @@ impl Executor {
             on_exit,
         )
         .await;
+        // A try that never started (or whose start failed) frees its slot now.
+        drop(lock(&slot).take());
+        if !gated.load(Ordering::Relaxed) {
+            // Rejected before it waited: a slot sent to it meanwhile is handed back.
+            go.close();
+            if go.try_recv().is_ok() {
+                drop(Slot {
+                    slots,
+                    max_concurrent: config.max_concurrent,
+                });
+            }
+        }
+        if let Some(verdict) = lock(&not_started).take() {
+            self.tries.remove(row.id);
+            tracing::info!("{}", verdict.result_text);
+            let outcome = attempt::outcome(&row, &verdict, &config);
+            self.recorder.send(Write::Outcome(outcome));
+            return ((verdict.state, false), None);
+        }
+        let started = lock(&started).unwrap_or_else(std::time::Instant::now);
         self.tries.remove(row.id);
         if let Some(took) = verdict.spawn_took {
             self.metrics.spawned(took);
@@ -234,6 +267,10 @@ async fn wait_for_slot(
         ),
     };
     (had_slot, Some(Verdict::new(state, text)))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// One debug line with the wall-clock instants of a try's start, in

@@ -141,9 +141,10 @@ pub(crate) struct Spawned {
 /// into, logged at debug level under the `taskrunner::start_timing` target.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct StartTimes {
-    /// The supervisor began: the try has its slot, options and program.
+    /// The try's gate opened (it has its slot); its options, program,
+    /// environment and cgroup were made before it waited.
     pub(crate) launched: std::time::SystemTime,
-    /// The start was asked of the spawner (the try's cgroup made).
+    /// The start was asked of the spawner.
     pub(crate) asked: std::time::SystemTime,
     /// A spawner thread took it (exec'd), or the request was sent to the
     /// preloaded parent.
@@ -188,21 +189,51 @@ pub(crate) const ANNOUNCE_AFTER: Duration = Duration::from_millis(10);
 /// then waits at most this long to be read.
 const WATCH_OUTPUT_AFTER: Duration = Duration::from_millis(10);
 
-/// Runs one process to its end. `on_running` is called once the process has
+/// A try that was not started because its `gate` said no (see [`run`]).
+#[derive(Debug)]
+pub(crate) struct NotStarted;
+
+impl std::fmt::Display for NotStarted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "not started")
+    }
+}
+
+impl std::error::Error for NotStarted {}
+
+/// Whether `error` is [`run`]'s "the gate said no".
+pub(crate) fn is_not_started(error: &std::io::Error) -> bool {
+    error
+        .get_ref()
+        .is_some_and(|inner| inner.downcast_ref::<NotStarted>().is_some())
+}
+
+/// Runs one process to its end.
+///
+/// Everything the start needs (environment, the try's cgroup, the recipe) is
+/// made first; then `gate` is awaited, the last thing before the start: the
+/// daemon's slot. A try claimed ahead thus waits for its slot with all its
+/// set-up done, and a freed slot starts the next process at once (the mkdir
+/// of a cgroup alone costs about 100 µs). A gate that says no (the try was
+/// stopped or given back before it started) ends the run with a
+/// [`NotStarted`] error, the cgroup removed.
+///
+/// `on_running` is called once the process has
 /// run for [`ANNOUNCE_AFTER`] (with its pid and start time, read while it
 /// surely is our unreaped child); `on_exit` as soon as it has exited and its
-/// group is killed, before its output is drained (the caller may start the
-/// next process then); `stop` delivers stop requests; progress lines are
-/// published on `progress`.
+/// group is killed, before its output is drained and its cgroup emptied (the
+/// caller may start the next process then); `stop` delivers stop requests;
+/// progress lines are published on `progress`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     spawner: &Spawner,
     launch: Launch,
+    gate: impl std::future::Future<Output = bool>,
     mut stop: watch::Receiver<Option<StopReason>>,
     progress: Option<watch::Sender<Option<String>>>,
     on_running: impl FnOnce(&Spawned),
     on_exit: impl FnOnce(),
 ) -> std::io::Result<Ended> {
-    let launched = std::time::SystemTime::now();
     let settings = launch.settings;
     // The type's `env:`, then the try's own variables (later entries win).
     let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> = Vec::new();
@@ -251,6 +282,13 @@ pub(crate) async fn run(
         cgroup: try_cgroup.clone(),
     };
 
+    if !gate.await {
+        if let Some(cgroup) = try_cgroup {
+            cgroup.remove().await;
+        }
+        return Err(std::io::Error::other(NotStarted));
+    }
+    let launched = std::time::SystemTime::now();
     let spawn_started = Instant::now();
     let asked = std::time::SystemTime::now();
     let spawned = spawner.spawn(recipe).await;
@@ -377,15 +415,16 @@ pub(crate) async fn run(
         // The task is over: whatever it left in its group goes too. The group
         // id cannot have been reused while any member is alive.
         let _ = killpg(process_group, Signal::SIGKILL);
-        // And everything in its cgroup, `setsid` escapes included.
+        exited.cancel();
+        on_exit();
+        // Let the try that got our slot start its process before we empty
+        // the cgroup, drain and judge this one (a cgroup's kill and the read
+        // of its members cost more than the group's kill).
+        tokio::task::yield_now().await;
+        // Everything in its cgroup, `setsid` escapes included.
         if let Some(cgroup) = &try_cgroup {
             cgroup.kill_all();
         }
-        exited.cancel();
-        on_exit();
-        // Let the try that got our slot start its process before we drain
-        // and judge this one.
-        tokio::task::yield_now().await;
         if let Some(writer) = writer {
             writer.abort();
         }
