@@ -285,7 +285,13 @@ impl Config {
         }
         let database_url = match raw.database_url {
             Some(url) => resolve_sqlite_url(&url, dir),
-            None => "sqlite://taskrunner.db".to_string(),
+            // `taskrunner.db` in the working directory, spelled absolute so
+            // that `config check` prints where it is, not a path that would
+            // mean another file when read from the printed config's directory.
+            None => match std::env::current_dir() {
+                Ok(cwd) => resolve_sqlite_url("sqlite://taskrunner.db", &cwd),
+                Err(_) => "sqlite://taskrunner.db".to_string(),
+            },
         };
         let host_id = raw.host_id.unwrap_or_else(default_host_id);
         // Issue 7:
@@ -677,6 +683,8 @@ flows:
             ("example", include_str!("../../examples/taskrunner.yml")),
             ("service", include_str!("../../init/taskrunner.yml")),
             ("every-key", EVERY_KEY),
+            // No database_url: the default file in the working directory.
+            ("no-database-url", "{}"),
         ];
         for (name, text) in configs {
             let config = read(&format!("{name}.yml"), text).unwrap();
