@@ -398,8 +398,10 @@ async fn empty_try_cgroups_a_killed_daemon_left_are_removed(backend: Backend) {
     assert!(busy.exists(), "a cgroup holding a process is not removed");
     let _ = sleeper.kill();
     let _ = sleeper.wait();
+    // Empty now and older than 10 s: a daemon of a test running beside
+    // this one may sweep it first, and then it is gone.
     wait_until(WAIT, "the test's own cgroup to be removed", || {
-        std::fs::remove_dir(&busy).is_ok()
+        std::fs::remove_dir(&busy).is_ok() || !busy.exists()
     });
     assert!(daemon.stop().success());
 }

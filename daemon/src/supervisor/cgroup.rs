@@ -812,6 +812,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_try_joins_through_tasks_on_v1_and_cgroup_procs_on_v2() {
+        // v1: a thread that moves itself takes no global lock in the kernel.
+        let dir = Path::new("/sys/fs/cgroup/pids/taskrunner/try-x");
+        assert_eq!(join_file(dir, false), dir.join("tasks"));
+        assert_eq!(join_file(dir, true), dir.join("cgroup.procs"));
+    }
+
+    #[test]
     fn names_are_stable_and_safe() {
         let name = cgroup_name("host/with:odd chars:123");
         assert_eq!(name, cgroup_name("host/with:odd chars:123"));
