@@ -297,8 +297,8 @@ pub async fn run(
             &config,
             Some(view.clone() as Arc<dyn crate::web::Daemon>),
         )?);
-        let listener = crate::web::bind(address, &web).await?;
-        supervised.spawn("web", crate::web::serve(listener, web, services.clone()));
+        let server = crate::web::Server::bind(address, web).await?;
+        supervised.spawn("web", server.run(services.clone()));
     }
     on_ready();
 

@@ -152,33 +152,40 @@ pub fn check_listen(address: SocketAddr, has_auth: bool) -> Result<()> {
     Ok(())
 }
 
-/// Binds `address` (after [`check_listen`]).
-pub(crate) async fn bind(address: SocketAddr, web: &Web) -> Result<tokio::net::TcpListener> {
-    check_listen(address, web.has_auth())?;
-    tokio::net::TcpListener::bind(address)
-        .await
-        .with_context(|| format!("listening for the web page on {address}"))
+/// The web page and `/metrics` as a service: a bound listener and the page's
+/// handles; the daemon supervises it beside its other services, and
+/// `taskrunner-cli web` runs it alone.
+pub(crate) struct Server {
+    pub(crate) listener: tokio::net::TcpListener,
+    pub(crate) web: Arc<Web>,
 }
 
-/// Serves until `stop` is cancelled.
-pub(crate) async fn serve(
-    listener: tokio::net::TcpListener,
-    web: Arc<Web>,
-    stop: CancellationToken,
-) -> Result<()> {
-    let address = listener.local_addr()?;
-    tracing::info!(
-        read_only = web.read_only,
-        auth = web.has_auth(),
-        "web page on http://{address}/"
-    );
-    axum::serve(
-        listener,
-        router(web).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { stop.cancelled().await })
-    .await
-    .context("serving the web page")
+impl Server {
+    /// Binds `address` (after [`check_listen`]).
+    pub(crate) async fn bind(address: SocketAddr, web: Arc<Web>) -> Result<Server> {
+        check_listen(address, web.has_auth())?;
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("listening for the web page on {address}"))?;
+        Ok(Server { listener, web })
+    }
+
+    /// Serves until `stop` is cancelled.
+    pub(crate) async fn run(self, stop: CancellationToken) -> Result<()> {
+        let address = self.listener.local_addr()?;
+        tracing::info!(
+            read_only = self.web.read_only,
+            auth = self.web.has_auth(),
+            "web page on http://{address}/"
+        );
+        axum::serve(
+            self.listener,
+            router(self.web).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+        .context("serving the web page")
+    }
 }
 
 /// Every route, behind the security layers.
@@ -799,6 +806,5 @@ pub(crate) async fn run_standalone(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let web = Arc::new(Web::new(store, config, None)?);
-    let listener = bind(address, &web).await?;
-    serve(listener, web, shutdown).await
+    Server::bind(address, web).await?.run(shutdown).await
 }
