@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::units::{format_duration, serde_units};
-use crate::UsageError;
+use crate::usage::UsageError;
 
 pub(crate) mod http;
 #[macro_use]

@@ -74,6 +74,7 @@
 //! - [`metrics`]: the Prometheus metrics: the daemon's counters and the
 //!   per-queue gauges read at scrape time.
 //! - [`task_types`]: which program runs a type name.
+//! - [`usage`]: the user's mistakes (exit status 2), a leaf every layer may raise.
 //! - [`instance`]: the daemon instance id (`claimed_by`) and the claim token.
 //! - [`procinfo`]: process identity (boot id, start ticks) and the pid probe.
 //! - [`service`]: pidfile, `--daemonize`, systemd notification.
@@ -181,27 +182,9 @@ pub mod store;
 pub mod supervisor;
 mod task_types;
 pub mod units;
+mod usage;
 pub mod web;
 
 pub use logging::init_logging;
 
-/// A mistake of the user's (bad flag, bad config): exit status 2.
-#[derive(Debug)]
-pub(crate) struct UsageError(pub(crate) String);
-
-impl std::fmt::Display for UsageError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for UsageError {}
-
-/// The exit status for an error: 2 for usage and config mistakes, 1 otherwise.
-pub fn exit_code_for(error: &anyhow::Error) -> u8 {
-    if error.chain().any(|cause| cause.is::<UsageError>()) {
-        2
-    } else {
-        1
-    }
-}
+pub use usage::exit_code_for;

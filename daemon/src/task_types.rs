@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::config::{Config, TaskSettings};
-use crate::UsageError;
+use crate::usage::UsageError;
 
 pub(crate) use crate::config::BUILTIN_TYPES;
 

@@ -70,8 +70,9 @@ pub(crate) async fn run(store: &Store, command: BatchCommand) -> Result<()> {
             parent,
         } => {
             if let Some(options) = &options {
-                crate::attempt::check_options(options.as_bytes())
-                    .map_err(|e| crate::UsageError(format!("--options: not valid YAML: {e}")))?;
+                crate::attempt::check_options(options.as_bytes()).map_err(|e| {
+                    crate::usage::UsageError(format!("--options: not valid YAML: {e}"))
+                })?;
             }
             let id = store
                 .create_batch(&NewBatch {

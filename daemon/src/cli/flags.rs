@@ -454,7 +454,7 @@ fn print_enqueue_type_help(flags: Flags) -> ExitCode {
         }
         Err(error) => {
             eprintln!("taskrunner-cli: {error:#}");
-            ExitCode::from(crate::exit_code_for(&error))
+            ExitCode::from(crate::usage::exit_code_for(&error))
         }
     }
 }
@@ -485,7 +485,7 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) => {
             eprintln!("taskrunner-cli: {error:#}");
-            ExitCode::from(crate::exit_code_for(&error))
+            ExitCode::from(crate::usage::exit_code_for(&error))
         }
     }
 }
@@ -691,7 +691,7 @@ async fn run_one(
             record: true,
             id: None,
             ..
-        } => return Err(crate::UsageError("--record needs --id".into()).into()),
+        } => return Err(crate::usage::UsageError("--record needs --id".into()).into()),
         Command::Run {
             task,
             options,
@@ -909,7 +909,7 @@ async fn select_ids(
     filter: &RowFilter,
 ) -> Result<Vec<RequestId>> {
     if !ids.is_empty() && !filter.is_empty() {
-        return Err(crate::UsageError(
+        return Err(crate::usage::UsageError(
             "give ids or a filter (--result, --task, --queue, --host, --batch, --flow), not both"
                 .into(),
         )

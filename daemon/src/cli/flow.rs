@@ -9,7 +9,7 @@ use clap::Subcommand;
 use crate::config::Config;
 use crate::flow::Definition;
 use crate::store::{Flow, FlowBoard, FlowChange, StepRow, Store};
-use crate::UsageError;
+use crate::usage::UsageError;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum FlowCommand {

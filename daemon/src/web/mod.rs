@@ -145,7 +145,7 @@ impl Web {
 /// Refuses an address other than loopback unless `auth` is set.
 pub fn check_listen(address: SocketAddr, has_auth: bool) -> Result<()> {
     if !address.ip().is_loopback() && !has_auth {
-        bail!(crate::UsageError(format!(
+        bail!(crate::usage::UsageError(format!(
             "refusing to serve the web page on {address} without http.auth: only loopback addresses (127.0.0.1, ::1) are allowed without it"
         )));
     }
