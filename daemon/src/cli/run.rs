@@ -40,68 +40,65 @@ pub(super) async fn run_command(
             std::future::pending::<()>().await;
         }
     });
-    let verdict = match id {
-        None => {
-            let task = task.expect("clap requires a task without --id");
-            let options = options.unwrap_or_default();
-            let input = TryInput {
-                id: None,
-                task: &task,
-                options: options.as_bytes(),
-                try_number: 1,
-                echo_stderr: true,
-                batch_id: None,
-                claim_token: None,
-                options_left_out: None,
-            };
-            attempt::run(
-                &context,
-                input,
-                std::future::ready(true),
-                stop,
-                None,
-                |_| {},
-                || {},
-            )
-            .await
+    // Without --record: the task runs here and nothing is written; with an
+    // id, it runs as that row's next try would.
+    let (task, options, try_number, batch_id) = match id {
+        None => (
+            task.expect("clap requires a task without --id"),
+            options.unwrap_or_default(),
+            1,
+            None,
+        ),
+        Some(id) if record => {
+            let verdict = run_and_record(config, &context, open()?, id, stop).await?;
+            return Ok(exit_code_for(verdict));
         }
-        Some(id) if record => run_and_record(config, &context, open()?, id, stop).await?,
         Some(id) => {
-            let store = open()?;
-            let Some(request) = store.show(id).await? else {
+            let Some(request) = open()?.show(id).await? else {
                 bail!("no request {id}")
             };
-            let options = request.options.clone().unwrap_or_default();
-            let input = TryInput {
-                id: Some(id),
-                task: &request.task_class_name,
-                options: options.as_bytes(),
-                try_number: request.tries + 1,
-                echo_stderr: true,
-                batch_id: request.batch_id.or(request.callback_of_batch),
-                claim_token: None,
-                options_left_out: None,
-            };
-            attempt::run(
-                &context,
-                input,
-                std::future::ready(true),
-                stop,
-                None,
-                |_| {},
-                || {},
+            (
+                request.task_class_name.clone(),
+                request.options.clone().unwrap_or_default(),
+                request.tries + 1,
+                request.batch_id.or(request.callback_of_batch),
             )
-            .await
         }
     };
+    let input = TryInput {
+        id,
+        task: &task,
+        options: options.as_bytes(),
+        try_number,
+        echo_stderr: true,
+        batch_id,
+        claim_token: None,
+        options_left_out: None,
+    };
+    let verdict = attempt::run(
+        &context,
+        input,
+        std::future::ready(true),
+        stop,
+        None,
+        |_| {},
+        || {},
+    )
+    .await;
+    Ok(exit_code_for(verdict))
+}
+
+/// Prints the outcome: the result text when FINISHED, else the state and
+/// the first line of the reason (the task's standard error was shown as it
+/// came).
+fn exit_code_for(verdict: attempt::Verdict) -> ExitCode {
     if verdict.state == State::Finished {
         println!("{}", verdict.result_text);
-        Ok(ExitCode::SUCCESS)
+        ExitCode::SUCCESS
     } else {
-        // The task's standard error was shown as it came: only the reason.
         let reason = verdict.result_text.lines().next().unwrap_or_default();
         eprintln!("{}: {reason}", verdict.state);
-        Ok(ExitCode::FAILURE)
+        ExitCode::FAILURE
     }
 }
 

@@ -316,6 +316,12 @@ fn set_limits(dir: &Path, hierarchy: &Hierarchy, limits: &Limits) -> io::Result<
     let cpu_quota = limits
         .cpu
         .map(|cpus| ((cpus * CPU_PERIOD_MICROS as f64) as u64).max(1000));
+    // The same file on both versions.
+    if has(Controller::Pids) {
+        if let Some(count) = limits.processes {
+            write_file(&dir.join("pids.max"), &count.to_string())?;
+        }
+    }
     if hierarchy.v2 {
         if has(Controller::Memory) {
             if let Some(bytes) = limits.memory {
@@ -325,11 +331,6 @@ fn set_limits(dir: &Path, hierarchy: &Hierarchy, limits: &Limits) -> io::Result<
                 let _ = std::fs::write(dir.join("memory.swap.max"), "0");
                 // The OOM killer takes the whole try, not one of its processes.
                 let _ = std::fs::write(dir.join("memory.oom.group"), "1");
-            }
-        }
-        if has(Controller::Pids) {
-            if let Some(count) = limits.processes {
-                write_file(&dir.join("pids.max"), &count.to_string())?;
             }
         }
         if has(Controller::Cpu) {
@@ -347,11 +348,6 @@ fn set_limits(dir: &Path, hierarchy: &Hierarchy, limits: &Limits) -> io::Result<
                 // Memory plus swap at the same value: no escape into swap
                 // (present only with swap accounting).
                 let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), bytes.to_string());
-            }
-        }
-        if has(Controller::Pids) {
-            if let Some(count) = limits.processes {
-                write_file(&dir.join("pids.max"), &count.to_string())?;
             }
         }
         if has(Controller::Cpu) {
