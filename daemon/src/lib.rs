@@ -34,8 +34,9 @@
 //!     ahead while tasks are short), starts a try for each as a slot frees up.
 //!   - `daemon/slots.rs`: at most `max_concurrent` tries at once; a freed
 //!     slot goes to the try that waited longest.
-//!   - `daemon/executor.rs`: one claimed try: waits for its slot, runs it
-//!     ([`attempt`]), logs how it ended, hands the outcome to the recorder.
+//!   - `daemon/executor.rs`: one claimed try: readies its start, waits for
+//!     its slot, runs it ([`attempt`]), logs how it ended, hands the
+//!     outcome to the recorder.
 //!   - `daemon/tries.rs`: the tries this daemon runs (for the heartbeat,
 //!     `status`, cancels and the drain).
 //!   - `daemon/recorder.rs`: the one writer of try results, batched and retried.

@@ -1,6 +1,6 @@
-//! The executor of one claimed try: waits for its slot, runs it (see
-//! [`crate::attempt`]), logs how it ended and hands its outcome to the
-//! recorder.
+//! The executor of one claimed try: runs it (see [`crate::attempt`]),
+//! waiting for its slot last, once its start is ready (the supervisor's
+//! gate), logs how it ended and hands its outcome to the recorder.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
