@@ -49,9 +49,10 @@ pub struct Steps {
     pub started_at_after_sent: f64,
     /// The claim: statement and commit, until its rows are back.
     pub claim: f64,
-    /// Rows back → the supervisor runs (task, slot, options, type).
+    /// Rows back → the try has its slot (type, options, environment and
+    /// cgroup are made before it waits for the slot).
     pub to_supervisor: f64,
-    /// Supervisor → the spawner is asked (environment, cgroup).
+    /// Slot → the spawner is asked.
     pub to_spawner: f64,
     /// Asked → a spawner thread took it (exec'd) / the request was sent to
     /// the preloaded parent (pipes, message).
@@ -674,8 +675,8 @@ pub fn tables(results: &Results, rows: usize) -> Vec<Table> {
             "tries",
             "started_at after claim sent",
             "claim (statement + commit)",
-            "rows back → supervisor",
-            "supervisor → spawner asked",
+            "rows back → slot (set-up first)",
+            "slot → spawner asked",
             "hand-off",
             "create",
             "created → run",
