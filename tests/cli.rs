@@ -330,7 +330,7 @@ async fn list_and_cancel_filter_by_batch(backend: Backend) {
     let other = id_of(&["batch", "create", "--open"]);
     let m1 = id_of(&["enqueue", "NoOp", "--batch", &batch]);
     let m2 = id_of(&["enqueue", "NoOp", "--batch", &batch]);
-    let _stranger = id_of(&["enqueue", "NoOp", "--batch", &other]);
+    let stranger = id_of(&["enqueue", "NoOp", "--batch", &other]);
     let _loose = id_of(&["enqueue", "NoOp"]);
     let listed = |args: &[&str]| -> Vec<String> {
         let mut all = vec!["list", "--json"];
@@ -357,7 +357,21 @@ async fn list_and_cancel_filter_by_batch(backend: Backend) {
     let (status, out, stderr) = cli(&db, &["cancel", "--batch", &batch, "--task", "NoOp"]);
     assert_eq!(status, 0, "{stderr}");
     assert!(out.contains('2'), "{out}");
-    assert_eq!(listed(&["--result", "CANCELLED"]), vec![m2, m1]);
+    assert_eq!(
+        listed(&["--result", "CANCELLED"]),
+        vec![m2.clone(), m1.clone()]
+    );
+    // --batch or --flow alone is a filter too (clap asked for ids).
+    let (status, out, stderr) = cli(&db, &["cancel", "--batch", &other]);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(
+        out.contains(&format!("request {stranger} cancelled")),
+        "{out}"
+    );
+    assert_eq!(listed(&["--result", "CANCELLED"]), vec![stranger, m2, m1]);
+    let (status, out, stderr) = cli(&db, &["retry", "--flow", "999999"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(out.contains("no requests match"), "{out}");
 }
 
 async fn list_shows_the_tasks_own_error_without_progress_lines(backend: Backend) {

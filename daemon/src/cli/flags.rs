@@ -69,6 +69,16 @@ struct HostFlag {
     host_id: Option<String>,
 }
 
+/// Which requests `retry` and `cancel` act on: the ids given, or every row
+/// the filter selects (one of the two, not both).
+#[derive(Debug, Clone, clap::Args)]
+struct Selection {
+    #[arg(value_name = "ID", required_unless_present_any = ["result", "task", "queue", "host", "batch", "flow"])]
+    ids: Vec<RequestId>,
+    #[command(flatten)]
+    filter: RowFilter,
+}
+
 /// Which requests: for `list`, and for `retry` and `cancel` without ids.
 #[derive(Debug, Clone, Default, clap::Args)]
 struct RowFilter {
@@ -249,10 +259,8 @@ enum Command {
         database: DatabaseFlags,
         #[command(flatten)]
         socket: SocketFlag,
-        #[arg(value_name = "ID", required_unless_present_any = ["result", "task", "queue", "host"])]
-        ids: Vec<RequestId>,
         #[command(flatten)]
-        filter: RowFilter,
+        selection: Selection,
     },
     /// Cancel requests (a running one is stopped by its daemon): the given
     /// ids, or those the filter selects
@@ -261,10 +269,8 @@ enum Command {
         database: DatabaseFlags,
         #[command(flatten)]
         socket: SocketFlag,
-        #[arg(value_name = "ID", required_unless_present_any = ["result", "task", "queue", "host"])]
-        ids: Vec<RequestId>,
         #[command(flatten)]
-        filter: RowFilter,
+        selection: Selection,
     },
     /// Delete finished, cancelled, rejected and exhausted requests
     /// (without --older-than: as the config's `retention:` says)
@@ -718,9 +724,9 @@ async fn run_one(
                 wake_daemon(&config).await;
             }
         }
-        Command::Retry { ids, filter, .. } => {
+        Command::Retry { selection, .. } => {
             let store = open(Purpose::Cli)?;
-            let ids = select_ids(&store, ids, &filter).await?;
+            let ids = select_ids(&store, selection).await?;
             let mut refused = 0;
             for &id in &ids {
                 match store.retry(id).await? {
@@ -744,9 +750,9 @@ async fn run_one(
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Cancel { ids, filter, .. } => {
+        Command::Cancel { selection, .. } => {
             let store = open(Purpose::Cli)?;
-            let ids = select_ids(&store, ids, &filter).await?;
+            let ids = select_ids(&store, selection).await?;
             let mut refused = 0;
             let mut running = Vec::new();
             for &id in &ids {
@@ -903,11 +909,8 @@ async fn run_one(
 }
 
 /// The ids given, or those the filter selects; prints how many first.
-async fn select_ids(
-    store: &Store,
-    ids: Vec<RequestId>,
-    filter: &RowFilter,
-) -> Result<Vec<RequestId>> {
+async fn select_ids(store: &Store, selection: Selection) -> Result<Vec<RequestId>> {
+    let Selection { ids, filter } = selection;
     if !ids.is_empty() && !filter.is_empty() {
         return Err(crate::usage::UsageError(
             "give ids or a filter (--result, --task, --queue, --host, --batch, --flow), not both"
