@@ -310,7 +310,8 @@ fn preload_floor(bench: &Bench, count: usize) -> Result<Vec<f64>> {
             stderr_child.as_raw_fd(),
         ];
         let sent = std::time::SystemTime::now();
-        send_with_fds(socket.as_raw_fd(), &message, &fds)?;
+        taskrunner::supervisor::send_with_fds(socket.as_raw_fd(), &message, &fds)
+            .context("sending a request to the probe")?;
         let answer = receive(&mut buffer)?;
         drop((stdin_child, stdout_child, stderr_child));
         let pid: libc::pid_t = std::str::from_utf8(&answer)
@@ -339,35 +340,6 @@ fn preload_floor(bench: &Bench, count: usize) -> Result<Vec<f64>> {
     parent.wait().context("waiting for the preloaded probe")?;
     delays.sort_by(f64::total_cmp);
     Ok(delays)
-}
-
-/// One message with three descriptors attached (SCM_RIGHTS), as the daemon sends a request.
-fn send_with_fds(socket: libc::c_int, message: &[u8], fds: &[libc::c_int; 3]) -> Result<()> {
-    // SAFETY: msghdr and its control buffer are built following cmsg(3);
-    // every pointer stays valid for the sendmsg call.
-    unsafe {
-        let mut iov = libc::iovec {
-            iov_base: message.as_ptr() as *mut libc::c_void,
-            iov_len: message.len(),
-        };
-        let fds_len = std::mem::size_of_val(fds) as libc::c_uint;
-        let space = libc::CMSG_SPACE(fds_len) as usize;
-        let mut control = vec![0u8; space];
-        let mut header: libc::msghdr = std::mem::zeroed();
-        header.msg_iov = &mut iov;
-        header.msg_iovlen = 1;
-        header.msg_control = control.as_mut_ptr().cast();
-        header.msg_controllen = space as _;
-        let cmsg = libc::CMSG_FIRSTHDR(&header);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(fds_len) as _;
-        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
-        if libc::sendmsg(socket, &header, libc::MSG_NOSIGNAL) < 0 {
-            return Err(std::io::Error::last_os_error()).context("sending a request to the probe");
-        }
-    }
-    Ok(())
 }
 
 /// The pid of the preloaded parent a daemon started last, from its log.

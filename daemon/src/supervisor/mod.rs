@@ -18,6 +18,8 @@ pub mod priority;
 pub mod resources;
 mod spawner;
 
+pub use preload::send_with_fds;
+
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;

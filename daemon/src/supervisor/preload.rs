@@ -593,8 +593,13 @@ fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// Sends one message with three descriptors (SCM_RIGHTS). A request is far
-/// below the socket's buffer, so the send does not block.
-fn send_with_fds(socket: libc::c_int, message: &[u8], fds: &[libc::c_int; 3]) -> io::Result<()> {
+/// below the socket's buffer, so the send does not block. Public for the
+/// benchmark, which plays the daemon's part of the protocol.
+pub fn send_with_fds(
+    socket: libc::c_int,
+    message: &[u8],
+    fds: &[libc::c_int; 3],
+) -> io::Result<()> {
     // SAFETY: msghdr and its control buffer are built on the stack following
     // cmsg(3); every pointer stays valid for the sendmsg call.
     unsafe {
