@@ -2,7 +2,6 @@
 //! waiting for its slot last, once its start is ready (the supervisor's
 //! gate), logs how it ended and hands its outcome to the recorder.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -111,26 +110,24 @@ impl Executor {
         // The try makes everything its start needs (type, options,
         // environment, cgroup) first, and waits for its slot last, in the
         // supervisor's gate: a slot freed by an exit starts it at once.
-        let slot: Mutex<Option<Slot<'_>>> = Mutex::new(None);
-        let not_started: Mutex<Option<Verdict>> = Mutex::new(None);
-        let started: Mutex<Option<std::time::Instant>> = Mutex::new(None);
-        let gated = AtomicBool::new(false);
+        let gated: Mutex<Gated<'_>> = Mutex::default();
         let mut gate_stop = stop.clone();
         let gate = async {
-            gated.store(true, Ordering::Relaxed);
+            lock(&gated).reached = true;
             let (had_slot, verdict) = wait_for_slot(&mut go, &mut gate_stop).await;
+            let mut gated = lock(&gated);
             if had_slot {
-                *lock(&slot) = Some(Slot {
+                gated.slot = Some(Slot {
                     slots,
                     max_concurrent: config.max_concurrent,
                 });
             }
             if let Some(verdict) = verdict {
-                *lock(&not_started) = Some(verdict);
+                gated.not_started = Some(verdict);
                 return false;
             }
             let now = std::time::Instant::now();
-            *lock(&started) = Some(now);
+            gated.started = Some(now);
             self.tries.started(row.id, now);
             true
         };
@@ -144,7 +141,7 @@ impl Executor {
             tracing::debug!(pid = spawned.pid, "started");
         };
         // The slot is free once the process has exited.
-        let on_exit = || drop(lock(&slot).take());
+        let on_exit = || drop(lock(&gated).slot.take());
         let (verdict, outcome) = attempt::run_claimed(
             &context,
             &row,
@@ -157,9 +154,10 @@ impl Executor {
             on_exit,
         )
         .await;
+        let gated = gated.into_inner().unwrap_or_else(|e| e.into_inner());
         // A try that never started (or whose start failed) frees its slot now.
-        drop(lock(&slot).take());
-        if !gated.load(Ordering::Relaxed) {
+        drop(gated.slot);
+        if !gated.reached {
             // Rejected before it waited: a slot sent to it meanwhile is handed back.
             go.close();
             if go.try_recv().is_ok() {
@@ -169,14 +167,14 @@ impl Executor {
                 });
             }
         }
-        if let Some(verdict) = lock(&not_started).take() {
+        if let Some(verdict) = gated.not_started {
             self.tries.remove(row.id);
             tracing::info!("{}", verdict.result_text);
             let outcome = attempt::outcome(&row, &verdict, &config);
             self.recorder.send(Write::Outcome(outcome));
             return ((verdict.state, false), None);
         }
-        let started = lock(&started).unwrap_or_else(std::time::Instant::now);
+        let started = gated.started.unwrap_or_else(std::time::Instant::now);
         self.tries.remove(row.id);
         if let Some(took) = verdict.spawn_took {
             self.metrics.spawned(took);
@@ -267,6 +265,20 @@ async fn wait_for_slot(
         ),
     };
     (had_slot, Some(Verdict::new(state, text)))
+}
+
+/// What a try's gate (its wait for a slot, last before the spawn) saw.
+#[derive(Default)]
+struct Gated<'a> {
+    /// The try got as far as its gate (a try rejected for its type or
+    /// options before it never does).
+    reached: bool,
+    /// The slot it holds until its process exits.
+    slot: Option<Slot<'a>>,
+    /// When it got its slot and started.
+    started: Option<std::time::Instant>,
+    /// Why it never started (stopped or given back while it waited).
+    not_started: Option<Verdict>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
