@@ -24,6 +24,7 @@ both_backends!(
     a_killed_daemon_takes_the_parent_and_its_children_down,
     a_program_that_does_not_speak_preload_is_execd,
     many_tries_at_once_each_get_their_own_child,
+    a_preloaded_try_does_not_run_its_parents_exit_handlers,
 );
 
 /// The task-sdk probe, built beside the daemon (`cargo build --workspace --bins`).
@@ -387,6 +388,42 @@ async fn many_tries_at_once_each_get_their_own_child(backend: crate::util::Backe
 }
 
 /// [`parent_pid`] once the daemon has logged it.
+/// The exit handlers a setup registers (atexit: a C library's clean-up, a
+/// handler that removes the setup's temporary files) belong to the process
+/// that ran the setup. Exec'd, that is the try, which runs them at its
+/// exit; preloaded, it is the parent, and a forked child leaves with
+/// `_exit` without running them (else each try would run the parent's
+/// clean-up: flush its buffers again, remove its files under it).
+async fn a_preloaded_try_does_not_run_its_parents_exit_handlers(backend: crate::util::Backend) {
+    let db = TestDb::new(backend).await;
+    let notes = db.scratch.join("exit-handlers");
+    for preload in [false, true] {
+        let config = format!(
+            "programs: [{{path: {}, preload: {preload}}}]\nenv: {{PROBE_ATEXIT_FILE: {}}}\n",
+            sdk_probe().display(),
+            notes.display()
+        );
+        let mut daemon = Daemon::start(&db, &format!("d-{preload}"), &config);
+        let mut pids = Vec::new();
+        for _ in 0..2 {
+            let id = enqueue(&db, "Probe", "").await;
+            let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+            pids.push(report(&row.result_text.unwrap())["pid"].clone());
+        }
+        let ran = std::fs::read_to_string(&notes).unwrap_or_default();
+        for pid in &pids {
+            let line = format!("exit handler ran in {pid}\n");
+            if preload {
+                assert!(!ran.contains(&line), "a preloaded try ran them: {ran:?}");
+            } else {
+                assert!(ran.contains(&line), "an exec'd try runs them: {ran:?}");
+            }
+        }
+        assert!(daemon.stop().success());
+        let _ = std::fs::remove_file(&notes);
+    }
+}
+
 fn parent_pid_when_logged(daemon: &Daemon) -> i32 {
     daemon.wait_for_log(" preloaded (pid ", WAIT);
     parent_pid(daemon)

@@ -2,7 +2,9 @@
 //! reports how its try was started (pid, process group, parent, open
 //! descriptors, environment, memory left by earlier tries), can sleep,
 //! fail or be told to take `PROBE_SETUP_MS` milliseconds to boot (or to
-//! leave a thread running after its setup, `PROBE_SETUP_THREAD`).
+//! leave a thread running after its setup, `PROBE_SETUP_THREAD`, or to
+//! register an exit handler that appends `exit handler ran in PID` to the
+//! file `PROBE_ATEXIT_FILE`).
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -29,6 +31,10 @@ fn main() -> ExitCode {
                 .unwrap_or(0);
             std::thread::sleep(Duration::from_millis(setup_ms));
             let _ = BOOTED_IN.set(std::process::id());
+            if std::env::var_os("PROBE_ATEXIT_FILE").is_some() {
+                // SAFETY: registering a plain function with the C library.
+                unsafe { libc::atexit(note_exit) };
+            }
             // A setup that leaves a thread running cannot be preloaded.
             if std::env::var_os("PROBE_SETUP_THREAD").is_some() {
                 std::thread::spawn(|| loop {
@@ -37,6 +43,20 @@ fn main() -> ExitCode {
             }
         })
         .serve()
+}
+
+/// The exit handler of `PROBE_ATEXIT_FILE`.
+extern "C" fn note_exit() {
+    use std::io::Write;
+    if let Some(path) = std::env::var_os("PROBE_ATEXIT_FILE") {
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(file, "exit handler ran in {}", std::process::id());
+        }
+    }
 }
 
 struct Probe;

@@ -79,7 +79,7 @@ mod preload;
 pub mod wait;
 
 use std::fmt;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -562,7 +562,7 @@ impl Tasks {
             }
         };
         let mut options = Vec::new();
-        if let Err(error) = std::io::stdin().read_to_end(&mut options) {
+        if let Err(error) = read_stdin(&mut options) {
             eprintln!("cannot read options from stdin: {error}");
             return 1;
         }
@@ -582,6 +582,27 @@ impl Tasks {
             Err(RunError::Failed(message)) | Err(RunError::Unknown(message)) => {
                 eprintln!("{message}");
                 1
+            }
+        }
+    }
+}
+
+/// Reads standard input to its end, straight from descriptor 0: the
+/// options are read once, whole (std's `stdin()` allocates a buffer first,
+/// and a `File` asks the size of what is a pipe).
+fn read_stdin(into: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        // SAFETY: read into a live buffer of its length.
+        let count = unsafe { libc::read(0, chunk.as_mut_ptr().cast(), chunk.len()) };
+        match count {
+            0 => return Ok(()),
+            1.. => into.extend_from_slice(&chunk[..count as usize]),
+            _ => {
+                let error = std::io::Error::last_os_error();
+                if error.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
             }
         }
     }

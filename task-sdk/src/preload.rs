@@ -5,6 +5,7 @@
 //! it), set it up as the daemon sets up an exec'd task, and run the task in
 //! it; answer with its pid.
 
+use std::ffi::CStr;
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -16,19 +17,31 @@ const HELLO: &[u8] = b"hello\0taskrunner-preload-1\0";
 /// The socket the daemon hands over.
 const SOCKET: libc::c_int = 0;
 
-/// One request: what the child needs besides its three descriptors.
-#[derive(Default)]
-struct Request {
+/// The largest request read (the environment is a few KiB).
+const BUFFER: usize = 1 << 20;
+
+extern "C" {
+    /// The C library's environment, which `getenv` and `std::env` read.
+    static mut environ: *const *const libc::c_char;
+}
+
+/// One request, read in place from the receive buffer: every value is a
+/// NUL-terminated string in it. The parent parses it and builds the
+/// child's environment before the fork, so that the child's set-up is
+/// system calls and no allocation.
+struct Request<'a> {
     daemon_pid: libc::pid_t,
-    workdir: Vec<u8>,
-    env: Vec<(Vec<u8>, Vec<u8>)>,
+    workdir: &'a CStr,
+    /// The try's environment as `environ` wants it: pointers to the
+    /// request's `NAME=VALUE` strings, then a null.
+    environ: Vec<*const libc::c_char>,
     rlimit_as: Option<u64>,
     rlimit_cpu: Option<u64>,
     rlimit_nproc: Option<u64>,
     nice: Option<i32>,
     /// The try's cgroup's join files (`tasks` on v1, `cgroup.procs` on
     /// v2), written `0` first thing, while the child has one thread.
-    cgroups: Vec<Vec<u8>>,
+    cgroups: Vec<&'a CStr>,
 }
 
 pub(crate) fn serve(tasks: &Tasks) -> ExitCode {
@@ -40,8 +53,16 @@ pub(crate) fn serve(tasks: &Tasks) -> ExitCode {
         eprintln!("taskrunner preload: standard input is not the daemon's socket");
         return ExitCode::FAILURE;
     }
+    // The main thread's handle, made once here rather than in every child
+    // (the panic hook asks for it).
+    let _ = std::thread::current();
+    // Reused for every request. A child reads its request (its environment
+    // included) from its own copy and never returns here, so the copy
+    // lives as long as the child.
+    let mut buffer = vec![0u8; BUFFER + 1];
+    let mut reply = Vec::with_capacity(64);
     loop {
-        let (message, fds) = match receive() {
+        let (count, fds) = match receive(&mut buffer[..BUFFER]) {
             Ok(Some(received)) => received,
             // The daemon closed the socket: this parent is retired.
             Ok(None) => return ExitCode::SUCCESS,
@@ -50,23 +71,27 @@ pub(crate) fn serve(tasks: &Tasks) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        // Every value ends with a NUL, the last one too.
+        buffer[count] = 0;
+        let message = &buffer[..count + 1];
         // Checked once, above: after the setup nothing but this loop runs
         // in the parent, and it starts no thread (a read of /proc per try
         // was on every start's path).
-        let answer = match (parse(&message), fds.len()) {
+        let answer = match (parse(message), fds.len()) {
             (Ok(request), 3) => fork_try(tasks, &request, &fds),
             (Ok(_), count) => Err(format!("a request with {count} descriptors, not 3")),
             (Err(reason), _) => Err(reason),
         };
-        for fd in fds {
+        for &fd in fds.iter() {
             // SAFETY: descriptors received for this request, ours to close.
             unsafe { libc::close(fd) };
         }
-        let reply = match answer {
-            Ok(pid) => format!("pid\0{pid}\0"),
-            Err(reason) => format!("error\0{}\0", reason.replace('\0', " ")),
+        reply.clear();
+        let _ = match answer {
+            Ok(pid) => write!(reply, "pid\0{pid}\0"),
+            Err(reason) => write!(reply, "error\0{}\0", reason.replace('\0', " ")),
         };
-        if send(reply.as_bytes()).is_err() {
+        if send(&reply).is_err() {
             return ExitCode::FAILURE;
         }
     }
@@ -88,42 +113,64 @@ fn single_threaded() -> Result<(), String> {
     Ok(())
 }
 
-fn parse(message: &[u8]) -> Result<Request, String> {
-    let mut fields = message.split(|&b| b == 0);
-    let mut request = Request::default();
-    let number = |value: &[u8]| -> Result<i64, String> {
-        std::str::from_utf8(value)
+/// Reads the fields of `message`, which ends with a NUL. An `env` value
+/// that is not `NAME=VALUE` with a name is left out.
+fn parse(message: &[u8]) -> Result<Request<'_>, String> {
+    let mut fields = message
+        .split_inclusive(|&b| b == 0)
+        .map(|field| CStr::from_bytes_with_nul(field).unwrap_or_default());
+    let mut daemon_pid = 0;
+    let mut workdir = None;
+    let mut request = Request {
+        daemon_pid: 0,
+        workdir: c"",
+        environ: Vec::with_capacity(64),
+        rlimit_as: None,
+        rlimit_cpu: None,
+        rlimit_nproc: None,
+        nice: None,
+        cgroups: Vec::new(),
+    };
+    let number = |value: &CStr| -> Result<i64, String> {
+        value
+            .to_str()
             .ok()
             .and_then(|v| v.parse().ok())
-            .ok_or_else(|| format!("not a number: {:?}", String::from_utf8_lossy(value)))
+            .ok_or_else(|| format!("not a number: {value:?}"))
     };
     while let Some(name) = fields.next() {
         if name.is_empty() {
             break;
         }
         let value = fields.next().ok_or("a field without a value")?;
-        match name {
-            b"daemon_pid" => request.daemon_pid = number(value)? as libc::pid_t,
-            b"workdir" => request.workdir = value.to_vec(),
-            b"env" => {
-                let at = value.iter().position(|&b| b == b'=').unwrap_or(value.len());
-                let (key, rest) = value.split_at(at);
-                request
-                    .env
-                    .push((key.to_vec(), rest.get(1..).unwrap_or(&[]).to_vec()));
+        match name.to_bytes() {
+            b"daemon_pid" => daemon_pid = number(value)?,
+            b"workdir" => workdir = Some(value),
+            // `NAME=VALUE`, with a name before the `=`.
+            b"env"
+                if value.to_bytes().iter().skip(1).any(|&b| b == b'=')
+                    && value.to_bytes().first() != Some(&b'=') =>
+            {
+                request.environ.push(value.as_ptr())
             }
+            b"env" => {}
             b"rlimit_as" => request.rlimit_as = Some(number(value)? as u64),
             b"rlimit_cpu" => request.rlimit_cpu = Some(number(value)? as u64),
             b"rlimit_nproc" => request.rlimit_nproc = Some(number(value)? as u64),
             b"nice" => request.nice = Some(number(value)? as i32),
-            b"cgroup" => request.cgroups.push(value.to_vec()),
+            b"cgroup" => request.cgroups.push(value),
             // Fields added later are ignored by older programs.
             _ => {}
         }
     }
-    if request.daemon_pid <= 1 || request.workdir.is_empty() {
-        return Err("a request without daemon_pid or workdir".into());
+    match workdir {
+        Some(workdir) if daemon_pid > 1 && !workdir.is_empty() => {
+            request.daemon_pid = daemon_pid as libc::pid_t;
+            request.workdir = workdir;
+        }
+        _ => return Err("a request without daemon_pid or workdir".into()),
     }
+    request.environ.push(std::ptr::null());
     Ok(request)
 }
 
@@ -162,10 +209,16 @@ fn fork_try(tasks: &Tasks, request: &Request, fds: &[libc::c_int]) -> Result<i32
             libc::_exit(127);
         }
     }
-    let args: Vec<String> = Vec::new();
-    let code = tasks.run_from_env(&args);
+    let code = tasks.run_from_env(&[]);
     let _ = std::io::stdout().flush();
-    std::process::exit(i32::from(code))
+    let _ = std::io::stderr().flush();
+    // SAFETY: leaving the child once its output is flushed. `_exit`, not
+    // `exit`: the exit handlers (atexit, the C library's and the Rust
+    // runtime's clean-up) were registered by the parent's setup and are the
+    // parent's, not each try's (a handler that removes the setup's files
+    // would remove them under the parent); and they were most of a NoOp
+    // child's time.
+    unsafe { libc::_exit(i32::from(code)) }
 }
 
 /// What the daemon does for an exec'd task between clone and exec.
@@ -175,8 +228,7 @@ fn set_up_child(request: &Request, fds: &[libc::c_int]) -> Result<(), &'static s
         // Into the try's cgroup before anything else, so that its limits
         // hold and ending the try kills all it starts.
         for procs in &request.cgroups {
-            let path = std::ffi::CString::new(procs.clone()).map_err(|_| "cgroup")?;
-            let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
             if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                 return Err("joining the try's cgroup");
             }
@@ -186,16 +238,20 @@ fn set_up_child(request: &Request, fds: &[libc::c_int]) -> Result<(), &'static s
         libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         // Its own process group, as an exec'd task.
         libc::setpgid(0, 0);
-        // The try's stdin, stdout and stderr onto 0-2 (copied above 2 first,
-        // so that none is clobbered), then every other descriptor closed.
-        let mut high = [0; 3];
-        for (slot, fd) in fds.iter().enumerate() {
-            high[slot] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 3);
-            if high[slot] < 0 {
-                return Err("setting up stdio");
+        // The try's stdin, stdout and stderr onto 0-2, then every other
+        // descriptor closed. Received while 0-2 were open, they are above
+        // 2; were one not, all three are first copied above 2, so that
+        // none is clobbered.
+        let mut sources = [fds[0], fds[1], fds[2]];
+        if sources.iter().any(|&fd| fd <= 2) {
+            for source in &mut sources {
+                *source = libc::fcntl(*source, libc::F_DUPFD_CLOEXEC, 3);
+                if *source < 0 {
+                    return Err("setting up stdio");
+                }
             }
         }
-        for (target, fd) in high.iter().enumerate() {
+        for (target, fd) in sources.iter().enumerate() {
             if libc::dup2(*fd, target as libc::c_int) < 0 {
                 return Err("setting up stdio");
             }
@@ -206,8 +262,7 @@ fn set_up_child(request: &Request, fds: &[libc::c_int]) -> Result<(), &'static s
             libc::c_uint::MAX,
             0,
         );
-        let workdir = std::ffi::CString::new(request.workdir.clone()).map_err(|_| "workdir")?;
-        if libc::chdir(workdir.as_ptr()) != 0 {
+        if libc::chdir(request.workdir.as_ptr()) != 0 {
             return Err("entering the working directory");
         }
         // Die with the daemon, which is this process's parent (CLONE_PARENT).
@@ -244,19 +299,10 @@ fn set_up_child(request: &Request, fds: &[libc::c_int]) -> Result<(), &'static s
                 return Err("setting the nice value");
             }
         }
-    }
-    // The try's environment, exactly as an exec'd task would get it.
-    use std::os::unix::ffi::OsStrExt;
-    for (name, _) in std::env::vars_os() {
-        std::env::remove_var(name);
-    }
-    for (name, value) in &request.env {
-        if !name.is_empty() && !name.contains(&b'=') {
-            std::env::set_var(
-                std::ffi::OsStr::from_bytes(name),
-                std::ffi::OsStr::from_bytes(value),
-            );
-        }
+        // The try's environment, exactly as an exec'd task gets it (its
+        // `envp`): the request's strings, in the child's copy of the
+        // buffer, which outlives it. `setenv` later copies the array.
+        environ = request.environ.as_ptr();
     }
     Ok(())
 }
@@ -282,16 +328,23 @@ fn send(message: &[u8]) -> std::io::Result<()> {
     }
 }
 
-/// One request and the descriptors passed with it; `None` at end of file.
-fn receive() -> std::io::Result<Option<(Vec<u8>, Vec<libc::c_int>)>> {
-    // A request is a few KiB (the environment); reused, not allocated per request.
-    thread_local! {
-        static BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 1 << 20]);
+/// The descriptors passed with one request (a request carries three).
+struct Fds {
+    fds: [libc::c_int; 8],
+    count: usize,
+}
+
+impl std::ops::Deref for Fds {
+    type Target = [libc::c_int];
+
+    fn deref(&self) -> &[libc::c_int] {
+        &self.fds[..self.count]
     }
-    let mut buffer = BUFFER.with(|buffer| std::mem::take(&mut *buffer.borrow_mut()));
-    if buffer.len() < 1 << 20 {
-        buffer = vec![0u8; 1 << 20];
-    }
+}
+
+/// One request into `buffer` (its length) and the descriptors passed with
+/// it; `None` at end of file.
+fn receive(buffer: &mut [u8]) -> std::io::Result<Option<(usize, Fds)>> {
     // Room for a few descriptors (a request carries three).
     let mut control = [0u64; 16];
     loop {
@@ -315,24 +368,35 @@ fn receive() -> std::io::Result<Option<(Vec<u8>, Vec<libc::c_int>)>> {
                 }
                 return Err(error);
             }
-            let mut fds = Vec::new();
+            let mut fds = Fds {
+                fds: [-1; 8],
+                count: 0,
+            };
             let mut cmsg = libc::CMSG_FIRSTHDR(&header);
             while !cmsg.is_null() {
                 if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
                     let data = libc::CMSG_DATA(cmsg) as *const libc::c_int;
                     let bytes = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
                     for index in 0..bytes / std::mem::size_of::<libc::c_int>() {
-                        fds.push(std::ptr::read_unaligned(data.add(index)));
+                        let fd = std::ptr::read_unaligned(data.add(index));
+                        match fds.fds.get_mut(fds.count) {
+                            Some(slot) => {
+                                *slot = fd;
+                                fds.count += 1;
+                            }
+                            // More than the control buffer can bring: never.
+                            None => {
+                                libc::close(fd);
+                            }
+                        }
                     }
                 }
                 cmsg = libc::CMSG_NXTHDR(&header, cmsg);
             }
-            if count == 0 && fds.is_empty() {
+            if count == 0 && fds.count == 0 {
                 return Ok(None);
             }
-            let message = buffer[..count as usize].to_vec();
-            BUFFER.with(|slot| *slot.borrow_mut() = buffer);
-            return Ok(Some((message, fds)));
+            return Ok(Some((count as usize, fds)));
         }
     }
 }
@@ -361,10 +425,20 @@ mod tests {
 
     #[test]
     fn a_request_is_read_field_by_field() {
-        let request = parse(b"daemon_pid\x0042\x00workdir\x00/tmp\x00env\x00A=b=c\x00rlimit_cpu\x005\x00nice\x00-2\x00later\x00x\x00").unwrap();
+        let request = parse(b"daemon_pid\x0042\x00workdir\x00/tmp\x00env\x00A=b=c\x00env\x00=x\x00env\x00B\x00rlimit_cpu\x005\x00nice\x00-2\x00later\x00x\x00").unwrap();
         assert_eq!(request.daemon_pid, 42);
-        assert_eq!(request.workdir, b"/tmp");
-        assert_eq!(request.env, vec![(b"A".to_vec(), b"b=c".to_vec())]);
+        assert_eq!(request.workdir, c"/tmp");
+        let strings: Vec<&CStr> = request.environ[..request.environ.len() - 1]
+            .iter()
+            // SAFETY: pointers into the message above, which is alive.
+            .map(|&pointer| unsafe { CStr::from_ptr(pointer) })
+            .collect();
+        assert_eq!(
+            strings,
+            [c"A=b=c"],
+            "names without a value or a name are left out"
+        );
+        assert!(request.environ.last().unwrap().is_null());
         assert_eq!((request.rlimit_cpu, request.nice), (Some(5), Some(-2)));
         assert!(parse(b"workdir\x00/tmp\x00").is_err());
     }
