@@ -22,6 +22,7 @@ both_backends!(
     a_setsid_grandchild_is_killed_at_the_end_of_its_try,
     a_setsid_grandchild_is_killed_before_the_rerun_at_a_daemon_restart,
     a_tries_cgroup_is_removed_after_the_try,
+    a_try_without_limits_gets_the_emptied_cgroup_of_one_before,
     preloaded_tries_run_in_their_own_cgroup,
     empty_try_cgroups_a_killed_daemon_left_are_removed,
 );
@@ -293,6 +294,71 @@ async fn a_tries_cgroup_is_removed_after_the_try(backend: Backend) {
         dirs.iter().all(|dir| !dir.exists())
     });
     assert!(daemon.stop().success());
+}
+
+/// Runs one `Where` try (`cat /proc/self/cgroup`): the directories of its
+/// try cgroup, and whether they are cgroup v1's.
+async fn run_where(db: &TestDb) -> (Vec<PathBuf>, bool) {
+    let id = insert_once(db, "Where").await;
+    let text = db
+        .wait_for_state(id, "FINISHED", WAIT)
+        .await
+        .result_text
+        .unwrap();
+    let dirs = try_cgroup_dirs(&text);
+    assert!(!dirs.is_empty(), "the try ran in a try cgroup: {text}");
+    // cgroup v1 names the controllers on the try's line.
+    let v1 = text
+        .lines()
+        .any(|line| line.contains("/try-") && !line.contains("::"));
+    (dirs, v1)
+}
+
+/// A try without limits gets the emptied cgroup of an earlier one, renamed
+/// after it, on cgroup v1 (a `mkdir` and an `rmdir` of a cgroup cost the
+/// daemon more than the rest of a no-op try; cgroup v2 cannot rename one):
+/// the cgroup is kept, empty, once its try ended, the next try runs in it
+/// under its own name, and the daemon removes it when it stops.
+async fn a_try_without_limits_gets_the_emptied_cgroup_of_one_before(backend: Backend) {
+    use std::os::unix::fs::MetadataExt;
+    let db = TestDb::new(backend).await;
+    let Some(mut daemon) = start_with_cgroups(
+        &db,
+        "tasks:\n  Where:\n    command: [/bin/cat, /proc/self/cgroup]\n",
+    ) else {
+        return;
+    };
+    let (first, v1) = run_where(&db).await;
+    if !v1 {
+        wait_until(WAIT, "the try's cgroup to be removed (cgroup v2)", || {
+            first.iter().all(|dir| !dir.exists())
+        });
+        assert!(daemon.stop().success());
+        return;
+    }
+    let [first] = first.as_slice() else {
+        panic!("a try without limits has one cgroup: {first:?}");
+    };
+    let kept = std::fs::metadata(first).expect("the emptied cgroup is kept");
+    let members = std::fs::read_to_string(first.join("cgroup.procs")).unwrap();
+    assert_eq!(members, "", "nothing is left in it");
+
+    let (second, _) = run_where(&db).await;
+    let [second] = second.as_slice() else {
+        panic!("a try without limits has one cgroup: {second:?}");
+    };
+    assert_ne!(first, second, "each try's cgroup is named after it");
+    assert!(!first.exists(), "the spare took the second try's name");
+    assert_eq!(
+        std::fs::metadata(second).expect("kept again").ino(),
+        kept.ino(),
+        "the second try ran in the first one's cgroup"
+    );
+    assert!(daemon.stop().success());
+    assert!(
+        !second.exists(),
+        "the daemon removes its spares when it stops"
+    );
 }
 
 /// A preloaded program's child (forked by the program, not the daemon)

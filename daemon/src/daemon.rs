@@ -135,8 +135,9 @@ pub async fn run(
         None => None,
     };
     // Before the first try: which limits hold, and (cgroup v2) the daemon
-    // moved into a leaf of its delegated cgroup.
-    crate::supervisor::cgroup::init();
+    // moved into a leaf of its delegated cgroup. Emptied cgroups are kept
+    // for the next tries while the daemon runs.
+    crate::supervisor::cgroup::init().keep_spares();
     let spawner = crate::supervisor::start_spawner().context("preparing to start tasks")?;
     if let Some(warning) = crate::supervisor::resources::open_files_warning(config.max_concurrent) {
         tracing::warn!("{warning}");
@@ -365,6 +366,7 @@ pub async fn run(
     }
     // No try runs: the preloaded parents go too.
     spawner.retire_preloaded().await;
+    crate::supervisor::cgroup::init().release_spares();
     // The other services stop; the recorder first applies every write
     // queued (the tries' outcomes), retrying through an outage for a while.
     services.cancel();

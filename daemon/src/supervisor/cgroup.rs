@@ -24,6 +24,11 @@
 //! (the `cgroup` field of the preload protocol), and is moved by the daemon
 //! when it is adopted in case it did not.
 //!
+//! A try without limits, on cgroup v1, gets the daemon's spare: the emptied
+//! cgroup of an earlier try, renamed after it (see [`Cgroups::keep_spares`]):
+//! a `mkdir` and an `rmdir` of a cgroup each cost more of the daemon's CPU
+//! than the rest of its work on a no-op try.
+//!
 //! The join file is `tasks` on cgroup v1 and `cgroup.procs` on v2 (see
 //! [`join_file`]): on v1, a single-threaded process that moves itself
 //! through `tasks` takes no global lock, where a write to `cgroup.procs`
@@ -38,7 +43,8 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::units::format_size;
@@ -81,7 +87,32 @@ pub(crate) struct Cgroups {
     hierarchies: Vec<Hierarchy>,
     /// Why cgroups (or some controllers) are not used.
     note: Option<String>,
+    /// Whether emptied cgroups are kept for the next try ([`Cgroups::keep_spares`]).
+    keeping: AtomicBool,
+    /// The emptied cgroups kept, each still named after the try that ran in it.
+    spares: Mutex<Vec<Spare>>,
+    /// The directory spares are in (the tracking hierarchy's base), open
+    /// while spares are kept: renamed relative to it, with no path to walk.
+    spares_dir: OnceLock<OwnedFd>,
 }
+
+/// The emptied cgroup of a try without limits, kept for the next one: its
+/// name in the tracking hierarchy's base (still that of the try that ran in
+/// it), its join file, open, and when its modification time was last set.
+#[derive(Debug)]
+struct Spare {
+    name: CString,
+    join: OwnedFd,
+    touched: std::time::Instant,
+}
+
+/// At most this many spares are kept (as many as tries ran at once, at most).
+const MAX_SPARES: usize = 64;
+
+/// A spare's modification time is set to now when it is reused, if it was
+/// set longer ago than this: a reused cgroup is always far younger than
+/// [`SWEEP_AFTER`], as a new one is.
+const TOUCH_AFTER: Duration = Duration::from_secs(1);
 
 static DETECTED: OnceLock<Cgroups> = OnceLock::new();
 
@@ -112,7 +143,114 @@ pub(crate) struct Limits {
     pub(crate) cpu: Option<f64>,
 }
 
+impl Limits {
+    fn none(&self) -> bool {
+        self.memory.is_none() && self.processes.is_none() && self.cpu.is_none()
+    }
+}
+
 impl Cgroups {
+    fn new(hierarchies: Vec<Hierarchy>, note: Option<String>) -> Cgroups {
+        Cgroups {
+            hierarchies,
+            note,
+            keeping: AtomicBool::new(false),
+            spares: Mutex::new(Vec::new()),
+            spares_dir: OnceLock::new(),
+        }
+    }
+
+    /// From now on, the emptied cgroup of a try without limits is kept, and
+    /// the next try without limits gets it, renamed after that try, instead
+    /// of a new one: on cgroup v1 only (cgroup v2 cannot rename a cgroup).
+    /// A spare is still named after the try that ran in it, so that until
+    /// it is reused it is what it was: the daemon's reaper and sweep
+    /// (`sweep_empty`) treat it as that try's cgroup, and a spare left by a
+    /// daemon killed -9 is swept like any empty try cgroup. The daemon keeps
+    /// spares while it runs and removes them at its end
+    /// ([`Cgroups::release_spares`]).
+    pub(crate) fn keep_spares(&self) {
+        let Some(hierarchy) = self.hierarchies.get(self.tracking()) else {
+            return;
+        };
+        if hierarchy.v2 {
+            return;
+        }
+        if self.spares_dir.get().is_none() {
+            let Ok(dir) = std::fs::File::open(&hierarchy.base) else {
+                return;
+            };
+            let _ = self.spares_dir.set(OwnedFd::from(dir));
+        }
+        self.keeping.store(true, Ordering::Relaxed);
+    }
+
+    /// Removes the spares and keeps no more (the daemon's end).
+    pub(crate) fn release_spares(&self) {
+        self.keeping.store(false, Ordering::Relaxed);
+        let spares = std::mem::take(&mut *self.spares.lock().unwrap_or_else(|e| e.into_inner()));
+        let Some(dir) = self.spares_dir.get() else {
+            return;
+        };
+        for spare in spares {
+            // SAFETY: a NUL-terminated name in the open directory.
+            unsafe { libc::unlinkat(dir.as_raw_fd(), spare.name.as_ptr(), libc::AT_REMOVEDIR) };
+        }
+    }
+
+    /// The hierarchy that tracks every try's processes: pids, else the first.
+    fn tracking(&self) -> usize {
+        self.hierarchies
+            .iter()
+            .position(|hierarchy| hierarchy.controllers.contains(&Controller::Pids))
+            .unwrap_or(0)
+    }
+
+    /// A spare renamed `name`, for a try without limits; None when there is
+    /// none, or it is gone (the sweep of an idle daemon's spare, once 10 s
+    /// old, or an operator's rmdir): then a new cgroup is made.
+    fn reuse_spare(&self, name: &str) -> Option<TryCgroup> {
+        let dir = self.spares_dir.get()?.as_raw_fd();
+        let new_name = CString::new(name).ok()?;
+        let mut spare = self
+            .spares
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()?;
+        let hierarchy = &self.hierarchies[self.tracking()];
+        // Touched before it takes the new name: a sweep that finds it under
+        // that name finds it young, and leaves it to the try that joins it.
+        let mut usable = true;
+        if spare.touched.elapsed() >= TOUCH_AFTER {
+            // SAFETY: a NUL-terminated name in the open directory; a null
+            // `times` means now.
+            usable = unsafe { libc::utimensat(dir, spare.name.as_ptr(), std::ptr::null(), 0) } == 0;
+            spare.touched = std::time::Instant::now();
+        }
+        // SAFETY: NUL-terminated names in the open directory.
+        usable = usable
+            && unsafe { libc::renameat(dir, spare.name.as_ptr(), dir, new_name.as_ptr()) } == 0;
+        if !usable {
+            // SAFETY: as above.
+            unsafe { libc::unlinkat(dir, spare.name.as_ptr(), libc::AT_REMOVEDIR) };
+            return None;
+        }
+        let path = hierarchy.base.join(name);
+        Some(TryCgroup {
+            dirs: vec![Dir {
+                path,
+                v2: hierarchy.v2,
+                controllers: hierarchy.controllers.clone(),
+            }],
+            procs: vec![spare.join],
+            limits: Limits::default(),
+            touched: spare.touched,
+            spare: true,
+            emptied: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
+        })
+    }
+
     /// Whether `controller` is in force (else its setting is an rlimit, or
     /// not enforced).
     pub(crate) fn controls(&self, controller: Controller) -> bool {
@@ -158,19 +296,25 @@ impl Cgroups {
     /// `limits`, ready for its process to join.
     pub(crate) fn create(&self, key: &str, limits: &Limits) -> io::Result<TryCgroup> {
         let name = cgroup_name(key);
+        let spare = limits.none() && self.keeping.load(Ordering::Relaxed);
+        if spare {
+            if let Some(reused) = self.reuse_spare(&name) {
+                return Ok(reused);
+            }
+        }
         let mut made = TryCgroup {
             dirs: Vec::new(),
             procs: Vec::new(),
             limits: *limits,
+            touched: std::time::Instant::now(),
+            spare,
+            emptied: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
         };
         // A hierarchy whose controllers limit nothing of this try is left
         // out (each cgroup costs a mkdir, a join and an rmdir), except the
         // one that tracks the try's processes (pids, else the first).
-        let tracking = self
-            .hierarchies
-            .iter()
-            .position(|hierarchy| hierarchy.controllers.contains(&Controller::Pids))
-            .unwrap_or(0);
+        let tracking = self.tracking();
         for (index, hierarchy) in self.hierarchies.iter().enumerate() {
             let limits_something =
                 hierarchy
@@ -232,6 +376,10 @@ impl Cgroups {
                 .collect(),
             procs: Vec::new(),
             limits: Limits::default(),
+            touched: std::time::Instant::now(),
+            spare: false,
+            emptied: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
         };
         if leftover.dirs.is_empty() {
             return 0;
@@ -378,6 +526,15 @@ pub(crate) struct TryCgroup {
     /// child writes `0` to each to join.
     procs: Vec<OwnedFd>,
     limits: Limits,
+    /// When its directory was made, or its modification time last set.
+    touched: std::time::Instant,
+    /// Kept as a spare at its end, once emptied (a try without limits, while
+    /// the daemon keeps spares: one directory, cgroup v1).
+    spare: bool,
+    /// The last [`TryCgroup::kill_all`] left no process in it.
+    emptied: AtomicBool,
+    /// Removed, or kept as a spare: nothing is left to do when it is dropped.
+    ended: AtomicBool,
 }
 
 /// At most this many hierarchies (memory, pids, cpu each on its own).
@@ -438,6 +595,7 @@ impl TryCgroup {
     /// SIGKILL to every process in the cgroup, again until none is left
     /// (a process may fork while the list is read); returns how many.
     pub(crate) fn kill_all(&self) -> usize {
+        self.emptied.store(false, Ordering::Relaxed);
         // cgroup v2 kills the whole cgroup in one write (Linux 5.14).
         for dir in self.dirs.iter().filter(|dir| dir.v2) {
             let _ = std::fs::write(dir.path.join("cgroup.kill"), "1");
@@ -446,6 +604,7 @@ impl TryCgroup {
         for _ in 0..1000 {
             let members = self.members();
             if members.is_empty() {
+                self.emptied.store(true, Ordering::Relaxed);
                 break;
             }
             for pid in members {
@@ -496,8 +655,18 @@ impl TryCgroup {
     /// Kills what is left and removes the cgroup: each directory once it is
     /// empty (killed processes take a moment to exit). Gives up after a few
     /// seconds with one warning line.
+    ///
+    /// The cgroup of a try without limits that [`TryCgroup::kill_all`] left
+    /// empty is kept as the daemon's spare instead ([`Cgroups::keep_spares`]):
+    /// nothing can enter a cgroup with no process in it but through its
+    /// join file, which only the next try's process writes to.
     pub(crate) async fn remove(&self) {
+        if self.keep_as_spare() {
+            self.ended.store(true, Ordering::Relaxed);
+            return;
+        }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut removed = true;
         for dir in &self.dirs {
             loop {
                 match std::fs::remove_dir(&dir.path) {
@@ -509,6 +678,7 @@ impl TryCgroup {
                                 "cannot remove the try's cgroup {}: {error}",
                                 dir.path.display()
                             );
+                            removed = false;
                             break;
                         }
                         self.kill_all();
@@ -517,6 +687,41 @@ impl TryCgroup {
                 }
             }
         }
+        self.ended.store(removed, Ordering::Relaxed);
+    }
+
+    /// Hands the emptied cgroup to the daemon's spares; false if it is not
+    /// to be kept (limits, cgroup v2, not known empty, enough spares).
+    fn keep_as_spare(&self) -> bool {
+        let (true, true, [dir], [join]) = (
+            self.spare,
+            self.emptied.load(Ordering::Relaxed),
+            self.dirs.as_slice(),
+            self.procs.as_slice(),
+        ) else {
+            return false;
+        };
+        let Some(cgroups) = in_force().filter(|c| c.keeping.load(Ordering::Relaxed)) else {
+            return false;
+        };
+        let (Ok(join), Some(Ok(name))) = (
+            join.try_clone(),
+            dir.path
+                .file_name()
+                .map(|name| CString::new(name.as_bytes())),
+        ) else {
+            return false;
+        };
+        let mut spares = cgroups.spares.lock().unwrap_or_else(|e| e.into_inner());
+        if spares.len() >= MAX_SPARES {
+            return false;
+        }
+        spares.push(Spare {
+            name,
+            join,
+            touched: self.touched,
+        });
+        true
     }
 
     /// Removes what was made so far (a failed creation; nothing joined yet).
@@ -531,7 +736,7 @@ impl Drop for TryCgroup {
     /// A try whose supervision was dropped midway (its caller gone) leaves
     /// nothing running either: best effort, without waiting.
     fn drop(&mut self) {
-        if self.dirs.iter().any(|dir| dir.path.exists()) {
+        if !self.ended.load(Ordering::Relaxed) && self.dirs.iter().any(|dir| dir.path.exists()) {
             self.kill_all();
             self.remove_now();
         }
@@ -551,10 +756,7 @@ fn counter(path: &Path, name: &str) -> u64 {
 }
 
 fn detect() -> Cgroups {
-    let none = |note: String| Cgroups {
-        hierarchies: Vec::new(),
-        note: Some(note),
-    };
+    let none = |note: String| Cgroups::new(Vec::new(), Some(note));
     if std::env::var_os("TASKRUNNER_CGROUPS").is_some_and(|value| value == "off") {
         return none("TASKRUNNER_CGROUPS=off".into());
     }
@@ -566,22 +768,14 @@ fn detect() -> Cgroups {
     };
     let mounts = parse_mounts(&mountinfo);
     let v2_note = match set_up_v2(&mounts, &own) {
-        Ok(hierarchy) => {
-            return Cgroups {
-                hierarchies: vec![hierarchy],
-                note: None,
-            }
-        }
+        Ok(hierarchy) => return Cgroups::new(vec![hierarchy], None),
         Err(why) => why,
     };
     let (hierarchies, v1_note) = set_up_v1(&mounts, &own);
     if hierarchies.is_empty() {
         return none(format!("{v2_note}; {v1_note}"));
     }
-    Cgroups {
-        hierarchies,
-        note: (!v1_note.is_empty()).then_some(v1_note),
-    }
+    Cgroups::new(hierarchies, (!v1_note.is_empty()).then_some(v1_note))
 }
 
 /// A cgroup mount: its mount point, whether it is cgroup2, and (v1) the
