@@ -1,7 +1,8 @@
 //! For tests and the benchmark of preload: a task program whose `Probe`
 //! reports how its try was started (pid, process group, parent, open
 //! descriptors, environment, memory left by earlier tries), can sleep,
-//! fail or be told to take `PROBE_SETUP_MS` milliseconds to boot (or to
+//! fail or be told to take `PROBE_SETUP_MS` milliseconds to boot (to leave
+//! `PROBE_SETUP_GARBAGE_MB` megabytes freed in small pieces, or to
 //! leave a thread running after its setup, `PROBE_SETUP_THREAD`, or to
 //! register an exit handler that appends `exit handler ran in PID` to the
 //! file `PROBE_ATEXIT_FILE`).
@@ -17,6 +18,9 @@ use task_sdk::{Context, Task, Tasks};
 /// The pid of the process that ran the setup.
 static BOOTED_IN: OnceLock<u32> = OnceLock::new();
 
+/// What a setup with garbage keeps (`PROBE_SETUP_GARBAGE_MB`).
+static KEPT: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+
 /// Tries seen by this process's memory: 1 in every try when each is forked
 /// from a parent that never runs one.
 static TRIES_SEEN: AtomicU32 = AtomicU32::new(0);
@@ -30,6 +34,21 @@ fn main() -> ExitCode {
                 .and_then(|ms| ms.parse().ok())
                 .unwrap_or(0);
             std::thread::sleep(Duration::from_millis(setup_ms));
+            // A setup that leaves garbage: PROBE_SETUP_GARBAGE_MB megabytes
+            // in small pieces, of which one in 64 is kept.
+            let garbage_mb: usize = std::env::var("PROBE_SETUP_GARBAGE_MB")
+                .ok()
+                .and_then(|mb| mb.parse().ok())
+                .unwrap_or(0);
+            let mut pieces: Vec<Vec<u8>> = (0..garbage_mb * 1024)
+                .map(|index| vec![index as u8; 1000])
+                .collect();
+            let mut index = 0;
+            pieces.retain(|_| {
+                index += 1;
+                index % 64 == 0
+            });
+            KEPT.set(pieces).ok();
             let _ = BOOTED_IN.set(std::process::id());
             if std::env::var_os("PROBE_ATEXIT_FILE").is_some() {
                 // SAFETY: registering a plain function with the C library.

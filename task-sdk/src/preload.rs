@@ -56,6 +56,14 @@ pub(crate) fn serve(tasks: &Tasks) -> ExitCode {
     // The main thread's handle, made once here rather than in every child
     // (the panic hook asks for it).
     let _ = std::thread::current();
+    // What the setup freed goes back to the kernel: a fork copies the page
+    // table entries of every page still present, and a child writes into
+    // free heap pages only through a copy-on-write fault.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free memory; one thread runs.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     // Reused for every request. A child reads its request (its environment
     // included) from its own copy and never returns here, so the copy
     // lives as long as the child.
