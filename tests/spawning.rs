@@ -12,6 +12,7 @@ const WAIT: Duration = Duration::from_secs(60);
 both_backends!(
     many_short_tries_at_once_each_end_with_their_own_status_and_leave_no_zombie,
     a_killed_daemon_takes_down_tries_started_by_every_spawner_thread,
+    short_tries_started_at_each_exit_never_run_beyond_max_concurrent,
 );
 
 /// 120 short tries, 8 at a time, of three kinds that end differently:
@@ -88,4 +89,63 @@ async fn a_killed_daemon_takes_down_tries_started_by_every_spawner_thread(backen
         "every try to die with its daemon",
         || pids.iter().all(|&pid| !process_exists(pid)),
     );
+}
+
+/// Short tries claimed ahead: each exit hands its slot to the next try on
+/// the spawner thread that saw it, while the runtime's thread releases the
+/// same slot when it reaps the process. Were a slot handed over twice, more
+/// than `max_concurrent` tasks would run at once from then on: each task
+/// logs when it began and when it ended, and the intervals never overlap
+/// beyond the limit.
+async fn short_tries_started_at_each_exit_never_run_beyond_max_concurrent(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    for max_concurrent in [1, 2] {
+        let log = db.scratch.join(&format!("intervals-{max_concurrent}.log"));
+        let task = format!("Mark{max_concurrent}");
+        let mut daemon = db
+            .daemon("d")
+            .set("max_concurrent", max_concurrent)
+            .shell_task(
+                &task,
+                &format!(
+                    "echo start $(date +%s%N) >> {log}; echo end $(date +%s%N) >> {log}",
+                    log = log.display()
+                ),
+            )
+            .start();
+        db.insert_rows((0..150).map(|_| NewRow::new(&task))).await;
+        db.wait_for_count(
+            &format!(
+                "SELECT count(*) FROM task_runner_requests \
+                 WHERE task_class_name = '{task}' AND result = 'FINISHED'"
+            ),
+            150,
+            WAIT,
+        )
+        .await;
+        let mut events: Vec<(u128, i32)> = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .map(|line| {
+                let (kind, at) = line.split_once(' ').unwrap();
+                (at.parse().unwrap(), if kind == "start" { 1 } else { -1 })
+            })
+            .collect();
+        assert_eq!(events.len(), 300, "every task logged its start and end");
+        // Ends sort before starts at the same instant.
+        events.sort();
+        let (mut running, mut most) = (0, 0);
+        for (_, delta) in events {
+            running += delta;
+            most = most.max(running);
+        }
+        assert!(
+            most <= max_concurrent,
+            "{most} tasks ran at once with max_concurrent {max_concurrent}"
+        );
+        wait_until(Duration::from_secs(5), "no zombie children", || {
+            zombie_children(daemon.pid()).is_empty()
+        });
+        assert!(daemon.stop().success(), "log:\n{}", daemon.log_text());
+    }
 }

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::request::{RequestId, State};
-use crate::supervisor::{self, Ended, Launch, Spawned, Spawner, StopReason, Stopped};
+use crate::supervisor::{self, Ended, Gate, Launch, Spawned, Spawner, StopReason, Stopped};
 use crate::task_types::{Registry, Setup};
 
 /// The outcome to record for a claimed row's try: the backoff for a failed,
@@ -70,19 +70,19 @@ pub(crate) fn outcome(
 ///
 /// [`Write::Outcome`]: crate::store::Write::Outcome
 ///
-/// `gate` is the supervisor's (see [`supervisor::run`]): awaited once the
-/// try is ready to start; a `false` ends it unstarted with [`not_started`].
+/// `gate` is the supervisor's (see [`supervisor::run`]): what the try
+/// waits for once it is ready to start; one that never starts gets
+/// [`not_started`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn run_claimed(
     context: &Context,
     row: &crate::request::Claimed,
     echo_stderr: bool,
-    gate: impl std::future::Future<Output = bool>,
+    gate: Gate<impl std::future::Future<Output = ()>>,
     stop: watch::Receiver<Option<StopReason>>,
     progress: Option<watch::Sender<Option<String>>>,
     write: impl Fn(crate::store::Write),
     on_running: impl FnOnce(&Spawned),
-    on_exit: impl FnOnce(),
 ) -> (Verdict, crate::store::Outcome) {
     let input = TryInput {
         id: Some(row.id),
@@ -105,15 +105,18 @@ pub(crate) async fn run_claimed(
             start_ticks: spawned.start_ticks,
         });
     };
-    let verdict = run(context, input, gate, stop, progress, on_running, on_exit).await;
+    let verdict = run(context, input, gate, stop, progress, on_running).await;
     let outcome = outcome(row, &verdict, &context.config);
     (verdict, outcome)
 }
 
-/// The verdict of a try whose gate did not let it start: the caller's gate
-/// knows why, and its verdict replaces this one.
+/// The verdict of a try that stopped waiting at its gate: the caller knows
+/// why, and its verdict replaces this one.
 pub(crate) fn not_started() -> Verdict {
-    Verdict::new(State::Interrupted, "given back before it started")
+    Verdict {
+        never_started: true,
+        ..Verdict::new(State::Interrupted, "given back before it started")
+    }
 }
 
 /// Exit status meaning "these options do not fit this type" (EX_DATAERR).
@@ -133,6 +136,8 @@ pub(crate) struct Verdict {
     /// The process could not be started for the daemon's own lack of
     /// resources: the try is given back, and the scheduler backs off.
     pub(crate) daemon_short: bool,
+    /// It stopped waiting at its gate ([`not_started`]).
+    pub(crate) never_started: bool,
 }
 
 impl Verdict {
@@ -144,6 +149,7 @@ impl Verdict {
             spawn_took: None,
             start_times: None,
             daemon_short: false,
+            never_started: false,
         }
     }
 }
@@ -177,19 +183,18 @@ pub(crate) struct Context {
 }
 
 /// Runs one try and returns its verdict. Never fails: every problem is a
-/// verdict. `on_running` and `on_exit` are the supervisor's (see
-/// [`supervisor::run`]); neither is called for a try whose process never
-/// started. So is `gate`: a try its gate did not let start gets the verdict
-/// [`not_started`]; one rejected before it (its type or options) never
-/// awaits it.
+/// verdict. `on_running` is the supervisor's (see [`supervisor::run`]); it
+/// is not called for a try whose process never started. So is `gate`: a
+/// try that stops waiting there gets the verdict [`not_started`]; one
+/// rejected before it (its type or options) never waits, and dropping the
+/// gate gives back a slot it holds.
 pub(crate) async fn run(
     context: &Context,
     input: TryInput<'_>,
-    gate: impl std::future::Future<Output = bool>,
+    gate: Gate<impl std::future::Future<Output = ()>>,
     stop: watch::Receiver<Option<StopReason>>,
     progress: Option<watch::Sender<Option<String>>>,
     on_running: impl FnOnce(&Spawned),
-    on_exit: impl FnOnce(),
 ) -> Verdict {
     // A row from before migration 0004 may name a type no config can
     // declare: rejected at its first try rather than failed five times.
@@ -265,17 +270,7 @@ pub(crate) async fn run(
             .zip(input.id)
             .map(|(token, id)| supervisor::cgroup::try_key(token, id.0)),
     };
-    match supervisor::run(
-        &context.spawner,
-        launch,
-        gate,
-        stop,
-        progress,
-        on_running,
-        on_exit,
-    )
-    .await
-    {
+    match supervisor::run(&context.spawner, launch, gate, stop, progress, on_running).await {
         Ok(ended) => Verdict {
             spawn_took: Some(ended.spawn_took),
             start_times: Some(ended.start_times),
@@ -371,6 +366,7 @@ pub(crate) fn judge(ended: &Ended) -> Verdict {
         spawn_took: Some(ended.spawn_took),
         start_times: Some(ended.start_times),
         daemon_short: false,
+        never_started: false,
     };
     match ended.stopped {
         Some(Stopped::Timeout(_)) => {

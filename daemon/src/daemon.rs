@@ -24,7 +24,6 @@ mod pruner;
 mod reaper;
 mod recorder;
 mod scheduler;
-mod slots;
 mod tries;
 mod view;
 mod wakeup;

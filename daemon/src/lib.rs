@@ -32,11 +32,9 @@
 //!   exists only while the daemon runs.
 //!   - `daemon/scheduler.rs`: claims rows up to the free slots (and a few
 //!     ahead while tasks are short), starts a try for each as a slot frees up.
-//!   - `daemon/slots.rs`: at most `max_concurrent` tries at once; a freed
-//!     slot goes to the try that waited longest.
 //!   - `daemon/executor.rs`: one claimed try: readies its start, waits for
-//!     its slot, runs it ([`attempt`]), logs how it ended, hands the
-//!     outcome to the recorder.
+//!     its slot (`supervisor::Slots`), runs it ([`attempt`]), logs how it
+//!     ended, hands the outcome to the recorder.
 //!   - `daemon/tries.rs`: the tries this daemon runs (for the heartbeat,
 //!     `status`, cancels and the drain).
 //!   - `daemon/recorder.rs`: the one writer of try results, batched and retried.
@@ -60,7 +58,10 @@
 //!   escalation; `supervisor::isolation` (non-dumpable daemon, environment
 //!   allowlist, OOM preference), `supervisor::resources` (the daemon's
 //!   own file descriptors) and `supervisor::cgroup` (a cgroup per try:
-//!   limits for all it starts, killed whole at its end).
+//!   limits for all it starts, killed whole at its end);
+//!   `supervisor/slots.rs`: at most `max_concurrent` tries at once, a freed
+//!   slot going to the try that waited longest, started by the spawner
+//!   thread that saw the exit.
 //! - [`reaper`]: one pass that marks rows whose process or daemon is gone
 //!   as CRASHED (the daemon's loop and `taskrunner-cli reap`).
 //! - [`cron`]: `schedules:` (5-field cron or `every:`) and when their slots
@@ -128,6 +129,19 @@
 //!   (`spawner.rs`) or to a preloaded parent (`preload.rs`, which uses
 //!   exec); `spawner.rs` names neither
 //!   (`grep -nE "(super|supervisor)::(preload|Spawner)" daemon/src/supervisor/spawner.rs`).
+//!   `slots.rs` and `spawner.rs` name each other, as two halves of one
+//!   hand-over: the spawner threads hand on the slots of the exits they
+//!   see, and the slots hand armed starts to those threads.
+//! - A slot is released exactly once, whoever sees its process's exit first
+//!   (a spawner thread, through the pidfd it watches, or the runtime once it
+//!   has reaped the process): every hand-over goes through
+//!   `supervisor::Slots` under its one lock, where each try's place says
+//!   whether it waits, is being started, or holds a slot, and only a held
+//!   slot is released. A try that stops waiting leaves the line unstarted,
+//!   or, if its start was handed over already, runs and is stopped like any
+//!   running try; a start nobody takes is killed and reaped
+//!   (`supervisor::slots::tests`,
+//!   `spawning::short_tries_started_at_each_exit_never_run_beyond_max_concurrent`).
 //!
 //! - A claim writes RUNNING, tries + 1, started_at, host, heartbeat_at and a
 //!   fresh claim token in one atomic statement before the process starts.

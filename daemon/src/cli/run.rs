@@ -11,7 +11,7 @@ use crate::attempt::{self, TryInput};
 use crate::config::Config;
 use crate::request::{RequestId, State};
 use crate::store::{Store, Write};
-use crate::supervisor::StopReason;
+use crate::supervisor::{Gate, StopReason};
 use crate::task_types::Registry;
 
 pub(super) async fn run_command(
@@ -75,16 +75,7 @@ pub(super) async fn run_command(
         claim_token: None,
         options_left_out: None,
     };
-    let verdict = attempt::run(
-        &context,
-        input,
-        std::future::ready(true),
-        stop,
-        None,
-        |_| {},
-        || {},
-    )
-    .await;
+    let verdict = attempt::run(&context, input, Gate::open(), stop, None, |_| {}).await;
     Ok(exit_code_for(verdict))
 }
 
@@ -158,12 +149,11 @@ async fn run_and_record(
         context,
         &claimed,
         true,
-        std::future::ready(true),
+        Gate::open(),
         stop,
         None,
         send,
         |_| {},
-        || {},
     )
     .await;
     send(Write::Outcome(outcome));

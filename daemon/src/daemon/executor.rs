@@ -5,17 +5,16 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::recorder::Recorder;
-use super::slots::{Slot, Slots};
 use super::tries::{LiveTry, Tries};
 use crate::attempt::{self, Verdict};
 use crate::metrics::Metrics;
 use crate::request::{Claimed, State};
 use crate::store::Write;
-use crate::supervisor::{Spawner, StartTimes, StopReason};
+use crate::supervisor::{Gate, Spawner, StartTimes, StopReason, Ticket, ANNOUNCE_AFTER};
 use crate::task_types::Setup;
 
 /// A row claimed ahead that has found no free slot after this long is given back.
@@ -57,19 +56,16 @@ impl Executor {
     /// Runs one claimed row's try once it has a slot, and queues its outcome.
     pub(super) async fn supervise(
         self: Arc<Self>,
-        slots: Arc<Slots>,
         row: Claimed,
-        go: oneshot::Receiver<()>,
+        ticket: Ticket,
         claim: ClaimTimes,
     ) -> TryEnd {
         let queue = row.queue.clone();
         let task = crate::request::shown_task_name(&row.task_class_name).into_owned();
         let tries_left = row.tries < row.try_limit;
         let span = tracing::info_span!("task", request = %row.id, task = %task, r#try = row.tries);
-        let ((state, daemon_short), ran_for) = self
-            .run_claimed(&slots, row, go, claim)
-            .instrument(span)
-            .await;
+        let ((state, daemon_short), ran_for) =
+            self.run_claimed(row, ticket, claim).instrument(span).await;
         TryEnd {
             task,
             queue,
@@ -86,9 +82,8 @@ impl Executor {
     /// it never started).
     async fn run_claimed(
         &self,
-        slots: &Slots,
         row: Claimed,
-        mut go: oneshot::Receiver<()>,
+        ticket: Ticket,
         claim: ClaimTimes,
     ) -> ((State, bool), Option<Duration>) {
         let config = Setup::current_config(&self.setup);
@@ -109,27 +104,14 @@ impl Executor {
         );
         // The try makes everything its start needs (type, options,
         // environment, cgroup) first, and waits for its slot last, in the
-        // supervisor's gate: a slot freed by an exit starts it at once.
-        let gated: Mutex<Gated<'_>> = Mutex::default();
+        // supervisor's gate, its start left ready in the line: a slot freed
+        // by an exit starts it at once. Why it stopped waiting, if it did, is
+        // kept here.
+        let gave_up: Mutex<Option<Verdict>> = Mutex::default();
         let mut gate_stop = stop.clone();
-        let gate = async {
-            lock(&gated).reached = true;
-            let (had_slot, verdict) = wait_for_slot(&mut go, &mut gate_stop).await;
-            let mut gated = lock(&gated);
-            if had_slot {
-                gated.slot = Some(Slot {
-                    slots,
-                    max_concurrent: config.max_concurrent,
-                });
-            }
-            if let Some(verdict) = verdict {
-                gated.not_started = Some(verdict);
-                return false;
-            }
-            let now = std::time::Instant::now();
-            gated.started = Some(now);
-            self.tries.started(row.id, now);
-            true
+        let give_up = async {
+            let verdict = reason_to_stop_waiting(&mut gate_stop).await;
+            *lock(&gave_up) = Some(verdict);
         };
         let context = attempt::Context {
             config: config.clone(),
@@ -137,44 +119,36 @@ impl Executor {
             spawner: self.spawner.clone(),
         };
         let on_running = |spawned: &crate::supervisor::Spawned| {
+            // Announced ANNOUNCE_AFTER after its start: when it started,
+            // near enough (until then, the live try counts from its claim).
+            let now = std::time::Instant::now();
+            self.tries
+                .started(row.id, now.checked_sub(ANNOUNCE_AFTER).unwrap_or(now));
             self.tries.running(row.id, spawned.pid);
             tracing::debug!(pid = spawned.pid, "started");
         };
-        // The slot is free once the process has exited.
-        let on_exit = || drop(lock(&gated).slot.take());
         let (verdict, outcome) = attempt::run_claimed(
             &context,
             &row,
             false,
-            gate,
+            Gate::Slot(ticket, give_up),
             stop,
             Some(progress_sender),
             |write| self.recorder.send(write),
             on_running,
-            on_exit,
         )
         .await;
-        let gated = gated.into_inner().unwrap_or_else(|e| e.into_inner());
-        // A try that never started (or whose start failed) frees its slot now.
-        drop(gated.slot);
-        if !gated.reached {
-            // Rejected before it waited: a slot sent to it meanwhile is handed back.
-            go.close();
-            if go.try_recv().is_ok() {
-                drop(Slot {
-                    slots,
-                    max_concurrent: config.max_concurrent,
-                });
-            }
-        }
-        if let Some(verdict) = gated.not_started {
+        if verdict.never_started {
+            // No reason kept: the line was closed (a shutdown).
+            let verdict = lock(&gave_up)
+                .take()
+                .unwrap_or_else(|| given_back(Some(StopReason::Shutdown)));
             self.tries.remove(row.id);
             tracing::info!("{}", verdict.result_text);
             let outcome = attempt::outcome(&row, &verdict, &config);
             self.recorder.send(Write::Outcome(outcome));
             return ((verdict.state, false), None);
         }
-        let started = gated.started.unwrap_or_else(std::time::Instant::now);
         self.tries.remove(row.id);
         if let Some(took) = verdict.spawn_took {
             self.metrics.spawned(took);
@@ -213,28 +187,23 @@ impl Executor {
             }
         }
         self.recorder.send(Write::Outcome(outcome));
-        ((verdict.state, false), Some(started.elapsed()))
+        let ran_for = verdict
+            .start_times
+            .and_then(|start| start.asked.elapsed().ok())
+            .unwrap_or_default();
+        ((verdict.state, false), Some(ran_for))
     }
 }
 
-/// Waits until the scheduler gives this try a slot. Returns whether it got
-/// one, and a verdict if it must not run: a row claimed ahead may be stopped
-/// first (a cancel, a shutdown, a lost claim) or find no slot in time; it is
-/// then given back, its try not counted, unless a user cancelled it.
-async fn wait_for_slot(
-    slot: &mut oneshot::Receiver<()>,
-    stop: &mut watch::Receiver<Option<StopReason>>,
-) -> (bool, Option<Verdict>) {
+/// Waits for a reason to stop waiting for a slot: a row claimed ahead may
+/// be stopped first (a cancel, a shutdown, a lost claim) or find no slot in
+/// time; it is then given back, its try not counted, unless a user
+/// cancelled it.
+async fn reason_to_stop_waiting(stop: &mut watch::Receiver<Option<StopReason>>) -> Verdict {
     let deadline = tokio::time::sleep(AHEAD_MAX_WAIT);
     tokio::pin!(deadline);
     let stopped = loop {
         tokio::select! {
-            biased;
-            given = &mut *slot => match given {
-                Ok(()) => return (true, None),
-                // The scheduler stopped claiming (a shutdown).
-                Err(_) => break Some(StopReason::Shutdown),
-            },
             changed = stop.changed() => match changed.map(|()| *stop.borrow_and_update()) {
                 Ok(Some(reason)) => break Some(reason),
                 Ok(None) => continue,
@@ -243,12 +212,12 @@ async fn wait_for_slot(
             () = &mut deadline => break None,
         }
     };
-    // A slot sent just as we stopped waiting is ours to hand back.
-    slot.close();
-    let had_slot = slot.try_recv().is_ok();
-    if had_slot && stopped.is_none() {
-        return (true, None);
-    }
+    given_back(stopped)
+}
+
+/// The verdict of a try that stopped waiting for its slot because of
+/// `stopped` (`None`: no slot came in time).
+fn given_back(stopped: Option<StopReason>) -> Verdict {
     let (state, text) = match stopped {
         Some(StopReason::Cancel) => (State::Cancelled, "cancelled by a user before it started"),
         Some(StopReason::Shutdown) => (
@@ -264,21 +233,7 @@ async fn wait_for_slot(
             "given back before it started: no free slot on this daemon within 1s",
         ),
     };
-    (had_slot, Some(Verdict::new(state, text)))
-}
-
-/// What a try's gate (its wait for a slot, last before the spawn) saw.
-#[derive(Default)]
-struct Gated<'a> {
-    /// The try got as far as its gate (a try rejected for its type or
-    /// options before it never does).
-    reached: bool,
-    /// The slot it holds until its process exits.
-    slot: Option<Slot<'a>>,
-    /// When it got its slot and started.
-    started: Option<std::time::Instant>,
-    /// Why it never started (stopped or given back while it waited).
-    not_started: Option<Verdict>,
+    Verdict::new(state, text)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -22,7 +22,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::executor::{ClaimTimes, Executor, TryEnd};
-use super::slots::Slots;
 use super::tries::Tries;
 use crate::health::{Backoff, Health};
 use crate::instance::InstanceId;
@@ -111,7 +110,7 @@ impl Scheduler {
     pub(super) async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         // Every claimed try: those running and those waiting for a slot.
         let mut tries: JoinSet<TryEnd> = JoinSet::new();
-        let slots = Arc::new(Slots::default());
+        let slots = self.executor.spawner.slots();
         // Tries per queue, counted here (not from the live map, which a new try
         // joins only once its task starts) so that a queue's limit always holds.
         let mut running_by_queue: HashMap<String, usize> = HashMap::new();
@@ -181,13 +180,8 @@ impl Scheduler {
                         for row in rows {
                             self.metrics.claimed(&row.queue, row.waited);
                             *running_by_queue.entry(row.queue.clone()).or_default() += 1;
-                            let go = slots.join(config.max_concurrent);
-                            tries.spawn(self.executor.clone().supervise(
-                                slots.clone(),
-                                row,
-                                go,
-                                times,
-                            ));
+                            let ticket = slots.join(config.max_concurrent);
+                            tries.spawn(self.executor.clone().supervise(row, ticket, times));
                         }
                         if !all_filled {
                             if let Some(due) = self.next_delay().await {

@@ -16,6 +16,7 @@ mod output;
 mod preload;
 pub mod priority;
 pub mod resources;
+mod slots;
 mod spawner;
 
 pub use preload::send_with_fds;
@@ -36,6 +37,7 @@ use crate::config::TaskSettings;
 use crate::units::format_duration;
 use output::Capture;
 pub(crate) use output::Tail;
+pub(crate) use slots::{Slots, Ticket};
 pub(crate) use spawner::{is_daemon_short, Recipe};
 
 /// The variables of the daemon's environment a task inherits: the ones
@@ -97,6 +99,49 @@ impl Spawner {
     pub(crate) async fn retire_preloaded(&self) {
         self.preloaded.retire_all().await
     }
+
+    /// New slots for task processes, whose freed slots start the next try on
+    /// the spawner thread that saw the exit ([`slots`]).
+    pub(crate) fn slots(&self) -> std::sync::Arc<Slots> {
+        self.exec.slots()
+    }
+
+    /// Starts `recipe` once `gate` lets it: `None` when it never may.
+    async fn start_at(
+        &self,
+        gate: Gate<impl std::future::Future<Output = ()>>,
+        recipe: Recipe,
+    ) -> Option<(std::io::Result<spawner::Child>, Option<Ticket>, bool)> {
+        match gate {
+            Gate::Open => Some((self.spawn(recipe).await, None, false)),
+            Gate::Slot(mut ticket, give_up) => {
+                let (child, waited) = match ticket.start(recipe, give_up).await {
+                    slots::Turn::Started { child, waited } => (child, waited),
+                    // A preloaded try: its start is a message the runtime sends.
+                    slots::Turn::Slot(recipe) => (self.spawn(recipe).await, false),
+                    slots::Turn::Withdrawn => return None,
+                };
+                Some((child, Some(ticket), waited))
+            }
+        }
+    }
+}
+
+/// What a try waits for before its start (see [`run`]).
+pub(crate) enum Gate<G> {
+    /// Nothing: it starts at once (`taskrunner-cli run`).
+    Open,
+    /// Its slot ([`Ticket`]); `G` resolves when it must stop waiting (it
+    /// was stopped, or given back). The slot is released when its process
+    /// has exited.
+    Slot(Ticket, G),
+}
+
+impl Gate<std::future::Pending<()>> {
+    /// [`Gate::Open`], typed.
+    pub(crate) fn open() -> Self {
+        Gate::Open
+    }
 }
 
 /// Everything needed to start one try's process.
@@ -143,10 +188,12 @@ pub(crate) struct Spawned {
 /// into, logged at debug level under the `taskrunner::start_timing` target.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct StartTimes {
-    /// The try's gate opened (it has its slot); its options, program,
-    /// environment and cgroup were made before it waited.
+    /// The try had its slot, with its start ready: its options, program,
+    /// environment and cgroup were made before it waited. (Now always
+    /// `asked`: a try waits for its slot with its start in the line.)
     pub(crate) launched: std::time::SystemTime,
-    /// The start was asked of the spawner.
+    /// The start was asked of the spawner: when the try reached its gate
+    /// holding a slot, or when the slot was handed to it armed.
     pub(crate) asked: std::time::SystemTime,
     /// A spawner thread took it (exec'd), or the request was sent to the
     /// preloaded parent.
@@ -213,28 +260,28 @@ pub(crate) fn is_not_started(error: &std::io::Error) -> bool {
 /// Runs one process to its end.
 ///
 /// Everything the start needs (environment, the try's cgroup, the recipe) is
-/// made first; then `gate` is awaited, the last thing before the start: the
-/// daemon's slot. A try claimed ahead thus waits for its slot with all its
-/// set-up done, and a freed slot starts the next process at once (the mkdir
-/// of a cgroup alone costs about 100 µs). A gate that says no (the try was
-/// stopped or given back before it started) ends the run with a
-/// [`NotStarted`] error, the cgroup removed.
+/// made first; then the try waits at its `gate`, the last thing before the
+/// start: for the daemon's slot, with its start left ready in the line. A
+/// try claimed ahead thus waits for its slot with all its set-up done, and a
+/// freed slot starts the next process at once, on the spawner thread that
+/// saw the exit (the mkdir of a cgroup alone costs about 100 µs). A try that
+/// stops waiting before it has its slot (it was stopped or given back) ends
+/// the run with a [`NotStarted`] error, the cgroup removed; one whose start
+/// was handed over already runs, and is stopped like any running one.
 ///
 /// `on_running` is called once the process has
 /// run for [`ANNOUNCE_AFTER`] (with its pid and start time, read while it
-/// surely is our unreaped child); `on_exit` as soon as it has exited and its
-/// group is killed, before its output is drained and its cgroup emptied (the
-/// caller may start the next process then); `stop` delivers stop requests;
-/// progress lines are published on `progress`.
-#[allow(clippy::too_many_arguments)]
+/// surely is our unreaped child); the slot is released as soon as the process
+/// has exited and its group is killed, before its output is drained and its
+/// cgroup emptied; `stop` delivers stop requests; progress lines are
+/// published on `progress`.
 pub(crate) async fn run(
     spawner: &Spawner,
     launch: Launch,
-    gate: impl std::future::Future<Output = bool>,
+    gate: Gate<impl std::future::Future<Output = ()>>,
     mut stop: watch::Receiver<Option<StopReason>>,
     progress: Option<watch::Sender<Option<String>>>,
     on_running: impl FnOnce(&Spawned),
-    on_exit: impl FnOnce(),
 ) -> std::io::Result<Ended> {
     let settings = launch.settings;
     // The type's `env:`, then the try's own variables (later entries win).
@@ -284,16 +331,13 @@ pub(crate) async fn run(
         cgroup: try_cgroup.clone(),
     };
 
-    if !gate.await {
+    let asked = std::time::SystemTime::now();
+    let Some((spawned, ticket, waited)) = spawner.start_at(gate, recipe).await else {
         if let Some(cgroup) = try_cgroup {
             cgroup.remove().await;
         }
         return Err(std::io::Error::other(NotStarted));
-    }
-    let launched = std::time::SystemTime::now();
-    let spawn_started = Instant::now();
-    let asked = std::time::SystemTime::now();
-    let spawned = spawner.spawn(recipe).await;
+    };
     if spawned.is_err() {
         if let Some(cgroup) = try_cgroup.clone() {
             cgroup.remove().await;
@@ -310,14 +354,20 @@ pub(crate) async fn run(
             std::io::Error::new(error.kind(), text)
         }
     })?;
-    let spawn_took = spawn_started.elapsed();
+    // A try that waited armed got its slot, and was started, on the spawner
+    // thread that handed the slot over.
+    let asked = if waited { child.handed_off } else { asked };
     let start_times = StartTimes {
-        launched,
+        launched: asked,
         asked,
         handed_off: child.handed_off,
         created: child.created,
         spawned: std::time::SystemTime::now(),
     };
+    let spawn_took = start_times
+        .spawned
+        .duration_since(asked)
+        .unwrap_or_default();
     if let (true, Some(cgroup)) = (launch.preload, &try_cgroup) {
         // A preloaded program that ignored the `cgroup` field: its child
         // is moved now (what it started before this runs outside).
@@ -418,7 +468,9 @@ pub(crate) async fn run(
         // id cannot have been reused while any member is alive.
         let _ = killpg(process_group, Signal::SIGKILL);
         exited.cancel();
-        on_exit();
+        if let Some(ticket) = &ticket {
+            ticket.release();
+        }
         // Let the try that got our slot start its process before we empty
         // the cgroup, drain and judge this one (a cgroup's kill and the read
         // of its members cost more than the group's kill).

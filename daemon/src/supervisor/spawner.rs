@@ -4,7 +4,7 @@
 //! child, not to the process: a child started from a tokio blocking-pool
 //! thread would be killed when that thread retires. So every task is started
 //! from one of the spawner's own threads, which never end before the daemon
-//! does (once every handle is gone they park forever).
+//! does (once every handle is gone they wait in their epoll forever).
 //!
 //! A task is started with `clone(CLONE_VM | CLONE_VFORK)` and `execve`, the
 //! way `posix_spawn` does it, not with `fork`: a fork of the daemon copies its
@@ -21,7 +21,17 @@
 //! reached only 68–80 % of the spawn ceiling. The runtime hands each start to
 //! a free spawner thread and runs on; with one thread per CPU (at least
 //! [`MIN_THREADS`]) two starts never wait for each other either.
+//!
+//! The threads wait together in one epoll ([`Pool`]): for start requests (an
+//! eventfd counting them), and for the exit of every process they started
+//! for a try that holds a slot (a pidfd of its own, one-shot, so that one
+//! thread sees each exit). Seeing an exit, a thread kills the process's group
+//! and hands its slot on ([`super::slots`]), starting the next armed try
+//! itself: the runtime's thread, which reaps the process and does the rest
+//! of its try's end, is not on the path from one task's exit to the next
+//! task's start.
 
+use std::collections::{HashMap, VecDeque};
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -29,11 +39,14 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
+
+use super::slots::{Handover, Slots};
 
 /// A start that failed for the daemon's own lack of resources (file
 /// descriptors, processes, memory), not for anything of the task's: the try
@@ -220,7 +233,7 @@ pub(super) struct PreloadStdio {
 }
 
 /// The descriptors and pid a start hands back to the async side.
-struct Started {
+pub(super) struct Started {
     pid: u32,
     /// When a spawner thread took the request, and when `clone` returned.
     handed_off: std::time::SystemTime,
@@ -233,7 +246,7 @@ struct Started {
 
 impl Started {
     /// Kills the process's group and reaps it.
-    fn kill_and_reap(self) {
+    pub(super) fn kill_and_reap(self) {
         // SAFETY: signalling our own child's group and reaping the child.
         unsafe {
             libc::killpg(self.pid as libc::pid_t, libc::SIGKILL);
@@ -246,7 +259,13 @@ impl Started {
 /// Our end of a stdin pipe and the bytes still to write to it.
 type StdinRest = (OwnedFd, Vec<u8>);
 
-type SpawnRequest = (Recipe, oneshot::Sender<io::Result<Started>>);
+/// What a spawner thread is asked to do.
+enum Job {
+    /// Start a process and answer with it.
+    Spawn(Box<Recipe>, oneshot::Sender<io::Result<Started>>),
+    /// Start the try a slot was handed to, and deliver it to its place.
+    HandOver(Handover),
+}
 
 /// What every start needs besides its recipe, made once.
 struct Kit {
@@ -293,10 +312,217 @@ const MAX_THREADS: usize = 8;
 /// started by the supervisor's `Spawner`, which holds both.)
 #[derive(Clone)]
 pub(super) struct Exec {
-    /// Start requests, taken by whichever spawner thread is free.
-    requests: mpsc::Sender<SpawnRequest>,
+    pool: Arc<Pool>,
     /// The base environment (what `Kit` holds, for preloaded tries).
     base: Arc<Vec<(OsString, OsString)>>,
+}
+
+/// What the spawner threads share. They all wait in `epoll` for either of:
+/// a start request (`jobs_ready`, an eventfd in semaphore mode counting
+/// `jobs`: each read takes one), or the exit of a process watched for its
+/// slot (a pidfd, registered one-shot under the key of its entry in `watched`).
+struct Pool {
+    epoll: OwnedFd,
+    jobs_ready: OwnedFd,
+    jobs: Mutex<VecDeque<Job>>,
+    watched: Mutex<HashMap<u64, Watched>>,
+    next_key: AtomicU64,
+}
+
+/// A running process whose exit frees a slot.
+struct Watched {
+    /// A pidfd of our own (not a `dup` of the runtime's: closing it must
+    /// take it out of the epoll, which a shared open file would not).
+    pidfd: OwnedFd,
+    slots: Arc<Slots>,
+    place: u64,
+}
+
+/// The epoll key of `jobs_ready`; watched processes get keys from 1.
+const JOBS: u64 = 0;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A new descriptor from a system call's return value.
+fn owned(fd: libc::c_int) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the call just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+impl Pool {
+    fn new() -> io::Result<Pool> {
+        // SAFETY: plain system calls creating descriptors.
+        let epoll = owned(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        let jobs_ready = owned(unsafe {
+            libc::eventfd(
+                0,
+                libc::EFD_CLOEXEC | libc::EFD_NONBLOCK | libc::EFD_SEMAPHORE,
+            )
+        })?;
+        let pool = Pool {
+            epoll,
+            jobs_ready,
+            jobs: Mutex::default(),
+            watched: Mutex::default(),
+            next_key: AtomicU64::new(JOBS + 1),
+        };
+        pool.add(pool.jobs_ready.as_raw_fd(), JOBS, libc::EPOLLIN as u32)?;
+        Ok(pool)
+    }
+
+    fn add(&self, fd: libc::c_int, key: u64, events: u32) -> io::Result<()> {
+        let mut event = libc::epoll_event { events, u64: key };
+        // SAFETY: registers a descriptor we hold with our epoll.
+        if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) }
+            != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Queues a job for the first free spawner thread.
+    fn submit(&self, job: Job) {
+        lock(&self.jobs).push_back(job);
+        let one: u64 = 1;
+        // SAFETY: an 8-byte write to our eventfd (it fails only at a count
+        // near 2^64).
+        unsafe { libc::write(self.jobs_ready.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// A spawner thread's life: one event at a time, so that the other
+    /// threads take the next ones meanwhile.
+    fn serve(&self, kit: &mut Kit) -> ! {
+        loop {
+            let mut event = libc::epoll_event { events: 0, u64: 0 };
+            // SAFETY: waits on our epoll, writing one event into a local.
+            let count = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), &mut event, 1, -1) };
+            if count != 1 {
+                continue; // EINTR
+            }
+            let key = event.u64;
+            if key == JOBS {
+                let mut taken: u64 = 0;
+                // SAFETY: an 8-byte read from our non-blocking eventfd; it
+                // fails when another thread took the last job first.
+                let read = unsafe {
+                    libc::read(
+                        self.jobs_ready.as_raw_fd(),
+                        (&mut taken as *mut u64).cast(),
+                        8,
+                    )
+                };
+                if read != 8 {
+                    continue;
+                }
+                let job = lock(&self.jobs).pop_front();
+                match job {
+                    Some(Job::Spawn(recipe, reply)) => {
+                        if let Err(Ok(started)) = reply.send(kit.start(&recipe)) {
+                            // Nobody waits for it any more (the try was dropped
+                            // while it started): it must not run unsupervised.
+                            started.kill_and_reap();
+                        }
+                    }
+                    Some(Job::HandOver(handover)) => self.hand_over(kit, handover),
+                    None => {}
+                }
+                continue;
+            }
+            let watched = lock(&self.watched).remove(&key);
+            if let Some(watched) = watched {
+                // The process exited. Nothing it left in its group may run
+                // beside the next try.
+                kill_group(&watched.pidfd);
+                drop(watched.pidfd);
+                if let Some(handover) = watched.slots.release(watched.place) {
+                    self.hand_over(kit, handover);
+                }
+            }
+        }
+    }
+
+    /// Starts the try a slot was handed to, on this thread, and delivers it;
+    /// one nobody takes any more is killed, reaped, and its slot handed on.
+    fn hand_over(&self, kit: &mut Kit, mut handover: Handover) {
+        loop {
+            let started = kit.start(&handover.recipe);
+            if let Ok(started) = &started {
+                self.watch(started.pid, &handover.slots, handover.place);
+            }
+            let Handover { slots, place, .. } = handover;
+            let Err(undelivered) = slots.deliver(place, started) else {
+                return;
+            };
+            if let Ok(started) = undelivered {
+                started.kill_and_reap();
+            }
+            match slots.release(place) {
+                Some(next) => handover = next,
+                None => return,
+            }
+        }
+    }
+
+    /// Watches `pid`, our unreaped child holding `place`'s slot, for its
+    /// exit. Best effort: unwatched, its slot is released by the runtime
+    /// once it has reaped it.
+    fn watch(&self, pid: u32, slots: &Arc<Slots>, place: u64) {
+        // SAFETY: pidfd_open on our own child, not yet reaped (the runtime
+        // has not got it yet), so its pid cannot have been reused.
+        let Ok(pidfd) =
+            owned(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int)
+        else {
+            return;
+        };
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let fd = pidfd.as_raw_fd();
+        // In the map before the epoll, which may report the exit at once.
+        lock(&self.watched).insert(
+            key,
+            Watched {
+                pidfd,
+                slots: slots.clone(),
+                place,
+            },
+        );
+        if self
+            .add(fd, key, (libc::EPOLLIN | libc::EPOLLONESHOT) as u32)
+            .is_err()
+        {
+            lock(&self.watched).remove(&key);
+        }
+    }
+}
+
+/// Kills the group of an exited process through its pidfd (Linux 6.9:
+/// `PIDFD_SIGNAL_PROCESS_GROUP`), which names that process and no other even
+/// once it is reaped and its pid reused. On an older kernel it is skipped:
+/// the runtime kills the group by number once it has reaped the process.
+fn kill_group(pidfd: &OwnedFd) {
+    const PIDFD_SIGNAL_PROCESS_GROUP: libc::c_uint = 1 << 2;
+    static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+    if UNSUPPORTED.load(Ordering::Relaxed) {
+        return;
+    }
+    // SAFETY: a signal through a pidfd we own, with no siginfo.
+    let sent = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            PIDFD_SIGNAL_PROCESS_GROUP,
+        )
+    };
+    if sent != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        UNSUPPORTED.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Exec {
@@ -307,36 +533,30 @@ impl Exec {
         let threads = std::thread::available_parallelism()
             .map_or(MIN_THREADS, |n| n.get())
             .clamp(MIN_THREADS, MAX_THREADS);
-        let (requests, incoming) = mpsc::channel::<SpawnRequest>();
-        let incoming = Arc::new(Mutex::new(incoming));
+        let pool = Arc::new(Pool::new()?);
         for index in 0..threads {
             let mut kit = Kit::new(base.clone())?;
-            let incoming = incoming.clone();
+            let pool = pool.clone();
+            // A thread never ends: children it started may still run, and
+            // they get SIGKILL when it ends (their parent-death signal).
             std::thread::Builder::new()
                 .name(format!("taskrunner-spawner-{index}"))
-                .spawn(move || {
-                    loop {
-                        // The lock is held only while waiting for a request.
-                        let request = incoming.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                        let Ok((recipe, reply)) = request else { break };
-                        if let Err(Ok(started)) = reply.send(kit.start(&recipe)) {
-                            // Nobody waits for it any more (the try was dropped
-                            // while it started): it must not run unsupervised.
-                            started.kill_and_reap();
-                        }
-                    }
-                    // Every handle is gone, but children started here may
-                    // still run: this thread must outlive them, or they get
-                    // SIGKILL.
-                    loop {
-                        std::thread::park();
-                    }
-                })?;
+                .spawn(move || pool.serve(&mut kit))?;
         }
         Ok(Exec {
-            requests,
+            pool,
             base: Arc::new(base),
         })
+    }
+
+    /// Slots whose freed slots the spawner threads hand on (see slots.rs).
+    pub(super) fn slots(&self) -> Arc<Slots> {
+        Slots::new(self.clone())
+    }
+
+    /// Makes a start a slot was handed to on a spawner thread.
+    pub(super) fn hand_over(&self, handover: Handover) {
+        self.pool.submit(Job::HandOver(handover));
     }
 
     /// The path `recipe`'s program is run from.
@@ -421,9 +641,7 @@ impl Exec {
     /// Starts a process from `recipe` with clone and exec, on a spawner thread.
     pub(super) async fn spawn(&self, recipe: Recipe) -> io::Result<Child> {
         let (reply, answer) = oneshot::channel();
-        self.requests
-            .send((recipe, reply))
-            .map_err(|_| io::Error::other("the spawner threads are gone"))?;
+        self.pool.submit(Job::Spawn(Box::new(recipe), reply));
         let started = answer
             .await
             .map_err(|_| io::Error::other("a spawner thread dropped a request"))??;
@@ -433,7 +651,7 @@ impl Exec {
 
 impl Child {
     /// Wraps a started process, watched through its pidfd.
-    fn supervise(started: Started) -> io::Result<Child> {
+    pub(super) fn supervise(started: Started) -> io::Result<Child> {
         let pid = started.pid;
         // From here on the Child owns the process: an error below kills and reaps it.
         // SAFETY: an OwnedFd stays open, on the same pidfd, for as long as
