@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::util::{poll_every, Backend, Daemon, NewRow, TestDb};
+use crate::util::{cli, poll_every, Backend, Daemon, NewRow, TestDb};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -15,6 +15,7 @@ both_backends!(
     rows_claimed_ahead_by_a_killed_daemon_run_again_before_the_lease_lapses,
     rows_claimed_ahead_are_given_back_while_a_long_task_holds_the_slot,
     rows_claimed_ahead_and_rejected_before_their_start_leave_no_slot_taken,
+    rows_claimed_ahead_and_cancelled_while_they_wait_armed_never_start,
 );
 
 /// Short tasks (claim ahead engages) and a slow one.
@@ -167,4 +168,99 @@ async fn rows_claimed_ahead_and_rejected_before_their_start_leave_no_slot_taken(
         .await,
         200
     );
+}
+
+/// Rows claimed ahead wait for the only slot with their start ready in the
+/// line (armed), while a `Hold` task keeps it. Cancelled then, they leave
+/// the line: none of them ever starts, not even when the slot frees up as
+/// the `Hold` task is stopped by the same cancel (a try whose start the
+/// freed slot had already reached would run and be stopped like a running
+/// one: `CANCELLED` "after", never `FINISHED`). A round whose cancel came
+/// after the 1 s give-back (a slow machine) proves nothing and is repeated.
+async fn rows_claimed_ahead_and_cancelled_while_they_wait_armed_never_start(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ran = db.scratch.join("ran.log");
+    // One type per round: a round cancels all rows of its own.
+    let holds: String = (0..3)
+        .map(|round| {
+            format!(
+                "  Hold{round}:\n    command: [/bin/sh, -c, 'echo $TASKRUNNER_REQUEST_ID >> {ran}; while :; do sleep 0.05; done']\n    timeout: 60s\n",
+                ran = ran.display()
+            )
+        })
+        .collect();
+    let config = format!("max_concurrent: 1\n{TASKS}{holds}");
+    let daemon = Daemon::start(&db, "d1", &config);
+    let daemon_config = daemon.config.display().to_string();
+    for round in 0..3 {
+        // Short tries first, so that the daemon claims ahead.
+        let hold = format!("Hold{round}");
+        insert_many(&db, "Quick", 60).await;
+        db.insert_rows(vec![NewRow::new(&hold); 10]).await;
+        let waiting = format!(
+            "SELECT count(*) FROM task_runner_requests \
+             WHERE task_class_name = '{hold}' AND result = 'RUNNING' AND pid IS NULL"
+        );
+        poll_every(
+            Duration::from_millis(2),
+            WAIT,
+            "Hold rows claimed ahead, waiting for the slot",
+            async || match db.scalar(&waiting).await {
+                0 => Err(0),
+                _ => Ok(()),
+            },
+        )
+        .await;
+        let (status, _, stderr) = cli(
+            &db,
+            &["--config", &daemon_config, "cancel", "--task", &hold],
+        );
+        assert_eq!(status, 0, "{stderr}");
+        db.wait_for_count(
+            &format!(
+                "SELECT count(*) FROM task_runner_requests \
+                 WHERE task_class_name = '{hold}' AND result = 'CANCELLED'"
+            ),
+            10,
+            WAIT,
+        )
+        .await;
+        let ran: Vec<i64> = std::fs::read_to_string(&ran)
+            .unwrap_or_default()
+            .lines()
+            .map(|id| id.parse().unwrap())
+            .collect();
+        for id in &ran {
+            let row = db.row(taskrunner::request::RequestId(*id)).await;
+            assert!(
+                row.result.as_deref() == Some("CANCELLED")
+                    && row
+                        .result_text
+                        .as_deref()
+                        .unwrap_or_default()
+                        .starts_with("cancelled by a user after"),
+                "a Hold row that ran: {row:#?}"
+            );
+        }
+        let never_started = db
+            .scalar(&format!(
+                "SELECT count(*) FROM task_runner_requests WHERE task_class_name = '{hold}' \
+                 AND result_text = 'cancelled by a user before it started'"
+            ))
+            .await;
+        if never_started > 0 {
+            // Withdrawn from the line: none of them ran.
+            let ids: Vec<String> = ran.iter().map(|id| id.to_string()).collect();
+            let ran_anyway = db
+                .scalar(&format!(
+                    "SELECT count(*) FROM task_runner_requests \
+                     WHERE result_text = 'cancelled by a user before it started' AND id IN ({})",
+                    ids.join(", ")
+                ))
+                .await;
+            assert_eq!(ran_anyway, 0, "ran: {ran:?}");
+            return;
+        }
+    }
+    panic!("no cancel reached a row while it waited armed, in three rounds");
 }
