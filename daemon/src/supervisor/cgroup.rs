@@ -103,6 +103,7 @@ pub(crate) struct Cgroups {
 struct Spare {
     name: CString,
     join: OwnedFd,
+    count: Option<OwnedFd>,
     touched: std::time::Instant,
 }
 
@@ -243,6 +244,7 @@ impl Cgroups {
                 controllers: hierarchy.controllers.clone(),
             }],
             procs: vec![spare.join],
+            count: spare.count,
             limits: Limits::default(),
             touched: spare.touched,
             spare: true,
@@ -305,6 +307,7 @@ impl Cgroups {
         let mut made = TryCgroup {
             dirs: Vec::new(),
             procs: Vec::new(),
+            count: None,
             limits: *limits,
             touched: std::time::Instant::now(),
             spare,
@@ -355,6 +358,15 @@ impl Cgroups {
                 }
             }
         }
+        // A spare to be is asked whether it is empty through its process
+        // count, kept open (see `TryCgroup::count`).
+        if let (true, [dir]) = (spare, made.dirs.as_slice()) {
+            if !dir.v2 && dir.controllers.contains(&Controller::Pids) {
+                made.count = std::fs::File::open(dir.path.join("pids.current"))
+                    .ok()
+                    .map(OwnedFd::from);
+            }
+        }
         Ok(made)
     }
 
@@ -375,6 +387,7 @@ impl Cgroups {
                 .filter(|dir| dir.path.is_dir())
                 .collect(),
             procs: Vec::new(),
+            count: None,
             limits: Limits::default(),
             touched: std::time::Instant::now(),
             spare: false,
@@ -525,6 +538,11 @@ pub(crate) struct TryCgroup {
     /// Each directory's join file ([`join_file`]), open for writing: the
     /// child writes `0` to each to join.
     procs: Vec<OwnedFd>,
+    /// Its only directory's `pids.current` (cgroup v1), open: read again
+    /// from its start, it tells whether any process is left without the
+    /// path walk, the list and the sort of reading `cgroup.procs`, which
+    /// were a tenth of the daemon's runtime thread.
+    count: Option<OwnedFd>,
     limits: Limits,
     /// When its directory was made, or its modification time last set.
     touched: std::time::Instant,
@@ -596,6 +614,10 @@ impl TryCgroup {
     /// (a process may fork while the list is read); returns how many.
     pub(crate) fn kill_all(&self) -> usize {
         self.emptied.store(false, Ordering::Relaxed);
+        if self.counts_none() {
+            self.emptied.store(true, Ordering::Relaxed);
+            return 0;
+        }
         // cgroup v2 kills the whole cgroup in one write (Linux 5.14).
         for dir in self.dirs.iter().filter(|dir| dir.v2) {
             let _ = std::fs::write(dir.path.join("cgroup.kill"), "1");
@@ -614,6 +636,20 @@ impl TryCgroup {
             }
         }
         killed.len()
+    }
+
+    /// Whether the process count of its only directory (`count`) is 0:
+    /// no process, not even one that has exited and was not yet reaped.
+    fn counts_none(&self) -> bool {
+        let Some(count) = &self.count else {
+            return false;
+        };
+        let mut text = [0u8; 32];
+        // SAFETY: a read into a local buffer from our descriptor, at offset 0
+        // (which makes the kernel print the count afresh).
+        let read =
+            unsafe { libc::pread(count.as_raw_fd(), text.as_mut_ptr().cast(), text.len(), 0) };
+        read > 0 && text[..read as usize].trim_ascii() == b"0"
     }
 
     /// The limit the cgroup's kernel counters say was hit: the OOM killer
@@ -704,6 +740,13 @@ impl TryCgroup {
         let Some(cgroups) = in_force().filter(|c| c.keeping.load(Ordering::Relaxed)) else {
             return false;
         };
+        let count = match &self.count {
+            Some(count) => match count.try_clone() {
+                Ok(count) => Some(count),
+                Err(_) => return false,
+            },
+            None => None,
+        };
         let (Ok(join), Some(Ok(name))) = (
             join.try_clone(),
             dir.path
@@ -719,6 +762,7 @@ impl TryCgroup {
         spares.push(Spare {
             name,
             join,
+            count,
             touched: self.touched,
         });
         true
