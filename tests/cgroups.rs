@@ -24,6 +24,7 @@ both_backends!(
     a_tries_cgroup_is_removed_after_the_try,
     a_try_without_limits_gets_the_emptied_cgroup_of_one_before,
     preloaded_tries_run_in_their_own_cgroup,
+    a_preloaded_program_that_ignores_the_cgroup_field_has_its_tries_moved,
     empty_try_cgroups_a_killed_daemon_left_are_removed,
 );
 
@@ -362,7 +363,9 @@ async fn a_try_without_limits_gets_the_emptied_cgroup_of_one_before(backend: Bac
 }
 
 /// A preloaded program's child (forked by the program, not the daemon)
-/// runs in its try's cgroup too, with task-sdk and with the Python example.
+/// runs in its try's cgroup too, with task-sdk and with the Python example;
+/// every try, also once the daemon has seen that the program's children
+/// join by themselves and stopped checking them.
 async fn preloaded_tries_run_in_their_own_cgroup(backend: Backend) {
     let db = TestDb::new(backend).await;
     let sdk = PathBuf::from(crate::util::DAEMON)
@@ -381,7 +384,7 @@ async fn preloaded_tries_run_in_their_own_cgroup(backend: Backend) {
     ) else {
         return;
     };
-    for task in ["Probe", "PyProbe"] {
+    for task in ["Probe", "PyProbe", "Probe", "PyProbe", "Probe", "PyProbe"] {
         let id = insert_once(&db, task).await;
         let text = db
             .wait_for_state(id, "FINISHED", WAIT)
@@ -400,6 +403,75 @@ async fn preloaded_tries_run_in_their_own_cgroup(backend: Backend) {
     let log = daemon.log_text();
     assert!(log.contains(" preloaded (pid "), "{log}");
     assert!(!log.contains("cannot move a preloaded try"), "{log}");
+    assert!(daemon.stop().success());
+}
+
+/// The daemon's safety net for a preloaded program that does not write to
+/// the protocol's `cgroup` files: it moves each child into its try's
+/// cgroup when it gets its pid (and never comes to trust the program's
+/// children to join by themselves). The Python example, with its parse
+/// made to drop the `cgroup` fields.
+async fn a_preloaded_program_that_ignores_the_cgroup_field_has_its_tries_moved(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/preload");
+    let program = db.scratch.join("ignores_cgroups.py");
+    std::fs::write(
+        &program,
+        format!(
+            "#!/usr/bin/env python3\n\
+             import sys\n\
+             sys.path.insert(0, {:?})\n\
+             import preload_tasks\n\
+             parse = preload_tasks.parse\n\
+             def ignoring_cgroups(message):\n    \
+                 request = parse(message)\n    \
+                 request['cgroup'] = []\n    \
+                 return request\n\
+             preload_tasks.parse = ignoring_cgroups\n\
+             sys.exit(preload_tasks.main())\n",
+            examples.display().to_string()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &program,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let Some(mut daemon) = start_with_cgroups(
+        &db,
+        &format!(
+            "programs: [{{path: {}, preload: true}}]\n",
+            program.display()
+        ),
+    ) else {
+        return;
+    };
+    for _ in 0..3 {
+        // It reads its cgroup a second after its start: the daemon moved it
+        // when its pid came back, long before.
+        let id = db
+            .insert_row(
+                NewRow::new("PyProbe")
+                    .options("sleep_ms: 1000")
+                    .try_limit(1),
+            )
+            .await;
+        let text = db
+            .wait_for_state(id, "FINISHED", WAIT)
+            .await
+            .result_text
+            .unwrap();
+        let cgroup = text
+            .lines()
+            .find_map(|line| line.strip_prefix("cgroup: "))
+            .unwrap_or_else(|| panic!("no cgroup line: {text}"));
+        assert!(
+            !try_cgroup_dirs(cgroup).is_empty(),
+            "moved into its try's cgroup: {cgroup}"
+        );
+    }
+    assert!(daemon.log_text().contains(" preloaded (pid "));
     assert!(daemon.stop().success());
 }
 

@@ -578,17 +578,21 @@ impl TryCgroup {
     }
 
     /// Moves `pid` (and whatever it has started since) into the cgroup: a
-    /// preloaded parent's child that did not join itself.
-    pub(crate) fn adopt(&self, pid: u32) -> io::Result<()> {
+    /// preloaded parent's child that did not join itself. True when it was
+    /// in every directory already: it joined by itself (the cgroup was
+    /// empty when the try got it, and only this moves another process in).
+    pub(crate) fn adopt(&self, pid: u32) -> io::Result<bool> {
+        let mut joined = true;
         for dir in &self.dirs {
             let procs = dir.path.join("cgroup.procs");
             let current = std::fs::read_to_string(&procs).unwrap_or_default();
             if current.lines().any(|line| line.trim() == pid.to_string()) {
                 continue;
             }
+            joined = false;
             write_file(&procs, &pid.to_string())?;
         }
-        Ok(())
+        Ok(joined)
     }
 
     /// The processes in the cgroup now.

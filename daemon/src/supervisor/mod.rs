@@ -331,6 +331,8 @@ pub(crate) async fn run(
         cgroup: try_cgroup.clone(),
     };
 
+    let preloaded_from =
+        (launch.preload && try_cgroup.is_some()).then(|| preload::Key::of(&recipe));
     let asked = std::time::SystemTime::now();
     let Some((spawned, ticket, waited)) = spawner.start_at(gate, recipe).await else {
         if let Some(cgroup) = try_cgroup {
@@ -370,9 +372,27 @@ pub(crate) async fn run(
         .unwrap_or_default();
     if let (true, Some(cgroup)) = (launch.preload, &try_cgroup) {
         // A preloaded program that ignored the `cgroup` field: its child
-        // is moved now (what it started before this runs outside).
-        if let Err(error) = cgroup.adopt(child.pid) {
-            tracing::warn!("cannot move a preloaded try into its cgroup: {error}");
+        // is moved now (what it started before this runs outside). Once a
+        // child of its parent was in its cgroup at the first look, the
+        // parent's children join by themselves and are not checked: the
+        // check races the child's own join, and a move writes
+        // `cgroup.procs`, which takes the kernel's global cgroup lock.
+        let joins = preloaded_from
+            .as_ref()
+            .and_then(|key| spawner.preloaded.joins_itself(key));
+        let joins = joins.as_ref();
+        if !joins.is_some_and(|joins| joins.load(std::sync::atomic::Ordering::Relaxed)) {
+            match cgroup.adopt(child.pid) {
+                Ok(true) => {
+                    if let Some(joins) = joins {
+                        joins.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!("cannot move a preloaded try into its cgroup: {error}")
+                }
+            }
         }
     }
     // From here: the boot of a preloaded parent is not the try's time.

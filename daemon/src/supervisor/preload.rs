@@ -64,10 +64,21 @@ const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
 
 /// One preloaded parent per program and credentials.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Key {
+pub(crate) struct Key {
     program: PathBuf,
     uid: Option<u32>,
     gid: Option<u32>,
+}
+
+impl Key {
+    /// The parent that serves `recipe`'s tries.
+    pub(crate) fn of(recipe: &Recipe) -> Key {
+        Key {
+            program: recipe.program.clone(),
+            uid: recipe.uid,
+            gid: recipe.gid,
+        }
+    }
 }
 
 /// The preloaded parents of one daemon; cheap to clone.
@@ -104,6 +115,8 @@ struct Parent {
     started: Instant,
     /// The executable as it was when started (device, inode, size, mtime).
     file: Option<FileId>,
+    /// Its children were seen joining their cgroups by themselves.
+    joins_itself: JoinsItself,
 }
 
 /// A request sent to a parent: who waits for its child, our ends of the
@@ -127,6 +140,11 @@ fn file_id(path: &std::path::Path) -> Option<FileId> {
     ))
 }
 
+/// Set once a child of a parent was found in its try's cgroup when the
+/// daemon first looked: that parent's children join by themselves (the
+/// protocol's `cgroup` field), and the daemon need not check the next ones.
+pub(crate) type JoinsItself = Arc<AtomicBool>;
+
 /// Why a preloaded start did not happen: run the try exec'd, or fail it.
 pub(crate) enum Refused {
     ExecInstead,
@@ -137,11 +155,7 @@ impl Pool {
     /// Starts the try of `recipe` as a child of its program's preloaded
     /// parent (starting the parent first if need be).
     pub(crate) async fn spawn(&self, spawner: &Exec, recipe: &Recipe) -> Result<Child, Refused> {
-        let key = Key {
-            program: recipe.program.clone(),
-            uid: recipe.uid,
-            gid: recipe.gid,
-        };
+        let key = Key::of(recipe);
         // A parent that died while answering is replaced once.
         let mut attempts = 0;
         loop {
@@ -171,6 +185,16 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// Whether the children of the running parent of `key` join their
+    /// cgroups by themselves, as far as is known; `None` without a parent,
+    /// or while a parent is being started (the lock is held for its boot):
+    /// the caller then checks the child, which is always safe.
+    pub(crate) fn joins_itself(&self, key: &Key) -> Option<JoinsItself> {
+        let programs = self.programs.try_lock().ok()?;
+        let parent = programs.get(key)?.parent.as_ref()?;
+        Some(parent.joins_itself.clone())
     }
 
     /// Retires every parent (config reload): each program starts anew at its next try.
@@ -374,6 +398,7 @@ impl Parent {
             exited,
             started: Instant::now(),
             file,
+            joins_itself: Default::default(),
         };
         let mut buffer = [0u8; 256];
         let hello = tokio::select! {
