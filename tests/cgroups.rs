@@ -420,6 +420,7 @@ async fn a_preloaded_program_that_ignores_the_cgroup_field_has_its_tries_moved(b
         format!(
             "#!/usr/bin/env python3\n\
              import sys\n\
+             sys.dont_write_bytecode = True\n\
              sys.path.insert(0, {:?})\n\
              import preload_tasks\n\
              parse = preload_tasks.parse\n\
