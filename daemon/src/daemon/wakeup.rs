@@ -176,6 +176,9 @@ impl Wakeup {
     async fn watch_sqlite(&self, stop: CancellationToken) {
         let url = self.database_url.clone();
         let mut side = SideConnection::new(&url);
+        // The check on this thread where it can be (see `DataVersion`),
+        // else through sqlx's connection and its worker thread.
+        let mut direct = DataVersion::open(&url);
         let mut log_watch = match LogWatch::open(&url) {
             Ok(watch) => Some(watch),
             Err(error) => {
@@ -220,12 +223,23 @@ impl Wakeup {
                 POLL_WITHOUT_WATCH
             };
             next_safety_check = Instant::now() + safety_net;
-            let Some(connection) = side.get().await else {
-                continue;
+            let version = match direct.as_mut() {
+                Some(direct) => {
+                    self.store.count_statements(1);
+                    direct.read().map_err(|code| {
+                        sqlx::Error::Protocol(format!("PRAGMA data_version: SQLite error {code}"))
+                    })
+                }
+                None => {
+                    let Some(connection) = side.get().await else {
+                        continue;
+                    };
+                    self.store.count_statements(1);
+                    let check = sqlx::query_scalar::<_, i64>("PRAGMA data_version");
+                    check.fetch_one(connection).await
+                }
             };
-            self.store.count_statements(1);
-            let check = sqlx::query_scalar::<_, i64>("PRAGMA data_version");
-            match check.fetch_one(connection).await {
+            match version {
                 Ok(version) => {
                     let changed = last_version.is_some_and(|last| last != version);
                     if changed {
@@ -239,10 +253,105 @@ impl Wakeup {
                         _ => None,
                     };
                 }
+                // From then on through sqlx, which reconnects after errors.
+                Err(error) if direct.is_some() => {
+                    tracing::debug!("SQLite change check on its own connection: {error}");
+                    direct = None;
+                }
                 Err(error) => side.failed(&error),
             }
         }
         side.close().await;
+    }
+}
+
+/// `PRAGMA data_version` on a read-only SQLite connection of the watcher's
+/// own, prepared once and stepped on the caller's thread. Through sqlx each
+/// check was a round trip to the connection's worker thread (a wake-up
+/// there and one back), and the daemon's own commits make most checks: a
+/// write to the log is an inotify event whoever wrote it. The check itself
+/// reads SQLite's shared-memory index (no table, no file read, no wait:
+/// without a busy handler a locked index is an error, and the next check
+/// comes soon).
+struct DataVersion {
+    db: *mut libsqlite3_sys::sqlite3,
+    statement: *mut libsqlite3_sys::sqlite3_stmt,
+}
+
+// SAFETY: the connection is opened with SQLITE_OPEN_NOMUTEX and used by one
+// thread at a time (the owner's, through `&mut self`), which SQLite allows
+// for a connection of its own moved between threads.
+unsafe impl Send for DataVersion {}
+
+impl DataVersion {
+    /// None for an in-memory database, or when SQLite cannot open the file.
+    fn open(url: &str) -> Option<DataVersion> {
+        use libsqlite3_sys as ffi;
+        use std::os::unix::ffi::OsStrExt;
+        let options = SqliteConnectOptions::from_str(url).ok()?;
+        let path = options.get_filename();
+        if path.as_os_str().is_empty() || path.as_os_str().as_bytes() == b":memory:" {
+            return None;
+        }
+        let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+        let mut version = DataVersion {
+            db: std::ptr::null_mut(),
+            statement: std::ptr::null_mut(),
+        };
+        // SAFETY: a NUL-terminated path and out-pointers to our fields; a
+        // handle returned with an error is closed by the drop.
+        let opened = unsafe {
+            ffi::sqlite3_open_v2(
+                path.as_ptr(),
+                &mut version.db,
+                ffi::SQLITE_OPEN_READONLY | ffi::SQLITE_OPEN_NOMUTEX,
+                std::ptr::null(),
+            )
+        };
+        if opened != ffi::SQLITE_OK {
+            return None;
+        }
+        let sql = c"PRAGMA data_version";
+        // SAFETY: an open connection, a NUL-terminated statement (-1: up to
+        // the NUL), an out-pointer to our field.
+        let prepared = unsafe {
+            ffi::sqlite3_prepare_v2(
+                version.db,
+                sql.as_ptr(),
+                -1,
+                &mut version.statement,
+                std::ptr::null_mut(),
+            )
+        };
+        (prepared == ffi::SQLITE_OK && !version.statement.is_null()).then_some(version)
+    }
+
+    /// The data version now, or SQLite's error code.
+    fn read(&mut self) -> Result<i64, i32> {
+        use libsqlite3_sys as ffi;
+        // SAFETY: our prepared statement on our open connection, reset
+        // after each step so that the next starts afresh.
+        unsafe {
+            let stepped = ffi::sqlite3_step(self.statement);
+            let result = if stepped == ffi::SQLITE_ROW {
+                Ok(ffi::sqlite3_column_int64(self.statement, 0))
+            } else {
+                Err(stepped)
+            };
+            ffi::sqlite3_reset(self.statement);
+            result
+        }
+    }
+}
+
+impl Drop for DataVersion {
+    fn drop(&mut self) {
+        // SAFETY: our statement and connection, each released once (both
+        // accept null).
+        unsafe {
+            libsqlite3_sys::sqlite3_finalize(self.statement);
+            libsqlite3_sys::sqlite3_close(self.db);
+        }
     }
 }
 
