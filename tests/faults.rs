@@ -21,6 +21,7 @@ both_backends!(
     task_ignoring_sigterm_is_killed_at_its_timeout,
     grandchildren_are_stopped_with_their_task,
     reused_pid_is_taken_as_crashed_and_never_signalled,
+    a_try_whose_outcome_waits_is_left_to_its_living_daemon,
     stale_heartbeat_of_another_host_is_crashed_after_the_lease,
     flood_of_output_is_bounded,
     memory_limit_fails_the_try_naming_the_limit,
@@ -219,6 +220,41 @@ async fn reused_pid_is_taken_as_crashed_and_never_signalled(backend: Backend) {
     let mut daemon = Daemon::start(&db, "d", "");
     db.wait_for_state(by_hand, "FINISHED", WAIT).await;
     db.wait_for_state(mismatched, "FINISHED", WAIT).await;
+    assert!(daemon.stop().success());
+}
+
+/// A try has ended and its daemon, alive, waits to write the outcome (here
+/// behind a lock; under load, behind a slow database): the reaper of another
+/// daemon on the host, or `taskrunner-cli reap`, finds the task's process
+/// gone. The row is its daemon's to record; marking it CRASHED would run the
+/// finished try a second time (seen as 524 runs of 500 rows with two daemons
+/// on a loaded machine).
+async fn a_try_whose_outcome_waits_is_left_to_its_living_daemon(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ran = db.scratch.join("ran.log");
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "tasks:\n  Brief:\n    command: [/bin/sh, -c, 'echo $$ >> {}; sleep 0.3']\n",
+            ran.display()
+        ),
+    );
+    let id = db.enqueue("Brief", None).await;
+    let pid = db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32;
+    let held = db.hold_row(id).await;
+    wait_until(WAIT, "the task's process to end", || !process_exists(pid));
+    let (status, stdout, stderr) = cli(&db, &["reap", "--dry-run"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(
+        !stdout.lines().any(|l| l.starts_with(&format!("{id} "))),
+        "the reaper took a row its living daemon is recording: {stdout}"
+    );
+    held.release().await;
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 1);
+    let runs = std::fs::read_to_string(&ran).unwrap();
+    assert_eq!(runs.lines().count(), 1, "{runs}");
     assert!(daemon.stop().success());
 }
 

@@ -5,10 +5,12 @@
 //!
 //! Three probes: rows of this host are checked against the process identity
 //! recorded at spawn (`procinfo::probe`; a reused pid is never taken for the
-//! task, and nothing is ever signalled); rows of this host without a pid
-//! against the identity of the daemon holding them (in `claimed_by`); rows
-//! of any host whose heartbeat is older than `lease_timeout` have lost their
-//! lease.
+//! task, and nothing is ever signalled), and a row whose process is gone is
+//! left to the daemon holding it while that daemon lives (it reaped the
+//! process itself, and its outcome is on its way); rows of this host without
+//! a pid against the identity of the daemon holding them (in `claimed_by`);
+//! rows of any host whose heartbeat is older than `lease_timeout` have lost
+//! their lease.
 
 use std::time::Duration;
 
@@ -54,6 +56,13 @@ pub(crate) async fn reap(
             // Another machine's (or boot's) row: only its lease can tell.
             Probe::Foreign => continue,
         };
+        // The process has ended, but the daemon holding the row lives: it
+        // has reaped its child and writes the try's outcome (which may wait
+        // for a lock or a slow database). Marking the row CRASHED now would
+        // run a finished try again. Should that daemon hang, its lease lapses.
+        if holder_lives(&row.claimed_by) {
+            continue;
+        }
         {
             let mut reason = format!("crashed: {why} (found by the reaper on {host})");
             if !dry_run {
@@ -124,6 +133,13 @@ pub(crate) async fn reap(
         }
     }
     Ok(reaped)
+}
+
+/// Whether the daemon instance named in `claimed_by` is a live process of
+/// this host and boot (false when the name carries no identity).
+fn holder_lives(claimed_by: &str) -> bool {
+    crate::instance::InstanceId::holder_identity(claimed_by)
+        .is_some_and(|holder| matches!(procinfo::probe(&holder), Probe::Alive))
 }
 
 /// Kills what is left in the cgroup of row `id`'s try under `claim_token` and

@@ -141,6 +141,44 @@ impl TestDb {
         }
     }
 
+    /// Another connection holding what an update of row `id` needs until
+    /// [`HeldRow::release`]: the row's lock on PostgreSQL and MariaDB
+    /// (`SELECT … FOR UPDATE`), the database's write lock on SQLite
+    /// (`BEGIN IMMEDIATE`). Reads of the row go on meanwhile.
+    pub async fn hold_row(&self, id: RequestId) -> HeldRow {
+        use sqlx::Connection;
+        let lock = format!("SELECT id FROM task_runner_requests WHERE id = {id} FOR UPDATE");
+        let lock = sqlx::AssertSqlSafe(lock);
+        match self.backend {
+            Backend::Sqlite => {
+                let mut connection = sqlx::SqliteConnection::connect(&self.url).await.unwrap();
+                sqlx::raw_sql("BEGIN IMMEDIATE")
+                    .execute(&mut connection)
+                    .await
+                    .unwrap();
+                HeldRow::Sqlite(connection)
+            }
+            Backend::Postgres => {
+                let mut connection = sqlx::PgConnection::connect(&self.url).await.unwrap();
+                sqlx::raw_sql("BEGIN")
+                    .execute(&mut connection)
+                    .await
+                    .unwrap();
+                sqlx::raw_sql(lock).execute(&mut connection).await.unwrap();
+                HeldRow::Postgres(connection)
+            }
+            Backend::MySql => {
+                let mut connection = sqlx::MySqlConnection::connect(&self.url).await.unwrap();
+                sqlx::raw_sql("BEGIN")
+                    .execute(&mut connection)
+                    .await
+                    .unwrap();
+                sqlx::raw_sql(lock).execute(&mut connection).await.unwrap();
+                HeldRow::MySql(connection)
+            }
+        }
+    }
+
     /// Runs SQL as an application would (no parameters).
     pub async fn execute(&self, sql: &str) {
         self.raw
@@ -316,4 +354,23 @@ pub fn mysql_client(url: &str, sql: &str) -> std::io::Result<std::process::Outpu
             sql,
         ])
         .output()
+}
+
+/// A lock held by [`TestDb::hold_row`].
+pub enum HeldRow {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+    MySql(sqlx::MySqlConnection),
+}
+
+impl HeldRow {
+    /// Ends the transaction, which lets the waiting writers on.
+    pub async fn release(self) {
+        match self {
+            HeldRow::Sqlite(mut c) => sqlx::raw_sql("COMMIT").execute(&mut c).await.map(|_| ()),
+            HeldRow::Postgres(mut c) => sqlx::raw_sql("COMMIT").execute(&mut c).await.map(|_| ()),
+            HeldRow::MySql(mut c) => sqlx::raw_sql("COMMIT").execute(&mut c).await.map(|_| ()),
+        }
+        .unwrap();
+    }
 }

@@ -20,6 +20,8 @@ pub(crate) struct RunningRow {
     /// `started_at` as seconds since the epoch.
     pub(crate) started_at: Option<f64>,
     pub(crate) claim_token: Option<ClaimToken>,
+    /// The daemon instance holding the row ("" when none).
+    pub(crate) claimed_by: String,
 }
 
 /// A RUNNING row whose heartbeat is older than the lease.
@@ -52,6 +54,7 @@ impl Store {
                     start_ticks: row.opt_int(3)?,
                     started_at: row.opt_float(4)?,
                     claim_token: row.opt_text(5)?.map(ClaimToken::from_row),
+                    claimed_by: row.text(6)?,
                 }))
                 .collect::<sqlx::Result<_>>()?
         }))

@@ -727,7 +727,7 @@ impl Sql {
                 int("(CASE WHEN cancel_requested_at IS NULL THEN 0 ELSE 1 END)")
             ),
             running_on_host: format!(
-                "SELECT {}, {}, pid_boot_id, {}, {}, claim_token \
+                "SELECT {}, {}, pid_boot_id, {}, {}, claim_token, coalesce(claimed_by, '') \
                    FROM task_runner_requests \
                   WHERE result = 'RUNNING' AND host = $1 AND pid IS NOT NULL \
                     AND claimed_by IS DISTINCT FROM $2 \
