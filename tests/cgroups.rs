@@ -386,24 +386,30 @@ async fn preloaded_tries_run_in_their_own_cgroup(backend: Backend) {
     };
     for task in ["Probe", "PyProbe", "Probe", "PyProbe", "Probe", "PyProbe"] {
         let id = insert_once(&db, task).await;
-        let text = db
-            .wait_for_state(id, "FINISHED", WAIT)
-            .await
-            .result_text
-            .unwrap();
-        let cgroup = text
-            .lines()
-            .find_map(|line| line.strip_prefix("cgroup: "))
-            .unwrap_or_else(|| panic!("no cgroup line: {text}"));
-        assert!(
-            !try_cgroup_dirs(cgroup).is_empty(),
-            "{task} ran in its try's cgroup: {cgroup}"
-        );
+        assert_ran_in_its_try_cgroup(&db, id).await;
     }
     let log = daemon.log_text();
     assert!(log.contains(" preloaded (pid "), "{log}");
     assert!(!log.contains("cannot move a preloaded try"), "{log}");
     assert!(daemon.stop().success());
+}
+
+/// Waits for row `id` to finish, and checks that the probe's result text
+/// names a try's cgroup (its `cgroup: ` line, read by the task itself).
+async fn assert_ran_in_its_try_cgroup(db: &TestDb, id: taskrunner::request::RequestId) {
+    let text = db
+        .wait_for_state(id, "FINISHED", WAIT)
+        .await
+        .result_text
+        .unwrap();
+    let cgroup = text
+        .lines()
+        .find_map(|line| line.strip_prefix("cgroup: "))
+        .unwrap_or_else(|| panic!("no cgroup line: {text}"));
+    assert!(
+        !try_cgroup_dirs(cgroup).is_empty(),
+        "request {id} ran outside its try's cgroup: {cgroup}"
+    );
 }
 
 /// The daemon's safety net for a preloaded program that does not write to
@@ -458,19 +464,7 @@ async fn a_preloaded_program_that_ignores_the_cgroup_field_has_its_tries_moved(b
                     .try_limit(1),
             )
             .await;
-        let text = db
-            .wait_for_state(id, "FINISHED", WAIT)
-            .await
-            .result_text
-            .unwrap();
-        let cgroup = text
-            .lines()
-            .find_map(|line| line.strip_prefix("cgroup: "))
-            .unwrap_or_else(|| panic!("no cgroup line: {text}"));
-        assert!(
-            !try_cgroup_dirs(cgroup).is_empty(),
-            "moved into its try's cgroup: {cgroup}"
-        );
+        assert_ran_in_its_try_cgroup(&db, id).await;
     }
     assert!(daemon.log_text().contains(" preloaded (pid "));
     assert!(daemon.stop().success());

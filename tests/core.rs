@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::util::{cli, poll, wait_until, Backend, Daemon, NewRow, TestDb};
+use crate::util::{cli, most_at_once, poll, wait_until, Backend, Daemon, NewRow, TestDb};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -230,21 +230,7 @@ async fn max_concurrent_is_never_exceeded(backend: Backend) {
     for id in &ids {
         db.wait_for_state(*id, "FINISHED", WAIT).await;
     }
-    let mut events: Vec<(u128, i32)> = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let (kind, at) = line.split_once(' ').unwrap();
-            (at.parse().unwrap(), if kind == "start" { 1 } else { -1 })
-        })
-        .collect();
-    // Ends sort before starts at the same instant.
-    events.sort();
-    let (mut running, mut most) = (0, 0);
-    for (_, delta) in events {
-        running += delta;
-        most = most.max(running);
-    }
+    let (_, most) = most_at_once(&log);
     assert_eq!(
         most, 2,
         "at most two tasks at once, and two did run together"

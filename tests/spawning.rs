@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use crate::util::{process_exists, wait_until, zombie_children, Backend, Daemon, NewRow, TestDb};
+use crate::util::{
+    most_at_once, process_exists, wait_until, zombie_children, Backend, Daemon, NewRow, TestDb,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -123,22 +125,8 @@ async fn short_tries_started_at_each_exit_never_run_beyond_max_concurrent(backen
             WAIT,
         )
         .await;
-        let mut events: Vec<(u128, i32)> = std::fs::read_to_string(&log)
-            .unwrap()
-            .lines()
-            .map(|line| {
-                let (kind, at) = line.split_once(' ').unwrap();
-                (at.parse().unwrap(), if kind == "start" { 1 } else { -1 })
-            })
-            .collect();
-        assert_eq!(events.len(), 300, "every task logged its start and end");
-        // Ends sort before starts at the same instant.
-        events.sort();
-        let (mut running, mut most) = (0, 0);
-        for (_, delta) in events {
-            running += delta;
-            most = most.max(running);
-        }
+        let (lines, most) = most_at_once(&log);
+        assert_eq!(lines, 300, "every task logged its start and end");
         assert!(
             most <= max_concurrent,
             "{most} tasks ran at once with max_concurrent {max_concurrent}"

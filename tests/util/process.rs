@@ -1,6 +1,7 @@
 //! What `/proc` tells of processes: whether one exists, its memory, its
 //! zombie children; a pid a task wrote to a file, a stray process killed;
-//! and the clock as task scripts read it.
+//! how many tasks ran at once by their own log; and the clock as task
+//! scripts read it.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -138,4 +139,25 @@ pub fn now_ns() -> u128 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos()
+}
+
+/// From a log to which each task appended `start NANOS` and `end NANOS`
+/// (`date +%s%N`): how many lines it holds, and the most tasks that ran at
+/// once. An end sorts before a start at the same instant.
+pub fn most_at_once(log: &Path) -> (usize, i32) {
+    let mut events: Vec<(u128, i32)> = std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let (kind, at) = line.split_once(' ').unwrap();
+            (at.parse().unwrap(), if kind == "start" { 1 } else { -1 })
+        })
+        .collect();
+    events.sort();
+    let (mut running, mut most) = (0, 0);
+    for (_, delta) in &events {
+        running += delta;
+        most = most.max(running);
+    }
+    (events.len(), most)
 }

@@ -424,15 +424,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-
-    fn recipe(program: &str, args: &[&str]) -> Recipe {
-        Recipe {
-            program: program.into(),
-            args: args.iter().map(|a| a.to_string()).collect(),
-            workdir: "/".into(),
-            ..Recipe::default()
-        }
-    }
+    use crate::supervisor::spawner::tests::recipe;
 
     /// Polls `condition` every millisecond, for at most 20 s.
     async fn until(what: &str, condition: impl Fn() -> bool) {

@@ -1121,11 +1121,12 @@ fn write_oom_score_adj(value: i32) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
 
-    fn recipe(program: &str, args: &[&str]) -> Recipe {
+    /// A recipe running `program` with `args` in `/` (also the slots' tests').
+    pub(in crate::supervisor) fn recipe(program: &str, args: &[&str]) -> Recipe {
         Recipe {
             program: program.into(),
             args: args.iter().map(|a| a.to_string()).collect(),
