@@ -103,7 +103,7 @@ impl Spawner {
     /// New slots for task processes, whose freed slots start the next try on
     /// the spawner thread that saw the exit ([`slots`]).
     pub(crate) fn slots(&self) -> std::sync::Arc<Slots> {
-        self.exec.slots()
+        Slots::new(self.exec.clone())
     }
 
     /// Starts `recipe` once `gate` lets it: `None` when it never may.

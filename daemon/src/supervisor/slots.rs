@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
-use super::spawner::{Child, Exec, Recipe, Started};
+use super::spawner::{Child, Exec, Handover, Line, Recipe, Started};
 
 /// The slots and the line of tries waiting for one (one per scheduler).
 pub(crate) struct Slots {
@@ -72,13 +72,6 @@ enum Handed {
     Slot,
     /// Its armed start, made on a spawner thread with the slot handed to it.
     Started(io::Result<Started>),
-}
-
-/// A start to make for a try a slot was just handed to.
-pub(super) struct Handover {
-    pub(super) slots: Arc<Slots>,
-    pub(super) place: u64,
-    pub(super) recipe: Box<Recipe>,
 }
 
 /// Who gets a freed slot.
@@ -182,7 +175,7 @@ impl Slots {
                 Some(Place::Armed(tell, recipe)) => {
                     state.places.insert(place, Place::Starting(tell));
                     return Next::Start(Handover {
-                        slots: self.clone(),
+                        line: self.clone(),
                         place,
                         recipe,
                     });
@@ -266,6 +259,22 @@ impl Slots {
     }
 }
 
+/// The spawner threads' side of the line: a watched process's exit frees
+/// its slot, and a start made on a spawner thread is delivered.
+impl Line for Slots {
+    fn slot_freed(self: Arc<Self>, place: u64) -> Option<Handover> {
+        self.release(place)
+    }
+
+    fn deliver_start(
+        &self,
+        place: u64,
+        started: io::Result<Started>,
+    ) -> Result<(), io::Result<Started>> {
+        self.deliver(place, started)
+    }
+}
+
 /// A try's place in [`Slots`], then its slot; dropping it leaves the line
 /// or releases the slot.
 pub(crate) struct Ticket {
@@ -316,7 +325,7 @@ impl Ticket {
                     self.handed = handed;
                     state.places.insert(self.place, Place::Starting(tell));
                     Some(Handover {
-                        slots: self.slots.clone(),
+                        line: self.slots.clone(),
                         place: self.place,
                         recipe: Box::new(recipe.take().expect("not yet handed")),
                     })
@@ -461,7 +470,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_exit_starts_the_armed_try_and_its_slot_is_handed_over_once() {
-        let slots = Exec::start(vec![]).unwrap().slots();
+        let slots = Slots::new(Exec::start(vec![]).unwrap());
         let (first, mut first_child) = holder(&slots).await;
         let mut second = slots.join(1);
         let third = slots.join(1);
@@ -501,7 +510,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_try_that_stops_waiting_while_armed_is_never_started() {
-        let slots = Exec::start(vec![]).unwrap().slots();
+        let slots = Slots::new(Exec::start(vec![]).unwrap());
         let (first, mut first_child) = holder(&slots).await;
         let mut second = slots.join(1);
         let turn = second
@@ -519,7 +528,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_try_handed_its_start_before_it_stops_waiting_runs() {
-        let slots = Exec::start(vec![]).unwrap().slots();
+        let slots = Slots::new(Exec::start(vec![]).unwrap());
         let (first, mut first_child) = holder(&slots).await;
         let mut second = slots.join(1);
         let place = second.place;
@@ -544,7 +553,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_closed_line_never_starts_its_armed_tries() {
-        let slots = Exec::start(vec![]).unwrap().slots();
+        let slots = Slots::new(Exec::start(vec![]).unwrap());
         let (first, mut first_child) = holder(&slots).await;
         let mut second = slots.join(1);
         let place = second.place;

@@ -46,8 +46,6 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 
-use super::slots::{Handover, Slots};
-
 /// A start that failed for the daemon's own lack of resources (file
 /// descriptors, processes, memory), not for anything of the task's: the try
 /// is given back rather than counted (see `attempt::run`).
@@ -259,6 +257,30 @@ impl Started {
 /// Our end of a stdin pipe and the bytes still to write to it.
 type StdinRest = (OwnedFd, Vec<u8>);
 
+/// The line of tries waiting for slots (slots.rs), as the spawner threads
+/// see it: where the slot of a watched process goes when it exits, and
+/// where a start made for a slot is delivered. (A trait, so that the line
+/// can name the threads that serve it, and not the other way round.)
+pub(super) trait Line: Send + Sync {
+    /// The slot `place` holds is free (its process exited): it goes to the
+    /// next try in line; returns that try's start to make, if it is armed.
+    fn slot_freed(self: Arc<Self>, place: u64) -> Option<Handover>;
+    /// Gives `place` the start made for it; gives the start back when
+    /// nobody will take it (its try is gone).
+    fn deliver_start(
+        &self,
+        place: u64,
+        started: io::Result<Started>,
+    ) -> Result<(), io::Result<Started>>;
+}
+
+/// A start to make for a try a slot was just handed to.
+pub(super) struct Handover {
+    pub(super) line: Arc<dyn Line>,
+    pub(super) place: u64,
+    pub(super) recipe: Box<Recipe>,
+}
+
 /// What a spawner thread is asked to do.
 enum Job {
     /// Start a process and answer with it.
@@ -334,7 +356,7 @@ struct Watched {
     /// A pidfd of our own (not a `dup` of the runtime's: closing it must
     /// take it out of the epoll, which a shared open file would not).
     pidfd: OwnedFd,
-    slots: Arc<Slots>,
+    line: Arc<dyn Line>,
     place: u64,
 }
 
@@ -440,7 +462,7 @@ impl Pool {
                 // beside the next try.
                 kill_group(&watched.pidfd);
                 drop(watched.pidfd);
-                if let Some(handover) = watched.slots.release(watched.place) {
+                if let Some(handover) = watched.line.slot_freed(watched.place) {
                     self.hand_over(kit, handover);
                 }
             }
@@ -453,16 +475,16 @@ impl Pool {
         loop {
             let started = kit.start(&handover.recipe);
             if let Ok(started) = &started {
-                self.watch(started.pid, &handover.slots, handover.place);
+                self.watch(started.pid, &handover.line, handover.place);
             }
-            let Handover { slots, place, .. } = handover;
-            let Err(undelivered) = slots.deliver(place, started) else {
+            let Handover { line, place, .. } = handover;
+            let Err(undelivered) = line.deliver_start(place, started) else {
                 return;
             };
             if let Ok(started) = undelivered {
                 started.kill_and_reap();
             }
-            match slots.release(place) {
+            match line.slot_freed(place) {
                 Some(next) => handover = next,
                 None => return,
             }
@@ -472,7 +494,7 @@ impl Pool {
     /// Watches `pid`, our unreaped child holding `place`'s slot, for its
     /// exit. Best effort: unwatched, its slot is released by the runtime
     /// once it has reaped it.
-    fn watch(&self, pid: u32, slots: &Arc<Slots>, place: u64) {
+    fn watch(&self, pid: u32, line: &Arc<dyn Line>, place: u64) {
         // SAFETY: pidfd_open on our own child, not yet reaped (the runtime
         // has not got it yet), so its pid cannot have been reused.
         let Ok(pidfd) =
@@ -487,7 +509,7 @@ impl Pool {
             key,
             Watched {
                 pidfd,
-                slots: slots.clone(),
+                line: line.clone(),
                 place,
             },
         );
@@ -547,11 +569,6 @@ impl Exec {
             pool,
             base: Arc::new(base),
         })
-    }
-
-    /// Slots whose freed slots the spawner threads hand on (see slots.rs).
-    pub(super) fn slots(&self) -> Arc<Slots> {
-        Slots::new(self.clone())
     }
 
     /// Makes a start a slot was handed to on a spawner thread.
