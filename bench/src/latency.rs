@@ -3,7 +3,10 @@
 //! delay is `started_at − created_at` of each row: both written by the
 //! database clock (`created_at` by the inserting statement, `started_at` by
 //! the daemon's claim, just before it spawns the task), so no clocks of two
-//! processes are compared. It includes the inserter's own commit.
+//! processes are compared. It includes the inserter's own commit; the
+//! inserter also times each of its INSERTs (statement and commit, by its own
+//! clock), so that the table can show the delay counted from the moment the
+//! commit returned, which is all the daemon can see.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -31,6 +34,10 @@ pub struct Case {
     pub path: Path,
     /// Insert-to-start delays, in milliseconds, sorted.
     pub delays_ms: Vec<f64>,
+    /// Each row's delay less the inserter's own INSERT (statement and
+    /// commit): from the commit's return to the start, milliseconds, sorted.
+    /// Empty for the CLI path (its time is a whole process's).
+    pub after_commit_ms: Vec<f64>,
 }
 
 #[derive(clap::Args)]
@@ -100,7 +107,7 @@ async fn measure(
         .arg("--gap-ms")
         .arg(gap_ms.to_string())
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if path == Path::Cli {
         command
@@ -131,6 +138,10 @@ async fn measure(
         }
         bail!("the inserter failed ({status}): {text}");
     }
+    let mut own_inserts = String::new();
+    if let Some(mut stdout) = inserter.stdout.take() {
+        std::io::Read::read_to_string(&mut stdout, &mut own_inserts)?;
+    }
     database
         .wait_finished(count, Duration::from_secs(60))
         .await?;
@@ -148,16 +159,35 @@ async fn measure(
             .iter_mut()
             .for_each(|delay| *delay = delay.round());
     }
+    // One inserter inserts the rows one after the other, so ids follow its
+    // lines; each line is one INSERT's time by its own clock.
+    let own_inserts_ms = own_inserts
+        .lines()
+        .map(str::parse::<f64>)
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading the inserter's INSERT times")?;
+    let mut after_commit_ms = if path == Path::Sql && own_inserts_ms.len() == delays_ms.len() {
+        delays_ms
+            .iter()
+            .zip(&own_inserts_ms)
+            .map(|(delay, own)| (delay - own).max(0.0))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    after_commit_ms.sort_by(f64::total_cmp);
     delays_ms.sort_by(f64::total_cmp);
     Ok(Case {
         backend,
         path,
         delays_ms,
+        after_commit_ms,
     })
 }
 
 /// The `inserter` mode: `count` requests, the i-th at start + i × gap (or at
-/// once when late), each committed on its own.
+/// once when late), each committed on its own; prints each INSERT's time
+/// (statement and commit, milliseconds) on a line of its own.
 pub async fn run_inserter(args: InserterArgs) -> Result<()> {
     enum Target {
         Sqlite(sqlx::SqliteConnection),
@@ -184,6 +214,7 @@ pub async fn run_inserter(args: InserterArgs) -> Result<()> {
     let start = tokio::time::Instant::now();
     for index in 0..args.count {
         tokio::time::sleep_until(start + gap * index as u32).await;
+        let began = std::time::Instant::now();
         match &mut target {
             Target::Sqlite(connection) => {
                 sqlx::query(INSERT).execute(&mut *connection).await?;
@@ -210,6 +241,7 @@ pub async fn run_inserter(args: InserterArgs) -> Result<()> {
                 }
             }
         }
+        println!("{:.3}", began.elapsed().as_secs_f64() * 1000.0);
     }
     match target {
         Target::Sqlite(connection) => connection.close().await?,
@@ -249,21 +281,32 @@ pub fn table(cases: &[Case], count: usize, gap_ms: u64) -> Table {
             (Backend::Mysql, Path::Sql) => "< 200 ms",
             (_, Path::Cli) => "< 10 ms",
         };
-        let delays = &case.delays_ms;
-        table.row(vec![
-            case.backend.name().to_string(),
-            path_name(case.path).to_string(),
-            ms(percentile(delays, 0.50)),
-            ms(percentile(delays, 0.95)),
-            ms(percentile(delays, 0.99)),
-            ms(delays.last().copied().unwrap_or(f64::NAN)),
-            target.to_string(),
-        ]);
+        let row = |path: &str, delays: &[f64], target: &str| {
+            vec![
+                case.backend.name().to_string(),
+                path.to_string(),
+                ms(percentile(delays, 0.50)),
+                ms(percentile(delays, 0.95)),
+                ms(percentile(delays, 0.99)),
+                ms(delays.last().copied().unwrap_or(f64::NAN)),
+                target.to_string(),
+            ]
+        };
+        table.row(row(path_name(case.path), &case.delays_ms, target));
+        if !case.after_commit_ms.is_empty() {
+            table.row(row(
+                "the same, from its commit's return",
+                &case.after_commit_ms,
+                "",
+            ));
+        }
     }
     table.note(
         "Insert-to-start = started_at − created_at of each row, both written by the database clock \
          (created_at by the inserting statement, started_at by the daemon's claim just before the task process \
-         is spawned); it includes the inserter's own commit. SQLite stores milliseconds, so its values are \
+         is spawned); it includes the inserter's own commit. \"From its commit's return\" subtracts each \
+         INSERT's own time as the inserter measured it (statement and commit; with SQLite's default \
+         synchronous=FULL an fsync of the log), which leaves what the daemon can act on. SQLite stores milliseconds, so its values are \
          whole milliseconds. MariaDB has no NOTIFY: the daemon looks for new rows every 100 ms.",
     );
     table
