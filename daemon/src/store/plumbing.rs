@@ -123,7 +123,7 @@ impl Store {
                 .create_if_missing(purpose != Purpose::Cli)
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
-                .busy_timeout(Duration::from_secs(5));
+                .busy_timeout(SQLITE_BUSY_TIMEOUT);
             // The daemon checkpoints on a connection of its own (see daemon/checkpoint.rs).
             let options = if purpose == Purpose::Daemon {
                 options.pragma("wal_autocheckpoint", WRITER_AUTOCHECKPOINT.to_string())
@@ -138,7 +138,10 @@ impl Store {
                     .max_connections(1)
                     .acquire_timeout(Duration::from_secs(30))
                     .after_connect(|connection, _| {
-                        Box::pin(async move { stable_query_plans(connection).await })
+                        Box::pin(async move {
+                            stable_query_plans(connection).await?;
+                            retry_locks_promptly(connection).await
+                        })
                     })
                     .connect_lazy_with(options),
             )
@@ -415,6 +418,54 @@ async fn stable_query_plans(connection: &mut sqlx::SqliteConnection) -> sqlx::Re
     Ok(())
 }
 
+/// How long a statement on SQLite waits for another connection's lock
+/// before it fails with "database is locked".
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often it tries again meanwhile.
+const SQLITE_BUSY_RETRY: Duration = Duration::from_millis(1);
+
+/// Makes a connection wait for another connection's lock by trying again
+/// every [`SQLITE_BUSY_RETRY`], up to [`SQLITE_BUSY_TIMEOUT`].
+///
+/// SQLite's own `busy_timeout` sleeps longer and longer between tries (1, 2,
+/// 5, 10, … 50, then 100 ms), so a waiter may sleep on for up to 100 ms after
+/// the lock is free. The daemon's one connection then holds its next claim
+/// behind that sleep. An application that inserts with SQLite's default
+/// `synchronous=FULL` holds the write lock through the fsync of its commit,
+/// and on a busy disk that fsync takes tens of milliseconds: the daemon's
+/// outcome write waited for it, then overslept, and the row that commit had
+/// just added started late.
+async fn retry_locks_promptly(connection: &mut sqlx::SqliteConnection) -> sqlx::Result<()> {
+    let mut handle = connection.lock_handle().await?;
+    let db = handle.as_raw_handle().as_ptr();
+    // SAFETY: a valid connection handle, held locked for the call; the
+    // handler is a plain function that ignores its (null) argument. It
+    // replaces the handler `busy_timeout` installed.
+    let code = unsafe {
+        libsqlite3_sys::sqlite3_busy_handler(db, Some(retry_after_a_moment), std::ptr::null_mut())
+    };
+    if code != libsqlite3_sys::SQLITE_OK {
+        return Err(sqlx::Error::Protocol(format!(
+            "SQLite refused the busy handler (code {code})"
+        )));
+    }
+    Ok(())
+}
+
+/// SQLite's busy handler (see [`retry_locks_promptly`]): `tries` is how many
+/// times it was called for this lock already; 0 gives up.
+extern "C" fn retry_after_a_moment(_: *mut libc::c_void, tries: libc::c_int) -> libc::c_int {
+    let most = (SQLITE_BUSY_TIMEOUT.as_millis() / SQLITE_BUSY_RETRY.as_millis()) as libc::c_int;
+    if tries >= most {
+        return 0;
+    }
+    // SQLite calls this on the thread that runs the statement: sqlx's
+    // worker thread for the connection, never the runtime's.
+    std::thread::sleep(SQLITE_BUSY_RETRY);
+    1
+}
+
 /// Starts a write transaction. On SQLite `BEGIN IMMEDIATE` takes the write
 /// lock up front, so busy_timeout applies and no snapshot upgrade can fail.
 pub(super) async fn begin_write<DB: sqlx::Database>(
@@ -424,5 +475,69 @@ pub(super) async fn begin_write<DB: sqlx::Database>(
         pool.begin_with("BEGIN IMMEDIATE").await
     } else {
         pool.begin().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use sqlx::{ConnectOptions, Connection};
+
+    use crate::store::{Purpose, Store};
+
+    /// A write that waited for another connection's lock goes on within a few
+    /// milliseconds of its release. With SQLite's own `busy_timeout` it would
+    /// go on only at its next try, and with the lock held 430 ms that is at
+    /// 528 ms: about 100 ms late. Best of three, so that one stall of a
+    /// loaded machine does not fail it.
+    #[tokio::test]
+    async fn a_write_held_up_by_another_connection_goes_on_soon_after_the_lock_is_released() {
+        let path = std::env::temp_dir().join(format!("taskrunner-busy-{}.db", std::process::id()));
+        let url = format!("sqlite://{}", path.display());
+        let store = Store::open(&url, Purpose::Daemon).expect("open");
+        store.migrate().await.expect("migrate");
+        let pool = store.sqlite_pool().expect("a SQLite store").clone();
+        let mut latest = Vec::new();
+        for _ in 0..3 {
+            let mut other = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .connect()
+                .await
+                .expect("the other connection");
+            sqlx::query("BEGIN IMMEDIATE")
+                .execute(&mut other)
+                .await
+                .expect("the other connection's write lock");
+            let write = tokio::spawn({
+                let pool = pool.clone();
+                async move {
+                    sqlx::query("INSERT INTO task_runner_requests (task_class_name, options) VALUES ('NoOp', '')")
+                        .execute(&pool)
+                        .await
+                        .expect("the held-up write");
+                    Instant::now()
+                }
+            });
+            tokio::time::sleep(Duration::from_millis(430)).await;
+            assert!(!write.is_finished(), "the write did not wait for the lock");
+            sqlx::query("COMMIT")
+                .execute(&mut other)
+                .await
+                .expect("commit");
+            let released = Instant::now();
+            let done = write.await.expect("the write's task");
+            latest.push(done.saturating_duration_since(released));
+            other.close().await.expect("close");
+        }
+        store.close().await;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+        let best = latest.iter().min().expect("three tries");
+        assert!(
+            *best < Duration::from_millis(50),
+            "the write went on {best:?} after the lock was released (each try: {latest:?})"
+        );
     }
 }
