@@ -10,7 +10,10 @@ use std::time::Duration;
 use crate::batches::Hold;
 use crate::util::{Backend, Daemon, TestDb};
 
-both_backends!(a_give_back_queued_behind_an_outcome_never_overrides_it);
+both_backends!(
+    a_give_back_queued_behind_an_outcome_never_overrides_it,
+    a_batch_of_outcomes_is_written_in_a_few_statements_each_on_its_own_claim,
+);
 multi_host_backends!(an_outcome_held_back_by_a_row_lock_is_not_taken_for_a_lost_claim);
 
 fn outcome(id: RequestId, token: &ClaimToken, state: State, give_back_try: bool) -> Write {
@@ -107,4 +110,80 @@ async fn an_outcome_held_back_by_a_row_lock_is_not_taken_for_a_lost_claim(backen
         "{log}"
     );
     assert_eq!(db.row(id).await.tries, 1);
+}
+
+/// A batch of outcomes is written in a few statements however many it
+/// holds (one on SQLite and PostgreSQL; four on MariaDB, which has no
+/// `UPDATE … RETURNING`: it wrote one statement per outcome), and each
+/// outcome still applies to its own row only while its claim holds: a
+/// retry delay, a cancel that overrides a failure, a given-back try, and an
+/// outcome whose claim was taken (not applied, the row untouched).
+async fn a_batch_of_outcomes_is_written_in_a_few_statements_each_on_its_own_claim(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(db.enqueue("NoOp", None).await);
+    }
+    let token = InstanceId::new("recording").claim_token(1);
+    let other = InstanceId::new("another").claim_token(1);
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET result = 'RUNNING', claim_token = '{token}', tries = 1"
+    ))
+    .await;
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET cancel_requested_at = created_at WHERE id = {}",
+        ids[2]
+    ))
+    .await;
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET claim_token = '{other}' WHERE id = {}",
+        ids[4]
+    ))
+    .await;
+    let store = Store::open(&db.url, Purpose::Cli).unwrap();
+    let mut retried = outcome(ids[1], &token, State::Failed, false);
+    if let Write::Outcome(outcome) = &mut retried {
+        outcome.retry_after = Some(3600.0);
+    }
+    let batch = vec![
+        outcome(ids[0], &token, State::Finished, false),
+        retried,
+        outcome(ids[2], &token, State::Failed, false),
+        outcome(ids[3], &token, State::Interrupted, true),
+        outcome(ids[4], &token, State::Finished, false),
+    ];
+    let before = store.statements_sent();
+    let applied = store.record(&batch).await.unwrap();
+    let statements = store.statements_sent() - before;
+    assert_eq!(applied, vec![true, true, true, true, false]);
+    assert!(
+        statements <= 4,
+        "{statements} statements for a batch of {} outcomes",
+        batch.len()
+    );
+    let expected = [
+        ("FINISHED", 1, false),
+        ("FAILED", 1, true),
+        ("CANCELLED", 1, false),
+        ("INTERRUPTED", 0, false),
+        ("RUNNING", 1, false),
+    ];
+    for (id, (result, tries, delayed)) in ids.iter().zip(expected) {
+        let row = store.show(*id).await.unwrap().unwrap();
+        assert_eq!(row.result.as_deref(), Some(result), "{row:#?}");
+        assert_eq!(row.tries, tries, "{row:#?}");
+        assert_eq!(row.delay_until.is_some(), delayed, "{row:#?}");
+        assert_eq!(row.completed_at.is_some(), result != "RUNNING", "{row:#?}");
+    }
+    let cancelled = store.show(ids[2]).await.unwrap().unwrap();
+    assert!(
+        cancelled
+            .result_text
+            .as_deref()
+            .is_some_and(|text| text.contains("cancelled by a user") && text.contains("FAILED")),
+        "{cancelled:#?}"
+    );
+    store.close().await;
 }

@@ -8,7 +8,9 @@
 //! - No `UPDATE … RETURNING` (neither MariaDB 10.11 nor MySQL 8 has it): the
 //!   claim is `SELECT … FOR UPDATE SKIP LOCKED`, then `UPDATE` by primary
 //!   key, then a read of the claimed rows, in one short READ COMMITTED
-//!   transaction ([`claim`]). Inserts read `LAST_INSERT_ID()`.
+//!   transaction ([`claim`]). A batch of outcomes locks its rows, then
+//!   writes them in one `UPDATE … JOIN JSON_TABLE`
+//!   (`Store::record_outcomes_mysql`). Inserts read `LAST_INSERT_ID()`.
 //! - Deadlocks (1213) and lock-wait timeouts (1205) are part of InnoDB's
 //!   normal life under concurrent claims: such a transaction is retried
 //!   after a random pause ([`retry_locks`]) and counted (`status`).
@@ -396,6 +398,50 @@ pub(crate) fn parameter_list(first: usize, n: usize) -> String {
 // ---- the statements that take another shape on MySQL ----
 
 impl Store {
+    /// Records outcomes without follow-ups in one READ COMMITTED transaction
+    /// of four statements however many they are (one per outcome before:
+    /// 1.3 to 1.9 statements per task while draining NoOp rows): locks the
+    /// rows still RUNNING under the claims the outcomes name, in id order,
+    /// then writes them all in one `UPDATE … JOIN` on the same rows. There
+    /// is no `UPDATE … RETURNING` to tell which rows an update changed; the
+    /// locked rows are those, as no other transaction can change them before
+    /// the commit, and no other row can come to match (a claim token is
+    /// written once, by the claim). Returns the (id, claim token) of each
+    /// outcome applied.
+    pub(super) async fn record_outcomes_mysql(
+        &self,
+        pool: &MySqlPool,
+        outcomes: &[&super::Outcome],
+    ) -> anyhow::Result<std::collections::HashSet<(i64, String)>> {
+        let rows = super::tries::outcome_rows_json(outcomes);
+        let mut transaction = pool.begin().await?;
+        // BEGIN, the lock, the update, COMMIT.
+        self.count_statements(4);
+        let held = query(self.sql.outcome_rows_held.as_str())
+            .bind(rows.as_str())
+            .fetch_all(&mut *transaction)
+            .await?
+            .iter()
+            .map(|row| Ok((row.int(0)?, row.text(1)?)))
+            .collect::<sqlx::Result<std::collections::HashSet<_>>>()?;
+        if !held.is_empty() {
+            let written = query(self.sql.record_outcomes_batch.as_str())
+                .bind(rows.as_str())
+                .execute(&mut *transaction)
+                .await?
+                .rows_affected();
+            if written != held.len() as u64 {
+                tracing::warn!(
+                    "a batch of {} outcomes locked {} rows but wrote {written}",
+                    outcomes.len(),
+                    held.len()
+                );
+            }
+        }
+        transaction.commit().await?;
+        Ok(held)
+    }
+
     /// The claim on MariaDB/MySQL: in one READ COMMITTED transaction, lock
     /// up to `limit` runnable ids in claim order, skipping rows other
     /// daemons hold locked; write the claim on them by primary key; read

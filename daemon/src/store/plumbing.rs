@@ -194,7 +194,7 @@ impl Store {
     }
 
     /// Statements sent so far by the daemon's own work (see the field).
-    pub(crate) fn statements_sent(&self) -> u64 {
+    pub fn statements_sent(&self) -> u64 {
         self.statements.load(std::sync::atomic::Ordering::Relaxed)
     }
 

@@ -407,6 +407,12 @@ pub struct Sql {
     /// to. PostgreSQL: arrays `$1..$6` (id, token, result, result_text, give
     /// back, retry after); SQLite: `$1` a JSON array of such arrays.
     pub(crate) record_outcomes_batch: String,
+    /// MariaDB/MySQL only (elsewhere empty): locks the rows that a batch of
+    /// outcomes (`$1`, a JSON array of rows as on SQLite) applies to, in id
+    /// order, and returns their ids and claim tokens: the rows still RUNNING
+    /// under the claim their outcome names. Its `record_outcomes_batch` is an
+    /// `UPDATE … JOIN` on the same rows, which returns nothing.
+    pub(crate) outcome_rows_held: String,
     /// Fenced: the latest progress line.
     pub(crate) record_progress: String,
     /// Renews the heartbeat of every row daemon instance `$1` runs. On
@@ -500,6 +506,31 @@ impl Sql {
         self.insert_slot = format!(
             "INSERT IGNORE INTO task_runner_schedule_slots (schedule, slot) VALUES ($1, {})",
             d.parse_time("$2")
+        );
+        // A batch of outcomes: the rows of the JSON array `$1` as a table
+        // (id, claim token, result, result_text, give back, retry after),
+        // joined to the rows they are fenced on. The rows are locked first,
+        // which tells which ones the update then changes.
+        let outcome_rows = "JSON_TABLE($1, '$[*]' COLUMNS (\
+               id BIGINT PATH '$[0]', claim_token VARCHAR(255) PATH '$[1]', \
+               result VARCHAR(255) PATH '$[2]', result_text MEDIUMTEXT PATH '$[3]', \
+               give_back BIGINT PATH '$[4]', retry_after DOUBLE PATH '$[5]')) AS v \
+             ON t.id = v.id AND t.claim_token = v.claim_token";
+        self.outcome_rows_held = format!(
+            "SELECT t.id, t.claim_token FROM task_runner_requests AS t JOIN {outcome_rows} \
+              WHERE t.result = 'RUNNING' ORDER BY t.id FOR UPDATE"
+        );
+        self.record_outcomes_batch = format!(
+            "UPDATE task_runner_requests AS t JOIN {outcome_rows} \
+                SET t.result = {}, t.result_text = {}, t.completed_at = {}, t.pid = NULL, \
+                    t.tries = t.tries - v.give_back, \
+                    t.delay_until = CASE WHEN v.retry_after IS NULL OR {} THEN NULL ELSE {} END \
+              WHERE t.result = 'RUNNING'",
+            cancel_result("t.", "v.result"),
+            cancel_text("t.", "v.result", "v.result_text"),
+            d.now(),
+            cancel_overrides("t.", "v.result"),
+            d.now_plus("v.retry_after")
         );
         self
     }
@@ -710,6 +741,7 @@ impl Sql {
                 plus("$4"),
                 fenced("$5", "$6")
             ),
+            outcome_rows_held: String::new(),
             record_progress: format!(
                 "UPDATE task_runner_requests SET progress = $1 WHERE {}",
                 fenced("$2", "$3")

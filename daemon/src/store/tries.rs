@@ -135,7 +135,8 @@ impl Store {
     /// [`finalize`](Store::finalize), in a transaction of its own; the rest
     /// in one transaction (on PostgreSQL, pids and outcomes in one array
     /// statement each, so a batch costs a handful of round trips however many
-    /// tries it records).
+    /// tries it records; a batch of outcomes alone is one statement on SQLite
+    /// and PostgreSQL, four on MariaDB/MySQL).
     ///
     /// Writes apply in the order given. A write queued after the outcome of
     /// its own claim (a give-back of a row whose outcome was still queued,
@@ -189,9 +190,28 @@ impl Store {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
-        if let Pool::MySql(_) = &self.pool {
-            // No `UPDATE … FROM` and no `RETURNING`: one statement per write,
-            // in one transaction, run again after a lock conflict.
+        // Outcomes only (the common batch at high load).
+        let outcomes: Option<Vec<&Outcome>> = writes
+            .iter()
+            .map(|write| match write {
+                Write::Outcome(outcome) => Some(outcome),
+                _ => None,
+            })
+            .collect();
+        if let Pool::MySql(pool) = &self.pool {
+            // Several outcomes: four statements, however many (see
+            // `record_outcomes_mysql`); anything else one statement per
+            // write, in one transaction. Run again after a lock conflict.
+            if let Some(outcomes) = outcomes.filter(|outcomes| outcomes.len() > 1) {
+                let applied = mysql::retry_locks(&self.lock_retries, || {
+                    self.record_outcomes_mysql(pool, &outcomes)
+                })
+                .await?;
+                return Ok(outcomes
+                    .iter()
+                    .map(|o| applied.contains(&(o.id.0, o.claim_token.as_str().to_string())))
+                    .collect());
+            }
             return mysql::retry_locks(&self.lock_retries, || self.record_each(writes)).await;
         }
         // One write alone needs no transaction: a single statement is atomic,
@@ -203,15 +223,7 @@ impl Store {
             });
             return Ok(vec![took]);
         }
-        // Outcomes only (the common batch at high load): one statement,
-        // atomic on its own.
-        let outcomes: Option<Vec<&Outcome>> = writes
-            .iter()
-            .map(|write| match write {
-                Write::Outcome(outcome) => Some(outcome),
-                _ => None,
-            })
-            .collect();
+        // Outcomes only: one statement, atomic on its own.
         if let Some(outcomes) = outcomes {
             let applied = self.record_outcomes(&outcomes).await?;
             return Ok(outcomes.iter().map(|o| applied.contains(&o.id.0)).collect());
@@ -263,29 +275,14 @@ impl Store {
                 .iter()
                 .map(|row| row.int(0))
                 .collect::<sqlx::Result<_>>()?,
-            Pool::Sqlite(pool) => {
-                let rows: Vec<serde_json::Value> = outcomes
-                    .iter()
-                    .map(|o| {
-                        serde_json::json!([
-                            o.id.0,
-                            o.claim_token.as_str(),
-                            o.state.as_str(),
-                            o.result_text,
-                            i64::from(o.give_back_try),
-                            o.retry_after
-                        ])
-                    })
-                    .collect();
-                query(statement)
-                    .bind(serde_json::Value::Array(rows).to_string())
-                    .fetch_all(pool)
-                    .await?
-                    .iter()
-                    .map(|row| row.int(0))
-                    .collect::<sqlx::Result<_>>()?
-            }
-            // `record_plain` writes them one by one there.
+            Pool::Sqlite(pool) => query(statement)
+                .bind(outcome_rows_json(outcomes))
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|row| row.int(0))
+                .collect::<sqlx::Result<_>>()?,
+            // `record_plain` writes them with `record_outcomes_mysql` there.
             Pool::MySql(_) => {
                 anyhow::bail!("outcome batches are not written in one statement on MySQL")
             }
@@ -318,6 +315,26 @@ impl Store {
                 .collect::<sqlx::Result<_>>()?
         }))
     }
+}
+
+/// `outcomes` as a JSON array of rows (id, claim token, result,
+/// result_text, give back, retry after): how SQLite and MariaDB/MySQL take
+/// a batch of them as one parameter.
+pub(super) fn outcome_rows_json(outcomes: &[&Outcome]) -> String {
+    let rows: Vec<serde_json::Value> = outcomes
+        .iter()
+        .map(|o| {
+            serde_json::json!([
+                o.id.0,
+                o.claim_token.as_str(),
+                o.state.as_str(),
+                o.result_text,
+                i64::from(o.give_back_try),
+                o.retry_after
+            ])
+        })
+        .collect();
+    serde_json::Value::Array(rows).to_string()
 }
 
 /// Binds the columns of `outcomes` as arrays, in the order of the
