@@ -9,6 +9,30 @@ use super::{begin_write, Pool, RowExt, Store};
 use crate::instance::ClaimToken;
 use crate::request::{Claimed, RequestId};
 
+/// The pool a claim runs on: the store's own, except PostgreSQL's claims
+/// of one queue (see `Store::claim_pool`).
+trait ClaimOn {
+    fn claim_on<'a>(&'a self, store: &'a Store, filter: &ClaimFilter<'_>) -> &'a Self;
+}
+
+impl ClaimOn for sqlx::SqlitePool {
+    fn claim_on<'a>(&'a self, _: &'a Store, _: &ClaimFilter<'_>) -> &'a Self {
+        self
+    }
+}
+
+impl ClaimOn for sqlx::MySqlPool {
+    fn claim_on<'a>(&'a self, _: &'a Store, _: &ClaimFilter<'_>) -> &'a Self {
+        self
+    }
+}
+
+impl ClaimOn for sqlx::PgPool {
+    fn claim_on<'a>(&'a self, store: &'a Store, filter: &ClaimFilter<'_>) -> &'a Self {
+        store.claim_pool(self, filter)
+    }
+}
+
 /// Who claims: the claim token that fences every later write about each
 /// try, the daemon instance and its host (written on each claimed row).
 #[derive(Debug, Clone, Copy)]
@@ -129,7 +153,7 @@ impl Store {
                 excluded.as_str(),
                 self.options_cap(),
             );
-            query.fetch_all(pool).await?
+            query.fetch_all(pool.claim_on(self, filter)).await?
                 .iter()
                 .map(|row| claimed_from_row(row, by.token))
                 .collect::<sqlx::Result<_>>()?
@@ -156,7 +180,7 @@ impl Store {
             return Ok(in_claim_order(rows));
         }
         let rows: Vec<(i64, Claimed)> = on_pool!(self, pool => {
-            let mut transaction = begin_write(pool).await?;
+            let mut transaction = begin_write(pool.claim_on(self, filter)).await?;
             if let Some(lock) = &sql.lock_type {
                 query(lock.as_str()).bind(task).execute(&mut *transaction).await?;
             }

@@ -91,6 +91,9 @@ pub struct Store {
     /// MariaDB/MySQL: transactions run again after a deadlock or a
     /// lock-wait timeout (see [`mysql::retry_locks`]), for `status`.
     lock_retries: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// PostgreSQL, the daemon: a connection for claims of one queue, planned
+    /// for their queue (see `Store::claim_pool`).
+    queue_claims: Option<sqlx::PgPool>,
 }
 
 /// Runs `$body` with `$pool` bound to the backend's own pool type. The body is
