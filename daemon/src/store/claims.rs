@@ -10,7 +10,7 @@ use crate::instance::ClaimToken;
 use crate::request::{Claimed, RequestId};
 
 /// The pool a claim runs on: the store's own, except PostgreSQL's claims
-/// of one queue (see `Store::claim_pool`).
+/// of one queue or type (see `Store::claim_pool`).
 trait ClaimOn {
     fn claim_on<'a>(&'a self, store: &'a Store, filter: &ClaimFilter<'_>) -> &'a Self;
 }

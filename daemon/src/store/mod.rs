@@ -91,8 +91,8 @@ pub struct Store {
     /// MariaDB/MySQL: transactions run again after a deadlock or a
     /// lock-wait timeout (see [`mysql::retry_locks`]), for `status`.
     lock_retries: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    /// PostgreSQL, the daemon: a connection for claims of one queue, planned
-    /// for their queue (see `Store::claim_pool`).
+    /// PostgreSQL, the daemon: a connection for claims of one queue or task
+    /// type, planned for their values (see `Store::claim_pool`).
     queue_claims: Option<sqlx::PgPool>,
 }
 

@@ -174,7 +174,7 @@ impl Store {
             // The daemon's own statements are written for one plan each; the
             // web page's and the CLI's filters are not (see `generic_plans`).
             let pool = if purpose == Purpose::Daemon {
-                // Claims of one queue are planned for their queue (see
+                // Claims of one queue or type are planned for it (see
                 // `claim_pool`), on a connection of their own, opened at
                 // the first one.
                 queue_claims = Some(
@@ -411,19 +411,20 @@ impl Store {
 
     /// PostgreSQL: the pool a claim runs on. The daemon's connections plan
     /// each statement once, without its values (see `generic_plans`); a
-    /// claim of one queue needs the plan for that queue: the claim then
-    /// reads that queue's runnable rows (index `runnable_by_queue`), where
-    /// the plan for any queue reads the runnable index in claim order and
-    /// passes over every row of the other queues (200,000 rows, 85 ms, for
-    /// a claim of a queue of 100 behind another's backlog, against 0.4 ms).
-    /// Such claims go to a connection that keeps the server's default.
+    /// claim of one queue or one task type needs the plan for its values:
+    /// it then reads that queue's or type's rows (index `runnable_by_queue`
+    /// or `by_type`), where the plan without values reads the runnable index
+    /// in claim order and passes over every row of the others (200,000
+    /// rows, 85–150 ms, for a claim of a queue or type of 100 rows behind
+    /// another's backlog, against 0.4 ms). Such claims go to a connection
+    /// that keeps the server's default.
     pub(super) fn claim_pool<'a>(
         &'a self,
         pool: &'a PgPool,
         filter: &ClaimFilter<'_>,
     ) -> &'a PgPool {
-        match (&self.queue_claims, filter.queue) {
-            (Some(queue_claims), Some(_)) => queue_claims,
+        match &self.queue_claims {
+            Some(filtered) if filter.queue.is_some() || filter.task.is_some() => filtered,
             _ => pool,
         }
     }
@@ -613,7 +614,8 @@ mod tests {
     }
 
     /// The daemon's PostgreSQL sessions plan each statement once (see
-    /// `generic_plans`), except the one its claims of one queue run on; the
+    /// `generic_plans`), except the one its claims of one queue or type run
+    /// on; the
     /// CLI's and the web page's keep the server's choice, their filters
     /// being planned best for their values.
     #[tokio::test]
@@ -626,9 +628,14 @@ mod tests {
         let Pool::Postgres(pool) = &daemon.pool else {
             panic!("a PostgreSQL store");
         };
-        for (queue, mode) in [(None, "force_generic_plan"), (Some("mail"), "auto")] {
+        for (queue, task, mode) in [
+            (None, None, "force_generic_plan"),
+            (Some("mail"), None, "auto"),
+            (None, Some("Thumbnail"), "auto"),
+        ] {
             let filter = ClaimFilter {
                 queue,
+                task,
                 ..Default::default()
             };
             let claims = daemon.claim_pool(pool, &filter);
@@ -636,7 +643,7 @@ mod tests {
                 .fetch_one(claims)
                 .await
                 .expect("the setting");
-            assert_eq!(setting, mode, "claims of queue {queue:?}");
+            assert_eq!(setting, mode, "claims of queue {queue:?}, type {task:?}");
         }
         daemon.close().await;
         let cli = Store::open(&url, Purpose::Cli).expect("open");
