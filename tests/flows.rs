@@ -421,7 +421,10 @@ async fn flow_inserted_from_the_sqlite3_or_psql_command_line_client_runs(backend
     // By hand: the statement the command-line client sends.
     let sql = "INSERT INTO task_runner_flows (flow_name, options) VALUES ('deploy', 'port: 8888');";
     let output = match backend {
+        // The shell waits for no lock unless told to: without `.timeout`
+        // it failed ("database is locked") when the daemon was writing.
         Backend::Sqlite => std::process::Command::new("sqlite3")
+            .args(["-cmd", ".timeout 5000"])
             .arg(db.url.strip_prefix("sqlite://").unwrap())
             .arg(sql)
             .output(),
