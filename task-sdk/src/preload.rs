@@ -218,14 +218,16 @@ fn parse(message: &[u8]) -> Result<Request<'_>, String> {
     Ok(request)
 }
 
-/// Creates the try's process and returns its pid (in the parent); runs the
-/// task and exits (in the child).
-fn fork_try(tasks: &Tasks, request: &Request, fds: &[libc::c_int]) -> Result<i32, String> {
+/// A fork whose child is the daemon's child (`CLONE_PARENT`), not ours:
+/// the daemon waits for it and learns how it ended. Returns as `fork` does
+/// (the child's pid, 0 in the child, -1 and errno); output buffered by
+/// this process is flushed first, or the child would write it again.
+fn fork_as_the_daemons_child() -> libc::c_long {
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
     // SAFETY: a fork-like clone (no new stack: the child continues here on
-    // a copy of this process), in a process with one thread.
-    let pid = unsafe {
+    // a copy of this process), called only in a process with one thread.
+    unsafe {
         libc::syscall(
             libc::SYS_clone,
             (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong,
@@ -234,7 +236,13 @@ fn fork_try(tasks: &Tasks, request: &Request, fds: &[libc::c_int]) -> Result<i32
             0usize,
             0usize,
         )
-    };
+    }
+}
+
+/// Creates the try's process and returns its pid (in the parent); runs the
+/// task and exits (in the child).
+fn fork_try(tasks: &Tasks, request: &Request, fds: &[libc::c_int]) -> Result<i32, String> {
+    let pid = fork_as_the_daemons_child();
     if pid < 0 {
         return Err(format!("clone: {}", std::io::Error::last_os_error()));
     }
@@ -289,19 +297,7 @@ fn keep_a_spare(tasks: &Tasks, daemon_pid: libc::pid_t, buffer: &mut [u8]) -> Sp
         return Spare::Failed(format!("socketpair: {}", std::io::Error::last_os_error()));
     }
     let [ours, theirs] = link;
-    let _ = std::io::stdout().flush();
-    let _ = std::io::stderr().flush();
-    // SAFETY: a fork-like clone, as in `fork_try`, in a process with one thread.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong,
-            0usize,
-            0usize,
-            0usize,
-            0usize,
-        )
-    };
+    let pid = fork_as_the_daemons_child();
     if pid == 0 {
         // SAFETY: the parent's end, not the spare's.
         unsafe { libc::close(ours) };

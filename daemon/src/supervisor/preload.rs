@@ -59,7 +59,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncBufReadExt;
 use tokio::time::Instant;
 
-use super::spawner::{Child, Exec, OurEnds, Recipe};
+use super::spawner::{child_state, pidfd_open, Child, Exec, OurEnds, Recipe};
 
 /// The program's first message once it has booted.
 pub(crate) const HELLO: &[u8] = b"hello\0taskrunner-preload-1\0";
@@ -585,7 +585,7 @@ async fn answer_requests(parent: Arc<Parent>) {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .iter()
-                    .filter(|spare| has_exited(spare.pidfd.get_ref()))
+                    .filter(|spare| child_state(spare.pidfd.get_ref()) == Some(true))
                     .map(|spare| spare.pid)
                     .collect();
                 let mut open = true;
@@ -755,15 +755,10 @@ fn take_spare(parent: &Parent, pid: &[u8]) -> io::Result<()> {
         .and_then(|pid| pid.parse().ok())
         .filter(|&pid| pid > 1)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "a pid that is not a number"))?;
-    // SAFETY: pidfd_open on a pid; nothing else reaps our children, so if
-    // it is our child it cannot have been reused.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if pidfd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pidfd_open returned a new descriptor we own.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as libc::c_int) };
-    if !is_our_child(&pidfd) {
+    // Nothing else reaps our children, so if it is our child its pid cannot
+    // have been reused.
+    let pidfd = pidfd_open(pid)?;
+    if child_state(&pidfd).is_none() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("pid {pid} is not the daemon's child"),
@@ -779,36 +774,6 @@ fn take_spare(parent: &Parent, pid: &[u8]) -> io::Result<()> {
         .unwrap_or_else(|e| e.into_inner())
         .push(SpareProcess { pid, pidfd });
     Ok(())
-}
-
-/// Whether the process of `pidfd` is the daemon's child (exited or not),
-/// without reaping it.
-fn is_our_child(pidfd: &OwnedFd) -> bool {
-    // SAFETY: a waitid that reaps nothing (WNOWAIT), into a local.
-    unsafe {
-        let mut info: libc::siginfo_t = std::mem::zeroed();
-        libc::waitid(
-            libc::P_PIDFD,
-            pidfd.as_raw_fd() as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-        ) == 0
-    }
-}
-
-/// Whether the daemon's child of `pidfd` has exited (not reaped).
-fn has_exited(pidfd: &OwnedFd) -> bool {
-    // SAFETY: a waitid that reaps nothing (WNOWAIT), into a local.
-    unsafe {
-        let mut info: libc::siginfo_t = std::mem::zeroed();
-        libc::waitid(
-            libc::P_PIDFD,
-            pidfd.as_raw_fd() as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-        ) == 0
-            && info.si_pid() != 0
-    }
 }
 
 /// Reaps the spares of `exited` that are still spares (no answer named

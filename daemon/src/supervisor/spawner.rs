@@ -137,29 +137,15 @@ impl Child {
     /// its pipes. Fails with `InvalidData` when `pid` is not the daemon's
     /// child, i.e. could not be waited for.
     pub(super) fn adopt(pid: u32, ours: OurEnds) -> io::Result<Child> {
-        // SAFETY: pidfd_open on a pid; nothing else reaps our children, so
-        // if it is our child it cannot have been reused.
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if pidfd < 0 {
-            let error = io::Error::last_os_error();
-            return Err(io::Error::new(
+        // Nothing else reaps our children, so if it is our child its pid
+        // cannot have been reused.
+        let pidfd = pidfd_open(pid).map_err(|error| {
+            io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("the child it named (pid {pid}) cannot be found: {error}"),
-            ));
-        }
-        // SAFETY: pidfd_open returned a new descriptor we own.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as libc::c_int) };
-        // SAFETY: a waitid that reaps nothing (WNOWAIT), into a local.
-        let ours_to_wait = unsafe {
-            let mut info: libc::siginfo_t = std::mem::zeroed();
-            libc::waitid(
-                libc::P_PIDFD,
-                pidfd.as_raw_fd() as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-            ) == 0
-        };
-        if !ours_to_wait {
+            )
+        })?;
+        if child_state(&pidfd).is_none() {
             // Someone's plain fork: it would run unsupervised.
             // SAFETY: a signal to the process just named to us.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
@@ -367,6 +353,31 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A pidfd for the process `pid`. It names that process for good, but the
+/// pid may have been reused before the call unless the process is the
+/// daemon's child and not reaped yet.
+pub(super) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
+    owned(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int)
+}
+
+/// Whether the process of `pidfd` is the daemon's child (`None`: it is
+/// not, so it cannot be waited for) and, if it is, whether it has exited.
+/// Reaps nothing.
+pub(super) fn child_state(pidfd: &OwnedFd) -> Option<bool> {
+    // SAFETY: a waitid that reaps nothing (WNOWAIT), into a local.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let ours = libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        ) == 0;
+        ours.then(|| info.si_pid() != 0)
+    }
+}
+
 /// A new descriptor from a system call's return value.
 fn owned(fd: libc::c_int) -> io::Result<OwnedFd> {
     if fd < 0 {
@@ -495,11 +506,9 @@ impl Pool {
     /// exit. Best effort: unwatched, its slot is released by the runtime
     /// once it has reaped it.
     fn watch(&self, pid: u32, line: &Arc<dyn Line>, place: u64) {
-        // SAFETY: pidfd_open on our own child, not yet reaped (the runtime
-        // has not got it yet), so its pid cannot have been reused.
-        let Ok(pidfd) =
-            owned(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int)
-        else {
+        // Our own child, not yet reaped (the runtime has not got it yet),
+        // so its pid cannot have been reused.
+        let Ok(pidfd) = pidfd_open(pid) else {
             return;
         };
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
@@ -956,24 +965,24 @@ fn start(
         let step = STEPS.get(step).copied().unwrap_or("starting");
         return Err(io::Error::new(error.kind(), format!("{step}: {error}")));
     }
-    // SAFETY: pidfd_open on our own, not yet reaped, child.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if pidfd < 0 {
-        let error = io::Error::last_os_error();
-        // SAFETY: signalling and reaping our own child.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-            let mut raw = 0;
-            libc::waitpid(pid, &mut raw, 0);
+    // Our own child, not yet reaped.
+    let pidfd = match pidfd_open(pid as u32) {
+        Ok(pidfd) => pidfd,
+        Err(error) => {
+            // SAFETY: signalling and reaping our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                let mut raw = 0;
+                libc::waitpid(pid, &mut raw, 0);
+            }
+            return Err(error);
         }
-        return Err(error);
-    }
+    };
     Ok(Started {
         pid: pid as u32,
         handed_off: created,
         created,
-        // SAFETY: pidfd_open returned a new descriptor we own.
-        pidfd: unsafe { OwnedFd::from_raw_fd(pidfd as libc::c_int) },
+        pidfd,
         stdin: stdin_parent,
         stdout: stdout_parent,
         stderr: stderr_parent,
