@@ -145,7 +145,7 @@ impl Store {
         }
         let rows: Vec<(i64, Claimed)> = on_pool!(self, pool => {
             let query = bind_claim!(
-                query(self.sql.claim.as_str()),
+                query(self.sql.claim_for(filter)),
                 by,
                 limit as i64,
                 filter,
@@ -195,7 +195,7 @@ impl Store {
                 Vec::new()
             } else {
                 bind_claim!(
-                    query(sql.claim.as_str()),
+                    query(sql.claim_for(filter)),
                     by,
                     room,
                     filter,
