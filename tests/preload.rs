@@ -9,9 +9,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::util::{
-    live_children, process_exists, wait_until, zombie_children, Daemon, NewRow, TestDb,
-};
+use crate::util::{process_exists, wait_until, zombie_children, Daemon, NewRow, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -27,8 +25,6 @@ both_backends!(
     a_program_that_does_not_speak_preload_is_execd,
     many_tries_at_once_each_get_their_own_child,
     a_preloaded_try_does_not_run_its_parents_exit_handlers,
-    a_spare_becomes_the_next_try_and_dies_with_its_parent,
-    a_killed_spare_retires_its_parent,
 );
 
 /// The task-sdk probe, built beside the daemon (`cargo build --workspace --bins`).
@@ -307,89 +303,12 @@ async fn a_killed_daemon_takes_the_parent_and_its_children_down(backend: crate::
     let row = db.wait_for_pid(id, WAIT).await;
     let child = row.pid.unwrap() as i32;
     let parent = parent_pid(&daemon);
-    let spare = the_spare(&daemon, parent, &[child]);
     daemon.kill();
     wait_until(
         Duration::from_secs(10),
-        "the parent, its spare and the child to die",
-        || !process_exists(child) && !process_exists(parent) && !process_exists(spare),
+        "the parent and the child to die",
+        || !process_exists(child) && !process_exists(parent),
     );
-}
-
-/// The spare the preloaded parent `parent` keeps forked for the next try
-/// (a child of the daemon running the probe, neither the parent nor one of
-/// `tries`), once there is one.
-fn the_spare(daemon: &Daemon, parent: i32, tries: &[i32]) -> i32 {
-    let spares = || -> Vec<i32> {
-        live_children(daemon.pid(), "preload-probe")
-            .into_iter()
-            .filter(|pid| *pid != parent && !tries.contains(pid))
-            .collect()
-    };
-    wait_until(WAIT, "the parent's spare", || spares().len() == 1);
-    spares()[0]
-}
-
-/// Whether `pid` is gone altogether: dead and reaped (no zombie either).
-fn reaped(pid: i32) -> bool {
-    !std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Spares (the README's "Preload protocol", step 7): a task-sdk parent
-/// keeps one child forked before its request, and the next try runs in
-/// it, so that the fork is off the try's start; it is the daemon's child,
-/// and a new spare takes its place. A spare whose parent is killed -9 dies
-/// (and is reaped: no zombie) without running a task; the next try runs
-/// under a new parent, never in the old spare.
-async fn a_spare_becomes_the_next_try_and_dies_with_its_parent(backend: crate::util::Backend) {
-    let db = TestDb::new(backend).await;
-    let mut daemon = Daemon::start(&db, "d", &preloaded(&sdk_probe()));
-    let id = enqueue(&db, "Probe", "").await;
-    let first = report(
-        &db.wait_for_state(id, "FINISHED", WAIT)
-            .await
-            .result_text
-            .unwrap(),
-    );
-    let parent = parent_pid(&daemon);
-    let spare = the_spare(&daemon, parent, &[]);
-    let id = enqueue(&db, "Probe", "").await;
-    let second = report(
-        &db.wait_for_state(id, "FINISHED", WAIT)
-            .await
-            .result_text
-            .unwrap(),
-    );
-    assert_eq!(second["pid"], spare.to_string(), "the try ran in the spare");
-    assert_eq!(second["booted_in"], parent.to_string());
-    assert_eq!(
-        second["tries_seen"], "1",
-        "fork isolation: {first:?} {second:?}"
-    );
-    assert_eq!(second["fds"], "[0, 1, 2]");
-    assert_eq!(second["pgid"], second["pid"], "own process group");
-    wait_until(WAIT, "the spare that ran a try to be reaped", || {
-        reaped(spare)
-    });
-    let spare = the_spare(&daemon, parent, &[]);
-    kill(Pid::from_raw(parent), Signal::SIGKILL).unwrap();
-    wait_until(
-        WAIT,
-        "the spare to die with its parent, and be reaped",
-        || reaped(spare),
-    );
-    daemon.wait_for_log("died; tries already running go on", WAIT);
-    let id = enqueue(&db, "Probe", "").await;
-    let third = report(
-        &db.wait_for_state(id, "FINISHED", WAIT)
-            .await
-            .result_text
-            .unwrap(),
-    );
-    assert_ne!(third["booted_in"], parent.to_string(), "a new parent");
-    assert_ne!(third["pid"], spare.to_string(), "never in the old spare");
-    assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
-    assert!(daemon.stop().success());
 }
 
 /// A command that does not speak the protocol (it exits before any hello):
@@ -508,35 +427,4 @@ async fn a_preloaded_try_does_not_run_its_parents_exit_handlers(backend: crate::
 fn parent_pid_when_logged(daemon: &Daemon) -> i32 {
     daemon.wait_for_log(" preloaded (pid ", WAIT);
     parent_pid(daemon)
-}
-
-/// A spare killed (by someone else) may have taken a request without
-/// answering it, and the next spare's answer would then go to that
-/// request: its parent is retired (one line), and the next tries run,
-/// each with its own request, under a new parent; no zombie.
-async fn a_killed_spare_retires_its_parent(backend: crate::util::Backend) {
-    let db = TestDb::new(backend).await;
-    let mut daemon = Daemon::start(&db, "d", &preloaded(&sdk_probe()));
-    let id = enqueue(&db, "Probe", "").await;
-    db.wait_for_state(id, "FINISHED", WAIT).await;
-    let parent = parent_pid(&daemon);
-    let spare = the_spare(&daemon, parent, &[]);
-    kill(Pid::from_raw(spare), Signal::SIGKILL).unwrap();
-    daemon.wait_for_log(
-        &format!("the spare (pid {spare}) of preloaded parent (pid {parent}) ended with signal: 9"),
-        WAIT,
-    );
-    wait_until(WAIT, "the killed spare to be reaped", || reaped(spare));
-    for _ in 0..2 {
-        let id = enqueue(&db, "Probe", "").await;
-        let row = db.wait_for_state(id, "FINISHED", WAIT).await;
-        let report = report(&row.result_text.unwrap());
-        assert_ne!(report["booted_in"], parent.to_string(), "a new parent");
-        assert!(
-            report["env"].contains(&format!("\"TASKRUNNER_REQUEST_ID={id}\"")),
-            "{report:?}"
-        );
-    }
-    assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
-    assert!(daemon.stop().success());
 }

@@ -120,9 +120,6 @@ pub struct Results {
     /// Request sent → the task's `run`, in milliseconds, sorted: the probe
     /// served by this process directly (no daemon, no database).
     pub floor_ms: Vec<f64>,
-    /// The same with the probe keeping a spare (README, "Preload
-    /// protocol", step 7): the fork off the path.
-    pub spare_floor_ms: Vec<f64>,
 }
 
 pub async fn run(
@@ -143,11 +140,9 @@ pub async fn run(
         latencies: Vec::new(),
         slow_starts: Vec::new(),
         floor_ms: Vec::new(),
-        spare_floor_ms: Vec::new(),
     };
     eprintln!("preload: the floor of a preloaded start (the probe served without a daemon)");
-    results.floor_ms = preload_floor(bench, latency_requests, false)?;
-    results.spare_floor_ms = preload_floor(bench, latency_requests, true)?;
+    results.floor_ms = preload_floor(bench, latency_requests)?;
     for &backend in backends {
         for &level in concurrency {
             eprintln!(
@@ -234,10 +229,8 @@ fn fork_ceiling(concurrency: usize, count: usize) -> Result<f64> {
 /// pipes are made (the options written), the request is sent, and the delay
 /// is the task's clock at the start of its `run` less the instant of the
 /// send. It holds only what a preloaded start cannot do without: the
-/// parent's wake-up, its fork, and the child's set-up up to `run`; with
-/// `spares` (the probe told it may keep one), the spare's wake-up and its
-/// set-up up to `run`.
-fn preload_floor(bench: &Bench, count: usize, spares: bool) -> Result<Vec<f64>> {
+/// parent's wake-up, its fork, and the child's set-up up to `run`.
+fn preload_floor(bench: &Bench, count: usize) -> Result<Vec<f64>> {
     use std::io::Read;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let pair = |kind: libc::c_int| -> Result<(OwnedFd, OwnedFd)> {
@@ -266,7 +259,6 @@ fn preload_floor(bench: &Bench, count: usize, spares: bool) -> Result<Vec<f64>> 
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .env("TASKRUNNER_PRELOAD", "1")
-        .env("TASKRUNNER_PRELOAD_SPARES", if spares { "1" } else { "0" })
         .stdin(std::process::Stdio::from(theirs))
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -290,21 +282,6 @@ fn preload_floor(bench: &Bench, count: usize, spares: bool) -> Result<Vec<f64>> 
     if receive(&mut buffer)? != b"hello\0taskrunner-preload-1\0" {
         bail!("the preloaded probe did not say hello");
     }
-    // Spares announced and not yet named by an answer: reaped at the end.
-    let mut unused_spares: Vec<libc::pid_t> = Vec::new();
-    let answer = |buffer: &mut [u8], unused_spares: &mut Vec<libc::pid_t>| -> Result<Vec<u8>> {
-        loop {
-            let message = receive(buffer)?;
-            let spare = message
-                .strip_prefix(b"spare\0")
-                .and_then(|rest| rest.strip_suffix(b"\0"))
-                .and_then(|pid| std::str::from_utf8(pid).ok()?.parse().ok());
-            match spare {
-                Some(pid) => unused_spares.push(pid),
-                None => return Ok(message),
-            }
-        }
-    };
     let mut delays = Vec::with_capacity(count);
     for request in 1..=count {
         let (stdin_child, stdin_ours) = pair(0)?;
@@ -335,7 +312,7 @@ fn preload_floor(bench: &Bench, count: usize, spares: bool) -> Result<Vec<f64>> 
         let sent = std::time::SystemTime::now();
         taskrunner::supervisor::send_with_fds(socket.as_raw_fd(), &message, &fds)
             .context("sending a request to the probe")?;
-        let answer = answer(&mut buffer, &mut unused_spares)?;
+        let answer = receive(&mut buffer)?;
         drop((stdin_child, stdout_child, stderr_child));
         let pid: libc::pid_t = std::str::from_utf8(&answer)
             .ok()
@@ -347,7 +324,6 @@ fn preload_floor(bench: &Bench, count: usize, spares: bool) -> Result<Vec<f64>> 
         stdout_ours
             .read_to_string(&mut output)
             .context("reading the try's output")?;
-        unused_spares.retain(|&spare| spare != pid);
         let mut status = 0;
         // SAFETY: reaping the try, our child (CLONE_PARENT).
         unsafe { libc::waitpid(pid, &mut status, 0) };
@@ -362,12 +338,6 @@ fn preload_floor(bench: &Bench, count: usize, spares: bool) -> Result<Vec<f64>> 
     }
     drop(socket);
     parent.wait().context("waiting for the preloaded probe")?;
-    for spare in unused_spares {
-        let mut status = 0;
-        // SAFETY: reaping a spare, our child (CLONE_PARENT), which leaves
-        // at the socket's end.
-        unsafe { libc::waitpid(spare, &mut status, 0) };
-    }
     delays.sort_by(f64::total_cmp);
     Ok(delays)
 }
@@ -651,17 +621,12 @@ pub fn tables(results: &Results, rows: usize) -> Vec<Table> {
             ms(at(1.0)),
         ]);
     }
-    for (values, how) in [
-        (&results.floor_ms, "forked at the request"),
-        (&results.spare_floor_ms, "a spare"),
-    ] {
-        if values.is_empty() {
-            continue;
-        }
+    if !results.floor_ms.is_empty() {
+        let values = &results.floor_ms;
         let at = |q: f64| values[((values.len() as f64 - 1.0) * q).round() as usize];
         latency.row(vec![
             "none".to_string(),
-            format!("preloaded, no daemon, {how}: request sent → run"),
+            "preloaded, no daemon: request sent → run".to_string(),
             ms(at(0.5)),
             ms(at(0.95)),
             ms(at(0.99)),
@@ -672,9 +637,8 @@ pub fn tables(results: &Results, rows: usize) -> Vec<Table> {
         "claim's rows back → run: from the moment the daemon holds the claimed row (its claim committed and returned) \
          to the task's `run`, both by the machine's wall clock. Target: p50 under 0.3 ms preloaded. \
          no daemon: the bench itself sends the probe's preloaded parent its requests (pipes made, options written, \
-         then the request sent and timed), no database, no daemon: the floor of a preloaded start on this machine; \
-         forked at the request: the parent's wake-up, its fork, the child's set-up up to `run` (a program without spares, \
-         as the Python example); a spare: the spare's wake-up and set-up up to `run` (task-sdk, README \"Preload protocol\" step 7).",
+         then the request sent and timed), no database, no daemon: the floor of a preloaded start on this machine \
+         (the parent's wake-up, its fork, the child's set-up up to `run`).",
     );
     let mut steps = Table::new(
         "Preload: where claim-to-start goes, step by step (p50 of each step, ms)",
@@ -715,9 +679,8 @@ pub fn tables(results: &Results, rows: usize) -> Vec<Table> {
          started_at after claim sent: where the row's started_at (the database's clock) falls after the daemon sent the claim \
          (PostgreSQL's now() is its transaction's start; SQLite truncates to the millisecond, so it can fall before). \
          hand-off: exec'd, the request taken by a spawner thread; preloaded, the request (pipes, message) sent to the parent. \
-         create: exec'd, clone until the child's execve released the spawner thread; preloaded, the request sent until its answer arrived \
-         (a task-sdk program's spare wakes, reads the request, joins its cgroup and answers; without a spare, the parent forks and answers). \
-         created → run: exec'd, the rest of execve, dynamic loading and main; preloaded, the child after its answer \
+         create: exec'd, clone until the child's execve released the spawner thread; preloaded, the parent's fork until its answer arrived. \
+         created → run: exec'd, the rest of execve, dynamic loading and main; preloaded, the child after its fork \
          (it runs while the answer travels, so this can be near zero or negative). \
          created → back on runtime: the runtime's thread holds the child (pidfd registered), in parallel with the task.",
     );

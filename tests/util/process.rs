@@ -111,31 +111,6 @@ pub fn memory_kib(pid: i32) -> (u64, u64) {
 }
 
 /// Zombie children of `pid`.
-/// The children of `pid` that are alive (not zombies), whose command
-/// (`/proc/PID/comm`) is `comm`.
-pub fn live_children(pid: i32, comm: &str) -> Vec<i32> {
-    let mut children = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
-            continue;
-        };
-        let Some((name, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.first() != Some(&"Z")
-            && fields.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(pid)
-            && name.split_once('(').is_some_and(|(_, name)| name == comm)
-        {
-            children.push(child);
-        }
-    }
-    children
-}
-
 pub fn zombie_children(pid: i32) -> Vec<i32> {
     let mut zombies = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {

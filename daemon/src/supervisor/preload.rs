@@ -22,18 +22,6 @@
 //! by a wait on any child, which would race the daemon's own waits; a status
 //! reported by the parent would be lost with the parent.
 //!
-//! Spares (the protocol's step 7): a program told it may
-//! (`TASKRUNNER_PRELOAD_SPARES=1`; task-sdk does) keeps one child forked
-//! ahead of its request, the daemon's child from its start, which announces
-//! itself (`spare`), reads the next request from the socket itself and
-//! answers with its own pid: the parent's wake-up and its fork leave the
-//! try's start. The daemon watches each announced spare's pidfd and reaps
-//! one that dies unused (reading first what it sent before its exit, so
-//! that a spare that became a try is never reaped as unused). A spare dies
-//! with the daemon (its parent-death signal) and leaves when its parent is
-//! gone (their private link hangs up), so it never waits for a request on
-//! its own; a program without spares is served as before.
-//!
 //! Failures: a program that exits, or says something else, before its hello
 //! does not speak the protocol: one warning line, and its tries are exec'd
 //! until the config is reloaded. A parent that dies after its hello is
@@ -48,9 +36,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,7 +45,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncBufReadExt;
 use tokio::time::Instant;
 
-use super::spawner::{child_state, pidfd_open, Child, Exec, OurEnds, Recipe};
+use super::spawner::{Child, Exec, OurEnds, Recipe};
 
 /// The program's first message once it has booted.
 pub(crate) const HELLO: &[u8] = b"hello\0taskrunner-preload-1\0";
@@ -131,18 +117,6 @@ struct Parent {
     file: Option<FileId>,
     /// Its children were seen joining their cgroups by themselves.
     joins_itself: JoinsItself,
-    /// Its spares: children of the daemon it forked before their request
-    /// (the README's "Preload protocol", step 7), not yet named by a `pid`
-    /// answer. [`answer_requests`] reaps those that die unused. A std
-    /// mutex, never held across an await.
-    spares: std::sync::Mutex<Vec<SpareProcess>>,
-}
-
-/// A spare the parent announced: its pid and a pidfd on it, watched for
-/// its exit.
-struct SpareProcess {
-    pid: u32,
-    pidfd: AsyncFd<OwnedFd>,
 }
 
 /// A request sent to a parent: who waits for its child, our ends of the
@@ -361,8 +335,6 @@ impl Parent {
             .cloned()
             .collect();
         env.push(("TASKRUNNER_PRELOAD".into(), "1".into()));
-        // This daemon takes spares (the protocol's step 7).
-        env.push(("TASKRUNNER_PRELOAD_SPARES".into(), "1".into()));
         let parent_recipe = Recipe {
             program: recipe.program.clone(),
             args: recipe.args.clone(),
@@ -427,7 +399,6 @@ impl Parent {
             started: Instant::now(),
             file,
             joins_itself: Default::default(),
-            spares: Default::default(),
         };
         let mut buffer = [0u8; 256];
         let hello = tokio::select! {
@@ -472,16 +443,12 @@ impl Parent {
     }
 
     /// Stops the parent (SIGKILL: it may be blocked anywhere in its own
-    /// code); its children are the daemon's own and go on; its spare
-    /// leaves when it sees the parent gone.
+    /// code); its children are the daemon's own and go on.
     fn retire(&self) {
         if self.alive.load(Ordering::SeqCst) {
             // SAFETY: signalling our own unreaped child (its waiter reaps it).
             unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
         }
-        // Its spares leave by themselves once it is gone (their link to it
-        // hangs up), and are reaped by [`answer_requests`]; not killed
-        // here: one may have taken a request a moment ago and be a try.
     }
 
     /// One message from the parent; 0 bytes when it closed the socket.
@@ -561,47 +528,35 @@ impl Parent {
 /// Reads a parent's answers, for as long as its socket is open, and hands
 /// each to the request it answers (the oldest one waiting). A child whose
 /// request nobody waits for any more is killed and reaped (dropping a
-/// [`Child`] does that): no try runs unsupervised. Spares the parent
-/// announces are watched: one that dies before a `pid` answer names it is
-/// reaped here. Once the socket closes, every request still waiting fails,
-/// with the parent marked dead (a try then asks a new parent, once), and
-/// its spares left are killed and reaped.
+/// [`Child`] does that): no try runs unsupervised. Once the socket closes,
+/// every request still waiting fails, with the parent marked dead (a try
+/// then asks a new parent, once).
 async fn answer_requests(parent: Arc<Parent>) {
     let mut buffer = [0u8; 4096];
     loop {
-        match next_event(&parent, &mut buffer).await {
-            Event::Message(count) => {
-                if !take_message(&parent, &buffer[..count]) {
-                    break;
-                }
-            }
-            Event::Closed => break,
-            Event::SpareExited => {
-                // A spare sends its `pid` answer before it exits: what it
-                // sent before the exit seen here is read first, so that a
-                // spare that became a try is never reaped as unused.
-                let exited: Vec<u32> = parent
-                    .spares
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                    .filter(|spare| child_state(spare.pidfd.get_ref()) == Some(true))
-                    .map(|spare| spare.pid)
-                    .collect();
-                let mut open = true;
-                while open {
-                    match receive_now(&parent, &mut buffer) {
-                        Ok(Some(count)) => open = take_message(&parent, &buffer[..count]),
-                        Ok(None) => open = false,
-                        Err(_) => break,
-                    }
-                }
-                reap_spares(&parent, &exited);
-                if !open {
-                    break;
-                }
-            }
-        }
+        let count = match parent.receive(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(count) => count,
+        };
+        let answered = std::time::SystemTime::now();
+        let next = parent
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front();
+        let Some(pending) = next else {
+            tracing::warn!(
+                "preloaded parent (pid {}) answered a request it was not sent; it is retired",
+                parent.pid
+            );
+            parent.retire();
+            break;
+        };
+        let child = read_answer(&buffer[..count], pending.ours).map(|mut child| {
+            (child.handed_off, child.created) = (pending.sent, answered);
+            child
+        });
+        let _ = pending.reply.send(child);
     }
     let waiting: Vec<Pending> = {
         let mut pending = parent.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -614,217 +569,6 @@ async fn answer_requests(parent: Arc<Parent>) {
             "the preloaded parent closed its socket",
         )));
     }
-    // Spares left: the parent is gone, so are they (killed, then reaped).
-    let left: Vec<SpareProcess> =
-        std::mem::take(&mut *parent.spares.lock().unwrap_or_else(|e| e.into_inner()));
-    for spare in left {
-        signal_through(spare.pidfd.get_ref(), libc::SIGKILL);
-        let _ = spare.pidfd.readable().await;
-        reap(spare.pid);
-    }
-}
-
-/// What woke [`answer_requests`].
-enum Event {
-    /// A message of this many bytes is in the buffer.
-    Message(usize),
-    /// The socket closed (or failed).
-    Closed,
-    /// One of the parent's spares has exited.
-    SpareExited,
-}
-
-async fn next_event(parent: &Parent, buffer: &mut [u8]) -> Event {
-    std::future::poll_fn(|cx| {
-        loop {
-            match parent.socket.poll_read_ready(cx) {
-                std::task::Poll::Ready(Ok(mut ready)) => match recv_message(&parent.socket, buffer)
-                {
-                    Ok(Some(count)) => return std::task::Poll::Ready(Event::Message(count)),
-                    Ok(None) => return std::task::Poll::Ready(Event::Closed),
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => ready.clear_ready(),
-                    Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => return std::task::Poll::Ready(Event::Closed),
-                },
-                std::task::Poll::Ready(Err(_)) => return std::task::Poll::Ready(Event::Closed),
-                std::task::Poll::Pending => break,
-            }
-        }
-        let spares = parent.spares.lock().unwrap_or_else(|e| e.into_inner());
-        // A pidfd stays readable once its process has exited.
-        if spares
-            .iter()
-            .any(|spare| spare.pidfd.poll_read_ready(cx).is_ready())
-        {
-            return std::task::Poll::Ready(Event::SpareExited);
-        }
-        std::task::Poll::Pending
-    })
-    .await
-}
-
-/// One message already on the socket, without waiting: `None` once the
-/// socket has closed; `WouldBlock` when none is there.
-fn receive_now(parent: &Parent, buffer: &mut [u8]) -> io::Result<Option<usize>> {
-    loop {
-        match recv_message(&parent.socket, buffer) {
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-            other => return other,
-        }
-    }
-}
-
-/// `recv` with `MSG_DONTWAIT`: a message's length, or `None` at its end.
-fn recv_message(socket: &AsyncFd<OwnedFd>, buffer: &mut [u8]) -> io::Result<Option<usize>> {
-    // SAFETY: recv into a live buffer from our socket.
-    let count = unsafe {
-        libc::recv(
-            socket.get_ref().as_raw_fd(),
-            buffer.as_mut_ptr().cast(),
-            buffer.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    match count {
-        0 => Ok(None),
-        count if count > 0 => Ok(Some(count as usize)),
-        _ => Err(io::Error::last_os_error()),
-    }
-}
-
-/// Takes one message of the parent: an answer to the oldest request
-/// waiting, or a spare's announcement. False when the parent broke the
-/// protocol (it is retired).
-fn take_message(parent: &Parent, message: &[u8]) -> bool {
-    if let Some(pid) = message
-        .strip_prefix(b"spare\0")
-        .and_then(|rest| rest.strip_suffix(b"\0"))
-    {
-        return match take_spare(parent, pid) {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::warn!(
-                    "preloaded parent (pid {}) announced a spare that the daemon cannot supervise ({error}); it is retired",
-                    parent.pid
-                );
-                parent.retire();
-                false
-            }
-        };
-    }
-    let answered = std::time::SystemTime::now();
-    let next = parent
-        .pending
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .pop_front();
-    let Some(pending) = next else {
-        tracing::warn!(
-            "preloaded parent (pid {}) answered a request it was not sent; it is retired",
-            parent.pid
-        );
-        parent.retire();
-        return false;
-    };
-    if let Some(pid) = answered_pid(message) {
-        // A spare that took this request: a try from now on.
-        parent
-            .spares
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|spare| spare.pid != pid);
-    }
-    let child = read_answer(message, pending.ours).map(|mut child| {
-        (child.handed_off, child.created) = (pending.sent, answered);
-        child
-    });
-    let _ = pending.reply.send(child);
-    true
-}
-
-/// The pid of a `pid` answer.
-fn answered_pid(message: &[u8]) -> Option<u32> {
-    let pid = message.strip_prefix(b"pid\0")?.strip_suffix(b"\0")?;
-    std::str::from_utf8(pid).ok()?.parse().ok()
-}
-
-/// Watches the spare `pid` names, once it is known to be the daemon's child.
-fn take_spare(parent: &Parent, pid: &[u8]) -> io::Result<()> {
-    let pid: u32 = std::str::from_utf8(pid)
-        .ok()
-        .and_then(|pid| pid.parse().ok())
-        .filter(|&pid| pid > 1)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "a pid that is not a number"))?;
-    // Nothing else reaps our children, so if it is our child its pid cannot
-    // have been reused.
-    let pidfd = pidfd_open(pid)?;
-    if child_state(&pidfd).is_none() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("pid {pid} is not the daemon's child"),
-        ));
-    }
-    // SAFETY: an OwnedFd stays open, on the same pidfd, for as long as the
-    // AsyncFd owns it.
-    let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
-        .map_err(io::Error::from)?;
-    parent
-        .spares
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(SpareProcess { pid, pidfd });
-    Ok(())
-}
-
-/// Reaps the spares of `exited` that are still spares (no answer named
-/// them). A spare leaves with status 0 only when it took no request (its
-/// parent gone, the socket closed) or answered the one it took; killed, or
-/// failing otherwise, it may have taken a request without answering it,
-/// and the next spare's answer would go to that request: the parent is
-/// retired, so that the requests still waiting fail and start anew (once).
-fn reap_spares(parent: &Parent, exited: &[u32]) {
-    let mut spares = parent.spares.lock().unwrap_or_else(|e| e.into_inner());
-    let mut unclean = None;
-    spares.retain(|spare| {
-        if !exited.contains(&spare.pid) {
-            return true;
-        }
-        let status = ExitStatus::from_raw(reap(spare.pid));
-        if status.code() != Some(0) {
-            unclean = Some((spare.pid, status));
-        }
-        false
-    });
-    drop(spares);
-    if let Some((pid, status)) = unclean {
-        tracing::warn!(
-            "the spare (pid {pid}) of preloaded parent (pid {}) ended with {status} before it answered a request; the parent is retired",
-            parent.pid
-        );
-        parent.retire();
-    }
-}
-
-/// Reaps our exited child `pid`; its raw wait status.
-fn reap(pid: u32) -> i32 {
-    let mut raw = 0;
-    // SAFETY: waitpid on our own child, known to have exited (or killed).
-    unsafe { libc::waitpid(pid as libc::pid_t, &mut raw, 0) };
-    raw
-}
-
-/// Sends `signal` through a pidfd (no pid reuse can misdirect it).
-fn signal_through(pidfd: &OwnedFd, signal: libc::c_int) {
-    // SAFETY: pidfd_send_signal on a pidfd we own, with no siginfo.
-    unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            signal,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
 }
 
 /// The child a parent's answer names (`pid`), or its error.
