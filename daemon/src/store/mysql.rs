@@ -406,19 +406,20 @@ impl Store {
     /// is no `UPDATE … RETURNING` to tell which rows an update changed; the
     /// locked rows are those, as no other transaction can change them before
     /// the commit, and no other row can come to match (a claim token is
-    /// written once, by the claim). Returns the (id, claim token) of each
-    /// outcome applied.
+    /// written once, by the claim). `rows`: the `count` outcomes as the
+    /// batch statement takes them (`outcome_rows_json` in tries.rs).
+    /// Returns the (id, claim token) of each outcome applied.
     pub(super) async fn record_outcomes_mysql(
         &self,
         pool: &MySqlPool,
-        outcomes: &[&super::Outcome],
+        rows: &str,
+        count: usize,
     ) -> anyhow::Result<std::collections::HashSet<(i64, String)>> {
-        let rows = super::tries::outcome_rows_json(outcomes);
         let mut transaction = pool.begin().await?;
         // BEGIN, the lock, the update, COMMIT.
         self.count_statements(4);
         let held = query(self.sql.outcome_rows_held.as_str())
-            .bind(rows.as_str())
+            .bind(rows)
             .fetch_all(&mut *transaction)
             .await?
             .iter()
@@ -426,14 +427,13 @@ impl Store {
             .collect::<sqlx::Result<std::collections::HashSet<_>>>()?;
         if !held.is_empty() {
             let written = query(self.sql.record_outcomes_batch.as_str())
-                .bind(rows.as_str())
+                .bind(rows)
                 .execute(&mut *transaction)
                 .await?
                 .rows_affected();
             if written != held.len() as u64 {
                 tracing::warn!(
-                    "a batch of {} outcomes locked {} rows but wrote {written}",
-                    outcomes.len(),
+                    "a batch of {count} outcomes locked {} rows but wrote {written}",
                     held.len()
                 );
             }

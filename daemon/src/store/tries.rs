@@ -203,8 +203,9 @@ impl Store {
             // `record_outcomes_mysql`); anything else one statement per
             // write, in one transaction. Run again after a lock conflict.
             if let Some(outcomes) = outcomes.filter(|outcomes| outcomes.len() > 1) {
+                let rows = outcome_rows_json(&outcomes);
                 let applied = mysql::retry_locks(&self.lock_retries, || {
-                    self.record_outcomes_mysql(pool, &outcomes)
+                    self.record_outcomes_mysql(pool, &rows, outcomes.len())
                 })
                 .await?;
                 return Ok(outcomes
@@ -320,7 +321,7 @@ impl Store {
 /// `outcomes` as a JSON array of rows (id, claim token, result,
 /// result_text, give back, retry after): how SQLite and MariaDB/MySQL take
 /// a batch of them as one parameter.
-pub(super) fn outcome_rows_json(outcomes: &[&Outcome]) -> String {
+fn outcome_rows_json(outcomes: &[&Outcome]) -> String {
     let rows: Vec<serde_json::Value> = outcomes
         .iter()
         .map(|o| {
