@@ -55,6 +55,16 @@ pub(crate) struct ClaimFilter<'a> {
     pub(crate) excluded_tasks: &'a [String],
 }
 
+impl ClaimFilter<'_> {
+    /// Whether the claim takes one queue's rows, and one type's (an empty
+    /// name takes any): which claim statement runs, and on PostgreSQL on
+    /// which connection.
+    pub(crate) fn narrows_to(&self) -> (bool, bool) {
+        let named = |name: Option<&str>| name.is_some_and(|name| !name.is_empty());
+        (named(self.queue), named(self.task))
+    }
+}
+
 pub(super) fn claimed_from_row(
     row: &impl RowExt,
     claim_token: &ClaimToken,

@@ -424,7 +424,7 @@ impl Store {
         filter: &ClaimFilter<'_>,
     ) -> &'a PgPool {
         match &self.queue_claims {
-            Some(filtered) if filter.queue.is_some() || filter.task.is_some() => filtered,
+            Some(filtered) if filter.narrows_to() != (false, false) => filtered,
             _ => pool,
         }
     }

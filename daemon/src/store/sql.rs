@@ -501,8 +501,7 @@ impl Sql {
     /// The claim statement for `filter`: of one type if it names one, else
     /// of one queue if it names one, else of any (see [`Sql::claim`]).
     pub(crate) fn claim_for(&self, filter: &crate::store::ClaimFilter<'_>) -> &str {
-        let named = |name: Option<&str>| name.is_some_and(|name| !name.is_empty());
-        match (named(filter.queue), named(filter.task)) {
+        match filter.narrows_to() {
             (_, true) => &self.claim_of_type,
             (true, false) => &self.claim_of_queue,
             (false, false) => &self.claim,
