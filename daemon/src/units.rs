@@ -203,6 +203,15 @@ pub(crate) mod serde_units {
     }
 }
 
+/// Sleeps until `deadline`, or for ever without one: a `select!` branch for
+/// a deadline that may not be set.
+pub(crate) async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -67,7 +67,7 @@ impl Heartbeat {
                 _ = tokio::time::sleep(config.heartbeat_interval) => {}
                 // A local `cancel` asked: renew early, which reads the cancels.
                 _ = self.check_cancels.notified() => {}
-                _ = sleep_until_opt(fence_deadline), if !fenced => {
+                _ = crate::units::sleep_until_opt(fence_deadline), if !fenced => {
                     let running = self.tries.len();
                     if running > 0 {
                         tracing::error!(
@@ -201,12 +201,5 @@ fn panic_when_told_by_a_test() {
         if std::path::Path::new(&path).exists() {
             panic!("the heartbeat panics: told to by a test");
         }
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }

@@ -214,7 +214,7 @@ impl Wakeup {
                         log_watch = None;
                     }
                 },
-                _ = sleep_until_opt(recheck_at) => {}
+                _ = crate::units::sleep_until_opt(recheck_at) => {}
                 _ = stop.cancelled() => break,
             }
             let safety_net = if log_watch.is_some() {
@@ -352,13 +352,6 @@ impl Drop for DataVersion {
             libsqlite3_sys::sqlite3_finalize(self.statement);
             libsqlite3_sys::sqlite3_close(self.db);
         }
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }
 

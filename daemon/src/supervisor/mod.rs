@@ -452,7 +452,7 @@ pub(crate) async fn run(
                         });
                     }
                 }
-                _ = sleep_until_opt(timeout_at), if stopped.is_none() => {
+                _ = crate::units::sleep_until_opt(timeout_at), if stopped.is_none() => {
                     let timeout = settings.timeout.unwrap_or_default();
                     stopped = Some(Stopped::Timeout(timeout));
                     escalation = Some(Escalation::begin(process_group, &settings));
@@ -475,7 +475,7 @@ pub(crate) async fn run(
                         });
                     }
                 }
-                _ = sleep_until_opt(next_signal), if escalation.is_some() => {
+                _ = crate::units::sleep_until_opt(next_signal), if escalation.is_some() => {
                     if let Some(escalation) = escalation.as_mut() {
                         escalation.next(process_group, &settings);
                     }
@@ -567,13 +567,6 @@ impl Escalation {
             self.next_at =
                 (now + settings.kill_retry.max(Duration::from_millis(10))).min(grace_over);
         }
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }
 
