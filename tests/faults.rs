@@ -633,6 +633,52 @@ async fn daemon_that_loses_postgres_kills_its_tasks_before_the_lease_lapses(back
     assert!(daemon.stop().success());
 }
 
+multi_host_backends!(a_daemon_told_to_stop_while_its_database_does_not_answer_exits_soon);
+
+// The database stops answering (its server stopped with SIGSTOP: every
+// statement waits for ever, as behind a network that drops packets) while
+// the daemon's services poll it often; then the daemon is told to stop. It
+// exits, and soon: its services and its last writes give up on the
+// database after a few seconds each. (It used to wait for ever for the
+// write that marks it stopped in task_runner_daemons.)
+async fn a_daemon_told_to_stop_while_its_database_does_not_answer_exits_soon(backend: Backend) {
+    let server = PrivateServer::start(backend);
+    let db = server.test_db().await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "heartbeat_interval: 200ms\nreap_interval: 200ms\npoll_interval: 100ms\ntasks:\n  Short:\n    command: [/bin/true]\n",
+    );
+    let id = db.enqueue("Short", None).await;
+    db.wait_for(id, WAIT, "finished", |r| {
+        r.result.as_deref() == Some("FINISHED")
+    })
+    .await;
+    let frozen = server.freeze();
+    // The services' next calls are on their way, and will wait.
+    wait_until(
+        Duration::from_secs(10),
+        "a statement to wait for the stopped server",
+        || server.has_unread_requests(),
+    );
+    daemon.signal(Signal::SIGTERM);
+    let asked = Instant::now();
+    let status = daemon.wait_exit(Duration::from_secs(40));
+    let took = asked.elapsed();
+    drop(frozen);
+    println!(
+        "stopped {:.1}s after SIGTERM, its database not answering",
+        took.as_secs_f64()
+    );
+    assert!(status.success(), "{}", daemon.log_text());
+    assert!(
+        took < Duration::from_secs(20),
+        "stopped in {took:?}: {}",
+        daemon.log_text()
+    );
+    assert!(daemon.log_text().contains("taskrunnerd stopped"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_held_locked_delays_outcomes_without_losing_them() {
     let db = TestDb::new(Backend::Sqlite).await;

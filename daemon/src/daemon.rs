@@ -369,20 +369,30 @@ pub async fn run(
     // The other services stop; the recorder first applies every write
     // queued (the tries' outcomes), retrying through an outage for a while.
     services.cancel();
-    let stopped = tokio::time::timeout(Duration::from_secs(30), async {
-        while supervised.next_end().await.is_some() {}
-    })
-    .await;
-    if stopped.is_err() {
+    if !supervised.stop_all().await {
         tracing::error!(
             "could not record every result before exiting; the reaper will rerun those rows"
         );
-        supervised.set.abort_all();
     }
-    if let Err(error) = store.daemon_stopped(&instance).await {
-        tracing::debug!("could not mark this daemon stopped in task_runner_daemons: {error:#}");
+    // The last two steps wait on the database: bounded together, so that a
+    // database that does not answer cannot keep a stopped daemon from exiting.
+    let last_steps = tokio::time::Instant::now() + LAST_STEPS;
+    match tokio::time::timeout_at(last_steps, store.daemon_stopped(&instance)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::debug!("could not mark this daemon stopped in task_runner_daemons: {error:#}")
+        }
+        Err(_) => tracing::warn!(
+            "the database did not answer within {}: this daemon's row in task_runner_daemons is not marked stopped",
+            crate::units::format_duration(LAST_STEPS)
+        ),
     }
-    store.close().await;
+    if tokio::time::timeout_at(last_steps, store.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("exiting without closing every database connection cleanly");
+    }
     if let Some(failure) = failure {
         anyhow::bail!("{failure}; the daemon stopped");
     }
@@ -390,11 +400,43 @@ pub async fn run(
     Ok(())
 }
 
+/// How long the recorder has, once every try has ended, to write what is
+/// queued (retrying through an outage).
+const RECORDER_STOP: Duration = Duration::from_secs(30);
+
+/// How long the other services have to end once told to. They end at once
+/// unless a database call holds them (a database that does not answer);
+/// what they leave undone (a renewal, a reaper's or retention's pass, a
+/// cron tick, each in its own transactions) their next pass, in this
+/// daemon's successor or another daemon, does again.
+const SERVICE_GRACE: Duration = Duration::from_secs(2);
+
+/// `work`, unless `stop` is cancelled and `work` has still not finished
+/// [`SERVICE_GRACE`] later: then `None`, and `work` is dropped where it
+/// waits. For a service's database calls, which a database that does not
+/// answer would hold up for ever; none of them is the one write of a result.
+async fn unless_stopping<T>(
+    stop: &CancellationToken,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        done = work => Some(done),
+        _ = async {
+            stop.cancelled().await;
+            tokio::time::sleep(SERVICE_GRACE).await;
+        } => None,
+    }
+}
+
+/// How long the last steps of a shutdown (this daemon's row marked stopped,
+/// the connections closed) may wait on the database, together.
+const LAST_STEPS: Duration = Duration::from_secs(5);
+
 /// The daemon's services, in one `JoinSet`, each known by its name.
 #[derive(Default)]
 struct Supervised {
     set: tokio::task::JoinSet<Result<()>>,
-    names: std::collections::HashMap<tokio::task::Id, &'static str>,
+    names: std::collections::HashMap<tokio::task::Id, (&'static str, tokio::task::AbortHandle)>,
 }
 
 impl Supervised {
@@ -404,7 +446,7 @@ impl Supervised {
         service: impl std::future::Future<Output = Result<()>> + Send + 'static,
     ) {
         let handle = self.set.spawn(service);
-        self.names.insert(handle.id(), name);
+        self.names.insert(handle.id(), (name, handle));
     }
 
     /// The next service to end: its name, and what went wrong (an error or
@@ -415,12 +457,15 @@ impl Supervised {
             Ok((id, _)) => *id,
             Err(error) => error.id(),
         };
-        let name = self.names.remove(&id).unwrap_or("unnamed");
+        let name = self.names.remove(&id).map_or("unnamed", |(name, _)| name);
         Some((
             name,
             match ended {
                 Ok((_, Ok(()))) => Ok(()),
                 Ok((_, Err(error))) => Err(format!("the {name} service failed: {error:#}")),
+                Err(error) if error.is_cancelled() => {
+                    Err(format!("the {name} service was stopped"))
+                }
                 Err(error) if error.is_panic() => Err(format!(
                     "the {name} service panicked: {}",
                     panic_message(error.into_panic())
@@ -428,6 +473,48 @@ impl Supervised {
                 Err(error) => Err(format!("the {name} service ended: {error}")),
             },
         ))
+    }
+
+    /// Waits for the services, told to stop, to end: the recorder for up to
+    /// [`RECORDER_STOP`], the others for [`SERVICE_GRACE`], after which they
+    /// are stopped where they wait (one line names them). False if the
+    /// recorder did not end.
+    async fn stop_all(&mut self) -> bool {
+        let began = tokio::time::Instant::now();
+        let mut grace = Some(began + SERVICE_GRACE);
+        loop {
+            tokio::select! {
+                ended = self.next_end() => match ended {
+                    None => return true,
+                    Some((_, Err(what))) if !what.ends_with("was stopped") => {
+                        tracing::error!("{what} during the shutdown");
+                    }
+                    Some(_) => {}
+                },
+                _ = crate::units::sleep_until_opt(grace) => {
+                    grace = None;
+                    let mut late: Vec<&str> = Vec::new();
+                    for (name, handle) in self.names.values() {
+                        if *name != "recorder" {
+                            handle.abort();
+                            late.push(name);
+                        }
+                    }
+                    if !late.is_empty() {
+                        late.sort_unstable();
+                        tracing::warn!(
+                            "the {} service(s) did not end within {} of the shutdown (waiting on the database?): stopped",
+                            late.join(", "),
+                            crate::units::format_duration(SERVICE_GRACE)
+                        );
+                    }
+                }
+                _ = tokio::time::sleep_until(began + RECORDER_STOP) => {
+                    self.set.abort_all();
+                    return false;
+                }
+            }
+        }
     }
 }
 

@@ -261,6 +261,67 @@ impl PrivateServer {
         }
     }
 
+    /// Whether some client's bytes wait unread in one of the server's
+    /// connections (read from `/proc/net/tcp`): a statement on its way
+    /// that a frozen server will never answer.
+    pub fn has_unread_requests(&self) -> bool {
+        let port = match self {
+            PrivateServer::Postgres(server) => server.port,
+            PrivateServer::MySql(server) => server.port,
+        };
+        let local = format!(":{port:04X}");
+        std::fs::read_to_string("/proc/net/tcp")
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                Some((*fields.get(1)?, *fields.get(4)?))
+            })
+            .any(|(address, queues)| {
+                let unread = queues.split_once(':').map_or("0", |(_, rx)| rx);
+                address.ends_with(&local) && u64::from_str_radix(unread, 16).unwrap_or(0) > 0
+            })
+    }
+
+    /// Stops the server's processes with SIGSTOP: it keeps its connections
+    /// and answers nothing (a hung server, or one behind a network that
+    /// drops every packet), until the returned guard is dropped.
+    pub fn freeze(&self) -> Frozen {
+        let pids = match self {
+            PrivateServer::Postgres(server) => {
+                let pid_file = server.dir.join("data").join("postmaster.pid");
+                let text = std::fs::read_to_string(&pid_file).expect("postmaster.pid");
+                let postmaster: i32 = text.lines().next().unwrap().trim().parse().unwrap();
+                // The postmaster and every backend it started.
+                let mut pids = vec![postmaster];
+                for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+                    let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                        continue;
+                    };
+                    let stat =
+                        std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+                    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+                    let parent = after_name.split_whitespace().nth(1);
+                    if parent == Some(postmaster.to_string().as_str()) {
+                        pids.push(pid);
+                    }
+                }
+                pids
+            }
+            PrivateServer::MySql(server) => {
+                vec![server.server.as_ref().expect("the server runs").id() as i32]
+            }
+        };
+        for &pid in &pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGSTOP,
+            );
+        }
+        Frozen { pids }
+    }
+
     /// A migrated test database on this server.
     pub async fn test_db(&self) -> TestDb {
         match self {
@@ -283,6 +344,22 @@ impl PrivateServer {
                     raw: Raw::MySql(mysql_app_pool(&url).await),
                 }
             }
+        }
+    }
+}
+
+/// A server stopped by [`PrivateServer::freeze`]; dropping this lets it go on.
+pub struct Frozen {
+    pids: Vec<i32>,
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for &pid in &self.pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGCONT,
+            );
         }
     }
 }

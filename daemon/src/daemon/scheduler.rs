@@ -134,8 +134,13 @@ impl Scheduler {
                 }
                 _ => {
                     last_repair = Some(Instant::now());
-                    self.repair_batches().await;
-                    self.take_and_repair_flows().await;
+                    let repair = async {
+                        self.repair_batches().await;
+                        self.take_and_repair_flows().await;
+                    };
+                    if super::unless_stopping(&cancel, repair).await.is_none() {
+                        break;
+                    }
                 }
             }
             let config = Setup::current_config(&self.setup);
@@ -169,7 +174,10 @@ impl Scheduler {
                 let round =
                     self.claim_round(&config, &token, (budget, idle_slots), &running_by_queue);
                 let sent = std::time::SystemTime::now();
-                match round.await {
+                let Some(round) = super::unless_stopping(&cancel, round).await else {
+                    break;
+                };
+                match round {
                     Ok((rows, all_filled)) => {
                         let times = ClaimTimes {
                             sent,
@@ -184,7 +192,8 @@ impl Scheduler {
                             tries.spawn(self.executor.clone().supervise(row, ticket, times));
                         }
                         if !all_filled {
-                            if let Some(due) = self.next_delay().await {
+                            let due = super::unless_stopping(&cancel, self.next_delay()).await;
+                            if let Some(due) = due.flatten() {
                                 next_claim = next_claim.min(due);
                             }
                         }
