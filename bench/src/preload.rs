@@ -118,9 +118,20 @@ pub struct Results {
     pub latencies: Vec<Latency>,
     pub slow_starts: Vec<SlowStart>,
     /// Request sent → the task's `run`, in milliseconds, sorted: the probe
-    /// served by this process directly (no daemon, no database).
+    /// served by this process directly (no daemon, no database), each
+    /// request [`FLOOR_GAP`] after the last one's end, and after
+    /// [`FLOOR_IDLE_GAP`].
     pub floor_ms: Vec<f64>,
+    pub floor_idle_ms: Vec<f64>,
 }
+
+/// The floor's requests follow each other this closely, about as closely
+/// as the daemon's in the claim-to-start measure (the next row is inserted
+/// once the bench, polling every 2 ms, sees the last one end).
+const FLOOR_GAP: Duration = Duration::from_millis(2);
+
+/// And again after this much idleness: a request into an idle machine.
+const FLOOR_IDLE_GAP: Duration = Duration::from_millis(20);
 
 pub async fn run(
     bench: &Bench,
@@ -140,9 +151,11 @@ pub async fn run(
         latencies: Vec::new(),
         slow_starts: Vec::new(),
         floor_ms: Vec::new(),
+        floor_idle_ms: Vec::new(),
     };
     eprintln!("preload: the floor of a preloaded start (the probe served without a daemon)");
-    results.floor_ms = preload_floor(bench, latency_requests)?;
+    results.floor_ms = preload_floor(bench, latency_requests, FLOOR_GAP)?;
+    results.floor_idle_ms = preload_floor(bench, latency_requests, FLOOR_IDLE_GAP)?;
     for &backend in backends {
         for &level in concurrency {
             eprintln!(
@@ -230,7 +243,7 @@ fn fork_ceiling(concurrency: usize, count: usize) -> Result<f64> {
 /// is the task's clock at the start of its `run` less the instant of the
 /// send. It holds only what a preloaded start cannot do without: the
 /// parent's wake-up, its fork, and the child's set-up up to `run`.
-fn preload_floor(bench: &Bench, count: usize) -> Result<Vec<f64>> {
+fn preload_floor(bench: &Bench, count: usize, gap: Duration) -> Result<Vec<f64>> {
     use std::io::Read;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let pair = |kind: libc::c_int| -> Result<(OwnedFd, OwnedFd)> {
@@ -333,8 +346,8 @@ fn preload_floor(bench: &Bench, count: usize) -> Result<Vec<f64>> {
             .with_context(|| format!("the probe's try printed {output:?}"))?;
         let sent_ns = sent.duration_since(std::time::UNIX_EPOCH)?.as_nanos() as f64;
         delays.push((run_ns - sent_ns) / 1e6);
-        // An idle moment between two requests, as in the daemon's case.
-        std::thread::sleep(Duration::from_millis(2));
+        // An idle moment between two requests.
+        std::thread::sleep(gap);
     }
     drop(socket);
     parent.wait().context("waiting for the preloaded probe")?;
@@ -621,12 +634,20 @@ pub fn tables(results: &Results, rows: usize) -> Vec<Table> {
             ms(at(1.0)),
         ]);
     }
-    if !results.floor_ms.is_empty() {
-        let values = &results.floor_ms;
+    for (values, gap) in [
+        (&results.floor_ms, FLOOR_GAP),
+        (&results.floor_idle_ms, FLOOR_IDLE_GAP),
+    ] {
+        if values.is_empty() {
+            continue;
+        }
         let at = |q: f64| values[((values.len() as f64 - 1.0) * q).round() as usize];
         latency.row(vec![
             "none".to_string(),
-            "preloaded, no daemon: request sent → run".to_string(),
+            format!(
+                "preloaded, no daemon: request sent → run, {} ms after the last",
+                gap.as_millis()
+            ),
             ms(at(0.5)),
             ms(at(0.95)),
             ms(at(0.99)),
@@ -638,7 +659,10 @@ pub fn tables(results: &Results, rows: usize) -> Vec<Table> {
          to the task's `run`, both by the machine's wall clock. Target: p50 under 0.3 ms preloaded. \
          no daemon: the bench itself sends the probe's preloaded parent its requests (pipes made, options written, \
          then the request sent and timed), no database, no daemon: the floor of a preloaded start on this machine \
-         (the parent's wake-up, its fork, the child's set-up up to `run`).",
+         (the parent's wake-up, its fork, the child's set-up up to `run`). Each request is sent 2 ms after the last one's \
+         end, about as soon as the daemon's here (the next row is inserted once the bench, polling every 2 ms, sees the last \
+         one end), and again 20 ms after: a request into a machine that was idle for a while costs more (cold caches, \
+         the CPUs' idle states)."
     );
     let mut steps = Table::new(
         "Preload: where claim-to-start goes, step by step (p50 of each step, ms)",
