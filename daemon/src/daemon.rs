@@ -221,7 +221,7 @@ pub async fn run(
         }),
     };
     supervised.spawn("scheduler", scheduler.run(stop_claiming.clone()));
-    supervised.spawn("recorder", writer.run(services.clone()));
+    supervised.spawn(RECORDER, writer.run(services.clone()));
     let heartbeat = heartbeat::Heartbeat {
         setup: setup.clone(),
         store: store.clone(),
@@ -400,6 +400,9 @@ pub async fn run(
     Ok(())
 }
 
+/// The recorder's name among the services: the one a shutdown waits for.
+const RECORDER: &str = "recorder";
+
 /// How long the recorder has, once every try has ended, to write what is
 /// queued (retrying through an outage).
 const RECORDER_STOP: Duration = Duration::from_secs(30);
@@ -463,9 +466,6 @@ impl Supervised {
             match ended {
                 Ok((_, Ok(()))) => Ok(()),
                 Ok((_, Err(error))) => Err(format!("the {name} service failed: {error:#}")),
-                Err(error) if error.is_cancelled() => {
-                    Err(format!("the {name} service was stopped"))
-                }
                 Err(error) if error.is_panic() => Err(format!(
                     "the {name} service panicked: {}",
                     panic_message(error.into_panic())
@@ -478,40 +478,46 @@ impl Supervised {
     /// Waits for the services, told to stop, to end: the recorder for up to
     /// [`RECORDER_STOP`], the others for [`SERVICE_GRACE`], after which they
     /// are stopped where they wait (one line names them). False if the
-    /// recorder did not end.
+    /// recorder did not end (then every service left is stopped).
     async fn stop_all(&mut self) -> bool {
         let began = tokio::time::Instant::now();
         let mut grace = Some(began + SERVICE_GRACE);
+        let mut stopped: Vec<&'static str> = Vec::new();
+        let mut recorded = false;
         loop {
             tokio::select! {
                 ended = self.next_end() => match ended {
                     None => return true,
-                    Some((_, Err(what))) if !what.ends_with("was stopped") => {
-                        tracing::error!("{what} during the shutdown");
+                    Some((name, ended)) => {
+                        recorded |= name == RECORDER;
+                        match ended {
+                            Err(what) if !stopped.contains(&name) => {
+                                tracing::error!("{what} during the shutdown");
+                            }
+                            _ => {}
+                        }
                     }
-                    Some(_) => {}
                 },
                 _ = crate::units::sleep_until_opt(grace) => {
                     grace = None;
-                    let mut late: Vec<&str> = Vec::new();
                     for (name, handle) in self.names.values() {
-                        if *name != "recorder" {
+                        if *name != RECORDER {
                             handle.abort();
-                            late.push(name);
+                            stopped.push(name);
                         }
                     }
-                    if !late.is_empty() {
-                        late.sort_unstable();
+                    if !stopped.is_empty() {
+                        stopped.sort_unstable();
                         tracing::warn!(
                             "the {} service(s) did not end within {} of the shutdown (waiting on the database?): stopped",
-                            late.join(", "),
+                            stopped.join(", "),
                             crate::units::format_duration(SERVICE_GRACE)
                         );
                     }
                 }
                 _ = tokio::time::sleep_until(began + RECORDER_STOP) => {
                     self.set.abort_all();
-                    return false;
+                    return recorded;
                 }
             }
         }
