@@ -12,20 +12,14 @@ use crate::request::{Claimed, RequestId};
 /// The pool a claim runs on: the store's own, except PostgreSQL's claims
 /// of one queue or type (see `Store::claim_pool`).
 trait ClaimOn {
-    fn claim_on<'a>(&'a self, store: &'a Store, filter: &ClaimFilter<'_>) -> &'a Self;
-}
-
-impl ClaimOn for sqlx::SqlitePool {
-    fn claim_on<'a>(&'a self, _: &'a Store, _: &ClaimFilter<'_>) -> &'a Self {
+    fn claim_on<'a>(&'a self, _store: &'a Store, _filter: &ClaimFilter<'_>) -> &'a Self {
         self
     }
 }
 
-impl ClaimOn for sqlx::MySqlPool {
-    fn claim_on<'a>(&'a self, _: &'a Store, _: &ClaimFilter<'_>) -> &'a Self {
-        self
-    }
-}
+impl ClaimOn for sqlx::SqlitePool {}
+
+impl ClaimOn for sqlx::MySqlPool {}
 
 impl ClaimOn for sqlx::PgPool {
     fn claim_on<'a>(&'a self, store: &'a Store, filter: &ClaimFilter<'_>) -> &'a Self {

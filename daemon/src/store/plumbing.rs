@@ -615,9 +615,8 @@ mod tests {
 
     /// The daemon's PostgreSQL sessions plan each statement once (see
     /// `generic_plans`), except the one its claims of one queue or type run
-    /// on; the
-    /// CLI's and the web page's keep the server's choice, their filters
-    /// being planned best for their values.
+    /// on; the CLI's and the web page's keep the server's choice, their
+    /// filters being planned best for their values.
     #[tokio::test]
     async fn postgres_plans_the_daemons_statements_once() {
         let url = std::env::var("TASKRUNNER_TEST_DATABASE_URL").expect(
