@@ -1,16 +1,11 @@
 //! Faults a hostile review found (issue 13): each test is named after what
 //! broke, and failed before its fix.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 use crate::util::{
     base_config, cli, kill_if_alive, merge_yaml, process_exists, read_pid_file, wait_until,
-    Backend, Daemon, NewRow, TestDb,
+    Backend, Daemon, Fault, NewRow, Proxy, TestDb,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -33,71 +28,6 @@ both_backends!(
     rows_that_can_never_run_are_refused_or_flagged_and_never_stall_the_daemon,
 );
 
-/// A TCP proxy in front of the test's PostgreSQL server that, once armed,
-/// closes the first connection whose answer reports rows changed by an
-/// UPDATE (the claim's `UPDATE … RETURNING`, committed by then) instead of
-/// forwarding that answer. Returns the proxied URL.
-async fn claim_answer_dropping_proxy(url: &str, armed: Arc<AtomicBool>) -> String {
-    let (head, rest) = url.rsplit_once('@').expect("user@host in the URL");
-    let (address, database) = rest.split_once('/').expect("a database in the URL");
-    let server = address.to_string();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((client, _)) = listener.accept().await else {
-                return;
-            };
-            let server = server.clone();
-            let armed = armed.clone();
-            tokio::spawn(async move {
-                let Ok(upstream) = TcpStream::connect(&server).await else {
-                    return;
-                };
-                let (mut client_read, mut client_write) = client.into_split();
-                let (mut server_read, mut server_write) = upstream.into_split();
-                let to_server = async {
-                    let mut buffer = vec![0u8; 64 * 1024];
-                    while let Ok(n) = client_read.read(&mut buffer).await {
-                        if n == 0 || server_write.write_all(&buffer[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                };
-                let to_client = async {
-                    let mut buffer = vec![0u8; 64 * 1024];
-                    while let Ok(n) = server_read.read(&mut buffer).await {
-                        if n == 0 {
-                            break;
-                        }
-                        if reports_updated_rows(&buffer[..n]) && armed.swap(false, Ordering::SeqCst)
-                        {
-                            // Drop the answer and the connection.
-                            break;
-                        }
-                        if client_write.write_all(&buffer[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                };
-                // The first direction to end closes both.
-                tokio::select! {
-                    _ = to_server => {}
-                    _ = to_client => {}
-                }
-            });
-        }
-    });
-    format!("{head}@127.0.0.1:{port}/{database}")
-}
-
-/// Whether server bytes hold a CommandComplete `UPDATE n` with n > 0.
-fn reports_updated_rows(bytes: &[u8]) -> bool {
-    bytes
-        .windows(8)
-        .any(|w| w.starts_with(b"UPDATE ") && (b'1'..=b'9').contains(&w[7]))
-}
-
 /// The daemon renewed the heartbeat of every row it held, but ran only the
 /// rows whose claim answer it received: rows claimed by a statement whose
 /// answer was lost with the connection stayed RUNNING for ever, renewed.
@@ -109,12 +39,11 @@ async fn rows_whose_claim_answer_was_lost_are_given_back() {
     for _ in 0..12 {
         ids.push(db.enqueue("NoOp", None).await);
     }
-    let armed = Arc::new(AtomicBool::new(true));
-    let proxied = claim_answer_dropping_proxy(&db.url, armed.clone()).await;
+    let proxy = Proxy::start(&db.url, Fault::DropUpdateAnswer).await;
     let mut daemon = Daemon::start(
         &db,
         "d",
-        &format!("database_url: {proxied}\nmax_concurrent: 4\n"),
+        &format!("database_url: {}\nmax_concurrent: 4\n", proxy.url),
     );
     db.wait_for_count(
         "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED'",
@@ -122,10 +51,7 @@ async fn rows_whose_claim_answer_was_lost_are_given_back() {
         WAIT,
     )
     .await;
-    assert!(
-        !armed.load(Ordering::SeqCst),
-        "the proxy dropped a claim's answer"
-    );
+    assert!(proxy.tripped(), "the proxy dropped a claim's answer");
     assert!(
         daemon
             .log_text()

@@ -6,7 +6,8 @@
 //! it), [`rows`] (a request row in any state, on any backend), [`polling`]
 //! (waiting for a condition with a deadline), [`daemon`] (a `taskrunnerd`
 //! from config parts, the CLI), [`servers`] (private database servers a
-//! test may stop), [`process`] (what `/proc` tells of processes). Every
+//! test may stop), [`process`] (what `/proc` tells of processes),
+//! [`proxy`] (a TCP proxy that loses an answer or goes silent). Every
 //! helper is re-exported here, so `crate::util::X` names it.
 
 #![allow(dead_code)]
@@ -15,6 +16,7 @@ pub mod daemon;
 pub mod db;
 pub mod polling;
 pub mod process;
+pub mod proxy;
 pub mod rows;
 pub mod servers;
 
@@ -22,6 +24,7 @@ pub use daemon::*;
 pub use db::*;
 pub use polling::*;
 pub use process::*;
+pub use proxy::*;
 pub use rows::*;
 pub use servers::*;
 

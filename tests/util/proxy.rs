@@ -1,0 +1,186 @@
+//! A TCP proxy in front of a test's database server that does to a
+//! connection what a network can do to it: lose an answer, or go silent for
+//! good while the connection stays open.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What the proxy does to the first connection (or the first few) it
+/// applies to.
+#[derive(Clone, Copy, Debug)]
+pub enum Fault {
+    /// Closes the first connection whose answer reports rows changed by an
+    /// UPDATE (PostgreSQL's `UPDATE n` with n > 0: a claim's `UPDATE …
+    /// RETURNING`, committed by then) instead of forwarding that answer.
+    DropUpdateAnswer,
+    /// Forwards the first client message that contains the text to the
+    /// server, then forwards nothing more either way on that connection
+    /// and keeps it open: a network that drops every packet while neither
+    /// end learns of it. The connection ends only when one end closes it.
+    Silence(&'static str),
+}
+
+/// The proxy; it runs until the test's runtime ends.
+pub struct Proxy {
+    /// `url` with the proxy's address in place of the server's.
+    pub url: String,
+    /// Faults still to happen.
+    left: Arc<AtomicUsize>,
+    times: usize,
+    /// Bumped by [`fail_over`](Self::fail_over): connections accepted
+    /// before go silent.
+    generation: Arc<AtomicUsize>,
+}
+
+impl Proxy {
+    /// A proxy that only forwards, until [`fail_over`](Self::fail_over).
+    pub async fn transparent(url: &str) -> Proxy {
+        Proxy::start_repeated(url, Fault::DropUpdateAnswer, 0).await
+    }
+
+    /// A proxy that does `fault` once.
+    pub async fn start(url: &str, fault: Fault) -> Proxy {
+        Proxy::start_repeated(url, fault, 1).await
+    }
+
+    /// A proxy that does `fault` `times` times, each to another connection.
+    pub async fn start_repeated(url: &str, fault: Fault, times: usize) -> Proxy {
+        let (scheme, rest) = url.split_once("://").expect("scheme:// in the URL");
+        let (user, rest) = match rest.split_once('@') {
+            Some((user, rest)) => (format!("{user}@"), rest),
+            None => (String::new(), rest),
+        };
+        let (server, path) = rest.split_once('/').expect("a database in the URL");
+        let server = server.to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let left = Arc::new(AtomicUsize::new(times));
+        let left_for_connections = left.clone();
+        let generation = Arc::new(AtomicUsize::new(0));
+        let generation_for_connections = generation.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let server = server.clone();
+                let left = left_for_connections.clone();
+                let generation = generation_for_connections.clone();
+                let born = generation.load(Ordering::SeqCst);
+                let outlived = move || generation.load(Ordering::SeqCst) > born;
+                tokio::spawn(async move {
+                    let Ok(upstream) = TcpStream::connect(&server).await else {
+                        return;
+                    };
+                    forward(client, upstream, fault, left, outlived).await;
+                });
+            }
+        });
+        Proxy {
+            url: format!("{scheme}://{user}127.0.0.1:{port}/{path}"),
+            left,
+            times,
+            generation,
+        }
+    }
+
+    /// Every connection open now goes silent for good, both ways, and stays
+    /// open; new ones work: a failover to another server, with no reset of
+    /// the old one's connections.
+    pub fn fail_over(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether the fault has happened (at least once).
+    pub fn tripped(&self) -> bool {
+        self.left.load(Ordering::SeqCst) < self.times
+    }
+
+    /// Whether the fault has happened as many times as asked.
+    pub fn done(&self) -> bool {
+        self.left.load(Ordering::SeqCst) == 0
+    }
+}
+
+/// Takes one of the faults `left`, if any is.
+fn take_one(left: &AtomicUsize) -> bool {
+    left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+/// Copies bytes both ways until either side ends, applying `fault` while
+/// faults are `left` (counted across all connections); forwards nothing
+/// once the connection has `outlived` a failover.
+async fn forward(
+    client: TcpStream,
+    upstream: TcpStream,
+    fault: Fault,
+    left: Arc<AtomicUsize>,
+    outlived: impl Fn() -> bool,
+) {
+    let silenced = AtomicBool::new(false);
+    let silent = || silenced.load(Ordering::SeqCst) || outlived();
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = upstream.into_split();
+    let to_server = async {
+        let mut buffer = vec![0u8; 64 * 1024];
+        while let Ok(n) = client_read.read(&mut buffer).await {
+            if n == 0 {
+                break;
+            }
+            if silent() {
+                continue;
+            }
+            if let Fault::Silence(needle) = fault {
+                if contains(&buffer[..n], needle.as_bytes()) && take_one(&left) {
+                    // Silent from before the message reaches the server:
+                    // its answer cannot slip through.
+                    silenced.store(true, Ordering::SeqCst);
+                }
+            }
+            if server_write.write_all(&buffer[..n]).await.is_err() {
+                break;
+            }
+        }
+    };
+    let to_client = async {
+        let mut buffer = vec![0u8; 64 * 1024];
+        while let Ok(n) = server_read.read(&mut buffer).await {
+            if n == 0 {
+                break;
+            }
+            if silent() {
+                continue;
+            }
+            if matches!(fault, Fault::DropUpdateAnswer)
+                && reports_updated_rows(&buffer[..n])
+                && take_one(&left)
+            {
+                // Drop the answer and the connection.
+                break;
+            }
+            if client_write.write_all(&buffer[..n]).await.is_err() {
+                break;
+            }
+        }
+    };
+    // The first direction to end closes both.
+    tokio::select! {
+        _ = to_server => {}
+        _ = to_client => {}
+    }
+}
+
+fn contains(bytes: &[u8], needle: &[u8]) -> bool {
+    bytes.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Whether server bytes hold a CommandComplete `UPDATE n` with n > 0.
+fn reports_updated_rows(bytes: &[u8]) -> bool {
+    bytes
+        .windows(8)
+        .any(|w| w.starts_with(b"UPDATE ") && (b'1'..=b'9').contains(&w[7]))
+}
