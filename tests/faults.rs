@@ -9,8 +9,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::util::{
-    cli, memory_kib, now_ns, process_exists, wait_until, zombie_children, Backend, Daemon, NewRow,
-    PrivateServer, TestDb,
+    cli, memory_kib, now_ns, process_exists, wait_until, zombie_children, Backend, Daemon, Fault,
+    NewRow, PrivateServer, Proxy, TestDb,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -677,6 +677,158 @@ async fn a_daemon_told_to_stop_while_its_database_does_not_answer_exits_soon(bac
         daemon.log_text()
     );
     assert!(daemon.log_text().contains("taskrunnerd stopped"));
+}
+
+multi_host_backends!(
+    a_claim_whose_connection_went_silent_is_given_up_and_its_row_runs,
+    an_outcome_whose_connection_went_silent_is_written_on_another,
+    a_daemon_row_heartbeat_gone_silent_does_not_stop_the_lease_renewals,
+    new_rows_start_without_waiting_for_the_poll_when_the_wakeup_connection_goes_silent,
+);
+
+/// A daemon whose database connections all go through a proxy that, at
+/// the first statement containing `needle`, goes silent on that
+/// connection for good (forwards the statement, then nothing either way,
+/// and keeps the connection open: a failover without a reset, a network
+/// that drops packets). Its calls are bounded by `lease_timeout` (3 s).
+async fn daemon_behind_a_silence(
+    db: &TestDb,
+    needle: &'static str,
+    times: usize,
+) -> (Daemon, Proxy) {
+    let proxy = Proxy::start_repeated(&db.url, Fault::Silence(needle), times).await;
+    let daemon = Daemon::start(
+        db,
+        "d",
+        &format!(
+            "database_url: {}\nheartbeat_interval: 500ms\nkill_grace: 1s\nlease_timeout: 3s\npoll_interval: 500ms\ntasks:\n  Short:\n    command: [/bin/true]\n  Long:\n    command: [/bin/sleep, '60']\n",
+            proxy.url
+        ),
+    );
+    (daemon, proxy)
+}
+
+// The claim's statement reached the server and its answer never came
+// back. The scheduler waited for it for ever (a kernel gives up on such a
+// connection after about 15 minutes; behind the proxy, never), so that no
+// row was claimed again while the daemon looked healthy. Now the call is
+// given up after `lease_timeout`, its connection closed, and the claim
+// made again on a new one; a row the lost claim took (PostgreSQL commits
+// it; MariaDB rolls it back when the connection closes) is given back
+// without counting a try. Five times in a row, more than the pool's four
+// connections: a connection given up on must leave the pool (sqlx's own
+// check of a returned connection would wait on it for ever).
+async fn a_claim_whose_connection_went_silent_is_given_up_and_its_row_runs(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let (mut daemon, proxy) = daemon_behind_a_silence(&db, "tries = tries + 1", 5).await;
+    let first = db.enqueue("Short", None).await;
+    wait_until(
+        Duration::from_secs(90),
+        "five claims' connections to go silent",
+        || proxy.done(),
+    );
+    let second = db.enqueue("Short", None).await;
+    for id in [first, second] {
+        let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+        assert_eq!(row.tries, 1, "{row:#?}");
+    }
+    let log = daemon.log_text();
+    assert!(log.contains("did not answer within 3s"), "{log}");
+    assert!(daemon.stop().success(), "{}", daemon.log_text());
+}
+
+// The same for the recorder: the write of an outcome waited for ever, and
+// its row stayed RUNNING, renewed by a living daemon.
+async fn an_outcome_whose_connection_went_silent_is_written_on_another(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let (mut daemon, proxy) = daemon_behind_a_silence(&db, "tries - ", 1).await;
+    let first = db.enqueue("Short", None).await;
+    wait_until(WAIT, "the outcome's connection to go silent", || {
+        proxy.tripped()
+    });
+    let second = db.enqueue("Short", None).await;
+    for id in [first, second] {
+        let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+        assert_eq!(row.tries, 1, "{row:#?}");
+    }
+    let log = daemon.log_text();
+    assert!(log.contains("did not answer within 3s"), "{log}");
+    assert!(daemon.stop().success(), "{}", daemon.log_text());
+}
+
+// The heartbeat renews the leases of the daemon's rows, then writes the
+// daemon's own row in task_runner_daemons. That second write had no bound:
+// gone silent, it held the heartbeat for ever, so that leases lapsed under
+// running tasks and the daemon never fenced itself off (another daemon
+// could take such a row over while its task ran). A cancel, which the
+// heartbeat reads, shows whether it still runs.
+async fn a_daemon_row_heartbeat_gone_silent_does_not_stop_the_lease_renewals(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let (mut daemon, proxy) =
+        daemon_behind_a_silence(&db, "task_runner_daemons SET heartbeat_at", 1).await;
+    let id = db.enqueue("Long", None).await;
+    db.wait_for_pid(id, WAIT).await;
+    wait_until(WAIT, "the daemon row's heartbeat to go silent", || {
+        proxy.tripped()
+    });
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET cancel_requested_at = created_at WHERE id = {id}"
+    ))
+    .await;
+    let row = db.wait_for_state(id, "CANCELLED", WAIT).await;
+    assert_eq!(row.tries, 1, "{row:#?}");
+    assert!(daemon.stop().success(), "{}", daemon.log_text());
+}
+
+// The connection that tells the daemon of new rows goes silent: on
+// PostgreSQL its LISTEN, on MariaDB its check for new rows (as after a
+// failover to another server with no reset of the old one's connections,
+// or behind a network that drops packets). Either waited for ever, so that
+// new rows waited for the poll (here a minute) instead of starting at
+// once. Now either is given up after `lease_timeout` and made again on a
+// new connection; and the LISTEN connection, once listening, is asked every
+// 10 s whether it still answers.
+async fn new_rows_start_without_waiting_for_the_poll_when_the_wakeup_connection_goes_silent(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let needle = match backend {
+        Backend::Postgres => "LISTEN",
+        _ => "max(id) FROM task_runner_flows",
+    };
+    let proxy = Proxy::start(&db.url, Fault::Silence(needle)).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "database_url: {}\nheartbeat_interval: 500ms\nkill_grace: 1s\nlease_timeout: 3s\npoll_interval: 60s\ntasks:\n  Short:\n    command: [/bin/true]\n",
+            proxy.url
+        ),
+    );
+    wait_until(WAIT, "the wake-up connection to go silent", || {
+        proxy.tripped()
+    });
+    // The scheduler's first pass is over (it claimed nothing): from now on
+    // only a wake-up or the poll starts a row.
+    let config = daemon.config.to_string_lossy().into_owned();
+    wait_until(WAIT, "the scheduler to wait for its next poll", || {
+        let (code, out, _) = cli(&db, &["--config", &config, "status", "--json"]);
+        code == 0
+            && serde_json::from_str::<serde_json::Value>(&out).is_ok_and(|status| {
+                status["next_poll_in_seconds"]
+                    .as_f64()
+                    .is_some_and(|next| next > 30.0)
+            })
+    });
+    let silent = Instant::now();
+    let id = db.enqueue("Short", None).await;
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    println!(
+        "the row inserted after the wake-up connection went silent ran {:.1}s later",
+        silent.elapsed().as_secs_f64()
+    );
+    assert_eq!(row.tries, 1, "{row:#?}");
+    assert!(daemon.stop().success(), "{}", daemon.log_text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -80,6 +80,7 @@ pub async fn run(
     let store = Store::open(&config.database_url, Purpose::Daemon)?;
     store.set_hooks(config.hooks());
     store.set_max_options(config.max_options);
+    store.set_answer_bound(config.lease_timeout);
     let health = Arc::new(Health::default());
     if !options.no_migrate {
         let mut backoff = Backoff::default();
@@ -606,6 +607,7 @@ impl Reloader {
                 let names = registry.names(&config).join(", ");
                 self.store.set_hooks(config.hooks());
                 self.store.set_max_options(config.max_options);
+                self.store.set_answer_bound(config.lease_timeout);
                 self.setup.send_replace(Setup::new(config, registry));
                 // Preloaded programs boot again with the new config at their next try.
                 self.spawner.retire_preloaded().await;

@@ -54,7 +54,8 @@ impl Cron {
             if last_cleanup.is_none_or(|at| at.elapsed() > Duration::from_secs(600)) {
                 last_cleanup = Some(std::time::Instant::now());
                 for name in config.schedules.keys() {
-                    if let Err(error) = self.store.forget_old_slots(name).await {
+                    if let Err(error) = self.store.answered(self.store.forget_old_slots(name)).await
+                    {
                         tracing::debug!(schedule = %name, "forgetting old slots: {error:#}");
                     }
                 }
@@ -72,20 +73,18 @@ impl Cron {
         schedules: &std::collections::BTreeMap<String, Schedule>,
         first_seen: &mut std::collections::HashMap<String, DateTime<Utc>>,
     ) -> Result<Duration> {
-        let now = from_epoch_seconds(self.store.database_now().await?);
+        let now = from_epoch_seconds(self.store.answered(self.store.database_now()).await?);
         let mut next_due: Option<DateTime<Utc>> = None;
         let mut enqueued = false;
         for (name, schedule) in schedules {
-            let after = match self.store.last_slot(name).await? {
+            let after = match self.store.answered(self.store.last_slot(name)).await? {
                 Some(seconds) => from_epoch_seconds(seconds),
                 None => *first_seen.entry(name.clone()).or_insert(now),
             };
             for slot in schedule.when.due_slots(after, now, schedule.catch_up) {
-                if let Some(id) = self
-                    .store
-                    .enqueue_slot(name, &slot_text(slot), schedule)
-                    .await?
-                {
+                let text = slot_text(slot);
+                let enqueue = self.store.enqueue_slot(name, &text, schedule);
+                if let Some(id) = self.store.answered(enqueue).await? {
                     enqueued = true;
                     tracing::info!(schedule = %name, slot = %slot_text(slot), request = %id, "enqueued a scheduled request");
                 }

@@ -122,7 +122,13 @@ impl Heartbeat {
             self.write_progress();
             // The daemon's own row, for the web page only.
             let running = self.tries.len();
-            if let Err(error) = self.store.daemon_heartbeat(&self.instance, running).await {
+            let renewal = tokio::time::timeout(
+                config.heartbeat_interval.max(Duration::from_secs(1)),
+                self.store.daemon_heartbeat(&self.instance, running),
+            )
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the statement timed out")));
+            if let Err(error) = renewal {
                 tracing::debug!(
                     "could not renew this daemon's row in task_runner_daemons: {error:#}"
                 );

@@ -30,15 +30,14 @@ impl Reaper {
         let mut backoff = Backoff::default();
         loop {
             let config = Setup::current_config(&self.setup);
-            let pause = match reap(
+            let pass = reap(
                 &self.store,
                 &config.host_id,
                 &self.instance,
                 config.lease_timeout,
                 false,
-            )
-            .await
-            {
+            );
+            let pause = match self.store.answered(pass).await {
                 Ok(reaped) => {
                     self.health.succeeded("reaping crashed tasks");
                     self.metrics.reaped(reaped.len());

@@ -171,12 +171,20 @@ impl Writer {
     /// Applies one batch in one transaction, retrying through an outage.
     async fn apply(&self, batch: &[Write]) {
         let mut backoff = Backoff::default();
+        // A failed call may have committed before its answer was lost: a
+        // write it applied matches no row the next time.
+        let mut failed_before = false;
         loop {
-            match self.store.record(batch).await {
+            match self.store.answered(self.store.record(batch)).await {
                 Ok(applied) => {
                     self.health.succeeded(RECORDING);
                     for (write, applied) in batch.iter().zip(applied) {
-                        if !applied {
+                        if !applied && failed_before {
+                            tracing::info!(
+                                request = %write.id(),
+                                "not recorded again: written by the call whose answer was lost, or the row was reaped or taken over meanwhile"
+                            );
+                        } else if !applied {
                             tracing::warn!(
                                 request = %write.id(),
                                 "not recorded: the row is no longer this try's claim (reaped or taken over)"
@@ -187,6 +195,7 @@ impl Writer {
                     return;
                 }
                 Err(error) => {
+                    failed_before = true;
                     let results = batch
                         .iter()
                         .filter(|w| matches!(w, Write::Outcome(_)))

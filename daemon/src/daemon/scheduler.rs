@@ -247,7 +247,7 @@ impl Scheduler {
     /// Ends batches that only a plain-SQL write left unended (see
     /// `Store::repair_batches`); a callback it creates is claimed at once.
     async fn repair_batches(&self) {
-        match self.store.repair_batches().await {
+        match self.store.answered(self.store.repair_batches()).await {
             Ok(0) => self.health.succeeded("repairing batches"),
             Ok(repaired) => {
                 self.health.succeeded("repairing batches");
@@ -268,7 +268,7 @@ impl Scheduler {
     async fn take_and_repair_flows(&self) {
         let config = Setup::current_config(&self.setup);
         let flows = self.setup.borrow().registry.flows(&config);
-        match self.store.take_flows(&flows).await {
+        match self.store.answered(self.store.take_flows(&flows)).await {
             Ok(taken) => {
                 self.health.succeeded("taking flows");
                 if taken > 0 {
@@ -277,7 +277,7 @@ impl Scheduler {
             }
             Err(error) => self.health.failed("taking flows", &error),
         }
-        match self.store.repair_flows().await {
+        match self.store.answered(self.store.repair_flows()).await {
             Ok(0) => self.health.succeeded("repairing flows"),
             Ok(repaired) => {
                 self.health.succeeded("repairing flows");
@@ -339,7 +339,9 @@ impl Scheduler {
             };
             let want = room.min(budget);
             if want > 0 {
-                let rows = store.claim_filtered(by, want, &filter).await?;
+                let rows = store
+                    .answered(store.claim_filtered(by, want, &filter))
+                    .await?;
                 all_filled &= rows.len() == want;
                 room -= rows.len();
                 budget -= rows.len();
@@ -355,7 +357,9 @@ impl Scheduler {
                     task: Some(task),
                     ..filter.clone()
                 };
-                let rows = store.claim_limited(by, want, &filter, *limit).await?;
+                let rows = store
+                    .answered(store.claim_limited(by, want, &filter, *limit))
+                    .await?;
                 room -= rows.len();
                 budget -= rows.len();
                 slots -= rows.len();
@@ -368,7 +372,11 @@ impl Scheduler {
     /// When the earliest delayed row comes due (never later than an hour, so a
     /// clock step cannot park us).
     async fn next_delay(&self) -> Option<Instant> {
-        match self.store.seconds_until_next_delay().await {
+        match self
+            .store
+            .answered(self.store.seconds_until_next_delay())
+            .await
+        {
             Ok(Some(seconds)) => {
                 self.health.succeeded("looking for delayed requests");
                 let seconds = seconds.clamp(0.0, 3600.0);

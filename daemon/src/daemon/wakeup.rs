@@ -74,6 +74,12 @@ const RECHECKS: [Duration; 14] = {
 /// within 200 ms at worst, 50 ms on average.
 pub(crate) const MYSQL_CHECK: Duration = Duration::from_millis(100);
 
+/// PostgreSQL: how often the LISTEN connection is asked whether it still
+/// answers. A connection whose server went away without a word (a failover
+/// without a reset, a network that drops packets) delivers no notification
+/// and reports no error; given up (see `Store::answered`), it is replaced.
+const LISTEN_CHECK: Duration = Duration::from_secs(10);
+
 /// Wakes the scheduler when others add rows (see the module's doc).
 pub(super) struct Wakeup {
     pub(super) store: Store,
@@ -119,7 +125,8 @@ impl Wakeup {
                       ORDER BY claim_rank, id LIMIT 1), \
                     (SELECT max(id) FROM task_runner_flows)",
             );
-            match check.fetch_one(&pool).await {
+            let check = async { Ok(check.fetch_one(&pool).await?) };
+            match self.store.answered(check).await {
                 Ok(seen) => {
                     // The first check wakes too: rows may have arrived between
                     // the scheduler's first claim and this check.
@@ -154,12 +161,19 @@ impl Wakeup {
                     }
                 }
             };
-            if listener.listen(CHANNEL).await.is_err() {
-                continue;
+            let listen = async { Ok(listener.listen(CHANNEL).await?) };
+            if let Err(error) = self.store.answered(listen).await {
+                tracing::debug!("LISTEN failed: {error:#}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                    _ = stop.cancelled() => return,
+                }
             }
             backoff.reset();
             // Rows may have arrived while we were not listening.
             self.wake.notify_one();
+            let mut check = tokio::time::interval_at(Instant::now() + LISTEN_CHECK, LISTEN_CHECK);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     notification = listener.try_recv() => match notification {
@@ -167,6 +181,14 @@ impl Wakeup {
                         // The connection dropped: the poll covers the gap, and we reconnect.
                         Ok(None) | Err(_) => break,
                     },
+                    _ = check.tick() => {
+                        self.store.count_statements(1);
+                        let ping = async { Ok(sqlx::query("SELECT 1").execute(&mut listener).await?) };
+                        if let Err(error) = self.store.answered(ping).await {
+                            tracing::info!("the LISTEN connection failed its check ({error:#}): listening on a new one");
+                            break;
+                        }
+                    }
                     _ = stop.cancelled() => return,
                 }
             }

@@ -94,6 +94,10 @@ pub struct Store {
     /// PostgreSQL, the daemon: a connection for claims of one queue or task
     /// type, planned for their values (see `Store::claim_pool`).
     queue_claims: Option<sqlx::PgPool>,
+    /// How long a server may take to answer one of the daemon's calls
+    /// before the call is given up (see [`Store::answered`]), in
+    /// milliseconds; 0 until the daemon sets it.
+    answer_bound: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Runs `$body` with `$pool` bound to the backend's own pool type. The body is

@@ -159,6 +159,7 @@ impl Store {
                 MySqlPoolOptions::new()
                     .max_connections(if purpose == Purpose::Daemon { 4 } else { 2 })
                     .acquire_timeout(Duration::from_secs(5))
+                    .after_release(|connection, _| release_check(connection))
                     .after_connect(|connection, _| {
                         Box::pin(async move { mysql::configure_session(connection).await })
                     })
@@ -170,7 +171,8 @@ impl Store {
                 .application_name("taskrunner");
             let pool = PgPoolOptions::new()
                 .max_connections(if purpose == Purpose::Daemon { 4 } else { 2 })
-                .acquire_timeout(Duration::from_secs(5));
+                .acquire_timeout(Duration::from_secs(5))
+                .after_release(|connection, _| release_check(connection));
             // The daemon's own statements are written for one plan each; the
             // web page's and the CLI's filters are not (see `generic_plans`).
             let pool = if purpose == Purpose::Daemon {
@@ -181,6 +183,7 @@ impl Store {
                     PgPoolOptions::new()
                         .max_connections(1)
                         .acquire_timeout(Duration::from_secs(5))
+                        .after_release(|connection, _| release_check(connection))
                         .connect_lazy_with(options.clone()),
                 );
                 pool.after_connect(|connection, _| {
@@ -201,9 +204,96 @@ impl Store {
             max_options: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
             lock_retries: Default::default(),
             queue_claims,
+            answer_bound: Default::default(),
         })
     }
 
+    /// How long a PostgreSQL or MariaDB/MySQL server may take to answer
+    /// one of the daemon's calls made through [`Store::answered`] (the
+    /// daemon sets its `lease_timeout`, at start and on reload).
+    pub(crate) fn set_answer_bound(&self, bound: Duration) {
+        let millis = u64::try_from(bound.as_millis()).unwrap_or(u64::MAX);
+        self.answer_bound
+            .store(millis, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `call`, given up as failed ([`NoAnswer`]) if a PostgreSQL or
+    /// MariaDB/MySQL server has not answered it within the bound set by
+    /// [`set_answer_bound`](Self::set_answer_bound). A connection whose
+    /// peer went away without a word (a failover without a reset, a
+    /// network that drops packets) waits for ever, or until the kernel
+    /// gives up on it a quarter of an hour later: given up, the call's
+    /// connection is closed (see [`release_check`]) and the caller retries
+    /// on a new one. SQLite is not bounded: its waits are for locks, which
+    /// `busy_timeout` bounds already.
+    ///
+    /// Every call given up this way is one transaction or several, each
+    /// whole or not at all, and every write in them is fenced by a claim
+    /// token or keyed by its cause, so that the caller's retry applies
+    /// nothing twice; a claim whose answer was lost leaves rows this daemon
+    /// holds but never started, which its heartbeat gives back.
+    pub(crate) async fn answered<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let millis = self.answer_bound.load(std::sync::atomic::Ordering::Relaxed);
+        if millis == 0 || self.backend() == super::Backend::Sqlite {
+            return call.await;
+        }
+        let bound = Duration::from_millis(millis);
+        tokio::time::timeout(bound, call)
+            .await
+            .unwrap_or_else(|_| Err(NoAnswer(bound).into()))
+    }
+}
+
+/// A call the database did not answer within its bound (`lease_timeout`).
+#[derive(Debug)]
+struct NoAnswer(Duration);
+
+impl std::fmt::Display for NoAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the database did not answer within {} (lease_timeout): the call is given up and its connection closed",
+            crate::units::format_duration(self.0)
+        )
+    }
+}
+
+impl std::error::Error for NoAnswer {}
+
+/// How long a connection coming back to a PostgreSQL or MariaDB/MySQL pool
+/// may take to answer the check made then.
+const RELEASE_CHECK: Duration = Duration::from_secs(5);
+
+/// The check of a connection coming back to its pool, bounded: a call given
+/// up mid-way ([`Store::answered`], or a service stopped at shutdown)
+/// leaves its connection waiting for an answer, and sqlx's own check
+/// (a ping, once this one returns) would wait for ever for a peer that
+/// went away without a word, holding one of the pool's few places. A
+/// connection that does not answer within [`RELEASE_CHECK`] is closed.
+fn release_check<C: sqlx::Connection>(
+    connection: &mut C,
+) -> std::pin::Pin<
+    Box<dyn std::future::Future<Output = std::result::Result<bool, sqlx::Error>> + Send + '_>,
+> {
+    Box::pin(async move {
+        tokio::time::timeout(RELEASE_CHECK, connection.ping())
+            .await
+            .map_err(|_| {
+                // An error, not `false`: sqlx then closes the connection
+                // without the goodbye a graceful close would wait on.
+                sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "a connection given up on did not answer when it came back to the pool",
+                ))
+            })??;
+        Ok(true)
+    })
+}
+
+impl Store {
     /// Statements sent so far by the daemon's own work (see the field).
     pub fn statements_sent(&self) -> u64 {
         self.statements.load(std::sync::atomic::Ordering::Relaxed)
