@@ -831,6 +831,75 @@ async fn new_rows_start_without_waiting_for_the_poll_when_the_wakeup_connection_
     assert!(daemon.stop().success(), "{}", daemon.log_text());
 }
 
+/// PostgreSQL's LISTEN connection, once listening, goes silent with every
+/// other connection the daemon holds: the database failed over to another
+/// server and nothing reset the old one's connections. No notification
+/// came any more and nothing reported an error, so that new rows waited for
+/// the poll (here two minutes). Now the LISTEN connection is pinged every
+/// 10 s and, silent for 5 s, replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_connection_gone_silent_after_a_failover_is_replaced() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let proxy = Proxy::transparent(&db.url).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "database_url: {}\nheartbeat_interval: 10s\nkill_grace: 1s\nlease_timeout: 12s\npoll_interval: 120s\nreap_interval: 120s\ntasks:\n  Short:\n    command: [/bin/true]\n",
+            proxy.url
+        ),
+    );
+    db.wait_for_count(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'taskrunner' \
+          AND state = 'idle' AND query LIKE 'LISTEN%'",
+        1,
+        WAIT,
+    )
+    .await;
+    // Nothing under way: no statement sent for a second (the scheduler has
+    // made its passes and waits for the poll or a notification).
+    let config = daemon.config.to_string_lossy().into_owned();
+    let mut last: Option<(u64, Instant)> = None;
+    wait_until(WAIT, "the daemon to send nothing for a second", || {
+        let (code, out, _) = cli(&db, &["--config", &config, "status", "--json"]);
+        let Some(sent) = (code == 0)
+            .then(|| serde_json::from_str::<serde_json::Value>(&out).ok())
+            .flatten()
+            .and_then(|status| status["database_statements"].as_u64())
+        else {
+            return false;
+        };
+        match last {
+            Some((before, since)) if before == sent => since.elapsed() >= Duration::from_secs(1),
+            _ => {
+                last = Some((sent, Instant::now()));
+                false
+            }
+        }
+    });
+    proxy.fail_over();
+    let failed_over = Instant::now();
+    let id = db.enqueue("Short", None).await;
+    let row = db
+        .wait_for_state(id, "FINISHED", Duration::from_secs(90))
+        .await;
+    let took = failed_over.elapsed();
+    println!(
+        "the row inserted after the failover ran {:.1}s later",
+        took.as_secs_f64()
+    );
+    assert_eq!(row.tries, 1, "{row:#?}");
+    assert!(took < Duration::from_secs(60), "{}", daemon.log_text());
+    assert!(
+        daemon
+            .log_text()
+            .contains("the LISTEN connection failed its check"),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(daemon.stop().success(), "{}", daemon.log_text());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_held_locked_delays_outcomes_without_losing_them() {
     let db = TestDb::new(Backend::Sqlite).await;

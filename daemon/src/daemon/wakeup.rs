@@ -74,10 +74,10 @@ const RECHECKS: [Duration; 14] = {
 /// within 200 ms at worst, 50 ms on average.
 pub(crate) const MYSQL_CHECK: Duration = Duration::from_millis(100);
 
-/// PostgreSQL: how often the LISTEN connection is asked whether it still
-/// answers. A connection whose server went away without a word (a failover
-/// without a reset, a network that drops packets) delivers no notification
-/// and reports no error; given up (see `Store::answered`), it is replaced.
+/// PostgreSQL: how often the LISTEN connection is pinged. A connection
+/// whose server went away without a word (a failover without a reset, a
+/// network that drops packets) delivers no notification and reports no
+/// error; one that does not answer the ping in 5 s is replaced.
 const LISTEN_CHECK: Duration = Duration::from_secs(10);
 
 /// Wakes the scheduler when others add rows (see the module's doc).
@@ -183,9 +183,17 @@ impl Wakeup {
                     },
                     _ = check.tick() => {
                         self.store.count_statements(1);
-                        let ping = async { Ok(sqlx::query("SELECT 1").execute(&mut listener).await?) };
-                        if let Err(error) = self.store.answered(ping).await {
-                            tracing::info!("the LISTEN connection failed its check ({error:#}): listening on a new one");
+                        let ping = sqlx::query("SELECT 1").execute(&mut listener);
+                        let failed = match tokio::time::timeout(crate::store::PING_BOUND, ping).await {
+                            Ok(Ok(_)) => None,
+                            Ok(Err(error)) => Some(error.to_string()),
+                            Err(_) => Some(format!(
+                                "no answer within {}",
+                                format_duration(crate::store::PING_BOUND)
+                            )),
+                        };
+                        if let Some(error) = failed {
+                            tracing::info!("the LISTEN connection failed its check ({error}): listening on a new one");
                             break;
                         }
                     }

@@ -52,7 +52,7 @@ pub use claims::Claimant;
 pub(crate) use housekeeping::Prunable;
 use plumbing::{begin_write, MIGRATIONS_TABLE};
 pub use plumbing::{Migration, Purpose};
-pub(crate) use plumbing::{SchemaMismatch, SideConnection};
+pub(crate) use plumbing::{SchemaMismatch, SideConnection, PING_BOUND};
 use rows::{request_from_row, RowExt};
 pub(crate) use tries::Held;
 pub use tries::{Outcome, Write};

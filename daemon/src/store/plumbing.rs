@@ -263,32 +263,44 @@ impl std::fmt::Display for NoAnswer {
 
 impl std::error::Error for NoAnswer {}
 
-/// How long a connection coming back to a PostgreSQL or MariaDB/MySQL pool
-/// may take to answer the check made then.
-const RELEASE_CHECK: Duration = Duration::from_secs(5);
+/// How long a PostgreSQL or MariaDB/MySQL connection may take to answer a
+/// ping: when it comes back to the pool, and (the LISTEN connection) now
+/// and then.
+pub(crate) const PING_BOUND: Duration = Duration::from_secs(5);
+
+/// Pings `connection`; an error if it does not answer within
+/// [`PING_BOUND`].
+async fn answers_ping<C: sqlx::Connection>(
+    connection: &mut C,
+) -> std::result::Result<(), sqlx::Error> {
+    tokio::time::timeout(PING_BOUND, connection.ping())
+        .await
+        .map_err(|_| {
+            sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the connection did not answer a ping within {}",
+                    crate::units::format_duration(PING_BOUND)
+                ),
+            ))
+        })?
+}
 
 /// The check of a connection coming back to its pool, bounded: a call given
 /// up mid-way ([`Store::answered`], or a service stopped at shutdown)
 /// leaves its connection waiting for an answer, and sqlx's own check
 /// (a ping, once this one returns) would wait for ever for a peer that
 /// went away without a word, holding one of the pool's few places. A
-/// connection that does not answer within [`RELEASE_CHECK`] is closed.
+/// connection that does not answer within [`PING_BOUND`] is closed (an
+/// error, not `false`: sqlx then closes it without the goodbye a graceful
+/// close would wait on).
 fn release_check<C: sqlx::Connection>(
     connection: &mut C,
 ) -> std::pin::Pin<
     Box<dyn std::future::Future<Output = std::result::Result<bool, sqlx::Error>> + Send + '_>,
 > {
     Box::pin(async move {
-        tokio::time::timeout(RELEASE_CHECK, connection.ping())
-            .await
-            .map_err(|_| {
-                // An error, not `false`: sqlx then closes the connection
-                // without the goodbye a graceful close would wait on.
-                sqlx::Error::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "a connection given up on did not answer when it came back to the pool",
-                ))
-            })??;
+        answers_ping(connection).await?;
         Ok(true)
     })
 }
