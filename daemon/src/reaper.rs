@@ -40,7 +40,10 @@ pub(crate) async fn reap(
     // A process of this host that still runs keeps its row even with a stale
     // heartbeat (its daemon may only have lost the database for a while).
     let mut alive_here = Vec::new();
-    for row in store.running_on_host(host, own_instance).await? {
+    for row in store
+        .answered(store.running_on_host(host, own_instance))
+        .await?
+    {
         let identity = Identity {
             pid: row.pid,
             boot_id: row.boot_id.clone(),
@@ -81,7 +84,7 @@ pub(crate) async fn reap(
             }
             if dry_run
                 || store
-                    .mark_crashed(row.id, row.claim_token.as_ref(), &reason)
+                    .answered(store.mark_crashed(row.id, row.claim_token.as_ref(), &reason))
                     .await?
             {
                 reaped.push(Reaped { id: row.id, reason });
@@ -90,7 +93,10 @@ pub(crate) async fn reap(
     }
     // Rows whose task never started (claimed ahead, or ended before its pid
     // was written): their daemon's own process identity tells.
-    for (id, claim_token, claimed_by) in store.unstarted_on_host(host, own_instance).await? {
+    for (id, claim_token, claimed_by) in store
+        .answered(store.unstarted_on_host(host, own_instance))
+        .await?
+    {
         let Some(holder) = crate::instance::InstanceId::holder_identity(&claimed_by) else {
             continue;
         };
@@ -108,13 +114,16 @@ pub(crate) async fn reap(
         );
         if dry_run
             || store
-                .mark_crashed(id, claim_token.as_ref(), &reason)
+                .answered(store.mark_crashed(id, claim_token.as_ref(), &reason))
                 .await?
         {
             reaped.push(Reaped { id, reason });
         }
     }
-    for row in store.lapsed_leases(lease_timeout, own_instance).await? {
+    for row in store
+        .answered(store.lapsed_leases(lease_timeout, own_instance))
+        .await?
+    {
         if alive_here.contains(&row.id) || reaped.iter().any(|r: &Reaped| r.id == row.id) {
             continue;
         }
@@ -126,7 +135,7 @@ pub(crate) async fn reap(
         );
         if dry_run
             || store
-                .mark_crashed(row.id, row.claim_token.as_ref(), &reason)
+                .answered(store.mark_crashed(row.id, row.claim_token.as_ref(), &reason))
                 .await?
         {
             reaped.push(Reaped { id: row.id, reason });

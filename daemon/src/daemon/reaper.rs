@@ -30,14 +30,15 @@ impl Reaper {
         let mut backoff = Backoff::default();
         loop {
             let config = Setup::current_config(&self.setup);
-            let pass = reap(
+            let pause = match reap(
                 &self.store,
                 &config.host_id,
                 &self.instance,
                 config.lease_timeout,
                 false,
-            );
-            let pause = match self.store.answered(pass).await {
+            )
+            .await
+            {
                 Ok(reaped) => {
                     self.health.succeeded("reaping crashed tasks");
                     self.metrics.reaped(reaped.len());
