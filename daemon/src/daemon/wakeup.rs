@@ -194,6 +194,7 @@ impl Wakeup {
                         };
                         if let Some(error) = failed {
                             tracing::info!("the LISTEN connection failed its check ({error}): listening on a new one");
+                            self.store.giving_up_on_a_connection();
                             break;
                         }
                     }

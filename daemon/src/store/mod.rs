@@ -98,6 +98,8 @@ pub struct Store {
     /// before the call is given up (see [`Store::answered`]), in
     /// milliseconds; 0 until the daemon sets it.
     answer_bound: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// When a call was last given up (see [`plumbing::GaveUp`]).
+    gave_up: plumbing::GaveUp,
 }
 
 /// Runs `$body` with `$pool` bound to the backend's own pool type. The body is

@@ -115,6 +115,7 @@ impl Store {
     pub fn open(url: &str, purpose: Purpose) -> Result<Store> {
         let display_url = url::redact_url(url);
         let mut queue_claims = None;
+        let gave_up = GaveUp::default();
         let pool = if url.starts_with("sqlite:") {
             if let Some(path) = diagnose::sqlite_path(url) {
                 diagnose::check_sqlite_access(&path, purpose)?;
@@ -159,7 +160,7 @@ impl Store {
                 MySqlPoolOptions::new()
                     .max_connections(if purpose == Purpose::Daemon { 4 } else { 2 })
                     .acquire_timeout(Duration::from_secs(5))
-                    .after_release(|connection, _| release_check(connection))
+                    .after_release(gave_up.release_check())
                     .after_connect(|connection, _| {
                         Box::pin(async move { mysql::configure_session(connection).await })
                     })
@@ -172,7 +173,7 @@ impl Store {
             let pool = PgPoolOptions::new()
                 .max_connections(if purpose == Purpose::Daemon { 4 } else { 2 })
                 .acquire_timeout(Duration::from_secs(5))
-                .after_release(|connection, _| release_check(connection));
+                .after_release(gave_up.release_check());
             // The daemon's own statements are written for one plan each; the
             // web page's and the CLI's filters are not (see `generic_plans`).
             let pool = if purpose == Purpose::Daemon {
@@ -183,7 +184,7 @@ impl Store {
                     PgPoolOptions::new()
                         .max_connections(1)
                         .acquire_timeout(Duration::from_secs(5))
-                        .after_release(|connection, _| release_check(connection))
+                        .after_release(gave_up.release_check())
                         .connect_lazy_with(options.clone()),
                 );
                 pool.after_connect(|connection, _| {
@@ -205,6 +206,7 @@ impl Store {
             lock_retries: Default::default(),
             queue_claims,
             answer_bound: Default::default(),
+            gave_up,
         })
     }
 
@@ -223,8 +225,8 @@ impl Store {
     /// peer went away without a word (a failover without a reset, a
     /// network that drops packets) waits for ever, or until the kernel
     /// gives up on it a quarter of an hour later: given up, the call's
-    /// connection is closed (see [`release_check`]) and the caller retries
-    /// on a new one. SQLite is not bounded: its waits are for locks, which
+    /// connection is closed (see [`GaveUp`]) and the caller retries on a
+    /// new one. SQLite is not bounded: its waits are for locks, which
     /// `busy_timeout` bounds already.
     ///
     /// Every call given up this way is one transaction or several, each
@@ -241,9 +243,21 @@ impl Store {
             return call.await;
         }
         let bound = Duration::from_millis(millis);
-        tokio::time::timeout(bound, call)
-            .await
-            .unwrap_or_else(|_| Err(NoAnswer(bound).into()))
+        tokio::pin!(call);
+        tokio::select! {
+            done = &mut call => done,
+            _ = tokio::time::sleep(bound) => {
+                // Before `call` is dropped, and its connection with it.
+                self.gave_up.now();
+                Err(NoAnswer(bound).into())
+            }
+        }
+    }
+
+    /// A connection of the daemon's is about to be dropped in the middle
+    /// of a call that got no answer: see [`GaveUp`].
+    pub(crate) fn giving_up_on_a_connection(&self) {
+        self.gave_up.now();
     }
 }
 
@@ -286,23 +300,58 @@ async fn answers_ping<C: sqlx::Connection>(
         })?
 }
 
-/// The check of a connection coming back to its pool, bounded: a call given
-/// up mid-way ([`Store::answered`], or a service stopped at shutdown)
-/// leaves its connection waiting for an answer, and sqlx's own check
-/// (a ping, once this one returns) would wait for ever for a peer that
-/// went away without a word, holding one of the pool's few places. A
-/// connection that does not answer within [`PING_BOUND`] is closed (an
-/// error, not `false`: sqlx then closes it without the goodbye a graceful
-/// close would wait on).
-fn release_check<C: sqlx::Connection>(
-    connection: &mut C,
-) -> std::pin::Pin<
-    Box<dyn std::future::Future<Output = std::result::Result<bool, sqlx::Error>> + Send + '_>,
-> {
-    Box::pin(async move {
-        answers_ping(connection).await?;
-        Ok(true)
-    })
+/// When the daemon last gave up on a call (see [`Store::answered`]). A
+/// connection dropped in the middle of a call comes back to its pool
+/// waiting for an answer, and sqlx's own check of it then (a ping) would
+/// wait for ever for a peer that went away without a word, holding one of
+/// the pool's few places. So for a while after a call was given up, each
+/// connection coming back is first pinged with a bound, and closed if it
+/// does not answer within [`PING_BOUND`] (an error, not `false`: sqlx then
+/// closes it without the goodbye a graceful close would wait on). At other
+/// times this check costs nothing: it would be one more round trip for
+/// every connection's every return (about a tenth more daemon CPU per task
+/// on PostgreSQL at `max_concurrent` 2).
+#[derive(Clone, Default)]
+pub(super) struct GaveUp(std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>);
+
+/// What [`GaveUp::release_check`] answers for a connection: whether to keep it.
+type ReleaseCheck<'c> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = std::result::Result<bool, sqlx::Error>> + Send + 'c>,
+>;
+
+impl GaveUp {
+    /// How long after a call was given up returned connections are checked.
+    const CHECKED_FOR: Duration = Duration::from_secs(30);
+
+    fn now(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+    }
+
+    fn recently(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at.elapsed() < Self::CHECKED_FOR)
+    }
+
+    /// The pool's `after_release` hook.
+    fn release_check<C: sqlx::Connection>(
+        &self,
+    ) -> impl for<'c> Fn(&'c mut C, sqlx::pool::PoolConnectionMetadata) -> ReleaseCheck<'c>
+           + Send
+           + Sync
+           + 'static {
+        let gave_up = self.clone();
+        move |connection, _| {
+            let check = gave_up.recently();
+            Box::pin(async move {
+                if check {
+                    answers_ping(connection).await?;
+                }
+                Ok(true)
+            })
+        }
+    }
 }
 
 impl Store {
