@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use taskrunner::request::RequestId;
 
 use crate::util::{
     cli, memory_kib, now_ns, process_exists, wait_until, zombie_children, Backend, Daemon, Fault,
@@ -708,6 +709,19 @@ async fn daemon_behind_a_silence(
     (daemon, proxy)
 }
 
+/// `first`, enqueued before the silence, and a row enqueued after it both
+/// end FINISHED after one try, and the log names the call given up.
+async fn rows_before_and_after_run_once(db: &TestDb, mut daemon: Daemon, first: RequestId) {
+    let second = db.enqueue("Short", None).await;
+    for id in [first, second] {
+        let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+        assert_eq!(row.tries, 1, "{row:#?}");
+    }
+    let log = daemon.log_text();
+    assert!(log.contains("did not answer within 3s"), "{log}");
+    assert!(daemon.stop().success(), "{}", daemon.log_text());
+}
+
 // The claim's statement reached the server and its answer never came
 // back. The scheduler waited for it for ever (a kernel gives up on such a
 // connection after about 15 minutes; behind the proxy, never), so that no
@@ -720,40 +734,26 @@ async fn daemon_behind_a_silence(
 // check of a returned connection would wait on it for ever).
 async fn a_claim_whose_connection_went_silent_is_given_up_and_its_row_runs(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let (mut daemon, proxy) = daemon_behind_a_silence(&db, "tries = tries + 1", 5).await;
+    let (daemon, proxy) = daemon_behind_a_silence(&db, "tries = tries + 1", 5).await;
     let first = db.enqueue("Short", None).await;
     wait_until(
         Duration::from_secs(90),
         "five claims' connections to go silent",
         || proxy.done(),
     );
-    let second = db.enqueue("Short", None).await;
-    for id in [first, second] {
-        let row = db.wait_for_state(id, "FINISHED", WAIT).await;
-        assert_eq!(row.tries, 1, "{row:#?}");
-    }
-    let log = daemon.log_text();
-    assert!(log.contains("did not answer within 3s"), "{log}");
-    assert!(daemon.stop().success(), "{}", daemon.log_text());
+    rows_before_and_after_run_once(&db, daemon, first).await;
 }
 
 // The same for the recorder: the write of an outcome waited for ever, and
 // its row stayed RUNNING, renewed by a living daemon.
 async fn an_outcome_whose_connection_went_silent_is_written_on_another(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let (mut daemon, proxy) = daemon_behind_a_silence(&db, "tries - ", 1).await;
+    let (daemon, proxy) = daemon_behind_a_silence(&db, "tries - ", 1).await;
     let first = db.enqueue("Short", None).await;
     wait_until(WAIT, "the outcome's connection to go silent", || {
         proxy.tripped()
     });
-    let second = db.enqueue("Short", None).await;
-    for id in [first, second] {
-        let row = db.wait_for_state(id, "FINISHED", WAIT).await;
-        assert_eq!(row.tries, 1, "{row:#?}");
-    }
-    let log = daemon.log_text();
-    assert!(log.contains("did not answer within 3s"), "{log}");
-    assert!(daemon.stop().success(), "{}", daemon.log_text());
+    rows_before_and_after_run_once(&db, daemon, first).await;
 }
 
 // The heartbeat renews the leases of the daemon's rows, then writes the

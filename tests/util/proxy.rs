@@ -123,54 +123,68 @@ async fn forward(
 ) {
     let silenced = AtomicBool::new(false);
     let silent = || silenced.load(Ordering::SeqCst) || outlived();
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut server_read, mut server_write) = upstream.into_split();
-    let to_server = async {
-        let mut buffer = vec![0u8; 64 * 1024];
-        while let Ok(n) = client_read.read(&mut buffer).await {
-            if n == 0 {
-                break;
-            }
-            if silent() {
-                continue;
-            }
-            if let Fault::Silence(needle) = fault {
-                if contains(&buffer[..n], needle.as_bytes()) && take_one(&left) {
-                    // Silent from before the message reaches the server:
-                    // its answer cannot slip through.
-                    silenced.store(true, Ordering::SeqCst);
-                }
-            }
-            if server_write.write_all(&buffer[..n]).await.is_err() {
-                break;
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = upstream.into_split();
+    let to_server = pump(client_read, server_write, |bytes| {
+        if silent() {
+            return Step::Skip;
+        }
+        if let Fault::Silence(needle) = fault {
+            if contains(bytes, needle.as_bytes()) && take_one(&left) {
+                // Silent from before the message reaches the server: its
+                // answer cannot slip through.
+                silenced.store(true, Ordering::SeqCst);
             }
         }
-    };
-    let to_client = async {
-        let mut buffer = vec![0u8; 64 * 1024];
-        while let Ok(n) = server_read.read(&mut buffer).await {
-            if n == 0 {
-                break;
-            }
-            if silent() {
-                continue;
-            }
-            if matches!(fault, Fault::DropUpdateAnswer)
-                && reports_updated_rows(&buffer[..n])
-                && take_one(&left)
-            {
-                // Drop the answer and the connection.
-                break;
-            }
-            if client_write.write_all(&buffer[..n]).await.is_err() {
-                break;
-            }
+        Step::Forward
+    });
+    let to_client = pump(server_read, client_write, |bytes| {
+        if silent() {
+            Step::Skip
+        } else if matches!(fault, Fault::DropUpdateAnswer)
+            && reports_updated_rows(bytes)
+            && take_one(&left)
+        {
+            // Drop the answer and the connection.
+            Step::Close
+        } else {
+            Step::Forward
         }
-    };
+    });
     // The first direction to end closes both.
     tokio::select! {
         _ = to_server => {}
         _ = to_client => {}
+    }
+}
+
+/// What [`pump`] does with the bytes it read.
+enum Step {
+    Forward,
+    Skip,
+    Close,
+}
+
+/// Copies what `from` reads to `to`, as `decide` says, until either ends.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut decide: impl FnMut(&[u8]) -> Step,
+) {
+    let mut buffer = vec![0u8; 64 * 1024];
+    while let Ok(n) = from.read(&mut buffer).await {
+        if n == 0 {
+            return;
+        }
+        match decide(&buffer[..n]) {
+            Step::Skip => {}
+            Step::Close => return,
+            Step::Forward => {
+                if to.write_all(&buffer[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
     }
 }
 
