@@ -1021,6 +1021,26 @@ async fn strike(db: &TestDb, daemons: &mut [Daemon], daemon_kills: &mut u32, tas
 // measured.
 multi_host_backends!(chaos_hundred_batches_on_four_daemons_with_kill_9_every_two_seconds);
 
+/// What the chaos test saw while it waited: how many batches had ended
+/// with a FINISHED callback and, once most had, the first callback row that
+/// has not FINISHED (a timeout then shows why).
+async fn unended_callbacks(db: &TestDb, ended: i64) -> String {
+    let unfinished = "FROM task_runner_requests WHERE callback_of_batch IS NOT NULL \
+                      AND (result IS NULL OR result <> 'FINISHED')";
+    if ended < 95 {
+        return format!("{ended} batches ended");
+    }
+    let count = db.scalar(&format!("SELECT count(*) {unfinished}")).await;
+    let first = db
+        .scalar(&format!("SELECT coalesce(min(id), 0) {unfinished}"))
+        .await;
+    let row = match first {
+        0 => "none".to_string(),
+        id => format!("{:#?}", db.row(taskrunner::request::RequestId(id)).await),
+    };
+    format!("{ended} batches ended; {count} callbacks not FINISHED, the first: {row}")
+}
+
 async fn chaos_hundred_batches_on_four_daemons_with_kill_9_every_two_seconds(backend: Backend) {
     let db = TestDb::new(backend).await;
     let log = db.scratch.join("ends.log");
@@ -1056,7 +1076,7 @@ async fn chaos_hundred_batches_on_four_daemons_with_kill_9_every_two_seconds(bac
             }
             match db.scalar(all_done).await {
                 100.. => Ok(()),
-                ended => Err(ended),
+                ended => Err(unended_callbacks(&db, ended).await),
             }
         },
     )

@@ -126,6 +126,10 @@ impl PrivateMariaDb {
             .arg(format!("--datadir={}", dir.join("data").display()))
             .arg(format!("--user={}", current_user()))
             .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
+            // A temporary directory of its own: a server starting removes
+            // every `#sql…` file it finds in its temporary directory,
+            // another server's included.
+            .arg(format!("--tmpdir={}", dir.display()))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -161,6 +165,7 @@ impl PrivateMariaDb {
                 "--log-error={}",
                 self.dir.join("server.log").display()
             ))
+            .arg(format!("--tmpdir={}", self.dir.display()))
             .args([
                 "--skip-grant-tables",
                 "--skip-name-resolve",
