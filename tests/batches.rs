@@ -1019,6 +1019,62 @@ async fn strike(db: &TestDb, daemons: &mut [Daemon], daemon_kills: &mut u32, tas
 // gets exactly one final callback, no request is lost, and the delay from a
 // batch's last member's end (the task's own clock) to its callback row is
 // measured.
+// A member's final outcome is written in a transaction that first locks its
+// batch's row. That transaction's connection goes silent right after the
+// lock (a network that drops packets: the server keeps the session and its
+// lock). The daemon gives the call up after `lease_timeout`, but every
+// retry waited on the lock the abandoned session held, and so did every
+// result queued behind it, until the server noticed the dead connection
+// (its TCP keepalive, two hours by default). Now the daemon's sessions
+// tell the server to end a transaction left idle for `lease_timeout`
+// (PostgreSQL's `idle_in_transaction_session_timeout`, MariaDB's
+// `idle_transaction_timeout`), and the batch ends with one callback.
+multi_host_backends!(a_batch_ends_when_a_finalization_went_silent_holding_its_lock);
+
+async fn a_batch_ends_when_a_finalization_went_silent_holding_its_lock(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    // The lock of the batch row, `… WHERE id = $1 FOR UPDATE` (`?` on MariaDB).
+    let needle = match backend {
+        Backend::MySql => "FROM task_runner_batches WHERE id = ? FOR UPDATE",
+        _ => "FROM task_runner_batches WHERE id = $1 FOR UPDATE",
+    };
+    let proxy = Proxy::start(&db.url, Fault::SilenceOnceRun(needle)).await;
+    let batch = insert_batch(&db, "on_complete", "'Done'").await;
+    insert_members(&db, batch, "Work", 3, 5).await;
+    db.execute(&format!(
+        "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
+    ))
+    .await;
+    let config = format!(
+        "database_url: {}\nheartbeat_interval: 500ms\nkill_grace: 1s\nlease_timeout: 3s\ntasks:\n{CALLBACK_TYPES}  Work:\n    command: [/bin/true]\n",
+        proxy.url
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    wait_until(
+        Duration::from_secs(30),
+        "a finalization's connection to go silent",
+        || proxy.tripped(),
+    );
+    db.wait_for_count(
+        &format!(
+            "SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch} AND result = 'FINISHED'"
+        ),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(batch_state(&db, batch).await, "FINISHED");
+    assert_eq!(callbacks_of_batch(&db, batch).await, 1);
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE batch_id = {batch} AND result = 'FINISHED' AND tries = 1"
+        ))
+        .await,
+        3
+    );
+    assert!(daemon.stop().success(), "{}", daemon.log_text());
+}
+
 multi_host_backends!(chaos_hundred_batches_on_four_daemons_with_kill_9_every_two_seconds);
 
 /// What the chaos test saw while it waited: how many batches had ended

@@ -17,10 +17,16 @@ pub enum Fault {
     /// RETURNING`, committed by then) instead of forwarding that answer.
     DropUpdateAnswer,
     /// Forwards the first client message that contains the text to the
-    /// server, then forwards nothing more either way on that connection
-    /// and keeps it open: a network that drops every packet while neither
-    /// end learns of it. The connection ends only when one end closes it.
+    /// server, then forwards nothing more either way on that connection,
+    /// not even the client's close: a network that drops every packet. The
+    /// server keeps the session, and any transaction open in it, until it
+    /// ends the session itself.
     Silence(&'static str),
+    /// As `Silence`, but from the client's next message on: the statement
+    /// whose text held the needle was prepared (its text goes alone, and
+    /// its answer comes back), and the message that runs it reaches the
+    /// server, which runs it and takes its locks; its answer is lost.
+    SilenceOnceRun(&'static str),
 }
 
 /// The proxy; it runs until the test's runtime ends.
@@ -123,18 +129,31 @@ async fn forward(
 ) {
     let silenced = AtomicBool::new(false);
     let silent = || silenced.load(Ordering::SeqCst) || outlived();
+    let prepared = AtomicBool::new(false);
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = upstream.into_split();
     let to_server = pump(client_read, server_write, |bytes| {
         if silent() {
+            // Even the client's close is held back: the server keeps its
+            // session, and any transaction open in it, as behind a
+            // network that drops packets.
             return Step::Skip;
         }
-        if let Fault::Silence(needle) = fault {
-            if contains(bytes, needle.as_bytes()) && take_one(&left) {
-                // Silent from before the message reaches the server: its
-                // answer cannot slip through.
+        if bytes.is_empty() {
+            return Step::Close;
+        }
+        match fault {
+            Fault::Silence(needle) if contains(bytes, needle.as_bytes()) && take_one(&left) => {
                 silenced.store(true, Ordering::SeqCst);
             }
+            Fault::SilenceOnceRun(needle) => {
+                if prepared.swap(false, Ordering::SeqCst) {
+                    silenced.store(true, Ordering::SeqCst);
+                } else if contains(bytes, needle.as_bytes()) && take_one(&left) {
+                    prepared.store(true, Ordering::SeqCst);
+                }
+            }
+            _ => {}
         }
         Step::Forward
     });
@@ -166,6 +185,8 @@ enum Step {
 }
 
 /// Copies what `from` reads to `to`, as `decide` says, until either ends.
+/// At `from`'s end `decide` is asked with no bytes: `Skip` keeps `to` open
+/// for ever (the end of a silenced connection never reaches the other side).
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
@@ -174,6 +195,9 @@ async fn pump(
     let mut buffer = vec![0u8; 64 * 1024];
     while let Ok(n) = from.read(&mut buffer).await {
         if n == 0 {
+            if matches!(decide(&[]), Step::Skip) {
+                std::future::pending::<()>().await;
+            }
             return;
         }
         match decide(&buffer[..n]) {

@@ -379,6 +379,37 @@ pub(crate) async fn configure_session(connection: &mut sqlx::MySqlConnection) ->
     .map(|_| ())
 }
 
+/// The daemon's sessions: the server ends one that sits in an open
+/// transaction for `bound_ms` (its `lease_timeout`), so that a transaction
+/// whose connection went silent does not hold its row locks for hours (see
+/// `Store::answered`). MariaDB's `idle_transaction_timeout`; MySQL has no
+/// such setting, and there such a session lasts until `wait_timeout`.
+pub(crate) async fn end_abandoned_transactions(
+    connection: &mut sqlx::MySqlConnection,
+    bound_ms: u64,
+) -> sqlx::Result<()> {
+    if bound_ms == 0 {
+        return Ok(());
+    }
+    let seconds = bound_ms.div_ceil(1000).max(1);
+    let set = format!("SET SESSION idle_transaction_timeout = {seconds}");
+    match sqlx::raw_sql(sqlx::AssertSqlSafe(set))
+        .execute(connection)
+        .await
+    {
+        Ok(_) => Ok(()),
+        // MySQL: unknown system variable.
+        Err(sqlx::Error::Database(error))
+            if error
+                .try_downcast_ref::<MySqlDatabaseError>()
+                .is_some_and(|error| error.number() == 1193) =>
+        {
+            Ok(())
+        }
+        Err(error) => Err(error),
+    }
+}
+
 /// Reads the first column of the first row as an integer.
 pub(crate) fn first_int(rows: &[MySqlRow]) -> sqlx::Result<Option<i64>> {
     match rows.first() {

@@ -116,6 +116,8 @@ impl Store {
         let display_url = url::redact_url(url);
         let mut queue_claims = None;
         let gave_up = GaveUp::default();
+        let answer_bound: std::sync::Arc<std::sync::atomic::AtomicU64> = Default::default();
+        let daemon = purpose == Purpose::Daemon;
         let pool = if url.starts_with("sqlite:") {
             if let Some(path) = diagnose::sqlite_path(url) {
                 diagnose::check_sqlite_access(&path, purpose)?;
@@ -161,8 +163,15 @@ impl Store {
                     .max_connections(if purpose == Purpose::Daemon { 4 } else { 2 })
                     .acquire_timeout(Duration::from_secs(5))
                     .after_release(gave_up.release_check())
-                    .after_connect(|connection, _| {
-                        Box::pin(async move { mysql::configure_session(connection).await })
+                    .after_connect({
+                        let answer_bound = answer_bound.clone();
+                        move |connection, _| {
+                            let bound = if daemon { bound_ms(&answer_bound) } else { 0 };
+                            Box::pin(async move {
+                                mysql::configure_session(connection).await?;
+                                mysql::end_abandoned_transactions(connection, bound).await
+                            })
+                        }
                     })
                     .connect_lazy_with(options),
             )
@@ -180,15 +189,27 @@ impl Store {
                 // Claims of one queue or type are planned for it (see
                 // `claim_pool`), on a connection of their own, opened at
                 // the first one.
+                let bound = answer_bound.clone();
                 queue_claims = Some(
                     PgPoolOptions::new()
                         .max_connections(1)
                         .acquire_timeout(Duration::from_secs(5))
                         .after_release(gave_up.release_check())
+                        .after_connect(move |connection, _| {
+                            let bound = bound_ms(&bound);
+                            Box::pin(
+                                async move { end_abandoned_transactions(connection, bound).await },
+                            )
+                        })
                         .connect_lazy_with(options.clone()),
                 );
-                pool.after_connect(|connection, _| {
-                    Box::pin(async move { generic_plans(connection).await })
+                let bound = answer_bound.clone();
+                pool.after_connect(move |connection, _| {
+                    let bound = bound_ms(&bound);
+                    Box::pin(async move {
+                        generic_plans(connection).await?;
+                        end_abandoned_transactions(connection, bound).await
+                    })
                 })
             } else {
                 pool
@@ -205,7 +226,7 @@ impl Store {
             max_options: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
             lock_retries: Default::default(),
             queue_claims,
-            answer_bound: Default::default(),
+            answer_bound,
             gave_up,
         })
     }
@@ -670,6 +691,31 @@ extern "C" fn retry_after_a_moment(_: *mut libc::c_void, tries: libc::c_int) -> 
 /// runnable index in claim order, rows by id), as on SQLite
 /// ([`stable_query_plans`]). A server without the setting (before
 /// PostgreSQL 12) keeps its default.
+/// The daemon's PostgreSQL sessions: the server ends one that sits in an
+/// open transaction for `bound_ms` (its `lease_timeout`), so that a
+/// transaction whose connection went silent (a network that drops packets:
+/// the daemon gave the call up and closed its end, and nothing of that
+/// reached the server) does not hold its row locks until the server's TCP
+/// keepalive notices, hours later (see `Store::answered`).
+async fn end_abandoned_transactions(
+    connection: &mut sqlx::PgConnection,
+    bound_ms: u64,
+) -> sqlx::Result<()> {
+    use sqlx::Executor;
+    if bound_ms == 0 {
+        return Ok(());
+    }
+    let set =
+        format!("SELECT set_config('idle_in_transaction_session_timeout', '{bound_ms}ms', false)");
+    connection.execute(sqlx::AssertSqlSafe(set)).await?;
+    Ok(())
+}
+
+/// The daemon's bound on a call, in milliseconds (0: none set).
+fn bound_ms(bound: &std::sync::atomic::AtomicU64) -> u64 {
+    bound.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 async fn generic_plans(connection: &mut sqlx::PgConnection) -> sqlx::Result<()> {
     use sqlx::Executor;
     let set = "SELECT set_config('plan_cache_mode', 'force_generic_plan', false) \
