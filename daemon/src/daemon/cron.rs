@@ -86,7 +86,7 @@ impl Cron {
                 let enqueue = self.store.enqueue_slot(name, &text, schedule);
                 if let Some(id) = self.store.answered(enqueue).await? {
                     enqueued = true;
-                    tracing::info!(schedule = %name, slot = %slot_text(slot), request = %id, "enqueued a scheduled request");
+                    tracing::info!(schedule = %name, slot = %text, request = %id, "enqueued a scheduled request");
                 }
             }
             if let Some(next) = schedule.when.next_after(now) {

@@ -86,12 +86,8 @@ impl Heartbeat {
             // Which tries were running before the renewal: a claim made while
             // it ran must not be taken for a lost one.
             let before = self.tries.claims();
-            let renewal = tokio::time::timeout(
-                config.heartbeat_interval.max(Duration::from_secs(1)),
-                self.store.renew_heartbeats(&self.instance),
-            )
-            .await
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("the heartbeat statement timed out")));
+            let renewal =
+                within_interval(&config, self.store.renew_heartbeats(&self.instance)).await;
             let held = match renewal {
                 Ok(held) => {
                     self.health.succeeded("renewing heartbeats");
@@ -122,12 +118,11 @@ impl Heartbeat {
             self.write_progress();
             // The daemon's own row, for the web page only.
             let running = self.tries.len();
-            let renewal = tokio::time::timeout(
-                config.heartbeat_interval.max(Duration::from_secs(1)),
+            let renewal = within_interval(
+                &config,
                 self.store.daemon_heartbeat(&self.instance, running),
             )
-            .await
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("the statement timed out")));
+            .await;
             if let Err(error) = renewal {
                 tracing::debug!(
                     "could not renew this daemon's row in task_runner_daemons: {error:#}"
@@ -208,4 +203,19 @@ fn panic_when_told_by_a_test() {
             panic!("the heartbeat panics: told to by a test");
         }
     }
+}
+
+/// One of the heartbeat's statements, given up once it has taken a whole
+/// `heartbeat_interval` (at least 1 s): a statement that hangs must not keep
+/// the heartbeat from its self-fencing deadline.
+async fn within_interval<T>(
+    config: &crate::config::Config,
+    statement: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(
+        config.heartbeat_interval.max(Duration::from_secs(1)),
+        statement,
+    )
+    .await
+    .unwrap_or_else(|_| Err(anyhow::anyhow!("the heartbeat statement timed out")))
 }

@@ -184,15 +184,7 @@ impl Wakeup {
                     _ = check.tick() => {
                         self.store.count_statements(1);
                         let ping = sqlx::query("SELECT 1").execute(&mut listener);
-                        let failed = match tokio::time::timeout(crate::store::PING_BOUND, ping).await {
-                            Ok(Ok(_)) => None,
-                            Ok(Err(error)) => Some(error.to_string()),
-                            Err(_) => Some(format!(
-                                "no answer within {}",
-                                format_duration(crate::store::PING_BOUND)
-                            )),
-                        };
-                        if let Some(error) = failed {
+                        if let Err(error) = crate::store::within_ping_bound(ping).await {
                             tracing::info!("the LISTEN connection failed its check ({error}): listening on a new one");
                             self.store.giving_up_on_a_connection();
                             break;

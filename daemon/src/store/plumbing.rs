@@ -129,7 +129,7 @@ impl Store {
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(SQLITE_BUSY_TIMEOUT);
             // The daemon checkpoints on a connection of its own (see daemon/checkpoint.rs).
-            let options = if purpose == Purpose::Daemon {
+            let options = if daemon {
                 options.pragma("wal_autocheckpoint", WRITER_AUTOCHECKPOINT.to_string())
             } else {
                 options
@@ -160,7 +160,7 @@ impl Store {
                 .timezone(Some("+00:00".to_string()));
             Pool::MySql(
                 MySqlPoolOptions::new()
-                    .max_connections(if purpose == Purpose::Daemon { 4 } else { 2 })
+                    .max_connections(if daemon { 4 } else { 2 })
                     .acquire_timeout(Duration::from_secs(5))
                     .after_release(gave_up.release_check())
                     .after_connect({
@@ -180,12 +180,12 @@ impl Store {
                 .with_context(|| format!("invalid PostgreSQL URL {display_url}"))?
                 .application_name("taskrunner");
             let pool = PgPoolOptions::new()
-                .max_connections(if purpose == Purpose::Daemon { 4 } else { 2 })
+                .max_connections(if daemon { 4 } else { 2 })
                 .acquire_timeout(Duration::from_secs(5))
                 .after_release(gave_up.release_check());
             // The daemon's own statements are written for one plan each; the
             // web page's and the CLI's filters are not (see `generic_plans`).
-            let pool = if purpose == Purpose::Daemon {
+            let pool = if daemon {
                 // Claims of one queue or type are planned for it (see
                 // `claim_pool`), on a connection of their own, opened at
                 // the first one.
@@ -300,25 +300,23 @@ impl std::error::Error for NoAnswer {}
 
 /// How long a PostgreSQL or MariaDB/MySQL connection may take to answer a
 /// ping: when it comes back to the pool, and (the LISTEN connection) now
-/// and then.
-pub(crate) const PING_BOUND: Duration = Duration::from_secs(5);
+/// and then (see [`within_ping_bound`]).
+const PING_BOUND: Duration = Duration::from_secs(5);
 
-/// Pings `connection`; an error if it does not answer within
-/// [`PING_BOUND`].
-async fn answers_ping<C: sqlx::Connection>(
-    connection: &mut C,
-) -> std::result::Result<(), sqlx::Error> {
-    tokio::time::timeout(PING_BOUND, connection.ping())
-        .await
-        .map_err(|_| {
-            sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "the connection did not answer a ping within {}",
-                    crate::units::format_duration(PING_BOUND)
-                ),
-            ))
-        })?
+/// `ping` (a ping, or a statement as cheap), an error if it does not
+/// answer within [`PING_BOUND`].
+pub(crate) async fn within_ping_bound<T>(
+    ping: impl std::future::Future<Output = sqlx::Result<T>>,
+) -> sqlx::Result<T> {
+    tokio::time::timeout(PING_BOUND, ping).await.map_err(|_| {
+        sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "the connection did not answer a ping within {}",
+                crate::units::format_duration(PING_BOUND)
+            ),
+        ))
+    })?
 }
 
 /// When the daemon last gave up on a call (see [`Store::answered`]). A
@@ -367,7 +365,7 @@ impl GaveUp {
             let check = gave_up.recently();
             Box::pin(async move {
                 if check {
-                    answers_ping(connection).await?;
+                    within_ping_bound(connection.ping()).await?;
                 }
                 Ok(true)
             })
