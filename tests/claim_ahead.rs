@@ -2,7 +2,7 @@
 //! rows than it has free slots. Those rows must never be lost nor have a try
 //! wasted: they are given back at shutdown and when no slot frees up in time,
 //! and a daemon that dies holding them has them reaped at once, not after
-//! the lease.
+//! the lease, their try given back.
 
 use std::time::Duration;
 
@@ -95,6 +95,14 @@ async fn rows_claimed_ahead_by_a_killed_daemon_run_again_before_the_lease_lapses
     let mut daemon = Daemon::start(&db, "d1", &config);
     wait_finished_at_least(&db, 60).await;
     daemon.kill();
+    let held = |pid: &str| {
+        format!(
+            "SELECT count(*) FROM task_runner_requests WHERE result = 'RUNNING' AND pid IS {pid}"
+        )
+    };
+    let recorded = db.scalar(&held("NOT NULL")).await;
+    let unrecorded = db.scalar(&held("NULL")).await;
+    assert!(unrecorded > 0, "the daemon died with no row claimed ahead");
     let _daemon = Daemon::start(&db, "d2", &config);
     db.wait_for_count(
         "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED'",
@@ -102,6 +110,14 @@ async fn rows_claimed_ahead_by_a_killed_daemon_run_again_before_the_lease_lapses
         Duration::from_secs(30),
     )
     .await;
+    // Only a try whose process the dead daemon had recorded counts.
+    let counted_twice = db
+        .scalar("SELECT count(*) FROM task_runner_requests WHERE tries <> 1")
+        .await;
+    assert!(
+        counted_twice <= recorded,
+        "{counted_twice} rows ran with a second try counted; the daemon had recorded a process for {recorded} and died holding {unrecorded} without one"
+    );
 }
 
 async fn rows_claimed_ahead_are_given_back_while_a_long_task_holds_the_slot(backend: Backend) {

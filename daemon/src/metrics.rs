@@ -110,7 +110,7 @@ impl Metrics {
             .expect("valid metric");
         let reaped = IntCounter::new(
             "taskrunner_reaped_total",
-            "Rows this daemon's reaper marked CRASHED (process or lease gone)",
+            "Rows this daemon's reaper found with their process, daemon or lease gone (CRASHED, or INTERRUPTED with the try given back)",
         )
         .expect("valid metric");
         let database_errors = IntCounter::new(

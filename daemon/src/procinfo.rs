@@ -18,7 +18,7 @@ pub fn boot_id() -> String {
 }
 
 /// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks since boot.
-pub(crate) fn start_ticks(pid: i64) -> Option<i64> {
+pub fn start_ticks(pid: i64) -> Option<i64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_start_ticks(&stat)
 }

@@ -3,6 +3,9 @@
 //! daemon died). One pass; the daemon runs it at start and every
 //! `reap_interval` (`daemon/reaper.rs`), and `taskrunner-cli reap` once.
 //!
+//! A try whose daemon is gone before any task process was recorded for it
+//! is given back, not counted (see [`unrecorded`]).
+//!
 //! Three probes: rows of this host are checked against the process identity
 //! recorded at spawn (`procinfo::probe`; a reused pid is never taken for the
 //! task, and nothing is ever signalled), and a row whose process is gone is
@@ -84,7 +87,7 @@ pub(crate) async fn reap(
             }
             if dry_run
                 || store
-                    .answered(store.mark_crashed(row.id, row.claim_token.as_ref(), &reason))
+                    .answered(store.mark_crashed(row.id, row.claim_token.as_ref(), &reason, false))
                     .await?
             {
                 reaped.push(Reaped { id: row.id, reason });
@@ -93,11 +96,11 @@ pub(crate) async fn reap(
     }
     // Rows whose task never started (claimed ahead, or ended before its pid
     // was written): their daemon's own process identity tells.
-    for (id, claim_token, claimed_by) in store
+    for row in store
         .answered(store.unstarted_on_host(host, own_instance))
         .await?
     {
-        let Some(holder) = crate::instance::InstanceId::holder_identity(&claimed_by) else {
+        let Some(holder) = crate::instance::InstanceId::holder_identity(&row.claimed_by) else {
             continue;
         };
         let Probe::Dead(why) = procinfo::probe(&holder) else {
@@ -107,17 +110,19 @@ pub(crate) async fn reap(
         if !dry_run {
             // Its cgroup may have been made (and its process started) just
             // before its daemon died.
-            kill_cgroup_leftovers(claim_token.as_deref(), id).await;
+            kill_cgroup_leftovers(row.claim_token.as_deref(), row.id).await;
         }
-        let reason = format!(
-            "crashed: its daemon is gone ({why}) and no task process was recorded (found by the reaper on {host})"
+        let (reason, give_back) = unrecorded(
+            &format!("its daemon is gone ({why})"),
+            row.text_before.as_deref(),
+            host,
         );
         if dry_run
             || store
-                .answered(store.mark_crashed(id, claim_token.as_ref(), &reason))
+                .answered(store.mark_crashed(row.id, row.claim_token.as_ref(), &reason, give_back))
                 .await?
         {
-            reaped.push(Reaped { id, reason });
+            reaped.push(Reaped { id: row.id, reason });
         }
     }
     for row in store
@@ -127,15 +132,20 @@ pub(crate) async fn reap(
         if alive_here.contains(&row.id) || reaped.iter().any(|r: &Reaped| r.id == row.id) {
             continue;
         }
-        let reason = format!(
-            "crashed: lease expired, no heartbeat from host {} since {} (lease_timeout {})",
+        let lapsed = format!(
+            "lease expired, no heartbeat from host {} since {} (lease_timeout {})",
             if row.host.is_empty() { "?" } else { &row.host },
             row.heartbeat_at.as_deref().unwrap_or("its claim"),
             crate::units::format_duration(lease_timeout)
         );
+        let (reason, give_back) = if row.pid_recorded {
+            (format!("crashed: {lapsed}"), false)
+        } else {
+            unrecorded(&lapsed, row.text_before.as_deref(), host)
+        };
         if dry_run
             || store
-                .answered(store.mark_crashed(row.id, row.claim_token.as_ref(), &reason))
+                .answered(store.mark_crashed(row.id, row.claim_token.as_ref(), &reason, give_back))
                 .await?
         {
             reaped.push(Reaped { id: row.id, reason });
@@ -143,6 +153,41 @@ pub(crate) async fn reap(
     }
     Ok(reaped)
 }
+
+/// How a row is reaped whose daemon is gone (`what`: how it is known) and
+/// for whose try no task process was recorded: its result text, and whether
+/// its try is given back.
+///
+/// Such a try is the daemon's failure, not the request's: mostly a row
+/// claimed ahead that waited for a slot, or a try that ended within the
+/// 10 ms before its pid is written and whose outcome died with its daemon.
+/// Counting it let a row that never ran end exhausted after a few daemon
+/// deaths (a reaped row runs again at once, at the head of the line, and is
+/// claimed ahead again). It is given back, unless the try before it was
+/// given back so too: a task that kills its own daemon (say a cgroup's OOM
+/// kill taking the whole service down) within its first milliseconds still
+/// reaches its try limit, at every second such try.
+fn unrecorded(what: &str, text_before: Option<&str>, host: &str) -> (String, bool) {
+    if text_before.is_some_and(|text| text.starts_with(NOT_COUNTED)) {
+        (
+            format!(
+                "crashed: {what} and no task process was recorded, for the second try in a row: \
+                 this one counts (found by the reaper on {host})"
+            ),
+            false,
+        )
+    } else {
+        (
+            format!(
+                "{NOT_COUNTED}{what} and no task process was recorded (found by the reaper on {host})"
+            ),
+            true,
+        )
+    }
+}
+
+/// How the result text of a try the reaper gave back starts.
+const NOT_COUNTED: &str = "not counted: ";
 
 /// Whether the daemon instance named in `claimed_by` is a live process of
 /// this host and boot (false when the name carries no identity).

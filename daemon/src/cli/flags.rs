@@ -240,7 +240,8 @@ enum Command {
         #[arg(long)]
         record: bool,
     },
-    /// Mark RUNNING rows whose process or daemon is gone as CRASHED
+    /// Mark RUNNING rows whose process or daemon is gone as CRASHED (a try with
+    /// no process recorded is given back: INTERRUPTED)
     Reap {
         #[command(flatten)]
         database: DatabaseFlags,

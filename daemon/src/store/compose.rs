@@ -47,11 +47,13 @@ pub(crate) enum Ending<'a> {
     /// `run --id --record`).
     Outcome(&'a Outcome),
     /// The reaper found the try's process or daemon gone (fenced on the
-    /// token it read); exhausted when no tries are left.
+    /// token it read); exhausted when no tries are left. With `give_back`
+    /// the try does not count and the row is INTERRUPTED.
     Crashed {
         id: RequestId,
         claim_token: Option<&'a ClaimToken>,
         reason: &'a str,
+        give_back: bool,
     },
     /// A user cancelled a row that is not running.
     Cancelled(RequestId),
@@ -601,6 +603,7 @@ impl Store {
             Ending::Crashed {
                 claim_token,
                 reason,
+                give_back,
                 ..
             } => {
                 tx.execute(
@@ -609,6 +612,7 @@ impl Store {
                         Text(reason),
                         Int(id.0),
                         OptText(claim_token.map(ClaimToken::as_str)),
+                        Int(i64::from(*give_back)),
                     ],
                 )
                 .await?

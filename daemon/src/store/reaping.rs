@@ -24,6 +24,18 @@ pub(crate) struct RunningRow {
     pub(crate) claimed_by: String,
 }
 
+/// A RUNNING row of this host without a pid: its task never started, or
+/// its daemon had not yet recorded the process.
+#[derive(Debug, Clone)]
+pub(crate) struct UnstartedRow {
+    pub(crate) id: RequestId,
+    pub(crate) claim_token: Option<ClaimToken>,
+    /// The daemon instance holding the row ("" when none).
+    pub(crate) claimed_by: String,
+    /// The `result_text` its try before left.
+    pub(crate) text_before: Option<String>,
+}
+
 /// A RUNNING row whose heartbeat is older than the lease.
 #[derive(Debug, Clone)]
 pub(crate) struct LapsedRow {
@@ -31,6 +43,10 @@ pub(crate) struct LapsedRow {
     pub(crate) host: String,
     pub(crate) claim_token: Option<ClaimToken>,
     pub(crate) heartbeat_at: Option<String>,
+    /// Whether its daemon recorded the try's process.
+    pub(crate) pid_recorded: bool,
+    /// The `result_text` its try before left.
+    pub(crate) text_before: Option<String>,
 }
 
 impl Store {
@@ -61,12 +77,12 @@ impl Store {
     }
 
     /// RUNNING rows of `host` without a pid, except those held by
-    /// `exclude_instance`: (id, claim token, claimed_by).
+    /// `exclude_instance`.
     pub(crate) async fn unstarted_on_host(
         &self,
         host: &str,
         exclude_instance: &str,
-    ) -> Result<Vec<(RequestId, Option<ClaimToken>, String)>> {
+    ) -> Result<Vec<UnstartedRow>> {
         self.count_statements(1);
         Ok(on_pool!(self, pool => {
             let query = query(self.sql.unstarted_on_host.as_str())
@@ -74,13 +90,12 @@ impl Store {
                 .bind(exclude_instance);
             query.fetch_all(pool).await?
                 .iter()
-                .map(|row| {
-                    Ok((
-                        RequestId(row.int(0)?),
-                        row.opt_text(1)?.map(ClaimToken::from_row),
-                        row.text(2)?,
-                    ))
-                })
+                .map(|row| Ok(UnstartedRow {
+                    id: RequestId(row.int(0)?),
+                    claim_token: row.opt_text(1)?.map(ClaimToken::from_row),
+                    claimed_by: row.text(2)?,
+                    text_before: row.opt_text(3)?,
+                }))
                 .collect::<sqlx::Result<_>>()?
         }))
     }
@@ -103,6 +118,8 @@ impl Store {
                     host: row.text(1)?,
                     claim_token: row.opt_text(2)?.map(ClaimToken::from_row),
                     heartbeat_at: row.opt_text(3)?,
+                    pid_recorded: row.int(4)? != 0,
+                    text_before: row.opt_text(5)?,
                 }))
                 .collect::<sqlx::Result<_>>()?
         }))
@@ -110,17 +127,21 @@ impl Store {
 
     /// Marks a row CRASHED if it still carries the claim token read before;
     /// it runs again at once (its try counts), or, with no tries left, is
-    /// exhausted: written by [`finalize`](Store::finalize) with what that causes.
+    /// exhausted: written by [`finalize`](Store::finalize) with what that
+    /// causes. With `give_back` the row is INTERRUPTED instead, its try not
+    /// counted (see `crate::reaper`).
     pub(crate) async fn mark_crashed(
         &self,
         id: RequestId,
         claim_token: Option<&ClaimToken>,
         reason: &str,
+        give_back: bool,
     ) -> Result<bool> {
         self.finalize(Ending::Crashed {
             id,
             claim_token,
             reason,
+            give_back,
         })
         .await
     }

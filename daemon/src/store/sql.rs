@@ -358,6 +358,10 @@ fn cancel_text(row: &str, result: &str, result_text: &str) -> String {
     )
 }
 
+/// The state the reaper writes: CRASHED, or INTERRUPTED when it gives the
+/// try back (`$4` = 1).
+const REAPED_RESULT: &str = "(CASE WHEN $4 = 1 THEN 'INTERRUPTED' ELSE 'CRASHED' END)";
+
 /// Runnable rows come first by priority, then first-come first-served.
 const CLAIM_ORDER: &str = "ORDER BY priority DESC, id";
 
@@ -442,11 +446,16 @@ pub struct Sql {
     /// Rows on host `$1` that are RUNNING with a pid, not held by instance `$2`.
     pub(crate) running_on_host: String,
     /// Rows on host `$1` that are RUNNING without a pid (claimed, process not
-    /// started or not yet announced), not held by instance `$2`.
+    /// started or not yet announced), not held by instance `$2`, with the
+    /// `result_text` of their try before.
     pub(crate) unstarted_on_host: String,
-    /// RUNNING rows whose heartbeat is older than `$1` seconds, not held by instance `$2`.
+    /// RUNNING rows whose heartbeat is older than `$1` seconds, not held by
+    /// instance `$2`, with whether a pid was recorded and the `result_text`
+    /// of their try before.
     pub(crate) lapsed_leases: String,
-    /// Fenced on the token read before: marks a row the reaper found dead.
+    /// Fenced on the token read before (`$2`, `$3`): marks a row the reaper
+    /// found dead CRASHED, or with `$4` = 1 gives its try back (INTERRUPTED,
+    /// not counted); `$1` is the result_text.
     pub(crate) mark_crashed: String,
     /// Seconds until the earliest delayed row becomes runnable.
     pub(crate) next_delay: String,
@@ -817,7 +826,7 @@ impl Sql {
                 d.epoch_seconds("started_at")
             ),
             unstarted_on_host: format!(
-                "SELECT {}, claim_token, coalesce(claimed_by, '') \
+                "SELECT {}, claim_token, coalesce(claimed_by, ''), result_text \
                    FROM task_runner_requests \
                   WHERE result = 'RUNNING' AND host = $1 AND pid IS NULL \
                     AND claimed_by IS DISTINCT FROM $2 \
@@ -825,7 +834,7 @@ impl Sql {
                 int("id")
             ),
             lapsed_leases: format!(
-                "SELECT {}, coalesce(host, ''), claim_token, {} \
+                "SELECT {}, coalesce(host, ''), claim_token, {}, {}, result_text \
                    FROM task_runner_requests \
                   WHERE result = 'RUNNING' \
                     AND (heartbeat_at IS NULL OR heartbeat_at < {}) \
@@ -833,14 +842,16 @@ impl Sql {
                   ORDER BY id",
                 int("id"),
                 show("heartbeat_at"),
+                int("(CASE WHEN pid IS NULL THEN 0 ELSE 1 END)"),
                 plus("-$1")
             ),
             mark_crashed: format!(
                 "UPDATE task_runner_requests \
-                    SET result = {}, result_text = {}, pid = NULL, completed_at = {now}, delay_until = NULL \
+                    SET result = {}, result_text = {}, pid = NULL, completed_at = {now}, delay_until = NULL, \
+                        tries = tries - $4 \
                   WHERE id = $2 AND claim_token IS NOT DISTINCT FROM $3 AND result = 'RUNNING'",
-                cancel_result("", "'CRASHED'"),
-                cancel_text("", "'CRASHED'", "$1")
+                cancel_result("", REAPED_RESULT),
+                cancel_text("", REAPED_RESULT, "$1")
             ),
             next_delay: format!(
                 "SELECT {} - {} FROM task_runner_requests WHERE {RUNNABLE} AND delay_until > {now}",
