@@ -903,6 +903,53 @@ async fn new_rows_start_without_waiting_for_the_poll_when_the_wakeup_connection_
     assert!(daemon.stop().success(), "{}", daemon.log_text());
 }
 
+multi_host_backends!(idle_connections_gone_silent_in_a_failover_are_replaced_without_pool_timeouts);
+
+/// The database fails over to another server and nothing resets the old
+/// one's connections: every connection the daemon's pool holds idle goes
+/// silent. sqlx's own check of an idle connection before it hands it out,
+/// a ping with no bound but the acquire's 5 s, made each of them a "pool
+/// timed out" error, an outage logged, a backoff and a retry. Now each is
+/// pinged with a bound of its own, closed when it does not answer, and the
+/// acquire goes on with a new connection.
+async fn idle_connections_gone_silent_in_a_failover_are_replaced_without_pool_timeouts(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let proxy = Proxy::transparent(&db.url).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "database_url: {}\nmax_concurrent: 4\nheartbeat_interval: 10s\nkill_grace: 1s\nlease_timeout: 12s\npoll_interval: 1s\ntasks:\n  Short:\n    command: [/bin/true]\n",
+            proxy.url
+        ),
+    );
+    // Several of the pool's connections in use, then idle.
+    let warm: Vec<RequestId> = {
+        let mut ids = Vec::new();
+        for _ in 0..12 {
+            ids.push(db.enqueue("Short", None).await);
+        }
+        ids
+    };
+    for id in warm {
+        db.wait_for_state(id, "FINISHED", WAIT).await;
+    }
+    proxy.fail_over();
+    let failed_over = Instant::now();
+    let id = db.enqueue("Short", None).await;
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    println!(
+        "the row inserted after the failover ran {:.1}s later",
+        failed_over.elapsed().as_secs_f64()
+    );
+    assert_eq!(row.tries, 1, "{row:#?}");
+    let log = daemon.log_text();
+    assert!(!log.contains("pool timed out"), "{log}");
+    assert!(daemon.stop().success(), "{}", daemon.log_text());
+}
+
 /// PostgreSQL's LISTEN connection, once listening, goes silent with every
 /// other connection the daemon holds: the database failed over to another
 /// server and nothing reset the old one's connections. No notification

@@ -159,10 +159,12 @@ impl Store {
                 .collation("utf8mb4_bin")
                 .timezone(Some("+00:00".to_string()));
             Pool::MySql(
-                MySqlPoolOptions::new()
-                    .max_connections(if daemon { 4 } else { 2 })
-                    .acquire_timeout(Duration::from_secs(5))
-                    .after_release(gave_up.release_check())
+                gave_up
+                    .checks(
+                        MySqlPoolOptions::new()
+                            .max_connections(if daemon { 4 } else { 2 })
+                            .acquire_timeout(Duration::from_secs(5)),
+                    )
                     .after_connect({
                         let answer_bound = answer_bound.clone();
                         move |connection, _| {
@@ -179,10 +181,11 @@ impl Store {
             let options = PgConnectOptions::from_str(url)
                 .with_context(|| format!("invalid PostgreSQL URL {display_url}"))?
                 .application_name("taskrunner");
-            let pool = PgPoolOptions::new()
-                .max_connections(if daemon { 4 } else { 2 })
-                .acquire_timeout(Duration::from_secs(5))
-                .after_release(gave_up.release_check());
+            let pool = gave_up.checks(
+                PgPoolOptions::new()
+                    .max_connections(if daemon { 4 } else { 2 })
+                    .acquire_timeout(Duration::from_secs(5)),
+            );
             // The daemon's own statements are written for one plan each; the
             // web page's and the CLI's filters are not (see `generic_plans`).
             let pool = if daemon {
@@ -191,10 +194,12 @@ impl Store {
                 // the first one.
                 let bound = answer_bound.clone();
                 queue_claims = Some(
-                    PgPoolOptions::new()
-                        .max_connections(1)
-                        .acquire_timeout(Duration::from_secs(5))
-                        .after_release(gave_up.release_check())
+                    gave_up
+                        .checks(
+                            PgPoolOptions::new()
+                                .max_connections(1)
+                                .acquire_timeout(Duration::from_secs(5)),
+                        )
                         .after_connect(move |connection, _| {
                             let bound = bound_ms(&bound);
                             Box::pin(
@@ -303,17 +308,30 @@ impl std::error::Error for NoAnswer {}
 /// and then (see [`within_ping_bound`]).
 const PING_BOUND: Duration = Duration::from_secs(5);
 
+/// How long an idle connection may take to answer its ping before the
+/// pool hands it out (see [`GaveUp::acquire_check`]): under the acquire's
+/// own 5 s, so that a new connection can be opened in its place.
+const ACQUIRE_PING_BOUND: Duration = Duration::from_secs(2);
+
 /// `ping` (a ping, or a statement as cheap), an error if it does not
 /// answer within [`PING_BOUND`].
 pub(crate) async fn within_ping_bound<T>(
     ping: impl std::future::Future<Output = sqlx::Result<T>>,
 ) -> sqlx::Result<T> {
-    tokio::time::timeout(PING_BOUND, ping).await.map_err(|_| {
+    within(PING_BOUND, ping).await
+}
+
+/// `ping`, an error if it does not answer within `bound`.
+async fn within<T>(
+    bound: Duration,
+    ping: impl std::future::Future<Output = sqlx::Result<T>>,
+) -> sqlx::Result<T> {
+    tokio::time::timeout(bound, ping).await.map_err(|_| {
         sqlx::Error::Io(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             format!(
                 "the connection did not answer a ping within {}",
-                crate::units::format_duration(PING_BOUND)
+                crate::units::format_duration(bound)
             ),
         ))
     })?
@@ -333,7 +351,8 @@ pub(crate) async fn within_ping_bound<T>(
 #[derive(Clone, Default)]
 pub(super) struct GaveUp(std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>);
 
-/// What [`GaveUp::release_check`] answers for a connection: whether to keep it.
+/// What [`GaveUp::release_check`] and [`GaveUp::acquire_check`] answer for
+/// a connection: whether to keep it.
 type ReleaseCheck<'c> = std::pin::Pin<
     Box<dyn std::future::Future<Output = std::result::Result<bool, sqlx::Error>> + Send + 'c>,
 >;
@@ -351,6 +370,46 @@ impl GaveUp {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_some_and(|at| at.elapsed() < Self::CHECKED_FOR)
+    }
+
+    /// `options` with the daemon's checks of a PostgreSQL or MariaDB/MySQL
+    /// pool's connections, when they come back and when they are handed out.
+    fn checks<DB: sqlx::Database>(
+        &self,
+        options: sqlx::pool::PoolOptions<DB>,
+    ) -> sqlx::pool::PoolOptions<DB> {
+        options
+            .after_release(self.release_check())
+            .test_before_acquire(false)
+            .before_acquire(self.acquire_check())
+    }
+
+    /// The pool's `before_acquire` hook, in place of sqlx's own ping of an
+    /// idle connection before it is handed out, which has no bound but the
+    /// whole acquire's 5 s: bounded by [`ACQUIRE_PING_BOUND`]. A connection
+    /// that fails it is closed and the acquire goes on with a new one, and
+    /// the connections coming back are checked for a while (the pool's
+    /// others are suspect too). After a silent failover every idle
+    /// connection of the pool is dead alike: sqlx's ping made an acquire
+    /// fail after 5 s for each one, which made each a "pool timed out"
+    /// error, a backoff and a retry.
+    fn acquire_check<C: sqlx::Connection>(
+        &self,
+    ) -> impl for<'c> Fn(&'c mut C, sqlx::pool::PoolConnectionMetadata) -> ReleaseCheck<'c>
+           + Send
+           + Sync
+           + 'static {
+        let gave_up = self.clone();
+        move |connection, _| {
+            let gave_up = gave_up.clone();
+            Box::pin(async move {
+                if let Err(error) = within(ACQUIRE_PING_BOUND, connection.ping()).await {
+                    gave_up.now();
+                    return Err(error);
+                }
+                Ok(true)
+            })
+        }
     }
 
     /// The pool's `after_release` hook.
