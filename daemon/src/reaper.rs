@@ -21,7 +21,7 @@ use anyhow::Result;
 
 use crate::procinfo::{self, Identity, Probe};
 use crate::request::RequestId;
-use crate::store::Store;
+use crate::store::{Store, NOT_COUNTED};
 
 /// A row the reaper marked (or, in a dry run, would mark), and why.
 #[derive(Debug, Clone)]
@@ -114,7 +114,7 @@ pub(crate) async fn reap(
         }
         let (reason, give_back) = unrecorded(
             &format!("its daemon is gone ({why})"),
-            row.text_before.as_deref(),
+            row.given_back_before,
             host,
         );
         if dry_run
@@ -141,7 +141,7 @@ pub(crate) async fn reap(
         let (reason, give_back) = if row.pid_recorded {
             (format!("crashed: {lapsed}"), false)
         } else {
-            unrecorded(&lapsed, row.text_before.as_deref(), host)
+            unrecorded(&lapsed, row.given_back_before, host)
         };
         if dry_run
             || store
@@ -167,8 +167,8 @@ pub(crate) async fn reap(
 /// given back so too: a task that kills its own daemon (say a cgroup's OOM
 /// kill taking the whole service down) within its first milliseconds still
 /// reaches its try limit, at every second such try.
-fn unrecorded(what: &str, text_before: Option<&str>, host: &str) -> (String, bool) {
-    if text_before.is_some_and(|text| text.starts_with(NOT_COUNTED)) {
+fn unrecorded(what: &str, given_back_before: bool, host: &str) -> (String, bool) {
+    if given_back_before {
         (
             format!(
                 "crashed: {what} and no task process was recorded, for the second try in a row: \
@@ -185,9 +185,6 @@ fn unrecorded(what: &str, text_before: Option<&str>, host: &str) -> (String, boo
         )
     }
 }
-
-/// How the result text of a try the reaper gave back starts.
-const NOT_COUNTED: &str = "not counted: ";
 
 /// Whether the daemon instance named in `claimed_by` is a live process of
 /// this host and boot (false when the name carries no identity).

@@ -32,8 +32,8 @@ pub(crate) struct UnstartedRow {
     pub(crate) claim_token: Option<ClaimToken>,
     /// The daemon instance holding the row ("" when none).
     pub(crate) claimed_by: String,
-    /// The `result_text` its try before left.
-    pub(crate) text_before: Option<String>,
+    /// Whether the reaper gave its try before back.
+    pub(crate) given_back_before: bool,
 }
 
 /// A RUNNING row whose heartbeat is older than the lease.
@@ -45,8 +45,8 @@ pub(crate) struct LapsedRow {
     pub(crate) heartbeat_at: Option<String>,
     /// Whether its daemon recorded the try's process.
     pub(crate) pid_recorded: bool,
-    /// The `result_text` its try before left.
-    pub(crate) text_before: Option<String>,
+    /// Whether the reaper gave its try before back.
+    pub(crate) given_back_before: bool,
 }
 
 impl Store {
@@ -94,7 +94,7 @@ impl Store {
                     id: RequestId(row.int(0)?),
                     claim_token: row.opt_text(1)?.map(ClaimToken::from_row),
                     claimed_by: row.text(2)?,
-                    text_before: row.opt_text(3)?,
+                    given_back_before: row.int(3)? != 0,
                 }))
                 .collect::<sqlx::Result<_>>()?
         }))
@@ -119,7 +119,7 @@ impl Store {
                     claim_token: row.opt_text(2)?.map(ClaimToken::from_row),
                     heartbeat_at: row.opt_text(3)?,
                     pid_recorded: row.int(4)? != 0,
-                    text_before: row.opt_text(5)?,
+                    given_back_before: row.int(5)? != 0,
                 }))
                 .collect::<sqlx::Result<_>>()?
         }))

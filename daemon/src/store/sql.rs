@@ -358,6 +358,9 @@ fn cancel_text(row: &str, result: &str, result_text: &str) -> String {
     )
 }
 
+/// How the result text of a try the reaper gave back starts.
+pub(crate) const NOT_COUNTED: &str = "not counted: ";
+
 /// The state the reaper writes: CRASHED, or INTERRUPTED when it gives the
 /// try back (`$4` = 1).
 const REAPED_RESULT: &str = "(CASE WHEN $4 = 1 THEN 'INTERRUPTED' ELSE 'CRASHED' END)";
@@ -446,12 +449,12 @@ pub struct Sql {
     /// Rows on host `$1` that are RUNNING with a pid, not held by instance `$2`.
     pub(crate) running_on_host: String,
     /// Rows on host `$1` that are RUNNING without a pid (claimed, process not
-    /// started or not yet announced), not held by instance `$2`, with the
-    /// `result_text` of their try before.
+    /// started or not yet announced), not held by instance `$2`, with
+    /// whether the reaper gave their try before back.
     pub(crate) unstarted_on_host: String,
     /// RUNNING rows whose heartbeat is older than `$1` seconds, not held by
-    /// instance `$2`, with whether a pid was recorded and the `result_text`
-    /// of their try before.
+    /// instance `$2`, with whether a pid was recorded and whether the reaper
+    /// gave their try before back.
     pub(crate) lapsed_leases: String,
     /// Fenced on the token read before (`$2`, `$3`): marks a row the reaper
     /// found dead CRASHED, or with `$4` = 1 gives its try back (INTERRUPTED,
@@ -576,6 +579,12 @@ impl Sql {
         let plus = |seconds: &str| d.now_plus(seconds);
         let show = |column: &str| d.show_time(column);
         let int = |column: &str| d.int64(column);
+        // Whether the reaper gave the row's try before back (see
+        // `crate::reaper`): read without loading the text.
+        let given_back_before = format!(
+            "(CASE WHEN substr(result_text, 1, {}) = '{NOT_COUNTED}' THEN 1 ELSE 0 END)",
+            NOT_COUNTED.len()
+        );
         let runnable_now = format!("{RUNNABLE} AND (delay_until IS NULL OR delay_until <= {now})");
         let claim_set = format!(
             "SET result = 'RUNNING', tries = tries + 1, started_at = {now}, heartbeat_at = {now}, \
@@ -826,15 +835,16 @@ impl Sql {
                 d.epoch_seconds("started_at")
             ),
             unstarted_on_host: format!(
-                "SELECT {}, claim_token, coalesce(claimed_by, ''), result_text \
+                "SELECT {}, claim_token, coalesce(claimed_by, ''), {} \
                    FROM task_runner_requests \
                   WHERE result = 'RUNNING' AND host = $1 AND pid IS NULL \
                     AND claimed_by IS DISTINCT FROM $2 \
                   ORDER BY id",
-                int("id")
+                int("id"),
+                int(&given_back_before)
             ),
             lapsed_leases: format!(
-                "SELECT {}, coalesce(host, ''), claim_token, {}, {}, result_text \
+                "SELECT {}, coalesce(host, ''), claim_token, {}, {}, {} \
                    FROM task_runner_requests \
                   WHERE result = 'RUNNING' \
                     AND (heartbeat_at IS NULL OR heartbeat_at < {}) \
@@ -843,6 +853,7 @@ impl Sql {
                 int("id"),
                 show("heartbeat_at"),
                 int("(CASE WHEN pid IS NULL THEN 0 ELSE 1 END)"),
+                int(&given_back_before),
                 plus("-$1")
             ),
             mark_crashed: format!(
