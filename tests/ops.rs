@@ -516,6 +516,36 @@ async fn stale_pidfile_and_socket_of_a_killed_daemon_are_taken_over() {
     assert!(!pidfile.exists() && !socket.exists());
 }
 
+/// A daemon killed -9 while one of its tasks was between its `clone` and
+/// its `exec` leaves that process holding the listening control socket for
+/// a moment: it takes connections, never answers, and closes them as it
+/// goes. The next daemon must not take it for a live daemon: under heavy
+/// load the chaos test's restarted daemon refused to start so ("another
+/// daemon answers on the control socket").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_socket_held_without_an_answer_does_not_stop_the_next_daemon() {
+    use std::os::unix::fs::DirBuilderExt;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let config = write_config(&db, "d", "");
+    let run = config.parent().unwrap().join("run");
+    std::fs::DirBuilder::new().mode(0o700).create(&run).unwrap();
+    let socket = run.join("daemon.sock");
+    let holder = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    holder.set_nonblocking(true).unwrap();
+    let mut daemon = Daemon::start_with_config(&config, &[]);
+    // The new daemon's connection is taken, never answered, and closed
+    // with the holder.
+    wait_until(WAIT, "the new daemon to connect", || {
+        holder.accept().is_ok()
+    });
+    drop(holder);
+    daemon.wait_ready();
+    let answer = socket_exchange(&socket, b"status\n");
+    let status: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(status["pid"], daemon.pid());
+    assert!(daemon.stop().success());
+}
+
 // ---------------------------------------------------------------------------
 // --daemonize
 

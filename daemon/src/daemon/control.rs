@@ -54,11 +54,17 @@ impl Listening {
     /// `status` right after start finds it.
     pub(super) fn bind(path: &Path) -> Result<Listening> {
         prepare_directory(path)?;
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!(
+        match probe(path) {
+            Probe::Answered => bail!(
                 "another daemon answers on the control socket {}",
                 path.display()
-            );
+            ),
+            Probe::Silent => bail!(
+                "something holds the control socket {} (it took a connection but neither answered nor closed it within {}s): another daemon, hung?",
+                path.display(),
+                PROBE_WAIT.as_secs()
+            ),
+            Probe::Nobody => {}
         }
         let name = path.to_fs_name::<GenericFilePath>()?;
         let listener = ListenerOptions::new()
@@ -242,6 +248,51 @@ async fn status(shared: &View) -> Status {
 }
 
 /// Creates the directory (mode 0700) if missing; refuses one that others can enter.
+/// How long [`probe`] waits for an answer.
+const PROBE_WAIT: Duration = Duration::from_secs(5);
+
+/// What is found on a control socket's path before binding it.
+enum Probe {
+    /// A daemon answered.
+    Answered,
+    /// A connection was taken, and neither answered nor closed.
+    Silent,
+    /// No connection, or one closed without an answer.
+    Nobody,
+}
+
+/// Whether a daemon answers on the control socket at `path`: an empty line
+/// gets any daemon's one-line answer. That a connection is taken is not
+/// enough: a process that holds the listening socket without serving it
+/// takes connections too. One is the task process of a daemon just killed
+/// -9, in the moment between its `clone` and its `exec` (it has the
+/// daemon's descriptors then): seen under heavy load, where the restarted
+/// daemon refused to start. Such a holder closes the connection as it
+/// goes, without an answer.
+fn probe(path: &Path) -> Probe {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::os::unix::net::UnixStream::connect(path) else {
+        return Probe::Nobody;
+    };
+    if stream.set_read_timeout(Some(PROBE_WAIT)).is_err() || stream.write_all(b"\n").is_err() {
+        return Probe::Nobody;
+    }
+    let mut first = [0u8; 1];
+    match stream.read(&mut first) {
+        Ok(0) => Probe::Nobody,
+        Ok(_) => Probe::Answered,
+        Err(error)
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Probe::Silent
+        }
+        Err(_) => Probe::Nobody,
+    }
+}
+
 fn prepare_directory(path: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let dir = path
