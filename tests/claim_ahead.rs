@@ -88,7 +88,7 @@ async fn rows_claimed_ahead_are_given_back_at_shutdown(backend: Backend) {
 async fn rows_claimed_ahead_by_a_killed_daemon_run_again_before_the_lease_lapses(backend: Backend) {
     let db = TestDb::new(backend).await;
     insert_many(&db, "Quick", 400).await;
-    // A lease far longer than the deadline below: only the reaper's check of
+    // A lease (120 s) far longer than the deadline below (60 s): only the reaper's check of
     // the dead daemon's identity can free its rows in time.
     let config =
         format!("max_concurrent: 2\nlease_timeout: 120s\nheartbeat_interval: 10s\n{TASKS}");
@@ -107,7 +107,7 @@ async fn rows_claimed_ahead_by_a_killed_daemon_run_again_before_the_lease_lapses
     db.wait_for_count(
         "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED'",
         400,
-        Duration::from_secs(30),
+        WAIT,
     )
     .await;
     // Only a try whose process the dead daemon had recorded counts.
