@@ -892,15 +892,23 @@ async fn new_rows_start_without_waiting_for_the_poll_when_the_wakeup_connection_
                     .is_some_and(|next| next > 30.0)
             })
     });
-    let silent = Instant::now();
+    a_new_row_runs_once(&db, "the wake-up connection went silent", WAIT).await;
+    assert!(daemon.stop().success(), "{}", daemon.log_text());
+}
+
+/// Enqueues a `Short` row, waits up to `wait` for it to finish in its
+/// first try, and says how long that took after `event`.
+async fn a_new_row_runs_once(db: &TestDb, event: &str, wait: Duration) -> Duration {
+    let since = Instant::now();
     let id = db.enqueue("Short", None).await;
-    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    let row = db.wait_for_state(id, "FINISHED", wait).await;
+    let took = since.elapsed();
     println!(
-        "the row inserted after the wake-up connection went silent ran {:.1}s later",
-        silent.elapsed().as_secs_f64()
+        "the row inserted after {event} ran {:.1}s later",
+        took.as_secs_f64()
     );
     assert_eq!(row.tries, 1, "{row:#?}");
-    assert!(daemon.stop().success(), "{}", daemon.log_text());
+    took
 }
 
 multi_host_backends!(idle_connections_gone_silent_in_a_failover_are_replaced_without_pool_timeouts);
@@ -937,14 +945,7 @@ async fn idle_connections_gone_silent_in_a_failover_are_replaced_without_pool_ti
         db.wait_for_state(id, "FINISHED", WAIT).await;
     }
     proxy.fail_over();
-    let failed_over = Instant::now();
-    let id = db.enqueue("Short", None).await;
-    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
-    println!(
-        "the row inserted after the failover ran {:.1}s later",
-        failed_over.elapsed().as_secs_f64()
-    );
-    assert_eq!(row.tries, 1, "{row:#?}");
+    a_new_row_runs_once(&db, "the failover", WAIT).await;
     let log = daemon.log_text();
     assert!(!log.contains("pool timed out"), "{log}");
     assert!(daemon.stop().success(), "{}", daemon.log_text());
@@ -997,17 +998,7 @@ async fn a_listen_connection_gone_silent_after_a_failover_is_replaced() {
         }
     });
     proxy.fail_over();
-    let failed_over = Instant::now();
-    let id = db.enqueue("Short", None).await;
-    let row = db
-        .wait_for_state(id, "FINISHED", Duration::from_secs(90))
-        .await;
-    let took = failed_over.elapsed();
-    println!(
-        "the row inserted after the failover ran {:.1}s later",
-        took.as_secs_f64()
-    );
-    assert_eq!(row.tries, 1, "{row:#?}");
+    let took = a_new_row_runs_once(&db, "the failover", Duration::from_secs(90)).await;
     assert!(took < Duration::from_secs(60), "{}", daemon.log_text());
     assert!(
         daemon

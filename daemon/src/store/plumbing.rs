@@ -309,7 +309,7 @@ impl std::error::Error for NoAnswer {}
 const PING_BOUND: Duration = Duration::from_secs(5);
 
 /// How long an idle connection may take to answer its ping before the
-/// pool hands it out (see [`GaveUp::acquire_check`]): under the acquire's
+/// pool hands it out (see [`GaveUp::ping_check`]): under the acquire's
 /// own 5 s, so that a new connection can be opened in its place.
 const ACQUIRE_PING_BOUND: Duration = Duration::from_secs(2);
 
@@ -351,8 +351,7 @@ async fn within<T>(
 #[derive(Clone, Default)]
 pub(super) struct GaveUp(std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>);
 
-/// What [`GaveUp::release_check`] and [`GaveUp::acquire_check`] answer for
-/// a connection: whether to keep it.
+/// What [`GaveUp::ping_check`] answers for a connection: whether to keep it.
 type ReleaseCheck<'c> = std::pin::Pin<
     Box<dyn std::future::Future<Output = std::result::Result<bool, sqlx::Error>> + Send + 'c>,
 >;
@@ -373,63 +372,65 @@ impl GaveUp {
     }
 
     /// `options` with the daemon's checks of a PostgreSQL or MariaDB/MySQL
-    /// pool's connections, when they come back and when they are handed out.
+    /// pool's connections, when they are handed out and when they come back.
     fn checks<DB: sqlx::Database>(
         &self,
         options: sqlx::pool::PoolOptions<DB>,
     ) -> sqlx::pool::PoolOptions<DB> {
         options
-            .after_release(self.release_check())
             .test_before_acquire(false)
-            .before_acquire(self.acquire_check())
+            .before_acquire(self.ping_check(Check::Acquire))
+            .after_release(self.ping_check(Check::Release))
     }
 
-    /// The pool's `before_acquire` hook, in place of sqlx's own ping of an
-    /// idle connection before it is handed out, which has no bound but the
-    /// whole acquire's 5 s: bounded by [`ACQUIRE_PING_BOUND`]. A connection
-    /// that fails it is closed and the acquire goes on with a new one, and
-    /// the connections coming back are checked for a while (the pool's
-    /// others are suspect too). After a silent failover every idle
-    /// connection of the pool is dead alike: sqlx's ping made an acquire
-    /// fail after 5 s for each one, which made each a "pool timed out"
-    /// error, a backoff and a retry.
-    fn acquire_check<C: sqlx::Connection>(
+    /// A pool hook that pings a connection with a bound, and closes it
+    /// (an error, not `false`: sqlx then closes it without the goodbye a
+    /// graceful close would wait on) if it does not answer:
+    /// - before the pool hands an idle connection out, always, within
+    ///   [`ACQUIRE_PING_BOUND`], in place of sqlx's own ping, whose only
+    ///   bound is the whole acquire's 5 s. After a silent failover every
+    ///   idle connection of the pool is dead alike: sqlx's ping made an
+    ///   acquire fail after 5 s for each one, a "pool timed out" error, a
+    ///   backoff and a retry; now the acquire goes on with a new one;
+    /// - when a connection comes back, only for [`Self::CHECKED_FOR`] after
+    ///   a call was given up (or a connection failed a check), within
+    ///   [`PING_BOUND`].
+    ///
+    /// A connection that fails either makes the others suspect too.
+    fn ping_check<C: sqlx::Connection>(
         &self,
+        check: Check,
     ) -> impl for<'c> Fn(&'c mut C, sqlx::pool::PoolConnectionMetadata) -> ReleaseCheck<'c>
            + Send
            + Sync
            + 'static {
         let gave_up = self.clone();
         move |connection, _| {
+            let bound = match check {
+                Check::Acquire => Some(ACQUIRE_PING_BOUND),
+                Check::Release => gave_up.recently().then_some(PING_BOUND),
+            };
             let gave_up = gave_up.clone();
             Box::pin(async move {
-                if let Err(error) = within(ACQUIRE_PING_BOUND, connection.ping()).await {
-                    gave_up.now();
-                    return Err(error);
+                if let Some(bound) = bound {
+                    if let Err(error) = within(bound, connection.ping()).await {
+                        gave_up.now();
+                        return Err(error);
+                    }
                 }
                 Ok(true)
             })
         }
     }
+}
 
-    /// The pool's `after_release` hook.
-    fn release_check<C: sqlx::Connection>(
-        &self,
-    ) -> impl for<'c> Fn(&'c mut C, sqlx::pool::PoolConnectionMetadata) -> ReleaseCheck<'c>
-           + Send
-           + Sync
-           + 'static {
-        let gave_up = self.clone();
-        move |connection, _| {
-            let check = gave_up.recently();
-            Box::pin(async move {
-                if check {
-                    within_ping_bound(connection.ping()).await?;
-                }
-                Ok(true)
-            })
-        }
-    }
+/// When [`GaveUp::ping_check`] checks a connection.
+#[derive(Clone, Copy)]
+enum Check {
+    /// Before the pool hands it out.
+    Acquire,
+    /// When it comes back to the pool.
+    Release,
 }
 
 impl Store {
