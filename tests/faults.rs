@@ -770,15 +770,25 @@ async fn daemon_behind_a_silence(
     times: usize,
 ) -> (Daemon, Proxy) {
     let proxy = Proxy::start_repeated(&db.url, Fault::Silence(needle), times).await;
-    let daemon = Daemon::start(
+    let daemon = daemon_behind(
+        db,
+        &proxy,
+        "heartbeat_interval: 500ms\nkill_grace: 1s\nlease_timeout: 3s\npoll_interval: 500ms\n",
+    );
+    (daemon, proxy)
+}
+
+/// A daemon whose database connections go through `proxy`, with
+/// `settings` and the task types `Short` and `Long`.
+fn daemon_behind(db: &TestDb, proxy: &Proxy, settings: &str) -> Daemon {
+    Daemon::start(
         db,
         "d",
         &format!(
-            "database_url: {}\nheartbeat_interval: 500ms\nkill_grace: 1s\nlease_timeout: 3s\npoll_interval: 500ms\ntasks:\n  Short:\n    command: [/bin/true]\n  Long:\n    command: [/bin/sleep, '60']\n",
+            "database_url: {}\n{settings}tasks:\n  Short:\n    command: [/bin/true]\n  Long:\n    command: [/bin/sleep, '60']\n",
             proxy.url
         ),
-    );
-    (daemon, proxy)
+    )
 }
 
 /// `first`, enqueued before the silence, and a row enqueued after it both
@@ -869,13 +879,10 @@ async fn new_rows_start_without_waiting_for_the_poll_when_the_wakeup_connection_
         _ => "max(id) FROM task_runner_flows",
     };
     let proxy = Proxy::start(&db.url, Fault::Silence(needle)).await;
-    let mut daemon = Daemon::start(
+    let mut daemon = daemon_behind(
         &db,
-        "d",
-        &format!(
-            "database_url: {}\nheartbeat_interval: 500ms\nkill_grace: 1s\nlease_timeout: 3s\npoll_interval: 60s\ntasks:\n  Short:\n    command: [/bin/true]\n",
-            proxy.url
-        ),
+        &proxy,
+        "heartbeat_interval: 500ms\nkill_grace: 1s\nlease_timeout: 3s\npoll_interval: 60s\n",
     );
     wait_until(WAIT, "the wake-up connection to go silent", || {
         proxy.tripped()
@@ -925,13 +932,10 @@ async fn idle_connections_gone_silent_in_a_failover_are_replaced_without_pool_ti
 ) {
     let db = TestDb::new(backend).await;
     let proxy = Proxy::transparent(&db.url).await;
-    let mut daemon = Daemon::start(
+    let mut daemon = daemon_behind(
         &db,
-        "d",
-        &format!(
-            "database_url: {}\nmax_concurrent: 4\nheartbeat_interval: 10s\nkill_grace: 1s\nlease_timeout: 12s\npoll_interval: 1s\ntasks:\n  Short:\n    command: [/bin/true]\n",
-            proxy.url
-        ),
+        &proxy,
+        "max_concurrent: 4\nheartbeat_interval: 10s\nkill_grace: 1s\nlease_timeout: 12s\npoll_interval: 1s\n",
     );
     // Several of the pool's connections in use, then idle.
     let warm: Vec<RequestId> = {
@@ -961,13 +965,10 @@ async fn idle_connections_gone_silent_in_a_failover_are_replaced_without_pool_ti
 async fn a_listen_connection_gone_silent_after_a_failover_is_replaced() {
     let db = TestDb::new(Backend::Postgres).await;
     let proxy = Proxy::transparent(&db.url).await;
-    let mut daemon = Daemon::start(
+    let mut daemon = daemon_behind(
         &db,
-        "d",
-        &format!(
-            "database_url: {}\nheartbeat_interval: 10s\nkill_grace: 1s\nlease_timeout: 12s\npoll_interval: 120s\nreap_interval: 120s\ntasks:\n  Short:\n    command: [/bin/true]\n",
-            proxy.url
-        ),
+        &proxy,
+        "heartbeat_interval: 10s\nkill_grace: 1s\nlease_timeout: 12s\npoll_interval: 120s\nreap_interval: 120s\n",
     );
     db.wait_for_count(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'taskrunner' \
