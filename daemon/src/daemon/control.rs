@@ -247,7 +247,6 @@ async fn status(shared: &View) -> Status {
     }
 }
 
-/// Creates the directory (mode 0700) if missing; refuses one that others can enter.
 /// How long [`probe`] waits for an answer.
 const PROBE_WAIT: Duration = Duration::from_secs(5);
 
@@ -293,6 +292,7 @@ fn probe(path: &Path) -> Probe {
     }
 }
 
+/// Creates the directory (mode 0700) if missing; refuses one that others can enter.
 fn prepare_directory(path: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let dir = path
