@@ -938,16 +938,13 @@ async fn idle_connections_gone_silent_in_a_failover_are_replaced_without_pool_ti
         "max_concurrent: 4\nheartbeat_interval: 10s\nkill_grace: 1s\nlease_timeout: 12s\npoll_interval: 1s\n",
     );
     // Several of the pool's connections in use, then idle.
-    let warm: Vec<RequestId> = {
-        let mut ids = Vec::new();
-        for _ in 0..12 {
-            ids.push(db.enqueue("Short", None).await);
-        }
-        ids
-    };
-    for id in warm {
-        db.wait_for_state(id, "FINISHED", WAIT).await;
-    }
+    db.insert_rows(vec![NewRow::new("Short"); 12]).await;
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED'",
+        12,
+        WAIT,
+    )
+    .await;
     proxy.fail_over();
     a_new_row_runs_once(&db, "the failover", WAIT).await;
     let log = daemon.log_text();
