@@ -706,6 +706,61 @@ async fn daemon_that_loses_postgres_kills_its_tasks_before_the_lease_lapses(back
     assert!(daemon.stop().success());
 }
 
+multi_host_backends!(an_outage_that_ends_before_the_fencing_deadline_costs_no_task);
+
+// The database goes away right after a lease renewal and comes back after
+// the first failed renewal ended, two seconds before the self-fencing
+// deadline. Renewals: t0, then one at 4 s that waits (bounded by the
+// interval) for the server until 8 s; the deadline is 15 − 4 − 1 = 10 s
+// after t0. A failed renewal is tried again a second later, so the try made
+// at 9 s renews the lease and the task runs on. (With a whole interval
+// between tries the next was due at 12 s: the daemon killed its task at
+// 10 s, for an outage that was over.)
+async fn an_outage_that_ends_before_the_fencing_deadline_costs_no_task(backend: Backend) {
+    let mut server = PrivateServer::start(backend);
+    let db = server.test_db().await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "heartbeat_interval: 4s\nkill_grace: 1s\nlease_timeout: 15s\ntasks:\n  Nap:\n    command: [/bin/sleep, '30']\n",
+    );
+    let id = db.enqueue("Nap", None).await;
+    let task_pid = db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32;
+    let heartbeat_ms = match backend {
+        Backend::MySql => format!(
+            "SELECT CAST(UNIX_TIMESTAMP(heartbeat_at) * 1000 AS SIGNED) FROM task_runner_requests WHERE id = {id}"
+        ),
+        _ => format!(
+            "SELECT (extract(epoch FROM heartbeat_at) * 1000)::bigint FROM task_runner_requests WHERE id = {id}"
+        ),
+    };
+    let before = db.scalar(&heartbeat_ms).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while db.scalar(&heartbeat_ms).await == before {
+        assert!(Instant::now() < deadline, "no lease renewal within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let renewed = Instant::now();
+    server.stop();
+    tokio::time::sleep_until((renewed + Duration::from_millis(8300)).into()).await;
+    server.start_again();
+    println!(
+        "the database was back {:.1}s after the last renewal (self-fencing deadline: 10 s)",
+        renewed.elapsed().as_secs_f64()
+    );
+    // Past the deadline, and past the renewal due a whole interval later.
+    tokio::time::sleep_until((renewed + Duration::from_secs(13)).into()).await;
+    let log = daemon.log_text();
+    assert!(
+        process_exists(task_pid),
+        "the task was killed for an outage that ended before the deadline:\n{log}"
+    );
+    assert!(!log.contains("no heartbeat renewal"), "{log}");
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 1);
+    assert!(daemon.stop().success());
+}
+
 multi_host_backends!(a_daemon_told_to_stop_while_its_database_does_not_answer_exits_soon);
 
 // The database stops answering (its server stopped with SIGSTOP: every

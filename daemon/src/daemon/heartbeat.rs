@@ -9,6 +9,10 @@
 //! successful renewal (monotonic clock) it kills its own tasks, and one row
 //! never runs on two hosts at once. On SQLite (one host) it keeps
 //! supervising through an outage instead, and records outcomes later.
+//! After a failed renewal the next one is tried [`RETRY_AFTER_FAILURE`]
+//! later, not a whole `heartbeat_interval`: an outage that ends before the
+//! deadline then costs no task (with a full interval between tries, one
+//! that ended up to an interval before it still did).
 //!
 //! Rows held but never started: a claim whose answer was lost (the
 //! connection dropped after PostgreSQL committed the `UPDATE … RETURNING`)
@@ -36,6 +40,10 @@ use crate::store::{Backend, Store, Write};
 use crate::supervisor::StopReason;
 use crate::task_types::Setup;
 
+/// How soon a failed renewal is tried again (or `heartbeat_interval`, if
+/// shorter).
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
 /// Renews the leases of this daemon's rows, stops the tries cancelled or
 /// lost, and fences the daemon off when it cannot renew (see the module's doc).
 pub(super) struct Heartbeat {
@@ -54,6 +62,7 @@ impl Heartbeat {
     pub(super) async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
         let mut last_renewal = Instant::now();
         let mut fenced = false;
+        let mut failed = false;
         // Rows held at the last renewal that no try of this daemon runs.
         let mut strays: HashMap<crate::request::RequestId, ClaimToken> = HashMap::new();
         loop {
@@ -63,8 +72,13 @@ impl Heartbeat {
                 .saturating_sub(config.heartbeat_interval + config.defaults.kill_grace);
             let fence_deadline =
                 (self.store.backend() != Backend::Sqlite).then(|| last_renewal + self_fence_after);
+            let pause = if failed {
+                RETRY_AFTER_FAILURE.min(config.heartbeat_interval)
+            } else {
+                config.heartbeat_interval
+            };
             tokio::select! {
-                _ = tokio::time::sleep(config.heartbeat_interval) => {}
+                _ = tokio::time::sleep(pause) => {}
                 // A local `cancel` asked: renew early, which reads the cancels.
                 _ = self.check_cancels.notified() => {}
                 _ = crate::units::sleep_until_opt(fence_deadline), if !fenced => {
@@ -93,10 +107,12 @@ impl Heartbeat {
                     self.health.succeeded("renewing heartbeats");
                     last_renewal = Instant::now();
                     fenced = false;
+                    failed = false;
                     held
                 }
                 Err(error) => {
                     self.health.failed("renewing heartbeats", &error);
+                    failed = true;
                     continue;
                 }
             };
