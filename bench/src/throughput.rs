@@ -44,6 +44,12 @@ impl Round {
     fn ratio(&self) -> f64 {
         self.rate / self.ceiling
     }
+
+    /// The CPUs a drain at 90% of the ceiling would keep busy, if each task
+    /// cost the machine what it cost in this drain.
+    fn cpus_at_target(&self, rows: usize) -> f64 {
+        0.9 * self.ceiling * self.machine_cpu.as_secs_f64() / rows.max(1) as f64
+    }
 }
 
 impl Case {
@@ -250,6 +256,7 @@ pub fn table(cases: &[Case], rows: usize) -> Table {
             "daemon CPU ms/task",
             "task CPU ms/task",
             "machine CPU ms/task",
+            "CPUs at 90%",
             "daemon context switches/task",
             "DB statements/task",
         ],
@@ -276,6 +283,7 @@ pub fn table(cases: &[Case], rows: usize) -> Table {
             per_task(median.usage.cpu, case.rows),
             per_task(median.usage.children_cpu, case.rows),
             per_task(median.machine_cpu, case.rows),
+            format!("{:.2}", median.cpus_at_target(case.rows)),
             format!(
                 "{:.1}",
                 median.usage.context_switches as f64 / case.rows.max(1) as f64
@@ -291,6 +299,8 @@ pub fn table(cases: &[Case], rows: usize) -> Table {
          no database, same concurrency, measured right before the drain; fork+exec: the same forced through fork by a pre_exec hook (the daemon starts tasks with clone(CLONE_VM|CLONE_VFORK), like posix_spawn). \
          CPU per task: the daemon's own, its task processes', and the whole machine's busy time during the drain \
          (the rest is the database server, the kernel, and anything else running on the machine); \
+         CPUs at 90%: the CPUs that a drain at 90% of the ceiling would keep busy, at this drain's machine CPU per task \
+         (more than the machine has: the target needs less CPU per task, not less waiting); \
          context switches: all the daemon's threads, voluntary and not. \
          DB statements/task: database round trips the daemon sent during the drain (claims, writes about tries, \
          heartbeats, reaping, change checks; BEGIN and COMMIT count), from `status`, ÷ rows.",
