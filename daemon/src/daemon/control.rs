@@ -19,8 +19,10 @@ use crate::task_types::Setup;
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 4096;
 
-/// Connections answered at once; more wait in the listen backlog, so that
-/// idle connections cannot take the daemon's file descriptors.
+/// Connections answered at once (fewer under a low descriptor limit: see
+/// [`crate::supervisor::resources::control_connections`]); more wait in the
+/// listen backlog, so that idle connections cannot take the daemon's file
+/// descriptors.
 const MAX_CONNECTIONS: usize = 32;
 
 /// How long a connection may take to send its line and read the answer.
@@ -95,7 +97,9 @@ impl Control {
             check_cancels,
             shutdown,
         });
-        let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let open = Arc::new(tokio::sync::Semaphore::new(
+            crate::supervisor::resources::control_connections(MAX_CONNECTIONS),
+        ));
         let mut backoff = crate::health::Backoff::default();
         let mut warned: Option<std::time::Instant> = None;
         let mut failed_accepts = 0u64;
@@ -134,7 +138,7 @@ impl Control {
             };
             let answering = answering.clone();
             // A client that connects and never writes holds only its own
-            // task and one of the MAX_CONNECTIONS permits, for a while.
+            // task and one of the permits, for a while.
             tokio::spawn(async move {
                 let _permit = permit;
                 let _ =

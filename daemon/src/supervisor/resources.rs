@@ -48,9 +48,8 @@ pub(crate) fn task_open_files() -> Option<(u64, u64)> {
     (soft < hard).then_some((soft, hard))
 }
 
-/// A warning when `max_concurrent` tries cannot all hold their descriptors
-/// under the daemon's limit, counting what it has open now.
-pub(crate) fn open_files_warning(max_concurrent: usize) -> Option<String> {
+/// The daemon's soft `RLIMIT_NOFILE` now.
+fn open_files_limit() -> Option<u64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -59,15 +58,34 @@ pub(crate) fn open_files_warning(max_concurrent: usize) -> Option<String> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return None;
     }
+    Some(limit.rlim_cur)
+}
+
+/// A warning when `max_concurrent` tries cannot all hold their descriptors
+/// under the daemon's limit, counting what it has open now.
+pub(crate) fn open_files_warning(max_concurrent: usize) -> Option<String> {
+    let limit = open_files_limit()?;
     let open = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
     // Room for a start's pipes and the database connections that come and go.
     let needed = open + PER_TRY * max_concurrent as u64 + 16;
-    (needed > limit.rlim_cur).then(|| {
+    (needed > limit).then(|| {
         format!(
             "max_concurrent {max_concurrent} may not fit in this daemon's file descriptor limit \
-             ({} open, {} allowed, about {needed} needed): tasks will wait for descriptors; \
-             raise LimitNOFILE (ulimit -n) or lower max_concurrent",
-            open, limit.rlim_cur
+             ({open} open, {limit} allowed, about {needed} needed): tasks will wait for descriptors; \
+             raise LimitNOFILE (ulimit -n) or lower max_concurrent"
         )
+    })
+}
+
+/// How many descriptors the control socket's connections may hold at
+/// once: `most`, or an eighth of the daemon's limit if that is fewer (at
+/// least one), so that idle connections never take the descriptors that
+/// task starts need. (At 64, 32 idle connections and the daemon's own 27
+/// left too few for a start: each was given back while they lasted.)
+pub(crate) fn control_connections(most: usize) -> usize {
+    open_files_limit().map_or(most, |limit| {
+        usize::try_from(limit / 8)
+            .unwrap_or(usize::MAX)
+            .clamp(1, most)
     })
 }
