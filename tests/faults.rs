@@ -10,8 +10,8 @@ use nix::unistd::Pid;
 use taskrunner::request::RequestId;
 
 use crate::util::{
-    cli, memory_kib, now_ns, process_exists, wait_until, zombie_children, Backend, Daemon, Fault,
-    NewRow, PrivateServer, Proxy, TestDb,
+    cli, holds_for, memory_kib, now_ns, poll_every, process_exists, wait_until, zombie_children,
+    Backend, Daemon, Fault, NewRow, PrivateServer, Proxy, TestDb,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -735,11 +735,16 @@ async fn an_outage_that_ends_before_the_fencing_deadline_costs_no_task(backend: 
         ),
     };
     let before = db.scalar(&heartbeat_ms).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while db.scalar(&heartbeat_ms).await == before {
-        assert!(Instant::now() < deadline, "no lease renewal within 10 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll_every(
+        Duration::from_millis(20),
+        Duration::from_secs(10),
+        "a lease renewal",
+        async || match db.scalar(&heartbeat_ms).await {
+            seen if seen == before => Err(seen),
+            _ => Ok(()),
+        },
+    )
+    .await;
     let renewed = Instant::now();
     server.stop();
     tokio::time::sleep_until((renewed + Duration::from_millis(8300)).into()).await;
@@ -749,12 +754,16 @@ async fn an_outage_that_ends_before_the_fencing_deadline_costs_no_task(backend: 
         renewed.elapsed().as_secs_f64()
     );
     // Past the deadline, and past the renewal due a whole interval later.
-    tokio::time::sleep_until((renewed + Duration::from_secs(13)).into()).await;
+    holds_for(
+        (renewed + Duration::from_secs(13)).saturating_duration_since(Instant::now()),
+        "the task to run on, its outage over before the deadline",
+        async || match process_exists(task_pid) {
+            true => Ok(()),
+            false => Err(daemon.log_text()),
+        },
+    )
+    .await;
     let log = daemon.log_text();
-    assert!(
-        process_exists(task_pid),
-        "the task was killed for an outage that ended before the deadline:\n{log}"
-    );
     assert!(!log.contains("no heartbeat renewal"), "{log}");
     let row = db.wait_for_state(id, "FINISHED", WAIT).await;
     assert_eq!(row.tries, 1);
