@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use crate::util::{
-    base_config, cli, kill_if_alive, merge_yaml, process_exists, read_pid_file, wait_until,
-    Backend, Daemon, Fault, NewRow, Proxy, TestDb,
+    base_config, cli, kill_if_alive, merge_yaml, process_exists, read_pid_file, set_timer_slack,
+    wait_until, Backend, Daemon, Fault, NewRow, Proxy, TestDb, CLI,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -669,6 +669,58 @@ async fn an_outage_of_writes_while_reads_work_is_logged_once_at_each_end(backend
     assert!(end.contains("recording task results ("), "{end}");
     assert!(end.contains("waiting, none lost"), "{end}");
     assert!(daemon.stop().success());
+}
+
+/// Found by running the suite at load 30: a statement's wait for another
+/// connection's SQLite lock was bounded by a count of 1 ms sleeps (5,000),
+/// not by time. On a loaded machine each sleep lasts longer, so the
+/// daemon's one connection sat in a single wait for a minute or more, every
+/// other statement (and `metrics` through the control socket) queued behind
+/// it. The bound is shared by the daemon and the CLI; here the CLI's
+/// `enqueue` meets another process's write lock with each of its sleeps
+/// overrunning by up to 20 ms (its timer slack, as under heavy load): it must
+/// still give up after 5 s, with one line naming the lock (before: 5,000 ×
+/// 21 ms, 105 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_for_an_sqlite_lock_ends_after_five_seconds_even_when_sleeps_overrun() {
+    use std::os::unix::process::CommandExt;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut lock = None;
+    refuse_writes(&db, true, &mut lock).await;
+    let mut command = std::process::Command::new(CLI);
+    command
+        .args(["--database-url", db.url.as_str(), "enqueue", "NoOp"])
+        .current_dir(&db.scratch.path)
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: set_timer_slack is async-signal-safe.
+    unsafe { command.pre_exec(|| set_timer_slack(Duration::from_millis(20))) };
+    let mut enqueue = command.spawn().unwrap();
+    /// Kills the CLI if the test fails while it still waits.
+    struct KillOnDrop(i32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            kill_if_alive(self.0);
+        }
+    }
+    let still_waiting = KillOnDrop(enqueue.id() as i32);
+    let mut status = None;
+    wait_until(Duration::from_secs(30), "the CLI to give up", || {
+        status = enqueue.try_wait().unwrap();
+        status.is_some()
+    });
+    std::mem::forget(still_waiting);
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut enqueue.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.unwrap().success(), "{stderr}");
+    assert!(stderr.contains("database is locked"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    refuse_writes(&db, false, &mut lock).await;
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests").await,
+        0
+    );
 }
 
 /// Migration 0004 (the triggers that refuse rows that can never run), as

@@ -4,8 +4,12 @@
 /// Sets up logging to stderr, as text or JSON lines.
 pub fn init_logging(format: crate::config::LogFormat) {
     use tracing_subscriber::EnvFilter;
+    // sqlx warns of each statement slower than a second, its whole SQL in
+    // the line: in an outage, of every statement that waited for another
+    // process's lock, where the daemon's outage lines already say it once,
+    // and beside the CLI's one error line. `TASKRUNNER_LOG=debug` shows them.
     let filter = EnvFilter::try_from_env("TASKRUNNER_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,sqlx::query=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

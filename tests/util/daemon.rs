@@ -42,8 +42,20 @@ pub struct DaemonBuilder<'a> {
     config: Mapping,
     tasks: Mapping,
     env: Vec<(String, String)>,
+    process: ProcessSettings,
+}
+
+/// How the daemon's process is started, beyond its config and environment.
+#[derive(Default, Clone, Copy)]
+struct ProcessSettings {
+    /// `RLIMIT_NOFILE` (soft, hard).
     open_files: Option<(u64, u64)>,
+    /// The user (and group) to run as.
     uid: Option<u32>,
+    /// The timer slack of its threads (`PR_SET_TIMERSLACK`, inherited by every
+    /// thread it starts): each short sleep then lasts up to this much longer,
+    /// as on a heavily loaded machine.
+    timer_slack: Option<Duration>,
 }
 
 impl TestDb {
@@ -56,8 +68,7 @@ impl TestDb {
             config: serde_yaml::from_str(&base_config(self, &dir)).unwrap(),
             tasks: Mapping::new(),
             env: Vec::new(),
-            open_files: None,
-            uid: None,
+            process: ProcessSettings::default(),
         }
     }
 }
@@ -117,13 +128,20 @@ impl DaemonBuilder<'_> {
 
     /// Runs it under an `RLIMIT_NOFILE` of (soft, hard).
     pub fn open_files(mut self, nofile: (u64, u64)) -> Self {
-        self.open_files = Some(nofile);
+        self.process.open_files = Some(nofile);
         self
     }
 
     /// Runs it as user `uid` (the test must be root).
     pub fn uid(mut self, uid: u32) -> Self {
-        self.uid = Some(uid);
+        self.process.uid = Some(uid);
+        self
+    }
+
+    /// Runs it with every short sleep overrunning by up to `slack`, as on a
+    /// heavily loaded machine (see [`ProcessSettings::timer_slack`]).
+    pub fn timer_slack(mut self, slack: Duration) -> Self {
+        self.process.timer_slack = Some(slack);
         self
     }
 
@@ -160,7 +178,7 @@ impl DaemonBuilder<'_> {
             .iter()
             .map(|(key, value)| (key.as_str(), value.as_str()))
             .collect();
-        let mut daemon = Daemon::spawn(&config, &[], &env, self.open_files, self.uid);
+        let mut daemon = Daemon::spawn(&config, &[], &env, self.process);
         daemon.wait_ready();
         daemon
     }
@@ -207,7 +225,7 @@ impl Daemon {
     }
 
     pub fn start_with_env(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
-        Daemon::spawn(config, args, env, None, None)
+        Daemon::spawn(config, args, env, ProcessSettings::default())
     }
 
     /// Like [`Daemon::start_in_env`], as user `uid` (the test must be root).
@@ -235,8 +253,7 @@ impl Daemon {
         config: &Path,
         args: &[&str],
         env: &[(&str, &str)],
-        nofile: Option<(u64, u64)>,
-        uid: Option<u32>,
+        process: ProcessSettings,
     ) -> Daemon {
         let dir = config.parent().unwrap().to_path_buf();
         let log = dir.join(format!(
@@ -247,21 +264,26 @@ impl Daemon {
                 .as_nanos()
         ));
         let mut command = Command::new(DAEMON);
-        if let Some(uid) = uid {
+        if let Some(uid) = process.uid {
             use std::os::unix::process::CommandExt;
             command.uid(uid).gid(uid);
         }
-        if let Some((soft, hard)) = nofile {
+        if process.open_files.is_some() || process.timer_slack.is_some() {
             use std::os::unix::process::CommandExt;
-            // SAFETY: setrlimit is async-signal-safe.
+            // SAFETY: setrlimit and prctl are async-signal-safe.
             unsafe {
                 command.pre_exec(move || {
-                    let limit = libc::rlimit {
-                        rlim_cur: soft,
-                        rlim_max: hard,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                        return Err(std::io::Error::last_os_error());
+                    if let Some((soft, hard)) = process.open_files {
+                        let limit = libc::rlimit {
+                            rlim_cur: soft,
+                            rlim_max: hard,
+                        };
+                        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    if let Some(slack) = process.timer_slack {
+                        super::set_timer_slack(slack)?;
                     }
                     Ok(())
                 });

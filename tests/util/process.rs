@@ -161,3 +161,16 @@ pub fn most_at_once(log: &Path) -> (usize, i32) {
     }
     (events.len(), most)
 }
+
+/// Sets the calling thread's timer slack (`PR_SET_TIMERSLACK`), which the
+/// threads and processes it then starts inherit, across exec too: each short
+/// sleep lasts up to `slack` longer, as on a heavily loaded machine.
+/// Async-signal-safe: for a `pre_exec` hook.
+pub fn set_timer_slack(slack: std::time::Duration) -> std::io::Result<()> {
+    let nanos = slack.as_nanos() as libc::c_ulong;
+    // SAFETY: prctl with an integer argument; no memory is passed.
+    if unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, nanos, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -726,13 +726,32 @@ async fn retry_locks_promptly(connection: &mut sqlx::SqliteConnection) -> sqlx::
 
 /// SQLite's busy handler (see [`retry_locks_promptly`]): `tries` is how many
 /// times it was called for this lock already; 0 gives up.
+///
+/// The bound is [`SQLITE_BUSY_TIMEOUT`] of wall time since the first call,
+/// not a count of sleeps: a sleep of 1 ms lasts longer on a loaded machine
+/// (or under a coarse timer slack), and 5,000 of them at load 30 held the
+/// daemon's one connection for a minute or more, every other statement of
+/// the daemon (and `metrics` through its control socket) queued behind it.
 extern "C" fn retry_after_a_moment(_: *mut libc::c_void, tries: libc::c_int) -> libc::c_int {
-    let most = (SQLITE_BUSY_TIMEOUT.as_millis() / SQLITE_BUSY_RETRY.as_millis()) as libc::c_int;
-    if tries >= most {
+    thread_local! {
+        /// When this thread's current wait for a lock began.
+        static WAITING_SINCE: std::cell::Cell<Option<std::time::Instant>> =
+            const { std::cell::Cell::new(None) };
+    }
+    // SQLite calls this on the thread that runs the statement (sqlx's worker
+    // thread of the connection, never the runtime's), with `tries` 0 at the
+    // first call of each wait.
+    let now = std::time::Instant::now();
+    let since = WAITING_SINCE.with(|since| match since.get() {
+        Some(started) if tries > 0 => started,
+        _ => {
+            since.set(Some(now));
+            now
+        }
+    });
+    if now.duration_since(since) >= SQLITE_BUSY_TIMEOUT {
         return 0;
     }
-    // SQLite calls this on the thread that runs the statement: sqlx's
-    // worker thread for the connection, never the runtime's.
     std::thread::sleep(SQLITE_BUSY_RETRY);
     1
 }
