@@ -25,7 +25,7 @@ both_backends!(
     truncated_output_says_it_was_cut,
     the_oom_killer_prefers_a_task_to_its_daemon,
     an_outage_of_writes_while_reads_work_is_logged_once_at_each_end,
-    the_daemons_own_metrics_are_answered_while_the_database_is_out,
+    the_daemons_status_and_metrics_are_answered_while_the_database_is_out,
     rows_that_can_never_run_are_refused_or_flagged_and_never_stall_the_daemon,
 );
 
@@ -677,11 +677,14 @@ async fn an_outage_of_writes_while_reads_work_is_logged_once_at_each_end(backend
 /// `taskrunner_database_errors_total` matters, the daemon's own metrics
 /// could not be had (the CLI then read the table itself, without them, or
 /// failed too when the server was down). Now gauges that cannot be read
-/// within 2 s are left out, with a comment line saying why. The outage: on
+/// within 2 s are left out, with a comment line saying why. `status` said
+/// nothing of an outage, and `requests: none` when it could not read the
+/// table; it now says the database is unavailable (for how long, what
+/// fails) and that the counts were not read. The outage: on
 /// SQLite another process holds the write lock and every sleep of the
 /// daemon's overruns, as under heavy load, so that its one connection waits;
 /// on the others the server is stopped.
-async fn the_daemons_own_metrics_are_answered_while_the_database_is_out(backend: Backend) {
+async fn the_daemons_status_and_metrics_are_answered_while_the_database_is_out(backend: Backend) {
     let mut server = (backend != Backend::Sqlite).then(|| PrivateServer::start(backend));
     let db = match &server {
         Some(server) => server.test_db().await,
@@ -719,6 +722,12 @@ async fn the_daemons_own_metrics_are_answered_while_the_database_is_out(backend:
         },
     );
     assert!(seen.contains("taskrunner_slots 3"), "{seen}");
+    let status = || cli(&db, &["--config", &config, "status"]).1;
+    wait_until(WAIT, "status to tell of the outage", || {
+        seen = status();
+        seen.contains(", unavailable for ") && seen.contains("failed call")
+    });
+    assert!(seen.contains("running 0 of 3"), "{seen}");
     if server.is_some() {
         // The gauge read before the stop is kept for a second at most.
         wait_until(WAIT, "the queues' gauges left out, saying why", || {
@@ -726,6 +735,8 @@ async fn the_daemons_own_metrics_are_answered_while_the_database_is_out(backend:
             seen.starts_with("# taskrunner_queue_* left out: the database did not answer: ")
                 && !seen.contains("taskrunner_queue_waiting")
         });
+        seen = status();
+        assert!(seen.contains("requests: not read: "), "{seen}");
     }
     match &mut server {
         Some(server) => server.start_again(),
@@ -733,6 +744,10 @@ async fn the_daemons_own_metrics_are_answered_while_the_database_is_out(backend:
     }
     wait_until(WAIT, "the queue's gauge again", || {
         metrics().contains(waiting)
+    });
+    wait_until(WAIT, "status without the outage", || {
+        seen = status();
+        !seen.contains("unavailable") && seen.contains("requests: PENDING 1")
     });
     assert!(daemon.stop().success());
 }

@@ -27,6 +27,12 @@ pub(crate) struct Status {
     pub(crate) running: Vec<RunningTask>,
     /// Rows by `result` (`PENDING` for never run).
     pub(crate) counts: Vec<(String, i64)>,
+    /// Why `counts` could not be read (the database did not answer in time).
+    #[serde(default)]
+    pub(crate) counts_unread: Option<String>,
+    /// The database outage going on, in one line.
+    #[serde(default)]
+    pub(crate) outage: Option<String>,
     pub(crate) next_poll_in_seconds: Option<f64>,
     pub(crate) stopping: bool,
     /// Statements (database round trips) the daemon's own work has sent

@@ -90,7 +90,27 @@ impl Health {
     pub(crate) fn errors(&self) -> u64 {
         self.errors.load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// The outage going on, in one line (`unavailable for 12.3s; failing:
+    /// claiming requests; 41 failed calls`), for `status`; None when there
+    /// is none.
+    pub(crate) fn outage(&self) -> Option<String> {
+        let outage = self.outage.lock().unwrap_or_else(|e| e.into_inner());
+        let outage = outage.as_ref()?;
+        let calls: u64 = outage.failed.values().sum();
+        Some(format!(
+            "unavailable for {:.1}s; failing: {}; {calls} failed call{}",
+            outage.began.elapsed().as_secs_f64(),
+            outage.failing.join(", "),
+            if calls == 1 { "" } else { "s" }
+        ))
+    }
 }
+
+/// How long what a daemon shows of the table (the counts of `status`, the
+/// queues' gauges of `metrics`) waits for the database before the daemon
+/// answers without it: its own state is what an operator needs in an outage.
+pub(crate) const DISPLAY_READ_BOUND: Duration = Duration::from_secs(2);
 
 impl Outage {
     /// The line that ends the outage: how long it lasted and what waited.

@@ -284,14 +284,10 @@ fn queue_families(stats: &[QueueStats]) -> Vec<prometheus::proto::MetricFamily> 
     registry.gather()
 }
 
-/// How long a daemon's scrape waits for the queues' gauges before it
-/// answers with its own metrics alone.
-const QUEUE_READ_BOUND: Duration = Duration::from_secs(2);
-
 /// The Prometheus text: the daemon's own metrics (if any) and the queues'.
 ///
 /// A daemon's own metrics never wait on the database: when the queues'
-/// gauges cannot be read within [`QUEUE_READ_BOUND`] (an outage, a lock
+/// gauges cannot be read within [`DISPLAY_READ_BOUND`](crate::health::DISPLAY_READ_BOUND) (an outage, a lock
 /// another process holds, the daemon's one SQLite connection busy), they are
 /// left out, with a comment line that says why, and the rest is answered.
 /// A database outage is when `taskrunner_database_errors_total` matters
@@ -307,13 +303,13 @@ pub(crate) async fn render(
     if daemon.is_none() {
         families.extend(queue_families(&gauges.read(store).await?));
     } else {
-        match tokio::time::timeout(QUEUE_READ_BOUND, gauges.read(store)).await {
+        match tokio::time::timeout(crate::health::DISPLAY_READ_BOUND, gauges.read(store)).await {
             Ok(Ok(stats)) => families.extend(queue_families(&stats)),
             Ok(Err(error)) => left_out = Some(format!("{error:#}")),
             Err(_) => {
                 left_out = Some(format!(
                     "no answer within {}",
-                    crate::units::format_duration(QUEUE_READ_BOUND)
+                    crate::units::format_duration(crate::health::DISPLAY_READ_BOUND)
                 ))
             }
         }

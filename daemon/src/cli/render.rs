@@ -231,13 +231,17 @@ pub(super) fn render_show(r: &Request) -> String {
 
 pub(super) fn render_status(s: &crate::control::Status) -> String {
     let mut out = format!(
-        "taskrunnerd {} (pid {}) on {}, up {:.0}s{}\ndatabase: {}\n{}running {} of {}:\n",
+        "taskrunnerd {} (pid {}) on {}, up {:.0}s{}\ndatabase: {}{}\n{}running {} of {}:\n",
         s.version,
         s.pid,
         s.host,
         s.uptime_seconds,
         if s.stopping { ", stopping" } else { "" },
         s.database,
+        s.outage
+            .as_deref()
+            .map(|outage| format!(", {}", crate::escape::one_line(outage)))
+            .unwrap_or_default(),
         if s.limits.is_empty() {
             String::new()
         } else {
@@ -267,7 +271,9 @@ pub(super) fn render_status(s: &crate::control::Status) -> String {
         .collect();
     out += &format!(
         "requests: {}\n",
-        if counts.is_empty() {
+        if let Some(why) = &s.counts_unread {
+            format!("not read: {}", crate::escape::one_line(why))
+        } else if counts.is_empty() {
             "none".into()
         } else {
             counts.join(", ")

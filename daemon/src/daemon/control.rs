@@ -230,6 +230,24 @@ async fn status(shared: &View) -> Status {
     let config = Setup::current_config(&shared.setup);
     let running = shared.tries.status();
     let next_poll = *shared.next_poll.lock().unwrap_or_else(|e| e.into_inner());
+    // The daemon's own state is answered at once; the table's counts only
+    // if the database gives them in time.
+    let (counts, counts_unread) = match tokio::time::timeout(
+        crate::health::DISPLAY_READ_BOUND,
+        shared.store.count_by_result(),
+    )
+    .await
+    {
+        Ok(Ok(counts)) => (counts, None),
+        Ok(Err(error)) => (Vec::new(), Some(format!("{error:#}"))),
+        Err(_) => (
+            Vec::new(),
+            Some(format!(
+                "no answer within {}",
+                crate::units::format_duration(crate::health::DISPLAY_READ_BOUND)
+            )),
+        ),
+    };
     Status {
         version: env!("CARGO_PKG_VERSION").to_string(),
         pid: std::process::id(),
@@ -239,7 +257,9 @@ async fn status(shared: &View) -> Status {
         uptime_seconds: shared.started.elapsed().as_secs_f64(),
         max_concurrent: config.max_concurrent,
         running,
-        counts: shared.store.count_by_result().await.unwrap_or_default(),
+        counts,
+        counts_unread,
+        outage: shared.health.outage(),
         next_poll_in_seconds: next_poll.map(|at| {
             at.saturating_duration_since(std::time::Instant::now())
                 .as_secs_f64()
