@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::util::{
     base_config, cli, kill_if_alive, merge_yaml, process_exists, read_pid_file, set_timer_slack,
-    wait_until, Backend, Daemon, Fault, NewRow, PrivateServer, Proxy, TestDb, CLI,
+    wait_until, Backend, Daemon, Fault, KillOnDrop, NewRow, PrivateServer, Proxy, TestDb, CLI,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -778,13 +778,6 @@ async fn a_wait_for_an_sqlite_lock_ends_after_five_seconds_even_when_sleeps_over
     // SAFETY: set_timer_slack is async-signal-safe.
     unsafe { command.pre_exec(|| set_timer_slack(Duration::from_millis(20))) };
     let mut enqueue = command.spawn().unwrap();
-    /// Kills the CLI if the test fails while it still waits.
-    struct KillOnDrop(i32);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            kill_if_alive(self.0);
-        }
-    }
     let still_waiting = KillOnDrop(enqueue.id() as i32);
     let mut status = None;
     wait_until(Duration::from_secs(30), "the CLI to give up", || {

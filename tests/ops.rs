@@ -17,8 +17,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::util::{
-    base_config, cli, merge_yaml, process_exists, wait_until, Backend, Daemon, Scratch, TestDb,
-    CLI, DAEMON,
+    base_config, cli, merge_yaml, process_exists, wait_until, Backend, Daemon, KillOnDrop, Scratch,
+    TestDb, CLI, DAEMON,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -65,18 +65,6 @@ fn daemons_using(config: &Path) -> Vec<i32> {
         }
     }
     pids
-}
-
-/// SIGKILLs a process that is not our child (a daemonized one) if the test
-/// ends while it still runs.
-struct KillOnDrop(i32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if process_exists(self.0) {
-            let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
-        }
-    }
 }
 
 fn text(output: &Output) -> String {

@@ -110,7 +110,22 @@ impl Health {
 /// How long what a daemon shows of the table (the counts of `status`, the
 /// queues' gauges of `metrics`) waits for the database before the daemon
 /// answers without it: its own state is what an operator needs in an outage.
-pub(crate) const DISPLAY_READ_BOUND: Duration = Duration::from_secs(2);
+const DISPLAY_READ_BOUND: Duration = Duration::from_secs(2);
+
+/// A read of the table for `status` or `metrics`, given up after
+/// [`DISPLAY_READ_BOUND`]; the error is why it is not shown, in one line.
+pub(crate) async fn read_for_display<T>(
+    read: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(DISPLAY_READ_BOUND, read).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(crate::escape::one_line(&format!("{error:#}"))),
+        Err(_) => Err(format!(
+            "no answer within {}",
+            crate::units::format_duration(DISPLAY_READ_BOUND)
+        )),
+    }
+}
 
 impl Outage {
     /// The line that ends the outage: how long it lasted and what waited.

@@ -287,40 +287,29 @@ fn queue_families(stats: &[QueueStats]) -> Vec<prometheus::proto::MetricFamily> 
 /// The Prometheus text: the daemon's own metrics (if any) and the queues'.
 ///
 /// A daemon's own metrics never wait on the database: when the queues'
-/// gauges cannot be read within [`DISPLAY_READ_BOUND`](crate::health::DISPLAY_READ_BOUND) (an outage, a lock
-/// another process holds, the daemon's one SQLite connection busy), they are
-/// left out, with a comment line that says why, and the rest is answered.
-/// A database outage is when `taskrunner_database_errors_total` matters
-/// most. Without a daemon there is nothing else to show: the error is
-/// returned.
+/// gauges cannot be read in time ([`crate::health::read_for_display`]: an
+/// outage, a lock another process holds, the daemon's one SQLite connection
+/// busy), they are left out, with a comment line that says why, and the
+/// rest is answered. A database outage is when
+/// `taskrunner_database_errors_total` matters most. Without a daemon there
+/// is nothing else to show: the error is returned.
 pub(crate) async fn render(
     store: &Store,
     gauges: &QueueGauges,
     daemon: Option<&Metrics>,
 ) -> Result<String> {
     let mut families = daemon.map(Metrics::gather).unwrap_or_default();
-    let mut left_out = None;
+    let mut out = Vec::new();
     if daemon.is_none() {
         families.extend(queue_families(&gauges.read(store).await?));
     } else {
-        match tokio::time::timeout(crate::health::DISPLAY_READ_BOUND, gauges.read(store)).await {
-            Ok(Ok(stats)) => families.extend(queue_families(&stats)),
-            Ok(Err(error)) => left_out = Some(format!("{error:#}")),
-            Err(_) => {
-                left_out = Some(format!(
-                    "no answer within {}",
-                    crate::units::format_duration(crate::health::DISPLAY_READ_BOUND)
-                ))
-            }
+        match crate::health::read_for_display(gauges.read(store)).await {
+            Ok(stats) => families.extend(queue_families(&stats)),
+            Err(why) => out.extend_from_slice(
+                format!("# taskrunner_queue_* left out: the database did not answer: {why}\n")
+                    .as_bytes(),
+            ),
         }
-    }
-    let mut out = Vec::new();
-    if let Some(reason) = left_out {
-        let reason = reason.replace(['\n', '\r'], " ");
-        out.extend_from_slice(
-            format!("# taskrunner_queue_* left out: the database did not answer: {reason}\n")
-                .as_bytes(),
-        );
     }
     prometheus::TextEncoder::new().encode(&families, &mut out)?;
     Ok(String::from_utf8_lossy(&out).into_owned())

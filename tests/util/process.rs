@@ -49,6 +49,17 @@ pub fn kill_if_alive(pid: i32) -> bool {
     alive
 }
 
+/// SIGKILLs a process (a daemonized one, or a child the test gave up
+/// waiting for) if it still runs when the guard is dropped: when the test
+/// fails before it ends.
+pub struct KillOnDrop(pub i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        kill_if_alive(self.0);
+    }
+}
+
 /// The fields of `/proc/PID/stat` after the command name (which ends at
 /// the last `)`): 0 is the state (field 3 in proc(5)), 1 the parent's pid,
 /// 3 the session, 11 and 12 the user and system CPU ticks, 16 the nice

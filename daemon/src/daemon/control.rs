@@ -232,22 +232,11 @@ async fn status(shared: &View) -> Status {
     let next_poll = *shared.next_poll.lock().unwrap_or_else(|e| e.into_inner());
     // The daemon's own state is answered at once; the table's counts only
     // if the database gives them in time.
-    let (counts, counts_unread) = match tokio::time::timeout(
-        crate::health::DISPLAY_READ_BOUND,
-        shared.store.count_by_result(),
-    )
-    .await
-    {
-        Ok(Ok(counts)) => (counts, None),
-        Ok(Err(error)) => (Vec::new(), Some(format!("{error:#}"))),
-        Err(_) => (
-            Vec::new(),
-            Some(format!(
-                "no answer within {}",
-                crate::units::format_duration(crate::health::DISPLAY_READ_BOUND)
-            )),
-        ),
-    };
+    let (counts, counts_unread) =
+        match crate::health::read_for_display(shared.store.count_by_result()).await {
+            Ok(counts) => (counts, None),
+            Err(why) => (Vec::new(), Some(why)),
+        };
     Status {
         version: env!("CARGO_PKG_VERSION").to_string(),
         pid: std::process::id(),
