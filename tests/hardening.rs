@@ -640,6 +640,18 @@ async fn an_outage_of_writes_while_reads_work_is_logged_once_at_each_end(backend
         "ten more failed database calls",
         || database_errors(&db, &daemon) >= errors + 10,
     );
+    // Ten failed calls can all be the heartbeat's (on SQLite the other
+    // activities queue for the one connection): the outage must also have
+    // reached the claims and the results, as `status` tells.
+    let config = daemon.config.display().to_string();
+    wait_until(
+        Duration::from_secs(60),
+        "status to name claims and results among the failing",
+        || {
+            let (_, status, _) = cli(&db, &["--config", &config, "status"]);
+            status.contains("claiming requests") && status.contains("recording task results")
+        },
+    );
     refuse_writes(&db, false, &mut lock).await;
     for id in std::iter::once(first).chain(waiting) {
         let row = db.wait_for_state(id, "FINISHED", WAIT).await;
