@@ -152,9 +152,11 @@ pub async fn run(
     let stop_claiming = CancellationToken::new();
     let stop_now = triggers.stop_now.clone();
     let next_poll = Arc::new(Mutex::new(None));
+    let readers = Store::open(&Setup::current_config(&setup).database_url, Purpose::Cli)?;
     let view = Arc::new(view::View {
         setup: setup.clone(),
         store: store.clone(),
+        readers: readers.clone(),
         instance: instance.clone(),
         tries: tries.clone(),
         health: health.clone(),
@@ -285,16 +287,15 @@ pub async fn run(
         };
         supervised.spawn("control socket", control.run(services.clone()));
     }
-    // The web page and /metrics (`http: { listen }`), on a pool of its own.
+    // The web page and /metrics (`http: { listen }`), reading on `readers`.
     let http_listen = Setup::current_config(&setup)
         .http
         .as_ref()
         .and_then(|http| http.listen);
     if let Some(address) = http_listen {
         let config = Setup::current_config(&setup);
-        let web_store = Store::open(&config.database_url, Purpose::Cli)?;
         let web = Arc::new(crate::web::Web::new(
-            web_store,
+            readers,
             &config,
             Some(view.clone() as Arc<dyn crate::web::Daemon>),
         )?);

@@ -169,7 +169,7 @@ impl Answering {
         }
         let reply = match line.trim() {
             "status" => serde_json::to_value(status(shared).await).unwrap_or_default(),
-            "metrics" => match shared.metrics_text(&shared.store).await {
+            "metrics" => match shared.metrics_text(&shared.readers).await {
                 Ok(text) => serde_json::json!({ "metrics": text }),
                 Err(error) => serde_json::json!({ "error": format!("{error:#}") }),
             },
@@ -233,7 +233,7 @@ async fn status(shared: &View) -> Status {
     // The daemon's own state is answered at once; the table's counts only
     // if the database gives them in time.
     let (counts, counts_unread) =
-        match crate::health::read_for_display(shared.store.count_by_result()).await {
+        match crate::health::read_for_display(shared.readers.count_by_result()).await {
             Ok(counts) => (counts, None),
             Err(why) => (Vec::new(), Some(why)),
         };

@@ -18,6 +18,11 @@ use crate::task_types::Setup;
 pub(super) struct View {
     pub(super) setup: watch::Sender<Setup>,
     pub(super) store: Store,
+    /// What `status`, `/metrics` and the web page read from the table, on a
+    /// pool of its own: on SQLite such a read neither waits for the daemon's
+    /// one connection (busy with a write, or waiting for another process's
+    /// write lock) nor holds claims back while it runs.
+    pub(super) readers: Store,
     pub(super) instance: InstanceId,
     pub(super) tries: Arc<Tries>,
     pub(super) health: Arc<Health>,
@@ -36,8 +41,7 @@ pub(super) struct View {
 
 impl View {
     /// The Prometheus text of `/metrics` (and `metrics` on the control socket).
-    /// `store` reads the per-queue gauges (the web page's own pool, so that
-    /// a scrape never waits for the daemon's SQLite writer, nor it for a scrape).
+    /// `store` reads the per-queue gauges (`readers`).
     pub(super) async fn metrics_text(&self, store: &Store) -> Result<String> {
         self.metrics.set_daemon_state(
             self.tries.len(),
