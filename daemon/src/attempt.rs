@@ -326,7 +326,10 @@ async fn resolve(context: &Context, task: &str) -> Option<crate::task_types::Res
             resolved
         }
         Ok(Err(error)) => {
-            tracing::warn!("re-reading task types failed: {error:#}");
+            tracing::warn!(
+                "re-reading task types failed: {}",
+                crate::error_line(&error)
+            );
             None
         }
         Err(_) => None,

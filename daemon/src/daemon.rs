@@ -190,7 +190,10 @@ pub async fn run(
             max_concurrent: config.max_concurrent,
         };
         if let Err(error) = store.register_daemon(&me).await {
-            tracing::debug!("could not write this daemon's row in task_runner_daemons: {error:#}");
+            tracing::debug!(
+                "could not write this daemon's row in task_runner_daemons: {}",
+                crate::error_line(&error)
+            );
         }
         let names = setup.borrow().registry.names(&config);
         if let Some(warning) = crate::supervisor::isolation::root_warning(&config, &names) {
@@ -382,7 +385,10 @@ pub async fn run(
     match tokio::time::timeout_at(last_steps, store.daemon_stopped(&instance)).await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => {
-            tracing::debug!("could not mark this daemon stopped in task_runner_daemons: {error:#}")
+            tracing::debug!(
+                "could not mark this daemon stopped in task_runner_daemons: {}",
+                crate::error_line(&error)
+            )
         }
         Err(_) => tracing::warn!(
             "the database did not answer within {}: this daemon's row in task_runner_daemons is not marked stopped",
@@ -467,7 +473,10 @@ impl Supervised {
             name,
             match ended {
                 Ok((_, Ok(()))) => Ok(()),
-                Ok((_, Err(error))) => Err(format!("the {name} service failed: {error:#}")),
+                Ok((_, Err(error))) => Err(format!(
+                    "the {name} service failed: {}",
+                    crate::error_line(&error)
+                )),
                 Err(error) if error.is_panic() => Err(format!(
                     "the {name} service panicked: {}",
                     panic_message(error.into_panic())
@@ -616,7 +625,10 @@ impl Reloader {
                 tracing::info!(task_types = %names, "config reloaded");
             }
             Ok(Err(error)) => {
-                tracing::error!("config reload refused, keeping the old config: {error:#}")
+                tracing::error!(
+                    "config reload refused, keeping the old config: {}",
+                    crate::error_line(&error)
+                )
             }
             Err(error) => tracing::error!("config reload failed: {error}"),
         }

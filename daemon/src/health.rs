@@ -55,7 +55,8 @@ impl Health {
         let mut outage = self.outage.lock().unwrap_or_else(|e| e.into_inner());
         let outage = outage.get_or_insert_with(|| {
             tracing::error!(
-                "database unavailable while {activity}, retrying with backoff (one line when it works again): {error:#}"
+                "database unavailable while {activity}, retrying with backoff (one line when it works again): {}",
+                crate::error_line(error)
             );
             Outage {
                 began: Instant::now(),
@@ -119,7 +120,7 @@ pub(crate) async fn read_for_display<T>(
 ) -> Result<T, String> {
     match tokio::time::timeout(DISPLAY_READ_BOUND, read).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(crate::escape::one_line(&format!("{error:#}"))),
+        Ok(Err(error)) => Err(crate::error_line(&error)),
         Err(_) => Err(format!(
             "no answer within {}",
             crate::units::format_duration(DISPLAY_READ_BOUND)

@@ -202,4 +202,5 @@ pub mod web;
 
 pub use logging::init_logging;
 
+pub use escape::error_line;
 pub use usage::exit_code_for;

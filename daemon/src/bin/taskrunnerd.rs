@@ -110,7 +110,10 @@ fn main() -> ExitCode {
         Err(error) => {
             // A daemonized start that failed: the launching process prints it.
             if let Some(pipe) = take(&ready_pipe) {
-                pipe.failed(taskrunner::exit_code_for(&error), &format!("{error:#}"));
+                pipe.failed(
+                    taskrunner::exit_code_for(&error),
+                    &taskrunner::error_line(&error),
+                );
             }
             fail(&error)
         }
@@ -225,7 +228,7 @@ async fn handle_signals(
 }
 
 fn fail(error: &anyhow::Error) -> ExitCode {
-    eprintln!("taskrunnerd: {error:#}");
+    eprintln!("taskrunnerd: {}", taskrunner::error_line(error));
     ExitCode::from(taskrunner::exit_code_for(error))
 }
 

@@ -460,7 +460,7 @@ fn print_enqueue_type_help(flags: Flags) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("taskrunner-cli: {error:#}");
+            eprintln!("taskrunner-cli: {}", crate::error_line(&error));
             ExitCode::from(crate::usage::exit_code_for(&error))
         }
     }
@@ -491,7 +491,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("taskrunner-cli: {error:#}");
+            eprintln!("taskrunner-cli: {}", crate::error_line(&error));
             ExitCode::from(crate::usage::exit_code_for(&error))
         }
     }

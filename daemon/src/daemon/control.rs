@@ -171,7 +171,7 @@ impl Answering {
             "status" => serde_json::to_value(status(shared).await).unwrap_or_default(),
             "metrics" => match shared.metrics_text(&shared.readers).await {
                 Ok(text) => serde_json::json!({ "metrics": text }),
-                Err(error) => serde_json::json!({ "error": format!("{error:#}") }),
+                Err(error) => serde_json::json!({ "error": crate::error_line(&error) }),
             },
             "wake" => {
                 shared.wake.notify_one();

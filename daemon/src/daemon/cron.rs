@@ -56,7 +56,7 @@ impl Cron {
                 for name in config.schedules.keys() {
                     if let Err(error) = self.store.answered(self.store.forget_old_slots(name)).await
                     {
-                        tracing::debug!(schedule = %name, "forgetting old slots: {error:#}");
+                        tracing::debug!(schedule = %name, "forgetting old slots: {}", crate::error_line(&error));
                     }
                 }
             }

@@ -141,7 +141,8 @@ impl Heartbeat {
             .await;
             if let Err(error) = renewal {
                 tracing::debug!(
-                    "could not renew this daemon's row in task_runner_daemons: {error:#}"
+                    "could not renew this daemon's row in task_runner_daemons: {}",
+                    crate::error_line(&error)
                 );
             }
         }

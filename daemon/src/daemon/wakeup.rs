@@ -163,7 +163,7 @@ impl Wakeup {
             };
             let listen = async { Ok(listener.listen(CHANNEL).await?) };
             if let Err(error) = self.store.answered(listen).await {
-                tracing::debug!("LISTEN failed: {error:#}");
+                tracing::debug!("LISTEN failed: {}", crate::error_line(&error));
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.next_delay()) => continue,
                     _ = stop.cancelled() => return,

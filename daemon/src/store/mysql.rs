@@ -309,7 +309,8 @@ where
                 let ceiling = 2u64.saturating_pow(attempt.min(6)).min(50);
                 let pause = rand_below(ceiling * 1000) + 200;
                 tracing::debug!(
-                    "lock conflict, retrying in {pause} µs (attempt {attempt}): {error:#}"
+                    "lock conflict, retrying in {pause} µs (attempt {attempt}): {}",
+                    crate::error_line(&error)
                 );
                 tokio::time::sleep(Duration::from_micros(pause)).await;
             }

@@ -388,10 +388,10 @@ impl From<anyhow::Error> for PageError {
 
 impl IntoResponse for PageError {
     fn into_response(self) -> Response {
-        tracing::warn!("web: {:#}", self.0);
+        tracing::warn!("web: {}", crate::error_line(&self.0));
         (
             StatusCode::INTERNAL_SERVER_ERROR,
-            pages::error_page(&format!("{:#}", self.0)),
+            pages::error_page(&crate::error_line(&self.0)),
         )
             .into_response()
     }
