@@ -1289,3 +1289,150 @@ async fn four_daemons_one_killed_halfway_through_two_thousand_tasks(backend: Bac
         }
     }
 }
+
+/// A small file system of its own (tmpfs) on a directory of its own,
+/// mounted for one test, unmounted (lazily: the test's connections may
+/// still hold its files) and removed when dropped. Mounting needs root; CI
+/// runs as root.
+struct SmallDisk {
+    path: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(bytes: u64) -> SmallDisk {
+        let path = std::env::temp_dir().join(format!(
+            "taskrunner-test-small-disk-{}-{}",
+            std::process::id(),
+            now_ns()
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        let disk = SmallDisk { path };
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(&disk.path)
+            .status()
+            .unwrap();
+        assert!(
+            mounted.success(),
+            "mount -t tmpfs on {}",
+            disk.path.display()
+        );
+        disk
+    }
+
+    /// Writes a file until the file system has no byte left.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(self.path.join("filler")).unwrap();
+        for chunk in [65536, 4096, 1] {
+            let bytes = vec![0u8; chunk];
+            while filler.write_all(&bytes).is_ok() {}
+        }
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.path.join("filler")).unwrap();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// The file system of an SQLite database fills up: the daemon's writes and
+/// the CLI's fail with "database or disk is full". A full disk is an outage
+/// like another: the CLI says so in one line and writes nothing; a task that
+/// ends meanwhile keeps its result in memory until it can be written, claims
+/// wait, the daemon neither panics nor gives up; once space is freed every
+/// request runs to its end, each on one try. (A reader holding the
+/// write-ahead log's start makes every write append to the log, so that
+/// writes need new space: SQLite reuses a log's space once it was copied
+/// back.) The daemon's line at the outage's start names the cause once
+/// (before: twice, as sqlx's error chain repeats it). SQLite only: on the
+/// servers a full disk is the server's error, an outage like those of the
+/// tests above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_sqlite_costs_no_request_and_no_try() {
+    use sqlx::Connection;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: mounting a small file system needs root");
+        return;
+    }
+    let disk = SmallDisk::mount(4 << 20);
+    let scratch = crate::util::Scratch::new("sqlite-full-disk");
+    let db = TestDb::sqlite_file(scratch, &disk.path.join("requests.db")).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "max_concurrent: 1\nlease_timeout: 60s\ntasks:\n  Nap:\n    command: [/bin/sleep, '1']\n",
+    );
+    let first = db.enqueue("Nap", None).await;
+    let mut waiting = vec![db.enqueue("Nap", None).await];
+    let pid = db
+        .wait_for(first, WAIT, "the first task to run", |r| r.pid.is_some())
+        .await
+        .pid
+        .unwrap() as i32;
+    // A reader that holds the log: it wrote last, so its snapshot is in the
+    // log, and the log cannot start over while it reads.
+    let mut reader = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql(
+        "UPDATE task_runner_requests SET priority = priority; \
+         BEGIN; SELECT count(*) FROM task_runner_requests;",
+    )
+    .execute(&mut reader)
+    .await
+    .unwrap();
+    disk.fill();
+    // The CLI's enqueue fails with one line and writes nothing. Should it
+    // find room (the daemon's checkpoint came between the reader's write
+    // and its read), its row is one more to run.
+    let mut refused = String::new();
+    wait_until(WAIT, "an enqueue refused for the full disk", || {
+        let (code, out, err) = cli(&db, &["enqueue", "Nap"]);
+        if code == 0 {
+            waiting.push(RequestId(out.trim().parse().unwrap()));
+            return false;
+        }
+        refused = err;
+        true
+    });
+    assert!(refused.contains("disk is full"), "{refused}");
+    assert_eq!(refused.trim().lines().count(), 1, "{refused}");
+    wait_until(WAIT, "the first task to end", || !process_exists(pid));
+    let config = daemon.config.display().to_string();
+    wait_until(
+        Duration::from_secs(60),
+        "status to name claims and results among the failing",
+        || {
+            let (_, status, _) = cli(&db, &["--config", &config, "status"]);
+            status.contains("claiming requests") && status.contains("recording task results")
+        },
+    );
+    disk.free();
+    sqlx::raw_sql("COMMIT").execute(&mut reader).await.unwrap();
+    for id in std::iter::once(first).chain(waiting) {
+        let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+        assert_eq!(row.tries, 1, "{row:?}");
+    }
+    daemon.wait_for_log("database available again", WAIT);
+    let log = daemon.log_text();
+    let began = log
+        .lines()
+        .find(|line| line.contains("database unavailable"))
+        .unwrap_or_else(|| panic!("no line for the outage's start:\n{log}"));
+    // The cause once: sqlx's error repeats it in its own chain.
+    assert_eq!(
+        began.matches("database or disk is full").count(),
+        1,
+        "{began}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(daemon.stop().success());
+}

@@ -130,6 +130,19 @@ impl TestDb {
                 format!("{base}/{name}")
             }
         };
+        TestDb::at(backend, url, scratch).await
+    }
+
+    /// A migrated SQLite database in the file `path`, which `scratch` holds
+    /// (for example on a small file system mounted in it).
+    pub async fn sqlite_file(scratch: Scratch, path: &std::path::Path) -> TestDb {
+        let url = format!("sqlite://{}", path.display());
+        let db = TestDb::at(Backend::Sqlite, url, scratch).await;
+        db.store.migrate().await.expect("migrating");
+        db
+    }
+
+    async fn at(backend: Backend, url: String, scratch: Scratch) -> TestDb {
         let store = Store::open(&url, Purpose::Migrate).unwrap();
         let raw = Raw::connect(backend, &url).await;
         TestDb {
