@@ -706,6 +706,123 @@ async fn daemon_that_loses_postgres_kills_its_tasks_before_the_lease_lapses(back
     assert!(daemon.stop().success());
 }
 
+multi_host_backends!(a_daemon_paused_past_its_lease_kills_its_try_when_it_resumes);
+
+/// A daemon is stopped (SIGSTOP: a debugger, a process freezer that left
+/// its tasks out) for longer than its lease: the daemon of another host
+/// takes the row over as crashed and runs it again. Nothing can stop the
+/// first try's process meanwhile: its daemon does not run. When the daemon
+/// resumes, it must kill that try at once (its lease has lapsed: the
+/// self-fencing deadline is past, and the row is no longer its own) and
+/// write nothing for it: the row keeps the other daemon's outcome.
+async fn a_daemon_paused_past_its_lease_kills_its_try_when_it_resumes(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let marker = db.scratch.join("first-try");
+    let config = |host: &str| {
+        format!(
+            "host_id: {host}\nheartbeat_interval: 1s\nkill_grace: 1s\nlease_timeout: 4s\nreap_interval: 1s\n{}",
+            first_try_hangs(&marker)
+        )
+    };
+    let mut paused = Daemon::start(&db, "a", &config("host-a"));
+    let id = db.enqueue("Once", None).await;
+    wait_until(WAIT, "the first try to run", || {
+        std::fs::read_to_string(&marker).is_ok_and(|pid| pid.ends_with('\n'))
+    });
+    let first_try: i32 = std::fs::read_to_string(&marker)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    kill(Pid::from_raw(paused.pid()), Signal::SIGSTOP).unwrap();
+    let mut other = Daemon::start(&db, "b", &config("host-b"));
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 2, "{row:?}");
+    assert!(
+        process_exists(first_try),
+        "the paused daemon's try runs on: nothing could stop it"
+    );
+    kill(Pid::from_raw(paused.pid()), Signal::SIGCONT).unwrap();
+    let resumed = Instant::now();
+    wait_until(
+        Duration::from_secs(10),
+        "the resumed daemon to kill its try",
+        || !process_exists(first_try),
+    );
+    println!(
+        "the paused daemon's try killed {:.2}s after it resumed",
+        resumed.elapsed().as_secs_f64()
+    );
+    assert!(
+        resumed.elapsed() < Duration::from_secs(3),
+        "killed at once, not after a renewal interval or a kill grace more: {:?}",
+        resumed.elapsed()
+    );
+    // Nothing of the killed try is written over the other daemon's outcome.
+    holds_for(
+        Duration::from_secs(2),
+        "the row to keep the rerun's outcome",
+        async || {
+            let now = db.row(id).await;
+            match (now.result.as_deref(), now.tries, &now.result_text) {
+                (Some("FINISHED"), 2, text) if *text == row.result_text => Ok(()),
+                _ => Err(format!("{now:?}")),
+            }
+        },
+    )
+    .await;
+    // Its log says why: it did not run, it was not the database.
+    let log = paused.log_text();
+    assert!(
+        log.contains("this daemon was not running (stopped? frozen?), past its lease (4s)"),
+        "{log}"
+    );
+    assert!(log.contains("this daemon no longer holds the row"), "{log}");
+    assert!(paused.stop().success(), "{log}");
+    assert!(other.stop().success());
+}
+
+multi_host_backends!(a_daemon_paused_past_its_fencing_deadline_keeps_the_tries_still_its_own);
+
+/// A daemon stopped past its self-fencing deadline (lease 8 s − heartbeat
+/// 1 s − kill grace 1 s = 6 s after its last renewal), with no other daemon
+/// to take its rows over. The fencing deadline and the next renewal are
+/// both due when it resumes; it used to pick either at random, and by the
+/// deadline it killed a try whose row was still its own. Now it renews
+/// first: the row is still its own, and its try runs on to its end.
+async fn a_daemon_paused_past_its_fencing_deadline_keeps_the_tries_still_its_own(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "heartbeat_interval: 1s\nkill_grace: 1s\nlease_timeout: 8s\ntasks:\n  Nap:\n    command: [/bin/sleep, '12']\n",
+    );
+    let id = db.enqueue("Nap", None).await;
+    let task_pid = db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32;
+    kill(Pid::from_raw(daemon.pid()), Signal::SIGSTOP).unwrap();
+    // The pause itself: past the fencing deadline, short of the lease.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    kill(Pid::from_raw(daemon.pid()), Signal::SIGCONT).unwrap();
+    holds_for(
+        Duration::from_secs(2),
+        "the task to run on",
+        async || match process_exists(task_pid) {
+            true => Ok(()),
+            false => Err(daemon.log_text()),
+        },
+    )
+    .await;
+    let log = daemon.log_text();
+    assert!(
+        log.contains("this daemon was not running (stopped? frozen?)"),
+        "{log}"
+    );
+    assert!(log.contains("renewing now"), "{log}");
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 1, "{row:?}");
+    assert!(daemon.stop().success());
+}
+
 multi_host_backends!(an_outage_that_ends_before_the_fencing_deadline_costs_no_task);
 
 // The database goes away right after a lease renewal and comes back after

@@ -9,6 +9,9 @@
 //! successful renewal (monotonic clock) it kills its own tasks, and one row
 //! never runs on two hosts at once. On SQLite (one host) it keeps
 //! supervising through an outage instead, and records outcomes later.
+//! A daemon that did not run for a while (stopped, frozen) finds both its
+//! renewal and its deadline due when it resumes: it renews first, keeps the
+//! tries whose rows are still its own and kills the others at once.
 //! After a failed renewal the next one is tried [`RETRY_AFTER_FAILURE`]
 //! later, not a whole `heartbeat_interval`: an outage that ends before the
 //! deadline then costs no task (with a full interval between tries, one
@@ -77,7 +80,12 @@ impl Heartbeat {
             } else {
                 config.heartbeat_interval
             };
+            // Biased: when the renewal and the fencing deadline are both due,
+            // the daemon did not run for a while (see `resumed_late`), and the
+            // renewal goes first.
             tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(pause) => {}
                 // A local `cancel` asked: renew early, which reads the cancels.
                 _ = self.check_cancels.notified() => {}
@@ -94,9 +102,11 @@ impl Heartbeat {
                     fenced = true;
                     continue;
                 }
-                _ = stop.cancelled() => return Ok(()),
             }
             panic_when_told_by_a_test();
+            if !fenced && fence_deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                self.resumed_late(last_renewal.elapsed(), config.lease_timeout);
+            }
             // Which tries were running before the renewal: a claim made while
             // it ran must not be taken for a lost one.
             let before = self.tries.claims();
@@ -146,6 +156,32 @@ impl Heartbeat {
                 );
             }
         }
+    }
+
+    /// The fencing deadline passed while the daemon itself did not run (a
+    /// `SIGSTOP`, a frozen machine, a starved CPU): its timer would have
+    /// fired otherwise. The renewal that follows tells which rows are still
+    /// its own, and it keeps their tries; a row reaped or taken over by
+    /// another daemon meanwhile is not, and its try is killed (as is every
+    /// try, by the fencing deadline, if the renewal fails).
+    fn resumed_late(&self, silent: Duration, lease_timeout: Duration) {
+        let running = self.tries.len();
+        if running == 0 {
+            return;
+        }
+        let lapsed = if silent >= lease_timeout {
+            format!(
+                ", past its lease ({}): another daemon may have taken its rows over",
+                crate::units::format_duration(lease_timeout)
+            )
+        } else {
+            String::new()
+        };
+        tracing::error!(
+            running,
+            "no heartbeat renewal for {:.1}s: this daemon was not running (stopped? frozen?){lapsed}; renewing now, and killing the tasks of rows no longer its own",
+            silent.as_secs_f64()
+        );
     }
 
     /// Gives back the rows held now that no try of this daemon runs and that
