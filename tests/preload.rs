@@ -25,6 +25,8 @@ both_backends!(
     a_program_that_does_not_speak_preload_is_execd,
     many_tries_at_once_each_get_their_own_child,
     a_preloaded_try_does_not_run_its_parents_exit_handlers,
+    a_parent_that_stops_answering_is_replaced_and_costs_no_try,
+    a_parent_that_boots_for_longer_than_the_cgroup_sweep_waits_runs_its_first_try,
 );
 
 /// The task-sdk probe, built beside the daemon (`cargo build --workspace --bins`).
@@ -422,6 +424,69 @@ async fn a_preloaded_try_does_not_run_its_parents_exit_handlers(backend: crate::
         assert!(daemon.stop().success());
         let _ = std::fs::remove_file(&notes);
     }
+}
+
+/// A preloaded parent that stops answering (here stopped with `SIGSTOP`;
+/// a deadlock or an endless loop looks the same): the request for a fork
+/// waits 10 s for its answer, then the parent is retired (killed, reaped)
+/// and the try is started by a new one. The wait is the daemon's, not the
+/// task's: the row, which allows one try, still runs and finishes on it.
+async fn a_parent_that_stops_answering_is_replaced_and_costs_no_try(backend: crate::util::Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", &preloaded(&sdk_probe()));
+    let booted_in =
+        |row: taskrunner::request::Request| report(&row.result_text.unwrap())["booted_in"].clone();
+    let id = enqueue(&db, "Probe", "").await;
+    let first = booted_in(db.wait_for_state(id, "FINISHED", WAIT).await);
+    let parent: i32 = first.parse().unwrap();
+    kill(Pid::from_raw(parent), Signal::SIGSTOP).unwrap();
+    let id = enqueue(&db, "Probe", "").await;
+    let row = db
+        .wait_for(id, WAIT, "the try to end", |row| {
+            row.result
+                .as_deref()
+                .is_some_and(|result| result != "RUNNING")
+        })
+        .await;
+    let log = daemon.log_text();
+    assert_eq!(row.result.as_deref(), Some("FINISHED"), "{row:#?}\n{log}");
+    assert_eq!(row.tries, 1, "{row:#?}");
+    assert_ne!(booted_in(row), first, "a new parent");
+    wait_until(WAIT, "the stopped parent to be retired", || {
+        !process_exists(parent)
+    });
+    assert!(log.contains("did not answer a request within 10s"), "{log}");
+    assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
+    assert!(daemon.stop().success());
+}
+
+/// A preloaded program that boots for longer than the sweep of old empty
+/// cgroups waits (10 s; every reaper pass sweeps). Its first try's cgroup is
+/// made before the boot and stays empty until the child joins it: a sweep
+/// took it meanwhile, the child could not join it, and the try failed with
+/// exit status 127. The start now keeps the cgroup young while it waits.
+/// (Without cgroups in force there is nothing to sweep; CI has them.)
+async fn a_parent_that_boots_for_longer_than_the_cgroup_sweep_waits_runs_its_first_try(
+    backend: crate::util::Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let config = format!(
+        "programs: [{{path: {}, preload: true}}]\nenv: {{PROBE_SETUP_MS: '13000'}}\nreap_interval: 1s\n",
+        sdk_probe().display()
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    let id = enqueue(&db, "Probe", "").await;
+    let row = db
+        .wait_for(id, Duration::from_secs(60), "the try to end", |row| {
+            row.result
+                .as_deref()
+                .is_some_and(|result| result != "RUNNING")
+        })
+        .await;
+    let log = daemon.log_text();
+    assert_eq!(row.result.as_deref(), Some("FINISHED"), "{row:#?}\n{log}");
+    assert_eq!(row.tries, 1, "{row:#?}");
+    assert!(daemon.stop().success());
 }
 
 fn parent_pid_when_logged(daemon: &Daemon) -> i32 {

@@ -405,8 +405,10 @@ impl Cgroups {
 
 /// How old an empty `try-…` cgroup must be before [`Cgroups::sweep_empty`]
 /// removes it. A live daemon's try cgroup is empty only between its `mkdir`
-/// and the child's join (milliseconds), or after its try ended, while that
-/// daemon removes it: one a few seconds old and empty is nobody's.
+/// and the child's join (milliseconds; a preloaded try's start can wait for
+/// its parent's boot, and is [touched](TryCgroup::touch) meanwhile), or
+/// after its try ended, while that daemon removes it: one a few seconds old
+/// and empty is nobody's.
 pub(crate) const SWEEP_AFTER: Duration = Duration::from_secs(10);
 
 impl Cgroups {
@@ -612,6 +614,21 @@ impl TryCgroup {
             }
         }
         pids
+    }
+
+    /// Sets the modification time of its directories to now. A try's
+    /// cgroup is empty until its process joins it, and
+    /// [`Cgroups::sweep_empty`] takes an empty one older than
+    /// [`SWEEP_AFTER`] for one nobody uses: a try whose start waits longer
+    /// (its preloaded parent booting) is touched meanwhile.
+    pub(crate) fn touch(&self) {
+        for dir in &self.dirs {
+            let Ok(path) = CString::new(dir.path.as_os_str().as_bytes()) else {
+                continue;
+            };
+            // SAFETY: a NUL-terminated path; a null `times` means now.
+            unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), std::ptr::null(), 0) };
+        }
     }
 
     /// SIGKILL to every process in the cgroup, again until none is left

@@ -151,12 +151,36 @@ pub(crate) enum Refused {
     Failed(io::Error),
 }
 
+/// How often the cgroup of a try is touched while its start waits for a
+/// preloaded parent (see [`Pool::spawn`]).
+const KEEP_YOUNG_EVERY: Duration = Duration::from_secs(2);
+const _: () = assert!(KEEP_YOUNG_EVERY.as_secs() * 3 < super::cgroup::SWEEP_AFTER.as_secs());
+
 impl Pool {
     /// Starts the try of `recipe` as a child of its program's preloaded
-    /// parent (starting the parent first if need be).
+    /// parent (starting the parent first if need be). The try's cgroup is
+    /// empty until the child joins it, which can take the parent's whole
+    /// boot (up to a minute): it is touched every [`KEEP_YOUNG_EVERY`]
+    /// meanwhile, so that no daemon's sweep of old empty cgroups takes it
+    /// (the child could not join, and its try failed).
     pub(crate) async fn spawn(&self, spawner: &Exec, recipe: &Recipe) -> Result<Child, Refused> {
+        let starting = self.start(spawner, recipe);
+        let Some(cgroup) = &recipe.cgroup else {
+            return starting.await;
+        };
+        tokio::pin!(starting);
+        loop {
+            tokio::select! {
+                started = &mut starting => return started,
+                _ = tokio::time::sleep(KEEP_YOUNG_EVERY) => cgroup.touch(),
+            }
+        }
+    }
+
+    async fn start(&self, spawner: &Exec, recipe: &Recipe) -> Result<Child, Refused> {
         let key = Key::of(recipe);
-        // A parent that died while answering is replaced once.
+        // A parent that died, or stopped answering, while it was asked is
+        // replaced once: the try never began, and a new parent starts it.
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -511,8 +535,17 @@ impl Parent {
                 "the preloaded parent closed its socket",
             )),
             Err(_) => {
-                // Its socket closes: every request still waiting fails.
+                tracing::warn!(
+                    "preloaded parent (pid {}) did not answer a request within {}s: it is killed, and a new one starts the try",
+                    self.pid,
+                    REPLY_TIMEOUT.as_secs()
+                );
+                // Its socket closes: every request still waiting fails. Once
+                // it is gone (marked dead), the caller asks a new parent.
                 self.retire();
+                let mut exited = self.exited.clone();
+                let gone = exited.wait_for(|exited| *exited);
+                let _ = tokio::time::timeout(Duration::from_secs(1), gone).await;
                 Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
