@@ -637,12 +637,17 @@ async fn daemons_show_idle_silent_stopped_and_unregistered_ones(backend: Backend
         sql_ago(db.backend, 3600)
     ))
     .await;
-    db.insert_row(
-        NewRow::new("NoOp")
-            .result("RUNNING")
-            .host("legacy-host")
-            .text("claimed_by", "legacy:7"),
-    )
+    // Its lease renewed just now: the idle daemon's reaper (its start-up
+    // pass may come after this insert) leaves it alone; with no heartbeat at
+    // all it was reaped, and run, before the page was read (failed once).
+    db.insert_row(NewRow::new("NoOp").running(
+        db.backend,
+        "legacy-host",
+        "legacy:7",
+        "t-legacy",
+        424242,
+        0,
+    ))
     .await;
     let page = get(&web, "/daemons").await;
     assert_eq!(page.status, StatusCode::OK, "{}", page.body);
