@@ -441,16 +441,8 @@ async fn a_parent_that_stops_answering_is_replaced_and_costs_no_try(backend: cra
     let parent: i32 = first.parse().unwrap();
     kill(Pid::from_raw(parent), Signal::SIGSTOP).unwrap();
     let id = enqueue(&db, "Probe", "").await;
-    let row = db
-        .wait_for(id, WAIT, "the try to end", |row| {
-            row.result
-                .as_deref()
-                .is_some_and(|result| result != "RUNNING")
-        })
-        .await;
+    let row = finished_on_one_try(&db, id, &daemon, WAIT).await;
     let log = daemon.log_text();
-    assert_eq!(row.result.as_deref(), Some("FINISHED"), "{row:#?}\n{log}");
-    assert_eq!(row.tries, 1, "{row:#?}");
     assert_ne!(booted_in(row), first, "a new parent");
     wait_until(WAIT, "the stopped parent to be retired", || {
         !process_exists(parent)
@@ -476,8 +468,20 @@ async fn a_parent_that_boots_for_longer_than_the_cgroup_sweep_waits_runs_its_fir
     );
     let mut daemon = Daemon::start(&db, "d", &config);
     let id = enqueue(&db, "Probe", "").await;
+    finished_on_one_try(&db, id, &daemon, Duration::from_secs(60)).await;
+    assert!(daemon.stop().success());
+}
+
+/// The row once it ended, which must be FINISHED on its one try (else the
+/// daemon's log is shown).
+async fn finished_on_one_try(
+    db: &TestDb,
+    id: taskrunner::request::RequestId,
+    daemon: &Daemon,
+    within: Duration,
+) -> taskrunner::request::Request {
     let row = db
-        .wait_for(id, Duration::from_secs(60), "the try to end", |row| {
+        .wait_for(id, within, "the try to end", |row| {
             row.result
                 .as_deref()
                 .is_some_and(|result| result != "RUNNING")
@@ -486,7 +490,7 @@ async fn a_parent_that_boots_for_longer_than_the_cgroup_sweep_waits_runs_its_fir
     let log = daemon.log_text();
     assert_eq!(row.result.as_deref(), Some("FINISHED"), "{row:#?}\n{log}");
     assert_eq!(row.tries, 1, "{row:#?}");
-    assert!(daemon.stop().success());
+    row
 }
 
 fn parent_pid_when_logged(daemon: &Daemon) -> i32 {
