@@ -726,14 +726,9 @@ async fn a_daemon_paused_past_its_lease_kills_its_try_when_it_resumes(backend: B
     };
     let mut paused = Daemon::start(&db, "a", &config("host-a"));
     let id = db.enqueue("Once", None).await;
-    wait_until(WAIT, "the first try to run", || {
-        std::fs::read_to_string(&marker).is_ok_and(|pid| pid.ends_with('\n'))
-    });
-    let first_try: i32 = std::fs::read_to_string(&marker)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    // Stopped once its try's process is recorded: a try stopped before
+    // that is given back, not counted, and its rerun is the first try again.
+    let first_try = db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32;
     kill(Pid::from_raw(paused.pid()), Signal::SIGSTOP).unwrap();
     let mut other = Daemon::start(&db, "b", &config("host-b"));
     let row = db.wait_for_state(id, "FINISHED", WAIT).await;
