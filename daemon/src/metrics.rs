@@ -288,8 +288,8 @@ fn queue_families(stats: &[QueueStats]) -> Vec<prometheus::proto::MetricFamily> 
 ///
 /// A daemon's own metrics never wait on the database: when the queues'
 /// gauges cannot be read in time ([`crate::health::read_for_display`]: an
-/// outage, a lock another process holds, the daemon's one SQLite connection
-/// busy), they are left out, with a comment line that says why, and the
+/// outage; a daemon reads them on its web page's pool, not on its own
+/// SQLite connection), they are left out, with a comment line that says why, and the
 /// rest is answered. A database outage is when
 /// `taskrunner_database_errors_total` matters most. Without a daemon there
 /// is nothing else to show: the error is returned.
