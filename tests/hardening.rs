@@ -13,6 +13,7 @@ const WAIT: Duration = Duration::from_secs(30);
 both_backends!(
     a_dead_heartbeat_stops_the_daemon_with_exit_status_1,
     starts_failing_for_the_daemons_own_descriptors_give_the_try_back,
+    starts_failing_for_want_of_processes_give_the_try_back,
     a_grandchild_of_a_killed_daemons_task_is_killed_before_the_rerun,
     no_migrate_on_an_older_or_missing_schema_exits_naming_it,
     a_task_of_the_daemons_user_cannot_read_its_environment,
@@ -110,15 +111,24 @@ async fn a_dead_heartbeat_stops_the_daemon_with_exit_status_1(backend: Backend) 
 /// exhausted without ever running. Now such a start gives its try back, the
 /// scheduler backs off, one line is logged, and a too small limit is
 /// announced at start. Here 40 descriptors fit about five of twelve tasks.
+/// Preloaded tries too: their pipes, made by the daemon before it asks the
+/// parent, failed for want of descriptors as a FAILED try (11 of 12 rows).
 async fn starts_failing_for_the_daemons_own_descriptors_give_the_try_back(backend: Backend) {
     let db = TestDb::new(backend).await;
-    for _ in 0..24 {
+    for _ in 0..12 {
         db.insert_row(NewRow::new("Nap").try_limit(1)).await;
+        db.insert_row(NewRow::new("Probe").options("sleep_ms: 300").try_limit(1))
+            .await;
     }
+    let probe = crate::util::built_beside_the_daemon("preload-probe");
     let mut daemon = Daemon::start_with_open_files(
         &db,
         "d",
-        "max_concurrent: 12\ntasks:\n  Nap:\n    command: [sleep, '0.3']\n",
+        &format!(
+            "max_concurrent: 12\nprograms: [{{path: {}, preload: true}}]\n\
+             tasks:\n  Nap:\n    command: [sleep, '0.3']\n",
+            probe.display()
+        ),
         (40, 40),
     );
     db.wait_for_count(
@@ -139,6 +149,148 @@ async fn starts_failing_for_the_daemons_own_descriptors_give_the_try_back(backen
         "{log}"
     );
     assert!(daemon.stop().success());
+}
+
+/// Out of processes on the daemon's side (systemd's `TasksMax` on its
+/// service, a user's process limit, a full pid table): the daemon's clone of
+/// an exec'd try and the preloaded parent's fork of a preloaded one fail
+/// with EAGAIN. Neither try began, so neither may be counted: every row
+/// here allows one try. The daemon and its preloaded parent are moved into
+/// a pids cgroup that then allows no process or thread more; once it allows
+/// them again, every row finishes on its one try.
+async fn starts_failing_for_want_of_processes_give_the_try_back(backend: Backend) {
+    let Some(cgroup) = PidsCgroup::make() else {
+        return;
+    };
+    let db = TestDb::new(backend).await;
+    let sdk = crate::util::built_beside_the_daemon("preload-probe");
+    let python = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/preload/preload_tasks.py");
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "max_concurrent: 6\n\
+             programs: [{{path: {}, preload: true}}, {{path: {}, preload: true}}]\n\
+             tasks:\n  Nap:\n    command: [sleep, '0.2']\n",
+            sdk.display(),
+            python.display()
+        ),
+    );
+    cgroup.take(daemon.pid());
+    // The preloaded parents start now, inside the cgroup.
+    for task in ["Probe", "PyProbe"] {
+        let first = db.insert_row(NewRow::new(task).try_limit(1)).await;
+        db.wait_for_state(first, "FINISHED", WAIT).await;
+    }
+    cgroup.allow(Some(0));
+    let refused = cgroup.refusals();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        for task in ["Nap", "Probe", "PyProbe"] {
+            ids.push(db.insert_row(NewRow::new(task).try_limit(1)).await);
+        }
+    }
+    wait_until(WAIT, "forks to be refused", || {
+        cgroup.refusals() > refused + 6
+    });
+    daemon.wait_for_log("short of resources to start tasks", WAIT);
+    cgroup.allow(None);
+    for id in ids {
+        let row = db
+            .wait_for(id, WAIT, "a counted try to end", |row| {
+                row.tries > 0 && row.result.as_deref().is_some_and(|r| r != "RUNNING")
+            })
+            .await;
+        assert_eq!(
+            row.result.as_deref(),
+            Some("FINISHED"),
+            "{row:#?}\n{}",
+            daemon.log_text()
+        );
+        assert_eq!(row.tries, 1, "{row:#?}");
+    }
+    let log = daemon.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(!log.contains("its tries are exec'd"), "{log}");
+    assert!(daemon.stop().success(), "{log}");
+}
+
+/// A pids cgroup of its own (cgroup v1's `pids` hierarchy, or cgroup v2
+/// where its root offers `pids`), made for one test; what it holds is moved
+/// back to the root, and it is removed, when dropped. Needs root.
+struct PidsCgroup {
+    dir: std::path::PathBuf,
+    root: std::path::PathBuf,
+}
+
+impl PidsCgroup {
+    fn make() -> Option<PidsCgroup> {
+        if !nix::unistd::geteuid().is_root() {
+            println!("skipped: making a cgroup needs root");
+            return None;
+        }
+        let v1 = std::path::Path::new("/sys/fs/cgroup/pids");
+        let v2 = std::path::Path::new("/sys/fs/cgroup");
+        let root = if v1.join("cgroup.procs").exists() {
+            v1
+        } else if std::fs::read_to_string(v2.join("cgroup.subtree_control"))
+            .is_ok_and(|controllers| controllers.split_whitespace().any(|c| c == "pids"))
+        {
+            v2
+        } else {
+            println!("skipped: no pids cgroup controller to use");
+            return None;
+        };
+        let dir = root.join(format!(
+            "taskrunner-test-{}-{}",
+            std::process::id(),
+            crate::util::now_ns()
+        ));
+        std::fs::create_dir(&dir).unwrap();
+        Some(PidsCgroup {
+            dir,
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Moves process `pid` (all its threads) into the cgroup.
+    fn take(&self, pid: i32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+
+    /// Allows at most `count` processes and threads in the cgroup (those
+    /// already in it stay), or any number.
+    fn allow(&self, count: Option<u64>) {
+        let value = count.map_or("max".to_string(), |count| count.to_string());
+        std::fs::write(self.dir.join("pids.max"), value).unwrap();
+    }
+
+    /// How many forks and thread creations the limit refused so far.
+    fn refusals(&self) -> u64 {
+        let events = std::fs::read_to_string(self.dir.join("pids.events")).unwrap();
+        events
+            .lines()
+            .find_map(|line| line.strip_prefix("max "))
+            .and_then(|count| count.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for PidsCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.dir.join("pids.max"), "max");
+        for _ in 0..50 {
+            let procs = std::fs::read_to_string(self.dir.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.split_whitespace() {
+                let _ = std::fs::write(self.root.join("cgroup.procs"), pid);
+            }
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// The parent-death signal reaches only the task's own process: a

@@ -19,6 +19,7 @@ tasks here read simple `key: value` lines only.
 """
 
 import ctypes
+import errno
 import fcntl
 import os
 import platform
@@ -147,7 +148,10 @@ def serve_preloaded():
                 raise ValueError(f"a request with {len(fds)} descriptors, not 3")
             answer = f"pid\0{fork_try(daemon, request, fds)}\0"
         except Exception as error:
-            answer = f"error\0{error}\0"
+            # Out of processes or memory: the machine's shortage, not the
+            # task's; the daemon gives the try back uncounted.
+            short = isinstance(error, OSError) and error.errno in (errno.EAGAIN, errno.ENOMEM)
+            answer = f"{'short' if short else 'error'}\0{error}\0"
         for fd in fds:
             os.close(fd)
         daemon.send(answer.encode())

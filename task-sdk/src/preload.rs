@@ -87,8 +87,10 @@ pub(crate) fn serve(tasks: &Tasks) -> ExitCode {
         // was on every start's path).
         let answer = match (parse(message), fds.len()) {
             (Ok(request), 3) => fork_try(tasks, &request, &fds),
-            (Ok(_), count) => Err(format!("a request with {count} descriptors, not 3")),
-            (Err(reason), _) => Err(reason),
+            (Ok(_), count) => Err(NoChild::Error(format!(
+                "a request with {count} descriptors, not 3"
+            ))),
+            (Err(reason), _) => Err(NoChild::Error(reason)),
         };
         for &fd in fds.iter() {
             // SAFETY: descriptors received for this request, ours to close.
@@ -97,7 +99,8 @@ pub(crate) fn serve(tasks: &Tasks) -> ExitCode {
         reply.clear();
         let _ = match answer {
             Ok(pid) => write!(reply, "pid\0{pid}\0"),
-            Err(reason) => write!(reply, "error\0{}\0", reason.replace('\0', " ")),
+            Err(NoChild::Error(reason)) => write!(reply, "error\0{}\0", reason.replace('\0', " ")),
+            Err(NoChild::Short(reason)) => write!(reply, "short\0{}\0", reason.replace('\0', " ")),
         };
         if send(&reply).is_err() {
             return ExitCode::FAILURE;
@@ -184,7 +187,17 @@ fn parse(message: &[u8]) -> Result<Request<'_>, String> {
 
 /// Creates the try's process and returns its pid (in the parent); runs the
 /// task and exits (in the child).
-fn fork_try(tasks: &Tasks, request: &Request, fds: &[libc::c_int]) -> Result<i32, String> {
+/// Why a request got no child: the answer's first field says which.
+enum NoChild {
+    /// `error`: the try fails with the reason.
+    Error(String),
+    /// `short`: the fork found no process or memory to spare (EAGAIN,
+    /// ENOMEM), the machine's shortage and not the task's; the daemon gives
+    /// the try back uncounted.
+    Short(String),
+}
+
+fn fork_try(tasks: &Tasks, request: &Request, fds: &[libc::c_int]) -> Result<i32, NoChild> {
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
     // SAFETY: a fork-like clone (no new stack: the child continues here on
@@ -200,7 +213,12 @@ fn fork_try(tasks: &Tasks, request: &Request, fds: &[libc::c_int]) -> Result<i32
         )
     };
     if pid < 0 {
-        return Err(format!("clone: {}", std::io::Error::last_os_error()));
+        let error = std::io::Error::last_os_error();
+        let reason = format!("clone: {error}");
+        return Err(match error.raw_os_error() {
+            Some(libc::EAGAIN | libc::ENOMEM) => NoChild::Short(reason),
+            _ => NoChild::Error(reason),
+        });
     }
     if pid > 0 {
         return Ok(pid as i32);

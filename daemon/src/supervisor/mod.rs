@@ -305,13 +305,9 @@ pub(crate) async fn run(
             });
             let made = cgroups.create(&key, &limits::cgroup_limits(&settings));
             Some(std::sync::Arc::new(made.map_err(|error| {
-                let kind = error.kind();
-                std::io::Error::new(
-                    kind,
-                    spawner::DaemonShort(std::io::Error::new(
-                        kind,
-                        format!("cannot make the try's cgroup: {error}"),
-                    )),
+                spawner::DaemonShort::error(
+                    error.kind(),
+                    format!("cannot make the try's cgroup: {error}"),
                 )
             })?))
         }
@@ -348,10 +344,7 @@ pub(crate) async fn run(
     let mut child = spawned.map_err(|error| {
         let text = format!("cannot start {}: {error}", launch.program.display());
         if is_daemon_short(&error) {
-            std::io::Error::new(
-                error.kind(),
-                spawner::DaemonShort(std::io::Error::other(text)),
-            )
+            spawner::DaemonShort::error(error.kind(), text)
         } else {
             std::io::Error::new(error.kind(), text)
         }

@@ -622,6 +622,15 @@ fn read_answer(answer: &[u8], ours: OurEnds) -> io::Result<Child> {
             "the preloaded parent could not fork: {}",
             String::from_utf8_lossy(text)
         ))),
+        // Out of processes or memory: the machine's shortage, not the
+        // task's, and the try never began; it is given back uncounted.
+        [b"short", text, b""] => Err(super::spawner::DaemonShort::error(
+            io::ErrorKind::Other,
+            format!(
+                "the preloaded parent could not fork: {}",
+                String::from_utf8_lossy(text)
+            ),
+        )),
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!(

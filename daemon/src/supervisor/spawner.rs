@@ -60,6 +60,13 @@ impl std::fmt::Display for DaemonShort {
 
 impl std::error::Error for DaemonShort {}
 
+impl DaemonShort {
+    /// An error of `kind` that says `text`, marked as the daemon's shortage.
+    pub(crate) fn error(kind: io::ErrorKind, text: String) -> io::Error {
+        io::Error::new(kind, DaemonShort(io::Error::new(kind, text)))
+    }
+}
+
 /// Whether `error` (or what it wraps) is a [`DaemonShort`].
 pub(crate) fn is_daemon_short(error: &io::Error) -> bool {
     error
@@ -139,12 +146,35 @@ impl Child {
     pub(super) fn adopt(pid: u32, ours: OurEnds) -> io::Result<Child> {
         // Nothing else reaps our children, so if it is our child its pid
         // cannot have been reused.
-        let pidfd = pidfd_open(pid).map_err(|error| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("the child it named (pid {pid}) cannot be found: {error}"),
-            )
-        })?;
+        let pidfd = match pidfd_open(pid) {
+            Ok(pidfd) => pidfd,
+            // Out of descriptors (or memory): the daemon's shortage, and
+            // the try given back. Its child must not run unsupervised: if a
+            // wait finds it ours (so its pid is not reused), it is killed
+            // and reaped.
+            Err(error)
+                if matches!(
+                    error.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+                ) =>
+            {
+                if is_own_child(pid) {
+                    // SAFETY: signalling and reaping our own unreaped child.
+                    unsafe {
+                        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                        let mut raw = 0;
+                        libc::waitpid(pid as libc::pid_t, &mut raw, 0);
+                    }
+                }
+                return Err(mark_shortage(error));
+            }
+            Err(error) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the child it named (pid {pid}) cannot be found: {error}"),
+                ))
+            }
+        };
         if child_state(&pidfd).is_none() {
             // Someone's plain fork: it would run unsupervised.
             // SAFETY: a signal to the process just named to us.
@@ -359,6 +389,21 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(super) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
     owned(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int)
+}
+
+/// Whether `pid` is the daemon's child, not yet reaped (so that the pid
+/// cannot have been reused); needs no descriptor. Reaps nothing.
+fn is_own_child(pid: u32) -> bool {
+    // SAFETY: a waitid that reaps nothing (WNOWAIT), into a local.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        ) == 0
+    }
 }
 
 /// Whether the process of `pidfd` is the daemon's child (`None`: it is
@@ -644,13 +689,15 @@ impl Exec {
         for procs in recipe.cgroup.iter().flat_map(|cgroup| cgroup.procs_paths()) {
             field(b"cgroup", procs.as_os_str().as_bytes())?;
         }
+        // Out of descriptors here is the daemon's shortage, as in `start`.
         let (stdin_child, stdin_ours) = if recipe.stdin.is_empty() {
-            (OwnedFd::from(std::fs::File::open("/dev/null")?), None)
+            let null = std::fs::File::open("/dev/null").map_err(mark_shortage)?;
+            (OwnedFd::from(null), None)
         } else {
-            stdin_pipe(&recipe.stdin)?
+            stdin_pipe(&recipe.stdin).map_err(mark_shortage)?
         };
-        let (stdout_ours, stdout_child) = pipe_pair()?;
-        let (stderr_ours, stderr_child) = pipe_pair()?;
+        let (stdout_ours, stdout_child) = pipe_pair().map_err(mark_shortage)?;
+        let (stderr_ours, stderr_child) = pipe_pair().map_err(mark_shortage)?;
         Ok((
             message,
             PreloadStdio {
@@ -952,10 +999,7 @@ fn start(
         // A cgroup that cannot be joined is the daemon's trouble, not the task's.
         if step == 8 {
             let text = format!("{}: {error}", STEPS[8]);
-            return Err(io::Error::new(
-                error.kind(),
-                DaemonShort(io::Error::new(error.kind(), text)),
-            ));
+            return Err(DaemonShort::error(error.kind(), text));
         }
         // Setting up stdio duplicates descriptors in a copy of the daemon's
         // table: running out there is the daemon's shortage too.
