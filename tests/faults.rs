@@ -30,6 +30,7 @@ both_backends!(
     cpu_limit_fails_the_try_naming_the_limit,
     cancel_stops_a_running_task,
     task_inherits_only_stdio_and_no_database_secrets,
+    a_log_reader_that_stops_reading_does_not_stop_the_daemon,
 );
 
 /// A task that waits to be killed on its first try and succeeds on the next.
@@ -1547,4 +1548,67 @@ async fn a_full_disk_under_sqlite_costs_no_request_and_no_try() {
     );
     assert!(!log.contains("panicked"), "{log}");
     assert!(daemon.stop().success());
+}
+
+/// The daemon's log is its stderr: a pipe wherever an init system, a
+/// container runtime or a shell pipeline reads it. A reader that stops
+/// reading (a journald that hangs, a blocking log driver, `taskrunnerd |
+/// less` left at a page) filled the pipe, and the daemon's next log line
+/// blocked its one runtime thread: no claim, no outcome, no heartbeat. Now
+/// a line waits in a bounded queue that a thread of its own writes out;
+/// past that, lines are dropped and counted, and the count is logged once
+/// the reader reads again. Lines are never cut, and the last ones (the
+/// stop) are written before the daemon exits.
+async fn a_log_reader_that_stops_reading_does_not_stop_the_daemon(backend: Backend) {
+    use std::io::Read;
+    let db = TestDb::new(backend).await;
+    let rows = 2000;
+    db.insert_copies(NewRow::new("Fail").try_limit(1), rows as usize)
+        .await;
+    let config = db
+        .daemon("d")
+        .yaml(
+            "max_concurrent: 4\ntasks:\n  Fail:\n    \
+             command: [/bin/sh, -c, 'echo this try fails on purpose >&2; exit 1']\n",
+        )
+        .write_config();
+    // Close-on-exec: no other test's child holds its end open.
+    let (reader, writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let mut reader = std::fs::File::from(reader);
+    let mut daemon = std::process::Command::new(crate::util::DAEMON)
+        .arg("--config")
+        .arg(&config)
+        .current_dir(config.parent().unwrap())
+        .env("TASKRUNNER_LOG", "debug,sqlx=warn")
+        .env_remove("DATABASE_URL")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(writer)
+        .spawn()
+        .unwrap();
+    let _kill = crate::util::KillOnDrop(daemon.id() as i32);
+    // Nobody reads the log meanwhile: its pipe holds 64 KiB, a few dozen
+    // tries' lines at the debug level (three lines a try here).
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE result = 'FAILED'",
+        rows,
+        Duration::from_secs(60),
+    )
+    .await;
+    let drained = std::thread::spawn(move || {
+        let mut text = String::new();
+        reader.read_to_string(&mut text).unwrap();
+        text
+    });
+    kill(Pid::from_raw(daemon.id() as i32), Signal::SIGTERM).unwrap();
+    let status = crate::util::poll_blocking(WAIT, "the daemon to exit", || {
+        daemon.try_wait().unwrap().ok_or("running")
+    });
+    let log = drained.join().unwrap();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(log.contains("log lines were dropped"), "{log}");
+    assert!(log.trim_end().ends_with("taskrunnerd stopped"), "{log}");
+    for line in log.lines() {
+        assert!(line.starts_with("20"), "a whole line: {line:?}");
+    }
 }

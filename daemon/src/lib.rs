@@ -85,7 +85,8 @@
 //!   (tables and text), `cli/batch.rs` and `cli/flow.rs`.
 //! - [`health`], [`units`]: outage logging and backoff; durations and sizes.
 //! - [`escape`]: control characters escaped in the text log and the CLI's tables.
-//! - [`logging`]: the log on stderr, text or JSON lines.
+//! - [`logging`]: the log on stderr, text or JSON lines; the daemon's
+//!   through a bounded queue, so that a stuck log reader never blocks it.
 //!
 //! # Invariants
 //!
@@ -200,7 +201,7 @@ pub mod units;
 mod usage;
 pub mod web;
 
-pub use logging::init_logging;
+pub use logging::{flush_log, init_logging, LogWriter};
 
 pub use escape::error_line;
 pub use usage::exit_code_for;

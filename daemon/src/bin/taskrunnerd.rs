@@ -79,7 +79,7 @@ fn main() -> ExitCode {
     };
     // Taken by whoever reports first: readiness, or the error that ends the start.
     let ready_pipe = Arc::new(Mutex::new(ready_pipe));
-    taskrunner::init_logging(config.log_format);
+    taskrunner::init_logging(config.log_format, taskrunner::LogWriter::Queued);
     // Before the runtime starts any thread: they all inherit it.
     taskrunner::supervisor::priority::raise_daemon();
     taskrunner::supervisor::resources::raise_open_files();
@@ -105,6 +105,8 @@ fn main() -> ExitCode {
         }
         Err(error) => Err(anyhow::Error::new(error).context("starting the runtime")),
     };
+    // The last lines (the stop, the error) are out before the exit.
+    taskrunner::flush_log(LOG_FLUSH_WITHIN);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -119,6 +121,10 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// How long the exit waits for queued log lines to be written: a log
+/// reader that stopped reading must not hold the exit up for ever.
+const LOG_FLUSH_WITHIN: Duration = Duration::from_secs(2);
 
 fn take(ready_pipe: &Mutex<Option<service::ReadyPipe>>) -> Option<service::ReadyPipe> {
     ready_pipe.lock().unwrap_or_else(|e| e.into_inner()).take()

@@ -475,7 +475,7 @@ pub fn main() -> ExitCode {
         }
     }
     let flags = Flags::parse();
-    crate::init_logging(crate::config::LogFormat::Text);
+    crate::init_logging(crate::config::LogFormat::Text, crate::LogWriter::Stderr);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
