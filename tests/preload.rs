@@ -27,6 +27,7 @@ both_backends!(
     a_preloaded_try_does_not_run_its_parents_exit_handlers,
     a_parent_that_stops_answering_is_replaced_and_costs_no_try,
     a_parent_that_boots_for_longer_than_the_cgroup_sweep_waits_runs_its_first_try,
+    a_parent_whose_output_is_not_utf8_or_one_long_line_keeps_serving,
 );
 
 /// The task-sdk probe, built beside the daemon (`cargo build --workspace --bins`).
@@ -474,6 +475,57 @@ async fn a_parent_that_boots_for_longer_than_the_cgroup_sweep_waits_runs_its_fir
 
 /// The row once it ended, which must be FINISHED on its one try (else the
 /// daemon's log is shown).
+/// A preloaded parent's stdout and stderr go to the daemon's log, a line at
+/// a time. Read as text, a byte that was not UTF-8 ended the reading for
+/// good: the pipe closed, and the parent's next write failed (here Python's
+/// BrokenPipeError, in its boot, so that its tries were exec'd, each booting
+/// anew); and a line without an end was held whole in the daemon's memory.
+/// Now such bytes are shown replaced, a long line is logged in pieces of at
+/// most 4 KiB, and the one parent serves every try.
+async fn a_parent_whose_output_is_not_utf8_or_one_long_line_keeps_serving(
+    backend: crate::util::Backend,
+) {
+    use std::os::unix::fs::PermissionsExt;
+    let db = TestDb::new(backend).await;
+    let noisy = db.scratch.join("noisy_preload.py");
+    std::fs::write(
+        &noisy,
+        format!(
+            r#"#!/usr/bin/env python3
+import os, runpy, sys
+if os.environ.get("TASKRUNNER_PRELOAD") == "1":
+    sys.stderr.buffer.write(b"booting caf\xe9 \xff\n" + b"x" * 100000 + b"\nbooted\n")
+    sys.stderr.flush()
+runpy.run_path({:?}, run_name="__main__")
+"#,
+            python_probe().display().to_string()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&noisy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut daemon = Daemon::start(&db, "d", &preloaded(&noisy));
+    let mut booted_in = Vec::new();
+    for _ in 0..3 {
+        let id = enqueue(&db, "PyProbe", "").await;
+        let row = finished_on_one_try(&db, id, &daemon, WAIT).await;
+        booted_in.push(report(&row.result_text.unwrap())["booted_in"].clone());
+    }
+    let log = daemon.log_text();
+    let parent = parent_pid(&daemon).to_string();
+    assert!(
+        booted_in.iter().all(|pid| *pid == parent),
+        "{booted_in:?}\n{log}"
+    );
+    assert!(
+        log.contains("stderr: booting caf\u{FFFD} \u{FFFD}"),
+        "{log}"
+    );
+    assert!(log.contains("stderr: booted"), "{log}");
+    assert!(log.lines().all(|line| line.len() < 4096 + 200), "{log}");
+    assert!(!log.contains("does not speak"), "{log}");
+    assert!(daemon.stop().success());
+}
+
 async fn finished_on_one_try(
     db: &TestDb,
     id: taskrunner::request::RequestId,

@@ -42,7 +42,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
-use tokio::io::AsyncBufReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::time::Instant;
 
 use super::spawner::{Child, Exec, OurEnds, Recipe};
@@ -339,6 +339,33 @@ fn watch_death(pool: Pool, key: Key, parent: Arc<Parent>) {
     });
 }
 
+/// A preloaded parent's output line longer than this is logged in pieces.
+const MAX_LINE: usize = 4096;
+
+/// Logs what a preloaded parent writes on `stream`, a line at a time, until
+/// it closes it: a line longer than [`MAX_LINE`] in pieces, bytes that are
+/// not UTF-8 replaced. (Read as text, one such byte ended the reading, and
+/// the parent's next write into the closed pipe failed.)
+async fn log_output(fd: OwnedFd, program: String, pid: u32, stream: &'static str) {
+    let Ok(pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd_unchecked(fd) else {
+        return;
+    };
+    let mut reader = tokio::io::BufReader::new(pipe);
+    let mut line = Vec::with_capacity(256);
+    loop {
+        line.clear();
+        let mut piece = (&mut reader).take(MAX_LINE as u64);
+        match piece.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&line);
+                let text = text.strip_suffix('\n').unwrap_or(&text);
+                tracing::info!("preloaded {program} (pid {pid}) {stream}: {text}");
+            }
+        }
+    }
+}
+
 enum StartError {
     NotSpoken(String),
     Io(io::Error),
@@ -386,17 +413,9 @@ impl Parent {
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         for (fd, stream) in [(stdout, "stdout"), (stderr, "stderr")] {
-            let Some(fd) = fd else { continue };
-            let program = program.clone();
-            tokio::spawn(async move {
-                let Ok(pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd_unchecked(fd) else {
-                    return;
-                };
-                let mut lines = tokio::io::BufReader::new(pipe).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    tracing::info!("preloaded {program} (pid {pid}) {stream}: {line}");
-                }
-            });
+            if let Some(fd) = fd {
+                tokio::spawn(log_output(fd, program.clone(), pid, stream));
+            }
         }
         let (exited_tx, exited) = tokio::sync::watch::channel(false);
         let (status_tx, mut status_rx) = tokio::sync::oneshot::channel();
