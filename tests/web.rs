@@ -930,9 +930,65 @@ async fn lag_of_a_backlog_enqueued_a_minute_ago(backend: Backend) {
     assert!((60.0..120.0).contains(&lag), "lag {lag}: {text}");
 }
 
+/// Connections to the web page's port that send nothing (a client gone
+/// quiet, a keep-alive pool, a slowloris) were each held for ever, one of
+/// the daemon's descriptors apiece: 200 of them under a limit of 128 took
+/// every descriptor a task start needs, and rows were given back for as
+/// long as they stayed. Now the page answers at most an eighth of the limit
+/// at once (at most 64); the rest wait in the listen backlog (1,024 long,
+/// not 128), and a connection silent for 30 s is closed.
+async fn idle_web_connections_cannot_take_the_daemons_descriptors(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let port = crate::util::free_port();
+    let mut daemon = Daemon::start_with_open_files(
+        &db,
+        "d",
+        &format!(
+            "max_concurrent: 4\nhttp:\n  listen: 127.0.0.1:{port}\n\
+             tasks:\n  Nap:\n    command: [sleep, '0.1']\n"
+        ),
+        (128, 128),
+    );
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let idle: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| std::net::TcpStream::connect_timeout(&address, WAIT).unwrap())
+        .collect();
+    for _ in 0..12 {
+        db.insert_row(NewRow::new("Nap").try_limit(1)).await;
+    }
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED' AND tries = 1",
+        12,
+        WAIT,
+    )
+    .await;
+    let log = daemon.log_text();
+    assert!(!log.contains("short of resources"), "{log}");
+    // The first connection was answered and says nothing: it is closed.
+    let mut first = &idle[0];
+    first
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(first.read(&mut byte).unwrap(), 0, "closed by the server");
+    drop(idle);
+    // Those that waited in the backlog go once their clients close them.
+    let page = poll_blocking(WAIT, "the page to be served again", || {
+        let text = http_get(port, "/metrics");
+        if text.contains("taskrunner_tries_total") {
+            Ok(text)
+        } else {
+            Err(Text(text))
+        }
+    });
+    assert!(page.contains("outcome=\"FINISHED\""), "{page}");
+    assert!(daemon.stop().success());
+}
+
 both_backends!(
     metrics_count_finished_and_exhausted_tries,
     lag_of_a_backlog_enqueued_a_minute_ago,
+    idle_web_connections_cannot_take_the_daemons_descriptors,
 );
 
 // ---- a real browser ----

@@ -179,6 +179,7 @@
 mod attempt;
 pub mod cli;
 pub mod config;
+mod connections;
 mod control;
 mod cron;
 pub mod daemon;

@@ -20,16 +20,12 @@ use crate::task_types::Setup;
 const MAX_REQUEST: u64 = 4096;
 
 /// Connections answered at once (fewer under a low descriptor limit: see
-/// [`crate::supervisor::resources::control_connections`]); more wait in the
-/// listen backlog, so that idle connections cannot take the daemon's file
-/// descriptors.
+/// [`crate::connections::Gate`]); more wait in the listen backlog, so that
+/// idle connections cannot take the daemon's file descriptors.
 const MAX_CONNECTIONS: usize = 32;
 
 /// How long a connection may take to send its line and read the answer.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// At most one warning about failed accepts per this long.
-const ACCEPT_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 /// The bound control socket, not yet answering.
 pub(super) struct Listening {
@@ -97,43 +93,10 @@ impl Control {
             check_cancels,
             shutdown,
         });
-        let open = Arc::new(tokio::sync::Semaphore::new(
-            crate::supervisor::resources::control_connections(MAX_CONNECTIONS),
-        ));
-        let mut backoff = crate::health::Backoff::default();
-        let mut warned: Option<std::time::Instant> = None;
-        let mut failed_accepts = 0u64;
+        let mut gate = crate::connections::Gate::new("control socket", MAX_CONNECTIONS);
         loop {
-            let permit = tokio::select! {
-                permit = open.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break,
-                },
-                _ = stop.cancelled() => break,
-            };
-            let connection = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(connection) => {
-                        backoff.reset();
-                        connection
-                    }
-                    Err(error) => {
-                        // Out of descriptors, say: accepting again at once
-                        // would spin. Back off, and say so once a minute.
-                        failed_accepts += 1;
-                        if warned.is_none_or(|at| at.elapsed() >= ACCEPT_WARNING_EVERY) {
-                            warned = Some(std::time::Instant::now());
-                            tracing::warn!(
-                                failed_accepts,
-                                "control socket: accepting a connection failed, backing off: {error}"
-                            );
-                        }
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff.next_delay()) => continue,
-                            _ = stop.cancelled() => break,
-                        }
-                    }
-                },
+            let (connection, permit) = tokio::select! {
+                admitted = gate.admit(|| listener.accept()) => admitted,
                 _ = stop.cancelled() => break,
             };
             let answering = answering.clone();

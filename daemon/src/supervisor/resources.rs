@@ -77,12 +77,13 @@ pub(crate) fn open_files_warning(max_concurrent: usize) -> Option<String> {
     })
 }
 
-/// How many descriptors the control socket's connections may hold at
-/// once: `most`, or an eighth of the daemon's limit if that is fewer (at
-/// least one), so that idle connections never take the descriptors that
-/// task starts need. (At 64, 32 idle connections and the daemon's own 27
-/// left too few for a start: each was given back while they lasted.)
-pub(crate) fn control_connections(most: usize) -> usize {
+/// How many descriptors the connections of the control socket, and apart
+/// those of the web page, may hold at once: `most`, or an eighth of the
+/// daemon's limit if that is fewer (at least one), so that idle connections
+/// never take the descriptors that task starts need. (At 64, 32 idle
+/// connections and the daemon's own 27 left too few for a start: each was
+/// given back while they lasted.)
+pub(crate) fn connection_limit(most: usize) -> usize {
     open_files_limit().map_or(most, |limit| {
         usize::try_from(limit / 8)
             .unwrap_or(usize::MAX)

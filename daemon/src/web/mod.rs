@@ -20,6 +20,7 @@ pub(crate) mod pages;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use axum::extract::{Form, Path, Query, Request, State};
@@ -160,13 +161,69 @@ pub(crate) struct Server {
     pub(crate) web: Arc<Web>,
 }
 
+/// Connections the page serves at once (fewer under a low descriptor
+/// limit, see [`crate::connections::Gate`]); more wait in the backlog.
+const MAX_CONNECTIONS: usize = 64;
+
+/// The listen backlog: connections waiting for a place (the kernel's
+/// `somaxconn` may lower it).
+const BACKLOG: u32 = 1024;
+
+/// A connection that sends and reads nothing for this long is closed: a
+/// client gone quiet, a keep-alive pool, a slowloris. Every page is served
+/// well within it.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The page's listener: a connection is accepted once it has a place at
+/// the gate, and holds it until it closes or goes idle.
+struct Admitting {
+    listener: tokio::net::TcpListener,
+    gate: crate::connections::Gate,
+}
+
+/// The remote address of a connection, for the log of each action.
+#[derive(Clone, Copy, Debug)]
+struct Remote(SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Admitting>> for Remote {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Admitting>) -> Remote {
+        Remote(*stream.remote_addr())
+    }
+}
+
+impl axum::serve::Listener for Admitting {
+    type Io = crate::connections::Held<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
+        let listener = &self.listener;
+        let ((stream, address), place) = self.gate.admit(|| listener.accept()).await;
+        (
+            crate::connections::Held::new(stream, place, IDLE_TIMEOUT),
+            address,
+        )
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
 impl Server {
     /// Binds `address` (after [`check_listen`]).
     pub(crate) async fn bind(address: SocketAddr, web: Arc<Web>) -> Result<Server> {
         check_listen(address, web.has_auth())?;
-        let listener = tokio::net::TcpListener::bind(address)
-            .await
-            .with_context(|| format!("listening for the web page on {address}"))?;
+        let listen = || -> std::io::Result<tokio::net::TcpListener> {
+            let socket = match address {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            socket.set_reuseaddr(true)?;
+            socket.bind(address)?;
+            socket.listen(BACKLOG)
+        };
+        let listener =
+            listen().with_context(|| format!("listening for the web page on {address}"))?;
         Ok(Server { listener, web })
     }
 
@@ -178,9 +235,13 @@ impl Server {
             auth = self.web.has_auth(),
             "web page on http://{address}/"
         );
+        let listener = Admitting {
+            listener: self.listener,
+            gate: crate::connections::Gate::new("web page", MAX_CONNECTIONS),
+        };
         axum::serve(
-            self.listener,
-            router(self.web).into_make_service_with_connect_info::<SocketAddr>(),
+            listener,
+            router(self.web).into_make_service_with_connect_info::<Remote>(),
         )
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
@@ -214,8 +275,8 @@ pub fn router(web: Arc<Web>) -> Router {
 async fn guard(State(web): State<Arc<Web>>, mut request: Request, next: Next) -> Response {
     let remote = request
         .extensions()
-        .get::<axum::extract::ConnectInfo<SocketAddr>>()
-        .map_or("-".to_string(), |info| info.0.to_string());
+        .get::<axum::extract::ConnectInfo<Remote>>()
+        .map_or("-".to_string(), |info| info.0 .0.to_string());
     let user = match authenticate(&web, request.headers()) {
         Ok(user) => user,
         Err(()) => {
