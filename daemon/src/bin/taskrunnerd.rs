@@ -79,11 +79,12 @@ fn main() -> ExitCode {
     };
     // Taken by whoever reports first: readiness, or the error that ends the start.
     let ready_pipe = Arc::new(Mutex::new(ready_pipe));
-    taskrunner::init_logging(config.log_format, taskrunner::LogWriter::Queued);
-    // Before the runtime starts any thread: they all inherit it.
+    // Before any thread starts (the log's writer, the runtime's): they all
+    // inherit the priority.
     taskrunner::supervisor::priority::raise_daemon();
     taskrunner::supervisor::resources::raise_open_files();
     taskrunner::supervisor::isolation::protect_daemon();
+    taskrunner::init_logging(config.log_format, taskrunner::LogWriter::Queued);
     // One runtime thread, this main thread: the daemon's own work per task
     // is small, and a single thread saves the cross-thread wake-ups that
     // dominated its CPU time. Task processes are started right here too (this
