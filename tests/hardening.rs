@@ -28,6 +28,7 @@ both_backends!(
     an_outage_of_writes_while_reads_work_is_logged_once_at_each_end,
     the_daemons_status_and_metrics_are_answered_while_the_database_is_out,
     rows_that_can_never_run_are_refused_or_flagged_and_never_stall_the_daemon,
+    a_program_that_hangs_when_asked_its_types_holds_no_slot_for_ever,
 );
 
 /// The daemon renewed the heartbeat of every row it held, but ran only the
@@ -986,6 +987,61 @@ fn migration_0004(backend: Backend) -> &'static str {
         }
         Backend::MySql => include_str!("../migrations/mysql/0004_rows_that_can_never_run.sql"),
     }
+}
+
+/// A try of a type the daemon does not know asks every program of
+/// `programs:` for its types again (a deploy may have added it). A program
+/// that hung when asked (here after its first answer: it boots an
+/// application whose database is down, say) held that try, and its slot,
+/// for ever: with one slot, nothing else ever ran. Now a program has 30 s
+/// to answer; then it is killed with its process group, the try fails as
+/// an unknown type, and the rest runs.
+async fn a_program_that_hangs_when_asked_its_types_holds_no_slot_for_ever(backend: Backend) {
+    use std::os::unix::fs::PermissionsExt;
+    let db = TestDb::new(backend).await;
+    let hang = db.scratch.join("hang-now");
+    let hung = db.scratch.join("hung.pid");
+    let program = db.scratch.join("lister.sh");
+    std::fs::write(
+        &program,
+        format!(
+            r#"#!/bin/sh
+case "$1" in
+--list-tasks)
+    if [ -e {hang} ]; then echo $$ > {hung}; exec sleep 3600; fi
+    echo Known ;;
+--list-flows) exit 1 ;;
+*) cat > /dev/null; echo known ;;
+esac
+"#,
+            hang = hang.display(),
+            hung = hung.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!("max_concurrent: 1\nprograms: [{}]\n", program.display()),
+    );
+    std::fs::write(&hang, "").unwrap();
+    let unknown = db.insert_row(NewRow::new("Unknown").try_limit(1)).await;
+    let known = db.insert_row(NewRow::new("Known").try_limit(1)).await;
+    let row = db
+        .wait_for_state(known, "FINISHED", Duration::from_secs(90))
+        .await;
+    assert_eq!(row.result_text.as_deref(), Some("known"));
+    let row = db.row(unknown).await;
+    assert_eq!(row.result.as_deref(), Some("FAILED"), "{row:#?}");
+    let log = daemon.log_text();
+    assert!(
+        log.contains("--list-tasks did not answer within 30s: killed"),
+        "{log}"
+    );
+    let pid = read_pid_file(&hung);
+    wait_until(WAIT, "the hung program to be gone", || !process_exists(pid));
+    assert!(daemon.stop().success());
 }
 
 /// Issue 13, defect 10: an application could insert rows that can never

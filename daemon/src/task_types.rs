@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
@@ -248,11 +249,7 @@ impl Registry {
                 ),
             }
         };
-        let output = std::process::Command::new(&program)
-            .args(["--help", name])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .with_context(|| format!("asking {} --help {name}", program.display()))?;
+        let output = ask(&program, &["--help", name])?;
         if !output.status.success() {
             bail!(
                 "{} --help {name} failed with {}: {}",
@@ -277,18 +274,60 @@ impl Registry {
     }
 }
 
+/// How long a program may take to answer `--list-tasks`, `--list-flows` or
+/// `--help TYPE` (one that boots an application to answer takes a while).
+const ASK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs `program args…` and returns its output. A program that has not
+/// answered within [`ASK_TIMEOUT`] (it hangs, or a child of its holds its
+/// stdout) is killed with its process group and the question fails naming
+/// it: the daemon asks at start, at a reload, and for each try of a type it
+/// does not know (a deploy may have added it), which must not wait for ever.
+fn ask(program: &Path, args: &[&str]) -> Result<std::process::Output> {
+    use std::os::unix::process::CommandExt;
+    let question = format!("{} {}", program.display(), args.join(" "));
+    let child = std::process::Command::new(program)
+        .args(args)
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("asking {question}"))?;
+    let group = child.id() as libc::pid_t;
+    let (answered, answer) = std::sync::mpsc::channel();
+    let waiter = std::thread::Builder::new()
+        .name("taskrunner-ask".into())
+        .spawn(move || {
+            let _ = answered.send(child.wait_with_output());
+        });
+    let killed = || {
+        // SAFETY: a signal to the process group made for this question;
+        // its leader is not reaped yet (its waiter has not returned), so
+        // the group's id cannot name another.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
+    };
+    if let Err(error) = waiter {
+        killed();
+        return Err(anyhow::Error::new(error).context(format!("asking {question}")));
+    }
+    match answer.recv_timeout(ASK_TIMEOUT) {
+        Ok(output) => output.with_context(|| format!("asking {question}")),
+        Err(_) => {
+            killed();
+            // Its waiter reaps it.
+            let _ = answer.recv_timeout(Duration::from_secs(5));
+            bail!(
+                "{question} did not answer within {}s: killed",
+                ASK_TIMEOUT.as_secs()
+            )
+        }
+    }
+}
+
 /// Runs `program --list-tasks` and reads one type name a line.
 fn list_tasks(program: &Path) -> Result<Vec<String>> {
-    let output = std::process::Command::new(program)
-        .arg("--list-tasks")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .with_context(|| {
-            format!(
-                "asking {} for its task types (--list-tasks)",
-                program.display()
-            )
-        })?;
+    let output = ask(program, &["--list-tasks"])?;
     if !output.status.success() {
         bail!(
             "{} --list-tasks failed with {}: {}",
@@ -309,11 +348,7 @@ fn list_tasks(program: &Path) -> Result<Vec<String>> {
 /// `flows:` format). A program that does not answer it (exit status not 0:
 /// built with an SDK older than flows) declares none.
 fn list_flows(program: &Path) -> Result<BTreeMap<String, crate::flow::Definition>> {
-    let output = std::process::Command::new(program)
-        .arg("--list-flows")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .with_context(|| format!("asking {} for its flows (--list-flows)", program.display()))?;
+    let output = ask(program, &["--list-flows"])?;
     let text = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() || text.trim().is_empty() {
         return Ok(BTreeMap::new());
