@@ -813,6 +813,8 @@ async fn metrics_count_finished_and_exhausted_tries(backend: Backend) {
     for _ in 0..3 {
         db.insert_row(NewRow::new("Fail").try_limit(1)).await;
     }
+    // A try whose process never starts: counted, but no duration.
+    db.insert_row(NewRow::new("Unknown").try_limit(1)).await;
     let (status, _, _) = cli(
         &db,
         &[
@@ -824,14 +826,23 @@ async fn metrics_count_finished_and_exhausted_tries(backend: Backend) {
     assert_eq!(status, 0);
     db.wait_for_count(
         "SELECT count(*) FROM task_runner_requests WHERE result IN ('FINISHED', 'FAILED')",
-        13,
+        14,
         WAIT,
     )
     .await;
     // The counters move when the scheduler sees the try end: wait for them.
     let text = poll(WAIT, "the tries' counters", async || {
         let text = http_get(port, "/metrics");
-        if sample(&text, "taskrunner_tries_total", &["outcome=\"FAILED\""]) == Some(3.0)
+        if sample(
+            &text,
+            "taskrunner_tries_total",
+            &["outcome=\"FAILED\"", "type=\"Fail\""],
+        ) == Some(3.0)
+            && sample(
+                &text,
+                "taskrunner_tries_total",
+                &["outcome=\"FAILED\"", "type=\"Unknown\""],
+            ) == Some(1.0)
             && sample(&text, "taskrunner_tries_total", &["outcome=\"FINISHED\""]) == Some(10.0)
         {
             Ok(text)
@@ -866,7 +877,7 @@ async fn metrics_count_finished_and_exhausted_tries(backend: Backend) {
     );
     assert_eq!(
         sample(&text, "taskrunner_claimed_total", &[]),
-        Some(13.0),
+        Some(14.0),
         "{text}"
     );
     assert_eq!(
@@ -884,9 +895,29 @@ async fn metrics_count_finished_and_exhausted_tries(backend: Backend) {
         "{text}"
     );
     assert_eq!(sample(&text, "taskrunner_slots", &[]), Some(4.0), "{text}");
+    // How long a process ran: none ran for the unknown type (it counted
+    // one of 0 s before).
+    assert_eq!(
+        sample(
+            &text,
+            "taskrunner_try_duration_seconds_count",
+            &["type=\"Fail\""]
+        ),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "taskrunner_try_duration_seconds_count",
+            &["type=\"Unknown\""]
+        ),
+        None,
+        "{text}"
+    );
     assert_eq!(
         sample(&text, "taskrunner_queue_exhausted", &["queue=\"default\""]),
-        Some(3.0),
+        Some(4.0),
         "{text}"
     );
     assert!(

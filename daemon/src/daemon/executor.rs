@@ -187,11 +187,13 @@ impl Executor {
             }
         }
         self.recorder.send(Write::Outcome(outcome));
+        // None for a try whose process never started (an unknown type,
+        // options refused, a program that cannot be run): it ran for no
+        // time, and says nothing of how long tries take.
         let ran_for = verdict
             .start_times
-            .and_then(|start| start.asked.elapsed().ok())
-            .unwrap_or_default();
-        ((verdict.state, false), Some(ran_for))
+            .and_then(|start| start.asked.elapsed().ok());
+        ((verdict.state, false), ran_for)
     }
 }
 
