@@ -1016,10 +1016,76 @@ async fn idle_web_connections_cannot_take_the_daemons_descriptors(backend: Backe
     assert!(daemon.stop().success());
 }
 
+/// Task types and queues are the rows' own text: an application that puts
+/// an id into either (`Report-4711`, a queue per customer) made a new
+/// label value, a new series of every per-type metric, for each row, held
+/// in the daemon's memory for as long as it ran, and in every scrape. Now
+/// at most 1,000 types and 100 queues get labels of their own; the rest
+/// are counted under `(other)`, and one line says so.
+async fn rows_naming_new_types_and_queues_do_not_grow_the_metrics_without_end(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let port = crate::util::free_port();
+    let rows = 1200;
+    db.insert_rows((0..rows).map(|i| {
+        NewRow::new(&format!("Report-{i}"))
+            .queue(&format!("customer-{i}"))
+            .try_limit(1)
+    }))
+    .await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!("max_concurrent: 8\nhttp:\n  listen: 127.0.0.1:{port}\n"),
+    );
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE result = 'FAILED'",
+        rows,
+        Duration::from_secs(120),
+    )
+    .await;
+    daemon.wait_for_log("web page on http://", WAIT);
+    let text = poll(WAIT, "every try counted", async || {
+        let text = http_get(port, "/metrics");
+        let counted: f64 = text
+            .lines()
+            .filter(|line| line.starts_with("taskrunner_tries_total{"))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if counted == rows as f64 {
+            Ok(text)
+        } else {
+            Err(Text(text))
+        }
+    })
+    .await;
+    let series = |name: &str| {
+        text.lines()
+            .filter(|line| line.starts_with(&format!("{name}{{")))
+            .count()
+    };
+    assert!(series("taskrunner_tries_total") <= 1001, "{text}");
+    assert!(
+        series("taskrunner_wait_before_start_seconds_count") <= 101,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "taskrunner_tries_total", &["type=\"(other)\""]).is_some(),
+        "{text}"
+    );
+    let log = daemon.log_text();
+    assert_eq!(
+        log.matches("are counted as (other) in the metrics").count(),
+        2,
+        "{log}"
+    );
+    assert!(daemon.stop().success());
+}
+
 both_backends!(
     metrics_count_finished_and_exhausted_tries,
     lag_of_a_backlog_enqueued_a_minute_ago,
     idle_web_connections_cannot_take_the_daemons_descriptors,
+    rows_naming_new_types_and_queues_do_not_grow_the_metrics_without_end,
 );
 
 // ---- a real browser ----

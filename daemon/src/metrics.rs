@@ -6,8 +6,11 @@
 //! per queue waiting, running, exhausted and lag), with bounded queries
 //! (store::web) whose answer is kept for a second, so that scrapers in a
 //! loop cost the database little. No label ever holds a request id: label
-//! values are task types, queues and states, which an operator names.
+//! values are task types, queues and states, and since types and queues are
+//! the rows' text, at most 1,000 types and 100 queues get values of their
+//! own (the rest are `(other)`).
 
+use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -31,9 +34,47 @@ pub(crate) const MAX_QUEUES: usize = 100;
 /// How long a database reading is served again.
 const CACHE_FOR: Duration = Duration::from_secs(1);
 
+/// At most this many task types get label values of their own in the
+/// per-type metrics; the rest are counted under [`OTHER`].
+const MAX_TYPE_LABELS: usize = 1000;
+
+/// The label value of the types, or queues, past their cap.
+const OTHER: &str = "(other)";
+
+/// The task types and queues given label values of their own so far. Both
+/// are the rows' text: an application that puts an id into either would
+/// otherwise make new series of every per-type metric for each row, held
+/// in the daemon's memory and in every scrape without end.
+#[derive(Default)]
+struct Labels {
+    types: HashSet<String>,
+    queues: HashSet<String>,
+}
+
+impl Labels {
+    /// `value`'s label in `seen`, admitted while fewer than `cap` are; past
+    /// that [`OTHER`], said once in the log.
+    fn admit<'a>(seen: &mut HashSet<String>, value: &'a str, cap: usize, kind: &str) -> &'a str {
+        if seen.contains(value) {
+            return value;
+        }
+        if seen.len() < cap {
+            seen.insert(value.to_string());
+            return value;
+        }
+        if seen.insert(OTHER.to_string()) {
+            tracing::warn!(
+                "more than {cap} {kind} seen: the rest are counted as {OTHER} in the metrics (their rows name them)"
+            );
+        }
+        OTHER
+    }
+}
+
 /// What one daemon counts.
 pub(crate) struct Metrics {
     registry: Registry,
+    labels: Mutex<Labels>,
     tries: IntCounterVec,
     exhausted: IntCounterVec,
     try_duration: HistogramVec,
@@ -141,6 +182,7 @@ impl Metrics {
         }
         Metrics {
             registry,
+            labels: Mutex::default(),
             tries,
             exhausted,
             try_duration,
@@ -163,6 +205,13 @@ impl Metrics {
         exhausted: bool,
         ran_for: Option<Duration>,
     ) {
+        let (task, queue) = {
+            let mut labels = self.labels.lock().unwrap_or_else(|e| e.into_inner());
+            (
+                Labels::admit(&mut labels.types, task, MAX_TYPE_LABELS, "task types"),
+                Labels::admit(&mut labels.queues, queue, MAX_QUEUES, "queues"),
+            )
+        };
         self.tries
             .with_label_values(&[task, queue, state.as_str()])
             .inc();
@@ -178,6 +227,10 @@ impl Metrics {
 
     /// A row was claimed after waiting `waited` seconds since it became runnable.
     pub(crate) fn claimed(&self, queue: &str, waited: f64) {
+        let queue = {
+            let mut labels = self.labels.lock().unwrap_or_else(|e| e.into_inner());
+            Labels::admit(&mut labels.queues, queue, MAX_QUEUES, "queues")
+        };
         self.claimed.inc();
         self.wait_before_start
             .with_label_values(&[queue])
