@@ -980,6 +980,8 @@ async fn idle_web_connections_cannot_take_the_daemons_descriptors(backend: Backe
         ),
         (128, 128),
     );
+    // Bound after the "started" line.
+    daemon.wait_for_log("web page on http://", WAIT);
     let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let idle: Vec<std::net::TcpStream> = (0..200)
         .map(|_| std::net::TcpStream::connect_timeout(&address, WAIT).unwrap())
