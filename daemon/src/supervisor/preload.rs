@@ -637,23 +637,23 @@ fn read_answer(answer: &[u8], ours: OurEnds) -> io::Result<Child> {
                 })?;
             Child::adopt(pid, ours)
         }
-        [b"error", text, b""] => Err(io::Error::other(format!(
-            "the preloaded parent could not fork: {}",
-            String::from_utf8_lossy(text)
-        ))),
-        // Out of processes or memory: the machine's shortage, not the
-        // task's, and the try never began; it is given back uncounted.
-        [b"short", text, b""] => Err(super::spawner::DaemonShort::error(
-            io::ErrorKind::Other,
-            format!(
+        [word @ (b"error" | b"short"), text, b""] => {
+            let text = format!(
                 "the preloaded parent could not fork: {}",
                 String::from_utf8_lossy(text)
-            ),
-        )),
+            );
+            // `short`: out of processes or memory, the machine's shortage
+            // and not the task's; the try never began and is given back
+            // uncounted.
+            Err(match *word {
+                b"short" => super::spawner::DaemonShort::error(io::ErrorKind::Other, text),
+                _ => io::Error::other(text),
+            })
+        }
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
-                "an answer that is neither pid nor error: {:?}",
+                "an answer that is neither pid, error nor short: {:?}",
                 String::from_utf8_lossy(answer)
             ),
         )),
