@@ -14,6 +14,8 @@ const WAIT: Duration = Duration::from_secs(30);
 
 both_backends!(
     migrate_says_what_it_did,
+    processes_migrating_at_once_take_turns_and_each_says_what_it_did,
+    an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild,
     enqueue_sets_every_column_an_app_can_set,
     list_filters_by_type_queue_host_and_state_and_shows_due_times,
     list_and_cancel_filter_by_batch,
@@ -64,6 +66,81 @@ async fn migrate_says_what_it_did(backend: Backend) {
     } else {
         assert!(stdout.contains(": up to date"), "{stdout}");
     }
+}
+
+/// Runs `taskrunner-cli migrate` in `count` processes at once; returns
+/// each one's (status, stdout, stderr).
+fn migrate_at_once(db: &TestDb, count: usize) -> Vec<(i32, String, String)> {
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = (0..count)
+            .map(|_| scope.spawn(|| cli(db, &["migrate"])))
+            .collect();
+        runs.into_iter().map(|run| run.join().unwrap()).collect()
+    })
+}
+
+/// Daemons started together (and `taskrunner-cli migrate` beside them)
+/// each migrate the schema: they take turns, none fails, and only one
+/// says it created the schema.
+async fn processes_migrating_at_once_take_turns_and_each_says_what_it_did(backend: Backend) {
+    let db = TestDb::unmigrated(backend).await;
+    let runs = migrate_at_once(&db, 6);
+    let said: Vec<&str> = runs.iter().map(|(_, stdout, _)| stdout.as_str()).collect();
+    for (status, stdout, stderr) in &runs {
+        assert_eq!(*status, 0, "{stdout}{stderr}");
+        assert!(!stdout.contains("repaired"), "{said:?}");
+    }
+    let created = said
+        .iter()
+        .filter(|s| s.contains(": created (version "))
+        .count();
+    let up_to_date = said
+        .iter()
+        .filter(|s| s.contains(": up to date (version "))
+        .count();
+    assert_eq!((created, up_to_date), (1, 5), "{said:?}");
+}
+
+/// A schema one migration behind (version 9: without migration 10's
+/// indexes) is upgraded by that migration alone, by several processes at
+/// once: not taken for tables missing indexes and rebuilt (every table
+/// dropped and copied back, while other daemons may be using them).
+async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let id = db.enqueue("NoOp", Some("a: 1")).await;
+    match backend {
+        Backend::Sqlite | Backend::Postgres => {
+            db.execute("DROP INDEX task_runner_requests_runnable_of_queue")
+                .await;
+            db.execute("DROP INDEX task_runner_requests_runnable_of_type")
+                .await;
+        }
+        Backend::MySql => {
+            db.execute("DROP INDEX task_runner_requests_runnable_of_type ON task_runner_requests")
+                .await
+        }
+    }
+    db.execute("DELETE FROM task_runner_schema_migrations WHERE version = 10")
+        .await;
+    let runs = migrate_at_once(&db, 4);
+    let said: Vec<&str> = runs.iter().map(|(_, stdout, _)| stdout.as_str()).collect();
+    for (status, stdout, stderr) in &runs {
+        assert_eq!(*status, 0, "{stdout}{stderr}");
+    }
+    let upgraded = said
+        .iter()
+        .filter(|s| s.contains(": upgraded from version 9 to 10"))
+        .count();
+    assert_eq!(upgraded, 1, "{said:?}");
+    assert!(
+        said.iter()
+            .all(|s| s.contains(": upgraded") || s.contains(": up to date")),
+        "{said:?}"
+    );
+    // The indexes are back: a check finds nothing to repair.
+    let (_, stdout, _) = cli(&db, &["migrate"]);
+    assert!(stdout.contains(": up to date (version 10)"), "{stdout}");
+    assert_eq!(db.row(id).await.options.as_deref(), Some("a: 1"));
 }
 
 #[test]

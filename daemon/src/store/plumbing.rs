@@ -49,6 +49,87 @@ impl std::fmt::Display for Migration {
     }
 }
 
+/// This process's turn to check and migrate the schema, so that processes
+/// migrating at once take turns: the repair's check (see `repair.rs`) must
+/// not read a schema another process is halfway through upgrading.
+/// PostgreSQL: a session advisory lock, MariaDB/MySQL: `GET_LOCK` on a name
+/// of the database's own, each held on a connection of its own (sqlx's
+/// migrator takes its own lock again inside). SQLite: nothing here; its
+/// migrations take turns by its write lock (see [`Store::run_migrations`]).
+/// A process that finds the turn taken says so once, then waits for it.
+pub(super) enum MigrationTurn {
+    Sqlite,
+    Postgres(sqlx::PgConnection),
+    MySql(sqlx::MySqlConnection),
+}
+
+impl MigrationTurn {
+    async fn take(store: &Store) -> Result<MigrationTurn> {
+        let waiting = || {
+            tracing::info!(
+                "waiting for another process to end its migration of {}",
+                store.display_url
+            )
+        };
+        match &store.pool {
+            Pool::Sqlite(_) => Ok(MigrationTurn::Sqlite),
+            Pool::Postgres(pool) => {
+                let mut connection = pool.acquire().await?.detach();
+                const KEY: &str = "hashtext('taskrunner:migrate')";
+                let taken: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT pg_try_advisory_lock({KEY})"
+                )))
+                .fetch_one(&mut connection)
+                .await?;
+                if !taken {
+                    waiting();
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "SELECT pg_advisory_lock({KEY})"
+                    )))
+                    .execute(&mut connection)
+                    .await?;
+                }
+                Ok(MigrationTurn::Postgres(connection))
+            }
+            Pool::MySql(pool) => {
+                let mut connection = pool.acquire().await?.detach();
+                // Lock names are the server's: this database's own (at most 64 characters).
+                const NAME: &str = "CONCAT('taskrunner:migrate:', LEFT(SHA1(DATABASE()), 32))";
+                let lock =
+                    |wait: u32| sqlx::AssertSqlSafe(format!("SELECT GET_LOCK({NAME}, {wait})"));
+                let taken: Option<i64> = sqlx::query_scalar(lock(0))
+                    .fetch_one(&mut connection)
+                    .await?;
+                if taken != Some(1) {
+                    waiting();
+                    // A day: for ever, in MySQL's and MariaDB's one spelling.
+                    let taken: Option<i64> = sqlx::query_scalar(lock(86_400))
+                        .fetch_one(&mut connection)
+                        .await?;
+                    if taken != Some(1) {
+                        anyhow::bail!("another process's migration held the lock for a day");
+                    }
+                }
+                Ok(MigrationTurn::MySql(connection))
+            }
+        }
+    }
+
+    /// Ends the turn: closing the session releases its lock (as does the
+    /// process's end, should it die first).
+    async fn end(self) {
+        match self {
+            MigrationTurn::Sqlite => {}
+            MigrationTurn::Postgres(connection) => {
+                let _ = sqlx::Connection::close(connection).await;
+            }
+            MigrationTurn::MySql(connection) => {
+                let _ = sqlx::Connection::close(connection).await;
+            }
+        }
+    }
+}
+
 /// Who opens the store: only the daemon and `migrate` may create a SQLite file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
@@ -475,29 +556,69 @@ impl Store {
         }
     }
 
-    /// Creates or upgrades the schema. Safe to run from several daemons at
-    /// once (sqlx takes an advisory lock on PostgreSQL; SQLite serialises
-    /// writers). Returns the schema version before and after.
+    /// Creates or upgrades the schema. Safe to run from several processes at
+    /// once (daemons started together, `taskrunner-cli migrate` beside
+    /// them): they take turns (see [`MigrationTurn`]), and each reports what
+    /// it did itself. Returns the schema version before and after.
     pub async fn migrate(&self) -> Result<Migration> {
         let context = || format!("migrating the schema of {}", self.display_url);
-        let before = self.schema_version().await;
-        let mut migrator = self.migrator();
-        migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
-        let repaired = self
-            .repair_if_needed(&migrator)
-            .await
-            .with_context(context)?;
-        match &self.pool {
-            Pool::Sqlite(pool) => migrator.run(pool).await.with_context(context)?,
-            Pool::Postgres(pool) => migrator.run(pool).await.with_context(context)?,
-            Pool::MySql(pool) => migrator.run(pool).await.with_context(context)?,
+        let turn = MigrationTurn::take(self).await.with_context(context)?;
+        let migrated = async {
+            let mut migrator = self.migrator();
+            migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+            let repaired = self.repair_if_needed(&migrator).await?;
+            let before = self.run_migrations(&migrator).await?;
+            let after = self.schema_version().await.unwrap_or(0);
+            anyhow::Ok(Migration {
+                before: if repaired.is_some() { None } else { before },
+                after,
+                repaired,
+            })
         }
-        let after = self.schema_version().await.unwrap_or(0);
-        Ok(Migration {
-            before: if repaired.is_some() { None } else { before },
-            after,
-            repaired,
-        })
+        .await
+        .with_context(context);
+        turn.end().await;
+        migrated
+    }
+
+    /// Runs the migrations not applied yet; returns the version before them.
+    ///
+    /// SQLite has no lock between processes but its write lock: there the
+    /// check and every migration run in one `BEGIN IMMEDIATE` transaction
+    /// (each migration in a savepoint of it), so a second process waits, then
+    /// finds them applied. Without it both would apply the first migration,
+    /// and one fail (`table … already exists`, a duplicate version).
+    pub(super) async fn run_migrations(
+        &self,
+        migrator: &sqlx::migrate::Migrator,
+    ) -> Result<Option<i64>> {
+        let version = format!("SELECT max(version) FROM {MIGRATIONS_TABLE} WHERE success");
+        let version = sqlx::AssertSqlSafe(version);
+        match &self.pool {
+            Pool::Sqlite(pool) => {
+                let mut connection = pool.acquire().await?;
+                let mut transaction =
+                    sqlx::Connection::begin_with(&mut *connection, "BEGIN IMMEDIATE").await?;
+                let before = sqlx::query_scalar::<_, Option<i64>>(version)
+                    .fetch_one(&mut *transaction)
+                    .await
+                    .ok()
+                    .flatten();
+                migrator.run(&mut *transaction).await?;
+                transaction.commit().await?;
+                Ok(before)
+            }
+            Pool::Postgres(pool) => {
+                let before = self.schema_version().await;
+                migrator.run(pool).await?;
+                Ok(before)
+            }
+            Pool::MySql(pool) => {
+                let before = self.schema_version().await;
+                migrator.run(pool).await?;
+                Ok(before)
+            }
+        }
     }
 
     /// This backend's migrations (one version means the same schema on every backend).

@@ -12,7 +12,8 @@
 //!
 //! Detection: taskrunner's tables exist and either the bookkeeping records
 //! no migration while the request table has columns migration 1 does not
-//! create, or an index or trigger the migrations create is missing. Repair:
+//! create, or an index or trigger that a migration recorded as applied
+//! creates is missing (a later migration's are not: it adds them). Repair:
 //! each of our tables is copied aside and dropped, the migrations run on the
 //! empty database, and the rows are copied back (the columns both have), so
 //! whatever the migrations create, now or in later versions, is restored.
@@ -37,11 +38,12 @@ struct Expected {
     objects: BTreeSet<String>,
 }
 
-/// Reads the names the migrations create, in order (a later `DROP` of a
-/// name removes it, a later `CREATE` brings it back).
-fn expected(migrator: &Migrator) -> Expected {
+/// Reads the names the migrations of the versions `applied` selects create,
+/// in order (a later `DROP` of a name removes it, a later `CREATE` brings it
+/// back).
+fn expected(migrator: &Migrator, applied: impl Fn(i64) -> bool) -> Expected {
     let mut expected = Expected::default();
-    for migration in migrator.iter() {
+    for migration in migrator.iter().filter(|m| applied(m.version)) {
         let words: Vec<String> = migration
             .sql
             .as_str()
@@ -89,11 +91,19 @@ fn expected(migrator: &Migrator) -> Expected {
 impl Store {
     /// Repairs tables loaded from a Rails `schema.rb` (see the module), then
     /// runs `migrator`. Returns a sentence on what was repaired, if anything.
+    ///
+    /// Only what the migrations recorded as applied create is looked for: an
+    /// older schema lacks the later ones' indexes, and the migrations add them
+    /// in place (an upgrade is not a repair).
     pub(super) async fn repair_if_needed(&self, migrator: &Migrator) -> Result<Option<String>> {
-        let expected = expected(migrator);
-        let Some(reason) = self.needs_repair(&expected).await? else {
+        let applied = self.applied_versions().await?;
+        let Some(reason) = self
+            .needs_repair(&applied, &expected(migrator, |v| applied.contains(&v)))
+            .await?
+        else {
             return Ok(None);
         };
+        let expected = expected(migrator, |_| true);
         tracing::warn!(
             "{}: {reason}; rebuilding taskrunner's tables by its migrations, keeping their rows",
             self.display_url
@@ -120,11 +130,7 @@ impl Store {
             .await
             .context("copying taskrunner's tables aside")?;
         // 2. The migrations, on an empty database.
-        match &self.pool {
-            Pool::Sqlite(pool) => migrator.run(pool).await?,
-            Pool::Postgres(pool) => migrator.run(pool).await?,
-            Pool::MySql(pool) => migrator.run(pool).await?,
-        }
+        self.run_migrations(migrator).await?;
         // 3. The rows back, in the columns both have.
         let mut statements = Vec::new();
         let mut rows = 0;
@@ -163,13 +169,16 @@ impl Store {
     }
 
     /// Why the tables need a repair, if they do.
-    async fn needs_repair(&self, expected: &Expected) -> Result<Option<String>> {
+    async fn needs_repair(
+        &self,
+        applied: &BTreeSet<i64>,
+        expected: &Expected,
+    ) -> Result<Option<String>> {
         let requests = "task_runner_requests";
         if !self.table_exists(requests).await? {
             return Ok(None);
         }
-        let recorded = self.schema_version().await.is_some();
-        if !recorded {
+        if applied.is_empty() {
             let columns = self.columns(requests).await?;
             // Migration 1 does not create `queue` (migration 2 adds it).
             if columns.iter().any(|c| c == "queue") {
@@ -194,6 +203,23 @@ impl Store {
             "tables missing indexes or triggers ({})",
             missing.join(", ")
         )))
+    }
+
+    /// The versions the bookkeeping table records as applied (none without
+    /// the table). An error reading it is an error: taken for "none
+    /// recorded", it would start a repair.
+    async fn applied_versions(&self) -> Result<BTreeSet<i64>> {
+        if !self.table_exists(MIGRATIONS_TABLE).await? {
+            return Ok(BTreeSet::new());
+        }
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT version FROM {MIGRATIONS_TABLE} WHERE success"
+        ));
+        Ok(on_pool!(self, pool => {
+            sqlx::query_scalar::<_, i64>(sql).fetch_all(pool).await?
+        })
+        .into_iter()
+        .collect())
     }
 
     fn drop_table(&self, table: &str) -> String {
@@ -298,7 +324,7 @@ mod tests {
 
     #[test]
     fn the_migrations_name_their_tables_indexes_and_triggers() {
-        let sqlite = expected(&sqlx::migrate!("../migrations/sqlite"));
+        let sqlite = expected(&sqlx::migrate!("../migrations/sqlite"), |_| true);
         assert_eq!(
             &sqlite.tables[..2],
             ["task_runner_requests", "task_runner_schedule_slots"]
@@ -311,7 +337,7 @@ mod tests {
         ] {
             assert!(sqlite.objects.contains(name), "{name}: {sqlite:?}");
         }
-        let postgres = expected(&sqlx::migrate!("../migrations/postgres"));
+        let postgres = expected(&sqlx::migrate!("../migrations/postgres"), |_| true);
         for name in [
             "task_runner_requests_runnable",
             "task_runner_requests_notify",
