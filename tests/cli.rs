@@ -16,6 +16,7 @@ both_backends!(
     migrate_says_what_it_did,
     processes_migrating_at_once_take_turns_and_each_says_what_it_did,
     an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild,
+    a_daemon_waiting_for_another_processs_migration_stops_when_told,
     enqueue_sets_every_column_an_app_can_set,
     list_filters_by_type_queue_host_and_state_and_shows_due_times,
     list_and_cancel_filter_by_batch,
@@ -141,6 +142,56 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
     let (_, stdout, _) = cli(&db, &["migrate"]);
     assert!(stdout.contains(": up to date (version 10)"), "{stdout}");
     assert_eq!(db.row(id).await.options.as_deref(), Some("a: 1"));
+}
+
+/// A daemon started while another process migrates the schema (and holds
+/// its turn: a long upgrade, or a stuck `migrate`) waits, and SIGTERM stops
+/// it there (before: it waited for the turn, deaf to signals).
+async fn a_daemon_waiting_for_another_processs_migration_stops_when_told(backend: Backend) {
+    use sqlx::Connection;
+    let db = TestDb::unmigrated(backend).await;
+    // The other process's turn, held on a connection of the test's.
+    let holder: Box<dyn std::any::Any> = match backend {
+        Backend::Sqlite => {
+            // SQLite's turn is its write lock.
+            let mut connection = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::raw_sql("BEGIN IMMEDIATE")
+                .execute(&mut connection)
+                .await
+                .unwrap();
+            Box::new(connection)
+        }
+        Backend::Postgres => {
+            let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::raw_sql("SELECT pg_advisory_lock(hashtext('taskrunner:migrate'))")
+                .execute(&mut connection)
+                .await
+                .unwrap();
+            Box::new(connection)
+        }
+        Backend::MySql => {
+            let mut connection = sqlx::MySqlConnection::connect(&db.url).await.unwrap();
+            sqlx::raw_sql(
+                "SELECT GET_LOCK(CONCAT('taskrunner:migrate:', LEFT(SHA1(DATABASE()), 32)), 0)",
+            )
+            .execute(&mut connection)
+            .await
+            .unwrap();
+            Box::new(connection)
+        }
+    };
+    let config = db.daemon("d").write_config();
+    let mut daemon = Daemon::start_with_config(&config, &[]);
+    let waiting = match backend {
+        Backend::Sqlite => "database is locked",
+        Backend::Postgres | Backend::MySql => "waiting for another process to end its migration",
+    };
+    daemon.wait_for_log(waiting, WAIT);
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = daemon.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status}: {}", daemon.log_text());
+    assert!(!daemon.log_text().contains("taskrunnerd started"));
+    drop(holder);
 }
 
 #[test]

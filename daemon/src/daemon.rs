@@ -86,11 +86,13 @@ pub async fn run(
         let mut backoff = Backoff::default();
         loop {
             let migrated = match store.check_encoding().await {
-                Ok(()) => store.migrate().await,
+                Ok(()) => store.migrate_unless(shutdown.cancelled()).await,
                 Err(error) => Err(error),
             };
             match migrated {
-                Ok(migration) => {
+                // Told to stop while another process migrated.
+                Ok(None) => return Ok(()),
+                Ok(Some(migration)) => {
                     tracing::info!("schema of {}: {migration}", store.display_url);
                     break;
                 }

@@ -561,8 +561,25 @@ impl Store {
     /// them): they take turns (see [`MigrationTurn`]), and each reports what
     /// it did itself. Returns the schema version before and after.
     pub async fn migrate(&self) -> Result<Migration> {
+        match self.migrate_unless(std::future::pending()).await? {
+            Some(migration) => Ok(migration),
+            None => unreachable!("a pending future never resolves"),
+        }
+    }
+
+    /// [`migrate`](Store::migrate), unless `stop` comes while this process
+    /// waits for its turn (a daemon told to stop, behind another process's
+    /// long migration): then `None`, and nothing was done. Once its turn
+    /// has come, the migrations run to their end.
+    pub async fn migrate_unless(
+        &self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<Option<Migration>> {
         let context = || format!("migrating the schema of {}", self.display_url);
-        let turn = MigrationTurn::take(self).await.with_context(context)?;
+        let turn = tokio::select! {
+            turn = MigrationTurn::take(self) => turn.with_context(context)?,
+            () = stop => return Ok(None),
+        };
         let migrated = async {
             let mut migrator = self.migrator();
             migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
@@ -578,7 +595,7 @@ impl Store {
         .await
         .with_context(context);
         turn.end().await;
-        migrated
+        migrated.map(Some)
     }
 
     /// Runs the migrations not applied yet; returns the version before them.
