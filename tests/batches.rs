@@ -12,6 +12,7 @@ both_backends!(
     thousand_member_batch_has_one_on_complete_and_exact_counters,
     two_hundred_batches_whose_members_end_at_the_same_instant_get_two_hundred_callbacks,
     fail_fast_cancels_unstarted_members_and_runs_on_failure_once,
+    a_member_running_when_its_batch_failed_is_not_tried_again,
     batch_sealed_by_plain_sql_after_its_members_ended_gets_its_callback_within_a_poll,
     member_retried_by_hand_after_its_batch_failed_makes_no_second_callback,
     on_failure_runs_once_after_the_last_try_and_never_on_cancel,
@@ -365,13 +366,32 @@ async fn fail_fast_cancels_unstarted_members_and_runs_on_failure_once(backend: B
             1
         );
     }
-    // Running members finish.
+    // Running members finish. Members claimed ahead of a free slot (RUNNING,
+    // their process not started: right after the first try ended, in 5 ms, a
+    // daemon may claim up to 16 per slot) that find no slot within 1 s are
+    // given back, and CANCELLED then, not claimed again: no more members
+    // finish than the 4 slots held when the batch failed.
     db.wait_for_count(
-        &format!("SELECT count(*) FROM task_runner_requests WHERE batch_id = {batch} AND result = 'FINISHED'"),
-        started,
+        &format!("SELECT count(*) FROM task_runner_requests WHERE batch_id = {batch} AND result = 'RUNNING'"),
+        0,
         Duration::from_secs(60),
     )
     .await;
+    let count = |result: &'static str| {
+        let db = &db;
+        async move {
+            db.scalar(&format!(
+                "SELECT count(*) FROM task_runner_requests WHERE batch_id = {batch} AND result = '{result}'"
+            ))
+            .await
+        }
+    };
+    let (finished, cancelled) = (count("FINISHED").await, count("CANCELLED").await);
+    assert!(
+        finished <= 4,
+        "{finished} members finished after the batch failed"
+    );
+    assert_eq!(finished + cancelled + 1, 100);
     db.wait_for_count(
         &format!(
             "SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch} AND result = 'FINISHED'"
@@ -409,6 +429,50 @@ async fn fail_fast_cancels_unstarted_members_and_runs_on_failure_once(backend: B
     let failure_text = summary["batch"]["failure"]["result_text"].as_str().unwrap();
     assert!(failure_text.contains("the disk is full"), "{failure_text}");
     assert_eq!(batch_state(&db, batch).await, "FAILED");
+    let (stored, recount) = counters_and_recount(&db, batch).await;
+    assert_eq!(stored, recount);
+}
+
+/// Fail-fast lets a member that was running when its batch failed run to
+/// its end; if that try fails, the member is CANCELLED, not retried (before:
+/// it ran twice more, in a batch that had failed).
+async fn a_member_running_when_its_batch_failed_is_not_tried_again(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let batch = insert_batch(&db, "on_failure", "'Failed'").await;
+    let running = db
+        .insert_row(NewRow::new("FailsLater").batch(batch).try_limit(3))
+        .await;
+    let failing = db
+        .insert_row(NewRow::new("Boom").batch(batch).try_limit(1))
+        .await;
+    db.execute(&format!(
+        "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
+    ))
+    .await;
+    let mut daemons = start_daemons(
+        &db,
+        1,
+        "max_concurrent: 2\nretry_delay: 100ms\ntasks:\n  FailsLater:\n    command: [/bin/sh, -c, 'sleep 1; echo no luck >&2; exit 1']\n  Boom:\n    command: [/bin/sh, -c, 'exit 3']\n",
+    );
+    db.wait_for_state(failing, "FAILED", Duration::from_secs(60))
+        .await;
+    db.wait_for_state(running, "CANCELLED", Duration::from_secs(60))
+        .await;
+    let row = db.row(running).await;
+    assert_eq!(row.tries, 1, "{row:?}");
+    let text = row.result_text.unwrap_or_default();
+    assert!(
+        text.starts_with(&format!(
+            "cancelled: batch {batch} has ended, so no further try\nexit status 1"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("no luck"), "{text}");
+    assert_eq!(batch_state(&db, batch).await, "FAILED");
+    assert_eq!(callbacks_of_batch(&db, batch).await, 1);
+    for daemon in &mut daemons {
+        assert!(daemon.stop().success());
+    }
     let (stored, recount) = counters_and_recount(&db, batch).await;
     assert_eq!(stored, recount);
 }

@@ -38,7 +38,7 @@ use sqlx::sqlite::SqliteRow;
 use super::sql::{cancel_unstarted, unfinished, Dialect, Statements};
 use super::{begin_write, Outcome, Pool, RowExt, Store};
 use crate::instance::ClaimToken;
-use crate::request::RequestId;
+use crate::request::{RequestId, State};
 
 /// How a request may become final; each is written by [`Store::finalize`].
 #[derive(Debug, Clone, Copy)]
@@ -204,6 +204,7 @@ pub(super) struct ComposeSql {
     recount: String,
     set_counts: String,
     cancel_unstarted: String,
+    cancel_after_end: String,
     end_batch: String,
     first_failure: String,
     callback_exists: String,
@@ -285,9 +286,28 @@ impl ComposeSql {
                 SET total = $2, pending = $3, finished = $4, failed = $5, cancelled = $6 WHERE id = $1"
                 .to_string(),
             cancel_unstarted: cancel_unstarted(d, "batch_id"),
+            // Runnable again, and claimed before its batch ended (a row
+            // retried by hand after the end is claimed later, and runs).
+            // A claim racing the end's transaction either took its rows
+            // before the end's cancel of the unstarted ones reached them, so
+            // before `end_batch` ran, or found them cancelled.
+            cancel_after_end: format!(
+                "UPDATE task_runner_requests \
+                    SET result = 'CANCELLED', result_text = $2, completed_at = {now} \
+                  WHERE id = $1 AND pid IS NULL AND tries < try_limit \
+                    AND result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED') \
+                    AND EXISTS (SELECT 1 FROM task_runner_batches b \
+                                 WHERE b.id = task_runner_requests.batch_id AND b.state IS NOT NULL \
+                                   AND b.finished_at >= task_runner_requests.started_at)"
+            ),
+            // The end's own time, not its transaction's start: a claim that
+            // took a member before the end has a `started_at` before it, even
+            // on PostgreSQL, where the claim may begin after that transaction
+            // did (see `cancel_after_end`).
             end_batch: format!(
-                "UPDATE task_runner_batches SET state = $2, finished_at = {now} \
-                  WHERE id = $1 AND state IS NULL"
+                "UPDATE task_runner_batches SET state = $2, finished_at = {} \
+                  WHERE id = $1 AND state IS NULL",
+                d.clock()
             ),
             first_failure: format!(
                 "SELECT {}, task_class_name, result, result_text FROM task_runner_requests \
@@ -619,6 +639,10 @@ impl Store {
             }
             Ending::Cancelled(_) => tx.execute(&sql.cancel_pending, &[Int(id.0)]).await?,
         } == 1;
+        if let (true, Some(batch_id)) = (applied, batch_id) {
+            self.no_try_after_the_batch(&mut tx, ending, batch_id)
+                .await?;
+        }
         if applied {
             let final_now = self.follow_up(&mut tx, id, batch_id).await?;
             if let (Some(flow_id), true) = (flow_id, final_now) {
@@ -628,6 +652,39 @@ impl Store {
         }
         tx.commit().await?;
         Ok(applied)
+    }
+
+    /// A member whose batch has ended (fail-fast, or `batch cancel`) while
+    /// it was claimed (running, or claimed ahead of a free slot) runs to its
+    /// end, but is not tried again: an ending that would make it runnable
+    /// (a failure with tries left, a crash, a timeout, a give-back before it
+    /// started) makes it CANCELLED, the try's own text kept below the reason.
+    async fn no_try_after_the_batch(
+        &self,
+        tx: &mut Tx,
+        ending: &Ending<'_>,
+        batch_id: i64,
+    ) -> Result<()> {
+        let text = match ending {
+            Ending::Outcome(outcome)
+                if matches!(
+                    outcome.state,
+                    State::Failed | State::Crashed | State::Timeout | State::Interrupted
+                ) =>
+            {
+                outcome.result_text.as_str()
+            }
+            Ending::Crashed { reason, .. } => reason,
+            _ => return Ok(()),
+        };
+        let why = format!("cancelled: batch {batch_id} has ended, so no further try\n{text}");
+        self.count_statements(1);
+        tx.execute(
+            &self.compose().cancel_after_end,
+            &[Int(ending.id().0), Text(&why)],
+        )
+        .await?;
+        Ok(())
     }
 
     /// Whatever the end of request `id` causes, if it is final now (then

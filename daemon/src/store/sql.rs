@@ -26,6 +26,16 @@ impl Dialect {
         }
     }
 
+    /// The time when the statement runs: on PostgreSQL not `now()`, which is
+    /// the transaction's start (the others' [`now`](Dialect::now) is the
+    /// statement's already).
+    pub(crate) fn clock(self) -> &'static str {
+        match self.0 {
+            Backend::Postgres => "clock_timestamp()",
+            Backend::Sqlite | Backend::MySql => self.now(),
+        }
+    }
+
     /// The current time plus `seconds` (an expression; negative: earlier).
     pub(crate) fn now_plus(self, seconds: &str) -> String {
         match self.0 {
