@@ -13,6 +13,7 @@ both_backends!(
     two_hundred_batches_whose_members_end_at_the_same_instant_get_two_hundred_callbacks,
     fail_fast_cancels_unstarted_members_and_runs_on_failure_once,
     a_member_running_when_its_batch_failed_is_not_tried_again,
+    purge_keeps_the_members_of_an_open_batch_until_it_ends,
     batch_sealed_by_plain_sql_after_its_members_ended_gets_its_callback_within_a_poll,
     member_retried_by_hand_after_its_batch_failed_makes_no_second_callback,
     on_failure_runs_once_after_the_last_try_and_never_on_cancel,
@@ -475,6 +476,68 @@ async fn a_member_running_when_its_batch_failed_is_not_tried_again(backend: Back
     }
     let (stored, recount) = counters_and_recount(&db, batch).await;
     assert_eq!(stored, recount);
+}
+
+/// `purge` (and the retention pruner, the same statements) keeps the
+/// members of a batch that has not ended: its end is judged from its
+/// members, and a failed member deleted first made a batch with a failure
+/// end FINISHED, with `on_complete`.
+async fn purge_keeps_the_members_of_an_open_batch_until_it_ends(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let batch = insert_batch(
+        &db,
+        "on_complete, on_failure, fail_fast",
+        "'Done', 'Failed', FALSE",
+    )
+    .await;
+    // A member that failed for good two days ago, and one still to run.
+    let failed = db
+        .insert_row(
+            NewRow::new("NoOp")
+                .batch(batch)
+                .exhausted(backend, 1, 2 * 86_400),
+        )
+        .await;
+    db.insert_row(NewRow::new("NoOp").batch(batch)).await;
+    let exists = async |id: taskrunner::request::RequestId| {
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE id = {id}"
+        ))
+        .await
+    };
+    let (status, _, stderr) = cli(&db, &["purge", "--older-than", "1h"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(
+        exists(failed).await,
+        1,
+        "a member of an open batch was purged"
+    );
+    db.execute(&format!(
+        "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
+    ))
+    .await;
+    let mut daemons = start_daemons(&db, 1, "tasks:\n");
+    db.wait_for_count(
+        &format!("SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch} AND result = 'FINISHED'"),
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    for daemon in &mut daemons {
+        assert!(daemon.stop().success());
+    }
+    assert_eq!(batch_state(&db, batch).await, "FAILED");
+    let callback = db
+        .scalar(&format!(
+            "SELECT id FROM task_runner_requests WHERE callback_of_batch = {batch}"
+        ))
+        .await;
+    let callback = db.row(taskrunner::request::RequestId(callback)).await;
+    assert_eq!(callback.task_class_name, "Failed");
+    // The batch has ended: now its old member goes.
+    let (status, _, stderr) = cli(&db, &["purge", "--older-than", "1h"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(exists(failed).await, 0);
 }
 
 async fn batch_sealed_by_plain_sql_after_its_members_ended_gets_its_callback_within_a_poll(

@@ -15,6 +15,7 @@ both_backends!(
     daemon_killed_during_revert_r2_resumes_at_r2_after_a_restart_and_r1_runs_once,
     flow_with_unknown_name_or_bad_options_ends_failed_saying_why,
     flow_cancel_stops_a_flow_and_cancel_revert_reverts_its_finished_steps,
+    purge_keeps_the_step_rows_of_a_running_flow,
 );
 
 const LONG: Duration = Duration::from_secs(60);
@@ -332,6 +333,50 @@ async fn daemon_killed_during_revert_r2_resumes_at_r2_after_a_restart_and_r1_run
     );
     assert_eq!(resumed, 1);
     assert_eq!(log_words(&log), ["e1", "e2", "e3", "r3", "r2", "r2", "r1"]);
+    assert!(daemon.stop().success());
+}
+
+/// `purge` (and the retention pruner) keeps the step rows of a flow that
+/// has not ended, as it keeps a batch's members: the flow's board (`flow
+/// show`, the web page) is read from them. (Its reverts do not need them:
+/// with step 1's row purged while step 2 ran, r2 and r1 still ran.)
+async fn purge_keeps_the_step_rows_of_a_running_flow(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let log = db.scratch.join("steps.log");
+    let started = db.scratch.join("e2-started");
+    let go = db.scratch.join("e2-go");
+    let config = format!(
+        "retry_delay: 0s\ntasks:\n{}{}{}{}flows:\n  two:\n    steps:\n      - {{ name: s1, task: E1, revert: R1 }}\n      - {{ name: s2, task: E2, revert: R2, try_limit: 1 }}\n",
+        logging_task("E1", &log, "e1", ""),
+        logging_task(
+            "E2",
+            &log,
+            "e2",
+            &format!(
+                "touch {}; while [ ! -e {} ]; do sleep 0.05; done; exit 1",
+                started.display(),
+                go.display()
+            )
+        ),
+        logging_task("R1", &log, "r1", ""),
+        logging_task("R2", &log, "r2", ""),
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    let flow = insert_flow(&db, "two", None).await;
+    wait_until(LONG, "step 2 to run", || started.exists());
+    let (status, _, stderr) = cli(&db, &["purge", "--older-than", "0s"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE flow_id = {flow} AND flow_step = 0"
+        ))
+        .await,
+        1,
+        "a step row of a running flow was purged"
+    );
+    std::fs::write(&go, "").unwrap();
+    wait_for_flow(&db, flow, "REVERTED", LONG).await;
+    assert_eq!(log_words(&log), ["e1", "e2", "r2", "r1"]);
     assert!(daemon.stop().success());
 }
 

@@ -340,6 +340,20 @@ pub(super) fn cancel_unstarted(d: Dialect, owner: &str) -> String {
     )
 }
 
+/// The condition on a final row that `purge` and the retention pruner may
+/// delete: not a member of a batch, nor a step row of a flow, that is still
+/// open. A batch's end is judged from its members under its lock (a failed
+/// member deleted first let it end FINISHED, with `on_complete`), and a
+/// flow's board is read from its step rows. They go once their batch or
+/// flow has ended.
+const OUTSIDE_OPEN_PARENTS: &str = "(batch_id IS NULL OR NOT EXISTS \
+        (SELECT 1 FROM task_runner_batches b \
+          WHERE b.id = task_runner_requests.batch_id AND b.state IS NULL)) \
+    AND (flow_id IS NULL OR NOT EXISTS \
+        (SELECT 1 FROM task_runner_flows f \
+          WHERE f.id = task_runner_requests.flow_id \
+            AND (f.state IS NULL OR f.state IN ('RUNNING', 'REVERTING'))))";
+
 /// Whether a cancel overrides the outcome `result` of a try: a cancel, once
 /// accepted (`cancel_requested_at` set while the row ran), means no further
 /// try. Only FINISHED stands (the work is done); any other outcome, however
@@ -923,7 +937,10 @@ impl Sql {
             ),
             purge: d.delete_some(
                 "task_runner_requests",
-                &format!("{final_or_exhausted} AND completed_at < {}", plus("-$1")),
+                &format!(
+                    "{final_or_exhausted} AND completed_at < {} AND {OUTSIDE_OPEN_PARENTS}",
+                    plus("-$1")
+                ),
                 "$2",
             ),
             // ---- Issue 7: unique requests, retention, cron schedules ----
@@ -947,7 +964,7 @@ impl Sql {
                 "task_runner_requests",
                 &format!(
                     "result = $3 AND result IN ('FINISHED', 'CANCELLED', 'REJECTED') \
-                     AND completed_at < {}",
+                     AND completed_at < {} AND {OUTSIDE_OPEN_PARENTS}",
                     plus("-$1")
                 ),
                 "$2",
@@ -956,7 +973,7 @@ impl Sql {
                 "task_runner_requests",
                 &format!(
                     "result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit \
-                     AND completed_at < {}",
+                     AND completed_at < {} AND {OUTSIDE_OPEN_PARENTS}",
                     plus("-$1")
                 ),
                 "$2",
