@@ -18,6 +18,7 @@ both_backends!(
     an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild,
     a_daemon_waiting_for_another_processs_migration_stops_when_told,
     enqueue_sets_every_column_an_app_can_set,
+    enqueue_refuses_options_that_are_not_yaml_and_an_empty_type,
     list_filters_by_type_queue_host_and_state_and_shows_due_times,
     list_and_cancel_filter_by_batch,
     list_shows_the_tasks_own_error_without_progress_lines,
@@ -66,6 +67,37 @@ async fn migrate_says_what_it_did(backend: Backend) {
         );
     } else {
         assert!(stdout.contains(": up to date"), "{stdout}");
+    }
+}
+
+/// What the daemon could only reject is refused before a row is written:
+/// options that are not YAML (the row would be REJECTED) and an empty task
+/// type (FAILED as unknown), each with one line and exit status 2.
+async fn enqueue_refuses_options_that_are_not_yaml_and_an_empty_type(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    for (args, says) in [
+        (
+            &["enqueue", "NoOp", "--options", "a: [1,"][..],
+            "--options: not valid YAML",
+        ),
+        (&["enqueue", " "][..], "the task type is empty"),
+    ] {
+        let (status, stdout, stderr) = cli(&db, args);
+        assert_eq!(status, 2, "{args:?}: {stdout}{stderr}");
+        assert!(one_line(&stderr).contains(says), "{stderr}");
+        assert!(stdout.is_empty(), "{stdout}");
+    }
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests").await,
+        0
+    );
+    // YAML, and no options at all, are fine.
+    for args in [
+        &["enqueue", "NoOp", "--options", "a: [1, 2]"][..],
+        &["enqueue", "NoOp", "--options", ""],
+    ] {
+        let (status, _, stderr) = cli(&db, args);
+        assert_eq!(status, 0, "{stderr}");
     }
 }
 

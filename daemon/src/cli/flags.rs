@@ -645,6 +645,16 @@ async fn run_one(
             on_failure,
             ..
         } => {
+            // What the daemon would only reject (REJECTED, or FAILED as an
+            // unknown type) is refused here, before a row is written.
+            if task.trim().is_empty() {
+                return Err(crate::usage::UsageError("TASK: the task type is empty".into()).into());
+            }
+            if let Some(options) = &options {
+                crate::attempt::check_options(options.as_bytes()).map_err(|e| {
+                    crate::usage::UsageError(format!("--options: not valid YAML: {e}"))
+                })?;
+            }
             let store = open(Purpose::Cli)?;
             let id = store
                 .enqueue(&NewRequest {
