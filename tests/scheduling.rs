@@ -13,6 +13,7 @@ both_backends!(
     wait_returns_as_soon_as_the_task_ends,
     wait_fails_for_an_exhausted_request_and_times_out_cleanly,
     retention_prunes_only_old_final_rows_while_work_runs,
+    retention_deletes_ended_batches_and_flows_once_no_request_refers_to_them,
     cron_catches_up_once_after_downtime,
 );
 
@@ -169,6 +170,76 @@ async fn wait_fails_for_an_exhausted_request_and_times_out_cleanly(backend: Back
     assert!(stderr.contains("FAILED"), "{stderr}");
     assert!(stderr.contains("2 of 2 tries"), "{stderr}");
     assert!(stderr.contains("it went wrong"), "{stderr}");
+    assert!(daemon.stop().success());
+}
+
+/// Batches and flows are deleted by retention too, once ended and once no
+/// request refers to them any more (their members, steps and callbacks went
+/// by the rules for requests). Before, their rows stayed for ever: a batch
+/// per import, a flow per order, and the tables only grew.
+async fn retention_deletes_ended_batches_and_flows_once_no_request_refers_to_them(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let batch_with = async |db: &TestDb| {
+        let batch = db
+            .insert("INSERT INTO task_runner_batches (on_complete) VALUES ('NoOp') RETURNING id")
+            .await;
+        db.insert_row(NewRow::new("NoOp").batch(batch.0)).await;
+        batch.0
+    };
+    // Ends FINISHED, its member and callback FINISHED: all of it goes.
+    let finished = batch_with(&db).await;
+    db.execute(&format!(
+        "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {finished}"
+    ))
+    .await;
+    // Cancelled: its CANCELLED member is kept (no rule for them), so is it.
+    let cancelled = batch_with(&db).await;
+    let (status, _, stderr) = cli(&db, &["batch", "cancel", &cancelled.to_string()]);
+    assert_eq!(status, 0, "{stderr}");
+    let flow = crate::flows::insert_flow(&db, "one", None).await;
+    let count = async |sql: String| db.scalar(&sql).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "reap_interval: 1s\nretention:\n  finished: 1s\nflows:\n  one:\n    steps:\n      - { name: s1, task: NoOp }\n",
+    );
+    db.wait_for_count(
+        &format!("SELECT count(*) FROM task_runner_batches WHERE id = {finished}"),
+        0,
+        WAIT,
+    )
+    .await;
+    db.wait_for_count(
+        &format!("SELECT count(*) FROM task_runner_flows WHERE id = {flow}"),
+        0,
+        WAIT,
+    )
+    .await;
+    assert_eq!(
+        count(format!("SELECT count(*) FROM task_runner_requests WHERE batch_id = {finished} OR callback_of_batch = {finished} OR flow_id = {flow}")).await,
+        0
+    );
+    assert_eq!(
+        count(format!(
+            "SELECT count(*) FROM task_runner_batches WHERE id = {cancelled}"
+        ))
+        .await,
+        1
+    );
+    assert_eq!(
+        count(format!(
+            "SELECT count(*) FROM task_runner_requests WHERE batch_id = {cancelled}"
+        ))
+        .await,
+        1
+    );
+    assert!(
+        daemon.log_text().contains("batches_and_flows="),
+        "{}",
+        daemon.log_text()
+    );
     assert!(daemon.stop().success());
 }
 

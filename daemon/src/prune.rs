@@ -15,7 +15,7 @@ use anyhow::Result;
 use tokio_util::sync::CancellationToken;
 
 use crate::retention::Retention;
-use crate::store::Store;
+use crate::store::{Prunable, Store};
 
 /// Rows deleted by one statement.
 pub(crate) const BATCH: i64 = 500;
@@ -27,24 +27,42 @@ pub(crate) async fn prune(
     retention: &Retention,
     pause: Duration,
     stop: Option<&CancellationToken>,
-) -> Result<u64> {
-    let mut total = 0;
-    for (kind, age) in retention.rules() {
+) -> Result<Pruned> {
+    let mut pruned = Pruned::default();
+    // The requests first, then the batches and flows they leave empty
+    // (ended at least as long ago as the shortest rule says).
+    let shortest = retention.rules().into_iter().map(|(_, age)| age).min();
+    let parents = shortest
+        .into_iter()
+        .flat_map(|age| [(Prunable::EndedBatches, age), (Prunable::EndedFlows, age)]);
+    for (kind, age) in retention.rules().into_iter().chain(parents) {
         loop {
             let deleted = store.prune(kind, age, BATCH).await?;
-            total += deleted;
+            match kind {
+                Prunable::EndedBatches | Prunable::EndedFlows => pruned.parents += deleted,
+                _ => pruned.requests += deleted,
+            }
             if deleted < BATCH as u64 {
                 break;
             }
             if let Some(stop) = stop {
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
-                    _ = stop.cancelled() => return Ok(total),
+                    _ = stop.cancelled() => return Ok(pruned),
                 }
             } else if !pause.is_zero() {
                 tokio::time::sleep(pause).await;
             }
         }
     }
-    Ok(total)
+    Ok(pruned)
+}
+
+/// What a prune pass deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Pruned {
+    pub(crate) requests: u64,
+    /// Batches and flows that had ended, and that no request referred to
+    /// any more.
+    pub(crate) parents: u64,
 }

@@ -818,8 +818,14 @@ async fn run_one(
                 None => config.retention.clone(),
             };
             let store = open(Purpose::Cli)?;
-            let deleted = crate::prune::prune(&store, &retention, Duration::ZERO, None).await?;
-            println!("deleted {deleted} requests");
+            let pruned = crate::prune::prune(&store, &retention, Duration::ZERO, None).await?;
+            println!("deleted {} requests", pruned.requests);
+            if pruned.parents > 0 {
+                println!(
+                    "deleted {} ended batches and flows left without requests",
+                    pruned.parents
+                );
+            }
         }
         Command::Web { listen, .. } => {
             let address = listen

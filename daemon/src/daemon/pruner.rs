@@ -30,11 +30,15 @@ impl Pruner {
             let mut pause = config.reap_interval;
             if !config.retention.is_empty() {
                 match prune(&self.store, &config.retention, PAUSE, Some(&cancel)).await {
-                    Ok(deleted) => {
+                    Ok(pruned) => {
                         self.health.succeeded("pruning old requests");
                         backoff.reset();
-                        if deleted > 0 {
-                            tracing::info!(deleted, "pruned requests past their retention");
+                        if pruned.requests > 0 || pruned.parents > 0 {
+                            tracing::info!(
+                                deleted = pruned.requests,
+                                batches_and_flows = pruned.parents,
+                                "pruned requests past their retention"
+                            );
                         }
                     }
                     Err(error) => {

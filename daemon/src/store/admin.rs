@@ -193,7 +193,9 @@ impl Store {
     }
 
     /// Deletes final and exhausted rows completed more than `older_than` ago,
-    /// in batches of `batch` rows so that claims never wait long.
+    /// in batches of `batch` rows so that claims never wait long, then the
+    /// batches and flows that ended as long ago and no row refers to any
+    /// more. Returns the number of requests deleted.
     pub(crate) async fn purge(&self, older_than: Duration, batch: i64) -> Result<u64> {
         let mut total = 0;
         loop {
@@ -205,9 +207,15 @@ impl Store {
             });
             total += deleted;
             if deleted < batch as u64 {
-                return Ok(total);
+                break;
             }
         }
+        // Then the batches and flows that ended as long ago and that no
+        // request refers to any more.
+        for parents in [super::Prunable::EndedBatches, super::Prunable::EndedFlows] {
+            while self.prune(parents, older_than, batch).await? >= batch as u64 {}
+        }
+        Ok(total)
     }
 
     async fn execute_by_id(&self, statement: &'static str, id: RequestId) -> Result<bool> {

@@ -18,6 +18,12 @@ pub(crate) enum Prunable {
     Rejected,
     /// FAILED, CRASHED or TIMEOUT with no tries left.
     Exhausted,
+    /// Batches (`task_runner_batches`) ended that long ago, once no request
+    /// is a member of one or a callback of its end any more.
+    EndedBatches,
+    /// Flows (`task_runner_flows`) ended that long ago, once none of their
+    /// step rows is left.
+    EndedFlows,
 }
 
 impl Store {
@@ -27,6 +33,12 @@ impl Store {
         Ok(on_pool!(self, pool => {
             let query = match kind {
                 Prunable::Exhausted => query(sql.prune_exhausted.as_str())
+                    .bind(age.as_secs_f64())
+                    .bind(batch),
+                Prunable::EndedBatches => query(sql.prune_batches.as_str())
+                    .bind(age.as_secs_f64())
+                    .bind(batch),
+                Prunable::EndedFlows => query(sql.prune_flows.as_str())
                     .bind(age.as_secs_f64())
                     .bind(batch),
                 Prunable::Finished | Prunable::Cancelled | Prunable::Rejected => {

@@ -518,6 +518,12 @@ pub struct Sql {
     pub(crate) prune_state: String,
     /// Deletes up to `$2` exhausted rows completed more than `$1` seconds ago.
     pub(crate) prune_exhausted: String,
+    /// Deletes up to `$2` batches ended more than `$1` seconds ago that no
+    /// request belongs to or was made by any more.
+    pub(crate) prune_batches: String,
+    /// Deletes up to `$2` flows ended more than `$1` seconds ago with no
+    /// step row left.
+    pub(crate) prune_flows: String,
     /// The database's clock, as seconds since the epoch.
     pub(crate) database_now: String,
     /// The latest slot enqueued for schedule `$1`, as seconds since the epoch.
@@ -974,6 +980,31 @@ impl Sql {
                 &format!(
                     "result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit \
                      AND completed_at < {} AND {OUTSIDE_OPEN_PARENTS}",
+                    plus("-$1")
+                ),
+                "$2",
+            ),
+            // Not a batch's children (`parent_batch_id`): MySQL cannot read
+            // the table it deletes from; a child keeps the id of a parent gone.
+            prune_batches: d.delete_some(
+                "task_runner_batches",
+                &format!(
+                    "state IS NOT NULL AND finished_at < {} \
+                     AND NOT EXISTS (SELECT 1 FROM task_runner_requests r \
+                                      WHERE r.batch_id = task_runner_batches.id) \
+                     AND NOT EXISTS (SELECT 1 FROM task_runner_requests r \
+                                      WHERE r.callback_of_batch = task_runner_batches.id)",
+                    plus("-$1")
+                ),
+                "$2",
+            ),
+            prune_flows: d.delete_some(
+                "task_runner_flows",
+                &format!(
+                    "state IS NOT NULL AND state NOT IN ('RUNNING', 'REVERTING') \
+                     AND finished_at < {} \
+                     AND NOT EXISTS (SELECT 1 FROM task_runner_requests r \
+                                      WHERE r.flow_id = task_runner_flows.id)",
                     plus("-$1")
                 ),
                 "$2",
