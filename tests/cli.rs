@@ -71,8 +71,10 @@ async fn migrate_says_what_it_did(backend: Backend) {
 }
 
 /// What the daemon could only reject is refused before a row is written:
-/// options that are not YAML (the row would be REJECTED) and an empty task
-/// type (FAILED as unknown), each with one line and exit status 2.
+/// options that are not YAML (the row would be REJECTED), an empty task
+/// type (FAILED as unknown), and an empty `--node` (the row waited for a
+/// node "" for ever), `--not-node`, `--queue` or `--unique-key` (a shell
+/// variable left unset), each with one line and exit status 2.
 async fn enqueue_refuses_options_that_are_not_yaml_and_an_empty_type(backend: Backend) {
     let db = TestDb::new(backend).await;
     for (args, says) in [
@@ -81,6 +83,22 @@ async fn enqueue_refuses_options_that_are_not_yaml_and_an_empty_type(backend: Ba
             "--options: not valid YAML",
         ),
         (&["enqueue", " "][..], "the task type is empty"),
+        (
+            &["enqueue", "NoOp", "--node", ""][..],
+            "--node: the value is empty",
+        ),
+        (
+            &["enqueue", "NoOp", "--not-node", ""][..],
+            "--not-node: the value is empty",
+        ),
+        (
+            &["enqueue", "NoOp", "--queue", " "][..],
+            "--queue: the value is empty",
+        ),
+        (
+            &["enqueue", "NoOp", "--unique-key", ""][..],
+            "--unique-key: the value is empty",
+        ),
     ] {
         let (status, stdout, stderr) = cli(&db, args);
         assert_eq!(status, 2, "{args:?}: {stdout}{stderr}");

@@ -650,6 +650,21 @@ async fn run_one(
             if task.trim().is_empty() {
                 return Err(crate::usage::UsageError("TASK: the task type is empty".into()).into());
             }
+            // An empty value is a shell variable left unset, not a name: a
+            // row for node "" waits for ever, and one unique key "" for
+            // every such row would insert only the first.
+            for (flag, value) in [
+                ("--queue", &queue),
+                ("--node", &node),
+                ("--not-node", &not_node),
+                ("--unique-key", &unique_key),
+            ] {
+                if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                    return Err(
+                        crate::usage::UsageError(format!("{flag}: the value is empty")).into(),
+                    );
+                }
+            }
             if let Some(options) = &options {
                 crate::attempt::check_options(options.as_bytes()).map_err(|e| {
                     crate::usage::UsageError(format!("--options: not valid YAML: {e}"))
