@@ -316,7 +316,7 @@ async fn fail_fast_cancels_unstarted_members_and_runs_on_failure_once(backend: B
     let mut daemons = start_daemons(
         &db,
         1,
-        "max_concurrent: 4\ntasks:\n  Slow:\n    command: [/bin/sh, -c, 'sleep 2']\n  Boom:\n    command: [/bin/sh, -c, 'echo the disk is full >&2; exit 3']\n",
+        "max_concurrent: 4\ntasks:\n  Slow:\n    command: [/bin/sh, -c, 'sleep 3']\n  Boom:\n    command: [/bin/sh, -c, 'echo the disk is full >&2; exit 3']\n",
     );
     let failing = members[2];
     db.wait_for_state(failing, "FAILED", Duration::from_secs(60))
@@ -371,7 +371,8 @@ async fn fail_fast_cancels_unstarted_members_and_runs_on_failure_once(backend: B
     // their process not started: right after the first try ended, in 5 ms, a
     // daemon may claim up to 16 per slot) that find no slot within 1 s are
     // given back, and CANCELLED then, not claimed again: no more members
-    // finish than the 4 slots held when the batch failed.
+    // finish than the 4 slots held when the batch failed. (The members run
+    // 3 s: the first slot frees 2 s after those give-backs.)
     db.wait_for_count(
         &format!("SELECT count(*) FROM task_runner_requests WHERE batch_id = {batch} AND result = 'RUNNING'"),
         0,
@@ -453,7 +454,7 @@ async fn a_member_running_when_its_batch_failed_is_not_tried_again(backend: Back
     let mut daemons = start_daemons(
         &db,
         1,
-        "max_concurrent: 2\nretry_delay: 100ms\ntasks:\n  FailsLater:\n    command: [/bin/sh, -c, 'sleep 1; echo no luck >&2; exit 1']\n  Boom:\n    command: [/bin/sh, -c, 'exit 3']\n",
+        "max_concurrent: 2\nretry_delay: 100ms\ntasks:\n  FailsLater:\n    command: [/bin/sh, -c, 'sleep 2; echo no luck >&2; exit 1']\n  Boom:\n    command: [/bin/sh, -c, 'exit 3']\n",
     );
     db.wait_for_state(failing, "FAILED", Duration::from_secs(60))
         .await;
