@@ -1,7 +1,6 @@
 //! The commands people and applications give: enqueue (plain or with a
-//! unique key), show, list, retry, cancel, purge, and the counts by state.
-
-use std::time::Duration;
+//! unique key), show, list, retry, cancel, and the counts by state (purge
+//! is a prune pass, `crate::prune`).
 
 use anyhow::Result;
 use sqlx::query;
@@ -190,32 +189,6 @@ impl Store {
             return Ok(Change::Requested);
         }
         self.explain_refusal(id).await
-    }
-
-    /// Deletes final and exhausted rows completed more than `older_than` ago,
-    /// in batches of `batch` rows so that claims never wait long, then the
-    /// batches and flows that ended as long ago and no row refers to any
-    /// more. Returns the number of requests deleted.
-    pub(crate) async fn purge(&self, older_than: Duration, batch: i64) -> Result<u64> {
-        let mut total = 0;
-        loop {
-            let deleted = on_pool!(self, pool => {
-                let query = query(self.sql.purge.as_str())
-                    .bind(older_than.as_secs_f64())
-                    .bind(batch);
-                query.execute(pool).await?.rows_affected()
-            });
-            total += deleted;
-            if deleted < batch as u64 {
-                break;
-            }
-        }
-        // Then the batches and flows that ended as long ago and that no
-        // request refers to any more.
-        for parents in [super::Prunable::EndedBatches, super::Prunable::EndedFlows] {
-            while self.prune(parents, older_than, batch).await? >= batch as u64 {}
-        }
-        Ok(total)
     }
 
     async fn execute_by_id(&self, statement: &'static str, id: RequestId) -> Result<bool> {

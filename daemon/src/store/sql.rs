@@ -503,7 +503,6 @@ pub struct Sql {
     pub(crate) cancel_running: String,
     pub(crate) state_of: String,
     pub(crate) count_by_result: String,
-    pub(crate) purge: String,
     // ---- Issue 7: unique requests, retention, cron schedules ----
     /// Inserts task `$1` with options `$2`, try_limit `$3`, delay `$4` seconds
     /// or at time `$5`, priority `$6`, unique key `$7`, queue `$8` (NULL:
@@ -739,8 +738,6 @@ impl Sql {
         ]
         .join(", ");
         let select_requests = format!("SELECT {columns} FROM task_runner_requests");
-        let final_or_exhausted = "(result IN ('FINISHED', 'CANCELLED', 'REJECTED') \
-              OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit))";
         let batched = d.array_batches();
         let enqueue_columns =
             "task_class_name, options, try_limit, delay_until, priority, unique_key, \
@@ -940,14 +937,6 @@ impl Sql {
             count_by_result: format!(
                 "SELECT coalesce(result, 'PENDING'), {} FROM task_runner_requests GROUP BY result ORDER BY 1",
                 int("count(*)")
-            ),
-            purge: d.delete_some(
-                "task_runner_requests",
-                &format!(
-                    "{final_or_exhausted} AND completed_at < {} AND {OUTSIDE_OPEN_PARENTS}",
-                    plus("-$1")
-                ),
-                "$2",
             ),
             // ---- Issue 7: unique requests, retention, cron schedules ----
             enqueue_unique: format!(

@@ -711,7 +711,12 @@ async fn purge(
                 .into_response())
         }
     };
-    let deleted = web.store.purge(older_than, 1000).await?;
+    // The same pass as `taskrunner-cli purge --older-than`: every kind of
+    // final row, then the ended batches and flows left without rows.
+    let retention = crate::retention::Retention::all(older_than);
+    let deleted = crate::prune::prune(&web.store, &retention, Duration::ZERO, None)
+        .await?
+        .requests;
     tracing::info!(remote = %who.remote, user = %who.user, older_than = %form.older_than, deleted, "web purge");
     Ok(html(pages::message(
         &chrome(&web),
