@@ -1,7 +1,9 @@
 //! Scale: the time of taskrunner's own claim (`Store::claim`, one row, the
 //! statement the scheduler runs) on a table that already holds many rows,
 //! nine in ten of them FINISHED and one in ten pending, as a table looks
-//! after months of use without purging.
+//! after months of use without purging; and the large table once more with
+//! a fifth of its rows delayed into the future (reminders for tomorrow),
+//! enqueued before the pending ones.
 
 use std::time::Instant;
 
@@ -20,6 +22,8 @@ pub struct Case {
     pub backend: Backend,
     pub rows: usize,
     pub pending: usize,
+    /// Rows delayed by years, with lower ids than the pending ones.
+    pub delayed: usize,
     /// Each claim's duration in milliseconds, sorted.
     pub claims_ms: Vec<f64>,
 }
@@ -30,24 +34,29 @@ impl Case {
     }
 }
 
+/// Measures each backend on a table of each size, then on the largest
+/// with a fifth of its rows delayed.
 pub async fn run(bench: &Bench, backends: &[Backend], sizes: &[usize]) -> Result<Vec<Case>> {
     let mut cases = Vec::new();
     for &backend in backends {
         for &rows in sizes {
-            cases.push(measure(bench, backend, rows).await?);
+            cases.push(measure(bench, backend, rows, 0).await?);
+        }
+        if let Some(&largest) = sizes.iter().max() {
+            cases.push(measure(bench, backend, largest, largest / 5).await?);
         }
     }
     Ok(cases)
 }
 
-async fn measure(bench: &Bench, backend: Backend, rows: usize) -> Result<Case> {
+async fn measure(bench: &Bench, backend: Backend, rows: usize, delayed: usize) -> Result<Case> {
     let pending = (rows / 10).max(WARM_UP + 100);
-    let finished = rows.saturating_sub(pending);
+    let finished = rows.saturating_sub(pending + delayed);
     eprintln!(
-        "scale: {} with {finished} FINISHED + {pending} pending rows",
+        "scale: {} with {finished} FINISHED + {delayed} delayed + {pending} pending rows",
         backend.name()
     );
-    let dir = bench.case_dir(&format!("scale-{backend:?}-{rows}").to_lowercase())?;
+    let dir = bench.case_dir(&format!("scale-{backend:?}-{rows}-{delayed}").to_lowercase())?;
     let database = bench.database(backend, &dir).await?;
     let loading = Instant::now();
     // Old finished rows first (low ids), then the backlog, as in real life.
@@ -65,6 +74,15 @@ async fn measure(bench: &Bench, backend: Backend, rows: usize) -> Result<Case> {
                 ("result_text", "'NOOP: OK!'"),
                 ("tries", "1"),
                 ("host", "'bench'"),
+            ],
+        )
+        .await?;
+    database
+        .bulk_insert(
+            delayed,
+            &[
+                ("task_class_name", "'NoOp'"),
+                ("delay_until", "'2099-01-01 00:00:00.000'"),
             ],
         )
         .await?;
@@ -114,17 +132,19 @@ async fn measure(bench: &Bench, backend: Backend, rows: usize) -> Result<Case> {
         backend,
         rows,
         pending,
+        delayed,
         claims_ms,
     })
 }
 
 pub fn table(cases: &[Case]) -> Table {
     let mut table = Table::new(
-        "Scale: Store::claim of one row, on a small and on a large table",
+        "Scale: Store::claim of one row, on a small and on a large table, and on the large one with rows delayed ahead",
         &[
             "backend",
             "rows in table",
             "of them pending",
+            "delayed ahead",
             "claims timed",
             "mean ms",
             "p50 ms",
@@ -143,6 +163,7 @@ pub fn table(cases: &[Case]) -> Table {
             case.backend.name().to_string(),
             case.rows.to_string(),
             case.pending.to_string(),
+            case.delayed.to_string(),
             case.claims_ms.len().to_string(),
             ms(case.mean_ms()),
             ms(percentile(&case.claims_ms, 0.50)),
@@ -154,7 +175,8 @@ pub fn table(cases: &[Case]) -> Table {
     table.note(
         "Each claim is taskrunner's own Store::claim (limit 1) through the library, from this process, \
          one at a time, each its own transaction (with its commit: on PostgreSQL a WAL flush). \
-         Finished rows have low ids, pending ones high ids; PostgreSQL is VACUUM ANALYZEd and \
+         Finished rows have low ids, pending ones high ids, and the delayed rows (delay_until in 2099) \
+         lie between them; PostgreSQL is VACUUM ANALYZEd and \
          MariaDB's table ANALYZEd after the load.",
     );
     table
