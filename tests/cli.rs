@@ -152,26 +152,52 @@ async fn processes_migrating_at_once_take_turns_and_each_says_what_it_did(backen
     assert_eq!((created, up_to_date), (1, 5), "{said:?}");
 }
 
-/// A schema one migration behind (version 9: without migration 10's
-/// indexes) is upgraded by that migration alone, by several processes at
-/// once: not taken for tables missing indexes and rebuilt (every table
-/// dropped and copied back, while other daemons may be using them).
+/// A schema one migration behind (version 10: without migration 11's
+/// column and indexes) is upgraded by that migration alone, by several
+/// processes at once: not taken for tables missing indexes and rebuilt
+/// (every table dropped and copied back, while other daemons may be using
+/// them).
 async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: Backend) {
     let db = TestDb::new(backend).await;
     let id = db.enqueue("NoOp", Some("a: 1")).await;
-    match backend {
-        Backend::Sqlite | Backend::Postgres => {
-            db.execute("DROP INDEX task_runner_requests_runnable_of_queue")
-                .await;
-            db.execute("DROP INDEX task_runner_requests_runnable_of_type")
-                .await;
-        }
-        Backend::MySql => {
-            db.execute("DROP INDEX task_runner_requests_runnable_of_type ON task_runner_requests")
-                .await
-        }
+    let was_due = db
+        .insert_row(NewRow::new("NoOp").delayed(backend, -1))
+        .await;
+    let tomorrow = db
+        .insert_row(NewRow::new("NoOp").delayed(backend, 86_400))
+        .await;
+    // Migration 11 undone: version 10's claim indexes, without the column.
+    let runnable = "WHERE pid IS NULL \
+          AND (result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED')) \
+          AND tries < try_limit";
+    let undo: Vec<String> = match backend {
+        Backend::Sqlite | Backend::Postgres => vec![
+            "DROP INDEX task_runner_requests_waiting".into(),
+            "DROP INDEX task_runner_requests_runnable".into(),
+            "DROP INDEX task_runner_requests_runnable_of_queue".into(),
+            "DROP INDEX task_runner_requests_runnable_of_type".into(),
+            "ALTER TABLE task_runner_requests DROP COLUMN delay_passed_at".into(),
+            format!("CREATE INDEX task_runner_requests_runnable ON task_runner_requests (priority DESC, id) {runnable}"),
+            format!("CREATE INDEX task_runner_requests_runnable_of_queue ON task_runner_requests (queue, priority DESC, id) {runnable}"),
+            format!("CREATE INDEX task_runner_requests_runnable_of_type ON task_runner_requests (task_class_name, priority DESC, id) {runnable}"),
+        ],
+        Backend::MySql => vec![
+            "DROP INDEX task_runner_requests_ready ON task_runner_requests".into(),
+            "DROP INDEX task_runner_requests_ready_of_queue ON task_runner_requests".into(),
+            "DROP INDEX task_runner_requests_waiting ON task_runner_requests".into(),
+            "DROP INDEX task_runner_requests_runnable_of_type ON task_runner_requests".into(),
+            "ALTER TABLE task_runner_requests DROP COLUMN waiting_until, DROP COLUMN ready_rank, \
+             DROP COLUMN delay_passed_at"
+                .into(),
+            "CREATE INDEX task_runner_requests_runnable_of_type \
+             ON task_runner_requests (task_class_name, claim_rank, id)"
+                .into(),
+        ],
+    };
+    for statement in &undo {
+        db.execute(statement).await;
     }
-    db.execute("DELETE FROM task_runner_schema_migrations WHERE version = 10")
+    db.execute("DELETE FROM task_runner_schema_migrations WHERE version = 11")
         .await;
     let runs = migrate_at_once(&db, 4);
     let said: Vec<&str> = runs.iter().map(|(_, stdout, _)| stdout.as_str()).collect();
@@ -180,7 +206,7 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
     }
     let upgraded = said
         .iter()
-        .filter(|s| s.contains(": upgraded from version 9 to 10"))
+        .filter(|s| s.contains(": upgraded from version 10 to 11"))
         .count();
     assert_eq!(upgraded, 1, "{said:?}");
     assert!(
@@ -190,8 +216,14 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
     );
     // The indexes are back: a check finds nothing to repair.
     let (_, stdout, _) = cli(&db, &["migrate"]);
-    assert!(stdout.contains(": up to date (version 10)"), "{stdout}");
+    assert!(stdout.contains(": up to date (version 11)"), "{stdout}");
     assert_eq!(db.row(id).await.options.as_deref(), Some("a: 1"));
+    // The rows delayed before the upgrade: the one due runs, the other waits.
+    let mut daemon = Daemon::start(&db, "d", "");
+    db.wait_for_state(was_due, "FINISHED", WAIT).await;
+    db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(db.row(tomorrow).await.result, None);
+    assert!(daemon.stop().success());
 }
 
 /// A daemon started while another process migrates the schema (and holds

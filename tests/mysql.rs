@@ -20,14 +20,18 @@ fn client(db: &TestDb, sql: &str) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// The claim reads the range `claim_rank IS NOT NULL` of the runnable index
-/// in claim order: no filesort, and no look at the finished rows, however
-/// many there are.
+/// The claim reads the range `ready_rank IS NOT NULL` of its index in
+/// claim order: no filesort, and no look at the finished rows, nor at the
+/// rows delayed into the future ahead of the due ones, however many there
+/// are (migration 0011; before it, the range held the delayed rows too and
+/// the plan read 2,050 rows here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_claim_reads_the_runnable_index_range_without_a_filesort() {
     let db = TestDb::new(Backend::MySql).await;
     let finished = NewRow::new("NoOp").ended(db.backend, "FINISHED", 1, 0);
     db.insert_copies(finished, 5000).await;
+    let delayed = NewRow::new("NoOp").delayed(db.backend, 86_400);
+    db.insert_copies(delayed, 2000).await;
     db.insert_copies(NewRow::new("NoOp").sql("priority", "i % 3"), 50)
         .await;
     db.execute("ANALYZE TABLE task_runner_requests").await;
@@ -45,11 +49,11 @@ async fn the_claim_reads_the_runnable_index_range_without_a_filesort() {
     let columns: Vec<&str> = line.split('\t').collect();
     // id, select_type, table, type, possible_keys, key, key_len, ref, rows, Extra
     assert_eq!(columns[3], "range", "{plan}");
-    assert_eq!(columns[5], "task_runner_requests_runnable", "{plan}");
+    assert_eq!(columns[5], "task_runner_requests_ready", "{plan}");
     assert!(!columns[9].contains("filesort"), "{plan}");
     assert!(
         columns[8].parse::<i64>().unwrap() < 500,
-        "reads the runnable rows, not the finished ones: {plan}"
+        "reads the due rows, not the finished or delayed ones: {plan}"
     );
 }
 

@@ -15,6 +15,8 @@ both_backends!(
     retention_prunes_only_old_final_rows_while_work_runs,
     retention_deletes_ended_batches_and_flows_once_no_request_refers_to_them,
     cron_catches_up_once_after_downtime,
+    a_delayed_row_comes_due_while_a_backlog_fills_every_claim,
+    a_released_row_postponed_by_the_application_waits_for_its_new_time,
 );
 
 /// `taskrunner-cli wait ID …` as a child process, not waited for yet.
@@ -423,4 +425,129 @@ async fn cron_catches_up_once_after_downtime(backend: Backend) {
         .await;
     assert_eq!(rows, distinct);
     assert!(rows < 10, "caught up once, not 30 times: {rows} rows");
+}
+
+/// A delayed row is claimable once a daemon has released it (seen its
+/// delay pass: `delay_passed_at`), so that claims never walk the rows
+/// delayed into the future. The scheduler learns the next delay after a
+/// claim that comes back short; behind a backlog every claim fills, and the
+/// release runs on its own clock: the urgent row due in 2 s runs before
+/// the 6 s backlog has drained.
+async fn a_delayed_row_comes_due_while_a_backlog_fills_every_claim(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    for _ in 0..60 {
+        db.insert_row(NewRow::new("Slow")).await;
+    }
+    let urgent = db
+        .insert_row(NewRow::new("Urgent").priority(10).delayed(backend, 2))
+        .await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "max_concurrent: 1\ntasks:\n  Slow:\n    command: [/bin/sh, -c, 'sleep 0.1']\n  Urgent:\n    command: [/bin/true]\n",
+    );
+    db.wait_for_state(urgent, "FINISHED", WAIT).await;
+    let backlog = db
+        .scalar("SELECT count(*) FROM task_runner_requests WHERE task_class_name = 'Slow' AND result IS NULL")
+        .await;
+    assert!(
+        backlog > 0,
+        "the urgent row ran only once the backlog had drained"
+    );
+    let early = format!(
+        "SELECT count(*) FROM task_runner_requests WHERE id = {urgent} AND started_at < delay_until"
+    );
+    assert_eq!(db.scalar(&early).await, 0, "started before its delay");
+    assert!(daemon.stop().success());
+}
+
+/// Once released, a row stays claimable only while its delay is the one a
+/// daemon saw pass: an application that postpones it (a later
+/// `delay_until`) makes it wait for the new time, without anything to clear,
+/// and one that brings the time back runs it at once.
+async fn a_released_row_postponed_by_the_application_waits_for_its_new_time(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let later = db
+        .insert_row(NewRow::new("Record").queue("b").delayed(backend, 1))
+        .await;
+    // A daemon of queue `a` releases the row of queue `b` (releases are for
+    // any row), and does not claim it.
+    let mut releaser = Daemon::start(
+        &db,
+        "a",
+        "queues: { a: 1 }\ntasks:\n  Record:\n    command: [/bin/true]\n",
+    );
+    let released = format!(
+        "SELECT count(*) FROM task_runner_requests WHERE id = {later} AND delay_passed_at IS NOT NULL"
+    );
+    db.wait_for_count(&released, 1, WAIT).await;
+    assert!(releaser.stop().success());
+    let postpone = format!(
+        "UPDATE task_runner_requests SET delay_until = {} WHERE id = {later}",
+        crate::util::sql_now_plus(backend, 86_400)
+    );
+    db.execute(&postpone).await;
+
+    // A daemon of every queue runs a row enqueued after it, not it.
+    let mut daemon = Daemon::start(&db, "d", "tasks:\n  Record:\n    command: [/bin/true]\n");
+    let after = db.insert_row(NewRow::new("Record").queue("b")).await;
+    db.wait_for_state(after, "FINISHED", WAIT).await;
+    let row = db.row(later).await;
+    assert_eq!((row.result.as_deref(), row.tries), (None, 0), "{row:?}");
+
+    // Brought back to now, it runs.
+    let now = format!(
+        "UPDATE task_runner_requests SET delay_until = {} WHERE id = {later}",
+        crate::util::sql_now_plus(backend, 0)
+    );
+    db.execute(&now).await;
+    db.wait_for_state(later, "FINISHED", WAIT).await;
+    assert!(daemon.stop().success());
+}
+
+/// PostgreSQL's claim reads no row delayed into the future: 2,000 of them
+/// ahead of 50 due rows (lower ids, higher priority), and the claim's plan,
+/// run, removes no row by its filter (before migration 0011 it read and
+/// dropped all 2,000 at each claim). The statement is the daemon's own,
+/// run in a transaction that is rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_claims_read_no_row_delayed_into_the_future() {
+    let db = TestDb::new(Backend::Postgres).await;
+    db.insert_copies(
+        NewRow::new("NoOp").priority(5).delayed(db.backend, 86_400),
+        2000,
+    )
+    .await;
+    db.insert_copies(NewRow::new("NoOp"), 50).await;
+    db.execute("ANALYZE task_runner_requests").await;
+    let claim = &taskrunner::store::sql::SQL
+        .of(taskrunner::store::Backend::Postgres)
+        .claim;
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let mut transaction = pool.begin().await.unwrap();
+    let explain = sqlx::AssertSqlSafe(format!("EXPLAIN (ANALYZE, COSTS OFF) {claim}"));
+    let plan: Vec<String> = sqlx::query_scalar(explain)
+        .bind("token")
+        .bind("instance")
+        .bind("host")
+        .bind(8_i64)
+        .bind("host")
+        .bind("")
+        .bind("")
+        .bind("[]")
+        .bind(1_000_000_i64)
+        .fetch_all(&mut *transaction)
+        .await
+        .unwrap();
+    transaction.rollback().await.unwrap();
+    pool.close().await;
+    let plan = plan.join("\n");
+    assert!(plan.contains("task_runner_requests_runnable"), "{plan}");
+    assert!(plan.contains("rows=8 loops=1"), "claims 8 rows: {plan}");
+    let removed: i64 = plan
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("Rows Removed by Filter: "))
+        .map(|n| n.parse::<i64>().unwrap())
+        .sum();
+    assert!(removed < 50, "read past the delayed rows: {plan}");
 }

@@ -40,6 +40,15 @@ const AHEAD_PER_SLOT: usize = 16;
 /// (a wake-up comes with every try that ends).
 const REPAIR_AT_MOST_EVERY: Duration = Duration::from_millis(200);
 
+/// While every claim fills what it asked for (the scheduler looks for the
+/// next delay only after a claim that came back short), due delayed rows
+/// are released into the claim at least this often.
+const RELEASE_WHILE_BUSY_EVERY: Duration = Duration::from_millis(200);
+
+/// After a release that found nothing to release (a due row locked by
+/// another writer), the next one waits at least this long.
+const RELEASE_AFTER_NOTHING: Duration = Duration::from_millis(50);
+
 /// How often the log gets a summary of the tries that ended. A finished try
 /// is logged on its own only at debug level (at a thousand tasks a second a
 /// line each would cost more than the rest of the daemon's logging, and
@@ -88,6 +97,60 @@ impl Tally {
     }
 }
 
+/// When the scheduler next releases due delayed rows into the claim (see
+/// `Store::release_delays`): a delayed row is claimable only once a daemon
+/// has released it, so that claims never walk the rows delayed into the
+/// future. A release is due when the earliest delayed row comes due (learnt
+/// after a claim that came back short), and while claims fill, a little
+/// after each; never sooner than `not_before`.
+struct Releases {
+    due: Option<Instant>,
+    /// After a release that failed (a backoff, as the claims' own, so that
+    /// an outage is not hammered) or found nothing to release.
+    not_before: Option<Instant>,
+    backoff: Backoff,
+}
+
+impl Releases {
+    /// At start: at once (rows may have come due while no daemon ran).
+    fn new() -> Releases {
+        Releases {
+            due: Some(Instant::now()),
+            not_before: None,
+            backoff: Backoff::default(),
+        }
+    }
+
+    fn due_now(&self) -> bool {
+        self.due.is_some_and(|due| due <= Instant::now())
+    }
+
+    /// A release is due at `when` (or sooner, if one was already).
+    fn at(&mut self, when: Instant) {
+        let when = self
+            .not_before
+            .map_or(when, |not_before| when.max(not_before));
+        self.due = Some(self.due.map_or(when, |due| due.min(when)));
+    }
+
+    /// A release ran and made `count` rows claimable; a full one leaves
+    /// more due rows behind it, an empty one (a due row locked by another
+    /// writer) is not tried again at once.
+    fn done(&mut self, count: u64) {
+        let now = Instant::now();
+        self.backoff.reset();
+        self.not_before = (count == 0).then(|| now + RELEASE_AFTER_NOTHING);
+        self.due = (count >= crate::store::RELEASE_AT_ONCE as u64).then_some(now);
+    }
+
+    /// A release failed: the next claim's outcome asks for the next one,
+    /// after a backoff.
+    fn failed(&mut self) {
+        self.not_before = Some(Instant::now() + self.backoff.next_delay());
+        self.due = None;
+    }
+}
+
 /// Claims rows and starts their tries (see the module's doc).
 pub(super) struct Scheduler {
     pub(super) setup: watch::Sender<Setup>,
@@ -121,6 +184,7 @@ impl Scheduler {
         // Claiming pauses while the daemon is short of resources to start tasks.
         let mut short = Shortage::default();
         let mut last_repair: Option<Instant> = None;
+        let mut releases = Releases::new();
         loop {
             if cancel.is_cancelled() {
                 break;
@@ -140,6 +204,24 @@ impl Scheduler {
                     };
                     if super::unless_stopping(&cancel, repair).await.is_none() {
                         break;
+                    }
+                }
+            }
+            if releases.due_now() {
+                match super::unless_stopping(
+                    &cancel,
+                    self.store.answered(self.store.release_delays()),
+                )
+                .await
+                {
+                    None => break,
+                    Some(Ok(count)) => {
+                        self.health.succeeded("releasing delayed requests");
+                        releases.done(count);
+                    }
+                    Some(Err(error)) => {
+                        self.health.failed("releasing delayed requests", &error);
+                        releases.failed();
                     }
                 }
             }
@@ -191,10 +273,12 @@ impl Scheduler {
                             let ticket = slots.join(config.max_concurrent);
                             tries.spawn(self.executor.clone().supervise(row, ticket, times));
                         }
-                        if !all_filled {
+                        if all_filled {
+                            releases.at(Instant::now() + RELEASE_WHILE_BUSY_EVERY);
+                        } else {
                             let due = super::unless_stopping(&cancel, self.next_delay()).await;
                             if let Some(due) = due.flatten() {
-                                next_claim = next_claim.min(due);
+                                releases.at(due);
                             }
                         }
                     }
@@ -203,6 +287,9 @@ impl Scheduler {
                         next_claim = Instant::now() + backoff.next_delay();
                     }
                 }
+            }
+            if let Some(due) = releases.due {
+                next_claim = next_claim.min(due);
             }
             *self.next_poll.lock().unwrap_or_else(|e| e.into_inner()) = Some(next_claim.into_std());
             tokio::select! {
@@ -369,8 +456,8 @@ impl Scheduler {
         Ok((claimed, all_filled))
     }
 
-    /// When the earliest delayed row comes due (never later than an hour, so a
-    /// clock step cannot park us).
+    /// When the earliest delayed row that waits comes due, to be released
+    /// then (never later than an hour, so that a clock step cannot park us).
     async fn next_delay(&self) -> Option<Instant> {
         match self
             .store
@@ -379,9 +466,14 @@ impl Scheduler {
         {
             Ok(Some(seconds)) => {
                 self.health.succeeded("looking for delayed requests");
-                let seconds = seconds.clamp(0.0, 3600.0);
-                // A hair later than due, so the row's delay has passed on the database's clock too.
-                Some(Instant::now() + Duration::from_secs_f64(seconds) + Duration::from_millis(5))
+                // A hair later than due, so the row's delay has passed on
+                // the database's clock too; a row due already is released now.
+                let hair = if seconds > 0.0 {
+                    Duration::from_millis(5)
+                } else {
+                    Duration::ZERO
+                };
+                Some(Instant::now() + Duration::from_secs_f64(seconds.clamp(0.0, 3600.0)) + hair)
             }
             Ok(None) => {
                 self.health.succeeded("looking for delayed requests");

@@ -9,10 +9,10 @@
 //! besides.
 //!
 //! MariaDB/MySQL have no NOTIFY: every [`MYSQL_CHECK`] the daemon reads the
-//! newest id and the first runnable row's id, two look-ups at the ends of
-//! the primary key and of the runnable index (no table scan), and the
-//! newest flow's id, and wakes when one changed: a new row, an old one made
-//! runnable again, a new flow.
+//! newest id, the first claimable row's id and the first delayed row's due
+//! time, look-ups at the ends of the primary key and of two indexes (no
+//! table scan), and the newest flow's id, and wakes when one changed: a new
+//! row, an old one made runnable again or its delay changed, a new flow.
 //!
 //! Measured (scripts/bench, a plain INSERT by another process into an idle
 //! daemon): the 100 ms `data_version` poll this replaces started rows 26 ms
@@ -109,7 +109,10 @@ impl Wakeup {
             .mysql_pool()
             .expect("checked by the caller")
             .clone();
-        type Seen = (Option<i64>, Option<i64>, Option<i64>);
+        // The newest row, the first claimable one, the newest flow, and when
+        // the first row waiting for its delay is due (which the scheduler
+        // learns by claiming, to release the row then).
+        type Seen = (Option<i64>, Option<i64>, Option<i64>, Option<i64>);
         let mut last: Option<Seen> = None;
         let mut interval = tokio::time::interval(MYSQL_CHECK);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -121,9 +124,11 @@ impl Wakeup {
             self.store.count_statements(1);
             let check = sqlx::query_as::<_, Seen>(
                 "SELECT (SELECT max(id) FROM task_runner_requests), \
-                    (SELECT id FROM task_runner_requests WHERE claim_rank IS NOT NULL \
-                      ORDER BY claim_rank, id LIMIT 1), \
-                    (SELECT max(id) FROM task_runner_flows)",
+                    (SELECT id FROM task_runner_requests WHERE ready_rank IS NOT NULL \
+                      ORDER BY ready_rank, id LIMIT 1), \
+                    (SELECT max(id) FROM task_runner_flows), \
+                    (SELECT CAST(UNIX_TIMESTAMP(min(waiting_until)) * 1000000 AS SIGNED) \
+                       FROM task_runner_requests)",
             );
             let check = async { Ok(check.fetch_one(&pool).await?) };
             match self.store.answered(check).await {
@@ -131,7 +136,8 @@ impl Wakeup {
                     // The first check wakes too: rows may have arrived between
                     // the scheduler's first claim and this check.
                     let new_flow = last.is_none_or(|last| last.2 != seen.2);
-                    let new_row = last.is_none_or(|last| last != seen) && seen.1.is_some();
+                    let new_row = last.is_none_or(|last| last != seen)
+                        && (seen.1.is_some() || seen.3.is_some());
                     if new_flow || new_row {
                         self.wake.notify_one();
                     }

@@ -243,7 +243,24 @@ impl Store {
         Ok(rows.into_iter().next().map(|(_, claimed)| claimed))
     }
 
-    /// Seconds until the earliest delayed runnable row is due, if any.
+    /// Releases due delayed rows (at most [`RELEASE_AT_ONCE`] at a time)
+    /// into the claim's indexes: a claim takes a delayed row only once a
+    /// daemon has seen its delay pass (see [`RELEASED`]). Any daemon may do
+    /// it for any row, and doing it twice changes nothing. Returns how many
+    /// it released.
+    ///
+    /// [`RELEASE_AT_ONCE`]: super::sql::RELEASE_AT_ONCE
+    /// [`RELEASED`]: super::sql::RELEASED
+    pub(crate) async fn release_delays(&self) -> Result<u64> {
+        self.count_statements(1);
+        let statement = self.sql.release_delays.as_str();
+        Ok(on_pool!(self, pool => {
+            query(statement).execute(pool).await?.rows_affected()
+        }, mysql pool => self.release_delays_mysql(pool).await?))
+    }
+
+    /// Seconds until the earliest delayed row that waits is due, if any (at
+    /// most 0 for a due row not released yet).
     pub(crate) async fn seconds_until_next_delay(&self) -> Result<Option<f64>> {
         self.count_statements(1);
         Ok(on_pool!(self, pool => {

@@ -54,7 +54,7 @@ use plumbing::{begin_write, MIGRATIONS_TABLE};
 pub(crate) use plumbing::{within_ping_bound, SchemaMismatch, SideConnection};
 pub use plumbing::{Migration, Purpose};
 use rows::{request_from_row, RowExt};
-pub(crate) use sql::NOT_COUNTED;
+pub(crate) use sql::{NOT_COUNTED, RELEASE_AT_ONCE};
 pub(crate) use tries::Held;
 pub use tries::{Outcome, Write};
 

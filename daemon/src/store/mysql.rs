@@ -474,6 +474,38 @@ impl Store {
         Ok(held)
     }
 
+    /// The release of due delayed rows on MariaDB/MySQL (see
+    /// `Store::release_delays`): in one READ COMMITTED transaction, lock up
+    /// to `RELEASE_AT_ONCE` due ids, skipping rows another writer holds
+    /// locked, then write them by primary key. Run again after a deadlock
+    /// or lock-wait timeout.
+    pub(super) async fn release_delays_mysql(&self, pool: &MySqlPool) -> anyhow::Result<u64> {
+        retry_locks(&self.lock_retries, || async {
+            let mut transaction = pool.begin().await?;
+            let ids: Vec<i64> = query(self.sql.release_delays.as_str())
+                .fetch_all(&mut *transaction)
+                .await?
+                .iter()
+                .map(|row| row.int(0))
+                .collect::<sqlx::Result<_>>()?;
+            let mut released = 0;
+            if !ids.is_empty() {
+                let update = format!(
+                    "UPDATE task_runner_requests SET delay_passed_at = UTC_TIMESTAMP(6) WHERE id IN ({})",
+                    parameter_list(1, ids.len())
+                );
+                let mut update = query(sqlx::AssertSqlSafe(update));
+                for id in &ids {
+                    update = update.bind(*id);
+                }
+                released = update.execute(&mut *transaction).await?.rows_affected();
+            }
+            transaction.commit().await?;
+            Ok(released)
+        })
+        .await
+    }
+
     /// The claim on MariaDB/MySQL: in one READ COMMITTED transaction, lock
     /// up to `limit` runnable ids in claim order, skipping rows other
     /// daemons hold locked; write the claim on them by primary key; read

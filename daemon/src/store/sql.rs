@@ -313,6 +313,22 @@ pub(crate) const RUNNABLE: &str = "pid IS NULL \
      AND (result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED')) \
      AND tries < try_limit";
 
+/// A runnable row whose delay is not ahead: it has none, or a daemon has
+/// seen it pass and released the row (`delay_passed_at`, migration 0011,
+/// [`Sql::release_delays`]). With [`RUNNABLE`], the predicate of the claim's
+/// partial indexes: rows delayed into the future are not in them, so a
+/// claim never walks past them.
+pub(crate) const RELEASED: &str = "(delay_until IS NULL OR delay_until <= delay_passed_at)";
+
+/// A runnable row still waiting for its delay (or due, and not released
+/// yet). With [`RUNNABLE`], the predicate of `task_runner_requests_waiting`
+/// (migration 0011), by `delay_until`.
+pub(crate) const WAITING: &str =
+    "delay_until IS NOT NULL AND (delay_passed_at IS NULL OR delay_until > delay_passed_at)";
+
+/// How many due rows one release makes claimable.
+pub(crate) const RELEASE_AT_ONCE: i64 = 1000;
+
 /// Not final yet: never run, running, or to be run again (`row` qualifies
 /// the columns: `r.`). The predicate of the partial indexes
 /// `task_runner_requests_unique_key` (migration 0002) and
@@ -407,7 +423,7 @@ pub struct Sql {
     /// pinned to the runnable index, in claim order, see `indexed_by`);
     /// claims of one queue or one type run [`claim_of_queue`](Sql::claim_of_queue)
     /// and [`claim_of_type`](Sql::claim_of_type) (see [`Sql::claim_for`]).
-    pub(crate) claim: String,
+    pub claim: String,
     /// The claim of one queue (`$6` not ''): the same, through the runnable
     /// rows of that queue in claim order (SQLite: pinned to the index
     /// `runnable_of_queue`, migration 0010). Through the runnable index, a
@@ -484,8 +500,13 @@ pub struct Sql {
     /// found dead CRASHED, or with `$4` = 1 gives its try back (INTERRUPTED,
     /// not counted); `$1` is the result_text.
     pub(crate) mark_crashed: String,
-    /// Seconds until the earliest delayed row becomes runnable.
+    /// Seconds until the earliest delayed row that waits comes due (at
+    /// most 0 for a due one not released yet).
     pub(crate) next_delay: String,
+    /// Releases up to [`RELEASE_AT_ONCE`] due delayed rows into the claim's
+    /// indexes (see [`RELEASED`]): their `delay_passed_at` is now. (MySQL:
+    /// selects and locks their ids, for `Store::release_delays_mysql`.)
+    pub(crate) release_delays: String,
     pub(crate) enqueue: String,
     pub(crate) show: String,
     /// Every column of `Request`, from the table (add a WHERE clause).
@@ -561,6 +582,22 @@ impl Sql {
             "{} ON DUPLICATE KEY UPDATE id = LAST_INSERT_ID(id)",
             self.enqueue.trim_end()
         );
+        // The waiting rows are the generated column `waiting_until` and
+        // its index (migration 0011).
+        self.next_delay = format!(
+            "SELECT {} - {} FROM task_runner_requests WHERE waiting_until IS NOT NULL",
+            d.epoch_seconds("min(waiting_until)"),
+            d.epoch_seconds(d.now())
+        );
+        // The release's first half: the due rows, locked, skipping those
+        // another writer holds (an UPDATE alone would wait for them); then
+        // `Store::release_delays_mysql` writes them by primary key.
+        self.release_delays = format!(
+            "SELECT id FROM task_runner_requests WHERE waiting_until <= {now} \
+              ORDER BY waiting_until LIMIT {RELEASE_AT_ONCE} {}",
+            d.skip_locked(),
+            now = d.now()
+        );
         // A statement may not read, in a subquery, the table it changes
         // (error 1093); SKIP LOCKED cannot pass through a derived table.
         self.renew_heartbeats = format!(
@@ -614,7 +651,10 @@ impl Sql {
             "(CASE WHEN substr(result_text, 1, {}) = '{NOT_COUNTED}' THEN 1 ELSE 0 END)",
             NOT_COUNTED.len()
         );
-        let runnable_now = format!("{RUNNABLE} AND (delay_until IS NULL OR delay_until <= {now})");
+        // The claim's rule: runnable and released (the partial indexes'
+        // predicate), and the delay passed on the database's clock now too.
+        let runnable_now =
+            format!("{RUNNABLE} AND {RELEASED} AND (delay_until IS NULL OR delay_until <= {now})");
         let claim_set = format!(
             "SET result = 'RUNNING', tries = tries + 1, started_at = {now}, heartbeat_at = {now}, \
                  host = $3, claim_token = $1, claimed_by = $2, pid = NULL, pid_boot_id = NULL, \
@@ -755,16 +795,16 @@ impl Sql {
         );
         let next_planned = d.plus_seconds("planned_at", &format!("(period * {slots_due})"));
         Sql {
-            // The runnable rule is the generated column `claim_rank`
-            // (migration 0001 for MySQL), whose index is in claim order.
+            // The runnable and released rule is the generated column
+            // `ready_rank` (migration 0011 for MySQL), whose index is in claim order.
             claim_select: format!(
                 "SELECT id FROM task_runner_requests \
-                  WHERE claim_rank IS NOT NULL AND (delay_until IS NULL OR delay_until <= {now}) \
+                  WHERE ready_rank IS NOT NULL AND (delay_until IS NULL OR delay_until <= {now}) \
                     AND (node IS NULL OR node = $5) AND (not_node IS NULL OR not_node <> $5) \
                     AND ($6 = '' OR queue = $6) \
                     AND ($7 = '' OR task_class_name = $7) \
                     AND task_class_name NOT IN ({{excluded}}) \
-                  ORDER BY claim_rank, id LIMIT $4 {}",
+                  ORDER BY ready_rank, id LIMIT $4 {}",
                 d.skip_locked()
             ),
             claim_update: format!("UPDATE task_runner_requests {claim_set} WHERE id IN ({{ids}})"),
@@ -892,9 +932,18 @@ impl Sql {
                 cancel_text("", REAPED_RESULT, "$1")
             ),
             next_delay: format!(
-                "SELECT {} - {} FROM task_runner_requests WHERE {RUNNABLE} AND delay_until > {now}",
+                "SELECT {} - {} FROM task_runner_requests {} WHERE {RUNNABLE} AND {WAITING}",
                 d.epoch_seconds("min(delay_until)"),
-                d.epoch_seconds(now)
+                d.epoch_seconds(now),
+                d.indexed_by("task_runner_requests_waiting"),
+            ),
+            release_delays: format!(
+                "UPDATE task_runner_requests SET delay_passed_at = {now} \
+                  WHERE id IN (SELECT id FROM task_runner_requests {} \
+                                WHERE {RUNNABLE} AND {WAITING} AND delay_until <= {now} \
+                                ORDER BY delay_until LIMIT {RELEASE_AT_ONCE} {})",
+                d.indexed_by("task_runner_requests_waiting"),
+                d.skip_locked()
             ),
             enqueue: format!(
                 "INSERT INTO task_runner_requests ({enqueue_columns}) \
