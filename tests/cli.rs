@@ -173,6 +173,15 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
     let undo: Vec<String> = match backend {
         Backend::Sqlite | Backend::Postgres => vec![
             "DROP INDEX task_runner_requests_waiting".into(),
+            if backend == Backend::Postgres {
+                "DROP TRIGGER task_runner_requests_notify ON task_runner_requests; \
+                 CREATE TRIGGER task_runner_requests_notify \
+                 AFTER INSERT OR UPDATE OF result, pid, delay_until ON task_runner_requests \
+                 FOR EACH ROW EXECUTE FUNCTION task_runner_requests_notify()"
+                    .into()
+            } else {
+                "SELECT 1".into()
+            },
             "DROP INDEX task_runner_requests_runnable".into(),
             "DROP INDEX task_runner_requests_runnable_of_queue".into(),
             "DROP INDEX task_runner_requests_runnable_of_type".into(),

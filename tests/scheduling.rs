@@ -551,3 +551,27 @@ async fn postgres_claims_read_no_row_delayed_into_the_future() {
         .sum();
     assert!(removed < 50, "read past the delayed rows: {plan}");
 }
+
+/// A release by one daemon wakes the others on PostgreSQL, as a row made
+/// runnable does (NOTIFY): the daemon that released a burst of due rows may
+/// not have the slots for all of them, and another whose claim ran just
+/// before the release committed would otherwise wait for its poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_release_wakes_the_listening_daemons() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let id = db
+        .insert_row(NewRow::new("NoOp").delayed(db.backend, -1))
+        .await;
+    let mut listener = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
+    listener.listen("task_runner_requests").await.unwrap();
+    // What `Store::release_delays` writes.
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET delay_passed_at = now() WHERE id = {id}"
+    ))
+    .await;
+    let notified = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
+    assert!(
+        matches!(notified, Ok(Ok(_))),
+        "no notification: {notified:?}"
+    );
+}

@@ -42,3 +42,12 @@ CREATE INDEX IF NOT EXISTS task_runner_requests_waiting
       AND (result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED'))
       AND tries < try_limit
       AND delay_until IS NOT NULL AND (delay_passed_at IS NULL OR delay_until > delay_passed_at);
+
+-- A release wakes the listening daemons, as a row made runnable does: the
+-- daemon that released the rows may not have the slots for all of them.
+DROP TRIGGER IF EXISTS task_runner_requests_notify ON task_runner_requests;
+CREATE TRIGGER task_runner_requests_notify
+AFTER INSERT OR UPDATE OF result, pid, delay_until, delay_passed_at ON task_runner_requests
+FOR EACH ROW
+WHEN (NEW.pid IS NULL AND (NEW.result IS NULL OR NEW.result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED')))
+EXECUTE FUNCTION task_runner_requests_notify();
