@@ -3,6 +3,13 @@
 //! was enqueued, a try ended, a delay came due) and at the latest every
 //! `poll_interval`.
 //!
+//! Delayed rows: a claim takes a delayed row only once a daemon has
+//! released it ([`Releases`], `Store::release_delays`), so that claims never
+//! walk the rows delayed into the future. The scheduler releases the due
+//! rows before it claims: at start, when the earliest waiting row comes due
+//! (learnt after each claim that comes back short), and at least every
+//! [`RELEASE_WHILE_BUSY_EVERY`] while its claims fill.
+//!
 //! Claiming ahead: while tasks are short, the scheduler claims more rows than
 //! it has free slots, so that a slot that frees up starts its next task at
 //! once instead of waiting for a claim, and one claim statement serves

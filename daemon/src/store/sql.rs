@@ -2,7 +2,9 @@
 //! rendered for each backend's dialect (SQLite binds `$N` by number too).
 //!
 //! The runnable rule (SPEC.md) is [`RUNNABLE`]; the claim query is
-//! [`Sql::claim`]. Time comparisons always use the database's clock.
+//! [`Sql::claim`], which takes a delayed row only once a daemon has
+//! released it ([`RELEASED`], [`Sql::release_delays`]). Time comparisons
+//! always use the database's clock.
 
 use std::sync::OnceLock;
 
