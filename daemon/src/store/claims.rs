@@ -113,6 +113,8 @@ fn in_claim_order(mut rows: Vec<(i64, Claimed)>) -> Vec<Claimed> {
 impl Store {
     /// Claims up to `limit` runnable rows of any queue and type, in one
     /// statement (see [`Sql::claim`](super::sql::Sql::claim)), returned in claim order.
+    /// A delayed row is among them only once released (see
+    /// [`release_delays`](Store::release_delays), which the daemon's scheduler runs).
     pub async fn claim(&self, by: Claimant<'_>, limit: usize) -> Result<Vec<Claimed>> {
         let filter = ClaimFilter {
             node: by.host,
