@@ -17,6 +17,7 @@ both_backends!(
     cron_catches_up_once_after_downtime,
     a_delayed_row_comes_due_while_a_backlog_fills_every_claim,
     a_released_row_postponed_by_the_application_waits_for_its_new_time,
+    a_burst_of_delayed_rows_is_shared_by_the_daemons,
 );
 
 /// `taskrunner-cli wait ID …` as a child process, not waited for yet.
@@ -574,4 +575,45 @@ async fn postgres_a_release_wakes_the_listening_daemons() {
         matches!(notified, Ok(Ok(_))),
         "no notification: {notified:?}"
     );
+}
+
+/// A burst of rows delayed to the same moment, more than one daemon has
+/// slots for: released by whichever daemon comes first, run by both, each
+/// row once and not before its time.
+async fn a_burst_of_delayed_rows_is_shared_by_the_daemons(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let config = |host: &str| {
+        format!("host_id: {host}\nmax_concurrent: 2\ntasks:\n  Nap:\n    command: [/bin/sleep, '0.3']\n")
+    };
+    let mut a = Daemon::start(&db, "a", &config("host-a"));
+    let mut b = Daemon::start(&db, "b", &config("host-b"));
+    db.insert_copies(NewRow::new("Nap").delayed(backend, 2), 24)
+        .await;
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED'",
+        24,
+        WAIT,
+    )
+    .await;
+    let count = async |condition: &str| {
+        let sql = format!("SELECT count(*) FROM task_runner_requests WHERE {condition}");
+        db.scalar(&sql).await
+    };
+    assert_eq!(count("tries <> 1").await, 0, "a row ran more than once");
+    assert_eq!(
+        count("started_at < delay_until").await,
+        0,
+        "a row ran early"
+    );
+    let (on_a, on_b) = (
+        count("host = 'host-a'").await,
+        count("host = 'host-b'").await,
+    );
+    assert_eq!(on_a + on_b, 24);
+    assert!(
+        on_a > 0 && on_b > 0,
+        "one daemon ran them all: {on_a} + {on_b}"
+    );
+    assert!(a.stop().success());
+    assert!(b.stop().success());
 }
