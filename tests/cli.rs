@@ -171,25 +171,36 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
           AND (result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED')) \
           AND tries < try_limit";
     let undo: Vec<String> = match backend {
-        Backend::Sqlite | Backend::Postgres => vec![
-            "DROP INDEX task_runner_requests_waiting".into(),
+        Backend::Sqlite | Backend::Postgres => {
+            let indexes = [
+                ("runnable", "priority DESC, id"),
+                ("runnable_of_queue", "queue, priority DESC, id"),
+                ("runnable_of_type", "task_class_name, priority DESC, id"),
+            ];
+            let mut undo = vec!["DROP INDEX task_runner_requests_waiting".to_string()];
             if backend == Backend::Postgres {
-                "DROP TRIGGER task_runner_requests_notify ON task_runner_requests; \
-                 CREATE TRIGGER task_runner_requests_notify \
-                 AFTER INSERT OR UPDATE OF result, pid, delay_until ON task_runner_requests \
-                 FOR EACH ROW EXECUTE FUNCTION task_runner_requests_notify()"
-                    .into()
-            } else {
-                "SELECT 1".into()
-            },
-            "DROP INDEX task_runner_requests_runnable".into(),
-            "DROP INDEX task_runner_requests_runnable_of_queue".into(),
-            "DROP INDEX task_runner_requests_runnable_of_type".into(),
-            "ALTER TABLE task_runner_requests DROP COLUMN delay_passed_at".into(),
-            format!("CREATE INDEX task_runner_requests_runnable ON task_runner_requests (priority DESC, id) {runnable}"),
-            format!("CREATE INDEX task_runner_requests_runnable_of_queue ON task_runner_requests (queue, priority DESC, id) {runnable}"),
-            format!("CREATE INDEX task_runner_requests_runnable_of_type ON task_runner_requests (task_class_name, priority DESC, id) {runnable}"),
-        ],
+                // The trigger as migration 1 made it.
+                undo.push(
+                    "DROP TRIGGER task_runner_requests_notify ON task_runner_requests; \
+                     CREATE TRIGGER task_runner_requests_notify \
+                     AFTER INSERT OR UPDATE OF result, pid, delay_until ON task_runner_requests \
+                     FOR EACH ROW WHEN (NEW.pid IS NULL AND (NEW.result IS NULL \
+                       OR NEW.result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED'))) \
+                     EXECUTE FUNCTION task_runner_requests_notify()"
+                        .into(),
+                );
+            }
+            undo.extend(
+                indexes
+                    .iter()
+                    .map(|(name, _)| format!("DROP INDEX task_runner_requests_{name}")),
+            );
+            undo.push("ALTER TABLE task_runner_requests DROP COLUMN delay_passed_at".into());
+            undo.extend(indexes.iter().map(|(name, columns)| {
+                format!("CREATE INDEX task_runner_requests_{name} ON task_runner_requests ({columns}) {runnable}")
+            }));
+            undo
+        }
         Backend::MySql => vec![
             "DROP INDEX task_runner_requests_ready ON task_runner_requests".into(),
             "DROP INDEX task_runner_requests_ready_of_queue ON task_runner_requests".into(),
