@@ -17,6 +17,7 @@ both_backends!(
     processes_migrating_at_once_take_turns_and_each_says_what_it_did,
     an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild,
     a_daemon_waiting_for_another_processs_migration_stops_when_told,
+    a_schema_newer_than_the_binary_is_refused_and_left_as_it_is,
     enqueue_sets_every_column_an_app_can_set,
     enqueue_refuses_options_that_are_not_yaml_and_an_empty_type,
     list_filters_by_type_queue_host_and_state_and_shows_due_times,
@@ -244,6 +245,66 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
     db.wait_for_state(id, "FINISHED", WAIT).await;
     assert_eq!(db.row(tomorrow).await.result, None);
     assert!(daemon.stop().success());
+}
+
+/// A rolling upgrade: a newer release migrated the schema (here a made-up
+/// migration 12 that replaced an index with a column) while an older
+/// daemon or CLI still runs somewhere. The older one must refuse with one
+/// line and touch nothing. Before, it took the index it no longer found
+/// for a damaged schema and rebuilt the tables by its own migrations,
+/// dropping the newer column (and its values) and migration 12's record.
+async fn a_schema_newer_than_the_binary_is_refused_and_left_as_it_is(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let id = db.enqueue("NoOp", None).await;
+    db.execute(
+        "INSERT INTO task_runner_schema_migrations \
+           (version, description, installed_on, success, checksum, execution_time) \
+         SELECT 12, 'from a newer release', installed_on, success, checksum, execution_time \
+           FROM task_runner_schema_migrations WHERE version = 11",
+    )
+    .await;
+    db.execute(match backend {
+        Backend::MySql => "DROP INDEX task_runner_requests_waiting ON task_runner_requests",
+        Backend::Sqlite | Backend::Postgres => "DROP INDEX task_runner_requests_waiting",
+    })
+    .await;
+    db.execute("ALTER TABLE task_runner_requests ADD COLUMN added_by_12 BIGINT")
+        .await;
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET added_by_12 = 7 WHERE id = {id}"
+    ))
+    .await;
+    let says = |line: &str| {
+        assert!(line.contains("migration(s) 0012"), "{line}");
+        assert!(
+            line.contains("upgrade taskrunnerd and taskrunner-cli"),
+            "{line}"
+        );
+    };
+    let (status, stdout, stderr) = cli(&db, &["migrate"]);
+    assert_eq!(status, 1, "{stdout}{stderr}");
+    says(one_line(&stderr));
+    // A daemon exits 1 with the same line, at once (retrying cannot fix it).
+    let config = db.daemon("d").write_config();
+    let mut daemon = Daemon::start_with_config(&config, &[]);
+    let status = daemon.wait_exit(WAIT);
+    let log = daemon.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    says(&log);
+    assert!(!log.contains("rebuilding"), "{log}");
+    // Nothing was touched.
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT added_by_12 FROM task_runner_requests WHERE id = {id}"
+        ))
+        .await,
+        7
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_schema_migrations WHERE version = 12")
+            .await,
+        1
+    );
 }
 
 /// A daemon started while another process migrates the schema (and holds

@@ -138,8 +138,30 @@ pub enum Purpose {
     Cli,
 }
 
-/// The database's schema is not the one this binary was built for
-/// (`--no-migrate`): retrying cannot fix it.
+/// The migrations among `applied` (to a database) that `migrator` does not
+/// know: a newer release's.
+fn unknown_migrations(
+    migrator: &sqlx::migrate::Migrator,
+    applied: &std::collections::BTreeSet<i64>,
+) -> Vec<i64> {
+    applied
+        .iter()
+        .copied()
+        .filter(|version| !migrator.iter().any(|m| m.version == *version))
+        .collect()
+}
+
+/// Migration versions as the migration files number them: `0011, 0012`.
+fn version_list(versions: &[i64]) -> String {
+    versions
+        .iter()
+        .map(|v| format!("{v:04}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The database's schema is not the one this binary was built for (older
+/// with `--no-migrate`, or a newer release's): retrying cannot fix it.
 #[derive(Debug)]
 pub(crate) struct SchemaMismatch(pub(crate) String);
 
@@ -583,7 +605,22 @@ impl Store {
         let migrated = async {
             let mut migrator = self.migrator();
             migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
-            let repaired = self.repair_if_needed(&migrator).await?;
+            let applied = self.applied_versions().await?;
+            // A newer release's schema (a rolling upgrade, an old binary
+            // left behind) is not this binary's to judge: what it does not
+            // find there may be what the newer migrations replaced, and a
+            // repair would rebuild the tables without the newer columns.
+            let unknown = unknown_migrations(&migrator, &applied);
+            if !unknown.is_empty() {
+                return Err(SchemaMismatch(format!(
+                    "it has migration(s) {} that this taskrunner ({}) does not know, from a newer release: \
+                     upgrade taskrunnerd and taskrunner-cli; nothing was changed",
+                    version_list(&unknown),
+                    env!("CARGO_PKG_VERSION")
+                ))
+                .into());
+            }
+            let repaired = self.repair_if_needed(&migrator, &applied).await?;
             let before = self.run_migrations(&migrator).await?;
             let after = self.schema_version().await.unwrap_or(0);
             anyhow::Ok(Migration {
@@ -708,8 +745,8 @@ impl Store {
         let applied: sqlx::Result<Vec<i64>> = on_pool!(self, pool => {
             sqlx::query_scalar(sqlx::AssertSqlSafe(statement)).fetch_all(pool).await
         });
-        let applied = match applied {
-            Ok(applied) => applied,
+        let applied: std::collections::BTreeSet<i64> = match applied {
+            Ok(applied) => applied.into_iter().collect(),
             Err(sqlx::Error::Database(error))
                 if error.code().as_deref() == Some("42P01")
                     || error.code().as_deref() == Some("42S02")
@@ -728,34 +765,23 @@ impl Store {
                 )))
             }
         };
-        let list = |versions: Vec<i64>| {
-            versions
-                .iter()
-                .map(|v| format!("{v:04}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
         let missing: Vec<i64> = known
             .iter()
             .copied()
             .filter(|v| !applied.contains(v))
             .collect();
-        let newer: Vec<i64> = applied
-            .iter()
-            .copied()
-            .filter(|v| !known.contains(v))
-            .collect();
+        let newer = unknown_migrations(&migrator, &applied);
         let mut problems = Vec::new();
         if !missing.is_empty() {
             problems.push(format!(
                 "is missing migration(s) {} that this taskrunnerd needs (run `taskrunner-cli migrate`, or start without --no-migrate)",
-                list(missing)
+                version_list(&missing)
             ));
         }
         if !newer.is_empty() {
             problems.push(format!(
                 "has migration(s) {} newer than this taskrunnerd knows (upgrade taskrunnerd)",
-                list(newer)
+                version_list(&newer)
             ));
         }
         if problems.is_empty() {

@@ -95,10 +95,13 @@ impl Store {
     /// Only what the migrations recorded as applied create is looked for: an
     /// older schema lacks the later ones' indexes, and the migrations add them
     /// in place (an upgrade is not a repair).
-    pub(super) async fn repair_if_needed(&self, migrator: &Migrator) -> Result<Option<String>> {
-        let applied = self.applied_versions().await?;
+    pub(super) async fn repair_if_needed(
+        &self,
+        migrator: &Migrator,
+        applied: &BTreeSet<i64>,
+    ) -> Result<Option<String>> {
         let Some(reason) = self
-            .needs_repair(&applied, &expected(migrator, |v| applied.contains(&v)))
+            .needs_repair(applied, &expected(migrator, |v| applied.contains(&v)))
             .await?
         else {
             return Ok(None);
@@ -208,7 +211,7 @@ impl Store {
     /// The versions the bookkeeping table records as applied (none without
     /// the table). An error reading it is an error: taken for "none
     /// recorded", it would start a repair.
-    async fn applied_versions(&self) -> Result<BTreeSet<i64>> {
+    pub(super) async fn applied_versions(&self) -> Result<BTreeSet<i64>> {
         if !self.table_exists(MIGRATIONS_TABLE).await? {
             return Ok(BTreeSet::new());
         }
