@@ -13,6 +13,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 both_backends!(
     a_missing_trigger_or_index_is_restored_keeping_the_rows,
+    a_repair_keeps_the_applications_own_columns,
     a_ruby_class_runs_as_a_task,
     tables_loaded_from_schema_rb_are_repaired_and_run,
 );
@@ -65,6 +66,10 @@ async fn tables_loaded_from_schema_rb_are_repaired_and_run(backend: Backend) {
         "{stdout}"
     );
     assert!(stdout.contains("1 rows kept"), "{stdout}");
+    // schema.rb holds taskrunner's columns and indexes only: none is taken
+    // for the application's own.
+    assert!(!stdout.contains("application's"), "{stdout}");
+    assert!(!stdout.contains("indexes "), "{stdout}");
     let (_, stdout, _) = cli(&test, &["migrate"]);
     assert!(stdout.contains(": up to date"), "{stdout}");
     // The triggers are back: an application's timestamp is normalised
@@ -151,6 +156,90 @@ async fn a_missing_trigger_or_index_is_restored_keeping_the_rows(backend: Backen
     // New rows get ids after the kept ones.
     let next = db.enqueue("NoOp", None).await;
     assert!(next.0 > id.0);
+}
+
+/// The README lets an application add columns of its own to the table.
+/// A repair (here of an index the application's schema tool dropped) used
+/// to rebuild the table by the migrations alone and lose those columns,
+/// their values and their indexes; now it adds them back as they were
+/// (type, NOT NULL, default), copies their values and makes the indexes
+/// again.
+async fn a_repair_keeps_the_applications_own_columns(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let id = db.enqueue("NoOp", Some("a: 1")).await;
+    db.execute("ALTER TABLE task_runner_requests ADD COLUMN tenant_id BIGINT")
+        .await;
+    db.execute(
+        "ALTER TABLE task_runner_requests ADD COLUMN origin VARCHAR(20) NOT NULL DEFAULT 'web'",
+    )
+    .await;
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET tenant_id = 42, origin = 'api' WHERE id = {id}"
+    ))
+    .await;
+    db.execute("CREATE INDEX app_by_tenant ON task_runner_requests (tenant_id, origin)")
+        .await;
+    let has_index = match backend {
+        Backend::Sqlite => "SELECT count(*) FROM sqlite_master WHERE name = 'app_by_tenant'",
+        Backend::Postgres => "SELECT count(*) FROM pg_indexes WHERE indexname = 'app_by_tenant'",
+        Backend::MySql => {
+            "SELECT count(DISTINCT index_name) FROM information_schema.statistics \
+              WHERE table_schema = DATABASE() AND index_name = 'app_by_tenant'"
+        }
+    };
+    db.execute(match backend {
+        Backend::MySql => "DROP INDEX task_runner_requests_runnable ON task_runner_requests",
+        Backend::Sqlite | Backend::Postgres => "DROP INDEX task_runner_requests_runnable",
+    })
+    .await;
+    let (status, stdout, stderr) = cli(&db, &["migrate"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(
+        stdout.contains("rebuilt by the migrations, 1 rows kept"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "the application's columns task_runner_requests.tenant_id, task_runner_requests.origin, and indexes app_by_tenant"
+        ),
+        "{stdout}"
+    );
+    assert_eq!(db.scalar(has_index).await, 1);
+    let (_, stdout, _) = cli(&db, &["migrate"]);
+    assert!(stdout.contains(": up to date"), "{stdout}");
+    let kept = format!("SELECT count(*) FROM task_runner_requests WHERE id = {id}");
+    assert_eq!(
+        db.scalar(&format!("{kept} AND tenant_id = 42 AND origin = 'api'"))
+            .await,
+        1
+    );
+    // The default and NOT NULL came back with the column.
+    let next = db.enqueue("NoOp", None).await;
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE id = {next} AND origin = 'web' AND tenant_id IS NULL"
+        ))
+        .await,
+        1
+    );
+    let refused = match backend {
+        Backend::Sqlite => sqlx::query("UPDATE task_runner_requests SET origin = NULL")
+            .execute(&sqlx::SqlitePool::connect(&db.url).await.unwrap())
+            .await
+            .is_err(),
+        Backend::Postgres => sqlx::query("UPDATE task_runner_requests SET origin = NULL")
+            .execute(&sqlx::PgPool::connect(&db.url).await.unwrap())
+            .await
+            .is_err(),
+        Backend::MySql => sqlx::query("UPDATE task_runner_requests SET origin = NULL")
+            .execute(&crate::util::mysql_app_pool(&db.url).await)
+            .await
+            .is_err(),
+    };
+    assert!(refused, "origin is NOT NULL again");
+    let mut daemon = Daemon::start(&db, "d", "");
+    db.wait_for_state(next, "FINISHED", WAIT).await;
+    assert!(daemon.stop().success());
 }
 
 /// examples/rails/lib/task_runner_task.rb runs a Ruby class with the row's

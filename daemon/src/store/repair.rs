@@ -15,8 +15,10 @@
 //! create, or an index or trigger that a migration recorded as applied
 //! creates is missing (a later migration's are not: it adds them). Repair:
 //! each of our tables is copied aside and dropped, the migrations run on the
-//! empty database, and the rows are copied back (the columns both have), so
-//! whatever the migrations create, now or in later versions, is restored.
+//! empty database, columns the migrations do not make (an application's
+//! own) are added back as they were, the rows are copied back, and the
+//! application's own indexes made again, so whatever the migrations
+//! create, now or in later versions, is restored, and nothing else lost.
 //! A table created by the Rails migration of `examples/rails` (the columns
 //! of migration 1, no bookkeeping) is not a repair case: the migrations
 //! complete it in place.
@@ -36,6 +38,9 @@ const ASIDE: &str = "_before_repair";
 struct Expected {
     tables: Vec<String>,
     objects: BTreeSet<String>,
+    /// Every index and trigger name a migration creates or drops: what is
+    /// not among them is an application's own.
+    mentioned: BTreeSet<String>,
 }
 
 /// Reads the names the migrations of the versions `applied` selects create,
@@ -74,11 +79,13 @@ fn expected(migrator: &Migrator, applied: impl Fn(i64) -> bool) -> Expected {
                             expected.tables.push(name);
                         }
                     } else {
+                        expected.mentioned.insert(name.clone());
                         expected.objects.insert(name);
                     }
                 }
                 "drop" if ["index", "trigger"].contains(&word_at(0)) => {
                     let at = if word_at(1) == "if" { 3 } else { 1 }; // IF EXISTS
+                    expected.mentioned.insert(word_at(at).to_string());
                     expected.objects.remove(word_at(at));
                 }
                 _ => {}
@@ -117,6 +124,19 @@ impl Store {
                 present.push(table.clone());
             }
         }
+        // The columns and indexes as they are, to bring back those the
+        // migrations do not make: an application's own (the README allows
+        // them).
+        let mut before = Vec::new();
+        let mut own_indexes = Vec::new();
+        for table in &present {
+            before.push(self.column_definitions(table).await?);
+            for (name, create) in self.index_definitions(table).await? {
+                if !expected.mentioned.contains(&name.to_ascii_lowercase()) {
+                    own_indexes.push((name, create));
+                }
+            }
+        }
         // 1. Copy each table aside, drop it (and its indexes and triggers).
         let mut statements = Vec::new();
         for table in &present {
@@ -134,7 +154,29 @@ impl Store {
             .context("copying taskrunner's tables aside")?;
         // 2. The migrations, on an empty database.
         self.run_migrations(migrator).await?;
-        // 3. The rows back, in the columns both have.
+        // 3. The application's columns added back, with their type, NOT
+        // NULL and default; then the rows, in the columns both have.
+        let mut kept_columns = Vec::new();
+        let mut statements = Vec::new();
+        for (table, before) in present.iter().zip(before) {
+            let made: BTreeSet<String> = self
+                .column_definitions(table)
+                .await?
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect();
+            for (name, definition) in before {
+                if !made.contains(&name) {
+                    statements.push(format!("ALTER TABLE {table} ADD COLUMN {definition}"));
+                    kept_columns.push(format!("{table}.{name}"));
+                }
+            }
+        }
+        self.execute_in_transaction(&statements)
+            .await
+            .with_context(|| {
+                format!("adding back the application's columns (the rows are kept in the tables ending in {ASIDE})")
+            })?;
         let mut statements = Vec::new();
         let mut rows = 0;
         for table in &present {
@@ -166,8 +208,27 @@ impl Store {
             .with_context(|| {
                 format!("copying the rows back (they are kept in the tables ending in {ASIDE})")
             })?;
+        // 4. The application's indexes, on the rows.
+        let statements: Vec<String> = own_indexes
+            .iter()
+            .map(|(_, create)| create.clone())
+            .collect();
+        self.execute_in_transaction(&statements)
+            .await
+            .context("making the application's own indexes again (the rows are back)")?;
+        let mut kept = String::new();
+        if !kept_columns.is_empty() {
+            kept.push_str(&format!(
+                ", and the application's columns {}",
+                kept_columns.join(", ")
+            ));
+        }
+        if !own_indexes.is_empty() {
+            let names: Vec<&str> = own_indexes.iter().map(|(name, _)| name.as_str()).collect();
+            kept.push_str(&format!(", and indexes {}", names.join(", ")));
+        }
         Ok(Some(format!(
-            "repaired {reason}: rebuilt by the migrations, {rows} rows kept"
+            "repaired {reason}: rebuilt by the migrations, {rows} rows kept{kept}"
         )))
     }
 
@@ -284,6 +345,115 @@ impl Store {
             }
         };
         self.strings(sql, table).await
+    }
+
+    /// Each column of `table` (generated ones included) with its definition
+    /// as `ADD COLUMN` takes it: name, type, NOT NULL, default.
+    async fn column_definitions(&self, table: &str) -> Result<Vec<(String, String)>> {
+        let quoted = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
+        let definition = |name: &str, kind: &str, not_null: bool, default: Option<String>| {
+            // SQLite adds a NOT NULL column only with a default.
+            let not_null = not_null && (default.is_some() || !matches!(self.pool, Pool::Sqlite(_)));
+            let mut definition = format!("{} {kind}", quoted(name));
+            if not_null {
+                definition.push_str(" NOT NULL");
+            }
+            if let Some(default) = default {
+                definition.push_str(&format!(" DEFAULT {default}"));
+            }
+            definition
+        };
+        Ok(match &self.pool {
+            Pool::Sqlite(pool) => {
+                sqlx::query_as::<_, (String, String, bool, Option<String>)>(
+                    "SELECT name, type, \"notnull\", dflt_value FROM pragma_table_info($1) ORDER BY cid",
+                )
+                .bind(table)
+                .fetch_all(pool)
+                .await?
+                .into_iter()
+                .map(|(name, kind, not_null, default)| {
+                    let made = definition(&name, &kind, not_null, default);
+                    (name, made)
+                })
+                .collect()
+            }
+            Pool::Postgres(pool) => {
+                sqlx::query_as::<_, (String, String, bool, Option<String>)>(
+                    "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
+                            pg_get_expr(d.adbin, d.adrelid) \
+                       FROM pg_attribute a \
+                       LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+                      WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
+                      ORDER BY a.attnum",
+                )
+                .bind(table)
+                .fetch_all(pool)
+                .await?
+                .into_iter()
+                .map(|(name, kind, not_null, default)| {
+                    let made = definition(&name, &kind, not_null, default);
+                    (name, made)
+                })
+                .collect()
+            }
+            Pool::MySql(pool) => {
+                // The server's own words for each column: the lines of
+                // SHOW CREATE TABLE that start with a quoted name.
+                let sql = sqlx::AssertSqlSafe(format!("SHOW CREATE TABLE {table}"));
+                let row = super::mysql::query(sql).fetch_one(pool).await?;
+                super::RowExt::text(&row, 1)?
+                    .lines()
+                    .filter_map(|line| {
+                        let line = line.trim().trim_end_matches(',');
+                        let rest = line.strip_prefix('`')?;
+                        let name = rest.split('`').next()?.to_string();
+                        Some((name, line.to_string()))
+                    })
+                    .collect()
+            }
+        })
+    }
+
+    /// Each index on `table` that no constraint makes (not the primary key)
+    /// with the statement that makes it again.
+    async fn index_definitions(&self, table: &str) -> Result<Vec<(String, String)>> {
+        Ok(match &self.pool {
+            Pool::Sqlite(pool) => {
+                sqlx::query_as::<_, (String, String)>(
+                    "SELECT name, sql FROM sqlite_master \
+                      WHERE type = 'index' AND tbl_name = $1 AND sql IS NOT NULL",
+                )
+                .bind(table)
+                .fetch_all(pool)
+                .await?
+            }
+            Pool::Postgres(pool) => {
+                sqlx::query_as::<_, (String, String)>(
+                    "SELECT c.relname::text, pg_get_indexdef(i.indexrelid) \
+                       FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                      WHERE i.indrelid = to_regclass($1) \
+                        AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)",
+                )
+                .bind(table)
+                .fetch_all(pool)
+                .await?
+            }
+            Pool::MySql(pool) => {
+                // The lines of SHOW CREATE TABLE that make a named index.
+                let sql = sqlx::AssertSqlSafe(format!("SHOW CREATE TABLE {table}"));
+                let row = super::mysql::query(sql).fetch_one(pool).await?;
+                super::RowExt::text(&row, 1)?
+                    .lines()
+                    .filter_map(|line| {
+                        let line = line.trim().trim_end_matches(',');
+                        let (_, rest) = line.split_once("KEY `")?;
+                        let name = rest.split('`').next()?.to_string();
+                        Some((name, format!("ALTER TABLE {table} ADD {line}")))
+                    })
+                    .collect()
+            }
+        })
     }
 
     /// Names of every index and trigger.
