@@ -14,6 +14,7 @@ const WAIT: Duration = Duration::from_secs(30);
 both_backends!(
     a_missing_trigger_or_index_is_restored_keeping_the_rows,
     a_repair_keeps_the_applications_own_columns,
+    a_repair_never_takes_an_applications_foreign_keys_or_views_along,
     a_ruby_class_runs_as_a_task,
     tables_loaded_from_schema_rb_are_repaired_and_run,
 );
@@ -240,6 +241,105 @@ async fn a_repair_keeps_the_applications_own_columns(backend: Backend) {
     let mut daemon = Daemon::start(&db, "d", "");
     db.wait_for_state(next, "FINISHED", WAIT).await;
     assert!(daemon.stop().success());
+}
+
+/// An application's table with a foreign key to the requests (Rails'
+/// `references :task_runner_request, foreign_key: true`), or a view on them.
+/// A repair drops and rebuilds the tables: before, PostgreSQL's `DROP …
+/// CASCADE` took the foreign key and the view along without a word, SQLite's
+/// implicit DELETE removed the rows that cascade from the requests, and
+/// MariaDB failed halfway with some of taskrunner's tables dropped. Now a
+/// foreign key (and on PostgreSQL a view) makes the repair refuse with one
+/// line and change nothing; on SQLite and MariaDB a view survives it.
+async fn a_repair_never_takes_an_applications_foreign_keys_or_views_along(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let id = db.enqueue("NoOp", None).await;
+    db.execute(match backend {
+        Backend::Sqlite => {
+            "CREATE TABLE reports (id INTEGER PRIMARY KEY, \
+               request_id BIGINT REFERENCES task_runner_requests (id) ON DELETE CASCADE)"
+        }
+        Backend::Postgres => {
+            "CREATE TABLE reports (id BIGSERIAL PRIMARY KEY, \
+               request_id BIGINT REFERENCES task_runner_requests (id) ON DELETE CASCADE)"
+        }
+        Backend::MySql => {
+            "CREATE TABLE reports (id BIGINT AUTO_INCREMENT PRIMARY KEY, request_id BIGINT, \
+               FOREIGN KEY (request_id) REFERENCES task_runner_requests (id) ON DELETE CASCADE) ENGINE = InnoDB"
+        }
+    })
+    .await;
+    db.execute(&format!("INSERT INTO reports (request_id) VALUES ({id})"))
+        .await;
+    let drop_index = match backend {
+        Backend::MySql => "DROP INDEX task_runner_requests_runnable ON task_runner_requests",
+        Backend::Sqlite | Backend::Postgres => "DROP INDEX task_runner_requests_runnable",
+    };
+    db.execute(drop_index).await;
+    let (status, stdout, stderr) = cli(&db, &["migrate"]);
+    assert_eq!(status, 1, "{stdout}{stderr}");
+    let line = stderr.trim();
+    assert_eq!(line.lines().count(), 1, "{stderr}");
+    assert!(line.contains("reports → task_runner_requests"), "{line}");
+    assert!(line.contains("nothing was changed"), "{line}");
+    assert_eq!(db.scalar("SELECT count(*) FROM reports").await, 1);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_batches").await,
+        0
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_schema_migrations WHERE version = 11")
+            .await,
+        1
+    );
+    // The key still holds: a report of a request that does not exist is refused.
+    let dangling = "INSERT INTO reports (request_id) VALUES (999999)";
+    let refused = match backend {
+        Backend::Sqlite => sqlx::query(dangling)
+            .execute(&sqlx::SqlitePool::connect(&db.url).await.unwrap())
+            .await
+            .is_err(),
+        Backend::Postgres => sqlx::query(dangling)
+            .execute(&sqlx::PgPool::connect(&db.url).await.unwrap())
+            .await
+            .is_err(),
+        Backend::MySql => sqlx::query(dangling)
+            .execute(&crate::util::mysql_app_pool(&db.url).await)
+            .await
+            .is_err(),
+    };
+    assert!(refused, "the foreign key is still there");
+    // Without the foreign key, a view on the requests.
+    db.execute("DROP TABLE reports").await;
+    db.execute(
+        "CREATE VIEW waiting_requests AS SELECT id FROM task_runner_requests WHERE result IS NULL",
+    )
+    .await;
+    let (status, stdout, stderr) = cli(&db, &["migrate"]);
+    match backend {
+        Backend::Postgres => {
+            // The view depends on the table: the repair refuses.
+            assert_eq!(status, 1, "{stdout}{stderr}");
+            assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+            assert!(
+                stderr.contains("waiting_requests → task_runner_requests"),
+                "{stderr}"
+            );
+            assert_eq!(
+                db.scalar("SELECT count(*) FROM task_runner_schema_migrations WHERE version = 11")
+                    .await,
+                1
+            );
+        }
+        Backend::Sqlite | Backend::MySql => {
+            assert_eq!(status, 0, "{stdout}{stderr}");
+            assert!(
+                stdout.contains("rebuilt by the migrations, 1 rows kept"),
+                "{stdout}"
+            );
+        }
+    }
+    assert_eq!(db.scalar("SELECT count(*) FROM waiting_requests").await, 1);
 }
 
 /// examples/rails/lib/task_runner_task.rb runs a Ruby class with the row's

@@ -28,7 +28,7 @@ use std::collections::BTreeSet;
 use anyhow::{Context, Result};
 use sqlx::migrate::Migrator;
 
-use super::{Pool, Store, MIGRATIONS_TABLE};
+use super::{Pool, SchemaMismatch, Store, MIGRATIONS_TABLE};
 
 /// Suffix of the copies a repair makes (left behind if it fails midway).
 const ASIDE: &str = "_before_repair";
@@ -114,16 +114,30 @@ impl Store {
             return Ok(None);
         };
         let expected = expected(migrator, |_| true);
-        tracing::warn!(
-            "{}: {reason}; rebuilding taskrunner's tables by its migrations, keeping their rows",
-            self.display_url
-        );
         let mut present = Vec::new();
         for table in &expected.tables {
             if self.table_exists(table).await? {
                 present.push(table.clone());
             }
         }
+        // Dropping a table that another table's foreign key references
+        // would fail halfway (MariaDB/MySQL, whose DDL commits statement by
+        // statement) or delete the rows that cascade from it (SQLite's
+        // implicit DELETE); on PostgreSQL a foreign key or a view makes the
+        // DROP fail (CASCADE would take them along).
+        let dependents = self.dependents_of(&present).await?;
+        if !dependents.is_empty() {
+            return Err(SchemaMismatch(format!(
+                "{reason}, but the repair rebuilds taskrunner's tables, and the application's foreign keys or views depend on them ({}): \
+                 drop those, run `taskrunner-cli migrate`, then make them again; nothing was changed",
+                dependents.join(", ")
+            ))
+            .into());
+        }
+        tracing::warn!(
+            "{}: {reason}; rebuilding taskrunner's tables by its migrations, keeping their rows",
+            self.display_url
+        );
         // The columns and indexes as they are, to bring back those the
         // migrations do not make: an application's own (the README allows
         // them).
@@ -289,7 +303,10 @@ impl Store {
     fn drop_table(&self, table: &str) -> String {
         match self.pool {
             Pool::Sqlite(_) | Pool::MySql(_) => format!("DROP TABLE IF EXISTS {table}"),
-            Pool::Postgres(_) => format!("DROP TABLE IF EXISTS {table} CASCADE"),
+            // Not CASCADE: what depends on the table is refused before (see
+            // `dependents_of`), and anything else makes the DROP fail and
+            // roll back rather than vanish.
+            Pool::Postgres(_) => format!("DROP TABLE IF EXISTS {table}"),
         }
     }
 
@@ -454,6 +471,53 @@ impl Store {
                     .collect()
             }
         })
+    }
+
+    /// What a DROP of `tables` cannot leave as it is: the foreign keys of
+    /// other tables that reference one of them, and on PostgreSQL the views
+    /// on them, as `dependent → table`.
+    async fn dependents_of(&self, tables: &[String]) -> Result<Vec<String>> {
+        let pairs: Vec<(String, String)> = match &self.pool {
+            Pool::Sqlite(pool) => {
+                sqlx::query_as(
+                    "SELECT m.name, f.\"table\" FROM sqlite_master m \
+                       JOIN pragma_foreign_key_list(m.name) f WHERE m.type = 'table'",
+                )
+                .fetch_all(pool)
+                .await?
+            }
+            Pool::Postgres(pool) => {
+                sqlx::query_as(
+                    "SELECT conrelid::regclass::text, confrelid::regclass::text \
+                       FROM pg_constraint WHERE contype = 'f' \
+                     UNION \
+                     SELECT v.oid::regclass::text, d.refobjid::regclass::text \
+                       FROM pg_depend d \
+                       JOIN pg_rewrite r ON r.oid = d.objid \
+                       JOIN pg_class v ON v.oid = r.ev_class \
+                      WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass \
+                        AND v.oid <> d.refobjid",
+                )
+                .fetch_all(pool)
+                .await?
+            }
+            Pool::MySql(pool) => super::mysql::query(
+                "SELECT table_name, referenced_table_name \
+                   FROM information_schema.referential_constraints \
+                  WHERE constraint_schema = DATABASE()",
+            )
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|row| Ok((super::RowExt::text(row, 0)?, super::RowExt::text(row, 1)?)))
+            .collect::<sqlx::Result<_>>()?,
+        };
+        let ours = |name: &str| tables.iter().any(|t| t.eq_ignore_ascii_case(name));
+        Ok(pairs
+            .into_iter()
+            .filter(|(from, to)| ours(to) && !ours(from))
+            .map(|(from, to)| format!("{from} → {to}"))
+            .collect())
     }
 
     /// Names of every index and trigger.
