@@ -162,9 +162,9 @@ async fn a_missing_trigger_or_index_is_restored_keeping_the_rows(backend: Backen
 /// The README lets an application add columns of its own to the table.
 /// A repair (here of an index the application's schema tool dropped) used
 /// to rebuild the table by the migrations alone and lose those columns,
-/// their values and their indexes; now it adds them back as they were
-/// (type, NOT NULL, default), copies their values and makes the indexes
-/// again.
+/// their values, and the application's indexes and triggers; now it adds
+/// the columns back as they were (type, NOT NULL, default), copies their
+/// values and makes the indexes and triggers again.
 async fn a_repair_keeps_the_applications_own_columns(backend: Backend) {
     let db = TestDb::new(backend).await;
     let id = db.enqueue("NoOp", Some("a: 1")).await;
@@ -180,6 +180,29 @@ async fn a_repair_keeps_the_applications_own_columns(backend: Backend) {
     .await;
     db.execute("CREATE INDEX app_by_tenant ON task_runner_requests (tenant_id, origin)")
         .await;
+    // An audit trigger of the application's: it must come back, and not
+    // fire on the repair's copy of the rows.
+    db.execute("CREATE TABLE request_audit (request_id BIGINT)")
+        .await;
+    let audit: &[&str] = match backend {
+        Backend::Sqlite => &[
+            "CREATE TRIGGER app_audit AFTER INSERT ON task_runner_requests \
+             BEGIN INSERT INTO request_audit VALUES (NEW.id); END",
+        ],
+        Backend::Postgres => &[
+            "CREATE FUNCTION app_audit() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN INSERT INTO request_audit VALUES (NEW.id); RETURN NEW; END $$",
+            "CREATE TRIGGER app_audit AFTER INSERT ON task_runner_requests \
+             FOR EACH ROW EXECUTE FUNCTION app_audit()",
+        ],
+        Backend::MySql => &[
+            "CREATE TRIGGER app_audit AFTER INSERT ON task_runner_requests \
+             FOR EACH ROW INSERT INTO request_audit VALUES (NEW.id)",
+        ],
+    };
+    for statement in audit {
+        db.execute(statement).await;
+    }
     let has_index = match backend {
         Backend::Sqlite => "SELECT count(*) FROM sqlite_master WHERE name = 'app_by_tenant'",
         Backend::Postgres => "SELECT count(*) FROM pg_indexes WHERE indexname = 'app_by_tenant'",
@@ -201,7 +224,7 @@ async fn a_repair_keeps_the_applications_own_columns(backend: Backend) {
     );
     assert!(
         stdout.contains(
-            "the application's columns task_runner_requests.tenant_id, task_runner_requests.origin, and indexes app_by_tenant"
+            "the application's columns task_runner_requests.tenant_id, task_runner_requests.origin, and indexes and triggers app_by_tenant, app_audit"
         ),
         "{stdout}"
     );
@@ -214,8 +237,16 @@ async fn a_repair_keeps_the_applications_own_columns(backend: Backend) {
             .await,
         1
     );
-    // The default and NOT NULL came back with the column.
+    assert_eq!(db.scalar("SELECT count(*) FROM request_audit").await, 0);
+    // The default and NOT NULL came back with the column, and the trigger.
     let next = db.enqueue("NoOp", None).await;
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM request_audit WHERE request_id = {next}"
+        ))
+        .await,
+        1
+    );
     assert_eq!(
         db.scalar(&format!(
             "SELECT count(*) FROM task_runner_requests WHERE id = {next} AND origin = 'web' AND tenant_id IS NULL"

@@ -17,7 +17,7 @@
 //! each of our tables is copied aside and dropped, the migrations run on the
 //! empty database, columns the migrations do not make (an application's
 //! own) are added back as they were, the rows are copied back, and the
-//! application's own indexes made again, so whatever the migrations
+//! application's own indexes and triggers made again, so whatever the migrations
 //! create, now or in later versions, is restored, and nothing else lost.
 //! A table created by the Rails migration of `examples/rails` (the columns
 //! of migration 1, no bookkeeping) is not a repair case: the migrations
@@ -138,16 +138,16 @@ impl Store {
             "{}: {reason}; rebuilding taskrunner's tables by its migrations, keeping their rows",
             self.display_url
         );
-        // The columns and indexes as they are, to bring back those the
+        // The columns, indexes and triggers as they are, to bring back those the
         // migrations do not make: an application's own (the README allows
         // them).
         let mut before = Vec::new();
-        let mut own_indexes = Vec::new();
+        let mut own_objects = Vec::new();
         for table in &present {
             before.push(self.column_definitions(table).await?);
-            for (name, create) in self.index_definitions(table).await? {
+            for (name, create) in self.index_and_trigger_definitions(table).await? {
                 if !expected.mentioned.contains(&name.to_ascii_lowercase()) {
-                    own_indexes.push((name, create));
+                    own_objects.push((name, create));
                 }
             }
         }
@@ -222,14 +222,15 @@ impl Store {
             .with_context(|| {
                 format!("copying the rows back (they are kept in the tables ending in {ASIDE})")
             })?;
-        // 4. The application's indexes, on the rows.
-        let statements: Vec<String> = own_indexes
+        // 4. The application's indexes and triggers, on the rows (its
+        // triggers must not fire on the copy).
+        let statements: Vec<String> = own_objects
             .iter()
             .map(|(_, create)| create.clone())
             .collect();
-        self.execute_in_transaction(&statements)
-            .await
-            .context("making the application's own indexes again (the rows are back)")?;
+        self.execute_in_transaction(&statements).await.context(
+            "making the application's own indexes and triggers again (the rows are back)",
+        )?;
         let mut kept = String::new();
         if !kept_columns.is_empty() {
             kept.push_str(&format!(
@@ -237,9 +238,9 @@ impl Store {
                 kept_columns.join(", ")
             ));
         }
-        if !own_indexes.is_empty() {
-            let names: Vec<&str> = own_indexes.iter().map(|(name, _)| name.as_str()).collect();
-            kept.push_str(&format!(", and indexes {}", names.join(", ")));
+        if !own_objects.is_empty() {
+            let names: Vec<&str> = own_objects.iter().map(|(name, _)| name.as_str()).collect();
+            kept.push_str(&format!(", and indexes and triggers {}", names.join(", ")));
         }
         Ok(Some(format!(
             "repaired {reason}: rebuilt by the migrations, {rows} rows kept{kept}"
@@ -432,14 +433,15 @@ impl Store {
         })
     }
 
-    /// Each index on `table` that no constraint makes (not the primary key)
-    /// with the statement that makes it again.
-    async fn index_definitions(&self, table: &str) -> Result<Vec<(String, String)>> {
+    /// Each index on `table` that no constraint makes (not the primary key),
+    /// then each trigger on it, with the statement that makes it again.
+    async fn index_and_trigger_definitions(&self, table: &str) -> Result<Vec<(String, String)>> {
         Ok(match &self.pool {
             Pool::Sqlite(pool) => {
                 sqlx::query_as::<_, (String, String)>(
                     "SELECT name, sql FROM sqlite_master \
-                      WHERE type = 'index' AND tbl_name = $1 AND sql IS NOT NULL",
+                      WHERE type IN ('index', 'trigger') AND tbl_name = $1 AND sql IS NOT NULL \
+                      ORDER BY type = 'trigger'",
                 )
                 .bind(table)
                 .fetch_all(pool)
@@ -450,7 +452,10 @@ impl Store {
                     "SELECT c.relname::text, pg_get_indexdef(i.indexrelid) \
                        FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
                       WHERE i.indrelid = to_regclass($1) \
-                        AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)",
+                        AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid) \
+                     UNION ALL \
+                     SELECT tgname::text, pg_get_triggerdef(oid) FROM pg_trigger \
+                      WHERE tgrelid = to_regclass($1) AND NOT tgisinternal",
                 )
                 .bind(table)
                 .fetch_all(pool)
@@ -460,7 +465,7 @@ impl Store {
                 // The lines of SHOW CREATE TABLE that make a named index.
                 let sql = sqlx::AssertSqlSafe(format!("SHOW CREATE TABLE {table}"));
                 let row = super::mysql::query(sql).fetch_one(pool).await?;
-                super::RowExt::text(&row, 1)?
+                let mut made: Vec<(String, String)> = super::RowExt::text(&row, 1)?
                     .lines()
                     .filter_map(|line| {
                         let line = line.trim().trim_end_matches(',');
@@ -468,7 +473,28 @@ impl Store {
                         let name = rest.split('`').next()?.to_string();
                         Some((name, format!("ALTER TABLE {table} ADD {line}")))
                     })
-                    .collect()
+                    .collect();
+                let triggers = self
+                    .strings(
+                        "SELECT trigger_name FROM information_schema.triggers \
+                          WHERE trigger_schema = DATABASE() AND event_object_table = $1",
+                        table,
+                    )
+                    .await?;
+                for name in triggers {
+                    let sql = sqlx::AssertSqlSafe(format!("SHOW CREATE TRIGGER `{name}`"));
+                    let row = super::mysql::query(sql).fetch_one(pool).await?;
+                    // Made again by the user that repairs, not its definer.
+                    let create = super::RowExt::text(&row, 2)?;
+                    let create = match (create.find(" DEFINER="), create.find(" TRIGGER ")) {
+                        (Some(from), Some(to)) if from < to => {
+                            format!("{}{}", &create[..from], &create[to..])
+                        }
+                        _ => create,
+                    };
+                    made.push((name, create));
+                }
+                made
             }
         })
     }
