@@ -14,6 +14,7 @@ both_backends!(
     wait_fails_for_an_exhausted_request_and_times_out_cleanly,
     retention_prunes_only_old_final_rows_while_work_runs,
     retention_deletes_ended_batches_and_flows_once_no_request_refers_to_them,
+    retention_keeps_the_rows_an_applications_foreign_key_references,
     cron_catches_up_once_after_downtime,
     a_delayed_row_comes_due_while_a_backlog_fills_every_claim,
     a_released_row_postponed_by_the_application_waits_for_its_new_time,
@@ -244,6 +245,70 @@ async fn retention_deletes_ended_batches_and_flows_once_no_request_refers_to_the
         daemon.log_text()
     );
     assert!(daemon.stop().success());
+}
+
+/// An application's table whose foreign key references requests (Rails'
+/// `references :task_runner_request, foreign_key: true`: no ON DELETE rule).
+/// Before, the one old row it referenced failed every batch of deletes it
+/// was in: `purge` failed and retention deleted nothing, for ever. Now such
+/// rows are kept, every other one goes, and a key with ON DELETE CASCADE
+/// still lets its rows go (and the application's rows with them).
+async fn retention_keeps_the_rows_an_applications_foreign_key_references(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let old = NewRow::new("NoOp")
+        .options("old")
+        .ended(backend, "FINISHED", 1, 2 * 86_400);
+    db.insert_copies(old, 1200).await;
+    let first = db.scalar("SELECT min(id) FROM task_runner_requests").await;
+    let (middle, cascading) = (first + 700, first + 5);
+    let (id, table_end) = match backend {
+        Backend::Sqlite => ("id INTEGER PRIMARY KEY", ""),
+        Backend::Postgres => ("id BIGSERIAL PRIMARY KEY", ""),
+        Backend::MySql => ("id BIGINT AUTO_INCREMENT PRIMARY KEY", " ENGINE = InnoDB"),
+    };
+    db.execute(&format!(
+        "CREATE TABLE reports ({id}, request_id BIGINT, \
+           FOREIGN KEY (request_id) REFERENCES task_runner_requests (id)){table_end}"
+    ))
+    .await;
+    db.execute(&format!(
+        "CREATE TABLE notes ({id}, request_id BIGINT, \
+           FOREIGN KEY (request_id) REFERENCES task_runner_requests (id) ON DELETE CASCADE){table_end}"
+    ))
+    .await;
+    db.execute(&format!(
+        "INSERT INTO reports (request_id) VALUES ({first}), ({middle})"
+    ))
+    .await;
+    db.execute(&format!(
+        "INSERT INTO notes (request_id) VALUES ({cascading})"
+    ))
+    .await;
+    let (status, stdout, stderr) = cli(&db, &["purge", "--older-than", "1h"]);
+    assert_eq!(status, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("1198"), "{stdout}");
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE id IN ({first}, {middle})"
+        ))
+        .await,
+        2
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests").await,
+        2
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM notes").await, 0);
+    assert_eq!(db.scalar("SELECT count(*) FROM reports").await, 2);
+    // Once the application lets go of a row, it goes.
+    db.execute(&format!("DELETE FROM reports WHERE request_id = {first}"))
+        .await;
+    let (status, stdout, stderr) = cli(&db, &["purge", "--older-than", "1h"]);
+    assert_eq!(status, 0, "{stdout}{stderr}");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests").await,
+        1
+    );
 }
 
 async fn retention_prunes_only_old_final_rows_while_work_runs(backend: Backend) {

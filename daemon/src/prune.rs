@@ -29,6 +29,9 @@ pub(crate) async fn prune(
     stop: Option<&CancellationToken>,
 ) -> Result<Pruned> {
     let mut pruned = Pruned::default();
+    // Rows an application's foreign key still references stay (deleting
+    // one would fail the whole batch).
+    let kept = store.kept_by_foreign_keys().await?;
     // The requests first, then the batches and flows they leave empty
     // (ended at least as long ago as the shortest rule says).
     let shortest = retention.rules().into_iter().map(|(_, age)| age).min();
@@ -37,7 +40,7 @@ pub(crate) async fn prune(
         .flat_map(|age| [(Prunable::EndedBatches, age), (Prunable::EndedFlows, age)]);
     for (kind, age) in retention.rules().into_iter().chain(parents) {
         loop {
-            let deleted = store.prune(kind, age, BATCH).await?;
+            let deleted = store.prune(kind, age, BATCH, kept.as_deref()).await?;
             match kind {
                 Prunable::EndedBatches | Prunable::EndedFlows => pruned.parents += deleted,
                 _ => pruned.requests += deleted,

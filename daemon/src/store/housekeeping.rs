@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use sqlx::query;
 
+use super::sql::Dialect;
 use super::{begin_write, mysql, Pool, RowExt, Store, DEFAULT_TRY_LIMIT};
 use crate::request::RequestId;
 
@@ -28,11 +29,25 @@ pub(crate) enum Prunable {
 
 impl Store {
     /// Deletes up to `batch` rows of `kind` completed more than `age` ago.
-    pub(crate) async fn prune(&self, kind: Prunable, age: Duration, batch: i64) -> Result<u64> {
+    /// Requests that `kept` (from [`Store::kept_by_foreign_keys`]) holds
+    /// are not deleted.
+    pub(crate) async fn prune(
+        &self,
+        kind: Prunable,
+        age: Duration,
+        batch: i64,
+        kept: Option<&str>,
+    ) -> Result<u64> {
         let sql = self.sql;
+        let keeping = |exhausted: bool| {
+            kept.map(|kept| Dialect(self.backend()).prune_requests(exhausted, Some(kept)))
+        };
+        let (keeping_exhausted, keeping_state) = (keeping(true), keeping(false));
+        let prune_exhausted = keeping_exhausted.as_deref().unwrap_or(&sql.prune_exhausted);
+        let prune_state = keeping_state.as_deref().unwrap_or(&sql.prune_state);
         Ok(on_pool!(self, pool => {
             let query = match kind {
-                Prunable::Exhausted => query(sql.prune_exhausted.as_str())
+                Prunable::Exhausted => query(sqlx::AssertSqlSafe(prune_exhausted))
                     .bind(age.as_secs_f64())
                     .bind(batch),
                 Prunable::EndedBatches => query(sql.prune_batches.as_str())
@@ -47,7 +62,7 @@ impl Store {
                         Prunable::Cancelled => "CANCELLED",
                         _ => "REJECTED",
                     };
-                    query(sql.prune_state.as_str())
+                    query(sqlx::AssertSqlSafe(prune_state))
                         .bind(age.as_secs_f64())
                         .bind(batch)
                         .bind(state)
@@ -55,6 +70,76 @@ impl Store {
             };
             query.execute(pool).await?.rows_affected()
         }))
+    }
+
+    /// A condition that holds for the requests an application's foreign key
+    /// still references (one without `ON DELETE CASCADE` or `SET NULL`):
+    /// deleting one of them would fail, and with it the whole batch of
+    /// deletes, so that one such row stopped all retention. `None` when no
+    /// such key exists.
+    pub(crate) async fn kept_by_foreign_keys(&self) -> Result<Option<String>> {
+        // (referencing table, its column, the requests' column)
+        let keys: Vec<(String, String, String)> = match &self.pool {
+            Pool::Sqlite(pool) => sqlx::query_as(
+                "SELECT m.name, f.\"from\", coalesce(f.\"to\", 'id') \
+                   FROM sqlite_master m JOIN pragma_foreign_key_list(m.name) f \
+                  WHERE m.type = 'table' AND f.\"table\" = 'task_runner_requests' \
+                    AND f.on_delete NOT IN ('CASCADE', 'SET NULL') \
+                    AND NOT EXISTS (SELECT 1 FROM pragma_foreign_key_list(m.name) g \
+                                     WHERE g.id = f.id AND g.seq > 0)",
+            )
+            .fetch_all(pool)
+            .await?,
+            Pool::Postgres(pool) => sqlx::query_as(
+                "SELECT quote_ident(n.nspname) || '.' || quote_ident(t.relname), a.attname::text, r.attname::text \
+                   FROM pg_constraint c \
+                   JOIN pg_class t ON t.oid = c.conrelid \
+                   JOIN pg_namespace n ON n.oid = t.relnamespace \
+                   JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1] \
+                   JOIN pg_attribute r ON r.attrelid = c.confrelid AND r.attnum = c.confkey[1] \
+                  WHERE c.contype = 'f' AND c.confrelid = to_regclass('task_runner_requests') \
+                    AND cardinality(c.conkey) = 1 AND c.confdeltype NOT IN ('c', 'n')",
+            )
+            .fetch_all(pool)
+            .await?,
+            Pool::MySql(pool) => mysql::query(
+                "SELECT k.table_name, k.column_name, k.referenced_column_name \
+                   FROM information_schema.key_column_usage k \
+                   JOIN information_schema.referential_constraints r \
+                     ON r.constraint_schema = k.constraint_schema \
+                    AND r.constraint_name = k.constraint_name AND r.table_name = k.table_name \
+                  WHERE k.table_schema = DATABASE() AND k.referenced_table_name = 'task_runner_requests' \
+                    AND r.delete_rule NOT IN ('CASCADE', 'SET NULL')",
+            )
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|row| Ok((row.text(0)?, row.text(1)?, row.text(2)?)))
+            .collect::<sqlx::Result<_>>()?,
+        };
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        let quote = |name: &str| match self.pool {
+            Pool::MySql(_) => format!("`{}`", name.replace('`', "``")),
+            Pool::Sqlite(_) | Pool::Postgres(_) => format!("\"{}\"", name.replace('"', "\"\"")),
+        };
+        let conditions: Vec<String> = keys
+            .iter()
+            .map(|(table, column, referenced)| {
+                // PostgreSQL's name comes quoted, with its schema.
+                let table = match self.pool {
+                    Pool::Postgres(_) => table.clone(),
+                    Pool::Sqlite(_) | Pool::MySql(_) => quote(table),
+                };
+                format!(
+                    "EXISTS (SELECT 1 FROM {table} k WHERE k.{} = task_runner_requests.{})",
+                    quote(column),
+                    quote(referenced)
+                )
+            })
+            .collect();
+        Ok(Some(conditions.join(" OR ")))
     }
 
     /// The database's clock, as seconds since the epoch (every daemon

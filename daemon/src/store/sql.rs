@@ -216,6 +216,29 @@ impl Dialect {
     /// Deletes at most `limit` rows of `table` that match `condition`, so
     /// that a large deletion goes in small transactions (MariaDB/MySQL take
     /// `LIMIT` on `DELETE` itself, and no `LIMIT` in `IN (…)`).
+    /// Deletes up to `$2` final rows completed more than `$1` seconds ago:
+    /// exhausted ones, or else those of state `$3` (FINISHED, CANCELLED or
+    /// REJECTED); never a member of an open batch or flow, nor a row that
+    /// `kept` (a condition on `task_runner_requests`) says to keep.
+    pub(crate) fn prune_requests(self, exhausted: bool, kept: Option<&str>) -> String {
+        let state = if exhausted {
+            "result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit"
+        } else {
+            "result = $3 AND result IN ('FINISHED', 'CANCELLED', 'REJECTED')"
+        };
+        let kept = kept
+            .map(|kept| format!(" AND NOT ({kept})"))
+            .unwrap_or_default();
+        self.delete_some(
+            "task_runner_requests",
+            &format!(
+                "{state} AND completed_at < {} AND {OUTSIDE_OPEN_PARENTS}{kept}",
+                self.now_plus("-$1")
+            ),
+            "$2",
+        )
+    }
+
     pub(crate) fn delete_some(self, table: &str, condition: &str, limit: &str) -> String {
         match self.0 {
             Backend::MySql => format!("DELETE FROM {table} WHERE {condition} LIMIT {limit}"),
@@ -1006,24 +1029,8 @@ impl Sql {
                 int("id"),
                 unfinished("")
             ),
-            prune_state: d.delete_some(
-                "task_runner_requests",
-                &format!(
-                    "result = $3 AND result IN ('FINISHED', 'CANCELLED', 'REJECTED') \
-                     AND completed_at < {} AND {OUTSIDE_OPEN_PARENTS}",
-                    plus("-$1")
-                ),
-                "$2",
-            ),
-            prune_exhausted: d.delete_some(
-                "task_runner_requests",
-                &format!(
-                    "result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit \
-                     AND completed_at < {} AND {OUTSIDE_OPEN_PARENTS}",
-                    plus("-$1")
-                ),
-                "$2",
-            ),
+            prune_state: d.prune_requests(false, None),
+            prune_exhausted: d.prune_requests(true, None),
             // Not a batch's children (`parent_batch_id`): MySQL cannot read
             // the table it deletes from; a child keeps the id of a parent gone.
             prune_batches: d.delete_some(
