@@ -252,7 +252,8 @@ async fn retention_deletes_ended_batches_and_flows_once_no_request_refers_to_the
 /// Before, the one old row it referenced failed every batch of deletes it
 /// was in: `purge` failed and retention deleted nothing, for ever. Now such
 /// rows are kept, every other one goes, and a key with ON DELETE CASCADE
-/// still lets its rows go (and the application's rows with them).
+/// still lets its rows go (and the application's rows with them). The same
+/// for an ended batch that an application's key references.
 async fn retention_keeps_the_rows_an_applications_foreign_key_references(backend: Backend) {
     let db = TestDb::new(backend).await;
     let old = NewRow::new("NoOp")
@@ -284,9 +285,44 @@ async fn retention_keeps_the_rows_an_applications_foreign_key_references(backend
         "INSERT INTO notes (request_id) VALUES ({cascading})"
     ))
     .await;
+    // Two batches that ended long ago, one of them referenced too.
+    let mut batches = Vec::new();
+    for _ in 0..2 {
+        let batch = db
+            .insert("INSERT INTO task_runner_batches (name) VALUES ('ended') RETURNING id")
+            .await;
+        batches.push(batch.0);
+    }
+    let long_ago = crate::util::sql_now_plus(backend, -2 * 86_400);
+    db.execute(&format!(
+        "UPDATE task_runner_batches SET state = 'FINISHED', sealed_at = {long_ago}, finished_at = {long_ago}"
+    ))
+    .await;
+    db.execute(&format!(
+        "CREATE TABLE batch_reports ({id}, batch_id BIGINT, \
+           FOREIGN KEY (batch_id) REFERENCES task_runner_batches (id)){table_end}"
+    ))
+    .await;
+    db.execute(&format!(
+        "INSERT INTO batch_reports (batch_id) VALUES ({})",
+        batches[0]
+    ))
+    .await;
     let (status, stdout, stderr) = cli(&db, &["purge", "--older-than", "1h"]);
     assert_eq!(status, 0, "{stdout}{stderr}");
-    assert!(stdout.contains("1198"), "{stdout}");
+    assert!(stdout.contains("deleted 1198 requests"), "{stdout}");
+    assert!(
+        stdout.contains("deleted 1 ended batches and flows"),
+        "{stdout}"
+    );
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_batches WHERE id = {}",
+            batches[0]
+        ))
+        .await,
+        1
+    );
     assert_eq!(
         db.scalar(&format!(
             "SELECT count(*) FROM task_runner_requests WHERE id IN ({first}, {middle})"

@@ -9,6 +9,7 @@
 //! CANCELLED, REJECTED, and exhausted FAILED/CRASHED/TIMEOUT rows; pending,
 //! running and retryable rows never match (see [`crate::store::sql`]).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -30,8 +31,8 @@ pub(crate) async fn prune(
 ) -> Result<Pruned> {
     let mut pruned = Pruned::default();
     // Rows an application's foreign key still references stay (deleting
-    // one would fail the whole batch).
-    let kept = store.kept_by_foreign_keys().await?;
+    // one would fail the whole batch), read once a pass for each table.
+    let mut kept_by_table: BTreeMap<&str, Option<String>> = BTreeMap::new();
     // The requests first, then the batches and flows they leave empty
     // (ended at least as long ago as the shortest rule says).
     let shortest = retention.rules().into_iter().map(|(_, age)| age).min();
@@ -39,8 +40,13 @@ pub(crate) async fn prune(
         .into_iter()
         .flat_map(|age| [(Prunable::EndedBatches, age), (Prunable::EndedFlows, age)]);
     for (kind, age) in retention.rules().into_iter().chain(parents) {
+        let table = kind.table();
+        if !kept_by_table.contains_key(table) {
+            kept_by_table.insert(table, store.kept_by_foreign_keys(table).await?);
+        }
+        let kept = kept_by_table[table].as_deref();
         loop {
-            let deleted = store.prune(kind, age, BATCH, kept.as_deref()).await?;
+            let deleted = store.prune(kind, age, BATCH, kept).await?;
             match kind {
                 Prunable::EndedBatches | Prunable::EndedFlows => pruned.parents += deleted,
                 _ => pruned.requests += deleted,

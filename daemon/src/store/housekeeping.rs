@@ -27,10 +27,23 @@ pub(crate) enum Prunable {
     EndedFlows,
 }
 
+impl Prunable {
+    /// The table its rows are in.
+    pub(crate) fn table(self) -> &'static str {
+        match self {
+            Prunable::Finished | Prunable::Cancelled | Prunable::Rejected | Prunable::Exhausted => {
+                "task_runner_requests"
+            }
+            Prunable::EndedBatches => "task_runner_batches",
+            Prunable::EndedFlows => "task_runner_flows",
+        }
+    }
+}
+
 impl Store {
-    /// Deletes up to `batch` rows of `kind` completed more than `age` ago.
-    /// Requests that `kept` (from [`Store::kept_by_foreign_keys`]) holds
-    /// are not deleted.
+    /// Deletes up to `batch` rows of `kind` completed more than `age` ago,
+    /// but none that `kept` (from [`Store::kept_by_foreign_keys`] of the
+    /// kind's table) holds.
     pub(crate) async fn prune(
         &self,
         kind: Prunable,
@@ -38,56 +51,50 @@ impl Store {
         batch: i64,
         kept: Option<&str>,
     ) -> Result<u64> {
-        let sql = self.sql;
-        let keeping = |exhausted: bool| {
-            kept.map(|kept| Dialect(self.backend()).prune_requests(exhausted, Some(kept)))
+        let keeping = kept.map(|kept| Dialect(self.backend()).prune_statement(kind, Some(kept)));
+        let statement = match (&keeping, kind) {
+            (Some(keeping), _) => keeping.as_str(),
+            (None, Prunable::Exhausted) => &self.sql.prune_exhausted,
+            (None, Prunable::EndedBatches) => &self.sql.prune_batches,
+            (None, Prunable::EndedFlows) => &self.sql.prune_flows,
+            (None, Prunable::Finished | Prunable::Cancelled | Prunable::Rejected) => {
+                &self.sql.prune_state
+            }
         };
-        let (keeping_exhausted, keeping_state) = (keeping(true), keeping(false));
-        let prune_exhausted = keeping_exhausted.as_deref().unwrap_or(&sql.prune_exhausted);
-        let prune_state = keeping_state.as_deref().unwrap_or(&sql.prune_state);
+        let state = match kind {
+            Prunable::Finished => Some("FINISHED"),
+            Prunable::Cancelled => Some("CANCELLED"),
+            Prunable::Rejected => Some("REJECTED"),
+            Prunable::Exhausted | Prunable::EndedBatches | Prunable::EndedFlows => None,
+        };
         Ok(on_pool!(self, pool => {
-            let query = match kind {
-                Prunable::Exhausted => query(sqlx::AssertSqlSafe(prune_exhausted))
-                    .bind(age.as_secs_f64())
-                    .bind(batch),
-                Prunable::EndedBatches => query(sql.prune_batches.as_str())
-                    .bind(age.as_secs_f64())
-                    .bind(batch),
-                Prunable::EndedFlows => query(sql.prune_flows.as_str())
-                    .bind(age.as_secs_f64())
-                    .bind(batch),
-                Prunable::Finished | Prunable::Cancelled | Prunable::Rejected => {
-                    let state = match kind {
-                        Prunable::Finished => "FINISHED",
-                        Prunable::Cancelled => "CANCELLED",
-                        _ => "REJECTED",
-                    };
-                    query(sqlx::AssertSqlSafe(prune_state))
-                        .bind(age.as_secs_f64())
-                        .bind(batch)
-                        .bind(state)
-                }
-            };
+            let mut query = query(sqlx::AssertSqlSafe(statement))
+                .bind(age.as_secs_f64())
+                .bind(batch);
+            if let Some(state) = state {
+                query = query.bind(state);
+            }
             query.execute(pool).await?.rows_affected()
         }))
     }
 
-    /// A condition that holds for the requests an application's foreign key
-    /// still references (one without `ON DELETE CASCADE` or `SET NULL`):
-    /// deleting one of them would fail, and with it the whole batch of
-    /// deletes, so that one such row stopped all retention. `None` when no
-    /// such key exists.
-    pub(crate) async fn kept_by_foreign_keys(&self) -> Result<Option<String>> {
+    /// A condition on the rows of `table` (taskrunner's) that an
+    /// application's foreign key still references (one without `ON DELETE
+    /// CASCADE` or `SET NULL`): deleting one of them would fail, and with it
+    /// the whole batch of deletes, so that one such row stopped all
+    /// retention. `None` when no such key exists.
+    pub(crate) async fn kept_by_foreign_keys(&self, table: &str) -> Result<Option<String>> {
         // (referencing table, its column, the requests' column)
         let keys: Vec<(String, String, String)> = match &self.pool {
             Pool::Sqlite(pool) => sqlx::query_as(
                 "SELECT m.name, f.\"from\", coalesce(f.\"to\", 'id') \
                    FROM sqlite_master m JOIN pragma_foreign_key_list(m.name) f \
-                  WHERE m.type = 'table' AND f.\"table\" = 'task_runner_requests' \
+                  WHERE m.type = 'table' AND f.\"table\" = $1 \
                     AND f.on_delete NOT IN ('CASCADE', 'SET NULL') \
                     AND NOT EXISTS (SELECT 1 FROM pragma_foreign_key_list(m.name) g \
                                      WHERE g.id = f.id AND g.seq > 0)",
             )
+            .bind(table)
             .fetch_all(pool)
             .await?,
             Pool::Postgres(pool) => sqlx::query_as(
@@ -97,9 +104,10 @@ impl Store {
                    JOIN pg_namespace n ON n.oid = t.relnamespace \
                    JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1] \
                    JOIN pg_attribute r ON r.attrelid = c.confrelid AND r.attnum = c.confkey[1] \
-                  WHERE c.contype = 'f' AND c.confrelid = to_regclass('task_runner_requests') \
+                  WHERE c.contype = 'f' AND c.confrelid = to_regclass($1) \
                     AND cardinality(c.conkey) = 1 AND c.confdeltype NOT IN ('c', 'n')",
             )
+            .bind(table)
             .fetch_all(pool)
             .await?,
             Pool::MySql(pool) => mysql::query(
@@ -108,9 +116,10 @@ impl Store {
                    JOIN information_schema.referential_constraints r \
                      ON r.constraint_schema = k.constraint_schema \
                     AND r.constraint_name = k.constraint_name AND r.table_name = k.table_name \
-                  WHERE k.table_schema = DATABASE() AND k.referenced_table_name = 'task_runner_requests' \
+                  WHERE k.table_schema = DATABASE() AND k.referenced_table_name = $1 \
                     AND r.delete_rule NOT IN ('CASCADE', 'SET NULL')",
             )
+            .bind(table)
             .fetch_all(pool)
             .await?
             .iter()
@@ -126,14 +135,14 @@ impl Store {
         };
         let conditions: Vec<String> = keys
             .iter()
-            .map(|(table, column, referenced)| {
+            .map(|(referencing, column, referenced)| {
                 // PostgreSQL's name comes quoted, with its schema.
-                let table = match self.pool {
-                    Pool::Postgres(_) => table.clone(),
-                    Pool::Sqlite(_) | Pool::MySql(_) => quote(table),
+                let referencing = match self.pool {
+                    Pool::Postgres(_) => referencing.clone(),
+                    Pool::Sqlite(_) | Pool::MySql(_) => quote(referencing),
                 };
                 format!(
-                    "EXISTS (SELECT 1 FROM {table} k WHERE k.{} = task_runner_requests.{})",
+                    "EXISTS (SELECT 1 FROM {referencing} k WHERE k.{} = {table}.{})",
                     quote(column),
                     quote(referenced)
                 )

@@ -8,7 +8,7 @@
 
 use std::sync::OnceLock;
 
-use super::Backend;
+use super::{Backend, Prunable};
 
 /// How one backend spells what the statements need: the clock, time
 /// arithmetic, casts, row locks, skipped duplicates, `RETURNING`, and
@@ -216,27 +216,43 @@ impl Dialect {
     /// Deletes at most `limit` rows of `table` that match `condition`, so
     /// that a large deletion goes in small transactions (MariaDB/MySQL take
     /// `LIMIT` on `DELETE` itself, and no `LIMIT` in `IN (…)`).
-    /// Deletes up to `$2` final rows completed more than `$1` seconds ago:
-    /// exhausted ones, or else those of state `$3` (FINISHED, CANCELLED or
-    /// REJECTED); never a member of an open batch or flow, nor a row that
-    /// `kept` (a condition on `task_runner_requests`) says to keep.
-    pub(crate) fn prune_requests(self, exhausted: bool, kept: Option<&str>) -> String {
-        let state = if exhausted {
-            "result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit"
-        } else {
-            "result = $3 AND result IN ('FINISHED', 'CANCELLED', 'REJECTED')"
+    /// The statement that deletes up to `$2` rows of `kind` that ended more
+    /// than `$1` seconds ago (requests of the state `$3` for FINISHED,
+    /// CANCELLED and REJECTED), leaving out what `kept` (a condition on the
+    /// kind's table, see `Store::kept_by_foreign_keys`) holds. Requests:
+    /// never a member of an open batch or flow. Batches and flows: once no
+    /// request refers to them.
+    pub(crate) fn prune_statement(self, kind: Prunable, kept: Option<&str>) -> String {
+        let ended_before = self.now_plus("-$1");
+        let condition = match kind {
+            Prunable::Finished | Prunable::Cancelled | Prunable::Rejected => format!(
+                "result = $3 AND result IN ('FINISHED', 'CANCELLED', 'REJECTED') \
+                 AND completed_at < {ended_before} AND {OUTSIDE_OPEN_PARENTS}"
+            ),
+            Prunable::Exhausted => format!(
+                "result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit \
+                 AND completed_at < {ended_before} AND {OUTSIDE_OPEN_PARENTS}"
+            ),
+            // Not a batch's children (`parent_batch_id`): MySQL cannot read
+            // the table it deletes from; a child keeps the id of a parent gone.
+            Prunable::EndedBatches => format!(
+                "state IS NOT NULL AND finished_at < {ended_before} \
+                 AND NOT EXISTS (SELECT 1 FROM task_runner_requests r \
+                                  WHERE r.batch_id = task_runner_batches.id) \
+                 AND NOT EXISTS (SELECT 1 FROM task_runner_requests r \
+                                  WHERE r.callback_of_batch = task_runner_batches.id)"
+            ),
+            Prunable::EndedFlows => format!(
+                "state IS NOT NULL AND state NOT IN ('RUNNING', 'REVERTING') \
+                 AND finished_at < {ended_before} \
+                 AND NOT EXISTS (SELECT 1 FROM task_runner_requests r \
+                                  WHERE r.flow_id = task_runner_flows.id)"
+            ),
         };
         let kept = kept
             .map(|kept| format!(" AND NOT ({kept})"))
             .unwrap_or_default();
-        self.delete_some(
-            "task_runner_requests",
-            &format!(
-                "{state} AND completed_at < {} AND {OUTSIDE_OPEN_PARENTS}{kept}",
-                self.now_plus("-$1")
-            ),
-            "$2",
-        )
+        self.delete_some(kind.table(), &format!("{condition}{kept}"), "$2")
     }
 
     pub(crate) fn delete_some(self, table: &str, condition: &str, limit: &str) -> String {
@@ -1029,33 +1045,10 @@ impl Sql {
                 int("id"),
                 unfinished("")
             ),
-            prune_state: d.prune_requests(false, None),
-            prune_exhausted: d.prune_requests(true, None),
-            // Not a batch's children (`parent_batch_id`): MySQL cannot read
-            // the table it deletes from; a child keeps the id of a parent gone.
-            prune_batches: d.delete_some(
-                "task_runner_batches",
-                &format!(
-                    "state IS NOT NULL AND finished_at < {} \
-                     AND NOT EXISTS (SELECT 1 FROM task_runner_requests r \
-                                      WHERE r.batch_id = task_runner_batches.id) \
-                     AND NOT EXISTS (SELECT 1 FROM task_runner_requests r \
-                                      WHERE r.callback_of_batch = task_runner_batches.id)",
-                    plus("-$1")
-                ),
-                "$2",
-            ),
-            prune_flows: d.delete_some(
-                "task_runner_flows",
-                &format!(
-                    "state IS NOT NULL AND state NOT IN ('RUNNING', 'REVERTING') \
-                     AND finished_at < {} \
-                     AND NOT EXISTS (SELECT 1 FROM task_runner_requests r \
-                                      WHERE r.flow_id = task_runner_flows.id)",
-                    plus("-$1")
-                ),
-                "$2",
-            ),
+            prune_state: d.prune_statement(Prunable::Finished, None),
+            prune_exhausted: d.prune_statement(Prunable::Exhausted, None),
+            prune_batches: d.prune_statement(Prunable::EndedBatches, None),
+            prune_flows: d.prune_statement(Prunable::EndedFlows, None),
             database_now: format!("SELECT {}", d.epoch_seconds(now)),
             last_slot: format!(
                 "SELECT {} FROM task_runner_schedule_slots WHERE schedule = $1",
