@@ -381,23 +381,18 @@ impl Store {
             }
             definition
         };
-        Ok(match &self.pool {
+        // (name, type, NOT NULL, default)
+        let columns: Vec<(String, String, bool, Option<String>)> = match &self.pool {
             Pool::Sqlite(pool) => {
-                sqlx::query_as::<_, (String, String, bool, Option<String>)>(
+                sqlx::query_as(
                     "SELECT name, type, \"notnull\", dflt_value FROM pragma_table_info($1) ORDER BY cid",
                 )
                 .bind(table)
                 .fetch_all(pool)
                 .await?
-                .into_iter()
-                .map(|(name, kind, not_null, default)| {
-                    let made = definition(&name, &kind, not_null, default);
-                    (name, made)
-                })
-                .collect()
             }
             Pool::Postgres(pool) => {
-                sqlx::query_as::<_, (String, String, bool, Option<String>)>(
+                sqlx::query_as(
                     "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
                             pg_get_expr(d.adbin, d.adrelid) \
                        FROM pg_attribute a \
@@ -408,19 +403,13 @@ impl Store {
                 .bind(table)
                 .fetch_all(pool)
                 .await?
-                .into_iter()
-                .map(|(name, kind, not_null, default)| {
-                    let made = definition(&name, &kind, not_null, default);
-                    (name, made)
-                })
-                .collect()
             }
             Pool::MySql(pool) => {
                 // The server's own words for each column: the lines of
                 // SHOW CREATE TABLE that start with a quoted name.
                 let sql = sqlx::AssertSqlSafe(format!("SHOW CREATE TABLE {table}"));
                 let row = super::mysql::query(sql).fetch_one(pool).await?;
-                super::RowExt::text(&row, 1)?
+                return Ok(super::RowExt::text(&row, 1)?
                     .lines()
                     .filter_map(|line| {
                         let line = line.trim().trim_end_matches(',');
@@ -428,9 +417,16 @@ impl Store {
                         let name = rest.split('`').next()?.to_string();
                         Some((name, line.to_string()))
                     })
-                    .collect()
+                    .collect());
             }
-        })
+        };
+        Ok(columns
+            .into_iter()
+            .map(|(name, kind, not_null, default)| {
+                let made = definition(&name, &kind, not_null, default);
+                (name, made)
+            })
+            .collect())
     }
 
     /// Each index on `table` that no constraint makes (not the primary key),
