@@ -17,8 +17,11 @@
 //! each of our tables is copied aside and dropped, the migrations run on the
 //! empty database, columns the migrations do not make (an application's
 //! own) are added back as they were, the rows are copied back, and the
-//! application's own indexes and triggers made again, so whatever the migrations
-//! create, now or in later versions, is restored, and nothing else lost.
+//! application's own indexes and triggers are made again: whatever the
+//! migrations create, now or in later versions, is restored, and nothing
+//! else is lost. Foreign keys of other tables to ours (and on PostgreSQL
+//! views on them) would not survive the drop: with any, the repair refuses
+//! and changes nothing.
 //! A table created by the Rails migration of `examples/rails` (the columns
 //! of migration 1, no bookkeeping) is not a repair case: the migrations
 //! complete it in place.
@@ -138,9 +141,9 @@ impl Store {
             "{}: {reason}; rebuilding taskrunner's tables by its migrations, keeping their rows",
             self.display_url
         );
-        // The columns, indexes and triggers as they are, to bring back those the
-        // migrations do not make: an application's own (the README allows
-        // them).
+        // The columns, indexes and triggers as they are, to bring back
+        // those the migrations do not make: an application's own (the README
+        // allows them).
         let mut before = Vec::new();
         let mut own_objects = Vec::new();
         for table in &present {
