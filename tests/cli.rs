@@ -167,6 +167,25 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
     let tomorrow = db
         .insert_row(NewRow::new("NoOp").delayed(backend, 86_400))
         .await;
+    // An application's table with a foreign key to the requests: an upgrade
+    // (unlike a repair) changes the table in place, and keeps it working.
+    db.execute(match backend {
+        Backend::Sqlite => {
+            "CREATE TABLE reports (id INTEGER PRIMARY KEY, \
+               request_id BIGINT REFERENCES task_runner_requests (id) ON DELETE CASCADE)"
+        }
+        Backend::Postgres => {
+            "CREATE TABLE reports (id BIGSERIAL PRIMARY KEY, \
+               request_id BIGINT REFERENCES task_runner_requests (id) ON DELETE CASCADE)"
+        }
+        Backend::MySql => {
+            "CREATE TABLE reports (id BIGINT AUTO_INCREMENT PRIMARY KEY, request_id BIGINT, \
+               FOREIGN KEY (request_id) REFERENCES task_runner_requests (id) ON DELETE CASCADE) ENGINE = InnoDB"
+        }
+    })
+    .await;
+    db.execute(&format!("INSERT INTO reports (request_id) VALUES ({id})"))
+        .await;
     // Migration 11 undone: version 10's claim indexes, without the column.
     let runnable = "WHERE pid IS NULL \
           AND (result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED')) \
@@ -239,6 +258,13 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
     let (_, stdout, _) = cli(&db, &["migrate"]);
     assert!(stdout.contains(": up to date (version 11)"), "{stdout}");
     assert_eq!(db.row(id).await.options.as_deref(), Some("a: 1"));
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM reports WHERE request_id = {id}"
+        ))
+        .await,
+        1
+    );
     // The rows delayed before the upgrade: the one due runs, the other waits.
     let mut daemon = Daemon::start(&db, "d", "");
     db.wait_for_state(was_due, "FINISHED", WAIT).await;
