@@ -345,6 +345,29 @@ async fn retention_keeps_the_rows_an_applications_foreign_key_references(backend
         db.scalar("SELECT count(*) FROM task_runner_requests").await,
         1
     );
+    // The daemon's retention passes, the same: 600 more old rows go, the
+    // one still referenced stays, and no pass fails.
+    let old = NewRow::new("NoOp")
+        .options("old")
+        .ended(backend, "FINISHED", 1, 2 * 86_400);
+    db.insert_copies(old, 600).await;
+    let mut daemon = Daemon::start(&db, "d", "reap_interval: 1s\nretention:\n  finished: 1h\n");
+    db.wait_for_count("SELECT count(*) FROM task_runner_requests", 1, WAIT)
+        .await;
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE id = {middle}"
+        ))
+        .await,
+        1
+    );
+    daemon.wait_for_log("pruned requests past their retention", WAIT);
+    assert!(daemon.stop().success());
+    let log = daemon.log_text();
+    assert!(
+        !log.contains("FOREIGN KEY") && !log.contains("foreign key"),
+        "{log}"
+    );
 }
 
 async fn retention_prunes_only_old_final_rows_while_work_runs(backend: Backend) {
