@@ -169,20 +169,12 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
         .await;
     // An application's table with a foreign key to the requests: an upgrade
     // (unlike a repair) changes the table in place, and keeps it working.
-    db.execute(match backend {
-        Backend::Sqlite => {
-            "CREATE TABLE reports (id INTEGER PRIMARY KEY, \
-               request_id BIGINT REFERENCES task_runner_requests (id) ON DELETE CASCADE)"
-        }
-        Backend::Postgres => {
-            "CREATE TABLE reports (id BIGSERIAL PRIMARY KEY, \
-               request_id BIGINT REFERENCES task_runner_requests (id) ON DELETE CASCADE)"
-        }
-        Backend::MySql => {
-            "CREATE TABLE reports (id BIGINT AUTO_INCREMENT PRIMARY KEY, request_id BIGINT, \
-               FOREIGN KEY (request_id) REFERENCES task_runner_requests (id) ON DELETE CASCADE) ENGINE = InnoDB"
-        }
-    })
+    db.create_referencing_table(
+        "reports",
+        "request_id",
+        "task_runner_requests",
+        "ON DELETE CASCADE",
+    )
     .await;
     db.execute(&format!("INSERT INTO reports (request_id) VALUES ({id})"))
         .await;

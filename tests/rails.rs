@@ -254,20 +254,10 @@ async fn a_repair_keeps_the_applications_own_columns(backend: Backend) {
         .await,
         1
     );
-    let refused = match backend {
-        Backend::Sqlite => sqlx::query("UPDATE task_runner_requests SET origin = NULL")
-            .execute(&sqlx::SqlitePool::connect(&db.url).await.unwrap())
-            .await
-            .is_err(),
-        Backend::Postgres => sqlx::query("UPDATE task_runner_requests SET origin = NULL")
-            .execute(&sqlx::PgPool::connect(&db.url).await.unwrap())
-            .await
-            .is_err(),
-        Backend::MySql => sqlx::query("UPDATE task_runner_requests SET origin = NULL")
-            .execute(&crate::util::mysql_app_pool(&db.url).await)
-            .await
-            .is_err(),
-    };
+    let refused = db
+        .try_execute("UPDATE task_runner_requests SET origin = NULL")
+        .await
+        .is_err();
     assert!(refused, "origin is NOT NULL again");
     let mut daemon = Daemon::start(&db, "d", "");
     db.wait_for_state(next, "FINISHED", WAIT).await;
@@ -285,20 +275,12 @@ async fn a_repair_keeps_the_applications_own_columns(backend: Backend) {
 async fn a_repair_never_takes_an_applications_foreign_keys_or_views_along(backend: Backend) {
     let db = TestDb::new(backend).await;
     let id = db.enqueue("NoOp", None).await;
-    db.execute(match backend {
-        Backend::Sqlite => {
-            "CREATE TABLE reports (id INTEGER PRIMARY KEY, \
-               request_id BIGINT REFERENCES task_runner_requests (id) ON DELETE CASCADE)"
-        }
-        Backend::Postgres => {
-            "CREATE TABLE reports (id BIGSERIAL PRIMARY KEY, \
-               request_id BIGINT REFERENCES task_runner_requests (id) ON DELETE CASCADE)"
-        }
-        Backend::MySql => {
-            "CREATE TABLE reports (id BIGINT AUTO_INCREMENT PRIMARY KEY, request_id BIGINT, \
-               FOREIGN KEY (request_id) REFERENCES task_runner_requests (id) ON DELETE CASCADE) ENGINE = InnoDB"
-        }
-    })
+    db.create_referencing_table(
+        "reports",
+        "request_id",
+        "task_runner_requests",
+        "ON DELETE CASCADE",
+    )
     .await;
     db.execute(&format!("INSERT INTO reports (request_id) VALUES ({id})"))
         .await;
@@ -325,20 +307,7 @@ async fn a_repair_never_takes_an_applications_foreign_keys_or_views_along(backen
     );
     // The key still holds: a report of a request that does not exist is refused.
     let dangling = "INSERT INTO reports (request_id) VALUES (999999)";
-    let refused = match backend {
-        Backend::Sqlite => sqlx::query(dangling)
-            .execute(&sqlx::SqlitePool::connect(&db.url).await.unwrap())
-            .await
-            .is_err(),
-        Backend::Postgres => sqlx::query(dangling)
-            .execute(&sqlx::PgPool::connect(&db.url).await.unwrap())
-            .await
-            .is_err(),
-        Backend::MySql => sqlx::query(dangling)
-            .execute(&crate::util::mysql_app_pool(&db.url).await)
-            .await
-            .is_err(),
-    };
+    let refused = db.try_execute(dangling).await.is_err();
     assert!(refused, "the foreign key is still there");
     // Without the foreign key, a view on the requests.
     db.execute("DROP TABLE reports").await;

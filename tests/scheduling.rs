@@ -262,20 +262,14 @@ async fn retention_keeps_the_rows_an_applications_foreign_key_references(backend
     db.insert_copies(old, 1200).await;
     let first = db.scalar("SELECT min(id) FROM task_runner_requests").await;
     let (middle, cascading) = (first + 700, first + 5);
-    let (id, table_end) = match backend {
-        Backend::Sqlite => ("id INTEGER PRIMARY KEY", ""),
-        Backend::Postgres => ("id BIGSERIAL PRIMARY KEY", ""),
-        Backend::MySql => ("id BIGINT AUTO_INCREMENT PRIMARY KEY", " ENGINE = InnoDB"),
-    };
-    db.execute(&format!(
-        "CREATE TABLE reports ({id}, request_id BIGINT, \
-           FOREIGN KEY (request_id) REFERENCES task_runner_requests (id)){table_end}"
-    ))
-    .await;
-    db.execute(&format!(
-        "CREATE TABLE notes ({id}, request_id BIGINT, \
-           FOREIGN KEY (request_id) REFERENCES task_runner_requests (id) ON DELETE CASCADE){table_end}"
-    ))
+    db.create_referencing_table("reports", "request_id", "task_runner_requests", "")
+        .await;
+    db.create_referencing_table(
+        "notes",
+        "request_id",
+        "task_runner_requests",
+        "ON DELETE CASCADE",
+    )
     .await;
     db.execute(&format!(
         "INSERT INTO reports (request_id) VALUES ({first}), ({middle})"
@@ -298,11 +292,8 @@ async fn retention_keeps_the_rows_an_applications_foreign_key_references(backend
         "UPDATE task_runner_batches SET state = 'FINISHED', sealed_at = {long_ago}, finished_at = {long_ago}"
     ))
     .await;
-    db.execute(&format!(
-        "CREATE TABLE batch_reports ({id}, batch_id BIGINT, \
-           FOREIGN KEY (batch_id) REFERENCES task_runner_batches (id)){table_end}"
-    ))
-    .await;
+    db.create_referencing_table("batch_reports", "batch_id", "task_runner_batches", "")
+        .await;
     db.execute(&format!(
         "INSERT INTO batch_reports (batch_id) VALUES ({})",
         batches[0]

@@ -200,6 +200,28 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("{e}"));
     }
 
+    /// Creates an application's table `table` (an `id` key and `column`)
+    /// whose `column` is a foreign key to `referenced (id)`, with
+    /// `on_delete` (`""` for none, or e.g. `"ON DELETE CASCADE"`).
+    pub async fn create_referencing_table(
+        &self,
+        table: &str,
+        column: &str,
+        referenced: &str,
+        on_delete: &str,
+    ) {
+        let (id, engine) = match self.backend {
+            Backend::Sqlite => ("id INTEGER PRIMARY KEY", ""),
+            Backend::Postgres => ("id BIGSERIAL PRIMARY KEY", ""),
+            Backend::MySql => ("id BIGINT AUTO_INCREMENT PRIMARY KEY", " ENGINE = InnoDB"),
+        };
+        self.execute(&format!(
+            "CREATE TABLE {table} ({id}, {column} BIGINT, \
+               FOREIGN KEY ({column}) REFERENCES {referenced} (id) {on_delete}){engine}"
+        ))
+        .await;
+    }
+
     /// Runs SQL as an application would and returns the error's message,
     /// if any.
     pub async fn try_execute(&self, sql: &str) -> Result<(), String> {
