@@ -8,11 +8,12 @@ use taskrunner::store::{Outcome, Purpose, Store, Write};
 use std::time::Duration;
 
 use crate::batches::Hold;
-use crate::util::{Backend, Daemon, TestDb};
+use crate::util::{Backend, Daemon, NewRow, TestDb};
 
 both_backends!(
     a_give_back_queued_behind_an_outcome_never_overrides_it,
     a_batch_of_outcomes_is_written_in_a_few_statements_each_on_its_own_claim,
+    a_row_an_outcome_causes_that_the_database_refuses_holds_back_no_outcome,
 );
 multi_host_backends!(an_outcome_held_back_by_a_row_lock_is_not_taken_for_a_lost_claim);
 
@@ -186,4 +187,140 @@ async fn a_batch_of_outcomes_is_written_in_a_few_statements_each_on_its_own_clai
         "{cancelled:#?}"
     );
     store.close().await;
+}
+
+/// The rows a final outcome causes (a callback, a batch's callback, a
+/// periodic row's next occurrence) are inserted in the transaction that
+/// records it. When the database refused one for its data (a callback type
+/// name longer than 255 characters, which SQLite's and PostgreSQL's triggers
+/// refuse; a next occurrence past the year 9999, which MariaDB refuses), the
+/// whole transaction failed, and the recorder retried it for ever: no try's
+/// outcome was recorded again (the canaries below stayed RUNNING), and at
+/// shutdown every one was lost and its row ran again. Now the refused row
+/// alone is not made, and one error line says so.
+async fn a_row_an_outcome_causes_that_the_database_refuses_holds_back_no_outcome(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let long = "X".repeat(300);
+    let mut refused = Vec::new();
+    if backend == Backend::MySql {
+        // MariaDB's VARCHAR(255) columns refuse such a name when it is written.
+        let insert = format!(
+            "INSERT INTO task_runner_requests (task_class_name, on_success) VALUES ('Ok', '{long}')"
+        );
+        assert!(db.try_execute(&insert).await.is_err());
+    } else {
+        let success = db.insert_row(NewRow::new("Ok").on_success(&long)).await;
+        refused.push(format!("request {success}'s on_success callback `XXXX"));
+        let failure = db
+            .insert_row(NewRow::new("Fail").try_limit(1).on_failure(&long))
+            .await;
+        refused.push(format!("request {failure}'s on_failure callback `XXXX"));
+        let batch = db
+            .insert(&format!(
+                "INSERT INTO task_runner_batches (on_complete) VALUES ('{long}') RETURNING id"
+            ))
+            .await;
+        db.insert_row(NewRow::new("Ok").batch(batch.0)).await;
+        db.execute(&format!(
+            "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
+        ))
+        .await;
+        refused.push(format!("batch {batch}'s on_complete callback `XXXX"));
+    }
+    // A daily row planned for the last day the databases hold.
+    let last_day = db
+        .insert_row(
+            NewRow::new("Ok")
+                .period(86_400)
+                .sql("planned_at", "'9999-12-31 00:00:00'"),
+        )
+        .await;
+    if backend == Backend::MySql {
+        refused.push(format!("request {last_day}'s next occurrence"));
+    }
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "tasks:\n  Ok: { command: [/bin/echo, ok] }\n  Fail: { command: [/bin/false] }\n",
+    );
+    let mut canaries = Vec::new();
+    for _ in 0..3 {
+        canaries.push(db.insert_row(NewRow::new("Ok")).await.to_string());
+    }
+    db.wait_for_count(
+        &format!(
+            "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED' AND id IN ({})",
+            canaries.join(", ")
+        ),
+        3,
+        Duration::from_secs(30),
+    )
+    .await;
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE result = 'RUNNING' OR (result IS NULL AND delay_until IS NULL)",
+        0,
+        Duration::from_secs(30),
+    )
+    .await;
+    for needle in &refused {
+        daemon.wait_for_log(needle, Duration::from_secs(10));
+    }
+    let log = daemon.log_text();
+    assert_eq!(
+        log.matches("was not created: the database refused it")
+            .count(),
+        refused.len(),
+        "{log}"
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests WHERE callback_of IS NOT NULL OR callback_of_batch IS NOT NULL").await,
+        0
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_batches WHERE state = 'FINISHED'")
+            .await,
+        i64::from(backend != Backend::MySql)
+    );
+    // Every try ran once; the two that fail or finish without their
+    // callback are final all the same.
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests WHERE tries > 1")
+            .await,
+        0
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests WHERE result = 'FAILED'")
+            .await,
+        i64::from(backend != Backend::MySql)
+    );
+    // The next occurrence past the year 9999: on SQLite at the last time it
+    // holds (its arithmetic gives no time at all, which ran the next one at
+    // once, and the next, without end), on PostgreSQL in the year 10000,
+    // on MariaDB none (refused, above).
+    let next = db
+        .scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE period = 86400 AND id <> {last_day}"
+        ))
+        .await;
+    assert_eq!(next, i64::from(backend != Backend::MySql));
+    if next == 1 {
+        let id = db
+            .scalar(&format!(
+                "SELECT max(id) FROM task_runner_requests WHERE period = 86400 AND id <> {last_day}"
+            ))
+            .await;
+        let row = db.row(RequestId(id)).await;
+        assert_eq!(row.result, None);
+        let planned = row.delay_until.unwrap_or_default();
+        assert!(
+            planned.starts_with("9999-12-31 23:59:59") || planned.starts_with("10000-01-01"),
+            "{planned}"
+        );
+    }
+    assert!(daemon.stop().success());
+    assert!(
+        !daemon.log_text().contains("could not record every result"),
+        "{}",
+        daemon.log_text()
+    );
 }

@@ -501,11 +501,61 @@ impl Tx {
         })
     }
 
+    /// Runs `sql`, the insert of a row that an ending causes (a callback, a
+    /// periodic row's next occurrence), in a savepoint. When the database
+    /// refuses that row for its data (a type name longer than its rules
+    /// allow, a time it cannot hold), the insert alone is undone and the
+    /// refusal returned: the ending itself is still written, and so is every
+    /// other try's outcome the recorder holds, which the failed transaction
+    /// held back for ever before. Any other error is the caller's.
+    pub(super) async fn insert_follow_up(
+        &mut self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> sqlx::Result<Result<(), sqlx::Error>> {
+        self.execute("SAVEPOINT taskrunner_follow_up", &[]).await?;
+        let refusal = match self.fetch(sql, params).await {
+            Ok(_) => None,
+            Err(error) if refused_for_its_data(&error) => {
+                self.execute("ROLLBACK TO SAVEPOINT taskrunner_follow_up", &[])
+                    .await?;
+                Some(error)
+            }
+            Err(error) => return Err(error),
+        };
+        self.execute("RELEASE SAVEPOINT taskrunner_follow_up", &[])
+            .await?;
+        Ok(refusal.map_or(Ok(()), Err))
+    }
+
     pub(super) async fn commit(self) -> sqlx::Result<()> {
         match self {
             Tx::Sqlite(tx) => tx.commit().await,
             Tx::Postgres(tx) => tx.commit().await,
             Tx::MySql(tx) => tx.commit().await,
+        }
+    }
+}
+
+/// Whether the database refused a statement for the values it was given
+/// (SQLSTATE classes 22, data exception, and 23, integrity constraint; a
+/// trigger's refusal: SQLite's constraint codes, PostgreSQL's `RAISE`,
+/// MariaDB's `SIGNAL`), which running it again cannot change; not a lost
+/// connection, a lock or a full disk.
+fn refused_for_its_data(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(error) = error else {
+        return false;
+    };
+    let code = error.code().unwrap_or_default();
+    match error.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
+        // Extended result codes: the primary code is the low byte.
+        // SQLITE_TOOBIG, SQLITE_CONSTRAINT (a trigger's RAISE included),
+        // SQLITE_MISMATCH.
+        Some(_) => code
+            .parse::<i32>()
+            .is_ok_and(|code| matches!(code & 0xff, 18..=20)),
+        None => {
+            code.starts_with("22") || code.starts_with("23") || code == "P0001" || code == "45000"
         }
     }
 }
@@ -549,6 +599,14 @@ fn callback_options(base: Option<&str>, key: &str, summary: Mapping) -> String {
         .unwrap_or_default();
     options.insert(key.into(), Value::Mapping(summary));
     serde_yaml::to_string(&Value::Mapping(options)).unwrap_or_default()
+}
+
+/// A task type name from a row, for a log line: escaped, and shortened
+/// past 64 characters.
+fn type_name(task: &str) -> String {
+    let shown: String = task.chars().take(64).collect();
+    let more = if shown.len() < task.len() { "…" } else { "" };
+    format!("`{}{more}`", crate::escape::one_line(&shown))
 }
 
 fn text_value(text: &Option<String>) -> Value {
@@ -711,8 +769,13 @@ impl Store {
             return Ok(false);
         };
         if ended.period > 0 {
-            tx.execute(&self.sql.insert_next_occurrence, &[Int(ended.id)])
-                .await?;
+            self.insert_follow_up(
+                tx,
+                || format!("request {}'s next occurrence", ended.id),
+                &self.sql.insert_next_occurrence,
+                &[Int(ended.id)],
+            )
+            .await?;
         }
         match bucket {
             Bucket::Finished => {
@@ -785,7 +848,15 @@ impl Store {
         summary.insert("result".into(), text_value(&parent.result));
         summary.insert("result_text".into(), text_value(&parent.result_text));
         let options = callback_options(parent.options.as_deref(), "parent", summary);
-        tx.fetch(
+        self.insert_follow_up(
+            tx,
+            || {
+                format!(
+                    "request {}'s on_{cause} callback {}",
+                    parent.id,
+                    type_name(task)
+                )
+            },
             &c.insert_callback,
             &[
                 Text(task),
@@ -795,7 +866,28 @@ impl Store {
                 Text(&key),
             ],
         )
-        .await?;
+        .await
+    }
+
+    /// Inserts a row that an ending causes, in a savepoint (see
+    /// [`Tx::insert_follow_up`]). A row the database refuses for its data is
+    /// not made; that is logged, once, with the database's reason, and the
+    /// rest of the ending is written.
+    async fn insert_follow_up(
+        &self,
+        tx: &mut Tx,
+        what: impl FnOnce() -> String,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> Result<()> {
+        self.count_statements(2);
+        if let Err(refusal) = tx.insert_follow_up(sql, params).await? {
+            tracing::error!(
+                "{} was not created: the database refused it: {}",
+                what(),
+                crate::escape::error_line(&refusal.into())
+            );
+        }
         Ok(())
     }
 
@@ -978,7 +1070,9 @@ impl Store {
         }
         let options = callback_options(batch.options.as_deref(), "batch", summary);
         let key = format!("batch:{}:{why}", batch.id);
-        tx.fetch(
+        self.insert_follow_up(
+            tx,
+            || format!("batch {}'s on_{why} callback {}", batch.id, type_name(task)),
             &c.insert_callback,
             &[
                 Text(task),

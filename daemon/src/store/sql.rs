@@ -834,7 +834,16 @@ impl Sql {
             "(CASE WHEN {elapsed} / period >= 1 THEN {} ELSE 1 END)",
             d.floor(&format!("{elapsed} / period"))
         );
-        let next_planned = d.plus_seconds("planned_at", &format!("(period * {slots_due})"));
+        // A time past what the database holds (SQLite and MariaDB give
+        // NULL, which would run the next occurrence at once, and the next,
+        // without end) is the last time it holds: a period of a thousand
+        // years waits, as asked. (PostgreSQL's range is far wider; its
+        // refusal is `Tx::insert_follow_up`'s.)
+        let next_planned = format!(
+            "coalesce({}, {})",
+            d.plus_seconds("planned_at", &format!("(period * {slots_due})")),
+            d.parse_time("'9999-12-31T23:59:59Z'")
+        );
         Sql {
             // The runnable and released rule is the generated column
             // `ready_rank` (migration 0011 for MySQL), whose index is in claim order.
