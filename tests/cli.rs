@@ -20,6 +20,7 @@ both_backends!(
     a_schema_newer_than_the_binary_is_refused_and_left_as_it_is,
     enqueue_sets_every_column_an_app_can_set,
     enqueue_refuses_options_that_are_not_yaml_and_an_empty_type,
+    enqueue_refuses_a_wait_of_more_than_fifty_years,
     list_filters_by_type_queue_host_and_state_and_shows_due_times,
     list_and_cancel_filter_by_batch,
     list_shows_the_tasks_own_error_without_progress_lines,
@@ -118,6 +119,48 @@ async fn enqueue_refuses_options_that_are_not_yaml_and_an_empty_type(backend: Ba
         let (status, _, stderr) = cli(&db, args);
         assert_eq!(status, 0, "{stderr}");
     }
+}
+
+/// `enqueue --delay 99999999999d` wrote a row on SQLite that ran at once:
+/// its time arithmetic past the year 9999 gives no time at all (NULL, no
+/// delay); PostgreSQL and MariaDB failed with their database's error
+/// ("timestamp out of range", "datetime field overflow"). A wait (`--delay`, `--at`, `--period`) of more than fifty years
+/// is refused with one line, and no row is written.
+async fn enqueue_refuses_a_wait_of_more_than_fifty_years(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    for args in [
+        &["enqueue", "NoOp", "--delay", "99999999999d"][..],
+        &["enqueue", "NoOp", "--delay", "18263d"],
+        &["enqueue", "NoOp", "--period", "36500d"],
+        &["enqueue", "NoOp", "--at", "9999-12-31T23:59:59-05:00"],
+        &["enqueue", "NoOp", "--at", "2090-01-01"],
+    ] {
+        let (status, stdout, stderr) = cli(&db, args);
+        assert_eq!(status, 2, "{args:?}: {stdout}{stderr}");
+        assert!(stderr.contains("more than 50 years"), "{stderr}");
+        assert!(stdout.is_empty(), "{stdout}");
+    }
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests").await,
+        0
+    );
+    // Up to fifty years is a wait like any other.
+    for args in [
+        &["enqueue", "NoOp", "--delay", "18262d"][..],
+        &["enqueue", "NoOp", "--at", "2070-01-01"],
+        &["enqueue", "NoOp", "--period", "3650d"],
+    ] {
+        let (status, _, stderr) = cli(&db, args);
+        assert_eq!(status, 0, "{args:?}: {stderr}");
+    }
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE delay_until > {}",
+            crate::util::sql_now_plus(backend, 40 * 365 * 86_400)
+        ))
+        .await,
+        2
+    );
 }
 
 /// Runs `taskrunner-cli migrate` in `count` processes at once; returns

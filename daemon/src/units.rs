@@ -32,6 +32,22 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("duration `{text}` is out of range"))
 }
 
+/// The longest a request may be told to wait (`enqueue --delay`, `--at`,
+/// `--period`): fifty years. Further ahead is a mistake (a unit or a year
+/// mistyped), and past the year 9999 SQLite's and MariaDB's times cannot
+/// hold it: SQLite's arithmetic gives no time at all, which would run the
+/// request at once. A 32-bit `period` column holds 68 years.
+pub const LONGEST_WAIT: Duration = Duration::from_secs(50 * 31_557_600);
+
+/// [`parse_duration`], at most [`LONGEST_WAIT`].
+pub fn parse_wait(text: &str) -> Result<Duration, String> {
+    let wait = parse_duration(text)?;
+    if wait > LONGEST_WAIT {
+        return Err(format!("`{}` is more than 50 years", text.trim()));
+    }
+    Ok(wait)
+}
+
 /// Parses `64KiB`, `512MiB`, `1GiB`, `100KB`, `4096` (bytes).
 pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();

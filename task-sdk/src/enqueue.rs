@@ -118,7 +118,8 @@ impl Enqueue {
         }
     }
 
-    /// Not run before `delay` from now (by the database's clock).
+    /// Not run before `delay` from now (by the database's clock); at most
+    /// [`LONGEST_DELAY`], else [`insert`](Enqueue::insert) refuses.
     pub fn delay(mut self, delay: Duration) -> Enqueue {
         self.delay = Some(delay);
         self
@@ -188,6 +189,12 @@ impl Enqueue {
         E::Database: Backend,
     {
         let options = self.options.clone().map_err(Error::Options)?;
+        if self.delay.is_some_and(|delay| delay > LONGEST_DELAY) {
+            return Err(Error::Options(format!(
+                "a delay of {} s is more than 50 years",
+                self.delay.unwrap_or_default().as_secs()
+            )));
+        }
         let try_limit = match self.try_limit {
             Some(limit) => Some(
                 i32::try_from(limit)
@@ -247,6 +254,12 @@ impl Enqueue {
         }
     }
 }
+
+/// The longest [`Enqueue::delay`]: fifty years, as `taskrunner-cli enqueue
+/// --delay` allows. Further ahead is a mistake, and past the year 9999
+/// SQLite's time arithmetic gives no time at all, which would run the
+/// request at once.
+pub const LONGEST_DELAY: Duration = Duration::from_secs(50 * 31_557_600);
 
 /// Why a request was not inserted.
 #[derive(Debug)]
@@ -962,6 +975,35 @@ mod tests {
                 .await
                 .unwrap();
         assert_eq!((options, try_limit), (None, 5));
+    }
+
+    #[tokio::test]
+    async fn a_delay_past_fifty_years_is_refused_and_inserts_nothing() {
+        let pool = table().await;
+        let far = Enqueue::named("NoOp", &())
+            .delay(LONGEST_DELAY + Duration::from_secs(1))
+            .insert(&pool)
+            .await;
+        assert!(
+            matches!(&far, Err(Error::Options(message)) if message.contains("more than 50 years")),
+            "{far:?}"
+        );
+        let id = Enqueue::named("NoOp", &())
+            .delay(LONGEST_DELAY)
+            .insert(&pool)
+            .await
+            .unwrap();
+        let rows: Vec<(i64, Option<String>)> =
+            sqlx::query_as("SELECT id, delay_until FROM task_runner_requests")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].0, id);
+        assert!(
+            rows[0].1.as_deref().is_some_and(|t| t.starts_with("20")),
+            "{rows:?}"
+        );
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use crate::config::{Config, Overrides};
 use crate::request::{RequestId, State};
 use crate::store::{Change, ListQuery, NewRequest, Purpose, Store};
 use crate::task_types::Registry;
-use crate::units::parse_duration;
+use crate::units::{parse_duration, parse_wait, LONGEST_WAIT};
 
 /// Enqueue, inspect, run and recover taskrunner requests.
 ///
@@ -160,9 +160,9 @@ enum Command {
         #[arg(long, value_name = "YAML")]
         options: Option<String>,
         /// Do not run before this long from now (e.g. 10m)
-        #[arg(long, value_name = "DUR", value_parser = parse_duration, conflicts_with = "at")]
+        #[arg(long, value_name = "DUR", value_parser = parse_wait, conflicts_with = "at")]
         delay: Option<Duration>,
-        /// Do not run before this time (e.g. 2026-11-24T07:00:00Z; UTC if no offset)
+        /// Do not run before this time (e.g. 2026-11-24T07:00:00Z, or 2026-11-24 for its midnight; UTC if no offset)
         #[arg(long, value_name = "TIME", value_parser = parse_time)]
         at: Option<String>,
         /// Tries allowed (default 5)
@@ -368,7 +368,7 @@ enum ConfigCommand {
 
 /// Parses `--period` into whole seconds (at least one).
 fn parse_period(text: &str) -> Result<i64, String> {
-    let period = parse_duration(text)?;
+    let period = parse_wait(text)?;
     let seconds = period.as_secs_f64().round() as i64;
     if seconds < 1 {
         return Err(format!("`{text}`: a period is at least 1s"));
@@ -376,28 +376,39 @@ fn parse_period(text: &str) -> Result<i64, String> {
     Ok(seconds)
 }
 
-/// Parses `--at` into RFC 3339 UTC.
+/// Parses `--at` into RFC 3339 UTC; at most [`LONGEST_WAIT`] ahead of this
+/// machine's clock.
 fn parse_time(text: &str) -> Result<String, String> {
     use chrono::{DateTime, NaiveDateTime, Utc};
-    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
-        return Ok(time
-            .with_timezone(&Utc)
-            .format("%Y-%m-%dT%H:%M:%S%.3fZ")
-            .to_string());
+    let time = DateTime::parse_from_rfc3339(text)
+        .map(|time| time.with_timezone(&Utc))
+        .ok()
+        .or_else(|| {
+            [
+                "%Y-%m-%d %H:%M:%S%.f",
+                "%Y-%m-%d %H:%M:%S",
+                "%Y-%m-%d %H:%M",
+                "%Y-%m-%dT%H:%M:%S",
+            ]
+            .into_iter()
+            .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())
+            .or_else(|| {
+                chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+                    .ok()
+                    .map(|day| day.and_time(chrono::NaiveTime::MIN))
+            })
+            .map(|time| time.and_utc())
+        })
+        .ok_or_else(|| {
+            format!("cannot read `{text}` as a time (write e.g. 2026-11-24T07:00:00Z)")
+        })?;
+    if (time - Utc::now())
+        .to_std()
+        .is_ok_and(|ahead| ahead > LONGEST_WAIT)
+    {
+        return Err(format!("`{text}` is more than 50 years ahead"));
     }
-    for format in [
-        "%Y-%m-%d %H:%M:%S%.f",
-        "%Y-%m-%d %H:%M:%S",
-        "%Y-%m-%d %H:%M",
-        "%Y-%m-%dT%H:%M:%S",
-    ] {
-        if let Ok(time) = NaiveDateTime::parse_from_str(text, format) {
-            return Ok(time.and_utc().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string());
-        }
-    }
-    Err(format!(
-        "cannot read `{text}` as a time (write e.g. 2026-11-24T07:00:00Z)"
-    ))
+    Ok(time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
 }
 
 /// `enqueue TYPE --help`: the arguments without `--help`, when they name
