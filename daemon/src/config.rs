@@ -863,6 +863,16 @@ flows:
         );
         let message = format!("{:#}", load("user: no-such-user-here\n").unwrap_err());
         assert!(message.contains("no such user"), "{message}");
+        // A larger tail could make an outcome MariaDB refuses to store.
+        let message = format!(
+            "{:#}",
+            load("tasks:\n  T:\n    command: [x]\n    output_tail: 5MiB\n").unwrap_err()
+        );
+        assert!(
+            message.contains("tasks.T.output_tail") && message.contains("more than 4MiB"),
+            "{message}"
+        );
+        assert!(load("output_tail: 4MiB\n").is_ok());
     }
 
     #[test]

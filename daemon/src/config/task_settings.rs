@@ -75,7 +75,7 @@ macro_rules! with_task_settings {
                 kill_grace: Duration, Given, written Duration => "serde_units::duration",
                     default Duration::from_secs(10), example "3s" "4s";
                 /// Bytes of stdout and stderr result_text keeps (the tail).
-                output_tail: usize, Bytes, written u64 => "serde_units::size", default 64 * 1024,
+                output_tail: usize, TailSize, written u64 => "serde_units::size", default 64 * 1024,
                     example "16KiB" "1MiB";
             }
         }
@@ -286,14 +286,25 @@ impl<W: Clone> Rule<W, W> for Given {
     }
 }
 
-/// A size in bytes, at least 1, that always has a value.
-pub(super) struct Bytes;
+/// How much output `result_text` keeps: 1 byte to [`MAX_OUTPUT_TAIL`],
+/// always with a value.
+pub(super) struct TailSize;
 
-impl Rule<u64, usize> for Bytes {
+/// The largest `output_tail`: the kept text is stored in the row, where
+/// MariaDB's `MEDIUMTEXT` holds 16 MiB and each byte that is not UTF-8 is
+/// stored as three (U+FFFD). A larger tail could make a try's outcome a
+/// write the database refuses.
+pub(crate) const MAX_OUTPUT_TAIL: u64 = 4 << 20;
+
+impl Rule<u64, usize> for TailSize {
     fn resolve(value: Option<u64>, _: &Partial, _: &Path) -> Result<usize, String> {
         match value {
             None => Err(no_default()),
             Some(0) => Err("must be at least 1 byte".into()),
+            Some(bytes) if bytes > MAX_OUTPUT_TAIL => Err(format!(
+                "{} is more than 4MiB: result_text is stored in the row (MariaDB's MEDIUMTEXT holds 16 MiB, and output that is not UTF-8 takes three bytes a byte); keep large output in a file and print its path",
+                crate::units::format_size(bytes)
+            )),
             Some(bytes) => Ok(bytes as usize),
         }
     }
