@@ -279,7 +279,7 @@ async fn two_hundred_batches_whose_members_end_at_the_same_instant_get_two_hundr
 }
 
 /// How many processes have `fifo` open (the members waiting on it).
-fn count_fifo_readers(fifo: &std::path::Path) -> usize {
+pub(crate) fn count_fifo_readers(fifo: &std::path::Path) -> usize {
     let target = std::fs::canonicalize(fifo).unwrap();
     let mut readers: usize = 0;
     for entry in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {

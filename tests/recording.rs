@@ -8,12 +8,13 @@ use taskrunner::store::{Outcome, Purpose, Store, Write};
 use std::time::Duration;
 
 use crate::batches::Hold;
-use crate::util::{Backend, Daemon, NewRow, TestDb};
+use crate::util::{process_exists, wait_until, Backend, Daemon, NewRow, TestDb};
 
 both_backends!(
     a_give_back_queued_behind_an_outcome_never_overrides_it,
     a_batch_of_outcomes_is_written_in_a_few_statements_each_on_its_own_claim,
     a_row_an_outcome_causes_that_the_database_refuses_holds_back_no_outcome,
+    outcomes_with_large_texts_queued_together_are_all_recorded,
 );
 multi_host_backends!(an_outcome_held_back_by_a_row_lock_is_not_taken_for_a_lost_claim);
 
@@ -323,4 +324,61 @@ async fn a_row_an_outcome_causes_that_the_database_refuses_holds_back_no_outcome
         "{}",
         daemon.log_text()
     );
+}
+
+/// Outcomes that queued together while the database was busy were written
+/// in one statement however much text they carried. MariaDB refuses a
+/// statement past its `max_allowed_packet` (16 MiB by default) and closes
+/// the connection: 24 outcomes of 1 MiB each, queued behind a held lock,
+/// were retried for ever, and neither they nor any later outcome was
+/// recorded. A batch now carries at most 2 MiB of text.
+async fn outcomes_with_large_texts_queued_together_are_all_recorded(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let fifo = db.scratch.join("barrier");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+    // Held open for writing: every task's read waits until it is closed.
+    let barrier = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..24 {
+        ids.push(db.enqueue("Big", None).await);
+    }
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "max_concurrent: 24\noutput_tail: 1MiB\ntasks:\n  Big:\n    command: [/bin/sh, -c, 'cat {} > /dev/null; head -c 1048576 /dev/zero | tr \"\\0\" a']\n",
+            fifo.display()
+        ),
+    );
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE result = 'RUNNING' AND pid IS NOT NULL",
+        24,
+        Duration::from_secs(60),
+    )
+    .await;
+    wait_until(Duration::from_secs(30), "24 tasks at the barrier", || {
+        crate::batches::count_fifo_readers(&fifo) >= 24
+    });
+    let mut pids = Vec::new();
+    for id in &ids {
+        pids.push(db.row(*id).await.pid.expect("recorded") as i32);
+    }
+    // The first outcome's write waits for this lock; the others queue.
+    let hold = Hold::take(&db, ids[0]).await;
+    drop(barrier);
+    wait_until(Duration::from_secs(30), "every task to exit", || {
+        pids.iter().all(|pid| !process_exists(*pid))
+    });
+    hold.release().await;
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED' AND length(result_text) = 1048576",
+        24,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(daemon.stop().success());
 }

@@ -17,6 +17,24 @@ use crate::store::{Store, Write};
 /// Largest batch applied in one transaction.
 const MAX_BATCH: usize = 512;
 
+/// Most text (result texts, progress lines) in one batch, unless one write
+/// alone has more. MariaDB refuses a statement larger than its
+/// `max_allowed_packet` (16 MiB by default) and closes the connection: 512
+/// outcomes of 64 KiB each, queued during an outage, made one statement of
+/// 32 MiB, refused every time it was retried, and no outcome was recorded
+/// again. A text is at most 12 MiB (`output_tail` at most 4 MiB, each byte
+/// that is not UTF-8 stored as three).
+const MAX_BATCH_TEXT: usize = 2 << 20;
+
+/// The bytes of text a write carries.
+fn text_bytes(write: &Write) -> usize {
+    match write {
+        Write::Outcome(outcome) => outcome.result_text.len(),
+        Write::Progress { text, .. } => text.len(),
+        Write::Pid { .. } => 0,
+    }
+}
+
 /// Under load (the previous batch was written less than [`BUSY`] ago), a
 /// batch waits this long for more writes before it is applied: at high load
 /// one statement records the outcomes of several tasks, while at idle an
@@ -39,6 +57,41 @@ fn drop_superseded_pids(batch: &mut Vec<Write>) {
         } => !ended.iter().any(|(e, t)| e == id && t == claim_token),
         _ => true,
     });
+}
+
+/// The writes of one transaction, at most [`MAX_BATCH`] of them and (but
+/// for a first write larger alone) [`MAX_BATCH_TEXT`] bytes of text.
+struct Batch {
+    writes: Vec<Write>,
+    text: usize,
+    /// A write did not fit: the batch takes no more.
+    closed: bool,
+}
+
+impl Batch {
+    fn starting_with(write: Write) -> Batch {
+        Batch {
+            text: text_bytes(&write),
+            writes: vec![write],
+            closed: false,
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.closed || self.writes.len() >= MAX_BATCH
+    }
+
+    /// Adds `write`, or gives it back when its text would not fit.
+    fn add(&mut self, write: Write) -> Option<Write> {
+        let text = text_bytes(&write);
+        if self.text + text > MAX_BATCH_TEXT {
+            self.closed = true;
+            return Some(write);
+        }
+        self.text += text;
+        self.writes.push(write);
+        None
+    }
 }
 
 /// The outcomes queued and not yet applied, by row and claim.
@@ -101,6 +154,8 @@ pub(super) struct Writer {
     wake: Arc<Notify>,
     /// Shared with the handles: outcomes queued and not yet applied.
     pending: Pending,
+    /// A write received that did not fit the batch: the next one's first.
+    held: Option<Write>,
 }
 
 impl Writer {
@@ -114,6 +169,7 @@ impl Writer {
             receiver,
             wake,
             pending: pending.clone(),
+            held: None,
         };
         (Recorder { sender, pending }, writer)
     }
@@ -126,10 +182,13 @@ impl Writer {
             .unwrap_or_else(tokio::time::Instant::now);
         loop {
             // Queued writes come before the cancel: none is left behind.
-            let first = tokio::select! {
-                biased;
-                write = self.receiver.recv() => write,
-                _ = cancel.cancelled() => None,
+            let first = match self.held.take() {
+                Some(write) => Some(write),
+                None => tokio::select! {
+                    biased;
+                    write = self.receiver.recv() => write,
+                    _ = cancel.cancelled() => None,
+                },
             };
             let Some(first) = first else {
                 if !cancel.is_cancelled() {
@@ -138,22 +197,23 @@ impl Writer {
                 }
                 return Ok(());
             };
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
+            let mut batch = Batch::starting_with(first);
+            while !batch.full() {
                 match self.receiver.try_recv() {
-                    Ok(write) => batch.push(write),
+                    Ok(write) => self.held = batch.add(write),
                     Err(_) => break,
                 }
             }
             if last_batch.elapsed() < BUSY && !cancel.is_cancelled() {
                 let linger = tokio::time::Instant::now() + LINGER;
-                while batch.len() < MAX_BATCH {
+                while !batch.full() {
                     match tokio::time::timeout_at(linger, self.receiver.recv()).await {
-                        Ok(Some(write)) => batch.push(write),
+                        Ok(Some(write)) => self.held = batch.add(write),
                         Ok(None) | Err(_) => break,
                     }
                 }
             }
+            let mut batch = batch.writes;
             drop_superseded_pids(&mut batch);
             if batch.is_empty() {
                 continue;
@@ -234,6 +294,27 @@ mod tests {
             give_back_try: false,
             composed: false,
         })
+    }
+
+    #[test]
+    fn a_batch_takes_no_more_text_than_its_bound_but_a_large_write_goes_alone() {
+        let text = |id: i64, bytes: usize| {
+            let Write::Outcome(mut outcome) = outcome(id, "t") else {
+                unreachable!()
+            };
+            outcome.result_text = "a".repeat(bytes);
+            Write::Outcome(outcome)
+        };
+        let mut batch = Batch::starting_with(text(1, MAX_BATCH_TEXT / 2));
+        assert!(batch.add(text(2, MAX_BATCH_TEXT / 2)).is_none());
+        let refused = batch.add(pid(3, "t"));
+        assert!(refused.is_none(), "a pid carries no text");
+        let refused = batch.add(text(4, 1));
+        assert!(refused.is_some_and(|w| w.id() == RequestId(4)));
+        assert!(batch.full());
+        assert_eq!(batch.writes.len(), 3);
+        let alone = Batch::starting_with(text(5, 5 * MAX_BATCH_TEXT));
+        assert_eq!(alone.writes.len(), 1);
     }
 
     #[test]
