@@ -196,11 +196,11 @@ async fn processes_migrating_at_once_take_turns_and_each_says_what_it_did(backen
     assert_eq!((created, up_to_date), (1, 5), "{said:?}");
 }
 
-/// A schema one migration behind (version 10: without migration 11's
-/// column and indexes) is upgraded by that migration alone, by several
-/// processes at once: not taken for tables missing indexes and rebuilt
-/// (every table dropped and copied back, while other daemons may be using
-/// them).
+/// A schema two migrations behind (version 10: without migration 11's
+/// column and indexes and migration 12's) is upgraded by those migrations
+/// alone, by several processes at once: not taken for tables missing
+/// indexes and rebuilt (every table dropped and copied back, while other
+/// daemons may be using them).
 async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: Backend) {
     let db = TestDb::new(backend).await;
     let id = db.enqueue("NoOp", Some("a: 1")).await;
@@ -221,7 +221,8 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
     .await;
     db.execute(&format!("INSERT INTO reports (request_id) VALUES ({id})"))
         .await;
-    // Migration 11 undone: version 10's claim indexes, without the column.
+    // Migrations 12 and 11 undone: version 10's claim indexes, without
+    // their columns.
     let runnable = "WHERE pid IS NULL \
           AND (result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED')) \
           AND tries < try_limit";
@@ -232,7 +233,11 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
                 ("runnable_of_queue", "queue, priority DESC, id"),
                 ("runnable_of_type", "task_class_name, priority DESC, id"),
             ];
-            let mut undo = vec!["DROP INDEX task_runner_requests_waiting".to_string()];
+            let mut undo = vec![
+                "DROP INDEX task_runner_requests_next_of".to_string(),
+                "ALTER TABLE task_runner_requests DROP COLUMN next_of".to_string(),
+                "DROP INDEX task_runner_requests_waiting".to_string(),
+            ];
             if backend == Backend::Postgres {
                 // The trigger as migration 1 made it.
                 undo.push(
@@ -257,6 +262,8 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
             undo
         }
         Backend::MySql => vec![
+            "DROP INDEX task_runner_requests_next_of ON task_runner_requests".into(),
+            "ALTER TABLE task_runner_requests DROP COLUMN next_of".into(),
             "DROP INDEX task_runner_requests_ready ON task_runner_requests".into(),
             "DROP INDEX task_runner_requests_ready_of_queue ON task_runner_requests".into(),
             "DROP INDEX task_runner_requests_waiting ON task_runner_requests".into(),
@@ -272,7 +279,7 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
     for statement in &undo {
         db.execute(statement).await;
     }
-    db.execute("DELETE FROM task_runner_schema_migrations WHERE version = 11")
+    db.execute("DELETE FROM task_runner_schema_migrations WHERE version IN (11, 12)")
         .await;
     let runs = migrate_at_once(&db, 4);
     let said: Vec<&str> = runs.iter().map(|(_, stdout, _)| stdout.as_str()).collect();
@@ -281,7 +288,7 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
     }
     let upgraded = said
         .iter()
-        .filter(|s| s.contains(": upgraded from version 10 to 11"))
+        .filter(|s| s.contains(": upgraded from version 10 to 12"))
         .count();
     assert_eq!(upgraded, 1, "{said:?}");
     assert!(
@@ -291,7 +298,7 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
     );
     // The indexes are back: a check finds nothing to repair.
     let (_, stdout, _) = cli(&db, &["migrate"]);
-    assert!(stdout.contains(": up to date (version 11)"), "{stdout}");
+    assert!(stdout.contains(": up to date (version 12)"), "{stdout}");
     assert_eq!(db.row(id).await.options.as_deref(), Some("a: 1"));
     assert_eq!(
         db.scalar(&format!(
@@ -309,19 +316,19 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
 }
 
 /// A rolling upgrade: a newer release migrated the schema (here a made-up
-/// migration 12 that replaced an index with a column) while an older
+/// migration 13 that replaced an index with a column) while an older
 /// daemon or CLI still runs somewhere. The older one must refuse with one
 /// line and touch nothing. Before, it took the index it no longer found
 /// for a damaged schema and rebuilt the tables by its own migrations,
-/// dropping the newer column (and its values) and migration 12's record.
+/// dropping the newer column (and its values) and migration 13's record.
 async fn a_schema_newer_than_the_binary_is_refused_and_left_as_it_is(backend: Backend) {
     let db = TestDb::new(backend).await;
     let id = db.enqueue("NoOp", None).await;
     db.execute(
         "INSERT INTO task_runner_schema_migrations \
            (version, description, installed_on, success, checksum, execution_time) \
-         SELECT 12, 'from a newer release', installed_on, success, checksum, execution_time \
-           FROM task_runner_schema_migrations WHERE version = 11",
+         SELECT 13, 'from a newer release', installed_on, success, checksum, execution_time \
+           FROM task_runner_schema_migrations WHERE version = 12",
     )
     .await;
     db.execute(match backend {
@@ -329,14 +336,14 @@ async fn a_schema_newer_than_the_binary_is_refused_and_left_as_it_is(backend: Ba
         Backend::Sqlite | Backend::Postgres => "DROP INDEX task_runner_requests_waiting",
     })
     .await;
-    db.execute("ALTER TABLE task_runner_requests ADD COLUMN added_by_12 BIGINT")
+    db.execute("ALTER TABLE task_runner_requests ADD COLUMN added_by_13 BIGINT")
         .await;
     db.execute(&format!(
-        "UPDATE task_runner_requests SET added_by_12 = 7 WHERE id = {id}"
+        "UPDATE task_runner_requests SET added_by_13 = 7 WHERE id = {id}"
     ))
     .await;
     let says = |line: &str| {
-        assert!(line.contains("migration(s) 0012"), "{line}");
+        assert!(line.contains("migration(s) 0013"), "{line}");
         assert!(
             line.contains("upgrade taskrunnerd and taskrunner-cli"),
             "{line}"
@@ -356,13 +363,13 @@ async fn a_schema_newer_than_the_binary_is_refused_and_left_as_it_is(backend: Ba
     // Nothing was touched.
     assert_eq!(
         db.scalar(&format!(
-            "SELECT added_by_12 FROM task_runner_requests WHERE id = {id}"
+            "SELECT added_by_13 FROM task_runner_requests WHERE id = {id}"
         ))
         .await,
         7
     );
     assert_eq!(
-        db.scalar("SELECT count(*) FROM task_runner_schema_migrations WHERE version = 12")
+        db.scalar("SELECT count(*) FROM task_runner_schema_migrations WHERE version = 13")
             .await,
         1
     );

@@ -12,6 +12,7 @@ both_backends!(
     queue_limited_to_one_with_two_daemons,
     node_pinned_rows_run_only_on_their_node,
     periodic_row_repeats_on_a_fixed_grid_until_cancelled,
+    a_periodic_row_retried_by_hand_starts_no_second_chain,
     type_concurrency_of_one_holds_across_two_daemons,
 );
 
@@ -218,6 +219,47 @@ async fn periodic_row_repeats_on_a_fixed_grid_until_cancelled(backend: Backend) 
         "the chain stopped"
     );
     let _ = first;
+    assert!(daemon.stop().success());
+}
+
+/// A periodic row retried by hand after its end (to run a failed nightly
+/// report now, say) made a second next occurrence when it ended again:
+/// from then on every occurrence ran twice, on the same planned times, and
+/// each retry added one more chain. Its next occurrence is made once now
+/// (`next_of`), and a retried occurrence only runs again.
+async fn a_periodic_row_retried_by_hand_starts_no_second_chain(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "tasks:\n  Tick:\n    command: [/bin/echo, tick]\n",
+    );
+    let first = db.insert_row(NewRow::new("Tick").period(1)).await;
+    db.wait_for_state(first, "FINISHED", WAIT).await;
+    for _ in 0..2 {
+        assert_eq!(cli(&db, &["retry", &first.to_string()]).0, 0);
+        db.wait_for_state(first, "FINISHED", WAIT).await;
+    }
+    db.wait_for_at_least(
+        "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED' AND tries = 1",
+        6,
+        WAIT,
+    )
+    .await;
+    let twice = db
+        .scalar(
+            "SELECT count(*) FROM (SELECT planned_at FROM task_runner_requests \
+              GROUP BY planned_at HAVING count(*) > 1) AS twice",
+        )
+        .await;
+    assert_eq!(twice, 0, "occurrences planned for the same time");
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE next_of = {first}"
+        ))
+        .await,
+        1
+    );
     assert!(daemon.stop().success());
 }
 

@@ -869,16 +869,19 @@ impl Sql {
             lock_type: batched.then(|| {
                 "SELECT pg_advisory_xact_lock(hashtext('taskrunner:concurrency:' || $1))".to_string()
             }),
+            // Once per row (`next_of`, a unique index, migration 0012): a
+            // row retried by hand and ending again makes no second chain.
             insert_next_occurrence: format!(
                 "INSERT INTO task_runner_requests \
                    (task_class_name, options, try_limit, priority, queue, node, not_node, period, \
-                    unique_key, schedule, planned_at, delay_until) \
+                    unique_key, schedule, planned_at, delay_until, next_of) \
                  SELECT task_class_name, options, try_limit, priority, queue, node, not_node, period, \
-                        unique_key, schedule, {next_planned}, {next_planned} \
+                        unique_key, schedule, {next_planned}, {next_planned}, id \
                    FROM task_runner_requests \
                   WHERE id = $1 AND period > 0 AND planned_at IS NOT NULL \
                     AND (result = 'FINISHED' \
-                         OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit))"
+                         OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit)) \
+                    AND NOT EXISTS (SELECT 1 FROM task_runner_requests AS made WHERE made.next_of = $1)"
             ),
             record_pids_batch: batched.then(|| {
                 "UPDATE task_runner_requests t \
