@@ -537,27 +537,52 @@ impl Tx {
     }
 }
 
-/// Whether the database refused a statement for the values it was given
-/// (SQLSTATE classes 22, data exception, and 23, integrity constraint; a
-/// trigger's refusal: SQLite's constraint codes, PostgreSQL's `RAISE`,
-/// MariaDB's `SIGNAL`), which running it again cannot change; not a lost
-/// connection, a lock or a full disk.
+/// Whether the database refused a statement for the values it was given,
+/// which running it again cannot change: a value too long, out of range or
+/// of the wrong kind, a constraint, a trigger's refusal. Not a lost
+/// connection, a lock, a full disk, nor a statement the server cannot read
+/// (MariaDB files an ambiguous column under SQLSTATE 23000 too, so it is
+/// told by its error numbers).
 fn refused_for_its_data(error: &sqlx::Error) -> bool {
     let sqlx::Error::Database(error) = error else {
         return false;
     };
     let code = error.code().unwrap_or_default();
-    match error.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
+    if error
+        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+        .is_some()
+    {
         // Extended result codes: the primary code is the low byte.
         // SQLITE_TOOBIG, SQLITE_CONSTRAINT (a trigger's RAISE included),
         // SQLITE_MISMATCH.
-        Some(_) => code
+        return code
             .parse::<i32>()
-            .is_ok_and(|code| matches!(code & 0xff, 18..=20)),
-        None => {
-            code.starts_with("22") || code.starts_with("23") || code == "P0001" || code == "45000"
-        }
+            .is_ok_and(|code| matches!(code & 0xff, 18..=20));
     }
+    if let Some(error) = error.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        // Not null, duplicate, foreign keys, out of range, wrong value,
+        // too long, a trigger's SIGNAL, datetime overflow, check
+        // constraints (MySQL, MariaDB).
+        return matches!(
+            error.number(),
+            1048 | 1062
+                | 1216
+                | 1217
+                | 1264
+                | 1292
+                | 1366
+                | 1406
+                | 1441
+                | 1451
+                | 1452
+                | 1644
+                | 1690
+                | 3819
+                | 4025
+        );
+    }
+    // PostgreSQL: data exceptions, integrity constraints, a trigger's RAISE.
+    code.starts_with("22") || code.starts_with("23") || code == "P0001"
 }
 
 fn batch_from_row(row: &impl RowExt) -> sqlx::Result<Batch> {
