@@ -21,6 +21,7 @@ both_backends!(
     enqueue_sets_every_column_an_app_can_set,
     enqueue_refuses_options_that_are_not_yaml_and_an_empty_type,
     enqueue_refuses_a_wait_of_more_than_fifty_years,
+    retry_of_a_row_whose_unique_key_is_held_names_the_holder_and_goes_on,
     list_filters_by_type_queue_host_and_state_and_shows_due_times,
     list_and_cancel_filter_by_batch,
     list_shows_the_tasks_own_error_without_progress_lines,
@@ -161,6 +162,48 @@ async fn enqueue_refuses_a_wait_of_more_than_fifty_years(backend: Backend) {
         .await,
         2
     );
+}
+
+/// `retry` of an ended row whose `unique_key` a newer request, not ended,
+/// holds: the unique index refuses it. Before, `retry` failed with the
+/// database's `UNIQUE constraint failed` and stopped there, leaving the
+/// other ids it was given (or its filter selected) untouched. Now it names
+/// the holder and goes on with the rest.
+async fn retry_of_a_row_whose_unique_key_is_held_names_the_holder_and_goes_on(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ended = db
+        .insert_row(
+            NewRow::new("NoOp")
+                .unique_key("nightly")
+                .ended(backend, "FINISHED", 1, 60),
+        )
+        .await;
+    let holder = db
+        .insert_row(
+            NewRow::new("NoOp")
+                .unique_key("nightly")
+                .delayed(backend, 3600),
+        )
+        .await;
+    let failed = db
+        .insert_row(NewRow::new("NoOp").exhausted(backend, 1, 60))
+        .await;
+    let (status, stdout, stderr) = cli(&db, &["retry", &ended.to_string(), &failed.to_string()]);
+    assert_eq!(status, 1, "{stdout}{stderr}");
+    assert_eq!(
+        one_line(&stderr),
+        format!(
+            "taskrunner-cli: request {ended} was not retried: request {holder}, not ended yet, \
+             holds its unique_key `nightly` (at most one pending or running request per key); \
+             cancel or wait for it first"
+        )
+    );
+    assert!(
+        stdout.contains(&format!("request {failed} will run again")),
+        "{stdout}"
+    );
+    assert_eq!(db.row(failed).await.result, None);
+    assert_eq!(db.row(ended).await.result.as_deref(), Some("FINISHED"));
 }
 
 /// Runs `taskrunner-cli migrate` in `count` processes at once; returns

@@ -778,6 +778,10 @@ async fn run_one(
                             "taskrunner-cli: request {id} is RUNNING: cancel it first, or wait for it to end"
                         );
                     }
+                    change @ Change::KeyHeld { .. } => {
+                        refused += 1;
+                        eprintln!("taskrunner-cli: {}", change.key_held_text(id));
+                    }
                 }
             }
             if refused < ids.len() {
@@ -807,6 +811,8 @@ async fn run_one(
                             state.unwrap_or_else(|| "final".into())
                         );
                     }
+                    // Only `retry` meets a unique key.
+                    Change::KeyHeld { .. } => refused += 1,
                 }
             }
             if !running.is_empty() {

@@ -99,6 +99,26 @@ pub(crate) enum Change {
     NotFound,
     /// The row is in this state, which does not allow the change.
     Refused(Option<String>),
+    /// `retry`: another request not yet ended holds the row's `unique_key`
+    /// (the newest other row with it, when one is found).
+    KeyHeld {
+        key: String,
+        by: Option<i64>,
+    },
+}
+
+impl Change {
+    /// Why `retry` of request `id` was refused, for [`Change::KeyHeld`].
+    pub(crate) fn key_held_text(&self, id: RequestId) -> String {
+        let Change::KeyHeld { key, by } = self else {
+            return String::new();
+        };
+        let holder = by.map_or("another request".to_string(), |by| format!("request {by}"));
+        format!(
+            "request {id} was not retried: {holder}, not ended yet, holds its unique_key `{}` (at most one pending or running request per key); cancel or wait for it first",
+            crate::escape::one_line(key)
+        )
+    }
 }
 
 impl Store {
@@ -167,13 +187,30 @@ impl Store {
     /// member's batch is recounted (a batch that already ended stays ended:
     /// its callback is not made again).
     pub(crate) async fn retry(&self, id: RequestId) -> Result<Change> {
-        if self.execute_by_id(self.sql.retry.as_str(), id).await? {
-            if let Some(batch_id) = self.show(id).await?.and_then(|row| row.batch_id) {
-                self.recount_batch(batch_id).await?;
+        match self.execute_by_id(self.sql.retry.as_str(), id).await {
+            Ok(true) => {
+                if let Some(batch_id) = self.show(id).await?.and_then(|row| row.batch_id) {
+                    self.recount_batch(batch_id).await?;
+                }
+                Ok(Change::Done)
             }
-            return Ok(Change::Done);
+            Ok(false) => self.explain_refusal(id).await,
+            // The row's unique key is held by a request that has not ended.
+            Err(error) if is_unique_violation(&error) => {
+                let (key, by) = on_pool!(self, pool => {
+                    let rows = query(self.sql.key_holder.as_str()).bind(id.0).fetch_all(pool).await?;
+                    match rows.first() {
+                        Some(row) => (row.opt_text(0)?, row.opt_int(1)?),
+                        None => (None, None),
+                    }
+                });
+                Ok(Change::KeyHeld {
+                    key: key.unwrap_or_default(),
+                    by,
+                })
+            }
+            Err(error) => Err(error),
         }
-        self.explain_refusal(id).await
     }
 
     /// Cancels a pending row at once (through [`finalize`](Store::finalize):
@@ -261,4 +298,15 @@ impl Store {
         }
         anyhow::bail!("unique key `{unique_key}`: its holder keeps changing; try again")
     }
+}
+
+/// Whether `error` is a unique index's refusal (SQLite, PostgreSQL and
+/// MariaDB alike).
+fn is_unique_violation(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::Database(error)) if error.kind() == sqlx::error::ErrorKind::UniqueViolation
+        )
+    })
 }

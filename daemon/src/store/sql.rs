@@ -564,6 +564,8 @@ pub struct Sql {
     pub(crate) cancel_pending: String,
     pub(crate) cancel_running: String,
     pub(crate) state_of: String,
+    /// Row `$1`'s unique key, and the newest other row with that key.
+    pub(crate) key_holder: String,
     pub(crate) count_by_result: String,
     // ---- Issue 7: unique requests, retention, cron schedules ----
     /// Inserts task `$1` with options `$2`, try_limit `$3`, delay `$4` seconds
@@ -1036,6 +1038,11 @@ impl Sql {
                   WHERE id = $1 AND result = 'RUNNING'"
             ),
             state_of: "SELECT result FROM task_runner_requests WHERE id = $1".to_string(),
+            key_holder: "SELECT r.unique_key, \
+                           (SELECT max(o.id) FROM task_runner_requests o \
+                             WHERE o.unique_key = r.unique_key AND o.id <> r.id) \
+                           FROM task_runner_requests r WHERE r.id = $1"
+                .to_string(),
             count_by_result: format!(
                 "SELECT coalesce(result, 'PENDING'), {} FROM task_runner_requests GROUP BY result ORDER BY 1",
                 int("count(*)")

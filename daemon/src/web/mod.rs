@@ -623,6 +623,11 @@ async fn one_action(web: &Web, who: &Who, id: &str, csrf: &str, action: &str) ->
             )),
         )
             .into_response()),
+        held @ Change::KeyHeld { .. } => Ok((
+            StatusCode::CONFLICT,
+            pages::error_page(&held.key_held_text(RequestId(number))),
+        )
+            .into_response()),
     }
 }
 
