@@ -942,6 +942,41 @@ async fn the_daemons_status_and_metrics_are_answered_while_the_database_is_out(b
 /// overrunning by up to 20 ms (its timer slack, as under heavy load): it must
 /// still give up after 5 s, with one line naming the lock (before: 5,000 ×
 /// 21 ms, 105 s).
+/// An operator deletes the SQLite file under a running daemon to start
+/// afresh, and `migrate` makes a new one. The daemon went on with the old
+/// file, which its connections kept open, while rows went into the new one:
+/// none ran, and nothing said so. It now stops with exit status 1 and one
+/// line, so that its service manager's restart opens the new file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_file_deleted_under_the_daemon_stops_it_so_that_a_restart_opens_the_new_one() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let before = db.enqueue("NoOp", None).await;
+    let mut daemon = Daemon::start(&db, "d", "");
+    db.wait_for_state(before, "FINISHED", WAIT).await;
+    let file = db.scratch.join("requests.db");
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+    }
+    assert_eq!(cli(&db, &["migrate"]).0, 0);
+    let (status, id, stderr) = cli(&db, &["enqueue", "NoOp"]);
+    assert_eq!(status, 0, "{stderr}");
+    let status = daemon.wait_exit(Duration::from_secs(10));
+    let log = daemon.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&format!(
+            "the SQLite database file {} is no longer the one this daemon opened",
+            file.display()
+        )),
+        "{log}"
+    );
+    // A restart (the service manager's) runs the new file's row.
+    let mut restarted = Daemon::start(&db, "d2", "");
+    let (status, stdout, stderr) = cli(&db, &["wait", id.trim(), "--timeout", "20s"]);
+    assert_eq!(status, 0, "{stdout}{stderr}");
+    assert!(restarted.stop().success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_for_an_sqlite_lock_ends_after_five_seconds_even_when_sleeps_overrun() {
     use std::os::unix::process::CommandExt;

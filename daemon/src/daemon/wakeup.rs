@@ -8,6 +8,9 @@
 //! index, which no inotify event reports), and once every [`SAFETY_NET`]
 //! besides.
 //!
+//! The same loop checks, once a second, that the file is still the one
+//! the daemon opened ([`OpenedFile`]).
+//!
 //! MariaDB/MySQL have no NOTIFY: every [`MYSQL_CHECK`] the daemon reads the
 //! newest id, the first claimable row's id and the first delayed row's due
 //! time, look-ups at the ends of the primary key and of two indexes (no
@@ -96,7 +99,7 @@ impl Wakeup {
         } else if self.store.mysql_pool().is_some() {
             self.check_mysql(cancel).await
         } else {
-            self.watch_sqlite(cancel).await
+            self.watch_sqlite(cancel).await?;
         }
         Ok(())
     }
@@ -202,8 +205,12 @@ impl Wakeup {
         }
     }
 
-    async fn watch_sqlite(&self, stop: CancellationToken) {
+    /// Ends with an error when the database file is deleted or replaced
+    /// (see [`OpenedFile`]): the daemon then stops, exit status 1.
+    async fn watch_sqlite(&self, stop: CancellationToken) -> anyhow::Result<()> {
         let url = self.database_url.clone();
+        let opened = OpenedFile::of(&url);
+        let mut next_file_check = Instant::now() + FILE_CHECK;
         let mut side = SideConnection::new(&url);
         // The check on this thread where it can be (see `DataVersion`),
         // else through sqlx's connection and its worker thread.
@@ -289,8 +296,62 @@ impl Wakeup {
                 }
                 Err(error) => side.failed(&error),
             }
+            if Instant::now() >= next_file_check {
+                next_file_check = Instant::now() + FILE_CHECK;
+                if let Some(Err(error)) = opened.as_ref().map(OpenedFile::check) {
+                    side.close().await;
+                    return Err(error);
+                }
+            }
         }
         side.close().await;
+        Ok(())
+    }
+}
+
+/// How often the SQLite database file is checked for having been deleted
+/// or replaced.
+const FILE_CHECK: Duration = Duration::from_secs(1);
+
+/// The SQLite database file the daemon opened, by device and inode. Deleted
+/// or replaced under a running daemon (an operator's `rm` to start afresh
+/// and a `migrate` that made a new one, a restore from a backup moved into
+/// place), it left the daemon on the old file, which its connections keep
+/// open, while applications wrote their rows into the new one: none ran,
+/// and nothing said so. The daemon now stops (exit status 1), and its
+/// service manager's restart opens the new file.
+struct OpenedFile {
+    path: std::path::PathBuf,
+    identity: (u64, u64),
+}
+
+impl OpenedFile {
+    /// The file as it is now; `None` for an in-memory database, or one that
+    /// cannot be read (then there is nothing to compare).
+    fn of(url: &str) -> Option<OpenedFile> {
+        use std::os::unix::fs::MetadataExt;
+        let options = SqliteConnectOptions::from_str(url).ok()?;
+        let path = options.get_filename().to_path_buf();
+        let metadata = std::fs::metadata(&path).ok()?;
+        Some(OpenedFile {
+            identity: (metadata.dev(), metadata.ino()),
+            path,
+        })
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(&self.path) {
+            Ok(metadata) if (metadata.dev(), metadata.ino()) == self.identity => return Ok(()),
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            // Unreadable for a moment (permissions changed, say): not proof.
+            Err(_) => return Ok(()),
+        }
+        anyhow::bail!(
+            "the SQLite database file {} is no longer the one this daemon opened (deleted, or replaced by another file): it would go on with the old one, which no one else reads or writes any more; stopping, so that a restart opens the file now there",
+            self.path.display()
+        )
     }
 }
 
