@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::util::{cli, Backend, Daemon, TestDb};
+use crate::util::{cli, sql_now_plus, Backend, Daemon, NewRow, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -12,6 +12,7 @@ both_backends!(
     cancel_of_a_try_that_fails_first_is_not_retried,
     cancel_of_a_try_that_finishes_first_leaves_it_finished,
     local_cancel_stops_the_task_at_once,
+    a_cancel_written_by_sql_before_the_claim_is_kept_and_nothing_starts,
 );
 
 /// A daemon whose heartbeat (which delivers cancels from other hosts) comes
@@ -125,6 +126,39 @@ async fn local_cancel_stops_the_task_at_once(backend: Backend) {
             .unwrap_or_default()
             .starts_with("cancelled by a user after"),
         "{row:#?}"
+    );
+    assert!(daemon.stop().success());
+}
+
+/// An application cancels from SQL the way `cancel` does a running row,
+/// setting `cancel_requested_at`, without knowing whether the row runs yet.
+/// While it waited, the claim cleared the column and ran the try: the
+/// task did its work and the row ended FINISHED, the cancel lost. The claim
+/// keeps it now, and the try ends CANCELLED without starting.
+async fn a_cancel_written_by_sql_before_the_claim_is_kept_and_nothing_starts(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let marker = db.scratch.join("started");
+    let id = db
+        .insert_row(NewRow::new("Work").sql("cancel_requested_at", sql_now_plus(backend, 0)))
+        .await;
+    let after = db.enqueue("Work", None).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "max_concurrent: 1\ntasks:\n  Work:\n    command: [/bin/sh, -c, 'echo $TASKRUNNER_REQUEST_ID >> {}; echo done']\n",
+            marker.display()
+        ),
+    );
+    let row = db.wait_for_state(id, "CANCELLED", WAIT).await;
+    assert_eq!(row.result_text.as_deref(), Some("cancelled before it ran"));
+    // The slot was not kept: the next row runs.
+    db.wait_for_state(after, "FINISHED", WAIT).await;
+    let started = std::fs::read_to_string(&marker).unwrap_or_default();
+    assert_eq!(
+        started.trim(),
+        after.to_string(),
+        "only the other row started"
     );
     assert!(daemon.stop().success());
 }

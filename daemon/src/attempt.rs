@@ -105,7 +105,14 @@ pub(crate) async fn run_claimed(
             start_ticks: spawned.start_ticks,
         });
     };
-    let verdict = run(context, input, gate, stop, progress, on_running).await;
+    let verdict = if row.cancel_requested {
+        // Cancelled while it waited (plain SQL sets `cancel_requested_at`
+        // without knowing whether the row runs yet): not started, as a
+        // rejected try is not, and its slot is never taken.
+        Verdict::new(State::Cancelled, "cancelled before it ran")
+    } else {
+        run(context, input, gate, stop, progress, on_running).await
+    };
     let outcome = outcome(row, &verdict, &context.config);
     (verdict, outcome)
 }

@@ -119,6 +119,9 @@ pub struct Claimed {
     /// The length of `options` in the row, in bytes: longer than the
     /// store's `max_options`, `options` was left out of the claim (empty).
     pub(crate) options_length: u64,
+    /// `cancel_requested_at` was set before the claim (plain SQL on a
+    /// pending row): the try ends CANCELLED without starting.
+    pub(crate) cancel_requested: bool,
 }
 
 impl Claimed {

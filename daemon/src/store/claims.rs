@@ -79,6 +79,7 @@ pub(super) fn claimed_from_row(
             callback_of_batch: row.opt_int(10)?,
             has_callbacks: row.int(11)? > 0,
             options_length: row.int(12)?.max(0) as u64,
+            cancel_requested: row.int(13)? > 0,
         },
     ))
 }

@@ -701,7 +701,7 @@ impl Sql {
         let claim_set = format!(
             "SET result = 'RUNNING', tries = tries + 1, started_at = {now}, heartbeat_at = {now}, \
                  host = $3, claim_token = $1, claimed_by = $2, pid = NULL, pid_boot_id = NULL, \
-                 pid_start_ticks = NULL, completed_at = NULL, cancel_requested_at = NULL, progress = NULL, \
+                 pid_start_ticks = NULL, completed_at = NULL, progress = NULL, \
                  planned_at = coalesce(planned_at, delay_until, created_at)"
         );
         // Options longer than the cap (`max_options`, parameter `{cap}`)
@@ -710,7 +710,7 @@ impl Sql {
         // without the value).
         let claimed_columns = |cap: &str| {
             format!(
-            "{}, task_class_name,              CASE WHEN octet_length(options) > {cap} THEN NULL ELSE options END,              {}, {}, {}, queue, {}, {}, {}, {}, {}, {}",
+            "{}, task_class_name,              CASE WHEN octet_length(options) > {cap} THEN NULL ELSE options END,              {}, {}, {}, queue, {}, {}, {}, {}, {}, {}, {}",
             int("id"),
             int("tries"),
             int("try_limit"),
@@ -722,7 +722,10 @@ impl Sql {
             int("callback_of_batch"),
             // A flow's step counts as having callbacks: its end advances the flow.
             int("(CASE WHEN on_success IS NOT NULL OR on_failure IS NOT NULL OR flow_id IS NOT NULL THEN 1 ELSE 0 END)"),
-            int("coalesce(octet_length(options), 0)")
+            int("coalesce(octet_length(options), 0)"),
+            // A cancel written before the claim (plain SQL on a pending
+            // row): the claim keeps it, and the try never starts.
+            int("(CASE WHEN cancel_requested_at IS NOT NULL THEN 1 ELSE 0 END)")
         )
         };
         let claim_returning = |cap: &str| format!("RETURNING {}", claimed_columns(cap));
