@@ -211,16 +211,7 @@ async fn two_hundred_batches_whose_members_end_at_the_same_instant_get_two_hundr
     backend: Backend,
 ) {
     let db = TestDb::new(backend).await;
-    let fifo = db.scratch.join("barrier");
-    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
-    // Held open for writing, so that every member's open of the FIFO
-    // returns at once and its read waits; closing it ends every read at the
-    // same instant.
-    let barrier = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&fifo)
-        .unwrap();
+    let (fifo, barrier) = fifo_barrier(&db);
     let per_daemon = match backend {
         Backend::Sqlite => 400,
         Backend::Postgres | Backend::MySql => 100,
@@ -278,7 +269,22 @@ async fn two_hundred_batches_whose_members_end_at_the_same_instant_get_two_hundr
     }
 }
 
-/// How many processes have `fifo` open (the members waiting on it).
+/// A FIFO in the test's scratch directory, and the barrier: the FIFO held
+/// open for writing, so that every task's open of it returns at once and
+/// its read (`cat FIFO`) waits; dropping the barrier ends every read at the
+/// same instant.
+pub(crate) fn fifo_barrier(db: &TestDb) -> (std::path::PathBuf, std::fs::File) {
+    let fifo = db.scratch.join("barrier");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+    let barrier = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    (fifo, barrier)
+}
+
+/// How many processes have `fifo` open (the tasks waiting at the barrier).
 pub(crate) fn count_fifo_readers(fifo: &std::path::Path) -> usize {
     let target = std::fs::canonicalize(fifo).unwrap();
     let mut readers: usize = 0;

@@ -334,14 +334,7 @@ async fn a_row_an_outcome_causes_that_the_database_refuses_holds_back_no_outcome
 /// recorded. A batch now carries at most 2 MiB of text.
 async fn outcomes_with_large_texts_queued_together_are_all_recorded(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let fifo = db.scratch.join("barrier");
-    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
-    // Held open for writing: every task's read waits until it is closed.
-    let barrier = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&fifo)
-        .unwrap();
+    let (fifo, barrier) = crate::batches::fifo_barrier(&db);
     let mut ids = Vec::new();
     for _ in 0..24 {
         ids.push(db.enqueue("Big", None).await);
