@@ -3,10 +3,13 @@
 -- made a second next occurrence when it ended again: from then on every
 -- occurrence ran twice, each retry adding one more chain.
 --
--- `next_of` names the row whose end made this occurrence (its cause); the
--- unique index keeps it to one. Written by the daemon only.
+-- `next_of` names the row whose end made this occurrence (its cause). The
+-- daemon makes an occurrence only when none names the row yet, checked in
+-- the transaction that records the row's end, under its lock; the index is
+-- not unique, so that an application may insert a copy of a row (Rails'
+-- `dup` copies every column but the id).
 ALTER TABLE task_runner_requests ADD COLUMN next_of INTEGER;
 
-CREATE UNIQUE INDEX IF NOT EXISTS task_runner_requests_next_of
+CREATE INDEX IF NOT EXISTS task_runner_requests_next_of
     ON task_runner_requests (next_of)
     WHERE next_of IS NOT NULL;

@@ -874,8 +874,10 @@ impl Sql {
             lock_type: batched.then(|| {
                 "SELECT pg_advisory_xact_lock(hashtext('taskrunner:concurrency:' || $1))".to_string()
             }),
-            // Once per row (`next_of`, a unique index, migration 0012): a
-            // row retried by hand and ending again makes no second chain.
+            // Once per row (`next_of`, migration 0012): a row retried by
+            // hand and ending again makes no second chain. Checked in the
+            // transaction that wrote the row's end, so under its lock: no
+            // other end of the same row can be recorded meanwhile.
             insert_next_occurrence: format!(
                 "INSERT INTO task_runner_requests \
                    (task_class_name, options, try_limit, priority, queue, node, not_node, period, \
