@@ -698,10 +698,18 @@ impl Sql {
         // predicate), and the delay passed on the database's clock now too.
         let runnable_now =
             format!("{RUNNABLE} AND {RELEASED} AND (delay_until IS NULL OR delay_until <= {now})");
+        // A cancel written since the row's last try ended (plain SQL on a
+        // waiting row) is kept, and the try ends CANCELLED without starting;
+        // one older than that end was for that try, which it ended, and is
+        // cleared (a row retried by plain SQL runs). Before `completed_at`
+        // is cleared: MariaDB's SET sees the values set to its left.
         let claim_set = format!(
             "SET result = 'RUNNING', tries = tries + 1, started_at = {now}, heartbeat_at = {now}, \
                  host = $3, claim_token = $1, claimed_by = $2, pid = NULL, pid_boot_id = NULL, \
-                 pid_start_ticks = NULL, completed_at = NULL, progress = NULL, \
+                 pid_start_ticks = NULL, \
+                 cancel_requested_at = CASE WHEN completed_at IS NULL OR cancel_requested_at > completed_at \
+                                            THEN cancel_requested_at END, \
+                 completed_at = NULL, progress = NULL, \
                  planned_at = coalesce(planned_at, delay_until, created_at)"
         );
         // Options longer than the cap (`max_options`, parameter `{cap}`)
