@@ -15,7 +15,7 @@ use super::run::run_command;
 use super::{batch, flow};
 use crate::config::{Config, Overrides};
 use crate::request::{RequestId, State};
-use crate::store::{Change, ListQuery, NewRequest, Purpose, Store};
+use crate::store::{key_held_text, Change, ListQuery, NewRequest, Purpose, Store};
 use crate::task_types::Registry;
 use crate::units::{parse_duration, parse_wait, LONGEST_WAIT};
 
@@ -778,9 +778,9 @@ async fn run_one(
                             "taskrunner-cli: request {id} is RUNNING: cancel it first, or wait for it to end"
                         );
                     }
-                    change @ Change::KeyHeld { .. } => {
+                    Change::KeyHeld { key, by } => {
                         refused += 1;
-                        eprintln!("taskrunner-cli: {}", change.key_held_text(id));
+                        eprintln!("taskrunner-cli: {}", key_held_text(id, &key, by));
                     }
                 }
             }

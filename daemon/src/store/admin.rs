@@ -107,18 +107,14 @@ pub(crate) enum Change {
     },
 }
 
-impl Change {
-    /// Why `retry` of request `id` was refused, for [`Change::KeyHeld`].
-    pub(crate) fn key_held_text(&self, id: RequestId) -> String {
-        let Change::KeyHeld { key, by } = self else {
-            return String::new();
-        };
-        let holder = by.map_or("another request".to_string(), |by| format!("request {by}"));
-        format!(
-            "request {id} was not retried: {holder}, not ended yet, holds its unique_key `{}` (at most one pending or running request per key); cancel or wait for it first",
-            crate::escape::one_line(key)
-        )
-    }
+/// Why `retry` of request `id` was refused ([`Change::KeyHeld`]): `by`,
+/// the request not ended that holds its unique `key`.
+pub(crate) fn key_held_text(id: RequestId, key: &str, by: Option<i64>) -> String {
+    let holder = by.map_or("another request".to_string(), |by| format!("request {by}"));
+    format!(
+        "request {id} was not retried: {holder}, not ended yet, holds its unique_key `{}` (at most one pending or running request per key); cancel or wait for it first",
+        crate::escape::one_line(key)
+    )
 }
 
 impl Store {

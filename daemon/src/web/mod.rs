@@ -36,7 +36,7 @@ use crate::config::http::{Auth, Http};
 use crate::metrics::QueueGauges;
 use crate::request::RequestId;
 use crate::store::web::{BulkAction, RequestFilter};
-use crate::store::{Change, Store};
+use crate::store::{key_held_text, Change, Store};
 
 /// The Content-Security-Policy of every response: nothing but this
 /// server's stylesheet; no script, no inline style, no frames.
@@ -623,9 +623,9 @@ async fn one_action(web: &Web, who: &Who, id: &str, csrf: &str, action: &str) ->
             )),
         )
             .into_response()),
-        held @ Change::KeyHeld { .. } => Ok((
+        Change::KeyHeld { key, by } => Ok((
             StatusCode::CONFLICT,
-            pages::error_page(&held.key_held_text(RequestId(number))),
+            pages::error_page(&key_held_text(RequestId(number), &key, by)),
         )
             .into_response()),
     }
