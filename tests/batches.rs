@@ -18,6 +18,7 @@ both_backends!(
     member_retried_by_hand_after_its_batch_failed_makes_no_second_callback,
     on_failure_runs_once_after_the_last_try_and_never_on_cancel,
     on_success_sees_the_parent_result_text,
+    a_callback_whose_options_would_pass_max_options_runs_with_the_parents_output_cut,
     on_exhausted_in_the_config_alerts_once_per_exhausted_request,
     daemon_killed_between_the_task_exit_and_its_outcome_write_makes_one_callback,
     chain_of_three_batches_each_created_by_the_previous_on_complete,
@@ -798,6 +799,66 @@ async fn on_success_sees_the_parent_result_text(backend: Backend) {
     assert!(
         shown.contains(&format!("callback_of          {parent}")),
         "{shown}"
+    );
+}
+
+/// A callback's options hold the parent's options twice (merged, and as
+/// text) and its output: with options and output each well under
+/// `max_options`, they would be over it, and the callback could never run.
+async fn a_callback_whose_options_would_pass_max_options_runs_with_the_parents_output_cut(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let mut daemons = start_daemons(
+        &db,
+        1,
+        "max_options: 64KiB\noutput_tail: 128KiB\ntasks:\n  Loud:\n    command: [/bin/sh, -c, \"head -c 40000 /dev/zero | tr '\\\\0' x; echo the end\"]\n",
+    );
+    let note = "y".repeat(30_000);
+    let parent = db
+        .insert_row(
+            NewRow::new("Loud")
+                .options(&format!("note: {note}"))
+                .on_success("Done"),
+        )
+        .await;
+    let callbacks =
+        format!("SELECT count(*) FROM task_runner_requests WHERE callback_of = {parent}");
+    db.wait_for_count(&callbacks, 1, Duration::from_secs(30))
+        .await;
+    let done = db
+        .scalar(&format!(
+            "SELECT id FROM task_runner_requests WHERE callback_of = {parent}"
+        ))
+        .await;
+    let done = db
+        .wait_for_state(
+            taskrunner::request::RequestId(done),
+            "FINISHED",
+            Duration::from_secs(30),
+        )
+        .await;
+    for daemon in &mut daemons {
+        assert!(daemon.stop().success());
+    }
+    // `Done` prints its options.
+    let printed = done.result_text.as_deref().unwrap();
+    assert!(printed.len() <= 64 * 1024, "{}", printed.len());
+    let options: serde_yaml::Value = serde_yaml::from_str(printed).unwrap();
+    assert_eq!(options["note"], serde_yaml::Value::from(note));
+    assert_eq!(options["parent"]["id"], serde_yaml::Value::from(parent.0));
+    assert_eq!(options["parent"]["options"], serde_yaml::Value::Null);
+    assert_eq!(
+        options["parent"]["cut"],
+        serde_yaml::Value::from(vec!["options", "result_text"])
+    );
+    let text = options["parent"]["result_text"].as_str().unwrap();
+    assert!(
+        text.starts_with("…x") && text.ends_with("xthe end") && text.len() > 20_000,
+        "{} bytes: {:?} … {:?}",
+        text.len(),
+        &text[..10],
+        &text[text.len() - 20..]
     );
 }
 

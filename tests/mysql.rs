@@ -133,6 +133,51 @@ async fn a_task_name_differing_in_case_is_not_run_as_another_type() {
     assert!(daemon.stop().success());
 }
 
+/// A callback's options carry the parent's options twice and its output:
+/// here 7 MB, 7 MB and 4 MB, each under its own bound, together past the
+/// server's 16 MiB `max_allowed_packet`, whatever `max_options` says. Such
+/// an insert closes the connection, so the outcome would be retried for
+/// ever; the daemon cuts what it composes to 8 MiB on MariaDB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_past_the_servers_packet_limit_is_cut_and_holds_back_no_outcome() {
+    let db = TestDb::new(Backend::MySql).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "max_options: 64MiB\noutput_tail: 4MiB\ntasks:\n  Loud:\n    command: [/bin/sh, -c, \"head -c 4000000 /dev/zero | tr '\\\\0' x; echo the end\"]\n  Done:\n    command: [/bin/cat]\n",
+    );
+    let parent = db
+        .insert_row(
+            NewRow::new("Loud")
+                .options(&format!("note: {}", "y".repeat(7_000_000)))
+                .on_success("Done"),
+        )
+        .await;
+    // The parent's outcome is written, and outcomes after it.
+    db.wait_for_state(parent, "FINISHED", WAIT).await;
+    let canary = db.insert_row(NewRow::new("NoOp")).await;
+    db.wait_for_state(canary, "FINISHED", WAIT).await;
+    let callbacks =
+        format!("SELECT count(*) FROM task_runner_requests WHERE callback_of = {parent}");
+    db.wait_for_count(&callbacks, 1, WAIT).await;
+    let callback = db
+        .scalar(&format!(
+            "SELECT id FROM task_runner_requests WHERE callback_of = {parent}"
+        ))
+        .await;
+    let done = db
+        .wait_for_state(taskrunner::request::RequestId(callback), "FINISHED", WAIT)
+        .await;
+    assert!(daemon.stop().success());
+    let length = db
+        .scalar(&format!(
+            "SELECT length(options) FROM task_runner_requests WHERE id = {}",
+            done.id
+        ))
+        .await;
+    assert!(length <= 8 << 20 && length > 7 << 20, "{length}");
+}
+
 /// A time written by the `mysql` client in a session on local time (here
 /// UTC+02:00, as on a server in Europe) and one written in UTC are read at
 /// the same instant; so is the `created_at` default of a local session.

@@ -66,6 +66,12 @@ pub struct BatchSummary {
     /// After a failure: the member that failed.
     #[serde(default)]
     pub failure: Option<Failure>,
+    /// What taskrunner left out or shortened so that the callback's options
+    /// stay within `max_options` (and 8 MiB on MariaDB/MySQL):
+    /// `result_text` (the failure's, its end kept, after `…`), `merged` (the
+    /// batch's options not merged in). Empty when nothing was.
+    #[serde(default)]
+    pub cut: Vec<String>,
 }
 
 /// The member whose failure failed a batch.
@@ -110,8 +116,30 @@ pub struct Parent {
     /// Its result text.
     #[serde(default)]
     pub result_text: Option<String>,
+    /// What taskrunner left out or shortened so that the callback's options
+    /// stay within `max_options` (and 8 MiB on MariaDB/MySQL): `options`
+    /// (left out), `result_text` (its end kept, after `…`), `merged` (the
+    /// parent's options not merged in). Empty when nothing was.
+    #[serde(default)]
+    pub cut: Vec<String>,
 }
 
 /// Options of a batch or request that has none (any keys are ignored).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 pub struct NoOptions {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_callback_summary_says_what_was_cut_and_an_uncut_one_nothing() {
+        let yaml = "order: 7\nparent: {id: 1, task: Charge, options: null, result: FINISHED, result_text: '…the end', cut: [options, result_text]}\n";
+        let callback: RequestCallback<NoOptions> = serde_yaml::from_str(yaml).unwrap();
+        assert_eq!(callback.parent.cut, ["options", "result_text"]);
+        assert_eq!(callback.parent.options, None);
+        let yaml = "parent: {id: 1, task: Charge, options: 'order: 7', result: FINISHED}\n";
+        let callback: RequestCallback<NoOptions> = serde_yaml::from_str(yaml).unwrap();
+        assert!(callback.parent.cut.is_empty());
+    }
+}

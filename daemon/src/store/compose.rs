@@ -608,10 +608,37 @@ fn batch_from_row(row: &impl RowExt) -> sqlx::Result<Batch> {
     })
 }
 
+/// The most a row the daemon composes may carry in its options (a
+/// callback's, a flow's store) on MariaDB and MySQL, whatever
+/// `max_options`: a statement past `max_allowed_packet` (16 MiB by default)
+/// is refused and its connection closed, so an outcome whose follow-up
+/// could not be written would be retried for ever; half of it leaves room
+/// for the rest of the statement and for text stored three bytes a byte.
+const MYSQL_COMPOSED_MAX: u64 = 8 << 20;
+
+impl Store {
+    /// The most a composed row's options may hold: `max_options`, so that
+    /// the row can be claimed, and on MariaDB [`MYSQL_COMPOSED_MAX`].
+    pub(super) fn composed_max(&self) -> usize {
+        let max = self.options_cap() as u64;
+        let max = match self.backend() {
+            super::Backend::MySql => max.min(MYSQL_COMPOSED_MAX),
+            _ => max,
+        };
+        max.min(usize::MAX as u64) as usize
+    }
+}
+
 /// A callback's options: `base` (the parent's or the batch's options, when
-/// they are a YAML mapping) with `key:` (the summary) added.
-fn callback_options(base: Option<&str>, key: &str, summary: Mapping) -> String {
-    let mut options = base
+/// they are a YAML mapping) with `key:` (the summary) added, in at most
+/// `max` bytes. When they would be more, the summary's `options` (the
+/// parent's options as text) are left out, then its `result_text` (or its
+/// failure's) keeps only its end, then `base` is not merged in; the
+/// summary's `cut:` names each (`options`, `result_text`, `merged`). The
+/// callback then runs with what fits, and its summary's `id` names the row
+/// that holds the rest.
+fn callback_options(base: Option<&str>, key: &str, summary: Mapping, max: usize) -> String {
+    let mut merged = base
         .and_then(|text| serde_yaml::from_str::<Value>(text).ok())
         .and_then(|value| match value {
             Value::Mapping(mapping) => Some(mapping),
@@ -622,8 +649,105 @@ fn callback_options(base: Option<&str>, key: &str, summary: Mapping) -> String {
             _ => None,
         })
         .unwrap_or_default();
-    options.insert(key.into(), Value::Mapping(summary));
-    serde_yaml::to_string(&Value::Mapping(options)).unwrap_or_default()
+    // A block mapping is its entries one after another: the merged options
+    // are written once, the summary's entry after them (and as often as
+    // cutting takes). Megabytes of options cost one parse and one write.
+    merged.remove(key);
+    let mut head = if merged.is_empty() {
+        String::new()
+    } else {
+        serde_yaml::to_string(&Value::Mapping(merged)).unwrap_or_default()
+    };
+    let tail = |summary: &Mapping| {
+        let mut entry = Mapping::new();
+        entry.insert(key.into(), Value::Mapping(summary.clone()));
+        serde_yaml::to_string(&Value::Mapping(entry)).unwrap_or_default()
+    };
+    let text_length = |summary: &mut Mapping, name: &str| match name {
+        "options" => summary
+            .get(name)
+            .and_then(Value::as_str)
+            .map_or(0, str::len),
+        _ => result_text_of(summary)
+            .and_then(|value| value.as_str())
+            .map_or(0, str::len),
+    };
+    let mut summary = summary;
+    // Each text is at least its length in YAML: skip what cannot fit.
+    let mut at_least = head.len() + text_length(&mut summary, "options");
+    at_least += text_length(&mut summary, "result_text");
+    if at_least <= max {
+        let whole = head.clone() + &tail(&summary);
+        if whole.len() <= max {
+            return whole;
+        }
+    }
+    let mut cut = Vec::new();
+    let mark = |summary: &mut Mapping, cut: &[&str]| {
+        let names = cut.iter().map(|name| Value::from(*name)).collect();
+        summary.insert("cut".into(), Value::Sequence(names));
+    };
+    if summary.get("options").is_some_and(|value| !value.is_null()) {
+        summary.insert("options".into(), Value::Null);
+        cut.push("options");
+        mark(&mut summary, &cut);
+        if head.len() + text_length(&mut summary, "result_text") <= max {
+            let fits = head.clone() + &tail(&summary);
+            if fits.len() <= max {
+                return fits;
+            }
+        }
+    }
+    let text = match result_text_of(&mut summary) {
+        Some(Value::String(text)) if !text.is_empty() => std::mem::take(text),
+        _ => String::new(),
+    };
+    if !text.is_empty() {
+        cut.push("result_text");
+        mark(&mut summary, &cut);
+    }
+    if head.len() + tail(&summary).len() > max && !head.is_empty() {
+        head.clear();
+        cut.push("merged");
+        mark(&mut summary, &cut);
+    }
+    if text.is_empty() {
+        return head + &tail(&summary);
+    }
+    // The end of the text, as much as fits. Escapes and indentation may
+    // make it longer in YAML than in bytes: then shorten it in proportion,
+    // and try again.
+    let rest = head.len() + tail(&summary).len();
+    let target = max.saturating_sub(rest);
+    let mut room = target.saturating_sub("…".len());
+    loop {
+        let mut start = text.len().saturating_sub(room);
+        while !text.is_char_boundary(start) {
+            start += 1;
+        }
+        if let Some(slot) = result_text_of(&mut summary) {
+            *slot = Value::String(format!("…{}", &text[start..]));
+        }
+        let entry = tail(&summary);
+        if head.len() + entry.len() <= max || room == 0 {
+            return head + &entry;
+        }
+        let written = (head.len() + entry.len()).saturating_sub(rest).max(1);
+        let scaled = (room as u128 * target as u128 / written as u128) as usize;
+        room = scaled.min(room - 1);
+    }
+}
+
+/// The `result_text` of a callback's summary: the parent's, or the failing
+/// member's of a batch.
+fn result_text_of(summary: &mut Mapping) -> Option<&mut Value> {
+    if summary.contains_key("result_text") {
+        return summary.get_mut("result_text");
+    }
+    match summary.get_mut("failure") {
+        Some(Value::Mapping(failure)) => failure.get_mut("result_text"),
+        _ => None,
+    }
 }
 
 /// A task type name from a row, for a log line: escaped, and shortened
@@ -872,7 +996,12 @@ impl Store {
         summary.insert("options".into(), text_value(&parent.options));
         summary.insert("result".into(), text_value(&parent.result));
         summary.insert("result_text".into(), text_value(&parent.result_text));
-        let options = callback_options(parent.options.as_deref(), "parent", summary);
+        let options = callback_options(
+            parent.options.as_deref(),
+            "parent",
+            summary,
+            self.composed_max(),
+        );
         self.insert_follow_up(
             tx,
             || {
@@ -1093,7 +1222,12 @@ impl Store {
             failure.insert("result_text".into(), text_value(&failing.result_text));
             summary.insert("failure".into(), Value::Mapping(failure));
         }
-        let options = callback_options(batch.options.as_deref(), "batch", summary);
+        let options = callback_options(
+            batch.options.as_deref(),
+            "batch",
+            summary,
+            self.composed_max(),
+        );
         let key = format!("batch:{}:{why}", batch.id);
         self.insert_follow_up(
             tx,
@@ -1301,16 +1435,119 @@ mod tests {
     fn callback_options_merge_the_summary_into_a_mapping() {
         let mut summary = Mapping::new();
         summary.insert("id".into(), 7.into());
-        let yaml = callback_options(Some("film: a.mp4\nfps: 24\n"), "batch", summary.clone());
+        let yaml = callback_options(
+            Some("film: a.mp4\nfps: 24\n"),
+            "batch",
+            summary.clone(),
+            usize::MAX,
+        );
         let value: Value = serde_yaml::from_str(&yaml).unwrap();
         assert_eq!(value["film"], Value::from("a.mp4"));
         assert_eq!(value["batch"]["id"], Value::from(7));
+        // A key of the summary's name is replaced by the summary.
+        let yaml = callback_options(Some("batch: 1\nfps: 24\n"), "batch", summary.clone(), 999);
+        let value: Value = serde_yaml::from_str(&yaml).unwrap();
+        assert_eq!(value["batch"]["id"], Value::from(7));
+        assert_eq!(value["fps"], Value::from(24));
         // Options that are not a mapping (or not YAML) give the summary alone.
         for base in [None, Some("[1, 2]"), Some("key: [unclosed")] {
-            let yaml = callback_options(base, "batch", summary.clone());
+            let yaml = callback_options(base, "batch", summary.clone(), usize::MAX);
             let value: Value = serde_yaml::from_str(&yaml).unwrap();
             assert_eq!(value.as_mapping().unwrap().len(), 1, "{base:?}");
         }
+    }
+
+    /// A request callback's summary of a parent with `options` and an
+    /// output of `output` bytes ending in `the end`.
+    fn parent_summary(options: &str, output: usize, filler: char) -> Mapping {
+        let mut summary = Mapping::new();
+        summary.insert("id".into(), 7.into());
+        summary.insert("task".into(), "Render".into());
+        summary.insert("options".into(), options.into());
+        summary.insert("result".into(), "FINISHED".into());
+        let text: String = std::iter::repeat_n(filler, output).collect();
+        summary.insert("result_text".into(), format!("{text}the end").into());
+        summary
+    }
+
+    #[test]
+    fn callback_options_past_their_bound_leave_out_the_parents_options_then_cut_its_text() {
+        let options = format!("note: {}\n", "y".repeat(30_000));
+        let summary = parent_summary(&options, 30_000, 'x');
+        let whole = callback_options(Some(&options), "parent", summary.clone(), usize::MAX);
+        assert!(whole.len() > 90_000, "{}", whole.len());
+        // Without the parent's options as text it fits: nothing else is cut.
+        let fits = callback_options(Some(&options), "parent", summary.clone(), 70_000);
+        assert!(fits.len() <= 70_000, "{}", fits.len());
+        let value: Value = serde_yaml::from_str(&fits).unwrap();
+        assert_eq!(value["note"], Value::from("y".repeat(30_000)));
+        assert_eq!(value["parent"]["options"], Value::Null);
+        assert_eq!(value["parent"]["cut"], Value::from(vec!["options"]));
+        assert_eq!(
+            value["parent"]["result_text"].as_str().unwrap().len(),
+            30_007
+        );
+        // Less room: the text keeps its end, as much as fits.
+        let cut = callback_options(Some(&options), "parent", summary.clone(), 50_000);
+        assert!(cut.len() <= 50_000 && cut.len() > 49_000, "{}", cut.len());
+        let value: Value = serde_yaml::from_str(&cut).unwrap();
+        assert_eq!(value["note"], Value::from("y".repeat(30_000)));
+        let text = value["parent"]["result_text"].as_str().unwrap();
+        assert!(
+            text.starts_with("…x") && text.ends_with("xthe end"),
+            "{text}"
+        );
+        assert_eq!(
+            value["parent"]["cut"],
+            Value::from(vec!["options", "result_text"])
+        );
+        assert_eq!(value["parent"]["id"], Value::from(7));
+        // Less than the merged options alone: they are not merged in.
+        let bare = callback_options(Some(&options), "parent", summary, 20_000);
+        assert!(
+            bare.len() <= 20_000 && bare.len() > 19_000,
+            "{}",
+            bare.len()
+        );
+        let value: Value = serde_yaml::from_str(&bare).unwrap();
+        assert_eq!(value.get("note"), None);
+        assert_eq!(
+            value["parent"]["cut"],
+            Value::from(vec!["options", "result_text", "merged"])
+        );
+        assert!(value["parent"]["result_text"]
+            .as_str()
+            .unwrap()
+            .ends_with("the end"));
+    }
+
+    #[test]
+    fn callback_options_cut_text_that_yaml_escapes_and_a_batch_failures_text() {
+        // Each control character is four bytes in YAML (`\x01`).
+        let summary = parent_summary("a: 1", 40_000, '\u{1}');
+        let cut = callback_options(Some("a: 1"), "parent", summary, 30_000);
+        assert!(cut.len() <= 30_000 && cut.len() > 29_000, "{}", cut.len());
+        let value: Value = serde_yaml::from_str(&cut).unwrap();
+        assert!(value["parent"]["result_text"]
+            .as_str()
+            .unwrap()
+            .ends_with("\u{1}the end"));
+        // A batch's summary holds the failing member's text.
+        let mut failure = Mapping::new();
+        failure.insert("id".into(), 9.into());
+        failure.insert("result_text".into(), "é".repeat(20_000).into());
+        let mut summary = Mapping::new();
+        summary.insert("id".into(), 3.into());
+        summary.insert("failure".into(), Value::Mapping(failure));
+        let cut = callback_options(Some("film: a.mp4"), "batch", summary, 10_000);
+        assert!(cut.len() <= 10_000, "{}", cut.len());
+        let value: Value = serde_yaml::from_str(&cut).unwrap();
+        assert_eq!(value["film"], Value::from("a.mp4"));
+        assert_eq!(value["batch"]["cut"], Value::from(vec!["result_text"]));
+        assert!(value["batch"]["failure"]["result_text"]
+            .as_str()
+            .unwrap()
+            .ends_with("éé"));
     }
 
     #[test]
