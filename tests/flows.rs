@@ -16,6 +16,7 @@ both_backends!(
     flow_with_unknown_name_or_bad_options_ends_failed_saying_why,
     flow_cancel_stops_a_flow_and_cancel_revert_reverts_its_finished_steps,
     purge_keeps_the_step_rows_of_a_running_flow,
+    a_step_whose_output_would_outgrow_the_flows_store_reverts_the_flow_saying_why,
 );
 
 const LONG: Duration = Duration::from_secs(60);
@@ -400,6 +401,66 @@ async fn flow_with_unknown_name_or_bad_options_ends_failed_saying_why(backend: B
     assert!(text(wait_for_flow(&db, not_yaml, "FAILED", LONG).await)
         .starts_with("options: not valid YAML"));
     wait_for_flow(&db, good, "FINISHED", LONG).await;
+    assert!(daemon.stop().success());
+}
+
+/// A flow's store is every later step's options: what steps provide must
+/// not grow it past what a step may be given (`max_options`).
+async fn a_step_whose_output_would_outgrow_the_flows_store_reverts_the_flow_saying_why(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let log = db.scratch.join("steps.log");
+    // Each step provides 25,000 bytes: the third would make the store
+    // about 75,000, more than max_options (64 KiB) allows.
+    let provider = |name: &str, word: &str, letter: char| {
+        logging_task(
+            name,
+            &log,
+            word,
+            &format!("head -c 25000 /dev/zero | tr '\\0' {letter}"),
+        )
+    };
+    let config = format!(
+        "max_options: 64KiB\noutput_tail: 64KiB\nretry_delay: 0s\ntasks:\n{}{}{}{}{}{}{}flows:\n  big:\n    steps:\n      - {{ name: s1, task: E1, revert: R1, provides: a }}\n      - {{ name: s2, task: E2, revert: R2, provides: b }}\n      - {{ name: s3, task: E3, revert: R3, provides: c }}\n      - {{ name: s4, task: E4, revert: R4 }}\n",
+        provider("E1", "e1", 'a'),
+        provider("E2", "e2", 'b'),
+        provider("E3", "e3", 'c'),
+        logging_task("E4", &log, "e4", ""),
+        logging_task("R1", &log, "r1", ""),
+        logging_task("R2", &log, "r2", ""),
+        logging_task("R3", &log, "r3", "") + &logging_task("R4", &log, "r4", ""),
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    let big = insert_flow(&db, "big", None).await;
+    // Options that alone are more than the store may hold.
+    let options = format!("note: {}", "n".repeat(70_000));
+    let too_big = insert_flow(&db, "big", Some(&options)).await;
+    let flow = wait_for_flow(&db, big, "REVERTED", LONG).await;
+    // Step 3 did its work, so it is reverted too; step 4 never ran.
+    assert_eq!(log_words(&log), ["e1", "e2", "e3", "r3", "r2", "r1"]);
+    let why = flow.result_text.as_deref().unwrap();
+    assert!(
+        why.contains("step 3 (s3) finished, but what it provided makes the flow's store")
+            && why.contains("more than a flow's store may hold (60KiB)"),
+        "{why}"
+    );
+    // The store is as it was before step 3: the reverts were given it.
+    let store = store_of(&flow);
+    assert_eq!(store["b"].as_str().map(str::len), Some(25_000));
+    assert_eq!(store.get("c"), None);
+    let reverts = db
+        .scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE flow_id = {big} AND flow_action = 'revert' AND result = 'FINISHED'"
+        ))
+        .await;
+    assert_eq!(reverts, 3);
+    let flow = wait_for_flow(&db, too_big, "FAILED", LONG).await;
+    let why = flow.result_text.as_deref().unwrap();
+    assert!(
+        why.contains("its options make its store") && why.contains("(60KiB)"),
+        "{why}"
+    );
     assert!(daemon.stop().success());
 }
 

@@ -30,6 +30,10 @@ use super::{Pool, RowExt, Store};
 use crate::flow::{self, Action, Definition};
 use Param::{Int, OptInt, OptText, Text};
 
+/// Room left in a composed row's options beside a flow's store: the
+/// summary that the flow's `on_exhausted` alert adds to it.
+const ALERT_ROOM: usize = 4 << 10;
+
 /// A flow row.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Flow {
@@ -271,6 +275,20 @@ impl Store {
         FLOW.of(self.backend())
     }
 
+    /// Whether a flow's `store` (as YAML) is more than it may hold, and if
+    /// so by how much, in words: at most what a composed row may carry (its
+    /// steps' options are the store), less [`ALERT_ROOM`].
+    fn store_over_its_bound(&self, store: &str) -> Option<String> {
+        let bound = self.composed_max().saturating_sub(ALERT_ROOM);
+        (store.len() > bound).then(|| {
+            format!(
+                "{}, more than a flow's store may hold ({})",
+                crate::units::format_size(store.len() as u64),
+                crate::units::format_size(bound as u64),
+            )
+        })
+    }
+
     pub(super) async fn lock_flow(&self, tx: &mut Tx, flow_id: i64) -> Result<bool> {
         Ok(!tx
             .fetch(&self.flow_sql().lock_flow, &[Int(flow_id)])
@@ -351,6 +369,20 @@ impl Store {
                         let stdout = at.result_text.as_deref().unwrap_or("");
                         store.insert(provides.clone().into(), flow::provided_value(stdout));
                     }
+                    let store = yaml_text(&store);
+                    if let Some(over) = self.store_over_its_bound(&store) {
+                        // What the step provided cannot be kept: the step
+                        // did its work, and the flow cannot go on. Revert
+                        // it, then the earlier ones, with the store as it was.
+                        let why = format!(
+                            "step {} ({}) finished, but what it provided makes the flow's store {over}",
+                            step + 1,
+                            steps[step].name,
+                        );
+                        self.next_revert(tx, &reverting(&flow, why), &definition, step as i64)
+                            .await?;
+                        continue;
+                    }
                     if step + 1 < steps.len() {
                         tx.execute(
                             &f.move_flow,
@@ -359,13 +391,13 @@ impl Store {
                                 Text("RUNNING"),
                                 Int(flow.attempt),
                                 Int(step as i64 + 1),
-                                Text(&yaml_text(&store)),
+                                Text(&store),
                                 OptText(flow.result_text.as_deref()),
                             ],
                         )
                         .await?;
                         let moved = Flow {
-                            store: Some(yaml_text(&store)),
+                            store: Some(store),
                             ..flow.clone()
                         };
                         let next = &steps[step + 1];
@@ -386,7 +418,7 @@ impl Store {
                                 Text("RUNNING"),
                                 Int(flow.attempt),
                                 Int(step as i64),
-                                Text(&yaml_text(&store)),
+                                Text(&store),
                                 OptText(None),
                             ],
                         )
@@ -411,12 +443,7 @@ impl Store {
                         at.result.as_deref().unwrap_or("?"),
                         first_line(at.result_text.as_deref())
                     );
-                    let reverting = Flow {
-                        state: Some("REVERTING".into()),
-                        result_text: Some(why),
-                        ..flow.clone()
-                    };
-                    self.next_revert(tx, &reverting, &definition, step as i64)
+                    self.next_revert(tx, &reverting(&flow, why), &definition, step as i64)
                         .await?;
                 }
                 (Action::Revert, true) => {
@@ -616,7 +643,14 @@ impl Store {
                 tx.commit().await?;
                 continue;
             };
-            let store = match definition.initial_store(flow.options.as_deref()) {
+            let store = definition
+                .initial_store(flow.options.as_deref())
+                .map(|store| yaml_text(&store))
+                .and_then(|store| match self.store_over_its_bound(&store) {
+                    Some(over) => Err(format!("its options make its store {over}")),
+                    None => Ok(store),
+                });
+            let store = match store {
                 Ok(store) => store,
                 Err(why) => {
                     tracing::error!(flow = flow.id, name = %flow.name, "flow {} ({}) FAILED: {why}", flow.id, flow.name);
@@ -627,11 +661,8 @@ impl Store {
                 }
             };
             let snapshot = serde_yaml::to_string(definition).unwrap_or_default();
-            tx.execute(
-                &f.take_flow,
-                &[Int(flow.id), Text(&yaml_text(&store)), Text(&snapshot)],
-            )
-            .await?;
+            tx.execute(&f.take_flow, &[Int(flow.id), Text(&store), Text(&snapshot)])
+                .await?;
             self.advance_flow(&mut tx, flow.id).await?;
             tx.commit().await?;
             tracing::info!(flow = flow.id, name = %flow.name, "flow {} ({}) started", flow.id, flow.name);
@@ -854,6 +885,15 @@ fn at_position(row: &AnyRow) -> sqlx::Result<AtPosition> {
         result_text: row.opt_text(2)?,
         open: row.int(3)? != 0,
     })
+}
+
+/// `flow`, reverting for `why`.
+fn reverting(flow: &Flow, why: String) -> Flow {
+    Flow {
+        state: Some("REVERTING".into()),
+        result_text: Some(why),
+        ..flow.clone()
+    }
 }
 
 fn first_line(text: Option<&str>) -> String {
