@@ -16,6 +16,7 @@ both_backends!(
     starts_failing_for_want_of_processes_give_the_try_back,
     a_grandchild_of_a_killed_daemons_task_is_killed_before_the_rerun,
     no_migrate_on_an_older_or_missing_schema_exits_naming_it,
+    a_host_id_too_long_for_a_claim_is_refused_at_start_and_the_longest_allowed_runs,
     a_task_of_the_daemons_user_cannot_read_its_environment,
     a_root_daemon_warns_of_root_tasks_and_refuses_group_without_user,
     idle_control_connections_cannot_take_the_daemons_descriptors,
@@ -373,6 +374,35 @@ async fn no_migrate_on_an_older_or_missing_schema_exits_naming_it(backend: Backe
     db.execute("DROP TABLE task_runner_schema_migrations").await;
     let log = exit_of("no schema");
     assert!(log.contains("has no taskrunner schema"), "{log}");
+}
+
+/// Each claim writes the host id and the daemon's instance (about a
+/// hundred characters more) into `claim_token`, a VARCHAR(255) on MariaDB
+/// and an indexed column on PostgreSQL: with a host id of 200 characters
+/// every claim on MariaDB failed ("database unavailable while claiming
+/// requests": data too long for `claim_token`), for ever, and nothing ran.
+async fn a_host_id_too_long_for_a_claim_is_refused_at_start_and_the_longest_allowed_runs(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let dir = db.scratch.join("d");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("taskrunner.yml");
+    let long = format!("host_id: {}\n", "h".repeat(200));
+    std::fs::write(&config, merge_yaml(&base_config(&db, &dir), &long)).unwrap();
+    let mut daemon = Daemon::start_with_config(&config, &[]);
+    let status = daemon.wait_exit(WAIT);
+    let log = daemon.log_text();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("host_id: at most 128 characters") && log.contains("this one has 200"),
+        "{log}"
+    );
+    // The longest allowed, in characters of two bytes, claims and runs.
+    let mut daemon = Daemon::start(&db, "e", &format!("host_id: {}\n", "é".repeat(128)));
+    let id = db.enqueue("NoOp", None).await;
+    db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert!(daemon.stop().success());
 }
 
 /// A task of the daemon's own uid read `DATABASE_URL`/`PGPASSWORD` from

@@ -22,6 +22,13 @@ pub use task_settings::{Group, TaskSettings, User};
 /// [`crate::task_types`]).
 pub(crate) const BUILTIN_TYPES: [&str; 1] = ["NoOp"];
 
+/// The longest `host_id` and `node_name`: a claim writes the host id and
+/// the daemon's instance (pid, start ticks, boot id, a random part: at most
+/// 104 characters more with the claim's round) into `claim_token`, a
+/// VARCHAR(255) on MariaDB and an indexed column on PostgreSQL; the node
+/// name goes into `task_runner_daemons.node_name`, a VARCHAR(255).
+pub(crate) const MAX_HOST_ID: usize = 128;
+
 /// `max_options` by default: far more than options need, far less than
 /// what would stall the daemon.
 pub(crate) const DEFAULT_MAX_OPTIONS: u64 = 4 * 1024 * 1024;
@@ -371,6 +378,17 @@ impl Config {
         let fail = |message: &str| -> Result<()> {
             Err(UsageError(format!("{origin}: {message}")).into())
         };
+        for (key, value) in [("host_id", &self.host_id), ("node_name", &self.node_name)] {
+            let length = value.chars().count();
+            if length == 0 {
+                return fail(&format!("{key}: must not be empty"));
+            }
+            if length > MAX_HOST_ID {
+                return fail(&format!(
+                    "{key}: at most {MAX_HOST_ID} characters (each claim writes the host id and the daemon's instance, about a hundred characters more, into 255-character columns); this one has {length}"
+                ));
+            }
+        }
         if self.max_concurrent == 0 {
             return fail("max_concurrent: must be at least 1");
         }
@@ -873,6 +891,16 @@ flows:
             "{message}"
         );
         assert!(load("output_tail: 4MiB\n").is_ok());
+        // A host id or node name longer than a claim's columns hold, or empty.
+        for (key, text) in [
+            ("host_id", format!("host_id: {}\n", "é".repeat(129))),
+            ("node_name", format!("node_name: {}\n", "n".repeat(129))),
+            ("host_id", "host_id: ''\n".to_string()),
+        ] {
+            let message = format!("{:#}", load(&text).unwrap_err());
+            assert!(message.contains(&format!("{key}: ")), "{message}");
+        }
+        assert!(load(&format!("host_id: {}\n", "é".repeat(128))).is_ok());
     }
 
     #[test]
