@@ -21,6 +21,7 @@ both_backends!(
     enqueue_sets_every_column_an_app_can_set,
     enqueue_refuses_options_that_are_not_yaml_and_an_empty_type,
     enqueue_refuses_a_wait_of_more_than_fifty_years,
+    enqueue_refuses_names_longer_than_their_columns,
     retry_of_a_row_whose_unique_key_is_held_names_the_holder_and_goes_on,
     list_filters_by_type_queue_host_and_state_and_shows_due_times,
     list_and_cancel_filter_by_batch,
@@ -162,6 +163,59 @@ async fn enqueue_refuses_a_wait_of_more_than_fifty_years(backend: Backend) {
         .await,
         2
     );
+}
+
+/// Names longer than the 255-character columns that hold them: MariaDB
+/// refused the row with its own error, SQLite and PostgreSQL stored it,
+/// and a callback's name was refused only at its parent's end, when the
+/// callback could not be made (a line in the daemon's log). Now `enqueue`
+/// refuses each with one line and writes nothing.
+async fn enqueue_refuses_names_longer_than_their_columns(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let long = "x".repeat(256);
+    for flag in [
+        "--on-success",
+        "--on-failure",
+        "--queue",
+        "--node",
+        "--not-node",
+        "--unique-key",
+    ] {
+        let (status, stdout, stderr) = cli(&db, &["enqueue", "NoOp", flag, &long]);
+        assert_eq!(status, 2, "{flag}: {stdout}{stderr}");
+        assert!(
+            stderr.contains(&format!("{flag}: a name is at most 255 characters"))
+                && stderr.contains("has 256")
+                && stderr.lines().count() == 1,
+            "{stderr}"
+        );
+    }
+    let (status, _, stderr) = cli(&db, &["enqueue", &long]);
+    assert_eq!(status, 2, "{stderr}");
+    let (status, _, stderr) = cli(&db, &["enqueue", "NoOp", "--on-success", ""]);
+    assert_eq!(status, 2, "{stderr}");
+    assert!(
+        stderr.contains("--on-success: the value is empty"),
+        "{stderr}"
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests").await,
+        0
+    );
+    // 255 characters fit.
+    let fits = "é".repeat(255);
+    let (status, _, stderr) = cli(
+        &db,
+        &[
+            "enqueue",
+            "NoOp",
+            "--on-success",
+            &fits,
+            "--unique-key",
+            &fits,
+        ],
+    );
+    assert_eq!(status, 0, "{stderr}");
 }
 
 /// `retry` of an ended row whose `unique_key` a newer request, not ended,

@@ -189,6 +189,9 @@ impl Enqueue {
         E::Database: Backend,
     {
         let options = self.options.clone().map_err(Error::Options)?;
+        name_fits("task type", Some(&self.task))?;
+        name_fits("on_success", self.on_success.as_ref())?;
+        name_fits("on_failure", self.on_failure.as_ref())?;
         if self.delay.is_some_and(|delay| delay > LONGEST_DELAY) {
             return Err(Error::Options(format!(
                 "a delay of {} s is more than 50 years",
@@ -253,6 +256,29 @@ impl Enqueue {
             )))
         }
     }
+}
+
+/// The longest task type name (`task_class_name`, `on_success`, …): the
+/// columns hold 255 characters.
+pub const LONGEST_NAME: usize = 255;
+
+/// Refuses a type name (`what`) that is empty or longer than
+/// [`LONGEST_NAME`]: MariaDB refuses the row, and on SQLite and PostgreSQL
+/// a callback of such a name could not be made when its parent ends.
+fn name_fits(what: &str, name: Option<&String>) -> Result<(), Error> {
+    let Some(name) = name else {
+        return Ok(());
+    };
+    let length = name.chars().count();
+    if name.trim().is_empty() {
+        return Err(Error::Options(format!("the {what} name is empty")));
+    }
+    if length > LONGEST_NAME {
+        return Err(Error::Options(format!(
+            "the {what} name is {length} characters long, more than {LONGEST_NAME}"
+        )));
+    }
+    Ok(())
 }
 
 /// The longest [`Enqueue::delay`]: fifty years, as `taskrunner-cli enqueue
@@ -617,6 +643,8 @@ impl Batch {
         C::Database: Backend,
         for<'c> &'c mut C: Executor<'c, Database = C::Database>,
     {
+        name_fits("on_complete", self.on_complete.as_ref())?;
+        name_fits("on_failure", self.on_failure.as_ref())?;
         let values = BatchValues {
             name: self.name.clone(),
             options: self.options.clone().map_err(Error::Options)?,
@@ -1004,6 +1032,33 @@ mod tests {
             rows[0].1.as_deref().is_some_and(|t| t.starts_with("20")),
             "{rows:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn type_names_empty_or_past_255_characters_are_refused_and_insert_nothing() {
+        let pool = table().await;
+        let long = "x".repeat(256);
+        for enqueue in [
+            Enqueue::named(long.clone(), &()),
+            Enqueue::named("", &()),
+            Enqueue::named("NoOp", &()).on_success_named(long.clone()),
+            Enqueue::named("NoOp", &()).on_failure_named(long.clone()),
+        ] {
+            let refused = enqueue.insert(&pool).await;
+            assert!(
+                matches!(&refused, Err(Error::Options(message)) if message.contains("name is")),
+                "{refused:?}"
+            );
+        }
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM task_runner_requests")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(count, 0);
+        Enqueue::named("é".repeat(255), &())
+            .insert(&pool)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

@@ -89,7 +89,7 @@ use serde::de::DeserializeOwned;
 
 pub use callback::{BatchCallback, BatchSummary, Failure, NoOptions, Parent, RequestCallback};
 #[cfg(feature = "enqueue")]
-pub use enqueue::{Batch, Enqueue, StartFlow, LONGEST_DELAY};
+pub use enqueue::{Batch, Enqueue, StartFlow, LONGEST_DELAY, LONGEST_NAME};
 pub use flow::{Flow, OptionType};
 pub use options::parse_options;
 #[cfg(feature = "enqueue")]

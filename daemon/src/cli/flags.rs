@@ -669,11 +669,29 @@ async fn run_one(
                 ("--node", &node),
                 ("--not-node", &not_node),
                 ("--unique-key", &unique_key),
+                ("--on-success", &on_success),
+                ("--on-failure", &on_failure),
             ] {
                 if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
                     return Err(
                         crate::usage::UsageError(format!("{flag}: the value is empty")).into(),
                     );
+                }
+            }
+            // Longer than the columns that hold them: MariaDB refuses the
+            // row, and a callback's name would be refused only at the
+            // parent's end, when its callback could not be made.
+            for (flag, value) in [
+                ("TASK", Some(&task)),
+                ("--on-success", on_success.as_ref()),
+                ("--on-failure", on_failure.as_ref()),
+                ("--queue", queue.as_ref()),
+                ("--node", node.as_ref()),
+                ("--not-node", not_node.as_ref()),
+                ("--unique-key", unique_key.as_ref()),
+            ] {
+                if let Some(value) = value {
+                    crate::config::name_fits(flag, value).map_err(crate::usage::UsageError)?;
                 }
             }
             if let Some(options) = &options {
