@@ -43,6 +43,18 @@ const AHEAD_HORIZON: Duration = Duration::from_millis(50);
 /// At most this many rows per slot are claimed ahead.
 const AHEAD_PER_SLOT: usize = 16;
 
+/// A row claimed ahead holds its options in the daemon's memory until it
+/// starts: a claim that takes rows ahead leaves out options longer than
+/// this (up to sixteen rows a slot of `max_options`, 4 MiB, would be
+/// hundreds of megabytes). Such a row is given back without a try and
+/// claimed again into a free slot (`attempt::run_claimed`).
+const AHEAD_OPTIONS: u64 = 64 * 1024;
+
+/// After a claim met a row with options longer than [`AHEAD_OPTIONS`],
+/// claims take no rows ahead for this long (renewed by each such row), so
+/// that a queue of such rows is claimed slot by slot, not given back.
+const LARGE_OPTIONS_PAUSE: Duration = Duration::from_secs(1);
+
 /// The batch repair pass runs on each poll and wake-up, but at most this often
 /// (a wake-up comes with every try that ends).
 const REPAIR_AT_MOST_EVERY: Duration = Duration::from_millis(200);
@@ -185,6 +197,8 @@ impl Scheduler {
         // joins only once its task starts) so that a queue's limit always holds.
         let mut running_by_queue: HashMap<String, usize> = HashMap::new();
         let mut typical_run: Option<Duration> = None;
+        // When a claim last met a row with large options (see AHEAD_OPTIONS).
+        let mut large_options_seen: Option<Instant> = None;
         let mut tally = Tally::default();
         let mut claim_counter: u64 = 0;
         let mut backoff = Backoff::default();
@@ -235,7 +249,9 @@ impl Scheduler {
             let config = Setup::current_config(&self.setup);
             let (running, waiting) = slots.fill(config.max_concurrent);
             let claimed = running + waiting;
-            let ahead = if config.queues.is_empty() {
+            let large_options_lately =
+                large_options_seen.is_some_and(|seen| seen.elapsed() < LARGE_OPTIONS_PAUSE);
+            let ahead = if config.queues.is_empty() && !large_options_lately {
                 claim_ahead(
                     config.max_concurrent,
                     typical_run,
@@ -260,8 +276,15 @@ impl Scheduler {
                 claim_counter += 1;
                 let token = self.instance.claim_token(claim_counter);
                 let budget = (config.max_concurrent + ahead).saturating_sub(claimed);
-                let round =
-                    self.claim_round(&config, &token, (budget, idle_slots), &running_by_queue);
+                // Rows claimed ahead never hold large options.
+                let options_inline = (budget > idle_slots).then_some(AHEAD_OPTIONS);
+                let round = self.claim_round(
+                    &config,
+                    &token,
+                    (budget, idle_slots),
+                    options_inline,
+                    &running_by_queue,
+                );
                 let sent = std::time::SystemTime::now();
                 let Some(round) = super::unless_stopping(&cancel, round).await else {
                     break;
@@ -274,6 +297,9 @@ impl Scheduler {
                         };
                         self.health.succeeded("claiming requests");
                         backoff.reset();
+                        if rows.iter().any(|row| row.options_length > AHEAD_OPTIONS) {
+                            large_options_seen = Some(Instant::now());
+                        }
                         for row in rows {
                             self.metrics.claimed(&row.queue, row.waited);
                             *running_by_queue.entry(row.queue.clone()).or_default() += 1;
@@ -395,6 +421,7 @@ impl Scheduler {
         config: &crate::config::Config,
         token: &crate::instance::ClaimToken,
         (mut budget, mut slots): (usize, usize),
+        options_inline: Option<u64>,
         running_by_queue: &HashMap<String, usize>,
     ) -> anyhow::Result<(Vec<Claimed>, bool)> {
         let limited: Vec<(&str, u32)> = config
@@ -430,6 +457,7 @@ impl Scheduler {
                 queue,
                 task: None,
                 excluded_tasks: &excluded,
+                options_inline,
             };
             let want = room.min(budget);
             if want > 0 {

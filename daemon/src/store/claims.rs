@@ -47,6 +47,11 @@ pub(crate) struct ClaimFilter<'a> {
     pub(crate) task: Option<&'a str>,
     /// Task types to leave alone (those with a concurrency limit, claimed apart).
     pub(crate) excluded_tasks: &'a [String],
+    /// Options longer than this come back left out (their length alone),
+    /// even under `max_options`: a claim that takes rows ahead of its free
+    /// slots, so that rows waiting for a slot never hold large options in
+    /// the daemon's memory. `None`: `max_options`.
+    pub(crate) options_inline: Option<u64>,
 }
 
 impl ClaimFilter<'_> {
@@ -137,6 +142,14 @@ impl Store {
             .min(i64::MAX as u64) as i64
     }
 
+    /// The longest options a claim through `filter` returns whole.
+    pub(super) fn inline_cap(&self, filter: &ClaimFilter<'_>) -> i64 {
+        let cap = self.options_cap();
+        filter
+            .options_inline
+            .map_or(cap, |inline| cap.min(inline.min(i64::MAX as u64) as i64))
+    }
+
     /// Claims up to `limit` runnable rows that pass `filter`, in one statement.
     pub(crate) async fn claim_filtered(
         &self,
@@ -158,7 +171,7 @@ impl Store {
                 filter,
                 filter.task.unwrap_or(""),
                 excluded.as_str(),
-                self.options_cap(),
+                self.inline_cap(filter),
             );
             query.fetch_all(pool.claim_on(self, filter)).await?
                 .iter()
@@ -208,7 +221,7 @@ impl Store {
                     filter,
                     task,
                     "[]",
-                    self.options_cap(),
+                    self.inline_cap(filter),
                 )
                 .fetch_all(&mut *transaction)
                     .await?

@@ -624,7 +624,7 @@ impl Store {
         let read = sql
             .claimed_rows
             .replace("{ids}", &parameter_list(1, ids.len()))
-            .replace("{cap}", &self.options_cap().to_string());
+            .replace("{cap}", &self.inline_cap(filter).to_string());
         let mut read = query(sqlx::AssertSqlSafe(read));
         for id in &ids {
             read = read.bind(*id);

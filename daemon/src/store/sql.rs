@@ -1192,6 +1192,7 @@ mod tests {
                 queue,
                 task,
                 excluded_tasks: &[],
+                options_inline: None,
             };
             let plan = sqlite_plan(
                 &store,
