@@ -599,6 +599,55 @@ async fn daemonize_returns_once_ready_and_leaves_the_daemon_running() {
         .contains("taskrunnerd stopped"));
 }
 
+/// Under SysV and OpenRC the daemon writes to its `log_file`, which nothing
+/// rotated: a logrotate that moved it away left the daemon writing into
+/// the moved file for ever. Now SIGHUP (logrotate's `postrotate`, see
+/// `init/taskrunner.logrotate`) opens the file again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_opens_a_daemonized_log_file_again_after_a_rotation() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let config = write_config(
+        &db,
+        "d",
+        "pidfile: run/taskrunnerd.pid\nlog_file: taskrunnerd.log\n",
+    );
+    let dir = config.parent().unwrap().to_path_buf();
+    let launched = Command::new(DAEMON)
+        .arg("--config")
+        .arg(&config)
+        .arg("--daemonize")
+        .current_dir(&dir)
+        .env_remove("DATABASE_URL")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(launched.status.success(), "{}", text(&launched));
+    let pid = pid_in(&dir.join("run/taskrunnerd.pid")).expect("the pidfile");
+    let _guard = KillOnDrop(pid);
+    // What logrotate does: move the file away (a new one is created by
+    // `create`, or by the daemon), then SIGHUP.
+    let log = dir.join("taskrunnerd.log");
+    let rotated = dir.join("taskrunnerd.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    kill(Pid::from_raw(pid), Signal::SIGHUP).unwrap();
+    let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
+    wait_until(WAIT, "the reload logged in the new log file", || {
+        read(&log).contains("config reloaded")
+    });
+    assert!(read(&log).contains("log file"), "{}", read(&log));
+    assert!(read(&rotated).contains("taskrunnerd started"));
+    assert!(!read(&rotated).contains("config reloaded"));
+    // The daemon's own lines about tries go there too.
+    let id = db.enqueue("NoOp", Some("a: 1")).await;
+    db.wait_for_state(id, "FINISHED", WAIT).await;
+    kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
+    wait_until(WAIT, "the daemonized daemon to exit", || {
+        !process_exists(pid)
+    });
+    assert!(read(&log).contains("taskrunnerd stopped"), "{}", read(&log));
+    assert!(!read(&rotated).contains("taskrunnerd stopped"));
+}
+
 // ---------------------------------------------------------------------------
 // Control socket
 

@@ -223,6 +223,27 @@ pub fn daemonize(log_file: Option<&Path>) -> Result<ReadyPipe> {
     Ok(ReadyPipe(write_end))
 }
 
+/// Opens `log_file` again (appending, created if missing) as stdout and
+/// stderr: after a log rotation moved the file away, the daemon writes to
+/// the new file (logrotate's `postrotate` sends SIGHUP). `dup2` replaces
+/// both descriptors at once; a line being written meanwhile goes to either
+/// file whole.
+pub fn reopen_log(log_file: &Path) -> Result<()> {
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(log_file)
+        .with_context(|| format!("opening the log file {}", log_file.display()))?;
+    for fd in [1, 2] {
+        // SAFETY: replaces a standard descriptor of this process with a
+        // duplicate of one it owns; no memory is involved.
+        if unsafe { libc::dup2(log.as_raw_fd(), fd) } < 0 {
+            return Err(std::io::Error::last_os_error()).context("dup2 onto the log file");
+        }
+    }
+    Ok(())
+}
+
 /// Tells systemd (`Type=notify`) about our state, if it is listening.
 pub fn notify_systemd(state: &str) {
     let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {

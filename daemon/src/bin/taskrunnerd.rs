@@ -69,6 +69,8 @@ fn main() -> ExitCode {
         Err(error) => return fail(&error),
     };
     // The one bare fork: before the runtime (and any thread) exists.
+    // Its log file is opened again at each SIGHUP (a rotation moved it).
+    let log_file = config.log_file.clone().filter(|_| flags.daemonize);
     let ready_pipe = if flags.daemonize {
         match service::daemonize(config.log_file.as_deref()) {
             Ok(pipe) => Some(pipe),
@@ -100,6 +102,7 @@ fn main() -> ExitCode {
                 overrides,
                 flags.no_migrate,
                 ready_pipe.clone(),
+                log_file,
             ));
             runtime.shutdown_timeout(Duration::from_secs(1));
             result
@@ -136,6 +139,7 @@ async fn serve(
     mut overrides: Overrides,
     no_migrate: bool,
     ready_pipe: Arc<Mutex<Option<service::ReadyPipe>>>,
+    log_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     // Held (locked) until this function returns, removed on drop.
     let _pidfile = match &config.pidfile {
@@ -155,6 +159,7 @@ async fn serve(
         triggers.clone(),
         ready.clone(),
         file,
+        log_file,
     ));
     let stopping = triggers.shutdown.clone();
     let notify_stopping = tokio::spawn(async move {
@@ -202,12 +207,15 @@ impl Signals {
 }
 
 /// SIGTERM/SIGINT: graceful stop; a second one during the drain stops the
-/// tasks at once. SIGHUP: reload the config file.
+/// tasks at once. SIGHUP: reopen `log_file` (a daemonized daemon's, which
+/// logrotate moved away: `init/taskrunner.logrotate`), then reload the
+/// config file.
 async fn handle_signals(
     mut signals: Signals,
     triggers: Triggers,
     ready: Arc<AtomicBool>,
     file: Option<PathBuf>,
+    log_file: Option<PathBuf>,
 ) {
     let stop = |name: &str| {
         if triggers.shutdown.is_cancelled() {
@@ -222,15 +230,35 @@ async fn handle_signals(
         tokio::select! {
             _ = signals.term.recv() => stop("SIGTERM"),
             _ = signals.int.recv() => stop("SIGINT"),
-            _ = signals.hup.recv() => match (ready.load(Ordering::SeqCst), &file) {
+            _ = signals.hup.recv() => {
+                reopen(log_file.as_deref());
+                match (ready.load(Ordering::SeqCst), &file) {
                 (true, Some(path)) => {
                     tracing::info!("SIGHUP received: reloading {}", path.display());
                     triggers.reload.notify_one();
                 }
                 (false, _) => tracing::warn!("SIGHUP before the daemon was ready: ignored"),
                 (_, None) => tracing::warn!("SIGHUP: no config file to reload"),
-            },
+                }
+            }
         }
+    }
+}
+
+/// Opens `log_file` again onto stdout and stderr, logging the outcome:
+/// the line written before the reopen goes to the old file, the rest to
+/// the new one.
+fn reopen(log_file: Option<&std::path::Path>) {
+    let Some(path) = log_file else {
+        return;
+    };
+    match service::reopen_log(path) {
+        Ok(()) => tracing::info!("SIGHUP received: log file {} opened again", path.display()),
+        Err(error) => tracing::error!(
+            "SIGHUP received: log file {} not opened again, logging on to the old one: {}",
+            path.display(),
+            taskrunner::error_line(&error)
+        ),
     }
 }
 
