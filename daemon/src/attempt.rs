@@ -189,7 +189,9 @@ pub(crate) struct TryInput<'a> {
     /// The row's claim token, which names the try's cgroup.
     pub(crate) claim_token: Option<&'a str>,
     /// The length of the row's options when the claim left them out
-    /// (longer than `max_options`); `None`: `options` is the whole value.
+    /// (longer than `max_options`: the try is rejected; a row left out by
+    /// a claim ahead is given back before it gets here, see
+    /// [`run_claimed`]); `None`: `options` is the whole value.
     pub(crate) options_left_out: Option<u64>,
 }
 

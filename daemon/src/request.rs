@@ -117,7 +117,9 @@ pub struct Claimed {
     /// The row has `on_success` or `on_failure`.
     pub(crate) has_callbacks: bool,
     /// The length of `options` in the row, in bytes: longer than the
-    /// store's `max_options`, `options` was left out of the claim (empty).
+    /// store's `max_options`, or than a claim ahead of free slots takes
+    /// (`ClaimFilter::options_inline`), `options` was left out of the claim
+    /// (empty).
     pub(crate) options_length: u64,
     /// `cancel_requested_at` was set before the claim (plain SQL on a
     /// pending row): the try ends CANCELLED without starting.
