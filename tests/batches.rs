@@ -764,22 +764,11 @@ async fn on_success_sees_the_parent_result_text(backend: Backend) {
                 .on_failure("Alert"),
         )
         .await;
+    let done = db
+        .finished_callback_of(parent, Duration::from_secs(30))
+        .await;
     let callbacks =
         format!("SELECT count(*) FROM task_runner_requests WHERE callback_of = {parent}");
-    db.wait_for_count(&callbacks, 1, Duration::from_secs(30))
-        .await;
-    let done = db
-        .scalar(&format!(
-            "SELECT id FROM task_runner_requests WHERE callback_of = {parent}"
-        ))
-        .await;
-    let done = db
-        .wait_for_state(
-            taskrunner::request::RequestId(done),
-            "FINISHED",
-            Duration::from_secs(30),
-        )
-        .await;
     for daemon in &mut daemons {
         assert!(daemon.stop().success());
     }
@@ -822,21 +811,8 @@ async fn a_callback_whose_options_would_pass_max_options_runs_with_the_parents_o
                 .on_success("Done"),
         )
         .await;
-    let callbacks =
-        format!("SELECT count(*) FROM task_runner_requests WHERE callback_of = {parent}");
-    db.wait_for_count(&callbacks, 1, Duration::from_secs(30))
-        .await;
     let done = db
-        .scalar(&format!(
-            "SELECT id FROM task_runner_requests WHERE callback_of = {parent}"
-        ))
-        .await;
-    let done = db
-        .wait_for_state(
-            taskrunner::request::RequestId(done),
-            "FINISHED",
-            Duration::from_secs(30),
-        )
+        .finished_callback_of(parent, Duration::from_secs(30))
         .await;
     for daemon in &mut daemons {
         assert!(daemon.stop().success());

@@ -157,17 +157,7 @@ async fn a_callback_past_the_servers_packet_limit_is_cut_and_holds_back_no_outco
     db.wait_for_state(parent, "FINISHED", WAIT).await;
     let canary = db.insert_row(NewRow::new("NoOp")).await;
     db.wait_for_state(canary, "FINISHED", WAIT).await;
-    let callbacks =
-        format!("SELECT count(*) FROM task_runner_requests WHERE callback_of = {parent}");
-    db.wait_for_count(&callbacks, 1, WAIT).await;
-    let callback = db
-        .scalar(&format!(
-            "SELECT id FROM task_runner_requests WHERE callback_of = {parent}"
-        ))
-        .await;
-    let done = db
-        .wait_for_state(taskrunner::request::RequestId(callback), "FINISHED", WAIT)
-        .await;
+    let done = db.finished_callback_of(parent, WAIT).await;
     assert!(daemon.stop().success());
     let length = db
         .scalar(&format!(

@@ -537,6 +537,20 @@ async fn a_control_socket_held_without_an_answer_does_not_stop_the_next_daemon()
 // ---------------------------------------------------------------------------
 // --daemonize
 
+/// Runs `taskrunnerd --daemonize` with `config`, in its directory; the
+/// launching process's output (it exits once the daemon is ready).
+fn launch_daemonized(config: &Path) -> Output {
+    Command::new(DAEMON)
+        .arg("--config")
+        .arg(config)
+        .arg("--daemonize")
+        .current_dir(config.parent().unwrap())
+        .env_remove("DATABASE_URL")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemonize_returns_once_ready_and_leaves_the_daemon_running() {
     let db = TestDb::new(Backend::Sqlite).await;
@@ -547,17 +561,7 @@ async fn daemonize_returns_once_ready_and_leaves_the_daemon_running() {
     );
     let dir = config.parent().unwrap().to_path_buf();
     let pidfile = dir.join("run/taskrunnerd.pid");
-    let launch = || {
-        Command::new(DAEMON)
-            .arg("--config")
-            .arg(&config)
-            .arg("--daemonize")
-            .current_dir(&dir)
-            .env_remove("DATABASE_URL")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
+    let launch = || launch_daemonized(&config);
     let launched = launch();
     assert!(launched.status.success(), "{}", text(&launched));
     // Ready means the pidfile is written and the socket answers.
@@ -612,15 +616,7 @@ async fn sighup_opens_a_daemonized_log_file_again_after_a_rotation() {
         "pidfile: run/taskrunnerd.pid\nlog_file: taskrunnerd.log\n",
     );
     let dir = config.parent().unwrap().to_path_buf();
-    let launched = Command::new(DAEMON)
-        .arg("--config")
-        .arg(&config)
-        .arg("--daemonize")
-        .current_dir(&dir)
-        .env_remove("DATABASE_URL")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let launched = launch_daemonized(&config);
     assert!(launched.status.success(), "{}", text(&launched));
     let pid = pid_in(&dir.join("run/taskrunnerd.pid")).expect("the pidfile");
     let _guard = KillOnDrop(pid);

@@ -176,6 +176,21 @@ impl TestDb {
             .await
     }
 
+    /// Waits for the one callback row of request `parent` (`callback_of`)
+    /// and for it to be FINISHED, `timeout` each; returns it.
+    pub async fn finished_callback_of(&self, parent: RequestId, timeout: Duration) -> Request {
+        let callbacks =
+            format!("SELECT count(*) FROM task_runner_requests WHERE callback_of = {parent}");
+        self.wait_for_count(&callbacks, 1, timeout).await;
+        let id = self
+            .scalar(&format!(
+                "SELECT id FROM task_runner_requests WHERE callback_of = {parent}"
+            ))
+            .await;
+        self.wait_for_state(RequestId(id), "FINISHED", timeout)
+            .await
+    }
+
     /// Waits until row `id` has `result` = `state`.
     pub async fn wait_for_state(&self, id: RequestId, state: &str, timeout: Duration) -> Request {
         self.wait_for(id, timeout, state, |row| {
