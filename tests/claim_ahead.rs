@@ -322,6 +322,17 @@ async fn rows_with_large_options_are_claimed_only_into_a_free_slot(backend: Back
     db.wait_for_state(warm, "FINISHED", WAIT).await;
     // Pinned to another node until all are in, then claimable at once.
     let large = format!("data: {}\n", "x".repeat(2 << 20));
+    // The first cancelled by plain SQL before its claim: it must end
+    // CANCELLED, not be given back (which would end the try the cancel is
+    // for, so that the next claim cleared it) and run.
+    let cancelled = db
+        .insert_row(
+            NewRow::new("Quick")
+                .options(&large)
+                .text("node", "elsewhere")
+                .sql("cancel_requested_at", crate::util::sql_now_plus(backend, 0)),
+        )
+        .await;
     for _ in 0..24 {
         db.insert_row(
             NewRow::new("Quick")
@@ -334,6 +345,11 @@ async fn rows_with_large_options_are_claimed_only_into_a_free_slot(backend: Back
     let (peak_before, _) = crate::util::memory_kib(daemon.pid());
     db.execute("UPDATE task_runner_requests SET node = NULL WHERE node = 'elsewhere'")
         .await;
+    db.wait_for_state(cancelled, "CANCELLED", WAIT).await;
+    db.execute(&format!(
+        "DELETE FROM task_runner_requests WHERE id = {cancelled}"
+    ))
+    .await;
     assert_all_finished_once(&db, 25).await;
     let (peak_after, _) = crate::util::memory_kib(daemon.pid());
     let grew_mib = peak_after.saturating_sub(peak_before) / 1024;

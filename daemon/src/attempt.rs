@@ -108,7 +108,12 @@ pub(crate) async fn run_claimed(
     let left_out = (row.options.is_empty() && row.options_length > 0)
         .then_some(row.options_length)
         .filter(|length| *length <= context.config.max_options);
-    let verdict = if let Some(length) = left_out {
+    let verdict = if row.cancel_requested {
+        // Cancelled while it waited (plain SQL sets `cancel_requested_at`
+        // without knowing whether the row runs yet): not started, as a
+        // rejected try is not, and its slot is never taken.
+        Verdict::new(State::Cancelled, "cancelled before it ran")
+    } else if let Some(length) = left_out {
         // Left out of a claim ahead of a free slot (see the scheduler's
         // AHEAD_OPTIONS), not for max_options: given back without a try,
         // and claimed again into a free slot with its options.
@@ -119,11 +124,6 @@ pub(crate) async fn run_claimed(
                 crate::units::format_size(length)
             ),
         )
-    } else if row.cancel_requested {
-        // Cancelled while it waited (plain SQL sets `cancel_requested_at`
-        // without knowing whether the row runs yet): not started, as a
-        // rejected try is not, and its slot is never taken.
-        Verdict::new(State::Cancelled, "cancelled before it ran")
     } else {
         run(context, input, gate, stop, progress, on_running).await
     };
