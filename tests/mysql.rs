@@ -254,6 +254,39 @@ async fn an_id_is_never_reused_after_the_server_restarts() {
     );
 }
 
+/// A server whose `max_allowed_packet` is under MariaDB's 16 MiB default
+/// (MySQL 5.7's was 4 MiB): a statement past it closes the connection, so
+/// an outcome too large for it (a result text of up to 12 MiB, outcomes
+/// written together, a callback's options) would be retried for ever.
+/// Refused at start with one line; before, the daemon started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_max_allowed_packet_is_under_16_mib_is_refused_at_start() {
+    let server = PrivateServer::start(Backend::MySql);
+    let db = server.test_db().await;
+    db.execute("SET GLOBAL max_allowed_packet = 4194304").await;
+    let dir = db.scratch.join("d");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("taskrunner.yml");
+    std::fs::write(
+        &config,
+        crate::util::merge_yaml(&crate::util::base_config(&db, &dir), ""),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start_with_config(&config, &[]);
+    let status = daemon.wait_exit(WAIT);
+    let log = daemon.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("max_allowed_packet is 4MiB") && log.contains("at least 16MiB"),
+        "{log}"
+    );
+    db.execute("SET GLOBAL max_allowed_packet = 16777216").await;
+    let mut daemon = Daemon::start(&db, "e", "");
+    let id = db.enqueue("NoOp", None).await;
+    db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert!(daemon.stop().success());
+}
+
 /// Inserts a row with the `mysql` client (by hand: the id the server hands
 /// out to the statement is what the test is about), retrying until the
 /// server answers; the row's id.

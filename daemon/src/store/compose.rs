@@ -614,7 +614,7 @@ fn batch_from_row(row: &impl RowExt) -> sqlx::Result<Batch> {
 /// is refused and its connection closed, so an outcome whose follow-up
 /// could not be written would be retried for ever; half of it leaves room
 /// for the rest of the statement and for text stored three bytes a byte.
-const MYSQL_COMPOSED_MAX: u64 = 8 << 20;
+const MYSQL_COMPOSED_MAX: u64 = super::mysql::MIN_PACKET as u64 / 2;
 
 impl Store {
     /// The most a composed row's options may hold: `max_options`, so that

@@ -363,6 +363,26 @@ pub(crate) fn version_refusal(version: &str) -> Option<String> {
     }
 }
 
+/// The smallest `max_allowed_packet` taskrunner works with: MariaDB's
+/// default. A statement past it is refused and its connection closed, so
+/// an outcome too large for it would be retried for ever. What the daemon
+/// writes is bounded under it: one result text (`output_tail` at most
+/// 4 MiB, each byte that is not UTF-8 stored as three), outcomes written
+/// together (2 MiB of text), a row it composes (8 MiB).
+pub(crate) const MIN_PACKET: i64 = 16 << 20;
+
+/// `None` if the server's `max_allowed_packet` (`packet`, bytes) is large
+/// enough, else the one line that says why not.
+pub(crate) fn packet_refusal(packet: i64) -> Option<String> {
+    (packet < MIN_PACKET).then(|| {
+        format!(
+            "the server's max_allowed_packet is {}: taskrunner needs at least {} (a result text may take 12MiB, a callback's options 8MiB); set max_allowed_packet = 16M in the server's config (MariaDB's default)",
+            crate::units::format_size(packet.max(0) as u64),
+            crate::units::format_size(MIN_PACKET as u64)
+        )
+    })
+}
+
 /// Each connection: a strict `sql_mode` (a value that does not fit is an
 /// error, never silently truncated), `||` as concatenation (the shared
 /// statements use it), and READ COMMITTED, so that the claim's locking
@@ -734,5 +754,16 @@ mod tests {
             "{old}"
         );
         assert!(version_refusal("5.5.5-10.4.1-MariaDB").is_some());
+    }
+
+    #[test]
+    fn a_max_allowed_packet_under_16_mib_is_refused_naming_both() {
+        assert!(packet_refusal(16 << 20).is_none());
+        assert!(packet_refusal(64 << 20).is_none());
+        let small = packet_refusal(4 << 20).unwrap();
+        assert!(
+            small.contains("max_allowed_packet is 4MiB") && small.contains("at least 16MiB"),
+            "{small}"
+        );
     }
 }

@@ -696,15 +696,20 @@ impl Store {
     /// PostgreSQL: the database must store UTF-8. With another server
     /// encoding (SQL_ASCII above all) a row holding bytes that are not UTF-8
     /// cannot be read, and would stop every claim; refused at start.
-    /// MariaDB/MySQL: a server older than the minimum is refused at start,
-    /// naming the version found and the one needed.
+    /// MariaDB/MySQL: a server older than the minimum, or whose
+    /// `max_allowed_packet` is under 16 MiB, is refused at start, naming
+    /// what it found and what is needed.
     pub(crate) async fn check_encoding(&self) -> Result<()> {
         if let Pool::MySql(pool) = &self.pool {
-            let version: String = sqlx::query_scalar("SELECT VERSION()")
-                .fetch_one(pool)
-                .await
-                .with_context(|| format!("reading the server version of {}", self.display_url))?;
-            return match mysql::version_refusal(&version) {
+            let (version, packet): (String, i64) =
+                sqlx::query_as("SELECT VERSION(), CAST(@@max_allowed_packet AS SIGNED)")
+                    .fetch_one(pool)
+                    .await
+                    .with_context(|| {
+                        format!("reading the server version of {}", self.display_url)
+                    })?;
+            return match mysql::version_refusal(&version).or_else(|| mysql::packet_refusal(packet))
+            {
                 None => Ok(()),
                 Some(refusal) => {
                     Err(SchemaMismatch(format!("{}: {refusal}", self.display_url)).into())
