@@ -458,11 +458,8 @@ async fn a_schema_newer_than_the_binary_is_refused_and_left_as_it_is(backend: Ba
     assert_eq!(status, 1, "{stdout}{stderr}");
     says(one_line(&stderr));
     // A daemon exits 1 with the same line, at once (retrying cannot fix it).
-    let config = db.daemon("d").write_config();
-    let mut daemon = Daemon::start_with_config(&config, &[]);
-    let status = daemon.wait_exit(WAIT);
-    let log = daemon.log_text();
-    assert_eq!(status.code(), Some(1), "{log}");
+    let (code, log) = db.daemon("d").refused();
+    assert_eq!(code, Some(1), "{log}");
     says(&log);
     assert!(!log.contains("rebuilding"), "{log}");
     // Nothing was touched.

@@ -385,15 +385,9 @@ async fn a_host_id_too_long_for_a_claim_is_refused_at_start_and_the_longest_allo
     backend: Backend,
 ) {
     let db = TestDb::new(backend).await;
-    let dir = db.scratch.join("d");
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("taskrunner.yml");
     let long = format!("host_id: {}\n", "h".repeat(200));
-    std::fs::write(&config, merge_yaml(&base_config(&db, &dir), &long)).unwrap();
-    let mut daemon = Daemon::start_with_config(&config, &[]);
-    let status = daemon.wait_exit(WAIT);
-    let log = daemon.log_text();
-    assert_eq!(status.code(), Some(2), "{log}");
+    let (code, log) = db.daemon("d").yaml(&long).refused();
+    assert_eq!(code, Some(2), "{log}");
     assert!(
         log.contains("host_id: at most 128 characters") && log.contains("this one has 200"),
         "{log}"
@@ -454,18 +448,8 @@ async fn a_root_daemon_warns_of_root_tasks_and_refuses_group_without_user(backen
         WAIT,
     );
     assert!(daemon.stop().success());
-    let dir = db.scratch.join("g");
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("taskrunner.yml");
-    std::fs::write(
-        &config,
-        merge_yaml(&base_config(&db, &dir), "group: nogroup\n"),
-    )
-    .unwrap();
-    let mut daemon = Daemon::start_with_config(&config, &[]);
-    let status = daemon.wait_exit(WAIT);
-    let log = daemon.log_text();
-    assert_eq!(status.code(), Some(2), "{log}");
+    let (code, log) = db.daemon("g").yaml("group: nogroup\n").refused();
+    assert_eq!(code, Some(2), "{log}");
     assert!(
         log.contains("group: without user: would run tasks as root"),
         "{log}"
@@ -711,18 +695,11 @@ async fn a_postgres_database_that_is_not_utf8_is_refused_at_start() {
     }
     admin.close().await;
     let url = format!("{}/{name}", db.url.rsplit_once('/').unwrap().0);
-    let dir = db.scratch.join("d");
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("taskrunner.yml");
-    std::fs::write(
-        &config,
-        merge_yaml(&base_config(&db, &dir), &format!("database_url: {url}\n")),
-    )
-    .unwrap();
-    let mut daemon = Daemon::start_with_config(&config, &[]);
-    let status = daemon.wait_exit(WAIT);
-    let log = daemon.log_text();
-    assert_eq!(status.code(), Some(1), "{log}");
+    let (code, log) = db
+        .daemon("d")
+        .yaml(&format!("database_url: {url}\n"))
+        .refused();
+    assert_eq!(code, Some(1), "{log}");
     assert!(
         log.contains("has server_encoding SQL_ASCII: taskrunner needs UTF8"),
         "{log}"

@@ -264,18 +264,8 @@ async fn a_server_whose_max_allowed_packet_is_under_16_mib_is_refused_at_start()
     let server = PrivateServer::start(Backend::MySql);
     let db = server.test_db().await;
     db.execute("SET GLOBAL max_allowed_packet = 4194304").await;
-    let dir = db.scratch.join("d");
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("taskrunner.yml");
-    std::fs::write(
-        &config,
-        crate::util::merge_yaml(&crate::util::base_config(&db, &dir), ""),
-    )
-    .unwrap();
-    let mut daemon = Daemon::start_with_config(&config, &[]);
-    let status = daemon.wait_exit(WAIT);
-    let log = daemon.log_text();
-    assert_eq!(status.code(), Some(1), "{log}");
+    let (code, log) = db.daemon("d").refused();
+    assert_eq!(code, Some(1), "{log}");
     assert!(
         log.contains("max_allowed_packet is 4MiB") && log.contains("at least 16MiB"),
         "{log}"

@@ -170,6 +170,14 @@ impl DaemonBuilder<'_> {
         config
     }
 
+    /// Starts a daemon that must refuse to start; its exit code and its
+    /// log once it has exited (within 30 s).
+    pub fn refused(&self) -> (Option<i32>, String) {
+        let mut daemon = Daemon::start_with_config(&self.write_config(), &[]);
+        let status = daemon.wait_exit(Duration::from_secs(30));
+        (status.code(), daemon.log_text())
+    }
+
     /// Starts the daemon and waits until it is ready.
     pub fn start(self) -> Daemon {
         let config = self.write_config();
