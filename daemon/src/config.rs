@@ -254,9 +254,10 @@ impl Config {
         let defaults = global_settings.resolve(None, dir).map_err(&usage)?;
         let mut tasks = BTreeMap::new();
         for (name, task) in raw.tasks.unwrap_or_default() {
-            name_fits(&format!("tasks.{name}"), &name).map_err(&usage)?;
+            crate::request::name_fits(&format!("tasks.{name}"), &name).map_err(&usage)?;
             if let Some(on_exhausted) = &task.on_exhausted {
-                name_fits(&format!("tasks.{name}.on_exhausted"), on_exhausted).map_err(&usage)?;
+                crate::request::name_fits(&format!("tasks.{name}.on_exhausted"), on_exhausted)
+                    .map_err(&usage)?;
             }
             if let Some(command) = &task.command {
                 if command.is_empty() || command[0].is_empty() {
@@ -332,13 +333,13 @@ impl Config {
             return Err(usage("on_exhausted: must name a task type".into()));
         }
         if let Some(on_exhausted) = &raw.on_exhausted {
-            name_fits("on_exhausted", on_exhausted).map_err(&usage)?;
+            crate::request::name_fits("on_exhausted", on_exhausted).map_err(&usage)?;
         }
         let on_exhausted = raw.on_exhausted;
         // Issue 17:
         let flows = raw.flows.unwrap_or_default();
         for (name, flow) in &flows {
-            name_fits(&format!("flows.{name}"), name).map_err(&usage)?;
+            crate::request::name_fits(&format!("flows.{name}"), name).map_err(&usage)?;
             flow.check(name).map_err(&usage)?;
         }
         Ok(Config {
@@ -601,31 +602,6 @@ fn set_if_some<T: Clone>(target: &mut T, value: &Option<T>) {
     if let Some(value) = value {
         *target = value.clone();
     }
-}
-
-/// Refuses a name (`what`, the config key it is at) longer than the
-/// 255-character columns that hold it: a task type (`task_class_name`,
-/// refused in rows by migration 0004), a schedule, a flow. Such a name
-/// could never be written: its rows and alerts would be refused one by
-/// one, or a schedule fail each tick.
-pub(crate) fn name_fits(what: &str, name: &str) -> std::result::Result<(), String> {
-    let length = name.chars().count();
-    if length > crate::request::MAX_TASK_NAME {
-        return Err(format!(
-            "{}: a name is at most {} characters (it is stored in 255-character columns); this one has {length}",
-            crate::escape::one_line(&shortened(what)),
-            crate::request::MAX_TASK_NAME
-        ));
-    }
-    Ok(())
-}
-
-/// `text` as it is up to 80 characters; longer, its first 79 and `…`.
-fn shortened(text: &str) -> String {
-    if text.chars().count() <= 80 {
-        return text.to_string();
-    }
-    text.chars().take(79).chain(['…']).collect()
 }
 
 fn default_host_id() -> String {

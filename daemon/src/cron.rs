@@ -385,8 +385,8 @@ pub(crate) fn resolve_schedules(
         if raw.task.trim().is_empty() {
             return Err(format!("{}: must name a task type", key("task")));
         }
-        crate::config::name_fits(&format!("schedules.{name}"), &name)?;
-        crate::config::name_fits(&key("task"), &raw.task)?;
+        crate::request::name_fits(&format!("schedules.{name}"), &name)?;
+        crate::request::name_fits(&key("task"), &raw.task)?;
         let options = match raw.options {
             None | Some(serde_yaml::Value::Null) => None,
             Some(serde_yaml::Value::String(text)) => Some(text),

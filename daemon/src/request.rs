@@ -183,6 +183,23 @@ pub struct Request {
 /// 0004 refuses longer ones (MariaDB's column is a `VARCHAR(255)`).
 pub(crate) const MAX_TASK_NAME: usize = 255;
 
+/// Refuses a name (`what`: the config key or CLI flag it came in) longer
+/// than the 255-character columns that hold it: a task type
+/// (`task_class_name`, refused in rows by migration 0004), a callback, a
+/// schedule, a flow, a queue or key. Such a name could never be written:
+/// its rows and alerts would be refused one by one, or a schedule fail
+/// each tick.
+pub(crate) fn name_fits(what: &str, name: &str) -> Result<(), String> {
+    let length = name.chars().count();
+    if length > MAX_TASK_NAME {
+        return Err(format!(
+            "{}: a name is at most {MAX_TASK_NAME} characters (it is stored in 255-character columns); this one has {length}",
+            crate::escape::one_line(&shown_task_name(what)),
+        ));
+    }
+    Ok(())
+}
+
 impl Request {
     /// Why this row can never run nor end, if it cannot: rows written
     /// before migration 0004 refused them (`list` flags them). The daemon

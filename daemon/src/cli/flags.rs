@@ -691,7 +691,7 @@ async fn run_one(
                 ("--unique-key", unique_key.as_ref()),
             ] {
                 if let Some(value) = value {
-                    crate::config::name_fits(flag, value).map_err(crate::usage::UsageError)?;
+                    crate::request::name_fits(flag, value).map_err(crate::usage::UsageError)?;
                 }
             }
             if let Some(options) = &options {
