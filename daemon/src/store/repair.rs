@@ -110,11 +110,24 @@ impl Store {
         migrator: &Migrator,
         applied: &BTreeSet<i64>,
     ) -> Result<Option<String>> {
-        let Some(reason) = self
-            .needs_repair(applied, &expected(migrator, |v| applied.contains(&v)))
-            .await?
-        else {
-            return Ok(None);
+        // The tables are read after the migrations recorded. On SQLite no
+        // turn keeps another process's migration out meanwhile (they take
+        // turns by the write lock, tables and record committed at once), so
+        // tables that look unrecorded may be ones just migrated: read the
+        // record again, and judge again while it changes.
+        let mut applied = applied.clone();
+        let reason = loop {
+            let Some(reason) = self
+                .needs_repair(&applied, &expected(migrator, |v| applied.contains(&v)))
+                .await?
+            else {
+                return Ok(None);
+            };
+            let now = self.applied_versions().await?;
+            if now == applied {
+                break reason;
+            }
+            applied = now;
         };
         let expected = expected(migrator, |_| true);
         let mut present = Vec::new();
