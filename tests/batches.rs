@@ -1402,3 +1402,60 @@ async fn chaos_hundred_batches_on_four_daemons_with_kill_9_every_two_seconds(bac
     );
     assert!(completed > 0);
 }
+
+/// taskrunner's tables in a PostgreSQL schema of their own (the daemon's
+/// URL or role sets `search_path`), and an application whose sessions do
+/// not have that schema on their path, naming the tables with it: each
+/// member's insert failed (`relation "task_runner_batches" does not
+/// exist`), because the trigger that counts members looked the batch table
+/// up on the application's path. Migration 0013 sets the trigger's path to
+/// its own schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_inserted_by_an_application_naming_the_tables_schema_are_counted_and_run() {
+    let plain = TestDb::unmigrated(Backend::Postgres).await;
+    plain.execute("CREATE SCHEMA jobs").await;
+    let db = TestDb::on_server(&format!("{}?options=-c%20search_path%3Djobs", plain.url)).await;
+    let app = sqlx::PgPool::connect(&plain.url).await.unwrap();
+    let app_path: String = sqlx::query_scalar("SELECT current_setting('search_path')")
+        .fetch_one(&app)
+        .await
+        .unwrap();
+    assert!(!app_path.contains("jobs"), "{app_path}");
+
+    let batch: i64 = sqlx::query_scalar(
+        "INSERT INTO jobs.task_runner_batches (on_complete) VALUES ('Done') RETURNING id",
+    )
+    .fetch_one(&app)
+    .await
+    .unwrap();
+    for member in 0..3 {
+        sqlx::query(
+            "INSERT INTO jobs.task_runner_requests (task_class_name, options, batch_id) \
+             VALUES ('NoOp', $1, $2)",
+        )
+        .bind(format!("member: {member}"))
+        .bind(batch)
+        .execute(&app)
+        .await
+        .expect("a member named with its schema is inserted");
+    }
+    sqlx::query("UPDATE jobs.task_runner_batches SET sealed_at = now() WHERE id = $1")
+        .bind(batch)
+        .execute(&app)
+        .await
+        .unwrap();
+
+    let mut daemon = start_daemons(&db, 1, "tasks:\n").remove(0);
+    let ended = format!(
+        "SELECT count(*) FROM task_runner_batches WHERE id = {batch} AND state = 'FINISHED'"
+    );
+    db.wait_for_count(&ended, 1, Duration::from_secs(30)).await;
+    assert_eq!(callbacks_of_batch(&db, batch).await, 1);
+    assert_eq!(
+        counters_and_recount(&db, batch).await.0,
+        counters_and_recount(&db, batch).await.1
+    );
+    let in_public = "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'task_runner%'";
+    assert_eq!(db.scalar(in_public).await, 0);
+    assert!(daemon.stop().success());
+}

@@ -30,6 +30,7 @@ both_backends!(
     the_daemons_status_and_metrics_are_answered_while_the_database_is_out,
     rows_that_can_never_run_are_refused_or_flagged_and_never_stall_the_daemon,
     a_program_that_hangs_when_asked_its_types_holds_no_slot_for_ever,
+    values_the_daemon_would_read_wrongly_are_refused_naming_the_rule,
 );
 
 /// The daemon renewed the heartbeat of every row it held, but ran only the
@@ -1302,5 +1303,120 @@ async fn rows_that_can_never_run_are_refused_or_flagged_and_never_stall_the_daem
     let log = daemon.log_text();
     assert!(!log.contains("panicked"), "{log}");
     assert!(log.lines().all(|line| line.len() < 4096), "a huge log line");
+    assert!(daemon.stop().success());
+}
+
+/// Values an application could write that the daemon read wrongly, found
+/// by hand on SQLite (which stores what it is given whatever the column's
+/// type): a try_limit of 'abc' compared greater than every number, and a
+/// failing row with it was retried without end; tries below 0 gave more
+/// tries than try_limit; a period of 0 or below ran once and silently
+/// never again; a callback name longer than any task type name was found
+/// only at the row's end, when its callback could not be made. Each is now
+/// refused at the INSERT or UPDATE with one error naming the rule
+/// (migration 0013), and a number written as text ('3') still is taken.
+async fn values_the_daemon_would_read_wrongly_are_refused_naming_the_rule(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let long = format!("'{}'", "C".repeat(256));
+    let mut cases: Vec<(String, String, &str)> = vec![
+        (
+            "tries, try_limit".into(),
+            "-1, 2".into(),
+            "tries must be a whole number, at least 0",
+        ),
+        (
+            "period".into(),
+            "0".into(),
+            "period must be NULL (not periodic)",
+        ),
+        (
+            "period".into(),
+            "-5".into(),
+            "period must be NULL (not periodic)",
+        ),
+    ];
+    // MariaDB's VARCHAR(255) columns refuse a longer callback name already.
+    let too_long = match backend {
+        Backend::MySql => "too long",
+        Backend::Sqlite | Backend::Postgres => "is longer than 255 characters",
+    };
+    cases.push(("on_success".into(), long.clone(), too_long));
+    cases.push(("on_failure".into(), long.clone(), too_long));
+    if backend == Backend::Sqlite {
+        for (column, value, rule) in [
+            ("try_limit", "'abc'", "try_limit must be a whole number"),
+            ("try_limit", "1.5", "try_limit must be a whole number"),
+            ("tries", "'x'", "tries must be a whole number"),
+            ("priority", "'high'", "priority must be a whole number"),
+            ("period", "'hourly'", "period must be NULL (not periodic)"),
+            ("period", "0.5", "period must be NULL (not periodic)"),
+        ] {
+            cases.push((column.into(), value.into(), rule));
+        }
+    }
+    for (columns, values, rule) in &cases {
+        let error = db
+            .try_execute(&format!(
+                "INSERT INTO task_runner_requests (task_class_name, {columns}) VALUES ('NoOp', {values})"
+            ))
+            .await
+            .expect_err(&format!("{columns} = {values} is refused"));
+        assert!(error.contains(rule), "{columns} = {values}: {error}");
+    }
+    for column in ["on_complete", "on_failure"] {
+        let error = db
+            .try_execute(&format!(
+                "INSERT INTO task_runner_batches ({column}) VALUES ({long})"
+            ))
+            .await
+            .expect_err("a batch's callback name past 255 characters is refused");
+        assert!(error.contains(too_long), "{column}: {error}");
+    }
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests").await
+            + db.scalar("SELECT count(*) FROM task_runner_batches").await,
+        0
+    );
+
+    // The same values written by an UPDATE are refused; the row is kept.
+    let pending = db
+        .insert(
+            "INSERT INTO task_runner_requests (task_class_name, try_limit, priority) \
+             VALUES ('NoOp', '3', '7') RETURNING id",
+        )
+        .await;
+    for (columns, values, rule) in &cases {
+        let set: Vec<String> = columns
+            .split(", ")
+            .zip(values.split(", "))
+            .map(|(column, value)| format!("{column} = {value}"))
+            .collect();
+        let error = db
+            .try_execute(&format!(
+                "UPDATE task_runner_requests SET {} WHERE id = {pending}",
+                set.join(", ")
+            ))
+            .await
+            .expect_err(&format!("{set:?} is refused"));
+        assert!(error.contains(rule), "{set:?}: {error}");
+    }
+    let row = db.row(pending).await;
+    assert_eq!((row.tries, row.try_limit), (0, 3));
+    let priority_7 =
+        format!("SELECT count(*) FROM task_runner_requests WHERE id = {pending} AND priority = 7");
+    assert_eq!(db.scalar(&priority_7).await, 1);
+
+    // The longest allowed values are taken, and the daemon runs the row.
+    let longest = format!("'{}'", "C".repeat(255));
+    let periodic = db
+        .insert(&format!(
+            "INSERT INTO task_runner_requests (task_class_name, period, on_failure) \
+             VALUES ('NoOp', 3600, {longest}) RETURNING id"
+        ))
+        .await;
+    let mut daemon = Daemon::start(&db, "d", "");
+    db.wait_for_state(pending, "FINISHED", WAIT).await;
+    db.wait_for_state(periodic, "FINISHED", WAIT).await;
+    assert_eq!(db.row(pending).await.tries, 1);
     assert!(daemon.stop().success());
 }
