@@ -1020,18 +1020,6 @@ async fn a_wait_for_an_sqlite_lock_ends_after_five_seconds_even_when_sleeps_over
     );
 }
 
-/// Migration 0004 (the triggers that refuse rows that can never run), as
-/// each backend's file has it.
-fn migration_0004(backend: Backend) -> &'static str {
-    match backend {
-        Backend::Sqlite => include_str!("../migrations/sqlite/0004_rows_that_can_never_run.sql"),
-        Backend::Postgres => {
-            include_str!("../migrations/postgres/0004_rows_that_can_never_run.sql")
-        }
-        Backend::MySql => include_str!("../migrations/mysql/0004_rows_that_can_never_run.sql"),
-    }
-}
-
 /// A try of a type the daemon does not know asks every program of
 /// `programs:` for its types again (a deploy may have added it). A program
 /// that hung when asked (here after its first answer: it boots an
@@ -1240,7 +1228,7 @@ async fn rows_that_can_never_run_are_refused_or_flagged_and_never_stall_the_daem
             .await;
         old_rows.push((id, *flagged));
     }
-    db.execute(migration_0004(backend)).await;
+    db.execute(crate::util::migration_0004(backend)).await;
     let before: Vec<_> = {
         let mut rows = Vec::new();
         for (id, _) in &old_rows {

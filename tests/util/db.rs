@@ -409,3 +409,40 @@ impl HeldRow {
         .unwrap();
     }
 }
+
+/// Migration 0004 (the triggers that refuse rows that can never run), as
+/// each backend's file has it.
+pub fn migration_0004(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => include_str!("../../migrations/sqlite/0004_rows_that_can_never_run.sql"),
+        Backend::Postgres => {
+            include_str!("../../migrations/postgres/0004_rows_that_can_never_run.sql")
+        }
+        Backend::MySql => include_str!("../../migrations/mysql/0004_rows_that_can_never_run.sql"),
+    }
+}
+
+impl TestDb {
+    /// The triggers as they were before migration 0013 (0004's rules
+    /// alone), to write rows an application could write before it: a
+    /// callback name longer than 255 characters, say.
+    pub async fn with_the_rules_before_0013(&self) {
+        let (requests, batches) = match self.backend {
+            Backend::Postgres => (" ON task_runner_requests", " ON task_runner_batches"),
+            Backend::Sqlite | Backend::MySql => ("", ""),
+        };
+        for trigger in ["check_insert", "check_update"] {
+            self.execute(&format!(
+                "DROP TRIGGER task_runner_requests_{trigger}{requests}"
+            ))
+            .await;
+            if self.backend != Backend::MySql {
+                self.execute(&format!(
+                    "DROP TRIGGER task_runner_batches_{trigger}{batches}"
+                ))
+                .await;
+            }
+        }
+        self.execute(migration_0004(self.backend)).await;
+    }
+}
