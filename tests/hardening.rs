@@ -1408,3 +1408,61 @@ async fn values_the_daemon_would_read_wrongly_are_refused_naming_the_rule(backen
     assert_eq!(db.row(pending).await.tries, 1);
     assert!(daemon.stop().success());
 }
+
+/// A PostgreSQL database (or role) whose transactions are SERIALIZABLE by
+/// default (`default_transaction_isolation`, set by some shops for their
+/// application): two daemons' claims, outcomes and callbacks failed with
+/// serialization errors (`could not serialize access due to read/write
+/// dependencies among transactions`), each taken for an outage and retried
+/// with backoff, so that rows done in a second took minutes. The daemon's
+/// statements are written for READ COMMITTED (claims skip locked rows,
+/// outcomes lock their parent), and it now asks for it at connect, whatever
+/// the database's default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_serializable_by_default_runs_every_row_and_callback_once() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let name = db.url.rsplit_once('/').unwrap().1;
+    db.execute(&format!(
+        "ALTER DATABASE {name} SET default_transaction_isolation = 'serializable'"
+    ))
+    .await;
+    let fresh = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let isolation: String = sqlx::query_scalar("SHOW default_transaction_isolation")
+        .fetch_one(&fresh)
+        .await
+        .unwrap();
+    assert_eq!(isolation, "serializable");
+
+    let mut daemons: Vec<Daemon> = ["a", "b"]
+        .into_iter()
+        .map(|host| Daemon::start(&db, host, &format!("host_id: {host}\nmax_concurrent: 4\n")))
+        .collect();
+    let batch = db
+        .insert("INSERT INTO task_runner_batches (on_complete) VALUES ('NoOp') RETURNING id")
+        .await;
+    db.insert_copies(NewRow::new("NoOp").batch(batch.0), 100)
+        .await;
+    db.execute(&format!(
+        "UPDATE task_runner_batches SET sealed_at = now() WHERE id = {batch}"
+    ))
+    .await;
+    db.insert_copies(NewRow::new("NoOp").on_success("NoOp"), 300)
+        .await;
+    // 100 members, their batch's callback, 300 rows and their callbacks.
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED' AND tries = 1",
+        701,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests").await,
+        701
+    );
+    for daemon in &mut daemons {
+        let log = daemon.log_text();
+        assert!(!log.contains("could not serialize"), "{log}");
+        assert!(!log.contains("database unavailable"), "{log}");
+        assert!(daemon.stop().success());
+    }
+}

@@ -283,7 +283,14 @@ impl Store {
         } else {
             let options = PgConnectOptions::from_str(url)
                 .with_context(|| format!("invalid PostgreSQL URL {display_url}"))?
-                .application_name("taskrunner");
+                .application_name("taskrunner")
+                // Every statement is written for READ COMMITTED (claims skip
+                // locked rows, outcomes wait for their parent's lock and read
+                // it as committed): a database or role SERIALIZABLE by default
+                // failed them with serialization errors, each retried as an
+                // outage. Set in the start-up packet, after the URL's own
+                // `options` (the later setting wins): no round trip.
+                .options([("default_transaction_isolation", "read committed")]);
             let pool = gave_up.checks(
                 PgPoolOptions::new()
                     .max_connections(if daemon { 4 } else { 2 })
