@@ -17,6 +17,7 @@ both_backends!(
     a_repair_never_takes_an_applications_foreign_keys_or_views_along,
     a_ruby_class_runs_as_a_task,
     tables_loaded_from_schema_rb_are_repaired_and_run,
+    a_repair_keeps_batch_members_and_rows_a_later_rule_refuses,
 );
 
 const ROUND_TRIP: &str = concat!(
@@ -372,5 +373,86 @@ async fn a_ruby_class_runs_as_a_task(backend: Backend) {
         text.starts_with("exit status 1\nArgumentError: option `text` is required"),
         "{text}"
     );
+    assert!(daemon.stop().success());
+}
+
+/// A repair copies the rows back into tables the migrations made, triggers
+/// included. The trigger that counts a batch's members fired on the copy:
+/// members came back before their batch, each was refused (`the batch does
+/// not exist or is final`), the copy failed, and the next start found the
+/// new tables complete and ran on them, empty, every request left in
+/// `task_runner_requests_before_repair` out of sight. Rows that a later
+/// rule refuses (written while its trigger was missing) failed the copy
+/// the same way. The migrations' triggers are now dropped around the copy
+/// and made again; and tables left by a repair that stopped midway are
+/// refused at start, naming them, until their rows are back.
+async fn a_repair_keeps_batch_members_and_rows_a_later_rule_refuses(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let batch = db
+        .insert("INSERT INTO task_runner_batches (name) VALUES ('b') RETURNING id")
+        .await;
+    let member = db
+        .insert_row(NewRow::new("NoOp").batch(batch.0).options("a: 1"))
+        .await;
+    // Written while the rules' trigger was missing: the repair's cause.
+    let dropped = match backend {
+        Backend::Postgres => {
+            "DROP TRIGGER task_runner_requests_check_insert ON task_runner_requests"
+        }
+        Backend::Sqlite | Backend::MySql => "DROP TRIGGER task_runner_requests_check_insert",
+    };
+    db.execute(dropped).await;
+    let negative = db.insert_row(NewRow::new("NoOp").tries(-1)).await;
+
+    let (status, stdout, stderr) = cli(&db, &["migrate"]);
+    assert_eq!(status, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains(
+            "repaired tables missing indexes or triggers (task_runner_requests_check_insert)"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("3 rows kept"), "{stdout}");
+    let (_, stdout, _) = cli(&db, &["migrate"]);
+    assert!(stdout.contains(": up to date"), "{stdout}");
+    assert_eq!(db.row(member).await.batch_id, Some(batch.0));
+    assert_eq!(db.row(negative).await.tries, -1);
+    // Counted once, as before the repair; and the rules are back.
+    let counted = format!(
+        "SELECT count(*) FROM task_runner_batches WHERE id = {batch} AND total = 1 AND pending = 1"
+    );
+    assert_eq!(db.scalar(&counted).await, 1);
+    assert!(db
+        .try_execute(
+            "INSERT INTO task_runner_requests (task_class_name, tries) VALUES ('NoOp', -1)"
+        )
+        .await
+        .is_err());
+
+    // A repair that stopped midway: its copy of the rows left beside the
+    // tables. Refused, naming it, and nothing is changed.
+    db.execute(
+        "CREATE TABLE task_runner_requests_before_repair AS SELECT * FROM task_runner_requests",
+    )
+    .await;
+    let (status, _, stderr) = cli(&db, &["migrate"]);
+    assert_eq!(status, 1, "{stderr}");
+    assert!(
+        stderr.contains("a repair of taskrunner's tables stopped midway and left their rows in task_runner_requests_before_repair"),
+        "{stderr}"
+    );
+    let (code, log) = db.daemon("d").refused();
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("stopped midway"), "{log}");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests_before_repair")
+            .await,
+        2
+    );
+    db.execute("DROP TABLE task_runner_requests_before_repair")
+        .await;
+    let mut daemon = Daemon::start(&db, "d", "");
+    db.wait_for_state(member, "FINISHED", Duration::from_secs(30))
+        .await;
     assert!(daemon.stop().success());
 }

@@ -115,6 +115,26 @@ impl Store {
         // turns by the write lock, tables and record committed at once), so
         // tables that look unrecorded may be ones just migrated: read the
         // record again, and judge again while it changes.
+        let expected_now = expected(migrator, |_| true);
+        let mut left = Vec::new();
+        for table in &expected_now.tables {
+            let aside = format!("{table}{ASIDE}");
+            if self.table_exists(&aside).await? {
+                left.push(aside);
+            }
+        }
+        // Without this check the migrations found the tables of a repair
+        // that stopped after its drop complete, and the daemon ran on them,
+        // empty: every request was out of its sight.
+        if !left.is_empty() {
+            return Err(SchemaMismatch(format!(
+                "a repair of taskrunner's tables stopped midway and left their rows in {}: \
+                 copy each back into the table of the same name without `{ASIDE}` (the columns both have) \
+                 and drop it, then start again; nothing was changed",
+                left.join(", ")
+            ))
+            .into());
+        }
         let mut applied = applied.clone();
         let reason = loop {
             let Some(reason) = self
@@ -129,7 +149,7 @@ impl Store {
             }
             applied = now;
         };
-        let expected = expected(migrator, |_| true);
+        let expected = expected_now;
         let mut present = Vec::new();
         for table in &expected.tables {
             if self.table_exists(table).await? {
@@ -207,7 +227,22 @@ impl Store {
             .with_context(|| {
                 format!("adding back the application's columns (the rows are kept in the tables ending in {ASIDE})")
             })?;
-        let mut statements = Vec::new();
+        // The migrations' triggers must not fire on the copy either: the
+        // one that counts a batch's members refused every member copied
+        // before its batch was back (and would count each twice after),
+        // and the rules refuse values that rows written before a rule may
+        // hold. They are dropped around the copy, in its transaction
+        // (SQLite, PostgreSQL), and made again as they were.
+        let mut triggers = Vec::new();
+        for table in &present {
+            for (name, create) in self.trigger_definitions(table).await? {
+                triggers.push((table, name, create));
+            }
+        }
+        let mut statements: Vec<String> = triggers
+            .iter()
+            .map(|(table, name, _)| self.drop_trigger(table, name))
+            .collect();
         let mut rows = 0;
         for table in &present {
             let aside = format!("{table}{ASIDE}");
@@ -231,8 +266,13 @@ impl Store {
                     ));
                 }
             }
-            statements.push(format!("DROP TABLE {aside}"));
         }
+        statements.extend(triggers.into_iter().map(|(_, _, create)| create));
+        statements.extend(
+            present
+                .iter()
+                .map(|table| format!("DROP TABLE {table}{ASIDE}")),
+        );
         self.execute_in_transaction(&statements)
             .await
             .with_context(|| {
@@ -448,12 +488,11 @@ impl Store {
     /// Each index on `table` that no constraint makes (not the primary key),
     /// then each trigger on it, with the statement that makes it again.
     async fn index_and_trigger_definitions(&self, table: &str) -> Result<Vec<(String, String)>> {
-        Ok(match &self.pool {
+        let mut made = match &self.pool {
             Pool::Sqlite(pool) => {
                 sqlx::query_as::<_, (String, String)>(
                     "SELECT name, sql FROM sqlite_master \
-                      WHERE type IN ('index', 'trigger') AND tbl_name = $1 AND sql IS NOT NULL \
-                      ORDER BY type = 'trigger'",
+                      WHERE type = 'index' AND tbl_name = $1 AND sql IS NOT NULL",
                 )
                 .bind(table)
                 .fetch_all(pool)
@@ -464,10 +503,7 @@ impl Store {
                     "SELECT c.relname::text, pg_get_indexdef(i.indexrelid) \
                        FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
                       WHERE i.indrelid = to_regclass($1) \
-                        AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid) \
-                     UNION ALL \
-                     SELECT tgname::text, pg_get_triggerdef(oid) FROM pg_trigger \
-                      WHERE tgrelid = to_regclass($1) AND NOT tgisinternal",
+                        AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)",
                 )
                 .bind(table)
                 .fetch_all(pool)
@@ -477,7 +513,7 @@ impl Store {
                 // The lines of SHOW CREATE TABLE that make a named index.
                 let sql = sqlx::AssertSqlSafe(format!("SHOW CREATE TABLE {table}"));
                 let row = super::mysql::query(sql).fetch_one(pool).await?;
-                let mut made: Vec<(String, String)> = super::RowExt::text(&row, 1)?
+                super::RowExt::text(&row, 1)?
                     .lines()
                     .filter_map(|line| {
                         let line = line.trim().trim_end_matches(',');
@@ -485,15 +521,45 @@ impl Store {
                         let name = rest.split('`').next()?.to_string();
                         Some((name, format!("ALTER TABLE {table} ADD {line}")))
                     })
-                    .collect();
-                let triggers = self
+                    .collect()
+            }
+        };
+        made.extend(self.trigger_definitions(table).await?);
+        Ok(made)
+    }
+
+    /// The triggers on `table`, by name, each with the statement that makes
+    /// it again.
+    async fn trigger_definitions(&self, table: &str) -> Result<Vec<(String, String)>> {
+        Ok(match &self.pool {
+            Pool::Sqlite(pool) => {
+                sqlx::query_as::<_, (String, String)>(
+                    "SELECT name, sql FROM sqlite_master \
+                      WHERE type = 'trigger' AND tbl_name = $1 AND sql IS NOT NULL",
+                )
+                .bind(table)
+                .fetch_all(pool)
+                .await?
+            }
+            Pool::Postgres(pool) => {
+                sqlx::query_as::<_, (String, String)>(
+                    "SELECT tgname::text, pg_get_triggerdef(oid) FROM pg_trigger \
+                      WHERE tgrelid = to_regclass($1) AND NOT tgisinternal",
+                )
+                .bind(table)
+                .fetch_all(pool)
+                .await?
+            }
+            Pool::MySql(pool) => {
+                let names = self
                     .strings(
                         "SELECT trigger_name FROM information_schema.triggers \
                           WHERE trigger_schema = DATABASE() AND event_object_table = $1",
                         table,
                     )
                     .await?;
-                for name in triggers {
+                let mut made = Vec::new();
+                for name in names {
                     let sql = sqlx::AssertSqlSafe(format!("SHOW CREATE TRIGGER `{name}`"));
                     let row = super::mysql::query(sql).fetch_one(pool).await?;
                     // Made again by the user that repairs, not its definer.
@@ -509,6 +575,13 @@ impl Store {
                 made
             }
         })
+    }
+
+    fn drop_trigger(&self, table: &str, trigger: &str) -> String {
+        match self.pool {
+            Pool::Sqlite(_) | Pool::MySql(_) => format!("DROP TRIGGER {trigger}"),
+            Pool::Postgres(_) => format!("DROP TRIGGER {trigger} ON {table}"),
+        }
     }
 
     /// What a DROP of `tables` cannot leave as it is: the foreign keys of
