@@ -31,6 +31,7 @@ both_backends!(
     cancel_stops_a_running_task,
     task_inherits_only_stdio_and_no_database_secrets,
     a_log_reader_that_stops_reading_does_not_stop_the_daemon,
+    a_daemon_in_another_pid_namespace_with_the_same_host_id_keeps_its_tries,
 );
 
 /// A task that waits to be killed on its first try and succeeds on the next.
@@ -1614,4 +1615,56 @@ async fn a_log_reader_that_stops_reading_does_not_stop_the_daemon(backend: Backe
     for line in log.lines() {
         assert!(line.starts_with("20"), "a whole line: {line:?}");
     }
+}
+
+/// Two daemons with one host id on one machine, one of them in a PID
+/// namespace of its own: containers with the host's network (Docker's
+/// `--network host`, Kubernetes' `hostNetwork`) share the host name and the
+/// kernel's boot id. The other daemon's start-up reap took the first one's
+/// running tries for its own host's, found their pids naming other
+/// processes in its namespace (`pid 8 now names another process`), killed
+/// them and ran them again. A pid means something only in its namespace,
+/// which the identity of a try and of a daemon now names: such rows are
+/// left to their daemon, and to their lease should it die.
+async fn a_daemon_in_another_pid_namespace_with_the_same_host_id_keeps_its_tries(backend: Backend) {
+    if !nix::unistd::geteuid().is_root() {
+        println!("skipped: a PID namespace of its own needs root");
+        return;
+    }
+    let db = TestDb::new(backend).await;
+    let ran = db.scratch.join("ran");
+    let script = format!("echo $$ >> {}; sleep 6", ran.display());
+    let contained = db
+        .daemon("contained")
+        .set("host_id", "shared")
+        .shell_task("Long", &script)
+        .own_pid_namespace()
+        .start();
+    let ids = [
+        db.enqueue("Long", None).await,
+        db.enqueue("Long", None).await,
+    ];
+    for id in ids {
+        db.wait_for_pid(id, WAIT).await;
+    }
+    let started = Instant::now();
+    let mut beside = db
+        .daemon("beside")
+        .set("host_id", "shared")
+        .shell_task("Long", &script)
+        .start();
+    for id in ids {
+        let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+        assert_eq!(row.tries, 1, "request {id} ran again: {row:#?}");
+    }
+    assert!(
+        started.elapsed() > Duration::from_secs(3),
+        "the tries ended early"
+    );
+    let runs = std::fs::read_to_string(&ran).unwrap();
+    assert_eq!(runs.lines().count(), 2, "{runs}");
+    let log = beside.log_text();
+    assert!(!log.contains("crashed:"), "{log}");
+    assert!(beside.stop().success());
+    drop(contained);
 }

@@ -23,8 +23,9 @@ pub use task_settings::{Group, TaskSettings, User};
 pub(crate) const BUILTIN_TYPES: [&str; 1] = ["NoOp"];
 
 /// The longest `host_id` and `node_name`: a claim writes the host id and
-/// the daemon's instance (pid, start ticks, boot id, a random part: at most
-/// 104 characters more with the claim's round) into `claim_token`, a
+/// the daemon's instance (pid, start ticks, boot id with its PID namespace
+/// in a container, a random part: at most 117 characters more with the
+/// claim's round) into `claim_token`, a
 /// VARCHAR(255) on MariaDB and an indexed column on PostgreSQL; the node
 /// name goes into `task_runner_daemons.node_name`, a VARCHAR(255).
 pub(crate) const MAX_HOST_ID: usize = 128;

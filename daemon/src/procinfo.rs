@@ -4,17 +4,42 @@
 
 use std::path::Path;
 
-/// This boot's id (`/proc/sys/kernel/random/boot_id`), empty if unreadable.
-/// Read once: it cannot change while we run.
+/// Where this process's pids mean something: this boot's id
+/// (`/proc/sys/kernel/random/boot_id`), and, in any PID namespace but the
+/// first (a container), `+ns` and that namespace's inode after it. Empty if
+/// unreadable. Read once: it cannot change while we run.
+///
+/// A pid names a process only within its PID namespace. Containers share
+/// the kernel's boot id, and with the host's network (Docker's
+/// `--network host`, Kubernetes' `hostNetwork`) its host name too: without
+/// the namespace, a daemon took another container's tries for its own
+/// host's, found their pids gone or naming other processes, and killed and
+/// ran them again while they ran.
 pub fn boot_id() -> String {
     static BOOT_ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     BOOT_ID
         .get_or_init(|| {
-            std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
                 .map(|id| id.trim().to_string())
-                .unwrap_or_default()
+                .unwrap_or_default();
+            match pid_namespace() {
+                Some(namespace) if !boot.is_empty() && namespace != INITIAL_PID_NAMESPACE => {
+                    format!("{boot}+ns{namespace}")
+                }
+                _ => boot,
+            }
         })
         .clone()
+}
+
+/// The inode of the first PID namespace, the same on every Linux since
+/// 3.8 (`PROC_PID_INIT_INO`).
+const INITIAL_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
+
+/// The inode of this process's PID namespace.
+fn pid_namespace() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
 }
 
 /// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks since boot.

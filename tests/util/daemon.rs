@@ -56,6 +56,11 @@ struct ProcessSettings {
     /// thread it starts): each short sleep then lasts up to this much longer,
     /// as on a heavily loaded machine.
     timer_slack: Option<Duration>,
+    /// Started in a PID namespace of its own (`unshare --pid`), as in a
+    /// container: its pid there is 1, and its tasks' pids mean nothing
+    /// outside it. Its `Daemon` is then the `unshare` process, which kills
+    /// it (SIGKILL) when it dies.
+    pid_namespace: bool,
 }
 
 impl TestDb {
@@ -142,6 +147,12 @@ impl DaemonBuilder<'_> {
     /// heavily loaded machine (see [`ProcessSettings::timer_slack`]).
     pub fn timer_slack(mut self, slack: Duration) -> Self {
         self.process.timer_slack = Some(slack);
+        self
+    }
+
+    /// Runs it in a PID namespace of its own (the test must be root).
+    pub fn own_pid_namespace(mut self) -> Self {
+        self.process.pid_namespace = true;
         self
     }
 
@@ -271,7 +282,15 @@ impl Daemon {
                 .unwrap()
                 .as_nanos()
         ));
-        let mut command = Command::new(DAEMON);
+        let mut command = if process.pid_namespace {
+            let mut command = Command::new("unshare");
+            command
+                .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+                .arg(DAEMON);
+            command
+        } else {
+            Command::new(DAEMON)
+        };
         if let Some(uid) = process.uid {
             use std::os::unix::process::CommandExt;
             command.uid(uid).gid(uid);
