@@ -32,6 +32,7 @@ both_backends!(
     task_inherits_only_stdio_and_no_database_secrets,
     a_log_reader_that_stops_reading_does_not_stop_the_daemon,
     a_daemon_in_another_pid_namespace_with_the_same_host_id_keeps_its_tries,
+    as_pid_1_the_daemon_leaves_no_zombies_and_drains_on_sigterm,
 );
 
 /// A task that waits to be killed on its first try and succeeds on the next.
@@ -1667,4 +1668,64 @@ async fn a_daemon_in_another_pid_namespace_with_the_same_host_id_keeps_its_tries
     assert!(!log.contains("crashed:"), "{log}");
     assert!(beside.stop().success());
     drop(contained);
+}
+
+/// The daemon as PID 1 of a PID namespace: a container's command with no
+/// init (`docker run` without `--init`). PID 1 is the parent of every
+/// orphan there, and the daemon waits for its own tasks only: the
+/// grandchildren killed at each try's end and the children a task left
+/// behind stayed zombies (twelve after six tries here), until the
+/// container's pids ran out. PID 1 is now a small init that runs the daemon
+/// as its child, reaps every orphan, passes SIGTERM on (the drain) and
+/// exits with the daemon's status.
+async fn as_pid_1_the_daemon_leaves_no_zombies_and_drains_on_sigterm(backend: Backend) {
+    if !nix::unistd::geteuid().is_root() {
+        println!("skipped: a PID namespace of its own needs root");
+        return;
+    }
+    let db = TestDb::new(backend).await;
+    let mut unshare = db
+        .daemon("pid1")
+        .shell_task("Background", "sleep 100 & sleep 100 & echo started")
+        .shell_task("Orphan", "(sh -c 'sleep 0.2' &); echo ok")
+        .shell_task("Slow", "sleep 2; echo slept")
+        .own_pid_namespace()
+        .start();
+    let children = |pid: i32| -> Vec<i32> {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|pid| pid.parse().ok())
+            .collect()
+    };
+    let init = children(unshare.pid())[0];
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(db.enqueue("Background", None).await);
+        ids.push(db.enqueue("Orphan", None).await);
+    }
+    for id in &ids {
+        db.wait_for_state(*id, "FINISHED", WAIT).await;
+    }
+    // The orphans' sleeps end within 0.2 s; the killed ones are gone.
+    wait_until(Duration::from_secs(10), "no zombie under PID 1", || {
+        zombie_children(init).is_empty()
+    });
+    holds_for(
+        Duration::from_secs(1),
+        "no zombie under PID 1",
+        async || match zombie_children(init) {
+            zombies if zombies.is_empty() => Ok(()),
+            zombies => Err(zombies),
+        },
+    )
+    .await;
+    // SIGTERM to PID 1 drains the daemon: the slow try ends FINISHED, and
+    // PID 1 exits 0 with it.
+    let slow = db.enqueue("Slow", None).await;
+    db.wait_for_pid(slow, WAIT).await;
+    kill(Pid::from_raw(init), Signal::SIGTERM).unwrap();
+    let status = unshare.wait_exit(WAIT);
+    assert!(status.success(), "{status:?}: {}", unshare.log_text());
+    assert_eq!(db.row(slow).await.result.as_deref(), Some("FINISHED"));
 }

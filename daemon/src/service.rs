@@ -1,7 +1,8 @@
 //! What init systems see of the daemon: the pidfile (held with `flock`, so a
 //! stale file is told from a live daemon without trusting the pid),
-//! `--daemonize` (the one bare fork, before any thread exists), and systemd's
-//! readiness notification.
+//! `--daemonize` (the one bare fork, before any thread exists), systemd's
+//! readiness notification, and a container's PID 1 (a small init that runs
+//! the daemon as its child and reaps orphans).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -265,6 +266,121 @@ pub fn notify_systemd(state: &str) {
     }
 }
 
+/// Whether this process is PID 1 of its PID namespace: a container started
+/// with the daemon as its command and no init (`docker run` without
+/// `--init`, a Kubernetes pod without a shared process namespace).
+pub fn is_pid_1() -> bool {
+    std::process::id() == 1
+}
+
+/// The signals PID 1 passes on to the daemon it runs: those that stop,
+/// drain or reload it, and the two a user may send.
+const FORWARDED: [libc::c_int; 6] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+/// Runs the daemon as the child of this process, which stays PID 1 as a
+/// small init does (`tini`, `docker run --init`): it passes the signals of
+/// [`FORWARDED`] on, reaps every process that ends as its child, and exits
+/// with the daemon's status (128 + the signal's number when a signal ended
+/// it). Called first thing, before any thread exists: its spawn forks
+/// (`pre_exec`), with nothing else running in this process.
+///
+/// PID 1 becomes the parent of every orphan in its namespace: a task's
+/// grandchild killed at the end of its try, a child a task left behind.
+/// The daemon waits for its own tasks only (by pid, so as not to take
+/// another part's child's status), and such orphans stayed zombies, one or
+/// more a try, until the container's pids ran out.
+pub fn run_as_init() -> std::process::ExitCode {
+    use std::process::ExitCode;
+    // SAFETY: plain libc calls on a signal set of this stack frame; the
+    // mask is this (only) thread's.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in FORWARDED.iter().chain(&[libc::SIGCHLD]) {
+            libc::sigaddset(&mut set, *signal);
+        }
+        // Blocked before the child exists: none is lost before the wait.
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let program = match std::env::current_exe() {
+        Ok(program) => program,
+        Err(error) => {
+            eprintln!("taskrunnerd: PID 1 cannot find its own executable: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut command = std::process::Command::new(program);
+    command.args(std::env::args_os().skip(1));
+    // SAFETY: only pthread_sigmask, async-signal-safe, between fork and
+    // exec; this process has no other thread.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        // The daemon starts with no signal blocked (the child inherits the
+        // mask, and a blocked SIGTERM would never start its drain).
+        command.pre_exec(|| {
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    let child = match command.spawn() {
+        Ok(child) => child.id() as libc::pid_t,
+        Err(error) => {
+            eprintln!("taskrunnerd: PID 1 cannot start the daemon: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    loop {
+        // SAFETY: waits for a signal of `set`, all of them blocked.
+        let signal = unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };
+        if signal == libc::SIGCHLD {
+            if let Some(status) = reap_all(child) {
+                return ExitCode::from(exit_code_of(status));
+            }
+        } else if signal > 0 {
+            // SAFETY: a signal to the daemon, which this process has not
+            // reaped yet: its pid names no other process.
+            unsafe { libc::kill(child, signal) };
+        }
+    }
+}
+
+/// Reaps every child that has ended; the status of `daemon` if it is one.
+fn reap_all(daemon: libc::pid_t) -> Option<libc::c_int> {
+    let mut ended = None;
+    loop {
+        let mut status = 0;
+        // SAFETY: a non-blocking wait for any child of this process.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return ended;
+        }
+        if pid == daemon {
+            ended = Some(status);
+        }
+    }
+}
+
+/// The exit status a shell gives for wait status `status`.
+fn exit_code_of(status: libc::c_int) -> u8 {
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status) as u8
+    } else if libc::WIFSIGNALED(status) {
+        128u8.saturating_add(libc::WTERMSIG(status) as u8)
+    } else {
+        1
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,5 +394,13 @@ mod tests {
         );
         assert_eq!(launch_outcome("error 0 odd").0, 1);
         assert_eq!(launch_outcome("").0, 1);
+    }
+
+    #[test]
+    fn pid_1_exits_with_the_daemons_status_as_a_shell_gives_it() {
+        assert_eq!(exit_code_of(0), 0);
+        assert_eq!(exit_code_of(2 << 8), 2);
+        assert_eq!(exit_code_of(libc::SIGTERM), 128 + 15);
+        assert_eq!(exit_code_of(libc::SIGKILL), 128 + 9);
     }
 }

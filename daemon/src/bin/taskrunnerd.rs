@@ -53,6 +53,12 @@ struct Flags {
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
+    // PID 1 of a container: this process stays its init, and the daemon
+    // runs as its child (see `service::run_as_init`). A daemon told to
+    // detach leaves PID 1 at once anyway.
+    if service::is_pid_1() && !flags.daemonize {
+        return service::run_as_init();
+    }
     let overrides = Overrides {
         config: flags.config,
         database_url: flags.database_url,
