@@ -1466,3 +1466,99 @@ async fn a_database_serializable_by_default_runs_every_row_and_callback_once() {
         assert!(daemon.stop().success());
     }
 }
+
+/// A daemon, the CLI and an application behind PgBouncer in session mode,
+/// configured as it comes (the pooler most PostgreSQL deployments put in
+/// front of the server). It refuses start-up parameters it does not track:
+/// `extra_float_digits`, which the driver sent (`unsupported startup
+/// parameter: extra_float_digits`, unless listed in its
+/// `ignore_startup_parameters`), and an `options` naming another setting
+/// (asking for READ COMMITTED there kept every daemon behind it from
+/// connecting; it is a statement after the connect). The application's
+/// insert wakes the daemon through the pooler (LISTEN holds its server
+/// connection in session mode), well before its poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_behind_pgbouncer_in_session_mode_connects_and_wakes_at_once() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let (server, name) = db.url.rsplit_once('/').unwrap();
+    let (user_at, address) = server.rsplit_once('@').unwrap();
+    let user = user_at.rsplit_once("//").unwrap().1;
+    let (host, port) = address.rsplit_once(':').unwrap();
+    // A directory of its own, which its user may read.
+    let scratch = crate::util::Scratch::new("pgbouncer");
+    let dir = scratch.path.clone();
+    std::fs::create_dir_all(&dir).unwrap();
+    let listen = crate::util::free_port();
+    std::fs::write(
+        dir.join("pgbouncer.ini"),
+        format!(
+            "[databases]\n* = host={host} port={port}\n\
+             [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {listen}\nunix_socket_dir =\n\
+             auth_type = trust\nauth_file = {auth}\npool_mode = session\n",
+            auth = dir.join("users.txt").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("users.txt"), format!("\"{user}\" \"\"\n")).unwrap();
+    let program = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+        .into_iter()
+        .find(|path| std::path::Path::new(path).exists())
+        .expect("pgbouncer is installed (scripts/test installs it)");
+    // It refuses to run as root.
+    let mut command = if nix::unistd::geteuid().is_root() {
+        let _ = std::process::Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(&dir)
+            .status();
+        let mut command = std::process::Command::new("runuser");
+        command.args(["-u", "postgres", "--", program]);
+        command
+    } else {
+        std::process::Command::new(program)
+    };
+    let mut bouncer = command
+        .arg(dir.join("pgbouncer.ini"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("pgbouncer.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let _bouncer = KillOnDrop(bouncer.id() as i32);
+    wait_until(WAIT, "pgbouncer to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", listen)).is_ok()
+    });
+    let url = format!("postgres://{user}@127.0.0.1:{listen}/{name}");
+
+    let (status, stdout, stderr) =
+        crate::util::bare_cli(&db.scratch.path, &["--database-url", &url, "migrate"]);
+    assert_eq!(status, 0, "{stdout}{stderr}");
+    assert!(stdout.contains(": up to date"), "{stdout}");
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!("database_url: {url}\npoll_interval: 60s\n"),
+    );
+    // The application: psql (libpq), through the pooler too.
+    let started = std::time::Instant::now();
+    let insert = std::process::Command::new("psql")
+        .args(["-qAt", &url, "-c"])
+        .arg("INSERT INTO task_runner_requests (task_class_name) VALUES ('NoOp') RETURNING id")
+        .output()
+        .unwrap();
+    assert!(insert.status.success(), "{insert:?}");
+    let id: i64 = String::from_utf8_lossy(&insert.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    db.wait_for_state(
+        taskrunner::request::RequestId(id),
+        "FINISHED",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let log = daemon.log_text();
+    assert!(!log.contains("database unavailable"), "{log}");
+    assert!(daemon.stop().success());
+    let _ = bouncer.kill();
+    let _ = bouncer.wait();
+}

@@ -284,13 +284,10 @@ impl Store {
             let options = PgConnectOptions::from_str(url)
                 .with_context(|| format!("invalid PostgreSQL URL {display_url}"))?
                 .application_name("taskrunner")
-                // Every statement is written for READ COMMITTED (claims skip
-                // locked rows, outcomes wait for their parent's lock and read
-                // it as committed): a database or role SERIALIZABLE by default
-                // failed them with serialization errors, each retried as an
-                // outage. Set in the start-up packet, after the URL's own
-                // `options` (the later setting wins): no round trip.
-                .options([("default_transaction_isolation", "read committed")]);
+                // Not sent: PgBouncer refuses a start-up parameter it does not
+                // track unless told to ignore it, and since PostgreSQL 12 the
+                // server's default (1) already writes floats exactly.
+                .extra_float_digits(None);
             let pool = gave_up.checks(
                 PgPoolOptions::new()
                     .max_connections(if daemon { 4 } else { 2 })
@@ -312,9 +309,10 @@ impl Store {
                         )
                         .after_connect(move |connection, _| {
                             let bound = bound_ms(&bound);
-                            Box::pin(
-                                async move { end_abandoned_transactions(connection, bound).await },
-                            )
+                            Box::pin(async move {
+                                read_committed(connection).await?;
+                                end_abandoned_transactions(connection, bound).await
+                            })
                         })
                         .connect_lazy_with(options.clone()),
                 );
@@ -322,12 +320,13 @@ impl Store {
                 pool.after_connect(move |connection, _| {
                     let bound = bound_ms(&bound);
                     Box::pin(async move {
+                        read_committed(connection).await?;
                         generic_plans(connection).await?;
                         end_abandoned_transactions(connection, bound).await
                     })
                 })
             } else {
-                pool
+                pool.after_connect(|connection, _| Box::pin(read_committed(connection)))
             };
             Pool::Postgres(pool.connect_lazy_with(options))
         };
@@ -967,6 +966,20 @@ async fn end_abandoned_transactions(
 /// The daemon's bound on a call, in milliseconds (0: none set).
 fn bound_ms(bound: &std::sync::atomic::AtomicU64) -> u64 {
     bound.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Every statement is written for READ COMMITTED (claims skip locked rows,
+/// outcomes wait for their parent's lock and read it as committed): under a
+/// database or role SERIALIZABLE by default, two daemons' claims, outcomes
+/// and callbacks failed with serialization errors, each retried as an
+/// outage. A statement, not a start-up parameter: PgBouncer refuses an
+/// `options` naming a setting it does not track.
+async fn read_committed(connection: &mut sqlx::PgConnection) -> sqlx::Result<()> {
+    use sqlx::Executor;
+    connection
+        .execute("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        .await?;
+    Ok(())
 }
 
 async fn generic_plans(connection: &mut sqlx::PgConnection) -> sqlx::Result<()> {
