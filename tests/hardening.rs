@@ -1476,7 +1476,9 @@ async fn a_database_serializable_by_default_runs_every_row_and_callback_once() {
 /// (asking for READ COMMITTED there kept every daemon behind it from
 /// connecting; it is a statement after the connect). The application's
 /// insert wakes the daemon through the pooler (LISTEN holds its server
-/// connection in session mode), well before its poll.
+/// connection in session mode), well before its poll. In transaction mode one line names the
+/// pooler's mode (before: only the driver's `prepared statement "sqlx_s_1"
+/// already exists`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_behind_pgbouncer_in_session_mode_connects_and_wakes_at_once() {
     let db = TestDb::new(Backend::Postgres).await;
@@ -1504,18 +1506,16 @@ async fn a_daemon_behind_pgbouncer_in_session_mode_connects_and_wakes_at_once() 
         .into_iter()
         .find(|path| std::path::Path::new(path).exists())
         .expect("pgbouncer is installed (scripts/test installs it)");
-    // It refuses to run as root.
-    let mut command = if nix::unistd::geteuid().is_root() {
+    // It refuses to run as root: it switches to postgres (`-u`), and stays
+    // this test's child, to signal and to stop.
+    let mut command = std::process::Command::new(program);
+    if nix::unistd::geteuid().is_root() {
         let _ = std::process::Command::new("chown")
             .args(["-R", "postgres"])
             .arg(&dir)
             .status();
-        let mut command = std::process::Command::new("runuser");
-        command.args(["-u", "postgres", "--", program]);
-        command
-    } else {
-        std::process::Command::new(program)
-    };
+        command.args(["-u", "postgres"]);
+    }
     let mut bouncer = command
         .arg(dir.join("pgbouncer.ini"))
         .stdout(std::process::Stdio::null())
@@ -1559,6 +1559,27 @@ async fn a_daemon_behind_pgbouncer_in_session_mode_connects_and_wakes_at_once() 
     let log = daemon.log_text();
     assert!(!log.contains("database unavailable"), "{log}");
     assert!(daemon.stop().success());
+
+    // In transaction mode each transaction may get another server
+    // connection, and the driver's prepared statements are not where it
+    // made them: one line names the pooler's mode.
+    let ini = dir.join("pgbouncer.ini");
+    let text = std::fs::read_to_string(&ini).unwrap();
+    std::fs::write(
+        &ini,
+        text.replace("pool_mode = session", "pool_mode = transaction"),
+    )
+    .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(bouncer.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_until(WAIT, "the CLI to name the pooler's mode", || {
+        let (status, _, stderr) =
+            crate::util::bare_cli(&db.scratch.path, &["--database-url", &url, "migrate"]);
+        status != 0 && stderr.contains("taskrunner needs session mode (pool_mode = session)")
+    });
     let _ = bouncer.kill();
     let _ = bouncer.wait();
 }

@@ -184,6 +184,20 @@ pub(crate) async fn explain(error: anyhow::Error, url: &str) -> anyhow::Error {
             "{server}: {}: create it (mysql -h {host} -P {port} -e 'CREATE DATABASE {database}'), then run `taskrunner-cli migrate` (database URL {display_url})",
             db.message(),
         ),
+        // duplicate_prepared_statement, invalid_sql_statement_name: the
+        // driver's own prepared statements found on another connection, or
+        // missing from this one.
+        sqlx::Error::Database(db)
+            if !mysql
+                && matches!(db.code().as_deref(), Some("42P05" | "26000"))
+                && db.message().contains("sqlx_s_") =>
+        {
+            anyhow!(
+                "{server}, database URL {display_url}: {}: a connection pooler hands each transaction another server connection \
+                 (PgBouncer's pool_mode = transaction or statement): taskrunner needs session mode (pool_mode = session)",
+                db.message()
+            )
+        }
         sqlx::Error::Database(db) => anyhow!(
             "{server}, database URL {display_url}: {}",
             db.message()
