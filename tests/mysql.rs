@@ -294,3 +294,44 @@ async fn server_insert(db: &TestDb) -> i64 {
     })
     .await
 }
+
+/// A MariaDB server whose sessions start with autocommit off (`autocommit
+/// = 0` in its config, which some DBAs set): a single statement stays in a
+/// transaction that nothing commits. `taskrunner-cli enqueue` printed an id,
+/// exit 0, and the row was gone when it disconnected; the SDK's
+/// `insert_url` the same. The daemon's, the CLI's and the web page's
+/// sessions now set autocommit on, and `insert_url` commits its insert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_autocommit_off_by_default_loses_no_enqueued_request() {
+    let server = PrivateServer::start(Backend::MySql);
+    let db = server.test_db().await;
+    db.execute("SET GLOBAL autocommit = 0").await;
+    assert_eq!(client(&db, "SELECT @@autocommit").trim(), "0");
+    let (status, stdout, stderr) = crate::util::cli(&db, &["enqueue", "NoOp"]);
+    assert_eq!(status, 0, "{stderr}");
+    let by_cli: i64 = stdout.trim().parse().unwrap();
+    let by_sdk = task_sdk::Enqueue::named("NoOp", &())
+        .insert_url(&db.url)
+        .await
+        .unwrap();
+    let seen = |id: i64| {
+        client(
+            &db,
+            &format!("SELECT count(*) FROM task_runner_requests WHERE id = {id}"),
+        )
+    };
+    assert_eq!(seen(by_cli).trim(), "1", "the CLI's row is gone");
+    assert_eq!(seen(by_sdk).trim(), "1", "the SDK's row is gone");
+    let mut daemon = Daemon::start(&db, "d", "");
+    for id in [by_cli, by_sdk] {
+        db.wait_for_state(taskrunner::request::RequestId(id), "FINISHED", WAIT)
+            .await;
+    }
+    // Written for good: seen by a new session.
+    let finished = client(
+        &db,
+        &format!("SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED' AND id IN ({by_cli}, {by_sdk})"),
+    );
+    assert_eq!(finished.trim(), "2");
+    assert!(daemon.stop().success());
+}

@@ -220,8 +220,9 @@ impl Enqueue {
             .map_err(Error::Database)
     }
 
-    /// Connects to `database_url` (`sqlite://…` or `postgres://…`, the URL
-    /// the daemon uses), inserts the request, and disconnects. For a single
+    /// Connects to `database_url` (`sqlite://…`, `postgres://…` or
+    /// `mysql://…`, the URL the daemon uses), inserts the request in a
+    /// transaction it commits, and disconnects. For a single
     /// request from a script; an application with a pool should use
     /// [`insert`](Enqueue::insert). A missing SQLite file is an error, not
     /// created.
@@ -230,14 +231,24 @@ impl Enqueue {
             let mut connection = sqlx::SqliteConnection::connect(database_url)
                 .await
                 .map_err(Error::Database)?;
-            let id = self.insert(&mut connection).await?;
+            // Committed here, whatever the server's autocommit default (a
+            // MariaDB server set to `autocommit = 0` dropped a single
+            // INSERT at the disconnect).
+            let mut transaction = connection.begin().await.map_err(Error::Database)?;
+            let id = self.insert(&mut *transaction).await?;
+            transaction.commit().await.map_err(Error::Database)?;
             connection.close().await.map_err(Error::Database)?;
             Ok(id)
         } else if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
             let mut connection = sqlx::PgConnection::connect(database_url)
                 .await
                 .map_err(Error::Database)?;
-            let id = self.insert(&mut connection).await?;
+            // Committed here, whatever the server's autocommit default (a
+            // MariaDB server set to `autocommit = 0` dropped a single
+            // INSERT at the disconnect).
+            let mut transaction = connection.begin().await.map_err(Error::Database)?;
+            let id = self.insert(&mut *transaction).await?;
+            transaction.commit().await.map_err(Error::Database)?;
             connection.close().await.map_err(Error::Database)?;
             Ok(id)
         } else if database_url.starts_with("mysql:") || database_url.starts_with("mariadb:") {
@@ -245,7 +256,12 @@ impl Enqueue {
             let mut connection = sqlx::MySqlConnection::connect(&url)
                 .await
                 .map_err(Error::Database)?;
-            let id = self.insert(&mut connection).await?;
+            // Committed here, whatever the server's autocommit default (a
+            // MariaDB server set to `autocommit = 0` dropped a single
+            // INSERT at the disconnect).
+            let mut transaction = connection.begin().await.map_err(Error::Database)?;
+            let id = self.insert(&mut *transaction).await?;
+            transaction.commit().await.map_err(Error::Database)?;
             connection.close().await.map_err(Error::Database)?;
             Ok(id)
         } else {

@@ -385,14 +385,18 @@ pub(crate) fn packet_refusal(packet: i64) -> Option<String> {
 
 /// Each connection: a strict `sql_mode` (a value that does not fit is an
 /// error, never silently truncated), `||` as concatenation (the shared
-/// statements use it), and READ COMMITTED, so that the claim's locking
-/// read takes no gap locks and sees rows committed since its transaction
-/// began. (sqlx sets the time zone to UTC and the names to utf8mb4.)
+/// statements use it), READ COMMITTED, so that the claim's locking read
+/// takes no gap locks and sees rows committed since its transaction began,
+/// and autocommit on: a server whose default is off (`autocommit = 0` in
+/// its config) left each single statement in a transaction never
+/// committed, so that `taskrunner-cli enqueue` printed an id and the row
+/// was gone when it disconnected. (sqlx sets the time zone to UTC and the
+/// names to utf8mb4.)
 pub(crate) async fn configure_session(connection: &mut sqlx::MySqlConnection) -> sqlx::Result<()> {
     sqlx::raw_sql(
         "SET SESSION sql_mode = 'STRICT_ALL_TABLES,ERROR_FOR_DIVISION_BY_ZERO,NO_ZERO_DATE,\
              NO_ZERO_IN_DATE,NO_ENGINE_SUBSTITUTION,PIPES_AS_CONCAT', \
-             SESSION innodb_lock_wait_timeout = 10; \
+             SESSION innodb_lock_wait_timeout = 10, SESSION autocommit = 1; \
          SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
     )
     .execute(connection)
