@@ -52,8 +52,12 @@ const POLL_WITHOUT_WATCH: Duration = Duration::from_millis(100);
 /// After a write to the log, the delays between checks until the commit
 /// shows: every millisecond for a few (an inserter with SQLite's default
 /// `synchronous=FULL` syncs the log before it publishes the commit), then
-/// backing off; about 130 ms in all.
-const RECHECKS: [Duration; 14] = {
+/// backing off; about a second in all. When the checks ended after 130 ms,
+/// a commit published later (its inserter descheduled, or its sync slow,
+/// on a loaded machine) waited for the next [`SAFETY_NET`] check: 943 ms
+/// once in CI (`core::a_row_inserted_by_another_process_starts_at_once`).
+/// The daemon's own commits show at the first check and end the checks.
+const RECHECKS: [Duration; 17] = {
     let ms = Duration::from_millis;
     [
         ms(1),
@@ -70,6 +74,9 @@ const RECHECKS: [Duration; 14] = {
         ms(16),
         ms(32),
         ms(64),
+        ms(128),
+        ms(256),
+        ms(512),
     ]
 };
 
