@@ -110,11 +110,6 @@ impl Store {
         migrator: &Migrator,
         applied: &BTreeSet<i64>,
     ) -> Result<Option<String>> {
-        // The tables are read after the migrations recorded. On SQLite no
-        // turn keeps another process's migration out meanwhile (they take
-        // turns by the write lock, tables and record committed at once), so
-        // tables that look unrecorded may be ones just migrated: read the
-        // record again, and judge again while it changes.
         let expected_now = expected(migrator, |_| true);
         let mut left = Vec::new();
         for table in &expected_now.tables {
@@ -135,6 +130,11 @@ impl Store {
             ))
             .into());
         }
+        // The tables are read after the migrations recorded. On SQLite no
+        // turn keeps another process's migration out meanwhile (they take
+        // turns by the write lock, tables and record committed at once), so
+        // tables that look unrecorded may be ones just migrated: read the
+        // record again, and judge again while it changes.
         let mut applied = applied.clone();
         let reason = loop {
             let Some(reason) = self
