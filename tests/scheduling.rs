@@ -16,6 +16,7 @@ both_backends!(
     retention_deletes_ended_batches_and_flows_once_no_request_refers_to_them,
     retention_keeps_the_rows_an_applications_foreign_key_references,
     cron_catches_up_once_after_downtime,
+    a_cron_schedule_in_a_time_zone_enqueues_the_slot_of_its_clock,
     a_delayed_row_comes_due_while_a_backlog_fills_every_claim,
     a_released_row_postponed_by_the_application_waits_for_its_new_time,
     a_burst_of_delayed_rows_is_shared_by_the_daemons,
@@ -541,6 +542,60 @@ async fn cron_catches_up_once_after_downtime(backend: Backend) {
         .await;
     assert_eq!(rows, distinct);
     assert!(rows < 10, "caught up once, not 30 times: {rows} rows");
+}
+
+/// `time_zone:` moves a cron schedule's slots to that zone's clock. Both
+/// schedules missed their midnight while no daemon ran (a slot recorded
+/// three days ago): catch-up enqueues the latest one at once, Kathmandu's
+/// (UTC+05:45) at 18:15 UTC, UTC's at 00:00.
+async fn a_cron_schedule_in_a_time_zone_enqueues_the_slot_of_its_clock(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let three_days_ago = match backend {
+        Backend::Sqlite => "strftime('%Y-%m-%d %H:%M:%S.000', 'now', '-3 days')",
+        Backend::Postgres => "date_trunc('second', now() - interval '3 days')",
+        Backend::MySql => "UTC_TIMESTAMP() - INTERVAL 3 DAY",
+    };
+    for schedule in ["kathmandu", "utc"] {
+        db.execute(&format!(
+            "INSERT INTO task_runner_schedule_slots (schedule, slot) VALUES ('{schedule}', {three_days_ago})"
+        ))
+        .await;
+    }
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "schedules:\n  kathmandu:\n    cron: '0 0 * * *'\n    time_zone: Asia/Kathmandu\n    task: NoOp\n  \
+         utc:\n    cron: '0 0 * * *'\n    task: NoOp\n",
+    );
+    let count = "SELECT count(*) FROM task_runner_requests WHERE schedule IS NOT NULL";
+    db.wait_for_count(count, 2, WAIT).await;
+    assert!(daemon.stop().success());
+    let epoch = match backend {
+        Backend::Sqlite => "CAST(strftime('%s', planned_at) AS INTEGER)",
+        Backend::Postgres => "extract(epoch from planned_at)::bigint",
+        Backend::MySql => "TIMESTAMPDIFF(SECOND, '1970-01-01', planned_at)",
+    };
+    let now = chrono::Utc::now().timestamp();
+    for (schedule, time_of_day) in [("kathmandu", 18 * 3600 + 15 * 60), ("utc", 0)] {
+        let planned = db
+            .scalar(&format!(
+                "SELECT {epoch} FROM task_runner_requests WHERE schedule = '{schedule}'"
+            ))
+            .await;
+        assert_eq!(
+            planned.rem_euclid(86_400),
+            time_of_day,
+            "{schedule}: planned at {planned}"
+        );
+        assert!(
+            planned <= now && now - planned < 86_400,
+            "{schedule}: the latest midnight, not {planned} (now {now})"
+        );
+    }
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests WHERE schedule = 'kathmandu' AND planned_at = delay_until").await,
+        1
+    );
 }
 
 /// A delayed row is claimable once a daemon has released it (seen its

@@ -1,5 +1,6 @@
-//! Schedules from the config (`schedules:`): 5-field cron expressions (UTC)
-//! or a fixed `every:` period, and when their slots fall due. The daemon's
+//! Schedules from the config (`schedules:`): 5-field cron expressions read
+//! on the clock of a time zone (UTC unless `time_zone:` names another) or a
+//! fixed `every:` period, and when their slots fall due. The daemon's
 //! cron loop (`daemon/cron.rs`) enqueues one request per due slot.
 //!
 //! Architecture Invariant: each slot is enqueued exactly once, however many
@@ -16,13 +17,20 @@
 //!
 //! The 5-field parser is written here (minute hour day-of-month month
 //! day-of-week; `*`, lists, ranges, steps, month and weekday names, `7` for
-//! Sunday, `@hourly`-style macros): it is small, and UTC-only arithmetic needs
-//! none of the daylight-saving logic that general cron crates carry.
+//! Sunday, `@hourly`-style macros): it is small. It matches wall times;
+//! [`ZonedCron`] turns them into instants in the schedule's time zone (the
+//! IANA database compiled in by `chrono-tz`, so that every daemon of one
+//! version computes the same slots), with cron's rules for the hours a
+//! daylight-saving change skips or repeats.
 
 use std::time::Duration;
 
 use anyhow::Result;
-use chrono::{DateTime, Datelike, Duration as ChronoDuration, TimeZone, Timelike, Utc};
+use chrono::{
+    DateTime, Datelike, Duration as ChronoDuration, LocalResult, NaiveDate, NaiveDateTime,
+    TimeZone, Timelike, Utc,
+};
+use chrono_tz::Tz;
 
 use serde::{Deserialize, Serialize};
 
@@ -148,7 +156,7 @@ fn parse_field(text: &str, what: &str, min: u32, max: u32, names: &[&str]) -> Re
 }
 
 impl CronExpr {
-    fn day_matches(&self, time: &DateTime<Utc>) -> bool {
+    fn day_matches(&self, time: &NaiveDateTime) -> bool {
         let dom = self.days_of_month & (1 << time.day()) != 0;
         let dow = self.days_of_week & (1 << time.weekday().num_days_from_sunday()) != 0;
         match (self.dom_restricted, self.dow_restricted) {
@@ -159,31 +167,39 @@ impl CronExpr {
         }
     }
 
-    fn month_matches(&self, time: &DateTime<Utc>) -> bool {
+    fn month_matches(&self, time: &NaiveDateTime) -> bool {
         self.months & (1 << time.month()) != 0
     }
 
-    fn hour_matches(&self, time: &DateTime<Utc>) -> bool {
+    fn hour_matches(&self, time: &NaiveDateTime) -> bool {
         self.hours & (1 << time.hour()) != 0
     }
 
-    fn minute_matches(&self, time: &DateTime<Utc>) -> bool {
+    fn minute_matches(&self, time: &NaiveDateTime) -> bool {
         self.minutes & (1 << time.minute()) != 0
     }
 
-    /// Whether `time` (whole minute) is a slot.
+    /// Whether `time` (a whole minute of wall time) is a slot.
     #[cfg(test)]
-    fn matches(&self, time: &DateTime<Utc>) -> bool {
+    fn matches(&self, time: &NaiveDateTime) -> bool {
         self.month_matches(time)
             && self.day_matches(time)
             && self.hour_matches(time)
             && self.minute_matches(time)
     }
 
-    /// The first slot strictly after `time`, within about five years
-    /// (`None` for an expression that never matches, such as `0 0 31 2 *`).
-    pub(crate) fn next_after(&self, time: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let mut t = truncate_to_minute(time) + ChronoDuration::minutes(1);
+    /// Whether the expression runs in every hour of the day (`*` in the
+    /// hour field): such a schedule keeps to the clock across a change of
+    /// the time zone's offset (see [`ZonedCron`]).
+    fn every_hour(&self) -> bool {
+        self.hours == (1 << 24) - 1
+    }
+
+    /// The first matching wall time at or after `time` (a whole minute),
+    /// within about five years (`None` for an expression that never
+    /// matches, such as `0 0 31 2 *`).
+    fn first_at_or_after(&self, time: NaiveDateTime) -> Option<NaiveDateTime> {
+        let mut t = time;
         // Each step skips a whole month, day, hour or minute that cannot match.
         for _ in 0..200_000 {
             if !self.month_matches(&t) {
@@ -192,7 +208,7 @@ impl CronExpr {
                 } else {
                     (t.year(), t.month() + 1)
                 };
-                t = Utc.with_ymd_and_hms(year, month, 1, 0, 0, 0).single()?;
+                t = NaiveDate::from_ymd_opt(year, month, 1)?.and_hms_opt(0, 0, 0)?;
             } else if !self.day_matches(&t) {
                 t = start_of_day(t) + ChronoDuration::days(1);
             } else if !self.hour_matches(&t) {
@@ -206,14 +222,13 @@ impl CronExpr {
         None
     }
 
-    /// The latest slot at or before `time`.
-    pub(crate) fn latest_at_or_before(&self, time: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let mut t = truncate_to_minute(time);
+    /// The last matching wall time at or before `time` (a whole minute).
+    fn last_at_or_before(&self, time: NaiveDateTime) -> Option<NaiveDateTime> {
+        let mut t = time;
         for _ in 0..200_000 {
             if !self.month_matches(&t) {
-                let first = Utc
-                    .with_ymd_and_hms(t.year(), t.month(), 1, 0, 0, 0)
-                    .single()?;
+                let first =
+                    NaiveDate::from_ymd_opt(t.year(), t.month(), 1)?.and_hms_opt(0, 0, 0)?;
                 t = first - ChronoDuration::minutes(1);
             } else if !self.day_matches(&t) {
                 t = start_of_day(t) - ChronoDuration::minutes(1);
@@ -229,24 +244,146 @@ impl CronExpr {
     }
 }
 
-fn truncate_to_minute(time: DateTime<Utc>) -> DateTime<Utc> {
+fn truncate_to_minute(time: NaiveDateTime) -> NaiveDateTime {
     time.with_second(0)
         .and_then(|t| t.with_nanosecond(0))
         .unwrap_or(time)
 }
 
-fn start_of_hour(time: DateTime<Utc>) -> DateTime<Utc> {
+fn start_of_hour(time: NaiveDateTime) -> NaiveDateTime {
     truncate_to_minute(time).with_minute(0).unwrap_or(time)
 }
 
-fn start_of_day(time: DateTime<Utc>) -> DateTime<Utc> {
+fn start_of_day(time: NaiveDateTime) -> NaiveDateTime {
     start_of_hour(time).with_hour(0).unwrap_or(time)
+}
+
+/// A cron expression read on the wall clock of a time zone (UTC unless the
+/// schedule names one): its slots are instants.
+///
+/// Where the zone's clock jumps, a schedule keeps to one of two rules, as
+/// cron does (cronie's "Daylight Saving Time and other time changes"):
+/// - An expression that runs every hour (`*` in the hour field, such as
+///   `*/15 * * * *`) keeps to the clock: an hour the clock skips has no
+///   slot, an hour it repeats has its slots twice. Its slots stay evenly
+///   spaced in real time.
+/// - An expression of given hours (`30 2 * * *`) runs once on each day it
+///   names: a wall time the clock skips runs at the jump (the first minute
+///   after the gap), one it repeats runs the first time only.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ZonedCron {
+    pub(crate) expr: CronExpr,
+    pub(crate) zone: Tz,
+}
+
+/// Where one matching wall time falls: the instants it names in the zone
+/// (`earliest`, `latest`, the same unless the clock repeats it), and those
+/// of them that are slots.
+struct Placed {
+    earliest: DateTime<Utc>,
+    latest: DateTime<Utc>,
+    slots: [Option<DateTime<Utc>>; 2],
+}
+
+/// How far from a wall time another wall time's instants may fall: the
+/// largest jump of a clock in today's time zone database is two hours.
+fn most_a_clock_jumps() -> ChronoDuration {
+    ChronoDuration::hours(3)
+}
+
+impl ZonedCron {
+    fn wall_time(&self, time: DateTime<Utc>) -> NaiveDateTime {
+        truncate_to_minute(self.zone.from_utc_datetime(&time.naive_utc()).naive_local())
+    }
+
+    fn place(&self, wall: NaiveDateTime) -> Option<Placed> {
+        let utc = |time: DateTime<Tz>| time.with_timezone(&Utc);
+        Some(match self.zone.from_local_datetime(&wall) {
+            LocalResult::Single(time) => Placed {
+                earliest: utc(time),
+                latest: utc(time),
+                slots: [Some(utc(time)), None],
+            },
+            LocalResult::Ambiguous(first, second) => Placed {
+                earliest: utc(first),
+                latest: utc(second),
+                slots: [
+                    Some(utc(first)),
+                    self.expr.every_hour().then(|| utc(second)),
+                ],
+            },
+            LocalResult::None => {
+                let jump = self.end_of_gap(wall)?;
+                Placed {
+                    earliest: jump,
+                    latest: jump,
+                    slots: [(!self.expr.every_hour()).then_some(jump), None],
+                }
+            }
+        })
+    }
+
+    /// The instant the clock jumped over `wall`: that of the first wall
+    /// minute after it that exists.
+    fn end_of_gap(&self, wall: NaiveDateTime) -> Option<DateTime<Utc>> {
+        let mut t = wall;
+        for _ in 0..25 * 60 {
+            t += ChronoDuration::minutes(1);
+            if let Some(time) = self.zone.from_local_datetime(&t).earliest() {
+                return Some(time.with_timezone(&Utc));
+            }
+        }
+        None
+    }
+
+    /// The first slot strictly after `time`. Wall times are walked forward
+    /// from a little before `time`'s (a repeated hour's second pass has
+    /// earlier wall times than instants before it) until one's earliest
+    /// instant is past the best slot found.
+    pub(crate) fn next_after(&self, time: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let mut wall = self.wall_time(time) - most_a_clock_jumps();
+        let mut best: Option<DateTime<Utc>> = None;
+        while let Some(found) = self.expr.first_at_or_after(wall) {
+            if let Some(placed) = self.place(found) {
+                if best.is_some_and(|best| placed.earliest >= best) {
+                    break;
+                }
+                for slot in placed.slots.into_iter().flatten() {
+                    if slot > time && best.is_none_or(|best| slot < best) {
+                        best = Some(slot);
+                    }
+                }
+            }
+            wall = found + ChronoDuration::minutes(1);
+        }
+        best
+    }
+
+    /// The latest slot at or before `time`: the same walk, backwards.
+    pub(crate) fn latest_at_or_before(&self, time: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let mut wall = self.wall_time(time) + most_a_clock_jumps();
+        let mut best: Option<DateTime<Utc>> = None;
+        while let Some(found) = self.expr.last_at_or_before(wall) {
+            if let Some(placed) = self.place(found) {
+                if best.is_some_and(|best| placed.latest <= best) {
+                    break;
+                }
+                for slot in placed.slots.into_iter().flatten() {
+                    if slot <= time && best.is_none_or(|best| slot > best) {
+                        best = Some(slot);
+                    }
+                }
+            }
+            wall = found - ChronoDuration::minutes(1);
+        }
+        best
+    }
 }
 
 /// When a schedule's slots fall.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum When {
-    Cron(CronExpr),
+    Cron(ZonedCron),
     /// Every period, at whole multiples of it since the Unix epoch (so every
     /// daemon computes the same slots).
     Every(Duration),
@@ -256,7 +393,7 @@ impl When {
     /// The latest slot at or before `time`.
     pub(crate) fn latest_at_or_before(&self, time: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self {
-            When::Cron(expr) => expr.latest_at_or_before(time),
+            When::Cron(cron) => cron.latest_at_or_before(time),
             When::Every(period) => {
                 let period_ms = period.as_millis().max(1) as i64;
                 let ms = time.timestamp_millis();
@@ -269,7 +406,7 @@ impl When {
     /// The first slot strictly after `time`.
     pub(crate) fn next_after(&self, time: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self {
-            When::Cron(expr) => expr.next_after(time),
+            When::Cron(cron) => cron.next_after(time),
             When::Every(period) => {
                 let period_ms = period.as_millis().max(1) as i64;
                 let ms = time.timestamp_millis();
@@ -329,6 +466,10 @@ pub(crate) struct FileSchedule {
         skip_serializing_if = "Option::is_none"
     )]
     every: Option<Duration>,
+    /// The time zone whose clock `cron` reads (an IANA name such as
+    /// `Europe/Berlin`); UTC when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    time_zone: Option<String>,
     task: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     options: Option<serde_yaml::Value>,
@@ -342,10 +483,12 @@ pub(crate) struct FileSchedule {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Schedule {
     pub(crate) when: When,
-    /// `cron: '…'` or `every: …`, as written.
+    /// `cron: '…'` (with its `time_zone`, if given) or `every: …`, as written.
     pub(crate) spec: String,
     /// The cron expression as written (`None` for `every:`).
     pub(crate) cron: Option<String>,
+    /// The time zone as written.
+    pub(crate) time_zone: Option<String>,
     pub(crate) task: String,
     /// YAML, as stored in the request's `options`.
     pub(crate) options: Option<String>,
@@ -363,16 +506,34 @@ pub(crate) fn resolve_schedules(
     let mut schedules = std::collections::BTreeMap::new();
     for (name, raw) in raw.unwrap_or_default() {
         let key = |field: &str| format!("schedules.{name}.{field}");
-        let spec = match (&raw.cron, raw.every) {
-            (Some(expr), _) => format!("cron: '{expr}'"),
-            (None, Some(every)) => format!("every: {}", crate::units::format_duration(every)),
-            (None, None) => String::new(),
+        let spec = match (&raw.cron, raw.every, &raw.time_zone) {
+            (Some(expr), _, None) => format!("cron: '{expr}'"),
+            (Some(expr), _, Some(zone)) => format!("cron: '{expr}', time_zone: {zone}"),
+            (None, Some(every), _) => format!("every: {}", crate::units::format_duration(every)),
+            (None, None, _) => String::new(),
+        };
+        let zone = match &raw.time_zone {
+            None => Tz::UTC,
+            Some(_) if raw.cron.is_none() && raw.every.is_some() => {
+                return Err(format!(
+                    "{}: applies to `cron` only (`every` slots are whole multiples of the period since the epoch)",
+                    key("time_zone")
+                ))
+            }
+            Some(name) => name.parse::<Tz>().map_err(|_| {
+                format!(
+                    "{}: unknown time zone `{name}` (an IANA name such as Europe/Berlin or America/New_York, or UTC)",
+                    key("time_zone")
+                )
+            })?,
         };
         let when = match (&raw.cron, raw.every) {
-            (Some(expr), None) => When::Cron(
-                expr.parse()
+            (Some(expr), None) => When::Cron(ZonedCron {
+                expr: expr
+                    .parse()
                     .map_err(|error| format!("{}: {error}", key("cron")))?,
-            ),
+                zone,
+            }),
             (None, Some(every)) if every >= Duration::from_secs(1) => When::Every(every),
             (None, Some(_)) => return Err(format!("{}: must be at least 1s", key("every"))),
             (Some(_), Some(_)) => {
@@ -407,6 +568,7 @@ pub(crate) fn resolve_schedules(
                 when,
                 spec,
                 cron: raw.cron,
+                time_zone: raw.time_zone,
                 task: raw.task,
                 options,
                 catch_up: raw.catch_up.unwrap_or(1),
@@ -427,6 +589,7 @@ impl Schedule {
                 When::Every(every) => Some(every),
                 When::Cron(_) => None,
             },
+            time_zone: self.time_zone.clone(),
             task: self.task.clone(),
             options: self.options.clone().map(serde_yaml::Value::String),
             catch_up: Some(self.catch_up),
@@ -446,35 +609,51 @@ mod tests {
             .with_timezone(&Utc)
     }
 
+    /// A wall time, written as UTC.
+    fn wall(text: &str) -> NaiveDateTime {
+        at(text).naive_utc()
+    }
+
     fn cron(text: &str) -> CronExpr {
         text.parse().unwrap()
+    }
+
+    fn in_zone(text: &str, zone: Tz) -> ZonedCron {
+        ZonedCron {
+            expr: cron(text),
+            zone,
+        }
+    }
+
+    fn utc(text: &str) -> ZonedCron {
+        in_zone(text, Tz::UTC)
     }
 
     #[test]
     fn fields_parse_lists_ranges_steps_and_names() {
         let every_five = cron("*/5 * * * *");
-        assert!(every_five.matches(&at("2026-01-01T00:05:00Z")));
-        assert!(!every_five.matches(&at("2026-01-01T00:06:00Z")));
+        assert!(every_five.matches(&wall("2026-01-01T00:05:00Z")));
+        assert!(!every_five.matches(&wall("2026-01-01T00:06:00Z")));
         let weekdays = cron("30 9 * * mon-fri");
-        assert!(weekdays.matches(&at("2026-01-02T09:30:00Z"))); // a Friday
-        assert!(!weekdays.matches(&at("2026-01-03T09:30:00Z"))); // a Saturday
+        assert!(weekdays.matches(&wall("2026-01-02T09:30:00Z"))); // a Friday
+        assert!(!weekdays.matches(&wall("2026-01-03T09:30:00Z"))); // a Saturday
         let sunday_as_seven = cron("0 0 * * 7");
-        assert!(sunday_as_seven.matches(&at("2026-01-04T00:00:00Z")));
+        assert!(sunday_as_seven.matches(&wall("2026-01-04T00:00:00Z")));
         let list = cron("0,15,45 1-3/2 * jan,JUL *");
-        assert!(list.matches(&at("2026-07-10T03:45:00Z")));
-        assert!(!list.matches(&at("2026-07-10T02:45:00Z")));
-        assert!(!list.matches(&at("2026-08-10T03:45:00Z")));
+        assert!(list.matches(&wall("2026-07-10T03:45:00Z")));
+        assert!(!list.matches(&wall("2026-07-10T02:45:00Z")));
+        assert!(!list.matches(&wall("2026-08-10T03:45:00Z")));
         assert_eq!(cron("@hourly"), cron("0 * * * *"));
-        assert!(cron("5/20 * * * *").matches(&at("2026-01-01T00:45:00Z")));
+        assert!(cron("5/20 * * * *").matches(&wall("2026-01-01T00:45:00Z")));
     }
 
     #[test]
     fn day_of_month_and_day_of_week_match_either_when_both_are_given() {
         let expr = cron("0 0 13 * fri");
-        assert!(expr.matches(&at("2026-02-13T00:00:00Z"))); // the 13th (a Friday too)
-        assert!(expr.matches(&at("2026-01-13T00:00:00Z"))); // the 13th, a Tuesday
-        assert!(expr.matches(&at("2026-01-16T00:00:00Z"))); // a Friday
-        assert!(!expr.matches(&at("2026-01-14T00:00:00Z")));
+        assert!(expr.matches(&wall("2026-02-13T00:00:00Z"))); // the 13th (a Friday too)
+        assert!(expr.matches(&wall("2026-01-13T00:00:00Z"))); // the 13th, a Tuesday
+        assert!(expr.matches(&wall("2026-01-16T00:00:00Z"))); // a Friday
+        assert!(!expr.matches(&wall("2026-01-14T00:00:00Z")));
     }
 
     #[test]
@@ -496,7 +675,7 @@ mod tests {
 
     #[test]
     fn next_and_latest_slots() {
-        let expr = cron("*/5 * * * *");
+        let expr = utc("*/5 * * * *");
         assert_eq!(
             expr.next_after(at("2026-01-01T00:04:59.9Z")),
             Some(at("2026-01-01T00:05:00Z"))
@@ -515,20 +694,102 @@ mod tests {
         );
         // Across a year, a leap day, and a month boundary backwards.
         assert_eq!(
-            cron("0 12 29 2 *").next_after(at("2026-03-01T00:00:00Z")),
+            utc("0 12 29 2 *").next_after(at("2026-03-01T00:00:00Z")),
             Some(at("2028-02-29T12:00:00Z"))
         );
         assert_eq!(
-            cron("0 0 1 * *").latest_at_or_before(at("2026-03-15T10:00:00Z")),
+            utc("0 0 1 * *").latest_at_or_before(at("2026-03-15T10:00:00Z")),
             Some(at("2026-03-01T00:00:00Z"))
         );
         assert_eq!(
-            cron("59 23 31 12 *").latest_at_or_before(at("2026-06-01T00:00:00Z")),
+            utc("59 23 31 12 *").latest_at_or_before(at("2026-06-01T00:00:00Z")),
             Some(at("2025-12-31T23:59:00Z"))
         );
         assert_eq!(
-            cron("0 0 31 2 *").next_after(at("2026-01-01T00:00:00Z")),
+            utc("0 0 31 2 *").next_after(at("2026-01-01T00:00:00Z")),
             None
+        );
+    }
+
+    /// New York's clock skips 02:00–03:00 on 8 March 2026 (07:00 UTC) and
+    /// repeats 01:00–02:00 on 1 November 2026 (EDT until 06:00 UTC, then EST).
+    #[test]
+    fn a_daylight_saving_change_runs_a_daily_slot_once_and_keeps_hourly_ones_to_the_clock() {
+        let new_york = chrono_tz::America::New_York;
+        let daily = in_zone("30 2 * * *", new_york);
+        // 02:30 EST, then the skipped 02:30 at the jump (03:00 EDT), then 02:30 EDT.
+        assert_eq!(
+            daily.next_after(at("2026-03-07T00:00:00Z")),
+            Some(at("2026-03-07T07:30:00Z"))
+        );
+        assert_eq!(
+            daily.next_after(at("2026-03-07T07:30:00Z")),
+            Some(at("2026-03-08T07:00:00Z"))
+        );
+        assert_eq!(
+            daily.next_after(at("2026-03-08T07:00:00Z")),
+            Some(at("2026-03-09T06:30:00Z"))
+        );
+        assert_eq!(
+            daily.latest_at_or_before(at("2026-03-09T06:29:00Z")),
+            Some(at("2026-03-08T07:00:00Z"))
+        );
+        // 01:30 comes twice on 1 November: the first (EDT) only.
+        let repeated = in_zone("30 1 * * *", new_york);
+        assert_eq!(
+            repeated.next_after(at("2026-11-01T00:00:00Z")),
+            Some(at("2026-11-01T05:30:00Z"))
+        );
+        assert_eq!(
+            repeated.next_after(at("2026-11-01T05:30:00Z")),
+            Some(at("2026-11-02T06:30:00Z"))
+        );
+        assert_eq!(
+            repeated.latest_at_or_before(at("2026-11-02T06:00:00Z")),
+            Some(at("2026-11-01T05:30:00Z"))
+        );
+        // Every half hour stays every half hour of real time: both passes
+        // of the repeated hour, none in the skipped one.
+        let half_hourly = When::Cron(in_zone("*/30 * * * *", new_york));
+        assert_eq!(
+            half_hourly.due_slots(at("2026-11-01T04:45:00Z"), at("2026-11-01T07:00:00Z"), 10),
+            ["05:00", "05:30", "06:00", "06:30", "07:00"]
+                .map(|time| at(&format!("2026-11-01T{time}:00Z")))
+        );
+        assert_eq!(
+            half_hourly.due_slots(at("2026-03-08T05:45:00Z"), at("2026-03-08T08:00:00Z"), 10),
+            ["06:00", "06:30", "07:00", "07:30", "08:00"]
+                .map(|time| at(&format!("2026-03-08T{time}:00Z")))
+        );
+        let mut t = at("2026-11-01T04:45:00Z");
+        for expected in ["05:00", "05:30", "06:00", "06:30", "07:00"] {
+            t = half_hourly.next_after(t).unwrap();
+            assert_eq!(t, at(&format!("2026-11-01T{expected}:00Z")));
+        }
+        // A day the clock skips whole (Samoa, 30 December 2011): a daily
+        // slot on it runs at the jump, once.
+        let samoa = in_zone("0 12 * * *", chrono_tz::Pacific::Apia);
+        assert_eq!(
+            samoa.next_after(at("2011-12-29T22:00:00Z")),
+            Some(at("2011-12-30T10:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn a_zone_off_the_hour_moves_every_slot_by_its_offset() {
+        // Kathmandu is UTC+05:45: its midnight is 18:15 UTC the day before.
+        let midnight = in_zone("0 0 * * *", chrono_tz::Asia::Kathmandu);
+        assert_eq!(
+            midnight.next_after(at("2026-06-01T12:00:00Z")),
+            Some(at("2026-06-01T18:15:00Z"))
+        );
+        assert_eq!(
+            midnight.latest_at_or_before(at("2026-06-01T18:14:59Z")),
+            Some(at("2026-05-31T18:15:00Z"))
+        );
+        assert_eq!(
+            utc("0 0 * * *").latest_at_or_before(at("2026-06-01T18:14:59Z")),
+            Some(at("2026-06-01T00:00:00Z"))
         );
     }
 
@@ -567,7 +828,7 @@ mod tests {
             .due_slots(at("2026-01-01T00:00:30Z"), now, 1)
             .is_empty());
         // Fewer missed slots than catch_up: each once.
-        let cron = When::Cron(cron("*/5 * * * *"));
+        let cron = When::Cron(utc("*/5 * * * *"));
         assert_eq!(
             cron.due_slots(at("2026-01-01T00:00:00Z"), at("2026-01-01T00:12:00Z"), 10),
             vec![at("2026-01-01T00:05:00Z"), at("2026-01-01T00:10:00Z")]
@@ -602,6 +863,35 @@ mod tests {
             "schedules:\n  often:\n    every: 10s\n    task: NoOp\n    options: {created_from: cron}\n",
         )
         .unwrap();
+        let error = load(
+            "e.yml",
+            "schedules:\n  nightly:\n    cron: '0 3 * * *'\n    time_zone: Europe/Berln\n    task: NoOp\n",
+        )
+        .unwrap_err();
+        assert!(
+            error.contains("schedules.nightly.time_zone: unknown time zone `Europe/Berln`"),
+            "{error}"
+        );
+        let error = load(
+            "f.yml",
+            "schedules:\n  often:\n    every: 1h\n    time_zone: Europe/Berlin\n    task: NoOp\n",
+        )
+        .unwrap_err();
+        assert!(
+            error.contains("schedules.often.time_zone: applies to `cron` only"),
+            "{error}"
+        );
+        let zoned = load(
+            "g.yml",
+            "schedules:\n  nightly:\n    cron: '0 3 * * *'\n    time_zone: Europe/Berlin\n    task: NoOp\n",
+        )
+        .unwrap();
+        let nightly = &zoned.schedules["nightly"];
+        assert_eq!(nightly.spec, "cron: '0 3 * * *', time_zone: Europe/Berlin");
+        assert_eq!(
+            nightly.when,
+            When::Cron(in_zone("0 3 * * *", chrono_tz::Europe::Berlin))
+        );
         let often = &config.schedules["often"];
         assert_eq!(often.when, When::Every(Duration::from_secs(10)));
         assert_eq!(often.catch_up, 1);
