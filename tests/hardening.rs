@@ -1025,8 +1025,9 @@ async fn a_wait_for_an_sqlite_lock_ends_after_five_seconds_even_when_sleeps_over
 /// that hung when asked (here after its first answer: it boots an
 /// application whose database is down, say) held that try, and its slot,
 /// for ever: with one slot, nothing else ever ran. Now a program has 30 s
-/// to answer; then it is killed with its process group, the try fails as
-/// an unknown type, and the rest runs.
+/// to answer (here 3 s: a debug-build hook shortens the bound); then it is
+/// killed with its process group, the try fails as an unknown type, and the
+/// rest runs.
 async fn a_program_that_hangs_when_asked_its_types_holds_no_slot_for_ever(backend: Backend) {
     use std::os::unix::fs::PermissionsExt;
     let db = TestDb::new(backend).await;
@@ -1051,11 +1052,14 @@ esac
     )
     .unwrap();
     std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut daemon = Daemon::start(
-        &db,
-        "d",
-        &format!("max_concurrent: 1\nprograms: [{}]\n", program.display()),
-    );
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!(
+            "max_concurrent: 1\nprograms: [{}]\n",
+            program.display()
+        ))
+        .env("TASKRUNNER_TEST_ASK_TIMEOUT_MS", "3000")
+        .start();
     std::fs::write(&hang, "").unwrap();
     let unknown = db.insert_row(NewRow::new("Unknown").try_limit(1)).await;
     let known = db.insert_row(NewRow::new("Known").try_limit(1)).await;
@@ -1067,7 +1071,7 @@ esac
     assert_eq!(row.result.as_deref(), Some("FAILED"), "{row:#?}");
     let log = daemon.log_text();
     assert!(
-        log.contains("--list-tasks did not answer within 30s: killed"),
+        log.contains("--list-tasks did not answer within 3s: killed"),
         "{log}"
     );
     let pid = read_pid_file(&hung);

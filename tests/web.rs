@@ -967,19 +967,20 @@ async fn lag_of_a_backlog_enqueued_a_minute_ago(backend: Backend) {
 /// every descriptor a task start needs, and rows were given back for as
 /// long as they stayed. Now the page answers at most an eighth of the limit
 /// at once (at most 64); the rest wait in the listen backlog (1,024 long,
-/// not 128), and a connection silent for 30 s is closed.
+/// not 128), and a connection silent for 30 s is closed (here 5 s: a
+/// debug-build hook shortens the bound, well past the 12 tries' run).
 async fn idle_web_connections_cannot_take_the_daemons_descriptors(backend: Backend) {
     let db = TestDb::new(backend).await;
     let port = crate::util::free_port();
-    let mut daemon = Daemon::start_with_open_files(
-        &db,
-        "d",
-        &format!(
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!(
             "max_concurrent: 4\nhttp:\n  listen: 127.0.0.1:{port}\n\
              tasks:\n  Nap:\n    command: [sleep, '0.1']\n"
-        ),
-        (128, 128),
-    );
+        ))
+        .open_files((128, 128))
+        .env("TASKRUNNER_TEST_WEB_IDLE_TIMEOUT_MS", "5000")
+        .start();
     // Bound after the "started" line.
     daemon.wait_for_log("web page on http://", WAIT);
     let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));

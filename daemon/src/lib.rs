@@ -198,6 +198,7 @@ pub mod service;
 pub mod store;
 pub mod supervisor;
 mod task_types;
+mod test_hooks;
 pub mod units;
 mod usage;
 pub mod web;

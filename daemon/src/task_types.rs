@@ -311,7 +311,8 @@ fn ask(program: &Path, args: &[&str]) -> Result<std::process::Output> {
         killed();
         return Err(anyhow::Error::new(error).context(format!("asking {question}")));
     }
-    match answer.recv_timeout(ASK_TIMEOUT) {
+    let bound = crate::test_hooks::shortened(ASK_TIMEOUT, "TASKRUNNER_TEST_ASK_TIMEOUT_MS");
+    match answer.recv_timeout(bound) {
         Ok(output) => output.with_context(|| format!("asking {question}")),
         Err(_) => {
             killed();
@@ -319,7 +320,7 @@ fn ask(program: &Path, args: &[&str]) -> Result<std::process::Output> {
             let _ = answer.recv_timeout(Duration::from_secs(5));
             bail!(
                 "{question} did not answer within {}s: killed",
-                ASK_TIMEOUT.as_secs()
+                bound.as_secs()
             )
         }
     }

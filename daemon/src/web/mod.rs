@@ -179,6 +179,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 struct Admitting {
     listener: tokio::net::TcpListener,
     gate: crate::connections::Gate,
+    /// [`IDLE_TIMEOUT`] (shorter in the tests of it).
+    idle_timeout: Duration,
 }
 
 /// The remote address of a connection, for the log of each action.
@@ -199,7 +201,7 @@ impl axum::serve::Listener for Admitting {
         let listener = &self.listener;
         let ((stream, address), place) = self.gate.admit(|| listener.accept()).await;
         (
-            crate::connections::Held::new(stream, place, IDLE_TIMEOUT),
+            crate::connections::Held::new(stream, place, self.idle_timeout),
             address,
         )
     }
@@ -238,6 +240,10 @@ impl Server {
         let listener = Admitting {
             listener: self.listener,
             gate: crate::connections::Gate::new("web page", MAX_CONNECTIONS),
+            idle_timeout: crate::test_hooks::shortened(
+                IDLE_TIMEOUT,
+                "TASKRUNNER_TEST_WEB_IDLE_TIMEOUT_MS",
+            ),
         };
         axum::serve(
             listener,
