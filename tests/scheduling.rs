@@ -592,10 +592,30 @@ async fn a_cron_schedule_in_a_time_zone_enqueues_the_slot_of_its_clock(backend: 
             "{schedule}: the latest midnight, not {planned} (now {now})"
         );
     }
-    assert_eq!(
-        db.scalar("SELECT count(*) FROM task_runner_requests WHERE schedule = 'kathmandu' AND planned_at = delay_until").await,
-        1
+    // `taskrunner-cli schedules` names each one's request and next slot,
+    // on the zone's clock too.
+    let config = daemon.config.display().to_string();
+    let (status, stdout, stderr) = cli(&db, &["--config", &config, "schedules"]);
+    assert_eq!(status, 0, "{stderr}");
+    let line = |name: &str| {
+        stdout
+            .lines()
+            .find(|line| line.starts_with(name))
+            .unwrap_or_else(|| panic!("no line for {name}: {stdout}"))
+            .to_string()
+    };
+    let kathmandu = line("kathmandu");
+    let request = db
+        .scalar("SELECT id FROM task_runner_requests WHERE schedule = 'kathmandu'")
+        .await;
+    assert!(
+        kathmandu.contains("cron: '0 0 * * *', time_zone: Asia/Kathmandu")
+            && kathmandu.contains(&format!("  {request}  "))
+            && kathmandu.contains(" 18:15:00 UTC (")
+            && kathmandu.ends_with(" 00:00 +0545)"),
+        "{stdout}"
     );
+    assert!(line("utc").ends_with(" 00:00:00 UTC"), "{stdout}");
 }
 
 /// A delayed row is claimable once a daemon has released it (seen its

@@ -26,7 +26,7 @@ fn web_router(db: &TestDb, http: &str) -> axum::Router {
     let file = dir.join("taskrunner.yml");
     std::fs::write(
         &file,
-        format!("database_url: {}\nschedules:\n  nightly:\n    cron: '0 3 * * *'\n    task: NoOp\n{http}", db.url),
+        format!("database_url: {}\nschedules:\n  nightly:\n    cron: '0 3 * * *'\n    time_zone: Asia/Kathmandu\n    task: NoOp\n{http}", db.url),
     )
     .unwrap();
     let config = Config::load_file(&file).unwrap();
@@ -131,7 +131,16 @@ async fn every_page_renders_with_a_strict_policy(backend: Backend) {
     );
     let bulk = get(&web, "/bulk?action=retry&state=FAILED").await.body;
     assert!(bulk.contains("1 requests match"), "{bulk}");
-    assert!(get(&web, "/schedules").await.body.contains("nightly"));
+    // The next slot, in UTC and on the schedule's clock (UTC+05:45).
+    let schedules = get(&web, "/schedules").await.body;
+    assert!(
+        schedules.contains("nightly") && schedules.contains("time_zone: Asia/Kathmandu"),
+        "{schedules}"
+    );
+    assert!(
+        schedules.contains(" 21:15:00 UTC (") && schedules.contains(" 03:00 +0545)"),
+        "{schedules}"
+    );
     assert_eq!(
         get(&web, "/requests/999999").await.status,
         StatusCode::NOT_FOUND

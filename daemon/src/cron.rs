@@ -581,6 +581,23 @@ pub(crate) fn resolve_schedules(
 }
 
 impl Schedule {
+    /// A slot as a person reads it: UTC, and on the clock of the schedule's
+    /// time zone when it names one (`2026-03-08 07:00:00 UTC (03:00 EDT)`).
+    pub(crate) fn show_slot(&self, slot: DateTime<Utc>) -> String {
+        let utc = slot.format("%Y-%m-%d %H:%M:%S UTC").to_string();
+        match &self.when {
+            When::Cron(ZonedCron { zone, .. }) if *zone != Tz::UTC => {
+                let local = slot.with_timezone(zone);
+                if local.date_naive() == slot.date_naive() {
+                    format!("{utc} ({})", local.format("%H:%M %Z"))
+                } else {
+                    format!("{utc} ({})", local.format("%Y-%m-%d %H:%M %Z"))
+                }
+            }
+            _ => utc,
+        }
+    }
+
     /// The schedule as a config file writes it (`config check`).
     pub(crate) fn as_written(&self) -> FileSchedule {
         FileSchedule {

@@ -64,8 +64,9 @@
 //!   thread that saw the exit.
 //! - [`reaper`]: one pass that marks rows whose process or daemon is gone
 //!   as CRASHED (the daemon's loop and `taskrunner-cli reap`).
-//! - [`cron`]: `schedules:` (5-field cron or `every:`) and when their slots
-//!   fall due; one request per slot across all daemons.
+//! - [`cron`]: `schedules:` (5-field cron on a time zone's clock, or
+//!   `every:`) and when their slots fall due; one request per slot across
+//!   all daemons.
 //! - [`retention`]: `retention:` rules.
 //! - [`prune`]: one pass that deletes the final rows the rules allow, in
 //!   small batches (the daemon's loop and `taskrunner-cli purge`).

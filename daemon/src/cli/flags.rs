@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use super::render::{describe_tasks, render_show, render_status, render_table};
+use super::render::{describe_tasks, render_schedules, render_show, render_status, render_table};
 use super::run::run_command;
 use super::{batch, flow};
 use crate::config::{Config, Overrides};
@@ -329,6 +329,12 @@ enum Command {
         #[command(flatten)]
         socket: SocketFlag,
     },
+    /// The config's schedules: when each runs (cron in its time zone),
+    /// the latest slot enqueued and its request, and the next slot
+    Schedules {
+        #[command(flatten)]
+        database: DatabaseFlags,
+    },
     /// The task types the config and its programs offer, with their
     /// settings; with a name, the options that type takes
     Tasks {
@@ -574,7 +580,9 @@ fn overrides_for(flags: &Flags) -> Overrides {
             }
             (None, Some(socket), None)
         }
-        Command::Tasks { database, .. } => (Some(database), None, None),
+        Command::Tasks { database, .. } | Command::Schedules { database } => {
+            (Some(database), None, None)
+        }
         Command::Config(ConfigCommand::Init { .. })
         | Command::Completions { .. }
         | Command::Man { .. }
@@ -855,6 +863,11 @@ async fn run_one(
                 tokio::task::spawn_blocking(move || Registry::load(&config)).await??
             };
             print!("{}", describe_tasks(&config, &registry, name.as_deref())?);
+        }
+        Command::Schedules { .. } => {
+            let store = open(Purpose::Cli)?;
+            let lines = crate::web::schedule_lines(&store, &config.schedules).await?;
+            print!("{}", render_schedules(&lines));
         }
         Command::Purge { older_than, .. } => {
             let retention = match older_than {

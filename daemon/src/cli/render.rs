@@ -98,6 +98,35 @@ pub(super) fn render_table(rows: &[Request]) -> String {
     out
 }
 
+/// `taskrunner-cli schedules`: one line a schedule.
+pub(super) fn render_schedules(lines: &[crate::web::ScheduleLine]) -> String {
+    if lines.is_empty() {
+        return "(no schedules in the config, none recorded)\n".into();
+    }
+    let header = [
+        "SCHEDULE",
+        "WHEN",
+        "TASK",
+        "LATEST SLOT",
+        "REQUEST",
+        "NEXT SLOT",
+    ];
+    let mut table = vec![header.map(String::from).to_vec()];
+    for line in lines {
+        table.push(vec![
+            line.name.clone(),
+            line.spec
+                .clone()
+                .unwrap_or_else(|| "(not in this config)".into()),
+            line.task.clone().unwrap_or_default(),
+            line.latest.clone().unwrap_or_else(|| "-".into()),
+            line.request.map_or_else(|| "-".into(), |id| id.to_string()),
+            line.next.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    render_columns(&table)
+}
+
 /// Lines of cells as text columns, two spaces apart: each column as wide as
 /// its widest cell, the last one unpadded, trailing blanks trimmed.
 pub(super) fn render_columns<Row: AsRef<[String]>>(lines: &[Row]) -> String {

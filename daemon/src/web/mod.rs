@@ -62,7 +62,7 @@ pub struct Web {
     /// Set when the daemon serves the page: its own counters join `/metrics`.
     daemon: Option<Arc<dyn Daemon>>,
     gauges: QueueGauges,
-    schedules: Vec<(String, String, String)>,
+    schedules: std::collections::BTreeMap<String, crate::cron::Schedule>,
     read_only: bool,
     /// A daemon whose latest heartbeat is older is shown as silent.
     silent_after: std::time::Duration,
@@ -116,11 +116,7 @@ impl Web {
                 hash: hash.clone(),
             }),
         };
-        let schedules = config
-            .schedules
-            .iter()
-            .map(|(name, s)| (name.clone(), s.spec.clone(), s.task.clone()))
-            .collect();
+        let schedules = config.schedules.clone();
         Ok(Web {
             store,
             daemon,
@@ -844,12 +840,61 @@ async fn daemons(State(web): State<Arc<Web>>) -> PageResult {
 }
 
 async fn schedules(State(web): State<Arc<Web>>) -> PageResult {
-    let slots = web.store.schedule_slots().await?;
-    Ok(html(pages::schedules(
-        &chrome(&web),
-        &web.schedules,
-        &slots,
-    )))
+    let lines = schedule_lines(&web.store, &web.schedules).await?;
+    Ok(html(pages::schedules(&chrome(&web), &lines)))
+}
+
+/// One schedule as the page and `taskrunner-cli schedules` show it.
+pub(crate) struct ScheduleLine {
+    pub(crate) name: String,
+    /// `cron: '…'` or `every: …`; `None` for a schedule no longer in the
+    /// config whose slots are still recorded.
+    pub(crate) spec: Option<String>,
+    pub(crate) task: Option<String>,
+    /// The latest slot enqueued, and its request.
+    pub(crate) latest: Option<String>,
+    pub(crate) request: Option<i64>,
+    /// The next slot after the database's now.
+    pub(crate) next: Option<String>,
+}
+
+/// The config's schedules with their latest and next slots, then those
+/// only the slots table still names.
+pub(crate) async fn schedule_lines(
+    store: &Store,
+    schedules: &std::collections::BTreeMap<String, crate::cron::Schedule>,
+) -> Result<Vec<ScheduleLine>> {
+    let slots = store.schedule_slots().await?;
+    let now = crate::cron::from_epoch_seconds(store.database_now().await?);
+    let latest = |name: &str| slots.iter().find(|slot| slot.schedule == name);
+    let mut lines: Vec<ScheduleLine> = schedules
+        .iter()
+        .map(|(name, schedule)| ScheduleLine {
+            name: name.clone(),
+            spec: Some(schedule.spec.clone()),
+            task: Some(schedule.task.clone()),
+            latest: latest(name).and_then(|slot| slot.last_slot.clone()),
+            request: latest(name).and_then(|slot| slot.last_request),
+            next: schedule
+                .when
+                .next_after(now)
+                .map(|next| schedule.show_slot(next)),
+        })
+        .collect();
+    lines.extend(
+        slots
+            .iter()
+            .filter(|slot| !schedules.contains_key(&slot.schedule))
+            .map(|slot| ScheduleLine {
+                name: slot.schedule.clone(),
+                spec: None,
+                task: None,
+                latest: slot.last_slot.clone(),
+                request: slot.last_request,
+                next: None,
+            }),
+    );
+    Ok(lines)
 }
 
 async fn metrics(State(web): State<Arc<Web>>) -> PageResult {

@@ -9,8 +9,7 @@ use crate::request::{Request, State};
 use crate::store::compose::CallbackRow;
 use crate::store::flow::{Flow, FlowBoard, StepRow};
 use crate::store::web::{
-    BatchRow, DaemonRow, MinuteBucket, QueueStats, RequestPage, ScheduleSlots, BULK_LIMIT,
-    SCAN_WINDOW,
+    BatchRow, DaemonRow, MinuteBucket, QueueStats, RequestPage, BULK_LIMIT, SCAN_WINDOW,
 };
 
 /// Counts on the overview stop here per queue (shown as "N+").
@@ -211,35 +210,22 @@ pub(crate) fn daemons(chrome: &Chrome, daemons: &[DaemonRow]) -> Markup {
     layout(chrome, "Daemons", daemon_table(daemons))
 }
 
-pub(crate) fn schedules(
-    chrome: &Chrome,
-    configured: &[(String, String, String)],
-    slots: &[ScheduleSlots],
-) -> Markup {
+pub(crate) fn schedules(chrome: &Chrome, lines: &[super::ScheduleLine]) -> Markup {
     layout(
         chrome,
         "Schedules",
         html! {
             table {
-                thead { tr { th { "schedule" } th { "when" } th { "task" } th { "latest slot" } th { "its request" } } }
+                thead { tr { th { "schedule" } th { "when" } th { "task" } th { "latest slot" } th { "its request" } th { "next slot" } } }
                 tbody {
-                    @for (name, spec, task) in configured {
-                        @let slot = slots.iter().find(|s| &s.schedule == name);
+                    @for line in lines {
                         tr {
-                            td { (name) }
-                            td.mono { (spec) }
-                            td { (task) }
-                            td { (slot.and_then(|s| s.last_slot.clone()).unwrap_or_else(|| "-".into())) }
-                            td { @if let Some(id) = slot.and_then(|s| s.last_request) { a href=(format!("/requests/{id}")) { (id) } } }
-                        }
-                    }
-                    @for slot in slots.iter().filter(|s| !configured.iter().any(|(n, _, _)| n == &s.schedule)) {
-                        tr {
-                            td { (slot.schedule) }
-                            td { "(not in this config)" }
-                            td {}
-                            td { (slot.last_slot.as_deref().unwrap_or("-")) }
-                            td { @if let Some(id) = slot.last_request { a href=(format!("/requests/{id}")) { (id) } } }
+                            td { (line.name) }
+                            td.mono { (line.spec.as_deref().unwrap_or("(not in this config)")) }
+                            td { (line.task.as_deref().unwrap_or_default()) }
+                            td { (line.latest.as_deref().unwrap_or("-")) }
+                            td { @if let Some(id) = line.request { a href=(format!("/requests/{id}")) { (id) } } }
+                            td { (line.next.as_deref().unwrap_or("-")) }
                         }
                     }
                 }
