@@ -10,6 +10,7 @@ const WAIT: Duration = Duration::from_secs(20);
 both_backends!(
     plain_sql_noop_finishes,
     failing_command_retries_with_backoff,
+    a_types_own_backoff_and_jitter_spread_its_retries,
     future_delay_until_in_iso_form_is_honoured,
     extra_application_column_disturbs_nothing,
     invalid_yaml_is_rejected_and_unknown_types_fail,
@@ -111,6 +112,63 @@ async fn failing_command_retries_with_backoff(backend: Backend) {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(db.row(id).await.tries, 3);
     assert!(daemon.stop().success());
+}
+
+/// `retry_delay`, `retry_multiplier` and `retry_jitter` are task settings:
+/// a type's own take the place of the top level's. Twenty rows of a type
+/// with 100 s ± 50% that failed together come back spread over that
+/// window, each within it; a row of a type without its own waits the top
+/// level's hour.
+async fn a_types_own_backoff_and_jitter_spread_its_retries(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = db
+        .daemon("d")
+        .set("retry_delay", "1h")
+        .task("Plain", &["/bin/false"], "")
+        .task(
+            "Spread",
+            &["/bin/false"],
+            "retry_delay: 100s\nretry_jitter: 50%\n",
+        )
+        .start();
+    let plain = db.insert_row(NewRow::new("Plain").try_limit(2)).await;
+    let mut spread = Vec::new();
+    for _ in 0..20 {
+        spread.push(db.insert_row(NewRow::new("Spread").try_limit(2)).await);
+    }
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE result = 'FAILED' AND tries = 1",
+        21,
+        WAIT,
+    )
+    .await;
+    assert!(daemon.stop().success());
+    let waits = |id: taskrunner::request::RequestId| {
+        let seconds = match backend {
+            Backend::Sqlite => {
+                "CAST(round((julianday(delay_until) - julianday(completed_at)) * 86400) AS INTEGER)"
+            }
+            Backend::Postgres => "round(extract(epoch from delay_until - completed_at))::bigint",
+            Backend::MySql => {
+                "ROUND(TIMESTAMPDIFF(MICROSECOND, completed_at, delay_until) / 1000000)"
+            }
+        };
+        let sql = format!("SELECT {seconds} FROM task_runner_requests WHERE id = {id}");
+        let db = &db;
+        async move { db.scalar(&sql).await }
+    };
+    assert_eq!(waits(plain).await, 3600);
+    let mut delays = Vec::new();
+    for id in spread {
+        delays.push(waits(id).await);
+    }
+    assert!(
+        delays.iter().all(|delay| (50..=150).contains(delay)),
+        "{delays:?}"
+    );
+    delays.sort();
+    delays.dedup();
+    assert!(delays.len() >= 10, "not spread: {delays:?}");
 }
 
 async fn future_delay_until_in_iso_form_is_honoured(backend: Backend) {

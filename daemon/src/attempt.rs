@@ -26,8 +26,8 @@ pub(crate) fn outcome(
     )
     .then(|| {
         crate::request::backoff_seconds(
-            config.retry_delay.as_secs_f64(),
-            config.retry_multiplier,
+            config.settings_for(&row.task_class_name),
+            row.id,
             row.tries,
         )
     });

@@ -57,8 +57,6 @@ with_task_settings! {
         heartbeat_interval: Option<Duration> => "serde_units::duration",
         lease_timeout: Option<Duration> => "serde_units::duration",
         shutdown_timeout: Option<Duration> => "serde_units::duration",
-        retry_delay: Option<Duration> => "serde_units::duration",
-        retry_multiplier: Option<f64>,
         max_options: Option<u64> => "serde_units::size",
         pidfile: Option<PathBuf>,
         socket: Option<PathBuf>,
@@ -151,8 +149,6 @@ pub struct Config {
     pub(crate) heartbeat_interval: Duration,
     pub(crate) lease_timeout: Duration,
     pub shutdown_timeout: Duration,
-    pub(crate) retry_delay: Duration,
-    pub(crate) retry_multiplier: f64,
     /// Largest `options` a try accepts; a larger row is REJECTED.
     pub(crate) max_options: u64,
     pub pidfile: Option<PathBuf>,
@@ -358,8 +354,6 @@ impl Config {
             heartbeat_interval: raw.heartbeat_interval.unwrap_or(Duration::from_secs(10)),
             lease_timeout: raw.lease_timeout.unwrap_or(Duration::from_secs(60)),
             shutdown_timeout: raw.shutdown_timeout.unwrap_or(Duration::from_secs(30)),
-            retry_delay: raw.retry_delay.unwrap_or(Duration::from_secs(10)),
-            retry_multiplier: raw.retry_multiplier.unwrap_or(2.0),
             max_options: raw.max_options.unwrap_or(DEFAULT_MAX_OPTIONS),
             pidfile: raw.pidfile.map(|p| dir.join(p)),
             socket: raw.socket.map(|p| dir.join(p)),
@@ -404,9 +398,6 @@ impl Config {
         }
         if let Some((queue, _)) = self.queues.iter().find(|(_, limit)| **limit == 0) {
             return fail(&format!("queues.{queue}: must be at least 1"));
-        }
-        if !(self.retry_multiplier.is_finite() && self.retry_multiplier >= 1.0) {
-            return fail("retry_multiplier: must be a number of at least 1");
         }
         for (key, value) in [
             ("poll_interval", self.poll_interval),
@@ -523,8 +514,6 @@ impl Config {
             heartbeat_interval: Some(self.heartbeat_interval),
             lease_timeout: Some(self.lease_timeout),
             shutdown_timeout: Some(self.shutdown_timeout),
-            retry_delay: Some(self.retry_delay),
-            retry_multiplier: Some(self.retry_multiplier),
             max_options: Some(self.max_options),
             pidfile: self.pidfile.clone(),
             socket: self.socket.clone(),
@@ -851,8 +840,9 @@ flows:
     fn defaults_match_the_spec() {
         let config = load("{}").unwrap();
         assert_eq!(config.poll_interval, Duration::from_secs(60));
-        assert_eq!(config.retry_delay, Duration::from_secs(10));
-        assert_eq!(config.retry_multiplier, 2.0);
+        assert_eq!(config.defaults.retry_delay, Duration::from_secs(10));
+        assert_eq!(config.defaults.retry_multiplier, 2.0);
+        assert_eq!(config.defaults.retry_jitter, 0.0);
         assert_eq!(config.defaults.output_tail, 65_536);
         assert_eq!(config.defaults.kill_grace, Duration::from_secs(10));
         assert!(config.database_url.ends_with("/taskrunner.db"));

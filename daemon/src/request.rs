@@ -268,18 +268,40 @@ fn reads_as_a_time(value: &str) -> bool {
         .is_some_and(|date| chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").is_ok())
 }
 
-/// Delay before the next try after `tries` failed tries:
-/// `retry_delay × retry_multiplier^(tries-1)`, capped at one day so that a
-/// large multiplier cannot overflow into a row that never runs again.
-pub(crate) fn backoff_seconds(retry_delay_secs: f64, multiplier: f64, tries: i64) -> f64 {
+/// Delay before the next try after `tries` failed tries of request `id`:
+/// `retry_delay × retry_multiplier^(tries-1)`, spread by up to
+/// `retry_jitter` either way, capped at one day so that a large multiplier
+/// cannot overflow into a row that never runs again.
+///
+/// The spread is a hash of the request and its try, not a random draw:
+/// rows that failed together are spread evenly, and one try's delay is the
+/// same however often it is computed.
+pub(crate) fn backoff_seconds(
+    settings: &crate::config::TaskSettings,
+    id: RequestId,
+    tries: i64,
+) -> f64 {
     const ONE_DAY: f64 = 86_400.0;
     let exponent = (tries.max(1) - 1).min(1_000) as i32;
-    let delay = retry_delay_secs * multiplier.powi(exponent);
+    let delay = settings.retry_delay.as_secs_f64() * settings.retry_multiplier.powi(exponent);
+    let spread = 1.0 + settings.retry_jitter * (2.0 * unit_hash(id, tries) - 1.0);
+    let delay = delay * spread;
     if delay.is_finite() {
         delay.clamp(0.0, ONE_DAY)
     } else {
         ONE_DAY
     }
+}
+
+/// A number in [0, 1) spread evenly over requests and tries (splitmix64).
+fn unit_hash(RequestId(id): RequestId, tries: i64) -> f64 {
+    let mut z = (id as u64)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(tries as u64);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]
@@ -327,18 +349,77 @@ mod tests {
         );
     }
 
+    /// The built-in task settings with these retry settings.
+    fn retrying(delay_secs: f64, multiplier: f64, jitter: f64) -> crate::config::TaskSettings {
+        let file = std::env::temp_dir().join(format!(
+            "taskrunner-backoff-test-{}.yml",
+            std::process::id()
+        ));
+        std::fs::write(&file, "{}").unwrap();
+        let mut settings = crate::config::Config::load_file(&file)
+            .unwrap()
+            .defaults
+            .clone();
+        settings.retry_delay = std::time::Duration::from_secs_f64(delay_secs);
+        settings.retry_multiplier = multiplier;
+        settings.retry_jitter = jitter;
+        settings
+    }
+
     #[test]
     fn backoff_grows_by_the_multiplier() {
-        assert_eq!(backoff_seconds(10.0, 2.0, 1), 10.0);
-        assert_eq!(backoff_seconds(10.0, 2.0, 2), 20.0);
-        assert_eq!(backoff_seconds(10.0, 2.0, 4), 80.0);
-        assert_eq!(backoff_seconds(1.5, 1.0, 7), 1.5);
+        let backoff = |delay, multiplier, tries| {
+            backoff_seconds(&retrying(delay, multiplier, 0.0), RequestId(7), tries)
+        };
+        assert_eq!(backoff(10.0, 2.0, 1), 10.0);
+        assert_eq!(backoff(10.0, 2.0, 2), 20.0);
+        assert_eq!(backoff(10.0, 2.0, 4), 80.0);
+        assert_eq!(backoff(1.5, 1.0, 7), 1.5);
     }
 
     #[test]
     fn backoff_is_capped_and_never_negative() {
-        assert_eq!(backoff_seconds(10.0, 1e9, 100), 86_400.0);
-        assert_eq!(backoff_seconds(10.0, 2.0, 0), 10.0);
+        let settings = retrying(10.0, 1e9, 0.0);
+        assert_eq!(backoff_seconds(&settings, RequestId(7), 100), 86_400.0);
+        assert_eq!(
+            backoff_seconds(&retrying(10.0, 2.0, 1.0), RequestId(7), 100),
+            86_400.0
+        );
+        assert_eq!(
+            backoff_seconds(&retrying(10.0, 2.0, 0.0), RequestId(7), 0),
+            10.0
+        );
+        for id in 0..1_000 {
+            assert!(backoff_seconds(&retrying(10.0, 2.0, 1.0), RequestId(id), 1) >= 0.0);
+        }
+    }
+
+    /// A thousand rows that failed together come back spread over the
+    /// whole window, each within it, and one try's delay is the same each
+    /// time it is computed.
+    #[test]
+    fn jitter_spreads_the_rows_of_one_failure_evenly_within_its_bound() {
+        let settings = retrying(10.0, 2.0, 0.2);
+        let delays: Vec<f64> = (1..=1_000)
+            .map(|id| backoff_seconds(&settings, RequestId(id), 2))
+            .collect();
+        assert!(delays.iter().all(|delay| (16.0..=24.0).contains(delay)));
+        let mut quarters = [0; 4];
+        for delay in &delays {
+            quarters[(((delay - 16.0) / 2.0) as usize).min(3)] += 1;
+        }
+        assert!(
+            quarters.iter().all(|n| (200..=300).contains(n)),
+            "{quarters:?}"
+        );
+        assert_eq!(
+            backoff_seconds(&settings, RequestId(42), 2),
+            backoff_seconds(&settings, RequestId(42), 2)
+        );
+        assert_ne!(
+            backoff_seconds(&settings, RequestId(42), 2),
+            backoff_seconds(&settings, RequestId(42), 3) / 2.0
+        );
     }
 
     #[test]

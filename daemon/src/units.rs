@@ -89,16 +89,28 @@ pub(crate) fn format_duration(duration: Duration) -> String {
 /// Parses a CPU share written as a percentage of one CPU (`50%`, `250%`)
 /// into CPUs (0.5, 2.5).
 pub(crate) fn parse_percent(text: &str) -> Result<f64, String> {
+    parse_percent_within(text, 1.0..=100_000.0)
+}
+
+/// A percentage in `range` (of percents) as a fraction: `20%` → 0.2.
+fn parse_percent_within(text: &str, range: std::ops::RangeInclusive<f64>) -> Result<f64, String> {
     let number = text
         .trim()
         .strip_suffix('%')
         .ok_or_else(|| format!("`{text}` is not a percentage (write e.g. 50% or 200%)"))?;
     match number.trim().parse::<f64>() {
-        Ok(percent) if (1.0..=100_000.0).contains(&percent) => Ok(percent / 100.0),
+        Ok(percent) if range.contains(&percent) => Ok(percent / 100.0),
         _ => Err(format!(
-            "`{text}` is not a percentage between 1% and 100000%"
+            "`{text}` is not a percentage between {}% and {}%",
+            range.start(),
+            range.end()
         )),
     }
+}
+
+/// A fraction written as a percentage from 0% to 100%: `20%` → 0.2.
+pub(crate) fn parse_fraction(text: &str) -> Result<f64, String> {
+    parse_percent_within(text, 0.0..=100.0)
 }
 
 /// `0.5` → `50%`.
@@ -166,25 +178,47 @@ pub(crate) mod serde_units {
         pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
             d: D,
         ) -> Result<Option<f64>, D::Error> {
-            match Option::<TextOrNumber>::deserialize(d)? {
-                None => Ok(None),
-                Some(TextOrNumber::Text(text)) => crate::units::parse_percent(&text)
-                    .map(Some)
-                    .map_err(serde::de::Error::custom),
-                Some(TextOrNumber::Number(number)) => Err(serde::de::Error::custom(format!(
-                    "`{number}` is not a percentage (write e.g. 50% or 200%)"
-                ))),
-            }
+            percentage(d, crate::units::parse_percent)
         }
 
-        pub(crate) fn serialize<S: Serializer>(
-            value: &Option<f64>,
-            s: S,
-        ) -> Result<S::Ok, S::Error> {
-            match value {
-                Some(cpus) => s.serialize_str(&crate::units::format_percent(*cpus)),
-                None => s.serialize_none(),
+        pub(crate) use super::write_percentage as serialize;
+    }
+
+    /// `0%` to `100%`, as a fraction (`retry_jitter`).
+    pub(crate) mod fraction {
+        use super::*;
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<f64>, D::Error> {
+            percentage(d, crate::units::parse_fraction)
+        }
+
+        pub(crate) use super::write_percentage as serialize;
+    }
+
+    fn percentage<'de, D: Deserializer<'de>>(
+        d: D,
+        parse: fn(&str) -> Result<f64, String>,
+    ) -> Result<Option<f64>, D::Error> {
+        match Option::<TextOrNumber>::deserialize(d)? {
+            None => Ok(None),
+            Some(TextOrNumber::Text(text)) => {
+                parse(&text).map(Some).map_err(serde::de::Error::custom)
             }
+            Some(TextOrNumber::Number(number)) => Err(serde::de::Error::custom(format!(
+                "`{number}` is not a percentage (write e.g. 50% or 200%)"
+            ))),
+        }
+    }
+
+    pub(crate) fn write_percentage<S: Serializer>(
+        value: &Option<f64>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(fraction) => s.serialize_str(&crate::units::format_percent(*fraction)),
+            None => s.serialize_none(),
         }
     }
 

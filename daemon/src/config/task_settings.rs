@@ -77,6 +77,17 @@ macro_rules! with_task_settings {
                 /// Bytes of stdout and stderr result_text keeps (the tail).
                 output_tail: usize, TailSize, written u64 => "serde_units::size", default 64 * 1024,
                     example "16KiB" "1MiB";
+                /// The delay before a failed try's second try.
+                retry_delay: Duration, Given, written Duration => "serde_units::duration",
+                    default Duration::from_secs(10), example "1s" "2m";
+                /// Each later delay is this many times the one before.
+                retry_multiplier: f64, Multiplier, written f64, default 2.0,
+                    example "1.5" "3.5";
+                /// Each delay spread by up to this fraction either way (`20%`
+                /// of 10 s: 8 to 12 s), so that tries that failed together do
+                /// not all come back together.
+                retry_jitter: f64, Given, written f64 => "serde_units::fraction", default 0.0,
+                    example "20%" "50%";
             }
         }
     };
@@ -283,6 +294,23 @@ impl<W: Clone> Rule<W, W> for Given {
 
     fn write(resolved: &W, _: Option<&W>) -> Option<W> {
         Some(resolved.clone())
+    }
+}
+
+/// A factor of at least 1 (`retry_multiplier`), always with a value.
+pub(super) struct Multiplier;
+
+impl Rule<f64, f64> for Multiplier {
+    fn resolve(value: Option<f64>, _: &Partial, _: &Path) -> Result<f64, String> {
+        match value {
+            None => Err(no_default()),
+            Some(factor) if factor.is_finite() && factor >= 1.0 => Ok(factor),
+            Some(_) => Err("must be a number of at least 1".into()),
+        }
+    }
+
+    fn write(resolved: &f64, _: Option<&f64>) -> Option<f64> {
+        Some(*resolved)
     }
 }
 
