@@ -11,6 +11,7 @@ both_backends!(
     plain_sql_noop_finishes,
     failing_command_retries_with_backoff,
     a_types_own_backoff_and_jitter_spread_its_retries,
+    a_failed_task_that_names_its_next_tries_delay_gets_it,
     future_delay_until_in_iso_form_is_honoured,
     extra_application_column_disturbs_nothing,
     invalid_yaml_is_rejected_and_unknown_types_fail,
@@ -169,6 +170,43 @@ async fn a_types_own_backoff_and_jitter_spread_its_retries(backend: Backend) {
     delays.sort();
     delays.dedup();
     assert!(delays.len() >= 10, "not spread: {delays:?}");
+}
+
+/// A failing task that writes `retry_after: 2s` on standard error (a
+/// rate-limited API's `Retry-After`) is tried again 2 s later, not after
+/// the hour of its type's backoff; the try counts.
+async fn a_failed_task_that_names_its_next_tries_delay_gets_it(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = db
+        .daemon("d")
+        .set("retry_delay", "1h")
+        .shell_task(
+            "RateLimited",
+            "echo 'HTTP 429'; echo 'retry_after: 2s' >&2; exit 1",
+        )
+        .start();
+    let started = std::time::Instant::now();
+    let id = db.insert_row(NewRow::new("RateLimited").try_limit(2)).await;
+    let row = db
+        .wait_for(id, WAIT, "two failed tries", |r| {
+            r.tries == 2 && r.result.as_deref() == Some("FAILED")
+        })
+        .await;
+    let took = started.elapsed();
+    assert!(
+        row.result_text
+            .as_deref()
+            .unwrap_or_default()
+            .contains("retry_after: 2s"),
+        "{row:#?}"
+    );
+    assert!(
+        took >= Duration::from_secs(2),
+        "the second try came after {took:?}"
+    );
+    let log = daemon.log_text();
+    assert!(log.contains("retry in 2.0s"), "{log}");
+    assert!(daemon.stop().success());
 }
 
 async fn future_delay_until_in_iso_form_is_honoured(backend: Backend) {

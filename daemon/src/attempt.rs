@@ -25,11 +25,13 @@ pub(crate) fn outcome(
         State::Failed | State::Crashed | State::Timeout
     )
     .then(|| {
-        crate::request::backoff_seconds(
-            config.settings_for(&row.task_class_name),
-            row.id,
-            row.tries,
-        )
+        asked_retry_after(verdict).unwrap_or_else(|| {
+            crate::request::backoff_seconds(
+                config.settings_for(&row.task_class_name),
+                row.id,
+                row.tries,
+            )
+        })
     });
     // Does this try end the request (final, or no tries left)? Then what
     // the end causes is written with it. A member's every outcome goes
@@ -139,6 +141,30 @@ pub(crate) fn not_started() -> Verdict {
         ..Verdict::new(State::Interrupted, "given back before it started")
     }
 }
+
+/// The delay a failed task asked for before its next try, in place of the
+/// backoff: its last `retry_after: DURATION` line on standard error (in the
+/// kept tail; a line that is not a duration is passed over), at most a day.
+/// A rate-limited API's `Retry-After`, or a file not there yet: the task
+/// knows better than the backoff. The try counts as any failed one.
+fn asked_retry_after(verdict: &Verdict) -> Option<f64> {
+    if verdict.state != State::Failed {
+        return None;
+    }
+    verdict
+        .stderr_tail
+        .as_deref()?
+        .lines()
+        .rev()
+        .find_map(|line| {
+            let asked = line.trim_end_matches('\r').strip_prefix(RETRY_AFTER)?;
+            crate::units::parse_duration(asked).ok()
+        })
+        .map(|delay| delay.as_secs_f64().min(crate::request::LONGEST_BACKOFF))
+}
+
+/// How a task's standard error line asking for its next try's delay begins.
+const RETRY_AFTER: &str = "retry_after: ";
 
 /// Exit status meaning "these options do not fit this type" (EX_DATAERR).
 pub(crate) const EXIT_REJECTED: i32 = 65;
@@ -453,6 +479,40 @@ mod tests {
             "warming up\nno disk left\n"
         );
         assert_eq!(without_progress_lines("plain"), "plain");
+    }
+
+    #[test]
+    fn a_failed_task_names_its_next_tries_delay_by_its_last_valid_line() {
+        let failed = |stderr: &str| Verdict {
+            stderr_tail: Some(stderr.to_string()),
+            ..Verdict::new(State::Failed, "exit status 1")
+        };
+        let sdk = task_sdk::retry_after_line(std::time::Duration::from_micros(2_500_001));
+        assert_eq!(
+            asked_retry_after(&failed(&format!("busy\n{sdk}\n"))),
+            Some(2.501)
+        );
+        assert_eq!(
+            asked_retry_after(&failed(
+                "retry_after: 1h\nretry_after: 30s\nretry_after: soon\n"
+            )),
+            Some(30.0),
+            "the last line that is a duration"
+        );
+        assert_eq!(
+            asked_retry_after(&failed("retry_after: 9d\r\n")),
+            Some(86_400.0)
+        );
+        assert_eq!(asked_retry_after(&failed("Retry-After: 30\n")), None);
+        let timed_out = Verdict {
+            state: State::Timeout,
+            ..failed("retry_after: 30s\n")
+        };
+        assert_eq!(
+            asked_retry_after(&timed_out),
+            None,
+            "only a try the task failed"
+        );
     }
 
     #[test]

@@ -281,17 +281,19 @@ pub(crate) fn backoff_seconds(
     id: RequestId,
     tries: i64,
 ) -> f64 {
-    const ONE_DAY: f64 = 86_400.0;
     let exponent = (tries.max(1) - 1).min(1_000) as i32;
     let delay = settings.retry_delay.as_secs_f64() * settings.retry_multiplier.powi(exponent);
     let spread = 1.0 + settings.retry_jitter * (2.0 * unit_hash(id, tries) - 1.0);
     let delay = delay * spread;
     if delay.is_finite() {
-        delay.clamp(0.0, ONE_DAY)
+        delay.clamp(0.0, LONGEST_BACKOFF)
     } else {
-        ONE_DAY
+        LONGEST_BACKOFF
     }
 }
+
+/// The longest delay before a next try, seconds: a day.
+pub(crate) const LONGEST_BACKOFF: f64 = 86_400.0;
 
 /// A number in [0, 1) spread evenly over requests and tries (splitmix64).
 fn unit_hash(RequestId(id): RequestId, tries: i64) -> f64 {

@@ -273,6 +273,16 @@ impl Context {
         eprintln!("progress: {line}");
     }
 
+    /// Asks for the next try `delay` from now instead of after the type's
+    /// backoff, should this try fail (return an error): a rate-limited
+    /// API's `Retry-After`, an input not there yet. The try counts as any
+    /// failed one; the latest call wins; at most a day. It writes the line
+    /// `retry_after: DURATION` to standard error, which any program may
+    /// write itself.
+    pub fn retry_after(&self, delay: std::time::Duration) {
+        eprintln!("{}", retry_after_line(delay));
+    }
+
     /// Writes a log line to standard error (its tail is kept in result_text
     /// if the try fails).
     pub fn log(&self, text: impl fmt::Display) {
@@ -299,6 +309,12 @@ impl Context {
         });
         STOP_REQUESTED.load(Ordering::SeqCst)
     }
+}
+
+/// The line [`Context::retry_after`] writes (milliseconds, rounded up).
+#[doc(hidden)]
+pub fn retry_after_line(delay: std::time::Duration) -> String {
+    format!("retry_after: {}ms", delay.as_micros().div_ceil(1000))
 }
 
 /// Why one run did not produce a result.
