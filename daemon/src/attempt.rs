@@ -26,11 +26,13 @@ pub(crate) fn outcome(
     )
     .then(|| {
         asked_retry_after(verdict).unwrap_or_else(|| {
-            crate::request::backoff_seconds(
-                config.settings_for(&row.task_class_name),
-                row.id,
-                row.tries,
-            )
+            let settings = config.settings_for(&row.task_class_name);
+            crate::request::Backoff {
+                delay: settings.retry_delay,
+                multiplier: settings.retry_multiplier,
+                jitter: settings.retry_jitter,
+            }
+            .seconds(row.id, row.tries)
         })
     });
     // Does this try end the request (final, or no tries left)? Then what

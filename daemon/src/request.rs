@@ -268,27 +268,33 @@ fn reads_as_a_time(value: &str) -> bool {
         .is_some_and(|date| chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").is_ok())
 }
 
-/// Delay before the next try after `tries` failed tries of request `id`:
-/// `retry_delay × retry_multiplier^(tries-1)`, spread by up to
-/// `retry_jitter` either way, capped at one day so that a large multiplier
-/// cannot overflow into a row that never runs again.
-///
-/// The spread is a hash of the request and its try, not a random draw:
-/// rows that failed together are spread evenly, and one try's delay is the
-/// same however often it is computed.
-pub(crate) fn backoff_seconds(
-    settings: &crate::config::TaskSettings,
-    id: RequestId,
-    tries: i64,
-) -> f64 {
-    let exponent = (tries.max(1) - 1).min(1_000) as i32;
-    let delay = settings.retry_delay.as_secs_f64() * settings.retry_multiplier.powi(exponent);
-    let spread = 1.0 + settings.retry_jitter * (2.0 * unit_hash(id, tries) - 1.0);
-    let delay = delay * spread;
-    if delay.is_finite() {
-        delay.clamp(0.0, LONGEST_BACKOFF)
-    } else {
-        LONGEST_BACKOFF
+/// The wait before a failed request's next try: a type's retry settings
+/// (`retry_delay`, `retry_multiplier`, `retry_jitter`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Backoff {
+    pub(crate) delay: std::time::Duration,
+    pub(crate) multiplier: f64,
+    pub(crate) jitter: f64,
+}
+
+impl Backoff {
+    /// Seconds before the next try after `tries` failed tries of request
+    /// `id`: `delay × multiplier^(tries-1)`, spread by up to `jitter`
+    /// either way, capped at one day so that a large multiplier cannot
+    /// overflow into a row that never runs again.
+    ///
+    /// The spread is a hash of the request and its try, not a random draw:
+    /// rows that failed together are spread evenly, and one try's delay is
+    /// the same however often it is computed.
+    pub(crate) fn seconds(&self, id: RequestId, tries: i64) -> f64 {
+        let exponent = (tries.max(1) - 1).min(1_000) as i32;
+        let delay = self.delay.as_secs_f64() * self.multiplier.powi(exponent);
+        let delay = delay * (1.0 + self.jitter * (2.0 * unit_hash(id, tries) - 1.0));
+        if delay.is_finite() {
+            delay.clamp(0.0, LONGEST_BACKOFF)
+        } else {
+            LONGEST_BACKOFF
+        }
     }
 }
 
@@ -351,27 +357,18 @@ mod tests {
         );
     }
 
-    /// The built-in task settings with these retry settings.
-    fn retrying(delay_secs: f64, multiplier: f64, jitter: f64) -> crate::config::TaskSettings {
-        let file = std::env::temp_dir().join(format!(
-            "taskrunner-backoff-test-{}.yml",
-            std::process::id()
-        ));
-        std::fs::write(&file, "{}").unwrap();
-        let mut settings = crate::config::Config::load_file(&file)
-            .unwrap()
-            .defaults
-            .clone();
-        settings.retry_delay = std::time::Duration::from_secs_f64(delay_secs);
-        settings.retry_multiplier = multiplier;
-        settings.retry_jitter = jitter;
-        settings
+    fn retrying(delay_secs: f64, multiplier: f64, jitter: f64) -> Backoff {
+        Backoff {
+            delay: std::time::Duration::from_secs_f64(delay_secs),
+            multiplier,
+            jitter,
+        }
     }
 
     #[test]
     fn backoff_grows_by_the_multiplier() {
         let backoff = |delay, multiplier, tries| {
-            backoff_seconds(&retrying(delay, multiplier, 0.0), RequestId(7), tries)
+            retrying(delay, multiplier, 0.0).seconds(RequestId(7), tries)
         };
         assert_eq!(backoff(10.0, 2.0, 1), 10.0);
         assert_eq!(backoff(10.0, 2.0, 2), 20.0);
@@ -382,17 +379,14 @@ mod tests {
     #[test]
     fn backoff_is_capped_and_never_negative() {
         let settings = retrying(10.0, 1e9, 0.0);
-        assert_eq!(backoff_seconds(&settings, RequestId(7), 100), 86_400.0);
+        assert_eq!(settings.seconds(RequestId(7), 100), 86_400.0);
         assert_eq!(
-            backoff_seconds(&retrying(10.0, 2.0, 1.0), RequestId(7), 100),
+            retrying(10.0, 2.0, 1.0).seconds(RequestId(7), 100),
             86_400.0
         );
-        assert_eq!(
-            backoff_seconds(&retrying(10.0, 2.0, 0.0), RequestId(7), 0),
-            10.0
-        );
+        assert_eq!(retrying(10.0, 2.0, 0.0).seconds(RequestId(7), 0), 10.0);
         for id in 0..1_000 {
-            assert!(backoff_seconds(&retrying(10.0, 2.0, 1.0), RequestId(id), 1) >= 0.0);
+            assert!(retrying(10.0, 2.0, 1.0).seconds(RequestId(id), 1) >= 0.0);
         }
     }
 
@@ -403,7 +397,7 @@ mod tests {
     fn jitter_spreads_the_rows_of_one_failure_evenly_within_its_bound() {
         let settings = retrying(10.0, 2.0, 0.2);
         let delays: Vec<f64> = (1..=1_000)
-            .map(|id| backoff_seconds(&settings, RequestId(id), 2))
+            .map(|id| settings.seconds(RequestId(id), 2))
             .collect();
         assert!(delays.iter().all(|delay| (16.0..=24.0).contains(delay)));
         let mut quarters = [0; 4];
@@ -415,12 +409,12 @@ mod tests {
             "{quarters:?}"
         );
         assert_eq!(
-            backoff_seconds(&settings, RequestId(42), 2),
-            backoff_seconds(&settings, RequestId(42), 2)
+            settings.seconds(RequestId(42), 2),
+            settings.seconds(RequestId(42), 2)
         );
         assert_ne!(
-            backoff_seconds(&settings, RequestId(42), 2),
-            backoff_seconds(&settings, RequestId(42), 3) / 2.0
+            settings.seconds(RequestId(42), 2),
+            settings.seconds(RequestId(42), 3) / 2.0
         );
     }
 
