@@ -442,6 +442,11 @@ impl When {
     }
 }
 
+/// A slot as a person reads it, in UTC: `2026-03-08 07:00:00 UTC`.
+pub(crate) fn show_utc(slot: DateTime<Utc>) -> String {
+    slot.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+}
+
 /// A slot as the text bound into SQL: RFC 3339 UTC with milliseconds, read
 /// by both databases' time parsing.
 pub(crate) fn slot_text(slot: DateTime<Utc>) -> String {
@@ -584,7 +589,7 @@ impl Schedule {
     /// A slot as a person reads it: UTC, and on the clock of the schedule's
     /// time zone when it names one (`2026-03-08 07:00:00 UTC (03:00 EDT)`).
     pub(crate) fn show_slot(&self, slot: DateTime<Utc>) -> String {
-        let utc = slot.format("%Y-%m-%d %H:%M:%S UTC").to_string();
+        let utc = show_utc(slot);
         match &self.when {
             When::Cron(ZonedCron { zone, .. }) if *zone != Tz::UTC => {
                 let local = slot.with_timezone(zone);

@@ -105,7 +105,8 @@ pub(crate) struct MinuteBucket {
 #[derive(Debug, Clone)]
 pub(crate) struct ScheduleSlots {
     pub(crate) schedule: String,
-    pub(crate) last_slot: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub(crate) last_slot: Option<f64>,
     pub(crate) last_request: Option<i64>,
 }
 
@@ -407,14 +408,14 @@ impl Store {
             "SELECT s.schedule, {}, s.request_id FROM task_runner_schedule_slots AS s \
               WHERE s.slot = (SELECT max(slot) FROM task_runner_schedule_slots WHERE schedule = s.schedule) \
               ORDER BY s.schedule LIMIT 500",
-            self.dialect().show_time("s.slot")
+            self.dialect().epoch_seconds("s.slot")
         );
         Ok(on_pool!(self, pool => {
             query(audited(&sql)).fetch_all(pool).await?
                 .iter()
                 .map(|row| Ok(ScheduleSlots {
                     schedule: row.text(0)?,
-                    last_slot: row.opt_text(1)?,
+                    last_slot: row.opt_float(1)?,
                     last_request: row.opt_int(2)?,
                 }))
                 .collect::<sqlx::Result<_>>()?

@@ -873,7 +873,9 @@ pub(crate) async fn schedule_lines(
             name: name.clone(),
             spec: Some(schedule.spec.clone()),
             task: Some(schedule.task.clone()),
-            latest: latest(name).and_then(|slot| slot.last_slot.clone()),
+            latest: latest(name)
+                .and_then(|slot| slot.last_slot)
+                .map(|seconds| schedule.show_slot(crate::cron::from_epoch_seconds(seconds))),
             request: latest(name).and_then(|slot| slot.last_request),
             next: schedule
                 .when
@@ -889,7 +891,9 @@ pub(crate) async fn schedule_lines(
                 name: slot.schedule.clone(),
                 spec: None,
                 task: None,
-                latest: slot.last_slot.clone(),
+                latest: slot
+                    .last_slot
+                    .map(|seconds| crate::cron::show_utc(crate::cron::from_epoch_seconds(seconds))),
                 request: slot.last_request,
                 next: None,
             }),
