@@ -1413,6 +1413,59 @@ async fn values_the_daemon_would_read_wrongly_are_refused_naming_the_rule(backen
     assert!(daemon.stop().success());
 }
 
+/// A PostgreSQL database whose idle sessions the server ends
+/// (`idle_session_timeout`, PostgreSQL 14 and later; set by shops that
+/// guard their connection slots): every pooled connection idle that long
+/// was ended, and the pool's check before handing it out logged a warning
+/// each time (`error from before_acquire … terminating connection due to
+/// idle-session timeout`), a line every few seconds of an idle daemon; so
+/// did an administrator's `pg_terminate_backend`. Such a connection is now
+/// replaced without a word, and rows inserted after the server ended every
+/// connection run at once (the LISTEN connection too is replaced).
+/// MariaDB's `wait_timeout` is the server's (or a session's) only, and its
+/// closed connections logged nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_the_server_ends_when_idle_are_replaced_without_a_warning() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let name = db.url.rsplit_once('/').unwrap().1;
+    db.execute(&format!(
+        "ALTER DATABASE {name} SET idle_session_timeout = '500ms'"
+    ))
+    .await;
+    let mut daemon = Daemon::start(&db, "d", "poll_interval: 60s\n");
+    for round in 0..3 {
+        // Each round: the daemon's connections sit idle past the server's
+        // timeout (the fault itself: time must pass), and an administrator
+        // ends the idle ones left (so that each round ends them all; one in
+        // use would fail its call), then a row comes.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        db.execute(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+              WHERE datname = '{name}' AND application_name = 'taskrunner' \
+                AND state = 'idle' AND state_change < now() - interval '200 milliseconds'"
+        ))
+        .await;
+        let inserted = std::time::Instant::now();
+        let id = db
+            .insert_row(NewRow::new("NoOp").options(&format!("round: {round}")))
+            .await;
+        db.wait_for_state(id, "FINISHED", Duration::from_secs(10))
+            .await;
+        assert!(
+            inserted.elapsed() < Duration::from_secs(5),
+            "round {round}: not woken ({:?})",
+            inserted.elapsed()
+        );
+    }
+    // Stopped first: its last lines are written by then.
+    assert!(daemon.stop().success());
+    let log = daemon.log_text();
+    assert!(
+        !log.contains("terminating connection") && !log.contains("before_acquire"),
+        "{log}"
+    );
+}
+
 /// A PostgreSQL database (or role) whose transactions are SERIALIZABLE by
 /// default (`default_transaction_isolation`, set by some shops for their
 /// application): two daemons' claims, outcomes and callbacks failed with

@@ -522,14 +522,40 @@ impl GaveUp {
             let gave_up = gave_up.clone();
             Box::pin(async move {
                 if let Some(bound) = bound {
-                    if let Err(error) = within(bound, connection.ping()).await {
-                        gave_up.now();
-                        return Err(error);
+                    match within(bound, connection.ping()).await {
+                        Ok(()) => {}
+                        // The server said it closed it (PostgreSQL's
+                        // `idle_session_timeout`, an administrator's kill)
+                        // or the socket is closed: nothing to wait on, so
+                        // let sqlx close it quietly (an error is a warning
+                        // line in the log each time) and open another.
+                        Err(error) if closed_by_the_server(&error) => return Ok(false),
+                        Err(error) => {
+                            gave_up.now();
+                            return Err(error);
+                        }
                     }
                 }
                 Ok(true)
             })
         }
+    }
+}
+
+/// Whether a connection's ping failed because the server closed it (an
+/// answer saying so, or the socket closed), not because it went silent.
+fn closed_by_the_server(error: &sqlx::Error) -> bool {
+    use std::io::ErrorKind;
+    match error {
+        sqlx::Error::Database(_) => true,
+        sqlx::Error::Io(error) => matches!(
+            error.kind(),
+            ErrorKind::UnexpectedEof
+                | ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe
+        ),
+        _ => false,
     }
 }
 
