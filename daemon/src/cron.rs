@@ -503,6 +503,18 @@ pub(crate) struct Schedule {
     pub(crate) priority: i64,
 }
 
+/// The IANA time zone of this name, its case aside (`europe/berlin` is
+/// Europe/Berlin).
+fn zone_named(name: &str) -> Option<Tz> {
+    let name = name.trim();
+    name.parse::<Tz>().ok().or_else(|| {
+        chrono_tz::TZ_VARIANTS
+            .iter()
+            .copied()
+            .find(|zone| zone.name().eq_ignore_ascii_case(name))
+    })
+}
+
 /// Validates the `schedules:` of a config file. Errors name the key, without
 /// the file (the caller adds it).
 pub(crate) fn resolve_schedules(
@@ -511,12 +523,6 @@ pub(crate) fn resolve_schedules(
     let mut schedules = std::collections::BTreeMap::new();
     for (name, raw) in raw.unwrap_or_default() {
         let key = |field: &str| format!("schedules.{name}.{field}");
-        let spec = match (&raw.cron, raw.every, &raw.time_zone) {
-            (Some(expr), _, None) => format!("cron: '{expr}'"),
-            (Some(expr), _, Some(zone)) => format!("cron: '{expr}', time_zone: {zone}"),
-            (None, Some(every), _) => format!("every: {}", crate::units::format_duration(every)),
-            (None, None, _) => String::new(),
-        };
         let zone = match &raw.time_zone {
             None => Tz::UTC,
             Some(_) if raw.cron.is_none() && raw.every.is_some() => {
@@ -525,12 +531,20 @@ pub(crate) fn resolve_schedules(
                     key("time_zone")
                 ))
             }
-            Some(name) => name.parse::<Tz>().map_err(|_| {
+            Some(name) => zone_named(name).ok_or_else(|| {
                 format!(
                     "{}: unknown time zone `{name}` (an IANA name such as Europe/Berlin or America/New_York, or UTC)",
                     key("time_zone")
                 )
             })?,
+        };
+        // The zone as the database names it, however it was written.
+        let time_zone = raw.time_zone.as_ref().map(|_| zone.name().to_string());
+        let spec = match (&raw.cron, raw.every, &time_zone) {
+            (Some(expr), _, None) => format!("cron: '{expr}'"),
+            (Some(expr), _, Some(zone)) => format!("cron: '{expr}', time_zone: {zone}"),
+            (None, Some(every), _) => format!("every: {}", crate::units::format_duration(every)),
+            (None, None, _) => String::new(),
         };
         let when = match (&raw.cron, raw.every) {
             (Some(expr), None) => When::Cron(ZonedCron {
@@ -573,7 +587,7 @@ pub(crate) fn resolve_schedules(
                 when,
                 spec,
                 cron: raw.cron,
-                time_zone: raw.time_zone,
+                time_zone,
                 task: raw.task,
                 options,
                 catch_up: raw.catch_up.unwrap_or(1),
@@ -885,6 +899,8 @@ mod tests {
             "schedules:\n  often:\n    every: 10s\n    task: NoOp\n    options: {created_from: cron}\n",
         )
         .unwrap();
+        assert_eq!(zone_named("europe/berlin"), Some(chrono_tz::Europe::Berlin));
+        assert_eq!(zone_named(" UTC "), Some(Tz::UTC));
         let error = load(
             "e.yml",
             "schedules:\n  nightly:\n    cron: '0 3 * * *'\n    time_zone: Europe/Berln\n    task: NoOp\n",
@@ -905,7 +921,7 @@ mod tests {
         );
         let zoned = load(
             "g.yml",
-            "schedules:\n  nightly:\n    cron: '0 3 * * *'\n    time_zone: Europe/Berlin\n    task: NoOp\n",
+            "schedules:\n  nightly:\n    cron: '0 3 * * *'\n    time_zone: europe/berlin\n    task: NoOp\n",
         )
         .unwrap();
         let nightly = &zoned.schedules["nightly"];
