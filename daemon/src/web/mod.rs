@@ -116,12 +116,11 @@ impl Web {
                 hash: hash.clone(),
             }),
         };
-        let schedules = config.schedules.clone();
         Ok(Web {
             store,
             daemon,
             gauges: QueueGauges::default(),
-            schedules,
+            schedules: config.schedules.clone(),
             read_only: http.read_only,
             silent_after: config.lease_timeout,
             auth,
@@ -866,21 +865,23 @@ pub(crate) async fn schedule_lines(
 ) -> Result<Vec<ScheduleLine>> {
     let slots = store.schedule_slots().await?;
     let now = crate::cron::from_epoch_seconds(store.database_now().await?);
-    let latest = |name: &str| slots.iter().find(|slot| slot.schedule == name);
     let mut lines: Vec<ScheduleLine> = schedules
         .iter()
-        .map(|(name, schedule)| ScheduleLine {
-            name: name.clone(),
-            spec: Some(schedule.spec.clone()),
-            task: Some(schedule.task.clone()),
-            latest: latest(name)
-                .and_then(|slot| slot.last_slot)
-                .map(|seconds| schedule.show_slot(crate::cron::from_epoch_seconds(seconds))),
-            request: latest(name).and_then(|slot| slot.last_request),
-            next: schedule
-                .when
-                .next_after(now)
-                .map(|next| schedule.show_slot(next)),
+        .map(|(name, schedule)| {
+            let latest = slots.iter().find(|slot| &slot.schedule == name);
+            ScheduleLine {
+                name: name.clone(),
+                spec: Some(schedule.spec.clone()),
+                task: Some(schedule.task.clone()),
+                latest: latest
+                    .and_then(|slot| slot.last_slot)
+                    .map(|seconds| schedule.show_slot(crate::cron::from_epoch_seconds(seconds))),
+                request: latest.and_then(|slot| slot.last_request),
+                next: schedule
+                    .when
+                    .next_after(now)
+                    .map(|next| schedule.show_slot(next)),
+            }
         })
         .collect();
     lines.extend(
