@@ -318,9 +318,9 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
     .await;
     db.execute(&format!("INSERT INTO reports (request_id) VALUES ({id})"))
         .await;
-    // Migrations 12 and 11 undone: version 10's claim indexes, without
-    // their columns. (Migration 13 is only unrecorded: it makes its
-    // triggers again when run again.)
+    // Migrations 14, 12 and 11 undone: no pauses' table, version 10's
+    // claim indexes, without their columns. (Migration 13 is only
+    // unrecorded: it makes its triggers again when run again.)
     let runnable = "WHERE pid IS NULL \
           AND (result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED')) \
           AND tries < try_limit";
@@ -332,6 +332,7 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
                 ("runnable_of_type", "task_class_name, priority DESC, id"),
             ];
             let mut undo = vec![
+                "DROP TABLE task_runner_pauses".to_string(),
                 "DROP INDEX task_runner_requests_next_of".to_string(),
                 "ALTER TABLE task_runner_requests DROP COLUMN next_of".to_string(),
                 "DROP INDEX task_runner_requests_waiting".to_string(),
@@ -360,6 +361,7 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
             undo
         }
         Backend::MySql => vec![
+            "DROP TABLE task_runner_pauses".into(),
             "DROP INDEX task_runner_requests_next_of ON task_runner_requests".into(),
             "ALTER TABLE task_runner_requests DROP COLUMN next_of".into(),
             "DROP INDEX task_runner_requests_ready ON task_runner_requests".into(),
@@ -385,7 +387,7 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
             }
         }
     }
-    db.execute("DELETE FROM task_runner_schema_migrations WHERE version IN (11, 12, 13)")
+    db.execute("DELETE FROM task_runner_schema_migrations WHERE version IN (11, 12, 13, 14)")
         .await;
     let runs = migrate_at_once(&db, 4);
     let said: Vec<&str> = runs.iter().map(|(_, stdout, _)| stdout.as_str()).collect();
@@ -394,7 +396,7 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
     }
     let upgraded = said
         .iter()
-        .filter(|s| s.contains(": upgraded from version 10 to 13"))
+        .filter(|s| s.contains(": upgraded from version 10 to 14"))
         .count();
     assert_eq!(upgraded, 1, "{said:?}");
     assert!(
@@ -404,7 +406,7 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
     );
     // The indexes are back: a check finds nothing to repair.
     let (_, stdout, _) = cli(&db, &["migrate"]);
-    assert!(stdout.contains(": up to date (version 13)"), "{stdout}");
+    assert!(stdout.contains(": up to date (version 14)"), "{stdout}");
     assert_eq!(db.row(id).await.options.as_deref(), Some("a: 1"));
     assert_eq!(
         db.scalar(&format!(
@@ -422,19 +424,19 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
 }
 
 /// A rolling upgrade: a newer release migrated the schema (here a made-up
-/// migration 13 that replaced an index with a column) while an older
+/// migration 15 that replaced an index with a column) while an older
 /// daemon or CLI still runs somewhere. The older one must refuse with one
 /// line and touch nothing. Before, it took the index it no longer found
 /// for a damaged schema and rebuilt the tables by its own migrations,
-/// dropping the newer column (and its values) and migration 13's record.
+/// dropping the newer column (and its values) and migration 15's record.
 async fn a_schema_newer_than_the_binary_is_refused_and_left_as_it_is(backend: Backend) {
     let db = TestDb::new(backend).await;
     let id = db.enqueue("NoOp", None).await;
     db.execute(
         "INSERT INTO task_runner_schema_migrations \
            (version, description, installed_on, success, checksum, execution_time) \
-         SELECT 14, 'from a newer release', installed_on, success, checksum, execution_time \
-           FROM task_runner_schema_migrations WHERE version = 13",
+         SELECT 15, 'from a newer release', installed_on, success, checksum, execution_time \
+           FROM task_runner_schema_migrations WHERE version = 14",
     )
     .await;
     db.execute(match backend {
@@ -442,14 +444,14 @@ async fn a_schema_newer_than_the_binary_is_refused_and_left_as_it_is(backend: Ba
         Backend::Sqlite | Backend::Postgres => "DROP INDEX task_runner_requests_waiting",
     })
     .await;
-    db.execute("ALTER TABLE task_runner_requests ADD COLUMN added_by_14 BIGINT")
+    db.execute("ALTER TABLE task_runner_requests ADD COLUMN added_by_15 BIGINT")
         .await;
     db.execute(&format!(
-        "UPDATE task_runner_requests SET added_by_14 = 7 WHERE id = {id}"
+        "UPDATE task_runner_requests SET added_by_15 = 7 WHERE id = {id}"
     ))
     .await;
     let says = |line: &str| {
-        assert!(line.contains("migration(s) 0014"), "{line}");
+        assert!(line.contains("migration(s) 0015"), "{line}");
         assert!(
             line.contains("upgrade taskrunnerd and taskrunner-cli"),
             "{line}"
@@ -466,13 +468,13 @@ async fn a_schema_newer_than_the_binary_is_refused_and_left_as_it_is(backend: Ba
     // Nothing was touched.
     assert_eq!(
         db.scalar(&format!(
-            "SELECT added_by_14 FROM task_runner_requests WHERE id = {id}"
+            "SELECT added_by_15 FROM task_runner_requests WHERE id = {id}"
         ))
         .await,
         7
     );
     assert_eq!(
-        db.scalar("SELECT count(*) FROM task_runner_schema_migrations WHERE version = 13")
+        db.scalar("SELECT count(*) FROM task_runner_schema_migrations WHERE version = 14")
             .await,
         1
     );

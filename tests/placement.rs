@@ -14,6 +14,7 @@ both_backends!(
     periodic_row_repeats_on_a_fixed_grid_until_cancelled,
     a_periodic_row_retried_by_hand_starts_no_second_chain,
     type_concurrency_of_one_holds_across_two_daemons,
+    paused_queues_and_types_are_not_claimed_until_resumed,
 );
 
 /// Parses `start|end ID NANOS` lines into per-row intervals and returns the
@@ -295,4 +296,77 @@ async fn type_concurrency_of_one_holds_across_two_daemons(backend: Backend) {
     );
     assert!(first.stop().success());
     assert!(second.stop().success());
+}
+
+/// `taskrunner-cli pause` holds a queue's or a task type's rows back on
+/// every daemon (one serving every queue, one serving named queues; a type
+/// with a concurrency limit, claimed apart, among them) while other rows
+/// run and a try already running goes on to its end; `resume` lets them run.
+async fn paused_queues_and_types_are_not_claimed_until_resumed(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let tasks =
+        "tasks:\n  Nap:\n    command: [/bin/sleep, '2']\n  Quick:\n    command: [/bin/true]\n  \
+                 Limited:\n    command: [/bin/true]\n    concurrency: 1\n";
+    let mut every = Daemon::start(&db, "every", &format!("poll_interval: 1s\n{tasks}"));
+    let mut named = Daemon::start(
+        &db,
+        "named",
+        &format!("poll_interval: 1s\nqueues: {{ mail: 2, default: 2 }}\n{tasks}"),
+    );
+    let long = db.insert_row(NewRow::new("Nap").queue("mail")).await;
+    db.wait_for(long, WAIT, "the long try to start", |r| r.pid.is_some())
+        .await;
+    for target in [
+        &["--queue", "mail", "--reason", "relay down"][..],
+        &["--task", "NoOp"],
+        &["--task", "Limited"],
+    ] {
+        let (status, out, err) = cli(&db, &[&["pause"], target].concat());
+        assert_eq!(status, 0, "{out}{err}");
+        assert!(out.starts_with("paused "), "{out}");
+    }
+    // Each daemon reads the pauses within a second (it polls every second).
+    for daemon in [&every, &named] {
+        let config = daemon.config.display().to_string();
+        crate::util::wait_until(WAIT, "the daemon to read the pauses", || {
+            let (_, status, _) = cli(&db, &["--config", &config, "status"]);
+            status.contains("paused (not claimed): queue mail (since ")
+                && status.contains("UTC: relay down), task Limited (since ")
+                && status.contains("task NoOp (since ")
+        });
+    }
+    let held_mail = db.insert_row(NewRow::new("Quick").queue("mail")).await;
+    let held_type = db.enqueue("NoOp", None).await;
+    let held_limited = db.enqueue("Limited", None).await;
+    let free = db.enqueue("Quick", None).await;
+    db.wait_for_state(free, "FINISHED", WAIT).await;
+    let long = db.wait_for_state(long, "FINISHED", WAIT).await;
+    assert_eq!(long.tries, 1, "{long:?}");
+    for id in [held_mail, held_type, held_limited] {
+        let row = db.row(id).await;
+        assert_eq!(row.result, None, "paused, yet claimed: {row:?}");
+    }
+    let (_, listed, _) = cli(&db, &["pause"]);
+    assert!(
+        listed.contains("queue mail (since ") && listed.contains("UTC: relay down)"),
+        "{listed}"
+    );
+    let (_, metrics, _) = cli(&db, &["metrics"]);
+    assert!(
+        metrics.contains("taskrunner_paused{kind=\"queue\",name=\"mail\"} 1"),
+        "{metrics}"
+    );
+    // Resuming the types lets their rows run; the queue stays paused.
+    let (status, out, err) = cli(&db, &["resume", "--task", "NoOp", "--task", "Limited"]);
+    assert_eq!(status, 0, "{out}{err}");
+    assert_eq!(out, "resumed task NoOp\nresumed task Limited\n");
+    db.wait_for_state(held_type, "FINISHED", WAIT).await;
+    db.wait_for_state(held_limited, "FINISHED", WAIT).await;
+    assert_eq!(db.row(held_mail).await.result, None);
+    let (_, out, _) = cli(&db, &["resume", "--queue", "mail", "--queue", "reports"]);
+    assert_eq!(out, "resumed queue mail\nqueue reports was not paused\n");
+    db.wait_for_state(held_mail, "FINISHED", WAIT).await;
+    assert_eq!(cli(&db, &["pause"]).1, "nothing is paused\n");
+    assert!(every.stop().success());
+    assert!(named.stop().success());
 }

@@ -727,6 +727,7 @@ async fn postgres_claims_read_no_row_delayed_into_the_future() {
         .bind("")
         .bind("[]")
         .bind(1_000_000_i64)
+        .bind("[]")
         .fetch_all(&mut *transaction)
         .await
         .unwrap();

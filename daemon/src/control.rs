@@ -47,6 +47,10 @@ pub(crate) struct Status {
     /// (1213) or lock-wait timeout (1205) since the daemon started.
     #[serde(default)]
     pub(crate) lock_retries: u64,
+    /// The queues and task types paused, as this daemon read them last
+    /// (`queue mail (since … UTC: reason)`).
+    #[serde(default)]
+    pub(crate) paused: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

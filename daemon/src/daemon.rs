@@ -20,6 +20,7 @@ mod control;
 mod cron;
 mod executor;
 mod heartbeat;
+mod pauses;
 mod pruner;
 mod reaper;
 mod recorder;
@@ -154,6 +155,7 @@ pub async fn run(
     let stop_claiming = CancellationToken::new();
     let stop_now = triggers.stop_now.clone();
     let next_poll = Arc::new(Mutex::new(None));
+    let paused = Arc::new(Mutex::new(Vec::new()));
     let readers = Store::open(&Setup::current_config(&setup).database_url, Purpose::Cli)?;
     let view = Arc::new(view::View {
         setup: setup.clone(),
@@ -167,6 +169,7 @@ pub async fn run(
         wake: wake.clone(),
         started: Instant::now(),
         next_poll: next_poll.clone(),
+        paused: paused.clone(),
         stop_claiming: stop_claiming.clone(),
     });
     {
@@ -220,6 +223,7 @@ pub async fn run(
         tries: tries.clone(),
         wake: wake.clone(),
         next_poll,
+        paused,
         executor: Arc::new(executor::Executor {
             setup: setup.clone(),
             spawner: spawner.clone(),

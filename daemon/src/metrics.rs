@@ -264,26 +264,60 @@ impl Metrics {
 /// Per-queue readings of the table, cached for a second.
 #[derive(Default)]
 pub(crate) struct QueueGauges {
-    cache: tokio::sync::Mutex<Option<(Instant, Vec<QueueStats>)>>,
+    cache: tokio::sync::Mutex<Option<(Instant, TableReading)>>,
     /// How long the latest database reading took (for the benchmark).
     pub(crate) last_read: Mutex<Option<Duration>>,
 }
 
+/// What the metrics read from the tables: the queues' stats and the pauses.
+#[derive(Clone)]
+pub(crate) struct TableReading {
+    stats: Vec<QueueStats>,
+    pauses: Vec<crate::store::Pause>,
+}
+
 impl QueueGauges {
-    /// The per-queue stats, read again if the cached ones are older than a second.
-    pub(crate) async fn read(&self, store: &Store) -> Result<Vec<QueueStats>> {
+    /// The per-queue stats and the pauses, read again if the cached ones
+    /// are older than a second.
+    pub(crate) async fn read(&self, store: &Store) -> Result<TableReading> {
         let mut cache = self.cache.lock().await;
-        if let Some((at, stats)) = &*cache {
+        if let Some((at, reading)) = &*cache {
             if at.elapsed() < CACHE_FOR {
-                return Ok(stats.clone());
+                return Ok(reading.clone());
             }
         }
         let started = Instant::now();
-        let stats = store.all_queue_stats(MAX_QUEUES, QUEUE_COUNT_CAP).await?;
+        let reading = TableReading {
+            stats: store.all_queue_stats(MAX_QUEUES, QUEUE_COUNT_CAP).await?,
+            pauses: store.pauses().await?,
+        };
         *self.last_read.lock().unwrap_or_else(|e| e.into_inner()) = Some(started.elapsed());
-        *cache = Some((Instant::now(), stats.clone()));
-        Ok(stats)
+        *cache = Some((Instant::now(), reading.clone()));
+        Ok(reading)
     }
+}
+
+fn table_families(reading: &TableReading) -> Vec<prometheus::proto::MetricFamily> {
+    let mut families = queue_families(&reading.stats);
+    let registry = Registry::new();
+    let paused = prometheus::GaugeVec::new(
+        Opts::new(
+            "taskrunner_paused",
+            "1 for each queue (kind=\"queue\") and task type (kind=\"task\") paused: no daemon claims its rows",
+        ),
+        &["kind", "name"],
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(paused.clone()))
+        .expect("names are unique");
+    for pause in reading.pauses.iter().take(MAX_QUEUES) {
+        paused
+            .with_label_values(&[pause.kind.word(), pause.name.as_str()])
+            .set(1.0);
+    }
+    families.extend(registry.gather());
+    families
 }
 
 fn queue_families(stats: &[QueueStats]) -> Vec<prometheus::proto::MetricFamily> {
@@ -354,10 +388,10 @@ pub(crate) async fn render(
     let mut families = daemon.map(Metrics::gather).unwrap_or_default();
     let mut out = Vec::new();
     if daemon.is_none() {
-        families.extend(queue_families(&gauges.read(store).await?));
+        families.extend(table_families(&gauges.read(store).await?));
     } else {
         match crate::health::read_for_display(gauges.read(store)).await {
-            Ok(stats) => families.extend(queue_families(&stats)),
+            Ok(reading) => families.extend(table_families(&reading)),
             Err(why) => out.extend_from_slice(
                 format!("# taskrunner_queue_* left out: the database did not answer: {why}\n")
                     .as_bytes(),

@@ -14,8 +14,9 @@ use super::render::{describe_tasks, render_schedules, render_show, render_status
 use super::run::run_command;
 use super::{batch, flow};
 use crate::config::{Config, Overrides};
+use crate::escape::one_line;
 use crate::request::{RequestId, State};
-use crate::store::{key_held_text, Change, ListQuery, NewRequest, Purpose, Store};
+use crate::store::{key_held_text, Change, ListQuery, NewRequest, PauseKind, Purpose, Store};
 use crate::task_types::Registry;
 use crate::units::{parse_duration, parse_wait, LONGEST_WAIT};
 
@@ -329,6 +330,34 @@ enum Command {
         #[command(flatten)]
         socket: SocketFlag,
     },
+    /// Stop claiming the rows of a queue or a task type, on every daemon,
+    /// until `resume` (running tries go on); without --queue or --task,
+    /// list what is paused
+    Pause {
+        #[command(flatten)]
+        database: DatabaseFlags,
+        /// A queue to pause (repeatable)
+        #[arg(long, value_name = "NAME")]
+        queue: Vec<String>,
+        /// A task type to pause, in every queue (repeatable)
+        #[arg(long, value_name = "NAME")]
+        task: Vec<String>,
+        /// Why, shown by `pause`, `status` and the daemons' logs
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+    /// Let the daemons claim the rows of a paused queue or task type again
+    #[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["queue", "task"])))]
+    Resume {
+        #[command(flatten)]
+        database: DatabaseFlags,
+        /// A queue to resume (repeatable)
+        #[arg(long, value_name = "NAME")]
+        queue: Vec<String>,
+        /// A task type to resume (repeatable)
+        #[arg(long, value_name = "NAME")]
+        task: Vec<String>,
+    },
     /// The config's schedules: when each runs (cron in its time zone),
     /// the latest slot enqueued and its request, and the next slot
     Schedules {
@@ -580,9 +609,10 @@ fn overrides_for(flags: &Flags) -> Overrides {
             }
             (None, Some(socket), None)
         }
-        Command::Tasks { database, .. } | Command::Schedules { database } => {
-            (Some(database), None, None)
-        }
+        Command::Tasks { database, .. }
+        | Command::Schedules { database }
+        | Command::Pause { database, .. }
+        | Command::Resume { database, .. } => (Some(database), None, None),
         Command::Config(ConfigCommand::Init { .. })
         | Command::Completions { .. }
         | Command::Man { .. }
@@ -869,6 +899,25 @@ async fn run_one(
             let lines = crate::web::schedule_lines(&store, &config.schedules).await?;
             print!("{}", render_schedules(&lines));
         }
+        Command::Pause {
+            queue,
+            task,
+            reason,
+            ..
+        } => {
+            let store = open(Purpose::Cli)?;
+            pause(&store, &pause_targets(queue, task)?, reason.as_deref()).await?;
+        }
+        Command::Resume { queue, task, .. } => {
+            let store = open(Purpose::Cli)?;
+            for (kind, name) in pause_targets(queue, task)? {
+                if store.resume(kind, &name).await? {
+                    println!("resumed {} {}", kind.word(), one_line(&name));
+                } else {
+                    println!("{} {} was not paused", kind.word(), one_line(&name));
+                }
+            }
+        }
         Command::Purge { older_than, .. } => {
             let retention = match older_than {
                 Some(age) => crate::retention::Retention::all(age),
@@ -1055,6 +1104,51 @@ fn write_man_pages(dir: &Path) -> Result<usize> {
         std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(pages.len())
+}
+
+/// The names given to `pause` or `resume`, each checked: not empty, and
+/// at most 255 bytes (the longest a MariaDB key column holds).
+fn pause_targets(queues: Vec<String>, tasks: Vec<String>) -> Result<Vec<(PauseKind, String)>> {
+    let targets: Vec<(PauseKind, String)> = queues
+        .into_iter()
+        .map(|name| (PauseKind::Queue, name))
+        .chain(tasks.into_iter().map(|name| (PauseKind::Task, name)))
+        .collect();
+    for (kind, name) in &targets {
+        if name.is_empty() || name.len() > 255 {
+            anyhow::bail!(
+                "a {} name must be 1 to 255 bytes long, not {}",
+                kind.word(),
+                name.len()
+            );
+        }
+    }
+    Ok(targets)
+}
+
+/// `pause`: pauses each target, or lists the pauses when none is given.
+async fn pause(store: &Store, targets: &[(PauseKind, String)], reason: Option<&str>) -> Result<()> {
+    if targets.is_empty() {
+        let pauses = store.pauses().await?;
+        if pauses.is_empty() {
+            println!("nothing is paused");
+        }
+        for pause in pauses {
+            println!("{}", pause.describe());
+        }
+        return Ok(());
+    }
+    for (kind, name) in targets {
+        match store.pause(*kind, name, reason).await? {
+            Some(held) => println!("{} was paused already", held.describe()),
+            None => println!(
+                "paused {} {}: no daemon claims its rows from a second on (tries running go on)",
+                kind.word(),
+                one_line(name)
+            ),
+        }
+    }
+    Ok(())
 }
 
 fn config_command(command: &ConfigCommand, overrides: &Overrides) -> Result<ExitCode> {

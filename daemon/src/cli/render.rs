@@ -308,6 +308,9 @@ pub(super) fn render_status(s: &crate::control::Status) -> String {
             counts.join(", ")
         }
     );
+    if !s.paused.is_empty() {
+        out += &format!("paused (not claimed): {}\n", s.paused.join(", "));
+    }
     if let Some(next) = s.next_poll_in_seconds {
         out += &format!("next poll in {next:.1}s\n");
     }

@@ -220,6 +220,13 @@ async fn status(shared: &View) -> Status {
         database_statements: shared.store.statements_sent(),
         limits: crate::supervisor::cgroup::describe(),
         lock_retries: shared.store.lock_retries(),
+        paused: shared
+            .paused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(crate::store::Pause::describe)
+            .collect(),
     }
 }
 

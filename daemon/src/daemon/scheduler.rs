@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::executor::{ClaimTimes, Executor, TryEnd};
+use super::pauses::PauseWatch;
 use super::tries::Tries;
 use crate::health::{Backoff, Health};
 use crate::instance::InstanceId;
@@ -183,6 +184,8 @@ pub(super) struct Scheduler {
     pub(super) wake: Arc<Notify>,
     /// When it will next poll unprompted, for `status`.
     pub(super) next_poll: Arc<Mutex<Option<std::time::Instant>>>,
+    /// The pauses its claims went by last, for `status` and `/metrics`.
+    pub(super) paused: Arc<Mutex<Vec<crate::store::Pause>>>,
     /// What each claimed try runs with.
     pub(super) executor: Arc<Executor>,
 }
@@ -206,6 +209,11 @@ impl Scheduler {
         let mut short = Shortage::default();
         let mut last_repair: Option<Instant> = None;
         let mut releases = Releases::new();
+        let mut pauses =
+            PauseWatch::new(self.store.clone(), self.health.clone(), self.paused.clone());
+        // Set when the wake-up was only the pauses' reading and nothing was
+        // resumed: no claim then.
+        let mut nothing_resumed = false;
         loop {
             if cancel.is_cancelled() {
                 break;
@@ -272,7 +280,12 @@ impl Scheduler {
             if let Some(due) = repair_due {
                 next_claim = next_claim.min(due);
             }
-            if (idle_slots > 0 || refill) && paused.is_none() {
+            let only_pauses_read = std::mem::take(&mut nothing_resumed);
+            if (idle_slots > 0 || refill) && paused.is_none() && !only_pauses_read {
+                let refreshed = super::unless_stopping(&cancel, pauses.refresh());
+                if refreshed.await.is_none() {
+                    break;
+                }
                 claim_counter += 1;
                 let token = self.instance.claim_token(claim_counter);
                 let budget = (config.max_concurrent + ahead).saturating_sub(claimed);
@@ -284,6 +297,7 @@ impl Scheduler {
                     (budget, idle_slots),
                     options_inline,
                     &running_by_queue,
+                    &pauses,
                 );
                 let sent = std::time::SystemTime::now();
                 let Some(round) = super::unless_stopping(&cancel, round).await else {
@@ -324,6 +338,7 @@ impl Scheduler {
             if let Some(due) = releases.due {
                 next_claim = next_claim.min(due);
             }
+            let next_pause_read = pauses.next_read();
             *self.next_poll.lock().unwrap_or_else(|e| e.into_inner()) = Some(next_claim.into_std());
             tokio::select! {
                 _ = self.wake.notified() => {}
@@ -342,6 +357,9 @@ impl Scheduler {
                     }
                 }
                 _ = tokio::time::sleep_until(next_claim) => {}
+                _ = tokio::time::sleep_until(next_pause_read.unwrap_or(next_claim)), if next_pause_read.is_some_and(|at| at < next_claim) => {
+                    nothing_resumed = !pauses.refresh().await;
+                }
                 _ = tokio::time::sleep_until(tally.due()), if tally.since.is_some() => tally.log(true),
                 _ = cancel.cancelled() => {}
             }
@@ -423,13 +441,19 @@ impl Scheduler {
         (mut budget, mut slots): (usize, usize),
         options_inline: Option<u64>,
         running_by_queue: &HashMap<String, usize>,
+        pauses: &PauseWatch,
     ) -> anyhow::Result<(Vec<Claimed>, bool)> {
         let limited: Vec<(&str, u32)> = config
             .tasks
             .iter()
             .filter_map(|(name, task)| task.concurrency.map(|limit| (name.as_str(), limit)))
+            .filter(|(name, _)| !pauses.tasks().iter().any(|paused| paused == name))
             .collect();
-        let excluded: Vec<String> = limited.iter().map(|(name, _)| name.to_string()).collect();
+        let excluded: Vec<String> = limited
+            .iter()
+            .map(|(name, _)| name.to_string())
+            .chain(pauses.tasks().iter().cloned())
+            .collect();
         // (queue, room in it); `None` serves every queue.
         let queues: Vec<(Option<&str>, usize)> = if config.queues.is_empty() {
             vec![(None, budget)]
@@ -437,6 +461,7 @@ impl Scheduler {
             config
                 .queues
                 .iter()
+                .filter(|(queue, _)| !pauses.queues().contains(queue))
                 .map(|(queue, limit)| {
                     let running = running_by_queue.get(queue).copied().unwrap_or(0);
                     (Some(queue.as_str()), limit.saturating_sub(running))
@@ -457,6 +482,7 @@ impl Scheduler {
                 queue,
                 task: None,
                 excluded_tasks: &excluded,
+                excluded_queues: pauses.queues(),
                 options_inline,
             };
             let want = room.min(budget);

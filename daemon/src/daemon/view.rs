@@ -35,6 +35,8 @@ pub(super) struct View {
     pub(super) started: Instant,
     /// When the scheduler will next poll unprompted (it writes it).
     pub(super) next_poll: Arc<Mutex<Option<Instant>>>,
+    /// The pauses the scheduler read last (it writes them).
+    pub(super) paused: Arc<Mutex<Vec<crate::store::Pause>>>,
     /// Cancelled once the daemon stops claiming (`status` says "stopping").
     pub(super) stop_claiming: CancellationToken,
 }

@@ -45,8 +45,11 @@ pub(crate) struct ClaimFilter<'a> {
     pub(crate) queue: Option<&'a str>,
     /// Only this task type (`None`: any).
     pub(crate) task: Option<&'a str>,
-    /// Task types to leave alone (those with a concurrency limit, claimed apart).
+    /// Task types to leave alone (those with a concurrency limit, claimed
+    /// apart, and paused ones).
     pub(crate) excluded_tasks: &'a [String],
+    /// Queues to leave alone (paused ones).
+    pub(crate) excluded_queues: &'a [String],
     /// Options longer than this come back left out (their length alone),
     /// even under `max_options`: a claim that takes rows ahead of its free
     /// slots, so that rows waiting for a slot never hold large options in
@@ -89,12 +92,13 @@ pub(super) fn claimed_from_row(
     ))
 }
 
-/// Binds `$1..$9` of [`Sql::claim`](super::sql::Sql::claim): who claims
+/// Binds `$1..$10` of [`Sql::claim`](super::sql::Sql::claim): who claims
 /// (a [`Claimant`]), how many rows, the filter's node and queue, the
-/// task type ('' for any), the excluded types (a JSON array) and the
-/// options cap (a macro, so that it serves the pool and a transaction alike).
+/// task type ('' for any), the excluded types (a JSON array), the
+/// options cap and the excluded queues (a JSON array) (a macro, so that it
+/// serves the pool and a transaction alike).
 macro_rules! bind_claim {
-    ($query:expr, $by:expr, $limit:expr, $filter:expr, $task:expr, $excluded:expr, $cap:expr $(,)?) => {{
+    ($query:expr, $by:expr, $limit:expr, $filter:expr, $task:expr, $excluded:expr, $cap:expr, $queues:expr $(,)?) => {{
         let (by, filter): (Claimant<'_>, &ClaimFilter<'_>) = ($by, $filter);
         $query
             .bind(by.token.as_str())
@@ -106,6 +110,7 @@ macro_rules! bind_claim {
             .bind($task)
             .bind($excluded)
             .bind($cap)
+            .bind($queues)
     }};
 }
 
@@ -124,6 +129,23 @@ impl Store {
     pub async fn claim(&self, by: Claimant<'_>, limit: usize) -> Result<Vec<Claimed>> {
         let filter = ClaimFilter {
             node: by.host,
+            ..Default::default()
+        };
+        self.claim_filtered(by, limit, &filter).await
+    }
+
+    /// [`claim`](Store::claim), leaving out the rows of `queues`: the claim
+    /// of a daemon that serves every queue while those are paused (for the
+    /// benchmark; the daemon's own goes through its scheduler).
+    pub async fn claim_outside(
+        &self,
+        by: Claimant<'_>,
+        limit: usize,
+        queues: &[String],
+    ) -> Result<Vec<Claimed>> {
+        let filter = ClaimFilter {
+            node: by.host,
+            excluded_queues: queues,
             ..Default::default()
         };
         self.claim_filtered(by, limit, &filter).await
@@ -159,6 +181,7 @@ impl Store {
     ) -> Result<Vec<Claimed>> {
         self.count_statements(1);
         let excluded = serde_json::to_string(filter.excluded_tasks)?;
+        let excluded_queues = serde_json::to_string(filter.excluded_queues)?;
         if let Pool::MySql(pool) = &self.pool {
             let rows = self.claim_mysql(pool, by, limit, filter, None).await?;
             return Ok(in_claim_order(rows));
@@ -172,6 +195,7 @@ impl Store {
                 filter.task.unwrap_or(""),
                 excluded.as_str(),
                 self.inline_cap(filter),
+                excluded_queues.as_str(),
             );
             query.fetch_all(pool.claim_on(self, filter)).await?
                 .iter()
@@ -193,6 +217,7 @@ impl Store {
     ) -> Result<Vec<Claimed>> {
         let task = filter.task.expect("claim_limited needs a task type");
         let sql = self.sql;
+        let excluded_queues = serde_json::to_string(filter.excluded_queues)?;
         if let Pool::MySql(pool) = &self.pool {
             let rows = self
                 .claim_mysql(pool, by, limit, filter, Some(type_limit))
@@ -222,6 +247,7 @@ impl Store {
                     task,
                     "[]",
                     self.inline_cap(filter),
+                    excluded_queues.as_str(),
                 )
                 .fetch_all(&mut *transaction)
                     .await?

@@ -14,6 +14,8 @@
 //!   leases) and `mark_crashed`.
 //! - `admin.rs`: enqueue, show, list, retry, cancel, purge: the commands.
 //! - `housekeeping.rs`: retention's pruning and cron's slots.
+//! - `pauses.rs`: queues and task types paused (`taskrunner-cli pause`),
+//!   which claims leave out.
 //! - [`compose`]: the one finalization path (callbacks, batches); [`flow`]:
 //!   the flow step machine it calls; [`daemons`]: the daemons' own rows;
 //!   [`web`]: the web page's bounded queries.
@@ -135,6 +137,7 @@ pub(crate) mod compose;
 pub(crate) mod daemons;
 pub(crate) mod flow;
 mod housekeeping;
+mod pauses;
 mod plumbing;
 mod reaping;
 mod repair;
@@ -145,6 +148,7 @@ pub(crate) mod web;
 pub(crate) use compose::{Batch, BatchChange, Counts, Ending, Hooks, NewBatch};
 pub(crate) use flow::FlowChange;
 pub use flow::{Flow, FlowBoard, StepBoard, StepRow};
+pub use pauses::{Pause, PauseKind};
 
 impl Store {
     /// How this store's backend spells what its statements need.

@@ -605,12 +605,21 @@ impl Store {
         } else {
             filter.excluded_tasks
         };
-        let select = if excluded_tasks.is_empty() {
+        let excluded_queues = filter.excluded_queues;
+        let mut select = if excluded_tasks.is_empty() {
             sql.claim_select
                 .replace("AND task_class_name NOT IN ({excluded})", "")
         } else {
             sql.claim_select
                 .replace("{excluded}", &parameter_list(8, excluded_tasks.len()))
+        };
+        select = if excluded_queues.is_empty() {
+            select.replace("AND queue NOT IN ({excluded_queues})", "")
+        } else {
+            select.replace(
+                "{excluded_queues}",
+                &parameter_list(8 + excluded_tasks.len(), excluded_queues.len()),
+            )
         };
         let mut select_ids = query(sqlx::AssertSqlSafe(select))
             .bind(by.token.as_str())
@@ -620,7 +629,7 @@ impl Store {
             .bind(filter.node)
             .bind(filter.queue.unwrap_or(""))
             .bind(filter.task.unwrap_or(""));
-        for excluded in excluded_tasks {
+        for excluded in excluded_tasks.iter().chain(excluded_queues) {
             select_ids = select_ids.bind(excluded.as_str());
         }
         let ids: Vec<i64> = select_ids

@@ -454,9 +454,10 @@ pub struct Sql {
     /// Claims up to `$4` runnable rows for daemon instance `$2` on host `$3`
     /// with claim token `$1`, in one atomic statement. Filters: node name
     /// `$5` (rows pinned elsewhere, or barred from here, are skipped), queue
-    /// `$6` and task type `$7` ('' for any), and task types `$8` (a JSON
-    /// array) left to `claim_limited`; options longer than `$9` bytes are
-    /// left out (their length only comes back) (SQLite: one
+    /// `$6` and task type `$7` ('' for any), task types `$8` (a JSON
+    /// array) left to `claim_limited` or paused, and queues `$10` (a JSON
+    /// array) paused; options longer than `$9` bytes are left out (their
+    /// length only comes back) (SQLite: one
     /// `UPDATE … RETURNING` on the writer connection; PostgreSQL: `FOR UPDATE
     /// SKIP LOCKED`, so concurrent daemons never wait on or take the same row).
     /// Writes RUNNING, tries + 1, started_at, host, heartbeat_at before any
@@ -480,7 +481,8 @@ pub struct Sql {
     /// MariaDB/MySQL's claim, in three statements of one transaction (see
     /// `store::mysql`): the ids, locked and skipping rows locked by others
     /// (parameters as in [`claim`](Sql::claim), `$8` onwards: the excluded
-    /// types; `{excluded}` stands for their list).
+    /// types, then the excluded queues; `{excluded}` and `{excluded_queues}`
+    /// stand for their lists).
     pub claim_select: String,
     /// Then the claim's `SET` on those ids (`$1..$3` as in the claim, the
     /// ids from `$4`; `{ids}` stands for their list)…
@@ -745,10 +747,11 @@ impl Sql {
                   WHERE {runnable_now} \
                     AND (node IS NULL OR node = $5) AND (not_node IS NULL OR not_node <> $5) \
                     AND {queue} AND {task} \
-                    AND task_class_name NOT IN ({}) \
+                    AND task_class_name NOT IN ({}) AND queue NOT IN ({}) \
                   {CLAIM_ORDER} LIMIT $4 {}",
                 d.indexed_by(index),
                 d.json_strings("$8"),
+                d.json_strings("$10"),
                 d.skip_locked()
             );
             format!(
@@ -867,6 +870,7 @@ impl Sql {
                     AND ($6 = '' OR queue = $6) \
                     AND ($7 = '' OR task_class_name = $7) \
                     AND task_class_name NOT IN ({{excluded}}) \
+                    AND queue NOT IN ({{excluded_queues}}) \
                   ORDER BY ready_rank, id LIMIT $4 {}",
                 d.skip_locked()
             ),
@@ -1192,6 +1196,7 @@ mod tests {
                 queue,
                 task,
                 excluded_tasks: &[],
+                excluded_queues: &[],
                 options_inline: None,
             };
             let plan = sqlite_plan(
@@ -1207,6 +1212,7 @@ mod tests {
                     task.unwrap_or(""),
                     "[]",
                     "1000",
+                    "[]",
                 ],
             )
             .await;
