@@ -93,6 +93,11 @@ async fn every_page_renders_with_a_strict_policy(backend: Backend) {
     let db = TestDb::new(backend).await;
     let failed = insert_failed(&db, "size: 10").await;
     db.enqueue("NoOp", None).await;
+    // A pause written by plain SQL (its time is the column's default).
+    db.execute(
+        "INSERT INTO task_runner_pauses (kind, name, reason) VALUES ('queue', 'default', '<i>relay down</i>')",
+    )
+    .await;
     let web = web_router(&db, "");
     for path in [
         "/".to_string(),
@@ -131,6 +136,13 @@ async fn every_page_renders_with_a_strict_policy(backend: Backend) {
     );
     let bulk = get(&web, "/bulk?action=retry&state=FAILED").await.body;
     assert!(bulk.contains("1 requests match"), "{bulk}");
+    let overview = get(&web, "/").await.body;
+    assert!(
+        overview.contains("<h2>Paused</h2>")
+            && overview.contains("&lt;i&gt;relay down&lt;/i&gt;")
+            && overview.contains(r#"<span class="badge">paused</span>"#),
+        "{overview}"
+    );
     // The next slot, in UTC and on the schedule's clock (UTC+05:45).
     let schedules = get(&web, "/schedules").await.body;
     assert!(

@@ -487,11 +487,13 @@ async fn overview(State(web): State<Arc<Web>>) -> PageResult {
         .store
         .all_queue_stats(crate::metrics::MAX_QUEUES, pages::OVERVIEW_COUNT_CAP)
         .await?;
+    let pauses = web.store.pauses().await?;
     let daemons = web.store.daemons(web.silent_after).await?;
     let minutes = web.store.tries_last_hour().await?;
     Ok(html(pages::overview(
         &chrome(&web),
         &queues,
+        &pauses,
         &daemons,
         &minutes,
     )))

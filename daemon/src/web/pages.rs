@@ -11,6 +11,7 @@ use crate::store::flow::{Flow, FlowBoard, StepRow};
 use crate::store::web::{
     BatchRow, DaemonRow, MinuteBucket, QueueStats, RequestPage, BULK_LIMIT, SCAN_WINDOW,
 };
+use crate::store::{Pause, PauseKind};
 
 /// Counts on the overview stop here per queue (shown as "N+").
 pub(crate) const OVERVIEW_COUNT_CAP: i64 = 10_000;
@@ -118,13 +119,38 @@ fn percent_encode(text: &str) -> String {
 pub(crate) fn overview(
     chrome: &Chrome,
     queues: &[QueueStats],
+    pauses: &[Pause],
     daemons: &[DaemonRow],
     minutes: &[MinuteBucket],
 ) -> Markup {
+    let queue_paused = |queue: &str| {
+        pauses
+            .iter()
+            .any(|pause| pause.kind == PauseKind::Queue && pause.name == queue)
+    };
     layout(
         chrome,
         "Overview",
         html! {
+            @if !pauses.is_empty() {
+                section.paused {
+                    h2 { "Paused" }
+                    p.note { "No daemon claims these rows until " code { "taskrunner-cli resume" } "; tries running go on." }
+                    table {
+                        thead { tr { th { "kind" } th { "name" } th { "since (UTC)" } th { "reason" } } }
+                        tbody {
+                            @for pause in pauses {
+                                tr {
+                                    td { (pause.kind.word()) }
+                                    td { (pause.name) }
+                                    td { (pause.paused_at.get(..19).unwrap_or(&pause.paused_at)) }
+                                    td { (pause.reason.as_deref().unwrap_or("")) }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
             section {
                 h2 { "Queues" }
                 @if queues.is_empty() {
@@ -136,7 +162,10 @@ pub(crate) fn overview(
                             @for queue in queues {
                                 @let total = queue.total();
                                 tr.queue {
-                                    td { a href=(requests_link("", "", &queue.queue)) { (queue.queue) } }
+                                    td {
+                                        a href=(requests_link("", "", &queue.queue)) { (queue.queue) }
+                                        @if queue_paused(&queue.queue) { " " span.badge { "paused" } }
+                                    }
                                     td { "all types" }
                                     td.num { a href=(requests_link("PENDING", "", &queue.queue)) { (count(total.waiting, queue.capped)) } }
                                     td.num { a href=(requests_link("RUNNING", "", &queue.queue)) { (count(total.running, queue.capped)) } }
