@@ -15,6 +15,7 @@ both_backends!(
     a_periodic_row_retried_by_hand_starts_no_second_chain,
     type_concurrency_of_one_holds_across_two_daemons,
     paused_queues_and_types_are_not_claimed_until_resumed,
+    a_daemon_serving_every_queue_keeps_priority_across_queues_while_one_is_paused,
 );
 
 /// Parses `start|end ID NANOS` lines into per-row intervals and returns the
@@ -369,4 +370,59 @@ async fn paused_queues_and_types_are_not_claimed_until_resumed(backend: Backend)
     assert_eq!(cli(&db, &["pause"]).1, "nothing is paused\n");
     assert!(every.stop().success());
     assert!(named.stop().success());
+}
+
+/// While a queue is paused, a daemon serving every queue claims the others
+/// each through its own index (not walking past the paused rows, which lie
+/// ahead here with the highest priority; MariaDB walks), and still in claim
+/// order across them: by priority, then by id, whatever their queue.
+async fn a_daemon_serving_every_queue_keeps_priority_across_queues_while_one_is_paused(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let (status, out, err) = cli(&db, &["pause", "--queue", "held"]);
+    assert_eq!(status, 0, "{out}{err}");
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            db.insert_row(NewRow::new("Record").queue("held").priority(10))
+                .await,
+        );
+    }
+    let mut open = Vec::new();
+    for (queue, priority) in [("a", 0), ("b", -1), ("a", 5), ("b", 5), ("b", 10), ("c", 1)] {
+        open.push(
+            db.insert_row(NewRow::new("Record").queue(queue).priority(priority))
+                .await,
+        );
+    }
+    let order = db.scratch.join("order.log");
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "max_concurrent: 1\ntasks:\n  Record:\n    command: [/bin/sh, -c, 'echo $TASKRUNNER_REQUEST_ID >> {}']\n",
+            order.display()
+        ),
+    );
+    for id in &open {
+        db.wait_for_state(*id, "FINISHED", WAIT).await;
+    }
+    let ran: Vec<String> = std::fs::read_to_string(&order)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    // b 10; a 5 and b 5 by id; c 1; a 0; b -1.
+    let expected: Vec<String> = [open[4], open[2], open[3], open[5], open[0], open[1]]
+        .iter()
+        .map(|id| id.to_string())
+        .collect();
+    assert_eq!(ran, expected);
+    for id in held {
+        assert_eq!(db.row(id).await.result, None, "a paused row ran");
+    }
+    let log = daemon.log_text();
+    assert!(!log.contains("database unavailable"), "{log}");
+    assert!(daemon.stop().success());
 }

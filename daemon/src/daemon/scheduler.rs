@@ -469,6 +469,14 @@ impl Scheduler {
                 .collect()
         };
         let store = &self.store;
+        // A daemon serving every queue while some are paused claims the
+        // others each through its own index, so that its claim does not
+        // walk past the paused rows (unless there are too many queues).
+        let open_queues = if config.queues.is_empty() && !pauses.queues().is_empty() {
+            store.answered(store.queues_apart(pauses.queues())).await?
+        } else {
+            None
+        };
         let by = crate::store::Claimant {
             token,
             instance: &self.instance,
@@ -483,10 +491,14 @@ impl Scheduler {
                 task: None,
                 excluded_tasks: &excluded,
                 excluded_queues: pauses.queues(),
+                queues_in: open_queues.as_deref().unwrap_or_default(),
                 options_inline,
             };
             let want = room.min(budget);
-            if want > 0 {
+            // Every queue with runnable rows is paused: nothing to claim
+            // but the limited types' rows below.
+            let nothing_open = open_queues.as_ref().is_some_and(Vec::is_empty);
+            if want > 0 && !nothing_open {
                 let rows = store
                     .answered(store.claim_filtered(by, want, &filter))
                     .await?;
@@ -501,8 +513,10 @@ impl Scheduler {
                 if want == 0 {
                     break;
                 }
+                // Through the type's own index, the paused queues left out.
                 let filter = crate::store::ClaimFilter {
                     task: Some(task),
+                    queues_in: &[],
                     ..filter.clone()
                 };
                 let rows = store

@@ -446,6 +446,12 @@ pub(crate) const NOT_COUNTED: &str = "not counted: ";
 /// try back (`$4` = 1).
 const REAPED_RESULT: &str = "(CASE WHEN $4 = 1 THEN 'INTERRUPTED' ELSE 'CRASHED' END)";
 
+/// At most this many queues are claimed apart, each through its own index,
+/// by a daemon serving every queue while some are paused
+/// ([`Sql::claim_of_queues`]); with more, its claim walks the runnable
+/// index past the paused rows.
+pub(crate) const QUEUES_APART: usize = 32;
+
 /// Runnable rows come first by priority, then first-come first-served.
 const CLAIM_ORDER: &str = "ORDER BY priority DESC, id";
 
@@ -478,6 +484,22 @@ pub struct Sql {
     /// type in claim order (SQLite: pinned to `runnable_of_type`, migration
     /// 0010), for the same reasons.
     pub(crate) claim_of_type: String,
+    /// The claim of several given queues at once, in claim order across
+    /// them (a daemon serving every queue while some are paused, see
+    /// `Store::claim_filtered`): the first `$4` rows of each queue through
+    /// its own index, the best `$4` of those claimed. Parameters as in
+    /// [`claim`](Sql::claim), the queues' names from `$11`; `{branches}`
+    /// stands for one [`claim_of_queues_branch`](Sql::claim_of_queues_branch)
+    /// per queue, joined by `UNION ALL`. (MySQL: empty, see
+    /// `Store::queues_apart`.)
+    pub claim_of_queues: String,
+    /// One queue's branch of [`claim_of_queues`](Sql::claim_of_queues);
+    /// `{queue}` stands for its parameter.
+    pub(crate) claim_of_queues_branch: String,
+    /// The queues that have runnable rows (released, whatever their node
+    /// or type), by name, at most [`QUEUES_APART`] + 1: one index probe
+    /// per queue (a skip scan of `runnable_of_queue`). MySQL: empty.
+    pub runnable_queues: String,
     /// MariaDB/MySQL's claim, in three statements of one transaction (see
     /// `store::mysql`): the ids, locked and skipping rows locked by others
     /// (parameters as in [`claim`](Sql::claim), `$8` onwards: the excluded
@@ -605,6 +627,19 @@ pub struct Sql {
 }
 
 impl Sql {
+    /// [`claim_of_queues`](Sql::claim_of_queues) for `queues` queues, whose
+    /// names are the parameters from `$first` on.
+    pub fn claim_of_queues_statement(&self, queues: usize, first: usize) -> String {
+        let branches: Vec<String> = (first..first + queues)
+            .map(|n| {
+                self.claim_of_queues_branch
+                    .replace("{queue}", &format!("${n}"))
+            })
+            .collect();
+        self.claim_of_queues
+            .replace("{branches}", &branches.join(" UNION ALL "))
+    }
+
     /// The claim statement for `filter`: of one type if it names one, else
     /// of one queue if it names one, else of any (see [`Sql::claim`]).
     pub(crate) fn claim_for(&self, filter: &crate::store::ClaimFilter<'_>) -> &str {
@@ -637,6 +672,10 @@ impl Sql {
         // The release's first half: the due rows, locked, skipping those
         // another writer holds (an UPDATE alone would wait for them); then
         // `Store::release_delays_mysql` writes them by primary key.
+        // No claim of several queues apart (see `Store::queues_apart`).
+        self.claim_of_queues = String::new();
+        self.claim_of_queues_branch = String::new();
+        self.runnable_queues = String::new();
         self.release_delays = format!(
             "SELECT id FROM task_runner_requests WHERE waiting_until <= {now} \
               ORDER BY waiting_until LIMIT {RELEASE_AT_ONCE} {}",
@@ -774,6 +813,39 @@ impl Sql {
             "task_runner_requests_runnable_of_type",
             any_queue,
             "task_class_name = $7",
+        );
+        let claim_of_queues_branch = format!(
+            "SELECT id, priority FROM (SELECT id, priority FROM task_runner_requests {} \
+               WHERE {runnable_now} \
+                 AND (node IS NULL OR node = $5) AND (not_node IS NULL OR not_node <> $5) \
+                 AND queue = {{queue}} AND {any_queue} AND {any_type} \
+                 AND task_class_name NOT IN ({}) AND queue NOT IN ({}) \
+               {CLAIM_ORDER} LIMIT $4 {}) AS b",
+            d.indexed_by("task_runner_requests_runnable_of_queue"),
+            d.json_strings("$8"),
+            d.json_strings("$10"),
+            d.skip_locked()
+        );
+        let claim_of_queues = format!(
+            "UPDATE task_runner_requests {claim_set} WHERE {} {}",
+            d.claim_ids("SELECT id FROM ({branches}) AS c ORDER BY priority DESC, id LIMIT $4"),
+            claim_returning("$9")
+        );
+        let queue_after = |after: &str| {
+            format!(
+                "SELECT min(queue) FROM task_runner_requests {} WHERE {RUNNABLE} AND {RELEASED}{after}",
+                d.indexed_by("task_runner_requests_runnable_of_queue")
+            )
+        };
+        let runnable_queues = format!(
+            "WITH RECURSIVE q(queue) AS ( \
+               SELECT ({}) \
+               UNION ALL \
+               SELECT ({}) FROM q WHERE q.queue IS NOT NULL) \
+             SELECT queue FROM q WHERE queue IS NOT NULL LIMIT {}",
+            queue_after(""),
+            queue_after(" AND queue > q.queue"),
+            QUEUES_APART + 1
         );
         let claim_one = format!(
             "UPDATE task_runner_requests {claim_set} WHERE id = $4 AND {RUNNABLE} {}",
@@ -928,6 +1000,9 @@ impl Sql {
             claim,
             claim_of_queue,
             claim_of_type,
+            claim_of_queues,
+            claim_of_queues_branch,
+            runnable_queues,
             claim_one,
             record_pid: format!(
                 "UPDATE task_runner_requests SET pid = $1, pid_boot_id = $2, pid_start_ticks = $3 WHERE {}",
@@ -1197,6 +1272,7 @@ mod tests {
                 task,
                 excluded_tasks: &[],
                 excluded_queues: &[],
+                queues_in: &[],
                 options_inline: None,
             };
             let plan = sqlite_plan(
@@ -1226,6 +1302,35 @@ mod tests {
                 "{queue:?} {task:?}: {plan:?}"
             );
         }
+
+        // The claim of several queues apart (a queue paused) reads each
+        // through its own index, and finding the queues probes that index.
+        let apart = sqlite_plan(
+            &store,
+            &sql.claim_of_queues_statement(2, 11),
+            &[
+                "token", "instance", "host", "8", "node", "", "", "[]", "1000", "[]", "a", "b",
+            ],
+        )
+        .await;
+        let by_queue = "USING INDEX task_runner_requests_runnable_of_queue (queue=?)";
+        assert_eq!(
+            apart.iter().filter(|step| step.contains(by_queue)).count(),
+            2,
+            "{apart:?}"
+        );
+        let queues = sqlite_plan(&store, &sql.runnable_queues, &[]).await;
+        assert!(
+            queues
+                .iter()
+                .all(|step| !step.contains("SCAN task_runner_requests")),
+            "{queues:?}"
+        );
+        assert!(
+            queues.iter().any(|step| step
+                .contains("USING INDEX task_runner_requests_runnable_of_queue (queue>?)")),
+            "{queues:?}"
+        );
 
         let batch = sqlite_plan(&store, &sql.record_outcomes_batch, &["[]"]).await;
         assert!(
