@@ -212,12 +212,15 @@ impl Scheduler {
         let mut pauses =
             PauseWatch::new(self.store.clone(), self.health.clone(), self.paused.clone());
         // Set when the wake-up was only the pauses' reading and nothing was
-        // resumed: no claim then.
+        // resumed (see `only_pauses_read`).
         let mut nothing_resumed = false;
         loop {
             if cancel.is_cancelled() {
                 break;
             }
+            // Woken only to read the pauses, which resumed nothing: no
+            // repair pass and no claim (nothing else asked for one).
+            let only_pauses_read = std::mem::take(&mut nothing_resumed);
             // A wake-up that comes too soon after a repair pass gets one when
             // its time comes (a flow inserted by plain SQL waits no poll).
             let mut repair_due = None;
@@ -225,6 +228,7 @@ impl Scheduler {
                 Some(at) if at.elapsed() < REPAIR_AT_MOST_EVERY => {
                     repair_due = Some(at + REPAIR_AT_MOST_EVERY);
                 }
+                _ if only_pauses_read => {}
                 _ => {
                     last_repair = Some(Instant::now());
                     let repair = async {
@@ -280,7 +284,6 @@ impl Scheduler {
             if let Some(due) = repair_due {
                 next_claim = next_claim.min(due);
             }
-            let only_pauses_read = std::mem::take(&mut nothing_resumed);
             if (idle_slots > 0 || refill) && paused.is_none() && !only_pauses_read {
                 let refreshed = super::unless_stopping(&cancel, pauses.refresh());
                 if refreshed.await.is_none() {
@@ -498,6 +501,9 @@ impl Scheduler {
             // Every queue with runnable rows is paused: nothing to claim
             // but the limited types' rows below.
             let nothing_open = open_queues.as_ref().is_some_and(Vec::is_empty);
+            // Nothing claimable is waiting: the scheduler idles as after a
+            // claim that came back short (not a release every 200 ms).
+            all_filled &= !nothing_open;
             if want > 0 && !nothing_open {
                 let rows = store
                     .answered(store.claim_filtered(by, want, &filter))
