@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use taskrunner::request::RequestId;
+
 use crate::util::{cli, Backend, Daemon, NewRow, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -51,7 +53,6 @@ fn logging_task(name: &str, log: &std::path::Path, seconds: &str) -> String {
 
 async fn higher_priority_runs_first(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let order = db.scratch.join("order.log");
     let mut ids = Vec::new();
     for priority in [0, 5, -1, 5, 10] {
         ids.push(
@@ -59,29 +60,34 @@ async fn higher_priority_runs_first(backend: Backend) {
                 .await,
         );
     }
-    let mut daemon = Daemon::start(
-        &db,
+    let (mut daemon, ran) = run_one_at_a_time(&db, &ids).await;
+    // priority 10, then the two 5s by id, then 0, then -1
+    assert_eq!(ran, [ids[4], ids[1], ids[3], ids[0], ids[2]]);
+    assert!(daemon.stop().success());
+}
+
+/// Starts a daemon that runs one `Record` try at a time (each writes its
+/// request's id to a file), waits for `ids` to finish, and returns the
+/// daemon and the ids in the order their tries ran.
+async fn run_one_at_a_time(db: &TestDb, ids: &[RequestId]) -> (Daemon, Vec<RequestId>) {
+    let order = db.scratch.join("order.log");
+    let daemon = Daemon::start(
+        db,
         "d",
         &format!(
             "max_concurrent: 1\ntasks:\n  Record:\n    command: [/bin/sh, -c, 'echo $TASKRUNNER_REQUEST_ID >> {}']\n",
             order.display()
         ),
     );
-    for id in &ids {
+    for id in ids {
         db.wait_for_state(*id, "FINISHED", WAIT).await;
     }
-    let ran: Vec<String> = std::fs::read_to_string(&order)
+    let ran = std::fs::read_to_string(&order)
         .unwrap()
         .lines()
-        .map(String::from)
+        .map(|id| RequestId(id.parse().unwrap()))
         .collect();
-    // priority 10, then the two 5s by id, then 0, then -1
-    let expected: Vec<String> = [ids[4], ids[1], ids[3], ids[0], ids[2]]
-        .iter()
-        .map(|id| id.to_string())
-        .collect();
-    assert_eq!(ran, expected);
-    assert!(daemon.stop().success());
+    (daemon, ran)
 }
 
 async fn queue_limited_to_one_with_two_daemons(backend: Backend) {
@@ -397,29 +403,9 @@ async fn a_daemon_serving_every_queue_keeps_priority_across_queues_while_one_is_
                 .await,
         );
     }
-    let order = db.scratch.join("order.log");
-    let mut daemon = Daemon::start(
-        &db,
-        "d",
-        &format!(
-            "max_concurrent: 1\ntasks:\n  Record:\n    command: [/bin/sh, -c, 'echo $TASKRUNNER_REQUEST_ID >> {}']\n",
-            order.display()
-        ),
-    );
-    for id in &open {
-        db.wait_for_state(*id, "FINISHED", WAIT).await;
-    }
-    let ran: Vec<String> = std::fs::read_to_string(&order)
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect();
+    let (mut daemon, ran) = run_one_at_a_time(&db, &open).await;
     // b 10; a 5 and b 5 by id; c 1; a 0; b -1.
-    let expected: Vec<String> = [open[4], open[2], open[3], open[5], open[0], open[1]]
-        .iter()
-        .map(|id| id.to_string())
-        .collect();
-    assert_eq!(ran, expected);
+    assert_eq!(ran, [open[4], open[2], open[3], open[5], open[0], open[1]]);
     for id in held {
         assert_eq!(db.row(id).await.result, None, "a paused row ran");
     }

@@ -54,6 +54,17 @@ struct DatabaseFlags {
     database_url: Option<String>,
 }
 
+/// What `pause` and `resume` name.
+#[derive(Debug, Clone, clap::Args)]
+struct PauseTargets {
+    /// A queue (repeatable)
+    #[arg(long, value_name = "NAME")]
+    queue: Vec<String>,
+    /// A task type, in every queue (repeatable)
+    #[arg(long, value_name = "NAME")]
+    task: Vec<String>,
+}
+
 /// The daemon's control socket: for commands that wake or ask the daemon.
 #[derive(Debug, Clone, Default, clap::Args)]
 struct SocketFlag {
@@ -336,12 +347,8 @@ enum Command {
     Pause {
         #[command(flatten)]
         database: DatabaseFlags,
-        /// A queue to pause (repeatable)
-        #[arg(long, value_name = "NAME")]
-        queue: Vec<String>,
-        /// A task type to pause, in every queue (repeatable)
-        #[arg(long, value_name = "NAME")]
-        task: Vec<String>,
+        #[command(flatten)]
+        targets: PauseTargets,
         /// Why, shown by `pause`, `status` and the daemons' logs
         #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
@@ -351,12 +358,8 @@ enum Command {
     Resume {
         #[command(flatten)]
         database: DatabaseFlags,
-        /// A queue to resume (repeatable)
-        #[arg(long, value_name = "NAME")]
-        queue: Vec<String>,
-        /// A task type to resume (repeatable)
-        #[arg(long, value_name = "NAME")]
-        task: Vec<String>,
+        #[command(flatten)]
+        targets: PauseTargets,
     },
     /// The config's schedules: when each runs (cron in its time zone),
     /// the latest slot enqueued and its request, and the next slot
@@ -900,17 +903,14 @@ async fn run_one(
             print!("{}", render_schedules(&lines));
         }
         Command::Pause {
-            queue,
-            task,
-            reason,
-            ..
+            targets, reason, ..
         } => {
             let store = open(Purpose::Cli)?;
-            pause(&store, &pause_targets(queue, task)?, reason.as_deref()).await?;
+            pause(&store, &targets.checked()?, reason.as_deref()).await?;
         }
-        Command::Resume { queue, task, .. } => {
+        Command::Resume { targets, .. } => {
             let store = open(Purpose::Cli)?;
-            for (kind, name) in pause_targets(queue, task)? {
+            for (kind, name) in targets.checked()? {
                 if store.resume(kind, &name).await? {
                     println!("resumed {} {}", kind.word(), one_line(&name));
                 } else {
@@ -1106,24 +1106,27 @@ fn write_man_pages(dir: &Path) -> Result<usize> {
     Ok(pages.len())
 }
 
-/// The names given to `pause` or `resume`, each checked: not empty, and
-/// at most 255 bytes (the longest a MariaDB key column holds).
-fn pause_targets(queues: Vec<String>, tasks: Vec<String>) -> Result<Vec<(PauseKind, String)>> {
-    let targets: Vec<(PauseKind, String)> = queues
-        .into_iter()
-        .map(|name| (PauseKind::Queue, name))
-        .chain(tasks.into_iter().map(|name| (PauseKind::Task, name)))
-        .collect();
-    for (kind, name) in &targets {
-        if name.is_empty() || name.len() > 255 {
-            anyhow::bail!(
-                "a {} name must be 1 to 255 bytes long, not {}",
-                kind.word(),
-                name.len()
-            );
+impl PauseTargets {
+    /// The names given, each checked: not empty, and at most 255 bytes
+    /// (the longest a MariaDB key column holds).
+    fn checked(self) -> Result<Vec<(PauseKind, String)>> {
+        let targets: Vec<(PauseKind, String)> = self
+            .queue
+            .into_iter()
+            .map(|name| (PauseKind::Queue, name))
+            .chain(self.task.into_iter().map(|name| (PauseKind::Task, name)))
+            .collect();
+        for (kind, name) in &targets {
+            if name.is_empty() || name.len() > 255 {
+                bail!(
+                    "a {} name must be 1 to 255 bytes long, not {}",
+                    kind.word(),
+                    name.len()
+                );
+            }
         }
+        Ok(targets)
     }
-    Ok(targets)
 }
 
 /// `pause`: pauses each target, or lists the pauses when none is given.

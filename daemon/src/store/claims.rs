@@ -226,34 +226,20 @@ impl Store {
             let rows = self.claim_mysql(pool, by, limit, filter, None).await?;
             return Ok(in_claim_order(rows));
         }
-        if !filter.queues_in.is_empty() {
-            let statement = self
+        // Several queues apart (see `ClaimFilter::queues_in`): their names
+        // from `$11` on.
+        let apart;
+        let statement = if filter.queues_in.is_empty() {
+            self.sql.claim_for(filter)
+        } else {
+            apart = self
                 .sql
                 .claim_of_queues_statement(filter.queues_in.len(), 11);
-            let rows: Vec<(i64, Claimed)> = on_pool!(self, pool => {
-                let mut query = bind_claim!(
-                    query(sqlx::AssertSqlSafe(statement)),
-                    by,
-                    limit as i64,
-                    filter,
-                    filter.task.unwrap_or(""),
-                    excluded.as_str(),
-                    self.inline_cap(filter),
-                    excluded_queues.as_str(),
-                );
-                for queue in filter.queues_in {
-                    query = query.bind(queue.as_str());
-                }
-                query.fetch_all(pool).await?
-                    .iter()
-                    .map(|row| claimed_from_row(row, by.token))
-                    .collect::<sqlx::Result<_>>()?
-            });
-            return Ok(in_claim_order(rows));
-        }
+            apart.as_str()
+        };
         let rows: Vec<(i64, Claimed)> = on_pool!(self, pool => {
-            let query = bind_claim!(
-                query(self.sql.claim_for(filter)),
+            let mut query = bind_claim!(
+                query(sqlx::AssertSqlSafe(statement)),
                 by,
                 limit as i64,
                 filter,
@@ -262,6 +248,9 @@ impl Store {
                 self.inline_cap(filter),
                 excluded_queues.as_str(),
             );
+            for queue in filter.queues_in {
+                query = query.bind(queue.as_str());
+            }
             query.fetch_all(pool.claim_on(self, filter)).await?
                 .iter()
                 .map(|row| claimed_from_row(row, by.token))
