@@ -75,7 +75,7 @@ impl Store {
     pub async fn pauses(&self) -> Result<Vec<Pause>> {
         self.count_statements(1);
         let sql = format!(
-            "SELECT kind, name, {}, reason FROM task_runner_pauses ORDER BY kind, name",
+            "SELECT kind, name, {}, reason FROM task_runner_pauses",
             self.dialect().show_time("paused_at")
         );
         let rows = on_pool!(self, pool => {
@@ -97,6 +97,8 @@ impl Store {
                 })
             })
             .collect();
+        // Sorted here, not by the database: byte order on every backend,
+        // whatever the server's collation.
         pauses.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
         Ok(pauses)
     }
