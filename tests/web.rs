@@ -252,6 +252,130 @@ async fn actions_need_the_csrf_token_and_this_origin(backend: Backend) {
     assert_eq!(db.row(id).await.result, None);
 }
 
+/// The overview pauses and resumes a queue or a type, as the CLI does:
+/// with the CSRF token only; a bad kind or name gets one clear error and
+/// writes nothing; pausing what is paused keeps its reason.
+async fn the_overview_pauses_and_resumes_queues_and_types(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    db.insert_row(NewRow::new("Thumbnail").queue("mail")).await;
+    let web = web_router(&db, "");
+    let store = Store::open(&db.url, Purpose::Cli).unwrap();
+    let paused = || async {
+        store
+            .pauses()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|pause| {
+                format!(
+                    "{} {} {}",
+                    pause.kind.word(),
+                    pause.name,
+                    pause.reason.unwrap_or_default()
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let page = get(&web, "/").await.body;
+    let button = |kind: &str, name: &str, label: &str| {
+        format!("<input type=\"hidden\" name=\"kind\" value=\"{kind}\"><input type=\"hidden\" name=\"name\" value=\"{name}\"><button type=\"submit\">{label}</button>")
+    };
+    assert!(
+        page.contains(&button("queue", "mail", "pause queue")),
+        "{page}"
+    );
+    assert!(
+        page.contains(&button("task", "Thumbnail", "pause type")),
+        "{page}"
+    );
+    assert!(page.contains("action=\"/pause\""), "{page}");
+    let token = csrf_of(&page);
+    // Without the token: refused, nothing paused.
+    let reply = post(&web, "/pause", "kind=queue&name=mail", None).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert!(paused().await.is_empty());
+    // A bad kind, an empty name, a name too long: one line each, nothing written.
+    let long = "q".repeat(256);
+    for (form, error) in [
+        ("kind=host&name=mail", "kind must be queue or task"),
+        (
+            "kind=queue&name=",
+            "a queue name must be 1 to 255 bytes long, not 0",
+        ),
+        (
+            &*format!("kind=task&name={long}"),
+            "a task name must be 1 to 255 bytes long, not 256",
+        ),
+    ] {
+        let reply = post(&web, "/pause", &format!("csrf={token}&{form}"), None).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{form}");
+        assert!(reply.body.contains(error), "{form}: {}", reply.body);
+    }
+    assert!(paused().await.is_empty());
+    // The queue with a reason (as the form sends it), then the type by its button.
+    let reply = post(
+        &web,
+        "/pause",
+        &format!("csrf={token}&kind=queue&name=mail&reason=+relay+%3Cb%3Edown%3C%2Fb%3E+"),
+        Some("http://127.0.0.1:8080"),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER, "{}", reply.body);
+    let reply = post(
+        &web,
+        "/pause",
+        &format!("csrf={token}&kind=task&name=Thumbnail"),
+        None,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        paused().await,
+        ["queue mail relay <b>down</b>", "task Thumbnail "]
+    );
+    // Pausing it again keeps the first reason.
+    let reply = post(
+        &web,
+        "/pause",
+        &format!("csrf={token}&kind=queue&name=mail&reason=other"),
+        None,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER);
+    assert_eq!(paused().await[0], "queue mail relay <b>down</b>");
+    // The page shows each with its Resume button and badges instead of buttons.
+    let page = get(&web, "/").await.body;
+    assert!(page.contains("relay &lt;b&gt;down&lt;/b&gt;"), "{page}");
+    assert!(page.contains(&button("queue", "mail", "Resume")), "{page}");
+    assert!(
+        page.contains(&button("task", "Thumbnail", "Resume")),
+        "{page}"
+    );
+    assert!(
+        !page.contains("pause queue") && !page.contains("pause type"),
+        "{page}"
+    );
+    assert_eq!(
+        page.matches("<span class=\"badge\">paused</span>").count(),
+        2
+    );
+    // Resume each; resuming what is not paused changes nothing.
+    for form in [
+        "kind=queue&name=mail",
+        "kind=task&name=Thumbnail",
+        "kind=queue&name=mail",
+    ] {
+        let reply = post(&web, "/resume", &format!("csrf={token}&{form}"), None).await;
+        assert_eq!(reply.status, StatusCode::SEE_OTHER, "{form}");
+    }
+    assert!(paused().await.is_empty());
+    let page = get(&web, "/").await.body;
+    assert!(
+        !page.contains("Paused") && page.contains("pause queue"),
+        "{page}"
+    );
+}
+
 async fn read_only_refuses_actions_and_hides_them(backend: Backend) {
     let db = TestDb::new(backend).await;
     let id = insert_failed(&db, "a: 1").await;
@@ -263,6 +387,23 @@ async fn read_only_refuses_actions_and_hides_them(backend: Backend) {
     let reply = post(&web, &format!("/requests/{id}/retry"), "csrf=x", None).await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN);
     assert_eq!(db.row(id).await.result.as_deref(), Some("FAILED"));
+    // Nor pause or resume: the overview shows the pause, without buttons.
+    db.execute("INSERT INTO task_runner_pauses (kind, name) VALUES ('task', 'Thumbnail')")
+        .await;
+    let page = get(&web, "/").await.body;
+    assert!(page.contains("Paused") && page.contains("badge"), "{page}");
+    assert!(
+        !page.contains("<form") && !page.contains("<button"),
+        "{page}"
+    );
+    for path in ["/pause", "/resume"] {
+        let reply = post(&web, path, "csrf=x&kind=task&name=Thumbnail", None).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{path}");
+    }
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM task_runner_pauses").await,
+        1
+    );
 }
 
 async fn auth_asks_for_the_token(backend: Backend) {
@@ -527,6 +668,7 @@ both_backends!(
     a_hostile_row_shows_as_text,
     actions_need_the_csrf_token_and_this_origin,
     read_only_refuses_actions_and_hides_them,
+    the_overview_pauses_and_resumes_queues_and_types,
     auth_asks_for_the_token,
     auth_asks_for_the_user_and_password,
     purge_deletes_only_final_rows_older_than_asked,

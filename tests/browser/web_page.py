@@ -12,7 +12,8 @@ disabled (on the daemon's listener): open the overview, filter the requests
 by state, open a FAILED request, click Retry and see the row go RUNNING then
 FINISHED in the database, open a waiting request and click Cancel, open a
 batch's progress from the batches page and a flow's board from the flows
-page; then check
+page, pause a queue through the overview's form (its row waits while another
+queue's runs) and resume it with its button; then check
 that the browser logged no Content-Security-Policy violation.
 """
 
@@ -242,6 +243,31 @@ def one_pass(setup, driver, base, javascript):
     page = driver.source()
     assert "table class=\"board\"" in page and "artifact: artifact-42" in page, page[:4000]
     assert page.count(">FINISHED<") >= 2, page[:4000]
+    # Pause a queue through the overview's form, with a reason: the daemon
+    # stops claiming its rows (a row enqueued after it in another queue runs
+    # first), then the Paused section's Resume button lets it run.
+    held_queue = f"held-{'js' if javascript else 'plain'}"
+    driver.go(base + "/")
+    driver.click("form.pause select[name=kind] option[value=queue]")
+    driver.type("form.pause input[name=name]", held_queue)
+    driver.type("form.pause input[name=reason]", "relay down")
+    driver.click("form.pause button[type=submit]")
+    wait_until(f"queue {held_queue} to be paused",
+               lambda: f"queue {held_queue} (since" in setup.cli("pause"))
+    assert "relay down" in setup.cli("pause")
+    wait_until("the daemon to read the pause",
+               lambda: f"queue {held_queue}" in setup.cli("status"))
+    held = int(setup.cli("enqueue", "NoOp", "--queue", held_queue).strip())
+    after = int(setup.cli("enqueue", "NoOp").strip())
+    wait_until(f"request {after} to finish", lambda: setup.state(after) == "FINISHED")
+    assert setup.state(held) == "NULL", f"request {held} of a paused queue ran: {setup.cli('show', str(held))}"
+    driver.go(base + "/")
+    page = driver.source()
+    assert "<h2>Paused</h2>" in page and "relay down" in page, page[:3000]
+    driver.click(f"section.paused form[action='/resume'] button")
+    wait_until(f"request {held} of the resumed queue to finish",
+               lambda: setup.state(held) == "FINISHED")
+    assert f"queue {held_queue}" not in setup.cli("pause")
     # The other pages open too.
     for path in ["/daemons", "/schedules", f"/bulk?action=retry&state=CANCELLED"]:
         driver.go(base + path)
@@ -283,6 +309,11 @@ def main():
             assert any("remote=127.0.0.1:" in line and "user=-" in line and 'action="retry"' in line
                        for line in actions), f"{log}: no logged retry with its remote address: {actions}"
             assert any('action="cancel"' in line for line in actions), f"{log}: {actions}"
+            pauses = [line for line in text.splitlines() if "web pause action" in line]
+            assert any('action="pause"' in line and 'outcome="paused"' in line
+                       and "relay down" in line for line in pauses), f"{log}: {pauses}"
+            assert any('action="resume"' in line and 'outcome="resumed"' in line
+                       for line in pauses), f"{log}: {pauses}"
     finally:
         setup.stop()
         chromedriver.terminate()

@@ -16,7 +16,9 @@ use super::{batch, flow};
 use crate::config::{Config, Overrides};
 use crate::escape::one_line;
 use crate::request::{RequestId, State};
-use crate::store::{key_held_text, Change, ListQuery, NewRequest, PauseKind, Purpose, Store};
+use crate::store::{
+    check_pause_name, key_held_text, Change, ListQuery, NewRequest, PauseKind, Purpose, Store,
+};
 use crate::task_types::Registry;
 use crate::units::{parse_duration, parse_wait, LONGEST_WAIT};
 
@@ -1107,8 +1109,7 @@ fn write_man_pages(dir: &Path) -> Result<usize> {
 }
 
 impl PauseTargets {
-    /// The names given, each checked: not empty, and at most 255 bytes
-    /// (the longest a MariaDB key column holds).
+    /// The names given, each checked ([`check_pause_name`]).
     fn checked(self) -> Result<Vec<(PauseKind, String)>> {
         let targets: Vec<(PauseKind, String)> = self
             .queue
@@ -1117,13 +1118,7 @@ impl PauseTargets {
             .chain(self.task.into_iter().map(|name| (PauseKind::Task, name)))
             .collect();
         for (kind, name) in &targets {
-            if name.is_empty() || name.len() > 255 {
-                bail!(
-                    "a {} name must be 1 to 255 bytes long, not {}",
-                    kind.word(),
-                    name.len()
-                );
-            }
+            check_pause_name(*kind, name)?;
         }
         Ok(targets)
     }

@@ -148,7 +148,7 @@ pub(crate) mod web;
 pub(crate) use compose::{Batch, BatchChange, Counts, Ending, Hooks, NewBatch};
 pub(crate) use flow::FlowChange;
 pub use flow::{Flow, FlowBoard, StepBoard, StepRow};
-pub use pauses::{Pause, PauseKind};
+pub use pauses::{check_pause_name, Pause, PauseKind};
 
 impl Store {
     /// How this store's backend spells what its statements need.

@@ -29,13 +29,28 @@ impl PauseKind {
         }
     }
 
-    fn from_word(word: &str) -> Option<PauseKind> {
+    /// The kind a word names (`queue` or `task`).
+    pub fn from_word(word: &str) -> Option<PauseKind> {
         match word {
             "queue" => Some(PauseKind::Queue),
             "task" => Some(PauseKind::Task),
             _ => None,
         }
     }
+}
+
+/// Refuses a name no pause can hold: empty, or longer than 255 bytes (the
+/// longest a MariaDB key column holds). The CLI and the web page check
+/// with it before they write.
+pub fn check_pause_name(kind: PauseKind, name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 255 {
+        anyhow::bail!(
+            "a {} name must be 1 to 255 bytes long, not {}",
+            kind.word(),
+            name.len()
+        );
+    }
+    Ok(())
 }
 
 /// One row of `task_runner_pauses`.

@@ -36,7 +36,7 @@ use crate::config::http::{Auth, Http};
 use crate::metrics::QueueGauges;
 use crate::request::RequestId;
 use crate::store::web::{BulkAction, RequestFilter};
-use crate::store::{key_held_text, Change, Store};
+use crate::store::{check_pause_name, key_held_text, Change, PauseKind, Store};
 
 /// The Content-Security-Policy of every response: nothing but this
 /// server's stylesheet; no script, no inline style, no frames.
@@ -47,7 +47,7 @@ pub(crate) const CONTENT_SECURITY_POLICY: &str =
 /// What the page asks of the daemon that serves it (none under
 /// `taskrunner-cli web`).
 pub trait Daemon: Send + Sync {
-    /// Claim now: the page retried or cancelled a row.
+    /// Claim now: the page retried, cancelled or resumed something.
     fn wake(&self);
     /// The Prometheus text of `/metrics`, with the daemon's own counters.
     fn metrics_text<'a>(
@@ -260,6 +260,8 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/requests/{id}/cancel", post(cancel))
         .route("/bulk", get(bulk_preview).post(bulk_apply))
         .route("/purge", post(purge))
+        .route("/pause", post(pause))
+        .route("/resume", post(resume))
         .route("/batches", get(batches))
         .route("/batches/{id}", get(batch))
         .route("/flows", get(flows))
@@ -733,6 +735,80 @@ async fn purge(
             form.older_than.trim()
         ),
     )))
+}
+
+/// The form of `/pause` and `/resume`: the overview's buttons, and its
+/// form that names a queue or type (which may have no row yet).
+#[derive(Deserialize)]
+struct PauseForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    kind: String,
+    /// Taken as sent (not trimmed): a button resumes the exact name paused.
+    #[serde(default)]
+    name: String,
+    /// Empty for none.
+    #[serde(default)]
+    reason: String,
+}
+
+async fn pause(
+    State(web): State<Arc<Web>>,
+    axum::Extension(who): axum::Extension<Who>,
+    Form(form): Form<PauseForm>,
+) -> PageResult {
+    pause_action(&web, &who, &form, true).await
+}
+
+async fn resume(
+    State(web): State<Arc<Web>>,
+    axum::Extension(who): axum::Extension<Who>,
+    Form(form): Form<PauseForm>,
+) -> PageResult {
+    pause_action(&web, &who, &form, false).await
+}
+
+/// Pauses or resumes a queue or a task type, as `taskrunner-cli pause` and
+/// `resume` do (the same rules: pausing what is paused keeps its time and
+/// reason), then shows the overview again.
+async fn pause_action(web: &Web, who: &Who, form: &PauseForm, pausing: bool) -> PageResult {
+    let action = if pausing { "pause" } else { "resume" };
+    if !csrf_ok(web, &form.csrf) {
+        tracing::warn!(remote = %who.remote, user = %who.user, action, "web: refused an action without a valid CSRF token");
+        return Ok(csrf_refused());
+    }
+    let checked = PauseKind::from_word(&form.kind)
+        .ok_or_else(|| anyhow::anyhow!("kind must be queue or task"))
+        .and_then(|kind| check_pause_name(kind, &form.name).map(|()| kind));
+    let kind = match checked {
+        Ok(kind) => kind,
+        Err(error) => {
+            return Ok((
+                StatusCode::BAD_REQUEST,
+                pages::error_page(&format!("{action}: {error}")),
+            )
+                .into_response())
+        }
+    };
+    let reason = Some(form.reason.trim()).filter(|reason| !reason.is_empty());
+    let outcome = if pausing {
+        match web.store.pause(kind, &form.name, reason).await? {
+            Some(_) => "paused already",
+            None => "paused",
+        }
+    } else if web.store.resume(kind, &form.name).await? {
+        // Claim at once; the daemon reads the pauses anew if its reading is
+        // a second old, as for a resume by the CLI.
+        if let Some(daemon) = &web.daemon {
+            daemon.wake();
+        }
+        "resumed"
+    } else {
+        "not paused"
+    };
+    tracing::info!(remote = %who.remote, user = %who.user, action, kind = kind.word(), name = %form.name, reason, outcome, "web pause action");
+    Ok(Redirect::to("/").into_response())
 }
 
 #[derive(Deserialize)]

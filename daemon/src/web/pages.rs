@@ -123,10 +123,21 @@ pub(crate) fn overview(
     daemons: &[DaemonRow],
     minutes: &[MinuteBucket],
 ) -> Markup {
-    let queue_paused = |queue: &str| {
+    let paused = |kind: PauseKind, name: &str| {
         pauses
             .iter()
-            .any(|pause| pause.kind == PauseKind::Queue && pause.name == queue)
+            .any(|pause| pause.kind == kind && pause.name == name)
+    };
+    // A paused queue or type shows a badge; one that is not, a button that
+    // pauses it (none on a read-only page).
+    let pause_or_badge = |kind: PauseKind, name: &str, label: &str| {
+        html! {
+            @if paused(kind, name) {
+                " " span.badge { "paused" }
+            } @else if !chrome.read_only {
+                " " (pause_button(chrome, "pause", kind, name, label))
+            }
+        }
     };
     layout(
         chrome,
@@ -135,9 +146,9 @@ pub(crate) fn overview(
             @if !pauses.is_empty() {
                 section.paused {
                     h2 { "Paused" }
-                    p.note { "No daemon claims these rows until " code { "taskrunner-cli resume" } "; tries running go on." }
+                    p.note { "No daemon claims these rows until they are resumed (from a second on, on every daemon); tries running go on." }
                     table {
-                        thead { tr { th { "kind" } th { "name" } th { "since (UTC)" } th { "reason" } } }
+                        thead { tr { th { "kind" } th { "name" } th { "since (UTC)" } th { "reason" } @if !chrome.read_only { th {} } } }
                         tbody {
                             @for pause in pauses {
                                 tr {
@@ -145,6 +156,9 @@ pub(crate) fn overview(
                                     td { (pause.name) }
                                     td { (pause.paused_at.get(..19).unwrap_or(&pause.paused_at)) }
                                     td { (pause.reason.as_deref().unwrap_or("")) }
+                                    @if !chrome.read_only {
+                                        td { (pause_button(chrome, "resume", pause.kind, &pause.name, "Resume")) }
+                                    }
                                 }
                             }
                         }
@@ -164,7 +178,7 @@ pub(crate) fn overview(
                                 tr.queue {
                                     td {
                                         a href=(requests_link("", "", &queue.queue)) { (queue.queue) }
-                                        @if queue_paused(&queue.queue) { " " span.badge { "paused" } }
+                                        (pause_or_badge(PauseKind::Queue, &queue.queue, "pause queue"))
                                     }
                                     td { "all types" }
                                     td.num { a href=(requests_link("PENDING", "", &queue.queue)) { (count(total.waiting, queue.capped)) } }
@@ -176,7 +190,10 @@ pub(crate) fn overview(
                                 @for by_type in &queue.by_type {
                                     tr {
                                         td {}
-                                        td { a href=(requests_link("", &by_type.task, &queue.queue)) { (by_type.task) } }
+                                        td {
+                                            a href=(requests_link("", &by_type.task, &queue.queue)) { (by_type.task) }
+                                            (pause_or_badge(PauseKind::Task, &by_type.task, "pause type"))
+                                        }
                                         td.num { (count(by_type.waiting, queue.capped)) }
                                         td.num { (count(by_type.running, queue.capped)) }
                                         td.num { (count(by_type.failed, queue.capped)) }
@@ -187,7 +204,21 @@ pub(crate) fn overview(
                             }
                         }
                     }
-                    p.note { "Counts stop at " (OVERVIEW_COUNT_CAP) " rows per queue (shown as N+). Finished, cancelled and rejected rows are not counted." }
+                    p.note { "Counts stop at " (OVERVIEW_COUNT_CAP) " rows per queue (shown as N+). Finished, cancelled and rejected rows are not counted. A type paused is paused in every queue." }
+                }
+                @if !chrome.read_only {
+                    form.pause method="post" action="/pause" {
+                        input type="hidden" name="csrf" value=(chrome.csrf);
+                        label { "Pause the "
+                            select name="kind" {
+                                option value="queue" { "queue" }
+                                option value="task" { "task type" }
+                            }
+                        }
+                        " " label { "named " input name="name" required maxlength="255" size="16"; }
+                        " " label { "because " input name="reason" size="32" placeholder="(optional)"; }
+                        " " button type="submit" { "Pause" }
+                    }
                 }
             }
             section {
@@ -363,6 +394,18 @@ fn action_button(chrome: &Chrome, id: i64, action: &str, label: &str) -> Markup 
         form.inline method="post" action=(format!("/requests/{id}/{action}")) {
             input type="hidden" name="csrf" value=(chrome.csrf);
             button type="submit" name="do" value=(action) { (label) }
+        }
+    }
+}
+
+/// A one-button form that pauses or resumes (`action`) a queue or type.
+fn pause_button(chrome: &Chrome, action: &str, kind: PauseKind, name: &str, label: &str) -> Markup {
+    html! {
+        form.inline method="post" action=(format!("/{action}")) {
+            input type="hidden" name="csrf" value=(chrome.csrf);
+            input type="hidden" name="kind" value=(kind.word());
+            input type="hidden" name="name" value=(name);
+            button type="submit" { (label) }
         }
     }
 }
