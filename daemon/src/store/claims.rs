@@ -5,7 +5,7 @@
 use anyhow::Result;
 use sqlx::query;
 
-use super::{begin_write, Backend, Pool, RowExt, Store};
+use super::{begin_write, Pool, RowExt, Store};
 use crate::instance::ClaimToken;
 use crate::request::{Claimed, RequestId};
 
@@ -143,22 +143,23 @@ impl Store {
     /// ([`ClaimFilter::queues_in`]); `None` when more than
     /// [`QUEUES_APART`](super::sql::QUEUES_APART) queues have runnable rows
     /// (the claim then leaves `paused` out as it walks the runnable index).
-    /// Always `None` on MariaDB/MySQL: its optimizer read the whole queue
-    /// index to find the queues on the benchmark's table (10–27 ms a
-    /// claim, more than the walk), so there the claim walks.
+    /// On MariaDB/MySQL the queues that have any row, runnable or not
+    /// (see `Store::queues_with_rows_mysql`).
     pub(crate) async fn queues_apart(&self, paused: &[String]) -> Result<Option<Vec<String>>> {
-        if self.backend() == Backend::MySql {
-            return Ok(None);
-        }
-        self.count_statements(1);
         let sql = self.sql.runnable_queues.as_str();
         let runnable = on_pool!(self, pool => {
+            self.count_statements(1);
             query(sqlx::AssertSqlSafe(sql))
                 .fetch_all(pool)
                 .await?
                 .iter()
                 .map(|row| row.text(0))
                 .collect::<sqlx::Result<Vec<_>>>()?
+        }, mysql pool => {
+            match self.queues_with_rows_mysql(pool, super::sql::QUEUES_APART).await? {
+                Some(queues) => queues,
+                None => return Ok(None),
+            }
         });
         Ok((runnable.len() <= super::sql::QUEUES_APART).then(|| {
             runnable

@@ -94,6 +94,10 @@ pub struct Store {
     /// MariaDB/MySQL: transactions run again after a deadlock or a
     /// lock-wait timeout (see [`mysql::retry_locks`]), for `status`.
     lock_retries: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// MariaDB/MySQL: until when a claim while a queue is paused walks
+    /// without looking for the queues first, having found more than are
+    /// claimed apart (see `Store::queues_with_rows_mysql`).
+    many_queues_until: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     /// PostgreSQL, the daemon: a connection for claims of one queue or task
     /// type, planned for their values (see `Store::claim_pool`).
     queue_claims: Option<sqlx::PgPool>,

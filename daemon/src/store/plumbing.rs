@@ -339,6 +339,7 @@ impl Store {
             // No cap until the daemon sets its `max_options`.
             max_options: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
             lock_retries: Default::default(),
+            many_queues_until: Default::default(),
             queue_claims,
             answer_bound,
             gave_up,

@@ -490,15 +490,16 @@ pub struct Sql {
     /// its own index, the best `$4` of those claimed. Parameters as in
     /// [`claim`](Sql::claim), the queues' names from `$11`; `{branches}`
     /// stands for one [`claim_of_queues_branch`](Sql::claim_of_queues_branch)
-    /// per queue, joined by `UNION ALL`. (MySQL: empty, see
-    /// `Store::queues_apart`.)
+    /// per queue, joined by `UNION ALL`. (MySQL: the first statement of
+    /// its claim, the ids, as `claim_select`; `{excluded}` as there.)
     pub claim_of_queues: String,
     /// One queue's branch of [`claim_of_queues`](Sql::claim_of_queues);
     /// `{queue}` stands for its parameter.
     pub(crate) claim_of_queues_branch: String,
     /// The queues that have runnable rows (released, whatever their node
     /// or type), by name, at most [`QUEUES_APART`] + 1: one index probe
-    /// per queue (a skip scan of `runnable_of_queue`). MySQL: empty.
+    /// per queue (a skip scan of `runnable_of_queue`). MySQL: the first
+    /// queue after `$1` that has any row (see `Store::queues_with_rows_mysql`).
     pub runnable_queues: String,
     /// MariaDB/MySQL's claim, in three statements of one transaction (see
     /// `store::mysql`): the ids, locked and skipping rows locked by others
@@ -672,10 +673,28 @@ impl Sql {
         // The release's first half: the due rows, locked, skipping those
         // another writer holds (an UPDATE alone would wait for them); then
         // `Store::release_delays_mysql` writes them by primary key.
-        // No claim of several queues apart (see `Store::queues_apart`).
-        self.claim_of_queues = String::new();
-        self.claim_of_queues_branch = String::new();
-        self.runnable_queues = String::new();
+        // The claim of several queues apart, as `claim_select` is the
+        // claim: the ids, locked, each queue's first rows through its own
+        // index, named (MariaDB's optimizer read the runnable index
+        // otherwise: 122 ms a claim behind 20,000 paused rows). The
+        // excluded types are left out as in `claim_select`.
+        self.claim_of_queues = "{branches} ORDER BY ready_rank, id LIMIT $4".to_string();
+        self.claim_of_queues_branch = format!(
+            "(SELECT id, ready_rank FROM task_runner_requests \
+                FORCE INDEX (task_runner_requests_ready_of_queue) \
+               WHERE queue = {{queue}} AND ready_rank IS NOT NULL \
+                 AND (delay_until IS NULL OR delay_until <= {now}) \
+                 AND (node IS NULL OR node = $5) AND (not_node IS NULL OR not_node <> $5) \
+                 AND task_class_name NOT IN ({{excluded}}) \
+               ORDER BY ready_rank, id LIMIT $4 {})",
+            d.skip_locked(),
+            now = d.now()
+        );
+        // The queue after `$1` that has any row (see
+        // `Store::queues_with_rows_mysql`), one probe of `by_queue`.
+        self.runnable_queues =
+            "SELECT queue FROM task_runner_requests WHERE queue > $1 ORDER BY queue LIMIT 1"
+                .to_string();
         self.release_delays = format!(
             "SELECT id FROM task_runner_requests WHERE waiting_until <= {now} \
               ORDER BY waiting_until LIMIT {RELEASE_AT_ONCE} {}",
