@@ -404,15 +404,10 @@ async fn paused_queues_and_types_are_not_claimed_until_resumed(backend: Backend)
     assert!(named.stop().success());
 }
 
-/// While a queue is paused, a daemon serving every queue claims the others
-/// each through its own index (not walking past the paused rows, which lie
-/// ahead here with the highest priority; MariaDB walks), and still in claim
-/// order across them: by priority, then by id, whatever their queue.
-async fn a_daemon_serving_every_queue_keeps_priority_across_queues_while_one_is_paused(
-    backend: Backend,
-) {
-    let db = TestDb::new(backend).await;
-    let (status, out, err) = cli(&db, &["pause", "--queue", "held"]);
+/// Pauses the queue `held` and inserts three of its rows at the highest
+/// priority, ahead of any other: a claim that walks meets them first.
+async fn paused_rows_ahead(db: &TestDb) -> Vec<RequestId> {
+    let (status, out, err) = cli(db, &["pause", "--queue", "held"]);
     assert_eq!(status, 0, "{out}{err}");
     let mut held = Vec::new();
     for _ in 0..3 {
@@ -421,6 +416,18 @@ async fn a_daemon_serving_every_queue_keeps_priority_across_queues_while_one_is_
                 .await,
         );
     }
+    held
+}
+
+/// While a queue is paused, a daemon serving every queue claims the others
+/// each through its own index (not walking past the paused rows, which lie
+/// ahead here with the highest priority), and still in claim order across
+/// them: by priority, then by id, whatever their queue.
+async fn a_daemon_serving_every_queue_keeps_priority_across_queues_while_one_is_paused(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let held = paused_rows_ahead(&db).await;
     let mut open = Vec::new();
     // A queue named '' (plain SQL can make one) is found as the others.
     for (queue, priority) in [
@@ -458,15 +465,7 @@ async fn with_more_queues_than_claimed_apart_the_claim_walks_past_the_paused_row
     backend: Backend,
 ) {
     let db = TestDb::new(backend).await;
-    let (status, out, err) = cli(&db, &["pause", "--queue", "held"]);
-    assert_eq!(status, 0, "{out}{err}");
-    let mut held = Vec::new();
-    for _ in 0..3 {
-        held.push(
-            db.insert_row(NewRow::new("Record").queue("held").priority(10))
-                .await,
-        );
-    }
+    let held = paused_rows_ahead(&db).await;
     let mut open = Vec::new();
     for n in 0..34 {
         let priority = (n * 7) % 5;
