@@ -709,16 +709,18 @@ async fn daemon_that_loses_postgres_kills_its_tasks_before_the_lease_lapses(back
     assert!(daemon.stop().success());
 }
 
-multi_host_backends!(a_daemon_paused_past_its_lease_kills_its_try_when_it_resumes);
+multi_host_backends!(a_stopped_daemons_try_is_killed_before_another_daemon_reruns_its_row);
 
 /// A daemon is stopped (SIGSTOP: a debugger, a process freezer that left
 /// its tasks out) for longer than its lease: the daemon of another host
-/// takes the row over as crashed and runs it again. Nothing can stop the
-/// first try's process meanwhile: its daemon does not run. When the daemon
-/// resumes, it must kill that try at once (its lease has lapsed: the
-/// self-fencing deadline is past, and the row is no longer its own) and
-/// write nothing for it: the row keeps the other daemon's outcome.
-async fn a_daemon_paused_past_its_lease_kills_its_try_when_it_resumes(backend: Backend) {
+/// takes the row over as crashed and runs it again. The stopped daemon
+/// cannot kill its try; its fencing watchdog, a process apart, does, at
+/// `lease_timeout − heartbeat_interval` after the last renewal (3 s here),
+/// before the lease lapses (4 s): the row never runs on two hosts at once.
+/// (Before the watchdog, the try ran on beside its rerun until the daemon
+/// resumed.) When the daemon resumes, it writes nothing for the killed
+/// try: the row keeps the other daemon's outcome; its log says why.
+async fn a_stopped_daemons_try_is_killed_before_another_daemon_reruns_its_row(backend: Backend) {
     let db = TestDb::new(backend).await;
     let marker = db.scratch.join("first-try");
     let config = |host: &str| {
@@ -733,29 +735,31 @@ async fn a_daemon_paused_past_its_lease_kills_its_try_when_it_resumes(backend: B
     // that is given back, not counted, and its rerun is the first try again.
     let first_try = db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32;
     kill(Pid::from_raw(paused.pid()), Signal::SIGSTOP).unwrap();
+    let stopped = Instant::now();
     let mut other = Daemon::start(&db, "b", &config("host-b"));
-    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
-    assert_eq!(row.tries, 2, "{row:?}");
-    assert!(
-        process_exists(first_try),
-        "the paused daemon's try runs on: nothing could stop it"
-    );
-    kill(Pid::from_raw(paused.pid()), Signal::SIGCONT).unwrap();
-    let resumed = Instant::now();
     wait_until(
         Duration::from_secs(10),
-        "the resumed daemon to kill its try",
+        "the stopped daemon's try to be killed",
         || !process_exists(first_try),
     );
+    let killed_after = stopped.elapsed();
+    // Read after the kill: the row had not been taken over yet.
+    let row = db.row(id).await;
     println!(
-        "the paused daemon's try killed {:.2}s after it resumed",
-        resumed.elapsed().as_secs_f64()
+        "the stopped daemon's try killed {:.2}s after the stop; the row then: {:?} try {} on {:?}",
+        killed_after.as_secs_f64(),
+        row.result,
+        row.tries,
+        row.host
     );
-    assert!(
-        resumed.elapsed() < Duration::from_secs(3),
-        "killed at once, not after a renewal interval or a kill grace more: {:?}",
-        resumed.elapsed()
+    assert_eq!(
+        (row.result.as_deref(), row.tries, row.pid),
+        (Some("RUNNING"), 1, Some(i64::from(first_try))),
+        "killed before another daemon took the row over: {row:?}"
     );
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 2, "{row:?}");
+    kill(Pid::from_raw(paused.pid()), Signal::SIGCONT).unwrap();
     // Nothing of the killed try is written over the other daemon's outcome.
     holds_for(
         Duration::from_secs(2),
@@ -769,31 +773,107 @@ async fn a_daemon_paused_past_its_lease_kills_its_try_when_it_resumes(backend: B
         },
     )
     .await;
-    // Its log says why: it did not run, it was not the database.
+    // Its log says why, once it runs again and reads the watchdog's line.
     let log = paused.log_text();
     assert!(
-        log.contains("this daemon was not running (stopped? frozen?), past its lease (4s)"),
+        log.contains("fencing watchdog: this daemon renewed no lease for")
+            && log.contains("killed its 1 running task processes"),
         "{log}"
     );
-    assert!(log.contains("this daemon no longer holds the row"), "{log}");
     assert!(paused.stop().success(), "{log}");
     assert!(other.stop().success());
 }
 
+both_backends!(a_fencing_watchdog_runs_beside_each_multi_host_daemon_and_goes_with_it);
+
+/// The daemon's children that are its fencing watchdog.
+fn watchdogs_of(daemon: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let parent = stat
+                .rfind(')')
+                .and_then(|close| stat[close + 1..].split_whitespace().nth(1))
+                .and_then(|parent| parent.parse::<i32>().ok());
+            let command = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            parent == Some(daemon)
+                && command
+                    .split(|byte| *byte == 0)
+                    .any(|arg| arg == b"--fencing-watchdog")
+        })
+        .collect()
+}
+
+/// On PostgreSQL and MariaDB a daemon runs its fencing watchdog (a child
+/// process, `taskrunnerd --fencing-watchdog`); on SQLite, where it does not
+/// fence itself, none. A watchdog killed is replaced, with one log line,
+/// and the daemon runs rows on; a SIGTERM (a service manager's stop of the
+/// whole unit) does not end it; the daemon killed -9 takes it along.
+async fn a_fencing_watchdog_runs_beside_each_multi_host_daemon_and_goes_with_it(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", "heartbeat_interval: 1s\n");
+    let id = db.enqueue("NoOp", None).await;
+    db.wait_for_state(id, "FINISHED", WAIT).await;
+    if backend == Backend::Sqlite {
+        assert_eq!(watchdogs_of(daemon.pid()), Vec::<i32>::new());
+        assert!(daemon.stop().success());
+        return;
+    }
+    let first = watchdogs_of(daemon.pid());
+    assert_eq!(first.len(), 1, "one watchdog: {first:?}");
+    let first = first[0];
+    kill(Pid::from_raw(first), Signal::SIGKILL).unwrap();
+    let mut second = Vec::new();
+    wait_until(Duration::from_secs(10), "a new watchdog", || {
+        second = watchdogs_of(daemon.pid());
+        second.len() == 1 && second[0] != first
+    });
+    let second = second[0];
+    daemon.wait_for_log(
+        &format!(
+            "the fencing watchdog (pid {first}) ended (signal: 9 (SIGKILL)): starting a new one"
+        ),
+        Duration::from_secs(5),
+    );
+    let id = db.enqueue("NoOp", None).await;
+    db.wait_for_state(id, "FINISHED", WAIT).await;
+    kill(Pid::from_raw(second), Signal::SIGTERM).unwrap();
+    holds_for(
+        Duration::from_secs(1),
+        "the watchdog to ignore SIGTERM",
+        async || match watchdogs_of(daemon.pid()).as_slice() {
+            [only] if *only == second => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    daemon.kill();
+    wait_until(
+        Duration::from_secs(10),
+        "the watchdog to die with its daemon",
+        || !process_exists(second),
+    );
+}
+
 multi_host_backends!(a_daemon_paused_past_its_fencing_deadline_keeps_the_tries_still_its_own);
 
-/// A daemon stopped past its self-fencing deadline (lease 8 s − heartbeat
-/// 1 s − kill grace 1 s = 6 s after its last renewal), with no other daemon
-/// to take its rows over. The fencing deadline and the next renewal are
-/// both due when it resumes; it used to pick either at random, and by the
-/// deadline it killed a try whose row was still its own. Now it renews
-/// first: the row is still its own, and its try runs on to its end.
+/// A daemon stopped past its self-fencing deadline (lease 10 s − heartbeat
+/// 1 s − kill grace 3 s = 6 s after its last renewal), short of its
+/// watchdog's (10 s − 1 s = 9 s), with no other daemon to take its rows
+/// over. The fencing deadline and the next renewal are both due when it
+/// resumes; it used to pick either at random, and by the deadline it
+/// killed a try whose row was still its own. Now it renews first: the row
+/// is still its own, and its try runs on to its end.
 async fn a_daemon_paused_past_its_fencing_deadline_keeps_the_tries_still_its_own(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut daemon = Daemon::start(
         &db,
         "d",
-        "heartbeat_interval: 1s\nkill_grace: 1s\nlease_timeout: 8s\ntasks:\n  Nap:\n    command: [/bin/sleep, '12']\n",
+        "heartbeat_interval: 1s\nkill_grace: 3s\nlease_timeout: 10s\ntasks:\n  Nap:\n    command: [/bin/sleep, '12']\n",
     );
     let id = db.enqueue("Nap", None).await;
     let task_pid = db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32;

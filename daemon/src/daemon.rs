@@ -234,6 +234,16 @@ pub async fn run(
     };
     supervised.spawn("scheduler", scheduler.run(stop_claiming.clone()));
     supervised.spawn(RECORDER, writer.run(services.clone()));
+    // Where the daemon fences itself off, a process apart fences it off
+    // when it does not run (supervisor/watchdog.rs).
+    let watchdog = (store.backend() != crate::store::Backend::Sqlite).then(|| {
+        let watchdog = Arc::new(crate::supervisor::watchdog::Watchdog::default());
+        supervised.spawn(
+            "fencing watchdog",
+            watchdog.clone().run(spawner.clone(), services.clone()),
+        );
+        watchdog
+    });
     let heartbeat = heartbeat::Heartbeat {
         setup: setup.clone(),
         store: store.clone(),
@@ -242,6 +252,7 @@ pub async fn run(
         health: health.clone(),
         recorder: recorder.clone(),
         check_cancels: check_cancels.clone(),
+        watchdog,
     };
     supervised.spawn("heartbeat", heartbeat.run(services.clone()));
     let reaper = reaper::Reaper {

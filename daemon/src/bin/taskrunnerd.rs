@@ -10,6 +10,7 @@ use clap::Parser;
 use taskrunner::config::{Config, LogFormat, Overrides};
 use taskrunner::daemon::{self, RunOptions, Triggers};
 use taskrunner::service::{self, Pidfile};
+use taskrunner::supervisor::watchdog;
 use taskrunner::units::parse_duration;
 
 /// Runs requests from the task_runner_requests table, each in its own process.
@@ -52,6 +53,11 @@ struct Flags {
 }
 
 fn main() -> ExitCode {
+    // The daemon's fencing watchdog: this executable, started by the daemon.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if args.first().is_some_and(|flag| flag == watchdog::FLAG) {
+        return watchdog::main(&args[1..]);
+    }
     let flags = Flags::parse();
     // PID 1 of a container: this process stays its init, and the daemon
     // runs as its child (see `service::run_as_init`). A daemon told to

@@ -11,7 +11,10 @@
 //! supervising through an outage instead, and records outcomes later.
 //! A daemon that did not run for a while (stopped, frozen) finds both its
 //! renewal and its deadline due when it resumes: it renews first, keeps the
-//! tries whose rows are still its own and kills the others at once.
+//! tries whose rows are still its own and kills the others at once. While
+//! it does not run, its fencing watchdog, a process apart, kills its tasks
+//! at `lease_timeout − heartbeat_interval` after the last renewal (see
+//! supervisor/watchdog.rs): the heartbeat tells it each new deadline.
 //! After a failed renewal the next one is tried [`RETRY_AFTER_FAILURE`]
 //! later, not a whole `heartbeat_interval`: an outage that ends before the
 //! deadline then costs no task (with a full interval between tries, one
@@ -40,6 +43,7 @@ use crate::health::Health;
 use crate::instance::ClaimToken;
 use crate::instance::InstanceId;
 use crate::store::{Backend, Store, Write};
+use crate::supervisor::watchdog::{boot_clock, Watchdog};
 use crate::supervisor::StopReason;
 use crate::task_types::Setup;
 
@@ -59,11 +63,16 @@ pub(super) struct Heartbeat {
     pub(super) recorder: Recorder,
     /// Look for cancel requests now: a `wake` on the control socket.
     pub(super) check_cancels: Arc<Notify>,
+    /// Kills this daemon's tasks if it stops renewing while it does not
+    /// run itself (PostgreSQL, MariaDB/MySQL; see supervisor/watchdog.rs).
+    pub(super) watchdog: Option<Arc<Watchdog>>,
 }
 
 impl Heartbeat {
     pub(super) async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
         let mut last_renewal = Instant::now();
+        // A row claimed from now on holds its lease from its claim, later.
+        self.arm_watchdog(boot_clock());
         let mut fenced = false;
         let mut failed = false;
         // Rows held at the last renewal that no try of this daemon runs.
@@ -85,7 +94,13 @@ impl Heartbeat {
             // renewal goes first.
             tokio::select! {
                 biased;
-                _ = stop.cancelled() => return Ok(()),
+                _ = stop.cancelled() => {
+                    // The tries have ended: the daemon is stopping.
+                    if let Some(watchdog) = &self.watchdog {
+                        watchdog.set_deadline(boot_clock(), None);
+                    }
+                    return Ok(());
+                }
                 _ = tokio::time::sleep(pause) => {}
                 // A local `cancel` asked: renew early, which reads the cancels.
                 _ = self.check_cancels.notified() => {}
@@ -110,12 +125,14 @@ impl Heartbeat {
             // Which tries were running before the renewal: a claim made while
             // it ran must not be taken for a lost one.
             let before = self.tries.claims();
+            let sent = boot_clock();
             let renewal =
                 within_interval(&config, self.store.renew_heartbeats(&self.instance)).await;
             let held = match renewal {
                 Ok(held) => {
                     self.health.succeeded("renewing heartbeats");
                     last_renewal = Instant::now();
+                    self.arm_watchdog(sent);
                     fenced = false;
                     failed = false;
                     held
@@ -155,6 +172,21 @@ impl Heartbeat {
                     crate::error_line(&error)
                 );
             }
+        }
+    }
+
+    /// Tells the watchdog the deadline of a renewal sent at `sent` (on
+    /// [`boot_clock`]): `lease_timeout − heartbeat_interval` later, when the
+    /// daemon's own fence, had it run, would have sent its tasks `SIGKILL`
+    /// (`kill_grace` after their `SIGTERM`). The database wrote the leases
+    /// after `sent`, so they lapse a `heartbeat_interval` or more later.
+    fn arm_watchdog(&self, sent: std::time::Duration) {
+        if let Some(watchdog) = &self.watchdog {
+            let config = Setup::current_config(&self.setup);
+            let after = config
+                .lease_timeout
+                .saturating_sub(config.heartbeat_interval);
+            watchdog.set_deadline(sent, Some(sent + after));
         }
     }
 

@@ -199,6 +199,15 @@ impl Cgroups {
         }
     }
 
+    /// The cgroup v2 directory the tries' cgroups are made in, if cgroup v2
+    /// is in force.
+    pub(crate) fn v2_base(&self) -> Option<&Path> {
+        self.hierarchies
+            .iter()
+            .find(|hierarchy| hierarchy.v2)
+            .map(|hierarchy| hierarchy.base.as_path())
+    }
+
     /// The hierarchy that tracks every try's processes: pids, else the first.
     fn tracking(&self) -> usize {
         self.hierarchies

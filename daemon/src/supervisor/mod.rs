@@ -18,6 +18,7 @@ pub mod priority;
 pub mod resources;
 mod slots;
 mod spawner;
+pub mod watchdog;
 
 pub use preload::send_with_fds;
 
