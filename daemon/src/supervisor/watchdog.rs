@@ -299,6 +299,10 @@ fn kill_children(daemon: libc::pid_t, cgroups: Option<&Path>) -> usize {
         let Some((_, group)) = child_of_daemon(pid) else {
             continue;
         };
+        // Read before the signal: once killed, every one is a zombie.
+        if !crate::procinfo::is_zombie(i64::from(pid)) {
+            running += 1;
+        }
         if let Some(cgroups) = cgroups {
             kill_cgroup(pid, cgroups);
         }
@@ -309,9 +313,6 @@ fn kill_children(daemon: libc::pid_t, cgroups: Option<&Path>) -> usize {
             // renewed), holds the number.
             // SAFETY: a signal, no memory effects.
             unsafe { libc::killpg(pid, libc::SIGKILL) };
-        }
-        if !crate::procinfo::is_zombie(i64::from(pid)) {
-            running += 1;
         }
     }
     running
