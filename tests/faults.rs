@@ -901,6 +901,107 @@ async fn a_daemon_paused_past_its_fencing_deadline_keeps_the_tries_still_its_own
     assert!(daemon.stop().success());
 }
 
+multi_host_backends!(a_daemon_whose_renewals_fail_claims_nothing_until_one_succeeds);
+
+/// The server refuses the daemon's lease renewals while it takes its claims
+/// (here a trigger of the application's kind, with a row held by the daemon
+/// that keeps every renewal failing; in life a slow server that answers a
+/// claim within `lease_timeout` but no renewal within `heartbeat_interval`).
+/// The daemon fences itself off at its deadline, killing its try, and its
+/// watchdog's deadline passes a second later. It then claimed on, and a
+/// try it started ran with a lease no renewal covered, killed by nothing:
+/// once the lease lapsed another daemon would run that row too. Now a
+/// fenced daemon claims nothing until a renewal succeeds, and then at once.
+async fn a_daemon_whose_renewals_fail_claims_nothing_until_one_succeeds(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "heartbeat_interval: 1s\nkill_grace: 1s\nlease_timeout: 6s\ntasks:\n  Nap:\n    command: [/bin/sleep, '30']\n",
+    );
+    let napping = db.insert_row(NewRow::new("Nap").try_limit(1)).await;
+    db.wait_for_pid(napping, WAIT).await;
+    // A row the daemon holds that no try runs, whose lease does not lapse
+    // within the test: every renewal renews it (the heartbeat gives such a
+    // row back only after renewals that succeed).
+    let in_an_hour = match backend {
+        Backend::Postgres => "CURRENT_TIMESTAMP + INTERVAL '1 hour'",
+        _ => "CURRENT_TIMESTAMP + INTERVAL 1 HOUR",
+    };
+    db.execute(&format!(
+        "INSERT INTO task_runner_requests \
+           (task_class_name, result, claimed_by, claim_token, heartbeat_at, started_at, tries) \
+         SELECT 'Nap', 'RUNNING', claimed_by, 'held-by-a-test', {in_an_hour}, CURRENT_TIMESTAMP, 1 \
+           FROM task_runner_requests WHERE id = {napping}"
+    ))
+    .await;
+    // A renewal changes only `heartbeat_at` of a running row.
+    let (refuse, allow) = match backend {
+        Backend::Postgres => (
+            vec![
+                "CREATE FUNCTION refuse_renewals() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                   IF OLD.result = 'RUNNING' AND NEW.result = 'RUNNING' \
+                      AND NEW.claim_token IS NOT DISTINCT FROM OLD.claim_token \
+                      AND NEW.pid IS NOT DISTINCT FROM OLD.pid \
+                      AND NEW.heartbeat_at IS DISTINCT FROM OLD.heartbeat_at THEN \
+                     RAISE EXCEPTION 'lease renewals refused'; \
+                   END IF; RETURN NEW; END $$",
+                "CREATE TRIGGER refuse_renewals BEFORE UPDATE ON task_runner_requests \
+                   FOR EACH ROW EXECUTE FUNCTION refuse_renewals()",
+            ],
+            "DROP TRIGGER refuse_renewals ON task_runner_requests",
+        ),
+        _ => (
+            vec![
+                "CREATE TRIGGER refuse_renewals BEFORE UPDATE ON task_runner_requests \
+                   FOR EACH ROW BEGIN \
+                     IF OLD.result = 'RUNNING' AND NEW.result = 'RUNNING' \
+                        AND NEW.claim_token <=> OLD.claim_token AND NEW.pid <=> OLD.pid \
+                        AND NOT (NEW.heartbeat_at <=> OLD.heartbeat_at) THEN \
+                       SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'lease renewals refused'; \
+                     END IF; \
+                   END",
+            ],
+            "DROP TRIGGER refuse_renewals",
+        ),
+    };
+    for statement in refuse {
+        db.execute(statement).await;
+    }
+    daemon.wait_for_log(
+        "killing this daemon's tasks before their lease lapses",
+        Duration::from_secs(20),
+    );
+    let row = db.wait_for_state(napping, "CRASHED", WAIT).await;
+    assert!(row.result_text.unwrap().contains("lost its claim"));
+    // Past the watchdog's deadline (6 s − 1 s after the last renewal) too.
+    let later = db.enqueue("NoOp", None).await;
+    holds_for(
+        Duration::from_secs(7),
+        "the fenced daemon to claim nothing",
+        async || match db.row(later).await {
+            row if row.result.is_none() => Ok(()),
+            row => Err(format!("{row:?}")),
+        },
+    )
+    .await;
+    db.execute(allow).await;
+    let row = db
+        .wait_for_state(later, "FINISHED", Duration::from_secs(10))
+        .await;
+    assert_eq!(row.tries, 1);
+    let log = daemon.log_text();
+    assert!(
+        log.contains("no new claims until a renewal succeeds"),
+        "{log}"
+    );
+    assert!(
+        log.contains("heartbeats renewed again: claiming resumes"),
+        "{log}"
+    );
+    assert!(daemon.stop().success(), "{log}");
+}
+
 multi_host_backends!(an_outage_that_ends_before_the_fencing_deadline_costs_no_task);
 
 // The database goes away right after a lease renewal and comes back after

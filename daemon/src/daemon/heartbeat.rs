@@ -7,7 +7,10 @@
 //! daemons will take its rows as crashed once `lease_timeout` has passed. So
 //! at `lease_timeout − heartbeat_interval − kill_grace` after the last
 //! successful renewal (monotonic clock) it kills its own tasks, and one row
-//! never runs on two hosts at once. On SQLite (one host) it keeps
+//! never runs on two hosts at once; and it claims nothing until a renewal
+//! succeeds again (renewals that fail while claims work, say a slow server
+//! answering the claim within `lease_timeout` but not the renewal within
+//! `heartbeat_interval`, would otherwise start tries no renewal covers). On SQLite (one host) it keeps
 //! supervising through an outage instead, and records outcomes later.
 //! A daemon that did not run for a while (stopped, frozen) finds both its
 //! renewal and its deadline due when it resumes: it renews first, keeps the
@@ -30,6 +33,7 @@
 //! a moment after its claim commits.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,6 +70,10 @@ pub(super) struct Heartbeat {
     /// Kills this daemon's tasks if it stops renewing while it does not
     /// run itself (PostgreSQL, MariaDB/MySQL; see supervisor/watchdog.rs).
     pub(super) watchdog: Option<Arc<Watchdog>>,
+    /// Set while the daemon is fenced off: the scheduler claims nothing
+    /// until a renewal succeeds (and is woken through `wake` then).
+    pub(super) fenced: Arc<AtomicBool>,
+    pub(super) wake: Arc<Notify>,
 }
 
 impl Heartbeat {
@@ -106,15 +114,20 @@ impl Heartbeat {
                 _ = self.check_cancels.notified() => {}
                 _ = crate::units::sleep_until_opt(fence_deadline), if !fenced => {
                     let running = self.tries.len();
+                    let silent = last_renewal.elapsed().as_secs_f64();
                     if running > 0 {
                         tracing::error!(
                             running,
-                            "no heartbeat renewal for {:.1}s: killing this daemon's tasks before their lease lapses, so that no other daemon runs them at the same time",
-                            last_renewal.elapsed().as_secs_f64()
+                            "no heartbeat renewal for {silent:.1}s: killing this daemon's tasks before their lease lapses, so that no other daemon runs them at the same time; no new claims until a renewal succeeds"
                         );
                         self.tries.stop_all(StopReason::LostClaim);
+                    } else {
+                        tracing::warn!(
+                            "no heartbeat renewal for {silent:.1}s: no new claims until a renewal succeeds"
+                        );
                     }
                     fenced = true;
+                    self.fenced.store(true, Ordering::Relaxed);
                     continue;
                 }
             }
@@ -133,6 +146,11 @@ impl Heartbeat {
                     self.health.succeeded("renewing heartbeats");
                     last_renewal = Instant::now();
                     self.arm_watchdog(sent);
+                    if fenced {
+                        tracing::info!("heartbeats renewed again: claiming resumes");
+                        self.fenced.store(false, Ordering::Relaxed);
+                        self.wake.notify_one();
+                    }
                     fenced = false;
                     failed = false;
                     held
