@@ -6,7 +6,9 @@
 //! Self-fencing: when the daemon cannot renew its leases on PostgreSQL, other
 //! daemons will take its rows as crashed once `lease_timeout` has passed. So
 //! at `lease_timeout − heartbeat_interval − kill_grace` after the last
-//! successful renewal (monotonic clock) it kills its own tasks, and one row
+//! successful renewal was sent (monotonic clock; a shorter margin than
+//! `heartbeat_interval` where the lease is tight, see [`fence_after`]) it
+//! kills its own tasks, and one row
 //! never runs on two hosts at once; and it claims nothing until a renewal
 //! succeeds again (renewals that fail while claims work, say a slow server
 //! answering the claim within `lease_timeout` but not the renewal within
@@ -51,6 +53,26 @@ use crate::supervisor::watchdog::{boot_clock, Watchdog};
 use crate::supervisor::StopReason;
 use crate::task_types::Setup;
 
+/// How long after a renewal was sent, if none succeeds meanwhile, the
+/// daemon fences itself off (`SIGTERM` to its tasks, `SIGKILL` `kill_grace`
+/// later): `lease_timeout − kill_grace − margin`. The database wrote the
+/// leases after the renewal was sent, so they lapse `margin` or more after
+/// the `SIGKILL`. The margin is `heartbeat_interval` (with the defaults,
+/// 60 − 10 − 10: 40 s), or, where the lease leaves less room than that, half
+/// of what it leaves beyond one interval: the deadline must fall after the
+/// next renewal is due, or every interval would fence off a daemon whose
+/// renewals all succeed (with a lease of 12 s, an interval of 10 s and a
+/// grace of 1 s, it did, 1 s after each renewal; now 10.5 s after it).
+fn fence_after(config: &crate::config::Config) -> Duration {
+    let room = config
+        .lease_timeout
+        .saturating_sub(config.heartbeat_interval + config.defaults.kill_grace);
+    let margin = config.heartbeat_interval.min(room / 2);
+    config
+        .lease_timeout
+        .saturating_sub(config.defaults.kill_grace + margin)
+}
+
 /// How soon a failed renewal is tried again (or `heartbeat_interval`, if
 /// shorter).
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
@@ -78,7 +100,13 @@ pub(super) struct Heartbeat {
 
 impl Heartbeat {
     pub(super) async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
-        let mut last_renewal = Instant::now();
+        // When the last successful renewal was sent, and when it returned.
+        let mut last_sent = Instant::now();
+        let mut last_renewal = last_sent;
+        // When the last renewal was sent: the next is due an interval after
+        // it (not after it returned: the fencing deadline counts from the
+        // sending too, and may leave little room).
+        let mut attempted = last_sent;
         // A row claimed from now on holds its lease from its claim, later.
         self.arm_watchdog(boot_clock());
         let mut fenced = false;
@@ -87,15 +115,15 @@ impl Heartbeat {
         let mut strays: HashMap<crate::request::RequestId, ClaimToken> = HashMap::new();
         loop {
             let config = Setup::current_config(&self.setup);
-            let self_fence_after = config
-                .lease_timeout
-                .saturating_sub(config.heartbeat_interval + config.defaults.kill_grace);
             let fence_deadline =
-                (self.store.backend() != Backend::Sqlite).then(|| last_renewal + self_fence_after);
-            let pause = if failed {
-                RETRY_AFTER_FAILURE.min(config.heartbeat_interval)
+                (self.store.backend() != Backend::Sqlite).then(|| last_sent + fence_after(&config));
+            // After a failure, a pause from now: a retry that were due at
+            // once would always win the biased race below, and the fencing
+            // deadline would wait for the renewals to stop failing.
+            let next_renewal = if failed {
+                Instant::now() + RETRY_AFTER_FAILURE.min(config.heartbeat_interval)
             } else {
-                config.heartbeat_interval
+                attempted + config.heartbeat_interval
             };
             // Biased: when the renewal and the fencing deadline are both due,
             // the daemon did not run for a while (see `resumed_late`), and the
@@ -109,7 +137,7 @@ impl Heartbeat {
                     }
                     return Ok(());
                 }
-                _ = tokio::time::sleep(pause) => {}
+                _ = tokio::time::sleep_until(next_renewal) => {}
                 // A local `cancel` asked: renew early, which reads the cancels.
                 _ = self.check_cancels.notified() => {}
                 _ = crate::units::sleep_until_opt(fence_deadline), if !fenced => {
@@ -138,13 +166,15 @@ impl Heartbeat {
             // Which tries were running before the renewal: a claim made while
             // it ran must not be taken for a lost one.
             let before = self.tries.claims();
-            let sent = boot_clock();
+            let (sent_at, sent) = (Instant::now(), boot_clock());
+            attempted = sent_at;
             let renewal =
                 within_interval(&config, self.store.renew_heartbeats(&self.instance)).await;
             let held = match renewal {
                 Ok(held) => {
                     self.health.succeeded("renewing heartbeats");
                     last_renewal = Instant::now();
+                    last_sent = sent_at;
                     self.arm_watchdog(sent);
                     if fenced {
                         tracing::info!("heartbeats renewed again: claiming resumes");
@@ -194,16 +224,13 @@ impl Heartbeat {
     }
 
     /// Tells the watchdog the deadline of a renewal sent at `sent` (on
-    /// [`boot_clock`]): `lease_timeout − heartbeat_interval` later, when the
-    /// daemon's own fence, had it run, would have sent its tasks `SIGKILL`
-    /// (`kill_grace` after their `SIGTERM`). The database wrote the leases
-    /// after `sent`, so they lapse a `heartbeat_interval` or more later.
+    /// [`boot_clock`]): when the daemon's own fence, had it run, would have
+    /// sent its tasks `SIGKILL` (`kill_grace` after their `SIGTERM`, see
+    /// [`fence_after`]).
     fn arm_watchdog(&self, sent: std::time::Duration) {
         if let Some(watchdog) = &self.watchdog {
             let config = Setup::current_config(&self.setup);
-            let after = config
-                .lease_timeout
-                .saturating_sub(config.heartbeat_interval);
+            let after = fence_after(&config) + config.defaults.kill_grace;
             watchdog.set_deadline(sent, Some(sent + after));
         }
     }

@@ -1,6 +1,7 @@
 //! The fencing watchdog: a small process of its own, beside the daemon,
 //! that kills the daemon's task processes when the daemon has renewed no
-//! lease for `lease_timeout − heartbeat_interval`.
+//! lease for `lease_timeout − heartbeat_interval` (with the defaults; a
+//! shorter margin than the interval where the lease is tight).
 //!
 //! The heartbeat fences the daemon off by itself (heartbeat.rs): when it
 //! cannot renew its leases, it kills its tasks before another daemon may
