@@ -581,11 +581,22 @@ impl Pool {
 /// once it is reaped and its pid reused. On an older kernel it is skipped:
 /// the runtime kills the group by number once it has reaped the process.
 fn kill_group(pidfd: &OwnedFd) {
-    const PIDFD_SIGNAL_PROCESS_GROUP: libc::c_uint = 1 << 2;
     static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
     if UNSUPPORTED.load(Ordering::Relaxed) {
         return;
     }
+    if let Err(error) = kill_through(pidfd, true) {
+        if error.raw_os_error() == Some(libc::EINVAL) {
+            UNSUPPORTED.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// `SIGKILL` through `pidfd`, to the process's group if `group` (Linux 6.9
+/// and later: `EINVAL` before).
+pub(super) fn kill_through(pidfd: &OwnedFd, group: bool) -> io::Result<()> {
+    const PIDFD_SIGNAL_PROCESS_GROUP: libc::c_uint = 1 << 2;
+    let flags = if group { PIDFD_SIGNAL_PROCESS_GROUP } else { 0 };
     // SAFETY: a signal through a pidfd we own, with no siginfo.
     let sent = unsafe {
         libc::syscall(
@@ -593,11 +604,12 @@ fn kill_group(pidfd: &OwnedFd) {
             pidfd.as_raw_fd(),
             libc::SIGKILL,
             std::ptr::null::<libc::siginfo_t>(),
-            PIDFD_SIGNAL_PROCESS_GROUP,
+            flags,
         )
     };
-    if sent != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
-        UNSUPPORTED.store(true, Ordering::Relaxed);
+    match sent {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
     }
 }
 

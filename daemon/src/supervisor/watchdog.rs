@@ -49,7 +49,7 @@ use std::time::Duration;
 use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
 
-use super::spawner::pidfd_open;
+use super::spawner::{kill_through, pidfd_open};
 use super::{Recipe, Spawner};
 
 /// The flag that makes `taskrunnerd` the watchdog.
@@ -308,7 +308,8 @@ fn kill_children(daemon: libc::pid_t, cgroups: Option<&Path>) -> usize {
             kill_cgroup(pid, cgroups);
         }
         let group = group == i64::from(pid);
-        if !signal(&pidfd, group) && group {
+        let signalled = kill_through(&pidfd, group);
+        if group && signalled.is_err_and(|e| e.raw_os_error() == Some(libc::EINVAL)) {
             // Before Linux 6.9: the group by number. Its leader, our pinned
             // unreaped child (the daemon does not run, or it would have
             // renewed), holds the number.
@@ -317,24 +318,6 @@ fn kill_children(daemon: libc::pid_t, cgroups: Option<&Path>) -> usize {
         }
     }
     running
-}
-
-/// `SIGKILL` through `pidfd`, to its process group if `group`; false when
-/// the kernel does not know that flag.
-fn signal(pidfd: &OwnedFd, group: bool) -> bool {
-    const PIDFD_SIGNAL_PROCESS_GROUP: libc::c_uint = 1 << 2;
-    let flags = if group { PIDFD_SIGNAL_PROCESS_GROUP } else { 0 };
-    // SAFETY: a signal through a pidfd we own, with no siginfo.
-    let sent = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            flags,
-        )
-    };
-    sent == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
 }
 
 /// Kills the cgroup v2 of `pid` if it is a try's, under `cgroups`.
