@@ -8,11 +8,11 @@
 //! at `lease_timeout − heartbeat_interval − kill_grace` after the last
 //! successful renewal was sent (monotonic clock; a shorter margin than
 //! `heartbeat_interval` where the lease is tight, see [`fence_after`]) it
-//! kills its own tasks, and one row
-//! never runs on two hosts at once; and it claims nothing until a renewal
-//! succeeds again (renewals that fail while claims work, say a slow server
-//! answering the claim within `lease_timeout` but not the renewal within
-//! `heartbeat_interval`, would otherwise start tries no renewal covers). On SQLite (one host) it keeps
+//! kills its own tasks, and one row never runs on two hosts at once; and it
+//! claims nothing until a renewal succeeds again (renewals that fail while
+//! claims work, say a slow server answering the claim within
+//! `lease_timeout` but not the renewal within `heartbeat_interval`, would
+//! otherwise start tries no renewal covers). On SQLite (one host) it keeps
 //! supervising through an outage instead, and records outcomes later.
 //! A daemon that did not run for a while (stopped, frozen) finds both its
 //! renewal and its deadline due when it resumes: it renews first, keeps the
@@ -109,12 +109,12 @@ impl Heartbeat {
         let mut attempted = last_sent;
         // A row claimed from now on holds its lease from its claim, later.
         self.arm_watchdog(boot_clock());
-        let mut fenced = false;
         let mut failed = false;
         // Rows held at the last renewal that no try of this daemon runs.
         let mut strays: HashMap<crate::request::RequestId, ClaimToken> = HashMap::new();
         loop {
             let config = Setup::current_config(&self.setup);
+            let fenced = self.fenced.load(Ordering::Relaxed);
             let fence_deadline =
                 (self.store.backend() != Backend::Sqlite).then(|| last_sent + fence_after(&config));
             // After a failure, a pause from now: a retry that were due at
@@ -154,7 +154,6 @@ impl Heartbeat {
                             "no heartbeat renewal for {silent:.1}s: no new claims until a renewal succeeds"
                         );
                     }
-                    fenced = true;
                     self.fenced.store(true, Ordering::Relaxed);
                     continue;
                 }
@@ -181,7 +180,6 @@ impl Heartbeat {
                         self.fenced.store(false, Ordering::Relaxed);
                         self.wake.notify_one();
                     }
-                    fenced = false;
                     failed = false;
                     held
                 }

@@ -813,7 +813,8 @@ fn stdin_pipe(options: &[u8]) -> io::Result<(OwnedFd, Option<StdinRest>)> {
     Ok((child_end, ours))
 }
 
-fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+/// A pipe, both ends close-on-exec: (read end, write end).
+pub(super) fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two descriptors into the array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {

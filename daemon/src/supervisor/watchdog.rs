@@ -40,7 +40,7 @@
 //! itself (one host; its reaper knows a stopped daemon's tries are alive).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -49,7 +49,7 @@ use std::time::Duration;
 use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
 
-use super::spawner::{kill_through, pidfd_open};
+use super::spawner::{kill_through, pidfd_open, pipe_pair};
 use super::{Recipe, Spawner};
 
 /// The flag that makes `taskrunnerd` the watchdog.
@@ -83,10 +83,11 @@ impl Watchdog {
     /// later call moves it; `renewed` is when the renewal was sent (for the
     /// watchdog's log line). `None`: never.
     pub(crate) fn set_deadline(&self, renewed: Duration, deadline: Option<Duration>) {
-        let nanos = |at: Duration| u64::try_from(at.as_nanos()).unwrap_or(u64::MAX).max(1);
-        self.renewed.store(nanos(renewed), Ordering::Relaxed);
+        // 0 means none: a time is at least 1.
+        let at = |at: Duration| nanos(at).max(1);
+        self.renewed.store(at(renewed), Ordering::Relaxed);
         self.deadline
-            .store(deadline.map_or(0, nanos), Ordering::Relaxed);
+            .store(deadline.map_or(0, at), Ordering::Relaxed);
         self.send();
     }
 
@@ -146,14 +147,7 @@ impl Watchdog {
     }
 
     async fn start(&self, spawner: &Spawner) -> io::Result<super::spawner::Child> {
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 writes two descriptors into the array.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: both were just created and are owned only here.
-        let (theirs, ours) =
-            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (theirs, ours) = pipe_pair()?;
         // SAFETY: sets a flag on our own descriptor.
         unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
         let mut args = vec![FLAG.to_string()];
