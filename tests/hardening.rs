@@ -13,6 +13,7 @@ const WAIT: Duration = Duration::from_secs(30);
 both_backends!(
     a_dead_heartbeat_stops_the_daemon_with_exit_status_1,
     starts_failing_for_the_daemons_own_descriptors_give_the_try_back,
+    a_daemon_with_descriptors_for_one_start_at_a_time_runs_every_row,
     starts_failing_for_want_of_processes_give_the_try_back,
     a_grandchild_of_a_killed_daemons_task_is_killed_before_the_rerun,
     no_migrate_on_an_older_or_missing_schema_exits_naming_it,
@@ -150,6 +151,77 @@ async fn starts_failing_for_the_daemons_own_descriptors_give_the_try_back(backen
             .count(),
         1,
         "{log}"
+    );
+    assert!(daemon.stop().success());
+}
+
+/// A daemon whose descriptors fit one start at a time (its limit lowered
+/// while it runs, as `prlimit` does): the rows given back together were
+/// claimed and started together after each pause, each start holding part
+/// of what the others needed, and they could fail round after round while
+/// one at a time fits (CI saw one row of 24 never finish in a minute). Now
+/// a shortage lowers how many tries run at once, and every row finishes on
+/// its one try.
+async fn a_daemon_with_descriptors_for_one_start_at_a_time_runs_every_row(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let probe = crate::util::built_beside_the_daemon("preload-probe");
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "max_concurrent: 12\nprograms: [{{path: {}, preload: true}}]\n\
+             tasks:\n  Nap:\n    command: [sleep, '0.2']\n",
+            probe.display()
+        ),
+    );
+    // What the daemon holds when idle: its preloaded parent started, its
+    // connections open.
+    for task in ["Nap", "Probe"] {
+        let first = db.insert_row(NewRow::new(task).try_limit(1)).await;
+        db.wait_for_state(first, "FINISHED", WAIT).await;
+    }
+    let open = std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+        .unwrap()
+        .count() as u64;
+    // A try holds up to four descriptors and its start six more for a
+    // moment: ten fit one start, not two.
+    let limit = libc::rlimit {
+        rlim_cur: open + 10,
+        rlim_max: open + 10,
+    };
+    // SAFETY: prlimit reads a local; the daemon is this test's child.
+    let set = unsafe {
+        libc::prlimit(
+            daemon.pid(),
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+    for _ in 0..12 {
+        db.insert_row(NewRow::new("Nap").try_limit(1)).await;
+        db.insert_row(NewRow::new("Probe").options("sleep_ms: 200").try_limit(1))
+            .await;
+    }
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE result IS NULL OR result <> 'FINISHED'",
+        0,
+        Duration::from_secs(60),
+    )
+    .await;
+    let log = daemon.log_text();
+    assert!(
+        log.contains("the daemon is short of resources to start tasks"),
+        "the limit left room for one start only: {log}"
+    );
+    // Before: 173 to 300 starts given back for these 24 rows (the daemon
+    // started every row it claimed at once, each round); now about 7 to 36,
+    // most of them in the first round, before the first failure was seen.
+    let given_back = log.matches("the daemon is short of resources (").count();
+    assert!(
+        given_back < 48,
+        "{given_back} starts given back for 24 rows: {log}"
     );
     assert!(daemon.stop().success());
 }

@@ -263,11 +263,17 @@ impl Scheduler {
                 }
             }
             let config = Setup::current_config(&self.setup);
-            let (running, waiting) = slots.fill(config.max_concurrent);
+            // Fewer at once while starts fail for want of the daemon's own
+            // resources (see `Shortage::limit`).
+            let max_concurrent = short.limit(config.max_concurrent);
+            let (running, waiting) = slots.fill(max_concurrent);
             let claimed = running + waiting;
             let large_options_lately =
                 large_options_seen.is_some_and(|seen| seen.elapsed() < LARGE_OPTIONS_PAUSE);
-            let ahead = if config.queues.is_empty() && !large_options_lately {
+            let ahead = if config.queues.is_empty()
+                && !large_options_lately
+                && max_concurrent == config.max_concurrent
+            {
                 claim_ahead(
                     config.max_concurrent,
                     typical_run,
@@ -276,7 +282,7 @@ impl Scheduler {
             } else {
                 0
             };
-            let idle_slots = config.max_concurrent.saturating_sub(claimed);
+            let idle_slots = max_concurrent.saturating_sub(claimed);
             // Claim ahead in batches: once half the rows claimed ahead have started.
             let refill = ahead > 0 && waiting <= ahead / 2;
             // When is the next unprompted claim due: the poll, or an earlier delay.
@@ -299,7 +305,7 @@ impl Scheduler {
                 }
                 claim_counter += 1;
                 let token = self.instance.claim_token(claim_counter);
-                let budget = (config.max_concurrent + ahead).saturating_sub(claimed);
+                let budget = (max_concurrent + ahead).saturating_sub(claimed);
                 // Rows claimed ahead never hold large options.
                 let options_inline = (budget > idle_slots).then_some(AHEAD_OPTIONS);
                 let round = self.claim_round(
@@ -328,7 +334,7 @@ impl Scheduler {
                         for row in rows {
                             self.metrics.claimed(&row.queue, row.waited);
                             *running_by_queue.entry(row.queue.clone()).or_default() += 1;
-                            let ticket = slots.join(config.max_concurrent);
+                            let ticket = slots.join(max_concurrent);
                             tries.spawn(self.executor.clone().supervise(row, ticket, times));
                         }
                         if all_filled {
@@ -364,7 +370,7 @@ impl Scheduler {
                         self.metrics.try_ended(&ended.task, &ended.queue, ended.state, ended.exhausted, ended.ran_for);
                         tally.count(ended.state);
                         tally.log(false);
-                        short.ended(&ended);
+                        short.ended(&ended, self.tries.len());
                     }
                 }
                 _ = tokio::time::sleep_until(next_claim) => {}
@@ -581,30 +587,113 @@ impl Scheduler {
 /// pauses for a backoff that grows while starts keep failing and resets at
 /// the first start that works. One log line per shortage, and at most one
 /// a minute.
+///
+/// The daemon then also runs fewer tries at once ([`Cap`]). Without that,
+/// the rows given back together were claimed and started together after
+/// each pause, each start holding part of what the others needed: a daemon
+/// with room for one start at a time gave back ten starts for each that
+/// worked, and under load could fail a row round after round.
 #[derive(Default)]
 struct Shortage {
     backoff: Backoff,
     until: Option<Instant>,
     warned: Option<Instant>,
+    cap: Option<Cap>,
+}
+
+/// How many tries run at once after a shortage: as many as ran when a start
+/// failed (at least one); one more once `grow_after` tries have run to their
+/// end since it last changed. `grow_after` starts at one and doubles each
+/// time a start fails just after the cap grew (the daemon found its
+/// ceiling), so that a lasting shortage costs a failed start ever more
+/// rarely, up to one in [`Cap::MOST_BETWEEN_PROBES`]. The cap ends when it
+/// reaches `max_concurrent`, or a minute after the last failed start (the
+/// shortage may have been a passing one: the next start that fails sets a
+/// new cap).
+struct Cap {
+    at_once: usize,
+    grow_after: usize,
+    ran_since_change: usize,
+    /// The cap grew since the last failed start.
+    grew: bool,
+    last_short: Instant,
+}
+
+impl Cap {
+    const MOST_BETWEEN_PROBES: usize = 64;
+    const LASTS: Duration = Duration::from_secs(60);
+
+    fn short(cap: Option<Cap>, running: usize) -> Cap {
+        let at_once = running.max(1);
+        match cap {
+            None => Cap {
+                at_once,
+                grow_after: 1,
+                ran_since_change: 0,
+                grew: false,
+                last_short: Instant::now(),
+            },
+            Some(cap) => Cap {
+                at_once: cap.at_once.min(at_once),
+                grow_after: if cap.grew {
+                    (cap.grow_after * 2).min(Self::MOST_BETWEEN_PROBES)
+                } else {
+                    cap.grow_after
+                },
+                ran_since_change: 0,
+                grew: false,
+                last_short: Instant::now(),
+            },
+        }
+    }
+
+    fn ran(&mut self) {
+        self.ran_since_change += 1;
+        if self.ran_since_change >= self.grow_after {
+            self.at_once += 1;
+            self.ran_since_change = 0;
+            self.grew = true;
+        }
+    }
 }
 
 impl Shortage {
-    fn ended(&mut self, ended: &TryEnd) {
+    /// `running`: the tries whose task runs now.
+    fn ended(&mut self, ended: &TryEnd, running: usize) {
         if ended.daemon_short {
+            self.cap = Some(Cap::short(self.cap.take(), running));
             let delay = self.backoff.next_delay();
             let quiet = self.warned.is_some_and(|at| at.elapsed() < SUMMARY_EVERY);
             if self.until.is_none() && !quiet {
                 self.warned = Some(Instant::now());
                 tracing::warn!(
                     "the daemon is short of resources to start tasks (file descriptors, processes or memory): \
-                     giving their tries back and claiming less often until a start works; see max_concurrent and LimitNOFILE"
+                     giving their tries back and running fewer at once until starts work; see max_concurrent and LimitNOFILE"
                 );
             }
             self.until = Some(Instant::now() + delay);
-        } else if ended.ran_for.is_some() && self.until.is_some() {
-            tracing::debug!("tasks start again: the daemon's shortage of resources is over");
-            self.until = None;
-            self.backoff.reset();
+        } else if ended.ran_for.is_some() {
+            if self.until.is_some() {
+                tracing::debug!("tasks start again: the daemon's shortage of resources is over");
+                self.until = None;
+                self.backoff.reset();
+            }
+            if let Some(cap) = &mut self.cap {
+                cap.ran();
+            }
+        }
+    }
+
+    /// How many tries may be claimed and run at once now.
+    fn limit(&mut self, max_concurrent: usize) -> usize {
+        match &self.cap {
+            Some(cap) if cap.at_once < max_concurrent && cap.last_short.elapsed() < Cap::LASTS => {
+                cap.at_once
+            }
+            _ => {
+                self.cap = None;
+                max_concurrent
+            }
         }
     }
 
@@ -629,6 +718,34 @@ fn claim_ahead(max_concurrent: usize, typical_run: Option<Duration>, oldest: Dur
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shortage_caps_the_tries_at_once_and_probes_ever_more_rarely() {
+        // Two ran when a start failed: two at once.
+        let mut cap = Cap::short(None, 2);
+        assert_eq!(cap.at_once, 2);
+        // One try run to its end: three at once.
+        cap.ran();
+        assert_eq!(cap.at_once, 3);
+        // A start fails at three with two running: back to two, and the
+        // cap now grows after two tries.
+        let mut cap = Cap::short(Some(cap), 2);
+        assert_eq!((cap.at_once, cap.grow_after), (2, 2));
+        cap.ran();
+        assert_eq!(cap.at_once, 2);
+        cap.ran();
+        assert_eq!(cap.at_once, 3);
+        // A failure that did not follow a growth keeps the pace; nothing
+        // running still lets one try run.
+        let cap = Cap::short(Some(Cap::short(Some(cap), 0)), 0);
+        assert_eq!((cap.at_once, cap.grow_after), (1, 4));
+        let mut cap = cap;
+        for _ in 0..10 {
+            cap.grew = true;
+            cap = Cap::short(Some(cap), 1);
+        }
+        assert_eq!(cap.grow_after, Cap::MOST_BETWEEN_PROBES);
+    }
 
     #[test]
     fn claims_ahead_only_what_starts_within_the_horizon() {
