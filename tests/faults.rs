@@ -1144,6 +1144,7 @@ multi_host_backends!(
     an_outcome_whose_connection_went_silent_is_written_on_another,
     a_daemon_row_heartbeat_gone_silent_does_not_stop_the_lease_renewals,
     new_rows_start_without_waiting_for_the_poll_when_the_wakeup_connection_goes_silent,
+    an_outage_of_the_delays_release_alone_ends_once_a_release_works,
 );
 
 /// A daemon whose database connections all go through a proxy that, at
@@ -1287,6 +1288,39 @@ async fn new_rows_start_without_waiting_for_the_poll_when_the_wakeup_connection_
             })
     });
     a_new_row_runs_once(&db, "the wake-up connection went silent", WAIT).await;
+    assert!(daemon.stop().success(), "{}", daemon.log_text());
+}
+
+// The release of delayed rows failed (here its connection went silent at
+// the daemon's start; in CI's run of the restart test above, the server
+// went away in the 200 ms between a claim that filled every slot and the
+// release it made due). A failed release waited for the next claim to ask
+// for one, which a daemon with no delayed rows and no full claim never did:
+// the outage that began with it never ended, in the log ("database
+// available again" never came) or in `status` (an outage for ever, failing
+// "releasing delayed requests"). Now a failed release is tried again after
+// its backoff.
+async fn an_outage_of_the_delays_release_alone_ends_once_a_release_works(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let needle = match backend {
+        Backend::MySql => "ORDER BY waiting_until LIMIT",
+        _ => "ORDER BY delay_until LIMIT",
+    };
+    let (mut daemon, proxy) = daemon_behind_a_silence(&db, needle, 1).await;
+    wait_until(WAIT, "the release's connection to go silent", || {
+        proxy.tripped()
+    });
+    daemon.wait_for_log(
+        "database unavailable while releasing delayed requests",
+        WAIT,
+    );
+    daemon.wait_for_log("database available again", Duration::from_secs(10));
+    let config = daemon.config.to_string_lossy().into_owned();
+    let (code, out, err) = cli(&db, &["--config", &config, "status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(status["outage"].is_null(), "{out}");
+    a_new_row_runs_once(&db, "the release's outage ended", WAIT).await;
     assert!(daemon.stop().success(), "{}", daemon.log_text());
 }
 

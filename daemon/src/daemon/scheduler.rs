@@ -164,11 +164,14 @@ impl Releases {
         self.due = (count >= crate::store::RELEASE_AT_ONCE as u64).then_some(now);
     }
 
-    /// A release failed: the next claim's outcome asks for the next one,
-    /// after a backoff.
+    /// A release failed: it is tried again after a backoff. (Waiting for
+    /// the next claim to ask for one left a daemon with no delayed rows and
+    /// no full claim never trying again, and the outage it had begun never
+    /// ended, in the log or in `status`.)
     fn failed(&mut self) {
-        self.not_before = Some(Instant::now() + self.backoff.next_delay());
-        self.due = None;
+        let retry = Instant::now() + self.backoff.next_delay();
+        self.not_before = Some(retry);
+        self.due = Some(retry);
     }
 }
 
