@@ -901,7 +901,84 @@ async fn a_daemon_paused_past_its_fencing_deadline_keeps_the_tries_still_its_own
     assert!(daemon.stop().success());
 }
 
-multi_host_backends!(a_daemon_whose_renewals_fail_claims_nothing_until_one_succeeds);
+multi_host_backends!(
+    a_daemon_whose_renewals_fail_claims_nothing_until_one_succeeds,
+    a_renewal_that_failed_once_is_retried_before_the_fencing_deadline,
+);
+
+/// SQL that makes every lease renewal fail, as a trigger of the
+/// application's kind would (a renewal changes only `heartbeat_at` of a
+/// running row), and SQL that ends it.
+fn renewal_refusal(backend: Backend) -> (Vec<&'static str>, &'static str) {
+    match backend {
+        Backend::Postgres => (
+            vec![
+                "CREATE FUNCTION refuse_renewals() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                   IF OLD.result = 'RUNNING' AND NEW.result = 'RUNNING' \
+                      AND NEW.claim_token IS NOT DISTINCT FROM OLD.claim_token \
+                      AND NEW.pid IS NOT DISTINCT FROM OLD.pid \
+                      AND NEW.heartbeat_at IS DISTINCT FROM OLD.heartbeat_at THEN \
+                     RAISE EXCEPTION 'lease renewals refused'; \
+                   END IF; RETURN NEW; END $$",
+                "CREATE TRIGGER refuse_renewals BEFORE UPDATE ON task_runner_requests \
+                   FOR EACH ROW EXECUTE FUNCTION refuse_renewals()",
+            ],
+            "DROP TRIGGER refuse_renewals ON task_runner_requests",
+        ),
+        _ => (
+            vec![
+                "CREATE TRIGGER refuse_renewals BEFORE UPDATE ON task_runner_requests \
+                   FOR EACH ROW BEGIN \
+                     IF OLD.result = 'RUNNING' AND NEW.result = 'RUNNING' \
+                        AND NEW.claim_token <=> OLD.claim_token AND NEW.pid <=> OLD.pid \
+                        AND NOT (NEW.heartbeat_at <=> OLD.heartbeat_at) THEN \
+                       SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'lease renewals refused'; \
+                     END IF; \
+                   END",
+            ],
+            "DROP TRIGGER refuse_renewals",
+        ),
+    }
+}
+
+/// One renewal failed (a moment's outage of writes) under the tests' lease
+/// of 5 s with 1 s renewals and a 2 s `kill_grace`, whose fencing deadline
+/// is 2 s after the last renewal: the retry came a second after the failed
+/// renewal, a few milliseconds past that deadline, and the fence killed
+/// every task although the database worked again (the suite's run of
+/// `hardening::an_outage_of_writes_while_reads_work_is_logged_once_at_each_end`
+/// saw a try so killed and run again). Now a retry comes after half the
+/// time left before the deadline if that is less than a second.
+async fn a_renewal_that_failed_once_is_retried_before_the_fencing_deadline(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "tasks:\n  Nap:\n    command: [/bin/sleep, '30']\n",
+    );
+    let napping = db.insert_row(NewRow::new("Nap").try_limit(1)).await;
+    let pid = db.wait_for_pid(napping, WAIT).await.pid.unwrap() as i32;
+    let (refuse, allow) = renewal_refusal(backend);
+    for statement in refuse {
+        db.execute(statement).await;
+    }
+    daemon.wait_for_log(
+        "database unavailable while renewing heartbeats",
+        Duration::from_secs(10),
+    );
+    db.execute(allow).await;
+    daemon.wait_for_log("database available again", Duration::from_secs(10));
+    let log = daemon.log_text();
+    assert!(!log.contains("no heartbeat renewal for"), "{log}");
+    assert!(process_exists(pid), "the task was killed: {log}");
+    let row = db.row(napping).await;
+    assert_eq!(
+        (row.result.as_deref(), row.tries),
+        (Some("RUNNING"), 1),
+        "{row:?}"
+    );
+    assert!(daemon.stop().success(), "{}", daemon.log_text());
+}
 
 /// The server refuses the daemon's lease renewals while it takes its claims
 /// (here a trigger of the application's kind, with a row held by the daemon
@@ -935,36 +1012,7 @@ async fn a_daemon_whose_renewals_fail_claims_nothing_until_one_succeeds(backend:
            FROM task_runner_requests WHERE id = {napping}"
     ))
     .await;
-    // A renewal changes only `heartbeat_at` of a running row.
-    let (refuse, allow) = match backend {
-        Backend::Postgres => (
-            vec![
-                "CREATE FUNCTION refuse_renewals() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-                   IF OLD.result = 'RUNNING' AND NEW.result = 'RUNNING' \
-                      AND NEW.claim_token IS NOT DISTINCT FROM OLD.claim_token \
-                      AND NEW.pid IS NOT DISTINCT FROM OLD.pid \
-                      AND NEW.heartbeat_at IS DISTINCT FROM OLD.heartbeat_at THEN \
-                     RAISE EXCEPTION 'lease renewals refused'; \
-                   END IF; RETURN NEW; END $$",
-                "CREATE TRIGGER refuse_renewals BEFORE UPDATE ON task_runner_requests \
-                   FOR EACH ROW EXECUTE FUNCTION refuse_renewals()",
-            ],
-            "DROP TRIGGER refuse_renewals ON task_runner_requests",
-        ),
-        _ => (
-            vec![
-                "CREATE TRIGGER refuse_renewals BEFORE UPDATE ON task_runner_requests \
-                   FOR EACH ROW BEGIN \
-                     IF OLD.result = 'RUNNING' AND NEW.result = 'RUNNING' \
-                        AND NEW.claim_token <=> OLD.claim_token AND NEW.pid <=> OLD.pid \
-                        AND NOT (NEW.heartbeat_at <=> OLD.heartbeat_at) THEN \
-                       SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'lease renewals refused'; \
-                     END IF; \
-                   END",
-            ],
-            "DROP TRIGGER refuse_renewals",
-        ),
-    };
+    let (refuse, allow) = renewal_refusal(backend);
     for statement in refuse {
         db.execute(statement).await;
     }

@@ -21,9 +21,11 @@
 //! at `lease_timeout − heartbeat_interval` after the last renewal (see
 //! supervisor/watchdog.rs): the heartbeat tells it each new deadline.
 //! After a failed renewal the next one is tried [`RETRY_AFTER_FAILURE`]
-//! later, not a whole `heartbeat_interval`: an outage that ends before the
+//! later, or after half the time left before the deadline if that is
+//! less, not a whole `heartbeat_interval`: an outage that ends before the
 //! deadline then costs no task (with a full interval between tries, one
-//! that ended up to an interval before it still did).
+//! that ended up to an interval before it still did; with a second, under
+//! a lease of a few intervals, a single failed renewal did).
 //!
 //! Rows held but never started: a claim whose answer was lost (the
 //! connection dropped after PostgreSQL committed the `UPDATE … RETURNING`)
@@ -73,9 +75,12 @@ fn fence_after(config: &crate::config::Config) -> Duration {
         .saturating_sub(config.defaults.kill_grace + margin)
 }
 
-/// How soon a failed renewal is tried again (or `heartbeat_interval`, if
-/// shorter).
+/// How soon a failed renewal is tried again (or `heartbeat_interval`, or
+/// half the time left before the fencing deadline, if shorter).
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+/// The shortest pause between failed renewals.
+const RETRY_AT_LEAST_AFTER: Duration = Duration::from_millis(10);
 
 /// Renews the leases of this daemon's rows, stops the tries cancelled or
 /// lost, and fences the daemon off when it cannot renew (see the module's doc).
@@ -119,9 +124,17 @@ impl Heartbeat {
                 (self.store.backend() != Backend::Sqlite).then(|| last_sent + fence_after(&config));
             // After a failure, a pause from now: a retry that were due at
             // once would always win the biased race below, and the fencing
-            // deadline would wait for the renewals to stop failing.
+            // deadline would wait for the renewals to stop failing. Half the
+            // time left before that deadline, if less: with a lease of a few
+            // intervals, a retry a whole second after a failed renewal came
+            // after the deadline, and one failed renewal killed every task.
             let next_renewal = if failed {
-                Instant::now() + RETRY_AFTER_FAILURE.min(config.heartbeat_interval)
+                let mut pause = RETRY_AFTER_FAILURE.min(config.heartbeat_interval);
+                if let Some(deadline) = fence_deadline.filter(|_| !fenced) {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    pause = pause.min((left / 2).max(RETRY_AT_LEAST_AFTER));
+                }
+                Instant::now() + pause
             } else {
                 attempted + config.heartbeat_interval
             };
