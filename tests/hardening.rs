@@ -14,6 +14,7 @@ both_backends!(
     a_dead_heartbeat_stops_the_daemon_with_exit_status_1,
     starts_failing_for_the_daemons_own_descriptors_give_the_try_back,
     a_daemon_with_descriptors_for_one_start_at_a_time_runs_every_row,
+    a_preloaded_parent_that_cannot_start_for_want_of_descriptors_costs_no_try,
     starts_failing_for_want_of_processes_give_the_try_back,
     a_grandchild_of_a_killed_daemons_task_is_killed_before_the_rerun,
     no_migrate_on_an_older_or_missing_schema_exits_naming_it,
@@ -119,11 +120,7 @@ async fn a_dead_heartbeat_stops_the_daemon_with_exit_status_1(backend: Backend) 
 /// parent, failed for want of descriptors as a FAILED try (11 of 12 rows).
 async fn starts_failing_for_the_daemons_own_descriptors_give_the_try_back(backend: Backend) {
     let db = TestDb::new(backend).await;
-    for _ in 0..12 {
-        db.insert_row(NewRow::new("Nap").try_limit(1)).await;
-        db.insert_row(NewRow::new("Probe").options("sleep_ms: 300").try_limit(1))
-            .await;
-    }
+    naps_and_probes(&db, 300).await;
     let probe = crate::util::built_beside_the_daemon("preload-probe");
     let mut daemon = Daemon::start_with_open_files(
         &db,
@@ -135,12 +132,7 @@ async fn starts_failing_for_the_daemons_own_descriptors_give_the_try_back(backen
         ),
         (40, 40),
     );
-    db.wait_for_count(
-        "SELECT count(*) FROM task_runner_requests WHERE result IS NULL OR result <> 'FINISHED'",
-        0,
-        Duration::from_secs(60),
-    )
-    .await;
+    every_row_finishes(&db).await;
     let log = daemon.log_text();
     assert!(
         log.contains("may not fit in this daemon's file descriptor limit"),
@@ -185,38 +177,16 @@ async fn a_daemon_with_descriptors_for_one_start_at_a_time_runs_every_row(backen
         .count() as u64;
     // A try holds up to four descriptors and its start six more for a
     // moment: ten fit one start, not two.
-    let limit = libc::rlimit {
-        rlim_cur: open + 10,
-        rlim_max: open + 10,
-    };
-    // SAFETY: prlimit reads a local; the daemon is this test's child.
-    let set = unsafe {
-        libc::prlimit(
-            daemon.pid(),
-            libc::RLIMIT_NOFILE,
-            &limit,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
-    for _ in 0..12 {
-        db.insert_row(NewRow::new("Nap").try_limit(1)).await;
-        db.insert_row(NewRow::new("Probe").options("sleep_ms: 200").try_limit(1))
-            .await;
-    }
-    db.wait_for_count(
-        "SELECT count(*) FROM task_runner_requests WHERE result IS NULL OR result <> 'FINISHED'",
-        0,
-        Duration::from_secs(60),
-    )
-    .await;
+    set_open_files(daemon.pid(), open + 10);
+    naps_and_probes(&db, 200).await;
+    every_row_finishes(&db).await;
     let log = daemon.log_text();
     assert!(
         log.contains("the daemon is short of resources to start tasks"),
         "the limit left room for one start only: {log}"
     );
-    // Before: 173 to 300 starts given back for these 24 rows (the daemon
-    // started every row it claimed at once, each round); now about 7 to 36,
+    // Before: 117 to 224 starts given back for these 24 rows (the daemon
+    // started every row it claimed at once, each round); now about 6 to 36,
     // most of them in the first round, before the first failure was seen.
     let given_back = log.matches("the daemon is short of resources (").count();
     assert!(
@@ -224,6 +194,88 @@ async fn a_daemon_with_descriptors_for_one_start_at_a_time_runs_every_row(backen
         "{given_back} starts given back for 24 rows: {log}"
     );
     assert!(daemon.stop().success());
+}
+
+/// A preloaded try whose parent is not started yet, on a daemon with one
+/// descriptor to spare: the parent's start fails for want of descriptors,
+/// the try is given back (not FAILED, its one try not counted) and runs once
+/// descriptors are free again. (The suite's runs of the descriptor test
+/// above saw a preloaded try FAILED for "Too many open files", one in
+/// about two runs; this test does not reach that path, which I did not
+/// find: the daemon now takes any such error of a preloaded start for its
+/// own shortage, see supervisor/mod.rs.)
+async fn a_preloaded_parent_that_cannot_start_for_want_of_descriptors_costs_no_try(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let probe = crate::util::built_beside_the_daemon("preload-probe");
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "programs: [{{path: {}, preload: true}}]\n\
+             tasks:\n  Nap:\n    command: [sleep, '0.1']\n",
+            probe.display()
+        ),
+    );
+    // Its connections open; no preloaded parent yet.
+    let first = db.insert_row(NewRow::new("Nap").try_limit(1)).await;
+    db.wait_for_state(first, "FINISHED", WAIT).await;
+    let open = std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+        .unwrap()
+        .count() as u64;
+    let was = set_open_files(daemon.pid(), open + 1);
+    let id = db.insert_row(NewRow::new("Probe").try_limit(1)).await;
+    daemon.wait_for_log("preload-probe: Too many open files", WAIT);
+    set_open_files(daemon.pid(), was);
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 1, "{row:?}");
+    assert!(daemon.stop().success());
+}
+
+/// Sets `pid`'s soft `RLIMIT_NOFILE` to `limit`, as `prlimit` does (the
+/// hard one stays: raising it again would need a privilege the daemon's
+/// non-dumpable process denies even to root); returns the soft limit it had.
+fn set_open_files(pid: i32, limit: u64) -> u64 {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit writes a local; `pid` is this test's child.
+    let read = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(read, 0, "{}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: prlimit reads a local.
+    let set = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+    old.rlim_cur
+}
+
+/// Twelve exec'd `Nap` rows and twelve preloaded `Probe` rows of
+/// `sleep_ms`, each allowed one try.
+async fn naps_and_probes(db: &TestDb, sleep_ms: u32) {
+    for _ in 0..12 {
+        db.insert_row(NewRow::new("Nap").try_limit(1)).await;
+        db.insert_row(
+            NewRow::new("Probe")
+                .options(&format!("sleep_ms: {sleep_ms}"))
+                .try_limit(1),
+        )
+        .await;
+    }
+}
+
+/// Waits up to a minute for every row to be FINISHED.
+async fn every_row_finishes(db: &TestDb) {
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE result IS NULL OR result <> 'FINISHED'",
+        0,
+        Duration::from_secs(60),
+    )
+    .await;
 }
 
 /// Out of processes on the daemon's side (systemd's `TasksMax` on its

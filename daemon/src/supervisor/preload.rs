@@ -373,7 +373,10 @@ enum StartError {
 
 impl Parent {
     async fn start(spawner: &Exec, recipe: &Recipe) -> Result<Parent, StartError> {
-        let (ours, theirs) = seqpacket_pair().map_err(StartError::Io)?;
+        // Out of descriptors here is the daemon's shortage, as in a spawn:
+        // the try is given back, not failed.
+        let (ours, theirs) =
+            seqpacket_pair().map_err(|e| StartError::Io(super::spawner::mark_shortage(e)))?;
         let mut env: Vec<(OsString, OsString)> = recipe
             .env
             .iter()
@@ -432,7 +435,7 @@ impl Parent {
         // the AsyncFd owns it.
         let socket =
             unsafe { AsyncFd::register_with_interest(ours, tokio::io::Interest::READABLE) }
-                .map_err(|e| StartError::Io(io::Error::from(e)))?;
+                .map_err(|e| StartError::Io(super::spawner::mark_shortage(io::Error::from(e))))?;
         let parent = Parent {
             pid,
             socket,

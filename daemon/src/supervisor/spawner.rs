@@ -77,7 +77,7 @@ pub(crate) fn is_daemon_short(error: &io::Error) -> bool {
 /// Marks an error of the daemon's own side as [`DaemonShort`] when its errno
 /// says a resource ran out: EMFILE/ENFILE (descriptors), EAGAIN (processes),
 /// ENOMEM (memory).
-fn mark_shortage(error: io::Error) -> io::Error {
+pub(super) fn mark_shortage(error: io::Error) -> io::Error {
     match error.raw_os_error() {
         Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM) => {
             io::Error::new(error.kind(), DaemonShort(error))
