@@ -1193,6 +1193,7 @@ multi_host_backends!(
     a_daemon_row_heartbeat_gone_silent_does_not_stop_the_lease_renewals,
     new_rows_start_without_waiting_for_the_poll_when_the_wakeup_connection_goes_silent,
     an_outage_of_the_delays_release_alone_ends_once_a_release_works,
+    renewals_gone_silent_do_not_take_the_pool,
 );
 
 /// A daemon whose database connections all go through a proxy that, at
@@ -1369,6 +1370,27 @@ async fn an_outage_of_the_delays_release_alone_ends_once_a_release_works(backend
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(status["outage"].is_null(), "{out}");
     a_new_row_runs_once(&db, "the release's outage ended", WAIT).await;
+    assert!(daemon.stop().success(), "{}", daemon.log_text());
+}
+
+// The lease renewal's statement went silent (a failover without a reset).
+// The heartbeat gave it up after its interval, but dropped it unmarked, so
+// that its connection went back to the pool to be checked by sqlx with no
+// bound: a wait for ever that held one of the pool's four places. Four such
+// renewals took the whole pool, and the daemon, on a database that worked,
+// never renewed, claimed or recorded again ("pool timed out"). Now the
+// heartbeat marks a statement it gives up, as every bounded call does, and
+// the connection is closed instead.
+async fn renewals_gone_silent_do_not_take_the_pool(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let (mut daemon, proxy) =
+        daemon_behind_a_silence(&db, "task_runner_requests SET heartbeat_at", 5).await;
+    wait_until(
+        Duration::from_secs(60),
+        "five renewals' connections to go silent",
+        || proxy.done(),
+    );
+    a_new_row_runs_once(&db, "the fifth renewal went silent", WAIT).await;
     assert!(daemon.stop().success(), "{}", daemon.log_text());
 }
 

@@ -180,8 +180,12 @@ impl Heartbeat {
             let before = self.tries.claims();
             let (sent_at, sent) = (Instant::now(), boot_clock());
             attempted = sent_at;
-            let renewal =
-                within_interval(&config, self.store.renew_heartbeats(&self.instance)).await;
+            let renewal = within_interval(
+                &self.store,
+                &config,
+                self.store.renew_heartbeats(&self.instance),
+            )
+            .await;
             let held = match renewal {
                 Ok(held) => {
                     self.health.succeeded("renewing heartbeats");
@@ -221,6 +225,7 @@ impl Heartbeat {
             // The daemon's own row, for the web page only.
             let running = self.tries.len();
             let renewal = within_interval(
+                &self.store,
                 &config,
                 self.store.daemon_heartbeat(&self.instance, running),
             )
@@ -348,15 +353,22 @@ fn panic_when_told_by_a_test() {
 
 /// One of the heartbeat's statements, given up once it has taken a whole
 /// `heartbeat_interval` (at least 1 s): a statement that hangs must not keep
-/// the heartbeat from its self-fencing deadline.
+/// the heartbeat from its self-fencing deadline. A statement given up is
+/// marked so before its connection is dropped, as [`Store::answered`] does:
+/// unmarked, the connection went back to the pool to be checked by sqlx with
+/// no bound, a wait for ever on a connection gone silent that held one of
+/// the pool's four places (four renewals so took the whole pool).
 async fn within_interval<T>(
+    store: &Store,
     config: &crate::config::Config,
     statement: impl std::future::Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<T> {
-    tokio::time::timeout(
-        config.heartbeat_interval.max(Duration::from_secs(1)),
-        statement,
-    )
-    .await
-    .unwrap_or_else(|_| Err(anyhow::anyhow!("the heartbeat statement timed out")))
+    tokio::pin!(statement);
+    tokio::select! {
+        done = &mut statement => done,
+        _ = tokio::time::sleep(config.heartbeat_interval.max(Duration::from_secs(1))) => {
+            store.giving_up_on_a_connection();
+            Err(anyhow::anyhow!("the heartbeat statement timed out"))
+        }
+    }
 }
