@@ -151,7 +151,7 @@ async fn starts_failing_for_the_daemons_own_descriptors_give_the_try_back(backen
 /// while it runs, as `prlimit` does): the rows given back together were
 /// claimed and started together after each pause, each start holding part
 /// of what the others needed, and they could fail round after round while
-/// one at a time fits (CI saw one row of 24 never finish in a minute). Now
+/// one at a time fits (at 36 descriptors nothing ran in a minute). Now
 /// a shortage lowers how many tries run at once, and every row finishes on
 /// its one try.
 async fn a_daemon_with_descriptors_for_one_start_at_a_time_runs_every_row(backend: Backend) {
