@@ -121,15 +121,10 @@ async fn a_dead_heartbeat_stops_the_daemon_with_exit_status_1(backend: Backend) 
 async fn starts_failing_for_the_daemons_own_descriptors_give_the_try_back(backend: Backend) {
     let db = TestDb::new(backend).await;
     naps_and_probes(&db, 300).await;
-    let probe = crate::util::built_beside_the_daemon("preload-probe");
     let mut daemon = Daemon::start_with_open_files(
         &db,
         "d",
-        &format!(
-            "max_concurrent: 12\nprograms: [{{path: {}, preload: true}}]\n\
-             tasks:\n  Nap:\n    command: [sleep, '0.3']\n",
-            probe.display()
-        ),
+        &probe_and_nap("max_concurrent: 12\n", "0.3"),
         (40, 40),
     );
     every_row_finishes(&db).await;
@@ -156,16 +151,7 @@ async fn starts_failing_for_the_daemons_own_descriptors_give_the_try_back(backen
 /// its one try.
 async fn a_daemon_with_descriptors_for_one_start_at_a_time_runs_every_row(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let probe = crate::util::built_beside_the_daemon("preload-probe");
-    let mut daemon = Daemon::start(
-        &db,
-        "d",
-        &format!(
-            "max_concurrent: 12\nprograms: [{{path: {}, preload: true}}]\n\
-             tasks:\n  Nap:\n    command: [sleep, '0.2']\n",
-            probe.display()
-        ),
-    );
+    let mut daemon = Daemon::start(&db, "d", &probe_and_nap("max_concurrent: 12\n", "0.2"));
     // What the daemon holds when idle: its preloaded parent started, its
     // connections open.
     for task in ["Nap", "Probe"] {
@@ -208,16 +194,7 @@ async fn a_preloaded_parent_that_cannot_start_for_want_of_descriptors_costs_no_t
     backend: Backend,
 ) {
     let db = TestDb::new(backend).await;
-    let probe = crate::util::built_beside_the_daemon("preload-probe");
-    let mut daemon = Daemon::start(
-        &db,
-        "d",
-        &format!(
-            "programs: [{{path: {}, preload: true}}]\n\
-             tasks:\n  Nap:\n    command: [sleep, '0.1']\n",
-            probe.display()
-        ),
-    );
+    let mut daemon = Daemon::start(&db, "d", &probe_and_nap("", "0.1"));
     // Its connections open; no preloaded parent yet.
     let first = db.insert_row(NewRow::new("Nap").try_limit(1)).await;
     db.wait_for_state(first, "FINISHED", WAIT).await;
@@ -252,6 +229,17 @@ fn set_open_files(pid: i32, limit: u64) -> u64 {
     let set = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
     assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
     old.rlim_cur
+}
+
+/// A config with `settings`, the task-sdk probe preloaded (its `Probe`
+/// type) and `Nap`, an exec'd `sleep` of `seconds`.
+fn probe_and_nap(settings: &str, seconds: &str) -> String {
+    let probe = crate::util::built_beside_the_daemon("preload-probe");
+    format!(
+        "{settings}programs: [{{path: {}, preload: true}}]\n\
+         tasks:\n  Nap:\n    command: [sleep, '{seconds}']\n",
+        probe.display()
+    )
 }
 
 /// Twelve exec'd `Nap` rows and twelve preloaded `Probe` rows of
