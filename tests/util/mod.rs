@@ -55,6 +55,7 @@ macro_rules! backend_tests {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
+                    $crate::util::report_panics_past_the_capture();
                     super::$case($crate::util::Backend::$backend).await
                 }
             )*
@@ -104,6 +105,42 @@ pub fn built_beside_the_daemon(name: &str) -> PathBuf {
     path
 }
 
+/// Makes every panic of a test also write its place and the first lines of
+/// its message straight to the process's standard error, past the
+/// harness's capture (which keeps them for its report of failures at the
+/// end of the run): CI's log is cut, and showed which test failed, never
+/// why. The line then stands beside the test's `FAILED` in the list.
+pub fn report_panics_past_the_capture() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let harness_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let payload = info.payload();
+            let message = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("(a panic without a message)");
+            let mut text = format!(
+                "--- test {} panicked at {}:\n",
+                std::thread::current().name().unwrap_or("(unnamed thread)"),
+                info.location()
+                    .map(|place| place.to_string())
+                    .unwrap_or_default()
+            );
+            for line in message.lines().take(12) {
+                let cut: String = line.chars().take(400).collect();
+                text.push_str(&cut);
+                text.push('\n');
+            }
+            // `std::io::stderr()` is the descriptor itself: the capture
+            // only takes what the print macros and the panic hook write.
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), text.as_bytes());
+            harness_hook(info);
+        }));
+    });
+}
+
 /// A scratch directory, removed when the test passes.
 pub struct Scratch {
     pub path: PathBuf,
@@ -111,6 +148,7 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn new(name: &str) -> Scratch {
+        report_panics_past_the_capture();
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let path = std::env::temp_dir().join(format!(
             "taskrunner-test-{name}-{}-{}",
