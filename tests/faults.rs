@@ -10,8 +10,8 @@ use nix::unistd::Pid;
 use taskrunner::request::RequestId;
 
 use crate::util::{
-    cli, holds_for, memory_kib, now_ns, poll_every, process_exists, wait_until, zombie_children,
-    Backend, Daemon, Fault, NewRow, PrivateServer, Proxy, TestDb,
+    cli, holds_for, memory_kib, now_ns, poll, poll_every, process_exists, wait_until,
+    zombie_children, Backend, Daemon, Fault, NewRow, PrivateServer, Proxy, TestDb,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -903,8 +903,28 @@ async fn a_daemon_paused_past_its_fencing_deadline_keeps_the_tries_still_its_own
 
 multi_host_backends!(
     a_daemon_whose_renewals_fail_claims_nothing_until_one_succeeds,
+    a_claim_answered_after_the_fence_starts_nothing_until_a_renewal_succeeds,
     a_renewal_that_failed_once_is_retried_before_the_fencing_deadline,
 );
+
+/// Inserts a row held by the daemon that holds `like`, which no try runs
+/// and whose lease does not lapse within a test: every renewal renews it,
+/// so that refused renewals (see [`renewal_refusal`]) keep failing once
+/// the daemon's tries have ended (the heartbeat gives such a row back only
+/// after renewals that succeed).
+async fn held_without_a_try(db: &TestDb, like: RequestId) {
+    let in_an_hour = match db.backend {
+        Backend::Postgres => "CURRENT_TIMESTAMP + INTERVAL '1 hour'",
+        _ => "CURRENT_TIMESTAMP + INTERVAL 1 HOUR",
+    };
+    db.execute(&format!(
+        "INSERT INTO task_runner_requests \
+           (task_class_name, result, claimed_by, claim_token, heartbeat_at, started_at, tries) \
+         SELECT 'Nap', 'RUNNING', claimed_by, 'held-by-a-test', {in_an_hour}, CURRENT_TIMESTAMP, 1 \
+           FROM task_runner_requests WHERE id = {like}"
+    ))
+    .await;
+}
 
 /// SQL that makes every lease renewal fail, as a trigger of the
 /// application's kind would (a renewal changes only `heartbeat_at` of a
@@ -998,20 +1018,7 @@ async fn a_daemon_whose_renewals_fail_claims_nothing_until_one_succeeds(backend:
     );
     let napping = db.insert_row(NewRow::new("Nap").try_limit(1)).await;
     db.wait_for_pid(napping, WAIT).await;
-    // A row the daemon holds that no try runs, whose lease does not lapse
-    // within the test: every renewal renews it (the heartbeat gives such a
-    // row back only after renewals that succeed).
-    let in_an_hour = match backend {
-        Backend::Postgres => "CURRENT_TIMESTAMP + INTERVAL '1 hour'",
-        _ => "CURRENT_TIMESTAMP + INTERVAL 1 HOUR",
-    };
-    db.execute(&format!(
-        "INSERT INTO task_runner_requests \
-           (task_class_name, result, claimed_by, claim_token, heartbeat_at, started_at, tries) \
-         SELECT 'Nap', 'RUNNING', claimed_by, 'held-by-a-test', {in_an_hour}, CURRENT_TIMESTAMP, 1 \
-           FROM task_runner_requests WHERE id = {napping}"
-    ))
-    .await;
+    held_without_a_try(&db, napping).await;
     let (refuse, allow) = renewal_refusal(backend);
     for statement in refuse {
         db.execute(statement).await;
@@ -1047,6 +1054,90 @@ async fn a_daemon_whose_renewals_fail_claims_nothing_until_one_succeeds(backend:
         log.contains("heartbeats renewed again: claiming resumes"),
         "{log}"
     );
+    assert!(daemon.stop().success(), "{log}");
+}
+
+/// A claim sent before the daemon fenced itself off came back after the
+/// fence (here the read of the pauses that comes before a claim waits for
+/// a lock the test holds past the fence; in life a slow server that
+/// answers a claim within `lease_timeout` but no renewal in time). The
+/// scheduler had looked at the fence before it: the claimed row's try
+/// started, with a lease no renewal covered, and nothing but the watchdog's
+/// deadline, if it still ran then, would stop it before another daemon
+/// reran the row. Now a try registered while the daemon is fenced off is
+/// given back before it starts, its try not counted, and runs once a
+/// renewal succeeds.
+async fn a_claim_answered_after_the_fence_starts_nothing_until_a_renewal_succeeds(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let marker = db.scratch.join("started");
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "heartbeat_interval: 1s\nkill_grace: 3s\nlease_timeout: 10s\ntasks:\n  Nap:\n    command: [/bin/sleep, '30']\n  Mark:\n    command: [/bin/touch, {}]\n",
+            marker.display()
+        ),
+    );
+    let napping = db.insert_row(NewRow::new("Nap").try_limit(1)).await;
+    db.wait_for_pid(napping, WAIT).await;
+    held_without_a_try(&db, napping).await;
+    let (refuse, allow) = renewal_refusal(backend);
+    for statement in refuse {
+        db.execute(statement).await;
+    }
+    daemon.wait_for_log(
+        "database unavailable while renewing heartbeats",
+        Duration::from_secs(10),
+    );
+    // The scheduler reads the pauses before a claim (each second while it
+    // has a free slot): that read now waits, for up to `lease_timeout`,
+    // sent before the fence (6 s after the last renewal).
+    let pauses = db.hold_table("task_runner_pauses").await;
+    let marked = db.enqueue("Mark", None).await;
+    daemon.wait_for_log(
+        "killing this daemon's tasks before their lease lapses",
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        db.row(marked).await.result,
+        None,
+        "claimed before the fence"
+    );
+    pauses.release().await;
+    let given_back = poll(
+        WAIT,
+        "the row claimed after the fence given back",
+        async || match db.row(marked).await {
+            _ if marker.exists() => panic!("its task started while the daemon was fenced off"),
+            row if row
+                .result_text
+                .as_deref()
+                .is_some_and(|text| text.contains("given back before it started")) =>
+            {
+                Ok(row)
+            }
+            row => Err(row),
+        },
+    )
+    .await;
+    assert_eq!(given_back.tries, 0, "{given_back:?}");
+    // Past the watchdog's deadline, and the daemon's next claims: nothing started.
+    holds_for(
+        Duration::from_secs(4),
+        "the fenced daemon to start nothing",
+        async || match marker.exists() {
+            false => Ok(()),
+            true => Err("the task started"),
+        },
+    )
+    .await;
+    db.execute(allow).await;
+    let row = db.wait_for_state(marked, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 1, "{row:?}");
+    assert!(marker.exists());
+    let log = daemon.log_text();
     assert!(daemon.stop().success(), "{log}");
 }
 

@@ -214,7 +214,6 @@ pub async fn run(
     // holds only the handles it uses.
     let services = CancellationToken::new();
     let mut supervised = Supervised::default();
-    let fenced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let scheduler = scheduler::Scheduler {
         setup: setup.clone(),
         store: store.clone(),
@@ -232,7 +231,6 @@ pub async fn run(
             recorder: recorder.clone(),
             metrics: metrics.clone(),
         }),
-        fenced: fenced.clone(),
     };
     supervised.spawn("scheduler", scheduler.run(stop_claiming.clone()));
     supervised.spawn(RECORDER, writer.run(services.clone()));
@@ -255,7 +253,6 @@ pub async fn run(
         recorder: recorder.clone(),
         check_cancels: check_cancels.clone(),
         watchdog,
-        fenced,
         wake: wake.clone(),
     };
     supervised.spawn("heartbeat", heartbeat.run(services.clone()));

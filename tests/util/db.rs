@@ -192,6 +192,35 @@ impl TestDb {
         }
     }
 
+    /// Another connection holding `table` from every reader (and writer)
+    /// until [`HeldTable::release`]: `LOCK TABLE … IN ACCESS EXCLUSIVE
+    /// MODE` on PostgreSQL, `LOCK TABLES … WRITE` on MariaDB. Not SQLite
+    /// (its readers never wait).
+    pub async fn hold_table(&self, table: &str) -> HeldTable {
+        use sqlx::Connection;
+        match self.backend {
+            Backend::Postgres => {
+                let mut connection = sqlx::PgConnection::connect(&self.url).await.unwrap();
+                let lock = format!("BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(lock))
+                    .execute(&mut connection)
+                    .await
+                    .unwrap();
+                HeldTable::Postgres(connection)
+            }
+            Backend::MySql => {
+                let mut connection = sqlx::MySqlConnection::connect(&self.url).await.unwrap();
+                let lock = format!("LOCK TABLES {table} WRITE");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(lock))
+                    .execute(&mut connection)
+                    .await
+                    .unwrap();
+                HeldTable::MySql(connection)
+            }
+            Backend::Sqlite => panic!("SQLite's readers do not wait for a lock"),
+        }
+    }
+
     /// Runs SQL as an application would (no parameters).
     pub async fn execute(&self, sql: &str) {
         self.raw
@@ -405,6 +434,26 @@ impl HeldRow {
             HeldRow::Sqlite(mut c) => sqlx::raw_sql("COMMIT").execute(&mut c).await.map(|_| ()),
             HeldRow::Postgres(mut c) => sqlx::raw_sql("COMMIT").execute(&mut c).await.map(|_| ()),
             HeldRow::MySql(mut c) => sqlx::raw_sql("COMMIT").execute(&mut c).await.map(|_| ()),
+        }
+        .unwrap();
+    }
+}
+
+/// A lock held by [`TestDb::hold_table`].
+pub enum HeldTable {
+    Postgres(sqlx::PgConnection),
+    MySql(sqlx::MySqlConnection),
+}
+
+impl HeldTable {
+    /// Lets the waiting readers and writers on.
+    pub async fn release(self) {
+        match self {
+            HeldTable::Postgres(mut c) => sqlx::raw_sql("COMMIT").execute(&mut c).await.map(|_| ()),
+            HeldTable::MySql(mut c) => sqlx::raw_sql("UNLOCK TABLES")
+                .execute(&mut c)
+                .await
+                .map(|_| ()),
         }
         .unwrap();
     }

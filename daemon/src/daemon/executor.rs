@@ -89,7 +89,7 @@ impl Executor {
         let config = Setup::current_config(&self.setup);
         let (stop_sender, stop) = watch::channel(None);
         let (progress_sender, progress) = watch::channel(None);
-        self.tries.insert(
+        let stopped = self.tries.insert(
             row.id,
             LiveTry {
                 task: crate::request::shown_task_name(&row.task_class_name).into_owned(),
@@ -102,6 +102,11 @@ impl Executor {
                 progress_written: None,
             },
         );
+        if let Some(reason) = stopped {
+            // Stopped as it was registered (a shutdown, a fence): it does
+            // not start, even into a free slot.
+            return self.give_back(&row, given_back(Some(reason)), &config);
+        }
         // The try makes everything its start needs (type, options,
         // environment, cgroup) first, and waits for its slot last, in the
         // supervisor's gate, its start left ready in the line: a slot freed
@@ -143,11 +148,7 @@ impl Executor {
             let verdict = lock(&gave_up)
                 .take()
                 .unwrap_or_else(|| given_back(Some(StopReason::Shutdown)));
-            self.tries.remove(row.id);
-            tracing::info!("{}", verdict.result_text);
-            let outcome = attempt::outcome(&row, &verdict, &config);
-            self.recorder.send(Write::Outcome(outcome));
-            return ((verdict.state, false), None);
+            return self.give_back(&row, verdict, &config);
         }
         self.tries.remove(row.id);
         if let Some(took) = verdict.spawn_took {
@@ -195,6 +196,20 @@ impl Executor {
             .and_then(|start| start.asked.elapsed().ok());
         ((verdict.state, false), ran_for)
     }
+
+    /// Ends a try that never started with `verdict` (see [`given_back`]).
+    fn give_back(
+        &self,
+        row: &Claimed,
+        verdict: Verdict,
+        config: &crate::config::Config,
+    ) -> ((State, bool), Option<Duration>) {
+        self.tries.remove(row.id);
+        tracing::info!("{}", verdict.result_text);
+        let outcome = attempt::outcome(row, &verdict, config);
+        self.recorder.send(Write::Outcome(outcome));
+        ((verdict.state, false), None)
+    }
 }
 
 /// Waits for a reason to stop waiting for a slot: a row claimed ahead may
@@ -226,9 +241,11 @@ fn given_back(stopped: Option<StopReason>) -> Verdict {
             State::Interrupted,
             "given back before it started: the daemon was shut down",
         ),
+        // Its try not counted either: this daemon's own failure to keep
+        // the claim (taken over, or fenced off) is no fault of the task's.
         Some(StopReason::LostClaim) => (
-            State::Crashed,
-            "stopped before it started: this daemon lost its claim on the row",
+            State::Interrupted,
+            "given back before it started: this daemon lost (or could not renew) its claim on the row",
         ),
         None => (
             State::Interrupted,

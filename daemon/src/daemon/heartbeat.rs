@@ -12,8 +12,10 @@
 //! claims nothing until a renewal succeeds again (renewals that fail while
 //! claims work, say a slow server answering the claim within
 //! `lease_timeout` but not the renewal within `heartbeat_interval`, would
-//! otherwise start tries no renewal covers). On SQLite (one host) it keeps
-//! supervising through an outage instead, and records outcomes later.
+//! otherwise start tries no renewal covers; a claim sent before the fence
+//! and answered after it starts nothing either, see [`Tries::fence`]). On
+//! SQLite (one host) it keeps supervising through an outage instead, and
+//! records outcomes later.
 //! A daemon that did not run for a while (stopped, frozen) finds both its
 //! renewal and its deadline due when it resumes: it renews first, keeps the
 //! tries whose rows are still its own and kills the others at once. While
@@ -37,7 +39,6 @@
 //! a moment after its claim commits.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,7 +53,6 @@ use crate::instance::ClaimToken;
 use crate::instance::InstanceId;
 use crate::store::{Backend, Store, Write};
 use crate::supervisor::watchdog::{boot_clock, Watchdog};
-use crate::supervisor::StopReason;
 use crate::task_types::Setup;
 
 /// How long after a renewal was sent, if none succeeds meanwhile, the
@@ -97,9 +97,8 @@ pub(super) struct Heartbeat {
     /// Kills this daemon's tasks if it stops renewing while it does not
     /// run itself (PostgreSQL, MariaDB/MySQL; see supervisor/watchdog.rs).
     pub(super) watchdog: Option<Arc<Watchdog>>,
-    /// Set while the daemon is fenced off: the scheduler claims nothing
-    /// until a renewal succeeds (and is woken through `wake` then).
-    pub(super) fenced: Arc<AtomicBool>,
+    /// Woken when a renewal lifts a fence: the scheduler claims nothing
+    /// while the daemon is fenced off (see [`Tries::fence`]).
     pub(super) wake: Arc<Notify>,
 }
 
@@ -119,7 +118,7 @@ impl Heartbeat {
         let mut strays: HashMap<crate::request::RequestId, ClaimToken> = HashMap::new();
         loop {
             let config = Setup::current_config(&self.setup);
-            let fenced = self.fenced.load(Ordering::Relaxed);
+            let fenced = self.tries.fenced();
             let fence_deadline =
                 (self.store.backend() != Backend::Sqlite).then(|| last_sent + fence_after(&config));
             // After a failure, a pause from now: a retry that were due at
@@ -161,13 +160,12 @@ impl Heartbeat {
                             running,
                             "no heartbeat renewal for {silent:.1}s: killing this daemon's tasks before their lease lapses, so that no other daemon runs them at the same time; no new claims until a renewal succeeds"
                         );
-                        self.tries.stop_all(StopReason::LostClaim);
                     } else {
                         tracing::warn!(
                             "no heartbeat renewal for {silent:.1}s: no new claims until a renewal succeeds"
                         );
                     }
-                    self.fenced.store(true, Ordering::Relaxed);
+                    self.tries.fence();
                     continue;
                 }
             }
@@ -194,7 +192,7 @@ impl Heartbeat {
                     self.arm_watchdog(sent);
                     if fenced {
                         tracing::info!("heartbeats renewed again: claiming resumes");
-                        self.fenced.store(false, Ordering::Relaxed);
+                        self.tries.fence_lifted();
                         self.wake.notify_one();
                     }
                     failed = false;

@@ -20,7 +20,6 @@
 //! with `queues:` configured, or for task types with a concurrency limit.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -192,9 +191,6 @@ pub(super) struct Scheduler {
     pub(super) paused: Arc<Mutex<Vec<crate::store::Pause>>>,
     /// What each claimed try runs with.
     pub(super) executor: Arc<Executor>,
-    /// Set by the heartbeat while the daemon is fenced off (it renewed no
-    /// lease in time): no claim until a renewal succeeds again.
-    pub(super) fenced: Arc<AtomicBool>,
 }
 
 impl Scheduler {
@@ -300,7 +296,7 @@ impl Scheduler {
             // A fenced daemon's tries would run with leases it cannot renew
             // (its renewals fail while claims may not): another daemon
             // would run their rows too once they lapse.
-            let fenced = self.fenced.load(Ordering::Relaxed);
+            let fenced = self.tries.fenced();
             if (idle_slots > 0 || refill) && paused.is_none() && !only_pauses_read && !fenced {
                 let refreshed = super::unless_stopping(&cancel, pauses.refresh());
                 if refreshed.await.is_none() {

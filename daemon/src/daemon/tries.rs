@@ -39,6 +39,8 @@ struct Inner {
     /// Set by [`Tries::stop_all`] at a shutdown: a try registered afterwards
     /// is stopped at once.
     stopping: Option<StopReason>,
+    /// Set while the daemon is fenced off (see [`Tries::fence`]).
+    fenced: bool,
 }
 
 /// A progress line to write to a try's row.
@@ -53,13 +55,19 @@ impl Tries {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a try, stopping it at once if every try has been told to stop.
-    pub(crate) fn insert(&self, id: RequestId, live: LiveTry) {
+    /// Registers a try, stopping it at once if every try has been told to
+    /// stop (a shutdown, a fence); returns why it was, if it was: it must
+    /// not start.
+    pub(crate) fn insert(&self, id: RequestId, live: LiveTry) -> Option<StopReason> {
         let mut inner = self.lock();
-        if let Some(reason) = inner.stopping {
+        let stopping = inner
+            .stopping
+            .or(inner.fenced.then_some(StopReason::LostClaim));
+        if let Some(reason) = stopping {
             live.stop.send_replace(Some(reason));
         }
         inner.tries.insert(id, live);
+        stopping
     }
 
     pub(crate) fn remove(&self, id: RequestId) {
@@ -98,6 +106,32 @@ impl Tries {
         for live in inner.tries.values() {
             live.stop.send_replace(Some(reason));
         }
+    }
+
+    /// The heartbeat fences the daemon off (it renewed no lease in time):
+    /// every try is stopped for a lost claim, and so is every try
+    /// registered until [`Tries::fence_lifted`]. A claim sent before the
+    /// fence may come back after it (a slow server answers claims within
+    /// `lease_timeout` but not the renewals in time): no renewal covers its
+    /// rows, and their tries would run on beside their reruns on other
+    /// daemons once the leases lapse.
+    pub(crate) fn fence(&self) {
+        let mut inner = self.lock();
+        inner.fenced = true;
+        for live in inner.tries.values() {
+            live.stop.send_replace(Some(StopReason::LostClaim));
+        }
+    }
+
+    /// A renewal succeeded again after [`Tries::fence`]: tries registered
+    /// from now on start.
+    pub(crate) fn fence_lifted(&self) {
+        self.lock().fenced = false;
+    }
+
+    /// Whether the daemon is fenced off: it claims nothing meanwhile.
+    pub(crate) fn fenced(&self) -> bool {
+        self.lock().fenced
     }
 
     /// A user asked to cancel `id`: stops its try unless it is stopping
