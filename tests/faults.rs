@@ -642,9 +642,12 @@ async fn postgres_restart_while_ten_tasks_run_loses_nothing(backend: Backend) {
     for id in &ids {
         db.wait_for_pid(*id, WAIT).await;
     }
-    // Down for a few heartbeats, then back (shorter than the self-fencing deadline).
+    // Down for a few heartbeats, then back (shorter than the self-fencing
+    // deadline; longer than the pool's 5 s wait for a connection, which a
+    // renewal, waited for until that deadline, rides a shorter restart
+    // through with).
     server.stop();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(6500)).await;
     server.start_again();
     for id in &ids {
         let row = db.wait_for_state(*id, "FINISHED", WAIT).await;
@@ -906,6 +909,58 @@ multi_host_backends!(
     a_claim_answered_after_the_fence_starts_nothing_until_a_renewal_succeeds,
     a_renewal_that_failed_once_is_retried_before_the_fencing_deadline,
 );
+
+both_backends!(a_renewal_slower_than_its_interval_is_waited_for);
+
+/// An application holds a lock a renewal needs for 3 s, three renewal
+/// intervals (in life, a server under load that answers each renewal
+/// late, or the locks of other daemons' transactions): each renewal waits
+/// for it. The heartbeat gave a renewal up after
+/// one interval and tried again: the database was logged as unavailable
+/// while it answered, and a server that answered each renewal a little
+/// later than the interval failed them all and fenced the daemon off.
+/// Now a renewal is waited for until the fencing deadline (on PostgreSQL
+/// and MariaDB a second one is sent beside it after an interval, in case
+/// its connection went silent).
+async fn a_renewal_slower_than_its_interval_is_waited_for(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "lease_timeout: 10s\ntasks:\n  Nap:\n    command: [/bin/sleep, '30']\n",
+    );
+    let napping = db.insert_row(NewRow::new("Nap").try_limit(1)).await;
+    let pid = db.wait_for_pid(napping, WAIT).await.pid.unwrap() as i32;
+    // The lease marked old, then a lock that a renewal waits for, for
+    // three intervals: PostgreSQL's renewal skips a locked row, but not a
+    // locked table.
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET heartbeat_at = '2000-01-01 00:00:00' WHERE id = {napping}"
+    ))
+    .await;
+    if backend == Backend::Postgres {
+        let held = db.hold_table("task_runner_requests").await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        held.release().await;
+    } else {
+        let held = db.hold_row(napping).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        held.release().await;
+    }
+    db.wait_for_count(
+        &format!(
+            "SELECT count(*) FROM task_runner_requests WHERE id = {napping} AND heartbeat_at > '2001-01-01'"
+        ),
+        1,
+        WAIT,
+    )
+    .await;
+    let log = daemon.log_text();
+    assert!(!log.contains("database unavailable"), "{log}");
+    assert!(!log.contains("no heartbeat renewal for"), "{log}");
+    assert!(process_exists(pid), "the task was killed: {log}");
+    assert!(daemon.stop().success(), "{log}");
+}
 
 /// Inserts a row held by the daemon that holds `like`, which no try runs
 /// and whose lease does not lapse within a test: every renewal renews it,
@@ -1483,6 +1538,36 @@ async fn renewals_gone_silent_do_not_take_the_pool(backend: Backend) {
     );
     a_new_row_runs_once(&db, "the fifth renewal went silent", WAIT).await;
     assert!(daemon.stop().success(), "{}", daemon.log_text());
+}
+
+multi_host_backends!(a_renewal_whose_connection_went_silent_is_sent_again_beside_it);
+
+/// A lease renewal's connection goes silent (a failover without a reset).
+/// The heartbeat gave the renewal up after an interval, logged the
+/// database as unavailable, and tried again a second later. Now a second
+/// renewal is sent beside the first after an interval, on another
+/// connection, and renews the leases: no outage, and no task killed.
+async fn a_renewal_whose_connection_went_silent_is_sent_again_beside_it(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let proxy = Proxy::start(
+        &db.url,
+        Fault::Silence("task_runner_requests SET heartbeat_at"),
+    )
+    .await;
+    let mut daemon = daemon_behind(
+        &db,
+        &proxy,
+        "heartbeat_interval: 1s\nkill_grace: 1s\nlease_timeout: 10s\n",
+    );
+    let id = db.enqueue("Long", None).await;
+    let pid = db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32;
+    wait_until(WAIT, "a renewal's connection to go silent", || proxy.done());
+    daemon.wait_for_log("another one sent beside it", Duration::from_secs(10));
+    a_new_row_runs_once(&db, "the renewal went silent", WAIT).await;
+    let log = daemon.log_text();
+    assert!(!log.contains("database unavailable"), "{log}");
+    assert!(process_exists(pid), "the task was killed: {log}");
+    assert!(daemon.stop().success(), "{log}");
 }
 
 /// Enqueues a `Short` row, waits up to `wait` for it to finish in its

@@ -10,8 +10,7 @@
 //! `heartbeat_interval` where the lease is tight, see [`fence_after`]) it
 //! kills its own tasks, and one row never runs on two hosts at once; and it
 //! claims nothing until a renewal succeeds again (renewals that fail while
-//! claims work, say a slow server answering the claim within
-//! `lease_timeout` but not the renewal within `heartbeat_interval`, would
+//! claims work, say a trigger of an application's that refuses them, would
 //! otherwise start tries no renewal covers; a claim sent before the fence
 //! and answered after it starts nothing either, see [`Tries::fence`]). On
 //! SQLite (one host) it keeps supervising through an outage instead, and
@@ -22,6 +21,9 @@
 //! it does not run, its fencing watchdog, a process apart, kills its tasks
 //! at `lease_timeout − heartbeat_interval` after the last renewal (see
 //! supervisor/watchdog.rs): the heartbeat tells it each new deadline.
+//! A renewal is waited for until the fencing deadline, a slow one too;
+//! one not answered within an interval gets a second one beside it, on
+//! another connection, in case its own went silent (see [`renewed_by`]).
 //! After a failed renewal the next one is tried [`RETRY_AFTER_FAILURE`]
 //! later, or after half the time left before the deadline if that is
 //! less, not a whole `heartbeat_interval`: an outage that ends before the
@@ -178,12 +180,19 @@ impl Heartbeat {
             let before = self.tries.claims();
             let (sent_at, sent) = (Instant::now(), boot_clock());
             attempted = sent_at;
-            let renewal = within_interval(
-                &self.store,
-                &config,
-                self.store.renew_heartbeats(&self.instance),
-            )
-            .await;
+            // Waited for until the fencing deadline: a slow server's renewal
+            // still counts (see `renewed_by`). Not by a shutdown: the top of
+            // the loop ends the heartbeat.
+            let by = fence_deadline.filter(|_| !fenced);
+            let renewal = tokio::select! {
+                renewal = renewed_by(&self.store, &config, by, || {
+                    self.store.renew_heartbeats(&self.instance)
+                }) => renewal,
+                _ = stop.cancelled() => {
+                    self.store.giving_up_on_a_connection();
+                    continue;
+                }
+            };
             let held = match renewal {
                 Ok(held) => {
                     self.health.succeeded("renewing heartbeats");
@@ -347,6 +356,77 @@ fn panic_when_told_by_a_test() {
             panic!("the heartbeat panics: told to by a test");
         }
     }
+}
+
+/// The renewal `renew` makes, waited for until `deadline` (the fencing
+/// deadline; none on SQLite, whose waits are for locks that `busy_timeout`
+/// bounds already, and none while the daemon is fenced off, when a whole
+/// `heartbeat_interval` bounds it as it does the daemon's own row).
+///
+/// A renewal that takes longer than a `heartbeat_interval` (at least 1 s)
+/// is either slow (a server under load, a row lock an application holds)
+/// or lost on a connection gone silent (a failover without a reset). So a
+/// second renewal is sent then, on another connection, beside the first,
+/// and the first to succeed counts. Before, the first was given up after
+/// the interval and tried again: a server that answered each renewal in
+/// 1.5 s with renewals every second failed every one, was logged as
+/// unavailable, and fenced the daemon off, killing its tasks, though it
+/// answered the claims.
+async fn renewed_by<T, F>(
+    store: &Store,
+    config: &crate::config::Config,
+    deadline: Option<Instant>,
+    renew: impl Fn() -> F,
+) -> anyhow::Result<T>
+where
+    F: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let patience = config.heartbeat_interval.max(Duration::from_secs(1));
+    if store.backend() == Backend::Sqlite {
+        return renew().await;
+    }
+    let Some(deadline) = deadline.filter(|at| *at > Instant::now() + patience) else {
+        return within_interval(store, config, renew()).await;
+    };
+    let first = renew();
+    tokio::pin!(first);
+    tokio::select! {
+        done = &mut first => return done,
+        _ = tokio::time::sleep(patience) => {}
+    }
+    tracing::debug!(
+        "the lease renewal has not answered within {}: another one sent beside it",
+        crate::units::format_duration(patience)
+    );
+    let second = renew();
+    tokio::pin!(second);
+    let (mut first_done, mut second_done) = (false, false);
+    let outcome = loop {
+        let done = tokio::select! {
+            done = &mut first, if !first_done => {
+                first_done = true;
+                done
+            }
+            done = &mut second, if !second_done => {
+                second_done = true;
+                done
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                break Err(anyhow::anyhow!("the heartbeat statement timed out"));
+            }
+        };
+        match done {
+            Ok(held) => break Ok(held),
+            Err(error) if first_done && second_done => break Err(error),
+            // The other one may still succeed.
+            Err(_) => {}
+        }
+    };
+    if !(first_done && second_done) {
+        // The other one's connection is dropped in the middle of its call.
+        store.giving_up_on_a_connection();
+    }
+    outcome
 }
 
 /// One of the heartbeat's statements, given up once it has taken a whole
