@@ -915,13 +915,12 @@ both_backends!(a_renewal_slower_than_its_interval_is_waited_for);
 /// An application holds a lock a renewal needs for 3 s, three renewal
 /// intervals (in life, a server under load that answers each renewal
 /// late, or the locks of other daemons' transactions): each renewal waits
-/// for it. The heartbeat gave a renewal up after
-/// one interval and tried again: the database was logged as unavailable
-/// while it answered, and a server that answered each renewal a little
-/// later than the interval failed them all and fenced the daemon off.
-/// Now a renewal is waited for until the fencing deadline (on PostgreSQL
-/// and MariaDB a second one is sent beside it after an interval, in case
-/// its connection went silent).
+/// for it. The heartbeat gave a renewal up after one interval and tried
+/// again: the database was logged as unavailable while it answered, and a
+/// server that answered each renewal a little later than the interval
+/// failed them all and fenced the daemon off. Now a renewal is waited for
+/// until the fencing deadline (on PostgreSQL and MariaDB a second one is
+/// sent beside it after an interval, in case its connection went silent).
 async fn a_renewal_slower_than_its_interval_is_waited_for(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut daemon = Daemon::start(
