@@ -1145,10 +1145,24 @@ async fn a_claim_answered_after_the_fence_starts_nothing_until_a_renewal_succeed
         "database unavailable while renewing heartbeats",
         Duration::from_secs(10),
     );
-    // The scheduler reads the pauses before a claim (each second while it
-    // has a free slot): that read now waits, for up to `lease_timeout`,
-    // sent before the fence (6 s after the last renewal).
+    // The scheduler reads the pauses before a claim when its last reading
+    // is a second old (it polls each second while it has a free slot):
+    // that read now waits, for up to `lease_timeout`, sent before the
+    // fence (6 s after the last renewal).
     let pauses = db.hold_table("task_runner_pauses").await;
+    // The row once the scheduler waits in that read (before, a read less
+    // than a second old let the row's claim through at once).
+    let waiting_for_the_lock = match backend {
+        Backend::Postgres => {
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+               AND application_name = 'taskrunner' AND query LIKE '%task_runner_pauses%'"
+        }
+        _ => {
+            "SELECT count(*) FROM information_schema.processlist \
+              WHERE state = 'Waiting for table metadata lock' AND info LIKE '%task_runner_pauses%'"
+        }
+    };
+    db.wait_for_count(waiting_for_the_lock, 1, WAIT).await;
     let marked = db.enqueue("Mark", None).await;
     daemon.wait_for_log(
         "killing this daemon's tasks before their lease lapses",
