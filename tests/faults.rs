@@ -1108,6 +1108,9 @@ async fn a_daemon_whose_renewals_fail_claims_nothing_until_one_succeeds(backend:
         log.contains("heartbeats renewed again: claiming resumes"),
         "{log}"
     );
+    // It ran all along: its last retry before the deadline, run just after
+    // it, took it for a daemon that had not run ("stopped? frozen?").
+    assert!(!log.contains("was not running"), "{log}");
     assert!(daemon.stop().success(), "{log}");
 }
 

@@ -84,6 +84,11 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// The shortest pause between failed renewals.
 const RETRY_AT_LEAST_AFTER: Duration = Duration::from_millis(10);
 
+/// How long after its renewal was due the heartbeat must wake, past the
+/// fencing deadline, to take itself for not having run (see
+/// [`Heartbeat::resumed_late`]).
+const WOKEN_LATE: Duration = Duration::from_secs(1);
+
 /// Renews the leases of this daemon's rows, stops the tries cancelled or
 /// lost, and fences the daemon off when it cannot renew (see the module's doc).
 pub(super) struct Heartbeat {
@@ -172,7 +177,14 @@ impl Heartbeat {
                 }
             }
             panic_when_told_by_a_test();
-            if !fenced && fence_deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            // Past the deadline, and woken well after the renewal was due:
+            // the daemon did not run. (A retry due just before the deadline,
+            // after failed renewals, may run just after it: that is no sign.)
+            let now = Instant::now();
+            if !fenced
+                && fence_deadline.is_some_and(|deadline| now >= deadline)
+                && now.saturating_duration_since(next_renewal) >= WOKEN_LATE
+            {
                 self.resumed_late(last_renewal.elapsed(), config.lease_timeout);
             }
             // Which tries were running before the renewal: a claim made while
