@@ -1586,13 +1586,16 @@ async fn connections_the_server_ends_when_idle_are_replaced_without_a_warning() 
             inserted.elapsed()
         );
     }
-    // Stopped first: its last lines are written by then.
+    // Stopped first: its last lines are written by then. Warnings and
+    // errors only: a LISTEN whose new connection the administrator ends
+    // as it starts says so at debug level (seen once under load).
     assert!(daemon.stop().success());
     let log = daemon.log_text();
-    assert!(
-        !log.contains("terminating connection") && !log.contains("before_acquire"),
-        "{log}"
-    );
+    let warned = log
+        .lines()
+        .filter(|line| matches!(line.split_whitespace().nth(1), Some("WARN" | "ERROR")))
+        .any(|line| line.contains("terminating connection") || line.contains("before_acquire"));
+    assert!(!warned, "{log}");
 }
 
 /// A PostgreSQL database (or role) whose transactions are SERIALIZABLE by
