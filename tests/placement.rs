@@ -493,8 +493,10 @@ async fn with_more_queues_than_claimed_apart_the_claim_walks_past_the_paused_row
 /// a second and does nothing else it would not do idle. It spent 20 to 30
 /// statements a second more on SQLite and PostgreSQL (a release of delayed
 /// rows every 200 ms, as if its claims filled, and a batch and flow repair
-/// pass at each reading). The margin is for the noise of 5 s of a daemon's
-/// own statements.
+/// pass at each reading), in every second. Each rate is the median of five
+/// one-second counts, so that a second of other work (the last probe's
+/// outcome and the claims after it, a busy machine's late timers) does not
+/// decide; the margin is for the noise of the rest.
 async fn an_idle_daemon_with_a_paused_backlog_only_reads_the_pauses(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut daemon = Daemon::start(&db, "d", "poll_interval: 60s\n");
@@ -505,16 +507,24 @@ async fn an_idle_daemon_with_a_paused_backlog_only_reads_the_pauses(backend: Bac
         let status: serde_json::Value = serde_json::from_str(&out).unwrap();
         status["database_statements"].as_u64().unwrap()
     };
-    // Statements a second over 5 s.
+    // Statements a second: the median of five seconds.
     let rate = || {
-        let before = statements();
-        let started = std::time::Instant::now();
-        crate::util::wait_until(WAIT, "5 s to pass", || {
-            started.elapsed() >= Duration::from_secs(5)
-        });
-        (statements() - before) as f64 / started.elapsed().as_secs_f64()
+        let mut rates = Vec::new();
+        let mut count = statements();
+        let mut since = std::time::Instant::now();
+        for _ in 0..5 {
+            crate::util::wait_until(WAIT, "a second to pass", || {
+                since.elapsed() >= Duration::from_secs(1)
+            });
+            let (now, at) = (statements(), std::time::Instant::now());
+            rates.push((now - count) as f64 / (at - since).as_secs_f64());
+            (count, since) = (now, at);
+        }
+        let mut sorted = rates.clone();
+        sorted.sort_by(f64::total_cmp);
+        (sorted[2], rates)
     };
-    let idle = rate();
+    let (idle, idle_seconds) = rate();
     let (status, out, err) = cli(&db, &["pause", "--queue", "mail"]);
     assert_eq!(status, 0, "{out}{err}");
     // A pause holds once the daemon has read it (within a second): the
@@ -532,10 +542,11 @@ async fn an_idle_daemon_with_a_paused_backlog_only_reads_the_pauses(backend: Bac
         WAIT,
     )
     .await;
-    let paused = rate();
+    let (paused, paused_seconds) = rate();
     assert!(
         paused < idle + 8.0,
-        "{paused:.1} statements a second with a paused backlog, {idle:.1} idle"
+        "{paused:.1} statements a second with a paused backlog ({paused_seconds:.1?}), \
+         {idle:.1} idle ({idle_seconds:.1?})"
     );
     assert_eq!(db.row(held).await.result, None, "{}", daemon.log_text());
     assert!(daemon.stop().success());
