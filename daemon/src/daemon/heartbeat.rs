@@ -393,7 +393,7 @@ async fn renewed_by<T, F>(
 where
     F: std::future::Future<Output = anyhow::Result<T>>,
 {
-    let patience = config.heartbeat_interval.max(Duration::from_secs(1));
+    let patience = patience(config);
     if store.backend() == Backend::Sqlite {
         return renew().await;
     }
@@ -441,6 +441,12 @@ where
     outcome
 }
 
+/// How long one heartbeat statement is waited for alone: a whole
+/// `heartbeat_interval`, at least 1 s.
+fn patience(config: &crate::config::Config) -> Duration {
+    config.heartbeat_interval.max(Duration::from_secs(1))
+}
+
 /// One of the heartbeat's statements, given up once it has taken a whole
 /// `heartbeat_interval` (at least 1 s): a statement that hangs must not keep
 /// the heartbeat from its self-fencing deadline. A statement given up is
@@ -456,7 +462,7 @@ async fn within_interval<T>(
     tokio::pin!(statement);
     tokio::select! {
         done = &mut statement => done,
-        _ = tokio::time::sleep(config.heartbeat_interval.max(Duration::from_secs(1))) => {
+        _ = tokio::time::sleep(patience(config)) => {
             store.giving_up_on_a_connection();
             Err(anyhow::anyhow!("the heartbeat statement timed out"))
         }
