@@ -1765,6 +1765,19 @@ fn lost_claim_kills(log: &str) -> Vec<(i64, u128)> {
         .collect()
 }
 
+/// When a daemon's fencing watchdog killed its task processes (the time of
+/// the daemon's log line saying so, written after the kill), nanoseconds
+/// since the epoch.
+fn watchdog_kills(log: &str) -> Vec<u128> {
+    log.lines()
+        .filter(|line| line.contains("fencing watchdog: this daemon renewed no lease"))
+        .filter_map(|line| {
+            let at = chrono::DateTime::parse_from_rfc3339(line.split_whitespace().next()?).ok()?;
+            u128::try_from(at.timestamp_nanos_opt()?).ok()
+        })
+        .collect()
+}
+
 multi_host_backends!(four_daemons_one_killed_halfway_through_two_thousand_tasks);
 
 async fn four_daemons_one_killed_halfway_through_two_thousand_tasks(backend: Backend) {
@@ -1805,17 +1818,22 @@ async fn four_daemons_one_killed_halfway_through_two_thousand_tasks(backend: Bac
     // parent-death signal is SIGKILL); or when its daemon killed it for a
     // claim it could not keep (under load a daemon may fail to renew its
     // leases in time and fence itself: its log names each such try, after
-    // its process group was killed).
+    // its process group was killed), or its fencing watchdog did (its log
+    // says when). A run on a surviving daemon that ended in none of these
+    // ways is a problem: when it ended is unknown.
     let mut runs: BTreeMap<i64, Vec<(u128, Option<u128>, String)>> = BTreeMap::new();
     let mut problems = Vec::new();
     let mut fenced: BTreeMap<(i64, String), Vec<u128>> = BTreeMap::new();
+    let mut watchdog: BTreeMap<String, Vec<u128>> = BTreeMap::new();
     for (n, daemon) in daemons.iter().enumerate() {
-        for (id, at) in lost_claim_kills(&daemon.log_text()) {
+        let text = daemon.log_text();
+        for (id, at) in lost_claim_kills(&text) {
             fenced
                 .entry((id, format!("host-{n}")))
                 .or_default()
                 .push(at);
         }
+        watchdog.insert(format!("host-{n}"), watchdog_kills(&text));
     }
     for line in std::fs::read_to_string(&log).unwrap().lines() {
         let parts: Vec<&str> = line.split_whitespace().collect();
@@ -1855,12 +1873,27 @@ async fn four_daemons_one_killed_halfway_through_two_thousand_tasks(backend: Bac
             }
         }
     }
+    for (id, row_runs) in runs.iter_mut() {
+        for run in row_runs
+            .iter_mut()
+            .filter(|(_, end, on)| end.is_none() && on != "host-1")
+        {
+            let killed = watchdog[&run.2].iter().find(|at| **at >= run.0);
+            match killed {
+                Some(at) => run.1 = Some(*at),
+                None => problems.push(format!(
+                    "request {id}'s run on the surviving {} has no end line, and no kill says why: {run:?}",
+                    run.2
+                )),
+            }
+        }
+    }
     let mut reruns = 0;
     for (id, mut row_runs) in runs {
         row_runs.sort();
         reruns += row_runs.len() - 1;
         for pair in row_runs.windows(2) {
-            // A run cut short by the kill ended when its daemon died.
+            // A run cut short by the kill of daemon 1 ended when it died.
             let previous_end = pair[0].1.unwrap_or(killed_at);
             if pair[1].0 < previous_end {
                 problems.push(format!("request {id} ran twice at once: {row_runs:?}"));
