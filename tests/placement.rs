@@ -20,6 +20,7 @@ both_backends!(
     a_daemon_serving_every_queue_keeps_priority_across_queues_while_one_is_paused,
     with_more_queues_than_claimed_apart_the_claim_walks_past_the_paused_rows,
     an_idle_daemon_with_a_paused_backlog_only_reads_the_pauses,
+    a_pause_holds_on_the_local_daemon_when_the_command_returns,
 );
 
 /// Parses `start|end ID NANOS` lines into per-row intervals and returns the
@@ -402,6 +403,53 @@ async fn paused_queues_and_types_are_not_claimed_until_resumed(backend: Backend)
     assert_eq!(cli(&db, &["pause"]).1, "nothing is paused\n");
     assert!(every.stop().success());
     assert!(named.stop().success());
+}
+
+/// `taskrunner-cli pause` returns once the daemon on its host (the config's
+/// control socket) goes by the pause: a row of the paused queue enqueued
+/// right after it is not claimed there, though that daemon read the pauses
+/// just before (otherwise it reads them again a second later); `resume`
+/// has it claimed at once. Before, such a row ran.
+async fn a_pause_holds_on_the_local_daemon_when_the_command_returns(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", "poll_interval: 60s\n");
+    let config = daemon.config.display().to_string();
+    // Enqueues through the CLI, which wakes the daemon.
+    let enqueue = |queue: &str| {
+        let (status, out, err) = cli(
+            &db,
+            &["enqueue", "--config", &config, "NoOp", "--queue", queue],
+        );
+        assert_eq!(status, 0, "{out}{err}");
+        RequestId(out.trim().parse().unwrap())
+    };
+    for _ in 0..3 {
+        // A claim: the daemon reads the pauses just before it.
+        let probe = enqueue("mail");
+        db.wait_for_state(probe, "FINISHED", WAIT).await;
+        let (status, out, err) = cli(&db, &["pause", "--config", &config, "--queue", "mail"]);
+        assert_eq!(status, 0, "{out}{err}");
+        assert!(
+            out.starts_with(&format!(
+                "paused queue mail: the daemon on this host (pid {}) claims none of its rows from now on",
+                daemon.child.id()
+            )),
+            "{out}{err}"
+        );
+        let held = enqueue("mail");
+        // The claim that takes a later row of another queue would take it.
+        let later = enqueue("other");
+        db.wait_for_state(later, "FINISHED", WAIT).await;
+        let row = db.row(held).await;
+        assert_eq!(row.result, None, "paused, yet claimed: {row:?}");
+        let (status, out, err) = cli(&db, &["resume", "--config", &config, "--queue", "mail"]);
+        assert_eq!(
+            (status, out.as_str(), err.as_str()),
+            (0, "resumed queue mail\n", "")
+        );
+        db.wait_for_state(held, "FINISHED", WAIT).await;
+    }
+    assert!(daemon.stop().success(), "{}", daemon.log_text());
 }
 
 /// Pauses the queue `held` and inserts three of its rows at the highest

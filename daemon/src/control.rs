@@ -1,7 +1,9 @@
 //! The control socket: a local socket at a filesystem path, inside a
 //! directory only the daemon's user can enter, answering one line with one
 //! JSON line. Commands: `status`, `metrics` (the Prometheus text), `wake`
-//! (poll now, and look for cancel requests), `stop` (graceful).
+//! (poll now, and look for cancel requests), `pauses` (read the pauses
+//! now: answered once the daemon's claims go by them, or with an error
+//! saying why not), `stop` (graceful).
 //!
 //! This file is the protocol and the client (`taskrunner-cli`); the
 //! daemon's server side is in `daemon/control.rs`.
@@ -63,12 +65,24 @@ pub(crate) struct RunningTask {
     pub(crate) progress: Option<String>,
 }
 
+/// The error of a [`request`] that found no daemon on the socket.
+#[derive(Debug)]
+pub(crate) struct NoDaemon(pub(crate) String);
+
+impl std::fmt::Display for NoDaemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no daemon answers on {}", self.0)
+    }
+}
+
+impl std::error::Error for NoDaemon {}
+
 /// Sends one command and returns the daemon's JSON answer.
 pub(crate) async fn request(path: &Path, command: &str) -> Result<serde_json::Value> {
     let name = path.to_fs_name::<GenericFilePath>()?;
     let connection = Stream::connect(name)
         .await
-        .with_context(|| format!("no daemon answers on {}", path.display()))?;
+        .map_err(|error| anyhow::Error::new(error).context(NoDaemon(path.display().to_string())))?;
     let mut writer = &connection;
     writer.write_all(format!("{command}\n").as_bytes()).await?;
     let mut line = String::new();

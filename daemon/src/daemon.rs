@@ -155,7 +155,7 @@ pub async fn run(
     let stop_claiming = CancellationToken::new();
     let stop_now = triggers.stop_now.clone();
     let next_poll = Arc::new(Mutex::new(None));
-    let paused = Arc::new(Mutex::new(Vec::new()));
+    let paused: Arc<pauses::Pauses> = Arc::default();
     let readers = Store::open(&Setup::current_config(&setup).database_url, Purpose::Cli)?;
     let view = Arc::new(view::View {
         setup: setup.clone(),

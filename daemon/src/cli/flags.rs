@@ -908,15 +908,23 @@ async fn run_one(
             targets, reason, ..
         } => {
             let store = open(Purpose::Cli)?;
-            pause(&store, &targets.checked()?, reason.as_deref()).await?;
+            pause(&config, &store, &targets.checked()?, reason.as_deref()).await?;
         }
         Command::Resume { targets, .. } => {
             let store = open(Purpose::Cli)?;
+            let mut resumed = false;
             for (kind, name) in targets.checked()? {
                 if store.resume(kind, &name).await? {
+                    resumed = true;
                     println!("resumed {} {}", kind.word(), one_line(&name));
                 } else {
                     println!("{} {} was not paused", kind.word(), one_line(&name));
+                }
+            }
+            // The daemon on this host claims the rows at once.
+            if resumed {
+                if let Some(Err(why)) = local_daemon_reads_pauses(&config).await {
+                    eprintln!("the daemon on this host has not read it yet: {why}");
                 }
             }
         }
@@ -1125,7 +1133,12 @@ impl PauseTargets {
 }
 
 /// `pause`: pauses each target, or lists the pauses when none is given.
-async fn pause(store: &Store, targets: &[(PauseKind, String)], reason: Option<&str>) -> Result<()> {
+async fn pause(
+    config: &Config,
+    store: &Store,
+    targets: &[(PauseKind, String)],
+    reason: Option<&str>,
+) -> Result<()> {
     if targets.is_empty() {
         let pauses = store.pauses().await?;
         if pauses.is_empty() {
@@ -1136,17 +1149,47 @@ async fn pause(store: &Store, targets: &[(PauseKind, String)], reason: Option<&s
         }
         return Ok(());
     }
+    let mut paused = Vec::new();
     for (kind, name) in targets {
         match store.pause(*kind, name, reason).await? {
             Some(held) => println!("{} was paused already", held.describe()),
-            None => println!(
-                "paused {} {}: no daemon claims its rows from a second on (tries running go on)",
-                kind.word(),
-                one_line(name)
+            None => paused.push((kind, name)),
+        }
+    }
+    if paused.is_empty() {
+        return Ok(());
+    }
+    let local = local_daemon_reads_pauses(config).await;
+    for (kind, name) in paused {
+        let (kind, name) = (kind.word(), one_line(name));
+        match &local {
+            Some(Ok(pid)) => println!(
+                "paused {kind} {name}: the daemon on this host (pid {pid}) claims none of its rows from now on, every other daemon from a second on (tries running go on)"
+            ),
+            _ => println!(
+                "paused {kind} {name}: no daemon claims its rows from a second on (tries running go on)"
             ),
         }
     }
+    if let Some(Err(why)) = local {
+        eprintln!("the daemon on this host has not read the pause yet: {why}");
+    }
     Ok(())
+}
+
+/// Has the daemon on this host (the config's control socket) read the
+/// pauses just written, before its next claim: its pid; `None` where no
+/// daemon listens; the error says why it has not.
+async fn local_daemon_reads_pauses(config: &Config) -> Option<Result<u64, String>> {
+    let socket = config.socket.as_ref()?;
+    // The daemon answers within 5 s, or says why not.
+    let asked = crate::control::request(socket, "pauses");
+    match tokio::time::timeout(Duration::from_secs(6), asked).await {
+        Ok(Ok(answer)) => Some(Ok(answer["pid"].as_u64().unwrap_or_default())),
+        Ok(Err(error)) if error.downcast_ref::<crate::control::NoDaemon>().is_some() => None,
+        Ok(Err(error)) => Some(Err(crate::error_line(&error))),
+        Err(_) => Some(Err("it did not answer within 6 s".into())),
+    }
 }
 
 fn config_command(command: &ConfigCommand, overrides: &Overrides) -> Result<ExitCode> {

@@ -141,6 +141,10 @@ impl Answering {
                 self.check_cancels.notify_one();
                 serde_json::json!({ "ok": true })
             }
+            "pauses" => match shared.read_pauses().await {
+                Ok(()) => serde_json::json!({ "ok": true, "pid": std::process::id() }),
+                Err(why) => serde_json::json!({ "error": why }),
+            },
             "stop" => match peer_task(shared, &connection) {
                 Some(pid) => {
                     tracing::warn!(
@@ -157,7 +161,7 @@ impl Answering {
             },
             other => {
                 let shown: String = other.chars().take(40).collect();
-                serde_json::json!({ "error": format!("unknown command `{shown}` (status, metrics, wake or stop)") })
+                serde_json::json!({ "error": format!("unknown command `{shown}` (status, metrics, wake, pauses or stop)") })
             }
         };
         let mut writer = &connection;
@@ -222,8 +226,7 @@ async fn status(shared: &View) -> Status {
         lock_retries: shared.store.lock_retries(),
         paused: shared
             .paused
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .shown()
             .iter()
             .map(crate::store::Pause::describe)
             .collect(),

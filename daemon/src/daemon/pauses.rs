@@ -2,12 +2,15 @@
 //! daemon's claims see them: read before a claim when the last reading is
 //! a second old, and every second while something is paused (so that a
 //! resume starts the rows within a second on every backend, without a
-//! notification of its own). A daemon that cannot read the table keeps the
-//! pauses it read last: a failed read frees nothing.
+//! notification of its own), and at once when the CLI or the web page on
+//! its host asks (see [`Pauses`]). A daemon that cannot read the table
+//! keeps the pauses it read last: a failed read frees nothing.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::health::Health;
@@ -19,22 +22,89 @@ pub(super) const READ_EVERY: Duration = Duration::from_secs(1);
 /// The activity a failed read is reported as.
 const READING: &str = "reading pauses";
 
+/// The pauses as this daemon's claims go by them, shared by the scheduler
+/// (the one reader of the table) with `status`, the control socket and the
+/// web page: the reading shown, and readings asked for now.
+///
+/// A pause written by `taskrunner-cli pause` or the web page holds on the
+/// daemon on the same host as soon as the command returns, not a second
+/// later: the writer asks that daemon to read the pauses ([`Pauses::read_now`])
+/// and is answered once it has, before its next claim. A resume is claimed
+/// at once the same way.
+pub(super) struct Pauses {
+    /// The pauses read last.
+    shown: Mutex<Vec<Pause>>,
+    /// Readings asked for so far (a count)…
+    asked: AtomicU64,
+    /// …and the latest one answered, with whether the table was read.
+    answered: watch::Sender<(u64, bool)>,
+}
+
+impl Default for Pauses {
+    fn default() -> Self {
+        Pauses {
+            shown: Mutex::default(),
+            asked: AtomicU64::new(0),
+            answered: watch::channel((0, true)).0,
+        }
+    }
+}
+
+impl Pauses {
+    /// The pauses read last.
+    pub(super) fn shown(&self) -> Vec<Pause> {
+        self.shown.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Asks the scheduler (woken by `wake`) to read the pauses before its
+    /// next claim, and waits until it has, for at most `within`. The error
+    /// says why the daemon does not go by them yet.
+    pub(super) async fn read_now(&self, wake: &Notify, within: Duration) -> Result<(), String> {
+        let mut answered = self.answered.subscribe();
+        let ticket = self.asked.fetch_add(1, Ordering::SeqCst) + 1;
+        wake.notify_one();
+        let done = answered.wait_for(|(done, _)| *done >= ticket);
+        // Whether the table was read (the answer's `Ref` not kept).
+        let read = tokio::time::timeout(within, done)
+            .await
+            .map(|answer| answer.map(|answer| answer.1));
+        match read {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err(
+                "it could not read them (its database did not answer): it goes by them once it can"
+                    .into(),
+            ),
+            _ => Err(format!(
+                "it did not read them within {}s (a slow database? stopping?)",
+                within.as_secs()
+            )),
+        }
+    }
+
+    /// The latest reading asked for and not answered yet.
+    fn asked(&self) -> Option<u64> {
+        let asked = self.asked.load(Ordering::SeqCst);
+        (asked > self.answered.borrow().0).then_some(asked)
+    }
+}
+
 pub(super) struct PauseWatch {
     store: Store,
     health: Arc<Health>,
-    /// The pauses read last, for `status` and `/metrics` too.
-    shown: Arc<Mutex<Vec<Pause>>>,
+    /// The pauses read last, for `status` and `/metrics` too, and the
+    /// readings asked for.
+    shared: Arc<Pauses>,
     read_at: Option<Instant>,
     queues: Vec<String>,
     tasks: Vec<String>,
 }
 
 impl PauseWatch {
-    pub(super) fn new(store: Store, health: Arc<Health>, shown: Arc<Mutex<Vec<Pause>>>) -> Self {
+    pub(super) fn new(store: Store, health: Arc<Health>, shared: Arc<Pauses>) -> Self {
         PauseWatch {
             store,
             health,
-            shown,
+            shared,
             read_at: None,
             queues: Vec::new(),
             tasks: Vec::new(),
@@ -47,6 +117,25 @@ impl PauseWatch {
         if self.read_at.is_some_and(|at| at.elapsed() < READ_EVERY) {
             return false;
         }
+        self.read().await.unwrap_or(false)
+    }
+
+    /// Reads the pauses if a reading was asked for ([`Pauses::read_now`]),
+    /// and answers it; the claims after it go by this reading. Returns
+    /// whether a queue or type was resumed.
+    pub(super) async fn read_if_asked(&mut self) -> bool {
+        let Some(asked) = self.shared.asked() else {
+            return false;
+        };
+        let read = self.read().await;
+        self.shared.answered.send_replace((asked, read.is_some()));
+        read.unwrap_or(false)
+    }
+
+    /// Reads the pauses: whether a queue or type was resumed since the
+    /// reading before, or `None` if the table could not be read (the
+    /// pauses read last stay: a failed read frees nothing).
+    async fn read(&mut self) -> Option<bool> {
         let pauses = match self.store.answered(self.store.pauses()).await {
             Ok(pauses) => {
                 self.health.succeeded(READING);
@@ -55,7 +144,7 @@ impl PauseWatch {
             Err(error) => {
                 self.health.failed(READING, &error);
                 self.read_at = Some(Instant::now());
-                return false;
+                return None;
             }
         };
         self.read_at = Some(Instant::now());
@@ -78,8 +167,8 @@ impl PauseWatch {
             }
         }
         (self.queues, self.tasks) = (queues, tasks);
-        *self.shown.lock().unwrap_or_else(|e| e.into_inner()) = pauses;
-        resumed
+        *self.shared.shown.lock().unwrap_or_else(|e| e.into_inner()) = pauses;
+        Some(resumed)
     }
 
     /// When to read again unprompted: a second after the last reading

@@ -187,8 +187,9 @@ pub(super) struct Scheduler {
     pub(super) wake: Arc<Notify>,
     /// When it will next poll unprompted, for `status`.
     pub(super) next_poll: Arc<Mutex<Option<std::time::Instant>>>,
-    /// The pauses its claims went by last, for `status` and `/metrics`.
-    pub(super) paused: Arc<Mutex<Vec<crate::store::Pause>>>,
+    /// The pauses its claims went by last, for `status` and `/metrics`,
+    /// and readings asked of it.
+    pub(super) paused: Arc<super::pauses::Pauses>,
     /// What each claimed try runs with.
     pub(super) executor: Arc<Executor>,
 }
@@ -224,6 +225,14 @@ impl Scheduler {
             // Woken only to read the pauses, which resumed nothing: no
             // repair pass and no claim (nothing else asked for one).
             let only_pauses_read = std::mem::take(&mut nothing_resumed);
+            // A reading of the pauses asked for on this host (a pause or
+            // resume just written) comes before any claim.
+            if super::unless_stopping(&cancel, pauses.read_if_asked())
+                .await
+                .is_none()
+            {
+                break;
+            }
             // A wake-up that comes too soon after a repair pass gets one when
             // its time comes (a flow inserted by plain SQL waits no poll).
             let mut repair_due = None;

@@ -35,13 +35,24 @@ pub(super) struct View {
     pub(super) started: Instant,
     /// When the scheduler will next poll unprompted (it writes it).
     pub(super) next_poll: Arc<Mutex<Option<Instant>>>,
-    /// The pauses the scheduler read last (it writes them).
-    pub(super) paused: Arc<Mutex<Vec<crate::store::Pause>>>,
+    /// The pauses the scheduler read last (it writes them), and readings
+    /// asked of it.
+    pub(super) paused: Arc<super::pauses::Pauses>,
     /// Cancelled once the daemon stops claiming (`status` says "stopping").
     pub(super) stop_claiming: CancellationToken,
 }
 
+/// How long a writer of a pause waits for the daemon to read it.
+const PAUSES_READ_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl View {
+    /// Has the scheduler read the pauses before its next claim (a pause or
+    /// resume was just written on this host; see `pauses::Pauses`); the
+    /// error says why it does not go by them yet.
+    pub(super) async fn read_pauses(&self) -> Result<(), String> {
+        self.paused.read_now(&self.wake, PAUSES_READ_WITHIN).await
+    }
+
     /// The Prometheus text of `/metrics` (and `metrics` on the control socket).
     /// `store` reads the per-queue gauges (`readers`).
     pub(super) async fn metrics_text(&self, store: &Store) -> Result<String> {
@@ -64,5 +75,11 @@ impl crate::web::Daemon for View {
         store: &'a Store,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String>> + Send + 'a>> {
         Box::pin(View::metrics_text(self, store))
+    }
+
+    fn read_pauses(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(View::read_pauses(self))
     }
 }

@@ -54,6 +54,11 @@ pub trait Daemon: Send + Sync {
         &'a self,
         store: &'a Store,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String>> + Send + 'a>>;
+    /// Read the pauses before the next claim, and say when done: the page
+    /// paused or resumed something.
+    fn read_pauses(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
 }
 
 /// What the handlers share.
@@ -798,16 +803,20 @@ async fn pause_action(web: &Web, who: &Who, form: &PauseForm, pausing: bool) -> 
             None => "paused",
         }
     } else if web.store.resume(kind, &form.name).await? {
-        // Claim at once; the daemon reads the pauses anew if its reading is
-        // a second old, as for a resume by the CLI.
-        if let Some(daemon) = &web.daemon {
-            daemon.wake();
-        }
         "resumed"
     } else {
         "not paused"
     };
+    // The daemon serving the page goes by it before its next claim (a
+    // resume is claimed at once); the others within a second.
+    let unread = match &web.daemon {
+        Some(daemon) if matches!(outcome, "paused" | "resumed") => daemon.read_pauses().await.err(),
+        _ => None,
+    };
     tracing::info!(remote = %who.remote, user = %who.user, action, kind = kind.word(), name = %form.name, reason, outcome, "web pause action");
+    if let Some(why) = unread {
+        tracing::warn!("web {action}: this daemon did not read the pauses at once: {why}");
+    }
     Ok(Redirect::to("/").into_response())
 }
 
