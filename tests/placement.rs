@@ -20,6 +20,7 @@ both_backends!(
     a_daemon_serving_every_queue_keeps_priority_across_queues_while_one_is_paused,
     with_more_queues_than_claimed_apart_the_claim_walks_past_the_paused_rows,
     an_idle_daemon_with_a_paused_backlog_only_reads_the_pauses,
+    a_daemon_leaving_a_type_out_keeps_priority_across_the_other_types,
     a_pause_holds_on_the_local_daemon_when_the_command_returns,
 );
 
@@ -77,8 +78,13 @@ async fn run_one_at_a_time(db: &TestDb, ids: &[RequestId]) -> (Daemon, Vec<Reque
         db,
         "d",
         &format!(
-            "max_concurrent: 1\ntasks:\n  Record:\n    command: [/bin/sh, -c, 'echo $TASKRUNNER_REQUEST_ID >> {}']\n",
-            order.display()
+            "max_concurrent: 1\ntasks:\n{}",
+            ["Record", "A", "B", "C"]
+                .map(|name| format!(
+                    "  {name}:\n    command: [/bin/sh, -c, 'echo $TASKRUNNER_REQUEST_ID >> {}']\n",
+                    order.display()
+                ))
+                .concat()
         ),
     );
     for id in ids {
@@ -503,6 +509,47 @@ async fn a_daemon_serving_every_queue_keeps_priority_across_queues_while_one_is_
     }
     let log = daemon.log_text();
     assert!(!log.contains("database unavailable"), "{log}");
+    assert!(daemon.stop().success());
+}
+
+/// While a task type is left out of its claim (paused here; a type with a
+/// concurrency limit, claimed apart, is left out the same way), a daemon
+/// serving every queue claims the other types each through its own index
+/// (SQLite, PostgreSQL; MariaDB walks past the type's rows), not walking
+/// past the left-out rows, which lie ahead here with the highest priority
+/// (100 of them: with fewer it walks), and still in claim order across
+/// the types: by priority, then by id.
+async fn a_daemon_leaving_a_type_out_keeps_priority_across_the_other_types(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let (status, out, err) = cli(&db, &["pause", "--task", "Record"]);
+    assert_eq!(status, 0, "{out}{err}");
+    // Enough rows for the other types to be claimed apart (100 or more).
+    db.insert_copies(NewRow::new("Record").priority(10), 100)
+        .await;
+    let mut open = Vec::new();
+    for (task, priority) in [
+        ("A", 0),
+        ("B", -1),
+        ("A", 5),
+        ("B", 5),
+        ("B", 10),
+        ("C", 1),
+        ("C", 3),
+    ] {
+        let id = db.insert_row(NewRow::new(task).priority(priority)).await;
+        open.push((-priority, id));
+    }
+    let ids: Vec<RequestId> = open.iter().map(|(_, id)| *id).collect();
+    let (mut daemon, ran) = run_one_at_a_time(&db, &ids).await;
+    open.sort();
+    let expected: Vec<RequestId> = open.into_iter().map(|(_, id)| id).collect();
+    assert_eq!(ran, expected);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests WHERE task_class_name = 'Record' AND result IS NULL")
+            .await,
+        100,
+        "a paused row ran"
+    );
     assert!(daemon.stop().success());
 }
 

@@ -5,12 +5,15 @@
 //! a fifth of its rows delayed into the future (reminders for tomorrow),
 //! enqueued before the pending ones; and once more with a fifth of its rows
 //! in a paused queue, enqueued before the pending ones (a backlog held back
-//! while its service is down), claimed as a daemon serving every queue does.
+//! while its service is down), claimed as a daemon serving every queue does;
+//! and with a fifth of its rows of a task type the claim leaves out (one
+//! with a concurrency limit, claimed apart, or paused), and with that type
+//! left out but none of its rows.
 
 use std::time::Instant;
 
 use anyhow::Result;
-use taskrunner::store::{Purpose, Store};
+use taskrunner::store::{ApartBy, Purpose, Store};
 
 use crate::database::{Backend, Bench};
 use crate::latency::percentile;
@@ -20,14 +23,44 @@ use crate::report::{ms, Table};
 const CLAIMS: usize = 1_000;
 const WARM_UP: usize = 20;
 
+/// The rows between the finished ones and the pending ones, which the claim
+/// must not take.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Ahead {
+    Nothing,
+    /// Rows delayed by years.
+    Delayed(usize),
+    /// Rows of a paused queue.
+    PausedQueue(usize),
+    /// Rows of a task type the claim leaves out (none: only the claim of a
+    /// daemon leaving a type out, which has no rows).
+    LeftOutType(usize),
+}
+
+impl Ahead {
+    fn rows(self) -> usize {
+        match self {
+            Ahead::Nothing => 0,
+            Ahead::Delayed(rows) | Ahead::PausedQueue(rows) | Ahead::LeftOutType(rows) => rows,
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Ahead::Nothing => "none".into(),
+            Ahead::Delayed(rows) => format!("{rows} delayed"),
+            Ahead::PausedQueue(rows) => format!("{rows} of a paused queue"),
+            Ahead::LeftOutType(rows) => format!("{rows} of a type left out"),
+        }
+    }
+}
+
 pub struct Case {
     pub backend: Backend,
     pub rows: usize,
     pub pending: usize,
-    /// Rows delayed by years, with lower ids than the pending ones.
-    pub delayed: usize,
-    /// Rows of a paused queue, with lower ids than the pending ones.
-    pub paused: usize,
+    /// What lies ahead of the pending rows (lower ids).
+    pub ahead: Ahead,
     /// Each claim's duration in milliseconds, sorted.
     pub claims_ms: Vec<f64>,
 }
@@ -39,37 +72,44 @@ impl Case {
 }
 
 /// Measures each backend on a table of each size, then on the largest
-/// with a fifth of its rows delayed, then with a fifth paused.
+/// with a fifth of its rows delayed, then paused, then of a type left out,
+/// then with a type left out that has no rows.
 pub async fn run(bench: &Bench, backends: &[Backend], sizes: &[usize]) -> Result<Vec<Case>> {
     let mut cases = Vec::new();
     for &backend in backends {
         for &rows in sizes {
-            cases.push(measure(bench, backend, rows, (0, 0)).await?);
+            cases.push(measure(bench, backend, rows, Ahead::Nothing).await?);
         }
         if let Some(&largest) = sizes.iter().max() {
-            cases.push(measure(bench, backend, largest, (largest / 5, 0)).await?);
-            cases.push(measure(bench, backend, largest, (0, largest / 5)).await?);
+            for ahead in [
+                Ahead::Delayed(largest / 5),
+                Ahead::PausedQueue(largest / 5),
+                Ahead::LeftOutType(largest / 5),
+                Ahead::LeftOutType(0),
+            ] {
+                cases.push(measure(bench, backend, largest, ahead).await?);
+            }
         }
     }
     Ok(cases)
 }
 
-/// One table: `rows` in all, of them `delayed` and `paused` ahead of the
-/// pending ones.
-async fn measure(
-    bench: &Bench,
-    backend: Backend,
-    rows: usize,
-    (delayed, paused): (usize, usize),
-) -> Result<Case> {
+/// One table: `rows` in all, of them the rows `ahead` of the pending ones.
+async fn measure(bench: &Bench, backend: Backend, rows: usize, ahead: Ahead) -> Result<Case> {
     let pending = (rows / 10).max(WARM_UP + 100);
-    let finished = rows.saturating_sub(pending + delayed + paused);
+    let finished = rows.saturating_sub(pending + ahead.rows());
     eprintln!(
-        "scale: {} with {finished} FINISHED + {delayed} delayed + {paused} paused + {pending} pending rows",
-        backend.name()
+        "scale: {} with {finished} FINISHED + {} + {pending} pending rows",
+        backend.name(),
+        ahead.describe()
     );
-    let dir =
-        bench.case_dir(&format!("scale-{backend:?}-{rows}-{delayed}-{paused}").to_lowercase())?;
+    let case = match ahead {
+        Ahead::Nothing => "".to_string(),
+        Ahead::Delayed(rows) => format!("-{rows}-delayed"),
+        Ahead::PausedQueue(rows) => format!("-{rows}-paused"),
+        Ahead::LeftOutType(rows) => format!("-{rows}-left-out"),
+    };
+    let dir = bench.case_dir(&format!("scale-{backend:?}-{rows}{case}").to_lowercase())?;
     let database = bench.database(backend, &dir).await?;
     let loading = Instant::now();
     // Old finished rows first (low ids), then the backlog, as in real life.
@@ -90,21 +130,19 @@ async fn measure(
             ],
         )
         .await?;
-    database
-        .bulk_insert(
-            delayed,
-            &[
-                ("task_class_name", "'NoOp'"),
-                ("delay_until", "'2099-01-01 00:00:00.000'"),
-            ],
-        )
-        .await?;
-    database
-        .bulk_insert(
-            paused,
-            &[("task_class_name", "'NoOp'"), ("queue", "'held'")],
-        )
-        .await?;
+    let ahead_columns: &[(&str, &str)] = match ahead {
+        Ahead::Nothing => &[],
+        Ahead::Delayed(_) => &[
+            ("task_class_name", "'NoOp'"),
+            ("delay_until", "'2099-01-01 00:00:00.000'"),
+        ],
+        Ahead::PausedQueue(_) => &[("task_class_name", "'NoOp'"), ("queue", "'held'")],
+        Ahead::LeftOutType(_) => &[("task_class_name", "'Throttled'")],
+    };
+    // (SQLite's series has one row at the least.)
+    if ahead.rows() > 0 {
+        database.bulk_insert(ahead.rows(), ahead_columns).await?;
+    }
     database
         .bulk_insert(pending, &[("task_class_name", "'NoOp'")])
         .await?;
@@ -129,7 +167,7 @@ async fn measure(
     let claims = CLAIMS.min(pending - WARM_UP);
     let mut claims_ms = Vec::with_capacity(claims);
     let instance = taskrunner::instance::InstanceId::new("bench");
-    let held = ["held".to_string()];
+    let (queue, task) = (["held".to_string()], ["Throttled".to_string()]);
     for index in 0..WARM_UP + claims {
         let token = instance.claim_token(index);
         let started = Instant::now();
@@ -138,10 +176,10 @@ async fn measure(
             instance: &instance,
             host: "bench",
         };
-        let claimed = if paused > 0 {
-            store.claim_outside(by, 1, &held).await?
-        } else {
-            store.claim(by, 1).await?
+        let claimed = match ahead {
+            Ahead::PausedQueue(_) => store.claim_outside(by, 1, (ApartBy::Queue, &queue)).await?,
+            Ahead::LeftOutType(_) => store.claim_outside(by, 1, (ApartBy::Type, &task)).await?,
+            Ahead::Nothing | Ahead::Delayed(_) => store.claim(by, 1).await?,
         };
         let elapsed = started.elapsed();
         anyhow::ensure!(claimed.len() == 1, "claim {index} found no runnable row");
@@ -156,21 +194,19 @@ async fn measure(
         backend,
         rows,
         pending,
-        delayed,
-        paused,
+        ahead,
         claims_ms,
     })
 }
 
 pub fn table(cases: &[Case]) -> Table {
     let mut table = Table::new(
-        "Scale: Store::claim of one row, on a small and on a large table, and on the large one with rows delayed ahead, or paused ahead",
+        "Scale: Store::claim of one row, on a small and on a large table, and on the large one with rows delayed ahead, or paused ahead, or of a type left out",
         &[
             "backend",
             "rows in table",
             "of them pending",
-            "delayed ahead",
-            "paused ahead",
+            "ahead of them",
             "claims timed",
             "mean ms",
             "p50 ms",
@@ -189,17 +225,15 @@ pub fn table(cases: &[Case]) -> Table {
             case.backend.name().to_string(),
             case.rows.to_string(),
             case.pending.to_string(),
-            case.delayed.to_string(),
-            case.paused.to_string(),
+            case.ahead.describe(),
             case.claims_ms.len().to_string(),
             ms(case.mean_ms()),
             ms(percentile(&case.claims_ms, 0.50)),
             ms(percentile(&case.claims_ms, 0.99)),
             format!("{:.2}×", case.mean_ms() / smallest),
-            if case.paused > 0 {
-                "none (measured)"
-            } else {
-                "within 2×"
+            match case.ahead {
+                Ahead::PausedQueue(_) | Ahead::LeftOutType(_) => "none (measured)",
+                Ahead::Nothing | Ahead::Delayed(_) => "within 2×",
             }
             .to_string(),
         ]);
@@ -208,8 +242,10 @@ pub fn table(cases: &[Case]) -> Table {
         "Each claim is taskrunner's own Store::claim (limit 1) through the library, from this process, \
          one at a time, each its own transaction (with its commit: on PostgreSQL a WAL flush). \
          Finished rows have low ids, pending ones high ids, and the delayed rows (delay_until in 2099) \
-         or the paused queue's rows lie between them (paused: Store::claim_outside, as a daemon serving \
-         every queue claims while a queue is paused); PostgreSQL is VACUUM ANALYZEd and \
+         or the paused queue's rows, or those of a type left out (Throttled), lie between them (paused \
+         queue, type left out: Store::claim_outside, as a daemon serving every queue claims while a \
+         queue is paused, or while a type is paused or has a concurrency limit); PostgreSQL is \
+         VACUUM ANALYZEd and \
          MariaDB's table ANALYZEd after the load.",
     );
     table

@@ -35,7 +35,7 @@ use crate::health::{Backoff, Health};
 use crate::instance::InstanceId;
 use crate::metrics::Metrics;
 use crate::request::{Claimed, State};
-use crate::store::Store;
+use crate::store::{ApartBy, Store};
 use crate::task_types::Setup;
 
 /// Rows claimed ahead are meant to start within about this long.
@@ -496,11 +496,24 @@ impl Scheduler {
         let store = &self.store;
         // A daemon serving every queue while some are paused claims the
         // others each through its own index, so that its claim does not
-        // walk past the paused rows (unless there are too many queues).
-        let open_queues = if config.queues.is_empty() && !pauses.queues().is_empty() {
-            store.answered(store.queues_apart(pauses.queues())).await?
+        // walk past the paused rows (unless there are too many queues);
+        // while it leaves task types out (paused, or claimed apart for
+        // their concurrency limit), it claims the other types so.
+        let apart_by = if !config.queues.is_empty() || budget == 0 {
+            None
+        } else if !pauses.queues().is_empty() {
+            Some((ApartBy::Queue, pauses.queues()))
+        } else if !excluded.is_empty() {
+            Some((ApartBy::Type, &excluded[..]))
         } else {
             None
+        };
+        let open = match apart_by {
+            Some((by, left_out)) => store
+                .answered(store.apart(by, left_out))
+                .await?
+                .map(|names| (by, names)),
+            None => None,
         };
         let by = crate::store::Claimant {
             token,
@@ -516,13 +529,13 @@ impl Scheduler {
                 task: None,
                 excluded_tasks: &excluded,
                 excluded_queues: pauses.queues(),
-                queues_in: open_queues.as_deref().unwrap_or_default(),
+                apart: open.as_ref().map(|(by, names)| (*by, &names[..])),
                 options_inline,
             };
             let want = room.min(budget);
-            // Every queue with runnable rows is paused: nothing to claim
-            // but the limited types' rows below.
-            let nothing_open = open_queues.as_ref().is_some_and(Vec::is_empty);
+            // Every queue (or type) with runnable rows is left out: nothing
+            // to claim but the limited types' rows below.
+            let nothing_open = open.as_ref().is_some_and(|(_, names)| names.is_empty());
             // Nothing claimable is waiting: the scheduler idles as after a
             // claim that came back short (not a release every 200 ms).
             all_filled &= !nothing_open;
@@ -544,7 +557,7 @@ impl Scheduler {
                 // Through the type's own index, the paused queues left out.
                 let filter = crate::store::ClaimFilter {
                     task: Some(task),
-                    queues_in: &[],
+                    apart: None,
                     ..filter.clone()
                 };
                 let rows = store

@@ -50,15 +50,24 @@ pub(crate) struct ClaimFilter<'a> {
     pub(crate) excluded_tasks: &'a [String],
     /// Queues to leave alone (paused ones).
     pub(crate) excluded_queues: &'a [String],
-    /// Only these queues, each read through its own index (`queue` is
-    /// then `None`): the claim of a daemon serving every queue while some
-    /// are paused, which would otherwise walk past the paused rows.
-    pub(crate) queues_in: &'a [String],
+    /// Only these queues (or task types), each read through its own index
+    /// (`queue` and `task` are then `None`): the claim of a daemon serving
+    /// every queue while some are paused (or while some types are left
+    /// out), which would otherwise walk past the rows it leaves out.
+    pub(crate) apart: Option<(ApartBy, &'a [String])>,
     /// Options longer than this come back left out (their length alone),
     /// even under `max_options`: a claim that takes rows ahead of its free
     /// slots, so that rows waiting for a slot never hold large options in
     /// the daemon's memory. `None`: `max_options`.
     pub(crate) options_inline: Option<u64>,
+}
+
+/// What a claim reads apart, each through its own index
+/// ([`ClaimFilter::apart`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApartBy {
+    Queue,
+    Type,
 }
 
 impl ClaimFilter<'_> {
@@ -138,15 +147,24 @@ impl Store {
         self.claim_filtered(by, limit, &filter).await
     }
 
-    /// The queues with runnable rows but `paused`, which a claim of every
-    /// other queue reads apart, each through its own index
-    /// ([`ClaimFilter::queues_in`]); `None` when more than
-    /// [`QUEUES_APART`](super::sql::QUEUES_APART) queues have runnable rows
-    /// (the claim then leaves `paused` out as it walks the runnable index).
-    /// On MariaDB/MySQL the queues that have any row, runnable or not
-    /// (see `Store::queues_with_rows_mysql`).
-    pub(crate) async fn queues_apart(&self, paused: &[String]) -> Result<Option<Vec<String>>> {
-        let sql = self.sql.runnable_queues.as_str();
+    /// The queues (or task types, `by`) with runnable rows but `left_out`,
+    /// which a claim of every other one reads apart, each through its own
+    /// index ([`ClaimFilter::apart`]); `None` when more than
+    /// [`APART_AT_MOST`](super::sql::APART_AT_MOST) have runnable rows (the
+    /// claim then leaves `left_out` out as it walks the runnable index). On
+    /// MariaDB/MySQL the queues that have any row, runnable or not (see
+    /// `Store::queues_with_rows_mysql`), and never types: finding them
+    /// there takes a statement per type, and its claims walk past the
+    /// types they leave out.
+    pub(crate) async fn apart(
+        &self,
+        by: ApartBy,
+        left_out: &[String],
+    ) -> Result<Option<Vec<String>>> {
+        if by == ApartBy::Type && !self.left_out_backlog(left_out).await? {
+            return Ok(None);
+        }
+        let sql = self.sql.runnable(by);
         let runnable = on_pool!(self, pool => {
             self.count_statements(1);
             query(sqlx::AssertSqlSafe(sql))
@@ -156,37 +174,83 @@ impl Store {
                 .map(|row| row.text(0))
                 .collect::<sqlx::Result<Vec<_>>>()?
         }, mysql pool => {
-            match self.queues_with_rows_mysql(pool, super::sql::QUEUES_APART).await? {
+            if by == ApartBy::Type {
+                return Ok(None);
+            }
+            match self.queues_with_rows_mysql(pool, super::sql::APART_AT_MOST).await? {
                 Some(queues) => queues,
                 None => return Ok(None),
             }
         });
-        Ok((runnable.len() <= super::sql::QUEUES_APART).then(|| {
+        Ok((runnable.len() <= super::sql::APART_AT_MOST).then(|| {
             runnable
                 .into_iter()
-                .filter(|queue| !paused.contains(queue))
+                .filter(|name| !left_out.contains(name))
                 .collect()
         }))
     }
 
-    /// [`claim`](Store::claim), leaving out the rows of `queues`: the claim
-    /// of a daemon that serves every queue while those are paused, the
-    /// queues found and claimed apart as its scheduler does (for the
-    /// benchmark, whose time includes the finding).
+    /// Whether the task types `left_out` hold at least
+    /// [`BACKLOG_WORTH_APART`](super::sql::BACKLOG_WORTH_APART) runnable
+    /// rows, looked at once a second (a claim that walks past fewer pays
+    /// less than finding the other types would cost it). Never on
+    /// MariaDB/MySQL, whose claims walk.
+    async fn left_out_backlog(&self, left_out: &[String]) -> Result<bool> {
+        const LOOK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+        let seen = || {
+            self.left_out_backlog
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        };
+        if let Some((at, backlog)) = *seen() {
+            if at.elapsed() < LOOK_EVERY {
+                return Ok(backlog);
+            }
+        }
+        let names = serde_json::to_string(left_out)?;
+        let sql = self.sql.left_out_backlog.as_str();
+        let rows = on_pool!(self, pool => {
+            self.count_statements(1);
+            query(sqlx::AssertSqlSafe(sql))
+                .bind(names.as_str())
+                .fetch_all(pool)
+                .await?
+                .first()
+                .map(|row| row.int(0))
+                .transpose()?
+                .unwrap_or(0)
+        }, mysql _pool => {
+            0
+        });
+        let backlog = rows >= super::sql::BACKLOG_WORTH_APART as i64;
+        *seen() = Some((std::time::Instant::now(), backlog));
+        Ok(backlog)
+    }
+
+    /// [`claim`](Store::claim), leaving out the rows of `left_out` (queues
+    /// or task types, `by`): the claim of a daemon that serves every queue
+    /// while those queues are paused (or those types left out), found and
+    /// claimed apart as its scheduler does (for the benchmark, whose time
+    /// includes the finding).
     pub async fn claim_outside(
         &self,
         by: Claimant<'_>,
         limit: usize,
-        queues: &[String],
+        (apart_by, left_out): (ApartBy, &[String]),
     ) -> Result<Vec<Claimed>> {
-        let open = self.queues_apart(queues).await?;
+        let open = self.apart(apart_by, left_out).await?;
         if open.as_ref().is_some_and(Vec::is_empty) {
             return Ok(Vec::new());
         }
+        let (excluded_tasks, excluded_queues) = match apart_by {
+            ApartBy::Queue => (&[][..], left_out),
+            ApartBy::Type => (left_out, &[][..]),
+        };
         let filter = ClaimFilter {
             node: by.host,
-            excluded_queues: queues,
-            queues_in: open.as_deref().unwrap_or_default(),
+            excluded_tasks,
+            excluded_queues,
+            apart: open.as_deref().map(|names| (apart_by, names)),
             ..Default::default()
         };
         self.claim_filtered(by, limit, &filter).await
@@ -227,16 +291,15 @@ impl Store {
             let rows = self.claim_mysql(pool, by, limit, filter, None).await?;
             return Ok(in_claim_order(rows));
         }
-        // Several queues apart (see `ClaimFilter::queues_in`): their names
-        // from `$11` on.
+        // Several queues or types apart (see `ClaimFilter::apart`): their
+        // names from `$11` on.
         let apart;
-        let statement = if filter.queues_in.is_empty() {
-            self.sql.claim_for(filter)
-        } else {
-            apart = self
-                .sql
-                .claim_of_queues_statement(filter.queues_in.len(), 11);
-            apart.as_str()
+        let statement = match filter.apart {
+            None => self.sql.claim_for(filter),
+            Some((by, names)) => {
+                apart = self.sql.claim_apart_statement(by, names.len(), 11);
+                apart.as_str()
+            }
         };
         let rows: Vec<(i64, Claimed)> = on_pool!(self, pool => {
             let mut query = bind_claim!(
@@ -249,8 +312,8 @@ impl Store {
                 self.inline_cap(filter),
                 excluded_queues.as_str(),
             );
-            for queue in filter.queues_in {
-                query = query.bind(queue.as_str());
+            for name in filter.apart.map_or(&[][..], |(_, names)| names) {
+                query = query.bind(name.as_str());
             }
             query.fetch_all(pool.claim_on(self, filter)).await?
                 .iter()

@@ -50,7 +50,7 @@ pub use admin::ListFilter;
 pub(crate) use admin::{key_held_text, Change, ListQuery, NewRequest, DEFAULT_TRY_LIMIT};
 use claims::claimed_from_row;
 pub(crate) use claims::ClaimFilter;
-pub use claims::Claimant;
+pub use claims::{ApartBy, Claimant};
 pub(crate) use housekeeping::Prunable;
 use plumbing::{begin_write, MIGRATIONS_TABLE};
 pub(crate) use plumbing::{within_ping_bound, SchemaMismatch, SideConnection};
@@ -98,6 +98,10 @@ pub struct Store {
     /// without looking for the queues first, having found more than are
     /// claimed apart (see `Store::queues_with_rows_mysql`).
     many_queues_until: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    /// When the task types a claim leaves out were last seen to hold a
+    /// backlog worth claiming the others apart for, or not (see
+    /// `Store::left_out_backlog`).
+    left_out_backlog: std::sync::Arc<std::sync::Mutex<Option<(std::time::Instant, bool)>>>,
     /// PostgreSQL, the daemon: a connection for claims of one queue or task
     /// type, planned for their values (see `Store::claim_pool`).
     queue_claims: Option<sqlx::PgPool>,

@@ -605,14 +605,17 @@ impl Store {
         } else {
             filter.excluded_tasks
         };
-        // Several queues apart (see `ClaimFilter::queues_in`): their names
-        // after the excluded types, and no queue to leave out.
-        let (statement, excluded_queues) = if filter.queues_in.is_empty() {
-            (sql.claim_select.clone(), filter.excluded_queues)
-        } else {
-            let first = 8 + excluded_tasks.len();
-            let statement = sql.claim_of_queues_statement(filter.queues_in.len(), first);
-            (statement, &[][..])
+        // Several queues apart (see `ClaimFilter::apart`; never types
+        // here): their names after the excluded types, and no queue to
+        // leave out.
+        let apart = filter.apart.map_or(&[][..], |(_, names)| names);
+        let (statement, excluded_queues) = match filter.apart {
+            None => (sql.claim_select.clone(), filter.excluded_queues),
+            Some((by, names)) => {
+                let first = 8 + excluded_tasks.len();
+                let statement = sql.claim_apart_statement(by, names.len(), first);
+                (statement, &[][..])
+            }
         };
         let mut select = if excluded_tasks.is_empty() {
             statement.replace("AND task_class_name NOT IN ({excluded})", "")
@@ -635,11 +638,7 @@ impl Store {
             .bind(filter.node)
             .bind(filter.queue.unwrap_or(""))
             .bind(filter.task.unwrap_or(""));
-        for name in excluded_tasks
-            .iter()
-            .chain(excluded_queues)
-            .chain(filter.queues_in)
-        {
+        for name in excluded_tasks.iter().chain(excluded_queues).chain(apart) {
             select_ids = select_ids.bind(name.as_str());
         }
         let ids: Vec<i64> = select_ids

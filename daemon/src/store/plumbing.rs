@@ -340,6 +340,7 @@ impl Store {
             max_options: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
             lock_retries: Default::default(),
             many_queues_until: Default::default(),
+            left_out_backlog: Default::default(),
             queue_claims,
             answer_bound,
             gave_up,

@@ -8,7 +8,7 @@
 
 use std::sync::OnceLock;
 
-use super::{Backend, Prunable};
+use super::{ApartBy, Backend, Prunable};
 
 /// How one backend spells what the statements need: the clock, time
 /// arithmetic, casts, row locks, skipped duplicates, `RETURNING`, and
@@ -446,11 +446,18 @@ pub(crate) const NOT_COUNTED: &str = "not counted: ";
 /// try back (`$4` = 1).
 const REAPED_RESULT: &str = "(CASE WHEN $4 = 1 THEN 'INTERRUPTED' ELSE 'CRASHED' END)";
 
-/// At most this many queues are claimed apart, each through its own index,
-/// by a daemon serving every queue while some are paused
-/// ([`Sql::claim_of_queues`]); with more, its claim walks the runnable
-/// index past the paused rows.
-pub(crate) const QUEUES_APART: usize = 32;
+/// At most this many queues (or task types) are claimed apart, each
+/// through its own index, by a daemon serving every queue while some are
+/// paused (or while some types are left out of its claim)
+/// ([`Sql::claim_apart`]); with more, its claim walks the runnable index
+/// past the rows it leaves out.
+pub(crate) const APART_AT_MOST: usize = 32;
+
+/// Task types left out of a claim (paused, or claimed apart for their
+/// concurrency limit) make it claim the others apart only while they hold
+/// at least this many runnable rows: fewer cost a walk nothing worth a
+/// statement more per claim ([`Sql::left_out_backlog`]).
+pub(crate) const BACKLOG_WORTH_APART: usize = 100;
 
 /// Runnable rows come first by priority, then first-come first-served.
 const CLAIM_ORDER: &str = "ORDER BY priority DESC, id";
@@ -484,23 +491,36 @@ pub struct Sql {
     /// type in claim order (SQLite: pinned to `runnable_of_type`, migration
     /// 0010), for the same reasons.
     pub(crate) claim_of_type: String,
-    /// The claim of several given queues at once, in claim order across
-    /// them (a daemon serving every queue while some are paused, see
-    /// `Store::claim_filtered`): the first `$4` rows of each queue through
-    /// its own index, the best `$4` of those claimed. Parameters as in
-    /// [`claim`](Sql::claim), the queues' names from `$11`; `{branches}`
-    /// stands for one [`claim_of_queues_branch`](Sql::claim_of_queues_branch)
-    /// per queue, joined by `UNION ALL`. (MySQL: the first statement of
-    /// its claim, the ids, as `claim_select`; `{excluded}` as there.)
-    pub claim_of_queues: String,
-    /// One queue's branch of [`claim_of_queues`](Sql::claim_of_queues);
-    /// `{queue}` stands for its parameter.
+    /// The claim of several given queues (or task types) at once, in
+    /// claim order across them (a daemon serving every queue while some
+    /// are paused, or while types are left out of its claim, see
+    /// `Store::claim_filtered`): the first `$4` rows of each through its
+    /// own index, the best `$4` of those claimed. Parameters as in
+    /// [`claim`](Sql::claim), the names from `$11`; `{branches}` stands for
+    /// one [`claim_of_queues_branch`](Sql::claim_of_queues_branch) (or
+    /// [`claim_of_types_branch`](Sql::claim_of_types_branch)) per name,
+    /// joined by `UNION ALL`. (MySQL: the first statement of its claim,
+    /// the ids, as `claim_select`; `{excluded}` as there.)
+    pub claim_apart: String,
+    /// One queue's branch of [`claim_apart`](Sql::claim_apart); `{name}`
+    /// stands for its parameter.
     pub(crate) claim_of_queues_branch: String,
+    /// One task type's branch of [`claim_apart`](Sql::claim_apart), through
+    /// `runnable_of_type`; `{name}` stands for its parameter. (MySQL: not
+    /// used, its claims walk past the types they leave out.)
+    pub(crate) claim_of_types_branch: String,
     /// The queues that have runnable rows (released, whatever their node
-    /// or type), by name, at most [`QUEUES_APART`] + 1: one index probe
+    /// or type), by name, at most [`APART_AT_MOST`] + 1: one index probe
     /// per queue (a skip scan of `runnable_of_queue`). MySQL: the first
     /// queue after `$1` that has any row (see `Store::queues_with_rows_mysql`).
     pub runnable_queues: String,
+    /// The same for task types (a skip scan of `runnable_of_type`). MySQL:
+    /// not used.
+    pub runnable_types: String,
+    /// How many runnable rows the task types `$1` (a JSON array) hold, up
+    /// to [`BACKLOG_WORTH_APART`]: at most that many entries of
+    /// `runnable_of_type` read. MySQL: not used.
+    pub(crate) left_out_backlog: String,
     /// MariaDB/MySQL's claim, in three statements of one transaction (see
     /// `store::mysql`): the ids, locked and skipping rows locked by others
     /// (parameters as in [`claim`](Sql::claim), `$8` onwards: the excluded
@@ -628,17 +648,27 @@ pub struct Sql {
 }
 
 impl Sql {
-    /// [`claim_of_queues`](Sql::claim_of_queues) for `queues` queues, whose
-    /// names are the parameters from `$first` on.
-    pub fn claim_of_queues_statement(&self, queues: usize, first: usize) -> String {
-        let branches: Vec<String> = (first..first + queues)
-            .map(|n| {
-                self.claim_of_queues_branch
-                    .replace("{queue}", &format!("${n}"))
-            })
+    /// [`claim_apart`](Sql::claim_apart) for `names` queues or task types
+    /// (`by`), whose names are the parameters from `$first` on.
+    pub fn claim_apart_statement(&self, by: ApartBy, names: usize, first: usize) -> String {
+        let branch = match by {
+            ApartBy::Queue => &self.claim_of_queues_branch,
+            ApartBy::Type => &self.claim_of_types_branch,
+        };
+        let branches: Vec<String> = (first..first + names)
+            .map(|n| branch.replace("{name}", &format!("${n}")))
             .collect();
-        self.claim_of_queues
+        self.claim_apart
             .replace("{branches}", &branches.join(" UNION ALL "))
+    }
+
+    /// [`runnable_queues`](Sql::runnable_queues) or
+    /// [`runnable_types`](Sql::runnable_types).
+    pub fn runnable(&self, by: ApartBy) -> &str {
+        match by {
+            ApartBy::Queue => &self.runnable_queues,
+            ApartBy::Type => &self.runnable_types,
+        }
     }
 
     /// The claim statement for `filter`: of one type if it names one, else
@@ -678,11 +708,11 @@ impl Sql {
         // index, named (MariaDB's optimizer read the runnable index
         // otherwise: 122 ms a claim behind 20,000 paused rows). The
         // excluded types are left out as in `claim_select`.
-        self.claim_of_queues = "{branches} ORDER BY ready_rank, id LIMIT $4".to_string();
+        self.claim_apart = "{branches} ORDER BY ready_rank, id LIMIT $4".to_string();
         self.claim_of_queues_branch = format!(
             "(SELECT id, ready_rank FROM task_runner_requests \
                 FORCE INDEX (task_runner_requests_ready_of_queue) \
-               WHERE queue = {{queue}} AND ready_rank IS NOT NULL \
+               WHERE queue = {{name}} AND ready_rank IS NOT NULL \
                  AND (delay_until IS NULL OR delay_until <= {now}) \
                  AND (node IS NULL OR node = $5) AND (not_node IS NULL OR not_node <> $5) \
                  AND task_class_name NOT IN ({{excluded}}) \
@@ -833,38 +863,61 @@ impl Sql {
             any_queue,
             "task_class_name = $7",
         );
-        let claim_of_queues_branch = format!(
-            "SELECT id, priority FROM (SELECT id, priority FROM task_runner_requests {} \
-               WHERE {runnable_now} \
-                 AND (node IS NULL OR node = $5) AND (not_node IS NULL OR not_node <> $5) \
-                 AND queue = {{queue}} AND {any_queue} AND {any_type} \
-                 AND task_class_name NOT IN ({}) AND queue NOT IN ({}) \
-               {CLAIM_ORDER} LIMIT $4 {}) AS b",
-            d.indexed_by("task_runner_requests_runnable_of_queue"),
-            d.json_strings("$8"),
-            d.json_strings("$10"),
-            d.skip_locked()
-        );
-        let claim_of_queues = format!(
+        // One branch of `claim_apart`: the first rows of one queue (or
+        // type), `{name}`, through its own index.
+        let claim_apart_branch = |column: &str, index: &str| {
+            format!(
+                "SELECT id, priority FROM (SELECT id, priority FROM task_runner_requests {} \
+                   WHERE {runnable_now} \
+                     AND (node IS NULL OR node = $5) AND (not_node IS NULL OR not_node <> $5) \
+                     AND {column} = {{name}} AND {any_queue} AND {any_type} \
+                     AND task_class_name NOT IN ({}) AND queue NOT IN ({}) \
+                   {CLAIM_ORDER} LIMIT $4 {}) AS b",
+                d.indexed_by(index),
+                d.json_strings("$8"),
+                d.json_strings("$10"),
+                d.skip_locked()
+            )
+        };
+        let claim_of_queues_branch =
+            claim_apart_branch("queue", "task_runner_requests_runnable_of_queue");
+        let claim_of_types_branch =
+            claim_apart_branch("task_class_name", "task_runner_requests_runnable_of_type");
+        let claim_apart = format!(
             "UPDATE task_runner_requests {claim_set} WHERE {} {}",
             d.claim_ids("SELECT id FROM ({branches}) AS c ORDER BY priority DESC, id LIMIT $4"),
             claim_returning("$9")
         );
-        let queue_after = |after: &str| {
+        // The values of `column` with runnable rows: a recursive skip scan
+        // of `index`, one probe each.
+        let runnable_of = |column: &str, index: &str| {
+            let next_after = |after: &str| {
+                format!(
+                    "SELECT min({column}) FROM task_runner_requests {} WHERE {RUNNABLE} AND {RELEASED}{after}",
+                    d.indexed_by(index)
+                )
+            };
             format!(
-                "SELECT min(queue) FROM task_runner_requests {} WHERE {RUNNABLE} AND {RELEASED}{after}",
-                d.indexed_by("task_runner_requests_runnable_of_queue")
+                "WITH RECURSIVE q(name) AS ( \
+                   SELECT ({}) \
+                   UNION ALL \
+                   SELECT ({}) FROM q WHERE q.name IS NOT NULL) \
+                 SELECT name FROM q WHERE name IS NOT NULL LIMIT {}",
+                next_after(""),
+                next_after(&format!(" AND {column} > q.name")),
+                APART_AT_MOST + 1
             )
         };
-        let runnable_queues = format!(
-            "WITH RECURSIVE q(queue) AS ( \
-               SELECT ({}) \
-               UNION ALL \
-               SELECT ({}) FROM q WHERE q.queue IS NOT NULL) \
-             SELECT queue FROM q WHERE queue IS NOT NULL LIMIT {}",
-            queue_after(""),
-            queue_after(" AND queue > q.queue"),
-            QUEUES_APART + 1
+        let runnable_queues = runnable_of("queue", "task_runner_requests_runnable_of_queue");
+        let runnable_types =
+            runnable_of("task_class_name", "task_runner_requests_runnable_of_type");
+        let left_out_backlog = format!(
+            "SELECT {} FROM (SELECT id FROM task_runner_requests {} \
+               WHERE {RUNNABLE} AND {RELEASED} AND task_class_name IN ({}) \
+               LIMIT {BACKLOG_WORTH_APART}) AS b",
+            int("count(*)"),
+            d.indexed_by("task_runner_requests_runnable_of_type"),
+            d.json_strings("$1")
         );
         let claim_one = format!(
             "UPDATE task_runner_requests {claim_set} WHERE id = $4 AND {RUNNABLE} {}",
@@ -1019,9 +1072,12 @@ impl Sql {
             claim,
             claim_of_queue,
             claim_of_type,
-            claim_of_queues,
+            claim_apart,
             claim_of_queues_branch,
+            claim_of_types_branch,
             runnable_queues,
+            runnable_types,
+            left_out_backlog,
             claim_one,
             record_pid: format!(
                 "UPDATE task_runner_requests SET pid = $1, pid_boot_id = $2, pid_start_ticks = $3 WHERE {}",
@@ -1291,7 +1347,7 @@ mod tests {
                 task,
                 excluded_tasks: &[],
                 excluded_queues: &[],
-                queues_in: &[],
+                apart: None,
                 options_inline: None,
             };
             let plan = sqlite_plan(
@@ -1322,34 +1378,50 @@ mod tests {
             );
         }
 
-        // The claim of several queues apart (a queue paused) reads each
-        // through its own index, and finding the queues probes that index.
-        let apart = sqlite_plan(
-            &store,
-            &sql.claim_of_queues_statement(2, 11),
-            &[
-                "token", "instance", "host", "8", "node", "", "", "[]", "1000", "[]", "a", "b",
-            ],
-        )
-        .await;
-        let by_queue = "USING INDEX task_runner_requests_runnable_of_queue (queue=?)";
-        assert_eq!(
-            apart.iter().filter(|step| step.contains(by_queue)).count(),
-            2,
-            "{apart:?}"
-        );
-        let queues = sqlite_plan(&store, &sql.runnable_queues, &[]).await;
-        assert!(
-            queues
-                .iter()
-                .all(|step| !step.contains("SCAN task_runner_requests")),
-            "{queues:?}"
-        );
-        assert!(
-            queues.iter().any(|step| step
-                .contains("USING INDEX task_runner_requests_runnable_of_queue (queue>?)")),
-            "{queues:?}"
-        );
+        // The claim of several queues apart (a queue paused), or types (a
+        // type left out), reads each through its own index, and finding
+        // them probes that index.
+        for (by, index, column) in [
+            (ApartBy::Queue, "runnable_of_queue", "queue"),
+            (ApartBy::Type, "runnable_of_type", "task_class_name"),
+        ] {
+            let apart = sqlite_plan(
+                &store,
+                &sql.claim_apart_statement(by, 2, 11),
+                &[
+                    "token", "instance", "host", "8", "node", "", "", "[]", "1000", "[]", "a", "b",
+                ],
+            )
+            .await;
+            let through = format!("USING INDEX task_runner_requests_{index} ({column}=?)");
+            assert_eq!(
+                apart.iter().filter(|step| step.contains(&through)).count(),
+                2,
+                "{by:?}: {apart:?}"
+            );
+            if by == ApartBy::Type {
+                let backlog = sqlite_plan(&store, &sql.left_out_backlog, &["[]"]).await;
+                assert!(
+                    backlog.iter().any(|step| step.contains(
+                        "USING INDEX task_runner_requests_runnable_of_type (task_class_name=?)"
+                    )),
+                    "{backlog:?}"
+                );
+            }
+            let found = sqlite_plan(&store, sql.runnable(by), &[]).await;
+            assert!(
+                found
+                    .iter()
+                    .all(|step| !step.contains("SCAN task_runner_requests")),
+                "{by:?}: {found:?}"
+            );
+            assert!(
+                found.iter().any(|step| step.contains(&format!(
+                    "USING INDEX task_runner_requests_{index} ({column}>?)"
+                ))),
+                "{by:?}: {found:?}"
+            );
+        }
 
         let batch = sqlite_plan(&store, &sql.record_outcomes_batch, &["[]"]).await;
         assert!(
