@@ -16,6 +16,7 @@ both_backends!(
     periodic_row_repeats_on_a_fixed_grid_until_cancelled,
     a_periodic_row_retried_by_hand_starts_no_second_chain,
     type_concurrency_of_one_holds_across_two_daemons,
+    a_limited_type_runs_while_another_types_backlog_waits,
     paused_queues_and_types_are_not_claimed_until_resumed,
     a_daemon_serving_every_queue_keeps_priority_across_queues_while_one_is_paused,
     with_more_queues_than_claimed_apart_the_claim_walks_past_the_paused_rows,
@@ -336,6 +337,60 @@ async fn type_concurrency_of_one_holds_across_two_daemons(backend: Backend) {
     );
     assert!(first.stop().success());
     assert!(second.stop().success());
+}
+
+/// A type with a concurrency limit is claimed ahead of the other types: its
+/// rows, enqueued first, run one at a time while another type's backlog
+/// still waits. Before, it was claimed only with what the others' claims
+/// left, so its rows waited until that backlog was gone.
+async fn a_limited_type_runs_while_another_types_backlog_waits(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let log = db.scratch.join("runs.log");
+    let config = format!(
+        "max_concurrent: 2\ntasks:\n{}    concurrency: 1\n{}",
+        logging_task("Limited", &log, "0.05"),
+        logging_task("Bulk", &log, "0.05")
+    );
+    let mut limited = Vec::new();
+    for _ in 0..3 {
+        limited.push(db.enqueue("Limited", None).await.0);
+    }
+    db.insert_copies(NewRow::new("Bulk"), 200).await;
+    let mut daemon = Daemon::start(&db, "d", &config);
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED'",
+        203,
+        Duration::from_secs(120),
+    )
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let events: Vec<(&str, i64, u128)> = text
+        .lines()
+        .map(|line| {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            (
+                parts[0],
+                parts[1].parse().unwrap(),
+                parts[2].parse().unwrap(),
+            )
+        })
+        .collect();
+    let limited_done = events
+        .iter()
+        .filter(|(kind, id, _)| *kind == "end" && limited.contains(id))
+        .map(|(_, _, at)| *at)
+        .max()
+        .unwrap();
+    let bulk_after = events
+        .iter()
+        .filter(|(kind, id, at)| *kind == "start" && !limited.contains(id) && *at > limited_done)
+        .count();
+    assert!(
+        bulk_after >= 50,
+        "only {bulk_after} of 200 Bulk rows started after the Limited ones ({limited:?}) ended; the first runs:\n{}",
+        text.lines().take(12).collect::<Vec<_>>().join("\n")
+    );
+    assert!(daemon.stop().success(), "{}", daemon.log_text());
 }
 
 /// `taskrunner-cli pause` holds a queue's or a task type's rows back on

@@ -60,6 +60,11 @@ const LARGE_OPTIONS_PAUSE: Duration = Duration::from_secs(1);
 /// (a wake-up comes with every try that ends).
 const REPAIR_AT_MOST_EVERY: Duration = Duration::from_millis(200);
 
+/// A type with a concurrency limit that had no row to claim is claimed
+/// ahead of the other types again only after this long (see
+/// `Scheduler::claim_round`).
+const LIMITED_LOOK_EVERY: Duration = Duration::from_secs(1);
+
 /// While every claim fills what it asked for (the scheduler looks for the
 /// next delay only after a claim that came back short), due delayed rows
 /// are released into the claim at least this often.
@@ -215,6 +220,9 @@ impl Scheduler {
         let mut releases = Releases::new();
         let mut pauses =
             PauseWatch::new(self.store.clone(), self.health.clone(), self.paused.clone());
+        // When each type with a concurrency limit last had no row to claim
+        // (see `claim_round`).
+        let mut limited_seen_empty: HashMap<String, Instant> = HashMap::new();
         // Set when the wake-up was only the pauses' reading and nothing was
         // resumed (see `only_pauses_read`).
         let mut nothing_resumed = false;
@@ -321,7 +329,7 @@ impl Scheduler {
                     &token,
                     (budget, idle_slots),
                     options_inline,
-                    &running_by_queue,
+                    (&running_by_queue, &mut limited_seen_empty),
                     &pauses,
                 );
                 let sent = std::time::SystemTime::now();
@@ -372,6 +380,8 @@ impl Scheduler {
                         if let Some(count) = running_by_queue.get_mut(&ended.queue) {
                             *count = count.saturating_sub(1);
                         }
+                        // A place of its type's limit is free again here.
+                        limited_seen_empty.remove(&ended.task);
                         if let Some(ran_for) = ended.ran_for {
                             typical_run = Some(typical_run.map_or(ran_for, |t| t.mul_f64(0.8) + ran_for.mul_f64(0.2)));
                         }
@@ -459,13 +469,26 @@ impl Scheduler {
     /// only for `slots` that are free now (never ahead). Returns the claimed rows
     /// and whether every claim filled what it asked for (so more rows may be
     /// waiting).
+    ///
+    /// The limited types are claimed first (a row of each ahead of a free
+    /// slot, if none is free: while the others are claimed ahead, none is
+    /// at a claim), then the others, then the limited ones again with what
+    /// is left: claimed only after the others, and only for free slots, a
+    /// limited type's rows waited until the other types' backlog was gone,
+    /// whatever their priority or age. A limited type
+    /// that had no row to claim (none waiting, or its limit reached) is
+    /// not claimed first again for [`LIMITED_LOOK_EVERY`] (`seen_empty`),
+    /// or until one of its tries here ends, so that a daemon busy with
+    /// other types does not spend a transaction per limited type on each
+    /// claim for nothing: a new row of that type (or a place freed by
+    /// another daemon) then waits at most that long for its claim.
     async fn claim_round(
         &self,
         config: &crate::config::Config,
         token: &crate::instance::ClaimToken,
         (mut budget, mut slots): (usize, usize),
         options_inline: Option<u64>,
-        running_by_queue: &HashMap<String, usize>,
+        (running_by_queue, seen_empty): (&HashMap<String, usize>, &mut HashMap<String, Instant>),
         pauses: &PauseWatch,
     ) -> anyhow::Result<(Vec<Claimed>, bool)> {
         let limited: Vec<(&str, u32)> = config
@@ -532,41 +555,65 @@ impl Scheduler {
                 apart: open.as_ref().map(|(by, names)| (*by, &names[..])),
                 options_inline,
             };
-            let want = room.min(budget);
-            // Every queue (or type) with runnable rows is left out: nothing
-            // to claim but the limited types' rows below.
-            let nothing_open = open.as_ref().is_some_and(|(_, names)| names.is_empty());
-            // Nothing claimable is waiting: the scheduler idles as after a
-            // claim that came back short (not a release every 200 ms).
-            all_filled &= !nothing_open;
-            if want > 0 && !nothing_open {
-                let rows = store
-                    .answered(store.claim_filtered(by, want, &filter))
-                    .await?;
-                all_filled &= rows.len() == want;
-                room -= rows.len();
-                budget -= rows.len();
-                slots = slots.saturating_sub(rows.len());
-                claimed.extend(rows);
-            }
-            for (task, limit) in &limited {
-                let want = room.min(budget).min(slots);
-                if want == 0 {
-                    break;
+            let mut tried = Vec::new();
+            // The limited types' claims (see the doc): first those not
+            // seen empty lately, then, after the others, the rest.
+            for first in [true, false] {
+                if !first {
+                    let want = room.min(budget);
+                    // Every queue (or type) with runnable rows is left out:
+                    // nothing to claim but the limited types' rows.
+                    let nothing_open = open.as_ref().is_some_and(|(_, names)| names.is_empty());
+                    // Nothing claimable is waiting: the scheduler idles as
+                    // after a claim that came back short (not a release
+                    // every 200 ms).
+                    all_filled &= !nothing_open;
+                    if want > 0 && !nothing_open {
+                        let rows = store
+                            .answered(store.claim_filtered(by, want, &filter))
+                            .await?;
+                        all_filled &= rows.len() == want;
+                        room -= rows.len();
+                        budget -= rows.len();
+                        slots = slots.saturating_sub(rows.len());
+                        claimed.extend(rows);
+                    }
                 }
-                // Through the type's own index, the paused queues left out.
-                let filter = crate::store::ClaimFilter {
-                    task: Some(task),
-                    apart: None,
-                    ..filter.clone()
-                };
-                let rows = store
-                    .answered(store.claim_limited(by, want, &filter, *limit))
-                    .await?;
-                room -= rows.len();
-                budget -= rows.len();
-                slots -= rows.len();
-                claimed.extend(rows);
+                for (task, limit) in &limited {
+                    // First, one row ahead of a free slot too: while the
+                    // others are claimed ahead, no slot is ever free at a
+                    // claim, and the type would wait for their backlog's end.
+                    let free = if first { slots.max(1) } else { slots };
+                    let want = room.min(budget).min(free);
+                    if want == 0 {
+                        break;
+                    }
+                    let seen_lately = seen_empty
+                        .get(*task)
+                        .is_some_and(|at| at.elapsed() < LIMITED_LOOK_EVERY);
+                    if tried.contains(task) || (first && seen_lately) {
+                        continue;
+                    }
+                    tried.push(*task);
+                    // Through the type's own index, the paused queues left out.
+                    let filter = crate::store::ClaimFilter {
+                        task: Some(task),
+                        apart: None,
+                        ..filter.clone()
+                    };
+                    let rows = store
+                        .answered(store.claim_limited(by, want, &filter, *limit))
+                        .await?;
+                    if rows.is_empty() {
+                        seen_empty.insert(task.to_string(), Instant::now());
+                    } else {
+                        seen_empty.remove(*task);
+                    }
+                    room -= rows.len();
+                    budget -= rows.len();
+                    slots = slots.saturating_sub(rows.len());
+                    claimed.extend(rows);
+                }
             }
         }
         Ok((claimed, all_filled))
