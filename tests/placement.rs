@@ -99,6 +99,17 @@ async fn run_one_at_a_time(db: &TestDb, ids: &[RequestId]) -> (Daemon, Vec<Reque
     (daemon, ran)
 }
 
+/// Runs `rows` (each with its priority) one at a time, and asserts that
+/// they ran in claim order: by priority, then by id.
+async fn runs_in_claim_order(db: &TestDb, mut rows: Vec<(i64, RequestId)>) -> Daemon {
+    let ids: Vec<RequestId> = rows.iter().map(|(_, id)| *id).collect();
+    let (daemon, ran) = run_one_at_a_time(db, &ids).await;
+    rows.sort_by_key(|(priority, id)| (-priority, id.0));
+    let expected: Vec<RequestId> = rows.into_iter().map(|(_, id)| id).collect();
+    assert_eq!(ran, expected);
+    daemon
+}
+
 async fn queue_limited_to_one_with_two_daemons(backend: Backend) {
     let db = TestDb::new(backend).await;
     let log = db.scratch.join("runs.log");
@@ -592,13 +603,9 @@ async fn a_daemon_leaving_a_type_out_keeps_priority_across_the_other_types(backe
         ("C", 3),
     ] {
         let id = db.insert_row(NewRow::new(task).priority(priority)).await;
-        open.push((-priority, id));
+        open.push((priority, id));
     }
-    let ids: Vec<RequestId> = open.iter().map(|(_, id)| *id).collect();
-    let (mut daemon, ran) = run_one_at_a_time(&db, &ids).await;
-    open.sort();
-    let expected: Vec<RequestId> = open.into_iter().map(|(_, id)| id).collect();
-    assert_eq!(ran, expected);
+    let mut daemon = runs_in_claim_order(&db, open).await;
     assert_eq!(
         db.scalar("SELECT count(*) FROM task_runner_requests WHERE task_class_name = 'Record' AND result IS NULL")
             .await,
@@ -626,13 +633,9 @@ async fn with_more_queues_than_claimed_apart_the_claim_walks_past_the_paused_row
                     .priority(priority),
             )
             .await;
-        open.push((-priority, id));
+        open.push((priority, id));
     }
-    let ids: Vec<RequestId> = open.iter().map(|(_, id)| *id).collect();
-    let (mut daemon, ran) = run_one_at_a_time(&db, &ids).await;
-    open.sort();
-    let expected: Vec<RequestId> = open.into_iter().map(|(_, id)| id).collect();
-    assert_eq!(ran, expected);
+    let mut daemon = runs_in_claim_order(&db, open).await;
     for id in held {
         assert_eq!(db.row(id).await.result, None, "a paused row ran");
     }
