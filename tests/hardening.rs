@@ -85,7 +85,12 @@ async fn a_dead_heartbeat_stops_the_daemon_with_exit_status_1(backend: Backend) 
     let mut daemon = Daemon::start_in_env(
         &db,
         "d",
-        "shutdown_timeout: 1s\ntasks:\n  Sleep:\n    command: [sleep, '60']\n",
+        // A lease long enough that the fencing watchdog (4 s after the
+        // last renewal with the tests' 5 s lease) does not kill the task
+        // first: in one CI run the panic's backtrace took 3 s to print
+        // under load before the daemon saw the service end, and the
+        // watchdog's SIGKILL made the try CRASHED.
+        "shutdown_timeout: 1s\nlease_timeout: 30s\ntasks:\n  Sleep:\n    command: [sleep, '60']\n",
         &[(
             "TASKRUNNER_TEST_HEARTBEAT_PANIC_FILE",
             trigger.to_str().unwrap(),
