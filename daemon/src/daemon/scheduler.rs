@@ -80,6 +80,22 @@ const RELEASE_AFTER_NOTHING: Duration = Duration::from_millis(50);
 /// bury the failures, which are logged one by one as warnings).
 const SUMMARY_EVERY: Duration = Duration::from_secs(60);
 
+/// What a claim round may still take: in the queue at hand, in all, and
+/// for free slots (see [`Scheduler::claim_round`]).
+struct Left {
+    room: usize,
+    budget: usize,
+    slots: usize,
+}
+
+impl Left {
+    fn took(&mut self, rows: usize) {
+        self.room -= rows;
+        self.budget -= rows;
+        self.slots = self.slots.saturating_sub(rows);
+    }
+}
+
 /// Tries ended since the last summary, by state.
 #[derive(Default)]
 struct Tally {
@@ -466,18 +482,18 @@ impl Scheduler {
 
     /// Claims up to `budget` rows: per served queue (each within its own
     /// limit), task types with a concurrency limit apart, under their lock, and
-    /// only for `slots` that are free now (never ahead). Returns the claimed rows
-    /// and whether every claim filled what it asked for (so more rows may be
-    /// waiting).
+    /// only for `slots` that are free now (never ahead, but for the limited
+    /// types' first claims below). Returns the claimed rows and whether every
+    /// claim filled what it asked for (so more rows may be waiting).
     ///
     /// The limited types are claimed first (a row of each ahead of a free
     /// slot, if none is free: while the others are claimed ahead, none is
-    /// at a claim), then the others, then the limited ones again with what
-    /// is left: claimed only after the others, and only for free slots, a
-    /// limited type's rows waited until the other types' backlog was gone,
-    /// whatever their priority or age. A limited type
-    /// that had no row to claim (none waiting, or its limit reached) is
-    /// not claimed first again for [`LIMITED_LOOK_EVERY`] (`seen_empty`),
+    /// at a claim), then the others: claimed only after the others, and
+    /// only for free slots, a limited type's rows waited until the other
+    /// types' backlog was gone, whatever their priority or age. A limited
+    /// type that had no row to claim (none waiting, or its limit reached)
+    /// is claimed only after the others, with what they leave, for
+    /// [`LIMITED_LOOK_EVERY`] (`seen_empty`),
     /// or until one of its tries here ends, so that a daemon busy with
     /// other types does not spend a transaction per limited type on each
     /// claim for nothing: a new row of that type (or a place freed by
@@ -545,7 +561,12 @@ impl Scheduler {
         };
         let mut claimed = Vec::new();
         let mut all_filled = true;
-        for (queue, mut room) in queues {
+        for (queue, room) in queues {
+            let mut left = Left {
+                room,
+                budget,
+                slots,
+            };
             let filter = crate::store::ClaimFilter {
                 node: &config.node_name,
                 queue,
@@ -555,68 +576,83 @@ impl Scheduler {
                 apart: open.as_ref().map(|(by, names)| (*by, &names[..])),
                 options_inline,
             };
-            let mut tried = Vec::new();
-            // The limited types' claims (see the doc): first those not
-            // seen empty lately, then, after the others, the rest.
-            for first in [true, false] {
-                if !first {
-                    let want = room.min(budget);
-                    // Every queue (or type) with runnable rows is left out:
-                    // nothing to claim but the limited types' rows.
-                    let nothing_open = open.as_ref().is_some_and(|(_, names)| names.is_empty());
-                    // Nothing claimable is waiting: the scheduler idles as
-                    // after a claim that came back short (not a release
-                    // every 200 ms).
-                    all_filled &= !nothing_open;
-                    if want > 0 && !nothing_open {
-                        let rows = store
-                            .answered(store.claim_filtered(by, want, &filter))
-                            .await?;
-                        all_filled &= rows.len() == want;
-                        room -= rows.len();
-                        budget -= rows.len();
-                        slots = slots.saturating_sub(rows.len());
-                        claimed.extend(rows);
-                    }
-                }
-                for (task, limit) in &limited {
-                    // First, one row ahead of a free slot too: while the
-                    // others are claimed ahead, no slot is ever free at a
-                    // claim, and the type would wait for their backlog's end.
-                    let free = if first { slots.max(1) } else { slots };
-                    let want = room.min(budget).min(free);
-                    if want == 0 {
-                        break;
-                    }
-                    let seen_lately = seen_empty
-                        .get(*task)
-                        .is_some_and(|at| at.elapsed() < LIMITED_LOOK_EVERY);
-                    if tried.contains(task) || (first && seen_lately) {
-                        continue;
-                    }
-                    tried.push(*task);
-                    // Through the type's own index, the paused queues left out.
-                    let filter = crate::store::ClaimFilter {
-                        task: Some(task),
-                        apart: None,
-                        ..filter.clone()
-                    };
-                    let rows = store
-                        .answered(store.claim_limited(by, want, &filter, *limit))
-                        .await?;
-                    if rows.is_empty() {
-                        seen_empty.insert(task.to_string(), Instant::now());
-                    } else {
-                        seen_empty.remove(*task);
-                    }
-                    room -= rows.len();
-                    budget -= rows.len();
-                    slots = slots.saturating_sub(rows.len());
-                    claimed.extend(rows);
-                }
+            // The limited types (see the doc): first those not seen empty
+            // lately, then the others, then the rest of the limited ones.
+            let (first, rest): (Vec<_>, Vec<_>) = limited.iter().copied().partition(|(task, _)| {
+                seen_empty
+                    .get(*task)
+                    .is_none_or(|at| at.elapsed() >= LIMITED_LOOK_EVERY)
+            });
+            let rows = self
+                .claim_limited_types(by, &filter, &first, true, &mut left, seen_empty)
+                .await?;
+            claimed.extend(rows);
+            let want = left.room.min(left.budget);
+            // Every queue (or type) with runnable rows is left out: nothing
+            // to claim but the limited types' rows.
+            let nothing_open = open.as_ref().is_some_and(|(_, names)| names.is_empty());
+            // Nothing claimable is waiting: the scheduler idles as after a
+            // claim that came back short (not a release every 200 ms).
+            all_filled &= !nothing_open;
+            if want > 0 && !nothing_open {
+                let rows = store
+                    .answered(store.claim_filtered(by, want, &filter))
+                    .await?;
+                all_filled &= rows.len() == want;
+                left.took(rows.len());
+                claimed.extend(rows);
             }
+            let rows = self
+                .claim_limited_types(by, &filter, &rest, false, &mut left, seen_empty)
+                .await?;
+            claimed.extend(rows);
+            (budget, slots) = (left.budget, left.slots);
         }
         Ok((claimed, all_filled))
+    }
+
+    /// Claims rows of each of the `limited` types (with a concurrency
+    /// limit) through its own claim, under its lock, within what is `left`;
+    /// `ahead`: one row of each even without a free slot (see
+    /// [`Scheduler::claim_round`]). A type that had no row to claim is
+    /// noted in `seen_empty`.
+    async fn claim_limited_types(
+        &self,
+        by: crate::store::Claimant<'_>,
+        filter: &crate::store::ClaimFilter<'_>,
+        limited: &[(&str, u32)],
+        ahead: bool,
+        left: &mut Left,
+        seen_empty: &mut HashMap<String, Instant>,
+    ) -> anyhow::Result<Vec<Claimed>> {
+        let mut claimed = Vec::new();
+        for (task, limit) in limited {
+            // While the others are claimed ahead, no slot is ever free at
+            // a claim, and the type would wait for their backlog's end.
+            let free = if ahead { left.slots.max(1) } else { left.slots };
+            let want = left.room.min(left.budget).min(free);
+            if want == 0 {
+                break;
+            }
+            // Through the type's own index, the paused queues left out.
+            let filter = crate::store::ClaimFilter {
+                task: Some(task),
+                apart: None,
+                ..filter.clone()
+            };
+            let rows = self
+                .store
+                .answered(self.store.claim_limited(by, want, &filter, *limit))
+                .await?;
+            if rows.is_empty() {
+                seen_empty.insert(task.to_string(), Instant::now());
+            } else {
+                seen_empty.remove(*task);
+            }
+            left.took(rows.len());
+            claimed.extend(rows);
+        }
+        Ok(claimed)
     }
 
     /// When the earliest delayed row that waits comes due, to be released

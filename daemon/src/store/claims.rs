@@ -5,7 +5,7 @@
 use anyhow::Result;
 use sqlx::query;
 
-use super::{begin_write, Pool, RowExt, Store};
+use super::{begin_write, Backend, Pool, RowExt, Store};
 use crate::instance::ClaimToken;
 use crate::request::{Claimed, RequestId};
 
@@ -161,7 +161,10 @@ impl Store {
         by: ApartBy,
         left_out: &[String],
     ) -> Result<Option<Vec<String>>> {
-        if by == ApartBy::Type && !self.left_out_backlog(left_out).await? {
+        // Never types on MariaDB/MySQL (see above).
+        if by == ApartBy::Type
+            && (self.backend() == Backend::MySql || !self.left_out_backlog(left_out).await?)
+        {
             return Ok(None);
         }
         let sql = self.sql.runnable(by);
@@ -174,9 +177,6 @@ impl Store {
                 .map(|row| row.text(0))
                 .collect::<sqlx::Result<Vec<_>>>()?
         }, mysql pool => {
-            if by == ApartBy::Type {
-                return Ok(None);
-            }
             match self.queues_with_rows_mysql(pool, super::sql::APART_AT_MOST).await? {
                 Some(queues) => queues,
                 None => return Ok(None),
@@ -193,7 +193,7 @@ impl Store {
     /// Whether the task types `left_out` hold at least
     /// [`BACKLOG_WORTH_APART`](super::sql::BACKLOG_WORTH_APART) runnable
     /// rows, looked at once a second (a claim that walks past fewer pays
-    /// less than finding the other types would cost it). Never on
+    /// less than finding the other types would cost it). Not asked on
     /// MariaDB/MySQL, whose claims walk.
     async fn left_out_backlog(&self, left_out: &[String]) -> Result<bool> {
         const LOOK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -220,7 +220,7 @@ impl Store {
                 .transpose()?
                 .unwrap_or(0)
         }, mysql _pool => {
-            0
+            0 // (not asked there)
         });
         let backlog = rows >= super::sql::BACKLOG_WORTH_APART as i64;
         *seen() = Some((std::time::Instant::now(), backlog));
