@@ -1252,8 +1252,10 @@ async fn an_outage_that_ends_before_the_fencing_deadline_costs_no_task(backend: 
     let mut daemon = Daemon::start(
         &db,
         "d",
-        "heartbeat_interval: 4s\nkill_grace: 1s\nlease_timeout: 15s\ntasks:\n  Nap:\n    command: [/bin/sleep, '30']\n",
+        "heartbeat_interval: 4s\nkill_grace: 1s\nlease_timeout: 15s\ntasks:\n  Nap:\n    command: [/bin/sleep, '21']\n",
     );
+    // The task outlives what the test watches (13 s after a renewal, which
+    // comes within an interval of its start) by 4 s.
     let id = db.enqueue("Nap", None).await;
     let task_pid = db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32;
     // The daemon's own row, which it writes once the renewal of its rows

@@ -230,7 +230,7 @@ impl Store {
                 .create_if_missing(purpose != Purpose::Cli)
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
-                .busy_timeout(SQLITE_BUSY_TIMEOUT);
+                .busy_timeout(sqlite_busy_timeout());
             // The daemon checkpoints on a connection of its own (see daemon/checkpoint.rs).
             let options = if daemon {
                 options.pragma("wal_autocheckpoint", WRITER_AUTOCHECKPOINT.to_string())
@@ -919,11 +919,21 @@ async fn stable_query_plans(connection: &mut sqlx::SqliteConnection) -> sqlx::Re
 /// before it fails with "database is locked".
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// [`SQLITE_BUSY_TIMEOUT`], or in a debug build what
+/// `TASKRUNNER_TEST_SQLITE_BUSY_TIMEOUT_MS` says: a test of a long-held
+/// lock need not wait 5 s for each statement that fails.
+fn sqlite_busy_timeout() -> Duration {
+    static TIMEOUT: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *TIMEOUT.get_or_init(|| {
+        crate::test_hooks::shortened(SQLITE_BUSY_TIMEOUT, "TASKRUNNER_TEST_SQLITE_BUSY_TIMEOUT_MS")
+    })
+}
+
 /// How often it tries again meanwhile.
 const SQLITE_BUSY_RETRY: Duration = Duration::from_millis(1);
 
 /// Makes a connection wait for another connection's lock by trying again
-/// every [`SQLITE_BUSY_RETRY`], up to [`SQLITE_BUSY_TIMEOUT`].
+/// every [`SQLITE_BUSY_RETRY`], up to [`SQLITE_BUSY_TIMEOUT`] ([`sqlite_busy_timeout`]).
 ///
 /// SQLite's own `busy_timeout` sleeps longer and longer between tries (1, 2,
 /// 5, 10, … 50, then 100 ms), so a waiter may sleep on for up to 100 ms after
@@ -975,7 +985,7 @@ extern "C" fn retry_after_a_moment(_: *mut libc::c_void, tries: libc::c_int) -> 
             now
         }
     });
-    if now.duration_since(since) >= SQLITE_BUSY_TIMEOUT {
+    if now.duration_since(since) >= sqlite_busy_timeout() {
         return 0;
     }
     std::thread::sleep(SQLITE_BUSY_RETRY);
