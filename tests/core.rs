@@ -640,3 +640,95 @@ async fn an_idle_sqlite_daemon_does_not_poll_for_changes() {
     );
     assert!(daemon.stop().success());
 }
+
+/// A commit published long after its write to SQLite's write-ahead log
+/// (the inserter syncs the log before it publishes the commit, and a sync
+/// can take hundreds of milliseconds on a loaded disk) starts its row soon
+/// after the commit. The daemon's checks after a write to the log ended
+/// 518 ms after it, their delay doubled up to 256 ms: with a sync of 600 ms
+/// the row started at the next once-a-second check, about 900 ms after its
+/// commit. The slow sync is real: the inserter's `fsync` and `fdatasync`
+/// sleep first (a shim preloaded into it). Nothing else may tell the daemon
+/// of the commit: a reader holds the log, so that the insert does not
+/// restart it (a restart changes `data_version` at once, and the claim
+/// that follows waits for the inserter's lock), and the heartbeat writes
+/// every 10 s only (a write of the daemon's own, held by that lock, would
+/// land right after the commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_published_long_after_its_write_to_the_log_starts_at_once() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "poll_interval: 60s\nheartbeat_interval: 10s\nlease_timeout: 30s\n",
+    );
+    let shim = db.scratch.join("slow_sync.so");
+    let source = db.scratch.join("slow_sync.c");
+    // The syncs are slow once this file exists.
+    let flag = db.scratch.join("slow_sync");
+    std::fs::write(
+        &source,
+        "#define _GNU_SOURCE\n#include <dlfcn.h>\n#include <stdlib.h>\n#include <unistd.h>\n\
+         static int slow(const char *name, int fd) {\n\
+             const char *flag = getenv(\"SLOW_SYNC_FLAG\");\n\
+             if (flag && access(flag, F_OK) == 0) usleep(600000);\n\
+             int (*real)(int) = (int (*)(int))dlsym(RTLD_NEXT, name);\n\
+             return real(fd);\n\
+         }\n\
+         int fsync(int fd) { return slow(\"fsync\", fd); }\n\
+         int fdatasync(int fd) { return slow(\"fdatasync\", fd); }\n",
+    )
+    .unwrap();
+    let built = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&shim)
+        .arg(&source)
+        .arg("-ldl")
+        .output()
+        .expect("cc runs (Rust links with it)");
+    assert!(built.status.success(), "{built:?}");
+    // Python's sqlite3 module with SQLite's default `synchronous=FULL` (the
+    // log is synced at each commit). It prints the row's id and when its
+    // commit returned.
+    let output = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys, time\n\
+             db = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+             reader = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+             db.execute('CREATE TABLE filler (x)')\n\
+             reader.execute('BEGIN')\n\
+             reader.execute('SELECT count(*) FROM filler').fetchone()\n\
+             time.sleep(0.3)\n\
+             open(sys.argv[2], 'w').close()\n\
+             db.execute('BEGIN')\n\
+             id = db.execute(\"INSERT INTO task_runner_requests (task_class_name) VALUES ('NoOp') RETURNING id\").fetchall()[0][0]\n\
+             db.execute('COMMIT')\n\
+             print(id, int(time.time() * 1000))",
+        ])
+        .arg(db.url.strip_prefix("sqlite://").unwrap())
+        .arg(&flag)
+        .env("LD_PRELOAD", &shim)
+        .env("SLOW_SYNC_FLAG", &flag)
+        .output()
+        .expect("python3 runs");
+    assert!(output.status.success(), "{output:?}");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    let (id, committed_ms) = printed
+        .trim()
+        .split_once(' ')
+        .and_then(|(id, at)| Some((id.parse::<i64>().ok()?, at.parse::<i64>().ok()?)))
+        .unwrap_or_else(|| panic!("an id and a time from {output:?}"));
+    let id = taskrunner::request::RequestId(id);
+    db.wait_for_state(id, "FINISHED", WAIT).await;
+    let started_ms = db
+        .scalar(&format!(
+            "SELECT CAST((julianday(started_at) - 2440587.5) * 86400000.0 AS INTEGER) \
+             FROM task_runner_requests WHERE id = {id}"
+        ))
+        .await;
+    let late = started_ms - committed_ms;
+    println!("started {late} ms after its commit returned");
+    assert!(late < 200, "started {late} ms after its commit returned");
+    assert!(daemon.stop().success());
+}

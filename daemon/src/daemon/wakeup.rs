@@ -3,7 +3,7 @@
 //! daemon LISTENs. On SQLite, `PRAGMA data_version` on a connection of its
 //! own changes whenever another connection commits (a check that reads no
 //! table); it is checked when inotify reports a write to the database's
-//! write-ahead log, and then every millisecond or so until the commit shows
+//! write-ahead log, and then every few milliseconds until the commit shows
 //! (the log is written before the commit is published in the shared-memory
 //! index, which no inotify event reports), and once every [`SAFETY_NET`]
 //! besides.
@@ -49,36 +49,34 @@ const SAFETY_NET: Duration = Duration::from_secs(1);
 /// How often it is checked where the log cannot be watched.
 const POLL_WITHOUT_WATCH: Duration = Duration::from_millis(100);
 
-/// After a write to the log, the delays between checks until the commit
-/// shows: every millisecond for a few (an inserter with SQLite's default
-/// `synchronous=FULL` syncs the log before it publishes the commit), then
-/// backing off; about a second in all. When the checks ended after 130 ms,
-/// a commit published later (its inserter descheduled, or its sync slow,
-/// on a loaded machine) waited for the next [`SAFETY_NET`] check: 943 ms
-/// once in CI (`core::a_row_inserted_by_another_process_starts_at_once`).
+/// After a write to the log, how long the checks go on while its commit
+/// does not show (then only the [`SAFETY_NET`] is left), and the delay
+/// between them ([`recheck_after`]): every millisecond for a few (an
+/// inserter with SQLite's default `synchronous=FULL` syncs the log before
+/// it publishes the commit), then 2, 4 and 8 ms, then every
+/// [`RECHECK_AT_MOST_EVERY`]. When the checks ended after 130 ms, a commit
+/// published later (its inserter descheduled, or its sync slow, on a loaded
+/// machine) waited for the next safety check: 943 ms once in CI
+/// (`core::a_row_inserted_by_another_process_starts_at_once`). When they
+/// ended after 518 ms, their delay doubled up to 256 ms, a commit whose
+/// sync took 600 ms started 936 ms after its commit, and one published
+/// 263 ms after its write waited 255 ms
+/// (`core::a_commit_published_long_after_its_write_to_the_log_starts_at_once`).
 /// The daemon's own commits show at the first check and end the checks.
-const RECHECKS: [Duration; 17] = {
-    let ms = Duration::from_millis;
-    [
-        ms(1),
-        ms(1),
-        ms(1),
-        ms(1),
-        ms(1),
-        ms(1),
-        ms(1),
-        ms(1),
-        ms(2),
-        ms(4),
-        ms(8),
-        ms(16),
-        ms(32),
-        ms(64),
-        ms(128),
-        ms(256),
-        ms(512),
-    ]
-};
+const RECHECK_FOR: Duration = Duration::from_secs(2);
+
+/// The longest delay between two checks while a commit is awaited.
+const RECHECK_AT_MOST_EVERY: Duration = Duration::from_millis(16);
+
+/// The delay before the next check when `done` checks since the write did
+/// not show its commit (see [`RECHECK_FOR`]).
+fn recheck_after(done: u32) -> Duration {
+    const EVERY_MILLISECOND: u32 = 8;
+    match done.checked_sub(EVERY_MILLISECOND) {
+        None => Duration::from_millis(1),
+        Some(doubled) => Duration::from_millis(2u64 << doubled.min(8)).min(RECHECK_AT_MOST_EVERY),
+    }
+}
 
 /// How often MariaDB/MySQL are checked for new rows: new rows are noticed
 /// within 200 ms at worst, 50 ms on average.
@@ -238,17 +236,17 @@ impl Wakeup {
             POLL_WITHOUT_WATCH
         };
         let mut last_version: Option<i64> = None;
-        // After the log was written to: checks left before giving up on seeing
-        // the commit, and when the next one is due.
-        let mut rechecks: Option<(u32, Instant)> = None;
+        // After the log was written to: when, how many checks did not see
+        // its commit since, and when the next one is due.
+        let mut rechecks: Option<(Instant, u32, Instant)> = None;
         let mut next_safety_check = Instant::now();
         loop {
-            let recheck_at = rechecks.map(|(_, at)| at);
+            let recheck_at = rechecks.map(|(_, _, at)| at);
             tokio::select! {
                 _ = tokio::time::sleep_until(next_safety_check) => {}
                 written = wait_written(log_watch.as_mut()) => match written {
                     // Checked now; again soon if the commit is not visible yet.
-                    Ok(()) => rechecks = Some((0, Instant::now())),
+                    Ok(()) => rechecks = Some((Instant::now(), 0, Instant::now())),
                     Err(error) => {
                         tracing::warn!(
                             "stopped watching the SQLite write-ahead log ({error}): other processes' rows are noticed within {}",
@@ -290,8 +288,8 @@ impl Wakeup {
                     }
                     last_version = Some(version);
                     rechecks = match rechecks {
-                        Some((done, _)) if !changed && done + 1 < RECHECKS.len() as u32 => {
-                            Some((done + 1, Instant::now() + RECHECKS[done as usize]))
+                        Some((written, done, _)) if !changed && written.elapsed() < RECHECK_FOR => {
+                            Some((written, done + 1, Instant::now() + recheck_after(done)))
                         }
                         _ => None,
                     };

@@ -925,7 +925,10 @@ const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 fn sqlite_busy_timeout() -> Duration {
     static TIMEOUT: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
     *TIMEOUT.get_or_init(|| {
-        crate::test_hooks::shortened(SQLITE_BUSY_TIMEOUT, "TASKRUNNER_TEST_SQLITE_BUSY_TIMEOUT_MS")
+        crate::test_hooks::shortened(
+            SQLITE_BUSY_TIMEOUT,
+            "TASKRUNNER_TEST_SQLITE_BUSY_TIMEOUT_MS",
+        )
     })
 }
 
