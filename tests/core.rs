@@ -7,6 +7,9 @@ use crate::util::{cli, most_at_once, poll, wait_until, Backend, Daemon, NewRow, 
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// A daemon idle on its own: no poll, a lease renewal every 10 s.
+const QUIET_DAEMON: &str = "poll_interval: 60s\nheartbeat_interval: 10s\nlease_timeout: 30s\n";
+
 both_backends!(
     plain_sql_noop_finishes,
     failing_command_retries_with_backoff,
@@ -613,11 +616,7 @@ async fn a_row_inserted_by_another_process_starts_at_once(backend: Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_sqlite_daemon_does_not_poll_for_changes() {
     let db = TestDb::new(Backend::Sqlite).await;
-    let mut daemon = Daemon::start(
-        &db,
-        "d",
-        "poll_interval: 60s\nheartbeat_interval: 10s\nlease_timeout: 30s\n",
-    );
+    let mut daemon = Daemon::start(&db, "d", QUIET_DAEMON);
     let config = daemon.config.to_string_lossy().into_owned();
     let statements = || {
         let (code, out, err) = cli(&db, &["--config", &config, "status", "--json"]);
@@ -657,11 +656,7 @@ async fn an_idle_sqlite_daemon_does_not_poll_for_changes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_published_long_after_its_write_to_the_log_starts_at_once() {
     let db = TestDb::new(Backend::Sqlite).await;
-    let mut daemon = Daemon::start(
-        &db,
-        "d",
-        "poll_interval: 60s\nheartbeat_interval: 10s\nlease_timeout: 30s\n",
-    );
+    let mut daemon = Daemon::start(&db, "d", QUIET_DAEMON);
     let shim = db.scratch.join("slow_sync.so");
     let source = db.scratch.join("slow_sync.c");
     // The syncs are slow once this file exists.
