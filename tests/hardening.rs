@@ -178,10 +178,14 @@ async fn a_daemon_with_descriptors_for_one_start_at_a_time_runs_every_row(backen
     );
     // Before: 117 to 224 starts given back for these 24 rows (the daemon
     // started every row it claimed at once, each round); now about 6 to 36,
-    // most of them in the first round, before the first failure was seen.
+    // most of them in the first round, before the first failure was seen:
+    // on a loaded machine that round lasts longer (51 once, with four
+    // tests at a time and a CPU hog beside them: 33 before the daemon's
+    // line that it is short, 130 ms after the first failure, 18 after,
+    // 14 of those within 20 ms of it).
     let given_back = log.matches("the daemon is short of resources (").count();
     assert!(
-        given_back < 48,
+        given_back < 80,
         "{given_back} starts given back for 24 rows: {log}"
     );
     assert!(daemon.stop().success());
