@@ -98,6 +98,10 @@ pub(crate) struct Capture {
 
 const MAX_PROGRESS_LINE: usize = 1024;
 const MAX_BUFFER: usize = 64 * 1024;
+/// The most [`Capture::read_ready`] reads in one call: more than a pipe
+/// holds by default (64 KiB), as much as it may be made to hold by an
+/// unprivileged task (`/proc/sys/fs/pipe-max-size`, 1 MiB by default).
+const READ_AT_ONCE: usize = 1024 * 1024;
 
 impl Capture {
     pub(crate) fn new(capacity: usize, progress: Option<watch::Sender<Option<String>>>) -> Capture {
@@ -118,10 +122,18 @@ impl Capture {
         self.echo = true;
     }
 
-    /// Reads what `pipe` (non-blocking) holds now, without waiting. Returns
-    /// whether the stream has ended (end of file, or an error).
+    /// Reads what `pipe` (non-blocking) holds now, without waiting, up to
+    /// [`READ_AT_ONCE`] bytes. Returns whether the stream has ended (end of
+    /// file, or an error).
     pub(crate) fn read_ready(&mut self, pipe: BorrowedFd<'_>) -> bool {
+        let mut read_here = 0;
         loop {
+            if read_here >= READ_AT_ONCE {
+                // A task that writes as fast as this reads keeps its pipe
+                // full: the rest is read by the runtime's turns, so that
+                // the daemon's thread is not held.
+                return false;
+            }
             self.buffer.clear();
             let spare = self.buffer.spare_capacity_mut();
             // SAFETY: read into the buffer's spare capacity, then count as
@@ -133,6 +145,7 @@ impl Capture {
                 read if read > 0 => {
                     // SAFETY: see above.
                     unsafe { self.buffer.set_len(read as usize) };
+                    read_here += read as usize;
                     self.take();
                 }
                 _ => match std::io::Error::last_os_error().kind() {
@@ -210,6 +223,29 @@ impl Capture {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A task whose writers keep its pipe full (several processes on one
+    /// pipe made large, at a priority above the daemon's) held the daemon's
+    /// one thread in this read: its timeouts, heartbeat and other tries
+    /// waited. `/dev/zero` is a stream that never runs dry.
+    #[test]
+    fn a_stream_that_never_runs_dry_is_read_a_bounded_amount_at_once() {
+        let zero = std::fs::File::open("/dev/zero").unwrap();
+        let (done, returned) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut capture = Capture::new(1024, None);
+            let ended = capture.read_ready(zero.as_fd());
+            let _ = done.send((
+                ended,
+                capture.tail.dropped + capture.tail.bytes.len() as u64,
+            ));
+        });
+        let (ended, read) = returned
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("read_ready returns while the stream still has more");
+        assert!(!ended, "the stream has not ended");
+        assert!(read >= READ_AT_ONCE as u64, "{read} bytes read");
+    }
 
     #[test]
     fn keeps_only_the_tail() {
