@@ -24,6 +24,8 @@ both_backends!(
     reused_pid_is_taken_as_crashed_and_never_signalled,
     a_try_whose_outcome_waits_is_left_to_its_living_daemon,
     stale_heartbeat_of_another_host_is_crashed_after_the_lease,
+    a_running_row_written_by_an_application_with_no_try_is_reaped_with_the_rest,
+    a_try_given_back_after_an_application_zeroed_its_tries_is_written,
     a_try_whose_daemon_died_before_its_process_was_recorded_is_given_back,
     flood_of_output_is_bounded,
     memory_limit_fails_the_try_naming_the_limit,
@@ -261,6 +263,57 @@ async fn a_try_whose_outcome_waits_is_left_to_its_living_daemon(backend: Backend
     let runs = std::fs::read_to_string(&ran).unwrap();
     assert_eq!(runs.lines().count(), 1, "{runs}");
     assert!(daemon.stop().success());
+}
+
+/// An application wrote a row as RUNNING itself (or set `tries` to 0 on a
+/// running row): no daemon holds it and no try of it was counted. The
+/// reaper gives its try back, which took `tries` below 0; the tables refuse
+/// that, and the refusal stopped each reaper pass at that row, so that the
+/// lapsed rows after it were never reaped.
+async fn a_running_row_written_by_an_application_with_no_try_is_reaped_with_the_rest(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let written = db.insert_row(NewRow::new("NoOp").result("RUNNING")).await;
+    let lapsed = db
+        .insert_row(NewRow::new("NoOp").running(
+            backend,
+            "other-host",
+            "other-host:1:x",
+            "t1",
+            424242,
+            10,
+        ))
+        .await;
+    let mut daemon = Daemon::start(&db, "d", "reap_interval: 1s\nlease_timeout: 5s\n");
+    let row = db.wait_for_state(lapsed, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 2);
+    let row = db.wait_for_state(written, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 1, "its one try is the daemon's");
+    assert!(daemon.stop().success());
+}
+
+/// The same on the daemon's side: a try given back at a shutdown, on a row
+/// whose `tries` an application set to 0 while it ran. The refused write
+/// held back every outcome in its batch, and the daemon's drain, for ever.
+async fn a_try_given_back_after_an_application_zeroed_its_tries_is_written(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "shutdown_timeout: 1s\ntasks:\n  Nap:\n    command: [/bin/sleep, '60']\n",
+    );
+    let id = db.enqueue("Nap", None).await;
+    db.wait_for_pid(id, WAIT).await;
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET tries = 0 WHERE id = {}",
+        id.0
+    ))
+    .await;
+    assert!(daemon.stop().success(), "{}", daemon.log_text());
+    let row = db.row(id).await;
+    assert_eq!(row.result.as_deref(), Some("INTERRUPTED"), "{row:?}");
+    assert_eq!(row.tries, 0, "{row:?}");
 }
 
 async fn stale_heartbeat_of_another_host_is_crashed_after_the_lease(backend: Backend) {

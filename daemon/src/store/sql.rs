@@ -415,6 +415,15 @@ const OUTSIDE_OPEN_PARENTS: &str = "(batch_id IS NULL OR NOT EXISTS \
 /// accepted (`cancel_requested_at` set while the row ran), means no further
 /// try. Only FINISHED stands (the work is done); any other outcome, however
 /// the try ended before its daemon could stop it, makes the row CANCELLED.
+/// `tries` after a try is given back (`give_back`: 1, or 0 for a try that
+/// counts). Never below 0: a row an application wrote as RUNNING, or whose
+/// `tries` it set to 0 while it ran, has no try of its own to give back,
+/// and the tables refuse a negative count (migration 0013), which failed the
+/// write of every outcome and reap beside it.
+fn tries_given_back(tries: &str, give_back: &str) -> String {
+    format!("(CASE WHEN {tries} >= {give_back} THEN {tries} - {give_back} ELSE 0 END)")
+}
+
 /// `row` qualifies the table's columns (`t.` in the batch statements).
 fn cancel_overrides(row: &str, result: &str) -> String {
     format!("({row}cancel_requested_at IS NOT NULL AND {result} <> 'FINISHED')")
@@ -761,12 +770,13 @@ impl Sql {
         self.record_outcomes_batch = format!(
             "UPDATE task_runner_requests AS t JOIN {outcome_rows} \
                 SET t.result = {}, t.result_text = {}, t.completed_at = {}, t.pid = NULL, \
-                    t.tries = t.tries - v.give_back, \
+                    t.tries = {}, \
                     t.delay_until = CASE WHEN v.retry_after IS NULL OR {} THEN NULL ELSE {} END \
               WHERE t.result = 'RUNNING'",
             cancel_result("t.", "v.result"),
             cancel_text("t.", "v.result", "v.result_text"),
             d.now(),
+            tries_given_back("t.tries", "v.give_back"),
             cancel_overrides("t.", "v.result"),
             d.now_plus("v.retry_after")
         );
@@ -1058,7 +1068,7 @@ impl Sql {
             record_outcomes_batch: format!(
                 "UPDATE task_runner_requests AS t {} \
                     SET result = {}, result_text = {}, completed_at = {now}, pid = NULL, \
-                        tries = t.tries - v.give_back, \
+                        tries = {}, \
                         delay_until = CASE WHEN v.retry_after IS NULL OR {} THEN NULL ELSE {} END \
                    FROM {outcome_rows} \
                   WHERE t.id = v.id AND t.claim_token = v.claim_token AND t.result = 'RUNNING' \
@@ -1066,6 +1076,7 @@ impl Sql {
                 d.by_id_only(),
                 cancel_result("t.", "v.result"),
                 cancel_text("t.", "v.result", "v.result_text"),
+                tries_given_back("t.tries", "v.give_back"),
                 cancel_overrides("t.", "v.result"),
                 plus("v.retry_after")
             ),
@@ -1086,11 +1097,12 @@ impl Sql {
             record_outcome: format!(
                 "UPDATE task_runner_requests \
                     SET result = {}, result_text = {}, completed_at = {now}, pid = NULL, \
-                        tries = tries - $3, \
+                        tries = {}, \
                         delay_until = CASE WHEN $4 IS NULL OR {} THEN NULL ELSE {} END \
                   WHERE {}",
                 cancel_result("", "$1"),
                 cancel_text("", "$1", "$2"),
+                tries_given_back("tries", "$3"),
                 cancel_overrides("", "$1"),
                 plus("$4"),
                 fenced("$5", "$6")
@@ -1148,10 +1160,11 @@ impl Sql {
             mark_crashed: format!(
                 "UPDATE task_runner_requests \
                     SET result = {}, result_text = {}, pid = NULL, completed_at = {now}, delay_until = NULL, \
-                        tries = tries - $4 \
+                        tries = {} \
                   WHERE id = $2 AND claim_token IS NOT DISTINCT FROM $3 AND result = 'RUNNING'",
                 cancel_result("", REAPED_RESULT),
-                cancel_text("", REAPED_RESULT, "$1")
+                cancel_text("", REAPED_RESULT, "$1"),
+                tries_given_back("tries", "$4")
             ),
             next_delay: format!(
                 "SELECT {} - {} FROM task_runner_requests {} WHERE {RUNNABLE} AND {WAITING}",
