@@ -15,6 +15,7 @@ both_backends!(
     daemon_killed_during_revert_r2_resumes_at_r2_after_a_restart_and_r1_runs_once,
     flow_with_unknown_name_or_bad_options_ends_failed_saying_why,
     flow_cancel_stops_a_flow_and_cancel_revert_reverts_its_finished_steps,
+    a_step_that_finishes_after_cancel_revert_is_reverted_and_the_flow_goes_no_further,
     purge_keeps_the_step_rows_of_a_running_flow,
     a_step_whose_output_would_outgrow_the_flows_store_reverts_the_flow_saying_why,
 );
@@ -509,6 +510,53 @@ async fn flow_cancel_stops_a_flow_and_cancel_revert_reverts_its_finished_steps(b
             1,
             format!("taskrunner-cli: flow {second} is already CANCELLED").as_str()
         )
+    );
+    assert!(daemon.stop().success());
+}
+
+/// `flow cancel --revert` while a step runs that then finishes before the
+/// daemon stops it (the daemon sees a cancel at its next heartbeat; this
+/// step also ignores SIGTERM): its FINISHED stands, and the flow moved on
+/// to its next step as if nothing had been asked, and could end FINISHED.
+async fn a_step_that_finishes_after_cancel_revert_is_reverted_and_the_flow_goes_no_further(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let log = db.scratch.join("steps.log");
+    let go = db.scratch.join("go");
+    let config = format!(
+        "tasks:\n{}{}{}{}flows:\n  two:\n    steps:\n      - {{ name: s1, task: E1, revert: R1 }}\n      - {{ name: s2, task: E2, revert: R2 }}\n",
+        sh_task(
+            "E1",
+            &format!(
+                "trap '' TERM; while [ ! -e {} ]; do sleep 0.02; done; echo e1 >> {}",
+                go.display(),
+                log.display()
+            )
+        ),
+        sh_task("E2", &format!("echo e2 >> {}", log.display())),
+        sh_task("R1", &format!("echo r1 >> {}", log.display())),
+        sh_task("R2", &format!("echo r2 >> {}", log.display())),
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    let flow = insert_flow(&db, "two", None).await;
+    db.wait_for_count(
+        &format!(
+            "SELECT count(*) FROM task_runner_requests WHERE flow_id = {flow} AND flow_step = 0 AND result = 'RUNNING' AND pid IS NOT NULL"
+        ),
+        1,
+        LONG,
+    )
+    .await;
+    let (code, out, err) = cli(&db, &["flow", "cancel", &flow.to_string(), "--revert"]);
+    assert_eq!(code, 0, "{out}{err}");
+    std::fs::write(&go, "").unwrap();
+    let ended = wait_for_flow(&db, flow, "CANCELLED", LONG).await;
+    assert_eq!(log_words(&log), ["e1", "r1"]);
+    let text = ended.result_text.unwrap_or_default();
+    assert!(
+        text.contains("step 1 (s1) finished after the flow was cancelled"),
+        "{text}"
     );
     assert!(daemon.stop().success());
 }

@@ -383,6 +383,25 @@ impl Store {
                             .await?;
                         continue;
                     }
+                    if flow.cancel_requested {
+                        // `flow cancel --revert` came while the step ran, and
+                        // it finished before it was stopped: its work is
+                        // reverted with the earlier steps' (with what it
+                        // provided), and no later step starts, the last one's
+                        // end included.
+                        let why = format!(
+                            "step {} ({}) finished after the flow was cancelled",
+                            step + 1,
+                            steps[step].name,
+                        );
+                        let cancelled = Flow {
+                            store: Some(store),
+                            ..reverting(&flow, why)
+                        };
+                        self.next_revert(tx, &cancelled, &definition, step as i64)
+                            .await?;
+                        continue;
+                    }
                     if step + 1 < steps.len() {
                         tx.execute(
                             &f.move_flow,
