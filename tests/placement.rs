@@ -712,3 +712,56 @@ async fn an_idle_daemon_with_a_paused_backlog_only_reads_the_pauses(backend: Bac
     assert_eq!(db.row(held).await.result, None, "{}", daemon.log_text());
     assert!(daemon.stop().success());
 }
+
+/// On PostgreSQL a limited type's claim waits for the type's lock inside
+/// its transaction, and `now()` is the transaction's start: the rows it
+/// claimed got a `heartbeat_at` (and `started_at`) as old as that wait, a
+/// lease already part spent or lapsed when it began, which another daemon's
+/// reaper could take for a dead daemon's. The lease is stamped when the
+/// claim runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_claim_that_waited_for_its_types_lock_stamps_its_lease_when_it_runs() {
+    use sqlx::Connection;
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql("SELECT pg_advisory_lock(hashtext('taskrunner:concurrency:Limited'))")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "tasks:\n  Limited:\n    command: [/bin/sleep, '5']\n    concurrency: 1\n",
+    );
+    let id = db.enqueue("Limited", None).await;
+    // The daemon's claim waits for the lock meanwhile.
+    daemon.wait_for_log("taskrunnerd started", Duration::from_secs(30));
+    db.wait_for_at_least(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let released: String = sqlx::query_scalar(
+        "SELECT clock_timestamp()::text FROM (SELECT pg_advisory_unlock(hashtext('taskrunner:concurrency:Limited'))) AS unlocked",
+    )
+    .fetch_one(&mut holder)
+    .await
+    .unwrap();
+    db.wait_for_pid(id, Duration::from_secs(30)).await;
+    let stamped_before_release = db
+        .scalar(&format!(
+            "SELECT (extract(epoch FROM '{released}'::timestamptz - started_at) * 1000)::bigint \
+               FROM task_runner_requests WHERE id = {}",
+            id.0
+        ))
+        .await;
+    // `started_at` and `heartbeat_at` are stamped together; the heartbeat
+    // has renewed the latter since.
+    assert!(
+        stamped_before_release < 100,
+        "the claim was stamped {stamped_before_release} ms before it ran"
+    );
+    assert!(daemon.stop().success());
+}

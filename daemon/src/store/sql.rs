@@ -803,8 +803,12 @@ impl Sql {
         // one older than that end was for that try, which it ended, and is
         // cleared (a row retried by plain SQL runs). Before `completed_at`
         // is cleared: MariaDB's SET sees the values set to its left.
+        // The lease is stamped when the claim runs: on PostgreSQL a limited
+        // type's claim runs in a transaction after a wait for the type's
+        // lock, and `now()` is the transaction's start.
+        let clock = d.clock();
         let claim_set = format!(
-            "SET result = 'RUNNING', tries = tries + 1, started_at = {now}, heartbeat_at = {now}, \
+            "SET result = 'RUNNING', tries = tries + 1, started_at = {clock}, heartbeat_at = {clock}, \
                  host = $3, claim_token = $1, claimed_by = $2, pid = NULL, pid_boot_id = NULL, \
                  pid_start_ticks = NULL, \
                  cancel_requested_at = CASE WHEN completed_at IS NULL OR cancel_requested_at > completed_at \
