@@ -336,3 +336,37 @@ async fn a_server_with_autocommit_off_by_default_loses_no_enqueued_request() {
     assert_eq!(finished.trim(), "2");
     assert!(daemon.stop().success());
 }
+
+/// A limited type's claim waits a while for another daemon's claim of that
+/// type (its named lock). It went on without the lock when the wait ran out
+/// (10 s), so that two daemons could count the type's running rows and
+/// claim at once, past its limit (with `lease_timeout: 30s` here, the row
+/// ran while the lock was held). It now claims none of the type's rows, and
+/// waits at most half of `lease_timeout` (the tests' 5 s: 2 s): a longer wait
+/// was given up as a database that does not answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_types_claim_that_cannot_get_its_lock_claims_none_of_its_rows() {
+    use sqlx::Connection;
+    let db = TestDb::new(Backend::MySql).await;
+    let mut holder = sqlx::MySqlConnection::connect(&db.url).await.unwrap();
+    let got: Option<i64> =
+        sqlx::query_scalar("SELECT GET_LOCK(CONCAT('taskrunner:', SHA1('Limited')), 0)")
+            .fetch_one(&mut holder)
+            .await
+            .unwrap();
+    assert_eq!(got, Some(1));
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "tasks:\n  Limited:\n    command: [/bin/true]\n    concurrency: 1\n",
+    );
+    let id = db.enqueue("Limited", None).await;
+    daemon.wait_for_log("claiming none of its rows this time", WAIT);
+    assert_eq!(db.row(id).await.result, None, "claimed without the lock");
+    sqlx::query("DO RELEASE_LOCK(CONCAT('taskrunner:', SHA1('Limited')))")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert!(daemon.stop().success());
+}

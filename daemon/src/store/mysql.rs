@@ -551,11 +551,24 @@ impl Store {
                 _ => None,
             };
             if let Some(task) = lock {
-                // Waits at most 10 s for another daemon's claim of this type.
-                query("SELECT GET_LOCK(CONCAT('taskrunner:', SHA1($1)), 10)")
+                // Waits for another daemon's claim of this type, at most 10 s
+                // and half the time the call may take (`lease_timeout`).
+                let bound = self.answer_bound.load(Ordering::Relaxed);
+                let wait = if bound == 0 { 10 } else { (bound / 2000).clamp(1, 10) };
+                let got: Option<i64> = query("SELECT GET_LOCK(CONCAT('taskrunner:', SHA1($1)), $2)")
                     .bind(task)
-                    .execute(&mut *connection)
-                    .await?;
+                    .bind(wait as i64)
+                    .fetch_one(&mut *connection)
+                    .await?
+                    .try_get(0)?;
+                if got != Some(1) {
+                    // Claiming without the lock could run more of the type
+                    // at once than its limit. Its rows wait for a later claim.
+                    tracing::warn!(
+                        "the claim of {task} waited {wait} s for another daemon's claim of that type (its lock): claiming none of its rows this time"
+                    );
+                    return Ok(Vec::new());
+                }
             }
             let claimed = self
                 .claim_mysql_transaction(&mut connection, by, limit, filter, type_limit)
