@@ -26,6 +26,7 @@ both_backends!(
     stale_heartbeat_of_another_host_is_crashed_after_the_lease,
     a_running_row_written_by_an_application_with_no_try_is_reaped_with_the_rest,
     a_try_given_back_after_an_application_zeroed_its_tries_is_written,
+    a_row_taken_away_and_claimed_again_by_the_same_daemon_keeps_its_new_try,
     a_try_whose_daemon_died_before_its_process_was_recorded_is_given_back,
     flood_of_output_is_bounded,
     memory_limit_fails_the_try_naming_the_limit,
@@ -314,6 +315,63 @@ async fn a_try_given_back_after_an_application_zeroed_its_tries_is_written(backe
     let row = db.row(id).await;
     assert_eq!(row.result.as_deref(), Some("INTERRUPTED"), "{row:?}");
     assert_eq!(row.tries, 0, "{row:?}");
+}
+
+/// A row is taken from its daemon while its try runs (another daemon's
+/// reaper saw its lease lapse: here written by hand) and made runnable, and
+/// the same daemon claims it again while its old try, which ignores
+/// SIGTERM, is still being stopped. The daemon knew its tries by row alone:
+/// the new try replaced the old one's entry (whose stop then read as a
+/// shutdown), and the old try's end removed the new one's, so the heartbeat
+/// took the new try's row for a claim never started and gave it back while
+/// its process ran, to be claimed and run a third time beside it.
+async fn a_row_taken_away_and_claimed_again_by_the_same_daemon_keeps_its_new_try(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let log = db.scratch.join("runs.log");
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "heartbeat_interval: 1s\nkill_grace: 2s\ntasks:\n  Stubborn:\n    command: [/bin/sh, -c, \"trap '' TERM; echo start $$ >> {log}; sleep 4; echo end $$ >> {log}\"]\n",
+            log = log.display()
+        ),
+    );
+    let id = db.enqueue("Stubborn", None).await;
+    let first = db.wait_for_pid(id, WAIT).await.pid.unwrap();
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET result = 'CRASHED', claim_token = NULL, claimed_by = NULL, \
+                pid = NULL, result_text = 'taken away by a test' WHERE id = {}",
+        id.0
+    ))
+    .await;
+    let second = db
+        .wait_for(id, WAIT, "claimed again", |row| {
+            row.result.as_deref() == Some("RUNNING") && row.pid.is_some_and(|pid| pid != first)
+        })
+        .await;
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    let runs = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(row.tries, 2, "{row:?}\n{runs}");
+    assert!(
+        !daemon.log_text().contains("holds rows it never started"),
+        "{}",
+        daemon.log_text()
+    );
+    let pid = second.pid.unwrap();
+    assert!(
+        runs.contains(&format!("end {pid}")),
+        "the second try ran to its end: {runs}"
+    );
+    assert!(
+        !runs.contains(&format!("end {first}")),
+        "the first try was stopped: {runs}"
+    );
+    assert_eq!(
+        runs.lines().filter(|l| l.starts_with("start")).count(),
+        2,
+        "{runs}"
+    );
+    assert!(daemon.stop().success());
 }
 
 async fn stale_heartbeat_of_another_host_is_crashed_after_the_lease(backend: Backend) {

@@ -765,3 +765,88 @@ async fn postgres_a_claim_that_waited_for_its_types_lock_stamps_its_lease_when_i
     );
     assert!(daemon.stop().success());
 }
+
+multi_host_backends!(a_row_held_while_its_claim_waits_for_another_types_lock_runs_once);
+
+/// A claim round commits each limited type's claim as it goes: type A's
+/// row is held (RUNNING, this daemon's) while the round waits for type B's
+/// lock, which another daemon's slow claim holds (here the test). The
+/// heartbeat took a held row that no try ran for a claim whose answer was
+/// lost and gave it back after two renewals; the round then started it
+/// anyway, and the next claim took it again: two processes for one row.
+async fn a_row_held_while_its_claim_waits_for_another_types_lock_runs_once(backend: Backend) {
+    use sqlx::Connection;
+    let db = TestDb::new(backend).await;
+    let log = db.scratch.join("runs.log");
+    let config = format!(
+        "heartbeat_interval: 1s\nlease_timeout: 8s\ntasks:\n{}    concurrency: 1\n  B:\n    command: [/bin/true]\n    concurrency: 1\n",
+        logging_task("A", &log, "1")
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    daemon.wait_for_log("taskrunnerd started", WAIT);
+    // Held as another daemon's claim of B would hold it.
+    let holder: Box<dyn std::any::Any> = match backend {
+        Backend::Postgres => {
+            let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::raw_sql("SELECT pg_advisory_lock(hashtext('taskrunner:concurrency:B'))")
+                .execute(&mut connection)
+                .await
+                .unwrap();
+            Box::new(connection)
+        }
+        Backend::MySql => {
+            let mut connection = sqlx::MySqlConnection::connect(&db.url).await.unwrap();
+            let got: Option<i64> =
+                sqlx::query_scalar("SELECT GET_LOCK(CONCAT('taskrunner:', SHA1('B')), 5)")
+                    .fetch_one(&mut connection)
+                    .await
+                    .unwrap();
+            assert_eq!(got, Some(1));
+            Box::new(connection)
+        }
+        Backend::Sqlite => unreachable!("SQLite has no lock per type"),
+    };
+    let id = db.enqueue("A", None).await;
+    db.wait_for_count(
+        &format!(
+            "SELECT count(*) FROM task_runner_requests WHERE id = {} AND result = 'RUNNING'",
+            id.0
+        ),
+        1,
+        WAIT,
+    )
+    .await;
+    // Three renewals and more while the round waits (MariaDB's claim waits
+    // for the lock at most half of lease_timeout: 4 s).
+    crate::util::holds_for(
+        Duration::from_millis(3500),
+        "no give-back",
+        async || match daemon.log_text().contains("holds rows it never started") {
+            false => Ok(()),
+            true => Err(crate::util::Text(daemon.log_text())),
+        },
+    )
+    .await;
+    drop(holder);
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 1, "{row:?}");
+    // Another claim that took the row again would have run it again.
+    wait_until_quiet(&db).await;
+    let runs = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        runs.lines().filter(|l| l.starts_with("start")).count(),
+        1,
+        "{runs}"
+    );
+    assert!(daemon.stop().success());
+}
+
+/// Until no row is running or waiting.
+async fn wait_until_quiet(db: &TestDb) {
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE result IS NULL OR result IN ('RUNNING', 'INTERRUPTED')",
+        0,
+        WAIT,
+    )
+    .await;
+}

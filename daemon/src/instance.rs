@@ -59,7 +59,7 @@ impl std::ops::Deref for InstanceId {
 /// Only its holder writes about those rows' tries: every fenced write of
 /// the store takes a `ClaimToken`, made by [`InstanceId::claim_token`] or
 /// read back from a row, never a bare string.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ClaimToken(String);
 
 impl ClaimToken {

@@ -52,11 +52,45 @@ pub(super) struct Executor {
     pub(super) metrics: Arc<Metrics>,
 }
 
+/// A claimed row's try as registered in [`Tries`], before it runs.
+pub(super) struct Registered {
+    stop: watch::Receiver<Option<StopReason>>,
+    progress: watch::Sender<Option<String>>,
+    /// Why it was stopped as it was registered (a shutdown, a fence).
+    stopped: Option<StopReason>,
+}
+
 impl Executor {
+    /// Registers a claimed row's try, as soon as its claim returns it (see
+    /// [`Tries::claiming`]).
+    pub(super) fn register(&self, row: &Claimed) -> Registered {
+        let (stop_sender, stop) = watch::channel(None);
+        let (progress_sender, progress) = watch::channel(None);
+        let stopped = self.tries.insert(
+            row.id,
+            LiveTry {
+                task: crate::request::shown_task_name(&row.task_class_name).into_owned(),
+                claim_token: row.claim_token.clone(),
+                pid: None,
+                started: std::time::Instant::now(),
+                try_number: row.tries,
+                stop: stop_sender,
+                progress,
+                progress_written: None,
+            },
+        );
+        Registered {
+            stop,
+            progress: progress_sender,
+            stopped,
+        }
+    }
+
     /// Runs one claimed row's try once it has a slot, and queues its outcome.
     pub(super) async fn supervise(
         self: Arc<Self>,
         row: Claimed,
+        registered: Registered,
         ticket: Ticket,
         claim: ClaimTimes,
     ) -> TryEnd {
@@ -64,8 +98,10 @@ impl Executor {
         let task = crate::request::shown_task_name(&row.task_class_name).into_owned();
         let tries_left = row.tries < row.try_limit;
         let span = tracing::info_span!("task", request = %row.id, task = %task, r#try = row.tries);
-        let ((state, daemon_short), ran_for) =
-            self.run_claimed(row, ticket, claim).instrument(span).await;
+        let ((state, daemon_short), ran_for) = self
+            .run_claimed(row, registered, ticket, claim)
+            .instrument(span)
+            .await;
         TryEnd {
             task,
             queue,
@@ -83,25 +119,16 @@ impl Executor {
     async fn run_claimed(
         &self,
         row: Claimed,
+        registered: Registered,
         ticket: Ticket,
         claim: ClaimTimes,
     ) -> ((State, bool), Option<Duration>) {
         let config = Setup::current_config(&self.setup);
-        let (stop_sender, stop) = watch::channel(None);
-        let (progress_sender, progress) = watch::channel(None);
-        let stopped = self.tries.insert(
-            row.id,
-            LiveTry {
-                task: crate::request::shown_task_name(&row.task_class_name).into_owned(),
-                claim_token: row.claim_token.clone(),
-                pid: None,
-                started: std::time::Instant::now(),
-                try_number: row.tries,
-                stop: stop_sender,
-                progress,
-                progress_written: None,
-            },
-        );
+        let Registered {
+            stop,
+            progress: progress_sender,
+            stopped,
+        } = registered;
         if let Some(reason) = stopped {
             // Stopped as it was registered (a shutdown, a fence): it does
             // not start, even into a free slot.
@@ -127,9 +154,12 @@ impl Executor {
             // Announced ANNOUNCE_AFTER after its start: when it started,
             // near enough (until then, the live try counts from its claim).
             let now = std::time::Instant::now();
-            self.tries
-                .started(row.id, now.checked_sub(ANNOUNCE_AFTER).unwrap_or(now));
-            self.tries.running(row.id, spawned.pid);
+            self.tries.started(
+                row.id,
+                &row.claim_token,
+                now.checked_sub(ANNOUNCE_AFTER).unwrap_or(now),
+            );
+            self.tries.running(row.id, &row.claim_token, spawned.pid);
             tracing::debug!(pid = spawned.pid, "started");
         };
         let (verdict, outcome) = attempt::run_claimed(
@@ -150,7 +180,7 @@ impl Executor {
                 .unwrap_or_else(|| given_back(Some(StopReason::Shutdown)));
             return self.give_back(&row, verdict, &config);
         }
-        self.tries.remove(row.id);
+        self.tries.remove(row.id, &row.claim_token);
         if let Some(took) = verdict.spawn_took {
             self.metrics.spawned(took);
         }
@@ -204,7 +234,7 @@ impl Executor {
         verdict: Verdict,
         config: &crate::config::Config,
     ) -> ((State, bool), Option<Duration>) {
-        self.tries.remove(row.id);
+        self.tries.remove(row.id, &row.claim_token);
         tracing::info!("{}", verdict.result_text);
         let outcome = attempt::outcome(row, &verdict, config);
         self.recorder.send(Write::Outcome(outcome));

@@ -298,7 +298,10 @@ impl Heartbeat {
 
     /// Gives back the rows held now that no try of this daemon runs and that
     /// were already such strays, under the same claim token, at the last
-    /// renewal; returns this renewal's strays. A row whose try ended and whose
+    /// renewal; returns this renewal's strays. A row whose claim is still
+    /// under way (it commits its statements one by one, and may wait for a
+    /// type's lock between them) is no stray: its try is registered when the
+    /// claim returns. A row whose try ended and whose
     /// outcome waits in the recorder (the database is slow, or a row lock
     /// holds the write) is no stray: its outcome is on its way. The give-back is fenced by the
     /// claim token and queued behind any outcome the recorder still holds for
@@ -312,6 +315,7 @@ impl Heartbeat {
             .iter()
             .filter(|h| {
                 !self.tries.runs(h.id, &h.claim_token)
+                    && !self.tries.claim_under_way(&h.claim_token)
                     && !self.recorder.outcome_pending(h.id, &h.claim_token)
             })
             .map(|h| (h.id, h.claim_token.clone()))

@@ -340,6 +340,9 @@ impl Scheduler {
                 let budget = (max_concurrent + ahead).saturating_sub(claimed);
                 // Rows claimed ahead never hold large options.
                 let options_inline = (budget > idle_slots).then_some(AHEAD_OPTIONS);
+                // Until its rows are registered (below), the heartbeat takes
+                // none of the rows this claim holds for a lost claim's.
+                let claiming = self.tries.claiming(&token);
                 let round = self.claim_round(
                     &config,
                     &token,
@@ -367,8 +370,14 @@ impl Scheduler {
                             self.metrics.claimed(&row.queue, row.waited);
                             *running_by_queue.entry(row.queue.clone()).or_default() += 1;
                             let ticket = slots.join(max_concurrent);
-                            tries.spawn(self.executor.clone().supervise(row, ticket, times));
+                            let registered = self.executor.register(&row);
+                            tries.spawn(
+                                self.executor
+                                    .clone()
+                                    .supervise(row, registered, ticket, times),
+                            );
                         }
+                        drop(claiming);
                         if all_filled {
                             releases.at(Instant::now() + RELEASE_WHILE_BUSY_EVERY);
                         } else {

@@ -1,9 +1,15 @@
 //! The tries this daemon runs: each from its claim until its outcome is
-//! queued. The executor registers and removes them; the heartbeat stops
-//! those cancelled or lost; `status` lists them; the drain waits for them.
-//! Every method takes the lock for itself, and none hands it out.
+//! queued. The scheduler registers them as it gets their rows, the executor
+//! removes them; the heartbeat stops those cancelled or lost; `status` lists
+//! them; the drain waits for them. Every method takes the lock for itself,
+//! and none hands it out.
+//!
+//! A try is known by its row and its claim token: the same row claimed
+//! again by this daemon (given back, reaped, lost, and claimed anew while
+//! its old try still stops) is another try, and each is stopped, found and
+//! removed as itself.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -35,7 +41,10 @@ pub(crate) struct Tries {
 
 #[derive(Default)]
 struct Inner {
-    tries: BTreeMap<RequestId, LiveTry>,
+    tries: BTreeMap<(RequestId, ClaimToken), LiveTry>,
+    /// The claim tokens of the claims under way (see [`Tries::claiming`]),
+    /// each with how many claims use it.
+    claiming: HashMap<ClaimToken, usize>,
     /// Set by [`Tries::stop_all`] at a shutdown: a try registered afterwards
     /// is stopped at once.
     stopping: Option<StopReason>,
@@ -66,26 +75,45 @@ impl Tries {
         if let Some(reason) = stopping {
             live.stop.send_replace(Some(reason));
         }
-        inner.tries.insert(id, live);
+        inner.tries.insert((id, live.claim_token.clone()), live);
         stopping
     }
 
-    pub(crate) fn remove(&self, id: RequestId) {
-        self.lock().tries.remove(&id);
+    pub(crate) fn remove(&self, id: RequestId, claim_token: &ClaimToken) {
+        self.lock().tries.remove(&(id, claim_token.clone()));
     }
 
     /// The try got its slot: its clock starts now.
-    pub(crate) fn started(&self, id: RequestId, at: Instant) {
-        if let Some(live) = self.lock().tries.get_mut(&id) {
+    pub(crate) fn started(&self, id: RequestId, claim_token: &ClaimToken, at: Instant) {
+        if let Some(live) = self.lock().tries.get_mut(&(id, claim_token.clone())) {
             live.started = at;
         }
     }
 
     /// The try's process runs, as `pid`.
-    pub(crate) fn running(&self, id: RequestId, pid: u32) {
-        if let Some(live) = self.lock().tries.get_mut(&id) {
+    pub(crate) fn running(&self, id: RequestId, claim_token: &ClaimToken, pid: u32) {
+        if let Some(live) = self.lock().tries.get_mut(&(id, claim_token.clone())) {
             live.pid = Some(pid);
         }
+    }
+
+    /// A claim under `claim_token` is under way until the returned guard
+    /// is dropped: the rows it has claimed so far are held in the database
+    /// but not registered yet (a claim of several statements commits each
+    /// one as it goes, and one may wait long for a lock). The heartbeat
+    /// leaves such rows alone ([`Tries::claim_under_way`]); the scheduler
+    /// drops the guard once it has registered the claim's rows.
+    pub(crate) fn claiming(&self, claim_token: &ClaimToken) -> Claiming<'_> {
+        *self.lock().claiming.entry(claim_token.clone()).or_default() += 1;
+        Claiming {
+            tries: self,
+            claim_token: claim_token.clone(),
+        }
+    }
+
+    /// Whether a claim under `claim_token` is under way.
+    pub(crate) fn claim_under_way(&self, claim_token: &ClaimToken) -> bool {
+        self.lock().claiming.contains_key(claim_token)
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -138,50 +166,44 @@ impl Tries {
     /// already. True if it was told to stop now.
     pub(crate) fn cancel(&self, id: RequestId) -> bool {
         let inner = self.lock();
-        match inner.tries.get(&id) {
-            Some(live) if live.stop.borrow().is_none() => {
+        let mut told = false;
+        for (_, live) in inner.tries.iter().filter(|((row, _), _)| *row == id) {
+            if live.stop.borrow().is_none() {
                 live.stop.send_replace(Some(StopReason::Cancel));
-                true
+                told = true;
             }
-            _ => false,
         }
+        told
     }
 
     /// This daemon no longer holds `id` under `claim_token`: stops its try
     /// if it still runs under that claim. True if it was told to stop.
     pub(crate) fn lost(&self, id: RequestId, claim_token: &ClaimToken) -> bool {
         let inner = self.lock();
-        match inner.tries.get(&id) {
-            Some(live) if live.claim_token == *claim_token => {
+        match inner.tries.get(&(id, claim_token.clone())) {
+            Some(live) => {
                 live.stop.send_replace(Some(StopReason::LostClaim));
                 true
             }
-            _ => false,
+            None => false,
         }
     }
 
     /// Whether a try of this daemon runs `id` under `claim_token`.
     pub(crate) fn runs(&self, id: RequestId, claim_token: &ClaimToken) -> bool {
-        self.lock()
-            .tries
-            .get(&id)
-            .is_some_and(|live| live.claim_token == *claim_token)
+        self.lock().tries.contains_key(&(id, claim_token.clone()))
     }
 
     /// Every try with the claim token it runs under.
     pub(crate) fn claims(&self) -> Vec<(RequestId, ClaimToken)> {
-        self.lock()
-            .tries
-            .iter()
-            .map(|(id, live)| (*id, live.claim_token.clone()))
-            .collect()
+        self.lock().tries.keys().cloned().collect()
     }
 
     /// The progress lines that changed since they were last taken.
     pub(crate) fn take_progress(&self) -> Vec<Progress> {
         let mut inner = self.lock();
         let mut changed = Vec::new();
-        for (id, live) in inner.tries.iter_mut() {
+        for ((id, _), live) in inner.tries.iter_mut() {
             let latest = live.progress.borrow().clone();
             if latest.is_some() && latest != live.progress_written {
                 live.progress_written = latest.clone();
@@ -221,7 +243,7 @@ impl Tries {
         self.lock()
             .tries
             .iter()
-            .map(|(id, live)| RunningTask {
+            .map(|((id, _), live)| RunningTask {
                 id: id.0,
                 task: live.task.clone(),
                 pid: live.pid,
@@ -230,5 +252,23 @@ impl Tries {
                 progress: live.progress.borrow().clone(),
             })
             .collect()
+    }
+}
+
+/// A claim under way: see [`Tries::claiming`].
+pub(crate) struct Claiming<'a> {
+    tries: &'a Tries,
+    claim_token: ClaimToken,
+}
+
+impl Drop for Claiming<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.tries.lock();
+        if let Some(count) = inner.claiming.get_mut(&self.claim_token) {
+            *count -= 1;
+            if *count == 0 {
+                inner.claiming.remove(&self.claim_token);
+            }
+        }
     }
 }
