@@ -28,6 +28,7 @@ both_backends!(
     a_parent_that_stops_answering_is_replaced_and_costs_no_try,
     a_parent_that_boots_for_longer_than_the_cgroup_sweep_waits_runs_its_first_try,
     a_parent_whose_output_is_not_utf8_or_one_long_line_keeps_serving,
+    a_parent_gone_just_before_a_request_is_sent_costs_no_try,
 );
 
 /// The task-sdk probe, built beside the daemon (`cargo build --workspace --bins`).
@@ -431,20 +432,33 @@ async fn a_preloaded_try_does_not_run_its_parents_exit_handlers(backend: crate::
 /// a deadlock or an endless loop looks the same): the request for a fork
 /// waits 10 s for its answer, then the parent is retired (killed, reaped)
 /// and the try is started by a new one. The wait is the daemon's, not the
-/// task's: the row, which allows one try, still runs and finishes on it.
+/// task's: each row, which allows one try, still runs and finishes on it.
+/// Four requests of 100 KB each (a large `env:`) fill the socket's buffer
+/// while the parent reads none: the send that found it full held the
+/// daemon's one thread, its 10 s included, for as long as the parent slept.
 async fn a_parent_that_stops_answering_is_replaced_and_costs_no_try(backend: crate::util::Backend) {
     let db = TestDb::new(backend).await;
-    let mut daemon = Daemon::start(&db, "d", &preloaded(&sdk_probe()));
+    let config = format!(
+        "programs: [{{path: {}, preload: true}}]\nmax_concurrent: 4\nenv: {{PROBE_VAR: hello, BULK: {}}}\n",
+        sdk_probe().display(),
+        "x".repeat(100_000)
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
     let booted_in =
         |row: taskrunner::request::Request| report(&row.result_text.unwrap())["booted_in"].clone();
     let id = enqueue(&db, "Probe", "").await;
     let first = booted_in(db.wait_for_state(id, "FINISHED", WAIT).await);
     let parent: i32 = first.parse().unwrap();
     kill(Pid::from_raw(parent), Signal::SIGSTOP).unwrap();
-    let id = enqueue(&db, "Probe", "").await;
-    let row = finished_on_one_try(&db, id, &daemon, WAIT).await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(enqueue(&db, "Probe", "").await);
+    }
+    for id in ids {
+        let row = finished_on_one_try(&db, id, &daemon, WAIT).await;
+        assert_ne!(booted_in(row), first, "a new parent");
+    }
     let log = daemon.log_text();
-    assert_ne!(booted_in(row), first, "a new parent");
     wait_until(WAIT, "the stopped parent to be retired", || {
         !process_exists(parent)
     });
@@ -523,6 +537,42 @@ runpy.run_path({:?}, run_name="__main__")
     assert!(log.contains("stderr: booted"), "{log}");
     assert!(log.lines().all(|line| line.len() < 4096 + 200), "{log}");
     assert!(!log.contains("does not speak"), "{log}");
+    assert!(daemon.stop().success());
+}
+
+/// A parent that closes its socket right after its hello (it crashed, or
+/// was killed, just then): the request sent to it fails at once (EPIPE),
+/// before the daemon has read the socket's end. That failure was taken for
+/// the try's own and recorded FAILED, its try counted; now the parent is
+/// known dead there too, and a new one starts the try.
+async fn a_parent_gone_just_before_a_request_is_sent_costs_no_try(backend: crate::util::Backend) {
+    use std::os::unix::fs::PermissionsExt;
+    let db = TestDb::new(backend).await;
+    let once = db.scratch.join("gone_once");
+    let program = db.scratch.join("gone_preload.py");
+    std::fs::write(
+        &program,
+        format!(
+            r#"#!/usr/bin/env python3
+import os, runpy, sys, time
+if os.environ.get("TASKRUNNER_PRELOAD") == "1" and not os.path.exists({once:?}):
+    open({once:?}, "w").close()
+    os.write(0, b"hello\0taskrunner-preload-1\0")
+    os.close(0)
+    time.sleep(2)
+    sys.exit(0)
+runpy.run_path({probe:?}, run_name="__main__")
+"#,
+            once = once.display().to_string(),
+            probe = python_probe().display().to_string()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut daemon = Daemon::start(&db, "d", &preloaded(&program));
+    let id = enqueue(&db, "PyProbe", "").await;
+    finished_on_one_try(&db, id, &daemon, WAIT).await;
+    assert!(once.exists(), "the first parent ran");
     assert!(daemon.stop().success());
 }
 

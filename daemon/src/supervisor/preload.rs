@@ -433,9 +433,13 @@ impl Parent {
         }
         // SAFETY: the OwnedFd stays open, on the same socket, for as long as
         // the AsyncFd owns it.
-        let socket =
-            unsafe { AsyncFd::register_with_interest(ours, tokio::io::Interest::READABLE) }
-                .map_err(|e| StartError::Io(super::spawner::mark_shortage(io::Error::from(e))))?;
+        let socket = unsafe {
+            AsyncFd::register_with_interest(
+                ours,
+                tokio::io::Interest::READABLE.add(tokio::io::Interest::WRITABLE),
+            )
+        }
+        .map_err(|e| StartError::Io(super::spawner::mark_shortage(io::Error::from(e))))?;
         let parent = Parent {
             pid,
             socket,
@@ -532,51 +536,81 @@ impl Parent {
             stdio.child_ends[2].as_raw_fd(),
         ];
         let (reply, answer) = tokio::sync::oneshot::channel();
-        {
-            // Sent and queued under one lock: the queue's order is the
-            // order of the requests on the socket.
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            if !self.alive.load(Ordering::SeqCst) {
-                return Err(io::Error::new(
-                    io::ErrorKind::BrokenPipe,
-                    "the preloaded parent closed its socket",
-                ));
+        let mut reply = Some(reply);
+        let deadline = tokio::time::Instant::now() + REPLY_TIMEOUT;
+        loop {
+            {
+                // Sent and queued under one lock: the queue's order is the
+                // order of the requests on the socket.
+                let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                if !self.alive.load(Ordering::SeqCst) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "the preloaded parent closed its socket",
+                    ));
+                }
+                match send_with_fds(self.socket.get_ref().as_raw_fd(), &message, &fds) {
+                    Ok(()) => {
+                        pending.push_back(Pending {
+                            reply: reply.take().expect("sent once"),
+                            ours: stdio.ours,
+                            sent: std::time::SystemTime::now(),
+                        });
+                        break;
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(error) => {
+                        if gone(&error) {
+                            // It died (or closed its socket) just now, before
+                            // its answers' reader saw the socket's end: the
+                            // try never began, and a new parent starts it.
+                            self.alive.store(false, Ordering::SeqCst);
+                        }
+                        return Err(error);
+                    }
+                }
             }
-            send_with_fds(self.socket.get_ref().as_raw_fd(), &message, &fds)?;
-            pending.push_back(Pending {
-                reply,
-                ours: stdio.ours,
-                sent: std::time::SystemTime::now(),
-            });
+            // Its socket's buffer is full: the parent reads no requests (it
+            // is stopped, or stuck). The daemon's thread does not wait in
+            // the send; the try waits here, as it would for an answer.
+            match tokio::time::timeout_at(deadline, self.socket.writable()).await {
+                Ok(Ok(mut ready)) => ready.clear_ready(),
+                Ok(Err(error)) => return Err(error),
+                Err(_) => return Err(self.stopped_answering().await),
+            }
         }
         drop(stdio.child_ends);
-        match tokio::time::timeout(REPLY_TIMEOUT, answer).await {
+        match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(child)) => child,
             Ok(Err(_)) => Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "the preloaded parent closed its socket",
             )),
-            Err(_) => {
-                tracing::warn!(
-                    "preloaded parent (pid {}) did not answer a request within {}s: it is killed, and a new one starts the try",
-                    self.pid,
-                    REPLY_TIMEOUT.as_secs()
-                );
-                // Its socket closes: every request still waiting fails. Once
-                // it is gone (marked dead), the caller asks a new parent.
-                self.retire();
-                let mut exited = self.exited.clone();
-                let gone = exited.wait_for(|exited| *exited);
-                let _ = tokio::time::timeout(Duration::from_secs(1), gone).await;
-                Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "the preloaded parent did not answer within {}s",
-                        REPLY_TIMEOUT.as_secs()
-                    ),
-                ))
-            }
+            Err(_) => Err(self.stopped_answering().await),
         }
+    }
+
+    /// The parent took more than [`REPLY_TIMEOUT`] to take a request in
+    /// and answer it: it is retired (killed), and the caller, once it is
+    /// gone (marked dead), asks a new parent.
+    async fn stopped_answering(&self) -> io::Error {
+        tracing::warn!(
+            "preloaded parent (pid {}) did not answer a request within {}s: it is killed, and a new one starts the try",
+            self.pid,
+            REPLY_TIMEOUT.as_secs()
+        );
+        // Its socket closes: every request still waiting fails.
+        self.retire();
+        let mut exited = self.exited.clone();
+        let gone = exited.wait_for(|exited| *exited);
+        let _ = tokio::time::timeout(Duration::from_secs(1), gone).await;
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the preloaded parent did not answer within {}s",
+                REPLY_TIMEOUT.as_secs()
+            ),
+        )
     }
 }
 
@@ -681,9 +715,18 @@ fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Sends one message with three descriptors (SCM_RIGHTS). A request is far
-/// below the socket's buffer, so the send does not block. Public for the
-/// benchmark, which plays the daemon's part of the protocol.
+/// Whether a send failed because the other end of the socket is gone.
+fn gone(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN | libc::ECONNREFUSED)
+    )
+}
+
+/// Sends one message with three descriptors (SCM_RIGHTS), without waiting:
+/// a socket whose buffer is full (a parent that reads no requests) gives
+/// `WouldBlock`. Public for the benchmark, which plays the daemon's part of
+/// the protocol.
 pub fn send_with_fds(
     socket: libc::c_int,
     message: &[u8],
@@ -710,7 +753,7 @@ pub fn send_with_fds(
         (*cmsg).cmsg_len = libc::CMSG_LEN(fds_len) as _;
         std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
         loop {
-            let sent = libc::sendmsg(socket, &header, libc::MSG_NOSIGNAL);
+            let sent = libc::sendmsg(socket, &header, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT);
             if sent >= 0 {
                 return Ok(());
             }
