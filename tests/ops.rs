@@ -878,3 +878,39 @@ fn config_init_writes_a_starter_that_config_check_accepts() {
     );
     assert!(check.status.success(), "{}", text(&check));
 }
+
+/// A duration past what the clock can hold ahead (`timeout:
+/// 10000000000000000000`, a number of seconds; or `1000000000d`) was accepted, and each try of its
+/// type panicked in the daemon when it reckoned its deadline, leaving its
+/// row RUNNING. Durations are at most a hundred years: one clear line.
+#[test]
+fn a_duration_of_more_than_a_hundred_years_is_a_config_error() {
+    let scratch = Scratch::new("config");
+    let path = scratch.join("taskrunner.yml");
+    let path_text = path.to_string_lossy().into_owned();
+    for (value, shown) in [
+        ("10000000000000000000", "10000000000000000000"),
+        ("1000000000d", "1000000000d"),
+    ] {
+        std::fs::write(
+            &path,
+            format!("tasks:\n  Slow:\n    command: [/bin/true]\n    timeout: {value}\n"),
+        )
+        .unwrap();
+        let check = cli_without_database(&scratch.path, &["config", "check", &path_text]);
+        assert_eq!(check.status.code(), Some(2), "{value}: {}", text(&check));
+        let error = String::from_utf8_lossy(&check.stderr).into_owned();
+        assert_eq!(error.trim().lines().count(), 1, "{error}");
+        assert!(
+            error.contains("more than 100 years") && error.contains(shown),
+            "{error}"
+        );
+    }
+    std::fs::write(
+        &path,
+        "tasks:\n  Slow:\n    command: [/bin/true]\n    timeout: 36500d\n",
+    )
+    .unwrap();
+    let check = cli_without_database(&scratch.path, &["config", "check", &path_text]);
+    assert!(check.status.success(), "{}", text(&check));
+}

@@ -29,6 +29,19 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             ))
         }
     };
+    within_longest(seconds, text)
+}
+
+/// The longest duration a config or command line may give: a hundred years
+/// (a timeout, a grace, an interval). More is a mistake, and a time that far
+/// ahead (`started + timeout`) would be past what the clock can hold.
+const LONGEST_DURATION_SECS: f64 = 100.0 * 31_557_600.0;
+
+/// `seconds` as a duration, if it is one and at most a hundred years.
+pub(crate) fn within_longest(seconds: f64, text: &str) -> Result<Duration, String> {
+    if seconds > LONGEST_DURATION_SECS {
+        return Err(format!("duration `{text}` is more than 100 years"));
+    }
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("duration `{text}` is out of range"))
 }
 
@@ -154,9 +167,10 @@ pub(crate) mod serde_units {
                 Some(TextOrNumber::Text(text)) => {
                     Some(crate::units::parse_duration(&text).map_err(serde::de::Error::custom)?)
                 }
-                Some(TextOrNumber::Number(seconds)) => {
-                    Some(Duration::try_from_secs_f64(seconds).map_err(serde::de::Error::custom)?)
-                }
+                Some(TextOrNumber::Number(seconds)) => Some(
+                    crate::units::within_longest(seconds, &seconds.to_string())
+                        .map_err(serde::de::Error::custom)?,
+                ),
             })
         }
 
