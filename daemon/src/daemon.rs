@@ -343,6 +343,7 @@ pub async fn run(
         crate::units::format_duration(config.shutdown_timeout)
     );
     stop_claiming.cancel();
+    tries.no_new_ones();
     wake.notify_one();
     let drained = tokio::select! {
         drained = wait_until_idle(&tries, config.shutdown_timeout) => drained,

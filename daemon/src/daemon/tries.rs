@@ -124,6 +124,16 @@ impl Tries {
         self.lock().tries.is_empty()
     }
 
+    /// A shutdown began: a try registered from now on is stopped at once
+    /// (it does not start; its row is given back), while those registered
+    /// before run on. A claim that returns just as the shutdown begins
+    /// brought tries the drain did not count: they started, and the drain,
+    /// which had found nothing running, waited for their ends, past
+    /// `shutdown_timeout` (a task of a minute held the daemon a minute).
+    pub(crate) fn no_new_ones(&self) {
+        self.lock().stopping.get_or_insert(StopReason::Shutdown);
+    }
+
     /// Asks every running try to stop, for `reason`; a shutdown also stops
     /// tries registered later (claimed just as the drain time ran out).
     pub(crate) fn stop_all(&self, reason: StopReason) {
