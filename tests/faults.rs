@@ -2393,3 +2393,44 @@ async fn as_pid_1_the_daemon_leaves_no_zombies_and_drains_on_sigterm(backend: Ba
     assert!(status.success(), "{status:?}: {}", unshare.log_text());
     assert_eq!(db.row(slow).await.result.as_deref(), Some("FINISHED"));
 }
+
+/// On PostgreSQL the lease renewal skips a row that another session holds
+/// locked (it must not wait for an application's transaction), while the
+/// daemon's other rows are renewed and its fence stays quiet. The locked
+/// row's lease alone aged and lapsed with its task still running, and
+/// another daemon's reaper, once the lock went, ran the row again beside
+/// it. The daemon now kills that try before the row's lease lapses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_try_whose_row_stays_locked_is_stopped_before_its_lease_lapses() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "heartbeat_interval: 2s\nlease_timeout: 12s\nkill_grace: 3s\ntasks:\n  Nap:\n    command: [/bin/sleep, '60']\n",
+    );
+    let id = db.insert_row(NewRow::new("Nap").try_limit(1)).await;
+    let pid = db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32;
+    let held = db.hold_row(id).await;
+    let lapsed = format!(
+        "SELECT count(*) FROM task_runner_requests WHERE id = {} AND heartbeat_at < now() - interval '12 seconds'",
+        id.0
+    );
+    db.wait_for_count(&lapsed, 1, WAIT).await;
+    assert!(
+        !process_exists(pid),
+        "the task still runs on a lapsed lease: {}",
+        daemon.log_text()
+    );
+    held.release().await;
+    let row = db.wait_for_state(id, "CRASHED", WAIT).await;
+    let text = row.result_text.unwrap_or_default();
+    assert!(text.contains("lost its claim"), "{text}");
+    assert!(
+        daemon
+            .log_text()
+            .contains("the row's lease was not renewed"),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(daemon.stop().success());
+}

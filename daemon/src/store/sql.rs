@@ -1123,10 +1123,20 @@ impl Sql {
                 d.skip_locked()
             ),
             held_by: format!(
-                "SELECT {}, claim_token, {} FROM task_runner_requests \
+                "SELECT {}, claim_token, {}, {} FROM task_runner_requests \
                   WHERE claimed_by = $1 AND result = 'RUNNING'",
                 int("id"),
-                int("(CASE WHEN cancel_requested_at IS NULL THEN 0 ELSE 1 END)")
+                int("(CASE WHEN cancel_requested_at IS NULL THEN 0 ELSE 1 END)"),
+                // How old its lease is, in milliseconds: about none for a row
+                // the renewal just renewed.
+                int(&format!(
+                    "coalesce({}, 0)",
+                    d.floor(&format!(
+                        "({} - {}) * 1000",
+                        d.epoch_seconds(now),
+                        d.epoch_seconds("heartbeat_at")
+                    ))
+                ))
             ),
             running_on_host: format!(
                 "SELECT {}, {}, pid_boot_id, {}, {}, claim_token, coalesce(claimed_by, '') \

@@ -126,6 +126,8 @@ pub(crate) struct Held {
     pub(crate) id: RequestId,
     pub(crate) claim_token: ClaimToken,
     pub(crate) cancel_requested: bool,
+    /// How long ago its lease was last renewed, by the database's clock.
+    pub(crate) lease_age: std::time::Duration,
 }
 
 impl Store {
@@ -312,6 +314,7 @@ impl Store {
                     id: RequestId(row.int(0)?),
                     claim_token: ClaimToken::from_row(row.text(1)?),
                     cancel_requested: row.int(2)? != 0,
+                    lease_age: std::time::Duration::from_millis(row.int(3)?.max(0) as u64),
                 }))
                 .collect::<sqlx::Result<_>>()?
         }))
