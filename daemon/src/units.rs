@@ -12,8 +12,14 @@ fn number_and_unit(text: &str) -> Option<(f64, &str)> {
     Some((number.parse().ok()?, unit.trim()))
 }
 
-/// Parses `0s`, `500ms`, `10s`, `1.5s`, `5m`, `1h`, `2d`; a bare number is seconds.
+/// Parses `0s`, `500ms`, `10s`, `1.5s`, `5m`, `1h`, `2d`; a bare number is
+/// seconds. At most a hundred years (see [`within_longest`]).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    within_longest(seconds_of(text)?, text.trim())
+}
+
+/// The seconds that a duration's text gives.
+fn seconds_of(text: &str) -> Result<f64, String> {
     let text = text.trim();
     let (value, unit) = number_and_unit(text)
         .ok_or_else(|| format!("invalid duration `{text}` (write e.g. 500ms, 10s, 5m, 1h)"))?;
@@ -29,7 +35,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             ))
         }
     };
-    within_longest(seconds, text)
+    Ok(seconds)
 }
 
 /// The longest duration a config or command line may give: a hundred years
@@ -54,11 +60,10 @@ pub const LONGEST_WAIT: Duration = Duration::from_secs(50 * 31_557_600);
 
 /// [`parse_duration`], at most [`LONGEST_WAIT`].
 pub fn parse_wait(text: &str) -> Result<Duration, String> {
-    let wait = parse_duration(text)?;
-    if wait > LONGEST_WAIT {
+    if seconds_of(text)? > LONGEST_WAIT.as_secs_f64() {
         return Err(format!("`{}` is more than 50 years", text.trim()));
     }
-    Ok(wait)
+    parse_duration(text)
 }
 
 /// Parses `64KiB`, `512MiB`, `1GiB`, `100KB`, `4096` (bytes).
