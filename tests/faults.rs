@@ -38,6 +38,13 @@ both_backends!(
     as_pid_1_the_daemon_leaves_no_zombies_and_drains_on_sigterm,
 );
 
+/// A NoOp row RUNNING as pid `pid` on another host, held by its daemon
+/// `other-host:1:x` under claim token `token`, its lease last renewed
+/// `seconds` ago.
+fn running_on_another_host(backend: Backend, token: &str, pid: i64, seconds: i64) -> NewRow {
+    NewRow::new("NoOp").running(backend, "other-host", "other-host:1:x", token, pid, seconds)
+}
+
 /// A task that waits to be killed on its first try and succeeds on the next.
 fn first_try_hangs(marker: &std::path::Path) -> String {
     format!(
@@ -277,14 +284,7 @@ async fn a_running_row_written_by_an_application_with_no_try_is_reaped_with_the_
     let db = TestDb::new(backend).await;
     let written = db.insert_row(NewRow::new("NoOp").result("RUNNING")).await;
     let lapsed = db
-        .insert_row(NewRow::new("NoOp").running(
-            backend,
-            "other-host",
-            "other-host:1:x",
-            "t1",
-            424242,
-            10,
-        ))
+        .insert_row(running_on_another_host(backend, "t1", 424242, 10))
         .await;
     let mut daemon = Daemon::start(&db, "d", "reap_interval: 1s\nlease_timeout: 5s\n");
     let row = db.wait_for_state(lapsed, "FINISHED", WAIT).await;
@@ -378,25 +378,11 @@ async fn stale_heartbeat_of_another_host_is_crashed_after_the_lease(backend: Bac
     let db = TestDb::new(backend).await;
     // Renewed 10 s ago, by a daemon on another host.
     let stale = db
-        .insert_row(NewRow::new("NoOp").running(
-            backend,
-            "other-host",
-            "other-host:1:x",
-            "t1",
-            424242,
-            10,
-        ))
+        .insert_row(running_on_another_host(backend, "t1", 424242, 10))
         .await;
     // Its heartbeat is recent: the lease (5s) has not lapsed yet.
     let alive = db
-        .insert_row(NewRow::new("NoOp").running(
-            backend,
-            "other-host",
-            "other-host:1:x",
-            "t2",
-            424243,
-            -2,
-        ))
+        .insert_row(running_on_another_host(backend, "t2", 424243, -2))
         .await;
     let started = Instant::now();
     let mut daemon = Daemon::start(&db, "d", "reap_interval: 1s\nlease_timeout: 5s\n");
