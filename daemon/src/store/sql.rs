@@ -741,11 +741,15 @@ impl Sql {
             now = d.now()
         );
         // A statement may not read, in a subquery, the table it changes
-        // (error 1093); SKIP LOCKED cannot pass through a derived table.
+        // (error 1093), and SKIP LOCKED cannot pass through a derived
+        // table: the renewal locks the held rows' ids first, skipping those
+        // another session holds locked, then writes them by primary key
+        // (`Store::renew_heartbeats_mysql`). A plain UPDATE waited for such
+        // a row, and a lock held past the fence stopped every task.
         self.renew_heartbeats = format!(
-            "UPDATE task_runner_requests SET heartbeat_at = {} \
-              WHERE claimed_by = $1 AND result = 'RUNNING'",
-            d.now()
+            "SELECT id FROM task_runner_requests \
+              WHERE claimed_by = $1 AND result = 'RUNNING' {}",
+            d.skip_locked()
         );
         // The caller counts the row this inserts (none: another daemon took
         // the slot), and a duplicate key update counts one there (sqlx asks
