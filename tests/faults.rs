@@ -45,8 +45,6 @@ fn running_on_another_host(backend: Backend, token: &str, pid: i64, seconds: i64
     NewRow::new("NoOp").running(backend, "other-host", "other-host:1:x", token, pid, seconds)
 }
 
-multi_host_backends!(a_try_whose_row_stays_locked_is_stopped_before_its_lease_lapses);
-
 /// A task that waits to be killed on its first try and succeeds on the next.
 fn first_try_hangs(marker: &std::path::Path) -> String {
     format!(
@@ -2380,57 +2378,4 @@ async fn as_pid_1_the_daemon_leaves_no_zombies_and_drains_on_sigterm(backend: Ba
     let status = unshare.wait_exit(WAIT);
     assert!(status.success(), "{status:?}: {}", unshare.log_text());
     assert_eq!(db.row(slow).await.result.as_deref(), Some("FINISHED"));
-}
-
-/// The lease renewal skips a row that another session holds locked (it
-/// must not wait for an application's transaction), while the daemon's
-/// other rows are renewed and its fence stays quiet. On PostgreSQL the
-/// locked row's lease alone aged and lapsed with its task still running,
-/// and another daemon's reaper, once the lock went, ran the row again beside
-/// it; on MariaDB the renewal waited for the lock instead, and one lock
-/// held past the fence stopped every task of the daemon. The daemon now
-/// kills that try alone, before the row's lease lapses.
-async fn a_try_whose_row_stays_locked_is_stopped_before_its_lease_lapses(backend: Backend) {
-    let db = TestDb::new(backend).await;
-    let mut daemon = Daemon::start(
-        &db,
-        "d",
-        "heartbeat_interval: 2s\nlease_timeout: 12s\nkill_grace: 3s\ntasks:\n  Nap:\n    command: [/bin/sleep, '60']\n",
-    );
-    let id = db.insert_row(NewRow::new("Nap").try_limit(1)).await;
-    let pid = db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32;
-    let other = db.insert_row(NewRow::new("Nap").try_limit(1)).await;
-    let other_pid = db.wait_for_pid(other, WAIT).await.pid.unwrap() as i32;
-    let held = db.hold_row(id).await;
-    let twelve_seconds_ago = match backend {
-        Backend::MySql => "UTC_TIMESTAMP(6) - INTERVAL 12 SECOND",
-        _ => "now() - interval '12 seconds'",
-    };
-    let lapsed = format!(
-        "SELECT count(*) FROM task_runner_requests WHERE id = {} AND heartbeat_at < {twelve_seconds_ago}",
-        id.0
-    );
-    db.wait_for_count(&lapsed, 1, WAIT).await;
-    assert!(
-        !process_exists(pid),
-        "the task still runs on a lapsed lease: {}",
-        daemon.log_text()
-    );
-    assert!(
-        process_exists(other_pid),
-        "the other row's task was stopped too: {}",
-        daemon.log_text()
-    );
-    held.release().await;
-    let row = db.wait_for_state(id, "CRASHED", WAIT).await;
-    let text = row.result_text.unwrap_or_default();
-    assert!(text.contains("lost its claim"), "{text}");
-    assert!(
-        daemon
-            .log_text()
-            .contains("the row's lease was not renewed"),
-        "{}",
-        daemon.log_text()
-    );
-    assert!(daemon.stop().success());
 }

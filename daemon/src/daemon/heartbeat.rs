@@ -240,7 +240,6 @@ impl Heartbeat {
                 }
             }
             strays = self.give_back_strays(&held, strays);
-            self.stop_tries_whose_lease_is_not_renewed(&held, &config);
             self.write_progress();
             // The daemon's own row, for the web page only.
             let running = self.tries.len();
@@ -349,31 +348,6 @@ impl Heartbeat {
             .into_iter()
             .filter(|(id, _)| !lost.iter().any(|(lost_id, _)| lost_id == id))
             .collect()
-    }
-
-    /// Stops the try of each row whose lease this daemon's renewals have
-    /// not renewed for as long as its own fence allows ([`fence_after`]):
-    /// the daemon renews, but not that row. On PostgreSQL the renewal skips
-    /// a row another session holds locked (an application's transaction
-    /// that locked its request's row), so as not to wait for it; the lease
-    /// of that row alone ages, and once it lapses another daemon's reaper
-    /// runs the row again. Its try is killed first (`CRASHED`, as when the
-    /// daemon's lease lapses), its outcome written once the lock is gone.
-    fn stop_tries_whose_lease_is_not_renewed(
-        &self,
-        held: &[crate::store::Held],
-        config: &crate::config::Config,
-    ) {
-        let limit = fence_after(config);
-        for h in held.iter().filter(|h| h.lease_age >= limit) {
-            if self.tries.lost(h.id, &h.claim_token) {
-                tracing::error!(
-                    request = %h.id,
-                    "the row's lease was not renewed for {:.1}s (another session holds the row locked?): killing its task before the lease lapses",
-                    h.lease_age.as_secs_f64()
-                );
-            }
-        }
     }
 
     /// Queues a fenced write for every try whose progress changed.

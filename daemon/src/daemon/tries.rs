@@ -186,17 +186,16 @@ impl Tries {
         told
     }
 
-    /// This daemon no longer holds `id` under `claim_token` (or cannot keep
-    /// its lease): stops its try if it still runs under that claim. True if
-    /// it was told to stop now (not already stopping).
+    /// This daemon no longer holds `id` under `claim_token`: stops its try
+    /// if it still runs under that claim. True if it was told to stop.
     pub(crate) fn lost(&self, id: RequestId, claim_token: &ClaimToken) -> bool {
         let inner = self.lock();
         match inner.tries.get(&(id, claim_token.clone())) {
-            Some(live) if live.stop.borrow().is_none() => {
+            Some(live) => {
                 live.stop.send_replace(Some(StopReason::LostClaim));
                 true
             }
-            _ => false,
+            None => false,
         }
     }
 

@@ -498,42 +498,6 @@ impl Store {
         Ok(held)
     }
 
-    /// The lease renewal on MariaDB/MySQL (see `Store::renew_heartbeats`):
-    /// in one READ COMMITTED transaction, lock the ids of the rows
-    /// `instance` holds, skipping rows another session holds locked (as
-    /// PostgreSQL's renewal does), then write them by primary key. Run
-    /// again after a deadlock or lock-wait timeout.
-    pub(super) async fn renew_heartbeats_mysql(
-        &self,
-        pool: &MySqlPool,
-        instance: &str,
-    ) -> anyhow::Result<()> {
-        retry_locks(&self.lock_retries, || async {
-            let mut transaction = pool.begin().await?;
-            let ids: Vec<i64> = query(self.sql.renew_heartbeats.as_str())
-                .bind(instance)
-                .fetch_all(&mut *transaction)
-                .await?
-                .iter()
-                .map(|row| row.int(0))
-                .collect::<sqlx::Result<_>>()?;
-            if !ids.is_empty() {
-                let update = format!(
-                    "UPDATE task_runner_requests SET heartbeat_at = UTC_TIMESTAMP(6) WHERE id IN ({})",
-                    parameter_list(1, ids.len())
-                );
-                let mut update = query(sqlx::AssertSqlSafe(update));
-                for id in &ids {
-                    update = update.bind(*id);
-                }
-                update.execute(&mut *transaction).await?;
-            }
-            transaction.commit().await?;
-            Ok(())
-        })
-        .await
-    }
-
     /// The release of due delayed rows on MariaDB/MySQL (see
     /// `Store::release_delays`): in one READ COMMITTED transaction, lock up
     /// to `RELEASE_AT_ONCE` due ids, skipping rows another writer holds

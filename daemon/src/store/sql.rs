@@ -741,15 +741,11 @@ impl Sql {
             now = d.now()
         );
         // A statement may not read, in a subquery, the table it changes
-        // (error 1093), and SKIP LOCKED cannot pass through a derived
-        // table: the renewal locks the held rows' ids first, skipping those
-        // another session holds locked, then writes them by primary key
-        // (`Store::renew_heartbeats_mysql`). A plain UPDATE waited for such
-        // a row, and a lock held past the fence stopped every task.
+        // (error 1093); SKIP LOCKED cannot pass through a derived table.
         self.renew_heartbeats = format!(
-            "SELECT id FROM task_runner_requests \
-              WHERE claimed_by = $1 AND result = 'RUNNING' {}",
-            d.skip_locked()
+            "UPDATE task_runner_requests SET heartbeat_at = {} \
+              WHERE claimed_by = $1 AND result = 'RUNNING'",
+            d.now()
         );
         // The caller counts the row this inserts (none: another daemon took
         // the slot), and a duplicate key update counts one there (sqlx asks
@@ -1127,20 +1123,10 @@ impl Sql {
                 d.skip_locked()
             ),
             held_by: format!(
-                "SELECT {}, claim_token, {}, {} FROM task_runner_requests \
+                "SELECT {}, claim_token, {} FROM task_runner_requests \
                   WHERE claimed_by = $1 AND result = 'RUNNING'",
                 int("id"),
-                int("(CASE WHEN cancel_requested_at IS NULL THEN 0 ELSE 1 END)"),
-                // How old its lease is, in milliseconds: about none for a row
-                // the renewal just renewed.
-                int(&format!(
-                    "coalesce({}, 0)",
-                    d.floor(&format!(
-                        "({} - {}) * 1000",
-                        d.epoch_seconds(now),
-                        d.epoch_seconds("heartbeat_at")
-                    ))
-                ))
+                int("(CASE WHEN cancel_requested_at IS NULL THEN 0 ELSE 1 END)")
             ),
             running_on_host: format!(
                 "SELECT {}, {}, pid_boot_id, {}, {}, claim_token, coalesce(claimed_by, '') \

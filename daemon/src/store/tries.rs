@@ -126,8 +126,6 @@ pub(crate) struct Held {
     pub(crate) id: RequestId,
     pub(crate) claim_token: ClaimToken,
     pub(crate) cancel_requested: bool,
-    /// How long ago its lease was last renewed, by the database's clock.
-    pub(crate) lease_age: std::time::Duration,
 }
 
 impl Store {
@@ -296,17 +294,17 @@ impl Store {
     /// Renews `heartbeat_at` on every row `instance` holds (one statement),
     /// then reads which rows it still holds and which a user asked to cancel.
     pub(crate) async fn renew_heartbeats(&self, instance: &str) -> Result<Vec<Held>> {
-        self.count_statements(2);
-        if let Pool::MySql(pool) = &self.pool {
-            // BEGIN, the ids, their update, COMMIT: three more.
-            self.count_statements(3);
-            self.renew_heartbeats_mysql(pool, instance).await?;
-        } else {
-            on_pool!(self, pool => {
-                query(self.sql.renew_heartbeats.as_str()).bind(instance).execute(pool).await?;
-            });
+        if let Pool::MySql(_) = &self.pool {
+            return mysql::retry_locks(&self.lock_retries, || self.renew_heartbeats_once(instance))
+                .await;
         }
+        self.renew_heartbeats_once(instance).await
+    }
+
+    async fn renew_heartbeats_once(&self, instance: &str) -> Result<Vec<Held>> {
+        self.count_statements(2);
         Ok(on_pool!(self, pool => {
+            query(self.sql.renew_heartbeats.as_str()).bind(instance).execute(pool).await?;
             let query = query(self.sql.held_by.as_str()).bind(instance);
             query.fetch_all(pool).await?
                 .iter()
@@ -314,7 +312,6 @@ impl Store {
                     id: RequestId(row.int(0)?),
                     claim_token: ClaimToken::from_row(row.text(1)?),
                     cancel_requested: row.int(2)? != 0,
-                    lease_age: std::time::Duration::from_millis(row.int(3)?.max(0) as u64),
                 }))
                 .collect::<sqlx::Result<_>>()?
         }))
