@@ -60,10 +60,11 @@ pub const LONGEST_WAIT: Duration = Duration::from_secs(50 * 31_557_600);
 
 /// [`parse_duration`], at most [`LONGEST_WAIT`].
 pub fn parse_wait(text: &str) -> Result<Duration, String> {
-    if seconds_of(text)? > LONGEST_WAIT.as_secs_f64() {
+    let seconds = seconds_of(text)?;
+    if seconds > LONGEST_WAIT.as_secs_f64() {
         return Err(format!("`{}` is more than 50 years", text.trim()));
     }
-    parse_duration(text)
+    within_longest(seconds, text.trim())
 }
 
 /// Parses `64KiB`, `512MiB`, `1GiB`, `100KB`, `4096` (bytes).
