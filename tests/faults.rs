@@ -12,6 +12,7 @@ use taskrunner::request::RequestId;
 use crate::util::{
     cli, holds_for, memory_kib, now_ns, poll, poll_blocking_every, poll_every, process_exists,
     wait_until, zombie_children, Backend, Daemon, Fault, NewRow, PrivateServer, Proxy, TestDb,
+    Text,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -2378,4 +2379,64 @@ async fn as_pid_1_the_daemon_leaves_no_zombies_and_drains_on_sigterm(backend: Ba
     let status = unshare.wait_exit(WAIT);
     assert!(status.success(), "{status:?}: {}", unshare.log_text());
     assert_eq!(db.row(slow).await.result.as_deref(), Some("FINISHED"));
+}
+
+/// PostgreSQL's lease renewal skips a row that another session holds
+/// locked (it must not wait for an application's transaction), while the
+/// daemon's other rows are renewed and its fence stays quiet. The locked
+/// row's lease alone aged and lapsed with its task still running, and
+/// another daemon's reaper, once the lock went, ran the row again beside
+/// it. The daemon now kills that try alone, before the row's lease lapses.
+/// The test times that by its own monotonic clock, as the daemon does: a
+/// pause of the whole machine moves the database's clock, not theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_try_whose_row_stays_locked_is_stopped_before_its_lease_lapses() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "heartbeat_interval: 2s\nlease_timeout: 12s\nkill_grace: 3s\ntasks:\n  Nap:\n    command: [/bin/sleep, '60']\n",
+    );
+    let id = db.insert_row(NewRow::new("Nap").try_limit(1)).await;
+    let pid = db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32;
+    let other = db.insert_row(NewRow::new("Nap").try_limit(1)).await;
+    let other_pid = db.wait_for_pid(other, WAIT).await.pid.unwrap() as i32;
+    let held = db.hold_row(id).await;
+    poll(
+        Duration::from_secs(12),
+        "the locked row's task killed within its lease (12s)",
+        async || {
+            if process_exists(pid) {
+                Err(Text(daemon.log_text()))
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+    holds_for(
+        Duration::from_secs(3),
+        "the other row's task runs on",
+        async || {
+            if process_exists(other_pid) {
+                Ok(())
+            } else {
+                Err(Text(daemon.log_text()))
+            }
+        },
+    )
+    .await;
+    held.release().await;
+    let row = db.wait_for_state(id, "CRASHED", WAIT).await;
+    let text = row.result_text.unwrap_or_default();
+    assert!(text.contains("lost its claim"), "{text}");
+    assert!(
+        daemon
+            .log_text()
+            .contains("the row's lease was not renewed"),
+        "{}",
+        daemon.log_text()
+    );
+    assert_eq!(db.row(other).await.result.as_deref(), Some("RUNNING"));
+    assert!(daemon.stop().success());
 }

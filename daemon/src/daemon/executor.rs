@@ -77,6 +77,7 @@ impl Executor {
                 stop: stop_sender,
                 progress,
                 progress_written: None,
+                lease_renewed: std::time::Instant::now(),
             },
         );
         Registered {

@@ -123,6 +123,10 @@ impl Heartbeat {
         let mut failed = false;
         // Rows held at the last renewal that no try of this daemon runs.
         let mut strays: HashMap<crate::request::RequestId, ClaimToken> = HashMap::new();
+        // Rows the last renewal skipped (another session holds them
+        // locked), and when the first of their tries is to be stopped.
+        let mut skipped: Vec<(crate::request::RequestId, ClaimToken)> = Vec::new();
+        let mut skipped_deadline: Option<Instant> = None;
         loop {
             let config = Setup::current_config(&self.setup);
             let fenced = self.tries.fenced();
@@ -173,6 +177,10 @@ impl Heartbeat {
                         );
                     }
                     self.tries.fence();
+                    continue;
+                }
+                _ = crate::units::sleep_until_opt(skipped_deadline) => {
+                    skipped_deadline = self.stop_tries_whose_lease_is_not_renewed(&skipped, &config);
                     continue;
                 }
             }
@@ -240,6 +248,8 @@ impl Heartbeat {
                 }
             }
             strays = self.give_back_strays(&held, strays);
+            skipped = self.note_renewed(&held, sent_at);
+            skipped_deadline = self.stop_tries_whose_lease_is_not_renewed(&skipped, &config);
             self.write_progress();
             // The daemon's own row, for the web page only.
             let running = self.tries.len();
@@ -348,6 +358,64 @@ impl Heartbeat {
             .into_iter()
             .filter(|(id, _)| !lost.iter().any(|(lost_id, _)| lost_id == id))
             .collect()
+    }
+
+    /// Notes, for each try, that the renewal sent at `sent` renewed its
+    /// row's lease; returns the held rows it skipped (another session held
+    /// them locked).
+    fn note_renewed(
+        &self,
+        held: &[crate::store::Held],
+        sent: Instant,
+    ) -> Vec<(crate::request::RequestId, ClaimToken)> {
+        let mut skipped = Vec::new();
+        for h in held {
+            if h.renewed {
+                self.tries
+                    .lease_renewed(h.id, &h.claim_token, sent.into_std());
+            } else {
+                skipped.push((h.id, h.claim_token.clone()));
+            }
+        }
+        skipped
+    }
+
+    /// Stops the try of each row the renewals skip once its lease has gone
+    /// unrenewed as long as the daemon's own fence allows ([`fence_after`]),
+    /// before that lease lapses; returns when the next of the others is
+    /// due. The renewal does not wait for a row another session holds
+    /// locked (an application's transaction on its request's row): it
+    /// renews the others, and the daemon's own fence stays quiet, while
+    /// that row's lease alone ages; once it lapses, another daemon's reaper
+    /// runs the row again. The try is killed as at the daemon's own fence
+    /// (`CRASHED`, written once the lock goes). The time is the daemon's
+    /// monotonic clock, which a pause of the whole machine does not move: at
+    /// such a pause every lease ages by the database's clock alike, and the
+    /// renewal that follows finds the rows still held and renews them.
+    fn stop_tries_whose_lease_is_not_renewed(
+        &self,
+        skipped: &[(crate::request::RequestId, ClaimToken)],
+        config: &crate::config::Config,
+    ) -> Option<Instant> {
+        let limit = fence_after(config);
+        let now = Instant::now();
+        let mut next: Option<Instant> = None;
+        for (id, token) in skipped {
+            let Some(renewed) = self.tries.lease_renewed_at(*id, token) else {
+                continue;
+            };
+            let deadline = Instant::from_std(renewed) + limit;
+            if deadline > now {
+                next = Some(next.map_or(deadline, |next| next.min(deadline)));
+            } else if self.tries.lost(*id, token) {
+                tracing::error!(
+                    request = %id,
+                    "the row's lease was not renewed for {:.1}s (another session holds the row locked?): killing its task before the lease lapses",
+                    renewed.elapsed().as_secs_f64()
+                );
+            }
+        }
+        next
     }
 
     /// Queues a fenced write for every try whose progress changed.

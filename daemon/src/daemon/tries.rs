@@ -31,6 +31,9 @@ pub(crate) struct LiveTry {
     pub(crate) progress: watch::Receiver<Option<String>>,
     /// The progress line last written to the row.
     pub(crate) progress_written: Option<String>,
+    /// When the row's lease was last renewed, by this daemon's monotonic
+    /// clock: its claim, then each renewal that renewed the row (sent then).
+    pub(crate) lease_renewed: Instant,
 }
 
 /// The tries this daemon runs, and the stop order every new one must obey.
@@ -184,6 +187,27 @@ impl Tries {
             }
         }
         told
+    }
+
+    /// A renewal sent at `at` renewed the lease of the try's row.
+    pub(crate) fn lease_renewed(&self, id: RequestId, claim_token: &ClaimToken, at: Instant) {
+        if let Some(live) = self.lock().tries.get_mut(&(id, claim_token.clone())) {
+            live.lease_renewed = live.lease_renewed.max(at);
+        }
+    }
+
+    /// When the lease of the try's row was last renewed, by this daemon's
+    /// monotonic clock; `None` for a try that is not running or already
+    /// told to stop.
+    pub(crate) fn lease_renewed_at(
+        &self,
+        id: RequestId,
+        claim_token: &ClaimToken,
+    ) -> Option<Instant> {
+        let inner = self.lock();
+        let live = inner.tries.get(&(id, claim_token.clone()))?;
+        let stopping = live.stop.borrow().is_some();
+        (!stopping).then_some(live.lease_renewed)
     }
 
     /// This daemon no longer holds `id` under `claim_token`: stops its try

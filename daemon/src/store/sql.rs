@@ -741,7 +741,12 @@ impl Sql {
             now = d.now()
         );
         // A statement may not read, in a subquery, the table it changes
-        // (error 1093); SKIP LOCKED cannot pass through a derived table.
+        // (error 1093); SKIP LOCKED cannot pass through a derived table. So
+        // the renewal waits for a row another session holds locked (a
+        // renewal in two steps, its ids locked with SKIP LOCKED first, held
+        // its locks across a round trip: a connection gone silent between
+        // them kept the rows locked, unrenewable, for as long as the server
+        // kept the session).
         self.renew_heartbeats = format!(
             "UPDATE task_runner_requests SET heartbeat_at = {} \
               WHERE claimed_by = $1 AND result = 'RUNNING'",
@@ -1116,11 +1121,16 @@ impl Sql {
                 "UPDATE task_runner_requests SET progress = $1 WHERE {}",
                 fenced("$2", "$3")
             ),
+            // Returns the rows it renewed: not one another session holds
+            // locked (see `Store::renew_heartbeats`; MariaDB/MySQL renews
+            // every row, waiting for such a lock).
             renew_heartbeats: format!(
                 "UPDATE task_runner_requests SET heartbeat_at = {now} \
                   WHERE id IN (SELECT id FROM task_runner_requests \
-                                WHERE claimed_by = $1 AND result = 'RUNNING' {})",
-                d.skip_locked()
+                                WHERE claimed_by = $1 AND result = 'RUNNING' {}) \
+                  RETURNING {}",
+                d.skip_locked(),
+                int("id")
             ),
             held_by: format!(
                 "SELECT {}, claim_token, {} FROM task_runner_requests \

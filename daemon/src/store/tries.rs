@@ -126,6 +126,9 @@ pub(crate) struct Held {
     pub(crate) id: RequestId,
     pub(crate) claim_token: ClaimToken,
     pub(crate) cancel_requested: bool,
+    /// Whether this renewal renewed its lease: not if another session held
+    /// the row locked (the renewal skips such a row rather than wait).
+    pub(crate) renewed: bool,
 }
 
 impl Store {
@@ -291,8 +294,11 @@ impl Store {
         Ok(rows)
     }
 
-    /// Renews `heartbeat_at` on every row `instance` holds (one statement),
-    /// then reads which rows it still holds and which a user asked to cancel.
+    /// Renews `heartbeat_at` on every row `instance` holds (one
+    /// statement), then reads which rows it still holds, which it renewed,
+    /// and which a user asked to cancel. PostgreSQL's renewal skips a row
+    /// another session holds locked, so as not to wait for an application's
+    /// transaction; MariaDB/MySQL's waits for it (see `Sql::for_mysql`).
     pub(crate) async fn renew_heartbeats(&self, instance: &str) -> Result<Vec<Held>> {
         if let Pool::MySql(_) = &self.pool {
             return mysql::retry_locks(&self.lock_retries, || self.renew_heartbeats_once(instance))
@@ -303,16 +309,34 @@ impl Store {
 
     async fn renew_heartbeats_once(&self, instance: &str) -> Result<Vec<Held>> {
         self.count_statements(2);
+        // `None`: every held row (MariaDB/MySQL).
+        let renewed: Option<HashSet<i64>> = on_pool!(self, pool => {
+            Some(
+                query(self.sql.renew_heartbeats.as_str())
+                    .bind(instance)
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|row| row.int(0))
+                    .collect::<sqlx::Result<_>>()?,
+            )
+        }, mysql pool => {
+            mysql::query(self.sql.renew_heartbeats.as_str()).bind(instance).execute(pool).await?;
+            None
+        });
         Ok(on_pool!(self, pool => {
-            query(self.sql.renew_heartbeats.as_str()).bind(instance).execute(pool).await?;
             let query = query(self.sql.held_by.as_str()).bind(instance);
             query.fetch_all(pool).await?
                 .iter()
-                .map(|row| Ok(Held {
-                    id: RequestId(row.int(0)?),
-                    claim_token: ClaimToken::from_row(row.text(1)?),
-                    cancel_requested: row.int(2)? != 0,
-                }))
+                .map(|row| {
+                    let id = row.int(0)?;
+                    Ok(Held {
+                        id: RequestId(id),
+                        claim_token: ClaimToken::from_row(row.text(1)?),
+                        cancel_requested: row.int(2)? != 0,
+                        renewed: renewed.as_ref().is_none_or(|ids| ids.contains(&id)),
+                    })
+                })
                 .collect::<sqlx::Result<_>>()?
         }))
     }
