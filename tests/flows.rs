@@ -16,6 +16,7 @@ both_backends!(
     flow_with_unknown_name_or_bad_options_ends_failed_saying_why,
     flow_cancel_stops_a_flow_and_cancel_revert_reverts_its_finished_steps,
     a_step_that_finishes_after_cancel_revert_is_reverted_and_the_flow_goes_no_further,
+    a_step_failed_with_tries_left_after_a_cancel_ends_its_flow_in_the_same_write,
     purge_keeps_the_step_rows_of_a_running_flow,
     a_step_whose_output_would_outgrow_the_flows_store_reverts_the_flow_saying_why,
 );
@@ -558,6 +559,84 @@ async fn a_step_that_finishes_after_cancel_revert_is_reverted_and_the_flow_goes_
         text.contains("step 1 (s1) finished after the flow was cancelled"),
         "{text}"
     );
+    assert!(daemon.stop().success());
+}
+
+/// A step whose try fails with tries left after its flow was cancelled,
+/// before the daemon has read the cancel, is CANCELLED by
+/// its outcome's write, the cancel overriding the retry. That write took the
+/// plain path, since the try's own verdict did not end the request, and the
+/// flow was ended only by the next repair pass: the step was CANCELLED with
+/// its flow RUNNING meanwhile. Now every outcome of a row with follow-ups
+/// goes through the finalization path, and the flow ends in the same
+/// transaction as its step.
+async fn a_step_failed_with_tries_left_after_a_cancel_ends_its_flow_in_the_same_write(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let log = db.scratch.join("steps.log");
+    let go = db.scratch.join("go");
+    let config = format!(
+        "tasks:\n{}{}flows:\n  two:\n    steps:\n      - {{ name: s1, task: E1 }}\n      - {{ name: s2, task: E2 }}\n",
+        sh_task(
+            "E1",
+            &format!(
+                "trap '' TERM; while [ ! -e {} ]; do sleep 0.02; done; echo e1 >> {}; exit 1",
+                go.display(),
+                log.display()
+            )
+        ),
+        sh_task("E2", &format!("echo e2 >> {}", log.display())),
+    );
+    // Renewals, which read cancels, far apart: the step fails before the
+    // daemon has seen its cancel (a cancel the daemon sees stops the try
+    // as CANCELLED, which ends it by its own verdict).
+    let config = format!("heartbeat_interval: 10s\nlease_timeout: 40s\n{config}");
+    let mut daemon = Daemon::start(&db, "d", &config);
+    let flow = insert_flow(&db, "two", None).await;
+    let step = format!(
+        "FROM task_runner_requests s JOIN task_runner_flows f ON f.id = s.flow_id \
+          WHERE f.id = {flow} AND s.flow_step = 0"
+    );
+    db.wait_for_count(
+        &format!("SELECT count(*) {step} AND s.result = 'RUNNING' AND s.pid IS NOT NULL"),
+        1,
+        LONG,
+    )
+    .await;
+    // What `flow cancel` writes, by plain SQL: `flow cancel` also wakes
+    // the daemon to read it at once.
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET cancel_requested_at = CURRENT_TIMESTAMP \
+          WHERE flow_id = {flow} AND result = 'RUNNING'"
+    ))
+    .await;
+    db.execute(&format!(
+        "UPDATE task_runner_flows SET cancel_requested_at = CURRENT_TIMESTAMP WHERE id = {flow}"
+    ))
+    .await;
+    std::fs::write(&go, "").unwrap();
+    // The step's and the flow's states, read in one statement: 1 if the
+    // step is CANCELLED, plus 2 if the flow is.
+    let both = format!(
+        "SELECT CAST(CASE WHEN s.result = 'CANCELLED' THEN 1 ELSE 0 END \
+                   + CASE WHEN f.state = 'CANCELLED' THEN 2 ELSE 0 END AS BIGINT) {step}"
+    );
+    poll_every(
+        Duration::from_millis(5),
+        LONG,
+        "the step and its flow CANCELLED",
+        async || match db.scalar(&both).await {
+            3 => Ok(()),
+            1 => panic!(
+                "the step is CANCELLED while its flow still runs: {:#?}",
+                db.store.flow(flow).await.unwrap()
+            ),
+            seen => Err(seen),
+        },
+    )
+    .await;
+    assert_eq!(log_words(&log), ["e1"]);
     assert!(daemon.stop().success());
 }
 

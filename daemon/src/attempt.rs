@@ -35,15 +35,13 @@ pub(crate) fn outcome(
             .seconds(row.id, row.tries)
         })
     });
-    // Does this try end the request (final, or no tries left)? Then what
-    // the end causes is written with it. A member's every outcome goes
-    // through the finalization path: the outcome write may turn it final
-    // even when the verdict does not (a cancel accepted while it ran).
-    let ends = match verdict.state {
-        State::Finished | State::Cancelled | State::Rejected => true,
-        State::Failed | State::Crashed | State::Timeout => row.tries >= row.try_limit,
-        State::Running | State::Interrupted => false,
-    };
+    // What the request's end causes is written with the outcome that ends
+    // it, on the finalization path. A member's or a hooked row's every
+    // outcome takes that path: the outcome write may turn it final even
+    // when the verdict does not (a cancel written while it ran makes a
+    // failure with tries left, or a give-back, CANCELLED), and its flow's
+    // next step or its next occurrence must come with it. A plain row's
+    // end causes nothing.
     let hooked = row.periodic
         || row.has_callbacks
         || config.on_exhausted_for(&row.task_class_name).is_some();
@@ -54,7 +52,7 @@ pub(crate) fn outcome(
         result_text: verdict.result_text.clone(),
         retry_after,
         give_back_try: verdict.state == State::Interrupted,
-        composed: row.batch_id.is_some() || (ends && hooked),
+        composed: row.batch_id.is_some() || hooked,
     }
 }
 

@@ -98,7 +98,8 @@ pub struct Outcome {
     /// The try does not count (INTERRUPTED): `tries` goes back down by one.
     pub give_back_try: bool,
     /// This outcome may end the request with follow-ups (its batch, its
-    /// callbacks, `on_exhausted`, its next periodic occurrence): it is
+    /// flow, its callbacks, `on_exhausted`, its next periodic occurrence),
+    /// if only through a cancel written while it ran: it is
     /// written by [`Store::finalize`], in a transaction of its own, rather
     /// than in the recorder's one-statement batch.
     pub composed: bool,
