@@ -12,6 +12,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 both_backends!(
     a_dead_heartbeat_stops_the_daemon_with_exit_status_1,
+    a_try_whose_supervision_panics_is_recorded_crashed_and_the_daemon_goes_on,
     starts_failing_for_the_daemons_own_descriptors_give_the_try_back,
     a_daemon_with_descriptors_for_one_start_at_a_time_runs_every_row,
     a_preloaded_parent_that_cannot_start_for_want_of_descriptors_costs_no_try,
@@ -114,6 +115,46 @@ async fn a_dead_heartbeat_stops_the_daemon_with_exit_status_1(backend: Backend) 
     );
     let row = db.row(id).await;
     assert_eq!(row.result.as_deref(), Some("INTERRUPTED"), "{row:#?}");
+}
+
+/// A try's supervision that panicked (a bug of the daemon's, or a panic on
+/// what a row holds) was dropped with its panic by the scheduler: no line
+/// in the log, its live try never removed, and its row RUNNING for as long
+/// as the daemon ran. Now the try is recorded CRASHED and counted (a panic
+/// on every try ends the row once its tries are spent), its process is
+/// killed, and the daemon goes on with the rest.
+async fn a_try_whose_supervision_panics_is_recorded_crashed_and_the_daemon_goes_on(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start_in_env(
+        &db,
+        "d",
+        "tasks:\n  Sleep:\n    command: [sleep, '60']\n  Quick:\n    command: ['true']\n",
+        &[("TASKRUNNER_TEST_PANIC_IN_TRY_OF", "Sleep")],
+    );
+    let id = db.insert_row(NewRow::new("Sleep").try_limit(2)).await;
+    let row = db
+        .wait_for(id, WAIT, "both tries CRASHED", |row| {
+            row.result.as_deref() == Some("CRASHED") && row.tries == 2
+        })
+        .await;
+    let text = row.result_text.unwrap_or_default();
+    assert!(
+        text.contains("a try's supervision panics: told to by a test"),
+        "{text}"
+    );
+    if let Some(pid) = row.pid {
+        assert!(!process_exists(pid as i32), "the task still runs");
+    }
+    let quick = db.enqueue("Quick", None).await;
+    db.wait_for_state(quick, "FINISHED", WAIT).await;
+    let log = daemon.log_text();
+    assert!(
+        log.contains("the daemon's supervision of this try panicked"),
+        "{log}"
+    );
+    assert!(daemon.stop().success(), "{}", daemon.log_text());
 }
 
 /// Out of file descriptors on the daemon's side, every start that failed

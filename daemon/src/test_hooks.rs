@@ -17,3 +17,14 @@ pub(crate) fn shortened(bound: Duration, variable: &str) -> Duration {
     let _ = variable;
     bound
 }
+
+/// In a debug build, panics if the environment variable
+/// `TASKRUNNER_TEST_PANIC_IN_TRY_OF` names `task`: a test of a try whose
+/// supervision panics once its process runs.
+pub(crate) fn panic_in_a_try_when_told(task: &str) {
+    #[cfg(debug_assertions)]
+    if std::env::var_os("TASKRUNNER_TEST_PANIC_IN_TRY_OF").is_some_and(|named| named == task) {
+        panic!("a try's supervision panics: told to by a test");
+    }
+    let _ = task;
+}

@@ -99,10 +99,12 @@ impl Executor {
         let task = crate::request::shown_task_name(&row.task_class_name).into_owned();
         let tries_left = row.tries < row.try_limit;
         let span = tracing::info_span!("task", request = %row.id, task = %task, r#try = row.tries);
-        let ((state, daemon_short), ran_for) = self
-            .run_claimed(row, registered, ticket, claim)
-            .instrument(span)
-            .await;
+        let run = self.run_claimed(&row, registered, ticket, claim);
+        let ((state, daemon_short), ran_for) = match CatchPanic(run.instrument(span.clone())).await
+        {
+            Ok(ended) => ended,
+            Err(payload) => span.in_scope(|| self.supervision_panicked(&row, payload)),
+        };
         TryEnd {
             task,
             queue,
@@ -119,7 +121,7 @@ impl Executor {
     /// it never started).
     async fn run_claimed(
         &self,
-        row: Claimed,
+        row: &Claimed,
         registered: Registered,
         ticket: Ticket,
         claim: ClaimTimes,
@@ -133,7 +135,7 @@ impl Executor {
         if let Some(reason) = stopped {
             // Stopped as it was registered (a shutdown, a fence): it does
             // not start, even into a free slot.
-            return self.give_back(&row, given_back(Some(reason)), &config);
+            return self.give_back(row, given_back(Some(reason)), &config);
         }
         // The try makes everything its start needs (type, options,
         // environment, cgroup) first, and waits for its slot last, in the
@@ -162,10 +164,11 @@ impl Executor {
             );
             self.tries.running(row.id, &row.claim_token, spawned.pid);
             tracing::debug!(pid = spawned.pid, "started");
+            crate::test_hooks::panic_in_a_try_when_told(&row.task_class_name);
         };
         let (verdict, outcome) = attempt::run_claimed(
             &context,
-            &row,
+            row,
             false,
             Gate::Slot(ticket, give_up),
             stop,
@@ -179,7 +182,7 @@ impl Executor {
             let verdict = lock(&gave_up)
                 .take()
                 .unwrap_or_else(|| given_back(Some(StopReason::Shutdown)));
-            return self.give_back(&row, verdict, &config);
+            return self.give_back(row, verdict, &config);
         }
         self.tries.remove(row.id, &row.claim_token);
         if let Some(took) = verdict.spawn_took {
@@ -226,6 +229,33 @@ impl Executor {
             .start_times
             .and_then(|start| start.asked.elapsed().ok());
         ((verdict.state, false), ran_for)
+    }
+
+    /// A try's supervision panicked (a bug of the daemon's): the try is
+    /// recorded `CRASHED` and counted, as a crash of the daemon would have
+    /// it, so that it runs again (or, a panic on what the row holds, ends
+    /// once its tries are spent), and the daemon goes on with its other
+    /// tries. Its process, if it had started, was killed as its handle was
+    /// dropped. Before, the panic was dropped with the try: no line, and
+    /// the row stayed RUNNING for as long as the daemon ran.
+    fn supervision_panicked(
+        &self,
+        row: &Claimed,
+        payload: Box<dyn std::any::Any + Send>,
+    ) -> ((State, bool), Option<Duration>) {
+        let message = super::panic_message(payload);
+        tracing::error!(
+            "the daemon's supervision of this try panicked (a bug in taskrunner: please report it): {message}; its process, if it ran, was killed, and the try is recorded CRASHED"
+        );
+        self.tries.remove(row.id, &row.claim_token);
+        let config = Setup::current_config(&self.setup);
+        let verdict = Verdict::new(
+            State::Crashed,
+            format!("the daemon's supervision of this try failed (a bug in taskrunner): {message}"),
+        );
+        let outcome = attempt::outcome(row, &verdict, &config);
+        self.recorder.send(Write::Outcome(outcome));
+        ((State::Crashed, false), None)
     }
 
     /// Ends a try that never started with `verdict` (see [`given_back`]).
@@ -319,4 +349,25 @@ fn log_start_times(claim: &ClaimTimes, start: &StartTimes) {
 fn last_lines(text: &str) -> String {
     let lines: Vec<&str> = text.trim_end().lines().collect();
     lines[lines.len().saturating_sub(5)..].join("\n")
+}
+
+/// A future whose panic is caught and returned as its payload (as
+/// `catch_unwind` does for a closure).
+struct CatchPanic<F>(F);
+
+impl<F: std::future::Future> std::future::Future for CatchPanic<F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        // SAFETY: the inner future is never moved out of its pin.
+        let inner = unsafe { self.map_unchecked_mut(|this| &mut this.0) };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Ready(value)) => std::task::Poll::Ready(Ok(value)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(payload) => std::task::Poll::Ready(Err(payload)),
+        }
+    }
 }
