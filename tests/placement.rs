@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use taskrunner::request::RequestId;
 
-use crate::util::{cli, Backend, Daemon, NewRow, TestDb};
+use crate::util::{cli, poll, Backend, Daemon, NewRow, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -15,6 +15,7 @@ both_backends!(
     node_pinned_rows_run_only_on_their_node,
     periodic_row_repeats_on_a_fixed_grid_until_cancelled,
     a_periodic_row_retried_by_hand_starts_no_second_chain,
+    every_occurrence_of_a_periodic_row_makes_its_callbacks,
     type_concurrency_of_one_holds_across_two_daemons,
     a_limited_type_runs_while_another_types_backlog_waits,
     paused_queues_and_types_are_not_claimed_until_resumed,
@@ -272,6 +273,57 @@ async fn periodic_row_repeats_on_a_fixed_grid_until_cancelled(backend: Backend) 
         "the chain stopped"
     );
     let _ = first;
+    assert!(daemon.stop().success());
+}
+
+/// A periodic row's next occurrence was a copy of it without its
+/// `on_success` and `on_failure`: only the first occurrence's end made its
+/// callback, and a nightly job's later failures alerted no one. Each
+/// occurrence now carries them.
+async fn every_occurrence_of_a_periodic_row_makes_its_callbacks(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "tasks:\n  Tick:\n    command: ['true']\n  Flop:\n    command: ['false']\n  Noted:\n    command: ['true']\n",
+    );
+    db.insert_row(NewRow::new("Tick").period(1).on_success("Noted"))
+        .await;
+    db.insert_row(
+        NewRow::new("Flop")
+            .period(1)
+            .try_limit(1)
+            .on_failure("Noted"),
+    )
+    .await;
+    // Three ends of each, and a callback for each end.
+    for task in ["Tick", "Flop"] {
+        db.wait_for_at_least(
+            &format!(
+                "SELECT count(*) FROM task_runner_requests \
+                  WHERE task_class_name = '{task}' AND result IS NOT NULL AND result <> 'RUNNING'"
+            ),
+            3,
+            WAIT,
+        )
+        .await;
+    }
+    for (task, result) in [("Tick", "FINISHED"), ("Flop", "FAILED")] {
+        let without = format!(
+            "SELECT count(*) FROM task_runner_requests AS o \
+              WHERE o.task_class_name = '{task}' AND o.result = '{result}' \
+                AND NOT EXISTS (SELECT 1 FROM task_runner_requests AS c WHERE c.callback_of = o.id)"
+        );
+        poll(
+            WAIT,
+            &format!("a callback for every ended {task}"),
+            async || match db.scalar(&without).await {
+                0 => Ok(()),
+                seen => Err(seen),
+            },
+        )
+        .await;
+    }
     assert!(daemon.stop().success());
 }
 

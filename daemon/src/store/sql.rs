@@ -1052,13 +1052,15 @@ impl Sql {
             // Once per row (`next_of`, migration 0012): a row retried by
             // hand and ending again makes no second chain. Checked in the
             // transaction that wrote the row's end, so under its lock: no
-            // other end of the same row can be recorded meanwhile.
+            // other end of the same row can be recorded meanwhile. Each
+            // occurrence carries the row's callbacks (before, only the
+            // first occurrence's end made one).
             insert_next_occurrence: format!(
                 "INSERT INTO task_runner_requests \
                    (task_class_name, options, try_limit, priority, queue, node, not_node, period, \
-                    unique_key, schedule, planned_at, delay_until, next_of) \
+                    unique_key, schedule, on_success, on_failure, planned_at, delay_until, next_of) \
                  SELECT task_class_name, options, try_limit, priority, queue, node, not_node, period, \
-                        unique_key, schedule, {next_planned}, {next_planned}, id \
+                        unique_key, schedule, on_success, on_failure, {next_planned}, {next_planned}, id \
                    FROM task_runner_requests \
                   WHERE id = $1 AND period > 0 AND planned_at IS NOT NULL \
                     AND (result = 'FINISHED' \
