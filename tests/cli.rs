@@ -1251,3 +1251,55 @@ async fn run_record_writes_what_the_daemon_writes(backend: Backend) {
     assert_eq!(status, 1);
     assert!(stderr.contains("cannot be claimed"), "{stderr}");
 }
+
+/// On PostgreSQL the purge deleted `WHERE id IN (SELECT id … WHERE
+/// prunable LIMIT n)`: a row a `retry` had made runnable while the purge
+/// waited for its lock was deleted all the same (in READ COMMITTED, a row
+/// changed meanwhile is checked again against the outer `WHERE` only,
+/// which named its id alone), after the CLI had said it would run again.
+/// The outer `WHERE` now repeats the conditions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_row_retried_while_a_purge_waits_for_it_is_kept() {
+    use sqlx::Connection;
+    let db = TestDb::new(Backend::Postgres).await;
+    let id = db.enqueue("NoOp", None).await;
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET result = 'FAILED', tries = 5, try_limit = 5, \
+                completed_at = now() - interval '2 hours' WHERE id = {id}"
+    ))
+    .await;
+    // What `retry` writes, its transaction not committed yet.
+    let mut retry = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "BEGIN; UPDATE task_runner_requests SET result = NULL, tries = 0, completed_at = NULL \
+          WHERE id = {id}"
+    )))
+    .execute(&mut retry)
+    .await
+    .unwrap();
+    let purge = Command::new(CLI)
+        .args(["--database-url", &db.url, "purge", "--older-than", "1h"])
+        .current_dir(&db.scratch.path)
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    db.wait_for_count(
+        "SELECT count(*) FROM pg_stat_activity \
+          WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE FROM task_runner_requests%'",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    sqlx::raw_sql("COMMIT").execute(&mut retry).await.unwrap();
+    let output = purge.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout.trim(), "deleted 0 requests");
+    assert_eq!(db.row(id).await.result, None);
+}

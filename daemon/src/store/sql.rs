@@ -213,9 +213,6 @@ impl Dialect {
         }
     }
 
-    /// Deletes at most `limit` rows of `table` that match `condition`, so
-    /// that a large deletion goes in small transactions (MariaDB/MySQL take
-    /// `LIMIT` on `DELETE` itself, and no `LIMIT` in `IN (…)`).
     /// The statement that deletes up to `$2` rows of `kind` that ended more
     /// than `$1` seconds ago (requests of the state `$3` for FINISHED,
     /// CANCELLED and REJECTED), leaving out what `kept` (a condition on the
@@ -255,11 +252,21 @@ impl Dialect {
         self.delete_some(kind.table(), &format!("{condition}{kept}"), "$2")
     }
 
+    /// Deletes at most `limit` rows of `table` that match `condition`, so
+    /// that a large deletion goes in small transactions (MariaDB/MySQL take
+    /// `LIMIT` on `DELETE` itself, and no `LIMIT` in `IN (…)`).
+    ///
+    /// The outer `WHERE` repeats `condition`: on PostgreSQL a row that
+    /// another transaction changed while the delete waited for its lock is
+    /// checked again against the outer `WHERE` alone, and with the id only
+    /// there a row retried meanwhile (runnable again) was deleted.
     pub(crate) fn delete_some(self, table: &str, condition: &str, limit: &str) -> String {
         match self.0 {
             Backend::MySql => format!("DELETE FROM {table} WHERE {condition} LIMIT {limit}"),
             Backend::Sqlite | Backend::Postgres => format!(
-                "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {condition} LIMIT {limit})"
+                "DELETE FROM {table} \
+                  WHERE id IN (SELECT id FROM {table} WHERE {condition} LIMIT {limit}) \
+                    AND {condition}"
             ),
         }
     }
