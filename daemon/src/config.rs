@@ -192,6 +192,25 @@ pub struct Overrides {
 const DEFAULT_CONFIG_PATHS: [&str; 2] = ["taskrunner.yml", "/etc/taskrunner/taskrunner.yml"];
 
 impl Config {
+    /// How long after a renewal was sent, if none succeeds meanwhile, the
+    /// daemon fences itself off (`SIGTERM` to its tasks, `SIGKILL` `kill_grace`
+    /// later): `lease_timeout − kill_grace − margin`. The database wrote the
+    /// leases after the renewal was sent, so they lapse `margin` or more after
+    /// the `SIGKILL`. The margin is `heartbeat_interval` (with the defaults,
+    /// 60 − 10 − 10: 40 s), or, where the lease leaves less room than that, half
+    /// of what it leaves beyond one interval: the deadline must fall after the
+    /// next renewal is due, or every interval would fence off a daemon whose
+    /// renewals all succeed (with a lease of 12 s, an interval of 10 s and a
+    /// grace of 1 s, it did, 1 s after each renewal; now 10.5 s after it).
+    pub(crate) fn fence_after(&self) -> Duration {
+        let room = self
+            .lease_timeout
+            .saturating_sub(self.heartbeat_interval + self.defaults.kill_grace);
+        let margin = self.heartbeat_interval.min(room / 2);
+        self.lease_timeout
+            .saturating_sub(self.defaults.kill_grace + margin)
+    }
+
     /// Flags, then `DATABASE_URL`, then the file, then defaults (SPEC.md).
     pub fn resolve(overrides: &Overrides) -> Result<Config> {
         let file = match &overrides.config {

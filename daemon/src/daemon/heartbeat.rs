@@ -7,7 +7,7 @@
 //! daemons will take its rows as crashed once `lease_timeout` has passed. So
 //! at `lease_timeout − heartbeat_interval − kill_grace` after the last
 //! successful renewal was sent (monotonic clock; a shorter margin than
-//! `heartbeat_interval` where the lease is tight, see [`fence_after`]) it
+//! `heartbeat_interval` where the lease is tight, see [`fence_after`](crate::config::Config::fence_after)) it
 //! kills its own tasks, and one row never runs on two hosts at once; and it
 //! claims nothing until a renewal succeeds again (renewals that fail while
 //! claims work, say a trigger of an application's that refuses them, would
@@ -56,26 +56,6 @@ use crate::instance::InstanceId;
 use crate::store::{Backend, Store, Write};
 use crate::supervisor::watchdog::{boot_clock, Watchdog};
 use crate::task_types::Setup;
-
-/// How long after a renewal was sent, if none succeeds meanwhile, the
-/// daemon fences itself off (`SIGTERM` to its tasks, `SIGKILL` `kill_grace`
-/// later): `lease_timeout − kill_grace − margin`. The database wrote the
-/// leases after the renewal was sent, so they lapse `margin` or more after
-/// the `SIGKILL`. The margin is `heartbeat_interval` (with the defaults,
-/// 60 − 10 − 10: 40 s), or, where the lease leaves less room than that, half
-/// of what it leaves beyond one interval: the deadline must fall after the
-/// next renewal is due, or every interval would fence off a daemon whose
-/// renewals all succeed (with a lease of 12 s, an interval of 10 s and a
-/// grace of 1 s, it did, 1 s after each renewal; now 10.5 s after it).
-fn fence_after(config: &crate::config::Config) -> Duration {
-    let room = config
-        .lease_timeout
-        .saturating_sub(config.heartbeat_interval + config.defaults.kill_grace);
-    let margin = config.heartbeat_interval.min(room / 2);
-    config
-        .lease_timeout
-        .saturating_sub(config.defaults.kill_grace + margin)
-}
 
 /// How soon a failed renewal is tried again (or `heartbeat_interval`, or
 /// half the time left before the fencing deadline, if shorter).
@@ -131,7 +111,7 @@ impl Heartbeat {
             let config = Setup::current_config(&self.setup);
             let fenced = self.tries.fenced();
             let fence_deadline =
-                (self.store.backend() != Backend::Sqlite).then(|| last_sent + fence_after(&config));
+                (self.store.backend() != Backend::Sqlite).then(|| last_sent + config.fence_after());
             // After a failure, a pause from now: a retry that were due at
             // once would always win the biased race below, and the fencing
             // deadline would wait for the renewals to stop failing. Half the
@@ -271,11 +251,11 @@ impl Heartbeat {
     /// Tells the watchdog the deadline of a renewal sent at `sent` (on
     /// [`boot_clock`]): when the daemon's own fence, had it run, would have
     /// sent its tasks `SIGKILL` (`kill_grace` after their `SIGTERM`, see
-    /// [`fence_after`]).
+    /// [`fence_after`](crate::config::Config::fence_after)).
     fn arm_watchdog(&self, sent: std::time::Duration) {
         if let Some(watchdog) = &self.watchdog {
             let config = Setup::current_config(&self.setup);
-            let after = fence_after(&config) + config.defaults.kill_grace;
+            let after = config.fence_after() + config.defaults.kill_grace;
             watchdog.set_deadline(sent, Some(sent + after));
         }
     }
@@ -384,7 +364,7 @@ impl Heartbeat {
     }
 
     /// Stops the try of each row the renewals skip once its lease has gone
-    /// unrenewed as long as the daemon's own fence allows ([`fence_after`]),
+    /// unrenewed as long as the daemon's own fence allows ([`fence_after`](crate::config::Config::fence_after)),
     /// before that lease lapses; returns when the next of the others is
     /// due. The renewal does not wait for a row another session holds
     /// locked (an application's transaction on its request's row): it
@@ -400,7 +380,7 @@ impl Heartbeat {
         skipped: &[(crate::request::RequestId, ClaimToken)],
         config: &crate::config::Config,
     ) -> Option<Instant> {
-        let limit = fence_after(config);
+        let limit = config.fence_after();
         let now = Instant::now();
         let mut next: Option<Instant> = None;
         for (id, token) in skipped {
