@@ -14,6 +14,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 both_backends!(
     migrate_says_what_it_did,
+    run_record_keeps_its_rows_lease_while_the_task_runs,
     processes_migrating_at_once_take_turns_and_each_says_what_it_did,
     an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild,
     a_daemon_waiting_for_another_processs_migration_stops_when_told,
@@ -1202,6 +1203,86 @@ fn tasks_and_enqueue_help_show_a_types_options() {
         help.contains("Countdown\n  options: from, interval_ms"),
         "{help}"
     );
+}
+
+/// `run --id N --record` claimed the row once and renewed its lease
+/// never: a try longer than `lease_timeout` was reaped by a daemon of
+/// another host (`CRASHED`, "lease expired") and run again beside the one
+/// still running by hand. It now renews the lease as a daemon does.
+async fn run_record_keeps_its_rows_lease_while_the_task_runs(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let log = db.scratch.join("ran.log");
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "host_id: b\nlease_timeout: 3s\nheartbeat_interval: 1s\nkill_grace: 1s\nreap_interval: 1s\n\
+             tasks:\n  Slow:\n    command: [/bin/sh, -c, 'echo start >> {l}; sleep 6; echo end >> {l}']\n",
+            l = log.display()
+        ),
+    );
+    // Delayed, so that the daemon leaves it to the hand-run.
+    let id = db
+        .insert_row(NewRow::new("Slow").delayed(backend, 3600))
+        .await;
+    let config = daemon.config.to_str().unwrap().to_string();
+    let (status, stdout, stderr) = cli(
+        &db,
+        &[
+            "--config",
+            &config,
+            "--host-id",
+            "a",
+            "run",
+            "--id",
+            &id.to_string(),
+            "--record",
+        ],
+    );
+    assert_eq!(status, 0, "{stdout}{stderr}\n{}", daemon.log_text());
+    let row = db.row(id).await;
+    assert_eq!(
+        (row.result.as_deref(), row.tries),
+        (Some("FINISHED"), 1),
+        "{row:#?}\n{stderr}"
+    );
+    let ran = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(ran.lines().collect::<Vec<_>>(), ["start", "end"], "{ran}");
+    // A cancel stops it too (before, the task ran to its end, its outcome
+    // then made CANCELLED).
+    let id = db
+        .insert_row(NewRow::new("Slow").delayed(backend, 3600))
+        .await;
+    let mut run = Command::new(CLI)
+        .args([
+            "--database-url",
+            &db.url,
+            "--config",
+            &config,
+            "--host-id",
+            "a",
+        ])
+        .args(["run", "--id", &id.to_string(), "--record"])
+        .current_dir(&db.scratch.path)
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    db.wait_for_pid(id, Duration::from_secs(30)).await;
+    let cancelled_at = Instant::now();
+    assert_eq!(cli(&db, &["cancel", &id.to_string()]).0, 0);
+    let status = crate::util::poll_blocking(Duration::from_secs(30), "the run to end", || {
+        run.try_wait().unwrap().ok_or("still running")
+    });
+    assert!(
+        cancelled_at.elapsed() < Duration::from_secs(5),
+        "the task ran on for {:?} after its cancel",
+        cancelled_at.elapsed()
+    );
+    assert!(!status.success());
+    assert_eq!(db.row(id).await.result.as_deref(), Some("CANCELLED"));
+    assert!(daemon.stop().success());
 }
 
 /// `run --id N --record` records its try through the daemon's sequence

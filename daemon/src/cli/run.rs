@@ -3,6 +3,8 @@
 //! try of that row.
 
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{bail, Result};
 use tokio::sync::{mpsc, watch};
@@ -33,10 +35,12 @@ pub(super) async fn run_command(
         spawner: crate::supervisor::start_spawner()?,
     };
     let (stop_sender, stop) = watch::channel(None);
+    let stop_sender = Arc::new(stop_sender);
     // Ctrl-C stops the task the way a daemon shutdown would.
+    let on_ctrl_c = stop_sender.clone();
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
-            stop_sender.send_replace(Some(StopReason::Shutdown));
+            on_ctrl_c.send_replace(Some(StopReason::Shutdown));
             std::future::pending::<()>().await;
         }
     });
@@ -50,7 +54,8 @@ pub(super) async fn run_command(
             None,
         ),
         Some(id) if record => {
-            let verdict = run_and_record(config, &context, open()?, id, stop).await?;
+            let verdict =
+                run_and_record(config, &context, open()?, id, (stop_sender, stop)).await?;
             return Ok(exit_code_for(verdict));
         }
         Some(id) => {
@@ -103,10 +108,14 @@ async fn run_and_record(
     context: &attempt::Context,
     store: Store,
     id: RequestId,
-    stop: watch::Receiver<Option<StopReason>>,
+    (stop_sender, stop): (
+        Arc<watch::Sender<Option<StopReason>>>,
+        watch::Receiver<Option<StopReason>>,
+    ),
 ) -> Result<attempt::Verdict> {
     let instance = crate::instance::InstanceId::new(&config.host_id);
     let token = instance.claim_token("cli");
+    let claim_sent = Instant::now();
     let Some(claimed) = store
         .claim_one(
             id,
@@ -128,6 +137,14 @@ async fn run_and_record(
             request.try_limit
         );
     };
+    let lease = tokio::spawn(keep_lease(
+        config.clone(),
+        store.clone(),
+        instance,
+        (id, token),
+        claim_sent,
+        stop_sender,
+    ));
     let (sender, mut writes) = mpsc::unbounded_channel::<Write>();
     let writer = tokio::spawn(async move {
         let mut recorded = false;
@@ -156,6 +173,7 @@ async fn run_and_record(
         |_| {},
     )
     .await;
+    lease.abort();
     send(Write::Outcome(outcome));
     drop(sender);
     if writer.await?? {
@@ -170,4 +188,70 @@ async fn run_and_record(
         );
     }
     Ok(verdict)
+}
+
+/// Keeps the lease of the row `run --record` runs, as a daemon's heartbeat
+/// does (before, nothing renewed it: a try longer than `lease_timeout` was
+/// reaped by a daemon of another host and run again beside this one). The
+/// lease is renewed every `heartbeat_interval`; the task is stopped when
+/// the row is no longer held under this claim (reaped, taken over), when a
+/// user asks to cancel it, and, on PostgreSQL and MariaDB/MySQL, when no
+/// renewal has renewed the row for as long as a daemon's own fence allows
+/// ([`Config::fence_after`]), before its lease lapses. Ends once the try
+/// has been told to stop for a lost claim.
+async fn keep_lease(
+    config: Config,
+    store: Store,
+    instance: crate::instance::InstanceId,
+    (id, token): (RequestId, crate::instance::ClaimToken),
+    claim_sent: Instant,
+    stop: Arc<watch::Sender<Option<StopReason>>>,
+) {
+    let fenced = store.backend() != crate::store::Backend::Sqlite;
+    let mut renewed = claim_sent;
+    let mut next = claim_sent + config.heartbeat_interval;
+    loop {
+        let fence = renewed + config.fence_after();
+        tokio::select! {
+            _ = tokio::time::sleep_until(next.into()) => {}
+            _ = tokio::time::sleep_until(fence.into()), if fenced => {
+                eprintln!(
+                    "request {id}: its lease was not renewed for {:.1}s: stopping the task before the lease lapses",
+                    renewed.elapsed().as_secs_f64()
+                );
+                stop.send_replace(Some(StopReason::LostClaim));
+                return;
+            }
+        }
+        let sent = Instant::now();
+        next = sent + config.heartbeat_interval;
+        let renewal =
+            tokio::time::timeout_at(fence.max(next).into(), store.renew_heartbeats(&instance))
+                .await;
+        match renewal {
+            Ok(Ok(held)) => match held.iter().find(|h| h.id == id && h.claim_token == token) {
+                None => {
+                    eprintln!(
+                        "request {id}: this run no longer holds the row (reaped or taken over): stopping the task"
+                    );
+                    stop.send_replace(Some(StopReason::LostClaim));
+                    return;
+                }
+                Some(held) => {
+                    if held.renewed {
+                        renewed = sent;
+                    }
+                    if held.cancel_requested && stop.borrow().is_none() {
+                        eprintln!("request {id}: cancel requested: stopping the task");
+                        stop.send_replace(Some(StopReason::Cancel));
+                    }
+                }
+            },
+            Ok(Err(error)) => eprintln!(
+                "request {id}: could not renew the row's lease: {}",
+                crate::error_line(&error)
+            ),
+            Err(_) => eprintln!("request {id}: the lease renewal did not answer in time"),
+        }
+    }
 }
