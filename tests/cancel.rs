@@ -178,3 +178,58 @@ async fn a_cancel_written_by_sql_before_the_claim_is_kept_and_nothing_starts(bac
     assert_eq!(started, expected, "only the other rows started");
     assert!(daemon.stop().success());
 }
+
+/// `cancel` of a running row is two statements: the one for a row that
+/// has not run yet (or waits for its next try), then the one for a running
+/// row. A try that ended between them (FAILED with tries left) matched
+/// neither: `cancel` said "already FAILED: nothing to cancel", exited 1,
+/// and the row ran again after its backoff. Here the try's end is held
+/// (uncommitted, its row locked) until `cancel` has passed the first
+/// statement and waits on the second; `cancel` now runs both again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_cancel_whose_try_ends_between_its_statements_is_kept() {
+    use sqlx::Connection;
+    let db = TestDb::new(Backend::Postgres).await;
+    let id = db
+        .insert_row(NewRow::new("NoOp").try_limit(5).running(
+            Backend::Postgres,
+            "other-host",
+            "other-host:1:x",
+            "t",
+            1,
+            0,
+        ))
+        .await;
+    // The try's outcome (FAILED, tries left), written but not committed.
+    let mut outcome = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "BEGIN; UPDATE task_runner_requests \
+            SET result = 'FAILED', result_text = 'failed', completed_at = now(), \
+                claimed_by = NULL, claim_token = NULL \
+          WHERE id = {id}"
+    )))
+    .execute(&mut outcome)
+    .await
+    .unwrap();
+    let mut cancel = std::process::Command::new(crate::util::CLI)
+        .args(["--database-url", &db.url, "cancel", &id.to_string()])
+        .current_dir(&db.scratch.path)
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    db.wait_for_count(
+        "SELECT count(*) FROM pg_stat_activity \
+          WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE task_runner_requests%'",
+        1,
+        WAIT,
+    )
+    .await;
+    sqlx::raw_sql("COMMIT").execute(&mut outcome).await.unwrap();
+    let status = cancel.wait().unwrap();
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut cancel.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(status.success(), "{said}");
+    assert_eq!(db.row(id).await.result.as_deref(), Some("CANCELLED"));
+}

@@ -212,14 +212,18 @@ impl Store {
     /// Cancels a pending row at once (through [`finalize`](Store::finalize):
     /// its batch counts it), or asks the daemon running it to stop it.
     pub(crate) async fn cancel(&self, id: RequestId) -> Result<Change> {
-        if self.finalize(Ending::Cancelled(id)).await? {
-            return Ok(Change::Done);
-        }
-        if self
-            .execute_by_id(self.sql.cancel_running.as_str(), id)
-            .await?
-        {
-            return Ok(Change::Requested);
+        // A try may end between the two statements (the row RUNNING for the
+        // first, FAILED with tries left for the second): then both again.
+        for _ in 0..3 {
+            if self.finalize(Ending::Cancelled(id)).await? {
+                return Ok(Change::Done);
+            }
+            if self
+                .execute_by_id(self.sql.cancel_running.as_str(), id)
+                .await?
+            {
+                return Ok(Change::Requested);
+            }
         }
         self.explain_refusal(id).await
     }
