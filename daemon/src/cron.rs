@@ -45,8 +45,10 @@ pub(crate) struct CronExpr {
     days_of_month: u32,
     months: u16,
     days_of_week: u8,
-    /// Whether day-of-month / day-of-week were written as other than `*`:
-    /// when both are restricted a day matches if either matches (Vixie cron).
+    /// Whether day-of-month / day-of-week were written other than starting
+    /// with `*` (as Vixie cron and cronie read them: `*/2` counts as `*`):
+    /// when both are, a day matches if either matches; otherwise it must
+    /// match both (a `*` field matches every day).
     dom_restricted: bool,
     dow_restricted: bool,
 }
@@ -94,8 +96,8 @@ impl std::str::FromStr for CronExpr {
             days_of_month: days_of_month as u32,
             months: months as u16,
             days_of_week: days_of_week as u8,
-            dom_restricted: fields[2] != "*",
-            dow_restricted: fields[4] != "*",
+            dom_restricted: !fields[2].starts_with('*'),
+            dow_restricted: !fields[4].starts_with('*'),
         })
     }
 }
@@ -159,11 +161,10 @@ impl CronExpr {
     fn day_matches(&self, time: &NaiveDateTime) -> bool {
         let dom = self.days_of_month & (1 << time.day()) != 0;
         let dow = self.days_of_week & (1 << time.weekday().num_days_from_sunday()) != 0;
-        match (self.dom_restricted, self.dow_restricted) {
-            (true, true) => dom || dow,
-            (true, false) => dom,
-            (false, true) => dow,
-            (false, false) => true,
+        if self.dom_restricted && self.dow_restricted {
+            dom || dow
+        } else {
+            dom && dow
         }
     }
 
@@ -578,8 +579,32 @@ pub(crate) fn resolve_schedules(
         if raw.catch_up == Some(0) {
             return Err(format!("{}: must be at least 1", key("catch_up")));
         }
+        // The tables' columns are 32-bit integers: a larger value was
+        // refused at each slot's insert, taken for an outage, and the
+        // schedules after this one were never reached.
         if raw.try_limit.is_some_and(|limit| limit < 1) {
             return Err(format!("{}: must be at least 1", key("try_limit")));
+        }
+        if raw
+            .try_limit
+            .is_some_and(|limit| limit > i64::from(i32::MAX))
+        {
+            return Err(format!(
+                "{}: must be at most {}",
+                key("try_limit"),
+                i32::MAX
+            ));
+        }
+        if raw
+            .priority
+            .is_some_and(|priority| i32::try_from(priority).is_err())
+        {
+            return Err(format!(
+                "{}: must be from {} to {}",
+                key("priority"),
+                i32::MIN,
+                i32::MAX
+            ));
         }
         schedules.insert(
             name,
@@ -690,6 +715,50 @@ mod tests {
         assert!(expr.matches(&wall("2026-01-13T00:00:00Z"))); // the 13th, a Tuesday
         assert!(expr.matches(&wall("2026-01-16T00:00:00Z"))); // a Friday
         assert!(!expr.matches(&wall("2026-01-14T00:00:00Z")));
+    }
+
+    #[test]
+    fn a_day_field_starting_with_a_star_is_read_as_vixie_cron_reads_it() {
+        // `*/2` counts as `*`: odd days that are Mondays, not either.
+        let odd_mondays = cron("0 0 */2 * mon");
+        assert!(odd_mondays.matches(&wall("2026-01-05T00:00:00Z"))); // the 5th, a Monday
+        assert!(!odd_mondays.matches(&wall("2026-01-12T00:00:00Z"))); // a Monday, the 12th
+        assert!(!odd_mondays.matches(&wall("2026-01-03T00:00:00Z"))); // the 3rd, a Saturday
+        let odd_days = cron("0 0 */2 * *");
+        assert!(odd_days.matches(&wall("2026-01-03T00:00:00Z")));
+        assert!(!odd_days.matches(&wall("2026-01-04T00:00:00Z")));
+    }
+
+    #[test]
+    fn schedule_numbers_past_the_tables_integer_columns_are_refused() {
+        for (field, value, needle) in [
+            (
+                "try_limit",
+                "2147483648",
+                "schedules.a.try_limit: must be at most 2147483647",
+            ),
+            (
+                "priority",
+                "2147483648",
+                "schedules.a.priority: must be from -2147483648 to 2147483647",
+            ),
+            (
+                "priority",
+                "-2147483649",
+                "schedules.a.priority: must be from",
+            ),
+        ] {
+            let raw =
+                serde_yaml::from_str(&format!("a:\n  every: 1s\n  task: T\n  {field}: {value}\n"))
+                    .unwrap();
+            let error = resolve_schedules(Some(raw)).unwrap_err();
+            assert!(error.contains(needle), "{error}");
+        }
+        let raw = serde_yaml::from_str(
+            "a:\n  every: 1s\n  task: T\n  try_limit: 2147483647\n  priority: -2147483648\n",
+        )
+        .unwrap();
+        assert!(resolve_schedules(Some(raw)).is_ok());
     }
 
     #[test]
