@@ -17,6 +17,7 @@ both_backends!(
     flow_cancel_stops_a_flow_and_cancel_revert_reverts_its_finished_steps,
     a_step_that_finishes_after_cancel_revert_is_reverted_and_the_flow_goes_no_further,
     a_step_failed_with_tries_left_after_a_cancel_ends_its_flow_in_the_same_write,
+    retry_refuses_a_flows_steps_and_reverts,
     purge_keeps_the_step_rows_of_a_running_flow,
     a_step_whose_output_would_outgrow_the_flows_store_reverts_the_flow_saying_why,
 );
@@ -638,6 +639,34 @@ async fn a_step_failed_with_tries_left_after_a_cancel_ends_its_flow_in_the_same_
     .await;
     assert_eq!(log_words(&log), ["e1"]);
     assert!(daemon.stop().success());
+}
+
+/// `retry --flow F` (and `retry` of one step's row) made a finished
+/// flow's steps runnable again: every step ran once more, at once and in no
+/// order, outside the flow (SPEC: a FINISHED step never runs again). A
+/// flow's rows run only as the flow moves: `retry` refuses them, naming
+/// the flow.
+async fn retry_refuses_a_flows_steps_and_reverts(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let log = db.scratch.join("steps.log");
+    let config = format!(
+        "tasks:\n{}{}flows:\n  two:\n    steps:\n      - {{ name: s1, task: E1 }}\n      - {{ name: s2, task: E2 }}\n",
+        logging_task("E1", &log, "e1", ""),
+        logging_task("E2", &log, "e2", ""),
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    let flow = insert_flow(&db, "two", None).await;
+    wait_for_flow(&db, flow, "FINISHED", LONG).await;
+    let (code, out, err) = cli(&db, &["retry", "--flow", &flow.to_string()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(!out.contains("will run again"), "{out}");
+    assert!(err.contains(&format!("is a row of flow {flow}")), "{err}");
+    let steps = format!(
+        "SELECT count(*) FROM task_runner_requests WHERE flow_id = {flow} AND result = 'FINISHED'"
+    );
+    assert_eq!(db.scalar(&steps).await, 2);
+    assert!(daemon.stop().success());
+    assert_eq!(log_words(&log), ["e1", "e2"]);
 }
 
 both_backends!(flow_inserted_from_the_sqlite3_or_psql_command_line_client_runs);

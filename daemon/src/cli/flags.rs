@@ -17,7 +17,8 @@ use crate::config::{Config, Overrides};
 use crate::escape::one_line;
 use crate::request::{RequestId, State};
 use crate::store::{
-    check_pause_name, key_held_text, Change, ListQuery, NewRequest, PauseKind, Purpose, Store,
+    check_pause_name, in_flow_text, key_held_text, Change, ListQuery, NewRequest, PauseKind,
+    Purpose, Store,
 };
 use crate::task_types::Registry;
 use crate::units::{parse_duration, parse_wait, LONGEST_WAIT};
@@ -843,6 +844,10 @@ async fn run_one(
                         refused += 1;
                         eprintln!("taskrunner-cli: {}", key_held_text(id, &key, by));
                     }
+                    Change::InFlow(flow) => {
+                        refused += 1;
+                        eprintln!("taskrunner-cli: {}", in_flow_text(id, flow));
+                    }
                 }
             }
             if refused < ids.len() {
@@ -872,8 +877,8 @@ async fn run_one(
                             state.unwrap_or_else(|| "final".into())
                         );
                     }
-                    // Only `retry` meets a unique key.
-                    Change::KeyHeld { .. } => refused += 1,
+                    // Only `retry` meets a unique key or a flow.
+                    Change::KeyHeld { .. } | Change::InFlow(_) => refused += 1,
                 }
             }
             if !running.is_empty() {

@@ -105,6 +105,17 @@ pub(crate) enum Change {
         key: String,
         by: Option<i64>,
     },
+    /// `retry`: the row is a step or a revert of this flow, which runs only
+    /// as its flow moves (before, `retry --flow` ran every step and revert
+    /// of a finished flow again, at once and in no order).
+    InFlow(i64),
+}
+
+/// Why `retry` of request `id` was refused ([`Change::InFlow`]).
+pub(crate) fn in_flow_text(id: RequestId, flow: i64) -> String {
+    format!(
+        "request {id} was not retried: it is a row of flow {flow}, whose steps and reverts run only as the flow moves (a FINISHED step never runs again); see `flow show {flow}`"
+    )
 }
 
 /// Why `retry` of request `id` was refused ([`Change::KeyHeld`]): `by`,
@@ -190,7 +201,10 @@ impl Store {
                 }
                 Ok(Change::Done)
             }
-            Ok(false) => self.explain_refusal(id).await,
+            Ok(false) => match self.show(id).await?.and_then(|row| row.flow_id) {
+                Some(flow) => Ok(Change::InFlow(flow)),
+                None => self.explain_refusal(id).await,
+            },
             // The row's unique key is held by a request that has not ended.
             Err(error) if is_unique_violation(&error) => {
                 let (key, by) = on_pool!(self, pool => {

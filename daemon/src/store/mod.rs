@@ -47,7 +47,9 @@ use sqlx::sqlite::SqlitePool;
 use sql::Sql;
 
 pub use admin::ListFilter;
-pub(crate) use admin::{key_held_text, Change, ListQuery, NewRequest, DEFAULT_TRY_LIMIT};
+pub(crate) use admin::{
+    in_flow_text, key_held_text, Change, ListQuery, NewRequest, DEFAULT_TRY_LIMIT,
+};
 use claims::claimed_from_row;
 pub(crate) use claims::ClaimFilter;
 pub use claims::{ApartBy, Claimant};

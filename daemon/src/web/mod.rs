@@ -36,7 +36,7 @@ use crate::config::http::{Auth, Http};
 use crate::metrics::QueueGauges;
 use crate::request::RequestId;
 use crate::store::web::{BulkAction, RequestFilter};
-use crate::store::{check_pause_name, key_held_text, Change, PauseKind, Store};
+use crate::store::{check_pause_name, in_flow_text, key_held_text, Change, PauseKind, Store};
 
 /// The Content-Security-Policy of every response: nothing but this
 /// server's stylesheet; no script, no inline style, no frames.
@@ -636,6 +636,11 @@ async fn one_action(web: &Web, who: &Who, id: &str, csrf: &str, action: &str) ->
         Change::KeyHeld { key, by } => Ok((
             StatusCode::CONFLICT,
             pages::error_page(&key_held_text(RequestId(number), &key, by)),
+        )
+            .into_response()),
+        Change::InFlow(flow) => Ok((
+            StatusCode::CONFLICT,
+            pages::error_page(&in_flow_text(RequestId(number), flow)),
         )
             .into_response()),
     }
