@@ -370,3 +370,43 @@ async fn a_limited_types_claim_that_cannot_get_its_lock_claims_none_of_its_rows(
     db.wait_for_state(id, "FINISHED", WAIT).await;
     assert!(daemon.stop().success());
 }
+
+/// `planned_at` and `cancel_requested_at` written by a session on local
+/// time were stored as written, where `created_at` and `delay_until` were
+/// stored as UTC (migration 0001): a periodic row's next occurrence was
+/// planned from the wrong time (on a session behind UTC it ran at once),
+/// and a cancel written by plain SQL from such a session fell before the
+/// row's last end, taken by the claim for a stale one. Migration 0015 stores
+/// them as UTC too, on insert and on update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_and_cancel_times_written_in_local_time_are_stored_as_utc() {
+    let db = TestDb::new(Backend::MySql).await;
+    client(
+        &db,
+        "SET time_zone = '+02:00'; \
+         INSERT INTO task_runner_requests (task_class_name, period, planned_at, delay_until, cancel_requested_at, options) \
+         VALUES ('NoOp', 3600, '2030-06-01 09:00:00', '2030-06-01 09:00:00', '2030-06-01 09:30:00', 'form: insert'); \
+         INSERT INTO task_runner_requests (task_class_name, options) VALUES ('NoOp', 'form: update'); \
+         UPDATE task_runner_requests \
+            SET planned_at = '2030-06-01 10:00:00', cancel_requested_at = '2030-06-01 10:30:00' \
+          WHERE options = 'form: update';",
+    );
+    for (form, planned, cancel) in [
+        ("insert", "2030-06-01 07:00:00", "2030-06-01 07:30:00"),
+        ("update", "2030-06-01 08:00:00", "2030-06-01 08:30:00"),
+    ] {
+        let found = db
+            .scalar(&format!(
+                "SELECT count(*) FROM task_runner_requests WHERE options = 'form: {form}' \
+                   AND planned_at = '{planned}' AND cancel_requested_at = '{cancel}'"
+            ))
+            .await;
+        let seen = client(
+            &db,
+            &format!(
+                "SELECT planned_at, cancel_requested_at FROM task_runner_requests WHERE options = 'form: {form}'"
+            ),
+        );
+        assert_eq!(found, 1, "{form}: {seen}");
+    }
+}
