@@ -434,18 +434,18 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
 }
 
 /// A rolling upgrade: a newer release migrated the schema (here a made-up
-/// migration 15 that replaced an index with a column) while an older
+/// migration 99 that replaced an index with a column) while an older
 /// daemon or CLI still runs somewhere. The older one must refuse with one
 /// line and touch nothing. Before, it took the index it no longer found
 /// for a damaged schema and rebuilt the tables by its own migrations,
-/// dropping the newer column (and its values) and migration 15's record.
+/// dropping the newer column (and its values) and the newer migration's record.
 async fn a_schema_newer_than_the_binary_is_refused_and_left_as_it_is(backend: Backend) {
     let db = TestDb::new(backend).await;
     let id = db.enqueue("NoOp", None).await;
     db.execute(
         "INSERT INTO task_runner_schema_migrations \
            (version, description, installed_on, success, checksum, execution_time) \
-         SELECT 15, 'from a newer release', installed_on, success, checksum, execution_time \
+         SELECT 99, 'from a newer release', installed_on, success, checksum, execution_time \
            FROM task_runner_schema_migrations WHERE version = 14",
     )
     .await;
@@ -454,14 +454,14 @@ async fn a_schema_newer_than_the_binary_is_refused_and_left_as_it_is(backend: Ba
         Backend::Sqlite | Backend::Postgres => "DROP INDEX task_runner_requests_waiting",
     })
     .await;
-    db.execute("ALTER TABLE task_runner_requests ADD COLUMN added_by_15 BIGINT")
+    db.execute("ALTER TABLE task_runner_requests ADD COLUMN added_by_99 BIGINT")
         .await;
     db.execute(&format!(
-        "UPDATE task_runner_requests SET added_by_15 = 7 WHERE id = {id}"
+        "UPDATE task_runner_requests SET added_by_99 = 7 WHERE id = {id}"
     ))
     .await;
     let says = |line: &str| {
-        assert!(line.contains("migration(s) 0015"), "{line}");
+        assert!(line.contains("migration(s) 0099"), "{line}");
         assert!(
             line.contains("upgrade taskrunnerd and taskrunner-cli"),
             "{line}"
@@ -478,7 +478,7 @@ async fn a_schema_newer_than_the_binary_is_refused_and_left_as_it_is(backend: Ba
     // Nothing was touched.
     assert_eq!(
         db.scalar(&format!(
-            "SELECT added_by_15 FROM task_runner_requests WHERE id = {id}"
+            "SELECT added_by_99 FROM task_runner_requests WHERE id = {id}"
         ))
         .await,
         7
