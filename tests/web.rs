@@ -663,6 +663,8 @@ async fn pages_of_requests_follow_the_key(backend: Backend) {
 
 both_backends!(
     pages_of_requests_follow_the_key,
+    bulk_actions_treat_each_row_as_its_own_retry_or_cancel_does,
+    without_auth_the_page_answers_only_to_a_loopback_host_name,
     batches_show_their_progress_and_members,
     every_page_renders_with_a_strict_policy,
     a_hostile_row_shows_as_text,
@@ -1287,3 +1289,164 @@ async fn a_real_browser_retries_and_cancels(backend: Backend) {
 }
 
 both_backends!(a_real_browser_retries_and_cancels);
+
+/// A bulk retry was one statement over every row the filter selected: a
+/// flow's rows ran again outside their flow (where `retry` refuses them),
+/// and two rows sharing a unique key failed the whole action (500, nothing
+/// retried). Each row is now retried as `retry` of that row alone does it,
+/// and the page says how many were refused.
+async fn bulk_actions_treat_each_row_as_its_own_retry_or_cancel_does(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let flow = db
+        .insert("INSERT INTO task_runner_flows (flow_name, state) VALUES ('two', 'FINISHED') RETURNING id")
+        .await
+        .0;
+    let step = db
+        .insert_row(
+            NewRow::new("E1")
+                .number("flow_id", flow)
+                .number("flow_step", 0)
+                .text("flow_action", "execute")
+                .ended(backend, "FINISHED", 1, 60),
+        )
+        .await;
+    for _ in 0..2 {
+        db.insert_row(
+            NewRow::new("Keyed")
+                .unique_key("k")
+                .ended(backend, "FAILED", 5, 60),
+        )
+        .await;
+    }
+    let web = web_router(&db, "");
+    let token = csrf_of(&get(&web, "/").await.body);
+    let preview = get(&web, "/bulk?action=retry").await.body;
+    assert!(preview.contains("2 requests match"), "{preview}");
+    let reply = post(&web, "/bulk", &format!("csrf={token}&action=retry"), None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert!(
+        reply.body.contains("applied to 1 requests; 1 refused"),
+        "{}",
+        reply.body
+    );
+    assert_eq!(db.row(step).await.result.as_deref(), Some("FINISHED"));
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM task_runner_requests WHERE unique_key = 'k' AND result IS NULL"
+        )
+        .await,
+        1
+    );
+}
+
+/// Without `http.auth` the page listens on loopback only, and took that
+/// for enough: a page of another site whose name it made resolve to
+/// 127.0.0.1 (DNS rebinding) read it and acted on it as "same origin" (its
+/// `Origin` and `Host` agree), CSRF token included. It now answers only to a
+/// loopback name in `Host`.
+async fn without_auth_the_page_answers_only_to_a_loopback_host_name(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let id = insert_failed(&db, "a: 1").await;
+    let web = web_router(&db, "");
+    let with_host = |host: &str| {
+        Request::get("/")
+            .header("host", host)
+            .body(Body::empty())
+            .unwrap()
+    };
+    for host in [
+        "127.0.0.1:8080",
+        "localhost:8080",
+        "LOCALHOST",
+        "[::1]:8080",
+        "127.0.0.2",
+    ] {
+        assert_eq!(
+            send(&web, with_host(host)).await.status,
+            StatusCode::OK,
+            "{host}"
+        );
+    }
+    for host in [
+        "evil.example:8080",
+        "evil.example",
+        "127.0.0.1.evil.example",
+        "[::2]:80",
+    ] {
+        assert_eq!(
+            send(&web, with_host(host)).await.status,
+            StatusCode::MISDIRECTED_REQUEST,
+            "{host}"
+        );
+    }
+    let token = csrf_of(&get(&web, "/").await.body);
+    let purge = Request::post("/purge")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("host", "evil.example:8080")
+        .header("origin", "http://evil.example:8080")
+        .body(Body::from(format!("csrf={token}&older_than=0s")))
+        .unwrap();
+    assert_eq!(
+        send(&web, purge).await.status,
+        StatusCode::MISDIRECTED_REQUEST
+    );
+    assert_eq!(db.row(id).await.result.as_deref(), Some("FAILED"));
+}
+
+/// Each password the page had not accepted before was checked with bcrypt
+/// (a quarter of a second at the cost the README recommends) on the
+/// daemon's one runtime thread: a dozen wrong passwords held its heartbeat,
+/// claims, outcome writes and control socket for seconds. They are checked
+/// off that thread now, one at a time; the daemon answers meanwhile. (On
+/// SQLite alone: the check is the web page's, whatever the backend, and
+/// three daemons checking at once on two CPUs would time the CPUs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_passwords_are_checked_off_the_daemons_thread() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let port = crate::util::free_port();
+    let hash = bcrypt::hash("correct horse", 12).unwrap();
+    let daemon = Daemon::start(
+        &db,
+        "d",
+        &format!("http:\n  listen: 127.0.0.1:{port}\n  auth:\n    user: ops\n    password_hash: '{hash}'\n"),
+    );
+    // ops:wrong
+    let wrong = ("Authorization", "Basic b3BzOndyb25n");
+    let answered = std::sync::atomic::AtomicUsize::new(0);
+    let config = daemon.config.clone();
+    std::thread::scope(|scope| {
+        for _ in 0..8 {
+            scope.spawn(|| {
+                let (status, body) = http_request(port, "GET", "/", &[wrong], "");
+                assert_eq!(status, 401, "{body}");
+                answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+        // The control socket answers within two seconds, each time, while
+        // the wrong passwords are still being checked (before, the first
+        // answer came after all eight, several seconds later).
+        let mut asked = 0;
+        while answered.load(std::sync::atomic::Ordering::SeqCst) < 8 {
+            let sent = std::time::Instant::now();
+            let output = std::process::Command::new(CLI)
+                .arg("--config")
+                .arg(&config)
+                .arg("status")
+                .output()
+                .unwrap();
+            let took = sent.elapsed();
+            assert!(output.status.success(), "{output:?}");
+            if answered.load(std::sync::atomic::Ordering::SeqCst) < 8 {
+                assert!(
+                    took < Duration::from_secs(2),
+                    "status took {took:?} while wrong passwords were checked"
+                );
+                asked += 1;
+            }
+        }
+        assert!(
+            asked > 0,
+            "the wrong passwords were checked before status was asked"
+        );
+    });
+}

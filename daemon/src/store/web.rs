@@ -11,8 +11,8 @@
 use anyhow::Result;
 use sqlx::query;
 
-use super::{request_from_row, Backend, Pool, RowExt, Store};
-use crate::request::Request;
+use super::{request_from_row, Backend, Change, Pool, RowExt, Store};
+use crate::request::{Request, RequestId};
 
 /// Rows a filter that no index serves looks at per page.
 pub(crate) const SCAN_WINDOW: i64 = 10_000;
@@ -595,7 +595,8 @@ impl Store {
     fn bulk_select(&self, filter: &RequestFilter, action: BulkAction) -> (String, Vec<Bind>) {
         let (first, others) = self.filter_terms(filter);
         let eligible = match action {
-            BulkAction::Retry => "result IS NOT NULL AND result <> 'RUNNING'",
+            // Not a flow's rows: `retry` refuses them (see `Change::InFlow`).
+            BulkAction::Retry => "result IS NOT NULL AND result <> 'RUNNING' AND flow_id IS NULL",
             BulkAction::Cancel => {
                 "(result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED', 'RUNNING'))"
             }
@@ -636,42 +637,40 @@ impl Store {
     }
 
     /// Applies a bulk action to the rows `filter` selects (at most
-    /// [`BULK_LIMIT`], newest first); returns how many rows changed. A cancel
-    /// ends pending rows at once and asks the daemons of running ones.
+    /// [`BULK_LIMIT`], newest first), each as `retry` or `cancel` of that
+    /// row alone does it ([`Store::retry`], [`Store::cancel`]): a batch
+    /// member's batch is recounted, a pending row's cancel goes through the
+    /// finalization path, a row whose unique key another holds is refused.
+    /// (Before, one statement changed them all: batch counts went stale, a
+    /// shared unique key failed the whole action, and a flow's rows ran
+    /// again outside it.) Returns how many rows changed and how many were
+    /// refused (they changed meanwhile, or a rule refused them).
     pub(crate) async fn bulk_apply(
         &self,
         filter: &RequestFilter,
         action: BulkAction,
-    ) -> Result<u64> {
+    ) -> Result<(u64, u64)> {
         let (select, binds) = self.bulk_select(filter, action);
-        let select = self.dialect().while_changing(&select);
-        let now = self.dialect().now();
-        let statements: Vec<String> = match action {
-            BulkAction::Retry => vec![format!(
-                "UPDATE task_runner_requests \
-                    SET pid = NULL, result = NULL, tries = 0, delay_until = NULL, cancel_requested_at = NULL \
-                  WHERE id IN ({select}) AND result IS DISTINCT FROM 'RUNNING'"
-            )],
-            BulkAction::Cancel => vec![
-                format!(
-                    "UPDATE task_runner_requests SET cancel_requested_at = {now} \
-                      WHERE id IN ({select}) AND result = 'RUNNING'"
-                ),
-                format!(
-                    "UPDATE task_runner_requests \
-                        SET result = 'CANCELLED', result_text = 'cancelled before it ran', completed_at = {now} \
-                      WHERE id IN ({select}) \
-                        AND (result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED'))"
-                ),
-            ],
-        };
-        let mut changed = 0;
-        for statement in &statements {
-            changed += on_pool!(self, pool => {
-                bind_all!(query(audited(statement)), &binds).execute(pool).await?.rows_affected()
-            });
+        let ids: Vec<i64> = on_pool!(self, pool => {
+            bind_all!(query(audited(&select)), &binds)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|row| row.int(0))
+                .collect::<sqlx::Result<_>>()?
+        });
+        let (mut changed, mut refused) = (0, 0);
+        for id in ids.into_iter().map(RequestId) {
+            let change = match action {
+                BulkAction::Retry => self.retry(id).await?,
+                BulkAction::Cancel => self.cancel(id).await?,
+            };
+            match change {
+                Change::Done | Change::Requested => changed += 1,
+                _ => refused += 1,
+            }
         }
-        Ok(changed)
+        Ok((changed, refused))
     }
 
     /// Batches, newest first, below id `before` (one page and one more).

@@ -4,7 +4,9 @@
 //! Server-rendered HTML (maud, checked at compile time) that works without
 //! JavaScript; every query is bounded (store::web), so a page stays fast at
 //! a million rows. Safety, in the order a request meets it:
-//! - It listens on loopback only, unless `http.auth` is set ([`check_listen`]).
+//! - It listens on loopback only, unless `http.auth` is set ([`check_listen`]),
+//!   and then answers only to a loopback name in `Host` ([`names_loopback`]:
+//!   DNS rebinding).
 //! - With `http.auth`, every request needs HTTP Basic (user and bcrypt
 //!   password, or any user and the token) or `Authorization: Bearer TOKEN`.
 //! - Actions are POST only, carry the server's CSRF token (a random value
@@ -75,6 +77,10 @@ pub struct Web {
     csrf: String,
     /// `Authorization` values already verified (bcrypt is slow on purpose).
     verified: Mutex<Vec<String>>,
+    /// One bcrypt check at a time, off the runtime's thread: a check takes
+    /// a quarter of a second at cost 12, and the daemon's runtime has one
+    /// thread (its heartbeat, claims and outcome writes).
+    checking: tokio::sync::Semaphore,
 }
 
 enum Credentials {
@@ -135,6 +141,7 @@ impl Web {
                 crate::instance::random_u64()
             ),
             verified: Mutex::new(Vec::new()),
+            checking: tokio::sync::Semaphore::new(1),
         })
     }
 
@@ -285,7 +292,7 @@ async fn guard(State(web): State<Arc<Web>>, mut request: Request, next: Next) ->
         .extensions()
         .get::<axum::extract::ConnectInfo<Remote>>()
         .map_or("-".to_string(), |info| info.0 .0.to_string());
-    let user = match authenticate(&web, request.headers()) {
+    let user = match authenticate(&web, request.headers()).await {
         Ok(user) => user,
         Err(()) => {
             let mut response =
@@ -297,6 +304,19 @@ async fn guard(State(web): State<Arc<Web>>, mut request: Request, next: Next) ->
             return secure(response);
         }
     };
+    if web.auth.is_none() && !names_loopback(request.headers()) {
+        // Without auth the page listens on loopback only; a page of another
+        // site whose name it made resolve to 127.0.0.1 (DNS rebinding)
+        // reaches it under that name, as "same origin" for the browser.
+        tracing::warn!(%remote, path = %request.uri().path(), "web: refused a request for another host name");
+        return secure(
+            (
+                StatusCode::MISDIRECTED_REQUEST,
+                "refused: without http.auth the page answers only to a loopback name (localhost, 127.0.0.1, [::1]) in Host\n",
+            )
+                .into_response(),
+        );
+    }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         if web.read_only {
             return secure(
@@ -323,7 +343,7 @@ async fn guard(State(web): State<Arc<Web>>, mut request: Request, next: Next) ->
 }
 
 /// The user name, or `-` without auth; `Err` if credentials are missing or wrong.
-fn authenticate(web: &Web, headers: &HeaderMap) -> Result<String, ()> {
+async fn authenticate(web: &Web, headers: &HeaderMap) -> Result<String, ()> {
     let Some(credentials) = &web.auth else {
         return Ok("-".into());
     };
@@ -357,25 +377,35 @@ fn authenticate(web: &Web, headers: &HeaderMap) -> Result<String, ()> {
             user: expected,
             hash,
         } => {
-            if &user != expected {
+            let known = |web: &Web| {
+                let verified = web.verified.lock().unwrap_or_else(|e| e.into_inner());
+                verified
+                    .iter()
+                    .any(|v| constant_time_eq(v.as_bytes(), given.as_bytes()))
+            };
+            if &user == expected && known(web) {
+                return Ok(user);
+            }
+            // Checked off the runtime's thread, one at a time (before, each
+            // wrong password held the daemon's one thread for the whole
+            // check: a few requests a second stopped its heartbeat). A wrong
+            // user name is checked too, so that it takes as long.
+            let _turn = web.checking.acquire().await.map_err(|_| ())?;
+            if &user == expected && known(web) {
+                return Ok(user);
+            }
+            let hash = hash.clone();
+            let check = tokio::task::spawn_blocking(move || bcrypt::verify(&password, &hash));
+            let right = check.await.map_err(|_| ())?.unwrap_or(false);
+            if !(right && &user == expected) {
                 return Err(());
             }
             let mut verified = web.verified.lock().unwrap_or_else(|e| e.into_inner());
-            if verified
-                .iter()
-                .any(|v| constant_time_eq(v.as_bytes(), given.as_bytes()))
-            {
-                return Ok(user);
+            if verified.len() >= 64 {
+                verified.clear();
             }
-            if bcrypt::verify(&password, hash).unwrap_or(false) {
-                if verified.len() >= 64 {
-                    verified.clear();
-                }
-                verified.push(given.to_string());
-                Ok(user)
-            } else {
-                Err(())
-            }
+            verified.push(given.to_string());
+            Ok(user)
         }
     }
 }
@@ -412,6 +442,26 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
         out.extend_from_slice(&n.to_be_bytes()[1..1 + produced]);
     }
     Some(out)
+}
+
+/// Whether the `Host` a request names is loopback (`localhost`, an IP
+/// address of loopback, with a port or without), or absent (a client that
+/// is no browser). A browser always sends the name it connected to.
+fn names_loopback(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST) else {
+        return true;
+    };
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A browser sends `Origin` with every POST; it must name this host.
@@ -702,14 +752,22 @@ async fn bulk_apply(
             .into_response());
     };
     let filter = query.filter();
-    let changed = web.store.bulk_apply(&filter, action).await?;
-    tracing::info!(remote = %who.remote, user = %who.user, action = %query.action, filter = ?filter, changed, "web bulk action");
+    let (changed, refused) = web.store.bulk_apply(&filter, action).await?;
+    tracing::info!(remote = %who.remote, user = %who.user, action = %query.action, filter = ?filter, changed, refused, "web bulk action");
     if let Some(daemon) = &web.daemon {
         daemon.wake();
     }
+    let refused = if refused > 0 {
+        format!(
+            "; {refused} refused (they changed meanwhile, or a rule refused them: `taskrunner-cli {}` names why for each)",
+            query.action
+        )
+    } else {
+        String::new()
+    };
     Ok(html(pages::message(
         &chrome(&web),
-        &format!("{} applied to {changed} requests", query.action),
+        &format!("{} applied to {changed} requests{refused}", query.action),
     )))
 }
 
