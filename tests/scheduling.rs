@@ -4,7 +4,9 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::util::{cli, now_ns, poll_blocking_every, Backend, Daemon, NewRow, TestDb, CLI};
+use crate::util::{
+    cli, holds_for, now_ns, poll_blocking_every, Backend, Daemon, NewRow, TestDb, CLI,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -807,4 +809,59 @@ async fn a_burst_of_delayed_rows_is_shared_by_the_daemons(backend: Backend) {
     );
     assert!(a.stop().success());
     assert!(b.stop().success());
+}
+
+multi_host_backends!(a_daemon_slower_through_its_missed_slots_enqueues_none_twice);
+
+/// After downtime each daemon lists the missed slots after the latest one
+/// recorded (`catch_up` of them) and takes them one by one. A faster daemon
+/// took them all, then forgot the slots older than an hour (all but the
+/// latest); a slower one, its list read before, then took the forgotten
+/// ones again: two requests for one slot. A slot older than one already
+/// taken is no longer taken. (The slower daemon here pauses 3 s before each
+/// slot, a test hook of debug builds.)
+async fn a_daemon_slower_through_its_missed_slots_enqueues_none_twice(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let hour = 3600;
+    let latest = (chrono::Utc::now().timestamp() / hour) * hour - 5 * hour;
+    let latest = chrono::DateTime::from_timestamp(latest, 0)
+        .unwrap()
+        .format("%Y-%m-%d %H:%M:%S");
+    let zone = if backend == Backend::Postgres {
+        "+00"
+    } else {
+        ""
+    };
+    db.execute(&format!(
+        "INSERT INTO task_runner_schedule_slots (schedule, slot) VALUES ('hourly', '{latest}{zone}')"
+    ))
+    .await;
+    let schedule = "schedules:\n  hourly:\n    every: 1h\n    catch_up: 3\n    task: NoOp\n";
+    let mut slow = Daemon::start_in_env(
+        &db,
+        "slow",
+        schedule,
+        &[("TASKRUNNER_TEST_SLOT_DELAY_MS", "3000")],
+    );
+    let mut fast = Daemon::start(&db, "fast", schedule);
+    let count = "SELECT count(*) FROM task_runner_requests WHERE schedule = 'hourly'";
+    db.wait_for_at_least(count, 3, WAIT).await;
+    // While the slower daemon goes through its three slots (3 s each).
+    holds_for(
+        Duration::from_secs(12),
+        "three requests, one per slot",
+        async || match db.scalar(count).await {
+            3 => Ok(()),
+            seen => Err(seen),
+        },
+    )
+    .await;
+    assert!(fast.stop().success());
+    assert!(slow.stop().success());
+    let distinct = db
+        .scalar(
+            "SELECT count(DISTINCT planned_at) FROM task_runner_requests WHERE schedule = 'hourly'",
+        )
+        .await;
+    assert_eq!((db.scalar(count).await, distinct), (3, 3));
 }

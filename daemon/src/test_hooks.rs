@@ -28,3 +28,13 @@ pub(crate) fn panic_in_a_try_when_told(task: &str) {
     }
     let _ = task;
 }
+
+/// In a debug build, waits the milliseconds the environment variable
+/// `variable` gives, if any: a test that needs one daemon slower than
+/// another at a given step.
+pub(crate) async fn pause_when_told(variable: &str) {
+    let pause = shortened(Duration::ZERO, variable);
+    if !pause.is_zero() {
+        tokio::time::sleep(pause).await;
+    }
+}

@@ -82,6 +82,7 @@ impl Cron {
                 None => *first_seen.entry(name.clone()).or_insert(now),
             };
             for slot in schedule.when.due_slots(after, now, schedule.catch_up) {
+                crate::test_hooks::pause_when_told("TASKRUNNER_TEST_SLOT_DELAY_MS").await;
                 let text = slot_text(slot);
                 let enqueue = self.store.enqueue_slot(name, &text, schedule);
                 if let Some(id) = self.store.answered(enqueue).await? {

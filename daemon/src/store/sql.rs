@@ -652,7 +652,8 @@ pub struct Sql {
     pub(crate) database_now: String,
     /// The latest slot enqueued for schedule `$1`, as seconds since the epoch.
     pub(crate) last_slot: String,
-    /// Claims slot `$2` of schedule `$1`; affects no row if it was taken.
+    /// Claims slot `$2` of schedule `$1`; affects no row if it was taken, or
+    /// if a later slot of the schedule was.
     pub(crate) insert_slot: String,
     /// Inserts the request of slot `$6` of schedule `$5`: task `$1`, options
     /// `$2`, try_limit `$3`, priority `$4`; planned and delayed to the slot.
@@ -763,8 +764,11 @@ impl Sql {
         // the slot), and a duplicate key update counts one there (sqlx asks
         // for found rows): `INSERT IGNORE`, whose two values always fit.
         self.insert_slot = format!(
-            "INSERT IGNORE INTO task_runner_schedule_slots (schedule, slot) VALUES ($1, {})",
-            d.parse_time("$2")
+            "INSERT IGNORE INTO task_runner_schedule_slots (schedule, slot) \
+             SELECT $1, {slot} FROM DUAL \
+              WHERE NOT EXISTS (SELECT 1 FROM task_runner_schedule_slots \
+                                 WHERE schedule = $1 AND slot > {slot})",
+            slot = d.parse_time("$2")
         );
         // A batch of outcomes: the rows of the JSON array `$1` as a table
         // (id, claim token, result, result_text, give back, retry after),
@@ -1278,11 +1282,17 @@ impl Sql {
                 "SELECT {} FROM task_runner_schedule_slots WHERE schedule = $1",
                 d.epoch_seconds("max(slot)")
             ),
+            // Not a slot older than one already taken: a daemon that read
+            // the latest slot before another enqueued the missed ones and
+            // forgot the old ones (an hour on) took those again.
             insert_slot: format!(
-                "{} INTO task_runner_schedule_slots (schedule, slot) VALUES ($1, {}) {}",
+                "{} INTO task_runner_schedule_slots (schedule, slot) \
+                 SELECT $1, {slot} \
+                  WHERE NOT EXISTS (SELECT 1 FROM task_runner_schedule_slots \
+                                     WHERE schedule = $1 AND slot > {slot}) {}",
                 d.insert_or_ignore(),
-                d.parse_time("$2"),
-                d.on_conflict_ignore()
+                d.on_conflict_ignore(),
+                slot = d.parse_time("$2")
             ),
             enqueue_scheduled: format!(
                 "INSERT INTO task_runner_requests \
