@@ -960,9 +960,10 @@ async fn batch(
         )
             .into_response());
     }
+    // The page of batches below `id + 1`: with no bound past the largest id.
     let found = web
         .store
-        .batches(Some(id + 1))
+        .batches(id.checked_add(1))
         .await?
         .into_iter()
         .next()

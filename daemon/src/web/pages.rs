@@ -605,7 +605,7 @@ pub(crate) fn flows(chrome: &Chrome, flows: &[Flow]) -> Markup {
                             td { (flow.name) }
                             td { (flow_state_label(flow)) }
                             td.num { (flow.attempt.max(1)) }
-                            td.num { (flow.current_step.map(|s| (s + 1).to_string()).unwrap_or_default()) }
+                            td.num { (flow.current_step.map(|s| s.saturating_add(1).to_string()).unwrap_or_default()) }
                             td.time { (flow.created_at.as_deref().unwrap_or("")) }
                             td.time { (flow.finished_at.as_deref().unwrap_or("")) }
                             td.text { (first_line(flow.result_text.as_deref().unwrap_or(""), 100)) }
