@@ -211,21 +211,9 @@ async fn postgres_a_cancel_whose_try_ends_between_its_statements_is_kept() {
     .execute(&mut outcome)
     .await
     .unwrap();
-    let mut cancel = std::process::Command::new(crate::util::CLI)
-        .args(["--database-url", &db.url, "cancel", &id.to_string()])
-        .current_dir(&db.scratch.path)
-        .env_remove("DATABASE_URL")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    db.wait_for_count(
-        "SELECT count(*) FROM pg_stat_activity \
-          WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE task_runner_requests%'",
-        1,
-        WAIT,
-    )
-    .await;
+    let mut cancel = crate::util::spawn_cli(&db, &["cancel", &id.to_string()]);
+    db.wait_for_a_statement_waiting_on_a_lock("UPDATE task_runner_requests")
+        .await;
     sqlx::raw_sql("COMMIT").execute(&mut outcome).await.unwrap();
     let status = cancel.wait().unwrap();
     let mut said = String::new();

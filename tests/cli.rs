@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use taskrunner::request::RequestId;
 
-use crate::util::{bare_cli, cli, poll, wait_until, Backend, Daemon, NewRow, Scratch, TestDb, CLI};
+use crate::util::{
+    bare_cli, cli, poll, spawn_cli, wait_until, Backend, Daemon, NewRow, Scratch, TestDb, CLI,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -1262,22 +1264,19 @@ async fn run_record_keeps_its_rows_lease_while_the_task_runs(backend: Backend) {
     let id = db
         .insert_row(NewRow::new("Slow").delayed(backend, 3600))
         .await;
-    let mut run = Command::new(CLI)
-        .args([
-            "--database-url",
-            &db.url,
+    let mut run = spawn_cli(
+        &db,
+        &[
             "--config",
             &config,
             "--host-id",
             "a",
-        ])
-        .args(["run", "--id", &id.to_string(), "--record"])
-        .current_dir(&db.scratch.path)
-        .env_remove("DATABASE_URL")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+            "run",
+            "--id",
+            &id.to_string(),
+            "--record",
+        ],
+    );
     db.wait_for_pid(id, Duration::from_secs(30)).await;
     let cancelled_at = Instant::now();
     assert_eq!(cli(&db, &["cancel", &id.to_string()]).0, 0);
@@ -1367,21 +1366,9 @@ async fn postgres_a_row_retried_while_a_purge_waits_for_it_is_kept() {
     .execute(&mut retry)
     .await
     .unwrap();
-    let purge = Command::new(CLI)
-        .args(["--database-url", &db.url, "purge", "--older-than", "1h"])
-        .current_dir(&db.scratch.path)
-        .env_remove("DATABASE_URL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    db.wait_for_count(
-        "SELECT count(*) FROM pg_stat_activity \
-          WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE FROM task_runner_requests%'",
-        1,
-        Duration::from_secs(30),
-    )
-    .await;
+    let purge = spawn_cli(&db, &["purge", "--older-than", "1h"]);
+    db.wait_for_a_statement_waiting_on_a_lock("DELETE FROM task_runner_requests")
+        .await;
     sqlx::raw_sql("COMMIT").execute(&mut retry).await.unwrap();
     let output = purge.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -439,6 +439,20 @@ pub fn cli(db: &TestDb, args: &[&str]) -> (i32, String, String) {
     bare_cli(&db.scratch.path, &args)
 }
 
+/// Starts `taskrunner-cli` with the test's database, as [`cli`] runs it,
+/// without waiting for it to end; its output is piped.
+pub fn spawn_cli(db: &TestDb, args: &[&str]) -> Child {
+    Command::new(CLI)
+        .args(["--database-url", db.url.as_str()])
+        .args(args)
+        .current_dir(&db.scratch.path)
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting taskrunner-cli")
+}
+
 /// Runs `taskrunner-cli` in `dir` with only the given arguments (no test
 /// database) and returns (status, stdout, stderr).
 pub fn bare_cli(dir: &Path, args: &[&str]) -> (i32, String, String) {

@@ -230,6 +230,17 @@ impl TestDb {
         .await
     }
 
+    /// PostgreSQL: waits until a statement that starts with `start` waits
+    /// for a lock (another session's, which the test holds).
+    pub async fn wait_for_a_statement_waiting_on_a_lock(&self, start: &str) {
+        let waiting = format!(
+            "SELECT count(*) FROM pg_stat_activity \
+              WHERE wait_event_type = 'Lock' AND query LIKE '{start}%'"
+        );
+        self.wait_for_count(&waiting, 1, Duration::from_secs(30))
+            .await;
+    }
+
     /// Waits until `sql` (a count) returns `expected`.
     pub async fn wait_for_count(&self, sql: &str, expected: i64, timeout: Duration) {
         poll(timeout, &format!("`{sql}` to be {expected}"), async || {
