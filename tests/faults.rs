@@ -25,6 +25,7 @@ both_backends!(
     reused_pid_is_taken_as_crashed_and_never_signalled,
     a_try_whose_outcome_waits_is_left_to_its_living_daemon,
     stale_heartbeat_of_another_host_is_crashed_after_the_lease,
+    a_reaper_with_a_shorter_lease_waits_for_the_lease_of_the_rows_daemon,
     a_running_row_written_by_an_application_with_no_try_is_reaped_with_the_rest,
     a_try_given_back_after_an_application_zeroed_its_tries_is_written,
     a_row_taken_away_and_claimed_again_by_the_same_daemon_keeps_its_new_try,
@@ -373,6 +374,63 @@ async fn a_row_taken_away_and_claimed_again_by_the_same_daemon_keeps_its_new_try
         "{runs}"
     );
     assert!(daemon.stop().success());
+}
+
+/// Daemons of two hosts whose `lease_timeout`s differ (a config changed on
+/// some hosts first): the daemon with the shorter lease, and
+/// `taskrunner-cli reap` under its config, leave the other daemon's running
+/// row alone between that daemon's renewals. Before, they took the row for
+/// crashed once its heartbeat was older than their own lease, and it ran
+/// again beside the try still running.
+async fn a_reaper_with_a_shorter_lease_waits_for_the_lease_of_the_rows_daemon(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let log = db.scratch.join("ran.log");
+    let tasks = format!(
+        "tasks:\n  Slow:\n    command: [/bin/sh, -c, 'echo start $TASKRUNNER_TRY >> {l}; sleep 6; echo end >> {l}']\n",
+        l = log.display()
+    );
+    // Renews every 6 s; its rows' heartbeats are up to 6 s old.
+    let mut long = Daemon::start(
+        &db,
+        "long",
+        &format!(
+            "host_id: long\nlease_timeout: 20s\nheartbeat_interval: 6s\nkill_grace: 1s\n{tasks}"
+        ),
+    );
+    let id = db.enqueue("Slow", None).await;
+    let running = db.wait_for_pid(id, WAIT).await;
+    let mut short = Daemon::start(
+        &db,
+        "short",
+        &format!(
+            "host_id: short\nlease_timeout: 3s\nheartbeat_interval: 1s\nkill_grace: 1s\nreap_interval: 1s\n{tasks}"
+        ),
+    );
+    let short_config = short.config.to_str().unwrap().to_string();
+    // The short lease passes (4 s) while the try runs on: nothing reaps it.
+    holds_for(
+        Duration::from_secs(4),
+        "the try to run on under its own daemon's lease",
+        async || {
+            let now = db.row(id).await;
+            match (now.result.as_deref(), now.tries, now.pid) {
+                (Some("RUNNING"), 1, pid) if pid == running.pid => Ok(()),
+                _ => Err(format!("{now:?}")),
+            }
+        },
+    )
+    .await;
+    let (status, stdout, stderr) = cli(&db, &["--config", &short_config, "reap"]);
+    assert_eq!(status, 0, "{stdout}{stderr}");
+    assert!(
+        !stdout.lines().any(|line| line.starts_with(&id.to_string())),
+        "taskrunner-cli reap took the row: {stdout}"
+    );
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 1, "{row:?}\n{}", short.log_text());
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "start 1\nend\n");
+    assert!(short.stop().success());
+    assert!(long.stop().success());
 }
 
 async fn stale_heartbeat_of_another_host_is_crashed_after_the_lease(backend: Backend) {

@@ -186,14 +186,9 @@ pub async fn run(
             task_types = %setup.borrow().registry.names(&config).join(", "),
             "taskrunnerd started"
         );
-        // For people (the web page's daemons): a failure costs nothing else.
-        let me = crate::store::daemons::DaemonPresence {
-            instance: &instance,
-            host: &config.host_id,
-            node_name: Some(config.node_name.as_str()).filter(|n| !n.is_empty()),
-            pid: std::process::id(),
-            max_concurrent: config.max_concurrent,
-        };
+        // For people (the web page's daemons), and for other daemons'
+        // reapers (this daemon's lease): the heartbeat writes it again.
+        let me = crate::store::daemons::DaemonPresence::of(&instance, &config);
         if let Err(error) = store.register_daemon(&me).await {
             tracing::debug!(
                 "could not write this daemon's row in task_runner_daemons: {}",

@@ -12,8 +12,9 @@
 //! left to the daemon holding it while that daemon lives (it reaped the
 //! process itself, and its outcome is on its way); rows of this host without
 //! a pid against the identity of the daemon holding them (in `claimed_by`);
-//! rows of any host whose heartbeat is older than `lease_timeout` have lost
-//! their lease.
+//! rows of any host whose heartbeat is older than `lease_timeout` (or than
+//! the lease their holder wrote into its daemon's row, when that is longer)
+//! have lost their lease.
 
 use std::time::Duration;
 
@@ -136,7 +137,7 @@ pub(crate) async fn reap(
             "lease expired, no heartbeat from host {} since {} (lease_timeout {})",
             if row.host.is_empty() { "?" } else { &row.host },
             row.heartbeat_at.as_deref().unwrap_or("its claim"),
-            crate::units::format_duration(lease_timeout)
+            crate::units::format_duration(row.lease)
         );
         let (reason, give_back) = if row.pid_recorded {
             (format!("crashed: {lapsed}"), false)

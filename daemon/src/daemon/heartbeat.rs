@@ -231,12 +231,14 @@ impl Heartbeat {
             skipped = self.note_renewed(&held, sent_at);
             skipped_deadline = self.stop_tries_whose_lease_is_not_renewed(&skipped, &config);
             self.write_progress();
-            // The daemon's own row, for the web page only.
+            // The daemon's own row: for the web page, and its lease for
+            // other daemons' reapers.
             let running = self.tries.len();
+            let me = crate::store::daemons::DaemonPresence::of(&self.instance, &config);
             let renewal = within_interval(
                 &self.store,
                 &config,
-                self.store.daemon_heartbeat(&self.instance, running),
+                self.store.daemon_heartbeat(&me, running),
             )
             .await;
             if let Err(error) = renewal {

@@ -1,8 +1,10 @@
 //! Each running daemon's own row in `task_runner_daemons` (migration 0009):
 //! written at start, at each heartbeat and at a clean stop, so that the web
-//! page shows daemons that run nothing. Only for people: no decision about
-//! a request reads it (leases stay on the request rows), and a failed write
-//! here costs nothing but a stale line on the page.
+//! page shows daemons that run nothing. One decision reads it: the reaper
+//! waits for the longer of its own `lease_timeout` and the one the row's
+//! holder wrote here (`lease_ms`, migration 0015) before it takes a row
+//! whose heartbeat aged for crashed. A row not written (the write failed)
+//! leaves the reaper's own lease, as before; the heartbeat writes it again.
 
 use std::time::Duration;
 
@@ -20,6 +22,22 @@ pub(crate) struct DaemonPresence<'a> {
     pub(crate) node_name: Option<&'a str>,
     pub(crate) pid: u32,
     pub(crate) max_concurrent: usize,
+    /// Its `lease_timeout`: other daemons' reapers wait at least this long.
+    pub(crate) lease: Duration,
+}
+
+impl<'a> DaemonPresence<'a> {
+    /// The daemon `instance` running with `config`.
+    pub(crate) fn of(instance: &'a str, config: &'a crate::config::Config) -> Self {
+        DaemonPresence {
+            instance,
+            host: &config.host_id,
+            node_name: Some(config.node_name.as_str()).filter(|n| !n.is_empty()),
+            pid: std::process::id(),
+            max_concurrent: config.max_concurrent,
+            lease: config.lease_timeout,
+        }
+    }
 }
 
 /// Rows of daemons not heard from for this long are deleted when a daemon
@@ -37,8 +55,9 @@ impl Store {
         );
         let insert = format!(
             "INSERT INTO task_runner_daemons \
-               (instance, host, node_name, pid, version, max_concurrent, running, started_at, heartbeat_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, 0, {now}, {now})"
+               (instance, host, node_name, pid, version, max_concurrent, lease_ms, running, started_at, \
+                heartbeat_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, {now}, {now})"
         );
         on_pool!(self, pool => {
             query(sqlx::AssertSqlSafe(forget)).execute(pool).await?;
@@ -49,25 +68,38 @@ impl Store {
                 .bind(i64::from(me.pid))
                 .bind(env!("CARGO_PKG_VERSION"))
                 .bind(me.max_concurrent as i64)
+                .bind(lease_ms(me.lease))
                 .execute(pool)
                 .await?;
         });
         Ok(())
     }
 
-    /// This daemon is alive and runs `running` tries.
-    pub(crate) async fn daemon_heartbeat(&self, instance: &str, running: usize) -> Result<()> {
+    /// This daemon is alive, runs `running` tries, and holds its rows for
+    /// `me.lease` (a reload may have changed it). A row that is missing
+    /// (its first write failed, or someone deleted it) is written again.
+    pub(crate) async fn daemon_heartbeat(
+        &self,
+        me: &DaemonPresence<'_>,
+        running: usize,
+    ) -> Result<()> {
         let sql = format!(
-            "UPDATE task_runner_daemons SET heartbeat_at = {}, running = $2 WHERE instance = $1",
+            "UPDATE task_runner_daemons SET heartbeat_at = {}, running = $2, lease_ms = $3 \
+              WHERE instance = $1",
             self.dialect().now()
         );
-        on_pool!(self, pool => {
+        let updated = on_pool!(self, pool => {
             query(sqlx::AssertSqlSafe(sql))
-                .bind(instance)
+                .bind(me.instance)
                 .bind(running as i64)
+                .bind(lease_ms(me.lease))
                 .execute(pool)
-                .await?;
+                .await?
+                .rows_affected()
         });
+        if updated == 0 {
+            self.register_daemon(me).await?;
+        }
         Ok(())
     }
 
@@ -83,4 +115,9 @@ impl Store {
         });
         Ok(())
     }
+}
+
+/// A lease as the column holds it (saturated: a lease of centuries waits).
+fn lease_ms(lease: Duration) -> i64 {
+    i64::try_from(lease.as_millis()).unwrap_or(i64::MAX)
 }

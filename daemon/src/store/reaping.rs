@@ -47,6 +47,9 @@ pub(crate) struct LapsedRow {
     pub(crate) pid_recorded: bool,
     /// Whether the reaper gave its try before back.
     pub(crate) given_back_before: bool,
+    /// The lease it was judged by: the longer of the reaper's and the one
+    /// its holder wrote into its daemon's row.
+    pub(crate) lease: Duration,
 }
 
 impl Store {
@@ -100,7 +103,9 @@ impl Store {
         }))
     }
 
-    /// RUNNING rows (any host) whose heartbeat is older than `lease`.
+    /// RUNNING rows (any host) whose heartbeat is older than `lease`, or
+    /// than their holder's lease when that is longer (`lease_ms` of its
+    /// daemon's row).
     pub(crate) async fn lapsed_leases(
         &self,
         lease: Duration,
@@ -120,6 +125,11 @@ impl Store {
                     heartbeat_at: row.opt_text(3)?,
                     pid_recorded: row.int(4)? != 0,
                     given_back_before: row.int(5)? != 0,
+                    lease: row
+                        .opt_int(6)?
+                        .and_then(|ms| u64::try_from(ms).ok())
+                        .map(Duration::from_millis)
+                        .map_or(lease, |holders| holders.max(lease)),
                 }))
                 .collect::<sqlx::Result<_>>()?
         }))

@@ -1171,19 +1171,31 @@ impl Sql {
                 int("id"),
                 int(&given_back_before)
             ),
-            lapsed_leases: format!(
-                "SELECT {}, coalesce(host, ''), claim_token, {}, {}, {} \
-                   FROM task_runner_requests \
-                  WHERE result = 'RUNNING' \
-                    AND (heartbeat_at IS NULL OR heartbeat_at < {}) \
-                    AND claimed_by IS DISTINCT FROM $2 \
-                  ORDER BY id",
-                int("id"),
-                show("heartbeat_at"),
-                int("(CASE WHEN pid IS NULL THEN 0 ELSE 1 END)"),
-                int(&given_back_before),
-                plus("-$1")
-            ),
+            // The lease is the longer of the reaper's (`$1`, seconds) and
+            // the one the row's holder wrote into its daemon's row: a
+            // holder with the longer lease renews less often, and its rows
+            // are not reaped between two of its renewals.
+            lapsed_leases: {
+                let holders = "(SELECT holder.lease_ms FROM task_runner_daemons AS holder \
+                                 WHERE holder.instance = task_runner_requests.claimed_by)";
+                let lease = format!(
+                    "coalesce(CASE WHEN {holders} / 1000.0 > $1 THEN {holders} / 1000.0 END, $1)"
+                );
+                format!(
+                    "SELECT {}, coalesce(host, ''), claim_token, {}, {}, {}, {} \
+                       FROM task_runner_requests \
+                      WHERE result = 'RUNNING' \
+                        AND (heartbeat_at IS NULL OR heartbeat_at < {}) \
+                        AND claimed_by IS DISTINCT FROM $2 \
+                      ORDER BY id",
+                    int("id"),
+                    show("heartbeat_at"),
+                    int("(CASE WHEN pid IS NULL THEN 0 ELSE 1 END)"),
+                    int(&given_back_before),
+                    int(holders),
+                    plus(&format!("-{lease}"))
+                )
+            },
             mark_crashed: format!(
                 "UPDATE task_runner_requests \
                     SET result = {}, result_text = {}, pid = NULL, completed_at = {now}, delay_until = NULL, \
