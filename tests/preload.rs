@@ -29,6 +29,7 @@ both_backends!(
     a_parent_that_boots_for_longer_than_the_cgroup_sweep_waits_runs_its_first_try,
     a_parent_whose_output_is_not_utf8_or_one_long_line_keeps_serving,
     a_parent_gone_just_before_a_request_is_sent_costs_no_try,
+    commands_that_differ_in_their_arguments_get_a_parent_each,
 );
 
 /// The task-sdk probe, built beside the daemon (`cargo build --workspace --bins`).
@@ -598,4 +599,69 @@ async fn finished_on_one_try(
 fn parent_pid_when_logged(daemon: &Daemon) -> i32 {
     daemon.wait_for_log(" preloaded (pid ", WAIT);
     parent_pid(daemon)
+}
+
+/// Two preloaded command types running one interpreter on two scripts
+/// (`[python3, a.py]`, `[python3, b.py]`): each type's tries are forked from
+/// its own script's parent, and a deploy of a script (not of `python3`)
+/// starts a new parent. Before, parents were keyed by the program alone:
+/// the second type's tries ran in the first type's script, and a new
+/// script was never noticed.
+async fn commands_that_differ_in_their_arguments_get_a_parent_each(backend: crate::util::Backend) {
+    let db = TestDb::new(backend).await;
+    // Each script serves both types and answers with its own name.
+    let script = |name: &str, version: u32| {
+        let path = db.scratch.join(name);
+        let staged = db.scratch.join(format!("{name}.new").as_str());
+        std::fs::write(
+            &staged,
+            format!(
+                "import os, runpy, sys\n\
+                 program = runpy.run_path({example:?}, run_name='preload_tasks')\n\
+                 booted_in = os.getpid()\n\
+                 for name in ('A', 'B'):\n    \
+                     program['TASKS'][name] = lambda text: '{name} {version} ' + str(booted_in)\n\
+                 sys.exit(program['main']())\n",
+                example = python_probe().display().to_string()
+            ),
+        )
+        .unwrap();
+        std::fs::rename(&staged, &path).unwrap();
+        path
+    };
+    let (a, b) = (script("a.py", 1), script("b.py", 1));
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "tasks:\n  A: {{command: [python3, {}], preload: true}}\n  B: {{command: [python3, {}], preload: true}}\n",
+            a.display(),
+            b.display()
+        ),
+    );
+    let mut ran = async |task: &str| {
+        let id = enqueue(&db, task, "").await;
+        let row = finished_on_one_try(&db, id, &daemon, WAIT).await;
+        let text = row.result_text.unwrap();
+        let (script, booted_in) = text.rsplit_once(' ').unwrap();
+        (script.to_string(), booted_in.to_string())
+    };
+    let (from_a, a_parent) = ran("A").await;
+    let (from_b, b_parent) = ran("B").await;
+    assert_eq!((from_a.as_str(), from_b.as_str()), ("a.py 1", "b.py 1"));
+    assert_ne!(a_parent, b_parent, "a parent each");
+    assert_eq!(
+        ran("A").await,
+        (from_a, a_parent.clone()),
+        "the same parent again"
+    );
+    // A deploy of b.py: a new file renamed over the old one.
+    script("b.py", 2);
+    let (deployed, new_parent) = ran("B").await;
+    assert_eq!(deployed, "b.py 2");
+    assert_ne!(new_parent, b_parent);
+    assert_eq!(ran("A").await.1, a_parent, "a.py's parent serves on");
+    assert!(daemon.log_text().contains("changed on disk"));
+    assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
+    assert!(daemon.stop().success());
 }

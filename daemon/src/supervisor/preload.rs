@@ -26,9 +26,11 @@
 //! does not speak the protocol: one warning line, and its tries are exec'd
 //! until the config is reloaded. A parent that dies after its hello is
 //! replaced at the next try (after a backoff when it keeps dying, with one
-//! line each time). A parent whose executable changed on disk is retired
-//! (killed: it runs no try, its children are the daemon's) and a new one started at the next try; so is every parent on a
-//! config reload (SIGHUP).
+//! line each time). A parent whose executable, or a file its arguments
+//! name, changed on disk is retired (killed: it runs no try, its children
+//! are the daemon's) and a new one started at the next try; so is every
+//! parent on a config reload (SIGHUP). One parent serves every type started
+//! the same way ([`Key`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
@@ -62,10 +64,17 @@ const STABLE_AFTER: Duration = Duration::from_secs(60);
 /// The longest wait before a parent that keeps dying is started again.
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
 
-/// One preloaded parent per program and credentials.
+/// One preloaded parent per start: program, arguments, directory,
+/// environment (without the try's own variables) and credentials. Two task
+/// types whose commands differ only in their arguments (`[python3, a.py]`
+/// and `[python3, b.py]`) boot two parents: keyed by the program alone,
+/// the second type's tries were forked from the first type's program.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Key {
     program: PathBuf,
+    args: Vec<String>,
+    workdir: PathBuf,
+    env: Vec<(OsString, OsString)>,
     uid: Option<u32>,
     gid: Option<u32>,
 }
@@ -75,10 +84,34 @@ impl Key {
     pub(crate) fn of(recipe: &Recipe) -> Key {
         Key {
             program: recipe.program.clone(),
+            args: recipe.args.clone(),
+            workdir: recipe.workdir.clone(),
+            env: parent_env(recipe),
             uid: recipe.uid,
             gid: recipe.gid,
         }
     }
+}
+
+/// The variables a try has for itself alone: its parent boots without them.
+const PER_TRY: [&[u8]; 4] = [
+    b"TASKRUNNER_TASK",
+    b"TASKRUNNER_TRY",
+    b"TASKRUNNER_REQUEST_ID",
+    b"TASKRUNNER_BATCH_ID",
+];
+
+/// The environment a parent boots with: `recipe`'s, without the try's own
+/// variables, and with `TASKRUNNER_PRELOAD=1`.
+fn parent_env(recipe: &Recipe) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = recipe
+        .env
+        .iter()
+        .filter(|(name, _)| !PER_TRY.contains(&name.as_bytes()))
+        .cloned()
+        .collect();
+    env.push(("TASKRUNNER_PRELOAD".into(), "1".into()));
+    env
 }
 
 /// The preloaded parents of one daemon; cheap to clone.
@@ -113,8 +146,9 @@ struct Parent {
     /// Changes once the process has exited (and was reaped).
     exited: tokio::sync::watch::Receiver<bool>,
     started: Instant,
-    /// The executable as it was when started (device, inode, size, mtime).
-    file: Option<FileId>,
+    /// The executable and the files its arguments name, as they were when
+    /// it started (see [`files_of`]).
+    files: Vec<Option<FileId>>,
     /// Its children were seen joining their cgroups by themselves.
     joins_itself: JoinsItself,
 }
@@ -128,6 +162,19 @@ struct Pending {
 }
 
 type FileId = (u64, u64, u64, i64, i64);
+
+/// The executable `recipe` runs and each file its arguments name
+/// (relative to its directory), as they are now: a change to any (a deploy
+/// of `app.py` in `[python3, app.py]`, not only of `python3`) retires the
+/// parent. An argument that names no file is `None` and stays so.
+fn files_of(recipe: &Recipe, spawner: &Exec) -> Vec<Option<FileId>> {
+    std::iter::once(file_id(&resolve(recipe, spawner)))
+        .chain(recipe.args.iter().map(|arg| {
+            let path = recipe.workdir.join(arg);
+            file_id(&path).filter(|_| path.is_file())
+        }))
+        .collect()
+}
 
 fn file_id(path: &std::path::Path) -> Option<FileId> {
     let meta = std::fs::metadata(path).ok()?;
@@ -244,7 +291,7 @@ impl Pool {
         }
         if let Some(parent) = &program.parent {
             let alive = parent.alive.load(Ordering::SeqCst);
-            if alive && parent.file == file_id(&resolve(recipe, spawner)) {
+            if alive && parent.files == files_of(recipe, spawner) {
                 return Ok(parent.clone());
             }
             if alive {
@@ -377,22 +424,10 @@ impl Parent {
         // the try is given back, not failed.
         let (ours, theirs) =
             seqpacket_pair().map_err(|e| StartError::Io(super::spawner::mark_shortage(e)))?;
-        let mut env: Vec<(OsString, OsString)> = recipe
-            .env
-            .iter()
-            .filter(|(name, _)| {
-                !matches!(
-                    name.as_bytes(),
-                    b"TASKRUNNER_TASK" | b"TASKRUNNER_TRY" | b"TASKRUNNER_REQUEST_ID"
-                )
-            })
-            .cloned()
-            .collect();
-        env.push(("TASKRUNNER_PRELOAD".into(), "1".into()));
         let parent_recipe = Recipe {
             program: recipe.program.clone(),
             args: recipe.args.clone(),
-            env,
+            env: parent_env(recipe),
             workdir: recipe.workdir.clone(),
             uid: recipe.uid,
             gid: recipe.gid,
@@ -407,7 +442,7 @@ impl Parent {
             // Not a try's: it outlives them all.
             cgroup: None,
         };
-        let file = file_id(&resolve(recipe, spawner));
+        let files = files_of(recipe, spawner);
         let mut child = spawner.spawn(parent_recipe).await.map_err(StartError::Io)?;
         let pid = child.pid;
         let alive = Arc::new(AtomicBool::new(true));
@@ -447,7 +482,7 @@ impl Parent {
             alive,
             exited,
             started: Instant::now(),
-            file,
+            files,
             joins_itself: Default::default(),
         };
         let mut buffer = [0u8; 256];
