@@ -169,6 +169,42 @@ async fn a_callback_past_the_servers_packet_limit_is_cut_and_holds_back_no_outco
     assert!(length <= 8 << 20 && length > 7 << 20, "{length}");
 }
 
+/// An outcome whose text is 12 MB (4 MB of output that is not UTF-8, each
+/// byte written as U+FFFD's three bytes; `output_tail` allows 4 MiB) is
+/// written, alone and as a batch member's: under the server's 16 MiB
+/// `max_allowed_packet`. Before, the one-row outcome statement carried its
+/// text twice (once for a cancel's prefix), 24 MB: the server closed the
+/// connection, and the daemon retried that write for ever, recording no
+/// outcome again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_of_twelve_megabytes_of_text_is_written_once_and_holds_back_nothing() {
+    let db = TestDb::new(Backend::MySql).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "output_tail: 4MiB\ntasks:\n  Zeros:\n    command: [/bin/sh, -c, 'head -c 4000000 /dev/zero']\n",
+    );
+    let alone = db.insert_row(NewRow::new("Zeros")).await;
+    db.wait_for_state(alone, "FINISHED", WAIT).await;
+    let batch = db
+        .insert("INSERT INTO task_runner_batches (on_complete) VALUES ('NoOp') RETURNING id")
+        .await
+        .0;
+    let member = db.insert_row(NewRow::new("Zeros").batch(batch)).await;
+    db.wait_for_state(member, "FINISHED", WAIT).await;
+    let canary = db.insert_row(NewRow::new("NoOp")).await;
+    db.wait_for_state(canary, "FINISHED", WAIT).await;
+    for id in [alone, member] {
+        let length = db
+            .scalar(&format!(
+                "SELECT length(result_text) FROM task_runner_requests WHERE id = {id}"
+            ))
+            .await;
+        assert_eq!(length, 12_000_000, "row {id}");
+    }
+    assert!(daemon.stop().success());
+}
+
 /// A time written by the `mysql` client in a session on local time (here
 /// UTC+02:00, as on a server in Europe) and one written in UTC are read at
 /// the same instant; so is the `created_at` default of a local session.

@@ -1034,6 +1034,13 @@ impl Sql {
             d.plus_seconds("planned_at", &format!("(period * {slots_due})")),
             d.parse_time("'9999-12-31T23:59:59Z'")
         );
+        let outcome_text = match d.0 {
+            Backend::MySql => format!(
+                "(SELECT {} FROM (SELECT $2 AS outcome_text) AS outcome)",
+                cancel_text("", "$1", "outcome.outcome_text")
+            ),
+            Backend::Sqlite | Backend::Postgres => cancel_text("", "$1", "$2"),
+        };
         Sql {
             // The runnable and released rule is the generated column
             // `ready_rank` (migration 0011 for MySQL), whose index is in claim order.
@@ -1116,6 +1123,11 @@ impl Sql {
                 "UPDATE task_runner_requests SET pid = $1, pid_boot_id = $2, pid_start_ticks = $3 WHERE {}",
                 fenced("$4", "$5")
             ),
+            // The text is named once: MariaDB/MySQL's parameters are sent
+            // once for each place they are named, and a text of 12 MB
+            // (`output_tail`'s 4 MiB, not UTF-8) sent twice is past the
+            // server's 16 MiB packet; the server closed the connection, and
+            // the write was retried for ever.
             record_outcome: format!(
                 "UPDATE task_runner_requests \
                     SET result = {}, result_text = {}, completed_at = {now}, pid = NULL, \
@@ -1123,7 +1135,7 @@ impl Sql {
                         delay_until = CASE WHEN $4 IS NULL OR {} THEN NULL ELSE {} END \
                   WHERE {}",
                 cancel_result("", "$1"),
-                cancel_text("", "$1", "$2"),
+                outcome_text,
                 tries_given_back("tries", "$3"),
                 cancel_overrides("", "$1"),
                 plus("$4"),
