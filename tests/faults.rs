@@ -35,6 +35,7 @@ both_backends!(
     cpu_limit_fails_the_try_naming_the_limit,
     cancel_stops_a_running_task,
     task_inherits_only_stdio_and_no_database_secrets,
+    a_program_asked_for_its_task_types_gets_no_database_secrets,
     a_log_reader_that_stops_reading_does_not_stop_the_daemon,
     a_daemon_in_another_pid_namespace_with_the_same_host_id_keeps_its_tries,
     as_pid_1_the_daemon_leaves_no_zombies_and_drains_on_sigterm,
@@ -621,6 +622,54 @@ async fn cancel_stops_a_running_task(backend: Backend) {
     );
     assert!(row.result_text.unwrap().starts_with("cancelled by a user"));
     assert!(!process_exists(running.pid.unwrap() as i32));
+    assert!(daemon.stop().success());
+}
+
+/// A `programs:` entry is asked for its task types (`--list-tasks`, and
+/// `--list-flows`) in a task's environment: the daemon's allowlisted
+/// variables and the config's `env:`. Before, it got the daemon's whole
+/// environment, `DATABASE_URL` and `PGPASSWORD` with it.
+async fn a_program_asked_for_its_task_types_gets_no_database_secrets(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let seen = db.scratch.join("seen.env");
+    let program = db.scratch.join("lister");
+    std::fs::write(
+        &program,
+        format!(
+            "#!/bin/sh\nenv | grep -E '^(DATABASE_URL|PG|FROM_CONFIG|PATH)' | sort >> {}\n\
+             if [ \"$1\" = --list-tasks ]; then echo Listed; exit 0; fi\n\
+             if [ \"$1\" = --list-flows ]; then exit 0; fi\n\
+             echo listed\n",
+            seen.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &program,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start_in_env(
+        &db,
+        "d",
+        &format!(
+            "env: {{FROM_CONFIG: yes-please}}\nprograms: [{}]\n",
+            program.display()
+        ),
+        &[("DATABASE_URL", db.url.as_str()), ("PGPASSWORD", "hunter2")],
+    );
+    let id = db.enqueue("Listed", None).await;
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.result_text.as_deref(), Some("listed"));
+    let seen = std::fs::read_to_string(&seen).unwrap();
+    assert!(
+        !seen.contains("DATABASE_URL") && !seen.contains("PGPASSWORD"),
+        "{seen}"
+    );
+    assert!(
+        seen.contains("FROM_CONFIG=yes-please") && seen.contains("PATH="),
+        "{seen}"
+    );
     assert!(daemon.stop().success());
 }
 

@@ -79,7 +79,7 @@ impl Registry {
         let mut from_programs: BTreeMap<String, PathBuf> = BTreeMap::new();
         let is_command = |name: &str| config.tasks.get(name).is_some_and(|t| t.command.is_some());
         for program in &config.programs {
-            for name in list_tasks(program)? {
+            for name in list_tasks(config, program)? {
                 if BUILTIN_TYPES.contains(&name.as_str()) || is_command(&name) {
                     return Err(UsageError(format!(
                         "task type `{name}` is registered twice: by {} and by {}",
@@ -117,7 +117,7 @@ impl Registry {
         }
         let mut program_flows = BTreeMap::new();
         for program in &config.programs {
-            for (name, definition) in list_flows(program)? {
+            for (name, definition) in list_flows(config, program)? {
                 if config.flows.contains_key(&name) || program_flows.contains_key(&name) {
                     return Err(UsageError(format!(
                         "flow `{name}` is declared twice: by {} and by {}",
@@ -249,7 +249,7 @@ impl Registry {
                 ),
             }
         };
-        let output = ask(&program, &["--help", name])?;
+        let output = ask(config, &program, &["--help", name])?;
         if !output.status.success() {
             bail!(
                 "{} --help {name} failed with {}: {}",
@@ -283,11 +283,18 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(30);
 /// stdout) is killed with its process group and the question fails naming
 /// it: the daemon asks at start, at a reload, and for each try of a type it
 /// does not know (a deploy may have added it), which must not wait for ever.
-fn ask(program: &Path, args: &[&str]) -> Result<std::process::Output> {
+///
+/// The program gets a task's environment: the daemon's allowlisted
+/// variables and the config's `env:`, never the daemon's secrets
+/// (`DATABASE_URL`, `PG*`: before, it got the daemon's whole environment).
+fn ask(config: &Config, program: &Path, args: &[&str]) -> Result<std::process::Output> {
     use std::os::unix::process::CommandExt;
     let question = format!("{} {}", program.display(), args.join(" "));
     let child = std::process::Command::new(program)
         .args(args)
+        .env_clear()
+        .envs(std::env::vars_os().filter(|(name, _)| crate::supervisor::is_inherited(name)))
+        .envs(&config.defaults.env)
         .process_group(0)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -327,8 +334,8 @@ fn ask(program: &Path, args: &[&str]) -> Result<std::process::Output> {
 }
 
 /// Runs `program --list-tasks` and reads one type name a line.
-fn list_tasks(program: &Path) -> Result<Vec<String>> {
-    let output = ask(program, &["--list-tasks"])?;
+fn list_tasks(config: &Config, program: &Path) -> Result<Vec<String>> {
+    let output = ask(config, program, &["--list-tasks"])?;
     if !output.status.success() {
         bail!(
             "{} --list-tasks failed with {}: {}",
@@ -348,8 +355,11 @@ fn list_tasks(program: &Path) -> Result<Vec<String>> {
 /// Runs `program --list-flows` and reads its flows (YAML, the config's
 /// `flows:` format). A program that does not answer it (exit status not 0:
 /// built with an SDK older than flows) declares none.
-fn list_flows(program: &Path) -> Result<BTreeMap<String, crate::flow::Definition>> {
-    let output = ask(program, &["--list-flows"])?;
+fn list_flows(
+    config: &Config,
+    program: &Path,
+) -> Result<BTreeMap<String, crate::flow::Definition>> {
+    let output = ask(config, program, &["--list-flows"])?;
     let text = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() || text.trim().is_empty() {
         return Ok(BTreeMap::new());

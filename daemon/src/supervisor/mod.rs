@@ -49,7 +49,7 @@ pub(crate) const INHERITED_VARIABLES: &[&str] = &[
     "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_*", "TZ", "TMPDIR", "TERM",
 ];
 
-fn is_inherited(name: &std::ffi::OsStr) -> bool {
+pub(crate) fn is_inherited(name: &std::ffi::OsStr) -> bool {
     let name = name.as_encoded_bytes();
     INHERITED_VARIABLES
         .iter()
