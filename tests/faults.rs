@@ -807,6 +807,7 @@ async fn the_daemon_outranks_its_tasks_which_keep_its_starting_nice() {
     assert!(daemon.stop().success());
 }
 
+/// Tasks run as `user:`, at their type's `nice:` even below the daemon's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_run_as_the_configured_user() {
     if !nix::unistd::geteuid().is_root() {
@@ -817,8 +818,14 @@ async fn tasks_run_as_the_configured_user() {
     let mut daemon = Daemon::start(
         &db,
         "d",
-        "tasks:\n  WhoAmI:\n    command: [/usr/bin/id, -u]\n    user: nobody\n",
+        "tasks:\n  WhoAmI:\n    command: [/usr/bin/id, -u]\n    user: nobody\n\
+         \x20 Eager:\n    command: [/bin/sh, -c, 'read -r s < /proc/$$/stat; set -- ${s##*) }; echo ${17}']\n    user: nobody\n    nice: -10\n",
     );
+    // A nice value below the daemon's is set before the user changes
+    // (after it, the try failed: "Permission denied").
+    let eager = db.enqueue("Eager", None).await;
+    let eager = db.wait_for_state(eager, "FINISHED", WAIT).await;
+    assert_eq!(eager.result_text.as_deref(), Some("-10"));
     let id = db.enqueue("WhoAmI", None).await;
     let row = db.wait_for_state(id, "FINISHED", WAIT).await;
     let nobody = nix::unistd::User::from_name("nobody")

@@ -1104,17 +1104,36 @@ extern "C" fn child_main(raw: *mut libc::c_void) -> libc::c_int {
         if let Some(adjust) = args.limits.oom_score_adj {
             write_oom_score_adj(adjust);
         }
+        // Before it too: a nice value below the one inherited (the daemon
+        // raised itself) needs the privilege the change drops. (After it,
+        // `user: app` with `nice: -10` failed every try.)
+        if let Some(nice) = args.limits.nice {
+            if libc::setpriority(libc::PRIO_PROCESS, 0, nice) != 0 {
+                return fail(6);
+            }
+        }
+        // The system calls themselves, not the C library's wrappers: in a
+        // process with threads those make every thread of the process
+        // change too (glibc's set-id broadcast: a lock shared with the
+        // daemon through CLONE_VM, and a signal to each of its threads),
+        // which this child, sharing the daemon's memory, must not do.
         if args.uid.is_some() || args.gid.is_some() {
-            if libc::geteuid() == 0 && libc::setgroups(0, std::ptr::null()) != 0 {
+            if libc::geteuid() == 0
+                && libc::syscall(
+                    libc::SYS_setgroups,
+                    0 as libc::c_long,
+                    std::ptr::null::<libc::gid_t>(),
+                ) != 0
+            {
                 return fail(2);
             }
             if let Some(gid) = args.gid {
-                if libc::setgid(gid) != 0 {
+                if libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0 {
                     return fail(2);
                 }
             }
             if let Some(uid) = args.uid {
-                if libc::setuid(uid) != 0 {
+                if libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0 {
                     return fail(2);
                 }
             }
@@ -1158,11 +1177,6 @@ extern "C" fn child_main(raw: *mut libc::c_void) -> libc::c_int {
                 if libc::setrlimit(resource, &limit) != 0 {
                     return fail(5);
                 }
-            }
-        }
-        if let Some(nice) = limits.nice {
-            if libc::setpriority(libc::PRIO_PROCESS, 0, nice) != 0 {
-                return fail(6);
             }
         }
         let none: libc::sigset_t = std::mem::zeroed();
