@@ -30,6 +30,7 @@ both_backends!(
     a_parent_whose_output_is_not_utf8_or_one_long_line_keeps_serving,
     a_parent_gone_just_before_a_request_is_sent_costs_no_try,
     commands_that_differ_in_their_arguments_get_a_parent_each,
+    a_parent_that_names_a_process_not_its_child_gets_nothing_signalled,
 );
 
 /// The task-sdk probe, built beside the daemon (`cargo build --workspace --bins`).
@@ -664,4 +665,81 @@ async fn commands_that_differ_in_their_arguments_get_a_parent_each(backend: crat
     assert!(daemon.log_text().contains("changed on disk"));
     assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
     assert!(daemon.stop().success());
+}
+
+/// A parent whose answer names a process that is not a child it forked
+/// (here a bystander, then after a reload the daemon itself: a bug, or a
+/// program bent on it) gets no signal sent: the program is taken for one
+/// that does not speak the protocol (one line naming the pid), its tries
+/// are exec'd, and the bystander and the daemon live on. Before, the daemon
+/// killed whatever process the answer named (the bystander, and itself).
+async fn a_parent_that_names_a_process_not_its_child_gets_nothing_signalled(
+    backend: crate::util::Backend,
+) {
+    /// Killed when the test ends, whichever way.
+    struct Bystander(std::process::Child);
+    impl Drop for Bystander {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let db = TestDb::new(backend).await;
+    let mut bystander = Bystander(
+        std::process::Command::new("sleep")
+            .arg("600")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let once = db.scratch.join("named-the-bystander");
+    let program = db.scratch.join("lying.py");
+    std::fs::write(
+        &program,
+        format!(
+            "import os, runpy, sys\n\
+             program = runpy.run_path({example:?}, run_name='preload_tasks')\n\
+             def lie(daemon, request, fds):\n    \
+                 if not os.path.exists({once:?}):\n        \
+                     open({once:?}, 'w').close()\n        \
+                     return {victim}\n    \
+                 return request['daemon_pid']\n\
+             program['serve_preloaded'].__globals__['fork_try'] = lie\n\
+             sys.exit(program['main']())\n",
+            example = python_probe().display().to_string(),
+            once = once.display().to_string(),
+            victim = bystander.0.id()
+        ),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
+            program.display()
+        ),
+    );
+    for lie in 1..=2 {
+        if lie == 2 {
+            // A new parent, which names the daemon.
+            daemon.signal(Signal::SIGHUP);
+            daemon.wait_for_log("config reloaded", WAIT);
+        }
+        let id = enqueue(&db, "PyProbe", "").await;
+        finished_on_one_try(&db, id, &daemon, WAIT).await;
+        let log = daemon.log_text();
+        assert_eq!(
+            log.matches("is not the daemon's child").count(),
+            lie,
+            "{log}"
+        );
+        assert!(
+            bystander.0.try_wait().unwrap().is_none(),
+            "the bystander was killed"
+        );
+    }
+    assert!(once.exists());
+    assert!(daemon.stop().success(), "{}", daemon.log_text());
 }

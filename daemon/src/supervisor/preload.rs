@@ -676,7 +676,7 @@ async fn answer_requests(parent: Arc<Parent>) {
             parent.retire();
             break;
         };
-        let child = read_answer(&buffer[..count], pending.ours).map(|mut child| {
+        let child = read_answer(&buffer[..count], parent.pid, pending.ours).map(|mut child| {
             (child.handed_off, child.created) = (pending.sent, answered);
             child
         });
@@ -695,8 +695,8 @@ async fn answer_requests(parent: Arc<Parent>) {
     }
 }
 
-/// The child a parent's answer names (`pid`), or its error.
-fn read_answer(answer: &[u8], ours: OurEnds) -> io::Result<Child> {
+/// The child the answer of `parent` (its pid) names, or its error.
+fn read_answer(answer: &[u8], parent: u32, ours: OurEnds) -> io::Result<Child> {
     let fields: Vec<&[u8]> = answer.split(|&b| b == 0).collect();
     match fields.as_slice() {
         [b"pid", pid, b""] => {
@@ -707,7 +707,7 @@ fn read_answer(answer: &[u8], ours: OurEnds) -> io::Result<Child> {
                 .ok_or_else(|| {
                     io::Error::new(io::ErrorKind::InvalidData, "a pid that is not a number")
                 })?;
-            Child::adopt(pid, ours)
+            Child::adopt(pid, parent, ours)
         }
         [word @ (b"error" | b"short"), text, b""] => {
             let text = format!(

@@ -139,11 +139,21 @@ pub(crate) struct Child {
 }
 
 impl Child {
-    /// Takes charge of `pid`, a child of the daemon that someone else
-    /// created (a preloaded parent, with `CLONE_PARENT`), with our ends of
-    /// its pipes. Fails with `InvalidData` when `pid` is not the daemon's
-    /// child, i.e. could not be waited for.
-    pub(super) fn adopt(pid: u32, ours: OurEnds) -> io::Result<Child> {
+    /// Takes charge of `pid`, a child of the daemon that `parent` (a
+    /// preloaded parent, with `CLONE_PARENT`) created, with our ends of its
+    /// pipes. Fails with `InvalidData` when `pid` is not a new child of the
+    /// daemon: one supervised already (another try's, the parent itself)
+    /// is left alone; one that is not the daemon's child is killed only if
+    /// it is `parent`'s (a plain fork, which would run unsupervised), so
+    /// that a parent naming any other process (a bug, or a program bent on
+    /// it) gets the daemon to signal nothing.
+    pub(super) fn adopt(pid: u32, parent: u32, ours: OurEnds) -> io::Result<Child> {
+        if supervised().contains(&pid) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("pid {pid} is not a new child: the daemon supervises it already"),
+            ));
+        }
         // Nothing else reaps our children, so if it is our child its pid
         // cannot have been reused.
         let pidfd = match pidfd_open(pid) {
@@ -176,9 +186,23 @@ impl Child {
             }
         };
         if child_state(&pidfd).is_none() {
-            // Someone's plain fork: it would run unsupervised.
-            // SAFETY: a signal to the process just named to us.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            // The parent's plain fork would run unsupervised: killed,
+            // through its pidfd (the very process checked). Any other
+            // process is not the daemon's to signal.
+            if crate::procinfo::parent_and_group(i64::from(pid))
+                .is_some_and(|(ppid, _)| ppid == i64::from(parent))
+            {
+                // SAFETY: a signal through a pidfd we own.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        pidfd.as_raw_fd(),
+                        libc::SIGKILL,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0 as libc::c_uint,
+                    )
+                };
+            }
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("pid {pid} is not the daemon's child (create it with clone(CLONE_PARENT))"),
@@ -206,6 +230,7 @@ impl Child {
             // SAFETY: waitpid on our own child, writing into a local.
             let reaped = unsafe { libc::waitpid(self.pid as libc::pid_t, &mut raw, libc::WNOHANG) };
             if reaped == self.pid as libc::pid_t {
+                supervised().remove(&self.pid);
                 let status = ExitStatus::from_raw(raw);
                 self.status = Some(status);
                 return Ok(status);
@@ -228,6 +253,7 @@ impl Drop for Child {
                 let mut raw = 0;
                 libc::waitpid(self.pid as libc::pid_t, &mut raw, 0);
             }
+            supervised().remove(&self.pid);
         }
     }
 }
@@ -393,6 +419,18 @@ pub(super) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
 
 /// Whether `pid` is the daemon's child, not yet reaped (so that the pid
 /// cannot have been reused); needs no descriptor. Reaps nothing.
+/// The pids of the daemon's children a [`Child`] supervises now (tries and
+/// preloaded parents): a preloaded parent's answer naming one of them is
+/// not a new child.
+fn supervised() -> std::sync::MutexGuard<'static, std::collections::HashSet<u32>> {
+    static SUPERVISED: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<u32>>> =
+        std::sync::OnceLock::new();
+    SUPERVISED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
 fn is_own_child(pid: u32) -> bool {
     // SAFETY: a waitid that reaps nothing (WNOWAIT), into a local.
     unsafe {
@@ -756,6 +794,7 @@ impl Child {
                 return Err(error);
             }
         };
+        supervised().insert(pid);
         let mut child = Child {
             pid,
             stdin: None,
