@@ -585,18 +585,31 @@ async fn memory_limit_fails_the_try_naming_the_limit(backend: Backend) {
     assert!(daemon.stop().success());
 }
 
+/// A task past its `cpu_limit` fails naming it, whether it died of the
+/// limit's `SIGXCPU` or, ignoring that, of the `SIGKILL` a second later.
 async fn cpu_limit_fails_the_try_naming_the_limit(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut daemon = Daemon::start(
         &db,
         "d",
-        "tasks:\n  Spin:\n    command: [/bin/sh, -c, 'while :; do :; done']\n    cpu_limit: 1s\n",
+        "tasks:\n  Spin:\n    command: [/bin/sh, -c, 'while :; do :; done']\n    cpu_limit: 1s\n\
+         \x20 Stubborn:\n    command: [/bin/sh, -c, \"trap '' XCPU; while :; do :; done\"]\n    cpu_limit: 1s\n",
     );
     let id = db.insert_row(NewRow::new("Spin").try_limit(1)).await;
     let row = db.wait_for_state(id, "FAILED", WAIT).await;
     let text = row.result_text.unwrap();
     assert!(
         text.starts_with("killed by signal 24 (SIGXCPU): cpu_limit 1s exceeded"),
+        "{text}"
+    );
+    // A task that ignores SIGXCPU (Go programs do) is killed by the kernel
+    // a second later: the limit is named all the same (it was CRASHED,
+    // "killed by signal 9").
+    let id = db.insert_row(NewRow::new("Stubborn").try_limit(1)).await;
+    let row = db.wait_for_state(id, "FAILED", WAIT).await;
+    let text = row.result_text.unwrap();
+    assert!(
+        text.starts_with("killed by signal 9 (SIGKILL): cpu_limit 1s exceeded"),
         "{text}"
     );
     assert!(daemon.stop().success());
@@ -2493,6 +2506,73 @@ async fn as_pid_1_the_daemon_leaves_no_zombies_and_drains_on_sigterm(backend: Ba
     let status = unshare.wait_exit(WAIT);
     assert!(status.success(), "{status:?}: {}", unshare.log_text());
     assert_eq!(db.row(slow).await.result.as_deref(), Some("FINISHED"));
+}
+
+/// Tries already being stopped, which their type gives a long
+/// `kill_grace` (a timeout's `SIGTERM`, a user's cancel; the task ignores
+/// `SIGTERM`), are killed at once when their row's lease is about to lapse
+/// (PostgreSQL: an application holds the row locked). Before, a try being
+/// stopped was left to its grace: the lease lapsed with the task running,
+/// and another daemon could run the row beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_try_being_stopped_whose_row_stays_locked_is_killed_before_its_lease_lapses() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let stubborn = "command: [/bin/sh, -c, \"trap '' TERM; sleep 60\"]\n    kill_grace: 60s\n";
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "heartbeat_interval: 2s\nlease_timeout: 12s\nkill_grace: 3s\n\
+             tasks:\n  TimedOut:\n    {stubborn}    timeout: 1s\n  Cancelled:\n    {stubborn}"
+        ),
+    );
+    let timed_out = db.insert_row(NewRow::new("TimedOut").try_limit(1)).await;
+    let cancelled = db.insert_row(NewRow::new("Cancelled").try_limit(1)).await;
+    let mut pids = Vec::new();
+    for id in [timed_out, cancelled] {
+        pids.push(db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32);
+    }
+    let config = daemon.config.display().to_string();
+    let (status, stdout, stderr) = cli(
+        &db,
+        &["--config", &config, "cancel", &cancelled.to_string()],
+    );
+    assert_eq!(status, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("its daemon is stopping it"), "{stdout}");
+    let held = [db.hold_row(timed_out).await, db.hold_row(cancelled).await];
+    poll(
+        Duration::from_secs(12),
+        "the stubborn tasks killed within their lease (12s), not at their grace (60s)",
+        async || {
+            if pids.iter().any(|&pid| process_exists(pid)) {
+                Err(Text(daemon.log_text()))
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+    for held in held {
+        held.release().await;
+    }
+    for id in [timed_out, cancelled] {
+        db.wait_for(id, WAIT, "the try's end", |row| {
+            row.result
+                .as_deref()
+                .is_some_and(|result| result != "RUNNING")
+        })
+        .await;
+    }
+    assert_eq!(
+        daemon
+            .log_text()
+            .matches("the row's lease was not renewed")
+            .count(),
+        2,
+        "{}",
+        daemon.log_text()
+    );
+    assert!(daemon.stop().success());
 }
 
 /// PostgreSQL's lease renewal skips a row that another session holds

@@ -198,7 +198,9 @@ impl Tries {
 
     /// When the lease of the try's row was last renewed, by this daemon's
     /// monotonic clock; `None` for a try that is not running or already
-    /// told to stop.
+    /// killed for its lost claim. (A try being stopped otherwise, by a
+    /// cancel or a shutdown, may take its `kill_grace`: past its lease, it
+    /// is killed as any other.)
     pub(crate) fn lease_renewed_at(
         &self,
         id: RequestId,
@@ -206,8 +208,8 @@ impl Tries {
     ) -> Option<Instant> {
         let inner = self.lock();
         let live = inner.tries.get(&(id, claim_token.clone()))?;
-        let stopping = live.stop.borrow().is_some();
-        (!stopping).then_some(live.lease_renewed)
+        let lost = *live.stop.borrow() == Some(StopReason::LostClaim);
+        (!lost).then_some(live.lease_renewed)
     }
 
     /// This daemon no longer holds `id` under `claim_token`: stops its try

@@ -47,13 +47,21 @@ pub(crate) fn child_limits(settings: &TaskSettings) -> super::spawner::ChildLimi
 /// Names the limit a process broke, judging by how it ended and what it said.
 /// An address-space limit shows as a failed allocation: an abort, a
 /// segfault, or an error message, depending on the program.
+///
+/// `cpu_time` is what the process used: a task that ignores `SIGXCPU` (Go
+/// programs do) is killed by the kernel one second past the limit, with
+/// `SIGKILL`, which alone says nothing (before, such a try was `CRASHED`).
 pub(crate) fn broken_limit(
     status: &ExitStatus,
+    cpu_time: Option<std::time::Duration>,
     stderr: &str,
     settings: &TaskSettings,
 ) -> Option<String> {
     if let Some(cpu) = settings.cpu_limit {
-        if status.signal() == Some(libc::SIGXCPU) {
+        let soft = child_limits(settings).cpu_seconds.unwrap_or_default();
+        let past_the_hard_limit = status.signal() == Some(libc::SIGKILL)
+            && cpu_time.is_some_and(|used| used.as_secs() >= soft);
+        if status.signal() == Some(libc::SIGXCPU) || past_the_hard_limit {
             return Some(format!(
                 "cpu_limit {} exceeded (RLIMIT_CPU)",
                 format_duration(cpu)

@@ -418,7 +418,7 @@ pub(crate) async fn run(
     }
     let (stdout_pipe, stderr_pipe) = (child.stdout.take(), child.stderr.take());
     let exited = CancellationToken::new();
-    let (status, stopped, ran_for) = {
+    let (status, stopped, ran_for, cpu_time) = {
         // Both streams are read in this task, next to the wait, from
         // WATCH_OUTPUT_AFTER on or once the process has exited.
         let watch_output_at = started + WATCH_OUTPUT_AFTER;
@@ -439,6 +439,8 @@ pub(crate) async fn run(
         let timeout_at = settings.timeout.map(|timeout| started + timeout);
         let mut stopped: Option<Stopped> = None;
         let mut escalation: Option<Escalation> = None;
+        // Until the claim is lost or the daemon drops the handle.
+        let mut listening = true;
         let status = loop {
             let next_signal = escalation.as_ref().map(|e| e.next_at);
             tokio::select! {
@@ -458,22 +460,34 @@ pub(crate) async fn run(
                     stopped = Some(Stopped::Timeout(timeout));
                     escalation = Some(Escalation::begin(process_group, &settings));
                 }
-                changed = stop.changed(), if stopped.is_none() => {
+                // Heard while the try is being stopped too: a lost claim
+                // (the row taken over, or its lease about to lapse) kills at
+                // once a task that a timeout, a cancel or a shutdown gave its
+                // `kill_grace` (before, it ran on to the grace's end, beside
+                // another daemon's try of the row).
+                changed = stop.changed(), if listening => {
                     let reason = match changed {
                         Ok(()) => *stop.borrow_and_update(),
                         // The daemon dropped our handle: treat as a shutdown.
-                        Err(_) => Some(StopReason::Shutdown),
+                        Err(_) => {
+                            listening = false;
+                            Some(StopReason::Shutdown)
+                        }
                     };
-                    if let Some(reason) = reason {
-                        stopped = Some(Stopped::Requested(reason));
-                        escalation = Some(if reason == StopReason::LostClaim {
+                    match reason {
+                        Some(StopReason::LostClaim) => {
+                            listening = false;
+                            stopped.get_or_insert(Stopped::Requested(StopReason::LostClaim));
                             if let Some(cgroup) = &try_cgroup {
                                 cgroup.kill_all();
                             }
-                            Escalation::kill_now(process_group)
-                        } else {
-                            Escalation::begin(process_group, &settings)
-                        });
+                            escalation = Some(Escalation::kill_now(process_group));
+                        }
+                        Some(reason) if stopped.is_none() => {
+                            stopped = Some(Stopped::Requested(reason));
+                            escalation = Some(Escalation::begin(process_group, &settings));
+                        }
+                        _ => {}
                     }
                 }
                 _ = crate::units::sleep_until_opt(next_signal), if escalation.is_some() => {
@@ -484,6 +498,7 @@ pub(crate) async fn run(
             }
         };
         let ran_for = started.elapsed();
+        let cpu_time = child.cpu_time();
 
         // The task is over: whatever it left in its group goes too. The group
         // id cannot have been reused while any member is alive.
@@ -508,7 +523,7 @@ pub(crate) async fn run(
         if !captured {
             let _ = tokio::time::timeout(Duration::from_millis(500), capture).await;
         }
-        (status, stopped, ran_for)
+        (status, stopped, ran_for, cpu_time)
     };
 
     let limit_broken = match try_cgroup {
@@ -519,7 +534,7 @@ pub(crate) async fn run(
         }
         None => None,
     }
-    .or_else(|| limits::broken_limit(&status, &stderr.tail.text(), &settings));
+    .or_else(|| limits::broken_limit(&status, cpu_time, &stderr.tail.text(), &settings));
     Ok(Ended {
         spawn_took,
         start_times,

@@ -136,6 +136,9 @@ pub(crate) struct Child {
     pub(super) created: std::time::SystemTime,
     pidfd: AsyncFd<OwnedFd>,
     status: Option<ExitStatus>,
+    /// The CPU time it used (user and system, its waited-for children's
+    /// included), once reaped.
+    cpu_time: Option<std::time::Duration>,
 }
 
 impl Child {
@@ -219,6 +222,11 @@ impl Child {
         })
     }
 
+    /// The CPU time the process used, once [`wait`](Child::wait) reaped it.
+    pub(crate) fn cpu_time(&self) -> Option<std::time::Duration> {
+        self.cpu_time
+    }
+
     /// Waits for the process to exit and reaps it.
     pub(crate) async fn wait(&mut self) -> io::Result<ExitStatus> {
         if let Some(status) = self.status {
@@ -227,12 +235,19 @@ impl Child {
         loop {
             let mut ready = self.pidfd.readable().await?;
             let mut raw = 0;
-            // SAFETY: waitpid on our own child, writing into a local.
-            let reaped = unsafe { libc::waitpid(self.pid as libc::pid_t, &mut raw, libc::WNOHANG) };
+            // SAFETY: wait4 on our own child, writing into locals.
+            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+            let reaped = unsafe {
+                libc::wait4(self.pid as libc::pid_t, &mut raw, libc::WNOHANG, &mut usage)
+            };
             if reaped == self.pid as libc::pid_t {
                 supervised().remove(&self.pid);
                 let status = ExitStatus::from_raw(raw);
                 self.status = Some(status);
+                let time = |t: libc::timeval| {
+                    std::time::Duration::new(t.tv_sec.max(0) as u64, t.tv_usec.max(0) as u32 * 1000)
+                };
+                self.cpu_time = Some(time(usage.ru_utime) + time(usage.ru_stime));
                 return Ok(status);
             }
             if reaped < 0 {
@@ -804,6 +819,7 @@ impl Child {
             created: started.created,
             pidfd,
             status: None,
+            cpu_time: None,
         };
         // Our ends, known to be pipes of the right direction: the unchecked
         // constructors skip tokio's fstat and flag reads.
