@@ -13,6 +13,7 @@ both_backends!(
     cancel_of_a_try_that_finishes_first_leaves_it_finished,
     local_cancel_stops_the_task_at_once,
     a_cancel_written_by_sql_before_the_claim_is_kept_and_nothing_starts,
+    cancel_of_an_exhausted_row_is_refused_and_changes_nothing,
 );
 
 /// A daemon whose heartbeat (which delivers cancels from other hosts) comes
@@ -220,4 +221,33 @@ async fn postgres_a_cancel_whose_try_ends_between_its_statements_is_kept() {
     std::io::Read::read_to_string(&mut cancel.stderr.take().unwrap(), &mut said).unwrap();
     assert!(status.success(), "{said}");
     assert_eq!(db.row(id).await.result.as_deref(), Some("CANCELLED"));
+}
+
+/// An exhausted row (FAILED after all its tries) is final: `cancel` says so
+/// and changes nothing, as for FINISHED. Before, it was made CANCELLED, and
+/// a batch it belonged to counted it a second time (once failed, then
+/// cancelled).
+async fn cancel_of_an_exhausted_row_is_refused_and_changes_nothing(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "tasks:\n  Fails:\n    command: [/bin/sh, -c, 'echo broke >&2; exit 1']\n",
+    );
+    let id = db.insert_row(NewRow::new("Fails").try_limit(1)).await;
+    let before = db.wait_for_state(id, "FAILED", WAIT).await;
+    assert!(daemon.stop().success());
+    let (status, stdout, stderr) = cli(&db, &["cancel", &id.to_string()]);
+    assert_ne!(status, 0, "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "request {id} is already FAILED: nothing to cancel"
+        )),
+        "{stderr}"
+    );
+    let after = db.row(id).await;
+    assert_eq!(
+        (after.result, after.result_text, after.tries),
+        (before.result, before.result_text, before.tries)
+    );
 }

@@ -1264,7 +1264,9 @@ impl Sql {
             cancel_pending: format!(
                 "UPDATE task_runner_requests \
                     SET result = 'CANCELLED', result_text = 'cancelled before it ran', completed_at = {now} \
-                  WHERE id = $1 AND (result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED'))"
+                  WHERE id = $1 AND (result IS NULL \
+                                     OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED') \
+                                         AND tries < try_limit))"
             ),
             cancel_running: format!(
                 "UPDATE task_runner_requests SET cancel_requested_at = {now} \
