@@ -133,7 +133,9 @@ fn state_of(batch: &Batch) -> String {
 /// `-` cancelled, `.` not final yet.
 pub(crate) fn progress_bar(counts: &crate::store::Counts, width: usize) -> String {
     let total = counts.total.max(1) as f64;
-    let cells = |n: i64| ((n.max(0) as f64 / total) * width as f64).round() as usize;
+    // At most the width: counters an application wrote by hand may say
+    // anything (a count of 2^40 filled the memory with marks).
+    let cells = |n: i64| (((n.max(0) as f64 / total) * width as f64).round() as usize).min(width);
     let mut bar = String::new();
     for (n, mark) in [
         (counts.finished, '#'),
@@ -145,7 +147,7 @@ pub(crate) fn progress_bar(counts: &crate::store::Counts, width: usize) -> Strin
     let filled = bar.chars().count().min(width);
     let mut bar: String = bar.chars().take(width).collect();
     bar.extend(std::iter::repeat_n('.', width - filled));
-    let done = counts.total - counts.pending;
+    let done = counts.total.saturating_sub(counts.pending);
     format!("[{bar}] {done}/{} ended", counts.total)
 }
 
@@ -277,5 +279,21 @@ mod tests {
         assert_eq!(progress_bar(&counts, 10), "[#####x....] 6/10 ended");
         let empty = Counts::default();
         assert_eq!(progress_bar(&empty, 4), "[....] 0/0 ended");
+    }
+
+    /// Counters written by hand (plain SQL on `task_runner_batches`) draw a
+    /// bar of the width asked, whatever they say (a count of 2^40 ran the
+    /// CLI out of memory; a pending count of -2^63 overflowed).
+    #[test]
+    fn the_progress_bar_of_absurd_counters_keeps_its_width() {
+        let counts = Counts {
+            total: 1,
+            pending: i64::MIN,
+            finished: 1 << 40,
+            failed: i64::MAX,
+            cancelled: -5,
+        };
+        let bar = progress_bar(&counts, 10);
+        assert!(bar.starts_with("[##########] "), "{bar}");
     }
 }
