@@ -319,6 +319,7 @@ fn systemd_unit_is_valid_and_outlasts_the_drain() {
                 "TimeoutStartSec",
                 "Restart",
                 "RestartSec",
+                "RestartPreventExitStatus",
                 "RuntimeDirectory",
                 "RuntimeDirectoryMode",
                 "StateDirectory",
@@ -379,6 +380,23 @@ fn systemd_unit_is_valid_and_outlasts_the_drain() {
     assert_eq!(value("Service", "ProtectControlGroups"), "no");
     assert_eq!(value("Install", "WantedBy"), "multi-user.target");
     value("Service", "User");
+    // A config the daemon refuses is not restarted every `RestartSec`, for
+    // ever: its exit status is one the unit does not restart on.
+    let scratch = Scratch::new("refused");
+    let bad = scratch.join("bad.yml");
+    std::fs::write(&bad, "max_concurrent: many\n").unwrap();
+    let refused = Command::new(DAEMON)
+        .args(["--config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let code = refused.status.code().expect("an exit status").to_string();
+    assert!(
+        value("Service", "RestartPreventExitStatus")
+            .split_whitespace()
+            .any(|status| status == code),
+        "a refused config exits {code}: {}",
+        text(&refused)
+    );
     let timeout = systemd_seconds(&value("Service", "TimeoutStopSec"));
     let drain = shipped_drain_seconds();
     assert!(
@@ -603,6 +621,49 @@ async fn daemonize_returns_once_ready_and_leaves_the_daemon_running() {
         .contains("taskrunnerd stopped"));
 }
 
+/// Runs the `postrotate` script of `init/taskrunner.logrotate` with its
+/// pidfile at `pidfile`.
+fn postrotate(pidfile: &Path) -> Output {
+    let config = std::fs::read_to_string(init_dir().join("taskrunner.logrotate")).unwrap();
+    let script = config
+        .split_once("postrotate")
+        .and_then(|(_, rest)| rest.split_once("endscript"))
+        .expect("a postrotate script")
+        .0
+        .replace("/run/taskrunner/taskrunnerd.pid", pidfile.to_str().unwrap());
+    Command::new("sh").args(["-c", &script]).output().unwrap()
+}
+
+/// A pidfile left by a daemon killed -9 (SysV and OpenRC restart nothing)
+/// may name another process by the next rotation: logrotate's `postrotate`
+/// sends SIGHUP only to a daemon holding the pidfile's lock. Before, it
+/// sent SIGHUP to whatever the file named, which ended it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logrotate_signals_no_process_a_stale_pidfile_names() {
+    struct Bystander(std::process::Child);
+    impl Drop for Bystander {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let scratch = Scratch::new("stale-pidfile");
+    let mut bystander = Bystander(Command::new("sleep").arg("600").spawn().unwrap());
+    let pidfile = scratch.join("taskrunnerd.pid");
+    std::fs::write(&pidfile, format!("{}\n", bystander.0.id())).unwrap();
+    let postrotated = postrotate(&pidfile);
+    assert!(postrotated.status.success(), "{}", text(&postrotated));
+    crate::util::holds_for(
+        Duration::from_secs(1),
+        "the bystander to live on",
+        async || match bystander.0.try_wait().unwrap() {
+            None => Ok(()),
+            Some(status) => Err(status),
+        },
+    )
+    .await;
+}
+
 /// Under SysV and OpenRC the daemon writes to its `log_file`, which nothing
 /// rotated: a logrotate that moved it away left the daemon writing into
 /// the moved file for ever. Now SIGHUP (logrotate's `postrotate`, see
@@ -625,7 +686,8 @@ async fn sighup_opens_a_daemonized_log_file_again_after_a_rotation() {
     let log = dir.join("taskrunnerd.log");
     let rotated = dir.join("taskrunnerd.log.1");
     std::fs::rename(&log, &rotated).unwrap();
-    kill(Pid::from_raw(pid), Signal::SIGHUP).unwrap();
+    let postrotated = postrotate(&dir.join("run/taskrunnerd.pid"));
+    assert!(postrotated.status.success(), "{}", text(&postrotated));
     let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
     wait_until(WAIT, "the reload logged in the new log file", || {
         read(&log).contains("config reloaded")

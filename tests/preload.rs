@@ -640,7 +640,7 @@ async fn commands_that_differ_in_their_arguments_get_a_parent_each(backend: crat
             b.display()
         ),
     );
-    let mut ran = async |task: &str| {
+    let ran = async |task: &str| {
         let id = enqueue(&db, task, "").await;
         let row = finished_on_one_try(&db, id, &daemon, WAIT).await;
         let text = row.result_text.unwrap();
