@@ -31,6 +31,7 @@ both_backends!(
     a_parent_gone_just_before_a_request_is_sent_costs_no_try,
     commands_that_differ_in_their_arguments_get_a_parent_each,
     a_parent_that_names_a_process_not_its_child_gets_nothing_signalled,
+    a_preloaded_try_has_the_oom_score_and_open_files_limit_of_an_execd_one,
 );
 
 /// The task-sdk probe, built beside the daemon (`cargo build --workspace --bins`).
@@ -742,4 +743,51 @@ async fn a_parent_that_names_a_process_not_its_child_gets_nothing_signalled(
     }
     assert!(once.exists());
     assert!(daemon.stop().success(), "{}", daemon.log_text());
+}
+
+/// A preloaded try gets the OOM killer's score and the open files limit an
+/// exec'd try gets: not the daemon's lowered score and raised limit, which
+/// a forked child kept (a preloaded try that leaked memory was spared by
+/// the OOM killer, ahead of everything else on the machine).
+async fn a_preloaded_try_has_the_oom_score_and_open_files_limit_of_an_execd_one(
+    backend: crate::util::Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let program = db.scratch.join("limits.py");
+    std::fs::write(
+        &program,
+        format!(
+            "import resource, runpy, sys\n\
+             program = runpy.run_path({example:?}, run_name='preload_tasks')\n\
+             def limits(text):\n    \
+                 with open('/proc/self/oom_score_adj') as score:\n        \
+                     return score.read().strip() + ' ' + str(resource.getrlimit(resource.RLIMIT_NOFILE))\n\
+             for name in ('Execd', 'Preloaded'):\n    \
+                 program['TASKS'][name] = limits\n\
+             sys.exit(program['main']())\n",
+            example = python_probe().display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!(
+            "tasks:\n  Execd: {{command: [python3, {p}]}}\n  Preloaded: {{command: [python3, {p}], preload: true}}\n",
+            p = program.display()
+        ))
+        .open_files((1024, 4096))
+        .start();
+    let mut seen = Vec::new();
+    for task in ["Execd", "Preloaded"] {
+        let id = enqueue(&db, task, "").await;
+        seen.push(
+            finished_on_one_try(&db, id, &daemon, WAIT)
+                .await
+                .result_text
+                .unwrap(),
+        );
+    }
+    assert_eq!(seen[0], seen[1], "exec'd, then preloaded");
+    assert!(seen[0].ends_with(" (1024, 4096)"), "{seen:?}");
+    assert!(daemon.stop().success());
 }

@@ -434,8 +434,16 @@ impl Parent {
             // The boot may need more than one try is allowed; each child
             // sets the try's limits and nice value. The parent keeps the
             // daemon's priority: it is on every start's path, as the
-            // daemon's own thread is for an exec'd try.
-            limits: Default::default(),
+            // daemon's own thread is for an exec'd try. What a child
+            // cannot set back by itself, the parent gets as an exec'd
+            // try does and hands down: the OOM killer's score the daemon
+            // lowered for itself, and the open files limit it raised
+            // (before, every preloaded try kept the daemon's).
+            limits: super::spawner::ChildLimits {
+                open_files: recipe.limits.open_files,
+                oom_score_adj: recipe.limits.oom_score_adj,
+                ..Default::default()
+            },
             stdin: Vec::new(),
             stdin_fd: Some(Arc::new(theirs)),
             preload: false,
