@@ -32,6 +32,7 @@ both_backends!(
     commands_that_differ_in_their_arguments_get_a_parent_each,
     a_parent_that_names_a_process_not_its_child_gets_nothing_signalled,
     a_preloaded_try_has_the_oom_score_and_open_files_limit_of_an_execd_one,
+    a_parent_working_through_a_queue_of_requests_is_not_taken_for_a_stuck_one,
 );
 
 /// The task-sdk probe, built beside the daemon (`cargo build --workspace --bins`).
@@ -789,5 +790,67 @@ async fn a_preloaded_try_has_the_oom_score_and_open_files_limit_of_an_execd_one(
     }
     assert_eq!(seen[0], seen[1], "exec'd, then preloaded");
     assert!(seen[0].ends_with(" (1024, 4096)"), "{seen:?}");
+    assert!(daemon.stop().success());
+}
+
+/// A parent that takes a while per fork (a large application), sent many
+/// requests at once, answers the last one long after it was sent: it is
+/// busy, not stuck, as long as answers keep coming. (Here 150 ms a fork, 12
+/// requests at once, and the reply bound shortened to 1 s for the test.)
+/// Before, the bound ran from each request's sending: the parent was killed
+/// as stuck, and the tries behind it were asked of a new one.
+async fn a_parent_working_through_a_queue_of_requests_is_not_taken_for_a_stuck_one(
+    backend: crate::util::Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let program = db.scratch.join("slow_forks.py");
+    std::fs::write(
+        &program,
+        format!(
+            "import runpy, sys, time\n\
+             program = runpy.run_path({example:?}, run_name='preload_tasks')\n\
+             fork_try = program['serve_preloaded'].__globals__['fork_try']\n\
+             def slowly(daemon, request, fds):\n    \
+                 time.sleep(0.15)\n    \
+                 return fork_try(daemon, request, fds)\n\
+             program['serve_preloaded'].__globals__['fork_try'] = slowly\n\
+             sys.exit(program['main']())\n",
+            example = python_probe().display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!(
+            "max_concurrent: 12\ntasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
+            program.display()
+        ))
+        .env("TASKRUNNER_TEST_PRELOAD_REPLY_TIMEOUT_MS", "1000")
+        .start();
+    // Booted first, so that the twelve are sent together.
+    let warm = enqueue(&db, "PyProbe", "quiet: true").await;
+    finished_on_one_try(&db, warm, &daemon, WAIT).await;
+    db.insert_copies(
+        NewRow::new("PyProbe").options("quiet: true").try_limit(1),
+        12,
+    )
+    .await;
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE result IS NULL OR result = 'RUNNING'",
+        0,
+        WAIT,
+    )
+    .await;
+    let log = daemon.log_text();
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED' AND tries = 1"
+        )
+        .await,
+        13,
+        "{log}"
+    );
+    assert!(!log.contains("did not answer a request"), "{log}");
+    assert_eq!(log.matches(" preloaded (pid ").count(), 1, "{log}");
     assert!(daemon.stop().success());
 }

@@ -55,8 +55,15 @@ pub(crate) const HELLO: &[u8] = b"hello\0taskrunner-preload-1\0";
 /// How long a program may take to boot and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How long a parent may take to answer one request (a fork).
+/// How long a parent with requests waiting may go without answering any
+/// (each answer is a fork): a parent working through a queue of requests is
+/// busy, not stuck, however long the queue.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// [`REPLY_TIMEOUT`], shorter in tests.
+fn reply_timeout() -> Duration {
+    crate::test_hooks::shortened(REPLY_TIMEOUT, "TASKRUNNER_TEST_PRELOAD_REPLY_TIMEOUT_MS")
+}
 
 /// A parent that lived this long before dying restarts without delay.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
@@ -142,6 +149,8 @@ struct Parent {
     /// last one (see [`answer_requests`]). A std mutex: held for a send,
     /// never across an await.
     pending: std::sync::Mutex<VecDeque<Pending>>,
+    /// When it last answered a request (or started).
+    answered_at: std::sync::Mutex<Instant>,
     alive: Arc<AtomicBool>,
     /// Changes once the process has exited (and was reaped).
     exited: tokio::sync::watch::Receiver<bool>,
@@ -487,6 +496,7 @@ impl Parent {
             pid,
             socket,
             pending: Default::default(),
+            answered_at: std::sync::Mutex::new(Instant::now()),
             alive,
             exited,
             started: Instant::now(),
@@ -580,7 +590,7 @@ impl Parent {
         ];
         let (reply, answer) = tokio::sync::oneshot::channel();
         let mut reply = Some(reply);
-        let deadline = tokio::time::Instant::now() + REPLY_TIMEOUT;
+        let mut deadline = tokio::time::Instant::now() + reply_timeout();
         loop {
             {
                 // Sent and queued under one lock: the queue's order is the
@@ -623,13 +633,27 @@ impl Parent {
             }
         }
         drop(stdio.child_ends);
-        match tokio::time::timeout_at(deadline, answer).await {
-            Ok(Ok(child)) => child,
-            Ok(Err(_)) => Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "the preloaded parent closed its socket",
-            )),
-            Err(_) => Err(self.stopped_answering().await),
+        tokio::pin!(answer);
+        loop {
+            match tokio::time::timeout_at(deadline, &mut answer).await {
+                Ok(Ok(child)) => return child,
+                Ok(Err(_)) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "the preloaded parent closed its socket",
+                    ))
+                }
+                Err(_) => {
+                    // Answers to the requests ahead of this one came
+                    // meanwhile: it works through its queue.
+                    let answered = *self.answered_at.lock().unwrap_or_else(|e| e.into_inner());
+                    if answered + reply_timeout() > Instant::now() {
+                        deadline = answered + reply_timeout();
+                        continue;
+                    }
+                    return Err(self.stopped_answering().await);
+                }
+            }
         }
     }
 
@@ -640,7 +664,7 @@ impl Parent {
         tracing::warn!(
             "preloaded parent (pid {}) did not answer a request within {}s: it is killed, and a new one starts the try",
             self.pid,
-            REPLY_TIMEOUT.as_secs()
+            reply_timeout().as_secs()
         );
         // Its socket closes: every request still waiting fails.
         self.retire();
@@ -651,7 +675,7 @@ impl Parent {
             io::ErrorKind::TimedOut,
             format!(
                 "the preloaded parent did not answer within {}s",
-                REPLY_TIMEOUT.as_secs()
+                reply_timeout().as_secs()
             ),
         )
     }
@@ -671,6 +695,7 @@ async fn answer_requests(parent: Arc<Parent>) {
             Ok(count) => count,
         };
         let answered = std::time::SystemTime::now();
+        *parent.answered_at.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         let next = parent
             .pending
             .lock()
