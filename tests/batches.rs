@@ -23,6 +23,7 @@ both_backends!(
     daemon_killed_between_the_task_exit_and_its_outcome_write_makes_one_callback,
     chain_of_three_batches_each_created_by_the_previous_on_complete,
     batch_cancel_cancels_unstarted_members_and_makes_no_callback,
+    a_callback_given_to_a_running_row_is_made_at_its_end,
 );
 
 /// Callback types that print what they were given (their options).
@@ -1462,4 +1463,39 @@ async fn members_inserted_by_an_application_naming_the_tables_schema_are_counted
     let in_public = "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'task_runner%'";
     assert_eq!(db.scalar(in_public).await, 0);
     assert!(daemon.stop().success());
+}
+
+/// An application that gives a row its callbacks in a second statement
+/// (`create!`, then `update!(on_success: ...)`), which a daemon claimed in
+/// between: the row's end makes the callback all the same, alone or with
+/// other outcomes written together. Before, the outcome of a row claimed
+/// without callbacks was written plainly, and the callback never made.
+async fn a_callback_given_to_a_running_row_is_made_at_its_end(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemons = start_daemons(
+        &db,
+        1,
+        "max_concurrent: 4\ntasks:\n  Slow:\n    command: [/bin/sh, -c, 'sleep 1; echo did']\n",
+    );
+    for together in [1, 3] {
+        let mut parents = Vec::new();
+        for _ in 0..together {
+            parents.push(db.insert_row(NewRow::new("Slow")).await);
+        }
+        for &parent in &parents {
+            db.wait_for_pid(parent, Duration::from_secs(30)).await;
+            db.execute(&format!(
+                "UPDATE task_runner_requests SET on_success = 'Done' WHERE id = {parent}"
+            ))
+            .await;
+        }
+        for parent in parents {
+            let done = db.finished_callback_of(parent, Duration::from_secs(30)).await;
+            assert_eq!(done.task_class_name, "Done");
+            assert_eq!(db.row(parent).await.result.as_deref(), Some("FINISHED"));
+        }
+    }
+    for daemon in &mut daemons {
+        assert!(daemon.stop().success());
+    }
 }

@@ -455,6 +455,20 @@ fn cancel_text(row: &str, result: &str, result_text: &str) -> String {
     )
 }
 
+/// A row still without anything its end causes (`row` a table prefix):
+/// no callback, no period, no batch, no flow. The plain outcome writes
+/// apply only to such a row: one claimed so whose application gave it a
+/// callback, a period or a batch after the claim (`create!` then
+/// `update!`) is not written there, and the recorder writes it on the
+/// finalization path instead, with what its end causes (before, the
+/// outcome was written plainly and the callback was never made).
+fn causes_nothing(row: &str) -> String {
+    format!(
+        "{row}on_success IS NULL AND {row}on_failure IS NULL AND coalesce({row}period, 0) <= 0 \
+         AND {row}batch_id IS NULL AND {row}flow_id IS NULL"
+    )
+}
+
 /// How the result text of a try the reaper gave back starts.
 pub(crate) const NOT_COUNTED: &str = "not counted: ";
 
@@ -566,6 +580,9 @@ pub struct Sql {
     pub(crate) record_pid: String,
     /// Fenced: records the outcome of claim `$6` on row `$5`.
     pub(crate) record_outcome: String,
+    /// [`record_outcome`](Sql::record_outcome) of a row whose end causes
+    /// nothing (see [`causes_nothing`]): the recorder's plain writes.
+    pub(crate) record_plain_outcome: String,
     /// PostgreSQL only: many `record_pid`s in one statement (arrays `$1..$5`:
     /// id, token, pid, boot id, start ticks), returning the ids it applied to.
     pub(crate) record_pids_batch: Option<String>,
@@ -781,20 +798,22 @@ impl Sql {
              ON t.id = v.id AND t.claim_token = v.claim_token";
         self.outcome_rows_held = format!(
             "SELECT t.id, t.claim_token FROM task_runner_requests AS t JOIN {outcome_rows} \
-              WHERE t.result = 'RUNNING' ORDER BY t.id FOR UPDATE"
+              WHERE t.result = 'RUNNING' AND {} ORDER BY t.id FOR UPDATE",
+            causes_nothing("t.")
         );
         self.record_outcomes_batch = format!(
             "UPDATE task_runner_requests AS t JOIN {outcome_rows} \
                 SET t.result = {}, t.result_text = {}, t.completed_at = {}, t.pid = NULL, \
                     t.tries = {}, \
                     t.delay_until = CASE WHEN v.retry_after IS NULL OR {} THEN NULL ELSE {} END \
-              WHERE t.result = 'RUNNING'",
+              WHERE t.result = 'RUNNING' AND {}",
             cancel_result("t.", "v.result"),
             cancel_text("t.", "v.result", "v.result_text"),
             d.now(),
             tries_given_back("t.tries", "v.give_back"),
             cancel_overrides("t.", "v.result"),
-            d.now_plus("v.retry_after")
+            d.now_plus("v.retry_after"),
+            causes_nothing("t.")
         );
         self
     }
@@ -1041,6 +1060,24 @@ impl Sql {
             ),
             Backend::Sqlite | Backend::Postgres => cancel_text("", "$1", "$2"),
         };
+        // The text is named once: MariaDB/MySQL's parameters are sent
+        // once for each place they are named, and a text of 12 MB
+        // (`output_tail`'s 4 MiB, not UTF-8) sent twice is past the
+        // server's 16 MiB packet; the server closed the connection, and
+        // the write was retried for ever.
+        let record_outcome = format!(
+            "UPDATE task_runner_requests \
+                SET result = {}, result_text = {}, completed_at = {now}, pid = NULL, \
+                    tries = {}, \
+                    delay_until = CASE WHEN $4 IS NULL OR {} THEN NULL ELSE {} END \
+              WHERE {}",
+            cancel_result("", "$1"),
+            outcome_text,
+            tries_given_back("tries", "$3"),
+            cancel_overrides("", "$1"),
+            plus("$4"),
+            fenced("$5", "$6")
+        );
         Sql {
             // The runnable and released rule is the generated column
             // `ready_rank` (migration 0011 for MySQL), whose index is in claim order.
@@ -1101,13 +1138,15 @@ impl Sql {
                         delay_until = CASE WHEN v.retry_after IS NULL OR {} THEN NULL ELSE {} END \
                    FROM {outcome_rows} \
                   WHERE t.id = v.id AND t.claim_token = v.claim_token AND t.result = 'RUNNING' \
+                    AND {} \
                   RETURNING {returned_id}",
                 d.by_id_only(),
                 cancel_result("t.", "v.result"),
                 cancel_text("t.", "v.result", "v.result_text"),
                 tries_given_back("t.tries", "v.give_back"),
                 cancel_overrides("t.", "v.result"),
-                plus("v.retry_after")
+                plus("v.retry_after"),
+                causes_nothing("t.")
             ),
             claim,
             claim_of_queue,
@@ -1123,24 +1162,8 @@ impl Sql {
                 "UPDATE task_runner_requests SET pid = $1, pid_boot_id = $2, pid_start_ticks = $3 WHERE {}",
                 fenced("$4", "$5")
             ),
-            // The text is named once: MariaDB/MySQL's parameters are sent
-            // once for each place they are named, and a text of 12 MB
-            // (`output_tail`'s 4 MiB, not UTF-8) sent twice is past the
-            // server's 16 MiB packet; the server closed the connection, and
-            // the write was retried for ever.
-            record_outcome: format!(
-                "UPDATE task_runner_requests \
-                    SET result = {}, result_text = {}, completed_at = {now}, pid = NULL, \
-                        tries = {}, \
-                        delay_until = CASE WHEN $4 IS NULL OR {} THEN NULL ELSE {} END \
-                  WHERE {}",
-                cancel_result("", "$1"),
-                outcome_text,
-                tries_given_back("tries", "$3"),
-                cancel_overrides("", "$1"),
-                plus("$4"),
-                fenced("$5", "$6")
-            ),
+            record_plain_outcome: format!("{record_outcome} AND {}", causes_nothing("")),
+            record_outcome,
             outcome_rows_held: String::new(),
             record_progress: format!(
                 "UPDATE task_runner_requests SET progress = $1 WHERE {}",

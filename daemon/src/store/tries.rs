@@ -39,7 +39,7 @@ macro_rules! single_write_query {
                 .bind(text.as_str())
                 .bind(id.0)
                 .bind(claim_token.as_str()),
-            Write::Outcome(outcome) => query(sql.record_outcome.as_str())
+            Write::Outcome(outcome) => query(sql.record_plain_outcome.as_str())
                 .bind(outcome.state.as_str())
                 .bind(outcome.result_text.as_str())
                 .bind(i64::from(outcome.give_back_try))
@@ -169,7 +169,7 @@ impl Store {
         let is_composed =
             |write: &Write| matches!(write, Write::Outcome(outcome) if outcome.composed);
         if !writes.iter().any(is_composed) {
-            return self.record_plain(writes).await;
+            return self.record_plain_or_finalize(writes).await;
         }
         // In order: a write queued after an outcome (a give-back of the same
         // row, say) must not be applied before it.
@@ -178,11 +178,26 @@ impl Store {
         while !rest.is_empty() {
             let plain = rest.iter().take_while(|w| !is_composed(w)).count();
             if plain > 0 {
-                applied.extend(self.record_plain(&rest[..plain]).await?);
+                applied.extend(self.record_plain_or_finalize(&rest[..plain]).await?);
                 rest = &rest[plain..];
             } else if let Write::Outcome(outcome) = &rest[0] {
                 applied.push(self.finalize(Ending::Outcome(outcome)).await?);
                 rest = &rest[1..];
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Writes without follow-ups; an outcome the plain write did not apply
+    /// to goes on to the finalization path, which writes it if its row
+    /// gained something its end causes after the claim (a callback, a
+    /// period, a batch: see `causes_nothing` in sql.rs), and applies to
+    /// nothing either if the claim is lost.
+    async fn record_plain_or_finalize(&self, writes: &[Write]) -> Result<Vec<bool>> {
+        let mut applied = self.record_plain(writes).await?;
+        for (write, applied) in writes.iter().zip(applied.iter_mut()) {
+            if let (Write::Outcome(outcome), false) = (write, *applied) {
+                *applied = self.finalize(Ending::Outcome(outcome)).await?;
             }
         }
         Ok(applied)
