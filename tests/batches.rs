@@ -1490,7 +1490,9 @@ async fn a_callback_given_to_a_running_row_is_made_at_its_end(backend: Backend) 
             .await;
         }
         for parent in parents {
-            let done = db.finished_callback_of(parent, Duration::from_secs(30)).await;
+            let done = db
+                .finished_callback_of(parent, Duration::from_secs(30))
+                .await;
             assert_eq!(done.task_class_name, "Done");
             assert_eq!(db.row(parent).await.result.as_deref(), Some("FINISHED"));
         }

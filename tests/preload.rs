@@ -33,6 +33,7 @@ both_backends!(
     a_parent_that_names_a_process_not_its_child_gets_nothing_signalled,
     a_preloaded_try_has_the_oom_score_and_open_files_limit_of_an_execd_one,
     a_parent_working_through_a_queue_of_requests_is_not_taken_for_a_stuck_one,
+    a_program_that_boots_for_long_holds_up_no_other_programs_tries,
 );
 
 /// The task-sdk probe, built beside the daemon (`cargo build --workspace --bins`).
@@ -852,5 +853,35 @@ async fn a_parent_working_through_a_queue_of_requests_is_not_taken_for_a_stuck_o
     );
     assert!(!log.contains("did not answer a request"), "{log}");
     assert_eq!(log.matches(" preloaded (pid ").count(), 1, "{log}");
+    assert!(daemon.stop().success());
+}
+
+/// One preloaded program's long boot (here 8 s) holds up its own tries
+/// only: another program's try starts and ends meanwhile. Before, one lock
+/// for all programs was held through every boot (and every restart
+/// backoff, up to 30 s), and every preloaded try of the daemon waited.
+async fn a_program_that_boots_for_long_holds_up_no_other_programs_tries(
+    backend: crate::util::Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "max_concurrent: 4\nprograms: [{{path: {}, preload: true}}]\n\
+             tasks:\n  PyProbe: {{command: [python3, {}], preload: true, env: {{PROBE_SETUP_MS: '8000'}}}}\n",
+            sdk_probe().display(),
+            python_probe().display()
+        ),
+    );
+    let slow = enqueue(&db, "PyProbe", "quiet: true").await;
+    db.wait_for(slow, WAIT, "the slow program's try claimed", |row| {
+        row.result.as_deref() == Some("RUNNING")
+    })
+    .await;
+    let quick = enqueue(&db, "Probe", "").await;
+    finished_on_one_try(&db, quick, &daemon, Duration::from_secs(6)).await;
+    assert_eq!(db.row(slow).await.pid, None, "the slow program still boots");
+    finished_on_one_try(&db, slow, &daemon, WAIT).await;
     assert!(daemon.stop().success());
 }

@@ -124,7 +124,11 @@ fn parent_env(recipe: &Recipe) -> Vec<(OsString, OsString)> {
 /// The preloaded parents of one daemon; cheap to clone.
 #[derive(Clone, Default)]
 pub(crate) struct Pool {
-    programs: Arc<tokio::sync::Mutex<HashMap<Key, Program>>>,
+    /// A lock per program, held through its parent's boot and its restart
+    /// backoff: one program's long boot holds up its own tries only (with
+    /// one lock for all, every other program's tries waited through it,
+    /// holding their slots). The map's own lock is held for a look-up.
+    programs: Arc<std::sync::Mutex<HashMap<Key, Arc<tokio::sync::Mutex<Program>>>>>,
 }
 
 /// What is known of one program.
@@ -253,8 +257,8 @@ impl Pool {
                             "{} does not speak the preload protocol ({error}); its tries are exec'd",
                             key.program.display()
                         );
-                        let mut programs = self.programs.lock().await;
-                        let program = programs.entry(key.clone()).or_default();
+                        let program = self.program(&key);
+                        let mut program = program.lock().await;
                         program.exec_instead = true;
                         if let Some(parent) = program.parent.take() {
                             parent.retire();
@@ -272,19 +276,34 @@ impl Pool {
     /// or while a parent is being started (the lock is held for its boot):
     /// the caller then checks the child, which is always safe.
     pub(crate) fn joins_itself(&self, key: &Key) -> Option<JoinsItself> {
-        let programs = self.programs.try_lock().ok()?;
-        let parent = programs.get(key)?.parent.as_ref()?;
+        let program = self.programs().get(key)?.clone();
+        let program = program.try_lock().ok()?;
+        let parent = program.parent.as_ref()?;
         Some(parent.joins_itself.clone())
     }
 
-    /// Retires every parent (config reload): each program starts anew at its next try.
+    /// Retires every parent (config reload): each program starts anew at
+    /// its next try. A parent still booting is retired once its boot ends.
     pub(crate) async fn retire_all(&self) {
-        let mut programs = self.programs.lock().await;
-        for (_, program) in programs.drain() {
-            if let Some(parent) = program.parent {
-                parent.retire();
-            }
+        let programs = std::mem::take(&mut *self.programs());
+        for (_, program) in programs {
+            tokio::spawn(async move {
+                if let Some(parent) = program.lock().await.parent.take() {
+                    parent.retire();
+                }
+            });
         }
+    }
+
+    fn programs(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<tokio::sync::Mutex<Program>>>> {
+        self.programs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The program of `key` (known from now on).
+    fn program(&self, key: &Key) -> Arc<tokio::sync::Mutex<Program>> {
+        self.programs().entry(key.clone()).or_default().clone()
     }
 
     async fn parent_for(
@@ -293,8 +312,9 @@ impl Pool {
         key: &Key,
         recipe: &Recipe,
     ) -> Result<Arc<Parent>, Refused> {
-        let mut programs = self.programs.lock().await;
-        let program = programs.entry(key.clone()).or_default();
+        let program = self.program(key);
+        let mut program = program.lock().await;
+        let program = &mut *program;
         if program.exec_instead {
             return Err(Refused::ExecInstead);
         }
@@ -353,10 +373,11 @@ fn watch_death(pool: Pool, key: Key, parent: Arc<Parent>) {
     drop(parent);
     tokio::spawn(async move {
         let _ = exited.wait_for(|&exited| exited).await;
-        let mut programs = pool.programs.lock().await;
-        let Some(program) = programs.get_mut(&key) else {
+        let Some(program) = pool.programs().get(&key).cloned() else {
             return;
         };
+        let mut program = program.lock().await;
+        let program = &mut *program;
         let Some(current) = &program.parent else {
             return;
         };
