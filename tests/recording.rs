@@ -115,7 +115,8 @@ async fn an_outcome_held_back_by_a_row_lock_is_not_taken_for_a_lost_claim(backen
 }
 
 /// A batch of outcomes is written in a few statements however many it
-/// holds (one on SQLite and PostgreSQL; four on MariaDB, which has no
+/// holds, plus a look-up per outcome that did not apply (one on SQLite and
+/// PostgreSQL; four on MariaDB, which has no
 /// `UPDATE … RETURNING`: it wrote one statement per outcome), and each
 /// outcome still applies to its own row only while its claim holds: a
 /// retry delay, a cancel that overrides a failure, a given-back try, and an
@@ -160,8 +161,10 @@ async fn a_batch_of_outcomes_is_written_in_a_few_statements_each_on_its_own_clai
     let applied = store.record(&batch).await.unwrap();
     let statements = store.statements_sent() - before;
     assert_eq!(applied, vec![true, true, true, true, false]);
+    // Plus one look-up for the outcome that did not apply: is its claim
+    // still held (its row gained a callback since), or lost?
     assert!(
-        statements <= 4,
+        statements <= 4 + 1,
         "{statements} statements for a batch of {} outcomes",
         batch.len()
     );

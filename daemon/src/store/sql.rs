@@ -583,6 +583,8 @@ pub struct Sql {
     /// [`record_outcome`](Sql::record_outcome) of a row whose end causes
     /// nothing (see [`causes_nothing`]): the recorder's plain writes.
     pub(crate) record_plain_outcome: String,
+    /// 1 if row `$1` is RUNNING under claim `$2`, else 0.
+    pub(crate) held_by_claim: String,
     /// PostgreSQL only: many `record_pid`s in one statement (arrays `$1..$5`:
     /// id, token, pid, boot id, start ticks), returning the ids it applied to.
     pub(crate) record_pids_batch: Option<String>,
@@ -1163,6 +1165,11 @@ impl Sql {
                 fenced("$4", "$5")
             ),
             record_plain_outcome: format!("{record_outcome} AND {}", causes_nothing("")),
+            held_by_claim: format!(
+                "SELECT {} FROM task_runner_requests WHERE {}",
+                int("count(*)"),
+                fenced("$1", "$2")
+            ),
             record_outcome,
             outcome_rows_held: String::new(),
             record_progress: format!(

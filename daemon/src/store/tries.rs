@@ -193,11 +193,30 @@ impl Store {
     /// gained something its end causes after the claim (a callback, a
     /// period, a batch: see `causes_nothing` in sql.rs), and applies to
     /// nothing either if the claim is lost.
+    ///
+    /// Whether the claim still holds is looked up first (one statement per
+    /// outcome not applied, mostly a claim lost to a reaper): the
+    /// finalization's transaction is for the rows that need it.
     async fn record_plain_or_finalize(&self, writes: &[Write]) -> Result<Vec<bool>> {
         let mut applied = self.record_plain(writes).await?;
         for (write, applied) in writes.iter().zip(applied.iter_mut()) {
             if let (Write::Outcome(outcome), false) = (write, *applied) {
-                *applied = self.finalize(Ending::Outcome(outcome)).await?;
+                self.count_statements(1);
+                let held = on_pool!(self, pool => {
+                    query(self.sql.held_by_claim.as_str())
+                        .bind(outcome.id.0)
+                        .bind(outcome.claim_token.as_str())
+                        .fetch_all(pool)
+                        .await?
+                        .first()
+                        .map(|row| row.int(0))
+                        .transpose()?
+                        .unwrap_or(0)
+                        > 0
+                });
+                if held {
+                    *applied = self.finalize(Ending::Outcome(outcome)).await?;
+                }
             }
         }
         Ok(applied)
