@@ -882,7 +882,10 @@ async fn retry_and_cancel_take_several_ids_or_a_filter(backend: Backend) {
     let failed = |task: &str| NewRow::new(task).result("FAILED").tries(5).try_limit(5);
     let t1 = db.insert_row(failed("Thumbnail")).await;
     let t2 = db.insert_row(failed("Thumbnail")).await;
-    let other = db.insert_row(failed("Mail")).await;
+    // Failed with tries left: cancellable (an exhausted row is final).
+    let other = db
+        .insert_row(NewRow::new("Mail").result("FAILED").tries(1).try_limit(5))
+        .await;
     let (status, stdout, stderr) =
         cli(&db, &["retry", "--result", "FAILED", "--task", "Thumbnail"]);
     assert_eq!(status, 0, "{stderr}");
@@ -1218,6 +1221,54 @@ fn tasks_and_enqueue_help_show_a_types_options() {
         help.contains("Countdown\n  options: from, interval_ms"),
         "{help}"
     );
+}
+
+/// `taskrunner-cli run` copies the task's standard error to its own as
+/// it comes; when nobody reads that (a pipe left unread by whatever
+/// started the CLI), the task's supervision goes on: its timeout fires and
+/// the task is stopped. Before, the copy was written in the capture of the
+/// task's output, blocked there, and held the timeout (and, with
+/// `--record`, the lease's renewal and the cancel): the task ran on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_whose_standard_error_nobody_reads_still_times_out() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let config = db.scratch.join("taskrunner.yml");
+    let pid_file = db.scratch.join("task.pid");
+    std::fs::write(
+        &config,
+        format!(
+            "tasks:\n  Loud:\n    command: [/bin/sh, -c, 'echo $$ > {}; head -c 300000 /dev/zero >&2; exec sleep 60']\n    timeout: 2s\n",
+            pid_file.display()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_string();
+    // Its stderr is a pipe the test does not read.
+    let mut run = spawn_cli(&db, &["--config", &config, "run", "Loud"]);
+    let task: i32 = poll(WAIT, "the task to start", async || {
+        std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .ok_or("no pid yet")
+    })
+    .await;
+    poll(
+        Duration::from_secs(20),
+        "the task stopped at its timeout (2s)",
+        async || {
+            if crate::util::process_exists(task) {
+                Err("running")
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+    // The CLI itself may wait to write its last line to that pipe.
+    let _ = run.kill();
+    let output = run.wait_with_output().unwrap();
+    let echoed = output.stderr.iter().filter(|&&byte| byte == 0).count();
+    assert!(echoed >= 60_000, "{echoed} bytes echoed");
 }
 
 /// `run --id N --record` claimed the row once and renewed its lease

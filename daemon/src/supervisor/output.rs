@@ -92,9 +92,13 @@ pub(crate) struct Capture {
     line: Vec<u8>,
     line_too_long: bool,
     buffer: Vec<u8>,
-    /// Copy what is read to this process's standard error.
-    echo: bool,
+    /// Copy what is read to this process's standard error (see
+    /// [`Capture::echo_to_stderr`]).
+    echo: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
 }
+
+/// Chunks waiting for the echo's thread; past them, a chunk is not echoed.
+const ECHO_QUEUE: usize = 64;
 
 const MAX_PROGRESS_LINE: usize = 1024;
 const MAX_BUFFER: usize = 64 * 1024;
@@ -113,13 +117,28 @@ impl Capture {
             // Small at first, since a task usually writes little; doubled
             // whenever a read fills it, so that a flood is read in large chunks.
             buffer: Vec::with_capacity(512),
-            echo: false,
+            echo: None,
         }
     }
 
-    /// Also copies everything read to this process's standard error.
+    /// Also copies everything read to this process's standard error
+    /// (`taskrunner-cli run`), on a thread of its own: a standard error
+    /// nobody reads (a pipe) blocks that thread, never the supervision of
+    /// the try (its timeout, its lease, its cancel), which it did when the
+    /// copy was written in the capture. What does not fit in the queue
+    /// meanwhile is not echoed; the try's own output keeps it.
     pub(crate) fn echo_to_stderr(&mut self) {
-        self.echo = true;
+        let (chunks, queue) = std::sync::mpsc::sync_channel::<Vec<u8>>(ECHO_QUEUE);
+        let started = std::thread::Builder::new()
+            .name("taskrunner-echo".into())
+            .spawn(move || {
+                for chunk in queue {
+                    write_all_to_stderr(&chunk);
+                }
+            });
+        if started.is_ok() {
+            self.echo = Some(chunks);
+        }
     }
 
     /// Reads what `pipe` (non-blocking) holds now, without waiting, up to
@@ -187,11 +206,8 @@ impl Capture {
     fn take(&mut self) {
         let chunk = &self.buffer[..];
         self.tail.push(chunk);
-        if self.echo {
-            use std::io::Write;
-            let mut stderr = std::io::stderr().lock();
-            let _ = stderr.write_all(chunk);
-            let _ = stderr.flush();
+        if let Some(echo) = &self.echo {
+            let _ = echo.try_send(chunk.to_vec());
         }
         if let Some(progress) = &self.progress {
             for &byte in chunk {
@@ -216,6 +232,25 @@ impl Capture {
         let read = self.buffer.len();
         if read == self.buffer.capacity() && read < MAX_BUFFER {
             self.buffer.reserve_exact(read);
+        }
+    }
+}
+
+/// Writes `bytes` to file descriptor 2 whole, without the standard
+/// library's lock on it (which a blocked write would hold, and every
+/// `eprintln!` of the process would wait for).
+fn write_all_to_stderr(mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        // SAFETY: a write from a live buffer to descriptor 2.
+        let written = unsafe { libc::write(2, bytes.as_ptr().cast(), bytes.len()) };
+        if written > 0 {
+            bytes = &bytes[written as usize..];
+        } else if written < 0
+            && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+        {
+            continue;
+        } else {
+            return;
         }
     }
 }
