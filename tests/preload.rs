@@ -45,6 +45,21 @@ fn python_probe() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/preload/preload_tasks.py")
 }
 
+/// Writes `path`: a Python program that loads the example (its tasks, its
+/// preload protocol) as `program`, runs `changes` (Python), then the
+/// example's `main`. The example's functions see their own module through
+/// `program['serve_preloaded'].__globals__`.
+fn python_example_with(path: &std::path::Path, changes: &str) {
+    let text = format!(
+        "import os, resource, runpy, sys, time\n\
+         program = runpy.run_path({:?}, run_name='preload_tasks')\n\
+         {changes}\n\
+         sys.exit(program['main']())\n",
+        python_probe().display().to_string()
+    );
+    std::fs::write(path, text).unwrap();
+}
+
 fn preloaded(program: &std::path::Path) -> String {
     format!(
         "programs: [{{path: {}, preload: true}}]\nenv: {{PROBE_VAR: hello}}\n",
@@ -617,19 +632,14 @@ async fn commands_that_differ_in_their_arguments_get_a_parent_each(backend: crat
     let script = |name: &str, version: u32| {
         let path = db.scratch.join(name);
         let staged = db.scratch.join(format!("{name}.new").as_str());
-        std::fs::write(
+        python_example_with(
             &staged,
-            format!(
-                "import os, runpy, sys\n\
-                 program = runpy.run_path({example:?}, run_name='preload_tasks')\n\
-                 booted_in = os.getpid()\n\
+            &format!(
+                "booted_in = os.getpid()\n\
                  for name in ('A', 'B'):\n    \
-                     program['TASKS'][name] = lambda text: '{name} {version} ' + str(booted_in)\n\
-                 sys.exit(program['main']())\n",
-                example = python_probe().display().to_string()
+                     program['TASKS'][name] = lambda text: '{name} {version} ' + str(booted_in)"
             ),
-        )
-        .unwrap();
+        );
         std::fs::rename(&staged, &path).unwrap();
         path
     };
@@ -698,24 +708,19 @@ async fn a_parent_that_names_a_process_not_its_child_gets_nothing_signalled(
     );
     let once = db.scratch.join("named-the-bystander");
     let program = db.scratch.join("lying.py");
-    std::fs::write(
+    python_example_with(
         &program,
-        format!(
-            "import os, runpy, sys\n\
-             program = runpy.run_path({example:?}, run_name='preload_tasks')\n\
-             def lie(daemon, request, fds):\n    \
+        &format!(
+            "def lie(daemon, request, fds):\n    \
                  if not os.path.exists({once:?}):\n        \
                      open({once:?}, 'w').close()\n        \
                      return {victim}\n    \
                  return request['daemon_pid']\n\
-             program['serve_preloaded'].__globals__['fork_try'] = lie\n\
-             sys.exit(program['main']())\n",
-            example = python_probe().display().to_string(),
+             program['serve_preloaded'].__globals__['fork_try'] = lie",
             once = once.display().to_string(),
             victim = bystander.0.id()
         ),
-    )
-    .unwrap();
+    );
     let mut daemon = Daemon::start(
         &db,
         "d",
@@ -756,21 +761,14 @@ async fn a_preloaded_try_has_the_oom_score_and_open_files_limit_of_an_execd_one(
 ) {
     let db = TestDb::new(backend).await;
     let program = db.scratch.join("limits.py");
-    std::fs::write(
+    python_example_with(
         &program,
-        format!(
-            "import resource, runpy, sys\n\
-             program = runpy.run_path({example:?}, run_name='preload_tasks')\n\
-             def limits(text):\n    \
-                 with open('/proc/self/oom_score_adj') as score:\n        \
-                     return score.read().strip() + ' ' + str(resource.getrlimit(resource.RLIMIT_NOFILE))\n\
-             for name in ('Execd', 'Preloaded'):\n    \
-                 program['TASKS'][name] = limits\n\
-             sys.exit(program['main']())\n",
-            example = python_probe().display().to_string()
-        ),
-    )
-    .unwrap();
+        "def limits(text):\n    \
+             with open('/proc/self/oom_score_adj') as score:\n        \
+                 return score.read().strip() + ' ' + str(resource.getrlimit(resource.RLIMIT_NOFILE))\n\
+         for name in ('Execd', 'Preloaded'):\n    \
+             program['TASKS'][name] = limits",
+    );
     let mut daemon = db
         .daemon("d")
         .yaml(&format!(
@@ -805,21 +803,14 @@ async fn a_parent_working_through_a_queue_of_requests_is_not_taken_for_a_stuck_o
 ) {
     let db = TestDb::new(backend).await;
     let program = db.scratch.join("slow_forks.py");
-    std::fs::write(
+    python_example_with(
         &program,
-        format!(
-            "import runpy, sys, time\n\
-             program = runpy.run_path({example:?}, run_name='preload_tasks')\n\
-             fork_try = program['serve_preloaded'].__globals__['fork_try']\n\
-             def slowly(daemon, request, fds):\n    \
-                 time.sleep(0.15)\n    \
-                 return fork_try(daemon, request, fds)\n\
-             program['serve_preloaded'].__globals__['fork_try'] = slowly\n\
-             sys.exit(program['main']())\n",
-            example = python_probe().display().to_string()
-        ),
-    )
-    .unwrap();
+        "fork_try = program['serve_preloaded'].__globals__['fork_try']\n\
+         def slowly(daemon, request, fds):\n    \
+             time.sleep(0.15)\n    \
+             return fork_try(daemon, request, fds)\n\
+         program['serve_preloaded'].__globals__['fork_try'] = slowly",
+    );
     let mut daemon = db
         .daemon("d")
         .yaml(&format!(

@@ -188,7 +188,7 @@ pub async fn run(
         );
         // For people (the web page's daemons), and for other daemons'
         // reapers (this daemon's lease): the heartbeat writes it again.
-        let me = crate::store::daemons::DaemonPresence::of(&instance, &config);
+        let me = presence(&instance, &config);
         if let Err(error) = store.register_daemon(&me).await {
             tracing::debug!(
                 "could not write this daemon's row in task_runner_daemons: {}",
@@ -646,5 +646,21 @@ impl Reloader {
             }
             Err(error) => tracing::error!("config reload failed: {error}"),
         }
+    }
+}
+
+/// This daemon, running `instance` with `config`, as its row of
+/// `task_runner_daemons` shows it.
+fn presence<'a>(
+    instance: &'a str,
+    config: &'a crate::config::Config,
+) -> crate::store::daemons::DaemonPresence<'a> {
+    crate::store::daemons::DaemonPresence {
+        instance,
+        host: &config.host_id,
+        node_name: Some(config.node_name.as_str()).filter(|n| !n.is_empty()),
+        pid: std::process::id(),
+        max_concurrent: config.max_concurrent,
+        lease: config.lease_timeout,
     }
 }

@@ -234,7 +234,7 @@ impl Heartbeat {
             // The daemon's own row: for the web page, and its lease for
             // other daemons' reapers.
             let running = self.tries.len();
-            let me = crate::store::daemons::DaemonPresence::of(&self.instance, &config);
+            let me = super::presence(&self.instance, &config);
             let renewal = within_interval(
                 &self.store,
                 &config,

@@ -26,20 +26,6 @@ pub(crate) struct DaemonPresence<'a> {
     pub(crate) lease: Duration,
 }
 
-impl<'a> DaemonPresence<'a> {
-    /// The daemon `instance` running with `config`.
-    pub(crate) fn of(instance: &'a str, config: &'a crate::config::Config) -> Self {
-        DaemonPresence {
-            instance,
-            host: &config.host_id,
-            node_name: Some(config.node_name.as_str()).filter(|n| !n.is_empty()),
-            pid: std::process::id(),
-            max_concurrent: config.max_concurrent,
-            lease: config.lease_timeout,
-        }
-    }
-}
-
 /// Rows of daemons not heard from for this long are deleted when a daemon
 /// starts.
 const FORGET_AFTER: Duration = Duration::from_secs(7 * 86_400);
