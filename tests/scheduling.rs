@@ -1,12 +1,9 @@
 //! Issue 7, scheduling: unique requests, waiting for results, retention,
 //! and cron schedules (one row per slot across daemons; catch-up once).
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::util::{
-    cli, holds_for, now_ns, poll_blocking_every, Backend, Daemon, NewRow, TestDb, CLI,
-};
+use crate::util::{cli, holds_for, now_ns, poll_blocking_every, Backend, Daemon, NewRow, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -26,17 +23,10 @@ both_backends!(
 
 /// `taskrunner-cli wait ID …` as a child process, not waited for yet.
 fn spawn_wait(db: &TestDb, args: &[&str]) -> std::process::Child {
-    Command::new(CLI)
-        .arg("--database-url")
-        .arg(&db.url)
-        .arg("wait")
-        .args(args)
-        .current_dir(&db.scratch.path)
-        .env_remove("DATABASE_URL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running taskrunner-cli wait")
+    let args: Vec<&str> = std::iter::once("wait")
+        .chain(args.iter().copied())
+        .collect();
+    crate::util::spawn_cli(db, &args)
 }
 
 /// A UTC time as the backend compares it with a timestamp column.
