@@ -34,6 +34,7 @@ both_backends!(
     a_preloaded_try_has_the_oom_score_and_open_files_limit_of_an_execd_one,
     a_parent_working_through_a_queue_of_requests_is_not_taken_for_a_stuck_one,
     a_program_that_boots_for_long_holds_up_no_other_programs_tries,
+    a_child_forked_by_a_parent_gone_before_its_answer_runs_its_try_once,
 );
 
 /// The task-sdk probe, built beside the daemon (`cargo build --workspace --bins`).
@@ -874,5 +875,71 @@ async fn a_program_that_boots_for_long_holds_up_no_other_programs_tries(
     finished_on_one_try(&db, quick, &daemon, Duration::from_secs(6)).await;
     assert_eq!(db.row(slow).await.pid, None, "the slow program still boots");
     finished_on_one_try(&db, slow, &daemon, WAIT).await;
+    assert!(daemon.stop().success());
+}
+
+/// A parent gone between a fork and its answer (killed, or retired for not
+/// answering) leaves a child running the try whose pid the daemon never
+/// got. Before, the try was asked again of a new parent: the task ran twice
+/// at once, and the first child stayed a zombie of the daemon. Now the
+/// daemon finds that child (its own, holding the try's pipes) and
+/// supervises it: the try runs once, and ends as any other. Row 1's parent
+/// kills itself right after its fork; row 2's stalls there past the reply
+/// bound (shortened to 1 s) and is retired.
+async fn a_child_forked_by_a_parent_gone_before_its_answer_runs_its_try_once(
+    backend: crate::util::Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let program = db.scratch.join("gone_after_fork.py");
+    let runs = db.scratch.join("runs");
+    let died = db.scratch.join("died");
+    let stalled = db.scratch.join("stalled");
+    python_example_with(
+        &program,
+        &format!(
+            "fork_try = program['serve_preloaded'].__globals__['fork_try']\n\
+             def gone(daemon, request, fds):\n    \
+                 pid = fork_try(daemon, request, fds)\n    \
+                 if not os.path.exists({died:?}):\n        \
+                     open({died:?}, 'w').close()\n        \
+                     os.kill(os.getpid(), 9)\n    \
+                 if not os.path.exists({stalled:?}):\n        \
+                     open({stalled:?}, 'w').close()\n        \
+                     time.sleep(30)\n    \
+                 return pid\n\
+             program['serve_preloaded'].__globals__['fork_try'] = gone\n\
+             probe = program['TASKS']['PyProbe']\n\
+             def counted(text):\n    \
+                 with open({runs:?}, 'a') as runs:\n        \
+                     runs.write(text.split()[-1] + '\\n')\n    \
+                 time.sleep(2)\n    \
+                 return probe(text)\n\
+             program['TASKS']['PyProbe'] = counted"
+        ),
+    );
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!(
+            "max_concurrent: 2\ntasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
+            program.display()
+        ))
+        .env("TASKRUNNER_TEST_PRELOAD_REPLY_TIMEOUT_MS", "1000")
+        .start();
+    for row in ["1", "2"] {
+        let id = enqueue(&db, "PyProbe", &format!("quiet: true\nrow: {row}")).await;
+        finished_on_one_try(&db, id, &daemon, WAIT).await;
+    }
+    let log = daemon.log_text();
+    assert_eq!(
+        std::fs::read_to_string(&runs).unwrap(),
+        "1\n2\n",
+        "each row's task ran once\n{log}"
+    );
+    assert_eq!(
+        log.matches("died between a fork and its answer").count(),
+        2,
+        "{log}"
+    );
+    assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
     assert!(daemon.stop().success());
 }

@@ -110,6 +110,40 @@ pub(crate) fn group_members_since(group: i64, since: i64) -> Vec<i64> {
         .collect()
 }
 
+/// The live (not zombie) processes whose parent is `parent`, found by a walk
+/// of `/proc` (`/proc/PID/task/TID/children` needs a kernel option many
+/// kernels lack).
+pub(crate) fn live_children(parent: i64) -> Vec<i64> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i64>().ok())
+        .filter(|&pid| {
+            !is_zombie(pid) && parent_and_group(pid).is_some_and(|(ppid, _)| ppid == parent)
+        })
+        .collect()
+}
+
+/// The inodes of the pipes process `pid` has open (`pipe:[INODE]` in
+/// `/proc/PID/fd`); empty if its descriptors cannot be read.
+pub(crate) fn pipes_held(pid: i64) -> Vec<u64> {
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| {
+            let target = std::fs::read_link(entry.ok()?.path()).ok()?;
+            let target = target.to_str()?;
+            target
+                .strip_prefix("pipe:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
 /// Seconds since the epoch at which the process started, from its ticks.
 pub(crate) fn start_time_epoch(start_ticks: i64) -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;

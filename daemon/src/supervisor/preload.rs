@@ -55,6 +55,10 @@ pub(crate) const HELLO: &[u8] = b"hello\0taskrunner-preload-1\0";
 /// How long a program may take to boot and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long a try whose parent stopped answering waits for the search for
+/// the child it may have forked ([`unanswered_children`]).
+const ORPHAN_SEARCH: Duration = Duration::from_secs(10);
+
 /// How long a parent with requests waiting may go without answering any
 /// (each answer is a fork): a parent working through a queue of requests is
 /// busy, not stuck, however long the queue.
@@ -672,7 +676,15 @@ impl Parent {
                         deadline = answered + reply_timeout();
                         continue;
                     }
-                    return Err(self.stopped_answering().await);
+                    let error = self.stopped_answering().await;
+                    // It may have forked for this request just before: its
+                    // answers' reader, once it is gone, finds such a child
+                    // and answers with it, so that the try is not asked
+                    // again beside it.
+                    return match tokio::time::timeout(ORPHAN_SEARCH, &mut answer).await {
+                        Ok(Ok(Ok(child))) => Ok(child),
+                        _ => Err(error),
+                    };
                 }
             }
         }
@@ -683,7 +695,7 @@ impl Parent {
     /// gone (marked dead), asks a new parent.
     async fn stopped_answering(&self) -> io::Error {
         tracing::warn!(
-            "preloaded parent (pid {}) did not answer a request within {}s: it is killed, and a new one starts the try",
+            "preloaded parent (pid {}) did not answer a request within {}s: it is killed, and a new one starts the try (unless it forked for it already)",
             self.pid,
             reply_timeout().as_secs()
         );
@@ -741,12 +753,70 @@ async fn answer_requests(parent: Arc<Parent>) {
         parent.alive.store(false, Ordering::SeqCst);
         pending.drain(..).collect()
     };
-    for pending in waiting {
-        let _ = pending.reply.send(Err(io::Error::new(
-            io::ErrorKind::BrokenPipe,
-            "the preloaded parent closed its socket",
-        )));
+    if waiting.is_empty() {
+        return;
     }
+    let unanswered = unanswered_children(&parent).await;
+    for pending in waiting {
+        let pipes = pending.ours.output_pipes();
+        let found = unanswered
+            .iter()
+            .find(|(_, held)| held.iter().any(|pipe| pipes.contains(pipe)));
+        let reply = match found {
+            // Forked, and the parent gone before its answer: the try runs,
+            // and is supervised from here like any other (a child whose
+            // request nobody waits for any more is killed and reaped).
+            Some(&(pid, _)) => {
+                tracing::warn!(
+                    "preloaded parent (pid {}) died between a fork and its answer; its child (pid {pid}) runs the try, supervised",
+                    parent.pid
+                );
+                Child::adopt(pid, parent.pid, pending.ours).map(|mut child| {
+                    (child.handed_off, child.created) =
+                        (pending.sent, std::time::SystemTime::now());
+                    child
+                })
+            }
+            None => Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the preloaded parent closed its socket",
+            )),
+        };
+        let _ = pending.reply.send(reply);
+    }
+}
+
+/// The daemon's children that a parent, which closed its socket with
+/// requests unanswered, forked for them: each with the pipes it holds,
+/// which name its try ([`OurEnds::output_pipes`]).
+///
+/// The problem: a parent that dies (an OOM kill, a crash, a retirement for
+/// not answering) between a fork and its answer leaves a child that runs
+/// the try (`CLONE_PARENT`: the daemon's child) although the daemon never
+/// learnt its pid. Its try, asked again of a new parent, would run twice at
+/// once, and the first child stay a zombie until the daemon exits. So the
+/// parent is made sure to be gone (no fork can come after), and the
+/// daemon's children no try supervises are looked for, once per death with
+/// requests waiting (a walk of `/proc`). A child that has already exited
+/// by then cannot be told from another try's: it is not reaped, and its
+/// try runs again (after it, not beside it).
+async fn unanswered_children(parent: &Parent) -> Vec<(u32, Vec<u64>)> {
+    parent.retire();
+    let mut exited = parent.exited.clone();
+    let gone = exited.wait_for(|exited| *exited);
+    let _ = tokio::time::timeout(ORPHAN_SEARCH / 2, gone).await;
+    let daemon = i64::from(std::process::id());
+    tokio::task::spawn_blocking(move || {
+        crate::procinfo::live_children(daemon)
+            .into_iter()
+            .filter_map(|pid| u32::try_from(pid).ok())
+            .filter(|&pid| !Child::is_supervised(pid))
+            .map(|pid| (pid, crate::procinfo::pipes_held(i64::from(pid))))
+            .filter(|(_, held)| !held.is_empty())
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
 }
 
 /// The child the answer of `parent` (its pid) names, or its error.

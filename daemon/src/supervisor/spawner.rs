@@ -142,6 +142,12 @@ pub(crate) struct Child {
 }
 
 impl Child {
+    /// Whether `pid` is a child the daemon supervises (a try's, or a
+    /// preloaded parent's).
+    pub(super) fn is_supervised(pid: u32) -> bool {
+        supervised().contains(&pid)
+    }
+
     /// Takes charge of `pid`, a child of the daemon that `parent` (a
     /// preloaded parent, with `CLONE_PARENT`) created, with our ends of its
     /// pipes. Fails with `InvalidData` when `pid` is not a new child of the
@@ -278,6 +284,24 @@ pub(super) struct OurEnds {
     stdin: Option<StdinRest>,
     stdout: OwnedFd,
     stderr: OwnedFd,
+}
+
+impl OurEnds {
+    /// The inodes of the try's output pipes (both ends of a pipe have the
+    /// same): only the try's process, and what it starts, holds the other
+    /// ends, so a process holding one of them is running this try.
+    pub(super) fn output_pipes(&self) -> Vec<u64> {
+        [&self.stdout, &self.stderr]
+            .into_iter()
+            .filter_map(|fd| {
+                let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+                // SAFETY: fstat of a descriptor we own, into a local.
+                let done = unsafe { libc::fstat(fd.as_raw_fd(), stat.as_mut_ptr()) };
+                // SAFETY: fstat filled it in when it returned 0.
+                (done == 0).then(|| unsafe { stat.assume_init() }.st_ino)
+            })
+            .collect()
+    }
 }
 
 /// A try's pipes made for a preloaded parent's child: the ends it gets
