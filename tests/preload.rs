@@ -35,6 +35,7 @@ both_backends!(
     a_parent_working_through_a_queue_of_requests_is_not_taken_for_a_stuck_one,
     a_program_that_boots_for_long_holds_up_no_other_programs_tries,
     a_child_forked_by_a_parent_gone_before_its_answer_runs_its_try_once,
+    a_try_whose_request_is_larger_than_the_socket_takes_is_execd,
 );
 
 /// The task-sdk probe, built beside the daemon (`cargo build --workspace --bins`).
@@ -941,5 +942,36 @@ async fn a_child_forked_by_a_parent_gone_before_its_answer_runs_its_try_once(
         "{log}"
     );
     assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
+    assert!(daemon.stop().success());
+}
+
+/// A preloaded try's request (its environment, above all) goes in one
+/// message, which the socket takes up to its send buffer (about 208 KiB).
+/// Before, a larger environment (here 300 KB of `env:`, which exec takes)
+/// failed every try (`EMSGSIZE`); now such a try is exec'd, with one line.
+async fn a_try_whose_request_is_larger_than_the_socket_takes_is_execd(
+    backend: crate::util::Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let bulk = "x".repeat(100_000);
+    let config = format!(
+        "programs: [{{path: {}, preload: true}}]\n\
+         env: {{PROBE_VAR: hello, BULK1: {bulk}, BULK2: {bulk}, BULK3: {bulk}}}\n",
+        sdk_probe().display(),
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    for _ in 0..2 {
+        let id = enqueue(&db, "Probe", "").await;
+        let row = finished_on_one_try(&db, id, &daemon, WAIT).await;
+        let report = report(&row.result_text.unwrap());
+        assert_eq!(report["booted_in"], report["pid"], "exec'd: {report:?}");
+        assert!(report["env"].contains("PROBE_VAR=hello"), "{report:?}");
+    }
+    let log = daemon.log_text();
+    assert_eq!(
+        log.matches("larger than its socket takes").count(),
+        2,
+        "{log}"
+    );
     assert!(daemon.stop().success());
 }

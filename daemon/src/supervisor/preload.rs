@@ -254,6 +254,17 @@ impl Pool {
                 Err(error) if !parent.alive.load(Ordering::SeqCst) && attempts < 2 => {
                     tracing::debug!("preloaded parent died while starting a try: {error}");
                 }
+                Err(error) if error.raw_os_error() == Some(libc::EMSGSIZE) => {
+                    // A request is one message, at most the socket's send
+                    // buffer (net.core.wmem_max, about 208 KiB): a larger
+                    // environment (a huge `env:` value) would fail every
+                    // try that the same environment runs exec'd.
+                    tracing::warn!(
+                        "a try's request to the preloaded parent of {} is larger than its socket takes (its environment is too large); this try is exec'd",
+                        key.program.display()
+                    );
+                    return Err(Refused::ExecInstead);
+                }
                 Err(error) => {
                     if error.kind() == io::ErrorKind::InvalidData {
                         // The program broke the protocol: exec from now on.
