@@ -36,6 +36,7 @@ both_backends!(
     a_program_that_boots_for_long_holds_up_no_other_programs_tries,
     a_child_forked_by_a_parent_gone_before_its_answer_runs_its_try_once,
     a_try_whose_request_is_larger_than_the_socket_takes_is_execd,
+    a_parent_retired_in_order_exits_through_its_exit_handlers,
 );
 
 /// The task-sdk probe, built beside the daemon (`cargo build --workspace --bins`).
@@ -974,4 +975,42 @@ async fn a_try_whose_request_is_larger_than_the_socket_takes_is_execd(
         "{log}"
     );
     assert!(daemon.stop().success());
+}
+
+/// A parent retired in order (a reload, the daemon's stop) has its socket
+/// closed and exits, running the exit handlers its setup registered (a
+/// Rails application's `at_exit`, a flush of its metrics), as the protocol
+/// says. Before, every retirement was a `SIGKILL`, and they never ran.
+async fn a_parent_retired_in_order_exits_through_its_exit_handlers(backend: crate::util::Backend) {
+    let db = TestDb::new(backend).await;
+    let notes = db.scratch.join("exit-handlers");
+    let config = format!(
+        "programs: [{{path: {}, preload: true}}]\nenv: {{PROBE_ATEXIT_FILE: {}}}\n",
+        sdk_probe().display(),
+        notes.display()
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    let mut parents = Vec::new();
+    for _ in 0..2 {
+        let id = enqueue(&db, "Probe", "").await;
+        let row = finished_on_one_try(&db, id, &daemon, WAIT).await;
+        let parent = report(&row.result_text.unwrap())["booted_in"].clone();
+        if parents.is_empty() {
+            daemon.signal(Signal::SIGHUP);
+            wait_until(WAIT, "the retired parent's exit handler", || {
+                std::fs::read_to_string(&notes)
+                    .unwrap_or_default()
+                    .contains(&format!("exit handler ran in {parent}\n"))
+            });
+        }
+        parents.push(parent);
+    }
+    assert_ne!(parents[0], parents[1], "a new parent after the reload");
+    assert!(daemon.stop().success());
+    let ran = std::fs::read_to_string(&notes).unwrap_or_default();
+    assert!(
+        ran.contains(&format!("exit handler ran in {}\n", parents[1])),
+        "{ran:?}\n{}",
+        daemon.log_text()
+    );
 }

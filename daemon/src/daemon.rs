@@ -383,7 +383,7 @@ pub async fn run(
         failure.get_or_insert(what);
     }
     // No try runs: the preloaded parents go too.
-    spawner.retire_preloaded().await;
+    spawner.stop_preloaded().await;
     crate::supervisor::cgroup::init().release_spares();
     // The other services stop; the recorder first applies every write
     // queued (the tries' outcomes), retrying through an outage for a while.
@@ -634,7 +634,7 @@ impl Reloader {
                 self.store.set_answer_bound(config.lease_timeout);
                 self.setup.send_replace(Setup::new(config, registry));
                 // Preloaded programs boot again with the new config at their next try.
-                self.spawner.retire_preloaded().await;
+                self.spawner.retire_preloaded();
                 self.wake.notify_one();
                 tracing::info!(task_types = %names, "config reloaded");
             }

@@ -96,9 +96,20 @@ impl Spawner {
         self.exec.spawn(recipe).await
     }
 
-    /// Retires every preloaded parent (config reload).
-    pub(crate) async fn retire_preloaded(&self) {
-        self.preloaded.retire_all().await
+    /// Retires every preloaded parent (config reload); each exits in its
+    /// own time (a few seconds at most).
+    pub(crate) fn retire_preloaded(&self) {
+        self.preloaded.retire_all();
+    }
+
+    /// Retires every preloaded parent and waits for them to exit, each
+    /// running its exit handlers (the daemon's stop, once no try runs). A
+    /// parent still booting is left to the parent-death signal.
+    pub(crate) async fn stop_preloaded(&self) {
+        let deadline = tokio::time::Instant::now() + preload::RETIRE_GRACE + Duration::from_secs(1);
+        for gone in self.preloaded.retire_all() {
+            let _ = tokio::time::timeout_at(deadline, gone).await;
+        }
     }
 
     /// New slots for task processes, whose freed slots start the next try on

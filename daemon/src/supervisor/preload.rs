@@ -27,9 +27,10 @@
 //! until the config is reloaded. A parent that dies after its hello is
 //! replaced at the next try (after a backoff when it keeps dying, with one
 //! line each time). A parent whose executable, or a file its arguments
-//! name, changed on disk is retired (killed: it runs no try, its children
-//! are the daemon's) and a new one started at the next try; so is every
-//! parent on a config reload (SIGHUP). One parent serves every type started
+//! name, changed on disk is retired (its socket closed, so that it exits
+//! through its exit handlers; killed if it lingers; its children are the
+//! daemon's and go on) and a new one started at the next try; so is every
+//! parent on a config reload (SIGHUP) and at the daemon's stop. One parent serves every type started
 //! the same way ([`Key`]).
 
 use std::collections::{HashMap, VecDeque};
@@ -74,6 +75,10 @@ const STABLE_AFTER: Duration = Duration::from_secs(60);
 
 /// The longest wait before a parent that keeps dying is started again.
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
+
+/// How long a parent retired in order (a reload, a deploy, the daemon's
+/// stop) has to exit once its socket is closed, before it is killed.
+pub(crate) const RETIRE_GRACE: Duration = Duration::from_secs(5);
 
 /// One preloaded parent per start: program, arguments, directory,
 /// environment (without the try's own variables) and credentials. Two task
@@ -297,17 +302,23 @@ impl Pool {
         Some(parent.joins_itself.clone())
     }
 
-    /// Retires every parent (config reload): each program starts anew at
-    /// its next try. A parent still booting is retired once its boot ends.
-    pub(crate) async fn retire_all(&self) {
+    /// Retires every parent in order ([`Parent::close`]; a config reload,
+    /// the daemon's stop): each program starts anew at its next try. A
+    /// parent still booting is retired once its boot ends. The handles end
+    /// once each parent is gone.
+    pub(crate) fn retire_all(&self) -> Vec<tokio::task::JoinHandle<()>> {
         let programs = std::mem::take(&mut *self.programs());
-        for (_, program) in programs {
-            tokio::spawn(async move {
-                if let Some(parent) = program.lock().await.parent.take() {
-                    parent.retire();
-                }
-            });
-        }
+        programs
+            .into_values()
+            .map(|program| {
+                tokio::spawn(async move {
+                    let parent = program.lock().await.parent.take();
+                    if let Some(parent) = parent {
+                        parent.close().await;
+                    }
+                })
+            })
+            .collect()
     }
 
     fn programs(
@@ -346,7 +357,8 @@ impl Pool {
                 );
                 program.deaths = 0;
                 program.restart_at = None;
-                parent.retire();
+                let parent = parent.clone();
+                tokio::spawn(async move { parent.close().await });
             }
             program.parent = None;
         }
@@ -581,8 +593,28 @@ impl Parent {
         }
     }
 
-    /// Stops the parent (SIGKILL: it may be blocked anywhere in its own
-    /// code); its children are the daemon's own and go on.
+    /// Retires the parent as the protocol says: its socket is closed, and
+    /// it exits, running its exit handlers (a Rails application's
+    /// `at_exit`, a flush of its metrics); one still there after
+    /// [`RETIRE_GRACE`] is killed. Its children, the daemon's own, go on.
+    /// (Before, every retirement was a `SIGKILL`.)
+    async fn close(&self) {
+        // SAFETY: shutdown of our own socket, which stays open.
+        unsafe { libc::shutdown(self.socket.get_ref().as_raw_fd(), libc::SHUT_RDWR) };
+        let mut exited = self.exited.clone();
+        let gone = exited.wait_for(|exited| *exited);
+        if tokio::time::timeout(RETIRE_GRACE, gone).await.is_err() {
+            tracing::warn!(
+                "preloaded parent (pid {}) did not exit within {}s of the end of its socket: it is killed",
+                self.pid,
+                RETIRE_GRACE.as_secs()
+            );
+            self.retire();
+        }
+    }
+
+    /// Stops the parent at once (SIGKILL: it may be blocked anywhere in
+    /// its own code); its children are the daemon's own and go on.
     fn retire(&self) {
         if self.alive.load(Ordering::SeqCst) {
             // SAFETY: signalling our own unreaped child (its waiter reaps it).
