@@ -36,6 +36,11 @@ use super::{Pool, SchemaMismatch, Store, MIGRATIONS_TABLE};
 /// Suffix of the copies a repair makes (left behind if it fails midway).
 const ASIDE: &str = "_before_repair";
 
+/// A daemon not stopped and heard from within this long is taken to run on
+/// the tables, and a repair waits for its stop. (A daemon renews its row at
+/// least every third of its lease; one killed is forgotten after this.)
+const LIVING_WITHIN: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// What the migrations create: tables, and indexes and triggers by name.
 #[derive(Debug, Default)]
 struct Expected {
@@ -161,6 +166,19 @@ impl Store {
         // statement) or delete the rows that cascade from it (SQLite's
         // implicit DELETE); on PostgreSQL a foreign key or a view makes the
         // DROP fail (CASCADE would take them along).
+        // A daemon running on these tables would lose every write it made
+        // between the copy and the copy back (an outcome, a claim), and
+        // find its statements failing while the tables are gone.
+        let living = self.daemons_heard_from_lately().await?;
+        if !living.is_empty() {
+            return Err(SchemaMismatch(format!(
+                "{reason}, but the repair rebuilds taskrunner's tables, and daemons run on them (heard from within {} minutes: {}): \
+                 stop them (one killed without a stop counts until then), then run `taskrunner-cli migrate`; nothing was changed",
+                LIVING_WITHIN.as_secs() / 60,
+                living.join(", ")
+            ))
+            .into());
+        }
         let dependents = self.dependents_of(&present).await?;
         if !dependents.is_empty() {
             return Err(SchemaMismatch(format!(
@@ -663,6 +681,33 @@ impl Store {
             Pool::Postgres(pool) => sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await?,
             Pool::MySql(pool) => sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await?,
         })
+    }
+}
+
+impl Store {
+    /// The daemons (instance, host and pid) whose rows say they run: not
+    /// stopped, and heard from within [`LIVING_WITHIN`].
+    async fn daemons_heard_from_lately(&self) -> Result<Vec<String>> {
+        if !self.table_exists("task_runner_daemons").await? {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT host, {} FROM task_runner_daemons \
+             WHERE stopped_at IS NULL AND heartbeat_at > {}",
+            self.dialect().int64("pid"),
+            self.dialect()
+                .now_plus(&format!("-{}", LIVING_WITHIN.as_secs()))
+        );
+        let rows: Vec<(String, Option<i64>)> = on_pool!(self, pool => {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|(host, pid)| match pid {
+                Some(pid) => format!("pid {pid} on {host}"),
+                None => host,
+            })
+            .collect())
     }
 }
 
