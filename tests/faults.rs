@@ -26,6 +26,7 @@ both_backends!(
     a_try_whose_outcome_waits_is_left_to_its_living_daemon,
     stale_heartbeat_of_another_host_is_crashed_after_the_lease,
     a_reaper_with_a_shorter_lease_waits_for_the_lease_of_the_rows_daemon,
+    a_reap_by_a_user_who_cannot_see_the_tasks_takes_none_of_them,
     a_running_row_written_by_an_application_with_no_try_is_reaped_with_the_rest,
     a_try_given_back_after_an_application_zeroed_its_tries_is_written,
     a_row_taken_away_and_claimed_again_by_the_same_daemon_keeps_its_new_try,
@@ -271,6 +272,73 @@ async fn a_try_whose_outcome_waits_is_left_to_its_living_daemon(backend: Backend
     held.release().await;
     let row = db.wait_for_state(id, "FINISHED", WAIT).await;
     assert_eq!(row.tries, 1);
+    let runs = std::fs::read_to_string(&ran).unwrap();
+    assert_eq!(runs.lines().count(), 1, "{runs}");
+    assert!(daemon.stop().success());
+}
+
+/// `taskrunner-cli reap` run by a user who cannot see the tasks in
+/// `/proc` (mounted with `hidepid`, which hides other users' processes):
+/// neither the task's process nor its daemon shows, yet both run. Before,
+/// each running try was taken for dead and marked CRASHED, and ran again
+/// beside itself. A pid that `kill(pid, 0)` finds (`EPERM`) but `/proc`
+/// hides is now left to its lease. Needs root (a private mount of `/proc`
+/// as `nobody`); skipped without.
+async fn a_reap_by_a_user_who_cannot_see_the_tasks_takes_none_of_them(backend: Backend) {
+    use std::os::unix::fs::PermissionsExt;
+    let private_mounts = std::process::Command::new("unshare")
+        .args(["-m", "true"])
+        .status()
+        .is_ok_and(|status| status.success());
+    if !nix::unistd::geteuid().is_root() || !private_mounts {
+        eprintln!("skipped: mounting /proc with hidepid needs root and a private mount namespace");
+        return;
+    }
+    let db = TestDb::new(backend).await;
+    let ran = db.scratch.join("ran.log");
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "tasks:\n  Nap:\n    command: [/bin/sh, -c, 'echo $$ >> {}; sleep 3']\n",
+            ran.display()
+        ),
+    );
+    let id = db.enqueue("Nap", None).await;
+    db.wait_for_pid(id, WAIT).await;
+    // `nobody` reaches the CLI and (SQLite) the database's files.
+    let cli_copy = db.scratch.join("taskrunner-cli");
+    std::fs::copy(crate::util::CLI, &cli_copy).unwrap();
+    for entry in std::fs::read_dir(&db.scratch.path).unwrap() {
+        let path = entry.unwrap().path();
+        let mode = if path == cli_copy { 0o755 } else { 0o666 };
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode));
+    }
+    std::fs::set_permissions(&db.scratch.path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let output = std::process::Command::new("unshare")
+        .args([
+            "-m",
+            "sh",
+            "-c",
+            "mount -t proc -o hidepid=2 proc /proc && \
+             exec setpriv --reuid=65534 --regid=65534 --clear-groups \"$@\"",
+            "sh",
+        ])
+        .arg(&cli_copy)
+        .args(["--database-url", db.url.as_str(), "reap"])
+        .current_dir(&db.scratch.path)
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(
+        !stdout.lines().any(|l| l.starts_with(&format!("{id} "))),
+        "the reaper took a running try it cannot see: {stdout}"
+    );
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 1, "{row:#?}");
     let runs = std::fs::read_to_string(&ran).unwrap();
     assert_eq!(runs.lines().count(), 1, "{runs}");
     assert!(daemon.stop().success());

@@ -171,6 +171,11 @@ pub(crate) enum Probe {
     /// Recorded on another boot: another machine sharing this host id, or
     /// this machine before a reboot. Not ours to judge: the lease decides.
     Foreign,
+    /// A process has the pid, but the caller cannot see it in `/proc`
+    /// (mounted with `hidepid`, and another user's process): whether it
+    /// is the task cannot be told, only that something runs. Not ours to
+    /// judge either: the lease decides.
+    Unseen,
 }
 
 /// The identity recorded when a task process was spawned (or what a row
@@ -182,6 +187,19 @@ pub(crate) struct Identity {
     pub(crate) start_ticks: Option<i64>,
     /// The row's `started_at`, seconds since the epoch.
     pub(crate) started_at: Option<f64>,
+}
+
+/// Whether a process has the pid, seen or not: `kill(pid, 0)` succeeds, or
+/// fails for want of permission (`EPERM`) rather than for want of a process
+/// (`ESRCH`). Sends nothing.
+fn exists(pid: i64) -> bool {
+    // SAFETY: signal 0 only checks; no memory is touched.
+    let sent = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    sent == 0 || io_errno() == libc::EPERM
+}
+
+fn io_errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
 /// Decides whether the process a row names is the task (SPEC.md, Guarantees):
@@ -200,11 +218,20 @@ pub(crate) fn probe(identity: &Identity) -> Probe {
     {
         return Probe::Foreign;
     }
-    if !Path::new(&format!("/proc/{pid}")).exists() {
-        return Probe::Dead(format!("process {pid} is gone"));
-    }
-    let Some(ticks_now) = start_ticks(pid) else {
-        return Probe::Dead(format!("process {pid} is gone"));
+    let ticks_now = if Path::new(&format!("/proc/{pid}")).exists() {
+        start_ticks(pid)
+    } else {
+        None
+    };
+    let Some(ticks_now) = ticks_now else {
+        // Gone, or hidden from us: before, a `taskrunner-cli reap` by a
+        // user who cannot see the tasks (`hidepid`) took each running one
+        // for dead, and it ran again beside itself.
+        return if exists(pid) {
+            Probe::Unseen
+        } else {
+            Probe::Dead(format!("process {pid} is gone"))
+        };
     };
     if is_zombie(pid) {
         return Probe::Dead(format!("process {pid} has exited (zombie)"));

@@ -60,8 +60,9 @@ pub(crate) async fn reap(
                 alive_here.push(row.id);
                 continue;
             }
-            // Another machine's (or boot's) row: only its lease can tell.
-            Probe::Foreign => continue,
+            // Another machine's (or boot's) row, or a process we cannot
+            // see: only its lease can tell.
+            Probe::Foreign | Probe::Unseen => continue,
         };
         // The process has ended, but the daemon holding the row lives: it
         // has reaped its child and writes the try's outcome (which may wait
@@ -191,7 +192,7 @@ fn unrecorded(what: &str, given_back_before: bool, host: &str) -> (String, bool)
 /// this host and boot (false when the name carries no identity).
 fn holder_lives(claimed_by: &str) -> bool {
     crate::instance::InstanceId::holder_identity(claimed_by)
-        .is_some_and(|holder| matches!(procinfo::probe(&holder), Probe::Alive))
+        .is_some_and(|holder| matches!(procinfo::probe(&holder), Probe::Alive | Probe::Unseen))
 }
 
 /// Kills what is left in the cgroup of row `id`'s try under `claim_token` and
