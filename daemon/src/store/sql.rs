@@ -1040,9 +1040,14 @@ impl Sql {
             plus("$4"),
             d.parse_time("$5"),
         );
+        // The next occurrence is the first point of the row's grid (its
+        // planned start plus whole periods) after its end. An occurrence
+        // that ran late (its daemons were down overnight) stands for those
+        // it missed: before, the next one was planned at the latest point
+        // at or before its end, already due, and ran straight after it.
         let elapsed = d.seconds_between("planned_at", now);
         let slots_due = format!(
-            "(CASE WHEN {elapsed} / period >= 1 THEN {} ELSE 1 END)",
+            "(CASE WHEN {elapsed} / period >= 0 THEN {} + 1 ELSE 1 END)",
             d.floor(&format!("{elapsed} / period"))
         );
         // A time past what the database holds (SQLite and MariaDB give
