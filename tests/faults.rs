@@ -37,6 +37,7 @@ both_backends!(
     cancel_stops_a_running_task,
     task_inherits_only_stdio_and_no_database_secrets,
     a_program_asked_for_its_task_types_gets_no_database_secrets,
+    a_program_is_asked_for_its_task_types_as_the_user_its_tasks_run_as,
     a_log_reader_that_stops_reading_does_not_stop_the_daemon,
     a_daemon_in_another_pid_namespace_with_the_same_host_id_keeps_its_tries,
     as_pid_1_the_daemon_leaves_no_zombies_and_drains_on_sigterm,
@@ -751,6 +752,83 @@ async fn a_program_asked_for_its_task_types_gets_no_database_secrets(backend: Ba
         seen.contains("FROM_CONFIG=yes-please") && seen.contains("PATH="),
         "{seen}"
     );
+    assert!(daemon.stop().success());
+}
+
+/// A root daemon asks a `programs:` entry for its task types as the
+/// top-level `user:`, the user its tasks run as, at start and at a reload.
+/// Before, it asked as root: whoever may replace the program (its deploy,
+/// as that user) ran code as root at every start and reload. Here the
+/// program names its one type after the user it was asked as. Needs root.
+async fn a_program_is_asked_for_its_task_types_as_the_user_its_tasks_run_as(backend: Backend) {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: running a program as another user needs root");
+        return;
+    }
+    let db = TestDb::new(backend).await;
+    let program = db.scratch.join("lister");
+    let hang = db.scratch.join("hang-now");
+    std::fs::write(
+        &program,
+        format!(
+            "#!/bin/sh\n\
+             if [ \"$1\" = --list-tasks ]; then\n\
+             \x20 if [ -e {} ]; then exec sleep 3587; fi\n\
+             \x20 echo \"AsUid$(id -u)\"; exit 0\n\
+             fi\n\
+             if [ \"$1\" = --list-flows ]; then exit 0; fi\n\
+             echo \"ran as $(id -u)\"\n",
+            hang.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&db.scratch.path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .unwrap()
+        .uid
+        .as_raw();
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!(
+            "user: nobody\nprograms: [{}]\n",
+            program.display()
+        ))
+        .env("TASKRUNNER_TEST_ASK_TIMEOUT_MS", "3000")
+        .start();
+    let task = format!("AsUid{nobody}");
+    for reloaded in [false, true] {
+        if reloaded {
+            daemon.signal(Signal::SIGHUP);
+            daemon.wait_for_log("config reloaded", WAIT);
+        }
+        let id = db.enqueue(&task, None).await;
+        let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+        assert_eq!(
+            row.result_text.as_deref(),
+            Some(format!("ran as {nobody}").as_str())
+        );
+    }
+    // A type it does not know makes it ask again; a program that does not
+    // answer is killed with its group at the bound.
+    std::fs::write(&hang, "").unwrap();
+    let unknown = db.insert_row(NewRow::new("Unknown").try_limit(1)).await;
+    let row = db.wait_for_state(unknown, "FAILED", WAIT).await;
+    assert!(
+        daemon
+            .log_text()
+            .contains("--list-tasks did not answer within 3s: killed"),
+        "{row:#?}\n{}",
+        daemon.log_text()
+    );
+    wait_until(WAIT, "the question's process to be gone", || {
+        !std::process::Command::new("pgrep")
+            .args(["-f", "sleep 3587"])
+            .status()
+            .is_ok_and(|status| status.success())
+    });
     assert!(daemon.stop().success());
 }
 

@@ -360,7 +360,12 @@ async fn resolve(context: &Context, task: &str) -> Option<crate::task_types::Res
         return None;
     }
     let config = context.config.clone();
-    let reloaded = tokio::task::spawn_blocking(move || Registry::load(&config)).await;
+    let asking = crate::task_types::Asking::Through(
+        context.spawner.clone(),
+        tokio::runtime::Handle::current(),
+    );
+    let reloaded =
+        tokio::task::spawn_blocking(move || Registry::load_asking(&config, &asking)).await;
     match reloaded {
         Ok(Ok(registry)) => {
             let resolved = registry.resolve(&context.config, task);

@@ -43,7 +43,7 @@ use crate::health::{Backoff, Health};
 use crate::instance::InstanceId;
 use crate::store::{Purpose, Store};
 use crate::supervisor::{Spawner, StopReason};
-use crate::task_types::{Registry, Setup};
+use crate::task_types::{Asking, Registry, Setup};
 
 /// Options for one daemon run, beyond the config.
 #[derive(Debug, Clone, Default)]
@@ -126,9 +126,16 @@ pub async fn run(
         }
         health.succeeded("checking the schema");
     }
+    // Before the first try: which limits hold, and (cgroup v2) the daemon
+    // moved into a leaf of its delegated cgroup. Emptied cgroups are kept
+    // for the next tries while the daemon runs. The spawner asks the
+    // programs for their task types too.
+    crate::supervisor::cgroup::init().keep_spares();
+    let spawner = crate::supervisor::start_spawner().context("preparing to start tasks")?;
     let registry = {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || Registry::load(&config))
+        let asking = Asking::Through(spawner.clone(), tokio::runtime::Handle::current());
+        tokio::task::spawn_blocking(move || Registry::load_asking(&config, &asking))
             .await
             .context("loading task types")??
     };
@@ -137,11 +144,6 @@ pub async fn run(
         Some(path) => Some(control::Listening::bind(path)?),
         None => None,
     };
-    // Before the first try: which limits hold, and (cgroup v2) the daemon
-    // moved into a leaf of its delegated cgroup. Emptied cgroups are kept
-    // for the next tries while the daemon runs.
-    crate::supervisor::cgroup::init().keep_spares();
-    let spawner = crate::supervisor::start_spawner().context("preparing to start tasks")?;
     if let Some(warning) = crate::supervisor::resources::open_files_warning(config.max_concurrent) {
         tracing::warn!("{warning}");
     }
@@ -615,6 +617,7 @@ impl Reloader {
     async fn reload(&self) {
         let overrides = self.overrides.clone();
         let current = Setup::current_config(&self.setup);
+        let asking = Asking::Through(self.spawner.clone(), tokio::runtime::Handle::current());
         let loaded = tokio::task::spawn_blocking(move || -> Result<(Config, Registry)> {
             let mut config = Config::resolve(&overrides)?;
             config.database_url = current.database_url.clone();
@@ -622,7 +625,7 @@ impl Reloader {
             config.pidfile = current.pidfile.clone();
             config.socket = current.socket.clone();
             config.log_format = current.log_format;
-            let registry = Registry::load(&config)?;
+            let registry = Registry::load_asking(&config, &asking)?;
             Ok((config, registry))
         })
         .await;

@@ -76,10 +76,15 @@ impl Registry {
     /// twice (by two programs, or by a program and the config) is an error
     /// naming both.
     pub(crate) fn load(config: &Config) -> Result<Registry> {
+        Registry::load_asking(config, &Asking::Here)
+    }
+
+    /// [`load`](Registry::load), asking the programs as `asking` says.
+    pub(crate) fn load_asking(config: &Config, asking: &Asking) -> Result<Registry> {
         let mut from_programs: BTreeMap<String, PathBuf> = BTreeMap::new();
         let is_command = |name: &str| config.tasks.get(name).is_some_and(|t| t.command.is_some());
         for program in &config.programs {
-            for name in list_tasks(config, program)? {
+            for name in list_tasks(config, program, asking)? {
                 if BUILTIN_TYPES.contains(&name.as_str()) || is_command(&name) {
                     return Err(UsageError(format!(
                         "task type `{name}` is registered twice: by {} and by {}",
@@ -117,7 +122,7 @@ impl Registry {
         }
         let mut program_flows = BTreeMap::new();
         for program in &config.programs {
-            for (name, definition) in list_flows(config, program)? {
+            for (name, definition) in list_flows(config, program, asking)? {
                 if config.flows.contains_key(&name) || program_flows.contains_key(&name) {
                     return Err(UsageError(format!(
                         "flow `{name}` is declared twice: by {} and by {}",
@@ -249,7 +254,7 @@ impl Registry {
                 ),
             }
         };
-        let output = ask(config, &program, &["--help", name])?;
+        let output = ask(config, &program, &["--help", name], &Asking::Here)?;
         if !output.status.success() {
             bail!(
                 "{} --help {name} failed with {}: {}",
@@ -274,6 +279,16 @@ impl Registry {
     }
 }
 
+/// How the programs are asked for their task types and flows.
+pub(crate) enum Asking {
+    /// By this process, with its own credentials (the CLI).
+    Here,
+    /// Through the daemon's spawner, as the top-level `user:` when one is
+    /// set and the daemon runs as root (as its tasks run), from a blocking
+    /// thread of `runtime`.
+    Through(crate::supervisor::Spawner, tokio::runtime::Handle),
+}
+
 /// How long a program may take to answer `--list-tasks`, `--list-flows` or
 /// `--help TYPE` (one that boots an application to answer takes a while).
 const ASK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -287,9 +302,36 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(30);
 /// The program gets a task's environment: the daemon's allowlisted
 /// variables and the config's `env:`, never the daemon's secrets
 /// (`DATABASE_URL`, `PG*`: before, it got the daemon's whole environment).
-fn ask(config: &Config, program: &Path, args: &[&str]) -> Result<std::process::Output> {
+fn ask(
+    config: &Config,
+    program: &Path,
+    args: &[&str],
+    asking: &Asking,
+) -> Result<std::process::Output> {
     use std::os::unix::process::CommandExt;
     let question = format!("{} {}", program.display(), args.join(" "));
+    let bound = crate::test_hooks::shortened(ASK_TIMEOUT, "TASKRUNNER_TEST_ASK_TIMEOUT_MS");
+    if let (Asking::Through(spawner, runtime), Some(user)) = (asking, &config.defaults.user) {
+        let me = nix::unistd::geteuid();
+        if me.is_root() && user.uid != me.as_raw() {
+            let env = config
+                .defaults
+                .env
+                .iter()
+                .map(|(name, value)| (name.into(), value.into()))
+                .collect();
+            let gid = config.defaults.gid().unwrap_or(user.gid);
+            let answer = runtime
+                .block_on(spawner.ask(program, args, env, (user.uid, gid), bound))
+                .with_context(|| format!("asking {question} as {}", user.name))?;
+            return answer.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{question} did not answer within {}s: killed",
+                    bound.as_secs()
+                )
+            });
+        }
+    }
     let child = std::process::Command::new(program)
         .args(args)
         .env_clear()
@@ -318,7 +360,6 @@ fn ask(config: &Config, program: &Path, args: &[&str]) -> Result<std::process::O
         killed();
         return Err(anyhow::Error::new(error).context(format!("asking {question}")));
     }
-    let bound = crate::test_hooks::shortened(ASK_TIMEOUT, "TASKRUNNER_TEST_ASK_TIMEOUT_MS");
     match answer.recv_timeout(bound) {
         Ok(output) => output.with_context(|| format!("asking {question}")),
         Err(_) => {
@@ -334,8 +375,8 @@ fn ask(config: &Config, program: &Path, args: &[&str]) -> Result<std::process::O
 }
 
 /// Runs `program --list-tasks` and reads one type name a line.
-fn list_tasks(config: &Config, program: &Path) -> Result<Vec<String>> {
-    let output = ask(config, program, &["--list-tasks"])?;
+fn list_tasks(config: &Config, program: &Path, asking: &Asking) -> Result<Vec<String>> {
+    let output = ask(config, program, &["--list-tasks"], asking)?;
     if !output.status.success() {
         bail!(
             "{} --list-tasks failed with {}: {}",
@@ -358,8 +399,9 @@ fn list_tasks(config: &Config, program: &Path) -> Result<Vec<String>> {
 fn list_flows(
     config: &Config,
     program: &Path,
+    asking: &Asking,
 ) -> Result<BTreeMap<String, crate::flow::Definition>> {
-    let output = ask(config, program, &["--list-flows"])?;
+    let output = ask(config, program, &["--list-flows"], asking)?;
     let text = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() || text.trim().is_empty() {
         return Ok(BTreeMap::new());

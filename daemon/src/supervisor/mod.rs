@@ -112,6 +112,71 @@ impl Spawner {
         }
     }
 
+    /// Runs a question to a program (`PROGRAM --list-tasks`, `--list-flows`,
+    /// `--help TYPE`) as the user and group the tasks run as, started as a
+    /// task is (clone and exec, environment `env` over the allowlisted
+    /// variables, its own process group), and returns its output and exit
+    /// status; `None` once it ran past `bound` (its group is killed).
+    ///
+    /// Before, the daemon asked with its own credentials: a daemon run as
+    /// root ran a program its tasks run as `user: app` as root at every
+    /// start and reload, and whoever may replace that program (its deploy,
+    /// as `app`) had root.
+    pub(crate) async fn ask(
+        &self,
+        program: &std::path::Path,
+        args: &[&str],
+        env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+        (uid, gid): (u32, u32),
+        bound: Duration,
+    ) -> std::io::Result<Option<std::process::Output>> {
+        use tokio::io::AsyncReadExt;
+        /// More output than any answer has is not kept.
+        const MOST: u64 = 4 << 20;
+        let recipe = Recipe {
+            program: program.to_path_buf(),
+            args: args.iter().map(|arg| arg.to_string()).collect(),
+            env,
+            workdir: std::env::current_dir().unwrap_or_else(|_| "/".into()),
+            uid: Some(uid),
+            gid: Some(gid),
+            limits: Default::default(),
+            stdin: Vec::new(),
+            stdin_fd: None,
+            preload: false,
+            cgroup: None,
+        };
+        let mut child = self.exec.spawn(recipe).await?;
+        let read = |fd: Option<std::os::fd::OwnedFd>| async move {
+            let mut kept = Vec::new();
+            if let Some(pipe) =
+                fd.and_then(|fd| tokio::net::unix::pipe::Receiver::from_owned_fd_unchecked(fd).ok())
+            {
+                let _ = pipe.take(MOST).read_to_end(&mut kept).await;
+            }
+            kept
+        };
+        let (stdout, stderr) = (read(child.stdout.take()), read(child.stderr.take()));
+        let answered = async {
+            let (stdout, stderr, status) = tokio::join!(stdout, stderr, child.wait());
+            status.map(|status| std::process::Output {
+                status,
+                stdout,
+                stderr,
+            })
+        };
+        let answer = tokio::time::timeout(bound, answered).await;
+        match answer {
+            Ok(output) => output.map(Some),
+            Err(_) => {
+                // SAFETY: our own unreaped child's group (its waiter below reaps it).
+                unsafe { libc::killpg(child.pid as libc::pid_t, libc::SIGKILL) };
+                let _ = child.wait().await;
+                Ok(None)
+            }
+        }
+    }
+
     /// New slots for task processes, whose freed slots start the next try on
     /// the spawner thread that saw the exit ([`slots`]).
     pub(crate) fn slots(&self) -> std::sync::Arc<Slots> {
