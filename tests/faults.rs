@@ -759,7 +759,8 @@ async fn a_program_asked_for_its_task_types_gets_no_database_secrets(backend: Ba
 /// top-level `user:`, the user its tasks run as, at start and at a reload.
 /// Before, it asked as root: whoever may replace the program (its deploy,
 /// as that user) ran code as root at every start and reload. Here the
-/// program names its one type after the user it was asked as. Needs root.
+/// program names its one type after the user it was asked as (after 5 MB
+/// on its standard error, which the daemon reads to the end). Needs root.
 async fn a_program_is_asked_for_its_task_types_as_the_user_its_tasks_run_as(backend: Backend) {
     use std::os::unix::fs::PermissionsExt;
     if !nix::unistd::geteuid().is_root() {
@@ -775,6 +776,7 @@ async fn a_program_is_asked_for_its_task_types_as_the_user_its_tasks_run_as(back
             "#!/bin/sh\n\
              if [ \"$1\" = --list-tasks ]; then\n\
              \x20 if [ -e {} ]; then exec sleep 3587; fi\n\
+             \x20 head -c 5000000 /dev/zero >&2 || exit 3\n\
              \x20 echo \"AsUid$(id -u)\"; exit 0\n\
              fi\n\
              if [ \"$1\" = --list-flows ]; then exit 0; fi\n\

@@ -37,6 +37,7 @@ both_backends!(
     a_child_forked_by_a_parent_gone_before_its_answer_runs_its_try_once,
     a_try_whose_request_is_larger_than_the_socket_takes_is_execd,
     a_parent_retired_in_order_exits_through_its_exit_handlers,
+    a_retired_parent_that_does_not_exit_is_killed_after_the_grace,
 );
 
 /// The task-sdk probe, built beside the daemon (`cargo build --workspace --bins`).
@@ -1013,4 +1014,48 @@ async fn a_parent_retired_in_order_exits_through_its_exit_handlers(backend: crat
         "{ran:?}\n{}",
         daemon.log_text()
     );
+}
+
+/// A parent retired in order that does not exit at the end of its socket
+/// (its exit handlers hang, or it ignores the end) is killed once the 5 s
+/// grace has passed. Before the kill went through the parent's pidfd, it
+/// was skipped, the parent marked gone at its socket's end: each reload
+/// left a booted program behind.
+async fn a_retired_parent_that_does_not_exit_is_killed_after_the_grace(
+    backend: crate::util::Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let program = db.scratch.join("stubborn.py");
+    python_example_with(
+        &program,
+        "serve = program['serve_preloaded']\n\
+         def stubborn():\n    \
+             serve()\n    \
+             time.sleep(3600)\n\
+         program['main'].__globals__['serve_preloaded'] = stubborn",
+    );
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!(
+            "tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
+            program.display()
+        ))
+        .start();
+    let id = enqueue(&db, "PyProbe", "").await;
+    let row = finished_on_one_try(&db, id, &daemon, WAIT).await;
+    let parent: i32 = report(&row.result_text.unwrap())["booted_in"]
+        .parse()
+        .unwrap();
+    daemon.signal(Signal::SIGHUP);
+    wait_until(WAIT, "the retired parent to be killed", || {
+        !process_exists(parent)
+    });
+    let log = daemon.log_text();
+    assert!(
+        log.contains(&format!(
+            "preloaded parent (pid {parent}) did not exit within 5s of the end of its socket: it is killed"
+        )),
+        "{log}"
+    );
+    assert!(daemon.stop().success());
 }

@@ -132,7 +132,7 @@ impl Spawner {
     ) -> std::io::Result<Option<std::process::Output>> {
         use tokio::io::AsyncReadExt;
         /// More output than any answer has is not kept.
-        const MOST: u64 = 4 << 20;
+        const MOST: usize = 4 << 20;
         let recipe = Recipe {
             program: program.to_path_buf(),
             args: args.iter().map(|arg| arg.to_string()).collect(),
@@ -147,12 +147,18 @@ impl Spawner {
             cgroup: None,
         };
         let mut child = self.exec.spawn(recipe).await?;
+        // Read to the end (a program whose output is cut short would die
+        // of SIGPIPE), kept up to MOST.
         let read = |fd: Option<std::os::fd::OwnedFd>| async move {
             let mut kept = Vec::new();
-            if let Some(pipe) =
+            if let Some(mut pipe) =
                 fd.and_then(|fd| tokio::net::unix::pipe::Receiver::from_owned_fd_unchecked(fd).ok())
             {
-                let _ = pipe.take(MOST).read_to_end(&mut kept).await;
+                let mut chunk = vec![0; 64 << 10];
+                while let Ok(count @ 1..) = pipe.read(&mut chunk).await {
+                    let room = MOST.saturating_sub(kept.len());
+                    kept.extend_from_slice(&chunk[..count.min(room)]);
+                }
             }
             kept
         };
@@ -169,9 +175,12 @@ impl Spawner {
         match answer {
             Ok(output) => output.map(Some),
             Err(_) => {
-                // SAFETY: our own unreaped child's group (its waiter below reaps it).
+                // SAFETY: a signal to the group made for this question: its
+                // leader is our child, and while it or any member lives the
+                // group's id is not reused.
                 unsafe { libc::killpg(child.pid as libc::pid_t, libc::SIGKILL) };
-                let _ = child.wait().await;
+                // Reaped here, or (stuck in the kernel) by its drop.
+                let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
                 Ok(None)
             }
         }

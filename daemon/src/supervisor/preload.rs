@@ -154,6 +154,9 @@ struct Program {
 /// A running preloaded parent.
 struct Parent {
     pid: u32,
+    /// Opened while it was our unreaped child: it names this process even
+    /// once its pid is reused.
+    pidfd: OwnedFd,
     socket: AsyncFd<OwnedFd>,
     /// Requests sent and not answered yet, oldest first. The parent reads
     /// one request at a time and answers it before it reads the next, so
@@ -510,6 +513,9 @@ impl Parent {
         let files = files_of(recipe, spawner);
         let mut child = spawner.spawn(parent_recipe).await.map_err(StartError::Io)?;
         let pid = child.pid;
+        // Unreaped (its waiter starts below): the pid is still its own.
+        let pidfd = super::spawner::pidfd_open(pid)
+            .map_err(|e| StartError::Io(super::spawner::mark_shortage(e)))?;
         let alive = Arc::new(AtomicBool::new(true));
         let program = recipe.program.display().to_string();
         // Its output goes to the daemon's log, a line at a time.
@@ -542,6 +548,7 @@ impl Parent {
         .map_err(|e| StartError::Io(super::spawner::mark_shortage(io::Error::from(e))))?;
         let parent = Parent {
             pid,
+            pidfd,
             socket,
             pending: Default::default(),
             answered_at: std::sync::Mutex::new(Instant::now()),
@@ -615,11 +622,22 @@ impl Parent {
 
     /// Stops the parent at once (SIGKILL: it may be blocked anywhere in
     /// its own code); its children are the daemon's own and go on.
+    /// Through its pidfd, which names this process for good: `alive` is no
+    /// guide, since it turns false when the socket ends, while the process
+    /// may live on (a `close` whose parent does not exit, a parent that
+    /// closed its socket with requests unanswered); a kill by pid once it
+    /// was reaped could hit another process.
     fn retire(&self) {
-        if self.alive.load(Ordering::SeqCst) {
-            // SAFETY: signalling our own unreaped child (its waiter reaps it).
-            unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
-        }
+        // SAFETY: a signal through a pidfd we own.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0 as libc::c_uint,
+            )
+        };
     }
 
     /// One message from the parent; 0 bytes when it closed the socket.

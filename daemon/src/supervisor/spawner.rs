@@ -456,8 +456,6 @@ pub(super) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     owned(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int)
 }
 
-/// Whether `pid` is the daemon's child, not yet reaped (so that the pid
-/// cannot have been reused); needs no descriptor. Reaps nothing.
 /// The pids of the daemon's children a [`Child`] supervises now (tries and
 /// preloaded parents): a preloaded parent's answer naming one of them is
 /// not a new child.
@@ -470,6 +468,8 @@ fn supervised() -> std::sync::MutexGuard<'static, std::collections::HashSet<u32>
         .unwrap_or_else(|e| e.into_inner())
 }
 
+/// Whether `pid` is the daemon's child, not yet reaped (so that the pid
+/// cannot have been reused); needs no descriptor. Reaps nothing.
 fn is_own_child(pid: u32) -> bool {
     // SAFETY: a waitid that reaps nothing (WNOWAIT), into a local.
     unsafe {
