@@ -26,6 +26,26 @@ const ROUND_TRIP: &str = concat!(
     "/../tests/ruby/schema_rb_round_trip.rb"
 );
 
+/// Drops an index migration 1 makes: the tables then need a repair.
+async fn drop_the_runnable_index(db: &TestDb, backend: Backend) {
+    db.execute(match backend {
+        Backend::MySql => "DROP INDEX task_runner_requests_runnable ON task_runner_requests",
+        Backend::Sqlite | Backend::Postgres => "DROP INDEX task_runner_requests_runnable",
+    })
+    .await;
+}
+
+/// Runs `migrate`, which must refuse with one line saying that nothing
+/// was changed; returns that line.
+fn migrate_refused(db: &TestDb) -> String {
+    let (status, stdout, stderr) = cli(db, &["migrate"]);
+    assert_eq!(status, 1, "{stdout}{stderr}");
+    let line = stderr.trim().to_string();
+    assert_eq!(line.lines().count(), 1, "{stderr}");
+    assert!(line.contains("nothing was changed"), "{line}");
+    line
+}
+
 /// Dumps `from` to schema.rb with ActiveRecord and loads it into `to`.
 fn schema_rb_round_trip(from: &TestDb, to: &TestDb) {
     let schema = to.scratch.join("schema.rb");
@@ -136,15 +156,7 @@ async fn a_missing_trigger_or_index_is_restored_keeping_the_rows(backend: Backen
                 .await
         }
     }
-    match backend {
-        Backend::MySql => {
-            db.execute("DROP INDEX task_runner_requests_runnable ON task_runner_requests")
-                .await
-        }
-        Backend::Sqlite | Backend::Postgres => {
-            db.execute("DROP INDEX task_runner_requests_runnable").await
-        }
-    }
+    drop_the_runnable_index(&db, backend).await;
     let (status, stdout, stderr) = cli(&db, &["migrate"]);
     assert_eq!(status, 0, "{stderr}");
     assert!(
@@ -213,11 +225,7 @@ async fn a_repair_keeps_the_applications_own_columns(backend: Backend) {
               WHERE table_schema = DATABASE() AND index_name = 'app_by_tenant'"
         }
     };
-    db.execute(match backend {
-        Backend::MySql => "DROP INDEX task_runner_requests_runnable ON task_runner_requests",
-        Backend::Sqlite | Backend::Postgres => "DROP INDEX task_runner_requests_runnable",
-    })
-    .await;
+    drop_the_runnable_index(&db, backend).await;
     let (status, stdout, stderr) = cli(&db, &["migrate"]);
     assert_eq!(status, 0, "{stderr}");
     assert!(
@@ -286,17 +294,9 @@ async fn a_repair_never_takes_an_applications_foreign_keys_or_views_along(backen
     .await;
     db.execute(&format!("INSERT INTO reports (request_id) VALUES ({id})"))
         .await;
-    let drop_index = match backend {
-        Backend::MySql => "DROP INDEX task_runner_requests_runnable ON task_runner_requests",
-        Backend::Sqlite | Backend::Postgres => "DROP INDEX task_runner_requests_runnable",
-    };
-    db.execute(drop_index).await;
-    let (status, stdout, stderr) = cli(&db, &["migrate"]);
-    assert_eq!(status, 1, "{stdout}{stderr}");
-    let line = stderr.trim();
-    assert_eq!(line.lines().count(), 1, "{stderr}");
+    drop_the_runnable_index(&db, backend).await;
+    let line = migrate_refused(&db);
     assert!(line.contains("reports → task_runner_requests"), "{line}");
-    assert!(line.contains("nothing was changed"), "{line}");
     assert_eq!(db.scalar("SELECT count(*) FROM reports").await, 1);
     assert_eq!(
         db.scalar("SELECT count(*) FROM task_runner_batches").await,
@@ -468,18 +468,10 @@ async fn a_repair_waits_for_the_daemons_running_on_the_tables(backend: Backend) 
     let mut daemon = Daemon::start(&db, "d", "");
     let id = db.enqueue("NoOp", None).await;
     db.wait_for_state(id, "FINISHED", WAIT).await;
-    let drop_index = match backend {
-        Backend::MySql => "DROP INDEX task_runner_requests_runnable ON task_runner_requests",
-        Backend::Sqlite | Backend::Postgres => "DROP INDEX task_runner_requests_runnable",
-    };
-    db.execute(drop_index).await;
-    let (status, stdout, stderr) = cli(&db, &["migrate"]);
-    assert_eq!(status, 1, "{stdout}{stderr}");
-    let line = stderr.trim();
-    assert_eq!(line.lines().count(), 1, "{stderr}");
+    drop_the_runnable_index(&db, backend).await;
+    let line = migrate_refused(&db);
     assert!(line.contains("daemons run on them"), "{line}");
     assert!(line.contains(&format!("pid {}", daemon.pid())), "{line}");
-    assert!(line.contains("nothing was changed"), "{line}");
     assert_eq!(
         db.scalar("SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED'")
             .await,
