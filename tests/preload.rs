@@ -38,6 +38,7 @@ both_backends!(
     a_try_whose_request_is_larger_than_the_socket_takes_is_execd,
     a_parent_retired_in_order_exits_through_its_exit_handlers,
     a_retired_parent_that_does_not_exit_is_killed_after_the_grace,
+    a_cancel_while_the_program_boots_ends_the_try_and_keeps_the_boot,
 );
 
 /// The task-sdk probe, built beside the daemon (`cargo build --workspace --bins`).
@@ -1057,5 +1058,47 @@ async fn a_retired_parent_that_does_not_exit_is_killed_after_the_grace(
         )),
         "{log}"
     );
+    assert!(daemon.stop().success());
+}
+
+/// A cancel of a try whose preloaded program is still booting (here for
+/// 8 s) ends it as soon as the daemon hears of it; the boot goes on, and
+/// the next try is forked from that parent. Before, the cancel was heard
+/// only once the child existed, after the whole boot (a Rails application
+/// takes a minute), and so were a lost claim and a shutdown's end.
+async fn a_cancel_while_the_program_boots_ends_the_try_and_keeps_the_boot(
+    backend: crate::util::Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "programs: [{{path: {}, preload: true}}]\nenv: {{PROBE_SETUP_MS: '8000'}}\n",
+            sdk_probe().display()
+        ),
+    );
+    let id = enqueue(&db, "Probe", "").await;
+    db.wait_for(id, WAIT, "the try claimed", |row| {
+        row.result.as_deref() == Some("RUNNING")
+    })
+    .await;
+    let cancelled_at = std::time::Instant::now();
+    let (status, _, stderr) = crate::util::cli(&db, &["cancel", &id.to_string()]);
+    assert_eq!(status, 0, "{stderr}");
+    let row = db.wait_for_state(id, "CANCELLED", WAIT).await;
+    let took = cancelled_at.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "cancelled after {took:?}: {row:#?}\n{}",
+        daemon.log_text()
+    );
+    assert_eq!(row.tries, 1, "{row:#?}");
+    assert!(row.pid.is_none(), "{row:#?}");
+    let next = enqueue(&db, "Probe", "").await;
+    finished_on_one_try(&db, next, &daemon, WAIT).await;
+    let log = daemon.log_text();
+    assert_eq!(log.matches(" preloaded (pid ").count(), 1, "{log}");
+    assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
     assert!(daemon.stop().success());
 }

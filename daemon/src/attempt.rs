@@ -133,11 +133,13 @@ pub(crate) async fn run_claimed(
     (verdict, outcome)
 }
 
-/// The verdict of a try that stopped waiting at its gate: the caller knows
-/// why, and its verdict replaces this one.
-pub(crate) fn not_started() -> Verdict {
+/// The verdict of a try that stopped waiting at its gate, or for its
+/// preloaded start (then `stopped` says why): the caller knows why, and its
+/// verdict replaces this one.
+pub(crate) fn not_started(stopped: Option<StopReason>) -> Verdict {
     Verdict {
         never_started: true,
+        stopped_before_start: stopped,
         ..Verdict::new(State::Interrupted, "given back before it started")
     }
 }
@@ -185,6 +187,8 @@ pub(crate) struct Verdict {
     pub(crate) daemon_short: bool,
     /// It stopped waiting at its gate ([`not_started`]).
     pub(crate) never_started: bool,
+    /// The stop that ended its wait for a preloaded start, if one did.
+    pub(crate) stopped_before_start: Option<StopReason>,
 }
 
 impl Verdict {
@@ -197,6 +201,7 @@ impl Verdict {
             start_times: None,
             daemon_short: false,
             never_started: false,
+            stopped_before_start: None,
         }
     }
 }
@@ -325,7 +330,9 @@ pub(crate) async fn run(
             start_times: Some(ended.start_times),
             ..judge(&ended)
         },
-        Err(error) if supervisor::is_not_started(&error) => not_started(),
+        Err(error) if supervisor::not_started(&error).is_some() => {
+            not_started(supervisor::not_started(&error).flatten())
+        }
         Err(error) if supervisor::is_daemon_short(&error) => Verdict {
             daemon_short: true,
             ..Verdict::new(
@@ -424,6 +431,7 @@ pub(crate) fn judge(ended: &Ended) -> Verdict {
         start_times: Some(ended.start_times),
         daemon_short: false,
         never_started: false,
+        stopped_before_start: None,
     };
     match ended.stopped {
         Some(Stopped::Timeout(_)) => {

@@ -179,9 +179,10 @@ impl Executor {
         .await;
         if verdict.never_started {
             // No reason kept: the line was closed (a shutdown).
+            let stopped = verdict.stopped_before_start;
             let verdict = lock(&gave_up)
                 .take()
-                .unwrap_or_else(|| given_back(Some(StopReason::Shutdown)));
+                .unwrap_or_else(|| given_back(Some(stopped.unwrap_or(StopReason::Shutdown))));
             return self.give_back(row, verdict, &config);
         }
         self.tries.remove(row.id, &row.claim_token);

@@ -85,15 +85,26 @@ pub(crate) struct Spawner {
 impl Spawner {
     /// Starts a process from `recipe`: forked from its program's preloaded
     /// parent if it asks for one and the parent serves, else with exec.
+    ///
+    /// A preloaded start runs as a task of its own: a try that stops
+    /// waiting for it ([`run`]) drops only the answer, so that a boot under
+    /// way goes on for the next tries (dropped, it killed the booting
+    /// parent), and a child made for this try after all is killed and
+    /// reaped (its [`spawner::Child`] dropped).
     pub(crate) async fn spawn(&self, recipe: Recipe) -> std::io::Result<spawner::Child> {
-        if recipe.preload {
-            match self.preloaded.spawn(&self.exec, &recipe).await {
-                Ok(child) => return Ok(child),
-                Err(preload::Refused::Failed(error)) => return Err(error),
-                Err(preload::Refused::ExecInstead) => {}
-            }
+        if !recipe.preload {
+            return self.exec.spawn(recipe).await;
         }
-        self.exec.spawn(recipe).await
+        let this = self.clone();
+        tokio::spawn(async move {
+            match this.preloaded.spawn(&this.exec, &recipe).await {
+                Ok(child) => Ok(child),
+                Err(preload::Refused::Failed(error)) => Err(error),
+                Err(preload::Refused::ExecInstead) => this.exec.spawn(recipe).await,
+            }
+        })
+        .await
+        .unwrap_or_else(|error| Err(std::io::Error::other(error)))
     }
 
     /// Retires every preloaded parent (config reload); each exits in its
@@ -324,9 +335,11 @@ pub(crate) const ANNOUNCE_AFTER: Duration = Duration::from_millis(10);
 /// then waits at most this long to be read.
 const WATCH_OUTPUT_AFTER: Duration = Duration::from_millis(10);
 
-/// A try that was not started because its `gate` said no (see [`run`]).
+/// A try that was not started because its `gate` said no, or because it
+/// was stopped while its preloaded start waited (see [`run`]): why, when
+/// the run knows.
 #[derive(Debug)]
-pub(crate) struct NotStarted;
+pub(crate) struct NotStarted(Option<StopReason>);
 
 impl std::fmt::Display for NotStarted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -336,11 +349,13 @@ impl std::fmt::Display for NotStarted {
 
 impl std::error::Error for NotStarted {}
 
-/// Whether `error` is [`run`]'s "the gate said no".
-pub(crate) fn is_not_started(error: &std::io::Error) -> bool {
+/// Whether `error` is [`run`]'s "not started", and the stop that made it
+/// so when the run knows it.
+pub(crate) fn not_started(error: &std::io::Error) -> Option<Option<StopReason>> {
     error
         .get_ref()
-        .is_some_and(|inner| inner.downcast_ref::<NotStarted>().is_some())
+        .and_then(|inner| inner.downcast_ref::<NotStarted>())
+        .map(|not_started| not_started.0)
 }
 
 /// Runs one process to its end.
@@ -416,11 +431,26 @@ pub(crate) async fn run(
     let preloaded_from =
         (launch.preload && try_cgroup.is_some()).then(|| preload::Key::of(&recipe));
     let asked = std::time::SystemTime::now();
-    let Some((spawned, ticket, waited)) = spawner.start_at(gate, recipe).await else {
+    // A preloaded start can wait for its program's boot (up to a minute)
+    // or its restart backoff: a cancel, a lost claim or the end of a
+    // shutdown's drain ends the wait, and the try is not started (before,
+    // each was heard only once the child existed). Its start goes on
+    // without it ([`Spawner::spawn`]).
+    let starting = spawner.start_at(gate, recipe);
+    let (started, stopped) = if launch.preload {
+        tokio::pin!(starting);
+        tokio::select! {
+            started = &mut starting => (started, None),
+            reason = stopped_waiting(&mut stop) => (None, Some(reason)),
+        }
+    } else {
+        (starting.await, None)
+    };
+    let Some((spawned, ticket, waited)) = started else {
         if let Some(cgroup) = try_cgroup {
             cgroup.remove().await;
         }
-        return Err(std::io::Error::other(NotStarted));
+        return Err(std::io::Error::other(NotStarted(stopped)));
     };
     if spawned.is_err() {
         if let Some(cgroup) = try_cgroup.clone() {
@@ -630,6 +660,21 @@ pub(crate) async fn run(
         stopped,
         limit_broken,
     })
+}
+
+/// The reason of the next stop sent on `stop`; never, once its sender is
+/// gone (nobody can stop the try any more: `taskrunner-cli run`'s).
+async fn stopped_waiting(stop: &mut watch::Receiver<Option<StopReason>>) -> StopReason {
+    loop {
+        match stop.changed().await {
+            Ok(()) => {
+                if let Some(reason) = *stop.borrow_and_update() {
+                    return reason;
+                }
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    }
 }
 
 /// SIGTERM, repeated every `kill_retry`, then SIGKILL once `kill_grace` has passed.
