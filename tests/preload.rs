@@ -39,6 +39,7 @@ both_backends!(
     a_parent_retired_in_order_exits_through_its_exit_handlers,
     a_retired_parent_that_does_not_exit_is_killed_after_the_grace,
     a_cancel_while_the_program_boots_ends_the_try_and_keeps_the_boot,
+    a_cancel_before_the_child_made_its_group_stops_it_at_once,
 );
 
 /// The task-sdk probe, built beside the daemon (`cargo build --workspace --bins`).
@@ -1099,6 +1100,51 @@ async fn a_cancel_while_the_program_boots_ends_the_try_and_keeps_the_boot(
     finished_on_one_try(&db, next, &daemon, WAIT).await;
     let log = daemon.log_text();
     assert_eq!(log.matches(" preloaded (pid ").count(), 1, "{log}");
+    assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
+    assert!(daemon.stop().success());
+}
+
+/// A preloaded child makes its own process group itself, after the daemon
+/// has its pid. A cancel in between found no group: its `SIGTERM`, and the
+/// `SIGKILL`s after it, were lost until the group existed (here the child
+/// takes 6 s to make it). Now such a signal goes to the process itself.
+async fn a_cancel_before_the_child_made_its_group_stops_it_at_once(backend: crate::util::Backend) {
+    let db = TestDb::new(backend).await;
+    let program = db.scratch.join("slow_group.py");
+    python_example_with(
+        &program,
+        "set_up = program['serve_preloaded'].__globals__['set_up_child']\n\
+         def slowly(request, fds):\n    \
+             time.sleep(6)\n    \
+             set_up(request, fds)\n\
+         program['serve_preloaded'].__globals__['set_up_child'] = slowly",
+    );
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!(
+            "tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
+            program.display()
+        ))
+        .start();
+    let id = enqueue(&db, "PyProbe", "").await;
+    let running = db.wait_for_pid(id, WAIT).await;
+    let pid = running.pid.unwrap() as i32;
+    assert_ne!(
+        nix::unistd::getpgid(Some(Pid::from_raw(pid))).unwrap(),
+        Pid::from_raw(pid),
+        "the child has no group of its own yet"
+    );
+    let cancelled_at = std::time::Instant::now();
+    let (status, _, stderr) = crate::util::cli(&db, &["cancel", &id.to_string()]);
+    assert_eq!(status, 0, "{stderr}");
+    let row = db.wait_for_state(id, "CANCELLED", WAIT).await;
+    let took = cancelled_at.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "cancelled after {took:?}: {row:#?}\n{}",
+        daemon.log_text()
+    );
+    assert!(!process_exists(pid));
     assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
     assert!(daemon.stop().success());
 }

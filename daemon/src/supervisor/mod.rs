@@ -683,9 +683,21 @@ struct Escalation {
     next_at: Instant,
 }
 
+/// Signals the try's process group; while there is none yet, the process
+/// itself. A preloaded child makes its group itself, an instant after the
+/// daemon learns its pid: before, a stop in that instant found no group,
+/// and its signal waited for the next one (`kill_retry`, or its group's
+/// making). Called only while the process is our unreaped child, whose pid
+/// cannot name another.
+fn signal_try(group: Pid, signal: Signal) {
+    if killpg(group, signal) == Err(nix::errno::Errno::ESRCH) {
+        let _ = nix::sys::signal::kill(group, signal);
+    }
+}
+
 impl Escalation {
     fn begin(group: Pid, settings: &TaskSettings) -> Escalation {
-        let _ = killpg(group, Signal::SIGTERM);
+        signal_try(group, Signal::SIGTERM);
         let began = Instant::now();
         Escalation {
             began,
@@ -694,7 +706,7 @@ impl Escalation {
     }
 
     fn kill_now(group: Pid) -> Escalation {
-        let _ = killpg(group, Signal::SIGKILL);
+        signal_try(group, Signal::SIGKILL);
         let now = Instant::now();
         Escalation {
             began: now,
@@ -706,10 +718,10 @@ impl Escalation {
         let now = Instant::now();
         let grace_over = self.began + settings.kill_grace;
         if now >= grace_over {
-            let _ = killpg(group, Signal::SIGKILL);
+            signal_try(group, Signal::SIGKILL);
             self.next_at = now + Duration::from_secs(1);
         } else {
-            let _ = killpg(group, Signal::SIGTERM);
+            signal_try(group, Signal::SIGTERM);
             self.next_at =
                 (now + settings.kill_retry.max(Duration::from_millis(10))).min(grace_over);
         }
