@@ -330,17 +330,19 @@ pub(crate) async fn run(
             start_times: Some(ended.start_times),
             ..judge(&ended)
         },
-        Err(error) if supervisor::not_started(&error).is_some() => {
-            not_started(supervisor::not_started(&error).flatten())
-        }
-        Err(error) if supervisor::is_daemon_short(&error) => Verdict {
-            daemon_short: true,
-            ..Verdict::new(
-                State::Interrupted,
-                format!("given back before it started: the daemon is short of resources ({error})"),
-            )
+        Err(error) => match supervisor::not_started(&error) {
+            Some(stopped) => not_started(stopped),
+            None if supervisor::is_daemon_short(&error) => Verdict {
+                daemon_short: true,
+                ..Verdict::new(
+                    State::Interrupted,
+                    format!(
+                        "given back before it started: the daemon is short of resources ({error})"
+                    ),
+                )
+            },
+            None => Verdict::new(State::Failed, error.to_string()),
         },
-        Err(error) => Verdict::new(State::Failed, error.to_string()),
     }
 }
 

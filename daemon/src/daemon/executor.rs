@@ -178,7 +178,8 @@ impl Executor {
         )
         .await;
         if verdict.never_started {
-            // No reason kept: the line was closed (a shutdown).
+            // Why it stopped waiting: kept by its gate, or by the run for
+            // a preloaded start; neither: the line was closed (a shutdown).
             let stopped = verdict.stopped_before_start;
             let verdict = lock(&gave_up)
                 .take()

@@ -5,6 +5,7 @@
 //! holder wrote here (`lease_ms`, migration 0015) before it takes a row
 //! whose heartbeat aged for crashed. A row not written (the write failed)
 //! leaves the reaper's own lease, as before; the heartbeat writes it again.
+//! And a schema repair waits while rows say daemons run.
 
 use std::time::Duration;
 
@@ -31,6 +32,30 @@ pub(crate) struct DaemonPresence<'a> {
 const FORGET_AFTER: Duration = Duration::from_secs(7 * 86_400);
 
 impl Store {
+    /// The daemons whose rows say they run (not stopped, heard from within
+    /// `within`), each as `pid N on HOST`.
+    pub(super) async fn daemons_heard_from_within(&self, within: Duration) -> Result<Vec<String>> {
+        if !self.table_exists("task_runner_daemons").await? {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT host, {} FROM task_runner_daemons \
+             WHERE stopped_at IS NULL AND heartbeat_at > {}",
+            self.dialect().int64("pid"),
+            self.dialect().now_plus(&format!("-{}", within.as_secs()))
+        );
+        let rows: Vec<(String, Option<i64>)> = on_pool!(self, pool => {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|(host, pid)| match pid {
+                Some(pid) => format!("pid {pid} on {host}"),
+                None => host,
+            })
+            .collect())
+    }
+
     /// Writes this daemon's row (and forgets daemons silent for a week).
     pub(crate) async fn register_daemon(&self, me: &DaemonPresence<'_>) -> Result<()> {
         let now = self.dialect().now();

@@ -161,15 +161,10 @@ impl Store {
                 present.push(table.clone());
             }
         }
-        // Dropping a table that another table's foreign key references
-        // would fail halfway (MariaDB/MySQL, whose DDL commits statement by
-        // statement) or delete the rows that cascade from it (SQLite's
-        // implicit DELETE); on PostgreSQL a foreign key or a view makes the
-        // DROP fail (CASCADE would take them along).
         // A daemon running on these tables would lose every write it made
         // between the copy and the copy back (an outcome, a claim), and
         // find its statements failing while the tables are gone.
-        let living = self.daemons_heard_from_lately().await?;
+        let living = self.daemons_heard_from_within(LIVING_WITHIN).await?;
         if !living.is_empty() {
             return Err(SchemaMismatch(format!(
                 "{reason}, but the repair rebuilds taskrunner's tables, and daemons run on them (heard from within {} minutes: {}): \
@@ -179,6 +174,11 @@ impl Store {
             ))
             .into());
         }
+        // Dropping a table that another table's foreign key references
+        // would fail halfway (MariaDB/MySQL, whose DDL commits statement by
+        // statement) or delete the rows that cascade from it (SQLite's
+        // implicit DELETE); on PostgreSQL a foreign key or a view makes the
+        // DROP fail (CASCADE would take them along).
         let dependents = self.dependents_of(&present).await?;
         if !dependents.is_empty() {
             return Err(SchemaMismatch(format!(
@@ -681,33 +681,6 @@ impl Store {
             Pool::Postgres(pool) => sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await?,
             Pool::MySql(pool) => sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await?,
         })
-    }
-}
-
-impl Store {
-    /// The daemons (instance, host and pid) whose rows say they run: not
-    /// stopped, and heard from within [`LIVING_WITHIN`].
-    async fn daemons_heard_from_lately(&self) -> Result<Vec<String>> {
-        if !self.table_exists("task_runner_daemons").await? {
-            return Ok(Vec::new());
-        }
-        let sql = format!(
-            "SELECT host, {} FROM task_runner_daemons \
-             WHERE stopped_at IS NULL AND heartbeat_at > {}",
-            self.dialect().int64("pid"),
-            self.dialect()
-                .now_plus(&format!("-{}", LIVING_WITHIN.as_secs()))
-        );
-        let rows: Vec<(String, Option<i64>)> = on_pool!(self, pool => {
-            sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await?
-        });
-        Ok(rows
-            .into_iter()
-            .map(|(host, pid)| match pid {
-                Some(pid) => format!("pid {pid} on {host}"),
-                None => host,
-            })
-            .collect())
     }
 }
 

@@ -30,8 +30,8 @@
 //! name, changed on disk is retired (its socket closed, so that it exits
 //! through its exit handlers; killed if it lingers; its children are the
 //! daemon's and go on) and a new one started at the next try; so is every
-//! parent on a config reload (SIGHUP) and at the daemon's stop. One parent serves every type started
-//! the same way ([`Key`]).
+//! parent on a config reload (SIGHUP) and at the daemon's stop. One parent
+//! serves every type started the same way ([`Key`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
@@ -622,6 +622,7 @@ impl Parent {
 
     /// Stops the parent at once (SIGKILL: it may be blocked anywhere in
     /// its own code); its children are the daemon's own and go on.
+    ///
     /// Through its pidfd, which names this process for good: `alive` is no
     /// guide, since it turns false when the socket ends, while the process
     /// may live on (a `close` whose parent does not exit, a parent that
