@@ -414,7 +414,7 @@ async fn a_preloaded_program_that_ignores_the_cgroup_field_has_its_tries_moved(b
     let db = TestDb::new(backend).await;
     let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/preload");
     let program = db.scratch.join("ignores_cgroups.py");
-    std::fs::write(
+    crate::util::write_executable(
         &program,
         format!(
             "#!/usr/bin/env python3\n\
@@ -431,13 +431,7 @@ async fn a_preloaded_program_that_ignores_the_cgroup_field_has_its_tries_moved(b
              sys.exit(preload_tasks.main())\n",
             examples.display().to_string()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &program,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    );
     let Some(mut daemon) = start_with_cgroups(
         &db,
         &format!(

@@ -581,8 +581,7 @@ fn missing_sqlite_directory_is_named() {
 /// Runs the CLI as user `nobody` (the tests run as root, which passes every
 /// permission check); skipped when not root.
 fn cli_as_nobody(dir: &std::path::Path, args: &[&str]) -> Option<(i32, String)> {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to run as another user");
+    if !crate::util::runs_as_root("needs root to run as another user") {
         return None;
     }
     let output = Command::new("runuser")
@@ -1053,8 +1052,7 @@ fn run_shows_the_tasks_stderr_live() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_user_enqueues_into_the_services_sqlite_file() {
     use std::os::unix::fs::PermissionsExt;
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to run as another user");
+    if !crate::util::runs_as_root("needs root to run as another user") {
         return;
     }
     let scratch = Scratch::new("shared-sqlite");

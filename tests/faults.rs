@@ -715,7 +715,7 @@ async fn a_program_asked_for_its_task_types_gets_no_database_secrets(backend: Ba
     let db = TestDb::new(backend).await;
     let seen = db.scratch.join("seen.env");
     let program = db.scratch.join("lister");
-    std::fs::write(
+    crate::util::write_executable(
         &program,
         format!(
             "#!/bin/sh\nenv | grep -E '^(DATABASE_URL|PG|FROM_CONFIG|PATH)' | sort >> {}\n\
@@ -724,13 +724,7 @@ async fn a_program_asked_for_its_task_types_gets_no_database_secrets(backend: Ba
              echo listed\n",
             seen.display()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &program,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    );
     let mut daemon = Daemon::start_in_env(
         &db,
         "d",
@@ -763,14 +757,13 @@ async fn a_program_asked_for_its_task_types_gets_no_database_secrets(backend: Ba
 /// on its standard error, which the daemon reads to the end). Needs root.
 async fn a_program_is_asked_for_its_task_types_as_the_user_its_tasks_run_as(backend: Backend) {
     use std::os::unix::fs::PermissionsExt;
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: running a program as another user needs root");
+    if !crate::util::runs_as_root("running a program as another user needs root") {
         return;
     }
     let db = TestDb::new(backend).await;
     let program = db.scratch.join("lister");
     let hang = db.scratch.join("hang-now");
-    std::fs::write(
+    crate::util::write_executable(
         &program,
         format!(
             "#!/bin/sh\n\
@@ -783,9 +776,7 @@ async fn a_program_is_asked_for_its_task_types_as_the_user_its_tasks_run_as(back
              echo \"ran as $(id -u)\"\n",
             hang.display()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     std::fs::set_permissions(&db.scratch.path, std::fs::Permissions::from_mode(0o755)).unwrap();
     let nobody = nix::unistd::User::from_name("nobody")
         .unwrap()
@@ -971,8 +962,7 @@ async fn the_daemon_outranks_its_tasks_which_keep_its_starting_nice() {
 /// Tasks run as `user:`, at their type's `nice:` even below the daemon's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_run_as_the_configured_user() {
-    if !nix::unistd::geteuid().is_root() {
-        println!("skipped: running tasks as another user needs root");
+    if !crate::util::runs_as_root("running tasks as another user needs root") {
         return;
     }
     let db = TestDb::new(Backend::Sqlite).await;
@@ -2404,8 +2394,7 @@ impl Drop for SmallDisk {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_under_sqlite_costs_no_request_and_no_try() {
     use sqlx::Connection;
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: mounting a small file system needs root");
+    if !crate::util::runs_as_root("mounting a small file system needs root") {
         return;
     }
     let disk = SmallDisk::mount(4 << 20);
@@ -2554,8 +2543,7 @@ async fn a_log_reader_that_stops_reading_does_not_stop_the_daemon(backend: Backe
 /// which the identity of a try and of a daemon now names: such rows are
 /// left to their daemon, and to their lease should it die.
 async fn a_daemon_in_another_pid_namespace_with_the_same_host_id_keeps_its_tries(backend: Backend) {
-    if !nix::unistd::geteuid().is_root() {
-        println!("skipped: a PID namespace of its own needs root");
+    if !crate::util::runs_as_root("a PID namespace of its own needs root") {
         return;
     }
     let db = TestDb::new(backend).await;
@@ -2605,8 +2593,7 @@ async fn a_daemon_in_another_pid_namespace_with_the_same_host_id_keeps_its_tries
 /// as its child, reaps every orphan, passes SIGTERM on (the drain) and
 /// exits with the daemon's status.
 async fn as_pid_1_the_daemon_leaves_no_zombies_and_drains_on_sigterm(backend: Backend) {
-    if !nix::unistd::geteuid().is_root() {
-        println!("skipped: a PID namespace of its own needs root");
+    if !crate::util::runs_as_root("a PID namespace of its own needs root") {
         return;
     }
     let db = TestDb::new(backend).await;

@@ -391,8 +391,7 @@ struct PidsCgroup {
 
 impl PidsCgroup {
     fn make() -> Option<PidsCgroup> {
-        if !nix::unistd::geteuid().is_root() {
-            println!("skipped: making a cgroup needs root");
+        if !crate::util::runs_as_root("making a cgroup needs root") {
             return None;
         }
         let v1 = std::path::Path::new("/sys/fs/cgroup/pids");
@@ -600,8 +599,8 @@ async fn a_task_of_the_daemons_user_cannot_read_its_environment(backend: Backend
 /// A root daemon ran tasks as root without a word, and with only `group:`
 /// set kept uid 0. Now it warns at start, and refuses `group:` alone.
 async fn a_root_daemon_warns_of_root_tasks_and_refuses_group_without_user(backend: Backend) {
-    if !nix::unistd::geteuid().is_root() {
-        println!("skipped: the test runs as root only (the warning is about a root daemon)");
+    if !crate::util::runs_as_root("the test runs as root only (the warning is about a root daemon)")
+    {
         return;
     }
     let db = TestDb::new(backend).await;
@@ -1210,12 +1209,11 @@ async fn a_wait_for_an_sqlite_lock_ends_after_five_seconds_even_when_sleeps_over
 /// killed with its process group, the try fails as an unknown type, and the
 /// rest runs.
 async fn a_program_that_hangs_when_asked_its_types_holds_no_slot_for_ever(backend: Backend) {
-    use std::os::unix::fs::PermissionsExt;
     let db = TestDb::new(backend).await;
     let hang = db.scratch.join("hang-now");
     let hung = db.scratch.join("hung.pid");
     let program = db.scratch.join("lister.sh");
-    std::fs::write(
+    crate::util::write_executable(
         &program,
         format!(
             r#"#!/bin/sh
@@ -1230,9 +1228,7 @@ esac
             hang = hang.display(),
             hung = hung.display()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let mut daemon = db
         .daemon("d")
         .yaml(&format!(

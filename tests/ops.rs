@@ -106,8 +106,7 @@ fn sysv(defaults: &Path, action: &str) -> Output {
 /// daemon running as `nobody`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sysv_script_starts_refuses_a_second_start_and_stop_drains() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: the SysV script test needs root (start-stop-daemon --chuid)");
+    if !crate::util::runs_as_root("the SysV script test needs root (start-stop-daemon --chuid)") {
         return;
     }
     if Command::new("sh")

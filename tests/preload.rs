@@ -525,10 +525,9 @@ async fn a_parent_that_boots_for_longer_than_the_cgroup_sweep_waits_runs_its_fir
 async fn a_parent_whose_output_is_not_utf8_or_one_long_line_keeps_serving(
     backend: crate::util::Backend,
 ) {
-    use std::os::unix::fs::PermissionsExt;
     let db = TestDb::new(backend).await;
     let noisy = db.scratch.join("noisy_preload.py");
-    std::fs::write(
+    crate::util::write_executable(
         &noisy,
         format!(
             r#"#!/usr/bin/env python3
@@ -540,9 +539,7 @@ runpy.run_path({:?}, run_name="__main__")
 "#,
             python_probe().display().to_string()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&noisy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let mut daemon = Daemon::start(&db, "d", &preloaded(&noisy));
     let mut booted_in = Vec::new();
     for _ in 0..3 {
@@ -572,11 +569,10 @@ runpy.run_path({:?}, run_name="__main__")
 /// the try's own and recorded FAILED, its try counted; now the parent is
 /// known dead there too, and a new one starts the try.
 async fn a_parent_gone_just_before_a_request_is_sent_costs_no_try(backend: crate::util::Backend) {
-    use std::os::unix::fs::PermissionsExt;
     let db = TestDb::new(backend).await;
     let once = db.scratch.join("gone_once");
     let program = db.scratch.join("gone_preload.py");
-    std::fs::write(
+    crate::util::write_executable(
         &program,
         format!(
             r#"#!/usr/bin/env python3
@@ -592,9 +588,7 @@ runpy.run_path({probe:?}, run_name="__main__")
             once = once.display().to_string(),
             probe = python_probe().display().to_string()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let mut daemon = Daemon::start(&db, "d", &preloaded(&program));
     let id = enqueue(&db, "PyProbe", "").await;
     finished_on_one_try(&db, id, &daemon, WAIT).await;

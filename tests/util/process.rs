@@ -185,3 +185,22 @@ pub fn set_timer_slack(slack: std::time::Duration) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Whether the test runs as root (to run tasks as another user, make
+/// cgroups, namespaces or mounts); without, it prints that it is skipped,
+/// and `why`.
+pub fn runs_as_root(why: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        println!("skipped: {why}");
+    }
+    root
+}
+
+/// Writes `text` to `path` as an executable file (a script the test runs
+/// as a task or a program).
+pub fn write_executable(path: &Path, text: impl AsRef<[u8]>) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
