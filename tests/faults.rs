@@ -278,6 +278,60 @@ async fn a_try_whose_outcome_waits_is_left_to_its_living_daemon(backend: Backend
     assert!(daemon.stop().success());
 }
 
+/// The same on SQLite, with the outcome held up past the lease (an
+/// application's write transaction that lasts longer than
+/// `lease_timeout`): on SQLite the daemon does not fence itself (every
+/// daemon and reaper of the file is on this host, and a daemon keeps
+/// supervising through a lock), so a daemon that lives holds its rows
+/// whatever its heartbeat says. Before, the lapsed-lease pass took the
+/// row once its heartbeat was older than the lease, and the finished
+/// try ran again. A row of a holder that is gone is still taken then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite_a_living_daemons_row_is_its_own_past_the_lease() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let ran = db.scratch.join("ran.log");
+    let lease = Duration::from_secs(3);
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "heartbeat_interval: 1s\nkill_grace: 1s\nlease_timeout: 3s\nreap_interval: 1h\n\
+             tasks:\n  Brief:\n    command: [/bin/sh, -c, 'echo $$ >> {}; sleep 0.3']\n",
+            ran.display()
+        ),
+    );
+    let id = db.enqueue("Brief", None).await;
+    let pid = db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32;
+    // A row of another boot's daemon, renewed a second ago: its lease
+    // lapses during the hold (the daemon's own reaper, which ran at its
+    // start, runs again only in an hour).
+    let lapsed = db
+        .insert_row(running_on_another_host(Backend::Sqlite, "t1", 424242, 1))
+        .await;
+    let held = db.hold_row(id).await;
+    let held_at = Instant::now();
+    wait_until(WAIT, "the task's process to end", || !process_exists(pid));
+    // No renewal gets through the lock: past this, the lease has lapsed.
+    tokio::time::sleep_until((held_at + lease + Duration::from_millis(500)).into()).await;
+    let config = daemon.config.to_str().unwrap().to_string();
+    let (status, stdout, stderr) = cli(&db, &["--config", &config, "reap", "--dry-run"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with(&format!("{lapsed} "))),
+        "the lapsed pass ran: {stdout}"
+    );
+    assert!(
+        !stdout.lines().any(|l| l.starts_with(&format!("{id} "))),
+        "the reaper took a row its living daemon is recording: {stdout}"
+    );
+    held.release().await;
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 1, "{row:?}");
+    let runs = std::fs::read_to_string(&ran).unwrap();
+    assert_eq!(runs.lines().count(), 1, "{runs}");
+    assert!(daemon.stop().success());
+}
+
 /// `taskrunner-cli reap` run by a user who cannot see the tasks in
 /// `/proc` (mounted with `hidepid`, which hides other users' processes):
 /// neither the task's process nor its daemon shows, yet both run. Before,

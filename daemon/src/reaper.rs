@@ -14,7 +14,7 @@
 //! a pid against the identity of the daemon holding them (in `claimed_by`);
 //! rows of any host whose heartbeat is older than `lease_timeout` (or than
 //! the lease their holder wrote into its daemon's row, when that is longer)
-//! have lost their lease.
+//! have lost their lease, except on SQLite while their daemon lives.
 
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ use anyhow::Result;
 
 use crate::procinfo::{self, Identity, Probe};
 use crate::request::RequestId;
-use crate::store::{Store, NOT_COUNTED};
+use crate::store::{Backend, Store, NOT_COUNTED};
 
 /// A row the reaper marked (or, in a dry run, would mark), and why.
 #[derive(Debug, Clone)]
@@ -132,6 +132,14 @@ pub(crate) async fn reap(
         .await?
     {
         if alive_here.contains(&row.id) || reaped.iter().any(|r: &Reaped| r.id == row.id) {
+            continue;
+        }
+        // On SQLite every daemon of the file runs on this host and none
+        // fences itself (it supervises through a lock and records later):
+        // a row whose daemon lives is that daemon's, whatever its
+        // heartbeat says. Taking it ran a finished try again, or started a
+        // claimed one beside its holder's start.
+        if store.backend() == Backend::Sqlite && holder_lives(&row.claimed_by) {
             continue;
         }
         let lapsed = format!(

@@ -50,6 +50,8 @@ pub(crate) struct LapsedRow {
     /// The lease it was judged by: the longer of the reaper's and the one
     /// its holder wrote into its daemon's row.
     pub(crate) lease: Duration,
+    /// The daemon instance holding it ('' for none).
+    pub(crate) claimed_by: String,
 }
 
 impl Store {
@@ -130,6 +132,7 @@ impl Store {
                         .and_then(|ms| u64::try_from(ms).ok())
                         .map(Duration::from_millis)
                         .map_or(lease, |holders| holders.max(lease)),
+                    claimed_by: row.text(7)?,
                 }))
                 .collect::<sqlx::Result<_>>()?
         }))

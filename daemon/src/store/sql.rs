@@ -1229,7 +1229,7 @@ impl Sql {
                     "coalesce(CASE WHEN {holders} / 1000.0 > $1 THEN {holders} / 1000.0 END, $1)"
                 );
                 format!(
-                    "SELECT {}, coalesce(host, ''), claim_token, {}, {}, {}, {} \
+                    "SELECT {}, coalesce(host, ''), claim_token, {}, {}, {}, {}, coalesce(claimed_by, '') \
                        FROM task_runner_requests \
                       WHERE result = 'RUNNING' \
                         AND (heartbeat_at IS NULL OR heartbeat_at < {}) \
