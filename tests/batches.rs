@@ -1501,3 +1501,83 @@ async fn a_callback_given_to_a_running_row_is_made_at_its_end(backend: Backend) 
         assert!(daemon.stop().success());
     }
 }
+
+multi_host_backends!(an_application_adding_members_holds_up_only_its_batchs_outcomes);
+
+/// An application adds a member to a batch in a transaction it keeps open
+/// (the member's insert counts it in the batch's row, so that row stays
+/// locked until the application commits) while another member of the
+/// batch ends: that member's finalization needs the batch's lock. Before,
+/// the daemon's recorder waited for it, and no other try's outcome was
+/// recorded until the application committed (the call given up and
+/// retried at each `lease_timeout`). Now that one outcome is set aside and
+/// tried again, the others are recorded meanwhile, and once the
+/// application commits the batch ends with one callback. (Not SQLite: an
+/// application's write transaction there holds every writer alike.)
+async fn an_application_adding_members_holds_up_only_its_batchs_outcomes(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemons = start_daemons(
+        &db,
+        1,
+        "max_concurrent: 4\ntasks:\n  Brief:\n    command: [/bin/sleep, '0.3']\n",
+    );
+    let batch = insert_batch(&db, "on_complete", "'Done'").await;
+    insert_members(&db, batch, "Brief", 1, 5).await;
+    let first = taskrunner::request::RequestId(
+        db.scalar(&format!(
+            "SELECT id FROM task_runner_requests WHERE batch_id = {batch}"
+        ))
+        .await,
+    );
+    let pid = db
+        .wait_for_pid(first, Duration::from_secs(30))
+        .await
+        .pid
+        .unwrap() as i32;
+    let adding = db
+        .hold_after(&NewRow::new("Brief").batch(batch).insert_sql())
+        .await;
+    // The first member ends meanwhile, and then a row of no batch runs.
+    wait_until(Duration::from_secs(30), "the first member's end", || {
+        !process_exists(pid)
+    });
+    let other = db.enqueue("NoOp", None).await;
+    let row = db
+        .wait_for_state(other, "FINISHED", Duration::from_secs(4))
+        .await;
+    assert_eq!(row.tries, 1, "{row:?}");
+    let waiting = db.row(first).await;
+    assert_eq!(
+        waiting.result.as_deref(),
+        Some("RUNNING"),
+        "its outcome waits for the batch's lock: {waiting:?}"
+    );
+    // A wait that lasts a second is logged.
+    daemons[0].wait_for_log(
+        &format!("request {first}'s outcome waits for the lock of its batch {batch}"),
+        Duration::from_secs(10),
+    );
+    adding.release().await;
+    db.execute(&format!(
+        "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
+    ))
+    .await;
+    db.wait_for_count(
+        &format!("SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch} AND result = 'FINISHED'"),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(batch_state(&db, batch).await, "FINISHED");
+    assert_eq!(callbacks_of_batch(&db, batch).await, 1);
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE batch_id = {batch} AND result = 'FINISHED' AND tries = 1"
+        ))
+        .await,
+        2
+    );
+    for daemon in &mut daemons {
+        assert!(daemon.stop().success());
+    }
+}

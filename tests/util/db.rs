@@ -159,9 +159,21 @@ impl TestDb {
     /// (`SELECT … FOR UPDATE`), the database's write lock on SQLite
     /// (`BEGIN IMMEDIATE`). Reads of the row go on meanwhile.
     pub async fn hold_row(&self, id: RequestId) -> HeldRow {
+        self.hold_after(&match self.backend {
+            Backend::Sqlite => "SELECT 1".to_string(),
+            Backend::Postgres | Backend::MySql => {
+                format!("SELECT id FROM task_runner_requests WHERE id = {id} FOR UPDATE")
+            }
+        })
+        .await
+    }
+
+    /// Another connection that runs `sql` in a transaction and holds it
+    /// open until [`HeldRow::release`] commits it, with the locks `sql`
+    /// took: an application's transaction that has not ended yet.
+    pub async fn hold_after(&self, sql: &str) -> HeldRow {
         use sqlx::Connection;
-        let lock = format!("SELECT id FROM task_runner_requests WHERE id = {id} FOR UPDATE");
-        let lock = sqlx::AssertSqlSafe(lock);
+        let sql = sqlx::AssertSqlSafe(sql.to_string());
         match self.backend {
             Backend::Sqlite => {
                 let mut connection = sqlx::SqliteConnection::connect(&self.url).await.unwrap();
@@ -169,6 +181,7 @@ impl TestDb {
                     .execute(&mut connection)
                     .await
                     .unwrap();
+                sqlx::raw_sql(sql).execute(&mut connection).await.unwrap();
                 HeldRow::Sqlite(connection)
             }
             Backend::Postgres => {
@@ -177,7 +190,7 @@ impl TestDb {
                     .execute(&mut connection)
                     .await
                     .unwrap();
-                sqlx::raw_sql(lock).execute(&mut connection).await.unwrap();
+                sqlx::raw_sql(sql).execute(&mut connection).await.unwrap();
                 HeldRow::Postgres(connection)
             }
             Backend::MySql => {
@@ -186,7 +199,7 @@ impl TestDb {
                     .execute(&mut connection)
                     .await
                     .unwrap();
-                sqlx::raw_sql(lock).execute(&mut connection).await.unwrap();
+                sqlx::raw_sql(sql).execute(&mut connection).await.unwrap();
                 HeldRow::MySql(connection)
             }
         }

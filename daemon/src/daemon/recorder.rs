@@ -2,6 +2,9 @@
 //! progress and outcome writes; it applies everything waiting in one
 //! transaction (so that at high load a write costs well under one database
 //! round trip), and retries with backoff through outages without losing any.
+//! An outcome whose batch row another session holds locked (an
+//! application's transaction adding members) is set aside and tried again
+//! while the other writes go on (see [`Aside`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::health::{Backoff, Health, RECORDING};
 use crate::instance::ClaimToken;
 use crate::request::RequestId;
-use crate::store::{Store, Write};
+use crate::store::{BatchLocked, Store, Write};
 
 /// Largest batch applied in one transaction.
 const MAX_BATCH: usize = 512;
@@ -41,6 +44,22 @@ fn text_bytes(write: &Write) -> usize {
 /// outcome is written at once.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 const BUSY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The first retry of writes set aside for their batch's lock, doubled at
+/// each retry up to [`ASIDE_RETRY_MAX`]: another daemon's finalization
+/// holds that lock for milliseconds, an application's transaction for as
+/// long as it runs.
+const ASIDE_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(20);
+const ASIDE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A write set aside: its batch's row was locked by another session.
+struct Aside {
+    write: Write,
+    batch: i64,
+    since: tokio::time::Instant,
+    /// Whether its wait has been logged (once it lasted [`ASIDE_RETRY_MAX`]).
+    told: bool,
+}
 
 /// Removes the pid writes of tries whose outcome is in the same batch.
 fn drop_superseded_pids(batch: &mut Vec<Write>) {
@@ -156,6 +175,10 @@ pub(super) struct Writer {
     pending: Pending,
     /// A write received that did not fit the batch: the next one's first.
     held: Option<Write>,
+    /// Writes set aside for their batch's lock, in the order received.
+    aside: Vec<Aside>,
+    /// When they are tried again, and the wait after that.
+    aside_retry: Option<(tokio::time::Instant, std::time::Duration)>,
 }
 
 impl Writer {
@@ -170,6 +193,8 @@ impl Writer {
             wake,
             pending: pending.clone(),
             held: None,
+            aside: Vec::new(),
+            aside_retry: None,
         };
         (Recorder { sender, pending }, writer)
     }
@@ -182,15 +207,26 @@ impl Writer {
             .unwrap_or_else(tokio::time::Instant::now);
         loop {
             // Queued writes come before the cancel: none is left behind.
+            let retry_aside = self.aside_retry.map(|(at, _)| at);
             let first = match self.held.take() {
                 Some(write) => Some(write),
                 None => tokio::select! {
                     biased;
                     write = self.receiver.recv() => write,
+                    _ = crate::units::sleep_until_opt(retry_aside), if retry_aside.is_some() => {
+                        self.retry_aside().await;
+                        continue;
+                    }
                     _ = cancel.cancelled() => None,
                 },
             };
             let Some(first) = first else {
+                if let Some(at) = retry_aside {
+                    // Stopping: what was set aside is still to be written.
+                    tokio::time::sleep_until(at).await;
+                    self.retry_aside().await;
+                    continue;
+                }
                 if !cancel.is_cancelled() {
                     // Every handle dropped: nothing more can come.
                     cancel.cancelled().await;
@@ -218,7 +254,26 @@ impl Writer {
             if batch.is_empty() {
                 continue;
             }
-            self.apply(&batch).await;
+            // A write of a claim whose earlier write is set aside goes
+            // after it.
+            let (after_aside, batch): (Vec<Write>, Vec<Write>) =
+                batch.into_iter().partition(|write| {
+                    self.aside.iter().any(|aside| {
+                        aside.write.id() == write.id()
+                            && aside.write.claim_token() == write.claim_token()
+                    })
+                });
+            for write in after_aside {
+                let batch = self
+                    .aside
+                    .iter()
+                    .find(|a| a.write.id() == write.id())
+                    .map_or(0, |a| a.batch);
+                self.set_aside(write, batch, tokio::time::Instant::now(), false);
+            }
+            for (write, BatchLocked(batch)) in self.apply(&batch).await {
+                self.set_aside(write, batch, tokio::time::Instant::now(), false);
+            }
             last_batch = tokio::time::Instant::now();
             // A recorded outcome may make a retry due, or free a row for others.
             if batch.iter().any(|w| matches!(w, Write::Outcome(_))) {
@@ -228,17 +283,94 @@ impl Writer {
         }
     }
 
-    /// Applies one batch in one transaction, retrying through an outage.
-    async fn apply(&self, batch: &[Write]) {
+    /// Keeps `write` to be tried again, its batch's row locked by another
+    /// session since `since`.
+    fn set_aside(&mut self, write: Write, batch: i64, since: tokio::time::Instant, told: bool) {
+        if self.aside_retry.is_none() {
+            self.aside_retry = Some((
+                tokio::time::Instant::now() + ASIDE_RETRY_FIRST,
+                ASIDE_RETRY_FIRST,
+            ));
+        }
+        self.aside.push(Aside {
+            write,
+            batch,
+            since,
+            told,
+        });
+    }
+
+    /// Tries the writes set aside again, in their order; those whose batch
+    /// is still locked stay aside, and a wait that lasts is logged once.
+    async fn retry_aside(&mut self) {
+        let aside = std::mem::take(&mut self.aside);
+        let delay = self
+            .aside_retry
+            .take()
+            .map_or(ASIDE_RETRY_FIRST, |(_, delay)| delay);
+        let writes: Vec<Write> = aside.iter().map(|a| a.write.clone()).collect();
+        let still: Vec<(Write, BatchLocked)> = self.apply(&writes).await;
+        if still.len() < writes.len() {
+            // A recorded outcome may make a retry due, or free a row.
+            self.wake.notify_one();
+        }
+        for mut kept in aside {
+            let Some((_, locked)) = still.iter().find(|(write, _)| {
+                write.id() == kept.write.id() && write.claim_token() == kept.write.claim_token()
+            }) else {
+                if kept.told {
+                    tracing::info!(
+                        request = %kept.write.id(),
+                        "recorded after waiting {:.1}s for the lock of its batch {}",
+                        kept.since.elapsed().as_secs_f64(),
+                        kept.batch
+                    );
+                }
+                continue;
+            };
+            kept.batch = locked.0;
+            if !kept.told && kept.since.elapsed() >= ASIDE_RETRY_MAX {
+                kept.told = true;
+                tracing::warn!(
+                    "request {}'s outcome waits for the lock of its batch {} (another session holds the batch's row: an application's transaction that adds members?); this daemon's other outcomes are recorded meanwhile",
+                    kept.write.id(),
+                    kept.batch
+                );
+            }
+            self.aside.push(kept);
+        }
+        if !self.aside.is_empty() {
+            let delay = (delay * 2).min(ASIDE_RETRY_MAX);
+            self.aside_retry = Some((tokio::time::Instant::now() + delay, delay));
+        }
+    }
+
+    /// Applies one batch in one transaction, retrying through an outage;
+    /// returns the writes set aside for their batch's lock (not settled).
+    async fn apply(&self, batch: &[Write]) -> Vec<(Write, BatchLocked)> {
         let mut backoff = Backoff::default();
         // A failed call may have committed before its answer was lost: a
         // write it applied matches no row the next time.
         let mut failed_before = false;
         loop {
-            match self.store.answered(self.store.record(batch)).await {
+            match self
+                .store
+                .answered(self.store.record_or_set_aside(batch))
+                .await
+            {
                 Ok(applied) => {
                     self.health.succeeded(RECORDING);
+                    let mut aside = Vec::new();
+                    let mut settled = Vec::with_capacity(batch.len());
                     for (write, applied) in batch.iter().zip(applied) {
+                        let applied = match applied {
+                            Ok(applied) => applied,
+                            Err(locked) => {
+                                aside.push((write.clone(), locked));
+                                continue;
+                            }
+                        };
+                        settled.push(write.clone());
                         if !applied && failed_before {
                             tracing::info!(
                                 request = %write.id(),
@@ -251,8 +383,8 @@ impl Writer {
                             );
                         }
                     }
-                    settle(&self.pending, batch);
-                    return;
+                    settle(&self.pending, &settled);
+                    return aside;
                 }
                 Err(error) => {
                     failed_before = true;

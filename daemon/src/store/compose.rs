@@ -68,6 +68,45 @@ impl Ending<'_> {
     }
 }
 
+/// What a finalization does when another session holds its batch's row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Locks {
+    /// Waits for it (bounded as every call is).
+    Wait,
+    /// Writes nothing and says so ([`BatchLocked`]): the recorder sets the
+    /// outcome aside and records the others meanwhile. An application's
+    /// transaction that adds members to a batch holds the batch's row until
+    /// it commits (the insert counts the member there), and waiting for it
+    /// held up every outcome of the daemon.
+    SetAside,
+}
+
+/// A finalization found its batch's row locked by another session and
+/// wrote nothing ([`Locks::SetAside`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BatchLocked(pub(crate) i64);
+
+impl std::fmt::Display for BatchLocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "batch {} is locked by another session", self.0)
+    }
+}
+
+impl std::error::Error for BatchLocked {}
+
+/// Whether `error` is the refusal of a `NOWAIT` lock: PostgreSQL's
+/// `lock_not_available`, MySQL's `ER_LOCK_NOWAIT`, MariaDB's lock wait
+/// timeout (which its `NOWAIT` raises).
+fn lock_not_available(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(error) = error else {
+        return false;
+    };
+    if let Some(error) = error.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        return matches!(error.number(), 3572 | 1205);
+    }
+    error.code().as_deref() == Some("55P03")
+}
+
 /// The config's `on_exhausted:` hooks (top level, and per task type).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct Hooks {
@@ -198,6 +237,9 @@ pub(crate) enum BatchChange {
 pub(super) struct ComposeSql {
     batch_of: String,
     lock_batch: String,
+    /// [`lock_batch`](ComposeSql::lock_batch) failing at once when another
+    /// session holds the row (PostgreSQL and MariaDB/MySQL `NOWAIT`).
+    lock_batch_nowait: String,
     ended_row: String,
     count_member: String,
     batch_row: String,
@@ -261,6 +303,11 @@ impl ComposeSql {
                 "SELECT {} FROM task_runner_batches WHERE id = $1 {}",
                 d.int64("id"),
                 d.for_update()
+            ),
+            lock_batch_nowait: format!(
+                "SELECT {} FROM task_runner_batches WHERE id = $1 {}",
+                d.int64("id"),
+                d.for_update_nowait()
             ),
             ended_row: format!(
                 "SELECT {}, task_class_name, options, result, result_text, {}, on_success, on_failure, \
@@ -782,15 +829,55 @@ impl Store {
     /// of its batch row. Returns whether the write applied (false: the row
     /// was no longer this try's claim, or not cancellable; nothing changed).
     pub(crate) async fn finalize(&self, ending: Ending<'_>) -> Result<bool> {
-        if let Pool::MySql(_) = &self.pool {
-            // InnoDB may pick this transaction as a deadlock's victim.
-            return super::mysql::retry_locks(&self.lock_retries, || self.finalize_once(&ending))
-                .await;
-        }
-        self.finalize_once(&ending).await
+        Ok(matches!(
+            self.finalize_with(ending, Locks::Wait).await?,
+            Ok(true)
+        ))
     }
 
-    async fn finalize_once(&self, ending: &Ending<'_>) -> Result<bool> {
+    /// [`finalize`](Store::finalize); with [`Locks::SetAside`], `Ok(Err(…))`
+    /// when another session held the batch's row: nothing was written.
+    pub(crate) async fn finalize_with(
+        &self,
+        ending: Ending<'_>,
+        locks: Locks,
+    ) -> Result<Result<bool, BatchLocked>> {
+        let written = if let Pool::MySql(_) = &self.pool {
+            // InnoDB may pick this transaction as a deadlock's victim.
+            super::mysql::retry_locks(&self.lock_retries, || self.finalize_once(&ending, locks))
+                .await
+        } else {
+            self.finalize_once(&ending, locks).await
+        };
+        match written {
+            Ok(applied) => Ok(Ok(applied)),
+            Err(error) => match error.downcast::<BatchLocked>() {
+                Ok(locked) => Ok(Err(locked)),
+                Err(error) => Err(error),
+            },
+        }
+    }
+
+    /// Locks batch `batch_id`'s row in `tx`, or with [`Locks::SetAside`]
+    /// fails with [`BatchLocked`] when another session holds it.
+    async fn lock_batch(&self, tx: &mut Tx, batch_id: i64, locks: Locks) -> Result<()> {
+        let c = self.compose();
+        match locks {
+            Locks::Wait => tx
+                .execute(&c.lock_batch, &[Int(batch_id)])
+                .await
+                .map(drop)?,
+            Locks::SetAside => match tx.execute(&c.lock_batch_nowait, &[Int(batch_id)]).await {
+                Err(error) if lock_not_available(&error) => {
+                    return Err(BatchLocked(batch_id).into())
+                }
+                other => other.map(drop)?,
+            },
+        }
+        Ok(())
+    }
+
+    async fn finalize_once(&self, ending: &Ending<'_>, locks: Locks) -> Result<bool> {
         let c = self.compose();
         let id = ending.id();
         // Which parents to lock first (lock order: the flow, the batch,
@@ -809,7 +896,7 @@ impl Store {
             self.lock_flow(&mut tx, flow_id).await?;
         }
         if let Some(batch_id) = batch_id {
-            tx.execute(&c.lock_batch, &[Int(batch_id)]).await?;
+            self.lock_batch(&mut tx, batch_id, locks).await?;
         }
         let sql = self.sql;
         let applied = match ending {
@@ -851,7 +938,7 @@ impl Store {
                 .await?;
         }
         if applied {
-            let final_now = self.follow_up(&mut tx, id, batch_id).await?;
+            let final_now = self.follow_up(&mut tx, id, batch_id, locks).await?;
             if let (Some(flow_id), true) = (flow_id, final_now) {
                 // The flow's next row (or its end), from its position.
                 self.advance_flow(&mut tx, flow_id).await?;
@@ -896,7 +983,13 @@ impl Store {
 
     /// Whatever the end of request `id` causes, if it is final now (then
     /// returns true; its flow is advanced by the caller).
-    async fn follow_up(&self, tx: &mut Tx, id: RequestId, locked: Option<i64>) -> Result<bool> {
+    async fn follow_up(
+        &self,
+        tx: &mut Tx,
+        id: RequestId,
+        locked: Option<i64>,
+        locks: Locks,
+    ) -> Result<bool> {
         let c = self.compose();
         let rows = tx.fetch(&c.ended_row, &[Int(id.0)]).await?;
         let Some(row) = rows.first() else {
@@ -947,7 +1040,7 @@ impl Store {
         if let Some(batch_id) = ended.batch_id {
             if locked != Some(batch_id) {
                 // The row moved to another batch since it was looked up.
-                tx.execute(&c.lock_batch, &[Int(batch_id)]).await?;
+                self.lock_batch(tx, batch_id, locks).await?;
             }
             let ended_before = self
                 .batch_in(tx, batch_id)

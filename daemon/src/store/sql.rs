@@ -194,6 +194,15 @@ impl Dialect {
         }
     }
 
+    /// [`for_update`](Dialect::for_update), failing at once where another
+    /// session holds a row.
+    pub(crate) fn for_update_nowait(self) -> &'static str {
+        match self.0 {
+            Backend::Sqlite => "",
+            Backend::Postgres | Backend::MySql => "FOR UPDATE NOWAIT",
+        }
+    }
+
     /// Locks the rows a select reads, passing over rows others hold locked.
     pub(crate) fn skip_locked(self) -> &'static str {
         match self.0 {

@@ -9,7 +9,7 @@ use sqlx::postgres::PgPool;
 use sqlx::query;
 
 use super::sql::Sql;
-use super::{begin_write, mysql, Ending, Pool, RowExt, Store};
+use super::{begin_write, mysql, BatchLocked, Ending, Locks, Pool, RowExt, Store};
 use crate::instance::ClaimToken;
 use crate::request::{RequestId, State};
 
@@ -148,9 +148,32 @@ impl Store {
     /// statement it could win instead, and finished work would run again.
     /// It is left out and reported not applied.
     pub async fn record(&self, writes: &[Write]) -> Result<Vec<bool>> {
+        let applied = self.record_with(writes, Locks::Wait).await?;
+        Ok(applied
+            .into_iter()
+            .map(|applied| applied == Ok(true))
+            .collect())
+    }
+
+    /// [`record`](Store::record), but an outcome whose batch row another
+    /// session holds locked is not waited for: `Err` for it, nothing
+    /// written (see [`Locks::SetAside`]). The daemon's recorder tries it
+    /// again later.
+    pub(crate) async fn record_or_set_aside(
+        &self,
+        writes: &[Write],
+    ) -> Result<Vec<Result<bool, BatchLocked>>> {
+        self.record_with(writes, Locks::SetAside).await
+    }
+
+    async fn record_with(
+        &self,
+        writes: &[Write],
+        locks: Locks,
+    ) -> Result<Vec<Result<bool, BatchLocked>>> {
         let late = writes_after_their_outcome(writes);
         if !late.iter().any(|late| *late) {
-            return self.record_in_order(writes).await;
+            return self.record_in_order(writes, locks).await;
         }
         let kept: Vec<Write> = writes
             .iter()
@@ -158,18 +181,25 @@ impl Store {
             .filter(|(_, late)| !**late)
             .map(|(write, _)| write.clone())
             .collect();
-        let mut applied = self.record_in_order(&kept).await?.into_iter();
+        let mut applied = self.record_in_order(&kept, locks).await?.into_iter();
         Ok(late
             .iter()
-            .map(|late| !late && applied.next().unwrap_or(false))
+            .map(|late| match late {
+                true => Ok(false),
+                false => applied.next().unwrap_or(Ok(false)),
+            })
             .collect())
     }
 
-    async fn record_in_order(&self, writes: &[Write]) -> Result<Vec<bool>> {
+    async fn record_in_order(
+        &self,
+        writes: &[Write],
+        locks: Locks,
+    ) -> Result<Vec<Result<bool, BatchLocked>>> {
         let is_composed =
             |write: &Write| matches!(write, Write::Outcome(outcome) if outcome.composed);
         if !writes.iter().any(is_composed) {
-            return self.record_plain_or_finalize(writes).await;
+            return self.record_plain_or_finalize(writes, locks).await;
         }
         // In order: a write queued after an outcome (a give-back of the same
         // row, say) must not be applied before it.
@@ -178,10 +208,10 @@ impl Store {
         while !rest.is_empty() {
             let plain = rest.iter().take_while(|w| !is_composed(w)).count();
             if plain > 0 {
-                applied.extend(self.record_plain_or_finalize(&rest[..plain]).await?);
+                applied.extend(self.record_plain_or_finalize(&rest[..plain], locks).await?);
                 rest = &rest[plain..];
             } else if let Write::Outcome(outcome) = &rest[0] {
-                applied.push(self.finalize(Ending::Outcome(outcome)).await?);
+                applied.push(self.finalize_with(Ending::Outcome(outcome), locks).await?);
                 rest = &rest[1..];
             }
         }
@@ -197,10 +227,19 @@ impl Store {
     /// Whether the claim still holds is looked up first (one statement per
     /// outcome not applied, mostly a claim lost to a reaper): the
     /// finalization's transaction is for the rows that need it.
-    async fn record_plain_or_finalize(&self, writes: &[Write]) -> Result<Vec<bool>> {
-        let mut applied = self.record_plain(writes).await?;
+    async fn record_plain_or_finalize(
+        &self,
+        writes: &[Write],
+        locks: Locks,
+    ) -> Result<Vec<Result<bool, BatchLocked>>> {
+        let mut applied: Vec<Result<bool, BatchLocked>> = self
+            .record_plain(writes)
+            .await?
+            .into_iter()
+            .map(Ok)
+            .collect();
         for (write, applied) in writes.iter().zip(applied.iter_mut()) {
-            if let (Write::Outcome(outcome), false) = (write, *applied) {
+            if let (Write::Outcome(outcome), Ok(false)) = (write, *applied) {
                 self.count_statements(1);
                 let held = on_pool!(self, pool => {
                     query(self.sql.held_by_claim.as_str())
@@ -215,7 +254,7 @@ impl Store {
                         > 0
                 });
                 if held {
-                    *applied = self.finalize(Ending::Outcome(outcome)).await?;
+                    *applied = self.finalize_with(Ending::Outcome(outcome), locks).await?;
                 }
             }
         }
