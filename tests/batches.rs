@@ -1516,10 +1516,15 @@ multi_host_backends!(an_application_adding_members_holds_up_only_its_batchs_outc
 /// application's write transaction there holds every writer alike.)
 async fn an_application_adding_members_holds_up_only_its_batchs_outcomes(backend: Backend) {
     let db = TestDb::new(backend).await;
+    // The first member ends once the application's transaction is open.
+    let open = db.scratch.join("open");
     let mut daemons = start_daemons(
         &db,
         1,
-        "max_concurrent: 4\ntasks:\n  Brief:\n    command: [/bin/sleep, '0.3']\n",
+        &format!(
+            "max_concurrent: 4\ntasks:\n  Brief:\n    command: [/bin/sh, -c, 'until [ -e {} ]; do sleep 0.05; done']\n",
+            open.display()
+        ),
     );
     let batch = insert_batch(&db, "on_complete", "'Done'").await;
     insert_members(&db, batch, "Brief", 1, 5).await;
@@ -1537,13 +1542,14 @@ async fn an_application_adding_members_holds_up_only_its_batchs_outcomes(backend
     let adding = db
         .hold_after(&NewRow::new("Brief").batch(batch).insert_sql())
         .await;
+    std::fs::write(&open, "").unwrap();
     // The first member ends meanwhile, and then a row of no batch runs.
     wait_until(Duration::from_secs(30), "the first member's end", || {
         !process_exists(pid)
     });
     let other = db.enqueue("NoOp", None).await;
     let row = db
-        .wait_for_state(other, "FINISHED", Duration::from_secs(4))
+        .wait_for_state(other, "FINISHED", Duration::from_secs(10))
         .await;
     assert_eq!(row.tries, 1, "{row:?}");
     let waiting = db.row(first).await;

@@ -206,8 +206,14 @@ impl Writer {
             .checked_sub(BUSY)
             .unwrap_or_else(tokio::time::Instant::now);
         loop {
-            // Queued writes come before the cancel: none is left behind.
+            // Writes set aside are tried again when due, also while new
+            // writes keep coming.
             let retry_aside = self.aside_retry.map(|(at, _)| at);
+            if retry_aside.is_some_and(|at| at <= tokio::time::Instant::now()) {
+                self.retry_aside().await;
+                continue;
+            }
+            // Queued writes come before the cancel: none is left behind.
             let first = match self.held.take() {
                 Some(write) => Some(write),
                 None => tokio::select! {
@@ -254,25 +260,24 @@ impl Writer {
             if batch.is_empty() {
                 continue;
             }
-            // A write of a claim whose earlier write is set aside goes
-            // after it.
-            let (after_aside, batch): (Vec<Write>, Vec<Write>) =
-                batch.into_iter().partition(|write| {
-                    self.aside.iter().any(|aside| {
-                        aside.write.id() == write.id()
-                            && aside.write.claim_token() == write.claim_token()
-                    })
-                });
-            for write in after_aside {
-                let batch = self
-                    .aside
-                    .iter()
-                    .find(|a| a.write.id() == write.id())
-                    .map_or(0, |a| a.batch);
-                self.set_aside(write, batch, tokio::time::Instant::now(), false);
+            // A write queued after its claim's outcome, which is set aside,
+            // would match nothing once that outcome applies (see
+            // `Store::record`): it is not applied.
+            let (late, batch): (Vec<Write>, Vec<Write>) = batch.into_iter().partition(|write| {
+                self.aside.iter().any(|aside| {
+                    aside.write.id() == write.id()
+                        && aside.write.claim_token() == write.claim_token()
+                })
+            });
+            for write in &late {
+                tracing::warn!(
+                    request = %write.id(),
+                    "not recorded: queued after its try's outcome"
+                );
             }
+            settle(&self.pending, &late);
             for (write, BatchLocked(batch)) in self.apply(&batch).await {
-                self.set_aside(write, batch, tokio::time::Instant::now(), false);
+                self.set_aside(write, batch);
             }
             last_batch = tokio::time::Instant::now();
             // A recorded outcome may make a retry due, or free a row for others.
@@ -284,19 +289,19 @@ impl Writer {
     }
 
     /// Keeps `write` to be tried again, its batch's row locked by another
-    /// session since `since`.
-    fn set_aside(&mut self, write: Write, batch: i64, since: tokio::time::Instant, told: bool) {
-        if self.aside_retry.is_none() {
-            self.aside_retry = Some((
-                tokio::time::Instant::now() + ASIDE_RETRY_FIRST,
-                ASIDE_RETRY_FIRST,
-            ));
-        }
+    /// session. The next retry comes after [`ASIDE_RETRY_FIRST`]: mostly
+    /// another daemon held the lock a moment.
+    fn set_aside(&mut self, write: Write, batch: i64) {
+        let first = tokio::time::Instant::now() + ASIDE_RETRY_FIRST;
+        self.aside_retry = Some(match self.aside_retry {
+            Some((at, delay)) if at <= first => (at, delay),
+            _ => (first, ASIDE_RETRY_FIRST),
+        });
         self.aside.push(Aside {
             write,
             batch,
-            since,
-            told,
+            since: tokio::time::Instant::now(),
+            told: false,
         });
     }
 
