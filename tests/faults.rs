@@ -340,7 +340,6 @@ async fn on_sqlite_a_living_daemons_row_is_its_own_past_the_lease() {
 /// hides is now left to its lease. Needs root (a private mount of `/proc`
 /// as `nobody`); skipped without.
 async fn a_reap_by_a_user_who_cannot_see_the_tasks_takes_none_of_them(backend: Backend) {
-    use std::os::unix::fs::PermissionsExt;
     let private_mounts = std::process::Command::new("unshare")
         .args(["-m", "true"])
         .status()
@@ -361,15 +360,7 @@ async fn a_reap_by_a_user_who_cannot_see_the_tasks_takes_none_of_them(backend: B
     );
     let id = db.enqueue("Nap", None).await;
     db.wait_for_pid(id, WAIT).await;
-    // `nobody` reaches the CLI and (SQLite) the database's files.
-    let cli_copy = db.scratch.join("taskrunner-cli");
-    std::fs::copy(crate::util::CLI, &cli_copy).unwrap();
-    for entry in std::fs::read_dir(&db.scratch.path).unwrap() {
-        let path = entry.unwrap().path();
-        let mode = if path == cli_copy { 0o755 } else { 0o666 };
-        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode));
-    }
-    std::fs::set_permissions(&db.scratch.path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let cli_copy = crate::util::cli_copy_for_nobody(&db);
     let output = std::process::Command::new("unshare")
         .args([
             "-m",

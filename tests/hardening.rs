@@ -18,6 +18,7 @@ both_backends!(
     a_preloaded_parent_that_cannot_start_for_want_of_descriptors_costs_no_try,
     starts_failing_for_want_of_processes_give_the_try_back,
     a_grandchild_of_a_killed_daemons_task_is_killed_before_the_rerun,
+    a_reap_that_cannot_kill_a_dead_tries_grandchild_leaves_its_row,
     no_migrate_on_an_older_or_missing_schema_exits_naming_it,
     a_host_id_too_long_for_a_claim_is_refused_at_start_and_the_longest_allowed_runs,
     a_task_of_the_daemons_user_cannot_read_its_environment,
@@ -498,6 +499,85 @@ echo alone
     assert!(!kill_if_alive(grandchild), "the grandchild was killed");
     assert_eq!(row.result.as_deref(), Some("FINISHED"), "{row:#?}");
     assert_eq!(row.result_text.as_deref(), Some("alone"));
+    assert_eq!(row.tries, 2);
+    assert!(daemon.stop().success());
+}
+
+/// The same grandchild, found by `taskrunner-cli reap` run as a user who
+/// may not signal it (`nobody`; the tasks run as root): its `kill` fails
+/// (`EPERM`). Before, the reaper counted it killed ("killed 1 process(es)
+/// its try left in its process group") and marked the row `CRASHED`, and
+/// the restarted daemon ran the next try beside it. Now the row is left as
+/// it is, with one line saying why, for a reaper that may kill it: the
+/// restarted daemon's start-up reap kills it and reruns the row. Needs
+/// root (to run the CLI as `nobody`); skipped without.
+async fn a_reap_that_cannot_kill_a_dead_tries_grandchild_leaves_its_row(backend: Backend) {
+    if !crate::util::runs_as_root("running the CLI as another user needs root") {
+        return;
+    }
+    let db = TestDb::new(backend).await;
+    let grandchild_file = db.scratch.join("grandchild");
+    let script = db.scratch.join("spawner.sh");
+    std::fs::write(
+        &script,
+        format!(
+            r#"g={g}
+if [ "$TASKRUNNER_TRY" = 1 ]; then
+    (trap "" TERM HUP; while :; do sleep 0.1; done) &
+    echo $! > $g
+    exec sleep 60
+fi
+state=$(sed 's/.*) //' /proc/$(cat $g)/stat 2>/dev/null | cut -c1)
+if [ -n "$state" ] && [ "$state" != Z ]; then echo "try 1 still runs" >&2; exit 1; fi
+echo alone
+"#,
+            g = grandchild_file.display()
+        ),
+    )
+    .unwrap();
+    let config = format!(
+        "tasks:\n  Spawner:\n    command: [/bin/sh, {}]\n",
+        script.display()
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    let id = db.enqueue("Spawner", None).await;
+    let task = db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32;
+    let grandchild = read_pid_file(&grandchild_file);
+    daemon.kill();
+    wait_until(WAIT, "the task to die with its daemon", || {
+        !process_exists(task)
+    });
+    let cli_copy = crate::util::cli_copy_for_nobody(&db);
+    let output = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&cli_copy)
+        .args(["--database-url", db.url.as_str(), "reap"])
+        .current_dir(&db.scratch.path)
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(
+        !stdout.lines().any(|l| l.starts_with(&format!("{id} "))),
+        "the reaper took a row whose try's grandchild it could not kill: {stdout}"
+    );
+    assert!(
+        stderr.contains(&format!("request {id} is left running"))
+            && stderr.contains(&format!("could not kill process {grandchild}")),
+        "{stderr}"
+    );
+    assert_eq!(db.row(id).await.result.as_deref(), Some("RUNNING"));
+    assert!(process_exists(grandchild), "the grandchild still runs");
+    let mut daemon = daemon.restart();
+    let row = db
+        .wait_for(id, WAIT, "ended", |r| {
+            !matches!(r.result.as_deref(), Some("RUNNING") | Some("CRASHED"))
+        })
+        .await;
+    assert!(!kill_if_alive(grandchild), "the grandchild was killed");
+    assert_eq!(row.result_text.as_deref(), Some("alone"), "{row:#?}");
     assert_eq!(row.tries, 2);
     assert!(daemon.stop().success());
 }

@@ -67,14 +67,28 @@ pub(crate) async fn reap(
         // The process has ended, but the daemon holding the row lives: it
         // has reaped its child and writes the try's outcome (which may wait
         // for a lock or a slow database). Marking the row CRASHED now would
-        // run a finished try again. Should that daemon hang, its lease lapses.
+        // run a finished try again. Should that daemon hang, its lease lapses
+        // (on PostgreSQL and MariaDB; on SQLite it keeps the row until it is
+        // stopped, see the lapsed-lease pass below).
         if holder_lives(&row.claimed_by) {
             continue;
         }
         {
             let mut reason = format!("crashed: {why} (found by the reaper on {host})");
             if !dry_run {
-                let killed = kill_remnants(&identity).await;
+                let killed = match kill_remnants(&identity).await {
+                    Ok(killed) => killed,
+                    Err(left) => {
+                        // Rerun now, and the next try runs beside it.
+                        tracing::warn!(
+                            "request {} is left running: its try's process is gone, but this reaper could not kill process {} that it left in its process group ({}); a reaper that may (the daemon's, or one run as the tasks' user or root) will",
+                            row.id,
+                            left.pid,
+                            left.error
+                        );
+                        continue;
+                    }
+                };
                 if killed > 0 {
                     reason.push_str(&format!(
                         "; killed {killed} process(es) its try left in its process group"
@@ -217,19 +231,28 @@ async fn kill_cgroup_leftovers(claim_token: Option<&str>, id: RequestId) -> usiz
     }
 }
 
+/// A process of a dead try that the reaper could not kill.
+#[derive(Debug)]
+struct Left {
+    pid: i64,
+    error: std::io::Error,
+}
+
 /// Kills what a dead try left in its process group (a grandchild survives
 /// the parent-death signal that killed the task with its daemon), so that
 /// its next try never runs beside it: the members of the group named by
 /// the task's pid that started at or after the task did, on this boot, and
 /// only while no process has that pid any more (a pid is not reused while
 /// it names a group). Waits up to 2 s for them to be gone; returns how
-/// many were killed. A grandchild that left the group (`setsid`) escapes.
-async fn kill_remnants(identity: &Identity) -> usize {
+/// many were killed, or the first it may not kill (`EPERM`: a reaper run
+/// as another user than the tasks'). A grandchild that left the group
+/// (`setsid`) escapes.
+async fn kill_remnants(identity: &Identity) -> Result<usize, Left> {
     let (Some(boot), Some(started)) = (&identity.boot_id, identity.start_ticks) else {
-        return 0;
+        return Ok(0);
     };
     if *boot != procinfo::boot_id() || !procinfo::is_gone(identity.pid) {
-        return 0;
+        return Ok(0);
     }
     let mut killed = std::collections::HashSet::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -240,10 +263,17 @@ async fn kill_remnants(identity: &Identity) -> usize {
         }
         for pid in members {
             // SAFETY: kill has no memory effects.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            killed.insert(pid);
+            if unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } == 0 {
+                killed.insert(pid);
+                continue;
+            }
+            let error = std::io::Error::last_os_error();
+            // ESRCH: it ended meanwhile.
+            if error.raw_os_error() != Some(libc::ESRCH) {
+                return Err(Left { pid, error });
+            }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    killed.len()
+    Ok(killed.len())
 }

@@ -439,6 +439,23 @@ pub fn cli(db: &TestDb, args: &[&str]) -> (i32, String, String) {
     bare_cli(&db.scratch.path, &args)
 }
 
+/// A copy of `taskrunner-cli` that the user `nobody` may run, in the
+/// test's scratch directory, whose files (SQLite's database among them)
+/// `nobody` may then read and write: for a CLI run as another user than
+/// the daemon and its tasks (`setpriv --reuid=65534 …`).
+pub fn cli_copy_for_nobody(db: &TestDb) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let cli_copy = db.scratch.join("taskrunner-cli");
+    std::fs::copy(CLI, &cli_copy).unwrap();
+    for entry in std::fs::read_dir(&db.scratch.path).unwrap() {
+        let path = entry.unwrap().path();
+        let mode = if path == cli_copy { 0o755 } else { 0o666 };
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode));
+    }
+    std::fs::set_permissions(&db.scratch.path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    cli_copy
+}
+
 /// Starts `taskrunner-cli` with the test's database, as [`cli`] runs it,
 /// without waiting for it to end; its output is piped.
 pub fn spawn_cli(db: &TestDb, args: &[&str]) -> Child {
