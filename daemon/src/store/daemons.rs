@@ -33,23 +33,33 @@ const FORGET_AFTER: Duration = Duration::from_secs(7 * 86_400);
 
 impl Store {
     /// The daemons whose rows say they run (not stopped, heard from within
-    /// `within`), each as `pid N on HOST`.
+    /// `within`), each as `pid N on HOST`; less those of this host and boot
+    /// whose process is gone (killed -9: its row was never marked stopped).
     pub(super) async fn daemons_heard_from_within(&self, within: Duration) -> Result<Vec<String>> {
         if !self.table_exists("task_runner_daemons").await? {
             return Ok(Vec::new());
         }
         let sql = format!(
-            "SELECT host, {} FROM task_runner_daemons \
+            "SELECT instance, host, {} FROM task_runner_daemons \
              WHERE stopped_at IS NULL AND heartbeat_at > {}",
             self.dialect().int64("pid"),
             self.dialect().now_plus(&format!("-{}", within.as_secs()))
         );
-        let rows: Vec<(String, Option<i64>)> = on_pool!(self, pool => {
+        let rows: Vec<(String, String, Option<i64>)> = on_pool!(self, pool => {
             sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await?
         });
+        let gone = |instance: &str| {
+            crate::instance::InstanceId::holder_identity(instance).is_some_and(|daemon| {
+                matches!(
+                    crate::procinfo::probe(&daemon),
+                    crate::procinfo::Probe::Dead(_)
+                )
+            })
+        };
         Ok(rows
             .into_iter()
-            .map(|(host, pid)| match pid {
+            .filter(|(instance, _, _)| !gone(instance))
+            .map(|(_, host, pid)| match pid {
                 Some(pid) => format!("pid {pid} on {host}"),
                 None => host,
             })

@@ -168,7 +168,7 @@ impl Store {
         if !living.is_empty() {
             return Err(SchemaMismatch(format!(
                 "{reason}, but the repair rebuilds taskrunner's tables, and daemons run on them (heard from within {} minutes: {}): \
-                 stop them (one killed without a stop counts until then), then run `taskrunner-cli migrate`; nothing was changed",
+                 stop them (one killed without a stop on another host counts until then), then run `taskrunner-cli migrate`; nothing was changed",
                 LIVING_WITHIN.as_secs() / 60,
                 living.join(", ")
             ))
