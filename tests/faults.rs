@@ -1320,6 +1320,54 @@ multi_host_backends!(
 
 both_backends!(a_renewal_slower_than_its_interval_is_waited_for);
 
+multi_host_backends!(an_application_lock_on_one_running_row_stops_only_its_try);
+
+/// An application holds one running row locked (its own transaction on
+/// the request's row) past the daemon's fencing deadline (lease 5 s −
+/// kill grace 1 s − heartbeat 1 s = 3 s): the renewals pass that row over
+/// and renew the others, and only its try is stopped before its lease
+/// lapses (it runs again once the lock goes). Before, on MariaDB the
+/// renewal waited for the lock, renewed nothing, and the daemon fenced
+/// itself off at the deadline, killing every task it ran.
+async fn an_application_lock_on_one_running_row_stops_only_its_try(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "heartbeat_interval: 1s\nkill_grace: 1s\nlease_timeout: 5s\ntasks:\n  \
+         Locked:\n    command: [/bin/sh, -c, '[ \"$TASKRUNNER_TRY\" = 1 ] && exec sleep 60; exit 0']\n  \
+         Free:\n    command: [/bin/sleep, '9']\n",
+    );
+    let locked = db.enqueue("Locked", None).await;
+    let free = db.enqueue("Free", None).await;
+    let locked_pid = db.wait_for_pid(locked, WAIT).await.pid.unwrap() as i32;
+    let free_pid = db.wait_for_pid(free, WAIT).await.pid.unwrap() as i32;
+    let held = db.hold_row(locked).await;
+    wait_until(
+        Duration::from_secs(10),
+        "the locked row's try to stop",
+        || !process_exists(locked_pid),
+    );
+    // Past the fencing deadline, the other try runs on.
+    holds_for(
+        Duration::from_secs(2),
+        "the other try to run on",
+        async || match process_exists(free_pid) {
+            true => Ok(()),
+            false => Err(daemon.log_text()),
+        },
+    )
+    .await;
+    held.release().await;
+    let row = db.wait_for_state(free, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 1, "{row:?}");
+    let row = db.wait_for_state(locked, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 2, "{row:?}");
+    let log = daemon.log_text();
+    assert!(!log.contains("no heartbeat renewal for"), "{log}");
+    assert!(daemon.stop().success(), "{log}");
+}
+
 /// An application holds a lock a renewal needs for 3 s, three renewal
 /// intervals (in life, a server under load that answers each renewal
 /// late, or the locks of other daemons' transactions): each renewal waits
@@ -1955,8 +2003,7 @@ async fn an_outage_of_the_delays_release_alone_ends_once_a_release_works(backend
 // the connection is closed instead.
 async fn renewals_gone_silent_do_not_take_the_pool(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let (mut daemon, proxy) =
-        daemon_behind_a_silence(&db, "task_runner_requests SET heartbeat_at", 5).await;
+    let (mut daemon, proxy) = daemon_behind_a_silence(&db, renewal_needle(backend), 5).await;
     wait_until(
         Duration::from_secs(60),
         "five renewals' connections to go silent",
@@ -1975,11 +2022,7 @@ multi_host_backends!(a_renewal_whose_connection_went_silent_is_sent_again_beside
 /// connection, and renews the leases: no outage, and no task killed.
 async fn a_renewal_whose_connection_went_silent_is_sent_again_beside_it(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let proxy = Proxy::start(
-        &db.url,
-        Fault::Silence("task_runner_requests SET heartbeat_at"),
-    )
-    .await;
+    let proxy = Proxy::start(&db.url, Fault::Silence(renewal_needle(backend))).await;
     let mut daemon = daemon_behind(
         &db,
         &proxy,
@@ -1994,6 +2037,16 @@ async fn a_renewal_whose_connection_went_silent_is_sent_again_beside_it(backend:
     assert!(!log.contains("database unavailable"), "{log}");
     assert!(process_exists(pid), "the task was killed: {log}");
     assert!(daemon.stop().success(), "{log}");
+}
+
+/// Text of the lease renewal's statement, the first one on MariaDB/MySQL
+/// (which reads the rows no other session holds locked, then updates
+/// those; with no row held, only the first is sent).
+fn renewal_needle(backend: Backend) -> &'static str {
+    match backend {
+        Backend::MySql => "claimed_by = ? AND result = 'RUNNING' FOR UPDATE SKIP LOCKED",
+        Backend::Sqlite | Backend::Postgres => "task_runner_requests SET heartbeat_at",
+    }
 }
 
 /// Enqueues a `Short` row, waits up to `wait` for it to finish in its

@@ -778,15 +778,19 @@ impl Sql {
         );
         // A statement may not read, in a subquery, the table it changes
         // (error 1093); SKIP LOCKED cannot pass through a derived table. So
-        // the renewal waits for a row another session holds locked (a
-        // renewal in two steps, its ids locked with SKIP LOCKED first, held
-        // its locks across a round trip: a connection gone silent between
-        // them kept the rows locked, unrenewable, for as long as the server
-        // kept the session).
+        // the renewal is two statements, neither in a transaction: this one
+        // reads the ids no other session holds locked (its locks end with
+        // it, under autocommit), then `Store::renew_heartbeats` updates
+        // those rows. (Before, one UPDATE of every held row waited for a
+        // row an application held locked, renewed nothing, and the daemon
+        // fenced itself off, killing all its tasks. A transaction around
+        // the two held its locks across a round trip: a connection gone
+        // silent between them kept the rows locked, unrenewable.)
         self.renew_heartbeats = format!(
-            "UPDATE task_runner_requests SET heartbeat_at = {} \
-              WHERE claimed_by = $1 AND result = 'RUNNING'",
-            d.now()
+            "SELECT {} FROM task_runner_requests \
+              WHERE claimed_by = $1 AND result = 'RUNNING' {}",
+            d.int64("id"),
+            d.skip_locked()
         );
         // The caller counts the row this inserts (none: another daemon took
         // the slot), and a duplicate key update counts one there (sqlx asks
@@ -1191,8 +1195,8 @@ impl Sql {
                 fenced("$2", "$3")
             ),
             // Returns the rows it renewed: not one another session holds
-            // locked (see `Store::renew_heartbeats`; MariaDB/MySQL renews
-            // every row, waiting for such a lock).
+            // locked (see `Store::renew_heartbeats`; MariaDB/MySQL reads
+            // those rows first, then renews them).
             renew_heartbeats: format!(
                 "UPDATE task_runner_requests SET heartbeat_at = {now} \
                   WHERE id IN (SELECT id FROM task_runner_requests \

@@ -369,10 +369,12 @@ impl Store {
     }
 
     /// Renews `heartbeat_at` on every row `instance` holds (one
-    /// statement), then reads which rows it still holds, which it renewed,
-    /// and which a user asked to cancel. PostgreSQL's renewal skips a row
-    /// another session holds locked, so as not to wait for an application's
-    /// transaction; MariaDB/MySQL's waits for it (see `Sql::for_mysql`).
+    /// statement; two on MariaDB/MySQL, see `Sql::for_mysql`), then reads
+    /// which rows it still holds, which it renewed, and which a user asked
+    /// to cancel. The renewal skips a row another session holds locked, so
+    /// as not to wait for an application's transaction: the others are
+    /// renewed, and the heartbeat stops that row's try alone before its
+    /// lease lapses.
     pub(crate) async fn renew_heartbeats(&self, instance: &str) -> Result<Vec<Held>> {
         if let Pool::MySql(_) = &self.pool {
             return mysql::retry_locks(&self.lock_retries, || self.renew_heartbeats_once(instance))
@@ -383,20 +385,34 @@ impl Store {
 
     async fn renew_heartbeats_once(&self, instance: &str) -> Result<Vec<Held>> {
         self.count_statements(2);
-        // `None`: every held row (MariaDB/MySQL).
-        let renewed: Option<HashSet<i64>> = on_pool!(self, pool => {
-            Some(
-                query(self.sql.renew_heartbeats.as_str())
-                    .bind(instance)
-                    .fetch_all(pool)
-                    .await?
-                    .iter()
-                    .map(|row| row.int(0))
-                    .collect::<sqlx::Result<_>>()?,
-            )
+        let renewed: HashSet<i64> = on_pool!(self, pool => {
+            query(self.sql.renew_heartbeats.as_str())
+                .bind(instance)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|row| row.int(0))
+                .collect::<sqlx::Result<_>>()?
         }, mysql pool => {
-            mysql::query(self.sql.renew_heartbeats.as_str()).bind(instance).execute(pool).await?;
-            None
+            let free: HashSet<i64> = mysql::query(self.sql.renew_heartbeats.as_str())
+                .bind(instance)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|row| row.int(0))
+                .collect::<sqlx::Result<_>>()?;
+            if !free.is_empty() {
+                self.count_statements(1);
+                let ids: Vec<String> = free.iter().map(i64::to_string).collect();
+                let renew = format!(
+                    "UPDATE task_runner_requests SET heartbeat_at = {} \
+                      WHERE claimed_by = $1 AND result = 'RUNNING' AND id IN ({})",
+                    self.dialect().now(),
+                    ids.join(", ")
+                );
+                mysql::query(sqlx::AssertSqlSafe(renew)).bind(instance).execute(pool).await?;
+            }
+            free
         });
         Ok(on_pool!(self, pool => {
             let query = query(self.sql.held_by.as_str()).bind(instance);
@@ -408,7 +424,7 @@ impl Store {
                         id: RequestId(id),
                         claim_token: ClaimToken::from_row(row.text(1)?),
                         cancel_requested: row.int(2)? != 0,
-                        renewed: renewed.as_ref().is_none_or(|ids| ids.contains(&id)),
+                        renewed: renewed.contains(&id),
                     })
                 })
                 .collect::<sqlx::Result<_>>()?
