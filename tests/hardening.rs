@@ -508,9 +508,10 @@ echo alone
 /// (`EPERM`). Before, the reaper counted it killed ("killed 1 process(es)
 /// its try left in its process group") and marked the row `CRASHED`, and
 /// the restarted daemon ran the next try beside it. Now the row is left as
-/// it is, with one line saying why, for a reaper that may kill it: the
-/// restarted daemon's start-up reap kills it and reruns the row. Needs
-/// root (to run the CLI as `nobody`); skipped without.
+/// it is, with one line saying why, for a reaper that may kill it (also
+/// once its lease has lapsed): the restarted daemon's start-up reap kills
+/// it and reruns the row. Needs root (to run the CLI as `nobody`); skipped
+/// without.
 async fn a_reap_that_cannot_kill_a_dead_tries_grandchild_leaves_its_row(backend: Backend) {
     if !crate::util::runs_as_root("running the CLI as another user needs root") {
         return;
@@ -535,8 +536,9 @@ echo alone
         ),
     )
     .unwrap();
+    let lease = "heartbeat_interval: 1s\nkill_grace: 1s\nlease_timeout: 3s\n";
     let config = format!(
-        "tasks:\n  Spawner:\n    command: [/bin/sh, {}]\n",
+        "{lease}tasks:\n  Spawner:\n    command: [/bin/sh, {}]\n",
         script.display()
     );
     let mut daemon = Daemon::start(&db, "d", &config);
@@ -544,13 +546,21 @@ echo alone
     let task = db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32;
     let grandchild = read_pid_file(&grandchild_file);
     daemon.kill();
+    let killed_at = std::time::Instant::now();
     wait_until(WAIT, "the task to die with its daemon", || {
         !process_exists(task)
     });
+    // The reap comes once the row's lease has lapsed too (its last renewal
+    // was before the kill): the lapsed-lease pass must not take it either.
+    let reap_config = db.scratch.join("reap.yml");
+    std::fs::write(&reap_config, lease).unwrap();
     let cli_copy = crate::util::cli_copy_for_nobody(&db);
+    tokio::time::sleep_until((killed_at + Duration::from_millis(3500)).into()).await;
     let output = std::process::Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(&cli_copy)
+        .args(["--config"])
+        .arg(&reap_config)
         .args(["--database-url", db.url.as_str(), "reap"])
         .current_dir(&db.scratch.path)
         .env_remove("DATABASE_URL")

@@ -42,7 +42,8 @@ pub(crate) async fn reap(
 ) -> Result<Vec<Reaped>> {
     let mut reaped = Vec::new();
     // A process of this host that still runs keeps its row even with a stale
-    // heartbeat (its daemon may only have lost the database for a while).
+    // heartbeat (its daemon may only have lost the database for a while),
+    // and so does a dead try's leftover this reaper may not kill.
     let mut alive_here = Vec::new();
     for row in store
         .answered(store.running_on_host(host, own_instance))
@@ -79,7 +80,9 @@ pub(crate) async fn reap(
                 let killed = match kill_remnants(&identity).await {
                     Ok(killed) => killed,
                     Err(left) => {
-                        // Rerun now, and the next try runs beside it.
+                        // Rerun now, and the next try runs beside it; nor
+                        // may the lapsed-lease pass below take the row.
+                        alive_here.push(row.id);
                         tracing::warn!(
                             "request {} is left running: its try's process is gone, but this reaper could not kill process {} that it left in its process group ({}); a reaper that may (the daemon's, or one run as the tasks' user or root) will",
                             row.id,
