@@ -289,12 +289,14 @@ impl Writer {
     }
 
     /// Keeps `write` to be tried again, its batch's row locked by another
-    /// session. The next retry comes after [`ASIDE_RETRY_FIRST`]: mostly
-    /// another daemon held the lock a moment.
+    /// session. The next retry comes after [`ASIDE_RETRY_FIRST`] (mostly
+    /// another daemon held the lock a moment), unless writes of the same
+    /// batch wait already: their backoff stands.
     fn set_aside(&mut self, write: Write, batch: i64) {
         let first = tokio::time::Instant::now() + ASIDE_RETRY_FIRST;
+        let same_batch_waits = self.aside.iter().any(|aside| aside.batch == batch);
         self.aside_retry = Some(match self.aside_retry {
-            Some((at, delay)) if at <= first => (at, delay),
+            Some((at, delay)) if at <= first || same_batch_waits => (at, delay),
             _ => (first, ASIDE_RETRY_FIRST),
         });
         self.aside.push(Aside {

@@ -404,9 +404,11 @@ impl Store {
             if !free.is_empty() {
                 self.count_statements(1);
                 let ids: Vec<String> = free.iter().map(i64::to_string).collect();
+                // By primary key: a plan through the (claimed_by, result)
+                // index could lock, and wait for, the row passed over.
                 let renew = format!(
-                    "UPDATE task_runner_requests SET heartbeat_at = {} \
-                      WHERE claimed_by = $1 AND result = 'RUNNING' AND id IN ({})",
+                    "UPDATE task_runner_requests FORCE INDEX (PRIMARY) SET heartbeat_at = {} \
+                      WHERE id IN ({}) AND claimed_by = $1 AND result = 'RUNNING'",
                     self.dialect().now(),
                     ids.join(", ")
                 );
