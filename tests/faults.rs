@@ -815,7 +815,7 @@ async fn a_program_is_asked_for_its_task_types_as_the_user_its_tasks_run_as(back
              if [ \"$1\" = --list-tasks ]; then\n\
              \x20 if [ -e {} ]; then exec sleep 3587; fi\n\
              \x20 head -c 5000000 /dev/zero >&2 || exit 3\n\
-             \x20 echo \"AsUid$(id -u)\"; exit 0\n\
+             \x20 echo \"AsUid$(id -u)$USER\"; exit 0\n\
              fi\n\
              if [ \"$1\" = --list-flows ]; then exit 0; fi\n\
              echo \"ran as $(id -u)\"\n",
@@ -836,7 +836,8 @@ async fn a_program_is_asked_for_its_task_types_as_the_user_its_tasks_run_as(back
         ))
         .env("TASKRUNNER_TEST_ASK_TIMEOUT_MS", "3000")
         .start();
-    let task = format!("AsUid{nobody}");
+    // Its uid, and the user its environment names (a login's `USER`).
+    let task = format!("AsUid{nobody}nobody");
     for reloaded in [false, true] {
         if reloaded {
             daemon.signal(Signal::SIGHUP);

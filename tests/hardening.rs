@@ -22,6 +22,7 @@ both_backends!(
     no_migrate_on_an_older_or_missing_schema_exits_naming_it,
     a_host_id_too_long_for_a_claim_is_refused_at_start_and_the_longest_allowed_runs,
     a_task_of_the_daemons_user_cannot_read_its_environment,
+    a_task_run_as_another_user_gets_that_users_home_and_names,
     a_root_daemon_warns_of_root_tasks_and_refuses_group_without_user,
     idle_control_connections_cannot_take_the_daemons_descriptors,
     a_task_cannot_stop_its_daemon_through_the_control_socket,
@@ -683,6 +684,51 @@ async fn a_task_of_the_daemons_user_cannot_read_its_environment(backend: Backend
     assert!(!text.contains("hunter3"), "{text}");
     assert!(text.contains("PATH="), "PATH is inherited: {text}");
     assert_eq!(text.lines().next(), Some("/"), "{text}");
+    assert!(daemon.stop().success());
+}
+
+/// A root daemon runs a type as `user: nobody`: the task got the daemon's
+/// `HOME=/root`, `USER=root` and `LOGNAME=root` (from its allowlist), so
+/// that whatever it kept under `~` (a cache, git's or pip's files) was not
+/// its user's, nor writable by it. Now it gets its user's, from the user
+/// database, as a login sets them (`su -`, systemd's `User=`); a type's
+/// `env:` still overrides them. Needs root; skipped without.
+async fn a_task_run_as_another_user_gets_that_users_home_and_names(backend: Backend) {
+    if !crate::util::runs_as_root("running a task as another user needs a root daemon") {
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let db = TestDb::new(backend).await;
+    let show = "command: [/bin/sh, -c, 'echo \"$HOME $USER $LOGNAME $SHELL\"']";
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "tasks:\n  Who:\n    {show}\n    user: nobody\n  \
+             WhoElsewhere:\n    {show}\n    user: nobody\n    env: {{ HOME: /tmp }}\n"
+        ),
+    );
+    let who = db.enqueue("Who", None).await;
+    let elsewhere = db.enqueue("WhoElsewhere", None).await;
+    let row = db.wait_for_state(who, "FINISHED", WAIT).await;
+    assert_eq!(
+        row.result_text.as_deref().map(str::trim),
+        Some(
+            format!(
+                "{} nobody nobody {}",
+                nobody.dir.display(),
+                nobody.shell.display()
+            )
+            .as_str()
+        ),
+        "{row:?}"
+    );
+    let row = db.wait_for_state(elsewhere, "FINISHED", WAIT).await;
+    assert_eq!(
+        row.result_text.as_deref().map(str::trim),
+        Some(format!("/tmp nobody nobody {}", nobody.shell.display()).as_str()),
+        "{row:?}"
+    );
     assert!(daemon.stop().success());
 }
 

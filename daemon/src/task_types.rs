@@ -314,12 +314,15 @@ fn ask(
     if let (Asking::Through(spawner, runtime), Some(user)) = (asking, &config.defaults.user) {
         let me = nix::unistd::geteuid();
         if me.is_root() && user.uid != me.as_raw() {
-            let env = config
-                .defaults
-                .env
-                .iter()
-                .map(|(name, value)| (name.into(), value.into()))
-                .collect();
+            let env = crate::supervisor::later_wins(
+                user.login_env().into_iter().chain(
+                    config
+                        .defaults
+                        .env
+                        .iter()
+                        .map(|(name, value)| (name.as_str(), value.as_str())),
+                ),
+            );
             let gid = config.defaults.gid().unwrap_or(user.gid);
             let answer = runtime
                 .block_on(spawner.ask(program, args, env, (user.uid, gid), bound))

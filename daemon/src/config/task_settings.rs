@@ -390,6 +390,25 @@ pub struct User {
     pub(crate) uid: u32,
     /// Its primary group.
     pub(crate) gid: u32,
+    /// Its home directory and login shell, from the user database.
+    pub(crate) home: String,
+    pub(crate) shell: String,
+}
+
+impl User {
+    /// The variables that name the user a process runs as, as a login
+    /// (`su -`, `runuser -l`, systemd's `User=`) sets them: a task run as
+    /// this user gets these, not the daemon's (`HOME=/root` made a task's
+    /// `~/.cache`, git's or pip's files, unwritable). The type's `env:`
+    /// still overrides them.
+    pub(crate) fn login_env(&self) -> [(&'static str, &str); 4] {
+        [
+            ("HOME", &self.home),
+            ("USER", &self.name),
+            ("LOGNAME", &self.name),
+            ("SHELL", &self.shell),
+        ]
+    }
 }
 
 /// A group named in the config, looked up when it loads.
@@ -421,6 +440,8 @@ impl Rule<String, Option<User>> for UserName {
         Ok(Some(User {
             uid: entry.uid.as_raw(),
             gid: entry.gid.as_raw(),
+            home: entry.dir.to_string_lossy().into_owned(),
+            shell: entry.shell.to_string_lossy().into_owned(),
             name,
         }))
     }

@@ -49,6 +49,20 @@ pub(crate) const INHERITED_VARIABLES: &[&str] = &[
     "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_*", "TZ", "TMPDIR", "TERM",
 ];
 
+/// A recipe's variables from `pairs`, of which the later of two with one
+/// name wins (a recipe's variables are added to the environment as they
+/// are, and a process reads the first of two).
+pub(crate) fn later_wins<'a>(
+    pairs: impl Iterator<Item = (&'a str, &'a str)>,
+) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> = Vec::new();
+    for (name, value) in pairs {
+        env.retain(|(existing, _)| existing.as_os_str() != name);
+        env.push((name.into(), value.into()));
+    }
+    env
+}
+
 pub(crate) fn is_inherited(name: &std::ffi::OsStr) -> bool {
     let name = name.as_encoded_bytes();
     INHERITED_VARIABLES
@@ -385,16 +399,17 @@ pub(crate) async fn run(
     on_running: impl FnOnce(&Spawned),
 ) -> std::io::Result<Ended> {
     let settings = launch.settings;
-    // The type's `env:`, then the try's own variables (later entries win).
-    let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> = Vec::new();
-    for (name, value) in settings
-        .env
-        .iter()
-        .chain(launch.env.iter().map(|(n, v)| (n, v)))
-    {
-        env.retain(|(existing, _)| existing.as_os_str() != name.as_str());
-        env.push((name.into(), value.into()));
-    }
+    // The user's own variables (`HOME`, `USER` …) where it runs as another
+    // user, the type's `env:`, then the try's own (later entries win).
+    let login = settings.user.as_ref().map(|user| user.login_env());
+    let env = later_wins(
+        login
+            .iter()
+            .flatten()
+            .map(|(n, v)| (*n, *v))
+            .chain(settings.env.iter().map(|(n, v)| (n.as_str(), v.as_str())))
+            .chain(launch.env.iter().map(|(n, v)| (n.as_str(), v.as_str()))),
+    );
     // The try's cgroup, where cgroups are in force: made before the process,
     // which joins it before it execs.
     let try_cgroup = match cgroup::in_force() {
