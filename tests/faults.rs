@@ -361,24 +361,20 @@ async fn a_reap_by_a_user_who_cannot_see_the_tasks_takes_none_of_them(backend: B
     let id = db.enqueue("Nap", None).await;
     db.wait_for_pid(id, WAIT).await;
     let cli_copy = crate::util::cli_copy_for_nobody(&db);
-    let output = std::process::Command::new("unshare")
-        .args([
-            "-m",
-            "sh",
-            "-c",
-            "mount -t proc -o hidepid=2 proc /proc && \
-             exec setpriv --reuid=65534 --regid=65534 --clear-groups \"$@\"",
-            "sh",
-        ])
-        .arg(&cli_copy)
-        .args(["--database-url", db.url.as_str(), "reap"])
-        .current_dir(&db.scratch.path)
-        .env_remove("DATABASE_URL")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}{stderr}");
+    let (stdout, _) = crate::util::wrapped_cli(
+        &db,
+        std::process::Command::new("unshare")
+            .args([
+                "-m",
+                "sh",
+                "-c",
+                "mount -t proc -o hidepid=2 proc /proc && \
+                 exec setpriv --reuid=65534 --regid=65534 --clear-groups \"$@\"",
+                "sh",
+            ])
+            .arg(&cli_copy),
+        &["reap"],
+    );
     assert!(
         !stdout.lines().any(|l| l.starts_with(&format!("{id} "))),
         "the reaper took a running try it cannot see: {stdout}"

@@ -459,16 +459,14 @@ impl Drop for PidsCgroup {
     }
 }
 
-/// The parent-death signal reaches only the task's own process: a
-/// grandchild in its process group kept running after `kill -9` of the
-/// daemon, beside the next try that the restarted daemon started at once.
-/// Now the start-up reaper kills what is left of the old try's group first.
-async fn a_grandchild_of_a_killed_daemons_task_is_killed_before_the_rerun(backend: Backend) {
-    let db = TestDb::new(backend).await;
+/// A task type `Spawner` (the config's `tasks:`, returned) whose first try
+/// leaves a grandchild in its process group, its pid written to the file
+/// returned, and sleeps; a later try fails if that grandchild still runs
+/// (a zombie, waiting for init to reap it, runs no more), else prints
+/// `alone`.
+fn spawner_leaving_a_grandchild(db: &TestDb) -> (String, std::path::PathBuf) {
     let grandchild_file = db.scratch.join("grandchild");
     let script = db.scratch.join("spawner.sh");
-    // Try 1 leaves a grandchild in its group; try 2 fails if it still runs
-    // (a zombie, waiting for init to reap it, runs no more).
     std::fs::write(
         &script,
         format!(
@@ -486,10 +484,20 @@ echo alone
         ),
     )
     .unwrap();
-    let config = format!(
+    let tasks = format!(
         "tasks:\n  Spawner:\n    command: [/bin/sh, {}]\n",
         script.display()
     );
+    (tasks, grandchild_file)
+}
+
+/// The parent-death signal reaches only the task's own process: a
+/// grandchild in its process group kept running after `kill -9` of the
+/// daemon, beside the next try that the restarted daemon started at once.
+/// Now the start-up reaper kills what is left of the old try's group first.
+async fn a_grandchild_of_a_killed_daemons_task_is_killed_before_the_rerun(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let (config, grandchild_file) = spawner_leaving_a_grandchild(&db);
     let mut daemon = Daemon::start(&db, "d", &config);
     let id = db.enqueue("Spawner", None).await;
     db.wait_for_pid(id, WAIT).await;
@@ -518,30 +526,9 @@ async fn a_reap_that_cannot_kill_a_dead_tries_grandchild_leaves_its_row(backend:
         return;
     }
     let db = TestDb::new(backend).await;
-    let grandchild_file = db.scratch.join("grandchild");
-    let script = db.scratch.join("spawner.sh");
-    std::fs::write(
-        &script,
-        format!(
-            r#"g={g}
-if [ "$TASKRUNNER_TRY" = 1 ]; then
-    (trap "" TERM HUP; while :; do sleep 0.1; done) &
-    echo $! > $g
-    exec sleep 60
-fi
-state=$(sed 's/.*) //' /proc/$(cat $g)/stat 2>/dev/null | cut -c1)
-if [ -n "$state" ] && [ "$state" != Z ]; then echo "try 1 still runs" >&2; exit 1; fi
-echo alone
-"#,
-            g = grandchild_file.display()
-        ),
-    )
-    .unwrap();
+    let (tasks, grandchild_file) = spawner_leaving_a_grandchild(&db);
     let lease = "heartbeat_interval: 1s\nkill_grace: 1s\nlease_timeout: 3s\n";
-    let config = format!(
-        "{lease}tasks:\n  Spawner:\n    command: [/bin/sh, {}]\n",
-        script.display()
-    );
+    let config = format!("{lease}{tasks}");
     let mut daemon = Daemon::start(&db, "d", &config);
     let id = db.enqueue("Spawner", None).await;
     let task = db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32;
@@ -557,19 +544,15 @@ echo alone
     std::fs::write(&reap_config, lease).unwrap();
     let cli_copy = crate::util::cli_copy_for_nobody(&db);
     tokio::time::sleep_until((killed_at + Duration::from_millis(3500)).into()).await;
-    let output = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(&cli_copy)
-        .args(["--config"])
-        .arg(&reap_config)
-        .args(["--database-url", db.url.as_str(), "reap"])
-        .current_dir(&db.scratch.path)
-        .env_remove("DATABASE_URL")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}{stderr}");
+    let (stdout, stderr) = crate::util::wrapped_cli(
+        &db,
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&cli_copy)
+            .arg("--config")
+            .arg(&reap_config),
+        &["reap"],
+    );
     assert!(
         !stdout.lines().any(|l| l.starts_with(&format!("{id} "))),
         "the reaper took a row whose try's grandchild it could not kill: {stdout}"

@@ -456,6 +456,24 @@ pub fn cli_copy_for_nobody(db: &TestDb) -> PathBuf {
     cli_copy
 }
 
+/// Runs `command`, a `taskrunner-cli` behind a wrapper (`setpriv`,
+/// `unshare`) with `args` after the test's database, in the test's
+/// scratch directory without the environment's `DATABASE_URL`; returns
+/// its standard output and error once it has succeeded.
+pub fn wrapped_cli(db: &TestDb, command: &mut Command, args: &[&str]) -> (String, String) {
+    let output = command
+        .args(["--database-url", db.url.as_str()])
+        .args(args)
+        .current_dir(&db.scratch.path)
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{stdout}{stderr}");
+    (stdout, stderr)
+}
+
 /// Starts `taskrunner-cli` with the test's database, as [`cli`] runs it,
 /// without waiting for it to end; its output is piped.
 pub fn spawn_cli(db: &TestDb, args: &[&str]) -> Child {
