@@ -24,6 +24,7 @@ both_backends!(
     chain_of_three_batches_each_created_by_the_previous_on_complete,
     batch_cancel_cancels_unstarted_members_and_makes_no_callback,
     a_callback_given_to_a_running_row_is_made_at_its_end,
+    a_batch_counter_an_application_wrote_at_its_limit_holds_up_no_outcome,
 );
 
 /// Callback types that print what they were given (their options).
@@ -1583,6 +1584,44 @@ async fn an_application_adding_members_holds_up_only_its_batchs_outcomes(backend
         .await,
         2
     );
+    for daemon in &mut daemons {
+        assert!(daemon.stop().success());
+    }
+}
+
+/// An application wrote a batch's counter at its column's limit (the
+/// largest INTEGER: 32 bits on PostgreSQL and MariaDB, 64 on SQLite). A
+/// member's end counts it one further: PostgreSQL and MariaDB refused
+/// that, the finalization failed at every retry, and no outcome of the
+/// daemon was recorded after it (SQLite coped). Now a counter at its limit
+/// stays there, and the batch's end counts its members afresh.
+async fn a_batch_counter_an_application_wrote_at_its_limit_holds_up_no_outcome(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let limit = match backend {
+        Backend::Sqlite => i64::MAX,
+        Backend::Postgres | Backend::MySql => i64::from(i32::MAX),
+    };
+    let mut daemons = start_daemons(&db, 1, "tasks:\n");
+    let batch = insert_batch(&db, "on_complete, finished", &format!("'Done', {limit}")).await;
+    insert_members(&db, batch, "NoOp", 2, 5).await;
+    db.execute(&format!(
+        "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
+    ))
+    .await;
+    db.wait_for_count(
+        &format!("SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch} AND result = 'FINISHED'"),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(batch_state(&db, batch).await, "FINISHED");
+    let (stored, recounted) = counters_and_recount(&db, batch).await;
+    assert_eq!(stored, recounted, "the end counted the members afresh");
+    let after = db.enqueue("NoOp", None).await;
+    let row = db
+        .wait_for_state(after, "FINISHED", Duration::from_secs(30))
+        .await;
+    assert_eq!(row.tries, 1, "{row:?}");
     for daemon in &mut daemons {
         assert!(daemon.stop().success());
     }

@@ -317,13 +317,31 @@ impl ComposeSql {
                 d.int64("batch_id"),
                 d.int64("coalesce(period, 0)")
             ),
-            count_member: "UPDATE task_runner_batches \
-                SET pending = pending - 1, \
-                    finished = finished + CASE WHEN $2 = 'finished' THEN 1 ELSE 0 END, \
-                    failed = failed + CASE WHEN $2 = 'failed' THEN 1 ELSE 0 END, \
-                    cancelled = cancelled + CASE WHEN $2 = 'cancelled' THEN 1 ELSE 0 END \
-              WHERE id = $1"
-                .to_string(),
+            // A counter an application wrote at its column's limit stays
+            // there (the end recounts from the members): one step past it
+            // failed the finalization at every retry, and every outcome of
+            // the daemon waited behind it.
+            count_member: {
+                let limit = match d.0 {
+                    super::Backend::Sqlite => i64::MAX,
+                    super::Backend::Postgres | super::Backend::MySql => i64::from(i32::MAX),
+                };
+                let up = |column: &str, bucket: &str| {
+                    format!(
+                        "{column} = CASE WHEN $2 = '{bucket}' AND {column} < {limit} \
+                                         THEN {column} + 1 ELSE {column} END"
+                    )
+                };
+                format!(
+                    "UPDATE task_runner_batches \
+                        SET pending = CASE WHEN pending > -{limit} THEN pending - 1 ELSE pending END, \
+                            {}, {}, {} \
+                      WHERE id = $1",
+                    up("finished", "finished"),
+                    up("failed", "failed"),
+                    up("cancelled", "cancelled")
+                )
+            },
             batch_row: format!("SELECT {batch_columns} FROM task_runner_batches WHERE id = $1"),
             recount: format!(
                 "SELECT {bucket}, {} FROM task_runner_requests WHERE batch_id = $1 GROUP BY 1",
@@ -1178,11 +1196,11 @@ impl Store {
                 ),
                 None => format!("cancelled: batch {batch_id} failed"),
             };
-            let cancelled = tx
-                .execute(&c.cancel_unstarted, &[Int(batch_id), Text(&why)])
-                .await? as i64;
-            counts.pending -= cancelled;
-            counts.cancelled += cancelled;
+            tx.execute(&c.cancel_unstarted, &[Int(batch_id), Text(&why)])
+                .await?;
+            // From the members: counts an application wrote at their
+            // column's limit must not be stepped past it.
+            *counts = self.recount(tx, batch_id).await?;
             self.write_counts(tx, batch_id, counts).await?;
             return self
                 .end_batch(tx, &batch, "FAILED", failing, cause.map(|e| e.id))
