@@ -68,6 +68,24 @@ async fn insert_members(db: &TestDb, batch: i64, task: &str, n: usize, try_limit
 
 const OPEN: &str = "(result IS NULL OR result = 'RUNNING' OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED') AND tries < try_limit))";
 
+/// Seals `batch` with plain SQL, as an application does.
+async fn seal(db: &TestDb, batch: i64) {
+    db.execute(&format!(
+        "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
+    ))
+    .await;
+}
+
+/// Waits up to `timeout` for `batch`'s one callback row to have FINISHED.
+async fn its_callback_finishes(db: &TestDb, batch: i64, timeout: Duration) {
+    db.wait_for_count(
+        &format!("SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch} AND result = 'FINISHED'"),
+        1,
+        timeout,
+    )
+    .await;
+}
+
 /// The batch's counters, and the same recomputed from its members.
 async fn counters_and_recount(db: &TestDb, batch: i64) -> ([i64; 5], [i64; 5]) {
     let stored = [
@@ -147,18 +165,10 @@ async fn thousand_member_batch_has_one_on_complete_and_exact_counters(backend: B
     )
     .await;
     insert_members(&db, batch, "NoOp", 1000, 5).await;
-    db.execute(&format!(
-        "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
-    ))
-    .await;
+    seal(&db, batch).await;
     let started = Instant::now();
     let mut daemons = start_daemons(&db, 4, "max_concurrent: 4\ntasks:\n");
-    db.wait_for_count(
-        &format!("SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch} AND result = 'FINISHED'"),
-        1,
-        Duration::from_secs(240),
-    )
-    .await;
+    its_callback_finishes(&db, batch, Duration::from_secs(240)).await;
     println!(
         "1,000 members on {} daemon(s): the callback finished {:.1}s after the start",
         daemons.len(),
@@ -231,10 +241,7 @@ async fn two_hundred_batches_whose_members_end_at_the_same_instant_get_two_hundr
     for _ in 0..200 {
         let batch = insert_batch(&db, "on_complete", "'Done'").await;
         insert_members(&db, batch, "Wait", 2, 5).await;
-        db.execute(&format!(
-            "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
-        ))
-        .await;
+        seal(&db, batch).await;
         batches.push(batch);
     }
     db.wait_for_count(
@@ -317,10 +324,7 @@ async fn fail_fast_cancels_unstarted_members_and_runs_on_failure_once(backend: B
                 .await,
         );
     }
-    db.execute(&format!(
-        "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
-    ))
-    .await;
+    seal(&db, batch).await;
     // Sealed before any member runs, so that member 3 fails in a sealed batch.
     let mut daemons = start_daemons(
         &db,
@@ -403,14 +407,7 @@ async fn fail_fast_cancels_unstarted_members_and_runs_on_failure_once(backend: B
         "{finished} members finished after the batch failed"
     );
     assert_eq!(finished + cancelled + 1, 100);
-    db.wait_for_count(
-        &format!(
-            "SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch} AND result = 'FINISHED'"
-        ),
-        1,
-        Duration::from_secs(60),
-    )
-    .await;
+    its_callback_finishes(&db, batch, Duration::from_secs(60)).await;
     for daemon in &mut daemons {
         assert!(daemon.stop().success());
     }
@@ -456,10 +453,7 @@ async fn a_member_running_when_its_batch_failed_is_not_tried_again(backend: Back
     let failing = db
         .insert_row(NewRow::new("Boom").batch(batch).try_limit(1))
         .await;
-    db.execute(&format!(
-        "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
-    ))
-    .await;
+    seal(&db, batch).await;
     let mut daemons = start_daemons(
         &db,
         1,
@@ -522,17 +516,9 @@ async fn purge_keeps_the_members_of_an_open_batch_until_it_ends(backend: Backend
         1,
         "a member of an open batch was purged"
     );
-    db.execute(&format!(
-        "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
-    ))
-    .await;
+    seal(&db, batch).await;
     let mut daemons = start_daemons(&db, 1, "tasks:\n");
-    db.wait_for_count(
-        &format!("SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch} AND result = 'FINISHED'"),
-        1,
-        Duration::from_secs(60),
-    )
-    .await;
+    its_callback_finishes(&db, batch, Duration::from_secs(60)).await;
     for daemon in &mut daemons {
         assert!(daemon.stop().success());
     }
@@ -566,10 +552,7 @@ async fn batch_sealed_by_plain_sql_after_its_members_ended_gets_its_callback_wit
     // Not sealed: no callback, for a poll and more.
     callbacks_stay(&db, batch, 0, Duration::from_millis(1500)).await;
     assert_eq!(batch_state(&db, batch).await, "NULL");
-    db.execute(&format!(
-        "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
-    ))
-    .await;
+    seal(&db, batch).await;
     let sealed = Instant::now();
     // poll_interval is 1s: within a poll (and some margin for a loaded machine).
     db.wait_for_count(
@@ -583,12 +566,7 @@ async fn batch_sealed_by_plain_sql_after_its_members_ended_gets_its_callback_wit
         sealed.elapsed().as_secs_f64()
     );
     assert_eq!(batch_state(&db, batch).await, "FINISHED");
-    db.wait_for_count(
-        &format!("SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch} AND result = 'FINISHED'"),
-        1,
-        Duration::from_secs(30),
-    )
-    .await;
+    its_callback_finishes(&db, batch, Duration::from_secs(30)).await;
     for daemon in &mut daemons {
         assert!(daemon.stop().success());
     }
@@ -616,16 +594,8 @@ async fn member_retried_by_hand_after_its_batch_failed_makes_no_second_callback(
     let flaky = db
         .insert_row(NewRow::new("Flaky").batch(batch).try_limit(1))
         .await;
-    db.execute(&format!(
-        "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
-    ))
-    .await;
-    db.wait_for_count(
-        &format!("SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch} AND result = 'FINISHED'"),
-        1,
-        Duration::from_secs(60),
-    )
-    .await;
+    seal(&db, batch).await;
+    its_callback_finishes(&db, batch, Duration::from_secs(60)).await;
     assert_eq!(batch_state(&db, batch).await, "FAILED");
     // Now it would succeed: retried by hand, it finishes, and the batch's
     // counts follow, but the batch has ended: no second callback.
@@ -1217,10 +1187,7 @@ async fn a_batch_ends_when_a_finalization_went_silent_holding_its_lock(backend: 
     let proxy = Proxy::start(&db.url, Fault::SilenceOnceRun(needle)).await;
     let batch = insert_batch(&db, "on_complete", "'Done'").await;
     insert_members(&db, batch, "Work", 3, 5).await;
-    db.execute(&format!(
-        "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
-    ))
-    .await;
+    seal(&db, batch).await;
     let config = format!(
         "database_url: {}\nheartbeat_interval: 500ms\nkill_grace: 1s\nlease_timeout: 3s\ntasks:\n{CALLBACK_TYPES}  Work:\n    command: [/bin/true]\n",
         proxy.url
@@ -1231,14 +1198,7 @@ async fn a_batch_ends_when_a_finalization_went_silent_holding_its_lock(backend: 
         "a finalization's connection to go silent",
         || proxy.tripped(),
     );
-    db.wait_for_count(
-        &format!(
-            "SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch} AND result = 'FINISHED'"
-        ),
-        1,
-        Duration::from_secs(30),
-    )
-    .await;
+    its_callback_finishes(&db, batch, Duration::from_secs(30)).await;
     assert_eq!(batch_state(&db, batch).await, "FINISHED");
     assert_eq!(callbacks_of_batch(&db, batch).await, 1);
     assert_eq!(
@@ -1289,10 +1249,7 @@ async fn chaos_hundred_batches_on_four_daemons_with_kill_9_every_two_seconds(bac
     for _ in 0..100 {
         let batch = insert_batch(&db, "on_complete, on_failure", "'Done', 'Failed'").await;
         insert_members(&db, batch, "Work", MEMBERS, 20).await;
-        db.execute(&format!(
-            "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
-        ))
-        .await;
+        seal(&db, batch).await;
         batches.push(batch);
     }
     let started = Instant::now();
@@ -1565,16 +1522,8 @@ async fn an_application_adding_members_holds_up_only_its_batchs_outcomes(backend
         Duration::from_secs(10),
     );
     adding.release().await;
-    db.execute(&format!(
-        "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
-    ))
-    .await;
-    db.wait_for_count(
-        &format!("SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch} AND result = 'FINISHED'"),
-        1,
-        Duration::from_secs(30),
-    )
-    .await;
+    seal(&db, batch).await;
+    its_callback_finishes(&db, batch, Duration::from_secs(30)).await;
     assert_eq!(batch_state(&db, batch).await, "FINISHED");
     assert_eq!(callbacks_of_batch(&db, batch).await, 1);
     assert_eq!(
@@ -1604,16 +1553,8 @@ async fn a_batch_counter_an_application_wrote_at_its_limit_holds_up_no_outcome(b
     let mut daemons = start_daemons(&db, 1, "tasks:\n");
     let batch = insert_batch(&db, "on_complete, finished", &format!("'Done', {limit}")).await;
     insert_members(&db, batch, "NoOp", 2, 5).await;
-    db.execute(&format!(
-        "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP WHERE id = {batch}"
-    ))
-    .await;
-    db.wait_for_count(
-        &format!("SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch} AND result = 'FINISHED'"),
-        1,
-        Duration::from_secs(30),
-    )
-    .await;
+    seal(&db, batch).await;
+    its_callback_finishes(&db, batch, Duration::from_secs(30)).await;
     assert_eq!(batch_state(&db, batch).await, "FINISHED");
     let (stored, recounted) = counters_and_recount(&db, batch).await;
     assert_eq!(stored, recounted, "the end counted the members afresh");

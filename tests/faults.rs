@@ -309,10 +309,17 @@ async fn on_sqlite_a_living_daemons_row_is_its_own_past_the_lease() {
         .insert_row(running_on_another_host(Backend::Sqlite, "t1", 424242, 1))
         .await;
     let held = db.hold_row(id).await;
-    let held_at = Instant::now();
     wait_until(WAIT, "the task's process to end", || !process_exists(pid));
-    // No renewal gets through the lock: past this, the lease has lapsed.
-    tokio::time::sleep_until((held_at + lease + Duration::from_millis(500)).into()).await;
+    // No renewal gets through the lock: the lease lapses.
+    db.wait_for_count(
+        &format!(
+            "SELECT count(*) FROM task_runner_requests WHERE id = {id} AND heartbeat_at < {}",
+            crate::util::sql_ago(Backend::Sqlite, lease.as_secs() as i64 + 1)
+        ),
+        1,
+        WAIT,
+    )
+    .await;
     let config = daemon.config.to_str().unwrap().to_string();
     let (status, stdout, stderr) = cli(&db, &["--config", &config, "reap", "--dry-run"]);
     assert_eq!(status, 0, "{stderr}");
