@@ -125,6 +125,19 @@ pub(crate) fn live_children(parent: i64) -> Vec<i64> {
         .collect()
 }
 
+/// Whether process `pid` runs this process's own executable: a child the
+/// daemon's spawner has made and that has not reached its `execve` yet
+/// (it holds copies of all the daemon's descriptors until then).
+pub(crate) fn runs_our_executable(pid: i64) -> bool {
+    match (
+        std::fs::read_link(format!("/proc/{pid}/exe")),
+        std::fs::read_link("/proc/self/exe"),
+    ) {
+        (Ok(theirs), Ok(ours)) => theirs == ours,
+        _ => false,
+    }
+}
+
 /// The inodes of the pipes process `pid` has open (`pipe:[INODE]` in
 /// `/proc/PID/fd`); empty if its descriptors cannot be read.
 pub(crate) fn pipes_held(pid: i64) -> Vec<u64> {
