@@ -25,6 +25,7 @@ both_backends!(
     batch_cancel_cancels_unstarted_members_and_makes_no_callback,
     a_callback_given_to_a_running_row_is_made_at_its_end,
     a_batch_counter_an_application_wrote_at_its_limit_holds_up_no_outcome,
+    a_row_joining_a_batch_by_update_is_counted_and_a_member_stays_in_its_batch,
 );
 
 /// Callback types that print what they were given (their options).
@@ -1563,6 +1564,119 @@ async fn a_batch_counter_an_application_wrote_at_its_limit_holds_up_no_outcome(b
         .wait_for_state(after, "FINISHED", Duration::from_secs(30))
         .await;
     assert_eq!(row.tries, 1, "{row:?}");
+    for daemon in &mut daemons {
+        assert!(daemon.stop().success());
+    }
+}
+
+/// An application that inserts a row first and sets its `batch_id` in a
+/// second statement. Before, only an insert counted a member: the row
+/// joined by the UPDATE was left out of the batch's counts (its progress
+/// showed a member fewer until the end counted them afresh), and a row
+/// could join an ended batch unnoticed. Now it is counted as it joins, and
+/// the batch still waits for every member; a final row or a flow's step
+/// cannot join, and a member cannot leave its batch or move to another
+/// (each refused with one error, the row unchanged).
+async fn a_row_joining_a_batch_by_update_is_counted_and_a_member_stays_in_its_batch(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let gate = |name: &str| {
+        let file = db.scratch.join(name);
+        let task = format!(
+            "    command: [/bin/sh, -c, 'until [ -e {} ]; do sleep 0.05; done']\n",
+            file.display()
+        );
+        (file, task)
+    };
+    let (first_gate, first_task) = gate("first");
+    let (joined_gate, joined_task) = gate("joined");
+    let mut daemons = start_daemons(
+        &db,
+        1,
+        &format!("max_concurrent: 4\ntasks:\n  First:\n{first_task}  Joined:\n{joined_task}"),
+    );
+    let batch = insert_batch(&db, "on_complete", "'Done'").await;
+    insert_members(&db, batch, "First", 1, 1).await;
+    let joined = db.insert_row(NewRow::new("Joined")).await;
+    db.wait_for_pid(joined, Duration::from_secs(30)).await;
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET batch_id = {batch} WHERE id = {joined}"
+    ))
+    .await;
+    seal(&db, batch).await;
+    let (stored, recounted) = counters_and_recount(&db, batch).await;
+    assert_eq!(stored, recounted, "the joined row is counted");
+    std::fs::write(&joined_gate, "").unwrap();
+    db.wait_for_state(joined, "FINISHED", Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        batch_state(&db, batch).await,
+        "NULL",
+        "the batch waits for its other member"
+    );
+    assert_eq!(callbacks_of_batch(&db, batch).await, 0);
+    std::fs::write(&first_gate, "").unwrap();
+    its_callback_finishes(&db, batch, Duration::from_secs(30)).await;
+    assert_eq!(batch_state(&db, batch).await, "FINISHED");
+    let (stored, recounted) = counters_and_recount(&db, batch).await;
+    assert_eq!(stored, recounted);
+    assert_eq!(stored[0], 2, "{stored:?}");
+
+    // Refused, each with one error and nothing changed: a flow's step
+    // joining, a member leaving or moving, a final row joining, a row
+    // joining an ended batch.
+    let other = insert_batch(&db, "name", "'other'").await;
+    let finished = db.enqueue("NoOp", None).await;
+    db.wait_for_state(finished, "FINISHED", Duration::from_secs(30))
+        .await;
+    let waiting = db
+        .insert_row(NewRow::new("NoOp").sql("delay_until", &sql_now_plus(backend, 3600)))
+        .await;
+    // A flow's step (a batch's end would cancel it without its flow).
+    let step = db
+        .insert_row(
+            NewRow::new("NoOp")
+                .number("flow_id", 1)
+                .sql("delay_until", sql_now_plus(backend, 3600)),
+        )
+        .await;
+    for (set, row, refusal) in [
+        (format!("batch_id = {other}"), step, "step of"),
+        (format!("batch_id = {other}"), joined, "stays in it"),
+        ("batch_id = NULL".to_string(), joined, "stays in it"),
+        (format!("batch_id = {other}"), finished, "cannot join"),
+        (
+            format!("batch_id = {batch}"),
+            waiting,
+            "does not exist or is final",
+        ),
+    ] {
+        let refusal = match (backend, refusal) {
+            (Backend::Sqlite, "cannot join") => "a final request cannot join a batch",
+            _ => refusal,
+        };
+        let error = db
+            .try_execute(&format!(
+                "UPDATE task_runner_requests SET {set} WHERE id = {row}"
+            ))
+            .await
+            .expect_err("refused");
+        assert!(
+            error.contains("task_runner_requests.batch_id"),
+            "{set}: {error}"
+        );
+        assert!(error.contains(refusal), "{set}: {error}");
+    }
+    assert_eq!(db.row(joined).await.batch_id, Some(batch));
+    assert_eq!(db.row(finished).await.batch_id, None);
+    assert_eq!(db.row(waiting).await.batch_id, None);
+    assert_eq!(db.row(step).await.batch_id, None);
+    assert_eq!(
+        counters_and_recount(&db, other).await,
+        ([0; 5], [0; 5]),
+        "nothing counted in the other batch"
+    );
     for daemon in &mut daemons {
         assert!(daemon.stop().success());
     }

@@ -305,8 +305,8 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
     let db = TestDb::new(backend).await;
     // The newest migration (MariaDB/MySQL has one of its own).
     let latest = match backend {
-        Backend::MySql => 16,
-        Backend::Sqlite | Backend::Postgres => 15,
+        Backend::MySql => 17,
+        Backend::Sqlite | Backend::Postgres => 16,
     };
     let id = db.enqueue("NoOp", Some("a: 1")).await;
     let was_due = db
@@ -326,10 +326,11 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
     .await;
     db.execute(&format!("INSERT INTO reports (request_id) VALUES ({id})"))
         .await;
-    // Migrations 15 (MariaDB's 16), 14, 12 and 11 undone: no daemons'
-    // leases, no pauses' table, version 10's claim indexes, without their
-    // columns. (Migration 13, and MariaDB's 15, are only unrecorded: they
-    // make their triggers again when run again.)
+    // Migrations 16 (MariaDB's 17), 15 (MariaDB's 16), 14, 12 and 11
+    // undone: no trigger counting a row that joins a batch by an update,
+    // no daemons' leases, no pauses' table, version 10's claim indexes,
+    // without their columns. (Migration 13, and MariaDB's 15, are only
+    // unrecorded: they make their triggers again when run again.)
     let runnable = "WHERE pid IS NULL \
           AND (result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED')) \
           AND tries < try_limit";
@@ -341,6 +342,14 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
                 ("runnable_of_type", "task_class_name, priority DESC, id"),
             ];
             let mut undo = vec![
+                match backend {
+                    Backend::Postgres => {
+                        "DROP TRIGGER task_runner_requests_batch_join ON task_runner_requests; \
+                                          DROP FUNCTION task_runner_requests_batch_join()"
+                    }
+                    _ => "DROP TRIGGER task_runner_requests_batch_join",
+                }
+                .to_string(),
                 "ALTER TABLE task_runner_daemons DROP COLUMN lease_ms".to_string(),
                 "DROP TABLE task_runner_pauses".to_string(),
                 "DROP INDEX task_runner_requests_next_of".to_string(),
@@ -371,6 +380,7 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
             undo
         }
         Backend::MySql => vec![
+            "DROP TRIGGER task_runner_requests_batch_join".into(),
             "ALTER TABLE task_runner_daemons DROP COLUMN lease_ms".into(),
             "DROP TABLE task_runner_pauses".into(),
             "DROP INDEX task_runner_requests_next_of ON task_runner_requests".into(),
@@ -399,7 +409,7 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
         }
     }
     db.execute(
-        "DELETE FROM task_runner_schema_migrations WHERE version IN (11, 12, 13, 14, 15, 16)",
+        "DELETE FROM task_runner_schema_migrations WHERE version IN (11, 12, 13, 14, 15, 16, 17)",
     )
     .await;
     let runs = migrate_at_once(&db, 4);
