@@ -300,7 +300,7 @@ async fn a_killed_parent_leaves_running_tries_to_their_end(backend: crate::util:
 async fn a_new_executable_or_a_reload_starts_a_new_parent(backend: crate::util::Backend) {
     let db = TestDb::new(backend).await;
     let program = db.scratch.join("probe");
-    std::fs::copy(sdk_probe(), &program).unwrap();
+    crate::util::copy_executable(&sdk_probe(), &program);
     let mut daemon = Daemon::start(&db, "d", &preloaded(&program));
     let booted_in =
         |row: taskrunner::request::Request| report(&row.result_text.unwrap())["booted_in"].clone();
@@ -308,7 +308,7 @@ async fn a_new_executable_or_a_reload_starts_a_new_parent(backend: crate::util::
     let first = booted_in(db.wait_for_state(id, "FINISHED", WAIT).await);
     // A deploy: a new file renamed over the old one.
     let staged = db.scratch.join("probe.new");
-    std::fs::copy(sdk_probe(), &staged).unwrap();
+    crate::util::copy_executable(&sdk_probe(), &staged);
     std::fs::rename(&staged, &program).unwrap();
     let id = enqueue(&db, "Probe", "").await;
     let second = booted_in(db.wait_for_state(id, "FINISHED", WAIT).await);

@@ -223,7 +223,7 @@ async fn a_task_name_registered_twice_stops_the_daemon_at_start(backend: Backend
     let db = TestDb::new(backend).await;
     let original = example_tasks();
     let copy = db.scratch.join("other-tasks");
-    std::fs::copy(&original, &copy).unwrap();
+    crate::util::copy_executable(&original, &copy);
     for (name, extra, expected) in [
         (
             "two-programs",

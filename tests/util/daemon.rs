@@ -9,7 +9,9 @@ use serde_yaml::{Mapping, Value};
 
 use taskrunner::request::{Request, RequestId};
 
-use super::{poll_blocking, process_exists, wait_until, TestDb, Text, CLI, DAEMON};
+use super::{
+    copy_executable, poll_blocking, process_exists, wait_until, TestDb, Text, CLI, DAEMON,
+};
 
 /// The base config every test daemon gets; tests append their own keys.
 pub fn base_config(db: &TestDb, dir: &Path) -> String {
@@ -446,7 +448,7 @@ pub fn cli(db: &TestDb, args: &[&str]) -> (i32, String, String) {
 pub fn cli_copy_for_nobody(db: &TestDb) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let cli_copy = db.scratch.join("taskrunner-cli");
-    std::fs::copy(CLI, &cli_copy).unwrap();
+    copy_executable(Path::new(CLI), &cli_copy);
     for entry in std::fs::read_dir(&db.scratch.path).unwrap() {
         let path = entry.unwrap().path();
         let mode = if path == cli_copy { 0o755 } else { 0o666 };

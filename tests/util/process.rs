@@ -204,3 +204,17 @@ pub fn write_executable(path: &Path, text: impl AsRef<[u8]>) {
     std::fs::write(path, text).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
+
+/// Copies the executable `from` to `to` with `cp`, a process of its own.
+/// Copied here, the file's descriptor open for writing would be inherited
+/// by any child another test thread forks meanwhile, until that child's
+/// `exec`: an `exec` of the copy in that window fails with "Text file
+/// busy" (seen with six tests at a time).
+pub fn copy_executable(from: &Path, to: &Path) {
+    let status = std::process::Command::new("cp")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cp {} {}", from.display(), to.display());
+}
