@@ -20,6 +20,7 @@ both_backends!(
     retry_refuses_a_flows_steps_and_reverts,
     purge_keeps_the_step_rows_of_a_running_flow,
     a_step_whose_output_would_outgrow_the_flows_store_reverts_the_flow_saying_why,
+    a_step_row_the_database_refuses_ends_its_flow_failed_and_holds_up_no_outcome,
 );
 
 const LONG: Duration = Duration::from_secs(60);
@@ -1115,6 +1116,15 @@ fn config_errors_in_a_flow_name_the_flow_and_the_step() {
         ),
         "{error}"
     );
+    let error = check(
+        "flows:\n  deploy:\n    steps:\n      - { name: a, task: NoOp, try_limit: 3000000000 }\n",
+    );
+    assert!(
+        error.contains(
+            "flows.deploy.steps[0] (a).try_limit: must be at least 1 and at most 2147483647"
+        ),
+        "{error}"
+    );
     let error = check("flows:\n  deploy:\n    steps: []\n");
     assert!(
         error.contains("flows.deploy.steps: a flow needs at least one step"),
@@ -1200,4 +1210,61 @@ async fn forty_flows_taken_by_three_daemons_at_once_make_each_step_row_once(back
     for daemon in &mut daemons {
         assert!(daemon.stop().success());
     }
+}
+
+/// A flow's stored definition edited by an application while its first
+/// step runs: the second step's `try_limit` is 0, which the tables refuse.
+/// Before, the first step's end failed as a whole at the second step's
+/// insert, and was retried for ever: that outcome and every later one of
+/// the daemon were never recorded. Now the flow ends FAILED saying why,
+/// the first step is FINISHED, and the daemon's other rows run on.
+async fn a_step_row_the_database_refuses_ends_its_flow_failed_and_holds_up_no_outcome(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let gate = db.scratch.join("gate");
+    let config = format!(
+        "tasks:\n{}flows:\n  two:\n    steps:\n      - {{ name: first, task: Gate }}\n      - {{ name: second, task: NoOp }}\n",
+        sh_task("Gate", &format!("until [ -e {} ]; do sleep 0.05; done", gate.display())),
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    let flow = insert_flow(&db, "two", None).await;
+    let first = taskrunner::request::RequestId(
+        poll(LONG, "the first step's row", async || {
+            match db
+                .scalar(&format!(
+                    "SELECT count(*) FROM task_runner_requests WHERE flow_id = {flow} AND pid IS NOT NULL"
+                ))
+                .await
+            {
+                1 => Ok(db
+                    .scalar(&format!(
+                        "SELECT id FROM task_runner_requests WHERE flow_id = {flow}"
+                    ))
+                    .await),
+                seen => Err(seen),
+            }
+        })
+        .await,
+    );
+    db.execute(&format!(
+        "UPDATE task_runner_flows SET definition = {} WHERE id = {flow}",
+        quote("steps:\n- {name: first, task: Gate}\n- {name: second, task: NoOp, try_limit: 0}\n")
+    ))
+    .await;
+    std::fs::write(&gate, "").unwrap();
+    let ended = wait_for_flow(&db, flow, "FAILED", LONG).await;
+    let why = ended.result_text.as_deref().unwrap_or_default();
+    assert!(
+        why.contains("the row of step 2 (second, execute) was refused by the database"),
+        "{why}"
+    );
+    let row = db.wait_for_state(first, "FINISHED", LONG).await;
+    assert_eq!(row.tries, 1, "{row:?}");
+    let after = db.enqueue("NoOp", None).await;
+    db.wait_for_state(after, "FINISHED", LONG).await;
+    assert!(daemon
+        .log_text()
+        .contains(&format!("flow {flow} (two) FAILED")));
+    assert!(daemon.stop().success());
 }

@@ -587,12 +587,12 @@ pub(crate) fn resolve_schedules(
         }
         if raw
             .try_limit
-            .is_some_and(|limit| limit > i64::from(i32::MAX))
+            .is_some_and(|limit| limit > crate::request::MAX_TRY_LIMIT)
         {
             return Err(format!(
                 "{}: must be at most {}",
                 key("try_limit"),
-                i32::MAX
+                crate::request::MAX_TRY_LIMIT
             ));
         }
         if raw

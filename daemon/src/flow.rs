@@ -190,10 +190,14 @@ impl Definition {
                     step.name
                 ));
             }
-            if step.try_limit.is_some_and(|limit| limit < 1) {
+            if step
+                .try_limit
+                .is_some_and(|limit| !(1..=crate::request::MAX_TRY_LIMIT).contains(&limit))
+            {
                 return Err(format!(
-                    "{at} ({}).try_limit: must be at least 1",
-                    step.name
+                    "{at} ({}).try_limit: must be at least 1 and at most {}",
+                    step.name,
+                    crate::request::MAX_TRY_LIMIT
                 ));
             }
         }

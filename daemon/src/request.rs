@@ -183,6 +183,10 @@ pub struct Request {
 /// 0004 refuses longer ones (MariaDB's column is a `VARCHAR(255)`).
 pub(crate) const MAX_TASK_NAME: usize = 255;
 
+/// The largest `try_limit` the tables hold: the column is a 32-bit integer
+/// on PostgreSQL and MariaDB/MySQL, which refuse a larger value.
+pub(crate) const MAX_TRY_LIMIT: i64 = i32::MAX as i64;
+
 /// Refuses a name (`what`: the config key or CLI flag it came in) longer
 /// than the 255-character columns that hold it: a task type
 /// (`task_class_name`, refused in rows by migration 0004), a callback, a

@@ -1138,7 +1138,7 @@ impl Store {
     /// [`Tx::insert_follow_up`]). A row the database refuses for its data is
     /// not made; that is logged, once, with the database's reason, and the
     /// rest of the ending is written.
-    async fn insert_follow_up(
+    pub(super) async fn insert_follow_up(
         &self,
         tx: &mut Tx,
         what: impl FnOnce() -> String,

@@ -501,7 +501,9 @@ impl Store {
                         let mut options = parse_store(flow.store.as_deref());
                         options.insert("flow".into(), Value::Mapping(summary));
                         let key = format!("flow:{}:exhausted", flow.id);
-                        tx.execute(
+                        self.insert_follow_up(
+                            tx,
+                            || format!("flow {}'s on_exhausted alert {task}", flow.id),
                             &f.insert_alert,
                             &[
                                 Text(task),
@@ -596,6 +598,11 @@ impl Store {
     }
 
     /// Creates the row of a position, with the flow's store as its options.
+    /// A row the database refuses for its data (a stored definition edited
+    /// to a `try_limit` or task name its rules do not allow) ends the flow
+    /// FAILED, saying why: inserted plainly, the refusal failed the whole
+    /// transaction, the outcome that moved the flow on with it, and every
+    /// outcome the recorder held behind it, at each retry for ever.
     async fn insert_step(
         &self,
         tx: &mut Tx,
@@ -605,23 +612,38 @@ impl Store {
         action: Action,
         task: &str,
     ) -> Result<()> {
+        let f = self.flow_sql();
         let key = flow::unique_key(flow.id, flow.attempt, step, action);
         let try_limit = definition.steps[step]
             .try_limit
             .unwrap_or(super::DEFAULT_TRY_LIMIT);
-        tx.execute(
-            &self.flow_sql().insert_step,
-            &[
-                Text(task),
-                OptText(flow.store.as_deref()),
-                Int(flow.id),
-                Int(step as i64),
-                Text(action.as_str()),
-                Text(&key),
-                Int(try_limit),
-            ],
-        )
-        .await?;
+        self.count_statements(2);
+        let made = tx
+            .insert_follow_up(
+                &f.insert_step,
+                &[
+                    Text(task),
+                    OptText(flow.store.as_deref()),
+                    Int(flow.id),
+                    Int(step as i64),
+                    Text(action.as_str()),
+                    Text(&key),
+                    Int(try_limit),
+                ],
+            )
+            .await?;
+        if let Err(refusal) = made {
+            let why = format!(
+                "the row of step {} ({}, {}) was refused by the database: {}",
+                step + 1,
+                definition.steps[step].name,
+                action.as_str(),
+                crate::escape::error_line(&refusal.into())
+            );
+            tracing::error!(flow = flow.id, name = %flow.name, "flow {} ({}) FAILED: {why}", flow.id, flow.name);
+            tx.execute(&f.end_flow, &[Int(flow.id), Text("FAILED"), Text(&why)])
+                .await?;
+        }
         Ok(())
     }
 
