@@ -115,7 +115,7 @@ pub(super) struct FlowSql {
     insert_flow: String,
     flow_row: String,
     list_flows: String,
-    step_by_key: String,
+    pub(super) step_by_key: String,
     insert_step: String,
     move_flow: String,
     end_flow: String,
@@ -129,7 +129,7 @@ pub(super) struct FlowSql {
     insert_alert: String,
 }
 
-static FLOW: Statements<FlowSql> = Statements::new(FlowSql::render);
+pub(super) static FLOW: Statements<FlowSql> = Statements::new(FlowSql::render);
 
 impl FlowSql {
     fn render(d: Dialect) -> FlowSql {
@@ -164,8 +164,13 @@ impl FlowSql {
             list_flows: format!(
                 "SELECT {columns} FROM task_runner_flows WHERE ($2 IS NULL OR id < $2) ORDER BY id DESC LIMIT $1"
             ),
+            // Through the flow's rows (`flow_id`'s index): the unique key's
+            // index holds only open rows, and without the flow this read
+            // every row of the table, under the flow's lock, at each step's
+            // end. The latest row, should plain SQL have copied one.
             step_by_key: format!(
-                "SELECT {}, result, result_text, {} FROM task_runner_requests WHERE unique_key = $1",
+                "SELECT {}, result, result_text, {} FROM task_runner_requests \
+                  WHERE flow_id = $2 AND unique_key = $1 ORDER BY id DESC LIMIT 1",
                 d.int64("id"),
                 d.int64(&format!("CASE WHEN {} THEN 1 ELSE 0 END", unfinished("")))
             ),
@@ -340,7 +345,9 @@ impl Store {
                 Action::Execute
             };
             let key = flow::unique_key(flow.id, flow.attempt, step, action);
-            let rows = tx.fetch(&f.step_by_key, &[Text(&key)]).await?;
+            let rows = tx
+                .fetch(&f.step_by_key, &[Text(&key), Int(flow.id)])
+                .await?;
             let Some(at) = rows.first().map(at_position).transpose()? else {
                 // Missing (never made, or deleted by hand): make it.
                 let task = match action {

@@ -1416,7 +1416,8 @@ mod tests {
     /// sorted), a claim of one queue or type reads that queue's or type's
     /// runnable rows in claim order (not the runnable index past every row
     /// of the others), and a batch of outcomes finds each row by id (not every
-    /// RUNNING row, each against the whole batch).
+    /// RUNNING row, each against the whole batch), and a flow's row is
+    /// found among its flow's rows.
     #[tokio::test]
     async fn sqlite_claims_through_the_runnable_index_and_writes_batches_by_id() {
         let path = std::env::temp_dir().join(format!("taskrunner-plans-{}.db", std::process::id()));
@@ -1551,6 +1552,26 @@ mod tests {
                 .iter()
                 .any(|step| step.contains("SEARCH t USING INTEGER PRIMARY KEY")),
             "{batch:?}"
+        );
+
+        // A flow's row at its position: through the flow's rows, not every
+        // row of the table (the unique key's index holds only open rows).
+        let step = sqlite_plan(
+            &store,
+            &super::super::flow::FLOW.of(Backend::Sqlite).step_by_key,
+            &["flow:1:1:0:execute", "1"],
+        )
+        .await;
+        assert!(
+            step.iter()
+                .any(|step| step.contains("USING INDEX task_runner_requests_flow")),
+            "{step:?}"
+        );
+        assert!(
+            !step
+                .iter()
+                .any(|step| step.contains("SCAN task_runner_requests")),
+            "{step:?}"
         );
         store.close().await;
         for suffix in ["", "-wal", "-shm"] {
