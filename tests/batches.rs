@@ -26,6 +26,7 @@ both_backends!(
     a_callback_given_to_a_running_row_is_made_at_its_end,
     a_batch_counter_an_application_wrote_at_its_limit_holds_up_no_outcome,
     a_row_joining_a_batch_by_update_is_counted_and_a_member_stays_in_its_batch,
+    counters_an_application_wrote_at_their_limit_break_no_seal_cancel_or_repair_pass,
 );
 
 /// Callback types that print what they were given (their options).
@@ -1631,7 +1632,7 @@ async fn a_row_joining_a_batch_by_update_is_counted_and_a_member_stays_in_its_ba
     db.wait_for_state(finished, "FINISHED", Duration::from_secs(30))
         .await;
     let waiting = db
-        .insert_row(NewRow::new("NoOp").sql("delay_until", &sql_now_plus(backend, 3600)))
+        .insert_row(NewRow::new("NoOp").sql("delay_until", sql_now_plus(backend, 3600)))
         .await;
     // A flow's step (a batch's end would cancel it without its flow).
     let step = db
@@ -1677,6 +1678,50 @@ async fn a_row_joining_a_batch_by_update_is_counted_and_a_member_stays_in_its_ba
         ([0; 5], [0; 5]),
         "nothing counted in the other batch"
     );
+    for daemon in &mut daemons {
+        assert!(daemon.stop().success());
+    }
+}
+
+/// Batch counters an application wrote at their column's limit (64 bits
+/// on SQLite, 32 on PostgreSQL and MariaDB), `failed` and `cancelled`
+/// both: `batch seal` summed them past i64 (SQLite: the CLI panicked),
+/// `batch cancel` stepped `cancelled` past it (the same), and PostgreSQL's
+/// repair pass summed them in SQL, past its INTEGER: the pass failed at
+/// every poll, and no batch that only it ends (sealed by hand after its
+/// members ended) was ended again; the daemon's own sum, on SQLite, stopped
+/// it. Now each batch ends as its members say.
+async fn counters_an_application_wrote_at_their_limit_break_no_seal_cancel_or_repair_pass(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let limit = match backend {
+        Backend::Sqlite => i64::MAX,
+        Backend::Postgres | Backend::MySql => i64::from(i32::MAX),
+    };
+    let columns = "on_complete, failed, cancelled";
+    let values = format!("'Done', {limit}, {limit}");
+    // Sealed by the CLI, its members waiting.
+    let sealed = insert_batch(&db, columns, &values).await;
+    insert_members(&db, sealed, "NoOp", 2, 5).await;
+    let (status, stdout, stderr) = cli(&db, &["batch", "seal", &sealed.to_string()]);
+    assert_eq!(status, 0, "{stdout}{stderr}");
+    // Cancelled by the CLI, one member waiting.
+    let cancelled = insert_batch(&db, columns, &values).await;
+    insert_members(&db, cancelled, "NoOp", 1, 5).await;
+    let (status, stdout, stderr) = cli(&db, &["batch", "cancel", &cancelled.to_string()]);
+    assert_eq!(status, 0, "{stdout}{stderr}");
+    assert_eq!(batch_state(&db, cancelled).await, "CANCELLED");
+    // Sealed by hand with no member: only the repair pass ends it.
+    let by_hand = insert_batch(&db, &format!("{columns}, pending"), &format!("{values}, 1")).await;
+    seal(&db, by_hand).await;
+    let mut daemons = start_daemons(&db, 1, "tasks:\n");
+    for batch in [sealed, by_hand] {
+        its_callback_finishes(&db, batch, Duration::from_secs(30)).await;
+        assert_eq!(batch_state(&db, batch).await, "FINISHED");
+        let (stored, recounted) = counters_and_recount(&db, batch).await;
+        assert_eq!(stored, recounted);
+    }
     for daemon in &mut daemons {
         assert!(daemon.stop().success());
     }

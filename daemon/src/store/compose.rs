@@ -393,7 +393,7 @@ impl ComposeSql {
             repair_candidates: format!(
                 "SELECT {} FROM task_runner_batches b \
                   WHERE state IS NULL AND sealed_at IS NOT NULL \
-                    AND (pending <= 0 OR (fail_fast AND failed + cancelled > 0) \
+                    AND (pending <= 0 OR (fail_fast AND (failed > 0 OR cancelled > 0)) \
                          OR NOT EXISTS (SELECT 1 FROM task_runner_requests r \
                                          WHERE r.batch_id = b.id AND {})) \
                   ORDER BY id LIMIT 100",
@@ -1169,7 +1169,7 @@ impl Store {
             return Ok(());
         }
         let counts = &mut batch.counts;
-        if batch.fail_fast && counts.failed + counts.cancelled > 0 {
+        if batch.fail_fast && counts.failed.saturating_add(counts.cancelled) > 0 {
             // Confirm from the members (plain SQL may have retried a failed
             // one): a batch is never failed on counts alone.
             let recounted = self.recount(tx, batch_id).await?;
@@ -1178,7 +1178,7 @@ impl Store {
                 *counts = recounted;
             }
         }
-        if batch.fail_fast && counts.failed + counts.cancelled > 0 {
+        if batch.fail_fast && counts.failed.saturating_add(counts.cancelled) > 0 {
             let failing = match cause {
                 Some(ended) if ended.bucket != Some(Bucket::Finished) => Some(Failing {
                     id: ended.id,
@@ -1447,8 +1447,9 @@ impl Store {
         let cancelled = tx
             .execute(&c.cancel_unstarted, &[Int(batch_id), Text(&why)])
             .await?;
-        batch.counts.pending -= cancelled as i64;
-        batch.counts.cancelled += cancelled as i64;
+        // From the members: counts an application wrote at their column's
+        // limit must not be stepped past it.
+        batch.counts = self.recount(&mut tx, batch_id).await?;
         self.write_counts(&mut tx, batch_id, &batch.counts).await?;
         self.end_batch(&mut tx, &batch, "CANCELLED", None, None)
             .await?;
