@@ -616,6 +616,24 @@ async fn batches_show_their_progress_and_members(backend: Backend) {
             "{id}"
         );
     }
+    // Counters an application wrote at their column's limit (64 bits on
+    // SQLite): the progress summed them past i64 (a panic in a debug build,
+    // the connection dropped).
+    let limit = match backend {
+        Backend::Sqlite => i64::MAX,
+        Backend::Postgres | Backend::MySql => i64::from(i32::MAX),
+    };
+    let absurd = db
+        .insert(&format!(
+            "INSERT INTO task_runner_batches (name, finished, failed, cancelled) \
+             VALUES ('absurd', {limit}, {limit}, {limit}) RETURNING id"
+        ))
+        .await;
+    for path in ["/batches".to_string(), format!("/batches/{absurd}")] {
+        let page = get(&web, &path).await;
+        assert_eq!(page.status, StatusCode::OK, "{path}: {}", page.body);
+        assert!(page.body.contains("absurd"), "{path}: {}", page.body);
+    }
 }
 
 /// The ids a requests page lists, and its `Older →` link.
@@ -914,6 +932,33 @@ async fn a_flow_board_shows_each_step_its_revert_and_what_it_provided(backend: B
         get(&web, "/flows/999999").await.status,
         StatusCode::NOT_FOUND
     );
+    // Positions and a retry count an application wrote at their limits
+    // (a step of i64's on SQLite, 32 bits elsewhere; `retry.times` of
+    // u32's): each shown one further overflowed (a panic in a debug build).
+    let limit = match backend {
+        Backend::Sqlite => i64::MAX,
+        Backend::Postgres | Backend::MySql => i64::from(i32::MAX),
+    };
+    db.execute(&format!(
+        "UPDATE task_runner_flows SET current_step = {limit}, definition = {} WHERE id = {id}",
+        crate::util::quote("steps:\n- {name: fetch, task: Fetch}\nretry: {times: 4294967295}\n")
+    ))
+    .await;
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET flow_step = {limit} WHERE id = {step_id}"
+    ))
+    .await;
+    let board = get(&web, &format!("/flows/{id}")).await;
+    assert_eq!(board.status, StatusCode::OK, "{}", board.body);
+    assert!(board.body.contains("of 4294967296"), "{}", board.body);
+    for args in [
+        vec!["flow", "list"],
+        vec!["flow", "show", &id.to_string()],
+        vec!["list", "--flow", &id.to_string()],
+    ] {
+        let (status, stdout, stderr) = cli(&db, &args);
+        assert_eq!(status, 0, "{args:?}: {stdout}{stderr}");
+    }
 }
 
 // ---- /metrics ----

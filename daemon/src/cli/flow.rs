@@ -237,7 +237,7 @@ fn render_list(flows: &[Flow]) -> String {
             state_of(flow),
             flow.attempt.to_string(),
             flow.current_step
-                .map_or("-".into(), |step| (step + 1).to_string()),
+                .map_or("-".into(), |step| step.saturating_add(1).to_string()),
             flow.created_at
                 .as_deref()
                 .map(|t| t.chars().take(19).collect())
@@ -283,7 +283,7 @@ pub(crate) fn render_board(board: &FlowBoard, declared: Option<&Definition>) -> 
         crate::escape::one_line(&flow.name),
         state_of(flow),
         flow.attempt.max(1),
-        board.retry_times + 1
+        u64::from(board.retry_times) + 1
     );
     let steps: Vec<(String, String, Option<String>, Option<String>)> = if board.steps.is_empty() {
         // Not taken yet: the steps as the config declares them now.

@@ -61,7 +61,7 @@ pub(super) fn render_table(rows: &[Request]) -> String {
             (None, None, None) => match (row.flow_id, row.flow_step) {
                 (Some(flow), Some(step)) => format!(
                     "[flow {flow} step {}{}] ",
-                    step + 1,
+                    step.saturating_add(1),
                     if row.flow_action.as_deref() == Some("revert") {
                         " revert"
                     } else {

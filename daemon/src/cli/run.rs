@@ -65,7 +65,7 @@ pub(super) async fn run_command(
             (
                 request.task_class_name.clone(),
                 request.options.clone().unwrap_or_default(),
-                request.tries + 1,
+                request.tries.saturating_add(1),
                 request.batch_id.or(request.callback_of_batch),
             )
         }

@@ -552,7 +552,11 @@ fn callback_table(callbacks: &[CallbackRow]) -> Markup {
 }
 
 fn batch_progress(batch: &BatchRow) -> Markup {
-    let done = batch.finished + batch.failed + batch.cancelled;
+    // Counts an application wrote by hand may be absurd: no overflow.
+    let done = batch
+        .finished
+        .saturating_add(batch.failed)
+        .saturating_add(batch.cancelled);
     html! {
         progress value=(done) max=(batch.total.max(1)) title=(format!("{done} of {} final", batch.total)) { (done) " of " (batch.total) }
         " " (batch.finished) " finished, " (batch.failed) " failed, " (batch.cancelled) " cancelled, " (batch.pending) " pending"
@@ -664,7 +668,7 @@ pub(crate) fn flow(chrome: &Chrome, board: &FlowBoard) -> Markup {
             table.fields {
                 tbody {
                     tr { th { "state" } td { (flow_state_label(flow)) } }
-                    tr { th { "attempt" } td { (flow.attempt.max(1)) " of " (board.retry_times + 1) } }
+                    tr { th { "attempt" } td { (flow.attempt.max(1)) " of " (u64::from(board.retry_times) + 1) } }
                     tr { th { "created_at" } td { (flow.created_at.as_deref().unwrap_or("")) } }
                     tr { th { "finished_at" } td { (flow.finished_at.as_deref().unwrap_or("")) } }
                     tr { th { "result_text" } td { (flow.result_text.as_deref().unwrap_or("")) } }
