@@ -30,6 +30,9 @@ pub(crate) const BUILTIN_TYPES: [&str; 1] = ["NoOp"];
 /// name goes into `task_runner_daemons.node_name`, a VARCHAR(255).
 pub(crate) const MAX_HOST_ID: usize = 128;
 
+/// The most tries a daemon may run at once (`max_concurrent`).
+pub(crate) const MAX_CONCURRENT: usize = 1_000_000;
+
 /// `max_options` by default: far more than options need, far less than
 /// what would stall the daemon.
 pub(crate) const DEFAULT_MAX_OPTIONS: u64 = 4 * 1024 * 1024;
@@ -412,8 +415,14 @@ impl Config {
                 ));
             }
         }
-        if self.max_concurrent == 0 {
-            return fail("max_concurrent: must be at least 1");
+        // The bound keeps the daemon's arithmetic on it (descriptors per
+        // try, rows claimed ahead per slot) far from overflowing: a value
+        // near 2^62 panicked at start.
+        if !(1..=MAX_CONCURRENT).contains(&self.max_concurrent) {
+            return fail(&format!(
+                "max_concurrent: must be from 1 to {MAX_CONCURRENT} (got {})",
+                self.max_concurrent
+            ));
         }
         if let Some((queue, _)) = self.queues.iter().find(|(_, limit)| **limit == 0) {
             return fail(&format!("queues.{queue}: must be at least 1"));
@@ -942,6 +951,28 @@ flows:
             "schedules:\n  {fits}:\n    every: 1m\n    task: {fits}\n"
         ))
         .is_ok());
+        // Values whose arithmetic overflowed, or whose check took a day.
+        let message = format!(
+            "{:#}",
+            load("max_concurrent: 4611686018427387904\n").unwrap_err()
+        );
+        assert!(
+            message.contains("max_concurrent: must be from 1 to 1000000"),
+            "{message}"
+        );
+        assert!(load("max_concurrent: 1000000\n").is_ok());
+        let cost_31 = "$2b$31$N9qo8uLOickgx2ZMRZoMyeIjZAgcfl7p92ldGxad68LJZdL17lhWy";
+        let message = format!(
+            "{:#}",
+            load(&format!(
+                "http:\n  auth:\n    user: ops\n    password_hash: '{cost_31}'\n"
+            ))
+            .unwrap_err()
+        );
+        assert!(
+            message.contains("http.auth.password_hash: bcrypt cost 31 is more than 14"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -6,6 +6,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// The highest bcrypt cost a `password_hash` may have: each login checks
+/// it with 2^cost rounds, about 1 s at cost 14 here (0.25 s at 12), and a
+/// cost of 31 would keep the start (and each failed login) a day and a half.
+const MAX_BCRYPT_COST: u32 = 14;
+
 /// `http:` as written in the file.
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -92,6 +97,17 @@ impl FileHttp {
                 user: Some(user),
                 password_hash: Some(hash),
             }) => {
+                // The cost first: the check below, and each login, runs
+                // 2^cost rounds (cost 31: about a day and a half here).
+                let Ok(parts) = hash.parse::<bcrypt::HashParts>() else {
+                    return Err("http.auth.password_hash: not a bcrypt hash ($2b$…)".into());
+                };
+                if parts.get_cost() > MAX_BCRYPT_COST {
+                    return Err(format!(
+                        "http.auth.password_hash: bcrypt cost {} is more than {MAX_BCRYPT_COST}: each login would take minutes to hours (make the hash with cost 10 to 12)",
+                        parts.get_cost()
+                    ));
+                }
                 if bcrypt::verify("", &hash).is_err() {
                     return Err("http.auth.password_hash: not a bcrypt hash ($2b$…)".into());
                 }
