@@ -1229,24 +1229,7 @@ async fn a_step_row_the_database_refuses_ends_its_flow_failed_and_holds_up_no_ou
     );
     let mut daemon = Daemon::start(&db, "d", &config);
     let flow = insert_flow(&db, "two", None).await;
-    let first = taskrunner::request::RequestId(
-        poll(LONG, "the first step's row", async || {
-            match db
-                .scalar(&format!(
-                    "SELECT count(*) FROM task_runner_requests WHERE flow_id = {flow} AND pid IS NOT NULL"
-                ))
-                .await
-            {
-                1 => Ok(db
-                    .scalar(&format!(
-                        "SELECT id FROM task_runner_requests WHERE flow_id = {flow}"
-                    ))
-                    .await),
-                seen => Err(seen),
-            }
-        })
-        .await,
-    );
+    let (first, _) = first_step_running(&db, flow).await;
     db.execute(&format!(
         "UPDATE task_runner_flows SET definition = {} WHERE id = {flow}",
         quote("steps:\n- {name: first, task: Gate}\n- {name: second, task: NoOp, try_limit: 0}\n")
@@ -1266,5 +1249,76 @@ async fn a_step_row_the_database_refuses_ends_its_flow_failed_and_holds_up_no_ou
     assert!(daemon
         .log_text()
         .contains(&format!("flow {flow} (two) FAILED")));
+    assert!(daemon.stop().success());
+}
+
+/// Waits for flow `flow`'s first step to run; its row and pid.
+async fn first_step_running(db: &TestDb, flow: i64) -> (taskrunner::request::RequestId, i32) {
+    let id = poll(LONG, "the first step's row", async || {
+        match db
+            .scalar(&format!(
+                "SELECT count(*) FROM task_runner_requests WHERE flow_id = {flow} AND pid IS NOT NULL"
+            ))
+            .await
+        {
+            1 => Ok(db
+                .scalar(&format!(
+                    "SELECT id FROM task_runner_requests WHERE flow_id = {flow}"
+                ))
+                .await),
+            seen => Err(seen),
+        }
+    })
+    .await;
+    let id = taskrunner::request::RequestId(id);
+    (id, db.row(id).await.pid.unwrap() as i32)
+}
+
+multi_host_backends!(an_application_holding_a_flows_row_holds_up_only_that_flows_outcomes);
+
+/// An application's transaction that changed a flow's row (its own
+/// column, say) and stays open while the flow's step ends: the step's end
+/// needs the flow's lock. Before, the daemon's recorder waited for it, and
+/// no other try's outcome was recorded until the application committed.
+/// Now that one outcome is set aside and tried again, as for a batch's
+/// lock, the others are recorded meanwhile, and once the application
+/// commits the flow goes on. (Not SQLite: an application's write
+/// transaction there holds every writer alike.)
+async fn an_application_holding_a_flows_row_holds_up_only_that_flows_outcomes(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let gate = db.scratch.join("gate");
+    let config = format!(
+        "max_concurrent: 4\ntasks:\n{}flows:\n  two:\n    steps:\n      - {{ name: first, task: Gate }}\n      - {{ name: second, task: NoOp }}\n",
+        sh_task("Gate", &format!("until [ -e {} ]; do sleep 0.05; done", gate.display())),
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    let flow = insert_flow(&db, "two", None).await;
+    let (first, pid) = first_step_running(&db, flow).await;
+    let holding = db
+        .hold_after(&format!(
+            "UPDATE task_runner_flows SET options = options WHERE id = {flow}"
+        ))
+        .await;
+    std::fs::write(&gate, "").unwrap();
+    wait_until(LONG, "the first step's end", || !process_exists(pid));
+    let other = db.enqueue("NoOp", None).await;
+    let row = db
+        .wait_for_state(other, "FINISHED", Duration::from_secs(10))
+        .await;
+    assert_eq!(row.tries, 1, "{row:?}");
+    let waiting = db.row(first).await;
+    assert_eq!(
+        waiting.result.as_deref(),
+        Some("RUNNING"),
+        "its outcome waits for the flow's lock: {waiting:?}"
+    );
+    daemon.wait_for_log(
+        &format!("request {first}'s outcome waits for the lock of its flow {flow}"),
+        Duration::from_secs(10),
+    );
+    holding.release().await;
+    wait_for_flow(&db, flow, "FINISHED", LONG).await;
+    let row = db.row(first).await;
+    assert_eq!((row.result.as_deref(), row.tries), (Some("FINISHED"), 1));
     assert!(daemon.stop().success());
 }

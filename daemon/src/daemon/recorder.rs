@@ -2,7 +2,7 @@
 //! progress and outcome writes; it applies everything waiting in one
 //! transaction (so that at high load a write costs well under one database
 //! round trip), and retries with backoff through outages without losing any.
-//! An outcome whose batch row another session holds locked (an
+//! An outcome whose batch or flow row another session holds locked (an
 //! application's transaction adding members) is set aside and tried again
 //! while the other writes go on (see [`Aside`]).
 
@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::health::{Backoff, Health, RECORDING};
 use crate::instance::ClaimToken;
 use crate::request::RequestId;
-use crate::store::{BatchLocked, Store, Write};
+use crate::store::{Parent, ParentLocked, Store, Write};
 
 /// Largest batch applied in one transaction.
 const MAX_BATCH: usize = 512;
@@ -52,10 +52,11 @@ const BUSY: std::time::Duration = std::time::Duration::from_millis(50);
 const ASIDE_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(20);
 const ASIDE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// A write set aside: its batch's row was locked by another session.
+/// A write set aside: its batch's or flow's row was locked by another
+/// session.
 struct Aside {
     write: Write,
-    batch: i64,
+    parent: Parent,
     since: tokio::time::Instant,
     /// Whether its wait has been logged (once it lasted [`ASIDE_RETRY_MAX`]).
     told: bool,
@@ -276,8 +277,8 @@ impl Writer {
                 );
             }
             settle(&self.pending, &late);
-            for (write, BatchLocked(batch)) in self.apply(&batch).await {
-                self.set_aside(write, batch);
+            for (write, ParentLocked(parent)) in self.apply(&batch).await {
+                self.set_aside(write, parent);
             }
             last_batch = tokio::time::Instant::now();
             // A recorded outcome may make a retry due, or free a row for others.
@@ -288,20 +289,21 @@ impl Writer {
         }
     }
 
-    /// Keeps `write` to be tried again, its batch's row locked by another
-    /// session. The next retry comes after [`ASIDE_RETRY_FIRST`] (mostly
-    /// another daemon held the lock a moment), unless writes of the same
-    /// batch wait already: their backoff stands.
-    fn set_aside(&mut self, write: Write, batch: i64) {
+    /// Keeps `write` to be tried again, its parent's row (a batch's, a
+    /// flow's) locked by another session. The next retry comes after
+    /// [`ASIDE_RETRY_FIRST`] (mostly another daemon held the lock a moment),
+    /// unless writes under the same parent wait already: their backoff
+    /// stands.
+    fn set_aside(&mut self, write: Write, parent: Parent) {
         let first = tokio::time::Instant::now() + ASIDE_RETRY_FIRST;
-        let same_batch_waits = self.aside.iter().any(|aside| aside.batch == batch);
+        let same_parent_waits = self.aside.iter().any(|aside| aside.parent == parent);
         self.aside_retry = Some(match self.aside_retry {
-            Some((at, delay)) if at <= first || same_batch_waits => (at, delay),
+            Some((at, delay)) if at <= first || same_parent_waits => (at, delay),
             _ => (first, ASIDE_RETRY_FIRST),
         });
         self.aside.push(Aside {
             write,
-            batch,
+            parent,
             since: tokio::time::Instant::now(),
             told: false,
         });
@@ -316,7 +318,7 @@ impl Writer {
             .take()
             .map_or(ASIDE_RETRY_FIRST, |(_, delay)| delay);
         let writes: Vec<Write> = aside.iter().map(|a| a.write.clone()).collect();
-        let still: Vec<(Write, BatchLocked)> = self.apply(&writes).await;
+        let still: Vec<(Write, ParentLocked)> = self.apply(&writes).await;
         if still.len() < writes.len() {
             // A recorded outcome may make a retry due, or free a row.
             self.wake.notify_one();
@@ -328,20 +330,24 @@ impl Writer {
                 if kept.told {
                     tracing::info!(
                         request = %kept.write.id(),
-                        "recorded after waiting {:.1}s for the lock of its batch {}",
+                        "recorded after waiting {:.1}s for the lock of its {}",
                         kept.since.elapsed().as_secs_f64(),
-                        kept.batch
+                        kept.parent
                     );
                 }
                 continue;
             };
-            kept.batch = locked.0;
+            kept.parent = locked.0;
             if !kept.told && kept.since.elapsed() >= ASIDE_RETRY_MAX {
                 kept.told = true;
+                let holder = match kept.parent {
+                    Parent::Batch(_) => "an application's transaction that adds members?",
+                    Parent::Flow(_) => "an application's transaction that changed it?",
+                };
                 tracing::warn!(
-                    "request {}'s outcome waits for the lock of its batch {} (another session holds the batch's row: an application's transaction that adds members?); this daemon's other outcomes are recorded meanwhile",
+                    "request {}'s outcome waits for the lock of its {} (another session holds its row: {holder}); this daemon's other outcomes are recorded meanwhile",
                     kept.write.id(),
-                    kept.batch
+                    kept.parent
                 );
             }
             self.aside.push(kept);
@@ -353,8 +359,9 @@ impl Writer {
     }
 
     /// Applies one batch in one transaction, retrying through an outage;
-    /// returns the writes set aside for their batch's lock (not settled).
-    async fn apply(&self, batch: &[Write]) -> Vec<(Write, BatchLocked)> {
+    /// returns the writes set aside for their batch's or flow's lock (not
+    /// settled).
+    async fn apply(&self, batch: &[Write]) -> Vec<(Write, ParentLocked)> {
         let mut backoff = Backoff::default();
         // A failed call may have committed before its answer was lost: a
         // write it applied matches no row the next time.

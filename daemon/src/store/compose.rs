@@ -68,31 +68,72 @@ impl Ending<'_> {
     }
 }
 
-/// What a finalization does when another session holds its batch's row.
+/// What a finalization does when another session holds its batch's or
+/// flow's row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Locks {
     /// Waits for it (bounded as every call is).
     Wait,
-    /// Writes nothing and says so ([`BatchLocked`]): the recorder sets the
+    /// Writes nothing and says so ([`ParentLocked`]): the recorder sets the
     /// outcome aside and records the others meanwhile. An application's
     /// transaction that adds members to a batch holds the batch's row until
-    /// it commits (the insert counts the member there), and waiting for it
-    /// held up every outcome of the daemon.
+    /// it commits (the insert counts the member there), one that changes a
+    /// flow's row holds that row, and waiting for either held up every
+    /// outcome of the daemon.
     SetAside,
 }
 
-/// A finalization found its batch's row locked by another session and
-/// wrote nothing ([`Locks::SetAside`]).
+/// The row a request's end is written under the lock of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct BatchLocked(pub(crate) i64);
+pub(crate) enum Parent {
+    Batch(i64),
+    Flow(i64),
+}
 
-impl std::fmt::Display for BatchLocked {
+impl std::fmt::Display for Parent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "batch {} is locked by another session", self.0)
+        match self {
+            Parent::Batch(id) => write!(f, "batch {id}"),
+            Parent::Flow(id) => write!(f, "flow {id}"),
+        }
     }
 }
 
-impl std::error::Error for BatchLocked {}
+/// A finalization found its parent's row locked by another session and
+/// wrote nothing ([`Locks::SetAside`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ParentLocked(pub(crate) Parent);
+
+impl std::fmt::Display for ParentLocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} is locked by another session", self.0)
+    }
+}
+
+impl std::error::Error for ParentLocked {}
+
+/// Locks `parent`'s row in `tx` with `wait` (its `SELECT … FOR UPDATE`), or
+/// with [`Locks::SetAside`] with `nowait`, failing with [`ParentLocked`]
+/// when another session holds it. Whether the row was there.
+pub(super) async fn lock_parent(
+    tx: &mut Tx,
+    parent: Parent,
+    locks: Locks,
+    wait: &'static str,
+    nowait: &'static str,
+) -> Result<bool> {
+    let id = match parent {
+        Parent::Batch(id) | Parent::Flow(id) => id,
+    };
+    let rows = match locks {
+        Locks::Wait => tx.fetch(wait, &[Int(id)]).await?,
+        Locks::SetAside => match tx.fetch(nowait, &[Int(id)]).await {
+            Err(error) if lock_not_available(&error) => return Err(ParentLocked(parent).into()),
+            other => other?,
+        },
+    };
+    Ok(!rows.is_empty())
+}
 
 /// Whether `error` is the refusal of a `NOWAIT` lock: PostgreSQL's
 /// `lock_not_available`, MySQL's `ER_LOCK_NOWAIT`, MariaDB's lock wait
@@ -854,12 +895,13 @@ impl Store {
     }
 
     /// [`finalize`](Store::finalize); with [`Locks::SetAside`], `Ok(Err(…))`
-    /// when another session held the batch's row: nothing was written.
+    /// when another session held the batch's or flow's row: nothing was
+    /// written.
     pub(crate) async fn finalize_with(
         &self,
         ending: Ending<'_>,
         locks: Locks,
-    ) -> Result<Result<bool, BatchLocked>> {
+    ) -> Result<Result<bool, ParentLocked>> {
         let written = if let Pool::MySql(_) = &self.pool {
             // InnoDB may pick this transaction as a deadlock's victim.
             super::mysql::retry_locks(&self.lock_retries, || self.finalize_once(&ending, locks))
@@ -869,7 +911,7 @@ impl Store {
         };
         match written {
             Ok(applied) => Ok(Ok(applied)),
-            Err(error) => match error.downcast::<BatchLocked>() {
+            Err(error) => match error.downcast::<ParentLocked>() {
                 Ok(locked) => Ok(Err(locked)),
                 Err(error) => Err(error),
             },
@@ -877,21 +919,11 @@ impl Store {
     }
 
     /// Locks batch `batch_id`'s row in `tx`, or with [`Locks::SetAside`]
-    /// fails with [`BatchLocked`] when another session holds it.
+    /// fails with [`ParentLocked`] when another session holds it.
     async fn lock_batch(&self, tx: &mut Tx, batch_id: i64, locks: Locks) -> Result<()> {
         let c = self.compose();
-        match locks {
-            Locks::Wait => tx
-                .execute(&c.lock_batch, &[Int(batch_id)])
-                .await
-                .map(drop)?,
-            Locks::SetAside => match tx.execute(&c.lock_batch_nowait, &[Int(batch_id)]).await {
-                Err(error) if lock_not_available(&error) => {
-                    return Err(BatchLocked(batch_id).into())
-                }
-                other => other.map(drop)?,
-            },
-        }
+        let (wait, nowait) = (&c.lock_batch, &c.lock_batch_nowait);
+        lock_parent(tx, Parent::Batch(batch_id), locks, wait, nowait).await?;
         Ok(())
     }
 
@@ -911,7 +943,7 @@ impl Store {
         // BEGIN, the look-up, the lock, the write, the read, COMMIT.
         self.count_statements(5 + u64::from(batch_id.is_some()) + 4 * u64::from(flow_id.is_some()));
         if let Some(flow_id) = flow_id {
-            self.lock_flow(&mut tx, flow_id).await?;
+            self.lock_flow_for_ending(&mut tx, flow_id, locks).await?;
         }
         if let Some(batch_id) = batch_id {
             self.lock_batch(&mut tx, batch_id, locks).await?;

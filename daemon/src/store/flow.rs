@@ -26,7 +26,7 @@ use sqlx::query;
 
 use super::compose::{AnyRow, Param, Tx};
 use super::sql::{cancel_unstarted, unfinished, Dialect, Statements};
-use super::{Pool, RowExt, Store};
+use super::{Locks, Pool, RowExt, Store};
 use crate::flow::{self, Action, Definition};
 use Param::{Int, OptInt, OptText, Text};
 
@@ -112,6 +112,7 @@ pub(crate) enum FlowChange {
 
 pub(super) struct FlowSql {
     lock_flow: String,
+    lock_flow_nowait: String,
     insert_flow: String,
     flow_row: String,
     list_flows: String,
@@ -155,6 +156,11 @@ impl FlowSql {
                 "SELECT {} FROM task_runner_flows WHERE id = $1 {}",
                 d.int64("id"),
                 d.for_update()
+            ),
+            lock_flow_nowait: format!(
+                "SELECT {} FROM task_runner_flows WHERE id = $1 {}",
+                d.int64("id"),
+                d.for_update_nowait()
             ),
             insert_flow: format!(
                 "INSERT INTO task_runner_flows (flow_name, options) VALUES ($1, $2) {}",
@@ -295,10 +301,28 @@ impl Store {
     }
 
     pub(super) async fn lock_flow(&self, tx: &mut Tx, flow_id: i64) -> Result<bool> {
-        Ok(!tx
-            .fetch(&self.flow_sql().lock_flow, &[Int(flow_id)])
-            .await?
-            .is_empty())
+        self.lock_flow_for_ending(tx, flow_id, Locks::Wait).await
+    }
+
+    /// [`lock_flow`](Store::lock_flow) for a request's end: with
+    /// [`Locks::SetAside`], fails with [`super::ParentLocked`] when another
+    /// session holds the flow's row.
+    pub(super) async fn lock_flow_for_ending(
+        &self,
+        tx: &mut Tx,
+        flow_id: i64,
+        locks: Locks,
+    ) -> Result<bool> {
+        let f = self.flow_sql();
+        let (wait, nowait) = (&f.lock_flow, &f.lock_flow_nowait);
+        super::compose::lock_parent(
+            tx,
+            super::compose::Parent::Flow(flow_id),
+            locks,
+            wait,
+            nowait,
+        )
+        .await
     }
 
     async fn flow_in(&self, tx: &mut Tx, flow_id: i64) -> Result<Option<Flow>> {

@@ -155,7 +155,9 @@ mod rows;
 mod tries;
 pub(crate) mod web;
 
-pub(crate) use compose::{Batch, BatchChange, BatchLocked, Counts, Ending, Hooks, Locks, NewBatch};
+pub(crate) use compose::{
+    Batch, BatchChange, Counts, Ending, Hooks, Locks, NewBatch, Parent, ParentLocked,
+};
 pub(crate) use flow::FlowChange;
 pub use flow::{Flow, FlowBoard, StepBoard, StepRow};
 pub use pauses::{check_pause_name, Pause, PauseKind};

@@ -9,7 +9,7 @@ use sqlx::postgres::PgPool;
 use sqlx::query;
 
 use super::sql::Sql;
-use super::{begin_write, mysql, BatchLocked, Ending, Locks, Pool, RowExt, Store};
+use super::{begin_write, mysql, Ending, Locks, ParentLocked, Pool, RowExt, Store};
 use crate::instance::ClaimToken;
 use crate::request::{RequestId, State};
 
@@ -162,7 +162,7 @@ impl Store {
     pub(crate) async fn record_or_set_aside(
         &self,
         writes: &[Write],
-    ) -> Result<Vec<Result<bool, BatchLocked>>> {
+    ) -> Result<Vec<Result<bool, ParentLocked>>> {
         self.record_with(writes, Locks::SetAside).await
     }
 
@@ -170,7 +170,7 @@ impl Store {
         &self,
         writes: &[Write],
         locks: Locks,
-    ) -> Result<Vec<Result<bool, BatchLocked>>> {
+    ) -> Result<Vec<Result<bool, ParentLocked>>> {
         let late = writes_after_their_outcome(writes);
         if !late.iter().any(|late| *late) {
             return self.record_in_order(writes, locks).await;
@@ -195,7 +195,7 @@ impl Store {
         &self,
         writes: &[Write],
         locks: Locks,
-    ) -> Result<Vec<Result<bool, BatchLocked>>> {
+    ) -> Result<Vec<Result<bool, ParentLocked>>> {
         let is_composed =
             |write: &Write| matches!(write, Write::Outcome(outcome) if outcome.composed);
         if !writes.iter().any(is_composed) {
@@ -231,8 +231,8 @@ impl Store {
         &self,
         writes: &[Write],
         locks: Locks,
-    ) -> Result<Vec<Result<bool, BatchLocked>>> {
-        let mut applied: Vec<Result<bool, BatchLocked>> = self
+    ) -> Result<Vec<Result<bool, ParentLocked>>> {
+        let mut applied: Vec<Result<bool, ParentLocked>> = self
             .record_plain(writes)
             .await?
             .into_iter()
