@@ -27,6 +27,7 @@ both_backends!(
     a_batch_counter_an_application_wrote_at_its_limit_holds_up_no_outcome,
     a_row_joining_a_batch_by_update_is_counted_and_a_member_stays_in_its_batch,
     counters_an_application_wrote_at_their_limit_break_no_seal_cancel_or_repair_pass,
+    a_row_that_joined_a_batch_ended_meanwhile_is_not_tried_again,
 );
 
 /// Callback types that print what they were given (their options).
@@ -1725,4 +1726,63 @@ async fn counters_an_application_wrote_at_their_limit_break_no_seal_cancel_or_re
     for daemon in &mut daemons {
         assert!(daemon.stop().success());
     }
+}
+
+/// A running row (with a callback, so its end is written with what it
+/// causes) whose try fails with tries left; the daemon looks up its batch
+/// (none), and before it writes the end (the test's pause of 5 s), the
+/// application makes the row join a batch, which `batch cancel` then ends.
+/// Before, the end was written for a row of no batch: FAILED with tries
+/// left, and it ran again, a member of an ended batch. Now the batch it
+/// joined is read in the end's transaction: no further try, as for any
+/// member running when its batch ended.
+async fn a_row_that_joined_a_batch_ended_meanwhile_is_not_tried_again(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let gate = db.scratch.join("gate");
+    let config = format!(
+        "retry_delay: 0s\ntasks:\n{CALLBACK_TYPES}  Flaky:\n    command: [/bin/sh, -c, 'until [ -e {} ]; do sleep 0.05; done; exit 1']\n",
+        gate.display()
+    );
+    let mut daemon = Daemon::start_in_env(
+        &db,
+        "d",
+        &config,
+        &[("TASKRUNNER_TEST_FINALIZE_LOOKUP_DELAY_MS", "5000")],
+    );
+    let row = db
+        .insert_row(NewRow::new("Flaky").try_limit(3).on_failure("Alert"))
+        .await;
+    let pid = db
+        .wait_for_pid(row, Duration::from_secs(30))
+        .await
+        .pid
+        .unwrap() as i32;
+    let batch = insert_batch(&db, "on_complete", "'Done'").await;
+    std::fs::write(&gate, "").unwrap();
+    // The try has failed; its end waits 5 s after the look-up.
+    wait_until(Duration::from_secs(30), "the try's end", || {
+        !process_exists(pid)
+    });
+    daemon.wait_for_log(
+        "test hook: paused for TASKRUNNER_TEST_FINALIZE_LOOKUP_DELAY_MS",
+        Duration::from_secs(30),
+    );
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET batch_id = {batch} WHERE id = {row}"
+    ))
+    .await;
+    let (status, stdout, stderr) = cli(&db, &["batch", "cancel", &batch.to_string()]);
+    assert_eq!(status, 0, "{stdout}{stderr}");
+    let ended = db
+        .wait_for_state(row, "CANCELLED", Duration::from_secs(30))
+        .await;
+    assert_eq!(ended.tries, 1, "{ended:?}");
+    assert!(
+        ended.result_text.as_deref().is_some_and(
+            |text| text.contains(&format!("batch {batch} has ended, so no further try"))
+        ),
+        "{ended:?}"
+    );
+    assert_eq!(batch_state(&db, batch).await, "CANCELLED");
+    assert!(daemon.stop().success());
 }

@@ -30,11 +30,13 @@ pub(crate) fn panic_in_a_try_when_told(task: &str) {
 }
 
 /// In a debug build, waits the milliseconds the environment variable
-/// `variable` gives, if any: a test that needs one daemon slower than
-/// another at a given step.
+/// `variable` gives, if any, with a log line as it begins: a test that
+/// needs one daemon slower than another at a given step, or a step held
+/// while it acts.
 pub(crate) async fn pause_when_told(variable: &str) {
     let pause = shortened(Duration::ZERO, variable);
     if !pause.is_zero() {
+        tracing::info!("test hook: paused for {variable}");
         tokio::time::sleep(pause).await;
     }
 }

@@ -939,6 +939,8 @@ impl Store {
                 None => return Ok(false),
             }
         });
+        // A test's window between the look-up and the transaction.
+        crate::test_hooks::pause_when_told("TASKRUNNER_TEST_FINALIZE_LOOKUP_DELAY_MS").await;
         let mut tx = Tx::begin(self).await?;
         // BEGIN, the look-up, the lock, the write, the read, COMMIT.
         self.count_statements(5 + u64::from(batch_id.is_some()) + 4 * u64::from(flow_id.is_some()));
@@ -988,7 +990,7 @@ impl Store {
                 .await?;
         }
         if applied {
-            let final_now = self.follow_up(&mut tx, id, batch_id, locks).await?;
+            let final_now = self.follow_up(&mut tx, ending, batch_id, locks).await?;
             if let (Some(flow_id), true) = (flow_id, final_now) {
                 // The flow's next row (or its end), from its position.
                 self.advance_flow(&mut tx, flow_id).await?;
@@ -1008,7 +1010,7 @@ impl Store {
         tx: &mut Tx,
         ending: &Ending<'_>,
         batch_id: i64,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let text = match ending {
             Ending::Outcome(outcome)
                 if matches!(
@@ -1019,33 +1021,26 @@ impl Store {
                 outcome.result_text.as_str()
             }
             Ending::Crashed { reason, .. } => reason,
-            _ => return Ok(()),
+            _ => return Ok(false),
         };
         let why = format!("cancelled: batch {batch_id} has ended, so no further try\n{text}");
         self.count_statements(1);
-        tx.execute(
-            &self.compose().cancel_after_end,
-            &[Int(ending.id().0), Text(&why)],
-        )
-        .await?;
-        Ok(())
+        let cancelled = tx
+            .execute(
+                &self.compose().cancel_after_end,
+                &[Int(ending.id().0), Text(&why)],
+            )
+            .await?;
+        Ok(cancelled == 1)
     }
 
-    /// Whatever the end of request `id` causes, if it is final now (then
-    /// returns true; its flow is advanced by the caller).
-    async fn follow_up(
-        &self,
-        tx: &mut Tx,
-        id: RequestId,
-        locked: Option<i64>,
-        locks: Locks,
-    ) -> Result<bool> {
-        let c = self.compose();
-        let rows = tx.fetch(&c.ended_row, &[Int(id.0)]).await?;
+    /// Request `id` as its end left it, in `tx`.
+    async fn ended_row(&self, tx: &mut Tx, id: RequestId) -> Result<Option<Ended>> {
+        let rows = tx.fetch(&self.compose().ended_row, &[Int(id.0)]).await?;
         let Some(row) = rows.first() else {
-            return Ok(false);
+            return Ok(None);
         };
-        let ended = Ended {
+        Ok(Some(Ended {
             id: row.int(0)?,
             task: row.text(1)?,
             options: row.opt_text(2)?,
@@ -1056,7 +1051,34 @@ impl Store {
             on_failure: row.opt_text(7)?,
             period: row.int(8)?,
             bucket: Bucket::parse(&row.text(9)?),
+        }))
+    }
+
+    /// Whatever the end of the `ending`'s request causes, if it is final now
+    /// (then returns true; its flow is advanced by the caller).
+    async fn follow_up(
+        &self,
+        tx: &mut Tx,
+        ending: &Ending<'_>,
+        locked: Option<i64>,
+        locks: Locks,
+    ) -> Result<bool> {
+        let Some(mut ended) = self.ended_row(tx, ending.id()).await? else {
+            return Ok(false);
         };
+        if let Some(batch_id) = ended.batch_id.filter(|&joined| locked != Some(joined)) {
+            // The row joined a batch after it was looked up (an UPDATE of its
+            // `batch_id` while it ran): that batch's lock, and no further try
+            // if the batch ended meanwhile, as for any member.
+            self.lock_batch(tx, batch_id, locks).await?;
+            if self.no_try_after_the_batch(tx, ending, batch_id).await? {
+                let Some(again) = self.ended_row(tx, ending.id()).await? else {
+                    return Ok(false);
+                };
+                ended = again;
+            }
+        }
+        let c = self.compose();
         let Some(bucket) = ended.bucket else {
             return Ok(false);
         };
@@ -1088,10 +1110,6 @@ impl Store {
             Bucket::Cancelled => {}
         }
         if let Some(batch_id) = ended.batch_id {
-            if locked != Some(batch_id) {
-                // The row moved to another batch since it was looked up.
-                self.lock_batch(tx, batch_id, locks).await?;
-            }
             let ended_before = self
                 .batch_in(tx, batch_id)
                 .await?
