@@ -1730,7 +1730,7 @@ async fn counters_an_application_wrote_at_their_limit_break_no_seal_cancel_or_re
 
 /// A running row (with a callback, so its end is written with what it
 /// causes) whose try fails with tries left; the daemon looks up its batch
-/// (none), and before it writes the end (the test's pause of 5 s), the
+/// (none), and before it writes the end (a test hook holds it), the
 /// application makes the row join a batch, which `batch cancel` then ends.
 /// Before, the end was written for a row of no batch: FAILED with tries
 /// left, and it ran again, a member of an ended batch. Now the batch it
@@ -1739,15 +1739,19 @@ async fn counters_an_application_wrote_at_their_limit_break_no_seal_cancel_or_re
 async fn a_row_that_joined_a_batch_ended_meanwhile_is_not_tried_again(backend: Backend) {
     let db = TestDb::new(backend).await;
     let gate = db.scratch.join("gate");
+    let lookup_done = db.scratch.join("lookup-done");
     let config = format!(
-        "retry_delay: 0s\ntasks:\n{CALLBACK_TYPES}  Flaky:\n    command: [/bin/sh, -c, 'until [ -e {} ]; do sleep 0.05; done; exit 1']\n",
+        "retry_delay: 0s\nlease_timeout: 60s\ntasks:\n{CALLBACK_TYPES}  Flaky:\n    command: [/bin/sh, -c, 'until [ -e {} ]; do sleep 0.05; done; exit 1']\n",
         gate.display()
     );
     let mut daemon = Daemon::start_in_env(
         &db,
         "d",
         &config,
-        &[("TASKRUNNER_TEST_FINALIZE_LOOKUP_DELAY_MS", "5000")],
+        &[(
+            "TASKRUNNER_TEST_FINALIZE_AFTER_LOOKUP",
+            lookup_done.to_str().unwrap(),
+        )],
     );
     let row = db
         .insert_row(NewRow::new("Flaky").try_limit(3).on_failure("Alert"))
@@ -1759,12 +1763,13 @@ async fn a_row_that_joined_a_batch_ended_meanwhile_is_not_tried_again(backend: B
         .unwrap() as i32;
     let batch = insert_batch(&db, "on_complete", "'Done'").await;
     std::fs::write(&gate, "").unwrap();
-    // The try has failed; its end waits 5 s after the look-up.
+    // The try has failed; its end waits after the look-up (within the
+    // recorder's bound on a call, `lease_timeout`).
     wait_until(Duration::from_secs(30), "the try's end", || {
         !process_exists(pid)
     });
     daemon.wait_for_log(
-        "test hook: paused for TASKRUNNER_TEST_FINALIZE_LOOKUP_DELAY_MS",
+        "test hook: TASKRUNNER_TEST_FINALIZE_AFTER_LOOKUP waits",
         Duration::from_secs(30),
     );
     db.execute(&format!(
@@ -1773,6 +1778,7 @@ async fn a_row_that_joined_a_batch_ended_meanwhile_is_not_tried_again(backend: B
     .await;
     let (status, stdout, stderr) = cli(&db, &["batch", "cancel", &batch.to_string()]);
     assert_eq!(status, 0, "{stdout}{stderr}");
+    std::fs::write(&lookup_done, "").unwrap();
     let ended = db
         .wait_for_state(row, "CANCELLED", Duration::from_secs(30))
         .await;

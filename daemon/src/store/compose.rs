@@ -940,7 +940,7 @@ impl Store {
             }
         });
         // A test's window between the look-up and the transaction.
-        crate::test_hooks::pause_when_told("TASKRUNNER_TEST_FINALIZE_LOOKUP_DELAY_MS").await;
+        crate::test_hooks::wait_for_file_when_told("TASKRUNNER_TEST_FINALIZE_AFTER_LOOKUP").await;
         let mut tx = Tx::begin(self).await?;
         // BEGIN, the look-up, the lock, the write, the read, COMMIT.
         self.count_statements(5 + u64::from(batch_id.is_some()) + 4 * u64::from(flow_id.is_some()));
