@@ -1508,22 +1508,7 @@ async fn an_application_adding_members_holds_up_only_its_batchs_outcomes(backend
     wait_until(Duration::from_secs(30), "the first member's end", || {
         !process_exists(pid)
     });
-    let other = db.enqueue("NoOp", None).await;
-    let row = db
-        .wait_for_state(other, "FINISHED", Duration::from_secs(10))
-        .await;
-    assert_eq!(row.tries, 1, "{row:?}");
-    let waiting = db.row(first).await;
-    assert_eq!(
-        waiting.result.as_deref(),
-        Some("RUNNING"),
-        "its outcome waits for the batch's lock: {waiting:?}"
-    );
-    // A wait that lasts a second is logged.
-    daemons[0].wait_for_log(
-        &format!("request {first}'s outcome waits for the lock of its batch {batch}"),
-        Duration::from_secs(10),
-    );
+    set_aside_while_others_are_recorded(&db, &daemons[0], first, &format!("batch {batch}")).await;
     adding.release().await;
     seal(&db, batch).await;
     its_callback_finishes(&db, batch, Duration::from_secs(30)).await;

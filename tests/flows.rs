@@ -1301,21 +1301,7 @@ async fn an_application_holding_a_flows_row_holds_up_only_that_flows_outcomes(ba
         .await;
     std::fs::write(&gate, "").unwrap();
     wait_until(LONG, "the first step's end", || !process_exists(pid));
-    let other = db.enqueue("NoOp", None).await;
-    let row = db
-        .wait_for_state(other, "FINISHED", Duration::from_secs(10))
-        .await;
-    assert_eq!(row.tries, 1, "{row:?}");
-    let waiting = db.row(first).await;
-    assert_eq!(
-        waiting.result.as_deref(),
-        Some("RUNNING"),
-        "its outcome waits for the flow's lock: {waiting:?}"
-    );
-    daemon.wait_for_log(
-        &format!("request {first}'s outcome waits for the lock of its flow {flow}"),
-        Duration::from_secs(10),
-    );
+    set_aside_while_others_are_recorded(&db, &daemon, first, &format!("flow {flow}")).await;
     holding.release().await;
     wait_for_flow(&db, flow, "FINISHED", LONG).await;
     let row = db.row(first).await;

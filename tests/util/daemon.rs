@@ -520,3 +520,30 @@ pub fn lock_retries(daemon: &Daemon) -> u64 {
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
+
+/// While request `held`'s outcome waits for the lock of `parent` ("batch
+/// 7", "flow 3"), which another session holds: a row of no batch or flow
+/// enqueued now runs and is recorded, `held` stays RUNNING, and the wait is
+/// logged once it has lasted a second.
+pub async fn set_aside_while_others_are_recorded(
+    db: &TestDb,
+    daemon: &Daemon,
+    held: RequestId,
+    parent: &str,
+) {
+    let other = db.enqueue("NoOp", None).await;
+    let row = db
+        .wait_for_state(other, "FINISHED", Duration::from_secs(10))
+        .await;
+    assert_eq!(row.tries, 1, "{row:?}");
+    let waiting = db.row(held).await;
+    assert_eq!(
+        waiting.result.as_deref(),
+        Some("RUNNING"),
+        "its outcome waits for the lock of its {parent}: {waiting:?}"
+    );
+    daemon.wait_for_log(
+        &format!("request {held}'s outcome waits for the lock of its {parent}"),
+        Duration::from_secs(10),
+    );
+}
