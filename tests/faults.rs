@@ -22,6 +22,7 @@ both_backends!(
     killed_daemon_takes_its_tasks_along_and_a_restart_reruns_them,
     task_ignoring_sigterm_is_killed_at_its_timeout,
     grandchildren_are_stopped_with_their_task,
+    a_process_given_an_ended_tries_number_is_not_killed_as_its_group,
     reused_pid_is_taken_as_crashed_and_never_signalled,
     a_try_whose_outcome_waits_is_left_to_its_living_daemon,
     stale_heartbeat_of_another_host_is_crashed_after_the_lease,
@@ -128,6 +129,69 @@ async fn task_ignoring_sigterm_is_killed_at_its_timeout(backend: Backend) {
     assert!(text.contains("stubborn"), "{text}");
     assert!(!process_exists(running.pid.unwrap() as i32));
     assert!(daemon.stop().success());
+}
+
+/// A try's leftovers are killed by its process group's number, which is
+/// its process's pid. Once that process is reaped, the number is free: a
+/// new process may get it and lead a group of that number. Here one does,
+/// while the daemon is held right after the reap (a test hook), and it must
+/// live on: the group was killed before the reap, while the exited process
+/// still held the number.
+async fn a_process_given_an_ended_tries_number_is_not_killed_as_its_group(backend: Backend) {
+    if !crate::util::runs_as_root("choosing the next pid (ns_last_pid) needs root") {
+        return;
+    }
+    let db = TestDb::new(backend).await;
+    let pid_file = db.scratch.join("pid");
+    let reaped = db.scratch.join("reaped");
+    let mut daemon = Daemon::start_in_env(
+        &db,
+        "d",
+        &format!(
+            "tasks:\n  Short:\n    command: [/bin/sh, -c, 'echo $$ > {}']\n",
+            pid_file.display()
+        ),
+        &[("TASKRUNNER_TEST_AFTER_TRY_REAPED", reaped.to_str().unwrap())],
+    );
+    let id = db.enqueue("Short", None).await;
+    daemon.wait_for_log("test hook: TASKRUNNER_TEST_AFTER_TRY_REAPED waits", WAIT);
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(!process_exists(pid), "the try's process {pid} is reaped");
+    let mut taker = take_pid(pid);
+    std::fs::write(&reaped, "").unwrap();
+    db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert!(
+        taker.try_wait().unwrap().is_none(),
+        "process {pid}, leader of a group of that number, was killed at the end of the try that had the number before"
+    );
+    let _ = taker.kill();
+    let _ = taker.wait();
+    assert!(daemon.stop().success());
+}
+
+/// A `sleep` leading a process group of its own, started with the pid
+/// `pid` (free): the kernel's next pid is set just below it, and the start
+/// is tried again while another process takes the number first.
+fn take_pid(pid: i32) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    for _ in 0..1000 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        if child.id() == pid as u32 {
+            return child;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("pid {pid} went to other processes 1000 times");
 }
 
 async fn grandchildren_are_stopped_with_their_task(backend: Backend) {

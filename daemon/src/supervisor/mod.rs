@@ -575,7 +575,8 @@ pub(crate) async fn run(
             let next_signal = escalation.as_ref().map(|e| e.next_at);
             tokio::select! {
                 biased;
-                status = child.wait() => break status?,
+                // Its group's leftovers are killed as it is reaped.
+                status = child.wait_ending_its_group() => break status?,
                 _ = &mut capture, if !captured => captured = true,
                 _ = tokio::time::sleep_until(announce_at), if on_running.is_some() => {
                     if let Some(announce) = on_running.take() {
@@ -629,10 +630,7 @@ pub(crate) async fn run(
         };
         let ran_for = started.elapsed();
         let cpu_time = child.cpu_time();
-
-        // The task is over: whatever it left in its group goes too. The group
-        // id cannot have been reused while any member is alive.
-        let _ = killpg(process_group, Signal::SIGKILL);
+        crate::test_hooks::wait_for_file_when_told("TASKRUNNER_TEST_AFTER_TRY_REAPED").await;
         exited.cancel();
         if let Some(ticket) = &ticket {
             ticket.release();

@@ -235,11 +235,31 @@ impl Child {
 
     /// Waits for the process to exit and reaps it.
     pub(crate) async fn wait(&mut self) -> io::Result<ExitStatus> {
+        self.wait_then_reap(false).await
+    }
+
+    /// Waits for the process, a try's, to exit; kills what is left in its
+    /// process group (the try's leftovers) while the exited process still
+    /// holds the group's number; then reaps it. Once reaped, its pid, and
+    /// with it the number of a group that has no member left, may go to a
+    /// new process: a `killpg` by that number after the reap could kill
+    /// another program's group.
+    pub(crate) async fn wait_ending_its_group(&mut self) -> io::Result<ExitStatus> {
+        self.wait_then_reap(true).await
+    }
+
+    async fn wait_then_reap(&mut self, end_group: bool) -> io::Result<ExitStatus> {
         if let Some(status) = self.status {
             return Ok(status);
         }
         loop {
             let mut ready = self.pidfd.readable().await?;
+            if end_group && child_state(self.pidfd.get_ref()) == Some(true) {
+                // SAFETY: a signal to the group of our exited, unreaped
+                // child: its pid holds the number, so the group (if it has
+                // one of that number) is the one it made.
+                unsafe { libc::killpg(self.pid as libc::pid_t, libc::SIGKILL) };
+            }
             let mut raw = 0;
             // SAFETY: wait4 on our own child, writing into locals.
             let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
