@@ -79,6 +79,17 @@ fn csrf_of(page: &str) -> String {
     page[start..start + 32].to_string()
 }
 
+/// A bulk preview's confirmation, as its form posts it: `count=…&upto=…`.
+fn confirmation_of(preview: &str) -> String {
+    let value = |name: &str| {
+        let marker = format!("name=\"{name}\" value=\"");
+        let start = preview.find(&marker).expect("a bulk form") + marker.len();
+        let end = start + preview[start..].find('"').unwrap();
+        preview[start..end].to_string()
+    };
+    format!("count={}&upto={}", value("count"), value("upto"))
+}
+
 async fn insert_failed(db: &TestDb, options: &str) -> RequestId {
     db.insert_row(
         NewRow::new("Thumbnail")
@@ -240,7 +251,10 @@ async fn actions_need_the_csrf_token_and_this_origin(backend: Backend) {
     let reply = post(
         &web,
         "/bulk",
-        &format!("csrf={token}&action=retry&state=CANCELLED"),
+        &format!(
+            "csrf={token}&action=retry&state=CANCELLED&{}",
+            confirmation_of(&preview)
+        ),
         None,
     )
     .await;
@@ -687,6 +701,8 @@ async fn pages_of_requests_follow_the_key(backend: Backend) {
 both_backends!(
     pages_of_requests_follow_the_key,
     bulk_actions_treat_each_row_as_its_own_retry_or_cancel_does,
+    a_bulk_action_changes_only_the_rows_its_preview_counted,
+    a_batch_or_flow_filter_that_is_no_number_is_refused,
     without_auth_the_page_answers_only_to_a_loopback_host_name,
     batches_show_their_progress_and_members,
     every_page_renders_with_a_strict_policy,
@@ -1372,7 +1388,13 @@ async fn bulk_actions_treat_each_row_as_its_own_retry_or_cancel_does(backend: Ba
     let token = csrf_of(&get(&web, "/").await.body);
     let preview = get(&web, "/bulk?action=retry").await.body;
     assert!(preview.contains("2 requests match"), "{preview}");
-    let reply = post(&web, "/bulk", &format!("csrf={token}&action=retry"), None).await;
+    let reply = post(
+        &web,
+        "/bulk",
+        &format!("csrf={token}&action=retry&{}", confirmation_of(&preview)),
+        None,
+    )
+    .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     assert!(
         reply.body.contains("applied to 1 requests; 1 refused"),
@@ -1386,6 +1408,127 @@ async fn bulk_actions_treat_each_row_as_its_own_retry_or_cancel_does(backend: Ba
         )
         .await,
         1
+    );
+}
+
+/// The bulk form carried only the filter: rows inserted after the preview
+/// ("2 requests match", the button "retry 2 requests") were retried too.
+/// The form now carries the count shown and the highest id counted; rows
+/// above it are left alone, and when more rows up to it match than were
+/// counted (some changed state meanwhile), nothing changes and the page
+/// says so.
+async fn a_bulk_action_changes_only_the_rows_its_preview_counted(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let counted = [
+        insert_failed(&db, "a: 1").await,
+        insert_failed(&db, "a: 2").await,
+    ];
+    let web = web_router(&db, "");
+    let token = csrf_of(&get(&web, "/").await.body);
+    let preview = get(&web, "/bulk?action=retry&state=FAILED").await.body;
+    assert!(preview.contains("2 requests match"), "{preview}");
+    let later = insert_failed(&db, "a: 3").await;
+    let form = format!(
+        "csrf={token}&action=retry&state=FAILED&{}",
+        confirmation_of(&preview)
+    );
+    let reply = post(&web, "/bulk", &form, None).await;
+    assert!(
+        reply.body.contains("applied to 2 requests"),
+        "{}",
+        reply.body
+    );
+    for id in counted {
+        assert_eq!(db.row(id).await.result, None, "request {id}");
+    }
+    assert_eq!(db.row(later).await.result.as_deref(), Some("FAILED"));
+
+    // Counted: `later` alone. Then one of the first two fails again: two
+    // rows up to `later` match, one was confirmed.
+    let preview = get(&web, "/bulk?action=retry&state=FAILED").await.body;
+    assert!(preview.contains("1 requests match"), "{preview}");
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET result = 'FAILED' WHERE id = {}",
+        counted[0].0
+    ))
+    .await;
+    let form = format!(
+        "csrf={token}&action=retry&state=FAILED&{}",
+        confirmation_of(&preview)
+    );
+    let reply = post(&web, "/bulk", &form, None).await;
+    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.body);
+    assert!(
+        reply
+            .body
+            .contains("nothing changed: 2 requests match now, 1 when the preview was shown"),
+        "{}",
+        reply.body
+    );
+    assert_eq!(db.row(later).await.result.as_deref(), Some("FAILED"));
+    assert_eq!(db.row(counted[0]).await.result.as_deref(), Some("FAILED"));
+
+    // A form without the confirmation changes nothing.
+    let reply = post(
+        &web,
+        "/bulk",
+        &format!("csrf={token}&action=retry&state=FAILED"),
+        None,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    assert_eq!(db.row(later).await.result.as_deref(), Some("FAILED"));
+}
+
+/// A batch or flow filter that is not a number was dropped: the page
+/// listed every row while its field still showed the value, and a bulk
+/// cancel from there cancelled every open row of the table. It is now one
+/// clear error (400), and nothing changes.
+async fn a_batch_or_flow_filter_that_is_no_number_is_refused(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let waiting = db.insert_row(NewRow::new("Thumbnail")).await;
+    let web = web_router(&db, "");
+    let token = csrf_of(&get(&web, "/").await.body);
+    for path in [
+        "/requests?batch=12x",
+        "/requests?flow=%235",
+        "/bulk?action=cancel&batch=12x",
+        "/bulk?action=cancel&flow=abc",
+    ] {
+        let reply = get(&web, path).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{path}: {}",
+            reply.body
+        );
+        assert!(
+            reply.body.contains("filter is an id, a number"),
+            "{path}: {}",
+            reply.body
+        );
+    }
+    let preview = get(&web, "/bulk?action=cancel").await.body;
+    assert!(preview.contains("1 requests match"), "{preview}");
+    let reply = post(
+        &web,
+        "/bulk",
+        &format!(
+            "csrf={token}&action=cancel&batch=12x&{}",
+            confirmation_of(&preview)
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    assert_eq!(db.row(waiting).await.result, None);
+    // A number that names no batch lists nothing.
+    let listed = get(&web, "/requests?batch=12").await;
+    assert_eq!(listed.status, StatusCode::OK);
+    assert!(
+        !listed.body.contains(&format!("/requests/{}", waiting.0)),
+        "{}",
+        listed.body
     );
 }
 

@@ -268,6 +268,23 @@ def one_pass(setup, driver, base, javascript):
     wait_until(f"request {held} of the resumed queue to finish",
                lambda: setup.state(held) == "FINISHED")
     assert f"queue {held_queue}" not in setup.cli("pause")
+    # A bulk cancel changes the rows its preview counted and no row that
+    # came after it: two rows wait in a paused queue, the preview counts
+    # them, a third arrives, and the button cancels the two.
+    bulk_queue = f"bulk-{'js' if javascript else 'plain'}"
+    setup.cli("pause", "--queue", bulk_queue)
+    wait_until("the daemon to read the pause",
+               lambda: f"queue {bulk_queue}" in setup.cli("status"))
+    counted = [int(setup.cli("enqueue", "NoOp", "--queue", bulk_queue).strip()) for _ in range(2)]
+    driver.go(base + f"/bulk?action=cancel&queue={bulk_queue}")
+    assert "2 requests match" in driver.source(), driver.source()[:3000]
+    later = int(setup.cli("enqueue", "NoOp", "--queue", bulk_queue).strip())
+    driver.click("form[action='/bulk'] button[type=submit]")
+    wait_until("the bulk cancel's answer", lambda: "applied to 2 requests" in driver.source())
+    assert [setup.state(i) for i in counted] == ["CANCELLED", "CANCELLED"], setup.cli("list")
+    assert setup.state(later) == "NULL", setup.cli("show", str(later))
+    setup.cli("cancel", str(later))
+    setup.cli("resume", "--queue", bulk_queue)
     # The other pages open too.
     for path in ["/daemons", "/schedules", f"/bulk?action=retry&state=CANCELLED"]:
         driver.go(base + path)

@@ -143,6 +143,25 @@ pub(crate) struct RequestFilter {
     pub(crate) text: Option<String>,
 }
 
+/// What the user confirmed of a bulk action: its preview's count and the
+/// highest id it counted.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BulkConfirmed {
+    pub(crate) count: i64,
+    pub(crate) upto: i64,
+}
+
+/// What a bulk action did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BulkApplied {
+    /// Rows changed, and rows refused (they changed meanwhile, or a rule
+    /// refused them).
+    Done { changed: u64, refused: u64 },
+    /// More rows up to the preview's highest id match now than the preview
+    /// counted (rows changed state meanwhile): nothing was changed.
+    MoreThanConfirmed { matching: i64 },
+}
+
 /// One page of requests, newest first.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct RequestPage {
@@ -592,8 +611,18 @@ impl Store {
         })
     }
 
-    fn bulk_select(&self, filter: &RequestFilter, action: BulkAction) -> (String, Vec<Bind>) {
-        let (first, others) = self.filter_terms(filter);
+    /// The ids a bulk action selects, newest first; only up to id `upto`
+    /// when given (the highest its preview saw).
+    fn bulk_select(
+        &self,
+        filter: &RequestFilter,
+        action: BulkAction,
+        upto: Option<i64>,
+    ) -> (String, Vec<Bind>) {
+        let (first, mut others) = self.filter_terms(filter);
+        if let Some(upto) = upto {
+            others.push(("id <= $N".to_string(), Bind::Int(upto)));
+        }
         let eligible = match action {
             // Not a flow's rows: `retry` refuses them (see `Change::InFlow`).
             BulkAction::Retry => "result IS NOT NULL AND result <> 'RUNNING' AND flow_id IS NULL",
@@ -620,19 +649,23 @@ impl Store {
         (sql, binds)
     }
 
-    /// How many rows a bulk action would change (at most [`BULK_LIMIT`]).
+    /// How many rows a bulk action would change (at most [`BULK_LIMIT`]),
+    /// and the highest id among them: the action, once confirmed, changes
+    /// none above it (rows that came since were not counted).
     pub(crate) async fn bulk_count(
         &self,
         filter: &RequestFilter,
         action: BulkAction,
-    ) -> Result<i64> {
-        let (select, binds) = self.bulk_select(filter, action);
+    ) -> Result<(i64, Option<i64>)> {
+        let (select, binds) = self.bulk_select(filter, action, None);
         let sql = format!(
-            "SELECT {} FROM ({select}) AS b",
-            self.dialect().int64("count(*)")
+            "SELECT {}, {} FROM ({select}) AS b",
+            self.dialect().int64("count(*)"),
+            self.dialect().int64("max(id)")
         );
         Ok(on_pool!(self, pool => {
-            bind_all!(query(audited(&sql)), &binds).fetch_one(pool).await?.int(0)?
+            let row = bind_all!(query(audited(&sql)), &binds).fetch_one(pool).await?;
+            (row.int(0)?, row.opt_int(1)?)
         }))
     }
 
@@ -649,8 +682,9 @@ impl Store {
         &self,
         filter: &RequestFilter,
         action: BulkAction,
-    ) -> Result<(u64, u64)> {
-        let (select, binds) = self.bulk_select(filter, action);
+        confirmed: BulkConfirmed,
+    ) -> Result<BulkApplied> {
+        let (select, binds) = self.bulk_select(filter, action, Some(confirmed.upto));
         let ids: Vec<i64> = on_pool!(self, pool => {
             bind_all!(query(audited(&select)), &binds)
                 .fetch_all(pool)
@@ -659,6 +693,10 @@ impl Store {
                 .map(|row| row.int(0))
                 .collect::<sqlx::Result<_>>()?
         });
+        let matching = i64::try_from(ids.len()).unwrap_or(i64::MAX);
+        if matching > confirmed.count {
+            return Ok(BulkApplied::MoreThanConfirmed { matching });
+        }
         let (mut changed, mut refused) = (0, 0);
         for id in ids.into_iter().map(RequestId) {
             let change = match action {
@@ -670,7 +708,7 @@ impl Store {
                 _ => refused += 1,
             }
         }
-        Ok((changed, refused))
+        Ok(BulkApplied::Done { changed, refused })
     }
 
     /// Batches, newest first, below id `before` (one page and one more).

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::http::{Auth, Http};
 use crate::metrics::QueueGauges;
 use crate::request::RequestId;
-use crate::store::web::{BulkAction, RequestFilter};
+use crate::store::web::{BulkAction, BulkApplied, BulkConfirmed, RequestFilter};
 use crate::store::{check_pause_name, in_flow_text, key_held_text, Change, PauseKind, Store};
 
 /// The Content-Security-Policy of every response: nothing but this
@@ -578,38 +578,52 @@ pub(crate) struct FilterQuery {
     pub(crate) before: Option<i64>,
     #[serde(default)]
     pub(crate) action: String,
+    /// A bulk action's confirmation: the count its preview showed, and the
+    /// highest id it counted.
+    pub(crate) count: Option<i64>,
+    pub(crate) upto: Option<i64>,
     #[serde(default)]
     pub(crate) csrf: String,
 }
 
 impl FilterQuery {
-    pub(crate) fn filter(&self) -> RequestFilter {
+    /// The filter; a batch or flow that is not a number is an error (a
+    /// `400` page). Before, it was dropped: the page listed every row while
+    /// its field still showed the value, and a bulk action from there
+    /// changed every row of the table.
+    pub(crate) fn filter(&self) -> Result<RequestFilter, String> {
         let some = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_string());
-        RequestFilter {
-            batch: self.batch.trim().parse().ok(),
-            flow: self.flow.trim().parse().ok(),
+        let id = |name: &str, text: &str| match some(text) {
+            None => Ok(None),
+            Some(text) => text
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("the {name} filter is an id, a number: `{text}`")),
+        };
+        Ok(RequestFilter {
+            batch: id("batch", &self.batch)?,
+            flow: id("flow", &self.flow)?,
             state: some(&self.state).map(|s| s.to_uppercase()),
             task: some(&self.task),
             queue: some(&self.queue),
             host: some(&self.host),
             text: some(&self.text),
-        }
+        })
     }
 }
 
 async fn requests(State(web): State<Arc<Web>>, Query(query): Query<FilterQuery>) -> PageResult {
-    let filter = query.filter();
+    let filter = match query.filter() {
+        Ok(filter) => filter,
+        Err(message) => return Ok(bad_request(&message)),
+    };
     let page = web.store.find_requests(&filter, query.before).await?;
     Ok(html(pages::requests(&chrome(&web), &query, &page)))
 }
 
 async fn request(State(web): State<Arc<Web>>, Path(id): Path<String>) -> PageResult {
     let Ok(id) = id.parse::<i64>() else {
-        return Ok((
-            StatusCode::BAD_REQUEST,
-            pages::error_page("a request id is a number"),
-        )
-            .into_response());
+        return Ok(bad_request("a request id is a number"));
     };
     match web.store.show(RequestId(id)).await? {
         Some(row) => {
@@ -636,6 +650,11 @@ fn csrf_ok(web: &Web, given: &str) -> bool {
     constant_time_eq(given.as_bytes(), web.csrf.as_bytes())
 }
 
+/// A `400` page with one line.
+fn bad_request(message: &str) -> Response {
+    (StatusCode::BAD_REQUEST, pages::error_page(message)).into_response()
+}
+
 fn csrf_refused() -> Response {
     (
         StatusCode::FORBIDDEN,
@@ -652,11 +671,7 @@ async fn one_action(web: &Web, who: &Who, id: &str, csrf: &str, action: &str) ->
         return Ok(csrf_refused());
     }
     let Ok(number) = id.parse::<i64>() else {
-        return Ok((
-            StatusCode::BAD_REQUEST,
-            pages::error_page("a request id is a number"),
-        )
-            .into_response());
+        return Ok(bad_request("a request id is a number"));
     };
     let change = match action {
         "retry" => web.store.retry(RequestId(number)).await?,
@@ -725,14 +740,20 @@ fn bulk_action(name: &str) -> Option<BulkAction> {
 /// Shows how many rows a bulk action would change, and the button to do it.
 async fn bulk_preview(State(web): State<Arc<Web>>, Query(query): Query<FilterQuery>) -> PageResult {
     let Some(action) = bulk_action(&query.action) else {
-        return Ok((
-            StatusCode::BAD_REQUEST,
-            pages::error_page("action must be retry or cancel"),
-        )
-            .into_response());
+        return Ok(bad_request("action must be retry or cancel"));
     };
-    let count = web.store.bulk_count(&query.filter(), action).await?;
-    Ok(html(pages::bulk_preview(&chrome(&web), &query, count)))
+    let filter = match query.filter() {
+        Ok(filter) => filter,
+        Err(message) => return Ok(bad_request(&message)),
+    };
+    let (count, upto) = web.store.bulk_count(&filter, action).await?;
+    Ok(html(pages::bulk_preview(
+        &chrome(&web),
+        &query,
+        &filter,
+        count,
+        upto,
+    )))
 }
 
 async fn bulk_apply(
@@ -745,15 +766,33 @@ async fn bulk_apply(
         return Ok(csrf_refused());
     }
     let Some(action) = bulk_action(&query.action) else {
-        return Ok((
-            StatusCode::BAD_REQUEST,
-            pages::error_page("action must be retry or cancel"),
-        )
-            .into_response());
+        return Ok(bad_request("action must be retry or cancel"));
     };
-    let filter = query.filter();
-    let (changed, refused) = web.store.bulk_apply(&filter, action).await?;
-    tracing::info!(remote = %who.remote, user = %who.user, action = %query.action, filter = ?filter, changed, refused, "web bulk action");
+    let filter = match query.filter() {
+        Ok(filter) => filter,
+        Err(message) => return Ok(bad_request(&message)),
+    };
+    let (Some(count), Some(upto)) = (query.count, query.upto) else {
+        return Ok(bad_request("a bulk action needs the count and highest id its preview showed (count, upto): open its preview and confirm there"));
+    };
+    let applied = web
+        .store
+        .bulk_apply(&filter, action, BulkConfirmed { count, upto })
+        .await?;
+    let (changed, refused) = match applied {
+        BulkApplied::Done { changed, refused } => (changed, refused),
+        BulkApplied::MoreThanConfirmed { matching } => {
+            tracing::info!(remote = %who.remote, user = %who.user, action = %query.action, filter = ?filter, matching, confirmed = count, "web bulk action refused: more rows match than its preview counted");
+            return Ok((
+                StatusCode::CONFLICT,
+                pages::error_page(&format!(
+                    "nothing changed: {matching} requests match now, {count} when the preview was shown (rows changed meanwhile); open the preview again"
+                )),
+            )
+                .into_response());
+        }
+    };
+    tracing::info!(remote = %who.remote, user = %who.user, action = %query.action, filter = ?filter, upto, changed, refused, "web bulk action");
     if let Some(daemon) = &web.daemon {
         daemon.wake();
     }
@@ -781,13 +820,7 @@ async fn purge(
     }
     let older_than = match crate::units::parse_duration(form.older_than.trim()) {
         Ok(duration) => duration,
-        Err(error) => {
-            return Ok((
-                StatusCode::BAD_REQUEST,
-                pages::error_page(&format!("older than: {error}")),
-            )
-                .into_response())
-        }
+        Err(error) => return Ok(bad_request(&format!("older than: {error}"))),
     };
     // The same pass as `taskrunner-cli purge --older-than`: every kind of
     // final row, then the ended batches and flows left without rows.
@@ -851,13 +884,7 @@ async fn pause_action(web: &Web, who: &Who, form: &PauseForm, pausing: bool) -> 
         .and_then(|kind| check_pause_name(kind, &form.name).map(|()| kind));
     let kind = match checked {
         Ok(kind) => kind,
-        Err(error) => {
-            return Ok((
-                StatusCode::BAD_REQUEST,
-                pages::error_page(&format!("{action}: {error}")),
-            )
-                .into_response())
-        }
+        Err(error) => return Ok(bad_request(&format!("{action}: {error}"))),
     };
     let reason = Some(form.reason.trim()).filter(|reason| !reason.is_empty());
     let outcome = if pausing {
@@ -907,11 +934,7 @@ async fn flows(State(web): State<Arc<Web>>, Query(page): Query<Before>) -> PageR
 /// One flow's board.
 async fn flow(State(web): State<Arc<Web>>, Path(id): Path<String>) -> PageResult {
     let Ok(id) = id.parse::<i64>() else {
-        return Ok((
-            StatusCode::BAD_REQUEST,
-            pages::error_page("a flow id is a number"),
-        )
-            .into_response());
+        return Ok(bad_request("a flow id is a number"));
     };
     let board = if web.store.table_exists("task_runner_flows").await? {
         web.store.flow_board(id).await?
@@ -947,11 +970,7 @@ async fn batch(
     Query(query): Query<FilterQuery>,
 ) -> PageResult {
     let Ok(id) = id.parse::<i64>() else {
-        return Ok((
-            StatusCode::BAD_REQUEST,
-            pages::error_page("a batch id is a number"),
-        )
-            .into_response());
+        return Ok(bad_request("a batch id is a number"));
     };
     if !web.store.table_exists("task_runner_batches").await? {
         return Ok((
@@ -975,9 +994,12 @@ async fn batch(
         )
             .into_response());
     };
-    let filter = RequestFilter {
-        batch: Some(id),
-        ..query.filter()
+    let filter = match query.filter() {
+        Ok(filter) => RequestFilter {
+            batch: Some(id),
+            ..filter
+        },
+        Err(message) => return Ok(bad_request(&message)),
     };
     let members = web.store.find_requests(&filter, query.before).await?;
     let callbacks = web.store.batch_callbacks(id).await?;

@@ -9,7 +9,8 @@ use crate::request::{Request, State};
 use crate::store::compose::CallbackRow;
 use crate::store::flow::{Flow, FlowBoard, StepRow};
 use crate::store::web::{
-    BatchRow, DaemonRow, MinuteBucket, QueueStats, RequestPage, BULK_LIMIT, SCAN_WINDOW,
+    BatchRow, DaemonRow, MinuteBucket, QueueStats, RequestFilter, RequestPage, BULK_LIMIT,
+    SCAN_WINDOW,
 };
 use crate::store::{Pause, PauseKind};
 
@@ -485,8 +486,18 @@ pub(crate) fn request(chrome: &Chrome, row: &Request, callbacks: &[CallbackRow])
     )
 }
 
-pub(crate) fn bulk_preview(chrome: &Chrome, query: &FilterQuery, count: i64) -> Markup {
-    let filter = query.filter();
+/// A bulk action's preview: how many rows it changes and its filter; the
+/// form confirms that count and the highest id counted (`upto`), so rows
+/// that come after the preview are left alone.
+pub(crate) fn bulk_preview(
+    chrome: &Chrome,
+    query: &FilterQuery,
+    filter: &RequestFilter,
+    count: i64,
+    upto: Option<i64>,
+) -> Markup {
+    let batch = filter.batch.map(|id| id.to_string());
+    let flow = filter.flow.map(|id| id.to_string());
     layout(
         chrome,
         &format!("Bulk {}", query.action),
@@ -499,12 +510,14 @@ pub(crate) fn bulk_preview(chrome: &Chrome, query: &FilterQuery, count: i64) -> 
                 }
             }
             ul {
-                @for (name, value) in [("state", &filter.state), ("type", &filter.task), ("queue", &filter.queue), ("host", &filter.host), ("text", &filter.text)] {
+                @for (name, value) in [("batch", &batch), ("flow", &flow), ("state", &filter.state), ("type", &filter.task), ("queue", &filter.queue), ("host", &filter.host), ("text", &filter.text)] {
                     @if let Some(value) = value { li { (name) ": " code { (value) } } }
                 }
             }
-            @if count > 0 && !chrome.read_only {
+            @if let (true, Some(upto)) = (count > 0 && !chrome.read_only, upto) {
                 form method="post" action="/bulk" {
+                    input type="hidden" name="count" value=(count);
+                    input type="hidden" name="upto" value=(upto);
                     input type="hidden" name="csrf" value=(chrome.csrf);
                     input type="hidden" name="action" value=(query.action);
                     input type="hidden" name="state" value=(query.state);
