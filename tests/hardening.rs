@@ -1259,6 +1259,39 @@ async fn the_daemons_status_and_metrics_are_answered_while_the_database_is_out(b
 /// overrunning by up to 20 ms (its timer slack, as under heavy load): it must
 /// still give up after 5 s, with one line naming the lock (before: 5,000 ×
 /// 21 ms, 105 s).
+/// SQLite stores any 64-bit `priority`; the claim put its rows in order by
+/// negating it, which overflows for the lowest one: a debug build panicked
+/// at every claim (the daemon exited, and again at each restart), a release
+/// build ran that row first. The order is now a reversed comparison.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priorities_at_the_limits_of_sqlites_integers_run_in_order() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let order = db.scratch.join("order");
+    let mut ids = Vec::new();
+    for priority in [i64::MIN, 0, i64::MAX] {
+        ids.push(db.insert_row(NewRow::new("Note").priority(priority)).await);
+    }
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "max_concurrent: 1\ntasks:\n  Note:\n    command: [/bin/sh, -c, 'echo $TASKRUNNER_REQUEST_ID >> {}']\n",
+            order.display()
+        ),
+    );
+    for id in &ids {
+        db.wait_for_state(*id, "FINISHED", WAIT).await;
+    }
+    let ran: Vec<String> = std::fs::read_to_string(&order)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let expected: Vec<String> = ids.iter().rev().map(|id| id.0.to_string()).collect();
+    assert_eq!(ran, expected, "highest priority first");
+    assert!(daemon.stop().success());
+}
+
 /// An operator deletes the SQLite file under a running daemon to start
 /// afresh, and `migrate` makes a new one. The daemon went on with the old
 /// file, which its connections kept open, while rows went into the new one:

@@ -181,10 +181,12 @@ enum Command {
         #[arg(long, value_name = "TIME", value_parser = parse_time)]
         at: Option<String>,
         /// Tries allowed (default 5)
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(1..))]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(1..=i64::from(i32::MAX)))]
         try_limit: Option<i64>,
-        /// Higher runs first (default 0)
-        #[arg(long, value_name = "N", allow_hyphen_values = true)]
+        /// Higher runs first (default 0; a 32-bit number, as the column of
+        /// PostgreSQL and MariaDB holds)
+        #[arg(long, value_name = "N", allow_hyphen_values = true,
+              value_parser = clap::value_parser!(i64).range(i64::from(i32::MIN)..=i64::from(i32::MAX)))]
         priority: Option<i64>,
         /// While a pending or running request has this key, insert nothing
         /// and print that request's id instead
@@ -1259,6 +1261,18 @@ mod tests {
             Flags::try_parse_from(["taskrunner-cli", "enqueue", "NoOp", "--try-limit", "0"])
                 .is_err()
         );
+        // The 32-bit columns of PostgreSQL and MariaDB: refused there only
+        // by the database, and stored on SQLite where the claim's order
+        // had to take them.
+        let enqueue = |flag: &str, value: &str| {
+            Flags::try_parse_from(["taskrunner-cli", "enqueue", "NoOp", flag, value]).is_ok()
+        };
+        assert!(enqueue("--try-limit", "2147483647"));
+        assert!(!enqueue("--try-limit", "2147483648"));
+        assert!(enqueue("--priority", "-2147483648"));
+        assert!(enqueue("--priority", "2147483647"));
+        assert!(!enqueue("--priority", "-2147483649"));
+        assert!(!enqueue("--priority", "-9223372036854775808"));
     }
 
     #[test]

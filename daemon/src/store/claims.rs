@@ -127,10 +127,11 @@ macro_rules! bind_claim {
     }};
 }
 
-/// Claimed rows in claim order: by priority, then id (`RETURNING` has no
-/// order on PostgreSQL, and MySQL's claim reads the rows apart).
+/// Claimed rows in claim order: by priority, highest first, then id
+/// (`RETURNING` has no order on PostgreSQL, and MySQL's claim reads the
+/// rows apart). Reversed, not negated: SQLite holds `i64::MIN` too.
 fn in_claim_order(mut rows: Vec<(i64, Claimed)>) -> Vec<Claimed> {
-    rows.sort_by_key(|(priority, claimed)| (-priority, claimed.id));
+    rows.sort_by_key(|(priority, claimed)| (std::cmp::Reverse(*priority), claimed.id));
     rows.into_iter().map(|(_, claimed)| claimed).collect()
 }
 
