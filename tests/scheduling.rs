@@ -19,7 +19,72 @@ both_backends!(
     a_delayed_row_comes_due_while_a_backlog_fills_every_claim,
     a_released_row_postponed_by_the_application_waits_for_its_new_time,
     a_burst_of_delayed_rows_is_shared_by_the_daemons,
+    a_schedule_whose_request_the_database_refuses_holds_up_no_other,
 );
+
+/// An application's trigger that refuses every request of type `Refused`.
+fn refusing_a_type(backend: Backend) -> Vec<&'static str> {
+    match backend {
+        Backend::Sqlite => vec![
+            "CREATE TRIGGER refuse_type BEFORE INSERT ON task_runner_requests \
+               WHEN NEW.task_class_name = 'Refused' \
+               BEGIN SELECT RAISE(ABORT, 'the application refuses type Refused'); END",
+        ],
+        Backend::Postgres => vec![
+            "CREATE FUNCTION refuse_type() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               IF NEW.task_class_name = 'Refused' THEN \
+                 RAISE EXCEPTION 'the application refuses type Refused'; \
+               END IF; RETURN NEW; END $$",
+            "CREATE TRIGGER refuse_type BEFORE INSERT ON task_runner_requests \
+               FOR EACH ROW EXECUTE FUNCTION refuse_type()",
+        ],
+        Backend::MySql => vec![
+            "CREATE TRIGGER refuse_type BEFORE INSERT ON task_runner_requests \
+               FOR EACH ROW BEGIN \
+                 IF NEW.task_class_name = 'Refused' THEN \
+                   SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'the application refuses type Refused'; \
+                 END IF; \
+               END",
+        ],
+    }
+}
+
+/// A schedule whose request the database refuses (here an application's
+/// trigger refuses its type) ended each tick of the cron loop with that
+/// error: the schedules after it by name never fired, and the error line
+/// named no schedule. It is now logged once, naming it, and tried again
+/// each second; the others go on.
+async fn a_schedule_whose_request_the_database_refuses_holds_up_no_other(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    for sql in refusing_a_type(backend) {
+        db.execute(sql).await;
+    }
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "schedules:\n  a:\n    every: 1s\n    task: Refused\n  b:\n    every: 1s\n    task: NoOp\n",
+    );
+    db.wait_for_at_least(
+        "SELECT count(*) FROM task_runner_requests WHERE schedule = 'b'",
+        3,
+        WAIT,
+    )
+    .await;
+    let line = "schedule a: the database refuses its request";
+    daemon.wait_for_log(line, WAIT);
+    let log = daemon.log_text();
+    assert_eq!(log.matches(line).count(), 1, "{log}");
+    assert!(
+        log.contains("the application refuses type Refused"),
+        "{log}"
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests WHERE schedule = 'a'")
+            .await,
+        0
+    );
+    assert!(daemon.stop().success());
+}
 
 /// `taskrunner-cli wait ID …` as a child process, not waited for yet.
 fn spawn_wait(db: &TestDb, args: &[&str]) -> std::process::Child {

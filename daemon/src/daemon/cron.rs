@@ -32,6 +32,8 @@ impl Cron {
     pub(super) async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         // When each schedule without a recorded slot was first seen (database time).
         let mut first_seen: std::collections::HashMap<String, DateTime<Utc>> = Default::default();
+        // Schedules whose request the database refuses, with the line logged.
+        let mut refused: std::collections::HashMap<String, String> = Default::default();
         let mut last_cleanup: Option<std::time::Instant> = None;
         loop {
             let config = Setup::current_config(&self.setup);
@@ -41,7 +43,10 @@ impl Cron {
                     _ = cancel.cancelled() => return Ok(()),
                 }
             }
-            let sleep = match self.tick(&config.schedules, &mut first_seen).await {
+            let sleep = match self
+                .tick(&config.schedules, &mut first_seen, &mut refused)
+                .await
+            {
                 Ok(until_next) => {
                     self.health.succeeded("enqueueing scheduled requests");
                     until_next
@@ -68,27 +73,39 @@ impl Cron {
     }
 
     /// Enqueues every due slot; returns how long to sleep until the next one.
+    /// A schedule whose request the database refuses (an application's
+    /// trigger or constraint, a value the server does not store) is logged
+    /// once, with its name, and tried again a second later: the schedules
+    /// after it go on (before, its error ended each tick, and they never
+    /// fired). Any other error (the database out) ends the tick.
     async fn tick(
         &self,
         schedules: &std::collections::BTreeMap<String, Schedule>,
         first_seen: &mut std::collections::HashMap<String, DateTime<Utc>>,
+        refused: &mut std::collections::HashMap<String, String>,
     ) -> Result<Duration> {
         let now = from_epoch_seconds(self.store.answered(self.store.database_now()).await?);
         let mut next_due: Option<DateTime<Utc>> = None;
         let mut enqueued = false;
+        refused.retain(|name, _| schedules.contains_key(name));
         for (name, schedule) in schedules {
-            let after = match self.store.answered(self.store.last_slot(name)).await? {
-                Some(seconds) => from_epoch_seconds(seconds),
-                None => *first_seen.entry(name.clone()).or_insert(now),
-            };
-            for slot in schedule.when.due_slots(after, now, schedule.catch_up) {
-                crate::test_hooks::pause_when_told("TASKRUNNER_TEST_SLOT_DELAY_MS").await;
-                let text = slot_text(slot);
-                let enqueue = self.store.enqueue_slot(name, &text, schedule);
-                if let Some(id) = self.store.answered(enqueue).await? {
-                    enqueued = true;
-                    tracing::info!(schedule = %name, slot = %text, request = %id, "enqueued a scheduled request");
+            match self.enqueue_due(name, schedule, now, first_seen).await {
+                Ok(any) => {
+                    enqueued |= any;
+                    if refused.remove(name).is_some() {
+                        tracing::info!(schedule = %name, "schedule {name} enqueues again");
+                    }
                 }
+                Err(error) if crate::store::refused_by_the_database(&error) => {
+                    let line = crate::error_line(&error);
+                    if refused.get(name) != Some(&line) {
+                        tracing::error!(schedule = %name, "schedule {name}: the database refuses its request, trying again every second (the other schedules go on): {line}");
+                        refused.insert(name.clone(), line);
+                    }
+                    let retry = now + chrono::Duration::seconds(1);
+                    next_due = Some(next_due.map_or(retry, |due| due.min(retry)));
+                }
+                Err(error) => return Err(error),
             }
             if let Some(next) = schedule.when.next_after(now) {
                 next_due = Some(next_due.map_or(next, |due| due.min(next)));
@@ -102,5 +119,30 @@ impl Cron {
             .unwrap_or(MAX_SLEEP);
         // A little past the slot, so that the database's clock has reached it.
         Ok((until + Duration::from_millis(5)).min(MAX_SLEEP))
+    }
+
+    /// Enqueues the due slots of one schedule; whether it enqueued any.
+    async fn enqueue_due(
+        &self,
+        name: &str,
+        schedule: &Schedule,
+        now: DateTime<Utc>,
+        first_seen: &mut std::collections::HashMap<String, DateTime<Utc>>,
+    ) -> Result<bool> {
+        let after = match self.store.answered(self.store.last_slot(name)).await? {
+            Some(seconds) => from_epoch_seconds(seconds),
+            None => *first_seen.entry(name.to_string()).or_insert(now),
+        };
+        let mut enqueued = false;
+        for slot in schedule.when.due_slots(after, now, schedule.catch_up) {
+            crate::test_hooks::pause_when_told("TASKRUNNER_TEST_SLOT_DELAY_MS").await;
+            let text = slot_text(slot);
+            let enqueue = self.store.enqueue_slot(name, &text, schedule);
+            if let Some(id) = self.store.answered(enqueue).await? {
+                enqueued = true;
+                tracing::info!(schedule = %name, slot = %text, request = %id, "enqueued a scheduled request");
+            }
+        }
+        Ok(enqueued)
     }
 }

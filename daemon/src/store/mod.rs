@@ -55,7 +55,9 @@ pub(crate) use claims::ClaimFilter;
 pub use claims::{ApartBy, Claimant};
 pub(crate) use housekeeping::Prunable;
 use plumbing::{begin_write, MIGRATIONS_TABLE};
-pub(crate) use plumbing::{within_ping_bound, SchemaMismatch, SideConnection};
+pub(crate) use plumbing::{
+    refused_by_the_database, within_ping_bound, SchemaMismatch, SideConnection,
+};
 pub use plumbing::{Migration, Purpose};
 use rows::{request_from_row, RowExt};
 pub(crate) use sql::{NOT_COUNTED, RELEASE_AT_ONCE};

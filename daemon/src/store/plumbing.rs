@@ -567,6 +567,18 @@ impl GaveUp {
     }
 }
 
+/// Whether the database server refused a statement (an error it answered:
+/// a constraint, a trigger, a value it does not store), not whether it
+/// could be reached or answered in time.
+pub(crate) fn refused_by_the_database(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::Database(_))
+        )
+    })
+}
+
 /// Whether a connection's ping failed because the server closed it (an
 /// answer saying so, or the socket closed), not because it went silent.
 fn closed_by_the_server(error: &sqlx::Error) -> bool {
