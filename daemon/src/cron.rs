@@ -90,7 +90,7 @@ impl std::str::FromStr for CronExpr {
         if days_of_week & (1 << 7) != 0 {
             days_of_week = (days_of_week | 1) & !(1 << 7);
         }
-        Ok(CronExpr {
+        let expr = CronExpr {
             minutes,
             hours: hours as u32,
             days_of_month: days_of_month as u32,
@@ -98,7 +98,21 @@ impl std::str::FromStr for CronExpr {
             days_of_week: days_of_week as u8,
             dom_restricted: !fields[2].starts_with('*'),
             dow_restricted: !fields[4].starts_with('*'),
-        })
+        };
+        // A day its months never have (`0 0 31 2 *`) would never run, and
+        // nothing would say so. Five years from a leap year's start find
+        // every day that exists.
+        let leap_year =
+            NaiveDate::from_ymd_opt(2000, 1, 1).and_then(|day| day.and_hms_opt(0, 0, 0));
+        if leap_year
+            .and_then(|start| expr.first_at_or_after(start))
+            .is_none()
+        {
+            return Err(format!(
+                "`{text}` never runs: no month it names has a day it names"
+            ));
+        }
+        Ok(expr)
     }
 }
 
@@ -151,7 +165,12 @@ fn parse_field(text: &str, what: &str, min: u32, max: u32, names: &[&str]) -> Re
         let mut current = low;
         while current <= high {
             set |= 1 << current;
-            current += step.unwrap_or(1);
+            // A step past the field's range is allowed (the first value
+            // only); adding it may not wrap round to a second one.
+            match current.checked_add(step.unwrap_or(1)) {
+                Some(next) => current = next,
+                None => break,
+            }
         }
     }
     Ok(set)
@@ -570,7 +589,12 @@ pub(crate) fn resolve_schedules(
         crate::request::name_fits(&key("task"), &raw.task)?;
         let options = match raw.options {
             None | Some(serde_yaml::Value::Null) => None,
-            Some(serde_yaml::Value::String(text)) => Some(text),
+            // Each slot's row would be REJECTED for it.
+            Some(serde_yaml::Value::String(text)) => {
+                crate::attempt::check_options(text.as_bytes())
+                    .map_err(|error| format!("{}: not valid YAML: {error}", key("options")))?;
+                Some(text)
+            }
             Some(value) => Some(
                 serde_yaml::to_string(&value)
                     .map_err(|error| format!("{}: {error}", key("options")))?,
@@ -772,10 +796,48 @@ mod tests {
             ("* * * foo *", "month `foo`"),
             ("@often", "unknown cron macro"),
             ("1,,2 * * * *", "empty list item"),
+            // Before, these passed and never ran.
+            ("0 0 31 2 *", "never runs"),
+            ("0 0 30,31 2 *", "never runs"),
+            ("0 0 31 4,6,9,11 *", "never runs"),
         ] {
             let error = text.parse::<CronExpr>().unwrap_err();
             assert!(error.contains(needle), "{text}: {error}");
         }
+    }
+
+    /// A step past the field's range gives its first value only; adding a
+    /// step near `u32::MAX` overflowed (a debug build panicked reading the
+    /// config, a release build wrapped round to more minutes).
+    #[test]
+    fn a_step_past_the_fields_range_gives_its_first_value_only() {
+        for text in [
+            "30/4294967295 * * * *",
+            "30/4294967290 * * * *",
+            "30/100 * * * *",
+        ] {
+            let expr = cron(text);
+            let minutes: Vec<u32> = (0..60)
+                .filter(|minute| expr.matches(&wall(&format!("2026-01-01T00:{minute:02}:00Z"))))
+                .collect();
+            assert_eq!(minutes, [30], "{text}");
+        }
+    }
+
+    /// `options:` given as a string is the row's YAML as it is: text that
+    /// is not YAML made every slot's row REJECTED.
+    #[test]
+    fn schedule_options_given_as_text_must_be_yaml() {
+        let raw =
+            serde_yaml::from_str("a:\n  every: 1s\n  task: T\n  options: 'size: [1, 2'\n").unwrap();
+        let error = resolve_schedules(Some(raw)).unwrap_err();
+        assert!(
+            error.contains("schedules.a.options: not valid YAML"),
+            "{error}"
+        );
+        let raw = serde_yaml::from_str("a:\n  every: 1s\n  task: T\n  options: 'size: [1, 2]'\n")
+            .unwrap();
+        assert!(resolve_schedules(Some(raw)).is_ok());
     }
 
     #[test]
@@ -811,8 +873,8 @@ mod tests {
             Some(at("2025-12-31T23:59:00Z"))
         );
         assert_eq!(
-            utc("0 0 31 2 *").next_after(at("2026-01-01T00:00:00Z")),
-            None
+            utc("0 0 29 2 *").next_after(at("2026-01-01T00:00:00Z")),
+            Some(at("2028-02-29T00:00:00Z"))
         );
     }
 
