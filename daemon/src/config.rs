@@ -973,6 +973,26 @@ flows:
             message.contains("http.auth.password_hash: bcrypt cost 31 is more than 14"),
             "{message}"
         );
+        // The hash of "": the user's name alone would log in.
+        let empty = bcrypt::hash_with_salt("", 4, [7; 16]).unwrap().to_string();
+        let message = format!(
+            "{:#}",
+            load(&format!(
+                "http:\n  auth:\n    user: ops\n    password_hash: '{empty}'\n"
+            ))
+            .unwrap_err()
+        );
+        assert!(
+            message.contains("http.auth.password_hash: the hash of an empty password"),
+            "{message}"
+        );
+        let real = bcrypt::hash_with_salt("s3cret", 4, [7; 16])
+            .unwrap()
+            .to_string();
+        assert!(load(&format!(
+            "http:\n  auth:\n    user: ops\n    password_hash: '{real}'\n"
+        ))
+        .is_ok());
     }
 
     #[test]

@@ -108,8 +108,16 @@ impl FileHttp {
                         parts.get_cost()
                     ));
                 }
-                if bcrypt::verify("", &hash).is_err() {
-                    return Err("http.auth.password_hash: not a bcrypt hash ($2b$…)".into());
+                match bcrypt::verify("", &hash) {
+                    Err(_) => {
+                        return Err("http.auth.password_hash: not a bcrypt hash ($2b$…)".into())
+                    }
+                    // Anyone would log in with the user's name alone.
+                    Ok(true) => return Err(
+                        "http.auth.password_hash: the hash of an empty password; hash a real one"
+                            .into(),
+                    ),
+                    Ok(false) => {}
                 }
                 Some(Auth::Password { user, hash })
             }
