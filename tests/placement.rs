@@ -13,6 +13,7 @@ both_backends!(
     higher_priority_runs_first,
     queue_limited_to_one_with_two_daemons,
     node_pinned_rows_run_only_on_their_node,
+    a_reload_that_changes_the_host_id_keeps_the_node_name_taken_from_it,
     periodic_row_repeats_on_a_fixed_grid_until_cancelled,
     a_periodic_row_retried_by_hand_starts_no_second_chain,
     an_overdue_periodic_row_is_followed_by_the_next_point_of_its_grid_to_come,
@@ -141,6 +142,39 @@ async fn queue_limited_to_one_with_two_daemons(backend: Backend) {
     );
     assert!(first.stop().success());
     assert!(second.stop().success());
+}
+
+/// A daemon without `node_name` takes its host id for it. A reload of a
+/// file whose `host_id` changed kept the daemon's host id (it needs a
+/// restart) but took the node name from the file's new one: rows pinned to
+/// the daemon's node waited, and rows for the new name ran here. The node
+/// name now follows the host id kept, and the log names the key that waits
+/// for a restart.
+async fn a_reload_that_changes_the_host_id_keeps_the_node_name_taken_from_it(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", "host_id: web-1\n");
+    let before = db.insert_row(NewRow::new("NoOp").node("web-1")).await;
+    db.wait_for_state(before, "FINISHED", WAIT).await;
+    let base = crate::util::base_config(&db, &daemon.dir);
+    std::fs::write(
+        &daemon.config,
+        crate::util::merge_yaml(&base, "host_id: web-2\n"),
+    )
+    .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    daemon.wait_for_log("config reloaded", WAIT);
+    daemon.wait_for_log(
+        "config reload: host_id changed in the file; the daemon keeps its own until a restart",
+        WAIT,
+    );
+    let pinned = db.insert_row(NewRow::new("NoOp").node("web-1")).await;
+    let elsewhere = db.insert_row(NewRow::new("NoOp").node("web-2")).await;
+    db.wait_for_state(pinned, "FINISHED", WAIT).await;
+    // A claim after `pinned`'s has passed `elsewhere` over by now.
+    let later = db.enqueue("NoOp", None).await;
+    db.wait_for_state(later, "FINISHED", WAIT).await;
+    assert_eq!(db.row(elsewhere).await.result, None);
+    assert!(daemon.stop().success());
 }
 
 async fn node_pinned_rows_run_only_on_their_node(backend: Backend) {

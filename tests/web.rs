@@ -31,7 +31,7 @@ fn web_router(db: &TestDb, http: &str) -> axum::Router {
     .unwrap();
     let config = Config::load_file(&file).unwrap();
     let store = Store::open(&db.url, Purpose::Cli).unwrap();
-    router(Arc::new(Web::new(store, &config, None).unwrap()))
+    router(Arc::new(Web::new(store, Arc::new(config), None).unwrap()))
 }
 
 struct Reply {
@@ -715,6 +715,7 @@ both_backends!(
     purge_deletes_only_final_rows_older_than_asked,
     daemons_show_idle_silent_stopped_and_unregistered_ones,
     an_action_is_logged_with_the_remote_address_and_the_user,
+    a_reload_applies_the_pages_new_password_and_read_only,
     a_flow_board_shows_each_step_its_revert_and_what_it_provided,
 );
 
@@ -814,6 +815,82 @@ async fn an_action_is_logged_with_the_remote_address_and_the_user(backend: Backe
         line.contains(&format!("request={id}")) && line.contains("retry"),
         "{line}"
     );
+}
+
+/// A reload took the new `http:` settings into the config but not into the
+/// page, which kept those of its start: a rotated password still logged
+/// in, the new one did not, and `read_only: true` refused nothing, while
+/// the log said "config reloaded". The page now takes them at its next
+/// request; a reload that would leave a page on another address than
+/// loopback without `auth` is refused, and a changed `listen` is named as
+/// waiting for a restart.
+async fn a_reload_applies_the_pages_new_password_and_read_only(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let id = insert_failed(&db, "a: 1").await;
+    let (port, other) = (crate::util::free_port(), crate::util::free_port());
+    let http = |port: u16, hash: &str, read_only: bool| {
+        format!("http:\n  listen: 0.0.0.0:{port}\n  read_only: {read_only}\n  auth:\n    user: ops\n    password_hash: '{hash}'\n")
+    };
+    let first = bcrypt::hash("first password", 4).unwrap();
+    let mut daemon = Daemon::start(&db, "reloaded", &http(port, &first, false));
+    let first_auth = ("Authorization", "Basic b3BzOmZpcnN0IHBhc3N3b3Jk");
+    let second_auth = ("Authorization", "Basic b3BzOnNlY29uZCBwYXNzd29yZA==");
+    let (status, page) = http_request(port, "GET", "/", &[first_auth], "");
+    assert_eq!(status, 200, "{page}");
+    let csrf = csrf_of(&page);
+    assert_eq!(http_request(port, "GET", "/", &[second_auth], "").0, 401);
+
+    // A new password, read-only, and another address (for a restart).
+    let base = crate::util::base_config(&db, &daemon.dir);
+    let second = bcrypt::hash("second password", 4).unwrap();
+    std::fs::write(
+        &daemon.config,
+        crate::util::merge_yaml(&base, &http(other, &second, true)),
+    )
+    .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    daemon.wait_for_log("config reloaded", WAIT);
+    daemon.wait_for_log(
+        "config reload: http.listen changed in the file; the daemon keeps its own until a restart",
+        WAIT,
+    );
+    assert_eq!(http_request(port, "GET", "/", &[first_auth], "").0, 401);
+    let (status, page) = http_request(port, "GET", &format!("/requests/{id}"), &[second_auth], "");
+    assert_eq!(status, 200, "{page}");
+    let origin = format!("http://127.0.0.1:{port}");
+    let (status, reply) = http_request(
+        port,
+        "POST",
+        &format!("/requests/{id}/retry"),
+        &[
+            second_auth,
+            ("Origin", &origin),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        &format!("csrf={csrf}"),
+    );
+    assert_eq!(status, 403, "{reply}");
+    assert!(reply.contains("read-only"), "{reply}");
+    assert_eq!(db.row(id).await.result.as_deref(), Some("FAILED"));
+
+    // No auth on a loopback address in the file, while the page listens
+    // on every address: refused, and the password still asked.
+    std::fs::write(
+        &daemon.config,
+        crate::util::merge_yaml(&base, &format!("http:\n  listen: 127.0.0.1:{port}\n")),
+    )
+    .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    daemon.wait_for_log("config reload refused", WAIT);
+    let log = daemon.log_text();
+    let refusal = log
+        .lines()
+        .find(|line| line.contains("config reload refused"))
+        .unwrap();
+    assert!(refusal.contains("without http.auth"), "{refusal}");
+    assert_eq!(http_request(port, "GET", "/", &[], "").0, 401);
+    assert_eq!(http_request(port, "GET", "/", &[second_auth], "").0, 200);
+    assert!(daemon.stop().success());
 }
 
 async fn daemons_show_idle_silent_stopped_and_unregistered_ones(backend: Backend) {

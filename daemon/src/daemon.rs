@@ -314,7 +314,7 @@ pub async fn run(
         let config = Setup::current_config(&setup);
         let web = Arc::new(crate::web::Web::new(
             readers,
-            &config,
+            config,
             Some(view.clone() as Arc<dyn crate::web::Daemon>),
         )?);
         let server = crate::web::Server::bind(address, web).await?;
@@ -618,19 +618,47 @@ impl Reloader {
         let overrides = self.overrides.clone();
         let current = Setup::current_config(&self.setup);
         let asking = Asking::Through(self.spawner.clone(), tokio::runtime::Handle::current());
-        let loaded = tokio::task::spawn_blocking(move || -> Result<(Config, Registry)> {
-            let mut config = Config::resolve(&overrides)?;
-            config.database_url = current.database_url.clone();
-            config.host_id = current.host_id.clone();
-            config.pidfile = current.pidfile.clone();
-            config.socket = current.socket.clone();
-            config.log_format = current.log_format;
-            let registry = Registry::load_asking(&config, &asking)?;
-            Ok((config, registry))
-        })
-        .await;
+        let loaded =
+            tokio::task::spawn_blocking(move || -> Result<(Config, Registry, Vec<&str>)> {
+                let mut config = Config::resolve(&overrides)?;
+                // What a restart takes, said once if the file changed it.
+                let listen = |config: &Config| config.http.as_ref().and_then(|http| http.listen);
+                let kept: Vec<&str> = [
+                    ("database_url", config.database_url != current.database_url),
+                    ("host_id", config.host_id != current.host_id),
+                    ("pidfile", config.pidfile != current.pidfile),
+                    ("socket", config.socket != current.socket),
+                    ("log_format", config.log_format != current.log_format),
+                    ("http.listen", listen(&config) != listen(&current)),
+                ]
+                .into_iter()
+                .filter_map(|(key, changed)| changed.then_some(key))
+                .collect();
+                // A node name taken from the host id follows the host id kept
+                // (before, it took the file's new host id while the daemon kept
+                // its own: rows for its node waited, others' ran here).
+                if config.node_name == config.host_id {
+                    config.node_name = current.host_id.clone();
+                }
+                config.database_url = current.database_url.clone();
+                config.host_id = current.host_id.clone();
+                config.pidfile = current.pidfile.clone();
+                config.socket = current.socket.clone();
+                config.log_format = current.log_format;
+                // The page keeps its address: its new settings must fit it.
+                crate::web::check_settings(&config, listen(&current))?;
+                let registry = Registry::load_asking(&config, &asking)?;
+                Ok((config, registry, kept))
+            })
+            .await;
         match loaded {
-            Ok(Ok((config, registry))) => {
+            Ok(Ok((config, registry, kept))) => {
+                if !kept.is_empty() {
+                    tracing::warn!(
+                        "config reload: {} changed in the file; the daemon keeps its own until a restart",
+                        kept.join(", ")
+                    );
+                }
                 let names = registry.names(&config).join(", ");
                 self.store.set_hooks(config.hooks());
                 self.store.set_max_options(config.max_options);

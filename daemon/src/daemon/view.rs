@@ -77,6 +77,10 @@ impl crate::web::Daemon for View {
         Box::pin(View::metrics_text(self, store))
     }
 
+    fn config(&self) -> Arc<crate::config::Config> {
+        Setup::current_config(&self.setup)
+    }
+
     fn read_pauses(
         &self,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {

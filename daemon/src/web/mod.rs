@@ -56,6 +56,9 @@ pub trait Daemon: Send + Sync {
         &'a self,
         store: &'a Store,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String>> + Send + 'a>>;
+    /// The daemon's config now (a reload replaces it): the page takes its
+    /// `http` settings, lease and schedules from it at the next request.
+    fn config(&self) -> Arc<crate::config::Config>;
     /// Read the pauses before the next claim, and say when done: the page
     /// paused or resumed something.
     fn read_pauses(
@@ -69,18 +72,99 @@ pub struct Web {
     /// Set when the daemon serves the page: its own counters join `/metrics`.
     daemon: Option<Arc<dyn Daemon>>,
     gauges: QueueGauges,
-    schedules: std::collections::BTreeMap<String, crate::cron::Schedule>,
-    read_only: bool,
-    /// A daemon whose latest heartbeat is older is shown as silent.
-    silent_after: std::time::Duration,
-    auth: Option<Credentials>,
+    /// What the page takes from the config, made again from the daemon's
+    /// config after a reload ([`Web::settings`]).
+    settings: std::sync::RwLock<Arc<Settings>>,
     csrf: String,
-    /// `Authorization` values already verified (bcrypt is slow on purpose).
-    verified: Mutex<Vec<String>>,
     /// One bcrypt check at a time, off the runtime's thread: a check takes
     /// a quarter of a second at cost 12, and the daemon's runtime has one
     /// thread (its heartbeat, claims and outcome writes).
     checking: tokio::sync::Semaphore,
+}
+
+/// The page's settings from one config. `http.listen` is not among them:
+/// the address is bound once, and a new one needs a restart.
+struct Settings {
+    /// The config they were made from (the daemon's, compared by pointer).
+    from: Arc<crate::config::Config>,
+    schedules: std::collections::BTreeMap<String, crate::cron::Schedule>,
+    read_only: bool,
+    /// A daemon whose latest heartbeat is older is shown as silent.
+    silent_after: std::time::Duration,
+    auth: Option<Arc<Credentials>>,
+    /// `Authorization` values already verified against `auth` (bcrypt is
+    /// slow on purpose); new settings start with none.
+    verified: Mutex<Vec<String>>,
+}
+
+impl Settings {
+    /// The settings of `config`; reads a token file.
+    fn of(config: Arc<crate::config::Config>) -> Result<Settings> {
+        let http = config.http.clone().unwrap_or(Http {
+            listen: None,
+            read_only: false,
+            auth: None,
+        });
+        Ok(Settings {
+            schedules: config.schedules.clone(),
+            read_only: http.read_only,
+            silent_after: config.lease_timeout,
+            auth: credentials(http.auth.as_ref())?.map(Arc::new),
+            verified: Mutex::new(Vec::new()),
+            from: config,
+        })
+    }
+
+    /// These settings, kept for `config` (whose own could not be made).
+    fn kept_for(&self, config: Arc<crate::config::Config>) -> Settings {
+        Settings {
+            from: config,
+            schedules: self.schedules.clone(),
+            read_only: self.read_only,
+            silent_after: self.silent_after,
+            auth: self.auth.clone(),
+            verified: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+/// The credentials `auth` asks for; a token file is read now.
+fn credentials(auth: Option<&Auth>) -> Result<Option<Credentials>> {
+    Ok(match auth {
+        None => None,
+        Some(Auth::TokenFile(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading http.auth.token_file {}", path.display()))?;
+            let token = text.lines().next().unwrap_or_default().trim().to_string();
+            if token.len() < 16 {
+                bail!(
+                    "http.auth.token_file {}: the token must be at least 16 characters",
+                    path.display()
+                );
+            }
+            Some(Credentials::Token(token))
+        }
+        Some(Auth::Password { user, hash }) => Some(Credentials::Password {
+            user: user.clone(),
+            hash: hash.clone(),
+        }),
+    })
+}
+
+/// Checks the page's settings of `config` as a reload would take them for
+/// a page that listens on `listening` (kept: an address needs a restart):
+/// a token file that cannot be read, or no `auth` where the page listens
+/// on an address other than loopback, refuses the reload.
+pub(crate) fn check_settings(
+    config: &crate::config::Config,
+    listening: Option<SocketAddr>,
+) -> Result<()> {
+    let auth = config.http.as_ref().and_then(|http| http.auth.as_ref());
+    credentials(auth)?;
+    match listening {
+        Some(address) => check_listen(address, auth.is_some()),
+        None => Ok(()),
+    }
 }
 
 enum Credentials {
@@ -100,53 +184,67 @@ impl Web {
     /// read now.
     pub fn new(
         store: Store,
-        config: &crate::config::Config,
+        config: Arc<crate::config::Config>,
         daemon: Option<Arc<dyn Daemon>>,
     ) -> Result<Web> {
-        let http = config.http.clone().unwrap_or(Http {
-            listen: None,
-            read_only: false,
-            auth: None,
-        });
-        let auth = match &http.auth {
-            None => None,
-            Some(Auth::TokenFile(path)) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading http.auth.token_file {}", path.display()))?;
-                let token = text.lines().next().unwrap_or_default().trim().to_string();
-                if token.len() < 16 {
-                    bail!(
-                        "http.auth.token_file {}: the token must be at least 16 characters",
-                        path.display()
-                    );
-                }
-                Some(Credentials::Token(token))
-            }
-            Some(Auth::Password { user, hash }) => Some(Credentials::Password {
-                user: user.clone(),
-                hash: hash.clone(),
-            }),
-        };
         Ok(Web {
             store,
             daemon,
             gauges: QueueGauges::default(),
-            schedules: config.schedules.clone(),
-            read_only: http.read_only,
-            silent_after: config.lease_timeout,
-            auth,
+            settings: std::sync::RwLock::new(Arc::new(Settings::of(config)?)),
             csrf: format!(
                 "{:016x}{:016x}",
                 crate::instance::random_u64(),
                 crate::instance::random_u64()
             ),
-            verified: Mutex::new(Vec::new()),
             checking: tokio::sync::Semaphore::new(1),
         })
     }
 
+    /// The settings of the daemon's config now: after a reload, made
+    /// again at the first request, so that a new password, token,
+    /// `read_only`, lease or schedule applies (before, the page kept those
+    /// of its start while the log said "config reloaded"). Should the new
+    /// ones fail (a token file gone since the reload's check), the old
+    /// ones stay, with one line.
+    fn settings(&self) -> Arc<Settings> {
+        let settings = self
+            .settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(daemon) = &self.daemon else {
+            return settings;
+        };
+        let config = daemon.config();
+        if Arc::ptr_eq(&config, &settings.from) {
+            return settings;
+        }
+        let mut current = self.settings.write().unwrap_or_else(|e| e.into_inner());
+        if !Arc::ptr_eq(&config, &current.from) {
+            *current = Arc::new(match Settings::of(config.clone()) {
+                Ok(new) => {
+                    tracing::info!(
+                        read_only = new.read_only,
+                        auth = new.auth.is_some(),
+                        "web page: the reloaded config's settings apply"
+                    );
+                    new
+                }
+                Err(error) => {
+                    tracing::error!(
+                        "web page: keeping its settings from before the reload: {}",
+                        crate::error_line(&error)
+                    );
+                    current.kept_for(config)
+                }
+            });
+        }
+        current.clone()
+    }
+
     fn has_auth(&self) -> bool {
-        self.auth.is_some()
+        self.settings().auth.is_some()
     }
 }
 
@@ -240,7 +338,7 @@ impl Server {
     pub(crate) async fn run(self, stop: CancellationToken) -> Result<()> {
         let address = self.listener.local_addr()?;
         tracing::info!(
-            read_only = self.web.read_only,
+            read_only = self.web.settings().read_only,
             auth = self.web.has_auth(),
             "web page on http://{address}/"
         );
@@ -304,7 +402,8 @@ async fn guard(State(web): State<Arc<Web>>, mut request: Request, next: Next) ->
             return secure(response);
         }
     };
-    if web.auth.is_none() && !names_loopback(request.headers()) {
+    let settings = web.settings();
+    if settings.auth.is_none() && !names_loopback(request.headers()) {
         // Without auth the page listens on loopback only; a page of another
         // site whose name it made resolve to 127.0.0.1 (DNS rebinding)
         // reaches it under that name, as "same origin" for the browser.
@@ -318,7 +417,7 @@ async fn guard(State(web): State<Arc<Web>>, mut request: Request, next: Next) ->
         );
     }
     if request.method() != Method::GET && request.method() != Method::HEAD {
-        if web.read_only {
+        if settings.read_only {
             return secure(
                 (
                     StatusCode::FORBIDDEN,
@@ -344,7 +443,8 @@ async fn guard(State(web): State<Arc<Web>>, mut request: Request, next: Next) ->
 
 /// The user name, or `-` without auth; `Err` if credentials are missing or wrong.
 async fn authenticate(web: &Web, headers: &HeaderMap) -> Result<String, ()> {
-    let Some(credentials) = &web.auth else {
+    let settings = web.settings();
+    let Some(credentials) = settings.auth.as_deref() else {
         return Ok("-".into());
     };
     let given = headers
@@ -377,13 +477,13 @@ async fn authenticate(web: &Web, headers: &HeaderMap) -> Result<String, ()> {
             user: expected,
             hash,
         } => {
-            let known = |web: &Web| {
-                let verified = web.verified.lock().unwrap_or_else(|e| e.into_inner());
+            let known = |settings: &Settings| {
+                let verified = settings.verified.lock().unwrap_or_else(|e| e.into_inner());
                 verified
                     .iter()
                     .any(|v| constant_time_eq(v.as_bytes(), given.as_bytes()))
             };
-            if &user == expected && known(web) {
+            if &user == expected && known(&settings) {
                 return Ok(user);
             }
             // Checked off the runtime's thread, one at a time (before, each
@@ -391,7 +491,7 @@ async fn authenticate(web: &Web, headers: &HeaderMap) -> Result<String, ()> {
             // check: a few requests a second stopped its heartbeat). A wrong
             // user name is checked too, so that it takes as long.
             let _turn = web.checking.acquire().await.map_err(|_| ())?;
-            if &user == expected && known(web) {
+            if &user == expected && known(&settings) {
                 return Ok(user);
             }
             let hash = hash.clone();
@@ -400,7 +500,7 @@ async fn authenticate(web: &Web, headers: &HeaderMap) -> Result<String, ()> {
             if !(right && &user == expected) {
                 return Err(());
             }
-            let mut verified = web.verified.lock().unwrap_or_else(|e| e.into_inner());
+            let mut verified = settings.verified.lock().unwrap_or_else(|e| e.into_inner());
             if verified.len() >= 64 {
                 verified.clear();
             }
@@ -535,7 +635,7 @@ pub(crate) struct Chrome<'a> {
 fn chrome(web: &Web) -> Chrome<'_> {
     Chrome {
         csrf: &web.csrf,
-        read_only: web.read_only,
+        read_only: web.settings().read_only,
     }
 }
 
@@ -545,7 +645,7 @@ async fn overview(State(web): State<Arc<Web>>) -> PageResult {
         .all_queue_stats(crate::metrics::MAX_QUEUES, pages::OVERVIEW_COUNT_CAP)
         .await?;
     let pauses = web.store.pauses().await?;
-    let daemons = web.store.daemons(web.silent_after).await?;
+    let daemons = web.store.daemons(web.settings().silent_after).await?;
     let minutes = web.store.tries_last_hour().await?;
     Ok(html(pages::overview(
         &chrome(&web),
@@ -1007,12 +1107,12 @@ async fn batch(
 }
 
 async fn daemons(State(web): State<Arc<Web>>) -> PageResult {
-    let daemons = web.store.daemons(web.silent_after).await?;
+    let daemons = web.store.daemons(web.settings().silent_after).await?;
     Ok(html(pages::daemons(&chrome(&web), &daemons)))
 }
 
 async fn schedules(State(web): State<Arc<Web>>) -> PageResult {
-    let lines = schedule_lines(&web.store, &web.schedules).await?;
+    let lines = schedule_lines(&web.store, &web.settings().schedules).await?;
     Ok(html(pages::schedules(&chrome(&web), &lines)))
 }
 
@@ -1105,6 +1205,6 @@ pub(crate) async fn run_standalone(
     store: Store,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let web = Arc::new(Web::new(store, config, None)?);
+    let web = Arc::new(Web::new(store, Arc::new(config.clone()), None)?);
     Server::bind(address, web).await?.run(shutdown).await
 }
