@@ -856,7 +856,51 @@ async fn postgres_a_claim_that_waited_for_its_types_lock_stamps_its_lease_when_i
     assert!(daemon.stop().success());
 }
 
-multi_host_backends!(a_row_held_while_its_claim_waits_for_another_types_lock_runs_once);
+multi_host_backends!(
+    a_row_held_while_its_claim_waits_for_another_types_lock_runs_once,
+    a_daemon_that_cannot_read_the_pauses_at_start_claims_nothing_until_it_can,
+);
+
+/// A daemon starts while the pauses' table is held locked (an upgrade's
+/// `ALTER`, an operator's `LOCK`), so that its first reading of the pauses
+/// fails. It went on as though nothing were paused: the claim took the
+/// rows of a paused queue. It now claims nothing until a reading succeeds.
+/// (SQLite's readers are not held up by a writer: nothing to reproduce.)
+async fn a_daemon_that_cannot_read_the_pauses_at_start_claims_nothing_until_it_can(
+    backend: Backend,
+) {
+    use sqlx::Connection;
+    let db = TestDb::new(backend).await;
+    let (status, out, err) = cli(&db, &["pause", "--queue", "held"]);
+    assert_eq!(status, 0, "{out}{err}");
+    let held = db.insert_row(NewRow::new("NoOp").queue("held")).await;
+    let free = db.insert_row(NewRow::new("NoOp")).await;
+    let holder: Box<dyn std::any::Any> = match backend {
+        Backend::Postgres => {
+            let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::raw_sql("BEGIN; LOCK TABLE task_runner_pauses IN ACCESS EXCLUSIVE MODE")
+                .execute(&mut connection)
+                .await
+                .unwrap();
+            Box::new(connection)
+        }
+        Backend::MySql => {
+            let mut connection = sqlx::MySqlConnection::connect(&db.url).await.unwrap();
+            sqlx::raw_sql("LOCK TABLES task_runner_pauses WRITE")
+                .execute(&mut connection)
+                .await
+                .unwrap();
+            Box::new(connection)
+        }
+        Backend::Sqlite => unreachable!("SQLite's readers are not held up"),
+    };
+    let mut daemon = Daemon::start(&db, "d", "");
+    daemon.wait_for_log("database unavailable while reading pauses", WAIT);
+    drop(holder);
+    db.wait_for_state(free, "FINISHED", WAIT).await;
+    assert_eq!(db.row(held).await.result, None, "a paused queue's row ran");
+    assert!(daemon.stop().success());
+}
 
 /// A claim round commits each limited type's claim as it goes: type A's
 /// row is held (RUNNING, this daemon's) while the round waits for type B's

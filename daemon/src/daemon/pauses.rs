@@ -95,6 +95,8 @@ pub(super) struct PauseWatch {
     /// readings asked for.
     shared: Arc<Pauses>,
     read_at: Option<Instant>,
+    /// A reading has succeeded (see [`PauseWatch::known`]).
+    known: bool,
     queues: Vec<String>,
     tasks: Vec<String>,
 }
@@ -106,18 +108,28 @@ impl PauseWatch {
             health,
             shared,
             read_at: None,
+            known: false,
             queues: Vec::new(),
             tasks: Vec::new(),
         }
     }
 
-    /// Reads the pauses if the last reading is [`READ_EVERY`] old; returns
-    /// whether a queue or type was resumed since the reading before.
+    /// Reads the pauses if the last reading is [`READ_EVERY`] old, or none
+    /// has succeeded yet; returns whether a queue or type was resumed since
+    /// the reading before.
     pub(super) async fn refresh(&mut self) -> bool {
-        if self.read_at.is_some_and(|at| at.elapsed() < READ_EVERY) {
+        if self.known() && self.read_at.is_some_and(|at| at.elapsed() < READ_EVERY) {
             return false;
         }
         self.read().await.unwrap_or(false)
+    }
+
+    /// Whether the pauses were read once: until then the daemon claims
+    /// nothing (before, a first read that failed, say on a table an
+    /// upgrade held locked, let the claims take the rows of paused queues
+    /// and types).
+    pub(super) fn known(&self) -> bool {
+        self.known
     }
 
     /// Reads the pauses if a reading was asked for ([`Pauses::read_now`]),
@@ -148,6 +160,7 @@ impl PauseWatch {
             }
         };
         self.read_at = Some(Instant::now());
+        self.known = true;
         let names = |kind: PauseKind| -> Vec<String> {
             pauses
                 .iter()

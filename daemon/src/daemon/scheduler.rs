@@ -330,11 +330,20 @@ impl Scheduler {
             // (its renewals fail while claims may not): another daemon
             // would run their rows too once they lapse.
             let fenced = self.tries.fenced();
-            if (idle_slots > 0 || refill) && paused.is_none() && !only_pauses_read && !fenced {
+            let may_claim =
+                (idle_slots > 0 || refill) && paused.is_none() && !only_pauses_read && !fenced;
+            if may_claim {
                 let refreshed = super::unless_stopping(&cancel, pauses.refresh());
                 if refreshed.await.is_none() {
                     break;
                 }
+                if !pauses.known() {
+                    // No claim before the pauses are known; the failed
+                    // read is logged as an outage of the database.
+                    next_claim = next_claim.min(Instant::now() + backoff.next_delay());
+                }
+            }
+            if may_claim && pauses.known() {
                 claim_counter += 1;
                 let token = self.instance.claim_token(claim_counter);
                 let budget = (max_concurrent + ahead).saturating_sub(claimed);
