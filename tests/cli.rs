@@ -25,6 +25,7 @@ both_backends!(
     enqueue_refuses_options_that_are_not_yaml_and_an_empty_type,
     enqueue_refuses_a_wait_of_more_than_fifty_years,
     enqueue_refuses_names_longer_than_their_columns,
+    batch_create_refuses_the_callback_names_enqueue_refuses,
     retry_of_a_row_whose_unique_key_is_held_names_the_holder_and_goes_on,
     list_filters_by_type_queue_host_and_state_and_shows_due_times,
     list_and_cancel_filter_by_batch,
@@ -166,6 +167,39 @@ async fn enqueue_refuses_a_wait_of_more_than_fifty_years(backend: Backend) {
         .await,
         2
     );
+}
+
+/// `batch create --on-complete ""` (a shell variable left unset) stored a
+/// callback of type "": at the batch's end it failed as an unknown type,
+/// every try, and the callback was lost. `batch create` now refuses an
+/// empty or too long callback name as `enqueue` does: one line, exit
+/// status 2, no batch written.
+async fn batch_create_refuses_the_callback_names_enqueue_refuses(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let long = "x".repeat(256);
+    for (flag, value, says) in [
+        ("--on-complete", "", "--on-complete: the value is empty"),
+        ("--on-failure", " ", "--on-failure: the value is empty"),
+        (
+            "--on-complete",
+            long.as_str(),
+            "--on-complete: a name is at most 255 characters",
+        ),
+    ] {
+        let (status, stdout, stderr) = cli(&db, &["batch", "create", flag, value]);
+        assert_eq!(status, 2, "{flag} {value:?}: {stdout}{stderr}");
+        assert!(
+            stderr.contains(says) && stderr.lines().count() == 1,
+            "{stderr}"
+        );
+        assert!(stdout.is_empty(), "{stdout}");
+    }
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_batches").await,
+        0
+    );
+    let (status, _, stderr) = cli(&db, &["batch", "create", "--on-complete", "Done"]);
+    assert_eq!(status, 0, "{stderr}");
 }
 
 /// Names longer than the 255-character columns that hold them: MariaDB

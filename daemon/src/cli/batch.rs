@@ -74,6 +74,13 @@ pub(crate) async fn run(store: &Store, command: BatchCommand) -> Result<()> {
                     crate::usage::UsageError(format!("--options: not valid YAML: {e}"))
                 })?;
             }
+            // As `enqueue` checks its callbacks' names (before, "" was
+            // stored, and at the batch's end its callback failed as an
+            // unknown type).
+            super::flags::check_names(&[
+                ("--on-complete", on_complete.as_ref()),
+                ("--on-failure", on_failure.as_ref()),
+            ])?;
             let id = store
                 .create_batch(&NewBatch {
                     name,

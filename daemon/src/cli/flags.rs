@@ -454,6 +454,23 @@ fn parse_time(text: &str) -> Result<String, String> {
     Ok(time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
 }
 
+/// Checks the names given by flags (`None`: not given): an empty one is a
+/// shell variable left unset, not a name (a row for node "" waits for
+/// ever, one unique key "" for every such row inserts only the first, a
+/// callback of type "" fails as unknown); one longer than the columns that
+/// hold it is refused by MariaDB, and a callback's name would be refused
+/// only at its parent's end, when the callback could not be made.
+pub(super) fn check_names(names: &[(&str, Option<&String>)]) -> Result<()> {
+    for (flag, value) in names {
+        let Some(value) = value else { continue };
+        if value.trim().is_empty() {
+            return Err(crate::usage::UsageError(format!("{flag}: the value is empty")).into());
+        }
+        crate::request::name_fits(flag, value).map_err(crate::usage::UsageError)?;
+    }
+    Ok(())
+}
+
 /// `enqueue TYPE --help`: the arguments without `--help`, when they name
 /// a type (the help then also shows that type's options).
 fn enqueue_type_help(args: &[String]) -> Option<Vec<String>> {
@@ -707,39 +724,15 @@ async fn run_one(
             if task.trim().is_empty() {
                 return Err(crate::usage::UsageError("TASK: the task type is empty".into()).into());
             }
-            // An empty value is a shell variable left unset, not a name: a
-            // row for node "" waits for ever, and one unique key "" for
-            // every such row would insert only the first.
-            for (flag, value) in [
-                ("--queue", &queue),
-                ("--node", &node),
-                ("--not-node", &not_node),
-                ("--unique-key", &unique_key),
-                ("--on-success", &on_success),
-                ("--on-failure", &on_failure),
-            ] {
-                if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
-                    return Err(
-                        crate::usage::UsageError(format!("{flag}: the value is empty")).into(),
-                    );
-                }
-            }
-            // Longer than the columns that hold them: MariaDB refuses the
-            // row, and a callback's name would be refused only at the
-            // parent's end, when its callback could not be made.
-            for (flag, value) in [
+            check_names(&[
                 ("TASK", Some(&task)),
-                ("--on-success", on_success.as_ref()),
-                ("--on-failure", on_failure.as_ref()),
                 ("--queue", queue.as_ref()),
                 ("--node", node.as_ref()),
                 ("--not-node", not_node.as_ref()),
                 ("--unique-key", unique_key.as_ref()),
-            ] {
-                if let Some(value) = value {
-                    crate::request::name_fits(flag, value).map_err(crate::usage::UsageError)?;
-                }
-            }
+                ("--on-success", on_success.as_ref()),
+                ("--on-failure", on_failure.as_ref()),
+            ])?;
             if let Some(options) = &options {
                 crate::attempt::check_options(options.as_bytes()).map_err(|e| {
                     crate::usage::UsageError(format!("--options: not valid YAML: {e}"))
