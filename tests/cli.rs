@@ -1403,6 +1403,19 @@ async fn run_record_writes_what_the_daemon_writes(backend: Backend) {
     .unwrap();
     let boom = db.insert_row(NewRow::new("Boom").try_limit(2)).await;
     let run_and_record = || cli(&db, &["run", "--id", &boom.to_string(), "--record"]);
+    // A type this config does not know: nothing is claimed nor written
+    // (before, the try was recorded FAILED as an unknown type).
+    let elsewhere = db.insert_row(NewRow::new("Elsewhere").try_limit(1)).await;
+    let (status, stdout, stderr) = cli(&db, &["run", "--id", &elsewhere.to_string(), "--record"]);
+    assert_eq!(status, 1, "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "request {elsewhere}: task type `Elsewhere` is not in this config"
+        )) && stderr.trim().lines().count() == 1,
+        "{stderr}"
+    );
+    let row = db.row(elsewhere).await;
+    assert_eq!((row.result, row.tries), (None, 0));
     let (status, _, stderr) = run_and_record();
     assert_eq!(status, 1, "{stderr}");
     assert!(

@@ -113,6 +113,28 @@ async fn run_and_record(
         watch::Receiver<Option<StopReason>>,
     ),
 ) -> Result<attempt::Verdict> {
+    // A type this config does not know would be claimed and fail as
+    // unknown: a try spent, and at the last one `on_failure` and the
+    // exhausted hooks fired. A daemon waits for a deploy that may add it; a
+    // run by hand in the wrong directory names the mistake and writes nothing.
+    if let Some(request) = store.show(id).await? {
+        let known = context
+            .setup
+            .borrow()
+            .registry
+            .resolve(config, &request.task_class_name)
+            .is_some();
+        if !known {
+            bail!(
+                "request {id}: task type `{}` is not in this config ({}); give the config of the daemons that run it (--config): nothing was written",
+                crate::escape::one_line(&request.task_class_name),
+                config
+                    .file
+                    .as_ref()
+                    .map_or("no config file".to_string(), |file| file.display().to_string())
+            );
+        }
+    }
     let instance = crate::instance::InstanceId::new(&config.host_id);
     let token = instance.claim_token("cli");
     let claim_sent = Instant::now();
