@@ -716,6 +716,7 @@ both_backends!(
     daemons_show_idle_silent_stopped_and_unregistered_ones,
     an_action_is_logged_with_the_remote_address_and_the_user,
     a_reload_applies_the_pages_new_password_and_read_only,
+    a_bulk_action_longer_than_its_connection_is_carried_out_and_logged,
     a_flow_board_shows_each_step_its_revert_and_what_it_provided,
 );
 
@@ -890,6 +891,69 @@ async fn a_reload_applies_the_pages_new_password_and_read_only(backend: Backend)
     assert!(refusal.contains("without http.auth"), "{refusal}");
     assert_eq!(http_request(port, "GET", "/", &[], "").0, 401);
     assert_eq!(http_request(port, "GET", "/", &[second_auth], "").0, 200);
+    assert!(daemon.stop().success());
+}
+
+/// A bulk action ran in the request's handler: one that took longer than
+/// the connection lasted (the page's idle bound, 30 s, here 1 s; a tab
+/// closed) was cut off part-way, and its log line never came. It now runs
+/// in a task of its own, to its end, and logs when it begins and ends.
+async fn a_bulk_action_longer_than_its_connection_is_carried_out_and_logged(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    for n in 0..5 {
+        insert_failed(&db, &format!("n: {n}")).await;
+    }
+    let port = crate::util::free_port();
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!(
+            "queues: {{ elsewhere: 1 }}\nhttp:\n  listen: 127.0.0.1:{port}\n"
+        ))
+        .env("TASKRUNNER_TEST_WEB_IDLE_TIMEOUT_MS", "1000")
+        .env("TASKRUNNER_TEST_BULK_ROW_DELAY_MS", "500")
+        .start();
+    daemon.wait_for_log("web page on http://", WAIT);
+    let (status, page) = http_request(port, "GET", "/bulk?action=retry&state=FAILED", &[], "");
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("5 requests match"), "{page}");
+    let form = format!(
+        "csrf={}&action=retry&state=FAILED&{}",
+        csrf_of(&page),
+        confirmation_of(&page)
+    );
+    // Sent, and read for as long as the connection lasts.
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "POST /bulk HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: http://127.0.0.1:{port}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{form}",
+        form.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    let _ = stream.read_to_string(&mut reply);
+    let line = poll(WAIT, "the bulk action's line in the log", async || {
+        let log = daemon.log_text();
+        match log
+            .lines()
+            .find(|line| line.contains("web bulk action") && line.contains("changed="))
+        {
+            Some(line) => Ok(line.to_string()),
+            None => Err(Text(log)),
+        }
+    })
+    .await;
+    assert!(
+        line.contains("changed=5") && line.contains("refused=0"),
+        "{line}"
+    );
+    assert!(daemon.log_text().contains("web bulk action begins"));
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests WHERE result IS NULL")
+            .await,
+        5
+    );
     assert!(daemon.stop().success());
 }
 

@@ -699,6 +699,7 @@ impl Store {
         }
         let (mut changed, mut refused) = (0, 0);
         for id in ids.into_iter().map(RequestId) {
+            crate::test_hooks::pause_when_told("TASKRUNNER_TEST_BULK_ROW_DELAY_MS").await;
             let change = match action {
                 BulkAction::Retry => self.retry(id).await?,
                 BulkAction::Cancel => self.cancel(id).await?,

@@ -875,14 +875,37 @@ async fn bulk_apply(
     let (Some(count), Some(upto)) = (query.count, query.upto) else {
         return Ok(bad_request("a bulk action needs the count and highest id its preview showed (count, upto): open its preview and confirm there"));
     };
-    let applied = web
-        .store
-        .bulk_apply(&filter, action, BulkConfirmed { count, upto })
-        .await?;
+    // In a task of its own, which logs it: thousands of rows may take
+    // longer than the connection lasts (its idle bound, a tab closed), and
+    // the action was cut off part-way, with no line in the log.
+    let applying = {
+        let (store, daemon, name) = (web.store.clone(), web.daemon.clone(), query.action.clone());
+        tokio::spawn(async move {
+            tracing::info!(remote = %who.remote, user = %who.user, action = %name, filter = ?filter, upto, confirmed = count, "web bulk action begins");
+            let applied = store
+                .bulk_apply(&filter, action, BulkConfirmed { count, upto })
+                .await;
+            match &applied {
+                Ok(BulkApplied::Done { changed, refused }) => {
+                    tracing::info!(remote = %who.remote, user = %who.user, action = %name, filter = ?filter, upto, changed, refused, "web bulk action");
+                    if let Some(daemon) = &daemon {
+                        daemon.wake();
+                    }
+                }
+                Ok(BulkApplied::MoreThanConfirmed { matching }) => {
+                    tracing::info!(remote = %who.remote, user = %who.user, action = %name, filter = ?filter, matching, confirmed = count, "web bulk action refused: more rows match than its preview counted");
+                }
+                Err(error) => {
+                    tracing::warn!(remote = %who.remote, user = %who.user, action = %name, "web bulk action stopped: {}", crate::error_line(error));
+                }
+            }
+            applied
+        })
+    };
+    let applied = applying.await.map_err(anyhow::Error::from)??;
     let (changed, refused) = match applied {
         BulkApplied::Done { changed, refused } => (changed, refused),
         BulkApplied::MoreThanConfirmed { matching } => {
-            tracing::info!(remote = %who.remote, user = %who.user, action = %query.action, filter = ?filter, matching, confirmed = count, "web bulk action refused: more rows match than its preview counted");
             return Ok((
                 StatusCode::CONFLICT,
                 pages::error_page(&format!(
@@ -892,10 +915,6 @@ async fn bulk_apply(
                 .into_response());
         }
     };
-    tracing::info!(remote = %who.remote, user = %who.user, action = %query.action, filter = ?filter, upto, changed, refused, "web bulk action");
-    if let Some(daemon) = &web.daemon {
-        daemon.wake();
-    }
     let refused = if refused > 0 {
         format!(
             "; {refused} refused (they changed meanwhile, or a rule refused them: `taskrunner-cli {}` names why for each)",
@@ -924,11 +943,24 @@ async fn purge(
     };
     // The same pass as `taskrunner-cli purge --older-than`: every kind of
     // final row, then the ended batches and flows left without rows.
+    // In a task of its own, which logs it, as a bulk action.
     let retention = crate::retention::Retention::all(older_than);
-    let deleted = crate::prune::prune(&web.store, &retention, Duration::ZERO, None)
-        .await?
-        .requests;
-    tracing::info!(remote = %who.remote, user = %who.user, older_than = %form.older_than, deleted, "web purge");
+    let purging = {
+        let (store, older_than) = (web.store.clone(), form.older_than.clone());
+        tokio::spawn(async move {
+            let purged = crate::prune::prune(&store, &retention, Duration::ZERO, None).await;
+            match &purged {
+                Ok(purged) => {
+                    tracing::info!(remote = %who.remote, user = %who.user, older_than = %older_than, deleted = purged.requests, "web purge")
+                }
+                Err(error) => {
+                    tracing::warn!(remote = %who.remote, user = %who.user, older_than = %older_than, "web purge stopped: {}", crate::error_line(error))
+                }
+            }
+            purged
+        })
+    };
+    let deleted = purging.await.map_err(anyhow::Error::from)??.requests;
     Ok(html(pages::message(
         &chrome(&web),
         &format!(
