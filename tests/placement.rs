@@ -161,7 +161,7 @@ async fn a_reload_that_changes_the_host_id_keeps_the_node_name_taken_from_it(bac
         crate::util::merge_yaml(&base, "host_id: web-2\n"),
     )
     .unwrap();
-    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    daemon.reload();
     daemon.wait_for_log("config reloaded", WAIT);
     daemon.wait_for_log(
         "config reload: host_id changed in the file; the daemon keeps its own until a restart",

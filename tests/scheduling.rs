@@ -20,6 +20,7 @@ both_backends!(
     a_released_row_postponed_by_the_application_waits_for_its_new_time,
     a_burst_of_delayed_rows_is_shared_by_the_daemons,
     a_schedule_whose_request_the_database_refuses_holds_up_no_other,
+    a_schedule_added_by_a_reload_starts_with_its_next_slot,
 );
 
 /// An application's trigger that refuses every request of type `Refused`.
@@ -83,6 +84,35 @@ async fn a_schedule_whose_request_the_database_refuses_holds_up_no_other(backend
             .await,
         0
     );
+    assert!(daemon.stop().success());
+}
+
+/// The cron loop slept up to 30 s (10 s here being the bound) between
+/// looks at the config: a schedule added by a reload started that much
+/// later, and a slot in between was skipped ("a new schedule starts with
+/// its next slot" held from when the loop noticed it). A reload now wakes
+/// the loop.
+async fn a_schedule_added_by_a_reload_starts_with_its_next_slot(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", "");
+    daemon.wait_for_log("taskrunnerd started", WAIT);
+    let base = crate::util::base_config(&db, &daemon.dir);
+    std::fs::write(
+        &daemon.config,
+        crate::util::merge_yaml(
+            &base,
+            "schedules:\n  tick:\n    every: 1s\n    task: NoOp\n",
+        ),
+    )
+    .unwrap();
+    daemon.reload();
+    daemon.wait_for_log("config reloaded", WAIT);
+    db.wait_for_at_least(
+        "SELECT count(*) FROM task_runner_requests WHERE schedule = 'tick'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(daemon.stop().success());
 }
 

@@ -849,7 +849,7 @@ async fn a_reload_applies_the_pages_new_password_and_read_only(backend: Backend)
         crate::util::merge_yaml(&base, &http(other, &second, true)),
     )
     .unwrap();
-    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    daemon.reload();
     daemon.wait_for_log("config reloaded", WAIT);
     daemon.wait_for_log(
         "config reload: http.listen changed in the file; the daemon keeps its own until a restart",
@@ -881,7 +881,7 @@ async fn a_reload_applies_the_pages_new_password_and_read_only(backend: Backend)
         crate::util::merge_yaml(&base, &format!("http:\n  listen: 127.0.0.1:{port}\n")),
     )
     .unwrap();
-    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    daemon.reload();
     daemon.wait_for_log("config reload refused", WAIT);
     let log = daemon.log_text();
     let refusal = log

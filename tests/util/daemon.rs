@@ -347,6 +347,35 @@ impl Daemon {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal);
     }
 
+    /// Sends SIGHUP and waits for the daemon's line on the reload
+    /// (`config reloaded` or `config reload refused`); sent again while the
+    /// daemon says it was not ready for it (it logs its start a moment
+    /// before it takes reloads).
+    pub fn reload(&self) {
+        let count = |needle: &str| self.log_text().matches(needle).count();
+        let reloads = count("config reload");
+        loop {
+            let ignored = count("SIGHUP before the daemon was ready");
+            self.signal(nix::sys::signal::Signal::SIGHUP);
+            let reloaded = poll_blocking(
+                Duration::from_secs(30),
+                "the daemon's answer to SIGHUP",
+                || {
+                    if count("config reload") > reloads {
+                        Ok(true)
+                    } else if count("SIGHUP before the daemon was ready") > ignored {
+                        Ok(false)
+                    } else {
+                        Err(Text(self.log_text()))
+                    }
+                },
+            );
+            if reloaded {
+                return;
+            }
+        }
+    }
+
     /// Waits for the daemon to exit, failing the test after `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         poll_blocking(timeout, "taskrunnerd to exit", || {

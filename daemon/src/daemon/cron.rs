@@ -35,11 +35,19 @@ impl Cron {
         // Schedules whose request the database refuses, with the line logged.
         let mut refused: std::collections::HashMap<String, String> = Default::default();
         let mut last_cleanup: Option<std::time::Instant> = None;
+        // A reload wakes the loop: a schedule it adds starts with its next
+        // slot from the reload on (before, the loop noticed it up to
+        // `MAX_SLEEP` later, and a slot in between was skipped).
+        let mut reloads = self.setup.subscribe();
         loop {
             let config = Setup::current_config(&self.setup);
+            reloads.mark_unchanged();
+            // A schedule removed, then added again, is new again.
+            first_seen.retain(|name, _| config.schedules.contains_key(name));
             if config.schedules.is_empty() {
                 tokio::select! {
                     _ = tokio::time::sleep(MAX_SLEEP) => continue,
+                    _ = reloads.changed() => continue,
                     _ = cancel.cancelled() => return Ok(()),
                 }
             }
@@ -67,6 +75,7 @@ impl Cron {
             }
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {}
+                _ = reloads.changed() => {}
                 _ = cancel.cancelled() => return Ok(()),
             }
         }
