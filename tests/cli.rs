@@ -26,6 +26,7 @@ both_backends!(
     enqueue_refuses_a_wait_of_more_than_fifty_years,
     enqueue_refuses_names_longer_than_their_columns,
     batch_create_refuses_the_callback_names_enqueue_refuses,
+    run_shows_all_of_the_tasks_standard_error_before_it_exits,
     retry_of_a_row_whose_unique_key_is_held_names_the_holder_and_goes_on,
     list_filters_by_type_queue_host_and_state_and_shows_due_times,
     list_and_cancel_filter_by_batch,
@@ -200,6 +201,28 @@ async fn batch_create_refuses_the_callback_names_enqueue_refuses(backend: Backen
     );
     let (status, _, stderr) = cli(&db, &["batch", "create", "--on-complete", "Done"]);
     assert_eq!(status, 0, "{stderr}");
+}
+
+/// `run` copies the task's standard error to its own on a thread of its
+/// own (a standard error nobody reads blocks only that thread), and exited
+/// once the task had: what the thread had not written yet was lost (a
+/// loaded CI machine lost all of an SDK task's error line). It now waits
+/// for that thread, for a bounded while, before it says how the task ended.
+async fn run_shows_all_of_the_tasks_standard_error_before_it_exits(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    std::fs::write(
+        db.scratch.join("taskrunner.yml"),
+        "tasks:\n  Loud:\n    command: [/bin/sh, -c, 'i=0; while [ $i -lt 400 ]; do echo \"line $i of the error\" >&2; i=$((i+1)); done; exit 3']\n",
+    )
+    .unwrap();
+    for _ in 0..5 {
+        let (status, _, stderr) = cli(&db, &["run", "Loud"]);
+        assert_eq!(status, 1, "{stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 401, "{stderr}");
+        assert_eq!(lines[399], "line 399 of the error", "{stderr}");
+        assert!(lines[400].starts_with("FAILED: exit status 3"), "{stderr}");
+    }
 }
 
 /// Names longer than the 255-character columns that hold them: MariaDB

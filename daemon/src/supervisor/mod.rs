@@ -653,6 +653,7 @@ pub(crate) async fn run(
         }
         (status, stopped, ran_for, cpu_time)
     };
+    stderr.finish_echo().await;
 
     let limit_broken = match try_cgroup {
         Some(cgroup) => {

@@ -95,10 +95,14 @@ pub(crate) struct Capture {
     /// Copy what is read to this process's standard error (see
     /// [`Capture::echo_to_stderr`]).
     echo: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    /// Told by the echo's thread once it has written all it was given.
+    echoed: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// Chunks waiting for the echo's thread; past them, a chunk is not echoed.
 const ECHO_QUEUE: usize = 64;
+/// How long [`Capture::finish_echo`] waits for the echo's thread.
+const ECHO_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 const MAX_PROGRESS_LINE: usize = 1024;
 const MAX_BUFFER: usize = 64 * 1024;
@@ -118,6 +122,7 @@ impl Capture {
             // whenever a read fills it, so that a flood is read in large chunks.
             buffer: Vec::with_capacity(512),
             echo: None,
+            echoed: None,
         }
     }
 
@@ -129,15 +134,30 @@ impl Capture {
     /// meanwhile is not echoed; the try's own output keeps it.
     pub(crate) fn echo_to_stderr(&mut self) {
         let (chunks, queue) = std::sync::mpsc::sync_channel::<Vec<u8>>(ECHO_QUEUE);
+        let (done, echoed) = tokio::sync::oneshot::channel();
         let started = std::thread::Builder::new()
             .name("taskrunner-echo".into())
             .spawn(move || {
                 for chunk in queue {
                     write_all_to_stderr(&chunk);
                 }
+                let _ = done.send(());
             });
         if started.is_ok() {
             self.echo = Some(chunks);
+            self.echoed = Some(echoed);
+        }
+    }
+
+    /// Once the stream has ended: waits, at most [`ECHO_DRAIN`], for the
+    /// echo's thread to write what it was given, so that what follows
+    /// (`run`'s verdict, its exit) comes after the task's own lines (before,
+    /// the verdict could come first, and what the thread had not written
+    /// when `run` exited was lost).
+    pub(crate) async fn finish_echo(&mut self) {
+        self.echo = None;
+        if let Some(echoed) = self.echoed.take() {
+            let _ = tokio::time::timeout(ECHO_DRAIN, echoed).await;
         }
     }
 
