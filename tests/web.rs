@@ -841,12 +841,16 @@ async fn a_reload_applies_the_pages_new_password_and_read_only(backend: Backend)
     let csrf = csrf_of(&page);
     assert_eq!(http_request(port, "GET", "/", &[second_auth], "").0, 401);
 
-    // A new password, read-only, and another address (for a restart).
+    // A new password, read-only, and another address, on loopback (for a
+    // restart).
     let base = crate::util::base_config(&db, &daemon.dir);
     let second = bcrypt::hash("second password", 4).unwrap();
     std::fs::write(
         &daemon.config,
-        crate::util::merge_yaml(&base, &http(other, &second, true)),
+        crate::util::merge_yaml(
+            &base,
+            &http(other, &second, true).replace("0.0.0.0", "127.0.0.1"),
+        ),
     )
     .unwrap();
     daemon.reload();
@@ -875,7 +879,9 @@ async fn a_reload_applies_the_pages_new_password_and_read_only(backend: Backend)
     assert_eq!(db.row(id).await.result.as_deref(), Some("FAILED"));
 
     // No auth on a loopback address in the file, while the page listens
-    // on every address: refused, and the password still asked.
+    // on every address: refused, and the password still asked (before,
+    // the reload above had put the file's loopback address in the config,
+    // and this one was taken).
     std::fs::write(
         &daemon.config,
         crate::util::merge_yaml(&base, &format!("http:\n  listen: 127.0.0.1:{port}\n")),

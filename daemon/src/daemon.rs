@@ -645,8 +645,24 @@ impl Reloader {
                 config.pidfile = current.pidfile.clone();
                 config.socket = current.socket.clone();
                 config.log_format = current.log_format;
-                // The page keeps its address: its new settings must fit it.
-                crate::web::check_settings(&config, listen(&current))?;
+                // So does the page, bound once: its address stays in the
+                // config, so that each reload's settings are checked against
+                // the address it listens on (before, the config took the
+                // file's: a second reload checked a loopback address the
+                // page did not listen on, and let `auth` go on 0.0.0.0).
+                let listening = listen(&current);
+                match (config.http.as_mut(), listening) {
+                    (Some(http), _) => http.listen = listening,
+                    (None, Some(address)) => {
+                        config.http = Some(crate::config::http::Http {
+                            listen: Some(address),
+                            read_only: false,
+                            auth: None,
+                        })
+                    }
+                    (None, None) => {}
+                }
+                crate::web::check_settings(&config, listening)?;
                 let registry = Registry::load_asking(&config, &asking)?;
                 Ok((config, registry, kept))
             })
