@@ -79,15 +79,13 @@ fn csrf_of(page: &str) -> String {
     page[start..start + 32].to_string()
 }
 
-/// A bulk preview's confirmation, as its form posts it: `count=…&upto=…`.
+/// A bulk preview's confirmation, as its form posts it: `ids=…` (the
+/// commas escaped).
 fn confirmation_of(preview: &str) -> String {
-    let value = |name: &str| {
-        let marker = format!("name=\"{name}\" value=\"");
-        let start = preview.find(&marker).expect("a bulk form") + marker.len();
-        let end = start + preview[start..].find('"').unwrap();
-        preview[start..end].to_string()
-    };
-    format!("count={}&upto={}", value("count"), value("upto"))
+    let marker = "name=\"ids\" value=\"";
+    let start = preview.find(marker).expect("a bulk form") + marker.len();
+    let end = start + preview[start..].find('"').unwrap();
+    format!("ids={}", preview[start..end].replace(',', "%2C"))
 }
 
 async fn insert_failed(db: &TestDb, options: &str) -> RequestId {
@@ -1559,11 +1557,10 @@ async fn bulk_actions_treat_each_row_as_its_own_retry_or_cancel_does(backend: Ba
 }
 
 /// The bulk form carried only the filter: rows inserted after the preview
-/// ("2 requests match", the button "retry 2 requests") were retried too.
-/// The form now carries the count shown and the highest id counted; rows
-/// above it are left alone, and when more rows up to it match than were
-/// counted (some changed state meanwhile), nothing changes and the page
-/// says so.
+/// ("2 requests match", the button "retry 2 requests") were retried too,
+/// and so were rows that came to match meanwhile. The form now carries the
+/// ids the preview counted: the action changes those that still match, and
+/// says how many no longer did.
 async fn a_bulk_action_changes_only_the_rows_its_preview_counted(backend: Backend) {
     let db = TestDb::new(backend).await;
     let counted = [
@@ -1590,8 +1587,9 @@ async fn a_bulk_action_changes_only_the_rows_its_preview_counted(backend: Backen
     }
     assert_eq!(db.row(later).await.result.as_deref(), Some("FAILED"));
 
-    // Counted: `later` alone. Then one of the first two fails again: two
-    // rows up to `later` match, one was confirmed.
+    // Counted: `later` alone. Then one of the first two fails again (it
+    // comes to match, below `later`'s id), and `later` is taken by a
+    // daemon (it no longer matches): neither changes.
     let preview = get(&web, "/bulk?action=retry&state=FAILED").await.body;
     assert!(preview.contains("1 requests match"), "{preview}");
     db.execute(&format!(
@@ -1599,21 +1597,26 @@ async fn a_bulk_action_changes_only_the_rows_its_preview_counted(backend: Backen
         counted[0].0
     ))
     .await;
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET result = 'CANCELLED' WHERE id = {}",
+        later.0
+    ))
+    .await;
     let form = format!(
         "csrf={token}&action=retry&state=FAILED&{}",
         confirmation_of(&preview)
     );
     let reply = post(&web, "/bulk", &form, None).await;
-    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.body);
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     assert!(
-        reply
-            .body
-            .contains("nothing changed: 2 requests match now, 1 when the preview was shown"),
+        reply.body.contains(
+            "applied to 0 requests; 1 no longer matched the filter (changed since the preview)"
+        ),
         "{}",
         reply.body
     );
-    assert_eq!(db.row(later).await.result.as_deref(), Some("FAILED"));
     assert_eq!(db.row(counted[0]).await.result.as_deref(), Some("FAILED"));
+    assert_eq!(db.row(later).await.result.as_deref(), Some("CANCELLED"));
 
     // A form without the confirmation changes nothing.
     let reply = post(
@@ -1624,7 +1627,7 @@ async fn a_bulk_action_changes_only_the_rows_its_preview_counted(backend: Backen
     )
     .await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
-    assert_eq!(db.row(later).await.result.as_deref(), Some("FAILED"));
+    assert_eq!(db.row(counted[0]).await.result.as_deref(), Some("FAILED"));
 }
 
 /// A batch or flow filter that is not a number was dropped: the page

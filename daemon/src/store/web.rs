@@ -143,23 +143,16 @@ pub(crate) struct RequestFilter {
     pub(crate) text: Option<String>,
 }
 
-/// What the user confirmed of a bulk action: its preview's count and the
-/// highest id it counted.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct BulkConfirmed {
-    pub(crate) count: i64,
-    pub(crate) upto: i64,
-}
-
-/// What a bulk action did.
+/// What a bulk action did to the rows its preview counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum BulkApplied {
-    /// Rows changed, and rows refused (they changed meanwhile, or a rule
+pub(crate) struct BulkApplied {
+    pub(crate) changed: u64,
+    /// Refused by `retry` or `cancel` (they changed meanwhile, or a rule
     /// refused them).
-    Done { changed: u64, refused: u64 },
-    /// More rows up to the preview's highest id match now than the preview
-    /// counted (rows changed state meanwhile): nothing was changed.
-    MoreThanConfirmed { matching: i64 },
+    pub(crate) refused: u64,
+    /// No longer matching the filter when the action came (changed since
+    /// the preview): left alone.
+    pub(crate) gone: u64,
 }
 
 /// One page of requests, newest first.
@@ -649,54 +642,60 @@ impl Store {
         (sql, binds)
     }
 
-    /// How many rows a bulk action would change (at most [`BULK_LIMIT`]),
-    /// and the highest id among them: the action, once confirmed, changes
-    /// none above it (rows that came since were not counted).
-    pub(crate) async fn bulk_count(
+    /// The rows a bulk action would change (at most [`BULK_LIMIT`], newest
+    /// first): its preview counts them, and the action, once confirmed,
+    /// changes none but these.
+    pub(crate) async fn bulk_preview(
         &self,
         filter: &RequestFilter,
         action: BulkAction,
-    ) -> Result<(i64, Option<i64>)> {
-        let (select, binds) = self.bulk_select(filter, action, None);
-        let sql = format!(
-            "SELECT {}, {} FROM ({select}) AS b",
-            self.dialect().int64("count(*)"),
-            self.dialect().int64("max(id)")
-        );
-        Ok(on_pool!(self, pool => {
-            let row = bind_all!(query(audited(&sql)), &binds).fetch_one(pool).await?;
-            (row.int(0)?, row.opt_int(1)?)
-        }))
+    ) -> Result<Vec<i64>> {
+        self.bulk_ids(filter, action, None).await
     }
 
-    /// Applies a bulk action to the rows `filter` selects (at most
-    /// [`BULK_LIMIT`], newest first), each as `retry` or `cancel` of that
-    /// row alone does it ([`Store::retry`], [`Store::cancel`]): a batch
-    /// member's batch is recounted, a pending row's cancel goes through the
-    /// finalization path, a row whose unique key another holds is refused.
-    /// (Before, one statement changed them all: batch counts went stale, a
-    /// shared unique key failed the whole action, and a flow's rows ran
-    /// again outside it.) Returns how many rows changed and how many were
-    /// refused (they changed meanwhile, or a rule refused them).
-    pub(crate) async fn bulk_apply(
+    async fn bulk_ids(
         &self,
         filter: &RequestFilter,
         action: BulkAction,
-        confirmed: BulkConfirmed,
-    ) -> Result<BulkApplied> {
-        let (select, binds) = self.bulk_select(filter, action, Some(confirmed.upto));
-        let ids: Vec<i64> = on_pool!(self, pool => {
+        upto: Option<i64>,
+    ) -> Result<Vec<i64>> {
+        let (select, binds) = self.bulk_select(filter, action, upto);
+        Ok(on_pool!(self, pool => {
             bind_all!(query(audited(&select)), &binds)
                 .fetch_all(pool)
                 .await?
                 .iter()
                 .map(|row| row.int(0))
                 .collect::<sqlx::Result<_>>()?
-        });
-        let matching = i64::try_from(ids.len()).unwrap_or(i64::MAX);
-        if matching > confirmed.count {
-            return Ok(BulkApplied::MoreThanConfirmed { matching });
-        }
+        }))
+    }
+
+    /// Applies a bulk action to the rows of `previewed` (its preview's,
+    /// [`Store::bulk_preview`]) that `filter` still selects, newest first,
+    /// each as `retry` or `cancel` of that row alone does it
+    /// ([`Store::retry`], [`Store::cancel`]): a batch member's batch is
+    /// recounted, a pending row's cancel goes through the finalization
+    /// path, a row whose unique key another holds is refused. (Before, one
+    /// statement changed them all: batch counts went stale, a shared unique
+    /// key failed the whole action, and a flow's rows ran again outside it.
+    /// Later, rows the preview never counted were changed too.)
+    pub(crate) async fn bulk_apply(
+        &self,
+        filter: &RequestFilter,
+        action: BulkAction,
+        previewed: &[i64],
+    ) -> Result<BulkApplied> {
+        let previewed: std::collections::HashSet<i64> = previewed.iter().copied().collect();
+        let upto = previewed.iter().copied().max();
+        let ids: Vec<i64> = match upto {
+            Some(upto) => self.bulk_ids(filter, action, Some(upto)).await?,
+            None => Vec::new(),
+        };
+        let ids: Vec<i64> = ids
+            .into_iter()
+            .filter(|id| previewed.contains(id))
+            .collect();
+        let gone = (previewed.len() - ids.len()) as u64;
         let (mut changed, mut refused) = (0, 0);
         for id in ids.into_iter().map(RequestId) {
             crate::test_hooks::pause_when_told("TASKRUNNER_TEST_BULK_ROW_DELAY_MS").await;
@@ -709,7 +708,11 @@ impl Store {
                 _ => refused += 1,
             }
         }
-        Ok(BulkApplied::Done { changed, refused })
+        Ok(BulkApplied {
+            changed,
+            refused,
+            gone,
+        })
     }
 
     /// Batches, newest first, below id `before` (one page and one more).

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::http::{Auth, Http};
 use crate::metrics::QueueGauges;
 use crate::request::RequestId;
-use crate::store::web::{BulkAction, BulkApplied, BulkConfirmed, RequestFilter};
+use crate::store::web::{BulkAction, RequestFilter, BULK_LIMIT};
 use crate::store::{check_pause_name, in_flow_text, key_held_text, Change, PauseKind, Store};
 
 /// The Content-Security-Policy of every response: nothing but this
@@ -678,10 +678,10 @@ pub(crate) struct FilterQuery {
     pub(crate) before: Option<i64>,
     #[serde(default)]
     pub(crate) action: String,
-    /// A bulk action's confirmation: the count its preview showed, and the
-    /// highest id it counted.
-    pub(crate) count: Option<i64>,
-    pub(crate) upto: Option<i64>,
+    /// A bulk action's confirmation: the ids its preview counted, joined
+    /// by commas.
+    #[serde(default)]
+    pub(crate) ids: String,
     #[serde(default)]
     pub(crate) csrf: String,
 }
@@ -846,13 +846,12 @@ async fn bulk_preview(State(web): State<Arc<Web>>, Query(query): Query<FilterQue
         Ok(filter) => filter,
         Err(message) => return Ok(bad_request(&message)),
     };
-    let (count, upto) = web.store.bulk_count(&filter, action).await?;
+    let ids = web.store.bulk_preview(&filter, action).await?;
     Ok(html(pages::bulk_preview(
         &chrome(&web),
         &query,
         &filter,
-        count,
-        upto,
+        &ids,
     )))
 }
 
@@ -872,28 +871,35 @@ async fn bulk_apply(
         Ok(filter) => filter,
         Err(message) => return Ok(bad_request(&message)),
     };
-    let (Some(count), Some(upto)) = (query.count, query.upto) else {
-        return Ok(bad_request("a bulk action needs the count and highest id its preview showed (count, upto): open its preview and confirm there"));
+    let previewed: Option<Vec<i64>> = query
+        .ids
+        .split(',')
+        .filter(|id| !id.trim().is_empty())
+        .map(|id| id.trim().parse().ok())
+        .collect();
+    let previewed = match previewed {
+        Some(ids) if !ids.is_empty() && ids.len() as i64 <= BULK_LIMIT => ids,
+        _ => {
+            return Ok(bad_request(
+                "a bulk action needs the ids its preview counted (ids): open its preview and confirm there",
+            ))
+        }
     };
+    let count = previewed.len();
     // In a task of its own, which logs it: thousands of rows may take
     // longer than the connection lasts (its idle bound, a tab closed), and
     // the action was cut off part-way, with no line in the log.
     let applying = {
         let (store, daemon, name) = (web.store.clone(), web.daemon.clone(), query.action.clone());
         tokio::spawn(async move {
-            tracing::info!(remote = %who.remote, user = %who.user, action = %name, filter = ?filter, upto, confirmed = count, "web bulk action begins");
-            let applied = store
-                .bulk_apply(&filter, action, BulkConfirmed { count, upto })
-                .await;
+            tracing::info!(remote = %who.remote, user = %who.user, action = %name, filter = ?filter, confirmed = count, "web bulk action begins");
+            let applied = store.bulk_apply(&filter, action, &previewed).await;
             match &applied {
-                Ok(BulkApplied::Done { changed, refused }) => {
-                    tracing::info!(remote = %who.remote, user = %who.user, action = %name, filter = ?filter, upto, changed, refused, "web bulk action");
+                Ok(applied) => {
+                    tracing::info!(remote = %who.remote, user = %who.user, action = %name, filter = ?filter, confirmed = count, changed = applied.changed, refused = applied.refused, gone = applied.gone, "web bulk action");
                     if let Some(daemon) = &daemon {
                         daemon.wake();
                     }
-                }
-                Ok(BulkApplied::MoreThanConfirmed { matching }) => {
-                    tracing::info!(remote = %who.remote, user = %who.user, action = %name, filter = ?filter, matching, confirmed = count, "web bulk action refused: more rows match than its preview counted");
                 }
                 Err(error) => {
                     tracing::warn!(remote = %who.remote, user = %who.user, action = %name, "web bulk action stopped: {}", crate::error_line(error));
@@ -903,29 +909,28 @@ async fn bulk_apply(
         })
     };
     let applied = applying.await.map_err(anyhow::Error::from)??;
-    let (changed, refused) = match applied {
-        BulkApplied::Done { changed, refused } => (changed, refused),
-        BulkApplied::MoreThanConfirmed { matching } => {
-            return Ok((
-                StatusCode::CONFLICT,
-                pages::error_page(&format!(
-                    "nothing changed: {matching} requests match now, {count} when the preview was shown (rows changed meanwhile); open the preview again"
-                )),
-            )
-                .into_response());
-        }
-    };
-    let refused = if refused > 0 {
+    let refused = if applied.refused > 0 {
         format!(
-            "; {refused} refused (they changed meanwhile, or a rule refused them: `taskrunner-cli {}` names why for each)",
-            query.action
+            "; {} refused (they changed meanwhile, or a rule refused them: `taskrunner-cli {}` names why for each)",
+            applied.refused, query.action
+        )
+    } else {
+        String::new()
+    };
+    let gone = if applied.gone > 0 {
+        format!(
+            "; {} no longer matched the filter (changed since the preview) and were left alone",
+            applied.gone
         )
     } else {
         String::new()
     };
     Ok(html(pages::message(
         &chrome(&web),
-        &format!("{} applied to {changed} requests{refused}", query.action),
+        &format!(
+            "{} applied to {} requests{refused}{gone}",
+            query.action, applied.changed
+        ),
     )))
 }
 

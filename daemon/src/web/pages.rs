@@ -487,15 +487,15 @@ pub(crate) fn request(chrome: &Chrome, row: &Request, callbacks: &[CallbackRow])
 }
 
 /// A bulk action's preview: how many rows it changes and its filter; the
-/// form confirms that count and the highest id counted (`upto`), so rows
-/// that come after the preview are left alone.
+/// form confirms those rows (`ids`): the action changes no other.
 pub(crate) fn bulk_preview(
     chrome: &Chrome,
     query: &FilterQuery,
     filter: &RequestFilter,
-    count: i64,
-    upto: Option<i64>,
+    ids: &[i64],
 ) -> Markup {
+    let count = ids.len() as i64;
+    let ids = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
     let batch = filter.batch.map(|id| id.to_string());
     let flow = filter.flow.map(|id| id.to_string());
     layout(
@@ -514,10 +514,9 @@ pub(crate) fn bulk_preview(
                     @if let Some(value) = value { li { (name) ": " code { (value) } } }
                 }
             }
-            @if let (true, Some(upto)) = (count > 0 && !chrome.read_only, upto) {
+            @if count > 0 && !chrome.read_only {
                 form method="post" action="/bulk" {
-                    input type="hidden" name="count" value=(count);
-                    input type="hidden" name="upto" value=(upto);
+                    input type="hidden" name="ids" value=(ids);
                     input type="hidden" name="csrf" value=(chrome.csrf);
                     input type="hidden" name="action" value=(query.action);
                     input type="hidden" name="state" value=(query.state);
