@@ -500,6 +500,11 @@ async fn authenticate(web: &Web, headers: &HeaderMap) -> Result<String, ()> {
             if !(right && &user == expected) {
                 return Err(());
             }
+            // A reload during the check (a quarter of a second, and more in
+            // the queue) may have replaced this password: it lets nobody in.
+            if !Arc::ptr_eq(&settings, &web.settings()) {
+                return Err(());
+            }
             let mut verified = settings.verified.lock().unwrap_or_else(|e| e.into_inner());
             if verified.len() >= 64 {
                 verified.clear();
