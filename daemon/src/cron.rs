@@ -619,15 +619,16 @@ pub(crate) fn resolve_schedules(
                 crate::request::MAX_TRY_LIMIT
             ));
         }
+        let priorities = crate::request::PRIORITIES;
         if raw
             .priority
-            .is_some_and(|priority| i32::try_from(priority).is_err())
+            .is_some_and(|priority| !priorities.contains(&priority))
         {
             return Err(format!(
                 "{}: must be from {} to {}",
                 key("priority"),
-                i32::MIN,
-                i32::MAX
+                priorities.start(),
+                priorities.end()
             ));
         }
         schedules.insert(
@@ -764,11 +765,11 @@ mod tests {
             (
                 "priority",
                 "2147483648",
-                "schedules.a.priority: must be from -2147483648 to 2147483647",
+                "schedules.a.priority: must be from -2147483647 to 2147483647",
             ),
             (
                 "priority",
-                "-2147483649",
+                "-2147483648",
                 "schedules.a.priority: must be from",
             ),
         ] {
@@ -779,7 +780,7 @@ mod tests {
             assert!(error.contains(needle), "{error}");
         }
         let raw = serde_yaml::from_str(
-            "a:\n  every: 1s\n  task: T\n  try_limit: 2147483647\n  priority: -2147483648\n",
+            "a:\n  every: 1s\n  task: T\n  try_limit: 2147483647\n  priority: -2147483647\n",
         )
         .unwrap();
         assert!(resolve_schedules(Some(raw)).is_ok());

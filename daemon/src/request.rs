@@ -187,6 +187,11 @@ pub(crate) const MAX_TASK_NAME: usize = 255;
 /// on PostgreSQL and MariaDB/MySQL, which refuse a larger value.
 pub(crate) const MAX_TRY_LIMIT: i64 = i32::MAX as i64;
 
+/// The range of `priority` every backend stores and claims: the 32-bit
+/// column of PostgreSQL and MariaDB, whose claim order on MariaDB is the
+/// column's negation (`claim_rank`), which `i32::MIN` would overflow.
+pub(crate) const PRIORITIES: std::ops::RangeInclusive<i64> = -(i32::MAX as i64)..=i32::MAX as i64;
+
 /// Refuses a name (`what`: the config key or CLI flag it came in) longer
 /// than the 255-character columns that hold it: a task type
 /// (`task_class_name`, refused in rows by migration 0004), a callback, a

@@ -183,10 +183,10 @@ enum Command {
         /// Tries allowed (default 5)
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(1..=i64::from(i32::MAX)))]
         try_limit: Option<i64>,
-        /// Higher runs first (default 0; a 32-bit number, as the column of
-        /// PostgreSQL and MariaDB holds)
+        /// Higher runs first (default 0; from -2147483647 to 2147483647,
+        /// what every backend stores and claims)
         #[arg(long, value_name = "N", allow_hyphen_values = true,
-              value_parser = clap::value_parser!(i64).range(i64::from(i32::MIN)..=i64::from(i32::MAX)))]
+              value_parser = clap::value_parser!(i64).range(crate::request::PRIORITIES))]
         priority: Option<i64>,
         /// While a pending or running request has this key, insert nothing
         /// and print that request's id instead
@@ -1262,9 +1262,10 @@ mod tests {
         };
         assert!(enqueue("--try-limit", "2147483647"));
         assert!(!enqueue("--try-limit", "2147483648"));
-        assert!(enqueue("--priority", "-2147483648"));
+        assert!(enqueue("--priority", "-2147483647"));
         assert!(enqueue("--priority", "2147483647"));
-        assert!(!enqueue("--priority", "-2147483649"));
+        // MariaDB's claim order negates it (`claim_rank`, 32 bits).
+        assert!(!enqueue("--priority", "-2147483648"));
         assert!(!enqueue("--priority", "-9223372036854775808"));
     }
 
