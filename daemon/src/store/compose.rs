@@ -649,7 +649,7 @@ impl Tx {
 /// connection, a lock, a full disk, nor a statement the server cannot read
 /// (MariaDB files an ambiguous column under SQLSTATE 23000 too, so it is
 /// told by its error numbers).
-fn refused_for_its_data(error: &sqlx::Error) -> bool {
+pub(super) fn refused_for_its_data(error: &sqlx::Error) -> bool {
     let sqlx::Error::Database(error) = error else {
         return false;
     };

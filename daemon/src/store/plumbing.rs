@@ -567,15 +567,15 @@ impl GaveUp {
     }
 }
 
-/// Whether the database server refused a statement (an error it answered:
-/// a constraint, a trigger, a value it does not store), not whether it
-/// could be reached or answered in time.
+/// Whether the database refused a statement for the values it was given
+/// (a constraint, a trigger's refusal, a value it does not store; see
+/// `compose::refused_for_its_data`), not for its own state (out, read-only
+/// after a failover, a deadlock, a lock wait), which passes.
 pub(crate) fn refused_by_the_database(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
-        matches!(
-            cause.downcast_ref::<sqlx::Error>(),
-            Some(sqlx::Error::Database(_))
-        )
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(super::compose::refused_for_its_data)
     })
 }
 
