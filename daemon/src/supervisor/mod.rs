@@ -189,7 +189,8 @@ impl Spawner {
         };
         let (stdout, stderr) = (read(child.stdout.take()), read(child.stderr.take()));
         let answered = async {
-            let (stdout, stderr, status) = tokio::join!(stdout, stderr, child.wait());
+            let (stdout, stderr, status) =
+                tokio::join!(stdout, stderr, child.wait_ending_its_group());
             status.map(|status| std::process::Output {
                 status,
                 stdout,
@@ -200,10 +201,14 @@ impl Spawner {
         match answer {
             Ok(output) => output.map(Some),
             Err(_) => {
-                // SAFETY: a signal to the group made for this question: its
-                // leader is our child, and while it or any member lives the
-                // group's id is not reused.
-                unsafe { libc::killpg(child.pid as libc::pid_t, libc::SIGKILL) };
+                // Its group was killed as it exited; one that has not
+                // exited leads its group still (a reaped one's number is
+                // free, and may be another's by now).
+                if !child.reaped() {
+                    // SAFETY: a signal to the group made for this question,
+                    // whose leader, our unreaped child, holds its number.
+                    unsafe { libc::killpg(child.pid as libc::pid_t, libc::SIGKILL) };
+                }
                 // Reaped here, or (stuck in the kernel) by its drop.
                 let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
                 Ok(None)

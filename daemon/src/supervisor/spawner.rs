@@ -228,6 +228,11 @@ impl Child {
         })
     }
 
+    /// Whether the process was reaped (its pid may be another's since).
+    pub(crate) fn reaped(&self) -> bool {
+        self.status.is_some()
+    }
+
     /// The CPU time the process used, once [`wait`](Child::wait) reaped it.
     pub(crate) fn cpu_time(&self) -> Option<std::time::Duration> {
         self.cpu_time
@@ -676,7 +681,9 @@ impl Pool {
 /// Kills the group of an exited process through its pidfd (Linux 6.9:
 /// `PIDFD_SIGNAL_PROCESS_GROUP`), which names that process and no other even
 /// once it is reaped and its pid reused. On an older kernel it is skipped:
-/// the runtime kills the group by number once it has reaped the process.
+/// the runtime kills the group by number as it sees the exit, before the
+/// reap, while the exited process holds the number
+/// ([`Child::wait_ending_its_group`]).
 fn kill_group(pidfd: &OwnedFd) {
     static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
     if UNSUPPORTED.load(Ordering::Relaxed) {
