@@ -161,7 +161,11 @@ async fn a_process_given_an_ended_tries_number_is_not_killed_as_its_group(backen
         .parse()
         .unwrap();
     assert!(!process_exists(pid), "the try's process {pid} is reaped");
-    let mut taker = take_pid(pid);
+    let Some(mut taker) = take_pid(pid) else {
+        std::fs::write(&reaped, "").unwrap();
+        assert!(daemon.stop().success());
+        return;
+    };
     std::fs::write(&reaped, "").unwrap();
     db.wait_for_state(id, "FINISHED", WAIT).await;
     assert!(
@@ -175,23 +179,42 @@ async fn a_process_given_an_ended_tries_number_is_not_killed_as_its_group(backen
 
 /// A `sleep` leading a process group of its own, started with the pid
 /// `pid` (free): the kernel's next pid is set just below it, and the start
-/// is tried again while another process takes the number first.
-fn take_pid(pid: i32) -> std::process::Child {
+/// is tried again while another process takes the number first. Then the
+/// next pid is set back past every pid given so far, so that the other
+/// tests' processes do not get numbers freed a moment ago. `None` (the
+/// reason printed) where the next pid cannot be set (`/proc/sys` read-only).
+fn take_pid(pid: i32) -> Option<std::process::Child> {
     use std::os::unix::process::CommandExt;
+    const NEXT: &str = "/proc/sys/kernel/ns_last_pid";
+    let last = || -> i32 {
+        std::fs::read_to_string(NEXT)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let highest = last();
+    if let Err(error) = std::fs::write(NEXT, (pid - 1).to_string()) {
+        println!("skipped: cannot choose the next pid ({error})");
+        return None;
+    }
+    let mut taken = None;
     for _ in 0..1000 {
-        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
+        std::fs::write(NEXT, (pid - 1).to_string()).unwrap();
         let mut child = std::process::Command::new("sleep")
             .arg("60")
             .process_group(0)
             .spawn()
             .unwrap();
         if child.id() == pid as u32 {
-            return child;
+            taken = Some(child);
+            break;
         }
         let _ = child.kill();
         let _ = child.wait();
     }
-    panic!("pid {pid} went to other processes 1000 times");
+    std::fs::write(NEXT, highest.max(last()).to_string()).unwrap();
+    Some(taken.unwrap_or_else(|| panic!("pid {pid} went to other processes 1000 times")))
 }
 
 async fn grandchildren_are_stopped_with_their_task(backend: Backend) {
