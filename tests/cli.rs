@@ -567,38 +567,18 @@ async fn a_schema_newer_than_the_binary_is_refused_and_left_as_it_is(backend: Ba
 /// its turn: a long upgrade, or a stuck `migrate`) waits, and SIGTERM stops
 /// it there (before: it waited for the turn, deaf to signals).
 async fn a_daemon_waiting_for_another_processs_migration_stops_when_told(backend: Backend) {
-    use sqlx::Connection;
     let db = TestDb::unmigrated(backend).await;
     // The other process's turn, held on a connection of the test's.
-    let holder: Box<dyn std::any::Any> = match backend {
-        Backend::Sqlite => {
+    let holder = db
+        .holding(match backend {
             // SQLite's turn is its write lock.
-            let mut connection = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
-            sqlx::raw_sql("BEGIN IMMEDIATE")
-                .execute(&mut connection)
-                .await
-                .unwrap();
-            Box::new(connection)
-        }
-        Backend::Postgres => {
-            let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
-            sqlx::raw_sql("SELECT pg_advisory_lock(hashtext('taskrunner:migrate'))")
-                .execute(&mut connection)
-                .await
-                .unwrap();
-            Box::new(connection)
-        }
-        Backend::MySql => {
-            let mut connection = sqlx::MySqlConnection::connect(&db.url).await.unwrap();
-            sqlx::raw_sql(
-                "SELECT GET_LOCK(CONCAT('taskrunner:migrate:', LEFT(SHA1(DATABASE()), 32)), 0)",
-            )
-            .execute(&mut connection)
-            .await
-            .unwrap();
-            Box::new(connection)
-        }
-    };
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+            Backend::Postgres => "SELECT pg_advisory_lock(hashtext('taskrunner:migrate'))",
+            Backend::MySql => {
+                "SELECT GET_LOCK(CONCAT('taskrunner:migrate:', LEFT(SHA1(DATABASE()), 32)), 0)"
+            }
+        })
+        .await;
     let config = db.daemon("d").write_config();
     let mut daemon = Daemon::start_with_config(&config, &[]);
     let waiting = match backend {

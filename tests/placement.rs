@@ -869,31 +869,18 @@ multi_host_backends!(
 async fn a_daemon_that_cannot_read_the_pauses_at_start_claims_nothing_until_it_can(
     backend: Backend,
 ) {
-    use sqlx::Connection;
     let db = TestDb::new(backend).await;
     let (status, out, err) = cli(&db, &["pause", "--queue", "held"]);
     assert_eq!(status, 0, "{out}{err}");
     let held = db.insert_row(NewRow::new("NoOp").queue("held")).await;
     let free = db.insert_row(NewRow::new("NoOp")).await;
-    let holder: Box<dyn std::any::Any> = match backend {
-        Backend::Postgres => {
-            let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
-            sqlx::raw_sql("BEGIN; LOCK TABLE task_runner_pauses IN ACCESS EXCLUSIVE MODE")
-                .execute(&mut connection)
-                .await
-                .unwrap();
-            Box::new(connection)
-        }
-        Backend::MySql => {
-            let mut connection = sqlx::MySqlConnection::connect(&db.url).await.unwrap();
-            sqlx::raw_sql("LOCK TABLES task_runner_pauses WRITE")
-                .execute(&mut connection)
-                .await
-                .unwrap();
-            Box::new(connection)
-        }
-        Backend::Sqlite => unreachable!("SQLite's readers are not held up"),
-    };
+    let holder = db
+        .holding(match backend {
+            Backend::Postgres => "BEGIN; LOCK TABLE task_runner_pauses IN ACCESS EXCLUSIVE MODE",
+            Backend::MySql => "LOCK TABLES task_runner_pauses WRITE",
+            Backend::Sqlite => unreachable!("SQLite's readers are not held up"),
+        })
+        .await;
     let mut daemon = Daemon::start(&db, "d", "");
     daemon.wait_for_log("database unavailable while reading pauses", WAIT);
     drop(holder);

@@ -771,6 +771,23 @@ fn http_request(
     (status, body)
 }
 
+/// A form posted as the page's own (this origin) with `auth`; the status
+/// code and body.
+fn http_form(port: u16, path: &str, auth: (&str, &str), form: &str) -> (u16, String) {
+    let origin = format!("http://127.0.0.1:{port}");
+    http_request(
+        port,
+        "POST",
+        path,
+        &[
+            auth,
+            ("Origin", &origin),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        form,
+    )
+}
+
 async fn an_action_is_logged_with_the_remote_address_and_the_user(backend: Backend) {
     let db = TestDb::new(backend).await;
     let id = insert_failed(&db, "a: 1").await;
@@ -785,16 +802,10 @@ async fn an_action_is_logged_with_the_remote_address_and_the_user(backend: Backe
     let auth = ("Authorization", "Basic b3BzOmNvcnJlY3QgaG9yc2U=");
     let (status, page) = http_request(port, "GET", &format!("/requests/{id}"), &[auth], "");
     assert_eq!(status, 200, "{page}");
-    let origin = format!("http://127.0.0.1:{port}");
-    let (status, reply) = http_request(
+    let (status, reply) = http_form(
         port,
-        "POST",
         &format!("/requests/{id}/retry"),
-        &[
-            auth,
-            ("Origin", &origin),
-            ("Content-Type", "application/x-www-form-urlencoded"),
-        ],
+        auth,
         &format!("csrf={}", csrf_of(&page)),
     );
     assert!(status == 200 || status == 303, "{status} {reply}");
@@ -860,16 +871,10 @@ async fn a_reload_applies_the_pages_new_password_and_read_only(backend: Backend)
     assert_eq!(http_request(port, "GET", "/", &[first_auth], "").0, 401);
     let (status, page) = http_request(port, "GET", &format!("/requests/{id}"), &[second_auth], "");
     assert_eq!(status, 200, "{page}");
-    let origin = format!("http://127.0.0.1:{port}");
-    let (status, reply) = http_request(
+    let (status, reply) = http_form(
         port,
-        "POST",
         &format!("/requests/{id}/retry"),
-        &[
-            second_auth,
-            ("Origin", &origin),
-            ("Content-Type", "application/x-www-form-urlencoded"),
-        ],
+        second_auth,
         &format!("csrf={csrf}"),
     );
     assert_eq!(status, 403, "{reply}");

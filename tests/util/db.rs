@@ -350,6 +350,29 @@ impl TestDb {
 }
 
 impl TestDb {
+    /// A connection of the test's own that has run `sql` (a lock taken, a
+    /// transaction begun), held until the value is dropped: what another
+    /// process would hold.
+    pub async fn holding(&self, sql: &str) -> Box<dyn std::any::Any> {
+        use sqlx::Connection;
+        async fn held<C: Connection + 'static>(url: &str, sql: &str) -> Box<dyn std::any::Any>
+        where
+            for<'c> &'c mut C: sqlx::Executor<'c>,
+        {
+            let mut connection = C::connect(url).await.unwrap();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+                .execute(&mut connection)
+                .await
+                .unwrap();
+            Box::new(connection)
+        }
+        match self.backend {
+            Backend::Sqlite => held::<sqlx::SqliteConnection>(&self.url, sql).await,
+            Backend::Postgres => held::<sqlx::PgConnection>(&self.url, sql).await,
+            Backend::MySql => held::<sqlx::MySqlConnection>(&self.url, sql).await,
+        }
+    }
+
     /// A migrated database on a given PostgreSQL server (a `PrivatePostgres`).
     pub async fn on_server(url: &str) -> TestDb {
         let scratch = Scratch::new("pg-private");
