@@ -277,11 +277,11 @@ pub(crate) async fn run(
     // Parsing large options takes a while: never on the runtime's thread.
     let checked = if input.options.len() > 16 * 1024 {
         let options = input.options.to_vec();
-        tokio::task::spawn_blocking(move || check_options(&options))
+        tokio::task::spawn_blocking(move || crate::request::check_options(&options))
             .await
             .unwrap_or_else(|_| Err("the YAML check panicked".to_string()))
     } else {
-        check_options(input.options)
+        crate::request::check_options(input.options)
     };
     if let Err(error) = checked {
         return Verdict::new(
@@ -344,18 +344,6 @@ pub(crate) async fn run(
             None => Verdict::new(State::Failed, error.to_string()),
         },
     }
-}
-
-/// Options must be YAML (or empty). Ruby's tags (`!ruby/hash:…`, `!ruby/sym`)
-/// are valid YAML and pass; the task sees the bytes unchanged.
-pub(crate) fn check_options(options: &[u8]) -> Result<(), String> {
-    let text = std::str::from_utf8(options).map_err(|_| "not UTF-8 text".to_string())?;
-    if text.trim().is_empty() {
-        return Ok(());
-    }
-    serde_yaml::from_str::<serde_yaml::Value>(text)
-        .map(|_| ())
-        .map_err(|error| error.to_string())
 }
 
 /// Resolves a type; an unknown one makes us re-read the programs' task lists
@@ -532,14 +520,14 @@ mod tests {
 
     #[test]
     fn yaml_checks_accept_ruby_and_reject_garbage() {
-        assert!(check_options(b"").is_ok());
-        assert!(check_options(b"created_from: psql").is_ok());
-        assert!(check_options(
+        assert!(crate::request::check_options(b"").is_ok());
+        assert!(crate::request::check_options(b"created_from: psql").is_ok());
+        assert!(crate::request::check_options(
             b"--- !ruby/hash:ActiveSupport::HashWithIndifferentAccess\n:a: 1\n:b: !ruby/sym c\n"
         )
         .is_ok());
-        assert!(check_options(b"key: [unclosed").is_err());
-        assert!(check_options(b"a: 1\n b: 2\n c:").is_err());
-        assert!(check_options(b"\xff\xfe").is_err());
+        assert!(crate::request::check_options(b"key: [unclosed").is_err());
+        assert!(crate::request::check_options(b"a: 1\n b: 2\n c:").is_err());
+        assert!(crate::request::check_options(b"\xff\xfe").is_err());
     }
 }

@@ -591,7 +591,7 @@ pub(crate) fn resolve_schedules(
             None | Some(serde_yaml::Value::Null) => None,
             // Each slot's row would be REJECTED for it.
             Some(serde_yaml::Value::String(text)) => {
-                crate::attempt::check_options(text.as_bytes())
+                crate::request::check_options(text.as_bytes())
                     .map_err(|error| format!("{}: not valid YAML: {error}", key("options")))?;
                 Some(text)
             }

@@ -192,6 +192,36 @@ pub(crate) const MAX_TRY_LIMIT: i64 = i32::MAX as i64;
 /// column's negation (`claim_rank`), which `i32::MIN` would overflow.
 pub(crate) const PRIORITIES: std::ops::RangeInclusive<i64> = -(i32::MAX as i64)..=i32::MAX as i64;
 
+/// Options must be YAML (or empty). Ruby's tags (`!ruby/hash:…`, `!ruby/sym`)
+/// are valid YAML and pass; the task sees the bytes unchanged.
+pub(crate) fn check_options(options: &[u8]) -> Result<(), String> {
+    let text = std::str::from_utf8(options).map_err(|_| "not UTF-8 text".to_string())?;
+    if text.trim().is_empty() {
+        return Ok(());
+    }
+    serde_yaml::from_str::<serde_yaml::Value>(text)
+        .map(|_| ())
+        .map_err(|error| error.to_string())
+}
+
+/// Checks names given by a user (`None`: not given; `what`: the flag or
+/// key each came in): an empty one is a shell variable left unset, not a
+/// name (a row for node "" waits for ever, one unique key "" for every
+/// such row inserts only the first, a callback of type "" fails as
+/// unknown); one longer than the columns that hold it is refused by
+/// MariaDB, and a callback's name would be refused only at its parent's
+/// end, when the callback could not be made.
+pub(crate) fn check_names(names: &[(&str, Option<&String>)]) -> Result<(), String> {
+    for (what, value) in names {
+        let Some(value) = value else { continue };
+        if value.trim().is_empty() {
+            return Err(format!("{what}: the value is empty"));
+        }
+        name_fits(what, value)?;
+    }
+    Ok(())
+}
+
 /// Refuses a name (`what`: the config key or CLI flag it came in) longer
 /// than the 255-character columns that hold it: a task type
 /// (`task_class_name`, refused in rows by migration 0004), a callback, a

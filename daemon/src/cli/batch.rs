@@ -70,17 +70,18 @@ pub(crate) async fn run(store: &Store, command: BatchCommand) -> Result<()> {
             parent,
         } => {
             if let Some(options) = &options {
-                crate::attempt::check_options(options.as_bytes()).map_err(|e| {
+                crate::request::check_options(options.as_bytes()).map_err(|e| {
                     crate::usage::UsageError(format!("--options: not valid YAML: {e}"))
                 })?;
             }
             // As `enqueue` checks its callbacks' names (before, "" was
             // stored, and at the batch's end its callback failed as an
             // unknown type).
-            super::flags::check_names(&[
+            crate::request::check_names(&[
                 ("--on-complete", on_complete.as_ref()),
                 ("--on-failure", on_failure.as_ref()),
-            ])?;
+            ])
+            .map_err(crate::usage::UsageError)?;
             let id = store
                 .create_batch(&NewBatch {
                     name,

@@ -454,23 +454,6 @@ fn parse_time(text: &str) -> Result<String, String> {
     Ok(time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
 }
 
-/// Checks the names given by flags (`None`: not given): an empty one is a
-/// shell variable left unset, not a name (a row for node "" waits for
-/// ever, one unique key "" for every such row inserts only the first, a
-/// callback of type "" fails as unknown); one longer than the columns that
-/// hold it is refused by MariaDB, and a callback's name would be refused
-/// only at its parent's end, when the callback could not be made.
-pub(super) fn check_names(names: &[(&str, Option<&String>)]) -> Result<()> {
-    for (flag, value) in names {
-        let Some(value) = value else { continue };
-        if value.trim().is_empty() {
-            return Err(crate::usage::UsageError(format!("{flag}: the value is empty")).into());
-        }
-        crate::request::name_fits(flag, value).map_err(crate::usage::UsageError)?;
-    }
-    Ok(())
-}
-
 /// `enqueue TYPE --help`: the arguments without `--help`, when they name
 /// a type (the help then also shows that type's options).
 fn enqueue_type_help(args: &[String]) -> Option<Vec<String>> {
@@ -724,7 +707,7 @@ async fn run_one(
             if task.trim().is_empty() {
                 return Err(crate::usage::UsageError("TASK: the task type is empty".into()).into());
             }
-            check_names(&[
+            crate::request::check_names(&[
                 ("TASK", Some(&task)),
                 ("--queue", queue.as_ref()),
                 ("--node", node.as_ref()),
@@ -732,9 +715,10 @@ async fn run_one(
                 ("--unique-key", unique_key.as_ref()),
                 ("--on-success", on_success.as_ref()),
                 ("--on-failure", on_failure.as_ref()),
-            ])?;
+            ])
+            .map_err(crate::usage::UsageError)?;
             if let Some(options) = &options {
-                crate::attempt::check_options(options.as_bytes()).map_err(|e| {
+                crate::request::check_options(options.as_bytes()).map_err(|e| {
                     crate::usage::UsageError(format!("--options: not valid YAML: {e}"))
                 })?;
             }
