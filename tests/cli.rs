@@ -19,6 +19,7 @@ both_backends!(
     run_record_keeps_its_rows_lease_while_the_task_runs,
     processes_migrating_at_once_take_turns_and_each_says_what_it_did,
     an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild,
+    an_upgrade_notes_what_the_rows_already_there_made,
     a_daemon_waiting_for_another_processs_migration_stops_when_told,
     a_schema_newer_than_the_binary_is_refused_and_left_as_it_is,
     enqueue_sets_every_column_an_app_can_set,
@@ -361,10 +362,7 @@ async fn processes_migrating_at_once_take_turns_and_each_says_what_it_did(backen
 async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: Backend) {
     let db = TestDb::new(backend).await;
     // The newest migration (MariaDB/MySQL has one of its own).
-    let latest = match backend {
-        Backend::MySql => 17,
-        Backend::Sqlite | Backend::Postgres => 16,
-    };
+    let latest = latest_migration(backend);
     let id = db.enqueue("NoOp", Some("a: 1")).await;
     let was_due = db
         .insert_row(NewRow::new("NoOp").delayed(backend, -1))
@@ -383,8 +381,9 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
     .await;
     db.execute(&format!("INSERT INTO reports (request_id) VALUES ({id})"))
         .await;
-    // Migrations 16 (MariaDB's 17), 15 (MariaDB's 16), 14, 12 and 11
-    // undone: no trigger counting a row that joins a batch by an update,
+    // Migrations 17 (MariaDB's 18), 16 (MariaDB's 17), 15 (MariaDB's 16),
+    // 14, 12 and 11 undone: no notes of what ends made, no trigger
+    // counting a row that joins a batch by an update,
     // no daemons' leases, no pauses' table, version 10's claim indexes,
     // without their columns. (Migration 13, and MariaDB's 15, are only
     // unrecorded: they make their triggers again when run again.)
@@ -398,7 +397,8 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
                 ("runnable_of_queue", "queue, priority DESC, id"),
                 ("runnable_of_type", "task_class_name, priority DESC, id"),
             ];
-            let mut undo = vec![
+            let mut undo = follow_ups_undone(backend);
+            undo.extend([
                 match backend {
                     Backend::Postgres => {
                         "DROP TRIGGER task_runner_requests_batch_join ON task_runner_requests; \
@@ -412,7 +412,7 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
                 "DROP INDEX task_runner_requests_next_of".to_string(),
                 "ALTER TABLE task_runner_requests DROP COLUMN next_of".to_string(),
                 "DROP INDEX task_runner_requests_waiting".to_string(),
-            ];
+            ]);
             if backend == Backend::Postgres {
                 // The trigger as migration 1 made it.
                 undo.push(
@@ -436,7 +436,9 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
             }));
             undo
         }
-        Backend::MySql => vec![
+        Backend::MySql => follow_ups_undone(backend)
+            .into_iter()
+            .chain([
             "DROP TRIGGER task_runner_requests_batch_join".into(),
             "ALTER TABLE task_runner_daemons DROP COLUMN lease_ms".into(),
             "DROP TABLE task_runner_pauses".into(),
@@ -452,7 +454,8 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
             "CREATE INDEX task_runner_requests_runnable_of_type \
              ON task_runner_requests (task_class_name, claim_rank, id)"
                 .into(),
-        ],
+        ])
+        .collect(),
     };
     // In one call, on one connection: SQLite prepares a CREATE INDEX with
     // the schema its connection last read, so another connection of the
@@ -466,7 +469,7 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
         }
     }
     db.execute(
-        "DELETE FROM task_runner_schema_migrations WHERE version IN (11, 12, 13, 14, 15, 16, 17)",
+        "DELETE FROM task_runner_schema_migrations WHERE version IN (11, 12, 13, 14, 15, 16, 17, 18)",
     )
     .await;
     let runs = migrate_at_once(&db, 4);
@@ -504,6 +507,79 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
     db.wait_for_state(id, "FINISHED", WAIT).await;
     assert_eq!(db.row(tomorrow).await.result, None);
     assert!(daemon.stop().success());
+}
+
+/// The newest migration (MariaDB/MySQL has one of its own).
+fn latest_migration(backend: Backend) -> i64 {
+    match backend {
+        Backend::MySql => 18,
+        Backend::Sqlite | Backend::Postgres => 17,
+    }
+}
+
+/// The statements that undo migration 17 (MariaDB's 18): the notes of what
+/// requests' ends made, and their trigger.
+fn follow_ups_undone(backend: Backend) -> Vec<String> {
+    let trigger = match backend {
+        Backend::Postgres => {
+            "DROP TRIGGER task_runner_requests_follow_ups_gone ON task_runner_requests; \
+             DROP FUNCTION task_runner_requests_follow_ups_gone()"
+        }
+        Backend::Sqlite | Backend::MySql => "DROP TRIGGER task_runner_requests_follow_ups_gone",
+    };
+    vec![trigger.into(), "DROP TABLE task_runner_follow_ups".into()]
+}
+
+/// Migration 17 (MariaDB's 18) notes apart what a request's end made, so
+/// that retention's deleting it does not let a retried row make it again;
+/// an upgrade notes what the rows already there say was made (a next
+/// occurrence's `next_of`, a callback's `callback_of` and `unique_key`),
+/// and nothing for a row gone or an application's row of no cause.
+async fn an_upgrade_notes_what_the_rows_already_there_made(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let cause = db
+        .insert_row(NewRow::new("Nightly").period(60).exhausted(backend, 1, 60))
+        .await;
+    for (columns, values) in [
+        ("next_of", format!("{cause}")),
+        (
+            "callback_of, unique_key",
+            format!("{cause}, 'request:{cause}:failure'"),
+        ),
+        (
+            "callback_of, unique_key",
+            format!("{cause}, 'flow:{cause}:exhausted'"),
+        ),
+        ("next_of", "999999".to_string()),
+    ] {
+        db.execute(&format!(
+            "INSERT INTO task_runner_requests (task_class_name, {columns}) VALUES ('Made', {values})"
+        ))
+        .await;
+    }
+    for statement in follow_ups_undone(backend) {
+        db.execute(&statement).await;
+    }
+    let latest = latest_migration(backend);
+    db.execute(&format!(
+        "DELETE FROM task_runner_schema_migrations WHERE version = {latest}"
+    ))
+    .await;
+    let (status, stdout, stderr) = cli(&db, &["migrate"]);
+    assert_eq!(status, 0, "{stdout}{stderr}");
+    assert!(stdout.contains(&format!("to {latest}")), "{stdout}");
+    let noted = |cause_name: &str| {
+        format!(
+            "SELECT count(*) FROM task_runner_follow_ups WHERE request_id = {cause} AND cause = '{cause_name}'"
+        )
+    };
+    assert_eq!(db.scalar(&noted("next")).await, 1);
+    assert_eq!(db.scalar(&noted("failure")).await, 1);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_follow_ups")
+            .await,
+        2
+    );
 }
 
 /// A rolling upgrade: a newer release migrated the schema (here a made-up

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use taskrunner::request::RequestId;
 
-use crate::util::{cli, holds_for, poll, Backend, Daemon, NewRow, TestDb};
+use crate::util::{cli, holds_for, poll, sql_ago, Backend, Daemon, NewRow, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -16,6 +16,7 @@ both_backends!(
     a_reload_that_changes_the_host_id_keeps_the_node_name_taken_from_it,
     periodic_row_repeats_on_a_fixed_grid_until_cancelled,
     a_periodic_row_retried_by_hand_starts_no_second_chain,
+    a_row_retried_by_hand_after_retention_took_what_its_end_made_makes_none_again,
     an_overdue_periodic_row_is_followed_by_the_next_point_of_its_grid_to_come,
     every_occurrence_of_a_periodic_row_makes_its_callbacks,
     type_concurrency_of_one_holds_across_two_daemons,
@@ -411,6 +412,68 @@ async fn a_periodic_row_retried_by_hand_starts_no_second_chain(backend: Backend)
          SELECT task_class_name, period, next_of FROM task_runner_requests WHERE next_of = {first}"
     ))
     .await;
+}
+
+/// What a row's end made was read from the rows it made, and retention
+/// deletes those: a nightly row's failure, kept (no `exhausted:` rule),
+/// lost its next occurrence and its `on_failure` callback to `retention:
+/// finished`/`cancelled` (here `purge --older-than`), and, retried by hand,
+/// made both again: a second chain of the nightly row beside the first, and
+/// a second alert. What an end made is noted apart now
+/// (`task_runner_follow_ups`), for as long as the row itself lives.
+async fn a_row_retried_by_hand_after_retention_took_what_its_end_made_makes_none_again(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "tasks:\n  Nightly:\n    command: [/bin/false]\n  Alert:\n    command: [/bin/true]\n",
+    );
+    let first = db
+        .insert_row(
+            NewRow::new("Nightly")
+                .period(86_400)
+                .try_limit(1)
+                .on_failure("Alert"),
+        )
+        .await;
+    db.wait_for_state(first, "FAILED", WAIT).await;
+    let made = |column: &str| {
+        format!("SELECT count(*) FROM task_runner_requests WHERE {column} = {first}")
+    };
+    let id_made =
+        |column: &str| format!("SELECT id FROM task_runner_requests WHERE {column} = {first}");
+    let next = RequestId(db.scalar(&id_made("next_of")).await);
+    let alert = RequestId(db.scalar(&id_made("callback_of")).await);
+    db.wait_for_state(alert, "FINISHED", WAIT).await;
+    assert_eq!(cli(&db, &["cancel", &next.to_string()]).0, 0);
+    db.wait_for_state(next, "CANCELLED", WAIT).await;
+    // Both ended two days ago, as retention sees them; the failure just now.
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET completed_at = {} WHERE id IN ({next}, {alert})",
+        sql_ago(backend, 2 * 86_400)
+    ))
+    .await;
+    let (status, stdout, stderr) = cli(&db, &["purge", "--older-than", "1d"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(stdout.trim(), "deleted 2 requests");
+
+    assert_eq!(cli(&db, &["retry", &first.to_string()]).0, 0);
+    let again = db.wait_for_state(first, "FAILED", WAIT).await;
+    assert_eq!(again.tries, 1, "{again:?}");
+    assert_eq!(db.scalar(&made("next_of")).await, 0, "a second chain");
+    assert_eq!(db.scalar(&made("callback_of")).await, 0, "a second alert");
+    assert!(daemon.stop().success());
+
+    // The notes go with their row, whoever deletes it.
+    let notes = format!("SELECT count(*) FROM task_runner_follow_ups WHERE request_id = {first}");
+    assert_eq!(db.scalar(&notes).await, 2);
+    db.execute(&format!(
+        "DELETE FROM task_runner_requests WHERE id = {first}"
+    ))
+    .await;
+    assert_eq!(db.scalar(&notes).await, 0);
 }
 
 async fn type_concurrency_of_one_holds_across_two_daemons(backend: Backend) {

@@ -19,8 +19,11 @@
 //! lock (two last finishers would each see the other unfinished, and no
 //! callback would ever be made). A batch's callback is created only while
 //! its `state` is NULL, in the transaction that sets it; a request's
-//! callback only if no row has its `unique_key` (`request:42:success`)
-//! under the request's own row lock. So each callback row is created
+//! callback (and its next occurrence) only if `task_runner_follow_ups`
+//! has no note that the request made it before, under the request's own
+//! row lock. The note is written with the row it notes and lives as long
+//! as the request, however soon retention deletes the row made. So each
+//! callback row is created
 //! exactly once, whatever crashes: a transaction that did not commit left
 //! nothing, and its outcome is written again (or the row reaped) later.
 //!
@@ -290,7 +293,8 @@ pub(super) struct ComposeSql {
     cancel_after_end: String,
     end_batch: String,
     first_failure: String,
-    callback_exists: String,
+    follow_up_made: String,
+    note_follow_up: String,
     insert_callback: String,
     repair_candidates: String,
     create_batch: String,
@@ -421,9 +425,21 @@ impl ComposeSql {
                   ORDER BY CASE WHEN result = 'CANCELLED' THEN 1 ELSE 0 END, id LIMIT 1",
                 d.int64("id")
             ),
-            callback_exists: format!(
-                "SELECT {} FROM task_runner_requests WHERE callback_of = $1 AND unique_key = $2",
-                d.int64("count(*)")
+            // Made before: noted (migration 0017, MariaDB's 0018), or its row is here
+            // (made by a daemon older than that migration).
+            follow_up_made: format!(
+                "SELECT {}",
+                d.int64(
+                    "(SELECT count(*) FROM task_runner_follow_ups \
+                       WHERE request_id = $1 AND cause = $2) \
+                     + (SELECT count(*) FROM task_runner_requests \
+                         WHERE callback_of = $1 AND unique_key = $3)"
+                )
+            ),
+            note_follow_up: format!(
+                "{insert_or_ignore} INTO task_runner_follow_ups (request_id, cause) \
+                 VALUES ($1, $2) {}",
+                on_conflict_ignore.replace("id = id", "request_id = request_id")
             ),
             insert_callback: format!(
                 "{insert_or_ignore} INTO task_runner_requests \
@@ -613,25 +629,27 @@ impl Tx {
     /// allow, a time it cannot hold), the insert alone is undone and the
     /// refusal returned: the ending itself is still written, and so is every
     /// other try's outcome the recorder holds, which the failed transaction
-    /// held back for ever before. Any other error is the caller's.
+    /// held back for ever before. Any other error is the caller's. Gives
+    /// the number of rows made (none when the statement's own condition or
+    /// an ignored conflict left it out).
     pub(super) async fn insert_follow_up(
         &mut self,
         sql: &'static str,
         params: &[Param<'_>],
-    ) -> sqlx::Result<Result<(), sqlx::Error>> {
+    ) -> sqlx::Result<Result<u64, sqlx::Error>> {
         self.execute("SAVEPOINT taskrunner_follow_up", &[]).await?;
-        let refusal = match self.fetch(sql, params).await {
-            Ok(_) => None,
+        let made = match self.execute(sql, params).await {
+            Ok(made) => Ok(made),
             Err(error) if refused_for_its_data(&error) => {
                 self.execute("ROLLBACK TO SAVEPOINT taskrunner_follow_up", &[])
                     .await?;
-                Some(error)
+                Err(error)
             }
             Err(error) => return Err(error),
         };
         self.execute("RELEASE SAVEPOINT taskrunner_follow_up", &[])
             .await?;
-        Ok(refusal.map_or(Ok(()), Err))
+        Ok(made)
     }
 
     pub(super) async fn commit(self) -> sqlx::Result<()> {
@@ -1082,14 +1100,17 @@ impl Store {
         let Some(bucket) = ended.bucket else {
             return Ok(false);
         };
-        if ended.period > 0 {
-            self.insert_follow_up(
-                tx,
-                || format!("request {}'s next occurrence", ended.id),
-                &self.sql.insert_next_occurrence,
-                &[Int(ended.id)],
-            )
-            .await?;
+        if ended.period > 0
+            && self
+                .insert_follow_up(
+                    tx,
+                    || format!("request {}'s next occurrence", ended.id),
+                    &self.sql.insert_next_occurrence,
+                    &[Int(ended.id)],
+                )
+                .await?
+        {
+            self.note_follow_up(tx, ended.id, "next").await?;
         }
         match bucket {
             Bucket::Finished => {
@@ -1130,7 +1151,8 @@ impl Store {
 
     /// Inserts callback `task` of request `parent` for `cause` (`success`,
     /// `failure`, `exhausted`) unless it was created before (the parent was
-    /// retried by hand and ended again): its `unique_key` names the cause.
+    /// retried by hand and ended again), as its note says even when the
+    /// callback's row is gone; the row's `unique_key` names the cause.
     async fn request_callback(
         &self,
         tx: &mut Tx,
@@ -1141,7 +1163,10 @@ impl Store {
         let c = self.compose();
         let key = format!("request:{}:{cause}", parent.id);
         let exists = tx
-            .fetch(&c.callback_exists, &[Int(parent.id), Text(&key)])
+            .fetch(
+                &c.follow_up_made,
+                &[Int(parent.id), Text(cause), Text(&key)],
+            )
             .await?
             .first()
             .map(|row| row.int(0))
@@ -1163,46 +1188,66 @@ impl Store {
             summary,
             self.composed_max(),
         );
-        self.insert_follow_up(
-            tx,
-            || {
-                format!(
-                    "request {}'s on_{cause} callback {}",
-                    parent.id,
-                    type_name(task)
-                )
-            },
-            &c.insert_callback,
-            &[
-                Text(task),
-                Text(&options),
-                OptInt(Some(parent.id)),
-                OptInt(None),
-                Text(&key),
-            ],
-        )
-        .await
+        let made = self
+            .insert_follow_up(
+                tx,
+                || {
+                    format!(
+                        "request {}'s on_{cause} callback {}",
+                        parent.id,
+                        type_name(task)
+                    )
+                },
+                &c.insert_callback,
+                &[
+                    Text(task),
+                    Text(&options),
+                    OptInt(Some(parent.id)),
+                    OptInt(None),
+                    Text(&key),
+                ],
+            )
+            .await?;
+        if made {
+            self.note_follow_up(tx, parent.id, cause).await?;
+        }
+        Ok(())
     }
 
     /// Inserts a row that an ending causes, in a savepoint (see
-    /// [`Tx::insert_follow_up`]). A row the database refuses for its data is
-    /// not made; that is logged, once, with the database's reason, and the
-    /// rest of the ending is written.
+    /// [`Tx::insert_follow_up`]); true when it was made. A row the database
+    /// refuses for its data is not made; that is logged, once, with the
+    /// database's reason, and the rest of the ending is written.
     pub(super) async fn insert_follow_up(
         &self,
         tx: &mut Tx,
         what: impl FnOnce() -> String,
         sql: &'static str,
         params: &[Param<'_>],
-    ) -> Result<()> {
+    ) -> Result<bool> {
         self.count_statements(2);
-        if let Err(refusal) = tx.insert_follow_up(sql, params).await? {
-            tracing::error!(
-                "{} was not created: the database refused it: {}",
-                what(),
-                crate::escape::error_line(&refusal.into())
-            );
+        match tx.insert_follow_up(sql, params).await? {
+            Ok(made) => Ok(made > 0),
+            Err(refusal) => {
+                tracing::error!(
+                    "{} was not created: the database refused it: {}",
+                    what(),
+                    crate::escape::error_line(&refusal.into())
+                );
+                Ok(false)
+            }
         }
+    }
+
+    /// Notes, in `task_runner_follow_ups` (migration 0017, MariaDB's 0018), that request
+    /// `id`'s end made its follow-up `cause` (`next`, `success`, `failure`,
+    /// `exhausted`). The note outlives the row made (retention may delete
+    /// a finished callback long before its cause), and holds back a second
+    /// one when the request, retried by hand, ends again.
+    async fn note_follow_up(&self, tx: &mut Tx, id: i64, cause: &str) -> Result<()> {
+        self.count_statements(1);
+        tx.execute(&self.compose().note_follow_up, &[Int(id), Text(cause)])
+            .await?;
         Ok(())
     }
 

@@ -1124,8 +1124,12 @@ impl Sql {
             lock_type: batched.then(|| {
                 "SELECT pg_advisory_xact_lock(hashtext('taskrunner:concurrency:' || $1))".to_string()
             }),
-            // Once per row (`next_of`, migration 0012): a row retried by
-            // hand and ending again makes no second chain. Checked in the
+            // Once per row: a row retried by hand and ending again makes
+            // no second chain. The occurrence made is noted apart
+            // (`task_runner_follow_ups`, migration 0017, MariaDB's 0018), where retention
+            // does not delete it while the row lives; `next_of` (migration
+            // 0012) still names the cause, and stands for the note on rows
+            // a daemon older than that migration made. Checked in the
             // transaction that wrote the row's end, so under its lock: no
             // other end of the same row can be recorded meanwhile. Each
             // occurrence carries the row's callbacks (before, only the
@@ -1140,6 +1144,8 @@ impl Sql {
                   WHERE id = $1 AND period > 0 AND planned_at IS NOT NULL \
                     AND (result = 'FINISHED' \
                          OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit)) \
+                    AND NOT EXISTS (SELECT 1 FROM task_runner_follow_ups AS made \
+                                     WHERE made.request_id = $1 AND made.cause = 'next') \
                     AND NOT EXISTS (SELECT 1 FROM task_runner_requests AS made WHERE made.next_of = $1)"
             ),
             record_pids_batch: batched.then(|| {
