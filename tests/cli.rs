@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use taskrunner::request::RequestId;
 
 use crate::util::{
-    bare_cli, cli, poll, spawn_cli, wait_until, Backend, Daemon, NewRow, Scratch, TestDb, CLI,
+    bare_cli, cli, poll, spawn_cli, wait_until, Backend, Daemon, NewRow, PrivateServer, Scratch,
+    TestDb, CLI,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -35,6 +36,7 @@ both_backends!(
     retry_and_cancel_take_several_ids_or_a_filter,
     second_sigterm_during_the_drain_stops_tasks_at_once,
     run_record_writes_what_the_daemon_writes,
+    run_record_writes_its_outcome_through_a_database_outage,
 );
 
 /// The error line: exactly one line on stderr.
@@ -1528,6 +1530,99 @@ async fn run_record_writes_what_the_daemon_writes(backend: Backend) {
     let (status, _, stderr) = run_and_record();
     assert_eq!(status, 1);
     assert!(stderr.contains("cannot be claimed"), "{stderr}");
+}
+
+/// `run --id N --record` wrote its try's outcome once: when the database
+/// was down as the try ended (a restart; on SQLite, another writer
+/// holding the database past the busy timeout), the run ended with an
+/// error, the outcome was lost, and the row stayed RUNNING until a reaper
+/// took it as crashed and ran it again. The write is tried again now, the
+/// lease kept meanwhile, with one line saying so.
+async fn run_record_writes_its_outcome_through_a_database_outage(backend: Backend) {
+    let mut server = (backend != Backend::Sqlite).then(|| PrivateServer::start(backend));
+    let db = match &server {
+        Some(server) => server.test_db().await,
+        None => TestDb::new(backend).await,
+    };
+    let open = db.scratch.join("open");
+    std::fs::write(
+        db.scratch.join("taskrunner.yml"),
+        format!(
+            "tasks:\n  Gate:\n    command: [/bin/sh, -c, 'until [ -e {} ]; do sleep 0.05; done']\n",
+            open.display()
+        ),
+    )
+    .unwrap();
+    let id = db.insert_row(NewRow::new("Gate")).await;
+    let mut run = Command::new(CLI)
+        .args([
+            "--database-url",
+            &db.url,
+            "run",
+            "--id",
+            &id.to_string(),
+            "--record",
+        ])
+        .current_dir(&db.scratch.path)
+        .env_remove("DATABASE_URL")
+        .env("TASKRUNNER_TEST_SQLITE_BUSY_TIMEOUT_MS", "200")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (said, lines) = std::sync::mpsc::channel();
+    let stderr = run.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = said.send(line);
+        }
+    });
+    db.wait_for_pid(id, WAIT).await;
+    // The database goes away, and then the try ends.
+    let held = match &mut server {
+        Some(server) => {
+            server.stop();
+            None
+        }
+        None => Some(db.hold_after("SELECT 1").await),
+    };
+    std::fs::write(&open, "").unwrap();
+    let mut stderr = Vec::new();
+    let ended = crate::util::poll_blocking(WAIT, "the run to fail its outcome's write", || {
+        stderr.extend(lines.try_iter());
+        if stderr
+            .iter()
+            .any(|line| line.contains("could not be written"))
+        {
+            return Ok(None);
+        }
+        run.try_wait().unwrap().map(Some).ok_or("still running")
+    });
+    assert!(
+        ended.is_none(),
+        "the run ended ({ended:?}) before the database was back:\n{}",
+        stderr.join("\n")
+    );
+    match (&mut server, held) {
+        (Some(server), _) => server.start_again(),
+        (None, Some(held)) => held.release().await,
+        (None, None) => unreachable!(),
+    }
+    let status = crate::util::poll_blocking(WAIT, "the run to end", || {
+        run.try_wait().unwrap().ok_or("still running")
+    });
+    stderr.extend(lines.iter());
+    let stderr = stderr.join("\n");
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("recorded try 1 of request {id} as FINISHED")),
+        "{stderr}"
+    );
+    let row = db.row(id).await;
+    assert_eq!((row.result.as_deref(), row.tries), (Some("FINISHED"), 1));
 }
 
 /// On PostgreSQL the purge deleted `WHERE id IN (SELECT id … WHERE

@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use tokio::sync::{mpsc, watch};
@@ -168,18 +168,18 @@ async fn run_and_record(
         stop_sender,
     ));
     let (sender, mut writes) = mpsc::unbounded_channel::<Write>();
+    let patience = config.lease_timeout;
     let writer = tokio::spawn(async move {
         let mut recorded = false;
         while let Some(write) = writes.recv().await {
-            let is_outcome = matches!(write, Write::Outcome(_));
-            match store.record(std::slice::from_ref(&write)).await {
-                Ok(applied) if is_outcome => recorded = applied.first() == Some(&true),
-                Err(error) if is_outcome => return Err(error),
+            if matches!(write, Write::Outcome(_)) {
+                recorded = record_outcome(&store, write, patience).await?;
+            } else {
                 // A pid that could not be written: the try goes on.
-                Ok(_) | Err(_) => {}
+                let _ = store.record(std::slice::from_ref(&write)).await;
             }
         }
-        Ok(recorded)
+        Ok::<_, anyhow::Error>(recorded)
     });
     let send = |write| {
         let _ = sender.send(write);
@@ -195,10 +195,12 @@ async fn run_and_record(
         |_| {},
     )
     .await;
-    lease.abort();
     send(Write::Outcome(outcome));
     drop(sender);
-    if writer.await?? {
+    // The lease is kept while the outcome is written, however many times.
+    let recorded = writer.await?;
+    lease.abort();
+    if recorded? {
         eprintln!(
             "recorded try {} of request {} as {}",
             claimed.tries, claimed.id, verdict.state
@@ -210,6 +212,49 @@ async fn run_and_record(
         );
     }
     Ok(verdict)
+}
+
+/// Writes the outcome of `run --record`'s try (and what it causes), and
+/// whether it was recorded under this run's claim. A write that fails (the
+/// database restarting, unreachable, or a lock it waited for too long) is
+/// tried again with backoff, for `patience` (the lease) after the first
+/// failure, with one line when it first fails; the claim fences each
+/// attempt, so one that lands after a reaper took the row records nothing.
+/// Before, one failed write ended the run with an error: the try had run,
+/// its outcome was lost, and the row stayed RUNNING until it was reaped as
+/// crashed and run again.
+async fn record_outcome(store: &Store, write: Write, patience: Duration) -> Result<bool> {
+    let Write::Outcome(outcome) = &write else {
+        unreachable!("only an outcome is recorded here");
+    };
+    let mut backoff = crate::health::Backoff::default();
+    let mut failing_since = None;
+    loop {
+        match store.record(std::slice::from_ref(&write)).await {
+            Ok(applied) => return Ok(applied.first() == Some(&true)),
+            Err(error) => {
+                let since = *failing_since.get_or_insert_with(|| {
+                    eprintln!(
+                        "request {}: the outcome ({}) could not be written: {}; trying again for up to {}",
+                        outcome.id,
+                        outcome.state,
+                        crate::error_line(&error),
+                        crate::units::format_duration(patience)
+                    );
+                    Instant::now()
+                });
+                if since.elapsed() >= patience {
+                    return Err(error.context(format!(
+                        "request {}: the outcome ({}) was not written in {}; the row stays RUNNING until a reaper takes it as crashed",
+                        outcome.id,
+                        outcome.state,
+                        crate::units::format_duration(patience)
+                    )));
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
 }
 
 /// Keeps the lease of the row `run --record` runs, as a daemon's heartbeat
