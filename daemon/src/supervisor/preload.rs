@@ -48,10 +48,16 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::time::Instant;
 
-use super::spawner::{Child, Exec, OurEnds, Recipe};
+use super::spawner::{CgroupJoin, Child, Exec, OurEnds, Recipe};
 
-/// The program's first message once it has booted.
-pub(crate) const HELLO: &[u8] = b"hello\0taskrunner-preload-1\0";
+/// The program's first message once it has booted, in the newer version
+/// of the protocol: its children join their cgroups through the
+/// descriptors attached to each request.
+pub(crate) const HELLO: &[u8] = b"hello\0taskrunner-preload-2\0";
+
+/// The hello of protocol 1: the children open the join files by their
+/// paths (which a child of another user than the daemon's cannot).
+pub(crate) const HELLO_1: &[u8] = b"hello\0taskrunner-preload-1\0";
 
 /// How long a program may take to boot and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -176,6 +182,9 @@ struct Parent {
     files: Vec<Option<FileId>>,
     /// Its children were seen joining their cgroups by themselves.
     joins_itself: JoinsItself,
+    /// How its children are told to join their cgroups (its hello's
+    /// version, and its user).
+    join: CgroupJoin,
 }
 
 /// A request sent to a parent: who waits for its child, our ends of the
@@ -557,6 +566,7 @@ impl Parent {
             started: Instant::now(),
             files,
             joins_itself: Default::default(),
+            join: CgroupJoin::Descriptors,
         };
         let mut buffer = [0u8; 256];
         let hello = tokio::select! {
@@ -577,6 +587,22 @@ impl Parent {
         };
         match hello {
             Ok(count) if &buffer[..count] == HELLO => Ok(parent),
+            Ok(count) if &buffer[..count] == HELLO_1 => {
+                // A child of another user cannot open the join files
+                // (owned by root): given their paths, it would exit 127 at
+                // each try.
+                let another_user = recipe
+                    .uid
+                    .is_some_and(|uid| uid != nix::unistd::geteuid().as_raw());
+                Ok(Parent {
+                    join: if another_user {
+                        CgroupJoin::Left
+                    } else {
+                        CgroupJoin::Paths
+                    },
+                    ..parent
+                })
+            }
             Ok(0) => {
                 // Most often it is exiting: say how.
                 let reason = match tokio::time::timeout(Duration::from_secs(1), status_rx).await {
@@ -669,12 +695,13 @@ impl Parent {
     /// Asks the parent for a child running `recipe`'s try; its answer
     /// comes through [`answer_requests`].
     async fn request(&self, spawner: &Exec, recipe: &Recipe) -> io::Result<Child> {
-        let (message, stdio) = spawner.preload_request(recipe)?;
-        let fds = [
-            stdio.child_ends[0].as_raw_fd(),
-            stdio.child_ends[1].as_raw_fd(),
-            stdio.child_ends[2].as_raw_fd(),
-        ];
+        let (message, stdio) = spawner.preload_request(recipe, self.join)?;
+        let fds: Vec<libc::c_int> = stdio
+            .child_ends
+            .iter()
+            .map(|fd| fd.as_raw_fd())
+            .chain(stdio.join_fds.iter().copied())
+            .collect();
         let (reply, answer) = tokio::sync::oneshot::channel();
         let mut reply = Some(reply);
         let mut deadline = tokio::time::Instant::now() + reply_timeout();
@@ -948,15 +975,11 @@ fn gone(error: &io::Error) -> bool {
     )
 }
 
-/// Sends one message with three descriptors (SCM_RIGHTS), without waiting:
-/// a socket whose buffer is full (a parent that reads no requests) gives
-/// `WouldBlock`. Public for the benchmark, which plays the daemon's part of
-/// the protocol.
-pub fn send_with_fds(
-    socket: libc::c_int,
-    message: &[u8],
-    fds: &[libc::c_int; 3],
-) -> io::Result<()> {
+/// Sends one message with descriptors attached (SCM_RIGHTS), without
+/// waiting: a socket whose buffer is full (a parent that reads no requests)
+/// gives `WouldBlock`. Public for the benchmark, which plays the daemon's
+/// part of the protocol.
+pub fn send_with_fds(socket: libc::c_int, message: &[u8], fds: &[libc::c_int]) -> io::Result<()> {
     // SAFETY: msghdr and its control buffer are built on the stack following
     // cmsg(3); every pointer stays valid for the sendmsg call.
     unsafe {

@@ -330,10 +330,28 @@ impl OurEnds {
 }
 
 /// A try's pipes made for a preloaded parent's child: the ends it gets
-/// (stdin, stdout, stderr), and ours.
+/// (stdin, stdout, stderr), the join files of its cgroup it gets after
+/// them (the try's cgroup keeps them open), and ours.
 pub(super) struct PreloadStdio {
     pub(crate) child_ends: [OwnedFd; 3],
+    pub(crate) join_fds: Vec<libc::c_int>,
     pub(crate) ours: OurEnds,
+}
+
+/// How a preloaded parent's child is told to join its try's cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CgroupJoin {
+    /// Each join file's path in a `cgroup` field, and its descriptor,
+    /// opened by the daemon, attached after the three of the try's stdio
+    /// (protocol 2).
+    Descriptors,
+    /// The paths only (protocol 1, a parent of the daemon's own user,
+    /// which may open them).
+    Paths,
+    /// Nothing: protocol 1 with a parent of another user, whose child
+    /// could not open the files and would exit 127. The daemon moves the
+    /// child when it gets its pid.
+    Left,
 }
 
 /// The descriptors and pid a start hands back to the async side.
@@ -762,8 +780,13 @@ impl Exec {
     }
 
     /// A preloaded parent's request for `recipe` (see the README's
-    /// "Preload protocol"), and the try's pipes.
-    pub(super) fn preload_request(&self, recipe: &Recipe) -> io::Result<(Vec<u8>, PreloadStdio)> {
+    /// "Preload protocol"), and the try's pipes; the try's cgroup as
+    /// `joining` says.
+    pub(super) fn preload_request(
+        &self,
+        recipe: &Recipe,
+        joining: CgroupJoin,
+    ) -> io::Result<(Vec<u8>, PreloadStdio)> {
         let mut message = Vec::new();
         let mut field = |name: &[u8], value: &[u8]| -> io::Result<()> {
             if value.contains(&0) {
@@ -802,8 +825,14 @@ impl Exec {
         if let Some(nice) = limits.nice {
             field(b"nice", nice.to_string().as_bytes())?;
         }
-        for procs in recipe.cgroup.iter().flat_map(|cgroup| cgroup.procs_paths()) {
-            field(b"cgroup", procs.as_os_str().as_bytes())?;
+        let mut join_fds = Vec::new();
+        if joining != CgroupJoin::Left {
+            for (procs, fd) in recipe.cgroup.iter().flat_map(|cgroup| cgroup.join_files()) {
+                field(b"cgroup", procs.as_os_str().as_bytes())?;
+                if joining == CgroupJoin::Descriptors {
+                    join_fds.push(fd);
+                }
+            }
         }
         // Out of descriptors here is the daemon's shortage, as in `start`.
         let (stdin_child, stdin_ours) = if recipe.stdin.is_empty() {
@@ -818,6 +847,7 @@ impl Exec {
             message,
             PreloadStdio {
                 child_ends: [stdin_child, stdout_child, stderr_child],
+                join_fds,
                 ours: OurEnds {
                     stdin: stdin_ours,
                     stdout: stdout_ours,
