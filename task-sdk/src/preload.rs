@@ -378,7 +378,8 @@ impl std::ops::Deref for Fds {
 /// One request into `buffer` (its length) and the descriptors passed with
 /// it; `None` at end of file.
 fn receive(buffer: &mut [u8]) -> std::io::Result<Option<(usize, Fds)>> {
-    // Room for a few descriptors (a request carries three).
+    // Room for eight descriptors (a request carries three, and one per
+    // cgroup hierarchy, at most three).
     let mut control = [0u64; 16];
     loop {
         // SAFETY: recvmsg into buffers that outlive the call; the control
