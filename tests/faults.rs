@@ -638,6 +638,116 @@ async fn a_reaper_with_a_shorter_lease_waits_for_the_lease_of_the_rows_daemon(ba
     assert!(long.stop().success());
 }
 
+multi_host_backends!(a_reload_that_lengthens_the_lease_writes_it_before_renewing_less_often);
+
+/// A reload that lengthened `lease_timeout` and `heartbeat_interval` (6 s
+/// renewed every second, then 40 s every 15 s): the daemon's first
+/// renewal after it still wrote the old lease into its row of
+/// `task_runner_daemons` (from the config it had read before it waited),
+/// and the next came 15 s later. A daemon of another host, whose lease is
+/// 6 s, took the running row for crashed and ran it again beside the
+/// first. The renewal now writes the lease of the config it runs with.
+async fn a_reload_that_lengthens_the_lease_writes_it_before_renewing_less_often(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let log = db.scratch.join("ran.log");
+    let tasks = format!(
+        "tasks:\n  Slow:\n    command: [/bin/sh, -c, 'echo start $TASKRUNNER_TRY >> {l}; sleep 16; echo end >> {l}']\n",
+        l = log.display()
+    );
+    let long_config = |lease: &str, interval: &str| {
+        format!(
+            "host_id: long\nlease_timeout: {lease}\nheartbeat_interval: {interval}\nkill_grace: 1s\n{tasks}"
+        )
+    };
+    let mut long = Daemon::start(&db, "long", &long_config("6s", "1s"));
+    let id = db.enqueue("Slow", None).await;
+    let running = db.wait_for_pid(id, WAIT).await;
+    let mut short = Daemon::start(
+        &db,
+        "short",
+        &format!(
+            "host_id: short\nlease_timeout: 6s\nheartbeat_interval: 1s\nkill_grace: 1s\nreap_interval: 1s\n{tasks}"
+        ),
+    );
+    let base = crate::util::base_config(&db, &long.dir);
+    std::fs::write(
+        &long.config,
+        crate::util::merge_yaml(&base, &long_config("40s", "15s")),
+    )
+    .unwrap();
+    long.reload();
+    long.wait_for_log("config reloaded", WAIT);
+    // Past the old lease, and well short of the new interval.
+    holds_for(
+        Duration::from_secs(12),
+        "the try to run on under its daemon's new lease",
+        async || {
+            let now = db.row(id).await;
+            match (now.result.as_deref(), now.tries, now.pid) {
+                (Some("RUNNING" | "FINISHED"), 1, pid) if pid == running.pid => Ok(()),
+                _ => Err(format!("{now:?}")),
+            }
+        },
+    )
+    .await;
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 1, "{row:?}\n{}", short.log_text());
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "start 1\nend\n");
+    assert!(short.stop().success());
+    assert!(long.stop().success());
+}
+
+/// A daemon whose own row in `task_runner_daemons` cannot be written (here
+/// an application's trigger refuses it) cannot tell other hosts' reapers
+/// its lease: they judge its rows by their own. It renewed them at its own
+/// longer interval all the same (15 s, against another host's 6 s lease),
+/// and that host took its running row for crashed. Until its row holds
+/// its lease it now renews every second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_daemon_whose_row_cannot_be_written_renews_every_second() {
+    let db = TestDb::new(Backend::Postgres).await;
+    db.execute(
+        "CREATE FUNCTION refuse_long() RETURNS trigger AS $$ BEGIN \
+           IF NEW.host = 'long' THEN RAISE EXCEPTION 'no row for long'; END IF; \
+           RETURN NEW; END; $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER refuse_long BEFORE INSERT OR UPDATE ON task_runner_daemons \
+           FOR EACH ROW EXECUTE FUNCTION refuse_long()",
+    )
+    .await;
+    let log = db.scratch.join("ran.log");
+    let tasks = format!(
+        "tasks:\n  Slow:\n    command: [/bin/sh, -c, 'echo start $TASKRUNNER_TRY >> {l}; sleep 10; echo end >> {l}']\n",
+        l = log.display()
+    );
+    let mut long = Daemon::start(
+        &db,
+        "long",
+        &format!(
+            "host_id: long\nlease_timeout: 40s\nheartbeat_interval: 15s\nkill_grace: 1s\n{tasks}"
+        ),
+    );
+    assert!(
+        long.log_text()
+            .contains("could not write this daemon's row"),
+        "{}",
+        long.log_text()
+    );
+    let id = db.enqueue("Slow", None).await;
+    db.wait_for_pid(id, WAIT).await;
+    let mut short = Daemon::start(
+        &db,
+        "short",
+        &format!(
+            "host_id: short\nlease_timeout: 6s\nheartbeat_interval: 1s\nkill_grace: 1s\nreap_interval: 1s\n{tasks}"
+        ),
+    );
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 1, "{row:?}\n{}", short.log_text());
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "start 1\nend\n");
+    assert!(short.stop().success());
+    assert!(long.stop().success());
+}
+
 async fn stale_heartbeat_of_another_host_is_crashed_after_the_lease(backend: Backend) {
     let db = TestDb::new(backend).await;
     // Renewed 10 s ago, by a daemon on another host.

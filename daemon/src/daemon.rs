@@ -192,8 +192,8 @@ pub async fn run(
         // reapers (this daemon's lease): the heartbeat writes it again.
         let me = presence(&instance, &config);
         if let Err(error) = store.register_daemon(&me).await {
-            tracing::debug!(
-                "could not write this daemon's row in task_runner_daemons: {}",
+            tracing::warn!(
+                "could not write this daemon's row in task_runner_daemons: {}; the heartbeat renews every second until it is written",
                 crate::error_line(&error)
             );
         }

@@ -107,6 +107,10 @@ impl Heartbeat {
         // locked), and when the first of their tries is to be stopped.
         let mut skipped: Vec<(crate::request::RequestId, ClaimToken)> = Vec::new();
         let mut skipped_deadline: Option<Instant> = None;
+        // The lease this daemon's row last took (see `renew_presence`):
+        // other hosts' reapers wait that long. Unknown at first (the row
+        // written at start may have failed).
+        let mut published: Option<Duration> = None;
         loop {
             let config = Setup::current_config(&self.setup);
             let fenced = self.tries.fenced();
@@ -125,6 +129,12 @@ impl Heartbeat {
                     pause = pause.min((left / 2).max(RETRY_AT_LEAST_AFTER));
                 }
                 Instant::now() + pause
+            } else if published != Some(config.lease_timeout) {
+                // Until the row holds this lease, other hosts' reapers may
+                // judge this daemon's rows by a shorter one: renewed at
+                // least every second meanwhile, not at a longer interval a
+                // reload just set.
+                attempted + config.heartbeat_interval.min(RETRY_AFTER_FAILURE)
             } else {
                 attempted + config.heartbeat_interval
             };
@@ -165,6 +175,8 @@ impl Heartbeat {
                 }
             }
             panic_when_told_by_a_test();
+            // A reload while this waited: its lease is the one written below.
+            let config = Setup::current_config(&self.setup);
             // Past the deadline, and woken well after the renewal was due:
             // the daemon did not run. (A retry due just before the deadline,
             // after failed renewals, may run just after it: that is no sign.)
@@ -231,21 +243,39 @@ impl Heartbeat {
             skipped = self.note_renewed(&held, sent_at);
             skipped_deadline = self.stop_tries_whose_lease_is_not_renewed(&skipped, &config);
             self.write_progress();
-            // The daemon's own row: for the web page, and its lease for
-            // other daemons' reapers.
-            let running = self.tries.len();
-            let me = super::presence(&self.instance, &config);
-            let renewal = within_interval(
-                &self.store,
-                &config,
-                self.store.daemon_heartbeat(&me, running),
-            )
-            .await;
-            if let Err(error) = renewal {
-                tracing::debug!(
-                    "could not renew this daemon's row in task_runner_daemons: {}",
-                    crate::error_line(&error)
-                );
+            published = self.renew_presence(&config, published).await;
+        }
+    }
+
+    /// Writes the daemon's own row: for the web page, and its lease for
+    /// other hosts' reapers, read from the config of this renewal (a reload
+    /// that lengthened the lease while the heartbeat waited is written
+    /// before the longer interval it set begins: before, the row kept the
+    /// old lease for that whole interval, and another host's reaper took
+    /// this daemon's running rows for crashed). Gives the lease the row
+    /// holds now, as far as is known.
+    async fn renew_presence(
+        &self,
+        config: &crate::config::Config,
+        published: Option<Duration>,
+    ) -> Option<Duration> {
+        let me = super::presence(&self.instance, config);
+        let written = within_interval(
+            &self.store,
+            config,
+            self.store.daemon_heartbeat(&me, self.tries.len()),
+        )
+        .await;
+        match written {
+            Ok(()) => Some(config.lease_timeout),
+            Err(error) => {
+                if published.is_some() {
+                    tracing::warn!(
+                        "could not renew this daemon's row in task_runner_daemons: {}; renewing every second until it is written",
+                        crate::error_line(&error)
+                    );
+                }
+                None
             }
         }
     }
