@@ -31,6 +31,7 @@ both_backends!(
     a_parent_gone_just_before_a_request_is_sent_costs_no_try,
     commands_that_differ_in_their_arguments_get_a_parent_each,
     a_parent_that_names_a_process_not_its_child_gets_nothing_signalled,
+    a_child_whose_answer_breaks_the_protocol_is_killed_before_its_try_is_execd,
     a_preloaded_try_has_the_oom_score_and_open_files_limit_of_an_execd_one,
     a_parent_working_through_a_queue_of_requests_is_not_taken_for_a_stuck_one,
     a_program_that_boots_for_long_holds_up_no_other_programs_tries,
@@ -593,6 +594,73 @@ runpy.run_path({probe:?}, run_name="__main__")
     let id = enqueue(&db, "PyProbe", "").await;
     finished_on_one_try(&db, id, &daemon, WAIT).await;
     assert!(once.exists(), "the first parent ran");
+    assert!(daemon.stop().success());
+}
+
+/// A parent that answered a request with something else than the child it
+/// forked for it (here a malformed answer: one field too many) breaks the
+/// protocol, and its program's tries are exec'd from then on. That try was
+/// exec'd at once, beside the child forked for it, which ran the task on
+/// unknown to the daemon and stayed a zombie once it ended. The child is
+/// found by its pipes and killed before the try is exec'd.
+async fn a_child_whose_answer_breaks_the_protocol_is_killed_before_its_try_is_execd(
+    backend: crate::util::Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let running = db.scratch.join("running");
+    std::fs::create_dir(&running).unwrap();
+    let log = db.scratch.join("runs.log");
+    let program = db.scratch.join("broken_answer.py");
+    python_example_with(
+        &program,
+        &format!(
+            "RUNNING, LOG = {running:?}, {log:?}\n\
+             def alive(pid):\n    \
+                 try:\n        \
+                     with open(f'/proc/{{pid}}/stat') as stat:\n            \
+                         return stat.read().rsplit(')', 1)[1].split()[0] != 'Z'\n    \
+                 except OSError:\n        \
+                     return False\n\
+             def Twice(text):\n    \
+                 beside = [pid for pid in os.listdir(RUNNING) if alive(int(pid))]\n    \
+                 open(os.path.join(RUNNING, str(os.getpid())), 'w').close()\n    \
+                 with open(LOG, 'a') as log:\n        \
+                     log.write(f'start beside {{beside}}\\n')\n    \
+                 time.sleep(1.5)\n    \
+                 return 'done'\n\
+             program['TASKS']['Twice'] = Twice\n\
+             fork_try = program['fork_try']\n\
+             def malformed(daemon, request, fds):\n    \
+                 return f'{{fork_try(daemon, request, fds)}}\\0more'\n\
+             program['serve_preloaded'].__globals__['fork_try'] = malformed",
+            running = running.display().to_string(),
+            log = log.display().to_string(),
+        ),
+    );
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "tasks:\n  Twice: {{command: [python3, {}], preload: true}}\n",
+            program.display()
+        ),
+    );
+    let id = enqueue(&db, "Twice", "").await;
+    let row = finished_on_one_try(&db, id, &daemon, WAIT).await;
+    assert_eq!(row.result_text.as_deref(), Some("done"));
+    let runs = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        runs.lines().all(|line| line == "start beside []"),
+        "the try ran beside another run of itself:\n{runs}"
+    );
+    let said = daemon.log_text();
+    assert!(
+        said.contains("does not speak the preload protocol"),
+        "{said}"
+    );
+    wait_until(WAIT, "no zombie child of the daemon", || {
+        zombie_children(daemon.pid()).is_empty()
+    });
     assert!(daemon.stop().success());
 }
 

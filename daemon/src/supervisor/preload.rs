@@ -811,6 +811,13 @@ impl Parent {
 /// then asks a new parent, once).
 async fn answer_requests(parent: Arc<Parent>) {
     let mut buffer = [0u8; 4096];
+    // An answer that broke the protocol: who waits for it, the pipes of its
+    // try, and why.
+    let mut refused: Option<(
+        tokio::sync::oneshot::Sender<io::Result<Child>>,
+        Vec<u64>,
+        io::Error,
+    )> = None;
     loop {
         let count = match parent.receive(&mut buffer).await {
             Ok(0) | Err(_) => break,
@@ -831,21 +838,49 @@ async fn answer_requests(parent: Arc<Parent>) {
             parent.retire();
             break;
         };
-        let child = read_answer(&buffer[..count], parent.pid, pending.ours).map(|mut child| {
-            (child.handed_off, child.created) = (pending.sent, answered);
-            child
-        });
-        let _ = pending.reply.send(child);
+        let pipes = pending.ours.output_pipes();
+        match read_answer(&buffer[..count], parent.pid, pending.ours) {
+            Ok(mut child) => {
+                (child.handed_off, child.created) = (pending.sent, answered);
+                let _ = pending.reply.send(Ok(child));
+            }
+            // A malformed answer, or a pid that is not the child it forked
+            // (its own, a previous try's): that child, if any, runs the try
+            // unknown to the daemon. The parent is retired, the child found
+            // by its pipes and killed below, and then the try is exec'd
+            // (before, it was exec'd at once, beside the child, which ran on
+            // unsupervised and stayed a zombie).
+            Err(error) if error.kind() == io::ErrorKind::InvalidData => {
+                refused = Some((pending.reply, pipes, error));
+                break;
+            }
+            Err(error) => {
+                let _ = pending.reply.send(Err(error));
+            }
+        }
     }
     let waiting: Vec<Pending> = {
         let mut pending = parent.pending.lock().unwrap_or_else(|e| e.into_inner());
         parent.alive.store(false, Ordering::SeqCst);
         pending.drain(..).collect()
     };
-    if waiting.is_empty() {
+    if waiting.is_empty() && refused.is_none() {
         return;
     }
     let unanswered = unanswered_children(&parent).await;
+    if let Some((reply, pipes, error)) = refused {
+        let forked = unanswered
+            .iter()
+            .filter(|(_, held)| held.iter().any(|pipe| pipes.contains(pipe)));
+        for &(pid, _) in forked {
+            tracing::warn!(
+                "preloaded parent (pid {}) answered with something else than its child (pid {pid}) for a try: the child is killed",
+                parent.pid
+            );
+            super::spawner::kill_unsupervised_child(pid);
+        }
+        let _ = reply.send(Err(error));
+    }
     for pending in waiting {
         let pipes = pending.ours.output_pipes();
         let found = unanswered

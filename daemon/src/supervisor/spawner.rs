@@ -513,6 +513,27 @@ fn supervised() -> std::sync::MutexGuard<'static, std::collections::HashSet<u32>
 
 /// Whether `pid` is the daemon's child, not yet reaped (so that the pid
 /// cannot have been reused); needs no descriptor. Reaps nothing.
+/// Kills and reaps `pid`, and the process group it leads, if it is a child
+/// of the daemon that no try supervises (a preloaded parent's child whose
+/// answer was refused): nothing of it runs on unsupervised. Unreaped, its
+/// pid and group are still its own.
+pub(super) fn kill_unsupervised_child(pid: u32) {
+    if supervised().contains(&pid) || !is_own_child(pid) {
+        return;
+    }
+    let leads_its_group = crate::procinfo::parent_and_group(i64::from(pid))
+        .is_some_and(|(_, group)| group == i64::from(pid));
+    // SAFETY: signalling and reaping our own unreaped child (and its group).
+    unsafe {
+        if leads_its_group {
+            libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
+        }
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+        let mut raw = 0;
+        libc::waitpid(pid as libc::pid_t, &mut raw, 0);
+    }
+}
+
 fn is_own_child(pid: u32) -> bool {
     // SAFETY: a waitid that reaps nothing (WNOWAIT), into a local.
     unsafe {
