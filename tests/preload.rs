@@ -34,6 +34,7 @@ both_backends!(
     a_child_whose_answer_breaks_the_protocol_is_killed_before_its_try_is_execd,
     a_preloaded_try_has_the_oom_score_and_open_files_limit_of_an_execd_one,
     a_parent_working_through_a_queue_of_requests_is_not_taken_for_a_stuck_one,
+    large_requests_waiting_for_room_in_a_busy_parents_socket_are_not_taken_for_a_stuck_one,
     a_program_that_boots_for_long_holds_up_no_other_programs_tries,
     a_child_forked_by_a_parent_gone_before_its_answer_runs_its_try_once,
     a_try_whose_request_is_larger_than_the_socket_takes_is_execd,
@@ -888,6 +889,61 @@ async fn a_parent_working_through_a_queue_of_requests_is_not_taken_for_a_stuck_o
         .env("TASKRUNNER_TEST_PRELOAD_REPLY_TIMEOUT_MS", "1000")
         .start();
     // Booted first, so that the twelve are sent together.
+    let warm = enqueue(&db, "PyProbe", "quiet: true").await;
+    finished_on_one_try(&db, warm, &daemon, WAIT).await;
+    db.insert_copies(
+        NewRow::new("PyProbe").options("quiet: true").try_limit(1),
+        12,
+    )
+    .await;
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE result IS NULL OR result = 'RUNNING'",
+        0,
+        WAIT,
+    )
+    .await;
+    let log = daemon.log_text();
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED' AND tries = 1"
+        )
+        .await,
+        13,
+        "{log}"
+    );
+    assert!(!log.contains("did not answer a request"), "{log}");
+    assert_eq!(log.matches(" preloaded (pid ").count(), 1, "{log}");
+    assert!(daemon.stop().success());
+}
+
+/// The same with large requests (a 60 KiB `env:` value): a few fill the
+/// parent's socket, and the next ones wait to be sent while it works
+/// through the queue. That wait was bounded from its start, whatever
+/// answers came meanwhile: the busy parent was killed as stuck, and the
+/// requests queued behind it failed. (300 ms a fork, 12 requests, the
+/// reply bound shortened to 1 s.)
+async fn large_requests_waiting_for_room_in_a_busy_parents_socket_are_not_taken_for_a_stuck_one(
+    backend: crate::util::Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let program = db.scratch.join("slow_forks.py");
+    python_example_with(
+        &program,
+        "fork_try = program['serve_preloaded'].__globals__['fork_try']\n\
+         def slowly(daemon, request, fds):\n    \
+             time.sleep(0.3)\n    \
+             return fork_try(daemon, request, fds)\n\
+         program['serve_preloaded'].__globals__['fork_try'] = slowly",
+    );
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!(
+            "max_concurrent: 12\nenv: {{LARGE: {}}}\ntasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
+            "x".repeat(60 * 1024),
+            program.display()
+        ))
+        .env("TASKRUNNER_TEST_PRELOAD_REPLY_TIMEOUT_MS", "1000")
+        .start();
     let warm = enqueue(&db, "PyProbe", "quiet: true").await;
     finished_on_one_try(&db, warm, &daemon, WAIT).await;
     db.insert_copies(

@@ -738,12 +738,23 @@ impl Parent {
                 }
             }
             // Its socket's buffer is full: the parent reads no requests (it
-            // is stopped, or stuck). The daemon's thread does not wait in
-            // the send; the try waits here, as it would for an answer.
+            // is stopped, or stuck), or has many ahead of this one (large
+            // requests, slow forks). The daemon's thread does not wait in
+            // the send; the try waits here, as it would for an answer, and
+            // as there, answers coming meanwhile extend the wait (before, a
+            // busy parent was killed as stuck once the send had waited
+            // `REPLY_TIMEOUT`, and every request queued behind failed).
             match tokio::time::timeout_at(deadline, self.socket.writable()).await {
                 Ok(Ok(mut ready)) => ready.clear_ready(),
                 Ok(Err(error)) => return Err(error),
-                Err(_) => return Err(self.stopped_answering().await),
+                Err(_) => {
+                    let answered = *self.answered_at.lock().unwrap_or_else(|e| e.into_inner());
+                    if answered + reply_timeout() > Instant::now() {
+                        deadline = answered + reply_timeout();
+                        continue;
+                    }
+                    return Err(self.stopped_answering().await);
+                }
             }
         }
         drop(stdio.child_ends);
