@@ -37,6 +37,7 @@ both_backends!(
     large_requests_waiting_for_room_in_a_busy_parents_socket_are_not_taken_for_a_stuck_one,
     a_program_that_boots_for_long_holds_up_no_other_programs_tries,
     a_child_forked_by_a_parent_gone_before_its_answer_runs_its_try_once,
+    a_parent_gone_whose_socket_a_process_it_started_holds_leaves_its_try_to_run_once,
     a_try_whose_request_is_larger_than_the_socket_takes_is_execd,
     a_parent_retired_in_order_exits_through_its_exit_handlers,
     a_retired_parent_that_does_not_exit_is_killed_after_the_grace,
@@ -1063,6 +1064,74 @@ async fn a_child_forked_by_a_parent_gone_before_its_answer_runs_its_try_once(
         2,
         "{log}"
     );
+    assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
+    assert!(daemon.stop().success());
+}
+
+/// The same, when the parent started a process at its boot that inherited
+/// its socket (as its stdin: Python's `subprocess.Popen` without `stdin=`,
+/// Ruby's `spawn`): the parent's death then closed no socket, its answers'
+/// reader never saw the end of file, and no child forked before an answer
+/// was looked for. The try was asked of a new parent after the reply bound,
+/// and ran twice at once; the first child stayed a zombie. The daemon now
+/// ends its side of the socket once the parent has exited.
+async fn a_parent_gone_whose_socket_a_process_it_started_holds_leaves_its_try_to_run_once(
+    backend: crate::util::Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let program = db.scratch.join("gone_with_a_helper.py");
+    let runs = db.scratch.join("runs");
+    let died = db.scratch.join("died");
+    let helper = db.scratch.join("helper.pid");
+    python_example_with(
+        &program,
+        &format!(
+            "import subprocess\n\
+             setup = program['serve_preloaded'].__globals__['setup']\n\
+             def with_a_helper():\n    \
+                 setup()\n    \
+                 if os.environ.get('TASKRUNNER_PRELOAD') == '1':\n        \
+                     helper = subprocess.Popen(['sleep', '600'])\n        \
+                     with open({helper:?}, 'a') as pid:\n            \
+                         pid.write(f'{{helper.pid}}\\n')\n\
+             program['serve_preloaded'].__globals__['setup'] = with_a_helper\n\
+             fork_try = program['serve_preloaded'].__globals__['fork_try']\n\
+             def gone(daemon, request, fds):\n    \
+                 pid = fork_try(daemon, request, fds)\n    \
+                 if not os.path.exists({died:?}):\n        \
+                     open({died:?}, 'w').close()\n        \
+                     os.kill(os.getpid(), 9)\n    \
+                 return pid\n\
+             program['serve_preloaded'].__globals__['fork_try'] = gone\n\
+             probe = program['TASKS']['PyProbe']\n\
+             def counted(text):\n    \
+                 with open({runs:?}, 'a') as runs:\n        \
+                     runs.write('ran\\n')\n    \
+                 time.sleep(2)\n    \
+                 return probe(text)\n\
+             program['TASKS']['PyProbe'] = counted"
+        ),
+    );
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!(
+            "tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
+            program.display()
+        ))
+        .env("TASKRUNNER_TEST_PRELOAD_REPLY_TIMEOUT_MS", "1000")
+        .start();
+    let id = enqueue(&db, "PyProbe", "quiet: true").await;
+    finished_on_one_try(&db, id, &daemon, WAIT).await;
+    let log = daemon.log_text();
+    for pid in std::fs::read_to_string(&helper).unwrap_or_default().lines() {
+        let _ = kill(Pid::from_raw(pid.parse().unwrap()), Signal::SIGKILL);
+    }
+    assert_eq!(
+        std::fs::read_to_string(&runs).unwrap(),
+        "ran\n",
+        "the task ran once\n{log}"
+    );
+    assert!(log.contains("died between a fork and its answer"), "{log}");
     assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
     assert!(daemon.stop().success());
 }

@@ -537,11 +537,21 @@ impl Parent {
         }
         let (exited_tx, exited) = tokio::sync::watch::channel(false);
         let (status_tx, mut status_rx) = tokio::sync::oneshot::channel();
+        // The socket's end for its answers' reader once the parent is gone:
+        // a process it started may hold the parent's end (inherited as its
+        // stdin), and the reader would never see the end of file, find no
+        // child forked before an answer, and wait for ever.
+        let ending = ours
+            .try_clone()
+            .map_err(|e| StartError::Io(super::spawner::mark_shortage(e)))?;
         {
             let alive = alive.clone();
             tokio::spawn(async move {
                 let status = child.wait().await;
                 alive.store(false, Ordering::SeqCst);
+                // SAFETY: shutdown of a socket whose descriptor we own.
+                unsafe { libc::shutdown(ending.as_raw_fd(), libc::SHUT_RDWR) };
+                drop(ending);
                 let _ = status_tx.send(status);
                 let _ = exited_tx.send(true);
             });
