@@ -32,6 +32,7 @@ both_backends!(
     commands_that_differ_in_their_arguments_get_a_parent_each,
     a_parent_that_names_a_process_not_its_child_gets_nothing_signalled,
     a_child_whose_answer_breaks_the_protocol_is_killed_before_its_try_is_execd,
+    a_long_error_answer_fails_the_try_with_its_text_cut,
     a_preloaded_try_has_the_oom_score_and_open_files_limit_of_an_execd_one,
     a_parent_working_through_a_queue_of_requests_is_not_taken_for_a_stuck_one,
     large_requests_waiting_for_room_in_a_busy_parents_socket_are_not_taken_for_a_stuck_one,
@@ -663,6 +664,45 @@ async fn a_child_whose_answer_breaks_the_protocol_is_killed_before_its_try_is_ex
     wait_until(WAIT, "no zombie child of the daemon", || {
         zombie_children(daemon.pid()).is_empty()
     });
+    assert!(daemon.stop().success());
+}
+
+/// A parent that cannot fork and answers `error` with a long text (a
+/// backtrace of 20 KB): the daemon read at most 4 KiB of an answer, the
+/// cut answer had lost its last NUL, and the program was taken for one
+/// that does not speak the protocol (its tries exec'd until a reload).
+/// The try now fails with the text, cut.
+async fn a_long_error_answer_fails_the_try_with_its_text_cut(backend: crate::util::Backend) {
+    let db = TestDb::new(backend).await;
+    let program = db.scratch.join("long_error.py");
+    python_example_with(
+        &program,
+        "def cannot(daemon, request, fds):\n    \
+             raise RuntimeError('no fork: ' + 'x' * 20000)\n\
+         program['serve_preloaded'].__globals__['fork_try'] = cannot",
+    );
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
+            program.display()
+        ),
+    );
+    let id = db
+        .insert_row(NewRow::new("PyProbe").options("quiet: true").try_limit(1))
+        .await;
+    let row = db.wait_for_state(id, "FAILED", WAIT).await;
+    let text = row.result_text.unwrap_or_default();
+    assert!(
+        text.starts_with(
+            "cannot start python3: the preloaded parent could not fork: no fork: xxxx"
+        ),
+        "{}",
+        &text[..text.len().min(300)]
+    );
+    let log = daemon.log_text();
+    assert!(!log.contains("does not speak"), "{log}");
     assert!(daemon.stop().success());
 }
 

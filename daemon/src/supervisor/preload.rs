@@ -595,9 +595,10 @@ impl Parent {
                 )));
             }
         };
+        let hello = hello.map(|count| &buffer[..count.min(buffer.len())]);
         match hello {
-            Ok(count) if &buffer[..count] == HELLO => Ok(parent),
-            Ok(count) if &buffer[..count] == HELLO_1 => {
+            Ok(hello) if hello == HELLO => Ok(parent),
+            Ok(hello) if hello == HELLO_1 => {
                 // A child of another user cannot open the join files
                 // (owned by root): given their paths, it would exit 127 at
                 // each try.
@@ -613,7 +614,7 @@ impl Parent {
                     ..parent
                 })
             }
-            Ok(0) => {
+            Ok([]) => {
                 // Most often it is exiting: say how.
                 let reason = match tokio::time::timeout(Duration::from_secs(1), status_rx).await {
                     Ok(Ok(Ok(status))) => format!("it exited with {status} before its hello"),
@@ -622,11 +623,11 @@ impl Parent {
                 parent.retire();
                 Err(StartError::NotSpoken(reason))
             }
-            Ok(count) => {
+            Ok(other) => {
+                let said = String::from_utf8_lossy(other).into_owned();
                 parent.retire();
                 Err(StartError::NotSpoken(format!(
-                    "its first message is {:?}, not the hello",
-                    String::from_utf8_lossy(&buffer[..count])
+                    "its first message is {said:?}, not the hello",
                 )))
             }
             Err(error) => {
@@ -677,7 +678,9 @@ impl Parent {
         };
     }
 
-    /// One message from the parent; 0 bytes when it closed the socket.
+    /// One message from the parent, as much of it as `buffer` holds: its
+    /// length (0 when the parent closed the socket), which is more than
+    /// the buffer's when the rest was cut off.
     async fn receive(&self, buffer: &mut [u8]) -> io::Result<usize> {
         loop {
             let mut ready = self.socket.readable().await?;
@@ -687,7 +690,7 @@ impl Parent {
                     self.socket.get_ref().as_raw_fd(),
                     buffer.as_mut_ptr().cast(),
                     buffer.len(),
-                    libc::MSG_DONTWAIT,
+                    libc::MSG_DONTWAIT | libc::MSG_TRUNC,
                 )
             };
             if count >= 0 {
@@ -831,7 +834,11 @@ impl Parent {
 /// every request still waiting fails, with the parent marked dead (a try
 /// then asks a new parent, once).
 async fn answer_requests(parent: Arc<Parent>) {
-    let mut buffer = [0u8; 4096];
+    // An `error` text longer than this (a backtrace) is cut here; the
+    // answer keeps its meaning (before, a cut answer had lost its last
+    // NUL, and the program was taken for one that does not speak the
+    // protocol).
+    let mut buffer = vec![0u8; 16 * 1024];
     // An answer that broke the protocol: who waits for it, the pipes of its
     // try, and why.
     let mut refused: Option<(
@@ -843,6 +850,14 @@ async fn answer_requests(parent: Arc<Parent>) {
         let count = match parent.receive(&mut buffer).await {
             Ok(0) | Err(_) => break,
             Ok(count) => count,
+        };
+        let answer = if count > buffer.len() {
+            // Cut: its last byte becomes the NUL that ends its text.
+            let last = buffer.len() - 1;
+            buffer[last] = 0;
+            &buffer[..]
+        } else {
+            &buffer[..count]
         };
         let answered = std::time::SystemTime::now();
         *parent.answered_at.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
@@ -860,7 +875,7 @@ async fn answer_requests(parent: Arc<Parent>) {
             break;
         };
         let pipes = pending.ours.output_pipes();
-        match read_answer(&buffer[..count], parent.pid, pending.ours) {
+        match read_answer(answer, parent.pid, pending.ours) {
             Ok(mut child) => {
                 (child.handed_off, child.created) = (pending.sent, answered);
                 let _ = pending.reply.send(Ok(child));
