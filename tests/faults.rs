@@ -726,12 +726,7 @@ async fn postgres_a_daemon_whose_row_cannot_be_written_renews_every_second() {
             "host_id: long\nlease_timeout: 40s\nheartbeat_interval: 15s\nkill_grace: 1s\n{tasks}"
         ),
     );
-    assert!(
-        long.log_text()
-            .contains("could not write this daemon's row"),
-        "{}",
-        long.log_text()
-    );
+    long.wait_for_log("could not write this daemon's row", WAIT);
     let id = db.enqueue("Slow", None).await;
     db.wait_for_pid(id, WAIT).await;
     let mut short = Daemon::start(

@@ -174,6 +174,8 @@ pub async fn run(
         paused: paused.clone(),
         stop_claiming: stop_claiming.clone(),
     });
+    // The lease this daemon's row holds (see `Heartbeat::published`).
+    let mut published = None;
     {
         let config = Setup::current_config(&setup);
         tracing::info!(
@@ -191,11 +193,12 @@ pub async fn run(
         // For people (the web page's daemons), and for other daemons'
         // reapers (this daemon's lease): the heartbeat writes it again.
         let me = presence(&instance, &config);
-        if let Err(error) = store.register_daemon(&me).await {
-            tracing::warn!(
+        match store.register_daemon(&me).await {
+            Ok(()) => published = Some(config.lease_timeout),
+            Err(error) => tracing::warn!(
                 "could not write this daemon's row in task_runner_daemons: {}; the heartbeat renews every second until it is written",
                 crate::error_line(&error)
-            );
+            ),
         }
         let names = setup.borrow().registry.names(&config);
         if let Some(warning) = crate::supervisor::isolation::root_warning(&config, &names) {
@@ -242,6 +245,7 @@ pub async fn run(
         watchdog
     });
     let heartbeat = heartbeat::Heartbeat {
+        published,
         setup: setup.clone(),
         store: store.clone(),
         instance: instance.clone(),

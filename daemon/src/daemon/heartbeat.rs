@@ -72,6 +72,10 @@ const WOKEN_LATE: Duration = Duration::from_secs(1);
 /// Renews the leases of this daemon's rows, stops the tries cancelled or
 /// lost, and fences the daemon off when it cannot renew (see the module's doc).
 pub(super) struct Heartbeat {
+    /// The lease this daemon's row in `task_runner_daemons` holds, as the
+    /// daemon's start wrote it (`None`: the write failed): other hosts'
+    /// reapers wait that long for a renewal.
+    pub(super) published: Option<Duration>,
     pub(super) setup: watch::Sender<Setup>,
     pub(super) store: Store,
     pub(super) instance: InstanceId,
@@ -107,10 +111,8 @@ impl Heartbeat {
         // locked), and when the first of their tries is to be stopped.
         let mut skipped: Vec<(crate::request::RequestId, ClaimToken)> = Vec::new();
         let mut skipped_deadline: Option<Instant> = None;
-        // The lease this daemon's row last took (see `renew_presence`):
-        // other hosts' reapers wait that long. Unknown at first (the row
-        // written at start may have failed).
-        let mut published: Option<Duration> = None;
+        // The lease this daemon's row last took (see `renew_presence`).
+        let mut published = self.published;
         loop {
             let config = Setup::current_config(&self.setup);
             let fenced = self.tries.fenced();
