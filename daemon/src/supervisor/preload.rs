@@ -268,7 +268,13 @@ impl Pool {
             let parent = self.parent_for(spawner, &key, recipe).await?;
             match parent.request(spawner, recipe).await {
                 Ok(child) => return Ok(child),
-                Err(error) if !parent.alive.load(Ordering::SeqCst) && attempts < 2 => {
+                // A broken protocol retires the parent before the try hears
+                // of it: its death is not why this try has no child.
+                Err(error)
+                    if error.kind() != io::ErrorKind::InvalidData
+                        && !parent.alive.load(Ordering::SeqCst)
+                        && attempts < 2 =>
+                {
                     tracing::debug!("preloaded parent died while starting a try: {error}");
                 }
                 Err(error) if error.raw_os_error() == Some(libc::EMSGSIZE) => {
