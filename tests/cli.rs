@@ -1397,7 +1397,10 @@ async fn run_whose_standard_error_nobody_reads_still_times_out() {
 /// `run --id N --record` claimed the row once and renewed its lease
 /// never: a try longer than `lease_timeout` was reaped by a daemon of
 /// another host (`CRASHED`, "lease expired") and run again beside the one
-/// still running by hand. It now renews the lease as a daemon does.
+/// still running by hand. It now renews the lease as a daemon does, and at
+/// least every second: it has no row telling the daemons its lease, and
+/// one run with a config of a longer interval (here 5 s, against the
+/// daemon's 3 s lease) was reaped all the same.
 async fn run_record_keeps_its_rows_lease_while_the_task_runs(backend: Backend) {
     let db = TestDb::new(backend).await;
     let log = db.scratch.join("ran.log");
@@ -1415,11 +1418,21 @@ async fn run_record_keeps_its_rows_lease_while_the_task_runs(backend: Backend) {
         .insert_row(NewRow::new("Slow").delayed(backend, 3600))
         .await;
     let config = daemon.config.to_str().unwrap().to_string();
+    let longer = db.scratch.join("longer-interval.yml");
+    std::fs::write(
+        &longer,
+        format!(
+            "lease_timeout: 20s\nheartbeat_interval: 5s\nkill_grace: 1s\n\
+             tasks:\n  Slow:\n    command: [/bin/sh, -c, 'echo start >> {l}; sleep 6; echo end >> {l}']\n",
+            l = log.display()
+        ),
+    )
+    .unwrap();
     let (status, stdout, stderr) = cli(
         &db,
         &[
             "--config",
-            &config,
+            longer.to_str().unwrap(),
             "--host-id",
             "a",
             "run",

@@ -260,7 +260,12 @@ async fn record_outcome(store: &Store, write: Write, patience: Duration) -> Resu
 /// Keeps the lease of the row `run --record` runs, as a daemon's heartbeat
 /// does (before, nothing renewed it: a try longer than `lease_timeout` was
 /// reaped by a daemon of another host and run again beside this one). The
-/// lease is renewed every `heartbeat_interval`; the task is stopped when
+/// lease is renewed every `heartbeat_interval`, and at least every second:
+/// the run has no row in `task_runner_daemons` that would tell other
+/// hosts' reapers its lease, so each judges the row by its own, which may
+/// be shorter than this config's interval (before, a run with a config of
+/// the default 10 s interval was reaped by a daemon whose lease is 6 s,
+/// and its row ran again beside it). The task is stopped when
 /// the row is no longer held under this claim (reaped, taken over), when a
 /// user asks to cancel it, and, on PostgreSQL and MariaDB/MySQL, when no
 /// renewal has renewed the row for as long as a daemon's own fence allows
@@ -275,8 +280,9 @@ async fn keep_lease(
     stop: Arc<watch::Sender<Option<StopReason>>>,
 ) {
     let fenced = store.backend() != crate::store::Backend::Sqlite;
+    let every = config.heartbeat_interval.min(Duration::from_secs(1));
     let mut renewed = claim_sent;
-    let mut next = claim_sent + config.heartbeat_interval;
+    let mut next = claim_sent + every;
     loop {
         let fence = renewed + config.fence_after();
         tokio::select! {
@@ -291,7 +297,7 @@ async fn keep_lease(
             }
         }
         let sent = Instant::now();
-        next = sent + config.heartbeat_interval;
+        next = sent + every;
         let renewal =
             tokio::time::timeout_at(fence.max(next).into(), store.renew_heartbeats(&instance))
                 .await;
