@@ -391,10 +391,9 @@ async fn preloaded_tries_run_in_their_own_cgroup(backend: Backend) {
 /// A preloaded program run as another user than the daemon's (`user:`,
 /// the daemon root): its children could not open their cgroup's join
 /// files (root's), and every try exited 127 where the same try exec'd
-/// finished. The daemon now attaches the files' descriptors, opened by
-/// itself, to each request (protocol 2), and the child writes to them;
-/// a program of protocol 1 is given no `cgroup` field, and the daemon
-/// moves its children.
+/// finished. Such a program's requests now carry no `cgroup` field, and
+/// the daemon moves each child into its try's cgroup when it gets its
+/// pid. (Each probe reads its cgroup a second after its start.)
 async fn preloaded_tries_of_another_user_run_in_their_own_cgroup(backend: Backend) {
     let db = TestDb::new(backend).await;
     let sdk = PathBuf::from(crate::util::DAEMON)
@@ -414,50 +413,12 @@ async fn preloaded_tries_of_another_user_run_in_their_own_cgroup(backend: Backen
         return;
     };
     for task in ["Probe", "PyProbe", "Probe", "PyProbe"] {
-        let id = insert_once(&db, task).await;
-        assert_ran_in_its_try_cgroup(&db, id).await;
-    }
-    assert!(daemon.stop().success());
-
-    // The Python example made to speak protocol 1, from a directory that
-    // nobody may read.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&db.scratch.path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let program = db.scratch.join("protocol_1.py");
-    crate::util::write_executable(
-        &program,
-        format!(
-            "#!/usr/bin/env python3\n\
-             import sys\n\
-             sys.dont_write_bytecode = True\n\
-             sys.path.insert(0, {:?})\n\
-             import preload_tasks\n\
-             preload_tasks.HELLO = b'hello\\0taskrunner-preload-1\\0'\n\
-             preload_tasks.join_cgroup = lambda fds: None\n\
-             sys.exit(preload_tasks.main())\n",
-            python.parent().unwrap().display().to_string()
-        ),
-    );
-    let mut daemon = start_with_cgroups(
-        &db,
-        &format!(
-            "user: nobody\nprograms: [{{path: {}, preload: true}}]\n",
-            program.display()
-        ),
-    )
-    .expect("cgroups, as above");
-    for _ in 0..2 {
-        // It reads its cgroup a second after its start, once moved.
         let id = db
-            .insert_row(
-                NewRow::new("PyProbe")
-                    .options("sleep_ms: 1000")
-                    .try_limit(1),
-            )
+            .insert_row(NewRow::new(task).options("sleep_ms: 1000").try_limit(1))
             .await;
         assert_ran_in_its_try_cgroup(&db, id).await;
     }
-    assert!(daemon.log_text().contains(" preloaded (pid "));
+    assert_eq!(daemon.log_text().matches(" preloaded (pid ").count(), 2);
     assert!(daemon.stop().success());
 }
 
@@ -482,8 +443,8 @@ async fn assert_ran_in_its_try_cgroup(db: &TestDb, id: taskrunner::request::Requ
 /// The daemon's safety net for a preloaded program that does not write to
 /// the protocol's `cgroup` files: it moves each child into its try's
 /// cgroup when it gets its pid (and never comes to trust the program's
-/// children to join by themselves). The Python example, with its join
-/// made to do nothing.
+/// children to join by themselves). The Python example, with its parse
+/// made to drop the `cgroup` fields.
 async fn a_preloaded_program_that_ignores_the_cgroup_field_has_its_tries_moved(backend: Backend) {
     let db = TestDb::new(backend).await;
     let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/preload");
@@ -496,7 +457,12 @@ async fn a_preloaded_program_that_ignores_the_cgroup_field_has_its_tries_moved(b
              sys.dont_write_bytecode = True\n\
              sys.path.insert(0, {:?})\n\
              import preload_tasks\n\
-             preload_tasks.join_cgroup = lambda fds: None\n\
+             parse = preload_tasks.parse\n\
+             def ignoring_cgroups(message):\n    \
+                 request = parse(message)\n    \
+                 request['cgroup'] = []\n    \
+                 return request\n\
+             preload_tasks.parse = ignoring_cgroups\n\
              sys.exit(preload_tasks.main())\n",
             examples.display().to_string()
         ),

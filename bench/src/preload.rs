@@ -292,7 +292,7 @@ fn preload_floor(bench: &Bench, count: usize, gap: Duration) -> Result<Vec<f64>>
         }
         Ok(buffer[..count as usize].to_vec())
     };
-    if receive(&mut buffer)? != b"hello\0taskrunner-preload-2\0" {
+    if receive(&mut buffer)? != b"hello\0taskrunner-preload-1\0" {
         bail!("the preloaded probe did not say hello");
     }
     let mut delays = Vec::with_capacity(count);

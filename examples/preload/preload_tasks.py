@@ -119,7 +119,7 @@ def run_task():
 # ---------------------------------------------------------------------------
 # The preload protocol.
 
-HELLO = b"hello\0taskrunner-preload-2\0"
+HELLO = b"hello\0taskrunner-preload-1\0"
 CLONE_PARENT = 0x00008000
 SIGCHLD = 17
 PR_SET_PDEATHSIG = 1
@@ -139,14 +139,13 @@ def serve_preloaded():
         return 1
     daemon.send(HELLO)
     while True:
-        # stdin, stdout, stderr, and one per cgroup hierarchy (at most 3)
-        message, fds, _, _ = socket.recv_fds(daemon, 1 << 20, 3 + 8)
+        message, fds, _, _ = socket.recv_fds(daemon, 1 << 20, 3)
         if not message and not fds:
             return 0  # the daemon retired this parent
         try:
             request = parse(message)
-            if len(fds) != 3 + len(request["cgroup"]):
-                raise ValueError(f"a request with {len(fds)} descriptors, not 3 + {len(request['cgroup'])}")
+            if len(fds) != 3:
+                raise ValueError(f"a request with {len(fds)} descriptors, not 3")
             answer = f"pid\0{fork_try(daemon, request, fds)}\0"
         except Exception as error:
             # Out of processes or memory: the machine's shortage, not the
@@ -198,19 +197,13 @@ def fork_try(daemon, request, fds):
     os._exit(run_task())
 
 
-def join_cgroup(fds):
-    """Into the try's cgroup, before anything else: "0" written to each
-    join file's descriptor, opened by the daemon (a child of another user
-    than the daemon's may write to it, not open the file)."""
-    for fd in fds:
-        os.write(fd, b"0")
-
-
 def set_up_child(request, fds):
     """What the daemon does for an exec'd task before exec."""
-    join_cgroup(fds[3:])
+    for procs in request["cgroup"]:  # the try's cgroup, before anything else
+        with open(procs, "w") as joining:
+            joining.write("0")
     os.setpgid(0, 0)
-    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in fds[:3]]
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in fds]
     for target, fd in enumerate(high):
         os.dup2(fd, target)
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))

@@ -11,9 +11,8 @@ use std::process::ExitCode;
 
 use crate::Tasks;
 
-/// The first message, once the program has booted: protocol 2, whose
-/// requests carry the descriptors of the try's cgroup's join files.
-const HELLO: &[u8] = b"hello\0taskrunner-preload-2\0";
+/// The first message, once the program has booted.
+const HELLO: &[u8] = b"hello\0taskrunner-preload-1\0";
 
 /// The socket the daemon hands over.
 const SOCKET: libc::c_int = 0;
@@ -41,8 +40,7 @@ struct Request<'a> {
     rlimit_nproc: Option<u64>,
     nice: Option<i32>,
     /// The try's cgroup's join files (`tasks` on v1, `cgroup.procs` on
-    /// v2), by name; the child writes `0` to the descriptors attached for
-    /// them, first thing, while it has one thread.
+    /// v2), written `0` first thing, while the child has one thread.
     cgroups: Vec<&'a CStr>,
 }
 
@@ -88,12 +86,9 @@ pub(crate) fn serve(tasks: &Tasks) -> ExitCode {
         // in the parent, and it starts no thread (a read of /proc per try
         // was on every start's path).
         let answer = match (parse(message), fds.len()) {
-            (Ok(request), count) if count == 3 + request.cgroups.len() => {
-                fork_try(tasks, &request, &fds)
-            }
-            (Ok(request), count) => Err(NoChild::Error(format!(
-                "a request with {count} descriptors, not {} (stdin, stdout, stderr and one per cgroup field)",
-                3 + request.cgroups.len()
+            (Ok(request), 3) => fork_try(tasks, &request, &fds),
+            (Ok(_), count) => Err(NoChild::Error(format!(
+                "a request with {count} descriptors, not 3"
             ))),
             (Err(reason), _) => Err(NoChild::Error(reason)),
         };
@@ -257,14 +252,13 @@ fn set_up_child(request: &Request, fds: &[libc::c_int]) -> Result<(), &'static s
     // SAFETY: system calls on values of our own, in the single-threaded child.
     unsafe {
         // Into the try's cgroup before anything else, so that its limits
-        // hold and ending the try kills all it starts: through the
-        // descriptors the daemon opened (a child of another user than the
-        // daemon's may write to them, not open the files), closed with the
-        // others below.
-        for &fd in &fds[3..3 + request.cgroups.len()] {
-            if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+        // hold and ending the try kills all it starts.
+        for procs in &request.cgroups {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                 return Err("joining the try's cgroup");
             }
+            libc::close(fd);
         }
         let none: libc::sigset_t = std::mem::zeroed();
         libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
@@ -360,8 +354,7 @@ fn send(message: &[u8]) -> std::io::Result<()> {
     }
 }
 
-/// The descriptors passed with one request (three, and one per `cgroup`
-/// field).
+/// The descriptors passed with one request (a request carries three).
 struct Fds {
     fds: [libc::c_int; 8],
     count: usize,
@@ -378,8 +371,7 @@ impl std::ops::Deref for Fds {
 /// One request into `buffer` (its length) and the descriptors passed with
 /// it; `None` at end of file.
 fn receive(buffer: &mut [u8]) -> std::io::Result<Option<(usize, Fds)>> {
-    // Room for eight descriptors (a request carries three, and one per
-    // cgroup hierarchy, at most three).
+    // Room for a few descriptors (a request carries three).
     let mut control = [0u64; 16];
     loop {
         // SAFETY: recvmsg into buffers that outlive the call; the control

@@ -580,14 +580,11 @@ impl TryCgroup {
     }
 
     /// The join files ([`join_file`]), for a preloaded parent's child to
-    /// write `0` to, each with its descriptor open for writing (opened by
-    /// the daemon: a child of another user may write to it, where opening
-    /// the file itself is refused).
-    pub(crate) fn join_files(&self) -> Vec<(PathBuf, libc::c_int)> {
+    /// write `0` to.
+    pub(crate) fn procs_paths(&self) -> Vec<PathBuf> {
         self.dirs
             .iter()
-            .zip(&self.procs)
-            .map(|(dir, fd)| (join_file(&dir.path, dir.v2), fd.as_raw_fd()))
+            .map(|dir| join_file(&dir.path, dir.v2))
             .collect()
     }
 

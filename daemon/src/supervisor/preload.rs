@@ -50,14 +50,8 @@ use tokio::time::Instant;
 
 use super::spawner::{CgroupJoin, Child, Exec, OurEnds, Recipe};
 
-/// The program's first message once it has booted, in the newer version
-/// of the protocol: its children join their cgroups through the
-/// descriptors attached to each request.
-pub(crate) const HELLO: &[u8] = b"hello\0taskrunner-preload-2\0";
-
-/// The hello of protocol 1: the children open the join files by their
-/// paths (which a child of another user than the daemon's cannot).
-pub(crate) const HELLO_1: &[u8] = b"hello\0taskrunner-preload-1\0";
+/// The program's first message once it has booted.
+pub(crate) const HELLO: &[u8] = b"hello\0taskrunner-preload-1\0";
 
 /// How long a program may take to boot and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -182,8 +176,7 @@ struct Parent {
     files: Vec<Option<FileId>>,
     /// Its children were seen joining their cgroups by themselves.
     joins_itself: JoinsItself,
-    /// How its children are told to join their cgroups (its hello's
-    /// version, and its user).
+    /// How its children get into their cgroups (by its user).
     join: CgroupJoin,
 }
 
@@ -582,7 +575,16 @@ impl Parent {
             started: Instant::now(),
             files,
             joins_itself: Default::default(),
-            join: CgroupJoin::Descriptors,
+            // A child of another user cannot open the join files (root's):
+            // given their paths, it would exit 127 at each try.
+            join: if recipe
+                .uid
+                .is_some_and(|uid| uid != nix::unistd::geteuid().as_raw())
+            {
+                CgroupJoin::Left
+            } else {
+                CgroupJoin::Paths
+            },
         };
         let mut buffer = [0u8; 256];
         let hello = tokio::select! {
@@ -604,22 +606,6 @@ impl Parent {
         let hello = hello.map(|count| &buffer[..count.min(buffer.len())]);
         match hello {
             Ok(hello) if hello == HELLO => Ok(parent),
-            Ok(hello) if hello == HELLO_1 => {
-                // A child of another user cannot open the join files
-                // (owned by root): given their paths, it would exit 127 at
-                // each try.
-                let another_user = recipe
-                    .uid
-                    .is_some_and(|uid| uid != nix::unistd::geteuid().as_raw());
-                Ok(Parent {
-                    join: if another_user {
-                        CgroupJoin::Left
-                    } else {
-                        CgroupJoin::Paths
-                    },
-                    ..parent
-                })
-            }
             Ok([]) => {
                 // Most often it is exiting: say how.
                 let reason = match tokio::time::timeout(Duration::from_secs(1), status_rx).await {
@@ -715,12 +701,11 @@ impl Parent {
     /// comes through [`answer_requests`].
     async fn request(&self, spawner: &Exec, recipe: &Recipe) -> io::Result<Child> {
         let (message, stdio) = spawner.preload_request(recipe, self.join)?;
-        let fds: Vec<libc::c_int> = stdio
-            .child_ends
-            .iter()
-            .map(|fd| fd.as_raw_fd())
-            .chain(stdio.join_fds.iter().copied())
-            .collect();
+        let fds = [
+            stdio.child_ends[0].as_raw_fd(),
+            stdio.child_ends[1].as_raw_fd(),
+            stdio.child_ends[2].as_raw_fd(),
+        ];
         let (reply, answer) = tokio::sync::oneshot::channel();
         let mut reply = Some(reply);
         let mut deadline = tokio::time::Instant::now() + reply_timeout();

@@ -330,27 +330,24 @@ impl OurEnds {
 }
 
 /// A try's pipes made for a preloaded parent's child: the ends it gets
-/// (stdin, stdout, stderr), the join files of its cgroup it gets after
-/// them (the try's cgroup keeps them open), and ours.
+/// (stdin, stdout, stderr), and ours.
 pub(super) struct PreloadStdio {
     pub(crate) child_ends: [OwnedFd; 3],
-    pub(crate) join_fds: Vec<libc::c_int>,
     pub(crate) ours: OurEnds,
 }
 
-/// How a preloaded parent's child is told to join its try's cgroup.
+/// How a preloaded parent's child gets into its try's cgroup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CgroupJoin {
-    /// Each join file's path in a `cgroup` field, and its descriptor,
-    /// opened by the daemon, attached after the three of the try's stdio
-    /// (protocol 2).
-    Descriptors,
-    /// The paths only (protocol 1, a parent of the daemon's own user,
-    /// which may open them).
+    /// It joins by itself: each join file's path in a `cgroup` field (a
+    /// parent of the daemon's own user, which may open them).
     Paths,
-    /// Nothing: protocol 1 with a parent of another user, whose child
-    /// could not open the files and would exit 127. The daemon moves the
-    /// child when it gets its pid.
+    /// The daemon moves it when it gets its pid: a parent of another user
+    /// (`user:`), whose child could not open the files (root's) and would
+    /// exit 127. Not the daemon's descriptors of the files either: opened
+    /// by root, they would let the program move any process into the
+    /// try's cgroup (the kernel checks the opener's credentials), to be
+    /// killed at the try's end.
     Left,
 }
 
@@ -846,13 +843,9 @@ impl Exec {
         if let Some(nice) = limits.nice {
             field(b"nice", nice.to_string().as_bytes())?;
         }
-        let mut join_fds = Vec::new();
-        if joining != CgroupJoin::Left {
-            for (procs, fd) in recipe.cgroup.iter().flat_map(|cgroup| cgroup.join_files()) {
+        if joining == CgroupJoin::Paths {
+            for procs in recipe.cgroup.iter().flat_map(|cgroup| cgroup.procs_paths()) {
                 field(b"cgroup", procs.as_os_str().as_bytes())?;
-                if joining == CgroupJoin::Descriptors {
-                    join_fds.push(fd);
-                }
             }
         }
         // Out of descriptors here is the daemon's shortage, as in `start`.
@@ -868,7 +861,6 @@ impl Exec {
             message,
             PreloadStdio {
                 child_ends: [stdin_child, stdout_child, stderr_child],
-                join_fds,
                 ours: OurEnds {
                     stdin: stdin_ours,
                     stdout: stdout_ours,
