@@ -904,7 +904,11 @@ async fn answer_requests(parent: Arc<Parent>) {
                 "preloaded parent (pid {}) answered with something else than its child (pid {pid}) for a try: the child is killed",
                 parent.pid
             );
-            super::spawner::kill_unsupervised_child(pid);
+            // Off the runtime's thread: the wait for its death may be long
+            // (a process in uninterruptible sleep).
+            let _ =
+                tokio::task::spawn_blocking(move || super::spawner::kill_unsupervised_child(pid))
+                    .await;
         }
         let _ = reply.send(Err(error));
     }

@@ -508,8 +508,6 @@ fn supervised() -> std::sync::MutexGuard<'static, std::collections::HashSet<u32>
         .unwrap_or_else(|e| e.into_inner())
 }
 
-/// Whether `pid` is the daemon's child, not yet reaped (so that the pid
-/// cannot have been reused); needs no descriptor. Reaps nothing.
 /// Kills and reaps `pid`, and the process group it leads, if it is a child
 /// of the daemon that no try supervises (a preloaded parent's child whose
 /// answer was refused): nothing of it runs on unsupervised. Unreaped, its
@@ -531,6 +529,8 @@ pub(super) fn kill_unsupervised_child(pid: u32) {
     }
 }
 
+/// Whether `pid` is the daemon's child, not yet reaped (so that the pid
+/// cannot have been reused); needs no descriptor. Reaps nothing.
 fn is_own_child(pid: u32) -> bool {
     // SAFETY: a waitid that reaps nothing (WNOWAIT), into a local.
     unsafe {
