@@ -1634,6 +1634,12 @@ async fn run_record_writes_its_outcome_through_a_database_outage(backend: Backen
         stderr.contains(&format!("recorded try 1 of request {id} as FINISHED")),
         "{stderr}"
     );
+    // One line for the outage: the lease's renewals meanwhile say nothing,
+    // nor does the one that finds the row written.
+    assert!(
+        !stderr.contains("renew") && !stderr.contains("no longer holds"),
+        "{stderr}"
+    );
     let row = db.row(id).await;
     assert_eq!((row.result.as_deref(), row.tries), (Some("FINISHED"), 1));
 }

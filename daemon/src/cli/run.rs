@@ -159,13 +159,14 @@ async fn run_and_record(
             request.try_limit
         );
     };
+    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let lease = tokio::spawn(keep_lease(
         config.clone(),
         store.clone(),
         instance,
         (id, token),
         claim_sent,
-        stop_sender,
+        (stop_sender, ended.clone()),
     ));
     let (sender, mut writes) = mpsc::unbounded_channel::<Write>();
     let patience = config.lease_timeout;
@@ -195,6 +196,7 @@ async fn run_and_record(
         |_| {},
     )
     .await;
+    ended.store(true, std::sync::atomic::Ordering::SeqCst);
     send(Write::Outcome(outcome));
     drop(sender);
     // The lease is kept while the outcome is written, however many times.
@@ -270,15 +272,21 @@ async fn record_outcome(store: &Store, write: Write, patience: Duration) -> Resu
 /// user asks to cancel it, and, on PostgreSQL and MariaDB/MySQL, when no
 /// renewal has renewed the row for as long as a daemon's own fence allows
 /// ([`Config::fence_after`]), before its lease lapses. Ends once the try
-/// has been told to stop for a lost claim.
+/// has been told to stop for a lost claim. Once the try has `ended`, it
+/// renews quietly while the outcome is written (however many times), and
+/// ends when the row is no longer held (written, or taken).
 async fn keep_lease(
     config: Config,
     store: Store,
     instance: crate::instance::InstanceId,
     (id, token): (RequestId, crate::instance::ClaimToken),
     claim_sent: Instant,
-    stop: Arc<watch::Sender<Option<StopReason>>>,
+    (stop, ended): (
+        Arc<watch::Sender<Option<StopReason>>>,
+        Arc<std::sync::atomic::AtomicBool>,
+    ),
 ) {
+    let ended = || ended.load(std::sync::atomic::Ordering::SeqCst);
     let fenced = store.backend() != crate::store::Backend::Sqlite;
     let every = config.heartbeat_interval.min(Duration::from_secs(1));
     let mut renewed = claim_sent;
@@ -287,7 +295,7 @@ async fn keep_lease(
         let fence = renewed + config.fence_after();
         tokio::select! {
             _ = tokio::time::sleep_until(next.into()) => {}
-            _ = tokio::time::sleep_until(fence.into()), if fenced => {
+            _ = tokio::time::sleep_until(fence.into()), if fenced && !ended() => {
                 eprintln!(
                     "request {id}: its lease was not renewed for {:.1}s: stopping the task before the lease lapses",
                     renewed.elapsed().as_secs_f64()
@@ -303,6 +311,7 @@ async fn keep_lease(
                 .await;
         match renewal {
             Ok(Ok(held)) => match held.iter().find(|h| h.id == id && h.claim_token == token) {
+                None if ended() => return,
                 None => {
                     eprintln!(
                         "request {id}: this run no longer holds the row (reaped or taken over): stopping the task"
@@ -314,12 +323,14 @@ async fn keep_lease(
                     if held.renewed {
                         renewed = sent;
                     }
-                    if held.cancel_requested && stop.borrow().is_none() {
+                    if held.cancel_requested && stop.borrow().is_none() && !ended() {
                         eprintln!("request {id}: cancel requested: stopping the task");
                         stop.send_replace(Some(StopReason::Cancel));
                     }
                 }
             },
+            // Once the try has ended, the outcome's write says it once.
+            Ok(Err(_)) | Err(_) if ended() => {}
             Ok(Err(error)) => eprintln!(
                 "request {id}: could not renew the row's lease: {}",
                 crate::error_line(&error)
