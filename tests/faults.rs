@@ -581,6 +581,28 @@ async fn a_row_taken_away_and_claimed_again_by_the_same_daemon_keeps_its_new_try
     assert!(daemon.stop().success());
 }
 
+/// A task type `Slow` that writes `start TRY` and `end` into `log`, and
+/// runs `seconds` in between: a second start shows a row run twice.
+fn slow_logged_task(log: &std::path::Path, seconds: u32) -> String {
+    format!(
+        "tasks:\n  Slow:\n    command: [/bin/sh, -c, 'echo start $TASKRUNNER_TRY >> {l}; sleep {seconds}; echo end >> {l}']\n",
+        l = log.display()
+    )
+}
+
+/// A daemon of host `short` whose lease is `lease`, renewed every second,
+/// that reaps every second: it takes another host's row for crashed as
+/// soon as that row's lease, as it judges it, has lapsed.
+fn short_lease_daemon(db: &TestDb, lease: &str, tasks: &str) -> Daemon {
+    Daemon::start(
+        db,
+        "short",
+        &format!(
+            "host_id: short\nlease_timeout: {lease}\nheartbeat_interval: 1s\nkill_grace: 1s\nreap_interval: 1s\n{tasks}"
+        ),
+    )
+}
+
 /// Daemons of two hosts whose `lease_timeout`s differ (a config changed on
 /// some hosts first): the daemon with the shorter lease, and
 /// `taskrunner-cli reap` under its config, leave the other daemon's running
@@ -590,10 +612,7 @@ async fn a_row_taken_away_and_claimed_again_by_the_same_daemon_keeps_its_new_try
 async fn a_reaper_with_a_shorter_lease_waits_for_the_lease_of_the_rows_daemon(backend: Backend) {
     let db = TestDb::new(backend).await;
     let log = db.scratch.join("ran.log");
-    let tasks = format!(
-        "tasks:\n  Slow:\n    command: [/bin/sh, -c, 'echo start $TASKRUNNER_TRY >> {l}; sleep 6; echo end >> {l}']\n",
-        l = log.display()
-    );
+    let tasks = slow_logged_task(&log, 6);
     // Renews every 6 s; its rows' heartbeats are up to 6 s old.
     let mut long = Daemon::start(
         &db,
@@ -604,13 +623,7 @@ async fn a_reaper_with_a_shorter_lease_waits_for_the_lease_of_the_rows_daemon(ba
     );
     let id = db.enqueue("Slow", None).await;
     let running = db.wait_for_pid(id, WAIT).await;
-    let mut short = Daemon::start(
-        &db,
-        "short",
-        &format!(
-            "host_id: short\nlease_timeout: 3s\nheartbeat_interval: 1s\nkill_grace: 1s\nreap_interval: 1s\n{tasks}"
-        ),
-    );
+    let mut short = short_lease_daemon(&db, "3s", &tasks);
     let short_config = short.config.to_str().unwrap().to_string();
     // The short lease passes (4 s) while the try runs on: nothing reaps it.
     holds_for(
@@ -650,10 +663,7 @@ multi_host_backends!(a_reload_that_lengthens_the_lease_writes_it_before_renewing
 async fn a_reload_that_lengthens_the_lease_writes_it_before_renewing_less_often(backend: Backend) {
     let db = TestDb::new(backend).await;
     let log = db.scratch.join("ran.log");
-    let tasks = format!(
-        "tasks:\n  Slow:\n    command: [/bin/sh, -c, 'echo start $TASKRUNNER_TRY >> {l}; sleep 16; echo end >> {l}']\n",
-        l = log.display()
-    );
+    let tasks = slow_logged_task(&log, 16);
     let long_config = |lease: &str, interval: &str| {
         format!(
             "host_id: long\nlease_timeout: {lease}\nheartbeat_interval: {interval}\nkill_grace: 1s\n{tasks}"
@@ -662,13 +672,7 @@ async fn a_reload_that_lengthens_the_lease_writes_it_before_renewing_less_often(
     let mut long = Daemon::start(&db, "long", &long_config("6s", "1s"));
     let id = db.enqueue("Slow", None).await;
     let running = db.wait_for_pid(id, WAIT).await;
-    let mut short = Daemon::start(
-        &db,
-        "short",
-        &format!(
-            "host_id: short\nlease_timeout: 6s\nheartbeat_interval: 1s\nkill_grace: 1s\nreap_interval: 1s\n{tasks}"
-        ),
-    );
+    let mut short = short_lease_daemon(&db, "6s", &tasks);
     let base = crate::util::base_config(&db, &long.dir);
     std::fs::write(
         &long.config,
@@ -715,10 +719,7 @@ async fn postgres_a_daemon_whose_row_cannot_be_written_renews_every_second() {
     )
     .await;
     let log = db.scratch.join("ran.log");
-    let tasks = format!(
-        "tasks:\n  Slow:\n    command: [/bin/sh, -c, 'echo start $TASKRUNNER_TRY >> {l}; sleep 10; echo end >> {l}']\n",
-        l = log.display()
-    );
+    let tasks = slow_logged_task(&log, 10);
     let mut long = Daemon::start(
         &db,
         "long",
@@ -729,13 +730,7 @@ async fn postgres_a_daemon_whose_row_cannot_be_written_renews_every_second() {
     long.wait_for_log("could not write this daemon's row", WAIT);
     let id = db.enqueue("Slow", None).await;
     db.wait_for_pid(id, WAIT).await;
-    let mut short = Daemon::start(
-        &db,
-        "short",
-        &format!(
-            "host_id: short\nlease_timeout: 6s\nheartbeat_interval: 1s\nkill_grace: 1s\nreap_interval: 1s\n{tasks}"
-        ),
-    );
+    let mut short = short_lease_daemon(&db, "6s", &tasks);
     let row = db.wait_for_state(id, "FINISHED", WAIT).await;
     assert_eq!(row.tries, 1, "{row:?}\n{}", short.log_text());
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "start 1\nend\n");

@@ -911,50 +911,7 @@ async fn a_preloaded_try_has_the_oom_score_and_open_files_limit_of_an_execd_one(
 async fn a_parent_working_through_a_queue_of_requests_is_not_taken_for_a_stuck_one(
     backend: crate::util::Backend,
 ) {
-    let db = TestDb::new(backend).await;
-    let program = db.scratch.join("slow_forks.py");
-    python_example_with(
-        &program,
-        "fork_try = program['serve_preloaded'].__globals__['fork_try']\n\
-         def slowly(daemon, request, fds):\n    \
-             time.sleep(0.15)\n    \
-             return fork_try(daemon, request, fds)\n\
-         program['serve_preloaded'].__globals__['fork_try'] = slowly",
-    );
-    let mut daemon = db
-        .daemon("d")
-        .yaml(&format!(
-            "max_concurrent: 12\ntasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
-            program.display()
-        ))
-        .env("TASKRUNNER_TEST_PRELOAD_REPLY_TIMEOUT_MS", "1000")
-        .start();
-    // Booted first, so that the twelve are sent together.
-    let warm = enqueue(&db, "PyProbe", "quiet: true").await;
-    finished_on_one_try(&db, warm, &daemon, WAIT).await;
-    db.insert_copies(
-        NewRow::new("PyProbe").options("quiet: true").try_limit(1),
-        12,
-    )
-    .await;
-    db.wait_for_count(
-        "SELECT count(*) FROM task_runner_requests WHERE result IS NULL OR result = 'RUNNING'",
-        0,
-        WAIT,
-    )
-    .await;
-    let log = daemon.log_text();
-    assert_eq!(
-        db.scalar(
-            "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED' AND tries = 1"
-        )
-        .await,
-        13,
-        "{log}"
-    );
-    assert!(!log.contains("did not answer a request"), "{log}");
-    assert_eq!(log.matches(" preloaded (pid ").count(), 1, "{log}");
-    assert!(daemon.stop().success());
+    twelve_requests_to_a_slow_parent_are_all_served_by_it(backend, 0.15, "").await;
 }
 
 /// The same with large requests (a 60 KiB `env:` value): a few fill the
@@ -966,25 +923,39 @@ async fn a_parent_working_through_a_queue_of_requests_is_not_taken_for_a_stuck_o
 async fn large_requests_waiting_for_room_in_a_busy_parents_socket_are_not_taken_for_a_stuck_one(
     backend: crate::util::Backend,
 ) {
+    let env = format!("env: {{LARGE: {}}}\n", "x".repeat(60 * 1024));
+    twelve_requests_to_a_slow_parent_are_all_served_by_it(backend, 0.3, &env).await;
+}
+
+/// Twelve tries at once asked of one preloaded parent that takes
+/// `fork_seconds` a fork, the reply bound shortened to 1 s, with `extra`
+/// config: each runs once, and the parent is never taken for a stuck one.
+async fn twelve_requests_to_a_slow_parent_are_all_served_by_it(
+    backend: crate::util::Backend,
+    fork_seconds: f64,
+    extra: &str,
+) {
     let db = TestDb::new(backend).await;
     let program = db.scratch.join("slow_forks.py");
     python_example_with(
         &program,
-        "fork_try = program['serve_preloaded'].__globals__['fork_try']\n\
-         def slowly(daemon, request, fds):\n    \
-             time.sleep(0.3)\n    \
-             return fork_try(daemon, request, fds)\n\
-         program['serve_preloaded'].__globals__['fork_try'] = slowly",
+        &format!(
+            "fork_try = program['serve_preloaded'].__globals__['fork_try']\n\
+             def slowly(daemon, request, fds):\n    \
+                 time.sleep({fork_seconds})\n    \
+                 return fork_try(daemon, request, fds)\n\
+             program['serve_preloaded'].__globals__['fork_try'] = slowly"
+        ),
     );
     let mut daemon = db
         .daemon("d")
         .yaml(&format!(
-            "max_concurrent: 12\nenv: {{LARGE: {}}}\ntasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
-            "x".repeat(60 * 1024),
+            "max_concurrent: 12\n{extra}tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
             program.display()
         ))
         .env("TASKRUNNER_TEST_PRELOAD_REPLY_TIMEOUT_MS", "1000")
         .start();
+    // Booted first, so that the twelve are sent together.
     let warm = enqueue(&db, "PyProbe", "quiet: true").await;
     finished_on_one_try(&db, warm, &daemon, WAIT).await;
     db.insert_copies(
