@@ -17,6 +17,7 @@ both_backends!(
     periodic_row_repeats_on_a_fixed_grid_until_cancelled,
     a_periodic_row_retried_by_hand_starts_no_second_chain,
     a_row_retried_by_hand_after_retention_took_what_its_end_made_makes_none_again,
+    a_callback_held_back_by_an_applications_row_is_made_at_a_later_end,
     an_overdue_periodic_row_is_followed_by_the_next_point_of_its_grid_to_come,
     every_occurrence_of_a_periodic_row_makes_its_callbacks,
     type_concurrency_of_one_holds_across_two_daemons,
@@ -474,6 +475,50 @@ async fn a_row_retried_by_hand_after_retention_took_what_its_end_made_makes_none
     ))
     .await;
     assert_eq!(db.scalar(&notes).await, 0);
+}
+
+/// A callback whose `unique_key` an application's own row holds (a waiting
+/// row with `request:N:failure`) is not made at that end. MariaDB counts
+/// the duplicate key as a row changed: the end noted the callback as made,
+/// and once the application's row was gone and the request, retried by
+/// hand, failed again, no callback came. The note is written only once
+/// the callback's own row is there.
+async fn a_callback_held_back_by_an_applications_row_is_made_at_a_later_end(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let id = db
+        .insert_row(NewRow::new("Boom").try_limit(1).on_failure("Alert"))
+        .await;
+    let holder = db
+        .insert_row(
+            NewRow::new("Elsewhere")
+                .unique_key(&format!("request:{id}:failure"))
+                .delayed(backend, 86_400),
+        )
+        .await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "tasks:\n  Boom:\n    command: [/bin/false]\n  Alert:\n    command: [/bin/true]\n",
+    );
+    db.wait_for_state(id, "FAILED", WAIT).await;
+    let callbacks = format!("SELECT count(*) FROM task_runner_requests WHERE callback_of = {id}");
+    assert_eq!(db.scalar(&callbacks).await, 0);
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_follow_ups WHERE request_id = {id}"
+        ))
+        .await,
+        0,
+        "noted as made"
+    );
+    db.execute(&format!(
+        "DELETE FROM task_runner_requests WHERE id = {holder}"
+    ))
+    .await;
+    assert_eq!(cli(&db, &["retry", &id.to_string()]).0, 0);
+    db.wait_for_state(id, "FAILED", WAIT).await;
+    db.wait_for_count(&callbacks, 1, WAIT).await;
+    assert!(daemon.stop().success());
 }
 
 async fn type_concurrency_of_one_holds_across_two_daemons(backend: Backend) {

@@ -294,6 +294,7 @@ pub(super) struct ComposeSql {
     end_batch: String,
     first_failure: String,
     follow_up_made: String,
+    callback_row: String,
     note_follow_up: String,
     insert_callback: String,
     repair_candidates: String,
@@ -435,6 +436,10 @@ impl ComposeSql {
                      + (SELECT count(*) FROM task_runner_requests \
                          WHERE callback_of = $1 AND unique_key = $3)"
                 )
+            ),
+            callback_row: format!(
+                "SELECT {} FROM task_runner_requests WHERE callback_of = $1 AND unique_key = $2",
+                d.int64("count(*)")
             ),
             note_follow_up: format!(
                 "{insert_or_ignore} INTO task_runner_follow_ups (request_id, cause) \
@@ -1208,6 +1213,19 @@ impl Store {
                 ],
             )
             .await?;
+        // MariaDB/MySQL count a duplicate key as a row changed (the insert
+        // then leaves an application's row holding the key as it is): the
+        // callback's own row is looked for there.
+        let made = made
+            && (self.backend() != super::Backend::MySql
+                || tx
+                    .fetch(&c.callback_row, &[Int(parent.id), Text(&key)])
+                    .await?
+                    .first()
+                    .map(|row| row.int(0))
+                    .transpose()?
+                    .unwrap_or(0)
+                    > 0);
         if made {
             self.note_follow_up(tx, parent.id, cause).await?;
         }
