@@ -55,6 +55,25 @@ fn start_with_cgroups(db: &TestDb, extra: &str) -> Option<Daemon> {
     Some(daemon)
 }
 
+/// [`start_with_cgroups`] with the task-sdk probe and the Python example
+/// preloaded, `extra` config first.
+fn start_preloaded_probes_with_cgroups(db: &TestDb, extra: &str) -> Option<Daemon> {
+    let sdk = PathBuf::from(crate::util::DAEMON)
+        .parent()
+        .unwrap()
+        .join("preload-probe");
+    let python =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/preload/preload_tasks.py");
+    start_with_cgroups(
+        db,
+        &format!(
+            "{extra}programs: [{{path: {}, preload: true}}, {{path: {}, preload: true}}]\n",
+            sdk.display(),
+            python.display()
+        ),
+    )
+}
+
 async fn insert_once(db: &TestDb, task: &str) -> taskrunner::request::RequestId {
     db.insert_row(NewRow::new(task).try_limit(1)).await
 }
@@ -362,20 +381,7 @@ async fn a_try_without_limits_gets_the_emptied_cgroup_of_one_before(backend: Bac
 /// join by themselves and stopped checking them.
 async fn preloaded_tries_run_in_their_own_cgroup(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let sdk = PathBuf::from(crate::util::DAEMON)
-        .parent()
-        .unwrap()
-        .join("preload-probe");
-    let python =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/preload/preload_tasks.py");
-    let Some(mut daemon) = start_with_cgroups(
-        &db,
-        &format!(
-            "programs: [{{path: {}, preload: true}}, {{path: {}, preload: true}}]\n",
-            sdk.display(),
-            python.display()
-        ),
-    ) else {
+    let Some(mut daemon) = start_preloaded_probes_with_cgroups(&db, "") else {
         return;
     };
     for task in ["Probe", "PyProbe", "Probe", "PyProbe", "Probe", "PyProbe"] {
@@ -396,20 +402,7 @@ async fn preloaded_tries_run_in_their_own_cgroup(backend: Backend) {
 /// pid. (Each probe reads its cgroup a second after its start.)
 async fn preloaded_tries_of_another_user_run_in_their_own_cgroup(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let sdk = PathBuf::from(crate::util::DAEMON)
-        .parent()
-        .unwrap()
-        .join("preload-probe");
-    let python =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/preload/preload_tasks.py");
-    let Some(mut daemon) = start_with_cgroups(
-        &db,
-        &format!(
-            "user: nobody\nprograms: [{{path: {}, preload: true}}, {{path: {}, preload: true}}]\n",
-            sdk.display(),
-            python.display()
-        ),
-    ) else {
+    let Some(mut daemon) = start_preloaded_probes_with_cgroups(&db, "user: nobody\n") else {
         return;
     };
     for task in ["Probe", "PyProbe", "Probe", "PyProbe"] {

@@ -628,6 +628,17 @@ impl Tx {
         })
     }
 
+    /// The number the one-row, one-column `sql` answers (0 for no row).
+    pub(super) async fn count(&mut self, sql: &'static str, params: &[Param<'_>]) -> Result<i64> {
+        Ok(self
+            .fetch(sql, params)
+            .await?
+            .first()
+            .map(|row| row.int(0))
+            .transpose()?
+            .unwrap_or(0))
+    }
+
     /// Runs `sql`, the insert of a row that an ending causes (a callback, a
     /// periodic row's next occurrence), in a savepoint. When the database
     /// refuses that row for its data (a type name longer than its rules
@@ -1168,15 +1179,11 @@ impl Store {
         let c = self.compose();
         let key = format!("request:{}:{cause}", parent.id);
         let exists = tx
-            .fetch(
+            .count(
                 &c.follow_up_made,
                 &[Int(parent.id), Text(cause), Text(&key)],
             )
             .await?
-            .first()
-            .map(|row| row.int(0))
-            .transpose()?
-            .unwrap_or(0)
             > 0;
         if exists {
             return Ok(());
@@ -1219,12 +1226,8 @@ impl Store {
         let made = made
             && (self.backend() != super::Backend::MySql
                 || tx
-                    .fetch(&c.callback_row, &[Int(parent.id), Text(&key)])
+                    .count(&c.callback_row, &[Int(parent.id), Text(&key)])
                     .await?
-                    .first()
-                    .map(|row| row.int(0))
-                    .transpose()?
-                    .unwrap_or(0)
                     > 0);
         if made {
             self.note_follow_up(tx, parent.id, cause).await?;

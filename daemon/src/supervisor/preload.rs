@@ -752,9 +752,8 @@ impl Parent {
                 Ok(Ok(mut ready)) => ready.clear_ready(),
                 Ok(Err(error)) => return Err(error),
                 Err(_) => {
-                    let answered = *self.answered_at.lock().unwrap_or_else(|e| e.into_inner());
-                    if answered + reply_timeout() > Instant::now() {
-                        deadline = answered + reply_timeout();
+                    if let Some(later) = self.answering_until() {
+                        deadline = later;
                         continue;
                     }
                     return Err(self.stopped_answering().await);
@@ -775,9 +774,8 @@ impl Parent {
                 Err(_) => {
                     // Answers to the requests ahead of this one came
                     // meanwhile: it works through its queue.
-                    let answered = *self.answered_at.lock().unwrap_or_else(|e| e.into_inner());
-                    if answered + reply_timeout() > Instant::now() {
-                        deadline = answered + reply_timeout();
+                    if let Some(later) = self.answering_until() {
+                        deadline = later;
                         continue;
                     }
                     let error = self.stopped_answering().await;
@@ -792,6 +790,14 @@ impl Parent {
                 }
             }
         }
+    }
+
+    /// Until when a try may wait for this parent when it answered a
+    /// request less than [`REPLY_TIMEOUT`] ago (it works through its
+    /// queue); `None` when it has not.
+    fn answering_until(&self) -> Option<Instant> {
+        let answered = *self.answered_at.lock().unwrap_or_else(|e| e.into_inner());
+        Some(answered + reply_timeout()).filter(|&until| until > Instant::now())
     }
 
     /// The parent took more than [`REPLY_TIMEOUT`] to take a request in
@@ -1041,11 +1047,15 @@ fn gone(error: &io::Error) -> bool {
     )
 }
 
-/// Sends one message with descriptors attached (SCM_RIGHTS), without
-/// waiting: a socket whose buffer is full (a parent that reads no requests)
-/// gives `WouldBlock`. Public for the benchmark, which plays the daemon's
-/// part of the protocol.
-pub fn send_with_fds(socket: libc::c_int, message: &[u8], fds: &[libc::c_int]) -> io::Result<()> {
+/// Sends one message with three descriptors (SCM_RIGHTS), without waiting:
+/// a socket whose buffer is full (a parent that reads no requests) gives
+/// `WouldBlock`. Public for the benchmark, which plays the daemon's part of
+/// the protocol.
+pub fn send_with_fds(
+    socket: libc::c_int,
+    message: &[u8],
+    fds: &[libc::c_int; 3],
+) -> io::Result<()> {
     // SAFETY: msghdr and its control buffer are built on the stack following
     // cmsg(3); every pointer stays valid for the sendmsg call.
     unsafe {

@@ -177,14 +177,7 @@ impl Child {
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
                 ) =>
             {
-                if is_own_child(pid) {
-                    // SAFETY: signalling and reaping our own unreaped child.
-                    unsafe {
-                        libc::kill(pid as libc::pid_t, libc::SIGKILL);
-                        let mut raw = 0;
-                        libc::waitpid(pid as libc::pid_t, &mut raw, 0);
-                    }
-                }
+                kill_unsupervised_child(pid);
                 return Err(mark_shortage(error));
             }
             Err(error) => {
