@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use taskrunner::request::RequestId;
 
 use crate::util::{
-    bare_cli, cli, poll, spawn_cli, wait_until, Backend, Daemon, NewRow, PrivateServer, Scratch,
-    TestDb, CLI,
+    bare_cli, cli, poll, spawn_cli, wait_until, within, Backend, Daemon, NewRow, PrivateServer,
+    Scratch, TestDb, CLI,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -354,6 +354,47 @@ async fn processes_migrating_at_once_take_turns_and_each_says_what_it_did(backen
         .filter(|s| s.contains(": up to date (version "))
         .count();
     assert_eq!((created, up_to_date), (1, 5), "{said:?}");
+}
+
+/// A new SQLite file that an application is writing to (its first rows,
+/// in SQLite's default rollback journal) holds `migrate` back until the
+/// application commits; then `migrate` creates the schema. Before, the
+/// switch to write-ahead logging that each connection makes failed at once
+/// with "database is locked": SQLite does not wait for that lock with its
+/// busy handler. Processes started together on a new file (two daemons and
+/// `migrate` from their init scripts) failed the same way, now and then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_migrate_waits_for_an_applications_write_to_a_new_file() {
+    let db = TestDb::unmigrated(Backend::Sqlite).await;
+    let application = db.holding("BEGIN IMMEDIATE").await;
+    let mut migrate = spawn_cli(&db, &["migrate"]);
+    let database = db.scratch.join("requests.db");
+    let has_it_open = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == database))
+    };
+    wait_until(WAIT, "migrate opening the database", || {
+        has_it_open(migrate.id()) || migrate.try_wait().unwrap().is_some()
+    });
+    // Long enough for a `migrate` that does not wait to have failed.
+    within(Duration::from_millis(300), || {
+        migrate.try_wait().unwrap().is_some()
+    });
+    drop(application);
+    let output = migrate.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(
+        output.status.success(),
+        "{}: {stdout}{stderr}",
+        output.status
+    );
+    assert!(stdout.contains(": created (version "), "{stdout}");
 }
 
 /// A schema two migrations behind (version 10: without migration 11's

@@ -9,9 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 use super::{diagnose, mysql, sql, url, ClaimFilter, Pool, Store};
 
@@ -54,8 +52,9 @@ impl std::fmt::Display for Migration {
 /// not read a schema another process is halfway through upgrading.
 /// PostgreSQL: a session advisory lock, MariaDB/MySQL: `GET_LOCK` on a name
 /// of the database's own, each held on a connection of its own (sqlx's
-/// migrator takes its own lock again inside). SQLite: nothing here; its
-/// migrations take turns by its write lock (see [`Store::run_migrations`]).
+/// migrator takes its own lock again inside). SQLite: the switch to
+/// write-ahead logging ([`Store::use_write_ahead_log`]); its migrations
+/// take turns by its write lock (see [`Store::run_migrations`]).
 /// A process that finds the turn taken says so once, then waits for it.
 pub(super) enum MigrationTurn {
     Sqlite,
@@ -72,7 +71,10 @@ impl MigrationTurn {
             )
         };
         match &store.pool {
-            Pool::Sqlite(_) => Ok(MigrationTurn::Sqlite),
+            Pool::Sqlite(_) => {
+                store.use_write_ahead_log().await?;
+                Ok(MigrationTurn::Sqlite)
+            }
             Pool::Postgres(pool) => {
                 let mut connection = pool.acquire().await?.detach();
                 const KEY: &str = "hashtext('taskrunner:migrate')";
@@ -228,7 +230,6 @@ impl Store {
             let options = SqliteConnectOptions::from_str(url)
                 .with_context(|| format!("invalid SQLite URL {display_url}"))?
                 .create_if_missing(purpose != Purpose::Cli)
-                .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(sqlite_busy_timeout());
             // The daemon checkpoints on a connection of its own (see daemon/checkpoint.rs).
@@ -744,6 +745,37 @@ impl Store {
         }
     }
 
+    /// SQLite: puts the file in write-ahead-log mode (kept in the file, so a
+    /// no-op once done), waiting for other connections as long as any
+    /// statement would ([`sqlite_busy_timeout`]). Done before the schema is
+    /// made or checked, not as each connection opens.
+    ///
+    /// Leaving the rollback journal takes an exclusive lock that SQLite does
+    /// not wait for with its busy handler: it answers "database is locked"
+    /// at once while another connection writes (or also means to). Set as
+    /// each connection opened, it failed `migrate` beside an application
+    /// writing its first rows to a new file, and now and then one of the
+    /// processes started together on a new file (two daemons and `migrate`
+    /// from their init scripts). Here the pragma is tried again every
+    /// millisecond.
+    async fn use_write_ahead_log(&self) -> Result<()> {
+        let Pool::Sqlite(pool) = &self.pool else {
+            return Ok(());
+        };
+        let since = std::time::Instant::now();
+        loop {
+            match sqlx::query("PRAGMA journal_mode = WAL").execute(pool).await {
+                Err(sqlx::Error::Database(error))
+                    if is_sqlite_busy(error.code().as_deref())
+                        && since.elapsed() < sqlite_busy_timeout() =>
+                {
+                    tokio::time::sleep(SQLITE_BUSY_RETRY).await;
+                }
+                outcome => return Ok(outcome.map(drop)?),
+            }
+        }
+    }
+
     /// This backend's migrations (one version means the same schema on every backend).
     fn migrator(&self) -> sqlx::migrate::Migrator {
         match &self.pool {
@@ -808,6 +840,7 @@ impl Store {
     /// reached is a plain error (retried).
     pub(crate) async fn check_schema(&self) -> Result<()> {
         self.check_encoding().await?;
+        self.use_write_ahead_log().await?;
         let migrator = self.migrator();
         let known: Vec<i64> = migrator
             .iter()
@@ -925,6 +958,13 @@ async fn stable_query_plans(connection: &mut sqlx::SqliteConnection) -> sqlx::Re
         )));
     }
     Ok(())
+}
+
+/// An SQLite (extended) result code of the SQLITE_BUSY family: another
+/// connection holds the lock the statement needed.
+fn is_sqlite_busy(code: Option<&str>) -> bool {
+    code.and_then(|code| code.parse::<i32>().ok())
+        .is_some_and(|code| code & 0xff == libsqlite3_sys::SQLITE_BUSY)
 }
 
 /// How long a statement on SQLite waits for another connection's lock
