@@ -16,6 +16,7 @@ both_backends!(
     starts_failing_for_the_daemons_own_descriptors_give_the_try_back,
     a_daemon_with_descriptors_for_one_start_at_a_time_runs_every_row,
     a_preloaded_parent_that_cannot_start_for_want_of_descriptors_costs_no_try,
+    tries_of_a_daemon_whose_hard_open_files_limit_was_lowered_start,
     starts_failing_for_want_of_processes_give_the_try_back,
     a_grandchild_of_a_killed_daemons_task_is_killed_before_the_rerun,
     a_reap_that_cannot_kill_a_dead_tries_grandchild_leaves_its_row,
@@ -259,6 +260,63 @@ async fn a_preloaded_parent_that_cannot_start_for_want_of_descriptors_costs_no_t
     set_open_files(daemon.pid(), was);
     let row = db.wait_for_state(id, "FINISHED", WAIT).await;
     assert_eq!(row.tries, 1, "{row:?}");
+    assert!(daemon.stop().success());
+}
+
+/// A daemon not run as root whose hard `RLIMIT_NOFILE` is lowered while it
+/// runs (`prlimit --nofile=4096`, both limits): every try was FAILED,
+/// counted, with "setting resource limits: Operation not permitted" (each
+/// child set the limit the daemon started with, the hard one above the
+/// daemon's now, which only a privileged process may raise), and so was
+/// each start of a preloaded parent. Now a task's hard limit is never above
+/// the daemon's. (Needs root, to run the daemon as `nobody`.)
+async fn tries_of_a_daemon_whose_hard_open_files_limit_was_lowered_start(backend: Backend) {
+    if !crate::util::runs_as_root("running the daemon as nobody needs root") {
+        return;
+    }
+    let db = TestDb::new(backend).await;
+    let nobody = scratch_for_nobody(&db, "d");
+    // A soft limit under the hard one (systemd's default is 1024:524288),
+    // within what this test may give.
+    let mut ours = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes a local.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut ours) },
+        0
+    );
+    let hard = ours.rlim_max.min(8192);
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&probe_and_nap("", "0.1"))
+        .uid(nobody)
+        .open_files((256, hard))
+        .start();
+    // As its own user may (root here may lack CAP_SYS_RESOURCE).
+    let lowered = hard / 2;
+    let status = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "prlimit",
+        ])
+        .arg(format!("--pid={}", daemon.pid()))
+        .arg(format!("--nofile={lowered}:{lowered}"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "prlimit: {status}");
+    for task in ["Nap", "Probe"] {
+        let id = db.insert_row(NewRow::new(task).try_limit(1)).await;
+        let row = db
+            .wait_for(id, WAIT, "ended", |row| {
+                !matches!(row.result.as_deref(), None | Some("RUNNING"))
+            })
+            .await;
+        assert_eq!(row.result.as_deref(), Some("FINISHED"), "{task}: {row:#?}");
+    }
     assert!(daemon.stop().success());
 }
 
@@ -651,7 +709,6 @@ async fn a_host_id_too_long_for_a_claim_is_refused_at_start_and_the_longest_allo
 /// tasks get an allowlist of its environment, and `workdir` defaults to `/`.
 /// (As root the daemon runs as `nobody` here, so that its task shares its uid.)
 async fn a_task_of_the_daemons_user_cannot_read_its_environment(backend: Backend) {
-    use std::os::unix::fs::chown;
     let db = TestDb::new(backend).await;
     let extra = "tasks:\n  Peek:\n    command: [/bin/sh, -c, 'pwd; cat /proc/$PPID/environ | tr \"\\\\0\" \"\\\\n\"; env']\n";
     let env = [
@@ -659,14 +716,7 @@ async fn a_task_of_the_daemons_user_cannot_read_its_environment(backend: Backend
         ("PGPASSWORD", "hunter3"),
     ];
     let mut daemon = if nix::unistd::geteuid().is_root() {
-        let nobody = 65534;
-        let dir = db.scratch.join("d");
-        std::fs::create_dir_all(&dir).unwrap();
-        for entry in std::fs::read_dir(&db.scratch.path).unwrap() {
-            chown(entry.unwrap().path(), Some(nobody), Some(nobody)).unwrap();
-        }
-        chown(&db.scratch.path, Some(nobody), Some(nobody)).unwrap();
-        Daemon::start_as(&db, "d", extra, &env, nobody)
+        Daemon::start_as(&db, "d", extra, &env, scratch_for_nobody(&db, "d"))
     } else {
         Daemon::start_in_env(&db, "d", extra, &env)
     };
@@ -678,6 +728,19 @@ async fn a_task_of_the_daemons_user_cannot_read_its_environment(backend: Backend
     assert!(text.contains("PATH="), "PATH is inherited: {text}");
     assert_eq!(text.lines().next(), Some("/"), "{text}");
     assert!(daemon.stop().success());
+}
+
+/// Gives the test's scratch directory, and the directory of daemon `name`
+/// in it, to `nobody`, for a daemon run as that user; returns its uid.
+fn scratch_for_nobody(db: &TestDb, name: &str) -> u32 {
+    use std::os::unix::fs::chown;
+    let nobody = 65534;
+    std::fs::create_dir_all(db.scratch.join(name)).unwrap();
+    for entry in std::fs::read_dir(&db.scratch.path).unwrap() {
+        chown(entry.unwrap().path(), Some(nobody), Some(nobody)).unwrap();
+    }
+    chown(&db.scratch.path, Some(nobody), Some(nobody)).unwrap();
+    nobody
 }
 
 /// A root daemon runs a type as `user: nobody`: the task got the daemon's

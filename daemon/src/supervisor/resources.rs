@@ -42,14 +42,23 @@ pub fn raise_open_files() -> (u64, u64) {
 }
 
 /// The `RLIMIT_NOFILE` a task gets: the one the daemon was started with,
-/// if the daemon raised its own since.
+/// if the daemon raised its own since, under the daemon's hard limit now.
+///
+/// A hard limit lowered while the daemon runs (`prlimit --nofile=4096`)
+/// cannot be raised again by a process without privilege: each child of a
+/// daemon not run as root failed its `setrlimit` with EPERM, and every try
+/// was FAILED, counted ("setting resource limits: Operation not
+/// permitted"), and so were preloaded parents' starts.
 pub(crate) fn task_open_files() -> Option<(u64, u64)> {
     let (soft, hard) = *STARTED_WITH.get()?;
+    let (_, hard_now) = open_files_limits()?;
+    let hard = hard.min(hard_now);
+    let soft = soft.min(hard);
     (soft < hard).then_some((soft, hard))
 }
 
-/// The daemon's soft `RLIMIT_NOFILE` now.
-fn open_files_limit() -> Option<u64> {
+/// The daemon's `RLIMIT_NOFILE` now: (soft, hard).
+fn open_files_limits() -> Option<(u64, u64)> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -58,13 +67,13 @@ fn open_files_limit() -> Option<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return None;
     }
-    Some(limit.rlim_cur)
+    Some((limit.rlim_cur, limit.rlim_max))
 }
 
 /// A warning when `max_concurrent` tries cannot all hold their descriptors
 /// under the daemon's limit, counting what it has open now.
 pub(crate) fn open_files_warning(max_concurrent: usize) -> Option<String> {
-    let limit = open_files_limit()?;
+    let (limit, _) = open_files_limits()?;
     let open = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
     // Room for a start's pipes and the database connections that come and go.
     let needed = open + PER_TRY * max_concurrent as u64 + 16;
@@ -84,7 +93,7 @@ pub(crate) fn open_files_warning(max_concurrent: usize) -> Option<String> {
 /// connections and the daemon's own 27 left too few for a start: each was
 /// given back while they lasted.)
 pub(crate) fn connection_limit(most: usize) -> usize {
-    open_files_limit().map_or(most, |limit| {
+    open_files_limits().map_or(most, |(limit, _)| {
         usize::try_from(limit / 8)
             .unwrap_or(usize::MAX)
             .clamp(1, most)
