@@ -18,6 +18,7 @@ both_backends!(
     a_preloaded_parent_that_cannot_start_for_want_of_descriptors_costs_no_try,
     tries_of_a_daemon_whose_hard_open_files_limit_was_lowered_start,
     starts_failing_for_want_of_processes_give_the_try_back,
+    a_shortage_of_processes_after_a_quiet_while_costs_a_large_try_nothing,
     a_grandchild_of_a_killed_daemons_task_is_killed_before_the_rerun,
     a_reap_that_cannot_kill_a_dead_tries_grandchild_leaves_its_row,
     no_migrate_on_an_older_or_missing_schema_exits_naming_it,
@@ -438,6 +439,52 @@ async fn starts_failing_for_want_of_processes_give_the_try_back(backend: Backend
     let log = daemon.log_text();
     assert!(!log.contains("panicked"), "{log}");
     assert!(!log.contains("its tries are exec'd"), "{log}");
+    assert!(daemon.stop().success(), "{log}");
+}
+
+/// Out of processes after a quiet while: tokio's blocking pool had ended
+/// its idle threads (10 s after their last work), could make none, and
+/// panicked in `spawn_blocking`; a try whose options are large enough to be
+/// checked there was counted CRASHED (its one try spent), where a try with
+/// small options was given back. Now the pool keeps its threads, and the
+/// try is given back and runs once processes are allowed again.
+async fn a_shortage_of_processes_after_a_quiet_while_costs_a_large_try_nothing(backend: Backend) {
+    let Some(cgroup) = PidsCgroup::make() else {
+        return;
+    };
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", "tasks:\n  Nap:\n    command: [sleep, '0.1']\n");
+    cgroup.take(daemon.pid());
+    let pool_threads = || {
+        std::fs::read_dir(format!("/proc/{}/task", daemon.pid()))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|task| {
+                std::fs::read_to_string(task.path().join("comm"))
+                    .is_ok_and(|name| name.starts_with("tokio-"))
+            })
+            .count()
+    };
+    // Past the 10 s after which an idle pool thread ended.
+    crate::util::within(Duration::from_secs(12), || pool_threads() == 0);
+    cgroup.allow(Some(0));
+    let options = format!("pad: {}\n", "x".repeat(20 * 1024));
+    let id = db
+        .insert_row(NewRow::new("Nap").options(&options).try_limit(1))
+        .await;
+    let row = db
+        .wait_for(id, WAIT, "its first try to end or be given back", |row| {
+            !matches!(row.result.as_deref(), None | Some("RUNNING"))
+        })
+        .await;
+    assert_eq!(row.result.as_deref(), Some("INTERRUPTED"), "{row:#?}");
+    assert_eq!(row.tries, 0, "{row:#?}");
+    cgroup.allow(None);
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 1, "{row:#?}");
+    let log = daemon.log_text();
+    assert!(!log.contains("panicked"), "{log}");
     assert!(daemon.stop().success(), "{log}");
 }
 

@@ -103,9 +103,17 @@ fn main() -> ExitCode {
     // is small, and a single thread saves the cross-thread wake-ups that
     // dominated its CPU time. Task processes are started right here too (this
     // thread lives as long as the process, see supervisor/spawner.rs);
-    // blocking work goes to the blocking pool.
+    // blocking work goes to the blocking pool, whose threads are kept once
+    // made: when the system refuses a thread (out of processes: `TasksMax`,
+    // a full pids cgroup) and the pool has none, tokio panics in
+    // `spawn_blocking`. Before, the pool's idle threads ended after 10 s,
+    // and in such a shortage a try with large options, or the reaper's
+    // sweep, or a reconnection by host name, panicked: the try was counted
+    // CRASHED, or the daemon stopped. With a thread kept (the start's task
+    // type load makes the first one), the work waits for it instead.
     let result = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .thread_keep_alive(Duration::MAX)
         .build()
     {
         Ok(runtime) => {
