@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::util::{mysql_client, poll, Backend, Daemon, NewRow, PrivateServer, TestDb};
+use crate::util::{mysql_client, poll, spawn_cli, Backend, Daemon, NewRow, PrivateServer, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -370,6 +370,41 @@ async fn a_server_with_autocommit_off_by_default_loses_no_enqueued_request() {
         &format!("SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED' AND id IN ({by_cli}, {by_sdk})"),
     );
     assert_eq!(finished.trim(), "2");
+    assert!(daemon.stop().success());
+}
+
+/// `taskrunner-cli wait` and task-sdk's `wait_for_flow` on a server set to
+/// `autocommit = 0`: their first read opened a transaction that nothing
+/// ended, and each later read saw its snapshot (REPEATABLE READ), so that
+/// the wait never saw its request or flow end (the CLI gave up after its
+/// timeout, exit 1; a wait without one waited for ever). Now their
+/// sessions read with autocommit on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_on_a_server_with_autocommit_off_see_the_end() {
+    let server = PrivateServer::start(Backend::MySql);
+    let db = server.test_db().await;
+    let config = "tasks:\n  Slow:\n    command: [sleep, '1']\n\
+                  flows:\n  slow:\n    steps:\n      - { name: only, task: Slow }\n";
+    let request = db.insert_row(NewRow::new("Slow")).await;
+    let flow = crate::flows::insert_flow(&db, "slow", None).await;
+    db.execute("SET GLOBAL autocommit = 0").await;
+    // Both read the rows not ended yet: the daemon starts after them, and
+    // its tries take a second.
+    let cli_wait = spawn_cli(&db, &["wait", &request.to_string(), "--timeout", "20s"]);
+    let url = db.url.clone();
+    let flow_wait = tokio::spawn(async move {
+        task_sdk::wait_for_flow(url.as_str(), flow, Duration::from_secs(20)).await
+    });
+    let mut daemon = Daemon::start(&db, "d", config);
+    let output = cli_wait.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let ended = flow_wait.await.unwrap().expect("the flow's end");
+    assert_eq!(ended.state, "FINISHED", "{ended:?}");
     assert!(daemon.stop().success());
 }
 

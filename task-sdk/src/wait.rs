@@ -381,8 +381,21 @@ async fn wait_postgres(options: PgConnectOptions, id: i64) -> Result<Finished, W
     result
 }
 
+/// A MariaDB/MySQL session to read rows as they are committed: with
+/// autocommit on whatever the server's default. On a server set to
+/// `autocommit = 0`, the first read opened a transaction nothing ended, and
+/// every later read saw its snapshot (REPEATABLE READ): a wait never saw
+/// its request or flow end.
+async fn mysql_reader(options: &MySqlConnectOptions) -> Result<MySqlConnection, sqlx::Error> {
+    let mut connection = options.connect().await?;
+    sqlx::raw_sql("SET SESSION autocommit = 1")
+        .execute(&mut connection)
+        .await?;
+    Ok(connection)
+}
+
 async fn wait_mysql(options: MySqlConnectOptions, id: i64) -> Result<Finished, WaitError> {
-    let mut connection: MySqlConnection = options.connect().await?;
+    let mut connection = mysql_reader(&options).await?;
     let result = async {
         loop {
             let row = sqlx::query_as::<_, Row>(MYSQL_SELECT)
@@ -668,7 +681,7 @@ pub async fn wait_for_flow<'a>(
                 const MYSQL_SQL: &str =
                     "SELECT state, result_text, store, CAST(attempt AS SIGNED) \
                                            FROM task_runner_flows WHERE id = ?";
-                let mut connection = options.connect().await?;
+                let mut connection = mysql_reader(&options).await?;
                 loop {
                     let row: Option<FlowRow> = sqlx::query_as(MYSQL_SQL)
                         .bind(id)
