@@ -21,6 +21,7 @@ both_backends!(
     purge_keeps_the_step_rows_of_a_running_flow,
     a_step_whose_output_would_outgrow_the_flows_store_reverts_the_flow_saying_why,
     a_step_row_the_database_refuses_ends_its_flow_failed_and_holds_up_no_outcome,
+    cancel_revert_of_a_flow_whose_step_never_started_reverts_only_the_finished_ones,
 );
 
 const LONG: Duration = Duration::from_secs(60);
@@ -514,6 +515,42 @@ async fn flow_cancel_stops_a_flow_and_cancel_revert_reverts_its_finished_steps(b
             format!("taskrunner-cli: flow {second} is already CANCELLED").as_str()
         )
     );
+    assert!(daemon.stop().success());
+}
+
+/// `flow cancel --revert` while the current step waits to start (its
+/// type paused here; a full daemon or a backoff are the same): the
+/// finished steps are reverted, and that step, which never ran, is not.
+/// Before, its revert ran first (`e1 r2 r1`): what it undid was what was
+/// there before the flow, such as an earlier install.
+async fn cancel_revert_of_a_flow_whose_step_never_started_reverts_only_the_finished_ones(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let log = db.scratch.join("steps.log");
+    let config = format!(
+        "tasks:\n{}{}{}{}flows:\n  two:\n    steps:\n      - {{ name: s1, task: E1, revert: R1 }}\n      - {{ name: s2, task: E2, revert: R2 }}\n",
+        sh_task("E1", &format!("echo e1 >> {}", log.display())),
+        sh_task("E2", &format!("echo e2 >> {}", log.display())),
+        sh_task("R1", &format!("echo r1 >> {}", log.display())),
+        sh_task("R2", &format!("echo r2 >> {}", log.display())),
+    );
+    let (code, out, err) = cli(&db, &["pause", "--task", "E2"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut daemon = Daemon::start(&db, "d", &config);
+    let id = insert_flow(&db, "two", None).await;
+    db.wait_for_count(
+        &format!(
+            "SELECT count(*) FROM task_runner_requests WHERE flow_id = {id} AND flow_step = 1 AND result IS NULL"
+        ),
+        1,
+        LONG,
+    )
+    .await;
+    let (code, out, err) = cli(&db, &["flow", "cancel", &id.to_string(), "--revert"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let flow = wait_for_flow(&db, id, "CANCELLED", LONG).await;
+    assert_eq!(log_words(&log), ["e1", "r1"], "{flow:?}");
     assert!(daemon.stop().success());
 }
 

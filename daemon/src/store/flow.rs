@@ -175,10 +175,11 @@ impl FlowSql {
             // every row of the table, under the flow's lock, at each step's
             // end. The latest row, should plain SQL have copied one.
             step_by_key: format!(
-                "SELECT {}, result, result_text, {} FROM task_runner_requests \
+                "SELECT {}, result, result_text, {}, {} FROM task_runner_requests \
                   WHERE flow_id = $2 AND unique_key = $1 ORDER BY id DESC LIMIT 1",
                 d.int64("id"),
-                d.int64(&format!("CASE WHEN {} THEN 1 ELSE 0 END", unfinished("")))
+                d.int64(&format!("CASE WHEN {} THEN 1 ELSE 0 END", unfinished(""))),
+                d.int64("CASE WHEN started_at IS NULL THEN 0 ELSE 1 END")
             ),
             insert_step: format!(
                 "{insert_or_ignore} INTO task_runner_requests \
@@ -274,6 +275,9 @@ struct AtPosition {
     result: Option<String>,
     result_text: Option<String>,
     open: bool,
+    /// A try of it was claimed once at least (`started_at` is set by the
+    /// claim alone): it may have done part of its work.
+    started: bool,
 }
 
 /// The longest chain of moves one advance makes (each move either creates
@@ -485,7 +489,17 @@ impl Store {
                 }
                 (Action::Execute, false) => {
                     // The step ended for good without FINISHED: revert it
-                    // (it may have done part of its work), then the earlier ones.
+                    // if a try of it ever started (it may have done part of
+                    // its work), then the earlier ones. One that never
+                    // started (cancelled while it waited, `flow cancel
+                    // --revert`) is not reverted: its revert would undo
+                    // what was there before the flow (an earlier install,
+                    // or the revert of an earlier attempt, run twice).
+                    let from = if at.started {
+                        step as i64
+                    } else {
+                        step as i64 - 1
+                    };
                     let why = format!(
                         "step {} ({}) ended {}: {}",
                         step + 1,
@@ -493,7 +507,7 @@ impl Store {
                         at.result.as_deref().unwrap_or("?"),
                         first_line(at.result_text.as_deref())
                     );
-                    self.next_revert(tx, &reverting(&flow, why), &definition, step as i64)
+                    self.next_revert(tx, &reverting(&flow, why), &definition, from)
                         .await?;
                 }
                 (Action::Revert, true) => {
@@ -956,6 +970,7 @@ fn at_position(row: &AnyRow) -> sqlx::Result<AtPosition> {
         result: row.opt_text(1)?,
         result_text: row.opt_text(2)?,
         open: row.int(3)? != 0,
+        started: row.int(4)? != 0,
     })
 }
 
