@@ -267,6 +267,28 @@ async fn revert_exhausted_ends_the_flow_failed_with_an_error_line_and_no_later_r
         .await,
         0
     );
+    // The alert is a callback, not a step: `retry` runs it again (before,
+    // it was refused as a step of the flow, which never moves again), and
+    // the flow stays as it ended.
+    let alert = db
+        .scalar(&format!(
+            "SELECT id FROM task_runner_requests WHERE unique_key = 'flow:{id}:exhausted'"
+        ))
+        .await;
+    let alert = taskrunner::request::RequestId(alert);
+    let first_start = db.row(alert).await.started_at;
+    let (code, out, err) = cli(&db, &["retry", &alert.to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let steps = |id: i64| format!("SELECT count(*) FROM task_runner_requests WHERE flow_id = {id}");
+    let rows = db.scalar(&steps(id)).await;
+    let row = db
+        .wait_for(alert, LONG, "the alert's second try", |row| {
+            row.result.as_deref() == Some("FINISHED") && row.started_at != first_start
+        })
+        .await;
+    assert_eq!(row.tries, 1);
+    wait_for_flow(&db, id, "FAILED", LONG).await;
+    assert_eq!(db.scalar(&steps(id)).await, rows);
     assert!(daemon.stop().success());
 }
 

@@ -201,9 +201,11 @@ impl Store {
                 }
                 Ok(Change::Done)
             }
-            Ok(false) => match self.show(id).await?.and_then(|row| row.flow_id) {
-                Some(flow) => Ok(Change::InFlow(flow)),
-                None => self.explain_refusal(id).await,
+            Ok(false) => match self.show(id).await? {
+                Some(row) if row.flow_step.is_some() && row.flow_id.is_some() => {
+                    Ok(Change::InFlow(row.flow_id.unwrap_or_default()))
+                }
+                _ => self.explain_refusal(id).await,
             },
             // The row's unique key is held by a request that has not ended.
             Err(error) if is_unique_violation(&error) => {

@@ -1309,11 +1309,14 @@ impl Sql {
             list_all: format!("{select_requests} ORDER BY id DESC LIMIT $1"),
             list_pending: format!("{select_requests} WHERE result IS NULL ORDER BY id DESC LIMIT $1"),
             list_by_result: format!("{select_requests} WHERE result = $2 ORDER BY id DESC LIMIT $1"),
-            // Not a flow's row: its steps run only as the flow moves, and a
-            // FINISHED step never runs again (see `Change::InFlow`).
+            // Not a flow's step or revert: they run only as the flow moves,
+            // and a FINISHED step never runs again (see `Change::InFlow`).
+            // A flow's `on_exhausted` alert (`flow_step` NULL) is a callback
+            // like any other.
             retry: "UPDATE task_runner_requests \
                        SET pid = NULL, result = NULL, tries = 0, delay_until = NULL, cancel_requested_at = NULL \
-                     WHERE id = $1 AND result IS DISTINCT FROM 'RUNNING' AND flow_id IS NULL"
+                     WHERE id = $1 AND result IS DISTINCT FROM 'RUNNING' \
+                       AND (flow_id IS NULL OR flow_step IS NULL)"
                 .to_string(),
             cancel_pending: format!(
                 "UPDATE task_runner_requests \

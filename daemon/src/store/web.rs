@@ -617,8 +617,11 @@ impl Store {
             others.push(("id <= $N".to_string(), Bind::Int(upto)));
         }
         let eligible = match action {
-            // Not a flow's rows: `retry` refuses them (see `Change::InFlow`).
-            BulkAction::Retry => "result IS NOT NULL AND result <> 'RUNNING' AND flow_id IS NULL",
+            // Not a flow's steps and reverts: `retry` refuses them (see
+            // `Change::InFlow`); its alert is retried like any row.
+            BulkAction::Retry => {
+                "result IS NOT NULL AND result <> 'RUNNING' AND (flow_id IS NULL OR flow_step IS NULL)"
+            }
             BulkAction::Cancel => {
                 "(result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED', 'RUNNING'))"
             }
