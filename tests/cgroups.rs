@@ -19,6 +19,7 @@ both_backends!(
     a_task_past_its_memory_limit_is_failed_naming_it_while_the_daemon_lives,
     a_fork_bomb_stops_at_max_processes,
     cpu_quota_holds_a_spinning_task_back,
+    a_cpu_quota_the_kernel_refuses_fails_the_try_saying_so,
     a_setsid_grandchild_is_killed_at_the_end_of_its_try,
     a_setsid_grandchild_is_killed_before_the_rerun_at_a_daemon_restart,
     a_tries_cgroup_is_removed_after_the_try,
@@ -209,6 +210,98 @@ tasks:
     let row = db.wait_for_state(id, "FINISHED", WAIT).await;
     let cpu: f64 = row.result_text.unwrap().trim().parse().unwrap();
     assert!(cpu < 0.45, "{cpu}s of CPU in 1s of wall time at 20%");
+    assert!(daemon.stop().success());
+}
+
+/// A cgroup v1 `cpu` cgroup of its own, for one test's daemon, with a CPU
+/// quota; removed (with what the daemon made in it) when dropped.
+struct QuotaCgroup(PathBuf);
+
+impl QuotaCgroup {
+    /// `None` (the reason printed) where there is no cgroup v1 `cpu`
+    /// hierarchy: on cgroup v2 a child's quota above its parent's is taken,
+    /// and the parent's holds.
+    fn make(percent: u64) -> Option<QuotaCgroup> {
+        let cpu = std::path::Path::new("/sys/fs/cgroup/cpu");
+        if !nix::unistd::geteuid().is_root() || !cpu.join("cgroup.procs").exists() {
+            println!("skipped: needs root and a cgroup v1 cpu hierarchy");
+            return None;
+        }
+        let dir = cpu.join(format!(
+            "taskrunner-test-{}-{}",
+            std::process::id(),
+            crate::util::now_ns()
+        ));
+        std::fs::create_dir(&dir).unwrap();
+        let made = QuotaCgroup(dir);
+        std::fs::write(made.0.join("cpu.cfs_period_us"), "100000").unwrap();
+        std::fs::write(
+            made.0.join("cpu.cfs_quota_us"),
+            (percent * 1000).to_string(),
+        )
+        .unwrap();
+        Some(made)
+    }
+}
+
+impl Drop for QuotaCgroup {
+    fn drop(&mut self) {
+        fn remove(dir: &std::path::Path) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                    remove(&entry.path());
+                }
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
+        // A daemon killed as the test failed may take a moment to be gone.
+        crate::util::within(Duration::from_secs(2), || {
+            remove(&self.0);
+            !self.0.exists()
+        });
+    }
+}
+
+/// On cgroup v1, a type whose `cpu_quota` is above that of the daemon's own
+/// cgroup (a unit's `CPUQuota=50%`, a type's `cpu_quota: 80%`): the kernel
+/// refuses the try's quota (EINVAL). That was taken for the daemon's own
+/// shortage: the try was given back and claimed again without end, each
+/// time pausing the daemon's claims. Now it is FAILED, saying what the
+/// kernel refused, and a type within the quota runs.
+async fn a_cpu_quota_the_kernel_refuses_fails_the_try_saying_so(backend: Backend) {
+    let Some(cgroup) = QuotaCgroup::make(50) else {
+        return;
+    };
+    let db = TestDb::new(backend).await;
+    let daemon = db
+        .daemon("d")
+        .yaml(
+            "tasks:\n  Above:\n    command: ['true']\n    cpu_quota: 80%\n  \
+             Within:\n    command: ['true']\n    cpu_quota: 20%\n",
+        )
+        .in_cgroup(&cgroup.0.join("cgroup.procs"))
+        .start();
+    let mut daemon = match daemon.log_text().contains("limits=cgroup") {
+        true => daemon,
+        false => {
+            println!("skipped: the daemon makes no cgroups here");
+            return;
+        }
+    };
+    let above = insert_once(&db, "Above").await;
+    let row = db
+        .wait_for(above, WAIT, "its one try counted", |row| {
+            row.tries > 0 && row.result.as_deref() != Some("RUNNING")
+        })
+        .await;
+    assert_eq!(row.result.as_deref(), Some("FAILED"), "{row:#?}");
+    let text = row.result_text.unwrap_or_default();
+    assert!(
+        text.contains("the kernel refused the try's limits") && text.contains("cpu.cfs_quota_us"),
+        "{text}"
+    );
+    let within = insert_once(&db, "Within").await;
+    db.wait_for_state(within, "FINISHED", WAIT).await;
     assert!(daemon.stop().success());
 }
 

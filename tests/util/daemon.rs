@@ -63,6 +63,10 @@ struct ProcessSettings {
     /// outside it. Its `Daemon` is then the `unshare` process, which kills
     /// it (SIGKILL) when it dies.
     pid_namespace: bool,
+    /// A cgroup's join file (`…/cgroup.procs`) it moves itself into before
+    /// it execs: the daemon then starts in that cgroup, and makes its tries'
+    /// cgroups under it.
+    cgroup: Option<&'static std::ffi::CStr>,
 }
 
 impl TestDb {
@@ -149,6 +153,15 @@ impl DaemonBuilder<'_> {
     /// heavily loaded machine (see [`ProcessSettings::timer_slack`]).
     pub fn timer_slack(mut self, slack: Duration) -> Self {
         self.process.timer_slack = Some(slack);
+        self
+    }
+
+    /// Starts it in the cgroup whose join file is `join` (the test must be
+    /// root).
+    pub fn in_cgroup(mut self, join: &Path) -> Self {
+        use std::os::unix::ffi::OsStrExt;
+        let join = std::ffi::CString::new(join.as_os_str().as_bytes()).unwrap();
+        self.process.cgroup = Some(Box::leak(join.into_boxed_c_str()));
         self
     }
 
@@ -297,11 +310,24 @@ impl Daemon {
             use std::os::unix::process::CommandExt;
             command.uid(uid).gid(uid);
         }
-        if process.open_files.is_some() || process.timer_slack.is_some() {
+        if process.open_files.is_some() || process.timer_slack.is_some() || process.cgroup.is_some()
+        {
             use std::os::unix::process::CommandExt;
-            // SAFETY: setrlimit and prctl are async-signal-safe.
+            // SAFETY: setrlimit, prctl, open, write and close are
+            // async-signal-safe.
             unsafe {
                 command.pre_exec(move || {
+                    if let Some(join) = process.cgroup {
+                        let fd = libc::open(join.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                        if fd < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                        libc::close(fd);
+                        if written != 1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
                     if let Some((soft, hard)) = process.open_files {
                         let limit = libc::rlimit {
                             rlim_cur: soft,

@@ -356,7 +356,7 @@ impl Cgroups {
             });
             if let Err(error) = set_limits(&path, hierarchy, limits) {
                 made.remove_now();
-                return Err(error);
+                return Err(refused_or_short(error));
             }
             let join = join_file(&path, hierarchy.v2);
             match std::fs::OpenOptions::new().write(true).open(&join) {
@@ -470,6 +470,45 @@ fn cgroup_name(key: &str) -> String {
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
     format!("try-{hash:016x}")
+}
+
+/// A try's limit that the kernel refused to set (EINVAL, EPERM, EACCES): a
+/// `cpu_quota` above the one of the daemon's own cgroup on cgroup v1, or a
+/// hierarchy the daemon may no longer write. Not the daemon's shortage:
+/// trying again at once would be refused the same way, for ever (before,
+/// such a try was given back and claimed again without end, each time
+/// pausing the daemon's claims). The try fails, saying what was refused.
+#[derive(Debug)]
+pub(crate) struct LimitRefused(io::Error);
+
+impl std::fmt::Display for LimitRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the kernel refused the try's limits ({}): is the type's limit above that of the daemon's own cgroup?",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for LimitRefused {}
+
+/// Whether `error` is a [`LimitRefused`].
+pub(crate) fn is_limit_refused(error: &io::Error) -> bool {
+    error
+        .get_ref()
+        .is_some_and(|inner| inner.downcast_ref::<LimitRefused>().is_some())
+}
+
+/// `error`, from setting a try's limits, marked [`LimitRefused`] when the
+/// kernel said no, as it is (a shortage of the daemon's) otherwise.
+fn refused_or_short(error: io::Error) -> io::Error {
+    match error.kind() {
+        io::ErrorKind::InvalidInput | io::ErrorKind::PermissionDenied => {
+            io::Error::new(error.kind(), LimitRefused(error))
+        }
+        _ => error,
+    }
 }
 
 fn with_path(error: io::Error, doing: &str, path: &Path) -> io::Error {

@@ -426,6 +426,9 @@ pub(crate) async fn run(
             });
             let made = cgroups.create(&key, &limits::cgroup_limits(&settings));
             Some(std::sync::Arc::new(made.map_err(|error| {
+                if cgroup::is_limit_refused(&error) {
+                    return error;
+                }
                 spawner::DaemonShort::error(
                     error.kind(),
                     format!("cannot make the try's cgroup: {error}"),
