@@ -110,10 +110,13 @@ fn main() -> ExitCode {
     // and in such a shortage a try with large options, or the reaper's
     // sweep, or a reconnection by host name, panicked: the try was counted
     // CRASHED, or the daemon stopped. With a thread kept (the start's task
-    // type load makes the first one), the work waits for it instead.
+    // type load makes the first one), the work waits for it instead. At
+    // most 32 are made (tokio's default is 512): each kept thread counts
+    // against the same process limit as the tasks.
     let result = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_keep_alive(Duration::MAX)
+        .max_blocking_threads(32)
         .build()
     {
         Ok(runtime) => {
