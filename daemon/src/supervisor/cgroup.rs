@@ -472,9 +472,9 @@ fn cgroup_name(key: &str) -> String {
     format!("try-{hash:016x}")
 }
 
-/// A try's limit that the kernel refused to set (EINVAL, EPERM, EACCES): a
-/// `cpu_quota` above the one of the daemon's own cgroup on cgroup v1, or a
-/// hierarchy the daemon may no longer write. Not the daemon's shortage:
+/// A try's limit that the kernel refused to set (EINVAL): a `cpu_quota`
+/// above the one of the daemon's own cgroup on cgroup v1. Not the daemon's
+/// shortage:
 /// trying again at once would be refused the same way, for ever (before,
 /// such a try was given back and claimed again without end, each time
 /// pausing the daemon's claims). The try fails, saying what was refused.
@@ -501,12 +501,12 @@ pub(crate) fn is_limit_refused(error: &io::Error) -> bool {
 }
 
 /// `error`, from setting a try's limits, marked [`LimitRefused`] when the
-/// kernel said no, as it is (a shortage of the daemon's) otherwise.
+/// kernel refused the value, as it is otherwise (taken for the daemon's own
+/// trouble: a limit file it may not write, or that is gone, is no fault of
+/// the type's, and may be mended).
 fn refused_or_short(error: io::Error) -> io::Error {
     match error.kind() {
-        io::ErrorKind::InvalidInput | io::ErrorKind::PermissionDenied => {
-            io::Error::new(error.kind(), LimitRefused(error))
-        }
+        io::ErrorKind::InvalidInput => io::Error::new(error.kind(), LimitRefused(error)),
         _ => error,
     }
 }
@@ -515,8 +515,16 @@ fn with_path(error: io::Error, doing: &str, path: &Path) -> io::Error {
     io::Error::new(error.kind(), format!("{doing} {}: {error}", path.display()))
 }
 
+/// Writes `value` to the cgroup file `path`, which must exist (opened
+/// without `O_CREAT`: cgroupfs answers EACCES to a create, which would hide
+/// that the file is missing).
 fn write_file(path: &Path, value: &str) -> io::Result<()> {
-    std::fs::write(path, value).map_err(|error| with_path(error, "writing", path))
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|mut file| file.write_all(value.as_bytes()))
+        .map_err(|error| with_path(error, "writing", path))
 }
 
 /// The period of the CPU bandwidth limit (the kernel's default, 100 ms).
