@@ -380,7 +380,7 @@ async fn sqlite_migrate_waits_for_an_applications_write_to_a_new_file() {
         has_it_open(migrate.id()) || migrate.try_wait().unwrap().is_some()
     });
     // Long enough for a `migrate` that does not wait to have failed.
-    within(Duration::from_millis(300), || {
+    let ended_meanwhile = within(Duration::from_millis(300), || {
         migrate.try_wait().unwrap().is_some()
     });
     drop(application);
@@ -393,6 +393,10 @@ async fn sqlite_migrate_waits_for_an_applications_write_to_a_new_file() {
         output.status.success(),
         "{}: {stdout}{stderr}",
         output.status
+    );
+    assert!(
+        !ended_meanwhile,
+        "it ended while the application wrote: {stdout}"
     );
     assert!(stdout.contains(": created (version "), "{stdout}");
 }
