@@ -37,6 +37,7 @@ both_backends!(
     second_sigterm_during_the_drain_stops_tasks_at_once,
     run_record_writes_what_the_daemon_writes,
     run_record_writes_its_outcome_through_a_database_outage,
+    empty_or_zero_filters_and_bad_flags_are_refused_in_one_line_changing_nothing,
 );
 
 /// The error line: exactly one line on stderr.
@@ -44,6 +45,43 @@ fn one_line(stderr: &str) -> &str {
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "one error line, got: {stderr}");
     lines[0]
+}
+
+/// `cancel --task "$TYPE"` with `TYPE` unset (or `--queue ''`, `--host ''`,
+/// `--batch 0`, `--flow 0`) was read as no filter at all: every pending row
+/// was cancelled and every running one asked to stop; `retry` so made every
+/// ended row, FINISHED ones too, run again. They are refused now, with
+/// exit status 2 and one line, as any bad flag is (clap's own reports of a
+/// bad flag were three to six lines).
+async fn empty_or_zero_filters_and_bad_flags_are_refused_in_one_line_changing_nothing(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let pending = db.insert_row(NewRow::new("NoOp")).await;
+    let ended = db
+        .insert_row(NewRow::new("NoOp").ended(backend, "FINISHED", 1, 60))
+        .await;
+    for args in [
+        &["cancel", "--task", ""][..],
+        &["cancel", "--queue", ""],
+        &["cancel", "--host", ""],
+        &["cancel", "--batch", "0"],
+        &["retry", "--flow", "0"],
+        &["retry", "--task", ""],
+        &["list", "--limit", "0"],
+        &["show", "abc"],
+        &["show"],
+    ] {
+        let (status, stdout, stderr) = cli(&db, args);
+        assert_eq!(status, 2, "{args:?}: {stdout}{stderr}");
+        let line = one_line(&stderr);
+        assert!(
+            line.starts_with("taskrunner-cli: ") && line.ends_with("(see --help)"),
+            "{args:?}: {line}"
+        );
+    }
+    assert_eq!(db.row(pending).await.result, None);
+    assert_eq!(db.row(ended).await.result.as_deref(), Some("FINISHED"));
 }
 
 /// Runs `taskrunner-cli --database-url URL COMMAND` in `scratch`, which must

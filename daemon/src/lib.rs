@@ -207,4 +207,4 @@ pub mod web;
 pub use logging::{flush_log, init_logging, LogWriter};
 
 pub use escape::error_line;
-pub use usage::exit_code_for;
+pub use usage::{exit_code_for, parse_or_exit};

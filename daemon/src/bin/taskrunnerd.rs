@@ -58,7 +58,7 @@ fn main() -> ExitCode {
     if args.first().is_some_and(|flag| flag == watchdog::FLAG) {
         return watchdog::main(&args[1..]);
     }
-    let flags = Flags::parse();
+    let flags: Flags = taskrunner::parse_or_exit("taskrunnerd");
     // PID 1 of a container: this process stays its init, and the daemon
     // runs as its child (see `service::run_as_init`). A daemon told to
     // detach leaves PID 1 at once anyway.

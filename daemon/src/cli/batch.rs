@@ -42,7 +42,7 @@ pub(crate) enum BatchCommand {
     /// Batches with their progress, newest first
     List {
         /// At most this many batches
-        #[arg(long, value_name = "N", default_value_t = 50)]
+        #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..))]
         limit: i64,
     },
     /// One batch: its progress, its members by state, its callbacks

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use clap::builder::NonEmptyStringValueParser;
 use clap::{Parser, Subcommand};
 
 use super::render::{describe_tasks, render_schedules, render_show, render_status, render_table};
@@ -95,6 +96,9 @@ struct Selection {
 }
 
 /// Which requests: for `list`, and for `retry` and `cancel` without ids.
+///
+/// An empty name or an id of 0 is refused: the store reads them as "any"
+/// (`$2 = '' OR …`), and `cancel --task "$UNSET"` cancelled every row.
 #[derive(Debug, Clone, Default, clap::Args)]
 struct RowFilter {
     /// Only this state: a result (FAILED, RUNNING…), `pending` (never run),
@@ -102,19 +106,19 @@ struct RowFilter {
     #[arg(long, visible_alias = "state", value_name = "R", value_parser = parse_state_filter)]
     result: Option<String>,
     /// Only this task type
-    #[arg(long, value_name = "TYPE")]
+    #[arg(long, value_name = "TYPE", value_parser = NonEmptyStringValueParser::new())]
     task: Option<String>,
     /// Only this queue
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", value_parser = NonEmptyStringValueParser::new())]
     queue: Option<String>,
     /// Only rows that ran (or run) on this host
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", value_parser = NonEmptyStringValueParser::new())]
     host: Option<String>,
     /// Only the members of this batch, and its callback
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", value_parser = clap::value_parser!(i64).range(1..))]
     batch: Option<i64>,
     /// Only the step and revert rows of this flow
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", value_parser = clap::value_parser!(i64).range(1..))]
     flow: Option<i64>,
 }
 
@@ -222,7 +226,7 @@ enum Command {
         #[command(flatten)]
         filter: RowFilter,
         /// At most this many rows
-        #[arg(long, value_name = "N", default_value_t = 50)]
+        #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..))]
         limit: i64,
         /// One JSON object per row, a line each, every column
         #[arg(long)]
@@ -528,7 +532,7 @@ pub fn main() -> ExitCode {
             return print_enqueue_type_help(flags);
         }
     }
-    let flags = Flags::parse();
+    let flags: Flags = crate::parse_or_exit("taskrunner-cli");
     crate::init_logging(crate::config::LogFormat::Text, crate::LogWriter::Stderr);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

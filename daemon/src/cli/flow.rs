@@ -29,7 +29,7 @@ pub(crate) enum FlowCommand {
     /// Flows with their state and position, newest first
     List {
         /// At most this many flows
-        #[arg(long, value_name = "N", default_value_t = 50)]
+        #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..))]
         limit: i64,
     },
     /// The board: a flow, its state and attempt, each step's execute and
