@@ -20,6 +20,7 @@ both_backends!(
     on_success_sees_the_parent_result_text,
     a_callback_whose_options_would_pass_max_options_runs_with_the_parents_output_cut,
     on_exhausted_in_the_config_alerts_once_per_exhausted_request,
+    an_on_exhausted_rule_added_by_a_reload_alerts_for_a_try_that_was_running,
     daemon_killed_between_the_task_exit_and_its_outcome_write_makes_one_callback,
     chain_of_three_batches_each_created_by_the_previous_on_complete,
     batch_cancel_cancels_unstarted_members_and_makes_no_callback,
@@ -857,6 +858,45 @@ async fn on_exhausted_in_the_config_alerts_once_per_exhausted_request(backend: B
         db.scalar("SELECT count(*) FROM task_runner_requests").await,
         7
     );
+}
+
+/// `on_exhausted` added by a reload while a try of its type runs: that
+/// try's exhaustion made no alert. Whether an outcome takes the path that
+/// makes what it causes was read from the config the try was claimed
+/// under, where the rule did not exist yet; the outcome was written plain.
+/// Now it is read from the config of the try's end.
+async fn an_on_exhausted_rule_added_by_a_reload_alerts_for_a_try_that_was_running(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let go = db.scratch.join("go");
+    let tasks = format!(
+        "tasks:\n  Boom:\n    command: [/bin/sh, -c, 'until [ -e {} ]; do sleep 0.02; done; exit 1']\n",
+        go.display()
+    );
+    let mut daemon = Daemon::start(&db, "d", &tasks);
+    let boom = db.insert_row(NewRow::new("Boom").try_limit(1)).await;
+    db.wait_for_pid(boom, Duration::from_secs(30)).await;
+    let base = crate::util::base_config(&db, &daemon.dir);
+    std::fs::write(
+        &daemon.config,
+        crate::util::merge_yaml(&base, &format!("on_exhausted: NoOp\n{tasks}")),
+    )
+    .unwrap();
+    daemon.reload();
+    daemon.wait_for_log("config reloaded", Duration::from_secs(30));
+    std::fs::write(&go, "").unwrap();
+    db.wait_for_state(boom, "FAILED", Duration::from_secs(30))
+        .await;
+    db.wait_for_count(
+        &format!(
+            "SELECT count(*) FROM task_runner_requests WHERE callback_of = {boom} AND result = 'FINISHED'"
+        ),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(daemon.stop().success());
 }
 
 async fn daemon_killed_between_the_task_exit_and_its_outcome_write_makes_one_callback(

@@ -129,7 +129,12 @@ pub(crate) async fn run_claimed(
     } else {
         run(context, input, gate, stop, progress, on_running).await
     };
-    let outcome = outcome(row, &verdict, &context.config);
+    // What the outcome causes, and its backoff, by the config of its end:
+    // a reload while the try ran may have added an `on_exhausted` rule,
+    // which the store already applies. Read from the try's own config, the
+    // outcome took the plain path, and the alert was never made.
+    let config = Setup::current_config(&context.setup);
+    let outcome = outcome(row, &verdict, &config);
     (verdict, outcome)
 }
 
