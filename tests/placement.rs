@@ -14,6 +14,7 @@ both_backends!(
     queue_limited_to_one_with_two_daemons,
     node_pinned_rows_run_only_on_their_node,
     a_reload_that_changes_the_host_id_keeps_the_node_name_taken_from_it,
+    a_reload_that_changes_the_log_file_says_it_waits_for_a_restart,
     periodic_row_repeats_on_a_fixed_grid_until_cancelled,
     a_periodic_row_retried_by_hand_starts_no_second_chain,
     a_row_retried_by_hand_after_retention_took_what_its_end_made_makes_none_again,
@@ -176,6 +177,28 @@ async fn a_reload_that_changes_the_host_id_keeps_the_node_name_taken_from_it(bac
     let later = db.enqueue("NoOp", None).await;
     db.wait_for_state(later, "FINISHED", WAIT).await;
     assert_eq!(db.row(elsewhere).await.result, None);
+    assert!(daemon.stop().success());
+}
+
+/// A reload of a file whose `log_file` changed said `config reloaded` and
+/// went on writing to the file named at start (SIGHUP reopens that one),
+/// without a word. Like `host_id`, it is now named among the keys that
+/// wait for a restart.
+async fn a_reload_that_changes_the_log_file_says_it_waits_for_a_restart(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", "");
+    let base = crate::util::base_config(&db, &daemon.dir);
+    std::fs::write(
+        &daemon.config,
+        crate::util::merge_yaml(&base, "log_file: elsewhere.log\n"),
+    )
+    .unwrap();
+    daemon.reload();
+    daemon.wait_for_log(
+        "config reload: log_file changed in the file; the daemon keeps its own until a restart",
+        WAIT,
+    );
+    assert!(!daemon.dir.join("elsewhere.log").exists());
     assert!(daemon.stop().success());
 }
 

@@ -633,6 +633,8 @@ impl Reloader {
                     ("pidfile", config.pidfile != current.pidfile),
                     ("socket", config.socket != current.socket),
                     ("log_format", config.log_format != current.log_format),
+                    // The file SIGHUP reopens is the one named at start.
+                    ("log_file", config.log_file != current.log_file),
                     ("http.listen", listen(&config) != listen(&current)),
                 ]
                 .into_iter()
@@ -649,6 +651,7 @@ impl Reloader {
                 config.pidfile = current.pidfile.clone();
                 config.socket = current.socket.clone();
                 config.log_format = current.log_format;
+                config.log_file = current.log_file.clone();
                 // So does the page, bound once: its address stays in the
                 // config, so that each reload's settings are checked against
                 // the address it listens on (before, the config took the
