@@ -895,6 +895,27 @@ flows:
         assert_eq!(task.env.len(), 2);
     }
 
+    /// `memory_limit: 0` and `cpu_limit: 0s` turn off an inherited limit, as
+    /// `timeout: 0s` does. Before, the first set a limit of no memory (every
+    /// try of the type failed), the second one second of CPU.
+    #[test]
+    fn a_zero_limit_turns_off_the_inherited_one() {
+        let config = load(
+            "memory_limit: 64MiB\ncpu_limit: 30s\ntasks:\n  T:\n    command: [/bin/true]\n    memory_limit: 0\n    cpu_limit: 0s\n  U:\n    command: [/bin/true]\n",
+        )
+        .unwrap();
+        let off = &config.tasks["T"].settings;
+        assert_eq!((off.memory_limit, off.cpu_limit), (None, None));
+        let inherited = &config.tasks["U"].settings;
+        assert_eq!(inherited.memory_limit, Some(64 << 20));
+        assert_eq!(inherited.cpu_limit, Some(Duration::from_secs(30)));
+        // Printed back, the type still turns them off.
+        let printed = config.to_yaml();
+        let again = load(&printed).unwrap();
+        let off = &again.tasks["T"].settings;
+        assert_eq!((off.memory_limit, off.cpu_limit), (None, None), "{printed}");
+    }
+
     #[test]
     fn bad_values_name_their_key() {
         let message = format!(

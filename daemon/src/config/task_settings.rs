@@ -41,11 +41,11 @@ macro_rules! with_task_settings {
                     example "1h" "5m";
                 /// Bytes of resident memory of the whole try (its cgroup's
                 /// memory limit), or of address space (RLIMIT_AS) where no
-                /// cgroup can be made.
-                memory_limit: Option<u64>, Optional, written u64 => "serde_units::size",
+                /// cgroup can be made; `0` turns off an inherited one.
+                memory_limit: Option<u64>, OffAtZero, written u64 => "serde_units::size",
                     example "64MiB" "1GiB";
-                /// CPU time; RLIMIT_CPU.
-                cpu_limit: Option<Duration>, Optional, written Duration => "serde_units::duration",
+                /// CPU time; RLIMIT_CPU; `0s` turns off an inherited one.
+                cpu_limit: Option<Duration>, OffAtZero, written Duration => "serde_units::duration",
                     example "30s" "90s";
                 /// Processes of the whole try (its cgroup's pids limit), or
                 /// RLIMIT_NPROC (processes of the task's user, not enforced
@@ -232,20 +232,32 @@ impl<W: Clone> Rule<W, Option<W>> for Optional {
     }
 }
 
-/// A limit that `0s` turns off, also where it is inherited.
+/// A limit that `0` (`0s`) turns off, also where it is inherited.
+/// (Before, `memory_limit: 0` set a limit of nothing, which failed every
+/// try of the type, and `cpu_limit: 0s` one second of CPU.)
 pub(super) struct OffAtZero;
 
-impl Rule<Duration, Option<Duration>> for OffAtZero {
-    fn resolve(value: Option<Duration>, _: &Partial, _: &Path) -> Result<Option<Duration>, String> {
-        Ok(value.filter(|limit| !limit.is_zero()))
+/// A limit's value, of which zero means "no limit".
+pub(super) trait Zero: Copy + PartialEq {
+    const ZERO: Self;
+}
+
+impl Zero for Duration {
+    const ZERO: Duration = Duration::ZERO;
+}
+
+impl Zero for u64 {
+    const ZERO: u64 = 0;
+}
+
+impl<W: Zero> Rule<W, Option<W>> for OffAtZero {
+    fn resolve(value: Option<W>, _: &Partial, _: &Path) -> Result<Option<W>, String> {
+        Ok(value.filter(|limit| *limit != W::ZERO))
     }
 
-    fn write(
-        resolved: &Option<Duration>,
-        inherited: Option<&Option<Duration>>,
-    ) -> Option<Duration> {
+    fn write(resolved: &Option<W>, inherited: Option<&Option<W>>) -> Option<W> {
         match (resolved, inherited.copied().flatten()) {
-            (None, Some(_)) => Some(Duration::ZERO),
+            (None, Some(_)) => Some(W::ZERO),
             (resolved, _) => *resolved,
         }
     }
