@@ -1274,7 +1274,7 @@ async fn daemon_that_loses_postgres_kills_its_tasks_before_the_lease_lapses(back
     let mut daemon = Daemon::start(
         &db,
         "d",
-        "lease_timeout: 8s\ntasks:\n  Long:\n    command: [/bin/sleep, '120']\n",
+        "lease_timeout: 8s\nretry_delay: 1h\ntasks:\n  Long:\n    command: [/bin/sleep, '120']\n",
     );
     let id = db.enqueue("Long", None).await;
     let row = db.wait_for_pid(id, WAIT).await;
@@ -1308,6 +1308,12 @@ async fn daemon_that_loses_postgres_kills_its_tasks_before_the_lease_lapses(back
         .await;
     assert_eq!(row.result.as_deref(), Some("CRASHED"));
     assert!(row.result_text.unwrap().contains("lost its claim"));
+    // Its try counted, it runs again at once, as a try whose daemon died
+    // does: the task did nothing wrong (before, it waited its `retry_delay`).
+    db.wait_for(id, WAIT, "its second try", |r| {
+        r.tries == 2 && r.result.as_deref() == Some("RUNNING")
+    })
+    .await;
     assert!(daemon.stop().success());
 }
 

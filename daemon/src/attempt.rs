@@ -25,6 +25,9 @@ pub(crate) fn outcome(
         State::Failed | State::Crashed | State::Timeout
     )
     .then(|| {
+        if verdict.at_once {
+            return 0.0;
+        }
         asked_retry_after(verdict).unwrap_or_else(|| {
             let settings = config.settings_for(&row.task_class_name);
             crate::request::Backoff {
@@ -192,6 +195,10 @@ pub(crate) struct Verdict {
     pub(crate) daemon_short: bool,
     /// It stopped waiting at its gate ([`not_started`]).
     pub(crate) never_started: bool,
+    /// Runs again at once, its try counted all the same: a try its daemon
+    /// stopped for the daemon's own trouble (its claim lost, or not
+    /// renewed in time), as one whose daemon died is (SPEC.md).
+    pub(crate) at_once: bool,
     /// The stop that ended its wait for a preloaded start, if one did.
     pub(crate) stopped_before_start: Option<StopReason>,
 }
@@ -206,6 +213,7 @@ impl Verdict {
             start_times: None,
             daemon_short: false,
             never_started: false,
+            at_once: false,
             stopped_before_start: None,
         }
     }
@@ -426,6 +434,7 @@ pub(crate) fn judge(ended: &Ended) -> Verdict {
         start_times: Some(ended.start_times),
         daemon_short: false,
         never_started: false,
+        at_once: false,
         stopped_before_start: None,
     };
     match ended.stopped {
@@ -445,10 +454,15 @@ pub(crate) fn judge(ended: &Ended) -> Verdict {
             )
         }
         Some(Stopped::Requested(StopReason::LostClaim)) => {
-            return failed(
-                State::Crashed,
-                format!("stopped after {ran:.1}s: this daemon lost its claim on the row"),
-            )
+            // The task did nothing wrong: no backoff (before, it waited its
+            // `retry_delay` once the database was back).
+            return Verdict {
+                at_once: true,
+                ..failed(
+                    State::Crashed,
+                    format!("stopped after {ran:.1}s: this daemon lost its claim on the row"),
+                )
+            };
         }
         None => {}
     }
