@@ -19,6 +19,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 both_backends!(
     killed_task_process_crashes_then_reruns,
+    a_reload_that_shortens_the_reap_interval_reaps_from_the_last_pass,
     killed_daemon_takes_its_tasks_along_and_a_restart_reruns_them,
     task_ignoring_sigterm_is_killed_at_its_timeout,
     grandchildren_are_stopped_with_their_task,
@@ -649,6 +650,28 @@ async fn a_reaper_with_a_shorter_lease_waits_for_the_lease_of_the_rows_daemon(ba
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "start 1\nend\n");
     assert!(short.stop().success());
     assert!(long.stop().success());
+}
+
+/// A reload that shortens `reap_interval` (1h to 1s): the next pass came
+/// at the end of the old interval, an hour after the last, and a crashed
+/// daemon's row waited for it. The new interval now counts from the last
+/// pass.
+async fn a_reload_that_shortens_the_reap_interval_reaps_from_the_last_pass(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", "reap_interval: 1h\n");
+    // The start-up pass has run: the daemon logs it before it serves.
+    let id = db
+        .insert_row(running_on_another_host(backend, "t1", 0, 3600))
+        .await;
+    let base = crate::util::base_config(&db, &daemon.dir);
+    std::fs::write(
+        &daemon.config,
+        crate::util::merge_yaml(&base, "reap_interval: 1s\n"),
+    )
+    .unwrap();
+    daemon.reload();
+    db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert!(daemon.stop().success());
 }
 
 multi_host_backends!(a_reload_that_lengthens_the_lease_writes_it_before_renewing_less_often);

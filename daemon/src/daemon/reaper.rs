@@ -28,8 +28,10 @@ pub(super) struct Reaper {
 impl Reaper {
     pub(super) async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let mut backoff = Backoff::default();
+        let mut setups = self.setup.subscribe();
         loop {
             let config = Setup::current_config(&self.setup);
+            let passed = tokio::time::Instant::now();
             let pause = match reap(
                 &self.store,
                 &config.host_id,
@@ -59,9 +61,19 @@ impl Reaper {
                     backoff.next_delay().min(config.reap_interval)
                 }
             };
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = cancel.cancelled() => return Ok(()),
+            // A reload's `reap_interval` counts from this pass (before, a
+            // shorter one waited for the end of the old, possibly long,
+            // interval).
+            let mut next = passed + pause;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next) => break,
+                    _ = cancel.cancelled() => return Ok(()),
+                    Ok(()) = setups.changed() => {
+                        let interval = Setup::current_config(&self.setup).reap_interval;
+                        next = next.min(passed + interval);
+                    }
+                }
             }
         }
     }
