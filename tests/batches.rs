@@ -877,13 +877,7 @@ async fn an_on_exhausted_rule_added_by_a_reload_alerts_for_a_try_that_was_runnin
     let mut daemon = Daemon::start(&db, "d", &tasks);
     let boom = db.insert_row(NewRow::new("Boom").try_limit(1)).await;
     db.wait_for_pid(boom, Duration::from_secs(30)).await;
-    let base = crate::util::base_config(&db, &daemon.dir);
-    std::fs::write(
-        &daemon.config,
-        crate::util::merge_yaml(&base, &format!("on_exhausted: NoOp\n{tasks}")),
-    )
-    .unwrap();
-    daemon.reload();
+    daemon.reload_with(&db, &format!("on_exhausted: NoOp\n{tasks}"));
     daemon.wait_for_log("config reloaded", Duration::from_secs(30));
     std::fs::write(&go, "").unwrap();
     db.wait_for_state(boom, "FAILED", Duration::from_secs(30))

@@ -663,13 +663,7 @@ async fn a_reload_that_shortens_the_reap_interval_reaps_from_the_last_pass(backe
     let id = db
         .insert_row(running_on_another_host(backend, "t1", 0, 3600))
         .await;
-    let base = crate::util::base_config(&db, &daemon.dir);
-    std::fs::write(
-        &daemon.config,
-        crate::util::merge_yaml(&base, "reap_interval: 1s\n"),
-    )
-    .unwrap();
-    daemon.reload();
+    daemon.reload_with(&db, "reap_interval: 1s\n");
     db.wait_for_state(id, "FINISHED", WAIT).await;
     assert!(daemon.stop().success());
 }
@@ -696,13 +690,7 @@ async fn a_reload_that_lengthens_the_lease_writes_it_before_renewing_less_often(
     let id = db.enqueue("Slow", None).await;
     let running = db.wait_for_pid(id, WAIT).await;
     let mut short = short_lease_daemon(&db, "6s", &tasks);
-    let base = crate::util::base_config(&db, &long.dir);
-    std::fs::write(
-        &long.config,
-        crate::util::merge_yaml(&base, &long_config("40s", "15s")),
-    )
-    .unwrap();
-    long.reload();
+    long.reload_with(&db, &long_config("40s", "15s"));
     long.wait_for_log("config reloaded", WAIT);
     // Past the old lease, and well short of the new interval.
     holds_for(

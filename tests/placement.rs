@@ -158,13 +158,7 @@ async fn a_reload_that_changes_the_host_id_keeps_the_node_name_taken_from_it(bac
     let mut daemon = Daemon::start(&db, "d", "host_id: web-1\n");
     let before = db.insert_row(NewRow::new("NoOp").node("web-1")).await;
     db.wait_for_state(before, "FINISHED", WAIT).await;
-    let base = crate::util::base_config(&db, &daemon.dir);
-    std::fs::write(
-        &daemon.config,
-        crate::util::merge_yaml(&base, "host_id: web-2\n"),
-    )
-    .unwrap();
-    daemon.reload();
+    daemon.reload_with(&db, "host_id: web-2\n");
     daemon.wait_for_log("config reloaded", WAIT);
     daemon.wait_for_log(
         "config reload: host_id changed in the file; the daemon keeps its own until a restart",
@@ -187,13 +181,7 @@ async fn a_reload_that_changes_the_host_id_keeps_the_node_name_taken_from_it(bac
 async fn a_reload_that_changes_the_log_file_says_it_waits_for_a_restart(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut daemon = Daemon::start(&db, "d", "");
-    let base = crate::util::base_config(&db, &daemon.dir);
-    std::fs::write(
-        &daemon.config,
-        crate::util::merge_yaml(&base, "log_file: elsewhere.log\n"),
-    )
-    .unwrap();
-    daemon.reload();
+    daemon.reload_with(&db, "log_file: elsewhere.log\n");
     daemon.wait_for_log(
         "config reload: log_file changed in the file; the daemon keeps its own until a restart",
         WAIT,

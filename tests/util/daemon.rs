@@ -402,6 +402,15 @@ impl Daemon {
         }
     }
 
+    /// Rewrites its config file as the test's base config with `extra`
+    /// (YAML, its top-level keys replacing the base's), then [`reload`]s.
+    ///
+    /// [`reload`]: Daemon::reload
+    pub fn reload_with(&self, db: &TestDb, extra: &str) {
+        std::fs::write(&self.config, merge_yaml(&base_config(db, &self.dir), extra)).unwrap();
+        self.reload();
+    }
+
     /// Waits for the daemon to exit, failing the test after `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         poll_blocking(timeout, "taskrunnerd to exit", || {
