@@ -51,6 +51,9 @@ pub fn raise_open_files() -> (u64, u64) {
 /// permitted"), and so were preloaded parents' starts.
 pub(crate) fn task_open_files() -> Option<(u64, u64)> {
     let (soft, hard) = *STARTED_WITH.get()?;
+    if soft >= hard {
+        return None;
+    }
     let (_, hard_now) = open_files_limits()?;
     let hard = hard.min(hard_now);
     let soft = soft.min(hard);
