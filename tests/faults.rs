@@ -10,9 +10,9 @@ use nix::unistd::Pid;
 use taskrunner::request::RequestId;
 
 use crate::util::{
-    cli, holds_for, memory_kib, now_ns, poll, poll_blocking_every, poll_every, process_exists,
-    wait_until, zombie_children, Backend, Daemon, Fault, NewRow, PrivateServer, Proxy, TestDb,
-    Text,
+    cli, holds_a_pidfd_of, holds_for, memory_kib, now_ns, poll, poll_blocking_every, poll_every,
+    process_exists, read_pid_file, wait_until, watchdogs_of, zombie_children, Backend, Daemon,
+    Fault, KillOnDrop, NewRow, PrivateServer, Proxy, TestDb, Text,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -1405,28 +1405,6 @@ async fn a_stopped_daemons_try_is_killed_before_another_daemon_reruns_its_row(ba
 
 both_backends!(a_fencing_watchdog_runs_beside_each_multi_host_daemon_and_goes_with_it);
 
-/// The daemon's children that are its fencing watchdog.
-fn watchdogs_of(daemon: i32) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let parent = stat
-                .rfind(')')
-                .and_then(|close| stat[close + 1..].split_whitespace().nth(1))
-                .and_then(|parent| parent.parse::<i32>().ok());
-            let command = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            parent == Some(daemon)
-                && command
-                    .split(|byte| *byte == 0)
-                    .any(|arg| arg == b"--fencing-watchdog")
-        })
-        .collect()
-}
-
 /// On PostgreSQL and MariaDB a daemon runs its fencing watchdog (a child
 /// process, `taskrunnerd --fencing-watchdog`); on SQLite, where it does not
 /// fence itself, none. A watchdog killed is replaced, with one log line,
@@ -1476,6 +1454,60 @@ async fn a_fencing_watchdog_runs_beside_each_multi_host_daemon_and_goes_with_it(
         "the watchdog to die with its daemon",
         || !process_exists(second),
     );
+}
+
+multi_host_backends!(a_killed_daemons_tries_that_outlive_its_death_signal_die_with_it);
+
+/// `kill -9` of a daemon (PostgreSQL, MariaDB) that nothing restarts, on a
+/// host that stays up: once its lease lapses, another host's daemon runs
+/// its rows again. A task's parent-death signal kills only the task's own
+/// process, and only while it keeps its credentials: a child the task
+/// started in its process group, and a task that changed its user
+/// (`setpriv` here; a set-user-ID program, `su`), ran on beside their rows'
+/// reruns. Now the fencing watchdog, which outlives the daemon, kills the
+/// tries it saw, with their groups, as the daemon dies (the set-user
+/// task needs root to start; without, only the child is checked).
+async fn a_killed_daemons_tries_that_outlive_its_death_signal_die_with_it(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let child_file = db.scratch.join("child");
+    let mut tasks = format!(
+        "tasks:\n  Forks:\n    command: [/bin/sh, -c, 'sleep 60 & echo $! > {}; wait']\n",
+        child_file.display()
+    );
+    let root = nix::unistd::geteuid().is_root();
+    if root {
+        tasks.push_str("  Setuid:\n    command: [setpriv, --reuid=65534, --regid=65534, --clear-groups, /bin/sleep, '60']\n");
+    }
+    let mut daemon = Daemon::start(&db, "d", &tasks);
+    let mut tries = vec![db.enqueue("Forks", None).await];
+    if root {
+        tries.push(db.enqueue("Setuid", None).await);
+    }
+    let mut pinned = Vec::new();
+    for id in tries {
+        pinned.push(db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32);
+    }
+    let child = read_pid_file(&child_file);
+    let survivors: Vec<i32> = pinned[1..].iter().copied().chain([child]).collect();
+    let _guards: Vec<KillOnDrop> = survivors.iter().map(|&pid| KillOnDrop(pid)).collect();
+    let watchdog = match watchdogs_of(daemon.pid()).as_slice() {
+        [one] => *one,
+        other => panic!("one watchdog: {other:?}"),
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "the watchdog to see the tries",
+        || pinned.iter().all(|&pid| holds_a_pidfd_of(watchdog, pid)),
+    );
+    daemon.kill();
+    wait_until(
+        Duration::from_secs(10),
+        "what outlived the parent-death signal to be killed",
+        || !survivors.iter().any(|&pid| process_exists(pid)),
+    );
+    wait_until(Duration::from_secs(10), "the watchdog to end", || {
+        !process_exists(watchdog)
+    });
 }
 
 multi_host_backends!(a_daemon_paused_past_its_fencing_deadline_keeps_the_tries_still_its_own);

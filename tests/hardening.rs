@@ -638,7 +638,7 @@ async fn a_reap_that_cannot_kill_a_dead_tries_grandchild_leaves_its_row(backend:
     let id = db.enqueue("Spawner", None).await;
     let task = db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32;
     let grandchild = read_pid_file(&grandchild_file);
-    daemon.kill();
+    daemon.kill_with_its_watchdog();
     wait_until(WAIT, "the task to die with its daemon", || {
         !process_exists(task)
     });

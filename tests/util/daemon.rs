@@ -10,7 +10,8 @@ use serde_yaml::{Mapping, Value};
 use taskrunner::request::{Request, RequestId};
 
 use super::{
-    copy_executable, poll_blocking, process_exists, wait_until, TestDb, Text, CLI, DAEMON,
+    copy_executable, poll_blocking, process_exists, wait_until, watchdogs_of, TestDb, Text, CLI,
+    DAEMON,
 };
 
 /// The base config every test daemon gets; tests append their own keys.
@@ -427,6 +428,20 @@ impl Daemon {
         self.wait_exit(Duration::from_secs(60));
     }
 
+    /// `kill -9` of the daemon and of its fencing watchdog (PostgreSQL,
+    /// MariaDB) at once, as `pkill -9 taskrunnerd` does: nothing kills
+    /// what its tasks left behind (the watchdog would, at the daemon's
+    /// death).
+    pub fn kill_with_its_watchdog(&mut self) {
+        for watchdog in watchdogs_of(self.pid()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(watchdog),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        self.kill();
+    }
+
     /// A new daemon on this one's config (once it has exited), ready.
     pub fn restart(&self) -> Daemon {
         let mut daemon = Daemon::start_with_config(&self.config, &[]);
@@ -434,9 +449,9 @@ impl Daemon {
         daemon
     }
 
-    /// The host's crash while request `id`'s task left `grandchild`
-    /// behind: `kill -9` of the daemon, which the grandchild outlives
-    /// (checked), then a restarted daemon. Returns it and the row once it
+    /// The daemon's crash while request `id`'s task left `grandchild`
+    /// behind: `kill -9` of the daemon and its watchdog, which the
+    /// grandchild outlives (checked), then a restarted daemon. Returns it and the row once it
     /// has ended again; whether the grandchild is gone is the caller's
     /// question.
     pub async fn kill_leaving_grandchild_and_restart(
@@ -445,7 +460,7 @@ impl Daemon {
         id: RequestId,
         grandchild: i32,
     ) -> (Daemon, Request) {
-        self.kill();
+        self.kill_with_its_watchdog();
         assert!(
             process_exists(grandchild),
             "the grandchild outlives the daemon"

@@ -12,6 +12,45 @@ use taskrunner::request::RequestId;
 
 use super::{wait_until, TestDb};
 
+/// The daemon's children that are its fencing watchdog.
+pub fn watchdogs_of(daemon: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let parent = stat
+                .rfind(')')
+                .and_then(|close| stat[close + 1..].split_whitespace().nth(1))
+                .and_then(|parent| parent.parse::<i32>().ok());
+            let command = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            parent == Some(daemon)
+                && command
+                    .split(|byte| *byte == 0)
+                    .any(|arg| arg == b"--fencing-watchdog")
+        })
+        .collect()
+}
+
+/// Whether process `holder` holds a pidfd of process `pid` (the fencing
+/// watchdog pins the daemon's tries so).
+pub fn holds_a_pidfd_of(holder: i32, pid: i32) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{holder}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|link| link.to_string_lossy() == "anon_inode:[pidfd]")
+            && std::fs::read_to_string(format!(
+                "/proc/{holder}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .is_ok_and(|info| info.lines().any(|line| line == format!("Pid:\t{pid}")))
+    })
+}
+
 /// Whether a process exists (for grandchild checks).
 pub fn process_exists(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()

@@ -170,6 +170,7 @@ impl Spawner {
             stdin_fd: None,
             preload: false,
             cgroup: None,
+            outlives_the_daemon: false,
         };
         let mut child = self.exec.spawn(recipe).await?;
         // Read to the end (a program whose output is cut short would die
@@ -449,6 +450,7 @@ pub(crate) async fn run(
         stdin_fd: None,
         preload: launch.preload,
         cgroup: try_cgroup.clone(),
+        outlives_the_daemon: false,
     };
 
     let preloaded_from =

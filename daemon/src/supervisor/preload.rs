@@ -517,6 +517,7 @@ impl Parent {
             preload: false,
             // Not a try's: it outlives them all.
             cgroup: None,
+            outlives_the_daemon: false,
         };
         let files = files_of(recipe, spawner);
         let mut child = spawner.spawn(parent_recipe).await.map_err(StartError::Io)?;

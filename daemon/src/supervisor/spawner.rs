@@ -106,6 +106,10 @@ pub(crate) struct Recipe {
     pub(crate) preload: bool,
     /// The try's cgroup, which the child joins first (cgroup.rs).
     pub(crate) cgroup: Option<Arc<super::cgroup::TryCgroup>>,
+    /// No parent-death signal: the process outlives the daemon (the
+    /// fencing watchdog alone, which kills the daemon's tries when it
+    /// dies; watchdog.rs).
+    pub(crate) outlives_the_daemon: bool,
 }
 
 /// Limits set in the child before exec (see limits.rs for what each means).
@@ -1022,6 +1026,8 @@ struct ChildArgs {
     /// parent reads it once the clone returns).
     failure: *mut [libc::c_int; 2],
     daemon_pid: libc::pid_t,
+    /// Set the parent-death signal (see [`Recipe::outlives_the_daemon`]).
+    dies_with_the_daemon: bool,
     uid: Option<libc::uid_t>,
     gid: Option<libc::gid_t>,
     limits: ChildLimits,
@@ -1103,6 +1109,7 @@ fn start(
         ],
         failure: &mut failure,
         daemon_pid: std::process::id() as libc::pid_t,
+        dies_with_the_daemon: !recipe.outlives_the_daemon,
         uid: recipe.uid,
         gid: recipe.gid,
         limits: recipe.limits,
@@ -1282,20 +1289,22 @@ extern "C" fn child_main(raw: *mut libc::c_void) -> libc::c_int {
         }
         // Die with the daemon (with this thread, precisely), so that no task
         // runs unsupervised. Set after the credentials change, which clears it.
-        if libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0,
-            0,
-            0,
-        ) != 0
-        {
-            return fail(3);
-        }
-        // The daemon may have died before prctl.
-        if libc::getppid() != args.daemon_pid {
-            *libc::__errno_location() = libc::ESRCH;
-            return fail(4);
+        if args.dies_with_the_daemon {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return fail(3);
+            }
+            // The daemon may have died before prctl.
+            if libc::getppid() != args.daemon_pid {
+                *libc::__errno_location() = libc::ESRCH;
+                return fail(4);
+            }
         }
         // File descriptors 0-2 only: every other one closes on exec.
         libc::syscall(

@@ -19,18 +19,26 @@
 //! fences itself has ended them already, and the watchdog finds nothing.
 //! A deadline fires once; the next renewal sets the next.
 //!
-//! Which processes: the daemon's children, found in `/proc` (a try is one,
-//! exec'd or forked from a preloaded parent with `CLONE_PARENT`; a
-//! preloaded parent is one too, and a new one is started at its next try).
-//! Each is pinned with a pidfd before it is signalled and checked to be
-//! the daemon's child still, so a pid reused meanwhile is never hit; a
-//! group is signalled through the pidfd of its leader (Linux 6.9), which
-//! names that group even once the leader is reaped.
+//! Which processes: the daemon's children, read from its threads'
+//! `children` files in `/proc` (a try is one, exec'd or forked from a
+//! preloaded parent with `CLONE_PARENT`; a preloaded parent is one too, and
+//! a new one is started at its next try). Each is pinned with a pidfd when
+//! first seen and checked to be the daemon's child still, so a pid reused
+//! meanwhile is never hit; a group is signalled through the pidfd of its
+//! leader (Linux 6.9), which names that group even once the leader is
+//! reaped.
+//!
+//! The watchdog also kills them when the daemon dies ([`Tries`]): it looks
+//! at the daemon's children every 100 ms while some run (every second
+//! while none do), and when the daemon's end of its pipe closes (a daemon
+//! killed, `kill -9`, the OOM killer), it kills every child it saw, with
+//! its group and cgroup v2, and ends.
 //!
 //! The watchdog is the daemon's executable run again (`taskrunnerd
 //! --fencing-watchdog`), started like a task from a spawner thread: its own
-//! process group (a Ctrl-C to the daemon's does not reach it), the
-//! parent-death signal (it dies with the daemon). It ignores SIGTERM,
+//! process group (a Ctrl-C to the daemon's does not reach it), and no
+//! parent-death signal (it outlives the daemon, to kill its tries; at a
+//! stop the daemon kills it once its tries have ended). It ignores SIGTERM,
 //! SIGINT and SIGHUP (a service manager signals the whole unit at a stop;
 //! the daemon's drain still needs it) and ends when its pipe closes. It
 //! reads its deadlines on stdin: 16 bytes a write (the renewal's time and
@@ -162,6 +170,7 @@ impl Watchdog {
                 args,
                 workdir: PathBuf::from("/"),
                 stdin_fd: Some(Arc::new(theirs)),
+                outlives_the_daemon: true,
                 ..Recipe::default()
             })
             .await?;
@@ -188,6 +197,12 @@ async fn log_lines(fd: OwnedFd) {
     }
 }
 
+/// How often the watchdog looks at the daemon's children while some run,
+/// and while none do: a try the daemon started is among those it kills at
+/// the daemon's death once it has been seen (README, "Fencing").
+const LOOK_BUSY: Duration = Duration::from_millis(100);
+const LOOK_IDLE: Duration = Duration::from_secs(1);
+
 /// The watchdog process's `main` (see the module's doc); `args` are those
 /// after [`FLAG`]: the cgroup v2 directory the tries' cgroups are made in,
 /// if any.
@@ -199,18 +214,39 @@ pub fn main(args: &[std::ffi::OsString]) -> std::process::ExitCode {
     }
     // SAFETY: getppid has no failure and no memory effects.
     let daemon = unsafe { libc::getppid() };
+    // SAFETY: as above.
+    let daemon_lives = || unsafe { libc::getppid() } == daemon;
+    let mut tries = Tries {
+        known: Default::default(),
+        cgroups,
+    };
     let mut renewed = 0u64;
     let mut deadline = 0u64;
     let mut fired = false;
+    let mut next_look = 0u64;
     let mut buffer = [0u8; 4096];
     loop {
         let now = nanos(boot_clock());
-        if deadline != 0 && !fired && now >= deadline {
-            // SAFETY: getppid has no failure and no memory effects.
-            if unsafe { libc::getppid() } != daemon {
+        if now >= next_look {
+            if !daemon_lives() {
+                // Its end of the pipe still open somewhere: dead all the same.
+                tries.kill_at_the_daemons_death(daemon);
                 return std::process::ExitCode::SUCCESS;
             }
-            let killed = kill_children(daemon, cgroups.as_deref());
+            tries.look(daemon);
+            let every = if tries.known.is_empty() {
+                LOOK_IDLE
+            } else {
+                LOOK_BUSY
+            };
+            next_look = now + nanos(every);
+        }
+        if deadline != 0 && !fired && now >= deadline {
+            if !daemon_lives() {
+                continue; // at once, as above
+            }
+            tries.look(daemon);
+            let killed = tries.kill();
             fired = true;
             if killed > 0 {
                 eprintln!(
@@ -220,12 +256,13 @@ pub fn main(args: &[std::ffi::OsString]) -> std::process::ExitCode {
             }
             continue;
         }
-        let timeout = if deadline != 0 && !fired {
-            // Rounded up: never woken before the deadline.
-            i32::try_from(deadline.saturating_sub(now).div_ceil(1_000_000)).unwrap_or(i32::MAX)
-        } else {
-            -1
-        };
+        let mut wake = next_look;
+        if deadline != 0 && !fired {
+            wake = wake.min(deadline);
+        }
+        // Rounded up: never woken before the time.
+        let timeout =
+            i32::try_from(wake.saturating_sub(now).div_ceil(1_000_000)).unwrap_or(i32::MAX);
         let mut poll = libc::pollfd {
             fd: 0,
             events: libc::POLLIN,
@@ -233,13 +270,17 @@ pub fn main(args: &[std::ffi::OsString]) -> std::process::ExitCode {
         };
         // SAFETY: polls one descriptor described by a local.
         if unsafe { libc::poll(&mut poll, 1, timeout) } <= 0 {
-            continue; // the deadline, or EINTR
+            continue; // a time, or EINTR
         }
         // SAFETY: a read into a local buffer from our stdin.
         let read = unsafe { libc::read(0, buffer.as_mut_ptr().cast(), buffer.len()) };
         match read {
-            // The daemon closed the pipe: it is ending.
-            0 => return std::process::ExitCode::SUCCESS,
+            // The daemon's end closed: it died (at a stop it kills this
+            // process first, its tries ended).
+            0 => {
+                tries.kill_at_the_daemons_death(daemon);
+                return std::process::ExitCode::SUCCESS;
+            }
             read if read < 0 => {
                 if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
                     return std::process::ExitCode::FAILURE;
@@ -263,69 +304,179 @@ fn nanos(at: Duration) -> u64 {
     u64::try_from(at.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// Kills every child of `daemon` but this process, with its process group
-/// and (under `cgroups`, cgroup v2) its try's cgroup; returns how many were
-/// running (not zombies).
-fn kill_children(daemon: libc::pid_t, cgroups: Option<&Path>) -> usize {
-    let me = std::process::id() as libc::pid_t;
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    let mut running = 0;
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|name| name.parse::<libc::pid_t>().ok())
-        else {
-            continue;
-        };
-        let child_of_daemon = |pid: libc::pid_t| {
-            crate::procinfo::parent_and_group(i64::from(pid))
-                .filter(|(parent, _)| *parent == i64::from(daemon))
-        };
-        if pid == me || child_of_daemon(pid).is_none() {
-            continue;
-        }
-        let Ok(pidfd) = pidfd_open(pid as u32) else {
-            continue;
-        };
-        // Pinned by the pidfd now: still the daemon's child?
-        let Some((_, group)) = child_of_daemon(pid) else {
-            continue;
-        };
-        // Read before the signal: once killed, every one is a zombie.
-        if !crate::procinfo::is_zombie(i64::from(pid)) {
-            running += 1;
-        }
-        if let Some(cgroups) = cgroups {
-            kill_cgroup(pid, cgroups);
-        }
-        let group = group == i64::from(pid);
-        let signalled = kill_through(&pidfd, group);
-        if group && signalled.is_err_and(|e| e.raw_os_error() == Some(libc::EINVAL)) {
-            // Before Linux 6.9: the group by number. Its leader, our pinned
-            // unreaped child (the daemon does not run, or it would have
-            // renewed), holds the number.
-            // SAFETY: a signal, no memory effects.
-            unsafe { libc::killpg(pid, libc::SIGKILL) };
-        }
-    }
-    running
+/// The daemon's children (its tries and preloaded parents) as of the last
+/// look, each pinned by a pidfd: a child's pid may be reused once it is
+/// reaped, its pidfd never names another process.
+///
+/// Why the watchdog keeps them: a task's parent-death signal reaches only
+/// the task's own process, and only while it keeps its credentials (a
+/// set-user-ID program, `setpriv` or `su` in a task clears it). When the
+/// daemon dies, its children are at once the children of another process,
+/// and nothing in `/proc` says any more which were its tries: a child that
+/// lost its signal, and what a task started in its process group, ran on
+/// beside the row's rerun on another host once the lease lapsed. The
+/// watchdog kills them, with their groups, when the daemon's end of its
+/// pipe closes.
+struct Tries {
+    known: std::collections::HashMap<libc::pid_t, Known>,
+    /// The cgroup v2 directory the tries' cgroups are made in, if any.
+    cgroups: Option<PathBuf>,
 }
 
-/// Kills the cgroup v2 of `pid` if it is a try's, under `cgroups`.
-fn kill_cgroup(pid: libc::pid_t, cgroups: &Path) {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
-        return;
+struct Known {
+    pidfd: OwnedFd,
+    /// The child leads its own process group (every try does).
+    leads_its_group: bool,
+    /// The name of its try's cgroup v2 (`try-…`) when last seen.
+    cgroup: Option<String>,
+}
+
+impl Tries {
+    /// Looks at the daemon's children now: new ones are pinned, the ones
+    /// the daemon has reaped forgotten.
+    fn look(&mut self, daemon: libc::pid_t) {
+        let children = children_of(daemon);
+        self.known
+            .retain(|pid, known| children.contains(pid) && !has_ended(&known.pidfd));
+        if self.cgroups.is_some() {
+            // A try joins its cgroup just after it starts.
+            for (&pid, known) in &mut self.known {
+                if known.cgroup.is_none() {
+                    known.cgroup = try_cgroup_of(pid);
+                }
+            }
+        }
+        for pid in children {
+            if !self.known.contains_key(&pid) {
+                self.pin(daemon, pid);
+            }
+        }
+    }
+
+    fn pin(&mut self, daemon: libc::pid_t, pid: libc::pid_t) {
+        let me = std::process::id() as libc::pid_t;
+        if pid == me {
+            return;
+        }
+        let Ok(pidfd) = pidfd_open(pid as u32) else {
+            return;
+        };
+        // Pinned by the pidfd now: still the daemon's child?
+        let Some((parent, group)) = crate::procinfo::parent_and_group(i64::from(pid)) else {
+            return;
+        };
+        if parent != i64::from(daemon) {
+            return;
+        }
+        let known = Known {
+            pidfd,
+            leads_its_group: group == i64::from(pid),
+            cgroup: try_cgroup_of(pid),
+        };
+        self.known.insert(pid, known);
+    }
+
+    /// The daemon died: every child it had when last looked at (and any
+    /// still to be seen as its) is killed with its group and cgroup.
+    fn kill_at_the_daemons_death(&mut self, daemon: libc::pid_t) {
+        for pid in children_of(daemon) {
+            if !self.known.contains_key(&pid) {
+                self.pin(daemon, pid);
+            }
+        }
+        self.kill();
+    }
+
+    /// Kills every known child with its process group and (cgroup v2) its
+    /// try's cgroup; returns how many had not ended.
+    fn kill(&mut self) -> usize {
+        let mut running = 0;
+        for (&pid, known) in &mut self.known {
+            // Read before the signal: once killed, every one has ended.
+            if !has_ended(&known.pidfd) {
+                running += 1;
+                // Now rather than when first seen: a try joins its cgroup
+                // after it starts.
+                if let Some(now) = try_cgroup_of(pid) {
+                    known.cgroup = Some(now);
+                }
+            }
+            if let (Some(cgroups), Some(name)) = (&self.cgroups, &known.cgroup) {
+                let _ = std::fs::write(cgroups.join(name).join("cgroup.kill"), "1");
+            }
+            let signalled = kill_through(&known.pidfd, known.leads_its_group);
+            if known.leads_its_group
+                && signalled.is_err_and(|e| e.raw_os_error() == Some(libc::EINVAL))
+            {
+                // Before Linux 6.9: the group by number, which names it
+                // while it has a member, and its leader (pid = group) is
+                // pinned unreaped while the daemon lives and does not run.
+                // SAFETY: a signal, no memory effects.
+                unsafe { libc::killpg(pid, libc::SIGKILL) };
+            }
+        }
+        running
+    }
+}
+
+/// Whether the process a pidfd pins has ended (a zombie, or reaped).
+fn has_ended(pidfd: &OwnedFd) -> bool {
+    let mut poll = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
     };
-    let Some(name) = text
-        .lines()
+    // SAFETY: polls one descriptor described by a local, without waiting.
+    unsafe { libc::poll(&mut poll, 1, 0) == 1 }
+}
+
+/// The daemon's children: from each of its threads' `children` file, or
+/// (a kernel without them) from every process's parent in `/proc`.
+fn children_of(daemon: libc::pid_t) -> Vec<libc::pid_t> {
+    let pids = |text: &str| {
+        text.split_whitespace()
+            .filter_map(|pid| pid.parse::<libc::pid_t>().ok())
+            .collect::<Vec<_>>()
+    };
+    let numbers = |dir: &str| -> Vec<libc::pid_t> {
+        std::fs::read_dir(dir).map_or_else(
+            |_| Vec::new(),
+            |entries| {
+                entries
+                    .flatten()
+                    .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+                    .collect()
+            },
+        )
+    };
+    let mut children = Vec::new();
+    for thread in numbers(&format!("/proc/{daemon}/task")) {
+        match std::fs::read_to_string(format!("/proc/{daemon}/task/{thread}/children")) {
+            Ok(text) => children.extend(pids(&text)),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {
+                if Path::new(&format!("/proc/{daemon}/task/{thread}")).exists() {
+                    // No `children` files in this kernel.
+                    return numbers("/proc")
+                        .into_iter()
+                        .filter(|&pid| {
+                            crate::procinfo::parent_and_group(i64::from(pid))
+                                .is_some_and(|(parent, _)| parent == i64::from(daemon))
+                        })
+                        .collect();
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    children
+}
+
+/// The name of the cgroup v2 of `pid` if it is a try's (`try-…`).
+fn try_cgroup_of(pid: libc::pid_t) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
         .find_map(|line| line.strip_prefix("0::"))
         .and_then(|path| path.rsplit('/').next())
         .filter(|name| name.starts_with("try-"))
-    else {
-        return;
-    };
-    let _ = std::fs::write(cgroups.join(name).join("cgroup.kill"), "1");
+        .map(str::to_string)
 }
