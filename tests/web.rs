@@ -697,6 +697,7 @@ async fn pages_of_requests_follow_the_key(backend: Backend) {
 }
 
 both_backends!(
+    a_retry_from_a_request_page_applies_only_to_the_row_it_showed,
     pages_of_requests_follow_the_key,
     bulk_actions_treat_each_row_as_its_own_retry_or_cancel_does,
     a_bulk_action_changes_only_the_rows_its_preview_counted,
@@ -907,10 +908,14 @@ async fn a_reload_applies_the_pages_new_password_and_read_only(backend: Backend)
 /// the connection lasted (the page's idle bound, 30 s, here 1 s; a tab
 /// closed) was cut off part-way, and its log line never came. It now runs
 /// in a task of its own, to its end, and logs when it begins and ends.
+/// A row that moves on while the action works through the others (its
+/// daemon retried it, and it FINISHED) is not retried: before, it was
+/// reset and ran again.
 async fn a_bulk_action_longer_than_its_connection_is_carried_out_and_logged(backend: Backend) {
     let db = TestDb::new(backend).await;
+    let mut ids = Vec::new();
     for n in 0..5 {
-        insert_failed(&db, &format!("n: {n}")).await;
+        ids.push(insert_failed(&db, &format!("n: {n}")).await);
     }
     let port = crate::util::free_port();
     let mut daemon = db
@@ -942,6 +947,14 @@ async fn a_bulk_action_longer_than_its_connection_is_carried_out_and_logged(back
     .unwrap();
     let mut reply = String::new();
     let _ = stream.read_to_string(&mut reply);
+    // Newest first, a row each 500 ms: the oldest comes last, 2.5 s in.
+    db.wait_for(ids[4], WAIT, "retried first", |row| row.result.is_none())
+        .await;
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET result = 'FINISHED', tries = 2 WHERE id = {}",
+        ids[0]
+    ))
+    .await;
     let line = poll(WAIT, "the bulk action's line in the log", async || {
         let log = daemon.log_text();
         match log
@@ -954,15 +967,16 @@ async fn a_bulk_action_longer_than_its_connection_is_carried_out_and_logged(back
     })
     .await;
     assert!(
-        line.contains("changed=5") && line.contains("refused=0"),
+        line.contains("changed=4") && line.contains("refused=1"),
         "{line}"
     );
     assert!(daemon.log_text().contains("web bulk action begins"));
     assert_eq!(
         db.scalar("SELECT count(*) FROM task_runner_requests WHERE result IS NULL")
             .await,
-        5
+        4
     );
+    assert_eq!(db.row(ids[0]).await.result.as_deref(), Some("FINISHED"));
     assert!(daemon.stop().success());
 }
 
@@ -1559,6 +1573,42 @@ async fn bulk_actions_treat_each_row_as_its_own_retry_or_cancel_does(backend: Ba
         .await,
         1
     );
+}
+
+/// A request's page showed it FAILED; its daemon's own retry ran it
+/// meanwhile, and it FINISHED. The page's Retry reset it, and it ran
+/// again. The button now carries the state and tries it showed: a row that
+/// moved on is refused (409, saying what it is now), and a page of the row
+/// as it is now retries it.
+async fn a_retry_from_a_request_page_applies_only_to_the_row_it_showed(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let id = insert_failed(&db, "a: 1").await;
+    let web = web_router(&db, "");
+    let page = get(&web, &format!("/requests/{id}")).await.body;
+    assert!(page.contains(r#"name="seen" value="FAILED:1""#), "{page}");
+    let token = csrf_of(&page);
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET result = 'FINISHED', tries = 2 WHERE id = {id}"
+    ))
+    .await;
+    let path = format!("/requests/{id}/retry");
+    let reply = post(&web, &path, &format!("csrf={token}&seen=FAILED:1"), None).await;
+    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.body);
+    assert!(
+        reply.body.contains(
+            "it changed since the page showed it (FAILED:1), and is now FINISHED after 2 tries"
+        ),
+        "{}",
+        reply.body
+    );
+    assert_eq!(db.row(id).await.result.as_deref(), Some("FINISHED"));
+    let reply = post(&web, &path, &format!("csrf={token}&seen=FAILED"), None).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    let page = get(&web, &format!("/requests/{id}")).await.body;
+    assert!(page.contains(r#"name="seen" value="FINISHED:2""#), "{page}");
+    let reply = post(&web, &path, &format!("csrf={token}&seen=FINISHED:2"), None).await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER, "{}", reply.body);
+    assert_eq!(db.row(id).await.result, None);
 }
 
 /// The bulk form carried only the filter: rows inserted after the preview

@@ -831,6 +831,8 @@ async fn run_one(
                         refused += 1;
                         eprintln!("taskrunner-cli: {}", in_flow_text(id, flow));
                     }
+                    // Only a retry of a row as seen (the web page's).
+                    Change::Moved { .. } => refused += 1,
                 }
             }
             if refused < ids.len() {
@@ -860,8 +862,10 @@ async fn run_one(
                             state.unwrap_or_else(|| "final".into())
                         );
                     }
-                    // Only `retry` meets a unique key or a flow.
-                    Change::KeyHeld { .. } | Change::InFlow(_) => refused += 1,
+                    // Only `retry` meets a unique key, a flow or a row moved on.
+                    Change::KeyHeld { .. } | Change::InFlow(_) | Change::Moved { .. } => {
+                        refused += 1
+                    }
                 }
             }
             if !running.is_empty() {

@@ -109,6 +109,23 @@ pub(crate) enum Change {
     /// as its flow moves (before, `retry --flow` ran every step and revert
     /// of a finished flow again, at once and in no order).
     InFlow(i64),
+    /// `retry` of a row as it was seen ([`Seen`]): it has moved on since
+    /// (its state now, `None` for pending, and its tries).
+    Moved {
+        state: Option<String>,
+        tries: i64,
+    },
+}
+
+/// A row's state (`PENDING` for none) and tries as an operator saw them
+/// (a web page, a bulk action's selection): a retry made from that view
+/// applies only while the row is still so. (Before, a row the page showed
+/// FAILED that its daemon's own retry had FINISHED meanwhile was reset
+/// and ran again.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Seen {
+    pub(crate) state: String,
+    pub(crate) tries: i64,
 }
 
 /// Why `retry` of request `id` was refused ([`Change::InFlow`]).
@@ -194,7 +211,17 @@ impl Store {
     /// member's batch is recounted (a batch that already ended stays ended:
     /// its callback is not made again).
     pub(crate) async fn retry(&self, id: RequestId) -> Result<Change> {
-        match self.execute_by_id(self.sql.retry.as_str(), id).await {
+        self.retry_as(id, None).await
+    }
+
+    /// [`retry`](Store::retry), only while the row is as `seen` (when
+    /// given): a row that moved on is [`Change::Moved`].
+    pub(crate) async fn retry_as(&self, id: RequestId, seen: Option<&Seen>) -> Result<Change> {
+        let updated = match seen {
+            None => self.execute_by_id(self.sql.retry.as_str(), id).await,
+            Some(seen) => self.retry_if_seen(id, seen).await,
+        };
+        match updated {
             Ok(true) => {
                 if let Some(batch_id) = self.show(id).await?.and_then(|row| row.batch_id) {
                     self.recount_batch(batch_id).await?;
@@ -204,6 +231,17 @@ impl Store {
             Ok(false) => match self.show(id).await? {
                 Some(row) if row.flow_step.is_some() && row.flow_id.is_some() => {
                     Ok(Change::InFlow(row.flow_id.unwrap_or_default()))
+                }
+                Some(row)
+                    if seen.is_some_and(|seen| {
+                        (row.result.as_deref().unwrap_or("PENDING"), row.tries)
+                            != (seen.state.as_str(), seen.tries)
+                    }) =>
+                {
+                    Ok(Change::Moved {
+                        state: row.result,
+                        tries: row.tries,
+                    })
                 }
                 _ => self.explain_refusal(id).await,
             },
@@ -242,6 +280,19 @@ impl Store {
             }
         }
         self.explain_refusal(id).await
+    }
+
+    async fn retry_if_seen(&self, id: RequestId, seen: &Seen) -> Result<bool> {
+        Ok(on_pool!(self, pool => {
+            query(self.sql.retry_as_seen.as_str())
+                .bind(id.0)
+                .bind(seen.state.as_str())
+                .bind(seen.tries)
+                .execute(pool)
+                .await?
+                .rows_affected()
+                == 1
+        }))
     }
 
     async fn execute_by_id(&self, statement: &'static str, id: RequestId) -> Result<bool> {

@@ -48,7 +48,7 @@ use sql::Sql;
 
 pub use admin::ListFilter;
 pub(crate) use admin::{
-    in_flow_text, key_held_text, Change, ListQuery, NewRequest, DEFAULT_TRY_LIMIT,
+    in_flow_text, key_held_text, Change, ListQuery, NewRequest, Seen, DEFAULT_TRY_LIMIT,
 };
 use claims::claimed_from_row;
 pub(crate) use claims::ClaimFilter;

@@ -363,6 +363,15 @@ pub static SQL: Statements<Sql> = Statements::new(|d| match d.0 {
     Backend::Sqlite | Backend::Postgres => Sql::render(d),
 });
 
+/// `retry`'s statement ($1: the id). Not a flow's step or revert: they
+/// run only as the flow moves, and a FINISHED step never runs again (see
+/// `Change::InFlow`). A flow's `on_exhausted` alert (`flow_step` NULL) is a
+/// callback like any other.
+const RETRY: &str = "UPDATE task_runner_requests \
+       SET pid = NULL, result = NULL, tries = 0, delay_until = NULL, cancel_requested_at = NULL \
+     WHERE id = $1 AND result IS DISTINCT FROM 'RUNNING' \
+       AND (flow_id IS NULL OR flow_step IS NULL)";
+
 /// The runnable rule of SPEC.md, minus the delay (added where it applies).
 /// It is the predicate of the partial index `task_runner_requests_runnable`
 /// (migration 0003), written identically so that planners use the index.
@@ -650,6 +659,9 @@ pub struct Sql {
     pub(crate) list_pending: String,
     pub(crate) list_by_result: String,
     pub(crate) retry: String,
+    /// `retry`, only while the row is in the state and at the tries an
+    /// operator saw ($2: the state, `PENDING` for none; $3: the tries).
+    pub(crate) retry_as_seen: String,
     pub(crate) cancel_pending: String,
     pub(crate) cancel_running: String,
     pub(crate) state_of: String,
@@ -1309,15 +1321,10 @@ impl Sql {
             list_all: format!("{select_requests} ORDER BY id DESC LIMIT $1"),
             list_pending: format!("{select_requests} WHERE result IS NULL ORDER BY id DESC LIMIT $1"),
             list_by_result: format!("{select_requests} WHERE result = $2 ORDER BY id DESC LIMIT $1"),
-            // Not a flow's step or revert: they run only as the flow moves,
-            // and a FINISHED step never runs again (see `Change::InFlow`).
-            // A flow's `on_exhausted` alert (`flow_step` NULL) is a callback
-            // like any other.
-            retry: "UPDATE task_runner_requests \
-                       SET pid = NULL, result = NULL, tries = 0, delay_until = NULL, cancel_requested_at = NULL \
-                     WHERE id = $1 AND result IS DISTINCT FROM 'RUNNING' \
-                       AND (flow_id IS NULL OR flow_step IS NULL)"
-                .to_string(),
+            retry: RETRY.to_string(),
+            retry_as_seen: format!(
+                "{RETRY} AND coalesce(result, 'PENDING') = $2 AND tries = $3"
+            ),
             cancel_pending: format!(
                 "UPDATE task_runner_requests \
                     SET result = 'CANCELLED', result_text = 'cancelled before it ran', completed_at = {now} \

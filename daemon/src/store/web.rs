@@ -11,7 +11,7 @@
 use anyhow::Result;
 use sqlx::query;
 
-use super::{request_from_row, Backend, Change, Pool, RowExt, Store};
+use super::{request_from_row, Backend, Change, Pool, RowExt, Seen, Store};
 use crate::request::{Request, RequestId};
 
 /// Rows a filter that no index serves looks at per page.
@@ -638,7 +638,8 @@ impl Store {
         }
         binds.push(Bind::Int(BULK_LIMIT));
         let sql = format!(
-            "SELECT id FROM task_runner_requests WHERE {} ORDER BY id DESC LIMIT ${}",
+            "SELECT id, coalesce(result, 'PENDING'), {} FROM task_runner_requests WHERE {} ORDER BY id DESC LIMIT ${}",
+            self.dialect().int64("tries"),
             terms.join(" AND "),
             binds.len()
         );
@@ -653,22 +654,24 @@ impl Store {
         filter: &RequestFilter,
         action: BulkAction,
     ) -> Result<Vec<i64>> {
-        self.bulk_ids(filter, action, None).await
+        let rows = self.bulk_rows(filter, action, None).await?;
+        Ok(rows.into_iter().map(|(id, _)| id).collect())
     }
 
-    async fn bulk_ids(
+    /// The rows a bulk action selects, each with its state and tries now.
+    async fn bulk_rows(
         &self,
         filter: &RequestFilter,
         action: BulkAction,
         upto: Option<i64>,
-    ) -> Result<Vec<i64>> {
+    ) -> Result<Vec<(i64, Seen)>> {
         let (select, binds) = self.bulk_select(filter, action, upto);
         Ok(on_pool!(self, pool => {
             bind_all!(query(audited(&select)), &binds)
                 .fetch_all(pool)
                 .await?
                 .iter()
-                .map(|row| row.int(0))
+                .map(|row| Ok((row.int(0)?, Seen { state: row.text(1)?, tries: row.int(2)? })))
                 .collect::<sqlx::Result<_>>()?
         }))
     }
@@ -690,20 +693,23 @@ impl Store {
     ) -> Result<BulkApplied> {
         let previewed: std::collections::HashSet<i64> = previewed.iter().copied().collect();
         let upto = previewed.iter().copied().max();
-        let ids: Vec<i64> = match upto {
-            Some(upto) => self.bulk_ids(filter, action, Some(upto)).await?,
+        let rows = match upto {
+            Some(upto) => self.bulk_rows(filter, action, Some(upto)).await?,
             None => Vec::new(),
         };
-        let ids: Vec<i64> = ids
+        let rows: Vec<(i64, Seen)> = rows
             .into_iter()
-            .filter(|id| previewed.contains(id))
+            .filter(|(id, _)| previewed.contains(id))
             .collect();
-        let gone = (previewed.len() - ids.len()) as u64;
+        let gone = (previewed.len() - rows.len()) as u64;
         let (mut changed, mut refused) = (0, 0);
-        for id in ids.into_iter().map(RequestId) {
+        for (id, seen) in rows {
+            let id = RequestId(id);
             crate::test_hooks::pause_when_told("TASKRUNNER_TEST_BULK_ROW_DELAY_MS").await;
             let change = match action {
-                BulkAction::Retry => self.retry(id).await?,
+                // Only as it was when selected: a row whose daemon retried
+                // it meanwhile, to its end, is not run again.
+                BulkAction::Retry => self.retry_as(id, Some(&seen)).await?,
                 BulkAction::Cancel => self.cancel(id).await?,
             };
             match change {

@@ -38,7 +38,7 @@ use crate::config::http::{Auth, Http};
 use crate::metrics::QueueGauges;
 use crate::request::RequestId;
 use crate::store::web::{BulkAction, RequestFilter, BULK_LIMIT};
-use crate::store::{check_pause_name, in_flow_text, key_held_text, Change, PauseKind, Store};
+use crate::store::{check_pause_name, in_flow_text, key_held_text, Change, PauseKind, Seen, Store};
 
 /// The Content-Security-Policy of every response: nothing but this
 /// server's stylesheet; no script, no inline style, no frames.
@@ -749,6 +749,10 @@ struct ActionForm {
     csrf: String,
     #[serde(default)]
     older_than: String,
+    /// `retry`: the row's state and tries as the page showed them
+    /// (`FAILED:1`); none: retried whatever it is now (not running).
+    #[serde(default)]
+    seen: String,
 }
 
 fn csrf_ok(web: &Web, given: &str) -> bool {
@@ -770,16 +774,28 @@ fn csrf_refused() -> Response {
         .into_response()
 }
 
-async fn one_action(web: &Web, who: &Who, id: &str, csrf: &str, action: &str) -> PageResult {
-    if !csrf_ok(web, csrf) {
+async fn one_action(web: &Web, who: &Who, id: &str, form: &ActionForm, action: &str) -> PageResult {
+    if !csrf_ok(web, &form.csrf) {
         tracing::warn!(remote = %who.remote, user = %who.user, action, request = id, "web: refused an action without a valid CSRF token");
         return Ok(csrf_refused());
     }
     let Ok(number) = id.parse::<i64>() else {
         return Ok(bad_request("a request id is a number"));
     };
+    let seen = match form.seen.as_str() {
+        "" => None,
+        seen => match seen.split_once(':').and_then(|(state, tries)| {
+            Some(Seen {
+                state: state.to_string(),
+                tries: tries.parse().ok()?,
+            })
+        }) {
+            Some(seen) => Some(seen),
+            None => return Ok(bad_request("seen is a state and tries, as FAILED:1")),
+        },
+    };
     let change = match action {
-        "retry" => web.store.retry(RequestId(number)).await?,
+        "retry" => web.store.retry_as(RequestId(number), seen.as_ref()).await?,
         _ => web.store.cancel(RequestId(number)).await?,
     };
     tracing::info!(remote = %who.remote, user = %who.user, action, request = number, outcome = ?change, "web action");
@@ -813,6 +829,15 @@ async fn one_action(web: &Web, who: &Who, id: &str, csrf: &str, action: &str) ->
             pages::error_page(&in_flow_text(RequestId(number), flow)),
         )
             .into_response()),
+        Change::Moved { state, tries } => Ok((
+            StatusCode::CONFLICT,
+            pages::error_page(&format!(
+                "request {number} was not retried: it changed since the page showed it ({}), and is now {} after {tries} tries; open it again and retry it if you still mean to",
+                form.seen,
+                state.as_deref().unwrap_or("pending"),
+            )),
+        )
+            .into_response()),
     }
 }
 
@@ -822,7 +847,7 @@ async fn retry(
     Path(id): Path<String>,
     Form(form): Form<ActionForm>,
 ) -> PageResult {
-    one_action(&web, &who, &id, &form.csrf, "retry").await
+    one_action(&web, &who, &id, &form, "retry").await
 }
 
 async fn cancel(
@@ -831,7 +856,7 @@ async fn cancel(
     Path(id): Path<String>,
     Form(form): Form<ActionForm>,
 ) -> PageResult {
-    one_action(&web, &who, &id, &form.csrf, "cancel").await
+    one_action(&web, &who, &id, &form, "cancel").await
 }
 
 fn bulk_action(name: &str) -> Option<BulkAction> {

@@ -390,10 +390,21 @@ fn first_line(text: &str, limit: usize) -> String {
     }
 }
 
-fn action_button(chrome: &Chrome, id: i64, action: &str, label: &str) -> Markup {
+/// `seen`: the row's state and tries as shown (`FAILED:1`), for a retry
+/// that applies only while the row is still so.
+fn action_button(
+    chrome: &Chrome,
+    id: i64,
+    action: &str,
+    label: &str,
+    seen: Option<&str>,
+) -> Markup {
     html! {
         form.inline method="post" action=(format!("/requests/{id}/{action}")) {
             input type="hidden" name="csrf" value=(chrome.csrf);
+            @if let Some(seen) = seen {
+                input type="hidden" name="seen" value=(seen);
+            }
             button type="submit" name="do" value=(action) { (label) }
         }
     }
@@ -461,9 +472,11 @@ pub(crate) fn request(chrome: &Chrome, row: &Request, callbacks: &[CallbackRow])
         html! {
             @if !chrome.read_only {
                 div.actions {
-                    @if state != "RUNNING" { (action_button(chrome, row.id, "retry", "Retry")) }
+                    @if state != "RUNNING" {
+                        (action_button(chrome, row.id, "retry", "Retry", Some(&format!("{state}:{}", row.tries))))
+                    }
                     @if matches!(state.as_str(), "PENDING" | "RUNNING" | "FAILED" | "CRASHED" | "TIMEOUT" | "INTERRUPTED") {
-                        (action_button(chrome, row.id, "cancel", "Cancel"))
+                        (action_button(chrome, row.id, "cancel", "Cancel", None))
                     }
                 }
             }
