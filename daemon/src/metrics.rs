@@ -159,7 +159,10 @@ impl Metrics {
             "Database calls that failed; the daemon retries each after a backoff",
         )
         .expect("valid metric");
-        let running = IntGauge::new("taskrunner_running_tries", "Tries this daemon runs now")
+        let running = IntGauge::new(
+            "taskrunner_running_tries",
+            "Tries whose process this daemon runs now (not the rows it claimed ahead for its slots)",
+        )
             .expect("valid metric");
         let slots = IntGauge::new(
             "taskrunner_slots",

@@ -123,6 +123,17 @@ impl Tries {
         self.lock().tries.len()
     }
 
+    /// How many tries have their process running (`taskrunner_running_tries`):
+    /// not the rows claimed ahead that wait for a slot, nor a try still
+    /// being set up or waiting for its preloaded program's boot.
+    pub(crate) fn with_a_process(&self) -> usize {
+        self.lock()
+            .tries
+            .values()
+            .filter(|live| live.pid.is_some())
+            .count()
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.lock().tries.is_empty()
     }
@@ -306,5 +317,37 @@ impl Drop for Claiming<'_> {
                 inner.claiming.remove(&self.claim_token);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live(task: &str, token: &ClaimToken) -> LiveTry {
+        LiveTry {
+            task: task.to_string(),
+            claim_token: token.clone(),
+            pid: None,
+            started: Instant::now(),
+            try_number: 1,
+            stop: watch::channel(None).0,
+            progress: watch::channel(None).1,
+            progress_written: None,
+            lease_renewed: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn tries_claimed_ahead_are_held_but_not_running() {
+        let tries = Tries::default();
+        let token = ClaimToken::from_row("t".to_string());
+        for id in 1..=3 {
+            assert!(tries.insert(RequestId(id), live("NoOp", &token)).is_none());
+        }
+        tries.running(RequestId(2), &token, 4242);
+        // Three rows held, one of them in a slot with its process (before,
+        // `taskrunner_running_tries` read the three, up to 16 per slot).
+        assert_eq!((tries.len(), tries.with_a_process()), (3, 1));
     }
 }

@@ -57,7 +57,7 @@ impl View {
     /// `store` reads the per-queue gauges (`readers`).
     pub(super) async fn metrics_text(&self, store: &Store) -> Result<String> {
         self.metrics.set_daemon_state(
-            self.tries.len(),
+            self.tries.with_a_process(),
             Setup::current_config(&self.setup).max_concurrent,
             self.health.errors(),
         );
