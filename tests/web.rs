@@ -697,6 +697,7 @@ async fn pages_of_requests_follow_the_key(backend: Backend) {
 }
 
 both_backends!(
+    old_exhausted_rows_hide_no_running_row_on_the_overview,
     a_retry_from_a_request_page_applies_only_to_the_row_it_showed,
     pages_of_requests_follow_the_key,
     bulk_actions_treat_each_row_as_its_own_retry_or_cancel_does,
@@ -1572,6 +1573,52 @@ async fn bulk_actions_treat_each_row_as_its_own_retry_or_cancel_does(backend: Ba
         )
         .await,
         1
+    );
+}
+
+/// 10,000 exhausted rows of a queue (kept for weeks by default) and three
+/// running ones of another type: the overview counted the open rows up to
+/// one cap of 10,000, in index order, the exhausted ones first. It read
+/// running 0 and waiting 0, and the running type was missing. Each kind is
+/// now counted up to a cap of its own.
+async fn old_exhausted_rows_hide_no_running_row_on_the_overview(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ten = "(SELECT 0 AS d UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 \
+               UNION ALL SELECT 4 UNION ALL SELECT 5 UNION ALL SELECT 6 UNION ALL SELECT 7 \
+               UNION ALL SELECT 8 UNION ALL SELECT 9)";
+    db.execute(&format!(
+        "INSERT INTO task_runner_requests (task_class_name, queue, result, tries, try_limit) \
+         SELECT 'AOld', 'q', 'FAILED', 1, 1 FROM {ten} a, {ten} b, {ten} c, {ten} d"
+    ))
+    .await;
+    for pid in 1..=3 {
+        db.insert_row(
+            NewRow::new("Busy")
+                .queue("q")
+                .running_unclaimed(backend, "h", pid, 1),
+        )
+        .await;
+    }
+    db.insert_row(NewRow::new("Waits").queue("q")).await;
+    let page = get(&web_router(&db, ""), "/").await.body;
+    let queue = &page[page.find(r#"<tr class="queue">"#).unwrap()..];
+    let queue = &queue[..queue.find("</tr>").unwrap()];
+    let cells: Vec<String> = queue
+        .split(r#"<td class="num">"#)
+        .skip(1)
+        .map(|cell| {
+            // The cell's text, its tags (a link) left out.
+            let cell = &cell[..cell.find("</td>").unwrap()];
+            cell.split('<')
+                .map(|part| part.split_once('>').map_or(part, |(_, text)| text))
+                .collect::<String>()
+        })
+        .collect();
+    // waiting, running, failed, exhausted
+    assert_eq!(cells[..4], ["1", "3", "0", "10000+"], "{queue}");
+    assert!(
+        page.contains(">Busy<") && page.contains(">Waits<"),
+        "{page}"
     );
 }
 

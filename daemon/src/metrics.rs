@@ -21,7 +21,7 @@ use prometheus::{
 };
 
 use crate::request::State;
-use crate::store::web::QueueStats;
+use crate::store::web::{Capped, QueueStats};
 use crate::store::Store;
 
 /// Counts stop here per queue at scrape time: the gauges are bounded, and
@@ -355,7 +355,7 @@ fn queue_families(stats: &[QueueStats]) -> Vec<prometheus::proto::MetricFamily> 
     );
     let capped = gauge(
         "taskrunner_queue_counts_capped",
-        "1 when the queue's counts stopped at the cap (100000 rows): the true numbers are larger",
+        "1 when one of the queue's counts stopped at the cap (100000 rows each of running, exhausted, and the others): the true number is larger",
     );
     for stat in stats {
         let total = stat.total();
@@ -369,7 +369,11 @@ fn queue_families(stats: &[QueueStats]) -> Vec<prometheus::proto::MetricFamily> 
         lag.with_label_values(&label).set(stat.lag_seconds);
         capped
             .with_label_values(&label)
-            .set(if stat.capped { 1.0 } else { 0.0 });
+            .set(if stat.capped == Capped::default() {
+                0.0
+            } else {
+                1.0
+            });
     }
     registry.gather()
 }

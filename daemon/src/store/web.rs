@@ -30,6 +30,19 @@ use super::sql::RUNNABLE;
 /// `task_runner_requests_open`, written identically).
 const OPEN: &str = "(result IS NULL OR result NOT IN ('FINISHED', 'CANCELLED', 'REJECTED'))";
 
+/// The rows not final ([`OPEN`]) in three parts, each counted up to its own
+/// cap: running, exhausted, and the rest (waiting, delayed, failed with
+/// tries left). With one cap over them all, a backlog of exhausted rows
+/// (kept for weeks) took the whole count: the overview and `/metrics` read
+/// no running and no waiting row, and a type with only those was missing.
+const OPEN_PARTS: [&str; 3] = [
+    // In the order of [`Capped`]'s fields.
+    "result = 'RUNNING'",
+    "result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit",
+    "(result IS NULL OR (result NOT IN ('FINISHED', 'CANCELLED', 'REJECTED', 'RUNNING') \
+       AND NOT (result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit)))",
+];
+
 /// How a row that is not final counts on the overview.
 const KIND: &str = "CASE WHEN result = 'RUNNING' THEN 'running' \
       WHEN result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit THEN 'exhausted' \
@@ -46,13 +59,22 @@ pub(crate) struct OpenCounts {
     pub(crate) exhausted: i64,
 }
 
+/// Which of a queue's counts stopped at the cap, by [`OPEN_PARTS`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct Capped {
+    pub(crate) running: bool,
+    pub(crate) exhausted: bool,
+    /// Waiting and failed (with tries left).
+    pub(crate) others: bool,
+}
+
 /// One queue's open rows, by type, and its lag.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct QueueStats {
     pub(crate) queue: String,
     pub(crate) by_type: Vec<OpenCounts>,
-    /// The counts stopped at the cap: the true numbers are larger.
-    pub(crate) capped: bool,
+    /// The counts that stopped at the cap (the true numbers are larger).
+    pub(crate) capped: Capped,
     /// Seconds since the queue's first runnable row became runnable (0 when none).
     pub(crate) lag_seconds: f64,
 }
@@ -222,15 +244,9 @@ impl Store {
         Ok(queues)
     }
 
-    /// A queue's open rows by type (at most `cap` rows counted) and its lag.
+    /// A queue's open rows by type (at most `cap` rows counted of each of
+    /// [`OPEN_PARTS`]) and its lag.
     pub(crate) async fn queue_stats(&self, queue: &str, cap: i64) -> Result<QueueStats> {
-        let counts = format!(
-            "SELECT task_class_name, kind, {} FROM ( \
-               SELECT task_class_name, {KIND} AS kind FROM task_runner_requests \
-                WHERE queue = $1 AND {OPEN} LIMIT $2) AS open_rows \
-             GROUP BY task_class_name, kind ORDER BY task_class_name",
-            self.dialect().int64("count(*)")
-        );
         let now = self.dialect().now();
         let lag = format!(
             "SELECT {} - {} FROM task_runner_requests \
@@ -244,30 +260,43 @@ impl Store {
             queue: queue.to_string(),
             ..QueueStats::default()
         };
-        let mut counted = 0;
-        let rows: Vec<(String, String, i64)> = on_pool!(self, pool => {
-            query(audited(&counts)).bind(queue).bind(cap).fetch_all(pool).await?
-                .iter()
-                .map(|row| Ok((row.text(0)?, row.text(1)?, row.int(2)?)))
-                .collect::<sqlx::Result<_>>()?
-        });
-        for (task, kind, count) in rows {
-            counted += count;
-            if stats.by_type.last().map(|c| &c.task) != Some(&task) {
-                stats.by_type.push(OpenCounts {
-                    task: task.clone(),
+        let mut by_type: std::collections::BTreeMap<String, OpenCounts> = Default::default();
+        for (n, part) in OPEN_PARTS.into_iter().enumerate() {
+            let counts = format!(
+                "SELECT task_class_name, kind, {} FROM ( \
+                   SELECT task_class_name, {KIND} AS kind FROM task_runner_requests \
+                    WHERE queue = $1 AND {part} LIMIT $2) AS open_rows \
+                 GROUP BY task_class_name, kind",
+                self.dialect().int64("count(*)")
+            );
+            let rows: Vec<(String, String, i64)> = on_pool!(self, pool => {
+                query(audited(&counts)).bind(queue).bind(cap).fetch_all(pool).await?
+                    .iter()
+                    .map(|row| Ok((row.text(0)?, row.text(1)?, row.int(2)?)))
+                    .collect::<sqlx::Result<_>>()?
+            });
+            let mut counted = 0;
+            for (task, kind, count) in rows {
+                counted += count;
+                let entry = by_type.entry(task.clone()).or_insert_with(|| OpenCounts {
+                    task,
                     ..OpenCounts::default()
                 });
+                match kind.as_str() {
+                    "running" => entry.running += count,
+                    "exhausted" => entry.exhausted += count,
+                    "failed" => entry.failed += count,
+                    _ => entry.waiting += count,
+                }
             }
-            let entry = stats.by_type.last_mut().expect("pushed above");
-            match kind.as_str() {
-                "running" => entry.running += count,
-                "exhausted" => entry.exhausted += count,
-                "failed" => entry.failed += count,
-                _ => entry.waiting += count,
+            let capped = counted >= cap;
+            match n {
+                0 => stats.capped.running = capped,
+                1 => stats.capped.exhausted = capped,
+                _ => stats.capped.others = capped,
             }
         }
-        stats.capped = counted >= cap;
+        stats.by_type = by_type.into_values().collect();
         stats.lag_seconds = on_pool!(self, pool => {
             match query(audited(&lag)).bind(queue).fetch_all(pool).await?.first() {
                 Some(row) => row.opt_float(0)?.unwrap_or(0.0).max(0.0),

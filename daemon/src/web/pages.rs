@@ -182,10 +182,10 @@ pub(crate) fn overview(
                                         (pause_or_badge(PauseKind::Queue, &queue.queue, "pause queue"))
                                     }
                                     td { "all types" }
-                                    td.num { a href=(requests_link("PENDING", "", &queue.queue)) { (count(total.waiting, queue.capped)) } }
-                                    td.num { a href=(requests_link("RUNNING", "", &queue.queue)) { (count(total.running, queue.capped)) } }
-                                    td.num { a href=(requests_link("FAILED", "", &queue.queue)) { (count(total.failed, queue.capped)) } }
-                                    td.num { (count(total.exhausted, queue.capped)) }
+                                    td.num { a href=(requests_link("PENDING", "", &queue.queue)) { (count(total.waiting, queue.capped.others)) } }
+                                    td.num { a href=(requests_link("RUNNING", "", &queue.queue)) { (count(total.running, queue.capped.running)) } }
+                                    td.num { a href=(requests_link("FAILED", "", &queue.queue)) { (count(total.failed, queue.capped.others)) } }
+                                    td.num { (count(total.exhausted, queue.capped.exhausted)) }
                                     td.num { (seconds(queue.lag_seconds)) }
                                 }
                                 @for by_type in &queue.by_type {
@@ -195,10 +195,10 @@ pub(crate) fn overview(
                                             a href=(requests_link("", &by_type.task, &queue.queue)) { (by_type.task) }
                                             (pause_or_badge(PauseKind::Task, &by_type.task, "pause type"))
                                         }
-                                        td.num { (count(by_type.waiting, queue.capped)) }
-                                        td.num { (count(by_type.running, queue.capped)) }
-                                        td.num { (count(by_type.failed, queue.capped)) }
-                                        td.num { (count(by_type.exhausted, queue.capped)) }
+                                        td.num { (count(by_type.waiting, queue.capped.others)) }
+                                        td.num { (count(by_type.running, queue.capped.running)) }
+                                        td.num { (count(by_type.failed, queue.capped.others)) }
+                                        td.num { (count(by_type.exhausted, queue.capped.exhausted)) }
                                         td {}
                                     }
                                 }
