@@ -23,19 +23,25 @@ both_backends!(
     a_schedule_added_by_a_reload_starts_with_its_next_slot,
 );
 
-/// An application's trigger that refuses every request of type `Refused`.
+/// An application's trigger that refuses every request of type `Refused`,
+/// and (SQLite, PostgreSQL: a MariaDB trigger cannot) one that skips every
+/// request of type `Skipped` without an error.
 fn refusing_a_type(backend: Backend) -> Vec<&'static str> {
     match backend {
         Backend::Sqlite => vec![
             "CREATE TRIGGER refuse_type BEFORE INSERT ON task_runner_requests \
                WHEN NEW.task_class_name = 'Refused' \
                BEGIN SELECT RAISE(ABORT, 'the application refuses type Refused'); END",
+            "CREATE TRIGGER skip_type BEFORE INSERT ON task_runner_requests \
+               WHEN NEW.task_class_name = 'Skipped' BEGIN SELECT RAISE(IGNORE); END",
         ],
         Backend::Postgres => vec![
             "CREATE FUNCTION refuse_type() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
                IF NEW.task_class_name = 'Refused' THEN \
                  RAISE EXCEPTION 'the application refuses type Refused'; \
-               END IF; RETURN NEW; END $$",
+               END IF; \
+               IF NEW.task_class_name = 'Skipped' THEN RETURN NULL; END IF; \
+               RETURN NEW; END $$",
             "CREATE TRIGGER refuse_type BEFORE INSERT ON task_runner_requests \
                FOR EACH ROW EXECUTE FUNCTION refuse_type()",
         ],
@@ -54,17 +60,24 @@ fn refusing_a_type(backend: Backend) -> Vec<&'static str> {
 /// trigger refuses its type) ended each tick of the cron loop with that
 /// error: the schedules after it by name never fired, and the error line
 /// named no schedule. It is now logged once, naming it, and tried again
-/// each second; the others go on.
+/// each second; the others go on. A trigger that skips the row without an
+/// error (SQLite's `RAISE(IGNORE)`, a PostgreSQL `BEFORE` trigger that
+/// returns NULL) gave the insert no id back: the cron loop panicked, and
+/// the daemon stopped, at every start. Now it is such a refusal too, and
+/// the CLI's `enqueue` says it in one line.
 async fn a_schedule_whose_request_the_database_refuses_holds_up_no_other(backend: Backend) {
     let db = TestDb::new(backend).await;
     for sql in refusing_a_type(backend) {
         db.execute(sql).await;
     }
-    let mut daemon = Daemon::start(
-        &db,
-        "d",
-        "schedules:\n  a:\n    every: 1s\n    task: Refused\n  b:\n    every: 1s\n    task: NoOp\n",
-    );
+    let skips = backend != Backend::MySql;
+    let mut schedules =
+        "schedules:\n  a:\n    every: 1s\n    task: Refused\n  b:\n    every: 1s\n    task: NoOp\n"
+            .to_string();
+    if skips {
+        schedules.push_str("  c:\n    every: 1s\n    task: Skipped\n");
+    }
+    let mut daemon = Daemon::start(&db, "d", &schedules);
     db.wait_for_at_least(
         "SELECT count(*) FROM task_runner_requests WHERE schedule = 'b'",
         3,
@@ -84,6 +97,14 @@ async fn a_schedule_whose_request_the_database_refuses_holds_up_no_other(backend
             .await,
         0
     );
+    if skips {
+        let line = "schedule c: the database refuses its request, trying again every second (the other schedules go on): the database stored no row";
+        daemon.wait_for_log(line, WAIT);
+        let (code, out, err) = cli(&db, &["enqueue", "Skipped"]);
+        assert_eq!(code, 1, "{out}{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("the database stored no row"), "{err}");
+    }
     assert!(daemon.stop().success());
 }
 

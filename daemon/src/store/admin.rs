@@ -152,7 +152,7 @@ impl Store {
         }
         let id = on_pool!(self, pool => {
             let query = bind_new_request!(query(self.sql.enqueue.as_str()), request, None);
-            query.fetch_all(pool).await?[0].int(0)?
+            super::rows::inserted_id(&query.fetch_all(pool).await?)?
         }, mysql pool => {
             let query = bind_new_request!(mysql::query(self.sql.enqueue.as_str()), request, None);
             query.execute(pool).await?.last_insert_id() as i64

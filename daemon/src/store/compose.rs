@@ -1521,7 +1521,7 @@ impl Store {
             };
         }
         Ok(on_pool!(self, pool => {
-            bind_batch!(query(c.create_batch.as_str())).fetch_all(pool).await?[0].int(0)?
+            super::rows::inserted_id(&bind_batch!(query(c.create_batch.as_str())).fetch_all(pool).await?)?
         }, mysql pool => {
             bind_batch!(super::mysql::query(c.create_batch.as_str()))
                 .execute(pool)

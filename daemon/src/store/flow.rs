@@ -789,7 +789,7 @@ impl Store {
     pub(crate) async fn post_flow(&self, name: &str, options: Option<&str>) -> Result<i64> {
         let sql = self.flow_sql().insert_flow.as_str();
         Ok(on_pool!(self, pool => {
-            query(sql).bind(name).bind(options).fetch_all(pool).await?[0].int(0)?
+            super::rows::inserted_id(&query(sql).bind(name).bind(options).fetch_all(pool).await?)?
         }, mysql pool => {
             // No RETURNING there: the id of the insert.
             super::mysql::query(sql)

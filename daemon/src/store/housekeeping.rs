@@ -222,7 +222,7 @@ impl Store {
         }
         Ok(on_pool!(self, pool => {
             in_transaction!(pool, inserted, transaction =>
-                inserted.fetch_all(&mut *transaction).await?[0].int(0)?)
+                super::rows::inserted_id(&inserted.fetch_all(&mut *transaction).await?)?)
         }, mysql pool => {
             use mysql::query;
             in_transaction!(pool, inserted, transaction =>

@@ -574,9 +574,10 @@ impl GaveUp {
 /// after a failover, a deadlock, a lock wait), which passes.
 pub(crate) fn refused_by_the_database(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
-        cause
-            .downcast_ref::<sqlx::Error>()
-            .is_some_and(super::compose::refused_for_its_data)
+        cause.is::<super::rows::RowSkipped>()
+            || cause
+                .downcast_ref::<sqlx::Error>()
+                .is_some_and(super::compose::refused_for_its_data)
     })
 }
 

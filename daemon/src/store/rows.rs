@@ -95,3 +95,27 @@ pub(super) fn request_from_row(row: &impl RowExt) -> sqlx::Result<Request> {
         flow_action: row.opt_text(32)?,
     })
 }
+
+/// An INSERT whose `RETURNING` gave no row back: a trigger of the
+/// application's skipped the row without an error (SQLite's
+/// `RAISE(IGNORE)`, a PostgreSQL `BEFORE INSERT` trigger returning NULL).
+/// The database's refusal ([`super::refused_by_the_database`]), never a
+/// panic: a schedule's request so skipped stopped the daemon at every start.
+#[derive(Debug)]
+pub(crate) struct RowSkipped;
+
+impl std::fmt::Display for RowSkipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the database stored no row (a trigger skipped the INSERT: SQLite's RAISE(IGNORE), or a PostgreSQL BEFORE INSERT trigger returning NULL)")
+    }
+}
+
+impl std::error::Error for RowSkipped {}
+
+/// The id an INSERT's `RETURNING` gave back, or [`RowSkipped`].
+pub(super) fn inserted_id<R: RowExt>(rows: &[R]) -> anyhow::Result<i64> {
+    match rows.first() {
+        Some(row) => Ok(row.int(0)?),
+        None => Err(RowSkipped.into()),
+    }
+}
