@@ -21,6 +21,7 @@ both_backends!(
     a_burst_of_delayed_rows_is_shared_by_the_daemons,
     a_schedule_whose_request_the_database_refuses_holds_up_no_other,
     a_schedule_added_by_a_reload_starts_with_its_next_slot,
+    a_schedule_removed_and_added_back_runs_no_slot_it_missed,
 );
 
 /// An application's trigger that refuses every request of type `Refused`,
@@ -134,6 +135,55 @@ async fn a_schedule_added_by_a_reload_starts_with_its_next_slot(backend: Backend
         Duration::from_secs(10),
     )
     .await;
+    assert!(daemon.stop().success());
+}
+
+/// A schedule removed by a reload, then added back: its latest slot
+/// recorded in the database (from before the removal) counted, and the
+/// newest slot it missed while removed was enqueued at once (a nightly job
+/// disabled for a week and enabled again at noon ran at noon). Added back,
+/// it starts with its next slot, as a new one does; and so does a
+/// schedule whose `cron`, `every` or `time_zone` a reload changes.
+async fn a_schedule_removed_and_added_back_runs_no_slot_it_missed(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let tick = "schedules:\n  tick:\n    every: 1s\n    task: NoOp\n";
+    let daemon = Daemon::start(&db, "d", tick);
+    let count = "SELECT count(*) FROM task_runner_requests WHERE schedule = 'tick'";
+    db.wait_for_at_least(count, 1, WAIT).await;
+    daemon.reload_with(&db, "schedules: {}\n");
+    daemon.wait_for_log("config reloaded", WAIT);
+    let before = db.scalar(count).await;
+    // Removed for three slots and more.
+    holds_for(
+        Duration::from_secs(3),
+        "no slot of the removed schedule to be enqueued",
+        async || match db.scalar(count).await {
+            n if n <= before + 1 => Ok(()),
+            n => Err(format!("{n} rows")),
+        },
+    )
+    .await;
+    let last_id = db
+        .scalar("SELECT coalesce(max(id), 0) FROM task_runner_requests")
+        .await;
+    let added_back = chrono::Utc::now();
+    daemon.reload_with(&db, tick);
+    db.wait_for_at_least(
+        &format!("{count} AND id > {last_id}"),
+        2,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        db.scalar(&format!(
+            "{count} AND id > {last_id} AND planned_at < {}",
+            time_literal(backend, added_back)
+        ))
+        .await,
+        0,
+        "a slot from before the schedule was added back was enqueued"
+    );
+    let mut daemon = daemon;
     assert!(daemon.stop().success());
 }
 

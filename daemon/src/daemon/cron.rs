@@ -30,8 +30,12 @@ pub(super) struct Cron {
 
 impl Cron {
     pub(super) async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        // When each schedule without a recorded slot was first seen (database time).
-        let mut first_seen: std::collections::HashMap<String, DateTime<Utc>> = Default::default();
+        // Where each schedule's slots start, when not at its latest slot
+        // recorded (database time): when it was first seen without one,
+        // or added or redefined by a reload.
+        let mut starts = Starts::default();
+        // The schedules as the loop last saw them (`None`: not yet).
+        let mut last_seen: Option<std::collections::BTreeMap<String, Schedule>> = None;
         // Schedules whose request the database refuses, with the line logged.
         let mut refused: std::collections::HashMap<String, String> = Default::default();
         let mut last_cleanup: Option<std::time::Instant> = None;
@@ -42,8 +46,8 @@ impl Cron {
         loop {
             let config = Setup::current_config(&self.setup);
             reloads.mark_unchanged();
-            // A schedule removed, then added again, is new again.
-            first_seen.retain(|name, _| config.schedules.contains_key(name));
+            starts.follow(last_seen.as_ref(), &config.schedules);
+            last_seen = Some(config.schedules.clone());
             if config.schedules.is_empty() {
                 tokio::select! {
                     _ = tokio::time::sleep(MAX_SLEEP) => continue,
@@ -52,7 +56,7 @@ impl Cron {
                 }
             }
             let sleep = match self
-                .tick(&config.schedules, &mut first_seen, &mut refused)
+                .tick(&config.schedules, &mut starts, &mut refused)
                 .await
             {
                 Ok(until_next) => {
@@ -90,7 +94,7 @@ impl Cron {
     async fn tick(
         &self,
         schedules: &std::collections::BTreeMap<String, Schedule>,
-        first_seen: &mut std::collections::HashMap<String, DateTime<Utc>>,
+        starts: &mut Starts,
         refused: &mut std::collections::HashMap<String, String>,
     ) -> Result<Duration> {
         let now = from_epoch_seconds(self.store.answered(self.store.database_now()).await?);
@@ -98,7 +102,7 @@ impl Cron {
         let mut enqueued = false;
         refused.retain(|name, _| schedules.contains_key(name));
         for (name, schedule) in schedules {
-            match self.enqueue_due(name, schedule, now, first_seen).await {
+            match self.enqueue_due(name, schedule, now, starts).await {
                 Ok(any) => {
                     enqueued |= any;
                     if refused.remove(name).is_some() {
@@ -136,12 +140,10 @@ impl Cron {
         name: &str,
         schedule: &Schedule,
         now: DateTime<Utc>,
-        first_seen: &mut std::collections::HashMap<String, DateTime<Utc>>,
+        starts: &mut Starts,
     ) -> Result<bool> {
-        let after = match self.store.answered(self.store.last_slot(name)).await? {
-            Some(seconds) => from_epoch_seconds(seconds),
-            None => *first_seen.entry(name.to_string()).or_insert(now),
-        };
+        let last = self.store.answered(self.store.last_slot(name)).await?;
+        let after = starts.after(name, last.map(from_epoch_seconds), now);
         let mut enqueued = false;
         for slot in schedule.when.due_slots(after, now, schedule.catch_up) {
             crate::test_hooks::pause_when_told("TASKRUNNER_TEST_SLOT_DELAY_MS").await;
@@ -153,5 +155,100 @@ impl Cron {
             }
         }
         Ok(enqueued)
+    }
+}
+
+/// Where each schedule's slots start when not at its latest slot recorded
+/// in the database: a schedule first seen with none starts with its next
+/// slot; so does one a reload added or redefined (its `cron`, `every` or
+/// `time_zone` changed). Its latest slot recorded is then of no account:
+/// before, a schedule removed and added back a week later enqueued at once
+/// the newest slot it missed meanwhile, and a daily job moved to another
+/// time zone at noon ran a second time that day. Schedules in the config
+/// the daemon starts with keep their latest slot: they catch up after
+/// downtime.
+#[derive(Default)]
+struct Starts {
+    /// Each schedule's start, once known (database time).
+    at: std::collections::HashMap<String, DateTime<Utc>>,
+    /// Added or redefined by a reload: they start at the next tick's time.
+    fresh: std::collections::HashSet<String>,
+}
+
+impl Starts {
+    /// Follows the config from `before` (`None`: the daemon's start) to
+    /// `now`.
+    fn follow(
+        &mut self,
+        before: Option<&std::collections::BTreeMap<String, Schedule>>,
+        now: &std::collections::BTreeMap<String, Schedule>,
+    ) {
+        self.at.retain(|name, _| now.contains_key(name));
+        self.fresh.retain(|name| now.contains_key(name));
+        let Some(before) = before else {
+            return;
+        };
+        for (name, schedule) in now {
+            if before.get(name).is_none_or(|was| was.spec != schedule.spec) {
+                self.at.remove(name);
+                self.fresh.insert(name.clone());
+            }
+        }
+    }
+
+    /// The time after which schedule `name`'s slots are due, with its
+    /// latest slot recorded `last`, at the tick's time `now`.
+    fn after(
+        &mut self,
+        name: &str,
+        last: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> DateTime<Utc> {
+        if self.fresh.remove(name) {
+            self.at.insert(name.to_string(), now);
+        }
+        match (last, self.at.get(name)) {
+            (Some(last), Some(start)) => last.max(*start),
+            (Some(last), None) => last,
+            (None, _) => *self.at.entry(name.to_string()).or_insert(now),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schedules(yaml: &str) -> std::collections::BTreeMap<String, Schedule> {
+        crate::cron::resolve_schedules(Some(serde_yaml::from_str(yaml).unwrap())).unwrap()
+    }
+
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn a_schedule_moved_to_another_time_starts_at_the_reload_and_one_given_another_task_does_not() {
+        let nightly = schedules("nightly: {cron: '0 3 * * *', task: Report}");
+        let mut starts = Starts::default();
+        starts.follow(None, &nightly);
+        // At the start: from its latest slot recorded (catch-up).
+        let last = at("2026-12-03T03:00:00Z");
+        let noon = at("2026-12-04T12:00:00Z");
+        assert_eq!(starts.after("nightly", Some(last), noon), last);
+        // Another task, the same time: still from its latest slot.
+        let other_task = schedules("nightly: {cron: '0 3 * * *', task: Other}");
+        starts.follow(Some(&nightly), &other_task);
+        assert_eq!(starts.after("nightly", Some(last), noon), last);
+        // Moved to Los Angeles' 3 am at noon UTC: today's 11:00 UTC slot,
+        // missed, is not run (before, it was: twice that day).
+        let moved =
+            schedules("nightly: {cron: '0 3 * * *', time_zone: America/Los_Angeles, task: Other}");
+        starts.follow(Some(&other_task), &moved);
+        assert_eq!(starts.after("nightly", Some(last), noon), noon);
+        let later = at("2026-12-04T12:00:30Z");
+        assert_eq!(starts.after("nightly", Some(last), later), noon);
     }
 }
