@@ -34,6 +34,7 @@ both_backends!(
     list_and_cancel_filter_by_batch,
     list_shows_the_tasks_own_error_without_progress_lines,
     retry_and_cancel_take_several_ids_or_a_filter,
+    a_retry_by_filter_leaves_a_row_that_moved_on_since_it_was_selected,
     second_sigterm_during_the_drain_stops_tasks_at_once,
     run_record_writes_what_the_daemon_writes,
     run_record_writes_its_outcome_through_a_database_outage,
@@ -1128,6 +1129,59 @@ async fn retry_and_cancel_take_several_ids_or_a_filter(backend: Backend) {
     assert_eq!((status, stdout.trim()), (0, "no requests match"));
     // Neither ids nor a filter: usage.
     assert_eq!(cli(&db, &["retry"]).0, 2);
+}
+
+/// `retry --result FAILED` selected the rows, then retried each: a row
+/// that its daemon's own retry ran to its end meanwhile (FINISHED) was
+/// reset and ran again. Each row selected by a filter is now retried only
+/// while it is as selected; one that moved on is left, with one line.
+async fn a_retry_by_filter_leaves_a_row_that_moved_on_since_it_was_selected(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let failed = || {
+        NewRow::new("Thumbnail")
+            .result("FAILED")
+            .tries(5)
+            .try_limit(9)
+    };
+    let first = db.insert_row(failed()).await;
+    let second = db.insert_row(failed()).await;
+    let retry = std::process::Command::new(CLI)
+        .args([
+            "--database-url",
+            db.url.as_str(),
+            "retry",
+            "--result",
+            "FAILED",
+        ])
+        .env_remove("DATABASE_URL")
+        .env("TASKRUNNER_TEST_BULK_ROW_DELAY_MS", "700")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Oldest first, one each 700 ms.
+    db.wait_for(first, Duration::from_secs(10), "retried", |row| {
+        row.result.is_none()
+    })
+    .await;
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET result = 'FINISHED', tries = 6 WHERE id = {second}"
+    ))
+    .await;
+    let output = retry.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let said: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.starts_with("taskrunner-cli:"))
+        .collect();
+    assert_eq!(
+        said,
+        [format!("taskrunner-cli: request {second} was not retried: it changed since it was selected (FAILED, 5 tries), and is now FINISHED after 6 tries")],
+        "{stderr}"
+    );
+    assert_eq!(db.row(second).await.result.as_deref(), Some("FINISHED"));
+    assert_eq!(db.row(first).await.result, None);
 }
 
 async fn second_sigterm_during_the_drain_stops_tasks_at_once(backend: Backend) {

@@ -19,7 +19,7 @@ use crate::escape::one_line;
 use crate::request::{RequestId, State};
 use crate::store::{
     check_pause_name, in_flow_text, key_held_text, Change, ListQuery, NewRequest, PauseKind,
-    Purpose, Store,
+    Purpose, Seen, Store,
 };
 use crate::task_types::Registry;
 use crate::units::{parse_duration, parse_wait, LONGEST_WAIT};
@@ -810,8 +810,10 @@ async fn run_one(
             let store = open(Purpose::Cli)?;
             let ids = select_ids(&store, selection).await?;
             let mut refused = 0;
-            for &id in &ids {
-                match store.retry(id).await? {
+            for (id, seen) in &ids {
+                let id = *id;
+                crate::test_hooks::pause_when_told("TASKRUNNER_TEST_BULK_ROW_DELAY_MS").await;
+                match store.retry(id, seen.as_ref()).await? {
                     Change::Done | Change::Requested => println!("request {id} will run again"),
                     Change::NotFound => {
                         refused += 1;
@@ -831,8 +833,16 @@ async fn run_one(
                         refused += 1;
                         eprintln!("taskrunner-cli: {}", in_flow_text(id, flow));
                     }
-                    // Only a retry of a row as seen (the web page's).
-                    Change::Moved { .. } => refused += 1,
+                    Change::Moved { state, tries } => {
+                        refused += 1;
+                        let seen = seen.as_ref().map_or(String::new(), |seen| {
+                            format!(" ({}, {} tries)", seen.state, seen.tries)
+                        });
+                        eprintln!(
+                            "taskrunner-cli: request {id} was not retried: it changed since it was selected{seen}, and is now {} after {tries} tries",
+                            state.as_deref().unwrap_or("pending")
+                        );
+                    }
                 }
             }
             if refused < ids.len() {
@@ -847,7 +857,7 @@ async fn run_one(
             let ids = select_ids(&store, selection).await?;
             let mut refused = 0;
             let mut running = Vec::new();
-            for &id in &ids {
+            for &(id, _) in &ids {
                 match store.cancel(id).await? {
                     Change::Done => println!("request {id} cancelled"),
                     Change::Requested => running.push(id),
@@ -1040,7 +1050,9 @@ async fn run_one(
 }
 
 /// The ids given, or those the filter selects; prints how many first.
-async fn select_ids(store: &Store, selection: Selection) -> Result<Vec<RequestId>> {
+/// The requests a selection names; for a filter, each with its state and
+/// tries as selected (a retry applies to it only while it is still so).
+async fn select_ids(store: &Store, selection: Selection) -> Result<Vec<(RequestId, Option<Seen>)>> {
     let Selection { ids, filter } = selection;
     if !ids.is_empty() && !filter.is_empty() {
         return Err(crate::usage::UsageError(
@@ -1050,16 +1062,22 @@ async fn select_ids(store: &Store, selection: Selection) -> Result<Vec<RequestId
         .into());
     }
     let by_filter = ids.is_empty();
-    let ids = if by_filter {
+    let ids: Vec<(RequestId, Option<Seen>)> = if by_filter {
         store
             .list_where(&filter.query(i64::MAX))
             .await?
             .iter()
             .rev()
-            .map(|row| RequestId(row.id))
+            .map(|row| {
+                let seen = Seen {
+                    state: row.result.clone().unwrap_or_else(|| "PENDING".into()),
+                    tries: row.tries,
+                };
+                (RequestId(row.id), Some(seen))
+            })
             .collect()
     } else {
-        ids
+        ids.into_iter().map(|id| (id, None)).collect()
     };
     match ids.len() {
         0 => println!("no requests match"),

@@ -207,16 +207,11 @@ impl Store {
         }))
     }
 
-    /// Makes a row runnable again (`retry`); refused while it runs. A
+    /// Makes a row runnable again (`retry`); refused while it runs, and,
+    /// when `seen` is given, unless the row is still so ([`Change::Moved`]). A
     /// member's batch is recounted (a batch that already ended stays ended:
     /// its callback is not made again).
-    pub(crate) async fn retry(&self, id: RequestId) -> Result<Change> {
-        self.retry_as(id, None).await
-    }
-
-    /// [`retry`](Store::retry), only while the row is as `seen` (when
-    /// given): a row that moved on is [`Change::Moved`].
-    pub(crate) async fn retry_as(&self, id: RequestId, seen: Option<&Seen>) -> Result<Change> {
+    pub(crate) async fn retry(&self, id: RequestId, seen: Option<&Seen>) -> Result<Change> {
         let updated = match seen {
             None => self.execute_by_id(self.sql.retry.as_str(), id).await,
             Some(seen) => self.retry_if_seen(id, seen).await,

@@ -738,7 +738,7 @@ impl Store {
             let change = match action {
                 // Only as it was when selected: a row whose daemon retried
                 // it meanwhile, to its end, is not run again.
-                BulkAction::Retry => self.retry_as(id, Some(&seen)).await?,
+                BulkAction::Retry => self.retry(id, Some(&seen)).await?,
                 BulkAction::Cancel => self.cancel(id).await?,
             };
             match change {

@@ -795,7 +795,7 @@ async fn one_action(web: &Web, who: &Who, id: &str, form: &ActionForm, action: &
         },
     };
     let change = match action {
-        "retry" => web.store.retry_as(RequestId(number), seen.as_ref()).await?,
+        "retry" => web.store.retry(RequestId(number), seen.as_ref()).await?,
         _ => web.store.cancel(RequestId(number)).await?,
     };
     tracing::info!(remote = %who.remote, user = %who.user, action, request = number, outcome = ?change, "web action");
