@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use crate::util::{mysql_client, poll, spawn_cli, Backend, Daemon, NewRow, PrivateServer, TestDb};
+use crate::util::{
+    cli, holds_for, mysql_client, poll, spawn_cli, Backend, Daemon, NewRow, PrivateServer, TestDb,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -480,4 +482,52 @@ async fn planned_and_cancel_times_written_in_local_time_are_stored_as_utc() {
         );
         assert_eq!(found, 1, "{form}: {seen}");
     }
+}
+
+/// A database created with the server's default character set, `latin1`
+/// (a server left at its defaults): the tables are `utf8mb4`, but the
+/// columns of the `JSON_TABLE`s the daemon reads its parameters through
+/// took the database's default. Outcomes written in a batch lost every
+/// character `latin1` lacks (`ü 😀 日本` stored as `ü ? ??`), and a task
+/// type paused under a Japanese name matched no row, and ran. They are
+/// the tables' character set now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_whose_default_character_set_is_latin1_keeps_every_character() {
+    let db = TestDb::new(Backend::MySql).await;
+    db.execute("ALTER DATABASE CHARACTER SET latin1").await;
+    let text = "ü 😀 日本";
+    let (code, out, err) = cli(&db, &["pause", "--task", "翻訳"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "max_concurrent: 8\ntasks:\n  Say:\n    command: [printf, '{text}']\n  翻訳:\n    command: [printf, '{text}']\n"
+        ),
+    );
+    let paused = db.enqueue("翻訳", None).await;
+    db.insert_copies(NewRow::new("Say"), 24).await;
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE task_class_name = 'Say' AND result = 'FINISHED'",
+        24,
+        WAIT,
+    )
+    .await;
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE task_class_name = 'Say' AND result_text = '{text}'"
+        ))
+        .await,
+        24
+    );
+    holds_for(
+        Duration::from_secs(1),
+        "the paused type's row to wait",
+        async || match db.row(paused).await.result {
+            None => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    assert!(daemon.stop().success());
 }

@@ -139,7 +139,7 @@ impl Dialect {
                 format!("SELECT jsonb_array_elements_text(CAST({parameter} AS jsonb))")
             }
             Backend::MySql => format!(
-                "SELECT j.v FROM JSON_TABLE({parameter}, '$[*]' COLUMNS (v VARCHAR(255) PATH '$')) AS j"
+                "SELECT j.v FROM JSON_TABLE({parameter}, '$[*]' COLUMNS (v {JSON_TEXT_255} PATH '$')) AS j"
             ),
         }
     }
@@ -371,6 +371,13 @@ const RETRY: &str = "UPDATE task_runner_requests \
        SET pid = NULL, result = NULL, tries = 0, delay_until = NULL, cancel_requested_at = NULL \
      WHERE id = $1 AND result IS DISTINCT FROM 'RUNNING' \
        AND (flow_id IS NULL OR flow_step IS NULL)";
+
+/// A text column of a MariaDB/MySQL `JSON_TABLE`, of the tables' own
+/// character set and collation: without, it takes the database's default
+/// (`latin1` on a server left at its defaults), and every character that
+/// does not fit became `?` (an outcome's text written in a batch; a paused
+/// type or queue named in Japanese matched no row, and ran).
+const JSON_TEXT_255: &str = "VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin";
 
 /// The runnable rule of SPEC.md, minus the delay (added where it applies).
 /// It is the predicate of the partial index `task_runner_requests_runnable`
@@ -818,11 +825,14 @@ impl Sql {
         // (id, claim token, result, result_text, give back, retry after),
         // joined to the rows they are fenced on. The rows are locked first,
         // which tells which ones the update then changes.
-        let outcome_rows = "JSON_TABLE($1, '$[*]' COLUMNS (\
-               id BIGINT PATH '$[0]', claim_token VARCHAR(255) PATH '$[1]', \
-               result VARCHAR(255) PATH '$[2]', result_text MEDIUMTEXT PATH '$[3]', \
+        let outcome_rows = format!(
+            "JSON_TABLE($1, '$[*]' COLUMNS (\
+               id BIGINT PATH '$[0]', claim_token {JSON_TEXT_255} PATH '$[1]', \
+               result {JSON_TEXT_255} PATH '$[2]', \
+               result_text MEDIUMTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[3]', \
                give_back BIGINT PATH '$[4]', retry_after DOUBLE PATH '$[5]')) AS v \
-             ON t.id = v.id AND t.claim_token = v.claim_token";
+             ON t.id = v.id AND t.claim_token = v.claim_token"
+        );
         self.outcome_rows_held = format!(
             "SELECT t.id, t.claim_token FROM task_runner_requests AS t JOIN {outcome_rows} \
               WHERE t.result = 'RUNNING' AND {} ORDER BY t.id FOR UPDATE",
