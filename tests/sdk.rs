@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use task_sdk::wait::Target;
-use task_sdk::{wait_for, Context, Enqueue, FinalState, Task, WaitError};
+use task_sdk::{wait_for, Batch, Context, Enqueue, FinalState, Task, WaitError};
 
 use crate::util::{poll_every, Backend, Daemon, NewRow, TestDb};
 
@@ -29,6 +29,7 @@ both_backends!(
     sdk_wait_returns_the_result_as_the_task_ends,
     sdk_wait_returns_an_exhausted_failure_and_a_rejection,
     sdk_wait_times_out_and_knows_missing_requests,
+    a_batch_with_a_bad_member_inserts_nothing,
 );
 
 /// The example task program, built beside the daemon by
@@ -617,4 +618,83 @@ fn cli_run_runs_sdk_task_types() {
     assert_ne!(status, Some(0));
     assert!(stderr.contains("options do not fit Countdown"), "{stderr}");
     assert!(!database.exists(), "`run` never creates a database file");
+}
+
+/// The three cases of [`a_batch_with_a_bad_member_inserts_nothing`] on one
+/// backend's pool: a bad batch on a plain connection, the same in the
+/// caller's transaction beside a row of its own, and a good batch.
+macro_rules! batch_inserts {
+    ($pool:expr) => {{
+        let pool = $pool;
+        let bad = Batch::new().on_complete_named("NoOp").members([
+            Enqueue::named("NoOp", &()),
+            Enqueue::named("NoOp", &()),
+            Enqueue::named("", &()),
+        ]);
+        let mut connection = pool.acquire().await.unwrap();
+        let plain = bad.insert(&mut *connection).await;
+        let mut transaction = pool.begin().await.unwrap();
+        let own = Enqueue::named("NoOp", &())
+            .insert(&mut *transaction)
+            .await
+            .unwrap();
+        let within = bad.insert(&mut *transaction).await;
+        transaction.commit().await.unwrap();
+        let good = Batch::new()
+            .on_complete_named("NoOp")
+            .member(Enqueue::named("NoOp", &()))
+            .insert(&mut *connection)
+            .await
+            .unwrap();
+        (
+            plain.map_err(|e| e.to_string()),
+            within.map_err(|e| e.to_string()),
+            own,
+            good,
+        )
+    }};
+}
+
+/// `Batch::insert` on a plain connection with a bad third member: it
+/// failed, but the batch and the two members before it stayed. The members
+/// ran, and the batch, never sealed, never ended: its `on_complete` never
+/// ran. It is all or nothing now (a savepoint within the caller's
+/// transaction, whose own row stays).
+async fn a_batch_with_a_bad_member_inserts_nothing(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let (plain, within, own, good) = match backend {
+        Backend::Sqlite => batch_inserts!(sqlx::SqlitePool::connect(&db.url).await.unwrap()),
+        Backend::Postgres => batch_inserts!(sqlx::PgPool::connect(&db.url).await.unwrap()),
+        Backend::MySql => batch_inserts!(crate::util::mysql_app_pool(&db.url).await),
+    };
+    for result in [&plain, &within] {
+        assert!(
+            result.as_ref().is_err_and(|e| e.contains("empty")),
+            "{result:?}"
+        );
+    }
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_batches").await,
+        1,
+        "only the good batch"
+    );
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_batches WHERE id = {good} AND sealed_at IS NOT NULL"
+        ))
+        .await,
+        1
+    );
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE id = {own} OR batch_id = {good}"
+        ))
+        .await,
+        2
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests").await,
+        2,
+        "no member of a bad batch"
+    );
 }

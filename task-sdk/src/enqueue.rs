@@ -307,7 +307,8 @@ pub const LONGEST_DELAY: Duration = Duration::from_secs(50 * 31_557_600);
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
-    /// The options could not be written as YAML (or a value is out of range).
+    /// A value refused before the insert: options that cannot be written
+    /// as YAML, an empty or too long name, a value out of range.
     Options(String),
     /// The database refused or could not be reached.
     Database(sqlx::Error),
@@ -318,9 +319,7 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Options(message) => {
-                write!(f, "writing the request's options as YAML: {message}")
-            }
+            Error::Options(message) => write!(f, "the request was not inserted: {message}"),
             Error::Database(_) => f.write_str("inserting into task_runner_requests"),
             Error::Url(message) => f.write_str(message),
         }
@@ -632,22 +631,30 @@ impl Batch {
 
     /// Inserts the batch, its members, and seals it; returns its id.
     /// `connection` is a connection or the caller's transaction
-    /// (`&mut *tx`), on SQLite, PostgreSQL or MySQL.
+    /// (`&mut *tx`), on SQLite, PostgreSQL or MySQL. All or nothing: in a
+    /// transaction of its own (a savepoint within the caller's), so that a
+    /// member refused (a bad name, options that cannot be written, the
+    /// database's refusal) leaves no batch behind. (Before, on a plain
+    /// connection, the batch and the members before it stayed: the members
+    /// ran, and the batch, never sealed, never ended.)
     pub async fn insert<C>(&self, connection: &mut C) -> Result<i64, Error>
     where
         C: sqlx::Connection,
         C::Database: Backend,
-        for<'c> &'c mut C: Executor<'c, Database = C::Database>,
+        for<'c> &'c mut <C::Database as sqlx::Database>::Connection:
+            Executor<'c, Database = C::Database>,
     {
-        let batch_id = self.insert_open(connection).await?;
+        let mut transaction = connection.begin().await.map_err(Error::Database)?;
+        let batch_id = self.insert_open(&mut *transaction).await?;
         for member in &self.members {
             member
                 .clone()
                 .batch(batch_id)
-                .insert(&mut *connection)
+                .insert(&mut *transaction)
                 .await?;
         }
-        Batch::seal(connection, batch_id).await?;
+        Batch::seal(&mut *transaction, batch_id).await?;
+        transaction.commit().await.map_err(Error::Database)?;
         Ok(batch_id)
     }
 
@@ -696,7 +703,7 @@ fn yaml(options: &impl Serialize) -> Result<Option<String>, String> {
             serde_yaml::Value::Null => Ok(None),
             value => serde_yaml::to_string(&value).map(Some),
         })
-        .map_err(|error| error.to_string())
+        .map_err(|error| format!("its options cannot be written as YAML: {error}"))
 }
 
 /// Binds the values in the order [`Values::sql`] numbers them; the same for
