@@ -1133,8 +1133,11 @@ async fn task_inherits_only_stdio_and_no_database_secrets(backend: Backend) {
 
 /// A grandchild that leaves the task's process group (setsid) survives the
 /// group kill and holds the task's stdout open: the outcome is still decided
-/// when the task exits, with the output written so far, after a short wait
-/// for the pipe (0.5 s), not when the grandchild lets go of it.
+/// when the task exits, with the output written so far, not when the
+/// grandchild lets go of it. What the grandchild writes after the task's
+/// end is not the task's: before, the pipe was read for half a second more,
+/// and its chatter (from 0.3 s after the task was reaped here) took the
+/// place of the task's own `done` in `result_text`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grandchild_holding_stdout_does_not_hold_up_the_outcome() {
     let db = TestDb::new(Backend::Sqlite).await;
@@ -1145,7 +1148,7 @@ async fn a_grandchild_holding_stdout_does_not_hold_up_the_outcome() {
         &db,
         "d",
         &format!(
-            "tasks:\n  Escape:\n    command: [/bin/sh, -c, 'setsid /bin/sh -c \"echo \\$\\$ > {}; exec sleep 60\" & while [ ! -s {} ]; do sleep 0.01; done; echo done']\n",
+            "tasks:\n  Escape:\n    command: [/bin/sh, -c, 'setsid /bin/sh -c \"echo \\$\\$ > {}; while kill -0 \\$PPID 2>/dev/null; do sleep 0.01; done; sleep 0.3; yes chatter; exec sleep 60\" & while [ ! -s {} ]; do sleep 0.01; done; echo done']\n",
             escaped.display(),
             escaped.display()
         ),

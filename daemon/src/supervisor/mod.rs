@@ -568,10 +568,21 @@ pub(crate) async fn run(
                 _ = exited.cancelled() => {}
             }
         };
+        // The try's process and its group (and cgroup) are gone: what the
+        // pipes hold then is the last of its output.
+        let group_gone = CancellationToken::new();
         let capture = async {
             tokio::join!(
-                stdout.read_pipe(stdout_pipe.expect("stdout is piped"), begin()),
-                stderr.read_pipe(stderr_pipe.expect("stderr is piped"), begin()),
+                stdout.read_pipe(
+                    stdout_pipe.expect("stdout is piped"),
+                    begin(),
+                    group_gone.cancelled()
+                ),
+                stderr.read_pipe(
+                    stderr_pipe.expect("stderr is piped"),
+                    begin(),
+                    group_gone.cancelled()
+                ),
             )
         };
         tokio::pin!(capture);
@@ -657,8 +668,10 @@ pub(crate) async fn run(
             writer.abort();
         }
         // Pipes close once the group is gone; a grandchild that left the
-        // group (setsid) may hold them, so give the readers a short while only.
+        // group (setsid) may hold them: the readers take what the pipes hold
+        // now, and stop.
         if !captured {
+            group_gone.cancel();
             let _ = tokio::time::timeout(Duration::from_millis(500), capture).await;
         }
         (status, stopped, ran_for, cpu_time)

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 /// The last `capacity` bytes written to a stream.
@@ -197,7 +197,8 @@ impl Capture {
     }
 
     /// Reads `stream` to its end.
-    pub(crate) async fn read_to_end(&mut self, mut stream: impl AsyncRead + Unpin) {
+    #[cfg(test)]
+    pub(crate) async fn read_to_end(&mut self, mut stream: impl tokio::io::AsyncRead + Unpin) {
         loop {
             self.buffer.clear();
             match stream.read_buf(&mut self.buffer).await {
@@ -207,18 +208,78 @@ impl Capture {
         }
     }
 
-    /// Reads `pipe` to its end, beginning once `begin` completes. Begun
-    /// after the task exited, this is one read that finds everything and the
-    /// end; only a stream still open then is watched by the runtime (which
-    /// costs a registration, and a wake-up of the daemon per write).
-    pub(crate) async fn read_pipe(&mut self, pipe: OwnedFd, begin: impl Future<Output = ()>) {
+    /// Reads `pipe` to its end, beginning once `begin` completes, or until
+    /// `ended` completes (the try's process and group are gone): then what
+    /// the pipe holds at that moment, and no more. Begun after the task
+    /// exited, this is one read that finds everything and the end; only a
+    /// stream still open then is watched by the runtime (which costs a
+    /// registration, and a wake-up of the daemon per write).
+    ///
+    /// Why `ended`: a process that left the try's group (`setsid`, GNU
+    /// `timeout`) and holds the pipe may write on after the try; what it
+    /// writes is not the try's output. (Before, it was read for half a
+    /// second more, and its chatter replaced the task's own last lines in
+    /// `result_text`: its error, its `retry_after:`, a flow's value.)
+    pub(crate) async fn read_pipe(
+        &mut self,
+        pipe: OwnedFd,
+        begin: impl Future<Output = ()>,
+        ended: impl Future<Output = ()>,
+    ) {
         begin.await;
         if self.read_ready(pipe.as_fd()) {
             return;
         }
         // A pipe end we made non-blocking: tokio's checks can be skipped.
-        if let Ok(pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd_unchecked(pipe) {
-            self.read_to_end(pipe).await;
+        let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd_unchecked(pipe) else {
+            return;
+        };
+        tokio::pin!(ended);
+        loop {
+            self.buffer.clear();
+            tokio::select! {
+                read = pipe.read_buf(&mut self.buffer) => match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => self.take(),
+                },
+                _ = &mut ended => {
+                    self.read_queued(pipe.as_fd());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads what `pipe` (non-blocking) holds now, and no more.
+    fn read_queued(&mut self, pipe: BorrowedFd<'_>) {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int into a local.
+        if unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut queued) } != 0 {
+            return;
+        }
+        let mut left = usize::try_from(queued).unwrap_or(0);
+        while left > 0 {
+            self.buffer.clear();
+            if self.buffer.capacity() == 0 {
+                self.buffer.reserve(512);
+            }
+            let spare = self.buffer.spare_capacity_mut();
+            let want = left.min(spare.len());
+            // SAFETY: read into the buffer's spare capacity, then count as
+            // initialised only what the call wrote.
+            let read = unsafe { libc::read(pipe.as_raw_fd(), spare.as_mut_ptr().cast(), want) };
+            if read <= 0 {
+                if read < 0
+                    && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+                {
+                    continue;
+                }
+                return;
+            }
+            // SAFETY: see above.
+            unsafe { self.buffer.set_len(read as usize) };
+            left = left.saturating_sub(read as usize);
+            self.take();
         }
     }
 
