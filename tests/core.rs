@@ -187,7 +187,11 @@ async fn a_failed_task_that_names_its_next_tries_delay_gets_it(backend: Backend)
             "RateLimited",
             "echo 'HTTP 429'; echo 'retry_after: 2s' >&2; exit 1",
         )
+        // Past what a duration may be (a hundred years): at most a day
+        // still (before, the line was passed over: the backoff, 1 h).
+        .shell_task("Patient", "echo 'retry_after: 40000d' >&2; exit 1")
         .start();
+    let patient = db.insert_row(NewRow::new("Patient").try_limit(2)).await;
     let started = std::time::Instant::now();
     let id = db.insert_row(NewRow::new("RateLimited").try_limit(2)).await;
     let row = db
@@ -209,6 +213,8 @@ async fn a_failed_task_that_names_its_next_tries_delay_gets_it(backend: Backend)
     );
     let log = daemon.log_text();
     assert!(log.contains("retry in 2.0s"), "{log}");
+    db.wait_for(patient, WAIT, "a failed try", |r| r.tries == 1).await;
+    daemon.wait_for_log("retry in 86400.0s", WAIT);
     assert!(daemon.stop().success());
 }
 

@@ -168,9 +168,12 @@ fn asked_retry_after(verdict: &Verdict) -> Option<f64> {
         .rev()
         .find_map(|line| {
             let asked = line.trim_end_matches('\r').strip_prefix(RETRY_AFTER)?;
-            crate::units::parse_duration(asked).ok()
+            // Not `parse_duration`, which refuses more than a hundred
+            // years: more than a day is a day (before, such a line was
+            // passed over, and the short backoff ran the next try soon).
+            crate::units::seconds_of(asked).ok().filter(|s| !s.is_nan())
         })
-        .map(|delay| delay.as_secs_f64().min(crate::request::LONGEST_BACKOFF))
+        .map(|delay| delay.min(crate::request::LONGEST_BACKOFF))
 }
 
 /// How a task's standard error line asking for its next try's delay begins.

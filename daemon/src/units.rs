@@ -18,8 +18,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     within_longest(seconds_of(text)?, text.trim())
 }
 
-/// The seconds that a duration's text gives.
-fn seconds_of(text: &str) -> Result<f64, String> {
+/// The seconds that a duration's text gives, however many.
+pub(crate) fn seconds_of(text: &str) -> Result<f64, String> {
     let text = text.trim();
     let (value, unit) = number_and_unit(text)
         .ok_or_else(|| format!("invalid duration `{text}` (write e.g. 500ms, 10s, 5m, 1h)"))?;
