@@ -213,7 +213,8 @@ async fn a_failed_task_that_names_its_next_tries_delay_gets_it(backend: Backend)
     );
     let log = daemon.log_text();
     assert!(log.contains("retry in 2.0s"), "{log}");
-    db.wait_for(patient, WAIT, "a failed try", |r| r.tries == 1).await;
+    db.wait_for(patient, WAIT, "a failed try", |r| r.tries == 1)
+        .await;
     daemon.wait_for_log("retry in 86400.0s", WAIT);
     assert!(daemon.stop().success());
 }
