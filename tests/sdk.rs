@@ -698,3 +698,63 @@ async fn a_batch_with_a_bad_member_inserts_nothing(backend: Backend) {
         "no member of a bad batch"
     );
 }
+
+/// PostgreSQL: `wait_for` reads its row again every 5 s, in case a
+/// notification was lost (or a change made none: a row deleted). Each
+/// notification for another row put that re-read off by 5 s more: on a
+/// table where rows end more often than that, a deleted row was never seen
+/// gone (here `TimedOut` after 20 s; a wait without a timeout waited for
+/// ever). The re-read is now counted once per read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_wait_reads_its_row_again_on_a_busy_table() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let waited_for = db.insert_row(NewRow::new("NoOp")).await;
+    let busy = db.insert_row(NewRow::new("NoOp")).await;
+    let url = db.url.clone();
+    let waiting = tokio::spawn(async move {
+        let started = Instant::now();
+        let result = wait_for(&url, waited_for.0, Duration::from_secs(20)).await;
+        (result, started.elapsed())
+    });
+    // Another row changes every 300 ms (each change a notification); the
+    // one waited for goes without one.
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let changing = tokio::spawn(async move {
+        for n in 0.. {
+            let result = if n % 2 == 0 { "'FAILED'" } else { "NULL" };
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "UPDATE task_runner_requests SET result = {result} WHERE id = {busy}"
+            )))
+            .execute(&pool)
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    // The wait has read its row once (on its listening connection) before
+    // the row goes.
+    poll_every(
+        Duration::from_millis(20),
+        Duration::from_secs(10),
+        "the wait to read its row",
+        async || match db
+            .scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'SELECT result, result_text%'")
+            .await
+        {
+            0 => Err("not yet"),
+            _ => Ok(()),
+        },
+    )
+    .await;
+    db.execute(&format!(
+        "DELETE FROM task_runner_requests WHERE id = {waited_for}"
+    ))
+    .await;
+    let (result, took) = waiting.await.unwrap();
+    changing.abort();
+    assert!(
+        matches!(result, Err(WaitError::NotFound(id)) if id == waited_for.0),
+        "{result:?} after {took:?}"
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}

@@ -362,9 +362,14 @@ async fn wait_postgres(options: PgConnectOptions, id: i64) -> Result<Finished, W
             if let Some(finished) = check(id, row)? {
                 return Ok(finished);
             }
-            // Until a notification for this id arrives (others are skipped).
+            // Until a notification for this id arrives (others are
+            // skipped), and no later than the re-read: counted once, so that
+            // other rows' notifications do not put it off (before, on a busy
+            // table, a row deleted or changed without one was never read
+            // again, and a wait without a timeout waited for ever).
+            let reread_at = tokio::time::Instant::now() + POSTGRES_RECHECK;
             loop {
-                match tokio::time::timeout(POSTGRES_RECHECK, listener.try_recv()).await {
+                match tokio::time::timeout_at(reread_at, listener.try_recv()).await {
                     Ok(Ok(Some(notification))) if notification.payload() == payload => break,
                     Ok(Ok(Some(_))) => continue,
                     // The connection dropped (it reconnects and LISTENs
