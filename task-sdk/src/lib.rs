@@ -268,9 +268,10 @@ impl Context {
 
     /// Reports progress: the daemon keeps the latest line on the row's
     /// `progress` column, shown by `taskrunner-cli show` and `status`.
+    /// Text past [`PROGRESS_TEXT_MAX`] bytes is cut (at a character), with
+    /// `…`.
     pub fn progress(&self, text: impl fmt::Display) {
-        let line = text.to_string().replace(['\n', '\r'], " ");
-        eprintln!("progress: {line}");
+        eprintln!("{}", progress_line(&text.to_string()));
     }
 
     /// Asks for the next try `delay` from now instead of after the type's
@@ -309,6 +310,26 @@ impl Context {
         });
         STOP_REQUESTED.load(Ordering::SeqCst)
     }
+}
+
+/// The most text of a progress line the daemon keeps: it passes over a
+/// longer line (1 KiB with `progress: `). (Before, [`Context::progress`]
+/// wrote the whole text, and a long one was never seen.)
+pub const PROGRESS_TEXT_MAX: usize = 1024 - "progress: ".len();
+
+/// The line [`Context::progress`] writes for `text`: one line, at most
+/// [`PROGRESS_TEXT_MAX`] bytes of text.
+pub fn progress_line(text: &str) -> String {
+    let mut text = text.replace(['\n', '\r'], " ");
+    if text.len() > PROGRESS_TEXT_MAX {
+        let mut cut = PROGRESS_TEXT_MAX - '…'.len_utf8();
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    format!("progress: {text}")
 }
 
 /// The line [`Context::retry_after`] writes (milliseconds, rounded up).
@@ -660,6 +681,14 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_long_progress_text_is_cut_at_a_character_to_what_the_daemon_keeps() {
+        let line = super::progress_line(&"é".repeat(2000));
+        assert!(line.len() <= 1024, "{}", line.len());
+        assert!(line.starts_with("progress: é") && line.ends_with('…'));
+        assert_eq!(super::progress_line("a\nb"), "progress: a b");
+    }
+
     use super::*;
     use serde::Deserialize;
 
