@@ -1736,10 +1736,19 @@ async fn a_bulk_action_changes_only_the_rows_its_preview_counted(backend: Backen
 /// listed every row while its field still showed the value, and a bulk
 /// cancel from there cancelled every open row of the table. It is now one
 /// clear error (400), and nothing changes.
+/// An exhausted row (FAILED with no try left) is final: `cancel` refuses
+/// it, so the bulk cancel's preview does not count it, nor does its page
+/// offer Cancel (before, "cancel 2 requests" ended "1 applied; 1 refused").
 async fn a_batch_or_flow_filter_that_is_no_number_is_refused(backend: Backend) {
     let db = TestDb::new(backend).await;
     let waiting = db.insert_row(NewRow::new("Thumbnail")).await;
+    let exhausted = insert_failed(&db, "a: 1").await;
     let web = web_router(&db, "");
+    let page = get(&web, &format!("/requests/{exhausted}")).await.body;
+    assert!(
+        page.contains(">Retry<") && !page.contains(">Cancel<"),
+        "{page}"
+    );
     let token = csrf_of(&get(&web, "/").await.body);
     for path in [
         "/requests?batch=12x",

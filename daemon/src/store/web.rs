@@ -651,8 +651,10 @@ impl Store {
             BulkAction::Retry => {
                 "result IS NOT NULL AND result <> 'RUNNING' AND (flow_id IS NULL OR flow_step IS NULL)"
             }
+            // What `cancel` takes: not a row exhausted, which is final.
             BulkAction::Cancel => {
-                "(result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED', 'RUNNING'))"
+                "(result IS NULL OR result = 'RUNNING' \
+                  OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED') AND tries < try_limit))"
             }
         };
         let mut terms = vec![eligible.to_string()];

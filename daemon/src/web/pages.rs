@@ -475,7 +475,9 @@ pub(crate) fn request(chrome: &Chrome, row: &Request, callbacks: &[CallbackRow])
                     @if state != "RUNNING" {
                         (action_button(chrome, row.id, "retry", "Retry", Some(&format!("{state}:{}", row.tries))))
                     }
-                    @if matches!(state.as_str(), "PENDING" | "RUNNING" | "FAILED" | "CRASHED" | "TIMEOUT" | "INTERRUPTED") {
+                    // What `cancel` takes: not a row exhausted, which is final.
+                    @if matches!(state.as_str(), "PENDING" | "RUNNING")
+                        || (matches!(state.as_str(), "FAILED" | "CRASHED" | "TIMEOUT" | "INTERRUPTED") && row.tries < row.try_limit) {
                         (action_button(chrome, row.id, "cancel", "Cancel", None))
                     }
                 }
