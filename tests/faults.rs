@@ -1459,6 +1459,34 @@ async fn a_fencing_watchdog_runs_beside_each_multi_host_daemon_and_goes_with_it(
     );
 }
 
+/// A watchdog whose daemon died before it ran (a daemon killed, or failing
+/// at start, just after it started its watchdog) has another parent: init,
+/// a subreaper, here a shell. It took that parent for its daemon, found
+/// its pipe closed, and killed every child of it with its group: as root
+/// under systemd, every service's main process. It now ends at once,
+/// killing nothing, when its parent is not the daemon it was started for.
+#[test]
+fn a_watchdog_whose_daemon_died_before_it_ran_kills_nothing() {
+    let scratch = crate::util::Scratch::new("orphan-watchdog");
+    let sibling = scratch.join("sibling");
+    let status = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "sleep 60 & echo $! > {}; {} --fencing-watchdog 999999999 < /dev/null",
+            sibling.display(),
+            crate::util::DAEMON
+        ))
+        .status()
+        .unwrap();
+    let sibling = read_pid_file(&sibling);
+    let _guard = KillOnDrop(sibling);
+    assert!(
+        process_exists(sibling),
+        "the watchdog killed a child of a process that is not its daemon"
+    );
+    assert!(!status.success(), "{status:?}");
+}
+
 multi_host_backends!(a_killed_daemons_tries_that_outlive_its_death_signal_die_with_it);
 
 /// `kill -9` of a daemon (PostgreSQL, MariaDB) that nothing restarts, on a

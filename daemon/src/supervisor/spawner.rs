@@ -1289,22 +1289,22 @@ extern "C" fn child_main(raw: *mut libc::c_void) -> libc::c_int {
         }
         // Die with the daemon (with this thread, precisely), so that no task
         // runs unsupervised. Set after the credentials change, which clears it.
-        if args.dies_with_the_daemon {
-            if libc::prctl(
+        if args.dies_with_the_daemon
+            && libc::prctl(
                 libc::PR_SET_PDEATHSIG,
                 libc::SIGKILL as libc::c_ulong,
                 0,
                 0,
                 0,
             ) != 0
-            {
-                return fail(3);
-            }
-            // The daemon may have died before prctl.
-            if libc::getppid() != args.daemon_pid {
-                *libc::__errno_location() = libc::ESRCH;
-                return fail(4);
-            }
+        {
+            return fail(3);
+        }
+        // The daemon may have died before prctl (or before this process
+        // outlives it on purpose: the watchdog, which checks again).
+        if libc::getppid() != args.daemon_pid {
+            *libc::__errno_location() = libc::ESRCH;
+            return fail(4);
         }
         // File descriptors 0-2 only: every other one closes on exec.
         libc::syscall(

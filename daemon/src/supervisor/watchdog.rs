@@ -35,7 +35,9 @@
 //! its group and cgroup v2, and ends.
 //!
 //! The watchdog is the daemon's executable run again (`taskrunnerd
-//! --fencing-watchdog`), started like a task from a spawner thread: its own
+//! --fencing-watchdog PID`, the daemon's pid: a watchdog whose parent is
+//! not that process by the time it runs ends at once, killing nothing),
+//! started like a task from a spawner thread: its own
 //! process group (a Ctrl-C to the daemon's does not reach it), and no
 //! parent-death signal (it outlives the daemon, to kill its tries; at a
 //! stop the daemon kills it once its tries have ended). It ignores SIGTERM,
@@ -158,7 +160,7 @@ impl Watchdog {
         let (theirs, ours) = pipe_pair()?;
         // SAFETY: sets a flag on our own descriptor.
         unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
-        let mut args = vec![FLAG.to_string()];
+        let mut args = vec![FLAG.to_string(), std::process::id().to_string()];
         if let Some(base) = super::cgroup::in_force().and_then(|c| c.v2_base()) {
             args.push(base.display().to_string());
         }
@@ -204,21 +206,26 @@ const LOOK_BUSY: Duration = Duration::from_millis(100);
 const LOOK_IDLE: Duration = Duration::from_secs(1);
 
 /// The watchdog process's `main` (see the module's doc); `args` are those
-/// after [`FLAG`]: the cgroup v2 directory the tries' cgroups are made in,
-/// if any.
+/// after [`FLAG`]: the daemon's pid, then the cgroup v2 directory the
+/// tries' cgroups are made in, if any.
 pub fn main(args: &[std::ffi::OsString]) -> std::process::ExitCode {
-    let cgroups = args.first().map(PathBuf::from);
+    let daemon: Option<libc::pid_t> = args
+        .first()
+        .and_then(|pid| pid.to_str())
+        .and_then(|pid| pid.parse().ok());
+    // The daemon is its parent, or it died before this process ran: then
+    // its parent is another (init, a subreaper), whose children are none
+    // of this one's business.
+    let Some(daemon) = daemon.filter(|&daemon| parent_is(daemon)) else {
+        return std::process::ExitCode::FAILURE;
+    };
     for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         // SAFETY: ignoring a signal; no handler runs.
         unsafe { libc::signal(signal, libc::SIG_IGN) };
     }
-    // SAFETY: getppid has no failure and no memory effects.
-    let daemon = unsafe { libc::getppid() };
-    // SAFETY: as above.
-    let daemon_lives = || unsafe { libc::getppid() } == daemon;
     let mut tries = Tries {
         known: Default::default(),
-        cgroups,
+        cgroups: args.get(1).map(PathBuf::from),
     };
     let mut renewed = 0u64;
     let mut deadline = 0u64;
@@ -228,12 +235,11 @@ pub fn main(args: &[std::ffi::OsString]) -> std::process::ExitCode {
     loop {
         let now = nanos(boot_clock());
         if now >= next_look {
-            if !daemon_lives() {
+            if !tries.look(daemon) {
                 // Its end of the pipe still open somewhere: dead all the same.
-                tries.kill_at_the_daemons_death(daemon);
+                tries.kill();
                 return std::process::ExitCode::SUCCESS;
             }
-            tries.look(daemon);
             let every = if tries.known.is_empty() {
                 LOOK_IDLE
             } else {
@@ -242,10 +248,10 @@ pub fn main(args: &[std::ffi::OsString]) -> std::process::ExitCode {
             next_look = now + nanos(every);
         }
         if deadline != 0 && !fired && now >= deadline {
-            if !daemon_lives() {
-                continue; // at once, as above
+            if !tries.look(daemon) {
+                next_look = 0; // at once, as above
+                continue;
             }
-            tries.look(daemon);
             let killed = tries.kill();
             fired = true;
             if killed > 0 {
@@ -278,7 +284,7 @@ pub fn main(args: &[std::ffi::OsString]) -> std::process::ExitCode {
             // The daemon's end closed: it died (at a stop it kills this
             // process first, its tries ended).
             0 => {
-                tries.kill_at_the_daemons_death(daemon);
+                tries.kill();
                 return std::process::ExitCode::SUCCESS;
             }
             read if read < 0 => {
@@ -333,40 +339,50 @@ struct Known {
 
 impl Tries {
     /// Looks at the daemon's children now: new ones are pinned, the ones
-    /// the daemon has reaped forgotten.
-    fn look(&mut self, daemon: libc::pid_t) {
+    /// the daemon has reaped forgotten, and what a try sets up just after
+    /// it starts read again while not known. Whether the daemon lives: if
+    /// not, nothing is pinned (its number may name another process by
+    /// then: the look is let go of if the daemon died during it).
+    fn look(&mut self, daemon: libc::pid_t) -> bool {
+        if !parent_is(daemon) {
+            return false;
+        }
         let children = children_of(daemon);
         self.known
             .retain(|pid, known| children.contains(pid) && !has_ended(&known.pidfd));
-        if self.cgroups.is_some() {
-            // A try joins its cgroup just after it starts.
-            for (&pid, known) in &mut self.known {
-                if known.cgroup.is_none() {
-                    known.cgroup = try_cgroup_of(pid);
-                }
-            }
+        for (&pid, known) in &mut self.known {
+            known.read_again(pid, self.cgroups.is_some());
         }
+        let mut pinned = Vec::new();
         for pid in children {
-            if !self.known.contains_key(&pid) {
-                self.pin(daemon, pid);
+            if !self.known.contains_key(&pid) && self.pin(daemon, pid) {
+                pinned.push(pid);
             }
         }
+        if !parent_is(daemon) {
+            for pid in pinned {
+                self.known.remove(&pid);
+            }
+            return false;
+        }
+        true
     }
 
-    fn pin(&mut self, daemon: libc::pid_t, pid: libc::pid_t) {
+    /// Pins child `pid` of the living `daemon`; whether it did.
+    fn pin(&mut self, daemon: libc::pid_t, pid: libc::pid_t) -> bool {
         let me = std::process::id() as libc::pid_t;
         if pid == me {
-            return;
+            return false;
         }
         let Ok(pidfd) = pidfd_open(pid as u32) else {
-            return;
+            return false;
         };
         // Pinned by the pidfd now: still the daemon's child?
         let Some((parent, group)) = crate::procinfo::parent_and_group(i64::from(pid)) else {
-            return;
+            return false;
         };
         if parent != i64::from(daemon) {
-            return;
+            return false;
         }
         let known = Known {
             pidfd,
@@ -374,17 +390,7 @@ impl Tries {
             cgroup: try_cgroup_of(pid),
         };
         self.known.insert(pid, known);
-    }
-
-    /// The daemon died: every child it had when last looked at (and any
-    /// still to be seen as its) is killed with its group and cgroup.
-    fn kill_at_the_daemons_death(&mut self, daemon: libc::pid_t) {
-        for pid in children_of(daemon) {
-            if !self.known.contains_key(&pid) {
-                self.pin(daemon, pid);
-            }
-        }
-        self.kill();
+        true
     }
 
     /// Kills every known child with its process group and (cgroup v2) its
@@ -395,11 +401,7 @@ impl Tries {
             // Read before the signal: once killed, every one has ended.
             if !has_ended(&known.pidfd) {
                 running += 1;
-                // Now rather than when first seen: a try joins its cgroup
-                // after it starts.
-                if let Some(now) = try_cgroup_of(pid) {
-                    known.cgroup = Some(now);
-                }
+                known.read_again(pid, self.cgroups.is_some());
             }
             if let (Some(cgroups), Some(name)) = (&self.cgroups, &known.cgroup) {
                 let _ = std::fs::write(cgroups.join(name).join("cgroup.kill"), "1");
@@ -417,6 +419,31 @@ impl Tries {
         }
         running
     }
+}
+
+impl Known {
+    /// Reads again what a try sets up just after it starts, while it runs
+    /// (pinned by the pidfd, `pid` names it): its own process group, and
+    /// (`cgroups`) its cgroup. (Read once, a try first seen before its
+    /// `setpgid` was killed alone at the deadline, its group left running.)
+    fn read_again(&mut self, pid: libc::pid_t, cgroups: bool) {
+        if has_ended(&self.pidfd) {
+            return;
+        }
+        if !self.leads_its_group {
+            self.leads_its_group = crate::procinfo::parent_and_group(i64::from(pid))
+                .is_some_and(|(_, group)| group == i64::from(pid));
+        }
+        if cgroups && self.cgroup.is_none() {
+            self.cgroup = try_cgroup_of(pid);
+        }
+    }
+}
+
+/// Whether this process's parent is `daemon`.
+fn parent_is(daemon: libc::pid_t) -> bool {
+    // SAFETY: getppid has no failure and no memory effects.
+    unsafe { libc::getppid() == daemon }
 }
 
 /// Whether the process a pidfd pins has ended (a zombie, or reaped).
