@@ -14,6 +14,7 @@ const WAIT: Duration = Duration::from_secs(30);
 both_backends!(
     a_missing_trigger_or_index_is_restored_keeping_the_rows,
     a_repair_keeps_the_applications_own_columns,
+    a_repair_hands_out_no_id_again,
     a_repair_never_takes_an_applications_foreign_keys_or_views_along,
     a_ruby_class_runs_as_a_task,
     tables_loaded_from_schema_rb_are_repaired_and_run,
@@ -179,6 +180,38 @@ async fn a_missing_trigger_or_index_is_restored_keeping_the_rows(backend: Backen
 /// their values, and the application's indexes and triggers; now it adds
 /// the columns back as they were (type, NOT NULL, default), copies their
 /// values and makes the indexes and triggers again.
+/// A repair rebuilds the tables and copies the rows back: the counters
+/// restarted at the highest id left plus one, and a new row got the id of
+/// one deleted at the top. Old rows that still named that id (`next_of`, a
+/// callback's key) made the new row's follow-ups count as made: its
+/// periodic chain stopped, its callback never came. Ids are never handed
+/// out again now.
+async fn a_repair_hands_out_no_id_again(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(db.enqueue("NoOp", None).await);
+    }
+    db.execute(&format!(
+        "DELETE FROM task_runner_requests WHERE id > {}",
+        ids[0]
+    ))
+    .await;
+    drop_the_runnable_index(&db, backend).await;
+    let (status, stdout, stderr) = cli(&db, &["migrate"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(
+        stdout.contains("rebuilt by the migrations, 1 rows kept"),
+        "{stdout}"
+    );
+    let next = db.enqueue("NoOp", None).await;
+    assert!(
+        next.0 > ids[2].0,
+        "id {next} handed out again (the highest was {})",
+        ids[2]
+    );
+}
+
 async fn a_repair_keeps_the_applications_own_columns(backend: Backend) {
     let db = TestDb::new(backend).await;
     let id = db.enqueue("NoOp", Some("a: 1")).await;

@@ -205,6 +205,16 @@ impl Store {
                 }
             }
         }
+        // The next id of each table, to keep through the rebuild: the ids
+        // of rows deleted at the top are never handed out again (SPEC;
+        // before, a new row got one, and the follow-ups old rows still
+        // named it for, `next_of` or a callback's key, counted as made).
+        let mut next_ids = Vec::new();
+        for table in &present {
+            if let Some(next) = self.next_id(table).await? {
+                next_ids.push((table.clone(), next));
+            }
+        }
         // 1. Copy each table aside, drop it (and its indexes and triggers).
         let mut statements = Vec::new();
         for table in &present {
@@ -278,11 +288,37 @@ impl Store {
                     "INSERT INTO {table} ({list}) SELECT {list} FROM {aside}"
                 ));
                 if matches!(self.pool, Pool::Postgres(_)) && common.iter().any(|c| c == "id") {
+                    let kept = next_ids
+                        .iter()
+                        .find(|(kept, _)| kept == table)
+                        .map_or(1, |(_, next)| *next);
                     statements.push(format!(
-                        "SELECT setval(pg_get_serial_sequence('{table}', 'id'), coalesce(max(id), 0) + 1, false) FROM {table} \
+                        "SELECT setval(pg_get_serial_sequence('{table}', 'id'), greatest(coalesce(max(id), 0) + 1, {kept}), false) FROM {table} \
                           WHERE pg_get_serial_sequence('{table}', 'id') IS NOT NULL"
                     ));
                 }
+            }
+        }
+        for (table, next) in &next_ids {
+            match self.pool {
+                // The copy wrote its row (the highest id copied), or none
+                // (no row copied).
+                Pool::Sqlite(_) => {
+                    statements.push(format!(
+                        "UPDATE sqlite_sequence SET seq = max(seq, {}) WHERE name = '{table}'",
+                        next - 1
+                    ));
+                    statements.push(format!(
+                        "INSERT INTO sqlite_sequence (name, seq) SELECT '{table}', {} \
+                          WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = '{table}')",
+                        next - 1
+                    ));
+                }
+                // Never below the highest id there plus one.
+                Pool::MySql(_) => {
+                    statements.push(format!("ALTER TABLE {table} AUTO_INCREMENT = {next}"))
+                }
+                Pool::Postgres(_) => {}
             }
         }
         statements.extend(triggers.into_iter().map(|(_, _, create)| create));
@@ -672,6 +708,53 @@ impl Store {
             .into_iter()
             .map(|name| name.to_ascii_lowercase())
             .collect())
+    }
+
+    /// The id the next row of `table` would get, where it has a counter
+    /// of its own (an `id` that the database numbers).
+    async fn next_id(&self, table: &str) -> Result<Option<i64>> {
+        if !self.columns(table).await?.iter().any(|c| c == "id") {
+            return Ok(None);
+        }
+        let next: Option<i64> = match &self.pool {
+            Pool::Sqlite(pool) => {
+                sqlx::query_scalar::<_, i64>("SELECT seq + 1 FROM sqlite_sequence WHERE name = $1")
+                    .bind(table)
+                    .fetch_optional(pool)
+                    .await?
+            }
+            Pool::Postgres(pool) => {
+                let sequence: Option<String> =
+                    sqlx::query_scalar("SELECT pg_get_serial_sequence($1, 'id')")
+                        .bind(table)
+                        .fetch_one(pool)
+                        .await?;
+                match sequence {
+                    None => None,
+                    Some(sequence) => Some(
+                        sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
+                            "SELECT CASE WHEN is_called THEN last_value + 1 ELSE last_value END FROM {sequence}"
+                        )))
+                        .fetch_one(pool)
+                        .await?,
+                    ),
+                }
+            }
+            // MariaDB reads it live (MySQL 8 may show a cached value).
+            Pool::MySql(pool) => super::mysql::query(sqlx::AssertSqlSafe(
+                "SELECT CAST(auto_increment AS SIGNED) FROM information_schema.tables \
+                  WHERE table_schema = DATABASE() AND table_name = $1"
+                    .to_string(),
+            ))
+            .bind(table)
+            .fetch_all(pool)
+            .await?
+            .first()
+            .map(|row| super::RowExt::opt_int(row, 0))
+            .transpose()?
+            .flatten(),
+        };
+        Ok(next)
     }
 
     async fn count_rows(&self, table: &str) -> Result<i64> {
