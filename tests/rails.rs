@@ -47,6 +47,13 @@ fn migrate_refused(db: &TestDb) -> String {
     line
 }
 
+/// Runs `migrate`, which must succeed; returns what it printed.
+fn migrate_succeeds(db: &TestDb) -> String {
+    let (status, stdout, stderr) = cli(db, &["migrate"]);
+    assert_eq!(status, 0, "{stderr}");
+    stdout
+}
+
 /// Dumps `from` to schema.rb with ActiveRecord and loads it into `to`.
 fn schema_rb_round_trip(from: &TestDb, to: &TestDb) {
     let schema = to.scratch.join("schema.rb");
@@ -158,8 +165,7 @@ async fn a_missing_trigger_or_index_is_restored_keeping_the_rows(backend: Backen
         }
     }
     drop_the_runnable_index(&db, backend).await;
-    let (status, stdout, stderr) = cli(&db, &["migrate"]);
-    assert_eq!(status, 0, "{stderr}");
+    let stdout = migrate_succeeds(&db);
     assert!(
         stdout.contains("repaired tables missing indexes or triggers ("),
         "{stdout}"
@@ -198,8 +204,7 @@ async fn a_repair_hands_out_no_id_again(backend: Backend) {
     ))
     .await;
     drop_the_runnable_index(&db, backend).await;
-    let (status, stdout, stderr) = cli(&db, &["migrate"]);
-    assert_eq!(status, 0, "{stderr}");
+    let stdout = migrate_succeeds(&db);
     assert!(
         stdout.contains("rebuilt by the migrations, 1 rows kept"),
         "{stdout}"
@@ -259,8 +264,7 @@ async fn a_repair_keeps_the_applications_own_columns(backend: Backend) {
         }
     };
     drop_the_runnable_index(&db, backend).await;
-    let (status, stdout, stderr) = cli(&db, &["migrate"]);
-    assert_eq!(status, 0, "{stderr}");
+    let stdout = migrate_succeeds(&db);
     assert!(
         stdout.contains("rebuilt by the migrations, 1 rows kept"),
         "{stdout}"
