@@ -737,12 +737,7 @@ impl TryCgroup {
                 self.limits.memory,
                 dir.controllers.contains(&Controller::Memory),
             ) {
-                let file = if dir.v2 {
-                    "memory.events"
-                } else {
-                    "memory.oom_control"
-                };
-                if counter(&dir.path.join(file), "oom_kill") > 0 {
+                if killed_at_its_memory_limit(&dir.path, dir.v2) {
                     return Some(format!(
                         "memory limit {} exceeded (killed by the OOM killer)",
                         format_size(bytes)
@@ -865,6 +860,21 @@ impl Drop for TryCgroup {
 }
 
 /// The value of `name` in a flat-keyed cgroup file (`name value` lines).
+/// Whether the OOM killer killed a process of the cgroup at `dir` because
+/// the cgroup's own memory limit was reached. On cgroup v2, `oom_kill` also
+/// counts the machine-wide OOM killer's victims; `oom` counts only the
+/// times the cgroup's own limit was reached. Cgroup v1 keeps no such
+/// count (`failcnt` also grows when the page cache is reclaimed at the
+/// limit), so there any OOM kill in the cgroup counts.
+fn killed_at_its_memory_limit(dir: &Path, v2: bool) -> bool {
+    if v2 {
+        let events = dir.join("memory.events");
+        counter(&events, "oom") > 0 && counter(&events, "oom_kill") > 0
+    } else {
+        counter(&dir.join("memory.oom_control"), "oom_kill") > 0
+    }
+}
+
 fn counter(path: &Path, name: &str) -> u64 {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -1164,5 +1174,27 @@ mod tests {
         assert_eq!(counter(&file, "oom_kill"), 2);
         assert_eq!(counter(&file, "max"), 0);
         std::fs::remove_file(&file).unwrap();
+    }
+
+    #[test]
+    fn only_an_oom_kill_at_the_cgroups_own_limit_is_its_broken_limit() {
+        let dir = std::env::temp_dir().join(format!("cgroup-oom-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let events = |text: &str| std::fs::write(dir.join("memory.events"), text).unwrap();
+        events("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\noom_group_kill 0\n");
+        assert!(killed_at_its_memory_limit(&dir, true));
+        // The machine ran out of memory and its OOM killer chose the try.
+        events("low 0\nhigh 0\nmax 0\noom 0\noom_kill 1\noom_group_kill 0\n");
+        assert!(!killed_at_its_memory_limit(&dir, true));
+        // The limit was reached and the allocation failed, but nothing was killed.
+        events("low 0\nhigh 0\nmax 2\noom 1\noom_kill 0\noom_group_kill 0\n");
+        assert!(!killed_at_its_memory_limit(&dir, true));
+        std::fs::write(
+            dir.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n",
+        )
+        .unwrap();
+        assert!(killed_at_its_memory_limit(&dir, false));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
