@@ -675,27 +675,7 @@ impl Parent {
     /// length (0 when the parent closed the socket), which is more than
     /// the buffer's when the rest was cut off.
     async fn receive(&self, buffer: &mut [u8]) -> io::Result<usize> {
-        loop {
-            let mut ready = self.socket.readable().await?;
-            // SAFETY: recv into a live buffer from our socket.
-            let count = unsafe {
-                libc::recv(
-                    self.socket.get_ref().as_raw_fd(),
-                    buffer.as_mut_ptr().cast(),
-                    buffer.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-                )
-            };
-            if count >= 0 {
-                return Ok(count as usize);
-            }
-            let error = io::Error::last_os_error();
-            match error.kind() {
-                io::ErrorKind::WouldBlock => ready.clear_ready(),
-                io::ErrorKind::Interrupted => {}
-                _ => return Err(error),
-            }
-        }
+        receive(&self.socket, buffer).await
     }
 
     /// Asks the parent for a child running `recipe`'s try; its answer
@@ -1022,6 +1002,43 @@ fn read_answer(answer: &[u8], parent: u32, ours: OurEnds) -> io::Result<Child> {
     }
 }
 
+/// One message from `socket`, as much of it as `buffer` holds: its length
+/// (0 once the other end closed it and every message was read), which is
+/// more than the buffer's when the rest was cut off.
+///
+/// A peer that closes its end with messages of ours unread in its queue
+/// (a parent that died, or exited, with requests it had not read) makes
+/// the kernel report `ECONNRESET` once, at the next read, even when its
+/// answers wait before the end (`unix_release_sock`). That error is passed
+/// over and the answers read: before, the reader stopped at it, and a
+/// try whose child had already answered, and often exited, was asked of
+/// the next parent and ran twice.
+async fn receive(socket: &AsyncFd<OwnedFd>, buffer: &mut [u8]) -> io::Result<usize> {
+    let mut reset_seen = false;
+    loop {
+        let mut ready = socket.readable().await?;
+        // SAFETY: recv into a live buffer from our socket.
+        let count = unsafe {
+            libc::recv(
+                socket.get_ref().as_raw_fd(),
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+            )
+        };
+        if count >= 0 {
+            return Ok(count as usize);
+        }
+        let error = io::Error::last_os_error();
+        match error.kind() {
+            io::ErrorKind::WouldBlock => ready.clear_ready(),
+            io::ErrorKind::Interrupted => {}
+            io::ErrorKind::ConnectionReset if !reset_seen => reset_seen = true,
+            _ => return Err(error),
+        }
+    }
+}
+
 fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: socketpair writes two descriptors into the array.
@@ -1087,5 +1104,43 @@ pub fn send_with_fds(
                 return Err(error);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A parent that answered one request and then closed its socket with
+    /// another one unread: its answer is read, then the end.
+    #[tokio::test]
+    async fn an_answer_before_a_close_with_requests_unread_is_read() {
+        let (ours, theirs) = seqpacket_pair().unwrap();
+        let ours = AsyncFd::new(ours).unwrap();
+        send_with_fds(ours.get_ref().as_raw_fd(), b"request 1\0", &[0, 1, 2]).unwrap();
+        send_with_fds(ours.get_ref().as_raw_fd(), b"request 2\0", &[0, 1, 2]).unwrap();
+        let mut buffer = [0u8; 64];
+        // SAFETY: recv into a live buffer from a socket of ours (the
+        // parent's end), which reads request 1 and leaves request 2.
+        let read = unsafe {
+            libc::recv(
+                theirs.as_raw_fd(),
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+                0,
+            )
+        };
+        assert!(read > 0);
+        // SAFETY: send from a live buffer on the parent's end.
+        let sent = unsafe { libc::send(theirs.as_raw_fd(), b"pid 4711\0".as_ptr().cast(), 9, 0) };
+        assert_eq!(sent, 9);
+        drop(theirs);
+        let count = receive(&ours, &mut buffer).await.unwrap();
+        assert_eq!(&buffer[..count], b"pid 4711\0");
+        assert_eq!(
+            receive(&ours, &mut buffer).await.unwrap(),
+            0,
+            "then the end"
+        );
     }
 }
