@@ -1116,7 +1116,9 @@ mod tests {
     #[tokio::test]
     async fn an_answer_before_a_close_with_requests_unread_is_read() {
         let (ours, theirs) = seqpacket_pair().unwrap();
-        let ours = AsyncFd::new(ours).unwrap();
+        // SAFETY: the OwnedFd stays open, on the same socket, for as long
+        // as the AsyncFd owns it.
+        let ours = unsafe { AsyncFd::register(ours) }.unwrap();
         send_with_fds(ours.get_ref().as_raw_fd(), b"request 1\0", &[0, 1, 2]).unwrap();
         send_with_fds(ours.get_ref().as_raw_fd(), b"request 2\0", &[0, 1, 2]).unwrap();
         let mut buffer = [0u8; 64];
@@ -1132,7 +1134,7 @@ mod tests {
         };
         assert!(read > 0);
         // SAFETY: send from a live buffer on the parent's end.
-        let sent = unsafe { libc::send(theirs.as_raw_fd(), b"pid 4711\0".as_ptr().cast(), 9, 0) };
+        let sent = unsafe { libc::send(theirs.as_raw_fd(), c"pid 4711".as_ptr().cast(), 9, 0) };
         assert_eq!(sent, 9);
         drop(theirs);
         let count = receive(&ours, &mut buffer).await.unwrap();
