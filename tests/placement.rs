@@ -29,6 +29,7 @@ both_backends!(
     an_idle_daemon_with_a_paused_backlog_only_reads_the_pauses,
     a_daemon_leaving_a_type_out_keeps_priority_across_the_other_types,
     a_pause_holds_on_the_local_daemon_when_the_command_returns,
+    a_failed_claim_statement_drops_no_row_an_earlier_one_claimed,
 );
 
 /// Parses `start|end ID NANOS` lines into per-row intervals and returns the
@@ -1138,5 +1139,61 @@ async fn an_overdue_periodic_row_is_followed_by_the_next_point_of_its_grid_to_co
         },
     )
     .await;
+    assert!(daemon.stop().success());
+}
+
+/// A claim round is several statements: a limited type's rows are claimed
+/// through their own, then the other types'. When a later one failed (here
+/// an application's trigger refuses the claim of every `Refused` row), the
+/// round's error dropped the rows the earlier ones had claimed: they
+/// waited as strays, given back two renewals later ("the answer to its
+/// claim was lost"), were claimed again and dropped again, and never ran.
+/// They run now, while the failing claim is logged as an outage.
+async fn a_failed_claim_statement_drops_no_row_an_earlier_one_claimed(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let refuse = "the application refuses to run type Refused";
+    let statements: Vec<String> = match backend {
+        Backend::Sqlite => vec![format!(
+            "CREATE TRIGGER refuse_claim BEFORE UPDATE OF result ON task_runner_requests \
+               WHEN NEW.task_class_name = 'Refused' AND NEW.result = 'RUNNING' \
+               BEGIN SELECT RAISE(ABORT, '{refuse}'); END"
+        )],
+        Backend::Postgres => vec![
+            format!(
+                "CREATE FUNCTION refuse_claim() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                   IF NEW.task_class_name = 'Refused' AND NEW.result = 'RUNNING' THEN \
+                     RAISE EXCEPTION '{refuse}'; \
+                   END IF; \
+                   RETURN NEW; END $$"
+            ),
+            "CREATE TRIGGER refuse_claim BEFORE UPDATE ON task_runner_requests \
+               FOR EACH ROW EXECUTE FUNCTION refuse_claim()"
+                .to_string(),
+        ],
+        Backend::MySql => vec![format!(
+            "CREATE TRIGGER refuse_claim BEFORE UPDATE ON task_runner_requests \
+               FOR EACH ROW BEGIN \
+                 IF NEW.task_class_name = 'Refused' AND NEW.result = 'RUNNING' THEN \
+                   SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{refuse}'; \
+                 END IF; \
+               END"
+        )],
+    };
+    for sql in &statements {
+        db.execute(sql).await;
+    }
+    db.enqueue("Refused", None).await;
+    let limited = db.enqueue("Limited", None).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "heartbeat_interval: 1s\ntasks:\n  Limited:\n    command: [/bin/true]\n    concurrency: 1\n  \
+           Refused:\n    command: [/bin/true]\n",
+    );
+    daemon.wait_for_log(refuse, WAIT);
+    let row = db.wait_for_state(limited, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 1, "{row:?}");
+    let log = daemon.log_text();
+    assert!(!log.contains("the answer to its claim was lost"), "{log}");
     assert!(daemon.stop().success());
 }

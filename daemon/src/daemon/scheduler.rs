@@ -352,41 +352,45 @@ impl Scheduler {
                 // Until its rows are registered (below), the heartbeat takes
                 // none of the rows this claim holds for a lost claim's.
                 let claiming = self.tries.claiming(&token);
+                let mut rows = Vec::new();
                 let round = self.claim_round(
                     &config,
                     &token,
-                    (budget, idle_slots),
-                    options_inline,
+                    (budget, idle_slots, options_inline),
                     (&running_by_queue, &mut limited_seen_empty),
                     &pauses,
+                    &mut rows,
                 );
                 let sent = std::time::SystemTime::now();
                 let Some(round) = super::unless_stopping(&cancel, round).await else {
                     break;
                 };
+                // The rows its statements claimed run, also when a later
+                // statement of the round failed (before, those rows were
+                // dropped, and waited as strays until given back).
+                let times = ClaimTimes {
+                    sent,
+                    returned: std::time::SystemTime::now(),
+                };
+                if rows.iter().any(|row| row.options_length > AHEAD_OPTIONS) {
+                    large_options_seen = Some(Instant::now());
+                }
+                for row in rows {
+                    self.metrics.claimed(&row.queue, row.waited);
+                    *running_by_queue.entry(row.queue.clone()).or_default() += 1;
+                    let ticket = slots.join(max_concurrent);
+                    let registered = self.executor.register(&row);
+                    tries.spawn(
+                        self.executor
+                            .clone()
+                            .supervise(row, registered, ticket, times),
+                    );
+                }
+                drop(claiming);
                 match round {
-                    Ok((rows, all_filled)) => {
-                        let times = ClaimTimes {
-                            sent,
-                            returned: std::time::SystemTime::now(),
-                        };
+                    Ok(all_filled) => {
                         self.health.succeeded("claiming requests");
                         backoff.reset();
-                        if rows.iter().any(|row| row.options_length > AHEAD_OPTIONS) {
-                            large_options_seen = Some(Instant::now());
-                        }
-                        for row in rows {
-                            self.metrics.claimed(&row.queue, row.waited);
-                            *running_by_queue.entry(row.queue.clone()).or_default() += 1;
-                            let ticket = slots.join(max_concurrent);
-                            let registered = self.executor.register(&row);
-                            tries.spawn(
-                                self.executor
-                                    .clone()
-                                    .supervise(row, registered, ticket, times),
-                            );
-                        }
-                        drop(claiming);
                         if all_filled {
                             releases.at(Instant::now() + RELEASE_WHILE_BUSY_EVERY);
                         } else {
@@ -501,8 +505,9 @@ impl Scheduler {
     /// Claims up to `budget` rows: per served queue (each within its own
     /// limit), task types with a concurrency limit apart, under their lock, and
     /// only for `slots` that are free now (never ahead, but for the limited
-    /// types' first claims below). Returns the claimed rows and whether every
-    /// claim filled what it asked for (so more rows may be waiting).
+    /// types' first claims below). Puts the claimed rows in `claimed`, also
+    /// those of its statements before one that failed, and returns whether
+    /// every claim filled what it asked for (so more rows may be waiting).
     ///
     /// The limited types are claimed first (a row of each ahead of a free
     /// slot, if none is free: while the others are claimed ahead, none is
@@ -520,11 +525,11 @@ impl Scheduler {
         &self,
         config: &crate::config::Config,
         token: &crate::instance::ClaimToken,
-        (mut budget, mut slots): (usize, usize),
-        options_inline: Option<u64>,
+        (mut budget, mut slots, options_inline): (usize, usize, Option<u64>),
         (running_by_queue, seen_empty): (&HashMap<String, usize>, &mut HashMap<String, Instant>),
         pauses: &PauseWatch,
-    ) -> anyhow::Result<(Vec<Claimed>, bool)> {
+        claimed: &mut Vec<Claimed>,
+    ) -> anyhow::Result<bool> {
         let limited: Vec<(&str, u32)> = config
             .tasks
             .iter()
@@ -577,7 +582,6 @@ impl Scheduler {
             instance: &self.instance,
             host: &config.host_id,
         };
-        let mut claimed = Vec::new();
         let mut all_filled = true;
         for (queue, room) in queues {
             let mut left = Left {
@@ -601,10 +605,8 @@ impl Scheduler {
                     .get(*task)
                     .is_none_or(|at| at.elapsed() >= LIMITED_LOOK_EVERY)
             });
-            let rows = self
-                .claim_limited_types(by, &filter, &first, true, &mut left, seen_empty)
+            self.claim_limited_types(by, &filter, (&first, true), &mut left, seen_empty, claimed)
                 .await?;
-            claimed.extend(rows);
             let want = left.room.min(left.budget);
             // Every queue (or type) with runnable rows is left out: nothing
             // to claim but the limited types' rows.
@@ -620,30 +622,27 @@ impl Scheduler {
                 left.took(rows.len());
                 claimed.extend(rows);
             }
-            let rows = self
-                .claim_limited_types(by, &filter, &rest, false, &mut left, seen_empty)
+            self.claim_limited_types(by, &filter, (&rest, false), &mut left, seen_empty, claimed)
                 .await?;
-            claimed.extend(rows);
             (budget, slots) = (left.budget, left.slots);
         }
-        Ok((claimed, all_filled))
+        Ok(all_filled)
     }
 
     /// Claims rows of each of the `limited` types (with a concurrency
     /// limit) through its own claim, under its lock, within what is `left`;
     /// `ahead`: one row of each even without a free slot (see
-    /// [`Scheduler::claim_round`]). A type that had no row to claim is
-    /// noted in `seen_empty`.
+    /// [`Scheduler::claim_round`]), into `claimed`. A type that had no row
+    /// to claim is noted in `seen_empty`.
     async fn claim_limited_types(
         &self,
         by: crate::store::Claimant<'_>,
         filter: &crate::store::ClaimFilter<'_>,
-        limited: &[(&str, u32)],
-        ahead: bool,
+        (limited, ahead): (&[(&str, u32)], bool),
         left: &mut Left,
         seen_empty: &mut HashMap<String, Instant>,
-    ) -> anyhow::Result<Vec<Claimed>> {
-        let mut claimed = Vec::new();
+        claimed: &mut Vec<Claimed>,
+    ) -> anyhow::Result<()> {
         for (task, limit) in limited {
             // While the others are claimed ahead, no slot is ever free at
             // a claim, and the type would wait for their backlog's end.
@@ -670,7 +669,7 @@ impl Scheduler {
             left.took(rows.len());
             claimed.extend(rows);
         }
-        Ok(claimed)
+        Ok(())
     }
 
     /// When the earliest delayed row that waits comes due, to be released
