@@ -531,3 +531,78 @@ async fn a_repair_waits_for_the_daemons_running_on_the_tables(backend: Backend) 
         1
     );
 }
+
+/// Two processes repairing one SQLite file at once (a daemon and
+/// `taskrunner-cli migrate` started together; SQLite has no turn for
+/// them): both judge the tables in need before either begins. The second
+/// one's first step ran between the first one's migrations and its copy
+/// back: it dropped the first one's copy of the rows (`DROP TABLE IF
+/// EXISTS …_before_repair`), copied the new empty tables aside instead, and
+/// every row was gone. It now stops there with one line, nothing changed,
+/// and the first repair keeps every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_second_repair_at_once_loses_no_row() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    for _ in 0..3 {
+        db.enqueue("NoOp", None).await;
+    }
+    drop_the_runnable_index(&db, Backend::Sqlite).await;
+    let migrate = |variable: &str, file: &std::path::Path| {
+        Command::new(crate::util::CLI)
+            .args(["--database-url", db.url.as_str(), "migrate"])
+            .current_dir(&db.scratch.path)
+            .env(variable, file)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("running taskrunner-cli migrate")
+    };
+    let waits = |file: &std::path::Path| {
+        let mut waiting = file.as_os_str().to_owned();
+        waiting.push(".waiting");
+        let waiting = std::path::PathBuf::from(waiting);
+        crate::util::wait_until(WAIT, "a repair to reach its hook", || waiting.exists());
+    };
+    // The second has judged the tables and waits before its first step.
+    let second_go = db.scratch.join("second-go");
+    let second = migrate("TASKRUNNER_TEST_REPAIR_BEFORE_ASIDE", &second_go);
+    waits(&second_go);
+    // The first has copied the rows aside and run the migrations.
+    let first_go = db.scratch.join("first-go");
+    let first = migrate("TASKRUNNER_TEST_REPAIR_BEFORE_COPY_BACK", &first_go);
+    waits(&first_go);
+    std::fs::write(&second_go, b"").unwrap();
+    let second = second.wait_with_output().unwrap();
+    std::fs::write(&first_go, b"").unwrap();
+    let first = first.wait_with_output().unwrap();
+    let text = |output: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    };
+    assert!(first.status.success(), "{}", text(&first));
+    assert!(
+        text(&first).contains("rebuilt by the migrations, 3 rows kept"),
+        "{}",
+        text(&first)
+    );
+    assert!(!second.status.success(), "{}", text(&second));
+    // One error line (after its warning that it begins).
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("taskrunner-cli:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("another process is repairing taskrunner's tables"),
+        "{stderr}"
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests").await,
+        3
+    );
+    migrate_succeeds(&db);
+}

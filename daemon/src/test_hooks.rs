@@ -42,13 +42,17 @@ pub(crate) async fn pause_when_told(variable: &str) {
 }
 
 /// In a debug build, when the environment variable `variable` names a
-/// file, logs that it waits and waits until that file exists (at most a
-/// minute): a step held while a test acts, for as long as the test needs
-/// on a loaded machine.
+/// file, logs that it waits (and makes the file named so with `.waiting`
+/// added, for a test that cannot read the log) and waits until that file
+/// exists (at most a minute): a step held while a test acts, for as long
+/// as the test needs on a loaded machine.
 pub(crate) async fn wait_for_file_when_told(variable: &str) {
     #[cfg(debug_assertions)]
     if let Some(file) = std::env::var_os(variable).map(std::path::PathBuf::from) {
         tracing::info!("test hook: {variable} waits for {}", file.display());
+        let mut waiting = file.clone().into_os_string();
+        waiting.push(".waiting");
+        let _ = std::fs::write(waiting, b"");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         while !file.exists() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -215,10 +215,16 @@ impl Store {
                 next_ids.push((table.clone(), next));
             }
         }
+        crate::test_hooks::wait_for_file_when_told("TASKRUNNER_TEST_REPAIR_BEFORE_ASIDE").await;
         // 1. Copy each table aside, drop it (and its indexes and triggers).
+        // A table aside that exists now is another process's repair under
+        // way (SQLite has no turn for them: both may have judged the tables
+        // before either began), between its steps 1 and 3: creating it
+        // fails, and this repair stops with nothing changed (before, it was
+        // dropped first, that repair's only copy of the rows, and both
+        // copied back the empty tables).
         let mut statements = Vec::new();
         for table in &present {
-            statements.push(format!("DROP TABLE IF EXISTS {table}{ASIDE}"));
             statements.push(format!(
                 "CREATE TABLE {table}{ASIDE} AS SELECT * FROM {table}"
             ));
@@ -227,11 +233,21 @@ impl Store {
             statements.push(self.drop_table(table));
         }
         statements.push(self.drop_table(MIGRATIONS_TABLE));
-        self.execute_in_transaction(&statements)
-            .await
-            .context("copying taskrunner's tables aside")?;
+        if let Err(error) = self.execute_in_transaction(&statements).await {
+            for table in &present {
+                if self.table_exists(&format!("{table}{ASIDE}")).await? {
+                    return Err(SchemaMismatch(format!(
+                        "another process is repairing taskrunner's tables ({table}{ASIDE} exists since this one judged them): \
+                         run `taskrunner-cli migrate` again once it is done; nothing was changed"
+                    ))
+                    .into());
+                }
+            }
+            return Err(error.context("copying taskrunner's tables aside"));
+        }
         // 2. The migrations, on an empty database.
         self.run_migrations(migrator).await?;
+        crate::test_hooks::wait_for_file_when_told("TASKRUNNER_TEST_REPAIR_BEFORE_COPY_BACK").await;
         // 3. The application's columns added back, with their type, NOT
         // NULL and default; then the rows, in the columns both have.
         let mut kept_columns = Vec::new();
