@@ -1269,12 +1269,28 @@ impl Sql {
                 let lease = format!(
                     "coalesce(CASE WHEN {holders} / 1000.0 > $1 THEN {holders} / 1000.0 END, $1)"
                 );
+                // A row whose holder still renews its own row in
+                // `task_runner_daemons` is left to it: a daemon renews that
+                // row only after a renewal of its rows succeeded, and a row
+                // that renewal skipped (an application's transaction holds
+                // it locked) it fences itself, by that row's own deadline,
+                // and records (before, its lease lapsed while the lock was
+                // held, and a reaper's mark, queued behind the same lock
+                // as the holder's outcome, could come first: a finished
+                // try was recorded CRASHED and ran again).
+                let holder_renews = format!(
+                    "EXISTS (SELECT 1 FROM task_runner_daemons AS holder \
+                              WHERE holder.instance = task_runner_requests.claimed_by \
+                                AND holder.stopped_at IS NULL AND holder.heartbeat_at >= {})",
+                    plus(&format!("-{lease}"))
+                );
                 format!(
                     "SELECT {}, coalesce(host, ''), claim_token, {}, {}, {}, {}, coalesce(claimed_by, '') \
                        FROM task_runner_requests \
                       WHERE result = 'RUNNING' \
                         AND (heartbeat_at IS NULL OR heartbeat_at < {}) \
                         AND claimed_by IS DISTINCT FROM $2 \
+                        AND NOT {holder_renews} \
                       ORDER BY id",
                     int("id"),
                     show("heartbeat_at"),
