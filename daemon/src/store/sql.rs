@@ -1155,7 +1155,11 @@ impl Sql {
             // transaction that wrote the row's end, so under its lock: no
             // other end of the same row can be recorded meanwhile. Each
             // occurrence carries the row's callbacks (before, only the
-            // first occurrence's end made one).
+            // first occurrence's end made one). A cancel asked while the
+            // try ran ends the series even when the try finished before the
+            // cancel reached it (the claim clears a cancel older than the
+            // row's last end, so one here came for this try): before, the
+            // series went on, and only a cancel that won that race ended it.
             insert_next_occurrence: format!(
                 "INSERT INTO task_runner_requests \
                    (task_class_name, options, try_limit, priority, queue, node, not_node, period, \
@@ -1164,6 +1168,7 @@ impl Sql {
                         unique_key, schedule, on_success, on_failure, {next_planned}, {next_planned}, id \
                    FROM task_runner_requests \
                   WHERE id = $1 AND period > 0 AND planned_at IS NOT NULL \
+                    AND cancel_requested_at IS NULL \
                     AND (result = 'FINISHED' \
                          OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit)) \
                     AND NOT EXISTS (SELECT 1 FROM task_runner_follow_ups AS made \
