@@ -470,7 +470,12 @@ impl LogWatch {
         use std::os::unix::ffi::OsStrExt;
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|error| std::io::Error::other(error.to_string()))?;
-        let database = options.get_filename();
+        // SQLite keeps the log beside the file a symbolic link names (its
+        // own path resolved), not beside the link: before, a
+        // `database_url` naming a link was watched for a log never written,
+        // and rows waited for the safety check.
+        let database = std::fs::canonicalize(options.get_filename())
+            .unwrap_or_else(|_| options.get_filename().to_path_buf());
         let (Some(directory), Some(name)) = (database.parent(), database.file_name()) else {
             return Err(std::io::Error::other("an in-memory database"));
         };
