@@ -595,8 +595,17 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
     assert!(daemon.stop().success());
 }
 
-/// The newest migration (MariaDB/MySQL has one of its own).
+/// The newest migration (MariaDB/MySQL has one of its own, and SQLite's
+/// 18 normalises the cancels an application writes).
 fn latest_migration(backend: Backend) -> i64 {
+    match backend {
+        Backend::MySql | Backend::Sqlite => 18,
+        Backend::Postgres => 17,
+    }
+}
+
+/// The migration that notes apart what a request's end made: 17, MariaDB's 18.
+fn follow_ups_migration(backend: Backend) -> i64 {
     match backend {
         Backend::MySql => 18,
         Backend::Sqlite | Backend::Postgres => 17,
@@ -648,7 +657,8 @@ async fn an_upgrade_notes_what_the_rows_already_there_made(backend: Backend) {
     }
     let latest = latest_migration(backend);
     db.execute(&format!(
-        "DELETE FROM task_runner_schema_migrations WHERE version = {latest}"
+        "DELETE FROM task_runner_schema_migrations WHERE version >= {}",
+        follow_ups_migration(backend)
     ))
     .await;
     let (status, stdout, stderr) = cli(&db, &["migrate"]);
@@ -1820,3 +1830,4 @@ async fn postgres_a_row_retried_while_a_purge_waits_for_it_is_kept() {
     assert_eq!(stdout.trim(), "deleted 0 requests");
     assert_eq!(db.row(id).await.result, None);
 }
+
