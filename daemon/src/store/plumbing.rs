@@ -230,7 +230,17 @@ impl Store {
             let options = SqliteConnectOptions::from_str(url)
                 .with_context(|| format!("invalid SQLite URL {display_url}"))?
                 .create_if_missing(purpose != Purpose::Cli)
-                .synchronous(SqliteSynchronous::Normal)
+                // The daemon's own writes in WAL mode are safe at NORMAL: a
+                // commit lost to a power cut is a claim (the row waits again)
+                // or an outcome (the row is reaped and runs again). A row the
+                // CLI said it enqueued (`enqueue`, `batch`, `flow start`) must
+                // survive one, as an application's does with SQLite's
+                // default, FULL: before, it used NORMAL too.
+                .synchronous(if daemon {
+                    SqliteSynchronous::Normal
+                } else {
+                    SqliteSynchronous::Full
+                })
                 .busy_timeout(sqlite_busy_timeout());
             // The daemon checkpoints on a connection of its own (see daemon/checkpoint.rs).
             let options = if daemon {
@@ -1191,6 +1201,28 @@ mod tests {
             .fetch_one(pool)
             .await
             .expect("the setting")
+    }
+
+    /// A row the CLI enqueues survives a power cut once it says so: its
+    /// SQLite connection commits with `synchronous=FULL`, SQLite's default
+    /// (an fsync of the log at each commit); the daemon's with NORMAL.
+    #[tokio::test]
+    async fn the_clis_sqlite_commits_are_durable_and_the_daemons_normal() {
+        let path = std::env::temp_dir().join(format!("taskrunner-sync-{}.db", std::process::id()));
+        let url = format!("sqlite://{}", path.display());
+        for (purpose, expected) in [(Purpose::Daemon, 1), (Purpose::Cli, 2)] {
+            let store = Store::open(&url, purpose).expect("open");
+            let pool = store.sqlite_pool().expect("a SQLite store").clone();
+            let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(&pool)
+                .await
+                .expect("the setting");
+            assert_eq!(synchronous, expected, "{purpose:?}");
+            store.close().await;
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
     }
 
     /// The daemon's PostgreSQL sessions plan each statement once (see
