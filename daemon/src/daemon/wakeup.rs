@@ -271,14 +271,16 @@ impl Wakeup {
                         sqlx::Error::Protocol(format!("PRAGMA data_version: SQLite error {code}"))
                     })
                 }
-                None => {
-                    let Some(connection) = side.get().await else {
-                        continue;
-                    };
-                    self.store.count_statements(1);
-                    let check = sqlx::query_scalar::<_, i64>("PRAGMA data_version");
-                    check.fetch_one(connection).await
-                }
+                None => match side.get().await {
+                    Some(connection) => {
+                        self.store.count_statements(1);
+                        let check = sqlx::query_scalar::<_, i64>("PRAGMA data_version");
+                        check.fetch_one(connection).await
+                    }
+                    None => Err(sqlx::Error::Protocol(
+                        "the side connection cannot be opened".to_string(),
+                    )),
+                },
             };
             match version {
                 Ok(version) => {
@@ -299,7 +301,15 @@ impl Wakeup {
                     tracing::debug!("SQLite change check on its own connection: {error}");
                     direct = None;
                 }
-                Err(error) => side.failed(&error),
+                Err(error) => {
+                    // Tried again at the safety net's next check, not at
+                    // once: a recheck already due fired the loop again at
+                    // once, for as long as the check failed (a whole CPU,
+                    // a connection attempt each time), and the file's check
+                    // below was skipped meanwhile.
+                    rechecks = None;
+                    side.failed(&error);
+                }
             }
             if Instant::now() >= next_file_check {
                 next_file_check = Instant::now() + FILE_CHECK;
