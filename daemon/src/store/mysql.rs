@@ -545,11 +545,15 @@ impl Store {
         type_limit: Option<u32>,
     ) -> anyhow::Result<Vec<(i64, Claimed)>> {
         retry_locks(&self.lock_retries, || async {
-            let mut connection = pool.acquire().await?;
             let lock = match (type_limit, filter.task) {
                 (Some(_), Some(task)) => Some(task),
                 _ => None,
             };
+            let mut connection = TypeLockHolder {
+                connection: pool.acquire().await?,
+                released: lock.is_none(),
+            };
+            let connection = &mut connection;
             if let Some(task) = lock {
                 // Waits for another daemon's claim of this type, at most 10 s
                 // and half the time the call may take (`lease_timeout`).
@@ -558,10 +562,11 @@ impl Store {
                 let got: Option<i64> = query("SELECT GET_LOCK(CONCAT('taskrunner:', SHA1($1)), $2)")
                     .bind(task)
                     .bind(wait as i64)
-                    .fetch_one(&mut *connection)
+                    .fetch_one(&mut *connection.connection)
                     .await?
                     .try_get(0)?;
                 if got != Some(1) {
+                    connection.released = true;
                     // Claiming without the lock could run more of the type
                     // at once than its limit. Its rows wait for a later claim.
                     tracing::warn!(
@@ -571,17 +576,15 @@ impl Store {
                 }
             }
             let claimed = self
-                .claim_mysql_transaction(&mut connection, by, limit, filter, type_limit)
+                .claim_mysql_transaction(&mut connection.connection, by, limit, filter, type_limit)
                 .await;
             if let Some(task) = lock {
                 let released = query("DO RELEASE_LOCK(CONCAT('taskrunner:', SHA1($1)))")
                     .bind(task)
-                    .execute(&mut *connection)
+                    .execute(&mut *connection.connection)
                     .await;
-                if released.is_err() {
-                    // A connection that may still hold the lock is not reused.
-                    let _ = connection.close().await;
-                }
+                // A connection that may still hold the lock is not reused.
+                connection.released = released.is_ok();
             }
             claimed
         })
@@ -792,6 +795,27 @@ impl Store {
             Ok(claimed)
         })
         .await
+    }
+}
+
+/// A pooled connection that may hold a task type's named lock (`GET_LOCK`,
+/// which belongs to the session, not to a transaction): dropped before its
+/// release (`released`), it is closed instead of going back to the pool.
+/// A claim given up while it held the lock (its call outlived
+/// `lease_timeout`: a metadata lock held up its statement) dropped the
+/// connection mid-way: the pool took it back still holding the lock, and
+/// every daemon's claim of that type waited for it, and claimed none of
+/// its rows, for as long as the connection lived (up to 30 minutes).
+struct TypeLockHolder {
+    connection: sqlx::pool::PoolConnection<sqlx::MySql>,
+    released: bool,
+}
+
+impl Drop for TypeLockHolder {
+    fn drop(&mut self) {
+        if !self.released {
+            self.connection.close_on_drop();
+        }
     }
 }
 
