@@ -38,6 +38,7 @@ both_backends!(
     second_sigterm_during_the_drain_stops_tasks_at_once,
     run_record_writes_what_the_daemon_writes,
     run_record_writes_its_outcome_through_a_database_outage,
+    run_record_whose_claim_was_lost_exits_1_even_when_its_try_finished,
     empty_or_zero_filters_and_bad_flags_are_refused_in_one_line_changing_nothing,
 );
 
@@ -1831,3 +1832,52 @@ async fn postgres_a_row_retried_while_a_purge_waits_for_it_is_kept() {
     assert_eq!(db.row(id).await.result, None);
 }
 
+/// `run --id N --record` whose claim is lost while its try runs (a reaper
+/// took the row, someone retried it by hand): the try then finished, its
+/// outcome was not recorded, and the run said so, but exited 0, as for a
+/// recorded success: a script took the work as done while the row was to
+/// run again. It exits 1 now, with the one line.
+async fn run_record_whose_claim_was_lost_exits_1_even_when_its_try_finished(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let open = db.scratch.join("open");
+    std::fs::write(
+        db.scratch.join("taskrunner.yml"),
+        format!(
+            "tasks:\n  Gate:\n    command: [/bin/sh, -c, 'until [ -e {} ]; do sleep 0.02; done']\n",
+            open.display()
+        ),
+    )
+    .unwrap();
+    let id = db.insert_row(NewRow::new("Gate")).await;
+    let run = Command::new(CLI)
+        .args([
+            "--database-url",
+            &db.url,
+            "run",
+            "--id",
+            &id.to_string(),
+            "--record",
+        ])
+        .current_dir(&db.scratch.path)
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    db.wait_for_pid(id, WAIT).await;
+    // Taken by another claim, then the try ends (most often before the
+    // run's next renewal, a second away, sees the row gone and stops it:
+    // the run exits 1 then too).
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET claim_token = 'another-claim' WHERE id = {id}"
+    ))
+    .await;
+    std::fs::write(&open, "").unwrap();
+    let output = run.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("but the outcome was not recorded (the claim was lost)"),
+        "{stderr}"
+    );
+}

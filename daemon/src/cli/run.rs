@@ -208,9 +208,12 @@ async fn run_and_record(
             claimed.tries, claimed.id, verdict.state
         );
     } else {
-        eprintln!(
-            "request {}: the outcome was not recorded (the claim was lost)",
-            claimed.id
+        // Exit 1 whatever the try's own end: the row is another's now, and
+        // runs again (before, a FINISHED try not recorded exited 0).
+        bail!(
+            "request {}: the try ended {}, but the outcome was not recorded (the claim was lost)",
+            claimed.id,
+            verdict.state
         );
     }
     Ok(verdict)
