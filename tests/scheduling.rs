@@ -105,6 +105,11 @@ async fn a_schedule_whose_request_the_database_refuses_holds_up_no_other(backend
         assert_eq!(code, 1, "{out}{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(err.contains("the database stored no row"), "{err}");
+        // With a unique key (before: "its holder keeps changing").
+        let (code, out, err) = cli(&db, &["enqueue", "Skipped", "--unique-key", "k"]);
+        assert_eq!(code, 1, "{out}{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("the database stored no row"), "{err}");
     }
     assert!(daemon.stop().success());
 }

@@ -358,7 +358,15 @@ impl Store {
                 return Ok(RequestId(id));
             }
         }
-        anyhow::bail!("unique key `{unique_key}`: its holder keeps changing; try again")
+        // Five inserts ignored, and no holder found after any of them: most
+        // likely nothing ever held the key, and the row was skipped (an
+        // application's trigger: SQLite's `RAISE(IGNORE)`, a PostgreSQL
+        // BEFORE trigger returning NULL), as a plain enqueue says it.
+        anyhow::bail!(
+            "unique key `{unique_key}`: the database stored no row, and no request holds the key \
+             (a trigger of the application's may skip such rows; or its holder ended each time \
+             this looked: try again)"
+        )
     }
 }
 
