@@ -44,6 +44,7 @@ both_backends!(
     a_retired_parent_that_does_not_exit_is_killed_after_the_grace,
     a_cancel_while_the_program_boots_ends_the_try_and_keeps_the_boot,
     a_cancel_before_the_child_made_its_group_stops_it_at_once,
+    a_python_task_that_exits_or_raises_leaves_its_child_by_exit,
 );
 
 /// The task-sdk probe, built beside the daemon (`cargo build --workspace --bins`).
@@ -1344,5 +1345,54 @@ async fn a_cancel_before_the_child_made_its_group_stops_it_at_once(backend: crat
     );
     assert!(!process_exists(pid));
     assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
+    assert!(daemon.stop().success());
+}
+
+/// The Python example's child ran `os._exit(run_task())`: a task that
+/// called `sys.exit(3)` unwound to the example's `main` and ended the
+/// interpreter normally, running the parent's exit handlers in the try; a
+/// result that is not text raised out of `run_task` into the parent's
+/// loop, in the child. Each now leaves by `_exit`, with its status (3, 1),
+/// and the parent's handler runs in no try.
+async fn a_python_task_that_exits_or_raises_leaves_its_child_by_exit(
+    backend: crate::util::Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let ran = db.scratch.join("exit-handlers");
+    let program = db.scratch.join("exits.py");
+    python_example_with(
+        &program,
+        &format!(
+            "import atexit\n\
+             atexit.register(lambda: open({ran:?}, 'a').write(f'ran in {{os.getpid()}}\\n'))\n\
+             def Exits(text):\n    \
+                 print('leaving early')\n    \
+                 sys.exit(3)\n\
+             def NotText(text):\n    \
+                 return 42\n\
+             program['TASKS']['Exits'] = Exits\n\
+             program['TASKS']['NotText'] = NotText",
+            ran = ran.display().to_string(),
+        ),
+    );
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "tasks:\n  Exits: {{command: [python3, {program}], preload: true}}\n  \
+               NotText: {{command: [python3, {program}], preload: true}}\n",
+            program = program.display()
+        ),
+    );
+    let exits = db.insert_row(NewRow::new("Exits").try_limit(1)).await;
+    let not_text = db.insert_row(NewRow::new("NotText").try_limit(1)).await;
+    let exits = db.wait_for_state(exits, "FAILED", WAIT).await;
+    let text = exits.result_text.unwrap_or_default();
+    assert!(text.contains("exit status 3"), "{text}");
+    let not_text = db.wait_for_state(not_text, "FAILED", WAIT).await;
+    let text = not_text.result_text.unwrap_or_default();
+    assert!(text.contains("TypeError"), "{text}");
+    let handlers = std::fs::read_to_string(&ran).unwrap_or_default();
+    assert_eq!(handlers, "", "the parent's exit handler ran in a try");
     assert!(daemon.stop().success());
 }

@@ -27,6 +27,7 @@ import resource
 import socket
 import sys
 import time
+import traceback
 
 # ---------------------------------------------------------------------------
 # The program's task types and its one-time initialization.
@@ -191,10 +192,29 @@ def fork_try(daemon, request, fds):
     try:
         daemon.detach()  # fd 0 becomes the try's stdin below
         set_up_child(request, fds)
-    except Exception as error:
+    except BaseException as error:
         os.write(2, f"setting up the try: {error}\n".encode())
         os._exit(127)
-    os._exit(run_task())
+    # Whatever the task does, the child leaves by _exit: a sys.exit() or an
+    # exception out of the task must not unwind into the parent's loop, nor
+    # end the interpreter normally (that runs the parent's atexit handlers
+    # and finalizers in the try).
+    code = 1
+    try:
+        code = run_task()
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            code = stop.code or 0
+        else:
+            print(stop.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
 
 
 def set_up_child(request, fds):
