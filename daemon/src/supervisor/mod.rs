@@ -607,7 +607,14 @@ pub(crate) async fn run(
                         });
                     }
                 }
+                // A timeout or a stop that comes after the process exited,
+                // before the runtime saw its exit, changes nothing: the loop
+                // reaps it next (before, a try that had exited 0 was
+                // recorded CANCELLED, or TIMEOUT, by that moment's race).
                 _ = crate::units::sleep_until_opt(timeout_at), if stopped.is_none() => {
+                    if child.has_exited() {
+                        continue;
+                    }
                     let timeout = settings.timeout.unwrap_or_default();
                     stopped = Some(Stopped::Timeout(timeout));
                     escalation = Some(Escalation::begin(process_group, &settings));
@@ -635,6 +642,8 @@ pub(crate) async fn run(
                             }
                             escalation = Some(Escalation::kill_now(process_group));
                         }
+                        // The exit is reaped at the loop's next turn.
+                        Some(_) if stopped.is_none() && child.has_exited() => {}
                         Some(reason) if stopped.is_none() => {
                             stopped = Some(Stopped::Requested(reason));
                             escalation = Some(Escalation::begin(process_group, &settings));

@@ -246,6 +246,12 @@ impl Child {
     /// with it the number of a group that has no member left, may go to a
     /// new process: a `killpg` by that number after the reap could kill
     /// another program's group.
+    /// Whether it has exited (and waits to be reaped): a stop that comes
+    /// now comes too late to change how it ended.
+    pub(crate) fn has_exited(&self) -> bool {
+        self.status.is_some() || child_state(self.pidfd.get_ref()) == Some(true)
+    }
+
     pub(crate) async fn wait_ending_its_group(&mut self) -> io::Result<ExitStatus> {
         self.wait_then_reap(true).await
     }
