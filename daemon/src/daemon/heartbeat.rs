@@ -232,7 +232,10 @@ impl Heartbeat {
                 .map(|h| (h.id, h.claim_token.as_str()))
                 .collect();
             for h in held.iter().filter(|h| h.cancel_requested) {
-                if self.tries.cancel(h.id) {
+                // The try of the claim the renewal read the cancel on: not a
+                // later try of the row claimed here meanwhile (the row ended,
+                // was retried, and claimed again; the retry cleared the cancel).
+                if self.tries.cancel(h.id, &h.claim_token) {
                     tracing::info!(request = %h.id, "cancel requested: stopping the task");
                 }
             }

@@ -186,18 +186,18 @@ impl Tries {
         self.lock().fenced
     }
 
-    /// A user asked to cancel `id`: stops its try unless it is stopping
-    /// already. True if it was told to stop now.
-    pub(crate) fn cancel(&self, id: RequestId) -> bool {
+    /// A user asked to cancel `id` while its try under `claim_token` ran:
+    /// stops that try unless it is stopping already. True if it was told to
+    /// stop now.
+    pub(crate) fn cancel(&self, id: RequestId, claim_token: &ClaimToken) -> bool {
         let inner = self.lock();
-        let mut told = false;
-        for (_, live) in inner.tries.iter().filter(|((row, _), _)| *row == id) {
-            if live.stop.borrow().is_none() {
+        match inner.tries.get(&(id, claim_token.clone())) {
+            Some(live) if live.stop.borrow().is_none() => {
                 live.stop.send_replace(Some(StopReason::Cancel));
-                told = true;
+                true
             }
+            _ => false,
         }
-        told
     }
 
     /// A renewal sent at `at` renewed the lease of the try's row.
