@@ -1437,6 +1437,31 @@ async fn a_sqlite_file_deleted_under_the_daemon_stops_it_so_that_a_restart_opens
     assert!(restarted.stop().success());
 }
 
+/// Deleting SQLite's shared-memory index (`-shm`, the folk remedy for
+/// "database is locked") under a running daemon: processes that opened the
+/// database since made a new one, the daemon kept the old, saw none of
+/// their commits, and its next write overwrote theirs in the log, their
+/// rows lost without a word. It now stops with exit status 1 and one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_shared_memory_index_deleted_under_the_daemon_stops_it() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let before = db.enqueue("NoOp", None).await;
+    let mut daemon = Daemon::start(&db, "d", "");
+    db.wait_for_state(before, "FINISHED", WAIT).await;
+    let shm = db.scratch.join("requests.db-shm");
+    std::fs::remove_file(&shm).unwrap();
+    let status = daemon.wait_exit(Duration::from_secs(10));
+    let log = daemon.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&format!(
+            "{} was deleted or replaced while this daemon had it open",
+            shm.display()
+        )),
+        "{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_for_an_sqlite_lock_ends_after_five_seconds_even_when_sleeps_overrun() {
     use std::os::unix::process::CommandExt;

@@ -214,7 +214,7 @@ impl Wakeup {
     /// (see [`OpenedFile`]): the daemon then stops, exit status 1.
     async fn watch_sqlite(&self, stop: CancellationToken) -> anyhow::Result<()> {
         let url = self.database_url.clone();
-        let opened = OpenedFile::of(&url);
+        let mut opened = OpenedFile::of(&url);
         let mut next_file_check = Instant::now() + FILE_CHECK;
         let mut side = SideConnection::new(&url);
         // The check on this thread where it can be (see `DataVersion`),
@@ -313,7 +313,8 @@ impl Wakeup {
             }
             if Instant::now() >= next_file_check {
                 next_file_check = Instant::now() + FILE_CHECK;
-                if let Some(Err(error)) = opened.as_ref().map(OpenedFile::check) {
+                let held_open = direct.is_some();
+                if let Some(Err(error)) = opened.as_mut().map(|file| file.check(held_open)) {
                     side.close().await;
                     return Err(error);
                 }
@@ -335,9 +336,20 @@ const FILE_CHECK: Duration = Duration::from_secs(1);
 /// open, while applications wrote their rows into the new one: none ran,
 /// and nothing said so. The daemon now stops (exit status 1), and its
 /// service manager's restart opens the new file.
+///
+/// The same for its write-ahead log and shared-memory index (`-wal`,
+/// `-shm`, beside the file a symbolic link names), from when each is first
+/// seen, while the watcher's own connection keeps them open (SQLite
+/// removes them only as the last connection closes): deleted under a
+/// running daemon (the folk remedy for "database is locked", a clean-up
+/// script), applications made new ones and the daemon kept the old, saw
+/// none of their commits, and its next write overwrote them in the log,
+/// rows lost without a word.
 struct OpenedFile {
     path: std::path::PathBuf,
     identity: (u64, u64),
+    /// `-wal` and `-shm`, each with its identity once seen.
+    companions: Vec<(std::path::PathBuf, Option<(u64, u64)>)>,
 }
 
 impl OpenedFile {
@@ -348,25 +360,54 @@ impl OpenedFile {
         let options = SqliteConnectOptions::from_str(url).ok()?;
         let path = options.get_filename().to_path_buf();
         let metadata = std::fs::metadata(&path).ok()?;
+        let resolved = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+        let companions = ["-wal", "-shm"]
+            .iter()
+            .map(|suffix| {
+                let mut name = resolved.clone().into_os_string();
+                name.push(suffix);
+                let seen = std::fs::metadata(&name)
+                    .ok()
+                    .map(|metadata| (metadata.dev(), metadata.ino()));
+                (std::path::PathBuf::from(name), seen)
+            })
+            .collect();
         Some(OpenedFile {
             identity: (metadata.dev(), metadata.ino()),
             path,
+            companions,
         })
     }
 
-    fn check(&self) -> anyhow::Result<()> {
+    /// `held_open`: whether the watcher's own connection was open since
+    /// the companions' identities were noted (else SQLite may have removed
+    /// and made them again, rightly).
+    fn check(&mut self, held_open: bool) -> anyhow::Result<()> {
         use std::os::unix::fs::MetadataExt;
         match std::fs::metadata(&self.path) {
-            Ok(metadata) if (metadata.dev(), metadata.ino()) == self.identity => return Ok(()),
-            Ok(_) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Ok(metadata) if (metadata.dev(), metadata.ino()) == self.identity => {}
             // Unreadable for a moment (permissions changed, say): not proof.
-            Err(_) => return Ok(()),
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {}
+            _ => anyhow::bail!(
+                "the SQLite database file {} is no longer the one this daemon opened (deleted, or replaced by another file): it would go on with the old one, which no one else reads or writes any more; stopping, so that a restart opens the file now there",
+                self.path.display()
+            ),
         }
-        anyhow::bail!(
-            "the SQLite database file {} is no longer the one this daemon opened (deleted, or replaced by another file): it would go on with the old one, which no one else reads or writes any more; stopping, so that a restart opens the file now there",
-            self.path.display()
-        )
+        for (path, seen) in &mut self.companions {
+            let now = match std::fs::metadata(&*path) {
+                Ok(metadata) => Some((metadata.dev(), metadata.ino())),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+                Err(_) => continue,
+            };
+            match (*seen, now) {
+                (Some(seen), now) if held_open && now != Some(seen) => anyhow::bail!(
+                    "{} was deleted or replaced while this daemon had it open (a `rm` of SQLite's write-ahead log or shared-memory index under a running daemon): the daemon and the processes that opened it since no longer see each other's commits, and their rows would be lost; stopping, so that a restart opens the files now there (remove them only while no process has the database open)",
+                    path.display()
+                ),
+                _ => *seen = now,
+            }
+        }
+        Ok(())
     }
 }
 
