@@ -284,7 +284,12 @@ impl Wakeup {
             };
             match version {
                 Ok(version) => {
-                    let changed = last_version.is_some_and(|last| last != version);
+                    // The first read of a connection wakes the scheduler too:
+                    // a row committed between its last claim and this read
+                    // changes nothing later (before, it waited for the next
+                    // commit of anyone's, or the poll). Each connection counts
+                    // on its own, so a new one starts afresh (`None`).
+                    let changed = last_version.is_none_or(|last| last != version);
                     if changed {
                         self.wake.notify_one();
                     }
@@ -300,8 +305,10 @@ impl Wakeup {
                 Err(error) if direct.is_some() => {
                     tracing::debug!("SQLite change check on its own connection: {error}");
                     direct = None;
+                    last_version = None;
                 }
                 Err(error) => {
+                    last_version = None;
                     // Tried again at the safety net's next check, not at
                     // once: a recheck already due fired the loop again at
                     // once, for as long as the check failed (a whole CPU,
