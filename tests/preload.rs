@@ -9,7 +9,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::util::{process_exists, wait_until, zombie_children, Daemon, NewRow, TestDb};
+use crate::util::{holds_for, process_exists, wait_until, zombie_children, Daemon, NewRow, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -45,6 +45,7 @@ both_backends!(
     a_cancel_while_the_program_boots_ends_the_try_and_keeps_the_boot,
     a_cancel_before_the_child_made_its_group_stops_it_at_once,
     a_python_task_that_exits_or_raises_leaves_its_child_by_exit,
+    a_child_named_by_an_answer_no_request_waits_for_is_killed,
 );
 
 /// The task-sdk probe, built beside the daemon (`cargo build --workspace --bins`).
@@ -1394,5 +1395,60 @@ async fn a_python_task_that_exits_or_raises_leaves_its_child_by_exit(
     assert!(text.contains("TypeError"), "{text}");
     let handlers = std::fs::read_to_string(&ran).unwrap_or_default();
     assert_eq!(handlers, "", "the parent's exit handler ran in a try");
+    assert!(daemon.stop().success());
+}
+
+/// A parent that answers one request twice (here: it forks two children
+/// and names both) retires, as it breaks the protocol; the child of the
+/// answer no request waited for ran the task on, unknown to the daemon (no
+/// timeout, no cancel, its output read by no one), and stayed a zombie. It
+/// is killed now.
+async fn a_child_named_by_an_answer_no_request_waits_for_is_killed(backend: crate::util::Backend) {
+    let db = TestDb::new(backend).await;
+    let log = db.scratch.join("runs.log");
+    let program = db.scratch.join("answers_twice.py");
+    python_example_with(
+        &program,
+        &format!(
+            "LOG = {log:?}\n\
+             def Twice(text):\n    \
+                 time.sleep(1.5)\n    \
+                 with open(LOG, 'a') as log:\n        \
+                     log.write(f'end {{os.getpid()}}\\n')\n    \
+                 return 'done'\n\
+             program['TASKS']['Twice'] = Twice\n\
+             fork_try = program['fork_try']\n\
+             def twice(daemon, request, fds):\n    \
+                 first = fork_try(daemon, request, fds)\n    \
+                 daemon.send(f'pid\\0{{first}}\\0'.encode())\n    \
+                 return fork_try(daemon, request, fds)\n\
+             program['serve_preloaded'].__globals__['fork_try'] = twice",
+            log = log.display().to_string(),
+        ),
+    );
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "max_concurrent: 1\ntasks:\n  Twice: {{command: [python3, {}], preload: true}}\n",
+            program.display()
+        ),
+    );
+    let id = db.insert_row(NewRow::new("Twice").try_limit(1)).await;
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.result_text.as_deref(), Some("done"));
+    daemon.wait_for_log("answered a request it was not sent", WAIT);
+    // The other child would have ended by now too.
+    holds_for(Duration::from_secs(1), "one run of the task", async || {
+        let runs = std::fs::read_to_string(&log).unwrap_or_default();
+        match runs.lines().count() {
+            1 => Ok(()),
+            _ => Err(runs),
+        }
+    })
+    .await;
+    wait_until(WAIT, "no zombie child of the daemon", || {
+        zombie_children(daemon.pid()).is_empty()
+    });
     assert!(daemon.stop().success());
 }

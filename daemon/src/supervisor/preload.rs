@@ -849,6 +849,13 @@ async fn answer_requests(parent: Arc<Parent>) {
                 "preloaded parent (pid {}) answered a request it was not sent; it is retired",
                 parent.pid
             );
+            // The child such an answer names (a request answered twice)
+            // runs a try unknown to the daemon: no timeout, no cancel, its
+            // output read by no one, then a zombie. It is killed (before,
+            // it ran on).
+            if let Some(pid) = answered_pid(answer) {
+                tokio::task::spawn_blocking(move || super::spawner::kill_unsupervised_child(pid));
+            }
             parent.retire();
             break;
         };
@@ -966,17 +973,24 @@ async fn unanswered_children(parent: &Parent) -> Vec<(u32, Vec<u64>)> {
 }
 
 /// The child the answer of `parent` (its pid) names, or its error.
+/// The pid a `pid` answer names, if it is one (a number above 1).
+fn answered_pid(answer: &[u8]) -> Option<u32> {
+    match answer.split(|&b| b == 0).collect::<Vec<_>>().as_slice() {
+        [b"pid", pid, b""] => std::str::from_utf8(pid)
+            .ok()
+            .and_then(|pid| pid.parse().ok())
+            .filter(|&pid| pid > 1),
+        _ => None,
+    }
+}
+
 fn read_answer(answer: &[u8], parent: u32, ours: OurEnds) -> io::Result<Child> {
     let fields: Vec<&[u8]> = answer.split(|&b| b == 0).collect();
     match fields.as_slice() {
-        [b"pid", pid, b""] => {
-            let pid: u32 = std::str::from_utf8(pid)
-                .ok()
-                .and_then(|pid| pid.parse().ok())
-                .filter(|&pid| pid > 1)
-                .ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::InvalidData, "a pid that is not a number")
-                })?;
+        [b"pid", _, b""] => {
+            let pid = answered_pid(answer).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "a pid that is not a number")
+            })?;
             Child::adopt(pid, parent, ours)
         }
         [word @ (b"error" | b"short"), text, b""] => {
