@@ -236,6 +236,11 @@ async fn record_outcome(store: &Store, write: Write, patience: Duration) -> Resu
     let mut failing_since = None;
     loop {
         match store.record(std::slice::from_ref(&write)).await {
+            // Not applied after a write that failed: that write may have
+            // been committed, its answer lost.
+            Ok(applied) if applied.first() != Some(&true) && failing_since.is_some() => {
+                return Ok(store.holds_outcome(outcome).await.unwrap_or(false));
+            }
             Ok(applied) => return Ok(applied.first() == Some(&true)),
             Err(error) => {
                 let since = *failing_since.get_or_insert_with(|| {
