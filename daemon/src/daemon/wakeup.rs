@@ -320,7 +320,10 @@ impl Wakeup {
             }
             if Instant::now() >= next_file_check {
                 next_file_check = Instant::now() + FILE_CHECK;
-                let held_open = direct.is_some();
+                // The side connection, once the watcher's own is gone (an
+                // error of its check), holds them as well; one closed by an
+                // error does not, and they are noted afresh.
+                let held_open = direct.is_some() || side.is_open();
                 if let Some(Err(error)) = opened.as_mut().map(|file| file.check(held_open)) {
                     side.close().await;
                     return Err(error);
@@ -386,7 +389,7 @@ impl OpenedFile {
         })
     }
 
-    /// `held_open`: whether the watcher's own connection was open since
+    /// `held_open`: whether a connection of the watcher's was open since
     /// the companions' identities were noted (else SQLite may have removed
     /// and made them again, rightly).
     fn check(&mut self, held_open: bool) -> anyhow::Result<()> {

@@ -200,6 +200,11 @@ impl SideConnection {
         self.open.as_mut()
     }
 
+    /// Whether a connection is open now.
+    pub(crate) fn is_open(&self) -> bool {
+        self.open.is_some()
+    }
+
     /// After an error: the next [`get`](Self::get) opens a new connection.
     pub(crate) fn failed(&mut self, error: &sqlx::Error) {
         tracing::debug!("SQLite side connection: {error}");
