@@ -613,7 +613,7 @@ pub(crate) async fn run(
                 // recorded CANCELLED, or TIMEOUT, by that moment's race).
                 _ = crate::units::sleep_until_opt(timeout_at), if stopped.is_none() => {
                     if child.has_exited() {
-                        continue;
+                        break child.wait_ending_its_group().await?;
                     }
                     let timeout = settings.timeout.unwrap_or_default();
                     stopped = Some(Stopped::Timeout(timeout));
@@ -634,6 +634,11 @@ pub(crate) async fn run(
                         }
                     };
                     match reason {
+                        // An exit before the heartbeat's deadline kill of a
+                        // row it could not renew (still this daemon's) is the
+                        // try's end, recorded as it ended; a claim truly lost
+                        // records nothing either way.
+                        Some(StopReason::LostClaim) if child.has_exited() => listening = false,
                         Some(StopReason::LostClaim) => {
                             listening = false;
                             stopped.get_or_insert(Stopped::Requested(StopReason::LostClaim));

@@ -240,18 +240,18 @@ impl Child {
         self.wait_then_reap(false).await
     }
 
-    /// Waits for the process, a try's, to exit; kills what is left in its
-    /// process group (the try's leftovers) while the exited process still
-    /// holds the group's number; then reaps it. Once reaped, its pid, and
-    /// with it the number of a group that has no member left, may go to a
-    /// new process: a `killpg` by that number after the reap could kill
-    /// another program's group.
     /// Whether it has exited (and waits to be reaped): a stop that comes
     /// now comes too late to change how it ended.
     pub(crate) fn has_exited(&self) -> bool {
         self.status.is_some() || child_state(self.pidfd.get_ref()) == Some(true)
     }
 
+    /// Waits for the process, a try's, to exit; kills what is left in its
+    /// process group (the try's leftovers) while the exited process still
+    /// holds the group's number; then reaps it. Once reaped, its pid, and
+    /// with it the number of a group that has no member left, may go to a
+    /// new process: a `killpg` by that number after the reap could kill
+    /// another program's group.
     pub(crate) async fn wait_ending_its_group(&mut self) -> io::Result<ExitStatus> {
         self.wait_then_reap(true).await
     }
