@@ -859,7 +859,6 @@ impl Drop for TryCgroup {
     }
 }
 
-/// The value of `name` in a flat-keyed cgroup file (`name value` lines).
 /// Whether the OOM killer killed a process of the cgroup at `dir` because
 /// the cgroup's own memory limit was reached. On cgroup v2, `oom_kill` also
 /// counts the machine-wide OOM killer's victims; `oom` counts only the
@@ -875,6 +874,7 @@ fn killed_at_its_memory_limit(dir: &Path, v2: bool) -> bool {
     }
 }
 
+/// The value of `name` in a flat-keyed cgroup file (`name value` lines).
 fn counter(path: &Path, name: &str) -> u64 {
     std::fs::read_to_string(path)
         .unwrap_or_default()
