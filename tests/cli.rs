@@ -41,6 +41,7 @@ both_backends!(
     run_record_whose_claim_was_lost_exits_1_even_when_its_try_finished,
     empty_or_zero_filters_and_bad_flags_are_refused_in_one_line_changing_nothing,
 );
+multi_host_backends!(run_record_stopped_has_its_task_killed_before_the_lease_lapses);
 
 /// The error line: exactly one line on stderr.
 fn one_line(stderr: &str) -> &str {
@@ -1880,4 +1881,53 @@ async fn run_record_whose_claim_was_lost_exits_1_even_when_its_try_finished(back
         stderr.contains("but the outcome was not recorded (the claim was lost)"),
         "{stderr}"
     );
+}
+
+/// `run --id N --record` stopped while its try runs (a Ctrl-Z, `SIGSTOP`,
+/// a debugger), on a database several hosts share: nothing renewed the
+/// row's lease, and the task ran on; once the lease lapsed, another host's
+/// reaper took the row and ran it beside. A fencing watchdog, a daemon's,
+/// now kills the task before the lease lapses.
+async fn run_record_stopped_has_its_task_killed_before_the_lease_lapses(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    std::fs::write(
+        db.scratch.join("taskrunner.yml"),
+        "heartbeat_interval: 2s\nkill_grace: 1s\nlease_timeout: 8s\n\
+         tasks:\n  Long:\n    command: [/bin/sleep, '60']\n",
+    )
+    .unwrap();
+    let id = db.insert_row(NewRow::new("Long")).await;
+    let run = Command::new(CLI)
+        .args([
+            "--database-url",
+            &db.url,
+            "run",
+            "--id",
+            &id.to_string(),
+            "--record",
+        ])
+        .current_dir(&db.scratch.path)
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let task = db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32;
+    // SAFETY: signals to the run's own process.
+    unsafe { libc::kill(run.id() as i32, libc::SIGSTOP) };
+    let stopped = Instant::now();
+    wait_until(WAIT, "the stopped run's task to be killed", || {
+        !crate::util::process_exists(task)
+    });
+    // The lease (8 s) runs from the run's last renewal, at most 1 s before.
+    assert!(
+        stopped.elapsed() < Duration::from_secs(7),
+        "killed {:?} after the stop",
+        stopped.elapsed()
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(run.id() as i32, libc::SIGCONT) };
+    let output = run.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_ne!(output.status.code(), Some(0), "{stderr}");
 }

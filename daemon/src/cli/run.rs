@@ -138,6 +138,7 @@ async fn run_and_record(
     let instance = crate::instance::InstanceId::new(&config.host_id);
     let token = instance.claim_token("cli");
     let claim_sent = Instant::now();
+    let claim_sent_boot = crate::supervisor::watchdog::boot_clock();
     let Some(claimed) = store
         .claim_one(
             id,
@@ -160,6 +161,26 @@ async fn run_and_record(
         );
     };
     let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Where several hosts share the database, a fencing watchdog kills the
+    // task once the lease has gone unrenewed for as long as a daemon's
+    // would allow, also when this process does not run (a Ctrl-Z, a
+    // `SIGSTOP`, a debugger), and when it dies (before, the task ran on,
+    // and beside its rerun once the row's lease lapsed).
+    let watchdog = (store.backend() != crate::store::Backend::Sqlite).then(|| {
+        let watchdog = Arc::new(crate::supervisor::watchdog::Watchdog::default());
+        let after = config.fence_after() + config.defaults.kill_grace;
+        watchdog.set_deadline(claim_sent_boot, Some(claim_sent_boot + after));
+        (watchdog, after)
+    });
+    let watchdog_stop = tokio_util::sync::CancellationToken::new();
+    if let Some((watchdog, _)) = &watchdog {
+        tokio::spawn(
+            watchdog
+                .clone()
+                .run(context.spawner.clone(), watchdog_stop.clone()),
+        );
+    }
+    let _stop_the_watchdog = watchdog_stop.clone().drop_guard();
     let lease = tokio::spawn(keep_lease(
         config.clone(),
         store.clone(),
@@ -167,6 +188,7 @@ async fn run_and_record(
         (id, token),
         claim_sent,
         (stop_sender, ended.clone()),
+        watchdog,
     ));
     let (sender, mut writes) = mpsc::unbounded_channel::<Write>();
     let patience = config.lease_timeout;
@@ -293,6 +315,7 @@ async fn keep_lease(
         Arc<watch::Sender<Option<StopReason>>>,
         Arc<std::sync::atomic::AtomicBool>,
     ),
+    watchdog: Option<(Arc<crate::supervisor::watchdog::Watchdog>, Duration)>,
 ) {
     let ended = || ended.load(std::sync::atomic::Ordering::SeqCst);
     let fenced = store.backend() != crate::store::Backend::Sqlite;
@@ -312,7 +335,7 @@ async fn keep_lease(
                 return;
             }
         }
-        let sent = Instant::now();
+        let (sent, sent_boot) = (Instant::now(), crate::supervisor::watchdog::boot_clock());
         next = sent + every;
         let renewal =
             tokio::time::timeout_at(fence.max(next).into(), store.renew_heartbeats(&instance))
@@ -330,6 +353,9 @@ async fn keep_lease(
                 Some(held) => {
                     if held.renewed {
                         renewed = sent;
+                        if let Some((watchdog, after)) = &watchdog {
+                            watchdog.set_deadline(sent_boot, Some(sent_boot + *after));
+                        }
                     }
                     if held.cancel_requested && stop.borrow().is_none() && !ended() {
                         eprintln!("request {id}: cancel requested: stopping the task");
