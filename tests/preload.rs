@@ -46,6 +46,7 @@ both_backends!(
     a_cancel_before_the_child_made_its_group_stops_it_at_once,
     a_python_task_that_exits_or_raises_leaves_its_child_by_exit,
     a_child_named_by_an_answer_no_request_waits_for_is_killed,
+    a_parent_that_keeps_dying_is_started_again_with_a_growing_delay,
 );
 
 /// The task-sdk probe, built beside the daemon (`cargo build --workspace --bins`).
@@ -1450,5 +1451,59 @@ async fn a_child_named_by_an_answer_no_request_waits_for_is_killed(backend: crat
     wait_until(WAIT, "no zombie child of the daemon", || {
         zombie_children(daemon.pid()).is_empty()
     });
+    assert!(daemon.stop().success());
+}
+
+/// A preloaded parent that dies after each fork (here it answers, then
+/// exits) is started again at the next try: at once after its first death,
+/// then after 1 s, 2 s, … (one line each: "died again (N deaths in a
+/// row)"). Its tries run on their children, each once. The death is
+/// counted by whichever notes it first, the parent's watcher or the next
+/// try (before, a try that found the parent dead first started a new one
+/// at once, and the watcher counted nothing: no backoff under steady load).
+async fn a_parent_that_keeps_dying_is_started_again_with_a_growing_delay(
+    backend: crate::util::Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let program = db.scratch.join("dying.py");
+    python_example_with(
+        &program,
+        "fork_try = program['fork_try']\n\
+         def dying(daemon, request, fds):\n    \
+             pid = fork_try(daemon, request, fds)\n    \
+             daemon.send(f'pid\\0{pid}\\0'.encode())\n    \
+             os._exit(3)\n\
+         program['serve_preloaded'].__globals__['fork_try'] = dying",
+    );
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "max_concurrent: 1\ntasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
+            program.display()
+        ),
+    );
+    let started = std::time::Instant::now();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(
+            db.insert_row(NewRow::new("PyProbe").options("quiet: true").try_limit(1))
+                .await,
+        );
+    }
+    for id in ids {
+        let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+        assert_eq!(row.tries, 1, "{row:?}");
+    }
+    // The third try waited for the second death's 1 s.
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    daemon.wait_for_log("died again (2 deaths in a row)", WAIT);
+    daemon.wait_for_log("died again (3 deaths in a row)", WAIT);
+    let log = daemon.log_text();
+    assert!(log.contains("a new parent starts in 2s"), "{log}");
     assert!(daemon.stop().success());
 }
