@@ -168,6 +168,9 @@ struct Parent {
     /// When it last answered a request (or started).
     answered_at: std::sync::Mutex<Instant>,
     alive: Arc<AtomicBool>,
+    /// Its death was counted towards the restart backoff (by its watcher,
+    /// or by a try that found it dead first).
+    death_counted: AtomicBool,
     /// Changes once the process has exited (and was reaped).
     exited: tokio::sync::watch::Receiver<bool>,
     started: Instant,
@@ -355,10 +358,18 @@ impl Pool {
         if program.exec_instead {
             return Err(Refused::ExecInstead);
         }
-        if let Some(parent) = &program.parent {
+        if let Some(parent) = program.parent.clone() {
+            let parent = &parent;
             let alive = parent.alive.load(Ordering::SeqCst);
             if alive && parent.files == files_of(recipe, spawner) {
                 return Ok(parent.clone());
+            }
+            if !alive {
+                // Dead before its watcher noted it: counted here, so that
+                // a program that keeps dying under steady load still waits
+                // its backoff (before, the try started a new parent at once,
+                // and the watcher, finding another current, counted nothing).
+                count_death(program, key, parent);
             }
             if alive {
                 tracing::info!(
@@ -426,32 +437,42 @@ fn watch_death(pool: Pool, key: Key, parent: Arc<Parent>) {
             return;
         }
         program.parent = None;
-        if parent.started.elapsed() >= STABLE_AFTER {
-            program.deaths = 0;
-        }
-        program.deaths += 1;
-        let delay = if program.deaths <= 1 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs(1 << (program.deaths - 2).min(5)).min(MAX_RESTART_DELAY)
-        };
-        program.restart_at = Some(Instant::now() + delay);
-        if delay.is_zero() {
-            tracing::warn!(
-                "preloaded parent of {} (pid {}) died; tries already running go on, a new parent starts at the next try",
-                key.program.display(),
-                parent.pid
-            );
-        } else {
-            tracing::warn!(
-                "preloaded parent of {} (pid {}) died again ({} deaths in a row); tries already running go on, a new parent starts in {}s",
-                key.program.display(),
-                parent.pid,
-                program.deaths,
-                delay.as_secs()
-            );
-        }
+        count_death(program, &key, &parent);
     });
+}
+
+/// Counts `parent`'s death once (its watcher, or a try that found it dead
+/// first), sets the backoff for the next start when it keeps dying, and
+/// logs one line.
+fn count_death(program: &mut Program, key: &Key, parent: &Parent) {
+    if parent.death_counted.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    if parent.started.elapsed() >= STABLE_AFTER {
+        program.deaths = 0;
+    }
+    program.deaths += 1;
+    let delay = if program.deaths <= 1 {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(1 << (program.deaths - 2).min(5)).min(MAX_RESTART_DELAY)
+    };
+    program.restart_at = Some(Instant::now() + delay);
+    if delay.is_zero() {
+        tracing::warn!(
+            "preloaded parent of {} (pid {}) died; tries already running go on, a new parent starts at the next try",
+            key.program.display(),
+            parent.pid
+        );
+    } else {
+        tracing::warn!(
+            "preloaded parent of {} (pid {}) died again ({} deaths in a row); tries already running go on, a new parent starts in {}s",
+            key.program.display(),
+            parent.pid,
+            program.deaths,
+            delay.as_secs()
+        );
+    }
 }
 
 /// A preloaded parent's output line longer than this is logged in pieces.
@@ -572,6 +593,7 @@ impl Parent {
             pending: Default::default(),
             answered_at: std::sync::Mutex::new(Instant::now()),
             alive,
+            death_counted: AtomicBool::new(false),
             exited,
             started: Instant::now(),
             files,
