@@ -1766,6 +1766,15 @@ async fn rows_that_can_never_run_are_refused_or_flagged_and_never_stall_the_daem
     let (code, _, err) = cli(&db, &["retry", &no_try_left.to_string()]);
     assert_eq!(code, 0, "{err}");
     db.wait_for_state(no_try_left, "FINISHED", WAIT).await;
+    // `cancel` ends a row whose result is no state (before: "request N is
+    // already : nothing to cancel", exit status 1).
+    let (not_a_state, _) = old_rows[3];
+    let (code, out, err) = cli(&db, &["cancel", &not_a_state.to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        db.row(not_a_state).await.result.as_deref(),
+        Some("CANCELLED")
+    );
     let log = daemon.log_text();
     assert!(!log.contains("panicked"), "{log}");
     assert!(log.lines().all(|line| line.len() < 4096), "a huge log line");

@@ -1361,7 +1361,16 @@ impl Sql {
                     SET result = 'CANCELLED', result_text = 'cancelled before it ran', completed_at = {now} \
                   WHERE id = $1 AND (result IS NULL \
                                      OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED') \
-                                         AND tries < try_limit))"
+                                         AND tries < try_limit) \
+                                     OR result NOT IN ({}))",
+                // A row from before migration 0004 whose result is no state
+                // (`list` says "cancel or retry it"): before, `cancel` said
+                // "request N is already : nothing to cancel".
+                crate::request::State::ALL
+                    .iter()
+                    .map(|state| format!("'{}'", state.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             cancel_running: format!(
                 "UPDATE task_runner_requests SET cancel_requested_at = {now} \
