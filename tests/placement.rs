@@ -1245,3 +1245,39 @@ async fn a_cancel_asked_while_a_periodic_try_runs_ends_the_series_even_if_the_tr
     );
     assert!(daemon.stop().success());
 }
+
+/// A limited type's claim on PostgreSQL takes the type's advisory lock; a
+/// peer that holds it and goes silent (a daemon frozen mid-claim, a
+/// connection lost without a reset) held up this daemon's claim round
+/// until the call was given up at `lease_timeout`, and the next round the
+/// same: the limited types are claimed first, and no other type's row was
+/// claimed meanwhile. The wait for the lock is bounded now (half the
+/// call's bound, at most 10 s, as on MariaDB): the type is left out of
+/// that round, with one line, and the others are claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_limited_types_lock_held_by_a_silent_peer_holds_up_no_other_type() {
+    use sqlx::Connection;
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut peer = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(hashtext('taskrunner:concurrency:' || 'Limited'))")
+        .execute(&mut peer)
+        .await
+        .unwrap();
+    let limited = db.enqueue("Limited", None).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "tasks:\n  Limited:\n    command: [/bin/true]\n    concurrency: 1\n  \
+           Quick:\n    command: [/bin/true]\n",
+    );
+    let quick = db.enqueue("Quick", None).await;
+    db.wait_for_state(quick, "FINISHED", Duration::from_secs(15))
+        .await;
+    daemon.wait_for_log("claiming none of its rows this time", WAIT);
+    sqlx::query("SELECT pg_advisory_unlock_all()")
+        .execute(&mut peer)
+        .await
+        .unwrap();
+    db.wait_for_state(limited, "FINISHED", WAIT).await;
+    assert!(daemon.stop().success());
+}

@@ -346,15 +346,38 @@ impl Store {
         let rows: Vec<(i64, Claimed)> = on_pool!(self, pool => {
             let mut transaction = begin_write(pool.claim_on(self, filter)).await?;
             if let Some(lock) = &sql.lock_type {
-                query(lock.as_str()).bind(task).execute(&mut *transaction).await?;
+                // Waits for another daemon's claim of this type at most 10 s
+                // and half the time the call may take (`lease_timeout`), as
+                // on MariaDB: a peer gone silent holding the lock held up
+                // this claim, and with it the whole claim round, every
+                // other type's rows too, until the call was given up.
+                let bound = self.answer_bound.load(std::sync::atomic::Ordering::Relaxed);
+                let wait_ms = if bound == 0 { 10_000 } else { (bound / 2).clamp(1_000, 10_000) };
+                query(sqlx::AssertSqlSafe(format!("SET LOCAL lock_timeout = {wait_ms}")))
+                    .execute(&mut *transaction)
+                    .await?;
+                let locked = query(lock.as_str()).bind(task).execute(&mut *transaction).await;
+                if let Err(sqlx::Error::Database(error)) = &locked {
+                    if error.code().as_deref() == Some("55P03") {
+                        // Claiming without the lock could run more of the
+                        // type at once than its limit. Its rows wait for a
+                        // later claim.
+                        tracing::warn!(
+                            "the claim of {task} waited {} s for another daemon's claim of that type (its lock): claiming none of its rows this time",
+                            wait_ms / 1000
+                        );
+                        return Ok(Vec::new());
+                    }
+                }
+                locked?;
             }
             let running: i64 = {
                 let rows = query(sql.running_of_type.as_str()).bind(task).fetch_all(&mut *transaction).await?;
                 rows.first().map(|row| row.int(0)).transpose()?.unwrap_or(0)
             };
             let room = (i64::from(type_limit) - running).clamp(0, limit as i64);
-            // BEGIN, the lock, the count, the claim, COMMIT.
-            self.count_statements(2 + u64::from(sql.lock_type.is_some()) + 1 + u64::from(room > 0));
+            // BEGIN, the lock's bound and the lock, the count, the claim, COMMIT.
+            self.count_statements(2 + 2 * u64::from(sql.lock_type.is_some()) + 1 + u64::from(room > 0));
             let claimed = if room == 0 {
                 Vec::new()
             } else {
