@@ -1942,12 +1942,19 @@ async fn connections_the_server_ends_when_idle_are_replaced_without_a_warning() 
     }
     // Stopped first: its last lines are written by then. Warnings and
     // errors only: a LISTEN whose new connection the administrator ends
-    // as it starts says so at debug level (seen once under load).
+    // as it starts says so at debug level (seen once under load). A call
+    // the administrator's statement ended in use (a connection taken for a
+    // periodic pass between the statement's look at `pg_stat_activity` and
+    // its act: seen once in CI under load) is an outage of that call, and
+    // says so once: not what this test is about.
     assert!(daemon.stop().success());
     let log = daemon.log_text();
     let warned = log
         .lines()
         .filter(|line| matches!(line.split_whitespace().nth(1), Some("WARN" | "ERROR")))
+        .filter(|line| {
+            !(line.contains("taskrunner::health") && line.contains("due to administrator command"))
+        })
         .any(|line| line.contains("terminating connection") || line.contains("before_acquire"));
     assert!(!warned, "{log}");
 }
