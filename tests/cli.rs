@@ -1850,21 +1850,7 @@ async fn run_record_whose_claim_was_lost_exits_1_even_when_its_try_finished(back
     )
     .unwrap();
     let id = db.insert_row(NewRow::new("Gate")).await;
-    let run = Command::new(CLI)
-        .args([
-            "--database-url",
-            &db.url,
-            "run",
-            "--id",
-            &id.to_string(),
-            "--record",
-        ])
-        .current_dir(&db.scratch.path)
-        .env_remove("DATABASE_URL")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let run = spawn_run_record(&db, id);
     db.wait_for_pid(id, WAIT).await;
     // Taken by another claim, then the try ends (most often before the
     // run's next renewal, a second away, sees the row gone and stops it:
@@ -1897,21 +1883,7 @@ async fn run_record_stopped_has_its_task_killed_before_the_lease_lapses(backend:
     )
     .unwrap();
     let id = db.insert_row(NewRow::new("Long")).await;
-    let run = Command::new(CLI)
-        .args([
-            "--database-url",
-            &db.url,
-            "run",
-            "--id",
-            &id.to_string(),
-            "--record",
-        ])
-        .current_dir(&db.scratch.path)
-        .env_remove("DATABASE_URL")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let run = spawn_run_record(&db, id);
     let task = db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32;
     // SAFETY: signals to the run's own process.
     unsafe { libc::kill(run.id() as i32, libc::SIGSTOP) };
@@ -1930,4 +1902,24 @@ async fn run_record_stopped_has_its_task_killed_before_the_lease_lapses(backend:
     let output = run.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_ne!(output.status.code(), Some(0), "{stderr}");
+}
+
+/// `taskrunner-cli run --id ID --record` started in the test's scratch
+/// directory (its `taskrunner.yml`), its standard error piped.
+fn spawn_run_record(db: &TestDb, id: RequestId) -> std::process::Child {
+    Command::new(CLI)
+        .args([
+            "--database-url",
+            &db.url,
+            "run",
+            "--id",
+            &id.to_string(),
+            "--record",
+        ])
+        .current_dir(&db.scratch.path)
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
