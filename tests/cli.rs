@@ -1706,30 +1706,10 @@ async fn run_record_writes_its_outcome_through_a_database_outage(backend: Backen
         Some(server) => server.test_db().await,
         None => TestDb::new(backend).await,
     };
-    let open = db.scratch.join("open");
-    std::fs::write(
-        db.scratch.join("taskrunner.yml"),
-        format!(
-            "tasks:\n  Gate:\n    command: [/bin/sh, -c, 'until [ -e {} ]; do sleep 0.05; done']\n",
-            open.display()
-        ),
-    )
-    .unwrap();
+    let open = write_gate_config(&db);
     let id = db.insert_row(NewRow::new("Gate")).await;
-    let mut run = Command::new(CLI)
-        .args([
-            "--database-url",
-            &db.url,
-            "run",
-            "--id",
-            &id.to_string(),
-            "--record",
-        ])
-        .current_dir(&db.scratch.path)
-        .env_remove("DATABASE_URL")
+    let mut run = run_record_command(&db, id)
         .env("TASKRUNNER_TEST_SQLITE_BUSY_TIMEOUT_MS", "200")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let (said, lines) = std::sync::mpsc::channel();
@@ -1840,17 +1820,9 @@ async fn postgres_a_row_retried_while_a_purge_waits_for_it_is_kept() {
 /// run again. It exits 1 now, with the one line.
 async fn run_record_whose_claim_was_lost_exits_1_even_when_its_try_finished(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let open = db.scratch.join("open");
-    std::fs::write(
-        db.scratch.join("taskrunner.yml"),
-        format!(
-            "tasks:\n  Gate:\n    command: [/bin/sh, -c, 'until [ -e {} ]; do sleep 0.02; done']\n",
-            open.display()
-        ),
-    )
-    .unwrap();
+    let open = write_gate_config(&db);
     let id = db.insert_row(NewRow::new("Gate")).await;
-    let run = spawn_run_record(&db, id);
+    let run = run_record_command(&db, id).spawn().unwrap();
     db.wait_for_pid(id, WAIT).await;
     // Taken by another claim, then the try ends (most often before the
     // run's next renewal, a second away, sees the row gone and stops it:
@@ -1883,7 +1855,7 @@ async fn run_record_stopped_has_its_task_killed_before_the_lease_lapses(backend:
     )
     .unwrap();
     let id = db.insert_row(NewRow::new("Long")).await;
-    let run = spawn_run_record(&db, id);
+    let run = run_record_command(&db, id).spawn().unwrap();
     let task = db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32;
     // SAFETY: signals to the run's own process.
     unsafe { libc::kill(run.id() as i32, libc::SIGSTOP) };
@@ -1904,10 +1876,26 @@ async fn run_record_stopped_has_its_task_killed_before_the_lease_lapses(backend:
     assert_ne!(output.status.code(), Some(0), "{stderr}");
 }
 
-/// `taskrunner-cli run --id ID --record` started in the test's scratch
-/// directory (its `taskrunner.yml`), its standard error piped.
-fn spawn_run_record(db: &TestDb, id: RequestId) -> std::process::Child {
-    Command::new(CLI)
+/// Writes the scratch directory's `taskrunner.yml` with one task type,
+/// `Gate`, whose task waits for the file returned to exist.
+fn write_gate_config(db: &TestDb) -> std::path::PathBuf {
+    let open = db.scratch.join("open");
+    std::fs::write(
+        db.scratch.join("taskrunner.yml"),
+        format!(
+            "tasks:\n  Gate:\n    command: [/bin/sh, -c, 'until [ -e {} ]; do sleep 0.02; done']\n",
+            open.display()
+        ),
+    )
+    .unwrap();
+    open
+}
+
+/// `taskrunner-cli run --id ID --record` in the test's scratch directory
+/// (its `taskrunner.yml`), its standard error piped.
+fn run_record_command(db: &TestDb, id: RequestId) -> Command {
+    let mut command = Command::new(CLI);
+    command
         .args([
             "--database-url",
             &db.url,
@@ -1919,7 +1907,6 @@ fn spawn_run_record(db: &TestDb, id: RequestId) -> std::process::Child {
         .current_dir(&db.scratch.path)
         .env_remove("DATABASE_URL")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        .stderr(Stdio::piped());
+    command
 }
