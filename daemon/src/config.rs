@@ -214,6 +214,14 @@ impl Config {
             .saturating_sub(self.defaults.kill_grace + margin)
     }
 
+    /// How long after a renewal was sent a fencing watchdog kills the
+    /// tasks no later renewal kept: when the heartbeat's own fence, had it
+    /// run, would have sent them `SIGKILL` after its `SIGTERM` and
+    /// `kill_grace` (supervisor/watchdog.rs).
+    pub(crate) fn watchdog_after(&self) -> Duration {
+        self.fence_after() + self.defaults.kill_grace
+    }
+
     /// Flags, then `DATABASE_URL`, then the file, then defaults (SPEC.md).
     pub fn resolve(overrides: &Overrides) -> Result<Config> {
         let file = match &overrides.config {

@@ -168,7 +168,7 @@ async fn run_and_record(
     // and beside its rerun once the row's lease lapsed).
     let watchdog = (store.backend() != crate::store::Backend::Sqlite).then(|| {
         let watchdog = Arc::new(crate::supervisor::watchdog::Watchdog::default());
-        let after = config.fence_after() + config.defaults.kill_grace;
+        let after = config.watchdog_after();
         watchdog.set_deadline(claim_sent_boot, Some(claim_sent_boot + after));
         (watchdog, after)
     });

@@ -292,7 +292,7 @@ impl Heartbeat {
     fn arm_watchdog(&self, sent: std::time::Duration) {
         if let Some(watchdog) = &self.watchdog {
             let config = Setup::current_config(&self.setup);
-            let after = config.fence_after() + config.defaults.kill_grace;
+            let after = config.watchdog_after();
             watchdog.set_deadline(sent, Some(sent + after));
         }
     }

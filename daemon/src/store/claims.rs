@@ -324,6 +324,19 @@ impl Store {
         Ok(in_claim_order(rows))
     }
 
+    /// How long a limited type's claim waits for another daemon's claim of
+    /// that type (its lock: PostgreSQL's advisory lock, MariaDB's
+    /// `GET_LOCK`): half the time the call may take (`lease_timeout`),
+    /// between 1 and 10 s.
+    pub(super) fn type_lock_wait(&self) -> std::time::Duration {
+        use std::time::Duration;
+        match self.answer_bound.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => Duration::from_secs(10),
+            bound => Duration::from_millis(bound / 2)
+                .clamp(Duration::from_secs(1), Duration::from_secs(10)),
+        }
+    }
+
     /// Claims rows of `task`, a type with a concurrency limit across all
     /// daemons: under a lock per type (PostgreSQL advisory lock; SQLite's
     /// single writer), counts its running rows and claims at most the rest.
@@ -346,14 +359,11 @@ impl Store {
         let rows: Vec<(i64, Claimed)> = on_pool!(self, pool => {
             let mut transaction = begin_write(pool.claim_on(self, filter)).await?;
             if let Some(lock) = &sql.lock_type {
-                // Waits for another daemon's claim of this type at most 10 s
-                // and half the time the call may take (`lease_timeout`), as
-                // on MariaDB: a peer gone silent holding the lock held up
-                // this claim, and with it the whole claim round, every
-                // other type's rows too, until the call was given up.
-                let bound = self.answer_bound.load(std::sync::atomic::Ordering::Relaxed);
-                let wait_ms = if bound == 0 { 10_000 } else { (bound / 2).clamp(1_000, 10_000) };
-                query(sqlx::AssertSqlSafe(format!("SET LOCAL lock_timeout = {wait_ms}")))
+                // A peer gone silent holding the lock held up this claim,
+                // and with it the whole claim round, every other type's
+                // rows too, until the call was given up.
+                let wait = self.type_lock_wait();
+                query(sqlx::AssertSqlSafe(format!("SET LOCAL lock_timeout = {}", wait.as_millis())))
                     .execute(&mut *transaction)
                     .await?;
                 let locked = query(lock.as_str()).bind(task).execute(&mut *transaction).await;
@@ -364,7 +374,7 @@ impl Store {
                         // later claim.
                         tracing::warn!(
                             "the claim of {task} waited {} s for another daemon's claim of that type (its lock): claiming none of its rows this time",
-                            wait_ms / 1000
+                            wait.as_secs()
                         );
                         return Ok(Vec::new());
                     }

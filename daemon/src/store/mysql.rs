@@ -555,10 +555,9 @@ impl Store {
             };
             let connection = &mut connection;
             if let Some(task) = lock {
-                // Waits for another daemon's claim of this type, at most 10 s
-                // and half the time the call may take (`lease_timeout`).
-                let bound = self.answer_bound.load(Ordering::Relaxed);
-                let wait = if bound == 0 { 10 } else { (bound / 2000).clamp(1, 10) };
+                // Waits for another daemon's claim of this type, in whole
+                // seconds (see `type_lock_wait`).
+                let wait = self.type_lock_wait().as_secs();
                 let got: Option<i64> = query("SELECT GET_LOCK(CONCAT('taskrunner:', SHA1($1)), $2)")
                     .bind(task)
                     .bind(wait as i64)

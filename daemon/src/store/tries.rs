@@ -161,20 +161,18 @@ impl Store {
     /// no longer RUNNING. A reaper's mark under the same claim has its own
     /// result text.
     pub(crate) async fn holds_outcome(&self, outcome: &Outcome) -> Result<bool> {
-        let sql = "SELECT result, result_text FROM task_runner_requests \
+        let sql = "SELECT result_text FROM task_runner_requests \
                     WHERE id = $1 AND claim_token = $2 AND result <> 'RUNNING'";
         Ok(on_pool!(self, pool => {
             let query = query(sqlx::AssertSqlSafe(sql))
                 .bind(outcome.id.0)
                 .bind(outcome.claim_token.as_str());
             match query.fetch_all(pool).await?.first() {
-                Some(row) => {
-                    let (result, text) = (row.opt_text(0)?, row.opt_text(1)?);
-                    // A cancel that came meanwhile rewrites the state and
-                    // wraps the text: the try's own text is in it.
-                    result.is_some()
-                        && text.is_some_and(|text| text.contains(outcome.result_text.as_str()))
-                }
+                // A cancel that came meanwhile rewrites the state and wraps
+                // the text: the try's own text is in it.
+                Some(row) => row
+                    .opt_text(0)?
+                    .is_some_and(|text| text.contains(outcome.result_text.as_str())),
                 None => false,
             }
         }))
