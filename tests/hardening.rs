@@ -1462,6 +1462,38 @@ async fn a_sqlite_shared_memory_index_deleted_under_the_daemon_stops_it() {
     );
 }
 
+/// SQLite keeps its write-ahead log's file at the largest size it ever
+/// reached, reusing it from the start once it is checkpointed: an
+/// application's transaction of 80 MB left `requests.db-wal` at 80 MB for
+/// good. The daemon's connections now cut it back to 64 MiB when they start
+/// the log over (its next write once the checkpoint has caught up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_write_ahead_log_grown_by_a_burst_is_cut_back() {
+    use sqlx::Connection;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut daemon = Daemon::start(&db, "d", "heartbeat_interval: 1s\n");
+    let wal = db.scratch.join("requests.db-wal");
+    let wal_size = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    let mut application = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE application_blobs (b BLOB); \
+         INSERT INTO application_blobs VALUES (zeroblob(80000000))",
+    )
+    .execute(&mut application)
+    .await
+    .unwrap();
+    application.close().await.unwrap();
+    assert!(wal_size() > 80_000_000, "{}", wal_size());
+    // The daemon checkpoints once a second and writes its own row in
+    // task_runner_daemons at each heartbeat.
+    wait_until(WAIT, "the log cut back to 64 MiB", || {
+        wal_size() <= 64 << 20
+    });
+    let id = db.enqueue("NoOp", None).await;
+    db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert!(daemon.stop().success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_for_an_sqlite_lock_ends_after_five_seconds_even_when_sleeps_overrun() {
     use std::os::unix::process::CommandExt;

@@ -22,6 +22,15 @@ pub(super) const MIGRATIONS_TABLE: &str = "task_runner_schema_migrations";
 /// daemon's checkpointer falls behind.
 pub(crate) const WRITER_AUTOCHECKPOINT: u32 = 16_000;
 
+/// The size taskrunner's SQLite connections cut the write-ahead log back to
+/// when they start it over. SQLite reuses the log's file from its start
+/// once everything in it is checkpointed, and keeps the file at the largest
+/// size it ever reached: a burst (an application's large transaction, a long
+/// read holding the checkpoints back) left `-wal` at that size for good.
+/// 64 MiB: the log of [`WRITER_AUTOCHECKPOINT`] pages of 4 KiB, which a
+/// daemon whose checkpointer keeps up never reaches.
+const WAL_SIZE_LIMIT: u64 = 64 << 20;
+
 /// What [`Store::migrate`] did: schema versions before (None: no schema) and after.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Migration {
@@ -246,7 +255,8 @@ impl Store {
                 } else {
                     SqliteSynchronous::Full
                 })
-                .busy_timeout(sqlite_busy_timeout());
+                .busy_timeout(sqlite_busy_timeout())
+                .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string());
             // The daemon checkpoints on a connection of its own (see daemon/checkpoint.rs).
             let options = if daemon {
                 options.pragma("wal_autocheckpoint", WRITER_AUTOCHECKPOINT.to_string())
