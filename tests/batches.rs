@@ -15,6 +15,7 @@ both_backends!(
     a_member_running_when_its_batch_failed_is_not_tried_again,
     purge_keeps_the_members_of_an_open_batch_until_it_ends,
     batch_sealed_by_plain_sql_after_its_members_ended_gets_its_callback_within_a_poll,
+    batch_sealed_by_plain_sql_gets_its_callback_within_a_poll_while_a_queue_is_paused,
     member_retried_by_hand_after_its_batch_failed_makes_no_second_callback,
     on_failure_runs_once_after_the_last_try_and_never_on_cancel,
     on_success_sees_the_parent_result_text,
@@ -575,6 +576,41 @@ async fn batch_sealed_by_plain_sql_after_its_members_ended_gets_its_callback_wit
         assert!(daemon.stop().success());
     }
     assert_eq!(callbacks_of_batch(&db, batch).await, 1);
+}
+
+/// While anything was paused, the daemon read the pauses each second, and
+/// each reading put the poll off by another `poll_interval`: the poll never
+/// came. On PostgreSQL and MariaDB (no trigger wakes the daemon for a
+/// batch's row) a batch sealed by plain SQL after its members ended never
+/// got its callback.
+async fn batch_sealed_by_plain_sql_gets_its_callback_within_a_poll_while_a_queue_is_paused(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let (status, out, err) = cli(&db, &["pause", "--queue", "elsewhere"]);
+    assert_eq!(status, 0, "{out}{err}");
+    let mut daemons = start_daemons(&db, 1, "poll_interval: 3s\ntasks:\n");
+    let batch = insert_batch(&db, "on_complete", "'Done'").await;
+    insert_members(&db, batch, "NoOp", 1, 5).await;
+    db.wait_for_count(
+        &format!("SELECT count(*) FROM task_runner_requests WHERE batch_id = {batch} AND result = 'FINISHED'"),
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    // Not sealed: no callback, while the pauses are read each second.
+    callbacks_stay(&db, batch, 0, Duration::from_millis(1500)).await;
+    seal(&db, batch).await;
+    // Within a poll, and a margin for a loaded machine.
+    db.wait_for_count(
+        &format!("SELECT count(*) FROM task_runner_requests WHERE callback_of_batch = {batch}"),
+        1,
+        Duration::from_secs(6),
+    )
+    .await;
+    for daemon in &mut daemons {
+        assert!(daemon.stop().success());
+    }
 }
 
 async fn member_retried_by_hand_after_its_batch_failed_makes_no_second_callback(backend: Backend) {

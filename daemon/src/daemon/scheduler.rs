@@ -242,6 +242,12 @@ impl Scheduler {
         // Set when the wake-up was only the pauses' reading and nothing was
         // resumed (see `only_pauses_read`).
         let mut nothing_resumed = false;
+        // When the loop last did its whole round (repair pass, claim): the
+        // poll is due `poll_interval` after it. A wake-up only to read the
+        // pauses does not put it off (before, while anything was paused,
+        // the pauses' reading each second put it off for ever, and a batch
+        // sealed by plain SQL on PostgreSQL or MariaDB never got its callback).
+        let mut polled_at = Instant::now();
         loop {
             if cancel.is_cancelled() {
                 break;
@@ -249,6 +255,9 @@ impl Scheduler {
             // Woken only to read the pauses, which resumed nothing: no
             // repair pass and no claim (nothing else asked for one).
             let only_pauses_read = std::mem::take(&mut nothing_resumed);
+            if !only_pauses_read {
+                polled_at = Instant::now();
+            }
             // A reading of the pauses asked for on this host (a pause or
             // resume just written) comes before any claim.
             if super::unless_stopping(&cancel, pauses.read_if_asked())
@@ -318,7 +327,7 @@ impl Scheduler {
             // Claim ahead in batches: once half the rows claimed ahead have started.
             let refill = ahead > 0 && waiting <= ahead / 2;
             // When is the next unprompted claim due: the poll, or an earlier delay.
-            let mut next_claim = Instant::now() + config.poll_interval;
+            let mut next_claim = polled_at + config.poll_interval;
             let paused = short.paused_until().filter(|until| *until > Instant::now());
             if let Some(until) = paused {
                 next_claim = next_claim.min(until);
