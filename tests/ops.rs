@@ -461,6 +461,66 @@ fn sysv_and_openrc_scripts_parse_and_outlast_the_drain() {
     }
 }
 
+/// `config check` asks the config's programs for their task types. The
+/// init scripts ran it as root at each reload and restart (OpenRC at each
+/// start too), and `taskrunner-cli config check` run as root ran them as
+/// root: whoever may replace a program (its deploy, as the application's
+/// user) had root. Now the scripts check as the daemon's user, and the CLI
+/// run as root asks as the config's top-level `user:`, as the daemon does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_checks_of_the_cli_and_the_sysv_script_never_run_a_program_as_root() {
+    if !crate::util::runs_as_root("asking a program as another user needs root") {
+        return;
+    }
+    let db = TestDb::new(Backend::Sqlite).await;
+    let dir = db.scratch.join("asked");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let asked_as = dir.join("asked-as");
+    let program = dir.join("program");
+    crate::util::write_executable(
+        &program,
+        format!(
+            "#!/bin/sh\nid -u > {}\n[ \"$1\" = --list-tasks ] && echo Probe\n",
+            asked_as.display()
+        ),
+    );
+    let asked = || std::fs::read_to_string(&asked_as).unwrap_or_default();
+    let nobody = "65534\n";
+    // The CLI, as root, with a top-level user:
+    let config = write_config(
+        &db,
+        "with-user",
+        &format!("user: nobody\nprograms: [{}]\n", program.display()),
+    );
+    let checked = Command::new(CLI)
+        .args(["config", "check"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(checked.status.success(), "{}", text(&checked));
+    assert_eq!(asked(), nobody, "{}", text(&checked));
+    // The SysV script's reload (the daemon is not running: the check comes first).
+    std::fs::remove_file(&asked_as).unwrap();
+    let config = write_config(
+        &db,
+        "service",
+        &format!("programs: [{}]\n", program.display()),
+    );
+    let defaults = dir.join("default-taskrunner");
+    std::fs::write(
+        &defaults,
+        format!(
+            "DAEMON={DAEMON}\nCLI={CLI}\nCONFIG={}\nPIDFILE={}\nRUN_AS=nobody\n",
+            config.display(),
+            dir.join("run/taskrunnerd.pid").display(),
+        ),
+    )
+    .unwrap();
+    let reload = sysv(&defaults, "reload");
+    assert_eq!(asked(), nobody, "{}", text(&reload));
+}
+
 // ---------------------------------------------------------------------------
 // Pidfile
 

@@ -311,39 +311,52 @@ fn ask(
     use std::os::unix::process::CommandExt;
     let question = format!("{} {}", program.display(), args.join(" "));
     let bound = crate::test_hooks::shortened(ASK_TIMEOUT, "TASKRUNNER_TEST_ASK_TIMEOUT_MS");
-    if let (Asking::Through(spawner, runtime), Some(user)) = (asking, &config.defaults.user) {
-        let me = nix::unistd::geteuid();
-        if me.is_root() && user.uid != me.as_raw() {
-            let env = crate::supervisor::later_wins(
-                user.login_env().into_iter().chain(
-                    config
-                        .defaults
-                        .env
-                        .iter()
-                        .map(|(name, value)| (name.as_str(), value.as_str())),
-                ),
-            );
-            let gid = config.defaults.gid().unwrap_or(user.gid);
-            let answer = runtime
-                .block_on(spawner.ask(program, args, env, (user.uid, gid), bound))
-                .with_context(|| format!("asking {question} as {}", user.name))?;
-            return answer.ok_or_else(|| {
-                anyhow::anyhow!(
-                    "{question} did not answer within {}s: killed",
-                    bound.as_secs()
-                )
-            });
-        }
+    // As root, programs are asked as the top-level `user:`, as the tasks
+    // run: by the daemon and by the CLI alike (before, `config check` run
+    // as root, as the init scripts ran it at every start and reload, ran
+    // the programs as root).
+    let me = nix::unistd::geteuid();
+    let as_user = config
+        .defaults
+        .user
+        .as_ref()
+        .filter(|user| me.is_root() && user.uid != me.as_raw())
+        .map(|user| (user, config.defaults.gid().unwrap_or(user.gid)));
+    let env = crate::supervisor::later_wins(
+        as_user.iter().flat_map(|(user, _)| user.login_env()).chain(
+            config
+                .defaults
+                .env
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_str())),
+        ),
+    );
+    if let (Asking::Through(spawner, runtime), Some((user, gid))) = (asking, as_user) {
+        let answer = runtime
+            .block_on(spawner.ask(program, args, env, (user.uid, gid), bound))
+            .with_context(|| format!("asking {question} as {}", user.name))?;
+        return answer.ok_or_else(|| {
+            anyhow::anyhow!(
+                "{question} did not answer within {}s: killed",
+                bound.as_secs()
+            )
+        });
     }
-    let child = std::process::Command::new(program)
+    let mut command = std::process::Command::new(program);
+    command
         .args(args)
         .env_clear()
         .envs(std::env::vars_os().filter(|(name, _)| crate::supervisor::is_inherited(name)))
-        .envs(&config.defaults.env)
+        .envs(env)
         .process_group(0)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some((user, gid)) = as_user {
+        // The standard library drops root's supplementary groups first.
+        command.uid(user.uid).gid(gid);
+    }
+    let child = command
         .spawn()
         .with_context(|| format!("asking {question}"))?;
     let group = child.id() as libc::pid_t;
