@@ -531,3 +531,42 @@ async fn a_database_whose_default_character_set_is_latin1_keeps_every_character(
     .await;
     assert!(daemon.stop().success());
 }
+
+/// MariaDB's claim order holds −priority in 32-bit generated columns
+/// (`claim_rank`, `ready_rank`), which −2147483648 overflows. An UPDATE
+/// could give a running row that priority; when its try then failed with
+/// tries left, the daemon's outcome write (which makes the row runnable)
+/// was refused, "Out of range value for column 'claim_rank'", and retried
+/// for ever: no later outcome of that daemon was recorded. Migration 0019
+/// refuses the value with an error naming the rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lowest_priority_given_to_a_running_row_is_refused_and_holds_up_no_outcome() {
+    let db = TestDb::new(Backend::MySql).await;
+    let gate = db.scratch.join("gate");
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "tasks:\n  Fails:\n    command: [/bin/sh, -c, 'while [ ! -e {} ]; do sleep 0.05; done; exit 1']\n",
+            gate.display()
+        ),
+    );
+    let id = db.insert_row(NewRow::new("Fails").try_limit(2)).await;
+    db.wait_for_pid(id, WAIT).await;
+    let error = db
+        .try_execute(&format!(
+            "UPDATE task_runner_requests SET priority = -2147483648 WHERE id = {}",
+            id.0
+        ))
+        .await
+        .expect_err("the lowest priority is refused");
+    assert!(
+        error.contains("priority must be from -2147483647 to 2147483647"),
+        "{error}"
+    );
+    std::fs::write(&gate, "").unwrap();
+    db.wait_for_state(id, "FAILED", WAIT).await;
+    let after = db.enqueue("NoOp", None).await;
+    db.wait_for_state(after, "FINISHED", WAIT).await;
+    assert!(daemon.stop().success());
+}
