@@ -137,3 +137,40 @@ async fn short_tries_started_at_each_exit_never_run_beyond_max_concurrent(backen
         assert!(daemon.stop().success(), "log:\n{}", daemon.log_text());
     }
 }
+
+/// A launcher that ignores SIGCHLD (a supervisor written in Python or Perl,
+/// `$SIG{CHLD} = "IGNORE"`) and execs the daemon: ignored signals stay
+/// ignored across `execve`, so the kernel reaped each task at its exit, the
+/// daemon's wait failed ("No child processes"), and every try was recorded
+/// FAILED and counted whatever the task did; each task inherited the
+/// ignored signals too. The daemon now sets SIGCHLD back to its default,
+/// and a task starts with every signal it can set at its default (glibc's
+/// own two, 32 and 33, aside).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_started_with_signals_ignored_reaps_its_tasks_and_resets_them_for_its_tasks() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut daemon = db
+        .daemon("d")
+        .yaml("tasks:\n  Ignored:\n    command: [/bin/sh, -c, 'grep SigIgn /proc/self/status']\n")
+        .ignoring_signals()
+        .start();
+    let id = db.enqueue("Ignored", None).await;
+    let row = db
+        .wait_for(id, WAIT, "an outcome", |row| {
+            row.result
+                .as_deref()
+                .is_some_and(|result| result != "RUNNING")
+        })
+        .await;
+    assert_eq!(row.result.as_deref(), Some("FINISHED"), "{row:?}");
+    assert_eq!(row.tries, 1);
+    let ignored = row
+        .result_text
+        .as_deref()
+        .and_then(|text| text.strip_prefix("SigIgn:\t"))
+        .and_then(|mask| u64::from_str_radix(mask, 16).ok())
+        .unwrap_or_else(|| panic!("{row:?}"));
+    let launchers = 1 << (libc::SIGCHLD - 1) | 1 << (libc::SIGUSR2 - 1);
+    assert_eq!(ignored & launchers, 0, "{ignored:x}");
+    assert!(daemon.stop().success());
+}

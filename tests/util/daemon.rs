@@ -68,6 +68,9 @@ struct ProcessSettings {
     /// it execs: the daemon then starts in that cgroup, and makes its tries'
     /// cgroups under it.
     cgroup: Option<&'static std::ffi::CStr>,
+    /// Started with SIGCHLD and SIGUSR2 ignored, as by a launcher that
+    /// ignores them (ignored signals stay ignored across `execve`).
+    ignoring_signals: bool,
 }
 
 impl TestDb {
@@ -163,6 +166,13 @@ impl DaemonBuilder<'_> {
         use std::os::unix::ffi::OsStrExt;
         let join = std::ffi::CString::new(join.as_os_str().as_bytes()).unwrap();
         self.process.cgroup = Some(Box::leak(join.into_boxed_c_str()));
+        self
+    }
+
+    /// Starts it with SIGCHLD and SIGUSR2 ignored, as a launcher that
+    /// ignores them would.
+    pub fn ignoring_signals(mut self) -> Self {
+        self.process.ignoring_signals = true;
         self
     }
 
@@ -311,10 +321,13 @@ impl Daemon {
             use std::os::unix::process::CommandExt;
             command.uid(uid).gid(uid);
         }
-        if process.open_files.is_some() || process.timer_slack.is_some() || process.cgroup.is_some()
+        if process.open_files.is_some()
+            || process.timer_slack.is_some()
+            || process.cgroup.is_some()
+            || process.ignoring_signals
         {
             use std::os::unix::process::CommandExt;
-            // SAFETY: setrlimit, prctl, open, write and close are
+            // SAFETY: setrlimit, prctl, open, write, close and signal are
             // async-signal-safe.
             unsafe {
                 command.pre_exec(move || {
@@ -340,6 +353,13 @@ impl Daemon {
                     }
                     if let Some(slack) = process.timer_slack {
                         super::set_timer_slack(slack)?;
+                    }
+                    if process.ignoring_signals {
+                        for signal in [libc::SIGCHLD, libc::SIGUSR2] {
+                            if libc::signal(signal, libc::SIG_IGN) == libc::SIG_ERR {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                        }
                     }
                     Ok(())
                 });

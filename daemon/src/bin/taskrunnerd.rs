@@ -95,6 +95,7 @@ fn main() -> ExitCode {
     let ready_pipe = Arc::new(Mutex::new(ready_pipe));
     // Before any thread starts (the log's writer, the runtime's): they all
     // inherit the priority.
+    taskrunner::supervisor::restore_child_signal();
     taskrunner::supervisor::priority::raise_daemon();
     taskrunner::supervisor::resources::raise_open_files();
     taskrunner::supervisor::isolation::protect_daemon();

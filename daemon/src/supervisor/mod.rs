@@ -18,6 +18,7 @@ pub mod priority;
 pub mod resources;
 mod slots;
 mod spawner;
+pub use spawner::restore_child_signal;
 pub mod watchdog;
 
 pub use preload::send_with_fds;

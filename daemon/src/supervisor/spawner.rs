@@ -67,6 +67,28 @@ impl DaemonShort {
     }
 }
 
+/// Sets SIGCHLD back to its default where this process was started with it
+/// ignored (a launcher's `$SIG{CHLD} = "IGNORE"` stays across `execve`):
+/// the kernel then reaped each task at its exit, the wait for it failed
+/// ("No child processes"), and every try was recorded FAILED and counted.
+/// A handler (tokio's) is left alone. Called first by both executables
+/// (the CLI's `run` and `config check` wait for children too).
+pub fn restore_child_signal() {
+    // SAFETY: reads, then sets, this process's disposition of one signal.
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(libc::SIGCHLD, std::ptr::null(), &mut current) == 0
+            && (current.sa_sigaction == libc::SIG_IGN
+                || current.sa_sigaction == libc::SIG_DFL
+                    && current.sa_flags & libc::SA_NOCLDWAIT != 0)
+        {
+            let mut default: libc::sigaction = std::mem::zeroed();
+            default.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(libc::SIGCHLD, &default, std::ptr::null_mut());
+        }
+    }
+}
+
 /// Whether `error` (or what it wraps) is a [`DaemonShort`].
 pub(crate) fn is_daemon_short(error: &io::Error) -> bool {
     error
@@ -1213,16 +1235,17 @@ extern "C" fn child_main(raw: *mut libc::c_void) -> libc::c_int {
             std::ptr::write_volatile(args.failure, [step, errno]);
             libc::_exit(127)
         };
-        // Handlers of the daemon must not run here: back to the defaults
-        // (this child has its own copy of the handler table).
+        // Handlers of the daemon must not run here, and a task ignores no
+        // signal because the daemon's launcher did (an ignored signal stays
+        // ignored across execve): back to the defaults (this child has its
+        // own copy of the handler table).
         for signal in 1..65 {
             if signal == libc::SIGKILL || signal == libc::SIGSTOP {
                 continue;
             }
             let mut current: libc::sigaction = std::mem::zeroed();
             if libc::sigaction(signal, std::ptr::null(), &mut current) == 0
-                && (current.sa_sigaction != libc::SIG_DFL && current.sa_sigaction != libc::SIG_IGN
-                    || signal == libc::SIGPIPE)
+                && current.sa_sigaction != libc::SIG_DFL
             {
                 let mut default: libc::sigaction = std::mem::zeroed();
                 default.sa_sigaction = libc::SIG_DFL;
