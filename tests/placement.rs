@@ -23,6 +23,7 @@ both_backends!(
     every_occurrence_of_a_periodic_row_makes_its_callbacks,
     type_concurrency_of_one_holds_across_two_daemons,
     a_limited_type_runs_while_another_types_backlog_waits,
+    a_limited_type_runs_while_another_types_backlog_of_its_queue_waits,
     paused_queues_and_types_are_not_claimed_until_resumed,
     a_daemon_serving_every_queue_keeps_priority_across_queues_while_one_is_paused,
     with_more_queues_than_claimed_apart_the_claim_walks_past_the_paused_rows,
@@ -570,18 +571,39 @@ async fn type_concurrency_of_one_holds_across_two_daemons(backend: Backend) {
 /// still waits. Before, it was claimed only with what the others' claims
 /// left, so its rows waited until that backlog was gone.
 async fn a_limited_type_runs_while_another_types_backlog_waits(backend: Backend) {
+    limited_runs_while_bulk_waits(backend, "max_concurrent: 2\n", None).await;
+}
+
+/// The same with `queues:`, the limited type's rows and the backlog in the
+/// second queue. Whether the type had rows lately was noted by type alone:
+/// the first queue, which has none of them, noted it empty at each claim,
+/// so that in the second queue the backlog was claimed first, and the
+/// limited rows waited for its end again.
+async fn a_limited_type_runs_while_another_types_backlog_of_its_queue_waits(backend: Backend) {
+    let config = "max_concurrent: 4\nqueues: { a: 2, b: 2 }\n";
+    limited_runs_while_bulk_waits(backend, config, Some("b")).await;
+}
+
+/// Three rows of `Limited` (`concurrency: 1`) and then 200 of `Bulk`, in
+/// `queue` (or the default one), under `config`: the Limited rows end
+/// while most of the Bulk rows have not started.
+async fn limited_runs_while_bulk_waits(backend: Backend, config: &str, queue: Option<&str>) {
     let db = TestDb::new(backend).await;
     let log = db.scratch.join("runs.log");
     let config = format!(
-        "max_concurrent: 2\ntasks:\n{}    concurrency: 1\n{}",
+        "{config}tasks:\n{}    concurrency: 1\n{}",
         logging_task("Limited", &log, "0.05"),
         logging_task("Bulk", &log, "0.05")
     );
+    let in_queue = |row: NewRow| match queue {
+        Some(queue) => row.queue(queue),
+        None => row,
+    };
     let mut limited = Vec::new();
     for _ in 0..3 {
-        limited.push(db.enqueue("Limited", None).await.0);
+        limited.push(db.insert_row(in_queue(NewRow::new("Limited"))).await.0);
     }
-    db.insert_copies(NewRow::new("Bulk"), 200).await;
+    db.insert_copies(in_queue(NewRow::new("Bulk")), 200).await;
     let mut daemon = Daemon::start(&db, "d", &config);
     db.wait_for_count(
         "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED'",

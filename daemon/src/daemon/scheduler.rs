@@ -215,6 +215,16 @@ pub(super) struct Scheduler {
     pub(super) executor: Arc<Executor>,
 }
 
+/// When each limited type last had no row to claim, by the queue claimed
+/// (`""`: every queue) and the type. By type alone, a queue with none of a
+/// type's rows noted it empty for the next queue too, where its rows then
+/// waited for the other types' backlog.
+type SeenEmpty = HashMap<(String, String), Instant>;
+
+fn seen_empty_key(queue: Option<&str>, task: &str) -> (String, String) {
+    (queue.unwrap_or_default().to_string(), task.to_string())
+}
+
 impl Scheduler {
     /// Runs until the daemon stops claiming and every try it started has ended.
     pub(super) async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
@@ -238,7 +248,7 @@ impl Scheduler {
             PauseWatch::new(self.store.clone(), self.health.clone(), self.paused.clone());
         // When each type with a concurrency limit last had no row to claim
         // (see `claim_round`).
-        let mut limited_seen_empty: HashMap<String, Instant> = HashMap::new();
+        let mut limited_seen_empty = SeenEmpty::new();
         // Set when the wake-up was only the pauses' reading and nothing was
         // resumed (see `only_pauses_read`).
         let mut nothing_resumed = false;
@@ -428,7 +438,7 @@ impl Scheduler {
                             *count = count.saturating_sub(1);
                         }
                         // A place of its type's limit is free again here.
-                        limited_seen_empty.remove(&ended.task);
+                        limited_seen_empty.retain(|(_, task), _| *task != ended.task);
                         if let Some(ran_for) = ended.ran_for {
                             typical_run = Some(typical_run.map_or(ran_for, |t| t.mul_f64(0.8) + ran_for.mul_f64(0.2)));
                         }
@@ -535,7 +545,7 @@ impl Scheduler {
         config: &crate::config::Config,
         token: &crate::instance::ClaimToken,
         (mut budget, mut slots, options_inline): (usize, usize, Option<u64>),
-        (running_by_queue, seen_empty): (&HashMap<String, usize>, &mut HashMap<String, Instant>),
+        (running_by_queue, seen_empty): (&HashMap<String, usize>, &mut SeenEmpty),
         pauses: &PauseWatch,
         claimed: &mut Vec<Claimed>,
     ) -> anyhow::Result<bool> {
@@ -611,7 +621,7 @@ impl Scheduler {
             // lately, then the others, then the rest of the limited ones.
             let (first, rest): (Vec<_>, Vec<_>) = limited.iter().copied().partition(|(task, _)| {
                 seen_empty
-                    .get(*task)
+                    .get(&seen_empty_key(queue, task))
                     .is_none_or(|at| at.elapsed() >= LIMITED_LOOK_EVERY)
             });
             self.claim_limited_types(by, &filter, (&first, true), &mut left, seen_empty, claimed)
@@ -649,7 +659,7 @@ impl Scheduler {
         filter: &crate::store::ClaimFilter<'_>,
         (limited, ahead): (&[(&str, u32)], bool),
         left: &mut Left,
-        seen_empty: &mut HashMap<String, Instant>,
+        seen_empty: &mut SeenEmpty,
         claimed: &mut Vec<Claimed>,
     ) -> anyhow::Result<()> {
         for (task, limit) in limited {
@@ -670,10 +680,11 @@ impl Scheduler {
                 .store
                 .answered(self.store.claim_limited(by, want, &filter, *limit))
                 .await?;
+            let key = seen_empty_key(filter.queue, task);
             if rows.is_empty() {
-                seen_empty.insert(task.to_string(), Instant::now());
+                seen_empty.insert(key, Instant::now());
             } else {
-                seen_empty.remove(*task);
+                seen_empty.remove(&key);
             }
             left.took(rows.len());
             claimed.extend(rows);
