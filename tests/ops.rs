@@ -1035,3 +1035,50 @@ fn a_duration_of_more_than_a_hundred_years_is_a_config_error() {
     let check = cli_without_database(&scratch.path, &["config", "check", &path_text]);
     assert!(check.status.success(), "{}", text(&check));
 }
+
+/// Values that leave nothing able to run are refused with one line and
+/// exit status 2: `max_options` below 16 KiB (0, where 0 turns other limits
+/// off, `REJECTED` every row with options, every callback and every flow),
+/// and `enqueue --node X --not-node X` (no daemon could ever claim the row,
+/// and `list` said it waited for node X). Both were taken before.
+#[test]
+fn a_max_options_too_small_and_a_node_also_excluded_are_refused() {
+    let scratch = Scratch::new("config");
+    let path = scratch.join("taskrunner.yml");
+    let path_text = path.to_string_lossy().into_owned();
+    std::fs::write(&path, "max_options: 0\n").unwrap();
+    let check = cli_without_database(&scratch.path, &["config", "check", &path_text]);
+    assert_eq!(check.status.code(), Some(2), "{}", text(&check));
+    let error = String::from_utf8_lossy(&check.stderr).into_owned();
+    assert_eq!(error.trim().lines().count(), 1, "{error}");
+    assert!(
+        error.contains("max_options: must be at least 16KiB (got 0B)"),
+        "{error}"
+    );
+    std::fs::write(&path, "max_options: 16KiB\n").unwrap();
+    let check = cli_without_database(&scratch.path, &["config", "check", &path_text]);
+    assert!(check.status.success(), "{}", text(&check));
+    let url = format!("sqlite://{}", scratch.join("requests.db").display());
+    let migrate = cli_without_database(&scratch.path, &["--database-url", &url, "migrate"]);
+    assert!(migrate.status.success(), "{}", text(&migrate));
+    let enqueue = cli_without_database(
+        &scratch.path,
+        &[
+            "--database-url",
+            &url,
+            "enqueue",
+            "NoOp",
+            "--node",
+            "web-1",
+            "--not-node",
+            "web-1",
+        ],
+    );
+    assert_eq!(enqueue.status.code(), Some(2), "{}", text(&enqueue));
+    let error = String::from_utf8_lossy(&enqueue.stderr).into_owned();
+    assert_eq!(error.trim().lines().count(), 1, "{error}");
+    assert!(
+        error.contains("--node and --not-node: both name web-1"),
+        "{error}"
+    );
+}

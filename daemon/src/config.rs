@@ -37,6 +37,12 @@ pub(crate) const MAX_CONCURRENT: usize = 1_000_000;
 /// what would stall the daemon.
 pub(crate) const DEFAULT_MAX_OPTIONS: u64 = 4 * 1024 * 1024;
 
+/// The smallest `max_options`: room for a callback's options (with its
+/// parent's output) and a flow's store beside its `on_exhausted` summary.
+/// Below it nearly every row, callback and flow was `REJECTED` (0, a
+/// likely mistake where 0 turns other limits off, rejected them all).
+pub(crate) const MIN_MAX_OPTIONS: u64 = 16 * 1024;
+
 with_task_settings! {
     /// Task settings as written, before defaults are applied.
     #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -430,6 +436,13 @@ impl Config {
             return fail(&format!(
                 "max_concurrent: must be from 1 to {MAX_CONCURRENT} (got {})",
                 self.max_concurrent
+            ));
+        }
+        if self.max_options < MIN_MAX_OPTIONS {
+            return fail(&format!(
+                "max_options: must be at least {} (got {})",
+                crate::units::format_size(MIN_MAX_OPTIONS),
+                crate::units::format_size(self.max_options)
             ));
         }
         if let Some((queue, _)) = self.queues.iter().find(|(_, limit)| **limit == 0) {

@@ -721,6 +721,13 @@ async fn run_one(
                 ("--on-failure", on_failure.as_ref()),
             ])
             .map_err(crate::usage::UsageError)?;
+            if node.is_some() && node == not_node {
+                return Err(crate::usage::UsageError(format!(
+                    "--node and --not-node: both name {}; no daemon could run the row",
+                    crate::escape::one_line(node.as_deref().unwrap_or_default())
+                ))
+                .into());
+            }
             if let Some(options) = &options {
                 crate::request::check_options(options.as_bytes()).map_err(|e| {
                     crate::usage::UsageError(format!("--options: not valid YAML: {e}"))
