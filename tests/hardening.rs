@@ -25,6 +25,7 @@ both_backends!(
     a_host_id_too_long_for_a_claim_is_refused_at_start_and_the_longest_allowed_runs,
     a_task_of_the_daemons_user_cannot_read_its_environment,
     a_task_run_as_another_user_gets_that_users_home_and_names,
+    a_task_run_as_another_user_gets_a_cpu_limit_above_its_daemons,
     a_root_daemon_warns_of_root_tasks_and_refuses_group_without_user,
     idle_control_connections_cannot_take_the_daemons_descriptors,
     a_task_cannot_stop_its_daemon_through_the_control_socket,
@@ -830,6 +831,55 @@ async fn a_task_run_as_another_user_gets_that_users_home_and_names(backend: Back
     assert_eq!(
         row.result_text.as_deref().map(str::trim),
         Some(format!("/tmp nobody nobody {}", nobody.shell.display()).as_str()),
+        "{row:?}"
+    );
+    assert!(daemon.stop().success());
+}
+
+/// A root daemon under a hard CPU time limit (a unit's `LimitCPU=100`)
+/// runs a type as `user: nobody` with a `cpu_limit` above it: the task's
+/// limit was set after the credentials change, when raising the hard limit
+/// needs the privilege just dropped, and every try FAILED, counted
+/// ("setting resource limits: Operation not permitted"). The hard limit is
+/// now raised before the change. Needs root with CAP_SYS_RESOURCE; skipped
+/// without.
+async fn a_task_run_as_another_user_gets_a_cpu_limit_above_its_daemons(backend: Backend) {
+    if !crate::util::runs_as_root("running a task as another user needs a root daemon") {
+        return;
+    }
+    // CAP_SYS_RESOURCE (24): what raises a hard limit. Containers often
+    // leave it out, and then no daemon can raise one.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .unwrap_or(0);
+    if effective & 1 << 24 == 0 {
+        println!("skipped: raising a hard limit needs CAP_SYS_RESOURCE, which this process lacks");
+        return;
+    }
+    let db = TestDb::new(backend).await;
+    let mut daemon = db
+        .daemon("d")
+        .yaml(
+            "tasks:\n  Limited:\n    command: [/bin/sh, -c, 'ulimit -H -t']\n    \
+             user: nobody\n    cpu_limit: 200s\n",
+        )
+        .cpu_seconds((100, 100))
+        .start();
+    let id = db.enqueue("Limited", None).await;
+    let row = db
+        .wait_for(id, WAIT, "an outcome", |row| {
+            row.result
+                .as_deref()
+                .is_some_and(|result| result != "RUNNING")
+        })
+        .await;
+    assert_eq!(row.result.as_deref(), Some("FINISHED"), "{row:?}");
+    assert_eq!(
+        row.result_text.as_deref().map(str::trim),
+        Some("201"),
         "{row:?}"
     );
     assert!(daemon.stop().success());

@@ -53,6 +53,8 @@ pub struct DaemonBuilder<'a> {
 struct ProcessSettings {
     /// `RLIMIT_NOFILE` (soft, hard).
     open_files: Option<(u64, u64)>,
+    /// `RLIMIT_CPU` (soft, hard), as a unit's `LimitCPU=` sets it.
+    cpu_seconds: Option<(u64, u64)>,
     /// The user (and group) to run as.
     uid: Option<u32>,
     /// The timer slack of its threads (`PR_SET_TIMERSLACK`, inherited by every
@@ -144,6 +146,12 @@ impl DaemonBuilder<'_> {
     /// Runs it under an `RLIMIT_NOFILE` of (soft, hard).
     pub fn open_files(mut self, nofile: (u64, u64)) -> Self {
         self.process.open_files = Some(nofile);
+        self
+    }
+
+    /// Runs it under an `RLIMIT_CPU` of (soft, hard) seconds.
+    pub fn cpu_seconds(mut self, cpu: (u64, u64)) -> Self {
+        self.process.cpu_seconds = Some(cpu);
         self
     }
 
@@ -322,6 +330,7 @@ impl Daemon {
             command.uid(uid).gid(uid);
         }
         if process.open_files.is_some()
+            || process.cpu_seconds.is_some()
             || process.timer_slack.is_some()
             || process.cgroup.is_some()
             || process.ignoring_signals
@@ -342,12 +351,16 @@ impl Daemon {
                             return Err(std::io::Error::last_os_error());
                         }
                     }
-                    if let Some((soft, hard)) = process.open_files {
+                    for (resource, limit) in [
+                        (libc::RLIMIT_NOFILE, process.open_files),
+                        (libc::RLIMIT_CPU, process.cpu_seconds),
+                    ] {
+                        let Some((soft, hard)) = limit else { continue };
                         let limit = libc::rlimit {
                             rlim_cur: soft,
                             rlim_max: hard,
                         };
-                        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        if libc::setrlimit(resource, &limit) != 0 {
                             return Err(std::io::Error::last_os_error());
                         }
                     }

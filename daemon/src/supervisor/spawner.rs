@@ -1295,7 +1295,32 @@ extern "C" fn child_main(raw: *mut libc::c_void) -> libc::c_int {
         // change too (glibc's set-id broadcast: a lock shared with the
         // daemon through CLONE_VM, and a signal to each of its threads),
         // which this child, sharing the daemon's memory, must not do.
+        let limits = args.limits;
+        let rlimits = [
+            (libc::RLIMIT_AS, limits.address_space.map(|b| (b, b))),
+            (libc::RLIMIT_CPU, limits.cpu_seconds.map(|s| (s, s + 1))),
+            (libc::RLIMIT_NPROC, limits.processes.map(|n| (n, n))),
+            (libc::RLIMIT_NOFILE, limits.open_files),
+        ];
         if args.uid.is_some() || args.gid.is_some() {
+            // Before it as well: a hard limit above the daemon's own (a
+            // unit's `LimitCPU=`) can be raised only while the privilege
+            // lasts (after it, `user: app` with such a `cpu_limit` failed
+            // every try). Only the hard limit: the soft ones, which the
+            // credentials change reads (`RLIMIT_NPROC`), are set below.
+            if libc::geteuid() == 0 {
+                for (resource, value) in rlimits {
+                    let Some((_, hard)) = value else { continue };
+                    let mut current: libc::rlimit = std::mem::zeroed();
+                    if libc::getrlimit(resource, &mut current) == 0
+                        && current.rlim_max < hard as libc::rlim_t
+                    {
+                        current.rlim_max = hard as libc::rlim_t;
+                        // Any failure is the setrlimit's below.
+                        libc::setrlimit(resource, &current);
+                    }
+                }
+            }
             if libc::geteuid() == 0
                 && libc::syscall(
                     libc::SYS_setgroups,
@@ -1342,13 +1367,7 @@ extern "C" fn child_main(raw: *mut libc::c_void) -> libc::c_int {
             libc::c_uint::MAX,
             libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
         );
-        let limits = args.limits;
-        for (resource, value) in [
-            (libc::RLIMIT_AS, limits.address_space.map(|b| (b, b))),
-            (libc::RLIMIT_CPU, limits.cpu_seconds.map(|s| (s, s + 1))),
-            (libc::RLIMIT_NPROC, limits.processes.map(|n| (n, n))),
-            (libc::RLIMIT_NOFILE, limits.open_files),
-        ] {
+        for (resource, value) in rlimits {
             if let Some((soft, hard)) = value {
                 let limit = libc::rlimit {
                     rlim_cur: soft as libc::rlim_t,
