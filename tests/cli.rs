@@ -557,7 +557,7 @@ async fn an_upgrade_adds_the_later_indexes_in_place_without_a_rebuild(backend: B
         }
     }
     db.execute(
-        "DELETE FROM task_runner_schema_migrations WHERE version IN (11, 12, 13, 14, 15, 16, 17, 18)",
+        "DELETE FROM task_runner_schema_migrations WHERE version IN (11, 12, 13, 14, 15, 16, 17, 18, 19)",
     )
     .await;
     let runs = migrate_at_once(&db, 4);
