@@ -369,6 +369,8 @@ fn systemd_unit_is_valid_and_outlasts_the_drain() {
             .unwrap_or_else(|| panic!("[{section}] {key}= is missing"))
     };
     assert_eq!(value("Service", "Type"), "notify");
+    // Ready only after the migrations: systemd must not stop one halfway.
+    assert_eq!(value("Service", "TimeoutStartSec"), "infinity");
     // The daemon alone gets SIGTERM and stops its tasks itself.
     assert_eq!(value("Service", "KillMode"), "mixed");
     assert!(value("Service", "ExecStart").contains("--config /etc/taskrunner/taskrunner.yml"));
