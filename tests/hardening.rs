@@ -26,6 +26,7 @@ both_backends!(
     a_task_of_the_daemons_user_cannot_read_its_environment,
     a_task_run_as_another_user_gets_that_users_home_and_names,
     a_task_run_as_another_user_gets_a_cpu_limit_above_its_daemons,
+    a_task_run_as_another_user_gets_that_users_groups,
     a_root_daemon_warns_of_root_tasks_and_refuses_group_without_user,
     idle_control_connections_cannot_take_the_daemons_descriptors,
     a_task_cannot_stop_its_daemon_through_the_control_socket,
@@ -832,6 +833,45 @@ async fn a_task_run_as_another_user_gets_that_users_home_and_names(backend: Back
         row.result_text.as_deref().map(str::trim),
         Some(format!("/tmp nobody nobody {}", nobody.shell.display()).as_str()),
         "{row:?}"
+    );
+    assert!(daemon.stop().success());
+}
+
+/// A root daemon runs a type as `user:` a member of other groups: its tasks
+/// got only the user's primary group (`setgroups(0)`), and a file of a group
+/// the user is in (`deploy` owning `/srv/shared`) was out of their reach.
+/// They now get every group of the user, as a login (systemd's `User=`)
+/// gives them. Needs root and a user with a supplementary group in
+/// /etc/group (Debian's `postgres` is in `ssl-cert`); skipped without.
+async fn a_task_run_as_another_user_gets_that_users_groups(backend: Backend) {
+    if !crate::util::runs_as_root("running a task as another user needs a root daemon") {
+        return;
+    }
+    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let member = groups.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        let gid: u32 = fields.get(2)?.parse().ok()?;
+        let user = fields.get(3)?.split(',').find(|user| !user.is_empty())?;
+        let entry = nix::unistd::User::from_name(user).ok()??;
+        (entry.gid.as_raw() != gid).then(|| (user.to_string(), gid))
+    });
+    let Some((user, gid)) = member else {
+        println!("skipped: no user in /etc/group is a member of a group besides its own");
+        return;
+    };
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!("tasks:\n  Groups:\n    command: [id, -G]\n    user: {user}\n"),
+    );
+    let id = db.enqueue("Groups", None).await;
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    let text = row.result_text.unwrap_or_default();
+    assert!(
+        text.split_whitespace()
+            .any(|group| group == gid.to_string()),
+        "{user}'s tasks are in its group {gid}: {text}"
     );
     assert!(daemon.stop().success());
 }

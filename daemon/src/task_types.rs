@@ -333,7 +333,13 @@ fn ask(
     );
     if let (Asking::Through(spawner, runtime), Some((user, gid))) = (asking, as_user) {
         let answer = runtime
-            .block_on(spawner.ask(program, args, env, (user.uid, gid), bound))
+            .block_on(spawner.ask(
+                program,
+                args,
+                env,
+                (user.uid, gid, user.groups.clone()),
+                bound,
+            ))
             .with_context(|| format!("asking {question} as {}", user.name))?;
         return answer.ok_or_else(|| {
             anyhow::anyhow!(
@@ -353,7 +359,8 @@ fn ask(
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     if let Some((user, gid)) = as_user {
-        // The standard library drops root's supplementary groups first.
+        // The standard library drops root's supplementary groups first (its
+        // `groups` is unstable): the CLI's question runs without the user's.
         command.uid(user.uid).gid(gid);
     }
     let child = command

@@ -402,6 +402,11 @@ pub struct User {
     pub(crate) uid: u32,
     /// Its primary group.
     pub(crate) gid: u32,
+    /// Every group it is a member of (its primary one too), as a login
+    /// (`initgroups`, systemd's `User=`) gives them: before, its tasks got
+    /// none but the primary one, and a file of a group it is in (`deploy`
+    /// owning `/srv/shared`) was out of their reach.
+    pub(crate) groups: Vec<u32>,
     /// Its home directory and login shell, from the user database.
     pub(crate) home: String,
     pub(crate) shell: String,
@@ -449,9 +454,14 @@ impl Rule<String, Option<User>> for UserName {
         let entry = nix::unistd::User::from_name(&name)
             .map_err(|e| format!("cannot look up `{name}`: {e}"))?
             .ok_or_else(|| format!("no such user `{name}`"))?;
+        let c_name = std::ffi::CString::new(name.as_str())
+            .map_err(|_| format!("cannot look up `{name}`: a NUL byte in the name"))?;
+        let groups = nix::unistd::getgrouplist(&c_name, entry.gid)
+            .map_err(|e| format!("cannot look up the groups of `{name}`: {e}"))?;
         Ok(Some(User {
             uid: entry.uid.as_raw(),
             gid: entry.gid.as_raw(),
+            groups: groups.into_iter().map(|gid| gid.as_raw()).collect(),
             home: entry.dir.to_string_lossy().into_owned(),
             shell: entry.shell.to_string_lossy().into_owned(),
             name,

@@ -153,7 +153,7 @@ impl Spawner {
         program: &std::path::Path,
         args: &[&str],
         env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
-        (uid, gid): (u32, u32),
+        (uid, gid, groups): (u32, u32, Vec<u32>),
         bound: Duration,
     ) -> std::io::Result<Option<std::process::Output>> {
         use tokio::io::AsyncReadExt;
@@ -166,6 +166,7 @@ impl Spawner {
             workdir: std::env::current_dir().unwrap_or_else(|_| "/".into()),
             uid: Some(uid),
             gid: Some(gid),
+            groups,
             limits: Default::default(),
             stdin: Vec::new(),
             stdin_fd: None,
@@ -446,6 +447,11 @@ pub(crate) async fn run(
         workdir: settings.workdir.clone(),
         uid: settings.user.as_ref().map(|user| user.uid),
         gid: settings.gid(),
+        groups: settings
+            .user
+            .as_ref()
+            .map(|user| user.groups.clone())
+            .unwrap_or_default(),
         limits: limits::child_limits(&settings),
         stdin: launch.stdin,
         stdin_fd: None,

@@ -520,6 +520,7 @@ impl Parent {
             workdir: recipe.workdir.clone(),
             uid: recipe.uid,
             gid: recipe.gid,
+            groups: recipe.groups.clone(),
             // The boot may need more than one try is allowed; each child
             // sets the try's limits and nice value. The parent keeps the
             // daemon's priority: it is on every start's path, as the

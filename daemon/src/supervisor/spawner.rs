@@ -119,6 +119,9 @@ pub(crate) struct Recipe {
     pub(crate) workdir: PathBuf,
     pub(crate) uid: Option<u32>,
     pub(crate) gid: Option<u32>,
+    /// The supplementary groups a root daemon gives the process with
+    /// `uid` (its user's, as a login does); none without.
+    pub(crate) groups: Vec<u32>,
     pub(crate) limits: ChildLimits,
     /// The bytes the task reads on stdin (its options), then end of file.
     pub(crate) stdin: Vec<u8>,
@@ -1058,6 +1061,9 @@ struct ChildArgs {
     dies_with_the_daemon: bool,
     uid: Option<libc::uid_t>,
     gid: Option<libc::gid_t>,
+    /// The supplementary groups, set by a root daemon (see [`Recipe::groups`]).
+    groups: *const libc::gid_t,
+    groups_len: usize,
     limits: ChildLimits,
     /// `cgroup.procs` of the try's cgroup in each hierarchy (-1: none).
     cgroup_procs: [libc::c_int; super::cgroup::MAX_HIERARCHIES],
@@ -1140,6 +1146,8 @@ fn start(
         dies_with_the_daemon: !recipe.outlives_the_daemon,
         uid: recipe.uid,
         gid: recipe.gid,
+        groups: recipe.groups.as_ptr(),
+        groups_len: recipe.groups.len(),
         limits: recipe.limits,
         cgroup_procs: recipe
             .cgroup
@@ -1324,8 +1332,8 @@ extern "C" fn child_main(raw: *mut libc::c_void) -> libc::c_int {
             if libc::geteuid() == 0
                 && libc::syscall(
                     libc::SYS_setgroups,
-                    0 as libc::c_long,
-                    std::ptr::null::<libc::gid_t>(),
+                    args.groups_len as libc::c_long,
+                    args.groups,
                 ) != 0
             {
                 return fail(2);
