@@ -1005,6 +1005,7 @@ async fn postgres_a_claim_that_waited_for_its_types_lock_stamps_its_lease_when_i
 
 multi_host_backends!(
     a_row_held_while_its_claim_waits_for_another_types_lock_runs_once,
+    a_row_held_while_its_claim_waits_is_given_back_when_the_daemon_stops,
     a_daemon_that_cannot_read_the_pauses_at_start_claims_nothing_until_it_can,
 );
 
@@ -1036,6 +1037,67 @@ async fn a_daemon_that_cannot_read_the_pauses_at_start_claims_nothing_until_it_c
     assert!(daemon.stop().success());
 }
 
+/// Holds type `task`'s lock (PostgreSQL's advisory lock, MariaDB's
+/// `GET_LOCK`) on a connection of its own, as another daemon's claim of that
+/// type holds it, until the returned connection is dropped.
+async fn hold_type_lock(db: &TestDb, task: &str) -> Box<dyn std::any::Any> {
+    use sqlx::Connection;
+    match db.backend {
+        Backend::Postgres => {
+            let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::query("SELECT pg_advisory_lock(hashtext('taskrunner:concurrency:' || $1))")
+                .bind(task)
+                .execute(&mut connection)
+                .await
+                .unwrap();
+            Box::new(connection)
+        }
+        Backend::MySql => {
+            let mut connection = sqlx::MySqlConnection::connect(&db.url).await.unwrap();
+            let got: Option<i64> =
+                sqlx::query_scalar("SELECT GET_LOCK(CONCAT('taskrunner:', SHA1(?)), 5)")
+                    .bind(task)
+                    .fetch_one(&mut connection)
+                    .await
+                    .unwrap();
+            assert_eq!(got, Some(1));
+            Box::new(connection)
+        }
+        Backend::Sqlite => unreachable!("SQLite has no lock per type"),
+    }
+}
+
+/// The daemon is told to stop while its claim round waits for type B's
+/// lock, after the round's claim of type A committed. The round is given up
+/// 2 s later; its A row was dropped with it, left RUNNING without a try
+/// under a stopped daemon until a restart or another host's reaper took it.
+/// It is now given back at once, its try not counted.
+async fn a_row_held_while_its_claim_waits_is_given_back_when_the_daemon_stops(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let config =
+        "lease_timeout: 30s\ntasks:\n  A:\n    command: [/bin/true]\n    concurrency: 1\n  \
+                  B:\n    command: [/bin/true]\n    concurrency: 1\n";
+    let mut daemon = Daemon::start(&db, "d", config);
+    let holder = hold_type_lock(&db, "B").await;
+    let id = db.enqueue("A", None).await;
+    db.wait_for_count(
+        &format!(
+            "SELECT count(*) FROM task_runner_requests WHERE id = {} AND result = 'RUNNING'",
+            id.0
+        ),
+        1,
+        WAIT,
+    )
+    .await;
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = daemon.wait_exit(WAIT);
+    assert!(status.success(), "{}", daemon.log_text());
+    let row = db.row(id).await;
+    assert_ne!(row.result.as_deref(), Some("RUNNING"), "{row:?}");
+    assert_eq!(row.tries, 0, "{row:?}");
+    drop(holder);
+}
+
 /// A claim round commits each limited type's claim as it goes: type A's
 /// row is held (RUNNING, this daemon's) while the round waits for type B's
 /// lock, which another daemon's slow claim holds (here the test). The
@@ -1043,7 +1105,6 @@ async fn a_daemon_that_cannot_read_the_pauses_at_start_claims_nothing_until_it_c
 /// lost and gave it back after two renewals; the round then started it
 /// anyway, and the next claim took it again: two processes for one row.
 async fn a_row_held_while_its_claim_waits_for_another_types_lock_runs_once(backend: Backend) {
-    use sqlx::Connection;
     let db = TestDb::new(backend).await;
     let log = db.scratch.join("runs.log");
     let config = format!(
@@ -1053,27 +1114,7 @@ async fn a_row_held_while_its_claim_waits_for_another_types_lock_runs_once(backe
     let mut daemon = Daemon::start(&db, "d", &config);
     daemon.wait_for_log("taskrunnerd started", WAIT);
     // Held as another daemon's claim of B would hold it.
-    let holder: Box<dyn std::any::Any> = match backend {
-        Backend::Postgres => {
-            let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
-            sqlx::raw_sql("SELECT pg_advisory_lock(hashtext('taskrunner:concurrency:B'))")
-                .execute(&mut connection)
-                .await
-                .unwrap();
-            Box::new(connection)
-        }
-        Backend::MySql => {
-            let mut connection = sqlx::MySqlConnection::connect(&db.url).await.unwrap();
-            let got: Option<i64> =
-                sqlx::query_scalar("SELECT GET_LOCK(CONCAT('taskrunner:', SHA1('B')), 5)")
-                    .fetch_one(&mut connection)
-                    .await
-                    .unwrap();
-            assert_eq!(got, Some(1));
-            Box::new(connection)
-        }
-        Backend::Sqlite => unreachable!("SQLite has no lock per type"),
-    };
+    let holder = hold_type_lock(&db, "B").await;
     let id = db.enqueue("A", None).await;
     db.wait_for_count(
         &format!(

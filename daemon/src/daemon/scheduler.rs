@@ -381,12 +381,14 @@ impl Scheduler {
                     &mut rows,
                 );
                 let sent = std::time::SystemTime::now();
-                let Some(round) = super::unless_stopping(&cancel, round).await else {
-                    break;
-                };
+                let round = super::unless_stopping(&cancel, round).await;
                 // The rows its statements claimed run, also when a later
                 // statement of the round failed (before, those rows were
-                // dropped, and waited as strays until given back).
+                // dropped, and waited as strays until given back). Those of
+                // a round the shutdown cut short are given back at once
+                // (before, they were left RUNNING, without a try, until a
+                // restart or another host's reaper took them).
+                let stopping = round.is_none();
                 let times = ClaimTimes {
                     sent,
                     returned: std::time::SystemTime::now(),
@@ -397,7 +399,11 @@ impl Scheduler {
                 for row in rows {
                     self.metrics.claimed(&row.queue, row.waited);
                     *running_by_queue.entry(row.queue.clone()).or_default() += 1;
-                    let ticket = slots.join(max_concurrent);
+                    let ticket = if stopping {
+                        slots.withdrawn()
+                    } else {
+                        slots.join(max_concurrent)
+                    };
                     let registered = self.executor.register(&row);
                     tries.spawn(
                         self.executor
@@ -406,6 +412,9 @@ impl Scheduler {
                     );
                 }
                 drop(claiming);
+                let Some(round) = round else {
+                    break;
+                };
                 match round {
                     Ok(all_filled) => {
                         self.health.succeeded("claiming requests");

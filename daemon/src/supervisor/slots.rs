@@ -125,6 +125,18 @@ impl Slots {
         }
     }
 
+    /// A ticket that never gets a slot: its try is withdrawn at once and
+    /// given back, not counted, as the tries waiting at a shutdown are (rows
+    /// a claim returned after the daemon was told to stop).
+    pub(crate) fn withdrawn(self: &Arc<Self>) -> Ticket {
+        let (_, handed) = oneshot::channel();
+        Ticket {
+            slots: self.clone(),
+            place: PLACES.fetch_add(1, Ordering::Relaxed),
+            handed,
+        }
+    }
+
     /// Gives free slots to waiting tries (there may be more slots after a
     /// reload); returns how many are held and how many tries wait.
     pub(crate) fn fill(self: &Arc<Self>, max_concurrent: usize) -> (usize, usize) {
