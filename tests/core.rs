@@ -24,6 +24,7 @@ both_backends!(
     cli_enqueue_list_show_retry_cancel_purge,
     large_options_reach_the_task_whole,
     a_row_inserted_by_another_process_starts_at_once,
+    an_exhausted_row_given_more_tries_by_plain_sql_starts_at_once,
 );
 
 async fn plain_sql_noop_finishes(backend: Backend) {
@@ -651,6 +652,40 @@ async fn delays_of_rows_inserted_by_another_process(db: &TestDb) -> Vec<i64> {
         delays.push(delay_ms);
     }
     delays
+}
+
+/// An application retries an exhausted row by giving it more tries. On
+/// PostgreSQL that sent no NOTIFY (the trigger fired on other columns
+/// only), and the row waited for the next poll, a minute by default
+/// (migration 0018 there). The other backends noticed it already.
+async fn an_exhausted_row_given_more_tries_by_plain_sql_starts_at_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let id = db
+        .insert_row(NewRow::new("NoOp").exhausted(backend, 2, 10))
+        .await;
+    let sentinel = db.insert_row(NewRow::new("NoOp")).await;
+    let mut daemon = Daemon::start(&db, "d", QUIET_DAEMON);
+    // Its claims have passed the row by, and it idles.
+    db.wait_for_state(sentinel, "FINISHED", WAIT).await;
+    crate::util::holds_for(
+        Duration::from_secs(1),
+        "the row left alone",
+        async || match db.row(id).await.tries {
+            2 => Ok(()),
+            tries => Err(tries),
+        },
+    )
+    .await;
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET try_limit = try_limit + 1 WHERE id = {}",
+        id.0
+    ))
+    .await;
+    let row = db
+        .wait_for_state(id, "FINISHED", Duration::from_secs(10))
+        .await;
+    assert_eq!(row.tries, 3, "{row:?}");
+    assert!(daemon.stop().success());
 }
 
 /// An idle daemon on SQLite checks for others' rows about once a second
