@@ -570,3 +570,45 @@ async fn the_lowest_priority_given_to_a_running_row_is_refused_and_holds_up_no_o
     db.wait_for_state(after, "FINISHED", WAIT).await;
     assert!(daemon.stop().success());
 }
+
+/// A row given the priority −2147483648 before migration 0019 (which now
+/// refuses it) would still break its outcome write: the migration gives it
+/// the lowest priority allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_given_the_lowest_priority_before_migration_0019_is_raised_by_it() {
+    let db = TestDb::new(Backend::MySql).await;
+    let id = db
+        .insert_row(NewRow::new("NoOp").ended(db.backend, "FINISHED", 1, 0))
+        .await;
+    // As before migration 0019: no rule, and the row was given the value.
+    db.execute("DROP TRIGGER task_runner_requests_check_update")
+        .await;
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET priority = -2147483648 WHERE id = {}",
+        id.0
+    ))
+    .await;
+    // The triggers back (a missing one would have the tables repaired), and
+    // the migration to be applied again.
+    let migration = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../migrations/mysql/0019_the_lowest_priority_is_refused.sql"
+    ))
+    .unwrap();
+    let triggers = migration
+        .find("DROP TRIGGER")
+        .map(|at| &migration[at..])
+        .unwrap();
+    db.execute(triggers).await;
+    db.execute("DELETE FROM task_runner_schema_migrations WHERE version = 19")
+        .await;
+    let (status, stdout, stderr) = cli(&db, &["migrate"]);
+    assert_eq!(status, 0, "{stdout}{stderr}");
+    let priority = db
+        .scalar(&format!(
+            "SELECT priority FROM task_runner_requests WHERE id = {}",
+            id.0
+        ))
+        .await;
+    assert_eq!(priority, -2147483647, "{stdout}");
+}

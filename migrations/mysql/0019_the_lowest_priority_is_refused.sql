@@ -8,7 +8,10 @@
 -- value for column 'claim_rank'"), and was retried for ever: no later
 -- outcome of that daemon was recorded. Migration 0013's two triggers are
 -- made again with the rule added; as there, an UPDATE is judged only on
--- what it changes.
+-- what it changes. A row given that priority before is given the lowest
+-- one allowed, -2147483647.
+UPDATE task_runner_requests SET priority = -2147483647 WHERE priority = -2147483648;
+
 DROP TRIGGER IF EXISTS task_runner_requests_check_insert;
 CREATE TRIGGER task_runner_requests_check_insert
 BEFORE INSERT ON task_runner_requests
