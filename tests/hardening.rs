@@ -847,15 +847,7 @@ async fn a_task_run_as_another_user_gets_that_users_groups(backend: Backend) {
     if !crate::util::runs_as_root("running a task as another user needs a root daemon") {
         return;
     }
-    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
-    let member = groups.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split(':').collect();
-        let gid: u32 = fields.get(2)?.parse().ok()?;
-        let user = fields.get(3)?.split(',').find(|user| !user.is_empty())?;
-        let entry = nix::unistd::User::from_name(user).ok()??;
-        (entry.gid.as_raw() != gid).then(|| (user.to_string(), gid))
-    });
-    let Some((user, gid)) = member else {
+    let Some((user, gid, primary)) = crate::util::user_with_a_supplementary_group() else {
         println!("skipped: no user in /etc/group is a member of a group besides its own");
         return;
     };
@@ -863,16 +855,36 @@ async fn a_task_run_as_another_user_gets_that_users_groups(backend: Backend) {
     let mut daemon = Daemon::start(
         &db,
         "d",
-        &format!("tasks:\n  Groups:\n    command: [id, -G]\n    user: {user}\n"),
+        &format!(
+            "tasks:\n  Groups:\n    command: [id, -G]\n    user: {user}\n  \
+             OtherGroup:\n    command: [id, -G]\n    user: {user}\n    group: nogroup\n"
+        ),
     );
-    let id = db.enqueue("Groups", None).await;
-    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
-    let text = row.result_text.unwrap_or_default();
-    assert!(
+    let groups_of = async |task: &str| -> Vec<u32> {
+        let id = db.enqueue(task, None).await;
+        let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+        let text = row.result_text.unwrap_or_default();
         text.split_whitespace()
-            .any(|group| group == gid.to_string()),
-        "{user}'s tasks are in its group {gid}: {text}"
+            .map(|g| g.parse().unwrap())
+            .collect()
+    };
+    let groups = groups_of("Groups").await;
+    assert_eq!(groups.first(), Some(&primary), "{groups:?}");
+    assert!(
+        groups.contains(&gid),
+        "{user}'s tasks are in its group {gid}: {groups:?}"
     );
+    // With `group:`, that group and the user's others, not its primary
+    // group (as systemd's `User=` and `Group=`).
+    let nogroup = nix::unistd::Group::from_name("nogroup")
+        .unwrap()
+        .unwrap()
+        .gid
+        .as_raw();
+    let groups = groups_of("OtherGroup").await;
+    assert_eq!(groups.first(), Some(&nogroup), "{groups:?}");
+    assert!(groups.contains(&gid), "{groups:?}");
+    assert!(!groups.contains(&primary), "{groups:?}");
     assert!(daemon.stop().success());
 }
 

@@ -523,6 +523,53 @@ async fn config_checks_of_the_cli_and_the_sysv_script_never_run_a_program_as_roo
     assert_eq!(asked(), nobody, "{}", text(&reload));
 }
 
+/// `config check` run as root asks the programs with the top-level user's
+/// groups too, as the daemon does: a program only its user's other group
+/// may read was refused to the check (the standard library's `uid`/`gid`
+/// drop every supplementary group) while the daemon accepted it. Needs
+/// root and a user with a supplementary group; skipped without.
+#[test]
+fn config_check_as_root_asks_with_the_users_groups() {
+    if !crate::util::runs_as_root("asking a program as another user needs root") {
+        return;
+    }
+    let Some((user, gid, _)) = crate::util::user_with_a_supplementary_group() else {
+        println!("skipped: no user in /etc/group is a member of a group besides its own");
+        return;
+    };
+    let scratch = Scratch::new("groups");
+    let dir = scratch.join("asked");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let asked_in = dir.join("asked-in");
+    let program = dir.join("program");
+    crate::util::write_executable(
+        &program,
+        format!(
+            "#!/bin/sh\nid -G > {}\n[ \"$1\" = --list-tasks ] && echo Probe\n",
+            asked_in.display()
+        ),
+    );
+    let config = scratch.join("taskrunner.yml");
+    std::fs::write(
+        &config,
+        format!("user: {user}\nprograms: [{}]\n", program.display()),
+    )
+    .unwrap();
+    let checked = cli_without_database(
+        &scratch.path,
+        &["config", "check", config.to_str().unwrap()],
+    );
+    assert!(checked.status.success(), "{}", text(&checked));
+    let groups = std::fs::read_to_string(&asked_in).unwrap();
+    assert!(
+        groups
+            .split_whitespace()
+            .any(|group| group == gid.to_string()),
+        "asked in {groups} ({user}'s groups include {gid})"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Pidfile
 

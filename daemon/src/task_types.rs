@@ -321,25 +321,25 @@ fn ask(
         .user
         .as_ref()
         .filter(|user| me.is_root() && user.uid != me.as_raw())
-        .map(|user| (user, config.defaults.gid().unwrap_or(user.gid)));
+        .map(|user| {
+            let gid = config.defaults.gid().unwrap_or(user.gid);
+            (user, gid, user.groups_with(Some(gid)))
+        });
     let env = crate::supervisor::later_wins(
-        as_user.iter().flat_map(|(user, _)| user.login_env()).chain(
-            config
-                .defaults
-                .env
-                .iter()
-                .map(|(name, value)| (name.as_str(), value.as_str())),
-        ),
+        as_user
+            .iter()
+            .flat_map(|(user, ..)| user.login_env())
+            .chain(
+                config
+                    .defaults
+                    .env
+                    .iter()
+                    .map(|(name, value)| (name.as_str(), value.as_str())),
+            ),
     );
-    if let (Asking::Through(spawner, runtime), Some((user, gid))) = (asking, as_user) {
+    if let (Asking::Through(spawner, runtime), Some((user, gid, groups))) = (asking, &as_user) {
         let answer = runtime
-            .block_on(spawner.ask(
-                program,
-                args,
-                env,
-                (user.uid, gid, user.groups.clone()),
-                bound,
-            ))
+            .block_on(spawner.ask(program, args, env, (user.uid, *gid, groups.clone()), bound))
             .with_context(|| format!("asking {question} as {}", user.name))?;
         return answer.ok_or_else(|| {
             anyhow::anyhow!(
@@ -358,10 +358,24 @@ fn ask(
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    if let Some((user, gid)) = as_user {
-        // The standard library drops root's supplementary groups first (its
-        // `groups` is unstable): the CLI's question runs without the user's.
-        command.uid(user.uid).gid(gid);
+    if let Some((user, gid, groups)) = as_user {
+        use std::os::unix::process::CommandExt;
+        let uid = user.uid;
+        // The user's groups, its group, then the user, as the daemon's
+        // spawner sets them (the standard library's `groups` is unstable).
+        // SAFETY: setgroups, setresgid and setresuid are async-signal-safe,
+        // and this forked child has one thread.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setresgid(gid, gid, gid) != 0
+                    || libc::setresuid(uid, uid, uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
     }
     let child = command
         .spawn()

@@ -257,3 +257,17 @@ pub fn copy_executable(from: &Path, to: &Path) {
         .unwrap();
     assert!(status.success(), "cp {} {}", from.display(), to.display());
 }
+
+/// A user of this machine that /etc/group lists as a member of a group
+/// other than its primary one: (name, that group's gid, its primary gid).
+/// Debian's `postgres` is in `ssl-cert`.
+pub fn user_with_a_supplementary_group() -> Option<(String, u32, u32)> {
+    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    groups.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        let gid: u32 = fields.get(2)?.parse().ok()?;
+        let user = fields.get(3)?.split(',').find(|user| !user.is_empty())?;
+        let entry = nix::unistd::User::from_name(user).ok()??;
+        (entry.gid.as_raw() != gid).then(|| (user.to_string(), gid, entry.gid.as_raw()))
+    })
+}

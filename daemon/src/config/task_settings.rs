@@ -413,6 +413,22 @@ pub struct User {
 }
 
 impl User {
+    /// The groups a process of this user is in when its group is `gid`
+    /// (`group:`, or the user's primary group): that one, and every other
+    /// group the user is a member of. With `group:` the user's primary
+    /// group is left out, as systemd's `User=` and `Group=` leave it out.
+    pub(crate) fn groups_with(&self, gid: Option<u32>) -> Vec<u32> {
+        let primary = gid.unwrap_or(self.gid);
+        std::iter::once(primary)
+            .chain(
+                self.groups
+                    .iter()
+                    .copied()
+                    .filter(|group| *group != self.gid && *group != primary),
+            )
+            .collect()
+    }
+
     /// The variables that name the user a process runs as, as a login
     /// (`su -`, `runuser -l`, systemd's `User=`) sets them: a task run as
     /// this user gets these, not the daemon's (`HOME=/root` made a task's

@@ -450,7 +450,7 @@ pub(crate) async fn run(
         groups: settings
             .user
             .as_ref()
-            .map(|user| user.groups.clone())
+            .map(|user| user.groups_with(settings.gid()))
             .unwrap_or_default(),
         limits: limits::child_limits(&settings),
         stdin: launch.stdin,

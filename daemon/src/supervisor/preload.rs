@@ -93,6 +93,7 @@ pub(crate) struct Key {
     env: Vec<(OsString, OsString)>,
     uid: Option<u32>,
     gid: Option<u32>,
+    groups: Vec<u32>,
 }
 
 impl Key {
@@ -105,6 +106,7 @@ impl Key {
             env: parent_env(recipe),
             uid: recipe.uid,
             gid: recipe.gid,
+            groups: recipe.groups.clone(),
         }
     }
 }
