@@ -174,3 +174,37 @@ async fn a_daemon_started_with_signals_ignored_reaps_its_tasks_and_resets_them_f
     assert_eq!(ignored & launchers, 0, "{ignored:x}");
     assert!(daemon.stop().success());
 }
+
+/// The same launcher, the daemon PID 1 of a PID namespace (a container):
+/// its init, which waits for the daemon's end by SIGCHLD, inherited SIGCHLD
+/// ignored (the reset came after the init had taken over), was never told
+/// of it, and the container never stopped. Needs root; skipped without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_pid_1_started_with_sigchld_ignored_the_daemon_runs_and_stops() {
+    if !crate::util::runs_as_root("a PID namespace of its own needs root") {
+        return;
+    }
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut daemon = db
+        .daemon("d")
+        .own_pid_namespace()
+        .ignoring_signals()
+        .start();
+    let id = db.enqueue("NoOp", None).await;
+    db.wait_for_state(id, "FINISHED", WAIT).await;
+    // SIGTERM to PID 1 (the `Daemon` is the `unshare` above it).
+    let init: i32 = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", daemon.pid()))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(init),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = daemon.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {}", daemon.log_text());
+}

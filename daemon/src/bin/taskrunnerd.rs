@@ -53,6 +53,8 @@ struct Flags {
 }
 
 fn main() -> ExitCode {
+    // First: the init of a container (below) waits for its children too.
+    taskrunner::supervisor::restore_child_signal();
     // The daemon's fencing watchdog: this executable, started by the daemon.
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     if args.first().is_some_and(|flag| flag == watchdog::FLAG) {
@@ -95,7 +97,6 @@ fn main() -> ExitCode {
     let ready_pipe = Arc::new(Mutex::new(ready_pipe));
     // Before any thread starts (the log's writer, the runtime's): they all
     // inherit the priority.
-    taskrunner::supervisor::restore_child_signal();
     taskrunner::supervisor::priority::raise_daemon();
     taskrunner::supervisor::resources::raise_open_files();
     taskrunner::supervisor::isolation::protect_daemon();
