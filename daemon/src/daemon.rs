@@ -87,7 +87,16 @@ pub async fn run(
         let mut backoff = Backoff::default();
         loop {
             let migrated = match store.check_encoding().await {
-                Ok(()) => store.migrate_unless(shutdown.cancelled()).await,
+                // Under systemd, a start that migrates is given more time
+                // while it does (a table of millions of rows takes minutes).
+                Ok(()) => {
+                    let extend = format!(
+                        "EXTEND_TIMEOUT_USEC={}",
+                        (crate::store::MIGRATING_EVERY * 3).as_micros()
+                    );
+                    let migrating = || crate::service::notify_systemd(&extend);
+                    store.migrate_unless(shutdown.cancelled(), migrating).await
+                }
                 Err(error) => Err(error),
             };
             match migrated {

@@ -58,7 +58,7 @@ use plumbing::{begin_write, MIGRATIONS_TABLE};
 pub(crate) use plumbing::{
     refused_by_the_database, within_ping_bound, SchemaMismatch, SideConnection,
 };
-pub use plumbing::{Migration, Purpose};
+pub use plumbing::{Migration, Purpose, MIGRATING_EVERY};
 use rows::{request_from_row, RowExt};
 pub(crate) use sql::{NOT_COUNTED, RELEASE_AT_ONCE};
 pub(crate) use tries::Held;

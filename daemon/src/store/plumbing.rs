@@ -56,6 +56,25 @@ impl std::fmt::Display for Migration {
     }
 }
 
+/// How often [`Store::migrate_unless`] says that its migrations still run
+/// (the daemon tells systemd, which would stop a start that takes longer
+/// than its `TimeoutStartSec=`).
+pub const MIGRATING_EVERY: Duration = Duration::from_secs(20);
+
+/// `work`, with `tell` called as it begins and every [`MIGRATING_EVERY`]
+/// until it ends.
+async fn telling<T>(work: impl std::future::Future<Output = T>, tell: impl Fn()) -> T {
+    let every = crate::test_hooks::shortened(MIGRATING_EVERY, "TASKRUNNER_TEST_MIGRATING_EVERY_MS");
+    tokio::pin!(work);
+    loop {
+        tell();
+        tokio::select! {
+            done = &mut work => return done,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
 /// This process's turn to check and migrate the schema, so that processes
 /// migrating at once take turns: the repair's check (see `repair.rs`) must
 /// not read a schema another process is halfway through upgrading.
@@ -679,7 +698,7 @@ impl Store {
     /// them): they take turns (see [`MigrationTurn`]), and each reports what
     /// it did itself. Returns the schema version before and after.
     pub async fn migrate(&self) -> Result<Migration> {
-        match self.migrate_unless(std::future::pending()).await? {
+        match self.migrate_unless(std::future::pending(), || {}).await? {
             Some(migration) => Ok(migration),
             None => unreachable!("a pending future never resolves"),
         }
@@ -688,10 +707,12 @@ impl Store {
     /// [`migrate`](Store::migrate), unless `stop` comes while this process
     /// waits for its turn (a daemon told to stop, behind another process's
     /// long migration): then `None`, and nothing was done. Once its turn
-    /// has come, the migrations run to their end.
+    /// has come, the migrations run to their end, and `migrating` is
+    /// called as they begin and every [`MIGRATING_EVERY`] until they end.
     pub async fn migrate_unless(
         &self,
         stop: impl std::future::Future<Output = ()>,
+        migrating: impl Fn(),
     ) -> Result<Option<Migration>> {
         let context = || format!("migrating the schema of {}", self.display_url);
         let turn = tokio::select! {
@@ -724,9 +745,8 @@ impl Store {
                 after,
                 repaired,
             })
-        }
-        .await
-        .with_context(context);
+        };
+        let migrated = telling(migrated, migrating).await.with_context(context);
         turn.end().await;
         migrated.map(Some)
     }
