@@ -921,13 +921,7 @@ async fn a_task_run_as_another_user_gets_a_cpu_limit_above_its_daemons(backend: 
         .cpu_seconds((100, 100))
         .start();
     let id = db.enqueue("Limited", None).await;
-    let row = db
-        .wait_for(id, WAIT, "an outcome", |row| {
-            row.result
-                .as_deref()
-                .is_some_and(|result| result != "RUNNING")
-        })
-        .await;
+    let row = db.wait_for_outcome(id, WAIT).await;
     assert_eq!(row.result.as_deref(), Some("FINISHED"), "{row:?}");
     assert_eq!(
         row.result_text.as_deref().map(str::trim),

@@ -155,13 +155,7 @@ async fn a_daemon_started_with_signals_ignored_reaps_its_tasks_and_resets_them_f
         .ignoring_signals()
         .start();
     let id = db.enqueue("Ignored", None).await;
-    let row = db
-        .wait_for(id, WAIT, "an outcome", |row| {
-            row.result
-                .as_deref()
-                .is_some_and(|result| result != "RUNNING")
-        })
-        .await;
+    let row = db.wait_for_outcome(id, WAIT).await;
     assert_eq!(row.result.as_deref(), Some("FINISHED"), "{row:?}");
     assert_eq!(row.tries, 1);
     let ignored = row

@@ -191,6 +191,17 @@ impl TestDb {
             .await
     }
 
+    /// Waits until row `id` has an outcome (a result other than RUNNING);
+    /// returns it.
+    pub async fn wait_for_outcome(&self, id: RequestId, timeout: Duration) -> Request {
+        self.wait_for(id, timeout, "an outcome", |row| {
+            row.result
+                .as_deref()
+                .is_some_and(|result| result != "RUNNING")
+        })
+        .await
+    }
+
     /// Waits until row `id` has `result` = `state`.
     pub async fn wait_for_state(&self, id: RequestId, state: &str, timeout: Duration) -> Request {
         self.wait_for(id, timeout, state, |row| {
