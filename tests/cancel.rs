@@ -51,21 +51,27 @@ async fn cancel_of_a_try_that_times_out_first_is_not_retried(backend: Backend) {
     assert!(daemon.stop().success());
 }
 
-/// Regression: as above, for a command that fails (`sleep 2; exit 1`)
-/// cancelled half a second after it started.
+/// Regression: as above, for a command that fails once it has been
+/// cancelled (its heartbeat too slow to tell the daemon before the end).
+/// The task waits for a gate the test opens after the cancel: with `sleep
+/// 2`, a cancel that a loaded CI machine delayed past the task's end was a
+/// cancel of the row after its try ("cancelled before it ran"), and the
+/// test failed once.
 async fn cancel_of_a_try_that_fails_first_is_not_retried(backend: Backend) {
     let db = TestDb::new(backend).await;
+    let gate = db.scratch.join("gate");
     let mut daemon = Daemon::start(
         &db,
         "d",
         &format!(
-            "{SLOW_HEARTBEAT}tasks:\n  Fails:\n    command: [/bin/sh, -c, 'echo broke >&2; sleep 2; exit 1']\n"
+            "{SLOW_HEARTBEAT}tasks:\n  Fails:\n    command: [/bin/sh, -c, 'echo broke >&2; while [ ! -e {} ]; do sleep 0.05; done; exit 1']\n",
+            gate.display()
         ),
     );
     let id = db.enqueue("Fails", None).await;
     db.wait_for_pid(id, WAIT).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(cli(&db, &["cancel", &id.to_string()]).0, 0);
+    std::fs::write(&gate, "").unwrap();
     let row = db
         .wait_for(id, WAIT, "final", |r| {
             r.result.as_deref() != Some("RUNNING") && r.result.is_some()
