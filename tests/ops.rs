@@ -514,6 +514,24 @@ fn sysv_and_openrc_scripts_parse_and_outlast_the_drain() {
     }
 }
 
+/// A program in `dir` (made writable by anyone) that answers
+/// `--list-tasks` with `Probe` and writes what `id FLAG` prints to a file:
+/// (the program, that file).
+fn program_recording_id(dir: &Path, flag: &str) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let record = dir.join("asked");
+    let program = dir.join("program");
+    crate::util::write_executable(
+        &program,
+        format!(
+            "#!/bin/sh\nid {flag} > {}\n[ \"$1\" = --list-tasks ] && echo Probe\n",
+            record.display()
+        ),
+    );
+    (program, record)
+}
+
 /// `config check` asks the config's programs for their task types. The
 /// init scripts ran it as root at each reload and restart (OpenRC at each
 /// start too), and `taskrunner-cli config check` run as root ran them as
@@ -527,17 +545,7 @@ async fn config_checks_of_the_cli_and_the_sysv_script_never_run_a_program_as_roo
     }
     let db = TestDb::new(Backend::Sqlite).await;
     let dir = db.scratch.join("asked");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let asked_as = dir.join("asked-as");
-    let program = dir.join("program");
-    crate::util::write_executable(
-        &program,
-        format!(
-            "#!/bin/sh\nid -u > {}\n[ \"$1\" = --list-tasks ] && echo Probe\n",
-            asked_as.display()
-        ),
-    );
+    let (program, asked_as) = program_recording_id(&dir, "-u");
     let asked = || std::fs::read_to_string(&asked_as).unwrap_or_default();
     let nobody = "65534\n";
     // The CLI, as root, with a top-level user:
@@ -589,18 +597,7 @@ fn config_check_as_root_asks_with_the_users_groups() {
         return;
     };
     let scratch = Scratch::new("groups");
-    let dir = scratch.join("asked");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let asked_in = dir.join("asked-in");
-    let program = dir.join("program");
-    crate::util::write_executable(
-        &program,
-        format!(
-            "#!/bin/sh\nid -G > {}\n[ \"$1\" = --list-tasks ] && echo Probe\n",
-            asked_in.display()
-        ),
-    );
+    let (program, asked_in) = program_recording_id(&scratch.join("asked"), "-G");
     let config = scratch.join("taskrunner.yml");
     std::fs::write(
         &config,
