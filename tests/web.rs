@@ -716,6 +716,7 @@ both_backends!(
     daemons_show_idle_silent_stopped_and_unregistered_ones,
     an_action_is_logged_with_the_remote_address_and_the_user,
     a_reload_applies_the_pages_new_password_and_read_only,
+    a_cancel_from_the_page_stops_a_running_task_at_once,
     a_bulk_action_longer_than_its_connection_is_carried_out_and_logged,
     a_flow_board_shows_each_step_its_revert_and_what_it_provided,
 );
@@ -902,6 +903,48 @@ async fn a_reload_applies_the_pages_new_password_and_read_only(backend: Backend)
     assert!(refusal.contains("without http.auth"), "{refusal}");
     assert_eq!(http_request(port, "GET", "/", &[], "").0, 401);
     assert_eq!(http_request(port, "GET", "/", &[second_auth], "").0, 200);
+    assert!(daemon.stop().success());
+}
+
+/// Cancel pressed on a running row's page, served by its own daemon:
+/// the daemon stops the task at once, as `taskrunner-cli cancel` through
+/// the control socket does. Before, the page woke only the scheduler, and
+/// the cancel waited for the next heartbeat (60 s here).
+async fn a_cancel_from_the_page_stops_a_running_task_at_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let port = crate::util::free_port();
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "heartbeat_interval: 60s\nlease_timeout: 120s\nhttp:\n  listen: 127.0.0.1:{port}\ntasks:\n  Long:\n    command: [/bin/sleep, '60']\n"
+        ),
+    );
+    let id = db.enqueue("Long", None).await;
+    db.wait_for_pid(id, WAIT).await;
+    let (status, page) = http_request(port, "GET", &format!("/requests/{id}"), &[], "");
+    assert_eq!(status, 200, "{page}");
+    let asked = std::time::Instant::now();
+    let (status, reply) = http_form(
+        port,
+        &format!("/requests/{id}/cancel"),
+        ("X-Nothing", "x"),
+        &format!("csrf={}", csrf_of(&page)),
+    );
+    assert_eq!(status, 303, "{reply}");
+    let row = db.wait_for_state(id, "CANCELLED", WAIT).await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "stopped at once, not at the 60s heartbeat: {:?}",
+        asked.elapsed()
+    );
+    assert!(
+        row.result_text
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("cancelled by a user after"),
+        "{row:#?}"
+    );
     assert!(daemon.stop().success());
 }
 

@@ -178,6 +178,7 @@ pub async fn run(
         metrics: metrics.clone(),
         queue_gauges: Default::default(),
         wake: wake.clone(),
+        check_cancels: check_cancels.clone(),
         started: Instant::now(),
         next_poll: next_poll.clone(),
         paused: paused.clone(),
@@ -313,7 +314,6 @@ pub async fn run(
         let control = control::Control {
             listening,
             view: view.clone(),
-            check_cancels,
             shutdown: shutdown.clone(),
         };
         supervised.spawn("control socket", control.run(services.clone()));

@@ -9,7 +9,6 @@ use anyhow::{bail, Context, Result};
 use interprocess::local_socket::tokio::{prelude::*, Stream};
 use interprocess::local_socket::{GenericFilePath, ListenerOptions};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::view::View;
@@ -36,10 +35,9 @@ pub(super) struct Listening {
 /// The control socket's service: answers each connection's command.
 pub(super) struct Control {
     pub(super) listening: Listening,
-    /// What `status` and `metrics` read; `wake` wakes its scheduler.
+    /// What `status` and `metrics` read; `wake` wakes its scheduler and
+    /// its heartbeat (cancel requests).
     pub(super) view: Arc<View>,
-    /// `wake` also makes the heartbeat look for cancel requests at once.
-    pub(super) check_cancels: Arc<Notify>,
     /// Cancelled by a `stop` command.
     pub(super) shutdown: CancellationToken,
 }
@@ -85,14 +83,9 @@ impl Control {
         let Control {
             listening: Listening { listener, path },
             view,
-            check_cancels,
             shutdown,
         } = self;
-        let answering = Arc::new(Answering {
-            view,
-            check_cancels,
-            shutdown,
-        });
+        let answering = Arc::new(Answering { view, shutdown });
         let mut gate = crate::connections::Gate::new("control socket", MAX_CONNECTIONS);
         loop {
             let (connection, permit) = tokio::select! {
@@ -117,7 +110,6 @@ impl Control {
 /// What each connection's answer uses.
 struct Answering {
     view: Arc<View>,
-    check_cancels: Arc<Notify>,
     shutdown: CancellationToken,
 }
 
@@ -137,8 +129,7 @@ impl Answering {
                 Err(error) => serde_json::json!({ "error": crate::error_line(&error) }),
             },
             "wake" => {
-                shared.wake.notify_one();
-                self.check_cancels.notify_one();
+                shared.wake();
                 serde_json::json!({ "ok": true })
             }
             "pauses" => match shared.read_pauses().await {

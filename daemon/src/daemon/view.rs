@@ -32,6 +32,8 @@ pub(super) struct View {
     pub(super) queue_gauges: crate::metrics::QueueGauges,
     /// Poll now (the scheduler's).
     pub(super) wake: Arc<Notify>,
+    /// Look for cancel requests now (the heartbeat's).
+    pub(super) check_cancels: Arc<Notify>,
     pub(super) started: Instant,
     /// When the scheduler will next poll unprompted (it writes it).
     pub(super) next_poll: Arc<Mutex<Option<Instant>>>,
@@ -65,9 +67,19 @@ impl View {
     }
 }
 
+impl View {
+    /// The table changed here (a row added, retried, cancelled): claim now,
+    /// and look for cancel requests now, so that a running try a user
+    /// cancelled stops at once rather than at the next heartbeat.
+    pub(super) fn wake(&self) {
+        self.wake.notify_one();
+        self.check_cancels.notify_one();
+    }
+}
+
 impl crate::web::Daemon for View {
     fn wake(&self) {
-        self.wake.notify_one();
+        View::wake(self)
     }
 
     fn metrics_text<'a>(
