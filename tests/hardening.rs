@@ -37,6 +37,7 @@ both_backends!(
     the_oom_killer_prefers_a_task_to_its_daemon,
     an_outage_of_writes_while_reads_work_is_logged_once_at_each_end,
     the_daemons_status_and_metrics_are_answered_while_the_database_is_out,
+    status_and_metrics_of_a_stopped_daemon_give_up_after_a_bound,
     rows_that_can_never_run_are_refused_or_flagged_and_never_stall_the_daemon,
     a_program_that_hangs_when_asked_its_types_holds_no_slot_for_ever,
     values_the_daemon_would_read_wrongly_are_refused_naming_the_rule,
@@ -2264,4 +2265,62 @@ async fn a_daemon_behind_pgbouncer_in_session_mode_connects_and_wakes_at_once() 
     });
     let _ = bouncer.kill();
     let _ = bouncer.wait();
+}
+
+/// A daemon that is stopped (SIGSTOP, a debugger) or hung still has its
+/// control socket's connections accepted by the kernel. `status` and
+/// `metrics` waited for ever for its answer (a cron job of `metrics` piled
+/// up): they now give up after a bound (12 s; 1.5 s here), `status` with
+/// one line, `metrics` printing what the table alone tells.
+async fn status_and_metrics_of_a_stopped_daemon_give_up_after_a_bound(backend: Backend) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", "");
+    let config = daemon.config.display().to_string();
+    let (status, _, stderr) = cli(&db, &["--config", &config, "status"]);
+    assert_eq!(status, 0, "{stderr}");
+    kill(Pid::from_raw(daemon.pid()), Signal::SIGSTOP).unwrap();
+    // A waiting row, for the table's gauges.
+    db.enqueue("NoOp", None).await;
+    let asked = |command: &str| {
+        let mut child = std::process::Command::new(CLI)
+            .args([
+                "--database-url",
+                db.url.as_str(),
+                "--config",
+                &config,
+                command,
+            ])
+            .env("TASKRUNNER_TEST_ANSWER_WITHIN_MS", "1500")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        let guard = KillOnDrop(child.id() as i32);
+        wait_until(WAIT, &format!("`{command}` to end"), || {
+            child.try_wait().unwrap().is_some()
+        });
+        drop(guard);
+        let output = child.wait_with_output().unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).to_string(),
+            String::from_utf8_lossy(&output.stderr).to_string(),
+            started.elapsed(),
+        )
+    };
+    let status = asked("status");
+    let metrics = asked("metrics");
+    kill(Pid::from_raw(daemon.pid()), Signal::SIGCONT).unwrap();
+    let (code, _, stderr, took) = status;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("did not answer within"), "{stderr}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    let (code, stdout, stderr, _) = metrics;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("taskrunner_queue_waiting"), "{stdout}");
+    assert!(daemon.stop().success());
 }

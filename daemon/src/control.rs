@@ -77,8 +77,27 @@ impl std::fmt::Display for NoDaemon {
 
 impl std::error::Error for NoDaemon {}
 
-/// Sends one command and returns the daemon's JSON answer.
+/// How long a command waits for its answer: a little longer than the
+/// daemon's own bound on a connection (10 s). A daemon that is stopped
+/// (SIGSTOP, a debugger) or hung still has its connections accepted by the
+/// kernel, and before this bound `status` and `metrics` waited for ever.
+const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(12);
+
+/// Sends one command and returns the daemon's JSON answer, or an error
+/// when none comes within [`ANSWER_WITHIN`].
 pub(crate) async fn request(path: &Path, command: &str) -> Result<serde_json::Value> {
+    let bound = crate::test_hooks::shortened(ANSWER_WITHIN, "TASKRUNNER_TEST_ANSWER_WITHIN_MS");
+    match tokio::time::timeout(bound, request_unbounded(path, command)).await {
+        Ok(answer) => answer,
+        Err(_) => bail!(
+            "the daemon on {} did not answer within {} (stopped? hung?)",
+            path.display(),
+            crate::units::format_duration(bound)
+        ),
+    }
+}
+
+async fn request_unbounded(path: &Path, command: &str) -> Result<serde_json::Value> {
     let name = path.to_fs_name::<GenericFilePath>()?;
     let connection = Stream::connect(name)
         .await
