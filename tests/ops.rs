@@ -1042,6 +1042,52 @@ fn cli_without_database(dir: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// The init scripts refuse a restart whose config `config check` refuses,
+/// leaving the running daemon running. It passed web settings the daemon
+/// refuses at start (no `auth` on an address other than loopback, a token
+/// file it cannot read or too short): a restart stopped a working daemon
+/// and the new one exited. It now refuses them, as the daemon does.
+#[test]
+fn config_check_refuses_the_web_settings_the_daemon_refuses_at_start() {
+    let scratch = Scratch::new("config-http");
+    let path = scratch.join("taskrunner.yml");
+    let path_text = path.to_string_lossy().into_owned();
+    let short = scratch.join("short-token");
+    std::fs::write(&short, "too short\n").unwrap();
+    let cases = [
+        ("  listen: 0.0.0.0:9100\n".to_string(), "without http.auth"),
+        (
+            "  listen: 127.0.0.1:9100\n  auth:\n    token_file: /nonexistent/token\n".to_string(),
+            "reading http.auth.token_file /nonexistent/token",
+        ),
+        (
+            format!(
+                "  listen: 127.0.0.1:9100\n  auth:\n    token_file: {}\n",
+                short.display()
+            ),
+            "at least 16 characters",
+        ),
+    ];
+    for (http, why) in cases {
+        std::fs::write(&path, format!("database_url: sqlite://q.db\nhttp:\n{http}")).unwrap();
+        let check = cli_without_database(&scratch.path, &["config", "check", &path_text]);
+        let stderr = String::from_utf8_lossy(&check.stderr).into_owned();
+        assert_eq!(check.status.code(), Some(2), "{http}: {}", text(&check));
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains(why), "{http}: {stderr}");
+        // As the daemon does at start.
+        let start = Command::new(DAEMON)
+            .args(["--config", &path_text])
+            .current_dir(&scratch.path)
+            .env_remove("DATABASE_URL")
+            .output()
+            .unwrap();
+        assert!(!start.status.success(), "{http}: {}", text(&start));
+        let said = String::from_utf8_lossy(&start.stderr).into_owned();
+        assert!(said.contains(why), "{http}: {said}");
+    }
+}
+
 #[test]
 fn config_init_writes_a_starter_that_config_check_accepts() {
     let scratch = Scratch::new("config");

@@ -1217,6 +1217,10 @@ fn config_command(command: &ConfigCommand, overrides: &Overrides) -> Result<Exit
                 None => Config::resolve(overrides)?,
             };
             let registry = Registry::load(&config)?;
+            // The page's settings, as the daemon checks them at start.
+            let listen = config.http.as_ref().and_then(|http| http.listen);
+            crate::web::check_settings(&config, listen)
+                .map_err(|error| crate::usage::UsageError(crate::error_line(&error)))?;
             print!("{}", config.to_yaml());
             println!("# task types: {}", registry.names(&config).join(", "));
         }
