@@ -41,10 +41,25 @@ fn explain<T: DeserializeOwned>(value: &Value, error: serde_yaml::Error) -> Stri
     }
 }
 
-/// Drops tags and the leading colon of Ruby symbol keys, at any depth.
+/// Drops Ruby's tags (`!ruby/hash:…`, `!ruby/sym`, `!ruby/object:…`) and
+/// YAML's global ones (`!!python/…`, `!!str`), and the leading colon of
+/// Ruby symbol keys, at any depth. Other tags are kept: they are how
+/// serde_yaml writes an enum's variant with data (`mode: !Crop 5`), which
+/// `Enqueue::new` writes and `T` reads back (before, they were dropped too,
+/// and such options were REJECTED by the task that wrote them).
 fn normalize(value: Value) -> Value {
     match value {
-        Value::Tagged(tagged) => normalize(tagged.value),
+        Value::Tagged(tagged) => {
+            let tag = tagged.tag.to_string();
+            if tag.starts_with("!ruby/") || tag.starts_with("!!") || tag.starts_with("tag:") {
+                normalize(tagged.value)
+            } else {
+                Value::Tagged(Box::new(serde_yaml::value::TaggedValue {
+                    tag: tagged.tag,
+                    value: normalize(tagged.value),
+                }))
+            }
+        }
         Value::Mapping(mapping) => Value::Mapping(
             mapping
                 .into_iter()
@@ -89,6 +104,31 @@ mod tests {
         assert_eq!(options.name, "thumb");
         assert_eq!(options.tags, vec!["a", "b"]);
         assert_eq!(options.nested["x"], 1);
+    }
+
+    #[test]
+    fn an_enum_with_data_reads_back_as_it_was_written() {
+        #[derive(Debug, PartialEq, serde::Serialize, Deserialize)]
+        enum Mode {
+            Crop(u32),
+            Fit { w: u32 },
+            Plain,
+        }
+        #[derive(Debug, PartialEq, serde::Serialize, Deserialize)]
+        struct Opts {
+            modes: Vec<Mode>,
+        }
+        let written = Opts {
+            modes: vec![Mode::Crop(5), Mode::Fit { w: 3 }, Mode::Plain],
+        };
+        let yaml = serde_yaml::to_string(&written).unwrap();
+        assert!(yaml.contains("!Crop"), "{yaml}");
+        assert_eq!(parse_options::<Opts>(yaml.as_bytes()), Ok(written));
+        // Python's and YAML's global tags are dropped, as Ruby's are.
+        let python = b"!!python/object:__main__.Opts\nname: thumb\ntags: [!!str a]\n";
+        let options: Options = parse_options(python).unwrap();
+        assert_eq!(options.name, "thumb");
+        assert_eq!(options.tags, vec!["a".to_string()]);
     }
 
     #[test]
