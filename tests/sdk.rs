@@ -758,3 +758,54 @@ async fn a_postgres_wait_reads_its_row_again_on_a_busy_table() {
     );
     assert!(took < Duration::from_secs(10), "{took:?}");
 }
+
+/// PostgreSQL: `Enqueue::delay` counted from `now()`, the start of the
+/// application's transaction. An insert late in a transaction that had run
+/// for longer than the delay wrote a `delay_until` already past, and the
+/// row started as soon as it was committed. It counts from the insert now
+/// (`clock_timestamp()`), as on SQLite and MariaDB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_delay_counts_from_the_insert_not_from_the_transactions_start() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let mut transaction = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_sleep(2)")
+        .execute(&mut *transaction)
+        .await
+        .unwrap();
+    let id = Enqueue::named("NoOp", &())
+        .delay(Duration::from_millis(1500))
+        .insert(&mut *transaction)
+        .await
+        .unwrap();
+    transaction.commit().await.unwrap();
+    let ahead: f64 = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM delay_until - clock_timestamp())::float8 FROM task_runner_requests WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(ahead > 1.0, "delay_until {ahead:.2}s from now, not 1.5s");
+}
+
+/// SQLite: a batch sealed by the SDK got `sealed_at` to the second
+/// (`CURRENT_TIMESTAMP`), where taskrunner writes times to the millisecond.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_sealed_by_the_sdk_on_sqlite_has_its_time_to_the_millisecond() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+    let mut connection = pool.acquire().await.unwrap();
+    let batch = Batch::new()
+        .member(Enqueue::named("NoOp", &()))
+        .insert(&mut *connection)
+        .await
+        .unwrap();
+    let sealed: String =
+        sqlx::query_scalar("SELECT sealed_at FROM task_runner_batches WHERE id = ?")
+            .bind(batch)
+            .fetch_one(&mut *connection)
+            .await
+            .unwrap();
+    assert_eq!(sealed.len(), "2026-01-01 00:00:00.000".len(), "{sealed}");
+}

@@ -709,7 +709,7 @@ fn yaml(options: &impl Serialize) -> Result<Option<String>, String> {
 /// Binds the values in the order [`Values::sql`] numbers them; the same for
 /// both backends, but sqlx needs the concrete database type to bind.
 macro_rules! insert_for {
-    ($database:ty, $now_plus_seconds:expr) => {
+    ($database:ty, $now_plus_seconds:expr, $now:expr) => {
         impl Backend for $database {
             fn insert<'e, E>(
                 executor: E,
@@ -787,23 +787,32 @@ macro_rules! insert_for {
             where
                 E: Executor<'e, Database = Self> + 'e,
             {
-                let query = sqlx::query::<$database>(
-                    "UPDATE task_runner_batches SET sealed_at = CURRENT_TIMESTAMP \
-                      WHERE id = $1 AND sealed_at IS NULL",
-                )
-                .bind(batch_id);
+                let sql = format!(
+                    "UPDATE task_runner_batches SET sealed_at = {} WHERE id = $1 AND sealed_at IS NULL",
+                    $now
+                );
+                let query = sqlx::query::<$database>(AssertSqlSafe(sql)).bind(batch_id);
                 Box::pin(async move { query.execute(executor).await.map(|_| ()) })
             }
         }
     };
 }
 
-// The same expressions as the daemon's store (daemon/src/store/sql.rs).
+// The same expressions as the daemon's store (daemon/src/store/sql.rs),
+// to the millisecond. On PostgreSQL the clock is `clock_timestamp()`, the
+// statement's time, not `now()`, the start of the application's
+// transaction: a delay counted from a transaction that had run for longer
+// than the delay let the row start as soon as it was committed.
 insert_for!(
     sqlx::Sqlite,
-    "strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', {}))"
+    "strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', {}))",
+    "strftime('%Y-%m-%d %H:%M:%f', 'now')"
 );
-insert_for!(sqlx::Postgres, "(now() + make_interval(secs => {}))");
+insert_for!(
+    sqlx::Postgres,
+    "(clock_timestamp() + make_interval(secs => {}))",
+    "clock_timestamp()"
+);
 
 /// `$N` (each used once, in order, as [`Values::sql`] writes them) as
 /// MySQL's `?`, and no `RETURNING` (MySQL has none: the id is the insert's
