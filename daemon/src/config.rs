@@ -627,10 +627,16 @@ fn resolve_program(dir: &Path, program: &str) -> String {
     }
 }
 
-/// `sqlite://relative.db` in a config file is relative to the file's directory.
+/// `sqlite://relative.db` in a config file is relative to the file's
+/// directory, and so is `sqlite:relative.db` (sqlx reads both forms; the
+/// second was left relative to the working directory, so the daemon and the
+/// CLI, started from different ones, opened different files).
 fn resolve_sqlite_url(url: &str, dir: &Path) -> String {
-    match url.strip_prefix("sqlite://") {
-        Some(path) if !path.starts_with('/') && !path.starts_with(':') => {
+    let path = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"));
+    match path {
+        Some(path) if !path.is_empty() && !path.starts_with('/') && !path.starts_with(':') => {
             format!("sqlite://{}", dir.join(path).display())
         }
         _ => url.to_string(),
@@ -1056,5 +1062,21 @@ flows:
             config.tasks["T"].command.as_ref().unwrap()[0],
             dir.join("bin/t").to_string_lossy()
         );
+        let config = load("database_url: sqlite:data/q.db?mode=rwc\n").unwrap();
+        let dir = config
+            .file
+            .as_ref()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        assert_eq!(
+            config.database_url,
+            format!("sqlite://{}", dir.join("data/q.db?mode=rwc").display())
+        );
+        for kept in ["sqlite:/abs/q.db", "sqlite::memory:", "sqlite:///abs/q.db"] {
+            let config = load(&format!("database_url: '{kept}'\n")).unwrap();
+            assert_eq!(config.database_url, kept);
+        }
     }
 }
