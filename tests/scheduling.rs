@@ -18,6 +18,7 @@ both_backends!(
     a_cron_schedule_in_a_time_zone_enqueues_the_slot_of_its_clock,
     a_delayed_row_comes_due_while_a_backlog_fills_every_claim,
     a_released_row_postponed_by_the_application_waits_for_its_new_time,
+    a_failed_lookup_of_the_next_delay_is_retried_not_left_to_the_poll,
     a_burst_of_delayed_rows_is_shared_by_the_daemons,
     a_schedule_whose_request_the_database_refuses_holds_up_no_other,
     a_schedule_added_by_a_reload_starts_with_its_next_slot,
@@ -855,6 +856,36 @@ async fn a_released_row_postponed_by_the_application_waits_for_its_new_time(back
     );
     db.execute(&now).await;
     db.wait_for_state(later, "FINISHED", WAIT).await;
+    assert!(daemon.stop().success());
+}
+
+/// The lookup of when the next delayed row comes due fails (a connection
+/// reset, a failover; here each one for 1.5 s), on an idle daemon polling
+/// every minute:
+/// it is looked up again after a backoff, and the row runs on time. Before,
+/// nothing looked again until the next poll: the row started up to
+/// `poll_interval` late, and the outage stayed open in the log and in
+/// `status` until then.
+async fn a_failed_lookup_of_the_next_delay_is_retried_not_left_to_the_poll(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start_in_env(
+        &db,
+        "d",
+        "poll_interval: 60s\nheartbeat_interval: 60s\nlease_timeout: 120s\ntasks:\n  Record:\n    command: [/bin/true]\n",
+        &[("TASKRUNNER_TEST_FAIL_DELAY_LOOKUPS_MS", "1500")],
+    );
+    let inserted = std::time::Instant::now();
+    let id = db
+        .insert_row(NewRow::new("Record").delayed(backend, 2))
+        .await;
+    daemon.wait_for_log("the lookup of the next delayed row fails", WAIT);
+    db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert!(
+        inserted.elapsed() < Duration::from_secs(15),
+        "ran {:?} after its insert, delayed 2s",
+        inserted.elapsed()
+    );
+    daemon.wait_for_log("database available again", WAIT);
     assert!(daemon.stop().success());
 }
 

@@ -60,3 +60,25 @@ pub(crate) async fn wait_for_file_when_told(variable: &str) {
     }
     let _ = variable;
 }
+
+/// In a debug build, when the environment variable
+/// `TASKRUNNER_TEST_FAIL_DELAY_LOOKUPS_MS` gives milliseconds, every lookup
+/// of the next delayed row that finds one fails, for that long from the
+/// first (once per process): a test of a daemon whose lookup fails while a
+/// delayed row waits, past the wake-ups of its start.
+pub(crate) fn fail_delay_lookups_when_told<T>(
+    found: anyhow::Result<Option<T>>,
+) -> anyhow::Result<Option<T>> {
+    #[cfg(debug_assertions)]
+    if matches!(found, Ok(Some(_))) {
+        static FIRST: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let window = shortened(Duration::ZERO, "TASKRUNNER_TEST_FAIL_DELAY_LOOKUPS_MS");
+        if !window.is_zero() && FIRST.get_or_init(std::time::Instant::now).elapsed() < window {
+            tracing::info!("test hook: the lookup of the next delayed row fails");
+            return Err(anyhow::anyhow!(
+                "failed by TASKRUNNER_TEST_FAIL_DELAY_LOOKUPS_MS"
+            ));
+        }
+    }
+    found
+}

@@ -422,9 +422,14 @@ impl Scheduler {
                         if all_filled {
                             releases.at(Instant::now() + RELEASE_WHILE_BUSY_EVERY);
                         } else {
-                            let due = super::unless_stopping(&cancel, self.next_delay()).await;
-                            if let Some(due) = due.flatten() {
-                                releases.at(due);
+                            match super::unless_stopping(&cancel, self.next_delay()).await {
+                                Some(Ok(Some(due))) => releases.at(due),
+                                // Looked up again after a backoff: a release
+                                // then, and the lookup after its claim (before,
+                                // nothing did until the next poll, and a
+                                // delayed row ran up to `poll_interval` late).
+                                Some(Err(())) => releases.failed(),
+                                Some(Ok(None)) | None => {}
                             }
                         }
                     }
@@ -702,33 +707,38 @@ impl Scheduler {
     }
 
     /// When the earliest delayed row that waits comes due, to be released
-    /// then (never later than an hour, so that a clock step cannot park us).
-    async fn next_delay(&self) -> Option<Instant> {
-        match self
+    /// then (never later than an hour, so that a clock step cannot park us);
+    /// an error when the lookup failed (logged as an outage).
+    async fn next_delay(&self) -> Result<Option<Instant>, ()> {
+        let found = self
             .store
             .answered(self.store.seconds_until_next_delay())
-            .await
-        {
-            Ok(Some(seconds)) => {
-                self.health.succeeded("looking for delayed requests");
-                // A hair later than due, so the row's delay has passed on
-                // the database's clock too; a row due already is released now.
-                let hair = if seconds > 0.0 {
-                    Duration::from_millis(5)
-                } else {
-                    Duration::ZERO
-                };
-                Some(Instant::now() + Duration::from_secs_f64(seconds.clamp(0.0, 3600.0)) + hair)
-            }
-            Ok(None) => {
-                self.health.succeeded("looking for delayed requests");
-                None
-            }
-            Err(error) => {
-                self.health.failed("looking for delayed requests", &error);
-                None
-            }
-        }
+            .await;
+        Ok(
+            match crate::test_hooks::fail_delay_lookups_when_told(found) {
+                Ok(Some(seconds)) => {
+                    self.health.succeeded("looking for delayed requests");
+                    // A hair later than due, so the row's delay has passed on
+                    // the database's clock too; a row due already is released now.
+                    let hair = if seconds > 0.0 {
+                        Duration::from_millis(5)
+                    } else {
+                        Duration::ZERO
+                    };
+                    Some(
+                        Instant::now() + Duration::from_secs_f64(seconds.clamp(0.0, 3600.0)) + hair,
+                    )
+                }
+                Ok(None) => {
+                    self.health.succeeded("looking for delayed requests");
+                    None
+                }
+                Err(error) => {
+                    self.health.failed("looking for delayed requests", &error);
+                    return Err(());
+                }
+            },
+        )
     }
 }
 
