@@ -957,6 +957,14 @@ flows:
         );
         let message = format!("{:#}", load("user: no-such-user-here\n").unwrap_err());
         assert!(message.contains("no such user"), "{message}");
+        // More processes than Linux allows: every try's cgroup limit was
+        // refused by the kernel.
+        let message = format!("{:#}", load("max_processes: 5000000\n").unwrap_err());
+        assert!(
+            message.contains("max_processes") && message.contains("at most 4194304"),
+            "{message}"
+        );
+        assert!(load("max_processes: 4194304\n").is_ok());
         // A larger tail could make an outcome MariaDB refuses to store.
         let message = format!(
             "{:#}",

@@ -50,7 +50,7 @@ macro_rules! with_task_settings {
                 /// Processes of the whole try (its cgroup's pids limit), or
                 /// RLIMIT_NPROC (processes of the task's user, not enforced
                 /// for root) without one.
-                max_processes: Option<u64>, AtLeastOne, written u64, example "50" "20";
+                max_processes: Option<u64>, ProcessCount, written u64, example "50" "20";
                 /// CPU bandwidth of the whole try, in CPUs (`50%` is 0.5): its
                 /// cgroup's CPU quota; not enforced without a cgroup.
                 cpu_quota: Option<f64>, Optional, written f64 => "serde_units::percent",
@@ -263,13 +263,22 @@ impl<W: Zero> Rule<W, Option<W>> for OffAtZero {
     }
 }
 
-/// A count limit, at least 1.
-pub(super) struct AtLeastOne;
+/// The most processes Linux allows (`PID_MAX_LIMIT` on 64-bit kernels):
+/// a cgroup's `pids.max` refuses more.
+const MOST_PROCESSES: u64 = 4 * 1024 * 1024;
 
-impl Rule<u64, Option<u64>> for AtLeastOne {
+/// A process count limit, from 1 to [`MOST_PROCESSES`]. Above it, the
+/// kernel refused the try's cgroup limit at every start: every try of the
+/// type failed on hosts with cgroups, and passed `config check`.
+pub(super) struct ProcessCount;
+
+impl Rule<u64, Option<u64>> for ProcessCount {
     fn resolve(value: Option<u64>, _: &Partial, _: &Path) -> Result<Option<u64>, String> {
         match value {
             Some(0) => Err("must be at least 1".into()),
+            Some(count) if count > MOST_PROCESSES => Err(format!(
+                "must be at most {MOST_PROCESSES} (the most processes Linux allows; leave it out for no limit)"
+            )),
             value => Ok(value),
         }
     }
