@@ -1458,6 +1458,87 @@ async fn idle_web_connections_cannot_take_the_daemons_descriptors(backend: Backe
     assert!(daemon.stop().success());
 }
 
+/// Clients that send a request a byte at a time (a slowloris: one header
+/// byte every second, or a form's body a byte a second) held the page's
+/// places for ever: each byte restarted the idle bound, and 64 of them
+/// held every place, so the page and `/metrics` stopped answering. A
+/// request's head, and an action's body, must now arrive whole within a
+/// bound (30 s; 3 s here): the places are freed, and a scrape is served.
+async fn clients_sending_a_byte_at_a_time_cannot_hold_the_page(backend: Backend) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let db = TestDb::new(backend).await;
+    let id = insert_failed(&db, "a: 1").await;
+    let port = crate::util::free_port();
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!("http:\n  listen: 127.0.0.1:{port}\n"))
+        .env("TASKRUNNER_TEST_WEB_IDLE_TIMEOUT_MS", "5000")
+        .env("TASKRUNNER_TEST_WEB_REQUEST_WITHIN_MS", "3000")
+        .start();
+    daemon.wait_for_log("web page on http://", WAIT);
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let host = format!("Host: 127.0.0.1:{port}\r\n");
+    let mut slow: Vec<std::net::TcpStream> = Vec::new();
+    for n in 0..64 {
+        let mut stream = std::net::TcpStream::connect_timeout(&address, WAIT).unwrap();
+        let start = if n < 62 {
+            format!("GET / HTTP/1.1\r\n{host}")
+        } else {
+            format!(
+                "POST /requests/{id}/cancel HTTP/1.1\r\n{host}Origin: http://127.0.0.1:{port}\r\n\
+                 Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 200\r\n\r\n"
+            )
+        };
+        stream.write_all(start.as_bytes()).unwrap();
+        slow.push(stream);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let trickle = {
+        let (stop, closed) = (stop.clone(), closed.clone());
+        std::thread::spawn(move || {
+            let mut open: Vec<Option<std::net::TcpStream>> = slow.into_iter().map(Some).collect();
+            while !stop.load(Ordering::Relaxed) {
+                for stream in &mut open {
+                    if let Some(writer) = stream {
+                        if writer.write_all(b"X").is_err() {
+                            *stream = None;
+                            closed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1000));
+            }
+        })
+    };
+    // Asked while the 64 trickle: served once their bound frees the places.
+    let mut scrape = std::net::TcpStream::connect_timeout(&address, WAIT).unwrap();
+    scrape
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        scrape,
+        "GET /metrics HTTP/1.1\r\n{host}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    let read = scrape.read_to_string(&mut reply);
+    let trickled = closed.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    trickle.join().unwrap();
+    assert!(
+        read.is_ok(),
+        "no answer within 20 s: {read:?} ({trickled} slow clients cut off)"
+    );
+    assert!(
+        reply.contains("taskrunner_database_errors_total"),
+        "{reply}"
+    );
+    // The slow body was refused, not applied.
+    assert_eq!(db.row(id).await.result.as_deref(), Some("FAILED"));
+    assert!(daemon.stop().success());
+}
+
 /// Task types and queues are the rows' own text: an application that puts
 /// an id into either (`Report-4711`, a queue per customer) made a new
 /// label value, a new series of every per-type metric, for each row, held
@@ -1527,6 +1608,7 @@ both_backends!(
     metrics_count_finished_and_exhausted_tries,
     lag_of_a_backlog_enqueued_a_minute_ago,
     idle_web_connections_cannot_take_the_daemons_descriptors,
+    clients_sending_a_byte_at_a_time_cannot_hold_the_page,
     rows_naming_new_types_and_queues_do_not_grow_the_metrics_without_end,
 );
 

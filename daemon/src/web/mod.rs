@@ -279,6 +279,17 @@ const BACKLOG: u32 = 1024;
 /// well within it.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A request's head (its line and headers) must arrive whole within this,
+/// counted from the first wait for it (a keep-alive connection's idle time
+/// between requests included), and an action's body within as long from
+/// its head. Before, each byte restarted only the idle bound: a client
+/// sending a byte every 25 s held its place for ever, and 64 such held
+/// every place (the page and `/metrics` stopped answering).
+const REQUEST_WITHIN: Duration = Duration::from_secs(30);
+
+/// The largest action body read (a bulk action's ids at most, 10,000).
+const BODY_LIMIT: usize = 2 * 1024 * 1024;
+
 /// The page's listener: a connection is accepted once it has a place at
 /// the gate, and holds it until it closes or goes idle.
 struct Admitting {
@@ -292,27 +303,14 @@ struct Admitting {
 #[derive(Clone, Copy, Debug)]
 struct Remote(SocketAddr);
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Admitting>> for Remote {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, Admitting>) -> Remote {
-        Remote(*stream.remote_addr())
-    }
-}
-
-impl axum::serve::Listener for Admitting {
-    type Io = crate::connections::Held<tokio::net::TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
+impl Admitting {
+    async fn accept(&mut self) -> (crate::connections::Held<tokio::net::TcpStream>, SocketAddr) {
         let listener = &self.listener;
         let ((stream, address), place) = self.gate.admit(|| listener.accept()).await;
         (
             crate::connections::Held::new(stream, place, self.idle_timeout),
             address,
         )
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
     }
 }
 
@@ -342,7 +340,7 @@ impl Server {
             auth = self.web.has_auth(),
             "web page on http://{address}/"
         );
-        let listener = Admitting {
+        let mut listener = Admitting {
             listener: self.listener,
             gate: crate::connections::Gate::new("web page", MAX_CONNECTIONS),
             idle_timeout: crate::test_hooks::shortened(
@@ -350,14 +348,38 @@ impl Server {
                 "TASKRUNNER_TEST_WEB_IDLE_TIMEOUT_MS",
             ),
         };
-        axum::serve(
-            listener,
-            router(self.web).into_make_service_with_connect_info::<Remote>(),
-        )
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-        .context("serving the web page")
+        let head_within = request_within();
+        let routes = router(self.web);
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        loop {
+            let (stream, remote) = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stop.cancelled() => break,
+            };
+            let service = hyper_util::service::TowerToHyperService::new(
+                routes
+                    .clone()
+                    .layer(axum::Extension(axum::extract::ConnectInfo(Remote(remote)))),
+            );
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(head_within)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                // A client gone, or one past its bounds: nothing to report.
+                let _ = connection.await;
+            });
+        }
+        // The requests in flight end; idle connections close.
+        graceful.shutdown().await;
+        Ok(())
     }
+}
+
+/// [`REQUEST_WITHIN`] (shorter in the tests of it).
+fn request_within() -> Duration {
+    crate::test_hooks::shortened(REQUEST_WITHIN, "TASKRUNNER_TEST_WEB_REQUEST_WITHIN_MS")
 }
 
 /// Every route, behind the security layers.
@@ -436,6 +458,39 @@ async fn guard(State(web): State<Arc<Web>>, mut request: Request, next: Next) ->
                     .into_response(),
             );
         }
+    }
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        // The body read whole, within its bound, before any handler waits
+        // on it.
+        let (parts, body) = request.into_parts();
+        let bytes = match tokio::time::timeout(
+            request_within(),
+            axum::body::to_bytes(body, BODY_LIMIT),
+        )
+        .await
+        {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(_)) => {
+                return secure(
+                    (
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "refused: the request's body is too large, or was cut off\n",
+                    )
+                        .into_response(),
+                )
+            }
+            Err(_) => {
+                tracing::warn!(%remote, path = %parts.uri.path(), "web: a request's body did not arrive in time");
+                return secure(
+                    (
+                        StatusCode::REQUEST_TIMEOUT,
+                        "refused: the request's body did not arrive in time\n",
+                    )
+                        .into_response(),
+                );
+            }
+        };
+        request = Request::from_parts(parts, axum::body::Body::from(bytes));
     }
     request.extensions_mut().insert(Who { remote, user });
     secure(next.run(request).await)
