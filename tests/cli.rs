@@ -32,6 +32,7 @@ both_backends!(
     retry_of_a_row_whose_unique_key_is_held_names_the_holder_and_goes_on,
     list_filters_by_type_queue_host_and_state_and_shows_due_times,
     list_and_cancel_filter_by_batch,
+    cancel_of_a_fail_fast_batchs_members_cancels_each_and_exits_0,
     list_shows_the_tasks_own_error_without_progress_lines,
     retry_and_cancel_take_several_ids_or_a_filter,
     a_retry_by_filter_leaves_a_row_that_moved_on_since_it_was_selected,
@@ -1073,6 +1074,48 @@ async fn list_and_cancel_filter_by_batch(backend: Backend) {
     let (status, out, stderr) = cli(&db, &["retry", "--flow", "999999"]);
     assert_eq!(status, 0, "{stderr}");
     assert!(out.contains("no requests match"), "{out}");
+}
+
+/// `cancel --batch B` (or the members' ids) of a sealed fail-fast batch:
+/// the first member's cancel fails the batch fast, which cancels the
+/// other; that one was reported "already CANCELLED: nothing to cancel"
+/// and the command exited 1, though every row was cancelled as asked.
+async fn cancel_of_a_fail_fast_batchs_members_cancels_each_and_exits_0(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let id_of = |args: &[&str]| -> String {
+        let (status, stdout, stderr) = cli(&db, args);
+        assert_eq!(status, 0, "{stderr}");
+        stdout.trim().to_string()
+    };
+    let sealed_batch = || {
+        let batch = id_of(&["batch", "create", "--open", "--on-failure", "Alert"]);
+        let members = [
+            id_of(&["enqueue", "NoOp", "--batch", &batch]),
+            id_of(&["enqueue", "NoOp", "--batch", &batch]),
+        ];
+        id_of(&["batch", "seal", &batch]);
+        (batch, members)
+    };
+    let (by_filter, _) = sealed_batch();
+    let (by_ids, [first, second]) = sealed_batch();
+    for args in [
+        vec!["cancel", "--batch", by_filter.as_str()],
+        vec!["cancel", first.as_str(), second.as_str()],
+    ] {
+        let (status, out, stderr) = cli(&db, &args);
+        assert_eq!(status, 0, "{args:?}: {out}{stderr}");
+        assert!(out.contains("cancelled meanwhile"), "{out}");
+    }
+    for batch in [by_filter, by_ids] {
+        let cancelled = format!(
+            "SELECT count(*) FROM task_runner_requests WHERE batch_id = {batch} AND result = 'CANCELLED'"
+        );
+        assert_eq!(db.scalar(&cancelled).await, 2);
+    }
+    // A row cancelled before the command is still refused.
+    let (status, _, stderr) = cli(&db, &["cancel", first.as_str()]);
+    assert_eq!(status, 1);
+    assert!(stderr.contains("already CANCELLED"), "{stderr}");
 }
 
 async fn list_shows_the_tasks_own_error_without_progress_lines(backend: Backend) {

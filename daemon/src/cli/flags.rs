@@ -862,15 +862,37 @@ async fn run_one(
         Command::Cancel { selection, .. } => {
             let store = open(Purpose::Cli)?;
             let ids = select_ids(&store, selection).await?;
+            // Each row's state before this command's first cancel: a cancel
+            // can end others of the ids (a fail-fast batch cancels its other
+            // members, a flow its steps), which are then cancelled as asked,
+            // not refused (before, such a command exited 1).
+            let mut before = Vec::with_capacity(ids.len());
+            for (id, seen) in &ids {
+                before.push(match seen {
+                    Some(seen) => Some(seen.state.clone()),
+                    None => store
+                        .show(*id)
+                        .await?
+                        .map(|row| row.result.unwrap_or_else(|| "PENDING".into())),
+                });
+            }
             let mut refused = 0;
             let mut running = Vec::new();
-            for &(id, _) in &ids {
+            for (&(id, _), before) in ids.iter().zip(&before) {
                 match store.cancel(id).await? {
                     Change::Done => println!("request {id} cancelled"),
                     Change::Requested => running.push(id),
                     Change::NotFound => {
                         refused += 1;
                         eprintln!("taskrunner-cli: no request {id}");
+                    }
+                    Change::Refused(Some(state))
+                        if state == "CANCELLED"
+                            && before.as_ref().is_some_and(|was| was != "CANCELLED") =>
+                    {
+                        println!(
+                            "request {id} cancelled meanwhile (by the end of its batch or flow, or another cancel)"
+                        );
                     }
                     Change::Refused(state) => {
                         refused += 1;
