@@ -411,7 +411,7 @@ async fn waits_on_a_server_with_autocommit_off_see_the_end() {
 }
 
 /// A limited type's claim waits a while for another daemon's claim of that
-/// type (its named lock). It went on without the lock when the wait ran out
+/// type (its named lock, the database's own). It went on without the lock when the wait ran out
 /// (10 s), so that two daemons could count the type's running rows and
 /// claim at once, past its limit (with `lease_timeout: 30s` here, the row
 /// ran while the lock was held). It now claims none of the type's rows, and
@@ -422,11 +422,12 @@ async fn a_limited_types_claim_that_cannot_get_its_lock_claims_none_of_its_rows(
     use sqlx::Connection;
     let db = TestDb::new(Backend::MySql).await;
     let mut holder = sqlx::MySqlConnection::connect(&db.url).await.unwrap();
-    let got: Option<i64> =
-        sqlx::query_scalar("SELECT GET_LOCK(CONCAT('taskrunner:', SHA1('Limited')), 0)")
-            .fetch_one(&mut holder)
-            .await
-            .unwrap();
+    let got: Option<i64> = sqlx::query_scalar(
+        "SELECT GET_LOCK(CONCAT('taskrunner:', SHA1(CONCAT(DATABASE(), ':Limited'))), 0)",
+    )
+    .fetch_one(&mut holder)
+    .await
+    .unwrap();
     assert_eq!(got, Some(1));
     let mut daemon = Daemon::start(
         &db,
@@ -436,7 +437,23 @@ async fn a_limited_types_claim_that_cannot_get_its_lock_claims_none_of_its_rows(
     let id = db.enqueue("Limited", None).await;
     daemon.wait_for_log("claiming none of its rows this time", WAIT);
     assert_eq!(db.row(id).await.result, None, "claimed without the lock");
-    sqlx::query("DO RELEASE_LOCK(CONCAT('taskrunner:', SHA1('Limited')))")
+    // The lock is this database's own: a daemon of another database on the
+    // same server claims its own type of that name meanwhile (before, the
+    // lock's name was the server's, and it waited too).
+    let other = TestDb::new(Backend::MySql).await;
+    let mut other_daemon = Daemon::start(
+        &other,
+        "other",
+        "tasks:\n  Limited:\n    command: [/bin/true]\n    concurrency: 1\n",
+    );
+    let theirs = other.enqueue("Limited", None).await;
+    other.wait_for_state(theirs, "FINISHED", WAIT).await;
+    assert!(!other_daemon
+        .log_text()
+        .contains("claiming none of its rows"));
+    assert!(other_daemon.stop().success());
+    assert_eq!(db.row(id).await.result, None, "claimed without the lock");
+    sqlx::query("DO RELEASE_LOCK(CONCAT('taskrunner:', SHA1(CONCAT(DATABASE(), ':Limited'))))")
         .execute(&mut holder)
         .await
         .unwrap();

@@ -1075,12 +1075,13 @@ async fn hold_type_lock(db: &TestDb, task: &str) -> Box<dyn std::any::Any> {
         }
         Backend::MySql => {
             let mut connection = sqlx::MySqlConnection::connect(&db.url).await.unwrap();
-            let got: Option<i64> =
-                sqlx::query_scalar("SELECT GET_LOCK(CONCAT('taskrunner:', SHA1(?)), 5)")
-                    .bind(task)
-                    .fetch_one(&mut connection)
-                    .await
-                    .unwrap();
+            let got: Option<i64> = sqlx::query_scalar(
+                "SELECT GET_LOCK(CONCAT('taskrunner:', SHA1(CONCAT(DATABASE(), ':', ?))), 5)",
+            )
+            .bind(task)
+            .fetch_one(&mut connection)
+            .await
+            .unwrap();
             assert_eq!(got, Some(1));
             Box::new(connection)
         }

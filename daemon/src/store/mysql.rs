@@ -176,6 +176,17 @@ pub(crate) struct Query {
 }
 
 /// Starts a statement (the MySQL arm's `query` in `on_pool!`).
+/// The name of task type `$1`'s claim lock (`GET_LOCK`): lock names are the
+/// server's, so the database's own, as the migration's is. Before, it was
+/// `taskrunner:` and the type's SHA1 alone, and the claims of a type of one
+/// name waited for each other across every database on the server (two
+/// applications', or a test's and another's). At most 64 characters.
+macro_rules! type_lock {
+    () => {
+        "CONCAT('taskrunner:', SHA1(CONCAT(DATABASE(), ':', $1)))"
+    };
+}
+
 pub(crate) fn query(sql: impl sqlx::SqlSafeStr) -> Query {
     let sql = sql.into_sql_str();
     Query {
@@ -558,7 +569,7 @@ impl Store {
                 // Waits for another daemon's claim of this type, in whole
                 // seconds (see `type_lock_wait`).
                 let wait = self.type_lock_wait().as_secs();
-                let got: Option<i64> = query("SELECT GET_LOCK(CONCAT('taskrunner:', SHA1($1)), $2)")
+                let got: Option<i64> = query(concat!("SELECT GET_LOCK(", type_lock!(), ", $2)"))
                     .bind(task)
                     .bind(wait as i64)
                     .fetch_one(&mut *connection.connection)
@@ -578,7 +589,7 @@ impl Store {
                 .claim_mysql_transaction(&mut connection.connection, by, limit, filter, type_limit)
                 .await;
             if let Some(task) = lock {
-                let released = query("DO RELEASE_LOCK(CONCAT('taskrunner:', SHA1($1)))")
+                let released = query(concat!("DO RELEASE_LOCK(", type_lock!(), ")"))
                     .bind(task)
                     .execute(&mut *connection.connection)
                     .await;
