@@ -615,8 +615,13 @@ impl Scheduler {
             instance: &self.instance,
             host: &config.host_id,
         };
-        let mut all_filled = true;
+        // No queue to claim from (every one paused), or one at its limit
+        // (nothing asked of it): no sign that more rows wait, and the
+        // scheduler idles as after a claim that came back short (before, a
+        // release, a batch and a flow repair pass every 200 ms).
+        let mut all_filled = !queues.is_empty();
         for (queue, room) in queues {
+            all_filled &= room > 0;
             let mut left = Left {
                 room,
                 budget,
