@@ -430,9 +430,16 @@ impl Tasks {
     }
 
     /// The program's one-time initialization (load a model, read a large
-    /// config, connect to a service), run by [`serve`](Tasks::serve) before
-    /// the first task runs. Keep what it makes in a `static` (e.g. a
+    /// config, warm a cache), run by [`serve`](Tasks::serve) before the
+    /// first task runs. Keep what it makes in a `static` (e.g. a
     /// `std::sync::OnceLock`) for the tasks to use.
+    ///
+    /// Keep no open descriptor for the tasks (a connection, a file, a log
+    /// handle): a preloaded try starts with descriptors 0-2 only, as an
+    /// exec'd one does, so a connection the setup made is closed in every
+    /// try, and its number may be reused by the next file the task opens
+    /// (its writes would land there). Connect in the task, e.g. in a
+    /// `OnceLock` the task fills on first use.
     ///
     /// This is what preload (`preload: true` in the daemon's config) saves:
     /// a preloaded program runs its setup once, then forks a child for each

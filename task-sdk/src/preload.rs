@@ -282,12 +282,7 @@ fn set_up_child(request: &Request, fds: &[libc::c_int]) -> Result<(), &'static s
                 return Err("setting up stdio");
             }
         }
-        libc::syscall(
-            libc::SYS_close_range,
-            3 as libc::c_uint,
-            libc::c_uint::MAX,
-            0,
-        );
+        close_from_3();
         if libc::chdir(request.workdir.as_ptr()) != 0 {
             return Err("entering the working directory");
         }
@@ -427,9 +422,85 @@ fn receive(buffer: &mut [u8]) -> std::io::Result<Option<(usize, Fds)>> {
     }
 }
 
+/// Closes every descriptor from 3 up, in the try's child: `close_range`
+/// (Linux 5.9), else each one `/proc/self/fd` lists. The child never execs,
+/// so nothing else closes them: before, where `close_range` failed (a
+/// kernel before 5.9, which preload runs on from 5.3; a seccomp filter that
+/// refuses the call), the try kept the setup's descriptors and the parent's
+/// socket to the daemon.
+fn close_from_3() {
+    // SAFETY: closes descriptors of this single-threaded child.
+    let closed = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3 as libc::c_uint,
+            libc::c_uint::MAX,
+            0,
+        )
+    };
+    if closed != 0 {
+        close_listed_from_3();
+    }
+}
+
+/// [`close_from_3`] without `close_range`: each descriptor `/proc/self/fd`
+/// lists (read whole first: the listing's own descriptor is among them),
+/// else each below the soft limit (at most a million) where no `/proc` is
+/// mounted. A fork of a single-threaded process may allocate.
+fn close_listed_from_3() {
+    let listed: Option<Vec<libc::c_int>> = std::fs::read_dir("/proc/self/fd").ok().map(|dir| {
+        dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
+    });
+    let fds = listed.unwrap_or_else(|| {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes the struct given.
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        (3..limit.rlim_cur.min(1 << 20) as libc::c_int).collect()
+    });
+    for fd in fds.into_iter().filter(|&fd| fd > 2) {
+        // SAFETY: closing a descriptor of this process; one already closed
+        // (the listing's own) gives EBADF.
+        unsafe { libc::close(fd) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fallback where `close_range` fails leaves only 0-2 open, in a
+    /// forked child as the try's: the child's exit status says what it saw.
+    #[test]
+    fn without_close_range_every_descriptor_from_3_up_is_closed() {
+        let files: Vec<std::fs::File> = (0..5)
+            .map(|_| std::fs::File::open("/dev/null").unwrap())
+            .collect();
+        // SAFETY: a fork; the child only closes, lists and leaves.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            close_listed_from_3();
+            let left = std::fs::read_dir("/proc/self/fd").unwrap().count();
+            // 0-2 and the listing's own descriptor.
+            // SAFETY: leaving the forked child.
+            unsafe { libc::_exit(if left == 4 { 0 } else { 10 + left as i32 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status));
+        assert_eq!(
+            libc::WEXITSTATUS(status),
+            0,
+            "descriptors left: {}",
+            libc::WEXITSTATUS(status) - 10
+        );
+        drop(files);
+    }
 
     #[test]
     fn forking_is_refused_while_another_thread_lives() {
