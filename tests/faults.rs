@@ -3079,6 +3079,50 @@ async fn postgres_a_try_being_stopped_whose_row_stays_locked_is_killed_before_it
     assert!(daemon.stop().success());
 }
 
+/// PostgreSQL: an application's table with a foreign key to the requests
+/// (the README's way to keep a task's results) takes a `FOR KEY SHARE` lock
+/// on the request row with each INSERT, until its transaction commits. The
+/// renewal's `FOR UPDATE SKIP LOCKED` passed over such a row: a task that
+/// wrote its results in one transaction longer than the fencing deadline
+/// was killed (CRASHED, its try counted) at every try. The renewal takes
+/// `FOR NO KEY UPDATE`, which such a lock does not hold up, as the
+/// renewal's own UPDATE does not; the claims and releases too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_row_an_application_references_in_an_open_transaction_keeps_its_lease() {
+    let db = TestDb::new(Backend::Postgres).await;
+    db.execute("CREATE TABLE task_results (request_id bigint REFERENCES task_runner_requests(id))")
+        .await;
+    let gate = db.scratch.join("gate");
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "heartbeat_interval: 1s\nlease_timeout: 6s\nkill_grace: 1s\ntasks:\n  Gated:\n    command: [/bin/sh, -c, 'while [ ! -e {} ]; do sleep 0.05; done']\n",
+            gate.display()
+        ),
+    );
+    let id = db.insert_row(NewRow::new("Gated").try_limit(1)).await;
+    let pid = db.wait_for_pid(id, WAIT).await.pid.unwrap() as i32;
+    let inserting = db
+        .holding(&format!("BEGIN; INSERT INTO task_results VALUES ({id})"))
+        .await;
+    // Past the fencing deadline (6 - 1 - 1 = 4 s after the last renewal).
+    holds_for(
+        Duration::from_secs(6),
+        "the task to run on",
+        async || match process_exists(pid) {
+            true => Ok(()),
+            false => Err(Text(daemon.log_text())),
+        },
+    )
+    .await;
+    std::fs::write(&gate, "").unwrap();
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 1, "{row:?}");
+    drop(inserting);
+    assert!(daemon.stop().success());
+}
+
 /// PostgreSQL's lease renewal skips a row that another session holds
 /// locked (it must not wait for an application's transaction), while the
 /// daemon's other rows are renewed and its fence stays quiet. The locked

@@ -204,10 +204,17 @@ impl Dialect {
     }
 
     /// Locks the rows a select reads, passing over rows others hold locked.
+    /// Every such select is of rows the statement then updates, never their
+    /// key: on PostgreSQL `FOR NO KEY UPDATE`, the lock such an update takes,
+    /// which an application's INSERT into a table with a foreign key to the
+    /// row (`FOR KEY SHARE`, held until its commit) does not hold up (with
+    /// `FOR UPDATE`, the renewal passed over the row, and its try was killed
+    /// at the fencing deadline).
     pub(crate) fn skip_locked(self) -> &'static str {
         match self.0 {
             Backend::Sqlite => "",
-            Backend::Postgres | Backend::MySql => "FOR UPDATE SKIP LOCKED",
+            Backend::Postgres => "FOR NO KEY UPDATE SKIP LOCKED",
+            Backend::MySql => "FOR UPDATE SKIP LOCKED",
         }
     }
 
