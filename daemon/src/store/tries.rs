@@ -158,23 +158,33 @@ impl Store {
     /// Whether `outcome` is what row `id` holds now, under its claim: the
     /// outcome of a write whose answer was lost (the server committed it,
     /// the connection failed before saying so), which a second write finds
-    /// no longer RUNNING. A reaper's mark under the same claim has its own
-    /// result text.
+    /// no longer RUNNING: its state and text exactly, or the CANCELLED a
+    /// cancel that came meanwhile makes of them. A reaper's mark under the
+    /// same claim is not (before, any row whose text contained the
+    /// outcome's passed: an empty output, or a short one the reaper's text
+    /// happened to contain, and `run --record` said FINISHED of a row the
+    /// reaper had marked CRASHED).
     pub(crate) async fn holds_outcome(&self, outcome: &Outcome) -> Result<bool> {
-        let sql = "SELECT result_text FROM task_runner_requests \
+        let sql = "SELECT result, result_text FROM task_runner_requests \
                     WHERE id = $1 AND claim_token = $2 AND result <> 'RUNNING'";
-        Ok(on_pool!(self, pool => {
+        let held = on_pool!(self, pool => {
             let query = query(sqlx::AssertSqlSafe(sql))
                 .bind(outcome.id.0)
                 .bind(outcome.claim_token.as_str());
             match query.fetch_all(pool).await?.first() {
-                // A cancel that came meanwhile rewrites the state and wraps
-                // the text: the try's own text is in it.
-                Some(row) => row
-                    .opt_text(0)?
-                    .is_some_and(|text| text.contains(outcome.result_text.as_str())),
-                None => false,
+                Some(row) => Some((row.opt_text(0)?.unwrap_or_default(), row.opt_text(1)?.unwrap_or_default())),
+                None => None,
             }
+        });
+        let state = outcome.state.as_str();
+        Ok(held.is_some_and(|(result, text)| {
+            (result == state && text == outcome.result_text)
+                || (result == "CANCELLED"
+                    && text
+                        == format!(
+                            "cancelled by a user; the running try ended {state}: {}",
+                            outcome.result_text
+                        ))
         }))
     }
 
@@ -572,4 +582,72 @@ async fn record_postgres_batch(
             Write::Outcome(outcome) => outcomes_applied.contains(&outcome.id.0),
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::instance::ClaimToken;
+    use crate::store::Purpose;
+
+    /// A write whose answer was lost is checked against the row: held only
+    /// as written (or as a cancel made it), not by a reaper's CRASHED under
+    /// the same claim whose text happens to contain the outcome's.
+    #[tokio::test]
+    async fn an_outcome_is_held_as_written_not_by_a_reapers_mark_under_its_claim() {
+        let path = std::env::temp_dir().join(format!("taskrunner-holds-{}.db", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let store =
+            Store::open(&format!("sqlite://{}", path.display()), Purpose::Daemon).expect("open");
+        store.migrate().await.expect("migrate");
+        let pool = store.sqlite_pool().expect("a SQLite store").clone();
+        let set = |result: &str, text: &str| {
+            let pool = pool.clone();
+            let sql = format!(
+                "UPDATE task_runner_requests SET result = '{result}', result_text = '{text}', claim_token = 'tok' WHERE id = 1"
+            );
+            async move {
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+        };
+        sqlx::query("INSERT INTO task_runner_requests (task_class_name, tries) VALUES ('NoOp', 1)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let outcome = |state: State, text: &str| Outcome {
+            id: RequestId(1),
+            claim_token: ClaimToken::from_row("tok".into()),
+            state,
+            result_text: text.into(),
+            retry_after: None,
+            give_back_try: false,
+            composed: false,
+        };
+        let holds = |outcome: Outcome| {
+            let store = store.clone();
+            async move { store.holds_outcome(&outcome).await.unwrap() }
+        };
+        set("CRASHED", "its daemon died: reaped, boom").await;
+        assert!(
+            !holds(outcome(State::Finished, "")).await,
+            "an empty output"
+        );
+        assert!(
+            !holds(outcome(State::Failed, "boom")).await,
+            "a text the reaper's holds"
+        );
+        set("FINISHED", "").await;
+        assert!(holds(outcome(State::Finished, "")).await);
+        set(
+            "CANCELLED",
+            "cancelled by a user; the running try ended FAILED: boom",
+        )
+        .await;
+        assert!(holds(outcome(State::Failed, "boom")).await);
+        assert!(!holds(outcome(State::Failed, "oom")).await);
+        let _ = std::fs::remove_file(&path);
+    }
 }
