@@ -1279,6 +1279,47 @@ async fn postgres_restart_while_ten_tasks_run_loses_nothing(backend: Backend) {
     assert!(daemon.stop().success());
 }
 
+multi_host_backends!(a_crashed_member_whose_batch_an_application_holds_holds_up_no_other_reap);
+
+/// Two rows of a dead host: a member of a batch that an application's
+/// transaction holds (adding members, as the README shows), and a plain
+/// row after it. The reaper's pass waited for the batch's lock up to the
+/// call's bound, then ended: the plain row never ran again while the
+/// application's transaction lasted. The member is left for a later pass
+/// now, and the plain row runs.
+async fn a_crashed_member_whose_batch_an_application_holds_holds_up_no_other_reap(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let batch = db
+        .insert("INSERT INTO task_runner_batches (name) VALUES ('held') RETURNING id")
+        .await
+        .0;
+    let member = db
+        .insert_row(running_on_another_host(backend, "t1", 999_999, 600).batch(batch))
+        .await;
+    let plain = db
+        .insert_row(running_on_another_host(backend, "t2", 999_998, 600))
+        .await;
+    let held = db
+        .holding(&format!(
+            "BEGIN; SELECT id FROM task_runner_batches WHERE id = {batch} FOR UPDATE"
+        ))
+        .await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "heartbeat_interval: 1s\nkill_grace: 1s\nlease_timeout: 5s\nreap_interval: 1s\n",
+    );
+    db.wait_for_state(plain, "FINISHED", Duration::from_secs(15))
+        .await;
+    daemon.wait_for_log("not reaped in this pass", WAIT);
+    assert_eq!(db.row(member).await.result.as_deref(), Some("RUNNING"));
+    drop(held);
+    db.wait_for_state(member, "FINISHED", WAIT).await;
+    assert!(daemon.stop().success());
+}
+
 multi_host_backends!(daemon_that_loses_postgres_kills_its_tasks_before_the_lease_lapses);
 
 async fn daemon_that_loses_postgres_kills_its_tasks_before_the_lease_lapses(backend: Backend) {

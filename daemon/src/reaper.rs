@@ -104,11 +104,7 @@ pub(crate) async fn reap(
                     ));
                 }
             }
-            if dry_run
-                || store
-                    .answered(store.mark_crashed(row.id, row.claim_token.as_ref(), &reason, false))
-                    .await?
-            {
+            if dry_run || mark(store, row.id, row.claim_token.as_ref(), &reason, false).await? {
                 reaped.push(Reaped { id: row.id, reason });
             }
         }
@@ -136,11 +132,7 @@ pub(crate) async fn reap(
             row.given_back_before,
             host,
         );
-        if dry_run
-            || store
-                .answered(store.mark_crashed(row.id, row.claim_token.as_ref(), &reason, give_back))
-                .await?
-        {
+        if dry_run || mark(store, row.id, row.claim_token.as_ref(), &reason, give_back).await? {
             reaped.push(Reaped { id: row.id, reason });
         }
     }
@@ -170,15 +162,35 @@ pub(crate) async fn reap(
         } else {
             unrecorded(&lapsed, row.given_back_before, host)
         };
-        if dry_run
-            || store
-                .answered(store.mark_crashed(row.id, row.claim_token.as_ref(), &reason, give_back))
-                .await?
-        {
+        if dry_run || mark(store, row.id, row.claim_token.as_ref(), &reason, give_back).await? {
             reaped.push(Reaped { id: row.id, reason });
         }
     }
     Ok(reaped)
+}
+
+/// Marks row `id` crashed (see [`Store::mark_crashed`]): whether it was.
+/// A row whose batch or flow row an application's transaction holds is
+/// left for a later pass, and the pass goes on with the others. Before, the
+/// pass waited for that lock, up to the call's bound, and then ended: no
+/// crashed row after it ran again until the application committed.
+async fn mark(
+    store: &Store,
+    id: RequestId,
+    claim_token: Option<&crate::instance::ClaimToken>,
+    reason: &str,
+    give_back: bool,
+) -> Result<bool> {
+    match store
+        .answered(store.mark_crashed(id, claim_token, reason, give_back))
+        .await?
+    {
+        Ok(marked) => Ok(marked),
+        Err(locked) => {
+            tracing::info!(request = %id, "not reaped in this pass: {locked}; a later pass takes it");
+            Ok(false)
+        }
+    }
 }
 
 /// How a row is reaped whose daemon is gone (`what`: how it is known) and

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Result;
 use sqlx::query;
 
-use super::{Ending, Pool, RowExt, Store};
+use super::{Ending, Locks, ParentLocked, Pool, RowExt, Store};
 use crate::instance::ClaimToken;
 use crate::request::RequestId;
 
@@ -140,22 +140,27 @@ impl Store {
 
     /// Marks a row CRASHED if it still carries the claim token read before;
     /// it runs again at once (its try counts), or, with no tries left, is
-    /// exhausted: written by [`finalize`](Store::finalize) with what that
-    /// causes. With `give_back` the row is INTERRUPTED instead, its try not
-    /// counted (see `crate::reaper`).
+    /// exhausted: written by [`finalize_with`](Store::finalize_with) with
+    /// what that causes. With `give_back` the row is INTERRUPTED instead,
+    /// its try not counted (see `crate::reaper`). A row whose batch or flow
+    /// row another session holds locked (an application adding members) is
+    /// not waited for: `Err`, nothing written.
     pub(crate) async fn mark_crashed(
         &self,
         id: RequestId,
         claim_token: Option<&ClaimToken>,
         reason: &str,
         give_back: bool,
-    ) -> Result<bool> {
-        self.finalize(Ending::Crashed {
-            id,
-            claim_token,
-            reason,
-            give_back,
-        })
+    ) -> Result<Result<bool, ParentLocked>> {
+        self.finalize_with(
+            Ending::Crashed {
+                id,
+                claim_token,
+                reason,
+                give_back,
+            },
+            Locks::SetAside,
+        )
         .await
     }
 }
