@@ -33,6 +33,7 @@ both_backends!(
     list_filters_by_type_queue_host_and_state_and_shows_due_times,
     list_and_cancel_filter_by_batch,
     cancel_of_a_fail_fast_batchs_members_cancels_each_and_exits_0,
+    retry_of_a_filter_reads_only_the_rows_ids_not_their_outputs,
     list_shows_the_tasks_own_error_without_progress_lines,
     retry_and_cancel_take_several_ids_or_a_filter,
     a_retry_by_filter_leaves_a_row_that_moved_on_since_it_was_selected,
@@ -1116,6 +1117,54 @@ async fn cancel_of_a_fail_fast_batchs_members_cancels_each_and_exits_0(backend: 
     let (status, _, stderr) = cli(&db, &["cancel", first.as_str()]);
     assert_eq!(status, 1);
     assert!(stderr.contains("already CANCELLED"), "{stderr}");
+}
+
+/// `retry --result FAILED` (and `cancel` of a filter) read every column
+/// of every matching row at once, their outputs too: 400 failed rows with
+/// 256 KiB of output each made the command's memory pass 100 MiB (200,000
+/// such rows, 50 GB). It reads their ids, states and tries now.
+async fn retry_of_a_filter_reads_only_the_rows_ids_not_their_outputs(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let output = match backend {
+        Backend::Sqlite => "printf('%.*c', 262144, 'x')",
+        Backend::Postgres | Backend::MySql => "repeat('x', 262144)",
+    };
+    let failed = NewRow::new("NoOp")
+        .text("result", "FAILED")
+        .number("tries", 1)
+        .sql("result_text", output);
+    db.insert_copies(failed, 400).await;
+    let mut child = std::process::Command::new(crate::util::CLI)
+        .args([
+            "--database-url",
+            db.url.as_str(),
+            "retry",
+            "--result",
+            "FAILED",
+        ])
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut status = 0;
+    // SAFETY: wait4 on our own child, into locals.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let reaped = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(reaped, child.id() as i32);
+    let said = std::io::read_to_string(stderr).unwrap_or_default();
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{said}"
+    );
+    let peak_mib = usage.ru_maxrss / 1024;
+    assert!(peak_mib < 64, "the command's peak memory: {peak_mib} MiB");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM task_runner_requests WHERE result IS NULL")
+            .await,
+        400
+    );
 }
 
 async fn list_shows_the_tasks_own_error_without_progress_lines(backend: Backend) {

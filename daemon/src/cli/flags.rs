@@ -1093,16 +1093,16 @@ async fn select_ids(store: &Store, selection: Selection) -> Result<Vec<(RequestI
     let by_filter = ids.is_empty();
     let ids: Vec<(RequestId, Option<Seen>)> = if by_filter {
         store
-            .list_where(&filter.query(i64::MAX))
+            .select_where(&filter.query(i64::MAX))
             .await?
-            .iter()
+            .into_iter()
             .rev()
-            .map(|row| {
+            .map(|(id, result, tries)| {
                 let seen = Seen {
-                    state: row.result.clone().unwrap_or_else(|| "PENDING".into()),
-                    tries: row.tries,
+                    state: result.unwrap_or_else(|| "PENDING".into()),
+                    tries,
                 };
-                (RequestId(row.id), Some(seen))
+                (id, Some(seen))
             })
             .collect()
     } else {

@@ -389,6 +389,25 @@ const JSON_TEXT_255: &str = "VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_
 /// The runnable rule of SPEC.md, minus the delay (added where it applies).
 /// It is the predicate of the partial index `task_runner_requests_runnable`
 /// (migration 0003), written identically so that planners use the index.
+/// The filter of `list`, `retry` and `cancel` (`$2` type, `$3` queue, `$4`
+/// host, `$5` state or a word for several, `$6` batch, `$7` flow: each ''
+/// or 0 for any), newest first, at most `$1` rows.
+fn list_filter() -> String {
+    format!(
+        "WHERE ($2 = '' OR task_class_name = $2) AND ($3 = '' OR queue = $3) \
+           AND ($4 = '' OR host = $4) \
+           AND ($6 = 0 OR batch_id = $6 OR callback_of_batch = $6) \
+           AND ($7 = 0 OR flow_id = $7) \
+           AND ($5 = '' \
+                OR ($5 = 'pending' AND result IS NULL) \
+                OR ($5 = 'retrying' AND {RUNNABLE} AND result IS NOT NULL) \
+                OR ($5 = 'exhausted' AND result IN ('FAILED', 'CRASHED', 'TIMEOUT') \
+                    AND tries >= try_limit) \
+                OR result = $5) \
+         ORDER BY id DESC LIMIT $1"
+    )
+}
+
 pub(crate) const RUNNABLE: &str = "pid IS NULL \
      AND (result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED')) \
      AND tries < try_limit";
@@ -669,6 +688,9 @@ pub struct Sql {
     /// `pending` (never run), `retrying` (failed, will run again),
     /// `exhausted`).
     pub(crate) list_where: String,
+    /// [`list_where`](Sql::list_where)'s rows, only their id, result and
+    /// tries: what `retry` and `cancel` of a filter act on.
+    pub(crate) select_where: String,
     pub(crate) list_all: String,
     pub(crate) list_pending: String,
     pub(crate) list_by_result: String,
@@ -1342,19 +1364,12 @@ impl Sql {
             ),
             show: format!("{select_requests} WHERE id = $1"),
             select_requests: select_requests.clone(),
-            list_where: format!(
-                "{select_requests} \
-                  WHERE ($2 = '' OR task_class_name = $2) AND ($3 = '' OR queue = $3) \
-                    AND ($4 = '' OR host = $4) \
-                    AND ($6 = 0 OR batch_id = $6 OR callback_of_batch = $6) \
-                    AND ($7 = 0 OR flow_id = $7) \
-                    AND ($5 = '' \
-                         OR ($5 = 'pending' AND result IS NULL) \
-                         OR ($5 = 'retrying' AND {RUNNABLE} AND result IS NOT NULL) \
-                         OR ($5 = 'exhausted' AND result IN ('FAILED', 'CRASHED', 'TIMEOUT') \
-                             AND tries >= try_limit) \
-                         OR result = $5) \
-                  ORDER BY id DESC LIMIT $1"
+            list_where: format!("{select_requests} {}", list_filter()),
+            select_where: format!(
+                "SELECT {}, result, {} FROM task_runner_requests {}",
+                int("id"),
+                int("tries"),
+                list_filter()
             ),
             list_all: format!("{select_requests} ORDER BY id DESC LIMIT $1"),
             list_pending: format!("{select_requests} WHERE result IS NULL ORDER BY id DESC LIMIT $1"),
