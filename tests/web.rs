@@ -1380,6 +1380,20 @@ async fn metrics_count_finished_and_exhausted_tries(backend: Backend) {
 
 async fn lag_of_a_backlog_enqueued_a_minute_ago(backend: Backend) {
     let db = TestDb::new(backend).await;
+    // First, a row that failed an hour ago and whose retry came due 2 s
+    // ago: the lowest id, but not the row that waited longest. The lag was
+    // that row's (2 s) while the backlog behind it waited a minute, and a
+    // lag alert stayed quiet while tries failed; it is the longest wait
+    // now, among the first 1,000 rows by id.
+    db.insert_row(
+        NewRow::new("Backlog")
+            .queue("mail")
+            .text("result", "FAILED")
+            .number("tries", 1)
+            .created_ago(backend, 3600)
+            .delayed(backend, -2),
+    )
+    .await;
     for _ in 0..100 {
         db.insert_row(
             NewRow::new("Backlog")

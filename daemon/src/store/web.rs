@@ -23,6 +23,10 @@ pub(crate) const PAGE_SIZE: i64 = 50;
 /// At most this many rows are changed by one bulk action.
 pub(crate) const BULK_LIMIT: i64 = 10_000;
 
+/// A queue's lag is the longest wait among its first this many runnable
+/// rows by id (a bounded read on a table of millions).
+const LAG_AMONG: i64 = 1_000;
+
 /// The part of the runnable rule that partial indexes carry (sql::RUNNABLE).
 use super::sql::RUNNABLE;
 
@@ -250,13 +254,18 @@ impl Store {
     /// [`OPEN_PARTS`]) and its lag.
     pub(crate) async fn queue_stats(&self, queue: &str, cap: i64) -> Result<QueueStats> {
         let now = self.dialect().now();
+        // The longest wait since a row became runnable (its creation, or
+        // its delay's end: a retry's backoff), among the first rows by id:
+        // a bounded read. Before, the wait of the lowest id alone, which is
+        // often a retried row whose backoff just ended, and the lag read
+        // seconds while a backlog behind it waited minutes.
         let lag = format!(
-            "SELECT {} - {} FROM task_runner_requests \
-              WHERE queue = $1 AND {RUNNABLE} AND (delay_until IS NULL OR delay_until <= {now}) \
-              ORDER BY id LIMIT 1",
+            "SELECT {} - {} FROM ( \
+               SELECT coalesce(delay_until, created_at) AS became FROM task_runner_requests \
+                WHERE queue = $1 AND {RUNNABLE} AND (delay_until IS NULL OR delay_until <= {now}) \
+                ORDER BY id LIMIT {LAG_AMONG}) AS due",
             self.dialect().epoch_seconds(now),
-            self.dialect()
-                .epoch_seconds("coalesce(delay_until, created_at)")
+            self.dialect().epoch_seconds("min(became)")
         );
         let mut stats = QueueStats {
             queue: queue.to_string(),
