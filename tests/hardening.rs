@@ -1155,32 +1155,20 @@ async fn truncated_output_says_it_was_cut(backend: Backend) {
 /// could pick the daemon. Now a task's is higher than its daemon's.
 async fn the_oom_killer_prefers_a_task_to_its_daemon(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let extra = "tasks:\n  Scores:\n    command: [/bin/sh, -c, 'cat /proc/self/oom_score_adj /proc/$PPID/oom_score_adj']\n";
-    // As root (the daemon lowers its own), and, where the test runs as
-    // root, as `nobody` (its tasks raise theirs: the daemon writes it once
-    // they have exec'd; before, the child's write was refused, and task
-    // and daemon kept the same score).
-    let mut daemons = vec![Daemon::start(&db, "d", extra)];
-    if nix::unistd::geteuid().is_root() {
-        daemons.push(Daemon::start_as(
-            &db,
-            "n",
-            extra,
-            &[],
-            scratch_for_nobody(&db, "n"),
-        ));
-    }
-    for daemon in &mut daemons {
-        let id = db.enqueue("Scores", None).await;
-        let text = db
-            .wait_for_state(id, "FINISHED", WAIT)
-            .await
-            .result_text
-            .unwrap();
-        let scores: Vec<i32> = text.lines().map(|l| l.trim().parse().unwrap()).collect();
-        assert!(scores[0] > scores[1], "task, daemon: {scores:?}");
-        assert!(daemon.stop().success());
-    }
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        "tasks:\n  Scores:\n    command: [/bin/sh, -c, 'cat /proc/self/oom_score_adj /proc/$PPID/oom_score_adj']\n",
+    );
+    let id = db.enqueue("Scores", None).await;
+    let text = db
+        .wait_for_state(id, "FINISHED", WAIT)
+        .await
+        .result_text
+        .unwrap();
+    let scores: Vec<i32> = text.lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert!(scores[0] > scores[1], "task, daemon: {scores:?}");
+    assert!(daemon.stop().success());
 }
 
 /// On a PostgreSQL database whose server encoding is not UTF-8

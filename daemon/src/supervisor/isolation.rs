@@ -43,7 +43,17 @@ fn protect() -> String {
                 // Lowering needs CAP_SYS_RESOURCE; raising the tasks' does not.
                 let raised = (started + OOM_MARGIN).min(1000);
                 let _ = TASK_OOM_SCORE_ADJ.set(raised);
-                format!("oom_score_adj {started}, tasks {raised}")
+                if nix::unistd::geteuid().is_root() {
+                    format!("oom_score_adj {started}, tasks {raised}")
+                } else {
+                    // The child of a daemon that is not dumpable has root's
+                    // `/proc` files until its exec: its write is refused (a
+                    // preloaded program's child, of a dumpable parent, makes
+                    // it). Said so rather than claimed.
+                    format!(
+                        "oom_score_adj {started}, preloaded tasks {raised}, exec'd tasks {started}"
+                    )
+                }
             }
         }
         None => "oom_score_adj unknown".to_string(),
@@ -66,19 +76,9 @@ fn read_oom_score_adj() -> Option<i32> {
         .ok()
 }
 
-/// The `oom_score_adj` a task process gets.
+/// The `oom_score_adj` a task process sets for itself before exec.
 pub(crate) fn task_oom_score_adj() -> Option<i32> {
     TASK_OOM_SCORE_ADJ.get().copied()
-}
-
-/// Whether the daemon writes a task's `oom_score_adj` once it has exec'd,
-/// rather than the child before: a daemon that is not root. Its child
-/// shares its memory until the exec, and so is not dumpable either, and
-/// the `/proc` files of a process that is not dumpable are root's: the
-/// child's write was refused, and the tasks of a daemon run as a user of
-/// its own kept its score (before; the start line said otherwise).
-pub(crate) fn task_oom_score_adj_after_exec() -> bool {
-    !nix::unistd::geteuid().is_root()
 }
 
 /// A warning when a daemon running as root would run task types as root:

@@ -41,7 +41,6 @@ pub(crate) fn child_limits(settings: &TaskSettings) -> super::spawner::ChildLimi
         nice: settings.nice.or_else(super::priority::task_nice),
         open_files: super::resources::task_open_files(),
         oom_score_adj: super::isolation::task_oom_score_adj(),
-        oom_score_adj_after_exec: super::isolation::task_oom_score_adj_after_exec(),
     }
 }
 

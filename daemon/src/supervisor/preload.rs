@@ -534,7 +534,6 @@ impl Parent {
             limits: super::spawner::ChildLimits {
                 open_files: recipe.limits.open_files,
                 oom_score_adj: recipe.limits.oom_score_adj,
-                oom_score_adj_after_exec: recipe.limits.oom_score_adj_after_exec,
                 ..Default::default()
             },
             stdin: Vec::new(),

@@ -148,10 +148,6 @@ pub(crate) struct ChildLimits {
     pub(crate) open_files: Option<(u64, u64)>,
     /// Written to `/proc/self/oom_score_adj` (see isolation.rs).
     pub(crate) oom_score_adj: Option<i32>,
-    /// The daemon writes `oom_score_adj` into `/proc/<pid>/` once the task
-    /// has exec'd, not the child before: a daemon that is not root cannot
-    /// have its child write its own (see [`super::isolation`]).
-    pub(crate) oom_score_adj_after_exec: bool,
 }
 
 /// A started task process: its pid, its pipes, and a pidfd to wait on.
@@ -1211,16 +1207,6 @@ fn start(
         let step = STEPS.get(step).copied().unwrap_or("starting");
         return Err(io::Error::new(error.kind(), format!("{step}: {error}")));
     }
-    if let (Some(adjust), true) = (
-        recipe.limits.oom_score_adj,
-        recipe.limits.oom_score_adj_after_exec,
-    ) {
-        // Exec'd: its own mm, dumpable, its `/proc` files its (and the
-        // daemon's) user's. Best effort, as in the child.
-        if let Ok(path) = std::ffi::CString::new(format!("/proc/{pid}/oom_score_adj")) {
-            write_oom_score_adj(&path, adjust);
-        }
-    }
     // Our own child, not yet reaped.
     let pidfd = match pidfd_open(pid as u32) {
         Ok(pidfd) => pidfd,
@@ -1302,9 +1288,7 @@ extern "C" fn child_main(raw: *mut libc::c_void) -> libc::c_int {
         // Before the credentials change: going back up from a lowered
         // value needs the daemon's privilege. Best effort.
         if let Some(adjust) = args.limits.oom_score_adj {
-            if !args.limits.oom_score_adj_after_exec {
-                write_oom_score_adj(c"/proc/self/oom_score_adj", adjust);
-            }
+            write_oom_score_adj(adjust);
         }
         // Before it too: a nice value below the one inherited (the daemon
         // raised itself) needs the privilege the change drops. (After it,
@@ -1409,9 +1393,9 @@ extern "C" fn child_main(raw: *mut libc::c_void) -> libc::c_int {
     }
 }
 
-/// Writes `value` to `path` (an `oom_score_adj`), in the child too: no
+/// Writes `value` to `/proc/self/oom_score_adj`, in the child: no
 /// allocation, only open, write and close.
-fn write_oom_score_adj(path: &std::ffi::CStr, value: i32) {
+fn write_oom_score_adj(value: i32) {
     let mut digits = [0u8; 12];
     let mut at = digits.len();
     let mut rest = value.unsigned_abs();
@@ -1429,7 +1413,10 @@ fn write_oom_score_adj(path: &std::ffi::CStr, value: i32) {
     }
     // SAFETY: open, write and close on a constant path and a local buffer.
     unsafe {
-        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        let fd = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
         if fd >= 0 {
             libc::write(fd, digits[at..].as_ptr().cast(), digits.len() - at);
             libc::close(fd);
