@@ -240,6 +240,9 @@ impl Scheduler {
         let mut tally = Tally::default();
         let mut claim_counter: u64 = 0;
         let mut backoff = Backoff::default();
+        // Between lookups of the next delay that fail (its own: a release
+        // that works resets the releases' backoff).
+        let mut lookups = Backoff::default();
         // Claiming pauses while the daemon is short of resources to start tasks.
         let mut short = Shortage::default();
         let mut last_repair: Option<Instant> = None;
@@ -423,13 +426,20 @@ impl Scheduler {
                             releases.at(Instant::now() + RELEASE_WHILE_BUSY_EVERY);
                         } else {
                             match super::unless_stopping(&cancel, self.next_delay()).await {
-                                Some(Ok(Some(due))) => releases.at(due),
+                                Some(Ok(due)) => {
+                                    lookups.reset();
+                                    if let Some(due) = due {
+                                        releases.at(due);
+                                    }
+                                }
                                 // Looked up again after a backoff: a release
                                 // then, and the lookup after its claim (before,
                                 // nothing did until the next poll, and a
                                 // delayed row ran up to `poll_interval` late).
-                                Some(Err(())) => releases.failed(),
-                                Some(Ok(None)) | None => {}
+                                Some(Err(())) => {
+                                    releases.at(Instant::now() + lookups.next_delay());
+                                }
+                                None => {}
                             }
                         }
                     }
@@ -615,13 +625,17 @@ impl Scheduler {
             instance: &self.instance,
             host: &config.host_id,
         };
-        // No queue to claim from (every one paused), or one at its limit
-        // (nothing asked of it): no sign that more rows wait, and the
-        // scheduler idles as after a claim that came back short (before, a
-        // release, a batch and a flow repair pass every 200 ms).
-        let mut all_filled = !queues.is_empty();
+        // No queue asked for a row (every one paused, or at its limit): no
+        // sign that more rows wait, and the scheduler idles as after a
+        // claim that came back short (before, a release, a batch and a
+        // flow repair pass every 200 ms). A queue at its limit beside
+        // others whose claims fill leaves the round filled.
+        let mut all_filled = true;
+        // (Without `queues:`, the one claim's budget is the daemon's; every
+        // paused queue is `nothing_open` below.)
+        let mut asked_any = config.queues.is_empty();
         for (queue, room) in queues {
-            all_filled &= room > 0;
+            asked_any |= room > 0;
             let mut left = Left {
                 room,
                 budget,
@@ -664,7 +678,7 @@ impl Scheduler {
                 .await?;
             (budget, slots) = (left.budget, left.slots);
         }
-        Ok(all_filled)
+        Ok(all_filled && asked_any)
     }
 
     /// Claims rows of each of the `limited` types (with a concurrency
