@@ -177,14 +177,18 @@ impl Store {
             }
         });
         let state = outcome.state.as_str();
+        // As written, or as a cancel made it, or as the end of its batch did
+        // (`no_try_after_the_batch`: no further try once the batch ended).
+        let batch_ended = format!(" has ended, so no further try\n{}", outcome.result_text);
         Ok(held.is_some_and(|(result, text)| {
             (result == state && text == outcome.result_text)
                 || (result == "CANCELLED"
-                    && text
+                    && (text
                         == format!(
                             "cancelled by a user; the running try ended {state}: {}",
                             outcome.result_text
-                        ))
+                        )
+                        || (text.starts_with("cancelled: batch ") && text.ends_with(&batch_ended))))
         }))
     }
 
@@ -644,6 +648,13 @@ mod tests {
         set(
             "CANCELLED",
             "cancelled by a user; the running try ended FAILED: boom",
+        )
+        .await;
+        assert!(holds(outcome(State::Failed, "boom")).await);
+        assert!(!holds(outcome(State::Failed, "oom")).await);
+        set(
+            "CANCELLED",
+            "cancelled: batch 7 has ended, so no further try\nboom",
         )
         .await;
         assert!(holds(outcome(State::Failed, "boom")).await);
