@@ -41,17 +41,18 @@ fn explain<T: DeserializeOwned>(value: &Value, error: serde_yaml::Error) -> Stri
     }
 }
 
-/// Drops Ruby's tags (`!ruby/hash:…`, `!ruby/sym`, `!ruby/object:…`) and
-/// YAML's global ones (`!!python/…`, `!!str`), and the leading colon of
-/// Ruby symbol keys, at any depth. Other tags are kept: they are how
-/// serde_yaml writes an enum's variant with data (`mode: !Crop 5`), which
-/// `Enqueue::new` writes and `T` reads back (before, they were dropped too,
-/// and such options were REJECTED by the task that wrote them).
+/// Drops tags and the leading colon of Ruby symbol keys, at any depth, but
+/// for a tag that names an enum's variant as Rust spells one (`!Crop`: a
+/// capital, then letters, digits and `_`): that is how serde_yaml writes a
+/// variant with data (`mode: !Crop 5`), which `Enqueue::new` writes and `T`
+/// reads back (before, it was dropped too, and such options were REJECTED
+/// by the task that wrote them). Ruby's tags (`!ruby/hash:…`, `!ruby/sym`,
+/// `!binary` for a string that is not UTF-8) and other lower-case ones are
+/// dropped, as before.
 fn normalize(value: Value) -> Value {
     match value {
         Value::Tagged(tagged) => {
-            let tag = tagged.tag.to_string();
-            if tag.starts_with("!ruby/") || tag.starts_with("!!") || tag.starts_with("tag:") {
+            if !names_a_variant(&tagged.tag.to_string()) {
                 normalize(tagged.value)
             } else {
                 Value::Tagged(Box::new(serde_yaml::value::TaggedValue {
@@ -70,6 +71,13 @@ fn normalize(value: Value) -> Value {
         Value::String(text) => Value::String(text),
         other => other,
     }
+}
+
+/// Whether `tag` (`!Name`) names an enum variant as Rust spells one.
+fn names_a_variant(tag: &str) -> bool {
+    let name = tag.strip_prefix('!').unwrap_or(tag);
+    name.starts_with(|c: char| c.is_ascii_uppercase())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn normalize_key(key: Value) -> Value {
@@ -124,11 +132,14 @@ mod tests {
         let yaml = serde_yaml::to_string(&written).unwrap();
         assert!(yaml.contains("!Crop"), "{yaml}");
         assert_eq!(parse_options::<Opts>(yaml.as_bytes()), Ok(written));
-        // Python's and YAML's global tags are dropped, as Ruby's are.
-        let python = b"!!python/object:__main__.Opts\nname: thumb\ntags: [!!str a]\n";
+        // Ruby's `!binary`, Python's and YAML's global tags are dropped, as
+        // Ruby's others are: a field read as any value sees the plain one.
+        let python = b"!!python/object:__main__.Opts\nname: !binary dGh1bWI=\ntags: [!!str a]\n";
         let options: Options = parse_options(python).unwrap();
-        assert_eq!(options.name, "thumb");
+        assert_eq!(options.name, "dGh1bWI=");
         assert_eq!(options.tags, vec!["a".to_string()]);
+        let any: serde_yaml::Value = parse_options(b"blob: !binary AAE=\n").unwrap();
+        assert_eq!(any["blob"], serde_yaml::Value::String("AAE=".into()));
     }
 
     #[test]
