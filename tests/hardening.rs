@@ -2280,9 +2280,12 @@ async fn status_and_metrics_of_a_stopped_daemon_give_up_after_a_bound(backend: B
     let config = daemon.config.display().to_string();
     let (status, _, stderr) = cli(&db, &["--config", &config, "status"]);
     assert_eq!(status, 0, "{stderr}");
+    // A waiting row, for the table's gauges (delayed: the daemon leaves it),
+    // written before the stop: a daemon stopped in its own write could hold
+    // the lock an insert waits for.
+    db.insert_row(NewRow::new("NoOp").delayed(backend, 3600))
+        .await;
     kill(Pid::from_raw(daemon.pid()), Signal::SIGSTOP).unwrap();
-    // A waiting row, for the table's gauges.
-    db.enqueue("NoOp", None).await;
     let asked = |command: &str| {
         let mut child = std::process::Command::new(CLI)
             .args([
