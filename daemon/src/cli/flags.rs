@@ -870,10 +870,7 @@ async fn run_one(
             for (id, seen) in &ids {
                 before.push(match seen {
                     Some(seen) => Some(seen.state.clone()),
-                    None => store
-                        .show(*id)
-                        .await?
-                        .map(|row| row.result.unwrap_or_else(|| "PENDING".into())),
+                    None => store.state_of(*id).await?,
                 });
             }
             let mut refused = 0;

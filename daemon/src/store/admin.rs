@@ -187,7 +187,18 @@ impl Store {
         }))
     }
 
-    /// The rows `query` selects, newest first.
+    /// Row `id`'s state (`PENDING` for a row never run), or `None` where no
+    /// such row is: read alone, without its options and outputs.
+    pub(crate) async fn state_of(&self, id: RequestId) -> Result<Option<String>> {
+        let sql = "SELECT coalesce(result, 'PENDING') FROM task_runner_requests WHERE id = $1";
+        Ok(on_pool!(self, pool => {
+            match query(sql).bind(id.0).fetch_all(pool).await?.first() {
+                Some(row) => Some(row.text(0)?),
+                None => None,
+            }
+        }))
+    }
+
     /// The rows [`list_where`](Store::list_where) lists, only their id,
     /// result and tries: `retry` and `cancel` of a filter act on
     /// thousands of rows whose options and outputs they need not read
@@ -215,6 +226,7 @@ impl Store {
         }))
     }
 
+    /// The rows `list` selects, newest first.
     pub(crate) async fn list_where(&self, list: &ListQuery) -> Result<Vec<Request>> {
         let text = |value: &Option<String>| value.clone().unwrap_or_default();
         Ok(on_pool!(self, pool => {

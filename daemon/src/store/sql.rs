@@ -386,9 +386,6 @@ const RETRY: &str = "UPDATE task_runner_requests \
 /// type or queue named in Japanese matched no row, and ran).
 const JSON_TEXT_255: &str = "VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin";
 
-/// The runnable rule of SPEC.md, minus the delay (added where it applies).
-/// It is the predicate of the partial index `task_runner_requests_runnable`
-/// (migration 0003), written identically so that planners use the index.
 /// The filter of `list`, `retry` and `cancel` (`$2` type, `$3` queue, `$4`
 /// host, `$5` state or a word for several, `$6` batch, `$7` flow: each ''
 /// or 0 for any), newest first, at most `$1` rows.
@@ -408,6 +405,9 @@ fn list_filter() -> String {
     )
 }
 
+/// The runnable rule of SPEC.md, minus the delay (added where it applies).
+/// It is the predicate of the partial index `task_runner_requests_runnable`
+/// (migration 0003), written identically so that planners use the index.
 pub(crate) const RUNNABLE: &str = "pid IS NULL \
      AND (result IS NULL OR result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED')) \
      AND tries < try_limit";
