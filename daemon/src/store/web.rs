@@ -265,7 +265,8 @@ impl Store {
                 WHERE queue = $1 AND {RUNNABLE} AND (delay_until IS NULL OR delay_until <= {now}) \
                 ORDER BY id LIMIT {LAG_AMONG}) AS due",
             self.dialect().epoch_seconds(now),
-            self.dialect().epoch_seconds("min(became)")
+            // Each row's time as a number first: SQLite's are text.
+            format!("min({})", self.dialect().epoch_seconds("became"))
         );
         let mut stats = QueueStats {
             queue: queue.to_string(),
