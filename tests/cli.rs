@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use taskrunner::request::RequestId;
 
 use crate::util::{
-    bare_cli, cli, poll, spawn_cli, wait_until, within, Backend, Daemon, NewRow, PrivateServer,
-    Scratch, TestDb, CLI,
+    bare_cli, cli, holds_for, poll, spawn_cli, wait_until, within, Backend, Daemon, NewRow,
+    PrivateServer, Scratch, TestDb, CLI,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -43,7 +43,10 @@ both_backends!(
     run_record_whose_claim_was_lost_exits_1_even_when_its_try_finished,
     empty_or_zero_filters_and_bad_flags_are_refused_in_one_line_changing_nothing,
 );
-multi_host_backends!(run_record_stopped_has_its_task_killed_before_the_lease_lapses);
+multi_host_backends!(
+    run_record_stopped_has_its_task_killed_before_the_lease_lapses,
+    a_run_record_cut_off_for_less_than_its_lease_is_not_reaped_by_a_daemon_of_a_shorter_one,
+);
 
 /// The error line: exactly one line on stderr.
 fn one_line(stderr: &str) -> &str {
@@ -1978,6 +1981,60 @@ async fn run_record_stopped_has_its_task_killed_before_the_lease_lapses(backend:
     let output = run.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_ne!(output.status.code(), Some(0), "{stderr}");
+}
+
+/// `run --id N --record` with a longer lease (20 s) than the daemons' (4 s)
+/// is stopped for 8 s (a Ctrl-Z; a network cut off for a while): its own
+/// fence and watchdog, by its own lease, let its task run on, but a
+/// daemon's reaper judged the row by the daemon's lease alone, took it at
+/// 4 s and ran it again beside: two tries at once. The run now writes its
+/// lease in `task_runner_daemons`, as a daemon does, and reapers wait for
+/// the longer one.
+async fn a_run_record_cut_off_for_less_than_its_lease_is_not_reaped_by_a_daemon_of_a_shorter_one(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let (log, open) = (db.scratch.join("starts.log"), db.scratch.join("open"));
+    let task = format!(
+        "tasks:\n  Once:\n    command: [/bin/sh, -c, 'echo start >> {}; until [ -e {} ]; do sleep 0.02; done']\n",
+        log.display(),
+        open.display()
+    );
+    std::fs::write(
+        db.scratch.join("taskrunner.yml"),
+        format!("heartbeat_interval: 1s\nkill_grace: 2s\nlease_timeout: 20s\n{task}"),
+    )
+    .unwrap();
+    let id = db.insert_row(NewRow::new("Once")).await;
+    let run = run_record_command(&db, id).spawn().unwrap();
+    db.wait_for_pid(id, WAIT).await;
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "host_id: elsewhere\nheartbeat_interval: 1s\nkill_grace: 1s\nlease_timeout: 4s\nreap_interval: 1s\n{task}"
+        ),
+    );
+    // SAFETY: signals to the run's own process.
+    unsafe { libc::kill(run.id() as i32, libc::SIGSTOP) };
+    holds_for(Duration::from_secs(8), "one try, the run's", async || {
+        let row = db.row(id).await;
+        let starts = std::fs::read_to_string(&log).unwrap_or_default();
+        match (row.result.as_deref(), row.tries, starts.lines().count()) {
+            (Some("RUNNING"), 1, 1) => Ok(()),
+            _ => Err(format!("{row:?}; started {} times", starts.lines().count())),
+        }
+    })
+    .await;
+    // SAFETY: as above.
+    unsafe { libc::kill(run.id() as i32, libc::SIGCONT) };
+    std::fs::write(&open, "").unwrap();
+    let output = run.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 1, "{row:?}");
+    assert!(daemon.stop().success());
 }
 
 /// Writes the scratch directory's `taskrunner.yml` with one task type,

@@ -137,6 +137,19 @@ async fn run_and_record(
     }
     let instance = crate::instance::InstanceId::new(&config.host_id);
     let token = instance.claim_token("cli");
+    // As a daemon's: other hosts' reapers judge this run's row by the
+    // longer of their lease and this one (before, by theirs alone: a
+    // daemon's shorter lease took the row of a run that had lost the
+    // database for a while and ran it again beside its task, which this
+    // run's fence, by its own lease, let run on). Best effort, as a
+    // daemon's: the renewals write it again.
+    let me = presence(&instance, config);
+    if let Err(error) = store.register_daemon(&me).await {
+        eprintln!(
+            "request {id}: could not write this run's row in task_runner_daemons: {}",
+            crate::error_line(&error)
+        );
+    }
     let claim_sent = Instant::now();
     let claim_sent_boot = crate::supervisor::watchdog::boot_clock();
     let Some(claimed) = store
@@ -181,6 +194,8 @@ async fn run_and_record(
         );
     }
     let _stop_the_watchdog = watchdog_stop.clone().drop_guard();
+    let instance_text = instance.to_string();
+    let presence_store = store.clone();
     let lease = tokio::spawn(keep_lease(
         config.clone(),
         store.clone(),
@@ -224,6 +239,7 @@ async fn run_and_record(
     // The lease is kept while the outcome is written, however many times.
     let recorded = writer.await?;
     lease.abort();
+    let _ = presence_store.daemon_stopped(&instance_text).await;
     if recorded? {
         eprintln!(
             "recorded try {} of request {} as {}",
@@ -353,6 +369,9 @@ async fn keep_lease(
                 Some(held) => {
                     if held.renewed {
                         renewed = sent;
+                        let _ = store
+                            .daemon_heartbeat(&presence(&instance, &config), 1)
+                            .await;
                         if let Some((watchdog, after)) = &watchdog {
                             watchdog.set_deadline(sent_boot, Some(sent_boot + *after));
                         }
@@ -371,5 +390,20 @@ async fn keep_lease(
             ),
             Err(_) => eprintln!("request {id}: the lease renewal did not answer in time"),
         }
+    }
+}
+
+/// This run's row in `task_runner_daemons`, as a daemon's (one try at most).
+fn presence<'a>(
+    instance: &'a str,
+    config: &'a Config,
+) -> crate::store::daemons::DaemonPresence<'a> {
+    crate::store::daemons::DaemonPresence {
+        instance,
+        host: &config.host_id,
+        node_name: None,
+        pid: std::process::id(),
+        max_concurrent: 1,
+        lease: config.lease_timeout,
     }
 }
