@@ -1506,6 +1506,11 @@ async fn clients_sending_a_byte_at_a_time_cannot_hold_the_page(backend: Backend)
         stream.write_all(start.as_bytes()).unwrap();
         slow.push(stream);
     }
+    // The two slow bodies' answers, read while the trickle goes on.
+    let posts: Vec<std::net::TcpStream> = slow[62..]
+        .iter()
+        .map(|stream| stream.try_clone().unwrap())
+        .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let closed = Arc::new(AtomicUsize::new(0));
     let trickle = {
@@ -1538,8 +1543,25 @@ async fn clients_sending_a_byte_at_a_time_cannot_hold_the_page(backend: Backend)
     let mut reply = String::new();
     let read = scrape.read_to_string(&mut reply);
     let trickled = closed.load(Ordering::Relaxed);
+    // A body that does not arrive within the bound is refused: 408.
+    let answers: Vec<String> = posts
+        .into_iter()
+        .map(|mut post| {
+            post.set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let mut answer = String::new();
+            let _ = post.read_to_string(&mut answer);
+            answer
+        })
+        .collect();
     stop.store(true, Ordering::Relaxed);
     trickle.join().unwrap();
+    for answer in &answers {
+        assert!(
+            answer.starts_with("HTTP/1.1 408"),
+            "a slow body's answer: {answer:?}"
+        );
+    }
     assert!(
         read.is_ok(),
         "no answer within 20 s: {read:?} ({trickled} slow clients cut off)"
