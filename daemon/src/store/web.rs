@@ -260,13 +260,13 @@ impl Store {
         // often a retried row whose backoff just ended, and the lag read
         // seconds while a backlog behind it waited minutes.
         let lag = format!(
-            "SELECT {} - {} FROM ( \
+            "SELECT {} - min({}) FROM ( \
                SELECT coalesce(delay_until, created_at) AS became FROM task_runner_requests \
                 WHERE queue = $1 AND {RUNNABLE} AND (delay_until IS NULL OR delay_until <= {now}) \
                 ORDER BY id LIMIT {LAG_AMONG}) AS due",
             self.dialect().epoch_seconds(now),
             // Each row's time as a number first: SQLite's are text.
-            format!("min({})", self.dialect().epoch_seconds("became"))
+            self.dialect().epoch_seconds("became")
         );
         let mut stats = QueueStats {
             queue: queue.to_string(),
