@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::util::{cli, sql_now_plus, Backend, Daemon, NewRow, TestDb};
+use taskrunner::request::RequestId;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -18,7 +19,7 @@ both_backends!(
 
 /// A daemon whose heartbeat (which delivers cancels from other hosts) comes
 /// far later than the tries below end: the try's own outcome arrives first.
-const SLOW_HEARTBEAT: &str = "heartbeat_interval: 60s\nlease_timeout: 120s\n";
+pub(crate) const SLOW_HEARTBEAT: &str = "heartbeat_interval: 60s\nlease_timeout: 120s\n";
 
 /// Regression: the outcome write of a try that ended before its daemon acted
 /// on a cancel cleared the request, and the row ran a second try.
@@ -121,6 +122,14 @@ async fn local_cancel_stops_the_task_at_once(backend: Backend) {
     let (status, stdout, stderr) = cli(&db, &["--config", &config, "cancel", &id.to_string()]);
     assert_eq!(status, 0, "{stderr}");
     assert!(stdout.contains("its daemon is stopping it"), "{stdout}");
+    cancelled_at_once(&db, id, asked).await;
+    assert!(daemon.stop().success());
+}
+
+/// Waits for row `id` to end CANCELLED by the cancel asked at `asked`, of a
+/// daemon whose heartbeat comes every minute ([`SLOW_HEARTBEAT`]): at once,
+/// so by a daemon woken for it.
+pub(crate) async fn cancelled_at_once(db: &TestDb, id: RequestId, asked: Instant) {
     let row = db.wait_for_state(id, "CANCELLED", WAIT).await;
     assert!(
         asked.elapsed() < Duration::from_secs(10),
@@ -134,7 +143,6 @@ async fn local_cancel_stops_the_task_at_once(backend: Backend) {
             .starts_with("cancelled by a user after"),
         "{row:#?}"
     );
-    assert!(daemon.stop().success());
 }
 
 /// An application cancels from SQL the way `cancel` does a running row,

@@ -1070,14 +1070,8 @@ flows:
             config.tasks["T"].command.as_ref().unwrap()[0],
             dir.join("bin/t").to_string_lossy()
         );
+        // The same directory (see `load`).
         let config = load("database_url: sqlite:data/q.db?mode=rwc\n").unwrap();
-        let dir = config
-            .file
-            .as_ref()
-            .unwrap()
-            .parent()
-            .unwrap()
-            .to_path_buf();
         assert_eq!(
             config.database_url,
             format!("sqlite://{}", dir.join("data/q.db?mode=rwc").display())

@@ -145,6 +145,24 @@ pub(crate) fn key_held_text(id: RequestId, key: &str, by: Option<i64>) -> String
     )
 }
 
+/// Statement `sql` of the list's filter (see `sql::list_filter`), with
+/// `list`'s values bound: `$1` the limit, `$2`…`$7` the filter ('' or 0
+/// for any).
+macro_rules! bound_to_list {
+    ($sql:expr, $list:expr) => {{
+        let list: &ListQuery = $list;
+        let text = |value: &Option<String>| value.clone().unwrap_or_default();
+        query($sql)
+            .bind(list.limit)
+            .bind(text(&list.task))
+            .bind(text(&list.queue))
+            .bind(text(&list.host))
+            .bind(text(&list.state))
+            .bind(list.batch.unwrap_or(0))
+            .bind(list.flow.unwrap_or(0))
+    }};
+}
+
 impl Store {
     pub(crate) async fn enqueue(&self, request: &NewRequest) -> Result<RequestId> {
         if let Some(unique_key) = &request.unique_key {
@@ -208,16 +226,8 @@ impl Store {
         &self,
         list: &ListQuery,
     ) -> Result<Vec<(RequestId, Option<String>, i64)>> {
-        let text = |value: &Option<String>| value.clone().unwrap_or_default();
         Ok(on_pool!(self, pool => {
-            query(self.sql.select_where.as_str())
-                .bind(list.limit)
-                .bind(text(&list.task))
-                .bind(text(&list.queue))
-                .bind(text(&list.host))
-                .bind(text(&list.state))
-                .bind(list.batch.unwrap_or(0))
-                .bind(list.flow.unwrap_or(0))
+            bound_to_list!(self.sql.select_where.as_str(), list)
                 .fetch_all(pool)
                 .await?
                 .iter()
@@ -228,16 +238,8 @@ impl Store {
 
     /// The rows `list` selects, newest first.
     pub(crate) async fn list_where(&self, list: &ListQuery) -> Result<Vec<Request>> {
-        let text = |value: &Option<String>| value.clone().unwrap_or_default();
         Ok(on_pool!(self, pool => {
-            query(self.sql.list_where.as_str())
-                .bind(list.limit)
-                .bind(text(&list.task))
-                .bind(text(&list.queue))
-                .bind(text(&list.host))
-                .bind(text(&list.state))
-                .bind(list.batch.unwrap_or(0))
-                .bind(list.flow.unwrap_or(0))
+            bound_to_list!(self.sql.list_where.as_str(), list)
                 .fetch_all(pool)
                 .await?
                 .iter()
