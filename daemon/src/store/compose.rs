@@ -1057,7 +1057,7 @@ impl Store {
             Ending::Crashed { reason, .. } => reason,
             _ => return Ok(false),
         };
-        let why = format!("cancelled: batch {batch_id} has ended, so no further try\n{text}");
+        let why = no_further_try(batch_id, text);
         self.count_statements(1);
         let cancelled = tx
             .execute(
@@ -1653,6 +1653,12 @@ impl Store {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// The text of a try that its batch's end made CANCELLED (see
+/// `Store::no_try_after_the_batch`): the reason, then the try's own text.
+pub(super) fn no_further_try(batch_id: i64, text: &str) -> String {
+    format!("cancelled: batch {batch_id} has ended, so no further try\n{text}")
 }
 
 #[cfg(test)]

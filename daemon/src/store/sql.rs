@@ -495,12 +495,16 @@ fn cancel_result(row: &str, result: &str) -> String {
     )
 }
 
+/// What a cancel makes of the text of a try that ended on its own after it:
+/// this, the try's state, `: `, its text (see [`cancel_text`]).
+pub(crate) const CANCELLED_WHILE_RUNNING: &str = "cancelled by a user; the running try ended ";
+
 /// The `result_text` an outcome write stores: a try that ended on its own
 /// after a cancel keeps its outcome after the word "cancelled".
 fn cancel_text(row: &str, result: &str, result_text: &str) -> String {
     format!(
         "CASE WHEN {} AND {result} <> 'CANCELLED' \
-              THEN 'cancelled by a user; the running try ended ' || {result} || ': ' || coalesce({result_text}, '') \
+              THEN '{CANCELLED_WHILE_RUNNING}' || {result} || ': ' || coalesce({result_text}, '') \
               ELSE {result_text} END",
         cancel_overrides(row, result)
     )

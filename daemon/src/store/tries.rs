@@ -177,18 +177,20 @@ impl Store {
             }
         });
         let state = outcome.state.as_str();
+        let text = &outcome.result_text;
         // As written, or as a cancel made it, or as the end of its batch did
-        // (`no_try_after_the_batch`: no further try once the batch ended).
-        let batch_ended = format!(" has ended, so no further try\n{}", outcome.result_text);
-        Ok(held.is_some_and(|(result, text)| {
-            (result == state && text == outcome.result_text)
+        // (no further try once the batch ended).
+        Ok(held.is_some_and(|(result, held)| {
+            (result == state && held == *text)
                 || (result == "CANCELLED"
-                    && (text
-                        == format!(
-                            "cancelled by a user; the running try ended {state}: {}",
-                            outcome.result_text
-                        )
-                        || (text.starts_with("cancelled: batch ") && text.ends_with(&batch_ended))))
+                    && (held == format!("{}{state}: {text}", super::sql::CANCELLED_WHILE_RUNNING)
+                        || held
+                            .strip_prefix("cancelled: batch ")
+                            .and_then(|rest| rest.split_once(' '))
+                            .and_then(|(batch, _)| batch.parse::<i64>().ok())
+                            .is_some_and(|batch| {
+                                held == super::compose::no_further_try(batch, text)
+                            })))
         }))
     }
 
