@@ -733,31 +733,25 @@ impl Scheduler {
             .store
             .answered(self.store.seconds_until_next_delay())
             .await;
-        Ok(
-            match crate::test_hooks::fail_delay_lookups_when_told(found) {
-                Ok(Some(seconds)) => {
-                    self.health.succeeded("looking for delayed requests");
-                    // A hair later than due, so the row's delay has passed on
-                    // the database's clock too; a row due already is released now.
+        match crate::test_hooks::fail_delay_lookups_when_told(found) {
+            Ok(seconds) => {
+                self.health.succeeded("looking for delayed requests");
+                // A hair later than due, so the row's delay has passed on
+                // the database's clock too; a row due already is released now.
+                Ok(seconds.map(|seconds| {
                     let hair = if seconds > 0.0 {
                         Duration::from_millis(5)
                     } else {
                         Duration::ZERO
                     };
-                    Some(
-                        Instant::now() + Duration::from_secs_f64(seconds.clamp(0.0, 3600.0)) + hair,
-                    )
-                }
-                Ok(None) => {
-                    self.health.succeeded("looking for delayed requests");
-                    None
-                }
-                Err(error) => {
-                    self.health.failed("looking for delayed requests", &error);
-                    return Err(());
-                }
-            },
-        )
+                    Instant::now() + Duration::from_secs_f64(seconds.clamp(0.0, 3600.0)) + hair
+                }))
+            }
+            Err(error) => {
+                self.health.failed("looking for delayed requests", &error);
+                Err(())
+            }
+        }
     }
 }
 
