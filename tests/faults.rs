@@ -1279,7 +1279,10 @@ async fn postgres_restart_while_ten_tasks_run_loses_nothing(backend: Backend) {
     assert!(daemon.stop().success());
 }
 
-multi_host_backends!(a_crashed_member_whose_batch_an_application_holds_holds_up_no_other_reap);
+multi_host_backends!(
+    a_crashed_member_whose_batch_an_application_holds_holds_up_no_other_reap,
+    a_crashed_row_an_application_holds_holds_up_no_other_reap,
+);
 
 /// Two rows of a dead host: a member of a batch that an application's
 /// transaction holds (adding members, as the README shows), and a plain
@@ -1290,22 +1293,39 @@ multi_host_backends!(a_crashed_member_whose_batch_an_application_holds_holds_up_
 async fn a_crashed_member_whose_batch_an_application_holds_holds_up_no_other_reap(
     backend: Backend,
 ) {
+    reap_beside_a_lock(backend, true).await;
+}
+
+/// The same with the crashed row itself held (an application's
+/// transaction that read it `FOR UPDATE`): the pass waited for it the same
+/// way.
+async fn a_crashed_row_an_application_holds_holds_up_no_other_reap(backend: Backend) {
+    reap_beside_a_lock(backend, false).await;
+}
+
+/// Two rows of a dead host, the first held by an application (its batch's
+/// row with `in_batch`, else its own): the second is reaped and runs, the
+/// first once the lock goes.
+async fn reap_beside_a_lock(backend: Backend, in_batch: bool) {
     let db = TestDb::new(backend).await;
     let batch = db
         .insert("INSERT INTO task_runner_batches (name) VALUES ('held') RETURNING id")
         .await
         .0;
-    let member = db
-        .insert_row(running_on_another_host(backend, "t1", 999_999, 600).batch(batch))
+    let first = running_on_another_host(backend, "t1", 999_999, 600);
+    let first = db
+        .insert_row(if in_batch { first.batch(batch) } else { first })
         .await;
     let plain = db
         .insert_row(running_on_another_host(backend, "t2", 999_998, 600))
         .await;
-    let held = db
-        .holding(&format!(
-            "BEGIN; SELECT id FROM task_runner_batches WHERE id = {batch} FOR UPDATE"
-        ))
-        .await;
+    let lock = match in_batch {
+        true => format!("BEGIN; SELECT id FROM task_runner_batches WHERE id = {batch} FOR UPDATE"),
+        false => {
+            format!("BEGIN; SELECT id FROM task_runner_requests WHERE id = {first} FOR UPDATE")
+        }
+    };
+    let held = db.holding(&lock).await;
     let mut daemon = Daemon::start(
         &db,
         "d",
@@ -1314,9 +1334,9 @@ async fn a_crashed_member_whose_batch_an_application_holds_holds_up_no_other_rea
     db.wait_for_state(plain, "FINISHED", Duration::from_secs(15))
         .await;
     daemon.wait_for_log("not reaped in this pass", WAIT);
-    assert_eq!(db.row(member).await.result.as_deref(), Some("RUNNING"));
+    assert_eq!(db.row(first).await.result.as_deref(), Some("RUNNING"));
     drop(held);
-    db.wait_for_state(member, "FINISHED", WAIT).await;
+    db.wait_for_state(first, "FINISHED", WAIT).await;
     assert!(daemon.stop().success());
 }
 

@@ -16,7 +16,10 @@ both_backends!(
     a_row_an_outcome_causes_that_the_database_refuses_holds_back_no_outcome,
     outcomes_with_large_texts_queued_together_are_all_recorded,
 );
-multi_host_backends!(an_outcome_held_back_by_a_row_lock_is_neither_given_back_nor_reaped);
+multi_host_backends!(
+    an_outcome_held_back_by_a_row_lock_is_neither_given_back_nor_reaped,
+    an_application_lock_on_one_running_row_holds_back_that_rows_writes_alone,
+);
 
 fn outcome(id: RequestId, token: &ClaimToken, state: State, give_back_try: bool) -> Write {
     Write::Outcome(Outcome {
@@ -144,6 +147,75 @@ async fn an_outcome_held_back_by_a_row_lock_is_neither_given_back_nor_reaped(bac
         "{log}"
     );
     assert_eq!(db.row(id).await.tries, 1);
+}
+
+/// An application holds one running row locked (a long transaction that
+/// read it `FOR UPDATE`, Rails' `with_lock`) while its try writes a
+/// progress line (the heartbeat's write, each second) and ends. That row's writes wait; the daemon's other tries
+/// run and are recorded meanwhile. Before, the recorder's write waited for
+/// the lock, was given up at the call's bound and tried again, and every
+/// outcome of the daemon queued behind it until the application's
+/// transaction ended. Once the lock goes, the held row gets its progress
+/// and its outcome, in their order, once. (SQLite has no row locks: an
+/// application's write transaction holds every writer.)
+async fn an_application_lock_on_one_running_row_holds_back_that_rows_writes_alone(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let (fifo, barrier) = crate::batches::fifo_barrier(&db);
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "max_concurrent: 4\ntasks:\n  Held:\n    command: [/bin/sh, -c, 'cat {} > /dev/null; echo \"progress: half way\" >&2; sleep 1.5; echo done']\n  Quick:\n    command: [/bin/sh, -c, 'echo quick']\n",
+            fifo.display()
+        ),
+    );
+    let held = db.enqueue("Held", None).await;
+    db.wait_for_count(
+        &format!(
+            "SELECT count(*) FROM task_runner_requests WHERE id = {held} AND result = 'RUNNING' AND pid IS NOT NULL"
+        ),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    let hold = Hold::take(&db, held).await;
+    drop(barrier);
+    daemon.wait_for_log("executor: finished", Duration::from_secs(30));
+    let mut quick = Vec::new();
+    for _ in 0..3 {
+        quick.push(db.enqueue("Quick", None).await);
+    }
+    // Before, none was recorded while the lock stood.
+    db.wait_for_count(
+        "SELECT count(*) FROM task_runner_requests WHERE task_class_name = 'Quick' AND result = 'FINISHED'",
+        3,
+        Duration::from_secs(20),
+    )
+    .await;
+    let row = db.row(held).await;
+    assert_eq!(row.result.as_deref(), Some("RUNNING"), "{row:#?}");
+    assert_eq!(row.progress, None, "{row:#?}");
+    hold.release().await;
+    db.wait_for_count(
+        &format!(
+            "SELECT count(*) FROM task_runner_requests WHERE id = {held} AND result = 'FINISHED'"
+        ),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    let row = db.row(held).await;
+    assert_eq!(row.progress.as_deref(), Some("half way"), "{row:#?}");
+    assert_eq!(row.tries, 1, "{row:#?}");
+    assert!(
+        row.result_text.as_deref().unwrap_or("").contains("done"),
+        "{row:#?}"
+    );
+    let log = daemon.log_text();
+    assert!(!log.contains("not recorded"), "{log}");
+    assert!(daemon.stop().success());
 }
 
 /// A batch of outcomes is written in a few statements however many it

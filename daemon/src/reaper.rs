@@ -170,8 +170,8 @@ pub(crate) async fn reap(
 }
 
 /// Marks row `id` crashed (see [`Store::mark_crashed`]): whether it was.
-/// A row whose batch or flow row an application's transaction holds is
-/// left for a later pass, and the pass goes on with the others. Before, the
+/// A row that an application's transaction holds, or whose batch or flow
+/// row it holds, is left for a later pass, and the pass goes on with the others. Before, the
 /// pass waited for that lock, up to the call's bound, and then ended: no
 /// crashed row after it ran again until the application committed.
 async fn mark(

@@ -2,9 +2,10 @@
 //! progress and outcome writes; it applies everything waiting in one
 //! transaction (so that at high load a write costs well under one database
 //! round trip), and retries with backoff through outages without losing any.
-//! An outcome whose batch or flow row another session holds locked (an
-//! application's transaction adding members) is set aside and tried again
-//! while the other writes go on (see [`Aside`]).
+//! A write whose row another session holds locked (an application's
+//! transaction that reads the request `FOR UPDATE`, or adds members to its
+//! batch) is set aside and tried again while the other writes go on (see
+//! [`Aside`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::health::{Backoff, Health, RECORDING};
 use crate::instance::ClaimToken;
 use crate::request::RequestId;
-use crate::store::{Parent, ParentLocked, Store, Write};
+use crate::store::{HeldRow, RowLocked, Store, Write};
 
 /// Largest batch applied in one transaction.
 const MAX_BATCH: usize = 512;
@@ -52,11 +53,12 @@ const BUSY: std::time::Duration = std::time::Duration::from_millis(50);
 const ASIDE_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(20);
 const ASIDE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// A write set aside: its batch's or flow's row was locked by another
-/// session.
+/// A write set aside: its request's, batch's or flow's row was locked by
+/// another session. The writes of the same try that come after it are set
+/// aside behind it (in order; of its progress lines the latest alone).
 struct Aside {
     write: Write,
-    parent: Parent,
+    row: HeldRow,
     since: tokio::time::Instant,
     /// Whether its wait has been logged (once it lasted [`ASIDE_RETRY_MAX`]).
     told: bool,
@@ -263,13 +265,24 @@ impl Writer {
             }
             // A write queued after its claim's outcome, which is set aside,
             // would match nothing once that outcome applies (see
-            // `Store::record`): it is not applied.
-            let (late, batch): (Vec<Write>, Vec<Write>) = batch.into_iter().partition(|write| {
-                self.aside.iter().any(|aside| {
-                    aside.write.id() == write.id()
-                        && aside.write.claim_token() == write.claim_token()
+            // `Store::record`): it is not applied. One queued after another
+            // write of its try that is set aside goes aside behind it.
+            let mut late = Vec::new();
+            let mut behind = Vec::new();
+            let batch: Vec<Write> = batch
+                .into_iter()
+                .filter_map(|write| match self.aside_of_try(&write) {
+                    None => Some(write),
+                    Some((true, _)) => {
+                        late.push(write);
+                        None
+                    }
+                    Some((false, row)) => {
+                        behind.push((write, row));
+                        None
+                    }
                 })
-            });
+                .collect();
             for write in &late {
                 tracing::warn!(
                     request = %write.id(),
@@ -277,8 +290,11 @@ impl Writer {
                 );
             }
             settle(&self.pending, &late);
-            for (write, ParentLocked(parent)) in self.apply(&batch).await {
-                self.set_aside(write, parent);
+            for (write, row) in behind {
+                self.set_aside(write, row);
+            }
+            for (index, RowLocked(row)) in self.apply(&batch).await {
+                self.set_aside(batch[index].clone(), row);
             }
             last_batch = tokio::time::Instant::now();
             // A recorded outcome may make a retry due, or free a row for others.
@@ -289,28 +305,49 @@ impl Writer {
         }
     }
 
-    /// Keeps `write` to be tried again, its parent's row (a batch's, a
-    /// flow's) locked by another session. The next retry comes after
-    /// [`ASIDE_RETRY_FIRST`] (mostly another daemon held the lock a moment),
-    /// unless writes under the same parent wait already: their backoff
-    /// stands.
-    fn set_aside(&mut self, write: Write, parent: Parent) {
+    /// Whether a write of `write`'s try is set aside: then whether one of
+    /// them is its outcome, and the row it waits for.
+    fn aside_of_try(&self, write: &Write) -> Option<(bool, HeldRow)> {
+        let mut of_try = self.aside.iter().filter(|aside| {
+            aside.write.id() == write.id() && aside.write.claim_token() == write.claim_token()
+        });
+        let first = of_try.next()?;
+        let outcome = std::iter::once(first)
+            .chain(of_try)
+            .any(|aside| matches!(aside.write, Write::Outcome(_)));
+        Some((outcome, first.row))
+    }
+
+    /// Keeps `write` to be tried again, a row it needs (its request's, its
+    /// batch's, its flow's) locked by another session. The next retry
+    /// comes after [`ASIDE_RETRY_FIRST`] (mostly another daemon held the
+    /// lock a moment), unless writes waiting for the same row wait already:
+    /// their backoff stands. A progress line replaces its try's earlier one
+    /// set aside (the latest is what the row keeps).
+    fn set_aside(&mut self, write: Write, row: HeldRow) {
         let first = tokio::time::Instant::now() + ASIDE_RETRY_FIRST;
-        let same_parent_waits = self.aside.iter().any(|aside| aside.parent == parent);
+        let same_row_waits = self.aside.iter().any(|aside| aside.row == row);
         self.aside_retry = Some(match self.aside_retry {
-            Some((at, delay)) if at <= first || same_parent_waits => (at, delay),
+            Some((at, delay)) if at <= first || same_row_waits => (at, delay),
             _ => (first, ASIDE_RETRY_FIRST),
         });
+        if let Write::Progress { .. } = write {
+            self.aside.retain(|aside| {
+                !(matches!(aside.write, Write::Progress { .. })
+                    && aside.write.id() == write.id()
+                    && aside.write.claim_token() == write.claim_token())
+            });
+        }
         self.aside.push(Aside {
             write,
-            parent,
+            row,
             since: tokio::time::Instant::now(),
             told: false,
         });
     }
 
-    /// Tries the writes set aside again, in their order; those whose batch
-    /// is still locked stay aside, and a wait that lasts is logged once.
+    /// Tries the writes set aside again, in their order; those whose row is
+    /// still locked stay aside, and a wait that lasts is logged once.
     async fn retry_aside(&mut self) {
         let aside = std::mem::take(&mut self.aside);
         let delay = self
@@ -318,37 +355,42 @@ impl Writer {
             .take()
             .map_or(ASIDE_RETRY_FIRST, |(_, delay)| delay);
         let writes: Vec<Write> = aside.iter().map(|a| a.write.clone()).collect();
-        let still: Vec<(Write, ParentLocked)> = self.apply(&writes).await;
+        let still: Vec<(usize, RowLocked)> = self.apply(&writes).await;
         if still.len() < writes.len() {
             // A recorded outcome may make a retry due, or free a row.
             self.wake.notify_one();
         }
-        for mut kept in aside {
-            let Some((_, locked)) = still.iter().find(|(write, _)| {
-                write.id() == kept.write.id() && write.claim_token() == kept.write.claim_token()
-            }) else {
+        for (index, mut kept) in aside.into_iter().enumerate() {
+            let Some((_, locked)) = still.iter().find(|(still, _)| *still == index) else {
                 if kept.told {
                     tracing::info!(
                         request = %kept.write.id(),
-                        "recorded after waiting {:.1}s for the lock of its {}",
+                        "recorded after waiting {:.1}s for the lock of {}",
                         kept.since.elapsed().as_secs_f64(),
-                        kept.parent
+                        kept.row
                     );
                 }
                 continue;
             };
-            kept.parent = locked.0;
+            kept.row = locked.0;
             if !kept.told && kept.since.elapsed() >= ASIDE_RETRY_MAX {
                 kept.told = true;
-                let holder = match kept.parent {
-                    Parent::Batch(_) => "an application's transaction that adds members?",
-                    Parent::Flow(_) => "an application's transaction that changed it?",
-                };
-                tracing::warn!(
-                    "request {}'s outcome waits for the lock of its {} (another session holds its row: {holder}); this daemon's other outcomes are recorded meanwhile",
-                    kept.write.id(),
-                    kept.parent
-                );
+                let (id, what) = (kept.write.id(), kept.write.kind());
+                match kept.row {
+                    HeldRow::Request(_) => tracing::warn!(
+                        "request {id}'s {what} waits for the lock of its row (another session holds it: an application's transaction that read it FOR UPDATE?); this daemon's other writes are recorded meanwhile"
+                    ),
+                    HeldRow::Batch(_) | HeldRow::Flow(_) => {
+                        let holder = match kept.row {
+                            HeldRow::Batch(_) => "an application's transaction that adds members?",
+                            _ => "an application's transaction that changed it?",
+                        };
+                        tracing::warn!(
+                            "request {id}'s {what} waits for the lock of its {} (another session holds its row: {holder}); this daemon's other writes are recorded meanwhile",
+                            kept.row
+                        );
+                    }
+                }
             }
             self.aside.push(kept);
         }
@@ -359,9 +401,9 @@ impl Writer {
     }
 
     /// Applies one batch in one transaction, retrying through an outage;
-    /// returns the writes set aside for their batch's or flow's lock (not
-    /// settled).
-    async fn apply(&self, batch: &[Write]) -> Vec<(Write, ParentLocked)> {
+    /// returns the places in `batch` of the writes to set aside for a row's
+    /// lock (not settled).
+    async fn apply(&self, batch: &[Write]) -> Vec<(usize, RowLocked)> {
         let mut backoff = Backoff::default();
         // A failed call may have committed before its answer was lost: a
         // write it applied matches no row the next time.
@@ -376,11 +418,11 @@ impl Writer {
                     self.health.succeeded(RECORDING);
                     let mut aside = Vec::new();
                     let mut settled = Vec::with_capacity(batch.len());
-                    for (write, applied) in batch.iter().zip(applied) {
+                    for (index, (write, applied)) in batch.iter().zip(applied).enumerate() {
                         let applied = match applied {
                             Ok(applied) => applied,
                             Err(locked) => {
-                                aside.push((write.clone(), locked));
+                                aside.push((index, locked));
                                 continue;
                             }
                         };

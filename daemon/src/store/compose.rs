@@ -71,71 +71,86 @@ impl Ending<'_> {
     }
 }
 
-/// What a finalization does when another session holds its batch's or
-/// flow's row.
+/// What a write does when another session holds a row it writes under:
+/// the request's own row, or its batch's or flow's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Locks {
     /// Waits for it (bounded as every call is).
     Wait,
-    /// Writes nothing and says so ([`ParentLocked`]): the recorder sets the
-    /// outcome aside and records the others meanwhile. An application's
+    /// Writes nothing and says so ([`RowLocked`]): the recorder sets the
+    /// write aside and records the others meanwhile. An application's
     /// transaction that adds members to a batch holds the batch's row until
     /// it commits (the insert counts the member there), one that changes a
-    /// flow's row holds that row, and waiting for either held up every
-    /// outcome of the daemon.
+    /// flow's row holds that row, one that reads a request `FOR UPDATE`
+    /// (Rails' `with_lock`) holds the request's row, and waiting for any of
+    /// them held up every outcome of the daemon.
     SetAside,
 }
 
-/// The row a request's end is written under the lock of.
+/// A row a write waits for when another session holds it: the request's
+/// own, or the batch's or flow's row its end is written under the lock of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Parent {
+pub(crate) enum HeldRow {
+    Request(i64),
     Batch(i64),
     Flow(i64),
 }
 
-impl std::fmt::Display for Parent {
+impl std::fmt::Display for HeldRow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Parent::Batch(id) => write!(f, "batch {id}"),
-            Parent::Flow(id) => write!(f, "flow {id}"),
+            HeldRow::Request(id) => write!(f, "request {id}"),
+            HeldRow::Batch(id) => write!(f, "batch {id}"),
+            HeldRow::Flow(id) => write!(f, "flow {id}"),
         }
     }
 }
 
-/// A finalization found its parent's row locked by another session and
-/// wrote nothing ([`Locks::SetAside`]).
+/// A write found a row it needs locked by another session and wrote
+/// nothing ([`Locks::SetAside`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ParentLocked(pub(crate) Parent);
+pub(crate) struct RowLocked(pub(crate) HeldRow);
 
-impl std::fmt::Display for ParentLocked {
+impl std::fmt::Display for RowLocked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} is locked by another session", self.0)
     }
 }
 
-impl std::error::Error for ParentLocked {}
+impl std::error::Error for RowLocked {}
 
-/// Locks `parent`'s row in `tx` with `wait` (its `SELECT … FOR UPDATE`), or
-/// with [`Locks::SetAside`] with `nowait`, failing with [`ParentLocked`]
-/// when another session holds it. Whether the row was there.
-pub(super) async fn lock_parent(
+/// Locks `row` in `tx` with `wait` (its `SELECT … FOR UPDATE`), or with
+/// [`Locks::SetAside`] with `nowait`, failing with [`RowLocked`] when
+/// another session holds it. Whether the row was there.
+pub(super) async fn lock_row(
     tx: &mut Tx,
-    parent: Parent,
+    row: HeldRow,
     locks: Locks,
     wait: &'static str,
     nowait: &'static str,
 ) -> Result<bool> {
-    let id = match parent {
-        Parent::Batch(id) | Parent::Flow(id) => id,
+    let id = match row {
+        HeldRow::Request(id) | HeldRow::Batch(id) | HeldRow::Flow(id) => id,
     };
     let rows = match locks {
         Locks::Wait => tx.fetch(wait, &[Int(id)]).await?,
         Locks::SetAside => match tx.fetch(nowait, &[Int(id)]).await {
-            Err(error) if lock_not_available(&error) => return Err(ParentLocked(parent).into()),
+            Err(error) if lock_not_available(&error) => return Err(RowLocked(row).into()),
             other => other?,
         },
     };
     Ok(!rows.is_empty())
+}
+
+/// A write's result, a [`RowLocked`] refusal taken out of the errors.
+pub(super) fn unless_locked(written: Result<bool>) -> Result<Result<bool, RowLocked>> {
+    match written {
+        Ok(applied) => Ok(Ok(applied)),
+        Err(error) => match error.downcast::<RowLocked>() {
+            Ok(locked) => Ok(Err(locked)),
+            Err(error) => Err(error),
+        },
+    }
 }
 
 /// Whether `error` is the refusal of a `NOWAIT` lock: PostgreSQL's
@@ -935,7 +950,7 @@ impl Store {
         &self,
         ending: Ending<'_>,
         locks: Locks,
-    ) -> Result<Result<bool, ParentLocked>> {
+    ) -> Result<Result<bool, RowLocked>> {
         let written = if let Pool::MySql(_) = &self.pool {
             // InnoDB may pick this transaction as a deadlock's victim.
             super::mysql::retry_locks(&self.lock_retries, || self.finalize_once(&ending, locks))
@@ -943,21 +958,33 @@ impl Store {
         } else {
             self.finalize_once(&ending, locks).await
         };
-        match written {
-            Ok(applied) => Ok(Ok(applied)),
-            Err(error) => match error.downcast::<ParentLocked>() {
-                Ok(locked) => Ok(Err(locked)),
-                Err(error) => Err(error),
-            },
-        }
+        unless_locked(written)
     }
 
     /// Locks batch `batch_id`'s row in `tx`, or with [`Locks::SetAside`]
-    /// fails with [`ParentLocked`] when another session holds it.
+    /// fails with [`RowLocked`] when another session holds it.
     async fn lock_batch(&self, tx: &mut Tx, batch_id: i64, locks: Locks) -> Result<()> {
         let c = self.compose();
         let (wait, nowait) = (&c.lock_batch, &c.lock_batch_nowait);
-        lock_parent(tx, Parent::Batch(batch_id), locks, wait, nowait).await?;
+        lock_row(tx, HeldRow::Batch(batch_id), locks, wait, nowait).await?;
+        Ok(())
+    }
+
+    /// Locks request `id`'s row in `tx` (on SQLite, whose transaction
+    /// excludes every other writer, nothing), or with [`Locks::SetAside`]
+    /// fails with [`RowLocked`] when another session holds it.
+    pub(super) async fn lock_request(
+        &self,
+        tx: &mut Tx,
+        id: RequestId,
+        locks: Locks,
+    ) -> Result<()> {
+        let sql = self.sql;
+        if sql.lock_request.is_empty() {
+            return Ok(());
+        }
+        let (wait, nowait) = (&sql.lock_request, &sql.lock_request_nowait);
+        lock_row(tx, HeldRow::Request(id.0), locks, wait, nowait).await?;
         Ok(())
     }
 
@@ -976,14 +1003,19 @@ impl Store {
         // A test's window between the look-up and the transaction.
         crate::test_hooks::wait_for_file_when_told("TASKRUNNER_TEST_FINALIZE_AFTER_LOOKUP").await;
         let mut tx = Tx::begin(self).await?;
-        // BEGIN, the look-up, the lock, the write, the read, COMMIT.
-        self.count_statements(5 + u64::from(batch_id.is_some()) + 4 * u64::from(flow_id.is_some()));
+        // BEGIN, the look-up, the locks, the write, the read, COMMIT.
+        self.count_statements(
+            5 + u64::from(batch_id.is_some())
+                + u64::from(!self.sql.lock_request.is_empty())
+                + 4 * u64::from(flow_id.is_some()),
+        );
         if let Some(flow_id) = flow_id {
             self.lock_flow_for_ending(&mut tx, flow_id, locks).await?;
         }
         if let Some(batch_id) = batch_id {
             self.lock_batch(&mut tx, batch_id, locks).await?;
         }
+        self.lock_request(&mut tx, id, locks).await?;
         let sql = self.sql;
         let applied = match ending {
             Ending::Outcome(outcome) => {

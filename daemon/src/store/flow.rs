@@ -309,7 +309,7 @@ impl Store {
     }
 
     /// [`lock_flow`](Store::lock_flow) for a request's end: with
-    /// [`Locks::SetAside`], fails with [`super::ParentLocked`] when another
+    /// [`Locks::SetAside`], fails with [`super::RowLocked`] when another
     /// session holds the flow's row.
     pub(super) async fn lock_flow_for_ending(
         &self,
@@ -319,9 +319,9 @@ impl Store {
     ) -> Result<bool> {
         let f = self.flow_sql();
         let (wait, nowait) = (&f.lock_flow, &f.lock_flow_nowait);
-        super::compose::lock_parent(
+        super::compose::lock_row(
             tx,
-            super::compose::Parent::Flow(flow_id),
+            super::compose::HeldRow::Flow(flow_id),
             locks,
             wait,
             nowait,

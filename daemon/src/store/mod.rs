@@ -158,7 +158,7 @@ mod tries;
 pub(crate) mod web;
 
 pub(crate) use compose::{
-    Batch, BatchChange, Counts, Ending, Hooks, Locks, NewBatch, Parent, ParentLocked,
+    Batch, BatchChange, Counts, Ending, HeldRow, Hooks, Locks, NewBatch, RowLocked,
 };
 pub(crate) use flow::FlowChange;
 pub use flow::{Flow, FlowBoard, StepBoard, StepRow};

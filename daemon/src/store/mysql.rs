@@ -469,38 +469,49 @@ impl Store {
     /// of four statements however many they are (one per outcome before:
     /// 1.3 to 1.9 statements per task while draining NoOp rows): locks the
     /// rows still RUNNING under the claims the outcomes name, in id order,
-    /// then writes them all in one `UPDATE … JOIN` on the same rows. There
-    /// is no `UPDATE … RETURNING` to tell which rows an update changed; the
+    /// passing over rows another session holds locked, then writes the
+    /// outcomes of the rows it locked in one `UPDATE … JOIN`. There is no
+    /// `UPDATE … RETURNING` to tell which rows an update changed; the
     /// locked rows are those, as no other transaction can change them before
     /// the commit, and no other row can come to match (a claim token is
-    /// written once, by the claim). `rows`: the `count` outcomes as the
-    /// batch statement takes them (`outcome_rows_json` in tries.rs).
-    /// Returns the (id, claim token) of each outcome applied.
+    /// written once, by the claim). Returns the (id, claim token) of each
+    /// outcome applied; the others are looked up, and set aside where their
+    /// row was locked (see `Store::record_plain_or_finalize`).
     pub(super) async fn record_outcomes_mysql(
         &self,
         pool: &MySqlPool,
-        rows: &str,
-        count: usize,
+        outcomes: &[&super::Outcome],
     ) -> anyhow::Result<std::collections::HashSet<(i64, String)>> {
         let mut transaction = pool.begin().await?;
         // BEGIN, the lock, the update, COMMIT.
         self.count_statements(4);
         let held = query(self.sql.outcome_rows_held.as_str())
-            .bind(rows)
+            .bind(super::tries::outcome_rows_json(outcomes))
             .fetch_all(&mut *transaction)
             .await?
             .iter()
             .map(|row| Ok((row.int(0)?, row.text(1)?)))
             .collect::<sqlx::Result<std::collections::HashSet<_>>>()?;
         if !held.is_empty() {
-            let written = query(self.sql.record_outcomes_batch.as_str())
-                .bind(rows)
-                .execute(&mut *transaction)
-                .await?
-                .rows_affected();
+            let locked: Vec<&super::Outcome> = outcomes
+                .iter()
+                .copied()
+                .filter(|o| held.contains(&(o.id.0, o.claim_token.as_str().to_string())))
+                .collect();
+            let update = self
+                .sql
+                .record_outcomes_batch
+                .replace("{ids}", &parameter_list(2, locked.len()));
+            let mut update =
+                query(sqlx::AssertSqlSafe(update)).bind(super::tries::outcome_rows_json(&locked));
+            for outcome in &locked {
+                update = update.bind(outcome.id.0);
+            }
+            let written = update.execute(&mut *transaction).await?.rows_affected();
             if written != held.len() as u64 {
                 tracing::warn!(
-                    "a batch of {count} outcomes locked {} rows but wrote {written}",
+                    "a batch of {} outcomes locked {} rows but wrote {written}",
+                    outcomes.len(),
                     held.len()
                 );
             }

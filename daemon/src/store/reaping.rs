@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Result;
 use sqlx::query;
 
-use super::{Ending, Locks, ParentLocked, Pool, RowExt, Store};
+use super::{Ending, Locks, Pool, RowExt, RowLocked, Store};
 use crate::instance::ClaimToken;
 use crate::request::RequestId;
 
@@ -142,16 +142,16 @@ impl Store {
     /// it runs again at once (its try counts), or, with no tries left, is
     /// exhausted: written by [`finalize_with`](Store::finalize_with) with
     /// what that causes. With `give_back` the row is INTERRUPTED instead,
-    /// its try not counted (see `crate::reaper`). A row whose batch or flow
-    /// row another session holds locked (an application adding members) is
-    /// not waited for: `Err`, nothing written.
+    /// its try not counted (see `crate::reaper`). A row another session
+    /// holds locked, or whose batch or flow row it holds (an application
+    /// adding members), is not waited for: `Err`, nothing written.
     pub(crate) async fn mark_crashed(
         &self,
         id: RequestId,
         claim_token: Option<&ClaimToken>,
         reason: &str,
         give_back: bool,
-    ) -> Result<Result<bool, ParentLocked>> {
+    ) -> Result<Result<bool, RowLocked>> {
         self.finalize_with(
             Ending::Crashed {
                 id,

@@ -218,6 +218,42 @@ impl Dialect {
         }
     }
 
+    /// Locks one request row (`$1`) for the write that follows in the same
+    /// transaction, waiting for another session's lock or, with `nowait`,
+    /// failing at once (PostgreSQL's `lock_not_available`, MariaDB/MySQL's
+    /// lock wait timeout). On PostgreSQL `FOR NO KEY UPDATE`, the lock the
+    /// write itself takes (see [`skip_locked`](Dialect::skip_locked)).
+    /// SQLite has no row locks: nothing.
+    fn lock_request(self, nowait: bool) -> String {
+        let mode = match (self.0, nowait) {
+            (Backend::Sqlite, _) => return String::new(),
+            (Backend::Postgres, false) => "FOR NO KEY UPDATE",
+            (Backend::Postgres, true) => "FOR NO KEY UPDATE NOWAIT",
+            (Backend::MySql, false) => "FOR UPDATE",
+            (Backend::MySql, true) => "FOR UPDATE NOWAIT",
+        };
+        format!("SELECT id FROM task_runner_requests WHERE id = $1 {mode}")
+    }
+
+    /// PostgreSQL: a condition on `column` that passes over the rows `ids`
+    /// names (a condition on `id`) that another session holds locked, so that the
+    /// recorder's write does not wait for them: an application's
+    /// transaction that holds one running row (`SELECT … FOR UPDATE`,
+    /// Rails' `with_lock`) held up every outcome of the daemon behind it.
+    /// The rows passed over are looked up and set aside (see
+    /// `Store::record_or_set_aside`). MariaDB/MySQL cannot read the table a
+    /// statement changes (error 1093): its writes lock their rows first
+    /// (`Sql::lock_requests_skipping`); SQLite has no row locks: nothing.
+    fn unlocked(self, column: &str, ids: &str) -> String {
+        match self.0 {
+            Backend::Postgres => format!(
+                " AND {column} IN (SELECT id FROM task_runner_requests WHERE {ids} {})",
+                self.skip_locked()
+            ),
+            Backend::Sqlite | Backend::MySql => String::new(),
+        }
+    }
+
     /// A select that a statement may read while it changes the table it
     /// reads: MariaDB/MySQL neither read, in a subquery, the table being
     /// changed (error 1093) nor take `LIMIT` in `IN (…)`, so the select
@@ -638,6 +674,16 @@ pub struct Sql {
     /// [`record_outcome`](Sql::record_outcome) of a row whose end causes
     /// nothing (see [`causes_nothing`]): the recorder's plain writes.
     pub(crate) record_plain_outcome: String,
+    /// Locks request row `$1`, waiting for another session's lock (empty
+    /// on SQLite).
+    pub(crate) lock_request: String,
+    /// [`lock_request`](Sql::lock_request), failing at once where another
+    /// session holds the row.
+    pub(crate) lock_request_nowait: String,
+    /// MariaDB/MySQL only (elsewhere empty): locks the rows of the ids
+    /// `{ids}` (an `IN` list) that no other session holds, returning their
+    /// ids; the recorder's writes then write those alone.
+    pub(crate) lock_requests_skipping: String,
     /// 1 if row `$1` is RUNNING under claim `$2`, else 0.
     pub(crate) held_by_claim: String,
     /// PostgreSQL only: many `record_pid`s in one statement (arrays `$1..$5`:
@@ -857,7 +903,10 @@ impl Sql {
         // A batch of outcomes: the rows of the JSON array `$1` as a table
         // (id, claim token, result, result_text, give back, retry after),
         // joined to the rows they are fenced on. The rows are locked first,
-        // which tells which ones the update then changes.
+        // which tells which ones the update then changes; the update names
+        // them (`{ids}`, their ids' parameters from `$2`): joined to the
+        // JSON table alone, it read, and waited for, a row of the table an
+        // application held locked that was not in the batch.
         let outcome_rows = format!(
             "JSON_TABLE($1, '$[*]' COLUMNS (\
                id BIGINT PATH '$[0]', claim_token {JSON_TEXT_255} PATH '$[1]', \
@@ -866,17 +915,25 @@ impl Sql {
                give_back BIGINT PATH '$[4]', retry_after DOUBLE PATH '$[5]')) AS v \
              ON t.id = v.id AND t.claim_token = v.claim_token"
         );
+        // Rows another session holds locked (an application's transaction)
+        // are passed over: their outcomes are set aside, not waited for.
         self.outcome_rows_held = format!(
             "SELECT t.id, t.claim_token FROM task_runner_requests AS t JOIN {outcome_rows} \
-              WHERE t.result = 'RUNNING' AND {} ORDER BY t.id FOR UPDATE",
-            causes_nothing("t.")
+              WHERE t.result = 'RUNNING' AND {} ORDER BY t.id {}",
+            causes_nothing("t."),
+            d.skip_locked()
+        );
+        self.lock_requests_skipping = format!(
+            "SELECT {} FROM task_runner_requests WHERE id IN ({{ids}}) ORDER BY id {}",
+            d.int64("id"),
+            d.skip_locked()
         );
         self.record_outcomes_batch = format!(
             "UPDATE task_runner_requests AS t JOIN {outcome_rows} \
                 SET t.result = {}, t.result_text = {}, t.completed_at = {}, t.pid = NULL, \
                     t.tries = {}, \
                     t.delay_until = CASE WHEN v.retry_after IS NULL OR {} THEN NULL ELSE {} END \
-              WHERE t.result = 'RUNNING' AND {}",
+              WHERE t.result = 'RUNNING' AND {} AND t.id IN ({{ids}})",
             cancel_result("t.", "v.result"),
             cancel_text("t.", "v.result", "v.result_text"),
             d.now(),
@@ -1209,13 +1266,15 @@ impl Sql {
                     AND NOT EXISTS (SELECT 1 FROM task_runner_requests AS made WHERE made.next_of = $1)"
             ),
             record_pids_batch: batched.then(|| {
-                "UPDATE task_runner_requests t \
-                    SET pid = v.pid, pid_boot_id = v.boot_id, pid_start_ticks = v.start_ticks \
-                   FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bigint[]) \
-                        AS v(id, claim_token, pid, boot_id, start_ticks) \
-                  WHERE t.id = v.id AND t.claim_token = v.claim_token AND t.result = 'RUNNING' \
-                  RETURNING t.id"
-                    .to_string()
+                format!(
+                    "UPDATE task_runner_requests t \
+                        SET pid = v.pid, pid_boot_id = v.boot_id, pid_start_ticks = v.start_ticks \
+                       FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bigint[]) \
+                            AS v(id, claim_token, pid, boot_id, start_ticks) \
+                      WHERE t.id = v.id AND t.claim_token = v.claim_token AND t.result = 'RUNNING' {} \
+                      RETURNING t.id",
+                    d.unlocked("t.id", "id = ANY($1)")
+                )
             }),
             record_outcomes_batch: format!(
                 "UPDATE task_runner_requests AS t {} \
@@ -1224,7 +1283,7 @@ impl Sql {
                         delay_until = CASE WHEN v.retry_after IS NULL OR {} THEN NULL ELSE {} END \
                    FROM {outcome_rows} \
                   WHERE t.id = v.id AND t.claim_token = v.claim_token AND t.result = 'RUNNING' \
-                    AND {} \
+                    AND {} {} \
                   RETURNING {returned_id}",
                 d.by_id_only(),
                 cancel_result("t.", "v.result"),
@@ -1232,7 +1291,8 @@ impl Sql {
                 tries_given_back("t.tries", "v.give_back"),
                 cancel_overrides("t.", "v.result"),
                 plus("v.retry_after"),
-                causes_nothing("t.")
+                causes_nothing("t."),
+                d.unlocked("t.id", "id = ANY($1)")
             ),
             claim,
             claim_of_queue,
@@ -1245,10 +1305,18 @@ impl Sql {
             left_out_backlog,
             claim_one,
             record_pid: format!(
-                "UPDATE task_runner_requests SET pid = $1, pid_boot_id = $2, pid_start_ticks = $3 WHERE {}",
-                fenced("$4", "$5")
+                "UPDATE task_runner_requests SET pid = $1, pid_boot_id = $2, pid_start_ticks = $3 WHERE {} {}",
+                fenced("$4", "$5"),
+                d.unlocked("id", "id = $4")
             ),
-            record_plain_outcome: format!("{record_outcome} AND {}", causes_nothing("")),
+            record_plain_outcome: format!(
+                "{record_outcome} AND {} {}",
+                causes_nothing(""),
+                d.unlocked("id", "id = $5")
+            ),
+            lock_request: d.lock_request(false),
+            lock_request_nowait: d.lock_request(true),
+            lock_requests_skipping: String::new(),
             held_by_claim: format!(
                 "SELECT {} FROM task_runner_requests WHERE {}",
                 int("count(*)"),
@@ -1257,8 +1325,9 @@ impl Sql {
             record_outcome,
             outcome_rows_held: String::new(),
             record_progress: format!(
-                "UPDATE task_runner_requests SET progress = $1 WHERE {}",
-                fenced("$2", "$3")
+                "UPDATE task_runner_requests SET progress = $1 WHERE {} {}",
+                fenced("$2", "$3"),
+                d.unlocked("id", "id = $2")
             ),
             // Returns the rows it renewed: not one another session holds
             // locked (see `Store::renew_heartbeats`; MariaDB/MySQL reads

@@ -9,7 +9,7 @@ use sqlx::postgres::PgPool;
 use sqlx::query;
 
 use super::sql::Sql;
-use super::{begin_write, mysql, Ending, Locks, ParentLocked, Pool, RowExt, Store};
+use super::{begin_write, mysql, Ending, Locks, Pool, RowExt, RowLocked, Store};
 use crate::instance::ClaimToken;
 use crate::request::{RequestId, State};
 
@@ -82,6 +82,15 @@ impl Write {
         match self {
             Write::Pid { claim_token, .. } | Write::Progress { claim_token, .. } => claim_token,
             Write::Outcome(outcome) => &outcome.claim_token,
+        }
+    }
+
+    /// What it writes, for a log line.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Write::Pid { .. } => "pid",
+            Write::Progress { .. } => "progress",
+            Write::Outcome(_) => "outcome",
         }
     }
 }
@@ -201,7 +210,7 @@ impl Store {
     pub(crate) async fn record_or_set_aside(
         &self,
         writes: &[Write],
-    ) -> Result<Vec<Result<bool, ParentLocked>>> {
+    ) -> Result<Vec<Result<bool, RowLocked>>> {
         self.record_with(writes, Locks::SetAside).await
     }
 
@@ -209,7 +218,7 @@ impl Store {
         &self,
         writes: &[Write],
         locks: Locks,
-    ) -> Result<Vec<Result<bool, ParentLocked>>> {
+    ) -> Result<Vec<Result<bool, RowLocked>>> {
         let late = writes_after_their_outcome(writes);
         if !late.iter().any(|late| *late) {
             return self.record_in_order(writes, locks).await;
@@ -234,7 +243,7 @@ impl Store {
         &self,
         writes: &[Write],
         locks: Locks,
-    ) -> Result<Vec<Result<bool, ParentLocked>>> {
+    ) -> Result<Vec<Result<bool, RowLocked>>> {
         let is_composed =
             |write: &Write| matches!(write, Write::Outcome(outcome) if outcome.composed);
         if !writes.iter().any(is_composed) {
@@ -257,47 +266,104 @@ impl Store {
         Ok(applied)
     }
 
-    /// Writes without follow-ups; an outcome the plain write did not apply
-    /// to goes on to the finalization path, which writes it if its row
-    /// gained something its end causes after the claim (a callback, a
-    /// period, a batch: see `causes_nothing` in sql.rs), and applies to
-    /// nothing either if the claim is lost.
+    /// Writes without follow-ups; a write the plain write did not apply to
+    /// while its claim still holds goes on alone, its row locked first: an
+    /// outcome to the finalization path, which writes it if its row gained
+    /// something its end causes after the claim (a callback, a period, a
+    /// batch: see `causes_nothing` in sql.rs); any write whose row another
+    /// session held locked (the plain write passes over such rows: see
+    /// `Dialect::unlocked`), with [`Locks::SetAside`] to be set aside.
     ///
     /// Whether the claim still holds is looked up first (one statement per
-    /// outcome not applied, mostly a claim lost to a reaper): the
-    /// finalization's transaction is for the rows that need it.
+    /// write not applied, mostly a claim lost to a reaper): the
+    /// transactions are for the rows that need them.
     async fn record_plain_or_finalize(
         &self,
         writes: &[Write],
         locks: Locks,
-    ) -> Result<Vec<Result<bool, ParentLocked>>> {
-        let mut applied: Vec<Result<bool, ParentLocked>> = self
+    ) -> Result<Vec<Result<bool, RowLocked>>> {
+        let mut applied: Vec<Result<bool, RowLocked>> = self
             .record_plain(writes)
             .await?
             .into_iter()
             .map(Ok)
             .collect();
         for (write, applied) in writes.iter().zip(applied.iter_mut()) {
-            if let (Write::Outcome(outcome), Ok(false)) = (write, *applied) {
-                self.count_statements(1);
-                let held = on_pool!(self, pool => {
-                    query(self.sql.held_by_claim.as_str())
-                        .bind(outcome.id.0)
-                        .bind(outcome.claim_token.as_str())
-                        .fetch_all(pool)
-                        .await?
-                        .first()
-                        .map(|row| row.int(0))
-                        .transpose()?
-                        .unwrap_or(0)
-                        > 0
-                });
-                if held {
-                    *applied = self.finalize_with(Ending::Outcome(outcome), locks).await?;
-                }
+            if *applied != Ok(false) {
+                continue;
+            }
+            self.count_statements(1);
+            let held = on_pool!(self, pool => {
+                query(self.sql.held_by_claim.as_str())
+                    .bind(write.id().0)
+                    .bind(write.claim_token().as_str())
+                    .fetch_all(pool)
+                    .await?
+                    .first()
+                    .map(|row| row.int(0))
+                    .transpose()?
+                    .unwrap_or(0)
+                    > 0
+            });
+            if held {
+                *applied = match write {
+                    Write::Outcome(outcome) => {
+                        self.finalize_with(Ending::Outcome(outcome), locks).await?
+                    }
+                    _ => self.write_alone(write, locks).await?,
+                };
             }
         }
         Ok(applied)
+    }
+
+    /// A pid or progress write in a transaction of its own, its row locked
+    /// first: waited for, or with [`Locks::SetAside`] `Err` when another
+    /// session holds it (nothing written).
+    async fn write_alone(&self, write: &Write, locks: Locks) -> Result<Result<bool, RowLocked>> {
+        use super::compose::{Param::*, Tx};
+        let once = || async {
+            let mut tx = Tx::begin(self).await?;
+            self.lock_request(&mut tx, write.id(), locks).await?;
+            // BEGIN, the lock, the write, COMMIT.
+            self.count_statements(4);
+            let written = match write {
+                Write::Pid {
+                    id,
+                    claim_token,
+                    pid,
+                    boot_id,
+                    start_ticks,
+                } => {
+                    let params = [
+                        Int(*pid),
+                        Text(boot_id),
+                        Int(*start_ticks),
+                        Int(id.0),
+                        Text(claim_token.as_str()),
+                    ];
+                    tx.execute(&self.sql.record_pid, &params).await?
+                }
+                Write::Progress {
+                    id,
+                    claim_token,
+                    text,
+                } => {
+                    let params = [Text(text), Int(id.0), Text(claim_token.as_str())];
+                    tx.execute(&self.sql.record_progress, &params).await?
+                }
+                Write::Outcome(_) => {
+                    anyhow::bail!("an outcome is written by the finalization path")
+                }
+            };
+            tx.commit().await?;
+            Ok(written == 1)
+        };
+        let written = match &self.pool {
+            Pool::MySql(_) => mysql::retry_locks(&self.lock_retries, once).await,
+            _ => once().await,
+        };
+        super::compose::unless_locked(written)
     }
 
     /// Writes without follow-ups (see [`record`](Store::record)).
@@ -319,9 +385,8 @@ impl Store {
             // `record_outcomes_mysql`); anything else one statement per
             // write, in one transaction. Run again after a lock conflict.
             if let Some(outcomes) = outcomes.filter(|outcomes| outcomes.len() > 1) {
-                let rows = outcome_rows_json(&outcomes);
                 let applied = mysql::retry_locks(&self.lock_retries, || {
-                    self.record_outcomes_mysql(pool, &rows, outcomes.len())
+                    self.record_outcomes_mysql(pool, &outcomes)
                 })
                 .await?;
                 return Ok(outcomes
@@ -357,9 +422,44 @@ impl Store {
         self.record_each(writes).await
     }
 
-    /// One statement per write, in one transaction (one alone: without).
+    /// One statement per write, in one transaction (one alone: without). On
+    /// MariaDB/MySQL, always in one, whose first statement locks the rows
+    /// no other session holds: the writes to the others apply to nothing
+    /// (see [`record_plain_or_finalize`](Store::record_plain_or_finalize)).
     async fn record_each(&self, writes: &[Write]) -> Result<Vec<bool>> {
         let sql = self.sql;
+        if let Pool::MySql(pool) = &self.pool {
+            use mysql::query;
+            let mut transaction = pool.begin().await?;
+            // BEGIN, the lock, the writes, COMMIT.
+            self.count_statements(3 + writes.len() as u64);
+            let lock = sql
+                .lock_requests_skipping
+                .replace("{ids}", &mysql::parameter_list(1, writes.len()));
+            let mut lock = query(sqlx::AssertSqlSafe(lock));
+            for write in writes {
+                lock = lock.bind(write.id().0);
+            }
+            let unlocked: HashSet<i64> = lock
+                .fetch_all(&mut *transaction)
+                .await?
+                .iter()
+                .map(|row| row.int(0))
+                .collect::<sqlx::Result<_>>()?;
+            let mut applied = Vec::with_capacity(writes.len());
+            for write in writes {
+                applied.push(
+                    unlocked.contains(&write.id().0)
+                        && single_write_query!(sql, write)
+                            .execute(&mut *transaction)
+                            .await?
+                            .rows_affected()
+                            == 1,
+                );
+            }
+            transaction.commit().await?;
+            return Ok(applied);
+        }
         if let [write] = writes {
             self.count_statements(1);
             let took = on_pool!(self, pool => {
@@ -476,7 +576,7 @@ impl Store {
 /// `outcomes` as a JSON array of rows (id, claim token, result,
 /// result_text, give back, retry after): how SQLite and MariaDB/MySQL take
 /// a batch of them as one parameter.
-fn outcome_rows_json(outcomes: &[&Outcome]) -> String {
+pub(super) fn outcome_rows_json(outcomes: &[&Outcome]) -> String {
     let rows: Vec<serde_json::Value> = outcomes
         .iter()
         .map(|o| {
