@@ -1006,7 +1006,7 @@ impl Store {
         // BEGIN, the look-up, the locks, the write, the read, COMMIT.
         self.count_statements(
             5 + u64::from(batch_id.is_some())
-                + u64::from(!self.sql.lock_request.is_empty())
+                + u64::from(locks == Locks::SetAside && !self.sql.lock_request.is_empty())
                 + 4 * u64::from(flow_id.is_some()),
         );
         if let Some(flow_id) = flow_id {
@@ -1015,7 +1015,12 @@ impl Store {
         if let Some(batch_id) = batch_id {
             self.lock_batch(&mut tx, batch_id, locks).await?;
         }
-        self.lock_request(&mut tx, id, locks).await?;
+        // Waiting, the write itself waits for the row; set aside, the row
+        // is locked first, NOWAIT.
+        let lock_row_first = locks == Locks::SetAside && !self.sql.lock_request.is_empty();
+        if lock_row_first {
+            self.lock_request(&mut tx, id, locks).await?;
+        }
         let sql = self.sql;
         let applied = match ending {
             Ending::Outcome(outcome) => {
