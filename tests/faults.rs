@@ -36,6 +36,7 @@ both_backends!(
     flood_of_output_is_bounded,
     memory_limit_fails_the_try_naming_the_limit,
     cpu_limit_fails_the_try_naming_the_limit,
+    a_task_killed_after_its_children_used_its_cpu_limit_is_crashed,
     cancel_stops_a_running_task,
     task_inherits_only_stdio_and_no_database_secrets,
     a_program_asked_for_its_task_types_gets_no_database_secrets,
@@ -927,6 +928,44 @@ async fn cpu_limit_fails_the_try_naming_the_limit(backend: Backend) {
         text.starts_with("killed by signal 9 (SIGKILL): cpu_limit 1s exceeded"),
         "{text}"
     );
+    assert!(daemon.stop().success());
+}
+
+/// `cpu_limit` is RLIMIT_CPU, which counts each process's own CPU time.
+/// A task whose children (each well under the limit) used more than the
+/// limit in all, then killed -9 by another hand, was taken for one past its
+/// limit (`wait4`'s usage counts the children a process waited for): FAILED
+/// naming `cpu_limit`, where it crashed.
+async fn a_task_killed_after_its_children_used_its_cpu_limit_is_crashed(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let script = db.scratch.join("spin.py");
+    let spun = db.scratch.join("spun");
+    std::fs::write(
+        &script,
+        "import os, subprocess, sys, time\n\
+         while sum(os.times()[2:4]) < 1.5:\n\
+         \x20   subprocess.run(['timeout', '0.4', 'sh', '-c', 'while :; do :; done'])\n\
+         open(sys.argv[1], 'w').close()\n\
+         time.sleep(60)\n",
+    )
+    .unwrap();
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "tasks:\n  Parent:\n    command: [python3, {}, {}]\n    cpu_limit: 1s\n",
+            script.display(),
+            spun.display()
+        ),
+    );
+    let id = db.insert_row(NewRow::new("Parent").try_limit(1)).await;
+    wait_until(WAIT, "the children to use 1.5 s of CPU", || spun.exists());
+    let pid = db.row(id).await.pid.expect("its pid is recorded");
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    let row = db.wait_for_state(id, "CRASHED", WAIT).await;
+    let text = row.result_text.unwrap();
+    assert!(text.starts_with("killed by signal 9 (SIGKILL)"), "{text}");
+    assert!(!text.contains("cpu_limit"), "{text}");
     assert!(daemon.stop().success());
 }
 

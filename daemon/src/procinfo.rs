@@ -55,6 +55,29 @@ fn parse_start_ticks(stat: &str) -> Option<i64> {
     after_name.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// The CPU time (user and system, all its threads) the process itself
+/// used: fields 14 and 15 of `/proc/PID/stat`, without its children's
+/// (`wait4`'s usage counts the children it waited for too). Readable until
+/// the process is reaped.
+pub(crate) fn own_cpu_time(pid: i64) -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_own_cpu_ticks(&stat).and_then(ticks_to_duration)
+}
+
+fn parse_own_cpu_ticks(stat: &str) -> Option<u64> {
+    // After the name, field 3 (state) first: utime is field 14, stime 15.
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(user + system)
+}
+
+fn ticks_to_duration(ticks: u64) -> Option<std::time::Duration> {
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (per_second > 0).then(|| std::time::Duration::from_secs_f64(ticks as f64 / per_second as f64))
+}
+
 /// Whether the process is a zombie (exited, not yet waited for by its parent).
 pub(crate) fn is_zombie(pid: i64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -282,6 +305,14 @@ mod tests {
         let stat =
             "1234 (a b) c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 100";
         assert_eq!(parse_start_ticks(stat), Some(987_654));
+    }
+
+    #[test]
+    fn own_cpu_ticks_are_user_and_system_without_the_childrens() {
+        // utime 7, stime 5, cutime 300, cstime 200.
+        let stat =
+            "1234 (a b) c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 7 5 300 200 20 0 1 0 987654";
+        assert_eq!(parse_own_cpu_ticks(stat), Some(12));
     }
 
     #[test]

@@ -165,8 +165,9 @@ pub(crate) struct Child {
     pub(super) created: std::time::SystemTime,
     pidfd: AsyncFd<OwnedFd>,
     status: Option<ExitStatus>,
-    /// The CPU time it used (user and system, its waited-for children's
-    /// included), once reaped.
+    /// The CPU time it used (user and system), once reaped: its own when it
+    /// was killed by `SIGKILL` (what RLIMIT_CPU counts, read before the
+    /// reap), else with its waited-for children's (`wait4`'s).
     cpu_time: Option<std::time::Duration>,
 }
 
@@ -287,12 +288,21 @@ impl Child {
         }
         loop {
             let mut ready = self.pidfd.readable().await?;
-            if end_group && child_state(self.pidfd.get_ref()) == Some(true) {
+            let ended = child_ended(self.pidfd.get_ref());
+            if end_group && ended.is_some() {
                 // SAFETY: a signal to the group of our exited, unreaped
                 // child: its pid holds the number, so the group (if it has
                 // one of that number) is the one it made.
                 unsafe { libc::killpg(self.pid as libc::pid_t, libc::SIGKILL) };
             }
+            // A SIGKILL may be RLIMIT_CPU's, past its hard limit, which
+            // counts the process's own time: `wait4`'s counts the children
+            // it waited for too, and a task killed by another hand after
+            // its children used that much was taken for one past its
+            // `cpu_limit`. Read while it is unreaped.
+            let own_cpu = (ended == Some(Some(libc::SIGKILL)))
+                .then(|| crate::procinfo::own_cpu_time(self.pid as i64))
+                .flatten();
             let mut raw = 0;
             // SAFETY: wait4 on our own child, writing into locals.
             let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -306,7 +316,7 @@ impl Child {
                 let time = |t: libc::timeval| {
                     std::time::Duration::new(t.tv_sec.max(0) as u64, t.tv_usec.max(0) as u32 * 1000)
                 };
-                self.cpu_time = Some(time(usage.ru_utime) + time(usage.ru_stime));
+                self.cpu_time = own_cpu.or(Some(time(usage.ru_utime) + time(usage.ru_stime)));
                 return Ok(status);
             }
             if reaped < 0 {
@@ -576,6 +586,22 @@ fn is_own_child(pid: u32) -> bool {
 /// not, so it cannot be waited for) and, if it is, whether it has exited.
 /// Reaps nothing.
 pub(super) fn child_state(pidfd: &OwnedFd) -> Option<bool> {
+    peek(pidfd).map(|info| info.is_some())
+}
+
+/// Whether our child has ended, without reaping it: `None` while it runs
+/// (or when it cannot be waited for), else the signal that killed it
+/// (`None` for an exit).
+fn child_ended(pidfd: &OwnedFd) -> Option<Option<libc::c_int>> {
+    let info = peek(pidfd).flatten()?;
+    let killed = matches!(info.si_code, libc::CLD_KILLED | libc::CLD_DUMPED);
+    // SAFETY: the status of an ended child, as the kernel filled it.
+    Some(killed.then(|| unsafe { info.si_status() }))
+}
+
+/// `waitid(WNOWAIT)` on the process of `pidfd`: `None` when it is not our
+/// child, `Some(None)` while it runs, else how it ended. Reaps nothing.
+fn peek(pidfd: &OwnedFd) -> Option<Option<libc::siginfo_t>> {
     // SAFETY: a waitid that reaps nothing (WNOWAIT), into a local.
     unsafe {
         let mut info: libc::siginfo_t = std::mem::zeroed();
@@ -585,7 +611,7 @@ pub(super) fn child_state(pidfd: &OwnedFd) -> Option<bool> {
             &mut info,
             libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
         ) == 0;
-        ours.then(|| info.si_pid() != 0)
+        ours.then(|| (info.si_pid() != 0).then_some(info))
     }
 }
 
