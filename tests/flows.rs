@@ -14,6 +14,7 @@ both_backends!(
     revert_exhausted_ends_the_flow_failed_with_an_error_line_and_no_later_revert,
     daemon_killed_during_revert_r2_resumes_at_r2_after_a_restart_and_r1_runs_once,
     flow_with_unknown_name_or_bad_options_ends_failed_saying_why,
+    a_flow_one_daemon_does_not_know_is_left_to_a_daemon_that_knows_it,
     flow_cancel_stops_a_flow_and_cancel_revert_reverts_its_finished_steps,
     a_step_that_finishes_after_cancel_revert_is_reverted_and_the_flow_goes_no_further,
     a_step_failed_with_tries_left_after_a_cancel_ends_its_flow_in_the_same_write,
@@ -411,15 +412,21 @@ async fn purge_keeps_the_step_rows_of_a_running_flow(backend: Backend) {
 async fn flow_with_unknown_name_or_bad_options_ends_failed_saying_why(backend: Backend) {
     let db = TestDb::new(backend).await;
     let config = "flows:\n  typed:\n    steps:\n      - { name: only, task: NoOp }\n    options:\n      port: { type: integer }\n";
-    let mut daemon = Daemon::start(&db, "d", config);
+    // Older than a daemon leaves an unknown flow to the others.
     let unknown = insert_flow(&db, "nosuch", None).await;
+    db.execute(&format!(
+        "UPDATE task_runner_flows SET created_at = {} WHERE id = {unknown}",
+        sql_ago(backend, 301)
+    ))
+    .await;
+    let mut daemon = Daemon::start(&db, "d", config);
     let badly_typed = insert_flow(&db, "typed", Some("port: eighty")).await;
     let not_yaml = insert_flow(&db, "typed", Some("port: [unclosed")).await;
     let good = insert_flow(&db, "typed", Some("port: 80")).await;
     let text = |flow: taskrunner::store::Flow| flow.result_text.unwrap_or_default();
     assert_eq!(
         text(wait_for_flow(&db, unknown, "FAILED", LONG).await),
-        "unknown flow `nosuch` (known: typed)"
+        "unknown flow `nosuch` (known: typed); no daemon that knows it took it within 5m"
     );
     assert_eq!(
         text(wait_for_flow(&db, badly_typed, "FAILED", LONG).await),
@@ -429,6 +436,27 @@ async fn flow_with_unknown_name_or_bad_options_ends_failed_saying_why(backend: B
         .starts_with("options: not valid YAML"));
     wait_for_flow(&db, good, "FINISHED", LONG).await;
     assert!(daemon.stop().success());
+}
+
+/// A rolling deploy: a flow new in the config is posted while a daemon
+/// not yet upgraded runs. That daemon leaves it (before, it took the flow
+/// first and ended it FAILED, `unknown flow`, for all), goes on taking the
+/// flows it knows, and the upgraded daemon takes and runs it.
+async fn a_flow_one_daemon_does_not_know_is_left_to_a_daemon_that_knows_it(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let old = "flows:\n  known:\n    steps:\n      - { name: only, task: NoOp }\n";
+    let new = format!("{old}  added:\n    steps:\n      - {{ name: only, task: NoOp }}\n");
+    let mut not_upgraded = Daemon::start(&db, "old", old);
+    let added = insert_flow(&db, "added", None).await;
+    let known = insert_flow(&db, "known", None).await;
+    // The old daemon has looked past the new flow: it took the next one.
+    wait_for_flow(&db, known, "FINISHED", LONG).await;
+    let flow = db.store.flow(added).await.unwrap().expect("the flow");
+    assert_eq!(flow.state, None, "{flow:?}");
+    let mut upgraded = Daemon::start(&db, "new", &new);
+    wait_for_flow(&db, added, "FINISHED", LONG).await;
+    assert!(upgraded.stop().success());
+    assert!(not_upgraded.stop().success());
 }
 
 /// A flow's store is every later step's options: what steps provide must

@@ -30,6 +30,13 @@ use super::{Locks, Pool, RowExt, Store};
 use crate::flow::{self, Action, Definition};
 use Param::{Int, OptInt, OptText, Text};
 
+/// How long a flow whose name a daemon does not know is left to the
+/// daemons that know it (a rolling deploy: the daemons not yet upgraded
+/// know nothing of a new flow) before the first daemon that looks at it
+/// ends it FAILED. A name no daemon knows (a typo in plain SQL) fails after
+/// that long too; `flow post` refuses it at once.
+pub(crate) const UNKNOWN_FLOW_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Room left in a composed row's options beside a flow's store: the
 /// summary that the flow's `on_exhausted` alert adds to it.
 const ALERT_ROOM: usize = 4 << 10;
@@ -198,9 +205,16 @@ impl FlowSql {
                 SET state = 'RUNNING', attempt = 1, current_step = 0, store = $2, definition = $3 \
               WHERE id = $1 AND state IS NULL"
                 .to_string(),
+            // Flows of the names `$1` (a JSON array) and flows older than
+            // `$2` seconds, which no daemon that knows them took.
             untaken: format!(
-                "SELECT {} FROM task_runner_flows WHERE state IS NULL ORDER BY id LIMIT 100",
-                d.int64("id")
+                "SELECT {} FROM task_runner_flows \
+                  WHERE state IS NULL \
+                    AND (flow_name IN ({}) OR created_at <= {}) \
+                  ORDER BY id LIMIT 100",
+                d.int64("id"),
+                d.json_strings("$1"),
+                d.now_plus("-$2")
             ),
             // Active flows with no open row: their current row ended
             // without advancing them (plain SQL wrote it, or deleted it).
@@ -694,12 +708,26 @@ impl Store {
 
     /// Takes flows that no daemon has taken yet (state NULL: inserted by
     /// plain SQL or `flow post`): snapshots the definition from `flows`,
-    /// fills the store, creates the first step's row. A flow whose name is
-    /// unknown, or whose options do not fit, ends FAILED saying why.
+    /// fills the store, creates the first step's row. A flow whose options
+    /// do not fit ends FAILED saying why. A flow whose name is not in
+    /// `flows` is left for [`UNKNOWN_FLOW_WAIT`] to a daemon that knows it
+    /// (in a rolling deploy the daemons not yet upgraded failed the new
+    /// flows they came upon first, for all), then ends FAILED saying so.
     /// Returns how many flows it took or failed.
     pub(crate) async fn take_flows(&self, flows: &BTreeMap<String, Definition>) -> Result<usize> {
         let f = self.flow_sql();
-        let candidates = self.flow_ids(&f.untaken).await?;
+        let names = serde_json::to_string(&flows.keys().collect::<Vec<_>>())?;
+        self.count_statements(1);
+        let candidates: Vec<i64> = on_pool!(self, pool => {
+            query(f.untaken.as_str())
+                .bind(names.as_str())
+                .bind(UNKNOWN_FLOW_WAIT.as_secs() as i64)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|row| row.int(0))
+                .collect::<sqlx::Result<_>>()?
+        });
         for flow_id in &candidates {
             let mut tx = Tx::begin(self).await?;
             self.count_statements(5);
@@ -715,13 +743,14 @@ impl Store {
             let Some(definition) = flows.get(&flow.name) else {
                 let known: Vec<&str> = flows.keys().map(String::as_str).collect();
                 let why = format!(
-                    "unknown flow `{}` (known: {})",
+                    "unknown flow `{}` (known: {}); no daemon that knows it took it within {}",
                     flow.name,
                     if known.is_empty() {
                         "none".to_string()
                     } else {
                         known.join(", ")
-                    }
+                    },
+                    crate::units::format_duration(UNKNOWN_FLOW_WAIT)
                 );
                 tracing::error!(flow = flow.id, "flow {} FAILED: {why}", flow.id);
                 tx.execute(&f.end_flow, &[Int(flow.id), Text("FAILED"), Text(&why)])
