@@ -288,8 +288,41 @@ impl Store {
             .into_iter()
             .map(Ok)
             .collect();
-        for (write, applied) in writes.iter().zip(applied.iter_mut()) {
-            if *applied != Ok(false) {
+        for index in 0..writes.len() {
+            if applied[index] != Ok(false) {
+                continue;
+            }
+            let write = &writes[index];
+            let of_its_try = |other: &Write| {
+                other.id() == write.id() && other.claim_token() == write.claim_token()
+            };
+            // A progress line that a later one of its try, applied, has
+            // replaced: written alone now, it would overwrite the newer.
+            let replaced = matches!(write, Write::Progress { .. })
+                && writes[index + 1..]
+                    .iter()
+                    .zip(&applied[index + 1..])
+                    .any(|(later, applied)| {
+                        matches!(later, Write::Progress { .. })
+                            && of_its_try(later)
+                            && *applied == Ok(true)
+                    });
+            if replaced {
+                applied[index] = Ok(true);
+                continue;
+            }
+            // An earlier write of its try waits for the row's lock: this one
+            // waits behind it, in their order.
+            let behind =
+                writes[..index]
+                    .iter()
+                    .zip(&applied[..index])
+                    .find_map(|(earlier, applied)| match applied {
+                        Err(locked) if of_its_try(earlier) => Some(*locked),
+                        _ => None,
+                    });
+            if let Some(locked) = behind {
+                applied[index] = Err(locked);
                 continue;
             }
             self.count_statements(1);
@@ -306,7 +339,7 @@ impl Store {
                     > 0
             });
             if held {
-                *applied = match write {
+                applied[index] = match write {
                     Write::Outcome(outcome) => {
                         self.finalize_with(Ending::Outcome(outcome), locks).await?
                     }
@@ -324,9 +357,10 @@ impl Store {
         use super::compose::{Param::*, Tx};
         let once = || async {
             let mut tx = Tx::begin(self).await?;
+            // BEGIN and the lock (none on SQLite), then the write and COMMIT.
+            self.count_statements(1 + u64::from(!self.sql.lock_request.is_empty()));
             self.lock_request(&mut tx, write.id(), locks).await?;
-            // BEGIN, the lock, the write, COMMIT.
-            self.count_statements(4);
+            self.count_statements(2);
             let written = match write {
                 Write::Pid {
                     id,
@@ -431,8 +465,8 @@ impl Store {
         if let Pool::MySql(pool) = &self.pool {
             use mysql::query;
             let mut transaction = pool.begin().await?;
-            // BEGIN, the lock, the writes, COMMIT.
-            self.count_statements(3 + writes.len() as u64);
+            // BEGIN, the lock, COMMIT, and the writes to the rows it locked.
+            self.count_statements(3);
             let lock = sql
                 .lock_requests_skipping
                 .replace("{ids}", &mysql::parameter_list(1, writes.len()));
@@ -448,14 +482,13 @@ impl Store {
                 .collect::<sqlx::Result<_>>()?;
             let mut applied = Vec::with_capacity(writes.len());
             for write in writes {
-                applied.push(
-                    unlocked.contains(&write.id().0)
-                        && single_write_query!(sql, write)
-                            .execute(&mut *transaction)
-                            .await?
-                            .rows_affected()
-                            == 1,
-                );
+                if !unlocked.contains(&write.id().0) {
+                    applied.push(false);
+                    continue;
+                }
+                self.count_statements(1);
+                let query = single_write_query!(sql, write);
+                applied.push(query.execute(&mut *transaction).await?.rows_affected() == 1);
             }
             transaction.commit().await?;
             return Ok(applied);
