@@ -32,9 +32,12 @@ use Param::{Int, OptInt, OptText, Text};
 
 /// How long a flow whose name a daemon does not know is left to the
 /// daemons that know it (a rolling deploy: the daemons not yet upgraded
-/// know nothing of a new flow) before the first daemon that looks at it
-/// ends it FAILED. A name no daemon knows (a typo in plain SQL) fails after
-/// that long too; `flow post` refuses it at once.
+/// know nothing of a new flow), from when that daemon first saw it, before
+/// it ends the flow FAILED. A name no daemon knows (a typo in plain SQL)
+/// fails after that long too; `flow post` refuses it at once. Measured by
+/// each daemon's own clock, not from `created_at`: a flow set back to
+/// `state` NULL is waited for afresh, and MariaDB stores an application
+/// session's `created_at` in that session's time zone.
 pub(crate) const UNKNOWN_FLOW_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Room left in a composed row's options beside a flow's store: the
@@ -129,6 +132,7 @@ pub(super) struct FlowSql {
     end_flow: String,
     take_flow: String,
     untaken: String,
+    untaken_unknown: String,
     stuck: String,
     step_rows: String,
     cancel_unstarted: String,
@@ -205,16 +209,19 @@ impl FlowSql {
                 SET state = 'RUNNING', attempt = 1, current_step = 0, store = $2, definition = $3 \
               WHERE id = $1 AND state IS NULL"
                 .to_string(),
-            // Flows of the names `$1` (a JSON array) and flows older than
-            // `$2` seconds, which no daemon that knows them took.
+            // Flows of the names `$1` (a JSON array) that no daemon took.
             untaken: format!(
                 "SELECT {} FROM task_runner_flows \
-                  WHERE state IS NULL \
-                    AND (flow_name IN ({}) OR created_at <= {}) \
-                  ORDER BY id LIMIT 100",
+                  WHERE state IS NULL AND flow_name IN ({}) ORDER BY id LIMIT 100",
                 d.int64("id"),
-                d.json_strings("$1"),
-                d.now_plus("-$2")
+                d.json_strings("$1")
+            ),
+            // And those of other names.
+            untaken_unknown: format!(
+                "SELECT {}, flow_name FROM task_runner_flows \
+                  WHERE state IS NULL AND flow_name NOT IN ({}) ORDER BY id LIMIT 100",
+                d.int64("id"),
+                d.json_strings("$1")
             ),
             // Active flows with no open row: their current row ended
             // without advancing them (plain SQL wrote it, or deleted it).
@@ -710,24 +717,57 @@ impl Store {
     /// plain SQL or `flow post`): snapshots the definition from `flows`,
     /// fills the store, creates the first step's row. A flow whose options
     /// do not fit ends FAILED saying why. A flow whose name is not in
-    /// `flows` is left for [`UNKNOWN_FLOW_WAIT`] to a daemon that knows it
-    /// (in a rolling deploy the daemons not yet upgraded failed the new
-    /// flows they came upon first, for all), then ends FAILED saying so.
-    /// Returns how many flows it took or failed.
+    /// `flows` is left to the daemons that know it for [`UNKNOWN_FLOW_WAIT`]
+    /// from when this daemon first saw it (in a rolling deploy the daemons
+    /// not yet upgraded failed the new flows they came upon first, for
+    /// all), then ends FAILED saying so. Returns how many flows it took or
+    /// failed.
     pub(crate) async fn take_flows(&self, flows: &BTreeMap<String, Definition>) -> Result<usize> {
         let f = self.flow_sql();
         let names = serde_json::to_string(&flows.keys().collect::<Vec<_>>())?;
-        self.count_statements(1);
-        let candidates: Vec<i64> = on_pool!(self, pool => {
-            query(f.untaken.as_str())
+        self.count_statements(2);
+        let (mut candidates, unknown): (Vec<i64>, Vec<(i64, String)>) = on_pool!(self, pool => {
+            let known = query(f.untaken.as_str())
                 .bind(names.as_str())
-                .bind(UNKNOWN_FLOW_WAIT.as_secs() as i64)
                 .fetch_all(pool)
                 .await?
                 .iter()
                 .map(|row| row.int(0))
-                .collect::<sqlx::Result<_>>()?
+                .collect::<sqlx::Result<_>>()?;
+            let unknown = query(f.untaken_unknown.as_str())
+                .bind(names.as_str())
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|row| Ok((row.int(0)?, row.text(1)?)))
+                .collect::<sqlx::Result<_>>()?;
+            (known, unknown)
         });
+        let wait =
+            crate::test_hooks::shortened(UNKNOWN_FLOW_WAIT, "TASKRUNNER_TEST_UNKNOWN_FLOW_WAIT_MS");
+        let due = {
+            let mut seen = self
+                .unknown_flows
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            seen.retain(|id, _| unknown.iter().any(|(other, _)| other == id));
+            let mut due = Vec::new();
+            for (id, name) in &unknown {
+                let since = *seen.entry(*id).or_insert_with(|| {
+                    tracing::warn!(
+                        flow = id,
+                        "flow {id} ({name}) is unknown to this daemon: left to a daemon that knows it (a rolling deploy?), and failed if none has taken it in {}",
+                        crate::units::format_duration(wait)
+                    );
+                    std::time::Instant::now()
+                });
+                if since.elapsed() >= wait {
+                    due.push(*id);
+                }
+            }
+            due
+        };
+        candidates.extend(&due);
         for flow_id in &candidates {
             let mut tx = Tx::begin(self).await?;
             self.count_statements(5);
@@ -741,6 +781,10 @@ impl Store {
                 continue;
             }
             let Some(definition) = flows.get(&flow.name) else {
+                if !due.contains(flow_id) {
+                    // Renamed since it was read: left for now.
+                    continue;
+                }
                 let known: Vec<&str> = flows.keys().map(String::as_str).collect();
                 let why = format!(
                     "unknown flow `{}` (known: {}); no daemon that knows it took it within {}",
@@ -750,7 +794,7 @@ impl Store {
                     } else {
                         known.join(", ")
                     },
-                    crate::units::format_duration(UNKNOWN_FLOW_WAIT)
+                    crate::units::format_duration(wait)
                 );
                 tracing::error!(flow = flow.id, "flow {} FAILED: {why}", flow.id);
                 tx.execute(&f.end_flow, &[Int(flow.id), Text("FAILED"), Text(&why)])

@@ -98,6 +98,10 @@ pub struct Store {
     /// MariaDB/MySQL: transactions run again after a deadlock or a
     /// lock-wait timeout (see [`mysql::retry_locks`]), for `status`.
     lock_retries: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The untaken flows of names this daemon does not know, and when it
+    /// first saw each (see `Store::take_flows`).
+    unknown_flows:
+        std::sync::Arc<std::sync::Mutex<std::collections::HashMap<i64, std::time::Instant>>>,
     /// MariaDB/MySQL: until when a claim while a queue is paused walks
     /// without looking for the queues first, having found more than are
     /// claimed apart (see `Store::queues_with_rows_mysql`).

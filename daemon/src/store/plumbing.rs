@@ -384,6 +384,7 @@ impl Store {
             // No cap until the daemon sets its `max_options`.
             max_options: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
             lock_retries: Default::default(),
+            unknown_flows: Default::default(),
             many_queues_until: Default::default(),
             left_out_backlog: Default::default(),
             queue_claims,
