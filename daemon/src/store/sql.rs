@@ -246,8 +246,13 @@ impl Dialect {
     /// (`Sql::lock_requests_skipping`); SQLite has no row locks: nothing.
     fn unlocked(self, column: &str, ids: &str) -> String {
         match self.0 {
+            // `= ANY(ARRAY(…))`: the locking select runs once, as an
+            // InitPlan. `IN (…)` made it the inner side of a nested loop,
+            // run again (and its rows locked again) for each row of a batch:
+            // a batch of 459 outcomes took 1.5 s, and the drain at
+            // `max_concurrent` 8 fell to 30% of the spawn ceiling.
             Backend::Postgres => format!(
-                " AND {column} IN (SELECT id FROM task_runner_requests WHERE {ids} {})",
+                " AND {column} = ANY(ARRAY(SELECT id FROM task_runner_requests WHERE {ids} {}))",
                 self.skip_locked()
             ),
             Backend::Sqlite | Backend::MySql => String::new(),
