@@ -1225,3 +1225,35 @@ fn a_max_options_too_small_and_a_node_also_excluded_are_refused() {
         "{error}"
     );
 }
+
+/// A second install in a PostgreSQL schema of its own (its URL sets
+/// `search_path`, as the README shows) beside one in `public` of the same
+/// database. The migrations' look-up of a table by name did not say which
+/// schema: it found `public`'s bookkeeping table, took the new schema for
+/// migrated, and every `migrate` failed on a table that was not there.
+/// Now each install has its own tables and runs its own rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_second_install_in_its_own_schema_beside_one_in_public_runs() {
+    let public = TestDb::new(Backend::Postgres).await;
+    let waiting = public.enqueue("NoOp", None).await;
+    public.execute("CREATE SCHEMA jobs").await;
+    let jobs = TestDb::on_server(&format!("{}?options=-c%20search_path%3Djobs", public.url)).await;
+    assert_eq!(
+        public
+            .scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'jobs' AND tablename LIKE 'task_runner%'")
+            .await,
+        public
+            .scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'task_runner%'")
+            .await,
+    );
+    let id = jobs.enqueue("NoOp", None).await;
+    let mut daemon = Daemon::start(&jobs, "d", "");
+    jobs.wait_for_state(id, "FINISHED", Duration::from_secs(30))
+        .await;
+    assert!(daemon.stop().success());
+    assert_eq!(
+        public.row(waiting).await.result,
+        None,
+        "public's row is left alone"
+    );
+}

@@ -709,7 +709,8 @@ impl Store {
             }
             Pool::Postgres(_) => {
                 "SELECT indexname::text FROM pg_indexes WHERE schemaname = current_schema() AND indexname <> $1 \
-                 UNION SELECT tgname::text FROM pg_trigger WHERE NOT tgisinternal"
+                 UNION SELECT t.tgname::text FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid \
+                  WHERE NOT t.tgisinternal AND c.relnamespace = to_regnamespace(current_schema())"
             }
             Pool::MySql(_) => {
                 "SELECT index_name FROM information_schema.statistics \

@@ -811,7 +811,13 @@ impl Store {
             Backend::Sqlite => {
                 "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = $1"
             }
-            Backend::Postgres => "SELECT count(*)::bigint FROM pg_tables WHERE tablename = $1",
+            // In the schema taskrunner's tables are made in, as the
+            // migrations' other look-ups: a table of that name in another
+            // schema (a second install beside one in `public`) is not it.
+            Backend::Postgres => {
+                "SELECT count(*)::bigint FROM pg_tables \
+                  WHERE schemaname = current_schema() AND tablename = $1"
+            }
             Backend::MySql => {
                 "SELECT count(*) FROM information_schema.tables \
                   WHERE table_schema = DATABASE() AND table_name = $1"
