@@ -42,6 +42,7 @@ both_backends!(
     a_try_whose_request_is_larger_than_the_socket_takes_is_execd,
     a_parent_retired_in_order_exits_through_its_exit_handlers,
     a_retired_parent_that_does_not_exit_is_killed_after_the_grace,
+    a_parent_retired_with_a_request_in_hand_answers_it_and_exits_in_order,
     a_cancel_while_the_program_boots_ends_the_try_and_keeps_the_boot,
     a_cancel_before_the_child_made_its_group_stops_it_at_once,
     a_python_task_that_exits_or_raises_leaves_its_child_by_exit,
@@ -1217,6 +1218,61 @@ async fn a_parent_retired_in_order_exits_through_its_exit_handlers(backend: crat
         "{ran:?}\n{}",
         daemon.log_text()
     );
+}
+
+/// A reload retires a parent that holds a request it has not answered yet
+/// (its fork is slow). The end of its socket was both ways: the daemon
+/// stopped reading at once, took the request for unanswered and killed the
+/// parent (no exit handlers), and the try went to the next parent. Now
+/// the daemon ends only its own sending: the parent answers what it holds,
+/// its child runs the try once, and the parent exits through its exit
+/// handlers.
+async fn a_parent_retired_with_a_request_in_hand_answers_it_and_exits_in_order(
+    backend: crate::util::Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let program = db.scratch.join("slow_fork.py");
+    let received = db.scratch.join("received");
+    let exits = db.scratch.join("exits");
+    python_example_with(
+        &program,
+        &format!(
+            "import atexit\n\
+             atexit.register(lambda: open({exits:?}, 'a').write(f'{{os.getpid()}}\\n'))\n\
+             fork = program['fork_try']\n\
+             def slow_fork(*args):\n    \
+                 open({received:?}, 'a').close()\n    \
+                 time.sleep(1.5)\n    \
+                 return fork(*args)\n\
+             program['serve_preloaded'].__globals__['fork_try'] = slow_fork",
+            exits = exits.display().to_string(),
+            received = received.display().to_string(),
+        ),
+    );
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!(
+            "tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
+            program.display()
+        ))
+        .start();
+    let id = enqueue(&db, "PyProbe", "").await;
+    wait_until(WAIT, "the parent to hold the request", || received.exists());
+    let parent = parent_pid(&daemon);
+    daemon.signal(Signal::SIGHUP);
+    let row = finished_on_one_try(&db, id, &daemon, WAIT).await;
+    assert_eq!(
+        report(&row.result_text.unwrap())["booted_in"],
+        parent.to_string(),
+        "the retired parent ran the try it held"
+    );
+    wait_until(WAIT, "the retired parent's exit handler", || {
+        std::fs::read_to_string(&exits)
+            .unwrap_or_default()
+            .lines()
+            .any(|line| line == parent.to_string())
+    });
+    assert!(daemon.stop().success());
 }
 
 /// A parent retired in order that does not exit at the end of its socket

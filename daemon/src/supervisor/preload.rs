@@ -655,14 +655,17 @@ impl Parent {
         }
     }
 
-    /// Retires the parent as the protocol says: its socket is closed, and
-    /// it exits, running its exit handlers (a Rails application's
+    /// Retires the parent as the protocol says: the daemon ends its sending
+    /// on the socket, the parent answers the requests it holds, reads the
+    /// end, and exits, running its exit handlers (a Rails application's
     /// `at_exit`, a flush of its metrics); one still there after
     /// [`RETIRE_GRACE`] is killed. Its children, the daemon's own, go on.
-    /// (Before, every retirement was a `SIGKILL`.)
+    /// (Before, every retirement was a `SIGKILL`; then the end was both
+    /// ways, and a parent retired with a request in hand could not answer
+    /// it: the daemon took it for unanswered and killed the parent.)
     async fn close(&self) {
         // SAFETY: shutdown of our own socket, which stays open.
-        unsafe { libc::shutdown(self.socket.get_ref().as_raw_fd(), libc::SHUT_RDWR) };
+        unsafe { libc::shutdown(self.socket.get_ref().as_raw_fd(), libc::SHUT_WR) };
         let mut exited = self.exited.clone();
         let gone = exited.wait_for(|exited| *exited);
         if tokio::time::timeout(RETIRE_GRACE, gone).await.is_err() {
