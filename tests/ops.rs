@@ -140,9 +140,23 @@ async fn sysv_script_starts_refuses_a_second_start_and_stop_drains() {
         ),
     )
     .unwrap();
+    // LOG_DIR exists, and is not taskrunner's own (as /var/log would be):
+    // it is left as it is (before, it became the daemon user's, mode 0750).
+    let log_dir = dir.join("log");
+    std::fs::create_dir_all(&log_dir).unwrap();
+    std::fs::set_permissions(&log_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
 
     let started = sysv(&defaults, "start");
     assert!(started.status.success(), "start: {}", text(&started));
+    let kept = std::fs::metadata(&log_dir).unwrap();
+    assert_eq!(
+        (
+            std::os::unix::fs::MetadataExt::uid(&kept),
+            kept.permissions().mode() & 0o777
+        ),
+        (0, 0o777),
+        "an existing LOG_DIR not taskrunner's own is left as it is"
+    );
     let pid = pid_in(&pidfile).unwrap_or_else(|| panic!("no pid in {}", pidfile.display()));
     let _guard = KillOnDrop(pid);
     assert!(process_exists(pid));
@@ -189,12 +203,24 @@ async fn sysv_script_starts_refuses_a_second_start_and_stop_drains() {
             .unwrap_or_default()
             .contains("config reloaded")
     });
+    // force-reload reloads too, the same daemon (LSB: when the service can;
+    // it restarted the daemon, draining or interrupting its tasks).
+    let forced = sysv(&defaults, "force-reload");
+    assert!(forced.status.success(), "force-reload: {}", text(&forced));
+    wait_until(WAIT, "the daemon to log a second reload", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("config reloaded")
+            .count()
+            >= 2
+    });
+    assert_eq!(pid_in(&pidfile), Some(pid));
 
     // A broken config: reload and restart are refused with the reason, and
     // the running daemon stays.
     let good = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, format!("{good}poll_intervall: 5s\n")).unwrap();
-    for action in ["reload", "restart"] {
+    for action in ["reload", "force-reload", "restart"] {
         let refused = sysv(&defaults, action);
         let shown = text(&refused);
         assert!(!refused.status.success(), "{action}: {shown}");
@@ -1256,4 +1282,56 @@ async fn postgres_a_second_install_in_its_own_schema_beside_one_in_public_runs()
         None,
         "public's row is left alone"
     );
+}
+
+/// A database down at boot: the daemon waits for it, retrying, and its
+/// launcher waited as long, and so the init script's `start` and the boot
+/// (SysV, OpenRC). The launcher now returns after a bound (60 s; here
+/// 1.5 s), saying so, and the daemon goes on trying in the background.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemonize_returns_after_a_bound_while_the_database_is_down() {
+    let scratch = Scratch::new("launch-wait");
+    // A port nothing listens on: every connection is refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = scratch.join("taskrunner.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "database_url: postgres://nobody@127.0.0.1:{port}/none\nsocket: run/daemon.sock\npidfile: run/taskrunnerd.pid\nlog_file: taskrunnerd.log\n"
+        ),
+    )
+    .unwrap();
+    let mut launcher = Command::new(DAEMON)
+        .arg("--config")
+        .arg(&config)
+        .arg("--daemonize")
+        .current_dir(&scratch.path)
+        .env_remove("DATABASE_URL")
+        .env("TASKRUNNER_TEST_LAUNCH_WAIT_MS", "1500")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let launcher_pid = launcher.id() as i32;
+    let _launcher_guard = KillOnDrop(launcher_pid);
+    // Before, it waited for ever: the test fails instead.
+    wait_until(WAIT, "the launcher to return", || {
+        launcher.try_wait().unwrap().is_some()
+    });
+    let launched = launcher.wait_with_output().unwrap();
+    let shown = text(&launched);
+    assert!(launched.status.success(), "{shown}");
+    assert!(shown.contains("not ready after 1500ms"), "{shown}");
+    let running = daemons_using(&config);
+    assert_eq!(running.len(), 1, "the daemon goes on trying: {running:?}");
+    let _guard = KillOnDrop(running[0]);
+    kill(Pid::from_raw(running[0]), Signal::SIGTERM).unwrap();
+    wait_until(WAIT, "the waiting daemon to stop", || {
+        !process_exists(running[0])
+    });
 }

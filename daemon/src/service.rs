@@ -146,6 +146,46 @@ impl ReadyPipe {
     }
 }
 
+/// How long the launching process waits for the daemon's report. A
+/// daemon whose database is down at boot waits for it, retrying; an init
+/// script's `start` (SysV, OpenRC) waited as long, and the boot with it.
+const LAUNCH_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Reads the daemon's report until the pipe's end, or `None` once `wait`
+/// has passed without it.
+fn read_report(mut pipe: File, wait: std::time::Duration) -> Option<String> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut report = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut poll = libc::pollfd {
+            fd: pipe.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd, on a descriptor this function owns.
+        let ready =
+            unsafe { libc::poll(&mut poll, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if ready == 0 {
+            return None;
+        }
+        if ready < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            break;
+        }
+        let mut chunk = [0u8; 512];
+        match pipe.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => report.extend_from_slice(&chunk[..n]),
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    Some(String::from_utf8_lossy(&report).into_owned())
+}
+
 /// What the launching process makes of the daemon's report: exit status
 /// and the line to print, if any.
 fn launch_outcome(report: &str) -> (i32, Option<String>) {
@@ -196,10 +236,20 @@ pub fn daemonize(log_file: Option<&Path>) -> Result<ReadyPipe> {
             // SAFETY: waiting for our own child.
             unsafe { libc::waitpid(first_child, &mut status, 0) };
             // Every copy of the write end closes when the daemon reports or
-            // dies, so this read ends either way.
-            let mut report = String::new();
-            let _ = File::from(read_end).read_to_string(&mut report);
-            let (code, message) = launch_outcome(&report);
+            // dies, so this read ends either way, unless the daemon waits
+            // (a database down at boot): then the launcher returns after a
+            // bound, and the daemon goes on trying.
+            let wait = crate::test_hooks::shortened(LAUNCH_WAIT, "TASKRUNNER_TEST_LAUNCH_WAIT_MS");
+            let (code, message) = match read_report(File::from(read_end), wait) {
+                Some(report) => launch_outcome(&report),
+                None => (
+                    0,
+                    Some(format!(
+                        "not ready after {}: it goes on starting in the background (waiting for its database?); its log_file says more",
+                        crate::units::format_duration(wait)
+                    )),
+                ),
+            };
             if let Some(message) = message {
                 eprintln!("taskrunnerd: {message}");
             }
