@@ -218,6 +218,48 @@ async fn an_application_lock_on_one_running_row_holds_back_that_rows_writes_alon
     assert!(daemon.stop().success());
 }
 
+/// The recorder's batch of outcomes passes over rows another session
+/// holds locked by a select that locks the batch's rows: its plan, run on
+/// 200 running rows, must run that select once. Written `IN (…)`, it was
+/// the inner side of a nested loop, run again for each row of the batch
+/// (`loops=200`): a batch of 459 outcomes took 1.5 s, and the bench's drain
+/// at `max_concurrent` 8 fell to 30% of the spawn ceiling. The statement is
+/// the daemon's own, run in a transaction that is rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_batch_of_outcomes_locks_its_rows_in_one_pass() {
+    let db = TestDb::new(Backend::Postgres).await;
+    db.insert_copies(NewRow::new("NoOp"), 200).await;
+    db.execute("UPDATE task_runner_requests SET result = 'RUNNING', claim_token = 't', tries = 1")
+        .await;
+    db.execute("ANALYZE task_runner_requests").await;
+    let batch = &taskrunner::store::sql::SQL
+        .of(taskrunner::store::Backend::Postgres)
+        .record_outcomes_batch;
+    let ids: Vec<i64> = (1..=200).collect();
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let mut transaction = pool.begin().await.unwrap();
+    let explain = sqlx::AssertSqlSafe(format!("EXPLAIN (ANALYZE, COSTS OFF) {batch}"));
+    let plan: Vec<String> = sqlx::query_scalar(explain)
+        .bind(&ids)
+        .bind(vec!["t"; 200])
+        .bind(vec!["FINISHED"; 200])
+        .bind(vec![""; 200])
+        .bind(vec![0_i64; 200])
+        .bind(vec![None::<f64>; 200])
+        .fetch_all(&mut *transaction)
+        .await
+        .unwrap();
+    transaction.rollback().await.unwrap();
+    pool.close().await;
+    let plan = plan.join("\n");
+    let locks: Vec<&str> = plan
+        .lines()
+        .filter(|line| line.contains("LockRows"))
+        .collect();
+    assert_eq!(locks.len(), 1, "{plan}");
+    assert!(locks[0].contains("rows=200 loops=1"), "{plan}");
+}
+
 /// A batch of outcomes is written in a few statements however many it
 /// holds, plus a look-up per outcome that did not apply (one on SQLite and
 /// PostgreSQL; four on MariaDB, which has no

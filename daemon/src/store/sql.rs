@@ -697,7 +697,7 @@ pub struct Sql {
     /// Many `record_outcome`s in one statement, returning the ids it applied
     /// to. PostgreSQL: arrays `$1..$6` (id, token, result, result_text, give
     /// back, retry after); SQLite: `$1` a JSON array of such arrays.
-    pub(crate) record_outcomes_batch: String,
+    pub record_outcomes_batch: String,
     /// MariaDB/MySQL only (elsewhere empty): locks the rows that a batch of
     /// outcomes (`$1`, a JSON array of rows as on SQLite) applies to, in id
     /// order, and returns their ids and claim tokens: the rows still RUNNING
