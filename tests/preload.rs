@@ -44,6 +44,7 @@ both_backends!(
     a_retired_parent_that_does_not_exit_is_killed_after_the_grace,
     a_parent_retired_with_a_request_in_hand_answers_it_and_exits_in_order,
     a_cancel_while_the_program_boots_ends_the_try_and_keeps_the_boot,
+    a_try_cancelled_while_its_program_boots_gets_no_child_after_the_boot,
     a_cancel_before_the_child_made_its_group_stops_it_at_once,
     a_python_task_that_exits_or_raises_leaves_its_child_by_exit,
     a_child_named_by_an_answer_no_request_waits_for_is_killed,
@@ -1358,6 +1359,58 @@ async fn a_cancel_while_the_program_boots_ends_the_try_and_keeps_the_boot(
     let log = daemon.log_text();
     assert_eq!(log.matches(" preloaded (pid ").count(), 1, "{log}");
     assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
+    assert!(daemon.stop().success());
+}
+
+/// A try cancelled while its program boots (here for 4 s) is not
+/// started once the boot is done: before, its request was sent after the
+/// boot all the same, and the parent forked a child that began the task
+/// (the cancelled try's, or one whose claim another daemon had taken
+/// meanwhile) before the daemon killed it. The parent notes each fork.
+async fn a_try_cancelled_while_its_program_boots_gets_no_child_after_the_boot(
+    backend: crate::util::Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let program = db.scratch.join("slow_boot.py");
+    let forks = db.scratch.join("forks");
+    python_example_with(
+        &program,
+        &format!(
+            "globals_ = program['serve_preloaded'].__globals__\n\
+             setup, fork = globals_['setup'], globals_['fork_try']\n\
+             def slow_setup():\n    \
+                 time.sleep(4)\n    \
+                 setup()\n\
+             def noted_fork(*args):\n    \
+                 open({forks:?}, 'a').write('fork\\n')\n    \
+                 return fork(*args)\n\
+             globals_['setup'] = slow_setup\n\
+             globals_['fork_try'] = noted_fork",
+            forks = forks.display().to_string(),
+        ),
+    );
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!(
+            "tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
+            program.display()
+        ))
+        .start();
+    let id = enqueue(&db, "PyProbe", "").await;
+    db.wait_for(id, WAIT, "the try claimed", |row| {
+        row.result.as_deref() == Some("RUNNING")
+    })
+    .await;
+    let (status, _, stderr) = crate::util::cli(&db, &["cancel", &id.to_string()]);
+    assert_eq!(status, 0, "{stderr}");
+    db.wait_for_state(id, "CANCELLED", WAIT).await;
+    let next = enqueue(&db, "PyProbe", "").await;
+    finished_on_one_try(&db, next, &daemon, WAIT).await;
+    assert_eq!(
+        std::fs::read_to_string(&forks).unwrap_or_default(),
+        "fork\n",
+        "one fork, the next try's"
+    );
     assert!(daemon.stop().success());
 }
 

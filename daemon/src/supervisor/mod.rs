@@ -104,17 +104,26 @@ impl Spawner {
     /// A preloaded start runs as a task of its own: a try that stops
     /// waiting for it ([`run`]) drops only the answer, so that a boot under
     /// way goes on for the next tries (dropped, it killed the booting
-    /// parent), and a child made for this try after all is killed and
-    /// reaped (its [`spawner::Child`] dropped).
+    /// parent). The start then sends no request, and execs nothing: a try
+    /// cancelled, or whose claim was lost, while its program booted got a
+    /// child after the boot all the same, which began the task before it
+    /// was killed (its [`spawner::Child`] dropped). A child made for it
+    /// after all (its request was on its way) is killed and reaped so.
     pub(crate) async fn spawn(&self, recipe: Recipe) -> std::io::Result<spawner::Child> {
         if !recipe.preload {
             return self.exec.spawn(recipe).await;
         }
         let this = self.clone();
+        let abandoned = tokio_util::sync::CancellationToken::new();
+        // Dropped with this future: the try no longer waits.
+        let _waits = abandoned.clone().drop_guard();
         tokio::spawn(async move {
-            match this.preloaded.spawn(&this.exec, &recipe).await {
+            match this.preloaded.spawn(&this.exec, &recipe, &abandoned).await {
                 Ok(child) => Ok(child),
                 Err(preload::Refused::Failed(error)) => Err(error),
+                Err(preload::Refused::ExecInstead) if abandoned.is_cancelled() => {
+                    Err(preload::not_waited_for())
+                }
                 Err(preload::Refused::ExecInstead) => this.exec.spawn(recipe).await,
             }
         })

@@ -47,6 +47,7 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::spawner::{CgroupJoin, Child, Exec, OurEnds, Recipe};
 
@@ -224,6 +225,11 @@ fn file_id(path: &std::path::Path) -> Option<FileId> {
 /// protocol's `cgroup` field), and the daemon need not check the next ones.
 pub(crate) type JoinsItself = Arc<AtomicBool>;
 
+/// The start of a try that no longer waits for it (see [`super::Spawner::spawn`]).
+pub(crate) fn not_waited_for() -> io::Error {
+    io::Error::other("the try stopped waiting for its start: no child was made")
+}
+
 /// Why a preloaded start did not happen: run the try exec'd, or fail it.
 pub(crate) enum Refused {
     ExecInstead,
@@ -242,8 +248,13 @@ impl Pool {
     /// boot (up to a minute): it is touched every [`KEEP_YOUNG_EVERY`]
     /// meanwhile, so that no daemon's sweep of old empty cgroups takes it
     /// (the child could not join, and its try failed).
-    pub(crate) async fn spawn(&self, spawner: &Exec, recipe: &Recipe) -> Result<Child, Refused> {
-        let starting = self.start(spawner, recipe);
+    pub(crate) async fn spawn(
+        &self,
+        spawner: &Exec,
+        recipe: &Recipe,
+        abandoned: &CancellationToken,
+    ) -> Result<Child, Refused> {
+        let starting = self.start(spawner, recipe, abandoned);
         let Some(cgroup) = &recipe.cgroup else {
             return starting.await;
         };
@@ -256,7 +267,12 @@ impl Pool {
         }
     }
 
-    async fn start(&self, spawner: &Exec, recipe: &Recipe) -> Result<Child, Refused> {
+    async fn start(
+        &self,
+        spawner: &Exec,
+        recipe: &Recipe,
+        abandoned: &CancellationToken,
+    ) -> Result<Child, Refused> {
         let key = Key::of(recipe);
         // A parent that died, or stopped answering, while it was asked is
         // replaced once: the try never began, and a new parent starts it.
@@ -264,6 +280,11 @@ impl Pool {
         loop {
             attempts += 1;
             let parent = self.parent_for(spawner, &key, recipe).await?;
+            // The try stopped waiting meanwhile (its program booted, or
+            // waited out its restart backoff): no child for it.
+            if abandoned.is_cancelled() {
+                return Err(Refused::Failed(not_waited_for()));
+            }
             match parent.request(spawner, recipe).await {
                 Ok(child) => return Ok(child),
                 // A broken protocol retires the parent before the try hears
