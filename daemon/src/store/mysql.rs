@@ -465,61 +465,6 @@ pub(crate) fn parameter_list(first: usize, n: usize) -> String {
 // ---- the statements that take another shape on MySQL ----
 
 impl Store {
-    /// Records outcomes without follow-ups in one READ COMMITTED transaction
-    /// of four statements however many they are (one per outcome before:
-    /// 1.3 to 1.9 statements per task while draining NoOp rows): locks the
-    /// rows still RUNNING under the claims the outcomes name, in id order,
-    /// passing over rows another session holds locked, then writes the
-    /// outcomes of the rows it locked in one `UPDATE … JOIN`. There is no
-    /// `UPDATE … RETURNING` to tell which rows an update changed; the
-    /// locked rows are those, as no other transaction can change them before
-    /// the commit, and no other row can come to match (a claim token is
-    /// written once, by the claim). Returns the (id, claim token) of each
-    /// outcome applied; the others are looked up, and set aside where their
-    /// row was locked (see `Store::record_plain_or_finalize`).
-    pub(super) async fn record_outcomes_mysql(
-        &self,
-        pool: &MySqlPool,
-        outcomes: &[&super::Outcome],
-    ) -> anyhow::Result<std::collections::HashSet<(i64, String)>> {
-        let mut transaction = pool.begin().await?;
-        // BEGIN, the lock, the update, COMMIT.
-        self.count_statements(4);
-        let held = query(self.sql.outcome_rows_held.as_str())
-            .bind(super::tries::outcome_rows_json(outcomes))
-            .fetch_all(&mut *transaction)
-            .await?
-            .iter()
-            .map(|row| Ok((row.int(0)?, row.text(1)?)))
-            .collect::<sqlx::Result<std::collections::HashSet<_>>>()?;
-        if !held.is_empty() {
-            let locked: Vec<&super::Outcome> = outcomes
-                .iter()
-                .copied()
-                .filter(|o| held.contains(&(o.id.0, o.claim_token.as_str().to_string())))
-                .collect();
-            let update = self
-                .sql
-                .record_outcomes_batch
-                .replace("{ids}", &parameter_list(2, locked.len()));
-            let mut update =
-                query(sqlx::AssertSqlSafe(update)).bind(super::tries::outcome_rows_json(&locked));
-            for outcome in &locked {
-                update = update.bind(outcome.id.0);
-            }
-            let written = update.execute(&mut *transaction).await?.rows_affected();
-            if written != held.len() as u64 {
-                tracing::warn!(
-                    "a batch of {} outcomes locked {} rows but wrote {written}",
-                    outcomes.len(),
-                    held.len()
-                );
-            }
-        }
-        transaction.commit().await?;
-        Ok(held)
-    }
-
     /// The release of due delayed rows on MariaDB/MySQL (see
     /// `Store::release_delays`): in one READ COMMITTED transaction, lock up
     /// to `RELEASE_AT_ONCE` due ids, skipping rows another writer holds

@@ -513,6 +513,61 @@ impl Store {
         Ok(applied)
     }
 
+    /// MariaDB/MySQL: records outcomes without follow-ups in one READ COMMITTED transaction
+    /// of four statements however many they are (one per outcome before:
+    /// 1.3 to 1.9 statements per task while draining NoOp rows): locks the
+    /// rows still RUNNING under the claims the outcomes name, in id order,
+    /// passing over rows another session holds locked, then writes the
+    /// outcomes of the rows it locked in one `UPDATE … JOIN`. There is no
+    /// `UPDATE … RETURNING` to tell which rows an update changed; the
+    /// locked rows are those, as no other transaction can change them before
+    /// the commit, and no other row can come to match (a claim token is
+    /// written once, by the claim). Returns the (id, claim token) of each
+    /// outcome applied; the others are looked up, and set aside where their
+    /// row was locked (see `Store::record_plain_or_finalize`).
+    async fn record_outcomes_mysql(
+        &self,
+        pool: &sqlx::MySqlPool,
+        outcomes: &[&Outcome],
+    ) -> anyhow::Result<std::collections::HashSet<(i64, String)>> {
+        let mut transaction = pool.begin().await?;
+        // BEGIN, the lock, the update, COMMIT.
+        self.count_statements(4);
+        let held = mysql::query(self.sql.outcome_rows_held.as_str())
+            .bind(outcome_rows_json(outcomes))
+            .fetch_all(&mut *transaction)
+            .await?
+            .iter()
+            .map(|row| Ok((row.int(0)?, row.text(1)?)))
+            .collect::<sqlx::Result<std::collections::HashSet<_>>>()?;
+        if !held.is_empty() {
+            let locked: Vec<&Outcome> = outcomes
+                .iter()
+                .copied()
+                .filter(|o| held.contains(&(o.id.0, o.claim_token.as_str().to_string())))
+                .collect();
+            let update = self
+                .sql
+                .record_outcomes_batch
+                .replace("{ids}", &mysql::parameter_list(2, locked.len()));
+            let mut update =
+                mysql::query(sqlx::AssertSqlSafe(update)).bind(outcome_rows_json(&locked));
+            for outcome in &locked {
+                update = update.bind(outcome.id.0);
+            }
+            let written = update.execute(&mut *transaction).await?.rows_affected();
+            if written != held.len() as u64 {
+                tracing::warn!(
+                    "a batch of {} outcomes locked {} rows but wrote {written}",
+                    outcomes.len(),
+                    held.len()
+                );
+            }
+        }
+        transaction.commit().await?;
+        Ok(held)
+    }
+
     /// Records outcomes without follow-ups in one statement; returns the ids
     /// it applied to.
     async fn record_outcomes(&self, outcomes: &[&Outcome]) -> Result<HashSet<i64>> {
@@ -609,7 +664,7 @@ impl Store {
 /// `outcomes` as a JSON array of rows (id, claim token, result,
 /// result_text, give back, retry after): how SQLite and MariaDB/MySQL take
 /// a batch of them as one parameter.
-pub(super) fn outcome_rows_json(outcomes: &[&Outcome]) -> String {
+fn outcome_rows_json(outcomes: &[&Outcome]) -> String {
     let rows: Vec<serde_json::Value> = outcomes
         .iter()
         .map(|o| {
