@@ -45,6 +45,7 @@ both_backends!(
     a_parent_retired_with_a_request_in_hand_answers_it_and_exits_in_order,
     a_cancel_while_the_program_boots_ends_the_try_and_keeps_the_boot,
     a_try_cancelled_while_its_program_boots_gets_no_child_after_the_boot,
+    a_parent_that_closes_its_socket_and_lives_on_is_not_left_behind,
     a_cancel_before_the_child_made_its_group_stops_it_at_once,
     a_python_task_that_exits_or_raises_leaves_its_child_by_exit,
     a_child_named_by_an_answer_no_request_waits_for_is_killed,
@@ -1412,6 +1413,59 @@ async fn a_try_cancelled_while_its_program_boots_gets_no_child_after_the_boot(
         "one fork, the next try's"
     );
     assert!(daemon.stop().success());
+}
+
+/// A parent that closes its socket after its hello and lives on (a bug
+/// in a program's protocol code) is taken for dead and replaced. It was
+/// dropped without a kill: each replacement left one more booted program
+/// running. It is retired in order now, and killed after the grace.
+async fn a_parent_that_closes_its_socket_and_lives_on_is_not_left_behind(
+    backend: crate::util::Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let program = db.scratch.join("closes_and_lives.py");
+    python_example_with(
+        &program,
+        "import socket\n\
+         globals_ = program['serve_preloaded'].__globals__\n\
+         def closes_and_lives():\n    \
+             globals_['setup']()\n    \
+             daemon = socket.socket(fileno=0)\n    \
+             daemon.send(globals_['HELLO'])\n    \
+             daemon.close()\n    \
+             time.sleep(3600)\n\
+         program['main'].__globals__['serve_preloaded'] = closes_and_lives",
+    );
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!(
+            "tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
+            program.display()
+        ))
+        .start();
+    // Two tries, one after the other: the second finds the first's parent
+    // taken for dead, at the latest, and replaces it.
+    for _ in 0..2 {
+        let id = enqueue(&db, "PyProbe", "").await;
+        db.wait_for(id, WAIT, "the try to end", |row| {
+            !matches!(row.result.as_deref(), None | Some("RUNNING"))
+        })
+        .await;
+    }
+    let name = program.to_string_lossy().into_owned();
+    let living = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|entry| entry.ok())
+            .filter(|entry| {
+                std::fs::read(entry.path().join("cmdline"))
+                    .is_ok_and(|line| String::from_utf8_lossy(&line).contains(&name))
+            })
+            .count()
+    };
+    wait_until(WAIT, "the replaced parents to be gone", || living() <= 1);
+    assert!(daemon.stop().success());
+    wait_until(WAIT, "every parent to be gone", || living() == 0);
 }
 
 /// A preloaded child makes its own process group itself, after the daemon

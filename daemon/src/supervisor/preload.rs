@@ -402,9 +402,13 @@ impl Pool {
                 );
                 program.deaths = 0;
                 program.restart_at = None;
-                let parent = parent.clone();
-                tokio::spawn(async move { parent.close().await });
             }
+            // Retired in order either way: one taken for dead while its
+            // process lives (it closed its socket, or sent an empty
+            // message) is killed after the grace. Before, it was dropped
+            // and lived on, one booted program more at each replacement.
+            let parent = parent.clone();
+            tokio::spawn(async move { parent.close().await });
             program.parent = None;
         }
         if let Some(at) = program.restart_at {
