@@ -308,9 +308,10 @@ impl Writer {
     /// Whether a write of `write`'s try is set aside: then whether one of
     /// them is its outcome, and the row it waits for.
     fn aside_of_try(&self, write: &Write) -> Option<(bool, HeldRow)> {
-        let mut of_try = self.aside.iter().filter(|aside| {
-            aside.write.id() == write.id() && aside.write.claim_token() == write.claim_token()
-        });
+        let mut of_try = self
+            .aside
+            .iter()
+            .filter(|aside| aside.write.of_same_try(write));
         let first = of_try.next()?;
         let outcome = std::iter::once(first)
             .chain(of_try)
@@ -333,9 +334,7 @@ impl Writer {
         });
         if let Write::Progress { .. } = write {
             self.aside.retain(|aside| {
-                !(matches!(aside.write, Write::Progress { .. })
-                    && aside.write.id() == write.id()
-                    && aside.write.claim_token() == write.claim_token())
+                !(matches!(aside.write, Write::Progress { .. }) && aside.write.of_same_try(&write))
             });
         }
         self.aside.push(Aside {
@@ -376,21 +375,23 @@ impl Writer {
             if !kept.told && kept.since.elapsed() >= ASIDE_RETRY_MAX {
                 kept.told = true;
                 let (id, what) = (kept.write.id(), kept.write.kind());
-                match kept.row {
-                    HeldRow::Request(_) => tracing::warn!(
-                        "request {id}'s {what} waits for the lock of its row (another session holds it: an application's transaction that read it FOR UPDATE?); this daemon's other writes are recorded meanwhile"
+                let (lock, holder) = match kept.row {
+                    HeldRow::Request(_) => (
+                        "its row".to_string(),
+                        "an application's transaction that read it FOR UPDATE?",
                     ),
-                    HeldRow::Batch(_) | HeldRow::Flow(_) => {
-                        let holder = match kept.row {
-                            HeldRow::Batch(_) => "an application's transaction that adds members?",
-                            _ => "an application's transaction that changed it?",
-                        };
-                        tracing::warn!(
-                            "request {id}'s {what} waits for the lock of its {} (another session holds its row: {holder}); this daemon's other writes are recorded meanwhile",
-                            kept.row
-                        );
-                    }
-                }
+                    HeldRow::Batch(_) => (
+                        format!("its {}", kept.row),
+                        "an application's transaction that adds members?",
+                    ),
+                    HeldRow::Flow(_) => (
+                        format!("its {}", kept.row),
+                        "an application's transaction that changed it?",
+                    ),
+                };
+                tracing::warn!(
+                    "request {id}'s {what} waits for the lock of {lock} (another session holds it: {holder}); this daemon's other writes are recorded meanwhile"
+                );
             }
             self.aside.push(kept);
         }

@@ -1003,10 +1003,13 @@ impl Store {
         // A test's window between the look-up and the transaction.
         crate::test_hooks::wait_for_file_when_told("TASKRUNNER_TEST_FINALIZE_AFTER_LOOKUP").await;
         let mut tx = Tx::begin(self).await?;
+        // Waiting, the write itself waits for the request's row; set aside,
+        // the row is locked first, NOWAIT (SQLite has no row locks).
+        let lock_row_first = locks == Locks::SetAside && !self.sql.lock_request.is_empty();
         // BEGIN, the look-up, the locks, the write, the read, COMMIT.
         self.count_statements(
             5 + u64::from(batch_id.is_some())
-                + u64::from(locks == Locks::SetAside && !self.sql.lock_request.is_empty())
+                + u64::from(lock_row_first)
                 + 4 * u64::from(flow_id.is_some()),
         );
         if let Some(flow_id) = flow_id {
@@ -1015,9 +1018,6 @@ impl Store {
         if let Some(batch_id) = batch_id {
             self.lock_batch(&mut tx, batch_id, locks).await?;
         }
-        // Waiting, the write itself waits for the row; set aside, the row
-        // is locked first, NOWAIT.
-        let lock_row_first = locks == Locks::SetAside && !self.sql.lock_request.is_empty();
         if lock_row_first {
             self.lock_request(&mut tx, id, locks).await?;
         }

@@ -85,6 +85,11 @@ impl Write {
         }
     }
 
+    /// Whether `other` is about the same try (its row, under its claim).
+    pub(crate) fn of_same_try(&self, other: &Write) -> bool {
+        self.id() == other.id() && self.claim_token() == other.claim_token()
+    }
+
     /// What it writes, for a log line.
     pub(crate) fn kind(&self) -> &'static str {
         match self {
@@ -293,9 +298,6 @@ impl Store {
                 continue;
             }
             let write = &writes[index];
-            let of_its_try = |other: &Write| {
-                other.id() == write.id() && other.claim_token() == write.claim_token()
-            };
             // A progress line that a later one of its try, applied, has
             // replaced: written alone now, it would overwrite the newer.
             let replaced = matches!(write, Write::Progress { .. })
@@ -304,7 +306,7 @@ impl Store {
                     .zip(&applied[index + 1..])
                     .any(|(later, applied)| {
                         matches!(later, Write::Progress { .. })
-                            && of_its_try(later)
+                            && later.of_same_try(write)
                             && *applied == Ok(true)
                     });
             if replaced {
@@ -318,7 +320,7 @@ impl Store {
                     .iter()
                     .zip(&applied[..index])
                     .find_map(|(earlier, applied)| match applied {
-                        Err(locked) if of_its_try(earlier) => Some(*locked),
+                        Err(locked) if earlier.of_same_try(write) => Some(*locked),
                         _ => None,
                     });
             if let Some(locked) = behind {
