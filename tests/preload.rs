@@ -39,6 +39,7 @@ both_backends!(
     a_program_that_boots_for_long_holds_up_no_other_programs_tries,
     a_child_forked_by_a_parent_gone_before_its_answer_runs_its_try_once,
     a_parent_gone_whose_socket_a_process_it_started_holds_leaves_its_try_to_run_once,
+    children_that_exited_before_their_parent_died_unanswered_end_their_own_tries,
     a_try_whose_request_is_larger_than_the_socket_takes_is_execd,
     a_parent_retired_in_order_exits_through_its_exit_handlers,
     a_retired_parent_that_does_not_exit_is_killed_after_the_grace,
@@ -1078,6 +1079,87 @@ async fn a_child_forked_by_a_parent_gone_before_its_answer_runs_its_try_once(
     );
     assert_eq!(
         log.matches("died between a fork and its answer").count(),
+        2,
+        "{log}"
+    );
+    assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
+    assert!(daemon.stop().success());
+}
+
+/// The same, when the children have already exited when their parent
+/// dies: a zombie holds no pipe. Before, neither child was found, each try
+/// was asked again of a new parent and its task ran a second time, and the
+/// two zombies stayed. Now the parent leads a session of its own, its
+/// exited children are known by it and matched to the requests by the
+/// order of forks: each try ends with its own child's status and output.
+/// The parent forks for both rows' requests, waits for both children to
+/// exit, and kills itself without answering either.
+async fn children_that_exited_before_their_parent_died_unanswered_end_their_own_tries(
+    backend: crate::util::Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let program = db.scratch.join("gone_after_two_forks.py");
+    let runs = db.scratch.join("runs");
+    let died = db.scratch.join("died");
+    python_example_with(
+        &program,
+        &format!(
+            "import socket\n\
+             fork_try = program['serve_preloaded'].__globals__['fork_try']\n\
+             parse = program['serve_preloaded'].__globals__['parse']\n\
+             def exited(pid):\n    \
+                 with open(f'/proc/{{pid}}/stat') as stat:\n        \
+                     return stat.read().rsplit(')', 1)[1].split()[0] == 'Z'\n\
+             def gone(daemon, request, fds):\n    \
+                 pid = fork_try(daemon, request, fds)\n    \
+                 if not os.path.exists({died:?}):\n        \
+                     open({died:?}, 'w').close()\n        \
+                     message, more, _, _ = socket.recv_fds(daemon, 1 << 20, 3)\n        \
+                     second = fork_try(daemon, parse(message), more)\n        \
+                     deadline = time.time() + 20\n        \
+                     while not (exited(pid) and exited(second)) and time.time() < deadline:\n            \
+                         time.sleep(0.01)\n        \
+                     os.kill(os.getpid(), 9)\n    \
+                 return pid\n\
+             program['serve_preloaded'].__globals__['fork_try'] = gone\n\
+             def counted(text):\n    \
+                 row = text.split()[-1]\n    \
+                 with open({runs:?}, 'a') as runs:\n        \
+                     runs.write(row + '\\n')\n    \
+                 return f'ran row {{row}}'\n\
+             program['TASKS']['PyProbe'] = counted"
+        ),
+    );
+    let rows = [
+        enqueue(&db, "PyProbe", "row: 1").await,
+        enqueue(&db, "PyProbe", "row: 2").await,
+    ];
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!(
+            "max_concurrent: 2\ntasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
+            program.display()
+        ))
+        .start();
+    for (row, id) in rows.into_iter().enumerate() {
+        let ended = finished_on_one_try(&db, id, &daemon, WAIT).await;
+        assert_eq!(
+            ended.result_text.as_deref(),
+            Some(format!("ran row {}", row + 1).as_str()),
+            "each try ends with its own child's output\n{}",
+            daemon.log_text()
+        );
+    }
+    let log = daemon.log_text();
+    let mut ran: Vec<String> = std::fs::read_to_string(&runs)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    ran.sort();
+    assert_eq!(ran, ["1", "2"], "each row's task ran once\n{log}");
+    assert_eq!(
+        log.matches("had run the try and exited").count(),
         2,
         "{log}"
     );

@@ -148,6 +148,28 @@ pub(crate) fn live_children(parent: i64) -> Vec<i64> {
         .collect()
 }
 
+/// The children of `parent` (running, or exited and unreaped) whose
+/// session is `session`, oldest first (by start, then pid). A zombie has no
+/// descriptors, command line or environment left; its session still says
+/// who forked it (a preloaded parent leads its own session).
+pub(crate) fn children_in_session(parent: i64, session: i64) -> Vec<i64> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut children: Vec<(i64, i64)> = entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i64>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // Fields from 3 on: state, ppid, pgrp, session, …, starttime (22).
+            let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+            let number = |index: usize| fields.get(index)?.parse::<i64>().ok();
+            (number(1) == Some(parent) && number(3) == Some(session)).then_some((number(19)?, pid))
+        })
+        .collect();
+    children.sort_unstable();
+    children.into_iter().map(|(_, pid)| pid).collect()
+}
+
 /// Whether process `pid` runs this process's own executable: a child the
 /// daemon's spawner has made and that has not reached its `execve` yet
 /// (it holds copies of all the daemon's descriptors until then).

@@ -182,6 +182,7 @@ impl Spawner {
             preload: false,
             cgroup: None,
             outlives_the_daemon: false,
+            leads_a_session: false,
         };
         let mut child = self.exec.spawn(recipe).await?;
         // Read to the end (a program whose output is cut short would die
@@ -467,6 +468,7 @@ pub(crate) async fn run(
         preload: launch.preload,
         cgroup: try_cgroup.clone(),
         outlives_the_daemon: false,
+        leads_a_session: false,
     };
 
     let preloaded_from =

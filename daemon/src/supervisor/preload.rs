@@ -567,6 +567,7 @@ impl Parent {
             // Not a try's: it outlives them all.
             cgroup: None,
             outlives_the_daemon: false,
+            leads_a_session: true,
         };
         let files = files_of(recipe, spawner);
         let mut child = spawner.spawn(parent_recipe).await.map_err(StartError::Io)?;
@@ -941,12 +942,17 @@ async fn answer_requests(parent: Arc<Parent>) {
     if waiting.is_empty() && refused.is_none() {
         return;
     }
-    let unanswered = unanswered_children(&parent).await;
+    let Orphans { live, mut unnamed } = unanswered_children(&parent).await;
+    let held_by = |pipes: &[u64]| {
+        live.iter()
+            .find(|(_, held)| held.iter().any(|pipe| pipes.contains(pipe)))
+            .map(|&(pid, _)| pid)
+    };
     if let Some((reply, pipes, error)) = refused {
-        let forked = unanswered
-            .iter()
-            .filter(|(_, held)| held.iter().any(|pipe| pipes.contains(pipe)));
-        for &(pid, _) in forked {
+        // Its child, if no pipe names it, is the oldest of those (the
+        // refused answer came before those still waited for).
+        let forked = held_by(&pipes).or_else(|| (!unnamed.is_empty()).then(|| unnamed.remove(0)));
+        if let Some(pid) = forked {
             tracing::warn!(
                 "preloaded parent (pid {}) answered with something else than its child (pid {pid}) for a try: the child is killed",
                 parent.pid
@@ -961,16 +967,22 @@ async fn answer_requests(parent: Arc<Parent>) {
     }
     for pending in waiting {
         let pipes = pending.ours.output_pipes();
-        let found = unanswered
-            .iter()
-            .find(|(_, held)| held.iter().any(|pipe| pipes.contains(pipe)));
+        // A parent forks for its requests in their order: a child no
+        // pipe names (it has exited, or closed them) belongs to the oldest
+        // request left whose child was not found by its pipes.
+        let found = held_by(&pipes)
+            .or_else(|| (!unnamed.is_empty()).then(|| unnamed.remove(0)))
+            .map(|pid| match crate::procinfo::is_zombie(i64::from(pid)) {
+                true => (pid, "had run the try and exited: its status is the try's"),
+                false => (pid, "runs the try, supervised"),
+            });
         let reply = match found {
             // Forked, and the parent gone before its answer: the try runs,
-            // and is supervised from here like any other (a child whose
-            // request nobody waits for any more is killed and reaped).
-            Some(&(pid, _)) => {
+            // or ran, and is supervised from here like any other (a child
+            // whose request nobody waits for any more is killed and reaped).
+            Some((pid, what)) => {
                 tracing::warn!(
-                    "preloaded parent (pid {}) died between a fork and its answer; its child (pid {pid}) runs the try, supervised",
+                    "preloaded parent (pid {}) died between a fork and its answer; its child (pid {pid}) {what}",
                     parent.pid
                 );
                 Child::adopt(pid, parent.pid, pending.ours).map(|mut child| {
@@ -986,11 +998,25 @@ async fn answer_requests(parent: Arc<Parent>) {
         };
         let _ = pending.reply.send(reply);
     }
+    // Its children no request is left for: killed and reaped, nothing of
+    // them runs unsupervised and no zombie stays.
+    for pid in unnamed {
+        let _ =
+            tokio::task::spawn_blocking(move || super::spawner::kill_unsupervised_child(pid)).await;
+    }
+}
+
+/// What a parent gone with requests unanswered left: the daemon's
+/// children no try supervises that hold pipes (which name their try,
+/// [`OurEnds::output_pipes`]), and the parent's other children, oldest
+/// first: exited ones, and any that closed their pipes.
+struct Orphans {
+    live: Vec<(u32, Vec<u64>)>,
+    unnamed: Vec<u32>,
 }
 
 /// The daemon's children that a parent, which closed its socket with
-/// requests unanswered, forked for them: each with the pipes it holds,
-/// which name its try ([`OurEnds::output_pipes`]).
+/// requests unanswered, forked for them ([`Orphans`]).
 ///
 /// The problem: a parent that dies (an OOM kill, a crash, a retirement for
 /// not answering) between a fork and its answer leaves a child that runs
@@ -999,30 +1025,46 @@ async fn answer_requests(parent: Arc<Parent>) {
 /// once, and the first child stay a zombie until the daemon exits. So the
 /// parent is made sure to be gone (no fork can come after), and the
 /// daemon's children no try supervises are looked for, once per death with
-/// requests waiting (a walk of `/proc`). A child that has already exited
-/// by then cannot be told from another try's: it is not reaped, and its
-/// try runs again (after it, not beside it).
-async fn unanswered_children(parent: &Parent) -> Vec<(u32, Vec<u64>)> {
+/// requests waiting (a walk of `/proc`). A running child is known by the
+/// try's pipes it holds. One that has already exited holds none: it is
+/// known by its session, its parent's pid (the parent leads a session of
+/// its own), and matched to its request by the order of forks. Before, it
+/// was not found: its try ran a second time, and it stayed a zombie.
+async fn unanswered_children(parent: &Parent) -> Orphans {
     parent.retire();
     let mut exited = parent.exited.clone();
     let gone = exited.wait_for(|exited| *exited);
     let _ = tokio::time::timeout(ORPHAN_SEARCH / 2, gone).await;
     let daemon = i64::from(std::process::id());
+    let session = i64::from(parent.pid);
     tokio::task::spawn_blocking(move || {
-        crate::procinfo::live_children(daemon)
-            .into_iter()
-            .filter_map(|pid| u32::try_from(pid).ok())
-            .filter(|&pid| !Child::is_supervised(pid))
+        let unsupervised = |pid: &i64| {
+            u32::try_from(*pid)
+                .ok()
+                .filter(|&pid| !Child::is_supervised(pid))
+        };
+        let live: Vec<(u32, Vec<u64>)> = crate::procinfo::live_children(daemon)
+            .iter()
+            .filter_map(unsupervised)
             // A process the spawner is starting (a new parent, a try) holds
             // every descriptor of the daemon until its exec: taken for the
             // orphan, it was adopted by each waiting try (seen in CI once).
             .filter(|&pid| !crate::procinfo::runs_our_executable(i64::from(pid)))
             .map(|pid| (pid, crate::procinfo::pipes_held(i64::from(pid))))
             .filter(|(_, held)| !held.is_empty())
-            .collect()
+            .collect();
+        let unnamed = crate::procinfo::children_in_session(daemon, session)
+            .iter()
+            .filter_map(unsupervised)
+            .filter(|pid| !live.iter().any(|(named, _)| named == pid))
+            .collect();
+        Orphans { live, unnamed }
     })
     .await
-    .unwrap_or_default()
+    .unwrap_or(Orphans {
+        live: Vec::new(),
+        unnamed: Vec::new(),
+    })
 }
 
 /// The child the answer of `parent` (its pid) names, or its error.

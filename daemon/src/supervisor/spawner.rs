@@ -135,6 +135,11 @@ pub(crate) struct Recipe {
     /// fencing watchdog alone, which kills the daemon's tries when it
     /// dies; watchdog.rs).
     pub(crate) outlives_the_daemon: bool,
+    /// Its own session (`setsid`) instead of its own process group: a
+    /// preloaded parent, whose children (made with `CLONE_PARENT`, the
+    /// daemon's own) then carry its pid as their session's, even as
+    /// zombies (preload.rs, [`super::preload`]'s search for orphans).
+    pub(crate) leads_a_session: bool,
 }
 
 /// Limits set in the child before exec (see limits.rs for what each means).
@@ -1085,6 +1090,8 @@ struct ChildArgs {
     daemon_pid: libc::pid_t,
     /// Set the parent-death signal (see [`Recipe::outlives_the_daemon`]).
     dies_with_the_daemon: bool,
+    /// `setsid` instead of `setpgid` (see [`Recipe::leads_a_session`]).
+    leads_a_session: bool,
     uid: Option<libc::uid_t>,
     gid: Option<libc::gid_t>,
     /// The supplementary groups, set by a root daemon (see [`Recipe::groups`]).
@@ -1170,6 +1177,7 @@ fn start(
         failure: &mut failure,
         daemon_pid: std::process::id() as libc::pid_t,
         dies_with_the_daemon: !recipe.outlives_the_daemon,
+        leads_a_session: recipe.leads_a_session,
         uid: recipe.uid,
         gid: recipe.gid,
         groups: recipe.groups.as_ptr(),
@@ -1292,8 +1300,13 @@ extern "C" fn child_main(raw: *mut libc::c_void) -> libc::c_int {
             return fail(8);
         }
         // Its own process group: a Ctrl-C at the terminal reaches only the
-        // daemon, and stopping a task reaches everything it started.
-        libc::setpgid(0, 0);
+        // daemon, and stopping a task reaches everything it started. A
+        // session makes one too.
+        if args.leads_a_session {
+            libc::setsid();
+        } else {
+            libc::setpgid(0, 0);
+        }
         // Stdio: copy the pipe ends above 2 first, so that none is clobbered
         // whatever numbers they had, then onto 0, 1 and 2.
         let mut high = [0; 3];
