@@ -46,6 +46,7 @@ both_backends!(
     a_parent_retired_with_a_request_in_hand_answers_it_and_exits_in_order,
     a_cancel_while_the_program_boots_ends_the_try_and_keeps_the_boot,
     a_try_cancelled_while_its_program_boots_gets_no_child_after_the_boot,
+    a_child_made_for_a_try_that_stopped_waiting_is_killed_with_its_group,
     a_parent_that_closes_its_socket_and_lives_on_is_not_left_behind,
     a_cancel_before_the_child_made_its_group_stops_it_at_once,
     a_python_task_that_exits_or_raises_leaves_its_child_by_exit,
@@ -1494,6 +1495,73 @@ async fn a_try_cancelled_while_its_program_boots_gets_no_child_after_the_boot(
         "fork\n",
         "one fork, the next try's"
     );
+    assert!(daemon.stop().success());
+}
+
+/// A try cancelled after its request was sent, before the answer: the
+/// child its parent made for it is killed when the answer comes, and with
+/// it its process group (what its task started). Before, only its pid was
+/// killed, and a process the task had started ran on. Here the parent
+/// holds its answer until the try has ended; the task has started a
+/// `sleep` in its group meanwhile. Without cgroups: a try's cgroup, when
+/// there is one, is emptied at its end.
+async fn a_child_made_for_a_try_that_stopped_waiting_is_killed_with_its_group(
+    backend: crate::util::Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let program = db.scratch.join("held_answer.py");
+    let answer = db.scratch.join("answer");
+    let helper = db.scratch.join("helper.pid");
+    python_example_with(
+        &program,
+        &format!(
+            "import subprocess\n\
+             globals_ = program['serve_preloaded'].__globals__\n\
+             fork = globals_['fork_try']\n\
+             def held_fork(*args):\n    \
+                 pid = fork(*args)\n    \
+                 while not os.path.exists({answer:?}):\n        \
+                     time.sleep(0.01)\n    \
+                 return pid\n\
+             globals_['fork_try'] = held_fork\n\
+             def with_a_helper(text):\n    \
+                 started = subprocess.Popen(['sleep', '600'])\n    \
+                 with open({helper:?} + '.new', 'w') as pid:\n        \
+                     pid.write(str(started.pid))\n    \
+                 os.rename({helper:?} + '.new', {helper:?})\n    \
+                 time.sleep(600)\n    \
+                 return 'ok'\n\
+             program['TASKS']['PyProbe'] = with_a_helper",
+            answer = answer.display().to_string(),
+            helper = helper.display().to_string(),
+        ),
+    );
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!(
+            "tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
+            program.display()
+        ))
+        // A try's cgroup is emptied at its end: without one, its process
+        // group is what holds what the task started.
+        .env("TASKRUNNER_CGROUPS", "off")
+        .start();
+    let id = enqueue(&db, "PyProbe", "").await;
+    wait_until(WAIT, "the task started its helper", || helper.exists());
+    let started: i32 = std::fs::read_to_string(&helper).unwrap().parse().unwrap();
+    let (status, _, stderr) = crate::util::cli(&db, &["cancel", &id.to_string()]);
+    assert_eq!(status, 0, "{stderr}");
+    db.wait_for_state(id, "CANCELLED", WAIT).await;
+    std::fs::write(&answer, "").unwrap();
+    let gone = crate::util::within(Duration::from_secs(10), || !process_exists(started));
+    crate::util::kill_if_alive(started);
+    assert!(
+        gone,
+        "the task's helper was killed with its group\n{}",
+        daemon.log_text()
+    );
+    let reaped = crate::util::within(WAIT, || zombie_children(daemon.pid()).is_empty());
+    assert!(reaped, "no zombies");
     assert!(daemon.stop().success());
 }
 

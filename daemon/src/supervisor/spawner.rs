@@ -333,16 +333,37 @@ impl Child {
 }
 
 impl Drop for Child {
+    /// Nothing of a child dropped unreaped (a start no try waits for any
+    /// more) runs on, and no zombie stays: it is killed with the process
+    /// group it leads (what its task started; before, only its pid), and
+    /// reaped off the runtime's thread when there is one (the wait for a
+    /// process in uninterruptible sleep may be long). It stays among the
+    /// supervised until then, so that the search for a dead parent's
+    /// orphans does not take it.
     fn drop(&mut self) {
-        // Never leave a zombie: a child dropped unreaped is killed and reaped.
-        if self.status.is_none() {
-            // SAFETY: signalling and reaping our own child.
-            unsafe {
-                libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
-                let mut raw = 0;
-                libc::waitpid(self.pid as libc::pid_t, &mut raw, 0);
+        if self.status.is_some() {
+            return;
+        }
+        let pid = self.pid;
+        let leads_its_group = crate::procinfo::parent_and_group(i64::from(pid))
+            .is_some_and(|(_, group)| group == i64::from(pid));
+        // SAFETY: signals to our own unreaped child, whose pid and the
+        // group it leads are still its own.
+        unsafe {
+            if leads_its_group {
+                libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
             }
-            supervised().remove(&self.pid);
+            libc::kill(pid as libc::pid_t, libc::SIGKILL);
+        }
+        let reap = move || {
+            let mut raw = 0;
+            // SAFETY: reaping our own child.
+            unsafe { libc::waitpid(pid as libc::pid_t, &mut raw, 0) };
+            supervised().remove(&pid);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(reap)),
+            Err(_) => reap(),
         }
     }
 }
