@@ -30,6 +30,7 @@ both_backends!(
     a_parent_whose_output_is_not_utf8_or_one_long_line_keeps_serving,
     a_parent_gone_just_before_a_request_is_sent_costs_no_try,
     commands_that_differ_in_their_arguments_get_a_parent_each,
+    a_data_file_its_arguments_name_changing_at_each_try_keeps_its_parent,
     a_parent_that_names_a_process_not_its_child_gets_nothing_signalled,
     a_child_whose_answer_breaks_the_protocol_is_killed_before_its_try_is_execd,
     a_long_error_answer_fails_the_try_with_its_text_cut,
@@ -868,6 +869,49 @@ async fn a_parent_that_names_a_process_not_its_child_gets_nothing_signalled(
     }
     assert!(once.exists());
     assert!(daemon.stop().success(), "{}", daemon.log_text());
+}
+
+/// A file the program's own arguments name, after the script, is its data,
+/// not its code: `[python3, app.py, data.txt]` whose tries write
+/// `data.txt` keeps one parent. Before, every argument's file was watched,
+/// and the parent was retired and booted again at every try (a preloaded
+/// program slower than an exec'd one, a line in the log each time).
+async fn a_data_file_its_arguments_name_changing_at_each_try_keeps_its_parent(
+    backend: crate::util::Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let program = db.scratch.join("writes_its_data.py");
+    let data = db.scratch.join("data.txt");
+    std::fs::write(&data, "").unwrap();
+    python_example_with(
+        &program,
+        "def writes(text):\n    \
+             with open(sys.argv[1], 'a') as data:\n        \
+                 data.write('try\\n')\n    \
+             return 'ok'\n\
+         program['TASKS']['PyProbe'] = writes",
+    );
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!(
+            "tasks:\n  PyProbe: {{command: [python3, {}, {}], preload: true}}\n",
+            program.display(),
+            data.display()
+        ))
+        .start();
+    for _ in 0..3 {
+        let id = enqueue(&db, "PyProbe", "").await;
+        finished_on_one_try(&db, id, &daemon, WAIT).await;
+    }
+    let log = daemon.log_text();
+    assert_eq!(std::fs::read_to_string(&data).unwrap(), "try\n".repeat(3));
+    assert_eq!(
+        log.matches(" preloaded (pid ").count(),
+        1,
+        "one parent\n{log}"
+    );
+    assert!(!log.contains("changed on disk"), "{log}");
+    assert!(daemon.stop().success());
 }
 
 /// A preloaded try gets the OOM killer's score and the open files limit an

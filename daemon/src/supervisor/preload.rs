@@ -26,8 +26,8 @@
 //! does not speak the protocol: one warning line, and its tries are exec'd
 //! until the config is reloaded. A parent that dies after its hello is
 //! replaced at the next try (after a backoff when it keeps dying, with one
-//! line each time). A parent whose executable, or a file its arguments
-//! name, changed on disk is retired (its socket closed, so that it exits
+//! line each time). A parent whose executable, or the script an
+//! interpreter runs ([`files_of`]), changed on disk is retired (its socket closed, so that it exits
 //! through its exit handlers; killed if it lingers; its children are the
 //! daemon's and go on) and a new one started at the next try; so is every
 //! parent on a config reload (SIGHUP) and at the daemon's stop. One parent
@@ -177,9 +177,9 @@ struct Parent {
     /// Changes once the process has exited (and was reaped).
     exited: tokio::sync::watch::Receiver<bool>,
     started: Instant,
-    /// The executable and the files its arguments name, as they were when
-    /// it started (see [`files_of`]).
-    files: Vec<Option<FileId>>,
+    /// Its executable and the script it runs, as they were when it
+    /// started (see [`files_of`]).
+    files: [Option<FileId>; 2],
     /// Its children were seen joining their cgroups by themselves.
     joins_itself: JoinsItself,
     /// How its children get into their cgroups (by its user).
@@ -196,17 +196,41 @@ struct Pending {
 
 type FileId = (u64, u64, u64, i64, i64);
 
-/// The executable `recipe` runs and each file its arguments name
-/// (relative to its directory), as they are now: a change to any (a deploy
+/// The program's code as it is now: its executable and, when that is an
+/// interpreter ([`INTERPRETERS`]), the script it runs, the first argument
+/// naming a file (relative to its directory): a change to either (a deploy
 /// of `app.py` in `[python3, app.py]`, not only of `python3`) retires the
-/// parent. An argument that names no file is `None` and stays so.
-fn files_of(recipe: &Recipe, spawner: &Exec) -> Vec<Option<FileId>> {
-    std::iter::once(file_id(&resolve(recipe, spawner)))
-        .chain(recipe.args.iter().map(|arg| {
-            let path = recipe.workdir.join(arg);
-            file_id(&path).filter(|_| path.is_file())
-        }))
-        .collect()
+/// parent. The other arguments are the program's own: a file one names
+/// (`data.sqlite` in `[app, --db, data.sqlite]`, `input.csv` after the
+/// script) may change at every try, and retired the parent at every try
+/// when every argument's file was watched. No script is `None`.
+fn files_of(recipe: &Recipe, spawner: &Exec) -> [Option<FileId>; 2] {
+    let executable = resolve(recipe, spawner);
+    let script = runs_a_script(&executable)
+        .then(|| {
+            recipe
+                .args
+                .iter()
+                .map(|arg| recipe.workdir.join(arg))
+                .find(|path| path.is_file())
+        })
+        .flatten();
+    [file_id(&executable), script.as_deref().and_then(file_id)]
+}
+
+/// Programs that run the script their first file argument names, by the
+/// name of their executable less a version (`python3.11`, `ruby3.2`).
+const INTERPRETERS: &[&str] = &[
+    "python", "ruby", "node", "nodejs", "perl", "php", "bash", "sh", "dash", "zsh", "ksh", "env",
+    "java", "lua", "luajit", "Rscript", "deno", "bun", "tclsh", "pypy", "elixir", "escript",
+];
+
+fn runs_a_script(executable: &std::path::Path) -> bool {
+    executable
+        .file_name()
+        .and_then(|name| name.to_str())
+        .map(|name| name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '.' || c == '-'))
+        .is_some_and(|name| INTERPRETERS.contains(&name))
 }
 
 fn file_id(path: &std::path::Path) -> Option<FileId> {
@@ -1219,6 +1243,28 @@ pub fn send_with_fds(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interpreters_are_known_by_their_name_less_a_version() {
+        for name in [
+            "/usr/bin/python3",
+            "/usr/bin/python3.11",
+            "ruby3.2",
+            "node",
+            "bash",
+            "env",
+        ] {
+            assert!(runs_a_script(std::path::Path::new(name)), "{name}");
+        }
+        for name in [
+            "/opt/app/bin/app",
+            "/usr/bin/python-app",
+            "my-tasks",
+            "rails",
+        ] {
+            assert!(!runs_a_script(std::path::Path::new(name)), "{name}");
+        }
+    }
 
     /// A parent that answered one request and then closed its socket with
     /// another one unread: its answer is read, then the end.
