@@ -26,6 +26,7 @@ both_backends!(
     many_tries_at_once_each_get_their_own_child,
     a_preloaded_try_does_not_run_its_parents_exit_handlers,
     a_parent_that_stops_answering_is_replaced_and_costs_no_try,
+    a_parent_killed_for_not_answering_that_lives_on_is_handed_no_more_tries,
     a_parent_that_boots_for_longer_than_the_cgroup_sweep_waits_runs_its_first_try,
     a_parent_whose_output_is_not_utf8_or_one_long_line_keeps_serving,
     a_parent_gone_just_before_a_request_is_sent_costs_no_try,
@@ -503,6 +504,69 @@ async fn a_parent_that_stops_answering_is_replaced_and_costs_no_try(backend: cra
     });
     assert!(log.contains("did not answer a request within 10s"), "{log}");
     assert!(zombie_children(daemon.pid()).is_empty(), "no zombies");
+    assert!(daemon.stop().success());
+}
+
+/// A parent killed for not answering that does not die at once (in
+/// uninterruptible sleep: here frozen by the cgroup v1 freezer, where a
+/// SIGKILL waits for the thaw) is handed no more tries: each goes to a new
+/// parent and costs no try. Before, the killed parent still counted as
+/// alive until it was reaped: every try waited for its answer and the
+/// search for its orphans, then failed.
+async fn a_parent_killed_for_not_answering_that_lives_on_is_handed_no_more_tries(
+    backend: crate::util::Backend,
+) {
+    let freezer = std::path::Path::new("/sys/fs/cgroup/freezer");
+    if !crate::util::runs_as_root("freezes a process in a cgroup") || !freezer.is_dir() {
+        println!("skipped: no cgroup v1 freezer");
+        return;
+    }
+    /// Thaws and removes the cgroup, whatever the test's end.
+    struct Frozen(std::path::PathBuf);
+    impl Drop for Frozen {
+        fn drop(&mut self) {
+            let _ = std::fs::write(self.0.join("freezer.state"), "THAWED");
+            let _ = crate::util::within(WAIT, || {
+                std::fs::read_to_string(self.0.join("cgroup.procs")).is_ok_and(|p| p.is_empty())
+            });
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let db = TestDb::new(backend).await;
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!(
+            "programs: [{{path: {}, preload: true}}]\n",
+            sdk_probe().display()
+        ))
+        .env("TASKRUNNER_TEST_PRELOAD_REPLY_TIMEOUT_MS", "1000")
+        .start();
+    let booted_in =
+        |row: taskrunner::request::Request| report(&row.result_text.unwrap())["booted_in"].clone();
+    let id = enqueue(&db, "Probe", "").await;
+    let first = booted_in(finished_on_one_try(&db, id, &daemon, WAIT).await);
+    let frozen = Frozen(freezer.join(format!(
+        "taskrunner-test-{}",
+        db.scratch.path.file_name().unwrap().to_string_lossy()
+    )));
+    std::fs::create_dir(&frozen.0).unwrap();
+    std::fs::write(frozen.0.join("cgroup.procs"), &first).unwrap();
+    std::fs::write(frozen.0.join("freezer.state"), "FROZEN").unwrap();
+    wait_until(WAIT, "the parent frozen", || {
+        std::fs::read_to_string(frozen.0.join("freezer.state")).is_ok_and(|s| s.trim() == "FROZEN")
+    });
+    for _ in 0..2 {
+        let id = enqueue(&db, "Probe", "").await;
+        let row = finished_on_one_try(&db, id, &daemon, WAIT).await;
+        assert_ne!(booted_in(row), first, "a new parent");
+    }
+    let log = daemon.log_text();
+    assert_eq!(
+        log.matches("did not answer a request").count(),
+        1,
+        "one try waited for the frozen parent\n{log}"
+    );
+    drop(frozen);
     assert!(daemon.stop().success());
 }
 

@@ -729,7 +729,11 @@ impl Parent {
     }
 
     /// Stops the parent at once (SIGKILL: it may be blocked anywhere in
-    /// its own code); its children are the daemon's own and go on.
+    /// its own code); its children are the daemon's own and go on. It is
+    /// handed no request from here on, even while it lives: a process in
+    /// uninterruptible sleep dies only when it wakes (before, it counted
+    /// as alive until it was reaped, and each new try waited for its
+    /// answer in vain).
     ///
     /// Through its pidfd, which names this process for good: `alive` is no
     /// guide, since it turns false when the socket ends, while the process
@@ -737,6 +741,7 @@ impl Parent {
     /// closed its socket with requests unanswered); a kill by pid once it
     /// was reaped could hit another process.
     fn retire(&self) {
+        self.alive.store(false, Ordering::SeqCst);
         // SAFETY: a signal through a pidfd we own.
         unsafe {
             libc::syscall(
