@@ -36,6 +36,7 @@ both_backends!(
     a_child_whose_answer_breaks_the_protocol_is_killed_before_its_try_is_execd,
     a_long_error_answer_fails_the_try_with_its_text_cut,
     a_preloaded_try_has_the_oom_score_and_open_files_limit_of_an_execd_one,
+    a_try_run_as_another_user_below_the_daemons_nice_is_execd,
     a_parent_working_through_a_queue_of_requests_is_not_taken_for_a_stuck_one,
     large_requests_waiting_for_room_in_a_busy_parents_socket_are_not_taken_for_a_stuck_one,
     a_program_that_boots_for_long_holds_up_no_other_programs_tries,
@@ -975,6 +976,34 @@ async fn a_data_file_its_arguments_name_changing_at_each_try_keeps_its_parent(
         "one parent\n{log}"
     );
     assert!(!log.contains("changed on disk"), "{log}");
+    assert!(daemon.stop().success());
+}
+
+/// A root daemon's try run as another user at a nice value below the
+/// daemon's: the preloaded parent, run as that user at the daemon's
+/// priority, has children that may not lower it. Before, each such try
+/// failed (the child exits 127); now the type's tries are exec'd, which
+/// sets the nice value before it drops to the user, with one line.
+async fn a_try_run_as_another_user_below_the_daemons_nice_is_execd(backend: crate::util::Backend) {
+    if !crate::util::runs_as_root("running a task as another user needs a root daemon") {
+        return;
+    }
+    let db = TestDb::new(backend).await;
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!(
+            "tasks:\n  Probe: {{command: [{}], preload: true, user: nobody, nice: -20}}\n",
+            sdk_probe().display()
+        ))
+        .start();
+    for _ in 0..2 {
+        let id = enqueue(&db, "Probe", "").await;
+        let row = finished_on_one_try(&db, id, &daemon, WAIT).await;
+        let report = report(row.result_text.as_deref().unwrap());
+        assert_eq!(report["booted_in"], report["pid"], "exec'd: {report:?}");
+    }
+    let log = daemon.log_text();
+    assert_eq!(log.matches("its tries are exec'd").count(), 1, "{log}");
     assert!(daemon.stop().success());
 }
 

@@ -152,6 +152,32 @@ struct Program {
     /// Deaths in a row, each within STABLE_AFTER of its start.
     deaths: u32,
     restart_at: Option<Instant>,
+    /// The line saying why a type's tries are exec'd ([`only_execd`]) was
+    /// logged.
+    told_only_execd: bool,
+}
+
+/// Why the try of `recipe` cannot be a child of its preloaded parent: a
+/// `nice` value below the daemon's, for a try run as another user than a
+/// root daemon. The parent keeps the daemon's priority and runs as that
+/// user, who may not lower a nice value: each child would fail its try
+/// (exit status 127), where an exec'd try sets its nice value before it
+/// drops to the user.
+fn only_execd(recipe: &Recipe) -> Option<String> {
+    let nice = recipe.limits.nice?;
+    let user = recipe.uid.filter(|&uid| uid != 0)?;
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    // SAFETY: getpriority of the calling thread; -1 is a value here too,
+    // and any error leaves the try preloaded, as before.
+    let daemons = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    (nice < daemons).then(|| {
+        format!(
+            "{} runs as uid {user} at nice {nice}, below the daemon's {daemons}, which its preloaded parent keeps and a child may not lower",
+            recipe.program.display()
+        )
+    })
 }
 
 /// A running preloaded parent.
@@ -298,6 +324,14 @@ impl Pool {
         abandoned: &CancellationToken,
     ) -> Result<Child, Refused> {
         let key = Key::of(recipe);
+        if let Some(why) = only_execd(recipe) {
+            let program = self.program(&key);
+            let mut program = program.lock().await;
+            if !std::mem::replace(&mut program.told_only_execd, true) {
+                tracing::warn!("{why}: its tries are exec'd");
+            }
+            return Err(Refused::ExecInstead);
+        }
         // A parent that died, or stopped answering, while it was asked is
         // replaced once: the try never began, and a new parent starts it.
         let mut attempts = 0;
