@@ -14,6 +14,7 @@ both_backends!(
     a_dead_heartbeat_stops_the_daemon_with_exit_status_1,
     a_try_whose_supervision_panics_is_recorded_crashed_and_the_daemon_goes_on,
     starts_failing_for_the_daemons_own_descriptors_give_the_try_back,
+    a_new_type_whose_programs_cannot_be_asked_for_want_of_descriptors_costs_no_try,
     a_daemon_with_descriptors_for_one_start_at_a_time_runs_every_row,
     a_preloaded_parent_that_cannot_start_for_want_of_descriptors_costs_no_try,
     tries_of_a_daemon_whose_hard_open_files_limit_was_lowered_start,
@@ -192,6 +193,53 @@ async fn starts_failing_for_the_daemons_own_descriptors_give_the_try_back(backen
         1,
         "{log}"
     );
+    assert!(daemon.stop().success());
+}
+
+/// A row of a type a deploy just added to a program: the daemon asks its
+/// programs for their types again. With no descriptor to spare for that
+/// (the daemon's limit lowered to what it holds), the question could not
+/// be asked, and the row was FAILED as of an unknown type, its one try
+/// counted. Now it is given back, as any start the daemon's own shortage
+/// stops, and runs once descriptors are free again.
+async fn a_new_type_whose_programs_cannot_be_asked_for_want_of_descriptors_costs_no_try(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let types = db.scratch.join("types");
+    std::fs::write(&types, "Old\n").unwrap();
+    let program = db.scratch.join("lister");
+    crate::util::write_executable(
+        &program,
+        format!(
+            "#!/bin/sh\n\
+             if [ \"$1\" = --list-tasks ]; then cat {}; exit 0; fi\n\
+             if [ \"$1\" = --list-flows ]; then exit 0; fi\n\
+             echo ran\n",
+            types.display()
+        ),
+    );
+    let mut daemon = Daemon::start(&db, "d", &format!("programs: [{}]\n", program.display()));
+    let old = db.insert_row(NewRow::new("Old").try_limit(1)).await;
+    db.wait_for_state(old, "FINISHED", WAIT).await;
+    let open = std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+        .unwrap()
+        .count() as u64;
+    let limit = set_open_files(daemon.pid(), open);
+    std::fs::write(&types, "Old\nNew\n").unwrap();
+    let new = db.insert_row(NewRow::new("New").try_limit(1)).await;
+    daemon.wait_for_log("re-reading task types failed", WAIT);
+    set_open_files(daemon.pid(), limit);
+    let row = db
+        .wait_for(new, WAIT, "the row ended", |row| {
+            row.result
+                .as_deref()
+                .is_some_and(|r| r != "RUNNING" && r != "INTERRUPTED")
+        })
+        .await;
+    let log = daemon.log_text();
+    assert_eq!(row.result.as_deref(), Some("FINISHED"), "{row:#?}\n{log}");
+    assert_eq!(row.tries, 1, "{row:#?}");
     assert!(daemon.stop().success());
 }
 

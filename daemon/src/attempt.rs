@@ -305,16 +305,20 @@ pub(crate) async fn run(
             format!("options are not valid YAML: {error}"),
         );
     }
-    let Some(resolved) = resolve(context, input.task).await else {
-        let known = context.setup.borrow().registry.names(&context.config);
-        return Verdict::new(
-            State::Failed,
-            format!(
-                "unknown task type `{}`; known types: {}",
-                input.task,
-                known.join(", ")
-            ),
-        );
+    let resolved = match resolve(context, input.task).await {
+        Ok(Some(resolved)) => resolved,
+        Ok(None) => {
+            let known = context.setup.borrow().registry.names(&context.config);
+            return Verdict::new(
+                State::Failed,
+                format!(
+                    "unknown task type `{}`; known types: {}",
+                    input.task,
+                    known.join(", ")
+                ),
+            );
+        }
+        Err(short) => return given_back_short(&short),
     };
     let mut env = vec![
         ("TASKRUNNER_TASK".to_string(), input.task.to_string()),
@@ -348,29 +352,39 @@ pub(crate) async fn run(
         },
         Err(error) => match supervisor::not_started(&error) {
             Some(stopped) => not_started(stopped),
-            None if supervisor::is_daemon_short(&error) => Verdict {
-                daemon_short: true,
-                ..Verdict::new(
-                    State::Interrupted,
-                    format!(
-                        "given back before it started: the daemon is short of resources ({error})"
-                    ),
-                )
-            },
+            None if supervisor::is_daemon_short(&error) => given_back_short(&error),
             None => Verdict::new(State::Failed, error.to_string()),
         },
     }
 }
 
+/// A try given back, uncounted, because the daemon ran short of
+/// descriptors, processes or memory before its task began.
+fn given_back_short(error: &std::io::Error) -> Verdict {
+    Verdict {
+        daemon_short: true,
+        ..Verdict::new(
+            State::Interrupted,
+            format!("given back before it started: the daemon is short of resources ({error})"),
+        )
+    }
+}
+
 /// Resolves a type; an unknown one makes us re-read the programs' task lists
-/// first (a deploy may have added it).
-async fn resolve(context: &Context, task: &str) -> Option<crate::task_types::Resolved> {
+/// first (a deploy may have added it). A re-read that failed for the
+/// daemon's own shortage (no descriptor or process to ask a program with)
+/// is that error, [`DaemonShort`](supervisor::DaemonShort): the try
+/// is given back, where an unknown type would fail it (before, it did).
+async fn resolve(
+    context: &Context,
+    task: &str,
+) -> Result<Option<crate::task_types::Resolved>, std::io::Error> {
     let current = context.setup.borrow().registry.clone();
     if let Some(resolved) = current.resolve(&context.config, task) {
-        return Some(resolved);
+        return Ok(Some(resolved));
     }
     if context.config.programs.is_empty() {
-        return None;
+        return Ok(None);
     }
     let config = context.config.clone();
     let asking = crate::task_types::Asking::Through(
@@ -390,16 +404,32 @@ async fn resolve(context: &Context, task: &str) -> Option<crate::task_types::Res
                 }
                 same
             });
-            resolved
+            Ok(resolved)
         }
         Ok(Err(error)) => {
             tracing::warn!(
                 "re-reading task types failed: {}",
                 crate::error_line(&error)
             );
-            None
+            let short = error
+                .chain()
+                .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+                .any(|cause| {
+                    supervisor::is_daemon_short(cause)
+                        || matches!(
+                            cause.raw_os_error(),
+                            Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM)
+                        )
+                });
+            match short {
+                true => Err(supervisor::DaemonShort::error(
+                    std::io::ErrorKind::Other,
+                    format!("re-reading task types: {}", crate::error_line(&error)),
+                )),
+                false => Ok(None),
+            }
         }
-        Err(_) => None,
+        Err(_) => Ok(None),
     }
 }
 

@@ -40,7 +40,7 @@ use crate::units::format_duration;
 use output::Capture;
 pub(crate) use output::Tail;
 pub(crate) use slots::{Slots, Ticket};
-pub(crate) use spawner::{is_daemon_short, Recipe};
+pub(crate) use spawner::{is_daemon_short, DaemonShort, Recipe};
 
 /// The variables of the daemon's environment a task inherits: the ones
 /// every program expects, nothing that could hold a secret (the daemon's
