@@ -1508,6 +1508,57 @@ async fn a_stopped_daemons_try_is_killed_before_another_daemon_reruns_its_row(ba
     assert!(other.stop().success());
 }
 
+multi_host_backends!(a_stopped_daemon_starts_none_of_the_rows_it_claimed_ahead_when_it_resumes);
+
+/// The same stop, while the daemon drains short tasks: it claims rows
+/// ahead, each waiting for its one slot with its start ready. The other
+/// daemon takes every row over and runs it. When the stopped daemon
+/// resumed, its spawner thread saw the last try's exit and started the next
+/// row waiting in line at once, before its heartbeat could find the rows
+/// taken over: a row the other daemon had run ran again (beside its rerun,
+/// had the rerun been slower). Now nothing starts past the daemon's fence.
+async fn a_stopped_daemon_starts_none_of_the_rows_it_claimed_ahead_when_it_resumes(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let runs = db.scratch.join("runs");
+    let config = |host: &str, slots: u32| {
+        format!(
+            "host_id: {host}\nmax_concurrent: {slots}\nheartbeat_interval: 1s\nkill_grace: 1s\n\
+             lease_timeout: 4s\nreap_interval: 1s\ntasks:\n  Note:\n    \
+             command: [/bin/sh, -c, 'echo $TASKRUNNER_REQUEST_ID >> {}']\n",
+            runs.display()
+        )
+    };
+    let mut ids = Vec::new();
+    for _ in 0..300 {
+        ids.push(db.enqueue("Note", None).await);
+    }
+    let ran = || std::fs::read_to_string(&runs).unwrap_or_default();
+    let mut paused = Daemon::start(&db, "a", &config("host-a", 1));
+    // Draining: by then it knows its tries are short, and claims ahead.
+    wait_until(WAIT, "30 rows run", || ran().lines().count() >= 30);
+    kill(Pid::from_raw(paused.pid()), Signal::SIGSTOP).unwrap();
+    let mut other = Daemon::start(&db, "b", &config("host-b", 4));
+    for &id in &ids {
+        db.wait_for_state(id, "FINISHED", Duration::from_secs(60))
+            .await;
+    }
+    let before = ran();
+    kill(Pid::from_raw(paused.pid()), Signal::SIGCONT).unwrap();
+    holds_for(
+        Duration::from_secs(3),
+        "no row to run again on the resumed daemon",
+        async || match ran() {
+            now if now == before => Ok(()),
+            now => Err(format!("ran since: {:?}", &now[before.len()..])),
+        },
+    )
+    .await;
+    assert!(paused.stop().success(), "{}", paused.log_text());
+    assert!(other.stop().success());
+}
+
 both_backends!(a_fencing_watchdog_runs_beside_each_multi_host_daemon_and_goes_with_it);
 
 /// On PostgreSQL and MariaDB a daemon runs its fencing watchdog (a child

@@ -149,6 +149,7 @@ impl Heartbeat {
                     // The tries have ended: the daemon is stopping.
                     if let Some(watchdog) = &self.watchdog {
                         watchdog.set_deadline(boot_clock(), None);
+                        crate::supervisor::watchdog::set_fence(None);
                     }
                     return Ok(());
                 }
@@ -294,6 +295,7 @@ impl Heartbeat {
             let config = Setup::current_config(&self.setup);
             let after = config.watchdog_after();
             watchdog.set_deadline(sent, Some(sent + after));
+            crate::supervisor::watchdog::set_fence(Some(sent + config.fence_after()));
         }
     }
 

@@ -183,6 +183,7 @@ impl Spawner {
             cgroup: None,
             outlives_the_daemon: false,
             leads_a_session: false,
+            fenced: false,
         };
         let mut child = self.exec.spawn(recipe).await?;
         // Read to the end (a program whose output is cut short would die
@@ -381,6 +382,14 @@ impl std::fmt::Display for NotStarted {
 
 impl std::error::Error for NotStarted {}
 
+/// A try's start refused because the daemon is past its fence: its lease
+/// went unrenewed for as long as its own fence allows (a daemon stopped,
+/// or its runtime stuck, with a start due on a spawner thread). The try is
+/// given back as one whose claim was lost.
+fn fenced_off() -> std::io::Error {
+    std::io::Error::other(NotStarted(Some(StopReason::LostClaim)))
+}
+
 /// Whether `error` is [`run`]'s "not started", and the stop that made it
 /// so when the run knows it.
 pub(crate) fn not_started(error: &std::io::Error) -> Option<Option<StopReason>> {
@@ -469,6 +478,7 @@ pub(crate) async fn run(
         cgroup: try_cgroup.clone(),
         outlives_the_daemon: false,
         leads_a_session: false,
+        fenced: true,
     };
 
     let preloaded_from =
@@ -501,6 +511,10 @@ pub(crate) async fn run(
         }
     }
     let mut child = spawned.map_err(|error| {
+        // Refused past the daemon's fence (see [`watchdog::past_the_fence`]).
+        if not_started(&error).is_some() {
+            return error;
+        }
         let text = format!("cannot start {}: {error}", launch.program.display());
         // A preloaded try's start holds no error of the task's own with an
         // errno (its parent's answers are text): out of descriptors there

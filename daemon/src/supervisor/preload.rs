@@ -343,6 +343,9 @@ impl Pool {
             if abandoned.is_cancelled() {
                 return Err(Refused::Failed(not_waited_for()));
             }
+            if recipe.fenced && super::watchdog::past_the_fence() {
+                return Err(Refused::Failed(super::fenced_off()));
+            }
             match parent.request(spawner, recipe).await {
                 Ok(child) => return Ok(child),
                 // A broken protocol retires the parent before the try hears
@@ -626,6 +629,7 @@ impl Parent {
             cgroup: None,
             outlives_the_daemon: false,
             leads_a_session: true,
+            fenced: false,
         };
         let files = files_of(recipe, spawner);
         let mut child = spawner.spawn(parent_recipe).await.map_err(StartError::Io)?;

@@ -140,6 +140,9 @@ pub(crate) struct Recipe {
     /// daemon's own) then carry its pid as their session's, even as
     /// zombies (preload.rs, [`super::preload`]'s search for orphans).
     pub(crate) leads_a_session: bool,
+    /// A try's: not started once the daemon is past its fence
+    /// ([`super::watchdog::past_the_fence`]).
+    pub(crate) fenced: bool,
 }
 
 /// Limits set in the child before exec (see limits.rs for what each means).
@@ -501,6 +504,14 @@ impl Kit {
     }
 
     fn start(&mut self, recipe: &Recipe) -> io::Result<Started> {
+        // Checked here, on the spawner thread, where a start handed over at
+        // a slot's end happens without the runtime: a daemon stopped (or
+        // its runtime stuck) past its fence started the tries it had
+        // claimed ahead as soon as it resumed, before its heartbeat could
+        // find their rows taken over, and ran them beside their reruns.
+        if recipe.fenced && super::watchdog::past_the_fence() {
+            return Err(super::fenced_off());
+        }
         let handed_off = std::time::SystemTime::now();
         let mut started =
             start(recipe, &self.base, &self.null, &mut self.stack).map_err(mark_shortage)?;

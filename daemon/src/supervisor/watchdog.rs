@@ -17,7 +17,8 @@
 //! try's cgroup). That is when the daemon's own fence would have sent
 //! `SIGKILL` after its `SIGTERM` and `kill_grace`: a daemon that runs and
 //! fences itself has ended them already, and the watchdog finds nothing.
-//! A deadline fires once; the next renewal sets the next.
+//! A deadline fires once, and from then on every child seen is killed
+//! too, until the next renewal sets the next deadline.
 //!
 //! Which processes: the daemon's children, read from its threads'
 //! `children` files in `/proc` (a try is one, exec'd or forked from a
@@ -75,6 +76,23 @@ pub(crate) fn boot_clock() -> Duration {
     // SAFETY: clock_gettime writes one timespec into a local.
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
     Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
+/// When the daemon's own fence falls (nanoseconds on [`boot_clock`]; 0:
+/// never): from then on it starts no try until a renewal moves it.
+static FENCE: AtomicU64 = AtomicU64::new(0);
+
+/// Sets when the daemon's fence falls ([`past_the_fence`]): `None`, never.
+pub(crate) fn set_fence(at: Option<Duration>) {
+    FENCE.store(at.map_or(0, |at| nanos(at).max(1)), Ordering::Relaxed);
+}
+
+/// Whether the daemon is past its fence: its lease unrenewed for as long
+/// as its own fence allows. Read by the starts (on spawner threads too,
+/// which run while the runtime does not).
+pub(crate) fn past_the_fence() -> bool {
+    let at = FENCE.load(Ordering::Relaxed);
+    at != 0 && nanos(boot_clock()) >= at
 }
 
 /// The daemon's side: the latest deadline, and the pipe to the watchdog
@@ -239,6 +257,17 @@ pub fn main(args: &[std::ffi::OsString]) -> std::process::ExitCode {
                 // Its end of the pipe still open somewhere: dead all the same.
                 tries.kill();
                 return std::process::ExitCode::SUCCESS;
+            }
+            // Past a deadline that fired, a child seen since is killed too,
+            // until a renewal sets the next deadline: a daemon stopped, or
+            // stuck, may start one meanwhile (before, it ran on unkilled).
+            if fired {
+                let killed = tries.kill();
+                if killed > 0 {
+                    eprintln!(
+                        "fencing watchdog: this daemon still renewed no lease: killed {killed} more task processes started since, and their groups"
+                    );
+                }
             }
             let every = if tries.known.is_empty() {
                 LOOK_IDLE
