@@ -1229,9 +1229,10 @@ async fn a_child_forked_by_a_parent_gone_before_its_answer_runs_its_try_once(
 /// was asked again of a new parent and its task ran a second time, and the
 /// two zombies stayed. Now the parent leads a session of its own, its
 /// exited children are known by it and matched to the requests by the
-/// order of forks: each try ends with its own child's status and output.
-/// The parent forks for both rows' requests, waits for both children to
-/// exit, and kills itself without answering either.
+/// order of forks: each try ends with its own child's status and output
+/// (row 2's task fails: a swap would show). The parent forks for both rows'
+/// requests, waits for both children to exit, and kills itself without
+/// answering either.
 async fn children_that_exited_before_their_parent_died_unanswered_end_their_own_tries(
     backend: crate::util::Backend,
 ) {
@@ -1264,6 +1265,8 @@ async fn children_that_exited_before_their_parent_died_unanswered_end_their_own_
                  row = text.split()[-1]\n    \
                  with open({runs:?}, 'a') as runs:\n        \
                      runs.write(row + '\\n')\n    \
+                 if row == '2':\n        \
+                     raise RuntimeError('row 2 fails')\n    \
                  return f'ran row {{row}}'\n\
              program['TASKS']['PyProbe'] = counted"
         ),
@@ -1279,15 +1282,25 @@ async fn children_that_exited_before_their_parent_died_unanswered_end_their_own_
             program.display()
         ))
         .start();
-    for (row, id) in rows.into_iter().enumerate() {
-        let ended = finished_on_one_try(&db, id, &daemon, WAIT).await;
-        assert_eq!(
-            ended.result_text.as_deref(),
-            Some(format!("ran row {}", row + 1).as_str()),
-            "each try ends with its own child's output\n{}",
-            daemon.log_text()
-        );
-    }
+    // Each try ends with its own child's status (row 2's fails) and output.
+    let ended = finished_on_one_try(&db, rows[0], &daemon, WAIT).await;
+    assert_eq!(ended.result_text.as_deref(), Some("ran row 1"));
+    let ended = db
+        .wait_for(rows[1], WAIT, "row 2 to end", |row| {
+            row.result.as_deref().is_some_and(|r| r != "RUNNING")
+        })
+        .await;
+    let text = ended.result_text.clone().unwrap_or_default();
+    assert_eq!(
+        (
+            ended.result.as_deref(),
+            ended.tries,
+            text.contains("row 2 fails")
+        ),
+        (Some("FAILED"), 1, true),
+        "{ended:#?}\n{}",
+        daemon.log_text()
+    );
     let log = daemon.log_text();
     let mut ran: Vec<String> = std::fs::read_to_string(&runs)
         .unwrap()

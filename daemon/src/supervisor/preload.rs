@@ -1015,11 +1015,13 @@ async fn answer_requests(parent: Arc<Parent>) {
             .find(|(_, held)| held.iter().any(|pipe| pipes.contains(pipe)))
             .map(|&(pid, _)| pid)
     };
+    // A parent that broke the protocol may have made no child for the
+    // request it refused (a plain fork, a garbled answer): the order of
+    // forks says nothing then, and its children no pipe names are killed
+    // below rather than given to the requests that wait.
+    let in_order = refused.is_none();
     if let Some((reply, pipes, error)) = refused {
-        // Its child, if no pipe names it, is the oldest of those (the
-        // refused answer came before those still waited for).
-        let forked = held_by(&pipes).or_else(|| (!unnamed.is_empty()).then(|| unnamed.remove(0)));
-        if let Some(pid) = forked {
+        if let Some(pid) = held_by(&pipes) {
             tracing::warn!(
                 "preloaded parent (pid {}) answered with something else than its child (pid {pid}) for a try: the child is killed",
                 parent.pid
@@ -1038,7 +1040,7 @@ async fn answer_requests(parent: Arc<Parent>) {
         // pipe names (it has exited, or closed them) belongs to the oldest
         // request left whose child was not found by its pipes.
         let found = held_by(&pipes)
-            .or_else(|| (!unnamed.is_empty()).then(|| unnamed.remove(0)))
+            .or_else(|| (in_order && !unnamed.is_empty()).then(|| unnamed.remove(0)))
             .map(|pid| match crate::procinfo::is_zombie(i64::from(pid)) {
                 true => (pid, "had run the try and exited: its status is the try's"),
                 false => (pid, "runs the try, supervised"),
@@ -1124,6 +1126,7 @@ async fn unanswered_children(parent: &Parent) -> Orphans {
             .iter()
             .filter_map(unsupervised)
             .filter(|pid| !live.iter().any(|(named, _)| named == pid))
+            .filter(|&pid| still_an_orphan_of(pid, daemon, session))
             .collect();
         Orphans { live, unnamed }
     })
@@ -1132,6 +1135,32 @@ async fn unanswered_children(parent: &Parent) -> Orphans {
         live: Vec::new(),
         unnamed: Vec::new(),
     })
+}
+
+/// Whether `pid`, found among the children of `session`, still is one no
+/// try supervises, unreaped, now that it is pinned by a pidfd. The walk
+/// of `/proc` reads a child before the supervised set is asked: a try's
+/// child reaped meanwhile (its waiter reaps it, then lets its pid go) would
+/// pass, its pid maybe another process's by then, and be taken for an
+/// orphan of the parent, given to a request and killed or adopted.
+fn still_an_orphan_of(pid: u32, daemon: i64, session: i64) -> bool {
+    let Ok(pidfd) = super::spawner::pidfd_open(pid) else {
+        return false;
+    };
+    let session_now = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let fields: Vec<i64> = stat[stat.rfind(')')? + 1..]
+                .split_whitespace()
+                .skip(1)
+                .take(3)
+                .map(|field| field.parse().ok())
+                .collect::<Option<_>>()?;
+            Some((fields[0], fields[2]))
+        });
+    session_now == Some((daemon, session))
+        && !Child::is_supervised(pid)
+        && super::spawner::child_state(&pidfd).is_some()
 }
 
 /// The child the answer of `parent` (its pid) names, or its error.
