@@ -27,6 +27,7 @@ both_backends!(
     a_preloaded_try_does_not_run_its_parents_exit_handlers,
     a_parent_that_stops_answering_is_replaced_and_costs_no_try,
     a_parent_killed_for_not_answering_that_lives_on_is_handed_no_more_tries,
+    a_child_forked_by_a_parent_killed_while_stuck_runs_its_try_once,
     a_parent_that_boots_for_longer_than_the_cgroup_sweep_waits_runs_its_first_try,
     a_parent_whose_output_is_not_utf8_or_one_long_line_keeps_serving,
     a_parent_gone_just_before_a_request_is_sent_costs_no_try,
@@ -508,6 +509,51 @@ async fn a_parent_that_stops_answering_is_replaced_and_costs_no_try(backend: cra
     assert!(daemon.stop().success());
 }
 
+/// Whether a process can be frozen here (root, and the cgroup v1 freezer,
+/// where a frozen process killed with SIGKILL lives on until it is thawed,
+/// as one in uninterruptible sleep does); says it skips when not.
+fn can_freeze() -> bool {
+    let can = crate::util::runs_as_root("freezes a process in a cgroup")
+        && std::path::Path::new(FREEZER).is_dir();
+    if !can {
+        println!("skipped: no cgroup v1 freezer");
+    }
+    can
+}
+
+const FREEZER: &str = "/sys/fs/cgroup/freezer";
+
+/// A process frozen in a cgroup of its own: thawed, and the cgroup
+/// removed, whatever the test's end.
+struct Frozen(std::path::PathBuf);
+
+impl Frozen {
+    fn freeze(db: &TestDb, pid: i32) -> Frozen {
+        let frozen = Frozen(std::path::Path::new(FREEZER).join(format!(
+            "taskrunner-test-{}",
+            db.scratch.path.file_name().unwrap().to_string_lossy()
+        )));
+        std::fs::create_dir(&frozen.0).unwrap();
+        std::fs::write(frozen.0.join("cgroup.procs"), pid.to_string()).unwrap();
+        std::fs::write(frozen.0.join("freezer.state"), "FROZEN").unwrap();
+        wait_until(WAIT, "the process frozen", || {
+            std::fs::read_to_string(frozen.0.join("freezer.state"))
+                .is_ok_and(|s| s.trim() == "FROZEN")
+        });
+        frozen
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0.join("freezer.state"), "THAWED");
+        let _ = crate::util::within(WAIT, || {
+            std::fs::read_to_string(self.0.join("cgroup.procs")).is_ok_and(|p| p.is_empty())
+        });
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 /// A parent killed for not answering that does not die at once (in
 /// uninterruptible sleep: here frozen by the cgroup v1 freezer, where a
 /// SIGKILL waits for the thaw) is handed no more tries: each goes to a new
@@ -517,21 +563,8 @@ async fn a_parent_that_stops_answering_is_replaced_and_costs_no_try(backend: cra
 async fn a_parent_killed_for_not_answering_that_lives_on_is_handed_no_more_tries(
     backend: crate::util::Backend,
 ) {
-    let freezer = std::path::Path::new("/sys/fs/cgroup/freezer");
-    if !crate::util::runs_as_root("freezes a process in a cgroup") || !freezer.is_dir() {
-        println!("skipped: no cgroup v1 freezer");
+    if !can_freeze() {
         return;
-    }
-    /// Thaws and removes the cgroup, whatever the test's end.
-    struct Frozen(std::path::PathBuf);
-    impl Drop for Frozen {
-        fn drop(&mut self) {
-            let _ = std::fs::write(self.0.join("freezer.state"), "THAWED");
-            let _ = crate::util::within(WAIT, || {
-                std::fs::read_to_string(self.0.join("cgroup.procs")).is_ok_and(|p| p.is_empty())
-            });
-            let _ = std::fs::remove_dir(&self.0);
-        }
     }
     let db = TestDb::new(backend).await;
     let mut daemon = db
@@ -546,16 +579,7 @@ async fn a_parent_killed_for_not_answering_that_lives_on_is_handed_no_more_tries
         |row: taskrunner::request::Request| report(&row.result_text.unwrap())["booted_in"].clone();
     let id = enqueue(&db, "Probe", "").await;
     let first = booted_in(finished_on_one_try(&db, id, &daemon, WAIT).await);
-    let frozen = Frozen(freezer.join(format!(
-        "taskrunner-test-{}",
-        db.scratch.path.file_name().unwrap().to_string_lossy()
-    )));
-    std::fs::create_dir(&frozen.0).unwrap();
-    std::fs::write(frozen.0.join("cgroup.procs"), &first).unwrap();
-    std::fs::write(frozen.0.join("freezer.state"), "FROZEN").unwrap();
-    wait_until(WAIT, "the parent frozen", || {
-        std::fs::read_to_string(frozen.0.join("freezer.state")).is_ok_and(|s| s.trim() == "FROZEN")
-    });
+    let frozen = Frozen::freeze(&db, first.parse().unwrap());
     for _ in 0..2 {
         let id = enqueue(&db, "Probe", "").await;
         let row = finished_on_one_try(&db, id, &daemon, WAIT).await;
@@ -566,6 +590,74 @@ async fn a_parent_killed_for_not_answering_that_lives_on_is_handed_no_more_tries
         log.matches("did not answer a request").count(),
         1,
         "one try waited for the frozen parent\n{log}"
+    );
+    drop(frozen);
+    assert!(daemon.stop().success());
+}
+
+/// A parent that forks for a request and then stops answering, stuck
+/// (frozen here: its SIGKILL waits for the thaw, as in uninterruptible
+/// sleep): its socket stays open, and the search for its orphans at its
+/// end never ran. The try was asked of a new parent beside the child
+/// already running it: its task ran twice at once. Now the child, found
+/// holding the try's pipes, runs the try, supervised.
+async fn a_child_forked_by_a_parent_killed_while_stuck_runs_its_try_once(
+    backend: crate::util::Backend,
+) {
+    if !can_freeze() {
+        return;
+    }
+    let db = TestDb::new(backend).await;
+    let program = db.scratch.join("stuck_after_fork.py");
+    let runs = db.scratch.join("runs");
+    let forked = db.scratch.join("forked");
+    python_example_with(
+        &program,
+        &format!(
+            "fork_try = program['serve_preloaded'].__globals__['fork_try']\n\
+             def stuck(daemon, request, fds):\n    \
+                 pid = fork_try(daemon, request, fds)\n    \
+                 if not os.path.exists({forked:?}):\n        \
+                     with open({forked:?}, 'w') as note:\n            \
+                         note.write(str(os.getpid()))\n        \
+                     time.sleep(600)\n    \
+                 return pid\n\
+             program['serve_preloaded'].__globals__['fork_try'] = stuck\n\
+             def counted(text):\n    \
+                 with open({runs:?}, 'a') as runs:\n        \
+                     runs.write('ran\\n')\n    \
+                 time.sleep(4)\n    \
+                 return 'ran once'\n\
+             program['TASKS']['PyProbe'] = counted",
+            forked = forked.display().to_string(),
+            runs = runs.display().to_string(),
+        ),
+    );
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!(
+            "tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
+            program.display()
+        ))
+        .env("TASKRUNNER_TEST_PRELOAD_REPLY_TIMEOUT_MS", "1000")
+        .start();
+    let id = enqueue(&db, "PyProbe", "").await;
+    wait_until(WAIT, "the parent forked", || {
+        std::fs::read_to_string(&forked).is_ok_and(|pid| !pid.is_empty())
+    });
+    let parent: i32 = std::fs::read_to_string(&forked).unwrap().parse().unwrap();
+    let frozen = Frozen::freeze(&db, parent);
+    let row = finished_on_one_try(&db, id, &daemon, WAIT).await;
+    assert_eq!(row.result_text.as_deref(), Some("ran once"));
+    let log = daemon.log_text();
+    assert_eq!(
+        std::fs::read_to_string(&runs).unwrap(),
+        "ran\n",
+        "the task ran once\n{log}"
+    );
+    assert!(
+        log.contains("stopped before its answer; its child"),
+        "{log}"
     );
     drop(frozen);
     assert!(daemon.stop().success());

@@ -194,6 +194,8 @@ struct Parent {
     /// last one (see [`answer_requests`]). A std mutex: held for a send,
     /// never across an await.
     pending: std::sync::Mutex<VecDeque<Pending>>,
+    /// Requests sent so far (the next one's [`Pending::id`]).
+    requests: std::sync::atomic::AtomicU64,
     /// When it last answered a request (or started).
     answered_at: std::sync::Mutex<Instant>,
     alive: Arc<AtomicBool>,
@@ -215,6 +217,8 @@ struct Parent {
 /// A request sent to a parent: who waits for its child, our ends of the
 /// try's pipes, and when it was sent.
 struct Pending {
+    /// Which request, for the try that sent it (see [`Parent::forked_for`]).
+    id: u64,
     reply: tokio::sync::oneshot::Sender<io::Result<Child>>,
     ours: OurEnds,
     sent: std::time::SystemTime,
@@ -682,6 +686,7 @@ impl Parent {
             pidfd,
             socket,
             pending: Default::default(),
+            requests: Default::default(),
             answered_at: std::sync::Mutex::new(Instant::now()),
             alive,
             death_counted: AtomicBool::new(false),
@@ -810,6 +815,7 @@ impl Parent {
         ];
         let (reply, answer) = tokio::sync::oneshot::channel();
         let mut reply = Some(reply);
+        let id = self.requests.fetch_add(1, Ordering::Relaxed);
         let mut deadline = tokio::time::Instant::now() + reply_timeout();
         loop {
             {
@@ -825,6 +831,7 @@ impl Parent {
                 match send_with_fds(self.socket.get_ref().as_raw_fd(), &message, &fds) {
                     Ok(()) => {
                         pending.push_back(Pending {
+                            id,
                             reply: reply.take().expect("sent once"),
                             ours: stdio.ours,
                             sent: std::time::SystemTime::now(),
@@ -884,14 +891,63 @@ impl Parent {
                     // It may have forked for this request just before: its
                     // answers' reader, once it is gone, finds such a child
                     // and answers with it, so that the try is not asked
-                    // again beside it.
-                    return match tokio::time::timeout(ORPHAN_SEARCH, &mut answer).await {
-                        Ok(Ok(Ok(child))) => Ok(child),
-                        _ => Err(error),
-                    };
+                    // again beside it. One killed that lives on (in
+                    // uninterruptible sleep) closes no socket, and the
+                    // child is looked for here.
+                    if *self.exited.borrow() {
+                        if let Ok(Ok(Ok(child))) =
+                            tokio::time::timeout(ORPHAN_SEARCH, &mut answer).await
+                        {
+                            return Ok(child);
+                        }
+                    }
+                    return self.forked_for(id).await.unwrap_or(Err(error));
                 }
             }
         }
+    }
+
+    /// The child this parent, killed for not answering and not gone (in
+    /// uninterruptible sleep: its kill waits for its wake-up, and it forks
+    /// no more), made for request `id` before it stopped: one of the
+    /// daemon's children no try supervises, holding the try's pipes. It
+    /// runs the try, supervised; `None` when there is none (or the request
+    /// was answered meanwhile), and a new parent is asked. (Before, the
+    /// try was asked of a new parent beside it, and its task ran twice at
+    /// once.)
+    async fn forked_for(&self, id: u64) -> Option<io::Result<Child>> {
+        let pending = {
+            let mut queue = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let at = queue.iter().position(|pending| pending.id == id)?;
+            queue.remove(at)?
+        };
+        let pipes = pending.ours.output_pipes();
+        let daemon = i64::from(std::process::id());
+        let found = tokio::task::spawn_blocking(move || {
+            crate::procinfo::live_children(daemon)
+                .into_iter()
+                .filter_map(|pid| u32::try_from(pid).ok())
+                .filter(|&pid| !Child::is_supervised(pid))
+                .filter(|&pid| !crate::procinfo::runs_our_executable(i64::from(pid)))
+                .find(|&pid| {
+                    crate::procinfo::pipes_held(i64::from(pid))
+                        .iter()
+                        .any(|pipe| pipes.contains(pipe))
+                })
+        })
+        .await
+        .ok()
+        .flatten()?;
+        tracing::warn!(
+            "preloaded parent (pid {}) stopped before its answer; its child (pid {found}) runs the try, supervised",
+            self.pid
+        );
+        Some(
+            Child::adopt(found, self.pid, pending.ours).map(|mut child| {
+                (child.handed_off, child.created) = (pending.sent, std::time::SystemTime::now());
+                child
+            }),
+        )
     }
 
     /// Until when a try may wait for this parent when it answered a
