@@ -339,10 +339,11 @@ impl Drop for Child {
     /// Nothing of a child dropped unreaped (a start no try waits for any
     /// more) runs on, and no zombie stays: it is killed with the process
     /// group it leads (what its task started; before, only its pid), and
-    /// reaped off the runtime's thread when there is one (the wait for a
-    /// process in uninterruptible sleep may be long). It stays among the
-    /// supervised until then, so that the search for a dead parent's
-    /// orphans does not take it.
+    /// reaped once it has exited, by a task on the runtime when there is
+    /// one: no thread waits (a process in uninterruptible sleep may take
+    /// long to die), and nothing here can fail for want of a thread. It
+    /// stays among the supervised until then, so that the search for a
+    /// dead parent's orphans does not take it.
     fn drop(&mut self) {
         if self.status.is_some() {
             return;
@@ -358,17 +359,34 @@ impl Drop for Child {
             }
             libc::kill(pid as libc::pid_t, libc::SIGKILL);
         }
-        let reap = move || {
-            let mut raw = 0;
-            // SAFETY: reaping our own child.
-            unsafe { libc::waitpid(pid as libc::pid_t, &mut raw, 0) };
-            supervised().remove(&pid);
-        };
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn_blocking(reap)),
-            Err(_) => reap(),
+            Ok(runtime) => drop(runtime.spawn(reap_when_ended(pid))),
+            Err(_) => {
+                // SAFETY: reaping our own child.
+                unsafe { libc::waitpid(pid as libc::pid_t, &mut 0, 0) };
+                supervised().remove(&pid);
+            }
         }
     }
+}
+
+/// Reaps `pid`, our killed child, once it has exited.
+async fn reap_when_ended(pid: u32) {
+    // Unreaped, its pid is still its own: the pidfd names it.
+    if let Ok(pidfd) = pidfd_open(pid) {
+        // SAFETY: the OwnedFd stays open, on the same pidfd, for as long
+        // as the AsyncFd owns it.
+        let watched =
+            unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) };
+        if let Ok(pidfd) = watched {
+            let _ = pidfd.readable().await;
+        }
+    }
+    // SAFETY: a waitpid on our own child that does not block.
+    while unsafe { libc::waitpid(pid as libc::pid_t, &mut 0, libc::WNOHANG) } == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    supervised().remove(&pid);
 }
 
 /// Our ends of a try's pipes.
