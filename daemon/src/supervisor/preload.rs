@@ -207,7 +207,7 @@ struct Parent {
     started: Instant,
     /// Its executable and the script it runs, as they were when it
     /// started (see [`files_of`]).
-    files: [Option<FileId>; 2],
+    files: Vec<Option<FileId>>,
     /// Its children were seen joining their cgroups by themselves.
     joins_itself: JoinsItself,
     /// How its children get into their cgroups (by its user).
@@ -227,40 +227,106 @@ struct Pending {
 type FileId = (u64, u64, u64, i64, i64);
 
 /// The program's code as it is now: its executable and, when that is an
-/// interpreter ([`INTERPRETERS`]), the script it runs, the first argument
-/// naming a file (relative to its directory): a change to either (a deploy
-/// of `app.py` in `[python3, app.py]`, not only of `python3`) retires the
-/// parent. The other arguments are the program's own: a file one names
-/// (`data.sqlite` in `[app, --db, data.sqlite]`, `input.csv` after the
-/// script) may change at every try, and retired the parent at every try
-/// when every argument's file was watched. No script is `None`.
-fn files_of(recipe: &Recipe, spawner: &Exec) -> [Option<FileId>; 2] {
+/// interpreter ([`INTERPRETERS`]), the script it runs ([`scripts_of`]): a
+/// change to any (a deploy of `app.py` in `[python3, app.py]`, not only of
+/// `python3`) retires the parent. The other arguments are the program's
+/// own: a file one names (`data.sqlite` in `[app, --db, data.sqlite]`,
+/// `input.csv` after the script) may change at every try, and retired the
+/// parent at every try when every argument's file was watched.
+fn files_of(recipe: &Recipe, spawner: &Exec) -> Vec<Option<FileId>> {
     let executable = resolve(recipe, spawner);
-    let script = runs_a_script(&executable)
-        .then(|| {
-            recipe
-                .args
-                .iter()
-                .map(|arg| recipe.workdir.join(arg))
-                .find(|path| path.is_file())
+    let mut files = vec![file_id(&executable)];
+    files.extend(
+        scripts_of(&executable, &recipe.args, recipe, &|command| {
+            resolve(command, spawner)
         })
-        .flatten();
-    [file_id(&executable), script.as_deref().and_then(file_id)]
+        .iter()
+        .map(|path| file_id(path)),
+    );
+    files
 }
 
-/// Programs that run the script their first file argument names, by the
-/// name of their executable less a version (`python3.11`, `ruby3.2`).
+/// The files an interpreter at `executable` runs, given `args` (relative
+/// to the recipe's directory): the first argument naming a file, and each
+/// later one that names source code ([`is_source`]) up to the first one
+/// that does not follow an option, the script (`tracing.js` and
+/// `server.js` in `[node, -r, tracing.js, server.js, data.txt]`; `app.py`
+/// in `[python3, -u, app.py, data.txt]`). `env` runs its command (`[env,
+/// A=1, python3, app.py]`): that command and its scripts. Nothing for other
+/// programs.
+fn scripts_of(
+    executable: &std::path::Path,
+    args: &[String],
+    recipe: &Recipe,
+    resolve: &dyn Fn(&Recipe) -> PathBuf,
+) -> Vec<PathBuf> {
+    match interpreter(executable) {
+        Some("env") => {
+            let mut rest = args
+                .iter()
+                .skip_while(|arg| arg.starts_with('-') || arg.contains('='));
+            let Some(command) = rest.next() else {
+                return Vec::new();
+            };
+            let command = resolve(&Recipe {
+                program: PathBuf::from(command),
+                env: recipe.env.clone(),
+                workdir: recipe.workdir.clone(),
+                ..Recipe::default()
+            });
+            let rest: Vec<String> = rest.cloned().collect();
+            let mut files = scripts_of(&command, &rest, recipe, resolve);
+            files.insert(0, command);
+            files
+        }
+        Some(_) => {
+            let mut files = Vec::new();
+            let mut after_an_option = false;
+            for arg in args {
+                let path = recipe.workdir.join(arg);
+                if path.is_file() {
+                    // An option's value (`-r tracing.js`) or a flag's
+                    // script (`-u app.py`): which, the name alone cannot
+                    // say, so a later file is taken only for source code.
+                    if files.is_empty() || is_source(&path) {
+                        files.push(path);
+                    }
+                    if !after_an_option {
+                        break;
+                    }
+                }
+                after_an_option = arg.len() > 1 && arg.starts_with('-') && !arg.contains('=');
+            }
+            files
+        }
+        None => Vec::new(),
+    }
+}
+
+/// Programs that run the script their arguments name, by the name of their
+/// executable less a version (`python3.11`, `ruby3.2`).
 const INTERPRETERS: &[&str] = &[
     "python", "ruby", "node", "nodejs", "perl", "php", "bash", "sh", "dash", "zsh", "ksh", "env",
     "java", "lua", "luajit", "Rscript", "deno", "bun", "tclsh", "pypy", "elixir", "escript",
 ];
 
-fn runs_a_script(executable: &std::path::Path) -> bool {
-    executable
-        .file_name()
-        .and_then(|name| name.to_str())
-        .map(|name| name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '.' || c == '-'))
-        .is_some_and(|name| INTERPRETERS.contains(&name))
+/// Whether `path` names source code by its extension (`app.py`, not
+/// `data.txt`).
+fn is_source(path: &std::path::Path) -> bool {
+    const SOURCE: &[&str] = &[
+        "py", "pyc", "pyz", "rb", "js", "mjs", "cjs", "ts", "php", "pl", "pm", "lua", "jar", "sh",
+        "bash", "tcl", "ex", "exs", "erl", "r",
+    ];
+    path.extension()
+        .and_then(|extension| extension.to_str())
+        .is_some_and(|extension| SOURCE.contains(&extension.to_ascii_lowercase().as_str()))
+}
+
+/// Which of [`INTERPRETERS`] `executable` is, if one.
+fn interpreter(executable: &std::path::Path) -> Option<&'static str> {
+    let name = executable.file_name()?.to_str()?;
+    let name = name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '.' || c == '-');
+    INTERPRETERS.iter().copied().find(|&known| known == name)
 }
 
 fn file_id(path: &std::path::Path) -> Option<FileId> {
@@ -1382,7 +1448,7 @@ mod tests {
             "bash",
             "env",
         ] {
-            assert!(runs_a_script(std::path::Path::new(name)), "{name}");
+            assert!(interpreter(std::path::Path::new(name)).is_some(), "{name}");
         }
         for name in [
             "/opt/app/bin/app",
@@ -1390,8 +1456,48 @@ mod tests {
             "my-tasks",
             "rails",
         ] {
-            assert!(!runs_a_script(std::path::Path::new(name)), "{name}");
+            assert!(interpreter(std::path::Path::new(name)).is_none(), "{name}");
         }
+    }
+
+    #[test]
+    fn an_interpreters_scripts_are_the_files_up_to_one_not_after_an_option() {
+        let dir = std::env::temp_dir().join(format!("taskrunner-scripts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for file in ["app.py", "data.txt", "tracing.js", "server.js", "python3"] {
+            std::fs::write(dir.join(file), "").unwrap();
+        }
+        let recipe = Recipe {
+            workdir: dir.clone(),
+            ..Recipe::default()
+        };
+        // `env`'s command, looked up as the spawner would: here, in `dir`.
+        let resolve = |command: &Recipe| dir.join(&command.program);
+        let scripts = |executable: &str, args: &[&str]| -> Vec<String> {
+            let args: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
+            scripts_of(std::path::Path::new(executable), &args, &recipe, &resolve)
+                .iter()
+                .map(|path| path.file_name().unwrap().to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(scripts("python3", &["app.py", "data.txt"]), ["app.py"]);
+        assert_eq!(
+            scripts("python3", &["-u", "app.py", "data.txt"]),
+            ["app.py"]
+        );
+        assert_eq!(
+            scripts("node", &["-r", "tracing.js", "server.js", "data.txt"]),
+            ["tracing.js", "server.js"]
+        );
+        assert_eq!(
+            scripts(
+                "/usr/bin/env",
+                &["-i", "A=1", "python3", "app.py", "data.txt"]
+            ),
+            ["python3", "app.py"]
+        );
+        assert!(scripts("my-app", &["--db", "data.txt"]).is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A parent that answered one request and then closed its socket with
