@@ -521,8 +521,16 @@ pub(crate) async fn run(
         // is the daemon's side, wherever it was not marked (the suite saw a
         // preloaded try FAILED so, one in about two runs under 40
         // descriptors).
-        let out_of_descriptors =
-            launch.preload && matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+        // The same for a request the socket could not take for want of
+        // memory or of descriptors in flight (ENOBUFS, ENOMEM,
+        // ETOOMANYREFS): before, the try was FAILED and counted.
+        let out_of_descriptors = launch.preload
+            && matches!(
+                error.raw_os_error(),
+                Some(
+                    libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::ETOOMANYREFS
+                )
+            );
         if is_daemon_short(&error) || out_of_descriptors {
             spawner::DaemonShort::error(error.kind(), text)
         } else {

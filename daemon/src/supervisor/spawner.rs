@@ -98,10 +98,11 @@ pub(crate) fn is_daemon_short(error: &io::Error) -> bool {
 
 /// Marks an error of the daemon's own side as [`DaemonShort`] when its errno
 /// says a resource ran out: EMFILE/ENFILE (descriptors), EAGAIN (processes),
-/// ENOMEM (memory).
+/// ENOMEM (memory), ENOSPC (the user's epoll watches, registering a pipe
+/// with the runtime).
 pub(super) fn mark_shortage(error: io::Error) -> io::Error {
     match error.raw_os_error() {
-        Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM) => {
+        Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM | libc::ENOSPC) => {
             io::Error::new(error.kind(), DaemonShort(error))
         }
         _ => error,
@@ -1027,7 +1028,8 @@ impl Child {
         // Our ends, known to be pipes of the right direction: the unchecked
         // constructors skip tokio's fstat and flag reads.
         if let Some((stdin, rest)) = started.stdin {
-            child.stdin = Some((pipe::Sender::from_owned_fd_unchecked(stdin)?, rest));
+            let stdin = pipe::Sender::from_owned_fd_unchecked(stdin).map_err(mark_shortage)?;
+            child.stdin = Some((stdin, rest));
         }
         child.stdout = Some(nonblocking(started.stdout).map_err(mark_shortage)?);
         child.stderr = Some(nonblocking(started.stderr).map_err(mark_shortage)?);
@@ -1165,6 +1167,28 @@ const STEPS: [&str; 9] = [
     "joining the try's cgroup",
 ];
 
+/// Whether the child's set-up failing at `step` (of [`STEPS`]) with
+/// `errno` is the daemon's shortage, not the task's: the try is then given
+/// back uncounted. A cgroup that cannot be joined; descriptors run out
+/// while stdio is set up in the copy of the daemon's table; the machine's
+/// file table full (ENFILE); kernel memory (ENOMEM), except an exec's
+/// where the try's own memory limit (`memory_limit` as RLIMIT_AS, or its
+/// cgroup) may be why, and a try given back each time would never end.
+/// (Before, only the first two were; the errno of the others was lost in
+/// their text.)
+fn child_step_is_a_shortage(step: usize, errno: libc::c_int, memory_limited: bool) -> bool {
+    const CGROUP: usize = 8;
+    const STDIO: usize = 0;
+    const EXEC: usize = 7;
+    match errno {
+        _ if step == CGROUP => true,
+        libc::ENFILE => true,
+        libc::EMFILE => step == STDIO,
+        libc::ENOMEM => !(step == EXEC && memory_limited),
+        _ => false,
+    }
+}
+
 /// The child's stack between clone and exec.
 const CHILD_STACK: usize = 256 * 1024;
 
@@ -1278,18 +1302,15 @@ fn start(
             libc::waitpid(pid, &mut raw, 0);
         }
         let error = io::Error::from_raw_os_error(errno);
-        // A cgroup that cannot be joined is the daemon's trouble, not the task's.
-        if step == 8 {
-            let text = format!("{}: {error}", STEPS[8]);
-            return Err(DaemonShort::error(error.kind(), text));
-        }
-        // Setting up stdio duplicates descriptors in a copy of the daemon's
-        // table: running out there is the daemon's shortage too.
-        if step == 0 && matches!(errno, libc::EMFILE | libc::ENFILE) {
-            return Err(mark_shortage(error));
-        }
-        let step = STEPS.get(step).copied().unwrap_or("starting");
-        return Err(io::Error::new(error.kind(), format!("{step}: {error}")));
+        let limited = recipe.limits.address_space.is_some() || recipe.cgroup.is_some();
+        let text = format!(
+            "{}: {error}",
+            STEPS.get(step).copied().unwrap_or("starting")
+        );
+        return Err(match child_step_is_a_shortage(step, errno, limited) {
+            true => DaemonShort::error(error.kind(), text),
+            false => io::Error::new(error.kind(), text),
+        });
     }
     // Our own child, not yet reaped.
     let pidfd = match pidfd_open(pid as u32) {
@@ -1517,6 +1538,21 @@ fn write_oom_score_adj(value: i32) {
 pub(super) mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    #[test]
+    fn a_childs_set_up_failing_for_the_machines_resources_is_the_daemons_shortage() {
+        let (stdio, user, exec, cgroup) = (0, 2, 7, 8);
+        assert!(child_step_is_a_shortage(cgroup, libc::EACCES, false));
+        assert!(child_step_is_a_shortage(stdio, libc::EMFILE, false));
+        assert!(child_step_is_a_shortage(exec, libc::ENFILE, true));
+        assert!(child_step_is_a_shortage(user, libc::ENOMEM, true));
+        assert!(child_step_is_a_shortage(exec, libc::ENOMEM, false));
+        // The try's own limits may be why: its fault, counted.
+        assert!(!child_step_is_a_shortage(exec, libc::ENOMEM, true));
+        assert!(!child_step_is_a_shortage(exec, libc::EMFILE, false));
+        assert!(!child_step_is_a_shortage(exec, libc::EAGAIN, false));
+        assert!(!child_step_is_a_shortage(exec, libc::ENOENT, false));
+    }
 
     /// A recipe running `program` with `args` in `/` (also the slots' tests').
     pub(in crate::supervisor) fn recipe(program: &str, args: &[&str]) -> Recipe {
