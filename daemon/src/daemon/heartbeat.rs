@@ -213,12 +213,6 @@ impl Heartbeat {
                     self.health.succeeded("renewing heartbeats");
                     last_renewal = Instant::now();
                     last_sent = sent_at;
-                    self.arm_watchdog(sent);
-                    if fenced {
-                        tracing::info!("heartbeats renewed again: claiming resumes");
-                        self.tries.fence_lifted();
-                        self.wake.notify_one();
-                    }
                     failed = false;
                     held
                 }
@@ -244,6 +238,15 @@ impl Heartbeat {
                 if !still_held.contains(&(*id, token.as_str())) && self.tries.lost(*id, token) {
                     tracing::error!(request = %id, "this daemon no longer holds the row (reaped or taken over): killing its task");
                 }
+            }
+            // The fence moves on only now that the tries of rows no longer
+            // held are told: a start in between (on a spawner thread) would
+            // have found neither its stop nor the fence.
+            self.arm_watchdog(sent);
+            if fenced {
+                tracing::info!("heartbeats renewed again: claiming resumes");
+                self.tries.fence_lifted();
+                self.wake.notify_one();
             }
             strays = self.give_back_strays(&held, strays);
             skipped = self.note_renewed(&held, sent_at);

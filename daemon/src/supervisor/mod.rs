@@ -183,7 +183,7 @@ impl Spawner {
             cgroup: None,
             outlives_the_daemon: false,
             leads_a_session: false,
-            fenced: false,
+            stop: None,
         };
         let mut child = self.exec.spawn(recipe).await?;
         // Read to the end (a program whose output is cut short would die
@@ -382,12 +382,12 @@ impl std::fmt::Display for NotStarted {
 
 impl std::error::Error for NotStarted {}
 
-/// A try's start refused because the daemon is past its fence: its lease
-/// went unrenewed for as long as its own fence allows (a daemon stopped,
-/// or its runtime stuck, with a start due on a spawner thread). The try is
-/// given back as one whose claim was lost.
-fn fenced_off() -> std::io::Error {
-    std::io::Error::other(NotStarted(Some(StopReason::LostClaim)))
+/// A try's start not made ([`Recipe::withdrawn`]): its stop said so, or
+/// the daemon is past its fence, its lease unrenewed for as long as its own
+/// fence allows (a daemon stopped, or its runtime stuck, with a start due
+/// on a spawner thread; given back as a try whose claim was lost).
+fn not_made(stopped: StopReason) -> std::io::Error {
+    std::io::Error::other(NotStarted(Some(stopped)))
 }
 
 /// Whether `error` is [`run`]'s "not started", and the stop that made it
@@ -478,7 +478,7 @@ pub(crate) async fn run(
         cgroup: try_cgroup.clone(),
         outlives_the_daemon: false,
         leads_a_session: false,
-        fenced: true,
+        stop: Some(stop.clone()),
     };
 
     let preloaded_from =
@@ -511,7 +511,7 @@ pub(crate) async fn run(
         }
     }
     let mut child = spawned.map_err(|error| {
-        // Refused past the daemon's fence (see [`watchdog::past_the_fence`]).
+        // Not made: its stop said so, or the daemon is past its fence.
         if not_started(&error).is_some() {
             return error;
         }

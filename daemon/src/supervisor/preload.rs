@@ -413,8 +413,8 @@ impl Pool {
             if abandoned.is_cancelled() {
                 return Err(Refused::Failed(not_waited_for()));
             }
-            if recipe.fenced && super::watchdog::past_the_fence() {
-                return Err(Refused::Failed(super::fenced_off()));
+            if let Some(stopped) = recipe.withdrawn() {
+                return Err(Refused::Failed(super::not_made(stopped)));
             }
             match parent.request(spawner, recipe).await {
                 Ok(child) => return Ok(child),
@@ -699,7 +699,7 @@ impl Parent {
             cgroup: None,
             outlives_the_daemon: false,
             leads_a_session: true,
-            fenced: false,
+            stop: None,
         };
         let files = files_of(recipe, spawner);
         let mut child = spawner.spawn(parent_recipe).await.map_err(StartError::Io)?;

@@ -141,9 +141,23 @@ pub(crate) struct Recipe {
     /// daemon's own) then carry its pid as their session's, even as
     /// zombies (preload.rs, [`super::preload`]'s search for orphans).
     pub(crate) leads_a_session: bool,
-    /// A try's: not started once the daemon is past its fence
-    /// ([`super::watchdog::past_the_fence`]).
-    pub(crate) fenced: bool,
+    /// A try's stop (a cancel, a lost claim, a shutdown's end): its start
+    /// is not made once this says stop, nor once the daemon is past its
+    /// fence ([`Recipe::withdrawn`]). `None`: not a try's.
+    pub(crate) stop: Option<tokio::sync::watch::Receiver<Option<super::StopReason>>>,
+}
+
+impl Recipe {
+    /// Why a try's start is not to be made now, if it is not: its stop
+    /// said so (read at once, on whichever thread: a lost claim's stop is
+    /// set before the fence moves on, where the try's own task, which
+    /// withdraws its armed start, runs later), or the daemon is past its
+    /// fence ([`super::watchdog::past_the_fence`]).
+    pub(crate) fn withdrawn(&self) -> Option<super::StopReason> {
+        let stop = self.stop.as_ref()?;
+        let said = *stop.borrow();
+        said.or(super::watchdog::past_the_fence().then_some(super::StopReason::LostClaim))
+    }
 }
 
 /// Limits set in the child before exec (see limits.rs for what each means).
@@ -527,9 +541,10 @@ impl Kit {
         // a slot's end happens without the runtime: a daemon stopped (or
         // its runtime stuck) past its fence started the tries it had
         // claimed ahead as soon as it resumed, before its heartbeat could
-        // find their rows taken over, and ran them beside their reruns.
-        if recipe.fenced && super::watchdog::past_the_fence() {
-            return Err(super::fenced_off());
+        // find their rows taken over, and ran them beside their reruns;
+        // and after the heartbeat had, before their tasks withdrew them.
+        if let Some(stopped) = recipe.withdrawn() {
+            return Err(super::not_made(stopped));
         }
         let handed_off = std::time::SystemTime::now();
         let mut started =
@@ -1144,6 +1159,9 @@ struct ChildArgs {
     dies_with_the_daemon: bool,
     /// `setsid` instead of `setpgid` (see [`Recipe::leads_a_session`]).
     leads_a_session: bool,
+    /// A try's: withdrawn if the daemon is past its fence (see
+    /// [`Recipe::withdrawn`]), checked last before the exec.
+    fenced: bool,
     uid: Option<libc::uid_t>,
     gid: Option<libc::gid_t>,
     /// The supplementary groups, set by a root daemon (see [`Recipe::groups`]).
@@ -1153,6 +1171,10 @@ struct ChildArgs {
     /// `cgroup.procs` of the try's cgroup in each hierarchy (-1: none).
     cgroup_procs: [libc::c_int; super::cgroup::MAX_HIERARCHIES],
 }
+
+/// The step at which a try's child found the daemon past its fence
+/// (not in [`STEPS`]: its start is withdrawn, not failed).
+const FENCED: usize = 9;
 
 /// Steps of the child's set-up, reported with the errno when one fails.
 const STEPS: [&str; 9] = [
@@ -1252,6 +1274,7 @@ fn start(
         daemon_pid: std::process::id() as libc::pid_t,
         dies_with_the_daemon: !recipe.outlives_the_daemon,
         leads_a_session: recipe.leads_a_session,
+        fenced: recipe.stop.is_some(),
         uid: recipe.uid,
         gid: recipe.gid,
         groups: recipe.groups.as_ptr(),
@@ -1300,6 +1323,9 @@ fn start(
         unsafe {
             let mut raw = 0;
             libc::waitpid(pid, &mut raw, 0);
+        }
+        if step == FENCED {
+            return Err(super::not_made(super::StopReason::LostClaim));
         }
         let error = io::Error::from_raw_os_error(errno);
         let limited = recipe.limits.address_space.is_some() || recipe.cgroup.is_some();
@@ -1498,6 +1524,15 @@ extern "C" fn child_main(raw: *mut libc::c_void) -> libc::c_int {
         }
         let none: libc::sigset_t = std::mem::zeroed();
         libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        // Last, a try's: not past the daemon's fence (an atomic of the
+        // daemon's memory, which this child shares, and the boot clock). A
+        // spawner thread stopped with the daemon between its own check and
+        // the clone (a `SIGSTOP`) made the process when the daemon resumed,
+        // seconds later, when another daemon had run the row.
+        if args.fenced && super::watchdog::past_the_fence() {
+            *libc::__errno_location() = 0;
+            return fail(FENCED as libc::c_int);
+        }
         libc::execve(args.program, args.argv, args.envp);
         fail(7)
     }
