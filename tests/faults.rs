@@ -1559,6 +1559,84 @@ async fn a_stopped_daemon_starts_none_of_the_rows_it_claimed_ahead_when_it_resum
     assert!(other.stop().success());
 }
 
+/// The database's clock jumps two minutes ahead (a failover to a server
+/// whose clock is ahead, a step of its NTP) while a daemon runs a try:
+/// every lease looks lapsed at once. Another daemon's reaper marked the
+/// living daemon's row crashed and ran it again, beside the try its holder
+/// still ran. Now a reaper that sees the database's clock jump ahead of its
+/// own judges no lease for a lease's time, by which the living holder has
+/// renewed by the new clock. PostgreSQL only: its `now()` and
+/// `clock_timestamp()` are shadowed here by functions ahead of `pg_catalog`
+/// on the daemons' path, which move the clock for their sessions alone; a
+/// MariaDB server's clock cannot be moved by a test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jump_ahead_of_the_database_clock_reaps_no_living_daemons_row() {
+    let plain = TestDb::unmigrated(Backend::Postgres).await;
+    for sql in [
+        "CREATE TABLE clock_offset (seconds float8 NOT NULL)",
+        "INSERT INTO clock_offset VALUES (0)",
+        "CREATE FUNCTION public.now() RETURNS timestamptz LANGUAGE sql STABLE AS \
+         $$ SELECT pg_catalog.now() + make_interval(secs => (SELECT seconds FROM public.clock_offset)) $$",
+        "CREATE FUNCTION public.clock_timestamp() RETURNS timestamptz LANGUAGE sql VOLATILE AS \
+         $$ SELECT pg_catalog.clock_timestamp() + make_interval(secs => (SELECT seconds FROM public.clock_offset)) $$",
+    ] {
+        plain.execute(sql).await;
+    }
+    let db = TestDb::on_server(&format!(
+        "{}?options=-c%20search_path%3Dpublic%2Cpg_catalog",
+        plain.url
+    ))
+    .await;
+    let marker = db.scratch.join("first-try");
+    let config = |host: &str, reap: &str| {
+        format!(
+            "host_id: {host}\nheartbeat_interval: 1s\nkill_grace: 1s\nlease_timeout: 4s\nreap_interval: {reap}\n{}",
+            first_try_hangs(&marker)
+        )
+    };
+    // The holder reaps only at its start: every later pass is the other's.
+    let mut holder = Daemon::start(&db, "a", &config("host-a", "1h"));
+    let id = db.enqueue("Once", None).await;
+    let first_try = db.wait_for_pid(id, WAIT).await.pid.unwrap();
+    let mut reaper = Daemon::start(&db, "b", &config("host-b", "1s"));
+    // A pass of the other daemon's reaper by the old clock first: it reaps
+    // a row of a daemon long gone.
+    let gone = db
+        .insert_row(NewRow::new("NoOp").running(
+            Backend::Postgres,
+            "host-gone",
+            "host-gone:1:1:gone",
+            "gone-token",
+            999_999,
+            60,
+        ))
+        .await;
+    db.wait_for(gone, WAIT, "the gone daemon's row reaped", |row| {
+        row.result.as_deref() != Some("RUNNING")
+    })
+    .await;
+    plain.execute("UPDATE clock_offset SET seconds = 120").await;
+    holds_for(
+        Duration::from_secs(8),
+        "the living daemon's try to keep its row",
+        async || {
+            let row = db.row(id).await;
+            match (row.result.as_deref(), row.tries, row.pid) {
+                (Some("RUNNING"), 1, Some(pid)) if pid == first_try => Ok(()),
+                _ => Err(format!("{row:?}")),
+            }
+        },
+    )
+    .await;
+    assert!(
+        reaper.log_text().contains("the database's clock jumped"),
+        "{}",
+        reaper.log_text()
+    );
+    assert!(holder.stop().success(), "{}", holder.log_text());
+    assert!(reaper.stop().success());
+}
+
 both_backends!(a_fencing_watchdog_runs_beside_each_multi_host_daemon_and_goes_with_it);
 
 /// On PostgreSQL and MariaDB a daemon runs its fencing watchdog (a child

@@ -33,12 +33,16 @@ pub(crate) struct Reaped {
 
 /// Reaps once. `own_instance` names the calling daemon, whose rows it
 /// supervises itself and the reaper leaves alone ("" from the CLI).
+/// `judge_leases`: whether rows are reaped for a lapsed lease too (not
+/// while the database's clock has just jumped forward, see
+/// [`ClockWatch`]).
 pub(crate) async fn reap(
     store: &Store,
     host: &str,
     own_instance: &str,
     lease_timeout: Duration,
     dry_run: bool,
+    judge_leases: bool,
 ) -> Result<Vec<Reaped>> {
     let mut reaped = Vec::new();
     // A process of this host that still runs keeps its row even with a stale
@@ -136,6 +140,9 @@ pub(crate) async fn reap(
             reaped.push(Reaped { id: row.id, reason });
         }
     }
+    if !judge_leases {
+        return Ok(reaped);
+    }
     for row in store
         .answered(store.lapsed_leases(lease_timeout, own_instance))
         .await?
@@ -167,6 +174,58 @@ pub(crate) async fn reap(
         }
     }
     Ok(reaped)
+}
+
+/// The database's clock, watched against the reaper's own monotonic one
+/// from pass to pass. Leases are judged by the database's clock (every
+/// daemon agrees on it): when it jumps forward (a failover to a server
+/// whose clock is ahead, a step of its NTP), every lease looks lapsed at
+/// once, those of living daemons too, and a pass marked all their running
+/// rows crashed, to run again beside the tries their holders still ran.
+/// After such a jump leases are not judged for a lease's time by the
+/// reaper's clock, by which every living holder has renewed its own by the
+/// new clock. (`taskrunner-cli reap`, one pass, has nothing to compare.)
+#[derive(Debug, Default)]
+pub(crate) struct ClockWatch {
+    /// The database's clock (seconds since the epoch) at the last pass,
+    /// and the reaper's then.
+    last: Option<(f64, std::time::Instant)>,
+    /// Leases are not judged before this.
+    hold_until: Option<std::time::Instant>,
+}
+
+/// A forward jump of the database's clock past this, beyond the time the
+/// reaper's own clock measured, holds the judging of leases.
+const CLOCK_JUMP: Duration = Duration::from_secs(1);
+
+impl ClockWatch {
+    /// Whether leases may be judged now, the database's clock reading
+    /// `database_now` (`None`: unread, and so unchecked).
+    pub(crate) fn leases_judged(&mut self, database_now: Option<f64>, lease: Duration) -> bool {
+        let now = std::time::Instant::now();
+        if let Some(database_now) = database_now {
+            if let Some((then_database, then)) = self.last {
+                let ahead = (database_now - then_database)
+                    - now.saturating_duration_since(then).as_secs_f64();
+                if ahead > CLOCK_JUMP.as_secs_f64() {
+                    tracing::warn!(
+                        "the database's clock jumped {ahead:.1}s ahead since the last reaper pass: no row is reaped for a lapsed lease for the next {} (its holder may live, and renew by the new clock)",
+                        crate::units::format_duration(lease)
+                    );
+                    self.hold_until = Some(now + lease);
+                }
+            }
+            self.last = Some((database_now, now));
+        }
+        match self.hold_until {
+            Some(until) if now < until => false,
+            Some(_) => {
+                self.hold_until = None;
+                true
+            }
+            None => true,
+        }
+    }
 }
 
 /// Marks row `id` crashed (see [`Store::mark_crashed`]): whether it was.

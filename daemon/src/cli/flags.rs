@@ -796,9 +796,15 @@ async fn run_one(
         } => return run_command(&config, || open(Purpose::Cli), task, options, id, record).await,
         Command::Reap { dry_run, .. } => {
             let store = open(Purpose::Cli)?;
-            let reaped =
-                crate::reaper::reap(&store, &config.host_id, "", config.lease_timeout, dry_run)
-                    .await?;
+            let reaped = crate::reaper::reap(
+                &store,
+                &config.host_id,
+                "",
+                config.lease_timeout,
+                dry_run,
+                true,
+            )
+            .await?;
             for row in &reaped {
                 println!(
                     "{} {}{}",

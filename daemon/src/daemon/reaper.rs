@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::health::{Backoff, Health};
 use crate::instance::InstanceId;
 use crate::metrics::Metrics;
-use crate::reaper::reap;
+use crate::reaper::{reap, ClockWatch};
 use crate::store::Store;
 use crate::task_types::Setup;
 
@@ -29,15 +29,19 @@ impl Reaper {
     pub(super) async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let mut backoff = Backoff::default();
         let mut setups = self.setup.subscribe();
+        let mut clock = ClockWatch::default();
         loop {
             let config = Setup::current_config(&self.setup);
             let passed = tokio::time::Instant::now();
+            let database_now = self.store.database_now().await.ok();
+            let judge_leases = clock.leases_judged(database_now, config.lease_timeout);
             let pause = match reap(
                 &self.store,
                 &config.host_id,
                 &self.instance,
                 config.lease_timeout,
                 false,
+                judge_leases,
             )
             .await
             {
