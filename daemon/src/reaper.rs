@@ -33,16 +33,16 @@ pub(crate) struct Reaped {
 
 /// Reaps once. `own_instance` names the calling daemon, whose rows it
 /// supervises itself and the reaper leaves alone ("" from the CLI).
-/// `judge_leases`: whether rows are reaped for a lapsed lease too (not
-/// while the database's clock has just jumped forward, see
-/// [`ClockWatch`]).
+/// `clock`: the daemon's watch on the database's clock, by which leases are
+/// not judged while that clock has just jumped ahead (see [`ClockWatch`]);
+/// `None` (the CLI's one pass): always judged.
 pub(crate) async fn reap(
     store: &Store,
     host: &str,
     own_instance: &str,
     lease_timeout: Duration,
     dry_run: bool,
-    judge_leases: bool,
+    mut clock: Option<&mut ClockWatch>,
 ) -> Result<Vec<Reaped>> {
     let mut reaped = Vec::new();
     // A process of this host that still runs keeps its row even with a stale
@@ -140,13 +140,23 @@ pub(crate) async fn reap(
             reaped.push(Reaped { id: row.id, reason });
         }
     }
-    if !judge_leases {
+    // The database's clock read before and after the leases are judged by
+    // it: a jump during the query would have made living daemons' leases
+    // look lapsed too.
+    let judged = async |clock: &mut Option<&mut ClockWatch>| match clock {
+        Some(clock) => clock.leases_judged(store.database_now().await.ok(), lease_timeout),
+        None => true,
+    };
+    if !judged(&mut clock).await {
         return Ok(reaped);
     }
-    for row in store
+    let lapsed = store
         .answered(store.lapsed_leases(lease_timeout, own_instance))
-        .await?
-    {
+        .await?;
+    if !judged(&mut clock).await {
+        return Ok(reaped);
+    }
+    for row in lapsed {
         if alive_here.contains(&row.id) || reaped.iter().any(|r: &Reaped| r.id == row.id) {
             continue;
         }
@@ -195,7 +205,8 @@ pub(crate) struct ClockWatch {
 }
 
 /// A forward jump of the database's clock past this, beyond the time the
-/// reaper's own clock measured, holds the judging of leases.
+/// reaper's own clock measured (and a hundredth of that time, for the
+/// clocks' drift between passes far apart), holds the judging of leases.
 const CLOCK_JUMP: Duration = Duration::from_secs(1);
 
 impl ClockWatch {
@@ -205,11 +216,11 @@ impl ClockWatch {
         let now = std::time::Instant::now();
         if let Some(database_now) = database_now {
             if let Some((then_database, then)) = self.last {
-                let ahead = (database_now - then_database)
-                    - now.saturating_duration_since(then).as_secs_f64();
-                if ahead > CLOCK_JUMP.as_secs_f64() {
+                let elapsed = now.saturating_duration_since(then).as_secs_f64();
+                let ahead = (database_now - then_database) - elapsed;
+                if ahead > CLOCK_JUMP.as_secs_f64() + elapsed / 100.0 {
                     tracing::warn!(
-                        "the database's clock jumped {ahead:.1}s ahead since the last reaper pass: no row is reaped for a lapsed lease for the next {} (its holder may live, and renew by the new clock)",
+                        "the database's clock jumped {ahead:.1}s ahead of this daemon's: no row is reaped for a lapsed lease for the next {} (its holder may live, and renew by the new clock)",
                         crate::units::format_duration(lease)
                     );
                     self.hold_until = Some(now + lease);

@@ -802,7 +802,7 @@ async fn run_one(
                 "",
                 config.lease_timeout,
                 dry_run,
-                true,
+                None,
             )
             .await?;
             for row in &reaped {

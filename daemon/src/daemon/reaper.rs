@@ -33,15 +33,13 @@ impl Reaper {
         loop {
             let config = Setup::current_config(&self.setup);
             let passed = tokio::time::Instant::now();
-            let database_now = self.store.database_now().await.ok();
-            let judge_leases = clock.leases_judged(database_now, config.lease_timeout);
             let pause = match reap(
                 &self.store,
                 &config.host_id,
                 &self.instance,
                 config.lease_timeout,
                 false,
-                judge_leases,
+                Some(&mut clock),
             )
             .await
             {
