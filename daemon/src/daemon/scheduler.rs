@@ -351,7 +351,10 @@ impl Scheduler {
             // A fenced daemon's tries would run with leases it cannot renew
             // (its renewals fail while claims may not): another daemon
             // would run their rows too once they lapse.
-            let fenced = self.tries.fenced();
+            // The fence by the boot clock too, which the watchdog and the
+            // starts read: after a suspend of the machine it falls before
+            // the heartbeat's own, and every start would be refused.
+            let fenced = self.tries.fenced() || crate::supervisor::watchdog::past_the_fence();
             let may_claim =
                 (idle_slots > 0 || refill) && paused.is_none() && !only_pauses_read && !fenced;
             if may_claim {

@@ -155,8 +155,13 @@ impl Recipe {
     /// fence ([`super::watchdog::past_the_fence`]).
     pub(crate) fn withdrawn(&self) -> Option<super::StopReason> {
         let stop = self.stop.as_ref()?;
+        // The fence first: the heartbeat tells the tries of lost claims,
+        // then moves the fence; read the other way round, a stop read
+        // before it was set and a fence read after it moved let a lost
+        // try start.
+        let fenced = super::watchdog::past_the_fence();
         let said = *stop.borrow();
-        said.or(super::watchdog::past_the_fence().then_some(super::StopReason::LostClaim))
+        said.or(fenced.then_some(super::StopReason::LostClaim))
     }
 }
 
@@ -543,12 +548,13 @@ impl Kit {
         // claimed ahead as soon as it resumed, before its heartbeat could
         // find their rows taken over, and ran them beside their reruns;
         // and after the heartbeat had, before their tasks withdrew them.
+        let losses = super::watchdog::claims_lost_count();
         if let Some(stopped) = recipe.withdrawn() {
             return Err(super::not_made(stopped));
         }
         let handed_off = std::time::SystemTime::now();
-        let mut started =
-            start(recipe, &self.base, &self.null, &mut self.stack).map_err(mark_shortage)?;
+        let mut started = start(recipe, losses, &self.base, &self.null, &mut self.stack)
+            .map_err(mark_shortage)?;
         started.handed_off = handed_off;
         Ok(started)
     }
@@ -1159,9 +1165,11 @@ struct ChildArgs {
     dies_with_the_daemon: bool,
     /// `setsid` instead of `setpgid` (see [`Recipe::leads_a_session`]).
     leads_a_session: bool,
-    /// A try's: withdrawn if the daemon is past its fence (see
-    /// [`Recipe::withdrawn`]), checked last before the exec.
+    /// A try's: withdrawn if the daemon is past its fence, or lost claims
+    /// since `losses` (see [`Recipe::withdrawn`]), checked last before the
+    /// exec.
     fenced: bool,
+    losses: u64,
     uid: Option<libc::uid_t>,
     gid: Option<libc::gid_t>,
     /// The supplementary groups, set by a root daemon (see [`Recipe::groups`]).
@@ -1193,20 +1201,20 @@ const STEPS: [&str; 9] = [
 /// `errno` is the daemon's shortage, not the task's: the try is then given
 /// back uncounted. A cgroup that cannot be joined; descriptors run out
 /// while stdio is set up in the copy of the daemon's table; the machine's
-/// file table full (ENFILE); kernel memory (ENOMEM), except an exec's
-/// where the try's own memory limit (`memory_limit` as RLIMIT_AS, or its
-/// cgroup) may be why, and a try given back each time would never end.
+/// file table full (ENFILE); kernel memory (ENOMEM), unless the try has a
+/// memory limit of its own (`memory_limit` as RLIMIT_AS, or its cgroup,
+/// joined first), which may be why, and a try given back each time would
+/// never end.
 /// (Before, only the first two were; the errno of the others was lost in
 /// their text.)
 fn child_step_is_a_shortage(step: usize, errno: libc::c_int, memory_limited: bool) -> bool {
     const CGROUP: usize = 8;
     const STDIO: usize = 0;
-    const EXEC: usize = 7;
     match errno {
         _ if step == CGROUP => true,
         libc::ENFILE => true,
         libc::EMFILE => step == STDIO,
-        libc::ENOMEM => !(step == EXEC && memory_limited),
+        libc::ENOMEM => !memory_limited,
         _ => false,
     }
 }
@@ -1214,9 +1222,12 @@ fn child_step_is_a_shortage(step: usize, errno: libc::c_int, memory_limited: boo
 /// The child's stack between clone and exec.
 const CHILD_STACK: usize = 256 * 1024;
 
-/// Starts one process (on the thread that starts them all).
+/// Starts one process (on the thread that starts them all). `losses`:
+/// how many claims were lost when the start was checked (a try's child
+/// checks again, [`super::watchdog::claims_lost_since`]).
 fn start(
     recipe: &Recipe,
+    losses: u64,
     base: &[BaseVariable],
     null: &OwnedFd,
     stack: &mut [u8],
@@ -1275,6 +1286,7 @@ fn start(
         dies_with_the_daemon: !recipe.outlives_the_daemon,
         leads_a_session: recipe.leads_a_session,
         fenced: recipe.stop.is_some(),
+        losses,
         uid: recipe.uid,
         gid: recipe.gid,
         groups: recipe.groups.as_ptr(),
@@ -1524,12 +1536,18 @@ extern "C" fn child_main(raw: *mut libc::c_void) -> libc::c_int {
         }
         let none: libc::sigset_t = std::mem::zeroed();
         libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-        // Last, a try's: not past the daemon's fence (an atomic of the
-        // daemon's memory, which this child shares, and the boot clock). A
-        // spawner thread stopped with the daemon between its own check and
-        // the clone (a `SIGSTOP`) made the process when the daemon resumed,
-        // seconds later, when another daemon had run the row.
-        if args.fenced && super::watchdog::past_the_fence() {
+        // Last, a try's: not past the daemon's fence, and no claim lost
+        // since its spawner thread read its stop (atomics of the daemon's
+        // memory, which this child shares, and the boot clock; a claim
+        // lost meanwhile may be another try's, and this start is given
+        // back all the same). A spawner thread stopped with the daemon
+        // between its own check and the clone (a `SIGSTOP`) made the
+        // process when the daemon resumed, seconds later, when another
+        // daemon had run the row.
+        if args.fenced
+            && (super::watchdog::past_the_fence()
+                || super::watchdog::claims_lost_since(args.losses))
+        {
             *libc::__errno_location() = 0;
             return fail(FENCED as libc::c_int);
         }
@@ -1580,10 +1598,11 @@ pub(super) mod tests {
         assert!(child_step_is_a_shortage(cgroup, libc::EACCES, false));
         assert!(child_step_is_a_shortage(stdio, libc::EMFILE, false));
         assert!(child_step_is_a_shortage(exec, libc::ENFILE, true));
-        assert!(child_step_is_a_shortage(user, libc::ENOMEM, true));
+        assert!(child_step_is_a_shortage(user, libc::ENOMEM, false));
         assert!(child_step_is_a_shortage(exec, libc::ENOMEM, false));
         // The try's own limits may be why: its fault, counted.
         assert!(!child_step_is_a_shortage(exec, libc::ENOMEM, true));
+        assert!(!child_step_is_a_shortage(user, libc::ENOMEM, true));
         assert!(!child_step_is_a_shortage(exec, libc::EMFILE, false));
         assert!(!child_step_is_a_shortage(exec, libc::EAGAIN, false));
         assert!(!child_step_is_a_shortage(exec, libc::ENOENT, false));

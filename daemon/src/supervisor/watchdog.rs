@@ -82,17 +82,42 @@ pub(crate) fn boot_clock() -> Duration {
 /// never): from then on it starts no try until a renewal moves it.
 static FENCE: AtomicU64 = AtomicU64::new(0);
 
+/// How many times claims were lost (a try told its row is no longer this
+/// daemon's, or every try at the fence): a start whose child sees it
+/// changed since its spawner thread read its try's stop is not made
+/// ([`claims_lost_since`]).
+static LOSSES: AtomicU64 = AtomicU64::new(0);
+
 /// Sets when the daemon's fence falls ([`past_the_fence`]): `None`, never.
+/// Released: a start that sees the new fence sees the claims lost before
+/// it was moved.
 pub(crate) fn set_fence(at: Option<Duration>) {
-    FENCE.store(at.map_or(0, |at| nanos(at).max(1)), Ordering::Relaxed);
+    FENCE.store(at.map_or(0, |at| nanos(at).max(1)), Ordering::Release);
 }
 
 /// Whether the daemon is past its fence: its lease unrenewed for as long
 /// as its own fence allows. Read by the starts (on spawner threads too,
-/// which run while the runtime does not).
+/// which run while the runtime does not, and in a try's child before its
+/// exec: an atomic load and the boot clock, nothing more).
 pub(crate) fn past_the_fence() -> bool {
-    let at = FENCE.load(Ordering::Relaxed);
+    let at = FENCE.load(Ordering::Acquire);
     at != 0 && nanos(boot_clock()) >= at
+}
+
+/// Notes that claims were lost, after their tries' stops were set.
+pub(crate) fn claims_lost() {
+    LOSSES.fetch_add(1, Ordering::Release);
+}
+
+/// How many times claims were lost so far (see [`claims_lost_since`]).
+pub(crate) fn claims_lost_count() -> u64 {
+    LOSSES.load(Ordering::Acquire)
+}
+
+/// Whether claims were lost since `count` was read: then a try's start
+/// checked before may be one whose row is no longer the daemon's.
+pub(crate) fn claims_lost_since(count: u64) -> bool {
+    LOSSES.load(Ordering::Acquire) != count
 }
 
 /// The daemon's side: the latest deadline, and the pipe to the watchdog
@@ -261,7 +286,7 @@ pub fn main(args: &[std::ffi::OsString]) -> std::process::ExitCode {
             // Past a deadline that fired, a child seen since is killed too,
             // until a renewal sets the next deadline: a daemon stopped, or
             // stuck, may start one meanwhile (before, it ran on unkilled).
-            if fired {
+            if fired && !renewal_waiting() {
                 let killed = tries.kill();
                 if killed > 0 {
                     eprintln!(
@@ -333,6 +358,19 @@ pub fn main(args: &[std::ffi::OsString]) -> std::process::ExitCode {
             }
         }
     }
+}
+
+/// Whether the daemon has written to the watchdog's stdin and it is not
+/// read yet (a renewal's deadline, which the loop reads next): no repeated
+/// kill then, of a try started because the fence moved.
+fn renewal_waiting() -> bool {
+    let mut poll = libc::pollfd {
+        fd: 0,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polls one descriptor described by a local, without waiting.
+    unsafe { libc::poll(&mut poll, 1, 0) > 0 }
 }
 
 fn nanos(at: Duration) -> u64 {
