@@ -369,16 +369,7 @@ impl Drop for Child {
             return;
         }
         let pid = self.pid;
-        let leads_its_group = crate::procinfo::parent_and_group(i64::from(pid))
-            .is_some_and(|(_, group)| group == i64::from(pid));
-        // SAFETY: signals to our own unreaped child, whose pid and the
-        // group it leads are still its own.
-        unsafe {
-            if leads_its_group {
-                libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
-            }
-            libc::kill(pid as libc::pid_t, libc::SIGKILL);
-        }
+        kill_with_its_group(pid);
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => drop(runtime.spawn(reap_when_ended(pid))),
             Err(_) => {
@@ -631,16 +622,23 @@ pub(super) fn kill_unsupervised_child(pid: u32) {
     if supervised().contains(&pid) || !is_own_child(pid) {
         return;
     }
+    kill_with_its_group(pid);
+    // SAFETY: reaping our own unreaped child.
+    unsafe { libc::waitpid(pid as libc::pid_t, &mut 0, 0) };
+}
+
+/// Sends `SIGKILL` to `pid`, our unreaped child, and to the process group
+/// it leads if it leads one: unreaped, its pid and that group's number are
+/// still its own.
+fn kill_with_its_group(pid: u32) {
     let leads_its_group = crate::procinfo::parent_and_group(i64::from(pid))
         .is_some_and(|(_, group)| group == i64::from(pid));
-    // SAFETY: signalling and reaping our own unreaped child (and its group).
+    // SAFETY: signals to our own unreaped child and the group it leads.
     unsafe {
         if leads_its_group {
             libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
         }
         libc::kill(pid as libc::pid_t, libc::SIGKILL);
-        let mut raw = 0;
-        libc::waitpid(pid as libc::pid_t, &mut raw, 0);
     }
 }
 
