@@ -151,7 +151,7 @@ async fn run_and_record(
         );
     }
     let claim_sent = Instant::now();
-    let claim_sent_boot = crate::supervisor::watchdog::boot_clock();
+    let claim_sent_boot = crate::supervisor::fence::boot_clock();
     let Some(claimed) = store
         .claim_one(
             id,
@@ -351,7 +351,7 @@ async fn keep_lease(
                 return;
             }
         }
-        let (sent, sent_boot) = (Instant::now(), crate::supervisor::watchdog::boot_clock());
+        let (sent, sent_boot) = (Instant::now(), crate::supervisor::fence::boot_clock());
         next = sent + every;
         let renewal =
             tokio::time::timeout_at(fence.max(next).into(), store.renew_heartbeats(&instance))

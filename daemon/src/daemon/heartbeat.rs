@@ -54,7 +54,8 @@ use crate::health::Health;
 use crate::instance::ClaimToken;
 use crate::instance::InstanceId;
 use crate::store::{Backend, Store, Write};
-use crate::supervisor::watchdog::{boot_clock, Watchdog};
+use crate::supervisor::fence::boot_clock;
+use crate::supervisor::watchdog::Watchdog;
 use crate::task_types::Setup;
 
 /// How soon a failed renewal is tried again (or `heartbeat_interval`, or
@@ -149,7 +150,7 @@ impl Heartbeat {
                     // The tries have ended: the daemon is stopping.
                     if let Some(watchdog) = &self.watchdog {
                         watchdog.set_deadline(boot_clock(), None);
-                        crate::supervisor::watchdog::set_fence(None);
+                        crate::supervisor::fence::set_fence(None);
                     }
                     return Ok(());
                 }
@@ -298,7 +299,7 @@ impl Heartbeat {
             let config = Setup::current_config(&self.setup);
             let after = config.watchdog_after();
             watchdog.set_deadline(sent, Some(sent + after));
-            crate::supervisor::watchdog::set_fence(Some(sent + config.fence_after()));
+            crate::supervisor::fence::set_fence(Some(sent + config.fence_after()));
         }
     }
 

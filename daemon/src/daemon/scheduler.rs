@@ -354,7 +354,7 @@ impl Scheduler {
             // The fence by the boot clock too, which the watchdog and the
             // starts read: after a suspend of the machine it falls before
             // the heartbeat's own, and every start would be refused.
-            let fenced = self.tries.fenced() || crate::supervisor::watchdog::past_the_fence();
+            let fenced = self.tries.fenced() || crate::supervisor::fence::past_the_fence();
             let may_claim =
                 (idle_slots > 0 || refill) && paused.is_none() && !only_pauses_read && !fenced;
             if may_claim {

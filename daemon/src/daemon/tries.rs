@@ -173,7 +173,7 @@ impl Tries {
         for live in inner.tries.values() {
             live.stop.send_replace(Some(StopReason::LostClaim));
         }
-        crate::supervisor::watchdog::claims_lost();
+        crate::supervisor::fence::claims_lost();
     }
 
     /// A renewal succeeded again after [`Tries::fence`]: tries registered
@@ -231,7 +231,7 @@ impl Tries {
         match inner.tries.get(&(id, claim_token.clone())) {
             Some(live) => {
                 live.stop.send_replace(Some(StopReason::LostClaim));
-                crate::supervisor::watchdog::claims_lost();
+                crate::supervisor::fence::claims_lost();
                 true
             }
             None => false,

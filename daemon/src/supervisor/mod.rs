@@ -10,6 +10,7 @@
 //! left the group with `setsid` escapes).
 
 pub(crate) mod cgroup;
+pub(crate) mod fence;
 pub mod isolation;
 mod limits;
 mod output;

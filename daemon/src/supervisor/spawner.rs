@@ -152,14 +152,14 @@ impl Recipe {
     /// said so (read at once, on whichever thread: a lost claim's stop is
     /// set before the fence moves on, where the try's own task, which
     /// withdraws its armed start, runs later), or the daemon is past its
-    /// fence ([`super::watchdog::past_the_fence`]).
+    /// fence ([`super::fence::past_the_fence`]).
     pub(crate) fn withdrawn(&self) -> Option<super::StopReason> {
         let stop = self.stop.as_ref()?;
         // The fence first: the heartbeat tells the tries of lost claims,
         // then moves the fence; read the other way round, a stop read
         // before it was set and a fence read after it moved let a lost
         // try start.
-        let fenced = super::watchdog::past_the_fence();
+        let fenced = super::fence::past_the_fence();
         let said = *stop.borrow();
         said.or(fenced.then_some(super::StopReason::LostClaim))
     }
@@ -539,7 +539,7 @@ impl Kit {
         // claimed ahead as soon as it resumed, before its heartbeat could
         // find their rows taken over, and ran them beside their reruns;
         // and after the heartbeat had, before their tasks withdrew them.
-        let losses = super::watchdog::claims_lost_count();
+        let losses = super::fence::claims_lost_count();
         if let Some(stopped) = recipe.withdrawn() {
             return Err(super::not_made(stopped));
         }
@@ -1222,7 +1222,7 @@ const CHILD_STACK: usize = 256 * 1024;
 
 /// Starts one process (on the thread that starts them all). `losses`:
 /// how many claims were lost when the start was checked (a try's child
-/// checks again, [`super::watchdog::claims_lost_since`]).
+/// checks again, [`super::fence::claims_lost_since`]).
 fn start(
     recipe: &Recipe,
     losses: u64,
@@ -1543,8 +1543,7 @@ extern "C" fn child_main(raw: *mut libc::c_void) -> libc::c_int {
         // process when the daemon resumed, seconds later, when another
         // daemon had run the row.
         if args.fenced
-            && (super::watchdog::past_the_fence()
-                || super::watchdog::claims_lost_since(args.losses))
+            && (super::fence::past_the_fence() || super::fence::claims_lost_since(args.losses))
         {
             *libc::__errno_location() = 0;
             return fail(FENCED as libc::c_int);

@@ -60,65 +60,12 @@ use std::time::Duration;
 use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
 
+use super::fence::{boot_clock, nanos};
 use super::spawner::{kill_through, pidfd_open, pipe_pair};
 use super::{Recipe, Spawner};
 
 /// The flag that makes `taskrunnerd` the watchdog.
 pub const FLAG: &str = "--fencing-watchdog";
-
-/// The time on `CLOCK_BOOTTIME`: since the machine booted, its suspended
-/// time included.
-pub(crate) fn boot_clock() -> Duration {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into a local.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
-    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
-}
-
-/// When the daemon's own fence falls (nanoseconds on [`boot_clock`]; 0:
-/// never): from then on it starts no try until a renewal moves it.
-static FENCE: AtomicU64 = AtomicU64::new(0);
-
-/// How many times claims were lost (a try told its row is no longer this
-/// daemon's, or every try at the fence): a start whose child sees it
-/// changed since its spawner thread read its try's stop is not made
-/// ([`claims_lost_since`]).
-static LOSSES: AtomicU64 = AtomicU64::new(0);
-
-/// Sets when the daemon's fence falls ([`past_the_fence`]): `None`, never.
-/// Released: a start that sees the new fence sees the claims lost before
-/// it was moved.
-pub(crate) fn set_fence(at: Option<Duration>) {
-    FENCE.store(at.map_or(0, |at| nanos(at).max(1)), Ordering::Release);
-}
-
-/// Whether the daemon is past its fence: its lease unrenewed for as long
-/// as its own fence allows. Read by the starts (on spawner threads too,
-/// which run while the runtime does not, and in a try's child before its
-/// exec: an atomic load and the boot clock, nothing more).
-pub(crate) fn past_the_fence() -> bool {
-    let at = FENCE.load(Ordering::Acquire);
-    at != 0 && nanos(boot_clock()) >= at
-}
-
-/// Notes that claims were lost, after their tries' stops were set.
-pub(crate) fn claims_lost() {
-    LOSSES.fetch_add(1, Ordering::Release);
-}
-
-/// How many times claims were lost so far (see [`claims_lost_since`]).
-pub(crate) fn claims_lost_count() -> u64 {
-    LOSSES.load(Ordering::Acquire)
-}
-
-/// Whether claims were lost since `count` was read: then a try's start
-/// checked before may be one whose row is no longer the daemon's.
-pub(crate) fn claims_lost_since(count: u64) -> bool {
-    LOSSES.load(Ordering::Acquire) != count
-}
 
 /// The daemon's side: the latest deadline, and the pipe to the watchdog
 /// that [`Watchdog::run`] keeps running.
@@ -371,10 +318,6 @@ fn renewal_waiting() -> bool {
     };
     // SAFETY: polls one descriptor described by a local, without waiting.
     unsafe { libc::poll(&mut poll, 1, 0) > 0 }
-}
-
-fn nanos(at: Duration) -> u64 {
-    u64::try_from(at.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The daemon's children (its tries and preloaded parents) as of the last
