@@ -42,7 +42,7 @@ pub(crate) async fn reap(
     own_instance: &str,
     lease_timeout: Duration,
     dry_run: bool,
-    mut clock: Option<&mut ClockWatch>,
+    clock: Option<&mut ClockWatch>,
 ) -> Result<Vec<Reaped>> {
     let mut reaped = Vec::new();
     // A process of this host that still runs keeps its row even with a stale
@@ -140,21 +140,16 @@ pub(crate) async fn reap(
             reaped.push(Reaped { id: row.id, reason });
         }
     }
-    // The database's clock read before and after the leases are judged by
-    // it: a jump during the query would have made living daemons' leases
-    // look lapsed too.
-    let judged = async |clock: &mut Option<&mut ClockWatch>| match clock {
-        Some(clock) => clock.leases_judged(store.database_now().await.ok(), lease_timeout),
-        None => true,
-    };
-    if !judged(&mut clock).await {
-        return Ok(reaped);
-    }
     let lapsed = store
         .answered(store.lapsed_leases(lease_timeout, own_instance))
         .await?;
-    if !judged(&mut clock).await {
-        return Ok(reaped);
+    // The database's clock read once the leases are judged by it: a jump
+    // since the last pass's reading, during the query too, made living
+    // daemons' leases look lapsed.
+    if let Some(clock) = clock {
+        if !clock.leases_judged(store.database_now().await.ok(), lease_timeout) {
+            return Ok(reaped);
+        }
     }
     for row in lapsed {
         if alive_here.contains(&row.id) || reaped.iter().any(|r: &Reaped| r.id == row.id) {
