@@ -101,6 +101,16 @@ pub(crate) fn parent_and_group(pid: i64) -> Option<(i64, i64)> {
     Some((parent, group))
 }
 
+/// A process's parent pid and session, from `/proc/PID/stat` (readable
+/// for a zombie too).
+pub(crate) fn parent_and_session(pid: i64) -> Option<(i64, i64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace().skip(1);
+    let parent = fields.next()?.parse().ok()?;
+    let session = fields.nth(1)?.parse().ok()?;
+    Some((parent, session))
+}
+
 /// Whether no live process has this pid (none at all, or a zombie).
 pub(crate) fn is_gone(pid: i64) -> bool {
     !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid)

@@ -988,18 +988,11 @@ impl Parent {
             queue.remove(at)?
         };
         let pipes = pending.ours.output_pipes();
-        let daemon = i64::from(std::process::id());
         let found = tokio::task::spawn_blocking(move || {
-            crate::procinfo::live_children(daemon)
+            unsupervised_holding_pipes()
                 .into_iter()
-                .filter_map(|pid| u32::try_from(pid).ok())
-                .filter(|&pid| !Child::is_supervised(pid))
-                .filter(|&pid| !crate::procinfo::runs_our_executable(i64::from(pid)))
-                .find(|&pid| {
-                    crate::procinfo::pipes_held(i64::from(pid))
-                        .iter()
-                        .any(|pipe| pipes.contains(pipe))
-                })
+                .find(|(_, held)| held.iter().any(|pipe| pipes.contains(pipe)))
+                .map(|(pid, _)| pid)
         })
         .await
         .ok()
@@ -1229,24 +1222,10 @@ async fn unanswered_children(parent: &Parent) -> Orphans {
     let daemon = i64::from(std::process::id());
     let session = i64::from(parent.pid);
     tokio::task::spawn_blocking(move || {
-        let unsupervised = |pid: &i64| {
-            u32::try_from(*pid)
-                .ok()
-                .filter(|&pid| !Child::is_supervised(pid))
-        };
-        let live: Vec<(u32, Vec<u64>)> = crate::procinfo::live_children(daemon)
-            .iter()
-            .filter_map(unsupervised)
-            // A process the spawner is starting (a new parent, a try) holds
-            // every descriptor of the daemon until its exec: taken for the
-            // orphan, it was adopted by each waiting try (seen in CI once).
-            .filter(|&pid| !crate::procinfo::runs_our_executable(i64::from(pid)))
-            .map(|pid| (pid, crate::procinfo::pipes_held(i64::from(pid))))
-            .filter(|(_, held)| !held.is_empty())
-            .collect();
+        let live = unsupervised_holding_pipes();
         let unnamed = crate::procinfo::children_in_session(daemon, session)
             .iter()
-            .filter_map(unsupervised)
+            .filter_map(|&pid| u32::try_from(pid).ok())
             .filter(|pid| !live.iter().any(|(named, _)| named == pid))
             .filter(|&pid| still_an_orphan_of(pid, daemon, session))
             .collect();
@@ -1259,6 +1238,24 @@ async fn unanswered_children(parent: &Parent) -> Orphans {
     })
 }
 
+/// The daemon's running children no try supervises that hold pipes, with
+/// the pipes each holds: a dead or stuck parent's children, each known by
+/// its try's pipes ([`OurEnds::output_pipes`]). A walk of `/proc`: off the
+/// runtime's thread.
+fn unsupervised_holding_pipes() -> Vec<(u32, Vec<u64>)> {
+    crate::procinfo::live_children(i64::from(std::process::id()))
+        .into_iter()
+        .filter_map(|pid| u32::try_from(pid).ok())
+        .filter(|&pid| !Child::is_supervised(pid))
+        // A process the spawner is starting (a new parent, a try) holds
+        // every descriptor of the daemon until its exec: taken for the
+        // orphan, it was adopted by each waiting try (seen in CI once).
+        .filter(|&pid| !crate::procinfo::runs_our_executable(i64::from(pid)))
+        .map(|pid| (pid, crate::procinfo::pipes_held(i64::from(pid))))
+        .filter(|(_, held)| !held.is_empty())
+        .collect()
+}
+
 /// Whether `pid`, found among the children of `session`, still is one no
 /// try supervises, unreaped, now that it is pinned by a pidfd. The walk
 /// of `/proc` reads a child before the supervised set is asked: a try's
@@ -1269,18 +1266,7 @@ fn still_an_orphan_of(pid: u32, daemon: i64, session: i64) -> bool {
     let Ok(pidfd) = super::spawner::pidfd_open(pid) else {
         return false;
     };
-    let session_now = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let fields: Vec<i64> = stat[stat.rfind(')')? + 1..]
-                .split_whitespace()
-                .skip(1)
-                .take(3)
-                .map(|field| field.parse().ok())
-                .collect::<Option<_>>()?;
-            Some((fields[0], fields[2]))
-        });
-    session_now == Some((daemon, session))
+    crate::procinfo::parent_and_session(i64::from(pid)) == Some((daemon, session))
         && !Child::is_supervised(pid)
         && super::spawner::child_state(&pidfd).is_some()
 }
