@@ -82,6 +82,15 @@ fn python_example_with(path: &std::path::Path, changes: &str) {
     std::fs::write(path, text).unwrap();
 }
 
+/// The config of a daemon whose type `PyProbe` runs `program` (Python),
+/// preloaded.
+fn python_preloaded(program: &std::path::Path) -> String {
+    format!(
+        "tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
+        program.display()
+    )
+}
+
 fn preloaded(program: &std::path::Path) -> String {
     format!(
         "programs: [{{path: {}, preload: true}}]\nenv: {{PROBE_VAR: hello}}\n",
@@ -635,10 +644,7 @@ async fn a_child_forked_by_a_parent_killed_while_stuck_runs_its_try_once(
     );
     let mut daemon = db
         .daemon("d")
-        .yaml(&format!(
-            "tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
-            program.display()
-        ))
+        .yaml(&python_preloaded(&program))
         .env("TASKRUNNER_TEST_PRELOAD_REPLY_TIMEOUT_MS", "1000")
         .start();
     let id = enqueue(&db, "PyProbe", "").await;
@@ -847,14 +853,7 @@ async fn a_long_error_answer_fails_the_try_with_its_text_cut(backend: crate::uti
              raise RuntimeError('no fork: ' + 'x' * 20000)\n\
          program['serve_preloaded'].__globals__['fork_try'] = cannot",
     );
-    let mut daemon = Daemon::start(
-        &db,
-        "d",
-        &format!(
-            "tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
-            program.display()
-        ),
-    );
+    let mut daemon = Daemon::start(&db, "d", &python_preloaded(&program));
     let id = db
         .insert_row(NewRow::new("PyProbe").options("quiet: true").try_limit(1))
         .await;
@@ -997,14 +996,7 @@ async fn a_parent_that_names_a_process_not_its_child_gets_nothing_signalled(
             victim = bystander.0.id()
         ),
     );
-    let mut daemon = Daemon::start(
-        &db,
-        "d",
-        &format!(
-            "tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
-            program.display()
-        ),
-    );
+    let mut daemon = Daemon::start(&db, "d", &python_preloaded(&program));
     for lie in 1..=2 {
         if lie == 2 {
             // A new parent, which names the daemon.
@@ -1187,8 +1179,8 @@ async fn twelve_requests_to_a_slow_parent_are_all_served_by_it(
     let mut daemon = db
         .daemon("d")
         .yaml(&format!(
-            "max_concurrent: 12\n{extra}tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
-            program.display()
+            "max_concurrent: 12\n{extra}{}",
+            python_preloaded(&program)
         ))
         .env("TASKRUNNER_TEST_PRELOAD_REPLY_TIMEOUT_MS", "1000")
         .start();
@@ -1292,8 +1284,8 @@ async fn a_child_forked_by_a_parent_gone_before_its_answer_runs_its_try_once(
     let mut daemon = db
         .daemon("d")
         .yaml(&format!(
-            "max_concurrent: 2\ntasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
-            program.display()
+            "max_concurrent: 2\n{}",
+            python_preloaded(&program)
         ))
         .env("TASKRUNNER_TEST_PRELOAD_REPLY_TIMEOUT_MS", "1000")
         .start();
@@ -1370,8 +1362,8 @@ async fn children_that_exited_before_their_parent_died_unanswered_end_their_own_
     let mut daemon = db
         .daemon("d")
         .yaml(&format!(
-            "max_concurrent: 2\ntasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
-            program.display()
+            "max_concurrent: 2\n{}",
+            python_preloaded(&program)
         ))
         .start();
     // Each try ends with its own child's status (row 2's fails) and output.
@@ -1456,10 +1448,7 @@ async fn a_parent_gone_whose_socket_a_process_it_started_holds_leaves_its_try_to
     );
     let mut daemon = db
         .daemon("d")
-        .yaml(&format!(
-            "tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
-            program.display()
-        ))
+        .yaml(&python_preloaded(&program))
         .env("TASKRUNNER_TEST_PRELOAD_REPLY_TIMEOUT_MS", "1000")
         .start();
     let id = enqueue(&db, "PyProbe", "quiet: true").await;
@@ -1576,13 +1565,7 @@ async fn a_parent_retired_with_a_request_in_hand_answers_it_and_exits_in_order(
             received = received.display().to_string(),
         ),
     );
-    let mut daemon = db
-        .daemon("d")
-        .yaml(&format!(
-            "tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
-            program.display()
-        ))
-        .start();
+    let mut daemon = db.daemon("d").yaml(&python_preloaded(&program)).start();
     let id = enqueue(&db, "PyProbe", "").await;
     wait_until(WAIT, "the parent to hold the request", || received.exists());
     let parent = parent_pid(&daemon);
@@ -1620,13 +1603,7 @@ async fn a_retired_parent_that_does_not_exit_is_killed_after_the_grace(
              time.sleep(3600)\n\
          program['main'].__globals__['serve_preloaded'] = stubborn",
     );
-    let mut daemon = db
-        .daemon("d")
-        .yaml(&format!(
-            "tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
-            program.display()
-        ))
-        .start();
+    let mut daemon = db.daemon("d").yaml(&python_preloaded(&program)).start();
     let id = enqueue(&db, "PyProbe", "").await;
     let row = finished_on_one_try(&db, id, &daemon, WAIT).await;
     let parent: i32 = report(&row.result_text.unwrap())["booted_in"]
@@ -1715,13 +1692,7 @@ async fn a_try_cancelled_while_its_program_boots_gets_no_child_after_the_boot(
             forks = forks.display().to_string(),
         ),
     );
-    let mut daemon = db
-        .daemon("d")
-        .yaml(&format!(
-            "tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
-            program.display()
-        ))
-        .start();
+    let mut daemon = db.daemon("d").yaml(&python_preloaded(&program)).start();
     let id = enqueue(&db, "PyProbe", "").await;
     db.wait_for(id, WAIT, "the try claimed", |row| {
         row.result.as_deref() == Some("RUNNING")
@@ -1780,10 +1751,7 @@ async fn a_child_made_for_a_try_that_stopped_waiting_is_killed_with_its_group(
     );
     let mut daemon = db
         .daemon("d")
-        .yaml(&format!(
-            "tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
-            program.display()
-        ))
+        .yaml(&python_preloaded(&program))
         // A try's cgroup is emptied at its end: without one, its process
         // group is what holds what the task started.
         .env("TASKRUNNER_CGROUPS", "off")
@@ -1828,13 +1796,7 @@ async fn a_parent_that_closes_its_socket_and_lives_on_is_not_left_behind(
              time.sleep(3600)\n\
          program['main'].__globals__['serve_preloaded'] = closes_and_lives",
     );
-    let mut daemon = db
-        .daemon("d")
-        .yaml(&format!(
-            "tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
-            program.display()
-        ))
-        .start();
+    let mut daemon = db.daemon("d").yaml(&python_preloaded(&program)).start();
     // Two tries, one after the other: the second finds the first's parent
     // taken for dead, at the latest, and replaces it.
     for _ in 0..2 {
@@ -1875,13 +1837,7 @@ async fn a_cancel_before_the_child_made_its_group_stops_it_at_once(backend: crat
              set_up(request, fds)\n\
          program['serve_preloaded'].__globals__['set_up_child'] = slowly",
     );
-    let mut daemon = db
-        .daemon("d")
-        .yaml(&format!(
-            "tasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
-            program.display()
-        ))
-        .start();
+    let mut daemon = db.daemon("d").yaml(&python_preloaded(&program)).start();
     let id = enqueue(&db, "PyProbe", "").await;
     let running = db.wait_for_pid(id, WAIT).await;
     let pid = running.pid.unwrap() as i32;
@@ -2033,10 +1989,7 @@ async fn a_parent_that_keeps_dying_is_started_again_with_a_growing_delay(
     let mut daemon = Daemon::start(
         &db,
         "d",
-        &format!(
-            "max_concurrent: 1\ntasks:\n  PyProbe: {{command: [python3, {}], preload: true}}\n",
-            program.display()
-        ),
+        &format!("max_concurrent: 1\n{}", python_preloaded(&program)),
     );
     let started = std::time::Instant::now();
     let mut ids = Vec::new();
