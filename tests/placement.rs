@@ -935,12 +935,18 @@ async fn a_daemon_whose_queues_are_at_their_limits_sends_what_it_sends_idle(back
     let (idle, idle_seconds) = statements_a_second(&db, &config);
     let id = db.insert_row(NewRow::new("Gated").queue("mail")).await;
     db.wait_for_pid(id, WAIT).await;
-    let (full, full_seconds) = statements_a_second(&db, &config);
+    let (_, full_seconds) = statements_a_second(&db, &config);
     std::fs::write(&gate, "").unwrap();
-    // 8.5 more a second on SQLite before, 11 on MariaDB, 21 on PostgreSQL.
+    // 8.5 more a second on SQLite before, 11 on MariaDB, 21 on PostgreSQL,
+    // in every second. The least of the five seconds with the queue full
+    // is compared: a loaded machine's bursts (late timers catching up, the
+    // try's own writes) only add to a second, and three seconds of them
+    // once lifted the median 4.2 over the idle one (43 and 64 statements
+    // in two seconds, in CI).
+    let full = full_seconds.iter().copied().fold(f64::INFINITY, f64::min);
     assert!(
         full < idle + 4.0,
-        "{full:.1} statements a second with its queue full ({full_seconds:.1?}), \
+        "{full:.1} statements a second at least with its queue full ({full_seconds:.1?}), \
          {idle:.1} idle ({idle_seconds:.1?})"
     );
     db.wait_for_state(id, "FINISHED", WAIT).await;
