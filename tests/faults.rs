@@ -11,8 +11,9 @@ use taskrunner::request::RequestId;
 
 use crate::util::{
     cli, holds_a_pidfd_of, holds_for, memory_kib, now_ns, poll, poll_blocking_every, poll_every,
-    process_exists, read_pid_file, wait_until, watchdogs_of, zombie_children, Backend, Daemon,
-    Fault, KillOnDrop, NewRow, PrivateServer, Proxy, TestDb, Text,
+    process_exists, read_pid_file, spawn_cli_in_env, sql_ago, wait_until, watchdogs_of,
+    zombie_children, Backend, Daemon, Fault, KillOnDrop, NewRow, PrivateServer, Proxy, TestDb,
+    Text,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -651,6 +652,90 @@ async fn a_reaper_with_a_shorter_lease_waits_for_the_lease_of_the_rows_daemon(ba
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "start 1\nend\n");
     assert!(short.stop().success());
     assert!(long.stop().success());
+}
+
+multi_host_backends!(a_lease_renewed_between_the_reapers_read_and_its_mark_keeps_the_row);
+
+/// A reaper reads a row whose lease has lapsed (its holder slow to renew:
+/// a pause, a slow database), and its holder renews the lease before the
+/// reaper marks the row. The reaper marked it crashed all the same, fenced
+/// on the claim token alone, and the row ran again while its holder, told
+/// its renewal had worked, ran its try on until its next renewal. The lapse
+/// is judged again under the row's lock when it is marked.
+async fn a_lease_renewed_between_the_reapers_read_and_its_mark_keeps_the_row(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let (log, gate) = (db.scratch.join("ran.log"), db.scratch.join("gate"));
+    let mut holder = Daemon::start(
+        &db,
+        "holder",
+        &format!(
+            "host_id: host-a\nlease_timeout: 20s\nheartbeat_interval: 2s\nkill_grace: 1s\ntasks:\n  \
+             Gated:\n    command: [/bin/sh, -c, 'echo start $TASKRUNNER_TRY >> {l}; \
+             while [ ! -e {g} ]; do sleep 0.05; done; echo end >> {l}']\n",
+            l = log.display(),
+            g = gate.display()
+        ),
+    );
+    let id = db.enqueue("Gated", None).await;
+    db.wait_for_pid(id, WAIT).await;
+    let lapsed = sql_ago(backend, 600);
+    let renewed = format!(
+        "SELECT count(*) FROM task_runner_requests WHERE id = {id} AND heartbeat_at > {}",
+        sql_ago(backend, 60)
+    );
+    // The holder's lease made to look lapsed (the row's heartbeat and its
+    // daemon's both ten minutes old), a reaper of another host reads it,
+    // and its mark waits; a renewal coming first (one in a few hundred)
+    // leaves the reaper nothing to mark, and the lapse is made again.
+    let marked = db.scratch.join("mark");
+    let reaper = loop {
+        db.execute(&format!(
+            "UPDATE task_runner_requests SET heartbeat_at = {lapsed} WHERE id = {id}"
+        ))
+        .await;
+        db.execute(&format!(
+            "UPDATE task_runner_daemons SET heartbeat_at = {lapsed}"
+        ))
+        .await;
+        let mut reaper = spawn_cli_in_env(
+            &db,
+            &["--host-id", "host-b", "reap"],
+            &[(
+                "TASKRUNNER_TEST_FINALIZE_AFTER_LOOKUP",
+                marked.to_str().unwrap(),
+            )],
+        );
+        let waiting = marked.with_extension("waiting");
+        wait_until(
+            WAIT,
+            "the reaper's mark to wait, or the reaper to end",
+            || waiting.exists() || reaper.try_wait().unwrap().is_some(),
+        );
+        if waiting.exists() {
+            break reaper;
+        }
+        let output = reaper.wait_with_output().unwrap();
+        assert!(output.status.success(), "{output:?}");
+    };
+    // The holder renews (every 2 s), then the reaper's mark goes on.
+    db.wait_for_count(&renewed, 1, WAIT).await;
+    std::fs::write(&marked, "").unwrap();
+    let output = reaper.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        !stdout.lines().any(|line| line.starts_with(&id.to_string())),
+        "the reaper took the renewed row: {stdout}"
+    );
+    std::fs::write(&gate, "").unwrap();
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(row.tries, 1, "{row:?}\n{}", holder.log_text());
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "start 1\nend\n");
+    assert!(holder.stop().success());
 }
 
 /// A reload that shortens `reap_interval` (1h to 1s): the next pass came

@@ -108,7 +108,17 @@ pub(crate) async fn reap(
                     ));
                 }
             }
-            if dry_run || mark(store, row.id, row.claim_token.as_ref(), &reason, false).await? {
+            if dry_run
+                || mark(
+                    store,
+                    row.id,
+                    row.claim_token.as_ref(),
+                    &reason,
+                    false,
+                    None,
+                )
+                .await?
+            {
                 reaped.push(Reaped { id: row.id, reason });
             }
         }
@@ -136,7 +146,17 @@ pub(crate) async fn reap(
             row.given_back_before,
             host,
         );
-        if dry_run || mark(store, row.id, row.claim_token.as_ref(), &reason, give_back).await? {
+        if dry_run
+            || mark(
+                store,
+                row.id,
+                row.claim_token.as_ref(),
+                &reason,
+                give_back,
+                None,
+            )
+            .await?
+        {
             reaped.push(Reaped { id: row.id, reason });
         }
     }
@@ -174,7 +194,17 @@ pub(crate) async fn reap(
         } else {
             unrecorded(&lapsed, row.given_back_before, host)
         };
-        if dry_run || mark(store, row.id, row.claim_token.as_ref(), &reason, give_back).await? {
+        let marked = dry_run
+            || mark(
+                store,
+                row.id,
+                row.claim_token.as_ref(),
+                &reason,
+                give_back,
+                Some(row.lease),
+            )
+            .await?;
+        if marked {
             reaped.push(Reaped { id: row.id, reason });
         }
     }
@@ -234,7 +264,8 @@ impl ClockWatch {
     }
 }
 
-/// Marks row `id` crashed (see [`Store::mark_crashed`]): whether it was.
+/// Marks row `id` crashed (see [`Store::mark_crashed`]; a row taken for
+/// its `lapsed` lease only if it has still lapsed): whether it was.
 /// A row that an application's transaction holds, or whose batch or flow
 /// row it holds, is left for a later pass, and the pass goes on with the others. Before, the
 /// pass waited for that lock, up to the call's bound, and then ended: no
@@ -245,9 +276,10 @@ async fn mark(
     claim_token: Option<&crate::instance::ClaimToken>,
     reason: &str,
     give_back: bool,
+    lapsed: Option<Duration>,
 ) -> Result<bool> {
     match store
-        .answered(store.mark_crashed(id, claim_token, reason, give_back))
+        .answered(store.mark_crashed(id, claim_token, reason, give_back, lapsed))
         .await?
     {
         Ok(marked) => Ok(marked),

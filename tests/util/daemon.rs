@@ -591,11 +591,17 @@ pub fn wrapped_cli(db: &TestDb, command: &mut Command, args: &[&str]) -> (String
 /// Starts `taskrunner-cli` with the test's database, as [`cli`] runs it,
 /// without waiting for it to end; its output is piped.
 pub fn spawn_cli(db: &TestDb, args: &[&str]) -> Child {
+    spawn_cli_in_env(db, args, &[])
+}
+
+/// [`spawn_cli`] with the environment variables `env` set (a test hook's).
+pub fn spawn_cli_in_env(db: &TestDb, args: &[&str], env: &[(&str, &str)]) -> Child {
     Command::new(CLI)
         .args(["--database-url", db.url.as_str()])
         .args(args)
         .current_dir(&db.scratch.path)
         .env_remove("DATABASE_URL")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -57,6 +57,10 @@ pub(crate) enum Ending<'a> {
         claim_token: Option<&'a ClaimToken>,
         reason: &'a str,
         give_back: bool,
+        /// For a row taken for its lapsed lease, the lease it was judged
+        /// by: judged again under the row's lock, so that a renewal since
+        /// the reaper's read keeps the row.
+        lapsed: Option<std::time::Duration>,
     },
     /// A user cancelled a row that is not running.
     Cancelled(RequestId),
@@ -1041,6 +1045,7 @@ impl Store {
                 claim_token,
                 reason,
                 give_back,
+                lapsed,
                 ..
             } => {
                 tx.execute(
@@ -1050,6 +1055,7 @@ impl Store {
                         Int(id.0),
                         OptText(claim_token.map(ClaimToken::as_str)),
                         Int(i64::from(*give_back)),
+                        Param::OptFloat(lapsed.map(|lease| lease.as_secs_f64())),
                     ],
                 )
                 .await?

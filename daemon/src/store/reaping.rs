@@ -144,13 +144,16 @@ impl Store {
     /// what that causes. With `give_back` the row is INTERRUPTED instead,
     /// its try not counted (see `crate::reaper`). A row another session
     /// holds locked, or whose batch or flow row it holds (an application
-    /// adding members), is not waited for: `Err`, nothing written.
+    /// adding members), is not waited for: `Err`, nothing written. A row
+    /// taken for its `lapsed` lease is marked only if that lease has still
+    /// lapsed under the row's lock (its holder may have renewed it since).
     pub(crate) async fn mark_crashed(
         &self,
         id: RequestId,
         claim_token: Option<&ClaimToken>,
         reason: &str,
         give_back: bool,
+        lapsed: Option<Duration>,
     ) -> Result<Result<bool, RowLocked>> {
         self.finalize_with(
             Ending::Crashed {
@@ -158,6 +161,7 @@ impl Store {
                 claim_token,
                 reason,
                 give_back,
+                lapsed,
             },
             Locks::SetAside,
         )

@@ -570,6 +570,11 @@ pub(crate) const NOT_COUNTED: &str = "not counted: ";
 
 /// The state the reaper writes: CRASHED, or INTERRUPTED when it gives the
 /// try back (`$4` = 1).
+/// The lease (milliseconds) a request row's holder wrote into its daemon's
+/// row (NULL for none), in a statement on `task_runner_requests`.
+const HOLDERS_LEASE_MS: &str = "(SELECT holder.lease_ms FROM task_runner_daemons AS holder \
+                                 WHERE holder.instance = task_runner_requests.claimed_by)";
+
 const REAPED_RESULT: &str = "(CASE WHEN $4 = 1 THEN 'INTERRUPTED' ELSE 'CRASHED' END)";
 
 /// At most this many queues (or task types) are claimed apart, each
@@ -725,7 +730,8 @@ pub struct Sql {
     pub(crate) lapsed_leases: String,
     /// Fenced on the token read before (`$2`, `$3`): marks a row the reaper
     /// found dead CRASHED, or with `$4` = 1 gives its try back (INTERRUPTED,
-    /// not counted); `$1` is the result_text.
+    /// not counted); `$1` is the result_text. With `$5` (seconds), only
+    /// while the row's lease, judged by that lease, has still lapsed.
     pub(crate) mark_crashed: String,
     /// Seconds until the earliest delayed row that waits comes due (at
     /// most 0 for a due one not released yet).
@@ -955,6 +961,30 @@ impl Sql {
         let plus = |seconds: &str| d.now_plus(seconds);
         let show = |column: &str| d.show_time(column);
         let int = |column: &str| d.int64(column);
+        // Whether a RUNNING row's lease has lapsed by the database's clock,
+        // judged by the longer of `lease` (a parameter, seconds) and the one
+        // the row's holder wrote into its daemon's row: a holder with the
+        // longer lease renews less often, and its rows are not reaped
+        // between two of its renewals. A row whose holder still renews its
+        // own row in `task_runner_daemons` is left to it: a daemon renews
+        // that row only after a renewal of its rows succeeded, and a row
+        // that renewal skipped (an application's transaction holds it
+        // locked) it fences itself, by that row's own deadline, and records
+        // (before, its lease lapsed while the lock was held, and a reaper's
+        // mark, queued behind the same lock as the holder's outcome, could
+        // come first: a finished try was recorded CRASHED and ran again).
+        let lease_lapsed = |lease: &str| {
+            let lease = format!(
+                "coalesce(CASE WHEN {HOLDERS_LEASE_MS} / 1000.0 > {lease} THEN {HOLDERS_LEASE_MS} / 1000.0 END, {lease})"
+            );
+            let before = plus(&format!("-{lease}"));
+            format!(
+                "(heartbeat_at IS NULL OR heartbeat_at < {before}) \
+                 AND NOT EXISTS (SELECT 1 FROM task_runner_daemons AS holder \
+                                  WHERE holder.instance = task_runner_requests.claimed_by \
+                                    AND holder.stopped_at IS NULL AND holder.heartbeat_at >= {before})"
+            )
+        };
         // Whether the reaper gave the row's try before back (see
         // `crate::reaper`): read without loading the text.
         let given_back_before = format!(
@@ -1371,55 +1401,33 @@ impl Sql {
                 int("id"),
                 int(&given_back_before)
             ),
-            // The lease is the longer of the reaper's (`$1`, seconds) and
-            // the one the row's holder wrote into its daemon's row: a
-            // holder with the longer lease renews less often, and its rows
-            // are not reaped between two of its renewals.
-            lapsed_leases: {
-                let holders = "(SELECT holder.lease_ms FROM task_runner_daemons AS holder \
-                                 WHERE holder.instance = task_runner_requests.claimed_by)";
-                let lease = format!(
-                    "coalesce(CASE WHEN {holders} / 1000.0 > $1 THEN {holders} / 1000.0 END, $1)"
-                );
-                // A row whose holder still renews its own row in
-                // `task_runner_daemons` is left to it: a daemon renews that
-                // row only after a renewal of its rows succeeded, and a row
-                // that renewal skipped (an application's transaction holds
-                // it locked) it fences itself, by that row's own deadline,
-                // and records (before, its lease lapsed while the lock was
-                // held, and a reaper's mark, queued behind the same lock
-                // as the holder's outcome, could come first: a finished
-                // try was recorded CRASHED and ran again).
-                let holder_renews = format!(
-                    "EXISTS (SELECT 1 FROM task_runner_daemons AS holder \
-                              WHERE holder.instance = task_runner_requests.claimed_by \
-                                AND holder.stopped_at IS NULL AND holder.heartbeat_at >= {})",
-                    plus(&format!("-{lease}"))
-                );
-                format!(
-                    "SELECT {}, coalesce(host, ''), claim_token, {}, {}, {}, {}, coalesce(claimed_by, '') \
-                       FROM task_runner_requests \
-                      WHERE result = 'RUNNING' \
-                        AND (heartbeat_at IS NULL OR heartbeat_at < {}) \
-                        AND claimed_by IS DISTINCT FROM $2 \
-                        AND NOT {holder_renews} \
-                      ORDER BY id",
-                    int("id"),
-                    show("heartbeat_at"),
-                    int("(CASE WHEN pid IS NULL THEN 0 ELSE 1 END)"),
-                    int(&given_back_before),
-                    int(holders),
-                    plus(&format!("-{lease}"))
-                )
-            },
+            lapsed_leases: format!(
+                "SELECT {}, coalesce(host, ''), claim_token, {}, {}, {}, {}, coalesce(claimed_by, '') \
+                   FROM task_runner_requests \
+                  WHERE result = 'RUNNING' AND {} AND claimed_by IS DISTINCT FROM $2 \
+                  ORDER BY id",
+                int("id"),
+                show("heartbeat_at"),
+                int("(CASE WHEN pid IS NULL THEN 0 ELSE 1 END)"),
+                int(&given_back_before),
+                int(HOLDERS_LEASE_MS),
+                lease_lapsed("$1")
+            ),
+            // A lapse judged by the reaper's read (`$5`, the lease it was
+            // judged by) is judged again under the row's lock: a renewal
+            // that came between the read and the mark keeps the row (it was
+            // marked, and ran again beside the try its holder, told the
+            // renewal had worked, ran on until its next one).
             mark_crashed: format!(
                 "UPDATE task_runner_requests \
                     SET result = {}, result_text = {}, pid = NULL, completed_at = {now}, delay_until = NULL, \
                         tries = {} \
-                  WHERE id = $2 AND claim_token IS NOT DISTINCT FROM $3 AND result = 'RUNNING'",
+                  WHERE id = $2 AND claim_token IS NOT DISTINCT FROM $3 AND result = 'RUNNING' \
+                    AND ($5 IS NULL OR {})",
                 cancel_result("", REAPED_RESULT),
                 cancel_text("", REAPED_RESULT, "$1"),
-                tries_given_back("tries", "$4")
+                tries_given_back("tries", "$4"),
+                lease_lapsed("$5")
             ),
             next_delay: format!(
                 "SELECT {} - {} FROM task_runner_requests {} WHERE {RUNNABLE} AND {WAITING}",
