@@ -36,6 +36,7 @@ both_backends!(
     retry_of_a_filter_reads_only_the_rows_ids_not_their_outputs,
     list_shows_the_tasks_own_error_without_progress_lines,
     retry_and_cancel_take_several_ids_or_a_filter,
+    retry_and_cancel_whose_reader_went_away_act_on_every_row,
     a_retry_by_filter_leaves_a_row_that_moved_on_since_it_was_selected,
     second_sigterm_during_the_drain_stops_tasks_at_once,
     run_record_writes_what_the_daemon_writes,
@@ -1202,6 +1203,59 @@ async fn list_shows_the_tasks_own_error_without_progress_lines(backend: Backend)
         "{table}"
     );
     assert!(daemon.stop().success());
+}
+
+/// A bulk `retry` or `cancel` whose output is piped into a reader that
+/// has gone away (`| head -1`) acts on every row it selected, as does a
+/// `list` end quietly. Before, the first line written after the pipe
+/// closed panicked (`println!` on `EPIPE`), and the rest of the rows were
+/// left undone. An argument that is not UTF-8 is refused in one line
+/// (it panicked too).
+async fn retry_and_cancel_whose_reader_went_away_act_on_every_row(backend: Backend) {
+    use std::os::unix::ffi::OsStrExt;
+    let db = TestDb::new(backend).await;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let row = NewRow::new("Thumbnail")
+            .result("FAILED")
+            .tries(5)
+            .try_limit(5);
+        ids.push(db.insert_row(row).await);
+    }
+    let closed_reader = |args: &[&str]| {
+        let mut child = spawn_cli(&db, args);
+        drop(child.stdout.take());
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        (output.status.code(), stderr)
+    };
+    let (code, stderr) = closed_reader(&["retry", "--result", "FAILED"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    for &id in &ids {
+        assert_eq!(db.row(id).await.result, None, "{stderr}");
+    }
+    let (code, stderr) = closed_reader(&["cancel", "--task", "Thumbnail"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    for &id in &ids {
+        assert_eq!(
+            db.row(id).await.result.as_deref(),
+            Some("CANCELLED"),
+            "{stderr}"
+        );
+    }
+    let (code, stderr) = closed_reader(&["list"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let output = Command::new(CLI)
+        .args(["--database-url", db.url.as_str(), "list", "--queue"])
+        .arg(std::ffi::OsStr::from_bytes(b"\xff"))
+        .current_dir(&db.scratch.path)
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(one_line(&stderr).contains("UTF-8"), "{stderr}");
 }
 
 async fn retry_and_cancel_take_several_ids_or_a_filter(backend: Backend) {

@@ -93,14 +93,14 @@ pub(crate) async fn run(store: &Store, command: BatchCommand) -> Result<()> {
                     parent_batch_id: parent,
                 })
                 .await?;
-            println!("{id}");
+            outln!("{id}");
         }
         BatchCommand::Seal { id } => match store.seal_batch(id).await? {
-            Some(batch) => println!("batch {id} sealed{}", ended(&batch)),
+            Some(batch) => outln!("batch {id} sealed{}", ended(&batch)),
             None => bail!("no batch {id}"),
         },
         BatchCommand::List { limit } => {
-            print!("{}", render_list(&store.list_batches(limit).await?));
+            out!("{}", render_list(&store.list_batches(limit).await?));
         }
         BatchCommand::Show { id } => {
             let Some(batch) = store.batch(id).await? else {
@@ -108,11 +108,11 @@ pub(crate) async fn run(store: &Store, command: BatchCommand) -> Result<()> {
             };
             let members = store.batch_members_by_state(id).await?;
             let callbacks = store.batch_callbacks(id).await?;
-            print!("{}", render_show(&batch, &members, &callbacks));
+            out!("{}", render_show(&batch, &members, &callbacks));
         }
         BatchCommand::Cancel { id } => match store.cancel_batch(id).await? {
             BatchChange::Done(cancelled) => {
-                println!("batch {id} cancelled: {cancelled} unstarted members cancelled, running ones finish")
+                outln!("batch {id} cancelled: {cancelled} unstarted members cancelled, running ones finish")
             }
             BatchChange::NotFound => bail!("no batch {id}"),
             BatchChange::AlreadyFinal(state) => bail!("batch {id} is already {state}"),

@@ -504,7 +504,7 @@ fn print_enqueue_type_help(flags: Flags) -> ExitCode {
         .expect("enqueue is a command")
         .clone()
         .bin_name("taskrunner-cli enqueue");
-    println!("{}", enqueue.render_help());
+    outln!("{}", enqueue.render_help());
     let Command::Enqueue { task, .. } = &flags.command else {
         return ExitCode::SUCCESS;
     };
@@ -514,7 +514,7 @@ fn print_enqueue_type_help(flags: Flags) -> ExitCode {
     });
     match described {
         Ok(text) => {
-            print!("Task type {text}");
+            out!("Task type {text}");
             ExitCode::SUCCESS
         }
         Err(error) => {
@@ -526,7 +526,12 @@ fn print_enqueue_type_help(flags: Flags) -> ExitCode {
 
 /// Runs the CLI and returns its exit status.
 pub fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().collect();
+    // Lossy: only to look for a type's `--help`; clap reads the arguments
+    // themselves, and refuses one that is not UTF-8 in one line (before,
+    // `std::env::args` panicked on it).
+    let args: Vec<String> = std::env::args_os()
+        .map(|arg| arg.to_string_lossy().into_owned())
+        .collect();
     if let Some(without_help) = enqueue_type_help(&args) {
         if let Ok(flags) = Flags::try_parse_from(&without_help) {
             return print_enqueue_type_help(flags);
@@ -546,6 +551,10 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(dispatch(flags));
     runtime.shutdown_timeout(Duration::from_millis(200));
+    if let Some(failure) = super::stdout::failure() {
+        eprintln!("taskrunner-cli: {failure}");
+        return ExitCode::FAILURE;
+    }
     match result {
         Ok(code) => code,
         Err(error) => {
@@ -569,7 +578,7 @@ async fn dispatch(flags: Flags) -> Result<ExitCode> {
         }
         Command::Man { dir } => {
             let written = write_man_pages(dir)?;
-            println!("wrote {written} man pages into {}", dir.display());
+            outln!("wrote {written} man pages into {}", dir.display());
             return Ok(ExitCode::SUCCESS);
         }
         _ => {}
@@ -687,7 +696,7 @@ async fn run_one(
         Command::Migrate { .. } => {
             let store = open(Purpose::Migrate)?;
             let migration = store.migrate().await?;
-            println!("schema of {}: {migration}", store.display_url);
+            outln!("schema of {}: {migration}", store.display_url);
         }
         Command::Enqueue {
             task,
@@ -753,7 +762,7 @@ async fn run_one(
                 })
                 .await
                 .with_context(|| format!("enqueueing into {}", store.display_url))?;
-            println!("{id}");
+            outln!("{id}");
             wake_daemon(&config).await;
         }
         Command::List {
@@ -765,10 +774,10 @@ async fn run_one(
             let rows = open(Purpose::Cli)?.list_where(&filter.query(limit)).await?;
             if json {
                 for row in &rows {
-                    println!("{}", serde_json::to_string(row)?);
+                    outln!("{}", serde_json::to_string(row)?);
                 }
             } else {
-                print!("{}", render_table(&rows));
+                out!("{}", render_table(&rows));
             }
         }
         Command::Show { id, json, .. } => {
@@ -777,9 +786,9 @@ async fn run_one(
                 bail!("no request {id}")
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&request)?);
+                outln!("{}", serde_json::to_string_pretty(&request)?);
             } else {
-                print!("{}", render_show(&request));
+                out!("{}", render_show(&request));
             }
         }
         Command::Run {
@@ -806,7 +815,7 @@ async fn run_one(
             )
             .await?;
             for row in &reaped {
-                println!(
+                outln!(
                     "{} {}{}",
                     row.id,
                     if dry_run { "(dry run) " } else { "" },
@@ -827,7 +836,7 @@ async fn run_one(
                 let id = *id;
                 crate::test_hooks::pause_when_told("TASKRUNNER_TEST_BULK_ROW_DELAY_MS").await;
                 match store.retry(id, seen.as_ref()).await? {
-                    Change::Done | Change::Requested => println!("request {id} will run again"),
+                    Change::Done | Change::Requested => outln!("request {id} will run again"),
                     Change::NotFound => {
                         refused += 1;
                         eprintln!("taskrunner-cli: no request {id}");
@@ -883,7 +892,7 @@ async fn run_one(
             let mut running = Vec::new();
             for (&(id, _), before) in ids.iter().zip(&before) {
                 match store.cancel(id).await? {
-                    Change::Done => println!("request {id} cancelled"),
+                    Change::Done => outln!("request {id} cancelled"),
                     Change::Requested => running.push(id),
                     Change::NotFound => {
                         refused += 1;
@@ -893,7 +902,7 @@ async fn run_one(
                         if state == "CANCELLED"
                             && before.as_ref().is_some_and(|was| was != "CANCELLED") =>
                     {
-                        println!(
+                        outln!(
                             "request {id} cancelled meanwhile (by the end of its batch or flow, or another cancel)"
                         );
                     }
@@ -914,9 +923,9 @@ async fn run_one(
                 let woken = wake_daemon(&config).await;
                 for id in running {
                     if woken {
-                        println!("request {id} is running: its daemon is stopping it");
+                        outln!("request {id} is running: its daemon is stopping it");
                     } else {
-                        println!(
+                        outln!(
                             "request {id} is running: its daemon will stop it within a heartbeat"
                         );
                     }
@@ -931,12 +940,12 @@ async fn run_one(
                 let config = config.clone();
                 tokio::task::spawn_blocking(move || Registry::load(&config)).await??
             };
-            print!("{}", describe_tasks(&config, &registry, name.as_deref())?);
+            out!("{}", describe_tasks(&config, &registry, name.as_deref())?);
         }
         Command::Schedules { .. } => {
             let store = open(Purpose::Cli)?;
             let lines = crate::web::schedule_lines(&store, &config.schedules).await?;
-            print!("{}", render_schedules(&lines));
+            out!("{}", render_schedules(&lines));
         }
         Command::Pause {
             targets, reason, ..
@@ -950,9 +959,9 @@ async fn run_one(
             for (kind, name) in targets.checked()? {
                 if store.resume(kind, &name).await? {
                     resumed = true;
-                    println!("resumed {} {}", kind.word(), one_line(&name));
+                    outln!("resumed {} {}", kind.word(), one_line(&name));
                 } else {
-                    println!("{} {} was not paused", kind.word(), one_line(&name));
+                    outln!("{} {} was not paused", kind.word(), one_line(&name));
                 }
             }
             // The daemon on this host claims the rows at once.
@@ -966,7 +975,7 @@ async fn run_one(
             let retention = match older_than {
                 Some(age) => crate::retention::Retention::all(age),
                 None if config.retention.is_empty() => {
-                    println!(
+                    outln!(
                         "no `retention:` rules in the config and no --older-than: nothing deleted"
                     );
                     return Ok(ExitCode::SUCCESS);
@@ -975,9 +984,9 @@ async fn run_one(
             };
             let store = open(Purpose::Cli)?;
             let pruned = crate::prune::prune(&store, &retention, Duration::ZERO, None).await?;
-            println!("deleted {} requests", pruned.requests);
+            outln!("deleted {} requests", pruned.requests);
             if pruned.parents > 0 {
-                println!(
+                outln!(
                     "deleted {} ended batches and flows left without requests",
                     pruned.parents
                 );
@@ -1020,7 +1029,7 @@ async fn run_one(
                     crate::metrics::render(&store, &Default::default(), None).await?
                 }
             };
-            print!("{text}");
+            out!("{text}");
         }
         Command::Wait { id, timeout, .. } => {
             // The SDK's wait (`task_sdk::wait_for`), the one implementation.
@@ -1036,7 +1045,7 @@ async fn run_one(
                 };
             let text = request.result_text.as_deref().unwrap_or_default();
             if request.is_success() {
-                println!("{text}");
+                outln!("{text}");
                 return Ok(ExitCode::SUCCESS);
             }
             eprintln!(
@@ -1053,10 +1062,10 @@ async fn run_one(
             };
             let answer = crate::control::request(socket, "status").await?;
             if json {
-                println!("{answer}");
+                outln!("{answer}");
             } else {
                 let status: crate::control::Status = serde_json::from_value(answer)?;
-                print!("{}", render_status(&status));
+                out!("{}", render_status(&status));
             }
         }
         Command::Batch(command) => {
@@ -1112,10 +1121,10 @@ async fn select_ids(store: &Store, selection: Selection) -> Result<Vec<(RequestI
         ids.into_iter().map(|id| (id, None)).collect()
     };
     match ids.len() {
-        0 => println!("no requests match"),
+        0 => outln!("no requests match"),
         1 if !by_filter => {}
-        1 => println!("1 request"),
-        n => println!("{n} requests"),
+        1 => outln!("1 request"),
+        n => outln!("{n} requests"),
     }
     Ok(ids)
 }
@@ -1184,17 +1193,17 @@ async fn pause(
     if targets.is_empty() {
         let pauses = store.pauses().await?;
         if pauses.is_empty() {
-            println!("nothing is paused");
+            outln!("nothing is paused");
         }
         for pause in pauses {
-            println!("{}", pause.describe());
+            outln!("{}", pause.describe());
         }
         return Ok(());
     }
     let mut paused = Vec::new();
     for (kind, name) in targets {
         match store.pause(*kind, name, reason).await? {
-            Some(held) => println!("{} was paused already", held.describe()),
+            Some(held) => outln!("{} was paused already", held.describe()),
             None => paused.push((kind, name)),
         }
     }
@@ -1205,10 +1214,10 @@ async fn pause(
     for (kind, name) in paused {
         let (kind, name) = (kind.word(), one_line(name));
         match &local {
-            Some(Ok(pid)) => println!(
+            Some(Ok(pid)) => outln!(
                 "paused {kind} {name}: the daemon on this host (pid {pid}) claims none of its rows from now on, every other daemon from a second on (tries running go on)"
             ),
-            _ => println!(
+            _ => outln!(
                 "paused {kind} {name}: no daemon claims its rows from a second on (tries running go on)"
             ),
         }
@@ -1246,12 +1255,12 @@ fn config_command(command: &ConfigCommand, overrides: &Overrides) -> Result<Exit
             let listen = config.http.as_ref().and_then(|http| http.listen);
             crate::web::check_settings(&config, listen)
                 .map_err(|error| crate::usage::UsageError(crate::error_line(&error)))?;
-            print!("{}", config.to_yaml());
-            println!("# task types: {}", registry.names(&config).join(", "));
+            out!("{}", config.to_yaml());
+            outln!("# task types: {}", registry.names(&config).join(", "));
         }
         ConfigCommand::Init { path } => {
             write_starter_config(path)?;
-            println!("wrote {}", path.display());
+            outln!("wrote {}", path.display());
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -143,8 +143,8 @@ pub(crate) async fn run(
     };
     match command {
         FlowCommand::Post { args } => match parse_post(&args)? {
-            Post::ListFlows => print!("{}", crate::flow::list_help(&flows()?)),
-            Post::Help(name) => print!("{}", flow_named(&flows()?, &name)?.help(&name)),
+            Post::ListFlows => out!("{}", crate::flow::list_help(&flows()?)),
+            Post::Help(name) => out!("{}", flow_named(&flows()?, &name)?.help(&name)),
             Post::Start {
                 name,
                 options,
@@ -157,12 +157,12 @@ pub(crate) async fn run(
                     .map_err(|m| UsageError(format!("flow post {name}: {m}")))?;
                 let store = open()?;
                 let id = store.post_flow(&name, Some(&options)).await?;
-                println!("{id}");
+                outln!("{id}");
             }
         },
         FlowCommand::List { limit } => {
             let store = open()?;
-            print!("{}", render_list(&store.list_flows(None, limit).await?));
+            out!("{}", render_list(&store.list_flows(None, limit).await?));
         }
         FlowCommand::Show { id } => {
             let store = open()?;
@@ -184,16 +184,16 @@ pub(crate) async fn run(
                 }
             };
             if ids.is_empty() {
-                println!("(no flows)");
+                outln!("(no flows)");
             }
             for (n, id) in ids.iter().enumerate() {
                 let Some(board) = store.flow_board(*id).await? else {
                     bail!("no flow {id}")
                 };
                 if n > 0 {
-                    println!();
+                    outln!();
                 }
-                print!(
+                out!(
                     "{}",
                     render_board(&board, config.flows.get(&board.flow.name))
                 );
@@ -203,9 +203,9 @@ pub(crate) async fn run(
             let store = open()?;
             match store.cancel_flow(id, revert).await? {
                 FlowChange::Done(state) if state == "CANCELLED" => {
-                    println!("flow {id} cancelled; a running step is stopped within a heartbeat")
+                    outln!("flow {id} cancelled; a running step is stopped within a heartbeat")
                 }
-                FlowChange::Done(state) => println!(
+                FlowChange::Done(state) => outln!(
                     "flow {id} is cancelled: it is {state}, reverting its finished steps; then it ends CANCELLED"
                 ),
                 FlowChange::NotFound => bail!("no flow {id}"),

@@ -89,7 +89,7 @@ pub(super) async fn run_command(
 /// came).
 fn exit_code_for(verdict: attempt::Verdict) -> ExitCode {
     if verdict.state == State::Finished {
-        println!("{}", verdict.result_text);
+        outln!("{}", verdict.result_text);
         ExitCode::SUCCESS
     } else {
         let reason = verdict.result_text.lines().next().unwrap_or_default();
