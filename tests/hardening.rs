@@ -1252,6 +1252,40 @@ async fn a_postgres_database_that_is_not_utf8_is_refused_at_start() {
     );
 }
 
+/// PostgreSQL: rows an application wrote with an infinite `created_at` or
+/// `delay_until` (`'-infinity'` is a timestamp there, and no check refused
+/// it). The claim's measure of each row's wait subtracted the two, which
+/// PostgreSQL refuses for infinite ones: every claim that took such a row
+/// failed, and no row behind it ran, on any daemon. The wait is now the
+/// difference of the two times as seconds (an infinite one is not
+/// counted in the metrics), and the rows run like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rows_with_an_infinite_time_stop_no_claim() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut ids = Vec::new();
+    for (column, value) in [
+        ("created_at", "'-infinity'"),
+        ("delay_until", "'-infinity'"),
+        ("created_at", "'infinity'"),
+    ] {
+        ids.push(db.insert_row(NewRow::new("NoOp").sql(column, value)).await);
+    }
+    ids.push(db.enqueue("NoOp", None).await);
+    let mut daemon = Daemon::start(&db, "d", "max_concurrent: 2\n");
+    for id in ids {
+        let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+        assert_eq!(row.tries, 1, "{row:?}\n{}", daemon.log_text());
+    }
+    let config = daemon.config.display().to_string();
+    let (_, metrics, _) = cli(&db, &["--config", &config, "metrics"]);
+    let sum = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("taskrunner_wait_before_start_seconds_sum"))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(!sum.contains("Inf") && !sum.contains("NaN"), "{sum}");
+    assert!(daemon.stop().success());
+}
+
 /// The daemon's count of failed database calls (`taskrunner_database_errors_total`).
 fn database_errors(db: &TestDb, daemon: &Daemon) -> u64 {
     let config = daemon.config.display().to_string();

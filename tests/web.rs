@@ -2054,3 +2054,32 @@ async fn wrong_passwords_are_checked_off_the_daemons_thread() {
         );
     });
 }
+
+/// PostgreSQL: ended rows an application wrote with infinite times (a
+/// `created_at` of `'-infinity'`, a `completed_at` of `'infinity'`): every
+/// page answers, and the overview's chart of the last hour counts the one
+/// and leaves the other out (a time an hour's chart cannot place).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rows_with_infinite_times_show_on_every_page() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let ended = |created: &str, completed: &str| {
+        NewRow::new("NoOp")
+            .result("FINISHED")
+            .tries(1)
+            .sql("created_at", created)
+            .sql("started_at", "now()")
+            .sql("completed_at", completed)
+    };
+    let long_ago = db.insert_row(ended("'-infinity'", "now()")).await;
+    let never = db.insert_row(ended("now()", "'infinity'")).await;
+    let web = web_router(&db, "");
+    for path in [
+        "/".to_string(),
+        "/requests".into(),
+        format!("/requests/{long_ago}"),
+        format!("/requests/{never}"),
+    ] {
+        let reply = get(&web, &path).await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}: {}", reply.body);
+    }
+}

@@ -95,7 +95,11 @@ pub(super) fn claimed_from_row(
             claim_token: claim_token.clone(),
             queue: row.text(6)?,
             periodic: row.int(7)? > 0,
-            waited: row.opt_float(8)?.unwrap_or(0.0),
+            // Not a number when a time was infinite (PostgreSQL).
+            waited: row
+                .opt_float(8)?
+                .filter(|waited| waited.is_finite())
+                .unwrap_or(0.0),
             batch_id: row.opt_int(9)?,
             callback_of_batch: row.opt_int(10)?,
             has_callbacks: row.int(11)? > 0,

@@ -61,11 +61,18 @@ impl Dialect {
         }
     }
 
-    /// Seconds from timestamp `from` to timestamp `to` (a float).
+    /// Seconds from timestamp `from` to timestamp `to` (a float). On
+    /// PostgreSQL the difference of the two as seconds, not of the two
+    /// times: an application may write `'-infinity'`, and PostgreSQL
+    /// refuses to subtract an infinite timestamp (the claim that measured
+    /// such a row's wait failed, and so did every claim after it); its
+    /// seconds are infinite, their difference too (or NaN).
     pub(crate) fn seconds_between(self, from: &str, to: &str) -> String {
         match self.0 {
             Backend::Sqlite => format!("((julianday({to}) - julianday({from})) * 86400.0)"),
-            Backend::Postgres => format!("extract(epoch from ({to} - {from}))::float8"),
+            Backend::Postgres => {
+                format!("(extract(epoch from {to})::float8 - extract(epoch from {from})::float8)")
+            }
             Backend::MySql => format!("(TIMESTAMPDIFF(MICROSECOND, {from}, {to}) / 1e6)"),
         }
     }

@@ -433,11 +433,16 @@ impl Store {
             "{} / 60",
             d.seconds_between("completed_at", d.now())
         )));
+        // An infinite time an application wrote (PostgreSQL) makes no wait
+        // and no minute: its wait is left out, and a try "ended" in the
+        // future is not of the last hour.
         let wait = d.seconds_between("coalesce(delay_until, created_at)", "started_at");
+        let wait = format!("CASE WHEN {wait} BETWEEN -1e12 AND 1e12 THEN {wait} END");
+        let now = d.now();
         let sql = format!(
             "SELECT minutes_ago, coalesce(result, ''), {}, max(wait) FROM ( \
                SELECT {minutes_ago} AS minutes_ago, result, {wait} AS wait \
-                 FROM task_runner_requests WHERE completed_at > {since} \
+                 FROM task_runner_requests WHERE completed_at > {since} AND completed_at <= {now} \
                 ORDER BY completed_at DESC LIMIT 100000) AS recent \
               GROUP BY minutes_ago, result ORDER BY 1, 2",
             self.dialect().int64("count(*)")
