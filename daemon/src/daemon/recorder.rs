@@ -481,6 +481,7 @@ mod tests {
             result_text: String::new(),
             retry_after: None,
             give_back_try: false,
+            ran: true,
             composed: false,
         })
     }

@@ -1070,7 +1070,15 @@ impl Store {
             let final_now = self.follow_up(&mut tx, ending, batch_id, locks).await?;
             if let (Some(flow_id), true) = (flow_id, final_now) {
                 // The flow's next row (or its end), from its position.
-                self.advance_flow(&mut tx, flow_id).await?;
+                let last_try = match ending {
+                    Ending::Outcome(outcome) => Some(super::flow::LastTry {
+                        id: outcome.id,
+                        ran: outcome.ran,
+                        counted: !outcome.give_back_try,
+                    }),
+                    _ => None,
+                };
+                self.advance_flow(&mut tx, flow_id, last_try).await?;
             }
         }
         tx.commit().await?;
