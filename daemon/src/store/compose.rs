@@ -232,6 +232,8 @@ struct Ended {
     period: i64,
     /// `None` while the row is not final.
     bucket: Option<Bucket>,
+    /// Its options were longer than a callback's may be: not loaded.
+    options_left_out: bool,
 }
 
 /// A batch row, locked.
@@ -374,13 +376,21 @@ impl ComposeSql {
                 d.int64("id"),
                 d.for_update_nowait()
             ),
+            // Options longer than `$2` (what a callback's options may hold)
+            // are left out, and said to be: a callback cannot carry them,
+            // and a row's options are not loaded past `max_options` (an
+            // application's 200 MiB, parsed for a callback, took gigabytes
+            // and stalled the daemon's one thread).
             ended_row: format!(
-                "SELECT {}, task_class_name, options, result, result_text, {}, on_success, on_failure, \
-                        {}, {bucket} \
+                "SELECT {}, task_class_name, \
+                        CASE WHEN octet_length(options) > $2 THEN NULL ELSE options END, \
+                        result, result_text, {}, on_success, on_failure, {}, {bucket}, \
+                        {} \
                    FROM task_runner_requests WHERE id = $1",
                 d.int64("id"),
                 d.int64("batch_id"),
-                d.int64("coalesce(period, 0)")
+                d.int64("coalesce(period, 0)"),
+                d.int64("CASE WHEN octet_length(options) > $2 THEN 1 ELSE 0 END")
             ),
             // A counter an application wrote at its column's limit stays
             // there (the end recounts from the members): one step past it
@@ -841,7 +851,16 @@ fn callback_options(base: Option<&str>, key: &str, summary: Mapping, max: usize)
             return whole;
         }
     }
-    let mut cut = Vec::new();
+    // What the caller cut already (options it did not load) stays named.
+    let cut_before: Vec<String> = match summary.get("cut") {
+        Some(Value::Sequence(names)) => names
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect(),
+        _ => Vec::new(),
+    };
+    let mut cut: Vec<&str> = cut_before.iter().map(String::as_str).collect();
     let mark = |summary: &mut Mapping, cut: &[&str]| {
         let names = cut.iter().map(|name| Value::from(*name)).collect();
         summary.insert("cut".into(), Value::Sequence(names));
@@ -1121,7 +1140,10 @@ impl Store {
 
     /// Request `id` as its end left it, in `tx`.
     async fn ended_row(&self, tx: &mut Tx, id: RequestId) -> Result<Option<Ended>> {
-        let rows = tx.fetch(&self.compose().ended_row, &[Int(id.0)]).await?;
+        let cap = i64::try_from(self.composed_max()).unwrap_or(i64::MAX);
+        let rows = tx
+            .fetch(&self.compose().ended_row, &[Int(id.0), Int(cap)])
+            .await?;
         let Some(row) = rows.first() else {
             return Ok(None);
         };
@@ -1136,6 +1158,7 @@ impl Store {
             on_failure: row.opt_text(7)?,
             period: row.int(8)?,
             bucket: Bucket::parse(&row.text(9)?),
+            options_left_out: row.int(10)? != 0,
         }))
     }
 
@@ -1245,6 +1268,10 @@ impl Store {
         summary.insert("options".into(), text_value(&parent.options));
         summary.insert("result".into(), text_value(&parent.result));
         summary.insert("result_text".into(), text_value(&parent.result_text));
+        if parent.options_left_out {
+            let cut = ["options", "merged"].map(Value::from).to_vec();
+            summary.insert("cut".into(), Value::Sequence(cut));
+        }
         let options = callback_options(
             parent.options.as_deref(),
             "parent",

@@ -836,13 +836,19 @@ impl Store {
                 tx.commit().await?;
                 continue;
             };
-            let store = definition
-                .initial_store(flow.options.as_deref())
-                .map(|store| yaml_text(&store))
-                .and_then(|store| match self.store_over_its_bound(&store) {
-                    Some(over) => Err(format!("its options make its store {over}")),
-                    None => Ok(store),
-                });
+            // Options over the store's bound are not parsed (an
+            // application's 200 MiB took gigabytes, on the daemon's thread).
+            let options = flow.options.as_deref();
+            let store = match options.and_then(|text| self.store_over_its_bound(text)) {
+                Some(over) => Err(format!("its options are {over}")),
+                None => definition
+                    .initial_store(options)
+                    .map(|store| yaml_text(&store))
+                    .and_then(|store| match self.store_over_its_bound(&store) {
+                        Some(over) => Err(format!("its options make its store {over}")),
+                        None => Ok(store),
+                    }),
+            };
             let store = match store {
                 Ok(store) => store,
                 Err(why) => {
