@@ -1284,6 +1284,112 @@ async fn a_batch_ends_when_a_finalization_went_silent_holding_its_lock(backend: 
     assert!(daemon.stop().success(), "{}", daemon.log_text());
 }
 
+multi_host_backends!(a_fail_fast_member_an_application_holds_stalls_no_other_write);
+
+/// A member of a fail-fast batch fails while an application's transaction
+/// holds another member, one the failure cancels, locked (`SELECT … FOR
+/// UPDATE`, Rails' `with_lock`). The failure's end waited for that lock,
+/// and every later write of the daemon waited behind it: a plain row's
+/// FINISHED, its other tries' pids, up to the bound on a call
+/// (`lease_timeout`), then logged as a database outage, and again at each
+/// retry, for as long as the transaction lasted (the reaper's pass and the
+/// batch repair pass before each claim alike). The end is now set aside
+/// until the lock goes, and the rest is written.
+async fn a_fail_fast_member_an_application_holds_stalls_no_other_write(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let boomed = db.scratch.join("boomed");
+    let batch = insert_batch(&db, "on_failure, fail_fast", "'Failed', true").await;
+    let boom = db
+        .insert_row(NewRow::new("Boom").batch(batch).try_limit(1))
+        .await;
+    let later = db
+        .insert_row(
+            NewRow::new("Boom")
+                .batch(batch)
+                .try_limit(1)
+                .delayed(backend, 3600),
+        )
+        .await;
+    seal(&db, batch).await;
+    let held = db.hold_row(later).await;
+    let config = format!(
+        "lease_timeout: 30s\ntasks:\n{CALLBACK_TYPES}  Boom:\n    command: [/bin/sh, -c, 'touch {}; exit 1']\n  Plain:\n    command: [/bin/true]\n",
+        boomed.display()
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    wait_until(
+        Duration::from_secs(30),
+        "the failing member's try to end",
+        || boomed.exists(),
+    );
+    let plain = db.enqueue("Plain", None).await;
+    db.wait_for_state(plain, "FINISHED", Duration::from_secs(10))
+        .await;
+    held.release().await;
+    db.wait_for_state(boom, "FAILED", Duration::from_secs(30))
+        .await;
+    db.wait_for_state(later, "CANCELLED", Duration::from_secs(30))
+        .await;
+    its_callback_finishes(&db, batch, Duration::from_secs(30)).await;
+    assert_eq!(batch_state(&db, batch).await, "FAILED");
+    assert_eq!(callbacks_of_batch(&db, batch).await, 1);
+    let log = daemon.log_text();
+    assert!(!log.contains("database unavailable"), "{log}");
+    assert!(daemon.stop().success(), "{log}");
+}
+
+multi_host_backends!(a_batch_repair_pass_waits_for_no_applications_lock);
+
+/// The same lock, met by the batch repair pass: a fail-fast batch whose
+/// member failed before it was sealed, then sealed by plain SQL, ends at
+/// the daemon's next pass, which cancels its unstarted members. The pass
+/// runs before each claim, and waited for the application's lock: no row
+/// was claimed meanwhile. The batch is now left to a later pass while the
+/// lock lasts.
+async fn a_batch_repair_pass_waits_for_no_applications_lock(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let batch = insert_batch(&db, "on_failure, fail_fast", "'Failed', true").await;
+    let boom = db
+        .insert_row(NewRow::new("Boom").batch(batch).try_limit(1))
+        .await;
+    let later = db
+        .insert_row(
+            NewRow::new("Boom")
+                .batch(batch)
+                .try_limit(1)
+                .delayed(backend, 3600),
+        )
+        .await;
+    let config = format!(
+        "lease_timeout: 30s\ntasks:\n{CALLBACK_TYPES}  Boom:\n    command: [/bin/false]\n  Plain:\n    command: [/bin/true]\n"
+    );
+    let mut daemon = Daemon::start(&db, "d", &config);
+    db.wait_for_state(boom, "FAILED", Duration::from_secs(30))
+        .await;
+    let held = db.hold_row(later).await;
+    seal(&db, batch).await;
+    // The daemon runs a repair pass at a wake-up at most every 200 ms: the
+    // row's wake-up comes after that, and its repair pass first.
+    let sealed = Instant::now();
+    wait_until(
+        Duration::from_secs(5),
+        "the repair passes' interval",
+        || sealed.elapsed() >= Duration::from_millis(500),
+    );
+    let plain = db.enqueue("Plain", None).await;
+    db.wait_for_state(plain, "FINISHED", Duration::from_secs(10))
+        .await;
+    held.release().await;
+    db.wait_for_state(later, "CANCELLED", Duration::from_secs(30))
+        .await;
+    its_callback_finishes(&db, batch, Duration::from_secs(30)).await;
+    assert_eq!(batch_state(&db, batch).await, "FAILED");
+    assert_eq!(callbacks_of_batch(&db, batch).await, 1);
+    let log = daemon.log_text();
+    assert!(!log.contains("database unavailable"), "{log}");
+    assert!(daemon.stop().success(), "{log}");
+}
+
 multi_host_backends!(chaos_hundred_batches_on_four_daemons_with_kill_9_every_two_seconds);
 
 /// What the chaos test saw while it waited: how many batches had ended

@@ -38,7 +38,7 @@ use sqlx::postgres::PgRow;
 use sqlx::query;
 use sqlx::sqlite::SqliteRow;
 
-use super::sql::{cancel_unstarted, unfinished, Dialect, Statements};
+use super::sql::{cancel_unstarted, lock_unstarted_nowait, unfinished, Dialect, Statements};
 use super::{begin_write, Outcome, Pool, RowExt, Store};
 use crate::instance::ClaimToken;
 use crate::request::{RequestId, State};
@@ -311,6 +311,9 @@ pub(super) struct ComposeSql {
     recount: String,
     set_counts: String,
     cancel_unstarted: String,
+    /// Locks the members `cancel_unstarted` cancels, NOWAIT (empty on
+    /// SQLite).
+    lock_unstarted_nowait: String,
     cancel_after_end: String,
     end_batch: String,
     first_failure: String,
@@ -426,6 +429,7 @@ impl ComposeSql {
                 SET total = $2, pending = $3, finished = $4, failed = $5, cancelled = $6 WHERE id = $1"
                 .to_string(),
             cancel_unstarted: cancel_unstarted(d, "batch_id"),
+            lock_unstarted_nowait: lock_unstarted_nowait(d, "batch_id"),
             // Runnable again, and claimed before its batch ended (a row
             // retried by hand after the end is claimed later, and runs).
             // A claim racing the end's transaction either took its rows
@@ -1233,7 +1237,7 @@ impl Store {
             } else {
                 tx.execute(&c.count_member, &[Int(batch_id), Text(bucket.as_str())])
                     .await?;
-                self.settle(tx, batch_id, Some(&ended)).await?;
+                self.settle(tx, batch_id, Some(&ended), locks).await?;
             }
         }
         Ok(true)
@@ -1353,8 +1357,16 @@ impl Store {
     /// Decides whether batch `batch_id` (locked by the caller) ends now, and
     /// if so ends it: fail-fast cancels its unstarted members; its state,
     /// end time and callback are written. `cause` is the member whose end
-    /// led here, if any.
-    async fn settle(&self, tx: &mut Tx, batch_id: i64, cause: Option<&Ended>) -> Result<()> {
+    /// led here, if any. With [`Locks::SetAside`], a member to cancel that
+    /// another session holds locked is not waited for: [`RowLocked`] (the
+    /// batch), nothing written.
+    async fn settle(
+        &self,
+        tx: &mut Tx,
+        batch_id: i64,
+        cause: Option<&Ended>,
+        locks: Locks,
+    ) -> Result<()> {
         let c = self.compose();
         let Some(mut batch) = self.batch_in(tx, batch_id).await? else {
             return Ok(());
@@ -1390,6 +1402,17 @@ impl Store {
                 ),
                 None => format!("cancelled: batch {batch_id} failed"),
             };
+            // An application holding a member locked (its own transaction
+            // on the row) made the cancel wait, and with it the recorder's
+            // every later write and the reaper's pass.
+            if locks == Locks::SetAside && !c.lock_unstarted_nowait.is_empty() {
+                match tx.fetch(&c.lock_unstarted_nowait, &[Int(batch_id)]).await {
+                    Err(error) if lock_not_available(&error) => {
+                        return Err(RowLocked(HeldRow::Batch(batch_id)).into())
+                    }
+                    other => other?,
+                };
+            }
             tx.execute(&c.cancel_unstarted, &[Int(batch_id), Text(&why)])
                 .await?;
             // From the members: counts an application wrote at their
@@ -1566,18 +1589,28 @@ impl Store {
                 .map(|row| row.int(0))
                 .collect::<sqlx::Result<_>>()?
         });
-        for batch_id in &candidates {
+        for &batch_id in &candidates {
             let mut tx = Tx::begin(self).await?;
             self.count_statements(6);
-            tx.execute(&c.lock_batch, &[Int(*batch_id)]).await?;
-            let recounted = self.recount(&mut tx, *batch_id).await?;
-            if let Some(batch) = self.batch_in(&mut tx, *batch_id).await? {
-                if batch.counts != recounted {
-                    self.write_counts(&mut tx, *batch_id, &recounted).await?;
+            // A batch (or a member to cancel) another session holds locked
+            // is left to a later pass: the scheduler runs this pass before
+            // it claims, and waited for an application's transaction.
+            let repaired = async {
+                self.lock_batch(&mut tx, batch_id, Locks::SetAside).await?;
+                let recounted = self.recount(&mut tx, batch_id).await?;
+                if let Some(batch) = self.batch_in(&mut tx, batch_id).await? {
+                    if batch.counts != recounted {
+                        self.write_counts(&mut tx, batch_id, &recounted).await?;
+                    }
+                }
+                self.settle(&mut tx, batch_id, None, Locks::SetAside).await
+            };
+            match unless_locked(repaired.await.map(|()| true))? {
+                Ok(_) => tx.commit().await?,
+                Err(locked) => {
+                    tracing::debug!("batch {batch_id} not repaired in this pass: {locked}")
                 }
             }
-            self.settle(&mut tx, *batch_id, None).await?;
-            tx.commit().await?;
         }
         Ok(candidates.len())
     }
@@ -1617,7 +1650,7 @@ impl Store {
             return Ok(None);
         }
         tx.execute(&c.seal, &[Int(batch_id)]).await?;
-        self.settle(&mut tx, batch_id, None).await?;
+        self.settle(&mut tx, batch_id, None, Locks::Wait).await?;
         let batch = self.batch_in(&mut tx, batch_id).await?;
         tx.commit().await?;
         Ok(batch)

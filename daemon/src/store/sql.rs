@@ -496,10 +496,33 @@ pub(super) fn cancel_unstarted(d: Dialect, owner: &str) -> String {
     format!(
         "UPDATE task_runner_requests \
             SET result = 'CANCELLED', result_text = $2, completed_at = {} \
-          WHERE {owner} = $1 AND pid IS NULL \
+          WHERE {}",
+        d.now(),
+        unstarted_of(owner)
+    )
+}
+
+/// Locks the rows [`cancel_unstarted`] cancels, failing at once where
+/// another session holds one (empty on SQLite, whose transaction excludes
+/// every other writer): for a finalization that must not wait for an
+/// application's lock on a member it would cancel.
+pub(super) fn lock_unstarted_nowait(d: Dialect, owner: &str) -> String {
+    match d.for_update_nowait() {
+        "" => String::new(),
+        nowait => format!(
+            "SELECT id FROM task_runner_requests WHERE {} {nowait}",
+            unstarted_of(owner)
+        ),
+    }
+}
+
+/// The rows of the batch or flow `$1` (`owner`: the column naming it) that
+/// have not started: never run, or waiting for their next try.
+fn unstarted_of(owner: &str) -> String {
+    format!(
+        "{owner} = $1 AND pid IS NULL \
             AND (result IS NULL \
-                 OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED') AND tries < try_limit))",
-        d.now()
+                 OR (result IN ('FAILED', 'CRASHED', 'TIMEOUT', 'INTERRUPTED') AND tries < try_limit))"
     )
 }
 
