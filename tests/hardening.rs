@@ -1350,6 +1350,43 @@ async fn postgres_rows_with_an_infinite_time_stop_no_claim() {
     assert!(daemon.stop().success());
 }
 
+/// SQLite: names an application bound as bytes (Python's `bytes`, a Ruby
+/// string in ASCII-8BIT) are BLOBs, which never equal the same names as
+/// TEXT. A paused type's row written so passed the claim's exclusion of the
+/// paused types and ran. Such names are stored as TEXT now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_names_written_as_bytes_are_held_by_a_pause_as_text_is() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let (code, out, err) = cli(&db, &["pause", "--task", "Thumb"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut daemon = Daemon::start(&db, "d", "tasks:\n  Thumb:\n    command: [/bin/true]\n");
+    // 'Thumb' and 'images' as BLOB literals.
+    let held = db
+        .insert_row(
+            NewRow::new("Thumb")
+                .sql("task_class_name", "X'5468756d62'")
+                .sql("queue", "X'696d61676573'"),
+        )
+        .await;
+    // A row of another type runs: the daemon claimed, and passed it over.
+    let probe = db.enqueue("NoOp", None).await;
+    db.wait_for_state(probe, "FINISHED", WAIT).await;
+    assert_eq!(db.row(held).await.result, None, "{}", daemon.log_text());
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE id = {held} \
+                AND typeof(task_class_name) = 'text' AND task_class_name = 'Thumb' \
+                AND typeof(queue) = 'text' AND queue = 'images'"
+        ))
+        .await,
+        1
+    );
+    let (code, out, err) = cli(&db, &["resume", "--task", "Thumb"]);
+    assert_eq!(code, 0, "{out}{err}");
+    db.wait_for_state(held, "FINISHED", WAIT).await;
+    assert!(daemon.stop().success());
+}
+
 /// The daemon's count of failed database calls (`taskrunner_database_errors_total`).
 fn database_errors(db: &TestDb, daemon: &Daemon) -> u64 {
     let config = daemon.config.display().to_string();
