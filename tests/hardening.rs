@@ -42,6 +42,8 @@ both_backends!(
     status_and_metrics_of_a_stopped_daemon_give_up_after_a_bound,
     rows_that_can_never_run_are_refused_or_flagged_and_never_stall_the_daemon,
     a_program_that_hangs_when_asked_its_types_holds_no_slot_for_ever,
+    a_programs_answer_without_end_is_read_only_to_a_bound,
+    tries_of_an_unknown_type_share_a_re_read_of_the_programs,
     values_the_daemon_would_read_wrongly_are_refused_naming_the_rule,
 );
 
@@ -1862,6 +1864,98 @@ esac
     );
     let pid = read_pid_file(&hung);
     wait_until(WAIT, "the hung program to be gone", || !process_exists(pid));
+    assert!(daemon.stop().success());
+}
+
+/// A program asked its types again (a try of a type the daemon does not
+/// know) that answers without end: its answer is read to a bound, 4 MiB,
+/// as through the daemon's spawner as root. A daemon not run as root (and
+/// one without `user:`) read it all into memory: 100 MiB here, without
+/// bound from a program stuck printing, or a thread for ever from one
+/// whose child kept its output open.
+async fn a_programs_answer_without_end_is_read_only_to_a_bound(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let flood = db.scratch.join("flood-now");
+    let program = db.scratch.join("lister.sh");
+    crate::util::write_executable(
+        &program,
+        format!(
+            r#"#!/bin/sh
+case "$1" in
+--list-tasks)
+    echo Known
+    if [ -e {flood} ]; then head -c 100000000 /dev/zero; fi ;;
+--list-flows) exit 1 ;;
+*) cat > /dev/null; echo known ;;
+esac
+"#,
+            flood = flood.display(),
+        ),
+    );
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!("programs: [{}]\n", program.display()))
+        .start();
+    let known = db.insert_row(NewRow::new("Known").try_limit(1)).await;
+    db.wait_for_state(known, "FINISHED", WAIT).await;
+    let (peak_before, _) = crate::util::memory_kib(daemon.pid());
+    std::fs::write(&flood, "").unwrap();
+    let unknown = db.insert_row(NewRow::new("Unknown").try_limit(1)).await;
+    let row = db.wait_for_state(unknown, "FAILED", WAIT).await;
+    assert!(
+        row.result_text
+            .as_deref()
+            .is_some_and(|text| text.contains("Unknown")),
+        "{row:#?}"
+    );
+    let (peak_after, _) = crate::util::memory_kib(daemon.pid());
+    let grew_mib = peak_after.saturating_sub(peak_before) / 1024;
+    assert!(
+        grew_mib < 40,
+        "the daemon's peak memory grew by {grew_mib} MiB"
+    );
+    assert!(daemon.stop().success());
+}
+
+/// Rows of a type no program knows (a typo in an application): each try
+/// asked every program for its types again, at once, each program booted
+/// once a try (a thousand rows, a thousand boots). Tries that meet an
+/// unknown type while a re-read runs share it.
+async fn tries_of_an_unknown_type_share_a_re_read_of_the_programs(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let asked = db.scratch.join("asked");
+    let program = db.scratch.join("lister.sh");
+    crate::util::write_executable(
+        &program,
+        format!(
+            r#"#!/bin/sh
+case "$1" in
+--list-tasks) echo >> {asked}; sleep 0.5; echo Known ;;
+--list-flows) exit 1 ;;
+*) cat > /dev/null; echo known ;;
+esac
+"#,
+            asked = asked.display(),
+        ),
+    );
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(db.insert_row(NewRow::new("Mistyped").try_limit(1)).await);
+    }
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!(
+            "max_concurrent: 4\nprograms: [{}]\n",
+            program.display()
+        ))
+        .start();
+    for id in ids {
+        db.wait_for_state(id, "FAILED", WAIT).await;
+    }
+    // The daemon's start asks once; each re-read after it, once.
+    let rereads = std::fs::read_to_string(&asked).unwrap().lines().count() - 1;
+    println!("{backend:?}: 20 tries of an unknown type re-read the programs {rereads} times");
+    assert!(rereads <= 8, "{rereads} re-reads for 20 tries");
     assert!(daemon.stop().success());
 }
 

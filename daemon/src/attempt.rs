@@ -371,6 +371,11 @@ fn given_back_short(error: &std::io::Error) -> Verdict {
     }
 }
 
+/// When the last re-read of the programs' task lists ended, and whether it
+/// worked (see [`resolve`]).
+static REREAD: tokio::sync::Mutex<Option<(tokio::time::Instant, bool)>> =
+    tokio::sync::Mutex::const_new(None);
+
 /// Resolves a type; an unknown one makes us re-read the programs' task lists
 /// first (a deploy may have added it). A re-read that failed for the
 /// daemon's own shortage (no descriptor or process to ask a program with)
@@ -387,6 +392,21 @@ async fn resolve(
     if context.config.programs.is_empty() {
         return Ok(None);
     }
+    // One re-read at a time, for every try that met an unknown type while
+    // it ran: a re-read that ended after this try asked, and worked, has
+    // answered for it (before, each try re-read every program, at once:
+    // a thousand rows of a mistyped type booted each program a thousand
+    // times, holding slots and the blocking pool's threads). A type added
+    // by a deploy during that re-read may be missed: the try fails as an
+    // unknown type, counted, and its retry finds it.
+    let asked = tokio::time::Instant::now();
+    let mut last = REREAD.lock().await;
+    if last.is_some_and(|(ended, worked)| worked && ended >= asked) {
+        drop(last);
+        let current = context.setup.borrow().registry.clone();
+        return Ok(current.resolve(&context.config, task));
+    }
+    *last = None;
     let config = context.config.clone();
     let asking = crate::task_types::Asking::Through(
         context.spawner.clone(),
@@ -396,6 +416,7 @@ async fn resolve(
         tokio::task::spawn_blocking(move || Registry::load_asking(&config, &asking)).await;
     match reloaded {
         Ok(Ok(registry)) => {
+            *last = Some((tokio::time::Instant::now(), true));
             let resolved = registry.resolve(&context.config, task);
             // Unless a reload brought a newer setup meanwhile.
             context.setup.send_if_modified(|setup| {

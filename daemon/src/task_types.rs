@@ -337,10 +337,21 @@ fn ask(
                     .map(|(name, value)| (name.as_str(), value.as_str())),
             ),
     );
-    if let (Asking::Through(spawner, runtime), Some((user, gid, groups))) = (asking, &as_user) {
+    // The daemon asks through its spawner, whose reading of the answer is
+    // bounded (4 MiB) and ends with the question's bound: before, a daemon
+    // not run as root asked here, and a program printing without end (or
+    // a child of its that kept its output open) took the daemon's memory,
+    // or a thread for ever.
+    if let Asking::Through(spawner, runtime) = asking {
+        let creds = as_user
+            .as_ref()
+            .map(|(user, gid, groups)| (user.uid, *gid, groups.clone()));
         let answer = runtime
-            .block_on(spawner.ask(program, args, env, (user.uid, *gid, groups.clone()), bound))
-            .with_context(|| format!("asking {question} as {}", user.name))?;
+            .block_on(spawner.ask(program, args, env, creds, bound))
+            .with_context(|| match &as_user {
+                Some((user, ..)) => format!("asking {question} as {}", user.name),
+                None => format!("asking {question}"),
+            })?;
         return answer.ok_or_else(|| {
             anyhow::anyhow!(
                 "{question} did not answer within {}s: killed",
@@ -422,12 +433,24 @@ fn list_tasks(config: &Config, program: &Path, asking: &Asking) -> Result<Vec<St
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
-    Ok(String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty())
-        .map(str::to_string)
-        .collect())
+    // A line no type could be named (control characters, past the columns'
+    // 255 characters: a program printing garbage) refuses the answer, in a
+    // line of its own (before, it was taken as a type, and its every
+    // mention, a log line or a row's text, carried it whole).
+    let mut names = Vec::new();
+    for (number, line) in String::from_utf8_lossy(&output.stdout).lines().enumerate() {
+        let name = line.trim();
+        if name.is_empty() {
+            continue;
+        }
+        let at = format!("{} --list-tasks, line {}", program.display(), number + 1);
+        if name.chars().any(char::is_control) {
+            bail!("{at}: a task type's name has no control characters");
+        }
+        crate::request::name_fits(&at, name).map_err(anyhow::Error::msg)?;
+        names.push(name.to_string());
+    }
+    Ok(names)
 }
 
 /// Runs `program --list-flows` and reads its flows (YAML, the config's

@@ -149,10 +149,12 @@ impl Spawner {
     }
 
     /// Runs a question to a program (`PROGRAM --list-tasks`, `--list-flows`,
-    /// `--help TYPE`) as the user and group the tasks run as, started as a
-    /// task is (clone and exec, environment `env` over the allowlisted
-    /// variables, its own process group), and returns its output and exit
-    /// status; `None` once it ran past `bound` (its group is killed).
+    /// `--help TYPE`) as the user and group the tasks run as (`creds`:
+    /// uid, gid, groups; `None`: as the daemon), started as a task is
+    /// (clone and exec, environment `env` over the allowlisted variables,
+    /// its own process group), and returns its output (at most 4 MiB of
+    /// each stream) and exit status; `None` once it ran past `bound` (its
+    /// group is killed).
     ///
     /// Before, the daemon asked with its own credentials: a daemon run as
     /// root ran a program its tasks run as `user: app` as root at every
@@ -163,7 +165,7 @@ impl Spawner {
         program: &std::path::Path,
         args: &[&str],
         env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
-        (uid, gid, groups): (u32, u32, Vec<u32>),
+        creds: Option<(u32, u32, Vec<u32>)>,
         bound: Duration,
     ) -> std::io::Result<Option<std::process::Output>> {
         use tokio::io::AsyncReadExt;
@@ -174,9 +176,9 @@ impl Spawner {
             args: args.iter().map(|arg| arg.to_string()).collect(),
             env,
             workdir: std::env::current_dir().unwrap_or_else(|_| "/".into()),
-            uid: Some(uid),
-            gid: Some(gid),
-            groups,
+            uid: creds.as_ref().map(|(uid, ..)| *uid),
+            gid: creds.as_ref().map(|(_, gid, _)| *gid),
+            groups: creds.map(|(.., groups)| groups).unwrap_or_default(),
             limits: Default::default(),
             stdin: Vec::new(),
             stdin_fd: None,
