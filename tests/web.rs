@@ -1367,6 +1367,41 @@ async fn metrics_count_finished_and_exhausted_tries(backend: Backend) {
     daemon.stop();
 }
 
+/// A queue whose rows a daemon's metrics showed, drained since: its gauges
+/// read 0. They vanished (the gauges came from the queues with open rows
+/// alone): a dashboard showed no data, and an alert written as `== 0` or
+/// with `absent()` misfired.
+async fn a_drained_queues_gauges_read_zero(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let gate = db.scratch.join("gate");
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "tasks:\n  Gated:\n    command: [/bin/sh, -c, 'while [ ! -e {} ]; do sleep 0.05; done']\n",
+            gate.display()
+        ),
+    );
+    let config = daemon.config.display().to_string();
+    let metrics = || cli(&db, &["--config", &config, "metrics"]).1;
+    let mail = ["queue=\"mail\""];
+    let id = db.insert_row(NewRow::new("Gated").queue("mail")).await;
+    db.wait_for_pid(id, WAIT).await;
+    crate::util::wait_until(WAIT, "the queue's running gauge at 1", || {
+        sample(&metrics(), "taskrunner_queue_running", &mail) == Some(1.0)
+    });
+    std::fs::write(&gate, "").unwrap();
+    db.wait_for_state(id, "FINISHED", WAIT).await;
+    crate::util::wait_until(WAIT, "the drained queue's gauges at 0", || {
+        let text = metrics();
+        sample(&text, "taskrunner_queue_running", &mail) == Some(0.0)
+            && sample(&text, "taskrunner_queue_waiting", &mail) == Some(0.0)
+            && sample(&text, "taskrunner_queue_lag_seconds", &mail) == Some(0.0)
+    });
+    assert_promtool_accepts(&metrics());
+    assert!(daemon.stop().success());
+}
+
 async fn lag_of_a_backlog_enqueued_a_minute_ago(backend: Backend) {
     let db = TestDb::new(backend).await;
     // First, a row that failed an hour ago and whose retry came due 2 s
@@ -1632,6 +1667,7 @@ async fn rows_naming_new_types_and_queues_do_not_grow_the_metrics_without_end(ba
 both_backends!(
     metrics_count_finished_and_exhausted_tries,
     lag_of_a_backlog_enqueued_a_minute_ago,
+    a_drained_queues_gauges_read_zero,
     idle_web_connections_cannot_take_the_daemons_descriptors,
     clients_sending_a_byte_at_a_time_cannot_hold_the_page,
     rows_naming_new_types_and_queues_do_not_grow_the_metrics_without_end,

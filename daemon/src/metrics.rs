@@ -270,6 +270,10 @@ pub(crate) struct QueueGauges {
     cache: tokio::sync::Mutex<Option<(Instant, TableReading)>>,
     /// How long the latest database reading took (for the benchmark).
     pub(crate) last_read: Mutex<Option<Duration>>,
+    /// The queues read with open rows before (at most [`MAX_QUEUES`]): one
+    /// drained since reads 0, where its series vanished, and a dashboard
+    /// showed no data, and an alert on `== 0` or `absent()` misfired.
+    seen: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// What the metrics read from the tables: the queues' stats and the pauses.
@@ -290,8 +294,26 @@ impl QueueGauges {
             }
         }
         let started = Instant::now();
+        let mut stats = store.all_queue_stats(MAX_QUEUES, QUEUE_COUNT_CAP).await?;
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            for stat in &stats {
+                if seen.len() < MAX_QUEUES || seen.contains(&stat.queue) {
+                    seen.insert(stat.queue.clone());
+                }
+            }
+            let drained: Vec<String> = seen
+                .iter()
+                .filter(|queue| !stats.iter().any(|stat| &stat.queue == *queue))
+                .cloned()
+                .collect();
+            stats.extend(drained.into_iter().map(|queue| QueueStats {
+                queue,
+                ..QueueStats::default()
+            }));
+        }
         let reading = TableReading {
-            stats: store.all_queue_stats(MAX_QUEUES, QUEUE_COUNT_CAP).await?,
+            stats,
             pauses: store.pauses().await?,
         };
         *self.last_read.lock().unwrap_or_else(|e| e.into_inner()) = Some(started.elapsed());
