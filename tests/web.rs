@@ -741,6 +741,40 @@ fn the_web_page_refuses_a_public_address_without_auth() {
     assert!(taskrunner::web::check_listen("10.0.0.1:1".parse().unwrap(), true).is_ok());
 }
 
+/// A page whose settings are wrong (a token file that cannot be read, a
+/// public address without auth) stops the daemon's start at once, exit
+/// status 2, as `config check` says, while the database is out. It was read
+/// only once the database answered and the schema was checked: a daemon
+/// started during an outage retried the database for as long as it lasted,
+/// then exited 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_whose_settings_are_wrong_stops_the_start_while_the_database_is_out() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let nowhere = format!(
+        "postgres://taskrunner@127.0.0.1:{}/nowhere",
+        crate::util::free_port()
+    );
+    let missing = db.scratch.join("no-such-token");
+    for http in [
+        format!(
+            "  listen: 127.0.0.1:{}\n  auth:\n    token_file: {}\n",
+            crate::util::free_port(),
+            missing.display()
+        ),
+        format!("  listen: 0.0.0.0:{}\n", crate::util::free_port()),
+    ] {
+        let (code, log) = db
+            .daemon("d")
+            .yaml(&format!("database_url: {nowhere}\nhttp:\n{http}"))
+            .refused();
+        assert_eq!(code, Some(2), "{log}");
+        assert!(
+            log.contains("http.auth.token_file") || log.contains("without http.auth"),
+            "{log}"
+        );
+    }
+}
+
 /// One HTTP request on loopback with `headers`; the status code and body.
 fn http_request(
     port: u16,

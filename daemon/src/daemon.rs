@@ -78,6 +78,10 @@ pub async fn run(
     on_ready: impl FnOnce(),
 ) -> Result<()> {
     let shutdown = triggers.shutdown.clone();
+    // The page's settings are the config's: checked before the database is
+    // (before, a token file that could not be read was found only once the
+    // database answered, after an outage that lasted).
+    crate::web::check_settings(&config, config.http.as_ref().and_then(|http| http.listen))?;
     let store = Store::open(&config.database_url, Purpose::Daemon)?;
     store.set_hooks(config.hooks());
     store.set_max_options(config.max_options);

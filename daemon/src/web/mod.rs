@@ -160,7 +160,10 @@ pub(crate) fn check_settings(
     listening: Option<SocketAddr>,
 ) -> Result<()> {
     let auth = config.http.as_ref().and_then(|http| http.auth.as_ref());
-    credentials(auth)?;
+    // The file's fault, as `config check` reports it (exit status 2).
+    credentials(auth).map_err(|error| {
+        anyhow::Error::new(crate::usage::UsageError(crate::error_line(&error)))
+    })?;
     match listening {
         Some(address) => check_listen(address, auth.is_some()),
         None => Ok(()),
