@@ -719,6 +719,7 @@ both_backends!(
     a_cancel_from_the_page_stops_a_running_task_at_once,
     a_bulk_action_longer_than_its_connection_is_carried_out_and_logged,
     a_flow_board_shows_each_step_its_revert_and_what_it_provided,
+    a_task_process_cannot_act_through_the_page,
 );
 
 #[test]
@@ -773,6 +774,82 @@ async fn a_page_whose_settings_are_wrong_stops_the_start_while_the_database_is_o
             "{log}"
         );
     }
+}
+
+/// A task process reaches the page on loopback as any local process does:
+/// one read the page's CSRF token from its form and purged every ended row
+/// (or could cancel or pause every one), where the daemon keeps its
+/// database out of its tasks' reach and refuses their `stop` on its socket.
+/// An action from a task process of the daemon is refused now; the same
+/// action from another process is carried out.
+async fn a_task_process_cannot_act_through_the_page(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let port = crate::util::free_port();
+    let ended = |backend| {
+        NewRow::new("NoOp")
+            .result("FINISHED")
+            .tries(1)
+            .sql("completed_at", crate::util::sql_ago(backend, 3600))
+    };
+    db.insert_row(ended(backend)).await;
+    let script = db.scratch.join("purge.py");
+    std::fs::write(
+        &script,
+        r#"import re, sys, urllib.error, urllib.request
+page = "http://127.0.0.1:" + sys.argv[1]
+form = urllib.request.urlopen(page + "/").read().decode()
+token = re.search(r'name="csrf" value="([0-9a-f]+)"', form).group(1)
+purge = urllib.request.Request(page + "/purge", data=("csrf=" + token + "&older_than=0s").encode())
+try:
+    print(urllib.request.urlopen(purge).status)
+except urllib.error.HTTPError as error:
+    print(error.code)
+"#,
+    )
+    .unwrap();
+    let mut daemon = Daemon::start(
+        &db,
+        "d",
+        &format!(
+            "http:\n  listen: 127.0.0.1:{port}\ntasks:\n  Purger:\n    command: [python3, {}, '{port}']\n",
+            script.display()
+        ),
+    );
+    daemon.wait_for_log("web page on http://", WAIT);
+    let id = db.enqueue("Purger", None).await;
+    let row = db.wait_for_state(id, "FINISHED", WAIT).await;
+    assert_eq!(
+        row.result_text.as_deref().map(str::trim),
+        Some("403"),
+        "{row:#?}"
+    );
+    let count_ended = "SELECT count(*) FROM task_runner_requests WHERE result = 'FINISHED'";
+    assert_eq!(db.scalar(count_ended).await, 2, "{}", daemon.log_text());
+    assert!(
+        daemon
+            .log_text()
+            .contains("web: refused an action from a task process of this daemon"),
+        "{}",
+        daemon.log_text()
+    );
+    // The test itself is no task of the daemon's.
+    let page = http_request(port, "GET", "/", &[], "").1;
+    let token = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_string();
+    let (status, body) = http_request(
+        port,
+        "POST",
+        "/purge",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        &format!("csrf={token}&older_than=0s"),
+    );
+    assert!(status < 400, "{status}: {body}");
+    assert_eq!(db.scalar(count_ended).await, 0);
+    assert!(daemon.stop().success());
 }
 
 /// One HTTP request on loopback with `headers`; the status code and body.

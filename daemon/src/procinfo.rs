@@ -196,6 +196,12 @@ pub(crate) fn runs_our_executable(pid: i64) -> bool {
 /// The inodes of the pipes process `pid` has open (`pipe:[INODE]` in
 /// `/proc/PID/fd`); empty if its descriptors cannot be read.
 pub(crate) fn pipes_held(pid: i64) -> Vec<u64> {
+    held(pid, "pipe")
+}
+
+/// The inodes of the open files of `kind` (`pipe`, `socket`) of process
+/// `pid`: `KIND:[INODE]` in `/proc/PID/fd`.
+fn held(pid: i64, kind: &str) -> Vec<u64> {
     let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return Vec::new();
     };
@@ -204,12 +210,68 @@ pub(crate) fn pipes_held(pid: i64) -> Vec<u64> {
             let target = std::fs::read_link(entry.ok()?.path()).ok()?;
             let target = target.to_str()?;
             target
-                .strip_prefix("pipe:[")?
+                .strip_prefix(kind)?
+                .strip_prefix(":[")?
                 .strip_suffix(']')?
                 .parse()
                 .ok()
         })
         .collect()
+}
+
+/// The process at the other end of a TCP connection on this machine whose
+/// ends are `peer` (its end) and `local` (ours): the socket in
+/// `/proc/net/tcp` (or `tcp6`) with those ends, then the process holding
+/// it. `None` when it is not found (another machine's, gone, or a process
+/// this one may not see).
+pub(crate) fn tcp_peer_pid(peer: std::net::SocketAddr, local: std::net::SocketAddr) -> Option<i64> {
+    let plain = |address: std::net::SocketAddr| match address.ip() {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, |v4| {
+            std::net::SocketAddr::new(std::net::IpAddr::V4(v4), address.port())
+        }),
+        std::net::IpAddr::V4(_) => address,
+    };
+    let (peer, local) = (plain(peer), plain(local));
+    let inode = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .find_map(|table| {
+            let text = std::fs::read_to_string(table).ok()?;
+            text.lines().skip(1).find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let (ours, theirs, inode) = (fields.get(1)?, fields.get(2)?, fields.get(9)?);
+                (parse_proc_address(ours)? == peer && parse_proc_address(theirs)? == local)
+                    .then(|| inode.parse::<u64>().ok())
+                    .flatten()
+                    .filter(|inode| *inode != 0)
+            })
+        })?;
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i64>().ok())
+        .find(|pid| held(*pid, "socket").contains(&inode))
+}
+
+/// An address of `/proc/net/tcp`: `0100007F:1F90` (the IPv4 address as a
+/// little-endian word, the port big-endian), or 32 hex digits of IPv6 in
+/// four such words. An IPv4 address mapped into IPv6 is read as IPv4 (a
+/// listener on `::` accepts IPv4 peers so).
+fn parse_proc_address(text: &str) -> Option<std::net::SocketAddr> {
+    let (address, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Vec<u32> = (0..address.len() / 8)
+        .map(|i| u32::from_str_radix(address.get(i * 8..i * 8 + 8)?, 16).ok())
+        .collect::<Option<_>>()?;
+    let bytes: Vec<u8> = words.iter().flat_map(|word| word.to_le_bytes()).collect();
+    let ip = match bytes.len() {
+        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => {
+            let v6 = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?);
+            v6.to_ipv4_mapped()
+                .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4)
+        }
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(ip, port))
 }
 
 /// Seconds since the epoch at which the process started, from its ticks.
@@ -331,6 +393,36 @@ pub(crate) fn probe(identity: &Identity) -> Probe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_of_proc_net_tcp_are_read() {
+        let read = |text| parse_proc_address(text).map(|address| address.to_string());
+        assert_eq!(read("0100007F:1F90").as_deref(), Some("127.0.0.1:8080"));
+        assert_eq!(
+            read("00000000000000000000000001000000:1F90").as_deref(),
+            Some("[::1]:8080")
+        );
+        assert_eq!(
+            read("0000000000000000FFFF00000100007F:0050").as_deref(),
+            Some("127.0.0.1:80")
+        );
+        assert_eq!(read("0100007F"), None);
+        assert_eq!(read("zz00007F:1F90"), None);
+    }
+
+    /// The process at the other end of a loopback connection is found: this
+    /// one, at both ends.
+    #[test]
+    fn the_peer_of_a_loopback_connection_is_found() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, peer) = listener.accept().unwrap();
+        assert_eq!(peer, client.local_addr().unwrap());
+        assert_eq!(
+            tcp_peer_pid(peer, server.local_addr().unwrap()),
+            Some(i64::from(std::process::id()))
+        );
+    }
 
     #[test]
     fn start_ticks_survive_odd_command_names() {

@@ -162,26 +162,10 @@ impl Answering {
 }
 
 /// The pid of the peer (`SO_PEERCRED`) if it is a task process of this
-/// daemon: a descendant of the daemon, or a member of a running try's
-/// process group whose parent has gone. A task that left its group and
-/// its parent (`setsid` and a double fork) is not recognised.
+/// daemon (see [`View::is_task_process`]).
 fn peer_task(shared: &View, connection: &Stream) -> Option<i64> {
     let pid = i64::from(connection.peer_creds().ok()?.pid()?);
-    let daemon = i64::from(std::process::id());
-    let groups = shared.tries.pids();
-    let mut current = pid;
-    // Up the parent chain: a task process is a descendant of the daemon.
-    for _ in 0..64 {
-        if current <= 1 || current == daemon {
-            return None;
-        }
-        let (parent, group) = crate::procinfo::parent_and_group(current)?;
-        if parent == daemon || groups.contains(&group) {
-            return Some(pid);
-        }
-        current = parent;
-    }
-    None
+    shared.is_task_process(pid).then_some(pid)
 }
 
 async fn status(shared: &View) -> Status {

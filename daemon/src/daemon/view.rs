@@ -77,6 +77,32 @@ impl View {
     }
 }
 
+impl View {
+    /// Whether process `pid` is a task process of this daemon: a
+    /// descendant of the daemon, or a member of a running try's process
+    /// group whose parent has gone. A task that left its group and its
+    /// parent (`setsid` and a double fork) is not recognised.
+    pub(super) fn is_task_process(&self, pid: i64) -> bool {
+        let daemon = i64::from(std::process::id());
+        let groups = self.tries.pids();
+        let mut current = pid;
+        // Up the parent chain: a task process is a descendant of the daemon.
+        for _ in 0..64 {
+            if current <= 1 || current == daemon {
+                return false;
+            }
+            let Some((parent, group)) = crate::procinfo::parent_and_group(current) else {
+                return false;
+            };
+            if parent == daemon || groups.contains(&group) {
+                return true;
+            }
+            current = parent;
+        }
+        false
+    }
+}
+
 impl crate::web::Daemon for View {
     fn wake(&self) {
         View::wake(self)
@@ -97,5 +123,9 @@ impl crate::web::Daemon for View {
         &self,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(View::read_pauses(self))
+    }
+
+    fn is_task_process(&self, pid: i64) -> bool {
+        View::is_task_process(self, pid)
     }
 }

@@ -64,6 +64,10 @@ pub trait Daemon: Send + Sync {
     fn read_pauses(
         &self,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
+    /// Whether process `pid` is one of the daemon's task processes: they
+    /// may not act through the page (as they may not stop the daemon
+    /// through its socket).
+    fn is_task_process(&self, pid: i64) -> bool;
 }
 
 /// What the handlers share.
@@ -161,9 +165,8 @@ pub(crate) fn check_settings(
 ) -> Result<()> {
     let auth = config.http.as_ref().and_then(|http| http.auth.as_ref());
     // The file's fault, as `config check` reports it (exit status 2).
-    credentials(auth).map_err(|error| {
-        anyhow::Error::new(crate::usage::UsageError(crate::error_line(&error)))
-    })?;
+    credentials(auth)
+        .map_err(|error| anyhow::Error::new(crate::usage::UsageError(crate::error_line(&error))))?;
     match listening {
         Some(address) => check_listen(address, auth.is_some()),
         None => Ok(()),
@@ -302,17 +305,23 @@ struct Admitting {
     idle_timeout: Duration,
 }
 
-/// The remote address of a connection, for the log of each action.
+/// The remote address of a connection, for the log of each action, and
+/// the page's own end of it.
 #[derive(Clone, Copy, Debug)]
-struct Remote(SocketAddr);
+struct Remote(SocketAddr, SocketAddr);
 
 impl Admitting {
-    async fn accept(&mut self) -> (crate::connections::Held<tokio::net::TcpStream>, SocketAddr) {
+    async fn accept(&mut self) -> (crate::connections::Held<tokio::net::TcpStream>, Remote) {
         let listener = &self.listener;
         let ((stream, address), place) = self.gate.admit(|| listener.accept()).await;
+        // This end, as the peer's socket names it (not the listener's
+        // 0.0.0.0): how the peer's process is found (see `guard`).
+        let local = stream
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         (
             crate::connections::Held::new(stream, place, self.idle_timeout),
-            address,
+            Remote(address, local),
         )
     }
 }
@@ -362,7 +371,7 @@ impl Server {
             let service = hyper_util::service::TowerToHyperService::new(
                 routes
                     .clone()
-                    .layer(axum::Extension(axum::extract::ConnectInfo(Remote(remote)))),
+                    .layer(axum::Extension(axum::extract::ConnectInfo(remote))),
             );
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -411,10 +420,11 @@ pub fn router(web: Arc<Web>) -> Router {
 
 /// Authentication, read-only mode, CSRF and Origin checks, security headers.
 async fn guard(State(web): State<Arc<Web>>, mut request: Request, next: Next) -> Response {
-    let remote = request
+    let ends = request
         .extensions()
         .get::<axum::extract::ConnectInfo<Remote>>()
-        .map_or("-".to_string(), |info| info.0 .0.to_string());
+        .map(|info| info.0);
+    let remote = ends.map_or("-".to_string(), |Remote(remote, _)| remote.to_string());
     let user = match authenticate(&web, request.headers()).await {
         Ok(user) => user,
         Err(()) => {
@@ -450,6 +460,28 @@ async fn guard(State(web): State<Arc<Web>>, mut request: Request, next: Next) ->
                 )
                     .into_response(),
             );
+        }
+        if let (Some(daemon), Some(Remote(peer, local))) = (&web.daemon, ends) {
+            // A task process reaches loopback too: without this, one could
+            // read the page's token from a form and purge, cancel or pause
+            // every row, where the daemon keeps its database from tasks.
+            let peer_pid =
+                tokio::task::spawn_blocking(move || crate::procinfo::tcp_peer_pid(peer, local))
+                    .await
+                    .ok()
+                    .flatten();
+            if let Some(pid) = peer_pid.filter(|pid| daemon.is_task_process(*pid)) {
+                tracing::warn!(%remote, %user, peer = pid, path = %request.uri().path(), "web: refused an action from a task process of this daemon");
+                return secure(
+                    (
+                        StatusCode::FORBIDDEN,
+                        format!(
+                            "refused: an action from a task process of this daemon (pid {pid})\n"
+                        ),
+                    )
+                        .into_response(),
+                );
+            }
         }
         if !same_origin(request.headers()) {
             tracing::warn!(%remote, %user, path = %request.uri().path(), "web: refused an action from another origin");
