@@ -363,7 +363,9 @@ async fn kill_remnants(identity: &Identity) -> Result<usize, Left> {
     let (Some(boot), Some(started)) = (&identity.boot_id, identity.start_ticks) else {
         return Ok(0);
     };
-    if *boot != procinfo::boot_id() || !procinfo::is_gone(identity.pid) {
+    // A pid an application wrote (0, 1, negative) names no task's group:
+    // 0 is the kernel threads' group, whose members it walked and killed.
+    if identity.pid <= 1 || *boot != procinfo::boot_id() || !procinfo::is_gone(identity.pid) {
         return Ok(0);
     }
     let mut killed = std::collections::HashSet::new();
@@ -388,4 +390,26 @@ async fn kill_remnants(identity: &Identity) -> Result<usize, Left> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(killed.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A row an application wrote with pid 0 (or 1, or below) and this
+    /// boot's id: no process group of a task's. Group 0 is the kernel
+    /// threads': the reaper walked `/proc` for two seconds and "killed"
+    /// them (as root; otherwise it left the row running for ever).
+    #[tokio::test]
+    async fn a_pid_no_task_can_have_leaves_nothing_to_kill() {
+        for pid in [-5, 0, 1] {
+            let identity = Identity {
+                pid,
+                boot_id: Some(procinfo::boot_id()),
+                start_ticks: Some(0),
+                started_at: None,
+            };
+            assert!(matches!(kill_remnants(&identity).await, Ok(0)), "pid {pid}");
+        }
+    }
 }

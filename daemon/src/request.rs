@@ -326,6 +326,12 @@ impl Backoff {
     /// rows that failed together are spread evenly, and one try's delay is
     /// the same however often it is computed.
     pub(crate) fn seconds(&self, id: RequestId, tries: i64) -> f64 {
+        // No delay grows into none (0 × an infinite power is not a number,
+        // which read as a day: `retry_delay: 0s` with a multiplier of 3
+        // waited a day from the 650th try on).
+        if self.delay.is_zero() {
+            return 0.0;
+        }
         let exponent = (tries.max(1) - 1).min(1_000) as i32;
         let delay = self.delay.as_secs_f64() * self.multiplier.powi(exponent);
         let delay = delay * (1.0 + self.jitter * (2.0 * unit_hash(id, tries) - 1.0));
@@ -426,6 +432,15 @@ mod tests {
         assert_eq!(retrying(10.0, 2.0, 0.0).seconds(RequestId(7), 0), 10.0);
         for id in 0..1_000 {
             assert!(retrying(10.0, 2.0, 1.0).seconds(RequestId(id), 1) >= 0.0);
+        }
+    }
+
+    /// `retry_delay: 0s` waits no time at any try: 0 × 3^649 is not a
+    /// number, which waited a day.
+    #[test]
+    fn no_delay_stays_none_at_any_try() {
+        for tries in [1, 2, 649, 650, 5_000] {
+            assert_eq!(retrying(0.0, 3.0, 0.1).seconds(RequestId(7), tries), 0.0);
         }
     }
 
