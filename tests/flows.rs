@@ -23,7 +23,6 @@ both_backends!(
     a_step_whose_output_would_outgrow_the_flows_store_reverts_the_flow_saying_why,
     a_step_row_the_database_refuses_ends_its_flow_failed_and_holds_up_no_outcome,
     cancel_revert_of_a_flow_whose_step_never_started_reverts_only_the_finished_ones,
-    a_step_cancelled_by_plain_sql_before_it_ran_is_not_reverted,
 );
 
 const LONG: Duration = Duration::from_secs(60);
@@ -607,62 +606,6 @@ async fn cancel_revert_of_a_flow_whose_step_never_started_reverts_only_the_finis
     assert_eq!(code, 0, "{out}{err}");
     let flow = wait_for_flow(&db, id, "CANCELLED", LONG).await;
     assert_eq!(log_words(&log), ["e1", "r1"], "{flow:?}");
-    assert!(daemon.stop().success());
-}
-
-/// A waiting step cancelled by plain SQL (`cancel_requested_at`, as the
-/// README allows for any row): its claim ends it CANCELLED "before it ran",
-/// and the flow reverts. The claim had set the step's `started_at`, by
-/// which the step was taken to have started, and its revert ran first
-/// (`e1 r2 r1`), undoing what was there before the flow. A step whose
-/// try's process never ran, and that has no earlier try, is not reverted.
-async fn a_step_cancelled_by_plain_sql_before_it_ran_is_not_reverted(backend: Backend) {
-    let db = TestDb::new(backend).await;
-    let log = db.scratch.join("steps.log");
-    let config = format!(
-        "tasks:\n{}{}{}{}flows:\n  two:\n    steps:\n      - {{ name: s1, task: E1, revert: R1 }}\n      - {{ name: s2, task: E2, revert: R2 }}\n",
-        sh_task("E1", &format!("echo e1 >> {}", log.display())),
-        sh_task("E2", &format!("echo e2 >> {}", log.display())),
-        sh_task("R1", &format!("echo r1 >> {}", log.display())),
-        sh_task("R2", &format!("echo r2 >> {}", log.display())),
-    );
-    let (code, out, err) = cli(&db, &["pause", "--task", "E2"]);
-    assert_eq!(code, 0, "{out}{err}");
-    let mut daemon = Daemon::start(&db, "d", &config);
-    let id = insert_flow(&db, "two", None).await;
-    let second_step = format!("flow_id = {id} AND flow_step = 1 AND flow_action = 'execute'");
-    db.wait_for_count(
-        &format!(
-            "SELECT count(*) FROM task_runner_requests WHERE {second_step} AND result IS NULL"
-        ),
-        1,
-        LONG,
-    )
-    .await;
-    db.execute(&format!(
-        "UPDATE task_runner_requests SET cancel_requested_at = {} WHERE {second_step}",
-        crate::util::sql_now_plus(backend, 0)
-    ))
-    .await;
-    let (code, out, err) = cli(&db, &["resume", "--task", "E2"]);
-    assert_eq!(code, 0, "{out}{err}");
-    db.wait_for_count(
-        &format!(
-            "SELECT count(*) FROM task_runner_flows WHERE id = {id} \
-              AND state IS NOT NULL AND state NOT IN ('RUNNING', 'REVERTING')"
-        ),
-        1,
-        LONG,
-    )
-    .await;
-    let step = db
-        .scalar(&format!(
-            "SELECT count(*) FROM task_runner_requests WHERE {second_step} AND result = 'CANCELLED' \
-                AND result_text LIKE 'cancelled before it ran%'"
-        ))
-        .await;
-    assert_eq!(step, 1, "{}", daemon.log_text());
-    assert_eq!(log_words(&log), ["e1", "r1"]);
     assert!(daemon.stop().success());
 }
 

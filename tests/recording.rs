@@ -29,7 +29,6 @@ fn outcome(id: RequestId, token: &ClaimToken, state: State, give_back_try: bool)
         result_text: format!("{state:?}"),
         retry_after: None,
         give_back_try,
-        ran: !give_back_try,
         composed: false,
     })
 }

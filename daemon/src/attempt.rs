@@ -55,7 +55,6 @@ pub(crate) fn outcome(
         result_text: verdict.result_text.clone(),
         retry_after,
         give_back_try: verdict.state == State::Interrupted,
-        ran: verdict.spawn_took.is_some(),
         composed: row.batch_id.is_some() || hooked,
     }
 }

@@ -374,7 +374,6 @@ impl Heartbeat {
                     .into(),
                 retry_after: None,
                 give_back_try: true,
-                ran: false,
                 // A cancel written meanwhile makes it CANCELLED, and its
                 // flow's next step or next occurrence comes with that (rare:
                 // the finalization path's lookup costs nothing to a plain row).

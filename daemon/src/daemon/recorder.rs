@@ -481,7 +481,6 @@ mod tests {
             result_text: String::new(),
             retry_after: None,
             give_back_try: false,
-            ran: true,
             composed: false,
         })
     }

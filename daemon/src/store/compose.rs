@@ -1093,15 +1093,7 @@ impl Store {
             let final_now = self.follow_up(&mut tx, ending, batch_id, locks).await?;
             if let (Some(flow_id), true) = (flow_id, final_now) {
                 // The flow's next row (or its end), from its position.
-                let last_try = match ending {
-                    Ending::Outcome(outcome) => Some(super::flow::LastTry {
-                        id: outcome.id,
-                        ran: outcome.ran,
-                        counted: !outcome.give_back_try,
-                    }),
-                    _ => None,
-                };
-                self.advance_flow(&mut tx, flow_id, last_try).await?;
+                self.advance_flow(&mut tx, flow_id).await?;
             }
         }
         tx.commit().await?;

@@ -186,12 +186,11 @@ impl FlowSql {
             // every row of the table, under the flow's lock, at each step's
             // end. The latest row, should plain SQL have copied one.
             step_by_key: format!(
-                "SELECT {}, result, result_text, {}, {}, {} FROM task_runner_requests \
+                "SELECT {}, result, result_text, {}, {} FROM task_runner_requests \
                   WHERE flow_id = $2 AND unique_key = $1 ORDER BY id DESC LIMIT 1",
                 d.int64("id"),
                 d.int64(&format!("CASE WHEN {} THEN 1 ELSE 0 END", unfinished(""))),
-                d.int64("CASE WHEN started_at IS NULL THEN 0 ELSE 1 END"),
-                d.int64("tries")
+                d.int64("CASE WHEN started_at IS NULL THEN 0 ELSE 1 END")
             ),
             insert_step: format!(
                 "{insert_or_ignore} INTO task_runner_requests \
@@ -300,33 +299,6 @@ struct AtPosition {
     /// A try of it was claimed once at least (`started_at` is set by the
     /// claim alone): it may have done part of its work.
     started: bool,
-    tries: i64,
-}
-
-/// What the finalization knows of the try that just ended a flow's row,
-/// beyond the row: whether a process of it ran, and whether it counted.
-/// A step whose last try never ran one (cancelled before it started,
-/// REJECTED, its type unknown) and which has no earlier counted try did
-/// none of its work, and is not reverted, though its claim set its
-/// `started_at`.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct LastTry {
-    pub(super) id: crate::request::RequestId,
-    pub(super) ran: bool,
-    pub(super) counted: bool,
-}
-
-impl AtPosition {
-    /// Whether a try of the row may have done part of its work: one was
-    /// claimed, and unless `last_try` (of this row) says its process never
-    /// ran, an earlier counted one was (which may have run: an earlier try
-    /// is taken to have, as one the finalization does not know of).
-    fn may_have_worked(&self, last_try: Option<LastTry>) -> bool {
-        match last_try {
-            Some(last) if last.id.0 == self.id => last.ran || self.tries > i64::from(last.counted),
-            _ => self.started,
-        }
-    }
 }
 
 /// The longest chain of moves one advance makes (each move either creates
@@ -388,13 +360,7 @@ impl Store {
 
     /// Moves flow `flow_id` (locked by the caller) on from its current
     /// position as far as the rows allow: see the module's comment.
-    /// `last_try`: the try whose outcome the caller just wrote, if it did.
-    pub(super) async fn advance_flow(
-        &self,
-        tx: &mut Tx,
-        flow_id: i64,
-        last_try: Option<LastTry>,
-    ) -> Result<()> {
+    pub(super) async fn advance_flow(&self, tx: &mut Tx, flow_id: i64) -> Result<()> {
         let f = self.flow_sql();
         for _ in 0..MAX_MOVES {
             let Some(flow) = self.flow_in(tx, flow_id).await? else {
@@ -550,7 +516,7 @@ impl Store {
                     // --revert`) is not reverted: its revert would undo
                     // what was there before the flow (an earlier install,
                     // or the revert of an earlier attempt, run twice).
-                    let from = if at.may_have_worked(last_try) {
+                    let from = if at.started {
                         step as i64
                     } else {
                         step as i64 - 1
@@ -862,7 +828,7 @@ impl Store {
             let snapshot = serde_yaml::to_string(definition).unwrap_or_default();
             tx.execute(&f.take_flow, &[Int(flow.id), Text(&store), Text(&snapshot)])
                 .await?;
-            self.advance_flow(&mut tx, flow.id, None).await?;
+            self.advance_flow(&mut tx, flow.id).await?;
             tx.commit().await?;
             tracing::info!(flow = flow.id, name = %flow.name, "flow {} ({}) started", flow.id, flow.name);
         }
@@ -891,7 +857,7 @@ impl Store {
             let mut tx = Tx::begin(self).await?;
             self.count_statements(6);
             if self.lock_flow(&mut tx, *flow_id).await? {
-                self.advance_flow(&mut tx, *flow_id, None).await?;
+                self.advance_flow(&mut tx, *flow_id).await?;
             }
             tx.commit().await?;
         }
@@ -1065,7 +1031,7 @@ impl Store {
                 .await?;
                 tx.execute(&f.cancel_running, &[Int(flow_id)]).await?;
             }
-            self.advance_flow(&mut tx, flow_id, None).await?;
+            self.advance_flow(&mut tx, flow_id).await?;
         }
         let state = self
             .flow_in(&mut tx, flow_id)
@@ -1084,7 +1050,6 @@ fn at_position(row: &AnyRow) -> sqlx::Result<AtPosition> {
         result_text: row.opt_text(2)?,
         open: row.int(3)? != 0,
         started: row.int(4)? != 0,
-        tries: row.int(5)?,
     })
 }
 

@@ -111,9 +111,6 @@ pub struct Outcome {
     pub retry_after: Option<f64>,
     /// The try does not count (INTERRUPTED): `tries` goes back down by one.
     pub give_back_try: bool,
-    /// A process of the try's program ran (it may have done part of its
-    /// work): a flow step whose tries never ran one is not reverted.
-    pub ran: bool,
     /// This outcome may end the request with follow-ups (its batch, its
     /// flow, its callbacks, `on_exhausted`, its next periodic occurrence),
     /// if only through a cancel written while it ran: it is
@@ -823,7 +820,6 @@ mod tests {
             result_text: text.into(),
             retry_after: None,
             give_back_try: false,
-            ran: true,
             composed: false,
         };
         let holds = |outcome: Outcome| {
