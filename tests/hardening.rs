@@ -1389,6 +1389,54 @@ async fn sqlite_names_written_as_bytes_are_held_by_a_pause_as_text_is() {
     assert!(daemon.stop().success());
 }
 
+/// SQLite: the upgrade to migration 0019 on rows written before it: an open
+/// row whose `unique_key` was written as bytes beside an open row with the
+/// same key as text (which a BLOB never equalled, so both were taken). The
+/// upgrade stores names as text; that key it leaves as it is, and the
+/// upgrade goes through (its first form's own trigger converted it, and
+/// the unique index refused: no daemon could start). An update of that
+/// row's other names leaves it as it is too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_the_upgrade_storing_names_as_text_goes_through_a_key_with_a_text_twin() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.execute("DROP TRIGGER task_runner_requests_names_as_text_insert")
+        .await;
+    db.execute("DROP TRIGGER task_runner_requests_names_as_text_update")
+        .await;
+    let blob = db
+        .insert_row(
+            NewRow::new("Keyed")
+                .sql("unique_key", "X'6b6579'")
+                .sql("queue", "X'696d61676573'"),
+        )
+        .await;
+    db.insert_row(NewRow::new("Keyed").text("unique_key", "key"))
+        .await;
+    db.execute("DELETE FROM task_runner_schema_migrations WHERE version >= 19")
+        .await;
+    let (status, stdout, stderr) = cli(&db, &["migrate"]);
+    assert_eq!(status, 0, "{stdout}{stderr}");
+    let kinds = |id| {
+        format!(
+            "SELECT count(*) FROM task_runner_requests WHERE id = {id} \
+                AND typeof(queue) = 'text' AND queue = 'images' AND typeof(unique_key) = 'blob'"
+        )
+    };
+    assert_eq!(db.scalar(&kinds(blob)).await, 1);
+    db.execute(&format!(
+        "UPDATE task_runner_requests SET queue = X'6d61696c' WHERE id = {blob}"
+    ))
+    .await;
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM task_runner_requests WHERE id = {blob} \
+                AND typeof(queue) = 'text' AND queue = 'mail' AND typeof(unique_key) = 'blob'"
+        ))
+        .await,
+        1
+    );
+}
+
 /// The daemon's count of failed database calls (`taskrunner_database_errors_total`).
 fn database_errors(db: &TestDb, daemon: &Daemon) -> u64 {
     let config = daemon.config.display().to_string();
