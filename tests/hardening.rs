@@ -44,6 +44,7 @@ both_backends!(
     a_program_that_hangs_when_asked_its_types_holds_no_slot_for_ever,
     a_programs_answer_without_end_is_read_only_to_a_bound,
     tries_of_an_unknown_type_share_a_re_read_of_the_programs,
+    tries_of_an_unknown_type_share_a_re_read_that_fails,
     values_the_daemon_would_read_wrongly_are_refused_naming_the_rule,
 );
 
@@ -2004,6 +2005,51 @@ esac
     let rereads = std::fs::read_to_string(&asked).unwrap().lines().count() - 1;
     println!("{backend:?}: 20 tries of an unknown type re-read the programs {rereads} times");
     assert!(rereads <= 8, "{rereads} re-reads for 20 tries");
+    assert!(daemon.stop().success());
+}
+
+/// The same tries when the re-read fails (here a program that hangs when
+/// asked again, killed after its bound, 3 s here): the tries that waited
+/// for it take its failure as their answer. Each did its own in turn, a
+/// bound apiece: six rows took six bounds, holding their claims.
+async fn tries_of_an_unknown_type_share_a_re_read_that_fails(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let asked = db.scratch.join("asked");
+    let program = db.scratch.join("lister.sh");
+    crate::util::write_executable(
+        &program,
+        format!(
+            r#"#!/bin/sh
+case "$1" in
+--list-tasks)
+    echo >> {asked}
+    if [ "$(wc -l < {asked})" -gt 1 ]; then exec sleep 3600; fi
+    echo Known ;;
+--list-flows) exit 1 ;;
+*) cat > /dev/null; echo known ;;
+esac
+"#,
+            asked = asked.display(),
+        ),
+    );
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(db.insert_row(NewRow::new("Mistyped").try_limit(1)).await);
+    }
+    let mut daemon = db
+        .daemon("d")
+        .yaml(&format!(
+            "max_concurrent: 4\nprograms: [{}]\n",
+            program.display()
+        ))
+        .env("TASKRUNNER_TEST_ASK_TIMEOUT_MS", "3000")
+        .start();
+    for id in ids {
+        db.wait_for_state(id, "FAILED", Duration::from_secs(60))
+            .await;
+    }
+    let rereads = std::fs::read_to_string(&asked).unwrap().lines().count() - 1;
+    assert!(rereads <= 3, "{rereads} failed re-reads for 6 tries");
     assert!(daemon.stop().success());
 }
 

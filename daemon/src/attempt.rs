@@ -370,10 +370,21 @@ fn given_back_short(error: &std::io::Error) -> Verdict {
     }
 }
 
-/// When the last re-read of the programs' task lists ended, and whether it
-/// worked (see [`resolve`]).
-static REREAD: tokio::sync::Mutex<Option<(tokio::time::Instant, bool)>> =
+/// When the last re-read of the programs' task lists ended, and how (see
+/// [`resolve`]).
+static REREAD: tokio::sync::Mutex<Option<(tokio::time::Instant, Reread)>> =
     tokio::sync::Mutex::const_new(None);
+
+/// How a re-read of the programs' task lists ended.
+#[derive(Debug, Clone)]
+enum Reread {
+    /// The registry was replaced with what the programs said.
+    Found,
+    /// It failed: a type not known before stays unknown.
+    Failed,
+    /// It failed for the daemon's own shortage (why): the try is given back.
+    Short(String),
+}
 
 /// Resolves a type; an unknown one makes us re-read the programs' task lists
 /// first (a deploy may have added it). A re-read that failed for the
@@ -392,20 +403,33 @@ async fn resolve(
         return Ok(None);
     }
     // One re-read at a time, for every try that met an unknown type while
-    // it ran: a re-read that ended after this try asked, and worked, has
-    // answered for it (before, each try re-read every program, at once:
-    // a thousand rows of a mistyped type booted each program a thousand
-    // times, holding slots and the blocking pool's threads). A type added
-    // by a deploy during that re-read may be missed: the try fails as an
-    // unknown type, counted, and its retry finds it.
+    // it ran: a re-read that ended after this try asked has answered for
+    // it, whatever it found or failed with (before, each try re-read every
+    // program, at once: a thousand rows of a mistyped type booted each
+    // program a thousand times, holding slots and the blocking pool's
+    // threads; and one answer failing, each waiting try would fail its own
+    // in turn, a program that hangs 30 s apiece). A type added by a deploy
+    // during that re-read may be missed: the try fails as an unknown type,
+    // counted, and its retry finds it.
     let asked = tokio::time::Instant::now();
     let mut last = REREAD.lock().await;
-    if last.is_some_and(|(ended, worked)| worked && ended >= asked) {
-        drop(last);
-        let current = context.setup.borrow().registry.clone();
-        return Ok(current.resolve(&context.config, task));
+    if let Some((ended, reread)) = &*last {
+        if *ended >= asked {
+            let reread = reread.clone();
+            drop(last);
+            return match reread {
+                Reread::Found => {
+                    let current = context.setup.borrow().registry.clone();
+                    Ok(current.resolve(&context.config, task))
+                }
+                Reread::Failed => Ok(None),
+                Reread::Short(why) => Err(supervisor::DaemonShort::error(
+                    std::io::ErrorKind::Other,
+                    why,
+                )),
+            };
+        }
     }
-    *last = None;
     let config = context.config.clone();
     let asking = crate::task_types::Asking::Through(
         context.spawner.clone(),
@@ -413,9 +437,8 @@ async fn resolve(
     );
     let reloaded =
         tokio::task::spawn_blocking(move || Registry::load_asking(&config, &asking)).await;
-    match reloaded {
+    let (reread, answer) = match reloaded {
         Ok(Ok(registry)) => {
-            *last = Some((tokio::time::Instant::now(), true));
             let resolved = registry.resolve(&context.config, task);
             // Unless a reload brought a newer setup meanwhile.
             context.setup.send_if_modified(|setup| {
@@ -425,7 +448,7 @@ async fn resolve(
                 }
                 same
             });
-            Ok(resolved)
+            (Reread::Found, Ok(resolved))
         }
         Ok(Err(error)) => {
             tracing::warn!(
@@ -442,16 +465,21 @@ async fn resolve(
                             Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM)
                         )
                 });
-            match short {
-                true => Err(supervisor::DaemonShort::error(
+            if short {
+                let why = format!("re-reading task types: {}", crate::error_line(&error));
+                let answer = Err(supervisor::DaemonShort::error(
                     std::io::ErrorKind::Other,
-                    format!("re-reading task types: {}", crate::error_line(&error)),
-                )),
-                false => Ok(None),
+                    why.clone(),
+                ));
+                (Reread::Short(why), answer)
+            } else {
+                (Reread::Failed, Ok(None))
             }
         }
-        Err(_) => Ok(None),
-    }
+        Err(_) => (Reread::Failed, Ok(None)),
+    };
+    *last = Some((tokio::time::Instant::now(), reread));
+    answer
 }
 
 /// The task's standard error without its `progress: ` lines.
