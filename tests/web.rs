@@ -1513,6 +1513,42 @@ async fn a_drained_queues_gauges_read_zero(backend: Backend) {
     assert!(daemon.stop().success());
 }
 
+/// The gauges read the first 100 queues with open rows. A queue shown
+/// before, and pushed past that bound by new queues whose names sort
+/// before it, is not taken for drained: it read 0 while its rows waited
+/// (the misfire the zeros were to end).
+async fn a_queue_past_the_gauges_bound_is_not_taken_for_drained(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut daemon = Daemon::start(&db, "d", "");
+    let config = daemon.config.display().to_string();
+    let metrics = || cli(&db, &["--config", &config, "metrics"]).1;
+    let zeta = ["queue=\"zeta\""];
+    // Not runnable for an hour: the rows wait, and count.
+    db.insert_row(NewRow::new("Later").queue("zeta").delayed(backend, 3600))
+        .await;
+    crate::util::wait_until(WAIT, "the queue's gauge", || {
+        sample(&metrics(), "taskrunner_queue_waiting", &zeta) == Some(1.0)
+    });
+    for n in 0..100 {
+        db.insert_row(
+            NewRow::new("Later")
+                .queue(&format!("a{n:03}"))
+                .delayed(backend, 3600),
+        )
+        .await;
+    }
+    crate::util::wait_until(WAIT, "the new queues' gauges", || {
+        sample(&metrics(), "taskrunner_queue_waiting", &["queue=\"a099\""]) == Some(1.0)
+    });
+    let text = metrics();
+    assert_ne!(
+        sample(&text, "taskrunner_queue_waiting", &zeta),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(daemon.stop().success());
+}
+
 async fn lag_of_a_backlog_enqueued_a_minute_ago(backend: Backend) {
     let db = TestDb::new(backend).await;
     // First, a row that failed an hour ago and whose retry came due 2 s
@@ -1779,6 +1815,7 @@ both_backends!(
     metrics_count_finished_and_exhausted_tries,
     lag_of_a_backlog_enqueued_a_minute_ago,
     a_drained_queues_gauges_read_zero,
+    a_queue_past_the_gauges_bound_is_not_taken_for_drained,
     idle_web_connections_cannot_take_the_daemons_descriptors,
     clients_sending_a_byte_at_a_time_cannot_hold_the_page,
     rows_naming_new_types_and_queues_do_not_grow_the_metrics_without_end,

@@ -302,9 +302,12 @@ impl QueueGauges {
                     seen.insert(stat.queue.clone());
                 }
             }
+            // A read that stopped at the bound did not see every queue with
+            // open rows: none is taken for drained then.
+            let every_queue_read = stats.len() < MAX_QUEUES;
             let drained: Vec<String> = seen
                 .iter()
-                .filter(|queue| !stats.iter().any(|stat| &stat.queue == *queue))
+                .filter(|queue| every_queue_read && !stats.iter().any(|stat| &stat.queue == *queue))
                 .cloned()
                 .collect();
             stats.extend(drained.into_iter().map(|queue| QueueStats {
