@@ -220,11 +220,16 @@ fn held(pid: i64, kind: &str) -> Vec<u64> {
 }
 
 /// The process at the other end of a TCP connection on this machine whose
-/// ends are `peer` (its end) and `local` (ours): the socket in
-/// `/proc/net/tcp` (or `tcp6`) with those ends, then the process holding
-/// it. `None` when it is not found (another machine's, gone, or a process
-/// this one may not see).
-pub(crate) fn tcp_peer_pid(peer: std::net::SocketAddr, local: std::net::SocketAddr) -> Option<i64> {
+/// ends are `peer` (its end) and `local` (ours), among the processes
+/// `among` takes: the socket in `/proc/net/tcp` (or `tcp6`) with those
+/// ends, then the process holding it (whose descriptors are read only if
+/// `among` takes it first). `None` when it is not found (another
+/// machine's, gone, not among them, or a process this one may not see).
+pub(crate) fn tcp_peer_pid(
+    peer: std::net::SocketAddr,
+    local: std::net::SocketAddr,
+    among: impl Fn(i64) -> bool,
+) -> Option<i64> {
     let plain = |address: std::net::SocketAddr| match address.ip() {
         std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, |v4| {
             std::net::SocketAddr::new(std::net::IpAddr::V4(v4), address.port())
@@ -248,12 +253,12 @@ pub(crate) fn tcp_peer_pid(peer: std::net::SocketAddr, local: std::net::SocketAd
     std::fs::read_dir("/proc")
         .ok()?
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i64>().ok())
-        .find(|pid| held(*pid, "socket").contains(&inode))
+        .find(|pid| among(*pid) && held(*pid, "socket").contains(&inode))
 }
 
 /// An address of `/proc/net/tcp`: `0100007F:1F90` (the IPv4 address as a
-/// little-endian word, the port big-endian), or 32 hex digits of IPv6 in
-/// four such words. An IPv4 address mapped into IPv6 is read as IPv4 (a
+/// word in the host's byte order, the port in hex), or 32 hex digits of
+/// IPv6 in four such words. An IPv4 address mapped into IPv6 is read as IPv4 (a
 /// listener on `::` accepts IPv4 peers so).
 fn parse_proc_address(text: &str) -> Option<std::net::SocketAddr> {
     let (address, port) = text.split_once(':')?;
@@ -261,7 +266,7 @@ fn parse_proc_address(text: &str) -> Option<std::net::SocketAddr> {
     let words: Vec<u32> = (0..address.len() / 8)
         .map(|i| u32::from_str_radix(address.get(i * 8..i * 8 + 8)?, 16).ok())
         .collect::<Option<_>>()?;
-    let bytes: Vec<u8> = words.iter().flat_map(|word| word.to_le_bytes()).collect();
+    let bytes: Vec<u8> = words.iter().flat_map(|word| word.to_ne_bytes()).collect();
     let ip = match bytes.len() {
         4 => std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
         16 => {
@@ -419,8 +424,12 @@ mod tests {
         let (server, peer) = listener.accept().unwrap();
         assert_eq!(peer, client.local_addr().unwrap());
         assert_eq!(
-            tcp_peer_pid(peer, server.local_addr().unwrap()),
+            tcp_peer_pid(peer, server.local_addr().unwrap(), |_| true),
             Some(i64::from(std::process::id()))
+        );
+        assert_eq!(
+            tcp_peer_pid(peer, server.local_addr().unwrap(), |_| false),
+            None
         );
     }
 

@@ -465,12 +465,15 @@ async fn guard(State(web): State<Arc<Web>>, mut request: Request, next: Next) ->
             // A task process reaches loopback too: without this, one could
             // read the page's token from a form and purge, cancel or pause
             // every row, where the daemon keeps its database from tasks.
-            let peer_pid =
-                tokio::task::spawn_blocking(move || crate::procinfo::tcp_peer_pid(peer, local))
-                    .await
-                    .ok()
-                    .flatten();
-            if let Some(pid) = peer_pid.filter(|pid| daemon.is_task_process(*pid)) {
+            // Only the daemon's task processes' descriptors are read.
+            let tasks = daemon.clone();
+            let peer_pid = tokio::task::spawn_blocking(move || {
+                crate::procinfo::tcp_peer_pid(peer, local, |pid| tasks.is_task_process(pid))
+            })
+            .await
+            .ok()
+            .flatten();
+            if let Some(pid) = peer_pid {
                 tracing::warn!(%remote, %user, peer = pid, path = %request.uri().path(), "web: refused an action from a task process of this daemon");
                 return secure(
                     (
