@@ -551,9 +551,13 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(dispatch(flags));
     runtime.shutdown_timeout(Duration::from_millis(200));
+    // A failure to write standard output is told beside the command's own
+    // error, whose exit status stands.
     if let Some(failure) = super::stdout::failure() {
         eprintln!("taskrunner-cli: {failure}");
-        return ExitCode::FAILURE;
+        if result.is_ok() {
+            return ExitCode::FAILURE;
+        }
     }
     match result {
         Ok(code) => code,
