@@ -662,6 +662,87 @@ fn listed(page: &str) -> (Vec<i64>, Option<String>) {
     (ids, next)
 }
 
+/// Each count of the overview links to the rows it counts. Its "failed"
+/// (to be retried: FAILED, CRASHED or TIMEOUT with tries left) linked to
+/// `state=FAILED`, every FAILED row, exhausted ones too, and none CRASHED or
+/// TIMEOUT; its "waiting" (never run, or given back) to the rows never run;
+/// its "exhausted" to nothing.
+async fn the_overviews_counts_link_to_the_rows_they_count(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ended = |result: &str, tries: i64| {
+        NewRow::new("Mixed")
+            .result(result)
+            .tries(tries)
+            .try_limit(5)
+    };
+    let mut retrying = Vec::new();
+    for result in ["FAILED", "CRASHED", "TIMEOUT"] {
+        retrying.push(db.insert_row(ended(result, 1)).await.0);
+    }
+    let exhausted = db.insert_row(ended("FAILED", 5)).await.0;
+    let pending = db.insert_row(NewRow::new("Mixed")).await.0;
+    let interrupted = db.insert_row(ended("INTERRUPTED", 1)).await.0;
+    db.insert_row(ended("FINISHED", 1)).await;
+    let web = web_router(&db, "");
+    let overview = get(&web, "/").await.body;
+    let sorted = |mut ids: Vec<i64>| {
+        ids.sort_unstable();
+        ids
+    };
+    for (state, expected) in [
+        ("WAITING", vec![pending, interrupted]),
+        ("RETRYING", retrying.clone()),
+        ("EXHAUSTED", vec![exhausted]),
+    ] {
+        let link = format!("/requests?state={state}&amp;queue=default");
+        assert!(overview.contains(&link), "{link}: {overview}");
+        let page = get(&web, &link.replace("&amp;", "&")).await.body;
+        assert_eq!(sorted(listed(&page).0), sorted(expected), "{state}");
+    }
+}
+
+/// The list of requests shows each row's first line of `result_text`; it
+/// read every row's whole `options` and `result_text`, on the daemon's one
+/// thread when the daemon serves the page: a page of rows an application
+/// gave megabytes each took as many megabytes of the daemon's memory. It
+/// reads their first 1,000 characters.
+async fn a_list_of_rows_with_huge_texts_reads_only_their_start(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let port = crate::util::free_port();
+    let mut daemon = Daemon::start(&db, "d", &format!("http:\n  listen: 127.0.0.1:{port}\n"));
+    daemon.wait_for_log("web page on http://", WAIT);
+    // Twenty rows of 6 MiB of options and of result_text each (MariaDB's
+    // MEDIUMTEXT holds 16 MiB, its packets as much).
+    let huge = "x".repeat(6 << 20);
+    for _ in 0..20 {
+        db.insert_row(
+            NewRow::new("Listed")
+                .result("FAILED")
+                .tries(5)
+                .try_limit(5)
+                .options(&huge)
+                .result_text(&format!("the first line\n{huge}")),
+        )
+        .await;
+    }
+    drop(huge);
+    let (peak_before, _) = crate::util::memory_kib(daemon.pid());
+    let page = http_request(port, "GET", "/requests", &[], "").1;
+    assert_eq!(
+        page.matches("the first line").count(),
+        20,
+        "{}",
+        &page[..page.len().min(2000)]
+    );
+    let (peak_after, _) = crate::util::memory_kib(daemon.pid());
+    let grew_mib = peak_after.saturating_sub(peak_before) / 1024;
+    assert!(
+        grew_mib < 40,
+        "the daemon's peak memory grew by {grew_mib} MiB"
+    );
+    assert!(daemon.stop().success());
+}
+
 async fn pages_of_requests_follow_the_key(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut ids = Vec::new();
@@ -700,6 +781,8 @@ both_backends!(
     old_exhausted_rows_hide_no_running_row_on_the_overview,
     a_retry_from_a_request_page_applies_only_to_the_row_it_showed,
     pages_of_requests_follow_the_key,
+    the_overviews_counts_link_to_the_rows_they_count,
+    a_list_of_rows_with_huge_texts_reads_only_their_start,
     bulk_actions_treat_each_row_as_its_own_retry_or_cancel_does,
     a_bulk_action_changes_only_the_rows_its_preview_counted,
     a_batch_or_flow_filter_that_is_no_number_is_refused,

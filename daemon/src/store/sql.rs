@@ -772,8 +772,10 @@ pub struct Sql {
     pub(crate) release_delays: String,
     pub(crate) enqueue: String,
     pub(crate) show: String,
-    /// Every column of `Request`, from the table (add a WHERE clause).
-    pub(crate) select_requests: String,
+    /// Every column of `Request`, from the table (add a WHERE clause), for
+    /// a list of rows: the first 1,000 characters of `options` and
+    /// `result_text`.
+    pub(crate) select_listed: String,
     /// Rows newest first, at most `$1`, filtered by task type `$2`, queue
     /// `$3`, host `$4` ('' for any), state `$5` ('' for any; a `result`, or
     /// `pending` (never run), `retrying` (failed, will run again),
@@ -1217,8 +1219,19 @@ impl Sql {
             int("flow_id"),
             int("flow_step"),
             "flow_action".into(),
-        ]
-        .join(", ");
+        ];
+        // A list shows a text's first line: the first 1,000 characters of
+        // each are read (a page of fifty rows of 100 MiB options was read
+        // whole, on the daemon's thread).
+        let listed = columns
+            .iter()
+            .map(|column| match column.as_str() {
+                "options" | "result_text" => format!("substr({column}, 1, 1000)"),
+                _ => column.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let columns = columns.join(", ");
         let select_requests = format!("SELECT {columns} FROM task_runner_requests");
         let batched = d.array_batches();
         let enqueue_columns =
@@ -1479,7 +1492,7 @@ impl Sql {
                 d.returning_id("id")
             ),
             show: format!("{select_requests} WHERE id = $1"),
-            select_requests: select_requests.clone(),
+            select_listed: format!("SELECT {listed} FROM task_runner_requests"),
             list_where: format!("{select_requests} {}", list_filter()),
             select_where: format!(
                 "SELECT {}, result, {} FROM task_runner_requests {}",

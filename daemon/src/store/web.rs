@@ -491,12 +491,28 @@ impl Store {
         if let Some(flow) = filter.flow {
             indexed.push(("flow_id = $N".to_string(), Some(Bind::Int(flow))));
         }
-        match filter.state.as_deref() {
-            Some("PENDING") => indexed.push(("result IS NULL".to_string(), None)),
-            Some(state) => {
+        // The overview's kinds of open rows ([`KIND`]), whose counts link
+        // here (before, its "failed" linked to every FAILED row, exhausted
+        // ones too, and none CRASHED or TIMEOUT).
+        let kind = match filter.state.as_deref() {
+            Some("PENDING") => Some("result IS NULL"),
+            Some("WAITING") => {
+                Some("(result IS NULL OR (result = 'INTERRUPTED' AND tries < try_limit))")
+            }
+            Some("RETRYING") => {
+                Some("result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries < try_limit")
+            }
+            Some("EXHAUSTED") => {
+                Some("result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries >= try_limit")
+            }
+            _ => None,
+        };
+        match (kind, filter.state.as_deref()) {
+            (Some(kind), _) => indexed.push((kind.to_string(), None)),
+            (None, Some(state)) => {
                 indexed.push(("result = $N".to_string(), Some(Bind::Text(state.into()))))
             }
-            None => {}
+            (None, None) => {}
         }
         if let Some(task) = &filter.task {
             indexed.push((
@@ -569,7 +585,7 @@ impl Store {
             let page = take("$N", Bind::Int(PAGE_SIZE + 1), &mut binds);
             let sql = format!(
                 "{} {inner_where} ORDER BY id DESC LIMIT {page}",
-                self.sql.select_requests
+                self.sql.select_listed
             );
             let mut rows: Vec<Request> = on_pool!(self, pool => {
                 bind_all!(query(audited(&sql)), &binds).fetch_all(pool).await?
@@ -609,7 +625,7 @@ impl Store {
         // walks it (not the table) and stops at a full page.
         let sql = format!(
             "{} WHERE {} ORDER BY id DESC LIMIT {page}",
-            self.sql.select_requests.replacen(
+            self.sql.select_listed.replacen(
                 " FROM task_runner_requests",
                 &format!(" FROM ({inner}) AS w JOIN task_runner_requests USING (id)"),
                 1

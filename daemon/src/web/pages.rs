@@ -182,10 +182,10 @@ pub(crate) fn overview(
                                         (pause_or_badge(PauseKind::Queue, &queue.queue, "pause queue"))
                                     }
                                     td { "all types" }
-                                    td.num { a href=(requests_link("PENDING", "", &queue.queue)) { (count(total.waiting, queue.capped.others)) } }
+                                    td.num { a href=(requests_link("WAITING", "", &queue.queue)) { (count(total.waiting, queue.capped.others)) } }
                                     td.num { a href=(requests_link("RUNNING", "", &queue.queue)) { (count(total.running, queue.capped.running)) } }
-                                    td.num { a href=(requests_link("FAILED", "", &queue.queue)) { (count(total.failed, queue.capped.others)) } }
-                                    td.num { (count(total.exhausted, queue.capped.exhausted)) }
+                                    td.num { a href=(requests_link("RETRYING", "", &queue.queue)) { (count(total.failed, queue.capped.others)) } }
+                                    td.num { a href=(requests_link("EXHAUSTED", "", &queue.queue)) { (count(total.exhausted, queue.capped.exhausted)) } }
                                     td.num { (seconds(queue.lag_seconds)) }
                                 }
                                 @for by_type in &queue.by_type {
@@ -195,10 +195,10 @@ pub(crate) fn overview(
                                             a href=(requests_link("", &by_type.task, &queue.queue)) { (by_type.task) }
                                             (pause_or_badge(PauseKind::Task, &by_type.task, "pause type"))
                                         }
-                                        td.num { (count(by_type.waiting, queue.capped.others)) }
-                                        td.num { (count(by_type.running, queue.capped.running)) }
-                                        td.num { (count(by_type.failed, queue.capped.others)) }
-                                        td.num { (count(by_type.exhausted, queue.capped.exhausted)) }
+                                        td.num { a href=(requests_link("WAITING", &by_type.task, &queue.queue)) { (count(by_type.waiting, queue.capped.others)) } }
+                                        td.num { a href=(requests_link("RUNNING", &by_type.task, &queue.queue)) { (count(by_type.running, queue.capped.running)) } }
+                                        td.num { a href=(requests_link("RETRYING", &by_type.task, &queue.queue)) { (count(by_type.failed, queue.capped.others)) } }
+                                        td.num { a href=(requests_link("EXHAUSTED", &by_type.task, &queue.queue)) { (count(by_type.exhausted, queue.capped.exhausted)) } }
                                         td {}
                                     }
                                 }
@@ -299,8 +299,12 @@ fn state_label(result: Option<&str>) -> &str {
     result.unwrap_or("PENDING")
 }
 
+/// The states the list filters by: a result, PENDING (never run), and the
+/// overview's kinds of open rows, whose counts link to them (WAITING: never
+/// run or given back; RETRYING: failed with tries left; EXHAUSTED: failed
+/// with none left).
 fn states() -> Vec<&'static str> {
-    let mut all = vec!["PENDING"];
+    let mut all = vec!["PENDING", "WAITING", "RETRYING", "EXHAUSTED"];
     all.extend(State::ALL.iter().map(|s| s.as_str()));
     all
 }
