@@ -1396,13 +1396,16 @@ async fn sqlite_names_written_as_bytes_are_held_by_a_pause_as_text_is() {
 /// upgrade stores names as text; that key it leaves as it is, and the
 /// upgrade goes through (its first form's own trigger converted it, and
 /// the unique index refused: no daemon could start). An update of that
-/// row's other names leaves it as it is too.
+/// row's other names leaves it as it is too. Only an open twin keeps a key
+/// as bytes: a recurring key's ended row is none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_the_upgrade_storing_names_as_text_goes_through_a_key_with_a_text_twin() {
     let db = TestDb::new(Backend::Sqlite).await;
     db.execute("DROP TRIGGER task_runner_requests_names_as_text_insert")
         .await;
     db.execute("DROP TRIGGER task_runner_requests_names_as_text_update")
+        .await;
+    db.execute("DROP TRIGGER IF EXISTS task_runner_requests_key_as_text_check")
         .await;
     let blob = db
         .insert_row(
@@ -1412,6 +1415,20 @@ async fn sqlite_the_upgrade_storing_names_as_text_goes_through_a_key_with_a_text
         )
         .await;
     db.insert_row(NewRow::new("Keyed").text("unique_key", "key"))
+        .await;
+    // A key that recurs, written as bytes each time: an ended row's and an
+    // open row's. Both are text after the upgrade (the ended one, made text
+    // first, is no open twin of the other).
+    let ended = db
+        .insert_row(
+            NewRow::new("Keyed")
+                .sql("unique_key", "X'6f6c64'")
+                .result("FINISHED")
+                .tries(1),
+        )
+        .await;
+    let recurring = db
+        .insert_row(NewRow::new("Keyed").sql("unique_key", "X'6f6c64'"))
         .await;
     db.execute("DELETE FROM task_runner_schema_migrations WHERE version >= 19")
         .await;
@@ -1424,6 +1441,25 @@ async fn sqlite_the_upgrade_storing_names_as_text_goes_through_a_key_with_a_text
         )
     };
     assert_eq!(db.scalar(&kinds(blob)).await, 1);
+    for id in [ended, recurring] {
+        let text = format!(
+            "SELECT count(*) FROM task_runner_requests WHERE id = {id} \
+                AND typeof(unique_key) = 'text' AND unique_key = 'old'"
+        );
+        assert_eq!(db.scalar(&text).await, 1, "{id}");
+    }
+    // A new row whose key, written as bytes, an open row holds as text is
+    // refused, as the text key is (`INSERT OR IGNORE` too: it took a second
+    // open row of the key).
+    for verb in ["INSERT", "INSERT OR IGNORE"] {
+        let refused = db
+            .try_execute(&format!(
+                "{verb} INTO task_runner_requests (task_class_name, unique_key) VALUES ('Keyed', X'6f6c64')"
+            ))
+            .await
+            .unwrap_err();
+        assert!(refused.contains("unique_key is held by an open request"), "{refused}");
+    }
     db.execute(&format!(
         "UPDATE task_runner_requests SET queue = X'6d61696c' WHERE id = {blob}"
     ))
