@@ -98,11 +98,29 @@ with_task_settings! {
 }
 
 /// An entry under `programs:`: a path, or `{path: …, preload: true}`.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Serialize)]
 #[serde(untagged)]
 enum FileProgram {
     Path(PathBuf),
     Entry(FileProgramEntry),
+}
+
+/// Told apart by the value's shape, so that a mapping's mistake is named
+/// (an unknown key, a missing path): serde's untagged reading said only
+/// that the entry matched neither form.
+impl<'de> Deserialize<'de> for FileProgram {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match serde_yaml::Value::deserialize(d)? {
+            serde_yaml::Value::String(path) => Ok(FileProgram::Path(path.into())),
+            entry @ serde_yaml::Value::Mapping(_) => FileProgramEntry::deserialize(entry)
+                .map(FileProgram::Entry)
+                .map_err(D::Error::custom),
+            _ => Err(D::Error::custom(
+                "a program is a path, or a mapping {path: PATH, preload: true}",
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -911,6 +929,25 @@ flows:
         assert!(message.contains("timout"), "{message}");
         assert!(message.contains("line 5"), "{message}");
         assert!(error.downcast_ref::<UsageError>().is_some());
+    }
+
+    /// A `programs:` entry's mistake is named: it said only "data did not
+    /// match any variant of untagged enum FileProgram".
+    #[test]
+    fn a_program_entrys_unknown_key_is_named() {
+        for (yaml, named) in [
+            ("programs: [{path: /bin/x, prelaod: true}]\n", "prelaod"),
+            ("programs: [{preload: true}]\n", "path"),
+            ("programs: [[/bin/x]]\n", "a program is a path"),
+        ] {
+            let error = load(yaml).unwrap_err();
+            let message = format!("{error:#}");
+            assert!(message.contains(named), "{yaml}: {message}");
+            assert!(message.contains("line 1"), "{yaml}: {message}");
+            assert!(error.downcast_ref::<UsageError>().is_some());
+        }
+        let config = load("programs: [/bin/x, {path: /bin/y, preload: true}]\n").unwrap();
+        assert_eq!(config.programs.len(), 2);
     }
 
     #[test]
