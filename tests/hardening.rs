@@ -1458,7 +1458,10 @@ async fn sqlite_the_upgrade_storing_names_as_text_goes_through_a_key_with_a_text
             ))
             .await
             .unwrap_err();
-        assert!(refused.contains("unique_key is held by an open request"), "{refused}");
+        assert!(
+            refused.contains("unique_key is held by an open request"),
+            "{refused}"
+        );
     }
     db.execute(&format!(
         "UPDATE task_runner_requests SET queue = X'6d61696c' WHERE id = {blob}"

@@ -682,6 +682,9 @@ async fn the_overviews_counts_link_to_the_rows_they_count(backend: Backend) {
     let exhausted = db.insert_row(ended("FAILED", 5)).await.0;
     let pending = db.insert_row(NewRow::new("Mixed")).await.0;
     let interrupted = db.insert_row(ended("INTERRUPTED", 1)).await.0;
+    // Given back with no try left by the count (a try_limit lowered since):
+    // the overview counts it waiting too.
+    let interrupted_at_limit = db.insert_row(ended("INTERRUPTED", 5)).await.0;
     db.insert_row(ended("FINISHED", 1)).await;
     let web = web_router(&db, "");
     let overview = get(&web, "/").await.body;
@@ -690,7 +693,7 @@ async fn the_overviews_counts_link_to_the_rows_they_count(backend: Backend) {
         ids
     };
     for (state, expected) in [
-        ("WAITING", vec![pending, interrupted]),
+        ("WAITING", vec![pending, interrupted, interrupted_at_limit]),
         ("RETRYING", retrying.clone()),
         ("EXHAUSTED", vec![exhausted]),
     ] {

@@ -496,9 +496,7 @@ impl Store {
         // ones too, and none CRASHED or TIMEOUT).
         let kind = match filter.state.as_deref() {
             Some("PENDING") => Some("result IS NULL"),
-            Some("WAITING") => {
-                Some("(result IS NULL OR (result = 'INTERRUPTED' AND tries < try_limit))")
-            }
+            Some("WAITING") => Some("(result IS NULL OR result = 'INTERRUPTED')"),
             Some("RETRYING") => {
                 Some("result IN ('FAILED', 'CRASHED', 'TIMEOUT') AND tries < try_limit")
             }
