@@ -2011,40 +2011,54 @@ esac
 /// unknown type while a re-read runs share it.
 async fn tries_of_an_unknown_type_share_a_re_read_of_the_programs(backend: Backend) {
     let db = TestDb::new(backend).await;
+    let rereads = rereads_for_rows_of_an_unknown_type(
+        &db,
+        "echo >> \"$ASKED\"; sleep 0.5; echo Known",
+        20,
+        &[],
+    )
+    .await;
+    println!("{backend:?}: 20 tries of an unknown type re-read the programs {rereads} times");
+    assert!(rereads <= 8, "{rereads} re-reads for 20 tries");
+}
+
+/// How often a program was asked its types again while `rows` rows of a
+/// type it does not know failed (the daemon's start asks once, not
+/// counted): `list_tasks` answers `--list-tasks`, `$ASKED` naming the file
+/// it appends a line to at each question.
+async fn rereads_for_rows_of_an_unknown_type(
+    db: &TestDb,
+    list_tasks: &str,
+    rows: usize,
+    env: &[(&str, &str)],
+) -> usize {
     let asked = db.scratch.join("asked");
     let program = db.scratch.join("lister.sh");
     crate::util::write_executable(
         &program,
         format!(
-            r#"#!/bin/sh
-case "$1" in
---list-tasks) echo >> {asked}; sleep 0.5; echo Known ;;
---list-flows) exit 1 ;;
-*) cat > /dev/null; echo known ;;
-esac
-"#,
-            asked = asked.display(),
+            "#!/bin/sh\nASKED={}\ncase \"$1\" in\n--list-tasks) {list_tasks} ;;\n--list-flows) exit 1 ;;\n*) cat > /dev/null; echo known ;;\nesac\n",
+            asked.display(),
         ),
     );
     let mut ids = Vec::new();
-    for _ in 0..20 {
+    for _ in 0..rows {
         ids.push(db.insert_row(NewRow::new("Mistyped").try_limit(1)).await);
     }
-    let mut daemon = db
-        .daemon("d")
-        .yaml(&format!(
-            "max_concurrent: 4\nprograms: [{}]\n",
-            program.display()
-        ))
-        .start();
-    for id in ids {
-        db.wait_for_state(id, "FAILED", WAIT).await;
+    let mut daemon = db.daemon("d").yaml(&format!(
+        "max_concurrent: 4\nprograms: [{}]\n",
+        program.display()
+    ));
+    for (name, value) in env {
+        daemon = daemon.env(name, value);
     }
-    // The daemon's start asks once; each re-read after it, once.
-    let rereads = std::fs::read_to_string(&asked).unwrap().lines().count() - 1;
-    println!("{backend:?}: 20 tries of an unknown type re-read the programs {rereads} times");
-    assert!(rereads <= 8, "{rereads} re-reads for 20 tries");
+    let mut daemon = daemon.start();
+    for id in ids {
+        db.wait_for_state(id, "FAILED", Duration::from_secs(60))
+            .await;
+    }
     assert!(daemon.stop().success());
+    std::fs::read_to_string(&asked).unwrap().lines().count() - 1
 }
 
 /// The same tries when the re-read fails (here a program that hangs when
@@ -2053,43 +2067,14 @@ esac
 /// bound apiece: six rows took six bounds, holding their claims.
 async fn tries_of_an_unknown_type_share_a_re_read_that_fails(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let asked = db.scratch.join("asked");
-    let program = db.scratch.join("lister.sh");
-    crate::util::write_executable(
-        &program,
-        format!(
-            r#"#!/bin/sh
-case "$1" in
---list-tasks)
-    echo >> {asked}
-    if [ "$(wc -l < {asked})" -gt 1 ]; then exec sleep 3600; fi
-    echo Known ;;
---list-flows) exit 1 ;;
-*) cat > /dev/null; echo known ;;
-esac
-"#,
-            asked = asked.display(),
-        ),
-    );
-    let mut ids = Vec::new();
-    for _ in 0..6 {
-        ids.push(db.insert_row(NewRow::new("Mistyped").try_limit(1)).await);
-    }
-    let mut daemon = db
-        .daemon("d")
-        .yaml(&format!(
-            "max_concurrent: 4\nprograms: [{}]\n",
-            program.display()
-        ))
-        .env("TASKRUNNER_TEST_ASK_TIMEOUT_MS", "3000")
-        .start();
-    for id in ids {
-        db.wait_for_state(id, "FAILED", Duration::from_secs(60))
-            .await;
-    }
-    let rereads = std::fs::read_to_string(&asked).unwrap().lines().count() - 1;
+    let rereads = rereads_for_rows_of_an_unknown_type(
+        &db,
+        "echo >> \"$ASKED\"; if [ \"$(wc -l < \"$ASKED\")\" -gt 1 ]; then exec sleep 3600; fi; echo Known",
+        6,
+        &[("TASKRUNNER_TEST_ASK_TIMEOUT_MS", "3000")],
+    )
+    .await;
     assert!(rereads <= 3, "{rereads} failed re-reads for 6 tries");
-    assert!(daemon.stop().success());
 }
 
 /// Issue 13, defect 10: an application could insert rows that can never
