@@ -2470,14 +2470,19 @@ async fn connections_the_server_ends_when_idle_are_replaced_without_a_warning() 
     // the administrator's statement ended in use (a connection taken for a
     // periodic pass between the statement's look at `pg_stat_activity` and
     // its act: seen once in CI under load) is an outage of that call, and
-    // says so once: not what this test is about.
+    // says so once: not what this test is about. So is the connection the
+    // LISTEN had just taken when the statement ended it (seen once in CI):
+    // the LISTEN fails, and sqlx's own check of the connection as it comes
+    // back says so.
     assert!(daemon.stop().success());
     let log = daemon.log_text();
     let warned = log
         .lines()
         .filter(|line| matches!(line.split_whitespace().nth(1), Some("WARN" | "ERROR")))
         .filter(|line| {
-            !(line.contains("taskrunner::health") && line.contains("due to administrator command"))
+            let in_use = line.contains("taskrunner::health")
+                || line.contains("error occurred while testing the connection on-release");
+            !(in_use && line.contains("due to administrator command"))
         })
         .any(|line| line.contains("terminating connection") || line.contains("before_acquire"));
     assert!(!warned, "{log}");
