@@ -737,12 +737,7 @@ async fn a_list_of_rows_with_huge_texts_reads_only_their_start(backend: Backend)
         "{}",
         &page[..page.len().min(2000)]
     );
-    let (peak_after, _) = crate::util::memory_kib(daemon.pid());
-    let grew_mib = peak_after.saturating_sub(peak_before) / 1024;
-    assert!(
-        grew_mib < 40,
-        "the daemon's peak memory grew by {grew_mib} MiB"
-    );
+    crate::util::peak_grew_under(daemon.pid(), peak_before, 40);
     assert!(daemon.stop().success());
 }
 

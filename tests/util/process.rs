@@ -160,6 +160,19 @@ pub fn memory_kib(pid: i32) -> (u64, u64) {
     (field("VmHWM:"), field("VmRSS:"))
 }
 
+/// Asserts that process `pid`'s peak memory (`VmHWM`) grew by less than
+/// `bound_mib` MiB since it read `peak_before` KiB, and returns by how
+/// many MiB it grew.
+pub fn peak_grew_under(pid: i32, peak_before: u64, bound_mib: u64) -> u64 {
+    let (peak_after, _) = memory_kib(pid);
+    let grew_mib = peak_after.saturating_sub(peak_before) / 1024;
+    assert!(
+        grew_mib < bound_mib,
+        "the peak memory of process {pid} grew by {grew_mib} MiB (bound {bound_mib} MiB)"
+    );
+    grew_mib
+}
+
 /// Zombie children of `pid`.
 pub fn zombie_children(pid: i32) -> Vec<i32> {
     let mut zombies = Vec::new();
